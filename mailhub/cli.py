@@ -1,0 +1,157 @@
+# The `mailhub` command: serve, check the config, manage sites. Site commands work on the index
+# directly (SQLite WAL), so they run beside a live server, which picks the changes up by itself.
+# Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration.
+import argparse
+import getpass
+import json
+import sqlite3
+import sys
+import time
+
+from . import config
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", help="TOML config file (default: built-in)")
+    parser = argparse.ArgumentParser(prog="mailhub", description="DICOM Mail Hub")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", parents=[common], help="run the hub")
+    commands.add_parser("check", parents=[common], help="validate the configuration and exit")
+
+    site = commands.add_parser("site", help="manage sites (participants)")
+    site_commands = site.add_subparsers(dest="site_command", required=True, metavar="SUBCOMMAND")
+    add = site_commands.add_parser("add", parents=[common], help="add a site")
+    add.add_argument("name")
+    add.add_argument("--address", action="append", required=True, help="e-mail address (repeatable)")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    show = site_commands.add_parser("show", parents=[common], help="show one site")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    listing = site_commands.add_parser("list", parents=[common], help="list sites")
+    listing.add_argument("--json", action="store_true")
+    passwd = site_commands.add_parser("passwd", parents=[common], help="set a site's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    remove = site_commands.add_parser("remove", parents=[common], help="remove a site and its mailbox")
+    remove.add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"mailhub: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check":
+        print(f"config ok ({args.config or 'built-in defaults'})")
+        return 0
+    if args.command == "serve":
+        return _serve(cfg)
+    return _site_command(cfg, args)
+
+
+def _serve(cfg) -> int:
+    import uvloop
+
+    from .logsetup import setup_logging
+    from .server import serve
+
+    setup_logging(cfg.log.level)
+    try:
+        uvloop.run(serve(cfg))
+    except OSError as exc:
+        print(f"mailhub: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _site_command(cfg, args) -> int:
+    from storage import SiteError, db, sites
+
+    try:
+        conn = db.connect(cfg.data_dir)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        action = args.site_command
+        if action == "add":
+            site = sites.add_site(conn, args.name, args.address, _read_password(args), cfg.domain)
+            print(f"site {site.name} added with address(es) {', '.join(site.addresses)}")
+        elif action == "passwd":
+            sites.set_password(conn, args.name, _read_password(args))
+            print(f"password of site {args.name} changed")
+        elif action == "remove":
+            dropped = sites.remove_site(conn, args.name)
+            print(f"site {args.name} removed ({dropped} mail(s) in its mailbox dropped)")
+        elif action == "show":
+            _print_site(_site_summary(conn, sites.get_site(conn, args.name)), args.json)
+        elif action == "list":
+            summaries = [_site_summary(conn, s) for s in sites.list_sites(conn)]
+            if args.json:
+                print(json.dumps(summaries, indent=2))
+            elif not summaries:
+                print("no sites")
+            for s in ([] if args.json else summaries):
+                print(f"{s['name']:<24} {s['mailbox_messages']:>7} mails {_human(s['mailbox_bytes']):>10}  "
+                      f"{', '.join(s['addresses'])}")
+        return 0
+    except SiteError as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except sqlite3.Error as exc:
+        print(f"mailhub: index error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        conn.close()
+
+
+def _read_password(args) -> str:
+    from storage import SiteError
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise SiteError("passwords differ")
+    else:
+        raise SiteError("no password: use --password-stdin or run interactively")
+    return password
+
+
+def _site_summary(conn: sqlite3.Connection, site) -> dict:
+    count, size = conn.execute(
+        "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
+        " WHERE b.site_id = ?", (site.id,)).fetchone()
+    return {"name": site.name, "addresses": site.addresses,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(site.created_at)),
+            "mailbox_messages": count, "mailbox_bytes": size}
+
+
+def _print_site(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"site:      {summary['name']}")
+    print(f"addresses: {', '.join(summary['addresses'])}")
+    print(f"created:   {summary['created_at']}")
+    print(f"mailbox:   {summary['mailbox_messages']} mail(s), {_human(summary['mailbox_bytes'])}")
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+# Configuration: one schema of every key with its type and default, loaded once from an optional
+# TOML file and from MAILHUB_<SECTION>_<KEY> environment variables, validated, then read-only.
+# Must never let an invalid value through: errors name the key and the source.
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+ENV_PREFIX = "MAILHUB_"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the key and is one line."""
+
+
+def _listen(value: Any) -> tuple[str, int] | None:
+    """"HOST:PORT" (IPv6 as "[::1]:PORT"); an empty string disables the listener."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string HOST:PORT")
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _str_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [v for v in (p.strip() for p in value.split(",")) if v]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings (or a comma-separated string)")
+    return value
+
+
+def _domains(value: Any) -> list[str]:
+    domains = [d.lower() for d in _str_list(value)]
+    if not domains:
+        raise ValueError("at least one domain is needed")
+    return domains
+
+
+def _networks(value: Any) -> list:
+    try:
+        return [ipaddress.ip_network(v, strict=False) for v in _str_list(value)]
+    except ValueError as exc:
+        raise ValueError(f"expected CIDR networks: {exc}") from None
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
+        return value
+    return parse
+
+
+def _number(value: Any) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number <= 0:
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str):
+        raise ValueError("expected a path string")
+    return Path(value).expanduser()
+
+
+def _optional_path(value: Any) -> Path | None:
+    return _path(value) if value != "" else None
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    return parse
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    parse: Callable[[Any], Any]
+    default: Any
+
+
+# (section, key) -> Option; section "" holds the top-level keys. The example file documents each.
+SCHEMA: dict[tuple[str, str], Option] = {
+    ("", "data_dir"): Option(_path, "mailhub-data"),
+    ("", "domain"): Option(_domains, "hub.test"),
+    ("", "hostname"): Option(_text, ""),
+    ("", "shutdown_timeout"): Option(_number, 30),
+    ("smtp", "listen"): Option(_listen, "127.0.0.1:2525"),
+    ("smtp", "max_message_size"): Option(_int(1), 2 * 1024**3),
+    ("smtp", "max_recipients"): Option(_int(1), 1000),
+    ("smtp", "max_connections"): Option(_int(1), 1000),
+    ("smtp", "max_connections_per_ip"): Option(_int(1), 100),
+    ("smtp", "max_commands"): Option(_int(10), 100000),
+    ("smtp", "max_bad_commands"): Option(_int(1), 20),
+    ("smtp", "max_line_length"): Option(_int(512), 2048),
+    ("smtp", "idle_timeout"): Option(_number, 300),
+    ("smtp", "peer_networks"): Option(_networks, []),
+    ("pop3", "listen"): Option(_listen, "127.0.0.1:1110"),
+    ("pop3", "pop3s_listen"): Option(_listen, ""),
+    ("imap", "listen"): Option(_listen, "127.0.0.1:1143"),
+    ("imap", "imaps_listen"): Option(_listen, ""),
+    ("metrics", "listen"): Option(_listen, "127.0.0.1:9425"),
+    ("tls", "cert_file"): Option(_optional_path, ""),
+    ("tls", "key_file"): Option(_optional_path, ""),
+    ("auth", "allow_plaintext"): Option(_bool, False),
+    ("log", "level"): Option(_choice("debug", "info", "warning", "error"), "info"),
+    ("log", "format"): Option(_choice("text", "json"), "text"),
+}
+
+
+def env_name(section: str, key: str) -> str:
+    return ENV_PREFIX + (f"{section}_{key}" if section else key).upper()
+
+
+def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> SimpleNamespace:
+    """Defaults, then the TOML file, then the environment; returns cfg with cfg.<section>.<key>."""
+    environ = os.environ if environ is None else environ
+    raw: dict[tuple[str, str], tuple[Any, str]] = {k: (o.default, "default") for k, o in SCHEMA.items()}
+    if path is not None:
+        for name, value in _read_toml(Path(path)).items():
+            raw[name] = (value, str(path))
+    for (section, key) in SCHEMA:
+        name = env_name(section, key)
+        if name in environ:
+            raw[(section, key)] = (environ[name], name)
+    cfg = SimpleNamespace(**{s: SimpleNamespace() for s, _ in SCHEMA if s})
+    for (section, key), (value, source) in raw.items():
+        try:
+            parsed = SCHEMA[(section, key)].parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{_dotted(section, key)}: {exc} (from {source})") from None
+        setattr(getattr(cfg, section) if section else cfg, key, parsed)
+    _check_combinations(cfg)
+    cfg.config_file = Path(path) if path is not None else None
+    return cfg
+
+
+def _read_toml(path: Path) -> dict[tuple[str, str], Any]:
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    found = {}
+    for name, value in document.items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                found[(name, key)] = inner
+        else:
+            found[("", name)] = value
+    for section, key in found:
+        if (section, key) not in SCHEMA:
+            raise ConfigError(f"{_dotted(section, key)}: unknown key (in {path})")
+    return found
+
+
+def _check_combinations(cfg: SimpleNamespace) -> None:
+    if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
+        raise ConfigError("tls.cert_file: cert_file and key_file must be set together")
+    for key in ("cert_file", "key_file"):
+        value = getattr(cfg.tls, key)
+        if value is not None and not value.is_file():
+            raise ConfigError(f"tls.{key}: no such file {str(value)!r}")
+    if cfg.pop3.pop3s_listen and cfg.tls.cert_file is None:
+        raise ConfigError("pop3.pop3s_listen: needs tls.cert_file and tls.key_file")
+    if cfg.imap.imaps_listen and cfg.tls.cert_file is None:
+        raise ConfigError("imap.imaps_listen: needs tls.cert_file and tls.key_file")
+    if not cfg.hostname:
+        cfg.hostname = cfg.domain[0]
+
+
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key

@@ -1,0 +1,69 @@
+# The hub process: open storage (with start-up recovery), start the listeners, run until SIGTERM or
+# SIGINT, then shut down gracefully (stop listening, let transactions in flight finish within
+# shutdown_timeout, never acknowledge a partial message).
+import asyncio
+import logging
+import signal
+import ssl
+
+from relay import HubSMTP, SmtpContext
+from storage import SiteCache, Storage
+
+log = logging.getLogger("mailhub.server")
+_HOUSEKEEPING_SECONDS = 60
+
+
+def tls_context(cfg) -> ssl.SSLContext | None:
+    if cfg.tls.cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    return context
+
+
+async def _listen(name: str, factory, address) -> asyncio.base_events.Server:
+    host, port = address
+    server = await asyncio.get_running_loop().create_server(factory, host, port, backlog=1024,
+                                                            reuse_address=True)
+    for sock in server.sockets:
+        bound = sock.getsockname()
+        log.info("%s listening on %s:%d", name, bound[0], bound[1])
+    return server
+
+
+async def serve(cfg) -> None:
+    storage = Storage(cfg.data_dir)
+    await storage.open()
+    sites = SiteCache(cfg.data_dir)
+    smtp = SmtpContext(cfg, storage, sites, tls_context(cfg))
+    servers = [await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)]
+    if not sites.all_sites():
+        log.warning("no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin",
+                    cfg.domain[0])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    housekeeping = asyncio.create_task(_housekeeping(storage))
+    log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
+    await stop.wait()
+
+    log.info("shutting down: no new connections, up to %.0fs for transactions in flight",
+             cfg.shutdown_timeout)
+    for server in servers:
+        server.close()
+    await smtp.drain(cfg.shutdown_timeout)
+    housekeeping.cancel()
+    await storage.close()
+    sites.close()
+    log.info("stopped")
+
+
+async def _housekeeping(storage: Storage) -> None:
+    """Free blobs of mailbox entries that other processes (the CLI) removed."""
+    while True:
+        await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+        try:
+            await storage.empty_trash()
+        except Exception:
+            log.exception("housekeeping failed")

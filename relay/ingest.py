@@ -1,0 +1,61 @@
+# One message being received: decoded bytes go to a spool file through the size limit and the
+# header scanner. Never raises from write(): failures are remembered so that the caller can drain
+# the client's data and then give the matching reply.
+from storage import MessageMeta, Storage, StorageError
+
+from .message_scan import HeaderScanner
+
+
+class IncomingMessage:
+    __slots__ = ("spool", "headers", "size", "max_size", "too_big", "error")
+
+    def __init__(self, storage: Storage, max_size: int, trace_header) -> None:
+        self.headers = HeaderScanner()
+        self.size = 0
+        self.max_size = max_size
+        self.too_big = False
+        self.error: StorageError | None = None
+        self.spool = None
+        try:
+            self.spool = storage.new_spool()
+            self.spool.write(trace_header(self.spool.queue_id))
+        except StorageError as exc:
+            self._fail(exc)
+
+    @property
+    def queue_id(self) -> str:
+        return self.spool.queue_id if self.spool else "-"
+
+    @property
+    def failed(self) -> bool:
+        return self.too_big or self.error is not None
+
+    def write(self, data: bytes) -> None:
+        if self.too_big or self.error is not None:
+            return
+        self.size += len(data)
+        if self.size > self.max_size:
+            self.too_big = True
+            self.discard()
+            return
+        if not self.headers.done:
+            self.headers.feed(data)
+        try:
+            self.spool.write(data)
+        except StorageError as exc:
+            self._fail(exc)
+
+    def meta(self, mail_from: str, sender_site: int | None, dot_lines: bool) -> MessageMeta:
+        self.headers.close()
+        h = self.headers
+        return MessageMeta(mail_from=mail_from, sender_site=sender_site, dot_lines=dot_lines,
+                           message_id=h.message_id, set_id=h.set_id, set_part=h.set_part,
+                           set_total=h.set_total)
+
+    def _fail(self, exc: StorageError) -> None:
+        self.error = exc
+        self.discard()
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()

@@ -1,0 +1,80 @@
+# Facts taken from a message while it streams: the header block (Message-ID, the
+# X-TELEMEDICINE-SETID/-SETPART/-SETTOTAL study headers) and whether any line starts with "."
+# (for BDAT input, where no decoder sees the lines). Bounded: only the header block, capped,
+# is ever kept; after it the per-chunk cost is one comparison.
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+MAX_HEADER_BYTES = 256 * 1024
+
+
+class HeaderScanner:
+    __slots__ = ("_buf", "done", "message_id", "set_id", "set_part", "set_total")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.done = False
+        self.message_id: str | None = None
+        self.set_id: str | None = None
+        self.set_part: int | None = None
+        self.set_total: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        start = max(0, len(self._buf) - 3)
+        self._buf += data
+        end = self._buf.find(b"\r\n\r\n", start)
+        if end < 0 and self._buf.startswith(b"\r\n"):
+            end = 0  # no header at all
+        if end >= 0:
+            del self._buf[end + 2:]
+            self._finish()
+        elif len(self._buf) >= MAX_HEADER_BYTES:
+            del self._buf[MAX_HEADER_BYTES:]
+            self._finish()
+
+    def close(self) -> None:
+        """End of message: parse whatever header there was."""
+        if not self.done:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        headers = BytesHeaderParser(policy=compat32).parsebytes(bytes(self._buf))
+        self._buf = bytearray()
+        self.message_id = _clean(headers.get("Message-ID"), 998)
+        self.set_id = _clean(headers.get("X-TELEMEDICINE-SETID"), 256)
+        self.set_part = _small_int(headers.get("X-TELEMEDICINE-SETPART"))
+        self.set_total = _small_int(headers.get("X-TELEMEDICINE-SETTOTAL"))
+
+
+class DotLineScanner:
+    """Tells whether any line of a canonical (CRLF) stream starts with "."."""
+
+    __slots__ = ("found", "_tail")
+
+    def __init__(self) -> None:
+        self.found = False
+        self._tail = b"\r\n"  # the stream starts at a line start
+
+    def feed(self, data: bytes) -> None:
+        if self.found or not data:
+            return
+        if b"\r\n." in self._tail + data[:2] or b"\r\n." in data:
+            self.found = True
+        self._tail = data[-2:] if len(data) >= 2 else self._tail[-1:] + data
+
+
+def _clean(value, limit: int) -> str | None:
+    if value is None:
+        return None
+    text = " ".join(str(value).split())[:limit]
+    return text or None
+
+
+def _small_int(value) -> int | None:
+    text = _clean(value, 20)
+    if text is None or not text.isdigit():
+        return None
+    return int(text)

@@ -1,0 +1,48 @@
+# SMTP reply texts of the hub, as named constants in one place (RFC 5321, RFC 3463 codes).
+OK = "250 2.0.0 OK"
+SENDER_OK = "250 2.1.0 Sender OK"
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+START_DATA = "354 End data with <CR><LF>.<CR><LF>"
+BYE = "221 2.0.0 Bye"
+READY_TLS = "220 2.0.0 Ready to start TLS"
+AUTH_OK = "235 2.7.0 Authentication successful"
+
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentications, goodbye"
+TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
+
+SYNTAX_ERROR = "500 5.5.2 Syntax error"
+LINE_TOO_LONG = "500 5.5.6 Line too long"
+UNKNOWN_COMMAND = "500 5.5.1 Command not recognized"
+BAD_ARGUMENTS = "501 5.5.4 Syntax error in parameters or arguments"
+BAD_SEQUENCE = "503 5.5.1 Bad sequence of commands"
+NEED_MAIL = "503 5.5.1 Need MAIL command first"
+NEED_RCPT = "503 5.5.1 Need RCPT command first"
+NESTED_MAIL = "503 5.5.1 Nested MAIL command"
+ALREADY_TLS = "503 5.5.1 TLS already active"
+DATA_AFTER_BDAT = "503 5.5.1 DATA not allowed after BDAT in one transaction"
+NO_BDAT_TRANSACTION = "503 5.5.1 No valid BDAT transaction; chunk discarded"
+UNKNOWN_PARAMETER = "555 5.5.4 MAIL FROM/RCPT TO parameter not recognized"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_ALREADY = "503 5.5.1 Already authenticated"
+AUTH_UNKNOWN_MECHANISM = "504 5.5.4 Unrecognized authentication type"
+RELAY_DENIED = "554 5.7.1 Relay access denied"
+UNKNOWN_USER = "550 5.1.1 No such user here"
+NO_ROUTE = "550 5.1.2 No route to that domain"
+BAD_ADDRESS = "553 5.1.3 Malformed address"
+SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated site"
+MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+
+
+def queued(queue_id: str) -> str:
+    return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+def chunk_received(size: int) -> str:
+    return f"250 2.0.0 {size} octets received"

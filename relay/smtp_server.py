@@ -1,0 +1,483 @@
+# SMTP ingress: aiosmtpd's command loop with the hub's own MAIL/RCPT/DATA/BDAT/AUTH/STARTTLS.
+# DATA and BDAT are read in large chunks straight into a spool file (never line by line, never the
+# whole message in memory); a 250 is sent only after storage has committed the message durably.
+# Relay control lives in smtp_policy, reply texts in smtp_replies; this module is the I/O glue.
+import asyncio
+import base64
+import binascii
+import collections
+import ipaddress
+import logging
+import ssl
+import time
+from email.utils import formatdate
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+from storage import Delivery, Site, SiteCache, Storage, StorageError
+
+from . import smtp_replies as R
+from .ingest import IncomingMessage
+from .message_scan import DotLineScanner
+from .smtp_policy import Client, recipient_verdict, sender_verdict
+from .smtp_stream import DataDecoder
+
+log = logging.getLogger("mailhub.smtp")
+CHUNK = 1024 * 1024
+_READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
+_MAX_AUTH_FAILURES = 3
+
+
+class Transaction(Envelope):
+    """aiosmtpd's envelope plus what the hub needs per transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deliveries: list[Delivery] = []
+        self.declared_size: int | None = None
+        self.bdat: IncomingMessage | None = None
+        self.bdat_dots: DotLineScanner | None = None
+        self.bdat_failed = False
+
+
+class SmtpContext:
+    """What all SMTP connections share: config, storage, sites, limits, live connections."""
+
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None):
+        self.cfg = cfg
+        self.storage = storage
+        self.sites = sites
+        self.tls_context = tls_context
+        self.connections: set["HubSMTP"] = set()
+        self.per_ip: collections.Counter = collections.Counter()
+        self.shutting_down = False
+
+    def admit(self, conn: "HubSMTP", ip: str) -> str | None:
+        limits = self.cfg.smtp
+        if self.shutting_down:
+            return R.SHUTTING_DOWN
+        if len(self.connections) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
+            return R.TOO_MANY_CONNECTIONS
+        self.connections.add(conn)
+        self.per_ip[ip] += 1
+        return None
+
+    def release(self, conn: "HubSMTP", ip: str) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+    def is_peer(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self.cfg.smtp.peer_networks)
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: close idle sessions now, give busy ones until `timeout` to finish."""
+        self.shutting_down = True
+        deadline = time.monotonic() + timeout
+        while True:
+            for conn in list(self.connections):
+                if not conn.busy:
+                    conn.close_now(R.SHUTTING_DOWN)
+            if not self.connections or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close_now(R.SHUTTING_DOWN)
+
+
+class HubSMTP(SMTP):
+    line_length_limit = _READER_LIMIT
+
+    def __init__(self, ctx: SmtpContext):
+        cfg = ctx.cfg
+        super().__init__(
+            ctx, hostname=cfg.hostname, ident="ESMTP DICOM Mail Hub", tls_context=ctx.tls_context,
+            timeout=cfg.smtp.idle_timeout, data_size_limit=cfg.smtp.max_message_size,
+            auth_require_tls=True, command_call_limit=cfg.smtp.max_commands, loop=asyncio.get_running_loop())
+        self.ctx = ctx
+        limit = cfg.smtp.max_line_length
+        self.command_size_limits = collections.defaultdict(lambda: limit)
+        self.busy = False
+        self._peer_ip = ""
+        self._auth_failures = 0
+
+    # ---- connection life cycle -------------------------------------------------------------
+
+    def _create_envelope(self) -> Transaction:
+        return Transaction()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = peer[0] if isinstance(peer, tuple) else "local"
+        loopback = self._peer_ip == "local" or _is_loopback(self._peer_ip)
+        self._auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
+
+    def connection_lost(self, error) -> None:
+        self.ctx.release(self, self._peer_ip)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        refusal = self.ctx.admit(self, self._peer_ip)
+        if refusal is not None:
+            self.close_now(refusal)
+            return
+        await super()._handle_client()
+
+    def close_now(self, reply: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply.encode() + b"\r\n")
+            self.transport.close()
+
+    def _timeout_cb(self):
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(R.TIMEOUT.encode() + b"\r\n")
+        super()._timeout_cb()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("%s: internal error", self._peer_ip)
+        return R.INTERNAL_ERROR
+
+    # ---- EHLO / STARTTLS / AUTH --------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str):
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [f"250-{self.hostname}", f"250-SIZE {self.ctx.cfg.smtp.max_message_size}", "250-8BITMIME",
+                 "250-PIPELINING", "250-CHUNKING", "250-ENHANCEDSTATUSCODES"]
+        if self.tls_context and not self._tls_protocol:
+            lines.append("250-STARTTLS")
+        if not self._auth_require_tls or self._tls_protocol:
+            lines.append("250-AUTH PLAIN LOGIN")
+        lines.append("250 HELP")
+        await self.push("\r\n".join(lines))
+
+    async def smtp_STARTTLS(self, arg: str):
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push(R.TLS_UNAVAILABLE)
+            return
+        if self._tls_protocol:
+            await self.push(R.ALREADY_TLS)
+            return
+        self._reader._buffer.clear()  # RFC 3207: nothing sent before the handshake may count
+        await self.push(R.READY_TLS)
+        try:
+            await self._writer.start_tls(self.tls_context)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("%s: TLS handshake failed: %s", self._peer_ip, exc)
+            self.transport.close()
+            return
+        self.transport = self._writer.transport
+        self._tls_protocol = True
+        self.session.ssl = self.transport.get_extra_info("ssl_object")
+        self.session.host_name = None
+        self.session.extended_smtp = False
+        self._set_rset_state()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.session.authenticated:
+            await self.push(R.AUTH_ALREADY)
+            return
+        if self.envelope.mail_from is not None:
+            await self.push(R.BAD_SEQUENCE)
+            return
+        await super().smtp_AUTH(arg)
+        if not self.session.authenticated and arg and arg.split()[0].upper() in ("PLAIN", "LOGIN"):
+            self._auth_failures += 1
+            if self._auth_failures >= _MAX_AUTH_FAILURES:
+                self.close_now(R.TOO_MANY_AUTH_FAILURES)
+
+    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is None or not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Malformed PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+        else:
+            try:
+                login = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        if not isinstance(login, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        site = await self.ctx.sites.authenticate(login.decode("utf-8", "replace"),
+                                                 password.decode("utf-8", "replace"))
+        if site is None:
+            await asyncio.sleep(0.25 * (self._auth_failures + 1))
+            log.info("%s: failed login as %r", self._peer_ip, _printable(login))
+            return AuthResult(success=False, handled=False, message=R.AUTH_FAILED)
+        return AuthResult(success=True, auth_data=site, message=R.AUTH_OK)
+
+    @property
+    def _site(self) -> Site | None:
+        return self.session.auth_data if self.session.authenticated else None
+
+    # ---- MAIL / RCPT -------------------------------------------------------------------------
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is not None:
+            await self.push(R.NESTED_MAIL)
+            return
+        parsed = self._parse_path(arg, "FROM:")
+        if isinstance(parsed, str):
+            await self.push(parsed)
+            return
+        address, params = parsed
+        size = None
+        for name, value in params.items():
+            if name == "SIZE" and value.isdigit():
+                size = int(value)
+            elif name == "BODY" and value in ("7BIT", "8BITMIME"):
+                pass
+            elif name == "AUTH":
+                pass  # RFC 4954 AUTH=<mailbox> is informational
+            else:
+                await self.push(R.UNKNOWN_PARAMETER if name not in ("SIZE", "BODY") else R.BAD_ARGUMENTS)
+                return
+        if size is not None and size > self.ctx.cfg.smtp.max_message_size:
+            await self.push(R.MESSAGE_TOO_BIG)
+            return
+        refusal = sender_verdict(self._client(), address)
+        if refusal:
+            await self.push(refusal)
+            return
+        self.envelope.mail_from = address
+        self.envelope.declared_size = size
+        await self.push(R.SENDER_OK)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is None:
+            await self.push(R.NEED_MAIL)
+            return
+        parsed = self._parse_path(arg, "TO:")
+        if isinstance(parsed, str):
+            await self.push(parsed)
+            return
+        address, params = parsed
+        if params:
+            await self.push(R.UNKNOWN_PARAMETER)
+            return
+        if not address:
+            await self.push(R.BAD_ADDRESS)
+            return
+        if len(self.envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
+            await self.push(R.TOO_MANY_RECIPIENTS)
+            return
+        refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
+                                          self.ctx.sites.by_address)
+        if refusal:
+            log.info("%s: RCPT <%s> refused: %s", self._peer_ip, _printable(address), refusal)
+            await self.push(refusal)
+            return
+        if all(d.site_id != site.id for d in self.envelope.deliveries):
+            self.envelope.deliveries.append(Delivery(site.id, address))
+        self.envelope.rcpt_tos.append(address)
+        await self.push(R.RECIPIENT_OK)
+
+    def _client(self) -> Client:
+        return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
+
+    def _parse_path(self, arg: str | None, keyword: str):
+        """(address, {PARAM: value}) or a reply string for a syntax error."""
+        if arg is None or not arg[:len(keyword)].upper() == keyword:
+            return f"501 5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>"
+        rest = arg[len(keyword):].strip()
+        if rest.startswith("<>"):
+            address, tail = "", rest[2:]
+        else:
+            address, tail = self._getaddr(rest)
+            if address is None:
+                return R.BAD_ADDRESS
+        params = {}
+        for word in (tail or "").split():
+            name, _, value = word.partition("=")
+            if not name.isalnum():
+                return R.BAD_ARGUMENTS
+            params[name.upper()] = value.upper() if name.upper() in ("SIZE", "BODY") else value
+        return address, params
+
+    # ---- DATA / BDAT -------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self.envelope.bdat is not None or self.envelope.bdat_failed:
+            await self.push(R.DATA_AFTER_BDAT)
+            return
+        if not self.envelope.deliveries:
+            await self.push(R.NEED_RCPT if self.envelope.mail_from is not None else R.NEED_MAIL)
+            return
+        self.busy = True
+        message = self._new_message()
+        try:
+            await self.push(R.START_DATA)
+            decoder = DataDecoder()
+            reader = self._reader
+            while not decoder.done:
+                chunk = await reader.read(CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("connection closed during DATA")
+                self._reset_timeout()
+                message.write(decoder.feed(chunk))
+            if decoder.leftover:
+                reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
+            reply = await self._finish(message, decoder.dot_lines)
+        except BaseException:
+            message.discard()
+            raise
+        finally:
+            self.busy = False
+        await self._reply_after_transaction(reply)
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        words = (arg or "").split()
+        if not words or not words[0].isdigit() or len(words) > 2 or (
+                len(words) == 2 and words[1].upper() != "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT size [LAST]")
+            return  # without a valid size the chunk cannot be skipped; the client will resync or die
+        size, last = int(words[0]), len(words) == 2
+        tx = self.envelope
+        usable = bool(self.session.host_name and tx.deliveries and not tx.bdat_failed)
+        if usable and tx.bdat is None:
+            tx.bdat = self._new_message()
+            tx.bdat_dots = DotLineScanner()
+        self.busy = True
+        try:
+            await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots)
+            if not usable:
+                reply = self._bdat_refusal()
+            elif tx.bdat.failed or last:
+                reply = await self._finish(tx.bdat, tx.bdat_dots.found)
+                tx.bdat, tx.bdat_failed = None, reply[0] != "2"
+            else:
+                reply = R.chunk_received(size)
+        except BaseException:
+            if tx.bdat is not None:
+                tx.bdat.discard()
+            raise
+        finally:
+            self.busy = False
+        await self._reply_after_transaction(reply, reset=last)
+
+    def _bdat_refusal(self) -> str:
+        tx = self.envelope
+        if not self.session.host_name:
+            return R.BAD_SEQUENCE
+        if tx.bdat_failed:
+            return R.NO_BDAT_TRANSACTION
+        return R.NEED_RCPT if tx.mail_from is not None else R.NEED_MAIL
+
+    async def _read_chunk(self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None):
+        reader = self._reader
+        remaining = size
+        while remaining:
+            chunk = await reader.read(min(remaining, CHUNK))
+            if not chunk:
+                raise ConnectionResetError("connection closed during BDAT")
+            self._reset_timeout()
+            remaining -= len(chunk)
+            if message is not None:
+                message.write(chunk)
+                dots.feed(chunk)
+
+    def _new_message(self) -> IncomingMessage:
+        return IncomingMessage(self.ctx.storage, self.ctx.cfg.smtp.max_message_size, self._trace_header)
+
+    def _trace_header(self, queue_id: str) -> bytes:
+        protocol = "ESMTP" if self.session.extended_smtp else "SMTP"
+        if self._tls_protocol:
+            protocol += "S"
+        if self.session.authenticated:
+            protocol += "A"
+        helo = _printable(self.session.host_name or "unknown")[:255]
+        rcpts = self.envelope.rcpt_tos
+        for_clause = f"\r\n\tfor <{_printable(rcpts[0])}>" if len(rcpts) == 1 else ""
+        return (f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
+                f" with {protocol} id {queue_id}{for_clause};\r\n\t{formatdate(localtime=False)}\r\n"
+                ).encode("utf-8", "replace")
+
+    async def _finish(self, message: IncomingMessage, dot_lines: bool) -> str:
+        tx = self.envelope
+        site = self._site
+        started = time.monotonic()
+        if message.too_big:
+            reply = R.MESSAGE_TOO_BIG
+        elif message.error is not None:
+            reply = message.error.reply
+        else:
+            meta = message.meta(tx.mail_from, site.id if site else None, dot_lines)
+            try:
+                await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
+                reply = R.queued(message.queue_id)
+            except StorageError as exc:
+                reply = exc.reply
+        log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f",
+                 message.queue_id, site.name if site else "-", _printable(tx.mail_from),
+                 ",".join(_printable(r) for r in tx.rcpt_tos), message.size,
+                 message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
+                 (time.monotonic() - started) * 1000)
+        return reply
+
+    async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
+        if reset:
+            self._set_post_data_state()
+        await self.push(reply)
+        if reset and self.ctx.shutting_down:
+            self.close_now(R.SHUTTING_DOWN)
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _printable(text) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() and c not in "\\" else f"\\x{ord(c):02x}" for c in str(text))[:320]
+
+
+__all__ = ["HubSMTP", "SmtpContext", "Session"]

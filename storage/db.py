@@ -1,0 +1,32 @@
+# Opening the SQLite index: one place for the pragmas and the schema, shared by the server's
+# connections and the command-line tools. Must never hold message content.
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+INDEX_NAME = "index.sqlite3"
+_SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
+def index_path(data_dir: Path) -> Path:
+    return Path(data_dir) / INDEX_NAME
+
+
+def pragma_statements() -> tuple[str, ...]:
+    return _PRAGMAS
+
+
+def connect(data_dir: Path) -> sqlite3.Connection:
+    """A synchronous connection with the schema in place (creates the data folder)."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(index_path(data_dir), isolation_level=None, timeout=10)
+    for pragma in _PRAGMAS:
+        conn.execute(pragma)
+    conn.executescript(_SCHEMA)
+    return conn

@@ -1,0 +1,124 @@
+# Site (participant) records: name, login password hash, e-mail addresses.
+# Synchronous functions on a sqlite3 connection, used by the CLI and by the server's site cache.
+# Must never see a password in the clear except to hash it.
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from .errors import StorageError
+from .passwords import hash_password
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ADDRESS_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9.-]+$")
+
+
+class SiteError(StorageError):
+    """A site command was given invalid or conflicting input."""
+
+
+@dataclass
+class Site:
+    id: int
+    name: str
+    password_hash: str
+    created_at: float
+    addresses: list[str] = field(default_factory=list)
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise SiteError(f"invalid site name {name!r}: use letters, digits, '.', '_' or '-'")
+    return name
+
+
+def validate_address(address: str, local_domains: list[str]) -> str:
+    address = address.strip()
+    if not _ADDRESS_RE.match(address):
+        raise SiteError(f"invalid address {address!r}")
+    domain = address.rsplit("@", 1)[1].lower()
+    if local_domains and domain not in local_domains:
+        raise SiteError(f"address {address!r} is not in a local domain ({', '.join(local_domains)})")
+    return address
+
+
+def add_site(conn: sqlite3.Connection, name: str, addresses: list[str], password: str,
+             local_domains: list[str]) -> Site:
+    validate_name(name)
+    if not addresses:
+        raise SiteError("a site needs at least one --address")
+    if not password:
+        raise SiteError("empty password")
+    checked = [validate_address(a, local_domains) for a in addresses]
+    password_hash = hash_password(password)
+    with _transaction(conn):
+        if conn.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone():
+            raise SiteError(f"site {name!r} exists already")
+        for address in checked:
+            owner = conn.execute(
+                "SELECT s.name FROM addresses a JOIN sites s ON s.id = a.site_id WHERE a.address = ?",
+                (address,)).fetchone()
+            if owner:
+                raise SiteError(f"address {address!r} belongs to site {owner[0]!r}")
+        cur = conn.execute("INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)",
+                           (name, password_hash, time.time()))
+        conn.executemany("INSERT INTO addresses (address, site_id) VALUES (?, ?)",
+                         [(a, cur.lastrowid) for a in checked])
+    return get_site(conn, name)
+
+
+def get_site(conn: sqlite3.Connection, name: str) -> Site:
+    row = conn.execute("SELECT id, name, password_hash, created_at FROM sites WHERE name = ?",
+                       (name,)).fetchone()
+    if row is None:
+        raise SiteError(f"no site named {name!r}")
+    site = Site(*row)
+    site.addresses = [a for (a,) in conn.execute(
+        "SELECT address FROM addresses WHERE site_id = ? ORDER BY address", (site.id,))]
+    return site
+
+
+def list_sites(conn: sqlite3.Connection) -> list[Site]:
+    sites = {row[0]: Site(*row) for row in conn.execute(
+        "SELECT id, name, password_hash, created_at FROM sites ORDER BY name")}
+    for address, site_id in conn.execute("SELECT address, site_id FROM addresses ORDER BY address"):
+        sites[site_id].addresses.append(address)
+    return list(sites.values())
+
+
+def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
+    if not password:
+        raise SiteError("empty password")
+    password_hash = hash_password(password)
+    with _transaction(conn):
+        if conn.execute("UPDATE sites SET password_hash = ? WHERE name = ?",
+                        (password_hash, name)).rowcount == 0:
+            raise SiteError(f"no site named {name!r}")
+
+
+def remove_site(conn: sqlite3.Connection, name: str) -> int:
+    """Remove a site, its addresses and its mailbox; return how many mails were dropped."""
+    with _transaction(conn):
+        site = get_site(conn, name)
+        dropped = conn.execute("DELETE FROM mailbox WHERE site_id = ?", (site.id,)).rowcount
+        conn.execute("DELETE FROM sites WHERE id = ?", (site.id,))
+    return dropped
+
+
+def sites_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT value FROM meta WHERE key = 'sites_version'").fetchone()[0]
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

@@ -1,0 +1,212 @@
+# The storage facade used by the network code: spool a message, commit it durably (group commit),
+# list and delete mailbox entries, free blobs with their last reference.
+# Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
+# may reply 250. Must never report success before all four are done.
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from . import db
+from .errors import StorageError
+from .recovery import recover
+from .spool import SpoolFile, blob_name, new_queue_id
+
+log = logging.getLogger("mailhub.storage")
+
+
+@dataclass(slots=True)
+class MessageMeta:
+    """What the ingest learnt about a message while it streamed."""
+    mail_from: str
+    sender_site: int | None
+    dot_lines: bool
+    message_id: str | None = None
+    set_id: str | None = None
+    set_part: int | None = None
+    set_total: int | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    site_id: int
+    rcpt: str
+
+
+@dataclass(slots=True)
+class MailboxEntry:
+    uid: int
+    queue_id: str
+    size: int
+    dot_lines: bool
+    path: Path
+    sha256: str
+
+
+@dataclass(slots=True)
+class _Pending:
+    spool: SpoolFile
+    meta: MessageMeta
+    deliveries: list[Delivery]
+    received_at: float
+    done: asyncio.Future
+
+
+class Storage:
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self.spool_dir = self.data_dir / "spool"
+        self.blob_dir = self.data_dir / "blobs"
+        self._db: aiosqlite.Connection | None = None
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        conn = db.connect(self.data_dir)  # creates the schema
+        try:
+            report = recover(conn, self.spool_dir, self.blob_dir)
+        finally:
+            conn.close()
+        if report.anything():
+            log.warning("recovery: %s", report)
+        self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
+        for pragma in db.pragma_statements():
+            await self._db.execute(pragma)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    def new_spool(self) -> SpoolFile:
+        return SpoolFile(self.spool_dir, new_queue_id())
+
+    async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery]) -> None:
+        """Make the spooled message durable and put it into the recipients' mailboxes."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, spool.sync)
+        except BaseException:
+            spool.discard()
+            raise
+        item = _Pending(spool, meta, deliveries, time.time(), loop.create_future())
+        self._pending.append(item)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        await asyncio.shield(item.done)
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await loop.run_in_executor(None, self._move_into_blobs, batch)
+                await self._insert(batch)
+            except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
+                log.error("commit of %d message(s) failed: %s", len(batch), exc)
+                await loop.run_in_executor(None, self._remove_blobs, batch)
+                error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(error)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_result(None)
+
+    def _move_into_blobs(self, batch: list[_Pending]) -> None:
+        folders = set()
+        for item in batch:
+            target = self.blob_dir / blob_name(item.spool.queue_id, item.received_at)
+            if target.parent not in folders:
+                target.parent.mkdir(exist_ok=True)
+                folders.add(target.parent)
+            os.rename(item.spool.path, target)
+        for folder in folders | {self.spool_dir}:
+            _fsync_dir(folder)
+
+    def _remove_blobs(self, batch: list[_Pending]) -> None:
+        for item in batch:
+            for path in (item.spool.path, self.blob_dir / blob_name(item.spool.queue_id, item.received_at)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    async def _insert(self, batch: list[_Pending]) -> None:
+        messages = []
+        entries = []
+        for item in batch:
+            m = item.meta
+            qid = item.spool.queue_id
+            messages.append((qid, blob_name(qid, item.received_at), item.spool.size, item.spool.sha256,
+                             int(m.dot_lines), item.received_at, m.mail_from, m.sender_site,
+                             m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries)))
+            entries.extend((d.site_id, qid, d.rcpt, item.received_at) for d in item.deliveries)
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.executemany(
+                "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from,"
+                " sender_site, message_id, set_id, set_part, set_total, refs)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+            await self._db.executemany(
+                "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+
+    async def mailbox(self, site_id: int) -> list[MailboxEntry]:
+        """The site's mailbox entries in delivery order."""
+        async with self._db.execute(
+                "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256 FROM mailbox b"
+                " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
+                (site_id,)) as cursor:
+            rows = await cursor.fetchall()
+        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha)
+                for uid, qid, size, dots, blob, sha in rows]
+
+    async def delete(self, site_id: int, uids: list[int]) -> None:
+        """Remove mailbox entries; blobs whose last reference goes are freed after the commit."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.executemany("DELETE FROM mailbox WHERE site_id = ? AND uid = ?",
+                                       [(site_id, uid) for uid in uids])
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self.empty_trash()
+
+    async def empty_trash(self) -> None:
+        async with self._db.execute("SELECT blob FROM blob_trash") as cursor:
+            blobs = [blob for (blob,) in await cursor.fetchall()]
+        if not blobs:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self._unlink_blobs, blobs)
+        await self._db.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
+
+    def _unlink_blobs(self, blobs: list[str]) -> None:
+        for blob in blobs:
+            try:
+                os.unlink(self.blob_dir / blob)
+            except FileNotFoundError:
+                pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

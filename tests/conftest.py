@@ -1,0 +1,145 @@
+# Shared fixtures: a real hub process on loopback (port 0) in a temporary data folder, plus
+# helpers to add sites and read the index. Every process started here is stopped at teardown.
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "s3cret-pass"
+_LISTEN_RE = re.compile(r"(\w+) listening on ([\d.:a-f]+):(\d+)")
+
+
+class Hub:
+    """A `mailhub serve` subprocess and its data folder."""
+
+    def __init__(self, data_dir: Path, env: dict, config: Path | None = None):
+        self.data_dir = data_dir
+        self.env = env
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
+        self.log_path = data_dir.parent / f"{data_dir.name}-hub.log"
+
+    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "mailhub.cli", *args]
+        result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=self.env,
+                                cwd=REPO, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} failed: {result.stderr}")
+        return result
+
+    def add_site(self, name: str, *addresses: str, password: str = PASSWORD) -> None:
+        args = ["site", "add", name, "--password-stdin"]
+        for address in addresses or (f"{name}@hub.test",):
+            args += ["--address", address]
+        self.cli(*args, stdin=password + "\n")
+
+    def start(self, wait: float = 20.0) -> "Hub":
+        self.log = open(self.log_path, "a+")
+        mark = self.log.tell()
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailhub.cli", "serve"], env=self.env, cwd=REPO,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text()[mark:]
+            if "hub ready" in text:
+                self.ports = {name: int(port) for name, _, port in _LISTEN_RE.findall(text)}
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hub exited with {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError("hub did not start:\n" + self.log_path.read_text()[-3000:])
+
+    @property
+    def smtp_port(self) -> int:
+        return self.ports["smtp"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        self.log.close()
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.data_dir / "index.sqlite3")
+
+    def query(self, sql: str, *params):
+        conn = self.db()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def blob_files(self) -> list[Path]:
+        return sorted(p for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def hub_env(data_dir: Path, **overrides: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
+    env.update({
+        "MAILHUB_DATA_DIR": str(data_dir),
+        "MAILHUB_DOMAIN": "hub.test",
+        "MAILHUB_SMTP_LISTEN": "127.0.0.1:0",
+        "MAILHUB_POP3_LISTEN": "127.0.0.1:0",
+        "MAILHUB_IMAP_LISTEN": "127.0.0.1:0",
+        "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
+        "MAILHUB_SHUTDOWN_TIMEOUT": "10",
+        "PYTHONPATH": str(REPO),
+    })
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def make_hub(tmp_path):
+    hubs = []
+
+    def factory(**overrides: str) -> Hub:
+        data_dir = tmp_path / f"data{len(hubs)}"
+        hub = Hub(data_dir, hub_env(data_dir, **overrides))
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        hub.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def hub(make_hub) -> Hub:
+    """A running hub with sites alpha (alpha@hub.test) and beta (beta@hub.test, b2@hub.test)."""
+    h = make_hub()
+    h.add_site("alpha", "alpha@hub.test")
+    h.add_site("beta", "beta@hub.test", "b2@hub.test")
+    return h.start()
+
+
+def make_message(size: int = 2000, subject: str = "test", extra_headers: str = "") -> bytes:
+    """A CRLF message of about `size` bytes, base64-like body lines as a DICOM gateway sends."""
+    header = (f"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: {subject}\r\n"
+              f"Message-ID: <{os.urandom(8).hex()}@hub.test>\r\n{extra_headers}\r\n").encode()
+    line = os.urandom(57).hex().encode()[:76] + b"\r\n"
+    body = line * max(1, (size - len(header)) // len(line))
+    return header + body
