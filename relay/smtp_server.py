@@ -25,7 +25,7 @@ from .smtp_stream import DataDecoder
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
-_MAX_AUTH_FAILURES = 3
+_MAX_AUTH_FAILURES = 5
 
 
 class Transaction(Envelope):
