@@ -62,7 +62,7 @@ def _serve(cfg) -> int:
     from .logsetup import setup_logging
     from .server import serve
 
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, cfg.log.format)
     try:
         uvloop.run(serve(cfg))
     except OSError as exc:

@@ -12,7 +12,8 @@ import ssl
 import time
 from email.utils import formatdate
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+import aiosmtpd.smtp
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 
 from storage import Delivery, Site, SiteCache, Storage, StorageError
 
@@ -51,6 +52,8 @@ class SmtpContext:
         self.connections: set["HubSMTP"] = set()
         self.per_ip: collections.Counter = collections.Counter()
         self.shutting_down = False
+        # aiosmtpd reads its budget of unrecognised commands per connection from this module global.
+        aiosmtpd.smtp.BOGUS_LIMIT = cfg.smtp.max_bad_commands
 
     def admit(self, conn: "HubSMTP", ip: str) -> str | None:
         limits = self.cfg.smtp
@@ -480,4 +483,4 @@ def _printable(text) -> str:
     return "".join(c if c.isprintable() and c not in "\\" else f"\\x{ord(c):02x}" for c in str(text))[:320]
 
 
-__all__ = ["HubSMTP", "SmtpContext", "Session"]
+__all__ = ["HubSMTP", "SmtpContext"]
