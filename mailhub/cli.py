@@ -130,9 +130,19 @@ def _site_summary(conn: sqlite3.Connection, site) -> dict:
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
         " WHERE b.site_id = ?", (site.id,)).fetchone()
+    row = conn.execute("SELECT sessions, messages, bytes, send_seconds, first_poll_at, last_poll_at"
+                       " FROM site_downloads WHERE site_id = ?", (site.id,)).fetchone()
+    sessions, messages, octets, seconds, first, last = row or (0, 0, 0, 0.0, None, None)
     return {"name": site.name, "addresses": site.addresses,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(site.created_at)),
-            "mailbox_messages": count, "mailbox_bytes": size}
+            "created_at": _timestamp(site.created_at),
+            "mailbox_messages": count, "mailbox_bytes": size,
+            "downloads": {"sessions": sessions, "messages": messages, "bytes": octets,
+                          "send_seconds": round(seconds, 6), "first_poll_at": _timestamp(first),
+                          "last_poll_at": _timestamp(last)}}
+
+
+def _timestamp(seconds: float | None) -> str | None:
+    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _print_site(summary: dict, as_json: bool) -> None:
@@ -143,6 +153,13 @@ def _print_site(summary: dict, as_json: bool) -> None:
     print(f"addresses: {', '.join(summary['addresses'])}")
     print(f"created:   {summary['created_at']}")
     print(f"mailbox:   {summary['mailbox_messages']} mail(s), {_human(summary['mailbox_bytes'])}")
+    d = summary["downloads"]
+    if d["last_poll_at"] is None:
+        print("downloads: never polled")
+        return
+    rate = f", {_human(d['bytes'] / d['send_seconds'])}/s while sending" if d["send_seconds"] > 0 else ""
+    print(f"downloads: {d['messages']} mail(s), {_human(d['bytes'])} in {d['sessions']} session(s){rate}")
+    print(f"last poll: {d['last_poll_at']}")
 
 
 def _human(size: int) -> str:

@@ -126,6 +126,8 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("smtp", "peer_networks"): Option(_networks, []),
     ("pop3", "listen"): Option(_listen, "127.0.0.1:1110"),
     ("pop3", "pop3s_listen"): Option(_listen, ""),
+    ("pop3", "max_connections"): Option(_int(1), 1000),
+    ("pop3", "idle_timeout"): Option(_number, 600),
     ("imap", "listen"): Option(_listen, "127.0.0.1:1143"),
     ("imap", "imaps_listen"): Option(_listen, ""),
     ("metrics", "listen"): Option(_listen, "127.0.0.1:9425"),

@@ -6,7 +6,7 @@ import logging
 import signal
 import ssl
 
-from relay import HubSMTP, SmtpContext
+from relay import HubSMTP, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
 
 log = logging.getLogger("mailhub.server")
@@ -21,10 +21,10 @@ def tls_context(cfg) -> ssl.SSLContext | None:
     return context
 
 
-async def _listen(name: str, factory, address) -> asyncio.base_events.Server:
+async def _listen(name: str, factory, address, ssl_context=None) -> asyncio.base_events.Server:
     host, port = address
     server = await asyncio.get_running_loop().create_server(factory, host, port, backlog=1024,
-                                                            reuse_address=True)
+                                                            reuse_address=True, ssl=ssl_context)
     for sock in server.sockets:
         bound = sock.getsockname()
         log.info("%s listening on %s:%d", name, bound[0], bound[1])
@@ -35,8 +35,14 @@ async def serve(cfg) -> None:
     storage = Storage(cfg.data_dir)
     await storage.open()
     sites = SiteCache(cfg.data_dir)
-    smtp = SmtpContext(cfg, storage, sites, tls_context(cfg))
+    tls = tls_context(cfg)
+    smtp = SmtpContext(cfg, storage, sites, tls)
+    pop3 = Pop3Context(cfg, storage, sites, tls)
     servers = [await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)]
+    if cfg.pop3.listen:
+        servers.append(await _listen("pop3", pop3.factory(), cfg.pop3.listen))
+    if cfg.pop3.pop3s_listen:
+        servers.append(await _listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls))
     if not sites.all_sites():
         log.warning("no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin",
                     cfg.domain[0])
@@ -52,7 +58,7 @@ async def serve(cfg) -> None:
              cfg.shutdown_timeout)
     for server in servers:
         server.close()
-    await smtp.drain(cfg.shutdown_timeout)
+    await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
     await storage.close()
     sites.close()

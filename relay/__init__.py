@@ -1,4 +1,5 @@
-# Network side of the hub: SMTP ingress now; mailbox serving and outbound relay as they land.
+# Network side of the hub: SMTP ingress and POP3 mailbox serving now; IMAP and outbound relay later.
+from .pop3_server import Pop3Context
 from .smtp_server import HubSMTP, SmtpContext
 
-__all__ = ["HubSMTP", "SmtpContext"]
+__all__ = ["HubSMTP", "Pop3Context", "SmtpContext"]

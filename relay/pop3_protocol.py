@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Pop3Connection", "Pop3ProtocolError", "State", "MaildropEntry",
     "SendBytes", "AuthRequest", "StartTls", "SendMessage", "Update", "CloseConnection",
-    "NEED_DATA", "PAUSED", "CLOSED", "dot_stuff", "message_terminator", "TopFilter",
+    "NEED_DATA", "PAUSED", "CLOSED", "dot_stuff", "message_terminator", "TopFilter", "system_error",
 ]
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
@@ -582,6 +582,13 @@ def dot_stuff(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
     if at_line_start and chunk[:1] == b".":
         out = b"." + out
     return out, chunk.endswith(b"\n")
+
+
+def system_error(reason: str) -> bytes:
+    """The reply for a connection the adapter ends on its own (too many connections, shutting
+    down, internal error): send it instead of the greeting or the next reply, then close."""
+    text = _CONTROL.sub(b"", reason.encode("ascii", "replace")).decode("ascii")
+    return f"-ERR [SYS/TEMP] {text}\r\n".encode()
 
 
 def message_terminator(at_line_start: bool) -> bytes:

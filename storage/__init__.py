@@ -3,7 +3,7 @@ from .errors import StorageError, StorageFull
 from .site_cache import SiteCache
 from .sites import Site, SiteError
 from .spool import SpoolFile
-from .store import Delivery, MailboxEntry, MessageMeta, Storage
+from .store import Delivery, Downloads, MailboxEntry, MessageMeta, Storage
 
-__all__ = ["Delivery", "MailboxEntry", "MessageMeta", "Site", "SiteCache", "SiteError", "SpoolFile", "Storage",
-           "StorageError", "StorageFull"]
+__all__ = ["Delivery", "Downloads", "MailboxEntry", "MessageMeta", "Site", "SiteCache", "SiteError", "SpoolFile",
+           "Storage", "StorageError", "StorageFull"]

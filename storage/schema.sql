@@ -55,6 +55,20 @@ CREATE TABLE IF NOT EXISTS blob_trash (
     blob TEXT PRIMARY KEY
 ) WITHOUT ROWID;
 
+-- What each site has downloaded over POP3 (IMAP later), as running totals: one row per site,
+-- updated once per session at its end. A drain rate is the difference of two readings of these
+-- counters divided by the time between them (or bytes / send_seconds for the transfer speed
+-- alone); last_poll_at tells whether the site still polls at all.
+CREATE TABLE IF NOT EXISTS site_downloads (
+    site_id       INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    sessions      INTEGER NOT NULL,
+    messages      INTEGER NOT NULL,   -- whole messages sent (RETR)
+    bytes         INTEGER NOT NULL,   -- message octets sent (RETR and TOP), before dot-stuffing
+    send_seconds  REAL NOT NULL,      -- time spent sending those octets
+    first_poll_at REAL NOT NULL,      -- login time of the first session
+    last_poll_at  REAL NOT NULL       -- login time of the latest session
+);
+
 CREATE TRIGGER IF NOT EXISTS mailbox_unref AFTER DELETE ON mailbox
 BEGIN
     UPDATE messages SET refs = refs - 1 WHERE queue_id = OLD.queue_id;

@@ -1,8 +1,11 @@
 # The storage facade used by the network code: spool a message, commit it durably (group commit),
-# list and delete mailbox entries, free blobs with their last reference.
+# list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
-# may reply 250. Must never report success before all four are done.
+# may reply 250. Must never report success before all four are done. A blob file is unlinked only
+# after the commit that put it into blob_trash (start-up recovery finishes what a crash cut short).
+# Transactions on the one aiosqlite connection must never interleave: they all take _tx_lock.
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -48,6 +51,15 @@ class MailboxEntry:
 
 
 @dataclass(slots=True)
+class Downloads:
+    """What one mailbox session sent to its site (added to running totals per site)."""
+    polled_at: float          # login time (time.time())
+    messages: int = 0         # whole messages (RETR)
+    bytes: int = 0            # message octets (RETR and TOP)
+    send_seconds: float = 0.0
+
+
+@dataclass(slots=True)
 class _Pending:
     spool: SpoolFile
     meta: MessageMeta
@@ -64,6 +76,7 @@ class Storage:
         self._db: aiosqlite.Connection | None = None
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task | None = None
+        self._tx_lock = asyncio.Lock()
 
     async def open(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -153,22 +166,29 @@ class Storage:
                              int(m.dot_lines), item.received_at, m.mail_from, m.sender_site,
                              m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries)))
             entries.extend((d.site_id, qid, d.rcpt, item.received_at) for d in item.deliveries)
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             await self._db.executemany(
                 "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from,"
                 " sender_site, message_id, set_id, set_part, set_total, refs)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
             await self._db.executemany(
                 "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self):
+        async with self._tx_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
             await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
-        """The site's mailbox entries in delivery order."""
-        async with self._db.execute(
+        """The site's mailbox entries in delivery order (committed ones only: never read in the middle
+        of another coroutine's transaction on the shared connection)."""
+        async with self._tx_lock, self._db.execute(
                 "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256 FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
@@ -176,17 +196,29 @@ class Storage:
         return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha)
                 for uid, qid, size, dots, blob, sha in rows]
 
-    async def delete(self, site_id: int, uids: list[int]) -> None:
-        """Remove mailbox entries; blobs whose last reference goes are freed after the commit."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+    async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None) -> None:
+        """Remove mailbox entries (and add a session's downloads to the site's totals) in one
+        transaction; blobs whose last reference goes are freed after the commit."""
+        async with self._transaction():
             await self._db.executemany("DELETE FROM mailbox WHERE site_id = ? AND uid = ?",
                                        [(site_id, uid) for uid in uids])
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
+            if downloads is not None:
+                await self._add_downloads(site_id, downloads)
         await self.empty_trash()
+
+    async def record_downloads(self, site_id: int, downloads: Downloads) -> None:
+        """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""
+        async with self._transaction():
+            await self._add_downloads(site_id, downloads)
+
+    async def _add_downloads(self, site_id: int, d: Downloads) -> None:
+        await self._db.execute(
+            "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
+            " last_poll_at) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
+            " sessions = sessions + 1, messages = messages + excluded.messages, bytes = bytes + excluded.bytes,"
+            " send_seconds = send_seconds + excluded.send_seconds,"
+            " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
+            (site_id, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
 
     async def empty_trash(self) -> None:
         async with self._db.execute("SELECT blob FROM blob_trash") as cursor:
@@ -194,7 +226,8 @@ class Storage:
         if not blobs:
             return
         await asyncio.get_running_loop().run_in_executor(None, self._unlink_blobs, blobs)
-        await self._db.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
+        async with self._tx_lock:
+            await self._db.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
 
     def _unlink_blobs(self, blobs: list[str]) -> None:
         for blob in blobs:

@@ -25,6 +25,7 @@ Pop3ProtocolError, SendBytes = pop3_protocol.Pop3ProtocolError, pop3_protocol.Se
 SendMessage, StartTls, State = pop3_protocol.SendMessage, pop3_protocol.StartTls, pop3_protocol.State
 TopFilter, Update = pop3_protocol.TopFilter, pop3_protocol.Update
 dot_stuff, message_terminator = pop3_protocol.dot_stuff, pop3_protocol.message_terminator
+system_error = pop3_protocol.system_error
 
 HOST = "pop.example.org"
 M1 = MaildropEntry("uid-1", 120, False, "ref1")
@@ -514,6 +515,11 @@ def test_dot_stuff_examples():
     assert dot_stuff(b".a", False) == (b".a", False)
     assert dot_stuff(b"", True) == (b"", True)
     assert dot_stuff(b"x\n", False) == (b"x\n", True)
+
+
+def test_system_error_reply_is_one_clean_line():
+    assert system_error("too many connections") == b"-ERR [SYS/TEMP] too many connections\r\n"
+    assert system_error("bad\r\nX\x00 \u00e9") == b"-ERR [SYS/TEMP] badX ?\r\n"
 
 
 @given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=8))

@@ -1,0 +1,338 @@
+# POP3 mailbox serving: the asyncio adapter around relay.pop3_protocol (the sans-I/O core, which
+# holds all protocol logic and wording). Per connection it feeds received bytes to the core and does
+# what the core's events ask: check logins through SiteCache (slowly on failure), lock the mailbox
+# (one session per site), snapshot it at login, stream messages from their blob files (zero-copy
+# sendfile when the bytes go out unchanged over plain TCP, else 1 MB chunks, dot-stuffed, under
+# transport flow control), upgrade to TLS (STLS), delete at UPDATE and add what was downloaded to
+# the site's totals (one storage transaction per session, with the deletions when there are any).
+# Must never: parse or word POP3 itself, hold more than a few MB per connection whatever the message
+# size, delete anything outside UPDATE, serve one mailbox to two sessions at once, or let anything
+# a client sends raise out of a session (I/O errors close the connection and are logged).
+# The mailbox locks live in this process: several hub processes on one index would need shared ones.
+import asyncio
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+
+from storage import Downloads, SiteCache, Storage
+
+from .file_sender import FileSender
+from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, MaildropEntry, Pop3Connection,
+                            SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
+                            message_terminator, system_error)
+
+log = logging.getLogger("mailhub.pop3")
+CHUNK = 1024 * 1024
+_FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
+_PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
+_TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class Pop3Context:
+    """What all POP3 connections share: config, storage, sites, TLS, sessions and mailbox locks."""
+
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None):
+        self.cfg = cfg
+        self.storage = storage
+        self.sites = sites
+        self.tls_context = tls_context
+        self.sender = FileSender(cfg.pop3.max_connections)
+        self.sessions: set[Pop3Session] = set()
+        self.locks: dict[int, Pop3Session] = {}   # site id -> the session holding its mailbox
+        self.shutting_down = False
+        Pop3Connection(greeting_host=cfg.hostname, stls_available=False,   # fail at start, not per client
+                       plaintext_login_allowed=False)
+
+    def factory(self, implicit_tls: bool = False):
+        return lambda: Pop3Session(self, implicit_tls)
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: end every session (nothing is deleted without QUIT; a session already in UPDATE
+        finishes it) and give their bookkeeping up to `timeout` seconds."""
+        self.shutting_down = True
+        for session in list(self.sessions):
+            session.abort()
+        tasks = [s.task for s in self.sessions if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        self.sender.close()
+
+
+class Pop3Session(asyncio.Protocol):
+    def __init__(self, ctx: Pop3Context, implicit_tls: bool):
+        self.ctx = ctx
+        self.tls = implicit_tls
+        self.transport: asyncio.Transport | None = None
+        self.core: Pop3Connection | None = None
+        self.task: asyncio.Task | None = None
+        self.peer = "-"
+        self.site = None
+        self.downloads: Downloads | None = None
+        self._recorded = False    # downloads written with the UPDATE transaction
+        self._deleted = 0
+        self._started = time.monotonic()
+        self._input = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost = False
+        self._reading_paused = False
+        self._stop_send = threading.Event()
+
+    # ---- transport callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
+        ctx = self.ctx
+        if ctx.shutting_down or len(ctx.sessions) >= ctx.cfg.pop3.max_connections:
+            transport.write(system_error("server shutting down" if ctx.shutting_down else "too many connections"))
+            transport.close()
+            return
+        ctx.sessions.add(self)
+        self.core = Pop3Connection(
+            greeting_host=ctx.cfg.hostname, stls_available=ctx.tls_context is not None and not self.tls,
+            plaintext_login_allowed=self.tls or _is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self.core is None:
+            return
+        self.core.receive_data(data)
+        if self.core.buffered_bytes >= _PAUSE_READING_AT and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._input.set()
+
+    def eof_received(self):
+        if self.core is not None:
+            self.core.receive_data(b"")
+        self._input.set()
+        return not self.tls   # keep a half-closed plain connection open to answer what came before
+
+    def connection_lost(self, exc) -> None:
+        self._lost = True
+        self._stop_send.set()
+        if self.core is not None:
+            self.core.receive_data(b"")
+        self._input.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def abort(self) -> None:
+        """Close now (shutdown), unless deletions are being applied."""
+        if self.core is not None and self.core.state is State.UPDATE:
+            return
+        self._stop_send.set()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- the adapter loop (see relay/pop3_protocol.py) ---------------------------------------
+
+    async def _run(self) -> None:
+        core = self.core
+        outcome = "closed"
+        try:
+            self._write(core.initial_bytes())
+            while (event := core.next_event()) is not CLOSED:
+                if event is NEED_DATA:
+                    await self._wait_input()
+                elif isinstance(event, SendBytes):
+                    self._write(event.data)
+                    await self._drain()
+                elif isinstance(event, AuthRequest):
+                    await self._login(event)
+                elif isinstance(event, SendMessage):
+                    await self._send_message(event)
+                elif isinstance(event, Update):
+                    await self._update(event)
+                elif isinstance(event, StartTls):
+                    await self._start_tls()
+                elif isinstance(event, CloseConnection):
+                    outcome = "quit" if self._recorded else "closed by server"
+                    break
+                else:
+                    raise RuntimeError(f"unexpected event {event!r}")
+        except TimeoutError:
+            outcome = "idle timeout"
+        except ConnectionError as exc:
+            outcome = f"connection lost ({type(exc).__name__})"
+        except OSError as exc:
+            outcome = f"I/O error: {exc}"
+            log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
+            self._reply_system_error("I/O error")
+        except Exception:
+            outcome = "internal error"
+            log.exception("peer=%s site=%s: internal error", self.peer, self._site_name())
+            self._reply_system_error("internal error")
+        finally:
+            await self._finish(outcome)
+
+    async def _wait_input(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if self._reading_paused:
+            self.transport.resume_reading()
+            self._reading_paused = False
+        self._input.clear()
+        async with asyncio.timeout(self.ctx.cfg.pop3.idle_timeout):
+            await self._input.wait()
+
+    def _write(self, data: bytes) -> None:
+        if self._lost or self.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        self.transport.write(data)
+
+    async def _drain(self) -> None:
+        """Wait while the transport's buffer is over its high-water mark (flow control)."""
+        if not self._writable.is_set():
+            async with asyncio.timeout(self.ctx.cfg.pop3.idle_timeout):
+                await self._writable.wait()
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+
+    def _reply_system_error(self, reason: str) -> None:
+        """Say why we close, unless that would land inside a message being sent."""
+        if not self._lost and not self.transport.is_closing() and self.core.state is not State.SENDING:
+            self.transport.write(system_error(reason))
+
+    # ---- what the core's events ask for ----------------------------------------------------
+
+    async def _login(self, event: AuthRequest) -> None:
+        ctx = self.ctx
+        site = await ctx.sites.authenticate(event.user, event.password)
+        if site is None:
+            await asyncio.sleep(_FAILED_LOGIN_DELAY * (1 + event.failed_so_far))
+            log.info("peer=%s: failed login as %r", self.peer, _printable(event.user))
+            self._write(self.core.auth_result(False))
+            return
+        if site.id in ctx.locks:
+            log.info("peer=%s site=%s: mailbox in use", self.peer, site.name)
+            self._write(self.core.auth_result(True, in_use=True))
+            return
+        ctx.locks[site.id] = self
+        self.site = site
+        self.downloads = Downloads(polled_at=time.time())
+        entries = await ctx.storage.mailbox(site.id)
+        maildrop = [MaildropEntry(str(e.uid), e.size, e.dot_lines, e) for e in entries]
+        self._write(self.core.auth_result(True, maildrop=maildrop))
+
+    async def _start_tls(self) -> None:
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.ctx.tls_context, server_side=True,
+                ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            raise ConnectionAbortedError(f"TLS handshake failed: {exc}") from None
+        if transport is None:
+            raise ConnectionAbortedError("connection closed during the TLS handshake")
+        self.transport, self.tls, self._reading_paused = transport, True, False
+        self.core.tls_started()
+
+    async def _send_message(self, event: SendMessage) -> None:
+        entry = event.entry.ref
+        started = time.monotonic()
+        try:
+            if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
+                await self._flushed()
+                ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, 0, entry.size,
+                                                          self._stop_send, self.ctx.cfg.pop3.idle_timeout)
+                sent = entry.size
+            else:
+                sent, ends_with_lf = await self._copy(entry, event.body_lines)
+            self._write(message_terminator(ends_with_lf))
+            await self._drain()
+        except BaseException:
+            self._stop_send.set()   # a worker still sending stops within a fraction of a second
+            raise
+        self.downloads.bytes += sent
+        self.downloads.send_seconds += time.monotonic() - started
+        if event.body_lines is None:
+            self.downloads.messages += 1
+        self.core.message_sent()
+
+    async def _flushed(self) -> None:
+        """Wait until the transport has handed every buffered byte to the kernel."""
+        if self.transport.get_write_buffer_size() == 0:
+            return
+        self.transport.set_write_buffer_limits(high=0)   # resume_writing() once the buffer is empty
+        try:
+            await self._drain()
+        finally:
+            if not self.transport.is_closing():
+                self.transport.set_write_buffer_limits()
+
+    async def _copy(self, entry, body_lines: int | None) -> tuple[int, bool]:
+        """Read, cut (TOP), dot-stuff and write the message in chunks; return (octets, ends with LF)."""
+        top = TopFilter(body_lines) if body_lines is not None else None
+        offset, sent, at_line_start = 0, 0, True
+        while offset < entry.size and not (top is not None and top.done):
+            chunk = await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset))
+            if not chunk:
+                raise OSError(f"{entry.path} ended at {offset} of {entry.size} bytes")
+            offset += len(chunk)
+            if top is not None:
+                chunk = top.feed(chunk)
+            sent += len(chunk)
+            data, at_line_start = dot_stuff(chunk, at_line_start)   # a no-op unless a line starts with "."
+            if data:
+                self._write(data)
+                await self._drain()
+        return sent, at_line_start
+
+    async def _update(self, event: Update) -> None:
+        uids = [e.ref.uid for e in event.deleted]
+        try:
+            await self.ctx.storage.delete(self.site.id, uids, self.downloads)
+        except Exception:
+            log.exception("site=%s: deleting %d message(s) failed", self.site.name, len(uids))
+            ok = False
+        else:
+            ok, self._recorded, self._deleted = True, True, len(uids)
+        self._write(self.core.update_result(ok))
+        await self._drain()
+
+    # ---- the end of a session ---------------------------------------------------------------
+
+    async def _finish(self, outcome: str) -> None:
+        self._stop_send.set()
+        if not self.transport.is_closing():
+            self.transport.close()
+        ctx = self.ctx
+        if self.site is not None and ctx.locks.get(self.site.id) is self:
+            del ctx.locks[self.site.id]
+        try:
+            if self.downloads is not None and not self._recorded:
+                await ctx.storage.record_downloads(self.site.id, self.downloads)
+        except Exception as exc:   # e.g. the site was removed meanwhile
+            log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
+        finally:
+            ctx.sessions.discard(self)
+        d = self.downloads
+        log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f deleted=%d session_s=%.1f outcome=%s",
+                 self.peer, self._site_name(), d.messages if d else 0, d.bytes if d else 0,
+                 d.send_seconds if d else 0.0, self._deleted, time.monotonic() - self._started, outcome)
+
+    def _site_name(self) -> str:
+        return self.site.name if self.site is not None else "-"
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in text)[:320]
+
+
+__all__ = ["Pop3Context", "Pop3Session"]
