@@ -25,6 +25,7 @@ from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, Mai
 
 log = logging.getLogger("mailhub.pop3")
 CHUNK = 1024 * 1024
+_HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK   # transport buffer while copying a message
 _FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
 _PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 _TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -270,22 +271,39 @@ class Pop3Session(asyncio.Protocol):
                 self.transport.set_write_buffer_limits()
 
     async def _copy(self, entry, body_lines: int | None) -> tuple[int, bool]:
-        """Read, cut (TOP), dot-stuff and write the message in chunks; return (octets, ends with LF)."""
+        """Read, cut (TOP), dot-stuff and write the message in chunks; return (octets, ends with LF).
+        The next chunk is read while the transport sends the previous ones (at most _HIGH_WATER)."""
         top = TopFilter(body_lines) if body_lines is not None else None
-        offset, sent, at_line_start = 0, 0, True
-        while offset < entry.size and not (top is not None and top.done):
-            chunk = await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset))
-            if not chunk:
-                raise OSError(f"{entry.path} ended at {offset} of {entry.size} bytes")
-            offset += len(chunk)
-            if top is not None:
-                chunk = top.feed(chunk)
-            sent += len(chunk)
-            data, at_line_start = dot_stuff(chunk, at_line_start)   # a no-op unless a line starts with "."
-            if data:
-                self._write(data)
-                await self._drain()
+        sent, at_line_start = 0, True
+        self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        reading = self._read_ahead(entry, 0)
+        try:
+            while reading is not None:
+                offset, chunk = await reading
+                if not chunk:
+                    raise OSError(f"{entry.path} ended at {offset} of {entry.size} bytes")
+                offset += len(chunk)
+                if top is not None:
+                    chunk = top.feed(chunk)
+                reading = None if top is not None and top.done else self._read_ahead(entry, offset)
+                sent += len(chunk)
+                data, at_line_start = dot_stuff(chunk, at_line_start)   # a no-op unless a line starts with "."
+                if data:
+                    self._write(data)
+                    await self._drain()
+        finally:
+            if reading is not None:
+                reading.cancel()
+            if not self.transport.is_closing():
+                self.transport.set_write_buffer_limits()
         return sent, at_line_start
+
+    def _read_ahead(self, entry, offset: int) -> asyncio.Future | None:
+        if offset >= entry.size:
+            return None
+        async def read():
+            return offset, await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset))
+        return asyncio.ensure_future(read())
 
     async def _update(self, event: Update) -> None:
         uids = [e.ref.uid for e in event.deleted]
