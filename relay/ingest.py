@@ -28,10 +28,19 @@ class IncomingMessage:
 
     @property
     def failed(self) -> bool:
+        if self.error is None and self.spool is not None and self.spool.error is not None:
+            self._fail(self.spool.error)
         return self.too_big or self.error is not None
 
+    @property
+    def backlogged(self) -> bool:
+        return self.spool is not None and self.spool.backlogged
+
+    async def room(self) -> None:
+        await self.spool.room()
+
     def write(self, data: bytes) -> None:
-        if self.too_big or self.error is not None:
+        if self.failed:
             return
         self.size += len(data)
         if self.size > self.max_size:
@@ -40,10 +49,7 @@ class IncomingMessage:
             return
         if not self.headers.done:
             self.headers.feed(data)
-        try:
-            self.spool.write(data)
-        except StorageError as exc:
-            self._fail(exc)
+        self.spool.write(data)
 
     def meta(self, mail_from: str, sender_site: int | None, dot_lines: bool) -> MessageMeta:
         self.headers.close()

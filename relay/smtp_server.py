@@ -8,6 +8,7 @@ import binascii
 import collections
 import ipaddress
 import logging
+import re
 import ssl
 import time
 from email.utils import formatdate
@@ -27,6 +28,8 @@ log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
 _MAX_AUTH_FAILURES = 5
+# <local@domain> with a plain dot-atom local part: the common case, parsed without the email package.
+_SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
 
 
 class Transaction(Envelope):
@@ -323,7 +326,10 @@ class HubSMTP(SMTP):
         if arg is None or not arg[:len(keyword)].upper() == keyword:
             return f"501 5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>"
         rest = arg[len(keyword):].strip()
-        if rest.startswith("<>"):
+        simple = _SIMPLE_PATH.match(rest)
+        if simple:
+            address, tail = simple.group(1), simple.group(2)
+        elif rest.startswith("<>"):
             address, tail = "", rest[2:]
         else:
             address, tail = self._getaddr(rest)
@@ -363,6 +369,8 @@ class HubSMTP(SMTP):
                     raise ConnectionResetError("connection closed during DATA")
                 self._reset_timeout()
                 message.write(decoder.feed(chunk))
+                if message.backlogged:
+                    await message.room()
             if decoder.leftover:
                 reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
             reply = await self._finish(message, decoder.dot_lines)
@@ -423,6 +431,8 @@ class HubSMTP(SMTP):
             if message is not None:
                 message.write(chunk)
                 dots.feed(chunk)
+                if message.backlogged:
+                    await message.room()
 
     def _new_message(self) -> IncomingMessage:
         return IncomingMessage(self.ctx.storage, self.ctx.cfg.smtp.max_message_size, self._trace_header)
@@ -444,7 +454,7 @@ class HubSMTP(SMTP):
         tx = self.envelope
         site = self._site
         started = time.monotonic()
-        if message.too_big:
+        if message.failed and message.too_big:
             reply = R.MESSAGE_TOO_BIG
         elif message.error is not None:
             reply = message.error.reply

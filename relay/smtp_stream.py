@@ -10,9 +10,6 @@ the command reader. Only ``CRLF . CRLF`` ends the data: a bare LF never does, wh
 keeps the hub immune to SMTP smuggling.
 """
 
-_DOT_LINE = b"\r\n."
-
-
 class DataDecoder:
     __slots__ = ("_pending", "_at_start", "done", "leftover", "dot_lines")
 
@@ -44,11 +41,17 @@ class DataDecoder:
                 self.dot_lines = buf[0:1] == b"."
         out = []
         start = 0
+        pos = 0
         find = buf.find
         while True:
-            i = find(_DOT_LINE, start)
-            if i < 0:
+            # Look for the dot alone (memchr-fast; base64 bodies have none), then check the CRLF.
+            j = find(b".", pos)
+            if j < 0:
                 break
+            pos = j + 1
+            if j < 2 or buf[j - 2] != 13 or buf[j - 1] != 10:
+                continue
+            i = j - 2
             if len(buf) - i < 5:  # need "\r\n.XY" to decide
                 out.append(buf[start:i])
                 self._pending = buf[i:]
@@ -61,6 +64,7 @@ class DataDecoder:
             # Dot-stuffed line: keep the CRLF, drop the transparency dot.
             out.append(buf[start:i + 2])
             start = i + 3
+            pos = start + 1
             if buf[start:start + 1] == b".":
                 self.dot_lines = True
         # Keep a trailing partial "\r\n" or "\r" undecided.

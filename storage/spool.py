@@ -1,14 +1,20 @@
-# Spool files: the one place message bytes are written. A spool file is written chunk by chunk
-# while the client sends, hashed on the fly, then fsynced and renamed into the blob folder.
-# Must never hold a whole message in memory.
+# Spool files: the one place message bytes are written. The event loop only queues chunks; a
+# worker thread creates the file, hashes and writes them in order (one job at a time per file, so
+# both cores work: the loop receives while a thread writes), then fsyncs at the end.
+# Memory per message is bounded by MAX_QUEUED; never holds a whole message.
+import asyncio
 import errno
 import hashlib
 import os
 import secrets
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 
 from .errors import StorageError, StorageFull
+
+FLUSH_AT = 512 * 1024  # queued bytes that start a write job
+MAX_QUEUED = 8 * 1024 * 1024  # queued bytes after which the receiver waits for the disk
 
 
 def new_queue_id() -> str:
@@ -22,47 +28,115 @@ def blob_name(queue_id: str, received_at: float) -> str:
 
 
 class SpoolFile:
-    """A message being received: `write()` chunks, then `sync()` (blocking) or `discard()`."""
+    """A message being received: `write()` chunks (never blocks), `await room()` when
+    `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
-    __slots__ = ("queue_id", "path", "size", "_fd", "_sha")
+    __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
+                 "_chunks", "_queued", "_job", "_discarded")
 
-    def __init__(self, spool_dir: Path, queue_id: str):
+    def __init__(self, spool_dir: Path, queue_id: str, executor: Executor):
         self.queue_id = queue_id
         self.path = spool_dir / (queue_id + ".tmp")
         self.size = 0
+        self.error: StorageError | None = None
+        self.handed_over = False  # synced and owned by the committer: discard() no longer applies
+        self._executor = executor
+        self._fd = -1
         self._sha = hashlib.sha256()
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        except OSError as exc:
-            raise _storage_error(exc) from exc
+        self._chunks: list[bytes] = []
+        self._queued = 0
+        self._job: asyncio.Future | None = None
+        self._discarded = False
 
     def write(self, data: bytes) -> None:
-        if not data:
+        if not data or self.error is not None:
             return
-        self._sha.update(data)
+        self._chunks.append(data)
+        self._queued += len(data)
         self.size += len(data)
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            raise _storage_error(exc) from exc
+        if self._queued >= FLUSH_AT and self._job is None:
+            self._start_job()
+
+    @property
+    def backlogged(self) -> bool:
+        return self._queued >= MAX_QUEUED and self._job is not None
+
+    async def room(self) -> None:
+        """Wait until the disk has caught up with what was queued."""
+        while self.backlogged:
+            await self._job_finished()
 
     @property
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
-    def sync(self) -> None:
-        """Flush to disk and close; blocking, run it off the event loop."""
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise _storage_error(exc) from exc
-        finally:
-            os.close(self._fd)
-            self._fd = -1
+    async def sync(self) -> None:
+        """Write what is queued, fsync and close; raises StorageError on failure."""
+        while self._job is not None:
+            await self._job_finished()
+        if self.error is None and not self._discarded:
+            self._start_job(final=True)
+            await self._job_finished()
+        if self._discarded and self.error is None:
+            self.error = StorageError("message discarded")
+        if self.error is not None:
+            self.discard()
+            raise self.error
+
+    async def _job_finished(self) -> None:
+        """Wait for the running job and for its done-callback to have run."""
+        job = self._job
+        if not job.done():
+            await asyncio.wait([job])
+        while self._job is job:
+            await asyncio.sleep(0)
 
     def discard(self) -> None:
+        """Forget the message; the file goes once no write job uses it any more."""
+        if self.handed_over:
+            return
+        self._discarded = True
+        self._chunks, self._queued = [], 0
+        if self._job is None:
+            self._remove()
+
+    # ---- worker side ----------------------------------------------------------------------------
+
+    def _start_job(self, final: bool = False) -> None:
+        chunks, self._chunks, self._queued = self._chunks, [], 0
+        self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
+                                                               chunks, final)
+        self._job.add_done_callback(self._job_done)
+
+    def _job_done(self, job: asyncio.Future) -> None:
+        self._job = None
+        if not job.cancelled() and job.exception() is not None:
+            exc = job.exception()
+            self.error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+            self._chunks, self._queued = [], 0
+        if self._discarded:
+            self._remove()
+        elif self._queued >= FLUSH_AT and self.error is None:
+            self._start_job()
+
+    def _write_chunks(self, chunks: list[bytes], final: bool) -> None:
+        """Runs in a worker thread, one job per file at a time."""
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            for chunk in chunks:
+                self._sha.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            if final:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def _remove(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
