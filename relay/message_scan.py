@@ -2,10 +2,8 @@
 # X-TELEMEDICINE-SETID/-SETPART/-SETTOTAL study headers) and whether any line starts with "."
 # (for BDAT input, where no decoder sees the lines). Bounded: only the header block, capped,
 # is ever kept; after it the per-chunk cost is one comparison.
-from email.parser import BytesHeaderParser
-from email.policy import compat32
-
 MAX_HEADER_BYTES = 256 * 1024
+_WANTED = (b"message-id", b"x-telemedicine-setid", b"x-telemedicine-setpart", b"x-telemedicine-settotal")
 
 
 class HeaderScanner:
@@ -41,7 +39,7 @@ class HeaderScanner:
 
     def _finish(self) -> None:
         self.done = True
-        headers = BytesHeaderParser(policy=compat32).parsebytes(bytes(self._buf))
+        headers = _parse_fields(bytes(self._buf))
         self._buf = bytearray()
         self.message_id = _clean(headers.get("Message-ID"), 998)
         self.set_id = _clean(headers.get("X-TELEMEDICINE-SETID"), 256)
@@ -64,6 +62,27 @@ class DotLineScanner:
         if b"\r\n." in self._tail + data[:2] or b"\r\n." in data:
             self.found = True
         self._tail = data[-2:] if len(data) >= 2 else self._tail[-1:] + data
+
+
+def _parse_fields(block: bytes) -> dict[str, str]:
+    """The first occurrence of each wanted field (RFC 5322 unfolding), by lower-case name."""
+    fields: dict[str, str] = {}
+    name = None
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if name is not None:
+                fields[name] += " " + line.decode("utf-8", "replace")
+            continue
+        key, colon, value = line.partition(b":")
+        key = key.strip().lower()
+        name = None
+        if colon and key in _WANTED and key.decode() not in fields:
+            name = key.decode()
+            fields[name] = value.decode("utf-8", "replace")
+    return {
+        "Message-ID": fields.get("message-id"), "X-TELEMEDICINE-SETID": fields.get("x-telemedicine-setid"),
+        "X-TELEMEDICINE-SETPART": fields.get("x-telemedicine-setpart"),
+        "X-TELEMEDICINE-SETTOTAL": fields.get("x-telemedicine-settotal")}
 
 
 def _clean(value, limit: int) -> str | None:

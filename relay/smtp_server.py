@@ -110,6 +110,7 @@ class HubSMTP(SMTP):
         limit = cfg.smtp.max_line_length
         self.command_size_limits = collections.defaultdict(lambda: limit)
         self.busy = False
+        self._held: list[bytes] = []  # replies held back for pipelining
         self._peer_ip = ""
         self._auth_failures = 0
 
@@ -136,9 +137,30 @@ class HubSMTP(SMTP):
             return
         await super()._handle_client()
 
+    async def reply_pipelined(self, status: str) -> None:
+        """Reply, but hold it back while the client's next complete command is already buffered:
+        a pipelining client then gets the replies to its whole group in one segment (RFC 2920)."""
+        self._held.append(status.encode() + b"\r\n")
+        if b"\n" not in self._reader._buffer:
+            await self._flush_held()
+
+    async def push(self, status) -> None:
+        if self._held:
+            self._held.append(status.encode() if isinstance(status, str) else status)
+            await self._flush_held(terminate=True)
+        else:
+            await super().push(status)
+
+    async def _flush_held(self, terminate: bool = False) -> None:
+        data = b"".join(self._held) + (b"\r\n" if terminate else b"")
+        self._held.clear()
+        self._writer.write(data)
+        await self._writer.drain()
+
     def close_now(self, reply: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply.encode() + b"\r\n")
+            self.transport.write(b"".join(self._held) + reply.encode() + b"\r\n")
+            self._held.clear()
             self.transport.close()
 
     def _timeout_cb(self):
@@ -285,7 +307,7 @@ class HubSMTP(SMTP):
             return
         self.envelope.mail_from = address
         self.envelope.declared_size = size
-        await self.push(R.SENDER_OK)
+        await self.reply_pipelined(R.SENDER_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -316,7 +338,7 @@ class HubSMTP(SMTP):
         if all(d.site_id != site.id for d in self.envelope.deliveries):
             self.envelope.deliveries.append(Delivery(site.id, address))
         self.envelope.rcpt_tos.append(address)
-        await self.push(R.RECIPIENT_OK)
+        await self.reply_pipelined(R.RECIPIENT_OK)
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
@@ -475,7 +497,7 @@ class HubSMTP(SMTP):
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
         if reset:
             self._set_post_data_state()
-        await self.push(reply)
+        await self.reply_pipelined(reply)
         if reset and self.ctx.shutting_down:
             self.close_now(R.SHUTTING_DOWN)
 

@@ -5,8 +5,8 @@
 import asyncio
 import errno
 import hashlib
+import itertools
 import os
-import secrets
 import time
 from concurrent.futures import Executor
 from pathlib import Path
@@ -17,9 +17,13 @@ FLUSH_AT = 512 * 1024  # queued bytes that start a write job
 MAX_QUEUED = 8 * 1024 * 1024  # queued bytes after which the receiver waits for the disk
 
 
+_sequence = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
 def new_queue_id() -> str:
-    """Time-sortable, unique, filename-safe: 13 hex digits of microseconds + 6 random."""
-    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"
+    """Time-sortable, unique, filename-safe: 13 hex digits of microseconds + a 6-digit sequence
+    (random start per process, so that a restart within the same microsecond cannot collide)."""
+    return f"{time.time_ns() // 1000:013X}{next(_sequence) & 0xFFFFFF:06X}"
 
 
 def blob_name(queue_id: str, received_at: float) -> str:
