@@ -1,8 +1,10 @@
 # Shared fixtures: a real hub process on loopback (port 0) in a temporary data folder, plus
 # helpers to add sites and read the index. Every process started here is stopped at teardown.
+import base64
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -44,8 +46,10 @@ class Hub:
     def start(self, wait: float = 20.0) -> "Hub":
         self.log = open(self.log_path, "a+")
         mark = self.log.tell()
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailhub.cli", "serve"], env=self.env, cwd=REPO,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, "-m", "mailhub.cli", "serve"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        self.proc = subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[mark:]
@@ -143,3 +147,74 @@ def make_message(size: int = 2000, subject: str = "test", extra_headers: str = "
     line = os.urandom(57).hex().encode()[:76] + b"\r\n"
     body = line * max(1, (size - len(header)) // len(line))
     return header + body
+
+
+_QUEUED_RE = re.compile(rb"queued as (\S+)")
+
+
+def queue_id_from(reply: bytes | str) -> str:
+    """The queue ID of a `250 2.0.0 Ok: queued as QID` reply (AssertionError if it is not one)."""
+    data = reply.encode() if isinstance(reply, str) else reply
+    match = _QUEUED_RE.search(data)
+    assert data.startswith(b"250") or data.startswith(b"2.0.0"), data
+    assert match, data
+    return match.group(1).decode()
+
+
+class RawSMTP:
+    """A minimal unbuffered SMTP client on a plain socket, for what smtplib cannot express
+    (pipelining, BDAT, streaming from a generator, STARTTLS injection). Reads only whole replies
+    and keeps unread bytes in `self.buf`, so nothing the server sent is silently dropped."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0, greet: bool = True):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.banner = self.reply() if greet else b""
+
+    def _line(self) -> bytes:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"connection closed by the server; unread: {self.buf!r}")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    def reply(self) -> bytes:
+        """One whole (possibly multi-line) reply."""
+        lines = []
+        while True:
+            line = self._line()
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: str | bytes) -> bytes:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def ehlo(self, name: str = "gateway.test") -> bytes:
+        reply = self.command(f"EHLO {name}")
+        assert reply.startswith(b"250"), reply
+        return reply
+
+    def auth_plain(self, login: str, password: str = PASSWORD) -> bytes:
+        token = base64.b64encode(b"\0" + login.encode() + b"\0" + password.encode())
+        return self.command(b"AUTH PLAIN " + token)
+
+    def rest(self, timeout: float = 5.0) -> bytes:
+        """Everything the server still sends until it closes the connection (or `timeout`)."""
+        self.sock.settimeout(timeout)
+        data, self.buf = self.buf, b""
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return data
+
+    def close(self) -> None:
+        self.sock.close()

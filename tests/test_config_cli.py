@@ -1,0 +1,497 @@
+# Configuration (defaults, TOML file, MAILHUB_* environment, validation with a one-line error and
+# exit status 2, the documented example file) and the `mailhub site` commands, alone and beside a
+# running hub that must see their changes without a restart.
+import ipaddress
+import json
+import re
+import signal
+import smtplib
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, REPO, Hub, hub_env, make_message
+from mailhub import config
+from storage.passwords import verify_password
+
+EXAMPLE = REPO / "mailhub" / "example.toml"
+
+
+def clean_env(**overrides: str) -> dict:
+    env = {k: v for k, v in hub_env(Path("unused")).items() if not k.startswith("MAILHUB_")}
+    env.update(overrides)
+    return env
+
+
+def mailhub(*args: str, env: dict | None = None, stdin: str | None = None, cwd: Path | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailhub.cli", *args], input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL, capture_output=True,
+                          text=True, env=env if env is not None else clean_env(), cwd=cwd or REPO,
+                          timeout=timeout)
+
+
+def assert_config_error(result: subprocess.CompletedProcess, *names: str) -> str:
+    """Exit status 2, nothing on stdout, exactly one line on stderr naming the key."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mailhub: config error: "), lines[0]
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pem_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pem")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    cert.write_text("not checked before serve\n")
+    key.write_text("not checked before serve\n")
+    return cert, key
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+def test_check_with_the_built_in_defaults(tmp_path):
+    result = mailhub("check", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "config ok (built-in defaults)\n", "")
+    assert list(tmp_path.iterdir()) == []  # checking creates nothing
+    cfg = config.load(None, environ={})
+    assert (cfg.data_dir, cfg.domain, cfg.hostname, cfg.shutdown_timeout) == (
+        Path("mailhub-data"), ["hub.test"], "hub.test", 30)
+    assert (cfg.smtp.listen, cfg.pop3.listen, cfg.imap.listen, cfg.metrics.listen) == (
+        ("127.0.0.1", 2525), ("127.0.0.1", 1110), ("127.0.0.1", 1143), ("127.0.0.1", 9425))
+    assert cfg.smtp.max_message_size == 2 * 1024**3
+    assert (cfg.tls.cert_file, cfg.tls.key_file, cfg.auth.allow_plaintext) == (None, None, False)
+    assert cfg.smtp.peer_networks == [] and cfg.config_file is None
+
+
+def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
+    """(section, key) -> (environment text, parsed value), a non-default value for every key."""
+    cert, key = pem_files
+    net = ipaddress.ip_network
+    return {
+        ("", "data_dir"): ("/srv/mailhub", Path("/srv/mailhub")),
+        ("", "domain"): ("Hub.Example, second.example", ["hub.example", "second.example"]),
+        ("", "hostname"): ("mx.hub.example", "mx.hub.example"),
+        ("", "shutdown_timeout"): ("2.5", 2.5),
+        ("smtp", "listen"): ("0.0.0.0:25", ("0.0.0.0", 25)),
+        ("smtp", "max_message_size"): ("1000000", 1000000),
+        ("smtp", "max_recipients"): ("5", 5),
+        ("smtp", "max_connections"): ("50", 50),
+        ("smtp", "max_connections_per_ip"): ("7", 7),
+        ("smtp", "max_commands"): ("500", 500),
+        ("smtp", "max_bad_commands"): ("3", 3),
+        ("smtp", "max_line_length"): ("1000", 1000),
+        ("smtp", "idle_timeout"): ("60", 60.0),
+        ("smtp", "peer_networks"): ("10.0.0.0/8, 2001:db8::/32", [net("10.0.0.0/8"), net("2001:db8::/32")]),
+        ("pop3", "listen"): ("[::1]:110", ("::1", 110)),
+        ("pop3", "pop3s_listen"): ("127.0.0.1:995", ("127.0.0.1", 995)),
+        ("pop3", "max_connections"): ("9", 9),
+        ("pop3", "idle_timeout"): ("700", 700.0),
+        ("imap", "listen"): ("127.0.0.2:143", ("127.0.0.2", 143)),
+        ("imap", "imaps_listen"): ("127.0.0.1:993", ("127.0.0.1", 993)),
+        ("metrics", "listen"): ("127.0.0.1:9100", ("127.0.0.1", 9100)),
+        ("tls", "cert_file"): (str(cert), cert),
+        ("tls", "key_file"): (str(key), key),
+        ("auth", "allow_plaintext"): ("yes", True),
+        ("log", "level"): ("debug", "debug"),
+        ("log", "format"): ("json", "json"),
+    }
+
+
+def value_of(cfg, section: str, key: str):
+    return getattr(getattr(cfg, section) if section else cfg, key)
+
+
+def test_every_key_can_be_set_from_the_environment(pem_files):
+    table = samples(pem_files)
+    assert set(table) == set(config.SCHEMA), "keep this table in step with config.SCHEMA"
+    environ = {config.env_name(s, k): text for (s, k), (text, _) in table.items()}
+    for name in ("MAILHUB_DATA_DIR", "MAILHUB_DOMAIN", "MAILHUB_SMTP_LISTEN", "MAILHUB_POP3_LISTEN",
+                 "MAILHUB_IMAP_LISTEN", "MAILHUB_METRICS_LISTEN", "MAILHUB_SMTP_MAX_MESSAGE_SIZE",
+                 "MAILHUB_TLS_CERT_FILE", "MAILHUB_AUTH_ALLOW_PLAINTEXT", "MAILHUB_SHUTDOWN_TIMEOUT"):
+        assert name in environ, name
+    cfg = config.load(None, environ=environ)
+    for (section, key), (_, expected) in table.items():
+        assert value_of(cfg, section, key) == expected, (section, key)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, (bool,)):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        host, port = value
+        return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def test_a_file_with_every_section_and_the_environment_winning(tmp_path, pem_files):
+    table = samples(pem_files)
+    sections: dict[str, list[str]] = {}
+    for (section, key), (_, value) in table.items():
+        sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
+    text = "\n".join(sections.pop("")) + "\n" + "".join(
+        f"\n[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items())
+    path = tmp_path / "hub.toml"
+    path.write_text(text)
+    assert {"smtp", "pop3", "imap", "metrics", "tls", "auth", "log"} <= set(tomllib.loads(text))
+    cfg = config.load(path, environ={})
+    for (section, key), (_, expected) in table.items():
+        assert value_of(cfg, section, key) == expected, (section, key)
+    assert cfg.config_file == path
+    result = mailhub("check", "--config", str(path))
+    assert (result.returncode, result.stdout) == (0, f"config ok ({path})\n"), result.stderr
+    # the environment wins over the file
+    cfg = config.load(path, environ={"MAILHUB_SMTP_LISTEN": "127.0.0.1:2626", "MAILHUB_DOMAIN": "a.test,b.test",
+                                     "MAILHUB_LOG_LEVEL": "error"})
+    assert cfg.smtp.listen == ("127.0.0.1", 2626) and cfg.domain == ["a.test", "b.test"]
+    assert cfg.log.level == "error" and cfg.hostname == "mx.hub.example"
+
+
+def test_serve_uses_the_config_file(tmp_path):
+    data_dir = tmp_path / "data"
+    path = tmp_path / "hub.toml"
+    path.write_text(f'data_dir = "{data_dir}"\ndomain = ["example.org", "hub.test"]\n\n'
+                    '[smtp]\nlisten = "127.0.0.1:0"\nmax_message_size = 5000\n\n'
+                    '[pop3]\nlisten = "127.0.0.1:0"\n[imap]\nlisten = "127.0.0.1:0"\n'
+                    '[metrics]\nlisten = "127.0.0.1:0"\n')
+    env = clean_env()
+    result = mailhub("site", "add", "org", "--address", "org@example.org", "--password-stdin",
+                     "--config", str(path), env=env, stdin=PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    hub = Hub(data_dir, env, config=path)
+    hub.start()
+    try:
+        client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=10)
+        code, features = client.ehlo("gw.test")
+        assert features.splitlines()[0] == b"example.org"  # hostname defaults to the first domain
+        assert client.esmtp_features["size"] == "5000"
+        client.login("org", PASSWORD)
+        assert client.sendmail("org@example.org", ["org@example.org"], make_message(1000)) == {}
+        client.quit()
+    finally:
+        assert hub.stop() == 0
+    assert len(hub.blob_files()) == 1
+
+
+INVALID_ENVIRONMENTS = [
+    ({"MAILHUB_SMTP_LISTEN": "nonsense"}, ["smtp.listen", "MAILHUB_SMTP_LISTEN"]),
+    ({"MAILHUB_SMTP_LISTEN": "127.0.0.1:70000"}, ["smtp.listen"]),
+    ({"MAILHUB_POP3_LISTEN": "localhost"}, ["pop3.listen", "MAILHUB_POP3_LISTEN"]),
+    ({"MAILHUB_IMAP_LISTEN": "127.0.0.1:-1"}, ["imap.listen"]),
+    ({"MAILHUB_METRICS_LISTEN": ":9100x"}, ["metrics.listen"]),
+    ({"MAILHUB_SMTP_MAX_MESSAGE_SIZE": "-5"}, ["smtp.max_message_size", "-5"]),
+    ({"MAILHUB_SMTP_MAX_MESSAGE_SIZE": "2G"}, ["smtp.max_message_size"]),
+    ({"MAILHUB_SMTP_MAX_LINE_LENGTH": "100"}, ["smtp.max_line_length"]),
+    ({"MAILHUB_SHUTDOWN_TIMEOUT": "0"}, ["shutdown_timeout"]),
+    ({"MAILHUB_SHUTDOWN_TIMEOUT": "nan"}, ["shutdown_timeout"]),
+    ({"MAILHUB_SMTP_IDLE_TIMEOUT": "nan"}, ["smtp.idle_timeout"]),
+    ({"MAILHUB_DOMAIN": " , "}, ["domain", "MAILHUB_DOMAIN"]),
+    ({"MAILHUB_SMTP_PEER_NETWORKS": "10.0.0.0/33"}, ["smtp.peer_networks"]),
+    ({"MAILHUB_AUTH_ALLOW_PLAINTEXT": "maybe"}, ["auth.allow_plaintext"]),
+    ({"MAILHUB_LOG_LEVEL": "loud"}, ["log.level"]),
+    ({"MAILHUB_LOG_FORMAT": "xml"}, ["log.format"]),
+    ({"MAILHUB_TLS_CERT_FILE": "/nonexistent/cert.pem", "MAILHUB_TLS_KEY_FILE": "/nonexistent/key.pem"},
+     ["tls.cert_file", "/nonexistent/cert.pem"]),
+    ({"MAILHUB_TLS_CERT_FILE": str(REPO / "pyproject.toml")}, ["tls.cert_file", "key_file"]),
+    ({"MAILHUB_POP3_POP3S_LISTEN": "127.0.0.1:995"}, ["pop3.pop3s_listen"]),
+    ({"MAILHUB_IMAP_IMAPS_LISTEN": "127.0.0.1:993"}, ["imap.imaps_listen"]),
+]
+
+
+@pytest.mark.parametrize("env,names", [
+    pytest.param(env, names, id=",".join(f"{k.removeprefix('MAILHUB_')}={v}" for k, v in env.items()))
+    for env, names in INVALID_ENVIRONMENTS])
+def test_invalid_environment_values(tmp_path, env, names):
+    assert_config_error(mailhub("check", env=clean_env(**env), cwd=tmp_path), *names)
+
+
+@pytest.mark.parametrize("text,names", [
+    ("[smtp]\nlisten = \"127.0.0.1:2525\"\nbogus = 1\n", ["smtp.bogus", "unknown key"]),
+    ("bogus = 1\n", ["bogus", "unknown key"]),
+    ("[bogus]\nkey = 1\n", ["bogus.key"]),
+    ("[stmp]\n# listen = \"127.0.0.1:25\"\n", ["stmp"]),  # a misspelt section, all its keys commented out
+    ("[smtp]\nmax_message_size = \"big\"\n", ["smtp.max_message_size"]),
+    ("[smtp]\nmax_message_size = -1\n", ["smtp.max_message_size"]),
+    ("[smtp]\nlisten = 2525\n", ["smtp.listen"]),
+    ("[smtp]\npeer_networks = \"not a net\"\n", ["smtp.peer_networks"]),
+    ("domain = []\n", ["domain"]),
+    ("[auth]\nallow_plaintext = \"perhaps\"\n", ["auth.allow_plaintext"]),
+    ("[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"\n", ["tls.cert_file"]),
+    ("[smtp\nlisten = 1\n", ["invalid TOML"]),
+    ("data_dir = 'a'\ndata_dir = 'b'\n", ["invalid TOML"]),
+], ids=["unknown-key", "unknown-top-key", "unknown-section", "unknown-empty-section", "string-size",
+        "negative-size", "number-listen", "bad-network", "no-domain", "bad-bool", "missing-cert",
+        "bad-toml", "duplicate-key"])
+def test_invalid_config_files(tmp_path, text, names):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    line = assert_config_error(mailhub("check", "--config", str(path)), *names)
+    if "invalid TOML" in names:
+        assert str(path) in line
+
+
+def test_missing_config_file_and_serve_with_a_bad_config(tmp_path):
+    line = assert_config_error(mailhub("check", "--config", str(tmp_path / "missing.toml")))
+    assert "missing.toml" in line
+    # serve validates before starting anything
+    result = mailhub("serve", env=clean_env(MAILHUB_DATA_DIR=str(tmp_path / "data"),
+                                            MAILHUB_SMTP_LISTEN="127.0.0.1:99999"), timeout=20)
+    assert_config_error(result, "smtp.listen")
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_exits_when_its_port_is_taken(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    env = hub_env(tmp_path / "data", MAILHUB_SMTP_LISTEN=f"127.0.0.1:{port}")
+    proc = subprocess.Popen([sys.executable, "-m", "mailhub.cli", "serve"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the hub printed {err.splitlines()[-1:]} but did not exit")
+    finally:
+        holder.close()
+    assert proc.returncode == 1
+    assert err.splitlines()[-1].startswith("mailhub: cannot start: ") and str(port) in err
+    assert "Traceback" not in err
+
+
+def test_serve_with_an_empty_smtp_listen_neither_crashes_nor_hangs(tmp_path):
+    # "" disables a listener (config._listen); for SMTP that must be refused cleanly or honoured.
+    env = hub_env(tmp_path / "data", MAILHUB_SMTP_LISTEN="")
+    proc = subprocess.Popen([sys.executable, "-m", "mailhub.cli", "serve"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError("serve hangs and ignores SIGTERM:\n" + err[-2000:])
+        assert "hub ready" in err, err[-2000:]  # kept running: then it must have started properly
+    assert "Traceback" not in err, err[-2000:]
+    if "hub ready" not in err:
+        assert proc.returncode == 2 and "smtp.listen" in err and len(err.splitlines()) == 1, err
+
+
+def test_the_example_file_documents_every_key_and_loads(tmp_path):
+    assert EXAMPLE.is_file(), f"{EXAMPLE} is missing (issue 2: an example file documenting every key)"
+    text = EXAMPLE.read_text()
+    document = tomllib.loads(text)
+    section = ""
+    documented: set[tuple[str, str]] = set()
+    for line in text.splitlines():  # a key counts whether it is set or shown commented out
+        stripped = line.strip()
+        header = re.fullmatch(r"#?\s*\[(\w+)\]", stripped)
+        key = re.fullmatch(r"#?\s*(\w+)\s*=.*", stripped)
+        if header:
+            section = header.group(1)
+        elif key and (section, key.group(1)) in config.SCHEMA:
+            documented.add((section, key.group(1)))
+    missing = sorted(f"{s}.{k}" if s else k for s, k in set(config.SCHEMA) - documented)
+    assert missing == [], f"keys not in the example file: {missing}"
+    assert text.count("\n#") >= len({s for s, _ in config.SCHEMA}), "the example has hardly any comments"
+    assert "MAILHUB_" in text  # it tells how to override keys from the environment
+    # it loads cleanly, and the values it shows are the built-in defaults
+    cfg = config.load(EXAMPLE, environ={})
+    defaults = config.load(None, environ={})
+    for section, key in config.SCHEMA:
+        assert value_of(cfg, section, key) == value_of(defaults, section, key), (section, key)
+    assert set(document) - {k for s, k in config.SCHEMA if not s} <= {s for s, _ in config.SCHEMA if s}
+    result = mailhub("check", "--config", str(EXAMPLE), cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"config ok ({EXAMPLE})\n", "")
+
+
+# ---- sites -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def site_env(tmp_path) -> dict:
+    return clean_env(MAILHUB_DATA_DIR=str(tmp_path / "data"), MAILHUB_DOMAIN="hub.test,second.test")
+
+
+def site(env: dict, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return mailhub("site", *args, env=env, stdin=stdin)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert (result.returncode, result.stderr) == (0, ""), (result.returncode, result.stderr)
+    return result.stdout
+
+
+def failed(result: subprocess.CompletedProcess, message: str) -> None:
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"mailhub: {message}\n")
+
+
+def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
+    assert ok(site(site_env, "list")) == "no sites\n"
+    assert json.loads(ok(site(site_env, "list", "--json"))) == []
+    assert ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin",
+                   stdin="pw-alpha\n")) == "site alpha added with address(es) alpha@hub.test\n"
+    assert ok(site(site_env, "add", "beta.site", "--address", "beta@hub.test", "--address", "B2@second.test",
+                   "--password-stdin", stdin="pw-beta\n")) == (
+        "site beta.site added with address(es) B2@second.test, beta@hub.test\n")
+    assert ok(site(site_env, "list")) == (
+        "alpha                          0 mails        0 B  alpha@hub.test\n"
+        "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n")
+    shown = ok(site(site_env, "show", "beta.site"))
+    assert re.fullmatch(r"site:      beta.site\naddresses: B2@second.test, beta@hub.test\n"
+                        r"created:   \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\nmailbox:   0 mail\(s\), 0 B\n"
+                        r"downloads: never polled\n", shown), shown
+    as_json = json.loads(ok(site(site_env, "show", "beta.site", "--json")))
+    created = as_json.pop("created_at")
+    assert as_json == {"name": "beta.site", "addresses": ["B2@second.test", "beta@hub.test"],
+                       "mailbox_messages": 0, "mailbox_bytes": 0,
+                       "downloads": {"sessions": 0, "messages": 0, "bytes": 0, "send_seconds": 0,
+                                     "first_poll_at": None, "last_poll_at": None}}
+    assert f"created:   {created}\n" in shown
+    assert abs(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 120
+    listed = json.loads(ok(site(site_env, "list", "--json")))
+    assert [s["name"] for s in listed] == ["alpha", "beta.site"]
+    assert ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-new\n")) == (
+        "password of site alpha changed\n")
+    assert ok(site(site_env, "remove", "alpha")) == "site alpha removed (0 mail(s) in its mailbox dropped)\n"
+    failed(site(site_env, "show", "alpha"), "no site named 'alpha'")
+    assert ok(site(site_env, "list")) == "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n"
+    # the removed site's address is free again
+    ok(site(site_env, "add", "gamma", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"))
+
+
+def test_site_command_errors(site_env):
+    add = ("add", "alpha", "--address", "alpha@hub.test", "--password-stdin")
+    ok(site(site_env, *add, stdin="pw\n"))
+    failed(site(site_env, *add, stdin="pw\n"), "site 'alpha' exists already")
+    failed(site(site_env, "add", "other", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"),
+           "address 'alpha@hub.test' belongs to site 'alpha'")
+    failed(site(site_env, "add", "other", "--address", "ALPHA@Hub.Test", "--password-stdin", stdin="pw\n"),
+           "address 'ALPHA@Hub.Test' belongs to site 'alpha'")
+    failed(site(site_env, "add", "other", "--address", "x@else.org", "--password-stdin", stdin="pw\n"),
+           "address 'x@else.org' is not in a local domain (hub.test, second.test)")
+    failed(site(site_env, "add", "other", "--address", "no-at-sign", "--password-stdin", stdin="pw\n"),
+           "invalid address 'no-at-sign'")
+    failed(site(site_env, "add", "bad name", "--address", "b@hub.test", "--password-stdin", stdin="pw\n"),
+           "invalid site name 'bad name': use letters, digits, '.', '_' or '-'")
+    failed(site(site_env, "add", "other", "--address", "o@hub.test", "--password-stdin", stdin="\n"),
+           "empty password")
+    failed(site(site_env, "add", "other", "--address", "o@hub.test"),
+           "no password: use --password-stdin or run interactively")
+    for action in (("show", "ghost"), ("remove", "ghost"), ("passwd", "ghost", "--password-stdin")):
+        failed(site(site_env, *action, stdin="pw\n"), "no site named 'ghost'")
+    usage = site(site_env, "add", "other", "--password-stdin", stdin="pw\n")
+    assert usage.returncode == 2 and "--address" in usage.stderr
+    # nothing of the refused commands was stored
+    assert [s["name"] for s in json.loads(ok(site(site_env, "list", "--json")))] == ["alpha"]
+
+
+def test_the_same_address_twice_in_one_add_gives_a_clear_message(site_env):
+    result = site(site_env, "add", "dup", "--address", "d@hub.test", "--address", "D@hub.test",
+                  "--password-stdin", stdin="pw\n")
+    assert result.returncode == 1
+    assert "d@hub.test" in result.stderr.lower() and "UNIQUE constraint" not in result.stderr, result.stderr
+    assert json.loads(ok(site(site_env, "list", "--json"))) == []
+
+
+def test_passwords_are_stored_only_as_salted_scrypt_hashes(site_env, tmp_path):
+    password = "Corr3ct-Horse-Battery-Staple"
+    ok(site(site_env, "add", "one", "--address", "one@hub.test", "--password-stdin", stdin=password + "\n"))
+    ok(site(site_env, "add", "two", "--address", "two@hub.test", "--password-stdin", stdin=password + "\n"))
+    ok(site(site_env, "passwd", "two", "--password-stdin", stdin=password + "2\n"))
+    conn = sqlite3.connect(tmp_path / "data" / "index.sqlite3")
+    hashes = dict(conn.execute("SELECT name, password_hash FROM sites"))
+    conn.close()
+    for name, stored in hashes.items():
+        assert re.fullmatch(r"scrypt\$16384\$8\$1\$[A-Za-z0-9+/=]{24}\$[A-Za-z0-9+/=]{44}", stored), stored
+        assert password not in stored
+    assert hashes["one"].split("$")[4] != hashes["two"].split("$")[4]  # salted
+    assert verify_password(password, hashes["one"]) and not verify_password(password, hashes["two"])
+    assert verify_password(password + "2", hashes["two"])
+    for path in (tmp_path / "data").iterdir():  # index, WAL and shared memory files
+        assert password.encode() not in path.read_bytes(), path
+
+
+# ---- a running hub sees site changes without a restart -----------------------------------------
+
+def until(check, within: float = 2.0):
+    """Poll `check` (returns a truthy value when done) for up to `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def rcpt_code(hub, address: str) -> int:
+    client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=10)
+    try:
+        client.ehlo("gw.test")
+        client.login("alpha", PASSWORD)
+        client.mail("alpha@hub.test")
+        return client.rcpt(address)[0]
+    finally:
+        client.close()
+
+
+def login_code(hub, name: str, password: str) -> int:
+    client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=10)
+    try:
+        client.ehlo("gw.test")
+        try:
+            return client.login(name, password)[0]
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code
+    finally:
+        client.close()
+
+
+def test_a_running_hub_sees_site_changes_without_restart(hub):
+    assert rcpt_code(hub, "gamma@hub.test") == 550
+    hub.add_site("gamma", "gamma@hub.test", password="gamma-old")
+    started = time.monotonic()
+    assert until(lambda: rcpt_code(hub, "gamma@hub.test") == 250), "added site not seen within 2 s"
+    print(f"\nadded site seen after {time.monotonic() - started:.2f} s")
+    client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=10)
+    client.ehlo("gw.test")
+    client.login("alpha", PASSWORD)
+    assert client.sendmail("alpha@hub.test", ["gamma@hub.test"], make_message(4000)) == {}
+    client.quit()
+    assert until(lambda: login_code(hub, "gamma", "gamma-old") == 235)
+
+    assert hub.cli("site", "passwd", "gamma", "--password-stdin", stdin="gamma-new\n").stdout == (
+        "password of site gamma changed\n")
+    assert until(lambda: login_code(hub, "gamma", "gamma-old") == 535), "old password still accepted after 2 s"
+    assert login_code(hub, "gamma", "gamma-new") == 235
+
+    listed = hub.cli("site", "list").stdout.splitlines()
+    assert [line.split()[:3] for line in listed] == [["alpha", "0", "mails"], ["beta", "0", "mails"],
+                                                     ["gamma", "1", "mails"]]
+    assert hub.cli("site", "remove", "gamma").stdout == "site gamma removed (1 mail(s) in its mailbox dropped)\n"
+    assert until(lambda: rcpt_code(hub, "gamma@hub.test") == 550), "removed address still accepted after 2 s"
+    assert login_code(hub, "gamma", "gamma-new") == 535
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)]
+    # the orphaned blob is freed at the latest on the next start
+    assert hub.stop() == 0
+    hub.start()
+    assert hub.blob_files() == []
+    assert hub.query("SELECT count(*) FROM blob_trash") == [(0,)]

@@ -1,0 +1,93 @@
+# Bounded memory: the hub's peak RSS stays under 100 MB while it receives one very large mail.
+# The mail is streamed from one repeated 1 MB chunk of base64 lines over a raw socket (neither the
+# test nor the hub may hold the whole message), then the stored blob is checked byte for byte.
+import base64
+import hashlib
+import os
+import shutil
+import time
+
+from conftest import RawSMTP, queue_id_from
+
+MB = 1024 * 1024
+MAIL_MB = int(os.environ.get("MAILHUB_TEST_BIG_MAIL_MB", "1024"))  # 1 GB, as in issue 2
+RSS_LIMIT = 100 * MB
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def _base64_chunk() -> bytes:
+    """1 MiB of 76-character base64 lines (whole lines, so the chunk can be repeated)."""
+    lines_per_chunk = MB // 78
+    text = base64.b64encode(os.urandom(57 * lines_per_chunk))
+    chunk = b"".join(text[i:i + 76] + b"\r\n" for i in range(0, len(text), 76))
+    return chunk + b"A" * (MB - len(chunk) - 2) + b"\r\n"
+
+
+def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
+    hub = make_hub()
+    hub.add_site("alpha", "alpha@hub.test")
+    hub.add_site("beta", "beta@hub.test")
+    hub.start()
+    assert shutil.disk_usage(hub.data_dir).free > 3 * MAIL_MB * MB, "not enough disk for the big mail"
+    pid = hub.proc.pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"mailhub.cli\0serve" in f.read()  # the hub itself, not a wrapper
+    rss_before = _status_kb(pid, "VmHWM") * 1024
+
+    header = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: whole study\r\n"
+              b"Message-ID: <big-study@hub.test>\r\nX-TELEMEDICINE-SETID: 1.2.840.99\r\n"
+              b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+              b"Content-Transfer-Encoding: base64\r\n\r\n")
+    chunk = _base64_chunk()
+    assert len(chunk) == MB and chunk.endswith(b"\r\n") and b"\r\n." not in chunk
+    size = len(header) + MAIL_MB * len(chunk)
+    digest = hashlib.sha256(header)
+
+    client = RawSMTP(hub.smtp_port, timeout=120)
+    client.ehlo()
+    assert client.auth_plain("alpha").startswith(b"235")
+    assert client.command(f"MAIL FROM:<alpha@hub.test> SIZE={size}").startswith(b"250")
+    assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
+    assert client.command("DATA").startswith(b"354")
+    started = time.monotonic()
+    client.send(header)
+    for _ in range(MAIL_MB):
+        client.send(chunk)
+        digest.update(chunk)
+    client.send(b".\r\n")
+    reply = client.reply()
+    elapsed = time.monotonic() - started
+    qid = queue_id_from(reply)
+    peak = _status_kb(pid, "VmHWM") * 1024
+    assert client.command("QUIT").startswith(b"221")
+    client.close()
+    print(f"\n{MAIL_MB} MiB mail in {elapsed:.1f} s ({MAIL_MB / elapsed:.0f} MiB/s); hub peak RSS "
+          f"{peak / MB:.1f} MiB (at start {rss_before / MB:.1f} MiB)")
+    assert peak < RSS_LIMIT, f"hub peak RSS {peak / MB:.1f} MiB"
+
+    (blob, stored_size, stored_sha, set_id, message_id) = hub.query(
+        "SELECT blob, size, sha256, set_id, message_id FROM messages WHERE queue_id = ?", qid)[0]
+    path = hub.data_dir / "blobs" / blob
+    assert path.stat().st_size == stored_size
+    assert (set_id, message_id) == ("1.2.840.99", "<big-study@hub.test>")
+    # The blob is the Received: header followed by exactly the sent bytes.
+    whole = hashlib.sha256()
+    tail = hashlib.sha256()
+    with open(path, "rb") as f:
+        prefix = f.read(stored_size - size)
+        whole.update(prefix)
+        assert prefix.startswith(b"Received: ") and prefix.endswith(b"\r\n") and b"\r\n\r\n" not in prefix
+        while block := f.read(8 * MB):
+            whole.update(block)
+            tail.update(block)
+    assert tail.hexdigest() == digest.hexdigest()
+    assert whole.hexdigest() == stored_sha
+    assert stored_size == len(prefix) + size
+    assert not list((hub.data_dir / "spool").iterdir())
