@@ -145,6 +145,8 @@ class HubSMTP(SMTP):
             await self._flush_held()
 
     async def push(self, status) -> None:
+        if isinstance(status, str):
+            status = _with_enhanced_code(status)
         if self._held:
             self._held.append(status.encode() if isinstance(status, str) else status)
             await self._flush_held(terminate=True)
@@ -500,6 +502,20 @@ class HubSMTP(SMTP):
         await self.reply_pipelined(reply)
         if reset and self.ctx.shutting_down:
             self.close_now(R.SHUTTING_DOWN)
+
+
+# aiosmtpd's own replies lack RFC 3463 codes; ENHANCEDSTATUSCODES promises them on every reply.
+_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "421": "4.3.0", "451": "4.3.0", "500": "5.5.2",
+                     "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
+                     "535": "5.7.8", "554": "5.0.0"}
+_HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def _with_enhanced_code(status: str) -> str:
+    code = status[:3]
+    if code in _DEFAULT_ENHANCED and "\r\n" not in status and not _HAS_ENHANCED.match(status):
+        return f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}".rstrip()
+    return status
 
 
 def _is_loopback(ip: str) -> bool:
