@@ -74,12 +74,13 @@ class SpoolFile:
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
-    async def sync(self) -> None:
-        """Write what is queued, fsync and close; raises StorageError on failure."""
+    async def sync(self, target: Path) -> None:
+        """Write what is queued, fsync, close, rename to `target` and fsync its folder (so that
+        concurrent messages' fsyncs overlap); raises StorageError on failure."""
         while self._job is not None:
             await self._job_finished()
         if self.error is None and not self._discarded:
-            self._start_job(final=True)
+            self._start_job(final=target)
             await self._job_finished()
         if self._discarded and self.error is None:
             self.error = StorageError("message discarded")
@@ -106,7 +107,7 @@ class SpoolFile:
 
     # ---- worker side ----------------------------------------------------------------------------
 
-    def _start_job(self, final: bool = False) -> None:
+    def _start_job(self, final: Path | None = None) -> None:
         chunks, self._chunks, self._queued = self._chunks, [], 0
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
                                                                chunks, final)
@@ -123,7 +124,7 @@ class SpoolFile:
         elif self._queued >= FLUSH_AT and self.error is None:
             self._start_job()
 
-    def _write_chunks(self, chunks: list[bytes], final: bool) -> None:
+    def _write_chunks(self, chunks: list[bytes], final: Path | None) -> None:
         """Runs in a worker thread, one job per file at a time."""
         try:
             if self._fd < 0:
@@ -133,10 +134,14 @@ class SpoolFile:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(self._fd, view):]
-            if final:
+            if final is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+                final.parent.mkdir(exist_ok=True)
+                os.rename(self.path, final)
+                self.path = final
+                fsync_dir(final.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
 
@@ -148,6 +153,14 @@ class SpoolFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _storage_error(exc: OSError) -> StorageError:

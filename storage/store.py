@@ -124,9 +124,10 @@ class Storage:
 
     async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery]) -> None:
         """Make the spooled message durable and put it into the recipients' mailboxes."""
-        await spool.sync()
+        received_at = time.time()
+        await spool.sync(self.blob_dir / blob_name(spool.queue_id, received_at))
         spool.handed_over = True
-        item = _Pending(spool, meta, deliveries, time.time(), asyncio.get_running_loop().create_future())
+        item = _Pending(spool, meta, deliveries, received_at, asyncio.get_running_loop().create_future())
         self._pending.append(item)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
@@ -152,28 +153,15 @@ class Storage:
                     if not item.done.done():
                         item.done.set_result(None)
 
-    def _move_into_blobs(self, batch: list[_Pending]) -> None:
-        folders = set()
-        for item in batch:
-            target = self.blob_dir / blob_name(item.spool.queue_id, item.received_at)
-            if target.parent not in folders:
-                target.parent.mkdir(exist_ok=True)
-                folders.add(target.parent)
-            os.rename(item.spool.path, target)
-        for folder in folders:  # makes the new names durable; the spool side needs no fsync
-            _fsync_dir(folder)
-
     def _remove_blobs(self, batch: list[_Pending]) -> None:
         for item in batch:
-            for path in (item.spool.path, self.blob_dir / blob_name(item.spool.queue_id, item.received_at)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(item.spool.path)
+            except FileNotFoundError:
+                pass
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
-        """Writer thread: blobs into place and durable, then one index transaction for the batch."""
-        self._move_into_blobs(batch)
+        """Writer thread: one index transaction for a batch of durable blobs."""
         messages = []
         entries = []
         for item in batch:
@@ -258,11 +246,3 @@ class Storage:
                 os.unlink(self.blob_dir / blob)
             except FileNotFoundError:
                 pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
