@@ -1,0 +1,3 @@
+# placeholder
+def write_report(result, path):
+    path.write_text("<html></html>")
