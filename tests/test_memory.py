@@ -91,3 +91,5 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     assert whole.hexdigest() == stored_sha
     assert stored_size == len(prefix) + size
     assert not list((hub.data_dir / "spool").iterdir())
+    assert hub.stop() == 0
+    path.unlink()  # pytest keeps the last runs' temp folders; do not leave 1 GB behind

@@ -40,6 +40,8 @@ def new_connections_refused(port: int, within: float = 5.0) -> bytes | str:
             return "refused"
         try:
             greeting = sock.makefile("rb").readline()
+        except ConnectionResetError:
+            return "reset"  # accepted by the kernel's backlog just before the listener closed
         finally:
             sock.close()
         if not greeting.startswith(b"220"):
@@ -80,7 +82,7 @@ def test_mail_in_flight_finishes_and_new_connections_are_refused(make_hub):
             hub.proc.send_signal(signal.SIGTERM)
             sigterm_at = time.monotonic()
             got = new_connections_refused(hub.smtp_port)
-            assert got == "refused" or got.startswith(b"421"), got
+            assert got in ("refused", "reset") or got.startswith(b"421 4.3.2"), got
     assert hub.proc.poll() is None, "the hub exited with a transaction in flight"
     client.send(b".\r\n")
     reply = client.reply()
