@@ -174,6 +174,49 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 def postfix_sink(workdir):
     """Real Postfix on 127.0.0.1:<port> that queues (with fsync) and discards
     every mail from 127.0.0.1 for any recipient, up to 3 GB. Yields the port."""
+    with _postfix_instance(workdir, lambda main_cf: main_cf, "") as port:
+        yield port
+
+
+# Postfix as a real MTA in front of Dovecot: virtual domains delivered over LMTP.
+POSTFIX_LMTP_OVERRIDES = """\
+# --- postfix_to_lmtp: deliver the virtual domains to Dovecot LMTP on loopback
+virtual_mailbox_domains = {domains}
+virtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}
+smtpd_reject_unlisted_recipient = no
+lmtp_destination_concurrency_limit = 20
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+smtpd_recipient_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+"""
+POSTFIX_SASL_OVERRIDES = """\
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {sasl_path}
+smtpd_sasl_security_options = noanonymous
+broken_sasl_auth_clients = no
+"""
+POSTFIX_LMTP_MASTER = "lmtp      unix  -       -       n       -       -       lmtp\n"
+
+
+@contextlib.contextmanager
+def postfix_to_lmtp(workdir, lmtp_port, domains, sasl_path=None):
+    """Real Postfix on 127.0.0.1:<port> that accepts mail for `domains` (from
+    127.0.0.1, or SASL-authenticated through Dovecot's auth socket `sasl_path`)
+    and delivers it to Dovecot LMTP on 127.0.0.1:lmtp_port. Yields the port."""
+    def main_cf(text):
+        lines = [ln for ln in text.splitlines()
+                 if not ln.startswith(("virtual_transport", "smtpd_relay_restrictions",
+                                       "smtpd_recipient_restrictions"))]
+        extra = POSTFIX_LMTP_OVERRIDES.format(domains=", ".join(domains), lmtp_port=lmtp_port)
+        if sasl_path:
+            extra += POSTFIX_SASL_OVERRIDES.format(sasl_path=sasl_path)
+        return "\n".join(lines) + "\n" + extra
+    with _postfix_instance(workdir, main_cf, POSTFIX_LMTP_MASTER) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def _postfix_instance(workdir, edit_main_cf, master_extra):
     base = os.path.join(os.path.abspath(workdir), "postfix")
     conf, queue, data = (os.path.join(base, d) for d in ("conf", "queue", "data"))
     for d in (conf, queue, data):
@@ -186,10 +229,10 @@ def postfix_sink(workdir):
     _make_traversable(base)
     port = free_port()
     with open(os.path.join(conf, "main.cf"), "w") as f:
-        f.write(POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data,
-                                       log=os.path.join(base, "postfix.log"), base=base))
+        f.write(edit_main_cf(POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data,
+                                                    log=os.path.join(base, "postfix.log"), base=base)))
     with open(os.path.join(conf, "master.cf"), "w") as f:
-        f.write(POSTFIX_MASTER_CF.format(port="%s:%d" % (LOOPBACK, port)))
+        f.write(POSTFIX_MASTER_CF.format(port="%s:%d" % (LOOPBACK, port)) + master_extra)
     env = dict(os.environ, MAIL_CONFIG=conf)
     pidfile = os.path.join(queue, "pid", "master.pid")
     subprocess.run(["postfix", "-c", conf, "start"], check=True, env=env,
@@ -272,6 +315,27 @@ service imap-login {{
 """
 
 
+DOVECOT_LMTP_CONF = """\
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {lmtp}
+  }}
+}}
+protocol lmtp {{
+  auth_username_format = %Ln
+}}
+"""
+
+DOVECOT_AUTH_SOCKET_CONF = """\
+service auth {
+  unix_listener auth-postfix {
+    mode = 0666
+  }
+}
+"""
+
+
 def _mail_ids():
     pw = pwd.getpwnam(MAIL_USER)
     return pw.pw_uid, pw.pw_gid
@@ -334,10 +398,13 @@ def deliver_to_maildir(workdir, user, message):
 
 
 @contextlib.contextmanager
-def dovecot_server(workdir, users, protocols=("pop3", "imap")):
+def dovecot_server(workdir, users, protocols=("pop3", "imap"), lmtp=False, auth_socket=False):
     """Dovecot (foreground, own config) on 127.0.0.1 with plaintext-password
     users {name: password} and maildirs under workdir/dovecot/mail/<user>.
-    Yields {"pop3": port, "imap": port} for the requested protocols."""
+    Yields {"pop3": port, "imap": port} for the requested protocols; with
+    lmtp=True also {"lmtp": port} (LMTP on 127.0.0.1, recipient user@domain
+    delivered to user's maildir), with auth_socket=True also {"auth_socket":
+    path} (a SASL socket for Postfix's smtpd_sasl_type = dovecot)."""
     base = os.path.join(os.path.abspath(workdir), "dovecot")
     for d in (base, os.path.join(base, "run"), os.path.join(base, "state")):
         os.makedirs(d, exist_ok=True)
@@ -357,11 +424,19 @@ def dovecot_server(workdir, users, protocols=("pop3", "imap")):
     os.chmod(passwd, 0o640)
     os.chown(passwd, 0, grp.getgrnam("dovecot").gr_gid)
     ports = {p: free_port() for p in protocols}
+    extra = ""
+    if lmtp:
+        ports["lmtp"] = free_port()
+        extra += DOVECOT_LMTP_CONF.format(lmtp=ports["lmtp"])
+    sasl_path = os.path.join(base, "run", "auth-postfix")
+    if auth_socket:
+        extra += DOVECOT_AUTH_SOCKET_CONF
     conf = os.path.join(base, "dovecot.conf")
     with open(conf, "w") as f:
         f.write(DOVECOT_CONF.format(
-            protocols=" ".join(protocols), base=base, mail=mail, uid=uid, gid=gid,
-            port_tag="%d" % min(ports.values()), pop3=ports.get("pop3", 0), imap=ports.get("imap", 0)))
+            protocols=" ".join(tuple(protocols) + (("lmtp",) if lmtp else ())), base=base, mail=mail,
+            uid=uid, gid=gid, port_tag="%d" % min(ports.values()), pop3=ports.get("pop3", 0),
+            imap=ports.get("imap", 0)) + extra)
     out = open(os.path.join(base, "dovecot.stdout"), "wb")
     proc = subprocess.Popen(["dovecot", "-F", "-c", conf], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -369,9 +444,17 @@ def dovecot_server(workdir, users, protocols=("pop3", "imap")):
         for p, port in ports.items():
             if p == "pop3":
                 wait_banner(port, b"+OK", proc=proc)
+            elif p == "lmtp":
+                wait_banner(port, b"220", proc=proc)
             else:
                 wait_banner(port, b"* OK", proc=proc, quit=b"a LOGOUT\r\n")
-        yield dict(ports)
+        if auth_socket:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(sasl_path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            yield dict(ports, auth_socket=sasl_path)
+        else:
+            yield dict(ports)
     finally:
         children = _children_of(proc.pid)
         proc.terminate()

@@ -56,6 +56,8 @@ class Progress:
         self.rec, self.total, self.enabled = rec, total_mails, enabled
         self.timeline: list[dict] = []
         self._last = (0.0, 0, 0)
+        self._tty = sys.stderr.isatty()
+        self._count = 0
 
     def sample(self, phase: str) -> None:
         rec, now = self.rec, self.rec.now()
@@ -63,19 +65,23 @@ class Progress:
                               "accepted_bytes": rec.accepted_bytes, "received_bytes": rec.received_bytes,
                               "deferrals": len(rec.deferrals),
                               "backlog": {k: v for k, v in rec.pending_by_receiver.items() if v}})
-        if self.enabled:
+        self._count += 1
+        # on a terminal one live line; in a log file one line every 5 s
+        if self.enabled and (self._tty or self._count % 10 == 1 or phase == "done"):
             t, acc_b, rcv_b = self._last
             dt = max(now - t, 1e-6)
             self._last = (now, rec.accepted_bytes, rec.received_bytes)
             backlog = sum(v for v in rec.pending_by_receiver.values() if v > 0)
-            sys.stderr.write(f"\r[{phase:>5}] {now:6.1f}s  accepted {rec.accepted_count}/{self.total}  "
+            lead, end = ("\r", "") if self._tty else ("", "\n")
+            sys.stderr.write(f"{lead}[{phase:>5}] {now:6.1f}s  accepted {rec.accepted_count}/{self.total}  "
                              f"downloaded {rec.received_count}  backlog {backlog}  deferrals {len(rec.deferrals)}  "
                              f"in {(rec.accepted_bytes - acc_b) / dt / 1e6:6.1f} MB/s  "
-                             f"out {(rec.received_bytes - rcv_b) / dt / 1e6:6.1f} MB/s  errors {len(rec.errors)} ")
+                             f"out {(rec.received_bytes - rcv_b) / dt / 1e6:6.1f} MB/s  errors {len(rec.errors)} "
+                             + end)
             sys.stderr.flush()
 
     def finish(self) -> None:
-        if self.enabled:
+        if self.enabled and self._tty:
             sys.stderr.write("\n")
 
 
