@@ -207,3 +207,54 @@ def test_a_mail_deleted_on_the_server_fails_the_run(make_hub, tmp_path):
     assert data["counts"]["lost"] == 1
     assert data["counts"]["received"] == data["counts"]["planned"] - 1
     assert "LOST" in result.stderr and "FAILED" in result.stdout
+
+
+def test_imap_response_parser_handles_literals_in_any_split():
+    from loadtest import imap_protocol as ip
+    wire = (b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\nworl)\r\n"
+            b"L3 OK done\r\n* SEARCH 4 2 9\r\n* 3 EXISTS\r\n")
+    for cut in range(len(wire)):
+        parser = ip.ResponseParser()
+        responses = parser.feed(wire[:cut]) + parser.feed(wire[cut:])
+        assert [r.text for r in responses] == ["* 1 FETCH (UID 7 BODY[] {11})", "L3 OK done",
+                                               "* SEARCH 4 2 9", "* 3 EXISTS"]
+        assert ip.fetched_body(responses) == b"hello\r\nworl"
+        assert ip.search_uids(responses) == [2, 4, 9] and ip.is_exists(responses[3])
+    with pytest.raises(ip.ImapError):
+        ip.check_tagged(ip.Response("L4 NO [AUTHENTICATIONFAILED] no", []))
+
+
+def test_imap_idle_profile_is_reported_unsupported_by_the_hub(tmp_path):
+    profile = tmp_path / "imap.toml"
+    profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace('protocol = "pop3"', 'protocol = "imap-idle"'))
+    result = loadtest("run", profile, "--spawn-local", "--generate", "--corpus", tmp_path / "c",
+                      "--out", tmp_path / "r.json", "--no-progress")
+    assert result.returncode == 2
+    assert "IMAP IDLE" in result.stderr and "not yet supported by the hub" in result.stderr
+
+
+def _have_postfix_dovecot() -> bool:
+    import os
+    import shutil
+    return (os.geteuid() == 0 and shutil.which("postfix") is not None and shutil.which("dovecot") is not None
+            and os.path.exists("/usr/lib/dovecot/lmtp"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_postfix_dovecot(), reason="needs root, postfix and dovecot-lmtpd")
+def test_smoke_over_imap_idle_against_postfix_and_dovecot(tmp_path):
+    from bench.thirdparty import dovecot_server, postfix_to_lmtp
+    profile = tmp_path / "imap.toml"
+    profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace('protocol = "pop3"', 'protocol = "imap-idle"'))
+    corpus = tmp_path / "corpus"
+    assert loadtest("generate", profile, "--corpus", corpus).returncode == 0
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    users = {name: site["password"] for name, site in manifest["sites"].items()}
+    with dovecot_server(tmp_path / "work", users, lmtp=True, auth_socket=True) as dovecot:
+        with postfix_to_lmtp(tmp_path / "work", dovecot["lmtp"], ["hub.test"], sasl_path=dovecot["auth_socket"]) as smtp:
+            result = loadtest("run", profile, "--smtp", f"127.0.0.1:{smtp}", "--imap", f"127.0.0.1:{dovecot['imap']}",
+                              "--pop3", f"127.0.0.1:{dovecot['pop3']}", "--corpus", corpus,
+                              "--out", tmp_path / "r.json", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passed"] and data["counts"]["received"] == data["counts"]["planned"]
