@@ -127,7 +127,11 @@ async def send_study(*, study: dict, corpus: Path, host: str, port: int, login: 
                     recorder.failed(record, "rejected", str(exc))
                     recorder.error(study["sender"], f"{mail['message_id']}: rejected: {exc}")
                     if session is not None:
-                        await session.command(sp.RSET)
+                        try:
+                            await session.command(sp.RSET)
+                        except (OSError, ConnectionError, asyncio.TimeoutError, sp.SmtpReplyError):
+                            await session.quit()
+                            session = None
                     break
                 except (Transient, OSError, ConnectionError, asyncio.TimeoutError, sp.SmtpReplyError) as exc:
                     text = str(exc) or type(exc).__name__

@@ -258,3 +258,102 @@ def test_smoke_over_imap_idle_against_postfix_and_dovecot(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["passed"] and data["counts"]["received"] == data["counts"]["planned"]
+
+
+class _FlakySmtp:
+    """A scripted ESMTP server on loopback: PIPELINING, CHUNKING, AUTH; the first end of data of
+    each mail gets `451 4.3.0`, the second 250; connections are counted."""
+
+    def __init__(self):
+        self.connections = 0
+        self.mails = []
+        self.seen = set()
+
+    async def handle(self, reader, writer):
+        self.connections += 1
+        writer.write(b"220 flaky ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line.split(b" ", 1)[0].upper().strip()
+            if verb == b"EHLO":
+                writer.write(b"250-flaky\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 1000000\r\n250 AUTH PLAIN\r\n")
+            elif verb == b"AUTH":
+                writer.write(b"235 2.7.0 ok\r\n")
+            elif verb in (b"MAIL", b"RCPT", b"RSET"):
+                writer.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"BDAT":
+                data = await reader.readexactly(int(line.split()[1]))
+                if data in self.seen:
+                    self.mails.append(data)
+                    writer.write(b"250 2.0.0 Ok: queued as X\r\n")
+                else:
+                    self.seen.add(data)
+                    writer.write(b"451 4.3.0 try again later\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"500 5.5.1 what\r\n")
+            await writer.drain()
+        writer.close()
+
+
+def test_sender_retries_a_4xx_with_backoff_and_reconnects(tmp_path):
+    import asyncio
+    import random
+
+    from loadtest.profile import Smtp
+    from loadtest.recorder import Recorder
+    from loadtest.smtp_driver import send_study
+
+    (tmp_path / "m1.eml").write_bytes(b"Message-ID: <m1@x>\r\n\r\nbody one\r\n")
+    (tmp_path / "m2.eml").write_bytes(b"Message-ID: <m2@x>\r\n\r\nbody two\r\n")
+    study = {"sender": "a", "receiver": "b",
+             "mails": [{"file": "m1.eml", "message_id": "m1@x"}, {"file": "m2.eml", "message_id": "m2@x"}]}
+    flaky = _FlakySmtp()
+
+    async def scenario():
+        server = await asyncio.start_server(flaky.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        rec = Recorder()
+        started = asyncio.get_running_loop().time()
+        await send_study(study=study, corpus=tmp_path, host="127.0.0.1", port=port, login="a", password="p",
+                         sender_address="a@hub.test", receiver_address="b@hub.test",
+                         smtp_cfg=Smtp(retry_base_s=0.2, retry_max_s=1.0), uplink=None, downlink=None,
+                         recorder=rec, rng=random.Random(1), stop=asyncio.Event())
+        server.close()
+        return rec, asyncio.get_running_loop().time() - started
+
+    rec, seconds = asyncio.run(scenario())
+    assert [s.outcome for s in rec.sent.values()] == ["accepted", "accepted"]
+    assert [s.attempts for s in rec.sent.values()] == [2, 2]
+    assert len(rec.deferrals) == 2 and "451" in rec.deferrals[0][2]
+    assert flaky.connections == 3            # a gateway reconnects after a deferral
+    assert len(flaky.mails) == 2 and seconds >= 2 * 0.2 * 0.8
+
+
+def test_uplink_pacing_limits_the_socket(tmp_path):
+    import asyncio
+
+    from loadtest.net import Stream
+    from loadtest.pacing import Pacer
+
+    async def scenario():
+        got = bytearray()
+
+        async def sink(reader, writer):
+            while data := await reader.read(65536):
+                got.extend(data)
+            writer.close()
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        stream = await Stream.connect("127.0.0.1", server.sockets[0].getsockname()[1], up=Pacer.mbit(1.0))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await stream.write(b"x" * 250_000)        # 2 Mbit at 1 Mbit/s
+        elapsed = loop.time() - started
+        await stream.close()
+        server.close()
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    assert 1.7 < elapsed < 3.0
