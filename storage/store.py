@@ -3,9 +3,10 @@
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
 # may reply 250. Must never report success before all four are done. A blob file is unlinked only
 # after the commit that put it into blob_trash (start-up recovery finishes what a crash cut short).
-# Transactions on the one aiosqlite connection must never interleave: they all take _tx_lock.
+# Every index write (commits, deletions, download totals, trash) runs on the one writer thread and
+# its connection: one writer means no SQLite lock contention (a second writing connection starved
+# for its busy_timeout under steady ingest) and no interleaved transactions. aiosqlite only reads.
 import asyncio
-import contextlib
 import concurrent.futures
 import logging
 import os
@@ -77,7 +78,6 @@ class Storage:
         self._db: aiosqlite.Connection | None = None
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task | None = None
-        self._tx_lock = asyncio.Lock()
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="storage")
         # Group commits run in one thread on a plain sqlite3 connection: renames, folder fsync and
@@ -185,21 +185,9 @@ class Storage:
             conn.execute("ROLLBACK")
             raise
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self):
-        async with self._tx_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
-
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
-        """The site's mailbox entries in delivery order (committed ones only: never read in the middle
-        of another coroutine's transaction on the shared connection)."""
-        async with self._tx_lock, self._db.execute(
+        """The site's mailbox entries in delivery order."""
+        async with self._db.execute(
                 "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256 FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
@@ -210,26 +198,32 @@ class Storage:
     async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None) -> None:
         """Remove mailbox entries (and add a session's downloads to the site's totals) in one
         transaction; blobs whose last reference goes are freed after the commit."""
-        async with self._transaction():
-            await self._db.executemany("DELETE FROM mailbox WHERE site_id = ? AND uid = ?",
-                                       [(site_id, uid) for uid in uids])
-            if downloads is not None:
-                await self._add_downloads(site_id, downloads)
+        await self._write(self._delete_entries, site_id, uids, downloads)
         await self.empty_trash()
 
     async def record_downloads(self, site_id: int, downloads: Downloads) -> None:
         """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""
-        async with self._transaction():
-            await self._add_downloads(site_id, downloads)
+        await self._write(self._delete_entries, site_id, [], downloads)
 
-    async def _add_downloads(self, site_id: int, d: Downloads) -> None:
-        await self._db.execute(
-            "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
-            " last_poll_at) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
-            " sessions = sessions + 1, messages = messages + excluded.messages, bytes = bytes + excluded.bytes,"
-            " send_seconds = send_seconds + excluded.send_seconds,"
-            " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
-            (site_id, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
+    async def _write(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+
+    def _delete_entries(self, site_id: int, uids: list[int], downloads: Downloads | None) -> None:
+        """Writer thread: one transaction."""
+        conn = self._writer_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM mailbox WHERE site_id = ? AND uid = ?", [(site_id, uid) for uid in uids])
+            if downloads is not None:
+                _add_downloads(conn, site_id, downloads)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _forget_trash(self, blobs: list[str]) -> None:
+        """Writer thread."""
+        self._writer_conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
 
     async def empty_trash(self) -> None:
         async with self._db.execute("SELECT blob FROM blob_trash") as cursor:
@@ -237,8 +231,7 @@ class Storage:
         if not blobs:
             return
         await asyncio.get_running_loop().run_in_executor(self.executor, self._unlink_blobs, blobs)
-        async with self._tx_lock:
-            await self._db.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
+        await self._write(self._forget_trash, blobs)
 
     def _unlink_blobs(self, blobs: list[str]) -> None:
         for blob in blobs:
@@ -246,3 +239,13 @@ class Storage:
                 os.unlink(self.blob_dir / blob)
             except FileNotFoundError:
                 pass
+
+
+def _add_downloads(conn, site_id: int, d: Downloads) -> None:
+    conn.execute(
+        "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
+        " last_poll_at) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
+        " sessions = sessions + 1, messages = messages + excluded.messages, bytes = bytes + excluded.bytes,"
+        " send_seconds = send_seconds + excluded.send_seconds,"
+        " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
+        (site_id, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
