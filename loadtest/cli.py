@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="TOML {site = {login, password}} for a foreign server (default: the corpus passwords)")
     run.add_argument("--label", help="name of the target in reports")
     run.add_argument("--drain-timeout", type=float, metavar="S", help="override the profile's drain_timeout_s")
+    run.add_argument("--speed", type=float, default=1.0, metavar="X",
+                     help="compress the arrival times X-fold (a stress run of the same corpus)")
     run.add_argument("--generate", action="store_true", help="build the corpus first if missing or stale")
     run.add_argument("--no-deep-check", action="store_true", help="skip decrypting (body digests are still checked)")
     run.add_argument("--keep-received", type=Path, metavar="DIR", help="keep downloaded mails here")
@@ -135,7 +137,7 @@ def _run(args) -> int:
         started = time.time()
         try:
             rec, timeline, outcome = asyncio.run(run(profile, manifest, args.corpus, target, save_dir,
-                                                     args.drain_timeout, not args.no_progress))
+                                                     args.drain_timeout, not args.no_progress, args.speed))
             if hub is not None:
                 hub.stop()
                 hub = None
@@ -146,6 +148,7 @@ def _run(args) -> int:
         addr = {"smtp": "%s:%d" % target.smtp, "pop3": "%s:%d" % target.pop3 if target.pop3 else None,
                 "imap": "%s:%d" % target.imap if target.imap else None}
         result = results.build(profile, manifest, target.label, addr, rec, timeline, outcome, verdict, started)
+        result["run"]["speed"] = args.speed
     finally:
         if hub is not None:
             hub.stop()

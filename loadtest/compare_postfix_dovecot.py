@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("loadtest-results"))
     parser.add_argument("--corpus", type=Path, help="default: OUT_DIR/corpus-PROFILE")
     parser.add_argument("--skip-hub", action="store_true", help="reuse OUT_DIR/hub.json")
+    parser.add_argument("--speed", type=float, default=1.0, help="passed to `run --speed` (stress runs)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("compare_postfix_dovecot: needs root (Postfix and Dovecot drop privileges)", file=sys.stderr)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     codes = {}
     if not args.skip_hub:
         codes["hub"] = _loadtest("run", args.profile, "--spawn-local", "--corpus", corpus, "--out", hub_json,
-                                 "--label", "mailhub")
+                                 "--label", "mailhub", "--speed", args.speed)
     users = {name: site["password"] for name, site in manifest["sites"].items()}
     with tempfile.TemporaryDirectory(prefix="loadtest-postfix-dovecot-") as work:
         with dovecot_server(work, users, protocols=("pop3", "imap"), lmtp=True, auth_socket=True) as dovecot:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 codes["postfix-dovecot"] = _loadtest(
                     "run", args.profile, "--smtp", f"127.0.0.1:{smtp}", "--pop3", f"127.0.0.1:{dovecot['pop3']}",
                     "--imap", f"127.0.0.1:{dovecot['imap']}", "--corpus", corpus, "--out", pd_json,
-                    "--label", "postfix+dovecot")
+                    "--label", "postfix+dovecot", "--speed", args.speed)
     if hub_json.exists() and pd_json.exists():
         from .compare import compare_files
         text = compare_files(pd_json, hub_json)

@@ -27,13 +27,16 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _rates(timeline: list[dict], key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
-    ts, rs = [], []
-    for a, b in zip(timeline, timeline[1:]):
-        dt = b["t"] - a["t"]
-        if dt > 0:
+def _rates(timeline: list[dict], key: str, scale: float = 1.0, window_s: float = 2.0):
+    """Rate of a cumulative counter, averaged over a sliding window (raw 0.5 s samples are spiky)."""
+    ts, rs, j = [], [], 0
+    for b in timeline[1:]:
+        while j < len(timeline) - 1 and b["t"] - timeline[j]["t"] > window_s:
+            j += 1
+        a = timeline[j]
+        if b["t"] > a["t"]:
             ts.append(b["t"])
-            rs.append((b[key] - a[key]) / dt / scale)
+            rs.append((b[key] - a[key]) / (b["t"] - a["t"]) / scale)
     return ts, rs
 
 
@@ -44,7 +47,7 @@ def plot_throughput(result: dict) -> str:
         top.plot(*_rates(tl, key, 1e6), label=label)
     top.set_ylabel("MB/s")
     top.legend()
-    top.set_title("Throughput over time")
+    top.set_title("Throughput over time (2 s sliding average)")
     for key, label in (("accepted", "accepted"), ("received", "downloaded")):
         bottom.plot(*_rates(tl, key), label=label)
     bottom.set_ylabel("mails/s")

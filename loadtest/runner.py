@@ -86,7 +86,7 @@ class Progress:
 
 
 async def run(profile: Profile, manifest: dict, corpus: Path, target: Target, save_dir: Path,
-              drain_timeout_s: float | None = None, progress: bool = True) -> tuple[Recorder, list[dict], dict]:
+              drain_timeout_s: float | None = None, progress: bool = True, speed: float = 1.0) -> tuple[Recorder, list[dict], dict]:
     check_supported(profile, target)
     rec = Recorder()
     loop = asyncio.get_running_loop()
@@ -114,7 +114,7 @@ async def run(profile: Profile, manifest: dict, corpus: Path, target: Target, sa
         receivers.append(asyncio.create_task(coro))
 
     async def one_study(study: dict) -> None:
-        await asyncio.sleep(max(0.0, start + study["at_s"] - loop.time()))
+        await asyncio.sleep(max(0.0, start + study["at_s"] / speed - loop.time()))
         sender = study["sender"]
         login, password = _account(target, manifest, sender)
         async with slots[sender]:
