@@ -116,6 +116,8 @@ def _run(args) -> int:
     try:
         if args.spawn_local:
             hub = LocalHub(profile.domain, keep=args.keep_hub)
+            if not args.no_progress:
+                print(f"spawning a hub in {hub.dir} with {len(manifest['sites'])} site(s)", file=sys.stderr)
             hub.add_sites({n: s for n, s in manifest["sites"].items()})
             ports = hub.start()
             target = Target("mailhub (spawned)", ("127.0.0.1", ports["smtp"]),
