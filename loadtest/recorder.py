@@ -44,6 +44,9 @@ class Recorder:
     received_count: int = 0
     received_bytes: int = 0
     pending_by_receiver: dict = field(default_factory=lambda: defaultdict(int))
+    downloaded_ids: set = field(default_factory=set)
+    smtp_sessions: int = 0
+    smtp_tls_sessions: int = 0
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -75,7 +78,9 @@ class Recorder:
         self.received_count += 1
         self.received_bytes += item.size
         sent = self.sent.get(item.message_id)
-        if sent is not None and sent.receiver == item.receiver:
+        first = item.message_id not in self.downloaded_ids
+        self.downloaded_ids.add(item.message_id)
+        if first and sent is not None and sent.outcome == "accepted" and sent.receiver == item.receiver:
             self.pending_by_receiver[item.receiver] -= 1
 
     def server_backlog(self, receiver: str, count: int, nbytes: int) -> None:

@@ -144,8 +144,7 @@ async def run(profile: Profile, manifest: dict, corpus: Path, target: Target, sa
         deadline = time.monotonic() + (profile.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
         accepted = {m for m, s in rec.sent.items() if s.outcome == "accepted"}
         while time.monotonic() < deadline:
-            got = {r.message_id for r in rec.received}
-            if accepted <= got:
+            if accepted <= rec.downloaded_ids:
                 outcome["drained"] = True
                 break
             await asyncio.sleep(0.1)

@@ -28,6 +28,7 @@ class SmtpSession:
         self.parser = sp.ReplyParser()
         self.pending: list[sp.Reply] = []
         self.caps: dict[str, str] = {}
+        self.tls = False
 
     async def reply(self) -> sp.Reply:
         while not self.pending:
@@ -51,6 +52,7 @@ class SmtpSession:
             if reply.code != 220:
                 raise Transient(reply.short())
             await self.stream.starttls(self.host)
+            self.tls = True
             self.caps = sp.capabilities(await self.command(sp.ehlo("loadtest-gateway.invalid")))
         if login and "AUTH" in self.caps:   # a server that offers no AUTH takes loopback mail as is
             reply = await self.command(sp.auth_plain(login, password))
@@ -119,6 +121,8 @@ async def send_study(*, study: dict, corpus: Path, host: str, port: int, login: 
                         stream = await Stream.connect(host, port, uplink, downlink)
                         session = SmtpSession(stream, host)
                         await session.open(login, password, smtp_cfg.starttls)
+                        recorder.smtp_sessions += 1
+                        recorder.smtp_tls_sessions += session.tls
                     final = await session.send_mail(sender_address, receiver_address, message,
                                                     smtp_cfg.chunking, smtp_cfg.pipelining)
                     recorder.accepted(record, final.short())

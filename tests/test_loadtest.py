@@ -357,3 +357,24 @@ def test_uplink_pacing_limits_the_socket(tmp_path):
 
     elapsed = asyncio.run(scenario())
     assert 1.7 < elapsed < 3.0
+
+
+def test_smoke_with_starttls_against_a_tls_hub(make_hub, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    profile = tmp_path / "tls.toml"
+    profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace("[smtp]\n", "[smtp]\nstarttls = true\n"))
+    corpus = tmp_path / "corpus"
+    assert loadtest("generate", profile, "--corpus", corpus).returncode == 0
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    hub = make_hub(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key))
+    for name, site in manifest["sites"].items():
+        hub.add_site(name, site["address"], password=site["password"])
+    hub.start()
+    out = tmp_path / "tls.json"
+    result = loadtest("run", profile, "--smtp", f"127.0.0.1:{hub.ports['smtp']}",
+                      "--pop3", f"127.0.0.1:{hub.ports['pop3']}", "--corpus", corpus, "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = json.loads(out.read_text())["counts"]
+    assert counts["smtp_sessions"] > 0 and counts["smtp_tls_sessions"] == counts["smtp_sessions"]
