@@ -88,7 +88,10 @@ class SmtpSession:
         if data_reply is not None and data_reply.code != 354:
             self._check(data_reply, "DATA")
             raise Permanent(f"DATA: unexpected {data_reply.short()}")
-        if bdat:
+        if bdat and len(message) > 1 << 20:          # no copy of a big mail
+            await self.stream.write(sp.bdat(len(message)))
+            final = await self.command(message)
+        elif bdat:
             final = await self.command(sp.bdat(len(message)) + message)
         else:
             await self.stream.write(sp.dot_stuff(message))

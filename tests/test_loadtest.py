@@ -378,3 +378,48 @@ def test_smoke_with_starttls_against_a_tls_hub(make_hub, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     counts = json.loads(out.read_text())["counts"]
     assert counts["smtp_sessions"] > 0 and counts["smtp_tls_sessions"] == counts["smtp_sessions"]
+
+
+def test_checks_count_duplicates_corruption_and_unexpected_mail(tmp_path):
+    import hashlib
+
+    from loadtest.checks import check
+    from loadtest.recorder import Received, Recorder
+
+    key = pgpmime.new_site_key("b", "b@hub.test")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "b.asc").write_text(str(key))
+    mails, raws = [], {}
+    for n in range(4):
+        dicom = f"DICM image {n}".encode() * 50
+        mid = f"m{n}@a.hub.test"
+        raw = pgpmime.pgp_mime_mail(sender="a@hub.test", recipient="b@hub.test", public_key=key.pubkey,
+                                    files=[("IM.dcm", dicom)], set_id="s", set_part=n + 1, set_total=4,
+                                    message_id=mid, subject="CT")
+        raws[mid] = raw
+        mails.append({"message_id": mid, "body_sha256": pgpmime.body_digest(raw),
+                      "dicom_sha256": [hashlib.sha256(dicom).hexdigest()]})
+    manifest = {"sites": {"b": {"key": "keys/b.asc"}},
+                "studies": [{"sender": "a", "receiver": "b", "mails": mails}]}
+    rec = Recorder()
+    for mid, raw in raws.items():
+        rec.accepted(rec.submit(mid, "a", "b", len(raw)), "250")
+
+    def got(mid, raw, name):
+        path = tmp_path / name
+        path.write_bytes(raw)
+        rec.download(Received(mid, "b", 1.0, len(raw), pgpmime.body_digest(raw), str(path)))
+
+    got("m0@a.hub.test", raws["m0@a.hub.test"], "0")
+    got("m0@a.hub.test", raws["m0@a.hub.test"], "0b")                         # twice
+    body = raws["m1@a.hub.test"]
+    middle = len(body) - 300                                                   # inside the armored data
+    flipped = b"B" if body[middle:middle + 1] != b"B" else b"C"
+    got("m1@a.hub.test", body[:middle] + flipped + body[middle + 1:], "1")     # one byte changed
+    got("m2@a.hub.test", raws["m2@a.hub.test"], "2")
+    got("stray@elsewhere", raws["m2@a.hub.test"], "x")                        # not from this run
+    verdict = check(manifest, tmp_path, rec, workers=1)
+    counts = verdict["counts"]
+    assert (counts["lost"], counts["duplicated"], counts["corrupted"], counts["unexpected"]) == (1, 1, 1, 1)
+    assert counts["deep_checked"] == 3 and not verdict["passed"]
+    assert any("m3@a.hub.test: LOST" in p for p in verdict["problems"])
