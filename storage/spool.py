@@ -138,7 +138,9 @@ class SpoolFile:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
-                final.parent.mkdir(exist_ok=True)
+                if final.parent not in _known_folders:
+                    final.parent.mkdir(exist_ok=True)
+                    _known_folders.add(final.parent)
                 os.rename(self.path, final)
                 self.path = final
                 fsync_dir(final.parent)
@@ -153,6 +155,9 @@ class SpoolFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+_known_folders: set[Path] = set()  # blob folders known to exist (a folder is never removed while serving)
 
 
 def fsync_dir(path: Path) -> None:

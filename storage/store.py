@@ -79,7 +79,7 @@ class Storage:
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task | None = None
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="storage")
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         # Group commits run in one thread on a plain sqlite3 connection: renames, folder fsync and
         # the index transaction in a single hop (aiosqlite would cost one loop round trip per
         # statement, which measurably lengthened every commit under load).
