@@ -17,6 +17,7 @@ FIGURES = [
     ("smtp_accept_latency_s", "p50", "submit-to-250 p50 (s)", "lower"),
     ("smtp_accept_latency_s", "p99", "submit-to-250 p99 (s)", "lower"),
     ("counts", "deferrals", "deferrals", "lower"),
+    ("counts", "errors", "client-side errors", "lower"),
     ("run", "wall_s", "wall time (s)", "lower"),
 ]
 
