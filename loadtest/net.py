@@ -41,8 +41,18 @@ class Stream:
 
     @classmethod
     async def connect(cls, host: str, port: int, up=None, down=None, timeout: float = 30.0) -> "Stream":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), timeout)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), timeout)
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError(f"connect to {host}:{port} timed out after {timeout:.0f} s") from None
         return cls(reader, writer, up, down)
+
+    @staticmethod
+    async def _timed(awaitable, timeout: float):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError(f"no data from the server for {timeout:.0f} s") from None
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -61,14 +71,14 @@ class Stream:
             await asyncio.sleep(wait)
 
     async def readline(self, timeout: float = 120.0) -> bytes:
-        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        line = await self._timed(self.reader.readline(), timeout)
         if not line:
             raise ConnectionError("connection closed by the server")
         await self._paced(len(line))
         return line
 
     async def read(self, timeout: float = 120.0) -> bytes:
-        data = await asyncio.wait_for(self.reader.read(CHUNK if not self.down.unlimited else 1 << 20), timeout)
+        data = await self._timed(self.reader.read(CHUNK if not self.down.unlimited else 1 << 20), timeout)
         if not data:
             raise ConnectionError("connection closed by the server")
         await self._paced(len(data))

@@ -133,6 +133,11 @@ def render(result: dict) -> str:
     body += [f"<h2>{name}</h2><img src='data:image/png;base64,{png}'>" for name, png in plots]
     if reasons:
         body += ["<h2>Deferral replies</h2>", _table(sorted(reasons.items(), key=lambda kv: -kv[1]))]
+    errors = {}
+    for e in result.get("errors", []):
+        errors[e["text"][:80]] = errors.get(e["text"][:80], 0) + 1
+    if errors:
+        body += ["<h2>Client-side errors (sessions retried)</h2>", _table(sorted(errors.items(), key=lambda kv: -kv[1]))]
     if problems:
         body += [f"<h2>Problems ({result['problems_total']})</h2><ul>{problems}</ul>"]
     style = ("body{font-family:sans-serif;max-width:960px;margin:1em auto}table{border-collapse:collapse}"
