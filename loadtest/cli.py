@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from .corpus import CorpusError
     from .profile import ProfileError
     from .runner import Unsupported
+    from .spawn import SpawnError
     try:
         if args.command == "generate":
             return _generate(args)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report(json.loads(args.result.read_text()), args.html)
             print(f"report written to {args.html}")
             return 0
-    except (ProfileError, CorpusError, Unsupported, ValueError, OSError) as exc:
+    except (ProfileError, CorpusError, Unsupported, SpawnError, ValueError, OSError) as exc:
         print(f"mailhub-loadtest: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_USAGE
