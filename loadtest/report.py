@@ -82,11 +82,15 @@ def plot_backlog(result: dict) -> str:
     fig, ax = plt.subplots(figsize=(9, 4))
     ts = [p["t"] for p in tl]
     ax.plot(ts, [sum(v for v in p["backlog"].values() if v > 0) for p in tl], color="black", label="all receivers")
+    server = result.get("server_backlog", {})
     for name in top:
-        ax.plot(ts, [p["backlog"].get(name, 0) for p in tl], label=name, linewidth=1)
+        line, = ax.plot(ts, [p["backlog"].get(name, 0) for p in tl], label=name, linewidth=1)
+        readings = server.get(name, [])
+        if readings:   # what the server itself reported at each poll (STAT / SEARCH)
+            ax.plot([r[0] for r in readings], [r[1] for r in readings], ".", color=line.get_color(), markersize=4)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("accepted, not yet downloaded")
-    ax.set_title(f"Backlog per receiver (top {len(top)} of {len(names)} by peak)")
+    ax.set_title(f"Backlog per receiver (top {len(top)} of {len(names)} by peak; dots: server's count at each poll)")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 
