@@ -423,3 +423,20 @@ def test_checks_count_duplicates_corruption_and_unexpected_mail(tmp_path):
     assert (counts["lost"], counts["duplicated"], counts["corrupted"], counts["unexpected"]) == (1, 1, 1, 1)
     assert counts["deep_checked"] == 3 and not verdict["passed"]
     assert any("m3@a.hub.test: LOST" in p for p in verdict["problems"])
+
+
+def test_accounts_file_and_loopback_only(tmp_path):
+    from loadtest.cli import _accounts
+    from loadtest.net import check_loopback, parse_hostport
+
+    accounts = tmp_path / "logins.toml"
+    accounts.write_text('[accounts.clinic-a]\nlogin = "gw-a"\npassword = "pw"\n')
+    profile = parse_profile(MINIMAL + '[accounts.b]\nlogin = "bee"\npassword = "x"\n')
+    assert _accounts(accounts, profile) == {"b": {"login": "bee", "password": "x"},
+                                            "clinic-a": {"login": "gw-a", "password": "pw"}}
+    assert parse_hostport("127.0.0.1:2525") == ("127.0.0.1", 2525)
+    assert parse_hostport("[::1]:110") == ("::1", 110)
+    check_loopback("127.0.0.1")
+    check_loopback("localhost")
+    with pytest.raises(ValueError, match="not a loopback"):
+        check_loopback("192.0.2.10")
