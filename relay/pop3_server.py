@@ -73,6 +73,7 @@ class Pop3Session(asyncio.Protocol):
         self.downloads: Downloads | None = None
         self._recorded = False    # downloads written with the UPDATE transaction
         self._deleted = 0
+        self._zero_copy = 0       # messages sent with sendfile
         self._started = time.monotonic()
         self._input = asyncio.Event()
         self._writable = asyncio.Event()
@@ -164,7 +165,7 @@ class Pop3Session(asyncio.Protocol):
         except TimeoutError:
             outcome = "idle timeout"
         except ConnectionError as exc:
-            outcome = f"connection lost ({type(exc).__name__})"
+            outcome = f"connection lost ({type(exc).__name__}: {exc})"
         except OSError as exc:
             outcome = f"I/O error: {exc}"
             log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
@@ -246,6 +247,7 @@ class Pop3Session(asyncio.Protocol):
                 ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, 0, entry.size,
                                                           self._stop_send, self.ctx.cfg.pop3.idle_timeout)
                 sent = entry.size
+                self._zero_copy += 1
             else:
                 sent, ends_with_lf = await self._copy(entry, event.body_lines)
             self._write(message_terminator(ends_with_lf))
@@ -334,9 +336,10 @@ class Pop3Session(asyncio.Protocol):
         finally:
             ctx.sessions.discard(self)
         d = self.downloads
-        log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f deleted=%d session_s=%.1f outcome=%s",
-                 self.peer, self._site_name(), d.messages if d else 0, d.bytes if d else 0,
-                 d.send_seconds if d else 0.0, self._deleted, time.monotonic() - self._started, outcome)
+        log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f zero_copy=%d deleted=%d session_s=%.1f"
+                 " outcome=%s", self.peer, self._site_name(), d.messages if d else 0, d.bytes if d else 0,
+                 d.send_seconds if d else 0.0, self._zero_copy, self._deleted, time.monotonic() - self._started,
+                 outcome)
 
     def _site_name(self) -> str:
         return self.site.name if self.site is not None else "-"

@@ -474,6 +474,8 @@ def test_stls_upgrades_the_session_and_messages_come_through_exact(tls_hub):
     client.pass_(PASSWORD)
     assert [strip_trace(retr(client, n)) for n in (1, 2, 3)] == sent
     client.quit()
+    line = wait_for(lambda: re.search(r" retrieved=3 .* zero_copy=0 ", hub.log_text()))   # TLS: copied
+    assert line, hub.log_text()[-2000:]
     assert_no_traceback(hub)
 
 
@@ -585,7 +587,7 @@ def test_a_client_vanishing_mid_message_leaves_the_hub_healthy(hub):
     send(hub, ["beta@hub.test"], big)
     send(hub, ["beta@hub.test"], big + b".x\r\n")
     for n in (1, 2):
-        client = raw(hub)
+        client = login_when_free(hub)
         client.send(f"RETR {n}\r\n".encode())
         client.sock.recv(CHUNK)
         linger_reset(client.sock)
@@ -611,6 +613,8 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(hub):
     rss_mb = int(fields["VmRSS"].split()[0]) / 1024
     assert min(sizes) > 100 * CHUNK
     assert peak_mb < rss_mb + 40, (peak_mb, rss_mb)
+    line = wait_for(lambda: re.search(r" retrieved=2 .* zero_copy=1 ", hub.log_text()))   # the first only
+    assert line, hub.log_text()[-2000:]
 
 
 # ---- shutdown and crashes ----------------------------------------------------------------------
