@@ -2,6 +2,7 @@
 # TOML file and from MAILHUB_<SECTION>_<KEY> environment variables, validated, then read-only.
 # Must never let an invalid value through: errors name the key and the source.
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ def _listen(value: Any) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _required_listen(value: Any) -> tuple[str, int]:
+    address = _listen(value)
+    if address is None:
+        raise ValueError("this listener cannot be disabled; give HOST:PORT")
+    return address
 
 
 def _str_list(value: Any) -> list[str]:
@@ -65,7 +73,7 @@ def _number(value: Any) -> float:
         number = float(value) if not isinstance(value, bool) else None
     except (TypeError, ValueError):
         number = None
-    if number is None or number <= 0:
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"expected a positive number, got {value!r}")
     return number
 
@@ -114,7 +122,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("", "domain"): Option(_domains, "hub.test"),
     ("", "hostname"): Option(_text, ""),
     ("", "shutdown_timeout"): Option(_number, 30),
-    ("smtp", "listen"): Option(_listen, "127.0.0.1:2525"),
+    ("smtp", "listen"): Option(_required_listen, "127.0.0.1:2525"),
     ("smtp", "max_message_size"): Option(_int(1), 2 * 1024**3),
     ("smtp", "max_recipients"): Option(_int(1), 1000),
     ("smtp", "max_connections"): Option(_int(1), 1000),
@@ -175,7 +183,10 @@ def _read_toml(path: Path) -> dict[tuple[str, str], Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     found = {}
+    sections = {section for section, _ in SCHEMA if section}
     for name, value in document.items():
+        if isinstance(value, dict) and not value and name not in sections:
+            raise ConfigError(f"{name}: unknown section (in {path})")  # keys of one are named below
         if isinstance(value, dict):
             for key, inner in value.items():
                 found[(name, key)] = inner

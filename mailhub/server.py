@@ -35,14 +35,29 @@ async def serve(cfg) -> None:
     storage = Storage(cfg.data_dir)
     await storage.open()
     sites = SiteCache(cfg.data_dir)
+    try:
+        await _run(cfg, storage, sites)
+    finally:
+        await storage.close()
+        sites.close()
+    log.info("stopped")
+
+
+async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     tls = tls_context(cfg)
     smtp = SmtpContext(cfg, storage, sites, tls)
     pop3 = Pop3Context(cfg, storage, sites, tls)
-    servers = [await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)]
-    if cfg.pop3.listen:
-        servers.append(await _listen("pop3", pop3.factory(), cfg.pop3.listen))
-    if cfg.pop3.pop3s_listen:
-        servers.append(await _listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls))
+    servers = []
+    try:
+        servers.append(await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen))
+        if cfg.pop3.listen:
+            servers.append(await _listen("pop3", pop3.factory(), cfg.pop3.listen))
+        if cfg.pop3.pop3s_listen:
+            servers.append(await _listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls))
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
     if not sites.all_sites():
         log.warning("no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin",
                     cfg.domain[0])
@@ -60,9 +75,6 @@ async def serve(cfg) -> None:
         server.close()
     await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
-    await storage.close()
-    sites.close()
-    log.info("stopped")
 
 
 async def _housekeeping(storage: Storage) -> None:

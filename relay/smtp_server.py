@@ -109,12 +109,17 @@ class HubSMTP(SMTP):
         self.ctx = ctx
         limit = cfg.smtp.max_line_length
         self.command_size_limits = collections.defaultdict(lambda: limit)
-        self.busy = False
+        self._in_data = False  # reading DATA/BDAT bytes or committing them
         self._held: list[bytes] = []  # replies held back for pipelining
         self._peer_ip = ""
         self._auth_failures = 0
 
     # ---- connection life cycle -------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A transaction is in flight: data being received or committed, or a BDAT series open."""
+        return self._in_data or (self.envelope is not None and self.envelope.bdat is not None)
 
     def _create_envelope(self) -> Transaction:
         return Transaction()
@@ -212,9 +217,11 @@ class HubSMTP(SMTP):
             return
         self.transport = self._writer.transport
         self._tls_protocol = True
+        # RFC 3207 4.2: forget everything learnt before TLS, authentication included.
+        peer = self.session.peer
+        self.session = self._create_session()
+        self.session.peer = peer
         self.session.ssl = self.transport.get_extra_info("ssl_object")
-        self.session.host_name = None
-        self.session.extended_smtp = False
         self._set_rset_state()
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -381,7 +388,7 @@ class HubSMTP(SMTP):
         if not self.envelope.deliveries:
             await self.push(R.NEED_RCPT if self.envelope.mail_from is not None else R.NEED_MAIL)
             return
-        self.busy = True
+        self._in_data = True
         message = self._new_message()
         try:
             await self.push(R.START_DATA)
@@ -402,7 +409,7 @@ class HubSMTP(SMTP):
             message.discard()
             raise
         finally:
-            self.busy = False
+            self._in_data = False
         await self._reply_after_transaction(reply)
 
     async def smtp_BDAT(self, arg: str) -> None:
@@ -417,7 +424,7 @@ class HubSMTP(SMTP):
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
-        self.busy = True
+        self._in_data = True
         try:
             await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots)
             if not usable:
@@ -432,7 +439,7 @@ class HubSMTP(SMTP):
                 tx.bdat.discard()
             raise
         finally:
-            self.busy = False
+            self._in_data = False
         await self._reply_after_transaction(reply, reset=last)
 
     def _bdat_refusal(self) -> str:

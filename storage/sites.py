@@ -50,6 +50,11 @@ def add_site(conn: sqlite3.Connection, name: str, addresses: list[str], password
     if not password:
         raise SiteError("empty password")
     checked = [validate_address(a, local_domains) for a in addresses]
+    seen = set()
+    for address in checked:
+        if address.lower() in seen:
+            raise SiteError(f"address {address!r} given twice")
+        seen.add(address.lower())
     password_hash = hash_password(password)
     with _transaction(conn):
         if conn.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone():
