@@ -440,3 +440,26 @@ def test_accounts_file_and_loopback_only(tmp_path):
     check_loopback("localhost")
     with pytest.raises(ValueError, match="not a loopback"):
         check_loopback("192.0.2.10")
+
+
+def test_gateways_ride_out_421_connection_limits_of_the_hub(make_hub, tmp_path):
+    # One SMTP connection per client address: concurrent studies get 421 4.7.0, retry, all arrive.
+    profile = tmp_path / "crowded.toml"
+    profile.write_text((PROFILE_DIR / "smoke.toml").read_text()
+                       .replace("max_attempts = 6", "max_attempts = 30")
+                       .replace("rate_per_s = 1.5", "rate_per_s = 4.0"))
+    corpus = tmp_path / "corpus"
+    assert loadtest("generate", profile, "--corpus", corpus).returncode == 0
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    hub = make_hub(MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1")
+    for name, site in manifest["sites"].items():
+        hub.add_site(name, site["address"], password=site["password"])
+    hub.start()
+    out = tmp_path / "crowded.json"
+    result = loadtest("run", profile, "--smtp", f"127.0.0.1:{hub.ports['smtp']}",
+                      "--pop3", f"127.0.0.1:{hub.ports['pop3']}", "--corpus", corpus, "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    assert data["counts"]["deferrals"] > 0
+    assert any(d["reply"].startswith("421") or "421" in d["reply"] for d in data["deferrals"])
+    assert data["counts"]["received"] == data["counts"]["planned"]
