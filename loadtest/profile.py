@@ -118,6 +118,8 @@ def _site(values: dict, where: str) -> Site:
         raise ProfileError(f"{where}.protocol: expected one of {PROTOCOLS}, got {site.protocol!r}")
     if site.poll_interval_s <= 0 or site.connections < 1:
         raise ProfileError(f"{where}: poll_interval_s must be > 0 and connections >= 1")
+    if min(site.send_weight, site.receive_weight) < 0:
+        raise ProfileError(f"{where}: send_weight and receive_weight must be >= 0")
     if min(site.uplink_mbit_s, site.downlink_mbit_s) < 0:
         raise ProfileError(f"{where}: bandwidths must be >= 0 (0 = unlimited)")
     return site
@@ -146,8 +148,8 @@ def _sites(data: dict) -> tuple[Site, ...]:
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ProfileError("sites: duplicate site names")
-    if not any(s.send for s in sites) or not any(s.receive for s in sites):
-        raise ProfileError("sites: need at least one sending and one receiving site")
+    if not any(s.send and s.send_weight > 0 for s in sites) or not any(s.receive and s.receive_weight > 0 for s in sites):
+        raise ProfileError("sites: need at least one sending and one receiving site (with weight > 0)")
     return tuple(sites)
 
 

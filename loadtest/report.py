@@ -137,6 +137,15 @@ def render(result: dict) -> str:
     body += [f"<h2>{name}</h2><img src='data:image/png;base64,{png}'>" for name, png in plots]
     if reasons:
         body += ["<h2>Deferral replies</h2>", _table(sorted(reasons.items(), key=lambda kv: -kv[1]))]
+    receivers = result.get("per_receiver", {})
+    if receivers:
+        worst = sorted(receivers.items(), key=lambda kv: -(kv[1]["latency_p95_s"] or 0))[:15]
+        head = "<tr><th>receiver</th><th>downlink Mbit/s</th><th>mails</th><th>MB</th><th>latency p50 / p95 (s)</th><th>peak backlog</th><th>polls</th></tr>"
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td>{r['downlink_mbit_s'] or 'unlimited'}</td><td>{r['downloaded']}/{r['accepted']}</td>"
+            f"<td>{r['bytes'] / 1e6:.1f}</td><td>{(r['latency_p50_s'] or 0):.2f} / {(r['latency_p95_s'] or 0):.2f}</td>"
+            f"<td>{r['peak_backlog']}</td><td>{r['polls']}</td></tr>" for name, r in worst)
+        body += [f"<h2>Receivers (slowest {len(worst)} of {len(receivers)} by p95 latency)</h2><table>{head}{rows}</table>"]
     errors = {}
     for e in result.get("errors", []):
         errors[e["text"][:80]] = errors.get(e["text"][:80], 0) + 1

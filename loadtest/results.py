@@ -43,6 +43,23 @@ def build(profile: Profile, manifest: dict, target_label: str, target: dict, rec
         if r.message_id in sent_by_id and r.message_id not in first_download:
             first_download[r.message_id] = r
     latency = [round(first_download[m].at_s - s.submit_s, 4) for m, s in sent_by_id.items() if m in first_download]
+    per_receiver: dict = {}
+    for m, s in sent_by_id.items():
+        entry = per_receiver.setdefault(s.receiver, {"accepted": 0, "downloaded": 0, "bytes": 0, "lat": []})
+        entry["accepted"] += 1
+        if m in first_download:
+            entry["downloaded"] += 1
+            entry["bytes"] += first_download[m].size
+            entry["lat"].append(first_download[m].at_s - s.submit_s)
+    peaks: dict = {}
+    for point in timeline:
+        for name, n in point["backlog"].items():
+            peaks[name] = max(peaks.get(name, 0), n)
+    for name, entry in per_receiver.items():
+        lat = entry.pop("lat")
+        entry.update(latency_p50_s=percentile(lat, 50), latency_p95_s=percentile(lat, 95),
+                     peak_backlog=peaks.get(name, 0), polls=len(rec.backlog.get(name, [])),
+                     downlink_mbit_s=profile.site(name).downlink_mbit_s)
     smtp_latency = [round(s.accepted_s - s.submit_s, 4) for s in accepted]
     first_submit = min((s.submit_s for s in rec.sent.values()), default=None)
     last_accept = max((s.accepted_s for s in accepted), default=None)
@@ -72,6 +89,7 @@ def build(profile: Profile, manifest: dict, target_label: str, target: dict, rec
         "latency_s": summary(latency),
         "smtp_accept_latency_s": summary(smtp_latency),
         "latencies_s": sorted(latency),
+        "per_receiver": per_receiver,
         "timeline": timeline,
         "server_backlog": {k: v for k, v in rec.backlog.items()},
         "deferrals": [{"t": round(t, 3), "site": site, "reply": reply} for t, site, reply in rec.deferrals[:5000]],
