@@ -42,13 +42,8 @@ def check_supported(profile: Profile, target: Target) -> None:
     for site in profile.receivers:
         if site.protocol == "pop3" and target.pop3 is None:
             raise Unsupported(f"site {site.name} polls over POP3 but the target has no POP3 port")
-        if site.protocol == "imap-idle":
-            if target.imap is None:
-                raise Unsupported(f"site {site.name} uses IMAP IDLE: not supported: {target.imap_note}")
-            try:
-                from . import imap_driver  # noqa: F401
-            except ImportError:
-                raise Unsupported("IMAP IDLE receivers are not implemented in this loadtest version") from None
+        if site.protocol == "imap-idle" and target.imap is None:
+            raise Unsupported(f"site {site.name} uses IMAP IDLE: not supported: {target.imap_note}")
 
 
 class Progress:
