@@ -38,16 +38,14 @@ import tempfile
 import threading
 import time
 
-from bench.ingest_benchmark import (_mailhub_cmd, cpu_model, filesystem_of, fmt_ratio, fmt_value, loadavg, log,
+from bench.ingest_benchmark import (HUB_DOMAIN, PASSWORD, SENDER, cpu_model, filesystem_of, fmt_ratio, fmt_value, loadavg, log,
                                     mem_total_mb, read_log_problems, software, table, uptime_line, versions,
-                                    vm_status, warn)
+                                    hub_server, vm_status, warn)
 from bench.pop3_fetch import Conn, _cmd, fetch_all
 from bench.smtp_blast import blast, make_body, make_header
-from bench.thirdparty import LOOPBACK, REPO_ROOT, deliver_to_maildir, dovecot_server, free_port, wait_banner
+from bench.thirdparty import LOOPBACK, deliver_to_maildir, dovecot_server
 
 SERVERS = ("hub", "dovecot")
-HUB_DOMAIN = "hub.test"
-SENDER, PASSWORD = "bench-sender", "bench-pass-1"
 MAIL_FROM = "%s@%s" % (SENDER, HUB_DOMAIN)
 GB = 1_000_000_000
 
@@ -74,49 +72,6 @@ def dovecot_version():
         return subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
     return "unknown"
-
-
-# ------------------------------------------------------------------------- the hub server
-
-class HubProcess:
-    def __init__(self, proc, smtp_port, pop3_port, log_path):
-        self.proc, self.smtp_port, self.pop3_port, self.log_path = proc, smtp_port, pop3_port, log_path
-
-
-@contextlib.contextmanager
-def hub_server(workdir, sites, log_path):
-    """`mailhub serve` on 127.0.0.1 (SMTP and POP3 on free ports) with a fresh data folder under
-    workdir, the SENDER site and the given receiving sites (sites=None: reuse the folder as it is). Stops it (SIGTERM, then SIGKILL of its
-    process group) on exit."""
-    data_dir = os.path.join(os.path.abspath(workdir), "hub-data")
-    smtp_port, pop3_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
-    env.update(MAILHUB_DATA_DIR=data_dir, MAILHUB_SMTP_LISTEN="%s:%d" % (LOOPBACK, smtp_port),
-               MAILHUB_POP3_LISTEN="%s:%d" % (LOOPBACK, pop3_port), MAILHUB_IMAP_LISTEN=LOOPBACK + ":0",
-               MAILHUB_METRICS_LISTEN=LOOPBACK + ":0", MAILHUB_LOG_LEVEL="warning",
-               MAILHUB_DOMAIN=HUB_DOMAIN, MAILHUB_SHUTDOWN_TIMEOUT="10")
-    for site in ((SENDER, *sites) if sites is not None else ()):
-        subprocess.run(_mailhub_cmd() + ["site", "add", site, "--address", "%s@%s" % (site, HUB_DOMAIN),
-                                         "--password-stdin"], input=PASSWORD + "\n", text=True, env=env,
-                       cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
-    logf = open(log_path, "ab")
-    proc = subprocess.Popen(_mailhub_cmd() + ["serve"], env=env, cwd=REPO_ROOT, stdout=logf,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_banner(smtp_port, proc=proc, timeout=60)
-        wait_banner(pop3_port, b"+OK", proc=proc, timeout=60)
-        yield HubProcess(proc, smtp_port, pop3_port, log_path)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                warn("hub pid %d did not stop within 30 s of SIGTERM; killing it" % proc.pid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: no stragglers either
-        proc.wait()
-        logf.close()
 
 
 def cpu_seconds(pid):
@@ -305,13 +260,13 @@ def serve_and_measure(server, rep, order, counts, bodies, body_sha, workdir, log
             hub_log = os.path.join(logs_dir, "hub-rep%d.log" % rep)
             # fill through one hub process, then serve from a fresh one on the same data folder, so that
             # its VmHWM covers serving only (not the SMTP ingest)
-            with hub_server(run_dir, all_boxes, hub_log) as filler:
+            with hub_server(run_dir, hub_log, sites=(SENDER, *all_boxes), pop3=True) as filler:
                 for wl in WORKLOADS:
                     fails, errors = fill_hub(filler, wl, counts[wl[0]], bodies[wl[2]])
                     if fails:
                         problems.append("hub rep %d: %d SMTP submissions failed filling %s: %s" % (
                             rep, fails, wl[0], "; ".join(errors[:3])))
-            cm = hub_server(run_dir, None, hub_log)
+            cm = hub_server(run_dir, hub_log, sites=(), pop3=True)
         else:
             cm = dovecot_server(run_dir, {b: PASSWORD for b in all_boxes}, protocols=("pop3",))
         with cm as handle:
