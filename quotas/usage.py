@@ -1,0 +1,89 @@
+# Static quota checks: message size, mailbox bytes/messages, daily and monthly volumes.
+# Pure functions of the limits, the usage the caller read from the index, the size and `now`;
+# must never do I/O, read the clock itself or keep state. Exactly at a limit is accepted.
+from datetime import datetime, timezone
+
+from .limits import (MailboxFull, MessageTooBig, ReceivedVolumeExceeded, SiteLimits, SiteUsage,
+                     SubmittedVolumeExceeded, Verdict, accept, refuse)
+
+UNKNOWN_SIZE = 1  # a mail of undeclared size is at least one byte: the smallest it can be
+
+
+def next_day(now: float) -> float:
+    """Epoch seconds of the next UTC midnight after `now`."""
+    return (now // 86400 + 1) * 86400
+
+
+def next_month(now: float) -> float:
+    """Epoch seconds of the first instant of the next UTC month after `now`."""
+    t = datetime.fromtimestamp(now, tz=timezone.utc)
+    year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+    return datetime(year, month, 1, tzinfo=timezone.utc).timestamp()
+
+
+def check_size(limits: SiteLimits, size: int | None) -> Verdict:
+    if size is not None and limits.max_message_size is not None and size > limits.max_message_size:
+        return refuse(MessageTooBig(), "message_too_big", size=size, limit=limits.max_message_size)
+    return accept("size_ok", size=size, limit=limits.max_message_size)
+
+
+def check_mailbox(limits: SiteLimits, usage: SiteUsage, size: int | None) -> Verdict:
+    """The receiver's mailbox with this mail added must stay within bytes and message count."""
+    size = UNKNOWN_SIZE if size is None else size
+    after_bytes, after_msgs = usage.mailbox_bytes + size, usage.mailbox_messages + 1
+    figures = dict(mailbox_bytes=usage.mailbox_bytes, size=size, bytes_limit=limits.mailbox_bytes,
+                   mailbox_messages=usage.mailbox_messages, messages_limit=limits.mailbox_messages)
+    if limits.mailbox_bytes is not None and after_bytes > limits.mailbox_bytes:
+        return refuse(MailboxFull(), "mailbox_bytes", **figures)
+    if limits.mailbox_messages is not None and after_msgs > limits.mailbox_messages:
+        return refuse(MailboxFull(), "mailbox_messages", **figures)
+    return accept("mailbox_ok", **figures)
+
+
+def _volume(kind: str, error_cls, used_day: int, used_month: int, per_day: int | None,
+            per_month: int | None, size: int, now: float) -> Verdict | None:
+    if per_day is not None and used_day + size > per_day:
+        retry = next_day(now)
+        return refuse(error_cls(f"{error_cls.reply.split(',')[0]} for today, try again after "
+                                f"{_utc(retry)}"), f"{kind}_per_day",
+                      used=used_day, size=size, limit=per_day, retry_at=retry)
+    if per_month is not None and used_month + size > per_month:
+        retry = next_month(now)
+        return refuse(error_cls(f"{error_cls.reply.split(',')[0]} for this month, try again after "
+                                f"{_utc(retry)}"), f"{kind}_per_month",
+                      used=used_month, size=size, limit=per_month, retry_at=retry)
+    return None
+
+
+def check_volume(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[SiteLimits, SiteUsage],
+                 size: int | None, now: float) -> Verdict:
+    """Sender's submitted and receiver's received volume per UTC day and month, with this mail.
+    `sender` is None for mail from outside (a peer network), which has no submitted quota here."""
+    size = UNKNOWN_SIZE if size is None else size
+    rl, ru = receiver
+    verdict = _volume("received", ReceivedVolumeExceeded, ru.received_today, ru.received_month,
+                      rl.received_per_day, rl.received_per_month, size, now)
+    if verdict is None and sender is not None:
+        sl, su = sender
+        verdict = _volume("submitted", SubmittedVolumeExceeded, su.submitted_today,
+                          su.submitted_month, sl.submitted_per_day, sl.submitted_per_month, size, now)
+    return verdict or accept("volume_ok", size=size)
+
+
+def check_quotas(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[SiteLimits, SiteUsage],
+                 size: int | None, now: float) -> Verdict:
+    """All static checks for one receiver in order: size (receiver's and sender's), mailbox,
+    volumes. Call at RCPT with the
+    declared SIZE= (or None) and again at end of data with the real size."""
+    checks = [check_size(receiver[0], size)]
+    if sender is not None:
+        checks.append(check_size(sender[0], size))
+    checks += [check_mailbox(receiver[0], receiver[1], size), check_volume(sender, receiver, size, now)]
+    for verdict in checks:
+        if not verdict.ok:
+            return verdict
+    return accept("quotas_ok", size=size)
+
+
+def _utc(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
