@@ -139,6 +139,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("imap", "listen"): Option(_listen, "127.0.0.1:1143"),
     ("imap", "imaps_listen"): Option(_listen, ""),
     ("metrics", "listen"): Option(_listen, "127.0.0.1:9425"),
+    ("metrics", "health_min_free_bytes"): Option(_int(0), 1024**3),
     ("tls", "cert_file"): Option(_optional_path, ""),
     ("tls", "key_file"): Option(_optional_path, ""),
     ("auth", "allow_plaintext"): Option(_bool, False),

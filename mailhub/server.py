@@ -9,6 +9,8 @@ import ssl
 from relay import HubSMTP, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
 
+from .metrics import MetricsServer
+
 log = logging.getLogger("mailhub.server")
 _HOUSEKEEPING_SECONDS = 60
 
@@ -48,15 +50,28 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     smtp = SmtpContext(cfg, storage, sites, tls)
     pop3 = Pop3Context(cfg, storage, sites, tls)
     servers = []
+    named: dict[str, asyncio.base_events.Server] = {}
+    metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,
+                            lambda: [name for name, server in named.items() if not server.is_serving()],
+                            lambda: len(smtp.connections), lambda: len(pop3.sessions))
     try:
-        servers.append(await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen))
+        named["smtp"] = await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
         if cfg.pop3.listen:
-            servers.append(await _listen("pop3", pop3.factory(), cfg.pop3.listen))
+            named["pop3"] = await _listen("pop3", pop3.factory(), cfg.pop3.listen)
         if cfg.pop3.pop3s_listen:
-            servers.append(await _listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls))
+            named["pop3s"] = await _listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls)
+        servers.extend(named.values())
+        if cfg.metrics.listen:
+            host, port = cfg.metrics.listen
+            server = await asyncio.start_server(metrics.handle, host, port, reuse_address=True)
+            for sock in server.sockets:
+                bound = sock.getsockname()
+                log.info("metrics listening on %s:%d", bound[0], bound[1])
+            servers.append(server)
     except BaseException:
-        for server in servers:
+        for server in servers or named.values():
             server.close()
+        metrics.close()
         raise
     if not sites.all_sites():
         log.warning("no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin",
@@ -75,6 +90,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
         server.close()
     await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
+    metrics.close()
 
 
 async def _housekeeping(storage: Storage) -> None:

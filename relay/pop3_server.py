@@ -16,6 +16,7 @@ import ssl
 import threading
 import time
 
+from mailhub import metrics
 from storage import Downloads, SiteCache, Storage
 
 from .file_sender import FileSender
@@ -92,6 +93,7 @@ class Pop3Session(asyncio.Protocol):
         if ctx.shutting_down or len(ctx.sessions) >= ctx.cfg.pop3.max_connections:
             transport.write(system_error("server shutting down" if ctx.shutting_down else "too many connections"))
             transport.close()
+            metrics.pop3_session("refused")
             return
         ctx.sessions.add(self)
         self.core = Pop3Connection(
@@ -259,6 +261,7 @@ class Pop3Session(asyncio.Protocol):
         self.downloads.send_seconds += time.monotonic() - started
         if event.body_lines is None:
             self.downloads.messages += 1
+        metrics.pop3_message(self.site.name, sent, event.body_lines is None)
         self.core.message_sent()
 
     async def _flushed(self) -> None:
@@ -335,6 +338,7 @@ class Pop3Session(asyncio.Protocol):
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:
             ctx.sessions.discard(self)
+        metrics.pop3_session(outcome)
         d = self.downloads
         log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f zero_copy=%d deleted=%d session_s=%.1f"
                  " outcome=%s", self.peer, self._site_name(), d.messages if d else 0, d.bytes if d else 0,

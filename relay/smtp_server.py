@@ -16,6 +16,7 @@ from email.utils import formatdate
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 
+from mailhub import metrics
 from storage import Delivery, Site, SiteCache, Storage, StorageError
 
 from . import smtp_replies as R
@@ -137,6 +138,8 @@ class HubSMTP(SMTP):
 
     async def _handle_client(self) -> None:
         refusal = self.ctx.admit(self, self._peer_ip)
+        metrics.smtp_session("admitted" if refusal is None else
+                             "shutting_down" if refusal == R.SHUTTING_DOWN else "too_many_connections")
         if refusal is not None:
             self.close_now(refusal)
             return
@@ -308,10 +311,12 @@ class HubSMTP(SMTP):
                 await self.push(R.UNKNOWN_PARAMETER if name not in ("SIZE", "BODY") else R.BAD_ARGUMENTS)
                 return
         if size is not None and size > self.ctx.cfg.smtp.max_message_size:
+            metrics.smtp_refusal("mail", R.MESSAGE_TOO_BIG)
             await self.push(R.MESSAGE_TOO_BIG)
             return
         refusal = sender_verdict(self._client(), address)
         if refusal:
+            metrics.smtp_refusal("mail", refusal)
             await self.push(refusal)
             return
         self.envelope.mail_from = address
@@ -336,12 +341,14 @@ class HubSMTP(SMTP):
             await self.push(R.BAD_ADDRESS)
             return
         if len(self.envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
+            metrics.smtp_refusal("rcpt", R.TOO_MANY_RECIPIENTS)
             await self.push(R.TOO_MANY_RECIPIENTS)
             return
         refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
                                           self.ctx.sites.by_address)
         if refusal:
             log.info("%s: RCPT <%s> refused: %s", self._peer_ip, _printable(address), refusal)
+            metrics.smtp_refusal("rcpt", refusal)
             await self.push(refusal)
             return
         if all(d.site_id != site.id for d in self.envelope.deliveries):
@@ -496,11 +503,16 @@ class HubSMTP(SMTP):
                 reply = R.queued(message.queue_id)
             except StorageError as exc:
                 reply = exc.reply
+        elapsed = time.monotonic() - started
+        sites = self.ctx.sites
+        metrics.smtp_transaction(reply, message.size, site.name if site else None,
+                                 [s.name for d in tx.deliveries if (s := sites.by_address(d.rcpt))]
+                                 if reply[0] == "2" else (), elapsed)
         log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f",
                  message.queue_id, site.name if site else "-", _printable(tx.mail_from),
                  ",".join(_printable(r) for r in tx.rcpt_tos), message.size,
                  message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
-                 (time.monotonic() - started) * 1000)
+                 elapsed * 1000)
         return reply
 
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:

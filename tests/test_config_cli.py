@@ -100,6 +100,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("imap", "listen"): ("127.0.0.2:143", ("127.0.0.2", 143)),
         ("imap", "imaps_listen"): ("127.0.0.1:993", ("127.0.0.1", 993)),
         ("metrics", "listen"): ("127.0.0.1:9100", ("127.0.0.1", 9100)),
+        ("metrics", "health_min_free_bytes"): ("5000000", 5000000),
         ("tls", "cert_file"): (str(cert), cert),
         ("tls", "key_file"): (str(key), key),
         ("auth", "allow_plaintext"): ("yes", True),

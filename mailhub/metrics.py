@@ -1,0 +1,259 @@
+# Prometheus metrics of the hub (issue 7): one registry, the metric definitions, the cheap hooks the
+# protocol edges call (one counter increment per transaction, message or session, never per chunk),
+# a collector that reads storage totals from the index at scrape time (cached briefly), and a small
+# HTTP listener on the hub's event loop serving /metrics and /healthz.
+# Must never: block the event loop on a scrape (the exposition is rendered in a worker thread), or
+# let a metrics failure reach an SMTP or POP3 session.
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
+
+log = logging.getLogger("mailhub.metrics")
+
+disable_created_metrics()   # no *_created series: they double the series count for nothing we use
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+NO_SITE = "-"   # label value for mail from an unauthenticated peer (smtp.peer_networks)
+
+SMTP_SESSIONS = Counter(
+    "mailhub_smtp_sessions_total", "SMTP connections, by whether they were admitted or refused (and why).",
+    ["outcome"], registry=REGISTRY)
+SMTP_TRANSACTIONS = Counter(
+    "mailhub_smtp_transactions_total",
+    "SMTP mail transactions that reached the end of data, by outcome (accepted, deferred = 4xx, "
+    "rejected = 5xx) and reply code.", ["outcome", "code"], registry=REGISTRY)
+SMTP_REFUSALS = Counter(
+    "mailhub_smtp_refusals_total", "MAIL FROM and RCPT TO commands refused by policy or limits, by command "
+    "and reply code.", ["command", "code"], registry=REGISTRY)
+RECEIVED_MESSAGES = Counter(
+    "mailhub_smtp_received_messages_total", "Mails accepted (250 after end of data), by sending site.",
+    ["site"], registry=REGISTRY)
+RECEIVED_BYTES = Counter(
+    "mailhub_smtp_received_bytes_total",
+    "Octets of accepted mails as the site sent them (without the hub's Received: header), by sending site.",
+    ["site"], registry=REGISTRY)
+DELIVERED_MESSAGES = Counter(
+    "mailhub_smtp_delivered_messages_total", "Mailbox entries created by accepted mails, by receiving site.",
+    ["site"], registry=REGISTRY)
+DELIVERED_BYTES = Counter(
+    "mailhub_smtp_delivered_bytes_total", "Octets of accepted mails, counted once per receiving site.",
+    ["site"], registry=REGISTRY)
+INGEST_SECONDS = Histogram(
+    "mailhub_smtp_ingest_duration_seconds", "Time from the end of data to the 250 reply (durable commit) "
+    "of accepted mails.", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY)
+POP3_SESSIONS = Counter(
+    "mailhub_pop3_sessions_total", "POP3 connections, by how they ended (quit, closed, idle_timeout, "
+    "connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
+POP3_MESSAGES = Counter(
+    "mailhub_pop3_messages_served_total", "Whole messages sent by RETR, by site.", ["site"], registry=REGISTRY)
+POP3_BYTES = Counter(
+    "mailhub_pop3_served_bytes_total", "Message octets sent by RETR and TOP (before dot-stuffing), by site.",
+    ["site"], registry=REGISTRY)
+SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
+POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
+
+
+# ---- hooks called by the protocol edges (cheap; they never raise into a session) -------------
+
+def smtp_session(outcome: str) -> None:
+    SMTP_SESSIONS.labels(outcome).inc()
+
+
+def smtp_refusal(command: str, reply: str) -> None:
+    SMTP_REFUSALS.labels(command, reply[:3]).inc()
+
+
+def smtp_transaction(reply: str, size: int, sender_site: str | None, receiving_sites, seconds: float) -> None:
+    """One transaction at its end of data: `receiving_sites` are the names of the mailboxes it went to."""
+    code = reply[:3]
+    outcome = "accepted" if code[0] == "2" else "deferred" if code[0] == "4" else "rejected"
+    SMTP_TRANSACTIONS.labels(outcome, code).inc()
+    if outcome != "accepted":
+        return
+    sender = sender_site or NO_SITE
+    RECEIVED_MESSAGES.labels(sender).inc()
+    RECEIVED_BYTES.labels(sender).inc(size)
+    for name in receiving_sites:
+        DELIVERED_MESSAGES.labels(name).inc()
+        DELIVERED_BYTES.labels(name).inc(size)
+    INGEST_SECONDS.observe(seconds)
+
+
+def pop3_message(site: str, octets: int, whole: bool) -> None:
+    if whole:
+        POP3_MESSAGES.labels(site).inc()
+    POP3_BYTES.labels(site).inc(octets)
+
+
+def pop3_session(outcome: str) -> None:
+    """`outcome` as the POP3 adapter logs it; details after the first word are dropped."""
+    if outcome.startswith("connection lost"):
+        key = "connection_lost"
+    elif outcome.startswith(("I/O error", "internal error")):
+        key = "error"
+    elif outcome == "idle timeout":
+        key = "idle_timeout"
+    elif outcome in ("quit", "refused"):
+        key = outcome
+    else:
+        key = "closed"
+    POP3_SESSIONS.labels(key).inc()
+
+
+# ---- storage and disk, read at scrape time ----------------------------------------------------
+
+class StorageCollector:
+    """Blob count and bytes from the index (one aggregate query, cached for `ttl` seconds) and the
+    data folder's file system. Runs in the scrape's worker thread on its own read-only connection."""
+
+    def __init__(self, data_dir: Path, ttl: float = 10.0):
+        self.data_dir = Path(data_dir)
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._cached: tuple[float, tuple[int, int, int]] | None = None
+
+    def _totals(self) -> tuple[int, int, int]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.ttl:
+                return self._cached[1]
+            if self._conn is None:
+                uri = (self.data_dir / "index.sqlite3").resolve().as_uri() + "?mode=ro"
+                self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5)
+            row = self._conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0)"
+                " FROM messages").fetchone()
+            totals = (int(row[0]), int(row[1]), int(row[2]))
+            self._cached = (now, totals)
+            return totals
+
+    def collect(self):
+        try:
+            blobs, size, saved = self._totals()
+        except sqlite3.Error as exc:
+            log.warning("storage metrics unavailable: %s", exc)
+        else:
+            yield GaugeMetricFamily("mailhub_storage_blobs", "Message files (blobs) in storage.", value=blobs)
+            yield GaugeMetricFamily("mailhub_storage_blobs_bytes", "Octets of the message files in storage.",
+                                    value=size)
+            yield GaugeMetricFamily("mailhub_storage_single_instance_saved_bytes",
+                                    "Octets not stored thanks to one blob per mail however many recipients.",
+                                    value=saved)
+        try:
+            st = os.statvfs(self.data_dir)
+        except OSError as exc:
+            log.warning("disk metrics unavailable: %s", exc)
+            return
+        yield GaugeMetricFamily("mailhub_disk_free_bytes", "Free octets (for unprivileged users) on the data "
+                                "folder's file system.", value=st.f_bavail * st.f_frsize)
+        yield GaugeMetricFamily("mailhub_disk_size_bytes", "Size of the data folder's file system.",
+                                value=st.f_blocks * st.f_frsize)
+
+    def describe(self):
+        return []   # collected lazily: no scrape-time query at registration
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+# ---- the HTTP listener ------------------------------------------------------------------------
+
+_REQUEST_TIMEOUT = 10.0
+_MAX_REQUEST = 16 * 1024
+
+
+class MetricsServer:
+    """GET /metrics (Prometheus text format) and GET /healthz (200 "ok" or 503 with the reasons)."""
+
+    def __init__(self, data_dir: Path, min_free_bytes: int, listeners_up, smtp_sessions, pop3_sessions):
+        self.data_dir = Path(data_dir)
+        self.min_free_bytes = min_free_bytes
+        self.listeners_up = listeners_up    # () -> list of names of listeners not serving
+        self.collector = StorageCollector(self.data_dir)
+        SMTP_ACTIVE.set_function(smtp_sessions)
+        POP3_ACTIVE.set_function(pop3_sessions)
+        REGISTRY.register(self.collector)
+
+    def close(self) -> None:
+        REGISTRY.unregister(self.collector)
+        self.collector.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = request_line.split()
+            if len(parts) != 3:
+                status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
+            elif parts[0] not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"method not allowed\n"
+            else:
+                status, ctype, body = await self._route(parts[1].split("?", 1)[0])
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            if parts and parts[0] != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    async def _route(self, path: str) -> tuple[str, str, bytes]:
+        if path == "/metrics":
+            body = await asyncio.to_thread(generate_latest, REGISTRY)
+            return "200 OK", CONTENT_TYPE_LATEST, body
+        if path == "/healthz":
+            problems = await self.health()
+            if problems:
+                return "503 Service Unavailable", "text/plain", ("; ".join(problems) + "\n").encode()
+            return "200 OK", "text/plain", b"ok\n"
+        return "404 Not Found", "text/plain", b"not found\n"
+
+    async def health(self) -> list[str]:
+        problems = []
+        try:
+            await asyncio.to_thread(self._write_probe)
+        except OSError as exc:
+            problems.append(f"storage not writable: {exc.strerror or exc}")
+        try:
+            free = free_bytes(self.data_dir)
+            if free < self.min_free_bytes:
+                problems.append(f"disk low: {free} bytes free, floor {self.min_free_bytes}")
+        except OSError as exc:
+            problems.append(f"disk unknown: {exc.strerror or exc}")
+        down = self.listeners_up()
+        if down:
+            problems.append("listeners down: " + ", ".join(down))
+        return problems
+
+    def _write_probe(self) -> None:
+        probe = self.data_dir / "spool" / f"healthz-{os.getpid()}.probe"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
