@@ -82,7 +82,7 @@ def _decide(sender: Hashable, state: ReceiverState, size: int, continuation: boo
              + (f"{drain:.0f} s" if rate > 0 else "unbounded time (not downloading)")
              + f" to download its waiting mail{share} (limit {limit:.0f} s);"
              f" try again in {retry:.0f} s")
-    return refuse(DrainDeferred(reply), "largest_share" if senders > 1 else "drain_time",
+    return refuse(DrainDeferred(reply), "over_fair_share" if senders > 1 else "drain_time",
                   retry_in=float(retry), **figures)
 
 
