@@ -116,17 +116,18 @@ def pop3_session(outcome: str) -> None:
 # ---- storage and disk, read at scrape time ----------------------------------------------------
 
 class StorageCollector:
-    """Blob count and bytes from the index (one aggregate query, cached for `ttl` seconds) and the
-    data folder's file system. Runs in the scrape's worker thread on its own read-only connection."""
+    """Blob count and bytes and each site's mailbox backlog from the index (two aggregate queries,
+    cached for `ttl` seconds) and the data folder's file system. Runs in the scrape's worker thread
+    on its own read-only connection."""
 
     def __init__(self, data_dir: Path, ttl: float = 10.0):
         self.data_dir = Path(data_dir)
         self.ttl = ttl
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._cached: tuple[float, tuple[int, int, int]] | None = None
+        self._cached: tuple[float, tuple] | None = None
 
-    def _totals(self) -> tuple[int, int, int]:
+    def _totals(self) -> tuple[tuple[int, int, int], list[tuple[str, int, int, float | None]]]:
         with self._lock:
             now = time.monotonic()
             if self._cached is not None and now - self._cached[0] < self.ttl:
@@ -137,13 +138,17 @@ class StorageCollector:
             row = self._conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0)"
                 " FROM messages").fetchone()
-            totals = (int(row[0]), int(row[1]), int(row[2]))
+            backlog = self._conn.execute(
+                "SELECT s.name, count(b.uid), coalesce(sum(m.size), 0), min(b.delivered_at) FROM sites s"
+                " LEFT JOIN mailbox b ON b.site_id = s.id LEFT JOIN messages m ON m.queue_id = b.queue_id"
+                " GROUP BY s.id ORDER BY s.name").fetchall()
+            totals = ((int(row[0]), int(row[1]), int(row[2])), backlog)
             self._cached = (now, totals)
             return totals
 
     def collect(self):
         try:
-            blobs, size, saved = self._totals()
+            (blobs, size, saved), backlog = self._totals()
         except sqlite3.Error as exc:
             log.warning("storage metrics unavailable: %s", exc)
         else:
@@ -153,6 +158,21 @@ class StorageCollector:
             yield GaugeMetricFamily("mailhub_storage_single_instance_saved_bytes",
                                     "Octets not stored thanks to one blob per mail however many recipients.",
                                     value=saved)
+            messages = GaugeMetricFamily("mailhub_mailbox_messages", "Messages waiting in each site's mailbox.",
+                                         labels=["site"])
+            octets = GaugeMetricFamily("mailhub_mailbox_bytes", "Octets waiting in each site's mailbox.",
+                                       labels=["site"])
+            oldest = GaugeMetricFamily("mailhub_mailbox_oldest_message_timestamp_seconds",
+                                       "Delivery time of the oldest message in each non-empty mailbox.",
+                                       labels=["site"])
+            for name, count, total, first in backlog:
+                messages.add_metric([name], count)
+                octets.add_metric([name], total)
+                if first is not None:
+                    oldest.add_metric([name], first)
+            yield messages
+            yield octets
+            yield oldest
         try:
             st = os.statvfs(self.data_dir)
         except OSError as exc:

@@ -164,6 +164,10 @@ def test_counters_match_scripted_traffic(traffic_hub):
     assert value(m, "mailhub_storage_blobs") == blobs
     assert value(m, "mailhub_storage_blobs_bytes") == size
     assert value(m, "mailhub_storage_single_instance_saved_bytes") == 0
+    assert value(m, "mailhub_mailbox_messages", site="alpha") == 1
+    assert value(m, "mailhub_mailbox_bytes", site="alpha") == size
+    assert value(m, "mailhub_mailbox_messages", site="beta") == 0
+    assert ("mailhub_mailbox_messages", (("site", "gamma"),)) in m
     assert value(m, "mailhub_disk_free_bytes") > 0
     assert value(m, "mailhub_disk_size_bytes") >= value(m, "mailhub_disk_free_bytes")
     assert value(m, "process_resident_memory_bytes") > 0
@@ -188,6 +192,15 @@ def test_single_instance_savings_and_empty_hub(make_hub):
     assert value(m, "mailhub_storage_blobs") == 1
     assert value(m, "mailhub_storage_blobs_bytes") == size
     assert value(m, "mailhub_storage_single_instance_saved_bytes") == size
+    for site in ("beta", "gamma"):
+        assert value(m, "mailhub_mailbox_messages", site=site) == 1
+        assert value(m, "mailhub_mailbox_bytes", site=site) == size
+        (delivered,), = hub.query("SELECT b.delivered_at FROM mailbox b JOIN sites s ON s.id = b.site_id"
+                                  " WHERE s.name = ?", site)
+        assert value(m, "mailhub_mailbox_oldest_message_timestamp_seconds", site=site) == delivered
+    assert value(m, "mailhub_mailbox_messages", site="alpha") == 0
+    assert value(m, "mailhub_mailbox_bytes", site="alpha") == 0
+    assert ("mailhub_mailbox_oldest_message_timestamp_seconds", (("site", "alpha"),)) not in m
 
 
 def test_healthz(make_hub):
