@@ -289,26 +289,24 @@ class HubSMTP(SMTP):
     # ---- MAIL / RCPT -------------------------------------------------------------------------
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        if self.envelope.mail_from is not None:
-            await self.push(R.NESTED_MAIL)
-            return
-        parsed = self._parse_path(arg, "FROM:")
-        if isinstance(parsed, str):
-            await self.push(parsed)
+        nested = R.NESTED_MAIL if self.envelope.mail_from is not None else None
+        parsed = await self._path_or_reply(arg, "FROM:", nested)
+        if parsed is None:
             return
         address, params = parsed
         size = None
         for name, value in params.items():
-            if name == "SIZE" and value.isdigit():
+            if name == "SIZE":
+                if not value.isdigit():
+                    await self.push(R.BAD_ARGUMENTS)
+                    return
                 size = int(value)
-            elif name == "BODY" and value in ("7BIT", "8BITMIME"):
-                pass
-            elif name == "AUTH":
-                pass  # RFC 4954 AUTH=<mailbox> is informational
-            else:
-                await self.push(R.UNKNOWN_PARAMETER if name not in ("SIZE", "BODY") else R.BAD_ARGUMENTS)
+            elif name == "BODY":
+                if value not in ("7BIT", "8BITMIME"):
+                    await self.push(R.BAD_ARGUMENTS)
+                    return
+            elif name != "AUTH":  # RFC 4954 AUTH=<mailbox> is informational
+                await self.push(R.UNKNOWN_PARAMETER)
                 return
         if size is not None and size > self.ctx.cfg.smtp.max_message_size:
             metrics.smtp_refusal("mail", R.MESSAGE_TOO_BIG)
@@ -324,14 +322,9 @@ class HubSMTP(SMTP):
         await self.reply_pipelined(R.SENDER_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        if self.envelope.mail_from is None:
-            await self.push(R.NEED_MAIL)
-            return
-        parsed = self._parse_path(arg, "TO:")
-        if isinstance(parsed, str):
-            await self.push(parsed)
+        no_mail = R.NEED_MAIL if self.envelope.mail_from is None else None
+        parsed = await self._path_or_reply(arg, "TO:", no_mail)
+        if parsed is None:
             return
         address, params = parsed
         if params:
@@ -358,6 +351,19 @@ class HubSMTP(SMTP):
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
+
+    async def _path_or_reply(self, arg: str | None, keyword: str, sequence_error: str | None):
+        """The common start of MAIL and RCPT: (address, params), or None once a reply was sent."""
+        if await self.check_helo_needed():
+            return None
+        if sequence_error is not None:
+            await self.push(sequence_error)
+            return None
+        parsed = self._parse_path(arg, keyword)
+        if isinstance(parsed, str):
+            await self.push(parsed)
+            return None
+        return parsed
 
     def _parse_path(self, arg: str | None, keyword: str):
         """(address, {PARAM: value}) or a reply string for a syntax error."""
