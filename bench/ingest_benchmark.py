@@ -313,6 +313,29 @@ def table(rows):
     return "\n".join(out)
 
 
+def interrupt_once():
+    """First Ctrl-C (or SIGTERM) unwinds through the cleanup code; further ones are ignored so
+    that the cleanup itself is not interrupted."""
+    def interrupted(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt("signal %d" % signum)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+
+
+def make_workdir(given, prefix):
+    """(own, workdir, logs_dir): a fresh folder under /var/tmp (own=True) or the given one."""
+    if given is None:
+        workdir = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
+    else:
+        workdir = os.path.abspath(given)
+        os.makedirs(workdir, exist_ok=True)
+    logs_dir = os.path.join(workdir, "logs")
+    os.makedirs(logs_dir, exist_ok=True)
+    return given is None, workdir, logs_dir
+
+
 def main():
     ap = argparse.ArgumentParser(description="SMTP ingest benchmark: hub vs Postfix vs bare aiosmtpd")
     ap.add_argument("--quick", action="store_true",
@@ -333,25 +356,10 @@ def main():
     if shutil.which("postfix") is None:
         sys.exit("ingest_benchmark: Postfix missing; run bench/install-debian-packages.sh as root")
 
-    # First Ctrl-C (or SIGTERM) unwinds through the cleanup code; further ones are ignored so
-    # that the cleanup itself is not interrupted.
-    def interrupted(signum, _frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt("signal %d" % signum)
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
-
-    own_workdir = a.workdir is None
-    if own_workdir:
-        workdir = tempfile.mkdtemp(prefix="mailhub-ingest-bench-", dir="/var/tmp")
-    else:
-        workdir = os.path.abspath(a.workdir)
-        os.makedirs(workdir, exist_ok=True)
+    interrupt_once()
+    own_workdir, workdir, logs_dir = make_workdir(a.workdir, "mailhub-ingest-bench-")
     mnt, fstype, dev = filesystem_of(workdir)
     free = shutil.disk_usage(workdir).free
-    logs_dir = os.path.join(workdir, "logs")
-    os.makedirs(logs_dir, exist_ok=True)
 
     started = time.time()
     uptime_before = uptime_line()

@@ -29,7 +29,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ import time
 
 from bench.ingest_benchmark import (HUB_DOMAIN, PASSWORD, SENDER, cpu_model, filesystem_of, fmt_ratio, fmt_value, loadavg, log,
                                     mem_total_mb, read_log_problems, software, table, uptime_line, versions,
-                                    hub_server, vm_status, warn)
+                                    hub_server, interrupt_once, make_workdir, vm_status, warn)
 from bench.pop3_fetch import Conn, _cmd, fetch_all
 from bench.smtp_blast import blast, make_body, make_header
 from bench.thirdparty import LOOPBACK, deliver_to_maildir, dovecot_server
@@ -377,23 +376,10 @@ def main():
     if shutil.which("dovecot") is None or not os.path.exists("/usr/lib/dovecot/pop3"):
         sys.exit("pop3_benchmark: dovecot-pop3d missing; run bench/install-debian-packages.sh as root")
 
-    def interrupted(signum, _frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt("signal %d" % signum)
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
-
-    own_workdir = a.workdir is None
-    if own_workdir:
-        workdir = tempfile.mkdtemp(prefix="mailhub-pop3-bench-", dir="/var/tmp")
-    else:
-        workdir = os.path.abspath(a.workdir)
-        os.makedirs(workdir, exist_ok=True)
+    interrupt_once()
+    own_workdir, workdir, logs_dir = make_workdir(a.workdir, "mailhub-pop3-bench-")
     mnt, fstype, dev = filesystem_of(workdir)
     free = shutil.disk_usage(workdir).free
-    logs_dir = os.path.join(workdir, "logs")
-    os.makedirs(logs_dir, exist_ok=True)
 
     started = time.time()
     uptime_before = uptime_line()
