@@ -12,6 +12,9 @@ _PRAGMAS = (
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=10000",
 )
+# Columns added to tables after their first release: (table, column, declaration). schema.sql has
+# them in its CREATE TABLE for new indexes; an older index gets them by ALTER TABLE on open.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = ()
 
 
 def index_path(data_dir: Path) -> Path:
@@ -29,4 +32,12 @@ def connect(data_dir: Path) -> sqlite3.Connection:
     for pragma in _PRAGMAS:
         conn.execute(pragma)
     conn.executescript(_SCHEMA)
+    _add_missing_columns(conn)
     return conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
