@@ -68,6 +68,31 @@ def _int(minimum: int) -> Callable[[Any], int]:
     return parse
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """Octets as an integer or a string with a binary unit: 500M, 2G, 64K (0 is allowed)."""
+    octets = value
+    if isinstance(value, str):
+        text = value.strip().upper().removesuffix("B").removesuffix("I")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in ("K", "M", "G", "T") else (text, "")
+        try:
+            octets = int(float(number) * _SIZE_UNITS[unit])
+        except (ValueError, OverflowError):
+            octets = None
+    if isinstance(octets, bool) or not isinstance(octets, int) or octets < 0:
+        raise ValueError(f"expected a size in octets (e.g. 1048576, 500M, 2G), got {value!r}")
+    return octets
+
+
+def _fraction(value: Any) -> float:
+    number = _number(value) if value not in (0, "0") else 0.0
+    if number > 10:
+        raise ValueError(f"expected a fraction between 0 and 10, got {value!r}")
+    return number
+
+
 def _number(value: Any) -> float:
     try:
         number = float(value) if not isinstance(value, bool) else None
@@ -138,6 +163,27 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("pop3", "idle_timeout"): Option(_number, 600),
     ("imap", "listen"): Option(_listen, "127.0.0.1:1143"),
     ("imap", "imaps_listen"): Option(_listen, ""),
+    ("quotas", "mailbox_bytes"): Option(parse_size, "50G"),
+    ("quotas", "mailbox_messages"): Option(_int(0), 200000),
+    ("quotas", "max_message_size"): Option(parse_size, 0),
+    ("quotas", "submitted_per_day"): Option(parse_size, 0),
+    ("quotas", "submitted_per_month"): Option(parse_size, 0),
+    ("quotas", "received_per_day"): Option(parse_size, 0),
+    ("quotas", "received_per_month"): Option(parse_size, 0),
+    ("quotas", "max_drain_time"): Option(_number, 1800),
+    ("quotas", "downlink"): Option(parse_size, "1M"),
+    ("throttle", "drain_admission"): Option(_bool, True),
+    ("throttle", "floor_bytes"): Option(parse_size, "16M"),
+    ("throttle", "set_overshoot"): Option(_fraction, 0.25),
+    ("throttle", "min_retry"): Option(_number, 60),
+    ("throttle", "offline_retry"): Option(_number, 600),
+    ("throttle", "drain_window"): Option(_number, 60),
+    ("throttle", "drain_tau"): Option(_number, 300),
+    ("throttle", "offline_grace"): Option(_number, 900),
+    ("throttle", "pacing"): Option(_bool, True),
+    ("throttle", "pacing_engage_at"): Option(_fraction, 0.5),
+    ("throttle", "pacing_min_rate"): Option(parse_size, "64K"),
+    ("throttle", "interval"): Option(_number, 1),
     ("metrics", "listen"): Option(_listen, "127.0.0.1:9425"),
     ("metrics", "health_min_free_bytes"): Option(_int(0), 1024**3),
     ("tls", "cert_file"): Option(_optional_path, ""),

@@ -62,6 +62,10 @@ POP3_MESSAGES = Counter(
 POP3_BYTES = Counter(
     "mailhub_pop3_served_bytes_total", "Message octets sent by RETR and TOP (before dot-stuffing), by site.",
     ["site"], registry=REGISTRY)
+SMTP_DEFERRALS = Counter(
+    "mailhub_smtp_deferrals_total", "Recipients (at RCPT) and mails (at end of data) deferred with a 4xx by "
+    "the quota and drain-time policy, by reason (drain_time, over_fair_share, mailbox_bytes, "
+    "mailbox_messages, received_per_day, ...).", ["reason"], registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 
@@ -74,6 +78,10 @@ def smtp_session(outcome: str) -> None:
 
 def smtp_refusal(command: str, reply: str) -> None:
     SMTP_REFUSALS.labels(command, reply[:3]).inc()
+
+
+def smtp_deferral(reason: str) -> None:
+    SMTP_DEFERRALS.labels(reason).inc()
 
 
 def smtp_transaction(reply: str, size: int, sender_site: str | None, receiving_sites, seconds: float) -> None:
@@ -196,6 +204,45 @@ class StorageCollector:
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+class ThrottleCollector:
+    """Per-site drain and quota figures; the throttle loop hands over a fresh list each interval
+    (site name, state dict of quotas.Throttle.state), so a scrape never touches live state."""
+
+    def __init__(self):
+        self.states: list[tuple[str, dict]] = []
+
+    def collect(self):
+        rate = GaugeMetricFamily("mailhub_site_drain_rate_bytes_per_second", "Estimated rate at which each "
+                                 "site downloads its waiting mail (0 while it does not poll).", labels=["site"])
+        drain = GaugeMetricFamily("mailhub_site_drain_time_seconds", "Time each site needs to download the "
+                                  "mail waiting for it at its drain rate (+Inf when not draining).", labels=["site"])
+        limit = GaugeMetricFamily("mailhub_site_max_drain_time_seconds", "Each site's drain-time limit.",
+                                  labels=["site"])
+        waiting = GaugeMetricFamily("mailhub_site_waiting_bytes", "Octets waiting for each site that it has "
+                                    "not downloaded yet (the backlog the drain time is computed from).",
+                                    labels=["site"])
+        paced = GaugeMetricFamily("mailhub_site_pacing_rate_bytes_per_second", "Rate at which senders' data "
+                                  "for each site is read while paced (0: not paced).", labels=["site"])
+        ratios = GaugeMetricFamily("mailhub_site_quota_usage_ratio", "Usage of each limited quota of each site "
+                                   "(1 = at the limit).", labels=["site", "quota"])
+        for name, state in self.states:
+            rate.add_metric([name], state["drain_rate"])
+            drain.add_metric([name], state["drain_time"])
+            limit.add_metric([name], state["max_drain_time"])
+            waiting.add_metric([name], state["backlog_bytes"])
+            paced.add_metric([name], state["paced_rate"] or 0.0)
+            for quota, ratio in state["usage_ratios"].items():
+                ratios.add_metric([name, quota], ratio)
+        yield from (rate, drain, limit, waiting, paced, ratios)
+
+    def describe(self):
+        return []
+
+
+THROTTLE = ThrottleCollector()
+REGISTRY.register(THROTTLE)
 
 
 # ---- the HTTP listener ------------------------------------------------------------------------

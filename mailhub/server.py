@@ -6,10 +6,12 @@ import logging
 import signal
 import ssl
 
+from quotas import Throttle
 from relay import HubSMTP, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
 
 from .metrics import MetricsServer
+from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")
 _HOUSEKEEPING_SECONDS = 60
@@ -47,8 +49,11 @@ async def serve(cfg) -> None:
 
 async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     tls = tls_context(cfg)
-    smtp = SmtpContext(cfg, storage, sites, tls)
-    pop3 = Pop3Context(cfg, storage, sites, tls)
+    throttle = Throttle(settings_from_config(cfg))
+    feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
+    await feeder.start()
+    smtp = SmtpContext(cfg, storage, sites, tls, throttle)
+    pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,
@@ -81,6 +86,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     housekeeping = asyncio.create_task(_housekeeping(storage))
+    feeding = asyncio.create_task(feeder.run())
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
     await stop.wait()
 
@@ -90,6 +96,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
         server.close()
     await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
+    feeding.cancel()
     metrics.close()
 
 

@@ -7,13 +7,14 @@ from .message_scan import HeaderScanner
 
 
 class IncomingMessage:
-    __slots__ = ("spool", "headers", "size", "max_size", "too_big", "error")
+    __slots__ = ("spool", "headers", "size", "max_size", "too_big", "too_big_reply", "error")
 
-    def __init__(self, storage: Storage, max_size: int, trace_header) -> None:
+    def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str) -> None:
         self.headers = HeaderScanner()
         self.size = 0
         self.max_size = max_size
         self.too_big = False
+        self.too_big_reply = too_big_reply   # the size limit's reply (message size, or mailbox room)
         self.error: StorageError | None = None
         self.spool = None
         try:

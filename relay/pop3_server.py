@@ -17,6 +17,7 @@ import threading
 import time
 
 from mailhub import metrics
+from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
 from .file_sender import FileSender
@@ -35,10 +36,12 @@ _TLS_HANDSHAKE_TIMEOUT = 30.0
 class Pop3Context:
     """What all POP3 connections share: config, storage, sites, TLS, sessions and mailbox locks."""
 
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None):
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
+                 throttle: Throttle):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
+        self.ledger = throttle.ledger   # told of each poll and download (the drain-rate measurement)
         self.tls_context = tls_context
         self.sender = FileSender(cfg.pop3.max_connections)
         self.sessions: set[Pop3Session] = set()
@@ -224,6 +227,7 @@ class Pop3Session(asyncio.Protocol):
         ctx.locks[site.id] = self
         self.site = site
         self.downloads = Downloads(polled_at=time.time())
+        ctx.ledger.note_poll(site.id, self.downloads.polled_at)
         entries = await ctx.storage.mailbox(site.id)
         maildrop = [MaildropEntry(str(e.uid), e.size, e.dot_lines, e) for e in entries]
         self._write(self.core.auth_result(True, maildrop=maildrop))
@@ -259,8 +263,14 @@ class Pop3Session(asyncio.Protocol):
             raise
         self.downloads.bytes += sent
         self.downloads.send_seconds += time.monotonic() - started
+        ledger = self.ctx.ledger
+        ledger.note_download(self.site.id, sent, time.time())
         if event.body_lines is None:
             self.downloads.messages += 1
+            if not entry.fetched:   # first download: no longer waiting (the index learns it at the end)
+                entry.fetched = True
+                self.downloads.fetched_uids.append(entry.uid)
+                ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
         metrics.pop3_message(self.site.name, sent, event.body_lines is None)
         self.core.message_sent()
 

@@ -17,11 +17,13 @@ import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 
 from mailhub import metrics
+from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError
 
 from . import smtp_replies as R
 from .ingest import IncomingMessage
 from .message_scan import DotLineScanner
+from .smtp_pacing import Pacer
 from .smtp_policy import Client, recipient_verdict, sender_verdict
 from .smtp_stream import DataDecoder
 
@@ -39,19 +41,24 @@ class Transaction(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.deliveries: list[Delivery] = []
+        self.receivers: list[Site] = []           # the local sites of the deliveries
+        self.verdicts: dict[int, Verdict] = {}    # the throttle's verdict at RCPT per receiving site
         self.declared_size: int | None = None
         self.bdat: IncomingMessage | None = None
         self.bdat_dots: DotLineScanner | None = None
         self.bdat_failed = False
+        self.bdat_pacer: Pacer | None = None
 
 
 class SmtpContext:
     """What all SMTP connections share: config, storage, sites, limits, live connections."""
 
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None):
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
+                 throttle: Throttle):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
+        self.throttle = throttle
         self.tls_context = tls_context
         self.connections: set["HubSMTP"] = set()
         self.per_ip: collections.Counter = collections.Counter()
@@ -123,6 +130,9 @@ class HubSMTP(SMTP):
         return self._in_data or (self.envelope is not None and self.envelope.bdat is not None)
 
     def _create_envelope(self) -> Transaction:
+        old = getattr(self, "envelope", None)
+        if old is not None:
+            self.ctx.throttle.release(old)   # sizes reserved at RCPT end with their transaction
         return Transaction()
 
     def connection_made(self, transport) -> None:
@@ -134,6 +144,8 @@ class HubSMTP(SMTP):
 
     def connection_lost(self, error) -> None:
         self.ctx.release(self, self._peer_ip)
+        if self.envelope is not None:
+            self.ctx.throttle.release(self.envelope)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -344,10 +356,26 @@ class HubSMTP(SMTP):
             metrics.smtp_refusal("rcpt", refusal)
             await self.push(refusal)
             return
-        if all(d.site_id != site.id for d in self.envelope.deliveries):
-            self.envelope.deliveries.append(Delivery(site.id, address))
-        self.envelope.rcpt_tos.append(address)
+        tx = self.envelope
+        if all(d.site_id != site.id for d in tx.deliveries):
+            verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.time())
+            if not verdict.ok:
+                self._log_refusal(f"RCPT <{_printable(address)}>", verdict)
+                metrics.smtp_refusal("rcpt", verdict.reply)
+                await self.push(verdict.reply)
+                return
+            tx.deliveries.append(Delivery(site.id, address))
+            tx.receivers.append(site)
+            tx.verdicts[site.id] = verdict
+        tx.rcpt_tos.append(address)
         await self.reply_pipelined(R.RECIPIENT_OK)
+
+    def _log_refusal(self, what: str, verdict: Verdict) -> None:
+        """Throttle refusals with the figures behind them; 4xx ones are counted as deferrals."""
+        if verdict.reply[0] == "4":
+            metrics.smtp_deferral(verdict.reason)
+        log.info("%s site=%s: %s refused %s: %s", self._peer_ip, self._site.name if self._site else "-", what,
+                 verdict.reply[:9], verdict.log_text())
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
@@ -407,6 +435,7 @@ class HubSMTP(SMTP):
             await self.push(R.START_DATA)
             decoder = DataDecoder()
             reader = self._reader
+            pacer = Pacer(self.ctx.throttle, self.envelope.receivers)
             while not decoder.done:
                 chunk = await reader.read(CHUNK)
                 if not chunk:
@@ -415,6 +444,7 @@ class HubSMTP(SMTP):
                 message.write(decoder.feed(chunk))
                 if message.backlogged:
                     await message.room()
+                await pacer.after_read(len(chunk))
             if decoder.leftover:
                 reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
             reply = await self._finish(message, decoder.dot_lines)
@@ -437,9 +467,10 @@ class HubSMTP(SMTP):
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
+            tx.bdat_pacer = Pacer(self.ctx.throttle, tx.receivers)
         self._in_data = True
         try:
-            await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots)
+            await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots, tx.bdat_pacer)
             if not usable:
                 reply = self._bdat_refusal()
             elif tx.bdat.failed or last:
@@ -463,7 +494,8 @@ class HubSMTP(SMTP):
             return R.NO_BDAT_TRANSACTION
         return R.NEED_RCPT if tx.mail_from is not None else R.NEED_MAIL
 
-    async def _read_chunk(self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None):
+    async def _read_chunk(self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None,
+                          pacer: Pacer | None):
         reader = self._reader
         remaining = size
         while remaining:
@@ -477,9 +509,15 @@ class HubSMTP(SMTP):
                 dots.feed(chunk)
                 if message.backlogged:
                     await message.room()
+                await pacer.after_read(len(chunk))
 
     def _new_message(self) -> IncomingMessage:
-        return IncomingMessage(self.ctx.storage, self.ctx.cfg.smtp.max_message_size, self._trace_header)
+        """A message to receive, stopped (and drained) at the size limit or the receivers' room."""
+        max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
+        limit = self.ctx.throttle.stream_limit(self._site, self.envelope.receivers, time.time())
+        if limit is not None and limit[0] < max_size:
+            max_size, reply = limit
+        return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply)
 
     def _trace_header(self, queue_id: str) -> bytes:
         protocol = "ESMTP" if self.session.extended_smtp else "SMTP"
@@ -499,16 +537,26 @@ class HubSMTP(SMTP):
         site = self._site
         started = time.monotonic()
         if message.failed and message.too_big:
-            reply = R.MESSAGE_TOO_BIG
+            reply = message.too_big_reply
         elif message.error is not None:
             reply = message.error.reply
         else:
             meta = message.meta(tx.mail_from, site.id if site else None, dot_lines)
-            try:
-                await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
-                reply = R.queued(message.queue_id)
-            except StorageError as exc:
-                reply = exc.reply
+            part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
+            throttle = self.ctx.throttle
+            verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
+                                              message.spool.size, part, time.time())
+            if not verdict.ok:
+                self._log_refusal(f"qid={message.queue_id}", verdict)
+                message.discard()
+                reply = verdict.reply
+            else:
+                try:
+                    await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
+                    throttle.admitted(site, tx.receivers, part, time.time())
+                    reply = R.queued(message.queue_id)
+                except StorageError as exc:
+                    reply = exc.reply
         elapsed = time.monotonic() - started
         sites = self.ctx.sites
         metrics.smtp_transaction(reply, message.size, site.name if site else None,

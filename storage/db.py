@@ -14,7 +14,9 @@ _PRAGMAS = (
 )
 # Columns added to tables after their first release: (table, column, declaration). schema.sql has
 # them in its CREATE TABLE for new indexes; an older index gets them by ALTER TABLE on open.
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = ()
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("mailbox", "fetched_at", "REAL"),
+)
 
 
 def index_path(data_dir: Path) -> Path:

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     site_id      INTEGER NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
     queue_id     TEXT NOT NULL REFERENCES messages (queue_id),
     rcpt         TEXT NOT NULL,
-    delivered_at REAL NOT NULL
+    delivered_at REAL NOT NULL,
+    fetched_at   REAL            -- first download (POP3 RETR, IMAP body fetch); NULL: still waiting
 );
 CREATE INDEX IF NOT EXISTS mailbox_site ON mailbox (site_id, uid);
 CREATE INDEX IF NOT EXISTS mailbox_queue_id ON mailbox (queue_id);
@@ -69,10 +70,6 @@ CREATE TABLE IF NOT EXISTS site_downloads (
     last_poll_at  REAL NOT NULL       -- login time of the latest session
 );
 
-CREATE TRIGGER IF NOT EXISTS mailbox_unref AFTER DELETE ON mailbox
-BEGIN
-    UPDATE messages SET refs = refs - 1 WHERE queue_id = OLD.queue_id;
-END;
 
 CREATE TRIGGER IF NOT EXISTS messages_free AFTER UPDATE OF refs ON messages
 WHEN NEW.refs <= 0
@@ -91,3 +88,104 @@ CREATE TRIGGER IF NOT EXISTS addresses_changed_ins AFTER INSERT ON addresses
 BEGIN UPDATE meta SET value = value + 1 WHERE key = 'sites_version'; END;
 CREATE TRIGGER IF NOT EXISTS addresses_changed_del AFTER DELETE ON addresses
 BEGIN UPDATE meta SET value = value + 1 WHERE key = 'sites_version'; END;
+
+-- ---- Quotas (issue 5) ----------------------------------------------------------------------
+-- Per-site limits set with `mailhub site set`; NULL means the config default, -1 unlimited.
+CREATE TABLE IF NOT EXISTS site_limits (
+    site_id             INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    mailbox_bytes       INTEGER,
+    mailbox_messages    INTEGER,
+    max_message_size    INTEGER,
+    submitted_per_day   INTEGER,
+    submitted_per_month INTEGER,
+    received_per_day    INTEGER,
+    received_per_month  INTEGER,
+    max_drain_time      REAL,
+    downlink            REAL
+);
+CREATE TRIGGER IF NOT EXISTS site_limits_changed_ins AFTER INSERT ON site_limits
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'sites_version'; END;
+CREATE TRIGGER IF NOT EXISTS site_limits_changed_upd AFTER UPDATE ON site_limits
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'sites_version'; END;
+
+-- Mailbox usage per (receiving site, sending site; 0 = no site, e.g. a peer network): every
+-- entry held, and those not yet downloaded (the backlog the drain time is computed from).
+-- Kept by the triggers below in the same transaction as the mailbox, so it never drifts.
+CREATE TABLE IF NOT EXISTS mailbox_usage (
+    receiver_id      INTEGER NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
+    sender_id        INTEGER NOT NULL,
+    held_bytes       INTEGER NOT NULL,
+    held_messages    INTEGER NOT NULL,
+    waiting_bytes    INTEGER NOT NULL,
+    waiting_messages INTEGER NOT NULL,
+    PRIMARY KEY (receiver_id, sender_id)
+) WITHOUT ROWID;
+
+-- Volumes per site and UTC period ('YYYY-MM-DD' and 'YYYY-MM'), in message octets.
+CREATE TABLE IF NOT EXISTS site_volume (
+    site_id         INTEGER NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
+    period          TEXT NOT NULL,
+    submitted_bytes INTEGER NOT NULL DEFAULT 0,
+    received_bytes  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (site_id, period)
+) WITHOUT ROWID;
+
+-- The server's live throttle state per site, written every few seconds for `mailhub site show`.
+CREATE TABLE IF NOT EXISTS site_throttle (
+    site_id       INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    updated_at    REAL NOT NULL,
+    state         TEXT NOT NULL     -- JSON object
+);
+
+CREATE TRIGGER IF NOT EXISTS mailbox_added AFTER INSERT ON mailbox
+BEGIN
+    INSERT INTO mailbox_usage (receiver_id, sender_id, held_bytes, held_messages, waiting_bytes,
+                               waiting_messages)
+        SELECT NEW.site_id, coalesce(m.sender_site, 0), m.size, 1, m.size, 1
+        FROM messages m WHERE m.queue_id = NEW.queue_id
+        ON CONFLICT (receiver_id, sender_id) DO UPDATE SET
+            held_bytes = held_bytes + excluded.held_bytes, held_messages = held_messages + 1,
+            waiting_bytes = waiting_bytes + excluded.waiting_bytes,
+            waiting_messages = waiting_messages + 1;
+    INSERT INTO site_volume (site_id, period, received_bytes)
+        SELECT NEW.site_id, p.period, m.size FROM messages m,
+            (SELECT strftime('%Y-%m-%d', NEW.delivered_at, 'unixepoch') AS period
+             UNION ALL SELECT strftime('%Y-%m', NEW.delivered_at, 'unixepoch')) p
+        WHERE m.queue_id = NEW.queue_id
+        ON CONFLICT (site_id, period) DO UPDATE SET received_bytes = received_bytes + excluded.received_bytes;
+END;
+
+CREATE TRIGGER IF NOT EXISTS mailbox_fetched AFTER UPDATE OF fetched_at ON mailbox
+WHEN OLD.fetched_at IS NULL AND NEW.fetched_at IS NOT NULL
+BEGIN
+    UPDATE mailbox_usage SET
+        waiting_bytes = waiting_bytes - (SELECT size FROM messages WHERE queue_id = NEW.queue_id),
+        waiting_messages = waiting_messages - 1
+    WHERE receiver_id = NEW.site_id
+      AND sender_id = (SELECT coalesce(sender_site, 0) FROM messages WHERE queue_id = NEW.queue_id);
+END;
+
+-- One trigger for a removed entry: usage first, then the blob's reference (which may free the
+-- messages row the usage update reads).
+CREATE TRIGGER IF NOT EXISTS mailbox_removed AFTER DELETE ON mailbox
+BEGIN
+    UPDATE mailbox_usage SET
+        held_bytes = held_bytes - (SELECT size FROM messages WHERE queue_id = OLD.queue_id),
+        held_messages = held_messages - 1,
+        waiting_bytes = waiting_bytes - CASE WHEN OLD.fetched_at IS NULL
+            THEN (SELECT size FROM messages WHERE queue_id = OLD.queue_id) ELSE 0 END,
+        waiting_messages = waiting_messages - (OLD.fetched_at IS NULL)
+    WHERE receiver_id = OLD.site_id
+      AND sender_id = (SELECT coalesce(sender_site, 0) FROM messages WHERE queue_id = OLD.queue_id);
+    UPDATE messages SET refs = refs - 1 WHERE queue_id = OLD.queue_id;
+END;
+DROP TRIGGER IF EXISTS mailbox_unref;   -- replaced by mailbox_removed
+
+CREATE TRIGGER IF NOT EXISTS message_submitted AFTER INSERT ON messages
+WHEN NEW.sender_site IS NOT NULL
+BEGIN
+    INSERT INTO site_volume (site_id, period, submitted_bytes)
+        SELECT NEW.sender_site, strftime('%Y-%m-%d', NEW.received_at, 'unixepoch'), NEW.size
+        UNION ALL SELECT NEW.sender_site, strftime('%Y-%m', NEW.received_at, 'unixepoch'), NEW.size WHERE true
+        ON CONFLICT (site_id, period) DO UPDATE SET submitted_bytes = submitted_bytes + excluded.submitted_bytes;
+END;

@@ -24,6 +24,7 @@ class Site:
     password_hash: str
     created_at: float
     addresses: list[str] = field(default_factory=list)
+    limits: dict[str, float] = field(default_factory=dict)   # overrides of the config's quotas
 
 
 def validate_name(name: str) -> str:
@@ -88,6 +89,12 @@ def list_sites(conn: sqlite3.Connection) -> list[Site]:
         "SELECT id, name, password_hash, created_at FROM sites ORDER BY name")}
     for address, site_id in conn.execute("SELECT address, site_id FROM addresses ORDER BY address"):
         sites[site_id].addresses.append(address)
+    cursor = conn.execute("SELECT * FROM site_limits")
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        limits = {n: v for n, v in zip(names, row) if n != "site_id" and v is not None}
+        if row[0] in sites:
+            sites[row[0]].limits = limits
     return list(sites.values())
 
 

@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
@@ -20,6 +20,8 @@ from . import db
 from .errors import StorageError
 from .recovery import recover
 from .spool import SpoolFile, blob_name, new_queue_id
+from .usage import (DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage,
+                    snapshot_from_rows, write_throttle_states)
 
 log = logging.getLogger("mailhub.storage")
 
@@ -50,6 +52,8 @@ class MailboxEntry:
     dot_lines: bool
     path: Path
     sha256: str
+    sender_site: int | None = None
+    fetched: bool = False     # downloaded before (by an earlier session)
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class Downloads:
     messages: int = 0         # whole messages (RETR)
     bytes: int = 0            # message octets (RETR and TOP)
     send_seconds: float = 0.0
+    fetched_uids: list[int] = field(default_factory=list)   # entries downloaded for the first time
 
 
 @dataclass(slots=True)
@@ -85,6 +90,14 @@ class Storage:
         # statement, which measurably lengthened every commit under load).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._writer_conn = None
+        self._listeners: list = []
+
+    def add_listener(self, listener) -> None:
+        """Tell `listener` of every change to the mailboxes once it is committed, on the event
+        loop: committed(sender_site, receiver_site_ids, size, at) per message,
+        fetched_committed(site_id, uid, sender_site, size) when an entry is first marked downloaded,
+        removed(site_id, uid, sender_site, size, was_waiting) per deleted entry."""
+        self._listeners.append(listener)
 
     async def open(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +105,7 @@ class Storage:
         conn = db.connect(self.data_dir)  # creates the schema
         try:
             report = recover(conn, self.spool_dir, self.blob_dir)
+            rebuild_usage(conn)
         finally:
             conn.close()
         if report.anything():
@@ -150,6 +164,9 @@ class Storage:
                     raise
             else:
                 for item in batch:
+                    for listener in self._listeners:
+                        listener.committed(item.meta.sender_site, [d.site_id for d in item.deliveries],
+                                           item.spool.size, item.received_at)
                     if not item.done.done():
                         item.done.set_result(None)
 
@@ -188,38 +205,80 @@ class Storage:
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
         async with self._db.execute(
-                "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256 FROM mailbox b"
+                "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
+                " b.fetched_at IS NOT NULL FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
             rows = await cursor.fetchall()
-        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha)
-                for uid, qid, size, dots, blob, sha in rows]
+        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched))
+                for uid, qid, size, dots, blob, sha, sender, fetched in rows]
+
+    async def usage_snapshot(self, now: float) -> UsageSnapshot:
+        """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
+        usage = await self._db.execute_fetchall(USAGE_SQL)
+        volumes = await self._db.execute_fetchall(VOLUME_SQL, periods(now))
+        downloads = await self._db.execute_fetchall(DOWNLOADS_SQL)
+        return snapshot_from_rows(now, usage, volumes, downloads)
+
+    async def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
+        """The server's live throttle state per site, for `mailhub site show` (one transaction)."""
+        await self._write(self._save_throttle_states, states, now)
+
+    def _save_throttle_states(self, states: dict[int, dict], now: float) -> None:
+        conn = self._writer_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            write_throttle_states(conn, states, now)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None) -> None:
         """Remove mailbox entries (and add a session's downloads to the site's totals) in one
         transaction; blobs whose last reference goes are freed after the commit."""
-        await self._write(self._delete_entries, site_id, uids, downloads)
+        await self._write_entries(site_id, uids, downloads)
         await self.empty_trash()
 
     async def record_downloads(self, site_id: int, downloads: Downloads) -> None:
         """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""
-        await self._write(self._delete_entries, site_id, [], downloads)
+        await self._write_entries(site_id, [], downloads)
+
+    async def _write_entries(self, site_id: int, uids: list[int], downloads: Downloads | None) -> None:
+        fetched, removed = await self._write(self._delete_entries, site_id, uids, downloads)
+        for listener in self._listeners:
+            for row in fetched:
+                listener.fetched_committed(site_id, *row)
+            for row in removed:
+                listener.removed(site_id, *row)
 
     async def _write(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
 
-    def _delete_entries(self, site_id: int, uids: list[int], downloads: Downloads | None) -> None:
-        """Writer thread: one transaction."""
+    def _delete_entries(self, site_id: int, uids: list[int], downloads: Downloads | None):
+        """Writer thread: one transaction. Returns what changed: ([(uid, sender_site, size)] newly
+        marked downloaded, [(uid, sender_site, size, was_waiting)] removed)."""
         conn = self._writer_conn
+        fetched, removed = [], []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("DELETE FROM mailbox WHERE site_id = ? AND uid = ?", [(site_id, uid) for uid in uids])
+            for uid in (downloads.fetched_uids if downloads is not None else ()):
+                row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
+                if row is not None and row[3]:
+                    conn.execute("UPDATE mailbox SET fetched_at = ? WHERE uid = ?", (time.time(), uid))
+                    fetched.append(row[:3])
+            for uid in uids:
+                row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
+                if row is not None:
+                    conn.execute("DELETE FROM mailbox WHERE uid = ?", (uid,))
+                    removed.append(row)
             if downloads is not None:
                 _add_downloads(conn, site_id, downloads)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        return fetched, removed
 
     def _forget_trash(self, blobs: list[str]) -> None:
         """Writer thread."""
@@ -239,6 +298,10 @@ class Storage:
                 os.unlink(self.blob_dir / blob)
             except FileNotFoundError:
                 pass
+
+
+_ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
+              " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? AND b.uid = ?")
 
 
 def _add_downloads(conn, site_id: int, d: Downloads) -> None:

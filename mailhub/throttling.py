@@ -1,0 +1,65 @@
+# The throttle in the running hub: builds the quota policy (quotas.Throttle) from the config and
+# keeps it fed: usage figures from the index at start and from storage's change reports after,
+# a drain-rate reading of every site each `throttle.interval` seconds, and every few seconds the
+# live state per site written to the index for `mailhub site show`. Decisions stay in quotas/.
+import asyncio
+import logging
+import time
+
+from quotas import AdmissionConfig, DrainConfig, PacingConfig, SiteLimits, Throttle, ThrottleSettings
+from storage import SiteCache, Storage
+
+from . import metrics
+
+log = logging.getLogger("mailhub.throttle")
+_STATE_EVERY = 5.0   # seconds between writes of the live state to the index
+
+
+def settings_from_config(cfg) -> ThrottleSettings:
+    q, t = cfg.quotas, cfg.throttle
+    defaults = SiteLimits(
+        mailbox_bytes=q.mailbox_bytes or None, mailbox_messages=q.mailbox_messages or None,
+        max_message_size=q.max_message_size or None,
+        submitted_per_day=q.submitted_per_day or None, submitted_per_month=q.submitted_per_month or None,
+        received_per_day=q.received_per_day or None, received_per_month=q.received_per_month or None,
+        max_drain_time=q.max_drain_time, downlink_prior=float(q.downlink))
+    return ThrottleSettings(
+        defaults=defaults,
+        admission=AdmissionConfig(floor_bytes=t.floor_bytes, set_overshoot=t.set_overshoot,
+                                  min_retry=t.min_retry, offline_retry=t.offline_retry),
+        drain=DrainConfig(window=t.drain_window, tau=t.drain_tau, grace=t.offline_grace),
+        pacing=PacingConfig(enabled=t.pacing, engage_at=t.pacing_engage_at, min_rate=float(t.pacing_min_rate)),
+        drain_admission=t.drain_admission)
+
+
+class ThrottleFeeder:
+    """Loads a Throttle's ledger from storage, keeps it told of storage's changes, and takes a
+    drain-rate reading of every site each interval."""
+
+    def __init__(self, throttle: Throttle, storage: Storage, sites: SiteCache, interval: float):
+        self.throttle = throttle
+        self.storage = storage
+        self.sites = sites
+        self.interval = interval
+
+    async def start(self) -> None:
+        """Before any listener opens: the index figures, then every change as it is committed."""
+        snapshot = await self.storage.usage_snapshot(time.time())
+        self.throttle.ledger.load(snapshot.usage, snapshot.volumes, snapshot.downloads)
+        self.storage.add_listener(self.throttle.ledger)
+
+    async def run(self) -> None:
+        saved_at = 0.0
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                now = time.time()
+                sites = self.sites.all_sites()
+                self.throttle.observe(sites, now)
+                metrics.THROTTLE.states = [(s.name, self.throttle.state(s, now)) for s in sites]
+                if time.monotonic() - saved_at >= _STATE_EVERY:
+                    saved_at = time.monotonic()
+                    states = {s.id: state for s, (_, state) in zip(sites, metrics.THROTTLE.states)}
+                    await self.storage.save_throttle_states(states, now)
+            except Exception:
+                log.exception("throttle update failed")

@@ -1,0 +1,206 @@
+# The quota and drain-time policy as the server asks it: one object holding the ledger, a drain
+# estimator per receiving site and the open study sets, answering "may this recipient be added?",
+# "may this mail be committed?", "how fast may this sender's data be read?" with verdicts that
+# carry their figures. Sites are passed in (id, name, limit overrides); `now` always comes from the
+# caller. Pure: never does I/O, reads the clock or sleeps; the server's throttle loop feeds it.
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Hashable
+
+from .admission import AdmissionConfig, ReceiverState, admit_at_end_of_data, admit_at_rcpt, record_admitted
+from .drain import DrainConfig, DrainEstimator
+from .ledger import NO_SITE, Ledger
+from .limits import MailboxFull, MessageTooBig, SiteLimits, Verdict, accept
+from .pacing import PacingConfig, pacing_rate
+from .sets import OpenSets, SetPart
+from .usage import check_quotas
+
+UNLIMITED = -1
+_QUOTA_FIELDS = ("mailbox_bytes", "mailbox_messages", "max_message_size", "submitted_per_day",
+                 "submitted_per_month", "received_per_day", "received_per_month")
+
+
+@dataclass(frozen=True)
+class ThrottleSettings:
+    defaults: SiteLimits = SiteLimits()
+    admission: AdmissionConfig = AdmissionConfig()
+    drain: DrainConfig = DrainConfig()
+    pacing: PacingConfig = PacingConfig()
+    drain_admission: bool = True        # False: quotas only, no deferral by drain time
+
+
+@dataclass
+class SiteRef:
+    """What the throttle needs of a site record."""
+    id: int
+    name: str
+    limits: dict = field(default_factory=dict)   # overrides: limit name -> value (-1 unlimited)
+
+
+def merge_limits(defaults: SiteLimits, overrides: dict) -> SiteLimits:
+    """The config defaults with a site's overrides; -1 lifts a quota."""
+    changes = {}
+    for name, value in overrides.items():
+        if name in _QUOTA_FIELDS:
+            changes[name] = None if value == UNLIMITED else int(value)
+        elif name == "max_drain_time":
+            changes[name] = float(value)
+        elif name == "downlink":
+            changes["downlink_prior"] = float(value)
+    return replace(defaults, **changes)
+
+
+class Throttle:
+    def __init__(self, settings: ThrottleSettings = ThrottleSettings()):
+        self.settings = settings
+        self.ledger = Ledger()
+        self.sets = OpenSets()
+        self._estimators: dict[int, DrainEstimator] = {}
+        self._limits: dict[int, tuple[dict, SiteLimits]] = {}
+        self._names: dict[int, str] = {}
+        self.deferrals: Counter = Counter()                 # (receiver name, reason) -> count
+        self.last_deferral: dict[int, tuple[float, str]] = {}
+
+    # ---- sites -------------------------------------------------------------------------------
+
+    def limits(self, site: SiteRef) -> SiteLimits:
+        cached = self._limits.get(site.id)
+        if cached is None or cached[0] != site.limits:
+            cached = (dict(site.limits), merge_limits(self.settings.defaults, site.limits))
+            self._limits[site.id] = cached
+        self._names[site.id] = site.name
+        return cached[1]
+
+    def _estimator(self, site: SiteRef, now: float) -> DrainEstimator:
+        estimator = self._estimators.get(site.id)
+        if estimator is None:
+            estimator = DrainEstimator(self.limits(site).downlink_prior, now, self.settings.drain)
+            estimator.last_poll_at = self.ledger.last_poll(site.id)
+            self._estimators[site.id] = estimator
+        return estimator
+
+    # ---- feeding -----------------------------------------------------------------------------
+
+    def observe(self, sites: list[SiteRef], now: float) -> None:
+        """One reading of every site's download counter and backlog (call every second or so)."""
+        for site in sites:
+            self.limits(site)
+            estimator = self._estimator(site, now)
+            estimator.observe(now, self.ledger.downloaded(site.id), sum(self.ledger.waiting(site.id).values()),
+                              self.ledger.last_poll(site.id))
+
+    # ---- decisions ---------------------------------------------------------------------------
+
+    def receiver_state(self, site: SiteRef, now: float) -> ReceiverState:
+        return ReceiverState(site.name, self.limits(site), self._estimator(site, now).rate(now),
+                             self.ledger.waiting(site.id))
+
+    def at_rcpt(self, token: Hashable, sender: SiteRef | None, receiver: SiteRef, declared: int | None,
+                now: float) -> Verdict:
+        """Quotas with the declared size, then drain-time admission; an accepted declared size is
+        reserved against the receiver until `release(token)`."""
+        verdict = self._quotas(sender, receiver, declared, now)
+        if verdict.ok and self.settings.drain_admission:
+            verdict = admit_at_rcpt(now, _key(sender), self.receiver_state(receiver, now), declared,
+                                    self.sets, self.settings.admission)
+        if verdict.ok and declared is not None:
+            self.ledger.reserve(token, receiver.id, _key(sender), declared)
+        return self._counted(receiver, verdict, now)
+
+    def at_end_of_data(self, token: Hashable, sender: SiteRef | None,
+                       receivers: list[tuple[SiteRef, Verdict | None]], size: int, part: SetPart | None,
+                       now: float) -> Verdict:
+        """The whole mail is in: quotas with its real size and drain time per receiver. The first
+        refusal refuses the mail (one reply for all recipients); reservations end here."""
+        self.ledger.release(token)
+        for receiver, at_rcpt in receivers:
+            verdict = self._quotas(sender, receiver, size, now)
+            if verdict.ok and self.settings.drain_admission:
+                verdict = admit_at_end_of_data(now, _key(sender), self.receiver_state(receiver, now), size,
+                                               part, self.sets, self.settings.admission, at_rcpt)
+            if not verdict.ok:
+                return self._counted(receiver, verdict, now)
+        return accept("admitted", size=size, receivers=len(receivers))
+
+    def admitted(self, sender: SiteRef | None, receivers: list[SiteRef], part: SetPart | None,
+                 now: float) -> None:
+        """The mail is committed (the ledger hears of it from storage): note its study set part."""
+        for receiver in receivers:
+            record_admitted(now, _key(sender), receiver.name, part, self.sets)
+
+    def release(self, token: Hashable) -> None:
+        self.ledger.release(token)
+
+    def stream_limit(self, sender: SiteRef | None, receivers: list[SiteRef], now: float) -> tuple[int, str] | None:
+        """The size at which the data being received must stop (and the reply to give then): the
+        smallest message-size limit and mailbox room left among the receivers (and the sender)."""
+        limits = []
+        for site in ([sender] if sender is not None else []) + receivers:
+            size_limit = self.limits(site).max_message_size
+            if size_limit is not None:
+                limits.append((size_limit, MessageTooBig.reply))
+        for site in receivers:
+            room = self.limits(site).mailbox_bytes
+            if room is not None:
+                limits.append((max(room - self.ledger.usage(site.id, now).mailbox_bytes, 0), MailboxFull.reply))
+        return min(limits, default=None, key=lambda item: item[0])
+
+    def pacing_rate(self, receivers: list[SiteRef], now: float) -> float | None:
+        """Bytes/s at which to read a sender's data, or None for unpaced."""
+        if not self.settings.pacing.enabled:
+            return None
+        figures = []
+        for site in receivers:
+            state = self.receiver_state(site, now)
+            rate = state.drain_rate
+            drain = state.total / rate if rate > 0 else float("inf") if state.total else 0.0
+            figures.append((drain, state.limits.max_drain_time, rate))
+        return pacing_rate(figures, self.settings.pacing)
+
+    def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, now: float) -> Verdict:
+        sending = None if sender is None else (self.limits(sender), self.ledger.usage(sender.id, now))
+        return check_quotas(sending, (self.limits(receiver), self.ledger.usage(receiver.id, now)), size, now)
+
+    def _counted(self, receiver: SiteRef, verdict: Verdict, now: float) -> Verdict:
+        if not verdict.ok:
+            self.deferrals[(receiver.name, verdict.reason)] += 1
+            self.last_deferral[receiver.id] = (now, verdict.reason)
+        return verdict
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def state(self, site: SiteRef, now: float) -> dict:
+        """The live figures of one site (metrics, `mailhub site show`)."""
+        limits = self.limits(site)
+        reading = self._estimator(site, now).reading(now)
+        waiting = self.ledger.waiting(site.id)
+        backlog = sum(waiting.values())
+        drain = backlog / reading.rate if reading.rate > 0 else (float("inf") if backlog else 0.0)
+        usage = self.ledger.usage(site.id, now)
+        last = self.last_deferral.get(site.id)
+        paced = self.pacing_rate([site], now)
+        return {
+            "backlog_bytes": backlog,
+            "backlog_senders": len(waiting),
+            "drain_rate": reading.rate, "drain_estimate": reading.estimate, "drain_samples": reading.samples,
+            "offline": reading.offline, "since_poll": reading.since_poll,
+            "drain_time": drain, "max_drain_time": limits.max_drain_time,
+            "saturated": drain > limits.max_drain_time,
+            "paced_rate": paced,
+            "deferrals": sum(n for (name, _), n in self.deferrals.items() if name == site.name),
+            "last_deferral_at": last[0] if last else None, "last_deferral_reason": last[1] if last else None,
+            "usage_ratios": usage_ratios(limits, usage),
+        }
+
+
+def usage_ratios(limits: SiteLimits, usage) -> dict[str, float]:
+    """Used / limit for every limited quota (for the usage gauges)."""
+    pairs = {"mailbox_bytes": usage.mailbox_bytes, "mailbox_messages": usage.mailbox_messages,
+             "submitted_per_day": usage.submitted_today, "submitted_per_month": usage.submitted_month,
+             "received_per_day": usage.received_today, "received_per_month": usage.received_month}
+    return {name: used / limit for name, used in pairs.items()
+            if (limit := getattr(limits, name)) is not None and limit > 0}
+
+
+def _key(sender: SiteRef | None) -> int:
+    return NO_SITE if sender is None else sender.id
