@@ -4,6 +4,7 @@
 import argparse
 import getpass
 import json
+import math
 import sqlite3
 import sys
 import time
@@ -38,7 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     remove = site_commands.add_parser("remove", parents=[common], help="remove a site and its mailbox")
     remove.add_argument("name")
+    limits = site_commands.add_parser(
+        "set", parents=[common], help="set a site's quotas and drain-time limit",
+        description="Each VALUE is a number (sizes may take K, M, G, T), 'unlimited', or 'default' "
+                    "(back to the config's [quotas] value).")
+    limits.add_argument("name")
+    for name in _LIMIT_OPTIONS:
+        limits.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
     return parser
+
+
+# `site set` options: limit name -> (unit shown, whether 'unlimited' is allowed)
+_LIMIT_OPTIONS = {
+    "mailbox_bytes": ("size", True), "mailbox_messages": ("count", True), "max_message_size": ("size", True),
+    "submitted_per_day": ("size", True), "submitted_per_month": ("size", True),
+    "received_per_day": ("size", True), "received_per_month": ("size", True),
+    "max_drain_time": ("seconds", False), "downlink": ("size/s", False),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +89,7 @@ def _serve(cfg) -> int:
 
 
 def _site_command(cfg, args) -> int:
-    from storage import SiteError, db, sites
+    from storage import SiteError, db, sites, usage
 
     try:
         conn = db.connect(cfg.data_dir)
@@ -90,10 +107,18 @@ def _site_command(cfg, args) -> int:
         elif action == "remove":
             dropped = sites.remove_site(conn, args.name)
             print(f"site {args.name} removed ({dropped} mail(s) in its mailbox dropped)")
+        elif action == "set":
+            values = _limit_values(args)
+            if not values:
+                raise SiteError("nothing to set: give at least one limit option (see mailhub site set --help)")
+            usage.set_limits(conn, args.name, values)
+            print(f"limits of site {args.name} set: "
+                  + ", ".join(f"{k}={'default' if v is None else 'unlimited' if v == usage.UNLIMITED else v}"
+                              for k, v in values.items()))
         elif action == "show":
-            _print_site(_site_summary(conn, sites.get_site(conn, args.name)), args.json)
+            _print_site(_site_summary(conn, sites.get_site(conn, args.name), cfg), args.json)
         elif action == "list":
-            summaries = [_site_summary(conn, s) for s in sites.list_sites(conn)]
+            summaries = [_site_summary(conn, s, cfg) for s in sites.list_sites(conn)]
             if args.json:
                 print(json.dumps(summaries, indent=2))
             elif not summaries:
@@ -126,19 +151,68 @@ def _read_password(args) -> str:
     return password
 
 
-def _site_summary(conn: sqlite3.Connection, site) -> dict:
+def _limit_values(args) -> dict:
+    from storage import SiteError, usage
+
+    values = {}
+    for name, (unit, unlimited_ok) in _LIMIT_OPTIONS.items():
+        text = getattr(args, name)
+        if text is None:
+            continue
+        if text == "default":
+            values[name] = None
+        elif text == "unlimited" and unlimited_ok:
+            values[name] = usage.UNLIMITED
+        else:
+            try:
+                value = float(text) if unit == "seconds" else config.parse_size(text)
+            except ValueError:
+                value = None
+            if value is None or not math.isfinite(value) or value <= 0 and not unlimited_ok:
+                allowed = "a number" + (", 'unlimited'" if unlimited_ok else "") + " or 'default'"
+                raise SiteError(f"--{name.replace('_', '-')}: expected {allowed}, got {text!r}")
+            values[name] = value
+    return values
+
+
+def _site_summary(conn: sqlite3.Connection, site, cfg) -> dict:
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
         " WHERE b.site_id = ?", (site.id,)).fetchone()
     row = conn.execute("SELECT sessions, messages, bytes, send_seconds, first_poll_at, last_poll_at"
                        " FROM site_downloads WHERE site_id = ?", (site.id,)).fetchone()
     sessions, messages, octets, seconds, first, last = row or (0, 0, 0, 0.0, None, None)
-    return {"name": site.name, "addresses": site.addresses,
+    return {"name": site.name, "addresses": site.addresses, **_quota_summary(conn, site, cfg),
             "created_at": _timestamp(site.created_at),
             "mailbox_messages": count, "mailbox_bytes": size,
             "downloads": {"sessions": sessions, "messages": messages, "bytes": octets,
                           "send_seconds": round(seconds, 6), "first_poll_at": _timestamp(first),
                           "last_poll_at": _timestamp(last)}}
+
+
+def _quota_summary(conn: sqlite3.Connection, site, cfg) -> dict:
+    """Effective limits (and where each comes from), usage against them, and the server's live
+    throttle state as it last wrote it."""
+    from quotas import merge_limits
+    from storage import usage
+
+    from .throttling import settings_from_config
+
+    overrides = usage.read_limits(conn).get(site.id, {})
+    effective = merge_limits(settings_from_config(cfg).defaults, overrides)
+    used = usage.site_usage(conn, site.id, time.time())
+    limits = {}
+    for name in usage.LIMIT_NAMES:
+        value = getattr(effective, "downlink_prior" if name == "downlink" else name)
+        limits[name] = {"limit": value, "source": "site" if name in overrides else "config",
+                        "used": used.get(name)}
+    state = usage.read_throttle_state(conn, site.id)
+    throttle = None
+    if state is not None:
+        updated_at, figures = state
+        throttle = {"updated_at": _timestamp(updated_at), **figures}
+    return {"limits": limits, "waiting_bytes": used["waiting_bytes"], "waiting_messages": used["waiting_messages"],
+            "throttle": throttle}
 
 
 def _timestamp(seconds: float | None) -> str | None:
@@ -152,7 +226,13 @@ def _print_site(summary: dict, as_json: bool) -> None:
     print(f"site:      {summary['name']}")
     print(f"addresses: {', '.join(summary['addresses'])}")
     print(f"created:   {summary['created_at']}")
-    print(f"mailbox:   {summary['mailbox_messages']} mail(s), {_human(summary['mailbox_bytes'])}")
+    print(f"mailbox:   {summary['mailbox_messages']} mail(s), {_human(summary['mailbox_bytes'])}"
+          f" ({summary['waiting_messages']} mail(s), {_human(summary['waiting_bytes'])} not downloaded yet)")
+    print("limits:")
+    for name, item in summary["limits"].items():
+        print(f"  {name:<20} {_limit_text(name, item['used'], item['limit'])}"
+              f"{'' if item['source'] == 'config' else '  (site)'}")
+    _print_throttle(summary["throttle"])
     d = summary["downloads"]
     if d["last_poll_at"] is None:
         print("downloads: never polled")
@@ -160,6 +240,36 @@ def _print_site(summary: dict, as_json: bool) -> None:
     rate = f", {_human(d['bytes'] / d['send_seconds'])}/s while sending" if d["send_seconds"] > 0 else ""
     print(f"downloads: {d['messages']} mail(s), {_human(d['bytes'])} in {d['sessions']} session(s){rate}")
     print(f"last poll: {d['last_poll_at']}")
+
+
+def _limit_text(name: str, used, limit) -> str:
+    if name == "max_drain_time":
+        return f"{limit:.0f} s"
+    if name == "downlink":
+        return f"{_human(limit)}/s assumed until measured"
+    fmt = str if name == "mailbox_messages" else _human
+    shown = "unlimited" if limit is None else fmt(limit)
+    if used is None:
+        return shown
+    ratio = f" ({100.0 * used / limit:.1f}%)" if limit else ""
+    return f"{fmt(used)} of {shown}{ratio}"
+
+
+def _print_throttle(state: dict | None) -> None:
+    if state is None:
+        print("throttle:  no live state yet (the server writes it every few seconds while it runs)")
+        return
+    rate = state["drain_rate"]
+    drain = "unbounded (not downloading)" if state["drain_time"] == float("inf") else f"{state['drain_time']:.0f} s"
+    print(f"throttle:  as of {state['updated_at']}: drain rate {_human(rate)}/s"
+          f"{' (offline)' if state['offline'] else ''}{' (prior, not measured yet)' if not state['drain_samples'] else ''},"
+          f" drain time {drain} of {state['max_drain_time']:.0f} s"
+          f"{', SATURATED: new mail is deferred' if state['saturated'] else ''}")
+    if state["paced_rate"]:
+        print(f"           senders paced to {_human(state['paced_rate'])}/s")
+    if state["deferrals"]:
+        print(f"           {state['deferrals']} deferral(s) since the server started, last {state['last_deferral_reason']}"
+              f" at {_timestamp(state['last_deferral_at'])}")
 
 
 def _human(size: int) -> str:

@@ -545,7 +545,7 @@ class HubSMTP(SMTP):
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
             throttle = self.ctx.throttle
             verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
-                                              message.spool.size, part, time.time())
+                                              message.size, part, time.time())
             if not verdict.ok:
                 self._log_refusal(f"qid={message.queue_id}", verdict)
                 message.discard()
