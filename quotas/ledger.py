@@ -119,10 +119,13 @@ class Ledger:
                 result[sender] = result.get(sender, 0) - size
         return {sender: b for sender, b in result.items() if b > 0}
 
-    def usage(self, site: int, now: float) -> SiteUsage:
+    def usage(self, site: int, now: float, excluding: Hashable = None) -> SiteUsage:
+        """The site's usage, counting the reservations of transactions in flight (but not those of
+        `excluding`, the transaction asking)."""
         day, month = _periods(now)
         held_bytes, held_messages = self._held.get(site, (0, 0))
-        reserved = [size for items in self._reserved.values() for recv, _, size in items if recv == site]
+        reserved = [size for token, items in self._reserved.items() if token is not excluding
+                    for recv, _, size in items if recv == site]
         today, this_month = self._volumes.get((site, day), (0, 0)), self._volumes.get((site, month), (0, 0))
         return SiteUsage(mailbox_bytes=held_bytes + sum(reserved), mailbox_messages=held_messages + len(reserved),
                          submitted_today=today[0], submitted_month=this_month[0],

@@ -72,11 +72,14 @@ class Throttle:
         return cached[1]
 
     def _estimator(self, site: SiteRef, now: float) -> DrainEstimator:
+        prior = self.limits(site).downlink_prior
         estimator = self._estimators.get(site.id)
         if estimator is None:
-            estimator = DrainEstimator(self.limits(site).downlink_prior, now, self.settings.drain)
+            estimator = DrainEstimator(prior, now, self.settings.drain)
             estimator.last_poll_at = self.ledger.last_poll(site.id)
             self._estimators[site.id] = estimator
+        elif estimator.samples == 0:
+            estimator.estimate = prior   # the prior serves (as set now) until there are measurements
         return estimator
 
     # ---- feeding -----------------------------------------------------------------------------
@@ -131,7 +134,8 @@ class Throttle:
     def release(self, token: Hashable) -> None:
         self.ledger.release(token)
 
-    def stream_limit(self, sender: SiteRef | None, receivers: list[SiteRef], now: float) -> tuple[int, str] | None:
+    def stream_limit(self, token: Hashable, sender: SiteRef | None, receivers: list[SiteRef],
+                     now: float) -> tuple[int, str] | None:
         """The size at which the data being received must stop (and the reply to give then): the
         smallest message-size limit and mailbox room left among the receivers (and the sender)."""
         limits = []
@@ -142,7 +146,8 @@ class Throttle:
         for site in receivers:
             room = self.limits(site).mailbox_bytes
             if room is not None:
-                limits.append((max(room - self.ledger.usage(site.id, now).mailbox_bytes, 0), MailboxFull.reply))
+                used = self.ledger.usage(site.id, now, excluding=token).mailbox_bytes
+                limits.append((max(room - used, 0), MailboxFull.reply))
         return min(limits, default=None, key=lambda item: item[0])
 
     def pacing_rate(self, receivers: list[SiteRef], now: float) -> float | None:

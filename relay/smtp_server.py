@@ -514,7 +514,8 @@ class HubSMTP(SMTP):
     def _new_message(self) -> IncomingMessage:
         """A message to receive, stopped (and drained) at the size limit or the receivers' room."""
         max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
-        limit = self.ctx.throttle.stream_limit(self._site, self.envelope.receivers, time.time())
+        limit = self.ctx.throttle.stream_limit(self.envelope, self._site, self.envelope.receivers,
+                                              time.time())
         if limit is not None and limit[0] < max_size:
             max_size, reply = limit
         return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply)
