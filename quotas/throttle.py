@@ -11,7 +11,7 @@ from .admission import AdmissionConfig, ReceiverState, admit_at_end_of_data, adm
 from .drain import DrainConfig, DrainEstimator
 from .ledger import NO_SITE, Ledger
 from .limits import MailboxFull, MessageTooBig, SiteLimits, Verdict, accept
-from .pacing import PacingConfig, pacing_rate
+from .pacing import PacingConfig, TokenBucket, pacing_rate
 from .sets import OpenSets, SetPart
 from .usage import check_quotas
 
@@ -56,6 +56,7 @@ class Throttle:
         self.ledger = Ledger()
         self.sets = OpenSets()
         self._estimators: dict[int, DrainEstimator] = {}
+        self._buckets: dict[int, TokenBucket] = {}    # receiver -> its intake bucket (pacing)
         self._limits: dict[int, tuple[dict, SiteLimits]] = {}
         self._names: dict[int, str] = {}
         self.deferrals: Counter = Counter()                 # (receiver name, reason) -> count
@@ -91,6 +92,9 @@ class Throttle:
             estimator = self._estimator(site, now)
             estimator.observe(now, self.ledger.downloaded(site.id), sum(self.ledger.waiting(site.id).values()),
                               self.ledger.last_poll(site.id))
+            bucket = self._buckets.get(site.id)
+            if bucket is not None:
+                bucket.set_rate(self.pacing_rate([site], now), now)
 
     # ---- decisions ---------------------------------------------------------------------------
 
@@ -161,6 +165,18 @@ class Throttle:
             drain = state.total / rate if rate > 0 else float("inf") if state.total else 0.0
             figures.append((drain, state.limits.max_drain_time, rate))
         return pacing_rate(figures, self.settings.pacing)
+
+    def buckets(self, receivers: list[SiteRef], now: float) -> list[TokenBucket]:
+        """The intake buckets of the receivers: every sender's data for a receiver draws from its
+        one bucket, whose rate `observe` keeps at the pacing rate (None: unpaced, free)."""
+        found = []
+        for site in receivers:
+            bucket = self._buckets.get(site.id)
+            if bucket is None:
+                bucket = self._buckets[site.id] = TokenBucket(self.pacing_rate([site], now), now,
+                                                              self.settings.pacing)
+            found.append(bucket)
+        return found
 
     def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, now: float) -> Verdict:
         sending = None if sender is None else (self.limits(sender), self.ledger.usage(sender.id, now))

@@ -47,7 +47,7 @@ class Transaction(Envelope):
         self.bdat: IncomingMessage | None = None
         self.bdat_dots: DotLineScanner | None = None
         self.bdat_failed = False
-        self.bdat_pacer: Pacer | None = None
+        self.pacer: Pacer | None = None           # reads DATA/BDAT bytes no faster than allowed
 
 
 class SmtpContext:
@@ -359,6 +359,8 @@ class HubSMTP(SMTP):
         tx = self.envelope
         if all(d.site_id != site.id for d in tx.deliveries):
             verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.time())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: RCPT <%s> %s", self._peer_ip, _printable(address), verdict.log_text())
             if not verdict.ok:
                 self._log_refusal(f"RCPT <{_printable(address)}>", verdict)
                 metrics.smtp_refusal("rcpt", verdict.reply)
@@ -435,7 +437,7 @@ class HubSMTP(SMTP):
             await self.push(R.START_DATA)
             decoder = DataDecoder()
             reader = self._reader
-            pacer = Pacer(self.ctx.throttle, self.envelope.receivers)
+            pacer = self.envelope.pacer = Pacer(self.ctx.throttle, self.envelope.receivers)
             while not decoder.done:
                 chunk = await reader.read(CHUNK)
                 if not chunk:
@@ -467,10 +469,10 @@ class HubSMTP(SMTP):
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
-            tx.bdat_pacer = Pacer(self.ctx.throttle, tx.receivers)
+            tx.pacer = Pacer(self.ctx.throttle, tx.receivers)
         self._in_data = True
         try:
-            await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots, tx.bdat_pacer)
+            await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots, tx.pacer)
             if not usable:
                 reply = self._bdat_refusal()
             elif tx.bdat.failed or last:
@@ -547,6 +549,8 @@ class HubSMTP(SMTP):
             throttle = self.ctx.throttle
             verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
                                               message.size, part, time.time())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
             if not verdict.ok:
                 self._log_refusal(f"qid={message.queue_id}", verdict)
                 message.discard()
@@ -563,11 +567,11 @@ class HubSMTP(SMTP):
         metrics.smtp_transaction(reply, message.size, site.name if site else None,
                                  [s.name for d in tx.deliveries if (s := sites.by_address(d.rcpt))]
                                  if reply[0] == "2" else (), elapsed)
-        log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f",
+        log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
                  message.queue_id, site.name if site else "-", _printable(tx.mail_from),
                  ",".join(_printable(r) for r in tx.rcpt_tos), message.size,
                  message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
-                 elapsed * 1000)
+                 elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
         return reply
 
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:

@@ -2,6 +2,7 @@
 # (with SIZE=) and while the data streams (without), with their exact replies; exactly at a limit is
 # accepted and one byte over refused; usage shows in `mailhub site show` and in /metrics.
 import json
+import re
 import smtplib
 import time
 import urllib.request
@@ -128,6 +129,25 @@ def test_drain_time_deferral_says_why_and_when(make_hub):
     assert 'mailhub_smtp_deferrals_total{reason="drain_time"} 2.0' in metrics
     assert 'mailhub_site_max_drain_time_seconds{site="beta"} 10.0' in metrics
     assert 'mailhub_site_quota_usage_ratio{quota="mailbox_messages",site="beta"}' in metrics
+
+
+@pytest.mark.parametrize("pacing", [True, False])
+def test_pacing_reads_a_big_mail_no_faster_than_the_receiver_drains(make_hub, pacing):
+    """An empty mailbox takes a 3 MB mail (floor), but its receiver drains 500 kB/s with a 4 s
+    limit: paced, the hub reads the data at about that rate (after a 1 s burst); unpaced at once."""
+    hub = make_hub(MAILHUB_THROTTLE_FLOOR_BYTES="10M", MAILHUB_THROTTLE_PACING=str(pacing).lower(),
+                   MAILHUB_QUOTAS_MAX_DRAIN_TIME="4", MAILHUB_QUOTAS_DOWNLINK="500000")
+    hub.add_site("alpha")
+    hub.add_site("beta")
+    hub.start()
+    started = time.monotonic()
+    assert submit(hub, "beta@hub.test", body(3_000_000))[0] == 250
+    elapsed = time.monotonic() - started
+    paced = float(re.findall(r"paced_s=([\d.]+)", hub.log_text())[-1])
+    if pacing:
+        assert elapsed >= 3.0 and paced >= 3.0, (elapsed, paced)   # (3 MB - 1 MB burst) / 500 kB/s
+    else:
+        assert paced == 0.0
 
 
 @pytest.mark.parametrize("value", ["abc", "-5", "nan", "unlimited"])
