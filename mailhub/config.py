@@ -181,7 +181,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("throttle", "drain_tau"): Option(_number, 300),
     ("throttle", "offline_grace"): Option(_number, 900),
     ("throttle", "pacing"): Option(_bool, True),
-    ("throttle", "pacing_engage_at"): Option(_fraction, 0.5),
+    ("throttle", "pacing_engage_at"): Option(_fraction, 1.0),
     ("throttle", "pacing_min_rate"): Option(parse_size, "64K"),
     ("throttle", "interval"): Option(_number, 1),
     ("metrics", "listen"): Option(_listen, "127.0.0.1:9425"),

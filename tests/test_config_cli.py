@@ -379,12 +379,22 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
         "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n")
     shown = ok(site(site_env, "show", "beta.site"))
     assert re.fullmatch(r"site:      beta.site\naddresses: B2@second.test, beta@hub.test\n"
-                        r"created:   \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\nmailbox:   0 mail\(s\), 0 B\n"
+                        r"created:   \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n"
+                        r"mailbox:   0 mail\(s\), 0 B \(0 mail\(s\), 0 B not downloaded yet\)\n"
+                        r"limits:\n  mailbox_bytes        0 B of 50.0 GiB \(0.0%\)\n"
+                        r"  mailbox_messages     0 of 200000 \(0.0%\)\n  max_message_size     unlimited\n"
+                        r"(  (submitted|received)_per_(day|month) +0 B of unlimited\n){4}"
+                        r"  max_drain_time       1800 s\n  downlink             1.0 MiB/s assumed until measured\n"
+                        r"throttle:  no live state yet .*\n"
                         r"downloads: never polled\n", shown), shown
     as_json = json.loads(ok(site(site_env, "show", "beta.site", "--json")))
     created = as_json.pop("created_at")
+    limits = as_json.pop("limits")
+    assert limits["mailbox_bytes"] == {"limit": 50 * 1024**3, "source": "config", "used": 0}
+    assert limits["max_drain_time"] == {"limit": 1800.0, "source": "config", "used": None}
     assert as_json == {"name": "beta.site", "addresses": ["B2@second.test", "beta@hub.test"],
-                       "mailbox_messages": 0, "mailbox_bytes": 0,
+                       "mailbox_messages": 0, "mailbox_bytes": 0, "waiting_bytes": 0, "waiting_messages": 0,
+                       "throttle": None,
                        "downloads": {"sessions": 0, "messages": 0, "bytes": 0, "send_seconds": 0,
                                      "first_poll_at": None, "last_poll_at": None}}
     assert f"created:   {created}\n" in shown

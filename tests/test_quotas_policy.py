@@ -377,10 +377,12 @@ def test_pacing_is_off_while_receivers_keep_up():
     assert all(bucket.take(10 * MB, T0) == 0.0 for _ in range(100))
     assert bucket.tokens == 0.0                             # no account kept
     assert pacing_rate([(2000.0, 1800.0, 1e6)], PacingConfig(enabled=False)) is None
+    assert pacing_rate([(1799.0, 1800.0, 1e6)], cfg) is None          # by default: only over the limit
+    assert pacing_rate([(1801.0, 1800.0, 1e6)], cfg) == 1e6
 
 
 def test_pacing_follows_slowest_lagging_receiver_with_a_floor():
-    cfg = PacingConfig(min_rate=64_000.0)
+    cfg = PacingConfig(min_rate=64_000.0, engage_at=0.5)
     assert pacing_rate([(1000.0, 1800.0, 300_000.0), (1500.0, 1800.0, 200_000.0),
                         (10.0, 1800.0, 1000.0)], cfg) == 200_000.0
     assert pacing_rate([(1000.0, 1800.0, 0.0)], cfg) == 64_000.0

@@ -85,7 +85,10 @@ def test_intake_bucket_engages_for_a_lagging_receiver_only():
     t = throttle()
     bucket, = t.buckets([RECEIVER], T0)
     assert bucket.rate is None and bucket.take(100 * MB, T0) == 0.0
-    t.ledger.committed(1, [2], 8 * MB, T0)             # 8 s of 10: lagging
+    t.ledger.committed(1, [2], 8 * MB, T0)             # 8 s of 10: keeping up
+    t.observe([RECEIVER], T0 + 0.05)
+    assert bucket.rate is None
+    t.ledger.committed(1, [2], 4 * MB, T0)             # 12 s of 10: over capacity
     t.observe([RECEIVER], T0 + 0.1)
     assert bucket.rate == 1 * MB
     assert bucket.take(3 * MB, T0 + 0.1) > 0          # beyond the 2 s burst: wait
