@@ -13,9 +13,16 @@ from .limits import SiteUsage
 NO_SITE = 0     # sender key of mail from outside (a peer network): no site, no submitted quota
 
 
-def _periods(now: float) -> tuple[str, str]:
-    t = time.gmtime(now)
-    return time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t)
+def _periods(now: float, _cache: dict = {}) -> tuple[str, str]:
+    """UTC day and month keys of `now` (cached per second: asked several times per mail)."""
+    second = int(now)
+    found = _cache.get(second)
+    if found is None:
+        t = time.gmtime(second)
+        found = time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t)
+        _cache.clear()
+        _cache[second] = found
+    return found
 
 
 class Ledger:

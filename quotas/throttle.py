@@ -66,8 +66,8 @@ class Throttle:
 
     def limits(self, site: SiteRef) -> SiteLimits:
         cached = self._limits.get(site.id)
-        if cached is None or cached[0] != site.limits:
-            cached = (dict(site.limits), merge_limits(self.settings.defaults, site.limits))
+        if cached is None or cached[0] is not site.limits:   # a reloaded site record brings a new dict
+            cached = (site.limits, merge_limits(self.settings.defaults, site.limits))
             self._limits[site.id] = cached
         self._names[site.id] = site.name
         return cached[1]
@@ -121,7 +121,11 @@ class Throttle:
         refusal refuses the mail (one reply for all recipients); reservations end here."""
         self.ledger.release(token)
         for receiver, at_rcpt in receivers:
-            verdict = self._quotas(sender, receiver, size, now)
+            declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
+            if declared is not None and size <= declared:
+                verdict = at_rcpt   # quotas were checked with this size reserved until now
+            else:
+                verdict = self._quotas(sender, receiver, size, now)
             if verdict.ok and self.settings.drain_admission:
                 verdict = admit_at_end_of_data(now, _key(sender), self.receiver_state(receiver, now), size,
                                                part, self.sets, self.settings.admission, at_rcpt)

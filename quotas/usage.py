@@ -21,23 +21,28 @@ def next_month(now: float) -> float:
     return datetime(year, month, 1, tzinfo=timezone.utc).timestamp()
 
 
+# Acceptances carry no figures (only refusals are logged with theirs): shared, nothing built per mail.
+_SIZE_OK = accept("size_ok")
+_MAILBOX_OK = accept("mailbox_ok")
+_VOLUME_OK = accept("volume_ok")
+
+
 def check_size(limits: SiteLimits, size: int | None) -> Verdict:
     if size is not None and limits.max_message_size is not None and size > limits.max_message_size:
         return refuse(MessageTooBig(), "message_too_big", size=size, limit=limits.max_message_size)
-    return accept("size_ok", size=size, limit=limits.max_message_size)
+    return _SIZE_OK
 
 
 def check_mailbox(limits: SiteLimits, usage: SiteUsage, size: int | None) -> Verdict:
     """The receiver's mailbox with this mail added must stay within bytes and message count."""
     size = UNKNOWN_SIZE if size is None else size
-    after_bytes, after_msgs = usage.mailbox_bytes + size, usage.mailbox_messages + 1
-    figures = dict(mailbox_bytes=usage.mailbox_bytes, size=size, bytes_limit=limits.mailbox_bytes,
-                   mailbox_messages=usage.mailbox_messages, messages_limit=limits.mailbox_messages)
-    if limits.mailbox_bytes is not None and after_bytes > limits.mailbox_bytes:
-        return refuse(MailboxFull(), "mailbox_bytes", **figures)
-    if limits.mailbox_messages is not None and after_msgs > limits.mailbox_messages:
-        return refuse(MailboxFull(), "mailbox_messages", **figures)
-    return accept("mailbox_ok", **figures)
+    over_bytes = limits.mailbox_bytes is not None and usage.mailbox_bytes + size > limits.mailbox_bytes
+    over_messages = limits.mailbox_messages is not None and usage.mailbox_messages + 1 > limits.mailbox_messages
+    if not (over_bytes or over_messages):
+        return _MAILBOX_OK
+    return refuse(MailboxFull(), "mailbox_bytes" if over_bytes else "mailbox_messages",
+                  mailbox_bytes=usage.mailbox_bytes, size=size, bytes_limit=limits.mailbox_bytes,
+                  mailbox_messages=usage.mailbox_messages, messages_limit=limits.mailbox_messages)
 
 
 def _volume(kind: str, error_cls, used_day: int, used_month: int, per_day: int | None,
@@ -67,7 +72,7 @@ def check_volume(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[Si
         sl, su = sender
         verdict = _volume("submitted", SubmittedVolumeExceeded, su.submitted_today,
                           su.submitted_month, sl.submitted_per_day, sl.submitted_per_month, size, now)
-    return verdict or accept("volume_ok", size=size)
+    return verdict or _VOLUME_OK
 
 
 def check_quotas(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[SiteLimits, SiteUsage],
@@ -75,14 +80,14 @@ def check_quotas(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[Si
     """All static checks for one receiver in order: size (receiver's and sender's), mailbox,
     volumes. Call at RCPT with the
     declared SIZE= (or None) and again at end of data with the real size."""
-    checks = [check_size(receiver[0], size)]
-    if sender is not None:
-        checks.append(check_size(sender[0], size))
-    checks += [check_mailbox(receiver[0], receiver[1], size), check_volume(sender, receiver, size, now)]
-    for verdict in checks:
-        if not verdict.ok:
-            return verdict
-    return accept("quotas_ok", size=size)
+    verdict = check_size(receiver[0], size)
+    if verdict.ok and sender is not None:
+        verdict = check_size(sender[0], size)
+    if verdict.ok:
+        verdict = check_mailbox(receiver[0], receiver[1], size)
+    if verdict.ok:
+        verdict = check_volume(sender, receiver, size, now)
+    return accept("quotas_ok", size=size) if verdict.ok else verdict
 
 
 def _utc(t: float) -> str:
