@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-deep-check", action="store_true", help="skip decrypting (body digests are still checked)")
     run.add_argument("--keep-received", type=Path, metavar="DIR", help="keep downloaded mails here")
     run.add_argument("--keep-hub", action="store_true", help="do not delete the spawned hub's data folder")
+    run.add_argument("--hub-env", action="append", default=[], metavar="MAILHUB_NAME=VALUE",
+                     help="a setting for the spawned hub, e.g. MAILHUB_QUOTAS_MAX_DRAIN_TIME=10 (repeatable)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--allow-remote", action="store_true", help="allow non-loopback targets")
     cmp_ = sub.add_parser("compare", help="print the ratios of two results (B / A)")
@@ -53,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("result", type=Path)
     rep.add_argument("--html", type=Path, required=True)
     return parser
+
+
+def _hub_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("MAILHUB_"):
+            raise SystemExit(f"mailhub-loadtest: --hub-env expects MAILHUB_NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +128,7 @@ def _run(args) -> int:
     hub = None
     try:
         if args.spawn_local:
-            hub = LocalHub(profile.domain, keep=args.keep_hub)
+            hub = LocalHub(profile.domain, keep=args.keep_hub, extra_env=_hub_env(args.hub_env))
             if not args.no_progress:
                 print(f"spawning a hub in {hub.dir} with {len(manifest['sites'])} site(s)", file=sys.stderr)
             hub.add_sites({n: s for n, s in manifest["sites"].items()})
