@@ -6,6 +6,7 @@ import logging
 import signal
 import ssl
 
+from directory import DirectoryMailer, load_or_create_hub_key
 from quotas import Throttle
 from relay import HubSMTP, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
@@ -52,7 +53,11 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     throttle = Throttle(settings_from_config(cfg))
     feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
     await feeder.start()
-    smtp = SmtpContext(cfg, storage, sites, tls, throttle)
+    hub_key = await asyncio.get_running_loop().run_in_executor(
+        None, load_or_create_hub_key, cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}")
+    log.info("directory signing key %s", hub_key.fingerprint)
+    directory = DirectoryMailer(cfg, storage, sites, hub_key)
+    smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
@@ -87,6 +92,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
         loop.add_signal_handler(signum, stop.set)
     housekeeping = asyncio.create_task(_housekeeping(storage))
     feeding = asyncio.create_task(feeder.run())
+    directory_updates = directory.start_updates()
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
     await stop.wait()
 
@@ -97,6 +103,8 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
     feeding.cancel()
+    if directory_updates is not None:
+        directory_updates.cancel()
     metrics.close()
 
 

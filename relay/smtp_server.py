@@ -16,6 +16,7 @@ from email.utils import formatdate
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 
+from directory import DirectoryError, DirectoryMailer
 from mailhub import metrics
 from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError
@@ -48,18 +49,24 @@ class Transaction(Envelope):
         self.bdat_dots: DotLineScanner | None = None
         self.bdat_failed = False
         self.pacer: Pacer | None = None           # reads DATA/BDAT bytes no faster than allowed
+        self.directory_request = False  # directory@<local domain> was a recipient
+
+    @property
+    def has_recipients(self) -> bool:
+        return bool(self.deliveries) or self.directory_request
 
 
 class SmtpContext:
     """What all SMTP connections share: config, storage, sites, limits, live connections."""
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle):
+                 throttle: Throttle, directory: DirectoryMailer | None = None):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
         self.throttle = throttle
         self.tls_context = tls_context
+        self.directory = directory
         self.connections: set["HubSMTP"] = set()
         self.per_ip: collections.Counter = collections.Counter()
         self.shutting_down = False
@@ -349,6 +356,9 @@ class HubSMTP(SMTP):
             metrics.smtp_refusal("rcpt", R.TOO_MANY_RECIPIENTS)
             await self.push(R.TOO_MANY_RECIPIENTS)
             return
+        if self.ctx.directory is not None and self.ctx.directory.is_directory_address(address):
+            await self._directory_recipient(address)
+            return
         refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
                                           self.ctx.sites.by_address)
         if refusal:
@@ -378,6 +388,16 @@ class HubSMTP(SMTP):
             metrics.smtp_deferral(verdict.reason)
         log.info("%s site=%s: %s refused %s: %s", self._peer_ip, self._site.name if self._site else "-", what,
                  verdict.reply[:9], verdict.log_text())
+
+    async def _directory_recipient(self, address: str) -> None:
+        """directory@<local domain>: answered with the signed participant list, to sites only."""
+        if self._site is None:
+            metrics.smtp_refusal("rcpt", R.DIRECTORY_SITES_ONLY)
+            await self.push(R.DIRECTORY_SITES_ONLY)
+            return
+        self.envelope.directory_request = True
+        self.envelope.rcpt_tos.append(address)
+        await self.reply_pipelined(R.RECIPIENT_OK)
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
@@ -428,7 +448,7 @@ class HubSMTP(SMTP):
         if self.envelope.bdat is not None or self.envelope.bdat_failed:
             await self.push(R.DATA_AFTER_BDAT)
             return
-        if not self.envelope.deliveries:
+        if not self.envelope.has_recipients:
             await self.push(R.NEED_RCPT if self.envelope.mail_from is not None else R.NEED_MAIL)
             return
         self._in_data = True
@@ -465,7 +485,7 @@ class HubSMTP(SMTP):
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
         size, last = int(words[0]), len(words) == 2
         tx = self.envelope
-        usable = bool(self.session.host_name and tx.deliveries and not tx.bdat_failed)
+        usable = bool(self.session.host_name and tx.has_recipients and not tx.bdat_failed)
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
@@ -556,12 +576,7 @@ class HubSMTP(SMTP):
                 message.discard()
                 reply = verdict.reply
             else:
-                try:
-                    await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
-                    throttle.admitted(site, tx.receivers, part, time.time())
-                    reply = R.queued(message.queue_id)
-                except StorageError as exc:
-                    reply = exc.reply
+                reply = await self._store(message, meta, part)
         elapsed = time.monotonic() - started
         sites = self.ctx.sites
         metrics.smtp_transaction(reply, message.size, site.name if site else None,
@@ -573,6 +588,34 @@ class HubSMTP(SMTP):
                  message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
                  elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
         return reply
+
+    async def _store(self, message: IncomingMessage, meta, part: SetPart) -> str:
+        """Commit the message to its recipients' mailboxes and answer a directory request."""
+        tx = self.envelope
+        try:
+            if tx.deliveries:
+                await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
+                self.ctx.throttle.admitted(self._site, tx.receivers, part, time.time())
+            else:
+                message.discard()  # a request to the directory only: nothing to keep
+            if tx.directory_request:
+                directory_reply = await self._answer_directory_request(meta.message_id)
+                if not tx.deliveries:
+                    return directory_reply
+            return R.queued(message.queue_id)
+        except StorageError as exc:
+            return exc.reply
+
+    async def _answer_directory_request(self, message_id: str | None) -> str:
+        site = self._site
+        address = self.envelope.mail_from or site.addresses[0]
+        try:
+            queue_id = await self.ctx.directory.reply(site, address, message_id)
+        except DirectoryError as exc:
+            log.error("directory reply to %s failed: %s", site.name, exc)
+            return R.INTERNAL_ERROR
+        log.info("directory sent to site=%s rcpt=<%s> qid=%s", site.name, _printable(address), queue_id)
+        return R.directory_queued(queue_id)
 
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
         if reset:
