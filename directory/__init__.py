@@ -6,7 +6,8 @@ from .errors import DirectoryError
 from .hub_key import HubKey, load_hub_key, load_or_create_hub_key
 from .keys import KeyRing, SiteKey, import_key, parse_public_key, set_policy, site_keys
 from .mailer import DirectoryMailer, directory_mail
+from .policy import EncryptionPolicy, policy_for
 
-__all__ = ["DirectoryError", "DirectoryMailer", "HubKey", "KeyRing", "SiteKey", "directory_mail", "import_key",
+__all__ = ["DirectoryError", "DirectoryMailer", "EncryptionPolicy", "HubKey", "KeyRing", "SiteKey", "directory_mail", "import_key",
            "load_hub_key", "load_or_create_hub_key", "parse_public_key", "read_document", "set_policy",
-           "site_keys", "to_json", "to_text"]
+           "policy_for", "site_keys", "to_json", "to_text"]

@@ -7,6 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from storage import db
 from storage.sites import get_site
 
 with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
@@ -135,12 +136,15 @@ def policy_override(conn: sqlite3.Connection, site_id: int) -> str | None:
 class KeyRing:
     """The server's view of every site's keys and policy override, reloaded when keys_version moves."""
 
-    def __init__(self, conn: sqlite3.Connection):
-        self._conn = conn
+    def __init__(self, data_dir):
+        self._conn = db.connect(data_dir)
         self._version = -1
         self._checked_at = 0.0
         self._keys: dict[int, list[SiteKey]] = {}
         self._policy: dict[int, str] = {}
+
+    def close(self) -> None:
+        self._conn.close()
 
     def _refresh(self) -> None:
         now = time.monotonic()

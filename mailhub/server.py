@@ -6,7 +6,7 @@ import logging
 import signal
 import ssl
 
-from directory import DirectoryMailer, load_or_create_hub_key
+from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
 from quotas import Throttle
 from relay import HubSMTP, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
@@ -40,15 +40,17 @@ async def serve(cfg) -> None:
     storage = Storage(cfg.data_dir)
     await storage.open()
     sites = SiteCache(cfg.data_dir)
+    keyring = KeyRing(cfg.data_dir)
     try:
-        await _run(cfg, storage, sites)
+        await _run(cfg, storage, sites, keyring)
     finally:
         await storage.close()
         sites.close()
+        keyring.close()
     log.info("stopped")
 
 
-async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
+async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> None:
     tls = tls_context(cfg)
     throttle = Throttle(settings_from_config(cfg))
     feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
@@ -57,7 +59,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
         None, load_or_create_hub_key, cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}")
     log.info("directory signing key %s", hub_key.fingerprint)
     directory = DirectoryMailer(cfg, storage, sites, hub_key)
-    smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory)
+    smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}

@@ -16,7 +16,7 @@ from email.utils import formatdate
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 
-from directory import DirectoryError, DirectoryMailer
+from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing, policy_for
 from mailhub import metrics
 from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError
@@ -50,6 +50,7 @@ class Transaction(Envelope):
         self.bdat_failed = False
         self.pacer: Pacer | None = None           # reads DATA/BDAT bytes no faster than allowed
         self.directory_request = False  # directory@<local domain> was a recipient
+        self.policy: EncryptionPolicy | None = None
 
     @property
     def has_recipients(self) -> bool:
@@ -60,13 +61,15 @@ class SmtpContext:
     """What all SMTP connections share: config, storage, sites, limits, live connections."""
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle, directory: DirectoryMailer | None = None):
+                 throttle: Throttle, directory: DirectoryMailer | None = None,
+                 keyring: KeyRing | None = None):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
         self.throttle = throttle
         self.tls_context = tls_context
         self.directory = directory
+        self.keyring = keyring
         self.connections: set["HubSMTP"] = set()
         self.per_ip: collections.Counter = collections.Counter()
         self.shutting_down = False
@@ -534,13 +537,25 @@ class HubSMTP(SMTP):
                 await pacer.after_read(len(chunk))
 
     def _new_message(self) -> IncomingMessage:
-        """A message to receive, stopped (and drained) at the size limit or the receivers' room."""
+        """A message to receive, stopped (and drained) at the size limit or the receivers' room,
+        checked by the encryption policy as it streams when that applies."""
+        tx = self.envelope
         max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
-        limit = self.ctx.throttle.stream_limit(self.envelope, self._site, self.envelope.receivers,
-                                              time.time())
+        limit = self.ctx.throttle.stream_limit(tx, self._site, tx.receivers, time.time())
         if limit is not None and limit[0] < max_size:
             max_size, reply = limit
-        return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply)
+        tx.policy = self._encryption_policy()
+        return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply,
+                               [tx.policy] if tx.policy is not None else ())
+
+    def _encryption_policy(self) -> EncryptionPolicy | None:
+        """The policy for this transaction's recipient sites. Exempt: directory requests (no
+        deliveries) and notifications with the null sender (DSNs); MDNs are recognised by the
+        policy itself from their multipart/report type."""
+        tx = self.envelope
+        if self.ctx.keyring is None or not tx.deliveries or tx.mail_from == "":
+            return None
+        return policy_for(tx.receivers, self.ctx.keyring, self.ctx.cfg)
 
     def _trace_header(self, queue_id: str) -> bytes:
         protocol = "ESMTP" if self.session.extended_smtp else "SMTP"
@@ -559,10 +574,16 @@ class HubSMTP(SMTP):
         tx = self.envelope
         site = self._site
         started = time.monotonic()
+        message.end_of_data()
         if message.failed and message.too_big:
             reply = message.too_big_reply
         elif message.error is not None:
             reply = message.error.reply
+        elif tx.policy is not None and tx.policy.reply is not None:
+            message.discard()
+            reply = tx.policy.reply
+            log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
+                     site.name if site else "-", reply)
         else:
             meta = message.meta(tx.mail_from, site.id if site else None, dot_lines)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
