@@ -25,13 +25,13 @@ def read_document(conn: sqlite3.Connection, hub_fingerprint: str, domains: list[
             "addresses": site.addresses,
             "key_fingerprint": current.fingerprint if current else None,
             "encryption_key_ids": list(current.encryption_key_ids) if current else [],
-            "key_imported_at": _timestamp(current.imported_at) if current else None,
+            "key_imported_at": timestamp(current.imported_at) if current else None,
             "public_key": current.armored if current else None,
         })
     return {
         "format": FORMAT,
         "version": version,
-        "generated_at": _timestamp(time.time() if now is None else now),
+        "generated_at": timestamp(time.time() if now is None else now),
         "hub": {"fingerprint": hub_fingerprint,
                 "directory_addresses": [f"{directory_local_part}@{d}" for d in domains]},
         "participants": participants,
@@ -66,5 +66,6 @@ def group_fingerprint(fingerprint: str) -> str:
     return " ".join(fingerprint[i:i + 4] for i in range(0, len(fingerprint), 4))
 
 
-def _timestamp(seconds: float) -> str:
+def timestamp(seconds: float) -> str:
+    """ISO 8601 UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

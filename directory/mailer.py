@@ -9,7 +9,8 @@ import os
 import time
 from email.utils import formatdate
 
-from storage import Delivery, MessageMeta, Site, SiteCache, Storage, db
+from storage import Delivery, MessageMeta, Site, Storage, db
+from storage.sites import list_sites
 
 from .document import read_document, to_json, to_text
 from .hub_key import HubKey
@@ -45,10 +46,9 @@ def directory_mail(document: dict, hub_key: HubKey, sender: str, to: str, subjec
 class DirectoryMailer:
     """Server side: answers directory requests and sends updates after changes."""
 
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, hub_key: HubKey):
+    def __init__(self, cfg, storage: Storage, hub_key: HubKey):
         self.cfg = cfg
         self.storage = storage
-        self.sites = sites
         self.hub_key = hub_key
         self.local_part = cfg.directory.address
 
@@ -88,12 +88,16 @@ class DirectoryMailer:
             conn.close()
 
     async def _send_update_if_changed(self, conn) -> None:
-        rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('directory_version', ?)",
-                                 (SENT_VERSION,)))
-        version = rows["directory_version"]
-        if rows.get(SENT_VERSION) == version:
-            return
-        recipients = [(s, s.addresses[0]) for s in self.sites.all_sites() if s.addresses]
+        conn.execute("BEGIN")  # the version and the sites it counts, read together
+        try:
+            rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('directory_version', ?)",
+                                     (SENT_VERSION,)))
+            version = rows["directory_version"]
+            if rows.get(SENT_VERSION) == version:
+                return
+            recipients = [(s, s.addresses[0]) for s in list_sites(conn) if s.addresses]
+        finally:
+            conn.execute("COMMIT")
         if recipients:
             sender = f"{self.local_part}@{self.cfg.domain[0]}"
             data = await self._in_thread(self._mail, sender, "undisclosed-recipients:;",

@@ -104,4 +104,6 @@ def _directory(cfg, conn, args) -> int:
 
 
 def _timestamp(seconds: float | None) -> str | None:
-    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    from directory.document import timestamp
+
+    return None if seconds is None else timestamp(seconds)

@@ -58,7 +58,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     hub_key = await asyncio.get_running_loop().run_in_executor(
         None, load_or_create_hub_key, cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}")
     log.info("directory signing key %s", hub_key.fingerprint)
-    directory = DirectoryMailer(cfg, storage, sites, hub_key)
+    directory = DirectoryMailer(cfg, storage, hub_key)
     smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     servers = []
