@@ -10,6 +10,8 @@ import subprocess
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import PASSWORD, RawSMTP, queue_id_from
 from directory.policy import EncryptionPolicy, RecipientKeys
@@ -230,3 +232,39 @@ def test_200_mb_encrypted_mail_checked_in_bounded_memory(keyed_hub, gpg):
     print(f"\n{sent / MB:.0f} MiB encrypted mail accepted; hub peak RSS {peak / MB:.1f} MiB")
     assert sent > 190 * MB
     assert peak < 100 * MB, f"hub peak RSS {peak / MB:.1f} MiB"
+
+
+def test_bdat_goes_through_the_same_policy(keyed_hub):
+    client = RawSMTP(keyed_hub.smtp_port)
+    try:
+        client.ehlo()
+        assert client.auth_plain("alpha").startswith(b"235")
+        assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+        assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
+        message = dicom_mail()
+        half = len(message) // 2
+        client.send(f"BDAT {half}\r\n".encode() + message[:half])
+        assert client.reply().startswith(b"250")
+        client.send(f"BDAT {len(message) - half} LAST\r\n".encode() + message[half:])
+        reply = client.reply()
+        assert reply.startswith(b"554 5.7.1 Unencrypted DICOM refused"), reply
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def sample_mails(gpg):
+    return [pgp_mime("a@hub.test", "b@hub.test", gpg.encrypt(b"x", "beta@keys.test")), dicom_mail()]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mangled_mails_never_break_the_policy(gpg, sample_mails, data):
+    """Whatever the bytes, the policy ends with a verdict or none, never an exception."""
+    base = data.draw(st.sampled_from(sample_mails))
+    cut = data.draw(st.integers(0, len(base)))
+    noise = data.draw(st.binary(max_size=200))
+    keep = data.draw(st.integers(0, len(base) - cut))
+    message = base[:cut] + noise + base[cut + keep:]
+    reply = check(message, beta_keys(gpg), piece=data.draw(st.integers(1, 4096)))
+    assert reply is None or reply[:3] in ("550", "554")
