@@ -129,6 +129,9 @@ def _site_command(cfg, args) -> int:
     try:
         action = args.site_command
         if action == "add":
+            reserved = [a for a in args.address if a.rpartition("@")[0].lower() == cfg.directory.address]
+            if reserved:
+                raise SiteError(f"address {reserved[0]!r} is the participant directory's (directory.address)")
             site = sites.add_site(conn, args.name, args.address, _read_password(args), cfg.domain)
             print(f"site {site.name} added with address(es) {', '.join(site.addresses)}")
         elif action == "passwd":
