@@ -108,7 +108,7 @@ class EncryptionPolicy:
         if state is not None:
             if state.children == 1 and len(state.version_text) < _VERSION_PART_LIMIT:
                 state.version_text += data[:_VERSION_PART_LIMIT]
-            elif state.children == 2 and state.packets is not None:
+            elif state.children == 2 and state.packets is not None and not state.packets.result.complete:
                 state.packets.feed(bytes(data))
         elif part.path in self._sniff:
             self._sniff_dicom(part, data)
