@@ -9,6 +9,7 @@ import os
 import time
 from email.utils import formatdate
 
+from mailhub import metrics
 from storage import Delivery, MessageMeta, Site, Storage, db
 from storage.sites import list_sites
 
@@ -60,7 +61,9 @@ class DirectoryMailer:
         """Store the signed directory in the requesting site's mailbox; returns the queue ID."""
         sender = f"{self.local_part}@{address.rpartition('@')[2].lower()}"
         data = await self._in_thread(self._mail, sender, address, "Participant directory", request_id or "")
-        return await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address)])
+        queue_id = await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address)])
+        metrics.directory_mail("reply")
+        return queue_id
 
     def start_updates(self) -> asyncio.Task | None:
         """Start the update loop (when configured); the first start records the present version
@@ -105,6 +108,7 @@ class DirectoryMailer:
             queue_id = await self.storage.store_generated(
                 data, _meta(data), [Delivery(site.id, address) for site, address in recipients],
                 mark=(SENT_VERSION, version))
+            metrics.directory_mail("update")
             log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
         else:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (SENT_VERSION, version))

@@ -73,6 +73,7 @@ class EncryptionPolicy:
         self.allow_hidden = allow_hidden_recipients
         self.exempt = False      # a DSN or an MDN (multipart/report), seen at the top-level part
         self.reply: str | None = None
+        self.reason: str | None = None   # cleartext_dicom, malformed, wrong_key or hidden_recipient
         self._encrypted: dict[str, _Encrypted] = {}   # path of a multipart/encrypted -> state
         self._sniff: dict[str, bytearray] = {}        # path of a leaf being sniffed -> first bytes
 
@@ -91,12 +92,12 @@ class EncryptionPolicy:
         elif (part.content_type, part.subtype) == ("multipart", "encrypted"):
             protocol = part.params.get("protocol", "").lower()
             if protocol != "application/pgp-encrypted":
-                self._refuse(MALFORMED.format(reason=f"multipart/encrypted with protocol {protocol or 'missing'!r},"
-                                                     " expected \"application/pgp-encrypted\""))
+                self._malformed(f"multipart/encrypted with protocol {protocol or 'missing'!r},"
+                                " expected \"application/pgp-encrypted\"")
             self._encrypted[part.path] = _Encrypted()
         elif part.kind == "leaf" and not self._inside_encrypted(part):
             if (part.content_type, part.subtype) == ("application", "dicom"):
-                self._refuse(CLEARTEXT_DICOM.format(where=_describe(part)))
+                self._refuse("cleartext_dicom", CLEARTEXT_DICOM.format(where=_describe(part)))
             elif part.content_type != "text":
                 self._sniff[part.path] = bytearray()
 
@@ -122,13 +123,13 @@ class EncryptionPolicy:
         state = self._encrypted.get(parent.path) if parent is not None else None
         if state is not None and state.children == 1 and part.kind == "leaf":
             if b"version: 1" not in bytes(state.version_text).lower().replace(b"\r", b""):
-                self._refuse(MALFORMED.format(reason="the application/pgp-encrypted part does not say \"Version: 1\""))
+                self._malformed("the application/pgp-encrypted part does not say \"Version: 1\"")
         elif state is not None and state.children == 2 and state.packets is not None:
             self._check_keys(state.packets.close())
         if part.path in self._encrypted:
             if self._encrypted.pop(part.path).children != 2:
-                self._refuse(MALFORMED.format(reason="multipart/encrypted needs exactly two parts"
-                                                     " (application/pgp-encrypted, application/octet-stream)"))
+                self._malformed("multipart/encrypted needs exactly two parts"
+                                " (application/pgp-encrypted, application/octet-stream)")
 
     # ---- checks ----------------------------------------------------------------------------------
 
@@ -142,16 +143,16 @@ class EncryptionPolicy:
         state.children += 1
         kind = f"{part.content_type}/{part.subtype}"
         if state.children == 1 and kind != "application/pgp-encrypted":
-            self._refuse(MALFORMED.format(reason=f"the first part is {kind}, expected application/pgp-encrypted"))
+            self._malformed(f"the first part is {kind}, expected application/pgp-encrypted")
         elif state.children == 2:
             if kind != "application/octet-stream":
-                self._refuse(MALFORMED.format(reason=f"the second part is {kind}, expected application/octet-stream"))
+                self._malformed(f"the second part is {kind}, expected application/octet-stream")
             else:
                 state.packets = SessionPacketReader(part.header("content-transfer-encoding") or "")
 
     def _check_keys(self, packets) -> None:
         if packets.error is not None:
-            self._refuse(MALFORMED.format(reason=packets.error))
+            self._malformed(packets.error)
             return
         found = set(packets.key_ids)
         for recipient in self.recipients:
@@ -160,11 +161,12 @@ class EncryptionPolicy:
             if WILDCARD_KEY_ID in found and self.allow_hidden:
                 continue
             if WILDCARD_KEY_ID in found and found <= {WILDCARD_KEY_ID}:
-                self._refuse(HIDDEN_REFUSED.format(site=recipient.site, expected=recipient.expected()))
+                self._refuse("hidden_recipient",
+                             HIDDEN_REFUSED.format(site=recipient.site, expected=recipient.expected()))
                 return
             shown = ", ".join(packets.key_ids) or (
                 "none (encrypted to a passphrase only)" if packets.passphrase_packets else "none")
-            self._refuse(WRONG_KEY.format(site=recipient.site, found=shown, expected=recipient.expected()))
+            self._refuse("wrong_key", WRONG_KEY.format(site=recipient.site, found=shown, expected=recipient.expected()))
             return
 
     def _sniff_dicom(self, part, data, final: bool = False) -> None:
@@ -184,11 +186,14 @@ class EncryptionPolicy:
             except binascii.Error:
                 return
         if content[_DICOM_MAGIC_AT:_SNIFF_BYTES] == b"DICM":
-            self._refuse(CLEARTEXT_DICOM.format(where=_describe(part) + " (DICM file signature)"))
+            self._refuse("cleartext_dicom", CLEARTEXT_DICOM.format(where=_describe(part) + " (DICM file signature)"))
 
-    def _refuse(self, reply: str) -> None:
+    def _malformed(self, reason: str) -> None:
+        self._refuse("malformed", MALFORMED.format(reason=reason))
+
+    def _refuse(self, reason: str, reply: str) -> None:
         if self.reply is None:
-            self.reply = reply
+            self.reply, self.reason = reply, reason
         self._sniff.clear()
 
 

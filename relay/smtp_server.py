@@ -582,6 +582,7 @@ class HubSMTP(SMTP):
         elif tx.policy is not None and tx.policy.reply is not None:
             message.discard()
             reply = tx.policy.reply
+            metrics.encryption_refusal(tx.policy.reason)
             log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
                      site.name if site else "-", reply)
         else:

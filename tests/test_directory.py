@@ -8,6 +8,7 @@ import poplib
 import re
 import smtplib
 import time
+import urllib.request
 
 import pytest
 
@@ -176,6 +177,8 @@ def test_directory_by_mail_is_signed_by_the_hub_key(hub, gpg, tmp_path):
         other.close()
     # the request itself is not stored anywhere
     assert hub.query("SELECT count(*) FROM messages") == [(1,)]
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10).read().decode()
+    assert 'mailhub_directory_mails_total{kind="reply"} 1.0' in scraped
 
 
 def test_directory_address_is_for_sites_only(hub):

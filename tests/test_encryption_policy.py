@@ -8,6 +8,7 @@ import os
 import smtplib
 import subprocess
 import time
+import urllib.request
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -159,6 +160,9 @@ def test_smtp_policy_end_to_end(keyed_hub, gpg):
     # a refused mail is not stored; the two accepted ones are
     assert hub.query("SELECT count(*) FROM mailbox") == [(2,)]
     assert "refused by the encryption policy" in hub.log_text()
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10).read().decode()
+    assert 'mailhub_encryption_refusals_total{reason="wrong_key"} 1.0' in scraped
+    assert 'mailhub_encryption_refusals_total{reason="cleartext_dicom"} 1.0' in scraped
 
     # exempt: a DSN (null sender), an MDN, a request to the directory
     mdn = dicom_mail().replace(b"multipart/mixed;", b"multipart/report; report-type=disposition-notification;")
