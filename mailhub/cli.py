@@ -106,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(cfg) -> int:
     import uvloop
 
+    from directory import DirectoryError
+
     from .logsetup import setup_logging
     from .server import serve
 
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         uvloop.run(serve(cfg))
-    except OSError as exc:
+    except (OSError, DirectoryError) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0

@@ -255,3 +255,13 @@ def test_the_directory_address_cannot_be_given_to_a_site(make_hub):
     result = hub.cli("site", "add", "dir", "--address", "Directory@hub.test", "--password-stdin",
                      stdin="pw\n", check=False)
     assert result.returncode == 1 and "participant directory" in result.stderr
+
+
+def test_a_damaged_hub_key_stops_the_start_with_one_line(make_hub):
+    hub = make_hub()
+    hub.data_dir.mkdir(parents=True)
+    (hub.data_dir / "hub-signing-key.asc").write_text("not a key\n")
+    with pytest.raises(AssertionError) as failed:
+        hub.start()
+    assert "mailhub: cannot start: not an OpenPGP key" in str(failed.value)
+    assert "Traceback" not in hub.log_text()
