@@ -4,8 +4,9 @@
 # non-text part outside an encrypted one whose content starts with the DICOM preamble and "DICM"),
 # multipart/encrypted that is not well-formed PGP/MIME (RFC 3156), and PGP/MIME whose public-key
 # packets do not name a current or grace-period encryption key of every recipient site. It never
-# decrypts and never sees a private key; exemptions (DSNs, MDNs, directory requests) are decided
-# by the caller, which then attaches no policy at all.
+# decrypts and never sees a private key. Exempt: reports (DSNs, MDNs) recognised here by their
+# top-level multipart/report type; null-sender mails and directory requests are left out by the
+# caller, which then attaches no policy at all.
 import binascii
 import time
 from dataclasses import dataclass
