@@ -48,10 +48,13 @@ def load_pgpy_key(data: bytes):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            key, _ = pgpy.PGPKey.from_blob(data if b"-----BEGIN PGP" not in data[:4096]
-                                           else data.decode("ascii", "replace"))
+            key, loaded = pgpy.PGPKey.from_blob(data if b"-----BEGIN PGP" not in data[:4096]
+                                                else data.decode("ascii", "replace"))
         except Exception as exc:  # pgpy raises ValueError, PGPError, NotImplementedError, ...
             raise DirectoryError(f"not an OpenPGP key: {exc}") from None
+    if len(loaded) > 1:
+        raise DirectoryError(f"{len(loaded)} keys given where one is needed; export only the site's key"
+                             " (gpg --armor --export FINGERPRINT)")
     return key
 
 

@@ -142,7 +142,10 @@ def test_bad_keys_are_refused_with_a_clear_message(make_hub, gpg, tmp_path):
     secret.write_bytes(gpg.run("--armor", "--export-secret-keys", fpr).stdout)
     junk = tmp_path / "junk.asc"
     junk.write_text("hello\n")
-    for path, text in ((secret, "private key"), (junk, "not an OpenPGP key"),
+    gpg.new_key("other <other@hub.test>")
+    two = tmp_path / "two.asc"
+    two.write_bytes(gpg.run("--armor", "--export").stdout)
+    for path, text in ((secret, "private key"), (junk, "not an OpenPGP key"), (two, "2 keys given"),
                        (tmp_path / "missing.asc", "cannot read")):
         result = hub.cli("site", "key", "import", "alpha", str(path), check=False)
         assert result.returncode == 1 and text in result.stderr and "Traceback" not in result.stderr, result
