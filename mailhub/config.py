@@ -87,6 +87,13 @@ def parse_size(value: Any) -> int:
     return octets
 
 
+def _zero_or_more(value: Any) -> float:
+    """A number >= 0 (0 turns the thing off)."""
+    if not isinstance(value, bool) and value in (0, "0", "0.0"):
+        return 0.0
+    return _number(value)
+
+
 def _fraction(value: Any) -> float:
     number = _number(value) if value not in (0, "0") else 0.0
     if number > 10:
@@ -204,7 +211,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("log", "format"): Option(_choice("text", "json"), "text"),
     ("directory", "address"): Option(_local_part, "directory"),
     ("directory", "notify_on_change"): Option(_bool, True),
-    ("directory", "key_grace_days"): Option(_number, 14),
+    ("directory", "key_grace_days"): Option(_zero_or_more, 14),
     ("encryption", "required"): Option(_bool, True),
     ("encryption", "allow_hidden_recipients"): Option(_bool, False),
 }
