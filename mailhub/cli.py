@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("name")
     for name in _LIMIT_OPTIONS:
         limits.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
+    _directory_parsers(commands, site_commands, common)
     return parser
 
 
@@ -56,6 +57,31 @@ _LIMIT_OPTIONS = {
     "received_per_day": ("size", True), "received_per_month": ("size", True),
     "max_drain_time": ("seconds", False), "downlink": ("size/s", False),
 }
+
+
+def _directory_parsers(commands, site_commands, common) -> None:
+    key = site_commands.add_parser("key", help="a site's OpenPGP public key")
+    key_commands = key.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
+    key_import = key_commands.add_parser("import", parents=[common],
+                                         help="make FILE (armored or binary public key) the site's current key")
+    key_import.add_argument("name")
+    key_import.add_argument("file")
+    key_show = key_commands.add_parser("show", parents=[common], help="show the site's current and previous keys")
+    key_show.add_argument("name")
+    key_show.add_argument("--armor", action="store_true", help="also print the current key, armored")
+    key_show.add_argument("--json", action="store_true")
+    policy = site_commands.add_parser("policy", parents=[common], help="override the encryption policy for a site")
+    policy.add_argument("name")
+    policy.add_argument("--encryption", required=True, choices=["on", "off", "default"])
+
+    directory = commands.add_parser("directory", help="the participant directory and the hub's signing key")
+    directory_commands = directory.add_subparsers(dest="directory_command", required=True, metavar="SUBCOMMAND")
+    directory_commands.add_parser("fingerprint", parents=[common],
+                                  help="the hub signing key's fingerprint (creates the key if missing)")
+    export = directory_commands.add_parser("export", parents=[common], help="write the participant directory")
+    export.add_argument("--output", metavar="FILE", help="file to write (default: standard output)")
+    export.add_argument("--format", choices=["json", "text", "signed"], default="json",
+                        help="json (default), text, or signed: the PGP/MIME multipart/signed entity")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(cfg)
+    if args.command == "directory" or args.site_command in ("key", "policy"):
+        from .directory_cli import directory_command
+
+        return directory_command(cfg, args)
     return _site_command(cfg, args)
 
 
 def _serve(cfg) -> int:
     import uvloop
+
+    from directory import DirectoryError
 
     from .logsetup import setup_logging
     from .server import serve
@@ -82,7 +114,7 @@ def _serve(cfg) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         uvloop.run(serve(cfg))
-    except OSError as exc:
+    except (OSError, DirectoryError) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
@@ -99,6 +131,9 @@ def _site_command(cfg, args) -> int:
     try:
         action = args.site_command
         if action == "add":
+            reserved = [a for a in args.address if a.rpartition("@")[0].lower() == cfg.directory.address]
+            if reserved:
+                raise SiteError(f"address {reserved[0]!r} is the participant directory's (directory.address)")
             site = sites.add_site(conn, args.name, args.address, _read_password(args), cfg.domain)
             print(f"site {site.name} added with address(es) {', '.join(site.addresses)}")
         elif action == "passwd":

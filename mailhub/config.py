@@ -4,6 +4,7 @@
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,13 @@ def parse_size(value: Any) -> int:
     return octets
 
 
+def _zero_or_more(value: Any) -> float:
+    """A number >= 0 (0 turns the thing off)."""
+    if not isinstance(value, bool) and value in (0, "0", "0.0"):
+        return 0.0
+    return _number(value)
+
+
 def _fraction(value: Any) -> float:
     number = _number(value) if value not in (0, "0") else 0.0
     if number > 10:
@@ -133,6 +141,16 @@ def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"{_ATOM}(\.{_ATOM})*")
+
+
+def _local_part(value: Any) -> str:
+    if not isinstance(value, str) or not _DOT_ATOM.fullmatch(value):
+        raise ValueError(f"expected the local part of an address (before the @), got {value!r}")
+    return value.lower()
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,11 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("auth", "allow_plaintext"): Option(_bool, False),
     ("log", "level"): Option(_choice("debug", "info", "warning", "error"), "info"),
     ("log", "format"): Option(_choice("text", "json"), "text"),
+    ("directory", "address"): Option(_local_part, "directory"),
+    ("directory", "notify_on_change"): Option(_bool, True),
+    ("directory", "key_grace_days"): Option(_zero_or_more, 14),
+    ("encryption", "required"): Option(_bool, True),
+    ("encryption", "allow_hidden_recipients"): Option(_bool, False),
 }
 
 

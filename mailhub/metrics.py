@@ -66,6 +66,12 @@ SMTP_DEFERRALS = Counter(
     "mailhub_smtp_deferrals_total", "Recipients (at RCPT) and mails (at end of data) deferred with a 4xx by "
     "the quota and drain-time policy, by reason (drain_time, over_fair_share, mailbox_bytes, "
     "mailbox_messages, received_per_day, ...).", ["reason"], registry=REGISTRY)
+ENCRYPTION_REFUSALS = Counter(
+    "mailhub_encryption_refusals_total", "Mails refused by the encryption policy at the end of data, by reason "
+    "(cleartext_dicom, malformed, wrong_key, hidden_recipient).", ["reason"], registry=REGISTRY)
+DIRECTORY_MAILS = Counter(
+    "mailhub_directory_mails_total", "Signed participant-directory mails stored, by kind (reply to a request, "
+    "update after a change; an update is one mail for all sites).", ["kind"], registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 
@@ -78,6 +84,14 @@ def smtp_session(outcome: str) -> None:
 
 def smtp_refusal(command: str, reply: str) -> None:
     SMTP_REFUSALS.labels(command, reply[:3]).inc()
+
+
+def encryption_refusal(reason: str) -> None:
+    ENCRYPTION_REFUSALS.labels(reason).inc()
+
+
+def directory_mail(kind: str) -> None:
+    DIRECTORY_MAILS.labels(kind).inc()
 
 
 def smtp_deferral(reason: str) -> None:

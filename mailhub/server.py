@@ -6,6 +6,7 @@ import logging
 import signal
 import ssl
 
+from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
 from quotas import Throttle
 from relay import HubSMTP, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
@@ -39,20 +40,26 @@ async def serve(cfg) -> None:
     storage = Storage(cfg.data_dir)
     await storage.open()
     sites = SiteCache(cfg.data_dir)
+    keyring = KeyRing(cfg.data_dir)
     try:
-        await _run(cfg, storage, sites)
+        await _run(cfg, storage, sites, keyring)
     finally:
         await storage.close()
         sites.close()
+        keyring.close()
     log.info("stopped")
 
 
-async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
+async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> None:
     tls = tls_context(cfg)
     throttle = Throttle(settings_from_config(cfg))
     feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
     await feeder.start()
-    smtp = SmtpContext(cfg, storage, sites, tls, throttle)
+    hub_key = await asyncio.get_running_loop().run_in_executor(
+        None, load_or_create_hub_key, cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}")
+    log.info("directory signing key %s", hub_key.fingerprint)
+    directory = DirectoryMailer(cfg, storage, hub_key)
+    smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
@@ -87,6 +94,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
         loop.add_signal_handler(signum, stop.set)
     housekeeping = asyncio.create_task(_housekeeping(storage))
     feeding = asyncio.create_task(feeder.run())
+    directory_updates = directory.start_updates()
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
     await stop.wait()
 
@@ -97,6 +105,8 @@ async def _run(cfg, storage: Storage, sites: SiteCache) -> None:
     await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
     feeding.cancel()
+    if directory_updates is not None:
+        directory_updates.cancel()
     metrics.close()
 
 

@@ -1,16 +1,20 @@
 # One message being received: decoded bytes go to a spool file through the size limit and the
-# header scanner. Never raises from write(): failures are remembered so that the caller can drain
-# the client's data and then give the matching reply.
+# header scanner, and to a streaming MIME parser when listeners want its events. Never raises from
+# write(): failures are remembered so that the caller can drain the client's data and then give
+# the matching reply.
 from storage import MessageMeta, Storage, StorageError
 
 from .message_scan import HeaderScanner
+from .mime_stream import MimeStreamParser
 
 
 class IncomingMessage:
-    __slots__ = ("spool", "headers", "size", "max_size", "too_big", "too_big_reply", "error")
+    __slots__ = ("spool", "headers", "size", "max_size", "too_big", "too_big_reply", "error", "mime")
 
-    def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str) -> None:
+    def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
         self.headers = HeaderScanner()
+        # the parser sees the bytes the client sent (after the hub's trace header)
+        self.mime = MimeStreamParser(_Listeners(listeners)) if listeners else None
         self.size = 0
         self.max_size = max_size
         self.too_big = False
@@ -50,7 +54,14 @@ class IncomingMessage:
             return
         if not self.headers.done:
             self.headers.feed(data)
+        if self.mime is not None:
+            self.mime.feed(data)
         self.spool.write(data)
+
+    def end_of_data(self) -> None:
+        """The client's data is complete: the MIME listeners get their last events."""
+        if self.mime is not None and not self.failed:
+            self.mime.close()
 
     def meta(self, mail_from: str, sender_site: int | None, dot_lines: bool) -> MessageMeta:
         self.headers.close()
@@ -66,3 +77,23 @@ class IncomingMessage:
     def discard(self) -> None:
         if self.spool is not None:
             self.spool.discard()
+
+
+class _Listeners:
+    """Hands each MIME parser event to several listeners, in order."""
+    __slots__ = ("listeners",)
+
+    def __init__(self, listeners) -> None:
+        self.listeners = tuple(listeners)
+
+    def part_start(self, part) -> None:
+        for listener in self.listeners:
+            listener.part_start(part)
+
+    def part_body(self, part, data) -> None:
+        for listener in self.listeners:
+            listener.part_body(part, data)
+
+    def part_end(self, part) -> None:
+        for listener in self.listeners:
+            listener.part_end(part)

@@ -38,10 +38,15 @@ NO_ROUTE = "550 5.1.2 No route to that domain"
 BAD_ADDRESS = "553 5.1.3 Malformed address"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated site"
 MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+DIRECTORY_SITES_ONLY = "550 5.7.1 The directory answers authenticated sites only"
 
 
 def queued(queue_id: str) -> str:
     return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+def directory_queued(queue_id: str) -> str:
+    return f"250 2.0.0 Ok: directory sent to your mailbox, queued as {queue_id}"
 
 
 def chunk_received(size: int) -> str:

@@ -16,6 +16,7 @@ from email.utils import formatdate
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 
+from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing, policy_for
 from mailhub import metrics
 from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError
@@ -48,18 +49,27 @@ class Transaction(Envelope):
         self.bdat_dots: DotLineScanner | None = None
         self.bdat_failed = False
         self.pacer: Pacer | None = None           # reads DATA/BDAT bytes no faster than allowed
+        self.directory_request = False  # directory@<local domain> was a recipient
+        self.policy: EncryptionPolicy | None = None
+
+    @property
+    def has_recipients(self) -> bool:
+        return bool(self.deliveries) or self.directory_request
 
 
 class SmtpContext:
     """What all SMTP connections share: config, storage, sites, limits, live connections."""
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle):
+                 throttle: Throttle, directory: DirectoryMailer | None = None,
+                 keyring: KeyRing | None = None):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
         self.throttle = throttle
         self.tls_context = tls_context
+        self.directory = directory
+        self.keyring = keyring
         self.connections: set["HubSMTP"] = set()
         self.per_ip: collections.Counter = collections.Counter()
         self.shutting_down = False
@@ -349,6 +359,9 @@ class HubSMTP(SMTP):
             metrics.smtp_refusal("rcpt", R.TOO_MANY_RECIPIENTS)
             await self.push(R.TOO_MANY_RECIPIENTS)
             return
+        if self.ctx.directory is not None and self.ctx.directory.is_directory_address(address):
+            await self._directory_recipient(address)
+            return
         refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
                                           self.ctx.sites.by_address)
         if refusal:
@@ -378,6 +391,16 @@ class HubSMTP(SMTP):
             metrics.smtp_deferral(verdict.reason)
         log.info("%s site=%s: %s refused %s: %s", self._peer_ip, self._site.name if self._site else "-", what,
                  verdict.reply[:9], verdict.log_text())
+
+    async def _directory_recipient(self, address: str) -> None:
+        """directory@<local domain>: answered with the signed participant list, to sites only."""
+        if self._site is None:
+            metrics.smtp_refusal("rcpt", R.DIRECTORY_SITES_ONLY)
+            await self.push(R.DIRECTORY_SITES_ONLY)
+            return
+        self.envelope.directory_request = True
+        self.envelope.rcpt_tos.append(address)
+        await self.reply_pipelined(R.RECIPIENT_OK)
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
@@ -428,7 +451,7 @@ class HubSMTP(SMTP):
         if self.envelope.bdat is not None or self.envelope.bdat_failed:
             await self.push(R.DATA_AFTER_BDAT)
             return
-        if not self.envelope.deliveries:
+        if not self.envelope.has_recipients:
             await self.push(R.NEED_RCPT if self.envelope.mail_from is not None else R.NEED_MAIL)
             return
         self._in_data = True
@@ -465,7 +488,7 @@ class HubSMTP(SMTP):
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
         size, last = int(words[0]), len(words) == 2
         tx = self.envelope
-        usable = bool(self.session.host_name and tx.deliveries and not tx.bdat_failed)
+        usable = bool(self.session.host_name and tx.has_recipients and not tx.bdat_failed)
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
@@ -514,13 +537,25 @@ class HubSMTP(SMTP):
                 await pacer.after_read(len(chunk))
 
     def _new_message(self) -> IncomingMessage:
-        """A message to receive, stopped (and drained) at the size limit or the receivers' room."""
+        """A message to receive, stopped (and drained) at the size limit or the receivers' room,
+        checked by the encryption policy as it streams when that applies."""
+        tx = self.envelope
         max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
-        limit = self.ctx.throttle.stream_limit(self.envelope, self._site, self.envelope.receivers,
-                                              time.time())
+        limit = self.ctx.throttle.stream_limit(tx, self._site, tx.receivers, time.time())
         if limit is not None and limit[0] < max_size:
             max_size, reply = limit
-        return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply)
+        tx.policy = self._encryption_policy()
+        return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply,
+                               [tx.policy] if tx.policy is not None else ())
+
+    def _encryption_policy(self) -> EncryptionPolicy | None:
+        """The policy for this transaction's recipient sites. Exempt: directory requests (no
+        deliveries) and notifications with the null sender (DSNs); MDNs are recognised by the
+        policy itself from their multipart/report type."""
+        tx = self.envelope
+        if self.ctx.keyring is None or not tx.deliveries or tx.mail_from == "":
+            return None
+        return policy_for(tx.receivers, self.ctx.keyring, self.ctx.cfg)
 
     def _trace_header(self, queue_id: str) -> bytes:
         protocol = "ESMTP" if self.session.extended_smtp else "SMTP"
@@ -539,10 +574,17 @@ class HubSMTP(SMTP):
         tx = self.envelope
         site = self._site
         started = time.monotonic()
+        message.end_of_data()
         if message.failed and message.too_big:
             reply = message.too_big_reply
         elif message.error is not None:
             reply = message.error.reply
+        elif tx.policy is not None and tx.policy.reply is not None:
+            message.discard()
+            reply = tx.policy.reply
+            metrics.encryption_refusal(tx.policy.reason)
+            log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
+                     site.name if site else "-", reply)
         else:
             meta = message.meta(tx.mail_from, site.id if site else None, dot_lines)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
@@ -556,12 +598,7 @@ class HubSMTP(SMTP):
                 message.discard()
                 reply = verdict.reply
             else:
-                try:
-                    await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
-                    throttle.admitted(site, tx.receivers, part, time.time())
-                    reply = R.queued(message.queue_id)
-                except StorageError as exc:
-                    reply = exc.reply
+                reply = await self._store(message, meta, part)
         elapsed = time.monotonic() - started
         sites = self.ctx.sites
         metrics.smtp_transaction(reply, message.size, site.name if site else None,
@@ -573,6 +610,34 @@ class HubSMTP(SMTP):
                  message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
                  elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
         return reply
+
+    async def _store(self, message: IncomingMessage, meta, part: SetPart) -> str:
+        """Commit the message to its recipients' mailboxes and answer a directory request."""
+        tx = self.envelope
+        try:
+            if tx.deliveries:
+                await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
+                self.ctx.throttle.admitted(self._site, tx.receivers, part, time.time())
+            else:
+                message.discard()  # a request to the directory only: nothing to keep
+            if tx.directory_request:
+                directory_reply = await self._answer_directory_request(meta.message_id)
+                if not tx.deliveries:
+                    return directory_reply
+            return R.queued(message.queue_id)
+        except StorageError as exc:
+            return exc.reply
+
+    async def _answer_directory_request(self, message_id: str | None) -> str:
+        site = self._site
+        address = self.envelope.mail_from or site.addresses[0]
+        try:
+            queue_id = await self.ctx.directory.reply(site, address, message_id)
+        except DirectoryError as exc:
+            log.error("directory reply to %s failed: %s", site.name, exc)
+            return R.INTERNAL_ERROR
+        log.info("directory sent to site=%s rcpt=<%s> qid=%s", site.name, _printable(address), queue_id)
+        return R.directory_queued(queue_id)
 
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
         if reset:

@@ -189,3 +189,50 @@ BEGIN
         UNION ALL SELECT NEW.sender_site, strftime('%Y-%m', NEW.received_at, 'unixepoch'), NEW.size WHERE true
         ON CONFLICT (site_id, period) DO UPDATE SET submitted_bytes = submitted_bytes + excluded.submitted_bytes;
 END;
+
+-- ---- Participant directory and encryption policy (directory/) -------------------------------
+-- OpenPGP public keys of the sites: one current key (retired_at NULL) and the keys it replaced,
+-- which stay valid for encryption during a grace period after retired_at.
+-- encryption_key_ids: space-separated 16-hex-digit IDs of the key's encryption-capable
+-- (sub)keys, the IDs that PKESK packets of mails to the site name.
+CREATE TABLE IF NOT EXISTS site_keys (
+    id                 INTEGER PRIMARY KEY,
+    site_id            INTEGER NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
+    fingerprint        TEXT NOT NULL,
+    encryption_key_ids TEXT NOT NULL,
+    armored            TEXT NOT NULL,
+    imported_at        REAL NOT NULL,
+    retired_at         REAL
+);
+CREATE INDEX IF NOT EXISTS site_keys_site ON site_keys (site_id, retired_at);
+
+-- Per-site override of the hub's encryption policy ('on' or 'off'; no row = the hub's default).
+CREATE TABLE IF NOT EXISTS site_policy (
+    site_id    INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    encryption TEXT NOT NULL CHECK (encryption IN ('on', 'off'))
+);
+
+-- directory_version counts changes of what the participant list shows (sites, addresses, keys);
+-- the server adds directory_sent_version on its first start (so that the sites present then get
+-- no update) and then moves it to the version whose update every site was sent, in the same
+-- transaction as the update mail. keys_version tells the server's key cache to reload (keys and
+-- policy overrides).
+INSERT OR IGNORE INTO meta (key, value) VALUES ('directory_version', 0), ('keys_version', 0);
+CREATE TRIGGER IF NOT EXISTS directory_sites_ins AFTER INSERT ON sites
+BEGIN UPDATE meta SET value = value + 1 WHERE key IN ('directory_version', 'keys_version'); END;
+CREATE TRIGGER IF NOT EXISTS directory_sites_del AFTER DELETE ON sites
+BEGIN UPDATE meta SET value = value + 1 WHERE key IN ('directory_version', 'keys_version'); END;
+CREATE TRIGGER IF NOT EXISTS directory_addresses_ins AFTER INSERT ON addresses
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'directory_version'; END;
+CREATE TRIGGER IF NOT EXISTS directory_addresses_del AFTER DELETE ON addresses
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'directory_version'; END;
+CREATE TRIGGER IF NOT EXISTS directory_keys_ins AFTER INSERT ON site_keys
+BEGIN UPDATE meta SET value = value + 1 WHERE key IN ('directory_version', 'keys_version'); END;
+CREATE TRIGGER IF NOT EXISTS directory_keys_upd AFTER UPDATE ON site_keys
+BEGIN UPDATE meta SET value = value + 1 WHERE key IN ('directory_version', 'keys_version'); END;
+CREATE TRIGGER IF NOT EXISTS directory_policy_ins AFTER INSERT ON site_policy
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'keys_version'; END;
+CREATE TRIGGER IF NOT EXISTS directory_policy_upd AFTER UPDATE ON site_policy
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'keys_version'; END;
+CREATE TRIGGER IF NOT EXISTS directory_policy_del AFTER DELETE ON site_policy
+BEGIN UPDATE meta SET value = value + 1 WHERE key = 'keys_version'; END;

@@ -73,6 +73,7 @@ class _Pending:
     deliveries: list[Delivery]
     received_at: float
     done: asyncio.Future
+    mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
 
 
 class Storage:
@@ -136,16 +137,31 @@ class Storage:
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.spool_dir, new_queue_id(), self.executor)
 
-    async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery]) -> None:
-        """Make the spooled message durable and put it into the recipients' mailboxes."""
+    async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery],
+                     mark: tuple[str, int] | None = None) -> None:
+        """Make the spooled message durable and put it into the recipients' mailboxes (and set the
+        meta row `mark` in the same index transaction)."""
         received_at = time.time()
         await spool.sync(self.blob_dir / blob_name(spool.queue_id, received_at))
         spool.handed_over = True
-        item = _Pending(spool, meta, deliveries, received_at, asyncio.get_running_loop().create_future())
+        item = _Pending(spool, meta, deliveries, received_at, asyncio.get_running_loop().create_future(), mark)
         self._pending.append(item)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
         await asyncio.shield(item.done)
+
+    async def store_generated(self, data: bytes, meta: MessageMeta, deliveries: list[Delivery],
+                              mark: tuple[str, int] | None = None) -> str:
+        """Put a small message made by the hub itself (CRLF, not dot-stuffed) into mailboxes through
+        the same spool -> sync -> commit path as received mail; returns its queue ID."""
+        spool = self.new_spool()
+        spool.write(data)
+        try:
+            await self.commit(spool, meta, deliveries, mark)
+        except BaseException:
+            spool.discard()
+            raise
+        return spool.queue_id
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -197,6 +213,8 @@ class Storage:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
             conn.executemany(
                 "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             [item.mark for item in batch if item.mark is not None])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -110,6 +110,9 @@ def hub_env(data_dir: Path, **overrides: str) -> dict:
         "MAILHUB_IMAP_LISTEN": "127.0.0.1:0",
         "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
         "MAILHUB_SHUTDOWN_TIMEOUT": "10",
+        # Directory update mails would add a mail to every mailbox whenever a test adds a site;
+        # the directory tests turn them on.
+        "MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE": "false",
         "PYTHONPATH": str(REPO),
     })
     env.update(overrides)

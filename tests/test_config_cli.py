@@ -127,6 +127,11 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("auth", "allow_plaintext"): ("yes", True),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
+        ("directory", "address"): ("Participants", "participants"),
+        ("directory", "notify_on_change"): ("off", False),
+        ("directory", "key_grace_days"): ("0.5", 0.5),
+        ("encryption", "required"): ("false", False),
+        ("encryption", "allow_hidden_recipients"): ("true", True),
     }
 
 

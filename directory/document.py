@@ -1,0 +1,71 @@
+# The participant directory document: per site its name, addresses, current key fingerprint and
+# armored public key, as a dict (serialised as JSON) and as readable text. Pure functions plus one
+# synchronous read of the index; signing and mailing live elsewhere.
+import json
+import sqlite3
+import time
+
+from storage.sites import list_sites
+
+from .keys import site_keys
+
+FORMAT = "dicom-mail-hub-directory/1"
+
+
+def read_document(conn: sqlite3.Connection, hub_fingerprint: str, domains: list[str],
+                  directory_local_part: str, now: float | None = None) -> dict:
+    """The directory as the index holds it now."""
+    version = conn.execute("SELECT value FROM meta WHERE key = 'directory_version'").fetchone()[0]
+    participants = []
+    for site in list_sites(conn):
+        keys = site_keys(conn, site.id)
+        current = keys[0] if keys and keys[0].retired_at is None else None
+        participants.append({
+            "name": site.name,
+            "addresses": site.addresses,
+            "key_fingerprint": current.fingerprint if current else None,
+            "encryption_key_ids": list(current.encryption_key_ids) if current else [],
+            "key_imported_at": timestamp(current.imported_at) if current else None,
+            "public_key": current.armored if current else None,
+        })
+    return {
+        "format": FORMAT,
+        "version": version,
+        "generated_at": timestamp(time.time() if now is None else now),
+        "hub": {"fingerprint": hub_fingerprint,
+                "directory_addresses": [f"{directory_local_part}@{d}" for d in domains]},
+        "participants": participants,
+    }
+
+
+def to_json(document: dict) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=True) + "\n"
+
+
+def to_text(document: dict) -> str:
+    hub = document["hub"]
+    lines = ["DICOM Mail Hub - participant directory",
+             f"Version {document['version']}, generated {document['generated_at']}.",
+             f"Signed by the hub key {group_fingerprint(hub['fingerprint'])}.",
+             f"Ask for it again by mail to {', '.join(hub['directory_addresses'])}.",
+             f"{len(document['participants'])} participant(s):", ""]
+    for site in document["participants"]:
+        lines.append(f"* {site['name']}")
+        lines.append(f"  addresses: {', '.join(site['addresses'])}")
+        if site["key_fingerprint"] is None:
+            lines += ["  key:       none registered (mails to this site cannot be encrypted yet)", ""]
+            continue
+        lines.append(f"  key:       {group_fingerprint(site['key_fingerprint'])}")
+        lines.append(f"  imported:  {site['key_imported_at']}")
+        lines += ["", *site["public_key"].strip().splitlines(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def group_fingerprint(fingerprint: str) -> str:
+    """GnuPG's way of showing a fingerprint: groups of four hex digits."""
+    return " ".join(fingerprint[i:i + 4] for i in range(0, len(fingerprint), 4))
+
+
+def timestamp(seconds: float) -> str:
+    """ISO 8601 UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

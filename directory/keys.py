@@ -1,0 +1,176 @@
+# Sites' OpenPGP public keys in the index: import (the previous key is retired and stays valid for
+# encryption during a grace period), listing, the per-site encryption policy override, and the
+# server's in-memory copy reloaded when the CLI changes any of them. Only public keys are stored;
+# a private key given by mistake is refused, never written.
+import sqlite3
+import time
+import warnings
+from dataclasses import dataclass
+
+from storage import db
+from storage.sites import get_site
+
+with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import pgpy
+    from pgpy.constants import KeyFlags, PubKeyAlgorithm
+
+from .errors import DirectoryError
+
+_RELOAD_SECONDS = 0.5
+_ENCRYPTING_ALGORITHMS = {PubKeyAlgorithm.RSAEncryptOrSign, PubKeyAlgorithm.RSAEncrypt,
+                          PubKeyAlgorithm.ElGamal, PubKeyAlgorithm.ECDH}
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    fingerprint: str                 # 40 hex digits, upper case
+    encryption_key_ids: tuple[str, ...]  # 16 hex digits each, upper case
+    armored: str
+    user_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SiteKey:
+    fingerprint: str
+    encryption_key_ids: tuple[str, ...]
+    armored: str
+    imported_at: float
+    retired_at: float | None         # None: the site's current key
+
+    def usable(self, now: float, grace_seconds: float) -> bool:
+        """Mails may be encrypted to it: the current key, or a previous one within the grace period."""
+        return self.retired_at is None or now < self.retired_at + grace_seconds
+
+
+def load_pgpy_key(data: bytes):
+    """A pgpy key from armored or binary data (DirectoryError if it is none)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            key, loaded = pgpy.PGPKey.from_blob(data if b"-----BEGIN PGP" not in data[:4096]
+                                                else data.decode("ascii", "replace"))
+        except Exception as exc:  # pgpy raises ValueError, PGPError, NotImplementedError, ...
+            raise DirectoryError(f"not an OpenPGP key: {exc}") from None
+    if len(loaded) > 1:
+        raise DirectoryError(f"{len(loaded)} keys given where one is needed; export only the site's key"
+                             " (gpg --armor --export FINGERPRINT)")
+    return key
+
+
+def parse_public_key(data: bytes) -> ParsedKey:
+    key = load_pgpy_key(data)
+    if not key.is_public:
+        raise DirectoryError("this is a private key; export and import the public key only"
+                             " (gpg --armor --export NAME)")
+    ids = tuple(k.fingerprint.keyid.upper() for k in (key, *key.subkeys.values()) if _can_encrypt(k))
+    if not ids:
+        raise DirectoryError(f"key {key.fingerprint} has no usable encryption key (add an encryption subkey)")
+    armored = data.decode("ascii") if data.lstrip().startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK") else str(key)
+    return ParsedKey(str(key.fingerprint).replace(" ", "").upper(), ids, armored.replace("\r\n", "\n"),
+                     tuple(str(uid.userid) for uid in key.userids))
+
+
+def _can_encrypt(key) -> bool:
+    if key.is_expired:
+        return False
+    flags = key._get_key_flags()  # the self-signature's (or binding signature's) key flags
+    if flags:
+        return bool(flags & {KeyFlags.EncryptCommunications, KeyFlags.EncryptStorage})
+    return key.key_algorithm in _ENCRYPTING_ALGORITHMS
+
+
+def import_key(conn: sqlite3.Connection, site_name: str, data: bytes, now: float | None = None) -> ParsedKey:
+    """Make the key the site's current one; the current key becomes the previous one."""
+    parsed = parse_public_key(data)
+    now = time.time() if now is None else now
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        site = get_site(conn, site_name)
+        current = conn.execute("SELECT fingerprint FROM site_keys WHERE site_id = ? AND retired_at IS NULL",
+                               (site.id,)).fetchone()
+        if current and current[0] == parsed.fingerprint:
+            raise DirectoryError(f"key {parsed.fingerprint} is already the current key of site {site_name}")
+        conn.execute("UPDATE site_keys SET retired_at = ? WHERE site_id = ? AND retired_at IS NULL",
+                     (now, site.id))
+        conn.execute("INSERT INTO site_keys (site_id, fingerprint, encryption_key_ids, armored, imported_at)"
+                     " VALUES (?, ?, ?, ?, ?)",
+                     (site.id, parsed.fingerprint, " ".join(parsed.encryption_key_ids), parsed.armored, now))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return parsed
+
+
+def site_keys(conn: sqlite3.Connection, site_id: int) -> list[SiteKey]:
+    """The site's keys, current first, then the previous ones, newest first."""
+    return [_key(row) for row in conn.execute(
+        "SELECT fingerprint, encryption_key_ids, armored, imported_at, retired_at FROM site_keys"
+        " WHERE site_id = ? ORDER BY retired_at IS NOT NULL, coalesce(retired_at, 0) DESC, id DESC",
+        (site_id,))]
+
+
+def _key(row) -> SiteKey:
+    fingerprint, ids, armored, imported_at, retired_at = row
+    return SiteKey(fingerprint, tuple(ids.split()), armored, imported_at, retired_at)
+
+
+POLICY_CHOICES = ("on", "off", "default")
+
+
+def set_policy(conn: sqlite3.Connection, site_name: str, encryption: str) -> None:
+    """Override the hub's encryption policy for one site ('on', 'off'), or follow it ('default')."""
+    if encryption not in POLICY_CHOICES:
+        raise DirectoryError(f"encryption policy must be one of {', '.join(POLICY_CHOICES)}")
+    site = get_site(conn, site_name)
+    if encryption == "default":
+        conn.execute("DELETE FROM site_policy WHERE site_id = ?", (site.id,))
+    else:
+        conn.execute("INSERT INTO site_policy (site_id, encryption) VALUES (?, ?) ON CONFLICT (site_id)"
+                     " DO UPDATE SET encryption = excluded.encryption", (site.id, encryption))
+
+
+def policy_override(conn: sqlite3.Connection, site_id: int) -> str | None:
+    row = conn.execute("SELECT encryption FROM site_policy WHERE site_id = ?", (site_id,)).fetchone()
+    return row[0] if row else None
+
+
+class KeyRing:
+    """The server's view of every site's keys and policy override, reloaded when keys_version moves."""
+
+    def __init__(self, data_dir):
+        self._conn = db.connect(data_dir)
+        self._version = -1
+        self._checked_at = 0.0
+        self._keys: dict[int, list[SiteKey]] = {}
+        self._policy: dict[int, str] = {}
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < _RELOAD_SECONDS:
+            return
+        self._checked_at = now
+        version = self._conn.execute("SELECT value FROM meta WHERE key = 'keys_version'").fetchone()[0]
+        if version == self._version:
+            return
+        keys: dict[int, list[SiteKey]] = {}
+        for row in self._conn.execute(
+                "SELECT site_id, fingerprint, encryption_key_ids, armored, imported_at, retired_at FROM site_keys"
+                " ORDER BY site_id, retired_at IS NOT NULL, coalesce(retired_at, 0) DESC, id DESC"):
+            keys.setdefault(row[0], []).append(_key(row[1:]))
+        self._keys = keys
+        self._policy = dict(self._conn.execute("SELECT site_id, encryption FROM site_policy"))
+        self._version = version
+
+    def keys(self, site_id: int) -> list[SiteKey]:
+        self._refresh()
+        return self._keys.get(site_id, [])
+
+    def encryption_required(self, site_id: int, hub_default: bool) -> bool:
+        self._refresh()
+        override = self._policy.get(site_id)
+        return hub_default if override is None else override == "on"
