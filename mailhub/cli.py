@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     passwd = site_commands.add_parser("passwd", parents=[common], help="set a site's password")
     passwd.add_argument("name")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    verify = site_commands.add_parser("verify", parents=[common],
+                                      help="check a password against a site's (exit 0 matches, 1 differs)")
+    verify.add_argument("name")
+    verify.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     remove = site_commands.add_parser("remove", parents=[common], help="remove a site and its mailbox")
     remove.add_argument("name")
     limits = site_commands.add_parser(
@@ -122,6 +126,7 @@ def _serve(cfg) -> int:
 
 def _site_command(cfg, args) -> int:
     from storage import SiteError, db, sites, usage
+    from storage.passwords import verify_password
 
     try:
         conn = db.connect(cfg.data_dir)
@@ -139,6 +144,11 @@ def _site_command(cfg, args) -> int:
         elif action == "passwd":
             sites.set_password(conn, args.name, _read_password(args))
             print(f"password of site {args.name} changed")
+        elif action == "verify":
+            if not verify_password(_read_password(args), sites.get_site(conn, args.name).password_hash):
+                print(f"password of site {args.name} differs")
+                return EXIT_FAILED
+            print(f"password of site {args.name} matches")
         elif action == "remove":
             dropped = sites.remove_site(conn, args.name)
             print(f"site {args.name} removed ({dropped} mail(s) in its mailbox dropped)")
