@@ -378,6 +378,23 @@ def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployme
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_install_from_a_git_checkout_over_the_wheel(deployment):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    from_git = {"mailhub_install_from": "git", "mailhub_git_repo": str(REPO), "mailhub_git_version": head}
+    ok, changed, output = deployment.play("--tags", "mailhub_install", **from_git)
+    assert changed == 2, output[-4000:]          # the checkout, and pip installing it
+    assert "RUNNING HANDLER [mailhub : Check the hub's configuration]" in output
+    source = deployment.path("/opt/mailhub/src")
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                          check=True).stdout.strip() == head
+    (origin,) = deployment.path("/opt/mailhub/venv/lib").glob("python3*/site-packages/dicom_mail_hub-*.dist-info/"
+                                                              "direct_url.json")
+    assert json.loads(origin.read_text())["url"] == source.as_uri()
+    ok, changed, output = deployment.play("--tags", "mailhub_install", **from_git)
+    assert changed == 0, output[-4000:]
+
+
 def test_monitoring_targets_and_dashboard(deployment, tmp_path):
     targets_file = deployment.path("/etc/prometheus/file_sd/mailhub.yml")
     targets = yaml.safe_load(targets_file.read_text())
