@@ -88,6 +88,16 @@ def test_toml_filter_reads_back_as_written():
     expected.pop("empty")
     del expected["relay"]["routes"][0]["tls"]
     assert tomllib.loads(text) == expected
+    assert filters.limit_options({"mailbox_bytes": "10G", "max_drain_time": 600}) == [
+        "--mailbox-bytes", "10G", "--max-drain-time", "600"]
+    before = {"mailbox_bytes": {"limit": 10737418240, "source": "site"}, "max_drain_time": {"limit": 1800.0,
+              "source": "config"}, "downlink": {"limit": None, "source": "site"}}
+    reply = "limits of site a set: mailbox_bytes=10737418240, max_drain_time=default, downlink=unlimited\n"
+    assert not filters.limits_changed(before, reply)
+    assert filters.limits_changed(before, reply.replace("=10737418240", "=1024"))
+    assert filters.limits_changed(before, reply.replace("max_drain_time=default", "max_drain_time=1800.0"))
+    assert filters.limits_changed(before, reply.replace("downlink=unlimited", "downlink=default"))
+    assert filters.limits_changed({}, reply)
     assert filters.listen_ports({"smtp": {"listen": "0.0.0.0:25"}, "pop3": {"listen": "", "pop3s_listen": "[::]:995"},
                                  "metrics": {"listen": "127.0.0.1:9425"}, "domain": "x"}) == [25, 995, 9425]
 
@@ -311,6 +321,11 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     assert config["domain"] == ["hub.example.net"] and config["log"]["format"] == "json"
     assert Path(config["tls"]["cert_file"]).read_bytes() == deployment.cert.read_bytes()
     assert oct(Path(config["tls"]["key_file"]).stat().st_mode & 0o777) == "0o640"
+    shown = subprocess.run([deployment.path("/opt/mailhub/venv/bin/mailhub"), "site", "show", "clinic-a", "--json",
+                            "--config", config_file], capture_output=True, text=True, check=True).stdout
+    limits = json.loads(shown)["limits"]
+    assert limits["mailbox_bytes"] == {"limit": 200 * 1024**3, "source": "site", "used": 0}
+    assert (limits["max_drain_time"]["limit"], limits["submitted_per_day"]["limit"]) == (3600, None)
 
     unit = deployment.path("/etc/systemd/system/mailhub.service")
     service = _unit_service_section(unit)
@@ -422,3 +437,6 @@ def test_dashboard_has_a_datasource_variable_and_the_issue_panels():
             "mailhub_smtp_deferrals_total", "mailhub_smtp_ingest_duration_seconds_bucket",
             "mailhub_disk_free_bytes"} <= used
     assert all(name == "up" or name.startswith(("mailhub_", "process_")) for name in used), used
+    check = subprocess.run([sys.executable, str(REPO / "scripts" / "grafana_dashboard.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

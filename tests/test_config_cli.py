@@ -467,6 +467,17 @@ def test_passwords_are_stored_only_as_salted_scrypt_hashes(site_env, tmp_path):
         assert password.encode() not in path.read_bytes(), path
 
 
+def test_site_verify_tells_whether_a_password_matches(site_env):
+    ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="pw-one\n"))
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-one\n")) == (
+        "password of site alpha matches\n")
+    differs = site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")
+    assert (differs.returncode, differs.stdout, differs.stderr) == (1, "password of site alpha differs\n", "")
+    ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-two\n"))
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")).endswith("matches\n")
+    failed(site(site_env, "verify", "ghost", "--password-stdin", stdin="pw\n"), "no site named 'ghost'")
+
+
 # ---- a running hub sees site changes without a restart -----------------------------------------
 
 def until(check, within: float = 2.0):

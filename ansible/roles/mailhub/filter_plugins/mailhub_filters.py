@@ -1,5 +1,6 @@
 # Jinja filters of the mailhub role: render the hub's config file (TOML) from a dict in the file's
-# own shape, and list the TCP ports the config listens on (for CAP_NET_BIND_SERVICE in the unit).
+# own shape, list the TCP ports the config listens on (for CAP_NET_BIND_SERVICE in the unit), and
+# turn a site's limits into `mailhub site set` options and tell from its reply whether they changed.
 # Must never write a value TOML cannot read back as the same value: anything else is an error.
 import json
 import math
@@ -70,6 +71,36 @@ def listen_ports(document: Mapping) -> list[int]:
     return ports
 
 
+def limit_options(limits: Mapping) -> list[str]:
+    """{"mailbox_bytes": "10G", "max_drain_time": 600} -> ["--mailbox-bytes", "10G", "--max-drain-time", "600"]"""
+    options = []
+    for name, value in limits.items():
+        options += ["--" + str(name).replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return options
+
+
+def limits_changed(before: Mapping, reply: str) -> bool:
+    """Whether `mailhub site set` changed a limit: `reply` is its line "limits of site NAME set:
+    name=value, ..." (values normalised: octets, seconds, "unlimited" or "default"), `before` the
+    site's "limits" from `mailhub site list --json` ({} for a site just added)."""
+    _, found, assignments = reply.strip().partition(" set: ")
+    if not found:
+        return True
+    for assignment in assignments.split(", "):
+        name, _, value = assignment.partition("=")
+        old = before.get(name) or {}
+        if value == "default":
+            same = old.get("source") == "config"
+        elif value == "unlimited":
+            same = old.get("source") == "site" and old.get("limit") is None
+        else:
+            same = old.get("source") == "site" and old.get("limit") is not None and float(old["limit"]) == float(value)
+        if not same:
+            return True
+    return False
+
+
 class FilterModule:
     def filters(self):
-        return {"mailhub_toml": to_toml, "mailhub_listen_ports": listen_ports}
+        return {"mailhub_toml": to_toml, "mailhub_listen_ports": listen_ports,
+                "mailhub_limit_options": limit_options, "mailhub_limits_changed": limits_changed}
