@@ -190,6 +190,8 @@ class Deployment:
             "mailhub_service_log_file": str(self.prefix / "var" / "log" / "mailhub" / "mailhub.log"),
             "mailhub_service_environment": {"MAILHUB_SHUTDOWN_TIMEOUT": "5"},
             "mailhub_grafana_dashboards_dir": str(self.prefix / "var" / "lib" / "grafana" / "dashboards"),
+            "mailhub_config_extra": {"smtp": {"max_recipients": 50}},
+            "mailhub_hostname": None,               # left out of the file: the hub's default applies
         }
 
     def path(self, absolute: str) -> Path:
@@ -315,7 +317,9 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     config_file = deployment.path("/etc/mailhub/mailhub.toml")
     config = tomllib.loads(config_file.read_text())
     for section, key in SCHEMA:
-        assert key in (config.get(section, {}) if section else config), f"{section}.{key} not in the config file"
+        if (section, key) != ("", "hostname"):
+            assert key in (config.get(section, {}) if section else config), f"{section}.{key} not in the config file"
+    assert "hostname" not in config and config["smtp"]["max_recipients"] == 50
     data_dir = deployment.path("/var/lib/mailhub")
     assert config["data_dir"] == str(data_dir) and (data_dir / "spool").is_dir()
     assert config["domain"] == ["hub.example.net"] and config["log"]["format"] == "json"
@@ -391,6 +395,17 @@ def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployme
                              "--password-stdin", "--config", deployment.path("/etc/mailhub/mailhub.toml")],
                             input="a new password\n", capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_listener_below_1024_gets_cap_net_bind_service_and_nothing_else(deployment):
+    unit = deployment.path("/etc/systemd/system/mailhub.service")
+    before = unit.read_text()
+    ok, changed, output = deployment.play("--check", "--diff", "--tags", "mailhub_service",
+                                          mailhub_smtp_listen="127.0.0.1:25")
+    assert changed == 1, output[-4000:]           # check mode: the unit would change, nothing is written
+    assert "+AmbientCapabilities=CAP_NET_BIND_SERVICE\n" in output.replace("\r", "")
+    assert "-CapabilityBoundingSet=\n+CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n" in output
+    assert unit.read_text() == before
 
 
 def test_install_from_a_git_checkout_over_the_wheel(deployment):
