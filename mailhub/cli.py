@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailhub: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
+        problem = _tls_problem(cfg)
+        if problem:
+            print(f"mailhub: config error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"config ok ({args.config or 'built-in defaults'})")
         return 0
     if args.command == "serve":
@@ -105,6 +109,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return directory_command(cfg, args)
     return _site_command(cfg, args)
+
+
+def _tls_problem(cfg) -> str | None:
+    """Why the certificate and key cannot serve TLS (e.g. a key of another certificate), or None."""
+    import ssl
+
+    from .server import tls_context
+
+    try:
+        tls_context(cfg)
+    except (ssl.SSLError, OSError) as exc:
+        return f"tls.cert_file: cannot load {cfg.tls.cert_file} with {cfg.tls.key_file}: {exc}"
+    return None
 
 
 def _serve(cfg) -> int:

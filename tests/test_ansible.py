@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from mailhub.config import SCHEMA
+from pop3util import make_cert
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "ansible"
@@ -134,12 +135,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True)
-    return cert, key
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir()
+    return make_cert(folder)
 
 
 def _build_wheel(work: Path) -> Path:
@@ -165,7 +163,7 @@ class Deployment:
         self.env = _ansible_env(work / "ansible-home")
         self.vault_password_file = work / "vault-password"
         self.vault_password_file.write_text(VAULT_PASSWORD + "\n")
-        self.cert, self.key = _certificate(work, "hub")
+        self.cert, self.key = _certificate(work / "tls")
         self.ports = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.inventory = work / "inventory.yml"
         host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
@@ -381,7 +379,7 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
 def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployment):
     ok, changed, output = deployment.play()
     assert changed == 0, output[-4000:]
-    new_cert, new_key = _certificate(deployment.work, "hub-rotated")
+    new_cert, new_key = _certificate(deployment.work / "tls-rotated")
     vault = yaml.safe_load(subprocess.run(
         [BIN / "ansible-vault", "view", "--vault-password-file", deployment.vault_password_file, EXAMPLE_VAULT],
         env=deployment.env, capture_output=True, text=True, check=True).stdout)
