@@ -176,6 +176,7 @@ class Deployment:
             "mailhub_group": grp.getgrgid(os.getgid()).gr_name,
             "mailhub_manage_service": False,
             "mailhub_apply_kernel_tuning": False,
+            "mailhub_system_packages": [],          # this machine has them; apt is not for a test
             "mailhub_wheel_source": str(_build_wheel(work)),
             "mailhub_tls_cert_source": str(self.cert),
             "mailhub_tls_key_source": str(self.key),
