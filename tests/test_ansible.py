@@ -22,13 +22,13 @@ import sys
 import time
 import tomllib
 import urllib.request
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mailhub.config import SCHEMA
+from gpgutil import Gpg, pgp_mime
 from pop3util import make_cert
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +146,9 @@ def _build_wheel(work: Path) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    for package in ("mailhub", "relay", "storage", "quotas", "loadtest"):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        package = pattern.rstrip("*")
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", work / "dist", source],
                    check=True, capture_output=True, timeout=300)
@@ -164,6 +166,13 @@ class Deployment:
         self.vault_password_file = work / "vault-password"
         self.vault_password_file.write_text(VAULT_PASSWORD + "\n")
         self.cert, self.key = _certificate(work / "tls")
+        self.gpg = Gpg()        # practice-b's OpenPGP key, imported by the role from key_file
+        self.gpg.new_key("practice-b@hub.example.net")
+        sites = yaml.safe_load(EXAMPLE_VARS.read_text())["mailhub_sites"]
+        for site in sites:             # only practice-b has a key here; clinic-a only sends
+            site.pop("key_file")
+            if site["name"] == "practice-b":
+                site["key_file"] = str(self.gpg.export("practice-b@hub.example.net", work / "practice-b.asc"))
         self.ports = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.inventory = work / "inventory.yml"
         host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
@@ -191,6 +200,7 @@ class Deployment:
             "mailhub_grafana_dashboards_dir": str(self.prefix / "var" / "lib" / "grafana" / "dashboards"),
             "mailhub_config_extra": {"smtp": {"max_recipients": 50}},
             "mailhub_hostname": None,               # left out of the file: the hub's default applies
+            "mailhub_sites": sites,
         }
 
     def path(self, absolute: str) -> Path:
@@ -279,8 +289,11 @@ class UnitProcess:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     deployment = Deployment(tmp_path_factory.mktemp("ansible"))
-    deployment.first = deployment.play()
-    yield deployment
+    try:
+        deployment.first = deployment.play()
+        yield deployment
+    finally:
+        deployment.gpg.close()
 
 
 def _metric_names(exposition: str) -> set[str]:
@@ -326,6 +339,11 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     assert oct(Path(config["tls"]["key_file"]).stat().st_mode & 0o777) == "0o640"
     shown = subprocess.run([deployment.path("/opt/mailhub/venv/bin/mailhub"), "site", "show", "clinic-a", "--json",
                             "--config", config_file], capture_output=True, text=True, check=True).stdout
+    keys = json.loads(subprocess.run(
+        [deployment.path("/opt/mailhub/venv/bin/mailhub"), "site", "key", "show", "practice-b", "--json",
+         "--config", config_file], capture_output=True, text=True, check=True).stdout)["keys"]
+    assert [k["state"] for k in keys] == ["current"]
+    assert keys[0]["fingerprint"] == deployment.gpg.fingerprints("practice-b@hub.example.net")[0]
     limits = json.loads(shown)["limits"]
     assert limits["mailbox_bytes"] == {"limit": 200 * 1024**3, "source": "site", "used": 0}
     assert (limits["max_drain_time"]["limit"], limits["submitted_per_day"]["limit"]) == (3600, None)
@@ -350,21 +368,20 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     hub.start()
     try:
         context = ssl.create_default_context(cafile=deployment.cert)
-        message = EmailMessage()
-        message["From"], message["To"] = "clinic-a@hub.example.net", "practice-b@hub.example.net"
-        message["Subject"], message["X-TELEMEDICINE-SETID"] = "study 1", "1.2.3"
-        message.set_content("DICOM part 1 of 1\n")
+        encrypted = deployment.gpg.encrypt(b"DICM part 1 of 1", "practice-b@hub.example.net")
+        message = pgp_mime("clinic-a@hub.example.net", "practice-b@hub.example.net", encrypted,
+                           extra_headers="X-TELEMEDICINE-SETID: 1.2.3\r\n")
         with smtplib.SMTP("127.0.0.1", deployment.ports["smtp"], timeout=30) as smtp:
             smtp.starttls(context=context)
             smtp.login("clinic-a", SITE_PASSWORDS["clinic-a"])
-            smtp.send_message(message)
+            smtp.sendmail("clinic-a@hub.example.net", ["practice-b@hub.example.net"], message)
         pop = poplib.POP3_SSL("127.0.0.1", deployment.ports["pop3s"], context=context, timeout=30)
         try:
             pop.user("practice-b")
             pop.pass_(SITE_PASSWORDS["practice-b"])
             assert pop.stat()[0] == 1
             lines = pop.retr(1)[1]
-            assert b"X-TELEMEDICINE-SETID: 1.2.3" in lines and b"DICOM part 1 of 1" in lines
+            assert b"X-TELEMEDICINE-SETID: 1.2.3" in lines and b"-----BEGIN PGP MESSAGE-----" in lines
             pop.dele(1)
         finally:
             pop.quit()
