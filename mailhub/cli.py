@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     passwd = site_commands.add_parser("passwd", parents=[common], help="set a site's password")
     passwd.add_argument("name")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    verify = site_commands.add_parser("verify", parents=[common],
+                                      help="check a password against a site's (exit 0 matches, 1 differs)")
+    verify.add_argument("name")
+    verify.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     remove = site_commands.add_parser("remove", parents=[common], help="remove a site and its mailbox")
     remove.add_argument("name")
     limits = site_commands.add_parser(
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailhub: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
+        problem = _tls_problem(cfg)
+        if problem:
+            print(f"mailhub: config error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"config ok ({args.config or 'built-in defaults'})")
         return 0
     if args.command == "serve":
@@ -101,6 +109,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return directory_command(cfg, args)
     return _site_command(cfg, args)
+
+
+def _tls_problem(cfg) -> str | None:
+    """Why the certificate and key cannot serve TLS (e.g. a key of another certificate), or None."""
+    import ssl
+
+    from .server import tls_context
+
+    try:
+        tls_context(cfg)
+    except (ssl.SSLError, OSError) as exc:
+        return f"tls.cert_file: cannot load {cfg.tls.cert_file} with {cfg.tls.key_file}: {exc}"
+    return None
 
 
 def _serve(cfg) -> int:
@@ -122,6 +143,7 @@ def _serve(cfg) -> int:
 
 def _site_command(cfg, args) -> int:
     from storage import SiteError, db, sites, usage
+    from storage.passwords import verify_password
 
     try:
         conn = db.connect(cfg.data_dir)
@@ -139,6 +161,11 @@ def _site_command(cfg, args) -> int:
         elif action == "passwd":
             sites.set_password(conn, args.name, _read_password(args))
             print(f"password of site {args.name} changed")
+        elif action == "verify":
+            if not verify_password(_read_password(args), sites.get_site(conn, args.name).password_hash):
+                print(f"password of site {args.name} differs")
+                return EXIT_FAILED
+            print(f"password of site {args.name} matches")
         elif action == "remove":
             dropped = sites.remove_site(conn, args.name)
             print(f"site {args.name} removed ({dropped} mail(s) in its mailbox dropped)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PASSWORD, REPO, Hub, hub_env, make_message
+from pop3util import make_cert
 from mailhub import config
 from storage.passwords import verify_password
 
@@ -51,11 +52,7 @@ def assert_config_error(result: subprocess.CompletedProcess, *names: str) -> str
 
 @pytest.fixture(scope="module")
 def pem_files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("pem")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    cert.write_text("not checked before serve\n")
-    key.write_text("not checked before serve\n")
-    return cert, key
+    return make_cert(tmp_path_factory.mktemp("pem"))     # `mailhub check` loads them
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -465,6 +462,30 @@ def test_passwords_are_stored_only_as_salted_scrypt_hashes(site_env, tmp_path):
     assert verify_password(password + "2", hashes["two"])
     for path in (tmp_path / "data").iterdir():  # index, WAL and shared memory files
         assert password.encode() not in path.read_bytes(), path
+
+
+def test_check_loads_the_certificate_with_its_key(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, key = make_cert(tmp_path / "one")
+    _, other_key = make_cert(tmp_path / "two")
+    env = clean_env(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key))
+    assert mailhub("check", env=env).returncode == 0
+    mismatch = mailhub("check", env=env | {"MAILHUB_TLS_KEY_FILE": str(other_key)})
+    assert mismatch.returncode == 2 and mismatch.stdout == "", mismatch
+    assert mismatch.stderr.startswith(f"mailhub: config error: tls.cert_file: cannot load {cert} with {other_key}")
+    assert mismatch.stderr.count("\n") == 1, mismatch.stderr
+
+
+def test_site_verify_tells_whether_a_password_matches(site_env):
+    ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="pw-one\n"))
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-one\n")) == (
+        "password of site alpha matches\n")
+    differs = site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")
+    assert (differs.returncode, differs.stdout, differs.stderr) == (1, "password of site alpha differs\n", "")
+    ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-two\n"))
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")).endswith("matches\n")
+    failed(site(site_env, "verify", "ghost", "--password-stdin", stdin="pw\n"), "no site named 'ghost'")
 
 
 # ---- a running hub sees site changes without a restart -----------------------------------------
