@@ -61,7 +61,7 @@ class DirectoryMailer:
         """Store the signed directory in the requesting site's mailbox; returns the queue ID."""
         sender = f"{self.local_part}@{address.rpartition('@')[2].lower()}"
         data = await self._in_thread(self._mail, sender, address, "Participant directory", request_id or "")
-        queue_id = await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address)])
+        queue_id = await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address, site.name)])
         metrics.directory_mail("reply")
         return queue_id
 
@@ -106,7 +106,7 @@ class DirectoryMailer:
             data = await self._in_thread(self._mail, sender, "undisclosed-recipients:;",
                                          "Participant directory update", None)
             queue_id = await self.storage.store_generated(
-                data, _meta(data), [Delivery(site.id, address) for site, address in recipients],
+                data, _meta(data), [Delivery(site.id, address, site.name) for site, address in recipients],
                 mark=(SENT_VERSION, version))
             metrics.directory_mail("update")
             log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)

@@ -1,5 +1,6 @@
-# The `mailhub` command: serve, check the config, manage sites. Site commands work on the index
-# directly (SQLite WAL), so they run beside a live server, which picks the changes up by itself.
+# The `mailhub` command: serve, check the config, manage sites, trace mails, report volumes, prune
+# the tracking events. These work on the index directly (SQLite WAL), so they run beside a live
+# server, which picks site changes up by itself; trace and stats only read.
 # Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration.
 import argparse
 import getpass
@@ -10,6 +11,9 @@ import sys
 import time
 
 from . import config
+from .report_format import human_size, iso_time
+from .stats import render_activity, site_activity
+from .trace import KINDS as TRACE_KINDS
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -51,6 +55,25 @@ def _parser() -> argparse.ArgumentParser:
     for name in _LIMIT_OPTIONS:
         limits.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
     _directory_parsers(commands, site_commands, common)
+
+    trace = commands.add_parser("trace", parents=[common], help="where is a mail or a study?")
+    trace.add_argument("query", help="queue ID, Message-ID, sender or recipient address, or X-TELEMEDICINE-SETID")
+    how = trace.add_mutually_exclusive_group()
+    for kind, meaning in TRACE_KINDS.items():
+        how.add_argument(f"--{kind}", dest="kind", action="store_const", const=kind,
+                         help=f"QUERY is {meaning} (default: guessed from its form)")
+    trace.add_argument("--limit", type=_positive, default=100, metavar="N",
+                       help="for an address: the N most recent mails and refusals (default 100)")
+    trace.add_argument("--json", action="store_true")
+    stats = commands.add_parser("stats", parents=[common], help="volumes, refusals and backlogs of a period")
+    stats.add_argument("--since", default="24h", help="24h, 7d, 2026-11-01, 2026-11-01T12:00 (UTC; default 24h)")
+    stats.add_argument("--until", default="now", help="same forms as --since (default now)")
+    stats.add_argument("--top", type=_positive, default=10, metavar="N", help="largest backlogs shown (default 10)")
+    stats.add_argument("--json", action="store_true")
+    events = commands.add_parser("events", help="the tracking record behind trace and stats")
+    events_commands = events.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
+    prune = events_commands.add_parser("prune", parents=[common], help="delete events past their retention")
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="default: events.retention_days")
     return parser
 
 
@@ -63,6 +86,10 @@ _LIMIT_OPTIONS = {
 }
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 def _directory_parsers(commands, site_commands, common) -> None:
     key = site_commands.add_parser("key", help="a site's OpenPGP public key")
     key_commands = key.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
@@ -104,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(cfg)
+    if args.command in ("trace", "stats"):
+        return _report_command(cfg, args)
+    if args.command == "events":
+        return _prune_events(cfg, args.older_than if args.older_than is not None else cfg.events.retention_days)
     if args.command == "directory" or args.site_command in ("key", "policy"):
         from .directory_cli import directory_command
 
@@ -141,14 +172,23 @@ def _serve(cfg) -> int:
     return 0
 
 
-def _site_command(cfg, args) -> int:
-    from storage import SiteError, db, sites, usage
-    from storage.passwords import verify_password
+def _open_index(cfg, readonly: bool = False) -> sqlite3.Connection | None:
+    """A connection to the index, or None after saying why there is none."""
+    from storage import db
 
     try:
-        conn = db.connect(cfg.data_dir)
+        return db.connect_readonly(cfg.data_dir) if readonly else db.connect(cfg.data_dir)
     except (OSError, sqlite3.Error) as exc:
         print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+        return None
+
+
+def _site_command(cfg, args) -> int:
+    from storage import SiteError, sites, usage
+    from storage.passwords import verify_password
+
+    conn = _open_index(cfg)
+    if conn is None:
         return EXIT_FAILED
     try:
         action = args.site_command
@@ -178,7 +218,10 @@ def _site_command(cfg, args) -> int:
                   + ", ".join(f"{k}={'default' if v is None else 'unlimited' if v == usage.UNLIMITED else v}"
                               for k, v in values.items()))
         elif action == "show":
-            _print_site(_site_summary(conn, sites.get_site(conn, args.name), cfg), args.json)
+            site = sites.get_site(conn, args.name)
+            summary = _site_summary(conn, site, cfg)
+            summary["activity"] = site_activity(conn, site.id, site.name, time.time())
+            _print_site(summary, args.json)
         elif action == "list":
             summaries = [_site_summary(conn, s, cfg) for s in sites.list_sites(conn)]
             if args.json:
@@ -186,7 +229,7 @@ def _site_command(cfg, args) -> int:
             elif not summaries:
                 print("no sites")
             for s in ([] if args.json else summaries):
-                print(f"{s['name']:<24} {s['mailbox_messages']:>7} mails {_human(s['mailbox_bytes']):>10}  "
+                print(f"{s['name']:<24} {s['mailbox_messages']:>7} mails {human_size(s['mailbox_bytes']):>10}  "
                       f"{', '.join(s['addresses'])}")
         return 0
     except SiteError as exc:
@@ -245,11 +288,11 @@ def _site_summary(conn: sqlite3.Connection, site, cfg) -> dict:
                        " FROM site_downloads WHERE site_id = ?", (site.id,)).fetchone()
     sessions, messages, octets, seconds, first, last = row or (0, 0, 0, 0.0, None, None)
     return {"name": site.name, "addresses": site.addresses, **_quota_summary(conn, site, cfg),
-            "created_at": _timestamp(site.created_at),
+            "created_at": iso_time(site.created_at, millis=False),
             "mailbox_messages": count, "mailbox_bytes": size,
             "downloads": {"sessions": sessions, "messages": messages, "bytes": octets,
-                          "send_seconds": round(seconds, 6), "first_poll_at": _timestamp(first),
-                          "last_poll_at": _timestamp(last)}}
+                          "send_seconds": round(seconds, 6), "first_poll_at": iso_time(first, millis=False),
+                          "last_poll_at": iso_time(last, millis=False)}}
 
 
 def _quota_summary(conn: sqlite3.Connection, site, cfg) -> dict:
@@ -272,13 +315,9 @@ def _quota_summary(conn: sqlite3.Connection, site, cfg) -> dict:
     throttle = None
     if state is not None:
         updated_at, figures = state
-        throttle = {"updated_at": _timestamp(updated_at), **figures}
+        throttle = {"updated_at": iso_time(updated_at, millis=False), **figures}
     return {"limits": limits, "waiting_bytes": used["waiting_bytes"], "waiting_messages": used["waiting_messages"],
             "throttle": throttle}
-
-
-def _timestamp(seconds: float | None) -> str | None:
-    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _print_site(summary: dict, as_json: bool) -> None:
@@ -288,8 +327,8 @@ def _print_site(summary: dict, as_json: bool) -> None:
     print(f"site:      {summary['name']}")
     print(f"addresses: {', '.join(summary['addresses'])}")
     print(f"created:   {summary['created_at']}")
-    print(f"mailbox:   {summary['mailbox_messages']} mail(s), {_human(summary['mailbox_bytes'])}"
-          f" ({summary['waiting_messages']} mail(s), {_human(summary['waiting_bytes'])} not downloaded yet)")
+    print(f"mailbox:   {summary['mailbox_messages']} mail(s), {human_size(summary['mailbox_bytes'])}"
+          f" ({summary['waiting_messages']} mail(s), {human_size(summary['waiting_bytes'])} not downloaded yet)")
     print("limits:")
     for name, item in summary["limits"].items():
         print(f"  {name:<20} {_limit_text(name, item['used'], item['limit'])}"
@@ -298,18 +337,20 @@ def _print_site(summary: dict, as_json: bool) -> None:
     d = summary["downloads"]
     if d["last_poll_at"] is None:
         print("downloads: never polled")
-        return
-    rate = f", {_human(d['bytes'] / d['send_seconds'])}/s while sending" if d["send_seconds"] > 0 else ""
-    print(f"downloads: {d['messages']} mail(s), {_human(d['bytes'])} in {d['sessions']} session(s){rate}")
-    print(f"last poll: {d['last_poll_at']}")
+    else:
+        rate = f", {human_size(d['bytes'] / d['send_seconds'])}/s while sending" if d["send_seconds"] > 0 else ""
+        print(f"downloads: {d['messages']} mail(s), {human_size(d['bytes'])} in {d['sessions']} session(s){rate}")
+        print(f"last poll: {d['last_poll_at']}")
+    for line in render_activity(summary["activity"]):
+        print(f"activity:  {line}")
 
 
 def _limit_text(name: str, used, limit) -> str:
     if name == "max_drain_time":
         return f"{limit:.0f} s"
     if name == "downlink":
-        return f"{_human(limit)}/s assumed until measured"
-    fmt = str if name == "mailbox_messages" else _human
+        return f"{human_size(limit)}/s assumed until measured"
+    fmt = str if name == "mailbox_messages" else human_size
     shown = "unlimited" if limit is None else fmt(limit)
     if used is None:
         return shown
@@ -323,24 +364,67 @@ def _print_throttle(state: dict | None) -> None:
         return
     rate = state["drain_rate"]
     drain = "unbounded (not downloading)" if state["drain_time"] == float("inf") else f"{state['drain_time']:.0f} s"
-    print(f"throttle:  as of {state['updated_at']}: drain rate {_human(rate)}/s"
+    print(f"throttle:  as of {state['updated_at']}: drain rate {human_size(rate)}/s"
           f"{' (offline)' if state['offline'] else ''}{' (prior, not measured yet)' if not state['drain_samples'] else ''},"
           f" drain time {drain} of {state['max_drain_time']:.0f} s"
           f"{', SATURATED: new mail is deferred' if state['saturated'] else ''}")
     if state["paced_rate"]:
-        print(f"           senders paced to {_human(state['paced_rate'])}/s")
+        print(f"           senders paced to {human_size(state['paced_rate'])}/s")
     if state["deferrals"]:
         print(f"           {state['deferrals']} deferral(s) since the server started, last {state['last_deferral_reason']}"
-              f" at {_timestamp(state['last_deferral_at'])}")
+              f" at {iso_time(state['last_deferral_at'], millis=False)}")
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
+def _report_command(cfg, args) -> int:
+    from . import stats, trace
 
+    if args.command == "stats":
+        now = time.time()
+        try:
+            since, until = stats.parse_when(args.since, now), stats.parse_when(args.until, now)
+        except ValueError as exc:
+            print(f"mailhub: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    conn = _open_index(cfg, readonly=True)
+    if conn is None:
+        return EXIT_FAILED
+    try:
+        if args.command == "stats":
+            result = stats.report(conn, since, until, args.top)
+            print(json.dumps(result, indent=2) if args.json else stats.render(result))
+            return 0
+        result = trace.trace(conn, args.query, args.kind, args.limit)
+        found = result["mails"] or result["refusals"]
+        if args.json:
+            print(json.dumps(result, indent=2))
+        elif found:
+            print(trace.render(result))
+        if not found:
+            print(f"mailhub: nothing known about {args.query!r} (looked up as a {result['looked_up_as']})",
+                  file=sys.stderr)
+        return 0 if found else EXIT_FAILED
+    except sqlite3.Error as exc:
+        print(f"mailhub: index error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        conn.close()
+
+
+def _prune_events(cfg, days: float) -> int:
+    from storage import events
+
+    conn = _open_index(cfg)
+    if conn is None:
+        return EXIT_FAILED
+    try:
+        pruned = events.prune(conn, time.time() - days * 86400)
+    except sqlite3.Error as exc:
+        print(f"mailhub: index error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        conn.close()
+    print(f"pruned {pruned} event(s) older than {days:g} day(s)")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import signal
 import ssl
+import time
 
 from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
 from quotas import Throttle
@@ -16,6 +17,7 @@ from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")
 _HOUSEKEEPING_SECONDS = 60
+_PRUNE_EVERY = 60    # housekeeping rounds (an hour) between two prunings of the tracking events
 
 
 def tls_context(cfg) -> ssl.SSLContext | None:
@@ -92,7 +94,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    housekeeping = asyncio.create_task(_housekeeping(storage))
+    housekeeping = asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400))
     feeding = asyncio.create_task(feeder.run())
     directory_updates = directory.start_updates()
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
@@ -110,11 +112,19 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     metrics.close()
 
 
-async def _housekeeping(storage: Storage) -> None:
-    """Free blobs of mailbox entries that other processes (the CLI) removed."""
+async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
+    """Prune tracking events past their retention (at start, then hourly); free blobs of mailbox
+    entries that other processes (the CLI) removed."""
+    rounds = 0
     while True:
-        await asyncio.sleep(_HOUSEKEEPING_SECONDS)
         try:
-            await storage.empty_trash()
+            if rounds % _PRUNE_EVERY == 0:
+                pruned = await storage.prune_events(time.time() - retention_seconds)
+                if pruned:
+                    log.info("pruned %d tracking event(s) older than %.0f days", pruned, retention_seconds / 86400)
+            if rounds:
+                await storage.empty_trash()
         except Exception:
             log.exception("housekeeping failed")
+        rounds += 1
+        await asyncio.sleep(_HOUSEKEEPING_SECONDS)

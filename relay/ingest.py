@@ -2,7 +2,7 @@
 # header scanner, and to a streaming MIME parser when listeners want its events. Never raises from
 # write(): failures are remembered so that the caller can drain the client's data and then give
 # the matching reply.
-from storage import MessageMeta, Storage, StorageError
+from storage import MessageMeta, Site, Storage, StorageError
 
 from .message_scan import HeaderScanner
 from .mime_stream import MimeStreamParser
@@ -48,12 +48,12 @@ class IncomingMessage:
         if self.failed:
             return
         self.size += len(data)
+        if not self.headers.done:   # before the size check, so that a refusal can name the mail
+            self.headers.feed(data)
         if self.size > self.max_size:
             self.too_big = True
             self.discard()
             return
-        if not self.headers.done:
-            self.headers.feed(data)
         if self.mime is not None:
             self.mime.feed(data)
         self.spool.write(data)
@@ -63,12 +63,12 @@ class IncomingMessage:
         if self.mime is not None and not self.failed:
             self.mime.close()
 
-    def meta(self, mail_from: str, sender_site: int | None, dot_lines: bool) -> MessageMeta:
+    def meta(self, mail_from: str, sender: Site | None, dot_lines: bool, peer: str | None) -> MessageMeta:
         self.headers.close()
         h = self.headers
-        return MessageMeta(mail_from=mail_from, sender_site=sender_site, dot_lines=dot_lines,
+        return MessageMeta(mail_from=mail_from, sender_site=sender.id if sender else None, dot_lines=dot_lines,
                            message_id=h.message_id, set_id=h.set_id, set_part=h.set_part,
-                           set_total=h.set_total)
+                           set_total=h.set_total, sender_name=sender.name if sender else None, peer=peer)
 
     def _fail(self, exc: StorageError) -> None:
         self.error = exc

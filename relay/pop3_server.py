@@ -4,7 +4,8 @@
 # (one session per site), snapshot it at login, stream messages from their blob files (zero-copy
 # sendfile when the bytes go out unchanged over plain TCP, else 1 MB chunks, dot-stuffed, under
 # transport flow control), upgrade to TLS (STLS), delete at UPDATE and add what was downloaded to
-# the site's totals (one storage transaction per session, with the deletions when there are any).
+# the site's totals (one storage transaction per session, with the deletions when there are any,
+# carrying the tracking events: which mails were downloaded when, which were deleted).
 # Must never: parse or word POP3 itself, hold more than a few MB per connection whatever the message
 # size, delete anything outside UPDATE, serve one mailbox to two sessions at once, or let anything
 # a client sends raise out of a session (I/O errors close the connection and are logged).
@@ -226,7 +227,7 @@ class Pop3Session(asyncio.Protocol):
             return
         ctx.locks[site.id] = self
         self.site = site
-        self.downloads = Downloads(polled_at=time.time())
+        self.downloads = Downloads(polled_at=time.time(), protocol="pop3", peer=self.peer)
         ctx.ledger.note_poll(site.id, self.downloads.polled_at)
         entries = await ctx.storage.mailbox(site.id)
         maildrop = [MaildropEntry(str(e.uid), e.size, e.dot_lines, e) for e in entries]
@@ -267,6 +268,7 @@ class Pop3Session(asyncio.Protocol):
         ledger.note_download(self.site.id, sent, time.time())
         if event.body_lines is None:
             self.downloads.messages += 1
+            self.downloads.retrieved[entry.queue_id] = (time.time(), sent)
             if not entry.fetched:   # first download: no longer waiting (the index learns it at the end)
                 entry.fetched = True
                 self.downloads.fetched_uids.append(entry.uid)
@@ -323,7 +325,7 @@ class Pop3Session(asyncio.Protocol):
     async def _update(self, event: Update) -> None:
         uids = [e.ref.uid for e in event.deleted]
         try:
-            await self.ctx.storage.delete(self.site.id, uids, self.downloads)
+            await self.ctx.storage.delete(self.site.id, uids, self.downloads, self.site.name)
         except Exception:
             log.exception("site=%s: deleting %d message(s) failed", self.site.name, len(uids))
             ok = False
@@ -343,7 +345,7 @@ class Pop3Session(asyncio.Protocol):
             del ctx.locks[self.site.id]
         try:
             if self.downloads is not None and not self._recorded:
-                await ctx.storage.record_downloads(self.site.id, self.downloads)
+                await ctx.storage.record_downloads(self.site.id, self.downloads, self.site.name)
         except Exception as exc:   # e.g. the site was removed meanwhile
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:

@@ -20,6 +20,7 @@ from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing
 from mailhub import metrics
 from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError
+from storage.events import refusal as refusal_event
 
 from . import smtp_replies as R
 from .ingest import IncomingMessage
@@ -331,13 +332,11 @@ class HubSMTP(SMTP):
                 await self.push(R.UNKNOWN_PARAMETER)
                 return
         if size is not None and size > self.ctx.cfg.smtp.max_message_size:
-            metrics.smtp_refusal("mail", R.MESSAGE_TOO_BIG)
-            await self.push(R.MESSAGE_TOO_BIG)
+            await self._refuse("mail", R.MESSAGE_TOO_BIG, address)
             return
         refusal = sender_verdict(self._client(), address)
         if refusal:
-            metrics.smtp_refusal("mail", refusal)
-            await self.push(refusal)
+            await self._refuse("mail", refusal, address)
             return
         self.envelope.mail_from = address
         self.envelope.declared_size = size
@@ -356,8 +355,7 @@ class HubSMTP(SMTP):
             await self.push(R.BAD_ADDRESS)
             return
         if len(self.envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
-            metrics.smtp_refusal("rcpt", R.TOO_MANY_RECIPIENTS)
-            await self.push(R.TOO_MANY_RECIPIENTS)
+            await self._refuse("rcpt", R.TOO_MANY_RECIPIENTS, self.envelope.mail_from, address)
             return
         if self.ctx.directory is not None and self.ctx.directory.is_directory_address(address):
             await self._directory_recipient(address)
@@ -366,8 +364,7 @@ class HubSMTP(SMTP):
                                           self.ctx.sites.by_address)
         if refusal:
             log.info("%s: RCPT <%s> refused: %s", self._peer_ip, _printable(address), refusal)
-            metrics.smtp_refusal("rcpt", refusal)
-            await self.push(refusal)
+            await self._refuse("rcpt", refusal, self.envelope.mail_from, address)
             return
         tx = self.envelope
         if all(d.site_id != site.id for d in tx.deliveries):
@@ -376,10 +373,9 @@ class HubSMTP(SMTP):
                 log.debug("%s: RCPT <%s> %s", self._peer_ip, _printable(address), verdict.log_text())
             if not verdict.ok:
                 self._log_refusal(f"RCPT <{_printable(address)}>", verdict)
-                metrics.smtp_refusal("rcpt", verdict.reply)
-                await self.push(verdict.reply)
+                await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
-            tx.deliveries.append(Delivery(site.id, address))
+            tx.deliveries.append(Delivery(site.id, address, site.name))
             tx.receivers.append(site)
             tx.verdicts[site.id] = verdict
         tx.rcpt_tos.append(address)
@@ -395,12 +391,34 @@ class HubSMTP(SMTP):
     async def _directory_recipient(self, address: str) -> None:
         """directory@<local domain>: answered with the signed participant list, to sites only."""
         if self._site is None:
-            metrics.smtp_refusal("rcpt", R.DIRECTORY_SITES_ONLY)
-            await self.push(R.DIRECTORY_SITES_ONLY)
+            await self._refuse("rcpt", R.DIRECTORY_SITES_ONLY, self.envelope.mail_from, address)
             return
         self.envelope.directory_request = True
         self.envelope.rcpt_tos.append(address)
         await self.reply_pipelined(R.RECIPIENT_OK)
+
+    async def _refuse(self, command: str, reply: str, sender: str, rcpt: str | None = None) -> None:
+        """A policy or limit refusal of MAIL FROM or RCPT TO: counted, tracked, answered."""
+        metrics.smtp_refusal(command, reply)
+        self._track_refusal(reply, sender, [rcpt])
+        await self.push(reply)
+
+    def _track_refusal(self, reply: str, sender: str, rcpts: list, message: IncomingMessage | None = None) -> None:
+        """Queue a refused/deferred tracking event per recipient (never waits for the disk)."""
+        site = self._site
+        queue_id = message_id = set_id = size = None
+        if message is not None:
+            message.headers.close()
+            queue_id = message.spool.queue_id if message.spool is not None else None
+            message_id, set_id = message.headers.message_id, message.headers.set_id
+            size = message.size
+        now = time.time()
+        for rcpt in rcpts:
+            to_site = self.ctx.sites.by_address(rcpt) if rcpt else None
+            self.ctx.storage.record_event(refusal_event(
+                now, reply, site=site.name if site else None, sender=sender, rcpt=rcpt,
+                to_site=to_site.name if to_site else None, peer=self._peer_ip,
+                queue_id=queue_id, message_id=message_id, set_id=set_id, size=size))
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
@@ -586,7 +604,7 @@ class HubSMTP(SMTP):
             log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
                      site.name if site else "-", reply)
         else:
-            meta = message.meta(tx.mail_from, site.id if site else None, dot_lines)
+            meta = message.meta(tx.mail_from, site, dot_lines, self._peer_ip)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
             throttle = self.ctx.throttle
             verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
@@ -600,6 +618,8 @@ class HubSMTP(SMTP):
             else:
                 reply = await self._store(message, meta, part)
         elapsed = time.monotonic() - started
+        if reply[0] != "2":
+            self._track_refusal(reply, tx.mail_from, tx.rcpt_tos, message)
         sites = self.ctx.sites
         metrics.smtp_transaction(reply, message.size, site.name if site else None,
                                  [s.name for d in tx.deliveries if (s := sites.by_address(d.rcpt))]

@@ -43,3 +43,13 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+def connect_readonly(data_dir: Path) -> sqlite3.Connection:
+    """A read-only connection for reports beside a running hub (never changes the index)."""
+    path = index_path(data_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"no index at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn

@@ -236,3 +236,40 @@ CREATE TRIGGER IF NOT EXISTS directory_policy_upd AFTER UPDATE ON site_policy
 BEGIN UPDATE meta SET value = value + 1 WHERE key = 'keys_version'; END;
 CREATE TRIGGER IF NOT EXISTS directory_policy_del AFTER DELETE ON site_policy
 BEGIN UPDATE meta SET value = value + 1 WHERE key = 'keys_version'; END;
+
+-- Tracking (issue 7): what happened to each mail, kept after the mail itself is gone, pruned after
+-- events.retention_days. Written in the same transactions as the state they describe (refusals in
+-- batches, best effort). Columns per kind:
+--   accepted    site = sending site, sender = envelope sender, peer = client IP, size, sha256 in
+--               detail, message_id, set_id/set_part/set_total (one row per mail)
+--   delivered   site = receiving site, peer_site = sending site, rcpt, size (one row per mailbox entry)
+--   downloaded  site = mailbox site, peer = client IP, size, protocol in detail (per mail per session)
+--   deleted     site = mailbox site, peer = client IP, how in detail (pop3, site removed)
+--   refused / deferred   an SMTP 5xx / 4xx refusal of a sender, a recipient or the data: site =
+--               sending site, peer_site = the recipient's site, sender, rcpt, peer, the reply line
+--               in detail; queue_id, message_id, set_id and size when the data had been received
+-- Sites are named, not numbered, so that the record outlives a removed site.
+CREATE TABLE IF NOT EXISTS events (
+    id         INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    kind       TEXT NOT NULL,
+    queue_id   TEXT,
+    site       TEXT,
+    peer_site  TEXT,
+    sender     TEXT COLLATE NOCASE,
+    rcpt       TEXT COLLATE NOCASE,
+    peer       TEXT,
+    size       INTEGER,
+    message_id TEXT,
+    set_id     TEXT,
+    set_part   INTEGER,
+    set_total  INTEGER,
+    detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id) WHERE queue_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_message_id ON events (message_id) WHERE message_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_set_id ON events (set_id) WHERE set_id IS NOT NULL;
+-- (address, kind): an address's latest mails, or its refusals, without reading its other rows
+CREATE INDEX IF NOT EXISTS events_sender ON events (sender, kind) WHERE sender IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_rcpt ON events (rcpt, kind) WHERE rcpt IS NOT NULL;

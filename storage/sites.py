@@ -6,6 +6,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+from . import events
 from .errors import StorageError
 from .passwords import hash_password
 
@@ -112,6 +113,8 @@ def remove_site(conn: sqlite3.Connection, name: str) -> int:
     """Remove a site, its addresses and its mailbox; return how many mails were dropped."""
     with _transaction(conn):
         site = get_site(conn, name)
+        conn.execute("INSERT INTO events (at, kind, queue_id, site, detail) SELECT ?, ?, queue_id, ?, 'site removed'"
+                     " FROM mailbox WHERE site_id = ?", (time.time(), events.DELETED, site.name, site.id))
         dropped = conn.execute("DELETE FROM mailbox WHERE site_id = ?", (site.id,)).rowcount
         conn.execute("DELETE FROM sites WHERE id = ?", (site.id,))
     return dropped

@@ -3,6 +3,9 @@
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
 # may reply 250. Must never report success before all four are done. A blob file is unlinked only
 # after the commit that put it into blob_trash (start-up recovery finishes what a crash cut short).
+# The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
+# with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
+# without waiting and ride along with the next transaction (or get one of their own after a second).
 # Every index write (commits, deletions, download totals, trash) runs on the one writer thread and
 # its connection: one writer means no SQLite lock contention (a second writing connection starved
 # for its busy_timeout under steady ingest) and no interleaved transactions. aiosqlite only reads.
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from . import db
+from . import db, events
 from .errors import StorageError
 from .recovery import recover
 from .spool import SpoolFile, blob_name, new_queue_id
@@ -24,6 +27,8 @@ from .usage import (DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods
                     snapshot_from_rows, write_throttle_states)
 
 log = logging.getLogger("mailhub.storage")
+_EVENT_DELAY = 1.0           # seconds a queued refusal waits for a commit to ride along with
+_MAX_QUEUED_EVENTS = 10000   # refusals queued beyond this are dropped (and counted in the log)
 
 
 @dataclass(slots=True)
@@ -36,12 +41,15 @@ class MessageMeta:
     set_id: str | None = None
     set_part: int | None = None
     set_total: int | None = None
+    sender_name: str | None = None   # the sending site's name (for the tracking record)
+    peer: str | None = None          # the client's IP address
 
 
 @dataclass(slots=True)
 class Delivery:
     site_id: int
     rcpt: str
+    site_name: str | None = None   # for the tracking record
 
 
 @dataclass(slots=True)
@@ -64,6 +72,9 @@ class Downloads:
     bytes: int = 0            # message octets (RETR and TOP)
     send_seconds: float = 0.0
     fetched_uids: list[int] = field(default_factory=list)   # entries downloaded for the first time
+    protocol: str = "pop3"
+    peer: str | None = None   # the client's IP address
+    retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)   # queue ID -> (time, octets)
 
 
 @dataclass(slots=True)
@@ -83,6 +94,9 @@ class Storage:
         self.blob_dir = self.data_dir / "blobs"
         self._db: aiosqlite.Connection | None = None
         self._pending: list[_Pending] = []
+        self._queued_events: list[events.Event] = []
+        self._dropped_events = 0
+        self._event_timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task | None = None
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
@@ -117,6 +131,10 @@ class Storage:
             await self._db.execute(pragma)
 
     async def close(self) -> None:
+        if self._event_timer is not None:
+            self._event_timer.cancel()
+        if self._queued_events:
+            self._start_flusher()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
         if self._db is not None:
@@ -146,9 +164,23 @@ class Storage:
         spool.handed_over = True
         item = _Pending(spool, meta, deliveries, received_at, asyncio.get_running_loop().create_future(), mark)
         self._pending.append(item)
+        self._start_flusher()
+        await asyncio.shield(item.done)
+
+    def record_event(self, event: events.Event) -> None:
+        """Queue a tracking event that changes no state (an SMTP refusal) without waiting: it is
+        written with the next commit, or within _EVENT_DELAY seconds. Lost if the hub crashes first."""
+        if len(self._queued_events) >= _MAX_QUEUED_EVENTS:
+            self._dropped_events += 1
+            return
+        self._queued_events.append(event)
+        if self._event_timer is None and (self._flusher is None or self._flusher.done()):
+            self._event_timer = asyncio.get_running_loop().call_later(_EVENT_DELAY, self._start_flusher)
+
+    def _start_flusher(self) -> None:
+        self._event_timer = None
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
-        await asyncio.shield(item.done)
 
     async def store_generated(self, data: bytes, meta: MessageMeta, deliveries: list[Delivery],
                               mark: tuple[str, int] | None = None) -> str:
@@ -165,12 +197,16 @@ class Storage:
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._pending:
+        while self._pending or self._queued_events:
             batch, self._pending = self._pending, []
+            loose, self._queued_events = self._queued_events, []
+            if self._dropped_events:
+                log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
+                self._dropped_events = 0
             try:
-                await loop.run_in_executor(self._writer, self._commit_batch, batch)
+                await loop.run_in_executor(self._writer, self._commit_batch, batch, loose)
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
-                log.error("commit of %d message(s) failed: %s", len(batch), exc)
+                log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
                 await loop.run_in_executor(self.executor, self._remove_blobs, batch)
                 error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 for item in batch:
@@ -193,17 +229,24 @@ class Storage:
             except FileNotFoundError:
                 pass
 
-    def _commit_batch(self, batch: list[_Pending]) -> None:
-        """Writer thread: one index transaction for a batch of durable blobs."""
+    def _commit_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
+        """Writer thread: one index transaction for a batch of durable blobs, with their tracking
+        events and the queued refusal events."""
         messages = []
         entries = []
+        tracked = [events.row(e) for e in loose]
         for item in batch:
             m = item.meta
-            qid = item.spool.queue_id
-            messages.append((qid, blob_name(qid, item.received_at), item.spool.size, item.spool.sha256,
-                             int(m.dot_lines), item.received_at, m.mail_from, m.sender_site,
+            qid, size, at = item.spool.queue_id, item.spool.size, item.received_at
+            messages.append((qid, blob_name(qid, at), size, item.spool.sha256,
+                             int(m.dot_lines), at, m.mail_from, m.sender_site,
                              m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries)))
-            entries.extend((d.site_id, qid, d.rcpt, item.received_at) for d in item.deliveries)
+            tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
+                            m.message_id, m.set_id, m.set_part, m.set_total, item.spool.sha256))
+            for d in item.deliveries:
+                entries.append((d.site_id, qid, d.rcpt, at))
+                tracked.append((at, events.DELIVERED, qid, d.site_name, m.sender_name, None, d.rcpt, None, size,
+                                None, None, None, None, None))
         conn = self._writer_conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -215,6 +258,7 @@ class Storage:
                 "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
             conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                              [item.mark for item in batch if item.mark is not None])
+            conn.executemany(events.INSERT, tracked)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -252,18 +296,21 @@ class Storage:
             conn.execute("ROLLBACK")
             raise
 
-    async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None) -> None:
+    async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None,
+                     site_name: str | None = None) -> None:
         """Remove mailbox entries (and add a session's downloads to the site's totals) in one
-        transaction; blobs whose last reference goes are freed after the commit."""
-        await self._write_entries(site_id, uids, downloads)
+        transaction with their tracking events; blobs whose last reference goes are freed after the
+        commit."""
+        await self._write_entries(site_id, uids, downloads, site_name)
         await self.empty_trash()
 
-    async def record_downloads(self, site_id: int, downloads: Downloads) -> None:
+    async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
         """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""
-        await self._write_entries(site_id, [], downloads)
+        await self._write_entries(site_id, [], downloads, site_name)
 
-    async def _write_entries(self, site_id: int, uids: list[int], downloads: Downloads | None) -> None:
-        fetched, removed = await self._write(self._delete_entries, site_id, uids, downloads)
+    async def _write_entries(self, site_id: int, uids: list[int], downloads: Downloads | None,
+                             site_name: str | None) -> None:
+        fetched, removed = await self._write(self._delete_entries, site_id, uids, downloads, site_name)
         for listener in self._listeners:
             for row in fetched:
                 listener.fetched_committed(site_id, *row)
@@ -273,30 +320,49 @@ class Storage:
     async def _write(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
 
-    def _delete_entries(self, site_id: int, uids: list[int], downloads: Downloads | None):
-        """Writer thread: one transaction. Returns what changed: ([(uid, sender_site, size)] newly
-        marked downloaded, [(uid, sender_site, size, was_waiting)] removed)."""
+    def _delete_entries(self, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None):
+        """Writer thread: one transaction, with the tracking events. Returns what changed: ([(uid,
+        sender_site, size)] newly marked downloaded, [(uid, sender_site, size, was_waiting)] removed)."""
         conn = self._writer_conn
-        fetched, removed = [], []
+        fetched, removed, tracked = [], [], []
+        now = time.time()
+        protocol = downloads.protocol if downloads is not None else None
+        peer = downloads.peer if downloads is not None else None
         conn.execute("BEGIN IMMEDIATE")
         try:
             for uid in (downloads.fetched_uids if downloads is not None else ()):
                 row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
                 if row is not None and row[3]:
-                    conn.execute("UPDATE mailbox SET fetched_at = ? WHERE uid = ?", (time.time(), uid))
+                    conn.execute("UPDATE mailbox SET fetched_at = ? WHERE uid = ?", (now, uid))
                     fetched.append(row[:3])
             for uid in uids:
                 row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
                 if row is not None:
-                    conn.execute("DELETE FROM mailbox WHERE uid = ?", (uid,))
+                    gone = conn.execute("DELETE FROM mailbox WHERE uid = ? RETURNING queue_id", (uid,)).fetchall()
                     removed.append(row)
+                    tracked.append(events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer,
+                                                           detail=protocol)))
             if downloads is not None:
                 _add_downloads(conn, site_id, downloads)
+                tracked[:0] = [events.row(events.Event(at, events.DOWNLOADED, qid, site_name, peer=peer, size=size,
+                                                       detail=protocol))
+                               for qid, (at, size) in downloads.retrieved.items()]
+            conn.executemany(events.INSERT, tracked)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return fetched, removed
+
+    async def prune_events(self, before: float) -> int:
+        """Delete tracking events older than `before` in short transactions (commits run between
+        them); the count."""
+        total = 0
+        while (deleted := await self._write(events.prune_batch, self._writer_conn, before)) > 0:
+            total += deleted
+            if deleted < events.PRUNE_BATCH:
+                break
+        return total
 
     def _forget_trash(self, blobs: list[str]) -> None:
         """Writer thread."""

@@ -122,6 +122,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("tls", "cert_file"): (str(cert), cert),
         ("tls", "key_file"): (str(key), key),
         ("auth", "allow_plaintext"): ("yes", True),
+        ("events", "retention_days"): ("30", 30.0),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
         ("directory", "address"): ("Participants", "participants"),
@@ -388,9 +389,13 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
                         r"(  (submitted|received)_per_(day|month) +0 B of unlimited\n){4}"
                         r"  max_drain_time       1800 s\n  downlink             1.0 MiB/s assumed until measured\n"
                         r"throttle:  no live state yet .*\n"
-                        r"downloads: never polled\n", shown), shown
+                        r"downloads: never polled\n"
+                        r"activity:  last 60 min: downloaded 0 mail\(s\), 0 B \(0 B/s\)\n", shown), shown
     as_json = json.loads(ok(site(site_env, "show", "beta.site", "--json")))
     created = as_json.pop("created_at")
+    assert as_json.pop("activity") == {
+        "window_seconds": 3600.0, "oldest_waiting_at": None, "downloaded_messages": 0, "downloaded_bytes": 0,
+        "download_rate_bytes_per_second": 0.0, "refusals_as_sender": [], "refusals_as_recipient": []}
     limits = as_json.pop("limits")
     assert limits["mailbox_bytes"] == {"limit": 50 * 1024**3, "source": "config", "used": 0}
     assert limits["max_drain_time"] == {"limit": 1800.0, "source": "config", "used": None}
