@@ -62,6 +62,8 @@ class MailboxEntry:
     sha256: str
     sender_site: int | None = None
     fetched: bool = False     # downloaded before (by an earlier session)
+    flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
+    delivered_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ class Storage:
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._writer_conn = None
         self._listeners: list = []
+        self._watchers: list = []
 
     def add_listener(self, listener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
@@ -113,6 +116,15 @@ class Storage:
         fetched_committed(site_id, uid, sender_site, size) when an entry is first marked downloaded,
         removed(site_id, uid, sender_site, size, was_waiting) per deleted entry."""
         self._listeners.append(listener)
+
+    def subscribe(self, watcher) -> None:
+        """watcher(site_ids) runs on the event loop after each commit that added, removed or
+        re-flagged mailbox entries of those sites (IMAP IDLE and concurrent sessions)."""
+        self._watchers.append(watcher)
+
+    def _changed(self, site_ids) -> None:
+        for watcher in self._watchers:
+            watcher(set(site_ids))
 
     async def open(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +233,7 @@ class Storage:
                                            item.spool.size, item.received_at)
                     if not item.done.done():
                         item.done.set_result(None)
+                self._changed(d.site_id for item in batch for d in item.deliveries)
 
     def _remove_blobs(self, batch: list[_Pending]) -> None:
         for item in batch:
@@ -268,12 +281,38 @@ class Storage:
         """The site's mailbox entries in delivery order."""
         async with self._db.execute(
                 "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
-                " b.fetched_at IS NOT NULL FROM mailbox b"
+                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
             rows = await cursor.fetchall()
-        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched))
-                for uid, qid, size, dots, blob, sha, sender, fetched in rows]
+        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
+                             delivered)
+                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered in rows]
+
+    async def uid_next(self, site_id: int) -> int:
+        """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""
+        async with self._db.execute(
+                "SELECT max(coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1),"
+                " coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1))", (site_id, site_id)) as cursor:
+            (value,) = await cursor.fetchone()
+        return value
+
+    async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
+        """Set the `add` and clear the `remove` flag bits of mailbox entries (one transaction)."""
+        await self._write(self._update_flags, site_id, uids, add, remove)
+        self._changed((site_id,))
+
+    def _update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
+        """Writer thread."""
+        conn = self._writer_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
+                             [(add, remove, site_id, uid) for uid in uids])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
@@ -302,6 +341,8 @@ class Storage:
         transaction with their tracking events; blobs whose last reference goes are freed after the
         commit."""
         await self._write_entries(site_id, uids, downloads, site_name)
+        if uids:
+            self._changed((site_id,))
         await self.empty_trash()
 
     async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
