@@ -44,7 +44,7 @@ class Overflow:
 
 
 _LITERAL_AT_END = re.compile(rb"\{([0-9]{1,10})(\+?)\}\r?$")
-_TAG = re.compile(rb"[\x21-\x7e]{1,64}")
+_TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]{1,64}')   # ASTRING-CHARs but "+"
 
 
 class CommandFramer:
