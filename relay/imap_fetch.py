@@ -93,7 +93,7 @@ def _item(msg, att: FetchAtt, renderers) -> list:
     if name == "ENVELOPE":
         return [b"ENVELOPE " + renderers.envelope(msg.structure)]
     if name == "BODYSTRUCTURE" or (name == "BODY" and att.section is None):
-        return [name.encode() + b" " + renderers.bodystructure(msg.structure)]
+        return [name.encode() + b" " + renderers.bodystructure(msg.structure, extensible=name == "BODYSTRUCTURE")]
     if name == "RFC822":
         return _literal(b"RFC822", FileRange(0, msg.size, True))
     header_end = len(msg.header) if msg.header is not None else 0

@@ -17,7 +17,7 @@ import pytest
 
 class FakeRenderers:
     @staticmethod
-    def bodystructure(structure):
+    def bodystructure(structure, extensible=True):
         return b'("TEXT" "PLAIN" NIL NIL NIL "7BIT" 10 1)'
 
     @staticmethod
