@@ -2,7 +2,7 @@
 # attributes need (the MIME structure recorded at ingest, the top-level header block), and the
 # response as a list of pieces: bytes the core sends as they are, and FileRange parts of the stored
 # blob that the adapter streams (sendfile) as literal contents. Pure functions, no I/O.
-# Must never: put a body section in memory (only header blocks of at most MAX_HEADER bytes), or
+# Must never: put a body section in memory (only header blocks of at most MAX_HEADER bytes each), or
 # announce a literal whose length differs from what the FileRange sends.
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class FetchPlan:
         self.structure = False
         self.header = False
         self.sets_seen = False
+        self.part_headers: set[str] = set()   # "1.2" for BODY[1.2.HEADER.FIELDS (...)]
         for att in atts:
             name, section = att.name, att.section
             if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") and section is None:
@@ -58,8 +59,8 @@ class FetchPlan:
                 self.header = True      # the top-level header's end (and its fields)
             elif section:
                 self.structure = True   # a numbered part
-            if section is not None and "HEADER.FIELDS" in section and section[0].isdigit():
-                raise ParseError("HEADER.FIELDS of a body part is not supported")
+                if att.fields:
+                    self.part_headers.add(section.split(".HEADER.FIELDS")[0])
 
 
 def fetch_response(seq: int, msg, plan: FetchPlan, renderers, with_flags: bool) -> list:
@@ -104,7 +105,9 @@ def _item(msg, att: FetchAtt, renderers) -> list:
     section = att.section or ""
     label = "BODY[" + section + (" (" + " ".join(att.fields) + ")" if att.fields else "") + "]"
     if att.fields:
-        data = filter_header(msg.header or b"", set(att.fields), section.endswith(".NOT"))
+        block = msg.header if not section[0].isdigit() else (msg.part_headers or {}).get(
+            section.split(".HEADER.FIELDS")[0])
+        data = filter_header(block or b"", set(att.fields), section.endswith(".NOT"))
         return _literal(_partial_label(label, att), _cut_bytes(data, att.partial))
     if section == "":
         span = (0, msg.size)

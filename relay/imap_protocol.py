@@ -16,7 +16,7 @@
 #         AuthRequest     -> resume(site or None)  (sleep before answering a failure)
 #         StartTls        -> upgrade the transport, resume(None)
 #         MailboxRequest  -> resume(Snapshot of the site's mailbox, or None if it is gone)
-#         LoadRequest     -> fill msg.structure / msg.header of ev.messages, resume(None)
+#         LoadRequest     -> fill msg.structure / .header / .part_headers of ev.messages, resume(None)
 #         StoreFlags      -> add/remove flag bits of ev.uids in storage, resume(True/False)
 #         ExpungeRequest  -> delete ev.uids, resume("ok" | "in-use" | "error")
 #         CloseConnection -> flush and close
@@ -65,6 +65,7 @@ class Message:
     ref: object = None                     # the adapter's handle (storage entry)
     structure: dict | None = None          # loaded on demand (LoadRequest), dropped after use
     header: bytes | None = None            # top-level header block incl. the blank line, likewise
+    part_headers: dict | None = None       # "1.2" -> header block of that message/rfc822 part, likewise
     gone: bool = False                     # expunged by another session, EXPUNGE not yet sent
 
 
@@ -111,6 +112,7 @@ class LoadRequest:
     messages: list
     structure: bool
     header: bool
+    part_headers: frozenset = frozenset()   # part numbers whose header block (N.HEADER) is needed
 
 
 @dataclass(frozen=True)
@@ -621,7 +623,7 @@ class ImapConnection:
             batch = chosen[start:start + _BATCH]
             msgs = [m for _, m in batch]
             if plan.structure or plan.header:
-                yield LoadRequest(msgs, plan.structure, plan.header)
+                yield LoadRequest(msgs, plan.structure, plan.header, frozenset(plan.part_headers))
                 if plan.structure and any(m.structure is None for m in msgs):
                     return self._done(tag, "NO", "[SERVERBUG] MIME structure unavailable")
             seen_now = set()
@@ -637,7 +639,7 @@ class ImapConnection:
                         self._out.append(SendFile(msg.ref, piece.start, piece.length, piece.whole))
                     else:
                         self._send(piece)
-                msg.structure = msg.header = None
+                msg.structure = msg.header = msg.part_headers = None
                 yield _FLUSH
         if missing:
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the requested messages were expunged")

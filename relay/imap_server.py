@@ -27,6 +27,7 @@ from .imap_fetch import MAX_HEADER
 from .imap_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
                             LoadRequest, MailboxRequest, Message, SendBytes, SendFile, Snapshot, StartTls,
                             StoreFlags, bye)
+from .mime_stream import MimeStreamParser
 from .pop3_server import _is_loopback, _printable
 
 log = logging.getLogger("mailhub.imap")
@@ -255,24 +256,43 @@ class ImapSession(asyncio.Protocol):
         for msg in event.messages:
             if event.structure:
                 msg.structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
+                if msg.structure is None:   # stored before structures were recorded
+                    msg.structure = await self._record_structure(msg.ref)
             if event.header:
                 msg.header = await self._read_header(msg.ref)
+            if event.part_headers:
+                msg.part_headers = {}
+                for part in event.part_headers:
+                    span = mime_structure.section_range(msg.structure, part + ".HEADER")
+                    if span is not None:
+                        msg.part_headers[part] = await self._read_header(msg.ref, *span)
 
-    async def _read_header(self, entry) -> bytes:
-        """The header block up to and including the blank line (at most MAX_HEADER bytes)."""
+    async def _record_structure(self, entry) -> dict:
+        """The MIME structure of a blob, streamed through the ingest's recorder (1 MB at a time)."""
+        recorder = mime_structure.StructureRecorder()
+        parser = MimeStreamParser(recorder)
+        for offset in range(0, entry.size, CHUNK):
+            parser.feed(await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset)))
+        parser.close()
+        return recorder.structure
+
+    async def _read_header(self, entry, start: int = 0, end: int | None = None) -> bytes:
+        """The header block from `start` up to and including the blank line (at most MAX_HEADER
+        bytes, never beyond `end`)."""
+        limit = min(entry.size if end is None else end, start + MAX_HEADER) - start
         data = b""
-        while len(data) < min(entry.size, MAX_HEADER):
-            chunk = await self.ctx.sender.read(entry.path, len(data), min(_HEADER_READ, entry.size - len(data)))
+        while len(data) < limit:
+            chunk = await self.ctx.sender.read(entry.path, start + len(data), min(_HEADER_READ, limit - len(data)))
             if not chunk:
                 break
             scan_from = max(0, len(data) - 3)
             data += chunk
-            end = data.find(b"\r\n\r\n", scan_from)
-            if end >= 0:
-                return data[:end + 4]
+            blank = data.find(b"\r\n\r\n", scan_from)
+            if blank >= 0:
+                return data[:blank + 4]
             if data.startswith(b"\r\n"):
                 return b"\r\n"
-        return data[:MAX_HEADER]
+        return data
 
     async def _store_flags(self, event: StoreFlags) -> bool:
         try:

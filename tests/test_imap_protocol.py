@@ -64,6 +64,7 @@ def run(data_chunks, *, tls=False, plaintext=True, site="site"):
             for m in ev.messages:
                 m.structure = {} if ev.structure else None
                 m.header = HEADER if ev.header else None
+                m.part_headers = {p: b"Subject: inner\r\nX-A: 1\r\n\r\n" for p in ev.part_headers}
             core.resume(None)
         elif isinstance(ev, StoreFlags):
             for m in box:
@@ -103,6 +104,16 @@ def test_fetch_sets_seen_and_reports_flags_once():
     wire, events = run([b"a LOGIN site pw\r\nb SELECT INBOX\r\nc FETCH 1 (BODY[HEADER.FIELDS (subject)])\r\n"])
     assert b"* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {15}\r\nSubject: hi\r\n\r\n FLAGS (\\Seen))\r\n" in wire
     assert StoreFlags([3], 1, 0) in events
+
+
+def test_header_fields_of_the_message_and_of_a_part():
+    wire, events = run([b"a LOGIN site pw\r\nb EXAMINE INBOX\r\n"
+                        b"c FETCH 1 (BODY[1.HEADER.FIELDS (SUBJECT)] BODY.PEEK[HEADER.FIELDS.NOT (SUBJECT)])\r\n"])
+    assert b"* 1 FETCH (BODY[1.HEADER.FIELDS (SUBJECT)] {18}\r\nSubject: inner\r\n\r\n " \
+           b"BODY[HEADER.FIELDS.NOT (SUBJECT)] {13}\r\nFrom: a@b\r\n\r\n)\r\nc OK" in wire
+    load = next(e for e in events if isinstance(e, LoadRequest))
+    assert (load.structure, load.header, load.part_headers) == (True, True, frozenset({"1"}))
+    assert not any(isinstance(e, StoreFlags) for e in events)   # EXAMINE: no \Seen
 
 
 def test_store_search_expunge():
