@@ -220,7 +220,7 @@ _command = st.builds(
 _garbage = st.binary(max_size=60).map(lambda b: b + b"\r\n")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_command, _command, _garbage), max_size=12), st.lists(st.integers(1, 40), max_size=20),
        st.booleans())
 def test_random_and_malformed_commands_never_crash(commands, cuts, plaintext):
