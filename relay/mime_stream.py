@@ -28,8 +28,9 @@ class Part:
     are set at part_end. kind: "multipart" (child parts follow), "message" (message/rfc822: one
     encapsulated message follows) or "leaf" (part_body calls follow). is_message: the top-level
     message or a message encapsulated in a message/rfc822 part (it has that part's path, or "1"
-    for a message/rfc822 top level). lines: line count of the body, for text/* parts and
-    everything inside a message/rfc822 part (incl. the message/rfc822 part itself), else None."""
+    for a message/rfc822 top level). lines: line feeds in the body (as IMAP servers such as
+    Dovecot count body lines), for text/* parts and everything inside a message/rfc822 part
+    (incl. the message/rfc822 part itself), else None."""
 
     __slots__ = ("path", "parent", "depth", "is_message", "headers", "headers_truncated",
                  "content_type", "subtype", "params", "kind", "header_start", "body_start",
@@ -82,7 +83,6 @@ class MimeStreamParser:
         self._parts = 0
         self._in_rfc822 = 0      # open message/rfc822 parts: everything inside has its lines counted
         self._lf = 0             # line feeds counted so far (only while counting)
-        self._last = _LF         # last byte consumed
         self._counting = False
         self._line_start = True  # the next byte starts a line whose line end was consumed already
         self._eol = 2            # length of the line end of the last header or delimiter line
@@ -170,7 +170,6 @@ class MimeStreamParser:
                         if self._counting:
                             self._lf -= 1
                             unwound = 1
-                        self._last = 0
                     self._delimiter(match, delimiter, buf, pos, line_end, base, unwound)
                     return line_end, False
             if len(part.headers) >= MAX_HEADERS or part._header_bytes + len(text) > MAX_HEADER_BYTES:
@@ -282,7 +281,6 @@ class MimeStreamParser:
             return
         if self._counting:
             self._lf += buf.count(b"\n", start, end)
-        self._last = buf[end - 1]
         self._line_start = False
         if self._state == _BODY:
             self.listener.part_body(self._stack[-1], memoryview(buf)[start:end])
@@ -291,7 +289,6 @@ class MimeStreamParser:
         """Header or delimiter line bytes [start, end)."""
         if self._counting:
             self._lf += buf.count(b"\n", start, end)
-        self._last = buf[end - 1]
         self._eol = 2 if end - start >= 2 and buf[end - 2] == 13 else 1
         self._line_start = True
 
@@ -368,7 +365,7 @@ class MimeStreamParser:
         part.body_end = max(at, part.body_start)
         part.size = part.body_end - part.body_start
         if part._lf_start is not None:
-            part.lines = self._lf - part._lf_start + (1 if part.size and self._last != _LF else 0)
+            part.lines = self._lf - part._lf_start
         self._stack.pop()
         if part in self._open_boundaries:
             self._open_boundaries.remove(part)
