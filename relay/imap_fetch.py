@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .imap_parser import FetchAtt, ParseError
+from .imap_parser import FetchAtt
 
 __all__ = ["FileRange", "FetchPlan", "fetch_response", "flag_list", "internal_date", "filter_header",
            "MAX_HEADER", "FLAG_BITS", "SEEN", "ANSWERED", "FLAGGED", "DELETED", "DRAFT", "ALL_FLAGS"]

@@ -12,8 +12,6 @@ import socket
 import ssl
 import time
 
-import pytest
-
 from conftest import PASSWORD, make_message
 from pop3util import RawPop3, make_cert, send, strip_trace
 
@@ -341,4 +339,5 @@ def test_connection_limit_and_idle_timeout(make_hub):
     time.sleep(1.5)
     assert first.recv(1000) == b"* BYE autologout; idle for too long\r\n"
     first.close()
+
 
