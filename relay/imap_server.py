@@ -18,10 +18,7 @@ import time
 from mailhub import metrics
 from storage import Downloads, SiteCache, Storage
 
-try:  # TEMPORARY until the MIME structure recorder lands
-    from . import mime_structure
-except ImportError:
-    mime_structure = None
+from . import mime_structure
 from .file_sender import FileSender
 from .imap_fetch import MAX_HEADER
 from .imap_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
