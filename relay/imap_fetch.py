@@ -49,6 +49,8 @@ class FetchPlan:
         self.header = False
         self.sets_seen = False
         self.part_headers: set[str] = set()   # "1.2" for BODY[1.2.HEADER.FIELDS (...)]
+        # FLAGS, UID, RFC822.SIZE, INTERNALDATE only: answerable from the session's view alone
+        self.reads_message = any(att.name not in ("FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE") for att in atts)
         for att in atts:
             name, section = att.name, att.section
             if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") and section is None:

@@ -125,8 +125,9 @@ class SelectedState:
             atts.insert(0, fetch_att(Atom("UID"))[0])
         plan = FetchPlan(atts)
         chosen = self._select_set(args[0], uid_mode)
-        missing = any(m.gone for _, m in chosen)
-        chosen = [(seq, m) for seq, m in chosen if not m.gone]
+        missing = plan.reads_message and any(m.gone for _, m in chosen)   # RFC 2180 sec. 4.1
+        if missing:
+            chosen = [(seq, m) for seq, m in chosen if not m.gone]
         for start in range(0, len(chosen), _BATCH):
             batch = chosen[start:start + _BATCH]
             msgs = [m for _, m in batch]

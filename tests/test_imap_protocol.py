@@ -182,6 +182,36 @@ def test_idle_reports_changes_and_ends_on_done():
     assert out[-1] == b"c OK IDLE terminated\r\n"
 
 
+def test_messages_expunged_elsewhere():
+    core = ImapConnection(greeting_host="h", starttls_available=False, plaintext_login_allowed=True,
+                          renderers=FakeRenderers)
+    box = messages()
+    out = []
+
+    def pump(data: bytes) -> bytes:
+        core.receive_data(data)
+        out.clear()
+        while (ev := core.next_event()) is not NEED_DATA:
+            if isinstance(ev, SendBytes):
+                out.append(ev.data)
+            elif isinstance(ev, SendFile):
+                out.append(b"F" * ev.length)
+            elif isinstance(ev, AuthRequest):
+                core.resume("site")
+            elif isinstance(ev, MailboxRequest):
+                core.resume(Snapshot(1, 20, [Message(m.uid, m.size, m.flags, 0.0, m.ref) for m in box]))
+        return b"".join(out)
+    pump(b"a LOGIN site pw\r\nb SELECT INBOX\r\n")
+    del box[0]
+    core.mailbox_changed()
+    # flags and sizes still come from the session's view; no EXPUNGE in the middle of FETCH
+    assert pump(b"c FETCH 1:* (FLAGS)\r\n") == (b"* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS (\\Seen))\r\n"
+                                                  b"* 3 FETCH (FLAGS (\\Deleted))\r\nc OK FETCH completed\r\n")
+    wire = pump(b"d FETCH 1:2 (BODY.PEEK[]<0.4>)\r\n")
+    assert wire == b"* 2 FETCH (BODY[]<0> {4}\r\nFFFF)\r\nd NO [EXPUNGEISSUED] some of the requested messages were expunged\r\n"
+    assert pump(b"e NOOP\r\n") == b"* 1 EXPUNGE\r\ne OK NOOP completed\r\n"
+
+
 def test_parser_units():
     assert sequence_set(tokenize_one("1:3,7,*:9")) == [(1, 3), (7, 7), (0, 9)]
     for bad in ("0", "1:", "a", "1,,2", "4294967296"):
