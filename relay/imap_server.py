@@ -49,6 +49,7 @@ class ImapContext:
         self.pop3_locks = pop3_locks
         self.sender = FileSender(cfg.imap.max_connections)
         self.sessions: set[ImapSession] = set()
+        self.by_site: dict[int, set[ImapSession]] = {}   # logged-in sessions per site id
         self.shutting_down = False
         storage.subscribe(self.mailboxes_changed)
 
@@ -56,8 +57,8 @@ class ImapContext:
         return lambda: ImapSession(self, implicit_tls)
 
     def mailboxes_changed(self, site_ids: set[int]) -> None:
-        for session in self.sessions:
-            if session.site is not None and session.site.id in site_ids:
+        for site_id in site_ids:
+            for session in self.by_site.get(site_id, ()):
                 session.mailbox_changed()
 
     async def drain(self, timeout: float) -> None:
@@ -238,6 +239,7 @@ class ImapSession(asyncio.Protocol):
             return None
         self.site = site
         self.downloads = Downloads(polled_at=time.time())
+        self.ctx.by_site.setdefault(site.id, set()).add(self)
         return site
 
     async def _snapshot(self) -> Snapshot | None:
@@ -395,6 +397,11 @@ class ImapSession(asyncio.Protocol):
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:
             ctx.sessions.discard(self)
+            if self.site is not None:
+                watching = ctx.by_site.get(self.site.id, set())
+                watching.discard(self)
+                if not watching:
+                    ctx.by_site.pop(self.site.id, None)
         metrics.imap_session(outcome)
         d = self.downloads
         log.info("session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f zero_copy=%d expunged=%d session_s=%.1f"
