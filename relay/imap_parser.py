@@ -239,9 +239,7 @@ def _atom(text: bytes, pos: int, end: int) -> tuple[Atom, int]:
         if c == 0x5B:   # [ opens a section: spaces and parentheses allowed inside
             depth += 1
         elif c == 0x5D:
-            if depth == 0:
-                raise ParseError("unbalanced ]")
-            depth -= 1
+            depth = max(0, depth - 1)   # outside a section "]" is an ASTRING-CHAR
         elif depth == 0 and c in _ATOM_STOP and not (c == 0x5C and pos == start):   # flags: \Seen
             break
         elif depth and c in (0x0D, 0x0A, 0x00, 0x7B):

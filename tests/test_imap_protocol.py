@@ -94,6 +94,15 @@ def test_login_select_fetch_wire_bytes():
     assert wire.endswith(b"* BYE hub.test IMAP4rev1 server signing off\r\ne OK LOGOUT completed\r\n")
 
 
+def test_login_arguments_as_atoms_quoted_strings_and_literals():
+    for login in (b'a LOGIN site "pw"', b"a LOGIN {4+}\r\nsite pw", b'a LOGIN "si\\\\te" pw'):
+        wire, events = run([login + b"\r\n"])
+        auth = next(e for e in events if isinstance(e, AuthRequest))
+        assert (auth.user, auth.password) == ("site" if b"\\" not in login else "si\\te", "pw"), login
+    wire, events = run([b"a LOGIN x]y p]w\r\n"])
+    assert next(e for e in events if isinstance(e, AuthRequest)).password == "p]w"
+
+
 def test_synchronizing_literal_gets_a_continuation_and_literal_plus_does_not():
     wire, _ = run([b"a LOGIN {4}\r\n", b"site {2+}\r\npw\r\nb NOOP\r\n"])
     assert wire.count(b"+ Ready for literal data\r\n") == 1
