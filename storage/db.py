@@ -17,6 +17,7 @@ _PRAGMAS = (
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mailbox", "fetched_at", "REAL"),
     ("mailbox", "flags", "INTEGER NOT NULL DEFAULT 0"),
+    ("messages", "structure", "TEXT"),
 )
 
 

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS messages (
     set_id       TEXT,
     set_part     INTEGER,
     set_total    INTEGER,
-    refs         INTEGER NOT NULL
+    refs         INTEGER NOT NULL,
+    structure    TEXT      -- MIME structure recorded at ingest (JSON, relay/mime_structure.py)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);
 CREATE INDEX IF NOT EXISTS messages_set_id ON messages (set_id);

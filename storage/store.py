@@ -11,6 +11,7 @@
 # for its busy_timeout under steady ingest) and no interleaved transactions. aiosqlite only reads.
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ class MessageMeta:
     set_total: int | None = None
     sender_name: str | None = None   # the sending site's name (for the tracking record)
     peer: str | None = None          # the client's IP address
+    structure: dict | None = None   # MIME structure record (relay.mime_structure), offsets in the blob
 
 
 @dataclass(slots=True)
@@ -251,9 +253,10 @@ class Storage:
         for item in batch:
             m = item.meta
             qid, size, at = item.spool.queue_id, item.spool.size, item.received_at
+            structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
             messages.append((qid, blob_name(qid, at), size, item.spool.sha256,
                              int(m.dot_lines), at, m.mail_from, m.sender_site,
-                             m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries)))
+                             m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries), structure))
             tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
                             m.message_id, m.set_id, m.set_part, m.set_total, item.spool.sha256))
             for d in item.deliveries:
@@ -265,8 +268,8 @@ class Storage:
         try:
             conn.executemany(
                 "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from,"
-                " sender_site, message_id, set_id, set_part, set_total, refs)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+                " sender_site, message_id, set_id, set_part, set_total, refs, structure)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
             conn.executemany(
                 "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
             conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -288,6 +291,15 @@ class Storage:
         return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
                              delivered)
                 for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered in rows]
+
+    async def message_structure(self, queue_id: str) -> dict | None:
+        """The MIME structure recorded at ingest (relay.mime_structure), or None (unknown message,
+        or stored before structures were recorded)."""
+        async with self._db.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return json.loads(row[0])
 
     async def uid_next(self, site_id: int) -> int:
         """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""

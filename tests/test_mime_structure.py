@@ -185,9 +185,9 @@ FIXED = [
     # every extension field of a body part
     b"From: a@b.example\r\nContent-Type: multipart/mixed; boundary=\"=_x\"; type=abc\r\n"
     b"Content-Disposition: inline\r\nContent-Language: en\r\nContent-Location: http://hub.test/m\r\n\r\n"
-    b'--=_x\r\nContent-Type: application/dicom; name="x.dcm"\r\nContent-ID: <img1@gw.test>\r\n'
+    b'--=_x\r\nContent-Type: application/dicom; Name="x.dcm"; CharSet=binary\r\nContent-ID: <img1@gw.test>\r\n'
     b"Content-Description: CT slice 1\r\nContent-Transfer-Encoding: base64\r\n"
-    b'Content-Disposition: attachment; filename="x.dcm"; size=3\r\nContent-Language: en, de\r\n'
+    b'Content-Disposition: Attachment; FileName="x.dcm"; size=3\r\nContent-Language: en, de\r\n'
     b"Content-Location: slice1.dcm\r\nContent-MD5: Q2hlY2sgSW50ZWdyaXR5IQ==\r\n\r\nAAAA\r\n--=_x--\r\n",
     # a message/rfc822 top level around a multipart; a multipart/digest with default types
     b"Subject: forwarded\r\nContent-Type: message/rfc822\r\n\r\nFrom: x@y.example\r\nSubject: inner\r\n"
