@@ -31,8 +31,9 @@ class StructureRecorder:
     def part_start(self, part) -> None:
         record = {"type": part.content_type, "subtype": part.subtype, "hs": part.header_start,
                   "bs": part.body_start}
-        if part.params:
-            record["params"] = {k: v[:_MAX_VALUE] for k, v in part.params.items()}
+        if part.params:  # as written (IMAP servers keep the case of parameter names)
+            params = split_params(part.header("content-type"), lower=False)[1]
+            record["params"] = {k: v[:_MAX_VALUE] for k, v in params.items()}
         seen = set()
         for name, value in part.headers:
             lower = name.lower()
@@ -42,8 +43,8 @@ class StructureRecorder:
                 record[key] = value.strip()[:_MAX_VALUE]
             elif lower == "content-disposition" and "disposition" not in seen:
                 seen.add("disposition")
-                value, params = split_params(value)
-                record["disposition"] = [value.lower()[:_MAX_VALUE], params]
+                value, params = split_params(value, lower=False)
+                record["disposition"] = [value[:_MAX_VALUE], params]
         if part.is_message:
             fields = {}
             for name, value in part.headers:
@@ -88,7 +89,7 @@ def _body(part: dict, ext: bool) -> bytes:
         return out + b")"
     params = part.get("params") or {}
     media = (part["type"], part["subtype"])
-    if part["type"] == "text" and "charset" not in params:
+    if part["type"] == "text" and not any(name.lower() == "charset" for name in params):
         params = {"charset": "us-ascii", **params}  # the RFC 2045 default
     if media == ("message", "rfc822") and "message" not in part:
         media = ("application", "octet-stream")     # nested too deep to be parsed
