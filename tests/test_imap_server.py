@@ -341,3 +341,49 @@ def test_connection_limit_and_idle_timeout(make_hub):
     first.close()
 
 
+
+
+PGP_MIME = (b"From: Alpha Gateway <alpha@hub.test>\r\nTo: beta@hub.test\r\nSubject: study 1.2.840\r\n"
+            b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <study-1@hub.test>\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="b1"\r\n\r\n'
+            b"--b1\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n"
+            b'--b1\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n\r\n'
+            b"-----BEGIN PGP MESSAGE-----\r\n" + b"hQIMA0xyz0123456789abcdefABCDEF+/\r\n" * 2000 +
+            b"-----END PGP MESSAGE-----\r\n"
+            b"--b1\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nFrom: x@y\r\n\r\ninner body\r\n"
+            b"--b1--\r\n")
+
+
+def test_envelope_bodystructure_and_parts_from_the_recorded_structure(hub):
+    send(hub, ["beta@hub.test"], PGP_MIME)
+    client = imap(hub)
+    ok(client.select("INBOX"))
+
+    def fetch_parts():
+        data = ok(client.fetch("1", "(ENVELOPE BODYSTRUCTURE BODY)"))[0]
+        text = data if isinstance(data, bytes) else b"".join(data)
+        parts = {section: literal(ok(client.fetch("1", f"(BODY.PEEK[{section}])")))
+                 for section in ("1", "1.MIME", "2", "3.HEADER", "3.TEXT")}
+        fields = literal(ok(client.fetch("1", "(BODY.PEEK[3.HEADER.FIELDS (SUBJECT)])")))
+        return text, parts, fields
+
+    text, parts, fields = fetch_parts()
+    upper = text.upper()
+    assert b'"STUDY 1.2.840"' in upper and b'(("ALPHA GATEWAY" NIL "ALPHA" "HUB.TEST"))' in upper
+    assert b'"<STUDY-1@HUB.TEST>"' in upper
+    assert b'BODYSTRUCTURE (("APPLICATION" "PGP-ENCRYPTED"' in upper and b'"ENCRYPTED" ("PROTOCOL" "APPLICATION/PGP-ENCRYPTED"' in upper
+    assert b'"MESSAGE" "RFC822"' in upper
+    assert parts["1"] == b"Version: 1"
+    assert parts["1.MIME"] == b"Content-Type: application/pgp-encrypted\r\n\r\n"
+    assert parts["2"].startswith(b"-----BEGIN PGP MESSAGE-----\r\n") and parts["2"].endswith(b"-----END PGP MESSAGE-----")
+    assert parts["3.HEADER"] == b"Subject: inner\r\nFrom: x@y\r\n\r\n" and parts["3.TEXT"] == b"inner body"
+    assert fields == b"Subject: inner\r\n\r\n"
+    # a message stored without a structure record (before recording existed) gets it from its blob
+    conn = hub.db()
+    with conn:
+        conn.execute("UPDATE messages SET structure = NULL")
+    conn.close()
+    assert hub.query("SELECT count(*) FROM messages WHERE structure IS NULL") == [(1,)]
+    assert fetch_parts() == (text, parts, fields)
+    client.logout()
+    assert_no_traceback(hub)
