@@ -81,7 +81,8 @@ class ImapSession(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.peer = "-"
         self.site = None
-        self.downloads: Downloads | None = None
+        self.downloads: Downloads | None = None     # not yet added to the site's totals
+        self._served = Downloads(polled_at=0.0)       # the whole session's, for its log line
         self._zero_copy = 0
         self._expunged = 0
         self._started = time.monotonic()
@@ -304,12 +305,13 @@ class ImapSession(asyncio.Protocol):
     async def _expunge(self, event: ExpungeRequest) -> str:
         if self.site.id in self.ctx.pop3_locks:
             return "in-use"
-        try:
-            await self.ctx.storage.delete(self.site.id, event.uids)
+        try:   # what was downloaded so far is recorded with the deletion (long IDLE sessions)
+            await self.ctx.storage.delete(self.site.id, event.uids, self.downloads)
         except Exception:
             log.exception("site=%s: expunging %d message(s) failed", self.site.name, len(event.uids))
             return "error"
         self._expunged += len(event.uids)
+        self.downloads = Downloads(polled_at=time.time(), sessions=0)
         return "ok"
 
     async def _start_tls(self) -> None:
@@ -340,9 +342,10 @@ class ImapSession(asyncio.Protocol):
             self._stop_send.set()
             raise
         self._in_literal = False
-        self.downloads.bytes += event.length
-        self.downloads.send_seconds += time.monotonic() - started
-        self.downloads.messages += event.whole
+        for totals in (self.downloads, self._served):
+            totals.bytes += event.length
+            totals.send_seconds += time.monotonic() - started
+            totals.messages += event.whole
         metrics.imap_message(self.site.name, event.length, event.whole)
 
     async def _flushed(self) -> None:
@@ -391,7 +394,7 @@ class ImapSession(asyncio.Protocol):
             self.transport.close()
         ctx = self.ctx
         try:
-            if self.downloads is not None:
+            if self.downloads is not None and (self.downloads.sessions or self.downloads.bytes):
                 await ctx.storage.record_downloads(self.site.id, self.downloads)
         except Exception as exc:
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
@@ -403,11 +406,10 @@ class ImapSession(asyncio.Protocol):
                 if not watching:
                     ctx.by_site.pop(self.site.id, None)
         metrics.imap_session(outcome)
-        d = self.downloads
+        d = self._served
         log.info("session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f zero_copy=%d expunged=%d session_s=%.1f"
-                 " outcome=%s", self.peer, self._site_name(), d.messages if d else 0, d.bytes if d else 0,
-                 d.send_seconds if d else 0.0, self._zero_copy, self._expunged, time.monotonic() - self._started,
-                 outcome)
+                 " outcome=%s", self.peer, self._site_name(), d.messages, d.bytes, d.send_seconds, self._zero_copy,
+                 self._expunged, time.monotonic() - self._started, outcome)
 
     def _site_name(self) -> str:
         return self.site.name if self.site is not None else "-"

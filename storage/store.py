@@ -79,6 +79,7 @@ class Downloads:
     protocol: str = "pop3"
     peer: str | None = None   # the client's IP address
     retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)   # queue ID -> (time, octets)
+    sessions: int = 1         # 0 for a later part of a session already counted (IMAP records at each expunge)
 
 
 @dataclass(slots=True)
@@ -444,8 +445,8 @@ _ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM ma
 def _add_downloads(conn, site_id: int, d: Downloads) -> None:
     conn.execute(
         "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
-        " last_poll_at) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
-        " sessions = sessions + 1, messages = messages + excluded.messages, bytes = bytes + excluded.bytes,"
-        " send_seconds = send_seconds + excluded.send_seconds,"
+        " last_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
+        " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
+        " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
         " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
-        (site_id, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
+        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
