@@ -12,8 +12,10 @@ import socket
 import ssl
 import time
 
+import pytest
+
 from conftest import PASSWORD, make_message
-from pop3util import RawPop3, make_cert, send, strip_trace
+from pop3util import RawPop3, make_cert, non_loopback_ip, send, strip_trace
 
 
 def imap(hub, user: str = "beta", port: int | None = None) -> imaplib.IMAP4:
@@ -330,6 +332,26 @@ def test_starttls_and_imaps(make_hub, tmp_path):
         hashlib.sha256(mail).digest()
     client.logout()
     assert_no_traceback(hub)
+
+
+def test_plaintext_login_refused_off_loopback_until_starttls(make_hub, tmp_path):
+    ip = non_loopback_ip()
+    if ip is None:
+        pytest.skip("no non-loopback address on this machine")
+    cert, key = make_cert(tmp_path)
+    hub = make_hub(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_IMAP_LISTEN=f"{ip}:0")
+    hub.add_site("beta", "beta@hub.test")
+    hub.start()
+    client = imaplib.IMAP4(ip, hub.ports["imap"], timeout=30)
+    assert "LOGINDISABLED" in client.capabilities and "AUTH=PLAIN" not in client.capabilities
+    with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+        client.login("beta", PASSWORD)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False   # the certificate names 127.0.0.1, not this address
+    ok(client.starttls(context))
+    assert "AUTH=PLAIN" in client.capabilities and "STARTTLS" not in client.capabilities
+    ok(client.login("beta", PASSWORD))
+    client.logout()
 
 
 def test_connection_limit_and_idle_timeout(make_hub):
