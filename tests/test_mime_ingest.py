@@ -16,7 +16,7 @@ from email.mime.text import MIMEText
 
 from conftest import PASSWORD, RawSMTP, queue_id_from
 from test_memory import _base64_chunk, _status_kb
-from test_mime_structure import DOVECOT_IMAP, Dovecot, parse_sexp
+from test_mime_structure import Dovecot, parse_sexp
 
 from relay.mime_structure import bodystructure, envelope, section_range
 from storage import Storage, db
@@ -94,14 +94,13 @@ def test_pgp_mime_and_nested_structures_recorded_over_smtp(hub):
     start, end = section_range(tree, "3.2")
     assert base64.b64decode(tree_blob[start:end]) == b"DICM" * 100
 
-    if os.path.exists(DOVECOT_IMAP):  # the same files as Dovecot sees them
-        dovecot = Dovecot([pgp_blob, tree_blob])
-        try:
-            for n, structure in enumerate((pgp, tree), 1):
-                assert dovecot.fetch(n, "BODYSTRUCTURE") == parse_sexp(bodystructure(structure))[0]
-                assert dovecot.fetch(n, "ENVELOPE") == parse_sexp(envelope(structure))[0]
-        finally:
-            dovecot.close()
+    dovecot = Dovecot([pgp_blob, tree_blob])  # the same files as Dovecot sees them
+    try:
+        for n, structure in enumerate((pgp, tree), 1):
+            assert dovecot.fetch(n, "BODYSTRUCTURE") == parse_sexp(bodystructure(structure))[0]
+            assert dovecot.fetch(n, "ENVELOPE") == parse_sexp(envelope(structure))[0]
+    finally:
+        dovecot.close()
 
     # and as the hub's IMAP server serves them
     client = imaplib.IMAP4("127.0.0.1", hub.ports["imap"], timeout=30)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import mime_stream
-from relay.mime_stream import MimeStreamParser, split_params
+from relay.mime_stream import Listeners, MimeStreamParser, split_params
 
 
 class Recorder:
@@ -298,3 +298,20 @@ def test_long_dash_lines_are_body():
     raw = b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\n" + line + b"\r\n--q--\r\n"
     rec = parse(raw, range(0, len(raw), 100))
     assert {p["path"]: p["body"] for p in rec.parts}["1"] == line
+
+
+def test_lines_of_a_large_text_body_whatever_the_chunks():
+    body = b"".join(b"line %d %s\r\n" % (i, b"x" * (i % 90)) for i in range(20000)) + b"no line end"
+    raw = b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\n" + body + b"\r\n--q--\r\n"
+    for cuts in ((), range(0, len(raw), 100_000), range(0, len(raw), 70_001)):
+        ends = {e[1]: e for e in parse(raw, cuts).events if e[0] == "end"}
+        assert ends["1"][4:] == (len(body), body.count(b"\n"))
+
+
+def test_listeners_share_one_parser():
+    first, second = Recorder(), Recorder()
+    parser = MimeStreamParser(Listeners(first, second))
+    parser.feed(PGP_MIME)
+    parser.close()
+    assert first.events == second.events == parse(PGP_MIME).events
+    assert first.parts == second.parts

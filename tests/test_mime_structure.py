@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_mime_stream import messages, serialize
@@ -18,7 +17,7 @@ from test_mime_stream import messages, serialize
 from relay.mime_stream import MimeStreamParser
 from relay.mime_structure import StructureRecorder, bodystructure, envelope, parse_address_list, section_range
 
-DOVECOT_IMAP = "/usr/lib/dovecot/imap"
+DOVECOT_IMAP = "/usr/lib/dovecot/imap"  # Debian dovecot-imapd (bench/debian-packages.txt)
 TRACE = b"Received: from gw.test by hub.test with ESMTPA id 0123456789ABCDEF; Sat, 28 Nov 2026 04:00:00 +0000\r\n"
 
 ADDRESSES = ["a@b.example", '"Doe, John" <john@x.example>', "John Q. Public <jqp@example.com>",
@@ -154,7 +153,6 @@ def stored_messages(draw) -> bytes:
     return TRACE + serialize(msg)
 
 
-@pytest.mark.skipif(not os.path.exists(DOVECOT_IMAP), reason="dovecot-imapd is in bench/debian-packages.txt")
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(blobs=st.lists(stored_messages(), min_size=1, max_size=10))
 def test_renderings_equal_dovecot(blobs):
@@ -211,7 +209,6 @@ FIXED = [
 ]
 
 
-@pytest.mark.skipif(not os.path.exists(DOVECOT_IMAP), reason="dovecot-imapd is in bench/debian-packages.txt")
 def test_fixed_messages_equal_dovecot():
     blobs = [TRACE + message for message in FIXED]
     dovecot = Dovecot(blobs)
