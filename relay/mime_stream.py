@@ -6,7 +6,7 @@
 #   listener.part_end(part)         the part is over (body_end, size, lines)
 # It never holds the message: only the header block being parsed and a short undecided tail (a
 # possible boundary line cut by a chunk edge). Boundaries are found with bytes.find over whole
-# chunks, so a base64 body costs no Python work per line. It never raises on malformed input: a
+# chunks (memchr for "-"), so a base64 body costs no Python work per line. It never raises on malformed input: a
 # missing boundary, a missing header/body separator or an unterminated part becomes body bytes.
 import re
 
@@ -15,7 +15,7 @@ import numpy
 MAX_HEADER_BYTES = 256 * 1024  # of one header block; what follows is taken as body
 MAX_HEADERS = 1000             # fields kept per header block; the block ends there too
 MAX_DEPTH = 32                 # nesting of multiparts and message/rfc822; deeper ones are leaves
-MAX_PARTS = 10_000             # per message; later multiparts and message/rfc822 are leaves
+MAX_PARTS = 10_000             # per message; further parts are body of the last one
 MAX_BOUNDARY_LINE = 1024       # a longer line is never a boundary line
 _LOOKAHEAD = 4 * MAX_BOUNDARY_LINE
 _DASH_PROBES = 8               # dashes looked at before searching for the markers instead
@@ -278,13 +278,14 @@ class MimeStreamParser:
         return line - 1
 
     def _match_boundary(self, text: bytes) -> tuple[Part, bool] | None:
-        """(multipart, closes) when text is a delimiter line of an open multipart, innermost first."""
+        """(multipart, closes) when text is a delimiter line of an open multipart, innermost first.
+        Past MAX_PARTS only close delimiters count: further parts are body of the last one."""
         for multipart in reversed(self._open_boundaries):
             marker = multipart._marker
             if text.startswith(marker):
                 rest = text[len(marker):]
                 closes = rest[:2] == b"--"
-                if not rest[2 if closes else 0:].strip(b" \t"):
+                if not rest[2 if closes else 0:].strip(b" \t") and (closes or self._parts < MAX_PARTS):
                     return multipart, closes
         return None
 

@@ -315,3 +315,13 @@ def test_listeners_share_one_parser():
     parser.close()
     assert first.events == second.events == parse(PGP_MIME).events
     assert first.parts == second.parts
+
+
+def test_parts_beyond_the_limit_become_body_of_the_last_one(monkeypatch):
+    monkeypatch.setattr(mime_stream, "MAX_PARTS", 20)
+    raw = (b"Content-Type: multipart/mixed; boundary=q\r\n\r\n"
+           + b"".join(b"--q\r\n\r\npart %d\r\n" % i for i in range(50)) + b"--q--\r\nepilogue\r\n")
+    rec = parse(raw, range(0, len(raw), 33))
+    assert len(rec.parts) == 20 and rec.parts[-1]["path"] == ""
+    last = rec.parts[-2]
+    assert last["path"] == "19" and last["body"].startswith(b"part 18\r\n--q\r\n") and last["body"].endswith(b"part 49")
