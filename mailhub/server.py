@@ -63,7 +63,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     directory = DirectoryMailer(cfg, storage, hub_key)
     smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
-    imap = ImapContext(cfg, storage, sites, tls, pop3.locks)
+    imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,

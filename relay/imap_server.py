@@ -8,7 +8,7 @@
 # site's totals once per session (the same totals as POP3, which feed the drain measurement).
 # Must never: parse or word IMAP itself, hold more than a few MB per connection whatever the message
 # size, or let anything a client sends raise out of a session (I/O errors close the connection and
-# are logged). Change notices come from Storage.subscribe, so they cover this process only.
+# are logged). Change notices come from storage's listeners, so they cover this process only.
 import asyncio
 import logging
 import ssl
@@ -16,6 +16,7 @@ import threading
 import time
 
 from mailhub import metrics
+from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
 from . import mime_structure
@@ -38,28 +39,41 @@ _TLS_HANDSHAKE_TIMEOUT = 30.0
 
 class ImapContext:
     """What all IMAP connections share: config, storage, sites, TLS, sessions, who watches which
-    mailbox, and the POP3 side's mailbox locks (an expunge waits until POP3 lets go)."""
+    mailbox, the POP3 side's mailbox locks (an expunge waits until POP3 lets go), and the throttle's
+    ledger (told of each poll and download: the drain-rate measurement, as for POP3). It is one of
+    storage's listeners: every committed delivery or removal wakes the sessions of that site."""
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 pop3_locks: dict):
+                 throttle: Throttle, pop3_locks: dict):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
+        self.ledger = throttle.ledger
         self.tls_context = tls_context
         self.pop3_locks = pop3_locks
         self.sender = FileSender(cfg.imap.max_connections)
         self.sessions: set[ImapSession] = set()
         self.by_site: dict[int, set[ImapSession]] = {}   # logged-in sessions per site id
         self.shutting_down = False
-        storage.subscribe(self.mailboxes_changed)
+        storage.add_listener(self)
 
     def factory(self, implicit_tls: bool = False):
         return lambda: ImapSession(self, implicit_tls)
 
-    def mailboxes_changed(self, site_ids: set[int]) -> None:
+    def mailboxes_changed(self, site_ids) -> None:
         for site_id in site_ids:
             for session in self.by_site.get(site_id, ()):
                 session.mailbox_changed()
+
+    # storage listener (see Storage.add_listener)
+    def committed(self, sender_site, receiver_site_ids, size, at) -> None:
+        self.mailboxes_changed(receiver_site_ids)
+
+    def fetched_committed(self, site_id, uid, sender_site, size) -> None:
+        pass
+
+    def removed(self, site_id, uid, sender_site, size, was_waiting) -> None:
+        self.mailboxes_changed((site_id,))
 
     async def drain(self, timeout: float) -> None:
         """Shutdown: say BYE to every session and close it; give their bookkeeping `timeout` s."""
@@ -241,6 +255,7 @@ class ImapSession(asyncio.Protocol):
         self.site = site
         self.downloads = Downloads(polled_at=time.time())
         self.ctx.by_site.setdefault(site.id, set()).add(self)
+        self.ctx.ledger.note_poll(site.id, self.downloads.polled_at)
         return site
 
     async def _snapshot(self) -> Snapshot | None:
@@ -300,6 +315,7 @@ class ImapSession(asyncio.Protocol):
         except Exception:
             log.exception("site=%s: storing flags failed", self.site.name)
             return False
+        self.ctx.mailboxes_changed((self.site.id,))   # the other sessions of the site show the flags
         return True
 
     async def _expunge(self, event: ExpungeRequest) -> str:
@@ -346,6 +362,11 @@ class ImapSession(asyncio.Protocol):
             totals.bytes += event.length
             totals.send_seconds += time.monotonic() - started
             totals.messages += event.whole
+        self.ctx.ledger.note_download(self.site.id, event.length, time.time())
+        if event.whole and not entry.fetched:   # first download: no longer waiting (as POP3 RETR)
+            entry.fetched = True
+            self.downloads.fetched_uids.append(entry.uid)
+            self.ctx.ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
         metrics.imap_message(self.site.name, event.length, event.whole)
 
     async def _flushed(self) -> None:

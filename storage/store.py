@@ -111,7 +111,6 @@ class Storage:
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._writer_conn = None
         self._listeners: list = []
-        self._watchers: list = []
 
     def add_listener(self, listener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
@@ -119,15 +118,6 @@ class Storage:
         fetched_committed(site_id, uid, sender_site, size) when an entry is first marked downloaded,
         removed(site_id, uid, sender_site, size, was_waiting) per deleted entry."""
         self._listeners.append(listener)
-
-    def subscribe(self, watcher) -> None:
-        """watcher(site_ids) runs on the event loop after each commit that added, removed or
-        re-flagged mailbox entries of those sites (IMAP IDLE and concurrent sessions)."""
-        self._watchers.append(watcher)
-
-    def _changed(self, site_ids) -> None:
-        for watcher in self._watchers:
-            watcher(set(site_ids))
 
     async def open(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +226,6 @@ class Storage:
                                            item.spool.size, item.received_at)
                     if not item.done.done():
                         item.done.set_result(None)
-                self._changed(d.site_id for item in batch for d in item.deliveries)
 
     def _remove_blobs(self, batch: list[_Pending]) -> None:
         for item in batch:
@@ -313,7 +302,6 @@ class Storage:
     async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
         """Set the `add` and clear the `remove` flag bits of mailbox entries (one transaction)."""
         await self._write(self._update_flags, site_id, uids, add, remove)
-        self._changed((site_id,))
 
     def _update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
         """Writer thread."""
@@ -354,8 +342,6 @@ class Storage:
         transaction with their tracking events; blobs whose last reference goes are freed after the
         commit."""
         await self._write_entries(site_id, uids, downloads, site_name)
-        if uids:
-            self._changed((site_id,))
         await self.empty_trash()
 
     async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
