@@ -285,14 +285,18 @@ def test_downloads_feed_site_totals_and_metrics(hub):
     mails = [make_message(4000), make_message(9000)]
     for mail in mails:
         send(hub, ["beta@hub.test"], mail)
+    assert site_json(hub, "beta")["waiting_messages"] == 2
     client = imap(hub)
     ok(client.select("INBOX"))
     sizes = [len(literal(ok(client.fetch(str(n), "(BODY.PEEK[])")))) for n in (1, 2)]
-    # an expunge records what was downloaded so far (a gateway may stay in IDLE for hours)
+    # an expunge records what was downloaded so far (a gateway may stay in IDLE for hours), and
+    # the index learns that both mails were downloaded (no longer waiting: the drain measurement)
     ok(client.store("1", "+FLAGS", "(\\Deleted)"))
     ok(client.expunge())
-    d = site_json(hub, "beta")["downloads"]
+    shown = site_json(hub, "beta")
+    d = shown["downloads"]
     assert (d["sessions"], d["messages"], d["bytes"]) == (1, 2, sum(sizes))
+    assert (shown["waiting_messages"], shown["waiting_bytes"]) == (0, 0)
     ok(client.fetch("1", "(BODY.PEEK[]<0.100>)"))
     client.logout()
     deadline = time.monotonic() + 5
