@@ -18,6 +18,7 @@ from conftest import PASSWORD, RawSMTP, queue_id_from
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
 
+from relay.ingest import IncomingMessage
 from relay.mime_structure import bodystructure, envelope, section_range
 from storage import Storage, db
 
@@ -178,3 +179,42 @@ def test_older_index_gets_the_structure_column(tmp_path):
     conn = db.connect(tmp_path)
     assert "structure" in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     conn.close()
+
+
+class ExplodingListener:
+    """A listener with a bug (as a later policy check might have)."""
+
+    def part_start(self, part) -> None:
+        if part.path == "2":
+            raise ValueError("listener bug")
+
+    def part_body(self, part, data) -> None:
+        pass
+
+    def part_end(self, part) -> None:
+        pass
+
+
+def test_a_failing_listener_costs_the_structure_not_the_mail(tmp_path, caplog):
+    async def ingest(message: bytes, listeners) -> tuple:
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            incoming = IncomingMessage(storage, 10 * MB, lambda qid: b"Received: by hub.test id %s\r\n" % qid.encode(),
+                                       "552 too big", mime_listeners=listeners)
+            for i in range(0, len(message), 1000):
+                incoming.write(message[i:i + 1000])
+            meta = incoming.meta("alpha@hub.test", None, False)
+            assert not incoming.failed
+            await storage.commit(incoming.spool, meta, [])
+            return incoming.queue_id, await storage.message_structure(incoming.queue_id)
+        finally:
+            await storage.close()
+
+    qid, structure = asyncio.run(ingest(pgp_mime(), [ExplodingListener()]))
+    assert structure is None and f"qid={qid}: MIME parsing stopped" in caplog.text
+    (blob, size), = sqlite3.connect(tmp_path / db.INDEX_NAME).execute(
+        "SELECT blob, size FROM messages WHERE queue_id = ?", (qid,)).fetchall()
+    assert (tmp_path / "blobs" / blob).read_bytes().endswith(pgp_mime())
+    qid, structure = asyncio.run(ingest(pgp_mime(), []))
+    assert structure["parts"][1]["be"] - structure["parts"][1]["bs"] == len(ARMORED)
