@@ -61,10 +61,11 @@ class SelectedState:
             largest = msgs[-1].uid if msgs else 0
             return [(seq, m) for seq, m in enumerate(msgs, 1) if in_sequence_set(m.uid, ranges, largest)]
         largest = len(msgs)
-        if any(max(lo, hi) > largest for lo, hi in ranges) or (largest == 0 and ranges):
+        if largest == 0 and all(0 in (lo, hi) for lo, hi in ranges):
+            return []   # "1:*" in an empty mailbox: nothing, as clients expect
+        if largest == 0 or any(max(lo, hi) > largest for lo, hi in ranges):
             raise ParseError("invalid message sequence number")
         return [(seq, m) for seq, m in enumerate(msgs, 1) if in_sequence_set(seq, ranges, largest)]
-
 
     def _cmd_close(self, tag, args):
         deleted = [m.uid for m in self._messages if m.flags & DELETED and not m.gone]

@@ -191,6 +191,24 @@ def test_idle_reports_changes_and_ends_on_done():
     assert out[-1] == b"c OK IDLE terminated\r\n"
 
 
+def test_sequence_sets_in_an_empty_mailbox():
+    core = ImapConnection(greeting_host="h", starttls_available=False, plaintext_login_allowed=True,
+                          renderers=FakeRenderers)
+    core.receive_data(b"a LOGIN site pw\r\nb SELECT INBOX\r\nc FETCH 1:* FLAGS\r\nd STORE * +FLAGS \\Seen\r\n"
+                      b"e FETCH 1 FLAGS\r\nf SEARCH 1:*\r\ng UID FETCH 1:* FLAGS\r\n")
+    out = []
+    while (ev := core.next_event()) is not NEED_DATA:
+        if isinstance(ev, SendBytes):
+            out.append(ev.data)
+        elif isinstance(ev, AuthRequest):
+            core.resume("site")
+        elif isinstance(ev, MailboxRequest):
+            core.resume(Snapshot(1, 1, []))
+    wire = b"".join(out)
+    assert b"c OK FETCH completed\r\nd OK STORE completed\r\ne BAD invalid message sequence number\r\n" \
+           b"* SEARCH\r\nf OK SEARCH completed\r\ng OK FETCH completed\r\n" in wire
+
+
 def test_messages_expunged_elsewhere():
     core = ImapConnection(greeting_host="h", starttls_available=False, plaintext_login_allowed=True,
                           renderers=FakeRenderers)
