@@ -3,7 +3,7 @@
 # a collector that reads storage totals from the index at scrape time (cached briefly), and a small
 # HTTP listener on the hub's event loop serving /metrics and /healthz.
 # Must never: block the event loop on a scrape (the exposition is rendered in a worker thread), or
-# let a metrics failure reach an SMTP or POP3 session.
+# let a metrics failure reach an SMTP, POP3 or IMAP session.
 import asyncio
 import logging
 import os
