@@ -1,7 +1,7 @@
-# MIME structures recorded by a running hub: mails sent over SMTP (smtplib) get their structure
-# stored with the index row; it must describe the stored blob (Received: header included) exactly
-# as Dovecot's imap describes the same file, serve IMAP FETCH BODYSTRUCTURE/ENVELOPE/BODY[n] through
-# the hub, and be recorded in bounded memory for a 200 MB mail.
+# MIME structures recorded by a running hub: mails sent over SMTP (smtplib; PGP/MIME encrypted by
+# real GnuPG) get their structure stored with the index row; it must describe the stored blob
+# (Received: header included) exactly as Dovecot's imap describes the same file, serve IMAP FETCH
+# BODYSTRUCTURE/ENVELOPE/BODY[n] through the hub, and be recorded in bounded memory for a 200 MB mail.
 import asyncio
 import base64
 import imaplib
@@ -14,7 +14,9 @@ from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
+import pytest
 from conftest import PASSWORD, RawSMTP, queue_id_from
+from gpgutil import Gpg
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
 
@@ -23,12 +25,21 @@ from relay.mime_structure import bodystructure, envelope, section_range
 from storage import Storage, db
 
 MB = 1024 * 1024
-ARMORED = (b"-----BEGIN PGP MESSAGE-----\r\n\r\n"
-           + base64.encodebytes(os.urandom(3000)).replace(b"\n", b"\r\n")
-           + b"=Qx1z\r\n-----END PGP MESSAGE-----\r\n")
+DICOM = b"\0" * 128 + b"DICM" + os.urandom(3000)
 
 
-def pgp_mime() -> bytes:
+@pytest.fixture(scope="module")
+def armored():
+    """A DICOM file encrypted by real GnuPG (ASCII armor, CRLF lines), as a gateway sends it."""
+    gpg = Gpg()
+    try:
+        gpg.new_key("beta <beta@keys.test>")
+        return gpg.encrypt(DICOM, "beta@keys.test").replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    finally:
+        gpg.close()
+
+
+def pgp_mime(armored: bytes) -> bytes:
     """A PGP/MIME mail as the DICOM gateways send one (RFC 3156)."""
     return (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: CT study 1/1\r\n"
             b"Message-ID: <study-1@gw.alpha>\r\nX-TELEMEDICINE-SETID: 1.2.840.1\r\nMIME-Version: 1.0\r\n"
@@ -38,7 +49,7 @@ def pgp_mime() -> bytes:
             b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
             b'--------------enc0123456789\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
             b'Content-Description: OpenPGP encrypted message\r\nContent-Disposition: inline; filename="encrypted.asc"\r\n'
-            b"\r\n" + ARMORED + b"\r\n--------------enc0123456789--\r\n")
+            b"\r\n" + armored + b"\r\n--------------enc0123456789--\r\n")
 
 
 def nested() -> bytes:
@@ -49,7 +60,7 @@ def nested() -> bytes:
     inner["From"] = "Dr. Who <who@gw.beta>"
     inner["Subject"] = "forwarded study"
     inner.attach(MIMEText("see attachment\n"))
-    inner.attach(MIMEApplication(b"DICM" * 100, "dicom", Name="ct.dcm"))
+    inner.attach(MIMEApplication(b"%PDF" * 100, "pdf", Name="report.pdf"))  # DICOM in clear is refused
     outer = MIMEMultipart("mixed")
     outer["From"] = '"Alpha, Radiology" <alpha@hub.test>'
     outer["To"] = "beta@hub.test, team: b2@hub.test;"
@@ -74,15 +85,15 @@ def stored(hub, qid: str) -> tuple[dict, bytes]:
     return json.loads(structure), (hub.data_dir / "blobs" / blob).read_bytes()
 
 
-def test_pgp_mime_and_nested_structures_recorded_over_smtp(hub):
-    qids = [send(hub, pgp_mime()), send(hub, nested())]
+def test_pgp_mime_and_nested_structures_recorded_over_smtp(hub, armored):
+    qids = [send(hub, pgp_mime(armored)), send(hub, nested())]
     pgp, pgp_blob = stored(hub, qids[0])
     assert pgp_blob.startswith(b"Received: ") and pgp["hs"] == 0 and pgp["be"] == len(pgp_blob)
     assert (pgp["type"], pgp["subtype"]) == ("multipart", "encrypted")
     assert [(p["type"], p["subtype"]) for p in pgp["parts"]] == [("application", "pgp-encrypted"),
                                                                 ("application", "octet-stream")]
     start, end = section_range(pgp, "2")
-    assert pgp_blob[start:end] == ARMORED
+    assert pgp_blob[start:end] == armored
     start, end = section_range(pgp, "1")
     assert pgp_blob[start:end] == b"Version: 1\r\n"
     assert pgp["envelope"]["message-id"] == "<study-1@gw.alpha>"
@@ -93,7 +104,7 @@ def test_pgp_mime_and_nested_structures_recorded_over_smtp(hub):
     forwarded = tree["parts"][2]["message"]
     assert forwarded["envelope"]["subject"] == "forwarded study"
     start, end = section_range(tree, "3.2")
-    assert base64.b64decode(tree_blob[start:end]) == b"DICM" * 100
+    assert base64.b64decode(tree_blob[start:end]) == b"%PDF" * 100
 
     dovecot = Dovecot([pgp_blob, tree_blob])  # the same files as Dovecot sees them
     try:
@@ -195,15 +206,16 @@ class ExplodingListener:
         pass
 
 
-def test_a_failing_listener_costs_the_structure_not_the_mail(tmp_path, caplog):
+def test_a_failing_listener_costs_the_structure_not_the_mail(tmp_path, caplog, armored):
     async def ingest(message: bytes, listeners) -> tuple:
         storage = Storage(tmp_path)
         await storage.open()
         try:
             incoming = IncomingMessage(storage, 10 * MB, lambda qid: b"Received: by hub.test id %s\r\n" % qid.encode(),
-                                       "552 too big", mime_listeners=listeners)
+                                       "552 too big", listeners=listeners)
             for i in range(0, len(message), 1000):
                 incoming.write(message[i:i + 1000])
+            incoming.end_of_data()
             meta = incoming.meta("alpha@hub.test", None, False)
             assert not incoming.failed
             await storage.commit(incoming.spool, meta, [])
@@ -211,10 +223,10 @@ def test_a_failing_listener_costs_the_structure_not_the_mail(tmp_path, caplog):
         finally:
             await storage.close()
 
-    qid, structure = asyncio.run(ingest(pgp_mime(), [ExplodingListener()]))
+    qid, structure = asyncio.run(ingest(pgp_mime(armored), [ExplodingListener()]))
     assert structure is None and f"qid={qid}: MIME parsing stopped" in caplog.text
     (blob, size), = sqlite3.connect(tmp_path / db.INDEX_NAME).execute(
         "SELECT blob, size FROM messages WHERE queue_id = ?", (qid,)).fetchall()
-    assert (tmp_path / "blobs" / blob).read_bytes().endswith(pgp_mime())
-    qid, structure = asyncio.run(ingest(pgp_mime(), []))
-    assert structure["parts"][1]["be"] - structure["parts"][1]["bs"] == len(ARMORED)
+    assert (tmp_path / "blobs" / blob).read_bytes().endswith(pgp_mime(armored))
+    qid, structure = asyncio.run(ingest(pgp_mime(armored), []))
+    assert structure["parts"][1]["be"] - structure["parts"][1]["bs"] == len(armored)
