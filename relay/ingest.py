@@ -13,8 +13,16 @@ from .mime_structure import StructureRecorder
 log = logging.getLogger("mailhub.ingest")
 
 
+class UncheckedMessage(StorageError):
+    """MIME parsing failed while listeners that must see the whole mail (the encryption policy)
+    were attached: the mail is refused rather than let through unchecked."""
+
+    reply = "451 4.3.0 Internal error, try again later"
+
+
 class IncomingMessage:
-    __slots__ = ("spool", "headers", "mime", "structure", "size", "max_size", "too_big", "too_big_reply", "error")
+    __slots__ = ("spool", "headers", "mime", "structure", "checked", "size", "max_size", "too_big",
+                 "too_big_reply", "error")
 
     def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
         self.headers = HeaderScanner()
@@ -23,6 +31,7 @@ class IncomingMessage:
         self.structure = StructureRecorder()
         self.mime: MimeStreamParser | None = MimeStreamParser(
             Listeners(self.structure, *listeners) if listeners else self.structure)
+        self.checked = bool(listeners)
         self.size = 0
         self.max_size = max_size
         self.too_big = False
@@ -81,10 +90,11 @@ class IncomingMessage:
                 self.mime.close()
             else:
                 self.mime.feed(data)
-        except Exception:  # a bug in a listener must not cost the mail; it is stored unparsed
-            log.exception("qid=%s: MIME parsing stopped; the message is stored without its structure",
-                          self.queue_id)
+        except Exception:  # a bug here must not cost the mail: it is stored without its structure
+            log.exception("qid=%s: MIME parsing stopped", self.queue_id)
             self.mime = None
+            if self.checked:
+                self._fail(UncheckedMessage())
 
     def meta(self, mail_from: str, sender: Site | None, dot_lines: bool, peer: str | None) -> MessageMeta:
         self.headers.close()

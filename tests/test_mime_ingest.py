@@ -20,8 +20,9 @@ from gpgutil import Gpg
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
 
+from relay import ingest as ingest_module
 from relay.ingest import IncomingMessage
-from relay.mime_structure import bodystructure, envelope, section_range
+from relay.mime_structure import StructureRecorder, bodystructure, envelope, section_range
 from storage import Storage, db
 
 MB = 1024 * 1024
@@ -193,7 +194,7 @@ def test_older_index_gets_the_structure_column(tmp_path):
 
 
 class ExplodingListener:
-    """A listener with a bug (as a later policy check might have)."""
+    """A listener with a bug."""
 
     def part_start(self, part) -> None:
         if part.path == "2":
@@ -206,7 +207,16 @@ class ExplodingListener:
         pass
 
 
-def test_a_failing_listener_costs_the_structure_not_the_mail(tmp_path, caplog, armored):
+class ExplodingRecorder(StructureRecorder):
+    """The structure recorder with a bug: what it built up to the failure must not be stored."""
+
+    def part_start(self, part) -> None:
+        ExplodingListener.part_start(self, part)
+        super().part_start(part)
+
+
+def test_a_failing_parse_costs_the_structure_not_the_mail_unless_a_check_needed_it(tmp_path, caplog, armored,
+                                                                                 monkeypatch):
     async def ingest(message: bytes, listeners) -> tuple:
         storage = Storage(tmp_path)
         await storage.open()
@@ -216,17 +226,24 @@ def test_a_failing_listener_costs_the_structure_not_the_mail(tmp_path, caplog, a
             for i in range(0, len(message), 1000):
                 incoming.write(message[i:i + 1000])
             incoming.end_of_data()
-            meta = incoming.meta("alpha@hub.test", None, False)
-            assert not incoming.failed
-            await storage.commit(incoming.spool, meta, [])
+            if incoming.failed:
+                return incoming.queue_id, incoming.error.reply
+            await storage.commit(incoming.spool, incoming.meta("alpha@hub.test", None, False), [])
             return incoming.queue_id, await storage.message_structure(incoming.queue_id)
         finally:
             await storage.close()
 
-    qid, structure = asyncio.run(ingest(pgp_mime(armored), [ExplodingListener()]))
-    assert structure is None and f"qid={qid}: MIME parsing stopped" in caplog.text
-    (blob, size), = sqlite3.connect(tmp_path / db.INDEX_NAME).execute(
-        "SELECT blob, size FROM messages WHERE queue_id = ?", (qid,)).fetchall()
-    assert (tmp_path / "blobs" / blob).read_bytes().endswith(pgp_mime(armored))
-    qid, structure = asyncio.run(ingest(pgp_mime(armored), []))
+    mail = pgp_mime(armored)
+    qid, structure = asyncio.run(ingest(mail, []))
     assert structure["parts"][1]["be"] - structure["parts"][1]["bs"] == len(armored)
+    # a listener that must see the whole mail (the encryption policy) did not: refused, not stored
+    qid, reply = asyncio.run(ingest(mail, [ExplodingListener()]))
+    assert reply.startswith("451 4.3.0") and f"qid={qid}: MIME parsing stopped" in caplog.text
+    assert not list((tmp_path / "spool").iterdir())
+    # only the structure recorder failed: the mail is stored, without its structure
+    monkeypatch.setattr(ingest_module, "StructureRecorder", ExplodingRecorder)
+    qid, structure = asyncio.run(ingest(mail, []))
+    assert structure is None
+    (blob,), = sqlite3.connect(tmp_path / db.INDEX_NAME).execute(
+        "SELECT blob FROM messages WHERE queue_id = ?", (qid,)).fetchall()
+    assert (tmp_path / "blobs" / blob).read_bytes().endswith(mail)
