@@ -61,6 +61,8 @@ _COMMANDS = {
 }
 # commands after which EXPUNGE responses may not be sent (RFC 3501 sec. 7.4.1)
 _NO_EXPUNGE_AFTER = {"FETCH", "STORE", "SEARCH"}
+# commands that report mailbox changes themselves; IDLE after its "+" (clients look for EXISTS there)
+_SYNCS_ITSELF = {"IDLE", "NOOP", "CHECK"}
 del NA, AU, SE
 _PERMANENT = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 
@@ -206,7 +208,7 @@ class ImapConnection(SelectedState):
 
     def _run(self, tag: str, verb: str, args: list):
         try:
-            if self._state is State.SELECTED and self._changed:
+            if self._state is State.SELECTED and self._changed and verb not in _SYNCS_ITSELF:
                 yield from self._sync()
             yield from getattr(self, "_cmd_" + verb.lower())(tag, args)
         except ParseError as exc:

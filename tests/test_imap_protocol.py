@@ -189,6 +189,12 @@ def test_idle_reports_changes_and_ends_on_done():
     core.receive_data(b"DONE\r\n")
     pump()
     assert out[-1] == b"c OK IDLE terminated\r\n"
+    # a change before IDLE is reported after the "+", where clients look for it
+    box.append(Message(13, 5, 0, 0.0))
+    core.mailbox_changed()
+    core.receive_data(b"d IDLE\r\n")
+    pump()
+    assert b"".join(out[-2:]) == b"+ idling\r\n* 4 EXISTS\r\n"
 
 
 def test_sequence_sets_in_an_empty_mailbox():
