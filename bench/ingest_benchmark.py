@@ -172,18 +172,20 @@ def _mailhub_cmd():
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mailhub.cli"]
 
 
-def hub_env(data_dir, smtp_port, pop3_port=None):
+def hub_env(data_dir, smtp_port, pop3_port=None, imap_port=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
     env.update(MAILHUB_DATA_DIR=data_dir, MAILHUB_SMTP_LISTEN="%s:%d" % (LOOPBACK, smtp_port),
-               MAILHUB_POP3_LISTEN="%s:%d" % (LOOPBACK, pop3_port or 0), MAILHUB_IMAP_LISTEN=LOOPBACK + ":0",
+               MAILHUB_POP3_LISTEN="%s:%d" % (LOOPBACK, pop3_port or 0),
+               MAILHUB_IMAP_LISTEN="%s:%d" % (LOOPBACK, imap_port or 0),
                MAILHUB_METRICS_LISTEN=LOOPBACK + ":0", MAILHUB_LOG_LEVEL="warning",
                MAILHUB_DOMAIN=HUB_DOMAIN, MAILHUB_SHUTDOWN_TIMEOUT="10")
     return env
 
 
 class HubProcess:
-    def __init__(self, proc, smtp_port, pop3_port, log_path):
+    def __init__(self, proc, smtp_port, pop3_port, log_path, imap_port=None):
         self.proc, self.smtp_port, self.pop3_port, self.log_path = proc, smtp_port, pop3_port, log_path
+        self.imap_port = imap_port
 
     @property
     def port(self):
@@ -191,15 +193,16 @@ class HubProcess:
 
 
 @contextlib.contextmanager
-def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False):
+def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False, imap=False):
     """`mailhub serve` on 127.0.0.1 with the data folder workdir/hub-data and the given sites added
-    (none: reuse the folder as it is); SMTP (and with pop3=True POP3) on free ports. Yields a
+    (none: reuse the folder as it is); SMTP (and with pop3=True POP3, imap=True IMAP) on free ports. Yields a
     HubProcess; stops the process (SIGTERM, then SIGKILL of its process group) on exit.
     The hub logs at warning level, so it does not print its ports: we choose free ones."""
     data_dir = os.path.join(os.path.abspath(workdir), "hub-data")
     smtp_port = free_port()
     pop3_port = free_port() if pop3 else None
-    env = hub_env(data_dir, smtp_port, pop3_port)
+    imap_port = free_port() if imap else None
+    env = hub_env(data_dir, smtp_port, pop3_port, imap_port)
     for site in sites:
         subprocess.run(_mailhub_cmd() + ["site", "add", site, "--address", "%s@%s" % (site, HUB_DOMAIN),
                                          "--password-stdin"], input=PASSWORD + "\n", text=True, env=env,
@@ -211,7 +214,9 @@ def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False):
         wait_banner(smtp_port, proc=proc, timeout=60)
         if pop3:
             wait_banner(pop3_port, b"+OK", proc=proc, timeout=60)
-        yield HubProcess(proc, smtp_port, pop3_port, log_path)
+        if imap:
+            wait_banner(imap_port, b"* OK", proc=proc, timeout=60, quit=b"a LOGOUT\r\n")
+        yield HubProcess(proc, smtp_port, pop3_port, log_path, imap_port)
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -136,7 +136,7 @@ def _run(args) -> int:
             target = Target("mailhub (spawned)", ("127.0.0.1", ports["smtp"]),
                             ("127.0.0.1", ports["pop3"]) if "pop3" in ports else None,
                             ("127.0.0.1", ports["imap"]) if "imap" in ports else None,
-                            imap_note="not yet supported by the hub (no IMAP listener)")
+                            imap_note="the hub has no IMAP listener (imap.listen is empty)")
         else:
             smtp = parse_hostport(args.smtp)
             pop3 = parse_hostport(args.pop3) if args.pop3 else None

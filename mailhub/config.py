@@ -181,6 +181,8 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("pop3", "idle_timeout"): Option(_number, 600),
     ("imap", "listen"): Option(_listen, "127.0.0.1:1143"),
     ("imap", "imaps_listen"): Option(_listen, ""),
+    ("imap", "max_connections"): Option(_int(1), 1000),
+    ("imap", "idle_timeout"): Option(_number, 1860),
     ("quotas", "mailbox_bytes"): Option(parse_size, "50G"),
     ("quotas", "mailbox_messages"): Option(_int(0), 200000),
     ("quotas", "max_message_size"): Option(parse_size, 0),

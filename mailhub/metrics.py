@@ -3,7 +3,7 @@
 # a collector that reads storage totals from the index at scrape time (cached briefly), and a small
 # HTTP listener on the hub's event loop serving /metrics and /healthz.
 # Must never: block the event loop on a scrape (the exposition is rendered in a worker thread), or
-# let a metrics failure reach an SMTP or POP3 session.
+# let a metrics failure reach an SMTP, POP3 or IMAP session.
 import asyncio
 import logging
 import os
@@ -72,8 +72,18 @@ ENCRYPTION_REFUSALS = Counter(
 DIRECTORY_MAILS = Counter(
     "mailhub_directory_mails_total", "Signed participant-directory mails stored, by kind (reply to a request, "
     "update after a change; an update is one mail for all sites).", ["kind"], registry=REGISTRY)
+IMAP_SESSIONS = Counter(
+    "mailhub_imap_sessions_total", "IMAP connections, by how they ended (logout, closed, idle_timeout, "
+    "connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
+IMAP_MESSAGES = Counter(
+    "mailhub_imap_messages_served_total", "Whole messages sent by FETCH (BODY[], RFC822), by site.", ["site"],
+    registry=REGISTRY)
+IMAP_BYTES = Counter(
+    "mailhub_imap_served_bytes_total", "Message octets sent as FETCH body literals, by site.", ["site"],
+    registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
+IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
 
 
 # ---- hooks called by the protocol edges (cheap; they never raise into a session) -------------
@@ -122,17 +132,32 @@ def pop3_message(site: str, octets: int, whole: bool) -> None:
 
 def pop3_session(outcome: str) -> None:
     """`outcome` as the POP3 adapter logs it; details after the first word are dropped."""
+    POP3_SESSIONS.labels(_session_outcome(outcome, "quit")).inc()
+
+
+def imap_message(site: str, octets: int, whole: bool) -> None:
+    if whole:
+        IMAP_MESSAGES.labels(site).inc()
+    IMAP_BYTES.labels(site).inc(octets)
+
+
+def imap_session(outcome: str) -> None:
+    """`outcome` as the IMAP adapter logs it."""
+    IMAP_SESSIONS.labels(_session_outcome(outcome, "logout")).inc()
+
+
+def _session_outcome(outcome: str, clean_end: str) -> str:
     if outcome.startswith("connection lost"):
         key = "connection_lost"
     elif outcome.startswith(("I/O error", "internal error")):
         key = "error"
     elif outcome == "idle timeout":
         key = "idle_timeout"
-    elif outcome in ("quit", "refused"):
+    elif outcome in (clean_end, "refused"):
         key = outcome
     else:
         key = "closed"
-    POP3_SESSIONS.labels(key).inc()
+    return key
 
 
 # ---- storage and disk, read at scrape time ----------------------------------------------------
@@ -268,13 +293,15 @@ _MAX_REQUEST = 16 * 1024
 class MetricsServer:
     """GET /metrics (Prometheus text format) and GET /healthz (200 "ok" or 503 with the reasons)."""
 
-    def __init__(self, data_dir: Path, min_free_bytes: int, listeners_up, smtp_sessions, pop3_sessions):
+    def __init__(self, data_dir: Path, min_free_bytes: int, listeners_up, smtp_sessions, pop3_sessions,
+                 imap_sessions=lambda: 0):
         self.data_dir = Path(data_dir)
         self.min_free_bytes = min_free_bytes
         self.listeners_up = listeners_up    # () -> list of names of listeners not serving
         self.collector = StorageCollector(self.data_dir)
         SMTP_ACTIVE.set_function(smtp_sessions)
         POP3_ACTIVE.set_function(pop3_sessions)
+        IMAP_ACTIVE.set_function(imap_sessions)
         REGISTRY.register(self.collector)
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ import time
 
 from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
 from quotas import Throttle
-from relay import HubSMTP, Pop3Context, SmtpContext
+from relay import HubSMTP, ImapContext, Pop3Context, SmtpContext
 from storage import SiteCache, Storage
 
 from .metrics import MetricsServer
@@ -63,17 +63,22 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     directory = DirectoryMailer(cfg, storage, hub_key)
     smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
+    imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,
                             lambda: [name for name, server in named.items() if not server.is_serving()],
-                            lambda: len(smtp.connections), lambda: len(pop3.sessions))
+                            lambda: len(smtp.connections), lambda: len(pop3.sessions), lambda: len(imap.sessions))
     try:
         named["smtp"] = await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
         if cfg.pop3.listen:
             named["pop3"] = await _listen("pop3", pop3.factory(), cfg.pop3.listen)
         if cfg.pop3.pop3s_listen:
             named["pop3s"] = await _listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls)
+        if cfg.imap.listen:
+            named["imap"] = await _listen("imap", imap.factory(), cfg.imap.listen)
+        if cfg.imap.imaps_listen:
+            named["imaps"] = await _listen("imaps", imap.factory(implicit_tls=True), cfg.imap.imaps_listen, tls)
         servers.extend(named.values())
         if cfg.metrics.listen:
             host, port = cfg.metrics.listen
@@ -104,7 +109,8 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
              cfg.shutdown_timeout)
     for server in servers:
         server.close()
-    await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout))
+    await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout),
+                         imap.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
     feeding.cancel()
     if directory_updates is not None:

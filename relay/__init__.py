@@ -1,5 +1,6 @@
-# Network side of the hub: SMTP ingress and POP3 mailbox serving now; IMAP and outbound relay later.
+# Network side of the hub: SMTP ingress, POP3 and IMAP mailbox serving; outbound relay later.
+from .imap_server import ImapContext
 from .pop3_server import Pop3Context
 from .smtp_server import HubSMTP, SmtpContext
 
-__all__ = ["HubSMTP", "Pop3Context", "SmtpContext"]
+__all__ = ["HubSMTP", "ImapContext", "Pop3Context", "SmtpContext"]

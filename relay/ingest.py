@@ -1,20 +1,37 @@
-# One message being received: decoded bytes go to a spool file through the size limit and the
-# header scanner, and to a streaming MIME parser when listeners want its events. Never raises from
-# write(): failures are remembered so that the caller can drain the client's data and then give
-# the matching reply.
+# One message being received: decoded bytes go to a spool file through the size limit, the
+# header scanner and the streaming MIME parser, whose structure record is stored with the message;
+# more listeners (the encryption policy) share the parser. Never raises from write(): failures are
+# remembered so that the caller can drain the client's data and then give the matching reply.
+import logging
+
 from storage import MessageMeta, Site, Storage, StorageError
 
 from .message_scan import HeaderScanner
-from .mime_stream import MimeStreamParser
+from .mime_stream import Listeners, MimeStreamParser
+from .mime_structure import StructureRecorder
+
+log = logging.getLogger("mailhub.ingest")
+
+
+class UncheckedMessage(StorageError):
+    """MIME parsing failed while listeners that must see the whole mail (the encryption policy)
+    were attached: the mail is refused rather than let through unchecked."""
+
+    reply = "451 4.3.0 Internal error, try again later"
 
 
 class IncomingMessage:
-    __slots__ = ("spool", "headers", "size", "max_size", "too_big", "too_big_reply", "error", "mime")
+    __slots__ = ("spool", "headers", "mime", "structure", "checked", "size", "max_size", "too_big",
+                 "too_big_reply", "error")
 
     def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
         self.headers = HeaderScanner()
-        # the parser sees the bytes the client sent (after the hub's trace header)
-        self.mime = MimeStreamParser(_Listeners(listeners)) if listeners else None
+        # the parser sees the stored bytes (the hub's trace header first): structure offsets are
+        # offsets in the blob
+        self.structure = StructureRecorder()
+        self.mime: MimeStreamParser | None = MimeStreamParser(
+            Listeners(self.structure, *listeners) if listeners else self.structure)
+        self.checked = bool(listeners)
         self.size = 0
         self.max_size = max_size
         self.too_big = False
@@ -23,7 +40,9 @@ class IncomingMessage:
         self.spool = None
         try:
             self.spool = storage.new_spool()
-            self.spool.write(trace_header(self.spool.queue_id))
+            trace = trace_header(self.spool.queue_id)
+            self.spool.write(trace)
+            self._parse(trace)  # structure offsets are offsets in the stored file
         except StorageError as exc:
             self._fail(exc)
 
@@ -54,21 +73,37 @@ class IncomingMessage:
             self.too_big = True
             self.discard()
             return
-        if self.mime is not None:
-            self.mime.feed(data)
+        self._parse(data)
         self.spool.write(data)
 
     def end_of_data(self) -> None:
         """The client's data is complete: the MIME listeners get their last events."""
-        if self.mime is not None and not self.failed:
-            self.mime.close()
+        if not self.failed:
+            self._parse(None)
+
+    def _parse(self, data: bytes | None) -> None:
+        """Feed the MIME parser (None: end of data; a second end is ignored)."""
+        if self.mime is None:
+            return
+        try:
+            if data is None:
+                self.mime.close()
+            else:
+                self.mime.feed(data)
+        except Exception:  # a bug here must not cost the mail: it is stored without its structure
+            log.exception("qid=%s: MIME parsing stopped", self.queue_id)
+            self.mime = None
+            if self.checked:
+                self._fail(UncheckedMessage())
 
     def meta(self, mail_from: str, sender: Site | None, dot_lines: bool, peer: str | None) -> MessageMeta:
         self.headers.close()
         h = self.headers
+        self._parse(None)
         return MessageMeta(mail_from=mail_from, sender_site=sender.id if sender else None, dot_lines=dot_lines,
                            message_id=h.message_id, set_id=h.set_id, set_part=h.set_part,
-                           set_total=h.set_total, sender_name=sender.name if sender else None, peer=peer)
+                           set_total=h.set_total, sender_name=sender.name if sender else None, peer=peer,
+                           structure=self.structure.structure if self.mime is not None else None)
 
     def _fail(self, exc: StorageError) -> None:
         self.error = exc
@@ -78,22 +113,3 @@ class IncomingMessage:
         if self.spool is not None:
             self.spool.discard()
 
-
-class _Listeners:
-    """Hands each MIME parser event to several listeners, in order."""
-    __slots__ = ("listeners",)
-
-    def __init__(self, listeners) -> None:
-        self.listeners = tuple(listeners)
-
-    def part_start(self, part) -> None:
-        for listener in self.listeners:
-            listener.part_start(part)
-
-    def part_body(self, part, data) -> None:
-        for listener in self.listeners:
-            listener.part_body(part, data)
-
-    def part_end(self, part) -> None:
-        for listener in self.listeners:
-            listener.part_end(part)

@@ -16,6 +16,8 @@ _PRAGMAS = (
 # them in its CREATE TABLE for new indexes; an older index gets them by ALTER TABLE on open.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mailbox", "fetched_at", "REAL"),
+    ("mailbox", "flags", "INTEGER NOT NULL DEFAULT 0"),
+    ("messages", "structure", "TEXT"),
 )
 
 

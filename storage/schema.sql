@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS messages (
     set_id       TEXT,
     set_part     INTEGER,
     set_total    INTEGER,
-    refs         INTEGER NOT NULL
+    refs         INTEGER NOT NULL,
+    structure    TEXT      -- MIME structure recorded at ingest (JSON, relay/mime_structure.py)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);
 CREATE INDEX IF NOT EXISTS messages_set_id ON messages (set_id);
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     queue_id     TEXT NOT NULL REFERENCES messages (queue_id),
     rcpt         TEXT NOT NULL,
     delivered_at REAL NOT NULL,
-    fetched_at   REAL            -- first download (POP3 RETR, IMAP body fetch); NULL: still waiting
+    fetched_at   REAL,           -- first download (POP3 RETR, IMAP body fetch); NULL: still waiting
+    flags        INTEGER NOT NULL DEFAULT 0   -- IMAP flags: \Seen 1, \Answered 2, \Flagged 4, \Deleted 8, \Draft 16
 );
 CREATE INDEX IF NOT EXISTS mailbox_site ON mailbox (site_id, uid);
 CREATE INDEX IF NOT EXISTS mailbox_queue_id ON mailbox (queue_id);
@@ -273,3 +275,15 @@ CREATE INDEX IF NOT EXISTS events_set_id ON events (set_id) WHERE set_id IS NOT 
 -- (address, kind): an address's latest mails, or its refusals, without reading its other rows
 CREATE INDEX IF NOT EXISTS events_sender ON events (sender, kind) WHERE sender IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_rcpt ON events (rcpt, kind) WHERE rcpt IS NOT NULL;
+
+-- IMAP: the UID the next mail to each site's mailbox gets at the earliest (UIDNEXT must never go
+-- down, also when the newest mails are expunged). Kept by a trigger on every delivery.
+CREATE TABLE IF NOT EXISTS imap_uid_next (
+    site_id  INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    uid_next INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS imap_uid_next_delivery AFTER INSERT ON mailbox
+BEGIN
+    INSERT INTO imap_uid_next (site_id, uid_next) VALUES (NEW.site_id, NEW.uid + 1)
+    ON CONFLICT (site_id) DO UPDATE SET uid_next = max(uid_next, excluded.uid_next);
+END;

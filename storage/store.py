@@ -11,6 +11,7 @@
 # for its busy_timeout under steady ingest) and no interleaved transactions. aiosqlite only reads.
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ class MessageMeta:
     set_total: int | None = None
     sender_name: str | None = None   # the sending site's name (for the tracking record)
     peer: str | None = None          # the client's IP address
+    structure: dict | None = None   # MIME structure record (relay.mime_structure), offsets in the blob
 
 
 @dataclass(slots=True)
@@ -62,6 +64,8 @@ class MailboxEntry:
     sha256: str
     sender_site: int | None = None
     fetched: bool = False     # downloaded before (by an earlier session)
+    flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
+    delivered_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -75,6 +79,7 @@ class Downloads:
     protocol: str = "pop3"
     peer: str | None = None   # the client's IP address
     retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)   # queue ID -> (time, octets)
+    sessions: int = 1         # 0 for a later part of a session already counted (IMAP records at each expunge)
 
 
 @dataclass(slots=True)
@@ -238,9 +243,10 @@ class Storage:
         for item in batch:
             m = item.meta
             qid, size, at = item.spool.queue_id, item.spool.size, item.received_at
+            structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
             messages.append((qid, blob_name(qid, at), size, item.spool.sha256,
                              int(m.dot_lines), at, m.mail_from, m.sender_site,
-                             m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries)))
+                             m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries), structure))
             tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
                             m.message_id, m.set_id, m.set_part, m.set_total, item.spool.sha256))
             for d in item.deliveries:
@@ -252,8 +258,8 @@ class Storage:
         try:
             conn.executemany(
                 "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from,"
-                " sender_site, message_id, set_id, set_part, set_total, refs)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+                " sender_site, message_id, set_id, set_part, set_total, refs, structure)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
             conn.executemany(
                 "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
             conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -268,12 +274,46 @@ class Storage:
         """The site's mailbox entries in delivery order."""
         async with self._db.execute(
                 "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
-                " b.fetched_at IS NOT NULL FROM mailbox b"
+                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
             rows = await cursor.fetchall()
-        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched))
-                for uid, qid, size, dots, blob, sha, sender, fetched in rows]
+        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
+                             delivered)
+                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered in rows]
+
+    async def message_structure(self, queue_id: str) -> dict | None:
+        """The MIME structure recorded at ingest (relay.mime_structure), or None (unknown message,
+        or stored before structures were recorded)."""
+        async with self._db.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return json.loads(row[0])
+
+    async def uid_next(self, site_id: int) -> int:
+        """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""
+        async with self._db.execute(
+                "SELECT max(coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1),"
+                " coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1))", (site_id, site_id)) as cursor:
+            (value,) = await cursor.fetchone()
+        return value
+
+    async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
+        """Set the `add` and clear the `remove` flag bits of mailbox entries (one transaction)."""
+        await self._write(self._update_flags, site_id, uids, add, remove)
+
+    def _update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
+        """Writer thread."""
+        conn = self._writer_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
+                             [(add, remove, site_id, uid) for uid in uids])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
@@ -391,8 +431,8 @@ _ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM ma
 def _add_downloads(conn, site_id: int, d: Downloads) -> None:
     conn.execute(
         "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
-        " last_poll_at) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
-        " sessions = sessions + 1, messages = messages + excluded.messages, bytes = bytes + excluded.bytes,"
-        " send_seconds = send_seconds + excluded.send_seconds,"
+        " last_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
+        " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
+        " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
         " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
-        (site_id, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
+        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))

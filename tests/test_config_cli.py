@@ -96,6 +96,8 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("pop3", "idle_timeout"): ("700", 700.0),
         ("imap", "listen"): ("127.0.0.2:143", ("127.0.0.2", 143)),
         ("imap", "imaps_listen"): ("127.0.0.1:993", ("127.0.0.1", 993)),
+        ("imap", "max_connections"): ("11", 11),
+        ("imap", "idle_timeout"): ("1900", 1900.0),
         ("quotas", "mailbox_bytes"): ("10G", 10 * 1024**3),
         ("quotas", "mailbox_messages"): ("5000", 5000),
         ("quotas", "max_message_size"): ("500M", 500 * 1024**2),

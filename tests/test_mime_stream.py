@@ -5,7 +5,6 @@ import email
 import email.policy
 from email.message import Message
 from email.mime.application import MIMEApplication
-from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -14,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import mime_stream
-from relay.mime_stream import MimeStreamParser, split_params
+from relay.mime_stream import Listeners, MimeStreamParser, split_params
 
 
 class Recorder:
@@ -289,8 +288,8 @@ def test_lines_of_text_and_message_rfc822_parts():
            b"Content-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--q--\r\n")
     ends = {(e[1], e[2]): e for e in parse(raw).events if e[0] == "end"}
     assert ends[("1", False)][4:] == (6, 2)      # "a\r\nb\r\n": the last CRLF is the delimiter's
-    assert ends[("2", False)][4:] == (len(inner), 4)
-    assert ends[("2", True)][4:] == (6, 2)
+    assert ends[("2", False)][4:] == (len(inner), 3)  # line feeds, as Dovecot counts
+    assert ends[("2", True)][4:] == (6, 1)
     assert ends[("", True)][5] is None           # multipart: not counted
 
 
@@ -299,3 +298,30 @@ def test_long_dash_lines_are_body():
     raw = b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\n" + line + b"\r\n--q--\r\n"
     rec = parse(raw, range(0, len(raw), 100))
     assert {p["path"]: p["body"] for p in rec.parts}["1"] == line
+
+
+def test_lines_of_a_large_text_body_whatever_the_chunks():
+    body = b"".join(b"line %d %s\r\n" % (i, b"x" * (i % 90)) for i in range(20000)) + b"no line end"
+    raw = b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\n" + body + b"\r\n--q--\r\n"
+    for cuts in ((), range(0, len(raw), 100_000), range(0, len(raw), 70_001)):
+        ends = {e[1]: e for e in parse(raw, cuts).events if e[0] == "end"}
+        assert ends["1"][4:] == (len(body), body.count(b"\n"))
+
+
+def test_listeners_share_one_parser():
+    first, second = Recorder(), Recorder()
+    parser = MimeStreamParser(Listeners(first, second))
+    parser.feed(PGP_MIME)
+    parser.close()
+    assert first.events == second.events == parse(PGP_MIME).events
+    assert first.parts == second.parts
+
+
+def test_parts_beyond_the_limit_become_body_of_the_last_one(monkeypatch):
+    monkeypatch.setattr(mime_stream, "MAX_PARTS", 20)
+    raw = (b"Content-Type: multipart/mixed; boundary=q\r\n\r\n"
+           + b"".join(b"--q\r\n\r\npart %d\r\n" % i for i in range(50)) + b"--q--\r\nepilogue\r\n")
+    rec = parse(raw, range(0, len(raw), 33))
+    assert len(rec.parts) == 20 and rec.parts[-1]["path"] == ""
+    last = rec.parts[-2]
+    assert last["path"] == "19" and last["body"].startswith(b"part 18\r\n--q\r\n") and last["body"].endswith(b"part 49")

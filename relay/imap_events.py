@@ -1,0 +1,110 @@
+# Data and events of the IMAP core (relay/imap_protocol.py): the messages of a mailbox view, the
+# snapshot the adapter answers a MailboxRequest with, and the events the core emits. Plain data only.
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile", "AuthRequest", "StartTls",
+           "MailboxRequest", "LoadRequest", "StoreFlags", "ExpungeRequest", "CloseConnection", "NEED_DATA",
+           "PAUSED", "CLOSED"]
+
+
+class ImapProtocolError(Exception):
+    """The adapter used the core wrongly.  Never raised because of client input."""
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+@dataclass(eq=False)
+class Message:
+    uid: int
+    size: int
+    flags: int
+    internal_date: float
+    ref: object = None                     # the adapter's handle (storage entry)
+    structure: dict | None = None          # loaded on demand (LoadRequest), dropped after use
+    header: bytes | None = None            # top-level header block incl. the blank line, likewise
+    part_headers: dict | None = None       # "1.2" -> header block of that message/rfc822 part, likewise
+    gone: bool = False                     # expunged by another session, EXPUNGE not yet sent
+
+
+@dataclass
+class Snapshot:
+    uid_validity: int
+    uid_next: int
+    messages: list[Message]
+
+
+# ---- events ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SendBytes:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendFile:
+    ref: object
+    start: int
+    length: int
+    whole: bool
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    user: str
+    password: str = field(repr=False)
+    failed_so_far: int = 0
+
+
+@dataclass(frozen=True)
+class StartTls:
+    pass
+
+
+@dataclass(frozen=True)
+class MailboxRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    messages: list
+    structure: bool
+    header: bool
+    part_headers: frozenset = frozenset()   # part numbers whose header block (N.HEADER) is needed
+
+
+@dataclass(frozen=True)
+class StoreFlags:
+    uids: list[int]
+    add: int
+    remove: int
+
+
+@dataclass(frozen=True)
+class ExpungeRequest:
+    uids: list[int]
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    pass
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA, PAUSED, CLOSED = _Sentinel("NEED_DATA"), _Sentinel("PAUSED"), _Sentinel("CLOSED")
+_FLUSH, _LINE, _LINE_OR_CHANGE, _CHANGED = (_Sentinel(n) for n in ("<flush>", "<line>", "<line-or-change>",
+                                                                   "<changed>"))

@@ -1,0 +1,215 @@
+# The selected state of the IMAP core (RFC 3501 sec. 6.4, RFC 4315 UID EXPUNGE, RFC 3691 UNSELECT):
+# the session's view of its mailbox (sequence numbers, flags, messages another session expunged),
+# kept in step with the index through MailboxRequest, and the commands that work on it: FETCH,
+# STORE, SEARCH, EXPUNGE, CLOSE, UNSELECT and their UID forms. A mixin of ImapConnection; the same
+# rules hold: no I/O, requests are yielded to the adapter, client input only ever raises ParseError.
+from __future__ import annotations
+
+from .imap_events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, SendFile, Snapshot, State,
+                          StoreFlags)
+from .imap_fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, fetch_response, flag_list
+from .imap_parser import Atom, ParseError, fetch_att, in_sequence_set, sequence_set
+from .imap_search import parse_search
+
+__all__ = ["SelectedState"]
+
+_BATCH = 100   # messages whose structure/header are loaded (and dropped again) at once
+
+
+class SelectedState:
+    """Mixin: needs self._messages, _readonly, _changed, _uid_validity, _uid_next, _state, _verb,
+    _renderers, _out, _send(), _done() from ImapConnection."""
+
+    # ---- mailbox view ---------------------------------------------------------------------------
+    def _load(self, snapshot: Snapshot) -> None:
+        self._messages = list(snapshot.messages)
+        self._uid_validity, self._uid_next = snapshot.uid_validity, snapshot.uid_next
+        self._changed = False
+
+    def _sync(self):
+        """Re-read the mailbox: new messages (EXISTS), flags changed elsewhere (FETCH), messages
+        expunged elsewhere (marked gone; EXPUNGE is sent where allowed)."""
+        self._changed = False
+        snapshot = yield MailboxRequest()
+        if snapshot is None:
+            return
+        current = {m.uid: m for m in snapshot.messages}
+        last = self._messages[-1].uid if self._messages else 0
+        for seq, msg in enumerate(self._messages, 1):
+            now = current.get(msg.uid)
+            if now is None:
+                msg.gone = True
+            elif not msg.gone and now.flags != msg.flags:
+                msg.flags = now.flags
+                self._send(f"* {seq} FETCH (UID {msg.uid} FLAGS {flag_list(msg.flags)})\r\n")
+        new = [m for m in snapshot.messages if m.uid > last]
+        if new:
+            self._messages.extend(new)
+            self._send(f"* {len(self._messages)} EXISTS\r\n")
+        self._uid_next = max(self._uid_next, snapshot.uid_next)
+
+    def _send_expunges(self) -> None:
+        for seq in range(len(self._messages), 0, -1):
+            if self._messages[seq - 1].gone:
+                del self._messages[seq - 1]
+                self._send(f"* {seq} EXPUNGE\r\n")
+
+    def _select_set(self, token, uid_mode: bool) -> list[tuple[int, Message]]:
+        ranges = sequence_set(token)
+        msgs = self._messages
+        if uid_mode:
+            largest = msgs[-1].uid if msgs else 0
+            return [(seq, m) for seq, m in enumerate(msgs, 1) if in_sequence_set(m.uid, ranges, largest)]
+        largest = len(msgs)
+        if largest == 0 and all(0 in (lo, hi) for lo, hi in ranges):
+            return []   # "1:*" in an empty mailbox: nothing, as clients expect
+        if largest == 0 or any(max(lo, hi) > largest for lo, hi in ranges):
+            raise ParseError("invalid message sequence number")
+        return [(seq, m) for seq, m in enumerate(msgs, 1) if in_sequence_set(seq, ranges, largest)]
+
+    def _cmd_close(self, tag, args):
+        deleted = [m.uid for m in self._messages if m.flags & DELETED and not m.gone]
+        if deleted and not self._readonly:
+            yield ExpungeRequest(deleted)   # silently: no EXPUNGE responses (RFC 3501 sec. 6.4.2)
+        self._state, self._messages = State.AUTHENTICATED, []
+        self._send(f"{tag} OK CLOSE completed\r\n")
+
+    def _cmd_unselect(self, tag, args):
+        self._state, self._messages = State.AUTHENTICATED, []
+        self._send(f"{tag} OK UNSELECT completed\r\n")
+        yield from ()
+
+    def _cmd_expunge(self, tag, args, uid_set=None):
+        if self._readonly:
+            return self._done(tag, "NO", "[READ-ONLY] mailbox opened with EXAMINE")
+        chosen = {id(m) for _, m in self._select_set(uid_set, True)} if uid_set is not None else None
+        deleted = [m for m in self._messages
+                   if m.flags & DELETED and not m.gone and (chosen is None or id(m) in chosen)]
+        if deleted:
+            outcome = yield ExpungeRequest([m.uid for m in deleted])
+            if outcome == "in-use":
+                return self._done(tag, "NO", "[INUSE] a POP3 session holds this mailbox; try again later")
+            if outcome != "ok":
+                return self._done(tag, "NO", "[SERVERBUG] expunge failed; nothing removed")
+            for m in deleted:
+                m.gone = True
+        self._done(tag, "OK", "EXPUNGE completed")
+
+    def _cmd_uid(self, tag, args):
+        if not args or not isinstance(args[0], Atom):
+            raise ParseError("UID needs FETCH, STORE, SEARCH or EXPUNGE")
+        sub = args[0].upper()
+        self._verb = "UID " + sub
+        if sub == "FETCH":
+            yield from self._fetch(tag, args[1:], uid_mode=True)
+        elif sub == "STORE":
+            yield from self._store(tag, args[1:], uid_mode=True)
+        elif sub == "SEARCH":
+            yield from self._search(tag, args[1:], uid_mode=True)
+        elif sub == "EXPUNGE":
+            if len(args) != 2:
+                raise ParseError("UID EXPUNGE needs a UID set")
+            yield from self._cmd_expunge(tag, [], uid_set=args[1])
+        elif sub in ("COPY", "MOVE"):
+            yield from self._cmd_copy(tag, args)
+        else:
+            raise ParseError("unknown UID command")
+
+    def _cmd_fetch(self, tag, args):
+        yield from self._fetch(tag, args, uid_mode=False)
+
+    def _fetch(self, tag, args, uid_mode: bool):
+        if len(args) != 2:
+            raise ParseError("FETCH needs a sequence set and data items")
+        atts = fetch_att(args[1])
+        if uid_mode and not any(a.name == "UID" for a in atts):
+            atts.insert(0, fetch_att(Atom("UID"))[0])
+        plan = FetchPlan(atts)
+        chosen = self._select_set(args[0], uid_mode)
+        missing = plan.reads_message and any(m.gone for _, m in chosen)   # RFC 2180 sec. 4.1
+        if missing:
+            chosen = [(seq, m) for seq, m in chosen if not m.gone]
+        for start in range(0, len(chosen), _BATCH):
+            batch = chosen[start:start + _BATCH]
+            msgs = [m for _, m in batch]
+            if plan.structure or plan.header:
+                yield LoadRequest(msgs, plan.structure, plan.header, frozenset(plan.part_headers))
+                if plan.structure and any(m.structure is None for m in msgs):
+                    return self._done(tag, "NO", "[SERVERBUG] MIME structure unavailable")
+            seen_now = set()
+            if plan.sets_seen and not self._readonly:
+                unseen = [m for m in msgs if not m.flags & SEEN]
+                if unseen and (yield StoreFlags([m.uid for m in unseen], SEEN, 0)):
+                    for m in unseen:
+                        m.flags |= SEEN
+                    seen_now = {id(m) for m in unseen}
+            for seq, msg in batch:
+                for piece in fetch_response(seq, msg, plan, self._renderers, id(msg) in seen_now):
+                    if isinstance(piece, FileRange):
+                        self._out.append(SendFile(msg.ref, piece.start, piece.length, piece.whole))
+                    else:
+                        self._send(piece)
+                msg.structure = msg.header = msg.part_headers = None
+                yield _FLUSH
+        if missing:
+            return self._done(tag, "NO", "[EXPUNGEISSUED] some of the requested messages were expunged")
+        self._done(tag, "OK", "FETCH completed")
+
+    def _cmd_store(self, tag, args):
+        yield from self._store(tag, args, uid_mode=False)
+
+    def _store(self, tag, args, uid_mode: bool):
+        if len(args) < 3 or not isinstance(args[1], Atom):
+            raise ParseError("STORE needs a sequence set, an item and flags")
+        item = args[1].upper()
+        mode, _, silent = item.partition(".")
+        if mode not in ("FLAGS", "+FLAGS", "-FLAGS") or silent not in ("", "SILENT"):
+            raise ParseError("STORE item must be [+-]FLAGS[.SILENT]")
+        flag_tokens = args[2] if isinstance(args[2], list) and len(args) == 3 else args[2:]
+        bits = 0
+        for token in flag_tokens:
+            if not isinstance(token, Atom):
+                raise ParseError("flags must be atoms")
+            if token.startswith("\\"):
+                if token.upper() not in FLAG_BITS:
+                    raise ParseError("unknown system flag " + token[:30])
+                bits |= FLAG_BITS[token.upper()]
+            # keywords are not kept (PERMANENTFLAGS has no \*): accepted and ignored
+        chosen = self._select_set(args[0], uid_mode)
+        if self._readonly:
+            return self._done(tag, "NO", "[READ-ONLY] mailbox opened with EXAMINE")
+        add, remove = {"FLAGS": (bits, ALL_FLAGS & ~bits), "+FLAGS": (bits, 0), "-FLAGS": (0, bits)}[mode]
+        live = [(seq, m) for seq, m in chosen if not m.gone]
+        if live and not (yield StoreFlags([m.uid for _, m in live], add, remove)):
+            return self._done(tag, "NO", "[SERVERBUG] flags not stored")
+        for seq, m in live:
+            m.flags = (m.flags | add) & ~remove
+            if not silent:
+                uid = f"UID {m.uid} " if uid_mode else ""
+                self._send(f"* {seq} FETCH ({uid}FLAGS {flag_list(m.flags)})\r\n")
+        if len(live) != len(chosen):
+            return self._done(tag, "NO", "[EXPUNGEISSUED] some of the messages were expunged")
+        self._done(tag, "OK", "STORE completed")
+
+    def _cmd_search(self, tag, args):
+        yield from self._search(tag, args, uid_mode=False)
+
+    def _search(self, tag, args, uid_mode: bool):
+        search = parse_search(args)
+        hits = []
+        largest_seq = len(self._messages)
+        largest_uid = self._messages[-1].uid if self._messages else 0
+        numbered = list(enumerate(self._messages, 1))
+        for start in range(0, len(numbered), _BATCH):
+            batch = numbered[start:start + _BATCH]
+            live = [m for _, m in batch if not m.gone]
+            if search.needs_header and live:
+                yield LoadRequest(live, False, True)
+            for seq, m in batch:
+                if not m.gone and search.match(seq, m, largest_seq, largest_uid):
+                    hits.append(m.uid if uid_mode else seq)
+                m.header = None
+        self._send("* SEARCH" + "".join(f" {n}" for n in hits) + "\r\n")
+        self._done(tag, "OK", "SEARCH completed")
+
+

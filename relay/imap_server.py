@@ -1,0 +1,439 @@
+# IMAP mailbox serving: the asyncio adapter around relay.imap_protocol (the sans-I/O core, which holds
+# all protocol logic and wording). Per connection it feeds received bytes to the core and does what
+# the core's events ask: check logins through SiteCache (slowly on failure), read the site's mailbox
+# from the index, load MIME structures (recorded at ingest) and header blocks, store flags, expunge
+# (refused while a POP3 session holds the mailbox), stream body literals from the blob files
+# (zero-copy sendfile over plain TCP, 1 MB chunks under flow control over TLS), upgrade to TLS
+# (STARTTLS), wake idling sessions when their mailbox changes, and add what was downloaded to the
+# site's totals once per session (the same totals as POP3, which feed the drain measurement).
+# Must never: parse or word IMAP itself, hold more than a few MB per connection whatever the message
+# size, or let anything a client sends raise out of a session (I/O errors close the connection and
+# are logged). Change notices come from storage's listeners, so they cover this process only.
+import asyncio
+import logging
+import ssl
+import threading
+import time
+
+from mailhub import metrics
+from quotas import Throttle
+from storage import Downloads, SiteCache, Storage
+
+from . import mime_structure
+from .file_sender import FileSender
+from .imap_fetch import MAX_HEADER
+from .imap_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
+                            LoadRequest, MailboxRequest, Message, SendBytes, SendFile, Snapshot, StartTls,
+                            StoreFlags, bye)
+from .mime_stream import MimeStreamParser
+from .pop3_server import _is_loopback, _printable
+
+log = logging.getLogger("mailhub.imap")
+CHUNK = 1024 * 1024
+_HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK
+_HEADER_READ = 64 * 1024
+_FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
+_PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
+_TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class ImapContext:
+    """What all IMAP connections share: config, storage, sites, TLS, sessions, who watches which
+    mailbox, the POP3 side's mailbox locks (an expunge waits until POP3 lets go), and the throttle's
+    ledger (told of each poll and download: the drain-rate measurement, as for POP3). It is one of
+    storage's listeners: every committed delivery or removal wakes the sessions of that site."""
+
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
+                 throttle: Throttle, pop3_locks: dict):
+        self.cfg = cfg
+        self.storage = storage
+        self.sites = sites
+        self.ledger = throttle.ledger
+        self.tls_context = tls_context
+        self.pop3_locks = pop3_locks
+        self.sender = FileSender(cfg.imap.max_connections)
+        self.sessions: set[ImapSession] = set()
+        self.by_site: dict[int, set[ImapSession]] = {}   # logged-in sessions per site id
+        self.shutting_down = False
+        storage.add_listener(self)
+
+    def factory(self, implicit_tls: bool = False):
+        return lambda: ImapSession(self, implicit_tls)
+
+    def mailboxes_changed(self, site_ids) -> None:
+        for site_id in site_ids:
+            for session in self.by_site.get(site_id, ()):
+                session.mailbox_changed()
+
+    # storage listener (see Storage.add_listener)
+    def committed(self, sender_site, receiver_site_ids, size, at) -> None:
+        self.mailboxes_changed(receiver_site_ids)
+
+    def fetched_committed(self, site_id, uid, sender_site, size) -> None:
+        pass
+
+    def removed(self, site_id, uid, sender_site, size, was_waiting) -> None:
+        self.mailboxes_changed((site_id,))
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: say BYE to every session and close it; give their bookkeeping `timeout` s."""
+        self.shutting_down = True
+        for session in list(self.sessions):
+            session.abort("server shutting down")
+        tasks = [s.task for s in self.sessions if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        self.sender.close()
+
+
+class ImapSession(asyncio.Protocol):
+    def __init__(self, ctx: ImapContext, implicit_tls: bool):
+        self.ctx = ctx
+        self.tls = implicit_tls
+        self.transport: asyncio.Transport | None = None
+        self.core: ImapConnection | None = None
+        self.task: asyncio.Task | None = None
+        self.peer = "-"
+        self.site = None
+        self.downloads: Downloads | None = None     # not yet added to the site's totals
+        self._served = Downloads(polled_at=0.0)       # the whole session's, for its log line
+        self._zero_copy = 0
+        self._expunged = 0
+        self._started = time.monotonic()
+        self._input = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost = False
+        self._reading_paused = False
+        self._in_literal = False
+        self._stop_send = threading.Event()
+
+    # ---- transport callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
+        ctx = self.ctx
+        if ctx.shutting_down or len(ctx.sessions) >= ctx.cfg.imap.max_connections:
+            transport.write(bye("server shutting down" if ctx.shutting_down else "too many connections"))
+            transport.close()
+            metrics.imap_session("refused")
+            return
+        ctx.sessions.add(self)
+        self.core = ImapConnection(
+            greeting_host=ctx.cfg.hostname, starttls_available=ctx.tls_context is not None and not self.tls,
+            plaintext_login_allowed=self.tls or _is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext,
+            renderers=mime_structure)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self.core is None:
+            return
+        self.core.receive_data(data)
+        if self.core.buffered_bytes >= _PAUSE_READING_AT and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._input.set()
+
+    def eof_received(self):
+        if self.core is not None:
+            self.core.receive_data(b"")
+        self._input.set()
+        return not self.tls
+
+    def connection_lost(self, exc) -> None:
+        self._lost = True
+        self._stop_send.set()
+        if self.core is not None:
+            self.core.receive_data(b"")
+        self._input.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def mailbox_changed(self) -> None:
+        self.core.mailbox_changed()
+        if self.core.idling:
+            self._input.set()
+
+    def abort(self, reason: str) -> None:
+        self._stop_send.set()
+        if self.transport is not None and not self.transport.is_closing():
+            if not self._in_literal:
+                self.transport.write(bye(reason))
+            self.transport.close()
+
+    # ---- the adapter loop (see relay/imap_protocol.py) ---------------------------------------
+
+    async def _run(self) -> None:
+        core = self.core
+        outcome = "closed"
+        try:
+            self._write(core.initial_bytes())
+            while (event := core.next_event()) is not CLOSED:
+                if event is NEED_DATA:
+                    await self._wait_input()
+                elif isinstance(event, SendBytes):
+                    self._write(event.data)
+                    await self._drain()
+                elif isinstance(event, SendFile):
+                    await self._send_file(event)
+                elif isinstance(event, AuthRequest):
+                    core.resume(await self._login(event))
+                elif isinstance(event, MailboxRequest):
+                    core.resume(await self._snapshot())
+                elif isinstance(event, LoadRequest):
+                    await self._load(event)
+                    core.resume(None)
+                elif isinstance(event, StoreFlags):
+                    core.resume(await self._store_flags(event))
+                elif isinstance(event, ExpungeRequest):
+                    core.resume(await self._expunge(event))
+                elif isinstance(event, StartTls):
+                    await self._start_tls()
+                    core.resume(None)
+                elif isinstance(event, CloseConnection):
+                    outcome = "logout"
+                    break
+                else:
+                    raise RuntimeError(f"unexpected event {event!r}")
+        except TimeoutError:
+            outcome = "idle timeout"
+            self._say_bye("autologout; idle for too long")
+        except ConnectionError as exc:
+            outcome = f"connection lost ({type(exc).__name__}: {exc})"
+        except OSError as exc:
+            outcome = f"I/O error: {exc}"
+            log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
+            self._say_bye("I/O error")
+        except Exception:
+            outcome = "internal error"
+            log.exception("peer=%s site=%s: internal error", self.peer, self._site_name())
+            self._say_bye("internal error")
+        finally:
+            await self._finish(outcome)
+
+    async def _wait_input(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if self._reading_paused:
+            self.transport.resume_reading()
+            self._reading_paused = False
+        self._input.clear()
+        async with asyncio.timeout(self.ctx.cfg.imap.idle_timeout):
+            await self._input.wait()
+
+    def _write(self, data: bytes) -> None:
+        if self._lost or self.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        self.transport.write(data)
+
+    async def _drain(self) -> None:
+        if not self._writable.is_set():
+            async with asyncio.timeout(self.ctx.cfg.imap.idle_timeout):
+                await self._writable.wait()
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+
+    def _say_bye(self, reason: str) -> None:
+        if not self._lost and not self.transport.is_closing() and not self._in_literal:
+            self.transport.write(bye(reason))
+
+    # ---- what the core's events ask for ----------------------------------------------------
+
+    async def _login(self, event: AuthRequest):
+        site = await self.ctx.sites.authenticate(event.user, event.password)
+        if site is None:
+            await asyncio.sleep(_FAILED_LOGIN_DELAY * (1 + event.failed_so_far))
+            log.info("peer=%s: failed login as %r", self.peer, _printable(event.user))
+            return None
+        self.site = site
+        self.downloads = Downloads(polled_at=time.time())
+        self.ctx.by_site.setdefault(site.id, set()).add(self)
+        self.ctx.ledger.note_poll(site.id, self.downloads.polled_at)
+        return site
+
+    async def _snapshot(self) -> Snapshot | None:
+        site = self.ctx.sites.by_name(self.site.name)
+        if site is None or site.id != self.site.id:
+            return None   # removed (or removed and added again) meanwhile
+        storage = self.ctx.storage
+        entries = await storage.mailbox(site.id)
+        messages = [Message(e.uid, e.size, e.flags, e.delivered_at, e) for e in entries]
+        return Snapshot(int(site.created_at), await storage.uid_next(site.id), messages)
+
+    async def _load(self, event: LoadRequest) -> None:
+        for msg in event.messages:
+            if event.structure:
+                msg.structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
+                if msg.structure is None:   # stored before structures were recorded
+                    msg.structure = await self._record_structure(msg.ref)
+            if event.header:
+                msg.header = await self._read_header(msg.ref)
+            if event.part_headers:
+                msg.part_headers = {}
+                for part in event.part_headers:
+                    span = mime_structure.section_range(msg.structure, part + ".HEADER")
+                    if span is not None:
+                        msg.part_headers[part] = await self._read_header(msg.ref, *span)
+
+    async def _record_structure(self, entry) -> dict:
+        """The MIME structure of a blob, streamed through the ingest's recorder (1 MB at a time)."""
+        recorder = mime_structure.StructureRecorder()
+        parser = MimeStreamParser(recorder)
+        for offset in range(0, entry.size, CHUNK):
+            parser.feed(await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset)))
+        parser.close()
+        return recorder.structure
+
+    async def _read_header(self, entry, start: int = 0, end: int | None = None) -> bytes:
+        """The header block from `start` up to and including the blank line (at most MAX_HEADER
+        bytes, never beyond `end`)."""
+        limit = min(entry.size if end is None else end, start + MAX_HEADER) - start
+        data = b""
+        while len(data) < limit:
+            chunk = await self.ctx.sender.read(entry.path, start + len(data), min(_HEADER_READ, limit - len(data)))
+            if not chunk:
+                break
+            scan_from = max(0, len(data) - 3)
+            data += chunk
+            blank = data.find(b"\r\n\r\n", scan_from)
+            if blank >= 0:
+                return data[:blank + 4]
+            if data.startswith(b"\r\n"):
+                return b"\r\n"
+        return data
+
+    async def _store_flags(self, event: StoreFlags) -> bool:
+        try:
+            await self.ctx.storage.set_flags(self.site.id, event.uids, event.add, event.remove)
+        except Exception:
+            log.exception("site=%s: storing flags failed", self.site.name)
+            return False
+        self.ctx.mailboxes_changed((self.site.id,))   # the other sessions of the site show the flags
+        return True
+
+    async def _expunge(self, event: ExpungeRequest) -> str:
+        if self.site.id in self.ctx.pop3_locks:
+            return "in-use"
+        try:   # what was downloaded so far is recorded with the deletion (long IDLE sessions)
+            await self.ctx.storage.delete(self.site.id, event.uids, self.downloads)
+        except Exception:
+            log.exception("site=%s: expunging %d message(s) failed", self.site.name, len(event.uids))
+            return "error"
+        self._expunged += len(event.uids)
+        self.downloads = Downloads(polled_at=time.time(), sessions=0)
+        return "ok"
+
+    async def _start_tls(self) -> None:
+        await self._drain()
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.ctx.tls_context, server_side=True,
+                ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            raise ConnectionAbortedError(f"TLS handshake failed: {exc}") from None
+        if transport is None:
+            raise ConnectionAbortedError("connection closed during the TLS handshake")
+        self.transport, self.tls, self._reading_paused = transport, True, False
+
+    async def _send_file(self, event: SendFile) -> None:
+        entry = event.ref
+        started = time.monotonic()
+        self._in_literal = True
+        try:
+            if FileSender.usable(self.transport):
+                await self._flushed()
+                await self.ctx.sender.send(self.transport, entry.path, event.start, event.length,
+                                           self._stop_send, self.ctx.cfg.imap.idle_timeout)
+                self._zero_copy += 1
+            else:
+                await self._copy(entry, event.start, event.length)
+        except BaseException:
+            self._stop_send.set()
+            raise
+        self._in_literal = False
+        for totals in (self.downloads, self._served):
+            totals.bytes += event.length
+            totals.send_seconds += time.monotonic() - started
+            totals.messages += event.whole
+        self.ctx.ledger.note_download(self.site.id, event.length, time.time())
+        if event.whole and not entry.fetched:   # first download: no longer waiting (as POP3 RETR)
+            entry.fetched = True
+            self.downloads.fetched_uids.append(entry.uid)
+            self.ctx.ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
+        metrics.imap_message(self.site.name, event.length, event.whole)
+
+    async def _flushed(self) -> None:
+        if self.transport.get_write_buffer_size() == 0:
+            return
+        self.transport.set_write_buffer_limits(high=0)
+        try:
+            await self._drain()
+        finally:
+            if not self.transport.is_closing():
+                self.transport.set_write_buffer_limits()
+
+    async def _copy(self, entry, start: int, length: int) -> None:
+        """Read and write the range in 1 MB chunks, the next read overlapping the sending."""
+        end = start + length
+        self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        reading = self._read_ahead(entry, start, end)
+        try:
+            while reading is not None:
+                offset, chunk = await reading
+                if not chunk:
+                    raise OSError(f"{entry.path} ended at {offset} of {end} bytes")
+                offset += len(chunk)
+                reading = self._read_ahead(entry, offset, end)
+                self._write(chunk)
+                await self._drain()
+        finally:
+            if reading is not None:
+                reading.cancel()
+            if not self.transport.is_closing():
+                self.transport.set_write_buffer_limits()
+
+    def _read_ahead(self, entry, offset: int, end: int) -> asyncio.Future | None:
+        if offset >= end:
+            return None
+
+        async def read():
+            return offset, await self.ctx.sender.read(entry.path, offset, min(CHUNK, end - offset))
+        return asyncio.ensure_future(read())
+
+    # ---- the end of a session ---------------------------------------------------------------
+
+    async def _finish(self, outcome: str) -> None:
+        self._stop_send.set()
+        if not self.transport.is_closing():
+            self.transport.close()
+        ctx = self.ctx
+        try:
+            if self.downloads is not None and (self.downloads.sessions or self.downloads.bytes):
+                await ctx.storage.record_downloads(self.site.id, self.downloads)
+        except Exception as exc:
+            log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
+        finally:
+            ctx.sessions.discard(self)
+            if self.site is not None:
+                watching = ctx.by_site.get(self.site.id, set())
+                watching.discard(self)
+                if not watching:
+                    ctx.by_site.pop(self.site.id, None)
+        metrics.imap_session(outcome)
+        d = self._served
+        log.info("session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f zero_copy=%d expunged=%d session_s=%.1f"
+                 " outcome=%s", self.peer, self._site_name(), d.messages, d.bytes, d.send_seconds, self._zero_copy,
+                 self._expunged, time.monotonic() - self._started, outcome)
+
+    def _site_name(self) -> str:
+        return self.site.name if self.site is not None else "-"
+
+
+__all__ = ["ImapContext", "ImapSession"]
