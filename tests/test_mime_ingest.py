@@ -228,7 +228,7 @@ def test_a_failing_parse_costs_the_structure_not_the_mail_unless_a_check_needed_
             incoming.end_of_data()
             if incoming.failed:
                 return incoming.queue_id, incoming.error.reply
-            await storage.commit(incoming.spool, incoming.meta("alpha@hub.test", None, False), [])
+            await storage.commit(incoming.spool, incoming.meta("alpha@hub.test", None, False, None), [])
             return incoming.queue_id, await storage.message_structure(incoming.queue_id)
         finally:
             await storage.close()
