@@ -1,0 +1,239 @@
+# Outbound relay (issue 8) end to end: a real hub forwarding to a real Postfix (maildir delivery)
+# and to Postfix's smtp-sink answering 4xx or 5xx; retries, expiry, delay warnings and bounces read
+# back over POP3; `mailhub queue`; a kill -9 during a delivery loses nothing.
+import base64
+import contextlib
+import email
+import email.policy
+import hashlib
+import os
+import poplib
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, REPO, RawSMTP, make_message, queue_id_from
+
+sys.path.insert(0, str(REPO / "bench"))
+from thirdparty import free_port, postfix_to_maildir, wait_banner  # noqa: E402
+
+MB = 1024 * 1024
+REMOTE = "remote.test"
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def smtp_sink(folder: Path, port: int, *options: str):
+    """Postfix's smtp-sink on 127.0.0.1:port, dumping each accepted mail into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o777)
+    proc = subprocess.Popen(["smtp-sink", "-u", "nobody", *options, "-d", f"{folder}/mail.",
+                             f"127.0.0.1:{port}", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_banner(port, proc=proc)
+        yield folder
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def relay_hub(make_hub, routes: str, **overrides):
+    hub = make_hub(MAILHUB_RELAY_ROUTES=routes, MAILHUB_RELAY_CONNECT_TIMEOUT="5",
+                   MAILHUB_RELAY_COMMAND_TIMEOUT="20", **overrides)
+    hub.add_site("alpha", "alpha@hub.test")
+    hub.add_site("beta", "beta@hub.test")
+    return hub.start()
+
+
+def submit(hub, rcpts: list[str], message: bytes, sender: str = "alpha@hub.test") -> str:
+    with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:
+        client.login("alpha", PASSWORD)
+        client.mail(sender)
+        for rcpt in rcpts:
+            code, reply = client.rcpt(rcpt)
+            assert code == 250, (rcpt, code, reply)
+        code, reply = client.data(message)
+        assert code == 250, reply
+        return queue_id_from(reply)
+
+
+def queue_rows(hub) -> list[tuple]:
+    return hub.query("SELECT queue_id, rcpt, attempts, last_error, warned FROM outbound ORDER BY id")
+
+
+def pop3_messages(hub, login: str = "alpha") -> list[email.message.EmailMessage]:
+    client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+    try:
+        client.user(login)
+        client.pass_(PASSWORD)
+        count = len(client.list()[1])
+        return [email.message_from_bytes(b"\r\n".join(client.retr(i)[1]), policy=email.policy.default)
+                for i in range(1, count + 1)]
+    finally:
+        client.quit()
+
+
+def delivery_reports(messages) -> list[tuple[str, list]]:
+    """(Action, [recipient blocks]) of every DSN among the messages."""
+    reports = []
+    for message in messages:
+        if message.get_content_type() != "multipart/report":
+            continue
+        assert message.get_param("report-type") == "delivery-status"
+        assert message["From"].addresses[0].username == "MAILER-DAEMON"
+        parts = list(message.iter_parts())
+        assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status",
+                                                         "text/rfc822-headers"]
+        blocks = parts[1].get_payload()  # per-message block, then one block per recipient
+        reports.append((blocks[1]["Action"], blocks[1:]))
+    return reports
+
+
+def metrics_text(hub) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+# ---- acceptance at RCPT -----------------------------------------------------------------------
+
+def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, tmp_path):
+    closed = free_port()  # nothing listens: deliveries fail and are deferred
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{closed}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+    assert client.command(f"RCPT TO:<x@{REMOTE}>").startswith(b"554 5.7.1")  # not authenticated
+    client.command("RSET")
+    assert client.auth_plain("alpha").startswith(b"235")
+    assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+    assert client.command(f"RCPT TO:<x@{REMOTE}>").startswith(b"250")
+    assert client.command(f"RCPT TO:<y@sub.{REMOTE}>").startswith(b"250")   # subdomains follow the route
+    assert client.command("RCPT TO:<z@elsewhere.example>").startswith(b"550 5.1.2")
+    assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
+    client.command("QUIT")
+    client.close()
+
+    qid = submit(hub, [f"x@{REMOTE}", f"y@sub.{REMOTE}", "beta@hub.test"], make_message(3000))
+    assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(3,)]
+    assert len(hub.blob_files()) == 1
+    assert hub.query("SELECT rcpt FROM mailbox WHERE queue_id = ?", qid) == [("beta@hub.test",)]
+    wait_until(lambda: all(attempts == 1 for _, _, attempts, _, _ in queue_rows(hub)) and queue_rows(hub),
+               what="a failed first attempt")
+    rows = queue_rows(hub)
+    assert sorted(r[1] for r in rows) == [f"x@{REMOTE}", f"y@sub.{REMOTE}"]
+    assert all("cannot connect" in r[3] for r in rows), rows
+
+    listing = hub.cli("queue", "list").stdout
+    assert qid in listing and f"x@{REMOTE}" in listing and "cannot connect" in listing
+    assert hub.cli("queue", "delete", qid, "--rcpt", f"x@{REMOTE}").stdout.startswith("1 ")
+    assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(2,)]
+    assert hub.cli("queue", "delete", "NOSUCHID", check=False).returncode == 1
+    hub.cli("queue", "delete", qid)
+    assert queue_rows(hub) == [] and len(hub.blob_files()) == 1   # beta's mailbox still holds it
+    text = metrics_text(hub)
+    assert "mailhub_outbound_queue_messages 0.0" in text
+    assert 'mailhub_outbound_deliveries_total{outcome="deferred"} 2.0' in text
+
+
+def test_relaying_disabled_refuses_remote_recipients(make_hub):
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:25", MAILHUB_RELAY_ENABLED="false")
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    client.auth_plain("alpha")
+    client.command("MAIL FROM:<alpha@hub.test>")
+    assert client.command(f"RCPT TO:<x@{REMOTE}>").startswith(b"550 5.1.2")
+    client.close()
+
+
+# ---- a real Postfix as next hop ---------------------------------------------------------------
+
+def _write_big_mail(path: Path, size: int) -> tuple[int, int, str]:
+    """A CRLF mail of about `size` bytes from 1 MiB of base64 lines repeated; returns (size, size
+    and SHA-256 of its LF form, as Postfix stores it)."""
+    text = base64.b64encode(os.urandom(57 * 13000))
+    block = b"".join(text[i:i + 76] + b"\r\n" for i in range(0, len(text), 76))
+    header = (b"From: alpha@hub.test\r\nTo: big@remote.test\r\nSubject: 200 MB\r\n"
+              b"Message-ID: <big@hub.test>\r\nDate: Sat, 28 Nov 2026 03:00:00 +0000\r\n\r\n")
+    lf_header, lf_block = header.replace(b"\r\n", b"\n"), block.replace(b"\r\n", b"\n")
+    digest = hashlib.sha256(lf_header)
+    blocks = size // len(block)
+    with open(path, "wb") as f:
+        f.write(header)
+        for _ in range(blocks):
+            f.write(block)
+            digest.update(lf_block)
+    return path.stat().st_size, len(lf_header) + blocks * len(lf_block), digest.hexdigest()
+
+
+def _delivered(maildir: Path) -> list[Path]:
+    new = maildir / "new"
+    return sorted(new.iterdir()) if new.is_dir() else []
+
+
+def _tail_sha256(path: Path, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(path.stat().st_size - length)
+        while chunk := f.read(4 * MB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
+    with postfix_to_maildir(tmp_path / "pf", [REMOTE]) as (port, maildir):
+        maildir = Path(maildir)
+        hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}")
+        small = make_message(1024, subject="1 KB", extra_headers="Date: Sat, 28 Nov 2026 03:00:00 +0000\r\n")
+        small = small.replace(b"To: beta@hub.test", b"To: small@remote.test")  # (Postfix adds a missing Date)
+        small += b".a line starting with a dot\r\n"
+        qid = submit(hub, [f"small@{REMOTE}", "beta@hub.test"], small)
+        wait_until(lambda: _delivered(maildir), what="the 1 KB mail at Postfix")
+        wait_until(lambda: not queue_rows(hub), what="the queue row to go")
+        (delivered,) = _delivered(maildir)
+        lf = small.replace(b"\r\n", b"\n")
+        assert hashlib.sha256(delivered.read_bytes()[-len(lf):]).hexdigest() == hashlib.sha256(lf).hexdigest()
+        assert f"with ESMTPA id {qid}".encode() in delivered.read_bytes()  # the hub's trace header went along
+        assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(1,)]  # beta's copy left
+
+        big = tmp_path / "big.eml"
+        size, lf_size, lf_sha = _write_big_mail(big, 200 * MB)
+        client = RawSMTP(hub.smtp_port, timeout=120)
+        client.ehlo()
+        assert client.auth_plain("alpha").startswith(b"235")
+        assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+        assert client.command(f"RCPT TO:<big@{REMOTE}>").startswith(b"250")
+        client.send(f"BDAT {size} LAST\r\n".encode())
+        with open(big, "rb") as f:
+            client.sock.sendfile(f)
+        big_qid = queue_id_from(client.reply())
+        client.command("QUIT")
+        client.close()
+        delivered = wait_until(lambda: [p for p in _delivered(maildir) if p.stat().st_size > 100 * MB],
+                               timeout=180, what="the 200 MB mail at Postfix")[0]
+        assert _tail_sha256(delivered, lf_size) == lf_sha
+        wait_until(lambda: not queue_rows(hub), what="the queue row to go")
+        assert hub.query("SELECT count(*) FROM messages WHERE queue_id = ?", big_qid) == [(0,)]  # blob freed
+        with open(f"/proc/{hub.proc.pid}/status") as f:
+            peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        assert peak_kb < 150 * 1024, f"hub peak RSS {peak_kb} kB"
+        assert 'mailhub_outbound_deliveries_total{outcome="delivered"} 2.0' in metrics_text(hub)
+        hub.stop()
