@@ -24,7 +24,7 @@ import pytest
 from conftest import PASSWORD, REPO, RawSMTP, make_message, queue_id_from
 
 sys.path.insert(0, str(REPO / "bench"))
-from thirdparty import free_port, postfix_to_maildir, wait_banner  # noqa: E402
+from thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner  # noqa: E402
 
 MB = 1024 * 1024
 REMOTE = "remote.test"
@@ -45,6 +45,7 @@ def smtp_sink(folder: Path, port: int, *options: str):
     """Postfix's smtp-sink on 127.0.0.1:port, dumping each accepted mail into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o777)
+    _make_traversable(folder)  # the sink writes as nobody
     proc = subprocess.Popen(["smtp-sink", "-u", "nobody", *options, "-d", f"{folder}/mail.",
                              f"127.0.0.1:{port}", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -237,3 +238,121 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         assert peak_kb < 150 * 1024, f"hub peak RSS {peak_kb} kB"
         assert 'mailhub_outbound_deliveries_total{outcome="delivered"} 2.0' in metrics_text(hub)
         hub.stop()
+
+
+# ---- retries, expiry and bounces ----------------------------------------------------------------
+
+def test_4xx_then_2xx_after_queue_retry(make_hub, tmp_path):
+    port = free_port()
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    message = make_message(5000, subject="retried")
+    with smtp_sink(tmp_path / "sink1", port, "-r", "rcpt"):   # 450 to every RCPT
+        qid = submit(hub, [f"later@{REMOTE}"], message)
+        wait_until(lambda: queue_rows(hub) and queue_rows(hub)[0][2] == 1, what="a deferral")
+    (_, rcpt, attempts, error, _), = queue_rows(hub)
+    assert (rcpt, attempts) == (f"later@{REMOTE}", 1) and error.startswith("450 4.3.0"), error
+    listed = __import__("json").loads(hub.cli("queue", "list", "--json").stdout)
+    assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 1)]
+    with smtp_sink(tmp_path / "sink2", port) as dump:
+        time.sleep(1.5)
+        assert queue_rows(hub) and not list(dump.iterdir())  # next attempt is an hour away
+        assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")
+        wait_until(lambda: not queue_rows(hub), what="delivery after queue retry")
+        (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
+        assert message.replace(b"\r\n", b"\n") in dumped.read_bytes()
+    assert pop3_messages(hub) == []  # no notices for a mail that was delivered
+    assert hub.cli("queue", "retry", "--all").stdout.startswith("0 ")
+
+
+def test_5xx_bounces_and_expiry_with_delay_warning(make_hub, tmp_path):
+    hard, soft = free_port(), free_port()
+    hub = relay_hub(make_hub, f"hard.test=127.0.0.1:{hard}, soft.test=127.0.0.1:{soft}",
+                    MAILHUB_RELAY_MIN_BACKOFF="0.5", MAILHUB_RELAY_MAX_BACKOFF="1",
+                    MAILHUB_RELAY_DELAY_WARNING="1.5", MAILHUB_RELAY_MAX_LIFETIME="4")
+    with smtp_sink(tmp_path / "hard", hard, "-f", "rcpt"), smtp_sink(tmp_path / "soft", soft, "-r", "rcpt"):
+        bounced = submit(hub, ["nobody@hard.test"], make_message(2000, subject="to be bounced"))
+        submit(hub, ["nobody@hard.test"], make_message(2000, subject="a bounce"), sender="")  # never bounced
+        expired = submit(hub, ["slow@soft.test"], make_message(2000, subject="to expire"))
+        wait_until(lambda: not queue_rows(hub), timeout=30, what="the queue to empty")
+    messages = pop3_messages(hub)
+    reports = delivery_reports(messages)
+    assert len(messages) == len(reports) == 3, [m["Subject"] for m in messages]
+    by_action = {}
+    for action, blocks in reports:
+        by_action.setdefault(action, []).append(blocks)
+    assert sorted(by_action) == ["delayed", "failed"] and len(by_action["failed"]) == 2
+    (delayed,) = by_action["delayed"]
+    assert delayed[0]["Final-Recipient"] == "rfc822; slow@soft.test" and delayed[0]["Status"].startswith("4.")
+    assert "Will-Retry-Until" in delayed[0]
+    failed = {blocks[0]["Final-Recipient"]: blocks[0] for blocks in by_action["failed"]}
+    assert failed["rfc822; nobody@hard.test"]["Status"] == "5.3.0"
+    assert "500 5.3.0" in failed["rfc822; nobody@hard.test"]["Diagnostic-Code"]
+    assert failed["rfc822; slow@soft.test"]["Status"] == "4.4.7"
+    for message in messages:
+        assert message["To"].addresses[0].addr_spec == "alpha@hub.test"
+        assert message["Auto-Submitted"] == "auto-replied"
+        quoted = list(message.iter_parts())[2].get_content()
+        assert "Subject: to be bounced" in quoted or "Subject: to expire" in quoted  # header, never the body
+        assert f"id {bounced}" in quoted or f"id {expired}" in quoted
+    text = metrics_text(hub)
+    assert 'mailhub_outbound_deliveries_total{outcome="bounced"} 2.0' in text
+    assert 'mailhub_outbound_deliveries_total{outcome="expired"} 1.0' in text
+
+
+# ---- crash safety ------------------------------------------------------------------------------
+
+class StallingHop:
+    """An SMTP next hop that takes the message data but never answers the end of data, counting
+    the bytes it got: the hub is caught in the middle of a delivery."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = 0
+        self.sockets = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        with contextlib.suppress(OSError):
+            conn, _ = self.server.accept()
+            self.sockets.append(conn)
+            conn.sendall(b"220 stall ESMTP\r\n")
+            buffer = b""
+            while b"DATA\r\n" not in buffer and b"BDAT" not in buffer:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffer += data
+                while b"\r\n" in buffer and not buffer.startswith((b"DATA", b"BDAT")):
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    conn.sendall(b"250-stall\r\n250 PIPELINING\r\n" if line.startswith(b"EHLO")
+                                 else b"250 ok\r\n")
+            conn.sendall(b"354 go on\r\n")
+            while data := conn.recv(65536):
+                self.received += len(data)
+
+    def close(self):
+        for sock in [self.server, *self.sockets]:
+            sock.close()
+
+
+def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
+    stall = StallingHop()
+    port = free_port()
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{stall.port}")
+    try:
+        message = make_message(8 * MB, subject="interrupted")
+        qid = submit(hub, [f"far@{REMOTE}"], message)
+        wait_until(lambda: stall.received > MB, what="the delivery to be under way")
+        hub.kill()
+    finally:
+        stall.close()
+    assert [r[:3] for r in queue_rows(hub)] == [(qid, f"far@{REMOTE}", 0)]
+    hub.env["MAILHUB_RELAY_ROUTES"] = f"{REMOTE}=127.0.0.1:{port}"
+    with smtp_sink(tmp_path / "sink", port) as dump:
+        hub.start()
+        wait_until(lambda: not queue_rows(hub), what="delivery after the restart")
+        (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
+        assert message.replace(b"\r\n", b"\n") in dumped.read_bytes()
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)] and hub.blob_files() == []
