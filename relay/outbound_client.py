@@ -118,7 +118,7 @@ class HopConnection:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(route.host, route.port, limit=64 * 1024), self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise HopError(f"cannot connect to {route.destination}: {exc or 'timeout'}") from None
+            raise HopError(f"cannot connect to {route.hop}: {exc or 'timeout'}") from None
         await self._expect(await self._reply(), "greeting")
         await self._ehlo()
         if route.tls != "none" and "STARTTLS" in self.extensions:
@@ -127,11 +127,11 @@ class HopConnection:
                 await self._writer.start_tls(self._tls_context(), server_hostname=route.host,
                                              ssl_handshake_timeout=self.connect_timeout)
             except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
-                raise HopError(f"TLS with {route.destination} failed: {exc}") from None
+                raise HopError(f"TLS with {route.hop} failed: {exc}") from None
             self.encrypted = True
             await self._ehlo()
         elif route.tls == "required":
-            raise HopError(f"{route.destination} offers no STARTTLS but the route requires TLS")
+            raise HopError(f"{route.hop} offers no STARTTLS but the route requires TLS")
         if route.auth_user:
             await self._authenticate()
 
@@ -150,16 +150,16 @@ class HopConnection:
 
     async def _authenticate(self) -> None:
         if not self.encrypted and self.route.tls != "none":
-            raise HopError(f"{self.route.destination}: not sending credentials without TLS")
+            raise HopError(f"{self.route.hop}: not sending credentials without TLS")
         if "PLAIN" not in self.extensions.get("AUTH", "").upper().split():
-            raise HopError(f"{self.route.destination} does not offer AUTH PLAIN")
+            raise HopError(f"{self.route.hop} does not offer AUTH PLAIN")
         token = base64.b64encode(b"\0" + self.route.auth_user.encode() + b"\0" +
                                  self.route.auth_password.encode()).decode()
         await self._expect(await self._command(f"AUTH PLAIN {token}\r\n".encode()), "AUTH")
 
     async def _expect(self, reply: Reply, step: str) -> None:
         if not 200 <= reply.code < 400:
-            raise HopError(f"{self.route.destination} refused {step}: {reply}", reply)
+            raise HopError(f"{self.route.hop} refused {step}: {reply}", reply)
 
     async def send(self, message: OutgoingMessage) -> None:
         """Offer one message; fills message.results with one reply per recipient."""
@@ -244,14 +244,14 @@ class HopConnection:
             while True:
                 line = await asyncio.wait_for(self._reader.readline(), self.command_timeout)
                 if not line.endswith(b"\n"):
-                    raise HopError(f"{self.route.destination} closed the connection")
+                    raise HopError(f"{self.route.hop} closed the connection")
                 lines.append(line.rstrip(b"\r\n"))
                 if line[3:4] != b"-" or len(lines) > 100:
                     return parse_reply(lines)
         except asyncio.TimeoutError:
-            raise HopError(f"{self.route.destination} did not answer within {self.command_timeout:.0f}s") from None
+            raise HopError(f"{self.route.hop} did not answer within {self.command_timeout:.0f}s") from None
         except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
-            raise HopError(f"{self.route.destination}: {exc}") from None
+            raise HopError(f"{self.route.hop}: {exc}") from None
 
     async def close(self) -> None:
         """QUIT politely when the session is healthy, then close."""

@@ -23,13 +23,17 @@ class Route:
     max_connections: int = 10
 
     @property
+    def hop(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
     def destination(self) -> str:
-        """The key that per-destination limits and back-off are counted under."""
-        return f"{self.host}:{self.port}"
+        """The key that connection limits and back-off are counted under: one per route (two
+        routes to one host may differ in TLS policy or credentials)."""
+        return str(self)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.domain}={host}:{self.port}"
+        return f"{self.domain}={self.hop}"
 
 
 def parse_routes(value: Any) -> list[Route]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PASSWORD, REPO, RawSMTP, make_message, queue_id_from
+from pop3util import make_cert
 
 sys.path.insert(0, str(REPO / "bench"))
 from thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner  # noqa: E402
@@ -356,3 +357,57 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
         (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
         assert message.replace(b"\r\n", b"\n") in dumped.read_bytes()
     assert hub.query("SELECT count(*) FROM messages") == [(0,)] and hub.blob_files() == []
+
+
+# ---- TLS policies and AUTH: another hub as the next hop ------------------------------------------
+
+def test_tls_required_with_verification_and_auth_to_another_hub(make_hub, tmp_path):
+    cert, key = make_cert(tmp_path)
+    # The other network's hub knows this hub's relaying login, which owns the sender address.
+    other = make_hub(MAILHUB_DOMAIN="other.test,hub.test", MAILHUB_TLS_CERT_FILE=str(cert),
+                     MAILHUB_TLS_KEY_FILE=str(key))
+    other.add_site("partner", "partner@other.test")
+    other.add_site("hub-a", "alpha@hub.test")
+    other.start()
+    no_tls = free_port()
+    (tmp_path / "relay-password").write_text(PASSWORD + "\n")
+    config = tmp_path / "hub.toml"
+    config.write_text(f"""
+[relay]
+[[relay.routes]]
+domain = "other.test"
+host = "127.0.0.1"
+port = {other.smtp_port}
+tls = "required"
+ca_file = "{cert}"
+auth_user = "hub-a"
+auth_password_file = "{tmp_path / 'relay-password'}"
+
+[[relay.routes]]
+domain = "unverified.test"
+host = "127.0.0.1"
+port = {other.smtp_port}
+tls = "required"
+
+[[relay.routes]]
+domain = "no-tls.test"
+host = "127.0.0.1"
+port = {no_tls}
+tls = "required"
+""")
+    hub = make_hub(MAILHUB_RELAY_MIN_BACKOFF="3600", MAILHUB_RELAY_MAX_BACKOFF="3600")
+    hub.config = config
+    hub.add_site("alpha", "alpha@hub.test")
+    hub.start()
+    with smtp_sink(tmp_path / "sink", no_tls):
+        message = make_message(4000, subject="across networks")
+        submit(hub, ["partner@other.test", "x@unverified.test", "y@no-tls.test"], message)
+        wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1, 1], what="one delivery and two deferrals")
+    errors = {rcpt: error for _, rcpt, _, error, _ in queue_rows(hub)}
+    assert set(errors) == {"x@unverified.test", "y@no-tls.test"}
+    assert "CERTIFICATE_VERIFY_FAILED" in errors["x@unverified.test"], errors
+    assert "offers no STARTTLS" in errors["y@no-tls.test"], errors
+    (received,) = pop3_messages(other, "partner")
+    assert received["Subject"] == "across networks"
+    trace = received.get_all("Received")[0]
+    assert "with ESMTPSA" in trace and "for <partner@other.test>" in trace  # over TLS, authenticated
