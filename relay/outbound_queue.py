@@ -25,6 +25,7 @@ from .outbound_routes import Route, route_for
 
 log = logging.getLogger("mailhub.relay")
 POLL_SECONDS = 1.0
+LINGER_SECONDS = 2.0  # an idle connection waits this long for more mail before QUIT (bursts)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Job:
 @dataclass
 class Destination:
     jobs: collections.deque = field(default_factory=collections.deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when jobs are added
     connections: int = 0
     failures: int = 0          # connection failures in a row
     blocked_until: float = 0.0
@@ -113,6 +115,7 @@ class OutboundQueue:
             self._busy.update(r.id for r in job.rows)
             self._busy_deferred.update(r.id for r in job.rows if r.attempts)
             self._destinations[destination].jobs.append(job)
+            self._destinations[destination].arrived.set()
             routes[destination] = job.route
         for destination, route in routes.items():
             self._start_connections(destination, route)
@@ -147,12 +150,19 @@ class OutboundQueue:
                 await self._destination_failed(destination, route, exc)
                 return
             dest.failures = 0
-            while dest.jobs and hop.usable:
+            while hop.usable:
+                if not dest.jobs:
+                    dest.arrived.clear()
+                    try:
+                        await asyncio.wait_for(dest.arrived.wait(), LINGER_SECONDS)
+                    except asyncio.TimeoutError:
+                        break
+                    continue
                 job = dest.jobs.popleft()
                 message = job.message()
                 try:
                     await hop.send(message)
-                except HopError as exc:
+                except (HopError, OSError) as exc:  # the connection broke, or the blob could not be read
                     log.info("qid=%s to %s: %s", message.queue_id, destination, exc)
                     hop.abort()
                     await self._settle(job, message, error=str(exc))
@@ -219,14 +229,16 @@ class OutboundQueue:
                 metrics.outbound_delivery("deferred")
                 log.info("qid=%s rcpt=<%s> relay=%s deferred: %s", row.queue_id, row.rcpt,
                          job.route.destination, text[:200])
-        if bounced:
-            await self._notify(job.rows[0], [f for _, f in bounced], delayed=False)
-        if warn:
-            await self._notify(job.rows[0], [f for _, f in warn], delayed=True)
         removed = done + [row.id for row, _ in bounced]
-        await self.storage.queue_op(_settle_rows, removed, deferrals, now)
-        self._busy.difference_update(row.id for row in job.rows)
-        self._busy_deferred.difference_update(row.id for row in job.rows)
+        try:
+            if bounced:
+                await self._notify(job.rows[0], [f for _, f in bounced], delayed=False)
+            if warn:
+                await self._notify(job.rows[0], [f for _, f in warn], delayed=True)
+            await self.storage.queue_op(_settle_rows, removed, deferrals, now)
+        finally:  # on failure (a full disk) the rows stay as they were and are tried again
+            self._busy.difference_update(row.id for row in job.rows)
+            self._busy_deferred.difference_update(row.id for row in job.rows)
         if removed:
             await self.storage.empty_trash()
         self.wake()

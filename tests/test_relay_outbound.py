@@ -8,6 +8,7 @@ import email.policy
 import hashlib
 import os
 import poplib
+import re
 import shutil
 import signal
 import smtplib
@@ -216,6 +217,17 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         assert f"with ESMTPA id {qid}".encode() in delivered.read_bytes()  # the hub's trace header went along
         assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(1,)]  # beta's copy left
 
+        with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:   # a burst: one connection reused
+            client.login("alpha", PASSWORD)
+            for i in range(30):
+                client.sendmail("alpha@hub.test", [f"burst{i}@{REMOTE}"], make_message(2000, subject=f"burst {i}"))
+        wait_until(lambda: len(_delivered(maildir)) == 31, what="the burst at Postfix")
+        log = maildir.parent.parent / "postfix.log"
+        sessions = wait_until(lambda: (found := [int(m) for m in re.findall(r"disconnect from .* mail=(\d+)",
+                                                                            log.read_text())]) and
+                              sum(found) == 31 and found, what="the hub's connections to end")
+        assert len(sessions) <= 15 and max(sessions) >= 5, sessions   # connections reused (at most 10 at once)
+
         big = tmp_path / "big.eml"
         size, lf_size, lf_sha = _write_big_mail(big, 200 * MB)
         client = RawSMTP(hub.smtp_port, timeout=120)
@@ -237,7 +249,7 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         with open(f"/proc/{hub.proc.pid}/status") as f:
             peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
         assert peak_kb < 150 * 1024, f"hub peak RSS {peak_kb} kB"
-        assert 'mailhub_outbound_deliveries_total{outcome="delivered"} 2.0' in metrics_text(hub)
+        assert 'mailhub_outbound_deliveries_total{outcome="delivered"} 32.0' in metrics_text(hub)
         hub.stop()
 
 
@@ -247,7 +259,7 @@ def test_4xx_then_2xx_after_queue_retry(make_hub, tmp_path):
     port = free_port()
     hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
                     MAILHUB_RELAY_MAX_BACKOFF="3600")
-    message = make_message(5000, subject="retried")
+    message = make_message(5000, subject="retried") + b".leading dot: sent with DATA, so dot-stuffed\r\n"
     with smtp_sink(tmp_path / "sink1", port, "-r", "rcpt"):   # 450 to every RCPT
         qid = submit(hub, [f"later@{REMOTE}"], message)
         wait_until(lambda: queue_rows(hub) and queue_rows(hub)[0][2] == 1, what="a deferral")
