@@ -188,6 +188,15 @@ class HopConnection:
         final = await (self._bdat(message) if "CHUNKING" in self.extensions else self._data(message))
         message.results.update({rcpt: final for rcpt in accepted})
 
+    async def alive(self) -> bool:
+        """Check an idle connection before reusing it (RSET); closes it when it is gone."""
+        try:
+            await self._expect(await self._command(b"RSET\r\n"), "RSET")
+        except HopError:
+            self.abort()
+            return False
+        return True
+
     async def _bdat(self, message: OutgoingMessage) -> Reply:
         self._writer.write(f"BDAT {message.size} LAST\r\n".encode())
         await self._body(message, stuffing=False)

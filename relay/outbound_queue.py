@@ -157,6 +157,8 @@ class OutboundQueue:
                         await asyncio.wait_for(dest.arrived.wait(), LINGER_SECONDS)
                     except asyncio.TimeoutError:
                         break
+                    if not await hop.alive():
+                        break  # the next hop went away meanwhile: a new connection takes the mail
                     continue
                 job = dest.jobs.popleft()
                 message = job.message()
