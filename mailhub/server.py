@@ -126,7 +126,7 @@ def _start_relay(cfg, storage: Storage, sites: SiteCache):
     """The outbound relay's scheduler (reloads the durable queue; delivers until cancelled)."""
     if not cfg.relay.enabled:
         return None
-    sender = FileSender(max_threads=4)
+    sender = FileSender(max_threads=cfg.relay.max_active)  # one send at a time per delivery
     queue = OutboundQueue(cfg, storage, sites, sender)
     storage.on_outbound = queue.wake
     return asyncio.create_task(queue.run()), sender
