@@ -13,6 +13,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -144,6 +145,10 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, tmp_
     rows = queue_rows(hub)
     assert sorted(r[1] for r in rows) == [f"x@{REMOTE}", f"y@sub.{REMOTE}"]
     assert all("cannot connect" in r[3] for r in rows), rows
+    text = metrics_text(hub)
+    assert "mailhub_outbound_queue_messages 1.0" in text
+    age = float(re.search(r"^mailhub_outbound_queue_oldest_age_seconds (\S+)$", text, re.M).group(1))
+    assert 0 < age < 60, age
 
     listing = hub.cli("queue", "list").stdout
     assert qid in listing and f"x@{REMOTE}" in listing and "cannot connect" in listing
@@ -152,9 +157,7 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, tmp_
     assert hub.cli("queue", "delete", "NOSUCHID", check=False).returncode == 1
     hub.cli("queue", "delete", qid)
     assert queue_rows(hub) == [] and len(hub.blob_files()) == 1   # beta's mailbox still holds it
-    text = metrics_text(hub)
-    assert "mailhub_outbound_queue_messages 0.0" in text
-    assert 'mailhub_outbound_deliveries_total{outcome="deferred"} 2.0' in text
+    assert 'mailhub_outbound_deliveries_total{outcome="deferred"} 2.0' in metrics_text(hub)
 
 
 def test_relaying_disabled_refuses_remote_recipients(make_hub):
@@ -423,3 +426,91 @@ tls = "required"
     assert received["Subject"] == "across networks"
     trace = received.get_all("Received")[0]
     assert "with ESMTPSA" in trace and "for <partner@other.test>" in trace  # over TLS, authenticated
+
+
+# ---- per-recipient replies, the next hop's SIZE, connection limit and reuse ----------------------
+
+class CountingHop(socketserver.ThreadingTCPServer):
+    """A small SMTP next hop (PIPELINING, SIZE 100000, no CHUNKING): refuses RCPT for local parts
+    starting with "reject", accepts the rest, and counts connections at once and mails per connection."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _CountingSession)
+        self.port = self.server_address[1]
+        self.lock = threading.Lock()
+        self.active = self.max_active = 0
+        self.mails_per_connection: list[int] = []
+        self.accepted: list[str] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _CountingSession(socketserver.StreamRequestHandler):
+    def handle(self):
+        hop = self.server
+        with hop.lock:
+            hop.active += 1
+            hop.max_active = max(hop.max_active, hop.active)
+        mails = 0
+        try:
+            self.wfile.write(b"220 counting ESMTP\r\n")
+            rcpts = []
+            while line := self.rfile.readline():
+                command = line.strip().upper()
+                if command.startswith(b"EHLO"):
+                    self.wfile.write(b"250-counting\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n")
+                elif command.startswith(b"RCPT"):
+                    refused = command.startswith(b"RCPT TO:<REJECT")
+                    self.wfile.write(b"550 5.1.1 no such user\r\n" if refused else b"250 2.1.5 ok\r\n")
+                    rcpts += [] if refused else [line.decode().strip()[9:-1]]
+                elif command == b"DATA":
+                    self.wfile.write(b"354 go ahead\r\n")
+                    while self.rfile.readline() not in (b".\r\n", b""):
+                        pass
+                    time.sleep(0.05)  # a little work per mail, so that connections overlap
+                    with hop.lock:
+                        hop.accepted += rcpts
+                    mails += 1
+                    self.wfile.write(b"250 2.0.0 queued\r\n")
+                elif command == b"QUIT":
+                    self.wfile.write(b"221 bye\r\n")
+                    return
+                else:  # MAIL, RSET
+                    rcpts = [] if command.startswith((b"MAIL", b"RSET")) else rcpts
+                    self.wfile.write(b"250 2.0.0 ok\r\n")
+        finally:
+            with hop.lock:
+                hop.active -= 1
+                hop.mails_per_connection.append(mails)
+
+
+def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_path):
+    hop = CountingHop()
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[[relay.routes]]\ndomain = "count.test"\nhost = "127.0.0.1"\nport = {hop.port}\n'
+                      f'max_connections = 2\n')
+    hub = make_hub()
+    hub.config = config
+    hub.add_site("alpha", "alpha@hub.test")
+    hub.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:
+            client.login("alpha", PASSWORD)
+            for i in range(12):
+                client.sendmail("alpha@hub.test", [f"ok{i}@count.test"], make_message(2000, subject=f"mail {i}"))
+            client.sendmail("alpha@hub.test", ["good@count.test", "reject@count.test"],
+                            make_message(2000, subject="half refused"))
+            client.sendmail("alpha@hub.test", ["big@count.test"], make_message(150_000, subject="too big"))
+        wait_until(lambda: not queue_rows(hub), what="the queue to empty")
+        wait_until(lambda: sum(hop.mails_per_connection) == 13, what="the hub's connections to end")
+    finally:
+        hop.shutdown()
+        hop.server_close()
+    assert sorted(hop.accepted) == sorted([f"ok{i}@count.test" for i in range(12)] + ["good@count.test"])
+    assert hop.max_active <= 2 and max(hop.mails_per_connection) >= 3, (hop.max_active, hop.mails_per_connection)
+    reports = {blocks[0]["Final-Recipient"]: blocks[0] for _, blocks in delivery_reports(pop3_messages(hub))}
+    assert set(reports) == {"rfc822; reject@count.test", "rfc822; big@count.test"}
+    assert reports["rfc822; reject@count.test"]["Status"] == "5.1.1"
+    assert reports["rfc822; big@count.test"]["Status"] == "5.3.4"
+    assert "exceeds the next hop's SIZE 100000" in reports["rfc822; big@count.test"]["Diagnostic-Code"]
