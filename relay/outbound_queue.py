@@ -121,12 +121,19 @@ class OutboundQueue:
             self._start_connections(destination, route)
 
     async def _postpone(self, unrouted, blocked, now: float) -> None:
-        """Rows that cannot be tried now: no route (the config changed) or a backed-off destination."""
-        deferrals = [Deferral(r.id, now + self._backoff(r.attempts + 1), r.attempts + 1,
-                              "no route to the recipient's domain", r.warned) for r in unrouted]
+        """Rows that cannot be tried now: no route (the config changed since they were queued;
+        returned to the sender once their lifetime is over) or a backed-off destination."""
+        reason = "no route to the recipient's domain"
+        expired = [r for r in unrouted if now - r.queued_at >= self.relay.max_lifetime]
+        for row in expired:
+            await self._notify(row, [FailedRecipient(row.rcpt, 451, f"4.4.7 delivery time expired; {reason}")],
+                               delayed=False)
+            metrics.outbound_delivery("expired")
+        deferrals = [Deferral(r.id, now + self._backoff(r.attempts + 1), r.attempts + 1, reason, r.warned)
+                     for r in unrouted if r not in expired]
         deferrals += [Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
                       for r, until in blocked]
-        await self.storage.queue_op(outbound.defer, deferrals, now)
+        await self.storage.queue_op(_settle_rows, [r.id for r in expired], deferrals, now)
 
     def _start_connections(self, destination: str, route: Route) -> None:
         dest = self._destinations[destination]

@@ -514,3 +514,18 @@ def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_pat
     assert reports["rfc822; reject@count.test"]["Status"] == "5.1.1"
     assert reports["rfc822; big@count.test"]["Status"] == "5.3.4"
     assert "exceeds the next hop's SIZE 100000" in reports["rfc822; big@count.test"]["Diagnostic-Code"]
+
+
+def test_mail_whose_route_was_removed_is_returned_when_its_lifetime_ends(make_hub):
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{free_port()}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    submit(hub, [f"gone@{REMOTE}"], make_message(2000, subject="orphaned"))
+    wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a failed first attempt")
+    hub.stop()
+    hub.env.update(MAILHUB_RELAY_ROUTES="", MAILHUB_RELAY_MAX_LIFETIME="1")
+    hub.cli("queue", "retry", "--all")
+    hub.start()
+    wait_until(lambda: not queue_rows(hub), what="the mail to be returned")
+    ((action, blocks),) = delivery_reports(pop3_messages(hub))
+    assert (action, blocks[0]["Status"]) == ("failed", "4.4.7")
+    assert "no route" in blocks[0]["Diagnostic-Code"]
