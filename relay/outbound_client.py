@@ -145,6 +145,10 @@ class HopConnection:
 
     async def _ehlo(self) -> None:
         reply = await self._command(f"EHLO {self.helo_name}\r\n".encode())
+        if reply.permanent and not self.encrypted:  # an old server without ESMTP: plain SMTP
+            await self._expect(await self._command(f"HELO {self.helo_name}\r\n".encode()), "HELO")
+            self.extensions = {}
+            return
         await self._expect(reply, "EHLO")
         self.extensions = parse_extensions(reply)
 

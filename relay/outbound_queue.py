@@ -153,8 +153,8 @@ class OutboundQueue:
         try:
             try:
                 await hop.open()
-            except HopError as exc:
-                await self._destination_failed(destination, route, exc)
+            except Exception as exc:  # HopError, or e.g. an unreadable ca_file: the route is unusable
+                await self._destination_failed(destination, route, str(exc))
                 return
             dest.failures = 0
             while hop.usable:
@@ -171,7 +171,9 @@ class OutboundQueue:
                 message = job.message()
                 try:
                     await hop.send(message)
-                except (HopError, OSError) as exc:  # the connection broke, or the blob could not be read
+                except Exception as exc:  # the connection broke, the blob could not be read, or a bug
+                    if not isinstance(exc, (HopError, OSError)):
+                        log.exception("qid=%s to %s: delivery failed", message.queue_id, destination)
                     log.info("qid=%s to %s: %s", message.queue_id, destination, exc)
                     hop.abort()
                     await self._settle(job, message, error=str(exc))
@@ -190,7 +192,7 @@ class OutboundQueue:
         if dest.jobs and dest.connections == 0:
             self._start_connections(destination, route)
 
-    async def _destination_failed(self, destination: str, route: Route, error: HopError) -> None:
+    async def _destination_failed(self, destination: str, route: Route, error: str) -> None:
         dest = self._destinations[destination]
         dest.failures += 1
         dest.blocked_until = time.time() + self._backoff(dest.failures)
@@ -200,7 +202,7 @@ class OutboundQueue:
             return  # another connection may still succeed with the waiting jobs
         jobs, dest.jobs = list(dest.jobs), collections.deque()
         for job in jobs:
-            await self._settle(job, job.message(), error=str(error))
+            await self._settle(job, job.message(), error=error)
 
     def _backoff(self, attempts: int) -> float:
         return min(self.relay.min_backoff * 2 ** max(0, attempts - 1), self.relay.max_backoff)

@@ -75,3 +75,23 @@ def test_status_codes_of_temporary_failures():
     assert status_of(FailedRecipient("a@b", 451, "4.4.7 delivery time expired; last error: 450 4.2.1 busy")) == "4.4.7"
     assert status_of(FailedRecipient("a@b", 451, "cannot connect to mx:25")) == "4.0.0"
     assert status_of(FailedRecipient("a@b", 550, "550 4.1.1 inconsistent")) == "5.0.0"
+
+
+def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_path):
+    from relay.outbound_queue import _due
+    from storage import db
+
+    conn = db.connect(tmp_path)
+    conn.execute("INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
+                 " VALUES ('Q', 'b/Q', 10, 'x', 0, 1, 'a@hub.test', 14)")
+    rows = [("Q", f"old{i}@r.test", 1.0, 100.0 + i, 3) for i in range(10)]      # deferred, due long ago
+    rows += [("Q", f"new{i}@r.test", 500.0, 500.0, 0) for i in range(3)]        # fresh
+    rows += [("Q", "later@r.test", 1.0, 5000.0, 2)]                             # deferred, not yet due
+    conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at, attempts)"
+                     " VALUES (?, ?, ?, ?, ?)", rows)
+    picked = _due(conn, tmp_path / "blobs", 1000.0, "[]", 6, 2)
+    assert [r.rcpt for r in picked] == ["new0@r.test", "new1@r.test", "new2@r.test", "old0@r.test", "old1@r.test"]
+    in_flight = "[" + ",".join(str(r.id) for r in picked) + "]"
+    again = _due(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
+    assert [r.rcpt for r in again] == ["old2@r.test", "old3@r.test"]  # never a row already in flight
+    conn.close()
