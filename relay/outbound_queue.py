@@ -62,6 +62,7 @@ class OutboundQueue:
         self._destinations: dict[str, Destination] = collections.defaultdict(Destination)
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        self._retry_version: int | None = None  # of `mailhub queue retry`
 
     def wake(self) -> None:
         self._wake.set()
@@ -94,7 +95,13 @@ class OutboundQueue:
         now = time.time()
         busy = json.dumps(sorted(self._busy))
         deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
-        rows = await self.storage.queue_op(_due, self.storage.blob_dir, now, busy, free, deferred_room)
+        retry_version, rows = await self.storage.queue_op(_due, self.storage.blob_dir, now, busy, free,
+                                                          deferred_room)
+        if retry_version != self._retry_version:
+            if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
+                for dest in self._destinations.values():
+                    dest.blocked_until, dest.failures = 0.0, 0
+            self._retry_version = retry_version
         jobs: dict[tuple[str, str], Job] = {}
         unrouted: list[QueuedRecipient] = []
         blocked: list[tuple[QueuedRecipient, float]] = []
@@ -280,11 +287,14 @@ class OutboundQueue:
                  qid, row.mail_from)
 
 
-def _due(conn, blob_dir, now: float, busy: str, free: int, deferred_share: int) -> list[QueuedRecipient]:
-    """Writer thread: fresh rows first, then deferred ones (at most deferred_share), none in flight."""
+def _due(conn, blob_dir, now: float, busy: str, free: int,
+         deferred_share: int) -> tuple[int, list[QueuedRecipient]]:
+    """Writer thread: the retry version and due rows, fresh ones first, then deferred ones (at most
+    deferred_share), none in flight."""
     fresh = outbound.due(conn, blob_dir, now, True, free, busy)
     room = min(free - len(fresh), deferred_share)
-    return fresh + (outbound.due(conn, blob_dir, now, False, room, busy) if room > 0 else [])
+    rows = fresh + (outbound.due(conn, blob_dir, now, False, room, busy) if room > 0 else [])
+    return outbound.retry_version(conn), rows
 
 
 def _settle_rows(conn, removed: list[int], deferrals: list[Deferral], now: float) -> None:

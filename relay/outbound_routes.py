@@ -111,8 +111,11 @@ def _integer(value: Any, key: str, low: int, high: int) -> int:
 
 def route_for(routes: list[Route], address: str) -> Route | None:
     """The most specific route for the address's domain (the domain itself, then its parents,
-    then "*"), or None."""
-    domain = address.rpartition("@")[2].lower().rstrip(".")
+    then "*"), or None (also for an address without a domain)."""
+    local, at, domain = address.rpartition("@")
+    if not (local and at and domain):
+        return None
+    domain = domain.lower().rstrip(".")
     by_domain = {r.domain: r for r in routes}
     labels = domain.split(".")
     for i in range(len(labels)):

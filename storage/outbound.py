@@ -73,10 +73,16 @@ def defer(conn: sqlite3.Connection, deferrals: list[Deferral], attempted_at: flo
 
 
 def retry_now(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
-    """Make rows due now (all, or one message's); returns how many."""
+    """Make rows due now (all, or one message's) and tell the server to forget its back-off of
+    next hops (retry_version); returns how many rows."""
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'outbound_retry'")
     if queue_id is None:
         return conn.execute("UPDATE outbound SET next_attempt_at = ?", (now,)).rowcount
     return conn.execute("UPDATE outbound SET next_attempt_at = ? WHERE queue_id = ?", (now, queue_id)).rowcount
+
+
+def retry_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT value FROM meta WHERE key = 'outbound_retry'").fetchone()[0]
 
 
 def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:

@@ -305,6 +305,9 @@ CREATE TABLE IF NOT EXISTS outbound (
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbound_queue_id ON outbound (queue_id);
 
+-- Bumped by `mailhub queue retry`: the server then also forgets its back-off of unreachable next hops.
+INSERT OR IGNORE INTO meta (key, value) VALUES ('outbound_retry', 0);
+
 CREATE TRIGGER IF NOT EXISTS outbound_unref AFTER DELETE ON outbound
 BEGIN
     UPDATE messages SET refs = refs - 1 WHERE queue_id = OLD.queue_id;

@@ -6,11 +6,10 @@ import contextlib
 import email
 import email.policy
 import hashlib
+import json
 import os
 import poplib
 import re
-import shutil
-import signal
 import smtplib
 import socket
 import socketserver
@@ -20,8 +19,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-
-import pytest
 
 from conftest import PASSWORD, REPO, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
@@ -258,18 +255,20 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
 
 # ---- retries, expiry and bounces ----------------------------------------------------------------
 
-def test_4xx_then_2xx_after_queue_retry(make_hub, tmp_path):
+def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub, tmp_path):
     port = free_port()
     hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
                     MAILHUB_RELAY_MAX_BACKOFF="3600")
     message = make_message(5000, subject="retried") + b".leading dot: sent with DATA, so dot-stuffed\r\n"
+    qid = submit(hub, [f"later@{REMOTE}"], message)   # nothing listens yet: the next hop is backed off
+    wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a failed connection")
     with smtp_sink(tmp_path / "sink1", port, "-r", "rcpt"):   # 450 to every RCPT
-        qid = submit(hub, [f"later@{REMOTE}"], message)
-        wait_until(lambda: queue_rows(hub) and queue_rows(hub)[0][2] == 1, what="a deferral")
+        assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")  # also ends the next hop's back-off
+        wait_until(lambda: [r[2] for r in queue_rows(hub)] == [2], what="a deferral")
     (_, rcpt, attempts, error, _), = queue_rows(hub)
-    assert (rcpt, attempts) == (f"later@{REMOTE}", 1) and error.startswith("450 4.3.0"), error
-    listed = __import__("json").loads(hub.cli("queue", "list", "--json").stdout)
-    assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 1)]
+    assert (rcpt, attempts) == (f"later@{REMOTE}", 2) and error.startswith("450 4.3.0"), error
+    listed = json.loads(hub.cli("queue", "list", "--json").stdout)
+    assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 2)]
     with smtp_sink(tmp_path / "sink2", port) as dump:
         time.sleep(1.5)
         assert queue_rows(hub) and not list(dump.iterdir())  # next attempt is an hour away

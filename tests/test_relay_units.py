@@ -18,6 +18,7 @@ def test_routes_match_the_most_specific_domain_then_the_default():
     assert route_for(routes, "a@x.deep.example.org").host == "mx2"
     assert route_for(routes, "a@notexample.org").host == "smarthost"
     assert route_for(routes[:2], "a@other.test") is None
+    assert route_for(routes, "postmaster") is None and route_for(routes, "@x.test") is None
     assert routes[0] == Route("example.org", "mx1", 2525) and routes[2].max_connections == 3
     assert parse_routes("a.test=127.0.0.1:25, *=[::1]:2525") == [Route("a.test", "127.0.0.1", 25),
                                                                    Route("*", "::1", 2525)]
@@ -89,9 +90,9 @@ def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_pat
     rows += [("Q", "later@r.test", 1.0, 5000.0, 2)]                             # deferred, not yet due
     conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at, attempts)"
                      " VALUES (?, ?, ?, ?, ?)", rows)
-    picked = _due(conn, tmp_path / "blobs", 1000.0, "[]", 6, 2)
+    _, picked = _due(conn, tmp_path / "blobs", 1000.0, "[]", 6, 2)
     assert [r.rcpt for r in picked] == ["new0@r.test", "new1@r.test", "new2@r.test", "old0@r.test", "old1@r.test"]
     in_flight = "[" + ",".join(str(r.id) for r in picked) + "]"
-    again = _due(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
+    _, again = _due(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
     assert [r.rcpt for r in again] == ["old2@r.test", "old3@r.test"]  # never a row already in flight
     conn.close()
