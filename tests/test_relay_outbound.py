@@ -14,17 +14,14 @@ import smtplib
 import socket
 import socketserver
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import PASSWORD, REPO, RawSMTP, make_message, queue_id_from
+from bench.thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner
+from conftest import PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
-
-sys.path.insert(0, str(REPO / "bench"))
-from thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner  # noqa: E402
 
 MB = 1024 * 1024
 REMOTE = "remote.test"
