@@ -375,10 +375,12 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
 def test_tls_required_with_verification_and_auth_to_another_hub(make_hub, tmp_path):
     cert, key = make_cert(tmp_path)
     # The other network's hub knows this hub's relaying login, which owns the sender address.
-    other = make_hub(MAILHUB_DOMAIN="other.test,hub.test", MAILHUB_TLS_CERT_FILE=str(cert),
-                     MAILHUB_TLS_KEY_FILE=str(key))
+    # Mail for opp.test comes unauthenticated from this hub's network (a peer).
+    other = make_hub(MAILHUB_DOMAIN="other.test,hub.test,opp.test", MAILHUB_TLS_CERT_FILE=str(cert),
+                     MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8")
     other.add_site("partner", "partner@other.test")
     other.add_site("hub-a", "alpha@hub.test")
+    other.add_site("opp", "opp@opp.test")
     other.start()
     no_tls = free_port()
     (tmp_path / "relay-password").write_text(PASSWORD + "\n")
@@ -393,6 +395,11 @@ tls = "required"
 ca_file = "{cert}"
 auth_user = "hub-a"
 auth_password_file = "{tmp_path / 'relay-password'}"
+
+[[relay.routes]]
+domain = "opp.test"
+host = "127.0.0.1"
+port = {other.smtp_port}
 
 [[relay.routes]]
 domain = "unverified.test"
@@ -412,7 +419,7 @@ tls = "required"
     hub.start()
     with smtp_sink(tmp_path / "sink", no_tls):
         message = make_message(4000, subject="across networks")
-        submit(hub, ["partner@other.test", "x@unverified.test", "y@no-tls.test"], message)
+        submit(hub, ["partner@other.test", "opp@opp.test", "x@unverified.test", "y@no-tls.test"], message)
         wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1, 1], what="one delivery and two deferrals")
     errors = {rcpt: error for _, rcpt, _, error, _ in queue_rows(hub)}
     assert set(errors) == {"x@unverified.test", "y@no-tls.test"}
@@ -422,17 +429,22 @@ tls = "required"
     assert received["Subject"] == "across networks"
     trace = received.get_all("Received")[0]
     assert "with ESMTPSA" in trace and "for <partner@other.test>" in trace  # over TLS, authenticated
+    (received,) = pop3_messages(other, "opp")
+    trace = received.get_all("Received")[0]
+    assert "with ESMTPS " in trace and "for <opp@opp.test>" in trace  # opportunistic: TLS, any certificate
 
 
 # ---- per-recipient replies, the next hop's SIZE, connection limit and reuse ----------------------
 
 class CountingHop(socketserver.ThreadingTCPServer):
-    """A small SMTP next hop (PIPELINING, SIZE 100000, no CHUNKING): refuses RCPT for local parts
-    starting with "reject", accepts the rest, and counts connections at once and mails per connection."""
+    """A small SMTP next hop (PIPELINING, SIZE 100000, no CHUNKING; with esmtp=False an old server
+    that refuses EHLO): refuses RCPT for local parts starting with "reject", accepts the rest, and
+    counts connections at once and mails per connection."""
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self):
+    def __init__(self, esmtp: bool = True):
+        self.esmtp = esmtp
         super().__init__(("127.0.0.1", 0), _CountingSession)
         self.port = self.server_address[1]
         self.lock = threading.Lock()
@@ -455,7 +467,8 @@ class _CountingSession(socketserver.StreamRequestHandler):
             while line := self.rfile.readline():
                 command = line.strip().upper()
                 if command.startswith(b"EHLO"):
-                    self.wfile.write(b"250-counting\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n")
+                    self.wfile.write(b"250-counting\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n"
+                                     if hop.esmtp else b"502 5.5.1 EHLO not implemented\r\n")
                 elif command.startswith(b"RCPT"):
                     refused = command.startswith(b"RCPT TO:<REJECT")
                     self.wfile.write(b"550 5.1.1 no such user\r\n" if refused else b"250 2.1.5 ok\r\n")
@@ -482,10 +495,11 @@ class _CountingSession(socketserver.StreamRequestHandler):
 
 
 def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_path):
-    hop = CountingHop()
+    hop, old = CountingHop(), CountingHop(esmtp=False)
     config = tmp_path / "hub.toml"
     config.write_text(f'[[relay.routes]]\ndomain = "count.test"\nhost = "127.0.0.1"\nport = {hop.port}\n'
-                      f'max_connections = 2\n')
+                      f'max_connections = 2\n'
+                      f'[[relay.routes]]\ndomain = "old.test"\nhost = "127.0.0.1"\nport = {old.port}\n')
     hub = make_hub()
     hub.config = config
     hub.add_site("alpha", "alpha@hub.test")
@@ -498,11 +512,14 @@ def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_pat
             client.sendmail("alpha@hub.test", ["good@count.test", "reject@count.test"],
                             make_message(2000, subject="half refused"))
             client.sendmail("alpha@hub.test", ["big@count.test"], make_message(150_000, subject="too big"))
+            client.sendmail("alpha@hub.test", ["someone@old.test"], make_message(150_000, subject="by HELO"))
         wait_until(lambda: not queue_rows(hub), what="the queue to empty")
         wait_until(lambda: sum(hop.mails_per_connection) == 13, what="the hub's connections to end")
     finally:
-        hop.shutdown()
-        hop.server_close()
+        for server in (hop, old):
+            server.shutdown()
+            server.server_close()
+    assert old.accepted == ["someone@old.test"]  # HELO, no SIZE limit known
     assert sorted(hop.accepted) == sorted([f"ok{i}@count.test" for i in range(12)] + ["good@count.test"])
     assert hop.max_active <= 2 and max(hop.mails_per_connection) >= 3, (hop.max_active, hop.mails_per_connection)
     reports = {blocks[0]["Final-Recipient"]: blocks[0] for _, blocks in delivery_reports(pop3_messages(hub))}
