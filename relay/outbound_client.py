@@ -18,6 +18,7 @@ from .pop3_protocol import dot_stuff, message_terminator
 
 CHUNK = 1024 * 1024
 _HIGH_WATER = 4 * CHUNK
+_DATA_DONE_FACTOR = 2  # the reply to the end of data may take longer (the next hop fsyncs a big mail)
 
 
 # ---- pure protocol helpers ---------------------------------------------------------------------
@@ -204,7 +205,7 @@ class HopConnection:
     async def _bdat(self, message: OutgoingMessage) -> Reply:
         self._writer.write(f"BDAT {message.size} LAST\r\n".encode())
         await self._body(message, stuffing=False)
-        return await self._reply()
+        return await self._reply(self.command_timeout * _DATA_DONE_FACTOR)
 
     async def _data(self, message: OutgoingMessage) -> Reply:
         reply = await self._command(b"DATA\r\n")
@@ -212,7 +213,7 @@ class HopConnection:
             return reply
         ends_with_lf = await self._body(message, stuffing=message.dot_lines)
         self._writer.write(message_terminator(ends_with_lf))
-        return await self._reply()
+        return await self._reply(self.command_timeout * _DATA_DONE_FACTOR)
 
     async def _body(self, message: OutgoingMessage, stuffing: bool) -> bool:
         """Send the blob (dot-stuffed if asked); True when its last byte is LF."""
@@ -251,18 +252,19 @@ class HopConnection:
         self._writer.write(line)
         return await self._reply()
 
-    async def _reply(self) -> Reply:
+    async def _reply(self, timeout: float | None = None) -> Reply:
+        timeout = timeout or self.command_timeout
         lines = []
         try:
             while True:
-                line = await asyncio.wait_for(self._reader.readline(), self.command_timeout)
+                line = await asyncio.wait_for(self._reader.readline(), timeout)
                 if not line.endswith(b"\n"):
                     raise HopError(f"{self.route.hop} closed the connection")
                 lines.append(line.rstrip(b"\r\n"))
                 if line[3:4] != b"-" or len(lines) > 100:
                     return parse_reply(lines)
         except asyncio.TimeoutError:
-            raise HopError(f"{self.route.hop} did not answer within {self.command_timeout:.0f}s") from None
+            raise HopError(f"{self.route.hop} did not answer within {timeout:.0f}s") from None
         except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
             raise HopError(f"{self.route.hop}: {exc}") from None
 

@@ -55,7 +55,7 @@ def smtp_sink(folder: Path, port: int, *options: str):
 
 def relay_hub(make_hub, routes: str, **overrides):
     hub = make_hub(MAILHUB_RELAY_ROUTES=routes, MAILHUB_RELAY_CONNECT_TIMEOUT="5",
-                   MAILHUB_RELAY_COMMAND_TIMEOUT="20", **overrides)
+                   MAILHUB_RELAY_COMMAND_TIMEOUT="120", **overrides)
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
     return hub.start()
