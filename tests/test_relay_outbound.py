@@ -144,13 +144,23 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, tmp_
     age = float(re.search(r"^mailhub_outbound_queue_oldest_age_seconds (\S+)$", text, re.M).group(1))
     assert 0 < age < 60, age
 
+    # The next hop is backed off as a whole: a new mail for it waits without a connection attempt.
+    later = submit(hub, [f"z@{REMOTE}"], make_message(1000))
+    wait_until(lambda: hub.query("SELECT last_error FROM outbound WHERE queue_id = ?", later) ==
+               [("destination backed off",)], what="the new mail to wait for the next hop")
+    ((attempts, wait),) = hub.query("SELECT attempts, next_attempt_at - queued_at FROM outbound"
+                                    " WHERE queue_id = ?", later)
+    assert attempts == 0 and 3000 < wait < 3700, (attempts, wait)
+    hub.cli("queue", "delete", later)
+
     listing = hub.cli("queue", "list").stdout
     assert qid in listing and f"x@{REMOTE}" in listing and "cannot connect" in listing
     assert hub.cli("queue", "delete", qid, "--rcpt", f"x@{REMOTE}").stdout.startswith("1 ")
     assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(2,)]
     assert hub.cli("queue", "delete", "NOSUCHID", check=False).returncode == 1
     hub.cli("queue", "delete", qid)
-    assert queue_rows(hub) == [] and len(hub.blob_files()) == 1   # beta's mailbox still holds it
+    assert queue_rows(hub) == []
+    assert hub.query("SELECT queue_id, refs FROM messages") == [(qid, 1)]   # beta's mailbox still holds it
     assert 'mailhub_outbound_deliveries_total{outcome="deferred"} 2.0' in metrics_text(hub)
 
 
