@@ -233,8 +233,8 @@ class OutboundQueue:
                 bounced.append((row, FailedRecipient(row.rcpt, reply.code, text, job.route.host)))
                 metrics.outbound_delivery("bounced")
             elif now - row.queued_at >= relay.max_lifetime:
-                bounced.append((row, FailedRecipient(row.rcpt, 451, f"4.4.7 delivery time expired; last error: {text}",
-                                                     job.route.host if reply else "")))
+                expiry = f"4.4.7 delivery time expired; last error: {text}"
+                bounced.append((row, FailedRecipient(row.rcpt, 451, expiry, job.route.host if reply else "")))
                 metrics.outbound_delivery("expired")
             else:
                 warned = row.warned
