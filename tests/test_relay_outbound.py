@@ -262,27 +262,32 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
 
 # ---- retries, expiry and bounces ----------------------------------------------------------------
 
-def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub, tmp_path):
-    port = free_port()
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
+    hop = CountingHop(mode="421")   # refuses connections: the next hop is backed off
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{hop.port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
                     MAILHUB_RELAY_MAX_BACKOFF="3600")
-    message = make_message(5000, subject="retried") + b".leading dot: sent with DATA, so dot-stuffed\r\n"
-    qid = submit(hub, [f"later@{REMOTE}"], message)   # nothing listens yet: the next hop is backed off
-    wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a failed connection")
-    with smtp_sink(tmp_path / "sink1", port, "-r", "rcpt"):   # 450 to every RCPT
+    try:
+        message = make_message(5000, subject="retried") + b".leading dot: sent with DATA, so dot-stuffed\r\n"
+        qid = submit(hub, [f"later@{REMOTE}"], message)
+        wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a refused connection")
+        assert "refused greeting: 421 4.3.2" in queue_rows(hub)[0][3]
+        hop.mode = "450"
         assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")  # also ends the next hop's back-off
         wait_until(lambda: [r[2] for r in queue_rows(hub)] == [2], what="a deferral")
-    (_, rcpt, attempts, error, _), = queue_rows(hub)
-    assert (rcpt, attempts) == (f"later@{REMOTE}", 2) and error.startswith("450 4.3.0"), error
-    listed = json.loads(hub.cli("queue", "list", "--json").stdout)
-    assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 2)]
-    with smtp_sink(tmp_path / "sink2", port) as dump:
+        (_, rcpt, attempts, error, _), = queue_rows(hub)
+        assert (rcpt, attempts) == (f"later@{REMOTE}", 2) and error.startswith("450 4.2.0"), error
+        listed = json.loads(hub.cli("queue", "list", "--json").stdout)
+        assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 2)]
+        hop.mode = "ok"
         time.sleep(1.5)
-        assert queue_rows(hub) and not list(dump.iterdir())  # next attempt is an hour away
+        assert queue_rows(hub) and not hop.messages  # the next attempt is an hour away
         assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")
         wait_until(lambda: not queue_rows(hub), what="delivery after queue retry")
-        (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
-        assert message.replace(b"\r\n", b"\n") in dumped.read_bytes()
+    finally:
+        hop.shutdown()
+        hop.server_close()
+    (delivered,) = hop.messages
+    assert delivered.endswith(message) and f"id {qid}".encode() in delivered  # intact, trace header first
     assert pop3_messages(hub) == []  # no notices for a mail that was delivered
     assert hub.cli("queue", "retry", "--all").stdout.startswith("0 ")
 
@@ -449,12 +454,15 @@ tls = "required"
 class CountingHop(socketserver.ThreadingTCPServer):
     """A small SMTP next hop (PIPELINING, SIZE 100000, no CHUNKING; with esmtp=False an old server
     that refuses EHLO): refuses RCPT for local parts starting with "reject", accepts the rest, and
-    counts connections at once and mails per connection."""
+    counts connections at once and mails per connection. `mode` may be switched at any time:
+    "421" refuses connections, "450" defers every RCPT, "ok" works. Keeps the mails it accepted."""
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, esmtp: bool = True):
+    def __init__(self, esmtp: bool = True, mode: str = "ok"):
         self.esmtp = esmtp
+        self.mode = mode
+        self.messages: list[bytes] = []
         super().__init__(("127.0.0.1", 0), _CountingSession)
         self.port = self.server_address[1]
         self.lock = threading.Lock()
@@ -472,6 +480,9 @@ class _CountingSession(socketserver.StreamRequestHandler):
             hop.max_active = max(hop.max_active, hop.active)
         mails = 0
         try:
+            if hop.mode == "421":
+                self.wfile.write(b"421 4.3.2 not now\r\n")
+                return
             self.wfile.write(b"220 counting ESMTP\r\n")
             rcpts = []
             while line := self.rfile.readline():
@@ -479,17 +490,21 @@ class _CountingSession(socketserver.StreamRequestHandler):
                 if command.startswith(b"EHLO"):
                     self.wfile.write(b"250-counting\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n"
                                      if hop.esmtp else b"502 5.5.1 EHLO not implemented\r\n")
+                elif command.startswith(b"RCPT") and hop.mode == "450":
+                    self.wfile.write(b"450 4.2.0 busy, try later\r\n")
                 elif command.startswith(b"RCPT"):
                     refused = command.startswith(b"RCPT TO:<REJECT")
                     self.wfile.write(b"550 5.1.1 no such user\r\n" if refused else b"250 2.1.5 ok\r\n")
                     rcpts += [] if refused else [line.decode().strip()[9:-1]]
                 elif command == b"DATA":
                     self.wfile.write(b"354 go ahead\r\n")
-                    while self.rfile.readline() not in (b".\r\n", b""):
-                        pass
+                    lines = []
+                    while (data := self.rfile.readline()) not in (b".\r\n", b""):
+                        lines.append(data[1:] if data.startswith(b"..") else data)
                     time.sleep(0.05)  # a little work per mail, so that connections overlap
                     with hop.lock:
                         hop.accepted += rcpts
+                        hop.messages.append(b"".join(lines))
                     mails += 1
                     self.wfile.write(b"250 2.0.0 queued\r\n")
                 elif command == b"QUIT":
