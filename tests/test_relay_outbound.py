@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from bench.thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner
 from conftest import PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
@@ -51,6 +53,15 @@ def smtp_sink(folder: Path, port: int, *options: str):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port that refuses connections and that no other process can take meanwhile
+    (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def relay_hub(make_hub, routes: str, **overrides):
@@ -112,9 +123,9 @@ def metrics_text(hub) -> str:
 
 # ---- acceptance at RCPT -----------------------------------------------------------------------
 
-def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, tmp_path):
-    closed = free_port()  # nothing listens: deliveries fail and are deferred
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{closed}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, closed_port):
+    # Deliveries fail (nothing listens) and are deferred for an hour.
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{closed_port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
                     MAILHUB_RELAY_MAX_BACKOFF="3600")
     client = RawSMTP(hub.smtp_port)
     client.ehlo()
@@ -368,16 +379,16 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
     stall = StallingHop()
     port = free_port()
     hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{stall.port}")
-    try:
-        message = make_message(8 * MB, subject="interrupted")
-        qid = submit(hub, [f"far@{REMOTE}"], message)
-        wait_until(lambda: stall.received > MB, what="the delivery to be under way")
-        hub.kill()
-    finally:
-        stall.close()
-    assert [r[:3] for r in queue_rows(hub)] == [(qid, f"far@{REMOTE}", 0)]
-    hub.env["MAILHUB_RELAY_ROUTES"] = f"{REMOTE}=127.0.0.1:{port}"
-    with smtp_sink(tmp_path / "sink", port) as dump:
+    with smtp_sink(tmp_path / "sink", port) as dump:   # the next hop after the restart
+        try:
+            message = make_message(8 * MB, subject="interrupted")
+            qid = submit(hub, [f"far@{REMOTE}"], message)
+            wait_until(lambda: stall.received > MB, what="the delivery to be under way")
+            hub.kill()
+        finally:
+            stall.close()
+        assert [r[:3] for r in queue_rows(hub)] == [(qid, f"far@{REMOTE}", 0)]
+        hub.env["MAILHUB_RELAY_ROUTES"] = f"{REMOTE}=127.0.0.1:{port}"
         hub.start()
         wait_until(lambda: not queue_rows(hub), what="delivery after the restart")
         (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
@@ -554,8 +565,8 @@ def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_pat
     assert "exceeds the next hop's SIZE 100000" in reports["rfc822; big@count.test"]["Diagnostic-Code"]
 
 
-def test_mail_whose_route_was_removed_is_returned_when_its_lifetime_ends(make_hub):
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{free_port()}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+def test_mail_whose_route_was_removed_is_returned_when_its_lifetime_ends(make_hub, closed_port):
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{closed_port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
                     MAILHUB_RELAY_MAX_BACKOFF="3600")
     submitted = time.monotonic()
     submit(hub, [f"gone@{REMOTE}"], make_message(2000, subject="orphaned"))
