@@ -29,14 +29,15 @@ MB = 1024 * 1024
 REMOTE = "remote.test"
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", hub=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    log = "\n".join(line for line in hub.log_text().splitlines() if "/metrics" not in line)[-4000:] if hub else ""
+    raise AssertionError(f"timed out waiting for {what}\n{log}")
 
 
 @contextlib.contextmanager
@@ -222,7 +223,8 @@ def _tail_sha256(path: Path, length: int) -> str:
 def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
     with postfix_to_maildir(tmp_path / "pf", [REMOTE]) as (port, maildir):
         maildir = Path(maildir)
-        hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}")
+        hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", MAILHUB_RELAY_MIN_BACKOFF="5",
+                        MAILHUB_RELAY_MAX_BACKOFF="5")  # a busy machine may time a delivery out: retry soon
         small = make_message(1024, subject="1 KB", extra_headers="Date: Sat, 28 Nov 2026 03:00:00 +0000\r\n")
         small = small.replace(b"To: beta@hub.test", b"To: small@remote.test")  # (Postfix adds a missing Date)
         small += b".a line starting with a dot\r\n"
@@ -260,7 +262,7 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         client.command("QUIT")
         client.close()
         delivered = wait_until(lambda: [p for p in _delivered(maildir) if p.stat().st_size > 100 * MB],
-                               timeout=180, what="the 200 MB mail at Postfix")[0]
+                               timeout=180, what="the 200 MB mail at Postfix", hub=hub)[0]
         assert _tail_sha256(delivered, lf_size) == lf_sha
         wait_until(lambda: not queue_rows(hub), what="the queue row to go")
         assert hub.query("SELECT count(*) FROM messages WHERE queue_id = ?", big_qid) == [(0,)]  # blob freed
