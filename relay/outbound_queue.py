@@ -282,7 +282,7 @@ class OutboundQueue:
                         retry_until=row.queued_at + self.relay.max_lifetime if delayed else None)
         dot_lines = dsn.startswith(b".") or b"\n." in dsn
         qid = await self.storage.store_generated(dsn, MessageMeta("", None, dot_lines),
-                                                 [Delivery(site.id, row.mail_from)])
+                                                 [Delivery(site.id, row.mail_from, site.name)])
         log.info("qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce",
                  qid, row.mail_from)
 
