@@ -286,6 +286,7 @@ CREATE TRIGGER IF NOT EXISTS imap_uid_next_delivery AFTER INSERT ON mailbox
 BEGIN
     INSERT INTO imap_uid_next (site_id, uid_next) VALUES (NEW.site_id, NEW.uid + 1)
     ON CONFLICT (site_id) DO UPDATE SET uid_next = max(uid_next, excluded.uid_next);
+END;
 
 -- ---- Outbound relay (issue 8) ------------------------------------------------------------------
 -- One row per remote recipient of a stored message, waiting for delivery to a next hop. A row is
