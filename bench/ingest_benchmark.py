@@ -172,13 +172,14 @@ def _mailhub_cmd():
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mailhub.cli"]
 
 
-def hub_env(data_dir, smtp_port, pop3_port=None, imap_port=None):
+def hub_env(data_dir, smtp_port, pop3_port=None, imap_port=None, extra_env=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
     env.update(MAILHUB_DATA_DIR=data_dir, MAILHUB_SMTP_LISTEN="%s:%d" % (LOOPBACK, smtp_port),
                MAILHUB_POP3_LISTEN="%s:%d" % (LOOPBACK, pop3_port or 0),
                MAILHUB_IMAP_LISTEN="%s:%d" % (LOOPBACK, imap_port or 0),
                MAILHUB_METRICS_LISTEN=LOOPBACK + ":0", MAILHUB_LOG_LEVEL="warning",
                MAILHUB_DOMAIN=HUB_DOMAIN, MAILHUB_SHUTDOWN_TIMEOUT="10")
+    env.update(extra_env or {})
     return env
 
 
@@ -193,7 +194,7 @@ class HubProcess:
 
 
 @contextlib.contextmanager
-def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False, imap=False):
+def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False, imap=False, extra_env=None):
     """`mailhub serve` on 127.0.0.1 with the data folder workdir/hub-data and the given sites added
     (none: reuse the folder as it is); SMTP (and with pop3=True POP3, imap=True IMAP) on free ports. Yields a
     HubProcess; stops the process (SIGTERM, then SIGKILL of its process group) on exit.
@@ -202,7 +203,7 @@ def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False, imap=Fal
     smtp_port = free_port()
     pop3_port = free_port() if pop3 else None
     imap_port = free_port() if imap else None
-    env = hub_env(data_dir, smtp_port, pop3_port, imap_port)
+    env = hub_env(data_dir, smtp_port, pop3_port, imap_port, extra_env)
     for site in sites:
         subprocess.run(_mailhub_cmd() + ["site", "add", site, "--address", "%s@%s" % (site, HUB_DOMAIN),
                                          "--password-stdin"], input=PASSWORD + "\n", text=True, env=env,

@@ -497,3 +497,37 @@ def bare_aiosmtpd(workdir):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# --------------------------------------------------------------------- Postfix delivering to a maildir
+
+POSTFIX_MAILDIR_OVERRIDES = """\
+# --- postfix_to_maildir: every recipient of the virtual domains into one maildir
+virtual_mailbox_domains = {domains}
+virtual_transport = virtual
+virtual_mailbox_base = {mail}
+virtual_mailbox_maps = static:box/
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+virtual_minimum_uid = 1
+virtual_mailbox_limit = 0
+"""
+POSTFIX_VIRTUAL_MASTER = "virtual   unix  -       n       n       -       -       virtual\n"
+
+
+@contextlib.contextmanager
+def postfix_to_maildir(workdir, domains):
+    """Real Postfix on 127.0.0.1:<port> that accepts mail from 127.0.0.1 for `domains` and
+    delivers every recipient into the maildir <workdir>/postfix/mail/box (new/ holds the
+    files; Postfix stores them with LF line ends). Yields (port, maildir path)."""
+    uid, gid = _mail_ids()
+    mail = os.path.join(os.path.abspath(workdir), "postfix", "mail")
+    os.makedirs(mail, exist_ok=True)
+    os.chown(mail, uid, gid)
+
+    def main_cf(text):
+        lines = [ln for ln in text.splitlines() if not ln.startswith("virtual_transport")]
+        return "\n".join(lines) + "\n" + POSTFIX_MAILDIR_OVERRIDES.format(
+            domains=", ".join(domains), mail=mail, uid=uid, gid=gid)
+    with _postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
+        yield port, os.path.join(mail, "box")

@@ -1,6 +1,6 @@
-# The `mailhub` command: serve, check the config, manage sites, trace mails, report volumes, prune
-# the tracking events. These work on the index directly (SQLite WAL), so they run beside a live
-# server, which picks site changes up by itself; trace and stats only read.
+# The `mailhub` command: serve, check the config, manage sites and the outbound queue, trace mails,
+# report volumes, prune the tracking events. These work on the index directly (SQLite WAL), so they
+# run beside a live server, which picks site and queue changes up by itself; trace and stats only read.
 # Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration.
 import argparse
 import getpass
@@ -11,7 +11,7 @@ import sys
 import time
 
 from . import config
-from .report_format import human_size, iso_time
+from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
 from .trace import KINDS as TRACE_KINDS
 
@@ -74,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     events_commands = events.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
     prune = events_commands.add_parser("prune", parents=[common], help="delete events past their retention")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="default: events.retention_days")
+    queue = commands.add_parser("queue", help="inspect and manage the outbound relay queue")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="SUBCOMMAND")
+    qlist = queue_commands.add_parser("list", parents=[common], help="list queued mail")
+    qlist.add_argument("--json", action="store_true")
+    retry = queue_commands.add_parser("retry", parents=[common], help="retry queued mail now")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("queue_id", nargs="?", help="one message")
+    which.add_argument("--all", action="store_true", help="every queued message")
+    qdelete = queue_commands.add_parser("delete", parents=[common], help="drop queued mail without delivery")
+    qdelete.add_argument("queue_id")
+    qdelete.add_argument("--rcpt", help="only this recipient")
     return parser
 
 
@@ -131,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(cfg)
+    if args.command == "queue":
+        return _queue_command(cfg, args)
     if args.command in ("trace", "stats"):
         return _report_command(cfg, args)
     if args.command == "events":
@@ -240,6 +253,56 @@ def _site_command(cfg, args) -> int:
         return EXIT_FAILED
     finally:
         conn.close()
+
+
+def _queue_command(cfg, args) -> int:
+    from storage import db, outbound
+
+    try:
+        conn = db.connect(cfg.data_dir)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        action = args.queue_command
+        if action == "list":
+            _print_queue(outbound.all_rows(conn, cfg.data_dir / "blobs"), args.json)
+            return 0
+        conn.execute("BEGIN IMMEDIATE")
+        if action == "retry":
+            count = outbound.retry_now(conn, time.time(), None if args.all else args.queue_id)
+            verb = "to be retried now"
+        else:
+            count = outbound.delete(conn, args.queue_id, args.rcpt)
+            verb = "deleted"
+        conn.execute("COMMIT")
+        if count == 0 and not getattr(args, "all", False):
+            print(f"mailhub: no queued recipient matches {args.queue_id}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{count} queued recipient(s) {verb}")
+        return 0
+    except sqlite3.Error as exc:
+        print(f"mailhub: index error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        conn.close()
+
+
+def _print_queue(rows, as_json: bool) -> None:
+    entries = [{"queue_id": r.queue_id, "rcpt": r.rcpt, "sender": r.mail_from, "size": r.size,
+                "queued_at": iso_time(r.queued_at, millis=False), "attempts": r.attempts,
+                "next_attempt_at": iso_time(r.next_attempt_at, millis=False), "last_error": r.last_error}
+               for r in rows]
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        print("queue empty")
+    for e in entries:
+        print(f"{e['queue_id']}  {human_size(e['size']):>10}  {e['queued_at']}  <{printable(e['sender'])}> -> "
+              f"<{printable(e['rcpt'])}>  attempts={e['attempts']} next={e['next_attempt_at']}")
+        if e["last_error"]:
+            print(f"    {printable(e['last_error'])}")
 
 
 def _read_password(args) -> str:

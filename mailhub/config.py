@@ -111,6 +111,15 @@ def _number(value: Any) -> float:
     return number
 
 
+def _number_or_zero(value: Any) -> float:
+    return 0.0 if value in (0, "0") else _number(value)
+
+
+def _routes(value: Any) -> list:
+    from relay.outbound_routes import parse_routes  # the route table's own parser and checks
+    return parse_routes(value)
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -217,6 +226,16 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("directory", "key_grace_days"): Option(_zero_or_more, 14),
     ("encryption", "required"): Option(_bool, True),
     ("encryption", "allow_hidden_recipients"): Option(_bool, False),
+    ("relay", "enabled"): Option(_bool, True),
+    ("relay", "hostname"): Option(_text, ""),
+    ("relay", "routes"): Option(_routes, []),
+    ("relay", "max_active"): Option(_int(1), 100),
+    ("relay", "connect_timeout"): Option(_number, 30),
+    ("relay", "command_timeout"): Option(_number, 300),
+    ("relay", "min_backoff"): Option(_number, 300),
+    ("relay", "max_backoff"): Option(_number, 3600),
+    ("relay", "max_lifetime"): Option(_number, 5 * 86400),
+    ("relay", "delay_warning"): Option(_number_or_zero, 4 * 3600),
 }
 
 
@@ -284,6 +303,8 @@ def _check_combinations(cfg: SimpleNamespace) -> None:
         raise ConfigError("imap.imaps_listen: needs tls.cert_file and tls.key_file")
     if not cfg.hostname:
         cfg.hostname = cfg.domain[0]
+    if cfg.relay.max_backoff < cfg.relay.min_backoff:
+        raise ConfigError("relay.max_backoff: must not be less than relay.min_backoff")
 
 
 def _dotted(section: str, key: str) -> str:

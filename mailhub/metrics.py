@@ -81,6 +81,9 @@ IMAP_MESSAGES = Counter(
 IMAP_BYTES = Counter(
     "mailhub_imap_served_bytes_total", "Message octets sent as FETCH body literals, by site.", ["site"],
     registry=REGISTRY)
+OUTBOUND_DELIVERIES = Counter(
+    "mailhub_outbound_deliveries_total", "Outbound relay results per recipient (delivered, deferred, "
+    "bounced = permanent failure, expired = lifetime exceeded).", ["outcome"], registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
@@ -130,6 +133,10 @@ def pop3_message(site: str, octets: int, whole: bool) -> None:
     POP3_BYTES.labels(site).inc(octets)
 
 
+def outbound_delivery(outcome: str) -> None:
+    OUTBOUND_DELIVERIES.labels(outcome).inc()
+
+
 def pop3_session(outcome: str) -> None:
     """`outcome` as the POP3 adapter logs it; details after the first word are dropped."""
     POP3_SESSIONS.labels(_session_outcome(outcome, "quit")).inc()
@@ -174,7 +181,8 @@ class StorageCollector:
         self._conn: sqlite3.Connection | None = None
         self._cached: tuple[float, tuple] | None = None
 
-    def _totals(self) -> tuple[tuple[int, int, int], list[tuple[str, int, int, float | None]]]:
+    def _totals(self) -> tuple[tuple[int, int, int], list[tuple[str, int, int, float | None]],
+                               tuple[int, float | None]]:
         with self._lock:
             now = time.monotonic()
             if self._cached is not None and now - self._cached[0] < self.ttl:
@@ -189,13 +197,14 @@ class StorageCollector:
                 "SELECT s.name, count(b.uid), coalesce(sum(m.size), 0), min(b.delivered_at) FROM sites s"
                 " LEFT JOIN mailbox b ON b.site_id = s.id LEFT JOIN messages m ON m.queue_id = b.queue_id"
                 " GROUP BY s.id ORDER BY s.name").fetchall()
-            totals = ((int(row[0]), int(row[1]), int(row[2])), backlog)
+            queued = self._conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
+            totals = ((int(row[0]), int(row[1]), int(row[2])), backlog, queued)
             self._cached = (now, totals)
             return totals
 
     def collect(self):
         try:
-            (blobs, size, saved), backlog = self._totals()
+            (blobs, size, saved), backlog, (queued, oldest_queued) = self._totals()
         except sqlite3.Error as exc:
             log.warning("storage metrics unavailable: %s", exc)
         else:
@@ -220,6 +229,11 @@ class StorageCollector:
             yield messages
             yield octets
             yield oldest
+            yield GaugeMetricFamily("mailhub_outbound_queue_messages",
+                                    "Messages waiting in the outbound relay queue.", value=queued)
+            yield GaugeMetricFamily("mailhub_outbound_queue_oldest_age_seconds",
+                                    "Age of the oldest message in the outbound queue (0 when empty).",
+                                    value=time.time() - oldest_queued if oldest_queued else 0)
         try:
             st = os.statvfs(self.data_dir)
         except OSError as exc:

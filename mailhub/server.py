@@ -9,7 +9,8 @@ import time
 
 from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
 from quotas import Throttle
-from relay import HubSMTP, ImapContext, Pop3Context, SmtpContext
+from relay import HubSMTP, ImapContext, OutboundQueue, Pop3Context, SmtpContext
+from relay.file_sender import FileSender
 from storage import SiteCache, Storage
 
 from .metrics import MetricsServer
@@ -102,6 +103,7 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     housekeeping = asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400))
     feeding = asyncio.create_task(feeder.run())
     directory_updates = directory.start_updates()
+    relay = _start_relay(cfg, storage, sites)
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
     await stop.wait()
 
@@ -115,7 +117,29 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     feeding.cancel()
     if directory_updates is not None:
         directory_updates.cancel()
+    if relay is not None:
+        await _stop_relay(*relay)
     metrics.close()
+
+
+def _start_relay(cfg, storage: Storage, sites: SiteCache):
+    """The outbound relay's scheduler (reloads the durable queue; delivers until cancelled)."""
+    if not cfg.relay.enabled:
+        return None
+    sender = FileSender(max_threads=cfg.relay.max_active)  # one send at a time per delivery
+    queue = OutboundQueue(cfg, storage, sites, sender)
+    storage.on_outbound = queue.wake
+    return asyncio.create_task(queue.run()), sender
+
+
+async def _stop_relay(task: asyncio.Task, sender: FileSender) -> None:
+    """Deliveries in flight are cut off; their queue rows stay and are retried after the restart."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    sender.close()
 
 
 async def _housekeeping(storage: Storage, retention_seconds: float) -> None:

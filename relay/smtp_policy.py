@@ -24,13 +24,17 @@ def sender_verdict(client: Client, address: str) -> str | None:
 
 
 def recipient_verdict(client: Client, address: str, local_domains: list[str],
-                      lookup: Callable[[str], Site | None]) -> tuple[str | None, Site | None]:
-    """(None, site) when the recipient is a local site's address, else (reply, None)."""
+                      lookup: Callable[[str], Site | None],
+                      has_route: Callable[[str], bool]) -> tuple[str | None, Site | None]:
+    """(None, site) when the recipient is a local site's address, (None, None) when it is a remote
+    address to relay (authenticated sites only, along a configured route), else (reply, None)."""
     domain = address.rpartition("@")[2].lower()
     if domain not in local_domains:
         if client.site is None:
             return R.RELAY_DENIED, None
-        return R.NO_ROUTE, None
+        if not has_route(address):
+            return R.NO_ROUTE, None
+        return None, None
     if client.site is None and not client.from_peer_network:
         return R.AUTH_REQUIRED, None
     site = lookup(address)

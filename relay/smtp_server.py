@@ -25,6 +25,7 @@ from storage.events import refusal as refusal_event
 from . import smtp_replies as R
 from .ingest import IncomingMessage
 from .message_scan import DotLineScanner
+from .outbound_routes import route_for
 from .smtp_pacing import Pacer
 from .smtp_policy import Client, recipient_verdict, sender_verdict
 from .smtp_stream import DataDecoder
@@ -45,6 +46,7 @@ class Transaction(Envelope):
         self.deliveries: list[Delivery] = []
         self.receivers: list[Site] = []           # the local sites of the deliveries
         self.verdicts: dict[int, Verdict] = {}    # the throttle's verdict at RCPT per receiving site
+        self.remote: list[str] = []  # recipients to relay to other networks
         self.declared_size: int | None = None
         self.bdat: IncomingMessage | None = None
         self.bdat_dots: DotLineScanner | None = None
@@ -55,7 +57,7 @@ class Transaction(Envelope):
 
     @property
     def has_recipients(self) -> bool:
-        return bool(self.deliveries) or self.directory_request
+        return bool(self.deliveries or self.remote) or self.directory_request
 
 
 class SmtpContext:
@@ -74,6 +76,8 @@ class SmtpContext:
         self.connections: set["HubSMTP"] = set()
         self.per_ip: collections.Counter = collections.Counter()
         self.shutting_down = False
+        relay = cfg.relay
+        self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
         # aiosmtpd reads its budget of unrecognised commands per connection from this module global.
         aiosmtpd.smtp.BOGUS_LIMIT = cfg.smtp.max_bad_commands
 
@@ -361,13 +365,16 @@ class HubSMTP(SMTP):
             await self._directory_recipient(address)
             return
         refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
-                                          self.ctx.sites.by_address)
+                                          self.ctx.sites.by_address, self.ctx.has_route)
         if refusal:
             log.info("%s: RCPT <%s> refused: %s", self._peer_ip, _printable(address), refusal)
             await self._refuse("rcpt", refusal, self.envelope.mail_from, address)
             return
         tx = self.envelope
-        if all(d.site_id != site.id for d in tx.deliveries):
+        if site is None:
+            if all(r.lower() != address.lower() for r in tx.remote):
+                tx.remote.append(address)
+        elif all(d.site_id != site.id for d in tx.deliveries):
             verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.time())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: RCPT <%s> %s", self._peer_ip, _printable(address), verdict.log_text())
@@ -632,17 +639,18 @@ class HubSMTP(SMTP):
         return reply
 
     async def _store(self, message: IncomingMessage, meta, part: SetPart) -> str:
-        """Commit the message to its recipients' mailboxes and answer a directory request."""
+        """Commit the message to its recipients' mailboxes and the outbound queue, and answer a
+        directory request."""
         tx = self.envelope
         try:
-            if tx.deliveries:
-                await self.ctx.storage.commit(message.spool, meta, tx.deliveries)
+            if tx.deliveries or tx.remote:
+                await self.ctx.storage.commit(message.spool, meta, tx.deliveries, remote=tx.remote)
                 self.ctx.throttle.admitted(self._site, tx.receivers, part, time.time())
             else:
                 message.discard()  # a request to the directory only: nothing to keep
             if tx.directory_request:
                 directory_reply = await self._answer_directory_request(meta.message_id)
-                if not tx.deliveries:
+                if not (tx.deliveries or tx.remote):
                     return directory_reply
             return R.queued(message.queue_id)
         except StorageError as exc:

@@ -287,3 +287,29 @@ BEGIN
     INSERT INTO imap_uid_next (site_id, uid_next) VALUES (NEW.site_id, NEW.uid + 1)
     ON CONFLICT (site_id) DO UPDATE SET uid_next = max(uid_next, excluded.uid_next);
 END;
+
+-- ---- Outbound relay (issue 8) ------------------------------------------------------------------
+-- One row per remote recipient of a stored message, waiting for delivery to a next hop. A row is
+-- removed only after the next hop's 2xx for that recipient (or after its bounce is stored), so a
+-- crash can repeat a delivery but never lose one. Each row holds a reference on its message.
+CREATE TABLE IF NOT EXISTS outbound (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue_id        TEXT NOT NULL REFERENCES messages (queue_id),
+    rcpt            TEXT NOT NULL,
+    queued_at       REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_attempt_at REAL,
+    last_error      TEXT,
+    warned          INTEGER NOT NULL DEFAULT 0   -- a delay warning was sent
+);
+CREATE INDEX IF NOT EXISTS outbound_due ON outbound (next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbound_queue_id ON outbound (queue_id);
+
+-- Bumped by `mailhub queue retry`: the server then also forgets its back-off of unreachable next hops.
+INSERT OR IGNORE INTO meta (key, value) VALUES ('outbound_retry', 0);
+
+CREATE TRIGGER IF NOT EXISTS outbound_unref AFTER DELETE ON outbound
+BEGIN
+    UPDATE messages SET refs = refs - 1 WHERE queue_id = OLD.queue_id;
+END;

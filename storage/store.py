@@ -9,6 +9,7 @@
 # Every index write (commits, deletions, download totals, trash) runs on the one writer thread and
 # its connection: one writer means no SQLite lock contention (a second writing connection starved
 # for its busy_timeout under steady ingest) and no interleaved transactions. aiosqlite only reads.
+# Remote recipients get outbound queue rows in the same transaction as the message (storage.outbound).
 import asyncio
 import concurrent.futures
 import json
@@ -87,6 +88,7 @@ class _Pending:
     spool: SpoolFile
     meta: MessageMeta
     deliveries: list[Delivery]
+    remote: list[str]
     received_at: float
     done: asyncio.Future
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
@@ -111,6 +113,7 @@ class Storage:
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._writer_conn = None
         self._listeners: list = []
+        self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
 
     def add_listener(self, listener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
@@ -161,16 +164,19 @@ class Storage:
         return SpoolFile(self.spool_dir, new_queue_id(), self.executor)
 
     async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery],
-                     mark: tuple[str, int] | None = None) -> None:
-        """Make the spooled message durable and put it into the recipients' mailboxes (and set the
-        meta row `mark` in the same index transaction)."""
+                     mark: tuple[str, int] | None = None, remote: list[str] = ()) -> None:
+        """Make the spooled message durable, put it into the local recipients' mailboxes, queue it
+        for the remote recipients (and set the meta row `mark`), all in one index transaction."""
         received_at = time.time()
         await spool.sync(self.blob_dir / blob_name(spool.queue_id, received_at))
         spool.handed_over = True
-        item = _Pending(spool, meta, deliveries, received_at, asyncio.get_running_loop().create_future(), mark)
+        item = _Pending(spool, meta, deliveries, list(remote), received_at,
+                        asyncio.get_running_loop().create_future(), mark)
         self._pending.append(item)
         self._start_flusher()
         await asyncio.shield(item.done)
+        if item.remote and self.on_outbound is not None:
+            self.on_outbound()
 
     def record_event(self, event: events.Event) -> None:
         """Queue a tracking event that changes no state (an SMTP refusal) without waiting: it is
@@ -186,6 +192,21 @@ class Storage:
         self._event_timer = None
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def queue_op(self, function, *args):
+        """Run a storage.outbound function (conn, *args) in one transaction on the writer thread."""
+        return await self._write(self._in_transaction, function, *args)
+
+    def _in_transaction(self, function, *args):
+        conn = self._writer_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = function(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return result
 
     async def store_generated(self, data: bytes, meta: MessageMeta, deliveries: list[Delivery],
                               mark: tuple[str, int] | None = None) -> str:
@@ -239,6 +260,7 @@ class Storage:
         events and the queued refusal events."""
         messages = []
         entries = []
+        queued = []
         tracked = [events.row(e) for e in loose]
         for item in batch:
             m = item.meta
@@ -246,13 +268,15 @@ class Storage:
             structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
             messages.append((qid, blob_name(qid, at), size, item.spool.sha256,
                              int(m.dot_lines), at, m.mail_from, m.sender_site,
-                             m.message_id, m.set_id, m.set_part, m.set_total, len(item.deliveries), structure))
+                             m.message_id, m.set_id, m.set_part, m.set_total,
+                             len(item.deliveries) + len(item.remote), structure))
             tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
                             m.message_id, m.set_id, m.set_part, m.set_total, item.spool.sha256))
             for d in item.deliveries:
                 entries.append((d.site_id, qid, d.rcpt, at))
                 tracked.append((at, events.DELIVERED, qid, d.site_name, m.sender_name, None, d.rcpt, None, size,
                                 None, None, None, None, None))
+            queued.extend((qid, rcpt, at, at) for rcpt in item.remote)
         conn = self._writer_conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -265,6 +289,9 @@ class Storage:
             conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                              [item.mark for item in batch if item.mark is not None])
             conn.executemany(events.INSERT, tracked)
+            if queued:
+                conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at)"
+                                 " VALUES (?, ?, ?, ?)", queued)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -19,6 +19,7 @@ import pytest
 from conftest import PASSWORD, REPO, Hub, hub_env, make_message
 from pop3util import make_cert
 from mailhub import config
+from relay.outbound_routes import Route
 from storage.passwords import verify_password
 
 EXAMPLE = REPO / "mailhub" / "example.toml"
@@ -132,6 +133,17 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("directory", "key_grace_days"): ("0.5", 0.5),
         ("encryption", "required"): ("false", False),
         ("encryption", "allow_hidden_recipients"): ("true", True),
+        ("relay", "enabled"): ("no", False),
+        ("relay", "hostname"): ("relay.hub.example", "relay.hub.example"),
+        ("relay", "routes"): ("other.example=127.0.0.1:2526, *=[::1]:25",
+                              [Route("other.example", "127.0.0.1", 2526), Route("*", "::1", 25)]),
+        ("relay", "max_active"): ("7", 7),
+        ("relay", "connect_timeout"): ("3", 3.0),
+        ("relay", "command_timeout"): ("4", 4.0),
+        ("relay", "min_backoff"): ("1.5", 1.5),
+        ("relay", "max_backoff"): ("60", 60.0),
+        ("relay", "max_lifetime"): ("3600", 3600.0),
+        ("relay", "delay_warning"): ("0", 0.0),
     }
 
 

@@ -1,0 +1,305 @@
+# The outbound scheduler (Postfix's qmgr in small): takes due rows of the durable outbound queue
+# into a bounded active window (fresh mail first; deferred mail gets at most half the window),
+# groups them per message and next hop, and delivers them over a limited number of connections
+# per destination, each reused for a burst. Results are settled per recipient: 2xx removes the
+# row, 5xx or expiry bounces (RFC 3464 notice to the sender's mailbox, never for a bounce), 4xx
+# and connection failures defer with exponential backoff; a destination that cannot be reached is
+# backed off as a whole. Rows are the truth: the queue is reloaded from the index on start and
+# polled every second (so `mailhub queue retry` takes effect), and a row goes only after the next
+# hop's 2xx or a stored bounce, so a crash repeats a delivery at worst.
+import asyncio
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mailhub import metrics
+from storage import Delivery, MessageMeta, SiteCache, Storage, outbound
+from storage.outbound import Deferral, QueuedRecipient
+
+from .bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
+from .file_sender import FileSender
+from .outbound_client import HopConnection, HopError, OutgoingMessage
+from .outbound_routes import Route, route_for
+
+log = logging.getLogger("mailhub.relay")
+POLL_SECONDS = 1.0
+LINGER_SECONDS = 2.0  # an idle connection waits this long for more mail before QUIT (bursts)
+
+
+@dataclass
+class Job:
+    """One message's recipients for one destination."""
+    route: Route
+    rows: list[QueuedRecipient]
+
+    def message(self) -> OutgoingMessage:
+        first = self.rows[0]
+        return OutgoingMessage(first.queue_id, first.mail_from, [r.rcpt for r in self.rows], first.blob,
+                               first.size, first.dot_lines)
+
+
+@dataclass
+class Destination:
+    jobs: collections.deque = field(default_factory=collections.deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when jobs are added
+    connections: int = 0
+    failures: int = 0          # connection failures in a row
+    blocked_until: float = 0.0
+
+
+class OutboundQueue:
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, sender: FileSender):
+        self.cfg = cfg
+        self.relay = cfg.relay
+        self.storage = storage
+        self.sites = sites
+        self.sender = sender
+        self.helo_name = cfg.relay.hostname or cfg.hostname
+        self._busy: set[int] = set()           # rows in flight
+        self._busy_deferred: set[int] = set()  # of which deferred before (at most half the window)
+        self._destinations: dict[str, Destination] = collections.defaultdict(Destination)
+        self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._retry_version: int | None = None  # of `mailhub queue retry`
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        log.info("outbound relay running (%d route(s))", len(self.relay.routes))
+        try:
+            while True:
+                try:
+                    await self._fill_window()
+                except Exception:
+                    log.exception("outbound scheduling failed")
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks)
+
+    # ---- taking due rows into the active window ----------------------------------------------
+
+    async def _fill_window(self) -> None:
+        free = self.relay.max_active - len(self._busy)
+        if free <= 0:
+            return
+        now = time.time()
+        busy = json.dumps(sorted(self._busy))
+        deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
+        retry_version, rows = await self.storage.queue_op(_due, self.storage.blob_dir, now, busy, free,
+                                                          deferred_room)
+        if retry_version != self._retry_version:
+            if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
+                for dest in self._destinations.values():
+                    dest.blocked_until, dest.failures = 0.0, 0
+            self._retry_version = retry_version
+        jobs: dict[tuple[str, str], Job] = {}
+        unrouted: list[QueuedRecipient] = []
+        blocked: list[tuple[QueuedRecipient, float]] = []
+        for row in rows:
+            route = route_for(self.relay.routes, row.rcpt)
+            if route is None:
+                unrouted.append(row)
+                continue
+            dest = self._destinations[route.destination]
+            if dest.blocked_until > now:
+                blocked.append((row, dest.blocked_until))
+                continue
+            jobs.setdefault((route.destination, row.queue_id), Job(route, [])).rows.append(row)
+        if unrouted or blocked:
+            await self._postpone(unrouted, blocked, now)
+        routes = {}
+        for (destination, _), job in jobs.items():
+            self._busy.update(r.id for r in job.rows)
+            self._busy_deferred.update(r.id for r in job.rows if r.attempts)
+            self._destinations[destination].jobs.append(job)
+            self._destinations[destination].arrived.set()
+            routes[destination] = job.route
+        for destination, route in routes.items():
+            self._start_connections(destination, route)
+
+    async def _postpone(self, unrouted, blocked, now: float) -> None:
+        """Rows that cannot be tried now: no route (the config changed since they were queued;
+        returned to the sender once their lifetime is over) or a backed-off destination."""
+        reason = "no route to the recipient's domain"
+        expired = [r for r in unrouted if now - r.queued_at >= self.relay.max_lifetime]
+        for row in expired:
+            await self._notify(row, [FailedRecipient(row.rcpt, 451, f"4.4.7 delivery time expired; {reason}")],
+                               delayed=False)
+            metrics.outbound_delivery("expired")
+        deferrals = [Deferral(r.id, now + self._backoff(r.attempts + 1), r.attempts + 1, reason, r.warned)
+                     for r in unrouted if r not in expired]
+        deferrals += [Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
+                      for r, until in blocked]
+        await self.storage.queue_op(_settle_rows, [r.id for r in expired], deferrals, now)
+
+    def _start_connections(self, destination: str, route: Route) -> None:
+        dest = self._destinations[destination]
+        wanted = min(route.max_connections, len(dest.jobs)) - dest.connections
+        for _ in range(max(0, wanted)):
+            dest.connections += 1
+            task = asyncio.create_task(self._connection(destination, route))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # ---- one connection: a burst of messages -----------------------------------------------------
+
+    async def _connection(self, destination: str, route: Route) -> None:
+        dest = self._destinations[destination]
+        hop = HopConnection(route, self.helo_name, self.sender, self.relay.connect_timeout,
+                            self.relay.command_timeout)
+        try:
+            try:
+                await hop.open()
+            except Exception as exc:  # HopError, or e.g. an unreadable ca_file: the route is unusable
+                await self._destination_failed(destination, route, str(exc))
+                return
+            dest.failures = 0
+            while hop.usable:
+                if not dest.jobs:
+                    dest.arrived.clear()
+                    try:
+                        await asyncio.wait_for(dest.arrived.wait(), LINGER_SECONDS)
+                    except asyncio.TimeoutError:
+                        break
+                    if not await hop.alive():
+                        break  # the next hop went away meanwhile: a new connection takes the mail
+                    continue
+                job = dest.jobs.popleft()
+                message = job.message()
+                try:
+                    await hop.send(message)
+                except Exception as exc:  # the connection broke, the blob could not be read, or a bug
+                    if not isinstance(exc, (HopError, OSError)):
+                        log.exception("qid=%s to %s: delivery failed", message.queue_id, destination)
+                    log.info("qid=%s to %s: %s", message.queue_id, destination, exc)
+                    hop.abort()
+                    await self._settle(job, message, error=str(exc))
+                    break
+                await self._settle(job, message)
+        except asyncio.CancelledError:
+            hop.abort()
+            raise
+        except Exception:
+            log.exception("outbound connection to %s failed", destination)
+            hop.abort()
+        finally:
+            dest.connections -= 1
+            if hop.usable:
+                await hop.close()
+        if dest.jobs and dest.connections == 0:
+            self._start_connections(destination, route)
+
+    async def _destination_failed(self, destination: str, route: Route, error: str) -> None:
+        dest = self._destinations[destination]
+        dest.failures += 1
+        dest.blocked_until = time.time() + self._backoff(dest.failures)
+        log.warning("next hop %s unusable (%s); backing off for %.0fs", destination, error,
+                    dest.blocked_until - time.time())
+        if dest.connections > 1:
+            return  # another connection may still succeed with the waiting jobs
+        jobs, dest.jobs = list(dest.jobs), collections.deque()
+        for job in jobs:
+            await self._settle(job, job.message(), error=error)
+
+    def _backoff(self, attempts: int) -> float:
+        return min(self.relay.min_backoff * 2 ** max(0, attempts - 1), self.relay.max_backoff)
+
+    # ---- settling results ------------------------------------------------------------------
+
+    async def _settle(self, job: Job, message: OutgoingMessage, error: str | None = None) -> None:
+        """Remove delivered rows, bounce permanent failures and expired rows, defer the rest."""
+        now = time.time()
+        relay = self.relay
+        done, bounced, deferrals, warn = [], [], [], []
+        for row in job.rows:
+            reply = message.results.get(row.rcpt)
+            text = str(reply) if reply is not None else error or "no reply"
+            if reply is not None and reply.ok:
+                done.append(row.id)
+                metrics.outbound_delivery("delivered")
+                log.info("qid=%s rcpt=<%s> relay=%s delivered: %s", row.queue_id, row.rcpt,
+                         job.route.destination, text[:200])
+            elif reply is not None and reply.permanent:
+                bounced.append((row, FailedRecipient(row.rcpt, reply.code, text, job.route.host)))
+                metrics.outbound_delivery("bounced")
+            elif now - row.queued_at >= relay.max_lifetime:
+                expiry = f"4.4.7 delivery time expired; last error: {text}"
+                bounced.append((row, FailedRecipient(row.rcpt, 451, expiry, job.route.host if reply else "")))
+                metrics.outbound_delivery("expired")
+            else:
+                warned = row.warned
+                if not warned and relay.delay_warning and now - row.queued_at >= relay.delay_warning:
+                    warn.append((row, FailedRecipient(row.rcpt, reply.code if reply else 451, text,
+                                                      job.route.host if reply else "")))
+                    warned = True
+                deferrals.append(Deferral(row.id, now + self._backoff(row.attempts + 1), row.attempts + 1,
+                                          text, warned))
+                metrics.outbound_delivery("deferred")
+                log.info("qid=%s rcpt=<%s> relay=%s deferred: %s", row.queue_id, row.rcpt,
+                         job.route.destination, text[:200])
+        removed = done + [row.id for row, _ in bounced]
+        try:
+            if bounced:
+                await self._notify(job.rows[0], [f for _, f in bounced], delayed=False)
+            if warn:
+                await self._notify(job.rows[0], [f for _, f in warn], delayed=True)
+            await self.storage.queue_op(_settle_rows, removed, deferrals, now)
+        finally:  # on failure (a full disk) the rows stay as they were and are tried again
+            self._busy.difference_update(row.id for row in job.rows)
+            self._busy_deferred.difference_update(row.id for row in job.rows)
+        if removed:
+            await self.storage.empty_trash()
+        self.wake()
+
+    async def _notify(self, row: QueuedRecipient, failures: list[FailedRecipient], delayed: bool) -> None:
+        """Store a DSN in the sender's mailbox (stored before the rows change: a crash in between
+        repeats the notice, never loses it). Never for a mail with the null sender."""
+        for f in failures:
+            log.info("qid=%s rcpt=<%s> %s: %s", row.queue_id, f.rcpt, "delayed" if delayed else "bounced",
+                     f.diagnostic[:200])
+        if not row.mail_from:
+            return
+        site = self.sites.by_address(row.mail_from)
+        if site is None:
+            log.warning("qid=%s: no local mailbox for sender <%s>; notice dropped", row.queue_id, row.mail_from)
+            return
+        try:
+            head = header_of(await self.sender.read(row.blob, 0, MAX_HEADER))
+        except OSError as exc:
+            head = f"X-Mailhub-Note: original header unavailable ({exc.strerror})\r\n".encode()
+        dsn = build_dsn(reporting_mta=self.helo_name, sender=row.mail_from, queue_id=row.queue_id,
+                        arrival=row.queued_at, failures=failures, delayed=delayed, original_header=head,
+                        retry_until=row.queued_at + self.relay.max_lifetime if delayed else None)
+        dot_lines = dsn.startswith(b".") or b"\n." in dsn
+        qid = await self.storage.store_generated(dsn, MessageMeta("", None, dot_lines),
+                                                 [Delivery(site.id, row.mail_from, site.name)])
+        log.info("qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce",
+                 qid, row.mail_from)
+
+
+def _due(conn, blob_dir, now: float, busy: str, free: int,
+         deferred_share: int) -> tuple[int, list[QueuedRecipient]]:
+    """Writer thread: the retry version and due rows, fresh ones first, then deferred ones (at most
+    deferred_share), none in flight."""
+    fresh = outbound.due(conn, blob_dir, now, True, free, busy)
+    room = min(free - len(fresh), deferred_share)
+    rows = fresh + (outbound.due(conn, blob_dir, now, False, room, busy) if room > 0 else [])
+    return outbound.retry_version(conn), rows
+
+
+def _settle_rows(conn, removed: list[int], deferrals: list[Deferral], now: float) -> None:
+    outbound.remove(conn, removed)
+    outbound.defer(conn, deferrals, now)
+
+
+__all__ = ["OutboundQueue"]

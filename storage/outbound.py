@@ -1,0 +1,100 @@
+# The outbound queue in the index (issue 8): rows of remote recipients of stored messages, read
+# and updated by the relay's scheduler (on the storage writer thread) and by `mailhub queue`.
+# Synchronous functions on a sqlite3 connection. Must never delete a row before its recipient was
+# accepted by the next hop or its bounce was stored: the row is the only record of the duty.
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class QueuedRecipient:
+    id: int
+    queue_id: str
+    rcpt: str
+    queued_at: float
+    next_attempt_at: float
+    attempts: int
+    warned: bool
+    last_error: str | None
+    blob: Path
+    size: int
+    dot_lines: bool
+    mail_from: str
+
+    @property
+    def domain(self) -> str:
+        return self.rcpt.rpartition("@")[2].lower()
+
+
+@dataclass(slots=True)
+class Deferral:
+    id: int
+    next_attempt_at: float
+    attempts: int
+    error: str
+    warned: bool
+
+
+_SELECT = ("SELECT o.id, o.queue_id, o.rcpt, o.queued_at, o.next_attempt_at, o.attempts, o.warned,"
+           " o.last_error, m.blob, m.size, m.dot_lines, m.mail_from FROM outbound o"
+           " JOIN messages m ON m.queue_id = o.queue_id")
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params, blob_dir: Path) -> list[QueuedRecipient]:
+    return [QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, s, bool(d), f)
+            for i, q, r, qa, na, a, w, e, b, s, d, f in conn.execute(sql, params)]
+
+
+def due(conn: sqlite3.Connection, blob_dir: Path, now: float, fresh: bool, limit: int,
+        exclude: str = "[]") -> list[QueuedRecipient]:
+    """Rows whose next attempt is due: never tried yet (fresh) or deferred, oldest first; `exclude`
+    is a JSON list of row ids (those in flight)."""
+    where = "o.attempts = 0" if fresh else "o.attempts > 0"
+    return _rows(conn, f"{_SELECT} WHERE o.next_attempt_at <= ? AND {where}"
+                 " AND o.id NOT IN (SELECT value FROM json_each(?))"
+                 " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, exclude, limit), blob_dir)
+
+
+def all_rows(conn: sqlite3.Connection, blob_dir: Path) -> list[QueuedRecipient]:
+    return _rows(conn, f"{_SELECT} ORDER BY o.queue_id, o.id", (), blob_dir)
+
+
+def remove(conn: sqlite3.Connection, ids: list[int]) -> None:
+    """Rows done (delivered or bounced); their message references go with them."""
+    conn.executemany("DELETE FROM outbound WHERE id = ?", [(i,) for i in ids])
+
+
+def defer(conn: sqlite3.Connection, deferrals: list[Deferral], attempted_at: float) -> None:
+    conn.executemany(
+        "UPDATE outbound SET next_attempt_at = ?, attempts = ?, last_error = ?, warned = ?,"
+        " last_attempt_at = ? WHERE id = ?",
+        [(d.next_attempt_at, d.attempts, d.error[:500], int(d.warned), attempted_at, d.id) for d in deferrals])
+
+
+def retry_now(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
+    """Make rows due now (all, or one message's) and tell the server to forget its back-off of
+    next hops (retry_version); returns how many rows."""
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'outbound_retry'")
+    if queue_id is None:
+        return conn.execute("UPDATE outbound SET next_attempt_at = ?", (now,)).rowcount
+    return conn.execute("UPDATE outbound SET next_attempt_at = ? WHERE queue_id = ?", (now, queue_id)).rowcount
+
+
+def retry_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT value FROM meta WHERE key = 'outbound_retry'").fetchone()[0]
+
+
+def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
+    """Drop a message's rows (or one recipient's) without delivery; returns how many."""
+    if rcpt is None:
+        return conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,)).rowcount
+    return conn.execute("DELETE FROM outbound WHERE queue_id = ? AND rcpt = ? COLLATE NOCASE",
+                        (queue_id, rcpt)).rowcount
+
+
+def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+    """(messages, recipients, oldest queued_at) of the whole queue."""
+    messages, recipients, oldest = conn.execute(
+        "SELECT count(DISTINCT queue_id), count(*), min(queued_at) FROM outbound").fetchone()
+    return messages, recipients, oldest
