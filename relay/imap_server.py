@@ -253,7 +253,7 @@ class ImapSession(asyncio.Protocol):
             log.info("peer=%s: failed login as %r", self.peer, _printable(event.user))
             return None
         self.site = site
-        self.downloads = Downloads(polled_at=time.time())
+        self.downloads = Downloads(polled_at=time.time(), protocol="imap", peer=self.peer)
         self.ctx.by_site.setdefault(site.id, set()).add(self)
         self.ctx.ledger.note_poll(site.id, self.downloads.polled_at)
         return site
@@ -327,7 +327,7 @@ class ImapSession(asyncio.Protocol):
             log.exception("site=%s: expunging %d message(s) failed", self.site.name, len(event.uids))
             return "error"
         self._expunged += len(event.uids)
-        self.downloads = Downloads(polled_at=time.time(), sessions=0)
+        self.downloads = Downloads(polled_at=time.time(), sessions=0, protocol="imap", peer=self.peer)
         return "ok"
 
     async def _start_tls(self) -> None:
@@ -363,6 +363,8 @@ class ImapSession(asyncio.Protocol):
             totals.send_seconds += time.monotonic() - started
             totals.messages += event.whole
         self.ctx.ledger.note_download(self.site.id, event.length, time.time())
+        if event.whole:
+            self.downloads.retrieved[entry.queue_id] = (time.time(), event.length)
         if event.whole and not entry.fetched:   # first download: no longer waiting (as POP3 RETR)
             entry.fetched = True
             self.downloads.fetched_uids.append(entry.uid)

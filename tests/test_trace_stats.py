@@ -4,6 +4,7 @@
 # (552). Then `mailhub trace` (by set, Message-ID, queue ID, address) and `mailhub stats`,
 # `mailhub site show` are checked for exact figures. On a hub of their own: a quota deferral (452),
 # a POP3 session ending without QUIT, site removal, escaping in reports, pruning by CLI and at start.
+import imaplib
 import json
 import poplib
 import re
@@ -316,3 +317,21 @@ def test_reports_without_an_index_say_so(tmp_path):
     assert not (tmp_path / "none").exists()   # reading creates nothing
     bad = hub.cli("trace", "x", "--limit", "0", check=False)
     assert bad.returncode == 2 and "--limit: expected a whole number >= 1, got '0'" in bad.stderr
+
+
+def test_imap_downloads_are_tracked_with_their_protocol(hub):
+    with smtplib.SMTP("127.0.0.1", hub.smtp_port) as smtp:
+        smtp.login("alpha", PASSWORD)
+        smtp.sendmail("alpha@hub.test", ["beta@hub.test"], part_message(1, "imap-set"))
+    imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"])
+    imap.login("beta", PASSWORD)
+    imap.select("INBOX")
+    assert imap.fetch("1", "(BODY[])")[0] == "OK"
+    imap.logout()
+
+    def downloaded():
+        mails = cli_json(hub, "trace", "imap-set", "--set")["mails"]
+        return mails and [d for r in mails[0]["recipients"] for d in r["downloads"]]
+    wait_for(downloaded)
+    (download,) = downloaded()
+    assert (download["protocol"], download["client"]) == ("imap", "127.0.0.1")
