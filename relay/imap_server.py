@@ -21,19 +21,18 @@ from storage import Downloads, SiteCache, Storage
 
 from . import mime_structure
 from .file_sender import FileSender
+from .mailbox_session import MailboxSessionIO, is_loopback, printable
 from .imap_fetch import MAX_HEADER
 from .imap_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
                             LoadRequest, MailboxRequest, Message, SendBytes, SendFile, Snapshot, StartTls,
                             StoreFlags, bye)
 from .mime_stream import MimeStreamParser
-from .pop3_server import _is_loopback, _printable
 
 log = logging.getLogger("mailhub.imap")
 CHUNK = 1024 * 1024
 _HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK
 _HEADER_READ = 64 * 1024
 _FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
-_PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 _TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -86,9 +85,10 @@ class ImapContext:
         self.sender.close()
 
 
-class ImapSession(asyncio.Protocol):
+class ImapSession(MailboxSessionIO):
     def __init__(self, ctx: ImapContext, implicit_tls: bool):
         self.ctx = ctx
+        self.idle_timeout = ctx.cfg.imap.idle_timeout
         self.tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.core: ImapConnection | None = None
@@ -123,38 +123,9 @@ class ImapSession(asyncio.Protocol):
         ctx.sessions.add(self)
         self.core = ImapConnection(
             greeting_host=ctx.cfg.hostname, starttls_available=ctx.tls_context is not None and not self.tls,
-            plaintext_login_allowed=self.tls or _is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext,
+            plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext,
             renderers=mime_structure)
         self.task = asyncio.get_running_loop().create_task(self._run())
-
-    def data_received(self, data: bytes) -> None:
-        if self.core is None:
-            return
-        self.core.receive_data(data)
-        if self.core.buffered_bytes >= _PAUSE_READING_AT and not self._reading_paused:
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._input.set()
-
-    def eof_received(self):
-        if self.core is not None:
-            self.core.receive_data(b"")
-        self._input.set()
-        return not self.tls
-
-    def connection_lost(self, exc) -> None:
-        self._lost = True
-        self._stop_send.set()
-        if self.core is not None:
-            self.core.receive_data(b"")
-        self._input.set()
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
 
     def mailbox_changed(self) -> None:
         self.core.mailbox_changed()
@@ -218,28 +189,6 @@ class ImapSession(asyncio.Protocol):
         finally:
             await self._finish(outcome)
 
-    async def _wait_input(self) -> None:
-        if self._lost:
-            raise ConnectionResetError("connection lost")
-        if self._reading_paused:
-            self.transport.resume_reading()
-            self._reading_paused = False
-        self._input.clear()
-        async with asyncio.timeout(self.ctx.cfg.imap.idle_timeout):
-            await self._input.wait()
-
-    def _write(self, data: bytes) -> None:
-        if self._lost or self.transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        self.transport.write(data)
-
-    async def _drain(self) -> None:
-        if not self._writable.is_set():
-            async with asyncio.timeout(self.ctx.cfg.imap.idle_timeout):
-                await self._writable.wait()
-        if self._lost:
-            raise ConnectionResetError("connection lost")
-
     def _say_bye(self, reason: str) -> None:
         if not self._lost and not self.transport.is_closing() and not self._in_literal:
             self.transport.write(bye(reason))
@@ -250,7 +199,7 @@ class ImapSession(asyncio.Protocol):
         site = await self.ctx.sites.authenticate(event.user, event.password)
         if site is None:
             await asyncio.sleep(_FAILED_LOGIN_DELAY * (1 + event.failed_so_far))
-            log.info("peer=%s: failed login as %r", self.peer, _printable(event.user))
+            log.info("peer=%s: failed login as %r", self.peer, printable(event.user))
             return None
         self.site = site
         self.downloads = Downloads(polled_at=time.time(), protocol="imap", peer=self.peer)
@@ -350,7 +299,7 @@ class ImapSession(asyncio.Protocol):
             if FileSender.usable(self.transport):
                 await self._flushed()
                 await self.ctx.sender.send(self.transport, entry.path, event.start, event.length,
-                                           self._stop_send, self.ctx.cfg.imap.idle_timeout)
+                                           self._stop_send, self.idle_timeout)
                 self._zero_copy += 1
             else:
                 await self._copy(entry, event.start, event.length)
@@ -370,16 +319,6 @@ class ImapSession(asyncio.Protocol):
             self.downloads.fetched_uids.append(entry.uid)
             self.ctx.ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
         metrics.imap_message(self.site.name, event.length, event.whole)
-
-    async def _flushed(self) -> None:
-        if self.transport.get_write_buffer_size() == 0:
-            return
-        self.transport.set_write_buffer_limits(high=0)
-        try:
-            await self._drain()
-        finally:
-            if not self.transport.is_closing():
-                self.transport.set_write_buffer_limits()
 
     async def _copy(self, entry, start: int, length: int) -> None:
         """Read and write the range in 1 MB chunks, the next read overlapping the sending."""
@@ -434,8 +373,6 @@ class ImapSession(asyncio.Protocol):
                  " outcome=%s", self.peer, self._site_name(), d.messages, d.bytes, d.send_seconds, self._zero_copy,
                  self._expunged, time.monotonic() - self._started, outcome)
 
-    def _site_name(self) -> str:
-        return self.site.name if self.site is not None else "-"
 
 
 __all__ = ["ImapContext", "ImapSession"]

@@ -11,7 +11,6 @@
 # a client sends raise out of a session (I/O errors close the connection and are logged).
 # The mailbox locks live in this process: several hub processes on one index would need shared ones.
 import asyncio
-import ipaddress
 import logging
 import ssl
 import threading
@@ -22,6 +21,7 @@ from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
 from .file_sender import FileSender
+from .mailbox_session import MailboxSessionIO, is_loopback, printable
 from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, MaildropEntry, Pop3Connection,
                             SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
                             message_terminator, system_error)
@@ -30,7 +30,6 @@ log = logging.getLogger("mailhub.pop3")
 CHUNK = 1024 * 1024
 _HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK   # transport buffer while copying a message
 _FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
-_PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 _TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -66,9 +65,10 @@ class Pop3Context:
         self.sender.close()
 
 
-class Pop3Session(asyncio.Protocol):
+class Pop3Session(MailboxSessionIO):
     def __init__(self, ctx: Pop3Context, implicit_tls: bool):
         self.ctx = ctx
+        self.idle_timeout = ctx.cfg.pop3.idle_timeout
         self.tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.core: Pop3Connection | None = None
@@ -102,37 +102,8 @@ class Pop3Session(asyncio.Protocol):
         ctx.sessions.add(self)
         self.core = Pop3Connection(
             greeting_host=ctx.cfg.hostname, stls_available=ctx.tls_context is not None and not self.tls,
-            plaintext_login_allowed=self.tls or _is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext)
+            plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext)
         self.task = asyncio.get_running_loop().create_task(self._run())
-
-    def data_received(self, data: bytes) -> None:
-        if self.core is None:
-            return
-        self.core.receive_data(data)
-        if self.core.buffered_bytes >= _PAUSE_READING_AT and not self._reading_paused:
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._input.set()
-
-    def eof_received(self):
-        if self.core is not None:
-            self.core.receive_data(b"")
-        self._input.set()
-        return not self.tls   # keep a half-closed plain connection open to answer what came before
-
-    def connection_lost(self, exc) -> None:
-        self._lost = True
-        self._stop_send.set()
-        if self.core is not None:
-            self.core.receive_data(b"")
-        self._input.set()
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
 
     def abort(self) -> None:
         """Close now (shutdown), unless deletions are being applied."""
@@ -183,29 +154,6 @@ class Pop3Session(asyncio.Protocol):
         finally:
             await self._finish(outcome)
 
-    async def _wait_input(self) -> None:
-        if self._lost:
-            raise ConnectionResetError("connection lost")
-        if self._reading_paused:
-            self.transport.resume_reading()
-            self._reading_paused = False
-        self._input.clear()
-        async with asyncio.timeout(self.ctx.cfg.pop3.idle_timeout):
-            await self._input.wait()
-
-    def _write(self, data: bytes) -> None:
-        if self._lost or self.transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        self.transport.write(data)
-
-    async def _drain(self) -> None:
-        """Wait while the transport's buffer is over its high-water mark (flow control)."""
-        if not self._writable.is_set():
-            async with asyncio.timeout(self.ctx.cfg.pop3.idle_timeout):
-                await self._writable.wait()
-        if self._lost:
-            raise ConnectionResetError("connection lost")
-
     def _reply_system_error(self, reason: str) -> None:
         """Say why we close, unless that would land inside a message being sent."""
         if not self._lost and not self.transport.is_closing() and self.core.state is not State.SENDING:
@@ -218,7 +166,7 @@ class Pop3Session(asyncio.Protocol):
         site = await ctx.sites.authenticate(event.user, event.password)
         if site is None:
             await asyncio.sleep(_FAILED_LOGIN_DELAY * (1 + event.failed_so_far))
-            log.info("peer=%s: failed login as %r", self.peer, _printable(event.user))
+            log.info("peer=%s: failed login as %r", self.peer, printable(event.user))
             self._write(self.core.auth_result(False))
             return
         if site.id in ctx.locks:
@@ -252,7 +200,7 @@ class Pop3Session(asyncio.Protocol):
             if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
                 await self._flushed()
                 ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, 0, entry.size,
-                                                          self._stop_send, self.ctx.cfg.pop3.idle_timeout)
+                                                          self._stop_send, self.idle_timeout)
                 sent = entry.size
                 self._zero_copy += 1
             else:
@@ -275,17 +223,6 @@ class Pop3Session(asyncio.Protocol):
                 ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
         metrics.pop3_message(self.site.name, sent, event.body_lines is None)
         self.core.message_sent()
-
-    async def _flushed(self) -> None:
-        """Wait until the transport has handed every buffered byte to the kernel."""
-        if self.transport.get_write_buffer_size() == 0:
-            return
-        self.transport.set_write_buffer_limits(high=0)   # resume_writing() once the buffer is empty
-        try:
-            await self._drain()
-        finally:
-            if not self.transport.is_closing():
-                self.transport.set_write_buffer_limits()
 
     async def _copy(self, entry, body_lines: int | None) -> tuple[int, bool]:
         """Read, cut (TOP), dot-stuff and write the message in chunks; return (octets, ends with LF).
@@ -357,19 +294,6 @@ class Pop3Session(asyncio.Protocol):
                  d.send_seconds if d else 0.0, self._zero_copy, self._deleted, time.monotonic() - self._started,
                  outcome)
 
-    def _site_name(self) -> str:
-        return self.site.name if self.site is not None else "-"
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in text)[:320]
 
 
 __all__ = ["Pop3Context", "Pop3Session"]
