@@ -135,6 +135,7 @@ class HubSMTP(SMTP):
         self._in_data = False  # reading DATA/BDAT bytes or committing them
         self._held: list[bytes] = []  # replies held back for pipelining
         self._peer_ip = ""
+        self._from_peer_network = False
         self._auth_failures = 0
 
     # ---- connection life cycle -------------------------------------------------------------
@@ -154,6 +155,7 @@ class HubSMTP(SMTP):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if isinstance(peer, tuple) else "local"
+        self._from_peer_network = self.ctx.is_peer(self._peer_ip)
         loopback = self._peer_ip == "local" or _is_loopback(self._peer_ip)
         self._auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
 
@@ -428,7 +430,7 @@ class HubSMTP(SMTP):
                 queue_id=queue_id, message_id=message_id, set_id=set_id, size=size))
 
     def _client(self) -> Client:
-        return Client(site=self._site, from_peer_network=self.ctx.is_peer(self._peer_ip))
+        return Client(site=self._site, from_peer_network=self._from_peer_network)
 
     async def _path_or_reply(self, arg: str | None, keyword: str, sequence_error: str | None):
         """The common start of MAIL and RCPT: (address, params), or None once a reply was sent."""
@@ -592,7 +594,7 @@ class HubSMTP(SMTP):
         rcpts = self.envelope.rcpt_tos
         for_clause = f"\r\n\tfor <{_printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
-                f" with {protocol} id {queue_id}{for_clause};\r\n\t{formatdate(localtime=False)}\r\n"
+                f" with {protocol} id {queue_id}{for_clause};\r\n\t{_date_now()}\r\n"
                 ).encode("utf-8", "replace")
 
     async def _finish(self, message: IncomingMessage, dot_lines: bool) -> str:
@@ -689,6 +691,17 @@ def _with_enhanced_code(status: str) -> str:
     return status
 
 
+_date_cache = [0, ""]
+
+
+def _date_now() -> str:
+    """The RFC 5322 date of this second (formatted once per second)."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = now, formatdate(now, localtime=False)
+    return _date_cache[1]
+
+
 def _is_loopback(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_loopback
@@ -699,6 +712,8 @@ def _is_loopback(ip: str) -> bool:
 def _printable(text) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
+    if isinstance(text, str) and text.isprintable() and "\\" not in text:   # the common case, no loop
+        return text[:320]
     return "".join(c if c.isprintable() and c not in "\\" else f"\\x{ord(c):02x}" for c in str(text))[:320]
 
 

@@ -1,8 +1,11 @@
 # Spool files: the one place message bytes are written. The event loop only queues chunks; a
 # worker thread creates the file, hashes and writes them in order (one job at a time per file, so
 # both cores work: the loop receives while a thread writes), then fsyncs at the end.
+# A small message (all of it still queued, under FLUSH_AT) can instead be handed whole to the
+# index writer, which writes a batch of them and syncs the filesystem once for all (group commit).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
 import asyncio
+import ctypes
 import errno
 import hashlib
 import itertools
@@ -36,7 +39,7 @@ class SpoolFile:
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
     __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
-                 "_chunks", "_queued", "_job", "_discarded")
+                 "_chunks", "_queued", "_job", "_discarded", "_streaming")
 
     def __init__(self, spool_dir: Path, queue_id: str, executor: Executor):
         self.queue_id = queue_id
@@ -51,6 +54,7 @@ class SpoolFile:
         self._queued = 0
         self._job: asyncio.Future | None = None
         self._discarded = False
+        self._streaming = False  # counted in streaming_files(): a write job has started
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
@@ -74,6 +78,29 @@ class SpoolFile:
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
+    @property
+    def in_memory(self) -> bool:
+        """All of the message is still queued: no write job ever started (a small message)."""
+        return not self._streaming and not self.handed_over and self.error is None and not self._discarded
+
+    def take_data(self) -> bytes:
+        """Hand the whole (small) message over to write_batch()."""
+        data = b"".join(self._chunks)
+        self._chunks, self._queued = [], 0
+        self.handed_over = True
+        return data
+
+    def _write_whole(self, data: bytes) -> None:
+        """write_batch(): create the spool file with all of `data`, unsynced."""
+        self._sha.update(data)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
     async def sync(self, target: Path) -> None:
         """Write what is queued, fsync, close, rename to `target` and fsync its folder (so that
         concurrent messages' fsyncs overlap); raises StorageError on failure."""
@@ -82,6 +109,7 @@ class SpoolFile:
         if self.error is None and not self._discarded:
             self._start_job(final=target)
             await self._job_finished()
+        self._stop_streaming()
         if self._discarded and self.error is None:
             self.error = StorageError("message discarded")
         if self.error is not None:
@@ -108,6 +136,9 @@ class SpoolFile:
     # ---- worker side ----------------------------------------------------------------------------
 
     def _start_job(self, final: Path | None = None) -> None:
+        if not self._streaming:
+            self._streaming = True
+            _streaming_count[0] += 1
         chunks, self._chunks, self._queued = self._chunks, [], 0
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
                                                                chunks, final)
@@ -138,16 +169,19 @@ class SpoolFile:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
-                if final.parent not in _known_folders:
-                    final.parent.mkdir(exist_ok=True)
-                    _known_folders.add(final.parent)
-                os.rename(self.path, final)
+                _rename_into(self.path, final)
                 self.path = final
                 fsync_dir(final.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
 
+    def _stop_streaming(self) -> None:
+        if self._streaming:
+            self._streaming = False
+            _streaming_count[0] -= 1
+
     def _remove(self) -> None:
+        self._stop_streaming()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -158,6 +192,52 @@ class SpoolFile:
 
 
 _known_folders: set[Path] = set()  # blob folders known to exist (a folder is never removed while serving)
+_streaming_count = [0]  # spool files being written by their own jobs, in this process
+
+
+def streaming_files() -> int:
+    """How many messages are being written by their own write jobs. While there are any, small
+    messages take the per-file path too: a filesystem sync would also wait for their dirty pages."""
+    return _streaming_count[0]
+
+
+def write_batch(spool_dir: Path, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
+    """Make small messages (SpoolFile.take_data()) durable blobs at their target paths, in the
+    order of the single-file path but with one sync for all: write each spool file, sync the
+    filesystem, rename each into place, fsync each blob folder once. Raises StorageError."""
+    try:
+        for spool, data, _target in messages:
+            spool._write_whole(data)
+        sync_filesystem(spool_dir)
+        for spool, _data, target in messages:
+            _rename_into(spool.path, target)
+            spool.path = target
+        for folder in {target.parent for _spool, _data, target in messages}:
+            fsync_dir(folder)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
+
+
+def _rename_into(path: Path, final: Path) -> None:
+    if final.parent not in _known_folders:
+        final.parent.mkdir(exist_ok=True)
+        _known_folders.add(final.parent)
+    os.rename(path, final)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(folder: Path) -> None:
+    """syncfs(2): write out all dirty data and metadata of the filesystem holding `folder` (one
+    journal commit for a whole batch of files; Linux reports writeback errors since 5.8)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,7 +1,9 @@
 # The storage facade used by the network code: spool a message, commit it durably (group commit),
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
-# may reply 250. Must never report success before all four are done. A blob file is unlinked only
+# may reply 250. Must never report success before all four are done. Small messages go the same
+# way as a group: the writer thread writes a batch of them, syncs the filesystem once (syncfs),
+# renames them, fsyncs their folders once, then commits. A blob file is unlinked only
 # after the commit that put it into blob_trash (start-up recovery finishes what a crash cut short).
 # The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
 # with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
@@ -24,7 +26,7 @@ import aiosqlite
 from . import db, events
 from .errors import StorageError
 from .recovery import recover
-from .spool import SpoolFile, blob_name, new_queue_id
+from .spool import SpoolFile, blob_name, new_queue_id, streaming_files, write_batch
 from .usage import (DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage,
                     snapshot_from_rows, write_throttle_states)
 
@@ -92,6 +94,8 @@ class _Pending:
     received_at: float
     done: asyncio.Future
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
+    data: bytes | None = None            # a small message still to be written by the batch
+    target: Path | None = None           # its blob path
 
 
 class Storage:
@@ -168,10 +172,15 @@ class Storage:
         """Make the spooled message durable, put it into the local recipients' mailboxes, queue it
         for the remote recipients (and set the meta row `mark`), all in one index transaction."""
         received_at = time.time()
-        await spool.sync(self.blob_dir / blob_name(spool.queue_id, received_at))
-        spool.handed_over = True
-        item = _Pending(spool, meta, deliveries, list(remote), received_at,
-                        asyncio.get_running_loop().create_future(), mark)
+        target = self.blob_dir / blob_name(spool.queue_id, received_at)
+        done = asyncio.get_running_loop().create_future()
+        if spool.in_memory and streaming_files() == 0:
+            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, mark,
+                            spool.take_data(), target)
+        else:
+            await spool.sync(target)
+            spool.handed_over = True
+            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, mark)
         self._pending.append(item)
         self._start_flusher()
         await asyncio.shield(item.done)
@@ -258,6 +267,7 @@ class Storage:
     def _commit_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
         """Writer thread: one index transaction for a batch of durable blobs, with their tracking
         events and the queued refusal events."""
+        self._write_small([item for item in batch if item.data is not None])
         messages = []
         entries = []
         queued = []
@@ -296,6 +306,14 @@ class Storage:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def _write_small(self, items: list[_Pending]) -> None:
+        """Writer thread: make a batch of small messages durable blobs with one filesystem sync and
+        one fsync per blob folder, in the order of the single-file path."""
+        if items:
+            write_batch(self.spool_dir, [(item.spool, item.data, item.target) for item in items])
+            for item in items:
+                item.data = None
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
