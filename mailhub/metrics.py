@@ -208,8 +208,9 @@ class StorageCollector:
         except sqlite3.Error as exc:
             log.warning("storage metrics unavailable: %s", exc)
         else:
-            yield GaugeMetricFamily("mailhub_storage_blobs", "Message files (blobs) in storage.", value=blobs)
-            yield GaugeMetricFamily("mailhub_storage_blobs_bytes", "Octets of the message files in storage.",
+            yield GaugeMetricFamily("mailhub_storage_blobs", "Messages in storage (one blob each, however many"
+                                    " recipients; small ones share pack files).", value=blobs)
+            yield GaugeMetricFamily("mailhub_storage_blobs_bytes", "Octets of the messages in storage.",
                                     value=size)
             yield GaugeMetricFamily("mailhub_storage_single_instance_saved_bytes",
                                     "Octets not stored thanks to one blob per mail however many recipients.",

@@ -236,7 +236,7 @@ class ImapSession(MailboxSessionIO):
         recorder = mime_structure.StructureRecorder()
         parser = MimeStreamParser(recorder)
         for offset in range(0, entry.size, CHUNK):
-            parser.feed(await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset)))
+            parser.feed(await self.ctx.sender.read(entry.path, entry.offset + offset, min(CHUNK, entry.size - offset)))
         parser.close()
         return recorder.structure
 
@@ -246,7 +246,8 @@ class ImapSession(MailboxSessionIO):
         limit = min(entry.size if end is None else end, start + MAX_HEADER) - start
         data = b""
         while len(data) < limit:
-            chunk = await self.ctx.sender.read(entry.path, start + len(data), min(_HEADER_READ, limit - len(data)))
+            chunk = await self.ctx.sender.read(entry.path, entry.offset + start + len(data),
+                                               min(_HEADER_READ, limit - len(data)))
             if not chunk:
                 break
             scan_from = max(0, len(data) - 3)
@@ -298,7 +299,7 @@ class ImapSession(MailboxSessionIO):
         try:
             if FileSender.usable(self.transport):
                 await self._flushed()
-                await self.ctx.sender.send(self.transport, entry.path, event.start, event.length,
+                await self.ctx.sender.send(self.transport, entry.path, entry.offset + event.start, event.length,
                                            self._stop_send, self.idle_timeout)
                 self._zero_copy += 1
             else:
@@ -345,7 +346,7 @@ class ImapSession(MailboxSessionIO):
             return None
 
         async def read():
-            return offset, await self.ctx.sender.read(entry.path, offset, min(CHUNK, end - offset))
+            return offset, await self.ctx.sender.read(entry.path, entry.offset + offset, min(CHUNK, end - offset))
         return asyncio.ensure_future(read())
 
     # ---- the end of a session ---------------------------------------------------------------

@@ -87,6 +87,7 @@ class OutgoingMessage:
     sender: str
     recipients: list[str]
     blob: Path
+    offset: int   # where the message starts in the blob file
     size: int
     dot_lines: bool
     results: dict[str, Reply] = field(default_factory=dict)
@@ -221,7 +222,7 @@ class HopConnection:
         if not stuffing and FileSender.usable(transport):
             await self._flushed()
             try:
-                return await self.sender.send(transport, message.blob, 0, message.size, self._stop,
+                return await self.sender.send(transport, message.blob, message.offset, message.size, self._stop,
                                               self.command_timeout)
             except BaseException:
                 self._stop.set()
@@ -229,7 +230,7 @@ class HopConnection:
         at_line_start = True
         offset = 0
         while offset < message.size:
-            chunk = await self.sender.read(message.blob, offset, min(CHUNK, message.size - offset))
+            chunk = await self.sender.read(message.blob, message.offset + offset, min(CHUNK, message.size - offset))
             if not chunk:
                 raise HopError(f"blob {message.blob} ended at {offset} of {message.size} bytes")
             offset += len(chunk)

@@ -37,7 +37,7 @@ class Job:
     def message(self) -> OutgoingMessage:
         first = self.rows[0]
         return OutgoingMessage(first.queue_id, first.mail_from, [r.rcpt for r in self.rows], first.blob,
-                               first.size, first.dot_lines)
+                               first.offset, first.size, first.dot_lines)
 
 
 @dataclass
@@ -274,7 +274,7 @@ class OutboundQueue:
             log.warning("qid=%s: no local mailbox for sender <%s>; notice dropped", row.queue_id, row.mail_from)
             return
         try:
-            head = header_of(await self.sender.read(row.blob, 0, MAX_HEADER))
+            head = header_of(await self.sender.read(row.blob, row.offset, min(MAX_HEADER, row.size)))
         except OSError as exc:
             head = f"X-Mailhub-Note: original header unavailable ({exc.strerror})\r\n".encode()
         dsn = build_dsn(reporting_mta=self.helo_name, sender=row.mail_from, queue_id=row.queue_id,

@@ -199,7 +199,7 @@ class Pop3Session(MailboxSessionIO):
         try:
             if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
                 await self._flushed()
-                ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, 0, entry.size,
+                ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, entry.offset, entry.size,
                                                           self._stop_send, self.idle_timeout)
                 sent = entry.size
                 self._zero_copy += 1
@@ -256,7 +256,8 @@ class Pop3Session(MailboxSessionIO):
         if offset >= entry.size:
             return None
         async def read():
-            return offset, await self.ctx.sender.read(entry.path, offset, min(CHUNK, entry.size - offset))
+            return offset, await self.ctx.sender.read(entry.path, entry.offset + offset,
+                                                            min(CHUNK, entry.size - offset))
         return asyncio.ensure_future(read())
 
     async def _update(self, event: Update) -> None:

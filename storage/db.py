@@ -18,6 +18,7 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mailbox", "fetched_at", "REAL"),
     ("mailbox", "flags", "INTEGER NOT NULL DEFAULT 0"),
     ("messages", "structure", "TEXT"),
+    ("messages", "blob_offset", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 

@@ -18,6 +18,7 @@ class QueuedRecipient:
     warned: bool
     last_error: str | None
     blob: Path
+    offset: int   # where the message starts in the blob file
     size: int
     dot_lines: bool
     mail_from: str
@@ -37,13 +38,13 @@ class Deferral:
 
 
 _SELECT = ("SELECT o.id, o.queue_id, o.rcpt, o.queued_at, o.next_attempt_at, o.attempts, o.warned,"
-           " o.last_error, m.blob, m.size, m.dot_lines, m.mail_from FROM outbound o"
+           " o.last_error, m.blob, m.blob_offset, m.size, m.dot_lines, m.mail_from FROM outbound o"
            " JOIN messages m ON m.queue_id = o.queue_id")
 
 
 def _rows(conn: sqlite3.Connection, sql: str, params, blob_dir: Path) -> list[QueuedRecipient]:
-    return [QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, s, bool(d), f)
-            for i, q, r, qa, na, a, w, e, b, s, d, f in conn.execute(sql, params)]
+    return [QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, o, s, bool(d), f)
+            for i, q, r, qa, na, a, w, e, b, o, s, d, f in conn.execute(sql, params)]
 
 
 def due(conn: sqlite3.Connection, blob_dir: Path, now: float, fresh: bool, limit: int,

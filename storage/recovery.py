@@ -24,7 +24,7 @@ class RecoveryReport:
     def __str__(self) -> str:
         return (f"{self.spool_removed} partial spool file(s) removed, {self.trash_removed} freed blob(s)"
                 f" removed, {self.orphans_removed} uncommitted blob(s) removed, {len(self.missing_blobs)}"
-                f" indexed blob(s) missing, {len(self.size_mismatches)} blob(s) with a wrong size")
+                f" indexed blob(s) missing, {len(self.size_mismatches)} blob(s) shorter than indexed")
 
 
 def recover(conn: sqlite3.Connection, spool_dir: Path, blob_dir: Path) -> RecoveryReport:
@@ -39,7 +39,8 @@ def recover(conn: sqlite3.Connection, spool_dir: Path, blob_dir: Path) -> Recove
     conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in trash])
     report.trash_removed = len(trash)
 
-    indexed = dict(conn.execute("SELECT blob, size FROM messages"))
+    # a blob file holds one message, or a pack of several: it must reach the end of the last one
+    indexed = dict(conn.execute("SELECT blob, max(blob_offset + size) FROM messages GROUP BY blob"))
     on_disk = set()
     for folder in os.scandir(blob_dir):
         if not folder.is_dir():
@@ -52,7 +53,7 @@ def recover(conn: sqlite3.Connection, spool_dir: Path, blob_dir: Path) -> Recove
                 report.orphans_removed += 1
                 continue
             on_disk.add(name)
-            if entry.stat().st_size != indexed[name]:
+            if entry.stat().st_size < indexed[name]:
                 report.size_mismatches.append(name)
         if all(f"{folder.name}/{e.name}" not in on_disk for e in files):
             _rmdir_if_empty(folder.path)
@@ -60,7 +61,7 @@ def recover(conn: sqlite3.Connection, spool_dir: Path, blob_dir: Path) -> Recove
     for blob in report.missing_blobs:
         log.error("index refers to missing blob %s", blob)
     for blob in report.size_mismatches:
-        log.error("blob %s does not have its indexed size", blob)
+        log.error("blob %s is shorter than its indexed message(s)", blob)
     return report
 
 

@@ -18,11 +18,14 @@ CREATE TABLE IF NOT EXISTS addresses (
     site_id INTEGER NOT NULL REFERENCES sites (id) ON DELETE CASCADE
 );
 
--- One row per stored blob (single instance however many recipients); refs counts the
--- mailbox entries (and later queue entries) that point at it.
+-- One row per stored message (single instance however many recipients); refs counts the
+-- mailbox entries (and later queue entries) that point at it. A message is the bytes
+-- [blob_offset, blob_offset + size) of its blob file: a file of its own (offset 0), or a pack of
+-- small messages committed together (storage/spool.py write_batch), freed with its last message.
 CREATE TABLE IF NOT EXISTS messages (
     queue_id     TEXT PRIMARY KEY,
     blob         TEXT NOT NULL,
+    blob_offset  INTEGER NOT NULL DEFAULT 0,
     size         INTEGER NOT NULL,
     sha256       TEXT NOT NULL,
     dot_lines    INTEGER NOT NULL,
@@ -38,6 +41,7 @@ CREATE TABLE IF NOT EXISTS messages (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);
 CREATE INDEX IF NOT EXISTS messages_set_id ON messages (set_id);
+CREATE INDEX IF NOT EXISTS messages_blob ON messages (blob);
 
 -- Mailbox entries: uid is strictly ascending across the hub, hence within each mailbox.
 CREATE TABLE IF NOT EXISTS mailbox (
@@ -73,11 +77,13 @@ CREATE TABLE IF NOT EXISTS site_downloads (
 );
 
 
-CREATE TRIGGER IF NOT EXISTS messages_free AFTER UPDATE OF refs ON messages
+DROP TRIGGER IF EXISTS messages_free;   -- replaced by message_freed (blob files shared by packs)
+CREATE TRIGGER IF NOT EXISTS message_freed AFTER UPDATE OF refs ON messages
 WHEN NEW.refs <= 0
 BEGIN
-    INSERT OR IGNORE INTO blob_trash (blob) VALUES (NEW.blob);
     DELETE FROM messages WHERE queue_id = NEW.queue_id;
+    INSERT OR IGNORE INTO blob_trash (blob)
+        SELECT NEW.blob WHERE NOT EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
 END;
 
 CREATE TRIGGER IF NOT EXISTS sites_changed_ins AFTER INSERT ON sites

@@ -2,7 +2,8 @@
 # worker thread creates the file, hashes and writes them in order (one job at a time per file, so
 # both cores work: the loop receives while a thread writes), then fsyncs at the end.
 # A small message (all of it still queued, under FLUSH_AT) can instead be handed whole to the
-# index writer, which writes a batch of them and syncs the filesystem once for all (group commit).
+# index writer, which packs a batch of them into one file (a file creation costs far more than
+# writing 10 KB) and syncs the filesystem once for all (group commit).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
 import asyncio
 import ctypes
@@ -17,6 +18,7 @@ from pathlib import Path
 from .errors import StorageError, StorageFull
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
+PACK_SIZE = 4 * 1024 * 1024  # a pack of small messages is closed once it holds this much
 MAX_QUEUED = 8 * 1024 * 1024  # queued bytes after which the receiver waits for the disk
 
 
@@ -38,12 +40,13 @@ class SpoolFile:
     """A message being received: `write()` chunks (never blocks), `await room()` when
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
-    __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
+    __slots__ = ("queue_id", "path", "offset", "size", "error", "handed_over", "_executor", "_fd", "_sha",
                  "_chunks", "_queued", "_job", "_discarded", "_streaming")
 
     def __init__(self, spool_dir: Path, queue_id: str, executor: Executor):
         self.queue_id = queue_id
         self.path = spool_dir / (queue_id + ".tmp")
+        self.offset = 0  # where the message starts in its file (a pack of small messages)
         self.size = 0
         self.error: StorageError | None = None
         self.handed_over = False  # synced and owned by the committer: discard() no longer applies
@@ -89,17 +92,6 @@ class SpoolFile:
         self._chunks, self._queued = [], 0
         self.handed_over = True
         return data
-
-    def _write_whole(self, data: bytes) -> None:
-        """write_batch(): create the spool file with all of `data`, unsynced."""
-        self._sha.update(data)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
 
     async def sync(self, target: Path) -> None:
         """Write what is queued, fsync, close, rename to `target` and fsync its folder (so that
@@ -202,19 +194,39 @@ def streaming_files() -> int:
 
 
 def write_batch(spool_dir: Path, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
-    """Make small messages (SpoolFile.take_data()) durable blobs at their target paths, in the
-    order of the single-file path but with one sync for all: write each spool file, sync the
-    filesystem, rename each into place, fsync each blob folder once. Raises StorageError."""
+    """Make small messages (SpoolFile.take_data()) durable, in the order of the single-file path
+    but with one sync for all: write them into packs (one spool file per PACK_SIZE, named and
+    placed after its first message's target), sync the filesystem, rename each pack into place,
+    fsync each blob folder once. Sets each spool's path and offset; raises StorageError."""
+    packs: list[tuple[SpoolFile, Path, list[SpoolFile]]] = []
     try:
-        for spool, data, _target in messages:
-            spool._write_whole(data)
+        fd, offset = -1, 0
+        try:
+            for spool, data, target in messages:
+                if fd < 0 or offset + len(data) > PACK_SIZE:
+                    if fd >= 0:
+                        os.close(fd)
+                    fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                    packs.append((spool, target, []))
+                    offset = 0
+                spool._sha.update(data)
+                spool.offset = offset
+                packs[-1][2].append(spool)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                offset += len(data)
+        finally:
+            if fd >= 0:
+                os.close(fd)
         sync_filesystem(spool_dir)
-        for spool, _data, target in messages:
-            _rename_into(spool.path, target)
-            spool.path = target
-        for folder in {target.parent for _spool, _data, target in messages}:
+        for first, target, members in packs:
+            _rename_into(first.path, target)
+            for spool in members:
+                spool.path = target
+        for folder in {target.parent for _first, target, _members in packs}:
             fsync_dir(folder)
-    except OSError as exc:
+    except OSError as exc:   # the caller removes the files at the spools' paths
         raise _storage_error(exc) from exc
 
 

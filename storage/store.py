@@ -69,6 +69,7 @@ class MailboxEntry:
     fetched: bool = False     # downloaded before (by an earlier session)
     flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
     delivered_at: float = 0.0
+    offset: int = 0           # where the message starts in its blob file (a pack of small messages)
 
 
 @dataclass(slots=True)
@@ -276,7 +277,7 @@ class Storage:
             m = item.meta
             qid, size, at = item.spool.queue_id, item.spool.size, item.received_at
             structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
-            messages.append((qid, blob_name(qid, at), size, item.spool.sha256,
+            messages.append((qid, _blob_of(item.spool.path), item.spool.offset, size, item.spool.sha256,
                              int(m.dot_lines), at, m.mail_from, m.sender_site,
                              m.message_id, m.set_id, m.set_part, m.set_total,
                              len(item.deliveries) + len(item.remote), structure))
@@ -291,9 +292,9 @@ class Storage:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from,"
-                " sender_site, message_id, set_id, set_part, set_total, refs, structure)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+                "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at,"
+                " mail_from, sender_site, message_id, set_id, set_part, set_total, refs, structure)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
             conn.executemany(
                 "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
             conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -319,13 +320,13 @@ class Storage:
         """The site's mailbox entries in delivery order."""
         async with self._db.execute(
                 "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
-                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at FROM mailbox b"
+                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
             rows = await cursor.fetchall()
         return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
-                             delivered)
-                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered in rows]
+                             delivered, offset)
+                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset in rows]
 
     async def message_structure(self, queue_id: str) -> dict | None:
         """The MIME structure recorded at ingest (relay.mime_structure), or None (unknown message,
@@ -467,6 +468,11 @@ class Storage:
                 os.unlink(self.blob_dir / blob)
             except FileNotFoundError:
                 pass
+
+
+def _blob_of(path: Path) -> str:
+    """The blob column of a file under blobs/: '<hour folder>/<name>'."""
+    return f"{path.parent.name}/{path.name}"
 
 
 _ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"

@@ -99,6 +99,21 @@ class Hub:
     def blob_files(self) -> list[Path]:
         return sorted(p for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
 
+    def stored(self, queue_id: str) -> bytes:
+        """The stored bytes of a message: its range of its blob file (a file of its own or a pack)."""
+        return stored_message(self.data_dir, queue_id)
+
+
+def stored_message(data_dir: Path, queue_id: str) -> bytes:
+    conn = sqlite3.connect(Path(data_dir) / "index.sqlite3")
+    try:
+        (blob, offset, size), = conn.execute(
+            "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)).fetchall()
+    finally:
+        conn.close()
+    with open(Path(data_dir) / "blobs" / blob, "rb") as f:
+        return os.pread(f.fileno(), size, offset)
+
 
 def hub_env(data_dir: Path, **overrides: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}

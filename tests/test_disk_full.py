@@ -43,8 +43,7 @@ def test_full_disk_refuses_temporarily_and_keeps_acknowledged_mail(make_hub, sma
     assert any(reply.startswith(b"4.3.1") for _, reply in refusals)
     client.quit()
     for qid, (digest, size) in accepted.items():
-        (blob,) = hub.query("SELECT blob FROM messages WHERE queue_id = ?", qid)[0]
-        data = (hub.data_dir / "blobs" / blob).read_bytes()
+        data = hub.stored(qid)
         assert data.startswith(b"Received: ")
         assert hashlib.sha256(data[-size:]).hexdigest() == digest
     assert not list((hub.data_dir / "spool").iterdir())

@@ -15,7 +15,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
 import pytest
-from conftest import PASSWORD, RawSMTP, queue_id_from
+from conftest import PASSWORD, RawSMTP, queue_id_from, stored_message
 from gpgutil import Gpg
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
@@ -82,8 +82,8 @@ def send(hub, message: bytes) -> str:
 
 
 def stored(hub, qid: str) -> tuple[dict, bytes]:
-    (structure, blob), = hub.query("SELECT structure, blob FROM messages WHERE queue_id = ?", qid)
-    return json.loads(structure), (hub.data_dir / "blobs" / blob).read_bytes()
+    (structure,), = hub.query("SELECT structure FROM messages WHERE queue_id = ?", qid)
+    return json.loads(structure), hub.stored(qid)
 
 
 def test_pgp_mime_and_nested_structures_recorded_over_smtp(hub, armored):
@@ -244,6 +244,4 @@ def test_a_failing_parse_costs_the_structure_not_the_mail_unless_a_check_needed_
     monkeypatch.setattr(ingest_module, "StructureRecorder", ExplodingRecorder)
     qid, structure = asyncio.run(ingest(mail, []))
     assert structure is None
-    (blob,), = sqlite3.connect(tmp_path / db.INDEX_NAME).execute(
-        "SELECT blob FROM messages WHERE queue_id = ?", (qid,)).fetchall()
-    assert (tmp_path / "blobs" / blob).read_bytes().endswith(mail)
+    assert stored_message(tmp_path, qid).endswith(mail)

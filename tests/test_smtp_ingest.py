@@ -20,8 +20,7 @@ def connect(hub, login: str | None = "alpha") -> smtplib.SMTP:
 
 
 def stored(hub, queue_id: str) -> bytes:
-    (blob,) = hub.query("SELECT blob FROM messages WHERE queue_id = ?", queue_id)[0]
-    return (hub.data_dir / "blobs" / blob).read_bytes()
+    return hub.stored(queue_id)
 
 
 def queue_id_of(reply: bytes) -> str:

@@ -43,8 +43,8 @@ def queued(transcript: str) -> str:
 
 
 def blob_of(hub, qid: str) -> bytes:
-    (blob, size, sha) = hub.query("SELECT blob, size, sha256 FROM messages WHERE queue_id = ?", qid)[0]
-    data = (hub.data_dir / "blobs" / blob).read_bytes()
+    (size, sha) = hub.query("SELECT size, sha256 FROM messages WHERE queue_id = ?", qid)[0]
+    data = hub.stored(qid)
     assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
     return data
 

@@ -85,8 +85,8 @@ def test_starttls_then_login_and_send(tls_hub, certificate):
     assert code == 250
     client.quit()
     qid = queue_id_from(b"250 " + reply)
-    (blob, sha) = tls_hub.query("SELECT blob, sha256 FROM messages WHERE queue_id = ?", qid)[0]
-    data = (tls_hub.data_dir / "blobs" / blob).read_bytes()
+    (sha,) = tls_hub.query("SELECT sha256 FROM messages WHERE queue_id = ?", qid)[0]
+    data = tls_hub.stored(qid)
     assert data.endswith(body) and hashlib.sha256(data).hexdigest() == sha
     assert f"with ESMTPSA id {qid}".encode() in data[:-len(body)]
 
@@ -178,8 +178,7 @@ def test_auth_on_plaintext_from_a_non_loopback_client(make_hub, certificate):
     assert client.command("DATA").startswith(b"354")
     reply = client.command(b"Subject: over TLS\r\n\r\nhello\r\n.")
     qid = queue_id_from(reply)
-    (blob,) = hub.query("SELECT blob FROM messages WHERE queue_id = ?", qid)[0]
-    received = (hub.data_dir / "blobs" / blob).read_bytes()
+    received = hub.stored(qid)
     assert received.startswith(f"Received: from gateway.test ([{address}])".encode())
     assert f"with ESMTPSA id {qid}".encode() in received
     client.close()
@@ -211,6 +210,5 @@ def test_swaks_starttls(tls_hub):
     assert "~> AUTH LOGIN" in out  # swaks marks commands sent over TLS with ~>
     match = re.search(r"^<~  250 2\.0\.0 Ok: queued as (\S+)$", out, re.M)
     assert match, out
-    (blob,) = tls_hub.query("SELECT blob FROM messages WHERE queue_id = ?", match.group(1))[0]
-    data = (tls_hub.data_dir / "blobs" / blob).read_bytes()
+    data = tls_hub.stored(match.group(1))
     assert f"with ESMTPSA id {match.group(1)}".encode() in data and b"over STARTTLS" in data
