@@ -80,6 +80,7 @@ class SmtpContext:
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
         # aiosmtpd reads its budget of unrecognised commands per connection from this module global.
         aiosmtpd.smtp.BOGUS_LIMIT = cfg.smtp.max_bad_commands
+        aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled
 
     def admit(self, conn: "HubSMTP", ip: str) -> str | None:
         limits = self.cfg.smtp
@@ -629,15 +630,14 @@ class HubSMTP(SMTP):
         elapsed = time.monotonic() - started
         if reply[0] != "2":
             self._track_refusal(reply, tx.mail_from, tx.rcpt_tos, message)
-        sites = self.ctx.sites
         metrics.smtp_transaction(reply, message.size, site.name if site else None,
-                                 [s.name for d in tx.deliveries if (s := sites.by_address(d.rcpt))]
-                                 if reply[0] == "2" else (), elapsed)
-        log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
-                 message.queue_id, site.name if site else "-", _printable(tx.mail_from),
-                 ",".join(_printable(r) for r in tx.rcpt_tos), message.size,
-                 message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
-                 elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
+                                 [d.site_name for d in tx.deliveries] if reply[0] == "2" else (), elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
+                     message.queue_id, site.name if site else "-", _printable(tx.mail_from),
+                     ",".join(_printable(r) for r in tx.rcpt_tos), message.size,
+                     message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
+                     elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
         return reply
 
     async def _store(self, message: IncomingMessage, meta, part: SetPart) -> str:
@@ -675,6 +675,19 @@ class HubSMTP(SMTP):
         await self.reply_pipelined(reply)
         if reset and self.ctx.shutting_down:
             self.close_now(R.SHUTTING_DOWN)
+
+
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log_if_enabled(func, msg, *args, **kwargs) -> None:
+    """aiosmtpd logs every command line (debug and info) through this helper, which masks AUTH
+    secrets with a regex before the logger looks at its level; ask the level first."""
+    logger = getattr(func, "__self__", None)
+    level = logging.getLevelName(func.__name__.upper()) if logger is not None else None
+    if isinstance(level, int) and not logger.isEnabledFor(level):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
 
 
 # aiosmtpd's own replies lack RFC 3463 codes; ENHANCEDSTATUSCODES promises them on every reply.
