@@ -1,6 +1,7 @@
 # Small mails committed together share one blob file (a pack; storage/spool.py write_batch): every
-# mail still reads back byte-exact over POP3 and IMAP, a pack is freed with its last message and not
-# before, and start-up recovery accepts packs. Real hub process, real loopback clients.
+# mail still reads back byte-exact over POP3 and IMAP and is relayed byte-exact, a pack is freed with
+# its last message and not before, and start-up recovery accepts packs. Real hub process, real
+# loopback clients and next hop.
 import hashlib
 import imaplib
 import poplib
@@ -8,12 +9,13 @@ import threading
 
 from conftest import PASSWORD, make_message
 from pop3util import send
+from test_relay_outbound import CountingHop, relay_hub, wait_until
 
 SENDERS = 8
 MAILS_EACH = 15
 
 
-def send_concurrently(hub) -> dict[str, bytes]:
+def send_concurrently(hub, rcpt: str = "beta@hub.test") -> dict[str, bytes]:
     """SENDERS sessions at once, MAILS_EACH small mails each: queue ID -> the mail as sent."""
     sent: dict[str, bytes] = {}
     errors: list[BaseException] = []
@@ -22,7 +24,7 @@ def send_concurrently(hub) -> dict[str, bytes]:
         try:
             for i in range(MAILS_EACH):
                 mail = make_message(3000 + 97 * n + i, subject=f"pack {n}.{i}")
-                sent[send(hub, ["beta@hub.test"], mail)] = mail
+                sent[send(hub, [rcpt], mail)] = mail
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
@@ -106,3 +108,27 @@ def delete_over_pop3(hub, queue_ids: list[str]) -> None:
         (uid,), = hub.query("SELECT uid FROM mailbox WHERE queue_id = ?", qid)
         pop.dele(int(numbers[str(uid)]))
     pop.quit()
+
+
+def test_packed_mails_are_relayed_intact(make_hub):
+    hop = CountingHop(mode="450")   # deferred at first: the packs are still there to look at
+    hub = relay_hub(make_hub, f"remote.test=127.0.0.1:{hop.port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
+                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    try:
+        sent = send_concurrently(hub, "someone@remote.test")
+        assert packs_of(hub), "concurrent small mails were never committed together"
+        hop.mode = "ok"
+        wait_until(lambda: hub.query("SELECT count(*) FROM outbound WHERE attempts = 0") == [(0,)],
+                   what="every first attempt", hub=hub)
+        hub.cli("queue", "retry", "--all")
+        wait_until(lambda: len(hop.messages) == len(sent), what="every mail at the next hop", hub=hub)
+    finally:
+        hop.shutdown()
+        hop.server_close()
+    assert hub.query("SELECT count(*) FROM outbound") == [(0,)]
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)]   # relayed, so freed
+    assert not hub.blob_files()                                    # packs included
+    delivered = {qid: m for qid, mail in sent.items() for m in hop.messages if f"id {qid}".encode() in m}
+    assert len(delivered) == len(sent)
+    for qid, mail in sent.items():
+        assert delivered[qid].endswith(mail), qid
