@@ -15,5 +15,8 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install --quiet -e '.[test]'
 
+# Three pytest-xdist workers, each taking whole test files (module fixtures are made once): on two
+# cores the tests wait (paced transfers, timeouts, restarts) about as much as they compute.
+# Arguments given here come later and win (-n 0: no workers).
 # pytest's exit status 5 (no tests collected) is a failure here like any other non-zero status.
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n 3 --dist loadfile "$@"

@@ -3,11 +3,13 @@
 import base64
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-pass"
 _LISTEN_RE = re.compile(r"(\w+) listening on ([\d.:a-f]+):(\d+)")
+
+
+def pytest_configure(config):
+    """The child Pythons (hub, CLI, tools) compile this checkout's modules once per session into a
+    throw-away bytecode cache instead of at every start, even where the environment says
+    PYTHONDONTWRITEBYTECODE. Under pytest-xdist each worker has its own: the controller runs no
+    test, and workers started with the variable would compile all of pytest again."""
+    xdist_controller = not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+    if not xdist_controller and "PYTHONPYCACHEPREFIX" not in os.environ:
+        config._mailhub_pycache = tempfile.mkdtemp(prefix="mailhub-test-pycache-")
+        os.environ["PYTHONPYCACHEPREFIX"] = config._mailhub_pycache
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def pytest_unconfigure(config):
+    pycache = getattr(config, "_mailhub_pycache", None)
+    if pycache is not None:
+        shutil.rmtree(pycache, ignore_errors=True)
+        del os.environ["PYTHONPYCACHEPREFIX"]
 
 
 class Hub:
@@ -134,14 +155,45 @@ def hub_env(data_dir: Path, **overrides: str) -> dict:
     return env
 
 
+# Sites as `make_hub(sites=...)` takes them: (name, address, ...) each, with the password PASSWORD.
+ALPHA = (("alpha", "alpha@hub.test"),)
+BETA = (("beta", "beta@hub.test"),)
+ALPHA_BETA = ALPHA + BETA
+ALPHA_BETA_B2 = (("alpha", "alpha@hub.test"), ("beta", "beta@hub.test", "b2@hub.test"))
+
+
+@pytest.fixture(scope="session")
+def site_data_templates(tmp_path_factory) -> dict:
+    """Data folders holding only sites added with `mailhub site add`, one per list of sites, made
+    once per session and copied into each hub made with that list: a CLI run costs most of a
+    second, and most hubs of the suite start with the same few sites."""
+    return {"folder": tmp_path_factory.mktemp("site-data"), "made": {}}
+
+
+# `site add` reads only these settings; a template made without them is what it would have made.
+_SITE_ADD_SETTINGS = ("MAILHUB_DATA_DIR", "MAILHUB_DOMAIN", "MAILHUB_DIRECTORY_ADDRESS")
+
+
 @pytest.fixture
-def make_hub(tmp_path):
+def make_hub(tmp_path, site_data_templates):
     hubs = []
 
-    def factory(**overrides: str) -> Hub:
+    def factory(sites: tuple = (), **overrides: str) -> Hub:
+        """A hub (not started) in a new data folder; with `sites`, the folder already holds them,
+        as `hub.add_site(*site)` for each one would have left it."""
         data_dir = tmp_path / f"data{len(hubs)}"
         hub = Hub(data_dir, hub_env(data_dir, **overrides))
         hubs.append(hub)
+        if sites:
+            assert not set(overrides) & set(_SITE_ADD_SETTINGS), "add these sites with hub.add_site"
+            made = site_data_templates["made"]
+            if sites not in made:
+                template_dir = site_data_templates["folder"] / f"data{len(made)}"
+                template = Hub(template_dir, hub_env(template_dir))
+                for name, *addresses in sites:
+                    template.add_site(name, *addresses)
+                made[sites] = template_dir
+            shutil.copytree(made[sites], data_dir)
         return hub
 
     yield factory
@@ -152,10 +204,7 @@ def make_hub(tmp_path):
 @pytest.fixture
 def hub(make_hub) -> Hub:
     """A running hub with sites alpha (alpha@hub.test) and beta (beta@hub.test, b2@hub.test)."""
-    h = make_hub()
-    h.add_site("alpha", "alpha@hub.test")
-    h.add_site("beta", "beta@hub.test", "b2@hub.test")
-    return h.start()
+    return make_hub(sites=ALPHA_BETA_B2).start()
 
 
 def make_message(size: int = 2000, subject: str = "test", extra_headers: str = "") -> bytes:

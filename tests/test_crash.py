@@ -11,7 +11,7 @@ import smtplib
 import threading
 import time
 
-from conftest import PASSWORD, RawSMTP, queue_id_from
+from conftest import ALPHA_BETA_B2, PASSWORD, RawSMTP, queue_id_from
 
 SEED = int(os.environ.get("MAILHUB_CRASH_SEED", "20260428"))
 ROUNDS = 5
@@ -118,9 +118,7 @@ class Sender(threading.Thread):
 def test_acknowledged_mails_survive_sigkill(make_hub):
     print(f"\ncrash test seed {SEED} (rerun with MAILHUB_CRASH_SEED={SEED})")
     rng = random.Random(SEED)
-    hub = make_hub()
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test", "b2@hub.test")
+    hub = make_hub(sites=ALPHA_BETA_B2)
     ledger: list[tuple[str, str, int, int]] = []
     errors: list[str] = []
     cut_short = 0  # transactions in flight at the moments of the kills

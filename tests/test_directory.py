@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PASSWORD
+from conftest import ALPHA, ALPHA_BETA, PASSWORD
 from gpgutil import Gpg
 
 
@@ -69,14 +69,24 @@ def document_of(raw: bytes) -> dict:
     return document
 
 
+def hub_fingerprint(hub) -> str:
+    """The hub key's fingerprint as `mailhub directory fingerprint` and `directory export` give
+    it, asked once per hub: the key is made once and kept (a mail signed by another key after a
+    restart would not match it)."""
+    if not hasattr(hub, "fingerprint"):
+        fingerprint = hub.cli("directory", "fingerprint").stdout.strip()
+        assert re.fullmatch(r"[0-9A-F]{40}", fingerprint)
+        exported = hub.cli("directory", "export", "--format", "json").stdout
+        assert json.loads(exported)["hub"]["fingerprint"] == fingerprint
+        hub.fingerprint = fingerprint
+    return hub.fingerprint
+
+
 def verify_directory_mail(gpg: Gpg, hub, raw: bytes) -> dict:
-    fingerprint = hub.cli("directory", "fingerprint").stdout.strip()
-    assert re.fullmatch(r"[0-9A-F]{40}", fingerprint)
+    fingerprint = hub_fingerprint(hub)
     document = document_of(raw)
     assert document["hub"]["fingerprint"] == fingerprint
     signed, signature = signed_parts(raw)
-    exported = hub.cli("directory", "export", "--format", "json").stdout
-    assert json.loads(exported)["hub"]["fingerprint"] == fingerprint
     gpg.import_key(hub_public_key(hub))
     status = gpg.verify(signature, signed)
     assert f"VALIDSIG {fingerprint} " in status, status  # signed by the hub key itself
@@ -106,8 +116,7 @@ def request_directory(hub, login: str) -> str:
 
 
 def test_key_import_show_and_rotation_with_grace(make_hub, gpg, tmp_path):
-    hub = make_hub(MAILHUB_DIRECTORY_KEY_GRACE_DAYS="14")
-    hub.add_site("alpha", "alpha@hub.test")
+    hub = make_hub(sites=ALPHA, MAILHUB_DIRECTORY_KEY_GRACE_DAYS="14")
     assert "has no key" in hub.cli("site", "key", "show", "alpha").stdout
     old = gpg.new_key("alpha-old <alpha@hub.test>")
     new = gpg.new_key("alpha-new <alpha@hub.test>")
@@ -135,8 +144,7 @@ def test_key_import_show_and_rotation_with_grace(make_hub, gpg, tmp_path):
 
 
 def test_bad_keys_are_refused_with_a_clear_message(make_hub, gpg, tmp_path):
-    hub = make_hub()
-    hub.add_site("alpha", "alpha@hub.test")
+    hub = make_hub(sites=ALPHA)
     fpr = gpg.new_key("alpha <alpha@hub.test>")
     secret = tmp_path / "secret.asc"
     secret.write_bytes(gpg.run("--armor", "--export-secret-keys", fpr).stdout)
@@ -196,9 +204,7 @@ def test_directory_address_is_for_sites_only(hub):
 
 
 def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
-    hub = make_hub(MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="true")
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="true")
     hub.start()
     time.sleep(1.5)
     assert hub.query("SELECT count(*) FROM mailbox") == [(0,)]  # the sites present at first start get none
@@ -234,8 +240,7 @@ def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
 
 
 def test_export_and_fingerprint_from_the_cli(make_hub, gpg, tmp_path):
-    hub = make_hub()
-    hub.add_site("alpha", "alpha@hub.test")
+    hub = make_hub(sites=ALPHA)
     fingerprint = hub.cli("directory", "fingerprint").stdout.strip()
     assert hub.cli("directory", "fingerprint").stdout.strip() == fingerprint  # created once
     key_file = hub.data_dir / "hub-signing-key.asc"

@@ -5,16 +5,18 @@
 # bounded memory.
 import base64
 import os
+import shutil
 import smtplib
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PASSWORD, RawSMTP, queue_id_from
+from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, queue_id_from
 from directory.policy import EncryptionPolicy, RecipientKeys
 from gpgutil import Gpg, pgp_mime
 from relay.mime_stream import MimeStreamParser
@@ -133,14 +135,26 @@ def send(hub, sender: str, rcpts: list[str], message: bytes, login: str = "alpha
         client.quit()
 
 
-@pytest.fixture
-def keyed_hub(make_hub, gpg, tmp_path):
-    hub = make_hub(MAILHUB_DIRECTORY_KEY_GRACE_DAYS="14")
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
-    hub.add_site("gamma", "gamma@hub.test")
+GRACE_14_DAYS = {"MAILHUB_DIRECTORY_KEY_GRACE_DAYS": "14"}
+
+
+@pytest.fixture(scope="module")
+def keyed_data(gpg, tmp_path_factory) -> Path:
+    """A data folder with sites alpha, beta and gamma, alpha's key and beta's previous and current
+    keys imported with the CLI; made once, each `keyed_hub` starts on a copy."""
+    folder = tmp_path_factory.mktemp("keyed")
+    hub = Hub(folder / "data", hub_env(folder / "data", **GRACE_14_DAYS))
+    for name in ("alpha", "beta", "gamma"):
+        hub.add_site(name, f"{name}@hub.test")
     for site, user in (("alpha", "alpha@keys.test"), ("beta", "beta-old@keys.test"), ("beta", "beta@keys.test")):
-        hub.cli("site", "key", "import", site, str(gpg.export(user, tmp_path / f"{user}.asc")))
+        hub.cli("site", "key", "import", site, str(gpg.export(user, folder / f"{user}.asc")))
+    return hub.data_dir
+
+
+@pytest.fixture
+def keyed_hub(make_hub, keyed_data):
+    hub = make_hub(**GRACE_14_DAYS)
+    shutil.copytree(keyed_data, hub.data_dir)
     return hub.start()
 
 
@@ -182,9 +196,7 @@ def test_smtp_policy_end_to_end(keyed_hub, gpg):
 
 
 def test_stale_key_after_the_grace_period(make_hub, gpg, tmp_path):
-    hub = make_hub(MAILHUB_DIRECTORY_KEY_GRACE_DAYS="0")  # the previous key is invalid at once
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_DIRECTORY_KEY_GRACE_DAYS="0")  # the previous key is invalid at once
     for user in ("beta-old@keys.test", "beta@keys.test"):
         hub.cli("site", "key", "import", "beta", str(gpg.export(user, tmp_path / f"{user}.asc")))
     hub.start()

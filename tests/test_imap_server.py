@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, make_message
+from conftest import BETA, PASSWORD, make_message
 from pop3util import RawPop3, make_cert, non_loopback_ip, send, strip_trace
 
 
@@ -314,9 +314,8 @@ def test_downloads_feed_site_totals_and_metrics(hub):
 
 def test_starttls_and_imaps(make_hub, tmp_path):
     cert, key = make_cert(tmp_path)
-    hub = make_hub(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
+    hub = make_hub(sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
                    MAILHUB_IMAP_IMAPS_LISTEN="127.0.0.1:0")
-    hub.add_site("beta", "beta@hub.test")
     hub.start()
     mail = make_message(3 * 1024 * 1024)
     send(hub, ["beta@hub.test"], mail, login="beta")
@@ -343,8 +342,8 @@ def test_plaintext_login_refused_off_loopback_until_starttls(make_hub, tmp_path)
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
     cert, key = make_cert(tmp_path)
-    hub = make_hub(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_IMAP_LISTEN=f"{ip}:0")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
+                   MAILHUB_IMAP_LISTEN=f"{ip}:0")
     hub.start()
     client = imaplib.IMAP4(ip, hub.ports["imap"], timeout=30)
     assert "LOGINDISABLED" in client.capabilities and "AUTH=PLAIN" not in client.capabilities
@@ -359,8 +358,7 @@ def test_plaintext_login_refused_off_loopback_until_starttls(make_hub, tmp_path)
 
 
 def test_connection_limit_and_idle_timeout(make_hub):
-    hub = make_hub(MAILHUB_IMAP_MAX_CONNECTIONS="1", MAILHUB_IMAP_IDLE_TIMEOUT="1")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=BETA, MAILHUB_IMAP_MAX_CONNECTIONS="1", MAILHUB_IMAP_IDLE_TIMEOUT="1")
     hub.start()
     first = socket.create_connection(("127.0.0.1", hub.ports["imap"]), timeout=10)
     assert first.recv(1000).startswith(b"* OK")

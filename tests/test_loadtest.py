@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -251,8 +252,11 @@ def test_smoke_over_imap_idle_against_postfix_and_dovecot(tmp_path):
     assert loadtest("generate", profile, "--corpus", corpus).returncode == 0
     manifest = json.loads((corpus / "manifest.json").read_text())
     users = {name: site["password"] for name, site in manifest["sites"].items()}
-    with dovecot_server(tmp_path / "work", users, lmtp=True, auth_socket=True) as dovecot:
-        with postfix_to_lmtp(tmp_path / "work", dovecot["lmtp"], ["hub.test"], sasl_path=dovecot["auth_socket"]) as smtp:
+    # Dovecot's sockets go under its work folder, and a socket path must stay under 108 bytes:
+    # a short folder under /tmp rather than pytest's (longer still under pytest-xdist).
+    with tempfile.TemporaryDirectory(prefix="mh-dovecot-") as work, \
+            dovecot_server(work, users, lmtp=True, auth_socket=True) as dovecot:
+        with postfix_to_lmtp(work, dovecot["lmtp"], ["hub.test"], sasl_path=dovecot["auth_socket"]) as smtp:
             result = loadtest("run", profile, "--smtp", f"127.0.0.1:{smtp}", "--imap", f"127.0.0.1:{dovecot['imap']}",
                               "--pop3", f"127.0.0.1:{dovecot['pop3']}", "--corpus", corpus,
                               "--out", tmp_path / "r.json", "--no-progress")

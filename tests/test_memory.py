@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 
-from conftest import RawSMTP, queue_id_from
+from conftest import ALPHA_BETA, RawSMTP, queue_id_from
 
 MB = 1024 * 1024
 MAIL_MB = int(os.environ.get("MAILHUB_TEST_BIG_MAIL_MB", "1024"))  # 1 GB, as in issue 2
@@ -31,9 +31,7 @@ def _base64_chunk() -> bytes:
 
 
 def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
-    hub = make_hub()
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA)
     hub.start()
     assert shutil.disk_usage(hub.data_dir).free > 3 * MAIL_MB * MB, "not enough disk for the big mail"
     pid = hub.proc.pid

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PASSWORD, make_message
+from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, make_message
 
 MAX_SIZE = 100_000
 
@@ -60,10 +60,7 @@ def send(hub, login: str, rcpts: list[str], message: bytes) -> tuple[int, bytes]
 
 @pytest.fixture
 def traffic_hub(make_hub):
-    hub = make_hub(MAILHUB_SMTP_MAX_MESSAGE_SIZE=str(MAX_SIZE))
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test", "b2@hub.test")
-    hub.add_site("gamma", "gamma@hub.test")
+    hub = make_hub(sites=ALPHA_BETA_B2 + (("gamma", "gamma@hub.test"),), MAILHUB_SMTP_MAX_MESSAGE_SIZE=str(MAX_SIZE))
     return hub.start()
 
 
@@ -180,10 +177,7 @@ def test_counters_match_scripted_traffic(traffic_hub):
 
 
 def test_single_instance_savings_and_empty_hub(make_hub):
-    hub = make_hub()
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
-    hub.add_site("gamma", "gamma@hub.test")
+    hub = make_hub(sites=ALPHA_BETA + (("gamma", "gamma@hub.test"),))
     hub.start()
     message = make_message(4_000)
     assert send(hub, "alpha", ["beta@hub.test", "gamma@hub.test"], message)[0] == 250

@@ -15,7 +15,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
 import pytest
-from conftest import PASSWORD, RawSMTP, queue_id_from, stored_message
+from conftest import ALPHA_BETA, PASSWORD, RawSMTP, queue_id_from, stored_message
 from gpgutil import Gpg
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
@@ -145,9 +145,7 @@ async def read_structures(data_dir, qids: list[str]) -> list:
 
 
 def test_structure_of_a_200_mb_mail_recorded_in_bounded_memory(make_hub):
-    hub = make_hub()
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA)
     hub.start()
     pid = hub.proc.pid
     header = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: one big part\r\n"

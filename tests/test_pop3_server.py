@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, make_message
+from conftest import ALPHA_BETA, BETA, PASSWORD, make_message
 from pop3util import (RawPop3, blob_path, make_cert, non_loopback_ip, send, sha256, strip_trace,
                       unstuff)
 
@@ -450,10 +450,8 @@ def test_download_totals_are_recorded_per_site_and_shown(hub):
 @pytest.fixture
 def tls_hub(make_hub, tmp_path):
     cert, key = make_cert(tmp_path)
-    hub = make_hub(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
                    MAILHUB_POP3_POP3S_LISTEN="127.0.0.1:0")
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
     hub.start()
     hub.client_context = ssl.create_default_context(cafile=str(cert))
     return hub
@@ -510,8 +508,8 @@ def test_plaintext_login_is_refused_off_loopback_unless_tls_or_allowed(make_hub,
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
     cert, key = make_cert(tmp_path)
-    hub = make_hub(MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_POP3_LISTEN=f"{ip}:0")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
+                   MAILHUB_POP3_LISTEN=f"{ip}:0")
     hub.start()
     client = RawPop3(hub.ports["pop3"], host=ip)
     assert client.command("CAPA") == b"+OK Capability list follows\r\n"
@@ -539,8 +537,7 @@ def test_plaintext_login_is_refused_off_loopback_unless_tls_or_allowed(make_hub,
 # ---- limits ------------------------------------------------------------------------------------
 
 def test_idle_sessions_are_closed_without_reply_and_release_the_mailbox(make_hub):
-    hub = make_hub(MAILHUB_POP3_IDLE_TIMEOUT="1")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=BETA, MAILHUB_POP3_IDLE_TIMEOUT="1")
     hub.start()
     client = raw(hub)
     started = time.monotonic()
@@ -563,9 +560,7 @@ def test_connections_over_the_limit_are_refused(make_hub):
 
 
 def test_a_client_that_stops_reading_mid_message_is_dropped(make_hub):
-    hub = make_hub(MAILHUB_POP3_IDLE_TIMEOUT="1")
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_POP3_IDLE_TIMEOUT="1")
     hub.start()
     plain = make_message(12 * CHUNK)   # more than the socket buffers on both sides hold
     dotted = make_message(12 * CHUNK) + b".dot\r\n"

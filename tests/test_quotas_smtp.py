@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PASSWORD, RawSMTP
+from conftest import ALPHA_BETA, PASSWORD, RawSMTP
 
 
 def show(hub, name: str) -> dict:
@@ -109,9 +109,7 @@ def test_received_and_submitted_volume_per_day(hub):
 
 
 def test_drain_time_deferral_says_why_and_when(make_hub):
-    hub = make_hub(MAILHUB_THROTTLE_FLOOR_BYTES="1000", MAILHUB_THROTTLE_INTERVAL="0.2")
-    hub.add_site("alpha")
-    hub.add_site("beta")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_THROTTLE_FLOOR_BYTES="1000", MAILHUB_THROTTLE_INTERVAL="0.2")
     hub.start()
     set_limits(hub, "beta", "--max-drain-time", "10", "--downlink", "100")   # capacity 1000 bytes
     assert submit(hub, "beta@hub.test", body(900))[0] == 250   # within the floor
@@ -120,7 +118,13 @@ def test_drain_time_deferral_says_why_and_when(make_hub):
     assert text.startswith("4.7.0 Deferred: beta would need") and "limit 10 s" in text and "try again in" in text
     code, text = submit(hub, "beta@hub.test", body(900), declare_size=False)   # decided at end of data
     assert code == 451 and text.startswith("4.7.0")
-    time.sleep(5.5)   # the live state is written every 5 s
+    deferred_at = time.time()
+    # the live state is written every 5 s: wait for the first write after the deferrals
+    deadline = time.monotonic() + 10
+    while not hub.query("SELECT 1 FROM site_throttle JOIN sites ON sites.id = site_id"
+                        " WHERE name = 'beta' AND updated_at > ?", deferred_at):
+        assert time.monotonic() < deadline, "the live state was not written within 10 s"
+        time.sleep(0.1)
     summary = show(hub, "beta")
     assert summary["throttle"]["saturated"] is True and summary["throttle"]["deferrals"] == 2
     text = hub.cli("site", "show", "beta").stdout
@@ -135,10 +139,8 @@ def test_drain_time_deferral_says_why_and_when(make_hub):
 def test_pacing_reads_a_big_mail_no_faster_than_the_receiver_drains(make_hub, pacing):
     """An empty mailbox takes a 3 MB mail (floor), but its receiver drains 500 kB/s with a 4 s
     limit: paced, the hub reads the data at about that rate (after a 1 s burst); unpaced at once."""
-    hub = make_hub(MAILHUB_THROTTLE_FLOOR_BYTES="10M", MAILHUB_THROTTLE_PACING=str(pacing).lower(),
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_THROTTLE_FLOOR_BYTES="10M", MAILHUB_THROTTLE_PACING=str(pacing).lower(),
                    MAILHUB_QUOTAS_MAX_DRAIN_TIME="4", MAILHUB_QUOTAS_DOWNLINK="500000")
-    hub.add_site("alpha")
-    hub.add_site("beta")
     hub.start()
     started = time.monotonic()
     assert submit(hub, "beta@hub.test", body(3_000_000))[0] == 250

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner
-from conftest import PASSWORD, RawSMTP, make_message, queue_id_from
+from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
 
 MB = 1024 * 1024
@@ -66,10 +66,8 @@ def closed_port():
 
 
 def relay_hub(make_hub, routes: str, **overrides):
-    hub = make_hub(MAILHUB_RELAY_ROUTES=routes, MAILHUB_RELAY_CONNECT_TIMEOUT="5",
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_RELAY_ROUTES=routes, MAILHUB_RELAY_CONNECT_TIMEOUT="5",
                    MAILHUB_RELAY_COMMAND_TIMEOUT="120", **overrides)
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
     return hub.start()
 
 

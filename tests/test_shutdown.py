@@ -7,16 +7,14 @@ import time
 
 import pytest
 
-from conftest import RawSMTP, make_message, queue_id_from
+from conftest import ALPHA_BETA, RawSMTP, make_message, queue_id_from
 
 MB = 1024 * 1024
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
 def start_hub(make_hub, **env):
-    hub = make_hub(**env)
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, **env)
     return hub.start()
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, make_message
+from conftest import ALPHA, BETA, PASSWORD, make_message
 
 
 def connect(hub, login: str | None = "alpha") -> smtplib.SMTP:
@@ -169,8 +169,7 @@ def test_sender_must_belong_to_the_authenticated_site(hub):
 
 
 def test_peer_network_may_deliver_without_auth_but_not_relay(make_hub):
-    hub = make_hub(MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=BETA, MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8")
     hub.start()
     client = connect(hub, None)
     client.mail("x@else.org")
@@ -195,8 +194,7 @@ def test_wrong_password_then_too_many_failures_closes(hub):
 
 
 def test_declared_size_over_limit_is_refused_at_mail(make_hub):
-    hub = make_hub(MAILHUB_SMTP_MAX_MESSAGE_SIZE="100000")
-    hub.add_site("alpha", "alpha@hub.test")
+    hub = make_hub(sites=ALPHA, MAILHUB_SMTP_MAX_MESSAGE_SIZE="100000")
     hub.start()
     client = connect(hub)
     assert client.mail("alpha@hub.test", ["SIZE=100001"]) == (
@@ -206,8 +204,7 @@ def test_declared_size_over_limit_is_refused_at_mail(make_hub):
 
 
 def test_oversized_data_is_drained_refused_and_connection_stays_usable(make_hub):
-    hub = make_hub(MAILHUB_SMTP_MAX_MESSAGE_SIZE="100000")
-    hub.add_site("alpha", "alpha@hub.test")
+    hub = make_hub(sites=ALPHA, MAILHUB_SMTP_MAX_MESSAGE_SIZE="100000")
     hub.start()
     client = connect(hub)
     client.mail("alpha@hub.test")  # no SIZE= declared: the limit is found while the data streams

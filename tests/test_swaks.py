@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD
+from conftest import ALPHA_BETA, PASSWORD
 
 QUEUED_RE = re.compile(r"^<-  250 2\.0\.0 Ok: queued as (\S+)$", re.M)
 
@@ -145,9 +145,7 @@ def test_wrong_password(hub):
 
 
 def test_message_over_the_size_limit_is_refused_after_the_data(make_hub, tmp_path):
-    hub = make_hub(MAILHUB_SMTP_MAX_MESSAGE_SIZE="20000")
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_MAX_MESSAGE_SIZE="20000")
     hub.start()
     (tmp_path / "big").write_bytes(os.urandom(60_000))
     code, out = swaks(hub, "--attach", f"@{tmp_path / 'big'}", "--suppress-data")

@@ -12,7 +12,7 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import PASSWORD, RawSMTP, make_message, queue_id_from
+from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
 
 READY = b"220 2.0.0 Ready to start TLS\r\n"
 
@@ -35,9 +35,7 @@ def client_context() -> ssl.SSLContext:
 
 def start_tls_hub(make_hub, certificate, **env):
     cert, key = certificate
-    hub = make_hub(MAILHUB_TLS_CERT_FILE=cert, MAILHUB_TLS_KEY_FILE=key, **env)
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_TLS_CERT_FILE=cert, MAILHUB_TLS_KEY_FILE=key, **env)
     return hub.start()
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, Hub, hub_env, make_message
+from conftest import ALPHA_BETA, Hub, PASSWORD, hub_env, make_message
 from mailhub.report_format import iso_time
 
 SET_ID = "1.2.826.0.1.3680043.10.543.20261128.7"
@@ -252,9 +252,7 @@ def test_site_show_has_the_recent_activity(study):
 
 
 def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
-    hub = make_hub(MAILHUB_EVENTS_RETENTION_DAYS="10")
-    hub.add_site("alpha", "alpha@hub.test")
-    hub.add_site("beta", "beta@hub.test")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_EVENTS_RETENTION_DAYS="10")
     hub.start()
     hub.cli("site", "set", "beta", "--mailbox-messages", "1")
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60)
