@@ -2,8 +2,8 @@
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
 # may reply 250. Must never report success before all four are done. Small messages go the same
-# way as a group: the writer thread writes a batch of them, syncs the filesystem once (syncfs),
-# renames them, fsyncs their folders once, then commits. A blob file is unlinked only
+# way as a group: the writer thread writes a batch of them into pack files, syncs the filesystem
+# once (syncfs), renames the packs, fsyncs their folders once, then commits. A blob file is unlinked only
 # after the commit that put it into blob_trash (start-up recovery finishes what a crash cut short).
 # The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
 # with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
