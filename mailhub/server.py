@@ -9,7 +9,10 @@ import time
 
 from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
 from quotas import Throttle
-from relay import HubSMTP, ImapContext, OutboundQueue, Pop3Context, SmtpContext
+from relay.imap_server import ImapContext
+from relay.outbound_queue import OutboundQueue
+from relay.pop3_server import Pop3Context
+from relay.smtp_server import HubSMTP, SmtpContext
 from relay.file_sender import FileSender
 from storage import SiteCache, Storage
 

@@ -1,7 +1,3 @@
 # Network side of the hub: SMTP ingress, POP3 and IMAP mailbox serving, the outbound relay.
-from .imap_server import ImapContext
-from .outbound_queue import OutboundQueue
-from .pop3_server import Pop3Context
-from .smtp_server import HubSMTP, SmtpContext
-
-__all__ = ["HubSMTP", "ImapContext", "OutboundQueue", "Pop3Context", "SmtpContext"]
+# Import the modules themselves (relay.smtp_server, ...): the package imports nothing, so that the
+# command-line tools, which need only relay.outbound_routes for the config, start fast.
