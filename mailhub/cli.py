@@ -185,7 +185,7 @@ def _serve(cfg) -> int:
     return 0
 
 
-def _open_index(cfg, readonly: bool = False) -> sqlite3.Connection | None:
+def open_index(cfg, readonly: bool = False) -> sqlite3.Connection | None:
     """A connection to the index, or None after saying why there is none."""
     from storage import db
 
@@ -200,7 +200,7 @@ def _site_command(cfg, args) -> int:
     from storage import SiteError, sites, usage
     from storage.passwords import verify_password
 
-    conn = _open_index(cfg)
+    conn = open_index(cfg)
     if conn is None:
         return EXIT_FAILED
     try:
@@ -256,12 +256,10 @@ def _site_command(cfg, args) -> int:
 
 
 def _queue_command(cfg, args) -> int:
-    from storage import db, outbound
+    from storage import outbound
 
-    try:
-        conn = db.connect(cfg.data_dir)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+    conn = open_index(cfg)
+    if conn is None:
         return EXIT_FAILED
     try:
         action = args.queue_command
@@ -448,7 +446,7 @@ def _report_command(cfg, args) -> int:
         except ValueError as exc:
             print(f"mailhub: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    conn = _open_index(cfg, readonly=True)
+    conn = open_index(cfg, readonly=True)
     if conn is None:
         return EXIT_FAILED
     try:
@@ -476,7 +474,7 @@ def _report_command(cfg, args) -> int:
 def _prune_events(cfg, days: float) -> int:
     from storage import events
 
-    conn = _open_index(cfg)
+    conn = open_index(cfg)
     if conn is None:
         return EXIT_FAILED
     try:

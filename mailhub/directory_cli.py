@@ -12,12 +12,12 @@ EXIT_FAILED = 1
 
 def directory_command(cfg, args) -> int:
     from directory import DirectoryError
-    from storage import SiteError, db
+    from storage import SiteError
 
-    try:
-        conn = db.connect(cfg.data_dir)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+    from .cli import open_index
+
+    conn = open_index(cfg)
+    if conn is None:
         return EXIT_FAILED
     try:
         if args.command == "directory":

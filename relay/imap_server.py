@@ -12,7 +12,6 @@
 import asyncio
 import logging
 import ssl
-import threading
 import time
 
 from mailhub import metrics
@@ -87,26 +86,10 @@ class ImapContext:
 
 class ImapSession(MailboxSessionIO):
     def __init__(self, ctx: ImapContext, implicit_tls: bool):
-        self.ctx = ctx
-        self.idle_timeout = ctx.cfg.imap.idle_timeout
-        self.tls = implicit_tls
-        self.transport: asyncio.Transport | None = None
-        self.core: ImapConnection | None = None
-        self.task: asyncio.Task | None = None
-        self.peer = "-"
-        self.site = None
-        self.downloads: Downloads | None = None     # not yet added to the site's totals
+        super().__init__(ctx, ctx.cfg.imap.idle_timeout, implicit_tls)
         self._served = Downloads(polled_at=0.0)       # the whole session's, for its log line
-        self._zero_copy = 0
         self._expunged = 0
-        self._started = time.monotonic()
-        self._input = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._lost = False
-        self._reading_paused = False
         self._in_literal = False
-        self._stop_send = threading.Event()
 
     # ---- transport callbacks ----------------------------------------------------------------
 

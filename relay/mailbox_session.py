@@ -3,15 +3,34 @@
 # is gone, flow control (drain, flushed), plus the peer helpers. No protocol logic lives here.
 import asyncio
 import ipaddress
+import threading
+import time
 
 PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 
 
 class MailboxSessionIO(asyncio.Protocol):
-    """Base of Pop3Session and ImapSession. Subclasses set core, transport, tls, site, the events
-    _input/_writable/_stop_send, the flags _lost/_reading_paused, and `idle_timeout`."""
+    """Base of Pop3Session and ImapSession: the session state both share. Subclasses set `core`
+    (their sans-I/O connection) in connection_made()."""
 
-    idle_timeout: float
+    def __init__(self, ctx, idle_timeout: float, implicit_tls: bool):
+        self.ctx = ctx
+        self.idle_timeout = idle_timeout
+        self.tls = implicit_tls
+        self.transport: asyncio.Transport | None = None
+        self.core = None
+        self.task: asyncio.Task | None = None
+        self.peer = "-"
+        self.site = None
+        self.downloads = None          # storage.Downloads not yet added to the site's totals
+        self._zero_copy = 0            # messages sent with sendfile
+        self._started = time.monotonic()
+        self._input = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost = False
+        self._reading_paused = False
+        self._stop_send = threading.Event()
 
     def data_received(self, data: bytes) -> None:
         if self.core is None:
@@ -87,6 +106,10 @@ def is_loopback(ip: str) -> bool:
         return False
 
 
-def printable(text: str) -> str:
-    """Client-controlled text made safe for a log line."""
+def printable(text: str | bytes) -> str:
+    """Client-controlled text made safe for a log line (or a trace header)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if text.isprintable() and "\\" not in text:   # the common case, without a loop per character
+        return text[:320]
     return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in text)[:320]

@@ -13,7 +13,6 @@
 import asyncio
 import logging
 import ssl
-import threading
 import time
 
 from mailhub import metrics
@@ -67,25 +66,9 @@ class Pop3Context:
 
 class Pop3Session(MailboxSessionIO):
     def __init__(self, ctx: Pop3Context, implicit_tls: bool):
-        self.ctx = ctx
-        self.idle_timeout = ctx.cfg.pop3.idle_timeout
-        self.tls = implicit_tls
-        self.transport: asyncio.Transport | None = None
-        self.core: Pop3Connection | None = None
-        self.task: asyncio.Task | None = None
-        self.peer = "-"
-        self.site = None
-        self.downloads: Downloads | None = None
+        super().__init__(ctx, ctx.cfg.pop3.idle_timeout, implicit_tls)
         self._recorded = False    # downloads written with the UPDATE transaction
         self._deleted = 0
-        self._zero_copy = 0       # messages sent with sendfile
-        self._started = time.monotonic()
-        self._input = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._lost = False
-        self._reading_paused = False
-        self._stop_send = threading.Event()
 
     # ---- transport callbacks ----------------------------------------------------------------
 

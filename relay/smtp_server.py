@@ -24,6 +24,7 @@ from storage.events import refusal as refusal_event
 
 from . import smtp_replies as R
 from .ingest import IncomingMessage
+from .mailbox_session import is_loopback, printable
 from .message_scan import DotLineScanner
 from .outbound_routes import route_for
 from .smtp_pacing import Pacer
@@ -157,7 +158,7 @@ class HubSMTP(SMTP):
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if isinstance(peer, tuple) else "local"
         self._from_peer_network = self.ctx.is_peer(self._peer_ip)
-        loopback = self._peer_ip == "local" or _is_loopback(self._peer_ip)
+        loopback = self._peer_ip == "local" or is_loopback(self._peer_ip)
         self._auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
 
     def connection_lost(self, error) -> None:
@@ -308,7 +309,7 @@ class HubSMTP(SMTP):
                                                  password.decode("utf-8", "replace"))
         if site is None:
             await asyncio.sleep(0.25 * (self._auth_failures + 1))
-            log.info("%s: failed login as %r", self._peer_ip, _printable(login))
+            log.info("%s: failed login as %r", self._peer_ip, printable(login))
             return AuthResult(success=False, handled=False, message=R.AUTH_FAILED)
         return AuthResult(success=True, auth_data=site, message=R.AUTH_OK)
 
@@ -370,7 +371,7 @@ class HubSMTP(SMTP):
         refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
                                           self.ctx.sites.by_address, self.ctx.has_route)
         if refusal:
-            log.info("%s: RCPT <%s> refused: %s", self._peer_ip, _printable(address), refusal)
+            log.info("%s: RCPT <%s> refused: %s", self._peer_ip, printable(address), refusal)
             await self._refuse("rcpt", refusal, self.envelope.mail_from, address)
             return
         tx = self.envelope
@@ -380,9 +381,9 @@ class HubSMTP(SMTP):
         elif all(d.site_id != site.id for d in tx.deliveries):
             verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.time())
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: RCPT <%s> %s", self._peer_ip, _printable(address), verdict.log_text())
+                log.debug("%s: RCPT <%s> %s", self._peer_ip, printable(address), verdict.log_text())
             if not verdict.ok:
-                self._log_refusal(f"RCPT <{_printable(address)}>", verdict)
+                self._log_refusal(f"RCPT <{printable(address)}>", verdict)
                 await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
             tx.deliveries.append(Delivery(site.id, address, site.name))
@@ -591,9 +592,9 @@ class HubSMTP(SMTP):
             protocol += "S"
         if self.session.authenticated:
             protocol += "A"
-        helo = _printable(self.session.host_name or "unknown")[:255]
+        helo = printable(self.session.host_name or "unknown")[:255]
         rcpts = self.envelope.rcpt_tos
-        for_clause = f"\r\n\tfor <{_printable(rcpts[0])}>" if len(rcpts) == 1 else ""
+        for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
                 f" with {protocol} id {queue_id}{for_clause};\r\n\t{_date_now()}\r\n"
                 ).encode("utf-8", "replace")
@@ -634,8 +635,8 @@ class HubSMTP(SMTP):
                                  [d.site_name for d in tx.deliveries] if reply[0] == "2" else (), elapsed)
         if log.isEnabledFor(logging.INFO):
             log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
-                     message.queue_id, site.name if site else "-", _printable(tx.mail_from),
-                     ",".join(_printable(r) for r in tx.rcpt_tos), message.size,
+                     message.queue_id, site.name if site else "-", printable(tx.mail_from),
+                     ",".join(printable(r) for r in tx.rcpt_tos), message.size,
                      message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
                      elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
         return reply
@@ -666,7 +667,7 @@ class HubSMTP(SMTP):
         except DirectoryError as exc:
             log.error("directory reply to %s failed: %s", site.name, exc)
             return R.INTERNAL_ERROR
-        log.info("directory sent to site=%s rcpt=<%s> qid=%s", site.name, _printable(address), queue_id)
+        log.info("directory sent to site=%s rcpt=<%s> qid=%s", site.name, printable(address), queue_id)
         return R.directory_queued(queue_id)
 
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
@@ -713,21 +714,6 @@ def _date_now() -> str:
     if _date_cache[0] != now:
         _date_cache[:] = now, formatdate(now, localtime=False)
     return _date_cache[1]
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
-
-def _printable(text) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    if isinstance(text, str) and text.isprintable() and "\\" not in text:   # the common case, no loop
-        return text[:320]
-    return "".join(c if c.isprintable() and c not in "\\" else f"\\x{ord(c):02x}" for c in str(text))[:320]
 
 
 __all__ = ["HubSMTP", "SmtpContext"]
