@@ -154,9 +154,7 @@ class SpoolFile:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             for chunk in chunks:
                 self._sha.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self._fd, view):]
+                _write_all(self._fd, chunk)
             if final is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
@@ -212,9 +210,7 @@ def write_batch(spool_dir: Path, messages: list[tuple[SpoolFile, bytes, Path]]) 
                 spool._sha.update(data)
                 spool.offset = offset
                 packs[-1][2].append(spool)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data)
                 offset += len(data)
         finally:
             if fd >= 0:
@@ -228,6 +224,12 @@ def write_batch(spool_dir: Path, messages: list[tuple[SpoolFile, bytes, Path]]) 
             fsync_dir(folder)
     except OSError as exc:   # the caller removes the files at the spools' paths
         raise _storage_error(exc) from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _rename_into(path: Path, final: Path) -> None:
