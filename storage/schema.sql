@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS addresses (
 -- One row per stored message (single instance however many recipients); refs counts the
 -- mailbox entries (and later queue entries) that point at it. A message is the bytes
 -- [blob_offset, blob_offset + size) of its blob file: a file of its own (offset 0), or a pack of
--- small messages committed together (storage/spool.py write_batch), freed with its last message.
+-- small messages (storage/packs.py), freed with its last message.
 CREATE TABLE IF NOT EXISTS messages (
     queue_id     TEXT PRIMARY KEY,
     blob         TEXT NOT NULL,
@@ -77,13 +77,25 @@ CREATE TABLE IF NOT EXISTS site_downloads (
 );
 
 
-DROP TRIGGER IF EXISTS messages_free;   -- replaced by message_freed (blob files shared by packs)
-CREATE TRIGGER IF NOT EXISTS message_freed AFTER UPDATE OF refs ON messages
+-- A freed message's range of a pack whose other messages live on: its bytes are released (a hole
+-- punched, storage/packs.py punch_hole) by the next Storage.empty_trash.
+CREATE TABLE IF NOT EXISTS blob_holes (
+    blob   TEXT NOT NULL,
+    start  INTEGER NOT NULL,
+    size   INTEGER NOT NULL,
+    PRIMARY KEY (blob, start)
+) WITHOUT ROWID;
+
+DROP TRIGGER IF EXISTS messages_free;   -- replaced by message_released (blob files shared by packs)
+DROP TRIGGER IF EXISTS message_freed;   -- replaced by message_released (holes in packs)
+CREATE TRIGGER IF NOT EXISTS message_released AFTER UPDATE OF refs ON messages
 WHEN NEW.refs <= 0
 BEGIN
     DELETE FROM messages WHERE queue_id = NEW.queue_id;
     INSERT OR IGNORE INTO blob_trash (blob)
         SELECT NEW.blob WHERE NOT EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
+    INSERT OR IGNORE INTO blob_holes (blob, start, size)
+        SELECT NEW.blob, NEW.blob_offset, NEW.size WHERE EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
 END;
 
 CREATE TRIGGER IF NOT EXISTS sites_changed_ins AFTER INSERT ON sites

@@ -1,12 +1,10 @@
 # Spool files: the one place message bytes are written. The event loop only queues chunks; a
 # worker thread creates the file, hashes and writes them in order (one job at a time per file, so
 # both cores work: the loop receives while a thread writes), then fsyncs at the end.
-# A small message (all of it still queued, under FLUSH_AT) can instead be handed whole to the
-# index writer, which packs a batch of them into one file (a file creation costs far more than
-# writing 10 KB) and syncs the filesystem once for all (group commit).
+# A small message (all of it still queued, under FLUSH_AT) is instead handed whole to the index
+# writer, which appends a batch of them to a pack file (storage/packs.py).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
 import asyncio
-import ctypes
 import errno
 import hashlib
 import itertools
@@ -18,7 +16,6 @@ from pathlib import Path
 from .errors import StorageError, StorageFull
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
-PACK_SIZE = 4 * 1024 * 1024  # a pack of small messages is closed once it holds this much
 MAX_QUEUED = 8 * 1024 * 1024  # queued bytes after which the receiver waits for the disk
 
 
@@ -57,7 +54,7 @@ class SpoolFile:
         self._queued = 0
         self._job: asyncio.Future | None = None
         self._discarded = False
-        self._streaming = False  # counted in streaming_files(): a write job has started
+        self._streaming = False  # a write job has started: the message is no longer all in memory
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
@@ -87,7 +84,7 @@ class SpoolFile:
         return not self._streaming and not self.handed_over and self.error is None and not self._discarded
 
     def take_data(self) -> bytes:
-        """Hand the whole (small) message over to write_batch()."""
+        """Hand the whole (small) message over to the pack writer."""
         data = b"".join(self._chunks)
         self._chunks, self._queued = [], 0
         self.handed_over = True
@@ -101,7 +98,6 @@ class SpoolFile:
         if self.error is None and not self._discarded:
             self._start_job(final=target)
             await self._job_finished()
-        self._stop_streaming()
         if self._discarded and self.error is None:
             self.error = StorageError("message discarded")
         if self.error is not None:
@@ -128,9 +124,7 @@ class SpoolFile:
     # ---- worker side ----------------------------------------------------------------------------
 
     def _start_job(self, final: Path | None = None) -> None:
-        if not self._streaming:
-            self._streaming = True
-            _streaming_count[0] += 1
+        self._streaming = True
         chunks, self._chunks, self._queued = self._chunks, [], 0
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
                                                                chunks, final)
@@ -165,13 +159,7 @@ class SpoolFile:
         except OSError as exc:
             raise _storage_error(exc) from exc
 
-    def _stop_streaming(self) -> None:
-        if self._streaming:
-            self._streaming = False
-            _streaming_count[0] -= 1
-
     def _remove(self) -> None:
-        self._stop_streaming()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -182,50 +170,6 @@ class SpoolFile:
 
 
 _known_folders: set[Path] = set()  # blob folders known to exist (a folder is never removed while serving)
-_streaming_count = [0]  # spool files being written by their own jobs, in this process
-
-
-def streaming_files() -> int:
-    """How many messages are being written by their own write jobs. While there are any, small
-    messages take the per-file path too: a filesystem sync would also wait for their dirty pages."""
-    return _streaming_count[0]
-
-
-def write_batch(spool_dir: Path, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
-    """Make small messages (SpoolFile.take_data()) durable, in the order of the single-file path
-    but with one sync for all: write them into packs (one spool file per PACK_SIZE, named and
-    placed after its first message's target), sync the filesystem, rename each pack into place,
-    fsync each blob folder once. Sets each spool's path and offset; raises StorageError."""
-    packs: list[tuple[SpoolFile, Path, list[SpoolFile]]] = []
-    try:
-        fd, offset = -1, 0
-        try:
-            for spool, data, target in messages:
-                if fd < 0 or offset + len(data) > PACK_SIZE:
-                    if fd >= 0:
-                        os.close(fd)
-                    fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-                    packs.append((spool, target, []))
-                    offset = 0
-                spool._sha.update(data)
-                spool.offset = offset
-                packs[-1][2].append(spool)
-                _write_all(fd, data)
-                offset += len(data)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        sync_filesystem(spool_dir)
-        for first, target, members in packs:
-            _rename_into(first.path, target)
-            for spool in members:
-                spool.path = target
-        for folder in {target.parent for _first, target, _members in packs}:
-            fsync_dir(folder)
-    except OSError as exc:   # the caller removes the files at the spools' paths
-        raise _storage_error(exc) from exc
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -237,21 +181,6 @@ def _rename_into(path: Path, final: Path) -> None:
         final.parent.mkdir(exist_ok=True)
         _known_folders.add(final.parent)
     os.rename(path, final)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def sync_filesystem(folder: Path) -> None:
-    """syncfs(2): write out all dirty data and metadata of the filesystem holding `folder` (one
-    journal commit for a whole batch of files; Linux reports writeback errors since 5.8)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,10 +1,10 @@
 # The storage facade used by the network code: spool a message, commit it durably (group commit),
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
-# may reply 250. Must never report success before all four are done. Small messages go the same
-# way as a group: the writer thread writes a batch of them into pack files, syncs the filesystem
-# once (syncfs), renames the packs, fsyncs their folders once, then commits. A blob file is unlinked only
-# after the commit that put it into blob_trash (start-up recovery finishes what a crash cut short).
+# may reply 250. Must never report success before all four are done. Small messages go as a
+# group: the writer thread appends a batch of them to the open pack file with one fdatasync
+# (storage/packs.py), then commits. A blob file is unlinked only after the commit that put it
+# into blob_trash (start-up recovery finishes what a crash cut short), and the open pack never.
 # The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
 # with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
 # without waiting and ride along with the next transaction (or get one of their own after a second).
@@ -26,7 +26,8 @@ import aiosqlite
 from . import db, events
 from .errors import StorageError
 from .recovery import recover
-from .spool import SpoolFile, blob_name, new_queue_id, streaming_files, write_batch
+from .packs import PackWriter, punch_hole
+from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import (DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage,
                     snapshot_from_rows, write_throttle_states)
 
@@ -96,7 +97,7 @@ class _Pending:
     done: asyncio.Future
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: bytes | None = None            # a small message still to be written by the batch
-    target: Path | None = None           # its blob path
+    target: Path | None = None           # its blob path if it begins a pack (set for packed messages)
 
 
 class Storage:
@@ -117,6 +118,7 @@ class Storage:
         # statement, which measurably lengthened every commit under load).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._writer_conn = None
+        self._packs = PackWriter(self.spool_dir)   # used on the writer thread only
         self._listeners: list = []
         self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
 
@@ -161,6 +163,7 @@ class Storage:
         self._writer_conn = db.connect(self.data_dir)
 
     def _close_writer(self) -> None:
+        self._packs.close()
         if self._writer_conn is not None:
             self._writer_conn.close()
             self._writer_conn = None
@@ -175,7 +178,7 @@ class Storage:
         received_at = time.time()
         target = self.blob_dir / blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
-        if spool.in_memory and streaming_files() == 0:
+        if spool.in_memory:
             item = _Pending(spool, meta, deliveries, list(remote), received_at, done, mark,
                             spool.take_data(), target)
         else:
@@ -259,7 +262,10 @@ class Storage:
                         item.done.set_result(None)
 
     def _remove_blobs(self, batch: list[_Pending]) -> None:
+        """The single-file blobs of a failed batch (its packed messages went with PackWriter.abandon)."""
         for item in batch:
+            if item.target is not None:
+                continue
             try:
                 os.unlink(item.spool.path)
             except FileNotFoundError:
@@ -268,7 +274,16 @@ class Storage:
     def _commit_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
         """Writer thread: one index transaction for a batch of durable blobs, with their tracking
         events and the queued refusal events."""
-        self._write_small([item for item in batch if item.data is not None])
+        packed = [item for item in batch if item.data is not None]
+        try:
+            self._write_small(packed)
+            self._index_batch(batch, loose)
+        except BaseException:
+            if packed:
+                self._packs.abandon()
+            raise
+
+    def _index_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
         messages = []
         entries = []
         queued = []
@@ -303,18 +318,19 @@ class Storage:
             if queued:
                 conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at)"
                                  " VALUES (?, ?, ?, ?)", queued)
+            # a pack that was freed while open is referenced again
+            conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
+                             [(blob,) for blob in {_blob_of(i.spool.path) for i in batch if i.target is not None}])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
     def _write_small(self, items: list[_Pending]) -> None:
-        """Writer thread: make a batch of small messages durable blobs with one filesystem sync and
-        one fsync per blob folder, in the order of the single-file path."""
-        if items:
-            write_batch(self.spool_dir, [(item.spool, item.data, item.target) for item in items])
-            for item in items:
-                item.data = None
+        """Writer thread: append a batch of small messages to the open pack (storage/packs.py)."""
+        self._packs.write([(item.spool, item.data, item.target) for item in items])
+        for item in items:
+            item.data = None
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
@@ -450,24 +466,43 @@ class Storage:
                 break
         return total
 
-    def _forget_trash(self, blobs: list[str]) -> None:
+    def _freed(self) -> tuple[list[str], list[tuple[str, int, int]]]:
+        """Writer thread: the freed blobs and the freed ranges of packs that live on. A freed
+        open pack is closed first: no more messages go into it (a pack is never reopened, so what
+        is listed here stays free)."""
+        blobs = [blob for (blob,) in self._writer_conn.execute("SELECT blob FROM blob_trash")]
+        if self._packs.open_blob in blobs:
+            self._packs.close()
+        holes = self._writer_conn.execute("SELECT blob, start, size FROM blob_holes").fetchall()
+        return blobs, holes
+
+    def _forget_freed(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
         """Writer thread."""
         self._writer_conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
+        self._writer_conn.executemany("DELETE FROM blob_holes WHERE blob = ? AND start = ?",
+                                      [(blob, start) for blob, start, _size in holes])
 
     async def empty_trash(self) -> None:
-        async with self._db.execute("SELECT blob FROM blob_trash") as cursor:
-            blobs = [blob for (blob,) in await cursor.fetchall()]
-        if not blobs:
+        """Remove the files of freed blobs and release the space of freed messages in packs."""
+        blobs, holes = await self._write(self._freed)
+        if not blobs and not holes:
             return
-        await asyncio.get_running_loop().run_in_executor(self.executor, self._unlink_blobs, blobs)
-        await self._write(self._forget_trash, blobs)
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._release, blobs, holes)
+        await self._write(self._forget_freed, blobs, holes)
 
-    def _unlink_blobs(self, blobs: list[str]) -> None:
+    def _release(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
         for blob in blobs:
             try:
                 os.unlink(self.blob_dir / blob)
             except FileNotFoundError:
                 pass
+        gone = set(blobs)
+        for blob, start, size in holes:
+            if blob not in gone:
+                try:
+                    punch_hole(self.blob_dir / blob, start, size)
+                except OSError as exc:   # the space comes back with the whole pack
+                    log.warning("could not release freed bytes of %s: %s", blob, exc)
 
 
 def _blob_of(path: Path) -> str:

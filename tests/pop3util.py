@@ -3,6 +3,7 @@
 # self-signed certificate.
 import base64
 import hashlib
+import os
 import smtplib
 import socket
 import subprocess
@@ -33,6 +34,27 @@ def send(hub, rcpts: list[str], message: bytes, login: str = "alpha") -> str:
 def blob_path(hub, queue_id: str) -> Path:
     (blob,) = hub.query("SELECT blob FROM messages WHERE queue_id = ?", queue_id)[0]
     return hub.data_dir / "blobs" / blob
+
+
+def stored_size(hub, queue_id: str) -> int:
+    (size,) = hub.query("SELECT size FROM messages WHERE queue_id = ?", queue_id)[0]
+    return size
+
+
+def message_range(hub, queue_id: str) -> tuple[Path, int, int]:
+    """Where a message's bytes are: its blob file (its own, or a pack of small messages), offset, size."""
+    (blob, offset, size), = hub.query("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", queue_id)
+    return hub.data_dir / "blobs" / blob, offset, size
+
+
+def released(where: tuple[Path, int, int]) -> bool:
+    """The message's bytes no longer take space: its file is gone, or its range of a pack that
+    lives on reads as zeros (a hole was punched)."""
+    path, offset, size = where
+    if not path.exists():
+        return True
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), size, offset) == bytes(size)
 
 
 def strip_trace(stored: bytes) -> bytes:

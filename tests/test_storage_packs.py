@@ -1,14 +1,17 @@
-# Small mails committed together share one blob file (a pack; storage/spool.py write_batch): every
-# mail still reads back byte-exact over POP3 and IMAP and is relayed byte-exact, a pack is freed with
-# its last message and not before, and start-up recovery accepts packs. Real hub process, real
-# loopback clients and next hop.
+# Small mails share blob files (packs; storage/packs.py): every mail still reads back byte-exact
+# over POP3 and IMAP and is relayed byte-exact, a freed message's bytes are released (a hole) while
+# its pack lives on, a pack is freed with its last message and not before (also while it is the open
+# one), and start-up recovery accepts packs. Real hub process, real loopback clients and next hop;
+# the race of a freed open pack is played on a real Storage.
+import asyncio
 import hashlib
 import imaplib
 import poplib
 import threading
 
 from conftest import PASSWORD, make_message
-from pop3util import send
+from pop3util import message_range, released, send
+from storage.store import MessageMeta, Storage
 from test_relay_outbound import CountingHop, relay_hub, wait_until
 
 SENDERS = 8
@@ -81,10 +84,13 @@ def test_packed_mails_read_back_exactly_and_are_freed_with_their_last_message(hu
     assert data[0][1] == hub.stored(later) and data[0][1].endswith(sent[later])
     imap.logout()
 
-    # deleting all but one message of a pack keeps its file; deleting the last one frees it
+    # deleting all but one message of a pack keeps its file and releases their bytes; deleting the
+    # last one frees the file
     path = hub.data_dir / "blobs" / blob
+    ranges = [message_range(hub, qid) for qid in members[:-1]]
     delete_over_pop3(hub, members[:-1])
-    assert path.exists()
+    assert path.exists() and all(released(r) for r in ranges)
+    assert hub.query("SELECT count(*) FROM blob_holes") == [(0,)]
     assert hub.stored(members[-1]).endswith(sent[members[-1]])
     delete_over_pop3(hub, members[-1:])
     assert not path.exists()
@@ -132,3 +138,64 @@ def test_packed_mails_are_relayed_intact(make_hub):
     assert len(delivered) == len(sent)
     for qid, mail in sent.items():
         assert delivered[qid].endswith(mail), qid
+
+
+def test_mail_after_a_freed_pack_goes_into_a_new_one_and_stays(hub):
+    """Sequential mails share the open pack; once all of them are deleted the pack is closed and
+    removed, and later mails go into a new pack that a later deletion does not take with it."""
+    first = [send(hub, ["beta@hub.test"], make_message(2000 + i, subject=f"first {i}")) for i in range(2)]
+    (old_blob,), = hub.query("SELECT DISTINCT blob FROM messages")
+    delete_over_pop3(hub, first)
+    assert not (hub.data_dir / "blobs" / old_blob).exists()
+    later = {send(hub, ["beta@hub.test"], mail): mail
+             for mail in (make_message(2500 + i, subject=f"later {i}") for i in range(3))}
+    blobs = {blob for (blob,) in hub.query("SELECT blob FROM messages")}
+    assert len(blobs) == 1 and old_blob not in blobs
+    gone, *kept = later
+    where = message_range(hub, gone)
+    delete_over_pop3(hub, [gone])
+    assert released(where)
+    for qid in kept:
+        assert hub.stored(qid).endswith(later[qid])
+    hub.stop()
+    mark = len(hub.log_text())
+    hub.start()
+    assert "recovery:" not in hub.log_text()[mark:]
+    for qid in kept:
+        assert hub.stored(qid).endswith(later[qid])
+
+
+def test_a_pack_freed_while_open_is_not_removed_once_it_takes_new_mail(tmp_path):
+    """The open pack's last message is freed (the pack goes into the trash) and a new message is
+    appended to it before the trash is emptied: emptying must keep the pack and the new message."""
+    async def play() -> tuple[bytes, bytes, list]:
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            first = await store_small(storage, b"Subject: one\r\n\r\nfirst\r\n")
+            await storage.queue_op(free, first)
+            second = await store_small(storage, b"Subject: two\r\n\r\nsecond\r\n")
+            await storage.empty_trash()
+            trash = await storage.queue_op(lambda conn: conn.execute("SELECT blob FROM blob_trash").fetchall())
+            blob, offset, size = await storage.queue_op(lambda conn: conn.execute(
+                "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (second,)).fetchone())
+            with open(storage.blob_dir / blob, "rb") as f:
+                f.seek(offset)
+                return f.read(size), blob, trash
+        finally:
+            await storage.close()
+
+    data, blob, trash = asyncio.run(play())
+    assert data == b"Subject: two\r\n\r\nsecond\r\n" and trash == []
+
+
+async def store_small(storage: Storage, data: bytes) -> str:
+    spool = storage.new_spool()
+    spool.write(data)
+    await storage.commit(spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"])
+    return spool.queue_id
+
+
+def free(conn, queue_id: str) -> None:
+    """What the relay commits when a message's last recipient is done."""
+    conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,))

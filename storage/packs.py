@@ -1,0 +1,132 @@
+# Packs: small messages (whole in memory at end of data) are stored together in pack files under
+# blobs/, written by the index writer thread only. A batch is appended to the open pack and made
+# durable with one fdatasync (a file creation costs far more than writing 10 KB). A new pack is made
+# the way a single message is (spool file, fsync, rename into blobs/, folder fsync), so a name under
+# blobs/ never shows a file whose indexed bytes are not durable. Bytes of a batch whose commit then
+# failed stay unreferenced in the pack; recovery only checks that a file reaches the end of its
+# last indexed message. A pack is freed with its last message; an open pack is closed first, on
+# this same thread (Storage.empty_trash), and appending to a pack takes it out of the trash.
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+from .spool import SpoolFile, _rename_into, _storage_error, _write_all, fsync_dir
+
+PACK_SIZE = 4 * 1024 * 1024  # a pack takes no more messages once it holds this much
+
+
+class PackWriter:
+    def __init__(self, spool_dir: Path):
+        self.spool_dir = spool_dir
+        self._fd = -1
+        self._path: Path | None = None   # the open pack, in blobs/
+        self._size = 0
+        self._made: list[Path] = []      # packs begun by the last batch (they hold nothing committed)
+
+    @property
+    def open_blob(self) -> str | None:
+        """The open pack's blob name ('<hour folder>/<name>'), or None."""
+        return None if self._path is None else f"{self._path.parent.name}/{self._path.name}"
+
+    def write(self, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
+        """Make a batch of small messages durable: (spool, its bytes, the blob path a new pack
+        would take). Sets each spool's path and offset. Raises StorageError (and abandons)."""
+        if not messages:
+            return
+        try:
+            self._write(messages)
+        except OSError as exc:
+            self.abandon()
+            raise _storage_error(exc) from exc
+
+    def abandon(self) -> None:
+        """The batch failed: close the open pack and remove the packs the batch began."""
+        self._close()
+        for path in self._made:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._made = []
+
+    def close(self) -> None:
+        self._close()
+
+    def _write(self, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
+        self._made = []
+        written = {}   # fd -> its pack's path (a spool path until renamed), in the order written
+        begun = []     # (fd, spool path, target) of the packs this batch begins
+        members = {}   # fd -> the spools in it
+        try:
+            for spool, data, target in messages:
+                if self._fd < 0 or (self._size and self._size + len(data) > PACK_SIZE):
+                    if self._fd >= 0 and self._fd not in written:
+                        os.close(self._fd)
+                    self._fd = -1
+                    fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                    self._fd, self._path, self._size = fd, spool.path, 0
+                    begun.append((fd, spool.path, target))
+                    written[fd] = spool.path
+                spool._sha.update(data)
+                spool.offset = self._size
+                _write_all(self._fd, data)
+                self._size += len(data)
+                written.setdefault(self._fd, self._path)
+                members.setdefault(self._fd, []).append(spool)
+            fresh = {fd for fd, _path, _target in begun}
+            for fd in written:
+                (os.fsync if fd in fresh else os.fdatasync)(fd)
+            for fd, path, target in begun:
+                _rename_into(path, target)
+                self._made.append(target)
+                written[fd] = target
+            self._path = written[self._fd]
+            for folder in {target.parent for _fd, _path, target in begun}:
+                fsync_dir(folder)
+        finally:
+            for fd in written:
+                if fd != self._fd:
+                    os.close(fd)
+            for fd, path, _target in begun:
+                if written[fd] == path:
+                    _unlink_quietly(path)   # never renamed: the batch failed
+        for fd, spools in members.items():
+            for spool in spools:
+                spool.path = written[fd]
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._path, self._size = -1, None, 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(path: Path, start: int, size: int) -> bool:
+    """Release the disk space of a freed message's bytes inside a pack (they read as zeros after).
+    False if the file is gone or its filesystem cannot punch holes (the space then comes back with
+    the whole pack)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, size) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
