@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .spool import SpoolFile, _rename_into, _storage_error, _write_all, fsync_dir
 
-PACK_SIZE = 4 * 1024 * 1024  # a pack takes no more messages once it holds this much
+PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
 
 class PackWriter:

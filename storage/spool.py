@@ -1,7 +1,7 @@
 # Spool files: the one place message bytes are written. The event loop only queues chunks; a
 # worker thread creates the file, hashes and writes them in order (one job at a time per file, so
 # both cores work: the loop receives while a thread writes), then fsyncs at the end.
-# A small message (all of it still queued, under FLUSH_AT) is instead handed whole to the index
+# A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the index
 # writer, which appends a batch of them to a pack file (storage/packs.py).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
 import asyncio
@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import StorageError, StorageFull
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
+SMALL_MESSAGE = 2 * 1024 * 1024  # until this much is queued no write job starts: a message whose
+                                 # end comes first is small, and goes into a pack
 MAX_QUEUED = 8 * 1024 * 1024  # queued bytes after which the receiver waits for the disk
 
 
@@ -62,7 +64,7 @@ class SpoolFile:
         self._chunks.append(data)
         self._queued += len(data)
         self.size += len(data)
-        if self._queued >= FLUSH_AT and self._job is None:
+        if self._job is None and self._queued >= (FLUSH_AT if self._streaming else SMALL_MESSAGE):
             self._start_job()
 
     @property

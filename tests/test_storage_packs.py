@@ -199,3 +199,16 @@ async def store_small(storage: Storage, data: bytes) -> str:
 def free(conn, queue_id: str) -> None:
     """What the relay commits when a message's last recipient is done."""
     conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,))
+
+
+def test_mails_under_two_megabytes_are_packed_and_larger_ones_get_a_file_of_their_own(hub):
+    small = make_message(5000, subject="small")
+    image = make_message(1_500_000, subject="one image")        # a typical single-image DICOM mail
+    study = make_message(3_000_000, subject="a whole series")   # streamed to a file of its own
+    qids = [send(hub, ["beta@hub.test"], mail) for mail in (small, image, study)]
+    rows = {qid: hub.query("SELECT blob, blob_offset FROM messages WHERE queue_id = ?", qid)[0] for qid in qids}
+    assert rows[qids[1]][0] == rows[qids[0]][0] and rows[qids[1]][1] > 0   # appended to the same pack
+    assert rows[qids[2]][1] == 0 and rows[qids[2]][0] != rows[qids[0]][0]
+    assert hub.query("SELECT count(*) FROM messages WHERE blob = ?", rows[qids[2]][0]) == [(1,)]
+    for qid, mail in zip(qids, (small, image, study)):
+        assert hub.stored(qid).endswith(mail), qid
