@@ -219,6 +219,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("tls", "key_file"): Option(_optional_path, ""),
     ("auth", "allow_plaintext"): Option(_bool, False),
     ("events", "retention_days"): Option(_number, 90),
+    ("storage", "release_freed_after"): Option(_zero_or_more, 3600),
     ("log", "level"): Option(_choice("debug", "info", "warning", "error"), "info"),
     ("log", "format"): Option(_choice("text", "json"), "text"),
     ("directory", "address"): Option(_local_part, "directory"),

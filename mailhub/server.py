@@ -43,7 +43,7 @@ async def _listen(name: str, factory, address, ssl_context=None) -> asyncio.base
 
 
 async def serve(cfg) -> None:
-    storage = Storage(cfg.data_dir)
+    storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after)
     await storage.open()
     sites = SiteCache(cfg.data_dir)
     keyring = KeyRing(cfg.data_dir)

@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-from .spool import SpoolFile, _rename_into, _storage_error, _write_all, fsync_dir
+from .spool import SpoolFile, _rename_into, _storage_error, fsync_dir
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -29,8 +29,8 @@ class PackWriter:
         """The open pack's blob name ('<hour folder>/<name>'), or None."""
         return None if self._path is None else f"{self._path.parent.name}/{self._path.name}"
 
-    def write(self, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
-        """Make a batch of small messages durable: (spool, its bytes, the blob path a new pack
+    def write(self, messages: list[tuple[SpoolFile, list[bytes], Path]]) -> None:
+        """Make a batch of small messages durable: (spool, its chunks, the blob path a new pack
         would take). Sets each spool's path and offset. Raises StorageError (and abandons)."""
         if not messages:
             return
@@ -53,27 +53,32 @@ class PackWriter:
     def close(self) -> None:
         self._close()
 
-    def _write(self, messages: list[tuple[SpoolFile, bytes, Path]]) -> None:
+    def _write(self, messages: list[tuple[SpoolFile, list[bytes], Path]]) -> None:
         self._made = []
         written = {}   # fd -> its pack's path (a spool path until renamed), in the order written
         begun = []     # (fd, spool path, target) of the packs this batch begins
         members = {}   # fd -> the spools in it
+        parts = {}     # fd -> the chunks to write to it, in order
         try:
-            for spool, data, target in messages:
-                if self._fd < 0 or (self._size and self._size + len(data) > PACK_SIZE):
-                    if self._fd >= 0 and self._fd not in written:
-                        os.close(self._fd)
+            for spool, chunks, target in messages:
+                size = sum(map(len, chunks))
+                if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
+                    if self._fd not in written:
+                        self._close()
                     self._fd = -1
                     fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                     self._fd, self._path, self._size = fd, spool.path, 0
                     begun.append((fd, spool.path, target))
                     written[fd] = spool.path
-                spool._sha.update(data)
+                for chunk in chunks:
+                    spool._sha.update(chunk)
                 spool.offset = self._size
-                _write_all(self._fd, data)
-                self._size += len(data)
+                self._size += size
                 written.setdefault(self._fd, self._path)
                 members.setdefault(self._fd, []).append(spool)
+                parts.setdefault(self._fd, []).extend(chunks)
+            for fd, chunks in parts.items():
+                _writev_all(fd, chunks)
             fresh = {fd for fd, _path, _target in begun}
             for fd in written:
                 (os.fsync if fd in fresh else os.fdatasync)(fd)
@@ -96,11 +101,27 @@ class PackWriter:
                 spool.path = written[fd]
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._path, self._size = -1, None, 0
+        fd, self._fd, self._path, self._size = self._fd, -1, None, 0   # forgotten even if close() fails
+        if fd >= 0:
+            os.close(fd)
 
 
+def _writev_all(fd: int, chunks: list[bytes]) -> None:
+    """Write the chunks in order with as few system calls as the kernel allows."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    first = 0
+    while first < len(views):
+        done = os.writev(fd, views[first:first + _IOV_MAX])
+        while done:
+            if done >= len(views[first]):
+                done -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][done:]
+                done = 0
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

@@ -78,11 +78,14 @@ CREATE TABLE IF NOT EXISTS site_downloads (
 
 
 -- A freed message's range of a pack whose other messages live on: its bytes are released (a hole
--- punched, storage/packs.py punch_hole) by the next Storage.empty_trash.
+-- punched, storage/packs.py punch_hole) by the first Storage.empty_trash after the configured
+-- delay (storage.release_freed_after) from freed_at (Unix time), so that readers still sending it
+-- keep getting its bytes.
 CREATE TABLE IF NOT EXISTS blob_holes (
-    blob   TEXT NOT NULL,
-    start  INTEGER NOT NULL,
-    size   INTEGER NOT NULL,
+    blob     TEXT NOT NULL,
+    start    INTEGER NOT NULL,
+    size     INTEGER NOT NULL,
+    freed_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (blob, start)
 ) WITHOUT ROWID;
 
@@ -94,8 +97,9 @@ BEGIN
     DELETE FROM messages WHERE queue_id = NEW.queue_id;
     INSERT OR IGNORE INTO blob_trash (blob)
         SELECT NEW.blob WHERE NOT EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
-    INSERT OR IGNORE INTO blob_holes (blob, start, size)
-        SELECT NEW.blob, NEW.blob_offset, NEW.size WHERE EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
+    INSERT OR IGNORE INTO blob_holes (blob, start, size, freed_at)
+        SELECT NEW.blob, NEW.blob_offset, NEW.size, (julianday('now') - 2440587.5) * 86400.0
+        WHERE EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
 END;
 
 CREATE TRIGGER IF NOT EXISTS sites_changed_ins AFTER INSERT ON sites

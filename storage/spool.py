@@ -85,12 +85,11 @@ class SpoolFile:
         """All of the message is still queued: no write job ever started (a small message)."""
         return not self._streaming and not self.handed_over and self.error is None and not self._discarded
 
-    def take_data(self) -> bytes:
-        """Hand the whole (small) message over to the pack writer."""
-        data = b"".join(self._chunks)
-        self._chunks, self._queued = [], 0
+    def take_chunks(self) -> list[bytes]:
+        """Hand the whole (small) message over to the pack writer, as received (no copy)."""
+        chunks, self._chunks, self._queued = self._chunks, [], 0
         self.handed_over = True
-        return data
+        return chunks
 
     async def sync(self, target: Path) -> None:
         """Write what is queued, fsync, close, rename to `target` and fsync its folder (so that
@@ -180,7 +179,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _rename_into(path: Path, final: Path) -> None:
     if final.parent not in _known_folders:
-        final.parent.mkdir(exist_ok=True)
+        try:
+            final.parent.mkdir()
+            fsync_dir(final.parent.parent)   # a new hour folder's own entry is durable too
+        except FileExistsError:
+            pass
         _known_folders.add(final.parent)
     os.rename(path, final)
 

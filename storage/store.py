@@ -96,13 +96,14 @@ class _Pending:
     received_at: float
     done: asyncio.Future
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
-    data: bytes | None = None            # a small message still to be written by the batch
+    data: list[bytes] | None = None      # a small message's chunks, still to be written by the batch
     target: Path | None = None           # its blob path if it begins a pack (set for packed messages)
 
 
 class Storage:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, release_freed_after: float = 3600):
         self.data_dir = Path(data_dir)
+        self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
         self.spool_dir = self.data_dir / "spool"
         self.blob_dir = self.data_dir / "blobs"
         self._db: aiosqlite.Connection | None = None
@@ -180,7 +181,7 @@ class Storage:
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
             item = _Pending(spool, meta, deliveries, list(remote), received_at, done, mark,
-                            spool.take_data(), target)
+                            spool.take_chunks(), target)
         else:
             await spool.sync(target)
             spool.handed_over = True
@@ -467,13 +468,16 @@ class Storage:
         return total
 
     def _freed(self) -> tuple[list[str], list[tuple[str, int, int]]]:
-        """Writer thread: the freed blobs and the freed ranges of packs that live on. A freed
+        """Writer thread: the freed blobs, and the ranges of packs that live on freed at least
+        release_freed_after seconds ago (a reader may still be sending a message freed meanwhile:
+        a hole would turn its bytes into zeros, while an unlinked file stays readable). A freed
         open pack is closed first: no more messages go into it (a pack is never reopened, so what
         is listed here stays free)."""
         blobs = [blob for (blob,) in self._writer_conn.execute("SELECT blob FROM blob_trash")]
         if self._packs.open_blob in blobs:
             self._packs.close()
-        holes = self._writer_conn.execute("SELECT blob, start, size FROM blob_holes").fetchall()
+        holes = self._writer_conn.execute("SELECT blob, start, size FROM blob_holes WHERE freed_at <= ?",
+                                          (time.time() - self.release_freed_after,)).fetchall()
         return blobs, holes
 
     def _forget_freed(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:

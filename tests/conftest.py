@@ -149,6 +149,9 @@ def hub_env(data_dir: Path, **overrides: str) -> dict:
         # Directory update mails would add a mail to every mailbox whenever a test adds a site;
         # the directory tests turn them on.
         "MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE": "false",
+        # Freed bytes in packs are released at once, so that tests can see it (test_storage_packs
+        # checks the delay).
+        "MAILHUB_STORAGE_RELEASE_FREED_AFTER": "0",
         "PYTHONPATH": str(REPO),
     })
     env.update(overrides)

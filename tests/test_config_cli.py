@@ -126,6 +126,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("tls", "key_file"): (str(key), key),
         ("auth", "allow_plaintext"): ("yes", True),
         ("events", "retention_days"): ("30", 30.0),
+        ("storage", "release_freed_after"): ("0", 0.0),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
         ("directory", "address"): ("Participants", "participants"),

@@ -9,7 +9,7 @@ import imaplib
 import poplib
 import threading
 
-from conftest import PASSWORD, make_message
+from conftest import ALPHA_BETA_B2, PASSWORD, make_message
 from pop3util import message_range, released, send
 from storage.store import MessageMeta, Storage
 from test_relay_outbound import CountingHop, relay_hub, wait_until
@@ -212,3 +212,25 @@ def test_mails_under_two_megabytes_are_packed_and_larger_ones_get_a_file_of_thei
     assert hub.query("SELECT count(*) FROM messages WHERE blob = ?", rows[qids[2]][0]) == [(1,)]
     for qid, mail in zip(qids, (small, image, study)):
         assert hub.stored(qid).endswith(mail), qid
+
+
+def test_freed_bytes_in_a_pack_are_released_only_after_the_configured_delay(make_hub):
+    """A reader may still be sending a message that another session just deleted: its range of
+    the pack is punched only once storage.release_freed_after has passed since it was freed."""
+    hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_STORAGE_RELEASE_FREED_AFTER="3600").start()
+    sent = [make_message(4000 + i, subject=f"delay {i}") for i in range(3)]
+    first, second, third = qids = [send(hub, ["beta@hub.test"], mail) for mail in sent]
+    ranges = {qid: message_range(hub, qid) for qid in qids}
+    assert len({path for path, _offset, _size in ranges.values()}) == 1   # one pack
+    delete_over_pop3(hub, [first])
+    assert not released(ranges[first])                                  # still readable
+    blob = f"{ranges[first][0].parent.name}/{ranges[first][0].name}"
+    assert hub.query("SELECT blob, start, size FROM blob_holes") == [(blob, ranges[first][1], ranges[first][2])]
+    conn = hub.db()
+    conn.execute("UPDATE blob_holes SET freed_at = freed_at - 3601")   # as if an hour had passed
+    conn.commit()
+    conn.close()
+    delete_over_pop3(hub, [second])                                     # the next emptying of the trash
+    assert released(ranges[first]) and not released(ranges[second])
+    assert hub.query("SELECT count(*) FROM blob_holes") == [(1,)]
+    assert hub.stored(third).endswith(sent[2])
