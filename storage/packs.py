@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-from .spool import SpoolFile, _rename_into, _storage_error, fsync_dir
+from .spool import SpoolFile, _rename_into, _storage_error, _write_all, fsync_dir
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -58,7 +58,6 @@ class PackWriter:
         written = {}   # fd -> its pack's path (a spool path until renamed), in the order written
         begun = []     # (fd, spool path, target) of the packs this batch begins
         members = {}   # fd -> the spools in it
-        parts = {}     # fd -> the chunks to write to it, in order
         try:
             for spool, chunks, target in messages:
                 size = sum(map(len, chunks))
@@ -70,15 +69,13 @@ class PackWriter:
                     self._fd, self._path, self._size = fd, spool.path, 0
                     begun.append((fd, spool.path, target))
                     written[fd] = spool.path
-                for chunk in chunks:
-                    spool._sha.update(chunk)
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                spool._sha.update(data)   # once per message: each update of 2 KB or more hands the GIL over
                 spool.offset = self._size
+                _write_all(self._fd, data)
                 self._size += size
                 written.setdefault(self._fd, self._path)
                 members.setdefault(self._fd, []).append(spool)
-                parts.setdefault(self._fd, []).extend(chunks)
-            for fd, chunks in parts.items():
-                _writev_all(fd, chunks)
             fresh = {fd for fd, _path, _target in begun}
             for fd in written:
                 (os.fsync if fd in fresh else os.fdatasync)(fd)
@@ -106,22 +103,6 @@ class PackWriter:
             os.close(fd)
 
 
-def _writev_all(fd: int, chunks: list[bytes]) -> None:
-    """Write the chunks in order with as few system calls as the kernel allows."""
-    views = [memoryview(chunk) for chunk in chunks if chunk]
-    first = 0
-    while first < len(views):
-        done = os.writev(fd, views[first:first + _IOV_MAX])
-        while done:
-            if done >= len(views[first]):
-                done -= len(views[first])
-                first += 1
-            else:
-                views[first] = views[first][done:]
-                done = 0
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
