@@ -5,7 +5,8 @@
 # blobs/ never shows a file whose indexed bytes are not durable. Bytes of a batch whose commit then
 # failed stay unreferenced in the pack; recovery only checks that a file reaches the end of its
 # last indexed message. A pack is freed with its last message; an open pack is closed first, on
-# this same thread (Storage.empty_trash), and appending to a pack takes it out of the trash.
+# this same thread (Storage.empty_trash), and appending to a pack takes it out of the trash. The
+# bytes of a freed message in a pack that lives on are released later by punch_hole.
 import ctypes
 import errno
 import os
@@ -17,8 +18,7 @@ PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this
 
 
 class PackWriter:
-    def __init__(self, spool_dir: Path):
-        self.spool_dir = spool_dir
+    def __init__(self):
         self._fd = -1
         self._path: Path | None = None   # the open pack, in blobs/
         self._size = 0

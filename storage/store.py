@@ -4,7 +4,8 @@
 # may reply 250. Must never report success before all four are done. Small messages go as a
 # group: the writer thread appends a batch of them to the open pack file with one fdatasync
 # (storage/packs.py), then commits. A blob file is unlinked only after the commit that put it
-# into blob_trash (start-up recovery finishes what a crash cut short), and the open pack never.
+# into blob_trash (start-up recovery finishes what a crash cut short); an open pack is closed
+# first. A freed message's range of a pack that lives on is punched after a delay (blob_holes).
 # The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
 # with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
 # without waiting and ride along with the next transaction (or get one of their own after a second).
@@ -119,7 +120,7 @@ class Storage:
         # statement, which measurably lengthened every commit under load).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._writer_conn = None
-        self._packs = PackWriter(self.spool_dir)   # used on the writer thread only
+        self._packs = PackWriter()   # used on the writer thread only
         self._listeners: list = []
         self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
 
