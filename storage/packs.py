@@ -12,7 +12,7 @@ import errno
 import os
 from pathlib import Path
 
-from .spool import SpoolFile, _rename_into, _storage_error, _write_all, fsync_dir
+from .spool import SpoolFile, _rename_into, _storage_error, _write_all, blob_of, fsync_dir, unlink_quietly
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -27,7 +27,7 @@ class PackWriter:
     @property
     def open_blob(self) -> str | None:
         """The open pack's blob name ('<hour folder>/<name>'), or None."""
-        return None if self._path is None else f"{self._path.parent.name}/{self._path.name}"
+        return None if self._path is None else blob_of(self._path)
 
     def write(self, messages: list[tuple[SpoolFile, list[bytes], Path]]) -> None:
         """Make a batch of small messages durable: (spool, its chunks, the blob path a new pack
@@ -42,16 +42,10 @@ class PackWriter:
 
     def abandon(self) -> None:
         """The batch failed: close the open pack and remove the packs the batch began."""
-        self._close()
+        self.close()
         for path in self._made:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            unlink_quietly(path)
         self._made = []
-
-    def close(self) -> None:
-        self._close()
 
     def _write(self, messages: list[tuple[SpoolFile, list[bytes], Path]]) -> None:
         self._made = []
@@ -63,7 +57,7 @@ class PackWriter:
                 size = sum(map(len, chunks))
                 if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
                     if self._fd not in written:
-                        self._close()
+                        self.close()
                     self._fd = -1
                     fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                     self._fd, self._path, self._size = fd, spool.path, 0
@@ -92,12 +86,12 @@ class PackWriter:
                     os.close(fd)
             for fd, path, _target in begun:
                 if written[fd] == path:
-                    _unlink_quietly(path)   # never renamed: the batch failed
+                    unlink_quietly(path)   # never renamed: the batch failed
         for fd, spools in members.items():
             for spool in spools:
                 spool.path = written[fd]
 
-    def _close(self) -> None:
+    def close(self) -> None:
         fd, self._fd, self._path, self._size = self._fd, -1, None, 0   # forgotten even if close() fails
         if fd >= 0:
             os.close(fd)
@@ -125,10 +119,3 @@ def punch_hole(path: Path, start: int, size: int) -> bool:
         raise OSError(code, os.strerror(code), str(path))
     finally:
         os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -6,6 +6,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .spool import unlink_quietly
+
 log = logging.getLogger("mailhub.storage")
 
 
@@ -35,7 +37,7 @@ def recover(conn: sqlite3.Connection, spool_dir: Path, blob_dir: Path) -> Recove
 
     trash = [blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")]
     for blob in trash:
-        _unlink(blob_dir / blob)
+        unlink_quietly(blob_dir / blob)
     conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in trash])
     report.trash_removed = len(trash)
 
@@ -63,13 +65,6 @@ def recover(conn: sqlite3.Connection, spool_dir: Path, blob_dir: Path) -> Recove
     for blob in report.size_mismatches:
         log.error("blob %s is shorter than its indexed message(s)", blob)
     return report
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _rmdir_if_empty(path: str) -> None:

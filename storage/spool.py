@@ -35,6 +35,11 @@ def blob_name(queue_id: str, received_at: float) -> str:
     return time.strftime("%Y%m%d%H", time.gmtime(received_at)) + "/" + queue_id
 
 
+def blob_of(path: Path) -> str:
+    """The blob column of a file under blobs/: '<hour folder>/<name>'."""
+    return f"{path.parent.name}/{path.name}"
+
+
 class SpoolFile:
     """A message being received: `write()` chunks (never blocks), `await room()` when
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
@@ -164,13 +169,18 @@ class SpoolFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_quietly(self.path)
 
 
 _known_folders: set[Path] = set()  # blob folders known to exist (a folder is never removed while serving)
+def unlink_quietly(path: Path) -> None:
+    """Remove a file that may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

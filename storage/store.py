@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from . import db, events
 from .errors import StorageError
 from .recovery import recover
 from .packs import PackWriter, punch_hole
-from .spool import SpoolFile, blob_name, new_queue_id
+from .spool import SpoolFile, blob_name, blob_of, new_queue_id, unlink_quietly
 from .usage import (DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage,
                     snapshot_from_rows, write_throttle_states)
 
@@ -266,12 +265,8 @@ class Storage:
     def _remove_blobs(self, batch: list[_Pending]) -> None:
         """The single-file blobs of a failed batch (its packed messages went with PackWriter.abandon)."""
         for item in batch:
-            if item.target is not None:
-                continue
-            try:
-                os.unlink(item.spool.path)
-            except FileNotFoundError:
-                pass
+            if item.target is None:
+                unlink_quietly(item.spool.path)
 
     def _commit_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
         """Writer thread: one index transaction for a batch of durable blobs, with their tracking
@@ -294,7 +289,7 @@ class Storage:
             m = item.meta
             qid, size, at = item.spool.queue_id, item.spool.size, item.received_at
             structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
-            messages.append((qid, _blob_of(item.spool.path), item.spool.offset, size, item.spool.sha256,
+            messages.append((qid, blob_of(item.spool.path), item.spool.offset, size, item.spool.sha256,
                              int(m.dot_lines), at, m.mail_from, m.sender_site,
                              m.message_id, m.set_id, m.set_part, m.set_total,
                              len(item.deliveries) + len(item.remote), structure))
@@ -322,7 +317,7 @@ class Storage:
                                  " VALUES (?, ?, ?, ?)", queued)
             # a pack that was freed while open is referenced again
             conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
-                             [(blob,) for blob in {_blob_of(i.spool.path) for i in batch if i.target is not None}])
+                             [(blob,) for blob in {blob_of(i.spool.path) for i in batch if i.target is not None}])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -497,10 +492,7 @@ class Storage:
 
     def _release(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
         for blob in blobs:
-            try:
-                os.unlink(self.blob_dir / blob)
-            except FileNotFoundError:
-                pass
+            unlink_quietly(self.blob_dir / blob)
         gone = set(blobs)
         for blob, start, size in holes:
             if blob not in gone:
@@ -508,11 +500,6 @@ class Storage:
                     punch_hole(self.blob_dir / blob, start, size)
                 except OSError as exc:   # the space comes back with the whole pack
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
-
-
-def _blob_of(path: Path) -> str:
-    """The blob column of a file under blobs/: '<hour folder>/<name>'."""
-    return f"{path.parent.name}/{path.name}"
 
 
 _ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
