@@ -1,18 +1,19 @@
 # Packs: small messages (whole in memory at end of data) are stored together in pack files under
-# blobs/, written by the index writer thread only. A batch is appended to the open pack and made
+# blobs/, written by the index writer only (storage/index_writer.py). A batch is appended to the open pack and made
 # durable with one fdatasync (a file creation costs far more than writing 10 KB). A new pack is made
 # the way a single message is (spool file, fsync, rename into blobs/, folder fsync), so a name under
 # blobs/ never shows a file whose indexed bytes are not durable. Bytes of a batch whose commit then
 # failed stay unreferenced in the pack; recovery only checks that a file reaches the end of its
 # last indexed message. A pack is freed with its last message; an open pack is closed first, on
-# this same thread (Storage.empty_trash), and appending to a pack takes it out of the trash. The
+# the writer too (IndexWriter.freed), and appending to a pack takes it out of the trash. The
 # bytes of a freed message in a pack that lives on are released later by punch_hole.
 import ctypes
 import errno
+import hashlib
 import os
 from pathlib import Path
 
-from .spool import SpoolFile, _rename_into, _storage_error, _write_all, blob_of, fsync_dir, unlink_quietly
+from .spool import _rename_into, _storage_error, _write_all, blob_of, fsync_dir, unlink_quietly
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -29,9 +30,10 @@ class PackWriter:
         """The open pack's blob name ('<hour folder>/<name>'), or None."""
         return None if self._path is None else blob_of(self._path)
 
-    def write(self, messages: list[tuple[SpoolFile, list[bytes], Path]]) -> None:
-        """Make a batch of small messages durable: (spool, its chunks, the blob path a new pack
-        would take). Sets each spool's path and offset. Raises StorageError (and abandons)."""
+    def write(self, messages: list) -> None:
+        """Make a batch of small messages durable: index_writer.BatchItems with their `data`, `path`
+        (the spool path a new pack starts as) and `target` (the blob path it would take). Sets each
+        one's path, offset and sha256. Raises StorageError (and abandons)."""
         if not messages:
             return
         try:
@@ -47,29 +49,30 @@ class PackWriter:
             unlink_quietly(path)
         self._made = []
 
-    def _write(self, messages: list[tuple[SpoolFile, list[bytes], Path]]) -> None:
+    def _write(self, messages: list) -> None:
         self._made = []
         written = {}   # fd -> its pack's path (a spool path until renamed), in the order written
         begun = []     # (fd, spool path, target) of the packs this batch begins
-        members = {}   # fd -> the spools in it
+        members = {}   # fd -> the messages in it
         try:
-            for spool, chunks, target in messages:
+            for message in messages:
+                chunks, target = message.data, message.target
                 size = sum(map(len, chunks))
                 if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
                     if self._fd not in written:
                         self.close()
                     self._fd = -1
-                    fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-                    self._fd, self._path, self._size = fd, spool.path, 0
-                    begun.append((fd, spool.path, target))
-                    written[fd] = spool.path
+                    fd = os.open(message.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                    self._fd, self._path, self._size = fd, message.path, 0
+                    begun.append((fd, message.path, target))
+                    written[fd] = message.path
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                spool._sha.update(data)   # once per message: each update of 2 KB or more hands the GIL over
-                spool.offset = self._size
+                message.sha256 = hashlib.sha256(data).hexdigest()
+                message.offset = self._size
                 _write_all(self._fd, data)
                 self._size += size
                 written.setdefault(self._fd, self._path)
-                members.setdefault(self._fd, []).append(spool)
+                members.setdefault(self._fd, []).append(message)
             fresh = {fd for fd, _path, _target in begun}
             for fd in written:
                 (os.fsync if fd in fresh else os.fdatasync)(fd)
@@ -87,9 +90,9 @@ class PackWriter:
             for fd, path, _target in begun:
                 if written[fd] == path:
                     unlink_quietly(path)   # never renamed: the batch failed
-        for fd, spools in members.items():
-            for spool in spools:
-                spool.path = written[fd]
+        for fd, in_pack in members.items():
+            for message in in_pack:
+                message.path = written[fd]
 
     def close(self) -> None:
         fd, self._fd, self._path, self._size = self._fd, -1, None, 0   # forgotten even if close() fails

@@ -2,7 +2,7 @@
 # worker thread creates the file, hashes and writes them in order (one job at a time per file, so
 # both cores work: the loop receives while a thread writes), then fsyncs at the end.
 # A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the index
-# writer, which appends a batch of them to a pack file (storage/packs.py).
+# writer process, which hashes it and appends a batch of them to a pack file (storage/packs.py).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
 import asyncio
 import errno
@@ -45,7 +45,7 @@ class SpoolFile:
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
     __slots__ = ("queue_id", "path", "offset", "size", "error", "handed_over", "_executor", "_fd", "_sha",
-                 "_chunks", "_queued", "_job", "_discarded", "_streaming")
+                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest")
 
     def __init__(self, spool_dir: Path, queue_id: str, executor: Executor):
         self.queue_id = queue_id
@@ -62,6 +62,7 @@ class SpoolFile:
         self._job: asyncio.Future | None = None
         self._discarded = False
         self._streaming = False  # a write job has started: the message is no longer all in memory
+        self._digest: str | None = None   # a packed message's SHA-256, from the index writer
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
@@ -83,7 +84,11 @@ class SpoolFile:
 
     @property
     def sha256(self) -> str:
-        return self._sha.hexdigest()
+        return self._digest or self._sha.hexdigest()
+
+    def placed(self, path: Path, offset: int, sha256: str) -> None:
+        """The index writer stored this (small) message in a pack."""
+        self.path, self.offset, self._digest = path, offset, sha256
 
     @property
     def in_memory(self) -> bool:

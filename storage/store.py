@@ -2,16 +2,17 @@
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
 # may reply 250. Must never report success before all four are done. Small messages go as a
-# group: the writer thread appends a batch of them to the open pack file with one fdatasync
+# group: the index writer appends a batch of them to the open pack file with one fdatasync
 # (storage/packs.py), then commits. A blob file is unlinked only after the commit that put it
 # into blob_trash (start-up recovery finishes what a crash cut short); an open pack is closed
 # first. A freed message's range of a pack that lives on is punched after a delay (blob_holes).
 # The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
 # with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
 # without waiting and ride along with the next transaction (or get one of their own after a second).
-# Every index write (commits, deletions, download totals, trash) runs on the one writer thread and
-# its connection: one writer means no SQLite lock contention (a second writing connection starved
-# for its busy_timeout under steady ingest) and no interleaved transactions. aiosqlite only reads.
+# Every index write (commits, deletions, download totals, trash) runs in the index writer process
+# (storage/writer_process.py, storage/index_writer.py) on its one connection: one writer means no
+# SQLite lock contention (a second writing connection starved for its busy_timeout under steady
+# ingest) and no interleaved transactions. aiosqlite only reads.
 # Remote recipients get outbound queue rows in the same transaction as the message (storage.outbound).
 import asyncio
 import concurrent.futures
@@ -26,10 +27,11 @@ import aiosqlite
 from . import db, events
 from .errors import StorageError
 from .recovery import recover
-from .packs import PackWriter, punch_hole
-from .spool import SpoolFile, blob_name, blob_of, new_queue_id, unlink_quietly
-from .usage import (DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage,
-                    snapshot_from_rows, write_throttle_states)
+from .index_writer import BatchItem, IndexWriter
+from .packs import punch_hole
+from .spool import SpoolFile, blob_name, new_queue_id, unlink_quietly
+from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage, snapshot_from_rows
+from .writer_process import WriterProcess
 
 log = logging.getLogger("mailhub.storage")
 _EVENT_DELAY = 1.0           # seconds a queued refusal waits for a commit to ride along with
@@ -114,12 +116,8 @@ class Storage:
         self._flusher: asyncio.Task | None = None
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
-        # Group commits run in one thread on a plain sqlite3 connection: renames, folder fsync and
-        # the index transaction in a single hop (aiosqlite would cost one loop round trip per
-        # statement, which measurably lengthened every commit under load).
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
-        self._writer_conn = None
-        self._packs = PackWriter()   # used on the writer thread only
+        # Group commits and every other index write: one request (pack write and transaction) per hop.
+        self._writer = WriterProcess(self.data_dir, release_freed_after)
         self._listeners: list = []
         self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
 
@@ -141,7 +139,7 @@ class Storage:
             conn.close()
         if report.anything():
             log.warning("recovery: %s", report)
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._open_writer)
+        await self._writer.start()
         self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
         for pragma in db.pragma_statements():
             await self._db.execute(pragma)
@@ -156,18 +154,8 @@ class Storage:
         if self._db is not None:
             await self._db.close()
             self._db = None
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._close_writer)
-        self._writer.shutdown(wait=True)
+        await self._writer.close()
         self.executor.shutdown(wait=True)
-
-    def _open_writer(self) -> None:
-        self._writer_conn = db.connect(self.data_dir)
-
-    def _close_writer(self) -> None:
-        self._packs.close()
-        if self._writer_conn is not None:
-            self._writer_conn.close()
-            self._writer_conn = None
 
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.spool_dir, new_queue_id(), self.executor)
@@ -209,18 +197,7 @@ class Storage:
 
     async def queue_op(self, function, *args):
         """Run a storage.outbound function (conn, *args) in one transaction on the writer thread."""
-        return await self._write(self._in_transaction, function, *args)
-
-    def _in_transaction(self, function, *args):
-        conn = self._writer_conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = function(conn, *args)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return result
+        return await self._writer.call(IndexWriter.in_transaction, function, *args)
 
     async def store_generated(self, data: bytes, meta: MessageMeta, deliveries: list[Delivery],
                               mark: tuple[str, int] | None = None) -> str:
@@ -244,7 +221,8 @@ class Storage:
                 log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
                 self._dropped_events = 0
             try:
-                await loop.run_in_executor(self._writer, self._commit_batch, batch, loose)
+                placed = await self._writer.call(IndexWriter.commit_batch, [_batch_item(i) for i in batch],
+                                                 [events.row(e) for e in loose])
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
                 log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
                 await loop.run_in_executor(self.executor, self._remove_blobs, batch)
@@ -255,7 +233,9 @@ class Storage:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                for item in batch:
+                for item, (path, offset, sha256) in zip(batch, placed):
+                    if item.data is not None:
+                        item.spool.placed(path, offset, sha256)
                     for listener in self._listeners:
                         listener.committed(item.meta.sender_site, [d.site_id for d in item.deliveries],
                                            item.spool.size, item.received_at)
@@ -267,67 +247,6 @@ class Storage:
         for item in batch:
             if item.target is None:
                 unlink_quietly(item.spool.path)
-
-    def _commit_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
-        """Writer thread: one index transaction for a batch of durable blobs, with their tracking
-        events and the queued refusal events."""
-        packed = [item for item in batch if item.data is not None]
-        try:
-            self._write_small(packed)
-            self._index_batch(batch, loose)
-        except BaseException:
-            if packed:
-                self._packs.abandon()
-            raise
-
-    def _index_batch(self, batch: list[_Pending], loose: list[events.Event]) -> None:
-        messages = []
-        entries = []
-        queued = []
-        tracked = [events.row(e) for e in loose]
-        for item in batch:
-            m = item.meta
-            qid, size, at = item.spool.queue_id, item.spool.size, item.received_at
-            structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
-            messages.append((qid, blob_of(item.spool.path), item.spool.offset, size, item.spool.sha256,
-                             int(m.dot_lines), at, m.mail_from, m.sender_site,
-                             m.message_id, m.set_id, m.set_part, m.set_total,
-                             len(item.deliveries) + len(item.remote), structure))
-            tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
-                            m.message_id, m.set_id, m.set_part, m.set_total, item.spool.sha256))
-            for d in item.deliveries:
-                entries.append((d.site_id, qid, d.rcpt, at))
-                tracked.append((at, events.DELIVERED, qid, d.site_name, m.sender_name, None, d.rcpt, None, size,
-                                None, None, None, None, None))
-            queued.extend((qid, rcpt, at, at) for rcpt in item.remote)
-        conn = self._writer_conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(
-                "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at,"
-                " mail_from, sender_site, message_id, set_id, set_part, set_total, refs, structure)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
-            conn.executemany(
-                "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
-            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                             [item.mark for item in batch if item.mark is not None])
-            conn.executemany(events.INSERT, tracked)
-            if queued:
-                conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at)"
-                                 " VALUES (?, ?, ?, ?)", queued)
-            # a pack that was freed while open is referenced again
-            conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
-                             [(blob,) for blob in {blob_of(i.spool.path) for i in batch if i.target is not None}])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def _write_small(self, items: list[_Pending]) -> None:
-        """Writer thread: append a batch of small messages to the open pack (storage/packs.py)."""
-        self._packs.write([(item.spool, item.data, item.target) for item in items])
-        for item in items:
-            item.data = None
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
@@ -360,19 +279,7 @@ class Storage:
 
     async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
         """Set the `add` and clear the `remove` flag bits of mailbox entries (one transaction)."""
-        await self._write(self._update_flags, site_id, uids, add, remove)
-
-    def _update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
-        """Writer thread."""
-        conn = self._writer_conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
-                             [(add, remove, site_id, uid) for uid in uids])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        await self._writer.call(IndexWriter.update_flags, site_id, uids, add, remove)
 
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
@@ -383,17 +290,7 @@ class Storage:
 
     async def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
         """The server's live throttle state per site, for `mailhub site show` (one transaction)."""
-        await self._write(self._save_throttle_states, states, now)
-
-    def _save_throttle_states(self, states: dict[int, dict], now: float) -> None:
-        conn = self._writer_conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            write_throttle_states(conn, states, now)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        await self._writer.call(IndexWriter.save_throttle_states, states, now)
 
     async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None,
                      site_name: str | None = None) -> None:
@@ -409,86 +306,30 @@ class Storage:
 
     async def _write_entries(self, site_id: int, uids: list[int], downloads: Downloads | None,
                              site_name: str | None) -> None:
-        fetched, removed = await self._write(self._delete_entries, site_id, uids, downloads, site_name)
+        fetched, removed = await self._writer.call(IndexWriter.delete_entries, site_id, uids, downloads, site_name)
         for listener in self._listeners:
             for row in fetched:
                 listener.fetched_committed(site_id, *row)
             for row in removed:
                 listener.removed(site_id, *row)
 
-    async def _write(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
-
-    def _delete_entries(self, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None):
-        """Writer thread: one transaction, with the tracking events. Returns what changed: ([(uid,
-        sender_site, size)] newly marked downloaded, [(uid, sender_site, size, was_waiting)] removed)."""
-        conn = self._writer_conn
-        fetched, removed, tracked = [], [], []
-        now = time.time()
-        protocol = downloads.protocol if downloads is not None else None
-        peer = downloads.peer if downloads is not None else None
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for uid in (downloads.fetched_uids if downloads is not None else ()):
-                row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
-                if row is not None and row[3]:
-                    conn.execute("UPDATE mailbox SET fetched_at = ? WHERE uid = ?", (now, uid))
-                    fetched.append(row[:3])
-            for uid in uids:
-                row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
-                if row is not None:
-                    gone = conn.execute("DELETE FROM mailbox WHERE uid = ? RETURNING queue_id", (uid,)).fetchall()
-                    removed.append(row)
-                    tracked.append(events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer,
-                                                           detail=protocol)))
-            if downloads is not None:
-                _add_downloads(conn, site_id, downloads)
-                tracked[:0] = [events.row(events.Event(at, events.DOWNLOADED, qid, site_name, peer=peer, size=size,
-                                                       detail=protocol))
-                               for qid, (at, size) in downloads.retrieved.items()]
-            conn.executemany(events.INSERT, tracked)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return fetched, removed
-
     async def prune_events(self, before: float) -> int:
         """Delete tracking events older than `before` in short transactions (commits run between
         them); the count."""
         total = 0
-        while (deleted := await self._write(events.prune_batch, self._writer_conn, before)) > 0:
+        while (deleted := await self._writer.call(IndexWriter.prune_events, before)) > 0:
             total += deleted
             if deleted < events.PRUNE_BATCH:
                 break
         return total
 
-    def _freed(self) -> tuple[list[str], list[tuple[str, int, int]]]:
-        """Writer thread: the freed blobs, and the ranges of packs that live on freed at least
-        release_freed_after seconds ago (a reader may still be sending a message freed meanwhile:
-        a hole would turn its bytes into zeros, while an unlinked file stays readable). A freed
-        open pack is closed first: no more messages go into it (a pack is never reopened, so what
-        is listed here stays free)."""
-        blobs = [blob for (blob,) in self._writer_conn.execute("SELECT blob FROM blob_trash")]
-        if self._packs.open_blob in blobs:
-            self._packs.close()
-        holes = self._writer_conn.execute("SELECT blob, start, size FROM blob_holes WHERE freed_at <= ?",
-                                          (time.time() - self.release_freed_after,)).fetchall()
-        return blobs, holes
-
-    def _forget_freed(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
-        """Writer thread."""
-        self._writer_conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
-        self._writer_conn.executemany("DELETE FROM blob_holes WHERE blob = ? AND start = ?",
-                                      [(blob, start) for blob, start, _size in holes])
-
     async def empty_trash(self) -> None:
         """Remove the files of freed blobs and release the space of freed messages in packs."""
-        blobs, holes = await self._write(self._freed)
+        blobs, holes = await self._writer.call(IndexWriter.freed)
         if not blobs and not holes:
             return
         await asyncio.get_running_loop().run_in_executor(self.executor, self._release, blobs, holes)
-        await self._write(self._forget_freed, blobs, holes)
+        await self._writer.call(IndexWriter.forget_freed, blobs, holes)
 
     def _release(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
         for blob in blobs:
@@ -502,15 +343,8 @@ class Storage:
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
 
 
-_ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
-              " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? AND b.uid = ?")
-
-
-def _add_downloads(conn, site_id: int, d: Downloads) -> None:
-    conn.execute(
-        "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
-        " last_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
-        " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
-        " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
-        " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
-        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
+def _batch_item(item: _Pending) -> BatchItem:
+    spool = item.spool
+    return BatchItem(spool.queue_id, spool.size, item.received_at, item.meta, item.deliveries, item.remote,
+                     item.mark, spool.path, None if item.data is not None else spool.sha256, item.data,
+                     item.target)

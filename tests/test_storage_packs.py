@@ -4,6 +4,7 @@
 # one), and start-up recovery accepts packs. Real hub process, real loopback clients and next hop;
 # the race of a freed open pack is played on a real Storage.
 import asyncio
+import contextlib
 import hashlib
 import imaplib
 import poplib
@@ -11,6 +12,7 @@ import threading
 
 from conftest import ALPHA_BETA_B2, PASSWORD, make_message
 from pop3util import message_range, released, send
+from storage import db, outbound
 from storage.store import MessageMeta, Storage
 from test_relay_outbound import CountingHop, relay_hub, wait_until
 
@@ -173,12 +175,13 @@ def test_a_pack_freed_while_open_is_not_removed_once_it_takes_new_mail(tmp_path)
         await storage.open()
         try:
             first = await store_small(storage, b"Subject: one\r\n\r\nfirst\r\n")
-            await storage.queue_op(free, first)
+            await storage.queue_op(outbound.delete, first, None)   # the relay is done with it
             second = await store_small(storage, b"Subject: two\r\n\r\nsecond\r\n")
             await storage.empty_trash()
-            trash = await storage.queue_op(lambda conn: conn.execute("SELECT blob FROM blob_trash").fetchall())
-            blob, offset, size = await storage.queue_op(lambda conn: conn.execute(
-                "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (second,)).fetchone())
+            with contextlib.closing(db.connect(tmp_path)) as conn:
+                trash = conn.execute("SELECT blob FROM blob_trash").fetchall()
+                blob, offset, size = conn.execute(
+                    "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (second,)).fetchone()
             with open(storage.blob_dir / blob, "rb") as f:
                 f.seek(offset)
                 return f.read(size), blob, trash
@@ -194,11 +197,6 @@ async def store_small(storage: Storage, data: bytes) -> str:
     spool.write(data)
     await storage.commit(spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"])
     return spool.queue_id
-
-
-def free(conn, queue_id: str) -> None:
-    """What the relay commits when a message's last recipient is done."""
-    conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,))
 
 
 def test_mails_under_two_megabytes_are_packed_and_larger_ones_get_a_file_of_their_own(hub):

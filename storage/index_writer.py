@@ -1,0 +1,186 @@
+# Every write to the SQLite index, on one connection, one request at a time: the group commit of
+# a batch of messages (with the pack writer for the small ones), deletions with download totals,
+# IMAP flags, throttle states, outbound queue operations, and the trash. Runs in the index writer
+# process (storage/writer_process.py); plain blocking code that knows nothing of the event loop.
+# One writer means no SQLite lock contention and no interleaved transactions.
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import db, events
+from .packs import PackWriter
+from .spool import blob_of
+from .usage import write_throttle_states
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """A message of a group commit, as the writer gets it. A small message comes with its `data`
+    (received chunks) and `target`, the blob path a new pack would take; the writer appends it to
+    the open pack and sets `path`, `offset` and `sha256`. Any other one is already durable at `path`."""
+    queue_id: str
+    size: int
+    received_at: float
+    meta: object          # storage.MessageMeta
+    deliveries: list      # [storage.Delivery]
+    remote: list[str]
+    mark: tuple[str, int] | None
+    path: Path            # its blob file (a packed one: the spool path a new pack starts as)
+    sha256: str | None = None
+    data: list[bytes] | None = None
+    target: Path | None = None
+    offset: int = 0
+
+
+class IndexWriter:
+    def __init__(self, data_dir: Path, release_freed_after: float):
+        self.conn = db.connect(data_dir)
+        self.packs = PackWriter()
+        self.release_freed_after = release_freed_after
+
+    def ready(self) -> None:
+        """Answers once the writer has opened the index."""
+
+    def close(self) -> None:
+        self.packs.close()
+        self.conn.close()
+
+    def _transaction(self, function, *args):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = function(self.conn, *args)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def in_transaction(self, function, *args):
+        """function(conn, *args) in one transaction (storage.outbound functions)."""
+        return self._transaction(function, *args)
+
+    def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[tuple[Path, int, str]]:
+        """Small messages into the pack (durable), then one transaction for the batch with its
+        tracking events and the queued refusal `loose` (event rows). Returns (path, offset, sha256)
+        per message."""
+        packed = [item for item in batch if item.data is not None]
+        try:
+            self.packs.write(packed)
+            self._transaction(_index_batch, batch, loose)
+        except BaseException:
+            if packed:
+                self.packs.abandon()
+            raise
+        return [(item.path, item.offset, item.sha256) for item in batch]
+
+    def delete_entries(self, site_id: int, uids: list[int], downloads, site_name: str | None):
+        """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
+        Returns what changed: ([(uid, sender_site, size)] newly marked downloaded,
+        [(uid, sender_site, size, was_waiting)] removed)."""
+        return self._transaction(_delete_entries, site_id, uids, downloads, site_name)
+
+    def update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
+        self._transaction(lambda conn: conn.executemany(
+            "UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
+            [(add, remove, site_id, uid) for uid in uids]))
+
+    def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
+        self._transaction(write_throttle_states, states, now)
+
+    def prune_events(self, before: float) -> int:
+        return events.prune_batch(self.conn, before)
+
+    def freed(self) -> tuple[list[str], list[tuple[str, int, int]]]:
+        """The freed blobs, and the ranges of packs that live on freed at least release_freed_after
+        seconds ago (a reader may still be sending a message freed meanwhile: a hole would turn its
+        bytes into zeros, while an unlinked file stays readable). A freed open pack is closed first:
+        no more messages go into it (a pack is never reopened, so what is listed here stays free)."""
+        blobs = [blob for (blob,) in self.conn.execute("SELECT blob FROM blob_trash")]
+        if self.packs.open_blob in blobs:
+            self.packs.close()
+        holes = self.conn.execute("SELECT blob, start, size FROM blob_holes WHERE freed_at <= ?",
+                                  (time.time() - self.release_freed_after,)).fetchall()
+        return blobs, holes
+
+    def forget_freed(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
+        self.conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
+        self.conn.executemany("DELETE FROM blob_holes WHERE blob = ? AND start = ?",
+                              [(blob, start) for blob, start, _size in holes])
+
+
+def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> None:
+    messages = []
+    entries = []
+    queued = []
+    tracked = list(loose)
+    for item in batch:
+        m = item.meta
+        qid, size, at = item.queue_id, item.size, item.received_at
+        structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
+        messages.append((qid, blob_of(item.path), item.offset, size, item.sha256,
+                         int(m.dot_lines), at, m.mail_from, m.sender_site,
+                         m.message_id, m.set_id, m.set_part, m.set_total,
+                         len(item.deliveries) + len(item.remote), structure))
+        tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
+                        m.message_id, m.set_id, m.set_part, m.set_total, item.sha256))
+        for d in item.deliveries:
+            entries.append((d.site_id, qid, d.rcpt, at))
+            tracked.append((at, events.DELIVERED, qid, d.site_name, m.sender_name, None, d.rcpt, None, size,
+                            None, None, None, None, None))
+        queued.extend((qid, rcpt, at, at) for rcpt in item.remote)
+    conn.executemany(
+        "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at,"
+        " mail_from, sender_site, message_id, set_id, set_part, set_total, refs, structure)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+    conn.executemany(
+        "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
+    conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                     [item.mark for item in batch if item.mark is not None])
+    conn.executemany(events.INSERT, tracked)
+    if queued:
+        conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at)"
+                         " VALUES (?, ?, ?, ?)", queued)
+    # a pack that was freed while open is referenced again
+    conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
+                     [(blob,) for blob in {blob_of(i.path) for i in batch if i.target is not None}])
+
+
+_ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
+              " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? AND b.uid = ?")
+
+
+def _delete_entries(conn, site_id: int, uids: list[int], downloads, site_name: str | None):
+    fetched, removed, tracked = [], [], []
+    now = time.time()
+    protocol = downloads.protocol if downloads is not None else None
+    peer = downloads.peer if downloads is not None else None
+    for uid in (downloads.fetched_uids if downloads is not None else ()):
+        row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
+        if row is not None and row[3]:
+            conn.execute("UPDATE mailbox SET fetched_at = ? WHERE uid = ?", (now, uid))
+            fetched.append(row[:3])
+    for uid in uids:
+        row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
+        if row is not None:
+            gone = conn.execute("DELETE FROM mailbox WHERE uid = ? RETURNING queue_id", (uid,)).fetchall()
+            removed.append(row)
+            tracked.append(events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer,
+                                                   detail=protocol)))
+    if downloads is not None:
+        _add_downloads(conn, site_id, downloads)
+        tracked[:0] = [events.row(events.Event(at, events.DOWNLOADED, qid, site_name, peer=peer, size=size,
+                                               detail=protocol))
+                       for qid, (at, size) in downloads.retrieved.items()]
+    conn.executemany(events.INSERT, tracked)
+    return fetched, removed
+
+
+def _add_downloads(conn, site_id: int, d) -> None:
+    conn.execute(
+        "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
+        " last_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
+        " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
+        " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
+        " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
+        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))

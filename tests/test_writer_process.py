@@ -1,0 +1,112 @@
+# The index writer process (storage/writer_process.py): a request it cannot run fails for its
+# caller only; a writer that died is replaced, and the batch it had is refused (never acknowledged);
+# the writer ends with the hub, on SIGTERM to the whole process group as on SIGKILL of the hub.
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ALPHA_BETA_B2, make_message
+from pop3util import send
+from storage import StorageError, outbound
+from storage.store import MessageMeta, Storage
+
+
+async def store_small(storage: Storage, data: bytes) -> str:
+    spool = storage.new_spool()
+    spool.write(data)
+    await storage.commit(spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"])
+    return spool.queue_id
+
+
+def only_here(conn) -> None:
+    """A function the writer process cannot import (test modules are not on its path)."""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
+
+
+def test_requests_that_fail_fail_alone_and_the_writer_keeps_working(tmp_path):
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            pid = storage._writer.pid
+            with pytest.raises(Exception, match="pickle|lambda"):   # cannot even be sent
+                await storage.queue_op(lambda conn: None)
+            with pytest.raises(ModuleNotFoundError):    # sent, but the writer cannot load it
+                await storage.queue_op(only_here)
+            with pytest.raises(TypeError):              # runs in the writer and fails there
+                await storage.queue_op(outbound.delete)
+            assert await storage.queue_op(outbound.delete, "no-such-message", None) == 0
+            await store_small(storage, b"Subject: after\r\n\r\nstill fine\r\n")
+            assert storage._writer.pid == pid
+        finally:
+            await storage.close()
+        assert wait_gone(pid)
+
+    asyncio.run(play())
+
+
+def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer(tmp_path, caplog):
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            first = storage._writer.pid
+            os.kill(first, signal.SIGSTOP)
+            commit = asyncio.create_task(store_small(storage, b"Subject: lost\r\n\r\nnot acknowledged\r\n"))
+            await asyncio.sleep(0.3)
+            assert not commit.done()
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(StorageError):
+                await commit
+            kept = await store_small(storage, b"Subject: kept\r\n\r\nacknowledged\r\n")
+            assert storage._writer.pid not in (None, first) and not alive(first)
+            async with storage._db.execute("SELECT queue_id FROM messages") as cursor:
+                assert [row[0] for row in await cursor.fetchall()] == [kept]
+        finally:
+            await storage.close()
+
+    asyncio.run(play())
+    assert "index writer process ended" in caplog.text
+
+
+def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_group(make_hub):
+    hub = make_hub(sites=ALPHA_BETA_B2).start()
+    [writer] = children(hub.proc.pid)
+    hub.kill()
+    assert wait_gone(writer)
+
+    hub.start()
+    [writer] = children(hub.proc.pid)
+    os.kill(writer, signal.SIGINT)     # Ctrl-C in a terminal, or a stop signal to the whole group:
+    os.kill(writer, signal.SIGTERM)    # the hub's graceful shutdown still needs its writer
+    message = make_message(3000)
+    qid = send(hub, ["beta@hub.test"], message)
+    assert alive(writer)
+    assert hub.stop() == 0
+    assert wait_gone(writer)
+    assert hub.stored(qid).endswith(message)
