@@ -1,6 +1,8 @@
 # The server's view of the sites: an in-memory copy of names, password hashes and addresses,
 # reloaded when the CLI changes them (a version counter bumped by triggers), and password checks
-# run off the event loop with a short-lived cache of verified logins. Never stores a password.
+# run off the event loop with a short-lived cache of verified logins; sessions that log in at the
+# same time with the same credentials share one check (a gateway opens its sessions together, and
+# one scrypt check costs ~60 ms of CPU). Never stores a password.
 import asyncio
 import hashlib
 import hmac
@@ -24,6 +26,7 @@ class SiteCache:
         self._by_name: dict[str, Site] = {}
         self._by_address: dict[str, Site] = {}
         self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._checking: dict[tuple[str, str, bytes], asyncio.Future] = {}   # checks in flight
         self._key = os.urandom(32)
 
     def close(self) -> None:
@@ -64,8 +67,12 @@ class SiteCache:
         cached = self._verified.get((site.name, site.password_hash))
         if cached and cached[1] > time.monotonic() and hmac.compare_digest(cached[0], tag):
             return site
-        ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, password,
-                                                              site.password_hash)
+        check = (site.name, site.password_hash, tag)
+        if check not in self._checking:
+            self._checking[check] = asyncio.get_running_loop().run_in_executor(None, verify_password, password,
+                                                                                 site.password_hash)
+            self._checking[check].add_done_callback(lambda _done: self._checking.pop(check, None))
+        ok = await asyncio.shield(self._checking[check])
         if not ok:
             return None
         self._verified[(site.name, site.password_hash)] = (tag, time.monotonic() + _VERIFIED_TTL)

@@ -31,7 +31,7 @@ from .index_writer import BatchItem, IndexWriter
 from .packs import punch_hole
 from .spool import SpoolFile, blob_name, new_queue_id, unlink_quietly
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage, snapshot_from_rows
-from .writer_process import WriterProcess
+from .writer_process import WriterProcess, out_of_band
 
 log = logging.getLogger("mailhub.storage")
 _EVENT_DELAY = 1.0           # seconds a queued refusal waits for a commit to ride along with
@@ -346,5 +346,5 @@ class Storage:
 def _batch_item(item: _Pending) -> BatchItem:
     spool = item.spool
     return BatchItem(spool.queue_id, spool.size, item.received_at, item.meta, item.deliveries, item.remote,
-                     item.mark, spool.path, None if item.data is not None else spool.sha256, item.data,
-                     item.target)
+                     item.mark, spool.path, None if item.data is not None else spool.sha256,
+                     None if item.data is None else out_of_band(item.data), item.target)

@@ -1,0 +1,59 @@
+# Password checks of storage.SiteCache: sessions logging in together with the same credentials
+# share one scrypt check, a wrong password never passes (not even beside a right one in flight),
+# and a changed password takes effect at once.
+import asyncio
+import contextlib
+from unittest import mock
+
+from storage import db, site_cache
+from storage.passwords import verify_password
+from storage.sites import add_site, set_password
+
+
+def make_cache(tmp_path) -> site_cache.SiteCache:
+    with contextlib.closing(db.connect(tmp_path)) as conn:
+        add_site(conn, "alpha", ["alpha@hub.test"], "right-password", ["hub.test"])
+    return site_cache.SiteCache(tmp_path)
+
+
+def test_concurrent_logins_share_one_check_and_wrong_passwords_fail(tmp_path):
+    cache = make_cache(tmp_path)
+    checks = []
+
+    def counted(password, stored):
+        checks.append(password)
+        return verify_password(password, stored)
+
+    async def play():
+        with mock.patch.object(site_cache, "verify_password", counted):
+            logins = [cache.authenticate("alpha", "right-password") for _ in range(10)]
+            logins += [cache.authenticate("alpha", "wrong-password") for _ in range(3)]
+            results = await asyncio.gather(*logins)
+            again = await cache.authenticate("alpha", "right-password")   # cached
+        return results, again
+
+    try:
+        results, again = asyncio.run(play())
+    finally:
+        cache.close()
+    assert [r is not None for r in results] == [True] * 10 + [False] * 3
+    assert again is not None and again.name == "alpha"
+    assert sorted(checks) == ["right-password", "wrong-password"]
+
+
+def test_a_changed_password_is_checked_anew(tmp_path):
+    cache = make_cache(tmp_path)
+
+    async def play():
+        assert await cache.authenticate("alpha", "right-password") is not None
+        with contextlib.closing(db.connect(tmp_path)) as conn:
+            set_password(conn, "alpha", "new-password")
+        await asyncio.sleep(site_cache._RECHECK_SECONDS + 0.1)
+        return (await cache.authenticate("alpha", "right-password"),
+                await cache.authenticate("alpha", "new-password"))
+
+    try:
+        old, new = asyncio.run(play())
+    finally:
+        cache.close()
+    assert old is None and new is not None
