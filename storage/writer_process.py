@@ -29,6 +29,7 @@ log = logging.getLogger("mailhub.storage")
 _LENGTH = struct.Struct(">Q")
 _PR_SET_PDEATHSIG = 1
 _SOCKET_BUFFER = 4 * 1024 * 1024
+_CHILD = "import sys; from storage.writer_process import main; main(sys.argv[1:])"   # `ps` shows this
 
 
 def out_of_band(chunks: list) -> list[pickle.PickleBuffer]:
@@ -56,8 +57,7 @@ class WriterProcess:
 
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.pid: int | None = None   # the child's
-        self._argv = [sys.executable, "-m", "storage.writer_process", str(data_dir), repr(release_freed_after),
-                      str(os.getpid())]
+        self._argv = [sys.executable, "-c", _CHILD, str(data_dir), repr(release_freed_after), str(os.getpid())]
         self._proc: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
@@ -186,6 +186,3 @@ def main(argv: list[str]) -> None:
     finally:
         writer.close()
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
