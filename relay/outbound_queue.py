@@ -95,7 +95,7 @@ class OutboundQueue:
         now = time.time()
         busy = json.dumps(sorted(self._busy))
         deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
-        retry_version, rows = await self.storage.queue_op(_due, self.storage.blob_dir, now, busy, free,
+        retry_version, rows = await self.storage.queue_op(outbound.due_and_version, self.storage.blob_dir, now, busy, free,
                                                           deferred_room)
         if retry_version != self._retry_version:
             if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
@@ -140,7 +140,7 @@ class OutboundQueue:
                      for r in unrouted if r not in expired]
         deferrals += [Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
                       for r, until in blocked]
-        await self.storage.queue_op(_settle_rows, [r.id for r in expired], deferrals, now)
+        await self.storage.queue_op(outbound.settle, [r.id for r in expired], deferrals, now)
 
     def _start_connections(self, destination: str, route: Route) -> None:
         dest = self._destinations[destination]
@@ -253,7 +253,7 @@ class OutboundQueue:
                 await self._notify(job.rows[0], [f for _, f in bounced], delayed=False)
             if warn:
                 await self._notify(job.rows[0], [f for _, f in warn], delayed=True)
-            await self.storage.queue_op(_settle_rows, removed, deferrals, now)
+            await self.storage.queue_op(outbound.settle, removed, deferrals, now)
         finally:  # on failure (a full disk) the rows stay as they were and are tried again
             self._busy.difference_update(row.id for row in job.rows)
             self._busy_deferred.difference_update(row.id for row in job.rows)
@@ -285,21 +285,6 @@ class OutboundQueue:
                                                  [Delivery(site.id, row.mail_from, site.name)])
         log.info("qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce",
                  qid, row.mail_from)
-
-
-def _due(conn, blob_dir, now: float, busy: str, free: int,
-         deferred_share: int) -> tuple[int, list[QueuedRecipient]]:
-    """Writer thread: the retry version and due rows, fresh ones first, then deferred ones (at most
-    deferred_share), none in flight."""
-    fresh = outbound.due(conn, blob_dir, now, True, free, busy)
-    room = min(free - len(fresh), deferred_share)
-    rows = fresh + (outbound.due(conn, blob_dir, now, False, room, busy) if room > 0 else [])
-    return outbound.retry_version(conn), rows
-
-
-def _settle_rows(conn, removed: list[int], deferrals: list[Deferral], now: float) -> None:
-    outbound.remove(conn, removed)
-    outbound.defer(conn, deferrals, now)
 
 
 __all__ = ["OutboundQueue"]

@@ -1,9 +1,19 @@
 # Durable single-instance message storage: spool files, blobs, the SQLite index, site records.
-from .errors import StorageError, StorageFull
-from .site_cache import SiteCache
-from .sites import Site, SiteError
-from .spool import SpoolFile
-from .store import Delivery, Downloads, MailboxEntry, MessageMeta, Storage
+# The public names are loaded on first use (PEP 562), so that the index writer process, which
+# imports storage.writer_child, does not load the event-loop side (asyncio, aiosqlite) it never
+# uses: it stays at about half the memory.
+import importlib
 
-__all__ = ["Delivery", "Downloads", "MailboxEntry", "MessageMeta", "Site", "SiteCache", "SiteError", "SpoolFile",
-           "Storage", "StorageError", "StorageFull"]
+_EXPORTS = {
+    "StorageError": ".errors", "StorageFull": ".errors",
+    "Delivery": ".records", "Downloads": ".records", "MailboxEntry": ".records", "MessageMeta": ".records",
+    "SiteCache": ".site_cache", "Site": ".sites", "SiteError": ".sites", "SpoolFile": ".spool",
+    "Storage": ".store",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import db, events
 from .packs import PackWriter
-from .spool import blob_of
+from .files import blob_of
 from .usage import write_throttle_states
 
 

@@ -1,5 +1,5 @@
 # The outbound queue in the index (issue 8): rows of remote recipients of stored messages, read
-# and updated by the relay's scheduler (on the storage writer thread) and by `mailhub queue`.
+# and updated by the relay's scheduler (in the index writer process) and by `mailhub queue`.
 # Synchronous functions on a sqlite3 connection. Must never delete a row before its recipient was
 # accepted by the next hop or its bounce was stored: the row is the only record of the duty.
 import sqlite3
@@ -99,3 +99,19 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
     messages, recipients, oldest = conn.execute(
         "SELECT count(DISTINCT queue_id), count(*), min(queued_at) FROM outbound").fetchone()
     return messages, recipients, oldest
+
+
+def due_and_version(conn: sqlite3.Connection, blob_dir: Path, now: float, busy: str, free: int,
+                    deferred_share: int) -> tuple[int, list[QueuedRecipient]]:
+    """The retry version and due rows, fresh ones first, then deferred ones (at most
+    deferred_share), none in flight."""
+    fresh = due(conn, blob_dir, now, True, free, busy)
+    room = min(free - len(fresh), deferred_share)
+    rows = fresh + (due(conn, blob_dir, now, False, room, busy) if room > 0 else [])
+    return retry_version(conn), rows
+
+
+def settle(conn: sqlite3.Connection, removed: list[int], deferrals: list[Deferral], now: float) -> None:
+    """Delivered or expired rows go, deferred ones get their next attempt (one transaction)."""
+    remove(conn, removed)
+    defer(conn, deferrals, now)

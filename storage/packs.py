@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .spool import _rename_into, _storage_error, _write_all, blob_of, fsync_dir, unlink_quietly
+from .files import blob_of, fsync_dir, rename_into, storage_error, unlink_quietly, write_all
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -40,7 +40,7 @@ class PackWriter:
             self._write(messages)
         except OSError as exc:
             self.abandon()
-            raise _storage_error(exc) from exc
+            raise storage_error(exc) from exc
 
     def abandon(self) -> None:
         """The batch failed: close the open pack and remove the packs the batch began."""
@@ -69,7 +69,7 @@ class PackWriter:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 message.sha256 = hashlib.sha256(data).hexdigest()
                 message.offset = self._size
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
                 self._size += size
                 written.setdefault(self._fd, self._path)
                 members.setdefault(self._fd, []).append(message)
@@ -77,7 +77,7 @@ class PackWriter:
             for fd in written:
                 (os.fsync if fd in fresh else os.fdatasync)(fd)
             for fd, path, target in begun:
-                _rename_into(path, target)
+                rename_into(path, target)
                 self._made.append(target)
                 written[fd] = target
             self._path = written[self._fd]

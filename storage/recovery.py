@@ -6,7 +6,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .spool import unlink_quietly
+from .files import unlink_quietly
 
 log = logging.getLogger("mailhub.storage")
 

@@ -5,7 +5,6 @@
 # writer process, which hashes it and appends a batch of them to a pack file (storage/packs.py).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
 import asyncio
-import errno
 import hashlib
 import itertools
 import os
@@ -13,7 +12,8 @@ import time
 from concurrent.futures import Executor
 from pathlib import Path
 
-from .errors import StorageError, StorageFull
+from .errors import StorageError
+from .files import fsync_dir, rename_into, storage_error, unlink_quietly, write_all
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
 SMALL_MESSAGE = 2 * 1024 * 1024  # until this much is queued no write job starts: a message whose
@@ -33,11 +33,6 @@ def new_queue_id() -> str:
 def blob_name(queue_id: str, received_at: float) -> str:
     """Blobs are grouped per hour so that one folder fsync covers a whole batch."""
     return time.strftime("%Y%m%d%H", time.gmtime(received_at)) + "/" + queue_id
-
-
-def blob_of(path: Path) -> str:
-    """The blob column of a file under blobs/: '<hour folder>/<name>'."""
-    return f"{path.parent.name}/{path.name}"
 
 
 class SpoolFile:
@@ -159,59 +154,19 @@ class SpoolFile:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             for chunk in chunks:
                 self._sha.update(chunk)
-                _write_all(self._fd, chunk)
+                write_all(self._fd, chunk)
             if final is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
-                _rename_into(self.path, final)
+                rename_into(self.path, final)
                 self.path = final
                 fsync_dir(final.parent)
         except OSError as exc:
-            raise _storage_error(exc) from exc
+            raise storage_error(exc) from exc
 
     def _remove(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         unlink_quietly(self.path)
-
-
-_known_folders: set[Path] = set()  # blob folders known to exist (a folder is never removed while serving)
-def unlink_quietly(path: Path) -> None:
-    """Remove a file that may already be gone."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _rename_into(path: Path, final: Path) -> None:
-    if final.parent not in _known_folders:
-        try:
-            final.parent.mkdir()
-            fsync_dir(final.parent.parent)   # a new hour folder's own entry is durable too
-        except FileExistsError:
-            pass
-        _known_folders.add(final.parent)
-    os.rename(path, final)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _storage_error(exc: OSError) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull(str(exc))
-    return StorageError(str(exc))

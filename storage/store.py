@@ -19,7 +19,7 @@ import concurrent.futures
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
@@ -28,6 +28,7 @@ from . import db, events
 from .errors import StorageError
 from .recovery import recover
 from .index_writer import BatchItem, IndexWriter
+from .records import Delivery, Downloads, MailboxEntry, MessageMeta
 from .packs import punch_hole
 from .spool import SpoolFile, blob_name, new_queue_id, unlink_quietly
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage, snapshot_from_rows
@@ -36,57 +37,6 @@ from .writer_process import WriterProcess, out_of_band
 log = logging.getLogger("mailhub.storage")
 _EVENT_DELAY = 1.0           # seconds a queued refusal waits for a commit to ride along with
 _MAX_QUEUED_EVENTS = 10000   # refusals queued beyond this are dropped (and counted in the log)
-
-
-@dataclass(slots=True)
-class MessageMeta:
-    """What the ingest learnt about a message while it streamed."""
-    mail_from: str
-    sender_site: int | None
-    dot_lines: bool
-    message_id: str | None = None
-    set_id: str | None = None
-    set_part: int | None = None
-    set_total: int | None = None
-    sender_name: str | None = None   # the sending site's name (for the tracking record)
-    peer: str | None = None          # the client's IP address
-    structure: dict | None = None   # MIME structure record (relay.mime_structure), offsets in the blob
-
-
-@dataclass(slots=True)
-class Delivery:
-    site_id: int
-    rcpt: str
-    site_name: str | None = None   # for the tracking record
-
-
-@dataclass(slots=True)
-class MailboxEntry:
-    uid: int
-    queue_id: str
-    size: int
-    dot_lines: bool
-    path: Path
-    sha256: str
-    sender_site: int | None = None
-    fetched: bool = False     # downloaded before (by an earlier session)
-    flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
-    delivered_at: float = 0.0
-    offset: int = 0           # where the message starts in its blob file (a pack of small messages)
-
-
-@dataclass(slots=True)
-class Downloads:
-    """What one mailbox session sent to its site (added to running totals per site)."""
-    polled_at: float          # login time (time.time())
-    messages: int = 0         # whole messages (RETR)
-    bytes: int = 0            # message octets (RETR and TOP)
-    send_seconds: float = 0.0
-    fetched_uids: list[int] = field(default_factory=list)   # entries downloaded for the first time
-    protocol: str = "pop3"
-    peer: str | None = None   # the client's IP address
-    retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)   # queue ID -> (time, octets)
-    sessions: int = 1         # 0 for a later part of a session already counted (IMAP records at each expunge)
 
 
 @dataclass(slots=True)
@@ -196,7 +146,7 @@ class Storage:
             self._flusher = asyncio.create_task(self._flush_loop())
 
     async def queue_op(self, function, *args):
-        """Run a storage.outbound function (conn, *args) in one transaction on the writer thread."""
+        """Run a storage.outbound function (conn, *args) in one transaction in the index writer process."""
         return await self._writer.call(IndexWriter.in_transaction, function, *args)
 
     async def store_generated(self, data: bytes, meta: MessageMeta, deliveries: list[Delivery],

@@ -2,53 +2,29 @@
 # it from the event loop. A process, not a thread: a thread shares the GIL with the event loop,
 # and each call that lets go of the GIL (a write, an fdatasync, every SQLite step) then waits to
 # get it back while the loop runs (up to the 5 ms switch interval); measured, a group commit of
-# five 10 KB mails took 4.3 ms on the writer thread against 1.6 ms in a process of its own.
-# Requests go over a socket pair, one at a time in order: (IndexWriter method, args), pickled, with
-# an 8-byte length; the reply is (True, result) or (False, exception). Message bytes (wrapped with
-# `out_of_band`) follow a request raw, as pickle protocol 5 buffers: copied once into the socket and
-# once out of it, never into the pickle. The child dies with the
+# five 10 KB mails took 4.3 ms on the writer thread against about 2 ms in a process of its own.
+# Requests go over a socket pair, one at a time in order (wire format: storage/writer_child.py).
+# Message bytes (wrapped with `out_of_band`) follow a request raw, as pickle protocol 5 buffers:
+# copied once into the socket and once out of it, never into the pickle. The child dies with the
 # hub (PR_SET_PDEATHSIG) and ends when the socket closes; it ignores SIGINT and SIGTERM so that a
 # signal to the whole process group leaves the hub's graceful shutdown its commits.
 import asyncio
 import collections
-import ctypes
 import logging
 import os
 import pickle
-import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from .errors import StorageError
 from .index_writer import IndexWriter
+from .writer_child import COMMAND, LENGTH, encode_request, out_of_band
 
+__all__ = ["WriterProcess", "out_of_band"]
 log = logging.getLogger("mailhub.storage")
-_LENGTH = struct.Struct(">Q")
-_PR_SET_PDEATHSIG = 1
 _SOCKET_BUFFER = 4 * 1024 * 1024
-_CHILD = "import sys; from storage.writer_process import main; main(sys.argv[1:])"   # `ps` shows this
-
-
-def out_of_band(chunks: list) -> list[pickle.PickleBuffer]:
-    """Bytes to send to the writer raw, after the request (it gets them as bytearrays)."""
-    return [pickle.PickleBuffer(chunk) for chunk in chunks]
-
-
-def _frame(obj) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
-
-
-def _request(method, args) -> list:
-    """[lengths, pickle, *raw buffers]: the pickle's length, the number of buffers and each one's."""
-    buffers = []
-    data = pickle.dumps((method, args), protocol=5, buffer_callback=buffers.append)
-    raw = [buffer.raw() for buffer in buffers]
-    lengths = [len(data), len(raw)] + [view.nbytes for view in raw]
-    return [struct.pack(f">{len(lengths)}Q", *lengths), data, *raw]
 
 
 class WriterProcess:
@@ -57,7 +33,7 @@ class WriterProcess:
 
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.pid: int | None = None   # the child's
-        self._argv = [sys.executable, "-c", _CHILD, str(data_dir), repr(release_freed_after), str(os.getpid())]
+        self._argv = [sys.executable, "-c", COMMAND, str(data_dir), repr(release_freed_after), str(os.getpid())]
         self._proc: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
@@ -83,7 +59,7 @@ class WriterProcess:
     async def call(self, method, *args):
         if self._reading is None or self._reading.done():
             await self._restart()
-        request = _request(method, args)   # raises here if it does not pickle
+        request = encode_request(method, args)   # raises here if it does not pickle
         done = asyncio.get_running_loop().create_future()
         self._waiting.append(done)
         self._stream.writelines(request)
@@ -102,8 +78,8 @@ class WriterProcess:
     async def _read_replies(self, reader: asyncio.StreamReader, proc: subprocess.Popen) -> None:
         try:
             while True:
-                header = await reader.readexactly(_LENGTH.size)
-                reply = pickle.loads(await reader.readexactly(_LENGTH.unpack(header)[0]))
+                header = await reader.readexactly(LENGTH.size)
+                reply = pickle.loads(await reader.readexactly(LENGTH.unpack(header)[0]))
                 done = self._waiting.popleft()
                 if not done.done():
                     done.set_result(reply)
@@ -130,59 +106,3 @@ class WriterProcess:
 
 def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
-
-
-# ---- the child ------------------------------------------------------------------------------------
-
-def _read_request(reader) -> tuple[bytes, list[bytearray]] | None:
-    """The pickle and its raw buffers; None at the end of the stream."""
-    head = reader.read(16)
-    if len(head) < 16:
-        return None
-    size, count = struct.unpack(">2Q", head)
-    lengths = struct.unpack(f">{count}Q", reader.read(8 * count))
-    data = reader.read(size)
-    buffers = []
-    for length in lengths:
-        buffer = bytearray(length)
-        if reader.readinto(buffer) < length:
-            return None
-        buffers.append(buffer)
-    return (data, buffers) if len(data) == size else None
-
-
-def _serve(sock: socket.socket, writer: IndexWriter) -> None:
-    reader = sock.makefile("rb", buffering=1 << 20)
-    while True:
-        request = _read_request(reader)
-        if request is None:
-            return   # the hub closed the socket (or died)
-        try:
-            method, args = pickle.loads(request[0], buffers=request[1])
-            data = _frame((True, method(writer, *args)))
-        except Exception as exc:   # handed back to the caller
-            data = _frame((False, exc))
-            try:
-                pickle.loads(data[_LENGTH.size:])
-            except Exception:   # an exception that does not travel
-                data = _frame((False, StorageError(f"{type(exc).__name__}: {exc}")))
-        try:
-            sock.sendall(data)
-        except OSError:
-            return   # the hub is gone
-
-
-def main(argv: list[str]) -> None:
-    data_dir, release_freed_after, parent, fd = argv
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != int(parent):
-        return   # the hub died before the line above
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=int(fd))
-    writer = IndexWriter(Path(data_dir), float(release_freed_after))
-    try:
-        _serve(sock, writer)
-    finally:
-        writer.close()
-

@@ -1,0 +1,55 @@
+# What storage and its callers pass around: a received message's metadata, its deliveries, a
+# mailbox entry, a session's downloads. Plain data, no I/O; pickled to the index writer process.
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class MessageMeta:
+    """What the ingest learnt about a message while it streamed."""
+    mail_from: str
+    sender_site: int | None
+    dot_lines: bool
+    message_id: str | None = None
+    set_id: str | None = None
+    set_part: int | None = None
+    set_total: int | None = None
+    sender_name: str | None = None   # the sending site's name (for the tracking record)
+    peer: str | None = None          # the client's IP address
+    structure: dict | None = None   # MIME structure record (relay.mime_structure), offsets in the blob
+
+
+@dataclass(slots=True)
+class Delivery:
+    site_id: int
+    rcpt: str
+    site_name: str | None = None   # for the tracking record
+
+
+@dataclass(slots=True)
+class MailboxEntry:
+    uid: int
+    queue_id: str
+    size: int
+    dot_lines: bool
+    path: Path
+    sha256: str
+    sender_site: int | None = None
+    fetched: bool = False     # downloaded before (by an earlier session)
+    flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
+    delivered_at: float = 0.0
+    offset: int = 0           # where the message starts in its blob file (a pack of small messages)
+
+
+@dataclass(slots=True)
+class Downloads:
+    """What one mailbox session sent to its site (added to running totals per site)."""
+    polled_at: float          # login time (time.time())
+    messages: int = 0         # whole messages (RETR)
+    bytes: int = 0            # message octets (RETR and TOP)
+    send_seconds: float = 0.0
+    fetched_uids: list[int] = field(default_factory=list)   # entries downloaded for the first time
+    protocol: str = "pop3"
+    peer: str | None = None   # the client's IP address
+    retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)   # queue ID -> (time, octets)
+    sessions: int = 1         # 0 for a later part of a session already counted (IMAP records at each expunge)

@@ -1,0 +1,93 @@
+# The index writer process's side (see storage/writer_process.py for the hub's): read requests
+# from the socket, run them on the IndexWriter one at a time, reply. The wire format is here too:
+# a request is two 8-byte counts (pickle length, number of raw buffers), each buffer's length, the
+# pickle (IndexWriter method, args; protocol 5) and the raw buffers; a reply is an 8-byte length
+# and the pickle of (True, result) or (False, exception). Imports nothing of the event-loop side.
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import struct
+from pathlib import Path
+
+from .errors import StorageError
+from .index_writer import IndexWriter
+
+LENGTH = struct.Struct(">Q")
+_PR_SET_PDEATHSIG = 1
+COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"   # what `ps` shows
+
+
+def out_of_band(chunks: list) -> list[pickle.PickleBuffer]:
+    """Bytes to send to the writer raw, after the request (it gets them as bytearrays)."""
+    return [pickle.PickleBuffer(chunk) for chunk in chunks]
+
+
+def frame(obj) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return LENGTH.pack(len(data)) + data
+
+
+def encode_request(method, args) -> list:
+    """[lengths, pickle, *raw buffers]: the pickle's length, the number of buffers and each one's."""
+    buffers = []
+    data = pickle.dumps((method, args), protocol=5, buffer_callback=buffers.append)
+    raw = [buffer.raw() for buffer in buffers]
+    lengths = [len(data), len(raw)] + [view.nbytes for view in raw]
+    return [struct.pack(f">{len(lengths)}Q", *lengths), data, *raw]
+
+
+
+def _read_request(reader) -> tuple[bytes, list[bytearray]] | None:
+    """The pickle and its raw buffers; None at the end of the stream."""
+    head = reader.read(16)
+    if len(head) < 16:
+        return None
+    size, count = struct.unpack(">2Q", head)
+    lengths = struct.unpack(f">{count}Q", reader.read(8 * count))
+    data = reader.read(size)
+    buffers = []
+    for length in lengths:
+        buffer = bytearray(length)
+        if reader.readinto(buffer) < length:
+            return None
+        buffers.append(buffer)
+    return (data, buffers) if len(data) == size else None
+
+
+def _serve(sock: socket.socket, writer: IndexWriter) -> None:
+    reader = sock.makefile("rb", buffering=1 << 20)
+    while True:
+        request = _read_request(reader)
+        if request is None:
+            return   # the hub closed the socket (or died)
+        try:
+            method, args = pickle.loads(request[0], buffers=request[1])
+            data = frame((True, method(writer, *args)))
+        except Exception as exc:   # handed back to the caller
+            data = frame((False, exc))
+            try:
+                pickle.loads(data[LENGTH.size:])
+            except Exception:   # an exception that does not travel
+                data = frame((False, StorageError(f"{type(exc).__name__}: {exc}")))
+        try:
+            sock.sendall(data)
+        except OSError:
+            return   # the hub is gone
+
+
+def main(argv: list[str]) -> None:
+    data_dir, release_freed_after, parent, fd = argv
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent):
+        return   # the hub died before the line above
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(fd))
+    writer = IndexWriter(Path(data_dir), float(release_freed_after))
+    try:
+        _serve(sock, writer)
+    finally:
+        writer.close()
+
