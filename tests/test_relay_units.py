@@ -79,7 +79,7 @@ def test_status_codes_of_temporary_failures():
 
 
 def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_path):
-    from relay.outbound_queue import _due
+    from storage.outbound import due_and_version
     from storage import db
 
     conn = db.connect(tmp_path)
@@ -90,9 +90,9 @@ def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_pat
     rows += [("Q", "later@r.test", 1.0, 5000.0, 2)]                             # deferred, not yet due
     conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at, attempts)"
                      " VALUES (?, ?, ?, ?, ?)", rows)
-    _, picked = _due(conn, tmp_path / "blobs", 1000.0, "[]", 6, 2)
+    _, picked = due_and_version(conn, tmp_path / "blobs", 1000.0, "[]", 6, 2)
     assert [r.rcpt for r in picked] == ["new0@r.test", "new1@r.test", "new2@r.test", "old0@r.test", "old1@r.test"]
     in_flight = "[" + ",".join(str(r.id) for r in picked) + "]"
-    _, again = _due(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
+    _, again = due_and_version(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
     assert [r.rcpt for r in again] == ["old2@r.test", "old3@r.test"]  # never a row already in flight
     conn.close()
