@@ -38,6 +38,7 @@ class WriterProcess:
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._reading: asyncio.Task | None = None
+        self._restarting: asyncio.Future | None = None   # one restart, however many callers notice
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -53,12 +54,14 @@ class WriterProcess:
             theirs.close()
         self.pid = self._proc.pid
         reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
-        self._reading = asyncio.create_task(self._read_replies(reader, self._proc))
+        self._reading = asyncio.create_task(self._read_replies(reader))
         await self.call(IndexWriter.ready)   # the child opened the index
 
     async def call(self, method, *args):
         if self._reading is None or self._reading.done():
-            await self._restart()
+            if self._restarting is None or self._restarting.done():
+                self._restarting = asyncio.ensure_future(self._restart())
+            await asyncio.shield(self._restarting)
         request = encode_request(method, args)   # raises here if it does not pickle
         done = asyncio.get_running_loop().create_future()
         self._waiting.append(done)
@@ -75,7 +78,7 @@ class WriterProcess:
             self._stream.close()
         await self.start()
 
-    async def _read_replies(self, reader: asyncio.StreamReader, proc: subprocess.Popen) -> None:
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 header = await reader.readexactly(LENGTH.size)

@@ -48,6 +48,13 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_writer(pid: int) -> bool:
+    try:
+        return b"storage.writer_child" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid)
+    except FileNotFoundError:
+        return False
+
+
 def test_requests_that_fail_fail_alone_and_the_writer_keeps_working(tmp_path):
     async def play():
         storage = Storage(tmp_path)
@@ -83,8 +90,11 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
             os.kill(first, signal.SIGKILL)
             with pytest.raises(StorageError):
                 await commit
-            kept = await store_small(storage, b"Subject: kept\r\n\r\nacknowledged\r\n")
+            kept, _fresh = await asyncio.gather(   # both notice the dead writer: one new one
+                store_small(storage, b"Subject: kept\r\n\r\nacknowledged\r\n"),
+                storage.queue_op(outbound.delete, "no-such-message", None))
             assert storage._writer.pid not in (None, first) and not alive(first)
+            assert [pid for pid in children(os.getpid()) if is_writer(pid)] == [storage._writer.pid]
             async with storage._db.execute("SELECT queue_id FROM messages") as cursor:
                 assert [row[0] for row in await cursor.fetchall()] == [kept]
         finally:
