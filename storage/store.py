@@ -30,7 +30,8 @@ from .recovery import recover
 from .index_writer import BatchItem, IndexWriter
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta
 from .packs import punch_hole
-from .spool import SpoolFile, blob_name, new_queue_id, unlink_quietly
+from .files import unlink_quietly
+from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage, snapshot_from_rows
 from .writer_process import WriterProcess, out_of_band
 
@@ -54,7 +55,7 @@ class _Pending:
 
 class Storage:
     def __init__(self, data_dir: Path, release_freed_after: float = 3600):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()   # the index writer process gets it as it is
         self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
         self.spool_dir = self.data_dir / "spool"
         self.blob_dir = self.data_dir / "blobs"

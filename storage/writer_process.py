@@ -33,7 +33,8 @@ class WriterProcess:
 
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.pid: int | None = None   # the child's
-        self._argv = [sys.executable, "-c", COMMAND, str(data_dir), repr(release_freed_after), str(os.getpid())]
+        self._argv = [sys.executable, "-c", COMMAND, str(Path(data_dir).absolute()), repr(release_freed_after),
+                      str(os.getpid())]
         self._proc: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
@@ -46,7 +47,7 @@ class WriterProcess:
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         try:
             self._proc = subprocess.Popen(self._argv + [str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                                          stdin=subprocess.DEVNULL, cwd=_package_root())
+                                          stdin=subprocess.DEVNULL, env=_child_environment())
         except BaseException:
             ours.close()
             raise
@@ -107,5 +108,9 @@ class WriterProcess:
         await asyncio.get_running_loop().run_in_executor(None, proc.wait)
 
 
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+def _child_environment() -> dict:
+    """The hub's environment, with this code's folder first on the path: the writer runs the very
+    `storage` package the hub runs (installed or not), in the hub's working folder."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))

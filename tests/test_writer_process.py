@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPHA_BETA_B2, make_message
+from conftest import ALPHA_BETA_B2, make_message, stored_message
 from pop3util import send
 from storage import StorageError, outbound
 from storage.store import MessageMeta, Storage
@@ -75,6 +75,21 @@ def test_requests_that_fail_fail_alone_and_the_writer_keeps_working(tmp_path):
         assert wait_gone(pid)
 
     asyncio.run(play())
+
+
+def test_a_relative_data_folder_is_the_same_folder_for_the_writer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    async def play():
+        storage = Storage(Path("data"))
+        await storage.open()
+        try:
+            return await store_small(storage, b"Subject: here\r\n\r\nin this folder\r\n")
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(play())
+    assert stored_message(tmp_path / "data", qid).endswith(b"in this folder\r\n")
 
 
 def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer(tmp_path, caplog):
