@@ -57,3 +57,18 @@ def connect_readonly(data_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+class transaction:
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

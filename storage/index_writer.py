@@ -46,19 +46,10 @@ class IndexWriter:
         self.packs.close()
         self.conn.close()
 
-    def _transaction(self, function, *args):
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = function(self.conn, *args)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        return result
-
     def in_transaction(self, function, *args):
-        """function(conn, *args) in one transaction (storage.outbound functions)."""
-        return self._transaction(function, *args)
+        """function(conn, *args) in one transaction (also storage.outbound functions, by queue_op)."""
+        with db.transaction(self.conn):
+            return function(self.conn, *args)
 
     def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[tuple[Path, int, str]]:
         """Small messages into the pack (durable), then one transaction for the batch with its
@@ -67,7 +58,7 @@ class IndexWriter:
         packed = [item for item in batch if item.data is not None]
         try:
             self.packs.write(packed)
-            self._transaction(_index_batch, batch, loose)
+            self.in_transaction(_index_batch, batch, loose)
         except BaseException:
             if packed:
                 self.packs.abandon()
@@ -78,15 +69,15 @@ class IndexWriter:
         """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
         Returns what changed: ([(uid, sender_site, size)] newly marked downloaded,
         [(uid, sender_site, size, was_waiting)] removed)."""
-        return self._transaction(_delete_entries, site_id, uids, downloads, site_name)
+        return self.in_transaction(_delete_entries, site_id, uids, downloads, site_name)
 
     def update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
-        self._transaction(lambda conn: conn.executemany(
+        self.in_transaction(lambda conn: conn.executemany(
             "UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
             [(add, remove, site_id, uid) for uid in uids]))
 
     def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
-        self._transaction(write_throttle_states, states, now)
+        self.in_transaction(write_throttle_states, states, now)
 
     def prune_events(self, before: float) -> int:
         return events.prune_batch(self.conn, before)

@@ -6,7 +6,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from . import events
+from . import db, events
 from .errors import StorageError
 from .passwords import hash_password
 
@@ -58,7 +58,7 @@ def add_site(conn: sqlite3.Connection, name: str, addresses: list[str], password
             raise SiteError(f"address {address!r} given twice")
         seen.add(address.lower())
     password_hash = hash_password(password)
-    with _transaction(conn):
+    with db.transaction(conn):
         if conn.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone():
             raise SiteError(f"site {name!r} exists already")
         for address in checked:
@@ -103,7 +103,7 @@ def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
     if not password:
         raise SiteError("empty password")
     password_hash = hash_password(password)
-    with _transaction(conn):
+    with db.transaction(conn):
         if conn.execute("UPDATE sites SET password_hash = ? WHERE name = ?",
                         (password_hash, name)).rowcount == 0:
             raise SiteError(f"no site named {name!r}")
@@ -111,7 +111,7 @@ def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
 
 def remove_site(conn: sqlite3.Connection, name: str) -> int:
     """Remove a site, its addresses and its mailbox; return how many mails were dropped."""
-    with _transaction(conn):
+    with db.transaction(conn):
         site = get_site(conn, name)
         conn.execute("INSERT INTO events (at, kind, queue_id, site, detail) SELECT ?, ?, queue_id, ?, 'site removed'"
                      " FROM mailbox WHERE site_id = ?", (time.time(), events.DELETED, site.name, site.id))
@@ -122,18 +122,3 @@ def remove_site(conn: sqlite3.Connection, name: str) -> int:
 
 def sites_version(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT value FROM meta WHERE key = 'sites_version'").fetchone()[0]
-
-
-class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on error."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False

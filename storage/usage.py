@@ -7,7 +7,8 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from .sites import SiteError, _transaction, get_site
+from . import db
+from .sites import SiteError, get_site
 
 # Limit names, in display order, as `mailhub site set` options and site_limits columns.
 LIMIT_NAMES = ("mailbox_bytes", "mailbox_messages", "max_message_size", "submitted_per_day",
@@ -61,7 +62,7 @@ def set_limits(conn: sqlite3.Connection, name: str, values: dict[str, float | No
     unknown = set(values) - set(LIMIT_NAMES)
     if unknown:
         raise SiteError(f"unknown limit(s): {', '.join(sorted(unknown))}")
-    with _transaction(conn):
+    with db.transaction(conn):
         site = get_site(conn, name)
         conn.execute("INSERT OR IGNORE INTO site_limits (site_id) VALUES (?)", (site.id,))
         for key, value in values.items():
@@ -70,7 +71,7 @@ def set_limits(conn: sqlite3.Connection, name: str, values: dict[str, float | No
 
 def rebuild_usage(conn: sqlite3.Connection) -> None:
     """Recompute mailbox_usage from the mailbox (at start, before any listener opens)."""
-    with _transaction(conn):
+    with db.transaction(conn):
         conn.execute("DELETE FROM mailbox_usage")
         conn.execute(
             "INSERT INTO mailbox_usage (receiver_id, sender_id, held_bytes, held_messages, waiting_bytes,"
