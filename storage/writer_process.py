@@ -33,8 +33,10 @@ class WriterProcess:
 
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.pid: int | None = None   # the child's
-        self._argv = [sys.executable, "-c", COMMAND, str(Path(data_dir).absolute()), repr(release_freed_after),
-                      str(os.getpid())]
+        # -P: the hub's working folder is not put on the child's path (a `storage` folder there
+        # would be imported instead of the hub's own)
+        self._argv = [sys.executable, "-P", "-c", COMMAND, str(Path(data_dir).absolute()),
+                      repr(release_freed_after), str(os.getpid())]
         self._proc: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()

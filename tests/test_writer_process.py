@@ -78,6 +78,10 @@ def test_requests_that_fail_fail_alone_and_the_writer_keeps_working(tmp_path):
 
 
 def test_a_relative_data_folder_is_the_same_folder_for_the_writer(tmp_path, monkeypatch):
+    # the working folder also holds a `storage` package of its own (another checkout, say): the
+    # writer must run the hub's code, not import that
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "__init__.py").write_text("raise ImportError('the working folder was imported')\n")
     monkeypatch.chdir(tmp_path)
 
     async def play():
