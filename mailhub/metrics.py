@@ -91,66 +91,78 @@ IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", regis
 
 # ---- hooks called by the protocol edges (cheap; they never raise into a session) -------------
 
+_children: dict = {}
+
+
+def _labelled(metric, *values):
+    """metric.labels(*values), kept: labels() checks its arguments and takes a lock on every call,
+    and the SMTP hooks run several times per mail."""
+    child = _children.get((metric, values))
+    if child is None:
+        child = _children[(metric, values)] = metric.labels(*values)
+    return child
+
+
 def smtp_session(outcome: str) -> None:
-    SMTP_SESSIONS.labels(outcome).inc()
+    _labelled(SMTP_SESSIONS, outcome).inc()
 
 
 def smtp_refusal(command: str, reply: str) -> None:
-    SMTP_REFUSALS.labels(command, reply[:3]).inc()
+    _labelled(SMTP_REFUSALS, command, reply[:3]).inc()
 
 
 def encryption_refusal(reason: str) -> None:
-    ENCRYPTION_REFUSALS.labels(reason).inc()
+    _labelled(ENCRYPTION_REFUSALS, reason).inc()
 
 
 def directory_mail(kind: str) -> None:
-    DIRECTORY_MAILS.labels(kind).inc()
+    _labelled(DIRECTORY_MAILS, kind).inc()
 
 
 def smtp_deferral(reason: str) -> None:
-    SMTP_DEFERRALS.labels(reason).inc()
+    _labelled(SMTP_DEFERRALS, reason).inc()
 
 
 def smtp_transaction(reply: str, size: int, sender_site: str | None, receiving_sites, seconds: float) -> None:
     """One transaction at its end of data: `receiving_sites` are the names of the mailboxes it went to."""
     code = reply[:3]
     outcome = "accepted" if code[0] == "2" else "deferred" if code[0] == "4" else "rejected"
-    SMTP_TRANSACTIONS.labels(outcome, code).inc()
+    _labelled(SMTP_TRANSACTIONS, outcome, code).inc()
     if outcome != "accepted":
         return
     sender = sender_site or NO_SITE
-    RECEIVED_MESSAGES.labels(sender).inc()
-    RECEIVED_BYTES.labels(sender).inc(size)
+    _labelled(RECEIVED_MESSAGES, sender).inc()
+    _labelled(RECEIVED_BYTES, sender).inc(size)
     for name in receiving_sites:
-        DELIVERED_MESSAGES.labels(name).inc()
-        DELIVERED_BYTES.labels(name).inc(size)
+        _labelled(DELIVERED_MESSAGES, name).inc()
+        _labelled(DELIVERED_BYTES, name).inc(size)
     INGEST_SECONDS.observe(seconds)
 
 
 def pop3_message(site: str, octets: int, whole: bool) -> None:
     if whole:
-        POP3_MESSAGES.labels(site).inc()
-    POP3_BYTES.labels(site).inc(octets)
+        _labelled(POP3_MESSAGES, site).inc()
+    _labelled(POP3_BYTES, site).inc(octets)
 
 
 def outbound_delivery(outcome: str) -> None:
-    OUTBOUND_DELIVERIES.labels(outcome).inc()
+    _labelled(OUTBOUND_DELIVERIES, outcome).inc()
 
 
 def pop3_session(outcome: str) -> None:
     """`outcome` as the POP3 adapter logs it; details after the first word are dropped."""
-    POP3_SESSIONS.labels(_session_outcome(outcome, "quit")).inc()
+    _labelled(POP3_SESSIONS, _session_outcome(outcome, "quit")).inc()
 
 
 def imap_message(site: str, octets: int, whole: bool) -> None:
     if whole:
-        IMAP_MESSAGES.labels(site).inc()
-    IMAP_BYTES.labels(site).inc(octets)
+        _labelled(IMAP_MESSAGES, site).inc()
+    _labelled(IMAP_BYTES, site).inc(octets)
 
 
 def imap_session(outcome: str) -> None:
     """`outcome` as the IMAP adapter logs it."""
-    IMAP_SESSIONS.labels(_session_outcome(outcome, "logout")).inc()
+    _labelled(IMAP_SESSIONS, _session_outcome(outcome, "logout")).inc()
 
 
 def _session_outcome(outcome: str, clean_end: str) -> str:

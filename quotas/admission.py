@@ -106,12 +106,21 @@ def admit_at_end_of_data(now: float, sender: Hashable, state: ReceiverState, siz
     """Drain-time admission once the whole mail is in. `at_rcpt` is this receiver's verdict at
     RCPT, if any: a firm acceptance there with SIZE= stands unless the mail came out bigger. Once
     the mail is committed the caller records its set part with `record_admitted`."""
-    if (at_rcpt is not None and at_rcpt.ok and at_rcpt.reason not in _PROVISIONAL
-            and at_rcpt.figures.get("size") is not None and size <= at_rcpt.figures["size"]):
-        return accept("admitted_at_rcpt", stage="end_of_data", receiver=state.name, size=size,
-                      declared=at_rcpt.figures["size"])
+    standing = standing_rcpt_acceptance(state.name, size, at_rcpt)
+    if standing is not None:
+        return standing
     continuation = part is not None and open_sets.is_open(now, sender, state.name, part.set_id)
     return _decide(sender, state, size, continuation, config, "end_of_data")
+
+
+def standing_rcpt_acceptance(receiver: str, size: int, at_rcpt: Verdict | None) -> Verdict | None:
+    """The end-of-data verdict when a firm acceptance at RCPT with SIZE= stands (the mail did not
+    come out bigger), else None: then the receiver's state decides (admit_at_end_of_data)."""
+    if (at_rcpt is not None and at_rcpt.ok and at_rcpt.reason not in _PROVISIONAL
+            and at_rcpt.figures.get("size") is not None and size <= at_rcpt.figures["size"]):
+        return accept("admitted_at_rcpt", stage="end_of_data", receiver=receiver, size=size,
+                      declared=at_rcpt.figures["size"])
+    return None
 
 
 def record_admitted(now: float, sender: Hashable, receiver: str, part: SetPart | None,

@@ -7,7 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Hashable
 
-from .admission import AdmissionConfig, ReceiverState, admit_at_end_of_data, admit_at_rcpt, record_admitted
+from .admission import (AdmissionConfig, ReceiverState, admit_at_end_of_data, admit_at_rcpt, record_admitted,
+                        standing_rcpt_acceptance)
 from .drain import DrainConfig, DrainEstimator
 from .ledger import NO_SITE, Ledger
 from .limits import MailboxFull, MessageTooBig, SiteLimits, Verdict, accept
@@ -58,7 +59,6 @@ class Throttle:
         self._estimators: dict[int, DrainEstimator] = {}
         self._buckets: dict[int, TokenBucket] = {}    # receiver -> its intake bucket (pacing)
         self._limits: dict[int, tuple[dict, SiteLimits]] = {}
-        self._names: dict[int, str] = {}
         self.deferrals: Counter = Counter()                 # (receiver name, reason) -> count
         self.last_deferral: dict[int, tuple[float, str]] = {}
 
@@ -69,7 +69,6 @@ class Throttle:
         if cached is None or cached[0] is not site.limits:   # a reloaded site record brings a new dict
             cached = (site.limits, merge_limits(self.settings.defaults, site.limits))
             self._limits[site.id] = cached
-        self._names[site.id] = site.name
         return cached[1]
 
     def _estimator(self, site: SiteRef, now: float) -> DrainEstimator:
@@ -126,9 +125,10 @@ class Throttle:
                 verdict = at_rcpt   # quotas were checked with this size reserved until now
             else:
                 verdict = self._quotas(sender, receiver, size, now)
-            if verdict.ok and self.settings.drain_admission:
-                verdict = admit_at_end_of_data(now, _key(sender), self.receiver_state(receiver, now), size,
-                                               part, self.sets, self.settings.admission, at_rcpt)
+            if verdict.ok and self.settings.drain_admission:   # the receiver's state only when needed
+                verdict = standing_rcpt_acceptance(receiver.name, size, at_rcpt) or admit_at_end_of_data(
+                    now, _key(sender), self.receiver_state(receiver, now), size, part, self.sets,
+                    self.settings.admission, at_rcpt)
             if not verdict.ok:
                 return self._counted(receiver, verdict, now)
         return accept("admitted", size=size, receivers=len(receivers))

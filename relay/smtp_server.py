@@ -681,12 +681,15 @@ class HubSMTP(SMTP):
 _aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
 
 
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
 def _sanitized_log_if_enabled(func, msg, *args, **kwargs) -> None:
     """aiosmtpd logs every command line (debug and info) through this helper, which masks AUTH
     secrets with a regex before the logger looks at its level; ask the level first."""
     logger = getattr(func, "__self__", None)
-    level = logging.getLevelName(func.__name__.upper()) if logger is not None else None
-    if isinstance(level, int) and not logger.isEnabledFor(level):
+    level = _LOG_LEVELS.get(getattr(func, "__name__", None))
+    if logger is not None and level is not None and not logger.isEnabledFor(level):
         return
     _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
 
