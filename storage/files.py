@@ -2,6 +2,7 @@
 # (storage/packs.py): whole writes, renames into blobs/ with the folder's own entry made durable,
 # folder fsync, and OSError to StorageError. Plain blocking code; imports nothing heavy (the index
 # writer process uses it).
+import ctypes
 import errno
 import os
 from pathlib import Path
@@ -48,6 +49,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+libc = ctypes.CDLL(None, use_errno=True)   # the C library: sync_file_range here, fallocate in packs
+_sync_file_range = getattr(libc, "sync_file_range", None)   # Linux only
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing bytes [offset, offset + length) of a file to disk now, without
+    waiting: the fsync at the end then has little left to flush. Only a hint (durability still comes
+    from fsync); does nothing where the call is missing or fails."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def storage_error(exc: OSError) -> StorageError:

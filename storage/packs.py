@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .files import blob_of, fsync_dir, rename_into, storage_error, unlink_quietly, write_all
+from .files import blob_of, fsync_dir, libc, rename_into, storage_error, unlink_quietly, write_all
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -100,8 +100,7 @@ class PackWriter:
             os.close(fd)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
@@ -114,7 +113,7 @@ def punch_hole(path: Path, start: int, size: int) -> bool:
     except FileNotFoundError:
         return False
     try:
-        if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, size) == 0:
+        if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, size) == 0:
             return True
         code = ctypes.get_errno()
         if code in (errno.EOPNOTSUPP, errno.ENOSYS):

@@ -1,6 +1,8 @@
 # Spool files: the one place message bytes are written. The event loop only queues chunks; a
 # worker thread creates the file, hashes and writes them in order (one job at a time per file, so
-# both cores work: the loop receives while a thread writes), then fsyncs at the end.
+# both cores work: the loop receives while a thread writes), then fsyncs at the end. A big message's
+# bytes start going to disk while it streams (start_writeback every WRITEBACK_AT bytes), so that the
+# final fsync, which the client waits for, has only the tail left to flush.
 # A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the index
 # writer process, which hashes it and appends a batch of them to a pack file (storage/packs.py).
 # Memory per message is bounded by MAX_QUEUED; never holds a whole message.
@@ -13,12 +15,13 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from .errors import StorageError
-from .files import fsync_dir, rename_into, storage_error, unlink_quietly, write_all
+from .files import fsync_dir, rename_into, start_writeback, storage_error, unlink_quietly, write_all
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
 SMALL_MESSAGE = 2 * 1024 * 1024  # until this much is queued no write job starts: a message whose
                                  # end comes first is small, and goes into a pack
 MAX_QUEUED = 8 * 1024 * 1024  # queued bytes after which the receiver waits for the disk
+WRITEBACK_AT = 8 * 1024 * 1024  # written bytes whose writeback starts at once (not all at the final fsync)
 
 
 _sequence = itertools.count(int.from_bytes(os.urandom(3), "big"))
@@ -40,7 +43,7 @@ class SpoolFile:
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
     __slots__ = ("queue_id", "path", "offset", "size", "error", "handed_over", "_executor", "_fd", "_sha",
-                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest")
+                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from")
 
     def __init__(self, spool_dir: Path, queue_id: str, executor: Executor):
         self.queue_id = queue_id
@@ -58,6 +61,8 @@ class SpoolFile:
         self._discarded = False
         self._streaming = False  # a write job has started: the message is no longer all in memory
         self._digest: str | None = None   # a packed message's SHA-256, from the index writer
+        self._written = 0          # bytes written to the file (worker side)
+        self._flushing_from = 0    # where the range not yet handed to start_writeback begins
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
@@ -155,6 +160,10 @@ class SpoolFile:
             for chunk in chunks:
                 self._sha.update(chunk)
                 write_all(self._fd, chunk)
+                self._written += len(chunk)
+            if final is None and self._written - self._flushing_from >= WRITEBACK_AT:
+                start_writeback(self._fd, self._flushing_from, self._written - self._flushing_from)
+                self._flushing_from = self._written
             if final is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
