@@ -31,6 +31,7 @@ class Ledger:
         self._waiting: dict[int, dict[int, int]] = {}         # receiver -> sender -> bytes
         self._volumes: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])  # submitted, received
         self._reserved: dict[Hashable, list[tuple[int, int, int]]] = {}      # token -> (recv, sender, bytes)
+        self._reserved_for: dict[int, dict[int, list[int]]] = {}   # their sums: recv -> sender -> [bytes, count]
         self._live_fetched: dict[tuple[int, int], tuple[int, int]] = {}     # (recv, uid) -> (sender, bytes)
         self._downloaded: dict[int, int] = {}                 # site -> cumulative bytes sent to it
         self._last_poll: dict[int, float] = {}
@@ -101,9 +102,20 @@ class Ledger:
     def reserve(self, token: Hashable, receiver: int, sender: int, size: int) -> None:
         """Count a declared size against the receiver until `release(token)` (transaction end)."""
         self._reserved.setdefault(token, []).append((receiver, sender, size))
+        total = self._reserved_for.setdefault(receiver, {}).setdefault(sender, [0, 0])
+        total[0] += size
+        total[1] += 1
 
     def release(self, token: Hashable) -> None:
-        self._reserved.pop(token, None)
+        for receiver, sender, size in self._reserved.pop(token, ()):
+            by_sender = self._reserved_for[receiver]
+            total = by_sender[sender]
+            total[0] -= size
+            total[1] -= 1
+            if not total[1]:
+                del by_sender[sender]
+                if not by_sender:
+                    del self._reserved_for[receiver]
 
     def note_poll(self, site: int, now: float) -> None:
         self._last_poll[site] = max(now, self._last_poll.get(site, 0.0))
@@ -117,10 +129,8 @@ class Ledger:
     def waiting(self, receiver: int) -> dict[int, int]:
         """Bytes waiting for the receiver per sender: not yet downloaded, plus reservations."""
         result = dict(self._waiting.get(receiver, {}))
-        for items in self._reserved.values():
-            for recv, sender, size in items:
-                if recv == receiver:
-                    result[sender] = result.get(sender, 0) + size
+        for sender, (size, _count) in self._reserved_for.get(receiver, {}).items():
+            result[sender] = result.get(sender, 0) + size
         for (recv, _), (sender, size) in self._live_fetched.items():
             if recv == receiver:
                 result[sender] = result.get(sender, 0) - size
@@ -131,10 +141,16 @@ class Ledger:
         `excluding`, the transaction asking)."""
         day, month = _periods(now)
         held_bytes, held_messages = self._held.get(site, (0, 0))
-        reserved = [size for token, items in self._reserved.items() if token is not excluding
-                    for recv, _, size in items if recv == site]
+        reserved_bytes = reserved_count = 0
+        for size, count in self._reserved_for.get(site, {}).values():
+            reserved_bytes += size
+            reserved_count += count
+        for recv, _, size in self._reserved.get(excluding, ()) if excluding is not None else ():
+            if recv == site:
+                reserved_bytes -= size
+                reserved_count -= 1
         today, this_month = self._volumes.get((site, day), (0, 0)), self._volumes.get((site, month), (0, 0))
-        return SiteUsage(mailbox_bytes=held_bytes + sum(reserved), mailbox_messages=held_messages + len(reserved),
+        return SiteUsage(mailbox_bytes=held_bytes + reserved_bytes, mailbox_messages=held_messages + reserved_count,
                          submitted_today=today[0], submitted_month=this_month[0],
                          received_today=today[1], received_month=this_month[1])
 

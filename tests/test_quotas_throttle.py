@@ -1,7 +1,11 @@
 # The throttle as the server uses it, in memory on a simulated clock: the ledger kept by storage's
 # change reports, reservations of transactions in flight, downloads of sessions still open, site
 # overrides of the config's limits, per-receiver intake buckets.
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from quotas import AdmissionConfig, DrainConfig, SiteLimits, SiteRef, Throttle, ThrottleSettings, merge_limits
+from quotas.ledger import Ledger
 
 T0 = 1_800_000_000.0
 MB = 1_000_000
@@ -92,3 +96,34 @@ def test_intake_bucket_engages_for_a_lagging_receiver_only():
     t.observe([RECEIVER], T0 + 0.1)
     assert bucket.rate == 1 * MB
     assert bucket.take(3 * MB, T0 + 0.1) > 0          # beyond the 2 s burst: wait
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.booleans(), st.integers(0, 4), st.integers(1, 3), st.integers(0, 2),
+                                st.integers(0, 5000)), max_size=40))
+def test_reservations_count_in_usage_and_backlog_as_they_come_and_go(steps):
+    """The ledger's running sums of reservations match a plain count over the transactions open."""
+    ledger = Ledger()
+    ledger.load([(1, 0, 100, 1, 100, 1), (2, 1, 50, 1, 0, 0)], {}, {})
+    tokens = [object() for _ in range(5)]
+    open_ = {}   # token index -> [(receiver, sender, size)]
+    for reserve, t, receiver, sender, size in steps:
+        if reserve:
+            ledger.reserve(tokens[t], receiver, sender, size)
+            open_.setdefault(t, []).append((receiver, sender, size))
+        else:
+            ledger.release(tokens[t])
+            open_.pop(t, None)
+        for site in (1, 2, 3):
+            for excluding in (None, tokens[0]):
+                mine = [s for i, items in open_.items() if excluding is None or tokens[i] is not excluding
+                        for r, _sender, s in items if r == site]
+                usage = ledger.usage(site, 0.0, excluding)
+                held = {1: (100, 1), 2: (50, 1)}.get(site, (0, 0))
+                assert (usage.mailbox_bytes, usage.mailbox_messages) == (held[0] + sum(mine), held[1] + len(mine))
+            backlog = {1: {0: 100}}.get(site, {}).copy()
+            for items in open_.values():
+                for r, s, b in items:
+                    if r == site:
+                        backlog[s] = backlog.get(s, 0) + b
+            assert ledger.waiting(site) == {s: b for s, b in backlog.items() if b > 0}
