@@ -145,7 +145,7 @@ class Ledger:
         for size, count in self._reserved_for.get(site, {}).values():
             reserved_bytes += size
             reserved_count += count
-        for recv, _, size in self._reserved.get(excluding, ()) if excluding is not None else ():
+        for recv, _, size in self._reserved.get(excluding, ()):   # the asking transaction's own
             if recv == site:
                 reserved_bytes -= size
                 reserved_count -= 1
