@@ -95,8 +95,8 @@ class OutboundQueue:
         now = time.time()
         busy = json.dumps(sorted(self._busy))
         deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
-        retry_version, rows = await self.storage.queue_op(outbound.due_and_version, self.storage.blob_dir, now, busy, free,
-                                                          deferred_room)
+        retry_version, rows = await self.storage.queue_op(outbound.due_and_version, self.storage.blob_dir, now,
+                                                          busy, free, deferred_room)
         if retry_version != self._retry_version:
             if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
                 for dest in self._destinations.values():

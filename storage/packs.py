@@ -1,12 +1,13 @@
 # Packs: small messages (whole in memory at end of data) are stored together in pack files under
-# blobs/, written by the index writer only (storage/index_writer.py). A batch is appended to the open pack and made
-# durable with one fdatasync (a file creation costs far more than writing 10 KB). A new pack is made
-# the way a single message is (spool file, fsync, rename into blobs/, folder fsync), so a name under
-# blobs/ never shows a file whose indexed bytes are not durable. Bytes of a batch whose commit then
-# failed stay unreferenced in the pack; recovery only checks that a file reaches the end of its
-# last indexed message. A pack is freed with its last message; an open pack is closed first, on
-# the writer too (IndexWriter.freed), and appending to a pack takes it out of the trash. The
-# bytes of a freed message in a pack that lives on are released later by punch_hole.
+# blobs/, written by the index writer only (storage/index_writer.py). A batch is appended to the
+# open pack and made durable with one fdatasync (a file creation costs far more than writing
+# 10 KB). A new pack is made the way a single message is (spool file, fsync, rename into blobs/,
+# folder fsync), so a name under blobs/ never shows a file whose indexed bytes are not durable.
+# Bytes of a batch whose commit then failed stay unreferenced in the pack; recovery only checks
+# that a file reaches the end of its last indexed message. A pack is freed with its last message;
+# an open pack is closed first, on the writer too (IndexWriter.freed), and appending to a pack
+# takes it out of the trash. The bytes of a freed message in a pack that lives on are released
+# later by punch_hole.
 import ctypes
 import errno
 import hashlib

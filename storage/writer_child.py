@@ -38,7 +38,6 @@ def encode_request(method, args) -> list:
     return [struct.pack(f">{len(lengths)}Q", *lengths), data, *raw]
 
 
-
 def _read_request(reader) -> tuple[bytes, list[bytearray]] | None:
     """The pickle and its raw buffers; None at the end of the stream."""
     head = reader.read(16)
@@ -90,4 +89,3 @@ def main(argv: list[str]) -> None:
         _serve(sock, writer)
     finally:
         writer.close()
-

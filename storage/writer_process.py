@@ -35,7 +35,7 @@ class WriterProcess:
         self.pid: int | None = None   # the child's
         # -P: the hub's working folder is not put on the child's path (a `storage` folder there
         # would be imported instead of the hub's own)
-        self._argv = [sys.executable, "-P", "-c", COMMAND, str(Path(data_dir).absolute()),
+        self._argv = [sys.executable, "-P", "-c", COMMAND, str(data_dir),
                       repr(release_freed_after), str(os.getpid())]
         self._proc: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None

@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 
+from bench.ingest_benchmark import hub_peak_rss
 from conftest import ALPHA_BETA, RawSMTP, queue_id_from
 
 MB = 1024 * 1024
@@ -21,24 +22,6 @@ def _status_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
-def _private_kb(pid: int) -> int:
-    """A process's memory that no other process maps (its own heap; not the interpreter and
-    libraries it shares with the hub)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return int(fields["Private_Clean"].split()[0]) + int(fields["Private_Dirty"].split()[0])
-
-
-def _peak_kb(pid: int) -> int:
-    """The hub's VmHWM plus the private memory of its child processes (the index writer, whose
-    memory hardly moves: it gets a 1 GB mail's name and hash, not its bytes)."""
-    total = _status_kb(pid, "VmHWM")
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            total += sum(_private_kb(int(child)) for child in f.read().split())
-    return total
 
 
 def _base64_chunk() -> bytes:
@@ -56,7 +39,7 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     pid = hub.proc.pid
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"mailhub.cli\0serve" in f.read()  # the hub itself, not a wrapper
-    rss_before = _peak_kb(pid) * 1024
+    rss_before = hub_peak_rss(pid)   # VmHWM plus the index writer's private memory
 
     header = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: whole study\r\n"
               b"Message-ID: <big-study@hub.test>\r\nX-TELEMEDICINE-SETID: 1.2.840.99\r\n"
@@ -82,7 +65,7 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     reply = client.reply()
     elapsed = time.monotonic() - started
     qid = queue_id_from(reply)
-    peak = _peak_kb(pid) * 1024
+    peak = hub_peak_rss(pid)
     assert client.command("QUIT").startswith(b"221")
     client.close()
     print(f"\n{MAIL_MB} MiB mail in {elapsed:.1f} s ({MAIL_MB / elapsed:.0f} MiB/s); hub peak RSS "
