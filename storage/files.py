@@ -10,15 +10,10 @@ from pathlib import Path
 from .errors import StorageError, StorageFull
 
 
-def blob_of(path: Path) -> str:
-    """The blob column of a file under blobs/: '<hour folder>/<name>'."""
-    return f"{path.parent.name}/{path.name}"
+_known_folders: set[str] = set()  # blob folders known to exist (a folder is never removed while serving)
 
 
-_known_folders: set[Path] = set()  # blob folders known to exist (a folder is never removed while serving)
-
-
-def unlink_quietly(path: Path) -> None:
+def unlink_quietly(path: str | Path) -> None:
     """Remove a file that may already be gone."""
     try:
         os.unlink(path)
@@ -32,18 +27,20 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def rename_into(path: Path, final: Path) -> None:
-    if final.parent not in _known_folders:
+def rename_into(path: str, final: str) -> None:
+    """Rename a file to `final` under blobs/, making its hour folder first if need be."""
+    folder = os.path.dirname(final)
+    if folder not in _known_folders:
         try:
-            final.parent.mkdir()
-            fsync_dir(final.parent.parent)   # a new hour folder's own entry is durable too
+            os.mkdir(folder)
+            fsync_dir(os.path.dirname(folder))   # a new hour folder's own entry is durable too
         except FileExistsError:
             pass
-        _known_folders.add(final.parent)
+        _known_folders.add(folder)
     os.rename(path, final)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from . import db, events
 from .packs import PackWriter
-from .files import blob_of
 from .usage import write_throttle_states
 
 
 @dataclass(slots=True)
 class BatchItem:
     """A message of a group commit, as the writer gets it. A small message comes with its `data`
-    (received chunks) and `target`, the blob path a new pack would take; the writer appends it to
-    the open pack and sets `path`, `offset` and `sha256`. Any other one is already durable at `path`."""
+    (received chunks) and `spool_path`, the file a pack it begins starts as; the writer appends it
+    to the open pack and sets `blob`, `offset` and `sha256`. Any other one is already durable as `blob`.
+    Paths are plain strings: cheaper to send and to make than pathlib's."""
     queue_id: str
     size: int
     received_at: float
@@ -26,17 +26,17 @@ class BatchItem:
     deliveries: list      # [storage.Delivery]
     remote: list[str]
     mark: tuple[str, int] | None
-    path: Path            # its blob file (a packed one: the spool path a new pack starts as)
+    blob: str             # '<hour folder>/<name>' (a packed one: the name a pack it begins takes)
     sha256: str | None = None
     data: list[bytes] | None = None
-    target: Path | None = None
+    spool_path: str | None = None
     offset: int = 0
 
 
 class IndexWriter:
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.conn = db.connect(data_dir)
-        self.packs = PackWriter()
+        self.packs = PackWriter(str(data_dir / "blobs"))
         self.release_freed_after = release_freed_after
 
     def ready(self) -> None:
@@ -51,10 +51,9 @@ class IndexWriter:
         with db.transaction(self.conn):
             return function(self.conn, *args)
 
-    def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[tuple[Path, int, str]]:
+    def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[str]:
         """Small messages into the pack (durable), then one transaction for the batch with its
-        tracking events and the queued refusal `loose` (event rows). Returns (path, offset, sha256)
-        per message."""
+        tracking events and the queued refusal `loose` (event rows). Returns each one's SHA-256."""
         packed = [item for item in batch if item.data is not None]
         try:
             self.packs.write(packed)
@@ -63,7 +62,7 @@ class IndexWriter:
             if packed:
                 self.packs.abandon()
             raise
-        return [(item.path, item.offset, item.sha256) for item in batch]
+        return [item.sha256 for item in batch]
 
     def delete_entries(self, site_id: int, uids: list[int], downloads, site_name: str | None):
         """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
@@ -109,7 +108,7 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> None:
         m = item.meta
         qid, size, at = item.queue_id, item.size, item.received_at
         structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
-        messages.append((qid, blob_of(item.path), item.offset, size, item.sha256,
+        messages.append((qid, item.blob, item.offset, size, item.sha256,
                          int(m.dot_lines), at, m.mail_from, m.sender_site,
                          m.message_id, m.set_id, m.set_part, m.set_total,
                          len(item.deliveries) + len(item.remote), structure))
@@ -134,7 +133,7 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> None:
                          " VALUES (?, ?, ?, ?)", queued)
     # a pack that was freed while open is referenced again
     conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
-                     [(blob,) for blob in {blob_of(i.path) for i in batch if i.target is not None}])
+                     [(blob,) for blob in {i.blob for i in batch if i.data is not None}])
 
 
 _ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"

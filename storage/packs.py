@@ -12,29 +12,29 @@ import ctypes
 import errno
 import hashlib
 import os
-from pathlib import Path
 
-from .files import blob_of, fsync_dir, libc, rename_into, storage_error, unlink_quietly, write_all
+from .files import fsync_dir, libc, rename_into, storage_error, unlink_quietly, write_all
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
 
 class PackWriter:
-    def __init__(self):
+    def __init__(self, blob_dir: str):
+        self._blob_dir = blob_dir
         self._fd = -1
-        self._path: Path | None = None   # the open pack, in blobs/
+        self._blob: str | None = None    # the open pack's blob name ('<hour folder>/<name>')
         self._size = 0
-        self._made: list[Path] = []      # packs begun by the last batch (they hold nothing committed)
+        self._made: list[str] = []       # packs begun by the last batch (they hold nothing committed)
 
     @property
     def open_blob(self) -> str | None:
-        """The open pack's blob name ('<hour folder>/<name>'), or None."""
-        return None if self._path is None else blob_of(self._path)
+        """The open pack's blob name, or None."""
+        return self._blob
 
     def write(self, messages: list) -> None:
-        """Make a batch of small messages durable: index_writer.BatchItems with their `data`, `path`
-        (the spool path a new pack starts as) and `target` (the blob path it would take). Sets each
-        one's path, offset and sha256. Raises StorageError (and abandons)."""
+        """Make a batch of small messages durable: index_writer.BatchItems with their `data`,
+        `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes).
+        Sets each one's blob, offset and sha256. Raises StorageError (and abandons)."""
         if not messages:
             return
         try:
@@ -52,51 +52,46 @@ class PackWriter:
 
     def _write(self, messages: list) -> None:
         self._made = []
-        written = {}   # fd -> its pack's path (a spool path until renamed), in the order written
-        begun = []     # (fd, spool path, target) of the packs this batch begins
-        members = {}   # fd -> the messages in it
+        written = []   # fds of the packs written to, in order
+        begun = {}     # fd -> (spool path, blob) of the packs this batch begins
         try:
             for message in messages:
-                chunks, target = message.data, message.target
+                chunks = message.data
                 size = sum(map(len, chunks))
                 if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
                     if self._fd not in written:
                         self.close()
                     self._fd = -1
-                    fd = os.open(message.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-                    self._fd, self._path, self._size = fd, message.path, 0
-                    begun.append((fd, message.path, target))
-                    written[fd] = message.path
+                    fd = os.open(message.spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                    self._fd, self._blob, self._size = fd, message.blob, 0
+                    begun[fd] = (message.spool_path, message.blob)
+                    written.append(fd)
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 message.sha256 = hashlib.sha256(data).hexdigest()
                 message.offset = self._size
+                message.blob = self._blob
                 write_all(self._fd, data)
                 self._size += size
-                written.setdefault(self._fd, self._path)
-                members.setdefault(self._fd, []).append(message)
-            fresh = {fd for fd, _path, _target in begun}
+                if not written or written[-1] != self._fd:
+                    written.append(self._fd)
             for fd in written:
-                (os.fsync if fd in fresh else os.fdatasync)(fd)
-            for fd, path, target in begun:
+                (os.fsync if fd in begun else os.fdatasync)(fd)
+            for fd, (path, blob) in list(begun.items()):
+                target = f"{self._blob_dir}/{blob}"
                 rename_into(path, target)
                 self._made.append(target)
-                written[fd] = target
-            self._path = written[self._fd]
-            for folder in {target.parent for _fd, _path, target in begun}:
+                del begun[fd]
+            for folder in {os.path.dirname(target) for target in self._made}:
                 fsync_dir(folder)
         finally:
             for fd in written:
                 if fd != self._fd:
                     os.close(fd)
-            for fd, path, _target in begun:
-                if written[fd] == path:
-                    unlink_quietly(path)   # never renamed: the batch failed
-        for fd, in_pack in members.items():
-            for message in in_pack:
-                message.path = written[fd]
+            for path, _blob in begun.values():
+                unlink_quietly(path)   # never renamed: the batch failed
 
     def close(self) -> None:
-        fd, self._fd, self._path, self._size = self._fd, -1, None, 0   # forgotten even if close() fails
+        fd, self._fd, self._blob, self._size = self._fd, -1, None, 0   # forgotten even if close() fails
         if fd >= 0:
             os.close(fd)
 
@@ -105,7 +100,7 @@ libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
-def punch_hole(path: Path, start: int, size: int) -> bool:
+def punch_hole(path, start: int, size: int) -> bool:
     """Release the disk space of a freed message's bytes inside a pack (they read as zeros after).
     False if the file is gone or its filesystem cannot punch holes (the space then comes back with
     the whole pack)."""

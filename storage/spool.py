@@ -12,7 +12,6 @@ import itertools
 import os
 import time
 from concurrent.futures import Executor
-from pathlib import Path
 
 from .errors import StorageError
 from .files import fsync_dir, rename_into, start_writeback, storage_error, unlink_quietly, write_all
@@ -42,13 +41,12 @@ class SpoolFile:
     """A message being received: `write()` chunks (never blocks), `await room()` when
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
-    __slots__ = ("queue_id", "path", "offset", "size", "error", "handed_over", "_executor", "_fd", "_sha",
+    __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
                  "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from")
 
-    def __init__(self, spool_dir: Path, queue_id: str, executor: Executor):
+    def __init__(self, spool_dir: str, queue_id: str, executor: Executor):
         self.queue_id = queue_id
-        self.path = spool_dir / (queue_id + ".tmp")
-        self.offset = 0  # where the message starts in its file (a pack of small messages)
+        self.path = f"{spool_dir}/{queue_id}.tmp"   # then its blob file's, once synced
         self.size = 0
         self.error: StorageError | None = None
         self.handed_over = False  # synced and owned by the committer: discard() no longer applies
@@ -86,9 +84,9 @@ class SpoolFile:
     def sha256(self) -> str:
         return self._digest or self._sha.hexdigest()
 
-    def placed(self, path: Path, offset: int, sha256: str) -> None:
-        """The index writer stored this (small) message in a pack."""
-        self.path, self.offset, self._digest = path, offset, sha256
+    def packed(self, sha256: str) -> None:
+        """The index writer stored this (small) message in a pack, and hashed it."""
+        self._digest = sha256
 
     @property
     def in_memory(self) -> bool:
@@ -101,7 +99,7 @@ class SpoolFile:
         self.handed_over = True
         return chunks
 
-    async def sync(self, target: Path) -> None:
+    async def sync(self, target: str) -> None:
         """Write what is queued, fsync, close, rename to `target` and fsync its folder (so that
         concurrent messages' fsyncs overlap); raises StorageError on failure."""
         while self._job is not None:
@@ -134,7 +132,7 @@ class SpoolFile:
 
     # ---- worker side ----------------------------------------------------------------------------
 
-    def _start_job(self, final: Path | None = None) -> None:
+    def _start_job(self, final: str | None = None) -> None:
         self._streaming = True
         chunks, self._chunks, self._queued = self._chunks, [], 0
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
@@ -152,7 +150,7 @@ class SpoolFile:
         elif self._queued >= FLUSH_AT and self.error is None:
             self._start_job()
 
-    def _write_chunks(self, chunks: list[bytes], final: Path | None) -> None:
+    def _write_chunks(self, chunks: list[bytes], final: str | None) -> None:
         """Runs in a worker thread, one job per file at a time."""
         try:
             if self._fd < 0:
@@ -170,7 +168,7 @@ class SpoolFile:
                 self._fd = -1
                 rename_into(self.path, final)
                 self.path = final
-                fsync_dir(final.parent)
+                fsync_dir(os.path.dirname(final))
         except OSError as exc:
             raise storage_error(exc) from exc
 

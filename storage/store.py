@@ -48,9 +48,9 @@ class _Pending:
     remote: list[str]
     received_at: float
     done: asyncio.Future
+    blob: str                            # its blob ('<hour folder>/<name>'), or the one a pack it begins takes
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None      # a small message's chunks, still to be written by the batch
-    target: Path | None = None           # its blob path if it begins a pack (set for packed messages)
 
 
 class Storage:
@@ -59,6 +59,8 @@ class Storage:
         self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
         self.spool_dir = self.data_dir / "spool"
         self.blob_dir = self.data_dir / "blobs"
+        self._spool_folder = str(self.spool_dir)   # paths per message are plain strings (cheaper)
+        self._blob_folder = str(self.blob_dir)
         self._db: aiosqlite.Connection | None = None
         self._pending: list[_Pending] = []
         self._queued_events: list[events.Event] = []
@@ -109,22 +111,22 @@ class Storage:
         self.executor.shutdown(wait=True)
 
     def new_spool(self) -> SpoolFile:
-        return SpoolFile(self.spool_dir, new_queue_id(), self.executor)
+        return SpoolFile(self._spool_folder, new_queue_id(), self.executor)
 
     async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery],
                      mark: tuple[str, int] | None = None, remote: list[str] = ()) -> None:
         """Make the spooled message durable, put it into the local recipients' mailboxes, queue it
         for the remote recipients (and set the meta row `mark`), all in one index transaction."""
         received_at = time.time()
-        target = self.blob_dir / blob_name(spool.queue_id, received_at)
+        blob = blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
-            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, mark,
-                            spool.take_chunks(), target)
+            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
+                            spool.take_chunks())
         else:
-            await spool.sync(target)
+            await spool.sync(f"{self._blob_folder}/{blob}")
             spool.handed_over = True
-            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, mark)
+            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark)
         self._pending.append(item)
         self._start_flusher()
         await asyncio.shield(item.done)
@@ -172,8 +174,8 @@ class Storage:
                 log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
                 self._dropped_events = 0
             try:
-                placed = await self._writer.call(IndexWriter.commit_batch, [_batch_item(i) for i in batch],
-                                                 [events.row(e) for e in loose])
+                digests = await self._writer.call(IndexWriter.commit_batch, [_batch_item(i) for i in batch],
+                                                  [events.row(e) for e in loose])
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
                 log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
                 await loop.run_in_executor(self.executor, self._remove_blobs, batch)
@@ -184,9 +186,9 @@ class Storage:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                for item, (path, offset, sha256) in zip(batch, placed):
+                for item, sha256 in zip(batch, digests):
                     if item.data is not None:
-                        item.spool.placed(path, offset, sha256)
+                        item.spool.packed(sha256)
                     for listener in self._listeners:
                         listener.committed(item.meta.sender_site, [d.site_id for d in item.deliveries],
                                            item.spool.size, item.received_at)
@@ -196,7 +198,7 @@ class Storage:
     def _remove_blobs(self, batch: list[_Pending]) -> None:
         """The single-file blobs of a failed batch (its packed messages went with PackWriter.abandon)."""
         for item in batch:
-            if item.target is None:
+            if item.data is None:
                 unlink_quietly(item.spool.path)
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
@@ -296,6 +298,7 @@ class Storage:
 
 def _batch_item(item: _Pending) -> BatchItem:
     spool = item.spool
+    packed = item.data is not None
     return BatchItem(spool.queue_id, spool.size, item.received_at, item.meta, item.deliveries, item.remote,
-                     item.mark, spool.path, None if item.data is not None else spool.sha256,
-                     None if item.data is None else out_of_band(item.data), item.target)
+                     item.mark, item.blob, None if packed else spool.sha256,
+                     out_of_band(item.data) if packed else None, spool.path if packed else None)
