@@ -36,9 +36,10 @@ class AdmissionConfig:
     offline_retry: float = 600.0    # retry time suggested when the receiver drains nothing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReceiverState:
-    """What the caller knows about one receiving site at the moment of the decision."""
+    """What the caller knows about one receiving site at the moment of the decision (never
+    changed once made; not frozen because a frozen dataclass is slow to make, one per mail)."""
 
     name: str
     limits: SiteLimits

@@ -88,5 +88,5 @@ class DrainEstimator:
                             self._since_poll(now))
 
     def rate(self, now: float) -> float:
-        """Bytes/s the site is expected to drain from now on."""
-        return self.reading(now).rate
+        """Bytes/s the site is expected to drain from now on (reading(now).rate)."""
+        return 0.0 if self._offline(now) else self.estimate

@@ -32,7 +32,7 @@ class Ledger:
         self._volumes: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])  # submitted, received
         self._reserved: dict[Hashable, list[tuple[int, int, int]]] = {}      # token -> (recv, sender, bytes)
         self._reserved_for: dict[int, dict[int, list[int]]] = {}   # their sums: recv -> sender -> [bytes, count]
-        self._live_fetched: dict[tuple[int, int], tuple[int, int]] = {}     # (recv, uid) -> (sender, bytes)
+        self._live_fetched: dict[int, dict[int, tuple[int, int]]] = {}     # recv -> uid -> (sender, bytes)
         self._downloaded: dict[int, int] = {}                 # site -> cumulative bytes sent to it
         self._last_poll: dict[int, float] = {}
         self._day = ""
@@ -79,12 +79,12 @@ class Ledger:
 
     def fetched_committed(self, receiver: int, uid: int, sender: int | None, size: int) -> None:
         """The index now marks a mailbox entry as downloaded."""
-        self._live_fetched.pop((receiver, uid), None)
+        self._forget_fetched(receiver, uid)
         self._add_waiting(receiver, NO_SITE if sender is None else sender, -size)
 
     def removed(self, receiver: int, uid: int, sender: int | None, size: int, was_waiting: bool) -> None:
         """A mailbox entry was deleted."""
-        self._live_fetched.pop((receiver, uid), None)
+        self._forget_fetched(receiver, uid)
         held_bytes, held_messages = self._held.get(receiver, (0, 0))
         self._held[receiver] = (max(held_bytes - size, 0), max(held_messages - 1, 0))
         if was_waiting:
@@ -97,7 +97,14 @@ class Ledger:
     def fetched(self, receiver: int, uid: int, sender: int | None, size: int) -> None:
         """A session downloaded an entry for the first time; the index learns it at session end.
         Until then it no longer counts as waiting."""
-        self._live_fetched[(receiver, uid)] = (NO_SITE if sender is None else sender, size)
+        self._live_fetched.setdefault(receiver, {})[uid] = (NO_SITE if sender is None else sender, size)
+
+    def _forget_fetched(self, receiver: int, uid: int) -> None:
+        entries = self._live_fetched.get(receiver)
+        if entries is not None:
+            entries.pop(uid, None)
+            if not entries:
+                del self._live_fetched[receiver]
 
     def reserve(self, token: Hashable, receiver: int, sender: int, size: int) -> None:
         """Count a declared size against the receiver until `release(token)` (transaction end)."""
@@ -131,9 +138,8 @@ class Ledger:
         result = dict(self._waiting.get(receiver, {}))
         for sender, (size, _count) in self._reserved_for.get(receiver, {}).items():
             result[sender] = result.get(sender, 0) + size
-        for (recv, _), (sender, size) in self._live_fetched.items():
-            if recv == receiver:
-                result[sender] = result.get(sender, 0) - size
+        for sender, size in self._live_fetched.get(receiver, {}).values():
+            result[sender] = result.get(sender, 0) - size
         return {sender: b for sender, b in result.items() if b > 0}
 
     def usage(self, site: int, now: float, excluding: Hashable = None) -> SiteUsage:

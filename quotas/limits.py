@@ -8,7 +8,7 @@
 #   sender's daily/monthly volume          451 4.7.1  (sender temporarily not authorised)
 #   drain time of the receiver too long    451 4.7.0  (policy deferral; text says why, when to retry)
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 DEFAULT_MAX_DRAIN_TIME = 1800.0      # seconds a receiver may need to download its backlog
 DEFAULT_DOWNLINK = 1_000_000.0       # bytes/s assumed before a site has been measured
@@ -33,9 +33,9 @@ class SiteLimits:
             raise ValueError("max_drain_time must be > 0 and downlink_prior >= 0")
 
 
-@dataclass(frozen=True, slots=True)
-class SiteUsage:
-    """What a site holds and has moved, as the index counts it (filled in by the caller)."""
+class SiteUsage(NamedTuple):
+    """What a site holds and has moved, as the index counts it (filled in by the caller). A named
+    tuple: made several times per mail, at a third of a frozen dataclass's cost."""
 
     mailbox_bytes: int = 0
     mailbox_messages: int = 0
@@ -76,9 +76,11 @@ class DrainDeferred(QuotaError):
     reply = "451 4.7.0 Recipient site has too much mail waiting, try again later"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
-    """Accept (error None) or refuse with `error.reply`; `figures` are the numbers behind it."""
+    """Accept (error None) or refuse with `error.reply`; `figures` are the numbers behind it.
+    Never changed once made (not frozen only because a frozen dataclass is slow to make, and
+    several are made per mail)."""
 
     error: QuotaError | None
     reason: str

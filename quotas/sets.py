@@ -28,28 +28,34 @@ class SetPart:
 class OpenSets:
     def __init__(self, expiry: float = 24 * 3600.0):
         self.expiry = expiry
-        # (sender, receiver, set_id) -> (parts seen, total, last admitted at)
-        self._sets: dict[tuple[Hashable, Hashable, str], tuple[frozenset[int], int, float]] = {}
+        # (sender, receiver) -> set_id -> (parts seen, total, last admitted at); asked per mail,
+        # so one pair's sets are found without looking at the others'
+        self._sets: dict[tuple[Hashable, Hashable], dict[str, tuple[frozenset[int], int, float]]] = {}
 
     def admitted(self, now: float, sender: Hashable, receiver: Hashable, part: SetPart) -> None:
         """Record that a part was accepted for delivery; a complete set is dropped."""
-        key = (sender, receiver, part.set_id)
-        seen, _, _ = self._sets.get(key, (frozenset(), part.total, now))
+        pair = self._sets.setdefault((sender, receiver), {})
+        seen, _, _ = pair.get(part.set_id, (frozenset(), part.total, now))
         seen = seen | {part.part}
         if len(seen) >= part.total:
-            self._sets.pop(key, None)
+            pair.pop(part.set_id, None)
+            if not pair:
+                del self._sets[(sender, receiver)]
         else:
-            self._sets[key] = (seen, part.total, now)
+            pair[part.set_id] = (seen, part.total, now)
 
     def is_open(self, now: float, sender: Hashable, receiver: Hashable, set_id: str) -> bool:
-        entry = self._sets.get((sender, receiver, set_id))
+        entry = self._sets.get((sender, receiver), {}).get(set_id)
         return entry is not None and now - entry[2] <= self.expiry
 
     def open_for(self, now: float, sender: Hashable, receiver: Hashable) -> list[str]:
         """Set ids the sender has started and not finished towards the receiver."""
-        return [k[2] for k, v in self._sets.items()
-                if k[0] == sender and k[1] == receiver and now - v[2] <= self.expiry]
+        return [set_id for set_id, entry in self._sets.get((sender, receiver), {}).items()
+                if now - entry[2] <= self.expiry]
 
     def expire(self, now: float) -> None:
-        for key in [k for k, v in self._sets.items() if now - v[2] > self.expiry]:
-            del self._sets[key]
+        for key, pair in list(self._sets.items()):
+            for set_id in [s for s, entry in pair.items() if now - entry[2] > self.expiry]:
+                del pair[set_id]
+            if not pair:
+                del self._sets[key]

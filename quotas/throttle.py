@@ -11,12 +11,13 @@ from .admission import (AdmissionConfig, ReceiverState, admit_at_end_of_data, ad
                         standing_rcpt_acceptance)
 from .drain import DrainConfig, DrainEstimator
 from .ledger import NO_SITE, Ledger
-from .limits import MailboxFull, MessageTooBig, SiteLimits, Verdict, accept
+from .limits import MailboxFull, MessageTooBig, SiteLimits, SiteUsage, Verdict, accept
 from .pacing import PacingConfig, TokenBucket, pacing_rate
 from .sets import OpenSets, SetPart
 from .usage import check_quotas
 
 UNLIMITED = -1
+_NOT_COUNTED = SiteUsage()   # the usage of a sender without submitted-volume quotas (never compared)
 _QUOTA_FIELDS = ("mailbox_bytes", "mailbox_messages", "max_message_size", "submitted_per_day",
                  "submitted_per_month", "received_per_day", "received_per_month")
 
@@ -183,7 +184,11 @@ class Throttle:
         return found
 
     def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, now: float) -> Verdict:
-        sending = None if sender is None else (self.limits(sender), self.ledger.usage(sender.id, now))
+        sending = None
+        if sender is not None:   # of a sender's usage only its submitted volumes are checked
+            limits = self.limits(sender)
+            counted = limits.submitted_per_day is not None or limits.submitted_per_month is not None
+            sending = (limits, self.ledger.usage(sender.id, now) if counted else _NOT_COUNTED)
         return check_quotas(sending, (self.limits(receiver), self.ledger.usage(receiver.id, now)), size, now)
 
     def _counted(self, receiver: SiteRef, verdict: Verdict, now: float) -> Verdict:

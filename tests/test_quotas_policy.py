@@ -2,6 +2,8 @@
 from collections import deque
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quotas import (AdmissionConfig, DrainConfig, DrainEstimator, OpenSets, PacingConfig,
                     ReceiverState, SetPart, SiteLimits, SiteUsage, TokenBucket, admit_at_end_of_data,
@@ -311,6 +313,38 @@ def test_set_overshoot_is_bounded_and_new_sets_wait():
     assert not admit_at_end_of_data(T0, "s", state, 6 * MB, cont, sets, cfg).ok
     # an abandoned set stops counting after the expiry
     assert not sets.is_open(T0 + 25 * 3600, "s", "rx", "a")
+
+
+_SET_STEPS = st.lists(st.tuples(st.sampled_from(["admit", "expire"]), st.sampled_from(["s1", "s2"]),
+                                 st.sampled_from(["r1", "r2"]), st.sampled_from(["a", "b", "c"]),
+                                 st.integers(1, 3), st.integers(0, 40)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_SET_STEPS)
+def test_open_sets_match_a_plain_model(steps):
+    """OpenSets keeps each (sender, receiver) pair's sets apart, and answers as one flat table of
+    all sets does: a set is open from its first part until all its parts are in, or until `expiry`
+    seconds without a part (expire() forgets it then)."""
+    expiry = 30.0
+    sets, model, now = OpenSets(expiry=expiry), {}, T0   # model: (sender, receiver, set) -> (parts, last)
+    for action, sender, receiver, set_id, part, advance in steps:
+        now += advance
+        if action == "admit":
+            sets.admitted(now, sender, receiver, SetPart(set_id, part, 3))
+            parts = model.get((sender, receiver, set_id), (frozenset(), now))[0] | {part}
+            if len(parts) == 3:
+                model.pop((sender, receiver, set_id), None)
+            else:
+                model[(sender, receiver, set_id)] = (parts, now)
+        else:
+            sets.expire(now)
+            model = {key: entry for key, entry in model.items() if now - entry[1] <= expiry}
+        for s in ("s1", "s2"):
+            for r in ("r1", "r2"):
+                expected = [i for i in "abc" if (s, r, i) in model and now - model[(s, r, i)][1] <= expiry]
+                assert sorted(sets.open_for(now, s, r)) == expected
+                assert [i for i in "abc" if sets.is_open(now, s, r, i)] == expected
 
 
 def test_set_headers_parsing():
