@@ -10,9 +10,11 @@ from pathlib import Path
 
 from . import db, events
 from .packs import PackWriter
+from .records import pickled_by_fields
 from .usage import write_throttle_states
 
 
+@pickled_by_fields
 @dataclass(slots=True)
 class BatchItem:
     """A message of a group commit, as the writer gets it. A small message comes with its `data`

@@ -1,9 +1,19 @@
 # What storage and its callers pass around: a received message's metadata, its deliveries, a
 # mailbox entry, a session's downloads. Plain data, no I/O; pickled to the index writer process.
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def pickled_by_fields(cls):
+    """Pickle a slotted dataclass as (cls, its field values): what crosses to the index writer
+    per message, at half the cost of the default (which calls dataclasses.fields() per object)."""
+    values = operator.attrgetter(*cls.__slots__)
+    cls.__reduce__ = lambda self: (cls, values(self))
+    return cls
+
+
+@pickled_by_fields
 @dataclass(slots=True)
 class MessageMeta:
     """What the ingest learnt about a message while it streamed."""
@@ -19,6 +29,7 @@ class MessageMeta:
     structure: dict | None = None   # MIME structure record (relay.mime_structure), offsets in the blob
 
 
+@pickled_by_fields
 @dataclass(slots=True)
 class Delivery:
     site_id: int

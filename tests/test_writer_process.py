@@ -3,6 +3,7 @@
 # the writer ends with the hub, on SIGTERM to the whole process group as on SIGKILL of the hub.
 import asyncio
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -12,7 +13,10 @@ import pytest
 from conftest import ALPHA_BETA_B2, make_message, stored_message
 from pop3util import send
 from storage import StorageError, outbound
+from storage.index_writer import BatchItem, IndexWriter
+from storage.records import Delivery
 from storage.store import MessageMeta, Storage
+from storage.writer_child import encode_request, out_of_band
 
 
 async def store_small(storage: Storage, data: bytes) -> str:
@@ -139,3 +143,18 @@ def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_
     assert hub.stop() == 0
     assert wait_gone(writer)
     assert hub.stored(qid).endswith(message)
+
+
+def test_a_batch_item_crosses_the_wire_whole():
+    """What the hub sends the writer per message (pickled by its fields, data out of band)
+    arrives with every field and the data bytes as sent."""
+    meta = MessageMeta("a@x", 3, True, "<m@x>", "set", 2, 5, "alpha", "127.0.0.1", {"type": "text"})
+    item = BatchItem("Q1", 11, 1.5, meta, [Delivery(4, "b@x", "beta")], ["c@y"], ("k", 7), "2026112815/Q1",
+                     None, out_of_band([b"hello", b" world"]), "/spool/Q1.tmp")
+    head, data, *raw = encode_request(IndexWriter.commit_batch, ([item], []))
+    method, (batch, loose) = pickle.loads(data, buffers=[bytearray(view) for view in raw])
+    got = batch[0]
+    assert method is IndexWriter.commit_batch and loose == []
+    assert [bytes(chunk) for chunk in got.data] == [b"hello", b" world"]
+    got.data = item.data = None
+    assert got == item
