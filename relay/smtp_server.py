@@ -139,6 +139,7 @@ class HubSMTP(SMTP):
         self._peer_ip = ""
         self._from_peer_network = False
         self._auth_failures = 0
+        self._idle_deadline = 0.0   # loop time at which the connection times out (_reset_timeout)
 
     # ---- connection life cycle -------------------------------------------------------------
 
@@ -203,6 +204,23 @@ class HubSMTP(SMTP):
             self.transport.write(b"".join(self._held) + reply.encode() + b"\r\n")
             self._held.clear()
             self.transport.close()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd calls this at every command and every chunk of data read, and re-armed a
+        timer each time; here it notes the deadline, and one timer per connection, when it fires,
+        either times the connection out or waits for the deadline as it is by then."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        if self._timeout_handle is None or deadline < self._timeout_handle.when():
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.loop.time() >= self._idle_deadline:
+            self._timeout_cb()
+        else:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._check_idle)
 
     def _timeout_cb(self):
         if self.transport is not None and not self.transport.is_closing():

@@ -279,3 +279,13 @@ def test_idle_timeout_closes_with_421(make_hub):
     raw = Raw(hub.smtp_port)
     time.sleep(1.0)
     assert raw.file.readline().startswith(b"421 4.4.2")
+    # a client that is busy is not timed out, however long it stays; once idle, it is
+    raw = Raw(hub.smtp_port)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:
+        raw.send(b"NOOP\r\n")
+        assert raw.reply().startswith(b"250")
+        last_reply = time.monotonic()
+        time.sleep(0.2)
+    assert raw.file.readline().startswith(b"421 4.4.2")
+    assert 0.4 < time.monotonic() - last_reply < 1.5
