@@ -172,6 +172,7 @@ def _serve(cfg) -> int:
     import uvloop
 
     from directory import DirectoryError
+    from storage.folder_lock import DataFolderInUse
 
     from .logsetup import setup_logging
     from .server import serve
@@ -179,7 +180,7 @@ def _serve(cfg) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         uvloop.run(serve(cfg))
-    except (OSError, DirectoryError) as exc:
+    except (OSError, DirectoryError, DataFolderInUse) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0

@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .index_writer import BatchItem, IndexWriter
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta
 from .packs import punch_hole
 from .files import unlink_quietly
+from .folder_lock import lock_data_folder
 from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage, snapshot_from_rows
 from .writer_process import WriterProcess, out_of_band
@@ -73,6 +75,7 @@ class Storage:
         self._writer = WriterProcess(self.data_dir, release_freed_after)
         self._listeners: list = []
         self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
+        self._folder_lock: int | None = None   # held from open() to close() (storage.folder_lock)
 
     def add_listener(self, listener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
@@ -82,6 +85,9 @@ class Storage:
         self._listeners.append(listener)
 
     async def open(self) -> None:
+        """Take the data folder (one serving hub per folder), recover, start the index writer."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._folder_lock = lock_data_folder(self.data_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         conn = db.connect(self.data_dir)  # creates the schema
@@ -109,6 +115,9 @@ class Storage:
             self._db = None
         await self._writer.close()
         self.executor.shutdown(wait=True)
+        if self._folder_lock is not None:
+            os.close(self._folder_lock)
+            self._folder_lock = None
 
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self._spool_folder, new_queue_id(), self.executor)
