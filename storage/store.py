@@ -108,7 +108,7 @@ class Storage:
             self._event_timer.cancel()
         if self._queued_events:
             self._start_flusher()
-        if self._flusher is not None:
+        if self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
         if self._db is not None:
             await self._db.close()
@@ -187,7 +187,10 @@ class Storage:
                                                   [events.row(e) for e in loose])
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
                 log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
-                await loop.run_in_executor(self.executor, self._remove_blobs, batch)
+                if not isinstance(exc, asyncio.CancelledError):
+                    # cancelled, the request may still be committed by the writer: its blobs stay
+                    # (start-up recovery removes them if they were not)
+                    await loop.run_in_executor(self.executor, self._remove_blobs, batch)
                 error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 for item in batch:
                     if not item.done.done():

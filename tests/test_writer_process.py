@@ -158,3 +158,32 @@ def test_a_batch_item_crosses_the_wire_whole():
     assert [bytes(chunk) for chunk in got.data] == [b"hello", b" world"]
     got.data = item.data = None
     assert got == item
+
+
+def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
+    """Cancelled in the hub (an abnormal end), a group commit may still be committed by the writer:
+    the mail's file must then still be there for its index rows (it was never acknowledged)."""
+    big = b"Subject: big\r\n\r\n" + b"x" * 3_000_000 + b"\r\n"   # a file of its own, not packed
+
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            os.kill(storage._writer.pid, signal.SIGSTOP)   # the request waits in the socket
+            commit = asyncio.create_task(store_small(storage, big))
+            while storage._flusher is None:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            storage._flusher.cancel()
+            with pytest.raises((StorageError, asyncio.CancelledError)):
+                await commit
+            os.kill(storage._writer.pid, signal.SIGCONT)
+            await storage.queue_op(outbound.delete, "no-such-message", None)   # after the commit
+            async with storage._db.execute("SELECT queue_id, blob FROM messages") as cursor:
+                return await cursor.fetchall()
+        finally:
+            await storage.close()
+
+    (queue_id, blob), = asyncio.run(play())
+    assert (tmp_path / "blobs" / blob).is_file()
+    assert stored_message(tmp_path, queue_id) == big
