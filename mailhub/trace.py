@@ -1,7 +1,8 @@
 # `mailhub trace QUERY`: where is a mail or a study? Reads the tracking events (storage/events.py)
 # on a read-only connection, so it runs beside a live hub. QUERY is a queue ID, a Message-ID, a
 # sender or recipient address or an X-TELEMEDICINE-SETID (guessed, or named by a flag). Builds one
-# path per mail (accepted, delivered, downloaded, deleted, refusals) and, for a set, the study view.
+# path per mail (accepted, delivered, downloaded, deleted, relay attempts, refusals) and, for a set,
+# the study view.
 # Must never write to the index.
 import re
 import sqlite3
@@ -34,11 +35,26 @@ class Recipient:
 
 
 @dataclass
+class RemoteRecipient:
+    """A recipient of another network, as its relay attempts left it."""
+    rcpt: str
+    state: str = "queued"          # relayed, retrying (the next hop deferred it) or bounced
+    attempts: int = 0
+    hop: str | None = None
+    last_reply: str | None = None
+    at: float | None = None
+
+
+_RELAY_STATES = {"relayed": "relayed", "relay_deferred": "retrying", "bounced": "bounced"}
+
+
+@dataclass
 class Mail:
     queue_id: str
     events: list[Event] = field(default_factory=list)
     accepted: Event | None = None
     recipients: dict[str, Recipient] = field(default_factory=dict)
+    remote: dict[str, RemoteRecipient] = field(default_factory=dict)
 
     def add(self, e: Event) -> None:
         self.events.append(e)
@@ -52,6 +68,12 @@ class Mail:
                 r.downloads.append(e)
             else:
                 r.deleted_at = e.at
+        elif e.kind in _RELAY_STATES:
+            remote = self.remote.setdefault(e.rcpt or "-", RemoteRecipient(e.rcpt or "-"))
+            remote.state, remote.last_reply, remote.at = _RELAY_STATES[e.kind], e.detail, e.at
+            if e.peer is not None:   # an attempt (a bounce at the end of the lifetime without a route is none)
+                remote.attempts += 1
+                remote.hop = e.peer
 
 
 def detect(conn: sqlite3.Connection, query: str) -> str:
@@ -94,10 +116,11 @@ def _by_address(conn: sqlite3.Connection, address: str, limit: int) -> tuple[lis
     """The latest `limit` mails from or to the address (queue IDs), and its latest refusals."""
     latest: dict[str, float] = {}
     refusals: list[Event] = []
-    for column, kind in (("sender", "accepted"), ("rcpt", "delivered")):
-        for queue_id, at in conn.execute(f"SELECT queue_id, at FROM events WHERE {column} = ? AND kind = ?"
-                                         " ORDER BY id DESC LIMIT ?", (address, kind, limit)):
-            latest[queue_id] = max(at, latest.get(queue_id, at))
+    for column, kinds in (("sender", ("accepted",)), ("rcpt", ("delivered", *_RELAY_STATES))):
+        for kind in kinds:
+            for queue_id, at in conn.execute(f"SELECT queue_id, at FROM events WHERE {column} = ? AND kind = ?"
+                                             " ORDER BY id DESC LIMIT ?", (address, kind, limit)):
+                latest[queue_id] = max(at, latest.get(queue_id, at))
         for kind in ("refused", "deferred"):
             refusals += [Event(*r) for r in conn.execute(
                 f"SELECT {_COLUMNS} FROM events WHERE {column} = ? AND kind = ? ORDER BY id DESC LIMIT ?",
@@ -176,6 +199,8 @@ def _mail_json(m: Mail) -> dict:
                             "downloads": [{"at": iso_time(d.at), "protocol": d.detail, "client": d.peer}
                                           for d in r.downloads],
                             "deleted_at": iso_time(r.deleted_at)} for r in m.recipients.values()],
+            "remote_recipients": [{"rcpt": r.rcpt, "state": r.state, "attempts": r.attempts, "hop": r.hop,
+                                   "last_reply": r.last_reply, "at": iso_time(r.at)} for r in m.remote.values()],
             "refusals": [_refusal_json(e) for e in m.events if e.kind in ("refused", "deferred")],
             "events": [_event_json(e) for e in m.events]}
 
@@ -236,6 +261,9 @@ def _render_mail(m: dict) -> list[str]:
     waiting = [r["site"] for r in m["recipients"] if r["state"] != "deleted"]
     if waiting:
         lines.append(f"  still in the mailbox of: {', '.join(waiting)}")
+    retrying = [f"<{r['rcpt']}>" for r in m["remote_recipients"] if r["state"] == "retrying"]
+    if retrying:
+        lines.append(f"  still queued for: {', '.join(retrying)}")
     return lines
 
 
@@ -252,6 +280,9 @@ def _describe(e: dict) -> str:
     if kind == "deleted":
         how = e.get("detail", "?")
         return f"from the mailbox of {e.get('site', '-')} ({how}{' [' + e['peer'] + ']' if 'peer' in e else ''})"
+    if kind in _RELAY_STATES:
+        via = f" via {e['peer']}" if "peer" in e else ""
+        return f"to <{e.get('rcpt', '')}>{via}: {e.get('detail', '-')}"
     return _refusal_line({"reply": e.get("detail"), "site": e.get("site"), "sender": e.get("sender"),
                           "rcpt": e.get("rcpt"), "client": e.get("peer")}, with_time=False)
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from mailhub import metrics
-from storage import Delivery, MessageMeta, SiteCache, Storage, outbound
+from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
 from storage.outbound import Deferral, QueuedRecipient
 
 from .bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
@@ -140,7 +140,9 @@ class OutboundQueue:
                      for r in unrouted if r not in expired]
         deferrals += [Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
                       for r, until in blocked]
-        await self.storage.queue_op(outbound.settle, [r.id for r in expired], deferrals, now)
+        tracked = [events.row(events.relay_outcome(now, events.BOUNCED, r.queue_id, r.rcpt, None, r.size,
+                                                   f"4.4.7 delivery time expired; {reason}")) for r in expired]
+        await self.storage.queue_op(outbound.settle, [r.id for r in expired], deferrals, now, tracked)
 
     def _start_connections(self, destination: str, route: Route) -> None:
         dest = self._destinations[destination]
@@ -220,23 +222,27 @@ class OutboundQueue:
         """Remove delivered rows, bounce permanent failures and expired rows, defer the rest."""
         now = time.time()
         relay = self.relay
-        done, bounced, deferrals, warn = [], [], [], []
+        done, bounced, deferrals, warn, tracked = [], [], [], [], []
         for row in job.rows:
             reply = message.results.get(row.rcpt)
             text = str(reply) if reply is not None else error or "no reply"
             if reply is not None and reply.ok:
                 done.append(row.id)
+                tracked.append((events.RELAYED, row, text))
                 metrics.outbound_delivery("delivered")
                 log.info("qid=%s rcpt=<%s> relay=%s delivered: %s", row.queue_id, row.rcpt,
                          job.route.destination, text[:200])
             elif reply is not None and reply.permanent:
                 bounced.append((row, FailedRecipient(row.rcpt, reply.code, text, job.route.host)))
+                tracked.append((events.BOUNCED, row, text))
                 metrics.outbound_delivery("bounced")
             elif now - row.queued_at >= relay.max_lifetime:
                 expiry = f"4.4.7 delivery time expired; last error: {text}"
                 bounced.append((row, FailedRecipient(row.rcpt, 451, expiry, job.route.host if reply else "")))
+                tracked.append((events.BOUNCED, row, expiry))
                 metrics.outbound_delivery("expired")
             else:
+                tracked.append((events.RELAY_DEFERRED, row, text))
                 warned = row.warned
                 if not warned and relay.delay_warning and now - row.queued_at >= relay.delay_warning:
                     warn.append((row, FailedRecipient(row.rcpt, reply.code if reply else 451, text,
@@ -253,7 +259,9 @@ class OutboundQueue:
                 await self._notify(job.rows[0], [f for _, f in bounced], delayed=False)
             if warn:
                 await self._notify(job.rows[0], [f for _, f in warn], delayed=True)
-            await self.storage.queue_op(outbound.settle, removed, deferrals, now)
+            rows = [events.row(events.relay_outcome(now, kind, row.queue_id, row.rcpt, job.route.hop, row.size,
+                                                    text)) for kind, row, text in tracked]
+            await self.storage.queue_op(outbound.settle, removed, deferrals, now, rows)
         finally:  # on failure (a full disk) the rows stay as they were and are tried again
             self._busy.difference_update(row.id for row in job.rows)
             self._busy_deferred.difference_update(row.id for row in job.rows)

@@ -1,5 +1,6 @@
 # The tracking record (issue 7): one `events` row per thing that happened to a mail (accepted,
-# delivered, downloaded, deleted) and per SMTP refusal (refused = 5xx, deferred = 4xx), so that
+# delivered, downloaded, deleted; for a remote recipient each relay attempt's outcome: relayed,
+# relay_deferred, bounced) and per SMTP refusal (refused = 5xx, deferred = 4xx), so that
 # `mailhub trace` can follow a mail after its blob is gone and `mailhub stats` can sum volumes.
 # Rows are written by the storage writer inside the transactions that change the state they
 # describe; this module only builds rows and prunes. Must never read message content.
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 ACCEPTED, DELIVERED, DOWNLOADED, DELETED = "accepted", "delivered", "downloaded", "deleted"
 REFUSED, DEFERRED = "refused", "deferred"
+RELAYED, RELAY_DEFERRED, BOUNCED = "relayed", "relay_deferred", "bounced"
 PRUNE_BATCH = 5000   # rows per pruning transaction: short enough not to hold up the writer
 
 
@@ -47,6 +49,15 @@ def refusal(at: float, reply: str, *, site: str | None, sender: str | None, rcpt
     return Event(at, DEFERRED if reply.startswith("4") else REFUSED, queue_id=queue_id, site=site,
                  peer_site=to_site, sender=sender, rcpt=rcpt, peer=peer, size=size, message_id=message_id,
                  set_id=set_id, detail=reply.split("\r\n", 1)[0][:300])
+
+
+def relay_outcome(at: float, kind: str, queue_id: str, rcpt: str, hop: str | None, size: int,
+                  text: str) -> Event:
+    """A relay attempt's outcome for one remote recipient: the next hop took it (relayed), deferred
+    it (relay_deferred: tried again later) or it was returned to the sender (bounced: refused for
+    good, or its lifetime ended); `text` is the next hop's reply or why."""
+    return Event(at, kind, queue_id=queue_id, rcpt=rcpt, peer=hop, size=size,
+                 detail=text.split("\r\n", 1)[0][:300])
 
 
 def prune_batch(conn: sqlite3.Connection, before: float, limit: int = PRUNE_BATCH) -> int:

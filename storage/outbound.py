@@ -6,6 +6,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import events
+
 
 @dataclass(slots=True)
 class QueuedRecipient:
@@ -111,7 +113,10 @@ def due_and_version(conn: sqlite3.Connection, blob_dir: Path, now: float, busy: 
     return retry_version(conn), rows
 
 
-def settle(conn: sqlite3.Connection, removed: list[int], deferrals: list[Deferral], now: float) -> None:
-    """Delivered or expired rows go, deferred ones get their next attempt (one transaction)."""
+def settle(conn: sqlite3.Connection, removed: list[int], deferrals: list[Deferral], now: float,
+           tracked: list[tuple] = ()) -> None:
+    """Delivered or expired rows go, deferred ones get their next attempt, with the tracking event
+    rows of the outcomes (one transaction)."""
     remove(conn, removed)
     defer(conn, deferrals, now)
+    conn.executemany(events.INSERT, tracked)

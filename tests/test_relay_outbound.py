@@ -301,6 +301,17 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
     assert delivered.endswith(message) and f"id {qid}".encode() in delivered  # intact, trace header first
     assert pop3_messages(hub) == []  # no notices for a mail that was delivered
     assert hub.cli("queue", "retry", "--all").stdout.startswith("0 ")
+    # `mailhub trace` follows the mail through its three attempts, by queue ID and by the address
+    (mail,) = json.loads(hub.cli("trace", qid, "--json").stdout)["mails"]
+    relay_events = [e for e in mail["events"] if e.get("rcpt") == f"later@{REMOTE}"]
+    assert relay_events[0]["kind"] == "relay_deferred" and "421 4.3.2" in relay_events[0]["detail"]
+    assert [(e["kind"], e["detail"][:9]) for e in relay_events[1:]] == [("relay_deferred", "450 4.2.0"),
+                                                                       ("relayed", "250 2.0.0")]
+    (remote,) = mail["remote_recipients"]
+    assert (remote["rcpt"], remote["state"], remote["attempts"]) == (f"later@{REMOTE}", "relayed", 3)
+    assert remote["hop"] == f"127.0.0.1:{hop.port}"
+    text = hub.cli("trace", f"later@{REMOTE}").stdout
+    assert f"mail {qid}" in text and f"relayed     to <later@{REMOTE}> via 127.0.0.1:{hop.port}: 250 " in text
 
 
 def test_5xx_bounces_and_expiry_with_delay_warning(make_hub, tmp_path):
@@ -336,6 +347,13 @@ def test_5xx_bounces_and_expiry_with_delay_warning(make_hub, tmp_path):
     text = metrics_text(hub)
     assert 'mailhub_outbound_deliveries_total{outcome="bounced"} 2.0' in text
     assert 'mailhub_outbound_deliveries_total{outcome="expired"} 1.0' in text
+    (mail,) = json.loads(hub.cli("trace", bounced, "--json").stdout)["mails"]
+    assert [r["state"] for r in mail["remote_recipients"]] == ["bounced"]
+    assert [e["detail"][:9] for e in mail["events"] if e["kind"] == "bounced"] == ["500 5.3.0"]
+    (mail,) = json.loads(hub.cli("trace", expired, "--json").stdout)["mails"]
+    kinds = [e["kind"] for e in mail["events"] if e["kind"] != "accepted"]
+    assert kinds[-1] == "bounced" and set(kinds[:-1]) == {"relay_deferred"} and len(kinds) >= 2
+    assert mail["remote_recipients"][0]["last_reply"].startswith("4.4.7 delivery time expired")
 
 
 # ---- crash safety ------------------------------------------------------------------------------
