@@ -2,7 +2,9 @@
 # and as an update to every site when the list changed (sites added or removed, addresses or keys
 # changed). Each mail is stored through the normal spool -> sync -> commit path; an update is
 # committed together with the mark "this directory version was sent", so a restart neither sends
-# it twice nor loses it.
+# it twice nor loses it. A site is answered at most once per directory.min_request_interval (each
+# answer is a signed mail in its mailbox: a gateway asking in a loop must not fill it, nor keep
+# the hub signing).
 import asyncio
 import logging
 import os
@@ -52,10 +54,21 @@ class DirectoryMailer:
         self.storage = storage
         self.hub_key = hub_key
         self.local_part = cfg.directory.address
+        self._asked_at: dict[int, float] = {}   # site id -> when its last request was taken (monotonic)
 
     def is_directory_address(self, address: str) -> bool:
         local, _, domain = address.rpartition("@")
         return local.lower() == self.local_part and domain.lower() in self.cfg.domain
+
+    def take_request(self, site_id: int, now: float) -> float:
+        """0 if the site may be answered now (the request is then counted, answered or not), else
+        the seconds until it may ask again."""
+        interval = self.cfg.directory.min_request_interval
+        last = self._asked_at.get(site_id)
+        if last is not None and now - last < interval:
+            return interval - (now - last)
+        self._asked_at[site_id] = now
+        return 0.0
 
     async def reply(self, site: Site, address: str, request_id: str | None) -> str:
         """Store the signed directory in the requesting site's mailbox; returns the queue ID."""

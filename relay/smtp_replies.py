@@ -1,4 +1,6 @@
 # SMTP reply texts of the hub, as named constants in one place (RFC 5321, RFC 3463 codes).
+import math
+
 OK = "250 2.0.0 OK"
 SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
@@ -47,6 +49,11 @@ def queued(queue_id: str) -> str:
 
 def directory_queued(queue_id: str) -> str:
     return f"250 2.0.0 Ok: directory sent to your mailbox, queued as {queue_id}"
+
+
+def directory_too_soon(wait: float) -> str:
+    return (f"450 4.7.1 The directory was sent to your mailbox a moment ago; ask again in"
+            f" {math.ceil(wait)} s")
 
 
 def chunk_received(size: int) -> str:

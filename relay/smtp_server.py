@@ -422,6 +422,11 @@ class HubSMTP(SMTP):
         if self._site is None:
             await self._refuse("rcpt", R.DIRECTORY_SITES_ONLY, self.envelope.mail_from, address)
             return
+        if not self.envelope.directory_request:   # one request per transaction, however many addresses
+            wait = self.ctx.directory.take_request(self._site.id, time.monotonic())
+            if wait > 0:
+                await self._refuse("rcpt", R.directory_too_soon(wait), self.envelope.mail_from, address)
+                return
         self.envelope.directory_request = True
         self.envelope.rcpt_tos.append(address)
         await self.reply_pipelined(R.RECIPIENT_OK)

@@ -132,6 +132,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("directory", "address"): ("Participants", "participants"),
         ("directory", "notify_on_change"): ("off", False),
         ("directory", "key_grace_days"): ("0.5", 0.5),
+        ("directory", "min_request_interval"): ("0", 0.0),
         ("encryption", "required"): ("false", False),
         ("encryption", "allow_hidden_recipients"): ("true", True),
         ("relay", "enabled"): ("no", False),

@@ -192,6 +192,25 @@ def test_directory_by_mail_is_signed_by_the_hub_key(hub, gpg, tmp_path):
     assert 'mailhub_directory_mails_total{kind="reply"} 1.0' in scraped
 
 
+def test_a_site_asking_again_too_soon_is_told_when_to_ask(make_hub):
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_DIRECTORY_MIN_REQUEST_INTERVAL="3").start()
+    assert "directory sent to your mailbox" in request_directory(hub, "alpha")
+    client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
+    try:
+        client.ehlo("gateway.test")
+        client.login("alpha", PASSWORD)
+        client.mail("alpha@hub.test")
+        code, reply = client.rcpt("directory@hub.test")
+        assert code == 450 and re.match(rb"4\.7\.1 The directory was sent to your mailbox a moment ago;"
+                                        rb" ask again in [123] s$", reply), reply
+    finally:
+        client.quit()
+    assert "directory sent to your mailbox" in request_directory(hub, "beta")   # other sites are not held
+    time.sleep(3.1)
+    assert "directory sent to your mailbox" in request_directory(hub, "alpha")
+    assert len(pop3_messages(hub, "alpha")) == 2
+
+
 def test_directory_address_is_for_sites_only(hub):
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
     try:
