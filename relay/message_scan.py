@@ -48,7 +48,8 @@ class HeaderScanner:
 
 
 class DotLineScanner:
-    """Tells whether any line of a canonical (CRLF) stream starts with "."."""
+    """Tells whether any line of a stream starts with "." (after a CRLF or a bare LF: line-reading
+    POP3 clients take either for a line end)."""
 
     __slots__ = ("found", "_tail")
 
@@ -59,7 +60,7 @@ class DotLineScanner:
     def feed(self, data: bytes) -> None:
         if self.found or not data:
             return
-        if b"\r\n." in self._tail + data[:2] or b"\r\n." in data:
+        if b"\n." in self._tail + data[:1] or b"\n." in data:
             self.found = True
         self._tail = data[-2:] if len(data) >= 2 else self._tail[-1:] + data
 

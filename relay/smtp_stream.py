@@ -11,14 +11,17 @@ keeps the hub immune to SMTP smuggling.
 """
 
 class DataDecoder:
-    __slots__ = ("_pending", "_at_start", "done", "leftover", "dot_lines")
+    __slots__ = ("_pending", "_at_start", "_after_lf", "done", "leftover", "dot_lines")
 
     def __init__(self) -> None:
         self._pending = b""  # undecided tail of the previous chunk (at most 4 bytes)
         self._at_start = True  # the next byte starts the first line of the message
+        self._after_lf = False  # the previous chunk ended with a bare LF
         self.done = False
         self.leftover = b""
-        self.dot_lines = False  # the decoded message has a line starting with "."
+        # The decoded message has a line starting with "." (after a CRLF, or after a bare LF,
+        # which line-reading POP3 clients take for a line end too): its readers must dot-stuff it.
+        self.dot_lines = False
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume one chunk of wire bytes; return the decoded bytes it completes."""
@@ -50,6 +53,8 @@ class DataDecoder:
                 break
             pos = j + 1
             if j < 2 or buf[j - 2] != 13 or buf[j - 1] != 10:
+                if (buf[j - 1] == 10 if j else self._after_lf):
+                    self.dot_lines = True   # a "." after a bare LF: not stuffed by the client
                 continue
             i = j - 2
             if len(buf) - i < 5:  # need "\r\n.XY" to decide
@@ -68,6 +73,7 @@ class DataDecoder:
             if buf[start:start + 1] == b".":
                 self.dot_lines = True
         # Keep a trailing partial "\r\n" or "\r" undecided.
+        self._after_lf = buf.endswith(b"\n") and not buf.endswith(b"\r\n")
         tail = len(buf)
         if buf.endswith(b"\r\n"):
             tail -= 2

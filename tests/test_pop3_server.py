@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from conftest import ALPHA_BETA, BETA, PASSWORD, make_message
+from conftest import ALPHA_BETA, BETA, PASSWORD, RawSMTP, make_message
 from pop3util import (RawPop3, blob_path, make_cert, message_range, non_loopback_ip, released, send, sha256,
                       stored_size, strip_trace, unstuff)
+from relay.smtp_stream import dot_stuff_bytes
 
 CHUNK = 1024 * 1024   # relay.pop3_server.CHUNK: dot lines are placed around its multiples
 
@@ -202,6 +203,32 @@ def _lines_of(size: int) -> bytes:
     if rest == 1:
         count, rest = count - 1, rest + 78
     return (b"y" * 76 + b"\r\n") * count + (b"y" * (rest - 2) + b"\r\n" if rest else b"")
+
+
+def test_a_dot_after_a_bare_lf_is_stuffed_too(hub):
+    """SMTP takes only CRLF for a line end, so a client never stuffs a "." that follows a bare LF;
+    line-reading POP3 clients (poplib) do take it for a line start, and "\\n.\\r\\n" unstuffed
+    would end the message there. By DATA and by BDAT it goes out stuffed."""
+    message = b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: bare\r\n\r\nsm3\n.\r\nend\r\n"
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    assert client.auth_plain("alpha").startswith(b"235")
+    for transfer in (b"DATA\r\n", b"BDAT %d LAST\r\n" % len(message)):
+        assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+        assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
+        if transfer.startswith(b"DATA"):   # stuffed as SMTP wants it: after CRLF only (smtplib would
+            assert client.command("DATA").startswith(b"354")   # also stuff after the bare LF)
+            client.send(dot_stuff_bytes(message))
+        else:
+            client.send(transfer + message)
+        assert client.reply().startswith(b"250")
+    client.close()
+    assert hub.query("SELECT dot_lines FROM messages") == [(1,), (1,)]
+    client = pop(hub)
+    for n in (1, 2):
+        # poplib joins its lines with CRLF: the bare LF comes back as a line end of its own
+        assert strip_trace(retr(client, n)) == message.replace(b"3\n.", b"3\r\n.")
+    client.quit()   # in step: nothing of the message was left to be read as a reply
 
 
 def test_lines_starting_with_a_dot_are_stuffed_on_the_wire_and_come_back_exact(hub):

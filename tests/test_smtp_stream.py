@@ -33,7 +33,8 @@ def test_any_dot_stuffed_message_cut_anywhere_decodes_to_the_original(message, c
     assert decoded == message
     # bytes after the terminator are handed back untouched (pipelined commands)
     assert rest == trailer
-    assert decoder.dot_lines == any(line.startswith(b".") for line in message.split(b"\r\n")[:-1])
+    # a line starts with "." after a CRLF or a bare LF (POP3 clients read lines either way)
+    assert decoder.dot_lines == (message.startswith(b".") or b"\n." in message)
 
 
 @settings(max_examples=300, deadline=None)
@@ -74,7 +75,7 @@ def test_dot_line_scanner_matches_a_whole_scan(message, cuts):
     points = sorted({c % (len(message) + 1) for c in cuts} | {0, len(message)})
     for a, b in zip(points, points[1:]):
         scanner.feed(message[a:b])
-    assert scanner.found == (message.startswith(b".") or b"\r\n." in message)
+    assert scanner.found == (message.startswith(b".") or b"\n." in message)
 
 
 def test_header_scanner_reads_study_headers_across_chunks():
