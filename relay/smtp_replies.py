@@ -41,6 +41,9 @@ BAD_ADDRESS = "553 5.1.3 Malformed address"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated site"
 MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 DIRECTORY_SITES_ONLY = "550 5.7.1 The directory answers authenticated sites only"
+# `mailhub site remove` while a session of (or a transaction to) the site was open
+SITE_REMOVED = "530 5.7.0 Authentication required: this site was removed"
+RECIPIENT_SITE_REMOVED = "451 4.1.1 A recipient site was removed during this transaction; try again"
 
 
 def queued(queue_id: str) -> str:

@@ -14,7 +14,7 @@ import time
 from email.utils import formatdate
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, syntax
 
 from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing, policy_for
 from mailhub import metrics
@@ -233,6 +233,7 @@ class HubSMTP(SMTP):
 
     # ---- EHLO / STARTTLS / AUTH --------------------------------------------------------------
 
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
@@ -249,6 +250,7 @@ class HubSMTP(SMTP):
         lines.append("250 HELP")
         await self.push("\r\n".join(lines))
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str):
         if arg:
             await self.push("501 5.5.4 Syntax: STARTTLS")
@@ -276,6 +278,7 @@ class HubSMTP(SMTP):
         self.session.ssl = self.transport.get_extra_info("ssl_object")
         self._set_rset_state()
 
+    @syntax("AUTH <mechanism> [<initial response>]")
     async def smtp_AUTH(self, arg: str) -> None:
         if self.session.authenticated:
             await self.push(R.AUTH_ALREADY)
@@ -304,7 +307,11 @@ class HubSMTP(SMTP):
         if len(parts) != 3:
             await self.push("501 5.5.2 Malformed PLAIN response")
             return AuthResult(success=False, handled=True)
-        return await self._check_login(parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and authzid != login:   # RFC 4616: a site may act only as itself
+            await self.push(R.AUTH_FAILED)
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
 
     async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -335,12 +342,23 @@ class HubSMTP(SMTP):
     def _site(self) -> Site | None:
         return self.session.auth_data if self.session.authenticated else None
 
+    def _gone(self, site: Site) -> bool:
+        """The site was removed (or removed and made anew) since this session learnt of it."""
+        current = self.ctx.sites.by_name(site.name)
+        return current is None or current.id != site.id
+
     # ---- MAIL / RCPT -------------------------------------------------------------------------
 
+    @syntax("MAIL FROM:<address>", extended=" [SIZE=<size>] [BODY=7BIT|8BITMIME]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         nested = R.NESTED_MAIL if self.envelope.mail_from is not None else None
         parsed = await self._path_or_reply(arg, "FROM:", nested)
         if parsed is None:
+            return
+        if self._site is not None and self._gone(self._site):   # `mailhub site remove` while logged in
+            log.info("%s site=%s: MAIL refused: the site was removed", self._peer_ip, self._site.name)
+            self.session.authenticated, self.session.auth_data = False, None
+            await self.push(R.SITE_REMOVED)
             return
         address, params = parsed
         size = None
@@ -368,6 +386,7 @@ class HubSMTP(SMTP):
         self.envelope.declared_size = size
         await self.reply_pipelined(R.SENDER_OK)
 
+    @syntax("RCPT TO:<address>")
     async def smtp_RCPT(self, arg: str | None) -> None:
         no_mail = R.NEED_MAIL if self.envelope.mail_from is None else None
         parsed = await self._path_or_reply(arg, "TO:", no_mail)
@@ -494,6 +513,7 @@ class HubSMTP(SMTP):
 
     # ---- DATA / BDAT -------------------------------------------------------------------------
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -532,14 +552,24 @@ class HubSMTP(SMTP):
             self._in_data = False
         await self._reply_after_transaction(reply)
 
+    @syntax("BDAT <size> [LAST]")
     async def smtp_BDAT(self, arg: str) -> None:
         words = (arg or "").split()
+        tx = self.envelope
         if not words or not words[0].isdigit() or len(words) > 2 or (
                 len(words) == 2 and words[1].upper() != "LAST"):
+            if words and words[0].isdigit():   # the size is known: its chunk is skipped, and a message
+                self._in_data = True           # being received lost it, so its transaction fails
+                try:
+                    await self._read_chunk(int(words[0]), None, None, None)
+                finally:
+                    self._in_data = False
+                if tx.bdat is not None:
+                    tx.bdat.discard()
+                    tx.bdat, tx.bdat_failed = None, True
             await self.push("501 5.5.4 Syntax: BDAT size [LAST]")
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
         size, last = int(words[0]), len(words) == 2
-        tx = self.envelope
         usable = bool(self.session.host_name and tx.has_recipients and not tx.bdat_failed)
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
@@ -637,6 +667,10 @@ class HubSMTP(SMTP):
             metrics.encryption_refusal(tx.policy.reason)
             log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
                      site.name if site else "-", reply)
+        elif (site is not None and self._gone(site)) or any(self._gone(r) for r in tx.receivers):
+            message.discard()   # a site was removed during the transaction: its rows cannot be written
+            reply = R.SITE_REMOVED if site is not None and self._gone(site) else R.RECIPIENT_SITE_REMOVED
+            log.info("qid=%s site=%s refused: %s", message.queue_id, site.name if site else "-", reply)
         else:
             meta = message.meta(tx.mail_from, site, dot_lines, self._peer_ip)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
@@ -718,7 +752,7 @@ def _sanitized_log_if_enabled(func, msg, *args, **kwargs) -> None:
 
 
 # aiosmtpd's own replies lack RFC 3463 codes; ENHANCEDSTATUSCODES promises them on every reply.
-_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "421": "4.3.0", "451": "4.3.0", "500": "5.5.2",
+_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0", "500": "5.5.2",
                      "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
                      "535": "5.7.8", "554": "5.0.0"}
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ALPHA, BETA, PASSWORD, make_message
+from conftest import ALPHA, BETA, PASSWORD, RawSMTP, make_message
 
 
 def connect(hub, login: str | None = "alpha") -> smtplib.SMTP:
@@ -289,3 +289,73 @@ def test_idle_timeout_closes_with_421(make_hub):
         time.sleep(0.2)
     assert raw.file.readline().startswith(b"421 4.4.2")
     assert 0.9 < time.monotonic() - last_reply < 2.5
+
+
+def test_a_site_removed_while_its_session_or_transaction_is_open(make_hub):
+    """`mailhub site remove` during a session: never a storage failure, a clear refusal instead."""
+    hub = make_hub(sites=ALPHA + BETA + (("gamma", "gamma@hub.test"),)).start()
+    message = make_message(2000)
+
+    def session(login: str) -> RawSMTP:
+        client = RawSMTP(hub.smtp_port)
+        client.ehlo()
+        assert client.auth_plain(login).startswith(b"235")
+        return client
+
+    to_removed = session("alpha")   # a transaction to a site removed before its end of data
+    assert to_removed.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+    assert to_removed.command("RCPT TO:<gamma@hub.test>").startswith(b"250")
+    by_removed = session("beta")    # a session (and a transaction) of a site removed meanwhile
+    assert by_removed.command("MAIL FROM:<beta@hub.test>").startswith(b"250")
+    assert by_removed.command("RCPT TO:<alpha@hub.test>").startswith(b"250")
+    hub.cli("site", "remove", "gamma")
+    hub.cli("site", "remove", "beta")
+    time.sleep(0.6)   # the hub rereads its sites every half second
+    assert to_removed.command("DATA").startswith(b"354")
+    to_removed.send(message + b"\r\n.\r\n")
+    assert to_removed.reply().startswith(b"451 4.1.1 A recipient site was removed")
+    assert by_removed.command("DATA").startswith(b"354")
+    by_removed.send(message + b"\r\n.\r\n")
+    assert by_removed.reply().startswith(b"530 5.7.0 Authentication required: this site was removed")
+    assert by_removed.command("MAIL FROM:<beta@hub.test>").startswith(b"530 5.7.0")
+    assert to_removed.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")   # alpha carries on
+    assert to_removed.command("RCPT TO:<gamma@hub.test>").startswith(b"550 5.1.1")
+    for client in (to_removed, by_removed):
+        client.close()
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)]
+    assert "failed" not in hub.log_text() and "Traceback" not in hub.log_text()
+
+
+def test_help_vrfy_and_plain_authorization_identity(make_hub):
+    hub = make_hub(sites=ALPHA + BETA).start()
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    commands = client.command("HELP").decode()
+    assert commands.startswith("250 2.0.0 Supported commands:")
+    assert {"AUTH", "BDAT", "DATA", "EHLO", "MAIL", "RCPT"} <= set(commands.split(":", 1)[1].split())
+    assert client.command("HELP MAIL").startswith(b"250 2.0.0 Syntax: MAIL FROM:<address>")
+    assert client.command("VRFY beta").startswith(b"252 2.0.0 ")
+    # RFC 4616: an authorization identity other than the login is refused; the same one is fine
+    token = base64.b64encode(b"beta\0alpha\0" + PASSWORD.encode())
+    assert client.command(b"AUTH PLAIN " + token).startswith(b"535 5.7.8")
+    token = base64.b64encode(b"alpha\0alpha\0" + PASSWORD.encode())
+    assert client.command(b"AUTH PLAIN " + token).startswith(b"235")
+    client.close()
+
+
+def test_bdat_with_a_bad_keyword_skips_its_chunk_and_fails_the_transaction(make_hub):
+    hub = make_hub(sites=ALPHA + BETA).start()
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    assert client.auth_plain("alpha").startswith(b"235")
+    assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+    assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
+    for chunk, expected in ((b"BDAT 6\r\nSubjec", b"250"),
+                            (b"BDAT 5 FIRST\r\nt: x\r", b"501 5.5.4"),   # its 5 bytes are skipped
+                            (b"BDAT 3 LAST\r\n\nhi", b"503")):          # the message lost a chunk
+        client.send(chunk)
+        assert client.reply().startswith(expected)
+    assert client.command("RSET").startswith(b"250")
+    assert client.command("NOOP").startswith(b"250")   # still in step: no data read as a command
+    client.close()
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)]
