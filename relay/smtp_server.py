@@ -11,7 +11,8 @@ import logging
 import re
 import ssl
 import time
-from email.utils import formatdate
+from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, syntax
@@ -124,6 +125,8 @@ class SmtpContext:
 
 class HubSMTP(SMTP):
     line_length_limit = _READER_LIMIT
+    AuthLoginUsernameChallenge = "Username:"   # as most servers prompt (aiosmtpd: "User Name\0")
+    AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, ctx: SmtpContext):
         cfg = ctx.cfg
@@ -187,6 +190,8 @@ class HubSMTP(SMTP):
     async def push(self, status) -> None:
         if isinstance(status, str):
             status = _with_enhanced_code(status)
+            if not status.isprintable():   # a reply echoing the client's control bytes (or a multi-line one)
+                status = _CONTROL_CHARS.sub("?", status)
         if self._held:
             self._held.append(status.encode() if isinstance(status, str) else status)
             await self._flush_held(terminate=True)
@@ -765,14 +770,15 @@ def _with_enhanced_code(status: str) -> str:
     return status
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")   # all but CR and LF
 _date_cache = [0, ""]
 
 
 def _date_now() -> str:
-    """The RFC 5322 date of this second (formatted once per second)."""
+    """The RFC 5322 date of this second in UTC, "+0000" (formatted once per second)."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[:] = now, formatdate(now, localtime=False)
+        _date_cache[:] = now, format_datetime(datetime.fromtimestamp(now, timezone.utc))
     return _date_cache[1]
 
 

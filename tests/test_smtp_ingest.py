@@ -2,6 +2,7 @@
 # cannot express the case): storage, single instance, every rejection with its exact reply.
 import base64
 import hashlib
+import re
 import socket
 import smtplib
 import time
@@ -75,6 +76,7 @@ def test_plain_data_is_stored_canonically_with_trace_header_and_index(hub):
     blob = stored(hub, qid)
     assert blob.startswith(b"Received: from gateway.test ([127.0.0.1])\r\n\tby hub.test")
     assert f"with ESMTPA id {qid}".encode() in blob
+    assert re.search(rb";\r\n\t\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000\r\n", blob[:300])   # UTC: +0000
     assert blob.endswith(body)
     row = hub.query("SELECT size, sha256, dot_lines, set_id, set_part, set_total, message_id, mail_from"
                     " FROM messages WHERE queue_id = ?", qid)[0]
@@ -340,6 +342,14 @@ def test_help_vrfy_and_plain_authorization_identity(make_hub):
     assert client.command(b"AUTH PLAIN " + token).startswith(b"535 5.7.8")
     token = base64.b64encode(b"alpha\0alpha\0" + PASSWORD.encode())
     assert client.command(b"AUTH PLAIN " + token).startswith(b"235")
+    # control bytes of the client are not echoed back raw
+    assert client.command(b"NO\x00OP\x1b[31m") == b'500 5.5.2 Error: command "NO?OP?[31M" not recognized\r\n'
+    client.close()
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    assert client.command("AUTH LOGIN") == b"334 " + base64.b64encode(b"Username:") + b"\r\n"
+    assert client.command(base64.b64encode(b"alpha")) == b"334 " + base64.b64encode(b"Password:") + b"\r\n"
+    assert client.command(base64.b64encode(PASSWORD.encode())).startswith(b"235")
     client.close()
 
 
