@@ -140,8 +140,8 @@ class OutboundQueue:
                      for r in unrouted if r not in expired]
         deferrals += [Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
                       for r, until in blocked]
-        tracked = [events.row(events.relay_outcome(now, events.BOUNCED, r.queue_id, r.rcpt, None, r.size,
-                                                   f"4.4.7 delivery time expired; {reason}")) for r in expired]
+        tracked = [_outcome_row(now, events.BOUNCED, r, None, f"4.4.7 delivery time expired; {reason}")
+                   for r in expired]
         await self.storage.queue_op(outbound.settle, [r.id for r in expired], deferrals, now, tracked)
 
     def _start_connections(self, destination: str, route: Route) -> None:
@@ -259,8 +259,7 @@ class OutboundQueue:
                 await self._notify(job.rows[0], [f for _, f in bounced], delayed=False)
             if warn:
                 await self._notify(job.rows[0], [f for _, f in warn], delayed=True)
-            rows = [events.row(events.relay_outcome(now, kind, row.queue_id, row.rcpt, job.route.hop, row.size,
-                                                    text)) for kind, row, text in tracked]
+            rows = [_outcome_row(now, kind, row, job.route.hop, text) for kind, row, text in tracked]
             await self.storage.queue_op(outbound.settle, removed, deferrals, now, rows)
         finally:  # on failure (a full disk) the rows stay as they were and are tried again
             self._busy.difference_update(row.id for row in job.rows)
@@ -293,6 +292,11 @@ class OutboundQueue:
                                                  [Delivery(site.id, row.mail_from, site.name)])
         log.info("qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce",
                  qid, row.mail_from)
+
+
+def _outcome_row(now: float, kind: str, row: QueuedRecipient, hop: str | None, text: str) -> tuple:
+    """The tracking event row of one relay outcome for a queued recipient (storage.events)."""
+    return events.row(events.relay_outcome(now, kind, row.queue_id, row.rcpt, hop, row.size, text))
 
 
 __all__ = ["OutboundQueue"]

@@ -672,9 +672,9 @@ class HubSMTP(SMTP):
             metrics.encryption_refusal(tx.policy.reason)
             log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
                      site.name if site else "-", reply)
-        elif (site is not None and self._gone(site)) or any(self._gone(r) for r in tx.receivers):
+        elif (sender_gone := site is not None and self._gone(site)) or any(self._gone(r) for r in tx.receivers):
             message.discard()   # a site was removed during the transaction: its rows cannot be written
-            reply = R.SITE_REMOVED if site is not None and self._gone(site) else R.RECIPIENT_SITE_REMOVED
+            reply = R.SITE_REMOVED if sender_gone else R.RECIPIENT_SITE_REMOVED
             log.info("qid=%s site=%s refused: %s", message.queue_id, site.name if site else "-", reply)
         else:
             meta = message.meta(tx.mail_from, site, dot_lines, self._peer_ip)
@@ -757,9 +757,9 @@ def _sanitized_log_if_enabled(func, msg, *args, **kwargs) -> None:
 
 
 # aiosmtpd's own replies lack RFC 3463 codes; ENHANCEDSTATUSCODES promises them on every reply.
-_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0", "500": "5.5.2",
-                     "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
-                     "535": "5.7.8", "554": "5.0.0"}
+_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0",
+                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+                     "530": "5.7.0", "535": "5.7.8", "554": "5.0.0"}
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 

@@ -1,7 +1,7 @@
 # Durable file operations shared by the spool (storage/spool.py) and the pack writer
 # (storage/packs.py): whole writes, renames into blobs/ with the folder's own entry made durable,
-# folder fsync, the early-writeback hint, and OSError to StorageError. Plain blocking code; imports nothing heavy (the index
-# writer process uses it).
+# folder fsync, the early-writeback hint, and OSError to StorageError. Plain blocking code; imports
+# nothing heavy (the index writer process uses it).
 import ctypes
 import errno
 import os
