@@ -12,9 +12,10 @@ from .keys import site_keys
 FORMAT = "dicom-mail-hub-directory/1"
 
 
-def read_document(conn: sqlite3.Connection, hub_fingerprint: str, domains: list[str],
+def read_document(conn: sqlite3.Connection, hub_keys, domains: list[str],
                   directory_local_part: str, now: float | None = None) -> dict:
-    """The directory as the index holds it now."""
+    """The directory as the index holds it now; `hub_keys` is the hub's HubKeys (fingerprint and
+    last rotation)."""
     version = conn.execute("SELECT value FROM meta WHERE key = 'directory_version'").fetchone()[0]
     participants = []
     for site in list_sites(conn):
@@ -32,8 +33,9 @@ def read_document(conn: sqlite3.Connection, hub_fingerprint: str, domains: list[
         "format": FORMAT,
         "version": version,
         "generated_at": timestamp(time.time() if now is None else now),
-        "hub": {"fingerprint": hub_fingerprint,
-                "directory_addresses": [f"{directory_local_part}@{d}" for d in domains]},
+        "hub": {"fingerprint": hub_keys.fingerprint,
+                "directory_addresses": [f"{directory_local_part}@{d}" for d in domains],
+                "key_rotation": hub_keys.rotation()},
         "participants": participants,
     }
 
@@ -47,6 +49,7 @@ def to_text(document: dict) -> str:
     lines = ["DICOM Mail Hub - participant directory",
              f"Version {document['version']}, generated {document['generated_at']}.",
              f"Signed by the hub key {group_fingerprint(hub['fingerprint'])}.",
+             *_rotation_lines(hub.get("key_rotation")),
              f"Ask for it again by mail to {', '.join(hub['directory_addresses'])}.",
              f"{len(document['participants'])} participant(s):", ""]
     for site in document["participants"]:
@@ -59,6 +62,14 @@ def to_text(document: dict) -> str:
         lines.append(f"  imported:  {site['key_imported_at']}")
         lines += ["", *site["public_key"].strip().splitlines(), ""]
     return "\n".join(lines) + "\n"
+
+
+def _rotation_lines(rotation: dict | None) -> list[str]:
+    if not rotation:
+        return []
+    return [f"The hub key replaced the previous hub key {group_fingerprint(rotation['previous_fingerprint'])}",
+            f"on {rotation['rotated_at']} and is certified by it; the previous key also signs",
+            f"directory mails until {rotation['previous_signs_until']}, then it is retired."]
 
 
 def group_fingerprint(fingerprint: str) -> str:

@@ -1,10 +1,12 @@
 # Directory mails: the signed participant list as a reply to a site that mailed directory@<domain>,
-# and as an update to every site when the list changed (sites added or removed, addresses or keys
-# changed). Each mail is stored through the normal spool -> sync -> commit path; an update is
-# committed together with the mark "this directory version was sent", so a restart neither sends
-# it twice nor loses it. A site is answered at most once per directory.min_request_interval (each
-# answer is a signed mail in its mailbox: a gateway asking in a loop must not fill it, nor keep
-# the hub signing).
+# as an update to every site when the list changed (sites added or removed, addresses or keys
+# changed), and as the announcement of a rotation of the hub's key (signed by both keys). Each
+# carries the hub's public key(s) as an application/pgp-keys part inside the signed part. Each mail
+# is stored through the normal spool -> sync -> commit path; an update or announcement is committed
+# together with the mark "this directory version / this hub key was sent", so a restart neither
+# sends it twice nor loses it. A site is answered at most once per directory.min_request_interval
+# (each answer is a signed mail in its mailbox: a gateway asking in a loop must not fill it, nor
+# keep the hub signing).
 import asyncio
 import logging
 import os
@@ -16,20 +18,31 @@ from storage import Delivery, MessageMeta, Site, Storage, db
 from storage.sites import list_sites
 
 from .document import read_document, to_json, to_text
-from .hub_key import HubKey
+from .hub_key import HubKeys, HubKeySource
 from .signing import mixed_part, signed_body
 
 log = logging.getLogger("mailhub.directory")
 _POLL_SECONDS = 1.0
 SENT_VERSION = "directory_sent_version"
+ANNOUNCED_KEY = "hub_key_announced"   # key_stamp() of the last hub key the sites were told of
+KEY_PART_NAME = "hub-key.asc"
 
 
-def directory_mail(document: dict, hub_key: HubKey, sender: str, to: str, subject: str,
-                   in_reply_to: str | None = None, now: float | None = None) -> bytes:
-    """A whole RFC 5322 message (CRLF) holding the signed directory."""
-    inner = mixed_part(to_text(document), to_json(document).encode("ascii"), "application/json",
-                       "directory.json")
-    content_type, body = signed_body(inner, hub_key.sign_detached)
+def key_stamp(fingerprint: str) -> int:
+    """A hub key as an index integer (the meta table holds integers): its last 60 bits."""
+    return int(fingerprint[-15:], 16)
+
+
+def directory_mail(document: dict, keys: HubKeys, sender: str, to: str, subject: str,
+                   in_reply_to: str | None = None, now: float | None = None, announcement: bool = False) -> bytes:
+    """A whole RFC 5322 message (CRLF) holding the signed directory and the hub's public key(s);
+    signed by the current key, and by the previous one during the grace period of a rotation (an
+    announcement of the rotation by both, always)."""
+    now = time.time() if now is None else now
+    armored, _ = keys.published(now, announcement)
+    inner = mixed_part(to_text(document), [("application/json", "directory.json", to_json(document).encode("ascii")),
+                                           ("application/pgp-keys", KEY_PART_NAME, armored.encode("ascii"))])
+    content_type, body = signed_body(inner, lambda data: keys.sign_detached(data, now, announcement))
     domain = sender.rpartition("@")[2]
     headers = [
         f"From: DICOM Mail Hub directory <{sender}>",
@@ -40,6 +53,8 @@ def directory_mail(document: dict, hub_key: HubKey, sender: str, to: str, subjec
         *([f"In-Reply-To: {in_reply_to}"] if in_reply_to else []),
         "Auto-Submitted: " + ("auto-replied" if in_reply_to is not None else "auto-generated"),
         f"X-DICOM-Mail-Hub-Directory-Version: {document['version']}",
+        *([f"X-DICOM-Mail-Hub-Key-Rotation: {keys.previous_fingerprint} -> {keys.fingerprint}"]
+          if announcement else []),
         "MIME-Version: 1.0",
         f"Content-Type: {content_type}",
     ]
@@ -49,10 +64,10 @@ def directory_mail(document: dict, hub_key: HubKey, sender: str, to: str, subjec
 class DirectoryMailer:
     """Server side: answers directory requests and sends updates after changes."""
 
-    def __init__(self, cfg, storage: Storage, hub_key: HubKey):
+    def __init__(self, cfg, storage: Storage, hub_keys: HubKeySource):
         self.cfg = cfg
         self.storage = storage
-        self.hub_key = hub_key
+        self.hub_keys = hub_keys
         self.local_part = cfg.directory.address
         self._asked_at: dict[int, float] = {}   # site id -> when its last request was taken (monotonic)
 
@@ -73,22 +88,24 @@ class DirectoryMailer:
     async def reply(self, site: Site, address: str, request_id: str | None) -> str:
         """Store the signed directory in the requesting site's mailbox; returns the queue ID."""
         sender = f"{self.local_part}@{address.rpartition('@')[2].lower()}"
-        data = await self._in_thread(self._mail, sender, address, "Participant directory", request_id or "")
+        data = await self._in_thread(self._mail, sender, address, "Participant directory", request_id or "", False)
         queue_id = await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address, site.name)])
         metrics.directory_mail("reply")
         return queue_id
 
-    def start_updates(self) -> asyncio.Task | None:
-        """Start the update loop (when configured); the first start records the present version
-        as already sent, so that only later changes trigger updates."""
+    def start_updates(self) -> asyncio.Task:
+        """Start the loop that sends updates (when configured) and rotation announcements (always).
+        The first start records the present version and hub key as already sent, so that only
+        later changes are sent."""
         conn = db.connect(self.cfg.data_dir)
         try:
             conn.execute("INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta"
                          " WHERE key = 'directory_version'", (SENT_VERSION,))
+            keys = self.hub_keys.get()
+            # nothing recorded yet: the sites know this key, or the previous one if it was rotated lately
+            note_hub_key_announced(conn, keys.previous_fingerprint if keys.in_grace() else keys.fingerprint)
         finally:
             conn.close()
-        if not self.cfg.directory.notify_on_change:
-            return None
         return asyncio.create_task(self._update_loop())
 
     async def _update_loop(self) -> None:
@@ -104,39 +121,71 @@ class DirectoryMailer:
             conn.close()
 
     async def _send_update_if_changed(self, conn) -> None:
+        keys = self.hub_keys.get()
         conn.execute("BEGIN")  # the version and the sites it counts, read together
         try:
-            rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('directory_version', ?)",
-                                     (SENT_VERSION,)))
-            version = rows["directory_version"]
-            if rows.get(SENT_VERSION) == version:
-                return
+            rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('directory_version', ?, ?)",
+                                     (SENT_VERSION, ANNOUNCED_KEY)))
             recipients = [(s, s.addresses[0]) for s in list_sites(conn) if s.addresses]
         finally:
             conn.execute("COMMIT")
+        stamp = key_stamp(keys.fingerprint)
+        if rows.get(ANNOUNCED_KEY) != stamp:
+            await self._announce_rotation(conn, keys, recipients, stamp)
+            return
+        version = rows["directory_version"]
+        if not self.cfg.directory.notify_on_change or rows.get(SENT_VERSION) == version:
+            return
         if recipients:
-            sender = f"{self.local_part}@{self.cfg.domain[0]}"
-            data = await self._in_thread(self._mail, sender, "undisclosed-recipients:;",
-                                         "Participant directory update", None)
-            queue_id = await self.storage.store_generated(
-                data, _meta(data), [Delivery(site.id, address, site.name) for site, address in recipients],
-                mark=(SENT_VERSION, version))
+            queue_id = await self._store_for_all(recipients, "Participant directory update", False,
+                                                 (SENT_VERSION, version))
             metrics.directory_mail("update")
             log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
         else:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (SENT_VERSION, version))
 
-    def _mail(self, sender: str, to: str, subject: str, in_reply_to: str | None) -> bytes:
+    async def _announce_rotation(self, conn, keys: HubKeys, recipients: list, stamp: int) -> None:
+        if keys.previous is None:   # replaced by hand, or the previous key's file is missing
+            log.warning("hub key %s is not certified by a previous hub key on file: no rotation to announce;"
+                        " the sites must learn its fingerprint out of band", keys.fingerprint)
+        elif recipients:
+            queue_id = await self._store_for_all(recipients, "Hub signing key rotation (participant directory)",
+                                                 True, (ANNOUNCED_KEY, stamp))
+            metrics.directory_mail("key_rotation")
+            log.info("hub key rotation %s -> %s announced to %d site(s) as qid=%s", keys.previous_fingerprint,
+                     keys.fingerprint, len(recipients), queue_id)
+            return
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (ANNOUNCED_KEY, stamp))
+
+    async def _store_for_all(self, recipients: list, subject: str, announcement: bool, mark: tuple[str, int]) -> str:
+        """One signed mail for every site, committed with the meta row `mark`."""
+        sender = f"{self.local_part}@{self.cfg.domain[0]}"
+        data = await self._in_thread(self._mail, sender, "undisclosed-recipients:;", subject, None, announcement)
+        return await self.storage.store_generated(
+            data, _meta(data), [Delivery(site.id, address, site.name) for site, address in recipients], mark=mark)
+
+    def _mail(self, sender: str, to: str, subject: str, in_reply_to: str | None, announcement: bool) -> bytes:
         """Worker thread: read the index, build and sign the mail."""
+        keys = self.hub_keys.get()
         conn = db.connect(self.cfg.data_dir)
         try:
-            document = read_document(conn, self.hub_key.fingerprint, self.cfg.domain, self.local_part)
+            document = read_document(conn, keys, self.cfg.domain, self.local_part)
         finally:
             conn.close()
-        return directory_mail(document, self.hub_key, sender, to, subject, in_reply_to, time.time())
+        return directory_mail(document, keys, sender, to, subject, in_reply_to, time.time(), announcement)
 
     async def _in_thread(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+def note_hub_key_announced(conn, fingerprint: str) -> None:
+    """Record `fingerprint` as the hub key the sites know, unless one is recorded already."""
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (ANNOUNCED_KEY, key_stamp(fingerprint)))
+
+
+def announced_key_stamp(conn) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (ANNOUNCED_KEY,)).fetchone()
+    return None if row is None else row[0]
 
 
 def _meta(data: bytes) -> MessageMeta:

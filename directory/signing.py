@@ -14,26 +14,40 @@ def _boundary(tag: str) -> str:
     return f"=_{tag}_{os.urandom(12).hex()}"
 
 
-def mixed_part(text: str, attachment: bytes, attachment_type: str, filename: str) -> bytes:
-    """A multipart/mixed entity (with its Content-Type header): a quoted-printable text part and a
-    base64 attachment; every line short, ASCII, CRLF-terminated."""
+def mixed_part(text: str, attachments: list[tuple[str, str, bytes]]) -> bytes:
+    """A multipart/mixed entity (with its Content-Type header): a quoted-printable text part, then
+    each attachment (content type, file name, data): base64, or 7bit when the data is already
+    short lines of printable ASCII (an armored key); every line short, ASCII, CRLF-terminated."""
     boundary = _boundary("part")
     text_body = quoprimime.body_encode(text.replace("\r\n", "\n"), maxlinelen=76, eol=CRLF)
-    encoded = base64.encodebytes(attachment).decode("ascii").replace("\n", CRLF)
     lines = [
         f'Content-Type: multipart/mixed; boundary="{boundary}"', "",
         f"--{boundary}",
         "Content-Type: text/plain; charset=utf-8",
         "Content-Transfer-Encoding: quoted-printable", "",
         text_body.rstrip(CRLF),
-        f"--{boundary}",
-        f'Content-Type: {attachment_type}; name="{filename}"',
-        f'Content-Disposition: attachment; filename="{filename}"',
-        "Content-Transfer-Encoding: base64", "",
-        encoded.rstrip(CRLF),
-        f"--{boundary}--",
     ]
+    for content_type, filename, data in attachments:
+        armored = _is_7bit_text(data)
+        body = data.decode("ascii").replace("\n", CRLF) if armored else (
+            base64.encodebytes(data).decode("ascii").replace("\n", CRLF))
+        lines += [
+            f"--{boundary}",
+            f'Content-Type: {content_type}; name="{filename}"',
+            f'Content-Disposition: attachment; filename="{filename}"',
+            f"Content-Transfer-Encoding: {'7bit' if armored else 'base64'}", "",
+            body.rstrip(CRLF),
+        ]
+    lines.append(f"--{boundary}--")
     return CRLF.join(lines).encode("ascii")
+
+
+def _is_7bit_text(data: bytes) -> bool:
+    """LF-terminated lines of at most 76 printable ASCII characters, none ending in white space."""
+    if not data.endswith(b"\n") or b"\r" in data:
+        return False
+    lines = data[:-1].split(b"\n")
+    return all(len(line) <= 76 and line == line.rstrip() and all(32 <= c < 127 for c in line) for line in lines)
 
 
 def signed_body(signed_part: bytes, sign_detached: Callable[[bytes], str]) -> tuple[str, bytes]:

@@ -124,6 +124,22 @@ def _directory_parsers(commands, site_commands, common) -> None:
     export.add_argument("--output", metavar="FILE", help="file to write (default: standard output)")
     export.add_argument("--format", choices=["json", "text", "signed"], default="json",
                         help="json (default), text, or signed: the PGP/MIME multipart/signed entity")
+    export_key = directory_commands.add_parser(
+        "export-key", parents=[common], help="write the hub's public signing key(s), armored (creates the key if missing)",
+        description="The current key, and during a rotation's grace period the previous one too, to standard"
+                    " output; their fingerprints and state to standard error.")
+    export_key.add_argument("--output", metavar="FILE", help="file to write (default: standard output)")
+    export_key.add_argument("--binary", action="store_true", help="binary OpenPGP keys instead of armored text")
+    export_key.add_argument("--fingerprint-only", action="store_true",
+                            help="print only the current key's fingerprint (as `directory fingerprint`)")
+    rotate = directory_commands.add_parser(
+        "rotate-key", parents=[common], help="replace the hub's signing key by a new one certified by it",
+        description="Makes a new hub key, certifies it with the current one, keeps the current one in"
+                    " DATA_DIR/hub-keys/ and makes the new one current. The hub announces the rotation to every"
+                    " site in a mail signed by both keys; the previous key co-signs directory mails for"
+                    " directory.hub_key_grace_days. Prints the new fingerprint.")
+    rotate.add_argument("--force", action="store_true",
+                        help="rotate even though the previous rotation was not announced to the sites yet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,6 +226,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("directory", "notify_on_change"): Option(_bool, True),
     ("directory", "key_grace_days"): Option(_zero_or_more, 14),
     ("directory", "min_request_interval"): Option(_zero_or_more, 60),
+    ("directory", "hub_key_grace_days"): Option(_zero_or_more, 30),
     ("encryption", "required"): Option(_bool, True),
     ("encryption", "allow_hidden_recipients"): Option(_bool, False),
     ("relay", "enabled"): Option(_bool, True),

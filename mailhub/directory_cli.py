@@ -1,6 +1,7 @@
-# `mailhub site key import|show`, `mailhub site policy` and `mailhub directory fingerprint|export`:
-# the directory commands of the CLI. They work on the index and the data folder directly, beside a
-# running hub, which picks key and policy changes up by itself. Exit status as in cli.py.
+# `mailhub site key import|show`, `mailhub site policy` and `mailhub directory
+# fingerprint|export|export-key|rotate-key`: the directory commands of the CLI. They work on the
+# index and the data folder directly, beside a running hub, which picks key, policy and hub key
+# changes up by itself (and announces a hub key rotation). Exit status as in cli.py.
 import json
 import sqlite3
 import sys
@@ -82,25 +83,95 @@ def _policy(conn, args) -> int:
 
 
 def _directory(cfg, conn, args) -> int:
-    from directory import directory_mail, load_or_create_hub_key, read_document, to_json, to_text
+    from directory import directory_mail, load_or_create_hub_keys, read_document, to_json, to_text
 
-    hub_key = load_or_create_hub_key(cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}")
+    if args.directory_command == "rotate-key":
+        return _rotate_key(cfg, conn, args)
+    keys = load_or_create_hub_keys(cfg.data_dir, _hub_address(cfg), _hub_key_grace(cfg))
     if args.directory_command == "fingerprint":
-        print(hub_key.fingerprint)
+        print(keys.fingerprint)
         return 0
-    document = read_document(conn, hub_key.fingerprint, cfg.domain, cfg.directory.address)
+    if args.directory_command == "export-key":
+        return _export_key(conn, keys, args)
+    document = read_document(conn, keys, cfg.domain, cfg.directory.address)
     if args.format == "json":
         output = to_json(document).encode()
     elif args.format == "text":
         output = to_text(document).encode()
     else:
-        sender = f"{cfg.directory.address}@{cfg.domain[0]}"
-        output = directory_mail(document, hub_key, sender, "undisclosed-recipients:;", "Participant directory")
-    if args.output:
-        Path(args.output).write_bytes(output)
-    else:
-        sys.stdout.buffer.write(output)
+        output = directory_mail(document, keys, _hub_address(cfg), "undisclosed-recipients:;", "Participant directory")
+    _write(args.output, output)
     return 0
+
+
+def _export_key(conn, keys, args) -> int:
+    """The published public key(s) to stdout (or --output); what they are to stderr."""
+    from directory.mailer import announced_key_stamp, key_stamp
+
+    if args.fingerprint_only:
+        print(keys.fingerprint)
+        return 0
+    armored, binary = keys.published()
+    _write(args.output, binary if args.binary else armored.encode("ascii"))
+    print(f"current hub key: {keys.fingerprint}", file=sys.stderr)
+    rotation = keys.rotation()
+    if rotation:
+        state = (f"co-signs until {rotation['previous_signs_until']}" if keys.in_grace()
+                 else f"retired since {rotation['previous_signs_until']}")
+        print(f"previous hub key: {rotation['previous_fingerprint']} (replaced {rotation['rotated_at']}; {state})",
+              file=sys.stderr)
+        announced = announced_key_stamp(conn)
+        if announced is not None and announced != key_stamp(keys.fingerprint):
+            print("the rotation is not announced to the sites yet: a running hub sends the announcement"
+                  " within seconds, a stopped one when it starts", file=sys.stderr)
+    return 0
+
+
+def _rotate_key(cfg, conn, args) -> int:
+    from directory import DirectoryError, load_hub_keys, rotate_hub_key
+    from directory.hub_key import archive_path
+    from directory.mailer import announced_key_stamp, key_stamp, note_hub_key_announced
+
+    grace = _hub_key_grace(cfg)
+    keys = load_hub_keys(cfg.data_dir, grace)
+    if keys is None:
+        raise DirectoryError("there is no hub key to rotate yet (the first start or `mailhub directory"
+                             " fingerprint` makes one)")
+    announced = announced_key_stamp(conn)
+    if announced is not None and announced != key_stamp(keys.fingerprint) and keys.previous is not None \
+            and not args.force:
+        raise DirectoryError(f"the previous rotation ({keys.previous_fingerprint} -> {keys.fingerprint}) is not"
+                             " announced to the sites yet; start the hub, which announces it, and rotate"
+                             " after that (or pass --force: sites that missed it cannot follow)")
+    note_hub_key_announced(conn, keys.fingerprint)  # the key the sites know, if nothing was recorded yet
+    if keys.in_grace():
+        print(f"note: the key before, {keys.previous_fingerprint}, stops co-signing now", file=sys.stderr)
+    previous, new = rotate_hub_key(cfg.data_dir, _hub_address(cfg))
+    days = cfg.directory.hub_key_grace_days
+    print(f"hub key rotated: {previous.fingerprint} -> {new.fingerprint}\n"
+          f"The new key is certified by the previous one, which is kept in"
+          f" {archive_path(cfg.data_dir, previous.fingerprint)}\n"
+          f"and co-signs directory mails for {days:g} day(s) (directory.hub_key_grace_days).\n"
+          "The hub announces the rotation to every site in a mail signed by both keys: a running hub within"
+          " seconds,\na stopped one when it starts (log line 'hub key rotation ... announced').", file=sys.stderr)
+    print(new.fingerprint)
+    return 0
+
+
+def _hub_address(cfg) -> str:
+    return f"{cfg.directory.address}@{cfg.domain[0]}"
+
+
+def _hub_key_grace(cfg) -> float:
+    return cfg.directory.hub_key_grace_days * 86400
+
+
+def _write(output: str | None, data: bytes) -> None:
+    if output:
+        Path(output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
 
 
 def _timestamp(seconds: float | None) -> str | None:

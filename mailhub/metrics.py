@@ -1,7 +1,8 @@
 # Prometheus metrics of the hub (issue 7): one registry, the metric definitions, the cheap hooks the
 # protocol edges call (one counter increment per transaction, message or session, never per chunk),
 # a collector that reads storage totals from the index at scrape time (cached briefly), and a small
-# HTTP listener on the hub's event loop serving /metrics and /healthz.
+# HTTP listener on the hub's event loop serving /metrics, /healthz and the hub's public key
+# (mailhub/hub_key_http.py).
 # Must never: block the event loop on a scrape (the exposition is rendered in a worker thread), or
 # let a metrics failure reach an SMTP, POP3 or IMAP session.
 import asyncio
@@ -71,7 +72,8 @@ ENCRYPTION_REFUSALS = Counter(
     "(cleartext_dicom, malformed, wrong_key, hidden_recipient).", ["reason"], registry=REGISTRY)
 DIRECTORY_MAILS = Counter(
     "mailhub_directory_mails_total", "Signed participant-directory mails stored, by kind (reply to a request, "
-    "update after a change; an update is one mail for all sites).", ["kind"], registry=REGISTRY)
+    "update after a change, key_rotation announcing a new hub key; an update or announcement is one mail "
+    "for all sites).", ["kind"], registry=REGISTRY)
 IMAP_SESSIONS = Counter(
     "mailhub_imap_sessions_total", "IMAP connections, by how they ended (logout, closed, idle_timeout, "
     "connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
@@ -318,11 +320,13 @@ _MAX_REQUEST = 16 * 1024
 
 
 class MetricsServer:
-    """GET /metrics (Prometheus text format) and GET /healthz (200 "ok" or 503 with the reasons)."""
+    """GET /metrics (Prometheus text format), GET /healthz (200 "ok" or 503 with the reasons), and the
+    hub key's paths when `key_routes` is given."""
 
     def __init__(self, data_dir: Path, min_free_bytes: int, listeners_up, smtp_sessions, pop3_sessions,
-                 imap_sessions=lambda: 0):
+                 imap_sessions=lambda: 0, key_routes=None):
         self.data_dir = Path(data_dir)
+        self.key_routes = key_routes        # a HubKeyRoutes, or None
         self.min_free_bytes = min_free_bytes
         self.listeners_up = listeners_up    # () -> list of names of listeners not serving
         self.collector = StorageCollector(self.data_dir)
@@ -368,6 +372,8 @@ class MetricsServer:
             if problems:
                 return "503 Service Unavailable", "text/plain", ("; ".join(problems) + "\n").encode()
             return "200 OK", "text/plain", b"ok\n"
+        if self.key_routes is not None and (found := self.key_routes.route(path)) is not None:
+            return found
         return "404 Not Found", "text/plain", b"not found\n"
 
     async def health(self) -> list[str]:

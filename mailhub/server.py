@@ -7,7 +7,7 @@ import signal
 import ssl
 import time
 
-from directory import DirectoryMailer, KeyRing, load_or_create_hub_key
+from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
 from quotas import Throttle
 from relay.imap_server import ImapContext
 from relay.outbound_queue import OutboundQueue
@@ -16,6 +16,7 @@ from relay.smtp_server import HubSMTP, SmtpContext
 from relay.file_sender import FileSender
 from storage import SiteCache, Storage
 
+from .hub_key_http import HubKeyRoutes
 from .metrics import MetricsServer
 from .throttling import ThrottleFeeder, settings_from_config
 
@@ -61,10 +62,8 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     throttle = Throttle(settings_from_config(cfg))
     feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
     await feeder.start()
-    hub_key = await asyncio.get_running_loop().run_in_executor(
-        None, load_or_create_hub_key, cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}")
-    log.info("directory signing key %s", hub_key.fingerprint)
-    directory = DirectoryMailer(cfg, storage, hub_key)
+    hub_keys = await asyncio.get_running_loop().run_in_executor(None, _hub_keys, cfg)
+    directory = DirectoryMailer(cfg, storage, hub_keys)
     smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks)
@@ -72,7 +71,8 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,
                             lambda: [name for name, server in named.items() if not server.is_serving()],
-                            lambda: len(smtp.connections), lambda: len(pop3.sessions), lambda: len(imap.sessions))
+                            lambda: len(smtp.connections), lambda: len(pop3.sessions), lambda: len(imap.sessions),
+                            HubKeyRoutes(hub_keys, cfg.directory.address, cfg.domain))
     try:
         named["smtp"] = await _listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
         if cfg.pop3.listen:
@@ -118,11 +118,24 @@ async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> Non
                          imap.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
     feeding.cancel()
-    if directory_updates is not None:
-        directory_updates.cancel()
+    directory_updates.cancel()
     if relay is not None:
         await _stop_relay(*relay)
     metrics.close()
+
+
+def _hub_keys(cfg) -> HubKeySource:
+    """The hub's signing keys (the first made now if there is none), after removing what a cut-off
+    rotation left."""
+    clean_leftovers(cfg.data_dir)
+    source = HubKeySource(cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}",
+                          cfg.directory.hub_key_grace_days * 86400)
+    keys = source.get()
+    log.info("directory signing key %s", keys.fingerprint)
+    if keys.in_grace():
+        log.info("previous directory signing key %s co-signs until %s", keys.previous_fingerprint,
+                 keys.rotation()["previous_signs_until"])
+    return source
 
 
 def _start_relay(cfg, storage: Storage, sites: SiteCache):

@@ -133,6 +133,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("directory", "notify_on_change"): ("off", False),
         ("directory", "key_grace_days"): ("0.5", 0.5),
         ("directory", "min_request_interval"): ("0", 0.0),
+        ("directory", "hub_key_grace_days"): ("2.5", 2.5),
         ("encryption", "required"): ("false", False),
         ("encryption", "allow_hidden_recipients"): ("true", True),
         ("relay", "enabled"): ("no", False),

@@ -60,8 +60,10 @@ def document_of(raw: bytes) -> dict:
     assert message.get_param("micalg") == "pgp-sha256"
     mixed, signature = message.get_payload()
     assert signature.get_content_type() == "application/pgp-signature"
-    text, attachment = mixed.get_payload()
+    text, attachment, key = mixed.get_payload()
     assert text.get_content_type() == "text/plain" and attachment.get_content_type() == "application/json"
+    assert key.get_content_type() == "application/pgp-keys" and key.get_filename() == "hub-key.asc"
+    assert key.get_payload().startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
     document = json.loads(attachment.get_payload(decode=True))
     readable = text.get_payload(decode=True).decode()
     for site in document["participants"]:
