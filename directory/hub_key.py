@@ -203,6 +203,7 @@ class HubKeySource:
         self._lock = threading.Lock()
         self._keys = load_or_create_hub_keys(self.data_dir, address, grace_seconds)
         self._seen = self._file_state()
+        self._problem: str | None = None   # logged once, not at every look
 
     def _file_state(self):
         st = os.stat(key_path(self.data_dir))
@@ -215,8 +216,12 @@ class HubKeySource:
                 if state != self._seen:
                     self._keys = load_hub_keys(self.data_dir, self.grace_seconds) or self._keys
                     self._seen = state
+                    log.info("directory signing key %s (reloaded)", self._keys.fingerprint)
+                self._problem = None
             except (OSError, DirectoryError) as exc:  # keep signing with the keys in hand
-                log.error("hub key not reloaded: %s", exc)
+                if str(exc) != self._problem:
+                    log.error("hub key file unreadable, still signing with %s: %s", self._keys.fingerprint, exc)
+                self._problem = str(exc)
             return self._keys
 
 

@@ -298,3 +298,30 @@ def test_a_rotation_killed_at_each_step_leaves_one_consistent_state(make_hub):
     print("rotation cut off by SIGKILL after each step:", json.dumps(outcomes))
     assert outcomes == {"generated": "old key current", "archived": "old key current",
                         "written": "old key current", "committed": "rotated"}
+
+
+def test_wkd_names_are_gnupgs():
+    from directory import wkd_hash
+
+    for address in ("directory@hub.test", "Directory@Hub.Test", "Joe.Doe@Example.ORG", "x@y.z",
+                    "teilnehmer-verzeichnis_2@klinik.example"):
+        printed = subprocess.run([WKS_CLIENT, "--print-wkd-hash", address], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout.split()[0]
+        assert wkd_hash(address.split("@")[0]) == printed, address
+
+
+def test_the_server_keeps_its_keys_when_the_key_file_goes_bad(tmp_path, caplog):
+    from directory import HubKeySource, rotate_hub_key
+
+    source = HubKeySource(tmp_path, "directory@hub.test", 86400)
+    first = source.get().fingerprint
+    assert source.get() is source.get()   # not read again while the file is unchanged
+    previous, new = rotate_hub_key(tmp_path, "directory@hub.test")
+    assert previous.fingerprint == first
+    keys = source.get()
+    assert keys.fingerprint == new.fingerprint and keys.previous.fingerprint == first and keys.in_grace()
+    (tmp_path / "hub-signing-key.asc").write_text("damaged\n")
+    with caplog.at_level("ERROR", logger="mailhub.directory"):
+        assert all(source.get() is keys for _ in range(5))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"hub key file unreadable, still signing with {new.fingerprint}"]
