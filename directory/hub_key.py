@@ -175,14 +175,13 @@ def load_hub_keys(data_dir: Path, grace_seconds: float) -> HubKeys | None:
     return HubKeys(current, previous, certifier, grace_seconds)
 
 
-def load_or_create_hub_keys(data_dir: Path, address: str, grace_seconds: float) -> HubKeys:
-    """The hub keys; the first key is created when there is none, with the user ID
-    "DICOM Mail Hub directory <address>"."""
+def load_or_create_hub_keys(data_dir: Path, addresses: list[str], grace_seconds: float) -> HubKeys:
+    """The hub keys; the first key is created when there is none (see new_key)."""
     if load_hub_key(data_dir) is None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         path = key_path(data_dir)
         temporary = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
-        write_private(temporary, new_key(address))
+        write_private(temporary, new_key(addresses))
         try:
             os.link(temporary, path)  # fails if another process created the key meanwhile
         except FileExistsError:
@@ -197,11 +196,11 @@ class HubKeySource:
     """The server's hub keys, read again when the key file changes (a rotation made by the CLI
     beside the running hub). Safe to call from the event loop and from worker threads."""
 
-    def __init__(self, data_dir: Path, address: str, grace_seconds: float):
+    def __init__(self, data_dir: Path, addresses: list[str], grace_seconds: float):
         self.data_dir = Path(data_dir)
         self.grace_seconds = grace_seconds
         self._lock = threading.Lock()
-        self._keys = load_or_create_hub_keys(self.data_dir, address, grace_seconds)
+        self._keys = load_or_create_hub_keys(self.data_dir, addresses, grace_seconds)
         self._seen = self._file_state()
         self._problem: str | None = None   # logged once, not at every look
 
@@ -225,13 +224,16 @@ class HubKeySource:
             return self._keys
 
 
-def new_key(address: str) -> HubKey:
+def new_key(addresses: list[str]) -> HubKey:
+    """A signing key with a user ID "DICOM Mail Hub directory <address>" per directory address (one
+    per local domain, the first primary: a Web Key Directory client wants the address it asked for)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, _KEY_BITS)
-        key.add_uid(pgpy.PGPUID.new("DICOM Mail Hub directory", email=address), usage={KeyFlags.Sign, KeyFlags.Certify},
-                    hashes=[HashAlgorithm.SHA256, HashAlgorithm.SHA512],
-                    ciphers=[SymmetricKeyAlgorithm.AES256], compression=[CompressionAlgorithm.Uncompressed])
+        for number, address in enumerate(addresses):
+            key.add_uid(pgpy.PGPUID.new("DICOM Mail Hub directory", email=address), primary=number == 0,
+                        usage={KeyFlags.Sign, KeyFlags.Certify}, hashes=[HashAlgorithm.SHA256, HashAlgorithm.SHA512],
+                        ciphers=[SymmetricKeyAlgorithm.AES256], compression=[CompressionAlgorithm.Uncompressed])
     return HubKey(key)
 
 

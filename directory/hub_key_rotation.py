@@ -23,7 +23,7 @@ _TEMPORARY = f".{KEY_FILE}.rotation.tmp"
 STEPS = ("generated", "archived", "written", "committed")
 
 
-def rotate_hub_key(data_dir: Path, address: str, now: float | None = None,
+def rotate_hub_key(data_dir: Path, addresses: list[str], now: float | None = None,
                    step: Callable[[str], None] = lambda name: None) -> tuple[HubKey, HubKey]:
     """Replace the hub key by a new one certified by it; returns (previous, new)."""
     data_dir = Path(data_dir)
@@ -34,7 +34,7 @@ def rotate_hub_key(data_dir: Path, address: str, now: float | None = None,
         if previous is None:
             raise DirectoryError("there is no hub key to rotate yet (it is made by the first start or"
                                  " `mailhub directory fingerprint`)")
-        new = new_key(address)
+        new = new_key(addresses)
         previous.certify(new, now)
         step("generated")
         _archive(data_dir, previous)

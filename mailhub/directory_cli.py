@@ -87,7 +87,7 @@ def _directory(cfg, conn, args) -> int:
 
     if args.directory_command == "rotate-key":
         return _rotate_key(cfg, conn, args)
-    keys = load_or_create_hub_keys(cfg.data_dir, _hub_address(cfg), _hub_key_grace(cfg))
+    keys = load_or_create_hub_keys(cfg.data_dir, _hub_addresses(cfg), _hub_key_grace(cfg))
     if args.directory_command == "fingerprint":
         print(keys.fingerprint)
         return 0
@@ -99,7 +99,8 @@ def _directory(cfg, conn, args) -> int:
     elif args.format == "text":
         output = to_text(document).encode()
     else:
-        output = directory_mail(document, keys, _hub_address(cfg), "undisclosed-recipients:;", "Participant directory")
+        output = directory_mail(document, keys, _hub_addresses(cfg)[0], "undisclosed-recipients:;",
+                                "Participant directory")
     _write(args.output, output)
     return 0
 
@@ -146,7 +147,7 @@ def _rotate_key(cfg, conn, args) -> int:
     note_hub_key_announced(conn, keys.fingerprint)  # the key the sites know, if nothing was recorded yet
     if keys.in_grace():
         print(f"note: the key before, {keys.previous_fingerprint}, stops co-signing now", file=sys.stderr)
-    previous, new = rotate_hub_key(cfg.data_dir, _hub_address(cfg))
+    previous, new = rotate_hub_key(cfg.data_dir, _hub_addresses(cfg))
     days = cfg.directory.hub_key_grace_days
     print(f"hub key rotated: {previous.fingerprint} -> {new.fingerprint}\n"
           f"The new key is certified by the previous one, which is kept in"
@@ -158,8 +159,9 @@ def _rotate_key(cfg, conn, args) -> int:
     return 0
 
 
-def _hub_address(cfg) -> str:
-    return f"{cfg.directory.address}@{cfg.domain[0]}"
+def _hub_addresses(cfg) -> list[str]:
+    """The directory address of each local domain, the first one's first."""
+    return [f"{cfg.directory.address}@{domain}" for domain in cfg.domain]
 
 
 def _hub_key_grace(cfg) -> float:

@@ -128,7 +128,7 @@ def _hub_keys(cfg) -> HubKeySource:
     """The hub's signing keys (the first made now if there is none), after removing what a cut-off
     rotation left."""
     clean_leftovers(cfg.data_dir)
-    source = HubKeySource(cfg.data_dir, f"{cfg.directory.address}@{cfg.domain[0]}",
+    source = HubKeySource(cfg.data_dir, [f"{cfg.directory.address}@{domain}" for domain in cfg.domain],
                           cfg.directory.hub_key_grace_days * 86400)
     keys = source.get()
     log.info("directory signing key %s", keys.fingerprint)

@@ -182,8 +182,9 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
     new = rotated.stdout.strip()
     assert new != old and f"hub key rotated: {old} -> {new}" in rotated.stderr
     assert (hub.data_dir / "hub-keys" / f"{old}.asc").stat().st_mode & 0o777 == 0o600
-    assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(2,)]), hub.log_text()[-2000:]
-    assert f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text()
+    assert until(lambda: f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text()), \
+        hub.log_text()[-2000:]
+    assert hub.query("SELECT count(*) FROM mailbox") == [(2,)]
     announcements = {login: pop3_messages(hub, login) for login in ("alpha", "beta")}
     assert all(len(mails) == 1 for mails in announcements.values())
     raw = announcements["alpha"][0]
@@ -265,7 +266,7 @@ def test_a_rotation_not_yet_announced_blocks_the_next_one(make_hub):
 _CUT_OFF = """
 import os, signal, sys
 from directory import rotate_hub_key
-rotate_hub_key(sys.argv[1], "directory@hub.test",
+rotate_hub_key(sys.argv[1], ["directory@hub.test"],
                step=lambda name: name == sys.argv[2] and os.kill(os.getpid(), signal.SIGKILL))
 """
 
@@ -310,16 +311,25 @@ def test_wkd_names_are_gnupgs():
         assert wkd_hash(address.split("@")[0]) == printed, address
 
 
-def test_the_server_keeps_its_keys_when_the_key_file_goes_bad(tmp_path, caplog):
+def test_the_server_reloads_a_rotated_key_and_keeps_its_keys_when_the_file_goes_bad(tmp_path, caplog, gateways):
     from directory import HubKeySource, rotate_hub_key
 
-    source = HubKeySource(tmp_path, "directory@hub.test", 86400)
+    addresses = ["directory@hub.test", "directory@other.test"]   # one user ID per local domain
+    source = HubKeySource(tmp_path, addresses, 86400)
     first = source.get().fingerprint
     assert source.get() is source.get()   # not read again while the file is unchanged
-    previous, new = rotate_hub_key(tmp_path, "directory@hub.test")
+    previous, new = rotate_hub_key(tmp_path, addresses)
     assert previous.fingerprint == first
     keys = source.get()
     assert keys.fingerprint == new.fingerprint and keys.previous.fingerprint == first and keys.in_grace()
+    gateway = gateways()
+    gateway.import_key(keys.published()[0].encode())
+    listing = gateway.run("--with-colons", "--check-sigs", new.fingerprint).stdout.decode().splitlines()
+    uids = [i for i, line in enumerate(listing) if line.startswith("uid:")]
+    assert [listing[i].split(":")[9] for i in uids] == [f"DICOM Mail Hub directory <{a}>" for a in addresses]
+    for start, end in zip(uids, uids[1:] + [len(listing)]):   # each user ID certified by the old key
+        assert any(line.startswith("sig:!:") and line.split(":")[4] == first[-16:]
+                   for line in listing[start:end]), listing
     (tmp_path / "hub-signing-key.asc").write_text("damaged\n")
     with caplog.at_level("ERROR", logger="mailhub.directory"):
         assert all(source.get() is keys for _ in range(5))
