@@ -237,10 +237,12 @@ def new_key(addresses: list[str]) -> HubKey:
     return HubKey(key)
 
 
-def write_private(path: Path, key: HubKey) -> None:
-    """Write the private key to `path` (mode 0600) and flush it to disk."""
+def write_private(path: Path, key: HubKey, owner: tuple[int, int] | None = None) -> None:
+    """Write the private key to `path` (mode 0600, owned by `owner` if given) and flush it to disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with open(fd, "wb") as f:
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, *owner)
         f.write(key.private_armored().encode())
         f.flush()
         os.fsync(fd)

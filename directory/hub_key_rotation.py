@@ -37,14 +37,24 @@ def rotate_hub_key(data_dir: Path, addresses: list[str], now: float | None = Non
         new = new_key(addresses)
         previous.certify(new, now)
         step("generated")
-        _archive(data_dir, previous)
-        step("archived")
-        temporary = data_dir / _TEMPORARY
-        write_private(temporary, new)
-        step("written")
-        os.replace(temporary, key_path(data_dir))   # the commit point
+        try:
+            st = key_path(data_dir).stat()
+            owner = st.st_uid, st.st_gid   # run as root, the files stay the hub user's
+            _archive(data_dir, previous, owner)
+            step("archived")
+            temporary = data_dir / _TEMPORARY
+            write_private(temporary, new, owner)
+            step("written")
+            os.replace(temporary, key_path(data_dir))   # the commit point
+        except OSError as exc:
+            raise DirectoryError(f"rotation not done, the hub key {previous.fingerprint} stays current:"
+                                 f" {exc.strerror or exc}: {exc.filename}") from None
         step("committed")
-        fsync_dir(data_dir)
+        try:
+            fsync_dir(data_dir)
+        except OSError as exc:
+            raise DirectoryError(f"the hub key was replaced by {new.fingerprint}, but syncing {data_dir}"
+                                 f" failed ({exc.strerror}); check the disk") from None
         return previous, new
     finally:
         os.close(lock)
@@ -55,7 +65,7 @@ def clean_leftovers(data_dir: Path) -> None:
     data_dir = Path(data_dir)
     try:
         lock = _lock(data_dir)
-    except (DirectoryError, FileNotFoundError):
+    except DirectoryError:
         return
     try:
         for leftover in [data_dir / _TEMPORARY, *(data_dir / ARCHIVE_DIR).glob(".*.tmp")]:
@@ -65,7 +75,10 @@ def clean_leftovers(data_dir: Path) -> None:
 
 
 def _lock(data_dir: Path) -> int:
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:   # read-only and readable by all: a lock taken as root does not shut the hub's user out
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise DirectoryError(f"cannot open {data_dir / LOCK_FILE}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -74,15 +87,17 @@ def _lock(data_dir: Path) -> int:
     return fd
 
 
-def _archive(data_dir: Path, key: HubKey) -> None:
+def _archive(data_dir: Path, key: HubKey, owner: tuple[int, int]) -> None:
     """Keep the key in DATA_DIR/hub-keys/<FINGERPRINT>.asc (mode 0600), durably."""
     folder = data_dir / ARCHIVE_DIR
     folder.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(folder, *owner)
     path = archive_path(data_dir, key.fingerprint)
     if path.exists():
         return
     temporary = folder / f".{key.fingerprint}.tmp"
-    write_private(temporary, key)
+    write_private(temporary, key, owner)
     os.replace(temporary, path)
     fsync_dir(folder)
     fsync_dir(data_dir)

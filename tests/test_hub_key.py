@@ -263,6 +263,18 @@ def test_a_rotation_not_yet_announced_blocks_the_next_one(make_hub):
     assert forced.returncode == 0 and "stops co-signing now" in forced.stderr
 
 
+def test_a_rotation_that_cannot_write_says_so_and_changes_nothing(make_hub):
+    hub = make_hub(sites=ALPHA_BETA)
+    first = hub.cli("directory", "fingerprint").stdout.strip()
+    (hub.data_dir / "hub-keys").write_text("in the way\n")   # the archive folder cannot be made
+    failed = hub.cli("directory", "rotate-key", check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"rotation not done, the hub key {first} stays current: File exists" in failed.stderr
+    assert hub.cli("directory", "fingerprint").stdout.strip() == first
+    (hub.data_dir / "hub-keys").unlink()
+    assert hub.cli("directory", "rotate-key").stdout.strip() != first
+
+
 _CUT_OFF = """
 import os, signal, sys
 from directory import rotate_hub_key
