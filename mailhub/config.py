@@ -222,6 +222,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("storage", "release_freed_after"): Option(_zero_or_more, 3600),
     ("log", "level"): Option(_choice("debug", "info", "warning", "error"), "info"),
     ("log", "format"): Option(_choice("text", "json"), "text"),
+    ("log", "stall_threshold"): Option(_zero_or_more, 0.25),
     ("directory", "address"): Option(_local_part, "directory"),
     ("directory", "notify_on_change"): Option(_bool, True),
     ("directory", "key_grace_days"): Option(_zero_or_more, 14),

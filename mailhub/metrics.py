@@ -86,6 +86,13 @@ IMAP_BYTES = Counter(
 OUTBOUND_DELIVERIES = Counter(
     "mailhub_outbound_deliveries_total", "Outbound relay results per recipient (delivered, deferred, "
     "bounced = permanent failure, expired = lifetime exceeded).", ["outcome"], registry=REGISTRY)
+LOOP_LAG = Histogram(
+    "mailhub_event_loop_lag_seconds", "How late the event loop ran a callback due every 0.1 s (measured "
+    "continuously; a blocked loop delays every protocol).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=REGISTRY)
+LOOP_STALLS = Counter(
+    "mailhub_event_loop_stalls_total", "Times the event loop was late by log.stall_threshold or more (each "
+    "logged with what it was doing, within the log rate).", registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)

@@ -17,6 +17,7 @@ from relay.file_sender import FileSender
 from storage import SiteCache, Storage
 
 from .hub_key_http import HubKeyRoutes
+from .loop_monitor import LoopMonitor
 from .metrics import MetricsServer
 from .throttling import ThrottleFeeder, settings_from_config
 
@@ -58,6 +59,15 @@ async def serve(cfg) -> None:
 
 
 async def _run(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> None:
+    monitor = LoopMonitor(cfg.log.stall_threshold)
+    monitor.start()
+    try:
+        await _serve_listeners(cfg, storage, sites, keyring)
+    finally:
+        monitor.stop()
+
+
+async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: KeyRing) -> None:
     tls = tls_context(cfg)
     throttle = Throttle(settings_from_config(cfg))
     feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)

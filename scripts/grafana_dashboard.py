@@ -98,6 +98,15 @@ panel("Outbound queue", [(f'sum(mailhub_outbound_queue_messages{{{I}}})', "mails
                          (f'max(mailhub_outbound_queue_oldest_age_seconds{{{I}}})', "oldest (s)")], "short",
       desc="Mails waiting for relay to other networks, and the age of the oldest.")
 
+newrow("Event loop")
+panel("Event loop lag (quantiles)", [
+    (f'histogram_quantile(0.5, sum by (le) (rate(mailhub_event_loop_lag_seconds_bucket{{{I}}}[{R}])))', "p50"),
+    (f'histogram_quantile(0.99, sum by (le) (rate(mailhub_event_loop_lag_seconds_bucket{{{I}}}[{R}])))', "p99"),
+    (f'histogram_quantile(1, sum by (le) (rate(mailhub_event_loop_lag_seconds_bucket{{{I}}}[{R}])))', "max")], "s", w=12,
+    desc="How late the hub's event loop runs its callbacks: every SMTP, POP3 and IMAP reply waits this long.")
+panel("Event loop stalls", [(f'sum(increase(mailhub_event_loop_stalls_total{{{I}}}[{R}]))', "stalls")], "short", w=12,
+      desc="Times the loop was late by log.stall_threshold or more; the hub's log names what it was doing.")
+
 newrow("Disk and storage")
 panel("Free disk (data folder)", [(f'min(mailhub_disk_free_bytes{{{I}}} / mailhub_disk_size_bytes{{{I}}})', "free")], "percentunit",
       kind="gauge", w=6, desc="Share of the data folder's file system that is free.")

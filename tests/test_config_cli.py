@@ -129,6 +129,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("storage", "release_freed_after"): ("0", 0.0),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
+        ("log", "stall_threshold"): ("0.5", 0.5),
         ("directory", "address"): ("Participants", "participants"),
         ("directory", "notify_on_change"): ("off", False),
         ("directory", "key_grace_days"): ("0.5", 0.5),

@@ -1,0 +1,103 @@
+# Event-loop health (mailhub/loop_monitor.py): a deliberately blocking call on an in-process loop is
+# logged with the function that blocked and lands in the lag histogram; a loop blocked for good is
+# reported while it lasts; stall lines are rate-limited; a real hub exports the histogram.
+import asyncio
+import logging
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mailhub import loop_monitor, metrics
+from mailhub.loop_monitor import LoopMonitor
+
+
+def lag_counts() -> tuple[float, float]:
+    """(samples in the lag histogram, samples of 0.25 s or less)"""
+    registry = metrics.REGISTRY
+    return (registry.get_sample_value("mailhub_event_loop_lag_seconds_count"),
+            registry.get_sample_value("mailhub_event_loop_lag_seconds_bucket", {"le": "0.25"}))
+
+
+def stall_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailhub.loop"]
+
+
+def deliberately_blocking(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def run_with_monitor(monitor: LoopMonitor, *blocks: float) -> None:
+    monitor.start()
+    try:
+        await asyncio.sleep(0.3)
+        for seconds in blocks:
+            asyncio.get_running_loop().call_soon(deliberately_blocking, seconds)
+            await asyncio.sleep(0.3)
+    finally:
+        monitor.stop()
+
+
+def test_a_blocking_call_is_logged_with_its_function_and_measured(caplog):
+    caplog.set_level(logging.WARNING, "mailhub.loop")
+    count, fast = lag_counts()
+    stalls = metrics.REGISTRY.get_sample_value("mailhub_event_loop_stalls_total")
+    asyncio.run(run_with_monitor(LoopMonitor(threshold=0.2), 0.6))
+    lines = [line for line in stall_lines(caplog) if "deliberately_blocking" in line]
+    assert len(lines) == 1, stall_lines(caplog)
+    line = lines[0]
+    assert line.startswith("event loop stalled 0.")
+    assert float(line.split()[3]) >= 0.4   # the lateness of the tick, about the 0.6 s blocked
+    # the innermost frame (time.sleep is C: the project frame that called it comes first)
+    assert "tests/test_loop_monitor.py:" in line and line.index("deliberately_blocking") < line.index("<-")
+    new_count, new_fast = lag_counts()
+    assert new_count > count + 2          # ticks measured all along
+    assert new_count - new_fast >= count - fast + 1   # at least one sample over 0.25 s
+    assert metrics.REGISTRY.get_sample_value("mailhub_event_loop_stalls_total") >= stalls + 1
+
+
+def test_a_hang_is_reported_while_it_lasts(caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, "mailhub.loop")
+    monkeypatch.setattr(loop_monitor, "FIRST_HANG_REPORT", 0.4)
+    asyncio.run(run_with_monitor(LoopMonitor(threshold=0.1), 1.2))
+    lines = stall_lines(caplog)
+    hang = [line for line in lines if line.startswith("event loop blocked for")]
+    assert hang and "deliberately_blocking" in hang[0], lines
+    assert any(line.startswith("event loop stalled 1.") for line in lines), lines
+
+
+def test_stall_lines_are_rate_limited(caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, "mailhub.loop")
+    monkeypatch.setattr(loop_monitor, "MAX_LINES_PER_MINUTE", 2)
+    stalls = metrics.REGISTRY.get_sample_value("mailhub_event_loop_stalls_total")
+    monitor = LoopMonitor(threshold=0.15)
+    asyncio.run(run_with_monitor(monitor, 0.3, 0.3, 0.3, 0.3))
+    assert len(stall_lines(caplog)) == 2, stall_lines(caplog)
+    assert metrics.REGISTRY.get_sample_value("mailhub_event_loop_stalls_total") >= stalls + 4
+    # the next minute's first line says how many went unlogged
+    monitor._window_start -= 60
+    monitor._report("event loop stalled 1.00 s in somewhere")
+    assert "earlier stall(s) not logged" in stall_lines(caplog)[-1]
+
+
+def test_threshold_zero_measures_without_logging(caplog):
+    caplog.set_level(logging.WARNING, "mailhub.loop")
+    count, _ = lag_counts()
+    asyncio.run(run_with_monitor(LoopMonitor(threshold=0), 0.3))
+    assert stall_lines(caplog) == []
+    assert lag_counts()[0] > count
+
+
+def test_the_hub_exports_the_lag_histogram(hub):
+    url = f"http://127.0.0.1:{hub.ports['metrics']}/metrics"
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "mailhub_event_loop_lag_seconds")
+        count = next(s.value for s in family.samples if s.name.endswith("_count"))
+        if count >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert count >= 3
+    assert "mailhub_event_loop_stalls_total" in text
