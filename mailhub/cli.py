@@ -202,6 +202,18 @@ def _serve(cfg) -> int:
     return 0
 
 
+def ask_hub(cfg, cmd: str, **fields) -> dict | None:
+    """The running hub's answer to a control-socket request (mailhub/control.py), or None after
+    printing one line saying why there is none (the caller then exits with EXIT_FAILED)."""
+    from .control import ControlError, request
+
+    try:
+        return request(cfg.data_dir, cmd, **fields)
+    except ControlError as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return None
+
+
 def open_index(cfg, readonly: bool = False) -> sqlite3.Connection | None:
     """A connection to the index, or None after saying why there is none."""
     from storage import db

@@ -16,6 +16,7 @@ from relay.smtp_server import HubSMTP, SmtpContext
 from relay.file_sender import FileSender
 from storage import SiteCache, Storage
 
+from .control import ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
 from .metrics import MetricsServer
@@ -77,6 +78,8 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
     pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
     imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks)
+    # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
+    control = ControlServer(cfg.data_dir)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,
@@ -117,6 +120,7 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     feeding = asyncio.create_task(feeder.run())
     directory_updates = directory.start_updates()
     relay = _start_relay(cfg, storage, sites)
+    control_started = await _start_control(control)
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
     await stop.wait()
 
@@ -124,6 +128,8 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
              cfg.shutdown_timeout)
     for server in servers:
         server.close()
+    if control_started:
+        await control.close()
     await asyncio.gather(smtp.drain(cfg.shutdown_timeout), pop3.drain(cfg.shutdown_timeout),
                          imap.drain(cfg.shutdown_timeout))
     housekeeping.cancel()
@@ -132,6 +138,18 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     if relay is not None:
         await _stop_relay(*relay)
     metrics.close()
+
+
+async def _start_control(control: ControlServer) -> bool:
+    """Open the control socket the CLI asks (mailhub/control.py). Without it the hub still serves
+    mail; the CLI then says that it cannot reach the hub."""
+    try:
+        await control.start()
+    except OSError as exc:
+        log.error("control socket %s unavailable (%s); commands that ask the running hub will fail",
+                  control.path, exc)
+        return False
+    return True
 
 
 def _hub_keys(cfg) -> HubKeySource:
