@@ -122,21 +122,22 @@ class DirectoryMailer:
 
     async def _send_update_if_changed(self, conn) -> None:
         keys = self.hub_keys.get()
+        stamp = key_stamp(keys.fingerprint)
         conn.execute("BEGIN")  # the version and the sites it counts, read together
         try:
             rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('directory_version', ?, ?)",
                                      (SENT_VERSION, ANNOUNCED_KEY)))
+            version = rows["directory_version"]
+            announce = rows.get(ANNOUNCED_KEY) != stamp
+            update = self.cfg.directory.notify_on_change and rows.get(SENT_VERSION) != version
+            if not (announce or update):
+                return
             recipients = [(s, s.addresses[0]) for s in list_sites(conn) if s.addresses]
         finally:
             conn.execute("COMMIT")
-        stamp = key_stamp(keys.fingerprint)
-        if rows.get(ANNOUNCED_KEY) != stamp:
+        if announce:
             await self._announce_rotation(conn, keys, recipients, stamp)
-            return
-        version = rows["directory_version"]
-        if not self.cfg.directory.notify_on_change or rows.get(SENT_VERSION) == version:
-            return
-        if recipients:
+        elif recipients:
             queue_id = await self._store_for_all(recipients, "Participant directory update", False,
                                                  (SENT_VERSION, version))
             metrics.directory_mail("update")
