@@ -70,6 +70,8 @@ class DirectoryMailer:
         self.hub_keys = hub_keys
         self.local_part = cfg.directory.address
         self._asked_at: dict[int, float] = {}   # site id -> when its last request was taken (monotonic)
+        self._checking = asyncio.Lock()
+        self._conn = None                       # the update loop's index connection
 
     def is_directory_address(self, address: str) -> bool:
         local, _, domain = address.rpartition("@")
@@ -97,30 +99,38 @@ class DirectoryMailer:
         """Start the loop that sends updates (when configured) and rotation announcements (always).
         The first start records the present version and hub key as already sent, so that only
         later changes are sent."""
-        conn = db.connect(self.cfg.data_dir)
-        try:
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta"
-                         " WHERE key = 'directory_version'", (SENT_VERSION,))
-            keys = self.hub_keys.get()
-            # nothing recorded yet: the sites know this key, or the previous one if it was rotated lately
-            note_hub_key_announced(conn, keys.previous_fingerprint if keys.in_grace() else keys.fingerprint)
-        finally:
-            conn.close()
+        self._conn = db.connect(self.cfg.data_dir)
+        self._conn.execute("INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta"
+                           " WHERE key = 'directory_version'", (SENT_VERSION,))
+        keys = self.hub_keys.get()
+        # nothing recorded yet: the sites know this key, or the previous one if it was rotated lately
+        note_hub_key_announced(self._conn, keys.previous_fingerprint if keys.in_grace() else keys.fingerprint)
         return asyncio.create_task(self._update_loop())
 
     async def _update_loop(self) -> None:
-        conn = db.connect(self.cfg.data_dir)
         try:
             while True:
                 await asyncio.sleep(_POLL_SECONDS)
                 try:
-                    await self._send_update_if_changed(conn)
+                    await self._send_update_if_changed()
                 except Exception:
                     log.exception("directory update failed; retrying")
         finally:
-            conn.close()
+            self._conn.close()
 
-    async def _send_update_if_changed(self, conn) -> None:
+    async def announce_now(self, _request: dict) -> dict:
+        """Control command: look for a new hub key now, and announce it (`mailhub directory
+        rotate-key` asks right after a rotation); says what was sent."""
+        sent = await self._send_update_if_changed()
+        return {"fingerprint": self.hub_keys.get().fingerprint, **(sent or {"kind": None})}
+
+    async def _send_update_if_changed(self) -> dict | None:
+        """Send a rotation announcement or an update if one is due (one check at a time: the loop
+        and the control command must not both send it); returns what was sent."""
+        async with self._checking:
+            return await self._send_due(self._conn)
+
+    async def _send_due(self, conn) -> dict | None:
         keys = self.hub_keys.get()
         stamp = key_stamp(keys.fingerprint)
         conn.execute("BEGIN")  # the version and the sites it counts, read together
@@ -131,21 +141,21 @@ class DirectoryMailer:
             announce = rows.get(ANNOUNCED_KEY) != stamp
             update = self.cfg.directory.notify_on_change and rows.get(SENT_VERSION) != version
             if not (announce or update):
-                return
+                return None
             recipients = [(s, s.addresses[0]) for s in list_sites(conn) if s.addresses]
         finally:
             conn.execute("COMMIT")
         if announce:
-            await self._announce_rotation(conn, keys, recipients, stamp)
-        elif recipients:
-            queue_id = await self._store_for_all(recipients, "Participant directory update", False,
-                                                 (SENT_VERSION, version))
-            metrics.directory_mail("update")
-            log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
-        else:
+            return await self._announce_rotation(conn, keys, recipients, stamp)
+        if not recipients:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (SENT_VERSION, version))
+            return None
+        queue_id = await self._store_for_all(recipients, "Participant directory update", False, (SENT_VERSION, version))
+        metrics.directory_mail("update")
+        log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
+        return {"kind": "update", "sites": len(recipients), "queue_id": queue_id}
 
-    async def _announce_rotation(self, conn, keys: HubKeys, recipients: list, stamp: int) -> None:
+    async def _announce_rotation(self, conn, keys: HubKeys, recipients: list, stamp: int) -> dict | None:
         if keys.previous is None:   # replaced by hand, or the previous key's file is missing
             log.warning("hub key %s is not certified by a previous hub key on file: no rotation to announce;"
                         " the sites must learn its fingerprint out of band", keys.fingerprint)
@@ -155,8 +165,9 @@ class DirectoryMailer:
             metrics.directory_mail("key_rotation")
             log.info("hub key rotation %s -> %s announced to %d site(s) as qid=%s", keys.previous_fingerprint,
                      keys.fingerprint, len(recipients), queue_id)
-            return
+            return {"kind": "key_rotation", "sites": len(recipients), "queue_id": queue_id}
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (ANNOUNCED_KEY, stamp))
+        return None
 
     async def _store_for_all(self, recipients: list, subject: str, announcement: bool, mark: tuple[str, int]) -> str:
         """One signed mail for every site, committed with the meta row `mark`."""

@@ -152,11 +152,28 @@ def _rotate_key(cfg, conn, args) -> int:
     print(f"hub key rotated: {previous.fingerprint} -> {new.fingerprint}\n"
           f"The new key is certified by the previous one, which is kept in"
           f" {archive_path(cfg.data_dir, previous.fingerprint)}\n"
-          f"and co-signs directory mails for {days:g} day(s) (directory.hub_key_grace_days).\n"
-          "The hub announces the rotation to every site in a mail signed by both keys: a running hub within"
-          " seconds,\na stopped one when it starts (log line 'hub key rotation ... announced').", file=sys.stderr)
+          f"and co-signs directory mails for {days:g} day(s) (directory.hub_key_grace_days).", file=sys.stderr)
+    print(_announcement(cfg, new.fingerprint), file=sys.stderr)
     print(new.fingerprint)
     return 0
+
+
+def _announcement(cfg, fingerprint: str) -> str:
+    """Ask the running hub to announce the rotation now; what became of it, for the operator."""
+    from .control import ControlError, request
+
+    later = ("The hub announces the rotation to every site, in a mail signed by both keys, when it starts"
+             " (log line 'hub key rotation ... announced').")
+    try:
+        answer = request(cfg.data_dir, "hub-key-announce", timeout=120)
+    except ControlError as exc:
+        return f"{exc}\n{later}"
+    if answer.get("fingerprint") != fingerprint:
+        return f"the running hub still signs with {answer.get('fingerprint')}; see its log.\n{later}"
+    if answer.get("kind") == "key_rotation":
+        return (f"The running hub announced the rotation to {answer['sites']} site(s), in a mail signed by both"
+                f" keys (queued as {answer['queue_id']}).")
+    return "The running hub had announced the rotation already (or there is no site to tell)."
 
 
 def _hub_addresses(cfg) -> list[str]:

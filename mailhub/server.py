@@ -80,6 +80,7 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks)
     # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
     control = ControlServer(cfg.data_dir)
+    control.register("hub-key-announce", directory.announce_now)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,

@@ -181,6 +181,9 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
     rotated = hub.cli("directory", "rotate-key")
     new = rotated.stdout.strip()
     assert new != old and f"hub key rotated: {old} -> {new}" in rotated.stderr
+    # the command asked the running hub over the control socket, which announced it before answering
+    assert "The running hub announced the rotation to 2 site(s), in a mail signed by both keys (queued as " \
+        in rotated.stderr, rotated.stderr
     assert (hub.data_dir / "hub-keys" / f"{old}.asc").stat().st_mode & 0o777 == 0o600
     assert until(lambda: f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text()), \
         hub.log_text()[-2000:]
@@ -250,7 +253,9 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
 def test_a_rotation_not_yet_announced_blocks_the_next_one(make_hub):
     hub = make_hub(sites=ALPHA_BETA)
     first = hub.cli("directory", "fingerprint").stdout.strip()
-    second = hub.cli("directory", "rotate-key").stdout.strip()
+    rotated = hub.cli("directory", "rotate-key")
+    assert "the hub is not running" in rotated.stderr and "announces the rotation" in rotated.stderr
+    second = rotated.stdout.strip()
     refused = hub.cli("directory", "rotate-key", check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"the previous rotation ({first} -> {second}) is not announced to the sites yet" in refused.stderr
