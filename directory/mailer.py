@@ -90,7 +90,8 @@ class DirectoryMailer:
     async def reply(self, site: Site, address: str, request_id: str | None) -> str:
         """Store the signed directory in the requesting site's mailbox; returns the queue ID."""
         sender = f"{self.local_part}@{address.rpartition('@')[2].lower()}"
-        data = await self._in_thread(self._mail, sender, address, "Participant directory", request_id or "", False)
+        data = await self._in_thread(self._mail, self.hub_keys.get(), sender, address, "Participant directory",
+                                     request_id or "", False)
         queue_id = await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address, site.name)])
         metrics.directory_mail("reply")
         return queue_id
@@ -150,7 +151,8 @@ class DirectoryMailer:
         if not recipients:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (SENT_VERSION, version))
             return None
-        queue_id = await self._store_for_all(recipients, "Participant directory update", False, (SENT_VERSION, version))
+        queue_id = await self._store_for_all(keys, recipients, "Participant directory update", False,
+                                             (SENT_VERSION, version))
         metrics.directory_mail("update")
         log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
         return {"kind": "update", "sites": len(recipients), "queue_id": queue_id}
@@ -160,7 +162,7 @@ class DirectoryMailer:
             log.warning("hub key %s is not certified by a previous hub key on file: no rotation to announce;"
                         " the sites must learn its fingerprint out of band", keys.fingerprint)
         elif recipients:
-            queue_id = await self._store_for_all(recipients, "Hub signing key rotation (participant directory)",
+            queue_id = await self._store_for_all(keys, recipients, "Hub signing key rotation (participant directory)",
                                                  True, (ANNOUNCED_KEY, stamp))
             metrics.directory_mail("key_rotation")
             log.info("hub key rotation %s -> %s announced to %d site(s) as qid=%s", keys.previous_fingerprint,
@@ -169,16 +171,17 @@ class DirectoryMailer:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (ANNOUNCED_KEY, stamp))
         return None
 
-    async def _store_for_all(self, recipients: list, subject: str, announcement: bool, mark: tuple[str, int]) -> str:
-        """One signed mail for every site, committed with the meta row `mark`."""
+    async def _store_for_all(self, keys: HubKeys, recipients: list, subject: str, announcement: bool,
+                             mark: tuple[str, int]) -> str:
+        """One mail signed by `keys` for every site, committed with the meta row `mark`."""
         sender = f"{self.local_part}@{self.cfg.domain[0]}"
-        data = await self._in_thread(self._mail, sender, "undisclosed-recipients:;", subject, None, announcement)
+        data = await self._in_thread(self._mail, keys, sender, "undisclosed-recipients:;", subject, None, announcement)
         return await self.storage.store_generated(
             data, _meta(data), [Delivery(site.id, address, site.name) for site, address in recipients], mark=mark)
 
-    def _mail(self, sender: str, to: str, subject: str, in_reply_to: str | None, announcement: bool) -> bytes:
+    def _mail(self, keys: HubKeys, sender: str, to: str, subject: str, in_reply_to: str | None,
+              announcement: bool) -> bytes:
         """Worker thread: read the index, build and sign the mail."""
-        keys = self.hub_keys.get()
         conn = db.connect(self.cfg.data_dir)
         try:
             document = read_document(conn, keys, self.cfg.domain, self.local_part)
