@@ -44,22 +44,23 @@ class ThrottleFeeder:
 
     async def start(self) -> None:
         """Before any listener opens: the index figures, then every change as it is committed."""
-        snapshot = await self.storage.usage_snapshot(time.time())
-        self.throttle.ledger.load(snapshot.usage, snapshot.volumes, snapshot.downloads)
+        wall = time.time()
+        snapshot = await self.storage.usage_snapshot(wall)
+        self.throttle.ledger.load(snapshot.usage, snapshot.volumes, snapshot.downloads, time.monotonic(), wall)
         self.storage.add_listener(self.throttle.ledger)
 
     async def run(self) -> None:
-        saved_at = 0.0
+        saved_at = float("-inf")
         while True:
             await asyncio.sleep(self.interval)
             try:
-                now = time.time()
+                now, wall = time.monotonic(), time.time()   # rates on the first, UTC periods on the second
                 sites = self.sites.all_sites()
                 self.throttle.observe(sites, now)
-                metrics.THROTTLE.states = [(s.name, self.throttle.state(s, now)) for s in sites]
-                if time.monotonic() - saved_at >= _STATE_EVERY:
-                    saved_at = time.monotonic()
+                metrics.THROTTLE.states = [(s.name, self.throttle.state(s, now, wall)) for s in sites]
+                if now - saved_at >= _STATE_EVERY:
+                    saved_at = now
                     states = {s.id: state for s, (_, state) in zip(sites, metrics.THROTTLE.states)}
-                    await self.storage.save_throttle_states(states, now)
+                    await self.storage.save_throttle_states(states, wall)
             except Exception:
                 log.exception("throttle update failed")

@@ -2,8 +2,16 @@
 # decisions: mailbox usage and backlog per (receiver, sender) loaded from the index at start, then
 # kept by the changes storage reports after each of its transactions (so it matches the index),
 # plus what the index cannot know yet (downloads in sessions still open, sizes reserved by
-# transactions in flight); this UTC day's and month's volumes; cumulative download counters.
+# transactions in flight); volumes per UTC day and month; cumulative download counters.
 # Pure in-memory state; the caller passes figures and times. Never does I/O.
+#
+# Two clocks (see docs/integrity.md): a mail's arrival time and the UTC day and month it counts
+# for are wall-clock facts (the index's triggers count by the same arrival time, so both agree);
+# poll times, which only ever serve to measure durations, are on the caller's monotonic clock.
+# Volumes are kept for every period of the last VOLUME_WINDOW_DAYS days (and their months), not
+# only the current ones: a wall clock stepped back across midnight (NTP, a VM resumed) finds the
+# earlier day's counts still there, and stepped forward again finds today's, so no count is
+# dropped or counted twice whichever way the clock moves.
 import time
 from collections import defaultdict
 from typing import Hashable
@@ -11,6 +19,12 @@ from typing import Hashable
 from .limits import SiteUsage
 
 NO_SITE = 0     # sender key of mail from outside (a peer network): no site, no submitted quota
+VOLUME_WINDOW_DAYS = 40   # days of volume periods kept (a wall-clock step within it loses nothing)
+
+
+def volume_window(wall: float) -> tuple[str, str]:
+    """The oldest UTC day and month key kept at wall time `wall` (the index loads the same)."""
+    return _periods(wall - VOLUME_WINDOW_DAYS * 86400)
 
 
 def _periods(now: float, _cache: dict = {}) -> tuple[str, str]:
@@ -32,17 +46,20 @@ class Ledger:
         self._volumes: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])  # submitted, received
         self._reserved: dict[Hashable, list[tuple[int, int, int]]] = {}      # token -> (recv, sender, bytes)
         self._reserved_for: dict[int, dict[int, list[int]]] = {}   # their sums: recv -> sender -> [bytes, count]
+        self._submitting: dict[int, dict[Hashable, int]] = {}      # sender -> token -> bytes reserved
         self._live_fetched: dict[int, dict[int, tuple[int, int]]] = {}     # recv -> uid -> (sender, bytes)
         self._downloaded: dict[int, int] = {}                 # site -> cumulative bytes sent to it
-        self._last_poll: dict[int, float] = {}
-        self._day = ""
+        self._last_poll: dict[int, float] = {}   # site -> monotonic time of its latest poll
+        self._latest_day = ""                      # the latest UTC day a commit counted for
 
     # ---- the index at start ------------------------------------------------------------------
 
-    def load(self, usage, volumes, downloads) -> None:
+    def load(self, usage, volumes, downloads, now: float = 0.0, wall: float = 0.0) -> None:
         """The index figures at start: usage rows (receiver, sender, held_bytes, held_messages,
-        waiting_bytes, waiting_messages), volumes {(site, period): (submitted, received)} and
-        download counters {site: (bytes, last_poll_at)}."""
+        waiting_bytes, waiting_messages), volumes {(site, period): (submitted, received)} of the
+        periods since volume_window(wall), and download counters {site: (bytes, last_poll_at)}
+        with Unix poll times, put on the monotonic clock by `now` (monotonic) and `wall` (Unix),
+        read together."""
         held: dict[int, list[int]] = defaultdict(lambda: [0, 0])
         waiting: dict[int, dict[int, int]] = defaultdict(dict)
         for receiver, sender, held_bytes, held_messages, waiting_bytes, _ in usage:
@@ -55,7 +72,7 @@ class Ledger:
         self._volumes = defaultdict(lambda: [0, 0], {key: list(v) for key, v in volumes.items()})
         for site, (octets, last_poll) in downloads.items():
             self._downloaded[site] = octets
-            self._last_poll[site] = last_poll
+            self._last_poll[site] = now - max(wall - last_poll, 0.0)   # its age, as the wall clock tells
 
     # ---- what happened since (reported by storage after each transaction) -------------------
 
@@ -63,10 +80,12 @@ class Ledger:
         """A message was committed into the receivers' mailboxes (any path: SMTP, bounces...)."""
         sender = NO_SITE if sender is None else sender
         day, month = _periods(at)
-        if day != self._day:   # forget earlier periods
-            self._day = day
-            self._volumes = defaultdict(lambda: [0, 0], {k: v for k, v in self._volumes.items()
-                                                         if k[1] in (day, month)})
+        if day > self._latest_day:   # a new day: forget periods older than the window
+            self._latest_day = day
+            oldest_day, oldest_month = volume_window(at)
+            self._volumes = defaultdict(lambda: [0, 0], {
+                k: v for k, v in self._volumes.items()
+                if k[1] >= (oldest_day if len(k[1]) == len(oldest_day) else oldest_month)})
         if sender != NO_SITE:
             self._volumes[(sender, day)][0] += size
             self._volumes[(sender, month)][0] += size
@@ -107,11 +126,15 @@ class Ledger:
                 del self._live_fetched[receiver]
 
     def reserve(self, token: Hashable, receiver: int, sender: int, size: int) -> None:
-        """Count a declared size against the receiver until `release(token)` (transaction end)."""
+        """Count a mail of `size` bytes against the receiver's mailbox (bytes and one message) and
+        received volumes, and once against the sender's submitted volumes, until `release(token)`."""
         self._reserved.setdefault(token, []).append((receiver, sender, size))
         total = self._reserved_for.setdefault(receiver, {}).setdefault(sender, [0, 0])
         total[0] += size
         total[1] += 1
+        if sender != NO_SITE:   # one mail to several receivers is submitted once
+            by_token = self._submitting.setdefault(sender, {})
+            by_token[token] = max(by_token.get(token, 0), size)
 
     def release(self, token: Hashable) -> None:
         for receiver, sender, size in self._reserved.pop(token, ()):
@@ -123,11 +146,20 @@ class Ledger:
                 del by_sender[sender]
                 if not by_sender:
                     del self._reserved_for[receiver]
+            by_token = self._submitting.get(sender)
+            if by_token is not None and by_token.pop(token, None) is not None and not by_token:
+                del self._submitting[sender]
+
+    def reserved(self) -> int:
+        """Reservations held (transactions in flight): 0 when the hub is idle."""
+        return len(self._reserved)
 
     def note_poll(self, site: int, now: float) -> None:
-        self._last_poll[site] = max(now, self._last_poll.get(site, 0.0))
+        """The site logged in at monotonic time `now`."""
+        self._last_poll[site] = max(now, self._last_poll.get(site, now))
 
     def note_download(self, site: int, size: int, now: float) -> None:
+        """`size` bytes were sent to the site (at monotonic time `now`)."""
         self._downloaded[site] = self._downloaded.get(site, 0) + size
         self.note_poll(site, now)
 
@@ -142,23 +174,35 @@ class Ledger:
             result[sender] = result.get(sender, 0) - size
         return {sender: b for sender, b in result.items() if b > 0}
 
-    def usage(self, site: int, now: float, excluding: Hashable = None) -> SiteUsage:
-        """The site's usage, counting the reservations of transactions in flight (but not those of
-        `excluding`, the transaction asking)."""
-        day, month = _periods(now)
+    def mailbox(self, site: int, excluding: Hashable = None) -> tuple[int, int]:
+        """(bytes, messages) the site's mailbox holds, counting the reservations of transactions
+        in flight (but not those of `excluding`, the transaction asking)."""
         held_bytes, held_messages = self._held.get(site, (0, 0))
-        reserved_bytes = reserved_count = 0
         for size, count in self._reserved_for.get(site, {}).values():
-            reserved_bytes += size
-            reserved_count += count
+            held_bytes += size
+            held_messages += count
         for recv, _, size in self._reserved.get(excluding, ()):   # the asking transaction's own
             if recv == site:
-                reserved_bytes -= size
-                reserved_count -= 1
+                held_bytes -= size
+                held_messages -= 1
+        return held_bytes, held_messages
+
+    def usage(self, site: int, wall: float, excluding: Hashable = None) -> SiteUsage:
+        """The site's usage: its mailbox (see `mailbox`) and its volumes of the UTC day and month
+        of Unix time `wall`, both counting the reservations of transactions in flight (but not
+        those of `excluding`): a mail in flight counts for the period it is in flight in."""
+        day, month = _periods(wall)
+        held_bytes, held_messages = self.mailbox(site, excluding)
+        received = sum(size for size, _ in self._reserved_for.get(site, {}).values())
+        received -= sum(size for recv, _, size in self._reserved.get(excluding, ()) if recv == site)
+        submitting = self._submitting.get(site)
+        submitted = 0
+        if submitting:
+            submitted = sum(submitting.values()) - submitting.get(excluding, 0)
         today, this_month = self._volumes.get((site, day), (0, 0)), self._volumes.get((site, month), (0, 0))
-        return SiteUsage(mailbox_bytes=held_bytes + reserved_bytes, mailbox_messages=held_messages + reserved_count,
-                         submitted_today=today[0], submitted_month=this_month[0],
-                         received_today=today[1], received_month=this_month[1])
+        return SiteUsage(mailbox_bytes=held_bytes, mailbox_messages=held_messages,
+                         submitted_today=today[0] + submitted, submitted_month=this_month[0] + submitted,
+                         received_today=today[1] + received, received_month=this_month[1] + received)
 
     def downloaded(self, site: int) -> int:
         return self._downloaded.get(site, 0)

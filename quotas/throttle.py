@@ -1,8 +1,11 @@
 # The quota and drain-time policy as the server asks it: one object holding the ledger, a drain
 # estimator per receiving site and the open study sets, answering "may this recipient be added?",
 # "may this mail be committed?", "how fast may this sender's data be read?" with verdicts that
-# carry their figures. Sites are passed in (id, name, limit overrides); `now` always comes from the
-# caller. Pure: never does I/O, reads the clock or sleeps; the server's throttle loop feeds it.
+# carry their figures. Sites are passed in (id, name, limit overrides); times always come from the
+# caller, on two clocks: `now` is monotonic (drain rates, pacing, study-set expiry: durations that a
+# step of the wall clock must not stretch or freeze), `wall` is Unix time (the UTC day and month of
+# the volume quotas, retry times quoted to senders, when the last deferral happened).
+# Pure: never does I/O, reads the clock or sleeps; the server's throttle loop feeds it.
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Hashable
@@ -61,7 +64,7 @@ class Throttle:
         self._buckets: dict[int, TokenBucket] = {}    # receiver -> its intake bucket (pacing)
         self._limits: dict[int, tuple[dict, SiteLimits]] = {}
         self.deferrals: Counter = Counter()                 # (receiver name, reason) -> count
-        self.last_deferral: dict[int, tuple[float, str]] = {}
+        self.last_deferral: dict[int, tuple[float, str]] = {}   # site -> (Unix time, reason)
 
     # ---- sites -------------------------------------------------------------------------------
 
@@ -103,35 +106,44 @@ class Throttle:
                              self.ledger.waiting(site.id))
 
     def at_rcpt(self, token: Hashable, sender: SiteRef | None, receiver: SiteRef, declared: int | None,
-                now: float) -> Verdict:
+                now: float, wall: float) -> Verdict:
         """Quotas with the declared size, then drain-time admission; an accepted declared size is
         reserved against the receiver until `release(token)`."""
-        verdict = self._quotas(sender, receiver, declared, now)
+        verdict = self._quotas(sender, receiver, declared, wall, token)
         if verdict.ok and self.settings.drain_admission:
             verdict = admit_at_rcpt(now, _key(sender), self.receiver_state(receiver, now), declared,
                                     self.sets, self.settings.admission)
         if verdict.ok and declared is not None:
             self.ledger.reserve(token, receiver.id, _key(sender), declared)
-        return self._counted(receiver, verdict, now)
+        return self._counted(receiver, verdict, wall)
 
     def at_end_of_data(self, token: Hashable, sender: SiteRef | None,
                        receivers: list[tuple[SiteRef, Verdict | None]], size: int, part: SetPart | None,
-                       now: float) -> Verdict:
+                       now: float, wall: float) -> Verdict:
         """The whole mail is in: quotas with its real size and drain time per receiver. The first
-        refusal refuses the mail (one reply for all recipients); reservations end here."""
-        self.ledger.release(token)
+        refusal refuses the mail (one reply for all recipients) and ends the transaction's
+        reservations. An accepted mail's real size replaces the sizes reserved at RCPT, for each
+        receiver (and the sender's volumes), until `release(token)`: the caller releases once
+        storage has counted the mail (Storage.commit's on_committed) or failed to. So from this
+        verdict to the commit no other transaction can take the room the mail needs, and the
+        limits hold exactly however many transactions end at once (all of this runs without a
+        pause on the event loop, so no other verdict comes between the checks and the reservations)."""
+        ledger = self.ledger
+        ledger.release(token)
         for receiver, at_rcpt in receivers:
             declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
             if declared is not None and size <= declared:
                 verdict = at_rcpt   # quotas were checked with this size reserved until now
             else:
-                verdict = self._quotas(sender, receiver, size, now)
+                verdict = self._quotas(sender, receiver, size, wall, token)
             if verdict.ok and self.settings.drain_admission:   # the receiver's state only when needed
                 verdict = standing_rcpt_acceptance(receiver.name, size, at_rcpt) or admit_at_end_of_data(
                     now, _key(sender), self.receiver_state(receiver, now), size, part, self.sets,
                     self.settings.admission, at_rcpt)
             if not verdict.ok:
-                return self._counted(receiver, verdict, now)
+                ledger.release(token)
+                return self._counted(receiver, verdict, wall)
+            ledger.reserve(token, receiver.id, _key(sender), size)
         return accept("admitted", size=size, receivers=len(receivers))
 
     def admitted(self, sender: SiteRef | None, receivers: list[SiteRef], part: SetPart | None,
@@ -143,8 +155,8 @@ class Throttle:
     def release(self, token: Hashable) -> None:
         self.ledger.release(token)
 
-    def stream_limit(self, token: Hashable, sender: SiteRef | None, receivers: list[SiteRef],
-                     now: float) -> tuple[int, str] | None:
+    def stream_limit(self, token: Hashable, sender: SiteRef | None,
+                     receivers: list[SiteRef]) -> tuple[int, str] | None:
         """The size at which the data being received must stop (and the reply to give then): the
         smallest message-size limit and mailbox room left among the receivers (and the sender)."""
         limits = []
@@ -155,7 +167,7 @@ class Throttle:
         for site in receivers:
             room = self.limits(site).mailbox_bytes
             if room is not None:
-                used = self.ledger.usage(site.id, now, excluding=token).mailbox_bytes
+                used = self.ledger.mailbox(site.id, excluding=token)[0]
                 limits.append((max(room - used, 0), MailboxFull.reply))
         return min(limits, default=None, key=lambda item: item[0])
 
@@ -183,30 +195,34 @@ class Throttle:
             found.append(bucket)
         return found
 
-    def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, now: float) -> Verdict:
+    def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, wall: float,
+                token: Hashable) -> Verdict:
+        """The static quotas for one receiver, against usage that counts every other transaction's
+        reservations (not `token`'s own)."""
         sending = None
         if sender is not None:   # of a sender's usage only its submitted volumes are checked
             limits = self.limits(sender)
             counted = limits.submitted_per_day is not None or limits.submitted_per_month is not None
-            sending = (limits, self.ledger.usage(sender.id, now) if counted else _NOT_COUNTED)
-        return check_quotas(sending, (self.limits(receiver), self.ledger.usage(receiver.id, now)), size, now)
+            sending = (limits, self.ledger.usage(sender.id, wall, excluding=token) if counted else _NOT_COUNTED)
+        receiving = (self.limits(receiver), self.ledger.usage(receiver.id, wall, excluding=token))
+        return check_quotas(sending, receiving, size, wall)
 
-    def _counted(self, receiver: SiteRef, verdict: Verdict, now: float) -> Verdict:
+    def _counted(self, receiver: SiteRef, verdict: Verdict, wall: float) -> Verdict:
         if not verdict.ok:
             self.deferrals[(receiver.name, verdict.reason)] += 1
-            self.last_deferral[receiver.id] = (now, verdict.reason)
+            self.last_deferral[receiver.id] = (wall, verdict.reason)
         return verdict
 
     # ---- reporting ---------------------------------------------------------------------------
 
-    def state(self, site: SiteRef, now: float) -> dict:
+    def state(self, site: SiteRef, now: float, wall: float) -> dict:
         """The live figures of one site (metrics, `mailhub site show`)."""
         limits = self.limits(site)
         reading = self._estimator(site, now).reading(now)
         waiting = self.ledger.waiting(site.id)
         backlog = sum(waiting.values())
         drain = backlog / reading.rate if reading.rate > 0 else (float("inf") if backlog else 0.0)
-        usage = self.ledger.usage(site.id, now)
+        usage = self.ledger.usage(site.id, wall)
         last = self.last_deferral.get(site.id)
         paced = self.pacing_rate([site], now)
         return {

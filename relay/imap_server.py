@@ -187,7 +187,7 @@ class ImapSession(MailboxSessionIO):
         self.site = site
         self.downloads = Downloads(polled_at=time.time(), protocol="imap", peer=self.peer)
         self.ctx.by_site.setdefault(site.id, set()).add(self)
-        self.ctx.ledger.note_poll(site.id, self.downloads.polled_at)
+        self.ctx.ledger.note_poll(site.id, time.monotonic())
         return site
 
     async def _snapshot(self) -> Snapshot | None:
@@ -295,7 +295,7 @@ class ImapSession(MailboxSessionIO):
             totals.bytes += event.length
             totals.send_seconds += time.monotonic() - started
             totals.messages += event.whole
-        self.ctx.ledger.note_download(self.site.id, event.length, time.time())
+        self.ctx.ledger.note_download(self.site.id, event.length, time.monotonic())
         if event.whole:
             self.downloads.retrieved[entry.queue_id] = (time.time(), event.length)
         if event.whole and not entry.fetched:   # first download: no longer waiting (as POP3 RETR)

@@ -46,7 +46,7 @@ class Destination:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when jobs are added
     connections: int = 0
     failures: int = 0          # connection failures in a row
-    blocked_until: float = 0.0
+    blocked_until: float = 0.0   # monotonic: a back-off is a duration, whatever the wall clock does
 
 
 class OutboundQueue:
@@ -111,8 +111,9 @@ class OutboundQueue:
                 unrouted.append(row)
                 continue
             dest = self._destinations[route.destination]
-            if dest.blocked_until > now:
-                blocked.append((row, dest.blocked_until))
+            wait = dest.blocked_until - time.monotonic()
+            if wait > 0:   # the queue row's next attempt is a wall-clock time (it outlives the process)
+                blocked.append((row, now + wait))
                 continue
             jobs.setdefault((route.destination, row.queue_id), Job(route, [])).rows.append(row)
         if unrouted or blocked:
@@ -204,9 +205,9 @@ class OutboundQueue:
     async def _destination_failed(self, destination: str, route: Route, error: str) -> None:
         dest = self._destinations[destination]
         dest.failures += 1
-        dest.blocked_until = time.time() + self._backoff(dest.failures)
-        log.warning("next hop %s unusable (%s); backing off for %.0fs", destination, error,
-                    dest.blocked_until - time.time())
+        backoff = self._backoff(dest.failures)
+        dest.blocked_until = time.monotonic() + backoff
+        log.warning("next hop %s unusable (%s); backing off for %.0fs", destination, error, backoff)
         if dest.connections > 1:
             return  # another connection may still succeed with the waiting jobs
         jobs, dest.jobs = list(dest.jobs), collections.deque()

@@ -159,7 +159,7 @@ class Pop3Session(MailboxSessionIO):
         ctx.locks[site.id] = self
         self.site = site
         self.downloads = Downloads(polled_at=time.time(), protocol="pop3", peer=self.peer)
-        ctx.ledger.note_poll(site.id, self.downloads.polled_at)
+        ctx.ledger.note_poll(site.id, time.monotonic())
         entries = await ctx.storage.mailbox(site.id)
         maildrop = [MaildropEntry(str(e.uid), e.size, e.dot_lines, e) for e in entries]
         self._write(self.core.auth_result(True, maildrop=maildrop))
@@ -196,7 +196,7 @@ class Pop3Session(MailboxSessionIO):
         self.downloads.bytes += sent
         self.downloads.send_seconds += time.monotonic() - started
         ledger = self.ctx.ledger
-        ledger.note_download(self.site.id, sent, time.time())
+        ledger.note_download(self.site.id, sent, time.monotonic())
         if event.body_lines is None:
             self.downloads.messages += 1
             self.downloads.retrieved[entry.queue_id] = (time.time(), sent)

@@ -10,11 +10,11 @@ from quotas import Throttle
 
 class Pacer:
     def __init__(self, throttle: Throttle, receivers: list):
-        self.buckets = throttle.buckets(receivers, time.time())
+        self.buckets = throttle.buckets(receivers, time.monotonic())
         self.waited = 0.0
 
     async def after_read(self, nbytes: int) -> None:
-        now = time.time()
+        now = time.monotonic()   # a rate: a step of the wall clock must not stall or free the reader
         wait = max([bucket.take(nbytes, now) for bucket in self.buckets], default=0.0)
         if wait > 0:
             self.waited += wait

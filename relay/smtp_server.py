@@ -421,7 +421,8 @@ class HubSMTP(SMTP):
             if all(r.lower() != address.lower() for r in tx.remote):
                 tx.remote.append(address)
         elif all(d.site_id != site.id for d in tx.deliveries):
-            verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.time())
+            verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.monotonic(),
+                                                time.time())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: RCPT <%s> %s", self._peer_ip, printable(address), verdict.log_text())
             if not verdict.ok:
@@ -628,7 +629,7 @@ class HubSMTP(SMTP):
         checked by the encryption policy as it streams when that applies."""
         tx = self.envelope
         max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
-        limit = self.ctx.throttle.stream_limit(tx, self._site, tx.receivers, time.time())
+        limit = self.ctx.throttle.stream_limit(tx, self._site, tx.receivers)
         if limit is not None and limit[0] < max_size:
             max_size, reply = limit
         tx.policy = self._encryption_policy()
@@ -681,7 +682,7 @@ class HubSMTP(SMTP):
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
             throttle = self.ctx.throttle
             verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
-                                              message.size, part, time.time())
+                                              message.size, part, time.monotonic(), time.time())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
             if not verdict.ok:
@@ -709,8 +710,10 @@ class HubSMTP(SMTP):
         tx = self.envelope
         try:
             if tx.deliveries or tx.remote:
-                await self.ctx.storage.commit(message.spool, meta, tx.deliveries, remote=tx.remote)
-                self.ctx.throttle.admitted(self._site, tx.receivers, part, time.time())
+                # the sizes reserved at end of data end as the ledger counts the mail (or at RSET)
+                await self.ctx.storage.commit(message.spool, meta, tx.deliveries, remote=tx.remote,
+                                              on_committed=lambda: self.ctx.throttle.release(tx))
+                self.ctx.throttle.admitted(self._site, tx.receivers, part, time.monotonic())
             else:
                 message.discard()  # a request to the directory only: nothing to keep
             if tx.directory_request:

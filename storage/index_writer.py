@@ -3,6 +3,7 @@
 # IMAP flags, throttle states, outbound queue operations, and the trash. Runs in the index writer
 # process (storage/writer_process.py); plain blocking code that knows nothing of the event loop.
 # One writer means no SQLite lock contention and no interleaved transactions.
+import collections
 import json
 import time
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class IndexWriter:
         self.conn = db.connect(data_dir)
         self.packs = PackWriter(str(data_dir / "blobs"))
         self.release_freed_after = release_freed_after
+        # (monotonic, Unix time) at the start of this process's transactions of the last
+        # release_freed_after seconds (one per second at most): a range freed by one of them is
+        # not released before that many seconds have really passed, whatever the wall clock does
+        # (freed_at is Unix time, written by the trigger; a step forward would release it early,
+        # while a reader may still be sending it)
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()
 
     def ready(self) -> None:
         """Answers once the writer has opened the index."""
@@ -50,6 +57,9 @@ class IndexWriter:
 
     def in_transaction(self, function, *args):
         """function(conn, *args) in one transaction (also storage.outbound functions, by queue_op)."""
+        now = time.monotonic()
+        if not self._recent or now - self._recent[-1][0] >= 1.0:
+            self._recent.append((now, time.time()))
         with db.transaction(self.conn):
             return function(self.conn, *args)
 
@@ -91,8 +101,12 @@ class IndexWriter:
         blobs = [blob for (blob,) in self.conn.execute("SELECT blob FROM blob_trash")]
         if self.packs.open_blob in blobs:
             self.packs.close()
-        holes = self.conn.execute("SELECT blob, start, size FROM blob_holes WHERE freed_at <= ?",
-                                  (time.time() - self.release_freed_after,)).fetchall()
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][0] >= self.release_freed_after:
+            self._recent.popleft()
+        young_from = self._recent[0][1] if self._recent else float("inf")
+        holes = self.conn.execute("SELECT blob, start, size FROM blob_holes WHERE freed_at <= ? AND freed_at < ?",
+                                  (time.time() - self.release_freed_after, young_from)).fetchall()
         return blobs, holes
 
     def forget_freed(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:

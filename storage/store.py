@@ -34,7 +34,7 @@ from .packs import punch_hole
 from .files import unlink_quietly
 from .folder_lock import lock_data_folder
 from .spool import SpoolFile, blob_name, new_queue_id
-from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, periods, rebuild_usage, snapshot_from_rows
+from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
 from .writer_process import WriterProcess, out_of_band
 
 log = logging.getLogger("mailhub.storage")
@@ -53,6 +53,7 @@ class _Pending:
     blob: str                            # its blob ('<hour folder>/<name>'), or the one a pack it begins takes
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None      # a small message's chunks, still to be written by the batch
+    on_committed: object = None          # called right after the listeners heard of the commit
 
 
 class Storage:
@@ -123,19 +124,22 @@ class Storage:
         return SpoolFile(self._spool_folder, new_queue_id(), self.executor)
 
     async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery],
-                     mark: tuple[str, int] | None = None, remote: list[str] = ()) -> None:
+                     mark: tuple[str, int] | None = None, remote: list[str] = (), on_committed=None) -> None:
         """Make the spooled message durable, put it into the local recipients' mailboxes, queue it
-        for the remote recipients (and set the meta row `mark`), all in one index transaction."""
+        for the remote recipients (and set the meta row `mark`), all in one index transaction.
+        `on_committed()` runs as soon as the listeners have counted the commit, before any other
+        task can run (the quota reservation of the mail ends there, exactly as the ledger counts it)."""
         received_at = time.time()
         blob = blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
             item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
-                            spool.take_chunks())
+                            spool.take_chunks(), on_committed)
         else:
             await spool.sync(f"{self._blob_folder}/{blob}")
             spool.handed_over = True
-            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark)
+            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
+                            on_committed=on_committed)
         self._pending.append(item)
         self._start_flusher()
         await asyncio.shield(item.done)
@@ -204,6 +208,8 @@ class Storage:
                     for listener in self._listeners:
                         listener.committed(item.meta.sender_site, [d.site_id for d in item.deliveries],
                                            item.spool.size, item.received_at)
+                    if item.on_committed is not None:
+                        item.on_committed()
                     if not item.done.done():
                         item.done.set_result(None)
 
@@ -249,7 +255,7 @@ class Storage:
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
         usage = await self._db.execute_fetchall(USAGE_SQL)
-        volumes = await self._db.execute_fetchall(VOLUME_SQL, periods(now))
+        volumes = await self._db.execute_fetchall(VOLUME_SQL, window_start(now))
         downloads = await self._db.execute_fetchall(DOWNLOADS_SQL)
         return snapshot_from_rows(now, usage, volumes, downloads)
 

@@ -28,14 +28,25 @@ class UsageSnapshot:
     downloads: dict[int, tuple[int, float]] = field(default_factory=dict)
 
 
+VOLUME_WINDOW_DAYS = 40   # days of volume periods loaded at start (as quotas.ledger keeps them)
+
+
 def periods(now: float) -> tuple[str, str]:
     """The UTC day and month keys of site_volume for `now`."""
     return time.strftime("%Y-%m-%d", time.gmtime(now)), time.strftime("%Y-%m", time.gmtime(now))
 
 
+def window_start(now: float) -> tuple[str, str]:
+    """The oldest day and month key of the volumes the throttle loads at Unix time `now`."""
+    return periods(now - VOLUME_WINDOW_DAYS * 86400)
+
+
 USAGE_SQL = ("SELECT receiver_id, sender_id, held_bytes, held_messages, waiting_bytes, waiting_messages"
              " FROM mailbox_usage WHERE held_messages > 0")
-VOLUME_SQL = "SELECT site_id, period, submitted_bytes, received_bytes FROM site_volume WHERE period IN (?, ?)"
+# every period since window_start (days are 10 characters long, months 7): a wall clock stepped
+# back after start finds the earlier periods' counts
+VOLUME_SQL = ("SELECT site_id, period, submitted_bytes, received_bytes FROM site_volume"
+              " WHERE (length(period) = 10 AND period >= ?) OR (length(period) = 7 AND period >= ?)")
 DOWNLOADS_SQL = "SELECT site_id, bytes, last_poll_at FROM site_downloads"
 LIMITS_SQL = f"SELECT site_id, {', '.join(LIMIT_NAMES)} FROM site_limits"
 
@@ -47,7 +58,7 @@ def snapshot_from_rows(now: float, usage, volumes, downloads) -> UsageSnapshot:
 
 
 def read_snapshot(conn: sqlite3.Connection, now: float) -> UsageSnapshot:
-    return snapshot_from_rows(now, conn.execute(USAGE_SQL), conn.execute(VOLUME_SQL, periods(now)),
+    return snapshot_from_rows(now, conn.execute(USAGE_SQL), conn.execute(VOLUME_SQL, window_start(now)),
                               conn.execute(DOWNLOADS_SQL))
 
 
