@@ -119,10 +119,12 @@ class Throttle:
 
     def at_end_of_data(self, token: Hashable, sender: SiteRef | None,
                        receivers: list[tuple[SiteRef, Verdict | None]], size: int, part: SetPart | None,
-                       now: float, wall: float) -> Verdict:
+                       now: float, wall: float, stored: int | None = None) -> Verdict:
         """The whole mail is in: quotas with its real size and drain time per receiver. The first
         refusal refuses the mail (one reply for all recipients) and ends the transaction's
-        reservations. An accepted mail's real size replaces the sizes reserved at RCPT, for each
+        reservations. `size` is the client's message (size limits, drain time), `stored` what the
+        hub stores of it, its Received: header included (mailbox and volume quotas; default
+        `size`). An accepted mail's stored size replaces the sizes reserved at RCPT, for each
         receiver (and the sender's volumes), until `release(token)`: the caller releases once
         storage has counted the mail (Storage.commit's on_committed) or failed to. So from this
         verdict to the commit no other transaction can take the room the mail needs, and the
@@ -130,12 +132,13 @@ class Throttle:
         pause on the event loop, so no other verdict comes between the checks and the reservations)."""
         ledger = self.ledger
         ledger.release(token)
+        stored = size if stored is None else stored
         for receiver, at_rcpt in receivers:
             declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
-            if declared is not None and size <= declared:
+            if declared is not None and stored <= declared:
                 verdict = at_rcpt   # quotas were checked with this size reserved until now
             else:
-                verdict = self._quotas(sender, receiver, size, wall, token)
+                verdict = self._quotas(sender, receiver, size, wall, token, stored)
             if verdict.ok and self.settings.drain_admission:   # the receiver's state only when needed
                 verdict = standing_rcpt_acceptance(receiver.name, size, at_rcpt) or admit_at_end_of_data(
                     now, _key(sender), self.receiver_state(receiver, now), size, part, self.sets,
@@ -143,7 +146,7 @@ class Throttle:
             if not verdict.ok:
                 ledger.release(token)
                 return self._counted(receiver, verdict, wall)
-            ledger.reserve(token, receiver.id, _key(sender), size)
+            ledger.reserve(token, receiver.id, _key(sender), stored)
         return accept("admitted", size=size, receivers=len(receivers))
 
     def admitted(self, sender: SiteRef | None, receivers: list[SiteRef], part: SetPart | None,
@@ -196,7 +199,7 @@ class Throttle:
         return found
 
     def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, wall: float,
-                token: Hashable) -> Verdict:
+                token: Hashable, stored: int | None = None) -> Verdict:
         """The static quotas for one receiver, against usage that counts every other transaction's
         reservations (not `token`'s own)."""
         sending = None
@@ -205,7 +208,7 @@ class Throttle:
             counted = limits.submitted_per_day is not None or limits.submitted_per_month is not None
             sending = (limits, self.ledger.usage(sender.id, wall, excluding=token) if counted else _NOT_COUNTED)
         receiving = (self.limits(receiver), self.ledger.usage(receiver.id, wall, excluding=token))
-        return check_quotas(sending, receiving, size, wall)
+        return check_quotas(sending, receiving, size, wall, stored)
 
     def _counted(self, receiver: SiteRef, verdict: Verdict, wall: float) -> Verdict:
         if not verdict.ok:

@@ -76,17 +76,19 @@ def check_volume(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[Si
 
 
 def check_quotas(sender: tuple[SiteLimits, SiteUsage] | None, receiver: tuple[SiteLimits, SiteUsage],
-                 size: int | None, now: float) -> Verdict:
+                 size: int | None, now: float, stored: int | None = None) -> Verdict:
     """All static checks for one receiver in order: size (receiver's and sender's), mailbox,
-    volumes. Call at RCPT with the
-    declared SIZE= (or None) and again at end of data with the real size."""
+    volumes. Call at RCPT with the declared SIZE= (or None) and again at end of data with the real
+    size, and `stored`, the size the hub stores (with its Received: header): the message size
+    limit is the client's message, the mailbox and the volumes count what is stored."""
+    stored = size if stored is None else stored
     verdict = check_size(receiver[0], size)
     if verdict.ok and sender is not None:
         verdict = check_size(sender[0], size)
     if verdict.ok:
-        verdict = check_mailbox(receiver[0], receiver[1], size)
+        verdict = check_mailbox(receiver[0], receiver[1], stored)
     if verdict.ok:
-        verdict = check_volume(sender, receiver, size, now)
+        verdict = check_volume(sender, receiver, stored, now)
     return accept("quotas_ok", size=size) if verdict.ok else verdict
 
 

@@ -429,7 +429,8 @@ class HubSMTP(SMTP):
                 self._log_refusal(f"RCPT <{printable(address)}>", verdict)
                 await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
-            tx.deliveries.append(Delivery(site.id, address, site.name))
+            limits = self.ctx.throttle.limits(site)   # checked once more as the mail is committed
+            tx.deliveries.append(Delivery(site.id, address, site.name, limits.mailbox_bytes, limits.mailbox_messages))
             tx.receivers.append(site)
             tx.verdicts[site.id] = verdict
         tx.rcpt_tos.append(address)
@@ -682,7 +683,8 @@ class HubSMTP(SMTP):
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
             throttle = self.ctx.throttle
             verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
-                                              message.size, part, time.monotonic(), time.time())
+                                              message.size, part, time.monotonic(), time.time(),
+                                              stored=message.spool.size)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
             if not verdict.ok:

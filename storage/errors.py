@@ -9,3 +9,8 @@ class StorageError(Exception):
 
 class StorageFull(StorageError):
     reply = "452 4.3.1 Insufficient system storage"
+
+
+class MailboxLimitReached(StorageError):
+    """The commit found a receiving mailbox's byte or message limit reached (index writer check)."""
+    reply = "452 4.2.2 Mailbox of the recipient site is full, try again later"

@@ -63,18 +63,20 @@ class IndexWriter:
         with db.transaction(self.conn):
             return function(self.conn, *args)
 
-    def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[str]:
+    def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[str | None]:
         """Small messages into the pack (durable), then one transaction for the batch with its
-        tracking events and the queued refusal `loose` (event rows). Returns each one's SHA-256."""
+        tracking events and the queued refusal `loose` (event rows). Returns each one's SHA-256,
+        or None for a message left out because a receiving mailbox had no room for it (its bytes
+        in a pack stay unreferenced; the caller removes its own blob file)."""
         packed = [item for item in batch if item.data is not None]
         try:
             self.packs.write(packed)
-            self.in_transaction(_index_batch, batch, loose)
+            refused = self.in_transaction(_index_batch, batch, loose)
         except BaseException:
             if packed:
                 self.packs.abandon()
             raise
-        return [item.sha256 for item in batch]
+        return [None if i in refused else item.sha256 for i, item in enumerate(batch)]
 
     def delete_entries(self, site_id: int, uids: list[int], downloads, site_name: str | None):
         """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
@@ -115,7 +117,40 @@ class IndexWriter:
                               [(blob, start) for blob, start, _size in holes])
 
 
-def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> None:
+_HELD_SQL = ("SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0) FROM mailbox_usage"
+             " WHERE receiver_id = ?")
+
+
+def _over_mailbox_limits(conn, batch: list[BatchItem]) -> set[int]:
+    """Indexes of the batch's messages that would take a receiving mailbox over its byte or
+    message limit (Delivery.max_bytes/max_messages), counting what the index holds and the batch's
+    messages before them. The server reserves room before it commits, so this refuses nothing
+    unless something else filled the mailbox meanwhile: it is the check that holds whatever the
+    server believed."""
+    limited = {d.site_id for item in batch for d in item.deliveries
+               if d.max_bytes is not None or d.max_messages is not None}
+    refused: set[int] = set()
+    if not limited:
+        return refused
+    held = {site: list(conn.execute(_HELD_SQL, (site,)).fetchone()) for site in limited}
+    for i, item in enumerate(batch):
+        if any((d.max_bytes is not None and held[d.site_id][0] + item.size > d.max_bytes)
+               or (d.max_messages is not None and held[d.site_id][1] + 1 > d.max_messages)
+               for d in item.deliveries if d.site_id in limited):
+            refused.add(i)
+            continue
+        for d in item.deliveries:
+            if d.site_id in held:
+                held[d.site_id][0] += item.size
+                held[d.site_id][1] += 1
+    return refused
+
+
+def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> set[int]:
+    """The batch's rows; returns the indexes of the messages left out (_over_mailbox_limits)."""
+    refused = _over_mailbox_limits(conn, batch)
+    if refused:
+        batch = [item for i, item in enumerate(batch) if i not in refused]
     messages = []
     entries = []
     queued = []
@@ -150,6 +185,7 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> None:
     # a pack that was freed while open is referenced again
     conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
                      [(blob,) for blob in {i.blob for i in batch if i.data is not None}])
+    return refused
 
 
 _ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"

@@ -35,6 +35,10 @@ class Delivery:
     site_id: int
     rcpt: str
     site_name: str | None = None   # for the tracking record
+    # the receiving mailbox's limits (None: unlimited), checked once more inside the commit's
+    # transaction against what the index holds: the last word, whatever the server's ledger said
+    max_bytes: int | None = None
+    max_messages: int | None = None
 
 
 @dataclass(slots=True)

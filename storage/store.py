@@ -26,7 +26,7 @@ from pathlib import Path
 import aiosqlite
 
 from . import db, events
-from .errors import StorageError
+from .errors import MailboxLimitReached, StorageError
 from .recovery import recover
 from .index_writer import BatchItem, IndexWriter
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta
@@ -202,7 +202,14 @@ class Storage:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
+                refused = [item for item, sha256 in zip(batch, digests) if sha256 is None]
+                if refused:   # a mailbox had no room left (the writer's check): not committed
+                    await loop.run_in_executor(self.executor, self._remove_blobs, refused)
                 for item, sha256 in zip(batch, digests):
+                    if sha256 is None:
+                        if not item.done.done():
+                            item.done.set_exception(MailboxLimitReached())
+                        continue
                     if item.data is not None:
                         item.spool.packed(sha256)
                     for listener in self._listeners:
