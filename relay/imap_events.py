@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 
 __all__ = ["ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile", "AuthRequest", "StartTls",
-           "MailboxRequest", "LoadRequest", "StoreFlags", "ExpungeRequest", "CloseConnection", "NEED_DATA",
-           "PAUSED", "CLOSED"]
+           "MailboxRequest", "LoadRequest", "PartHeaderRequest", "ScanBudget", "ScanRequest", "StoreFlags",
+           "ExpungeRequest", "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "YIELD"]
 
 
 class ImapProtocolError(Exception):
@@ -30,7 +30,7 @@ class Message:
     ref: object = None                     # the adapter's handle (storage entry)
     structure: dict | None = None          # loaded on demand (LoadRequest), dropped after use
     header: bytes | None = None            # top-level header block incl. the blank line, likewise
-    part_headers: dict | None = None       # "1.2" -> header block of that message/rfc822 part, likewise
+    probes: dict | None = None             # SEARCH probe -> answer (relay/imap_scan.py), likewise
     gone: bool = False                     # expunged by another session, EXPUNGE not yet sent
 
 
@@ -77,7 +77,32 @@ class LoadRequest:
     messages: list
     structure: bool
     header: bool
-    part_headers: frozenset = frozenset()   # part numbers whose header block (N.HEADER) is needed
+
+
+@dataclass(frozen=True)
+class PartHeaderRequest:
+    """The header block of part `part` ("1.2", a message/rfc822 part's N.HEADER) of the message;
+    resume with the bytes (at most MAX_HEADER) or None."""
+    message: Message
+    part: str
+
+
+@dataclass
+class ScanBudget:
+    """What one SEARCH may still read: octets, and seconds from its first ScanRequest (the adapter
+    sets the deadline then; the core has no clock)."""
+    bytes_left: int
+    seconds: float
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """Answer `probes` (relay/imap_search.py) for each message into msg.probes within the budget;
+    resume(True), or resume(False) when the budget ran out."""
+    messages: list
+    probes: tuple
+    budget: ScanBudget
 
 
 @dataclass(frozen=True)
@@ -106,5 +131,8 @@ class _Sentinel:
 
 
 NEED_DATA, PAUSED, CLOSED = _Sentinel("NEED_DATA"), _Sentinel("PAUSED"), _Sentinel("CLOSED")
+# A long command reached a point where other clients may run first: call next_event() again (after
+# letting the event loop run, when the session has worked for a while).
+YIELD = _Sentinel("YIELD")
 _FLUSH, _LINE, _LINE_OR_CHANGE, _CHANGED = (_Sentinel(n) for n in ("<flush>", "<line>", "<line-or-change>",
                                                                    "<changed>"))

@@ -1,9 +1,12 @@
 # IMAP FETCH responses (RFC 3501 sec. 6.4.5 and 7.4.2) for one message: which data the requested
 # attributes need (the MIME structure recorded at ingest, the top-level header block), and the
-# response as a list of pieces: bytes the core sends as they are, and FileRange parts of the stored
-# blob that the adapter streams (sendfile) as literal contents. Pure functions, no I/O.
-# Must never: put a body section in memory (only header blocks of at most MAX_HEADER bytes each), or
-# announce a literal whose length differs from what the FileRange sends.
+# response as a stream of pieces, item by item: bytes the core sends as they are, FileRange parts
+# of the stored blob that the adapter streams (sendfile) as literal contents, and PartHeader asks
+# for the header block of a part (HEADER.FIELDS of a message/rfc822 part), sent in when needed and
+# dropped after its item. Pure functions, no I/O.
+# Must never: put a body section in memory (only header blocks of at most MAX_HEADER bytes, one at
+# a time besides the top-level one), or announce a literal whose length differs from what the
+# FileRange sends.
 from __future__ import annotations
 
 import time
@@ -11,8 +14,8 @@ from dataclasses import dataclass
 
 from .imap_parser import FetchAtt
 
-__all__ = ["FileRange", "FetchPlan", "fetch_response", "flag_list", "internal_date", "filter_header",
-           "MAX_HEADER", "FLAG_BITS", "SEEN", "ANSWERED", "FLAGGED", "DELETED", "DRAFT", "ALL_FLAGS"]
+__all__ = ["FileRange", "PartHeader", "FetchPlan", "fetch_response", "flag_list", "internal_date",
+           "filter_header", "FLAG_BITS", "SEEN", "ANSWERED", "FLAGGED", "DELETED", "DRAFT", "ALL_FLAGS"]
 
 SEEN, ANSWERED, FLAGGED, DELETED, DRAFT = 1, 2, 4, 8, 16
 ALL_FLAGS = SEEN | ANSWERED | FLAGGED | DELETED | DRAFT
@@ -20,7 +23,6 @@ FLAG_BITS = {"\\SEEN": SEEN, "\\ANSWERED": ANSWERED, "\\FLAGGED": FLAGGED, "\\DE
              "\\DRAFT": DRAFT}
 _FLAG_NAMES = ((ANSWERED, "\\Answered"), (FLAGGED, "\\Flagged"), (DELETED, "\\Deleted"), (SEEN, "\\Seen"),
                (DRAFT, "\\Draft"))
-MAX_HEADER = 256 * 1024   # the top-level header block is read into memory up to this size
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -29,6 +31,11 @@ class FileRange:
     start: int
     length: int
     whole: bool   # the entire message (counts as one downloaded message)
+
+
+@dataclass(frozen=True)
+class PartHeader:
+    part: str     # "1.2": fetch_response needs that part's header block (send it in, or None)
 
 
 def flag_list(flags: int) -> str:
@@ -45,10 +52,10 @@ class FetchPlan:
 
     def __init__(self, atts: list[FetchAtt]):
         self.atts = atts
+        self.names = {att.name for att in atts}
         self.structure = False
         self.header = False
         self.sets_seen = False
-        self.part_headers: set[str] = set()   # "1.2" for BODY[1.2.HEADER.FIELDS (...)]
         # FLAGS, UID, RFC822.SIZE, INTERNALDATE only: answerable from the session's view alone
         self.reads_message = any(att.name not in ("FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE") for att in atts)
         for att in atts:
@@ -61,29 +68,26 @@ class FetchPlan:
                 self.header = True      # the top-level header's end (and its fields)
             elif section:
                 self.structure = True   # a numbered part
-                if att.fields:
-                    self.part_headers.add(section.split(".HEADER.FIELDS")[0])
 
 
-def fetch_response(seq: int, msg, plan: FetchPlan, renderers, with_flags: bool) -> list:
-    """`* seq FETCH (...)` for msg (which has .uid .size .flags .internal_date .structure .header);
-    renderers has bodystructure(structure), envelope(structure), section_range(structure, section)."""
-    out: list = [f"* {seq} FETCH (".encode()]
-    items: list = []
-    names = {att.name for att in plan.atts}
-    for att in plan.atts:
-        items.append(_item(msg, att, renderers))
-    if with_flags and "FLAGS" not in names:
-        items.append([f"FLAGS {flag_list(msg.flags)}".encode()])
-    for i, pieces in enumerate(items):
+def fetch_response(seq: int, msg, plan: FetchPlan, renderers, with_flags: bool):
+    """`* seq FETCH (...)` for msg (which has .uid .size .flags .internal_date .structure .header), a
+    generator of pieces (bytes, FileRange, PartHeader); renderers has bodystructure(structure),
+    envelope(structure), section_range(structure, section)."""
+    yield f"* {seq} FETCH (".encode()
+    for i, att in enumerate(plan.atts):
         if i:
-            out.append(b" ")
-        out.extend(pieces)
-    out.append(b")\r\n")
-    return _merge(out)
+            yield b" "
+        part_header = None
+        if att.fields and att.section[0].isdigit():
+            part_header = yield PartHeader(att.section.split(".HEADER.FIELDS")[0])
+        yield from _item(msg, att, renderers, part_header)
+    if with_flags and "FLAGS" not in plan.names:
+        yield f" FLAGS {flag_list(msg.flags)}".encode()
+    yield b")\r\n"
 
 
-def _item(msg, att: FetchAtt, renderers) -> list:
+def _item(msg, att: FetchAtt, renderers, part_header: bytes | None) -> list:
     name = att.name
     if name == "FLAGS":
         return [f"FLAGS {flag_list(msg.flags)}".encode()]
@@ -107,8 +111,7 @@ def _item(msg, att: FetchAtt, renderers) -> list:
     section = att.section or ""
     label = "BODY[" + section + (" (" + " ".join(att.fields) + ")" if att.fields else "") + "]"
     if att.fields:
-        block = msg.header if not section[0].isdigit() else (msg.part_headers or {}).get(
-            section.split(".HEADER.FIELDS")[0])
+        block = msg.header if not section[0].isdigit() else part_header
         data = filter_header(block or b"", set(att.fields), section.endswith(".NOT"))
         return _literal(_partial_label(label, att), _cut_bytes(data, att.partial))
     if section == "":
@@ -153,17 +156,6 @@ def _literal(label: bytes, content) -> list:
     if isinstance(content, bytes):
         return [head + content]
     return [head, content] if length else [head]
-
-
-def _merge(pieces: list) -> list:
-    """Join neighbouring bytes pieces into one."""
-    merged: list = []
-    for piece in pieces:
-        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
-            merged[-1] += piece
-        else:
-            merged.append(piece)
-    return merged
 
 
 def filter_header(header: bytes, names: set[str], exclude: bool) -> bytes:

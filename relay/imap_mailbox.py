@@ -5,15 +5,18 @@
 # rules hold: no I/O, requests are yielded to the adapter, client input only ever raises ParseError.
 from __future__ import annotations
 
-from .imap_events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, SendFile, Snapshot, State,
-                          StoreFlags)
-from .imap_fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, fetch_response, flag_list
-from .imap_parser import Atom, ParseError, fetch_att, in_sequence_set, sequence_set
+import bisect
+
+from .imap_events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanBudget,
+                          ScanRequest, SendFile, Snapshot, State, StoreFlags)
+from .imap_fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, PartHeader, fetch_response, flag_list
+from .imap_limits import FETCH_CHUNK, MAX_FETCH_ITEMS, SEARCH_BATCH, SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS
+from .imap_parser import Atom, ParseError, SequenceSet, fetch_att
 from .imap_search import parse_search
 
 __all__ = ["SelectedState"]
 
-_BATCH = 100   # messages whose structure/header are loaded (and dropped again) at once
+_BATCH = 100   # messages whose \Seen flags are stored at once
 
 
 class SelectedState:
@@ -55,17 +58,25 @@ class SelectedState:
                 self._send(f"* {seq} EXPUNGE\r\n")
 
     def _select_set(self, token, uid_mode: bool) -> list[tuple[int, Message]]:
-        ranges = sequence_set(token)
+        """(sequence number, message) of each message the set names, in mailbox order; O(ranges *
+        log(messages) + messages named) whatever the set (e.g. 1:4294967295 or 1,2,3,...)."""
+        numbers = SequenceSet(token)
         msgs = self._messages
         if uid_mode:
-            largest = msgs[-1].uid if msgs else 0
-            return [(seq, m) for seq, m in enumerate(msgs, 1) if in_sequence_set(m.uid, ranges, largest)]
+            uids = [m.uid for m in msgs]
+            starts, ends = numbers.resolved(uids[-1] if uids else 0)
+            chosen = []
+            for lo, hi in zip(starts, ends):
+                first, last = bisect.bisect_left(uids, lo), bisect.bisect_right(uids, hi)
+                chosen.extend((seq + 1, msgs[seq]) for seq in range(first, last))
+            return chosen
         largest = len(msgs)
-        if largest == 0 and all(0 in (lo, hi) for lo, hi in ranges):
+        if largest == 0 and numbers.names_only_star():
             return []   # "1:*" in an empty mailbox: nothing, as clients expect
-        if largest == 0 or any(max(lo, hi) > largest for lo, hi in ranges):
+        if largest == 0 or numbers.highest(largest) > largest:
             raise ParseError("invalid message sequence number")
-        return [(seq, m) for seq, m in enumerate(msgs, 1) if in_sequence_set(seq, ranges, largest)]
+        starts, ends = numbers.resolved(largest)
+        return [(seq, msgs[seq - 1]) for lo, hi in zip(starts, ends) for seq in range(lo, hi + 1)]
 
     def _cmd_close(self, tag, args):
         deleted = [m.uid for m in self._messages if m.flags & DELETED and not m.gone]
@@ -124,6 +135,9 @@ class SelectedState:
         atts = fetch_att(args[1])
         if uid_mode and not any(a.name == "UID" for a in atts):
             atts.insert(0, fetch_att(Atom("UID"))[0])
+        atts = list(dict.fromkeys(atts))   # an item named twice is answered once
+        if len(atts) > MAX_FETCH_ITEMS:
+            raise ParseError(f"[LIMIT] too many FETCH data items (at most {MAX_FETCH_ITEMS})")
         plan = FetchPlan(atts)
         chosen = self._select_set(args[0], uid_mode)
         missing = plan.reads_message and any(m.gone for _, m in chosen)   # RFC 2180 sec. 4.1
@@ -131,29 +145,54 @@ class SelectedState:
             chosen = [(seq, m) for seq, m in chosen if not m.gone]
         for start in range(0, len(chosen), _BATCH):
             batch = chosen[start:start + _BATCH]
-            msgs = [m for _, m in batch]
-            if plan.structure or plan.header:
-                yield LoadRequest(msgs, plan.structure, plan.header, frozenset(plan.part_headers))
-                if plan.structure and any(m.structure is None for m in msgs):
-                    return self._done(tag, "NO", "[SERVERBUG] MIME structure unavailable")
             seen_now = set()
             if plan.sets_seen and not self._readonly:
-                unseen = [m for m in msgs if not m.flags & SEEN]
+                unseen = [m for _, m in batch if not m.flags & SEEN]
                 if unseen and (yield StoreFlags([m.uid for m in unseen], SEEN, 0)):
                     for m in unseen:
                         m.flags |= SEEN
                     seen_now = {id(m) for m in unseen}
             for seq, msg in batch:
-                for piece in fetch_response(seq, msg, plan, self._renderers, id(msg) in seen_now):
-                    if isinstance(piece, FileRange):
-                        self._out.append(SendFile(msg.ref, piece.start, piece.length, piece.whole))
-                    else:
-                        self._send(piece)
-                msg.structure = msg.header = msg.part_headers = None
-                yield _FLUSH
+                complete = yield from self._fetch_one(seq, msg, plan, id(msg) in seen_now)
+                if not complete:
+                    return self._done(tag, "NO", "[SERVERBUG] MIME structure unavailable")
         if missing:
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the requested messages were expunged")
         self._done(tag, "OK", "FETCH completed")
+
+    def _fetch_one(self, seq: int, msg: Message, plan: FetchPlan, with_flags: bool):
+        """Send one message's FETCH response, piece by piece: small pieces gathered up to FETCH_CHUNK
+        octets, body literals as SendFile, a part's header block loaded only for its item."""
+        try:
+            if plan.structure or plan.header:
+                yield LoadRequest([msg], plan.structure, plan.header)
+                if plan.structure and msg.structure is None:
+                    return False
+            pending: list[bytes] = []
+            size = 0
+            pieces = fetch_response(seq, msg, plan, self._renderers, with_flags)
+            answer = None
+            while (piece := _next_piece(pieces, answer)) is not None:
+                answer = None
+                if isinstance(piece, bytes):
+                    pending.append(piece)
+                    size += len(piece)
+                    if size < FETCH_CHUNK:
+                        continue
+                if pending:
+                    self._send(b"".join(pending))
+                    pending, size = [], 0
+                if isinstance(piece, FileRange):
+                    self._out.append(SendFile(msg.ref, piece.start, piece.length, piece.whole))
+                elif isinstance(piece, PartHeader):
+                    answer = yield PartHeaderRequest(msg, piece.part)
+                yield _FLUSH
+            if pending:
+                self._send(b"".join(pending))
+            yield _FLUSH
+            return True
+        finally:
+            msg.structure = msg.header = None
 
     def _cmd_store(self, tag, args):
         yield from self._store(tag, args, uid_mode=False)
@@ -182,11 +221,13 @@ class SelectedState:
         live = [(seq, m) for seq, m in chosen if not m.gone]
         if live and not (yield StoreFlags([m.uid for _, m in live], add, remove)):
             return self._done(tag, "NO", "[SERVERBUG] flags not stored")
-        for seq, m in live:
+        for n, (seq, m) in enumerate(live, 1):
             m.flags = (m.flags | add) & ~remove
             if not silent:
                 uid = f"UID {m.uid} " if uid_mode else ""
                 self._send(f"* {seq} FETCH ({uid}FLAGS {flag_list(m.flags)})\r\n")
+                if n % _BATCH == 0:
+                    yield _FLUSH
         if len(live) != len(chosen):
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the messages were expunged")
         self._done(tag, "OK", "STORE completed")
@@ -195,21 +236,32 @@ class SelectedState:
         yield from self._search(tag, args, uid_mode=False)
 
     def _search(self, tag, args, uid_mode: bool):
+        """Cheap keys first; the messages that pass them are read (off the loop, SEARCH_BATCH at a
+        time) only when the search has header, date or text keys, within one ScanBudget."""
         search = parse_search(args)
+        budget = ScanBudget(SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS)
         hits = []
         largest_seq = len(self._messages)
         largest_uid = self._messages[-1].uid if self._messages else 0
-        numbered = list(enumerate(self._messages, 1))
-        for start in range(0, len(numbered), _BATCH):
-            batch = numbered[start:start + _BATCH]
-            live = [m for _, m in batch if not m.gone]
-            if search.needs_header and live:
-                yield LoadRequest(live, False, True)
-            for seq, m in batch:
-                if not m.gone and search.match(seq, m, largest_seq, largest_uid):
-                    hits.append(m.uid if uid_mode else seq)
-                m.header = None
+        for start in range(0, largest_seq, SEARCH_BATCH):
+            batch = [(seq, m) for seq, m in enumerate(self._messages[start:start + SEARCH_BATCH], start + 1)
+                     if not m.gone and search.cheap(seq, m, largest_seq, largest_uid)]
+            if search.probes and batch:
+                if not (yield ScanRequest([m for _, m in batch], search.probes, budget)):
+                    return self._done(tag, "NO", f"[LIMIT] SEARCH would read more than {SEARCH_MAX_BYTES >> 20} MB"
+                                      f" or take more than {SEARCH_MAX_SECONDS:.0f} s; narrow it down"
+                                      " (e.g. by UID, date or size)")
+                batch = [(seq, m) for seq, m in batch if search.full(seq, m, largest_seq, largest_uid)]
+                for m in self._messages[start:start + SEARCH_BATCH]:
+                    m.probes = None
+            hits.extend(m.uid if uid_mode else seq for seq, m in batch)
+            yield _FLUSH
         self._send("* SEARCH" + "".join(f" {n}" for n in hits) + "\r\n")
         self._done(tag, "OK", "SEARCH completed")
 
 
+def _next_piece(pieces, answer):
+    try:
+        return pieces.send(answer)
+    except StopIteration:
+        return None

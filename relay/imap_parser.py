@@ -5,12 +5,15 @@
 # Must never: raise anything but ParseError on client input, or buffer more than its limits allow.
 from __future__ import annotations
 
+import bisect
 import datetime
 import re
 from dataclasses import dataclass
 
+from .imap_limits import MAX_LIST_DEPTH
+
 __all__ = ["ParseError", "CommandFramer", "Command", "LiteralRequest", "TooLong", "Overflow", "Atom",
-           "tokenize", "astring", "sequence_set", "in_sequence_set", "fetch_att", "FetchAtt", "imap_date"]
+           "tokenize", "astring", "sequence_set", "SequenceSet", "fetch_att", "FetchAtt", "imap_date"]
 
 
 class ParseError(Exception):
@@ -28,9 +31,10 @@ class Command:
 @dataclass(frozen=True)
 class LiteralRequest:
     """A synchronizing literal {n} was announced: call accept_literal() (and send "+") or
-    reject_literal() (and send the BAD reply)."""
+    reject_literal() (and send the tagged NO or BAD reply)."""
     tag: str
     size: int
+    verb: str = ""   # the command's name, upper-case, when it is readable
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,8 @@ _TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]{1,64}')   # ASTRING-CHARs bu
 
 
 class CommandFramer:
-    def __init__(self, max_command: int = 64 * 1024, max_buffer: int = 256 * 1024):
-        self.max_command = max_command
-        self.max_buffer = max_buffer
+    def __init__(self, max_command: int, max_buffer: int):
+        self.set_limits(max_command, max_buffer)
         self._buf = bytearray()
         self._segments: list[bytes] = []
         self._size = 0
@@ -58,6 +61,12 @@ class CommandFramer:
         self._waiting = False       # a LiteralRequest is unanswered
         self._discarding = False    # skipping the rest of an over-long line
         self._overflowed = False
+
+    def set_limits(self, max_command: int, max_buffer: int) -> None:
+        """Octets of one command with its literals, and of input waiting beyond it (login raises
+        both; the command being read keeps counting against the new ones)."""
+        self.max_command = max_command
+        self.max_buffer = max_buffer
 
     @property
     def buffered(self) -> int:
@@ -147,13 +156,18 @@ class CommandFramer:
             self._literal = size
             if not m.group(2):
                 self._waiting = True
-                return LiteralRequest(self._tag(), size)
+                return LiteralRequest(self._tag(), size, self._verb())
 
     def accept_literal(self) -> None:
         self._waiting = False
 
     def reject_literal(self) -> None:
         self._reset()
+
+
+    def _verb(self) -> str:
+        words = self._segments[0].split(b" ", 2)
+        return words[1].decode("ascii", "replace").upper() if len(words) > 1 else ""
 
 
 def _line_tag(line: bytes) -> str:
@@ -189,6 +203,8 @@ def tokenize(command: Command) -> list:
                     raise ParseError("two spaces in a row")
                 continue
             if c == 0x28:   # (
+                if len(stack) > MAX_LIST_DEPTH:
+                    raise ParseError(f"parentheses nested too deeply (at most {MAX_LIST_DEPTH})")
                 stack.append([])
                 stack[-2].append(stack[-1])
                 pos += 1
@@ -290,12 +306,43 @@ def sequence_set(token) -> list[tuple[int, int]]:
     return ranges
 
 
-def in_sequence_set(number: int, ranges: list[tuple[int, int]], largest: int) -> bool:
-    for lo, hi in ranges:
-        lo, hi = lo or largest, hi or largest
-        if min(lo, hi) <= number <= max(lo, hi):
-            return True
-    return False
+class SequenceSet:
+    """A parsed sequence set, asked about numbers in O(log ranges): the ranges are resolved against
+    the largest number in use ("*"), sorted and merged once per largest number."""
+
+    def __init__(self, token):
+        self.ranges = sequence_set(token)
+        self._largest: int | None = None
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def resolved(self, largest: int) -> tuple[list[int], list[int]]:
+        """(starts, ends) of the disjoint ascending ranges, each end inclusive."""
+        if largest != self._largest:
+            spans = sorted((min(lo or largest, hi or largest), max(lo or largest, hi or largest))
+                           for lo, hi in self.ranges)
+            starts, ends = [], []
+            for lo, hi in spans:
+                if starts and lo <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], hi)
+                else:
+                    starts.append(lo)
+                    ends.append(hi)
+            self._largest, self._starts, self._ends = largest, starts, ends
+        return self._starts, self._ends
+
+    def contains(self, number: int, largest: int) -> bool:
+        starts, ends = self.resolved(largest)
+        i = bisect.bisect_right(starts, number) - 1
+        return i >= 0 and number <= ends[i]
+
+    def highest(self, largest: int) -> int:
+        """The largest number the set names (0 for an empty resolution)."""
+        ends = self.resolved(largest)[1]
+        return ends[-1] if ends else 0
+
+    def names_only_star(self) -> bool:
+        return all(STAR in (lo, hi) for lo, hi in self.ranges)
 
 
 # ---- fetch attributes ---------------------------------------------------------------------------

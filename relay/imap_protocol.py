@@ -16,15 +16,20 @@
 #         AuthRequest     -> resume(site or None)  (sleep before answering a failure)
 #         StartTls        -> upgrade the transport, resume(None)
 #         MailboxRequest  -> resume(Snapshot of the site's mailbox, or None if it is gone)
-#         LoadRequest     -> fill msg.structure / .header / .part_headers of ev.messages, resume(None)
+#         LoadRequest     -> fill msg.structure / .header of ev.messages, resume(None)
+#         PartHeaderRequest -> resume(the header block of part ev.part of ev.message, or None)
+#         ScanRequest     -> answer ev.probes into msg.probes of ev.messages within ev.budget (off the
+#                            loop), resume(True), or resume(False) when the budget ran out
+#         YIELD           -> nothing to do; a chance to let other clients run (a long command)
 #         StoreFlags      -> add/remove flag bits of ev.uids in storage, resume(True/False)
 #         ExpungeRequest  -> delete ev.uids, resume("ok" | "in-use" | "error")
 #         CloseConnection -> flush and close
 # This module holds the command loop and the commands of the other states; imap_mailbox.py the
 # selected state (FETCH, STORE, SEARCH, EXPUNGE, ...), imap_events.py the events and data classes.
 # Must never: do I/O, read a clock, or raise because of anything a client sends (only misuse by
-# the adapter raises ImapProtocolError). Message contents never pass through here: only header
-# blocks (bounded) and the recorded MIME structure.
+# the adapter raises ImapProtocolError), or let a client's input cost more than relay/imap_limits.py
+# allows. Message contents never pass through here: only header blocks (bounded) and the recorded
+# MIME structure.
 from __future__ import annotations
 
 import base64
@@ -32,17 +37,18 @@ import binascii
 import re
 from collections import deque
 
-from .imap_events import (_CHANGED, _FLUSH, _LINE, _LINE_OR_CHANGE, CLOSED, NEED_DATA, PAUSED, AuthRequest,
+from .imap_events import (_CHANGED, _FLUSH, _LINE, _LINE_OR_CHANGE, CLOSED, NEED_DATA, PAUSED, YIELD, AuthRequest,
                           CloseConnection, ExpungeRequest, ImapProtocolError, LoadRequest, MailboxRequest, Message,
-                          SendBytes, SendFile, Snapshot, StartTls, State, StoreFlags)
+                          PartHeaderRequest, ScanRequest, SendBytes, SendFile, Snapshot, StartTls, State, StoreFlags)
 from .imap_fetch import SEEN
+from .imap_limits import MAX_BUFFER, MAX_COMMAND, PRE_LOGIN_MAX_BUFFER, PRE_LOGIN_MAX_COMMAND
 from .imap_mailbox import SelectedState
 from .imap_parser import (Atom, Command, CommandFramer, LiteralRequest, Overflow, ParseError, TooLong, astring,
                           tokenize)
 
 __all__ = ["ImapConnection", "ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile",
-           "AuthRequest", "StartTls", "MailboxRequest", "LoadRequest", "StoreFlags", "ExpungeRequest",
-           "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "bye"]
+           "AuthRequest", "StartTls", "MailboxRequest", "LoadRequest", "PartHeaderRequest", "ScanRequest",
+           "StoreFlags", "ExpungeRequest", "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "YIELD", "bye"]
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
 
@@ -69,19 +75,20 @@ _PERMANENT = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 
 class ImapConnection(SelectedState):
     def __init__(self, *, greeting_host: str, starttls_available: bool, plaintext_login_allowed: bool,
-                 renderers, max_failed_logins: int = 3, max_command: int = 64 * 1024) -> None:
+                 renderers, max_failed_logins: int = 3) -> None:
         self._host = greeting_host
         self._starttls = starttls_available
         self._plaintext_ok = plaintext_login_allowed
         self._renderers = renderers
         self._max_failed = max_failed_logins
-        self._framer = CommandFramer(max_command=max_command)
+        self._framer = CommandFramer(PRE_LOGIN_MAX_COMMAND, PRE_LOGIN_MAX_BUFFER)
         self._state = State.NOT_AUTHENTICATED
         self._tls_active = False
         self._failed = 0
         self._out: deque = deque()
         self._task = None          # the running command's generator
         self._waiting = None       # what the task waits for: _FLUSH, _LINE, _LINE_OR_CHANGE, or a request
+        self._yielded = False      # YIELD was returned for the current _FLUSH
         self._eof = False
         self._changed = False
         self._readonly = False
@@ -134,6 +141,9 @@ class ImapConnection(SelectedState):
                 return CLOSED
             if self._task is not None:
                 if self._waiting is _FLUSH:
+                    self._yielded = not self._yielded
+                    if self._yielded:
+                        return YIELD
                     self._advance(None)
                 elif self._waiting in (_LINE, _LINE_OR_CHANGE):
                     line = self._framer.next_line()
@@ -155,10 +165,15 @@ class ImapConnection(SelectedState):
                     continue
                 return NEED_DATA
             if isinstance(item, LiteralRequest):
-                self._framer.accept_literal()
-                self._send("+ Ready for literal data\r\n")
+                if item.verb == "APPEND":   # not offered: the client must not send the literal
+                    self._framer.reject_literal()
+                    self._send(f"{item.tag} NO [CANNOT] APPEND is not offered: mail comes in over SMTP only\r\n")
+                else:
+                    self._framer.accept_literal()
+                    self._send("+ Ready for literal data\r\n")
             elif isinstance(item, TooLong):
-                self._send(f"{item.tag} BAD command line too long\r\n")
+                self._send(f"{item.tag} BAD command line too long (at most {self._framer.max_command} octets"
+                           f" with its literals{' before login' if self._state is State.NOT_AUTHENTICATED else ''})\r\n")
             elif isinstance(item, Overflow):
                 self._send("* BYE too much input\r\n")
                 self._close()
@@ -310,6 +325,7 @@ class ImapConnection(SelectedState):
                 return self._close()
             return self._done(tag, "NO", "[AUTHENTICATIONFAILED] authentication failed")
         self._state = State.AUTHENTICATED
+        self._framer.set_limits(MAX_COMMAND, MAX_BUFFER)
         self._done(tag, "OK", f"[CAPABILITY {self._capabilities()}] logged in")
 
     # ---- authenticated ---------------------------------------------------------------------------
@@ -417,10 +433,32 @@ class ImapConnection(SelectedState):
                 return self._done(tag, "BAD", "expected DONE")
             return self._done(tag, "OK", "IDLE terminated")
 
+_WILDCARD_RUN = re.compile(r"[*%]{2,}")
+
+
 def _wildcard_match(pattern: str, name: str) -> bool:
-    """LIST pattern matching with * and % (no hierarchy below INBOX, so both match anything)."""
-    regex = "".join(".*" if c in "*%" else re.escape(c) for c in pattern.upper())
-    return bool(pattern) and re.fullmatch(regex, name.upper()) is not None
+    """LIST/LSUB matching (RFC 3501 sec. 6.3.8): "*" matches any characters, "%" any but the
+    hierarchy delimiter "/"; case-insensitive (INBOX is). Linear: runs of wildcards are folded into
+    one, then the pattern is walked once keeping the set of name positions it can have reached so
+    far (no backtracking); each literal character moves that set past at least one name character,
+    so the walk ends after at most len(name) + 1 of them."""
+    if not pattern:
+        return False
+    pattern = _WILDCARD_RUN.sub(lambda run: "*" if "*" in run.group() else "%", pattern.upper())
+    name = name.upper()
+    reach = [True] + [False] * len(name)   # reach[i]: the pattern so far can match name[:i]
+    for c in pattern:
+        if c == "*":
+            first = reach.index(True)
+            reach = [i >= first for i in range(len(reach))]
+        elif c == "%":
+            for i in range(1, len(reach)):
+                reach[i] = reach[i] or (reach[i - 1] and name[i - 1] != "/")
+        else:
+            reach = [False] + [reach[i] and name[i] == c for i in range(len(name))]
+            if not any(reach):
+                return False
+    return reach[-1]
 
 
 def bye(reason: str) -> bytes:

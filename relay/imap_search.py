@@ -1,14 +1,18 @@
-# IMAP SEARCH criteria (RFC 3501 sec. 6.4.4): parse the search keys into one predicate over a message
-# (flags, UID, sequence number, size, internal date, header fields) and say whether it needs the
-# message's header block. Body text search (BODY, TEXT) is not offered: it would read whole blobs.
+# IMAP SEARCH criteria (RFC 3501 sec. 6.4.4): parse the search keys into predicates over a message
+# (flags, UID, sequence number, size, internal date; header fields, the Date: header, body and whole
+# text), bounded in depth and number (BAD past MAX_SEARCH_DEPTH / MAX_SEARCH_KEYS). Keys that need
+# the message's contents become probes: ("H", FIELD, text), ("D",), ("B", octets), ("T", octets),
+# answered per message by relay/imap_scan.py off the event loop (msg.probes) within a byte and time
+# budget. The keys of the top level are split in two: the cheap ones (no probe) are checked first,
+# and only messages that pass them are read.
 # Pure functions, no I/O; malformed criteria raise ParseError (a BAD reply).
 from __future__ import annotations
 
 import datetime
-import email.utils
 
 from .imap_fetch import ANSWERED, DELETED, DRAFT, FLAG_BITS, FLAGGED, SEEN
-from .imap_parser import Atom, ParseError, astring, imap_date, in_sequence_set, sequence_set
+from .imap_limits import MAX_SEARCH_DEPTH, MAX_SEARCH_KEYS
+from .imap_parser import Atom, ParseError, SequenceSet, astring, imap_date
 
 __all__ = ["Search", "parse_search"]
 
@@ -19,14 +23,18 @@ _FLAG_KEYS = {"ANSWERED": (ANSWERED, True), "DELETED": (DELETED, True), "DRAFT":
 _HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
 _DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 _CHARSETS = {"US-ASCII", "UTF-8"}
+SENT_DATE = ("D",)
 
 
 class Search:
-    """A parsed SEARCH: match(seq, msg, largest_seq, largest_uid) -> bool."""
+    """A parsed SEARCH. cheap(seq, msg, largest_seq, largest_uid) needs only the session's view;
+    full(...) also reads msg.probes, which must hold an answer for each of `probes` (empty: cheap
+    is the whole search)."""
 
-    def __init__(self, predicate, needs_header: bool):
-        self.match = predicate
-        self.needs_header = needs_header
+    def __init__(self, cheap, full, probes: tuple):
+        self.cheap = cheap
+        self.full = full
+        self.probes = probes
 
 
 def parse_search(args: list) -> Search:
@@ -37,66 +45,77 @@ def parse_search(args: list) -> Search:
     if not args:
         raise ParseError("SEARCH needs criteria")
     parser = _Parser(args)
-    predicates = []
+    cheap, full = [], []
     while not parser.at_end():
-        predicates.append(parser.key())
-    return Search(_all_of(predicates), parser.needs_header)
+        probes_before = len(parser.probes)
+        key = parser.key(1)
+        (full if len(parser.probes) > probes_before else cheap).append(key)
+    return Search(_all_of(cheap), _all_of(full), tuple(dict.fromkeys(parser.probes)))
 
 
 def _all_of(predicates):
+    if len(predicates) == 1:
+        return predicates[0]
     return lambda *a: all(p(*a) for p in predicates)
 
 
 class _Parser:
     def __init__(self, tokens: list):
-        self.tokens = tokens
-        self.pos = 0
-        self.needs_header = False
+        self.stack = [(tokens, 0)]   # (tokens, position) of each open parenthesized list
+        self.keys = 0
+        self.probes: list[tuple] = []
 
     def at_end(self) -> bool:
-        return self.pos >= len(self.tokens)
+        tokens, pos = self.stack[-1]
+        return pos >= len(tokens)
 
     def take(self):
-        if self.at_end():
+        tokens, pos = self.stack[-1]
+        if pos >= len(tokens):
             raise ParseError("search key needs an argument")
-        token = self.tokens[self.pos]
-        self.pos += 1
-        return token
+        self.stack[-1] = (tokens, pos + 1)
+        return tokens[pos]
 
-    def key(self):
+    def key(self, depth: int):
+        if depth > MAX_SEARCH_DEPTH:
+            raise ParseError(f"search keys nested too deeply (at most {MAX_SEARCH_DEPTH} levels)")
+        self.keys += 1
+        if self.keys > MAX_SEARCH_KEYS:
+            raise ParseError(f"too many search keys (at most {MAX_SEARCH_KEYS})")
         token = self.take()
         if isinstance(token, list):
-            inner = _Parser(token)
-            if inner.at_end():
+            if not token:
                 raise ParseError("empty search list")
+            self.stack.append((token, 0))
             predicates = []
-            while not inner.at_end():
-                predicates.append(inner.key())
-            self.needs_header |= inner.needs_header
+            while not self.at_end():
+                predicates.append(self.key(depth + 1))
+            self.stack.pop()
             return _all_of(predicates)
         if not isinstance(token, Atom):
             raise ParseError("search key expected")
         name = token.upper()
-        if name == "ALL":
+        if name == "NOT":
+            inner = self.key(depth + 1)
+            return lambda *a: not inner(*a)
+        if name == "OR":
+            left, right = self.key(depth + 1), self.key(depth + 1)
+            return lambda *a: left(*a) or right(*a)
+        return self._simple(name, token)
+
+    def _simple(self, name: str, token):
+        if name in ("ALL", "OLD"):
             return lambda *a: True
+        if name in ("NEW", "RECENT"):
+            return lambda *a: False          # no message is ever \Recent here
         if name in _FLAG_KEYS:
             bit, wanted = _FLAG_KEYS[name]
             return lambda seq, msg, *a: bool(msg.flags & bit) == wanted
-        if name in ("NEW", "RECENT"):
-            return lambda *a: False          # no message is ever \Recent here
-        if name == "OLD":
-            return lambda *a: True
         if name in ("KEYWORD", "UNKEYWORD"):
             keyword = astring(self.take())
             bit = FLAG_BITS.get(keyword.upper(), 0) if keyword.startswith("\\") else 0
             wanted = name == "KEYWORD"
             return lambda seq, msg, *a: bool(msg.flags & bit) == wanted if bit else not wanted
-        if name == "NOT":
-            inner = self.key()
-            return lambda *a: not inner(*a)
-        if name == "OR":
-            left, right = self.key(), self.key()
-            return lambda *a: left(*a) or right(*a)
         if name in ("LARGER", "SMALLER"):
             number = self.take()
             if not (isinstance(number, Atom) and number.isdigit() and len(number) <= 20):
@@ -106,27 +125,30 @@ class _Parser:
                 return lambda seq, msg, *a: msg.size > limit
             return lambda seq, msg, *a: msg.size < limit
         if name == "UID":
-            ranges = sequence_set(self.take())
-            return lambda seq, msg, largest_seq, largest_uid: in_sequence_set(msg.uid, ranges, largest_uid)
+            uids = SequenceSet(self.take())
+            return lambda seq, msg, largest_seq, largest_uid: uids.contains(msg.uid, largest_uid)
         if name in _DATE_KEYS:
             return self._date_key(name, imap_date(self.take()))
         if name in _HEADER_KEYS or name == "HEADER":
             field = name if name != "HEADER" else astring(self.take()).upper()
-            value = astring(self.take()).lower()
-            self.needs_header = True
-            return lambda seq, msg, *a: _header_contains(msg.header or b"", field, value)
+            return self._probe(("H", field, astring(self.take()).lower()))
         if name in ("BODY", "TEXT"):
-            raise ParseError(f"[CANNOT] {name} search is not supported")
+            text = astring(self.take()).encode("utf-8").lower()
+            return self._probe((name[0], text))
         if name[:1].isdigit() or name[:1] == "*":
-            ranges = sequence_set(token)
-            return lambda seq, msg, largest_seq, largest_uid: in_sequence_set(seq, ranges, largest_seq)
+            numbers = SequenceSet(token)
+            return lambda seq, msg, largest_seq, largest_uid: numbers.contains(seq, largest_seq)
         raise ParseError("unknown search key " + name[:30])
+
+    def _probe(self, probe: tuple):
+        self.probes.append(probe)
+        return lambda seq, msg, *a: msg.probes[probe]
 
     def _date_key(self, name: str, day: datetime.date):
         if name.startswith("SENT"):
-            self.needs_header = True
+            self.probes.append(SENT_DATE)
             def when(msg):
-                return _sent_date(msg.header or b"")
+                return msg.probes[SENT_DATE]
             name = name[4:]
         else:
             def when(msg):
@@ -136,35 +158,3 @@ class _Parser:
         if name == "ON":
             return lambda seq, msg, *a: when(msg) == day
         return lambda seq, msg, *a: (d := when(msg)) is not None and d >= day
-
-
-def _fields(header: bytes, field: str) -> list[str]:
-    """Unfolded values of every header field named `field` (upper-case)."""
-    values, current = [], None
-    for line in header.decode("utf-8", "replace").split("\r\n"):
-        if not line:
-            break
-        if line[:1] in (" ", "\t"):
-            if current is not None:
-                values[current] += line
-            continue
-        name, sep, value = line.partition(":")
-        current = None
-        if sep and name.strip().upper() == field:
-            values.append(value)
-            current = len(values) - 1
-    return values
-
-
-def _header_contains(header: bytes, field: str, needle: str) -> bool:
-    return any(needle in value.lower() for value in _fields(header, field))
-
-
-def _sent_date(header: bytes) -> datetime.date | None:
-    values = _fields(header, "DATE")
-    if not values:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(values[0].strip()).date()
-    except (TypeError, ValueError, IndexError):
-        return None

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from mailhub import metrics
 from quotas import Throttle
@@ -21,10 +22,11 @@ from storage import Downloads, SiteCache, Storage
 from . import mime_structure
 from .file_sender import FileSender
 from .mailbox_session import MailboxSessionIO, is_loopback, printable
-from .imap_fetch import MAX_HEADER
-from .imap_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
-                            LoadRequest, MailboxRequest, Message, SendBytes, SendFile, Snapshot, StartTls,
-                            StoreFlags, bye)
+from .imap_limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
+from .imap_protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
+                            LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest, SendBytes, SendFile,
+                            Snapshot, StartTls, StoreFlags, bye)
+from .imap_scan import scan_messages
 from .mime_stream import MimeStreamParser
 
 log = logging.getLogger("mailhub.imap")
@@ -50,6 +52,7 @@ class ImapContext:
         self.tls_context = tls_context
         self.pop3_locks = pop3_locks
         self.sender = FileSender(cfg.imap.max_connections)
+        self.searcher = ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="mailhub-imap-search")
         self.sessions: set[ImapSession] = set()
         self.by_site: dict[int, set[ImapSession]] = {}   # logged-in sessions per site id
         self.shutting_down = False
@@ -82,6 +85,7 @@ class ImapContext:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         self.sender.close()
+        self.searcher.shutdown(wait=False, cancel_futures=True)
 
 
 class ImapSession(MailboxSessionIO):
@@ -127,11 +131,18 @@ class ImapSession(MailboxSessionIO):
     async def _run(self) -> None:
         core = self.core
         outcome = "closed"
+        loop = asyncio.get_running_loop()
         try:
             self._write(core.initial_bytes())
+            slice_end = loop.time() + SLICE_SECONDS
             while (event := core.next_event()) is not CLOSED:
-                if event is NEED_DATA:
+                if event is YIELD:   # a long command: let the other clients run now and then
+                    if loop.time() >= slice_end:
+                        await asyncio.sleep(0)
+                        slice_end = loop.time() + SLICE_SECONDS
+                elif event is NEED_DATA:
                     await self._wait_input()
+                    slice_end = loop.time() + SLICE_SECONDS
                 elif isinstance(event, SendBytes):
                     self._write(event.data)
                     await self._drain()
@@ -144,6 +155,10 @@ class ImapSession(MailboxSessionIO):
                 elif isinstance(event, LoadRequest):
                     await self._load(event)
                     core.resume(None)
+                elif isinstance(event, PartHeaderRequest):
+                    core.resume(await self._part_header(event))
+                elif isinstance(event, ScanRequest):
+                    core.resume(await self._scan(event))
                 elif isinstance(event, StoreFlags):
                     core.resume(await self._store_flags(event))
                 elif isinstance(event, ExpungeRequest):
@@ -202,17 +217,31 @@ class ImapSession(MailboxSessionIO):
     async def _load(self, event: LoadRequest) -> None:
         for msg in event.messages:
             if event.structure:
-                msg.structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
-                if msg.structure is None:   # stored before structures were recorded
-                    msg.structure = await self._record_structure(msg.ref)
+                structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
+                if structure is None:   # stored before structures were recorded
+                    structure = await self._record_structure(msg.ref)
+                msg.structure = mime_structure.capped(structure)   # also records made before the caps
             if event.header:
                 msg.header = await self._read_header(msg.ref)
-            if event.part_headers:
-                msg.part_headers = {}
-                for part in event.part_headers:
-                    span = mime_structure.section_range(msg.structure, part + ".HEADER")
-                    if span is not None:
-                        msg.part_headers[part] = await self._read_header(msg.ref, *span)
+
+    async def _part_header(self, event: PartHeaderRequest) -> bytes | None:
+        span = mime_structure.section_range(event.message.structure, event.part + ".HEADER")
+        return None if span is None else await self._read_header(event.message.ref, *span)
+
+    async def _scan(self, event: ScanRequest) -> bool:
+        """The SEARCH probes of a batch of messages, read in the search pool (a few threads for the
+        whole process) within the command's budget."""
+        budget = event.budget
+        if budget.deadline is None:
+            budget.deadline = time.monotonic() + budget.seconds
+        where = [(m.ref.path, m.ref.offset, m.size) for m in event.messages]
+        answers = await asyncio.get_running_loop().run_in_executor(
+            self.ctx.searcher, scan_messages, where, event.probes, budget)
+        if answers is None:
+            return False
+        for msg, found in zip(event.messages, answers):
+            msg.probes = found
+        return True
 
     async def _record_structure(self, entry) -> dict:
         """The MIME structure of a blob, streamed through the ingest's recorder (1 MB at a time)."""

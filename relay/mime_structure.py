@@ -8,53 +8,72 @@
 #               "parts": [child parts] (multipart) or "message": {part} (message/rfc822)}
 #   a message (the top level and each message/rfc822 body) is a part with "envelope": the raw
 #   values of its Date, Subject, From, Sender, Reply-To, To, Cc, Bcc, In-Reply-To, Message-ID.
+# The record is capped (relay/imap_limits.py STRUCTURE_*): parts, nesting, characters per value and
+# in all, parameters per part. Past the caps, the rest of a multipart is one application/octet-stream
+# part covering its remaining children, a part nested too deep is one application/octet-stream
+# part, and a message/rfc822 part whose message does not fit is rendered as application/octet-stream.
+# The recorder applies the caps while it records; capped() applies the same rules to a record made
+# before them, so that every rendering stays within them.
 # Must never hold body bytes: only header values and offsets.
+from .imap_limits import (STRUCTURE_MAX_DEPTH, STRUCTURE_MAX_PARAMS, STRUCTURE_MAX_PARTS, STRUCTURE_MAX_TEXT,
+                          STRUCTURE_MAX_VALUE)
 from .mime_stream import split_params
 
-__all__ = ["StructureRecorder", "bodystructure", "envelope", "section_range"]
+__all__ = ["StructureRecorder", "capped", "bodystructure", "envelope", "section_range"]
 
 ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to",
                    "message-id")
 _PART_FIELDS = {"content-id": "id", "content-description": "description", "content-md5": "md5",
                 "content-transfer-encoding": "encoding", "content-language": "language",
                 "content-location": "location"}
-_MAX_VALUE = 4096  # characters kept of one header value
+_CHILDREN = ("parts", "message")
+
+
+class _Budget:
+    """Parts and characters still allowed in one record; once a part does not fit, none does."""
+
+    def __init__(self) -> None:
+        self.parts = 0
+        self.text = 0
+        self.full = False
+
+    def admit(self, record: dict, always: bool = False) -> bool:
+        cost = _cost(record)
+        if not always and (self.full or self.parts >= STRUCTURE_MAX_PARTS or self.text + cost > STRUCTURE_MAX_TEXT):
+            self.full = True
+            return False
+        self.parts += 1
+        self.text += cost
+        return True
 
 
 class StructureRecorder:
-    """mime_stream listener that builds the structure record; `structure` is set at the end."""
+    """mime_stream listener that builds the (capped) structure record; `structure` is set at the end."""
 
     def __init__(self) -> None:
         self.structure: dict | None = None
-        self._records: dict[int, dict] = {}
+        self._records: dict[int, dict] = {}   # id(part) -> record of each recorded part still open
+        self._opaque: set[int] = set()        # id(part) of recorded parts whose children are not
+        self._tails: dict[int, dict] = {}     # id(multipart) -> the opaque part covering its rest
+        self._budget = _Budget()
 
     def part_start(self, part) -> None:
-        record = {"type": part.content_type, "subtype": part.subtype, "hs": part.header_start,
-                  "bs": part.body_start}
-        if part.params:  # as written (IMAP servers keep the case of parameter names)
-            params = split_params(part.header("content-type"), lower=False)[1]
-            record["params"] = {k: v[:_MAX_VALUE] for k, v in params.items()}
-        seen = set()
-        for name, value in part.headers:
-            lower = name.lower()
-            key = _PART_FIELDS.get(lower)
-            if key is not None and key not in seen:
-                seen.add(key)
-                record[key] = value.strip()[:_MAX_VALUE]
-            elif lower == "content-disposition" and "disposition" not in seen:
-                seen.add("disposition")
-                value, params = split_params(value, lower=False)
-                record["disposition"] = [value[:_MAX_VALUE], params]
-        if part.is_message:
-            fields = {}
-            for name, value in part.headers:
-                lower = name.lower()
-                if lower in ENVELOPE_FIELDS and lower not in fields:
-                    fields[lower] = value.strip()[:_MAX_VALUE]
-            record["envelope"] = fields
-        if part.kind == "multipart":
-            record["parts"] = []
-        parent = self._records.get(id(part.parent)) if part.parent is not None else None
+        parent = None
+        if part.parent is not None:
+            parent = self._records.get(id(part.parent))
+            if parent is None or id(part.parent) in self._opaque:
+                return   # inside a part that is described as a whole
+        if part.depth > STRUCTURE_MAX_DEPTH:
+            record = _opaque_part(part.header_start, part.body_start)
+            self._opaque.add(id(part))
+        else:
+            record = _trim(_describe(part))
+        if not self._budget.admit(record, always=parent is None):
+            if "parts" in parent and id(part.parent) not in self._tails:
+                tail = _opaque_part(part.header_start, part.header_start, part.header_start)
+                parent["parts"].append(tail)
+                self._tails[id(part.parent)] = tail
+            return
         if parent is None:
             self.structure = record
         elif "parts" in parent:
@@ -67,10 +86,118 @@ class StructureRecorder:
         pass
 
     def part_end(self, part) -> None:
-        record = self._records.pop(id(part))
+        record = self._records.pop(id(part), None)
+        self._tails.pop(id(part), None)
+        if record is None:
+            tail = self._tails.get(id(part.parent)) if part.parent is not None else None
+            if tail is not None:
+                tail["be"] = part.body_end
+            return
         record["be"] = part.body_end
-        if part.lines is not None and (part.content_type == "text" or part.kind == "message"):
+        opaque = id(part) in self._opaque
+        self._opaque.discard(id(part))
+        if part.lines is not None and (part.content_type == "text" or part.kind == "message") and not opaque:
             record["lines"] = part.lines
+
+
+def _describe(part) -> dict:
+    record = {"type": part.content_type, "subtype": part.subtype, "hs": part.header_start, "bs": part.body_start}
+    if part.params:  # as written (IMAP servers keep the case of parameter names)
+        record["params"] = split_params(part.header("content-type"), lower=False)[1]
+    seen = set()
+    for name, value in part.headers:
+        lower = name.lower()
+        key = _PART_FIELDS.get(lower)
+        if key is not None and key not in seen:
+            seen.add(key)
+            record[key] = value.strip()
+        elif lower == "content-disposition" and "disposition" not in seen:
+            seen.add("disposition")
+            record["disposition"] = list(split_params(value, lower=False))
+    if part.is_message:
+        fields = {}
+        for name, value in part.headers:
+            lower = name.lower()
+            if lower in ENVELOPE_FIELDS and lower not in fields:
+                fields[lower] = value.strip()
+        record["envelope"] = fields
+    if part.kind == "multipart":
+        record["parts"] = []
+    return record
+
+
+def _opaque_part(header_start: int, body_start: int, body_end: int | None = None) -> dict:
+    record = {"type": "application", "subtype": "octet-stream", "hs": header_start, "bs": body_start}
+    if body_end is not None:
+        record["be"] = body_end
+    return record
+
+
+def _trim(record: dict) -> dict:
+    """The record's own fields (not its children) within the per-value and per-part caps."""
+    out = {}
+    for key, value in record.items():
+        if key in _CHILDREN:
+            continue
+        if isinstance(value, str):
+            value = value[:STRUCTURE_MAX_VALUE]
+        elif key in ("params", "envelope"):
+            value = _trim_params(value)
+        elif key == "disposition":
+            value = [value[0][:STRUCTURE_MAX_VALUE], _trim_params(value[1])]
+        out[key] = value
+    if "parts" in record:
+        out["parts"] = []
+    return out
+
+
+def _trim_params(params: dict) -> dict:
+    kept = list(params.items())[:STRUCTURE_MAX_PARAMS]
+    return {k[:STRUCTURE_MAX_VALUE]: v[:STRUCTURE_MAX_VALUE] for k, v in kept}
+
+
+def _cost(record: dict) -> int:
+    """Characters of the record's own text (names and values)."""
+    return sum(_text_size(value) for key, value in record.items() if key not in _CHILDREN)
+
+
+def _text_size(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(k) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+def capped(structure: dict) -> dict:
+    """The record within the caps, as the recorder would have made it (records made before the caps
+    may exceed them); a record within them comes back equal."""
+    return _cap(structure, 0, _Budget())
+
+
+def _cap(record: dict, depth: int, budget: _Budget) -> dict | None:
+    if depth > STRUCTURE_MAX_DEPTH:
+        out = _opaque_part(record["hs"], record["bs"], record["be"])
+    else:
+        out = _trim(record)
+    if not budget.admit(out, always=depth == 0):
+        return None
+    if depth > STRUCTURE_MAX_DEPTH:
+        return out
+    if "parts" in record:
+        for child in record["parts"]:
+            kept = _cap(child, depth + 1, budget)
+            if kept is None:
+                out["parts"].append(_opaque_part(child["hs"], child["hs"], record["parts"][-1]["be"]))
+                break
+            out["parts"].append(kept)
+    if "message" in record:
+        inner = _cap(record["message"], depth + 1, budget)
+        if inner is not None:
+            out["message"] = inner
+    return out
 
 
 # -- IMAP rendering ------------------------------------------------------------------------------

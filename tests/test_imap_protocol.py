@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.imap_parser import CommandFramer, LiteralRequest, ParseError, fetch_att, sequence_set, tokenize
-from relay.imap_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
-                                 LoadRequest, MailboxRequest, Message, SendBytes, SendFile, Snapshot, StartTls,
-                                 StoreFlags)
+from relay.imap_protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest,
+                                 ImapConnection, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest,
+                                 SendBytes, SendFile, Snapshot, StartTls, StoreFlags)
+from relay.imap_scan import header_contains, sent_date
 import pytest
 
 
@@ -51,6 +52,8 @@ def run(data_chunks, *, tls=False, plaintext=True, site="site"):
         if ev is NEED_DATA:
             core.receive_data(chunks.pop(0) if chunks else b"")
             continue
+        if ev is YIELD:
+            continue
         events.append(ev)
         if isinstance(ev, SendBytes):
             out.append(ev.data)
@@ -64,8 +67,13 @@ def run(data_chunks, *, tls=False, plaintext=True, site="site"):
             for m in ev.messages:
                 m.structure = {} if ev.structure else None
                 m.header = HEADER if ev.header else None
-                m.part_headers = {p: b"Subject: inner\r\nX-A: 1\r\n\r\n" for p in ev.part_headers}
             core.resume(None)
+        elif isinstance(ev, PartHeaderRequest):
+            core.resume(b"Subject: inner\r\nX-A: 1\r\n\r\n")
+        elif isinstance(ev, ScanRequest):
+            for m in ev.messages:
+                m.probes = {p: scan_probe(p) for p in ev.probes}
+            core.resume(True)
         elif isinstance(ev, StoreFlags):
             for m in box:
                 if m.uid in ev.uids:
@@ -79,6 +87,18 @@ def run(data_chunks, *, tls=False, plaintext=True, site="site"):
         elif isinstance(ev, CloseConnection):
             pass
     return b"".join(out), events
+
+
+def scan_probe(probe):
+    """What relay/imap_scan.py answers for a message of HEADER and body BODY_TEXT."""
+    if probe[0] == "H":
+        return header_contains(HEADER, probe[1], probe[2])
+    if probe[0] == "D":
+        return sent_date(HEADER)
+    return probe[1] in (BODY_TEXT if probe[0] == "B" else HEADER + BODY_TEXT).lower()
+
+
+BODY_TEXT = b"Body Text\r\n"
 
 
 def test_login_select_fetch_wire_bytes():
@@ -121,7 +141,9 @@ def test_header_fields_of_the_message_and_of_a_part():
     assert b"* 1 FETCH (BODY[1.HEADER.FIELDS (SUBJECT)] {18}\r\nSubject: inner\r\n\r\n " \
            b"BODY[HEADER.FIELDS.NOT (SUBJECT)] {13}\r\nFrom: a@b\r\n\r\n)\r\nc OK" in wire
     load = next(e for e in events if isinstance(e, LoadRequest))
-    assert (load.structure, load.header, load.part_headers) == (True, True, frozenset({"1"}))
+    assert (load.structure, load.header) == (True, True)
+    part = next(e for e in events if isinstance(e, PartHeaderRequest))
+    assert part.part == "1" and part.message.uid == 3
     assert not any(isinstance(e, StoreFlags) for e in events)   # EXAMINE: no \Seen
 
 
@@ -137,7 +159,7 @@ def test_store_search_expunge():
 
 def test_bad_input_gets_bad_replies():
     wire, _ = run([b"\r\nfoo\r\na FROB\r\nb FETCH 1 BODY[\r\nb2 FETCH 1 FLAGS\r\nc SELECT INBOX\r\nd LOGIN \"x\r\n"
-                   b"e AUTHENTICATE PLAIN !!!\r\n" + b"f NOOP " + b"x" * 70000 + b"\r\ng NOOP\r\n"])
+                   b"e AUTHENTICATE PLAIN !!!\r\n" + b"f NOOP " + b"x" * 9000 + b"\r\ng NOOP\r\n"])
     assert b"* BAD expected: tag command [arguments]\r\n" in wire
     assert b"foo BAD expected: tag command" in wire
     assert b"a BAD unknown command\r\n" in wire
@@ -146,8 +168,16 @@ def test_bad_input_gets_bad_replies():
     assert b"c BAD SELECT not allowed in the not authenticated state\r\n" in wire
     assert b"d BAD unterminated quoted string\r\n" in wire
     assert b"e BAD malformed PLAIN response\r\n" in wire
-    assert b"f BAD command line too long\r\n" in wire
+    assert b"f BAD command line too long (at most 8192 octets with its literals before login)\r\n" in wire
     assert b"g OK NOOP completed\r\n" in wire
+    # after login the limit is 64 KB
+    wire, _ = run([b"a LOGIN site pw\r\n", b"f NOOP " + b"x" * 9000 + b"\r\n", b"g NOOP " + b"x" * 70000 + b"\r\n",
+                   b"h NOOP\r\n"])
+    assert b"f OK NOOP" in wire and b"g BAD command line too long (at most 65536 octets with its literals)\r\n" in wire
+    assert b"h OK NOOP" in wire
+    # before login, more than 24 KB of input at once ends the connection
+    wire, _ = run([b"a NOOP\r\n" * 4000])
+    assert wire.endswith(b"* BYE too much input\r\n")
 
 
 def test_plaintext_refused_and_authenticate_plain():
@@ -255,11 +285,11 @@ def test_parser_units():
     for bad in ("BODY[0]", "BODY[MIME]", "BODY[1.FOO]", "BODY[HEADER.FIELDS]", "BOD", "BODY[]<1>"):
         with pytest.raises(ParseError):
             fetch_att(tokenize_one(bad))
-    framer = CommandFramer()
+    framer = CommandFramer(64 * 1024, 256 * 1024)
     framer.feed(b"t APPEND INBOX {999999}\r\n")
     assert framer.next_item().__class__.__name__ == "TooLong"
     framer.feed(b"u LOGIN {1}\r\n")
-    assert framer.next_item() == LiteralRequest("u", 1)
+    assert framer.next_item() == LiteralRequest("u", 1, "LOGIN")
 
 
 def tokenize_one(text: str):
