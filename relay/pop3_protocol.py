@@ -44,6 +44,13 @@ __all__ = [
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
 
+# Limits on what one client can make a connection hold (docs/limits.md). Past MAX_LINE a line gets
+# "-ERR line too long" and is skipped without being buffered; past the buffered limit (complete
+# lines received but not answered yet: pipelining) "-ERR too much pipelined input" and close.
+MAX_LINE = 1024                      # octets of a command or SASL line, CRLF included (RFC 2449: 255)
+PRE_LOGIN_MAX_BUFFERED = 4 * 1024    # unanswered lines before login (CAPA, USER, PASS need < 1 KB)
+MAX_BUFFERED = 128 * 1024            # after login
+
 
 class Pop3ProtocolError(Exception):
     """The adapter used the core wrongly.  Never raised because of client input."""
@@ -172,8 +179,9 @@ _HOST = re.compile(r"[\x21-\x7e]{1,255}")
 
 class Pop3Connection:
     def __init__(self, *, greeting_host: str, stls_available: bool, plaintext_login_allowed: bool,
-                 max_line_length: int = 1024, max_failed_logins: int = 3,
-                 max_buffered_bytes: int = 128 * 1024) -> None:
+                 max_line_length: int = MAX_LINE, max_failed_logins: int = 3,
+                 max_buffered_bytes: int = MAX_BUFFERED,
+                 max_buffered_before_login: int = PRE_LOGIN_MAX_BUFFERED) -> None:
         if not _HOST.fullmatch(greeting_host):
             raise ValueError("greeting_host must be printable ASCII without spaces")
         if max_line_length < 64 or max_failed_logins < 1 or max_buffered_bytes < max_line_length:
@@ -183,7 +191,9 @@ class Pop3Connection:
         self._plaintext_ok = plaintext_login_allowed
         self._max_line = max_line_length          # including CRLF
         self._max_failed = max_failed_logins
-        self._max_buffered = max_buffered_bytes   # complete lines queued, not yet answered
+        self._max_buffered_after_login = max_buffered_bytes
+        self._max_buffered = min(max_buffered_bytes, max(max_line_length, max_buffered_before_login))
+        # complete lines queued, not yet answered (the lower limit until login)
         self._state = State.AUTHORIZATION
         self._tls_active = False
         self._failed = 0
@@ -444,6 +454,7 @@ class Pop3Connection:
             if len({e.uid for e in entries}) != len(entries):
                 raise Pop3ProtocolError("duplicate UIDs in maildrop")
             self._maildrop, self._deleted = entries, set()
+            self._max_buffered = self._max_buffered_after_login
             reply, outcome = "+OK " + self._summary(), "ok"
         else:
             self._failed += 1

@@ -3,6 +3,7 @@
 # reported while it lasts; stall lines are rate-limited; a real hub exports the histogram.
 import asyncio
 import logging
+import re
 import time
 import urllib.request
 
@@ -33,7 +34,7 @@ async def run_with_monitor(monitor: LoopMonitor, *blocks: float) -> None:
         await asyncio.sleep(0.3)
         for seconds in blocks:
             asyncio.get_running_loop().call_soon(deliberately_blocking, seconds)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(seconds + 0.2)
     finally:
         monitor.stop()
 
@@ -54,6 +55,32 @@ def test_a_blocking_call_is_logged_with_its_function_and_measured(caplog):
     assert new_count > count + 2          # ticks measured all along
     assert new_count - new_fast >= count - fast + 1   # at least one sample over 0.25 s
     assert metrics.REGISTRY.get_sample_value("mailhub_event_loop_stalls_total") >= stalls + 1
+
+
+def regex_in_c() -> None:
+    """Catastrophic backtracking: about a second in C code that holds the GIL throughout (no Python
+    thread, the watchdog included, can run meanwhile)."""
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        re.fullmatch("(a*)*b", "a" * 20)
+
+
+async def run_in_c(monitor: LoopMonitor) -> None:
+    monitor.start()
+    try:
+        await asyncio.sleep(0.3)
+        asyncio.get_running_loop().call_soon(regex_in_c)
+        await asyncio.sleep(0.8)
+    finally:
+        monitor.stop()
+
+
+def test_a_stall_in_c_code_holding_the_gil_is_named(caplog):
+    caplog.set_level(logging.WARNING, "mailhub.loop")
+    asyncio.run(run_in_c(LoopMonitor(threshold=0.2)))
+    lines = [line for line in stall_lines(caplog) if "regex_in_c" in line]
+    assert lines and "fullmatch" in lines[0] and lines[0].index("fullmatch") < lines[0].index("regex_in_c"), \
+        stall_lines(caplog)
 
 
 def test_a_hang_is_reported_while_it_lasts(caplog, monkeypatch):
