@@ -184,6 +184,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("smtp", "max_line_length"): Option(_int(512), 2048),
     ("smtp", "idle_timeout"): Option(_number, 300),
     ("smtp", "peer_networks"): Option(_networks, []),
+    ("smtp", "memory_budget"): Option(parse_size, "256M"),
     ("pop3", "listen"): Option(_listen, "127.0.0.1:1110"),
     ("pop3", "pop3s_listen"): Option(_listen, ""),
     ("pop3", "max_connections"): Option(_int(1), 1000),

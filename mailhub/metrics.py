@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -93,6 +93,13 @@ LOOP_LAG = Histogram(
 LOOP_STALLS = Counter(
     "mailhub_event_loop_stalls_total", "Times the event loop was late by log.stall_threshold or more (each "
     "logged with what it was doing, within the log rate).", registry=REGISTRY)
+INTERNAL_ERRORS = Counter(
+    "mailhub_internal_errors_total", "Unexpected errors (bugs) met while serving a client, by protocol; each"
+    " is logged in one line, its traceback at most once a minute.", ["protocol"], registry=REGISTRY)
+SMTP_ABORTED = Counter(
+    "mailhub_smtp_aborted_transactions_total", "Transactions that ended while their data was being received"
+    " or committed, without a reply (client gone, idle timeout, shutdown, RSET between BDAT chunks), by"
+    " reason.", ["reason"], registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
@@ -118,6 +125,14 @@ def smtp_session(outcome: str) -> None:
 
 def smtp_refusal(command: str, reply: str) -> None:
     _labelled(SMTP_REFUSALS, command, reply[:3]).inc()
+
+
+def internal_error(protocol: str) -> None:
+    _labelled(INTERNAL_ERRORS, protocol).inc()
+
+
+def smtp_aborted(reason: str) -> None:
+    _labelled(SMTP_ABORTED, reason).inc()
 
 
 def encryption_refusal(reason: str) -> None:
@@ -324,6 +339,34 @@ REGISTRY.register(THROTTLE)
 
 _REQUEST_TIMEOUT = 10.0
 _MAX_REQUEST = 16 * 1024
+
+
+class MemoryBudgetCollector:
+    """The memory budget of mails in flight (storage.MemoryBudget), read at scrape time."""
+
+    def __init__(self):
+        self.budget = None
+
+    def collect(self):
+        budget = self.budget
+        if budget is None:
+            return
+        yield GaugeMetricFamily("mailhub_ingest_memory_bytes", "Bytes of mails in flight held in memory"
+                                " (queued for the spool files, small mails waiting for their commit).",
+                                value=budget.held)
+        yield GaugeMetricFamily("mailhub_ingest_memory_budget_bytes", "The budget of memory for mails in"
+                                " flight (smtp.memory_budget).", value=budget.limit)
+        yield CounterMetricFamily("mailhub_ingest_memory_spills", "Mails in flight sent to their spool file"
+                                  " early because the memory budget was reached.", value=budget.spills)
+        yield CounterMetricFamily("mailhub_ingest_memory_waits", "Times a session stopped reading its"
+                                  " sender's data until memory was freed (budget reached).", value=budget.waits)
+
+    def describe(self):
+        return []
+
+
+MEMORY_BUDGET = MemoryBudgetCollector()
+REGISTRY.register(MEMORY_BUDGET)
 
 
 class MetricsServer:

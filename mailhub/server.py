@@ -19,7 +19,7 @@ from storage import SiteCache, Storage
 from .control import ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
-from .metrics import MetricsServer
+from .metrics import MEMORY_BUDGET, MetricsServer
 from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")
@@ -46,7 +46,9 @@ async def _listen(name: str, factory, address, ssl_context=None) -> asyncio.base
 
 
 async def serve(cfg) -> None:
-    storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after)
+    storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after,
+                      memory_budget=cfg.smtp.memory_budget)
+    MEMORY_BUDGET.budget = storage.memory_budget
     await storage.open()
     sites = SiteCache(cfg.data_dir)
     keyring = KeyRing(cfg.data_dir)

@@ -6,7 +6,7 @@ import logging
 
 from storage import MessageMeta, Site, Storage, StorageError
 
-from .message_scan import HeaderScanner
+from .message_scan import HeaderScanner, LineLengthCheck
 from .mime_stream import Listeners, MimeStreamParser
 from .mime_structure import StructureRecorder
 
@@ -21,11 +21,12 @@ class UncheckedMessage(StorageError):
 
 
 class IncomingMessage:
-    __slots__ = ("spool", "headers", "mime", "structure", "checked", "size", "max_size", "too_big",
+    __slots__ = ("spool", "headers", "lines", "mime", "structure", "checked", "size", "max_size", "too_big",
                  "too_big_reply", "error")
 
     def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
         self.headers = HeaderScanner()
+        self.lines = LineLengthCheck()   # the data's lines only: the hub's trace header is folded
         # the parser sees the stored bytes (the hub's trace header first): structure offsets are
         # offsets in the blob
         self.structure = StructureRecorder()
@@ -54,7 +55,7 @@ class IncomingMessage:
     def failed(self) -> bool:
         if self.error is None and self.spool is not None and self.spool.error is not None:
             self._fail(self.spool.error)
-        return self.too_big or self.error is not None
+        return self.too_big or self.lines.too_long or self.error is not None
 
     @property
     def backlogged(self) -> bool:
@@ -71,6 +72,10 @@ class IncomingMessage:
             self.headers.feed(data)
         if self.size > self.max_size:
             self.too_big = True
+            self.discard()
+            return
+        self.lines.feed(data)
+        if self.lines.too_long:   # POP3 and IMAP clients could not take it back: refused at the end
             self.discard()
             return
         self._parse(data)

@@ -1,6 +1,6 @@
 # Facts taken from a message while it streams: the header block (Message-ID, the
-# X-TELEMEDICINE-SETID/-SETPART/-SETTOTAL study headers) and whether any line starts with "."
-# (for BDAT input, where no decoder sees the lines). Bounded: only the header block, capped,
+# X-TELEMEDICINE-SETID/-SETPART/-SETTOTAL study headers), whether any line starts with "."
+# (for BDAT input, where no decoder sees the lines) and whether a line is too long for SMTP. Bounded: only the header block, capped,
 # is ever kept; after it the per-chunk cost is one comparison.
 MAX_HEADER_BYTES = 256 * 1024
 _WANTED = (b"message-id", b"x-telemedicine-setid", b"x-telemedicine-setpart", b"x-telemedicine-settotal")
@@ -63,6 +63,40 @@ class DotLineScanner:
         if b"\n." in self._tail + data[:1] or b"\n." in data:
             self.found = True
         self._tail = data[-2:] if len(data) >= 2 else self._tail[-1:] + data
+
+
+MAX_LINE = 1000   # octets of a line with its line end (RFC 5321 4.5.3.1.6: 998 characters + CRLF)
+
+
+class LineLengthCheck:
+    """Tells whether a stream has a line longer than MAX_LINE octets with its line end (LF ends a
+    line; a CR before it is part of the line's MAX_LINE). Hops from line start to the last LF within
+    MAX_LINE octets, so its cost is about one short rfind per KB, whatever the lines."""
+
+    __slots__ = ("too_long", "_line")
+
+    def __init__(self) -> None:
+        self.too_long = False
+        self._line = 0   # octets of the stream's last, unfinished line so far
+
+    def feed(self, data: bytes) -> None:
+        if self.too_long:
+            return
+        rfind = data.rfind
+        end = len(data)
+        pos = 0                # a line starts at pos - carry: its LF must come before that + MAX_LINE
+        carry = self._line
+        while True:
+            limit = pos - carry + MAX_LINE
+            if limit > end:
+                last = rfind(b"\n", pos)
+                self._line = carry + end - pos if last < 0 else end - last - 1
+                return
+            last = rfind(b"\n", pos, limit)
+            if last < 0:
+                self.too_long = True
+                return
+            pos, carry = last + 1, 0
 
 
 def _parse_fields(block: bytes) -> dict[str, str]:

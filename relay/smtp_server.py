@@ -4,7 +4,6 @@
 # Relay control lives in smtp_policy, reply texts in smtp_replies; this module is the I/O glue.
 import asyncio
 import base64
-import binascii
 import collections
 import ipaddress
 import logging
@@ -25,19 +24,20 @@ from storage.events import refusal as refusal_event
 
 from . import smtp_replies as R
 from .ingest import IncomingMessage
+from .internal_errors import report_internal_error
 from .mailbox_session import is_loopback, printable
 from .message_scan import DotLineScanner
 from .outbound_routes import route_for
 from .smtp_pacing import Pacer
 from .smtp_policy import Client, recipient_verdict, sender_verdict
 from .smtp_stream import DataDecoder
+from .smtp_syntax import decode_sasl, parse_bdat, parse_helo, parse_path, parse_size, split_command
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
 _MAX_AUTH_FAILURES = 5
-# <local@domain> with a plain dot-atom local part: the common case, parsed without the email package.
-_SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
+_COUNTED_ERRORS = frozenset(("500", "501", "504", "555"))   # syntax errors, counted by smtp.max_bad_commands
 
 
 class Transaction(Envelope):
@@ -50,7 +50,8 @@ class Transaction(Envelope):
         self.verdicts: dict[int, Verdict] = {}    # the throttle's verdict at RCPT per receiving site
         self.remote: list[str] = []  # recipients to relay to other networks
         self.declared_size: int | None = None
-        self.bdat: IncomingMessage | None = None
+        self.bdat: IncomingMessage | None = None    # the message of an open BDAT series
+        self.receiving: IncomingMessage | None = None   # the message of a DATA being received
         self.bdat_dots: DotLineScanner | None = None
         self.bdat_failed = False
         self.pacer: Pacer | None = None           # reads DATA/BDAT bytes no faster than allowed
@@ -80,9 +81,6 @@ class SmtpContext:
         self.shutting_down = False
         relay = cfg.relay
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
-        # aiosmtpd reads its budget of unrecognised commands per connection from this module global.
-        aiosmtpd.smtp.BOGUS_LIMIT = cfg.smtp.max_bad_commands
-        aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled
 
     def admit(self, conn: "HubSMTP", ip: str) -> str | None:
         limits = self.cfg.smtp
@@ -133,16 +131,16 @@ class HubSMTP(SMTP):
         super().__init__(
             ctx, hostname=cfg.hostname, ident="ESMTP DICOM Mail Hub", tls_context=ctx.tls_context,
             timeout=cfg.smtp.idle_timeout, data_size_limit=cfg.smtp.max_message_size,
-            auth_require_tls=True, command_call_limit=cfg.smtp.max_commands, loop=asyncio.get_running_loop())
+            auth_require_tls=True, loop=asyncio.get_running_loop())
         self.ctx = ctx
-        limit = cfg.smtp.max_line_length
-        self.command_size_limits = collections.defaultdict(lambda: limit)
         self._in_data = False  # reading DATA/BDAT bytes or committing them
         self._held: list[bytes] = []  # replies held back for pipelining
         self._peer_ip = ""
         self._from_peer_network = False
         self._auth_failures = 0
         self._idle_deadline = 0.0   # loop time at which the connection times out (_reset_timeout)
+        self._errors = 0            # syntax errors so far (500/501/504/555 replies)
+        self._closing_why = ""      # why the hub closed the connection, for the log of an aborted transaction
 
     # ---- connection life cycle -------------------------------------------------------------
 
@@ -154,6 +152,7 @@ class HubSMTP(SMTP):
     def _create_envelope(self) -> Transaction:
         old = getattr(self, "envelope", None)
         if old is not None:
+            self._abort(old, "reset")   # RSET, EHLO or STARTTLS between two BDAT chunks
             self.ctx.throttle.release(old)   # sizes reserved at RCPT end with their transaction
         return Transaction()
 
@@ -168,8 +167,31 @@ class HubSMTP(SMTP):
     def connection_lost(self, error) -> None:
         self.ctx.release(self, self._peer_ip)
         if self.envelope is not None:
+            self._abort(self.envelope, self._closing_why or ("connection lost" if error else "client closed"))
             self.ctx.throttle.release(self.envelope)
         super().connection_lost(error)
+
+    def eof_received(self):
+        """The client closed its side: the commands it sent before still run (aiosmtpd dropped
+        them, cancelling the session at once); the session ends when the reader reaches the end."""
+        self._closing_why = self._closing_why or "client closed"
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def _abort(self, tx: Transaction, why: str) -> None:
+        """A transaction whose data was being received (or committed) ends without a reply: its
+        message is dropped, and the log gets one line (the first caller's reason)."""
+        message = tx.receiving or tx.bdat
+        if message is None:
+            return
+        tx.receiving = tx.bdat = None
+        committing = message.spool is not None and message.spool.handed_over
+        message.discard()   # (not once handed to the index writer: that commit runs to its end)
+        metrics.smtp_aborted(why)
+        site = self._site
+        log.info("qid=%s site=%s from=<%s> rcpts=%s received=%d outcome=%s reason=%r", message.queue_id,
+                 site.name if site else "-", printable(tx.mail_from or ""),
+                 ",".join(printable(r) for r in tx.rcpt_tos), message.size,
+                 "unanswered (being committed: stored unless the commit fails)" if committing else "aborted", why)
 
     async def _handle_client(self) -> None:
         refusal = self.ctx.admit(self, self._peer_ip)
@@ -178,7 +200,75 @@ class HubSMTP(SMTP):
         if refusal is not None:
             self.close_now(refusal)
             return
-        await super()._handle_client()
+        try:
+            await self.push(f"220 {self.hostname} {self.__ident__}")
+            await self._serve_commands()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass   # the client is gone (a transaction it left was logged by _abort)
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _serve_commands(self) -> None:
+        """Read command lines and run them until the connection closes. Every malformed line gets its
+        500/501 reply; smtp.max_bad_commands of them close the connection (421)."""
+        limits = self.ctx.cfg.smtp
+        calls: collections.Counter = collections.Counter()
+        while not self.transport.is_closing():
+            line = await self._read_line()
+            if line is None or len(line) > limits.max_line_length:
+                parsed = R.LINE_TOO_LONG
+            else:
+                parsed = split_command(line)
+            if not isinstance(parsed, str):
+                verb, arg = parsed
+                method = self._smtp_methods.get(verb)
+                if method is None:
+                    parsed = R.UNKNOWN_COMMAND
+                elif calls[verb] >= limits.max_commands:
+                    log.warning("%s: %s sent too many times", self._peer_ip, verb)
+                    self.close_now(f"421 4.7.0 {verb} sent too many times")
+                    return
+            if isinstance(parsed, str):
+                await self.push(parsed)
+            else:
+                calls[verb] += 1
+                self._reset_timeout()
+                try:
+                    await method(arg)
+                except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:   # a bug: one log line, the session carries on
+                    self._report(exc)
+                    await self.push(R.INTERNAL_ERROR)
+            if self._errors >= limits.max_bad_commands:
+                log.info("%s: too many errors (%d), closing", self._peer_ip, self._errors)
+                self.close_now(R.TOO_MANY_ERRORS)
+                return
+
+    async def _read_line(self) -> bytes | None:
+        """The next line without its CRLF (or bare LF); None for a line longer than the reader's
+        buffer, which is read and thrown away up to its end (never held whole)."""
+        reader = self._reader
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+            while True:
+                await reader.read(consumed)
+                try:
+                    await reader.readuntil(b"\n")
+                    return None
+                except asyncio.LimitOverrunError as more:
+                    consumed = more.consumed
+        return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+
+    def _report(self, error: Exception) -> None:
+        tx = self.envelope
+        message = tx.receiving or tx.bdat if tx is not None else None
+        site = self._site
+        report_internal_error(log, "smtp", error, f"peer={self._peer_ip} site={site.name if site else '-'}"
+                                                  f" qid={message.queue_id if message else '-'}")
 
     async def reply_pipelined(self, status: str) -> None:
         """Reply, but hold it back while the client's next complete command is already buffered:
@@ -189,22 +279,23 @@ class HubSMTP(SMTP):
 
     async def push(self, status) -> None:
         if isinstance(status, str):
+            if status[:3] in _COUNTED_ERRORS:
+                self._errors += 1
             status = _with_enhanced_code(status)
             if not status.isprintable():   # a reply echoing the client's control bytes (or a multi-line one)
                 status = _CONTROL_CHARS.sub("?", status)
-        if self._held:
-            self._held.append(status.encode() if isinstance(status, str) else status)
-            await self._flush_held(terminate=True)
-        else:
-            await super().push(status)
+            status = status.encode("ascii", "replace")
+        self._held.append(status + b"\r\n")
+        await self._flush_held()
 
-    async def _flush_held(self, terminate: bool = False) -> None:
-        data = b"".join(self._held) + (b"\r\n" if terminate else b"")
+    async def _flush_held(self) -> None:
+        data = b"".join(self._held)
         self._held.clear()
         self._writer.write(data)
         await self._writer.drain()
 
     def close_now(self, reply: str) -> None:
+        self._closing_why = self._closing_why or ("shutdown" if reply == R.SHUTTING_DOWN else reply[:9])
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self._held) + reply.encode() + b"\r\n")
             self._held.clear()
@@ -228,20 +319,29 @@ class HubSMTP(SMTP):
             self._timeout_handle = self.loop.call_at(self._idle_deadline, self._check_idle)
 
     def _timeout_cb(self):
+        self._closing_why = self._closing_why or "idle timeout"
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(R.TIMEOUT.encode() + b"\r\n")
         super()._timeout_cb()
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.exception("%s: internal error", self._peer_ip)
-        return R.INTERNAL_ERROR
-
     # ---- EHLO / STARTTLS / AUTH --------------------------------------------------------------
 
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, arg: str | None):
+        hostname = parse_helo(arg)
+        if hostname is None:
+            await self.push(R.HELO_SYNTAX)
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self.push(f"250 {self.hostname}")
+
     @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str):
-        if not hostname:
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
+    async def smtp_EHLO(self, arg: str | None):
+        hostname = parse_helo(arg)
+        if hostname is None:
+            await self.push(R.EHLO_SYNTAX)
             return
         self._set_rset_state()
         self.session.extended_smtp = True
@@ -254,6 +354,26 @@ class HubSMTP(SMTP):
             lines.append("250-AUTH PLAIN LOGIN")
         lines.append("250 HELP")
         await self.push("\r\n".join(lines))
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None):
+        if arg is None:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    @syntax("EXPN <list>")
+    async def smtp_EXPN(self, arg: str | None):
+        await self.push("502 5.5.1 EXPN not available")
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str | None):
+        if arg is not None:
+            await self.push("501 5.5.4 Syntax: QUIT")
+            return
+        self._closing_why = "quit"
+        await self.push(R.BYE)
+        self.transport.close()
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str):
@@ -285,32 +405,71 @@ class HubSMTP(SMTP):
 
     @syntax("AUTH <mechanism> [<initial response>]")
     async def smtp_AUTH(self, arg: str) -> None:
+        if not self.session.extended_smtp:
+            await self.push(R.AUTH_NEEDS_EHLO)
+            return
+        if self._auth_require_tls and not self._tls_protocol:
+            await self.push(R.AUTH_NEEDS_TLS)
+            return
         if self.session.authenticated:
             await self.push(R.AUTH_ALREADY)
             return
         if self.envelope.mail_from is not None:
             await self.push(R.BAD_SEQUENCE)
             return
-        await super().smtp_AUTH(arg)
+        words = arg.split(" ") if arg else []
+        if not 1 <= len(words) <= 2:
+            await self.push(R.AUTH_SYNTAX)
+            return
+        mechanism = words[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            await self.push(R.AUTH_UNKNOWN_MECHANISM)
+            return
+        initial = None
+        if len(words) == 2:
+            initial = decode_sasl(words[1])
+            if initial is None:
+                await self.push(R.AUTH_BAD_BASE64)
+        if len(words) == 1 or initial is not None:
+            if mechanism == "PLAIN":
+                result = await self._auth_plain(initial)
+            else:
+                result = await self._auth_login(initial)
+            if result.success:
+                self.session.authenticated = True
+                self.session.auth_data = result.auth_data
+                await self.push(R.AUTH_OK)
+            elif not result.handled:
+                await self.push(result.message or R.AUTH_FAILED)
         if not self.session.authenticated and arg and arg.split()[0].upper() in ("PLAIN", "LOGIN"):
             self._auth_failures += 1
             if self._auth_failures >= _MAX_AUTH_FAILURES:
                 self.close_now(R.TOO_MANY_AUTH_FAILURES)
 
-    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
-        if len(args) == 1:
+    async def challenge_auth(self, challenge: str) -> bytes | None:
+        """Send a 334 challenge and read the client's response: its bytes, or None once the
+        exchange failed and was answered (cancelled with "*", not base64, too long)."""
+        await self.push(b"334 " + base64.b64encode(challenge.encode()))
+        line = await self._read_line()
+        if line is None or len(line) > self.ctx.cfg.smtp.max_line_length:
+            await self.push(R.LINE_TOO_LONG)
+            return None
+        if line.strip(b" ") == b"*":
+            await self.push(R.AUTH_CANCELLED)
+            return None
+        blob = decode_sasl(line.strip(b" "))
+        if blob is None:
+            await self.push(R.AUTH_BAD_BASE64)
+        return blob
+
+    async def _auth_plain(self, blob: bytes | None) -> AuthResult:
+        if blob is None:
             blob = await self.challenge_auth("")
-            if blob is None or not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
-                await self.push("501 5.5.2 Cannot decode base64")
+            if blob is None:
                 return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
-            await self.push("501 5.5.2 Malformed PLAIN response")
+            await self.push(R.AUTH_MALFORMED)
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
         if authzid and authzid != login:   # RFC 4616: a site may act only as itself
@@ -318,19 +477,13 @@ class HubSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return await self._check_login(login, password)
 
-    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
-        if len(args) == 1:
+    async def _auth_login(self, login: bytes | None) -> AuthResult:
+        if login is None:
             login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-        else:
-            try:
-                login = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
-                await self.push("501 5.5.2 Cannot decode base64")
+            if login is None:
                 return AuthResult(success=False, handled=True)
-        if not isinstance(login, bytes):
-            return AuthResult(success=False, handled=True)
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if not isinstance(password, bytes):
+        if password is None:
             return AuthResult(success=False, handled=True)
         return await self._check_login(login, password)
 
@@ -369,13 +522,13 @@ class HubSMTP(SMTP):
         size = None
         for name, value in params.items():
             if name == "SIZE":
-                if not value.isdigit():
-                    await self.push(R.BAD_ARGUMENTS)
+                size = parse_size(value)
+                if size is None:
+                    await self.push(R.BAD_SIZE)
                     return
-                size = int(value)
             elif name == "BODY":
-                if value not in ("7BIT", "8BITMIME"):
-                    await self.push(R.BAD_ARGUMENTS)
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    await self.push(R.BAD_BODY)
                     return
             elif name != "AUTH":  # RFC 4954 AUTH=<mailbox> is informational
                 await self.push(R.UNKNOWN_PARAMETER)
@@ -400,9 +553,6 @@ class HubSMTP(SMTP):
         address, params = parsed
         if params:
             await self.push(R.UNKNOWN_PARAMETER)
-            return
-        if not address:
-            await self.push(R.BAD_ADDRESS)
             return
         if len(self.envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
             await self._refuse("rcpt", R.TOO_MANY_RECIPIENTS, self.envelope.mail_from, address)
@@ -490,33 +640,11 @@ class HubSMTP(SMTP):
         if sequence_error is not None:
             await self.push(sequence_error)
             return None
-        parsed = self._parse_path(arg, keyword)
+        parsed = parse_path(arg, keyword, null_allowed=keyword == "FROM:")
         if isinstance(parsed, str):
             await self.push(parsed)
             return None
         return parsed
-
-    def _parse_path(self, arg: str | None, keyword: str):
-        """(address, {PARAM: value}) or a reply string for a syntax error."""
-        if arg is None or not arg[:len(keyword)].upper() == keyword:
-            return f"501 5.5.4 Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>"
-        rest = arg[len(keyword):].strip()
-        simple = _SIMPLE_PATH.match(rest)
-        if simple:
-            address, tail = simple.group(1), simple.group(2)
-        elif rest.startswith("<>"):
-            address, tail = "", rest[2:]
-        else:
-            address, tail = self._getaddr(rest)
-            if address is None:
-                return R.BAD_ADDRESS
-        params = {}
-        for word in (tail or "").split():
-            name, _, value = word.partition("=")
-            if not name.isalnum():
-                return R.BAD_ARGUMENTS
-            params[name.upper()] = value.upper() if name.upper() in ("SIZE", "BODY") else value
-        return address, params
 
     # ---- DATA / BDAT -------------------------------------------------------------------------
 
@@ -534,49 +662,51 @@ class HubSMTP(SMTP):
             await self.push(R.NEED_RCPT if self.envelope.mail_from is not None else R.NEED_MAIL)
             return
         self._in_data = True
-        message = self._new_message()
+        tx = self.envelope
+        message = tx.receiving = self._new_message()
         try:
             await self.push(R.START_DATA)
             decoder = DataDecoder()
             reader = self._reader
-            pacer = self.envelope.pacer = Pacer(self.ctx.throttle, self.envelope.receivers)
+            pacer = tx.pacer = Pacer(self.ctx.throttle, tx.receivers)
             while not decoder.done:
                 chunk = await reader.read(CHUNK)
                 if not chunk:
                     raise ConnectionResetError("connection closed during DATA")
                 self._reset_timeout()
+                size = len(chunk)
                 message.write(decoder.feed(chunk))
+                del chunk   # the spool holds (and counts) what it keeps: a stalled sender pins nothing more
                 if message.backlogged:
                     await message.room()
-                await pacer.after_read(len(chunk))
+                await pacer.after_read(size)
             if decoder.leftover:
                 reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
             reply = await self._finish(message, decoder.dot_lines)
-        except BaseException:
-            message.discard()
+            tx.receiving = None
+        except BaseException as exc:
+            self._abort(tx, self._closing_why or _why(exc))
             raise
         finally:
             self._in_data = False
         await self._reply_after_transaction(reply)
 
     @syntax("BDAT <size> [LAST]")
-    async def smtp_BDAT(self, arg: str) -> None:
-        words = (arg or "").split()
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        size, last = parse_bdat(arg)
         tx = self.envelope
-        if not words or not words[0].isdigit() or len(words) > 2 or (
-                len(words) == 2 and words[1].upper() != "LAST"):
-            if words and words[0].isdigit():   # the size is known: its chunk is skipped, and a message
-                self._in_data = True           # being received lost it, so its transaction fails
+        if last is None:
+            if size is not None:   # the size is known: its chunk is skipped, and a message
+                self._in_data = True   # being received lost it, so its transaction fails
                 try:
-                    await self._read_chunk(int(words[0]), None, None, None)
+                    await self._read_chunk(size, None, None, None)
                 finally:
                     self._in_data = False
-                if tx.bdat is not None:
-                    tx.bdat.discard()
-                    tx.bdat, tx.bdat_failed = None, True
-            await self.push("501 5.5.4 Syntax: BDAT size [LAST]")
+            if tx.bdat is not None:
+                tx.bdat.discard()
+                tx.bdat, tx.bdat_failed = None, True
+            await self.push(R.BDAT_SYNTAX)
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
-        size, last = int(words[0]), len(words) == 2
         usable = bool(self.session.host_name and tx.has_recipients and not tx.bdat_failed)
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
@@ -592,9 +722,8 @@ class HubSMTP(SMTP):
                 tx.bdat, tx.bdat_failed = None, reply[0] != "2"
             else:
                 reply = R.chunk_received(size)
-        except BaseException:
-            if tx.bdat is not None:
-                tx.bdat.discard()
+        except BaseException as exc:
+            self._abort(tx, self._closing_why or _why(exc))
             raise
         finally:
             self._in_data = False
@@ -617,13 +746,16 @@ class HubSMTP(SMTP):
             if not chunk:
                 raise ConnectionResetError("connection closed during BDAT")
             self._reset_timeout()
-            remaining -= len(chunk)
+            size = len(chunk)
+            remaining -= size
             if message is not None:
                 message.write(chunk)
                 dots.feed(chunk)
+            del chunk   # as in DATA: nothing pinned while waiting for the next bytes
+            if message is not None:
                 if message.backlogged:
                     await message.room()
-                await pacer.after_read(len(chunk))
+                await pacer.after_read(size)
 
     def _new_message(self) -> IncomingMessage:
         """A message to receive, stopped (and drained) at the size limit or the receivers' room,
@@ -666,6 +798,8 @@ class HubSMTP(SMTP):
         message.end_of_data()
         if message.failed and message.too_big:
             reply = message.too_big_reply
+        elif message.lines.too_long:
+            reply = R.LINE_TOO_LONG_IN_DATA
         elif message.error is not None:
             reply = message.error.reply
         elif tx.policy is not None and tx.policy.reply is not None:
@@ -745,22 +879,6 @@ class HubSMTP(SMTP):
             self.close_now(R.SHUTTING_DOWN)
 
 
-_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
-
-
-_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-def _sanitized_log_if_enabled(func, msg, *args, **kwargs) -> None:
-    """aiosmtpd logs every command line (debug and info) through this helper, which masks AUTH
-    secrets with a regex before the logger looks at its level; ask the level first."""
-    logger = getattr(func, "__self__", None)
-    level = _LOG_LEVELS.get(getattr(func, "__name__", None))
-    if logger is not None and level is not None and not logger.isEnabledFor(level):
-        return
-    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
-
-
 # aiosmtpd's own replies lack RFC 3463 codes; ENHANCEDSTATUSCODES promises them on every reply.
 _DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0",
                      "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
@@ -773,6 +891,15 @@ def _with_enhanced_code(status: str) -> str:
     if code in _DEFAULT_ENHANCED and "\r\n" not in status and not _HAS_ENHANCED.match(status):
         return f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}".rstrip()
     return status
+
+
+def _why(error: BaseException) -> str:
+    """Why a transaction ended without a reply, when the hub did not close the connection itself."""
+    if isinstance(error, asyncio.CancelledError):
+        return "client closed"   # aiosmtpd cancels the session's task at EOF and at connection loss
+    if isinstance(error, (ConnectionError, asyncio.IncompleteReadError)):
+        return "client closed"
+    return type(error).__name__
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")   # all but CR and LF

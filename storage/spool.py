@@ -5,7 +5,9 @@
 # final fsync, which the client waits for, has only the tail left to flush.
 # A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the index
 # writer process, which hashes it and appends a batch of them to a pack file (storage/packs.py).
-# Memory per message is bounded by MAX_QUEUED; never holds a whole message.
+# Memory per message is bounded by MAX_QUEUED, and memory of all messages in flight by one
+# MemoryBudget (storage/memory_budget.py): past it, messages held in memory are written out early
+# and receivers wait. Never holds a whole message (but a small one).
 import asyncio
 import hashlib
 import itertools
@@ -14,6 +16,7 @@ import time
 from concurrent.futures import Executor
 
 from .errors import StorageError
+from .memory_budget import MemoryBudget
 from .files import fsync_dir, rename_into, start_writeback, storage_error, unlink_quietly, write_all
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
@@ -43,9 +46,10 @@ class SpoolFile:
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
     __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
-                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from")
+                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from",
+                 "_budget", "_held")
 
-    def __init__(self, spool_dir: str, queue_id: str, executor: Executor):
+    def __init__(self, spool_dir: str, queue_id: str, executor: Executor, budget: MemoryBudget):
         self.queue_id = queue_id
         self.path = f"{spool_dir}/{queue_id}.tmp"   # then its blob file's, once synced
         self.size = 0
@@ -62,24 +66,44 @@ class SpoolFile:
         self._digest: str | None = None   # a packed message's SHA-256, from the index writer
         self._written = 0          # bytes written to the file (worker side)
         self._flushing_from = 0    # where the range not yet handed to start_writeback begins
+        self._budget = budget
+        self._held = 0             # bytes counted in the budget (queued, in a write job, or handed over)
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
             return
+        size = len(data)
         self._chunks.append(data)
-        self._queued += len(data)
-        self.size += len(data)
-        if self._job is None and self._queued >= (FLUSH_AT if self._streaming else SMALL_MESSAGE):
+        self._queued += size
+        self.size += size
+        self._held += size
+        self._budget.take(size, self)
+        if self._job is None and (self._queued >= (FLUSH_AT if self._streaming else SMALL_MESSAGE)
+                                  or self._budget.full):
             self._start_job()
 
     @property
     def backlogged(self) -> bool:
-        return self._queued >= MAX_QUEUED and self._job is not None
+        return (self._queued >= MAX_QUEUED and self._job is not None) or self._budget.full
 
     async def room(self) -> None:
-        """Wait until the disk has caught up with what was queued."""
-        while self.backlogged:
+        """Wait until the disk has caught up with what was queued, and memory is under the budget."""
+        while self._queued >= MAX_QUEUED and self._job is not None:
             await self._job_finished()
+        await self._budget.room()
+
+    def spill(self) -> int:
+        """The memory budget is reached: write what is queued now (1 if this was a message held
+        whole in memory, else 0)."""
+        if self._job is not None or not self._queued or self.handed_over or self._discarded:
+            return 0
+        whole = not self._streaming
+        self._start_job()
+        return int(whole)
+
+    def release(self) -> None:
+        """The bytes handed over with take_chunks() are committed (or failed): memory is free."""
+        self._free(self._held)
 
     @property
     def sha256(self) -> str:
@@ -95,9 +119,11 @@ class SpoolFile:
         return not self._streaming and not self.handed_over and self.error is None and not self._discarded
 
     def take_chunks(self) -> list[bytes]:
-        """Hand the whole (small) message over to the pack writer, as received (no copy)."""
+        """Hand the whole (small) message over to the pack writer, as received (no copy); its
+        memory stays counted until release()."""
         chunks, self._chunks, self._queued = self._chunks, [], 0
         self.handed_over = True
+        self._budget.left(self)
         return chunks
 
     async def sync(self, target: str) -> None:
@@ -127,29 +153,42 @@ class SpoolFile:
         if self.handed_over:
             return
         self._discarded = True
+        self._budget.left(self)
+        self._free(self._queued)
         self._chunks, self._queued = [], 0
         if self._job is None:
             self._remove()
+
+    def _free(self, octets: int) -> None:
+        if octets:
+            self._held -= octets
+            self._budget.give(octets)
 
     # ---- worker side ----------------------------------------------------------------------------
 
     def _start_job(self, final: str | None = None) -> None:
         self._streaming = True
-        chunks, self._chunks, self._queued = self._chunks, [], 0
+        chunks, queued, self._chunks, self._queued = self._chunks, self._queued, [], 0
+        self._budget.left(self)
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
                                                                chunks, final)
-        self._job.add_done_callback(self._job_done)
+        self._job.add_done_callback(lambda job: self._job_done(job, queued))
 
-    def _job_done(self, job: asyncio.Future) -> None:
+    def _job_done(self, job: asyncio.Future, written: int) -> None:
         self._job = None
+        self._free(written)
         if not job.cancelled() and job.exception() is not None:
             exc = job.exception()
             self.error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+            self._free(self._queued)
             self._chunks, self._queued = [], 0
         if self._discarded:
             self._remove()
-        elif self._queued >= FLUSH_AT and self.error is None:
-            self._start_job()
+        elif self.error is None and self._queued:
+            if self._queued >= FLUSH_AT or self._budget.full:
+                self._start_job()
+            else:
+                self._budget.keep(self)
 
     def _write_chunks(self, chunks: list[bytes], final: str | None) -> None:
         """Runs in a worker thread, one job per file at a time."""

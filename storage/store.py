@@ -33,6 +33,7 @@ from .records import Delivery, Downloads, MailboxEntry, MessageMeta
 from .packs import punch_hole
 from .files import unlink_quietly
 from .folder_lock import lock_data_folder
+from .memory_budget import MemoryBudget
 from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
 from .writer_process import WriterProcess, out_of_band
@@ -57,7 +58,7 @@ class _Pending:
 
 
 class Storage:
-    def __init__(self, data_dir: Path, release_freed_after: float = 3600):
+    def __init__(self, data_dir: Path, release_freed_after: float = 3600, memory_budget: int = 256 * 1024**2):
         self.data_dir = Path(data_dir).absolute()   # the index writer process gets it as it is
         self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
         self.spool_dir = self.data_dir / "spool"
@@ -77,6 +78,7 @@ class Storage:
         self._listeners: list = []
         self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
         self._folder_lock: int | None = None   # held from open() to close() (storage.folder_lock)
+        self.memory_budget = MemoryBudget(memory_budget)   # bytes of mails in flight held in memory
 
     def add_listener(self, listener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
@@ -121,7 +123,7 @@ class Storage:
             self._folder_lock = None
 
     def new_spool(self) -> SpoolFile:
-        return SpoolFile(self._spool_folder, new_queue_id(), self.executor)
+        return SpoolFile(self._spool_folder, new_queue_id(), self.executor, self.memory_budget)
 
     async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery],
                      mark: tuple[str, int] | None = None, remote: list[str] = (), on_committed=None) -> None:
@@ -135,6 +137,7 @@ class Storage:
         if spool.in_memory:
             item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
                             spool.take_chunks(), on_committed)
+            done.add_done_callback(lambda _: spool.release())   # the batch holding its bytes is over
         else:
             await spool.sync(f"{self._blob_folder}/{blob}")
             spool.handed_over = True

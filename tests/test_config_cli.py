@@ -91,6 +91,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("smtp", "max_line_length"): ("1000", 1000),
         ("smtp", "idle_timeout"): ("60", 60.0),
         ("smtp", "peer_networks"): ("10.0.0.0/8, 2001:db8::/32", [net("10.0.0.0/8"), net("2001:db8::/32")]),
+        ("smtp", "memory_budget"): ("64M", 64 * 1024**2),
         ("pop3", "listen"): ("[::1]:110", ("::1", 110)),
         ("pop3", "pop3s_listen"): ("127.0.0.1:995", ("127.0.0.1", 995)),
         ("pop3", "max_connections"): ("9", 9),

@@ -23,7 +23,11 @@ def used(hub, name: str, limit: str):
 def body(size: int) -> bytes:
     """A message of exactly `size` octets as sent (ending in CRLF, so smtplib adds nothing)."""
     head = b"Subject: quota\r\n\r\n"
-    return head + b"x" * (size - len(head) - 2) + b"\r\n"
+    line = b"x" * 76 + b"\r\n"   # SMTP lines are at most 998 characters
+    full, rest = divmod(size - len(head), len(line))
+    if rest < 2 and full:
+        full, rest = full - 1, rest + len(line)   # the last line needs room for its CRLF
+    return head + line * full + b"x" * (rest - 2) + b"\r\n"
 
 
 def set_limits(hub, name: str, *options: str) -> None:

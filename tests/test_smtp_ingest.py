@@ -342,8 +342,9 @@ def test_help_vrfy_and_plain_authorization_identity(make_hub):
     assert client.command(b"AUTH PLAIN " + token).startswith(b"535 5.7.8")
     token = base64.b64encode(b"alpha\0alpha\0" + PASSWORD.encode())
     assert client.command(b"AUTH PLAIN " + token).startswith(b"235")
-    # control bytes of the client are not echoed back raw
-    assert client.command(b"NO\x00OP\x1b[31m") == b'500 5.5.2 Error: command "NO?OP?[31M" not recognized\r\n'
+    # control bytes of the client are not echoed back (nor anything else of a bad line)
+    assert client.command(b"NO\x00OP\x1b[31m") == b"500 5.5.2 Syntax error, command unrecognized\r\n"
+    assert client.command(b"NOOP \x1b[31m") == b"500 5.5.2 Syntax error: control characters in the command line\r\n"
     client.close()
     client = RawSMTP(hub.smtp_port)
     client.ehlo()
