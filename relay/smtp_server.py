@@ -38,6 +38,8 @@ CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
 _MAX_AUTH_FAILURES = 5
 _COUNTED_ERRORS = frozenset(("500", "501", "504", "555"))   # syntax errors, counted by smtp.max_bad_commands
+_YIELD_EVERY = 16   # commands run between two turns of the event loop: a client pipelining 256 KB of
+                    # NOOPs (40,000 commands, all buffered) would otherwise hold the loop for a second
 
 
 class Transaction(Envelope):
@@ -214,7 +216,11 @@ class HubSMTP(SMTP):
         500/501 reply; smtp.max_bad_commands of them close the connection (421)."""
         limits = self.ctx.cfg.smtp
         calls: collections.Counter = collections.Counter()
+        served = 0
         while not self.transport.is_closing():
+            served += 1
+            if served % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)   # buffered commands do not suspend the reader: let others run
             line = await self._read_line()
             if line is None or len(line) > limits.max_line_length:
                 parsed = R.LINE_TOO_LONG
