@@ -1,8 +1,9 @@
 # Side-by-side SMTP ingest of two versions of the hub (this checkout and a base commit, checked out
 # into a temporary git worktree), in one run on loopback: each round starts each version fresh in
 # an empty folder, in alternating order, and sends one workload for at least --seconds; the table
-# shows every round and the median ratio this/base. For checking that a change to the receive
-# path costs nothing measurable (or what it costs).
+# shows every round and the median ratios this/base of the throughput and of the hub's CPU time
+# per unit (its process and the index writer's: on a shared, loaded machine the CPU time varies far
+# less than the wall time). For checking what a change to the receive path costs.
 #   .venv/bin/python -m bench.ab_ingest --base 8e0198b [--workload 50MB 10KB] [--rounds 4] [--seconds 10]
 import argparse
 import asyncio
@@ -24,7 +25,9 @@ def hub_from(checkout: str, workdir: str):
     """`mailhub serve` run from the source tree `checkout` (its own modules first on the path)."""
     data_dir = os.path.join(workdir, "hub-data")
     port = free_port()
-    env = hub_env(data_dir, port, extra_env={"PYTHONPATH": checkout})
+    # figures of more than the receiver could drain in time: the throttle's admission stays out of it
+    env = hub_env(data_dir, port, extra_env={"PYTHONPATH": checkout, "MAILHUB_THROTTLE_DRAIN_ADMISSION": "false",
+                                             "MAILHUB_THROTTLE_PACING": "false"})
     command = [sys.executable, "-m", "mailhub.cli"]
     for site in (SENDER, RECEIVER):
         subprocess.run(command + ["site", "add", site, "--address", f"{site}@{HUB_DOMAIN}", "--password-stdin"],
@@ -35,7 +38,7 @@ def hub_from(checkout: str, workdir: str):
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_banner(port, proc=proc, timeout=60)
-            yield port
+            yield port, proc.pid
         finally:
             proc.terminate()
             try:
@@ -45,14 +48,32 @@ def hub_from(checkout: str, workdir: str):
                 proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (the index writer), in seconds."""
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(child) for child in f.read().split()]
+    for each in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{each}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def run(checkout: str, workload, mails: int, body: bytes) -> dict:
     _name, _label, size, sessions, _counts, _unit = workload
     workdir = tempfile.mkdtemp(prefix="ab-ingest-")
     try:
-        with hub_from(checkout, workdir) as port:
-            return asyncio.run(blast(LOOPBACK, port, sessions=sessions, mails=mails, size=size, body=body,
-                                     user=SENDER, password=PASSWORD, mail_from=f"{SENDER}@{HUB_DOMAIN}",
-                                     rcpt=f"{RECEIVER}@{HUB_DOMAIN}"))
+        with hub_from(checkout, workdir) as (port, pid):
+            cpu_before = cpu_seconds(pid)
+            result = asyncio.run(blast(LOOPBACK, port, sessions=sessions, mails=mails, size=size, body=body,
+                                       user=SENDER, password=PASSWORD, mail_from=f"{SENDER}@{HUB_DOMAIN}",
+                                       rcpt=f"{RECEIVER}@{HUB_DOMAIN}"))
+            result["cpu"] = cpu_seconds(pid) - cpu_before
+            return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         os.sync()
@@ -76,7 +97,9 @@ def main() -> int:
             key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
             probe = run(sides["this"], workload, 2 * sessions, body)   # calibrate the count for --seconds
             mails = max(2 * sessions, int(probe["mails_per_s"] * args.seconds * 1.2))
+            per_unit = unit.split("/")[0].rstrip("s")   # "MB" or "mail"
             figures = {"this": [], "base": []}
+            cpu = {"this": [], "base": []}   # ms of hub CPU per MB or per mail
             print(f"{label}: {mails} mails per figure, {args.rounds} alternating rounds", flush=True)
             for round_no in range(args.rounds):
                 order = ("this", "base") if round_no % 2 == 0 else ("base", "this")
@@ -84,12 +107,15 @@ def main() -> int:
                     result = run(sides[side], workload, mails, body)
                     assert result["failures"] == 0, result
                     figures[side].append(result[key])
-                    print(f"  round {round_no + 1} {side}: {result[key]} {unit} ({result['seconds']:.1f} s,"
-                          f" load {os.getloadavg()[0]:.1f})", flush=True)
-            ratios = [a / b for a, b in zip(figures["this"], figures["base"])]
-            print(f"{label}: this {statistics.median(figures['this'])} vs base {statistics.median(figures['base'])}"
-                  f" {unit} (medians); ratio per round {', '.join(f'{r:.3f}' for r in ratios)};"
-                  f" median ratio {statistics.median(ratios):.3f}", flush=True)
+                    per = result["bytes"] / 1e6 if unit == "MB/s" else result["mails"]
+                    cpu[side].append(1000 * result["cpu"] / per)
+                    print(f"  round {round_no + 1} {side}: {result[key]} {unit}, hub CPU {cpu[side][-1]:.3f} ms"
+                          f" per {per_unit} ({result['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+            for what, values in (("throughput", figures), (f"CPU per {per_unit}", cpu)):
+                ratios = [a / b for a, b in zip(values["this"], values["base"])]
+                print(f"{label}, {what}: this {statistics.median(values['this']):.3f} vs base"
+                      f" {statistics.median(values['base']):.3f} (medians); this/base per round"
+                      f" {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}", flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", base], cwd=REPO_ROOT, capture_output=True)
     return 0

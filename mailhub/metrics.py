@@ -352,8 +352,12 @@ class MemoryBudgetCollector:
         if budget is None:
             return
         yield GaugeMetricFamily("mailhub_ingest_memory_bytes", "Bytes of mails in flight held in memory"
-                                " (queued for the spool files, small mails waiting for their commit).",
+                                " (read buffers, queued for the spool files, small mails waiting for their"
+                                " commit).",
                                 value=budget.held)
+        yield GaugeMetricFamily("mailhub_ingest_memory_peak_bytes", "The most bytes of mails in flight held in"
+                                " memory at once since the start (the budget may be overshot by one"
+                                " read per session).", value=budget.peak)
         yield GaugeMetricFamily("mailhub_ingest_memory_budget_bytes", "The budget of memory for mails in"
                                 " flight (smtp.memory_budget).", value=budget.limit)
         yield CounterMetricFamily("mailhub_ingest_memory_spills", "Mails in flight sent to their spool file"

@@ -143,6 +143,9 @@ class HubSMTP(SMTP):
         self._idle_deadline = 0.0   # loop time at which the connection times out (_reset_timeout)
         self._errors = 0            # syntax errors so far (500/501/504/555 replies)
         self._closing_why = ""      # why the hub closed the connection, for the log of an aborted transaction
+        self._budget = ctx.storage.memory_budget
+        self._buffered = 0          # bytes of the reader's buffer counted in the memory budget
+        self._reading_paused = False   # the socket is not read until memory is under the budget
 
     # ---- connection life cycle -------------------------------------------------------------
 
@@ -168,10 +171,47 @@ class HubSMTP(SMTP):
 
     def connection_lost(self, error) -> None:
         self.ctx.release(self, self._peer_ip)
+        self._budget.give(self._buffered)
+        self._buffered = 0
         if self.envelope is not None:
             self._abort(self.envelope, self._closing_why or ("connection lost" if error else "client closed"))
             self.ctx.throttle.release(self.envelope)
         super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._count_buffer()
+        if self._in_data and self._budget.full and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True   # mail data waits in the socket until memory is freed
+            self.transport.pause_reading()
+            self._budget.pause(self)
+
+    def resume_reading(self) -> None:
+        """Memory is under the budget again (or the session's data is over): read the socket again,
+        unless the reader holds it paused itself (its buffer is full)."""
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing() and not self._reader._paused:
+                self.transport.resume_reading()
+
+    def _count_buffer(self) -> None:
+        """The bytes waiting in the reader's buffer count in the memory budget (called after every
+        read and every arrival)."""
+        size = len(self._reader._buffer)
+        if size > self._buffered:
+            self._budget.take(size - self._buffered)
+        elif size < self._buffered:
+            self._budget.give(self._buffered - size)
+        self._buffered = size
+
+    def _data_over(self) -> None:
+        self._in_data = False
+        self.resume_reading()   # a pause for memory holds back mail data only
+
+    async def _read(self, size: int) -> bytes:
+        chunk = await self._reader.read(size)
+        self._count_buffer()
+        return chunk
 
     def eof_received(self):
         """The client closed its side: the commands it sent before still run (aiosmtpd dropped
@@ -261,12 +301,14 @@ class HubSMTP(SMTP):
         except asyncio.LimitOverrunError as exc:
             consumed = exc.consumed
             while True:
-                await reader.read(consumed)
+                await self._read(consumed)
                 try:
                     await reader.readuntil(b"\n")
+                    self._count_buffer()
                     return None
                 except asyncio.LimitOverrunError as more:
                     consumed = more.consumed
+        self._count_buffer()
         return line[:-2] if line.endswith(b"\r\n") else line[:-1]
 
     def _report(self, error: Exception) -> None:
@@ -393,6 +435,7 @@ class HubSMTP(SMTP):
             await self.push(R.ALREADY_TLS)
             return
         self._reader._buffer.clear()  # RFC 3207: nothing sent before the handshake may count
+        self._count_buffer()
         await self.push(R.READY_TLS)
         try:
             await self._writer.start_tls(self.tls_context)
@@ -673,10 +716,9 @@ class HubSMTP(SMTP):
         try:
             await self.push(R.START_DATA)
             decoder = DataDecoder()
-            reader = self._reader
             pacer = tx.pacer = Pacer(self.ctx.throttle, tx.receivers)
             while not decoder.done:
-                chunk = await reader.read(CHUNK)
+                chunk = await self._read(CHUNK)
                 if not chunk:
                     raise ConnectionResetError("connection closed during DATA")
                 self._reset_timeout()
@@ -687,14 +729,15 @@ class HubSMTP(SMTP):
                     await message.room()
                 await pacer.after_read(size)
             if decoder.leftover:
-                reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
+                self._reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
+                self._count_buffer()
             reply = await self._finish(message, decoder.dot_lines)
             tx.receiving = None
         except BaseException as exc:
             self._abort(tx, self._closing_why or _why(exc))
             raise
         finally:
-            self._in_data = False
+            self._data_over()
         await self._reply_after_transaction(reply)
 
     @syntax("BDAT <size> [LAST]")
@@ -707,7 +750,7 @@ class HubSMTP(SMTP):
                 try:
                     await self._read_chunk(size, None, None, None)
                 finally:
-                    self._in_data = False
+                    self._data_over()
             if tx.bdat is not None:
                 tx.bdat.discard()
                 tx.bdat, tx.bdat_failed = None, True
@@ -732,7 +775,7 @@ class HubSMTP(SMTP):
             self._abort(tx, self._closing_why or _why(exc))
             raise
         finally:
-            self._in_data = False
+            self._data_over()
         await self._reply_after_transaction(reply, reset=last)
 
     def _bdat_refusal(self) -> str:
@@ -745,10 +788,9 @@ class HubSMTP(SMTP):
 
     async def _read_chunk(self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None,
                           pacer: Pacer | None):
-        reader = self._reader
         remaining = size
         while remaining:
-            chunk = await reader.read(min(remaining, CHUNK))
+            chunk = await self._read(min(remaining, CHUNK))
             if not chunk:
                 raise ConnectionResetError("connection closed during BDAT")
             self._reset_timeout()

@@ -1,18 +1,22 @@
-# The one budget of memory held for mails in flight, shared by every spool file of the process:
-# received bytes queued for the spool writer threads, and small mails kept whole in memory until
-# the index writer has packed them. When the budget is reached, every mail still held in memory goes
-# to its spool file ("spill": the writer threads take its bytes), and receivers stop reading from
-# their senders until memory is freed. After a burst (TRIM_AFTER bytes freed), glibc is asked to
-# give free heap pages back to the system (malloc_trim, in a worker thread): the chunks of received
-# mail are freed in an order that leaves holes which glibc would otherwise keep.
-# Must never block the loop: a receiver waits, the loop does not.
+# The one budget of memory held for mails in flight in the process: received bytes waiting in the
+# SMTP sessions' read buffers, bytes queued for the spool files' writer threads, and small mails kept
+# whole in memory until the index writer has packed them. When the budget is reached, every mail
+# still held in memory goes to its spool file ("spill": the writer threads take its bytes), and the
+# sessions receiving mail data stop reading from their sockets until memory is freed (TCP flow
+# control then slows their senders). A session never waits for the budget with bytes of its own in
+# memory, so memory held always drains: the budget cannot deadlock.
+# After a burst (TRIM_AFTER bytes or more held, then three quarters of it freed), glibc is asked to
+# give free heap pages back to the system (malloc_trim, in a worker thread, about 5 ms for 100 MB):
+# the chunks of received mail are freed in an order that leaves holes which glibc would otherwise
+# keep. A steady flow (a big mail streaming through a few MB) never trims: pages given back would
+# only be faulted in again.
+# Must never block the loop, and never do I/O.
 import asyncio
-import collections
 import ctypes
 import ctypes.util
 
-TRIM_AFTER = 32 * 1024**2   # bytes freed since the last trim that make the next one worthwhile
-TRIM_DELAY = 1.0            # seconds from there to the trim (one trim per burst, not per mail)
+TRIM_AFTER = 32 * 1024**2   # bytes held at once that make a trim worthwhile once they are freed
+TRIM_DELAY = 1.0            # seconds from the end of the burst to the trim
 
 
 class MemoryBudget:
@@ -20,44 +24,40 @@ class MemoryBudget:
         self.limit = limit
         self.held = 0
         self.peak = 0
-        self._holders: dict = {}    # spool files holding bytes in memory outside a write job
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self.spills = 0   # mails sent to their spool files early (counters for the metrics)
-        self.waits = 0    # times a receiver waited for memory
-        self._freed = 0   # bytes freed since the last trim
+        self.waits = 0    # times a session stopped reading until memory was freed
+        self._holders: dict = {}    # spool files holding bytes in memory outside a write job
+        self._paused: dict = {}     # sessions not reading their sockets until memory is freed
+        self._high = 0              # the most held since the last trim
         self._trim: asyncio.Handle | asyncio.Future | None = None
 
     @property
     def full(self) -> bool:
         return self.held >= self.limit
 
-    def take(self, octets: int, holder) -> None:
-        """`holder` (a spool file) now holds `octets` more in memory, outside a write job."""
+    def take(self, octets: int, holder=None) -> None:
+        """`octets` more are held in memory; by `holder` (a spool file, which can spill them)."""
         self.held += octets
-        self._holders[holder] = None
-        if self.held > self.peak:
-            self.peak = self.held
-        if self.held >= self.limit:
+        if holder is not None:
+            self._holders[holder] = None
+        if self.held > self._high:
+            self._high = self.held
+            if self.held > self.peak:
+                self.peak = self.held
+        if self.held >= self.limit and self._holders:
             self.spill()
 
     def give(self, octets: int) -> None:
-        """`octets` were freed (written, dropped, or committed by the index writer)."""
+        """`octets` were freed (written, dropped, read from a buffer, committed)."""
         self.held -= octets
-        while self._waiters and self.held < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-        self._freed += octets
-        if self._freed >= TRIM_AFTER and self._trim is None and _malloc_trim is not None:
-            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._start_trim)
-
-    def _start_trim(self) -> None:
-        self._freed = 0
-        self._trim = asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
-        self._trim.add_done_callback(self._trim_done)
-
-    def _trim_done(self, _) -> None:
-        self._trim = None
+        if self._paused and self.held < self.limit:
+            paused, self._paused = self._paused, {}
+            for session in paused:
+                session.resume_reading()
+        if self._high >= TRIM_AFTER and self.held * 4 <= self._high and self._trim is None:
+            self._high = self.held   # the burst is over
+            if _malloc_trim is not None:
+                self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._start_trim)
 
     def keep(self, holder) -> None:
         """`holder` still holds bytes in memory outside a write job (spilled again if need be)."""
@@ -73,15 +73,18 @@ class MemoryBudget:
         for holder in holders:
             self.spills += holder.spill()
 
-    async def room(self) -> None:
-        """Wait until the memory held is under the budget again."""
-        if not self.full:
-            return
+    def pause(self, session) -> None:
+        """`session` stopped reading its socket; its resume_reading() is called once memory is
+        under the budget again."""
         self.waits += 1
-        while self.full:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
+        self._paused[session] = None
+
+    def _start_trim(self) -> None:
+        self._trim = asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
+        self._trim.add_done_callback(self._trim_done)
+
+    def _trim_done(self, _) -> None:
+        self._trim = None
 
 
 def _libc_malloc_trim():

@@ -6,8 +6,8 @@
 # A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the index
 # writer process, which hashes it and appends a batch of them to a pack file (storage/packs.py).
 # Memory per message is bounded by MAX_QUEUED, and memory of all messages in flight by one
-# MemoryBudget (storage/memory_budget.py): past it, messages held in memory are written out early
-# and receivers wait. Never holds a whole message (but a small one).
+# MemoryBudget (storage/memory_budget.py): past it, messages held in memory are written out early.
+# Never holds a whole message (but a small one).
 import asyncio
 import hashlib
 import itertools
@@ -84,13 +84,12 @@ class SpoolFile:
 
     @property
     def backlogged(self) -> bool:
-        return (self._queued >= MAX_QUEUED and self._job is not None) or self._budget.full
+        return self._queued >= MAX_QUEUED and self._job is not None
 
     async def room(self) -> None:
-        """Wait until the disk has caught up with what was queued, and memory is under the budget."""
-        while self._queued >= MAX_QUEUED and self._job is not None:
+        """Wait until the disk has caught up with what was queued."""
+        while self.backlogged:
             await self._job_finished()
-        await self._budget.room()
 
     def spill(self) -> int:
         """The memory budget is reached: write what is queued now (1 if this was a message held

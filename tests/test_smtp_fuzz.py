@@ -75,7 +75,8 @@ def _command(verb, arg, end) -> Step:
 _commands = st.builds(_command, _verb, _arg, _end)
 _junk_lines = st.builds(lambda junk, end: Step(_defused(junk) + end), _junk, _end)
 _long_lines = st.builds(lambda n, c: Step(b"NOOP " + c * n + b"\r\n"),
-                        st.sampled_from([600, 2100, 5000, 70_000, 140_000, 300_000]), st.sampled_from([b"x", b"\xff", b"\x00"]))
+                        st.sampled_from([600, 2100, 5000, 70_000, 140_000, 300_000]),
+                        st.sampled_from([b"x", b"\xff", b"\x00"]))
 _body = st.one_of(st.binary(max_size=300), st.sampled_from(
     [b"x" * 998 + b"\r\n", b"x" * 1200 + b"\r\n", b".\r\n..\r\n", b"a\rb\nc\r\n.\n.\r\n", b"",
      b"Subject: x\r\n\r\n" + b"QUFB" * 19 + b"\r\n" * 2000]))

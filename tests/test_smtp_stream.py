@@ -96,3 +96,69 @@ def test_header_scanner_is_bounded_and_tolerates_garbage():
     assert scanner.done
     scanner.close()
     assert scanner.set_part is None and scanner.message_id is None
+
+
+def _header_facts_oracle(message: bytes):
+    """What the header scanner must find: the header block (up to the blank line, or all) in its
+    first MAX_HEADER_BYTES, split in CRLF lines, first occurrence of each wanted field, unfolded."""
+    from relay.message_scan import MAX_HEADER_BYTES
+    end = message.find(b"\r\n\r\n")
+    block = b"" if message.startswith(b"\r\n") else message if end < 0 else message[:end + 2]
+    block = block[:MAX_HEADER_BYTES]
+    fields, name = {}, None
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if name is not None:
+                fields[name] += " " + line.decode("utf-8", "replace")
+            continue
+        key, colon, value = line.partition(b":")
+        key = key.strip().lower().decode("latin-1")
+        name = None
+        if colon and key in ("message-id", "x-telemedicine-setid", "x-telemedicine-setpart",
+                             "x-telemedicine-settotal") and key not in fields:
+            name = key
+            fields[name] = value.decode("utf-8", "replace")
+
+    def clean(key, limit):
+        text = " ".join(fields.get(key, "").split())[:limit]
+        return text or None
+
+    def small_int(key):
+        text = clean(key, 20)
+        return int(text) if text is not None and text.isdigit() else None
+
+    return (clean("message-id", 998), clean("x-telemedicine-setid", 256),
+            small_int("x-telemedicine-setpart"), small_int("x-telemedicine-settotal"))
+
+
+_header_line = st.one_of(
+    st.sampled_from([b"Message-ID: <a@b>", b"message-id:<c@d>", b"X-TELEMEDICINE-SETID: 1.2.3", b" folded more",
+                     b"\tx", b"X-Telemedicine-Setpart: 7", b"X-TELEMEDICINE-SETTOTAL:  12 ", b"Subject: s",
+                     b"X-TELEMEDICINE-SETPART: 1 2", b"Message-ID :\xff\xfe", b"no colon", b"", b" ",
+                     b"X-TELEMEDICINE-SETID: " + b"9" * 300, b"Message-ID: " + b"x " * 800]),
+    st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_header_line, max_size=12), st.sampled_from([b"\r\n", b"", b"\r\n\r\nbody\r\n"]),
+       st.lists(st.integers(1, 200), max_size=6))
+def test_header_scanner_matches_the_block_parser_at_any_chunking(lines, tail, cuts):
+    message = b"\r\n".join(lines) + tail
+    scanner = HeaderScanner()
+    start = 0
+    for cut in cuts:
+        scanner.feed(message[start:start + cut])
+        start += cut
+    scanner.feed(message[start:])
+    scanner.close()
+    assert (scanner.message_id, scanner.set_id, scanner.set_part, scanner.set_total) == _header_facts_oracle(message)
+
+
+def test_header_scanner_keeps_little_of_a_huge_header_line():
+    scanner = HeaderScanner()
+    scanner.feed(b"Message-ID: <" + b"m" * 100)
+    for _ in range(40):   # 200 KB of one line, fed in pieces
+        scanner.feed(b"m" * 5000)
+        assert len(scanner._partial) <= 64 * 1024 + 1
+    scanner.feed(b">\r\n\r\n")
+    assert scanner.done and scanner.message_id.startswith("<mmm") and len(scanner.message_id) == 998

@@ -121,3 +121,18 @@ def test_line_length_boundary():
         check = LineLengthCheck()
         check.feed(b"x" * length + b"\r\n" + b"y" * 10 + b"\r\n")
         assert check.too_long is too_long, length
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([76, 497, 498, 499, 500, 996, 997, 998]), st.integers(0, 1100), st.integers(0, 400),
+       st.integers(0, 300_000), st.booleans())
+def test_line_length_check_of_big_chunks_matches_the_oracle(base, odd, where, cut, bare_lf):
+    """Chunks over 64 KB take the numpy path first: it must agree with the oracle as well."""
+    line = b"x" * base + (b"\n" if bare_lf else b"\r\n")
+    lines = [line] * (150_000 // len(line))
+    lines.insert(where % len(lines), b"y" * odd + b"\r\n")
+    data = b"".join(lines)
+    check = LineLengthCheck()
+    check.feed(data[:cut])
+    check.feed(data[cut:])
+    assert check.too_long == _too_long_oracle(data)
