@@ -1,7 +1,10 @@
-# SMTP ingress: aiosmtpd's command loop with the hub's own MAIL/RCPT/DATA/BDAT/AUTH/STARTTLS.
-# DATA and BDAT are read in large chunks straight into a spool file (never line by line, never the
-# whole message in memory); a 250 is sent only after storage has committed the message durably.
-# Relay control lives in smtp_policy, reply texts in smtp_replies; this module is the I/O glue.
+# SMTP ingress: aiosmtpd's session objects with the hub's own command loop (lines bounded, every
+# malformed one answered, syntax in smtp_syntax) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/
+# STARTTLS. DATA and BDAT are read in large chunks straight into a spool file (never line by line,
+# never the whole message in memory; read buffers count in the memory budget); a 250 is sent only
+# after storage has committed the message durably. Relay control lives in smtp_policy, reply texts
+# in smtp_replies; this module is the I/O glue. It must never let a client's input reach a
+# traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
 import base64
 import collections
