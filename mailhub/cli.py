@@ -13,6 +13,7 @@ import time
 from . import config
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
+from .storage_cli import storage_command, storage_parsers
 from .trace import KINDS as TRACE_KINDS
 
 EXIT_FAILED = 1
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in _LIMIT_OPTIONS:
         limits.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
     _directory_parsers(commands, site_commands, common)
+    storage_parsers(commands, common)
 
     trace = commands.add_parser("trace", parents=[common], help="where is a mail or a study?")
     trace.add_argument("query", help="queue ID, Message-ID, sender or recipient address, or X-TELEMEDICINE-SETID")
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report_command(cfg, args)
     if args.command == "events":
         return _prune_events(cfg, args.older_than if args.older_than is not None else cfg.events.retention_days)
+    if args.command == "storage":
+        return storage_command(cfg, args)
     if args.command == "directory" or args.site_command in ("key", "policy"):
         from .directory_cli import directory_command
 
@@ -188,7 +192,9 @@ def _serve(cfg) -> int:
     import uvloop
 
     from directory import DirectoryError
+    from storage.db import IndexDamaged
     from storage.folder_lock import DataFolderInUse
+    from storage.recovery import IndexBehind
 
     from .logsetup import setup_logging
     from .server import serve
@@ -196,7 +202,10 @@ def _serve(cfg) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         uvloop.run(serve(cfg))
-    except (OSError, DirectoryError, DataFolderInUse) as exc:
+    except (IndexDamaged, IndexBehind) as exc:   # the operator's turn: the message says what to run
+        print(f"mailhub: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, DirectoryError, DataFolderInUse, sqlite3.Error) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0

@@ -4,6 +4,8 @@ import sqlite3
 from importlib import resources
 from pathlib import Path
 
+from .errors import StorageError
+
 INDEX_NAME = "index.sqlite3"
 _SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
 _PRAGMAS = (
@@ -31,15 +33,53 @@ def pragma_statements() -> tuple[str, ...]:
     return _PRAGMAS
 
 
+class IndexDamaged(StorageError):
+    """The index file cannot be read as an SQLite database, or fails its integrity check."""
+
+
 def connect(data_dir: Path) -> sqlite3.Connection:
-    """A synchronous connection with the schema in place (creates the data folder)."""
+    """A synchronous connection with the schema in place (creates the data folder). Raises
+    IndexDamaged for an index SQLite cannot read."""
     Path(data_dir).mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(index_path(data_dir), isolation_level=None, timeout=10)
-    for pragma in _PRAGMAS:
-        conn.execute(pragma)
-    conn.executescript(_SCHEMA)
-    _add_missing_columns(conn)
+    path = index_path(data_dir)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        conn.executescript(_SCHEMA)
+        _add_missing_columns(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if _damage(exc):
+            raise IndexDamaged(damaged_message(path, exc)) from None
+        raise
     return conn
+
+
+def check(conn: sqlite3.Connection) -> None:
+    """SQLite's quick integrity check of the whole index (start-up); raises IndexDamaged."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as exc:
+        if _damage(exc):
+            raise IndexDamaged(damaged_message(path, exc)) from None
+        raise
+    if problems != ["ok"]:
+        raise IndexDamaged(damaged_message(path, "; ".join(problems)))
+
+
+def damaged_message(path, error) -> str:
+    return (f"the index {path} is damaged ({error}); stop the hub and run `mailhub storage rebuild-index`"
+            f" (see docs/storage.md)")
+
+
+def _damage(exc: sqlite3.DatabaseError) -> bool:
+    """Damage, as opposed to a busy or full disk or a missing folder."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return not isinstance(exc, sqlite3.OperationalError)
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

@@ -14,3 +14,7 @@ class StorageFull(StorageError):
 class MailboxLimitReached(StorageError):
     """The commit found a receiving mailbox's byte or message limit reached (index writer check)."""
     reply = "452 4.2.2 Mailbox of the recipient site is full, try again later"
+
+
+class WriterDied(StorageError):
+    """The index writer process ended while it had the request: whether it ran is not known."""

@@ -3,16 +3,26 @@
 # IMAP flags, throttle states, outbound queue operations, and the trash. Runs in the index writer
 # process (storage/writer_process.py); plain blocking code that knows nothing of the event loop.
 # One writer means no SQLite lock contention and no interleaved transactions.
+# Each group commit with messages is numbered (table commits) and gets a random attempt id; its
+# packed messages' envelope records name both, and the previous commit's, and after the COMMIT a
+# ledger line says it committed (storage/ledger.py): what lets a rebuild of the index tell committed
+# mails from the leftovers of a commit that failed. Removals are appended to the ledger (fdatasync)
+# before the writer answers.
 import collections
 import json
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import db, events
-from .packs import PackWriter
+from . import db, envelope, events, faults, ledger
+from .files import unlink_quietly
+from .packs import PackWriter, truncate_durably
 from .records import pickled_by_fields
 from .usage import write_throttle_states
+
+LEDGER_SYNC_INTERVAL = 1.0   # seconds: under steady load, commit lines are made durable this often
 
 
 @pickled_by_fields
@@ -34,12 +44,14 @@ class BatchItem:
     data: list[bytes] | None = None
     spool_path: str | None = None
     offset: int = 0
+    structure: str | None = None   # meta.structure as JSON (set by the writer, for the record and the row)
 
 
 class IndexWriter:
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.conn = db.connect(data_dir)
-        self.packs = PackWriter(str(data_dir / "blobs"))
+        self.blob_dir = str(data_dir / "blobs")
+        self.packs = PackWriter(self.blob_dir)
         self.release_freed_after = release_freed_after
         # (monotonic, Unix time) at the start of this process's transactions of the last
         # release_freed_after seconds (one per second at most): a range freed by one of them is
@@ -47,42 +59,153 @@ class IndexWriter:
         # (freed_at is Unix time, written by the trigger; a step forward would release it early,
         # while a reader may still be sending it)
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
+        self.ledger = ledger.LedgerWriter(data_dir)
+        self.seq, self.attempt = ledger.last_commit(self.conn)
+        self._pruned = (0, 0)   # (seq, removal id) up to which the index's ledger rows were deleted
+        # what the ledger holds durably: commits up to synced_seq, removals up to flushed_removal
+        self.synced_seq = self.flushed_removal = 0
+        self._ledger_behind = True   # an append failed (or none yet): catch up from the index first
+        self._synced_at = time.monotonic()
+        self._to_ledger([], sync=True)
 
     def ready(self) -> None:
         """Answers once the writer has opened the index."""
 
     def close(self) -> None:
         self.packs.close()
-        self.conn.close()
+        try:
+            self.sync_ledger()
+        finally:
+            self.ledger.close()
+            self.conn.close()
 
     def in_transaction(self, function, *args):
         """function(conn, *args) in one transaction (also storage.outbound functions, by queue_op)."""
+        self._note_time()
+        with db.transaction(self.conn):
+            result = function(self.conn, *args)
+        self.flush_removals()
+        return result
+
+    def _note_time(self) -> None:
         now = time.monotonic()
         if not self._recent or now - self._recent[-1][0] >= 1.0:
             self._recent.append((now, time.time()))
-        with db.transaction(self.conn):
-            return function(self.conn, *args)
 
     def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[str | None]:
         """Small messages into the pack (durable), then one transaction for the batch with its
         tracking events and the queued refusal `loose` (event rows). Returns each one's SHA-256,
-        or None for a message left out because a receiving mailbox had no room for it (its bytes
-        in a pack stay unreferenced; the caller removes its own blob file)."""
+        or None for a message left out because a receiving mailbox had no room for it (its frame
+        in a pack stays, named refused by the commit's ledger line; the caller removes its own
+        blob file)."""
+        if not batch:
+            self.in_transaction(_index_batch, batch, loose)
+            return []
         packed = [item for item in batch if item.data is not None]
+        seq, attempt, prev = self.seq + 1, secrets.randbits(62) + 1, [self.seq, self.attempt]
+
+        def record_of(item: BatchItem) -> bytes:
+            item.structure = envelope.structure_json(item.meta)
+            return envelope.record(item.queue_id, item.size, item.received_at, item.sha256, item.meta,
+                                   item.deliveries, item.remote, item.structure, seq=seq, a=attempt, p=prev)
+
+        self._note_time()
         try:
-            self.packs.write(packed)
-            refused = self.in_transaction(_index_batch, batch, loose)
+            faults.hit("writer", "before_pack")
+            ends = self.packs.write(packed, record_of)
+            with db.transaction(self.conn):
+                refused = _index_batch(self.conn, batch, loose)
+                files = [item.queue_id for i, item in enumerate(batch) if item.data is None and i not in refused]
+                left_out = [batch[i].queue_id for i in sorted(refused)]
+                self._note_commit(seq, attempt, files, left_out, ends)
+                faults.hit("writer", "before_commit")
         except BaseException:
             if packed:
                 self.packs.abandon()
             raise
+        faults.hit("writer", "after_commit")
+        self.seq, self.attempt = seq, attempt
+        self._to_ledger([ledger.commit_line(seq, attempt, files, left_out)], sync=False)
         return [None if i in refused else item.sha256 for i, item in enumerate(batch)]
+
+    def _note_commit(self, seq: int, attempt: int, files: list[str], refused: list[str],
+                     ends: dict[str, int]) -> None:
+        """The group commit's own rows (in its transaction): its number, the packs' committed ends;
+        rows the ledger already holds durably go."""
+        conn = self.conn
+        conn.execute("INSERT INTO commits (seq, attempt, mails) VALUES (?, ?, ?)",
+                     (seq, attempt, json.dumps({"f": files, "x": refused}) if files or refused else ""))
+        if ends:
+            conn.executemany("INSERT INTO packs (blob, committed_end) VALUES (?, ?) ON CONFLICT (blob)"
+                             " DO UPDATE SET committed_end = excluded.committed_end", list(ends.items()))
+        if not self._ledger_behind and (self.synced_seq, self.flushed_removal) != self._pruned:
+            conn.execute("DELETE FROM commits WHERE seq <= ?", (self.synced_seq,))   # (not this one)
+            conn.execute("DELETE FROM ledger_pending WHERE id <= ?", (self.flushed_removal,))
+            self._pruned = (self.synced_seq, self.flushed_removal)
+
+    def sync_ledger(self, idle: bool = True) -> None:
+        """Make the commit lines durable: when the writer is idle, or LEDGER_SYNC_INTERVAL after the last time."""
+        if (self.ledger.dirty or self._ledger_behind) and (
+                idle or time.monotonic() - self._synced_at >= LEDGER_SYNC_INTERVAL):
+            self._to_ledger([], sync=True)
+
+    def flush_removals(self) -> None:
+        """Append the removals the index noted (ledger_pending) to the ledger, durably."""
+        docs = ledger.pending_lines(self.conn, self.flushed_removal)
+        if docs or self._ledger_behind:
+            self._to_ledger(docs, sync=True)
+
+    def _to_ledger(self, docs: list[dict], sync: bool) -> None:
+        """Append to the ledger; never raises (what it describes is committed already). After a
+        failure (a full disk) the index keeps the lines' rows (commits, ledger_pending) until a
+        later call appends them all again."""
+        try:
+            if self._ledger_behind:
+                self.flushed_removal = max(self.flushed_removal, ledger.catch_up(self.conn, self.ledger))
+                self._ledger_behind = False
+            else:
+                self.ledger.append(docs + [ledger.uid_line(self.conn)] if sync else docs)
+                if sync:
+                    self.ledger.sync()
+                    self.flushed_removal = max([self.flushed_removal] + [d.get("d", d.get("o", 0)) for d in docs])
+            if not self.ledger.dirty:
+                self.synced_seq = self.seq
+                self._synced_at = time.monotonic()
+        except OSError:
+            self._ledger_behind = True
+
+    def settle(self, queue_ids: list[str], begun: list[str]) -> dict[str, str] | None:
+        """A writer died during a group commit of these mails (`begun`: the packs its small mails
+        would have begun). If it committed: {queue ID: SHA-256} (the accepted events, which outlive
+        a quick deletion). If not: None, after removing what it wrote (the frames past the packs'
+        committed ends, the packs it began): the batch leaves no trace."""
+        marks = ",".join("?" * len(queue_ids))
+        found = dict(self.conn.execute(f"SELECT queue_id, detail FROM events WHERE kind = '{events.ACCEPTED}'"
+                                       f" AND queue_id IN ({marks})", queue_ids))
+        if found:
+            return found
+        for blob, end in self.conn.execute("SELECT blob, committed_end FROM packs").fetchall():
+            if blob != self.packs.open_blob:
+                try:
+                    truncate_durably(f"{self.blob_dir}/{blob}", end)
+                except FileNotFoundError:
+                    pass
+        for blob in begun:
+            if self.conn.execute("SELECT 1 FROM messages WHERE blob = ? UNION ALL SELECT 1 FROM packs WHERE blob = ?",
+                                 (blob, blob)).fetchone() is None and blob != self.packs.open_blob:
+                unlink_quietly(f"{self.blob_dir}/{blob}")
+        return None
 
     def delete_entries(self, site_id: int, uids: list[int], downloads, site_name: str | None):
         """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
         Returns what changed: ([(uid, sender_site, size)] newly marked downloaded,
         [(uid, sender_site, size, was_waiting)] removed)."""
-        return self.in_transaction(_delete_entries, site_id, uids, downloads, site_name)
+        with db.transaction(self.conn):
+            result = _delete_entries(self.conn, site_id, uids, downloads, site_name)
+            faults.hit("writer", "delete_before_commit")
+        faults.hit("writer", "delete_after_commit")
+        self.flush_removals()
+        return result
 
     def update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
         self.in_transaction(lambda conn: conn.executemany(
@@ -100,6 +223,7 @@ class IndexWriter:
         seconds ago (a reader may still be sending a message freed meanwhile: a hole would turn its
         bytes into zeros, while an unlinked file stays readable). A freed open pack is closed first:
         no more messages go into it (a pack is never reopened, so what is listed here stays free)."""
+        self.flush_removals()   # those the command line made (site remove, queue delete)
         blobs = [blob for (blob,) in self.conn.execute("SELECT blob FROM blob_trash")]
         if self.packs.open_blob in blobs:
             self.packs.close()
@@ -158,7 +282,10 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> set[int]:
     for item in batch:
         m = item.meta
         qid, size, at = item.queue_id, item.size, item.received_at
-        structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
+        if item.structure is not None:   # made for its envelope record
+            structure = None if item.structure == "null" else item.structure
+        else:
+            structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
         messages.append((qid, item.blob, item.offset, size, item.sha256,
                          int(m.dot_lines), at, m.mail_from, m.sender_site,
                          m.message_id, m.set_id, m.set_part, m.set_total,

@@ -1,19 +1,23 @@
 # Packs: small messages (whole in memory at end of data) are stored together in pack files under
 # blobs/, written by the index writer only (storage/index_writer.py). A batch is appended to the
 # open pack and made durable with one fdatasync (a file creation costs far more than writing
-# 10 KB). A new pack is made the way a single message is (spool file, fsync, rename into blobs/,
-# folder fsync), so a name under blobs/ never shows a file whose indexed bytes are not durable.
-# Bytes of a batch whose commit then failed stay unreferenced in the pack; recovery only checks
-# that a file reaches the end of its last indexed message. A pack is freed with its last message;
-# an open pack is closed first, on the writer too (IndexWriter.freed), and appending to a pack
-# takes it out of the trash. The bytes of a freed message in a pack that lives on are released
-# later by punch_hole.
+# 10 KB). Each message is a frame: header, envelope record, message bytes (storage/envelope.py),
+# so that a pack describes itself. A new pack is made the way a single message is (spool file,
+# fsync, rename into blobs/, folder fsync), so a name under blobs/ never shows a file whose indexed
+# bytes are not durable. A batch whose commit then fails leaves no trace: the open pack is cut back
+# to where the batch began and the packs it began are removed (a writer killed before it could is
+# handled by Storage._settle or start-up recovery: bytes past a pack's committed end, index table
+# `packs`). A pack is freed with its last message; an open pack is closed first, on the writer too
+# (IndexWriter.freed), and appending to a pack takes it out of the trash. The bytes of a freed
+# message in a pack that lives on are released later by punch_hole.
 import ctypes
 import errno
 import hashlib
 import os
 
-from .files import fsync_dir, libc, rename_into, storage_error, unlink_quietly, write_all
+from . import faults
+from .envelope import HEADER_SIZE, frame_header
+from .files import fsync_dir, libc, rename_into, storage_error, unlink_quietly, write_all_vectored
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -25,35 +29,47 @@ class PackWriter:
         self._blob: str | None = None    # the open pack's blob name ('<hour folder>/<name>')
         self._size = 0
         self._made: list[str] = []       # packs begun by the last batch (they hold nothing committed)
+        self._cut: tuple[str, int] | None = None   # (path, size) of the pack open when the last batch began
 
     @property
     def open_blob(self) -> str | None:
         """The open pack's blob name, or None."""
         return self._blob
 
-    def write(self, messages: list) -> None:
+    def write(self, messages: list, record_of) -> dict[str, int]:
         """Make a batch of small messages durable: index_writer.BatchItems with their `data`,
-        `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes).
-        Sets each one's blob, offset and sha256. Raises StorageError (and abandons)."""
+        `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes);
+        record_of(message) is its envelope record (after `sha256` is set). Sets each one's blob,
+        offset and sha256; returns each pack written to with the end of its last frame. Raises
+        StorageError (and abandons)."""
         if not messages:
-            return
+            return {}
         try:
-            self._write(messages)
+            return self._write(messages, record_of)
         except OSError as exc:
             self.abandon()
             raise storage_error(exc) from exc
 
     def abandon(self) -> None:
-        """The batch failed: close the open pack and remove the packs the batch began."""
+        """The batch failed: cut the pack it appended to back to where the batch began, close it,
+        and remove the packs the batch began."""
+        cut, self._cut = self._cut, None
         self.close()
+        if cut is not None:
+            try:
+                truncate_durably(*cut)
+            except OSError:
+                pass   # the tail stays past the pack's committed end: start-up recovery moves it aside
         for path in self._made:
             unlink_quietly(path)
         self._made = []
 
-    def _write(self, messages: list) -> None:
+    def _write(self, messages: list, record_of) -> dict[str, int]:
         self._made = []
+        self._cut = (f"{self._blob_dir}/{self._blob}", self._size) if self._fd >= 0 else None
         written = []   # fds of the packs written to, in order
         begun = {}     # fd -> (spool path, blob) of the packs this batch begins
+        ends = {}      # blob -> end of its last frame
         try:
             for message in messages:
                 chunks = message.data
@@ -68,12 +84,15 @@ class PackWriter:
                     written.append(fd)
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 message.sha256 = hashlib.sha256(data).hexdigest()
-                message.offset = self._size
                 message.blob = self._blob
-                write_all(self._fd, data)
-                self._size += size
+                record = record_of(message)
+                message.offset = self._size + HEADER_SIZE + len(record)
+                write_all_vectored(self._fd, [frame_header(record, size), record, data])
+                self._size = message.offset + size
+                ends[self._blob] = self._size
                 if not written or written[-1] != self._fd:
                     written.append(self._fd)
+            faults.hit("writer", "pack_written")
             for fd in written:
                 (os.fsync if fd in begun else os.fdatasync)(fd)
             for fd, (path, blob) in list(begun.items()):
@@ -83,17 +102,30 @@ class PackWriter:
                 del begun[fd]
             for folder in {os.path.dirname(target) for target in self._made}:
                 fsync_dir(folder)
+            faults.hit("writer", "pack_synced")
         finally:
             for fd in written:
                 if fd != self._fd:
                     os.close(fd)
             for path, _blob in begun.values():
                 unlink_quietly(path)   # never renamed: the batch failed
+        return ends
 
     def close(self) -> None:
         fd, self._fd, self._blob, self._size = self._fd, -1, None, 0   # forgotten even if close() fails
         if fd >= 0:
             os.close(fd)
+
+
+def truncate_durably(path: str, size: int) -> None:
+    """Cut a pack back to `size` bytes (a failed batch's frames) and make that durable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)

@@ -40,14 +40,17 @@ def quarantine_dir(data_dir: Path) -> Path:
 
 
 def quarantine(data_dir: Path, item: Path, reason: str, detail: str = "",
-               byte_range: tuple[int, int] | None = None, now: float | None = None, **extra) -> Path:
+               byte_range: tuple[int, int] | None = None, now: float | None = None,
+               original: str | None = None, **extra) -> Path:
     """Move the file or folder `item` (inside `data_dir`) into a new quarantine entry with a reason
     record; with `byte_range` (offset, size) copy only those bytes of the file and leave it in place.
-    Returns the entry folder. Raises OSError (e.g. ENOSPC) with the item left where it was."""
+    `original` names what it was when its path does not (a copy made for the quarantine). Returns
+    the entry folder. Raises OSError (e.g. ENOSPC) with the item left where it was."""
     data_dir = Path(data_dir).absolute()
     item = Path(item).absolute()
     now = time.time() if now is None else now
-    original = _relative(item, data_dir)
+    relative = _relative(item, data_dir)
+    original = original or relative
     size = byte_range[1] if byte_range else _size(item)
     entry = _new_entry(quarantine_dir(data_dir), original, now)
     record = {"original": original, "reason": reason, "detail": detail, "at": now,
@@ -65,6 +68,26 @@ def quarantine(data_dir: Path, item: Path, reason: str, detail: str = "",
         _fsync_dir(entry)
     except OSError:
         _remove_if_unused(entry)
+        raise
+    return entry
+
+
+def quarantine_data(data_dir: Path, name: str, data: bytes, original: str, reason: str, detail: str = "",
+                    now: float | None = None, **extra) -> Path:
+    """A new entry holding `data` as file `name` (e.g. index rows whose blob is gone), with its reason
+    record; `original` says what it stood for. Returns the entry folder; raises OSError."""
+    data_dir = Path(data_dir).absolute()
+    now = time.time() if now is None else now
+    entry = _new_entry(quarantine_dir(data_dir), original, now)
+    record = {"original": original, "reason": reason, "detail": detail, "at": now,
+              "at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "size": len(data)}
+    record.update(extra)
+    try:
+        _write_durably(entry / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True).encode() + b"\n")
+        _write_durably(entry / name, data)
+        _fsync_dir(entry)
+    except OSError:
+        _remove_if_unused(entry, name)
         raise
     return entry
 
@@ -193,13 +216,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_if_unused(entry: Path) -> None:
-    """A failed quarantine leaves no entry behind (only its own record, never the item)."""
-    for name in (RECORD_NAME, RECORD_NAME + ".tmp"):
-        try:
-            os.unlink(entry / name)
-        except FileNotFoundError:
-            pass
+def _remove_if_unused(entry: Path, *own: str) -> None:
+    """A failed quarantine leaves no entry behind (only files it wrote itself, never the item)."""
+    for name in (RECORD_NAME, *own):
+        for name in (name, name + ".tmp"):
+            try:
+                os.unlink(entry / name)
+            except FileNotFoundError:
+                pass
     try:
         os.rmdir(entry)
     except OSError:

@@ -43,6 +43,42 @@ CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);
 CREATE INDEX IF NOT EXISTS messages_set_id ON messages (set_id);
 CREATE INDEX IF NOT EXISTS messages_blob ON messages (blob);
 
+-- Packs (storage/packs.py): where the last committed frame of each pack ends. Bytes beyond it
+-- belong to a group commit that never committed (start-up recovery moves them aside). Written in
+-- each group commit's transaction; a pack's row goes with its last message.
+CREATE TABLE IF NOT EXISTS packs (
+    blob          TEXT PRIMARY KEY,
+    committed_end INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Group commits whose ledger line (storage/ledger.py) may not be durable yet: seq, attempt id, its
+-- mails (JSON {"f": queue IDs stored as files of their own, "x": those left out at the commit for
+-- want of room}; '' for none). Rows the ledger holds durably are deleted by
+-- a later transaction, except the last one: the index's last group commit (envelope records in
+-- packs name it); the index writer appends the others to the ledger when it starts.
+CREATE TABLE IF NOT EXISTS commits (
+    seq     INTEGER PRIMARY KEY,
+    attempt INTEGER NOT NULL,
+    mails   TEXT NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_quiet', 0);
+
+-- Removals the ledger must learn (a mailbox entry removed, an outbound recipient done), filled by
+-- the triggers below in the removing transaction, whoever runs it (the hub, `mailhub site remove`,
+-- `mailhub queue delete`); the index writer appends them to the ledger after the commit and a later
+-- transaction deletes them. meta ledger_quiet = 1 silences the triggers (start-up recovery moving
+-- rows of a missing blob aside: not a receiver's deletion, rebuild may bring them back).
+CREATE TABLE IF NOT EXISTS ledger_pending (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind      TEXT NOT NULL,      -- d: mailbox entry removed, o: outbound recipient done
+    queue_id  TEXT NOT NULL,
+    site_id   INTEGER,
+    site_name TEXT,
+    rcpt      TEXT,
+    uid       INTEGER,
+    at        REAL NOT NULL
+);
+
 -- Mailbox entries: uid is strictly ascending across the hub, hence within each mailbox.
 CREATE TABLE IF NOT EXISTS mailbox (
     uid          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -100,6 +136,12 @@ BEGIN
     INSERT OR IGNORE INTO blob_holes (blob, start, size, freed_at)
         SELECT NEW.blob, NEW.blob_offset, NEW.size, (julianday('now') - 2440587.5) * 86400.0
         WHERE EXISTS (SELECT 1 FROM messages WHERE blob = NEW.blob);
+END;
+-- a pack's committed end goes with its last message
+CREATE TRIGGER IF NOT EXISTS pack_released AFTER DELETE ON messages
+WHEN NOT EXISTS (SELECT 1 FROM messages WHERE blob = OLD.blob)
+BEGIN
+    DELETE FROM packs WHERE blob = OLD.blob;
 END;
 
 CREATE TRIGGER IF NOT EXISTS sites_changed_ins AFTER INSERT ON sites
@@ -334,4 +376,18 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('outbound_retry', 0);
 CREATE TRIGGER IF NOT EXISTS outbound_unref AFTER DELETE ON outbound
 BEGIN
     UPDATE messages SET refs = refs - 1 WHERE queue_id = OLD.queue_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS ledger_mailbox_removed AFTER DELETE ON mailbox
+WHEN (SELECT value FROM meta WHERE key = 'ledger_quiet') = 0
+BEGIN
+    INSERT INTO ledger_pending (kind, queue_id, site_id, site_name, uid, at)
+        VALUES ('d', OLD.queue_id, OLD.site_id, (SELECT name FROM sites WHERE id = OLD.site_id), OLD.uid,
+                (julianday('now') - 2440587.5) * 86400.0);
+END;
+CREATE TRIGGER IF NOT EXISTS ledger_outbound_done AFTER DELETE ON outbound
+WHEN (SELECT value FROM meta WHERE key = 'ledger_quiet') = 0
+BEGIN
+    INSERT INTO ledger_pending (kind, queue_id, rcpt, at)
+        VALUES ('o', OLD.queue_id, OLD.rcpt, (julianday('now') - 2440587.5) * 86400.0);
 END;

@@ -125,13 +125,14 @@ class SpoolFile:
         self._budget.left(self)
         return chunks
 
-    async def sync(self, target: str) -> None:
-        """Write what is queued, fsync, close, rename to `target` and fsync its folder (so that
-        concurrent messages' fsyncs overlap); raises StorageError on failure."""
+    async def sync(self, target: str, tail=None) -> None:
+        """Write what is queued (then tail(sha256 hex): bytes that follow the message in its file, its
+        envelope record), fsync, close, rename to `target` and fsync its folder (so that concurrent
+        messages' fsyncs overlap); raises StorageError on failure."""
         while self._job is not None:
             await self._job_finished()
         if self.error is None and not self._discarded:
-            self._start_job(final=target)
+            self._start_job(final=target, tail=tail)
             await self._job_finished()
         if self._discarded and self.error is None:
             self.error = StorageError("message discarded")
@@ -165,12 +166,12 @@ class SpoolFile:
 
     # ---- worker side ----------------------------------------------------------------------------
 
-    def _start_job(self, final: str | None = None) -> None:
+    def _start_job(self, final: str | None = None, tail=None) -> None:
         self._streaming = True
         chunks, queued, self._chunks, self._queued = self._chunks, self._queued, [], 0
         self._budget.left(self)
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
-                                                               chunks, final)
+                                                               chunks, final, tail)
         self._job.add_done_callback(lambda job: self._job_done(job, queued))
 
     def _job_done(self, job: asyncio.Future, written: int) -> None:
@@ -189,7 +190,7 @@ class SpoolFile:
             else:
                 self._budget.keep(self)
 
-    def _write_chunks(self, chunks: list[bytes], final: str | None) -> None:
+    def _write_chunks(self, chunks: list[bytes], final: str | None, tail=None) -> None:
         """Runs in a worker thread, one job per file at a time."""
         try:
             if self._fd < 0:
@@ -202,6 +203,8 @@ class SpoolFile:
                 start_writeback(self._fd, self._flushing_from, self._written - self._flushing_from)
                 self._flushing_from = self._written
             if final is not None:
+                if tail is not None:
+                    write_all(self._fd, tail(self._sha.hexdigest()))
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1

@@ -19,14 +19,15 @@ import concurrent.futures
 import json
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
-from . import db, events
-from .errors import MailboxLimitReached, StorageError
+from . import db, envelope, events, faults
+from .errors import MailboxLimitReached, StorageError, WriterDied
 from .recovery import recover
 from .index_writer import BatchItem, IndexWriter
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta
@@ -93,12 +94,21 @@ class Storage:
         self._folder_lock = lock_data_folder(self.data_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        conn = db.connect(self.data_dir)  # creates the schema
         try:
-            report = recover(conn, self.spool_dir, self.blob_dir)
-            rebuild_usage(conn)
-        finally:
-            conn.close()
+            conn = db.connect(self.data_dir)  # creates the schema
+            try:
+                db.check(conn)
+                report = recover(conn, self.data_dir)
+                try:
+                    rebuild_usage(conn)
+                except sqlite3.OperationalError as exc:   # a full disk: the triggers kept it anyway
+                    report.skipped.append(f"recomputing the mailbox usage: {exc}")
+            finally:
+                conn.close()
+        except BaseException:
+            os.close(self._folder_lock)
+            self._folder_lock = None
+            raise
         if report.anything():
             log.warning("recovery: %s", report)
         await self._writer.start()
@@ -139,13 +149,20 @@ class Storage:
                             spool.take_chunks(), on_committed)
             done.add_done_callback(lambda _: spool.release())   # the batch holding its bytes is over
         else:
-            await spool.sync(f"{self._blob_folder}/{blob}")
+            def tail(sha256: str) -> bytes:   # its envelope record, written and fsynced with it
+                return envelope.trailer(envelope.record(spool.queue_id, spool.size, received_at, sha256, meta,
+                                                        deliveries, remote, envelope.structure_json(meta)),
+                                        spool.size)
+
+            await spool.sync(f"{self._blob_folder}/{blob}", tail)
             spool.handed_over = True
+            faults.hit("hub", "blob_synced")
             item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
                             on_committed=on_committed)
         self._pending.append(item)
         self._start_flusher()
         await asyncio.shield(item.done)
+        faults.hit("hub", "committed")
         if item.remote and self.on_outbound is not None:
             self.on_outbound()
 
@@ -190,13 +207,17 @@ class Storage:
                 log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
                 self._dropped_events = 0
             try:
-                digests = await self._writer.call(IndexWriter.commit_batch, [_batch_item(i) for i in batch],
-                                                  [events.row(e) for e in loose])
+                faults.hit("hub", "before_batch")
+                try:
+                    digests = await self._writer.call(IndexWriter.commit_batch, [_batch_item(i) for i in batch],
+                                                      [events.row(e) for e in loose])
+                except WriterDied:
+                    digests = await self._settle(batch)
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
                 log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
-                if not isinstance(exc, asyncio.CancelledError):
-                    # cancelled, the request may still be committed by the writer: its blobs stay
-                    # (start-up recovery removes them if they were not)
+                if not isinstance(exc, (asyncio.CancelledError, _Unsettled)):
+                    # cancelled, or not settled, the request may have been committed by the writer:
+                    # its blobs stay (start-up recovery moves them aside if they were not)
                     await loop.run_in_executor(self.executor, self._remove_blobs, batch)
                 error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 for item in batch:
@@ -223,11 +244,27 @@ class Storage:
                     if not item.done.done():
                         item.done.set_result(None)
 
+    async def _settle(self, batch: list[_Pending]) -> list[str]:
+        """The index writer died with the batch: ask the new one whether it was committed. Yes: each
+        mail's SHA-256 (the senders get their 250), as commit_batch returns them. No: StorageError,
+        and nothing of it is left (the new writer removed what the old one wrote; the caller removes
+        the single files)."""
+        try:
+            found = await self._writer.call(IndexWriter.settle, [i.spool.queue_id for i in batch],
+                                            [i.blob for i in batch if i.data is not None])
+        except StorageError as exc:
+            raise _Unsettled(f"index writer process ended, and whether it committed is unknown: {exc}") from exc
+        if found is None:
+            raise StorageError("index writer process ended before the commit")
+        log.warning("index writer process ended after committing %d message(s): acknowledged", len(found))
+        return [found.get(i.spool.queue_id) for i in batch]   # None: left out for want of room
+
     def _remove_blobs(self, batch: list[_Pending]) -> None:
-        """The single-file blobs of a failed batch (its packed messages went with PackWriter.abandon)."""
+        """The single-file blobs of a failed batch (its packed messages went with PackWriter.abandon
+        or IndexWriter.settle), and the spool file a pack it began started as (a writer killed
+        before renaming it)."""
         for item in batch:
-            if item.data is None:
-                unlink_quietly(item.spool.path)
+            unlink_quietly(item.spool.path)
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
@@ -322,6 +359,10 @@ class Storage:
                     punch_hole(self.blob_dir / blob, start, size)
                 except OSError as exc:   # the space comes back with the whole pack
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
+
+
+class _Unsettled(StorageError):
+    """Whether a batch was committed is unknown (its writer and the next one failed): its files stay."""
 
 
 def _batch_item(item: _Pending) -> BatchItem:

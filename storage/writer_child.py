@@ -6,6 +6,7 @@
 import ctypes
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -15,6 +16,7 @@ from .errors import StorageError
 from .index_writer import IndexWriter
 
 LENGTH = struct.Struct(">Q")
+IDLE_SECONDS = 0.05   # no request for this long after a commit: its ledger line is made durable
 _PR_SET_PDEATHSIG = 1
 COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"   # what `ps` shows
 
@@ -55,9 +57,61 @@ def _read_request(reader) -> tuple[bytes, list[bytearray]] | None:
     return (data, buffers) if len(data) == size else None
 
 
+class _Reader:
+    """Reads requests from the socket into one reused buffer; knows whether a request is already
+    buffered (the idle test). A message buffer is filled straight from the socket, past what the
+    buffer holds."""
+
+    def __init__(self, sock: socket.socket, size: int = 256 * 1024):
+        self._sock = sock
+        self._buffer = bytearray(size)
+        self._start = self._end = 0   # the unread bytes are _buffer[_start:_end]
+
+    def idle(self, timeout: float) -> bool:
+        """No request buffered, and none arrives within `timeout` seconds."""
+        return self._start == self._end and not select.select([self._sock], [], [], timeout)[0]
+
+    def read(self, size: int) -> bytes:
+        if self._end - self._start < size:
+            self._fill(size)
+        end = min(self._start + size, self._end)
+        data = bytes(memoryview(self._buffer)[self._start:end])
+        self._start = end
+        return data
+
+    def _fill(self, size: int) -> None:
+        """At least `size` unread bytes in the buffer, unless the stream ends."""
+        unread = self._end - self._start
+        if size > len(self._buffer):
+            self._buffer.extend(bytes(size - len(self._buffer)))
+        if self._start + size > len(self._buffer):   # move the unread bytes to the front
+            self._buffer[:unread] = self._buffer[self._start:self._end]
+            self._start, self._end = 0, unread
+        view = memoryview(self._buffer)
+        while self._end - self._start < size:
+            got = self._sock.recv_into(view[self._end:])
+            if not got:
+                break
+            self._end += got
+
+    def readinto(self, target: bytearray) -> int:
+        view = memoryview(target)
+        filled = min(self._end - self._start, len(view))
+        view[:filled] = memoryview(self._buffer)[self._start:self._start + filled]
+        self._start += filled
+        while filled < len(view):
+            got = self._sock.recv_into(view[filled:])
+            if not got:
+                break
+            filled += got
+        return filled
+
+
 def _serve(sock: socket.socket, writer: IndexWriter) -> None:
-    reader = sock.makefile("rb", buffering=1 << 20)
+    reader = _Reader(sock)
     while True:
+        if writer.ledger.dirty:   # commit lines to make durable: now if idle, else at most each second
+            writer.sync_ledger(idle=reader.idle(IDLE_SECONDS))
         request = _read_request(reader)
         if request is None:
             return   # the hub closed the socket (or died)

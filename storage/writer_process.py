@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import StorageError
+from .errors import WriterDied
 from .index_writer import IndexWriter
 from .writer_child import COMMAND, LENGTH, encode_request, out_of_band
 
@@ -92,7 +92,7 @@ class WriterProcess:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            failure = StorageError("index writer process ended")
+            failure = WriterDied("index writer process ended")
             while self._waiting:
                 done = self._waiting.popleft()
                 if not done.done():

@@ -183,7 +183,7 @@ def test_acknowledged_mails_survive_sigkill(make_hub):
 
     # Start-up recovery may have removed leftovers of the interrupted transactions, but never found an
     # indexed blob that is missing or shorter than its messages.
-    reports = re.findall(r"recovery: (.*)", hub.log_text())
+    reports = re.findall(r"recovery: (\d+ partial spool.*)", hub.log_text())
     for report in reports:
         assert "0 indexed blob(s) missing, 0 blob(s) shorter than indexed" in report, report
     print("\n".join(f"recovery: {r}" for r in reports))

@@ -10,6 +10,7 @@ import time
 
 from bench.ingest_benchmark import hub_peak_rss
 from conftest import ALPHA_BETA, RawSMTP, queue_id_from
+from storage import envelope
 
 MB = 1024 * 1024
 MAIL_MB = int(os.environ.get("MAILHUB_TEST_BIG_MAIL_MB", "1024"))  # 1 GB, as in issue 2
@@ -75,7 +76,9 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     (blob, stored_size, stored_sha, set_id, message_id) = hub.query(
         "SELECT blob, size, sha256, set_id, message_id FROM messages WHERE queue_id = ?", qid)[0]
     path = hub.data_dir / "blobs" / blob
-    assert path.stat().st_size == stored_size
+    with open(path, "rb") as f:   # the mail, then its envelope record (storage/envelope.py)
+        record = envelope.read_trailer(f.fileno(), path.stat().st_size)
+    assert record.size == stored_size and record.record["q"] == qid and record.record["sha256"] == stored_sha
     assert (set_id, message_id) == ("1.2.840.99", "<big-study@hub.test>")
     # The blob is the Received: header followed by exactly the sent bytes.
     whole = hashlib.sha256()
@@ -84,9 +87,11 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
         prefix = f.read(stored_size - size)
         whole.update(prefix)
         assert prefix.startswith(b"Received: ") and prefix.endswith(b"\r\n") and b"\r\n\r\n" not in prefix
-        while block := f.read(8 * MB):
+        left = stored_size - len(prefix)
+        while left and (block := f.read(min(left, 8 * MB))):
             whole.update(block)
             tail.update(block)
+            left -= len(block)
     assert tail.hexdigest() == digest.hexdigest()
     assert whole.hexdigest() == stored_sha
     assert stored_size == len(prefix) + size
