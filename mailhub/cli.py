@@ -193,7 +193,7 @@ def _serve(cfg) -> int:
 
     from directory import DirectoryError
     from storage.db import IndexDamaged
-    from storage.folder_lock import DataFolderInUse
+    from storage import StorageError
     from storage.recovery import IndexBehind
 
     from .logsetup import setup_logging
@@ -205,7 +205,7 @@ def _serve(cfg) -> int:
     except (IndexDamaged, IndexBehind) as exc:   # the operator's turn: the message says what to run
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, DirectoryError, DataFolderInUse, sqlite3.Error) as exc:
+    except (OSError, DirectoryError, StorageError, sqlite3.Error) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0

@@ -234,13 +234,13 @@ class StorageCollector:
                 " LEFT JOIN mailbox b ON b.site_id = s.id LEFT JOIN messages m ON m.queue_id = b.queue_id"
                 " GROUP BY s.id ORDER BY s.name").fetchall()
             queued = self._conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
-            totals = ((int(row[0]), int(row[1]), int(row[2])), backlog, queued)
+            totals = ((int(row[0]), int(row[1]), int(row[2])), backlog, queued, _quarantine_totals(self.data_dir))
             self._cached = (now, totals)
             return totals
 
     def collect(self):
         try:
-            (blobs, size, saved), backlog, (queued, oldest_queued) = self._totals()
+            (blobs, size, saved), backlog, (queued, oldest_queued), (quarantined, quarantined_bytes) = self._totals()
         except sqlite3.Error as exc:
             log.warning("storage metrics unavailable: %s", exc)
         else:
@@ -268,6 +268,14 @@ class StorageCollector:
             yield oldest
             yield GaugeMetricFamily("mailhub_outbound_queue_messages",
                                     "Messages waiting in the outbound relay queue.", value=queued)
+            entries = GaugeMetricFamily("mailhub_quarantine_entries", "Items the hub moved aside instead of deleting"
+                                        " (docs/storage.md), by reason (uncommitted_blob, missing_blob, damaged...).",
+                                        labels=["reason"])
+            for reason, count in sorted(quarantined.items()):
+                entries.add_metric([reason], count)
+            yield entries
+            yield GaugeMetricFamily("mailhub_quarantine_bytes", "Octets held in the quarantine.",
+                                    value=quarantined_bytes)
             yield GaugeMetricFamily("mailhub_outbound_queue_oldest_age_seconds",
                                     "Age of the oldest message in the outbound queue (0 when empty).",
                                     value=time.time() - oldest_queued if oldest_queued else 0)
@@ -289,6 +297,23 @@ class StorageCollector:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _quarantine_totals(data_dir: Path) -> tuple[dict[str, int], int]:
+    """Entries per reason and bytes of the quarantine (storage.quarantine)."""
+    from storage.quarantine import list_entries
+
+    reasons: dict[str, int] = {}
+    size = 0
+    try:
+        entries = list_entries(data_dir)
+    except OSError as exc:
+        log.warning("quarantine metrics unavailable: %s", exc)
+        entries = []
+    for entry in entries:
+        reasons[entry.reason] = reasons.get(entry.reason, 0) + 1
+        size += entry.size
+    return reasons, size
 
 
 def free_bytes(path: Path) -> int:

@@ -47,7 +47,7 @@ async def _listen(name: str, factory, address, ssl_context=None) -> asyncio.base
 
 async def serve(cfg) -> None:
     storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after,
-                      memory_budget=cfg.smtp.memory_budget)
+                      reserve_bytes=cfg.storage.reserve_bytes, memory_budget=cfg.smtp.memory_budget)
     MEMORY_BUDGET.budget = storage.memory_budget
     await storage.open()
     sites = SiteCache(cfg.data_dir)
@@ -201,6 +201,7 @@ async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
                     log.info("pruned %d tracking event(s) older than %.0f days", pruned, retention_seconds / 86400)
             if rounds:
                 await storage.empty_trash()
+                await storage.keep_reserve()
         except Exception:
             log.exception("housekeeping failed")
         rounds += 1

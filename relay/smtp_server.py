@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, syntax
 from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing, policy_for
 from mailhub import metrics
 from quotas import SetPart, Throttle, Verdict
-from storage import Delivery, Site, SiteCache, Storage, StorageError
+from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
 from . import smtp_replies as R
@@ -589,6 +589,8 @@ class HubSMTP(SMTP):
             await self._refuse("mail", R.MESSAGE_TOO_BIG, address)
             return
         refusal = sender_verdict(self._client(), address)
+        if refusal is None and await self.ctx.storage.short_of_space():
+            refusal = StorageFull.reply   # started on a full disk: nothing taken until space returns
         if refusal:
             await self._refuse("mail", refusal, address)
             return

@@ -22,8 +22,8 @@ from pathlib import Path
 from . import db, ledger
 from .recovery import HOUR_FOLDER, QUEUE_ID
 
-_SKIP = {"spool", "blobs", "ledger", "quarantine", "mailhub.lock", "control.sock", db.INDEX_NAME,
-         f"{db.INDEX_NAME}-wal", f"{db.INDEX_NAME}-shm", f"{db.INDEX_NAME}-journal"}
+_SKIP = {"spool", "blobs", "ledger", "quarantine", "mailhub.lock", "control.sock", "reserve.space",
+         db.INDEX_NAME, f"{db.INDEX_NAME}-wal", f"{db.INDEX_NAME}-shm", f"{db.INDEX_NAME}-journal"}
 
 
 class BackupError(Exception):

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from . import db, envelope, events, faults
-from .errors import MailboxLimitReached, StorageError, WriterDied
+from . import db, envelope, events, faults, reserve
+from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
 from .recovery import recover
 from .index_writer import BatchItem, IndexWriter
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta
@@ -59,9 +59,13 @@ class _Pending:
 
 
 class Storage:
-    def __init__(self, data_dir: Path, release_freed_after: float = 3600, memory_budget: int = 256 * 1024**2):
+    def __init__(self, data_dir: Path, release_freed_after: float = 3600, reserve_bytes: int = 0,
+                 memory_budget: int = 256 * 1024**2):
         self.data_dir = Path(data_dir).absolute()   # the index writer process gets it as it is
         self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
+        self.reserve_bytes = reserve_bytes   # space set aside for a full disk (storage.reserve)
+        self._disk_full = False   # the hub started short of space: no mail taken until the reserve is back
+        self._full_checked = 0.0
         self.spool_dir = self.data_dir / "spool"
         self.blob_dir = self.data_dir / "blobs"
         self._spool_folder = str(self.spool_dir)   # paths per message are plain strings (cheaper)
@@ -95,7 +99,8 @@ class Storage:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         try:
-            conn = db.connect(self.data_dir)  # creates the schema
+            self._disk_full = reserve.release_if_short(self.data_dir, self.reserve_bytes)
+            conn = _open_index(self.data_dir)
             try:
                 db.check(conn)
                 report = recover(conn, self.data_dir)
@@ -112,9 +117,26 @@ class Storage:
         if report.anything():
             log.warning("recovery: %s", report)
         await self._writer.start()
+        await self.keep_reserve()
         self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
         for pragma in db.pragma_statements():
             await self._db.execute(pragma)
+
+    async def keep_reserve(self) -> None:
+        """Set the full-disk reserve aside again once there is room (start-up and housekeeping)."""
+        kept = await asyncio.get_running_loop().run_in_executor(self.executor, reserve.keep, self.data_dir,
+                                                                self.reserve_bytes)
+        if kept and self._disk_full:
+            log.warning("space is back: the full-disk reserve is set aside again and mail is taken")
+            self._disk_full = False
+
+    async def short_of_space(self) -> bool:
+        """Whether the hub, started on a full disk, still takes no mail (asked at MAIL FROM; the
+        disk is looked at again once a second at most)."""
+        if self._disk_full and time.monotonic() - self._full_checked >= 1.0:
+            self._full_checked = time.monotonic()
+            await self.keep_reserve()
+        return self._disk_full
 
     async def close(self) -> None:
         if self._event_timer is not None:
@@ -363,6 +385,19 @@ class Storage:
 
 class _Unsettled(StorageError):
     """Whether a batch was committed is unknown (its writer and the next one failed): its files stay."""
+
+
+def _open_index(data_dir: Path) -> sqlite3.Connection:
+    """The index for start-up recovery; a full disk is said as such (SQLite cannot even size its
+    shared-memory file then)."""
+    try:
+        return db.connect(data_dir)   # creates the schema
+    except sqlite3.OperationalError as exc:
+        free = reserve.free_bytes(data_dir)
+        if free < 1024 * 1024:
+            raise StorageFull(f"cannot open the index ({exc}): the data folder's file system has {free} bytes free;"
+                              " free some space (e.g. in quarantine/, see docs/storage.md) and start again") from None
+        raise
 
 
 def _batch_item(item: _Pending) -> BatchItem:

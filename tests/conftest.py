@@ -152,6 +152,8 @@ def hub_env(data_dir: Path, **overrides: str) -> dict:
         # Freed bytes in packs are released at once, so that tests can see it (test_storage_packs
         # checks the delay).
         "MAILHUB_STORAGE_RELEASE_FREED_AFTER": "0",
+        # A small full-disk reserve: hundreds of test hubs need not set 64 MB aside each.
+        "MAILHUB_STORAGE_RESERVE_BYTES": "256K",
         "PYTHONPATH": str(REPO),
     })
     env.update(overrides)

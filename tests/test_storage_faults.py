@@ -13,6 +13,7 @@ import poplib
 import re
 import smtplib
 import time
+import urllib.request
 
 import pytest
 
@@ -173,6 +174,8 @@ def test_truncated_blobs_and_packs_found_at_start(make_hub):
     client.pass_(PASSWORD)
     assert len(client.list()[1]) == 4   # the four intact ones, served
     client.quit()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10).read().decode()
+    assert 'mailhub_quarantine_entries{reason="short_blob"} 3.0' in metrics
     print(f"\n6 mails, 2 truncated at start: 2 quarantined (index rows), 4 served intact, lost 0")
     assert hub.cli("storage", "check").returncode == 0
 
