@@ -43,7 +43,8 @@ async def main():
         while time.monotonic() < stop:
             spool = storage.new_spool()
             spool.write(body)
-            await storage.commit(spool, MessageMeta("alpha@hub.test", None, False), [Delivery(site.id, "beta@hub.test", "beta")])
+            await storage.commit(spool, MessageMeta("alpha@hub.test", None, False),
+                                 [Delivery(site.id, "beta@hub.test", "beta")])
             done += 1
     hub0, writer0, t0 = cpu(os.getpid()), cpu(storage._writer.pid), time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

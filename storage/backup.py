@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import db, ledger
+from .files import copy_range, fsync_dir, fsync_file
 from .recovery import HOUR_FOLDER, QUEUE_ID
 
 _SKIP = {"spool", "blobs", "ledger", "quarantine", "mailhub.lock", "control.sock", "reserve.space",
@@ -74,7 +75,8 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
         try:
             if blob in packs or _is_pack(source):
                 target.unlink(missing_ok=True)
-                _copy_range(source, target, max(end, packs.get(blob, 0)), report)
+                target.parent.mkdir(exist_ok=True)
+                report.bytes_copied += copy_range(source, target, 0, max(end, packs.get(blob, 0)))
                 report.copied_packs += 1
             elif blob not in early:
                 _link_or_copy(source, target, report)
@@ -129,19 +131,6 @@ def _link_or_copy(source: Path, target: Path, report: BackupReport) -> None:
         report.bytes_copied += target.stat().st_size
 
 
-def _copy_range(source: Path, target: Path, length: int, report: BackupReport) -> None:
-    target.parent.mkdir(exist_ok=True)
-    with open(source, "rb") as src, open(target, "wb") as out:
-        left = length
-        while left > 0:
-            block = src.read(min(left, 1 << 20))
-            if not block:
-                break
-            out.write(block)
-            left -= len(block)
-    report.bytes_copied += length
-
-
 def _snapshot(data_dir: Path, dest: Path) -> sqlite3.Connection:
     live = db.connect_readonly(data_dir)
     try:
@@ -189,13 +178,5 @@ def _copy_others(data_dir: Path, dest: Path) -> int:
 def _fsync_tree(root: Path) -> None:
     for folder, _dirs, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsync_file(os.path.join(folder, name))
+        fsync_dir(folder)

@@ -49,12 +49,37 @@ def rename_into(path: str, final: str) -> None:
     os.rename(path, final)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_range(source: str | Path, target: str | Path, offset: int, length: int) -> int:
+    """Copy bytes [offset, offset + length) of `source` into the new file `target`, fsynced; the
+    bytes copied (fewer if the source is shorter)."""
+    copied = 0
+    with open(source, "rb") as src, open(target, "xb") as out:
+        src.seek(offset)
+        while copied < length:
+            block = src.read(min(length - copied, 1 << 20))
+            if not block:
+                break
+            out.write(block)
+            copied += len(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return copied
 
 
 libc = ctypes.CDLL(None, use_errno=True)   # the C library: sync_file_range here, fallocate in packs

@@ -10,7 +10,6 @@
 # before the writer answers.
 import collections
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass

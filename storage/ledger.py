@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import fsync_dir
+
 LEDGER_DIR = "ledger"
 
 
@@ -77,7 +79,7 @@ class LedgerWriter:
         new = not path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         if new:   # the file's own entry must outlive a crash, like its lines
-            _fsync_dir(self._folder)
+            fsync_dir(self._folder)
         self._day = day
 
 
@@ -155,17 +157,10 @@ def _apply(doc: dict, state: LedgerState) -> None:
         raise KeyError("unknown ledger line")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---- what the index writer and start-up recovery append -----------------------------------------
 
-PENDING_SQL = "SELECT id, kind, queue_id, site_id, site_name, rcpt, uid, at FROM ledger_pending WHERE id > ? ORDER BY id"
+PENDING_SQL = ("SELECT id, kind, queue_id, site_id, site_name, rcpt, uid, at FROM ledger_pending"
+               " WHERE id > ? ORDER BY id")
 
 
 def pending_lines(conn, after: int) -> list[dict]:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import copy_range, fsync_dir, fsync_file
+
 QUARANTINE_DIR = "quarantine"
 RECORD_NAME = "reason.json"
 _MAX_NAME = 120   # characters of the original path kept in an entry folder's name
@@ -62,10 +64,10 @@ def quarantine(data_dir: Path, item: Path, reason: str, detail: str = "",
         _write_durably(entry / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True).encode() + b"\n")
         target = entry / (item.name if byte_range is None else f"{item.name}@{byte_range[0]}")
         if byte_range is not None:
-            _copy_range(item, target, *byte_range)
+            copy_range(item, target, *byte_range)
         else:
             _move(item, target)
-        _fsync_dir(entry)
+        fsync_dir(entry)
     except OSError:
         _remove_if_unused(entry)
         raise
@@ -85,7 +87,7 @@ def quarantine_data(data_dir: Path, name: str, data: bytes, original: str, reaso
     try:
         _write_durably(entry / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True).encode() + b"\n")
         _write_durably(entry / name, data)
-        _fsync_dir(entry)
+        fsync_dir(entry)
     except OSError:
         _remove_if_unused(entry, name)
         raise
@@ -131,7 +133,7 @@ def _new_entry(root: Path, original: str, now: float) -> Path:
     new_day = not day.is_dir()
     day.mkdir(parents=True, exist_ok=True, mode=0o750)
     if new_day:
-        _fsync_dir(day.parent)
+        fsync_dir(day.parent)
     what = "".join(c if c.isalnum() or c in "-_." else "_" for c in original)[-_MAX_NAME:]
     stamp = time.strftime("%H%M%S", time.gmtime(now))
     for n in range(1, 1_000_000):
@@ -140,7 +142,7 @@ def _new_entry(root: Path, original: str, now: float) -> Path:
             entry.mkdir(mode=0o750)
         except FileExistsError:
             continue
-        _fsync_dir(day)
+        fsync_dir(day)
         return entry
     raise OSError(errno.EEXIST, "no free quarantine entry name", str(day))
 
@@ -169,7 +171,7 @@ def _move(item: Path, target: Path) -> None:
             shutil.rmtree(item)   # only once the copy is durable: a move, not a deletion
         else:
             os.unlink(item)
-    _fsync_dir(item.parent)
+    fsync_dir(item.parent)
 
 
 def _copy_across(item: Path, target: Path) -> None:
@@ -177,43 +179,13 @@ def _copy_across(item: Path, target: Path) -> None:
         shutil.copytree(item, target, symlinks=True)
         for path in [target, *target.rglob("*")]:
             if path.is_file() and not path.is_symlink():
-                _fsync_file(path)
+                fsync_file(path)
             elif path.is_dir():
-                _fsync_dir(path)
+                fsync_dir(path)
     else:
         shutil.copy2(item, target, follow_symlinks=False)
         if not target.is_symlink():
-            _fsync_file(target)
-
-
-def _copy_range(item: Path, target: Path, offset: int, length: int) -> None:
-    with open(item, "rb") as source, open(target, "xb") as out:
-        source.seek(offset)
-        left = length
-        while left > 0:
-            chunk = source.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            out.write(chunk)
-            left -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(target)
 
 
 def _remove_if_unused(entry: Path, *own: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import db, envelope, events, ledger
 from .folder_lock import lock_data_folder
-from .quarantine import quarantine, quarantine_dir
+from .quarantine import quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
 from .usage import rebuild_usage
 

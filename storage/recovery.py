@@ -235,8 +235,8 @@ def _quarantine_rows(conn, data_dir: Path, blob: str, report: RecoveryReport) ->
     data = json.dumps({"blob": blob, "file_size": length, "messages": messages, "entries": entries},
                       indent=1).encode()
     reason = "short_blob" if length >= 0 else "missing_blob"
-    detail = (f"index rows of mails past the end of blob file {blob} ({'shorter than indexed' if length >= 0 else 'missing'}):"
-              " taken out of the mailboxes")
+    state = "shorter than indexed" if length >= 0 else "missing"
+    detail = f"index rows of mails past the end of blob file {blob} ({state}): taken out of the mailboxes"
     try:
         quarantine_data(data_dir, "index-rows.json", data, f"blobs/{blob}", reason, detail,
                         queue_ids=[q for (q,) in qids])

@@ -207,6 +207,16 @@ def make_hub(tmp_path, site_data_templates):
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MB tmpfs for a data folder to fill up (needs root, as in CI)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
 def hub(make_hub) -> Hub:
     """A running hub with sites alpha (alpha@hub.test) and beta (beta@hub.test, b2@hub.test)."""
     return make_hub(sites=ALPHA_BETA_B2).start()

@@ -3,20 +3,8 @@
 # data folder (needs root, as in CI).
 import hashlib
 import smtplib
-import subprocess
-
-import pytest
 
 from conftest import PASSWORD, make_message
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_full_disk_refuses_temporarily_and_keeps_acknowledged_mail(make_hub, small_disk):

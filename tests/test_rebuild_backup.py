@@ -7,12 +7,9 @@ import hashlib
 import os
 import poplib
 import re
-import signal
 import smtplib
 import threading
 import time
-
-import pytest
 
 from conftest import ALPHA_BETA, PASSWORD, make_message
 

@@ -5,21 +5,9 @@
 import os
 import poplib
 import smtplib
-import subprocess
 import time
 
-import pytest
-
 from conftest import PASSWORD, make_message
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def fill(path) -> None:
