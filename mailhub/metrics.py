@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from .http_server import HttpServer
+
 log = logging.getLogger("mailhub.metrics")
 
 disable_created_metrics()   # no *_created series: they double the series count for nothing we use
@@ -100,6 +102,9 @@ SMTP_ABORTED = Counter(
     "mailhub_smtp_aborted_transactions_total", "Transactions that ended while their data was being received"
     " or committed, without a reply (client gone, idle timeout, shutdown, RSET between BDAT chunks), by"
     " reason.", ["reason"], registry=REGISTRY)
+HTTP_REQUESTS = Counter(
+    "mailhub_http_requests_total", "Requests to the metrics port, by reply status (4xx and 503: refused by "
+    "its limits).", ["code"], registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
@@ -161,6 +166,10 @@ def smtp_transaction(reply: str, size: int, sender_site: str | None, receiving_s
         _labelled(DELIVERED_MESSAGES, name).inc()
         _labelled(DELIVERED_BYTES, name).inc(size)
     INGEST_SECONDS.observe(seconds)
+
+
+def http_request(status: int) -> None:
+    _labelled(HTTP_REQUESTS, str(status)).inc()
 
 
 def pop3_message(site: str, octets: int, whole: bool) -> None:
@@ -360,12 +369,6 @@ THROTTLE = ThrottleCollector()
 REGISTRY.register(THROTTLE)
 
 
-# ---- the HTTP listener ------------------------------------------------------------------------
-
-_REQUEST_TIMEOUT = 10.0
-_MAX_REQUEST = 16 * 1024
-
-
 class MemoryBudgetCollector:
     """The memory budget of mails in flight (storage.MemoryBudget), read at scrape time."""
 
@@ -398,6 +401,8 @@ MEMORY_BUDGET = MemoryBudgetCollector()
 REGISTRY.register(MEMORY_BUDGET)
 
 
+# ---- the HTTP port's routes (mailhub/http_server.py serves them) -------------------------------
+
 class MetricsServer:
     """GET /metrics (Prometheus text format), GET /healthz (200 "ok" or 503 with the reasons), and the
     hub key's paths when `key_routes` is given."""
@@ -413,47 +418,34 @@ class MetricsServer:
         POP3_ACTIVE.set_function(pop3_sessions)
         IMAP_ACTIVE.set_function(imap_sessions)
         REGISTRY.register(self.collector)
+        self.handle = HttpServer(self._route, http_request).handle   # the asyncio.start_server callback
+        self._running: dict[str, asyncio.Future] = {}   # what concurrent requests share
 
     def close(self) -> None:
         REGISTRY.unregister(self.collector)
         self.collector.close()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3:
-                status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
-            elif parts[0] not in ("GET", "HEAD"):
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"method not allowed\n"
-            else:
-                status, ctype, body = await self._route(parts[1].split("?", 1)[0])
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode())
-            if parts and parts[0] != "HEAD":
-                writer.write(body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("metrics request failed")
-        finally:
-            writer.close()
-
     async def _route(self, path: str) -> tuple[str, str, bytes]:
         if path == "/metrics":
-            body = await asyncio.to_thread(generate_latest, REGISTRY)
+            body = await self._shared("metrics", lambda: asyncio.to_thread(generate_latest, REGISTRY))
             return "200 OK", CONTENT_TYPE_LATEST, body
         if path == "/healthz":
-            problems = await self.health()
+            problems = await self._shared("healthz", self.health)
             if problems:
                 return "503 Service Unavailable", "text/plain", ("; ".join(problems) + "\n").encode()
             return "200 OK", "text/plain", b"ok\n"
         if self.key_routes is not None and (found := self.key_routes.route(path)) is not None:
             return found
         return "404 Not Found", "text/plain", b"not found\n"
+
+    async def _shared(self, name: str, start):
+        """The result of the run of start() in progress, or of a new one: a flood of requests costs
+        one exposition (or health probe) at a time."""
+        running = self._running.get(name)
+        if running is None:
+            running = self._running[name] = asyncio.ensure_future(start())
+            running.add_done_callback(lambda _: self._running.pop(name, None))
+        return await asyncio.shield(running)
 
     async def health(self) -> list[str]:
         problems = []
