@@ -104,11 +104,11 @@ class OwnHub:
         return self.proc.pid if self.proc else None
 
 
-def fill_mailboxes(ports: Ports, sites: Sites, domain: str, mime_parts: int) -> None:
-    """The attacker's mailboxes: 100 bulk mails of 1 MB with 60 KB headers (for FETCH and SEARCH)
-    and one of each hostile MIME mail (for BODYSTRUCTURE); skipped where they are already there."""
-    wanted = {sites.attacker: [bulk_mail(domain, sites.attacker, sites.attacker, n) for n in range(BULK_MAILS)]
-              if mailbox_count(ports, sites, sites.attacker) < BULK_MAILS else []}
+def fill_mailboxes(ports: Ports, sites: Sites, domain: str, mime_parts: int, bulk_mails: int) -> None:
+    """The attacker's mailboxes: bulk mails of 1 MB with 60 KB headers (for FETCH and SEARCH) and
+    one of each hostile MIME mail (for BODYSTRUCTURE); skipped where they are already there."""
+    wanted = {sites.attacker: [bulk_mail(domain, sites.attacker, sites.attacker, n) for n in range(bulk_mails)]
+              if mailbox_count(ports, sites, sites.attacker) < bulk_mails else []}
     mime = hostile_mime_mails(domain, sites.attacker, sites.attacker_mime, mime_parts)
     if mailbox_count(ports, sites, sites.attacker_mime) < len(mime):
         wanted[sites.attacker_mime] = [mail for _name, mail in mime]
@@ -254,11 +254,14 @@ class Bench:
             row.note = self.attack(name, index).get("note", "-")
         end = time.monotonic()
         cpu_after = self.processes.cpu_seconds()
-        if not self.recovered(end):
+        stalled = not self.recovered(end)
+        if stalled:
             row.state = f"STALLED: no answer {self.args.recover:.0f} s after the attack"
             self.restart(row)
         self.measure(row, start, end)
-        row.lag_metric = worst_bucket(lag_before, lag_buckets(self.ports))
+        # a restarted hub's histogram starts again from zero: the stall itself was never observed
+        row.lag_metric = f"> {self.args.recover:.0f} (stalled)" if stalled else \
+            worst_bucket(lag_before, lag_buckets(self.ports))
         if cpu_before is not None and cpu_after is not None:
             row.cpu_percent = 100 * (cpu_after - cpu_before) / (end - start)
         row.log_lines, row.tracebacks = self.log_between(log_before, self.log_size())
@@ -303,7 +306,8 @@ def table(rows: list[Row]) -> str:
             "IMAP p50/p99 (ms)", "hub RSS peak (MB)", "CPU hub+writer (%)", "log lines / tracebacks", "hub")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        probe = "-" if r.probe_worst is None else f"{r.probe_worst:.2f}"
+        probe = "-" if r.probe_worst is None else \
+            ("≥ " if r.state.startswith("STALLED") else "") + f"{r.probe_worst:.2f}"
         probe += f" ({r.probe_failures} probe failures)" if r.probe_failures else ""
         cells = (r.attack, probe, r.lag_metric, *(_op(r.ops[op]) for op in OPS),
                  "-" if r.rss_peak is None else f"{r.rss_peak / 1e6:.0f}",
@@ -341,6 +345,8 @@ def parse_args(argv=None):
                     help="connections per protocol of the idle/slow pre-login attacks (default 1100)")
     ap.add_argument("--stalled-sessions", type=int, default=300, help="SMTP sessions stalled mid-DATA")
     ap.add_argument("--mime-parts", type=int, default=20000, help="parts of the wide MIME mail")
+    ap.add_argument("--bulk-mails", type=int, default=BULK_MAILS,
+                    help=f"1 MB mails in the attacker's mailbox (default {BULK_MAILS})")
     ap.add_argument("--gateway-pause", type=float, default=0.1, help="seconds between good gateway rounds")
     ap.add_argument("--hub-repo", default=REPO_ROOT, help="checkout whose hub to start (default: this one)")
     ap.add_argument("--hub-python", help="its Python (default: HUB_REPO/.venv/bin/python, else this one)")
@@ -372,7 +378,7 @@ def print_setup(sites: Sites, domain: str) -> None:
 
 def run(args, ports: Ports, sites: Sites, hub: OwnHub | None, pid: int | None, log_path: str | None) -> list[Row]:
     print("filling the attacker's mailboxes ...", flush=True)
-    fill_mailboxes(ports, sites, args.domain, args.mime_parts)
+    fill_mailboxes(ports, sites, args.domain, args.mime_parts, args.bulk_mails)
     names = [BASELINE, *(args.attack or ATTACKS)]
     download_pop3(ports, sites, most=1000)     # the good mailboxes start empty
     download_imap(ports, sites, most=1000)

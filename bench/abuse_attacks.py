@@ -53,6 +53,7 @@ class Run:
     deadline: float
     tally: collections.Counter = field(default_factory=collections.Counter)
     slowest: float = 0.0
+    received: int = 0      # bytes the hub sent, over all connections
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -88,6 +89,7 @@ class Line:
 
     async def line(self, cap: float | None = None) -> bytes:
         data = await self.run.within(self.reader.readline(), cap)
+        self.run.received += len(data)
         if not data:
             raise ConnectionError("closed by the hub")
         return data
@@ -120,6 +122,7 @@ class Line:
             if not chunk:
                 raise ConnectionError("BYE" if b"* BYE" in pending else "closed by the hub")
             total += len(chunk)
+            self.run.received += len(chunk)
             pending += chunk
             at = pending.find(marker)
             if at >= 0 and pending.find(b"\n", at + 1) >= 0:
@@ -193,6 +196,17 @@ async def imap_commands(run: Run, conn: Line, commands) -> None:
         run.timed(started)
 
 
+async def imap_command_loop(run: Run, site: str, commands, select: bool = True) -> None:
+    """Two logged-in IMAP sessions of `site`, each sending commands(index) one after the other."""
+    async def worker(run, index):
+        conn = await imap_login(run, run.target.sites[site], select=select)
+        try:
+            await imap_commands(run, conn, commands(index))
+        finally:
+            conn.close()
+    await workers(run, 2, worker)
+
+
 # ------------------------------------------------------------------------- the attacks
 
 ATTACKS = {}
@@ -207,25 +221,13 @@ def attack(name: str, description: str):
 
 @attack("imap-list-pattern", "LIST/LSUB with wildcard patterns of 28 to 60,000 `*`/`%` (2 connections)")
 async def imap_list_pattern(run: Run) -> None:
-    async def worker(run, index):
-        conn = await imap_login(run, run.target.sites["attacker"], select=False)
-        try:
-            await imap_commands(run, conn, inputs.list_patterns(index))
-        finally:
-            conn.close()
-    await workers(run, 2, worker)
+    await imap_command_loop(run, "attacker", inputs.list_patterns, select=False)
 
 
 @attack("imap-fetch-many", "FETCH 1:* naming thousands of items (ENVELOPE, BODYSTRUCTURE, header fields, "
                            "partial bodies) in one 60 KB command, responses read (2 connections)")
 async def imap_fetch_many(run: Run) -> None:
-    async def worker(run, index):
-        conn = await imap_login(run, run.target.sites["attacker"])
-        try:
-            await imap_commands(run, conn, inputs.many_item_fetches())
-        finally:
-            conn.close()
-    await workers(run, 2, worker)
+    await imap_command_loop(run, "attacker", lambda _index: inputs.many_item_fetches())
 
 
 @attack("imap-fetch-unread", "FETCH 1:* of every body 50 times over (~5 GB asked) on 4 connections that "
@@ -245,25 +247,13 @@ async def imap_fetch_unread(run: Run) -> None:
 @attack("imap-search-deep", "SEARCH with keys nested 1,000-16,000 deep (NOT NOT ..., ((( ))), OR OR ...) "
                             "(2 connections)")
 async def imap_search_deep(run: Run) -> None:
-    async def worker(run, index):
-        conn = await imap_login(run, run.target.sites["attacker"])
-        try:
-            await imap_commands(run, conn, inputs.deep_searches())
-        finally:
-            conn.close()
-    await workers(run, 2, worker)
+    await imap_command_loop(run, "attacker", lambda _index: inputs.deep_searches())
 
 
 @attack("imap-search-text", "HEADER/SUBJECT/BODY/TEXT searches, up to 60 KB needles, over 100 mails of "
                             "1 MB with 60 KB headers (2 connections)")
 async def imap_search_text(run: Run) -> None:
-    async def worker(run, index):
-        conn = await imap_login(run, run.target.sites["attacker"])
-        try:
-            await imap_commands(run, conn, inputs.text_searches())
-        finally:
-            conn.close()
-    await workers(run, 2, worker)
+    await imap_command_loop(run, "attacker", lambda _index: inputs.text_searches())
 
 
 @attack("mime-ingest", "SMTP submission of wide (N parts), deep (nested 2,000), dash-run, folded-header "
@@ -296,13 +286,7 @@ async def mime_ingest(run: Run) -> None:
 @attack("imap-bodystructure", "FETCH BODYSTRUCTURE / ENVELOPE / BODY / deep BODY[1.1.1...] sections of "
                               "the wide and deep mails (2 connections)")
 async def imap_bodystructure(run: Run) -> None:
-    async def worker(run, index):
-        conn = await imap_login(run, run.target.sites["attacker-mime"])
-        try:
-            await imap_commands(run, conn, inputs.structure_fetches())
-        finally:
-            conn.close()
-    await workers(run, 2, worker)
+    await imap_command_loop(run, "attacker-mime", lambda _index: inputs.structure_fetches())
 
 
 GREETING = {"smtp": b"220", "pop3": b"+OK", "imap": b"* OK"}
@@ -316,40 +300,53 @@ async def closed_within(run: Run, conn: Line, seconds: float) -> bool:
         return False
 
 
-async def _hold(run: Run, protocol: str, trickle: bytes | None) -> None:
-    """One pre-login connection: read the greeting, then stay idle (or send one byte of `trickle` a
-    second) until the deadline. Tallies held / refused / closed by the hub."""
-    conn = await open_line(run, getattr(run.target, protocol))
+async def _greeted_or_refused(run: Run, protocol: str) -> Line | None:
+    """A new pre-login connection that was greeted, or None (tallied: refused, no reply, ...)."""
+    try:
+        conn = await open_line(run, getattr(run.target, protocol))
+    except (OSError, asyncio.TimeoutError) as e:
+        run.tally[f"{protocol} {_kind(e)}"] += 1
+        return None
     try:
         greeting = await conn.line(cap=10)
-        if not greeting.startswith(GREETING[protocol]):
-            run.tally[f"{protocol} refused"] += 1
-            return
-        run.tally[f"{protocol} held"] += 1
+    except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+        run.tally[f"{protocol} {_kind(e)}"] += 1
+        conn.close()
+        return None
+    if not greeting.startswith(GREETING[protocol]):
+        run.tally[f"{protocol} refused"] += 1
+        conn.close()
+        return None
+    run.tally[f"{protocol} held"] += 1
+    return conn
+
+
+async def _keep(run: Run, protocol: str, conn: Line, trickle: bytes | None) -> None:
+    """Stay idle (or send one byte of `trickle` a second) until the deadline or the hub closes."""
+    try:
         for sent in itertools.count():
             if trickle is not None:
                 await conn.send(trickle[sent % len(trickle):][:1])
             if await closed_within(run, conn, 1.0 if trickle else run.left()):
                 run.tally[f"{protocol} closed by hub"] += 1
                 return
+    except Ended:
+        pass
+    except (OSError, ConnectionError) as e:
+        run.tally[f"{protocol} {_kind(e)}"] += 1
     finally:
         conn.close()
 
 
 async def _hold_all(run: Run, trickles: dict) -> None:
-    async def one(protocol):
-        try:
-            await _hold(run, protocol, trickles[protocol])
-        except Ended:
-            pass
-        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as e:
-            run.tally[f"{protocol} {_kind(e)}"] += 1
-    tasks = []
-    for _ in range(run.target.connections):
-        for protocol in ("smtp", "pop3", "imap"):
-            tasks.append(asyncio.ensure_future(one(protocol)))
-        await asyncio.sleep(0)
-    await asyncio.gather(*tasks)
+    """Open `connections` per protocol (all of them first), then keep each until the deadline."""
+    protocols = [p for _ in range(run.target.connections) for p in ("smtp", "pop3", "imap")]
+    try:
+        conns = await run.within(asyncio.gather(*(_greeted_or_refused(run, p) for p in protocols)))
+    except Ended:
+        run.tally["still connecting at the end"] += 1
+        return
+    await asyncio.gather(*(_keep(run, p, conn, trickles[p]) for p, conn in zip(protocols, conns) if conn))
 
 
 @attack("idle-prelogin", "N connections per protocol (SMTP, POP3, IMAP) from one address that read the "
@@ -433,7 +430,11 @@ async def auth_flood(run: Run) -> None:
             for number in range(10**9):
                 account = accounts[(number + index) % len(accounts)]
                 started = time.monotonic()
-                accepted = await try_login(flood, conn, protocol, account, f"wrong-{index}-{number}")
+                try:
+                    accepted = await try_login(flood, conn, protocol, account, f"wrong-{index}-{number}")
+                except Ended:
+                    flood.tally[f"{protocol} unanswered at the end"] += 1
+                    raise
                 flood.tally[f"{protocol} {'ACCEPTED' if accepted else 'failed'}"] += 1
                 flood.timed(started)
         finally:
@@ -447,7 +448,7 @@ async def auth_flood(run: Run) -> None:
             conn.close()
         except (OSError, ConnectionError, asyncio.TimeoutError, Ended) as e:
             run.tally[f"right password then: {protocol} {_kind(e)}"] += 1
-    run.slowest = flood.slowest
+    run.slowest, run.received = flood.slowest, flood.received
 
 
 @attack("smtp-malformed", "malformed SMTP of every kind (commands, paths, parameters, AUTH lines, NULs, "
@@ -543,6 +544,8 @@ def note(run: Run) -> str:
     parts = [f"{key} {count}" for key, count in sorted(run.tally.items())]
     if run.slowest:
         parts.append(f"slowest reply {run.slowest:.1f} s")
+    if run.received >= 1_000_000:
+        parts.append(f"{run.received / 1e6:.0f} MB received")
     return "; ".join(parts) or "-"
 
 

@@ -114,6 +114,17 @@ class Campaign:
                 f"the hub closed without {self.closing}; its last lines: {last!r}"
         refill(self.hub, self.site, self.still_serving(self.hub))
 
+    def fuzz(self, sessions, final: bytes) -> None:
+        """Run every generated session (hypothesis, derandomized), print the counts, check the total."""
+        @FUZZ_SETTINGS
+        @given(sessions)
+        def session(inputs):
+            self.run(inputs, final)
+
+        session()
+        print(self.report())
+        assert self.inputs >= MIN_INPUTS, self.report()
+
     def report(self) -> str:
         return (f"{self.protocol} fuzz: {self.inputs} inputs in {self.sessions} sessions "
                 f"({self.closed_by_hub} closed by the hub: {self.closed_by_hub - self.resets} after a closing "
@@ -167,15 +178,7 @@ def pop3_session():
 
 def test_pop3_fuzz(fuzz_hub):
     campaign = Campaign(fuzz_hub, "pop3", (b"-ERR", b"+OK"), pop3_still_serving, "fuzz-pop3")
-
-    @FUZZ_SETTINGS
-    @given(pop3_session())
-    def session(inputs):
-        campaign.run(inputs, b"QUIT\r\n")
-
-    session()
-    print(campaign.report())
-    assert campaign.inputs >= MIN_INPUTS, campaign.report()
+    campaign.fuzz(pop3_session(), b"QUIT\r\n")
 
 
 # ------------------------------------------------------------------------- IMAP
@@ -257,12 +260,4 @@ def imap_session():
 
 def test_imap_fuzz(fuzz_hub):
     campaign = Campaign(fuzz_hub, "imap", (b"* BYE",), imap_still_serving, "fuzz-imap")
-
-    @FUZZ_SETTINGS
-    @given(imap_session())
-    def session(inputs):
-        campaign.run(inputs, b"ZZ LOGOUT\r\n")
-
-    session()
-    print(campaign.report())
-    assert campaign.inputs >= MIN_INPUTS, campaign.report()
+    campaign.fuzz(imap_session(), b"ZZ LOGOUT\r\n")
