@@ -47,7 +47,8 @@ async def _listen(name: str, factory, address, ssl_context=None) -> asyncio.base
 
 async def serve(cfg) -> None:
     storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after,
-                      reserve_bytes=cfg.storage.reserve_bytes, memory_budget=cfg.smtp.memory_budget)
+                      reserve_bytes=cfg.storage.reserve_bytes, memory_budget=cfg.smtp.memory_budget,
+                      min_free_bytes=cfg.storage.min_free_bytes)
     MEMORY_BUDGET.budget = storage.memory_budget
     await storage.open()
     sites = SiteCache(cfg.data_dir)

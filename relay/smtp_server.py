@@ -589,8 +589,8 @@ class HubSMTP(SMTP):
             await self._refuse("mail", R.MESSAGE_TOO_BIG, address)
             return
         refusal = sender_verdict(self._client(), address)
-        if refusal is None and await self.ctx.storage.short_of_space():
-            refusal = StorageFull.reply   # started on a full disk: nothing taken until space returns
+        if refusal is None and await self.ctx.storage.short_of_space(size):
+            refusal = StorageFull.reply   # a full disk: nothing taken until space returns
         if refusal:
             await self._refuse("mail", refusal, address)
             return

@@ -4,7 +4,7 @@ import sqlite3
 from importlib import resources
 from pathlib import Path
 
-from .errors import StorageError
+from .errors import StorageError, StorageFull
 
 INDEX_NAME = "index.sqlite3"
 _SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
@@ -100,15 +100,46 @@ def connect_readonly(data_dir: Path) -> sqlite3.Connection:
 
 
 class transaction:
-    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on error."""
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on error. Running out of
+    space (the WAL cannot grow: SQLITE_FULL) raises StorageFull (452 4.3.1), the transaction rolled
+    back."""
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            _raise_if_full(exc)
+            raise
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+                return False
+            except sqlite3.OperationalError as commit_failed:
+                exc = commit_failed
+        self._rollback()
+        if isinstance(exc, sqlite3.OperationalError):
+            _raise_if_full(exc)
+        if exc_type is None:
+            raise exc
         return False
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            if self.conn.in_transaction:   # else SQLite rolled back by itself (as on SQLITE_FULL)
+                raise
+
+
+_FULL_CODES = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE)
+
+
+def _raise_if_full(exc: sqlite3.OperationalError) -> None:
+    if getattr(exc, "sqlite_errorcode", None) in _FULL_CODES or "database or disk is full" in str(exc):
+        raise StorageFull(f"index: {exc}") from exc

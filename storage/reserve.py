@@ -2,7 +2,9 @@
 # room) and given back when the disk is full: SQLite cannot even open its index on a full disk (it
 # must size its -shm file) nor delete a mailbox entry (WAL pages), so a hub that stopped on a full
 # disk could neither start nor let gateways delete what would free space. Start-up releases it when
-# free space is below its size; housekeeping makes it again once there is twice that free.
+# free space is below its size; so does a deletion (POP3 DELE + QUIT, IMAP \Deleted + EXPUNGE) that
+# ran out of space while the hub runs, before it is tried once more (storage.Storage); housekeeping
+# makes it again once there is twice that free.
 # Holds no data: removing it by hand is always safe. Must never be taken when it would fill the disk.
 import logging
 import os
@@ -63,4 +65,18 @@ def release_if_short(data_dir: Path, size: int) -> bool:
                         " space returns", data_dir)
     except OSError:
         pass
+    return True
+
+
+def release(data_dir: Path) -> bool:
+    """While running: a deletion found the disk full; give the reserve back (True) so that it can
+    go through, or False when there is none to give."""
+    path = reserve_path(data_dir)
+    try:
+        freed = path.stat().st_blocks * 512
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning("disk full: released the %d-byte reserve %s for a gateway's deletion; SMTP answers 452 4.3.1"
+                " until space returns", freed, path)
     return True

@@ -60,12 +60,14 @@ class _Pending:
 
 class Storage:
     def __init__(self, data_dir: Path, release_freed_after: float = 3600, reserve_bytes: int = 0,
-                 memory_budget: int = 256 * 1024**2):
+                 memory_budget: int = 256 * 1024**2, min_free_bytes: int = 0):
         self.data_dir = Path(data_dir).absolute()   # the index writer process gets it as it is
         self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
         self.reserve_bytes = reserve_bytes   # space set aside for a full disk (storage.reserve)
         self._disk_full = False   # the hub started short of space: no mail taken until the reserve is back
         self._full_checked = 0.0
+        self.min_free_bytes = min_free_bytes   # below this much free space new mail is refused at MAIL FROM
+        self._free: tuple[float, int] = (float("-inf"), 0)   # (monotonic time read, free bytes)
         self.spool_dir = self.data_dir / "spool"
         self.blob_dir = self.data_dir / "blobs"
         self._spool_folder = str(self.spool_dir)   # paths per message are plain strings (cheaper)
@@ -130,13 +132,35 @@ class Storage:
             log.warning("space is back: the full-disk reserve is set aside again and mail is taken")
             self._disk_full = False
 
-    async def short_of_space(self) -> bool:
-        """Whether the hub, started on a full disk, still takes no mail (asked at MAIL FROM; the
-        disk is looked at again once a second at most)."""
-        if self._disk_full and time.monotonic() - self._full_checked >= 1.0:
-            self._full_checked = time.monotonic()
+    async def short_of_space(self, declared: int | None = None) -> bool:
+        """Whether new mail is refused for want of space (asked at MAIL FROM, before the client sends
+        a byte of it): the hub started on a full disk, or a deletion took the reserve, and it is not
+        back yet; or less than min_free_bytes plus 1.5 times the declared size (SIZE=) is free, as
+        Postfix's smtpd asks. The disk is looked at once a second at most (statvfs: no disk I/O)."""
+        now = time.monotonic()
+        if self._disk_full and now - self._full_checked >= 1.0:
+            self._full_checked = now
             await self.keep_reserve()
-        return self._disk_full
+        if self._disk_full:
+            return True
+        if now - self._free[0] >= 1.0:
+            try:
+                self._free = (now, reserve.free_bytes(self.data_dir))
+            except OSError:
+                return False   # unknown: the writes will tell
+        return self._free[1] < self.min_free_bytes + 1.5 * (declared or 0)
+
+    async def _freeing(self, method, *args):
+        """An index write that frees space or leads to it (a deletion, IMAP \\Deleted): on a full disk
+        the reserve is given back for it and it is tried once more; new mail waits until space returns."""
+        try:
+            return await self._writer.call(method, *args)
+        except StorageFull:
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(self.executor, reserve.release, self.data_dir):
+                raise
+            self._disk_full, self._full_checked = True, time.monotonic()
+            return await self._writer.call(method, *args)
 
     async def close(self) -> None:
         if self._event_timer is not None:
@@ -319,7 +343,7 @@ class Storage:
 
     async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
         """Set the `add` and clear the `remove` flag bits of mailbox entries (one transaction)."""
-        await self._writer.call(IndexWriter.update_flags, site_id, uids, add, remove)
+        await self._freeing(IndexWriter.update_flags, site_id, uids, add, remove)
 
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
@@ -338,7 +362,10 @@ class Storage:
         transaction with their tracking events; blobs whose last reference goes are freed after the
         commit."""
         await self._write_entries(site_id, uids, downloads, site_name)
-        await self.empty_trash()
+        try:
+            await self.empty_trash()
+        except StorageError as exc:   # the deletion stands; housekeeping empties the trash later
+            log.warning("freeing the space of deleted mail failed (housekeeping tries again): %s", exc)
 
     async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
         """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""
@@ -346,7 +373,7 @@ class Storage:
 
     async def _write_entries(self, site_id: int, uids: list[int], downloads: Downloads | None,
                              site_name: str | None) -> None:
-        fetched, removed = await self._writer.call(IndexWriter.delete_entries, site_id, uids, downloads, site_name)
+        fetched, removed = await self._freeing(IndexWriter.delete_entries, site_id, uids, downloads, site_name)
         for listener in self._listeners:
             for row in fetched:
                 listener.fetched_committed(site_id, *row)
