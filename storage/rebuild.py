@@ -9,7 +9,11 @@
 #   - rows whose blob is gone are moved to the quarantine (reported: mails deleted after the
 #     backup whose files were freed, or lost);
 #   - a site the index lacks (added after the backup, or the whole index lost) is made again from
-#     the mails' records, with no password (login impossible until `mailhub site passwd`).
+#     the mails' records (receiving and sending sites, with the addresses the records show), with no password (login impossible until `mailhub site passwd`);
+#   - a committed mail whose bytes differ from its record's SHA-256 (bit rot) is not put back but
+#     quarantined (`damaged_mail`: a file of its own is moved, a packed mail's frame copied), and so
+#     is what has no readable record and no index row (`unreadable_record`): listed and counted,
+#     never served as if whole, never deleted.
 # A mail is committed when its group commit is proven: a ledger commit line, a later record naming
 # it as its predecessor, or the index itself; a single-file mail when a ledger commit line lists it.
 # Unproven records (a commit cut short) are never put into a mailbox. Before changing anything, the
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from . import db, envelope, events, ledger
 from .folder_lock import lock_data_folder
-from .quarantine import quarantine
+from .quarantine import list_entries, quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
 from .usage import rebuild_usage
 
@@ -44,6 +48,7 @@ class Candidate:
     size: int
     record: dict
     packed: bool
+    frame: int = 0   # where its frame begins (a pack), or 0 (a file of its own)
 
 
 @dataclass
@@ -63,10 +68,13 @@ class RebuildReport:
     unreadable: list[str] = field(default_factory=list)  # files or ranges with no readable record
     sites_made: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)   # indexed mails whose blob is gone (quarantined)
+    quarantined: list[str] = field(default_factory=list)   # damaged or unreadable, moved or copied aside
     notes: list[str] = field(default_factory=list)
+    # (blob, frame offset, length, packed, reason, detail, queue ID) to move aside once committed
+    aside: list[tuple] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "aside"}
 
 
 def rebuild_index(data_dir: Path, base: Path | None = None) -> RebuildReport:
@@ -196,16 +204,21 @@ def _read_file(blob: str, path: str, report: RebuildReport, proven: set) -> list
             return [Candidate(blob, 0, single.size, single.record, False)]
         if not envelope.is_pack(fd):
             report.unreadable.append(f"{blob} (no envelope record: stored before records existed, or damaged)")
+            report.aside.append((blob, 0, size, False, "unreadable_record", "a blob file without a readable"
+                                 " envelope record (damaged, or stored before records existed)", None))
             return []
         mails = []
         for found in envelope.frames(fd, 0, size):
             if found.record is None:
                 report.unreadable.append(f"{blob} bytes {found.offset}..{found.offset + found.size}")
+                report.aside.append((blob, found.offset, found.size, True, "unreadable_record",
+                                     "bytes of a pack without a readable frame (damaged, or a write cut short)",
+                                     None))
                 continue
             prev = found.record.get("p")
             if isinstance(prev, list) and len(prev) == 2:
                 proven.add((prev[0], prev[1]))
-            mails.append(Candidate(blob, found.offset, found.size, found.record, True))
+            mails.append(Candidate(blob, found.offset, found.size, found.record, True, found.frame_offset))
         return mails
     finally:
         os.close(fd)
@@ -245,6 +258,7 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    _move_aside_unrestored(conn, data_dir, report)
     recovery = RecoveryReport()
     present = {row[0] for row in conn.execute("SELECT DISTINCT blob FROM messages")}
     for blob in sorted(present):
@@ -255,6 +269,29 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
             _quarantine_rows(conn, data_dir, blob, recovery)
     report.notes.extend(recovery.skipped)
     rebuild_usage(conn)
+
+
+def _move_aside_unrestored(conn, data_dir: Path, report: RebuildReport) -> None:
+    """Quarantine the damaged mails and unreadable ranges the scan found that no index row holds: a
+    file of its own is moved, a range of a pack copied (the pack lives on). A range already in the
+    quarantine (a rebuild run again) is not copied twice."""
+    done = {(e.original, e.extra.get("offset"), e.reason) for e in list_entries(data_dir)}
+    for blob, start, length, packed, reason, detail, qid in report.aside:
+        if packed:
+            held = conn.execute("SELECT 1 FROM messages WHERE blob = ? AND blob_offset >= ? AND blob_offset < ?",
+                                (blob, start, start + length)).fetchone()
+        else:
+            held = conn.execute("SELECT 1 FROM messages WHERE blob = ?", (blob,)).fetchone()
+        if held is not None or (f"blobs/{blob}", start if packed else None, reason) in done:
+            continue
+        where = f"{blob} bytes {start}..{start + length}" if packed else blob
+        try:
+            quarantine(data_dir, data_dir / "blobs" / blob, reason, detail,
+                       byte_range=(start, length) if packed else None, queue_ids=[qid] if qid else [])
+        except OSError as exc:
+            report.notes.append(f"could not move {where} to the quarantine: {exc}")
+            continue
+        report.quarantined.append(f"{where} ({reason}{', ' + qid if qid else ''})")
 
 
 def _committed(mail: Candidate, state: ledger.LedgerState, proven: set, accepted: set) -> bool:
@@ -284,9 +321,16 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
         return
     if not _intact(blob_dir / mail.blob, mail.offset, mail.size, r.get("sha256")):
         report.damaged.append(f"{qid} in {mail.blob} at {mail.offset}")
+        report.aside.append((mail.blob, mail.frame, mail.offset + mail.size - mail.frame, mail.packed,
+                             "damaged_mail", "an acknowledged mail whose bytes differ from the SHA-256 of its"
+                             f" envelope record: not put back into {len(entries)} mailbox(es)"
+                             f" and {len(remote)} outbound recipient(s)", qid))
         return
     message_id, (set_id, set_part, set_total) = r.get("mid"), (r.get("set") or [None, None, None])
-    sender_site = sites.find(r.get("sn"), r.get("ss"), None, make=False) if r.get("ss") is not None else None
+    # the sending site too (it may have no mail of its own); its envelope sender is one of its
+    # addresses (SMTP refused others: SENDER_NOT_OWNED)
+    sender = r.get("from") if "@" in str(r.get("from") or "") else None
+    sender_site = sites.find(r.get("sn"), r.get("ss"), sender) if r.get("ss") is not None else None
     structure = None if r.get("st") is None else json.dumps(r["st"], separators=(",", ":"))
     at = float(r["at"])
     conn.execute(
@@ -356,7 +400,7 @@ class _Sites:
     def name(self, site_id: int) -> str | None:
         return self.names.get(site_id)
 
-    def find(self, name: str | None, site_id: int | None, rcpt: str | None, make: bool = True) -> int | None:
+    def find(self, name: str | None, site_id: int | None, rcpt: str | None) -> int | None:
         if name is None:
             return site_id if site_id in self.names else None
         if name in self.by_name:
@@ -364,8 +408,6 @@ class _Sites:
                 self.conn.execute("INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)",
                                   (rcpt, self.by_name[name]))
             return self.by_name[name]
-        if not make:
-            return None
         cur = self.conn.execute("INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)",
                                 (name, LOCKED_PASSWORD, time.time()))
         self.by_name[name], self.names[cur.lastrowid] = cur.lastrowid, name

@@ -4,12 +4,14 @@
 # by its receiver, once, and no mail deleted after the backup comes back. Counts are printed and
 # asserted (acknowledged, restored, lost = 0, duplicated = 0, resurrected = 0).
 import hashlib
+import json
 import os
 import poplib
 import re
 import smtplib
 import threading
 import time
+from pathlib import Path
 
 from conftest import ALPHA_BETA, PASSWORD, make_message
 
@@ -245,4 +247,58 @@ def test_stray_files_are_reported_and_left_alone(make_hub):
     assert "stray spool/notes.txt left alone" in log and "stray blobs/README left alone" in log
     result = hub.cli("storage", "check", check=False)
     assert result.returncode == 1 and "stray" in result.stdout
+    assert hub.stop() == 0
+
+
+def test_bit_flipped_blobs_and_packs_found_by_a_rebuild_are_quarantined_not_served(make_hub):
+    hub = make_hub(sites=ALPHA_BETA).start()
+    sender = Sender(hub)
+    sent = [sender.send(size=SMALL) for _ in range(6)] + [sender.send(size=LARGE) for _ in range(2)]
+    assert hub.stop() == 0
+    rows = {mid.strip("<>"): (qid, blob, offset, size) for qid, blob, offset, size, mid in
+            hub.query("SELECT queue_id, blob, blob_offset, size, message_id FROM messages")}
+
+    def flip(mid: str, at: int) -> None:
+        _qid, blob, offset, _size = rows[mid]
+        with open(hub.data_dir / "blobs" / blob, "r+b") as f:
+            f.seek(offset + at)
+            byte = f.read(1)
+            f.seek(offset + at)
+            f.write(bytes([byte[0] ^ 0x10]))
+
+    in_pack, bad_record, large = sent[2], sent[4], sent[6]
+    flip(in_pack, rows[in_pack][3] // 2)   # a packed mail's bytes
+    flip(bad_record, -10)                  # a packed mail's envelope record (its CRC no longer matches)
+    flip(large, rows[large][3] // 2)       # a file of its own
+    for suffix in ("", "-wal", "-shm"):    # the index is lost: the blobs must speak for themselves
+        (hub.data_dir / f"index.sqlite3{suffix}").unlink(missing_ok=True)
+    report = json.loads(hub.cli("storage", "rebuild-index", "--json").stdout)
+    damaged_qids = {rows[in_pack][0], rows[large][0]}
+    assert {d.split()[0] for d in report["damaged"]} == damaged_qids, report
+    assert len(report["unreadable"]) == 1 and rows[bad_record][1] in report["unreadable"][0], report
+    assert len(report["quarantined"]) == 3 and report["restored"] == 5, report
+    again = json.loads(hub.cli("storage", "rebuild-index", "--json").stdout)
+    assert again["quarantined"] == [] and again["restored"] == 0, again   # nothing copied twice
+    for site in ("alpha", "beta"):
+        hub.cli("site", "passwd", site, "--password-stdin", stdin=PASSWORD + "\n")
+    hub.start()
+    have = mailbox(hub, "beta")
+    damaged = sum(1 for mid, (_, digest) in have.items() if sender.acknowledged[mid][1] != digest)
+    duplicated = sum(n - 1 for n, _ in have.values())
+    lost = set(sent) - set(have)
+    entries = json.loads(hub.cli("storage", "quarantine", "--json").stdout)
+    by_reason: dict[str, list] = {}
+    for entry in entries:
+        by_reason.setdefault(entry["reason"], []).append(entry)
+    print(f"\n8 acknowledged, 3 bit-flipped, index lost: {len(have)} served intact, damaged served {damaged},"
+          f" duplicated {duplicated}, not restored {len(lost)} (quarantined"
+          f" {len(by_reason.get('damaged_mail', []))} damaged, {len(by_reason.get('unreadable_record', []))}"
+          f" unreadable)")
+    assert damaged == duplicated == 0
+    assert lost == {in_pack, bad_record, large}
+    assert {q for e in by_reason["damaged_mail"] for q in e["queue_ids"]} == damaged_qids
+    unreadable, = by_reason["unreadable_record"]
+    copy = next(p for p in Path(unreadable["path"]).iterdir() if p.name != "reason.json")
+    assert f"<{bad_record}>".encode() in copy.read_bytes()   # its bytes are kept for the operator
+    assert not (hub.data_dir / "blobs" / rows[large][1]).exists()   # moved, not served as if whole
     assert hub.stop() == 0
