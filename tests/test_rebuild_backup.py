@@ -301,4 +301,6 @@ def test_bit_flipped_blobs_and_packs_found_by_a_rebuild_are_quarantined_not_serv
     copy = next(p for p in Path(unreadable["path"]).iterdir() if p.name != "reason.json")
     assert f"<{bad_record}>".encode() in copy.read_bytes()   # its bytes are kept for the operator
     assert not (hub.data_dir / "blobs" / rows[large][1]).exists()   # moved, not served as if whole
+    check = hub.cli("storage", "check")   # dealt with: listed, no longer a problem of the index
+    assert "2 damaged_mail" in check.stdout and "1 unreadable_record" in check.stdout, check.stdout
     assert hub.stop() == 0
