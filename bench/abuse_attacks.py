@@ -163,6 +163,8 @@ async def smtp_login(run: Run, source: str | None = None) -> Line:
 def _kind(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "no reply"
+    if isinstance(error, (BrokenPipeError, ConnectionResetError)):
+        return "closed by hub"
     text = str(error)
     return "BYE" if text == "BYE" else "closed by hub" if "closed" in text or "reset" in text.lower() else \
         type(error).__name__
@@ -512,15 +514,30 @@ async def http_slow(run: Run) -> None:
         return
 
     async def slow(index):
-        conn = await open_line(run, run.target.metrics)
+        """One slowloris connection: tallies how it ended (the hub's status line, closed, still open)."""
+        try:
+            conn = await open_line(run, run.target.metrics)
+        except Ended:
+            run.tally["slow: still connecting at the end"] += 1
+            return
+        except (OSError, asyncio.TimeoutError) as e:
+            run.tally[f"slow: connect {_kind(e)}"] += 1
+            return
         try:
             await conn.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-            run.tally["slow held"] += 1
             while True:
                 await conn.send(b"X")
-                if await closed_within(run, conn, 1.0):
-                    run.tally["slow closed by hub"] += 1
-                    return
+                try:
+                    data = await run.within(conn.reader.read(4096), cap=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                status = data.split(b" ")[1].decode(errors="replace") if data.startswith(b"HTTP/") else None
+                run.tally[f"slow: answered {status}" if status else "slow: closed by hub"] += 1
+                return
+        except Ended:
+            run.tally["slow: still open at the end"] += 1
+        except (OSError, ConnectionError) as e:
+            run.tally[f"slow: {_kind(e)}"] += 1
         finally:
             conn.close()
 
@@ -534,7 +551,7 @@ async def http_slow(run: Run) -> None:
             conn.close()
 
     async def slow_all():
-        await asyncio.gather(*(slow(i) for i in range(run.target.connections)), return_exceptions=True)
+        await asyncio.gather(*(slow(i) for i in range(run.target.connections)))
     await asyncio.gather(slow_all(), workers(run, 2, big))
 
 
