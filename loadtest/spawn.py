@@ -47,6 +47,8 @@ class LocalHub:
         self.env.update({"MAILHUB_DATA_DIR": str(self.data_dir), "MAILHUB_DOMAIN": domain,
                          "MAILHUB_SMTP_LISTEN": "127.0.0.1:0", "MAILHUB_POP3_LISTEN": "127.0.0.1:0",
                          "MAILHUB_IMAP_LISTEN": "127.0.0.1:0", "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
+                         # every simulated site connects from 127.0.0.1: held to the totals only
+                         **{f"MAILHUB_{p}_LIMIT_EXEMPT_NETWORKS": "127.0.0.0/8" for p in ("SMTP", "POP3", "IMAP")},
                          **(extra_env or {})})
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}

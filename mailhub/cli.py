@@ -76,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     events_commands = events.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
     prune = events_commands.add_parser("prune", parents=[common], help="delete events past their retention")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="default: events.retention_days")
+    auth = commands.add_parser("auth", help="password-guessing penalties and blocks of the running hub")
+    auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")
+    blocks = auth_commands.add_parser("blocks", parents=[common],
+                                      help="list penalised client addresses and blocked (site, address) pairs")
+    blocks.add_argument("--json", action="store_true")
+    unblock = auth_commands.add_parser(
+        "unblock", parents=[common], help="lift the blocks and the penalty of a client address",
+        description="Without --site: every block of ADDRESS and its penalty delay; with --site: only the "
+                    "block of that site from ADDRESS.")
+    unblock.add_argument("address", help="client address (an IPv6 address stands for its /64)")
+    unblock.add_argument("--site", help="only the block of this site (as it was given at login)")
     queue = commands.add_parser("queue", help="inspect and manage the outbound relay queue")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="SUBCOMMAND")
     qlist = queue_commands.add_parser("list", parents=[common], help="list queued mail")
@@ -162,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(cfg)
     if args.command == "queue":
         return _queue_command(cfg, args)
+    if args.command == "auth":
+        return _auth_command(cfg, args)
     if args.command in ("trace", "stats"):
         return _report_command(cfg, args)
     if args.command == "events":
@@ -208,6 +221,38 @@ def _serve(cfg) -> int:
     except (OSError, DirectoryError, StorageError, sqlite3.Error) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def _auth_command(cfg, args) -> int:
+    if args.auth_command == "unblock":
+        fields = {"address": args.address} | ({"site": args.site} if args.site is not None else {})
+        answer = ask_hub(cfg, "auth.unblock", **fields)
+        if answer is None:
+            return EXIT_FAILED
+        what = f"site {printable(args.site)!r} from {answer['address']}" if args.site else answer["address"]
+        if not answer["removed"]:
+            print(f"nothing to lift for {what}")
+            return EXIT_FAILED
+        print(f"lifted: {what}")
+        return 0
+    answer = ask_hub(cfg, "auth.blocks")
+    if answer is None:
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    rows = answer["addresses"]
+    if not rows:
+        print("no penalised addresses, no blocks")
+    else:
+        print(f"{'ADDRESS':<28} {'DELAY':>7} {'FAILURES':>8}  BLOCKED SITES")
+        for row in rows:
+            blocked = ", ".join(f"{printable(b['account'])} ({math.ceil(b['seconds_left'] / 60)} min left,"
+                                f" {b['failures']} failures)" for b in row["blocks"]) or "-"
+            print(f"{row['address']:<28} {row['delay']:>6.1f}s {row['failures']:>8}  {blocked}")
+    if answer.get("checks_waiting"):
+        print(f"{answer['checks_waiting']} password check(s) waiting")
     return 0
 
 

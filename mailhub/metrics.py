@@ -59,7 +59,7 @@ INGEST_SECONDS = Histogram(
     registry=REGISTRY)
 POP3_SESSIONS = Counter(
     "mailhub_pop3_sessions_total", "POP3 connections, by how they ended (quit, closed, idle_timeout, "
-    "connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
+    "login_timeout, connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
 POP3_MESSAGES = Counter(
     "mailhub_pop3_messages_served_total", "Whole messages sent by RETR, by site.", ["site"], registry=REGISTRY)
 POP3_BYTES = Counter(
@@ -78,7 +78,7 @@ DIRECTORY_MAILS = Counter(
     "for all sites).", ["kind"], registry=REGISTRY)
 IMAP_SESSIONS = Counter(
     "mailhub_imap_sessions_total", "IMAP connections, by how they ended (logout, closed, idle_timeout, "
-    "connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
+    "login_timeout, connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
 IMAP_MESSAGES = Counter(
     "mailhub_imap_messages_served_total", "Whole messages sent by FETCH (BODY[], RFC822), by site.", ["site"],
     registry=REGISTRY)
@@ -108,6 +108,29 @@ HTTP_REQUESTS = Counter(
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter(
+    "mailhub_connections_refused_total", "Connections refused at once by the connection limits, by protocol and "
+    "reason (total, per_address, unauthenticated = not logged in in total, unauthenticated_per_address).",
+    ["protocol", "reason"], registry=REGISTRY)
+LOGIN_TIMEOUTS = Counter(
+    "mailhub_login_timeouts_total", "Connections closed for not logging in within <protocol>.login_timeout (SMTP "
+    "from a peer network: for not starting a transaction), by protocol.", ["protocol"], registry=REGISTRY)
+LOGIN_FAILURES = Counter(
+    "mailhub_login_failures_total", "Failed logins (wrong password or unknown account), by protocol.",
+    ["protocol"], registry=REGISTRY)
+LOGIN_PENALTIES = Counter(
+    "mailhub_login_penalties_total", "Login attempts and failure replies held back by their address's penalty "
+    "(auth.failure_delay), by protocol.", ["protocol"], registry=REGISTRY)
+LOGIN_PENALTY_SECONDS = Counter(
+    "mailhub_login_penalty_seconds_total", "Seconds logins were held back by their address's penalty, by protocol.",
+    ["protocol"], registry=REGISTRY)
+LOGIN_BLOCKS = Counter(
+    "mailhub_login_blocks_total", "(account, address) pairs blocked for auth.block_time after "
+    "auth.max_failures failures.", registry=REGISTRY)
+LOGIN_REFUSED = Counter(
+    "mailhub_login_refused_total", "Login attempts refused with a temporary failure and no password check, by "
+    "protocol and reason (blocked = the pair is blocked, queue = the address's turn too far off, busy = too many "
+    "password checks waiting).", ["protocol", "reason"], registry=REGISTRY)
 
 
 # ---- hooks called by the protocol edges (cheap; they never raise into a session) -------------
@@ -198,13 +221,38 @@ def imap_session(outcome: str) -> None:
     _labelled(IMAP_SESSIONS, _session_outcome(outcome, "logout")).inc()
 
 
+def connection_refused(protocol: str, reason: str) -> None:
+    _labelled(CONNECTIONS_REFUSED, protocol, reason).inc()
+
+
+def login_timeout(protocol: str) -> None:
+    _labelled(LOGIN_TIMEOUTS, protocol).inc()
+
+
+def login_failure(protocol: str) -> None:
+    _labelled(LOGIN_FAILURES, protocol).inc()
+
+
+def login_penalty(protocol: str, seconds: float) -> None:
+    _labelled(LOGIN_PENALTIES, protocol).inc()
+    _labelled(LOGIN_PENALTY_SECONDS, protocol).inc(seconds)
+
+
+def login_block() -> None:
+    LOGIN_BLOCKS.inc()
+
+
+def login_refused(protocol: str, reason: str) -> None:
+    _labelled(LOGIN_REFUSED, protocol, reason).inc()
+
+
 def _session_outcome(outcome: str, clean_end: str) -> str:
     if outcome.startswith("connection lost"):
         key = "connection_lost"
     elif outcome.startswith(("I/O error", "internal error")):
         key = "error"
-    elif outcome == "idle timeout":
-        key = "idle_timeout"
+    elif outcome in ("idle timeout", "login timeout"):
+        key = outcome.replace(" ", "_")
     elif outcome in (clean_end, "refused"):
         key = outcome
     else:

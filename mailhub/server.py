@@ -10,12 +10,14 @@ import time
 from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
 from quotas import Throttle
 from relay.imap_server import ImapContext
+from relay.logins import Logins
 from relay.outbound_queue import OutboundQueue
 from relay.pop3_server import Pop3Context
 from relay.smtp_server import HubSMTP, SmtpContext
 from relay.file_sender import FileSender
 from storage import SiteCache, Storage
 
+from .auth_control import register_auth_commands
 from .control import ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
@@ -51,7 +53,7 @@ async def serve(cfg) -> None:
                       min_free_bytes=cfg.storage.min_free_bytes)
     MEMORY_BUDGET.budget = storage.memory_budget
     await storage.open()
-    sites = SiteCache(cfg.data_dir)
+    sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks)
     keyring = KeyRing(cfg.data_dir)
     try:
         await _run(cfg, storage, sites, keyring)
@@ -78,12 +80,14 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     await feeder.start()
     hub_keys = await asyncio.get_running_loop().run_in_executor(None, _hub_keys, cfg)
     directory = DirectoryMailer(cfg, storage, hub_keys)
-    smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring)
-    pop3 = Pop3Context(cfg, storage, sites, tls, throttle)
-    imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks)
+    logins = Logins.from_config(cfg, sites)   # one login guard for every protocol
+    smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring, logins=logins)
+    pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins)
+    imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks, logins=logins)
     # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
     control = ControlServer(cfg.data_dir)
     control.register("hub-key-announce", directory.announce_now)
+    register_auth_commands(control, logins)
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,

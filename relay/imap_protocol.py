@@ -13,7 +13,8 @@
 #                            for a change of the mailbox (conn.mailbox_changed())
 #         SendBytes       -> send(ev.data)
 #         SendFile        -> send ev.length bytes of the message's blob from ev.start (sendfile)
-#         AuthRequest     -> resume(site or None)  (sleep before answering a failure)
+#         AuthRequest     -> resume(site, None, or TemporaryFailure(reason): refused unchecked)
+#                            (sleep before answering a failure)
 #         StartTls        -> upgrade the transport, resume(None)
 #         MailboxRequest  -> resume(Snapshot of the site's mailbox, or None if it is gone)
 #         LoadRequest     -> fill msg.structure / .header of ev.messages, resume(None)
@@ -48,9 +49,19 @@ from .imap_parser import (Atom, Command, CommandFramer, LiteralRequest, Overflow
 
 __all__ = ["ImapConnection", "ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile",
            "AuthRequest", "StartTls", "MailboxRequest", "LoadRequest", "PartHeaderRequest", "ScanRequest",
-           "StoreFlags", "ExpungeRequest", "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "YIELD", "bye"]
+           "StoreFlags", "ExpungeRequest", "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "YIELD",
+           "TemporaryFailure", "bye"]
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
+
+
+class TemporaryFailure:
+    """The answer to an AuthRequest refused without a check (e.g. too many failures from the
+    client's address): NO [UNAVAILABLE] with the reason; it counts as a failed login."""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 NA, AU, SE = State.NOT_AUTHENTICATED, State.AUTHENTICATED, State.SELECTED
@@ -318,12 +329,14 @@ class ImapConnection(SelectedState):
 
     def _authenticate(self, tag, user: str, password: str):
         site = yield AuthRequest(user, password, self._failed)
-        if site is None:
+        if site is None or isinstance(site, TemporaryFailure):
             self._failed += 1
+            text = (f"[UNAVAILABLE] {''.join(c for c in site.reason if ' ' <= c <= '~')}"
+                    if isinstance(site, TemporaryFailure) else "[AUTHENTICATIONFAILED] authentication failed")
             if self._failed >= self._max_failed:
-                self._send(f"{tag} NO [AUTHENTICATIONFAILED] authentication failed\r\n* BYE too many failures\r\n")
+                self._send(f"{tag} NO {text}\r\n* BYE too many failures\r\n")
                 return self._close()
-            return self._done(tag, "NO", "[AUTHENTICATIONFAILED] authentication failed")
+            return self._done(tag, "NO", text)
         self._state = State.AUTHENTICATED
         self._framer.set_limits(MAX_COMMAND, MAX_BUFFER)
         self._done(tag, "OK", f"[CAPABILITY {self._capabilities()}] logged in")

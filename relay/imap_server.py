@@ -19,13 +19,14 @@ from mailhub import metrics
 from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
-from . import mime_structure
+from . import connection_limits, mime_structure
 from .file_sender import FileSender
-from .mailbox_session import MailboxSessionIO, is_loopback, printable
+from .logins import Logins
+from .mailbox_session import MailboxSessionIO, is_loopback
 from .imap_limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
 from .imap_protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
                             LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest, SendBytes, SendFile,
-                            Snapshot, StartTls, StoreFlags, bye)
+                            Snapshot, StartTls, StoreFlags, TemporaryFailure, bye)
 from .imap_scan import scan_messages
 from .mime_stream import MimeStreamParser
 
@@ -33,8 +34,17 @@ log = logging.getLogger("mailhub.imap")
 CHUNK = 1024 * 1024
 _HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK
 _HEADER_READ = 64 * 1024
-_FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
 _TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+_REFUSALS = {
+    "shutting_down": bye("server shutting down"),
+    connection_limits.TOTAL: bye("[UNAVAILABLE] Too many connections, try again later"),
+    connection_limits.PER_ADDRESS: bye("[UNAVAILABLE] Too many connections from your address"),
+    connection_limits.UNAUTHENTICATED: bye("[UNAVAILABLE] Too many connections not logged in, try again later"),
+    connection_limits.UNAUTHENTICATED_PER_ADDRESS: bye(
+        "[UNAVAILABLE] Too many connections not logged in from your address"),
+}
 
 
 class ImapContext:
@@ -44,10 +54,13 @@ class ImapContext:
     storage's listeners: every committed delivery or removal wakes the sessions of that site."""
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle, pop3_locks: dict):
+                 throttle: Throttle, pop3_locks: dict, logins: Logins | None = None):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
+        self.logins = logins or Logins.from_config(cfg, sites)   # shared by all protocols (server.py)
+        self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.imap))
+        self.login_timeout = cfg.imap.login_timeout
         self.ledger = throttle.ledger
         self.tls_context = tls_context
         self.pop3_locks = pop3_locks
@@ -89,6 +102,8 @@ class ImapContext:
 
 
 class ImapSession(MailboxSessionIO):
+    protocol = "imap"
+
     def __init__(self, ctx: ImapContext, implicit_tls: bool):
         super().__init__(ctx, ctx.cfg.imap.idle_timeout, implicit_tls)
         self._served = Downloads(polled_at=0.0)       # the whole session's, for its log line
@@ -98,12 +113,10 @@ class ImapSession(MailboxSessionIO):
     # ---- transport callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
         ctx = self.ctx
-        if ctx.shutting_down or len(ctx.sessions) >= ctx.cfg.imap.max_connections:
-            transport.write(bye("server shutting down" if ctx.shutting_down else "too many connections"))
+        refusal = self._admit(transport)
+        if refusal is not None:
+            transport.write(_REFUSALS[refusal])
             transport.close()
             metrics.imap_session("refused")
             return
@@ -113,6 +126,9 @@ class ImapSession(MailboxSessionIO):
             plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext,
             renderers=mime_structure)
         self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def _login_timeout_reply(self) -> bytes:
+        return bye(f"Autologout; no login within {self.ctx.login_timeout:.0f} seconds")
 
     def mailbox_changed(self) -> None:
         self.core.mailbox_changed()
@@ -175,7 +191,7 @@ class ImapSession(MailboxSessionIO):
             outcome = "idle timeout"
             self._say_bye("autologout; idle for too long")
         except ConnectionError as exc:
-            outcome = f"connection lost ({type(exc).__name__}: {exc})"
+            outcome = self._end_reason or f"connection lost ({type(exc).__name__}: {exc})"
         except OSError as exc:
             outcome = f"I/O error: {exc}"
             log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
@@ -185,7 +201,7 @@ class ImapSession(MailboxSessionIO):
             log.exception("peer=%s site=%s: internal error", self.peer, self._site_name())
             self._say_bye("internal error")
         finally:
-            await self._finish(outcome)
+            await self._finish(self._end_reason or outcome)
 
     def _say_bye(self, reason: str) -> None:
         if not self._lost and not self.transport.is_closing() and not self._in_literal:
@@ -194,12 +210,12 @@ class ImapSession(MailboxSessionIO):
     # ---- what the core's events ask for ----------------------------------------------------
 
     async def _login(self, event: AuthRequest):
-        site = await self.ctx.sites.authenticate(event.user, event.password)
+        outcome = await self.ctx.logins.login("imap", self.peer, event.user, event.password)
+        site = outcome.site
         if site is None:
-            await asyncio.sleep(_FAILED_LOGIN_DELAY * (1 + event.failed_so_far))
-            log.info("peer=%s: failed login as %r", self.peer, printable(event.user))
-            return None
+            return None if outcome.temporary is None else TemporaryFailure(outcome.temporary)
         self.site = site
+        self._logged_in()
         self.downloads = Downloads(polled_at=time.time(), protocol="imap", peer=self.peer)
         self.ctx.by_site.setdefault(site.id, set()).add(self)
         self.ctx.ledger.note_poll(site.id, time.monotonic())

@@ -1,10 +1,16 @@
-# The transport plumbing POP3 and IMAP sessions share: feeding received bytes to the sans-I/O core
-# with read pausing, waiting for input with the idle timeout, writes that fail once the connection
-# is gone, flow control (drain, flushed), plus the peer helpers. No protocol logic lives here.
+# The transport plumbing POP3 and IMAP sessions share: admission by the protocol's connection
+# limits, the deadline for logging in, feeding received bytes to the sans-I/O core with read
+# pausing, waiting for input with the idle timeout (counted from the last complete line, so bytes
+# trickled into a line do not keep a connection alive), writes that fail once the connection is
+# gone, flow control (drain, flushed), plus the peer helpers. No protocol logic lives here.
 import asyncio
 import ipaddress
 import threading
 import time
+
+from mailhub import metrics
+
+from .connection_limits import Ticket
 
 PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 
@@ -13,9 +19,16 @@ class MailboxSessionIO(asyncio.Protocol):
     """Base of Pop3Session and ImapSession: the session state both share. Subclasses set `core`
     (their sans-I/O connection) in connection_made()."""
 
+    protocol = ""   # "pop3" / "imap": metric labels
+
     def __init__(self, ctx, idle_timeout: float, implicit_tls: bool):
         self.ctx = ctx
         self.idle_timeout = idle_timeout
+        self.ticket: Ticket | None = None     # counted by ctx.connections while open
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._end_reason: str | None = None   # why the server closed the connection on its own
+        self._idle_from = 0.0                 # loop time the idle timeout counts from
+        self._partial_line = False            # the last bytes received did not end a line
         self.tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.core = None
@@ -32,9 +45,60 @@ class MailboxSessionIO(asyncio.Protocol):
         self._reading_paused = False
         self._stop_send = threading.Event()
 
+    # ---- admission and the login deadline ---------------------------------------------------
+
+    def _admit(self, transport) -> str | None:
+        """Note the transport and peer and count the connection; the reason it is refused, or None
+        (then the login deadline runs)."""
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
+        if self.ctx.shutting_down:
+            return "shutting_down"
+        admitted = self.ctx.connection_counter.admit(self.peer)
+        if isinstance(admitted, str):
+            metrics.connection_refused(self.protocol, admitted)
+            return admitted
+        self.ticket = admitted
+        loop = asyncio.get_running_loop()
+        self._idle_from = loop.time()
+        self._login_timer = loop.call_later(self.ctx.login_timeout, self._login_expired)
+        return None
+
+    def _logged_in(self) -> None:
+        """Credentials accepted: no longer counted as not logged in, no login deadline."""
+        self.ticket.logged_in()
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self.site is not None or self._lost or self.transport.is_closing():
+            return
+        metrics.login_timeout(self.protocol)
+        self._end_reason = "login timeout"
+        self.transport.write(self._login_timeout_reply())
+        self.transport.close()
+
+    def _login_timeout_reply(self) -> bytes:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self.ticket is not None:
+            self.ticket.release()
+
+    # ---- input ---------------------------------------------------------------------------------
+
     def data_received(self, data: bytes) -> None:
         if self.core is None:
             return
+        if b"\n" in data:   # a line completed: the idle timeout counts from here
+            self._idle_from = asyncio.get_running_loop().time()
+        self._partial_line = not data.endswith(b"\n")
         self.core.receive_data(data)
         if self.core.buffered_bytes >= PAUSE_READING_AT and not self._reading_paused:
             self.transport.pause_reading()
@@ -48,6 +112,7 @@ class MailboxSessionIO(asyncio.Protocol):
         return not self.tls   # keep a half-closed plain connection open to answer what came before
 
     def connection_lost(self, exc) -> None:
+        self._release()
         self._lost = True
         self._stop_send.set()
         if self.core is not None:
@@ -62,13 +127,19 @@ class MailboxSessionIO(asyncio.Protocol):
         self._writable.set()
 
     async def _wait_input(self) -> None:
+        """Wait for bytes (or, in IMAP IDLE, a mailbox change). The idle timeout counts from the
+        last complete line received, or from the first wait after the server answered it; not
+        from bytes that do not end a line, nor from what the server sends unasked in IDLE."""
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._reading_paused:
             self.transport.resume_reading()
             self._reading_paused = False
+        loop = asyncio.get_running_loop()
+        if not self._partial_line and not getattr(self.core, "idling", False):
+            self._idle_from = loop.time()
         self._input.clear()
-        async with asyncio.timeout(self.idle_timeout):
+        async with asyncio.timeout_at(self._idle_from + self.idle_timeout):
             await self._input.wait()
 
     def _write(self, data: bytes) -> None:

@@ -438,10 +438,19 @@ class Pop3Connection:
 
     # ---- adapter results ----------------------------------------------------
     def auth_result(self, ok: bool, in_use: bool = False,
-                    maildrop: list[MaildropEntry] | None = None) -> bytes:
-        """Answer an AuthRequest.  in_use: credentials fine but the maildrop is locked."""
+                    maildrop: list[MaildropEntry] | None = None, temporary: str | None = None) -> bytes:
+        """Answer an AuthRequest.  in_use: credentials fine but the maildrop is locked.
+        temporary: the login was refused unchecked for this reason (e.g. too many failures from
+        the client's address); it counts as a failure but says [SYS/TEMP]."""
         self._require("auth_result")
-        if in_use:
+        if temporary is not None and not ok:
+            self._failed += 1
+            reply = "-ERR [SYS/TEMP] " + _CONTROL.sub(b"", temporary.encode("ascii", "replace")).decode("ascii")
+            outcome = "err"
+            if self._failed >= self._max_failed:
+                outcome = "close"
+                self._out.append(CloseConnection())
+        elif in_use:
             reply, outcome = "-ERR [IN-USE] maildrop already locked", "err"
         elif ok:
             if maildrop is None:
@@ -595,11 +604,12 @@ def dot_stuff(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
     return out, chunk.endswith(b"\n")
 
 
-def system_error(reason: str) -> bytes:
+def system_error(reason: str, code: str | None = "SYS/TEMP") -> bytes:
     """The reply for a connection the adapter ends on its own (too many connections, shutting
-    down, internal error): send it instead of the greeting or the next reply, then close."""
+    down, login timeout, internal error): send it instead of the greeting or the next reply, then
+    close. `code` is the RFC 2449/3206 response code (None: none)."""
     text = _CONTROL.sub(b"", reason.encode("ascii", "replace")).decode("ascii")
-    return f"-ERR [SYS/TEMP] {text}\r\n".encode()
+    return (f"-ERR [{code}] {text}\r\n" if code else f"-ERR {text}\r\n").encode()
 
 
 def message_terminator(at_line_start: bool) -> bytes:

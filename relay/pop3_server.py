@@ -19,8 +19,10 @@ from mailhub import metrics
 from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
+from . import connection_limits
 from .file_sender import FileSender
-from .mailbox_session import MailboxSessionIO, is_loopback, printable
+from .logins import Logins
+from .mailbox_session import MailboxSessionIO, is_loopback
 from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, MaildropEntry, Pop3Connection,
                             SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
                             message_terminator, system_error)
@@ -28,18 +30,30 @@ from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, Mai
 log = logging.getLogger("mailhub.pop3")
 CHUNK = 1024 * 1024
 _HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK   # transport buffer while copying a message
-_FAILED_LOGIN_DELAY = 0.25      # seconds, times (1 + earlier failures on the connection)
 _TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+_REFUSALS = {
+    "shutting_down": system_error("server shutting down"),
+    connection_limits.TOTAL: system_error("too many connections, try again later"),
+    connection_limits.PER_ADDRESS: system_error("too many connections from your address", code="IN-USE"),
+    connection_limits.UNAUTHENTICATED: system_error("too many connections not logged in, try again later"),
+    connection_limits.UNAUTHENTICATED_PER_ADDRESS: system_error(
+        "too many connections not logged in from your address", code="IN-USE"),
+}
 
 
 class Pop3Context:
     """What all POP3 connections share: config, storage, sites, TLS, sessions and mailbox locks."""
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle):
+                 throttle: Throttle, logins: Logins | None = None):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
+        self.logins = logins or Logins.from_config(cfg, sites)   # shared by all protocols (server.py)
+        self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.pop3))
+        self.login_timeout = cfg.pop3.login_timeout
         self.ledger = throttle.ledger   # told of each poll and download (the drain-rate measurement)
         self.tls_context = tls_context
         self.sender = FileSender(cfg.pop3.max_connections)
@@ -65,6 +79,8 @@ class Pop3Context:
 
 
 class Pop3Session(MailboxSessionIO):
+    protocol = "pop3"
+
     def __init__(self, ctx: Pop3Context, implicit_tls: bool):
         super().__init__(ctx, ctx.cfg.pop3.idle_timeout, implicit_tls)
         self._recorded = False    # downloads written with the UPDATE transaction
@@ -73,12 +89,10 @@ class Pop3Session(MailboxSessionIO):
     # ---- transport callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
         ctx = self.ctx
-        if ctx.shutting_down or len(ctx.sessions) >= ctx.cfg.pop3.max_connections:
-            transport.write(system_error("server shutting down" if ctx.shutting_down else "too many connections"))
+        refusal = self._admit(transport)
+        if refusal is not None:
+            transport.write(_REFUSALS[refusal])
             transport.close()
             metrics.pop3_session("refused")
             return
@@ -87,6 +101,9 @@ class Pop3Session(MailboxSessionIO):
             greeting_host=ctx.cfg.hostname, stls_available=ctx.tls_context is not None and not self.tls,
             plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext)
         self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def _login_timeout_reply(self) -> bytes:
+        return system_error(f"no login within {self.ctx.login_timeout:.0f} seconds, closing", code=None)
 
     def abort(self) -> None:
         """Close now (shutdown), unless deletions are being applied."""
@@ -125,7 +142,7 @@ class Pop3Session(MailboxSessionIO):
         except TimeoutError:
             outcome = "idle timeout"
         except ConnectionError as exc:
-            outcome = f"connection lost ({type(exc).__name__}: {exc})"
+            outcome = self._end_reason or f"connection lost ({type(exc).__name__}: {exc})"
         except OSError as exc:
             outcome = f"I/O error: {exc}"
             log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
@@ -135,7 +152,7 @@ class Pop3Session(MailboxSessionIO):
             log.exception("peer=%s site=%s: internal error", self.peer, self._site_name())
             self._reply_system_error("internal error")
         finally:
-            await self._finish(outcome)
+            await self._finish(self._end_reason or outcome)
 
     def _reply_system_error(self, reason: str) -> None:
         """Say why we close, unless that would land inside a message being sent."""
@@ -146,11 +163,10 @@ class Pop3Session(MailboxSessionIO):
 
     async def _login(self, event: AuthRequest) -> None:
         ctx = self.ctx
-        site = await ctx.sites.authenticate(event.user, event.password)
+        outcome = await ctx.logins.login("pop3", self.peer, event.user, event.password)
+        site = outcome.site
         if site is None:
-            await asyncio.sleep(_FAILED_LOGIN_DELAY * (1 + event.failed_so_far))
-            log.info("peer=%s: failed login as %r", self.peer, printable(event.user))
-            self._write(self.core.auth_result(False))
+            self._write(self.core.auth_result(False, temporary=outcome.temporary))
             return
         if site.id in ctx.locks:
             log.info("peer=%s site=%s: mailbox in use", self.peer, site.name)
@@ -158,6 +174,7 @@ class Pop3Session(MailboxSessionIO):
             return
         ctx.locks[site.id] = self
         self.site = site
+        self._logged_in()
         self.downloads = Downloads(polled_at=time.time(), protocol="pop3", peer=self.peer)
         ctx.ledger.note_poll(site.id, time.monotonic())
         entries = await ctx.storage.mailbox(site.id)

@@ -11,6 +11,10 @@ AUTH_OK = "235 2.7.0 Authentication successful"
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_CONNECTIONS_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
+TOO_MANY_UNAUTHENTICATED = "421 4.7.0 Too many connections not yet authenticated, try again later"
+TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS = ("421 4.7.0 Too many connections not yet authenticated from your"
+                                         " address, try again later")
 TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentications, goodbye"
 TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -80,6 +84,16 @@ def directory_queued(queue_id: str) -> str:
 def directory_too_soon(wait: float) -> str:
     return (f"450 4.7.1 The directory was sent to your mailbox a moment ago; ask again in"
             f" {math.ceil(wait)} s")
+
+
+def login_timeout(peer_network: bool, seconds: float) -> str:
+    what = "mail transaction started" if peer_network else "authentication"
+    return f"421 4.4.2 No {what} within {seconds:.0f} seconds, closing connection"
+
+
+def auth_temporary_failure(reason: str) -> str:
+    """RFC 4954: 454 4.7.0 for a temporary authentication failure."""
+    return f"454 4.7.0 Temporary authentication failure: {reason}"
 
 
 def chunk_received(size: int) -> str:

@@ -25,9 +25,11 @@ from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
+from . import connection_limits
 from . import smtp_replies as R
 from .ingest import IncomingMessage
 from .internal_errors import report_internal_error
+from .logins import Logins
 from .mailbox_session import is_loopback, printable
 from .message_scan import DotLineScanner
 from .outbound_routes import route_for
@@ -39,7 +41,12 @@ from .smtp_syntax import decode_sasl, parse_bdat, parse_helo, parse_path, parse_
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
-_MAX_AUTH_FAILURES = 5
+_MIN_DATA_RATE = 500     # octets/s a client must keep up in DATA/BDAT (idle deadline, see _data_progress)
+_MAX_AUTH_FAILURES = 5   # per connection (the login guard slows and blocks across connections)
+_REFUSALS = {connection_limits.TOTAL: R.TOO_MANY_CONNECTIONS,
+             connection_limits.PER_ADDRESS: R.TOO_MANY_CONNECTIONS_FROM_ADDRESS,
+             connection_limits.UNAUTHENTICATED: R.TOO_MANY_UNAUTHENTICATED,
+             connection_limits.UNAUTHENTICATED_PER_ADDRESS: R.TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS}
 _COUNTED_ERRORS = frozenset(("500", "501", "504", "555"))   # syntax errors, counted by smtp.max_bad_commands
 _YIELD_EVERY = 16   # commands run between two turns of the event loop: a client pipelining 256 KB of
                     # NOOPs (40,000 commands, all buffered) would otherwise hold the loop for a second
@@ -73,7 +80,7 @@ class SmtpContext:
 
     def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
                  throttle: Throttle, directory: DirectoryMailer | None = None,
-                 keyring: KeyRing | None = None):
+                 keyring: KeyRing | None = None, logins: Logins | None = None):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
@@ -82,27 +89,28 @@ class SmtpContext:
         self.directory = directory
         self.keyring = keyring
         self.connections: set["HubSMTP"] = set()
-        self.per_ip: collections.Counter = collections.Counter()
+        self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.smtp))
+        self.logins = logins or Logins.from_config(cfg, sites)   # shared by all protocols (server.py)
         self.shutting_down = False
         relay = cfg.relay
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
 
     def admit(self, conn: "HubSMTP", ip: str) -> str | None:
-        limits = self.cfg.smtp
+        """Count the new connection (conn.ticket); the refusal reply if it is over a limit."""
         if self.shutting_down:
             return R.SHUTTING_DOWN
-        if len(self.connections) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
-            return R.TOO_MANY_CONNECTIONS
+        admitted = self.connection_counter.admit(ip)
+        if isinstance(admitted, str):
+            metrics.connection_refused("smtp", admitted)
+            return _REFUSALS[admitted]
+        conn.ticket = admitted
         self.connections.add(conn)
-        self.per_ip[ip] += 1
         return None
 
-    def release(self, conn: "HubSMTP", ip: str) -> None:
-        if conn in self.connections:
-            self.connections.discard(conn)
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+    def release(self, conn: "HubSMTP") -> None:
+        self.connections.discard(conn)
+        if conn.ticket is not None:
+            conn.ticket.release()
 
     def is_peer(self, ip: str) -> bool:
         try:
@@ -149,6 +157,8 @@ class HubSMTP(SMTP):
         self._budget = ctx.storage.memory_budget
         self._buffered = 0          # bytes of the reader's buffer counted in the memory budget
         self._reading_paused = False   # the socket is not read until memory is under the budget
+        self.ticket: connection_limits.Ticket | None = None   # counted while open (SmtpContext.admit)
+        self._login_timer: asyncio.TimerHandle | None = None
 
     # ---- connection life cycle -------------------------------------------------------------
 
@@ -173,7 +183,9 @@ class HubSMTP(SMTP):
         self._auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
 
     def connection_lost(self, error) -> None:
-        self.ctx.release(self, self._peer_ip)
+        self.ctx.release(self)
+        if self._login_timer is not None:
+            self._login_timer.cancel()
         self._budget.give(self._buffered)
         self._buffered = 0
         if self.envelope is not None:
@@ -245,6 +257,7 @@ class HubSMTP(SMTP):
         if refusal is not None:
             self.close_now(refusal)
             return
+        self._login_timer = self.loop.call_later(self.ctx.cfg.smtp.login_timeout, self._login_expired)
         try:
             await self.push(f"220 {self.hostname} {self.__ident__}")
             await self._serve_commands()
@@ -321,6 +334,26 @@ class HubSMTP(SMTP):
         report_internal_error(log, "smtp", error, f"peer={self._peer_ip} site={site.name if site else '-'}"
                                                   f" qid={message.queue_id if message else '-'}")
 
+    def _logged_in(self) -> None:
+        """Authenticated, or (from a peer network) a transaction started: no longer counted as not
+        logged in, no login deadline; the idle timeout alone applies."""
+        if self.ticket is not None:
+            self.ticket.logged_in()
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+
+    def _login_expired(self) -> None:
+        """smtp.login_timeout passed without AUTH (from a peer network: without MAIL FROM)."""
+        self._login_timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        metrics.login_timeout("smtp")
+        log.info("%s: closed: %s within %.0f s", self._peer_ip,
+                 "no mail transaction" if self._from_peer_network else "no authentication",
+                 self.ctx.cfg.smtp.login_timeout)
+        self.close_now(R.login_timeout(self._from_peer_network, self.ctx.cfg.smtp.login_timeout))
+
     async def reply_pipelined(self, status: str) -> None:
         """Reply, but hold it back while the client's next complete command is already buffered:
         a pipelining client then gets the replies to its whole group in one segment (RFC 2920)."""
@@ -362,6 +395,14 @@ class HubSMTP(SMTP):
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             self._timeout_handle = self.loop.call_at(deadline, self._check_idle)
+
+    def _data_progress(self, octets: int) -> None:
+        """Message data arrived: as Postfix's smtpd_min_data_rate, the idle deadline moves on by
+        octets / _MIN_DATA_RATE seconds (at most to a full idle_timeout from now), so that a client
+        trickling a few bytes at a time cannot hold a transaction open for ever."""
+        now = self.loop.time()
+        self._reset_timeout(max(0.001, min(self._timeout_duration,
+                                           self._idle_deadline - now + octets / _MIN_DATA_RATE)))
 
     def _check_idle(self) -> None:
         if self.loop.time() >= self._idle_deadline:
@@ -540,13 +581,13 @@ class HubSMTP(SMTP):
         return await self._check_login(login, password)
 
     async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
-        site = await self.ctx.sites.authenticate(login.decode("utf-8", "replace"),
-                                                 password.decode("utf-8", "replace"))
-        if site is None:
-            await asyncio.sleep(0.25 * (self._auth_failures + 1))
-            log.info("%s: failed login as %r", self._peer_ip, printable(login))
-            return AuthResult(success=False, handled=False, message=R.AUTH_FAILED)
-        return AuthResult(success=True, auth_data=site, message=R.AUTH_OK)
+        outcome = await self.ctx.logins.login("smtp", self._peer_ip, login.decode("utf-8", "replace"),
+                                              password.decode("utf-8", "replace"))
+        if outcome.site is None:
+            message = R.AUTH_FAILED if outcome.temporary is None else R.auth_temporary_failure(outcome.temporary)
+            return AuthResult(success=False, handled=False, message=message)
+        self._logged_in()
+        return AuthResult(success=True, auth_data=outcome.site, message=R.AUTH_OK)
 
     @property
     def _site(self) -> Site | None:
@@ -596,6 +637,8 @@ class HubSMTP(SMTP):
             return
         self.envelope.mail_from = address
         self.envelope.declared_size = size
+        if self._from_peer_network:
+            self._logged_in()   # a peer network's transaction started: its login deadline is met
         await self.reply_pipelined(R.SENDER_OK)
 
     @syntax("RCPT TO:<address>")
@@ -726,8 +769,8 @@ class HubSMTP(SMTP):
                 chunk = await self._read(CHUNK)
                 if not chunk:
                     raise ConnectionResetError("connection closed during DATA")
-                self._reset_timeout()
                 size = len(chunk)
+                self._data_progress(size)
                 message.write(decoder.feed(chunk))
                 del chunk   # the spool holds (and counts) what it keeps: a stalled sender pins nothing more
                 if message.backlogged:
@@ -798,8 +841,8 @@ class HubSMTP(SMTP):
             chunk = await self._read(min(remaining, CHUNK))
             if not chunk:
                 raise ConnectionResetError("connection closed during BDAT")
-            self._reset_timeout()
             size = len(chunk)
+            self._data_progress(size)
             remaining -= size
             if message is not None:
                 message.write(chunk)

@@ -2,13 +2,18 @@
 # reloaded when the CLI changes them (a version counter bumped by triggers), and password checks
 # run off the event loop with a short-lived cache of verified logins; sessions that log in at the
 # same time with the same credentials share one check (a gateway opens its sessions together, and
-# one scrypt check costs ~60 ms of CPU). Never stores a password.
+# one scrypt check costs ~60-100 ms of CPU). The checks run in a small pool of their own at a lower
+# CPU priority (hashlib.scrypt releases the GIL: bench/scrypt_gil.py), with a bounded queue: past
+# it a login gets LoginBusy at once (a temporary failure), so a flood of logins can neither queue
+# without end nor take the CPU from mail traffic. Never stores a password.
 import asyncio
 import hashlib
 import hmac
 import os
 import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from . import db
 from .passwords import verify_password
@@ -16,10 +21,19 @@ from .sites import Site, list_sites, sites_version
 
 _RECHECK_SECONDS = 0.5
 _VERIFIED_TTL = 300.0
+_HASH_NICENESS = 10   # the hashing threads yield the CPU to the event loop and the index writer
+
+
+class LoginBusy(Exception):
+    """More password checks are waiting than the queue allows: answer with a temporary failure."""
 
 
 class SiteCache:
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, hash_threads: int = 2, max_queued_checks: int = 256):
+        self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="password-check",
+                                        initializer=_lower_priority)
+        self._max_queued = max_queued_checks
+        self._pending = 0     # checks submitted to the pool and not finished
         self._conn: sqlite3.Connection = db.connect(data_dir)
         self._version = -1
         self._checked_at = 0.0
@@ -30,7 +44,12 @@ class SiteCache:
         self._key = os.urandom(32)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._conn.close()
+
+    @property
+    def checks_pending(self) -> int:
+        return self._pending
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -58,10 +77,12 @@ class SiteCache:
         return list(self._by_name.values())
 
     async def authenticate(self, name: str, password: str) -> Site | None:
+        """The site when the password is right, else None; LoginBusy when the check cannot be
+        queued now."""
         site = self.by_name(name)
         if site is None:
             # Same cost as a real check, so that timing does not reveal which names exist.
-            await asyncio.get_running_loop().run_in_executor(None, verify_password, password, _DUMMY_HASH)
+            await self._check(password, _DUMMY_HASH)
             return None
         tag = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
         cached = self._verified.get((site.name, site.password_hash))
@@ -69,14 +90,30 @@ class SiteCache:
             return site
         check = (site.name, site.password_hash, tag)
         if check not in self._checking:
-            self._checking[check] = asyncio.get_running_loop().run_in_executor(None, verify_password, password,
-                                                                                 site.password_hash)
+            self._checking[check] = asyncio.ensure_future(self._check(password, site.password_hash))
             self._checking[check].add_done_callback(lambda _done: self._checking.pop(check, None))
         ok = await asyncio.shield(self._checking[check])
         if not ok:
             return None
         self._verified[(site.name, site.password_hash)] = (tag, time.monotonic() + _VERIFIED_TTL)
         return site
+
+    async def _check(self, password: str, stored: str) -> bool:
+        if self._pending >= self._max_queued:
+            raise LoginBusy(f"{self._pending} password checks waiting")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, verify_password, password, stored)
+        finally:
+            self._pending -= 1
+
+
+def _lower_priority() -> None:
+    """Run this pool thread at a lower CPU priority (Linux sets niceness per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _HASH_NICENESS)
+    except (OSError, AttributeError):
+        pass
 
 
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

@@ -580,7 +580,7 @@ def test_connections_over_the_limit_are_refused(make_hub):
     hub.start()
     first, second = RawPop3(hub.ports["pop3"]), RawPop3(hub.ports["pop3"])
     third = RawPop3(hub.ports["pop3"])
-    assert third.greeting == b"-ERR [SYS/TEMP] too many connections\r\n" and third.rest() == b""
+    assert third.greeting == b"-ERR [SYS/TEMP] too many connections, try again later\r\n" and third.rest() == b""
     first.command("QUIT")
     again = wait_for(lambda: (lambda c: c if c.greeting.startswith(b"+OK") else None)(RawPop3(hub.ports["pop3"])))
     assert again
