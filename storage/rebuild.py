@@ -179,20 +179,23 @@ def _salvage(damaged: Path, target: Path) -> bool:
 
 # ---- the reconciliation ---------------------------------------------------------------------------
 
-def scan(blob_dir: Path, report: RebuildReport, proven: set) -> list[Candidate]:
-    """Every mail with a readable record in the blob store; adds the group commits that later
-    records name as their predecessor to `proven`."""
-    found = []
+def blob_files(blob_dir: Path):
+    """(blob name, path) of every file the hub names in the blob store, in order."""
     for folder in sorted(os.scandir(blob_dir), key=lambda e: e.name):
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
             continue
         for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
-            if not (entry.is_file(follow_symlinks=False) and QUEUE_ID.match(entry.name)):
-                continue
-            report.scanned_files += 1
-            found.extend(_read_file(f"{folder.name}/{entry.name}", entry.path, report, proven))
-    report.found = len(found)
-    return found
+            if entry.is_file(follow_symlinks=False) and QUEUE_ID.match(entry.name):
+                yield f"{folder.name}/{entry.name}", entry.path
+
+
+def prove(blob_dir: Path, report: RebuildReport, proven: set) -> None:
+    """The first pass: count the mails and unreadable ranges, and add the group commits that later
+    records name as their predecessor to `proven` (records are not kept: memory stays bounded by
+    one file's records however large the store)."""
+    for blob, path in blob_files(blob_dir):
+        report.scanned_files += 1
+        report.found += len(_read_file(blob, path, report, proven))
 
 
 def _read_file(blob: str, path: str, report: RebuildReport, proven: set) -> list[Candidate]:
@@ -229,21 +232,20 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
     state = ledger.read(data_dir)
     seq, attempt = ledger.last_commit(conn)
     proven = set(state.commits.items()) | {(seq, attempt)}
-    candidates = scan(blob_dir, report, proven)
-    indexed = {q for (q,) in conn.execute("SELECT queue_id FROM messages")}
-    accepted = {q for (q,) in conn.execute("SELECT queue_id FROM events WHERE kind = ?", (events.ACCEPTED,))}
+    prove(blob_dir, report, proven)
     sites = _Sites(conn, report)
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("UPDATE meta SET value = 1 WHERE key = 'ledger_quiet'")   # no removals of its own
-        for mail in candidates:
-            qid = mail.record["q"]
-            if qid in indexed:
-                continue
-            if not _committed(mail, state, proven, accepted):
-                report.uncommitted += 1
-                continue
-            _restore(conn, blob_dir, mail, state, sites, report)
+        for blob, path in blob_files(blob_dir):   # the second pass, file by file
+            for mail in _read_file(blob, path, RebuildReport(), set()):
+                qid = mail.record["q"]
+                if conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (qid,)).fetchone() is not None:
+                    continue   # indexed (or restored from another copy already)
+                if not _committed(conn, mail, state, proven):
+                    report.uncommitted += 1
+                    continue
+                _restore(conn, blob_dir, mail, state, sites, report)
         _apply_removals(conn, state, report)
         top_seq = max([seq] + list(state.commits))
         if top_seq > seq:   # the index's last group commit is the ledger's (its line is there already)
@@ -294,9 +296,10 @@ def _move_aside_unrestored(conn, data_dir: Path, report: RebuildReport) -> None:
         report.quarantined.append(f"{where} ({reason}{', ' + qid if qid else ''})")
 
 
-def _committed(mail: Candidate, state: ledger.LedgerState, proven: set, accepted: set) -> bool:
-    if mail.record["q"] in accepted:   # the index's own tracking record says so
-        return True
+def _committed(conn, mail: Candidate, state: ledger.LedgerState, proven: set) -> bool:
+    if conn.execute("SELECT 1 FROM events WHERE queue_id = ? AND kind = ?",
+                    (mail.record["q"], events.ACCEPTED)).fetchone() is not None:
+        return True   # the index's own tracking record says so
     if mail.record["q"] in state.left_out:   # its commit left it out: the sender got a 452
         return False
     if not mail.packed:
