@@ -23,6 +23,7 @@ MAX_PER_ADDRESS = 8           # open at once from one client address; more: 503
 ALLOWED = ("GET", "HEAD")
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_METHOD_START = re.compile(rb"[\r\n]*[!#$%&'*+.^_`|~0-9A-Za-z-]{0,16}(?: |\Z)")   # what a request may begin with
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*[\x20-\x7e\x80-\xff\t]*")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -62,12 +63,12 @@ def parse_head(head: bytes) -> Request | Refusal:
         return Refusal(400, "malformed request line")
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
         return Refusal(505, "only HTTP/1.0 and HTTP/1.1")
+    if method.decode() not in ALLOWED:
+        return Refusal(405, "only GET and HEAD")
     if not _TARGET.fullmatch(target):
         return Refusal(400, "malformed request target")
     if any(not _FIELD.fullmatch(field) for field in fields):
         return Refusal(400, "malformed header field")
-    if method.decode() not in ALLOWED:
-        return Refusal(405, "only GET and HEAD")
     return Request(method.decode(), target.split(b"?", 1)[0].decode("ascii"))
 
 
@@ -126,6 +127,8 @@ class HttpServer:
         try:
             async with asyncio.timeout(HEAD_SECONDS):
                 while (end := end_of_head(data)) < 0:
+                    if not _METHOD_START.match(data):   # e.g. a TLS handshake: no need to wait for a line
+                        return Refusal(400, "not an HTTP request")
                     if b"\n" not in data and len(data) > MAX_REQUEST_LINE:
                         return Refusal(414, "request line too long")
                     if len(data) > MAX_HEAD:

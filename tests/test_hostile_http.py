@@ -26,6 +26,7 @@ ATTACKER = "127.0.0.2"   # loopback, but another client address than the good cl
     (b"GET  /metrics HTTP/1.1\r\n\r\n", Refusal(400, "malformed request line")),
     (b"GET http://x/metrics HTTP/1.1\r\n\r\n", Refusal(400, "malformed request target")),
     (b"GET /m\x00 HTTP/1.1\r\n\r\n", Refusal(400, "malformed request target")),
+    (b"OPTIONS * HTTP/1.1\r\n\r\n", Refusal(405, "only GET and HEAD")),
     (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", Refusal(400, "malformed header field")),
     (b"GET /metrics HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", Refusal(400, "malformed header field")),
     (b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n", Refusal(414, "request line too long")),
@@ -74,7 +75,8 @@ def test_malformed_oversized_and_unknown_requests_get_clean_replies(hub):
     cases = [(b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 405),
              (b"GET /nothing-here HTTP/1.1\r\n\r\n", 404),
              (b"GET /metrics HTTP/3.0\r\n\r\n", 505),
-             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100 + b"\r\n\r\n", 400),   # TLS hello
+             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100, 400),   # TLS hello: no wait for a line
+             (b"OPTIONS * HTTP/1.1\r\n\r\n", 405),
              (b"GET /" + b"a" * 100_000, 414),
              (b"GET / HTTP/1.1\r\nX-Big: " + b"y" * 100_000, 431),
              (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n", 431),
@@ -84,6 +86,9 @@ def test_malformed_oversized_and_unknown_requests_get_clean_replies(hub):
         for data, _ in cases:
             results.append(http(port, data, source=ATTACKER))
 
+    started = time.monotonic()
+    assert status_of(http(port, cases[3][0], source=ATTACKER)) == 400
+    assert time.monotonic() - started < http_server.HEAD_SECONDS / 2   # refused at its first bytes
     replies = under_attack(hub, attack)
     for (data, expected), reply in zip(cases, replies):
         assert status_of(reply) == expected, (data[:40], reply[:200])
