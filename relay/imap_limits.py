@@ -9,6 +9,8 @@ PRE_LOGIN_MAX_BUFFER = 16 * 1024      # octets received and not yet answered bef
 MAX_COMMAND = 64 * 1024               # the same after login
 MAX_BUFFER = 256 * 1024
 MAX_LIST_DEPTH = 64                   # parenthesized lists nested in one command; BAD past it
+MAX_TOKENS = 2048                     # atoms, strings, literals and lists in one command; BAD past it
+                                      # (bounds the loop time tokenizing one command: ~1-3 ms)
 
 # ---- FETCH ------------------------------------------------------------------------------------
 MAX_FETCH_ITEMS = 64                  # distinct data items per FETCH (repeats count once); NO [LIMIT]

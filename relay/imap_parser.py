@@ -10,7 +10,7 @@ import datetime
 import re
 from dataclasses import dataclass
 
-from .imap_limits import MAX_LIST_DEPTH
+from .imap_limits import MAX_LIST_DEPTH, MAX_TOKENS
 
 __all__ = ["ParseError", "CommandFramer", "Command", "LiteralRequest", "TooLong", "Overflow", "Atom",
            "tokenize", "astring", "sequence_set", "SequenceSet", "fetch_att", "FetchAtt", "imap_date"]
@@ -189,6 +189,7 @@ def tokenize(command: Command) -> list:
     tokens: list = []
     stack: list[list] = [tokens]
     segments = command.segments
+    count = 0   # tokens so far (atoms, strings, literals, lists)
     for index in range(0, len(segments), 2):
         text = segments[index]
         literal = segments[index + 1] if index + 1 < len(segments) else None
@@ -202,6 +203,9 @@ def tokenize(command: Command) -> list:
                 if pos < end and text[pos] == 0x20:
                     raise ParseError("two spaces in a row")
                 continue
+            count += c != 0x29   # a list counts once, at its "("
+            if count > MAX_TOKENS:
+                raise ParseError(f"too many tokens in one command (at most {MAX_TOKENS})")
             if c == 0x28:   # (
                 if len(stack) > MAX_LIST_DEPTH:
                     raise ParseError(f"parentheses nested too deeply (at most {MAX_LIST_DEPTH})")
@@ -213,7 +217,16 @@ def tokenize(command: Command) -> list:
                     raise ParseError("unbalanced parenthesis")
                 stack.pop()
                 pos += 1
-            elif c == 0x22:   # "
+            elif lexeme := _LEXEME.match(text, pos, end):   # the common tokens, in one step
+                if lexeme.lastgroup == "quoted":
+                    stack[-1].append(lexeme.group("quoted"))
+                else:
+                    try:
+                        stack[-1].append(Atom(lexeme.group("atom").decode("ascii")))
+                    except UnicodeDecodeError:
+                        raise ParseError("8-bit characters in an atom") from None
+                pos = lexeme.end()
+            elif c == 0x22:   # " (with escapes, or malformed)
                 value, pos = _quoted(text, pos + 1, end)
                 stack[-1].append(value)
             else:
@@ -223,9 +236,19 @@ def tokenize(command: Command) -> list:
             if end > 0 and text[end - 1] not in b" (":
                 raise ParseError("literal must follow a space or a parenthesis")
             stack[-1].append(literal)
+            count += 1
+            if count > MAX_TOKENS:
+                raise ParseError(f"too many tokens in one command (at most {MAX_TOKENS})")
     if len(stack) != 1:
         raise ParseError("unbalanced parenthesis")
     return tokens
+
+
+# A quoted string without escapes, or an atom without nested sections that ends at a space, a
+# parenthesis or the end, taken in one regex step (possessive: no backtracking); anything else
+# (escapes, nested "[", malformed input) goes through the character loops below, which decide.
+_LEXEME = re.compile(rb'"(?P<quoted>[^"\\\x00\r\n]*+)"'
+                     rb'|(?P<atom>\\?(?:[^(){ "\\\x00-\x1f\x7f\[\]]++|\[[^\[\]\r\n\x00{]*+\]|\])++)(?=[ ()]|\Z)')
 
 
 def _quoted(text: bytes, pos: int, end: int) -> tuple[bytes, int]:

@@ -231,13 +231,18 @@ def test_fetch_of_big_header_blocks_in_bounded_memory(hub):
 
 def test_deep_and_wide_search_keys(hub):
     depth, keys = imap_limits.MAX_SEARCH_DEPTH, imap_limits.MAX_SEARCH_KEYS
-    requests = [("SEARCH " + "NOT " * 10000 + "ALL", b"BAD search keys nested too deeply (at most 32 levels)"),
+    too_many_tokens = f"BAD too many tokens in one command (at most {imap_limits.MAX_TOKENS})".encode()
+    requests = [("SEARCH " + "NOT " * 1000 + "ALL", b"BAD search keys nested too deeply (at most 32 levels)"),
                 ("SEARCH " + "(" * 2000 + "ALL" + ")" * 2000, b"BAD parentheses nested too deeply (at most 64)"),
-                ("SEARCH " + "OR " * 5000 + "SEEN " * 5001, b"BAD search keys nested too deeply"),
-                ("SEARCH " + "SEEN " * 10000, f"BAD too many search keys (at most {keys})".encode()),
+                ("SEARCH " + "OR " * 1000 + "SEEN " * 1001, b"BAD search keys nested too deeply"),
+                ("SEARCH " + "SEEN " * 1000, f"BAD too many search keys (at most {keys})".encode()),
                 ("SEARCH " + "NOT " * (depth - 1) + "DELETED", b"OK SEARCH completed"),
                 ("UID SEARCH " + ",".join(str(n) for n in range(1, 9000)) + " UNDELETED", b"OK SEARCH completed"),
-                ("SEARCH UNDELETED", b"OK SEARCH completed")]
+                ("SEARCH UNDELETED", b"OK SEARCH completed"),
+                ("SEARCH " + "NOT " * 10000 + "ALL", too_many_tokens),
+                ("SEARCH " + "OR " * 5000 + "SEEN " * 5001, too_many_tokens),
+                ("SEARCH " + "SEEN " * 12000, too_many_tokens),
+                ("NOOP " + '"x" ' * 12000, too_many_tokens)]
 
     def attack(results):
         client = RawImap(hub.ports["imap"])

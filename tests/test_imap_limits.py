@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import imap_limits, mime_structure
+from relay import imap_limits, imap_parser, mime_structure
 from relay.imap_events import ScanBudget
 from relay.imap_parser import Atom, Command, ParseError, SequenceSet, tokenize
 from relay.imap_protocol import _wildcard_match
@@ -182,6 +182,44 @@ def test_records_made_before_the_caps_are_rendered_within_them(monkeypatch):
     assert new == record(blob)
 
 
+# ---- tokens -------------------------------------------------------------------------------------
+
+def tokens_or_error(text: bytes):
+    try:
+        return tokenize(Command("t", (text,)))
+    except ParseError as exc:
+        return ("ParseError", str(exc))
+
+
+@settings(max_examples=3000)
+@given(text=st.text(' ()"\\[]{}<>.:aZ09*%\x00\r\x7f\xe9', max_size=24))
+def test_tokenizer_fast_path_equals_the_character_loops(text):
+    """The one-step regex for plain atoms and strings gives exactly what the character loops give
+    (tokens, their types, or the same ParseError)."""
+    command = b"t X " + text.encode("latin-1")
+    fast = tokens_or_error(command)
+    saved = imap_parser._LEXEME
+    imap_parser._LEXEME = re.compile(rb"(?!)")   # never matches: every token through the loops
+    try:
+        slow = tokens_or_error(command)
+    finally:
+        imap_parser._LEXEME = saved
+    assert fast == slow and repr(fast) == repr(slow)
+
+
+def test_token_count_is_limited():
+    limit = imap_limits.MAX_TOKENS
+    assert len(tokenize(Command("t", (b"t NOOP " + b"a " * (limit - 4) + b"(b)",)))) == limit - 1   # the list and b
+    for text in (b"a " * limit, b'"a" ' * limit, b"() " * limit, b"(" + b"a " * limit + b")"):
+        with pytest.raises(ParseError, match=f"too many tokens in one command \\(at most {limit}\\)"):
+            tokenize(Command("t", (b"t NOOP " + text,)))
+    # a literal counts as one token
+    segments = (b"t NOOP " + b"a " * (limit - 3) + b"{1}", b"x", b"")
+    assert len(tokenize(Command("t", segments))) == limit
+    with pytest.raises(ParseError, match="too many tokens"):
+        tokenize(Command("t", (b"t NOOP " + b"a " * (limit - 2) + b"{1}", b"x", b"")))
+
+
 # ---- SEARCH parsing -------------------------------------------------------------------------------
 
 def search_args(text: str) -> list:
@@ -192,7 +230,7 @@ def test_search_depth_and_key_count_are_limited():
     depth = imap_limits.MAX_SEARCH_DEPTH
     parse_search(search_args("NOT " * (depth - 1) + "SEEN"))
     for text in ("NOT " * depth + "SEEN", "(" * 20 + "SEEN" + ")" * 20 + " " + "OR " * 40 + "SEEN " * 41,
-                 "NOT " * 10000 + "ALL"):
+                 "NOT " * 2000 + "ALL"):
         with pytest.raises(ParseError, match="nested too deeply"):
             parse_search(search_args(text))
     with pytest.raises(ParseError, match="too many search keys"):
