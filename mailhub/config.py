@@ -246,6 +246,7 @@ SCHEMA: dict[tuple[str, str], Option] = {
     ("storage", "release_freed_after"): Option(_zero_or_more, 3600),
     ("storage", "reserve_bytes"): Option(parse_size, "64M"),
     ("storage", "min_free_bytes"): Option(parse_size, "0"),
+    ("storage", "scrub_rate"): Option(parse_size, "16M"),
     ("log", "level"): Option(_choice("debug", "info", "warning", "error"), "info"),
     ("log", "format"): Option(_choice("text", "json"), "text"),
     ("log", "stall_threshold"): Option(_zero_or_more, 0.25),

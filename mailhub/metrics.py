@@ -105,6 +105,13 @@ SMTP_ABORTED = Counter(
 HTTP_REQUESTS = Counter(
     "mailhub_http_requests_total", "Requests to the metrics port, by reply status (4xx and 503: refused by "
     "its limits).", ["code"], registry=REGISTRY)
+DAMAGED_MAILS = Counter(
+    "mailhub_damaged_mails_total", "Stored mails found damaged (bytes missing or not the ones acknowledged;"
+    " refused to POP3/IMAP, copied to the quarantine, listed by `mailhub storage damaged`), by who found them:"
+    " serving (size check), scrub, verify.", ["found_by"], registry=REGISTRY)
+SCRUB_BYTES = Counter(
+    "mailhub_scrub_verified_bytes_total", "Octets of stored mails the background scrub read and checked"
+    " against their SHA-256 (storage.scrub_rate).", registry=REGISTRY)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
@@ -145,6 +152,10 @@ def _labelled(metric, *values):
     if child is None:
         child = _children[(metric, values)] = metric.labels(*values)
     return child
+
+
+def damaged_mail(found_by: str) -> None:
+    _labelled(DAMAGED_MAILS, found_by).inc()
 
 
 def smtp_session(outcome: str) -> None:

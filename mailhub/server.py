@@ -16,12 +16,13 @@ from relay.pop3_server import Pop3Context
 from relay.smtp_server import HubSMTP, SmtpContext
 from relay.file_sender import FileSender
 from storage import SiteCache, Storage
+from storage.scrub import Scrub
 
 from .auth_control import register_auth_commands
-from .control import ControlServer
+from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
-from .metrics import MEMORY_BUDGET, MetricsServer
+from .metrics import MEMORY_BUDGET, SCRUB_BYTES, MetricsServer, damaged_mail
 from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")
@@ -52,6 +53,7 @@ async def serve(cfg) -> None:
                       reserve_bytes=cfg.storage.reserve_bytes, memory_budget=cfg.smtp.memory_budget,
                       min_free_bytes=cfg.storage.min_free_bytes)
     MEMORY_BUDGET.budget = storage.memory_budget
+    storage.on_damaged = damaged_mail
     await storage.open()
     sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks)
     keyring = KeyRing(cfg.data_dir)
@@ -88,6 +90,7 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     control = ControlServer(cfg.data_dir)
     control.register("hub-key-announce", directory.announce_now)
     register_auth_commands(control, logins)
+    control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
     servers = []
     named: dict[str, asyncio.base_events.Server] = {}
     metrics = MetricsServer(cfg.data_dir, cfg.metrics.health_min_free_bytes,
@@ -127,6 +130,7 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     housekeeping = asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400))
     feeding = asyncio.create_task(feeder.run())
     directory_updates = directory.start_updates()
+    scrub = _start_scrub(storage, cfg.storage.scrub_rate)
     relay = _start_relay(cfg, storage, sites)
     control_started = await _start_control(control)
     log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
@@ -143,9 +147,33 @@ async def _serve_listeners(cfg, storage: Storage, sites: SiteCache, keyring: Key
     housekeeping.cancel()
     feeding.cancel()
     directory_updates.cancel()
+    if scrub is not None:
+        scrub[0].cancel()
+        scrub[1].close()
     if relay is not None:
         await _stop_relay(*relay)
     metrics.close()
+
+
+async def _mark_damaged(storage: Storage, request: dict) -> dict:
+    """Control command storage-damaged {"mails": [[queue ID, reason], ...]} (`mailhub storage verify`):
+    mark them damaged (quarantine copy, refused to POP3/IMAP); answers how many were new."""
+    mails = request.get("mails")
+    if not isinstance(mails, list) or not all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in mails):
+        raise ControlError('"mails" is a list of [queue ID, reason] pairs')
+    marked = 0
+    for queue_id, reason in mails[:10000]:
+        marked += await storage.mark_damaged(queue_id, reason[:300], "verify")
+    return {"marked": marked}
+
+
+def _start_scrub(storage: Storage, rate: int):
+    """The background scrub (storage/scrub.py) at `rate` bytes a second; None when it is off (0)."""
+    if rate <= 0:
+        return None
+    scrub = Scrub(storage, rate, on_verified=SCRUB_BYTES.inc)
+    return asyncio.create_task(scrub.run()), scrub
 
 
 async def _start_control(control: ControlServer) -> bool:

@@ -1,6 +1,8 @@
-# `mailhub storage check|rebuild-index|backup|quarantine`: the storage commands of the CLI
-# (storage/check.py, rebuild.py, backup.py, quarantine.py do the work). check, backup and quarantine
-# run beside a running hub and never change its data; rebuild-index needs the hub stopped (it takes
+# `mailhub storage check|rebuild-index|backup|quarantine|verify|damaged`: the storage commands of the
+# CLI (storage/check.py, rebuild.py, backup.py, quarantine.py, verify.py do the work). check, backup,
+# quarantine and damaged run beside a running hub and never change its data; verify reads every mail
+# and has the damaged ones marked (by the running hub over its control socket, or itself under the
+# data folder's lock); rebuild-index needs the hub stopped (it takes
 # the data folder's lock). Exit status as in cli.py: 0 fine, 1 a problem found or the operation
 # failed, 2 bad usage.
 import json
@@ -33,6 +35,18 @@ def storage_parsers(commands, common) -> None:
                                         " the hub runs. Restore: docs/storage.md.")
     backup.add_argument("dest", metavar="DEST", help="a new or empty folder")
     backup.add_argument("--json", action="store_true")
+    verify = sub.add_parser(
+        "verify", parents=[common], help="check every stored mail (or one site's) against its SHA-256",
+        description="Reads every stored mail (or those in one site's mailbox) and checks its bytes against the"
+                    " SHA-256 recorded at ingest. Damaged mails are listed, copied to the quarantine and refused to"
+                    " POP3/IMAP from then on (their receivers can delete them). Progress goes to stderr. Exit"
+                    " status: 0 all whole, 1 damaged mails found (or the check failed), 2 bad usage.")
+    verify.add_argument("--site", metavar="NAME", help="only the mails in this site's mailbox")
+    verify.add_argument("--rate", metavar="BYTES", default="0",
+                        help="read at most this many bytes a second (e.g. 50M; default: as fast as the disk goes)")
+    verify.add_argument("--quiet", action="store_true", help="no progress lines")
+    damaged = sub.add_parser("damaged", parents=[common], help="list the mails found damaged, and where")
+    damaged.add_argument("--json", action="store_true")
     quarantine = sub.add_parser("quarantine", parents=[common], help="list what was moved aside, and why")
     quarantine.add_argument("--json", action="store_true")
 
@@ -46,6 +60,10 @@ def storage_command(cfg, args) -> int:
             return _rebuild(cfg, args)
         if action == "backup":
             return _backup(cfg, args)
+        if action == "verify":
+            return _verify(cfg, args)
+        if action == "damaged":
+            return _damaged(cfg, args)
         return _quarantine(cfg, args)
     except (OSError, sqlite3.Error) as exc:
         print(f"mailhub: storage {action} failed: {exc}", file=sys.stderr)
@@ -148,4 +166,90 @@ def _quarantine(cfg, args) -> int:
     for e in entries:
         print(f"{iso_time(e.at, millis=False)}  {e.reason:<22} {human_size(e.size):>10}  {printable(e.original)}"
               f"{'' if e.moved else '  (not moved)'}\n    {printable(e.detail)}\n    -> {e.path}")
+    return 0
+
+
+def _verify(cfg, args) -> int:
+    import time
+
+    from storage import db
+    from storage.folder_lock import DataFolderInUse
+    from storage.verify import Pacer, content_problem, mark_with_hub_stopped
+
+    from .config import ConfigError, parse_size
+    from .control import ControlError, request
+
+    try:
+        rate = parse_size(args.rate)
+    except (ConfigError, ValueError):
+        print(f"mailhub: --rate: not a size: {args.rate!r}", file=sys.stderr)
+        return 2
+    conn = db.connect_readonly(cfg.data_dir)
+    columns = "m.queue_id, m.blob, m.blob_offset, m.size, m.sha256"
+    if args.site:
+        row = conn.execute("SELECT id FROM sites WHERE name = ?", (args.site,)).fetchone()
+        if row is None:
+            print(f"mailhub: no site named {args.site!r}", file=sys.stderr)
+            return 2
+        mails = conn.execute(f"SELECT DISTINCT {columns} FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
+                             " WHERE b.site_id = ? ORDER BY m.queue_id", (row[0],)).fetchall()
+    else:
+        mails = conn.execute(f"SELECT {columns} FROM messages m ORDER BY m.queue_id").fetchall()
+    known = {qid for (qid,) in conn.execute("SELECT queue_id FROM damaged")}
+    total = sum(m[3] for m in mails)
+    blob_dir = Path(cfg.data_dir) / "blobs"
+    pacer, started, shown = Pacer(rate), time.monotonic(), time.monotonic()
+    done_bytes, found = 0, []
+    for n, (queue_id, blob, offset, size, sha256) in enumerate(mails, 1):
+        problem = content_problem(blob_dir / blob, offset, size, sha256, pacer)
+        if problem is not None and conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
+            found.append((queue_id, problem))   # (a mail deleted meanwhile is no damage)
+            print(f"DAMAGED {queue_id}: {problem}{' (known before)' if queue_id in known else ''}", flush=True)
+        done_bytes += size
+        if not args.quiet and (time.monotonic() - shown >= 2.0 or n == len(mails)):
+            shown = time.monotonic()
+            print(f"verify: {n}/{len(mails)} mail(s), {human_size(done_bytes)} of {human_size(total)},"
+                  f" {human_size(done_bytes / max(shown - started, 1e-3))}/s, {len(found)} damaged",
+                  file=sys.stderr, flush=True)
+    conn.close()
+    new = [[qid, problem] for qid, problem in found if qid not in known]
+    if new:
+        try:
+            marked = mark_with_hub_stopped(cfg.data_dir, [tuple(m) for m in new], "verify")
+            how = "marked (hub stopped)"
+        except DataFolderInUse:
+            try:
+                marked = sum(request(cfg.data_dir, "storage-damaged", timeout=120, mails=new[i:i + 100])["marked"]
+                             for i in range(0, len(new), 100))
+            except ControlError as exc:
+                print(f"mailhub: the damaged mails could not be marked: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            how = "marked by the running hub"
+        print(f"{marked} newly damaged mail(s) {how}: copied to the quarantine, refused to POP3/IMAP")
+    print(f"verified {len(mails)} mail(s), {human_size(total)} in {time.monotonic() - started:.1f} s:"
+          f" {len(found)} damaged ({len(found) - len(new)} known before)")
+    return EXIT_FAILED if found else 0
+
+
+def _damaged(cfg, args) -> int:
+    from storage import db
+
+    conn = db.connect_readonly(cfg.data_dir)
+    rows = conn.execute(
+        "SELECT d.queue_id, d.reason, d.found_by, d.found_at, d.quarantine, m.size,"
+        " (SELECT group_concat(s.name, ',') FROM mailbox b JOIN sites s ON s.id = b.site_id"
+        "  WHERE b.queue_id = d.queue_id) FROM damaged d LEFT JOIN messages m ON m.queue_id = d.queue_id"
+        " ORDER BY d.found_at").fetchall()
+    conn.close()
+    if args.json:
+        print(json.dumps([{"queue_id": q, "reason": r, "found_by": by, "found_at": iso_time(at), "quarantine": e,
+                           "stored": size is not None, "size": size, "mailboxes": (sites or "").split(",") if sites else []}
+                          for q, r, by, at, e, size, sites in rows], indent=2))
+        return 0
+    if not rows:
+        print("no damaged mails known")
+    for queue_id, reason, by, at, entry, size, sites in rows:
+        where = f"in the mailbox of {sites}" if sites else ("stored" if size is not None else "deleted since")
+        print(f"{iso_time(at, millis=False)}  {queue_id}  found by {by}: {printable(reason)}\n    {where};"
+              f" quarantine copy: {entry or '(none)'}")
     return 0

@@ -32,6 +32,7 @@ class Message:
     header: bytes | None = None            # top-level header block incl. the blank line, likewise
     probes: dict | None = None             # SEARCH probe -> answer (relay/imap_scan.py), likewise
     gone: bool = False                     # expunged by another session, EXPUNGE not yet sent
+    damaged: str | None = None             # why it must not be served (LoadRequest with check), or None
 
 
 @dataclass
@@ -77,6 +78,7 @@ class LoadRequest:
     messages: list
     structure: bool
     header: bool
+    check: bool = False   # set msg.damaged before any byte of a body literal is sent (damaged: none is)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ class FetchPlan:
         self.header = False
         self.sets_seen = False
         # FLAGS, UID, RFC822.SIZE, INTERNALDATE only: answerable from the session's view alone
+        # a literal of the stored bytes: checked first (LoadRequest.check), a damaged mail is not sent
+        self.body = any(att.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT") or att.section is not None
+                        for att in atts)
         self.reads_message = any(att.name not in ("FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE") for att in atts)
         for att in atts:
             name, section = att.name, att.section

@@ -141,6 +141,7 @@ class SelectedState:
         plan = FetchPlan(atts)
         chosen = self._select_set(args[0], uid_mode)
         missing = plan.reads_message and any(m.gone for _, m in chosen)   # RFC 2180 sec. 4.1
+        damaged: list[int] = []
         if missing:
             chosen = [(seq, m) for seq, m in chosen if not m.gone]
         for start in range(0, len(chosen), _BATCH):
@@ -153,21 +154,30 @@ class SelectedState:
                         m.flags |= SEEN
                     seen_now = {id(m) for m in unseen}
             for seq, msg in batch:
-                complete = yield from self._fetch_one(seq, msg, plan, id(msg) in seen_now)
-                if not complete:
+                problem = yield from self._fetch_one(seq, msg, plan, id(msg) in seen_now)
+                if problem == "structure":
                     return self._done(tag, "NO", "[SERVERBUG] MIME structure unavailable")
+                if problem == "damaged":
+                    damaged.append(seq)
+        if damaged:
+            listed = ",".join(map(str, damaged[:20])) + (",..." if len(damaged) > 20 else "")
+            return self._done(tag, "NO", f"[CORRUPTION] message(s) {listed} damaged on the server, not sent;"
+                                         " delete them")
         if missing:
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the requested messages were expunged")
         self._done(tag, "OK", "FETCH completed")
 
     def _fetch_one(self, seq: int, msg: Message, plan: FetchPlan, with_flags: bool):
         """Send one message's FETCH response, piece by piece: small pieces gathered up to FETCH_CHUNK
-        octets, body literals as SendFile, a part's header block loaded only for its item."""
+        octets, body literals as SendFile, a part's header block loaded only for its item. Returns
+        None, or what kept it from being sent at all: "damaged" (checked first), "structure"."""
         try:
-            if plan.structure or plan.header:
-                yield LoadRequest([msg], plan.structure, plan.header)
+            if plan.structure or plan.header or plan.body:
+                yield LoadRequest([msg], plan.structure, plan.header, plan.body)
+                if msg.damaged is not None:
+                    return "damaged"
                 if plan.structure and msg.structure is None:
-                    return False
+                    return "structure"
             pending: list[bytes] = []
             size = 0
             pieces = fetch_response(seq, msg, plan, self._renderers, with_flags)
@@ -190,7 +200,7 @@ class SelectedState:
             if pending:
                 self._send(b"".join(pending))
             yield _FLUSH
-            return True
+            return None
         finally:
             msg.structure = msg.header = None
 

@@ -232,6 +232,12 @@ class ImapSession(MailboxSessionIO):
 
     async def _load(self, event: LoadRequest) -> None:
         for msg in event.messages:
+            if event.check:
+                msg.damaged = self.ctx.storage.serving_problem(msg.ref)
+                if msg.damaged is not None:
+                    log.warning("peer=%s site=%s: mail %s not served: damaged (%s)", self.peer, self._site_name(),
+                                msg.ref.queue_id, msg.damaged)
+                    continue
             if event.structure:
                 structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
                 if structure is None:   # stored before structures were recorded

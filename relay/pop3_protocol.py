@@ -20,6 +20,9 @@
 #                             failure reply sleep (e.g. 1 + ev.failed_so_far s); then
 #                             send(conn.auth_result(ok, in_use, maildrop))
 #         StartTls         -> upgrade the transport, then conn.tls_started()
+#         CheckMessage     -> check the stored message can be served whole (RETR, TOP), then
+#                             send(conn.check_result(problem)): None -> "+OK" and a
+#                             SendMessage follows; a reason -> "-ERR [SYS/PERM] ..."
 #         SendMessage      -> stream the message (dot_stuff() when has_dot_lines, else
 #                             sendfile; TopFilter for TOP), then message_terminator(),
 #                             then conn.message_sent()
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Pop3Connection", "Pop3ProtocolError", "State", "MaildropEntry",
-    "SendBytes", "AuthRequest", "StartTls", "SendMessage", "Update", "CloseConnection",
+    "SendBytes", "AuthRequest", "StartTls", "CheckMessage", "SendMessage", "Update", "CloseConnection",
     "NEED_DATA", "PAUSED", "CLOSED", "dot_stuff", "message_terminator", "TopFilter", "system_error",
 ]
 
@@ -86,6 +89,13 @@ class StartTls:
 
 
 @dataclass(frozen=True)
+class CheckMessage:
+    """Before "+OK" (RETR, TOP): may the message be served? Answer with check_result()."""
+    entry: MaildropEntry
+    body_lines: int | None
+
+
+@dataclass(frozen=True)
 class SendMessage:
     entry: MaildropEntry
     body_lines: int | None   # None: RETR (whole message); n: TOP (header + n body lines)
@@ -121,6 +131,7 @@ class State(enum.Enum):
     AUTH_PENDING = "AUTH_PENDING"    # AuthRequest emitted, waiting for auth_result()
     TLS_PENDING = "TLS_PENDING"      # StartTls emitted, waiting for tls_started()
     TRANSACTION = "TRANSACTION"
+    CHECKING = "CHECKING"            # CheckMessage emitted, waiting for check_result()
     SENDING = "SENDING"              # SendMessage emitted, waiting for message_sent()
     UPDATE = "UPDATE"                # Update emitted, waiting for update_result()
     CLOSED = "CLOSED"
@@ -136,7 +147,7 @@ class State(enum.Enum):
 #   <eof>        client closed its side (no UPDATE)
 A, U, S = State.AUTHORIZATION, State.USER_GIVEN, State.SASL_PLAIN
 AP, TP, T = State.AUTH_PENDING, State.TLS_PENDING, State.TRANSACTION
-SND, UPD, X = State.SENDING, State.UPDATE, State.CLOSED
+SND, UPD, X, CHK = State.SENDING, State.UPDATE, State.CLOSED, State.CHECKING
 _AUTH_OUTCOMES = {"list": A, "challenge": S, "request": AP, "err": A}
 _TRANSITIONS: dict[tuple[State, str], dict[str, State]] = {
     (A, "CAPA"): {"ok": A, "err": A},
@@ -155,8 +166,9 @@ _TRANSITIONS: dict[tuple[State, str], dict[str, State]] = {
     (TP, "tls_started"): {"ok": A},
     **{(T, verb): {"ok": T, "err": T}
        for verb in ("CAPA", "STAT", "LIST", "UIDL", "DELE", "RSET", "NOOP")},
-    (T, "RETR"): {"send": SND, "err": T},
-    (T, "TOP"): {"send": SND, "err": T},
+    (T, "RETR"): {"check": CHK, "err": T},
+    (T, "TOP"): {"check": CHK, "err": T},
+    (CHK, "check_result"): {"send": SND, "err": T},
     (T, "QUIT"): {"update": UPD, "err": T},
     (SND, "message_sent"): {"ok": T},
     (UPD, "update_result"): {"ok": X},
@@ -167,8 +179,8 @@ _TRANSITIONS: dict[tuple[State, str], dict[str, State]] = {
     (T, "<bad>"): {"err": T},
     (T, "<too-long>"): {"err": T},
 }
-del A, U, S, AP, TP, T, SND, UPD, X
-_WAITING = {State.AUTH_PENDING, State.TLS_PENDING, State.SENDING, State.UPDATE}
+del A, U, S, AP, TP, T, SND, UPD, X, CHK
+_WAITING = {State.AUTH_PENDING, State.TLS_PENDING, State.CHECKING, State.SENDING, State.UPDATE}
 _VERBS = {verb for (_, verb) in _TRANSITIONS if verb.isalpha()}
 _TOO_LONG, _OVERFLOW = _Sentinel("<too-long>"), _Sentinel("<overflow>")
 _DIGITS = re.compile(rb"[0-9]{1,20}")
@@ -200,6 +212,7 @@ class Pop3Connection:
         self._user: str | None = None
         self._maildrop: list[MaildropEntry] = []
         self._deleted: set[int] = set()           # 0-based indexes
+        self._checking: tuple[int, MaildropEntry, int | None] | None = None   # (number, entry, body_lines)
         self._out: deque = deque()
         self._reset_input()
 
@@ -483,6 +496,20 @@ class Pop3Connection:
         self._reset_input()
         self._go("tls_started", "ok")
 
+    def check_result(self, problem: str | None) -> bytes:
+        """Answer a CheckMessage: None when the message can be served (its "+OK" is returned and a
+        SendMessage follows), else why not: it is refused with [SYS/PERM] before any byte of it."""
+        self._require("check_result")
+        n, entry, body_lines = self._checking
+        self._checking = None
+        if problem is None:
+            self._out.append(SendMessage(entry, body_lines))
+            self._go("check_result", "send")
+            return f"+OK {entry.size} octets\r\n".encode()
+        self._go("check_result", "err")
+        text = _CONTROL.sub(b"", problem.encode("ascii", "replace")).decode("ascii")[:200]
+        return f"-ERR [SYS/PERM] message {n} is damaged on the server ({text}); delete it\r\n".encode()
+
     def message_sent(self) -> None:
         self._require("message_sent")
         self._go("message_sent", "ok")
@@ -553,9 +580,12 @@ class Pop3Connection:
         found = self._one_message("RETR", args)
         if found is None:
             return "err"
-        self._send(f"+OK {found[1].size} octets\r\n")
-        self._out.append(SendMessage(found[1], None))
-        return "send"
+        return self._check(*found, None)
+
+    def _check(self, n: int, entry: MaildropEntry, body_lines: int | None) -> str:
+        self._checking = (n, entry, body_lines)
+        self._out.append(CheckMessage(entry, body_lines))
+        return "check"
 
     def _cmd_top(self, args) -> str:
         if len(args) != 2:
@@ -565,9 +595,7 @@ class Pop3Connection:
             return "err"
         if not _DIGITS.fullmatch(args[1]):
             return self._err("invalid line count")
-        self._send(f"+OK {found[1].size} octets\r\n")
-        self._out.append(SendMessage(found[1], int(args[1])))
-        return "send"
+        return self._check(*found, int(args[1]))
 
     def _cmd_dele(self, args) -> str:
         found = self._one_message("DELE", args)

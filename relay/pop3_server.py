@@ -23,8 +23,8 @@ from . import connection_limits
 from .file_sender import FileSender
 from .logins import Logins
 from .mailbox_session import MailboxSessionIO, is_loopback
-from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CloseConnection, MaildropEntry, Pop3Connection,
-                            SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
+from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CheckMessage, CloseConnection, MaildropEntry,
+                            Pop3Connection, SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
                             message_terminator, system_error)
 
 log = logging.getLogger("mailhub.pop3")
@@ -128,6 +128,9 @@ class Pop3Session(MailboxSessionIO):
                     await self._drain()
                 elif isinstance(event, AuthRequest):
                     await self._login(event)
+                elif isinstance(event, CheckMessage):
+                    self._write(core.check_result(self._serving_problem(event.entry.ref)))
+                    await self._drain()
                 elif isinstance(event, SendMessage):
                     await self._send_message(event)
                 elif isinstance(event, Update):
@@ -192,6 +195,14 @@ class Pop3Session(MailboxSessionIO):
             raise ConnectionAbortedError("connection closed during the TLS handshake")
         self.transport, self.tls, self._reading_paused = transport, True, False
         self.core.tls_started()
+
+    def _serving_problem(self, entry) -> str | None:
+        """Why a mail must not be sent (damaged: storage.Storage.serving_problem), logged; or None."""
+        problem = self.ctx.storage.serving_problem(entry)
+        if problem is not None:
+            log.warning("peer=%s site=%s: mail %s not served: damaged (%s)", self.peer, self._site_name(),
+                        entry.queue_id, problem)
+        return problem
 
     async def _send_message(self, event: SendMessage) -> None:
         entry = event.entry.ref

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import db, envelope, events, faults, ledger
+from . import db, envelope, events, faults, ledger, verify
 from .files import unlink_quietly
 from .packs import PackWriter, truncate_durably
 from .records import pickled_by_fields
@@ -210,6 +210,10 @@ class IndexWriter:
         self.in_transaction(lambda conn: conn.executemany(
             "UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
             [(add, remove, site_id, uid) for uid in uids]))
+
+    def mark_damaged(self, queue_id: str, reason: str, found_by: str, at: float, entry: str | None) -> bool:
+        """A mail found damaged (storage/verify.py); False if it was known already."""
+        return self.in_transaction(verify.note_damaged, queue_id, reason, found_by, at, entry)
 
     def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
         self.in_transaction(write_throttle_states, states, now)

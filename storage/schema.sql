@@ -391,3 +391,16 @@ BEGIN
     INSERT INTO ledger_pending (kind, queue_id, rcpt, at)
         VALUES ('o', OLD.queue_id, OLD.rcpt, (julianday('now') - 2440587.5) * 86400.0);
 END;
+
+-- Mails found damaged (docs/integrity.md): their bytes on disk are not the ones acknowledged (cut
+-- short, missing, another SHA-256). Found while serving (size), by the background scrub or by
+-- `mailhub storage verify` (SHA-256). POP3 and IMAP refuse to serve them; a gateway can still delete
+-- them. A copy of what was on disk is in the quarantine (`quarantine`: its entry). Rows stay as the
+-- history after the mail is freed.
+CREATE TABLE IF NOT EXISTS damaged (
+    queue_id   TEXT PRIMARY KEY,
+    reason     TEXT NOT NULL,
+    found_by   TEXT NOT NULL,      -- serving, scrub, verify
+    found_at   REAL NOT NULL,
+    quarantine TEXT                -- the quarantine entry's id, if a copy was made
+) WITHOUT ROWID;

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from . import db, envelope, events, faults, reserve
+from . import db, envelope, events, faults, reserve, verify
 from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
 from .recovery import recover
 from .index_writer import BatchItem, IndexWriter
@@ -66,6 +66,9 @@ class Storage:
         self.reserve_bytes = reserve_bytes   # space set aside for a full disk (storage.reserve)
         self._disk_full = False   # the hub started short of space: no mail taken until the reserve is back
         self._full_checked = 0.0
+        self.damaged: dict[str, str] = {}   # queue ID -> why (table damaged): never served again
+        self.on_damaged = None
+        self._marking: set[asyncio.Task] = set()   # called with found_by for each mail newly found damaged (metrics)
         self.min_free_bytes = min_free_bytes   # below this much free space new mail is refused at MAIL FROM
         self._free: tuple[float, int] = (float("-inf"), 0)   # (monotonic time read, free bytes)
         self.spool_dir = self.data_dir / "spool"
@@ -123,6 +126,7 @@ class Storage:
         self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
         for pragma in db.pragma_statements():
             await self._db.execute(pragma)
+        self.damaged = dict(await self._db.execute_fetchall("SELECT queue_id, reason FROM damaged"))
 
     async def keep_reserve(self) -> None:
         """Set the full-disk reserve aside again once there is room (start-up and housekeeping)."""
@@ -323,6 +327,55 @@ class Storage:
         return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
                              delivered, offset)
                 for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset in rows]
+
+    def serving_problem(self, entry: MailboxEntry) -> str | None:
+        """Checked before a mail is served (POP3 +OK, an IMAP literal): why it must not be, or None.
+        Known damage, or its blob file missing or too short (one stat; a mail newly found so is
+        marked damaged in the background)."""
+        reason = self.damaged.get(entry.queue_id)
+        if reason is not None:
+            return reason
+        reason = verify.size_problem(entry.path, entry.offset, entry.size)
+        if reason is not None:
+            self.damaged[entry.queue_id] = reason
+            task = asyncio.ensure_future(self.mark_damaged(entry.queue_id, reason, "serving"))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+        return reason
+
+    async def mark_damaged(self, queue_id: str, reason: str, found_by: str) -> bool:
+        """Note a mail as damaged: a copy of what is on disk of it into the quarantine, a `damaged`
+        row; from now on it is refused to POP3 and IMAP clients. False if it is unknown or known already."""
+        self.damaged[queue_id] = reason
+        rows = await self._db.execute_fetchall("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?",
+                                               (queue_id,))
+        if not rows:
+            return False
+        blob, offset, size = rows[0]
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(
+                self.executor, verify.quarantine_copy, self.data_dir, self.blob_dir / blob, offset, size, queue_id,
+                reason)
+            new = await self._writer.call(IndexWriter.mark_damaged, queue_id, reason, found_by, time.time(), entry)
+        except StorageError as exc:
+            log.error("mail %s is damaged (%s) but could not be recorded so: %s", queue_id, reason, exc)
+            return False
+        if new:
+            log.error("mail %s is damaged: %s (found by %s); POP3/IMAP refuse it, its receiver can delete it;"
+                      " a copy is in quarantine/%s", queue_id, reason, found_by, entry or "(none: nothing to copy)")
+            if self.on_damaged is not None:
+                self.on_damaged(found_by)
+        return new
+
+    async def messages_after(self, queue_id: str, limit: int, exact: bool = False) -> list[tuple]:
+        """(queue_id, blob, blob_offset, size, sha256) of up to `limit` mails after `queue_id` in
+        queue ID order (the scrub), or with exact=True of that one mail if it is still stored."""
+        if exact:
+            return await self._db.execute_fetchall(
+                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,))
+        return await self._db.execute_fetchall(
+            "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id > ? ORDER BY queue_id"
+            " LIMIT ?", (queue_id, limit))
 
     async def message_structure(self, queue_id: str) -> dict | None:
         """The MIME structure recorded at ingest (relay.mime_structure), or None (unknown message,

@@ -37,8 +37,9 @@ def messages():
     return [Message(uid, 100, flags, 1_800_000_000.0, ref=f"m{uid}") for uid, flags in ((3, 0), (5, 1), (9, 8))]
 
 
-def run(data_chunks, *, tls=False, plaintext=True, site="site"):
-    """Drive a core like the adapter does; return (wire bytes, events seen)."""
+def run(data_chunks, *, tls=False, plaintext=True, site="site", damaged=()):
+    """Drive a core like the adapter does; return (wire bytes, events seen). `damaged`: refs of
+    messages the adapter's check finds damaged."""
     core = ImapConnection(greeting_host="hub.test", starttls_available=True, plaintext_login_allowed=plaintext,
                           renderers=FakeRenderers)
     out = [core.initial_bytes()]
@@ -65,6 +66,7 @@ def run(data_chunks, *, tls=False, plaintext=True, site="site"):
             core.resume(Snapshot(77, 10, [Message(m.uid, m.size, m.flags, m.internal_date, m.ref) for m in box]))
         elif isinstance(ev, LoadRequest):
             for m in ev.messages:
+                m.damaged = "blob file cut short" if ev.check and m.ref in damaged else None
                 m.structure = {} if ev.structure else None
                 m.header = HEADER if ev.header else None
             core.resume(None)
@@ -263,6 +265,9 @@ def test_messages_expunged_elsewhere():
                 core.resume("site")
             elif isinstance(ev, MailboxRequest):
                 core.resume(Snapshot(1, 20, [Message(m.uid, m.size, m.flags, 0.0, m.ref) for m in box]))
+            elif isinstance(ev, LoadRequest):   # a body literal is checked first (msg.damaged)
+                assert ev.check
+                core.resume(None)
         return b"".join(out)
     pump(b"a LOGIN site pw\r\nb SELECT INBOX\r\n")
     del box[0]
@@ -273,6 +278,19 @@ def test_messages_expunged_elsewhere():
     wire = pump(b"d FETCH 1:2 (BODY.PEEK[]<0.4>)\r\n")
     assert wire == b"* 2 FETCH (BODY[]<0> {4}\r\nFFFF)\r\nd NO [EXPUNGEISSUED] some of the requested messages were expunged\r\n"
     assert pump(b"e NOOP\r\n") == b"* 1 EXPUNGE\r\ne OK NOOP completed\r\n"
+
+
+def test_a_damaged_message_gets_no_byte_of_its_fetch_response_and_a_tagged_no():
+    wire, events = run([b"a LOGIN site pw\r\nb SELECT INBOX\r\nc FETCH 1:3 (UID BODY.PEEK[])\r\n"
+                        b"d FETCH 2 (UID FLAGS RFC822.SIZE)\r\ne UID FETCH 5 BODY.PEEK[TEXT]\r\n"],
+                       damaged={"m5"})
+    assert (b"* 1 FETCH (UID 3 BODY[] {100}\r\n" + b"F" * 100 + b")\r\n"
+            b"* 3 FETCH (UID 9 BODY[] {100}\r\n" + b"F" * 100 + b")\r\n"
+            b"c NO [CORRUPTION] message(s) 2 damaged on the server, not sent; delete them\r\n") in wire
+    assert b"* 2 FETCH (UID 5 FLAGS (\\Seen) RFC822.SIZE 100)\r\nd OK" in wire   # no body: answered
+    assert b"* 2 FETCH" not in wire.split(b"d OK")[1].split(b"e NO")[0]
+    assert b"e NO [CORRUPTION] message(s) 2 damaged" in wire
+    assert [e.ref for e in events if isinstance(e, SendFile)] == ["m3", "m9"]
 
 
 def test_parser_units():

@@ -23,6 +23,7 @@ AuthRequest, CloseConnection = pop3_protocol.AuthRequest, pop3_protocol.CloseCon
 MaildropEntry, Pop3Connection = pop3_protocol.MaildropEntry, pop3_protocol.Pop3Connection
 Pop3ProtocolError, SendBytes = pop3_protocol.Pop3ProtocolError, pop3_protocol.SendBytes
 SendMessage, StartTls, State = pop3_protocol.SendMessage, pop3_protocol.StartTls, pop3_protocol.State
+CheckMessage = pop3_protocol.CheckMessage
 TopFilter, Update = pop3_protocol.TopFilter, pop3_protocol.Update
 dot_stuff, message_terminator = pop3_protocol.dot_stuff, pop3_protocol.message_terminator
 system_error = pop3_protocol.system_error
@@ -49,8 +50,9 @@ class FakeAdapter:
     """Plays the adapter: answers every event at once and renders adapter work
     as bracketed markers in the wire transcript."""
 
-    def __init__(self, conn, maildrop=MAILDROP, in_use=False, update_ok=True):
+    def __init__(self, conn, maildrop=MAILDROP, in_use=False, update_ok=True, damaged=None):
         self.conn, self.maildrop, self.in_use, self.update_ok = conn, maildrop, in_use, update_ok
+        self.damaged = damaged or {}   # uid -> the problem check_result is told
         self.events, self.closed, self.auth_requests = [], False, []
 
     def feed(self, data: bytes) -> bytes:
@@ -71,6 +73,8 @@ class FakeAdapter:
                 self.auth_requests.append(ev)
                 ok = USERS.get(ev.user) == ev.password
                 out += self.conn.auth_result(ok, self.in_use and ok, self.maildrop if ok else None)
+            elif isinstance(ev, CheckMessage):
+                out += self.conn.check_result(self.damaged.get(ev.entry.uid))
             elif isinstance(ev, SendMessage):
                 out += f"[{ev.entry.uid} {ev.body_lines}]".encode() + b".\r\n"
                 self.conn.message_sent()
@@ -405,7 +409,9 @@ def test_adapter_work_blocks_later_commands():
     assert conn.state is State.AUTH_PENDING
     assert conn.auth_result(True, maildrop=MAILDROP) == b"+OK maildrop has 3 messages (620 octets)\r\n"
     assert conn.next_event() == SendBytes(b"+OK 3 620\r\n")
-    assert conn.next_event() == SendBytes(b"+OK 120 octets\r\n")
+    assert conn.next_event() == CheckMessage(M1, None)
+    assert conn.next_event() is PAUSED
+    assert conn.check_result(None) == b"+OK 120 octets\r\n"
     assert conn.next_event() == SendMessage(M1, None)
     assert conn.next_event() is PAUSED
     conn.message_sent()
@@ -631,6 +637,8 @@ def drive(conn, chunks):
                 replies.append(ev.data)
             elif isinstance(ev, AuthRequest):
                 replies.append(conn.auth_result(flip % 3 != 0, flip % 5 == 0, MAILDROP))
+            elif isinstance(ev, CheckMessage):
+                replies.append(conn.check_result(None if flip % 7 else "cut short"))
             elif isinstance(ev, SendMessage):
                 conn.message_sent()
             elif isinstance(ev, Update):
@@ -682,3 +690,15 @@ def test_one_reply_per_line(lines, cuts):
         assert len(replies) <= len(lines)
     else:
         assert len(replies) == len(lines)
+
+
+def test_a_damaged_message_is_refused_before_any_byte_and_can_be_deleted():
+    ad = run_script(LOGIN + [
+        (b"RETR 2\r\n", b"-ERR [SYS/PERM] message 2 is damaged on the server (cut\x07 short); delete it\r\n"
+                         .replace(b"\x07", b"")),
+        (b"TOP 2 0\r\n", b"-ERR [SYS/PERM] message 2 is damaged on the server (cut short); delete it\r\n"),
+        (b"RETR 1\r\n", b"+OK 120 octets\r\n[uid-1 None].\r\n"),
+        (b"DELE 2\r\n", b"+OK message 2 deleted\r\n"),
+    ], damaged={"uid-2": "cut\x07 short"})
+    assert [e.entry.uid for e in ad.events if isinstance(e, SendMessage)] == ["uid-1"]
+    assert ad.conn.state is State.TRANSACTION

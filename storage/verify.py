@@ -1,0 +1,123 @@
+# Verifying stored mails: the cheap check made before a mail is served (its blob file is there and
+# reaches the end of the mail: one stat), and the full one (the mail's bytes hash to the SHA-256
+# recorded at ingest) made by the background scrub at a set rate and by `mailhub storage verify`.
+# Plain blocking code, run in worker threads, the index writer or the CLI. Marking a mail damaged
+# is a copy of its bytes into the quarantine (quarantine_copy) and a `damaged` row (note_damaged),
+# made by Storage.mark_damaged in the hub, or by the CLI when the hub is stopped. Must never change
+# or remove a blob file.
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from . import quarantine
+
+CHUNK = 1 << 20
+
+
+def size_problem(path, offset: int, size: int) -> str | None:
+    """Why the mail [offset, offset + size) of the blob file cannot be whole, or None."""
+    try:
+        file_size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "blob file missing"
+    except OSError as exc:
+        return f"blob file unreadable ({exc.strerror})"
+    if file_size < offset + size:
+        return f"blob file cut short ({max(0, file_size - offset)} of {size} bytes)"
+    return None
+
+
+def content_problem(path, offset: int, size: int, sha256: str, pacer: "Pacer | None" = None,
+                    stop: threading.Event | None = None) -> str | None:
+    """Why the mail's bytes are not the ones acknowledged (short, unreadable, another SHA-256), or
+    None. Reads CHUNK bytes at a time (at the pacer's rate); returns None early if `stop` is set."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            fd = f.fileno()
+            done = 0
+            while done < size:
+                if stop is not None and stop.is_set():
+                    return None
+                chunk = os.pread(fd, min(CHUNK, size - done), offset + done)
+                if not chunk:
+                    return f"blob file cut short ({done} of {size} bytes)"
+                digest.update(chunk)
+                done += len(chunk)
+                if pacer is not None:
+                    pacer.wait(len(chunk))
+    except FileNotFoundError:
+        return "blob file missing"
+    except OSError as exc:
+        return f"blob file unreadable ({exc.strerror})"
+    if digest.hexdigest() != sha256:
+        return "SHA-256 differs from the one recorded at ingest"
+    return None
+
+
+class Pacer:
+    """Keeps a reader at `rate` bytes a second (0: as fast as it goes), by sleeping (monotonic clock)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._start = time.monotonic()
+        self._bytes = 0
+
+    def wait(self, count: int) -> None:
+        if self.rate <= 0:
+            return
+        self._bytes += count
+        ahead = self._bytes / self.rate - (time.monotonic() - self._start)
+        if ahead > 0:
+            time.sleep(ahead)
+        elif ahead < -1.0:   # idle for a while: no burst to catch up
+            self._start, self._bytes = time.monotonic(), 0
+
+
+def quarantine_copy(data_dir: Path, path: Path, offset: int, size: int, queue_id: str, reason: str) -> str | None:
+    """Copy what is on disk of a damaged mail into the quarantine (the blob stays: the mailbox entry
+    still names it until the gateway deletes it); the entry's id, or None (no file, or no room)."""
+    try:
+        entry = quarantine.quarantine(data_dir, Path(path), "damaged", reason, byte_range=(offset, size),
+                                      queue_id=queue_id)
+    except OSError:
+        return None
+    return f"{entry.parent.name}/{entry.name}"
+
+
+def note_damaged(conn: sqlite3.Connection, queue_id: str, reason: str, found_by: str, at: float,
+                 entry: str | None) -> bool:
+    """The `damaged` row (call inside a transaction); False if the mail was known damaged already."""
+    cursor = conn.execute("INSERT OR IGNORE INTO damaged (queue_id, reason, found_by, found_at, quarantine)"
+                          " VALUES (?, ?, ?, ?, ?)", (queue_id, reason, found_by, at, entry))
+    return cursor.rowcount > 0
+
+
+def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by: str) -> int:
+    """Mark mails damaged while no hub serves the folder (its lock held meanwhile): quarantine
+    copies and `damaged` rows. Returns how many were new. Raises DataFolderInUse if a hub runs."""
+    from . import db
+    from .folder_lock import lock_data_folder
+
+    data_dir = Path(data_dir).absolute()
+    lock = lock_data_folder(data_dir)
+    try:
+        conn = db.connect(data_dir)
+        try:
+            new = 0
+            for queue_id, reason in found:
+                row = conn.execute("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?",
+                                   (queue_id,)).fetchone()
+                if row is None:
+                    continue
+                entry = quarantine_copy(data_dir, data_dir / "blobs" / row[0], row[1], row[2], queue_id, reason)
+                with db.transaction(conn):
+                    new += note_damaged(conn, queue_id, reason, found_by, time.time(), entry)
+            return new
+        finally:
+            conn.close()
+    finally:
+        os.close(lock)
