@@ -27,6 +27,7 @@ class GuardSettings:
     max_wait: float = 30.0        # an attempt that would wait longer for its turn is refused at once
     max_entries: int = 100_000    # addresses, and pairs, remembered at most (oldest dropped beyond)
     log_lines_per_minute: int = 10   # failure log lines per address and minute, then a count
+    log_lines_per_minute_total: int = 300   # and from all addresses together (a flood from many)
 
 
 @dataclass(slots=True)
@@ -91,6 +92,9 @@ class LoginGuard:
         self.settings = settings
         self._addresses: dict[str, _Address] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._log_window = -1e18    # start of the current minute of log lines from all addresses
+        self._logged = 0
+        self._suppressed = 0        # lines over the all-address budget (not counted per address)
 
     # ---- one login attempt ---------------------------------------------------------------------
 
@@ -137,19 +141,27 @@ class LoginGuard:
         so that one known account cannot be used to wipe it)."""
         self._pairs.pop((address, account_key(account)), None)
 
-    def log_line(self, address: str, now: float) -> tuple[bool, int]:
-        """Whether to log this failure of `address`, and how many of its failures went unlogged in
-        its previous minute (to be said once)."""
+    def log_line(self, address: str, now: float) -> tuple[bool, int, int]:
+        """Whether to log this failure of `address`; how many of its failures went unlogged in its
+        previous minute, and how many of all addresses beyond their common budget in the previous
+        minute (each to be said once)."""
         state = self._touch_address(address, now)
-        suppressed = 0
+        suppressed = suppressed_total = 0
         if now - state.log_window >= 60.0:
             suppressed, state.suppressed = state.suppressed, 0
             state.log_window, state.logged = now, 0
+        if now - self._log_window >= 60.0:
+            suppressed_total, self._suppressed = self._suppressed, 0
+            self._log_window, self._logged = now, 0
         if state.logged >= self.settings.log_lines_per_minute:
             state.suppressed += 1
-            return False, suppressed
+            return False, suppressed, suppressed_total
+        if self._logged >= self.settings.log_lines_per_minute_total:
+            self._suppressed += 1
+            return False, suppressed, suppressed_total
         state.logged += 1
-        return True, suppressed
+        self._logged += 1
+        return True, suppressed, suppressed_total
 
     # ---- the operator's view ---------------------------------------------------------------------
 

@@ -93,10 +93,14 @@ class Logins:
         return LoginOutcome()
 
     def _log(self, address: str, message: str, *args) -> None:
-        """One line per event, at most log_lines_per_minute per address; then a count."""
-        logged, suppressed = self.guard.log_line(address, self.clock())
+        """One line per event, at most log_lines_per_minute per address and
+        log_lines_per_minute_total from all addresses; then a count."""
+        logged, suppressed, suppressed_total = self.guard.log_line(address, self.clock())
         if suppressed:
             log.warning("%d more login failures or refusals from %s were not logged", suppressed, address)
+        if suppressed_total:
+            log.warning("%d more login failures or refusals (from all addresses, over %d lines a minute) were"
+                        " not logged", suppressed_total, self.guard.settings.log_lines_per_minute_total)
         if logged:
             log.info(message, *args)
 

@@ -1,6 +1,7 @@
 # The password-guessing guard (relay/login_guard.py) as pure logic with an injected clock: growing,
 # capped, decaying penalty per address; turns across parallel attempts; per-pair blocks that hold
-# against the right password; no account-wide lock; bounded memory; rate-limited log lines.
+# against the right password; no account-wide lock; bounded memory; log lines rate-limited per
+# address and in total.
 import pytest
 
 from relay.login_guard import GuardSettings, LoginGuard, client_key
@@ -93,9 +94,18 @@ def test_log_lines_are_rate_limited_per_address():
     guard = LoginGuard(GuardSettings(log_lines_per_minute=3))
     decisions = [guard.log_line(A, t * 0.1) for t in range(10)]
     assert [d[0] for d in decisions] == [True] * 3 + [False] * 7
-    assert guard.log_line(B, 0.5) == (True, 0)   # other addresses have their own budget
-    assert guard.log_line(A, 61.0) == (True, 7)  # the next minute says how many went unlogged
-    assert guard.log_line(A, 61.1) == (True, 0)
+    assert guard.log_line(B, 0.5) == (True, 0, 0)   # other addresses have their own budget
+    assert guard.log_line(A, 61.0) == (True, 7, 0)  # the next minute says how many went unlogged
+    assert guard.log_line(A, 61.1) == (True, 0, 0)
+
+
+def test_log_lines_from_many_addresses_are_rate_limited_together():
+    guard = LoginGuard(GuardSettings(log_lines_per_minute=3, log_lines_per_minute_total=50))
+    decisions = [guard.log_line(f"10.0.{n // 256}.{n % 256}", n * 0.01) for n in range(1000)]
+    assert sum(logged for logged, _, _ in decisions) == 50
+    # the next minute says once how many of all addresses went unlogged (not again per address)
+    assert guard.log_line("10.9.9.9", 70.0) == (True, 0, 950)
+    assert guard.log_line("10.0.0.1", 70.1) == (True, 0, 0)
 
 
 @pytest.mark.parametrize("ip, key", [
