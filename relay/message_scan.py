@@ -135,6 +135,7 @@ class LineLengthCheck:
             self.too_long = True
             return
         self._line = len(data) - last - 1
+        self.too_long = self._line >= MAX_LINE   # the unfinished last line is already too long
 
 
 def _short_lines(data: bytes, start: int, end: int) -> bool:

@@ -4,7 +4,7 @@
 import base64
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from relay import smtp_replies as R
 from relay.message_scan import MAX_LINE, LineLengthCheck
@@ -105,6 +105,7 @@ def _too_long_oracle(data: bytes) -> bool:
                           st.integers(0, 1100).map(lambda n: b"b" * n + b"\n"),
                           st.binary(max_size=50)), max_size=12),
        st.lists(st.integers(1, 3000), max_size=8))
+@example(parts=[b"a" * 998 + b"\r\n", b"a" * 1001 + b"\r\n"], cuts=[1000 + 1001])   # a chunk ending in a long line
 def test_line_length_check_matches_the_oracle_at_any_chunking(parts, cuts):
     data = b"".join(parts)
     check = LineLengthCheck()
