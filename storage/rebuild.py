@@ -18,7 +18,6 @@
 # it as its predecessor, or the index itself; a single-file mail when a ledger commit line lists it.
 # Unproven records (a commit cut short) are never put into a mailbox. Before changing anything, the
 # index as it was is copied into the quarantine. Must never delete message bytes.
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, envelope, events, ledger
+from . import db, envelope, events, ledger, verify
 from .folder_lock import lock_data_folder
 from .quarantine import list_entries, quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
@@ -322,7 +321,7 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
     if not entries and not remote:
         report.all_removed += 1
         return
-    if not _intact(blob_dir / mail.blob, mail.offset, mail.size, r.get("sha256")):
+    if verify.content_problem(blob_dir / mail.blob, mail.offset, mail.size, r.get("sha256")) is not None:
         report.damaged.append(f"{qid} in {mail.blob} at {mail.offset}")
         report.aside.append((mail.blob, mail.frame, mail.offset + mail.size - mail.frame, mail.packed,
                              "damaged_mail", "an acknowledged mail whose bytes differ from the SHA-256 of its"
@@ -356,20 +355,6 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
     report.restored += 1
     report.restored_entries += len(entries)
     report.restored_outbound += len(remote)
-
-
-def _intact(path: Path, offset: int, size: int, sha256: str | None) -> bool:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = size
-        while left:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                return False
-            digest.update(block)
-            left -= len(block)
-    return digest.hexdigest() == sha256
 
 
 def _apply_removals(conn, state: ledger.LedgerState, report: RebuildReport) -> None:
