@@ -13,10 +13,10 @@ import os
 import time
 from email.utils import formatdate
 
-from mailhub import metrics
 from storage import Delivery, MessageMeta, Site, Storage, db
 from storage.sites import list_sites
 
+from . import metrics
 from .document import read_document, to_json, to_text
 from .hub_key import HubKeys, HubKeySource
 from .signing import mixed_part, signed_body

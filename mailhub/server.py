@@ -22,7 +22,9 @@ from .auth_control import register_auth_commands
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
-from .metrics import MEMORY_BUDGET, SCRUB_BYTES, MetricsServer, damaged_mail
+from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
+
+from .metrics import MetricsServer
 from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")

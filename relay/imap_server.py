@@ -15,11 +15,10 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from mailhub import metrics
 from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
-from . import connection_limits, mime_structure
+from . import connection_limits, metrics, mime_structure
 from .file_sender import FileSender
 from .logins import Logins
 from .mailbox_session import MailboxSessionIO, is_loopback

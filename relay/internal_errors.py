@@ -6,7 +6,7 @@
 import logging
 import time
 
-from mailhub import metrics
+from . import metrics
 
 from .mailbox_session import printable
 

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from mailhub import metrics
 from storage import LoginBusy, Site, SiteCache
 
+from . import metrics
 from .login_guard import GuardSettings, LoginGuard, client_key
 from .mailbox_session import printable
 

@@ -8,7 +8,7 @@ import ipaddress
 import threading
 import time
 
-from mailhub import metrics
+from . import metrics
 
 from .connection_limits import Ticket
 

@@ -14,10 +14,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from mailhub import metrics
 from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
 from storage.outbound import Deferral, QueuedRecipient
 
+from . import metrics
 from .bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
 from .file_sender import FileSender
 from .outbound_client import HopConnection, HopError, OutgoingMessage

@@ -15,11 +15,10 @@ import logging
 import ssl
 import time
 
-from mailhub import metrics
 from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
-from . import connection_limits
+from . import connection_limits, metrics
 from .file_sender import FileSender
 from .logins import Logins
 from .mailbox_session import MailboxSessionIO, is_loopback

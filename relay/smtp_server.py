@@ -20,12 +20,11 @@ import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, syntax
 
 from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing, policy_for
-from mailhub import metrics
 from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
-from . import connection_limits
+from . import connection_limits, metrics
 from . import smtp_replies as R
 from .ingest import IncomingMessage
 from .internal_errors import report_internal_error
