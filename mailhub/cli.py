@@ -339,7 +339,7 @@ def _site_command(cfg, args) -> int:
 
 
 def _queue_command(cfg, args) -> int:
-    from storage import outbound
+    from storage import StorageError, outbound
 
     conn = open_index(cfg)
     if conn is None:
@@ -349,20 +349,18 @@ def _queue_command(cfg, args) -> int:
         if action == "list":
             _print_queue(outbound.all_rows(conn, cfg.data_dir / "blobs"), args.json)
             return 0
-        conn.execute("BEGIN IMMEDIATE")
         if action == "retry":
-            count = outbound.retry_now(conn, time.time(), None if args.all else args.queue_id)
+            count = outbound.retry_queued(conn, time.time(), None if args.all else args.queue_id)
             verb = "to be retried now"
         else:
-            count = outbound.delete(conn, args.queue_id, args.rcpt)
+            count = outbound.drop_queued(conn, args.queue_id, args.rcpt)
             verb = "deleted"
-        conn.execute("COMMIT")
         if count == 0 and not getattr(args, "all", False):
             print(f"mailhub: no queued recipient matches {args.queue_id}", file=sys.stderr)
             return EXIT_FAILED
         print(f"{count} queued recipient(s) {verb}")
         return 0
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, StorageError) as exc:
         print(f"mailhub: index error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -425,12 +423,10 @@ def _limit_values(args) -> dict:
 
 
 def _site_summary(conn: sqlite3.Connection, site, cfg) -> dict:
-    count, size = conn.execute(
-        "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
-        " WHERE b.site_id = ?", (site.id,)).fetchone()
-    row = conn.execute("SELECT sessions, messages, bytes, send_seconds, first_poll_at, last_poll_at"
-                       " FROM site_downloads WHERE site_id = ?", (site.id,)).fetchone()
-    sessions, messages, octets, seconds, first, last = row or (0, 0, 0, 0.0, None, None)
+    from storage import reports, usage
+
+    count, size = reports.mailbox_totals(conn, site.id)
+    sessions, messages, octets, seconds, first, last = usage.download_totals(conn, site.id)
     return {"name": site.name, "addresses": site.addresses, **_quota_summary(conn, site, cfg),
             "created_at": iso_time(site.created_at, millis=False),
             "mailbox_messages": count, "mailbox_bytes": size,

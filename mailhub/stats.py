@@ -1,11 +1,13 @@
 # `mailhub stats` and the live part of `mailhub site show`: volumes per site and per pair of sites
 # over a period, refusals and deferrals by reason and site (from the tracking events), and the
-# backlogs waiting now (from the mailbox table). Read-only SQL on a connection the caller opens;
-# must never write to the index.
+# backlogs waiting now (from the mailbox table), read through storage.reports on a connection the
+# caller opens. Must never write to the index, nor hold SQL of its own (it lives in storage/).
 import calendar
 import re
 import sqlite3
 import time
+
+from storage import reports
 
 from .report_format import human_size, iso_time, printable
 
@@ -42,13 +44,10 @@ def parse_when(text: str, now: float) -> float:
 
 def report(conn: sqlite3.Connection, since: float, until: float, top: int = 10) -> dict:
     """The --json output of `mailhub stats` for [since, until)."""
-    period = (since, until)
     sites: dict[str, dict] = {}
     pairs: dict[tuple[str, str], dict] = {}
     # one pass over the period: per site and kind, and per pair of sites
-    for kind, site, peer_site, count, size in conn.execute(
-            "SELECT kind, coalesce(site, '-'), coalesce(peer_site, '-'), count(*), coalesce(sum(size), 0)"
-            " FROM events WHERE at >= ? AND at < ? GROUP BY 1, 2, 3", period):
+    for kind, site, peer_site, count, size in reports.volumes(conn, since, until):
         line = sites.setdefault(site, {"site": site, **{k: 0 for pair in _SITE_COLUMNS.values() for k in pair if k}})
         messages_key, bytes_key = _SITE_COLUMNS.get(kind, (None, None))
         if messages_key:
@@ -59,10 +58,7 @@ def report(conn: sqlite3.Connection, since: float, until: float, top: int = 10) 
             pairs[(peer_site, site)] = {"from": peer_site, "to": site, "messages": count, "bytes": size}
     refusals = [{"kind": kind, "site": site, "to_site": to_site, "reply": reply, "count": count,
                  "last_at": iso_time(last)}
-                for kind, site, to_site, reply, count, last in conn.execute(
-                    "SELECT kind, coalesce(site, '-'), coalesce(peer_site, '-'), detail, count(*), max(at)"
-                    " FROM events WHERE kind IN ('refused', 'deferred') AND at >= ? AND at < ?"
-                    " GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2, 3, 4", period)]
+                for kind, site, to_site, reply, count, last in reports.refusal_counts(conn, since, until)]
     lines = sorted(sites.values(), key=lambda s: s["site"])
     totals = {key: sum(s[key] for s in lines) for key in ("submitted_messages", "submitted_bytes",
                                                           "received_messages", "received_bytes",
@@ -75,14 +71,8 @@ def report(conn: sqlite3.Connection, since: float, until: float, top: int = 10) 
 
 def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[dict]:
     """Mail waiting in mailboxes now, the largest backlogs first (or one site's)."""
-    where = "WHERE b.site_id = ?" if site_id is not None else ""
-    rows = conn.execute(
-        "SELECT s.name, count(*), sum(m.size), min(b.delivered_at) FROM mailbox b"
-        " JOIN messages m ON m.queue_id = b.queue_id JOIN sites s ON s.id = b.site_id"
-        f" {where} GROUP BY b.site_id ORDER BY 3 DESC, 1 LIMIT ?",
-        ((site_id,) if site_id is not None else ()) + (top,))
     return [{"site": name, "messages": count, "bytes": size, "oldest_at": iso_time(oldest)}
-            for name, count, size, oldest in rows]
+            for name, count, size, oldest in reports.backlogs(conn, top, site_id)]
 
 
 def site_activity(conn: sqlite3.Connection, site_id: int, name: str, now: float,
@@ -91,9 +81,7 @@ def site_activity(conn: sqlite3.Connection, site_id: int, name: str, now: float,
     the oldest mail waiting for it, what it downloaded in the last `window` seconds, and how its
     submissions, and mail sent to it, were refused or deferred in that time."""
     since = now - window
-    messages, octets = conn.execute(
-        "SELECT count(*), coalesce(sum(size), 0) FROM events WHERE kind = 'downloaded' AND site = ? AND at >= ?",
-        (name, since)).fetchone()
+    messages, octets = reports.downloads_since(conn, name, since)
     waiting = backlogs(conn, 1, site_id)
     return {"window_seconds": window, "oldest_waiting_at": waiting[0]["oldest_at"] if waiting else None,
             "downloaded_messages": messages, "downloaded_bytes": octets,
@@ -104,9 +92,7 @@ def site_activity(conn: sqlite3.Connection, site_id: int, name: str, now: float,
 
 def _refusals(conn: sqlite3.Connection, column: str, name: str, since: float) -> list[dict]:
     return [{"kind": kind, "reply": reply, "count": count, "last_at": iso_time(last)}
-            for kind, reply, count, last in conn.execute(
-                f"SELECT kind, detail, count(*), max(at) FROM events WHERE {column} = ? AND at >= ?"
-                " AND kind IN ('refused', 'deferred') GROUP BY 1, 2 ORDER BY 3 DESC, 2", (name, since))]
+            for kind, reply, count, last in reports.refusals_since(conn, column, name, since)]
 
 
 # ---- text output -----------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def _verify(cfg, args) -> int:
 
     from storage import db
     from storage.folder_lock import DataFolderInUse
-    from storage.verify import Pacer, content_problem, mark_with_hub_stopped
+    from storage.verify import (Pacer, content_problem, known_damaged, mails_to_verify, mark_with_hub_stopped,
+                                site_id_of, still_stored)
 
     from .config import ConfigError, parse_size
     from .control import ControlError, request
@@ -185,24 +186,21 @@ def _verify(cfg, args) -> int:
         print(f"mailhub: --rate: not a size: {args.rate!r}", file=sys.stderr)
         return 2
     conn = db.connect_readonly(cfg.data_dir)
-    columns = "m.queue_id, m.blob, m.blob_offset, m.size, m.sha256"
+    site_id = None
     if args.site:
-        row = conn.execute("SELECT id FROM sites WHERE name = ?", (args.site,)).fetchone()
-        if row is None:
+        site_id = site_id_of(conn, args.site)
+        if site_id is None:
             print(f"mailhub: no site named {args.site!r}", file=sys.stderr)
             return 2
-        mails = conn.execute(f"SELECT DISTINCT {columns} FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
-                             " WHERE b.site_id = ? ORDER BY m.queue_id", (row[0],)).fetchall()
-    else:
-        mails = conn.execute(f"SELECT {columns} FROM messages m ORDER BY m.queue_id").fetchall()
-    known = {qid for (qid,) in conn.execute("SELECT queue_id FROM damaged")}
+    mails = mails_to_verify(conn, site_id)
+    known = known_damaged(conn)
     total = sum(m[3] for m in mails)
     blob_dir = Path(cfg.data_dir) / "blobs"
     pacer, started, shown = Pacer(rate), time.monotonic(), time.monotonic()
     done_bytes, found = 0, []
     for n, (queue_id, blob, offset, size, sha256) in enumerate(mails, 1):
         problem = content_problem(blob_dir / blob, offset, size, sha256, pacer)
-        if problem is not None and conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
+        if problem is not None and still_stored(conn, queue_id):
             found.append((queue_id, problem))   # (a mail deleted meanwhile is no damage)
             print(f"DAMAGED {queue_id}: {problem}{' (known before)' if queue_id in known else ''}", flush=True)
         done_bytes += size
@@ -233,14 +231,13 @@ def _verify(cfg, args) -> int:
 
 def _damaged(cfg, args) -> int:
     from storage import db
+    from storage.verify import damaged_mails
 
     conn = db.connect_readonly(cfg.data_dir)
-    rows = conn.execute(
-        "SELECT d.queue_id, d.reason, d.found_by, d.found_at, d.quarantine, m.size,"
-        " (SELECT group_concat(s.name, ',') FROM mailbox b JOIN sites s ON s.id = b.site_id"
-        "  WHERE b.queue_id = d.queue_id) FROM damaged d LEFT JOIN messages m ON m.queue_id = d.queue_id"
-        " ORDER BY d.found_at").fetchall()
-    conn.close()
+    try:
+        rows = damaged_mails(conn)
+    finally:
+        conn.close()
     if args.json:
         print(json.dumps([{"queue_id": q, "reason": r, "found_by": by, "found_at": iso_time(at), "quarantine": e,
                            "stored": size is not None, "size": size, "mailboxes": (sites or "").split(",") if sites else []}

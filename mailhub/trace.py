@@ -1,13 +1,14 @@
 # `mailhub trace QUERY`: where is a mail or a study? Reads the tracking events (storage/events.py)
-# on a read-only connection, so it runs beside a live hub. QUERY is a queue ID, a Message-ID, a
+# through storage.reports on a read-only connection, so it runs beside a live hub. QUERY is a queue ID, a Message-ID, a
 # sender or recipient address or an X-TELEMEDICINE-SETID (guessed, or named by a flag). Builds one
 # path per mail (accepted, delivered, downloaded, deleted, relay attempts, refusals) and, for a set,
 # the study view.
-# Must never write to the index.
+# Must never write to the index, nor hold SQL of its own (it lives in storage/).
 import re
 import sqlite3
 from dataclasses import dataclass, field
 
+from storage import reports
 from storage.events import COLUMNS, Event
 
 from .report_format import human_size, iso_time, printable
@@ -15,8 +16,6 @@ from .report_format import human_size, iso_time, printable
 QUEUE_ID = re.compile(r"[0-9A-F]{19}\Z")   # storage.spool.new_queue_id
 KINDS = {"queue-id": "a queue ID", "message-id": "a Message-ID", "address": "a sender or recipient address",
          "set": "an X-TELEMEDICINE-SETID"}
-_COLUMNS = ", ".join(COLUMNS)
-_CHUNK = 500   # queue IDs per IN (...) lookup
 
 
 @dataclass
@@ -84,10 +83,7 @@ def detect(conn: sqlite3.Connection, query: str) -> str:
     if query.startswith("<") and query.endswith(">"):
         return "message-id"
     if "@" in query:
-        known = conn.execute("SELECT 1 FROM addresses WHERE address = ? UNION ALL"
-                             " SELECT 1 FROM events WHERE sender = ? UNION ALL"
-                             " SELECT 1 FROM events WHERE rcpt = ? LIMIT 1", (query, query, query)).fetchone()
-        return "address" if known else "message-id"
+        return "address" if reports.address_known(conn, query) else "message-id"
     return "set"
 
 
@@ -99,9 +95,9 @@ def trace(conn: sqlite3.Connection, query: str, kind: str | None = None, limit: 
         queue_ids = [query]
     elif kind == "message-id":
         ids = (query, query if query.startswith("<") else f"<{query}>")
-        queue_ids = _column(conn, "SELECT DISTINCT queue_id FROM events WHERE message_id IN (?, ?)", ids)
+        queue_ids = reports.queue_ids_by_message_id(conn, ids)
     elif kind == "set":
-        queue_ids = _column(conn, "SELECT DISTINCT queue_id FROM events WHERE set_id = ?", (query,))
+        queue_ids = reports.queue_ids_by_set(conn, query)
     else:
         queue_ids, refusals = _by_address(conn, query, limit)
     mails = _mails(conn, queue_ids, by_part=kind == "set")
@@ -118,30 +114,20 @@ def _by_address(conn: sqlite3.Connection, address: str, limit: int) -> tuple[lis
     refusals: list[Event] = []
     for column, kinds in (("sender", ("accepted",)), ("rcpt", ("delivered", *_RELAY_STATES))):
         for kind in kinds:
-            for queue_id, at in conn.execute(f"SELECT queue_id, at FROM events WHERE {column} = ? AND kind = ?"
-                                             " ORDER BY id DESC LIMIT ?", (address, kind, limit)):
+            for queue_id, at in reports.latest_mails_of(conn, column, address, kind, limit):
                 latest[queue_id] = max(at, latest.get(queue_id, at))
         for kind in ("refused", "deferred"):
-            refusals += [Event(*r) for r in conn.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE {column} = ? AND kind = ? ORDER BY id DESC LIMIT ?",
-                (address, kind, limit))]
+            refusals += reports.latest_events_of(conn, column, address, kind, limit)
     queue_ids = sorted(latest, key=latest.__getitem__, reverse=True)[:limit]
     unique = {(e.at, e.kind, e.queue_id, e.sender, e.rcpt): e for e in refusals}   # sender = rcpt: once
     return queue_ids, sorted(unique.values(), key=lambda e: e.at)[-limit:]
 
 
-def _column(conn: sqlite3.Connection, sql: str, params) -> list:
-    return [value for (value,) in conn.execute(sql, params) if value is not None]
-
-
 def _mails(conn: sqlite3.Connection, queue_ids: list[str], by_part: bool) -> list[Mail]:
     """The mails' paths in time order (a set's in part order)."""
     mails = {q: Mail(q) for q in queue_ids}
-    for start in range(0, len(queue_ids), _CHUNK):
-        chunk = queue_ids[start:start + _CHUNK]
-        for r in conn.execute(f"SELECT {_COLUMNS} FROM events WHERE queue_id IN ({','.join('?' * len(chunk))})"
-                              " ORDER BY at, id", chunk):
-            mails[r[2]].add(Event(*r))
+    for event in reports.events_of_mails(conn, queue_ids):
+        mails[event.queue_id].add(event)
     found = [m for m in mails.values() if m.events]
     if by_part:
         return sorted(found, key=lambda m: ((m.accepted.set_part or 0) if m.accepted else 0, m.events[0].at))

@@ -6,7 +6,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import events
+from . import db, events
 
 
 @dataclass(slots=True)
@@ -94,6 +94,18 @@ def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
         return conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,)).rowcount
     return conn.execute("DELETE FROM outbound WHERE queue_id = ? AND rcpt = ? COLLATE NOCASE",
                         (queue_id, rcpt)).rowcount
+
+
+def retry_queued(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
+    """`mailhub queue retry`: retry_now in a transaction of its own; how many rows."""
+    with db.transaction(conn):
+        return retry_now(conn, now, queue_id)
+
+
+def drop_queued(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
+    """`mailhub queue delete`: delete in a transaction of its own; how many rows."""
+    with db.transaction(conn):
+        return delete(conn, queue_id, rcpt)
 
 
 def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:

@@ -107,6 +107,14 @@ def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict:
             "received_per_day": volumes.get(day, (0, 0))[1], "received_per_month": volumes.get(month, (0, 0))[1]}
 
 
+def download_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int, int, float, float | None, float | None]:
+    """(sessions, messages, octets, seconds spent sending, first poll, last poll) of one site's
+    downloads since it was added."""
+    row = conn.execute("SELECT sessions, messages, bytes, send_seconds, first_poll_at, last_poll_at"
+                       " FROM site_downloads WHERE site_id = ?", (site_id,)).fetchone()
+    return tuple(row) if row else (0, 0, 0, 0.0, None, None)
+
+
 def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict], now: float) -> None:
     conn.executemany(
         "INSERT INTO site_throttle (site_id, updated_at, state) SELECT ?, ?, ? WHERE EXISTS"

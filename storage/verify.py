@@ -121,3 +121,39 @@ def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by
             conn.close()
     finally:
         os.close(lock)
+
+
+# ---- what `mailhub storage verify` and `mailhub storage damaged` read (a read-only connection) ----
+
+def site_id_of(conn: sqlite3.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT id FROM sites WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+def mails_to_verify(conn: sqlite3.Connection, site_id: int | None = None) -> list[tuple[str, str, int, int, str]]:
+    """(queue ID, blob file, offset, size, SHA-256) of every stored mail, or of those in one
+    site's mailbox, in queue ID order."""
+    columns = "m.queue_id, m.blob, m.blob_offset, m.size, m.sha256"
+    if site_id is not None:
+        return conn.execute(f"SELECT DISTINCT {columns} FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
+                            " WHERE b.site_id = ? ORDER BY m.queue_id", (site_id,)).fetchall()
+    return conn.execute(f"SELECT {columns} FROM messages m ORDER BY m.queue_id").fetchall()
+
+
+def still_stored(conn: sqlite3.Connection, queue_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone() is not None
+
+
+def known_damaged(conn: sqlite3.Connection) -> set[str]:
+    """The queue IDs marked damaged."""
+    return {queue_id for (queue_id,) in conn.execute("SELECT queue_id FROM damaged")}
+
+
+def damaged_mails(conn: sqlite3.Connection) -> list[tuple[str, str, str, float, str | None, int | None, str | None]]:
+    """(queue ID, reason, found by, found at, quarantine entry, size or None once deleted, the
+    mailboxes it is in, comma-separated) of every mail marked damaged, in the order found."""
+    return conn.execute(
+        "SELECT d.queue_id, d.reason, d.found_by, d.found_at, d.quarantine, m.size,"
+        " (SELECT group_concat(s.name, ',') FROM mailbox b JOIN sites s ON s.id = b.site_id"
+        "  WHERE b.queue_id = d.queue_id) FROM damaged d LEFT JOIN messages m ON m.queue_id = d.queue_id"
+        " ORDER BY d.found_at").fetchall()
