@@ -1,10 +1,11 @@
 # The participant directory document: per site its name, addresses, current key fingerprint and
 # armored public key, as a dict (serialised as JSON) and as readable text. Pure functions plus one
-# synchronous read of the index; signing and mailing live elsewhere.
+# synchronous read of the index (through storage/); signing and mailing live elsewhere.
 import json
 import sqlite3
 import time
 
+from storage.directory_index import directory_version
 from storage.sites import list_sites
 
 from .keys import site_keys
@@ -16,7 +17,7 @@ def read_document(conn: sqlite3.Connection, hub_keys, domains: list[str],
                   directory_local_part: str, now: float | None = None) -> dict:
     """The directory as the index holds it now; `hub_keys` is the hub's HubKeys (fingerprint and
     last rotation)."""
-    version = conn.execute("SELECT value FROM meta WHERE key = 'directory_version'").fetchone()[0]
+    version = directory_version(conn)
     participants = []
     for site in list_sites(conn):
         keys = site_keys(conn, site.id)

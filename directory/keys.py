@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from storage import db
+from storage import db, directory_index
 from storage.sites import get_site
 
 with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
@@ -84,31 +84,15 @@ def import_key(conn: sqlite3.Connection, site_name: str, data: bytes, now: float
     """Make the key the site's current one; the current key becomes the previous one."""
     parsed = parse_public_key(data)
     now = time.time() if now is None else now
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        site = get_site(conn, site_name)
-        current = conn.execute("SELECT fingerprint FROM site_keys WHERE site_id = ? AND retired_at IS NULL",
-                               (site.id,)).fetchone()
-        if current and current[0] == parsed.fingerprint:
-            raise DirectoryError(f"key {parsed.fingerprint} is already the current key of site {site_name}")
-        conn.execute("UPDATE site_keys SET retired_at = ? WHERE site_id = ? AND retired_at IS NULL",
-                     (now, site.id))
-        conn.execute("INSERT INTO site_keys (site_id, fingerprint, encryption_key_ids, armored, imported_at)"
-                     " VALUES (?, ?, ?, ?, ?)",
-                     (site.id, parsed.fingerprint, " ".join(parsed.encryption_key_ids), parsed.armored, now))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    if not directory_index.replace_site_key(conn, site_name, parsed.fingerprint, " ".join(parsed.encryption_key_ids),
+                                            parsed.armored, now):
+        raise DirectoryError(f"key {parsed.fingerprint} is already the current key of site {site_name}")
     return parsed
 
 
 def site_keys(conn: sqlite3.Connection, site_id: int) -> list[SiteKey]:
     """The site's keys, current first, then the previous ones, newest first."""
-    return [_key(row) for row in conn.execute(
-        "SELECT fingerprint, encryption_key_ids, armored, imported_at, retired_at FROM site_keys"
-        " WHERE site_id = ? ORDER BY retired_at IS NOT NULL, coalesce(retired_at, 0) DESC, id DESC",
-        (site_id,))]
+    return [_key(row) for row in directory_index.site_key_rows(conn, site_id)]
 
 
 def _key(row) -> SiteKey:
@@ -124,16 +108,7 @@ def set_policy(conn: sqlite3.Connection, site_name: str, encryption: str) -> Non
     if encryption not in POLICY_CHOICES:
         raise DirectoryError(f"encryption policy must be one of {', '.join(POLICY_CHOICES)}")
     site = get_site(conn, site_name)
-    if encryption == "default":
-        conn.execute("DELETE FROM site_policy WHERE site_id = ?", (site.id,))
-    else:
-        conn.execute("INSERT INTO site_policy (site_id, encryption) VALUES (?, ?) ON CONFLICT (site_id)"
-                     " DO UPDATE SET encryption = excluded.encryption", (site.id, encryption))
-
-
-def policy_override(conn: sqlite3.Connection, site_id: int) -> str | None:
-    row = conn.execute("SELECT encryption FROM site_policy WHERE site_id = ?", (site_id,)).fetchone()
-    return row[0] if row else None
+    directory_index.set_policy_override(conn, site.id, None if encryption == "default" else encryption)
 
 
 class KeyRing:
@@ -154,16 +129,12 @@ class KeyRing:
         if now - self._checked_at < _RELOAD_SECONDS:
             return
         self._checked_at = now
-        version = self._conn.execute("SELECT value FROM meta WHERE key = 'keys_version'").fetchone()[0]
+        version = directory_index.keys_version(self._conn)
         if version == self._version:
             return
-        keys: dict[int, list[SiteKey]] = {}
-        for row in self._conn.execute(
-                "SELECT site_id, fingerprint, encryption_key_ids, armored, imported_at, retired_at FROM site_keys"
-                " ORDER BY site_id, retired_at IS NOT NULL, coalesce(retired_at, 0) DESC, id DESC"):
-            keys.setdefault(row[0], []).append(_key(row[1:]))
-        self._keys = keys
-        self._policy = dict(self._conn.execute("SELECT site_id, encryption FROM site_policy"))
+        self._keys = {site_id: [_key(row) for row in rows]
+                      for site_id, rows in directory_index.all_site_key_rows(self._conn).items()}
+        self._policy = directory_index.policy_overrides(self._conn)
         self._version = version
 
     def keys(self, site_id: int) -> list[SiteKey]:

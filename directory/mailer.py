@@ -10,11 +10,12 @@
 import asyncio
 import logging
 import os
+import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 
-from storage import Delivery, MessageMeta, Site, Storage, db
-from storage.sites import list_sites
+from storage import Delivery, MessageMeta, Site, Storage, db, directory_index
 
 from . import metrics
 from .document import read_document, to_json, to_text
@@ -71,7 +72,9 @@ class DirectoryMailer:
         self.local_part = cfg.directory.address
         self._asked_at: dict[int, float] = {}   # site id -> when its last request was taken (monotonic)
         self._checking = asyncio.Lock()
-        self._conn = None                       # the update loop's index connection
+        self._conn: sqlite3.Connection | None = None   # the update loop's, used in _index_thread only
+        self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="directory-index")
+        self._known_key = ""                    # the hub key the sites know when nothing is recorded yet
 
     def is_directory_address(self, address: str) -> bool:
         local, _, domain = address.rpartition("@")
@@ -100,13 +103,29 @@ class DirectoryMailer:
         """Start the loop that sends updates (when configured) and rotation announcements (always).
         The first start records the present version and hub key as already sent, so that only
         later changes are sent."""
-        self._conn = db.connect(self.cfg.data_dir)
-        self._conn.execute("INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta"
-                           " WHERE key = 'directory_version'", (SENT_VERSION,))
         keys = self.hub_keys.get()
         # nothing recorded yet: the sites know this key, or the previous one if it was rotated lately
-        note_hub_key_announced(self._conn, keys.previous_fingerprint if keys.in_grace() else keys.fingerprint)
+        self._known_key = keys.previous_fingerprint if keys.in_grace() else keys.fingerprint
         return asyncio.create_task(self._update_loop())
+
+    def _index(self) -> sqlite3.Connection:
+        """Index thread: the mailer's connection, opened at first use with the present directory
+        version and hub key recorded as sent unless a mark is there already."""
+        if self._conn is None:
+            self._conn = db.connect(self.cfg.data_dir)
+            directory_index.set_mark_to_version_if_unset(self._conn, SENT_VERSION)
+            note_hub_key_announced(self._conn, self._known_key)
+        return self._conn
+
+    async def _on_index(self, function, *args):
+        """function(connection, *args) in the mailer's index thread: SQLite never blocks the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._index_thread,
+                                                                lambda: function(self._index(), *args))
+
+    def _close_index(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def _update_loop(self) -> None:
         try:
@@ -117,7 +136,8 @@ class DirectoryMailer:
                 except Exception:
                     log.exception("directory update failed; retrying")
         finally:
-            self._conn.close()
+            self._index_thread.submit(self._close_index)
+            self._index_thread.shutdown(wait=False)
 
     async def announce_now(self, _request: dict) -> dict:
         """Control command: look for a new hub key now, and announce it (`mailhub directory
@@ -129,27 +149,19 @@ class DirectoryMailer:
         """Send a rotation announcement or an update if one is due (one check at a time: the loop
         and the control command must not both send it); returns what was sent."""
         async with self._checking:
-            return await self._send_due(self._conn)
+            return await self._send_due()
 
-    async def _send_due(self, conn) -> dict | None:
+    async def _send_due(self) -> dict | None:
         keys = self.hub_keys.get()
         stamp = key_stamp(keys.fingerprint)
-        conn.execute("BEGIN")  # the version and the sites it counts, read together
-        try:
-            rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('directory_version', ?, ?)",
-                                     (SENT_VERSION, ANNOUNCED_KEY)))
-            version = rows["directory_version"]
-            announce = rows.get(ANNOUNCED_KEY) != stamp
-            update = self.cfg.directory.notify_on_change and rows.get(SENT_VERSION) != version
-            if not (announce or update):
-                return None
-            recipients = [(s, s.addresses[0]) for s in list_sites(conn) if s.addresses]
-        finally:
-            conn.execute("COMMIT")
+        due = await self._on_index(self._due, stamp)
+        if due is None:
+            return None
+        version, announce, recipients = due
         if announce:
-            return await self._announce_rotation(conn, keys, recipients, stamp)
+            return await self._announce_rotation(keys, recipients, stamp)
         if not recipients:
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (SENT_VERSION, version))
+            await self._on_index(directory_index.set_mark, SENT_VERSION, version)
             return None
         queue_id = await self._store_for_all(keys, recipients, "Participant directory update", False,
                                              (SENT_VERSION, version))
@@ -157,7 +169,24 @@ class DirectoryMailer:
         log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
         return {"kind": "update", "sites": len(recipients), "queue_id": queue_id}
 
-    async def _announce_rotation(self, conn, keys: HubKeys, recipients: list, stamp: int) -> dict | None:
+    def _due(self, conn: sqlite3.Connection, stamp: int) -> tuple[int, bool, list] | None:
+        """Index thread: None, or (directory version, whether a rotation is to be announced, the
+        recipients) when an announcement or an update is due; the version and the sites it counts
+        are read together."""
+        def due(marks: dict) -> tuple[bool, bool]:
+            announce = marks.get(ANNOUNCED_KEY) != stamp
+            return announce, announce or (self.cfg.directory.notify_on_change
+                                          and marks.get(SENT_VERSION) != marks["directory_version"])
+
+        if not due(directory_index.marks(conn, SENT_VERSION, ANNOUNCED_KEY))[1]:
+            return None
+        marks, sites = directory_index.marks_and_sites(conn, SENT_VERSION, ANNOUNCED_KEY)
+        announce, any_due = due(marks)
+        if not any_due:
+            return None
+        return marks["directory_version"], announce, [(s, s.addresses[0]) for s in sites if s.addresses]
+
+    async def _announce_rotation(self, keys: HubKeys, recipients: list, stamp: int) -> dict | None:
         if keys.previous is None:   # replaced by hand, or the previous key's file is missing
             log.warning("hub key %s is not certified by a previous hub key on file: no rotation to announce;"
                         " the sites must learn its fingerprint out of band", keys.fingerprint)
@@ -168,7 +197,7 @@ class DirectoryMailer:
             log.info("hub key rotation %s -> %s announced to %d site(s) as qid=%s", keys.previous_fingerprint,
                      keys.fingerprint, len(recipients), queue_id)
             return {"kind": "key_rotation", "sites": len(recipients), "queue_id": queue_id}
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (ANNOUNCED_KEY, stamp))
+        await self._on_index(directory_index.set_mark, ANNOUNCED_KEY, stamp)
         return None
 
     async def _store_for_all(self, keys: HubKeys, recipients: list, subject: str, announcement: bool,
@@ -195,12 +224,11 @@ class DirectoryMailer:
 
 def note_hub_key_announced(conn, fingerprint: str) -> None:
     """Record `fingerprint` as the hub key the sites know, unless one is recorded already."""
-    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (ANNOUNCED_KEY, key_stamp(fingerprint)))
+    directory_index.set_mark_if_unset(conn, ANNOUNCED_KEY, key_stamp(fingerprint))
 
 
 def announced_key_stamp(conn) -> int | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (ANNOUNCED_KEY,)).fetchone()
-    return None if row is None else row[0]
+    return directory_index.mark(conn, ANNOUNCED_KEY)
 
 
 def _meta(data: bytes) -> MessageMeta:
