@@ -5,7 +5,6 @@
 # per unit (its process and the index writer's: on a shared, loaded machine the CPU time varies far
 # less than the wall time). For checking what a change to the receive path costs.
 #   .venv/bin/python -m bench.ab_ingest --base 8e0198b [--workload 50MB 10KB] [--rounds 4] [--seconds 10]
-import argparse
 import asyncio
 import contextlib
 import os
@@ -17,7 +16,8 @@ import tempfile
 
 from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, RECEIVER, SENDER, WORKLOADS, hub_env
 from bench.smtp_blast import blast, make_body
-from bench.thirdparty import LOOPBACK, REPO_ROOT, free_port, wait_banner
+from bench.common import REPO_ROOT, argument_parser, command_line
+from loadtest.thirdparty import LOOPBACK, free_port, wait_banner
 
 
 @contextlib.contextmanager
@@ -80,12 +80,13 @@ def run(checkout: str, workload, mails: int, body: bytes) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="SMTP ingest of this checkout against a base commit")
+    ap = argument_parser("bench.ab_ingest", "SMTP ingest of this checkout against a base commit, side by side in alternating rounds")
     ap.add_argument("--base", required=True, help="commit to compare this checkout with")
-    ap.add_argument("--workload", nargs="+", default=["50MB", "10KB"], choices=[w[0] for w in WORKLOADS])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--workload", nargs="+", default=["50MB", "10KB"], choices=[w[0] for w in WORKLOADS], help="workloads to run (default 50MB 10KB)")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (default 4)")
     ap.add_argument("--seconds", type=float, default=10.0, help="at least this long per figure")
     args = ap.parse_args()
+    print(command_line("bench.ab_ingest"), flush=True)
     base = tempfile.mkdtemp(prefix="ab-base-")
     subprocess.run(["git", "worktree", "add", "--detach", base, args.base], cwd=REPO_ROOT, check=True,
                    capture_output=True)

@@ -10,7 +10,6 @@
 # targets a running one given its ports. Only 127.0.0.0/8 takes part. docs/abuse-benchmark.md.
 #   .venv/bin/python -m bench.abuse [--duration 10] [--attack NAME ...] [--hub-repo DIR] [--markdown OUT]
 # About 3.5 minutes with the defaults (15 windows of 10 s, filling, recoveries).
-import argparse
 import imaplib
 import json
 import math
@@ -31,7 +30,8 @@ from bench.abuse_attacks import ATTACKS
 from bench.abuse_gateway import (HOST, Gateway, HubProcesses, LagProbe, MemorySampler, Ports, Recorder, Sites,
                                  download_imap, download_pop3)
 from bench.abuse_inputs import BULK_MAILS, bulk_mail, hostile_mime_mails
-from bench.thirdparty import REPO_ROOT, free_port
+from bench.common import REPO_ROOT, argument_parser, command_line
+from loadtest.thirdparty import free_port
 
 BASELINE = "none (baseline)"
 OPS = ("smtp", "pop3", "imap")
@@ -326,7 +326,7 @@ def notes(rows: list[Row]) -> str:
 
 
 def report(rows: list[Row], args, started: str, seconds: float) -> str:
-    command = " ".join(["python -m bench.abuse", *sys.argv[1:]])
+    command = command_line("bench.abuse")
     return (f"Abuse benchmark, {started}, {seconds:.0f} s: `{command}`\n"
             f"hub: {args.hub_description}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n\n"
             f"{table(rows)}\n\nWhat each attacker saw (counts over its {args.duration:g} s):\n{notes(rows)}\n")
@@ -335,7 +335,7 @@ def report(rows: list[Row], args, started: str, seconds: float) -> str:
 # ------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Run every attack class of issue 20 against a hub while a good "
+    ap = argument_parser("bench.abuse", "Run every attack class of issue 20 against a hub while a good "
                                              "gateway works; print a table (docs/abuse-benchmark.md).")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per attack (default 10)")
     ap.add_argument("--attack", action="append", choices=sorted(ATTACKS), help="run only these (repeatable)")

@@ -576,6 +576,9 @@ async def execute(name: str, target: Target) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) != 3 or sys.argv[1] not in ATTACKS:
+        sys.exit("usage: python -m bench.abuse_attacks ATTACK TARGET_JSON (started by bench.abuse, which see)\n"
+                 f"attacks: {', '.join(sorted(ATTACKS))}")
     name, spec = sys.argv[1], json.loads(sys.argv[2])
     result = asyncio.run(execute(name, Target(**spec)))
     print(json.dumps(result), flush=True)

@@ -4,13 +4,13 @@
 # compare two versions of the hub with: run it from both checkouts in turns, e.g.
 #   (cd OLD && PYTHONPATH=$PWD .venv/bin/python -m bench.hub_cpu)  # and the same in NEW
 #   .venv/bin/python -m bench.hub_cpu [--size 50000000 --mails 8 --sessions 4]
-import argparse
 import os
 import shutil
 import tempfile
 
 from bench.ingest_benchmark import hub_server, run_blast
 from bench.smtp_blast import make_body
+from bench.common import argument_parser, command_line
 
 
 def cpu_seconds(pid: int) -> float:
@@ -20,11 +20,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", type=int, default=50_000_000, help="bytes per mail")
-    ap.add_argument("--mails", type=int, default=8)
-    ap.add_argument("--sessions", type=int, default=4)
+    ap = argument_parser("bench.hub_cpu", "Hub CPU seconds per 100 MB received for one ingest workload (compare versions by\n"
+                         "running it from both checkouts in turns).")
+    ap.add_argument("--size", type=int, default=50_000_000, help="bytes per mail (default 50000000)")
+    ap.add_argument("--mails", type=int, default=8, help="mails sent (default 8)")
+    ap.add_argument("--sessions", type=int, default=4, help="SMTP sessions at once (default 4)")
     args = ap.parse_args()
+    print(command_line("bench.hub_cpu"), flush=True)
     body = make_body(args.size - 160)
     workdir = tempfile.mkdtemp(prefix="mailhub-cpu-", dir="/var/tmp")
     try:

@@ -10,11 +10,9 @@
 # table shows medians and the ratio. Needs root (Dovecot runs mail processes as user `mail`) and
 # bench/install-debian-packages.sh.
 #   .venv/bin/python -m bench.imap_benchmark [--quick] [--mails N] [--workdir DIR]
-import argparse
 import hashlib
 import imaplib
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -27,7 +25,8 @@ from bench.ingest_benchmark import (HUB_DOMAIN, PASSWORD, SENDER, cpu_model, fmt
 from bench.pop3_benchmark import (HEADER_RE, MAIL_FROM, TRACE_RE, _dovecot_pid, cpu_seconds, dovecot_version,
                                   fill_dovecot, fill_hub)
 from bench.smtp_blast import make_body, make_header
-from bench.thirdparty import LOOPBACK, dovecot_server
+from bench.common import argument_parser, command_line
+from loadtest.thirdparty import LOOPBACK, dovecot_server
 
 SERVERS = ("hub", "dovecot")
 SIZE = 50_000_000
@@ -127,7 +126,7 @@ def measure(server, rep, mails, body, workdir, logs_dir, verify):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="IMAP download benchmark: hub vs Dovecot")
+    ap = argument_parser("bench.imap_benchmark", "IMAP download benchmark: hub vs Dovecot imapd, side by side in one run")
     ap.add_argument("--quick", action="store_true", help="10 mails, one repetition")
     ap.add_argument("--mails", type=int, help="50 MB mails in the mailbox (default 20, --quick 10)")
     ap.add_argument("--repeat", type=int, help="repetitions (default 3, --quick 1)")
@@ -142,7 +141,7 @@ def main():
     interrupt_once()
     own_workdir, workdir, logs_dir = make_workdir(a.workdir, "mailhub-imap-bench-")
     facts = {**versions(), "dovecot": dovecot_version()}
-    log("imap benchmark: %s" % " ".join(["python", "-m", "bench.imap_benchmark"] + [shlex.quote(x) for x in sys.argv[1:]]))
+    log("imap benchmark: %s" % command_line("bench.imap_benchmark"))
     log("machine: nproc %d, CPU %s, %s, dovecot %s" % (os.cpu_count(), cpu_model(), software(facts), facts["dovecot"]))
     log("load before: %s" % uptime_line())
     body = make_body(SIZE - 160)   # as smtp_blast does

@@ -11,14 +11,12 @@
 # the table shows the medians. The hub is measured as it is used: an authenticated site sending to
 # another site. Needs root (Postfix) and bench/install-debian-packages.sh.
 #   .venv/bin/python -m bench.ingest_benchmark [--quick] [--workdir DIR] [--json OUT]
-import argparse
 import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import platform
-import shlex
 import shutil
 import signal
 import sqlite3
@@ -29,7 +27,9 @@ import tempfile
 import time
 
 from bench.smtp_blast import blast, make_body
-from bench.thirdparty import LOOPBACK, REPO_ROOT, bare_aiosmtpd, free_port, postfix_sink, wait_banner
+from bench.bare_aiosmtpd import bare_aiosmtpd
+from bench.common import REPO_ROOT, argument_parser, command_line
+from loadtest.thirdparty import LOOPBACK, free_port, postfix_sink, wait_banner
 
 SERVERS = ("hub", "postfix", "aiosmtpd")
 HUB_DOMAIN = "hub.test"
@@ -374,7 +374,7 @@ def make_workdir(given, prefix):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="SMTP ingest benchmark: hub vs Postfix vs bare aiosmtpd")
+    ap = argument_parser("bench.ingest_benchmark", "SMTP ingest benchmark: hub vs Postfix vs stock aiosmtpd, side by side in one run")
     ap.add_argument("--quick", action="store_true",
                     help="fewer mails, one repetition, no 1 GB mail")
     ap.add_argument("--workdir", help="folder for all server data (default: a new folder under /var/tmp); "
@@ -385,9 +385,7 @@ def main():
     ap.add_argument("--repeat", type=int, help="repetitions per measurement (default 3, --quick 1)")
     a = ap.parse_args()
     reps = a.repeat or (1 if a.quick else 3)
-    command = " ".join([shlex.quote(os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                                    else sys.executable), "-m", "bench.ingest_benchmark"]
-                       + [shlex.quote(x) for x in sys.argv[1:]])
+    command = command_line("bench.ingest_benchmark")
     if os.geteuid() != 0:
         sys.exit("ingest_benchmark: must run as root (it starts a private Postfix)")
     if shutil.which("postfix") is None:

@@ -1,9 +1,8 @@
 # MIME parsing cost at ingest: how fast relay.mime_stream (with the structure recorder the hub
 # attaches) consumes typical mails fed in 1 MB chunks as the SMTP reader delivers them, in one
 # process, no I/O. The figure that matters is the share of one core the parser takes at the
-# hub's ingest rate (README: 432 MB/s for 50 MB mails): rate / parser MB/s. Medians of --repeat runs.
+# hub's ingest rate (docs/benchmarks.md: 432 MB/s for 50 MB mails): rate / parser MB/s. Medians of --repeat runs.
 #   .venv/bin/python -m bench.mime_stream_benchmark [--repeat 5] [--ingest-rate 432]
-import argparse
 import base64
 import os
 import statistics
@@ -11,6 +10,7 @@ import time
 
 from relay.mime_stream import MimeStreamParser
 from relay.mime_structure import StructureRecorder
+from bench.common import argument_parser, command_line
 
 MB = 1_000_000
 CHUNK = 1024 * 1024
@@ -60,10 +60,12 @@ def parse_rate(message: bytes, repeat: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--ingest-rate", type=float, default=432.0, help="hub ingest MB/s to relate to")
+    ap = argument_parser("bench.mime_stream_benchmark", "How fast the MIME scanner of the ingest path consumes typical mails, and the\n"
+                         "share of one core it takes at the hub's ingest rate.")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per workload, the median is shown (default 5)")
+    ap.add_argument("--ingest-rate", type=float, default=432.0, help="hub ingest MB/s to relate to (default 432)")
     args = ap.parse_args()
+    print(command_line("bench.mime_stream_benchmark"), flush=True)
     print(f"{'workload':34} | parser MB/s | share of one core at {args.ingest_rate:.0f} MB/s ingest")
     for label, build in WORKLOADS:
         rate = parse_rate(build(50 * MB), args.repeat)

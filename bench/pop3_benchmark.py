@@ -20,14 +20,12 @@
 # before), for both servers alike. Needs root (Dovecot runs mail processes as user `mail`) and
 # bench/install-debian-packages.sh.
 #   .venv/bin/python -m bench.pop3_benchmark [--quick] [--workdir DIR] [--json OUT]
-import argparse
 import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import statistics
@@ -42,7 +40,8 @@ from bench.ingest_benchmark import (HUB_DOMAIN, PASSWORD, SENDER, cpu_model, fil
                                     hub_server, interrupt_once, make_workdir, vm_status, warn)
 from bench.pop3_fetch import Conn, _cmd, fetch_all
 from bench.smtp_blast import blast, make_body, make_header
-from bench.thirdparty import LOOPBACK, deliver_to_maildir, dovecot_server
+from bench.common import argument_parser, command_line
+from loadtest.thirdparty import LOOPBACK, deliver_to_maildir, dovecot_server
 
 SERVERS = ("hub", "dovecot")
 MAIL_FROM = "%s@%s" % (SENDER, HUB_DOMAIN)
@@ -361,16 +360,14 @@ def _dovecot_pid(run_dir):
 # ------------------------------------------------------------------------- the run
 
 def main():
-    ap = argparse.ArgumentParser(description="POP3 download benchmark: hub vs Dovecot")
+    ap = argument_parser("bench.pop3_benchmark", "POP3 download benchmark: hub vs Dovecot, side by side in one run")
     ap.add_argument("--quick", action="store_true", help="200 instead of 500 1 MB mails, one repetition")
     ap.add_argument("--workdir", help="folder for all server data (default: a new folder under /var/tmp)")
     ap.add_argument("--json", metavar="OUT", help="also write all figures as JSON to OUT")
     ap.add_argument("--repeat", type=int, help="repetitions (default 3, --quick 1)")
     a = ap.parse_args()
     reps = a.repeat or (1 if a.quick else 3)
-    command = " ".join([shlex.quote(os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                                    else sys.executable), "-m", "bench.pop3_benchmark"]
-                       + [shlex.quote(x) for x in sys.argv[1:]])
+    command = command_line("bench.pop3_benchmark")
     if os.geteuid() != 0:
         sys.exit("pop3_benchmark: must run as root (Dovecot runs its mail processes as user mail)")
     if shutil.which("dovecot") is None or not os.path.exists("/usr/lib/dovecot/pop3"):

@@ -5,15 +5,13 @@
 # QUIT. Prints one JSON line.
 #   python -m bench.pop3_fetch --host 127.0.0.1 --port P --account u1:pw1 [--account u2:pw2]
 #          [--sessions N] [--dele] [--sha256]
-# Library: fetch_all(host, port, accounts, dele=False, sha256=False) -> dict,
-#          async afetch(...) (same, run in a worker thread).
-import argparse
-import asyncio
+# Library: fetch_all(host, port, accounts, dele=False, sha256=False) -> dict.
 import hashlib
 import json
 import socket
 import threading
 import time
+from bench.common import argument_parser
 
 BUFSZ = 4 << 20
 
@@ -187,14 +185,10 @@ def fetch_all(host, port, accounts, dele=False, sha256=False, sessions=None):
     return out
 
 
-async def afetch(host, port, accounts, dele=False, sha256=False, sessions=None):
-    return await asyncio.to_thread(fetch_all, host, port, accounts, dele, sha256, sessions)
-
-
 def main():
-    ap = argparse.ArgumentParser(description="fast POP3 download benchmark client")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
+    ap = argument_parser("bench.pop3_fetch", "Fast POP3 download client (one thread per mailbox); prints one JSON line.")
+    ap.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, required=True, help="server port")
     ap.add_argument("--account", action="append", required=True, metavar="USER:PASSWORD",
                     help="mailbox to download; repeat for several (one session each)")
     ap.add_argument("--sessions", type=int, default=0, help="max parallel sessions (default: one per account)")

@@ -5,7 +5,6 @@
 # given source tree, --rounds times; prints the rebuild's wall time, mails/s and the child's peak RSS.
 # Compare two revisions by running it with --tree pointing at a checkout of each.
 #   .venv/bin/python -m bench.rebuild_benchmark [--mails 20000] [--size 10000] [--rounds 3] [--tree DIR]
-import argparse
 import asyncio
 import json
 import os
@@ -16,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.thirdparty import REPO_ROOT
+from bench.common import REPO_ROOT, argument_parser, command_line
 
 _REBUILD = r"""
 import json, resource, sys, time
@@ -54,13 +53,16 @@ async def fill(data: Path, mails: int, size: int, large_every: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mails", type=int, default=20_000)
-    ap.add_argument("--size", type=int, default=10_000)
-    ap.add_argument("--large-every", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argument_parser("bench.rebuild_benchmark", "`mailhub storage rebuild-index` of a store filled through the real Storage, its\n"
+                         "index lost: seconds and peak memory per round.")
+    ap.add_argument("--mails", type=int, default=20_000, help="mails in the store (default 20000)")
+    ap.add_argument("--size", type=int, default=10_000, help="bytes per mail (default 10000)")
+    ap.add_argument("--large-every", type=int, default=0,
+                    help="every Nth mail is over 2 MB, a file of its own (default 0: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="rebuilds of the same store (default 3)")
     ap.add_argument("--tree", default=REPO_ROOT, help="source tree whose rebuild-index runs")
     args = ap.parse_args()
+    print(command_line("bench.rebuild_benchmark"), flush=True)
     root = Path(tempfile.mkdtemp(prefix="rebuild-bench-"))
     try:
         data = root / "data"

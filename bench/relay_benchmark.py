@@ -6,7 +6,6 @@
 #   Postfix:     a second Postfix accepting from 127.0.0.1, relayhost = the sink
 # Needs root (Postfix) and bench/install-debian-packages.sh.
 #   .venv/bin/python -m bench.relay_benchmark [--mails 200] [--size 100000] [--sessions 4] [--workdir DIR]
-import argparse
 import asyncio
 import contextlib
 import json
@@ -18,7 +17,8 @@ from pathlib import Path
 
 from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, SENDER, hub_server
 from bench.smtp_blast import blast
-from bench.thirdparty import _postfix_instance, postfix_sink
+from loadtest.thirdparty import postfix_instance, postfix_sink
+from bench.common import argument_parser, command_line
 
 POSTFIX_RELAY_OVERRIDES = """\
 # --- relay_benchmark: every non-local recipient to the sink
@@ -36,7 +36,7 @@ def postfix_relay(workdir, sink_port):
     def main_cf(text):
         lines = [ln for ln in text.splitlines() if not ln.startswith(("default_transport", "relay_transport"))]
         return "\n".join(lines) + "\n" + POSTFIX_RELAY_OVERRIDES.format(sink=sink_port)
-    with _postfix_instance(workdir, main_cf, POSTFIX_SMTP_MASTER) as port:
+    with postfix_instance(workdir, main_cf, POSTFIX_SMTP_MASTER) as port:
         yield port
 
 
@@ -62,12 +62,14 @@ def measure(name, port, sink_log, args, user=None) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description="outbound relay benchmark: hub vs Postfix")
-    ap.add_argument("--mails", type=int, default=200)
-    ap.add_argument("--size", type=int, default=100_000)
-    ap.add_argument("--sessions", type=int, default=4)
-    ap.add_argument("--workdir")
+    ap = argument_parser("bench.relay_benchmark", "Outbound relay benchmark: the hub vs Postfix relaying to the same Postfix sink,\n"
+                         "side by side in one run.")
+    ap.add_argument("--mails", type=int, default=200, help="mails sent (default 200)")
+    ap.add_argument("--size", type=int, default=100_000, help="bytes per mail (default 100000)")
+    ap.add_argument("--sessions", type=int, default=4, help="SMTP sessions at once (default 4)")
+    ap.add_argument("--workdir", help="keep the servers' folders and logs here (default: a temporary folder)")
     args = ap.parse_args()
+    print(command_line("bench.relay_benchmark"), flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="relay-bench-"))
     results = []
     try:

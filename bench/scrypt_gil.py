@@ -9,13 +9,13 @@
 # A loop lag of a few ms with threads hashing means the GIL is released; ~one hash time (60-100 ms)
 # would mean it is not (then only a process pool would keep the loop responsive).
 # Usage: python bench/scrypt_gil.py [--seconds 10] [--rounds 2]
-import argparse
 import asyncio
 import hashlib
 import os
 import statistics
 import threading
 import time
+from bench.common import argument_parser, command_line
 
 N, R, P = 2**14, 8, 1   # storage/passwords.py
 
@@ -73,16 +73,18 @@ def loop_lag(threads: int, nice: int, seconds: float) -> tuple[float, float, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = argument_parser("bench.scrypt_gil", "Does hashlib.scrypt release the GIL, and what does a password-check flood cost\n"
+                         "the event loop? Hash rates and loop lag by hashing threads and nice level.")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds per figure (default 10)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     args = ap.parse_args()
+    print(command_line("bench.scrypt_gil"), flush=True)
     started = time.monotonic()
     one_hash()
     print(f"one scrypt (N={N}, r={R}, p={P}): {(time.monotonic() - started) * 1000:.0f} ms; cpus: {os.cpu_count()}")
     rates = {1: [], 2: []}
     lags = {}
-    for round_ in range(args.rounds):
+    for _ in range(args.rounds):
         for threads in (1, 2):
             rates[threads].append(hash_rate(threads, args.seconds))
         for threads, nice in ((0, 0), (1, 0), (2, 0), (2, 10)):

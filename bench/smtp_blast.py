@@ -6,12 +6,12 @@
 #          [--user U --password PW] [--rcpt ADDR] [--from ADDR] [--bdat]
 # Prints {"mails", "bytes", "seconds", "mails_per_s", "mb_per_s", "failures"}.
 # Library: await blast(host, port, sessions, mails, size, ...) -> same dict.
-import argparse
 import asyncio
 import base64
 import json
 import os
 import time
+from bench.common import argument_parser
 
 LINE = 76
 # Bodies go out in 1 MiB memoryview slices, each followed by drain(): in
@@ -158,16 +158,16 @@ async def blast(host, port, sessions=1, mails=1, size=10240, user=None, password
 
 
 def main():
-    ap = argparse.ArgumentParser(description="fast asyncio SMTP load client")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--sessions", type=int, default=1)
-    ap.add_argument("--mails", type=int, default=1)
+    ap = argument_parser("bench.smtp_blast", "Fast asyncio SMTP load client: N sessions share M mails; prints one JSON line.")
+    ap.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, required=True, help="server port")
+    ap.add_argument("--sessions", type=int, default=1, help="SMTP sessions at once (default 1)")
+    ap.add_argument("--mails", type=int, default=1, help="mails in all, shared by the sessions (default 1)")
     ap.add_argument("--size", type=int, default=10240, help="approximate message size in bytes")
-    ap.add_argument("--user")
-    ap.add_argument("--password")
-    ap.add_argument("--rcpt", default="bench@example.org")
-    ap.add_argument("--from", dest="mail_from", default="blast@example.org")
+    ap.add_argument("--user", help="AUTH PLAIN user (default: no AUTH)")
+    ap.add_argument("--password", help="AUTH PLAIN password")
+    ap.add_argument("--rcpt", default="bench@example.org", help="recipient (default bench@example.org)")
+    ap.add_argument("--from", dest="mail_from", default="blast@example.org", help="sender (default blast@example.org)")
     ap.add_argument("--bdat", action="store_true", help="use BDAT when CHUNKING is offered")
     a = ap.parse_args()
     print(json.dumps(asyncio.run(blast(a.host, a.port, a.sessions, a.mails, a.size, a.user,

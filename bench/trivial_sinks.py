@@ -4,12 +4,12 @@
 #   python -m bench.trivial_sinks smtp [--port 0]
 #   python -m bench.trivial_sinks pop3 [--port 0] --count N --size BYTES
 # Each prints its port on the first stdout line, then serves until killed.
-import argparse
 import socket
 import threading
 
 from bench.pop3_fetch import Conn
 from bench.smtp_blast import make_body
+from bench.common import argument_parser
 
 EHLO = (b"250-trivial-sink\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n"
         b"250-AUTH PLAIN\r\n250 SIZE 0\r\n")
@@ -89,11 +89,12 @@ def serve(handler, port=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=("smtp", "pop3"))
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--count", type=int, default=20)
-    ap.add_argument("--size", type=int, default=50_000_000)
+    ap = argument_parser("bench.trivial_sinks", "Trivial loopback servers that show the benchmark clients are not the\n"
+                         "bottleneck: an SMTP sink, or a POP3 server serving one in-memory message.")
+    ap.add_argument("kind", choices=("smtp", "pop3"), help="which server")
+    ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free one, printed)")
+    ap.add_argument("--count", type=int, default=20, help="POP3: messages in the mailbox (default 20)")
+    ap.add_argument("--size", type=int, default=50_000_000, help="POP3: bytes per message (default 50000000)")
     ap.add_argument("--bufsize", type=int, default=BUFSIZE, help="receive buffer bytes")
     a = ap.parse_args()
     globals()["BUFSIZE"] = a.bufsize

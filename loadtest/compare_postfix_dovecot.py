@@ -8,7 +8,7 @@
 # through Dovecot's SASL socket and delivers every mail over LMTP into Dovecot's maildirs; the
 # receivers poll Dovecot's POP3 (or IMAP for imap-idle sites). Needs root and the Debian packages
 # postfix, dovecot-pop3d, dovecot-imapd, dovecot-lmtpd (bench/install-debian-packages.sh), and a
-# checkout of this repository (it uses bench/thirdparty.py). Must never touch the system's own
+# checkout of this repository (it uses loadtest/thirdparty.py). Must never touch the system's own
 # Postfix or Dovecot configuration or listen on anything but loopback.
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("compare_postfix_dovecot: needs root (Postfix and Dovecot drop privileges)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
-    from bench.thirdparty import dovecot_server, postfix_to_lmtp
+    from .thirdparty import dovecot_server, postfix_to_lmtp
 
     from .corpus import load, generate, print_progress, CorpusError
     from .profile import load_profile

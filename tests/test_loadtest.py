@@ -245,7 +245,7 @@ def _have_postfix_dovecot() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_postfix_dovecot(), reason="needs root, postfix and dovecot-lmtpd")
 def test_smoke_over_imap_idle_against_postfix_and_dovecot(tmp_path):
-    from bench.thirdparty import dovecot_server, postfix_to_lmtp
+    from loadtest.thirdparty import dovecot_server, postfix_to_lmtp
     profile = tmp_path / "imap.toml"
     profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace('protocol = "pop3"', 'protocol = "imap-idle"'))
     corpus = tmp_path / "corpus"

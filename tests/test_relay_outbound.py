@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.thirdparty import _make_traversable, free_port, postfix_to_maildir, wait_banner
+from loadtest.thirdparty import free_port, make_traversable, postfix_to_maildir, wait_banner
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
 
@@ -45,7 +45,7 @@ def smtp_sink(folder: Path, port: int, *options: str):
     """Postfix's smtp-sink on 127.0.0.1:port, dumping each accepted mail into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o777)
-    _make_traversable(folder)  # the sink writes as nobody
+    make_traversable(folder)  # the sink writes as nobody
     proc = subprocess.Popen(["smtp-sink", "-u", "nobody", *options, "-d", f"{folder}/mail.",
                              f"127.0.0.1:{port}", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,9 +1,10 @@
-# Throw-away third-party servers for benchmarks and comparison tests: a real
-# Postfix SMTP sink, a Dovecot POP3/IMAP server and the stock-aiosmtpd baseline.
-# Each is a context manager that starts the server on 127.0.0.1 on a free port,
-# with all state under the given work directory, and stops it completely
-# (no leftover processes) on exit. Needs bench/install-debian-packages.sh (run
-# as root) and aiosmtpd for bare_aiosmtpd.
+# Throw-away third-party servers for comparisons (loadtest.compare_postfix_dovecot, the benchmark
+# scripts) and interop tests: a real Postfix SMTP sink or relay, Postfix delivering over LMTP or into
+# a maildir, and a Dovecot POP3/IMAP server. Each is a context manager that starts the server on
+# 127.0.0.1 on a free port, with all state under the given work directory, and stops it completely
+# (no leftover processes) on exit. Needs the Debian packages of bench/debian-packages.txt
+# (sh bench/install-debian-packages.sh, as root). Must never touch the system's own Postfix or
+# Dovecot configuration, queues or services, and never listen beyond loopback.
 import contextlib
 import os
 import pwd
@@ -11,11 +12,9 @@ import grp
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 LOOPBACK = "127.0.0.1"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port():
@@ -44,7 +43,7 @@ def wait_banner(port, prefix=b"220", timeout=30.0, proc=None, quit=b"QUIT\r\n"):
     raise TimeoutError("no %r banner on port %d: %r" % (prefix, port, last))
 
 
-def _make_traversable(path):
+def make_traversable(path):
     """Let unprivileged daemon users (postfix, mail) reach path: o+x on it and its parents."""
     path = os.path.abspath(path)
     while True:
@@ -100,7 +99,7 @@ def _kill_pgroup(pgid):
 # --------------------------------------------------------------------- Postfix
 
 POSTFIX_MAIN_CF = """\
-# throw-away Postfix SMTP sink written by bench/thirdparty.py
+# throw-away Postfix SMTP sink written by loadtest/thirdparty.py
 compatibility_level = 3.6
 config_directory = {conf}
 queue_directory = {queue}
@@ -174,7 +173,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 def postfix_sink(workdir):
     """Real Postfix on 127.0.0.1:<port> that queues (with fsync) and discards
     every mail from 127.0.0.1 for any recipient, up to 3 GB. Yields the port."""
-    with _postfix_instance(workdir, lambda main_cf: main_cf, "") as port:
+    with postfix_instance(workdir, lambda main_cf: main_cf, "") as port:
         yield port
 
 
@@ -211,12 +210,12 @@ def postfix_to_lmtp(workdir, lmtp_port, domains, sasl_path=None):
         if sasl_path:
             extra += POSTFIX_SASL_OVERRIDES.format(sasl_path=sasl_path)
         return "\n".join(lines) + "\n" + extra
-    with _postfix_instance(workdir, main_cf, POSTFIX_LMTP_MASTER) as port:
+    with postfix_instance(workdir, main_cf, POSTFIX_LMTP_MASTER) as port:
         yield port
 
 
 @contextlib.contextmanager
-def _postfix_instance(workdir, edit_main_cf, master_extra):
+def postfix_instance(workdir, edit_main_cf, master_extra):
     base = os.path.join(os.path.abspath(workdir), "postfix")
     conf, queue, data = (os.path.join(base, d) for d in ("conf", "queue", "data"))
     for d in (conf, queue, data):
@@ -226,7 +225,7 @@ def _postfix_instance(workdir, edit_main_cf, master_extra):
     pw = pwd.getpwnam("postfix")
     os.chown(data, pw.pw_uid, pw.pw_gid)
     os.chmod(data, 0o700)
-    _make_traversable(base)
+    make_traversable(base)
     port = free_port()
     with open(os.path.join(conf, "main.cf"), "w") as f:
         f.write(edit_main_cf(POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data,
@@ -269,12 +268,12 @@ def _postfix_instance(workdir, edit_main_cf, master_extra):
 MAIL_USER = "mail"  # system user owning the maildirs and running mail processes
 
 DOVECOT_CONF = """\
-# throw-away Dovecot written by bench/thirdparty.py
+# throw-away Dovecot written by loadtest/thirdparty.py
 protocols = {protocols}
 listen = 127.0.0.1
 base_dir = {base}/run
 state_dir = {base}/state
-instance_name = bench-dovecot-{port_tag}
+instance_name = thirdparty-dovecot-{port_tag}
 log_path = {base}/dovecot.log
 ssl = no
 disable_plaintext_auth = no
@@ -368,7 +367,7 @@ def deliver_to_maildir(workdir, user, message):
     md = _ensure_maildir(workdir, user)
     _deliver_seq[0] += 1
     now = time.time()
-    name = "%d.M%dP%dQ%d.benchhost" % (int(now), int(now % 1 * 1e6), os.getpid(), _deliver_seq[0])
+    name = "%d.M%dP%dQ%d.thirdparty" % (int(now), int(now % 1 * 1e6), os.getpid(), _deliver_seq[0])
     tmp = os.path.join(md, "tmp", name)
     size = lf = crlf = 0
     prev_cr = False
@@ -409,7 +408,7 @@ def dovecot_server(workdir, users, protocols=("pop3", "imap"), lmtp=False, auth_
     for d in (base, os.path.join(base, "run"), os.path.join(base, "state")):
         os.makedirs(d, exist_ok=True)
         os.chmod(d, 0o755)
-    _make_traversable(base)
+    make_traversable(base)
     uid, gid = _mail_ids()
     mail = os.path.join(base, "mail")
     os.makedirs(mail, exist_ok=True)
@@ -469,36 +468,6 @@ def dovecot_server(workdir, users, protocols=("pop3", "imap"), lmtp=False, auth_
         out.close()
 
 
-# --------------------------------------------------------------- bare aiosmtpd
-
-@contextlib.contextmanager
-def bare_aiosmtpd(workdir):
-    """Stock aiosmtpd (bench/bare_aiosmtpd.py) in its own process on
-    127.0.0.1, storing+fsyncing each mail under workdir/aiosmtpd. Yields the port."""
-    d = os.path.join(os.path.abspath(workdir), "aiosmtpd")
-    os.makedirs(d, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_aiosmtpd", "--port", "0", "--dir", d],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-                            cwd=REPO_ROOT, start_new_session=True)
-    try:
-        line = proc.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError("bare_aiosmtpd did not start: %r" % line)
-        port = int(line)
-        wait_banner(port, proc=proc)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-
-
 # --------------------------------------------------------------------- Postfix delivering to a maildir
 
 POSTFIX_MAILDIR_OVERRIDES = """\
@@ -529,5 +498,5 @@ def postfix_to_maildir(workdir, domains):
         lines = [ln for ln in text.splitlines() if not ln.startswith("virtual_transport")]
         return "\n".join(lines) + "\n" + POSTFIX_MAILDIR_OVERRIDES.format(
             domains=", ".join(domains), mail=mail, uid=uid, gid=gid)
-    with _postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
+    with postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
         yield port, os.path.join(mail, "box")

@@ -1,0 +1,23 @@
+# What every benchmark script shares: the checkout it runs from, a command line parser whose usage
+# shows how the script is really started (`python -m bench.NAME`), and the command line to print
+# beside the figures, so that every table can be made again. Must never import the hub's internals.
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def argument_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """A parser for `python -m MODULE`, its description shown as written (line breaks kept)."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def command_line(module: str) -> str:
+    """The command that is running, for the report: `INTERPRETER -m MODULE ARGS...` (the
+    interpreter relative to the current folder when it lies inside it, e.g. .venv/bin/python)."""
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else sys.executable
+    return shlex.join([python, "-m", module, *sys.argv[1:]])
