@@ -195,7 +195,9 @@ class Option:
 
 
 # (section, key) -> Option; section "" holds the top-level keys. `python -m mailhub.config_reference`
-# writes docs/configuration.md and mailhub/example.toml from it.
+# writes docs/configuration.md and mailhub/example.toml from it (never edit those by hand). A new key:
+# add it here with its doc, then run that and `python3 scripts/ansible_role_settings.py` (tests fail
+# until both outputs match the schema).
 SCHEMA: dict[tuple[str, str], Option] = {
     ("", "data_dir"): Option(_path, "mailhub-data",
         "Folder for the index (index.sqlite3), the spool and the message blobs. Relative to the "

@@ -7,6 +7,7 @@ import re
 import sys
 import unicodedata
 from pathlib import Path
+from urllib.parse import unquote
 
 REPO = Path(__file__).resolve().parent.parent
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -74,7 +75,7 @@ def problems(files: list[Path]) -> list[str]:
         for number, target in links(path):
             if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
                 continue  # https:, mailto: ... (not checked: no network)
-            file_part, _, anchor = target.partition("#")
+            file_part, _, anchor = unquote(target).partition("#")
             linked = (path.parent / file_part).resolve() if file_part else path.resolve()
             where = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{number}"
             if not linked.exists():
