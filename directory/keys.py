@@ -2,12 +2,14 @@
 # encryption during a grace period), listing, the per-site encryption policy override, and the
 # server's in-memory copy reloaded when the CLI changes any of them. Only public keys are stored;
 # a private key given by mistake is refused, never written.
+import logging
 import sqlite3
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 
-from storage import db, directory_index
+from storage import StorageError, db, directory_index
 from storage.sites import get_site
 
 with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
@@ -17,6 +19,7 @@ with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
 
 from .errors import DirectoryError
 
+log = logging.getLogger("mailhub.directory")
 _RELOAD_SECONDS = 0.5
 _ENCRYPTING_ALGORITHMS = {PubKeyAlgorithm.RSAEncryptOrSign, PubKeyAlgorithm.RSAEncrypt,
                           PubKeyAlgorithm.ElGamal, PubKeyAlgorithm.ECDH}
@@ -112,36 +115,62 @@ def set_policy(conn: sqlite3.Connection, site_name: str, encryption: str) -> Non
 
 
 class KeyRing:
-    """The server's view of every site's keys and policy override, reloaded when keys_version moves."""
+    """The server's view of every site's keys and policy overrides: loaded at construction, then
+    reloaded by a thread of its own when keys_version moves (checked every _RELOAD_SECONDS), so
+    that the SMTP path reads memory only and SQLite never blocks the event loop."""
 
     def __init__(self, data_dir):
-        self._conn = db.connect(data_dir)
+        self._data_dir = data_dir
         self._version = -1
-        self._checked_at = 0.0
-        self._keys: dict[int, list[SiteKey]] = {}
-        self._policy: dict[int, str] = {}
+        self._state: tuple[dict[int, list[SiteKey]], dict[int, str]] = ({}, {})   # keys, policy overrides
+        conn = db.connect(data_dir)   # the first load: a damaged or unreadable index reaches the caller
+        try:
+            self._reload(conn)
+        finally:
+            conn.close()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="keyring", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        self._conn.close()
+        self._stop.set()
+        self._thread.join(timeout=10)
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < _RELOAD_SECONDS:
-            return
-        self._checked_at = now
-        version = directory_index.keys_version(self._conn)
+    def _watch(self) -> None:
+        """The reload thread, with its own connection (reopened after an error)."""
+        conn, failing = None, False
+        try:
+            while not self._stop.wait(_RELOAD_SECONDS):
+                try:
+                    if conn is None:
+                        conn = db.connect(self._data_dir)
+                    self._reload(conn)
+                except (sqlite3.Error, OSError, StorageError) as exc:
+                    if not failing:
+                        log.warning("site keys not reloaded (retrying every %.1f s): %s", _RELOAD_SECONDS, exc)
+                    failing = True
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                else:
+                    if failing:
+                        log.info("site keys reloaded again")
+                    failing = False
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _reload(self, conn: sqlite3.Connection) -> None:
+        version = directory_index.keys_version(conn)
         if version == self._version:
             return
-        self._keys = {site_id: [_key(row) for row in rows]
-                      for site_id, rows in directory_index.all_site_key_rows(self._conn).items()}
-        self._policy = directory_index.policy_overrides(self._conn)
+        keys = {site_id: [_key(row) for row in rows] for site_id, rows in directory_index.all_site_key_rows(conn).items()}
+        self._state = (keys, directory_index.policy_overrides(conn))   # one assignment: readers see both or neither
         self._version = version
 
     def keys(self, site_id: int) -> list[SiteKey]:
-        self._refresh()
-        return self._keys.get(site_id, [])
+        return self._state[0].get(site_id, [])
 
     def encryption_required(self, site_id: int, hub_default: bool) -> bool:
-        self._refresh()
-        override = self._policy.get(site_id)
+        override = self._state[1].get(site_id)
         return hub_default if override is None else override == "on"

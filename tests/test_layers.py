@@ -2,6 +2,11 @@
 # none of them importing the tools (loadtest, bench). The import-linter contracts in pyproject.toml
 # say so; these tests run `lint-imports` on the tree, and on a copy of it with one upward import
 # added each, to show that the contracts catch a break (lazy imports inside a function included).
+# Also: the package graph in docs/architecture.md is current and has no cycle, and no SQL is
+# written outside storage/.
+import ast
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -54,3 +59,61 @@ def test_an_upward_import_breaks_a_contract(tree_copy, module, line, broken):
         path.write_text(original)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 broken" in result.stdout and broken in result.stdout, result.stdout
+
+
+def _package_graph():
+    spec = importlib.util.spec_from_file_location("package_graph", ROOT / "scripts" / "package_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_package_graph_has_no_cycle_and_the_docs_show_it():
+    graph = _package_graph()
+    text = graph.render(graph.package_edges())
+    assert text.endswith("no cycle"), text
+    assert text in (ROOT / "docs" / "architecture.md").read_text(), (
+        "docs/architecture.md does not show the current package graph; paste the output of "
+        "scripts/package_graph.py:\n" + text)
+
+
+def test_the_cycle_finder_finds_cycles():
+    find_cycle = _package_graph().find_cycle
+    assert find_cycle({"mailhub": {"relay": 1}, "relay": {"storage": 2}, "storage": {}}) is None
+    assert find_cycle({"mailhub": {"relay": 1}, "relay": {"mailhub": 1}}) == ["mailhub", "relay", "mailhub"]
+    assert find_cycle({"relay": {"directory": 1}, "directory": {"storage": 1}, "storage": {"relay": 1}}) == [
+        "relay", "directory", "storage", "relay"]
+
+
+# SQL statements in string literals (an IMAP "SELECT" command or the word "update" in prose is not one)
+_SQL = re.compile(r"\b(SELECT\b.*\bFROM|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|"
+                  r"BEGIN(\s+IMMEDIATE)?$|COMMIT$|ROLLBACK$|CREATE\s+TABLE)\b", re.S)
+_EXECUTE = {"execute", "executemany", "executescript", "execute_fetchall", "execute_insert"}
+
+
+def _sql_outside_storage(package_dir: Path) -> list[str]:
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(package_dir.parent)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _SQL.search(node.value.strip()):
+                found.append(f"{where}: SQL text {node.value.strip()[:60]!r}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _EXECUTE:
+                found.append(f"{where}: .{node.func.attr}(...)")
+    return found
+
+
+@pytest.mark.parametrize("package", ["mailhub", "relay", "directory", "quotas"])
+def test_no_sql_outside_storage(package):
+    assert _sql_outside_storage(ROOT / package) == []
+
+
+def test_the_sql_check_finds_sql(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text('def f(conn):\n    return conn.execute("SELECT 1 FROM sites").fetchone()\n')
+    (package / "b.py").write_text('SQL = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"\n'
+                                  'REPLY = "OK [READ-WRITE] SELECT completed"\n')
+    assert [line.split(": ", 1)[1][:12] for line in _sql_outside_storage(package)] == [
+        ".execute(...", "SQL text 'SE", "SQL text 'IN"]
