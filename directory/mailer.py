@@ -129,6 +129,10 @@ class DirectoryMailer:
 
     async def _update_loop(self) -> None:
         try:
+            try:   # open now: what is there at the start counts as sent (a failure is retried below)
+                await self._on_index(lambda conn: None)
+            except Exception:
+                log.exception("directory index not opened; retrying")
             while True:
                 await asyncio.sleep(_POLL_SECONDS)
                 try:
