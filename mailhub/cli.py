@@ -192,7 +192,7 @@ def _tls_problem(cfg) -> str | None:
     """Why the certificate and key cannot serve TLS (e.g. a key of another certificate), or None."""
     import ssl
 
-    from .server import tls_context
+    from .hub import tls_context
 
     try:
         tls_context(cfg)

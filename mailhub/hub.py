@@ -1,0 +1,295 @@
+# The hub in one object: `async with Hub(cfg) as hub:` opens storage (with start-up recovery), starts
+# every listener (SMTP, POP3/POP3S, IMAP/IMAPS, metrics/HTTP, the control socket) and the background
+# tasks (housekeeping, throttle feeder, directory updates, scrub, outbound relay, loop monitor), and
+# on leaving shuts all of it down gracefully: stop listening, give transactions in flight up to
+# shutdown_timeout, stop the tasks, close storage. `mailhub serve` (mailhub/server.py) and the test
+# fixture (tests/conftest.py) both run it; ports given as 0 are bound by the system (`hub.ports`).
+# Must never: acknowledge a partial message on the way down, or leave a task, thread, child
+# process or socket of its own behind after `stop()` (also when `start()` fails half way).
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from pathlib import Path
+
+from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
+from quotas import Throttle
+from relay.file_sender import FileSender
+from relay.imap_server import ImapContext
+from relay.logins import Logins
+from relay.outbound_queue import OutboundQueue
+from relay.pop3_server import Pop3Context
+from relay.smtp_server import HubSMTP, SmtpContext
+from storage import SiteCache, Storage
+from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
+from storage.scrub import Scrub
+
+from .auth_control import register_auth_commands
+from .control import ControlError, ControlServer
+from .hub_key_http import HubKeyRoutes
+from .loop_monitor import LoopMonitor
+from .metrics import MetricsServer
+from .throttling import ThrottleFeeder, settings_from_config
+
+log = logging.getLogger("mailhub.server")
+_HOUSEKEEPING_SECONDS = 60
+_PRUNE_EVERY = 60    # housekeeping rounds (an hour) between two prunings of the tracking events
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def tls_context(cfg) -> ssl.SSLContext | None:
+    if cfg.tls.cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    return context
+
+
+class Hub:
+    """One running hub on the current event loop. `ports` maps listener names (smtp, pop3, pop3s,
+    imap, imaps, metrics) to the ports actually bound. With `handle_signals` (the main thread of
+    `mailhub serve` only), SIGTERM and SIGINT ask it to stop: `await hub.stopped()` returns then."""
+
+    def __init__(self, cfg, handle_signals: bool = False):
+        self.cfg = cfg
+        self.ports: dict[str, int] = {}
+        self._handle_signals = handle_signals
+        self._stop_requested = asyncio.Event()
+        self.storage: Storage | None = None
+        self._sites: SiteCache | None = None
+        self._keyring: KeyRing | None = None
+        self._monitor: LoopMonitor | None = None
+        self._listeners: dict[str, asyncio.base_events.Server] = {}
+        self._contexts: list = []             # the SMTP, POP3 and IMAP contexts (drained at stop)
+        self._metrics: MetricsServer | None = None
+        self._control: ControlServer | None = None
+        self._control_open = False
+        self._tasks: list[asyncio.Task] = []  # background tasks, cancelled and awaited at stop
+        self._closers: list = []              # called after the tasks ended (scrub, relay sender)
+        self._signals_installed = False
+        self._started = False
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.cfg.data_dir)
+
+    async def __aenter__(self) -> "Hub":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask `stopped()` to return (what SIGTERM does to `mailhub serve`)."""
+        self._stop_requested.set()
+
+    async def stopped(self) -> None:
+        """Wait until a stop is requested (signal or `request_stop`)."""
+        await self._stop_requested.wait()
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("this hub was started already")
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self._shutdown()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after,
+                          reserve_bytes=cfg.storage.reserve_bytes, memory_budget=cfg.smtp.memory_budget,
+                          min_free_bytes=cfg.storage.min_free_bytes)
+        MEMORY_BUDGET.budget = storage.memory_budget
+        storage.on_damaged = damaged_mail
+        await storage.open()
+        self.storage = storage
+        self._sites = sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks)
+        self._keyring = keyring = KeyRing(cfg.data_dir)
+        self._monitor = LoopMonitor(cfg.log.stall_threshold)
+        self._monitor.start()
+
+        tls = tls_context(cfg)
+        throttle = Throttle(settings_from_config(cfg))
+        feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
+        await feeder.start()
+        hub_keys = await asyncio.get_running_loop().run_in_executor(None, _hub_keys, cfg)
+        directory = DirectoryMailer(cfg, storage, hub_keys)
+        logins = Logins.from_config(cfg, sites)   # one login guard for every protocol
+        smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring, logins=logins)
+        pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins)
+        imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks, logins=logins)
+        self._contexts = [smtp, pop3, imap]
+        # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
+        control = ControlServer(cfg.data_dir)
+        control.register("hub-key-announce", directory.announce_now)
+        register_auth_commands(control, logins)
+        control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
+        named = self._listeners
+        self._metrics = MetricsServer(
+            cfg.data_dir, cfg.metrics.health_min_free_bytes,
+            lambda: [name for name, server in named.items() if name != "metrics" and not server.is_serving()],
+            lambda: len(smtp.connections), lambda: len(pop3.sessions), lambda: len(imap.sessions),
+            HubKeyRoutes(hub_keys, cfg.directory.address, cfg.domain))
+
+        await self._listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
+        if cfg.pop3.listen:
+            await self._listen("pop3", pop3.factory(), cfg.pop3.listen)
+        if cfg.pop3.pop3s_listen:
+            await self._listen("pop3s", pop3.factory(implicit_tls=True), cfg.pop3.pop3s_listen, tls)
+        if cfg.imap.listen:
+            await self._listen("imap", imap.factory(), cfg.imap.listen)
+        if cfg.imap.imaps_listen:
+            await self._listen("imaps", imap.factory(implicit_tls=True), cfg.imap.imaps_listen, tls)
+        if cfg.metrics.listen:
+            host, port = cfg.metrics.listen
+            self._record("metrics", await asyncio.start_server(self._metrics.handle, host, port,
+                                                               reuse_address=True))
+        if not sites.all_sites():
+            log.warning("no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin",
+                        cfg.domain[0])
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for signum in _STOP_SIGNALS:
+                loop.add_signal_handler(signum, self._stop_requested.set)
+            self._signals_installed = True
+        self._tasks.append(asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400)))
+        self._tasks.append(asyncio.create_task(feeder.run()))
+        self._tasks.append(directory.start_updates())
+        if cfg.storage.scrub_rate > 0:   # the background scrub (storage/scrub.py); 0 turns it off
+            scrub = Scrub(storage, cfg.storage.scrub_rate, on_verified=SCRUB_BYTES.inc)
+            self._tasks.append(asyncio.create_task(scrub.run()))
+            self._closers.append(scrub.close)
+        if cfg.relay.enabled:   # the outbound relay's scheduler (reloads the durable queue)
+            sender = FileSender(max_threads=cfg.relay.max_active)  # one send at a time per delivery
+            queue = OutboundQueue(cfg, storage, sites, sender)
+            storage.on_outbound = queue.wake
+            self._tasks.append(asyncio.create_task(queue.run()))
+            self._closers.append(sender.close)
+        self._control = control
+        self._control_open = await _start_control(control)
+        log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
+
+    async def _listen(self, name: str, factory, address, ssl_context=None) -> None:
+        host, port = address
+        server = await asyncio.get_running_loop().create_server(factory, host, port, backlog=1024,
+                                                                reuse_address=True, ssl=ssl_context)
+        self._record(name, server)
+
+    def _record(self, name: str, server: asyncio.base_events.Server) -> None:
+        self._listeners[name] = server
+        for sock in server.sockets:
+            bound = sock.getsockname()
+            self.ports.setdefault(name, bound[1])
+            log.info("%s listening on %s:%d", name, bound[0], bound[1])
+
+    async def stop(self) -> None:
+        """Graceful shutdown (idempotent): no new connections, up to shutdown_timeout for the
+        transactions in flight, then every task stopped and storage closed."""
+        if not self._started:
+            return
+        log.info("shutting down: no new connections, up to %.0fs for transactions in flight",
+                 self.cfg.shutdown_timeout)
+        await self._shutdown()
+        log.info("stopped")
+
+    async def _shutdown(self) -> None:
+        """Undo whatever `_start` got to, in the reverse order; safe to call twice."""
+        if self._signals_installed:
+            loop = asyncio.get_running_loop()
+            for signum in _STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+            self._signals_installed = False
+        listeners, self._listeners = list(self._listeners.values()), {}
+        for server in listeners:
+            server.close()
+        if self._control_open:
+            self._control_open = False
+            await self._control.close()
+        contexts, self._contexts = self._contexts, []
+        await asyncio.gather(*(context.drain(self.cfg.shutdown_timeout) for context in contexts))
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        # Relay deliveries in flight are cut off; their queue rows stay and are retried after a restart.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        if self.storage is not None:
+            await self.storage.close()
+            self.storage = None
+        if self._sites is not None:
+            self._sites.close()
+            self._sites = None
+        if self._keyring is not None:
+            self._keyring.close()
+            self._keyring = None
+
+
+async def _mark_damaged(storage: Storage, request: dict) -> dict:
+    """Control command storage-damaged {"mails": [[queue ID, reason], ...]} (`mailhub storage verify`):
+    mark them damaged (quarantine copy, refused to POP3/IMAP); answers how many were new."""
+    mails = request.get("mails")
+    if not isinstance(mails, list) or not all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in mails):
+        raise ControlError('"mails" is a list of [queue ID, reason] pairs')
+    marked = 0
+    for queue_id, reason in mails[:10000]:
+        marked += await storage.mark_damaged(queue_id, reason[:300], "verify")
+    return {"marked": marked}
+
+
+async def _start_control(control: ControlServer) -> bool:
+    """Open the control socket the CLI asks (mailhub/control.py). Without it the hub still serves
+    mail; the CLI then says that it cannot reach the hub."""
+    try:
+        await control.start()
+    except OSError as exc:
+        log.error("control socket %s unavailable (%s); commands that ask the running hub will fail",
+                  control.path, exc)
+        return False
+    return True
+
+
+def _hub_keys(cfg) -> HubKeySource:
+    """The hub's signing keys (the first made now if there is none), after removing what a cut-off
+    rotation left."""
+    clean_leftovers(cfg.data_dir)
+    source = HubKeySource(cfg.data_dir, [f"{cfg.directory.address}@{domain}" for domain in cfg.domain],
+                          cfg.directory.hub_key_grace_days * 86400)
+    keys = source.get()
+    log.info("directory signing key %s", keys.fingerprint)
+    if keys.in_grace():
+        log.info("previous directory signing key %s co-signs until %s", keys.previous_fingerprint,
+                 keys.rotation()["previous_signs_until"])
+    return source
+
+
+async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
+    """Prune tracking events past their retention (at start, then hourly); free blobs of mailbox
+    entries that other processes (the CLI) removed."""
+    rounds = 0
+    while True:
+        try:
+            if rounds % _PRUNE_EVERY == 0:
+                pruned = await storage.prune_events(time.time() - retention_seconds)
+                if pruned:
+                    log.info("pruned %d tracking event(s) older than %.0f days", pruned, retention_seconds / 86400)
+            if rounds:
+                await storage.empty_trash()
+                await storage.keep_reserve()
+        except Exception:
+            log.exception("housekeeping failed")
+        rounds += 1
+        await asyncio.sleep(_HOUSEKEEPING_SECONDS)
