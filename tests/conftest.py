@@ -1,6 +1,9 @@
-# Shared fixtures: a real hub process on loopback (port 0) in a temporary data folder, plus
-# helpers to add sites and read the index. Every process started here is stopped at teardown.
+# Shared fixtures: a real hub on loopback (port 0) in a temporary data folder, run in this process
+# (mailhub.hub.Hub on a thread of its own) or as a `mailhub serve` process, plus helpers to add
+# sites, read the index and wait for a condition. Every hub started here is stopped at teardown.
+import asyncio
 import base64
+import logging
 import os
 import re
 import shutil
@@ -10,10 +13,16 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import uvloop
+
+from mailhub import config
+from mailhub.hub import Hub as HubObject
+from mailhub.logsetup import formatter
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-pass"
@@ -39,16 +48,100 @@ def pytest_unconfigure(config):
         del os.environ["PYTHONPYCACHEPREFIX"]
 
 
-class Hub:
-    """A `mailhub serve` subprocess and its data folder."""
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
+    """Call `condition` until it returns something true (returned) or `timeout` seconds pass
+    (AssertionError naming `message` or the condition)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not true after {timeout}s: {message or condition}")
+        time.sleep(interval)
 
-    def __init__(self, data_dir: Path, env: dict, config: Path | None = None):
+
+def _fresh_metrics() -> None:
+    """Every metric of mailhub/metrics.py back at zero, as in a new hub process: tests read exact
+    counts, and the registry is one per process."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from mailhub.metrics import REGISTRY
+
+    for collector in list(REGISTRY._collector_to_names):
+        if isinstance(collector, MetricWrapperBase):
+            if collector._labelnames:
+                collector.clear()
+            else:
+                collector._metric_init()
+
+
+class _HubLog(logging.Handler):
+    """Writes the records of one in-process hub into its log file: those logged on its event loop
+    thread, and those of other threads (workers, watchdog) that belong to no other running hub."""
+
+    loop_threads: set[int] = set()   # the event loop threads of all in-process hubs running now
+    saved_levels: dict[str, int] = {}
+    lock_all = threading.Lock()
+
+    def __init__(self, path: Path, fmt: str, loop_thread: int):
+        super().__init__()
+        self.stream = open(path, "a", encoding="utf-8")
+        self.setFormatter(formatter(fmt))
+        self.loop_thread = loop_thread
+
+    def attach(self, level: str) -> None:
+        """Log the hub's records at `level` (log.level) into its file, as setup_logging would."""
+        with self.lock_all:
+            if not self.loop_threads:   # the first hub running: the levels to restore after the last
+                _fresh_metrics()
+                self.saved_levels = {name: logging.getLogger(name).level for name in ("mailhub", "mail.log")}
+            self.loop_threads.add(self.loop_thread)
+            logging.getLogger().addHandler(self)
+            logging.getLogger("mailhub").setLevel(level.upper())
+            logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+    def detach(self) -> None:
+        with self.lock_all:
+            logging.getLogger().removeHandler(self)
+            self.loop_threads.discard(self.loop_thread)
+            if not self.loop_threads:   # the last hub stopped: the other tests see the levels as before
+                for name, level in self.saved_levels.items():
+                    logging.getLogger(name).setLevel(level)
+        self.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.loop_thread and record.thread in self.loop_threads:
+            return
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+class Hub:
+    """A hub and its data folder: by default a `mailhub.hub.Hub` run in this process, on an event
+    loop thread of its own (start() returns once it listens); with `process=True` (crash, signal
+    and kill -9 tests, or fault injection through MAILHUB_FAULT) a `mailhub serve` subprocess.
+    Both write the hub's log to `log_path` and fill `ports` with the bound ports."""
+
+    def __init__(self, data_dir: Path, env: dict, config: Path | None = None, process: bool = False):
         self.data_dir = data_dir
         self.env = env
         self.config = config
+        self.process = process or any(k.startswith("MAILHUB_FAULT") for k in env)
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
         self.log_path = data_dir.parent / f"{data_dir.name}-hub.log"
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hub = None
+        self.signing_key: Path | None = None   # copied in at start when the folder has no key yet
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "mailhub.cli", *args]
@@ -64,7 +157,20 @@ class Hub:
             args += ["--address", address]
         self.cli(*args, stdin=password + "\n")
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None or self._thread is not None
+
     def start(self, wait: float = 20.0) -> "Hub":
+        assert not self.running, "this hub runs already"
+        if self.signing_key is not None and not (self.data_dir / self.signing_key.name).exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.signing_key, self.data_dir / self.signing_key.name)
+        if self.process:
+            return self._start_process(wait)
+        return self._start_in_process(wait)
+
+    def _start_process(self, wait: float) -> "Hub":
         self.log = open(self.log_path, "a+")
         mark = self.log.tell()
         cmd = [sys.executable, "-m", "mailhub.cli", "serve"]
@@ -82,11 +188,64 @@ class Hub:
             time.sleep(0.05)
         raise AssertionError("hub did not start:\n" + self.log_path.read_text()[-3000:])
 
+    def _start_in_process(self, wait: float) -> "Hub":
+        cfg = config.load(self.config, environ=self.env)
+        ready = threading.Event()
+        outcome: dict = {}
+
+        async def run() -> None:
+            hub = HubObject(cfg)
+            self._loop = asyncio.get_running_loop()
+            try:
+                await hub.start()
+            except BaseException as exc:
+                outcome["error"] = exc
+                ready.set()
+                return
+            self._hub = hub
+            ready.set()
+            try:
+                await hub.stopped()
+            finally:
+                await hub.stop()
+
+        def thread_main() -> None:
+            handler = _HubLog(self.log_path, cfg.log.format, threading.get_ident())
+            handler.attach(cfg.log.level)
+            try:
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    runner.run(run())
+            except BaseException as exc:
+                outcome.setdefault("error", exc)
+                ready.set()
+            finally:
+                handler.detach()
+
+        self._thread = threading.Thread(target=thread_main, name=f"hub-{self.data_dir.name}", daemon=True)
+        self._thread.start()
+        if not ready.wait(wait):
+            raise AssertionError("hub did not start:\n" + self.log_text()[-3000:])
+        if "error" in outcome:
+            self._thread.join(30)
+            self._thread = None
+            raise AssertionError(f"hub did not start: {outcome['error']!r}\n{self.log_text()[-3000:]}")
+        self.ports = dict(self._hub.ports)
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The process the hub runs in."""
+        return self.proc.pid if self.proc is not None else os.getpid()
+
     @property
     def smtp_port(self) -> int:
         return self.ports["smtp"]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Stop the hub (gracefully, or for a subprocess with `sig`); its exit status (0 for an
+        in-process hub that shut down cleanly), None if it was not running."""
+        if self._thread is not None:
+            return self._stop_in_process(timeout)
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -101,11 +260,25 @@ class Hub:
         self.log.close()
         return code
 
+    def _stop_in_process(self, timeout: float) -> int:
+        thread, hub, loop = self._thread, self._hub, self._loop
+        self._thread = self._hub = self._loop = None
+        if hub is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(hub.request_stop)
+            except RuntimeError:   # the loop ended already
+                pass
+        thread.join(timeout)
+        if thread.is_alive():
+            raise AssertionError(f"in-process hub did not stop within {timeout}s:\n{self.log_text()[-3000:]}")
+        return 0
+
     def kill(self) -> None:
+        assert self.process, "kill -9 needs a hub process: make_hub(..., process=True)"
         self.stop(signal.SIGKILL)
 
     def log_text(self) -> str:
-        return self.log_path.read_text()
+        return self.log_path.read_text() if self.log_path.exists() else ""
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.data_dir / "index.sqlite3")
@@ -179,15 +352,32 @@ def site_data_templates(tmp_path_factory) -> dict:
 _SITE_ADD_SETTINGS = ("MAILHUB_DATA_DIR", "MAILHUB_DOMAIN", "MAILHUB_DIRECTORY_ADDRESS")
 
 
+@pytest.fixture(scope="session")
+def hub_signing_key(tmp_path_factory) -> Path:
+    """One hub signing key (RSA-3072, seconds to make) for the session, made as a hub's first start
+    makes it for the default domain and directory address; copied into each new data folder."""
+    from directory.hub_key import KEY_FILE, load_or_create_hub_keys
+
+    folder = tmp_path_factory.mktemp("hub-key")
+    load_or_create_hub_keys(folder, ["directory@hub.test"], 30 * 86400)
+    return folder / KEY_FILE
+
+
+# A hub made with these settings makes a key of its own (its addresses differ from the session key's).
+_HUB_KEY_SETTINGS = ("MAILHUB_DOMAIN", "MAILHUB_DIRECTORY_ADDRESS", "MAILHUB_DATA_DIR")
+
+
 @pytest.fixture
-def make_hub(tmp_path, site_data_templates):
+def make_hub(tmp_path, site_data_templates, hub_signing_key):
     hubs = []
 
-    def factory(sites: tuple = (), **overrides: str) -> Hub:
+    def factory(sites: tuple = (), process: bool = False, own_key: bool = False, **overrides: str) -> Hub:
         """A hub (not started) in a new data folder; with `sites`, the folder already holds them,
-        as `hub.add_site(*site)` for each one would have left it."""
+        as `hub.add_site(*site)` for each one would have left it. The folder holds the session's
+        hub signing key unless `own_key` (the hub then makes one at its first start). `process`:
+        run it as a `mailhub serve` subprocess (for signals, kill -9 and crashes)."""
         data_dir = tmp_path / f"data{len(hubs)}"
-        hub = Hub(data_dir, hub_env(data_dir, **overrides))
+        hub = Hub(data_dir, hub_env(data_dir, **overrides), process=process)
         hubs.append(hub)
         if sites:
             assert not set(overrides) & set(_SITE_ADD_SETTINGS), "add these sites with hub.add_site"
@@ -199,11 +389,13 @@ def make_hub(tmp_path, site_data_templates):
                     template.add_site(name, *addresses)
                 made[sites] = template_dir
             shutil.copytree(made[sites], data_dir)
+        if not own_key and not set(overrides) & set(_HUB_KEY_SETTINGS):
+            hub.signing_key = hub_signing_key
         return hub
 
     yield factory
     for hub in hubs:
-        hub.stop(signal.SIGKILL)
+        hub.stop(signal.SIGKILL if hub.process else signal.SIGTERM)
 
 
 @pytest.fixture
@@ -220,6 +412,12 @@ def small_disk(tmp_path):
 def hub(make_hub) -> Hub:
     """A running hub with sites alpha (alpha@hub.test) and beta (beta@hub.test, b2@hub.test)."""
     return make_hub(sites=ALPHA_BETA_B2).start()
+
+
+@pytest.fixture
+def process_hub(make_hub) -> Hub:
+    """The `hub` fixture's hub as a `mailhub serve` process (signals, kill -9, its memory)."""
+    return make_hub(sites=ALPHA_BETA_B2, process=True).start()
 
 
 def make_message(size: int = 2000, subject: str = "test", extra_headers: str = "") -> bytes:

@@ -130,6 +130,6 @@ def test_hub_serves_the_control_socket_and_removes_it_at_shutdown(make_hub):
     path = socket_path(hub.data_dir)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     answer = request(hub.data_dir, "help")
-    assert answer["pid"] == hub.proc.pid and "help" in answer["commands"]
+    assert answer["pid"] == hub.pid and "help" in answer["commands"]
     assert hub.stop() == 0
     assert not path.exists()

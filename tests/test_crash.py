@@ -118,7 +118,7 @@ class Sender(threading.Thread):
 def test_acknowledged_mails_survive_sigkill(make_hub):
     print(f"\ncrash test seed {SEED} (rerun with MAILHUB_CRASH_SEED={SEED})")
     rng = random.Random(SEED)
-    hub = make_hub(sites=ALPHA_BETA_B2)
+    hub = make_hub(sites=ALPHA_BETA_B2, process=True)
     ledger: list[tuple[str, str, int, int]] = []
     errors: list[str] = []
     cut_short = 0  # transactions in flight at the moments of the kills

@@ -287,7 +287,7 @@ def test_the_directory_address_cannot_be_given_to_a_site(make_hub):
 
 
 def test_a_damaged_hub_key_stops_the_start_with_one_line(make_hub):
-    hub = make_hub()
+    hub = make_hub(process=True)   # what `mailhub serve` prints
     hub.data_dir.mkdir(parents=True)
     (hub.data_dir / "hub-signing-key.asc").write_text("not a key\n")
     with pytest.raises(AssertionError) as failed:

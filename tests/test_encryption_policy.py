@@ -214,8 +214,10 @@ def _status_kb(pid: int, field: str) -> int:
     raise AssertionError(field)
 
 
-def test_200_mb_encrypted_mail_checked_in_bounded_memory(keyed_hub, gpg):
-    hub = keyed_hub
+def test_200_mb_encrypted_mail_checked_in_bounded_memory(make_hub, keyed_data, gpg):
+    hub = make_hub(process=True, **GRACE_14_DAYS)   # a process of its own: its memory is measured
+    shutil.copytree(keyed_data, hub.data_dir)
+    hub.start()
     payload_bytes = 150 * 1000 * 1000  # about 200 MB once armored
     header, trailer = pgp_mime("alpha@hub.test", "beta@hub.test", b"@@BODY@@").split(b"@@BODY@@")
     zeros = subprocess.Popen(["head", "-c", str(payload_bytes), "/dev/zero"], stdout=subprocess.PIPE)

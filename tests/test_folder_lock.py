@@ -14,7 +14,7 @@ def serve_again(hub) -> subprocess.CompletedProcess:
 
 
 def test_a_second_hub_on_the_data_folder_is_refused_and_the_first_keeps_its_mail(make_hub):
-    hub = make_hub(ALPHA_BETA).start()
+    hub = make_hub(ALPHA_BETA, process=True).start()
     message = make_message(3_000_000)   # big enough to be spooled to a file while it streams
     client = RawSMTP(hub.smtp_port)
     client.ehlo()

@@ -73,7 +73,7 @@ WRONG = {"smtp": "535 5.7.8 Authentication credentials invalid",
 
 
 def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_AUTH_FAILURE_DELAY="0.2", MAILHUB_AUTH_MAX_FAILURES="5",
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_FAILURE_DELAY="0.2", MAILHUB_AUTH_MAX_FAILURES="5",
                    MAILHUB_AUTH_BLOCK_TIME="600", MAILHUB_AUTH_PENALTY_HALF_LIFE="86400").start()
     send(hub, ["beta@hub.test"], make_message(20000))
     protocols = ["smtp", "pop3", "imap", "smtp", "pop3"]
@@ -126,7 +126,7 @@ def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_h
 
 
 def test_parallel_guesses_from_one_address_take_turns(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_AUTH_FAILURE_DELAY="0.3", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.3",
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_FAILURE_DELAY="0.3", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.3",
                    MAILHUB_AUTH_MAX_FAILURES="100").start()
     ok, _, _ = try_login(hub, "pop3", "first-guess")   # the address now has a 0.3 s penalty
     assert not ok
@@ -150,7 +150,8 @@ def test_parallel_guesses_from_one_address_take_turns(make_hub):
 
 
 def test_the_password_check_queue_is_bounded(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_AUTH_HASH_THREADS="1", MAILHUB_AUTH_MAX_QUEUED_CHECKS="2").start()
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_HASH_THREADS="1",
+                   MAILHUB_AUTH_MAX_QUEUED_CHECKS="2").start()
     send(hub, ["beta@hub.test"], make_message(20000))
     assert good_gateway_pop3(hub, GOOD) < 2.0   # its check is now cached: no queue for it
     results = []
@@ -173,7 +174,7 @@ def test_the_password_check_queue_is_bounded(make_hub):
 
 
 def test_failure_log_lines_are_rate_limited_per_address(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_AUTH_FAILURE_DELAY="0.01", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.02",
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_FAILURE_DELAY="0.01", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.02",
                    MAILHUB_AUTH_MAX_FAILURES="1000").start()
     client = POP3From(hub.ports["pop3"], ATTACKER)
     for n in range(30):

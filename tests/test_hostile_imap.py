@@ -63,7 +63,7 @@ def hub(tmp_path_factory):
     """One hub for the module (the encryption policy off: these mails are about structure), with a
     good 1 MB mail for alpha and the attack mails for beta."""
     data_dir = tmp_path_factory.mktemp("hostile-imap") / "data"
-    hub = Hub(data_dir, hub_env(data_dir, MAILHUB_ENCRYPTION_REQUIRED="false"))
+    hub = Hub(data_dir, hub_env(data_dir, MAILHUB_ENCRYPTION_REQUIRED="false"), process=True)  # memory measured
     hub.add_site("alpha")
     hub.add_site("beta")
     hub.start()

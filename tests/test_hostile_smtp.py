@@ -231,7 +231,8 @@ def _wait_for(condition, timeout=10.0):
 
 
 def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_IDLE_TIMEOUT="1", MAILHUB_SHUTDOWN_TIMEOUT="1", **PEER).start()
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_SMTP_IDLE_TIMEOUT="1", MAILHUB_SHUTDOWN_TIMEOUT="1",
+                   **PEER).start()
 
     def open_transaction() -> RawSMTP:
         client = RawSMTP(hub.smtp_port)
@@ -392,7 +393,7 @@ def _ingest_memory(hub) -> dict:
 
 def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(make_hub):
     sessions, sent_each, budget = 300, MB, 64 * MB
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
                    MAILHUB_SMTP_MEMORY_BUDGET=str(budget), MAILHUB_THROTTLE_DRAIN_ADMISSION="false",
                    MAILHUB_THROTTLE_PACING="false", **PEER).start()
     pid = hub.proc.pid
@@ -439,7 +440,7 @@ def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(mak
 
 
 def test_memory_is_returned_after_a_burst(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
                    MAILHUB_THROTTLE_DRAIN_ADMISSION="false", MAILHUB_THROTTLE_PACING="false", **PEER).start()
     pid = hub.proc.pid
     _good_gateway_round(hub)

@@ -34,7 +34,7 @@ def _base64_chunk() -> bytes:
 
 
 def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
-    hub = make_hub(sites=ALPHA_BETA)
+    hub = make_hub(sites=ALPHA_BETA, process=True)
     hub.start()
     assert shutil.disk_usage(hub.data_dir).free > 3 * MAIL_MB * MB, "not enough disk for the big mail"
     pid = hub.proc.pid

@@ -145,7 +145,7 @@ async def read_structures(data_dir, qids: list[str]) -> list:
 
 
 def test_structure_of_a_200_mb_mail_recorded_in_bounded_memory(make_hub):
-    hub = make_hub(sites=ALPHA_BETA)
+    hub = make_hub(sites=ALPHA_BETA, process=True)
     hub.start()
     pid = hub.proc.pid
     header = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: one big part\r\n"

@@ -33,7 +33,7 @@ def _big_message() -> bytes:
 def loaded_hub(tmp_path_factory):
     """A hub whose sites alpha and beta both hold the same set of mails (one stored copy each)."""
     data_dir = tmp_path_factory.mktemp("interop") / "data"
-    hub = Hub(data_dir, hub_env(data_dir))
+    hub = Hub(data_dir, hub_env(data_dir), process=True)   # its memory is measured
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
     hub.start()

@@ -621,8 +621,9 @@ def test_a_client_vanishing_mid_message_leaves_the_hub_healthy(hub):
     assert_no_traceback(hub)
 
 
-def test_sending_stays_within_bounded_memory_whatever_the_message_size(hub):
+def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_hub):
     """Peak RSS of the hub while it sends 2 x 100 MB (zero-copy and dot-stuffed copying)."""
+    hub = process_hub
     send(hub, ["beta@hub.test"], make_message(100 * CHUNK))
     send(hub, ["beta@hub.test"], make_message(100 * CHUNK) + b".dot\r\n")
     status = f"/proc/{hub.proc.pid}/status"
@@ -642,7 +643,8 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(hub):
 
 # ---- shutdown and crashes ----------------------------------------------------------------------
 
-def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(hub):
+def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(process_hub):
+    hub = process_hub
     message = make_message(2000)
     send(hub, ["beta@hub.test"], message)
     client = raw(hub)
@@ -656,7 +658,8 @@ def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(hub):
     client.command("QUIT")
 
 
-def test_a_crash_mid_session_loses_no_mail(hub):
+def test_a_crash_mid_session_loses_no_mail(process_hub):
+    hub = process_hub
     message = make_message(2000)
     send(hub, ["beta@hub.test"], message)
     client = raw(hub)
@@ -669,10 +672,11 @@ def test_a_crash_mid_session_loses_no_mail(hub):
     client.command("QUIT")
 
 
-def test_a_crash_between_the_delete_commit_and_the_unlink_leaves_no_orphan(hub):
+def test_a_crash_between_the_delete_commit_and_the_unlink_leaves_no_orphan(process_hub):
     """The state after Storage.delete committed (blob in blob_trash) but before the file was removed
     is made with the hub stopped by SIGKILL; the restart must remove the file and keep the rest.
     The deleted mail is large enough for a file of its own (small ones share packs)."""
+    hub = process_hub
     gone = send(hub, ["beta@hub.test"], make_message(3 * CHUNK, subject="deleted"))
     kept_message = make_message(3000, subject="kept")
     kept = send(hub, ["beta@hub.test"], kept_message)

@@ -186,7 +186,7 @@ def test_a_lost_index_is_rebuilt_with_its_sites(make_hub):
 
 
 def test_a_deleted_wal_is_noticed_and_rebuilt(make_hub):
-    hub = make_hub(sites=ALPHA_BETA).start()
+    hub = make_hub(sites=ALPHA_BETA, process=True).start()
     sender = Sender(hub)
     sender.send_many(6)
     hub.kill()   # no checkpoint: the commits are in the WAL only

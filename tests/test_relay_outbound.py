@@ -221,7 +221,7 @@ def _tail_sha256(path: Path, length: int) -> str:
 def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
     with postfix_to_maildir(tmp_path / "pf", [REMOTE]) as (port, maildir):
         maildir = Path(maildir)
-        hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", MAILHUB_RELAY_MIN_BACKOFF="5",
+        hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", process=True, MAILHUB_RELAY_MIN_BACKOFF="5",
                         MAILHUB_RELAY_MAX_BACKOFF="5")  # a busy machine may time a delivery out: retry soon
         small = make_message(1024, subject="1 KB", extra_headers="Date: Sat, 28 Nov 2026 03:00:00 +0000\r\n")
         small = small.replace(b"To: beta@hub.test", b"To: small@remote.test")  # (Postfix adds a missing Date)
@@ -396,7 +396,7 @@ class StallingHop:
 def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
     stall = StallingHop()
     port = free_port()
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{stall.port}")
+    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{stall.port}", process=True)
     with smtp_sink(tmp_path / "sink", port) as dump:   # the next hop after the restart
         try:
             message = make_message(8 * MB, subject="interrupted")

@@ -14,7 +14,7 @@ SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
 def start_hub(make_hub, **env):
-    hub = make_hub(sites=ALPHA_BETA, **env)
+    hub = make_hub(sites=ALPHA_BETA, process=True, **env)
     return hub.start()
 
 

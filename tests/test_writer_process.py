@@ -128,7 +128,7 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
 
 
 def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_group(make_hub):
-    hub = make_hub(sites=ALPHA_BETA_B2).start()
+    hub = make_hub(sites=ALPHA_BETA_B2, process=True).start()
     [writer] = children(hub.proc.pid)
     hub.kill()
     assert wait_gone(writer)
