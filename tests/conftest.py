@@ -42,6 +42,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    if _session_key:
+        shutil.rmtree(_session_key[0].parent, ignore_errors=True)
     pycache = getattr(config, "_mailhub_pycache", None)
     if pycache is not None:
         shutil.rmtree(pycache, ignore_errors=True)
@@ -64,16 +66,37 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: 
 def _fresh_metrics() -> None:
     """Every metric of mailhub/metrics.py back at zero, as in a new hub process: tests read exact
     counts, and the registry is one per process."""
+    from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
 
     from mailhub.metrics import REGISTRY
 
-    for collector in list(REGISTRY._collector_to_names):
-        if isinstance(collector, MetricWrapperBase):
-            if collector._labelnames:
-                collector.clear()
-            else:
-                collector._metric_init()
+    registries = [REGISTRY]
+    while registries:   # the hub's registry holds those of the layers (relay, storage, directory)
+        for collector in list(registries.pop()._collector_to_names):
+            if isinstance(collector, CollectorRegistry):
+                registries.append(collector)
+            elif isinstance(collector, MetricWrapperBase):
+                if collector._labelnames:
+                    collector.clear()
+                else:
+                    collector._metric_init()
+
+
+_session_key: list[Path] = []
+
+
+def session_signing_key() -> Path:
+    """One hub signing key (RSA-3072, seconds to make) for the test process, made as a hub's first
+    start makes it for the default domain and directory address; copied into each hub's new data
+    folder instead of a key made per hub (see Hub.own_key)."""
+    if not _session_key:
+        from directory.hub_key import KEY_FILE, load_or_create_hub_keys
+
+        folder = Path(tempfile.mkdtemp(prefix="mailhub-test-hub-key-"))
+        load_or_create_hub_keys(folder, ["directory@hub.test"], 30 * 86400)
+        _session_key.append(folder / KEY_FILE)
+    return _session_key[0]
 
 
 class _HubLog(logging.Handler):
@@ -141,7 +164,10 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hub = None
-        self.signing_key: Path | None = None   # copied in at start when the folder has no key yet
+        # The session's hub key is copied in at the start when the folder has none yet; a hub of
+        # another domain or directory address (or with own_key) makes its own at its first start.
+        self.own_key = (env.get("MAILHUB_DOMAIN") != "hub.test"
+                        or env.get("MAILHUB_DIRECTORY_ADDRESS", "directory") != "directory")
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "mailhub.cli", *args]
@@ -161,11 +187,13 @@ class Hub:
     def running(self) -> bool:
         return self.proc is not None or self._thread is not None
 
-    def start(self, wait: float = 20.0) -> "Hub":
+    def start(self, wait: float = 60.0) -> "Hub":
         assert not self.running, "this hub runs already"
-        if self.signing_key is not None and not (self.data_dir / self.signing_key.name).exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.signing_key, self.data_dir / self.signing_key.name)
+        if not self.own_key:
+            key = session_signing_key()
+            if not (self.data_dir / key.name).exists():
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(key, self.data_dir / key.name)
         if self.process:
             return self._start_process(wait)
         return self._start_in_process(wait)
@@ -353,22 +381,12 @@ _SITE_ADD_SETTINGS = ("MAILHUB_DATA_DIR", "MAILHUB_DOMAIN", "MAILHUB_DIRECTORY_A
 
 
 @pytest.fixture(scope="session")
-def hub_signing_key(tmp_path_factory) -> Path:
-    """One hub signing key (RSA-3072, seconds to make) for the session, made as a hub's first start
-    makes it for the default domain and directory address; copied into each new data folder."""
-    from directory.hub_key import KEY_FILE, load_or_create_hub_keys
-
-    folder = tmp_path_factory.mktemp("hub-key")
-    load_or_create_hub_keys(folder, ["directory@hub.test"], 30 * 86400)
-    return folder / KEY_FILE
-
-
-# A hub made with these settings makes a key of its own (its addresses differ from the session key's).
-_HUB_KEY_SETTINGS = ("MAILHUB_DOMAIN", "MAILHUB_DIRECTORY_ADDRESS", "MAILHUB_DATA_DIR")
+def hub_signing_key() -> Path:
+    return session_signing_key()
 
 
 @pytest.fixture
-def make_hub(tmp_path, site_data_templates, hub_signing_key):
+def make_hub(tmp_path, site_data_templates):
     hubs = []
 
     def factory(sites: tuple = (), process: bool = False, own_key: bool = False, **overrides: str) -> Hub:
@@ -389,8 +407,7 @@ def make_hub(tmp_path, site_data_templates, hub_signing_key):
                     template.add_site(name, *addresses)
                 made[sites] = template_dir
             shutil.copytree(made[sites], data_dir)
-        if not own_key and not set(overrides) & set(_HUB_KEY_SETTINGS):
-            hub.signing_key = hub_signing_key
+        hub.own_key = hub.own_key or own_key
         return hub
 
     yield factory
