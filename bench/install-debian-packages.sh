@@ -4,7 +4,7 @@
 # Skips apt-get entirely when every package is already installed. Services that
 # the packages would start (postfix, dovecot, prometheus) are prevented from
 # starting during install and stopped afterwards, so ports 25/110/143/9090
-# stay free; bench/thirdparty.py starts private throw-away instances instead.
+# stay free; loadtest/thirdparty.py starts private throw-away instances instead.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 pkgs=$(grep -v '^[[:space:]]*\(#\|$\)' "$here/debian-packages.txt")
