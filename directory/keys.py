@@ -2,14 +2,13 @@
 # encryption during a grace period), listing, the per-site encryption policy override, and the
 # server's in-memory copy reloaded when the CLI changes any of them. Only public keys are stored;
 # a private key given by mistake is refused, never written.
-import logging
 import sqlite3
-import threading
 import time
 import warnings
 from dataclasses import dataclass
 
-from storage import StorageError, db, directory_index
+from storage import directory_index
+from storage.index_watch import IndexWatcher
 from storage.sites import get_site
 
 with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
@@ -19,7 +18,6 @@ with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
 
 from .errors import DirectoryError
 
-log = logging.getLogger("mailhub.directory")
 _RELOAD_SECONDS = 0.5
 _ENCRYPTING_ALGORITHMS = {PubKeyAlgorithm.RSAEncryptOrSign, PubKeyAlgorithm.RSAEncrypt,
                           PubKeyAlgorithm.ElGamal, PubKeyAlgorithm.ECDH}
@@ -116,57 +114,19 @@ def set_policy(conn: sqlite3.Connection, site_name: str, encryption: str) -> Non
 
 class KeyRing:
     """The server's view of every site's keys and policy overrides: loaded at construction, then
-    reloaded by a thread of its own when keys_version moves (checked every _RELOAD_SECONDS), so
-    that the SMTP path reads memory only and SQLite never blocks the event loop."""
+    reloaded by a thread (storage.index_watch) when keys_version moves, checked every
+    _RELOAD_SECONDS, so that the SMTP path reads memory only and SQLite never blocks the event loop."""
 
     def __init__(self, data_dir):
-        self._data_dir = data_dir
-        self._version = -1
         self._state: tuple[dict[int, list[SiteKey]], dict[int, str]] = ({}, {})   # keys, policy overrides
-        conn = db.connect(data_dir)   # the first load: a damaged or unreadable index reaches the caller
-        try:
-            self._reload(conn)
-        finally:
-            conn.close()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="keyring", daemon=True)
-        self._thread.start()
+        self._watcher = IndexWatcher(data_dir, "site keys", directory_index.keys_version, self._load, _RELOAD_SECONDS)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._watcher.close()
 
-    def _watch(self) -> None:
-        """The reload thread, with its own connection (reopened after an error)."""
-        conn, failing = None, False
-        try:
-            while not self._stop.wait(_RELOAD_SECONDS):
-                try:
-                    if conn is None:
-                        conn = db.connect(self._data_dir)
-                    self._reload(conn)
-                except (sqlite3.Error, OSError, StorageError) as exc:
-                    if not failing:
-                        log.warning("site keys not reloaded (retrying every %.1f s): %s", _RELOAD_SECONDS, exc)
-                    failing = True
-                    if conn is not None:
-                        conn.close()
-                        conn = None
-                else:
-                    if failing:
-                        log.info("site keys reloaded again")
-                    failing = False
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def _reload(self, conn: sqlite3.Connection) -> None:
-        version = directory_index.keys_version(conn)
-        if version == self._version:
-            return
+    def _load(self, conn: sqlite3.Connection) -> None:
         keys = {site_id: [_key(row) for row in rows] for site_id, rows in directory_index.all_site_key_rows(conn).items()}
         self._state = (keys, directory_index.policy_overrides(conn))   # one assignment: readers see both or neither
-        self._version = version
 
     def keys(self, site_id: int) -> list[SiteKey]:
         return self._state[0].get(site_id, [])

@@ -1,5 +1,6 @@
 # The server's view of the sites: an in-memory copy of names, password hashes and addresses,
-# reloaded when the CLI changes them (a version counter bumped by triggers), and password checks
+# reloaded by a thread when the CLI changes them (storage/index_watch.py: a version counter bumped
+# by triggers, checked every 0.5 s; lookups read memory only), and password checks
 # run off the event loop with a short-lived cache of verified logins; sessions that log in at the
 # same time with the same credentials share one check (a gateway opens its sessions together, and
 # one scrypt check costs ~60-100 ms of CPU). The checks run in a small pool of their own at a lower
@@ -15,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import db
+from .index_watch import IndexWatcher
 from .passwords import verify_password
 from .sites import Site, list_sites, sites_version
 
@@ -34,47 +35,33 @@ class SiteCache:
                                         initializer=_lower_priority)
         self._max_queued = max_queued_checks
         self._pending = 0     # checks submitted to the pool and not finished
-        self._conn: sqlite3.Connection = db.connect(data_dir)
-        self._version = -1
-        self._checked_at = 0.0
-        self._by_name: dict[str, Site] = {}
-        self._by_address: dict[str, Site] = {}
+        self._sites: tuple[dict[str, Site], dict[str, Site]] = ({}, {})   # by name, by address (lower case)
         self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._checking: dict[tuple[str, str, bytes], asyncio.Future] = {}   # checks in flight
         self._key = os.urandom(32)
+        self._watcher = IndexWatcher(data_dir, "sites", sites_version, self._load, _RECHECK_SECONDS)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._conn.close()
+        self._watcher.close()
 
     @property
     def checks_pending(self) -> int:
         return self._pending
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < _RECHECK_SECONDS:
-            return
-        self._checked_at = now
-        version = sites_version(self._conn)
-        if version == self._version:
-            return
-        sites = list_sites(self._conn)
-        self._by_name = {s.name: s for s in sites}
-        self._by_address = {a.lower(): s for s in sites for a in s.addresses}
-        self._version = version
+    def _load(self, conn: sqlite3.Connection) -> None:
+        """The watcher's thread (and the first load): both maps swapped in at once."""
+        sites = list_sites(conn)
+        self._sites = ({s.name: s for s in sites}, {a.lower(): s for s in sites for a in s.addresses})
 
     def by_name(self, name: str) -> Site | None:
-        self._refresh()
-        return self._by_name.get(name)
+        return self._sites[0].get(name)
 
     def by_address(self, address: str) -> Site | None:
-        self._refresh()
-        return self._by_address.get(address.lower())
+        return self._sites[1].get(address.lower())
 
     def all_sites(self) -> list[Site]:
-        self._refresh()
-        return list(self._by_name.values())
+        return list(self._sites[0].values())
 
     async def authenticate(self, name: str, password: str) -> Site | None:
         """The site when the password is right, else None; LoginBusy when the check cannot be

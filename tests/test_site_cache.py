@@ -1,8 +1,11 @@
 # Password checks of storage.SiteCache: sessions logging in together with the same credentials
 # share one scrypt check, a wrong password never passes (not even beside a right one in flight),
-# and a changed password takes effect at once.
+# a changed password takes effect at once, and the copy of the sites is reloaded by a thread, never
+# by a lookup (which reads memory only).
 import asyncio
 import contextlib
+import threading
+import time
 from unittest import mock
 
 from storage import db, site_cache
@@ -46,9 +49,12 @@ def test_a_changed_password_is_checked_anew(tmp_path):
 
     async def play():
         assert await cache.authenticate("alpha", "right-password") is not None
+        before = cache.by_name("alpha").password_hash
         with contextlib.closing(db.connect(tmp_path)) as conn:
             set_password(conn, "alpha", "new-password")
-        await asyncio.sleep(site_cache._RECHECK_SECONDS + 0.1)
+        deadline = time.monotonic() + 30   # the watcher's thread reloads within about 0.5 s
+        while cache.by_name("alpha").password_hash == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         return (await cache.authenticate("alpha", "right-password"),
                 await cache.authenticate("alpha", "new-password"))
 
@@ -57,3 +63,19 @@ def test_a_changed_password_is_checked_anew(tmp_path):
     finally:
         cache.close()
     assert old is None and new is not None
+
+
+def test_lookups_read_memory_and_a_thread_reloads_the_sites(tmp_path):
+    cache = make_cache(tmp_path)
+    try:
+        assert cache.by_address("ALPHA@hub.test").name == "alpha" and cache.by_name("beta") is None
+        with contextlib.closing(db.connect(tmp_path)) as conn:
+            add_site(conn, "beta", ["beta@hub.test"], "other-password", ["hub.test"])
+        deadline = time.monotonic() + 30
+        while cache.by_name("beta") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cache.by_address("beta@hub.test").name == "beta"
+        assert [t.name for t in threading.enumerate() if t.name == "watch-sites"] == ["watch-sites"]
+    finally:
+        cache.close()
+    assert not [t for t in threading.enumerate() if t.name == "watch-sites"]
