@@ -117,6 +117,9 @@ def _rebuild(cfg, args) -> int:
           f" recipient(s)")
     print(f"removed {r.removed_entries} mailbox entr(ies) and {r.removed_outbound} outbound recipient(s) the ledger"
           f" says were deleted; {r.all_removed} mail(s) not restored: deleted by every receiver")
+    if r.damaged_marked:
+        print(f"{r.damaged_marked} mail(s) marked damaged again from the quarantine's records"
+              " (refused to clients; see `mailhub storage damaged`)")
     if r.uncommitted:
         print(f"{r.uncommitted} record(s) of transactions that never committed (never acknowledged): left out")
     for what, items in (("lost: blob missing, rows moved to the quarantine", r.missing),

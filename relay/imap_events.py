@@ -54,6 +54,7 @@ class SendFile:
     start: int
     length: int
     whole: bool
+    seen_now: bool = False   # this FETCH set the message's \Seen flag (taken back if found damaged)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,9 @@ class SelectedState:
             seen_now = set()
             if plan.sets_seen and not self._readonly:
                 unseen = [m for _, m in batch if not m.flags & SEEN]
+                if unseen and plan.body:   # a mail known damaged is not sent: it does not become \Seen
+                    yield LoadRequest(unseen, False, False, True)
+                    unseen = [m for m in unseen if m.damaged is None]
                 if unseen and (yield StoreFlags([m.uid for m in unseen], SEEN, 0)):
                     for m in unseen:
                         m.flags |= SEEN
@@ -193,7 +196,7 @@ class SelectedState:
                     self._send(b"".join(pending))
                     pending, size = [], 0
                 if isinstance(piece, FileRange):
-                    self._out.append(SendFile(msg.ref, piece.start, piece.length, piece.whole))
+                    self._out.append(SendFile(msg.ref, piece.start, piece.length, piece.whole, with_flags))
                 elif isinstance(piece, PartHeader):
                     answer = yield PartHeaderRequest(msg, piece.part)
                 yield _FLUSH

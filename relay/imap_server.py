@@ -19,7 +19,8 @@ from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
 from . import connection_limits, metrics, mime_structure
-from .file_sender import FileSender
+from .imap_fetch import SEEN
+from .file_sender import ChecksumMismatch, FileSender, RunningCrc
 from .logins import Logins
 from .mailbox_session import MailboxSessionIO, is_loopback
 from .imap_limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
@@ -329,17 +330,23 @@ class ImapSession(MailboxSessionIO):
         entry = event.ref
         started = time.monotonic()
         self._in_literal = True
+        # a literal of the whole mail is checked as it goes; a part or a partial range is not
+        crc32 = entry.crc32 if event.start == 0 and event.length == entry.size else None
         try:
             if FileSender.usable(self.transport):
                 await self._flushed()
                 await self.ctx.sender.send(self.transport, entry.path, entry.offset + event.start, event.length,
-                                           self._stop_send, self.idle_timeout)
-                self._zero_copy += 1
+                                           self._stop_send, self.idle_timeout, crc32)
+                self._direct += 1
             else:
-                await self._copy(entry, event.start, event.length)
+                await self._copy(entry, event.start, event.length, RunningCrc(crc32))
+        except ChecksumMismatch as exc:
+            self._stop_send.set()
+            await self._damaged_while_sending(entry, str(exc), event.seen_now)
         except BaseException:
             self._stop_send.set()
             raise
+        self._checked += crc32 is not None
         self._in_literal = False
         for totals in (self.downloads, self._served):
             totals.bytes += event.length
@@ -354,8 +361,26 @@ class ImapSession(MailboxSessionIO):
             self.ctx.ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
         metrics.imap_message(self.site.name, event.length, event.whole)
 
-    async def _copy(self, entry, start: int, length: int) -> None:
-        """Read and write the range in 1 MB chunks, the next read overlapping the sending."""
+    async def _damaged_while_sending(self, entry, reason: str, seen_now: bool) -> None:
+        """The mail's bytes changed on disk, found after the literal was sent: the connection is reset
+        before the FETCH response ends, so the client cannot take the mail as whole; the \\Seen flag
+        this FETCH set is taken back; the mail is marked damaged (refused from now on, quarantine
+        copy, log line, metric)."""
+        self._end_reason = f"mail {entry.queue_id} found damaged while sending it"
+        self.transport.abort()
+        self.ctx.storage.mark_damaged_soon(entry.queue_id, reason, "serving")
+        if seen_now:
+            try:
+                await self.ctx.storage.set_flags(self.site.id, [entry.uid], 0, SEEN)
+            except Exception as exc:
+                log.warning("site=%s: \\Seen of damaged mail %s not taken back: %s", self._site_name(),
+                            entry.queue_id, exc)
+            self.ctx.mailboxes_changed((self.site.id,))
+        raise ConnectionAbortedError(self._end_reason)
+
+    async def _copy(self, entry, start: int, length: int, crc: RunningCrc) -> None:
+        """Read and write the range in 1 MB chunks, the next read overlapping the sending; the chunks
+        go into `crc`, checked after the last one (ChecksumMismatch)."""
         end = start + length
         self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         reading = self._read_ahead(entry, start, end)
@@ -365,9 +390,11 @@ class ImapSession(MailboxSessionIO):
                 if not chunk:
                     raise OSError(f"{entry.path} ended at {offset} of {end} bytes")
                 offset += len(chunk)
+                crc.add(chunk)
                 reading = self._read_ahead(entry, offset, end)
                 self._write(chunk)
                 await self._drain()
+            crc.check()
         finally:
             if reading is not None:
                 reading.cancel()
@@ -403,9 +430,9 @@ class ImapSession(MailboxSessionIO):
                     ctx.by_site.pop(self.site.id, None)
         metrics.imap_session(outcome)
         d = self._served
-        log.info("session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f zero_copy=%d expunged=%d session_s=%.1f"
-                 " outcome=%s", self.peer, self._site_name(), d.messages, d.bytes, d.send_seconds, self._zero_copy,
-                 self._expunged, time.monotonic() - self._started, outcome)
+        log.info("session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f direct=%d checked=%d expunged=%d"
+                 " session_s=%.1f outcome=%s", self.peer, self._site_name(), d.messages, d.bytes, d.send_seconds,
+                 self._direct, self._checked, self._expunged, time.monotonic() - self._started, outcome)
 
 
 

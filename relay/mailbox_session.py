@@ -36,7 +36,9 @@ class MailboxSessionIO(asyncio.Protocol):
         self.peer = "-"
         self.site = None
         self.downloads = None          # storage.Downloads not yet added to the site's totals
-        self._zero_copy = 0            # messages sent with sendfile
+        self._direct = 0               # messages sent from the file by a worker thread (sendfile, or
+                                       # read, CRC-checked and sent), not through the event loop
+        self._checked = 0              # messages whose CRC-32 was checked as they were sent
         self._started = time.monotonic()
         self._input = asyncio.Event()
         self._writable = asyncio.Event()

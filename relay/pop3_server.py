@@ -19,7 +19,7 @@ from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
 from . import connection_limits, metrics
-from .file_sender import FileSender
+from .file_sender import ChecksumMismatch, FileSender, RunningCrc
 from .logins import Logins
 from .mailbox_session import MailboxSessionIO, is_loopback
 from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CheckMessage, CloseConnection, MaildropEntry,
@@ -206,17 +206,22 @@ class Pop3Session(MailboxSessionIO):
     async def _send_message(self, event: SendMessage) -> None:
         entry = event.entry.ref
         started = time.monotonic()
+        crc32 = entry.crc32 if event.body_lines is None else None   # RETR is checked as it goes, TOP not
         try:
             if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
                 await self._flushed()
                 ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, entry.offset, entry.size,
-                                                          self._stop_send, self.idle_timeout)
+                                                          self._stop_send, self.idle_timeout, crc32)
                 sent = entry.size
-                self._zero_copy += 1
+                self._direct += 1
             else:
-                sent, ends_with_lf = await self._copy(entry, event.body_lines)
+                sent, ends_with_lf = await self._copy(entry, event.body_lines, RunningCrc(crc32))
+            self._checked += crc32 is not None
             self._write(message_terminator(ends_with_lf))
             await self._drain()
+        except ChecksumMismatch as exc:
+            self._stop_send.set()
+            await self._damaged_while_sending(entry, str(exc))
         except BaseException:
             self._stop_send.set()   # a worker still sending stops within a fraction of a second
             raise
@@ -234,9 +239,19 @@ class Pop3Session(MailboxSessionIO):
         metrics.pop3_message(self.site.name, sent, event.body_lines is None)
         self.core.message_sent()
 
-    async def _copy(self, entry, body_lines: int | None) -> tuple[int, bool]:
+    async def _damaged_while_sending(self, entry, reason: str) -> None:
+        """The mail's bytes changed on disk, found after they were sent: the connection is reset
+        without the end line, so the client cannot take the mail as whole; the mail is marked damaged
+        (refused from now on, quarantine copy, log line, metric)."""
+        self._end_reason = f"mail {entry.queue_id} found damaged while sending it"
+        self.transport.abort()
+        self.ctx.storage.mark_damaged_soon(entry.queue_id, reason, "serving")
+        raise ConnectionAbortedError(self._end_reason)
+
+    async def _copy(self, entry, body_lines: int | None, crc: RunningCrc) -> tuple[int, bool]:
         """Read, cut (TOP), dot-stuff and write the message in chunks; return (octets, ends with LF).
-        The next chunk is read while the transport sends the previous ones (at most _HIGH_WATER)."""
+        The next chunk is read while the transport sends the previous ones (at most _HIGH_WATER).
+        The chunks read go into `crc`, checked after the last one (ChecksumMismatch)."""
         top = TopFilter(body_lines) if body_lines is not None else None
         sent, at_line_start = 0, True
         self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
@@ -247,6 +262,7 @@ class Pop3Session(MailboxSessionIO):
                 if not chunk:
                     raise OSError(f"{entry.path} ended at {offset} of {entry.size} bytes")
                 offset += len(chunk)
+                crc.add(chunk)
                 if top is not None:
                     chunk = top.feed(chunk)
                 reading = None if top is not None and top.done else self._read_ahead(entry, offset)
@@ -255,6 +271,7 @@ class Pop3Session(MailboxSessionIO):
                 if data:
                     self._write(data)
                     await self._drain()
+            crc.check()
         finally:
             if reading is not None:
                 reading.cancel()
@@ -300,10 +317,10 @@ class Pop3Session(MailboxSessionIO):
             ctx.sessions.discard(self)
         metrics.pop3_session(outcome)
         d = self.downloads
-        log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f zero_copy=%d deleted=%d session_s=%.1f"
-                 " outcome=%s", self.peer, self._site_name(), d.messages if d else 0, d.bytes if d else 0,
-                 d.send_seconds if d else 0.0, self._zero_copy, self._deleted, time.monotonic() - self._started,
-                 outcome)
+        log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f direct=%d checked=%d deleted=%d"
+                 " session_s=%.1f outcome=%s", self.peer, self._site_name(), d.messages if d else 0,
+                 d.bytes if d else 0, d.send_seconds if d else 0.0, self._direct, self._checked, self._deleted,
+                 time.monotonic() - self._started, outcome)
 
 
 

@@ -44,6 +44,7 @@ class BatchItem:
     spool_path: str | None = None
     offset: int = 0
     structure: str | None = None   # meta.structure as JSON (set by the writer, for the record and the row)
+    crc32: int | None = None       # zlib CRC-32 of the message (a packed one's: set by the writer)
 
 
 class IndexWriter:
@@ -106,7 +107,8 @@ class IndexWriter:
         def record_of(item: BatchItem) -> bytes:
             item.structure = envelope.structure_json(item.meta)
             return envelope.record(item.queue_id, item.size, item.received_at, item.sha256, item.meta,
-                                   item.deliveries, item.remote, item.structure, seq=seq, a=attempt, p=prev)
+                                   item.deliveries, item.remote, item.structure, seq=seq, a=attempt, p=prev,
+                                   crc=item.crc32)
 
         self._note_time()
         try:
@@ -292,7 +294,7 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> set[int]:
         messages.append((qid, item.blob, item.offset, size, item.sha256,
                          int(m.dot_lines), at, m.mail_from, m.sender_site,
                          m.message_id, m.set_id, m.set_part, m.set_total,
-                         len(item.deliveries) + len(item.remote), structure))
+                         len(item.deliveries) + len(item.remote), structure, item.crc32))
         tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
                         m.message_id, m.set_id, m.set_part, m.set_total, item.sha256))
         for d in item.deliveries:
@@ -302,8 +304,8 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> set[int]:
         queued.extend((qid, rcpt, at, at) for rcpt in item.remote)
     conn.executemany(
         "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at,"
-        " mail_from, sender_site, message_id, set_id, set_part, set_total, refs, structure)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+        " mail_from, sender_site, message_id, set_id, set_part, set_total, refs, structure, crc32)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
     conn.executemany(
         "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
     conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",

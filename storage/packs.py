@@ -14,6 +14,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import zlib
 
 from . import faults
 from .envelope import HEADER_SIZE, frame_header
@@ -40,7 +41,7 @@ class PackWriter:
         """Make a batch of small messages durable: index_writer.BatchItems with their `data`,
         `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes);
         record_of(message) is its envelope record (after `sha256` is set). Sets each one's blob,
-        offset and sha256; returns each pack written to with the end of its last frame. Raises
+        offset, sha256 and crc32; returns each pack written to with the end of its last frame. Raises
         StorageError (and abandons)."""
         if not messages:
             return {}
@@ -84,6 +85,7 @@ class PackWriter:
                     written.append(fd)
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 message.sha256 = hashlib.sha256(data).hexdigest()
+                message.crc32 = zlib.crc32(data)
                 message.blob = self._blob
                 record = record_of(message)
                 message.offset = self._size + HEADER_SIZE + len(record)

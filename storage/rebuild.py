@@ -14,6 +14,9 @@
 #     quarantined (`damaged_mail`: a file of its own is moved, a packed mail's frame copied), and so
 #     is what has no readable record and no index row (`unreadable_record`): listed and counted,
 #     never served as if whole, never deleted.
+#   - the `damaged` table (mails found damaged while serving, by the scrub or by verify: refused to
+#     clients) is made again from the quarantine's `damaged` entries, so that an older or lost index
+#     does not serve them again.
 # A mail is committed when its group commit is proven: a ledger commit line, a later record naming
 # it as its predecessor, or the index itself; a single-file mail when a ledger commit line lists it.
 # Unproven records (a commit cut short) are never put into a mailbox. Before changing anything, the
@@ -64,6 +67,7 @@ class RebuildReport:
     all_removed: int = 0                  # committed mails not in the index whose every entry was removed
     uncommitted: int = 0                  # records of commits that never committed
     damaged: list[str] = field(default_factory=list)   # found, but their bytes differ from the record
+    damaged_marked: int = 0               # rows of table `damaged` made again from the quarantine's records
     unreadable: list[str] = field(default_factory=list)  # files or ranges with no readable record
     sites_made: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)   # indexed mails whose blob is gone (quarantined)
@@ -254,6 +258,7 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
         conn.execute("INSERT INTO packs (blob, committed_end) SELECT blob, max(blob_offset + size) FROM messages"
                      " WHERE blob_offset > 0 GROUP BY blob")
         _raise_uid_floor(conn, state.max_uid)
+        report.damaged_marked = verify.damaged_rows_from_quarantine(conn, data_dir)
         conn.execute("UPDATE meta SET value = 0 WHERE key = 'ledger_quiet'")
         conn.execute("COMMIT")
     except BaseException:
@@ -337,10 +342,11 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
     at = float(r["at"])
     conn.execute(
         "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at, mail_from,"
-        " sender_site, message_id, set_id, set_part, set_total, refs, structure)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " sender_site, message_id, set_id, set_part, set_total, refs, structure, crc32)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (qid, mail.blob, mail.offset, mail.size, r["sha256"], int(r.get("dots", 0)), at, r.get("from", ""),
-         sender_site, message_id, set_id, set_part, set_total, len(entries) + len(remote), structure))
+         sender_site, message_id, set_id, set_part, set_total, len(entries) + len(remote), structure,
+         r["crc"] if isinstance(r.get("crc"), int) else None))
     conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)",
                      [(site_id, qid, rcpt, at) for site_id, rcpt in entries])
     conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at) VALUES (?, ?, ?, ?)",

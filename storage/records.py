@@ -54,6 +54,7 @@ class MailboxEntry:
     flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
     delivered_at: float = 0.0
     offset: int = 0           # where the message starts in its blob file (a pack of small messages)
+    crc32: int | None = None  # zlib CRC-32 of the message, checked while it is served (None: stored before)
 
 
 @dataclass(slots=True)

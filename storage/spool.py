@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import os
 import time
+import zlib
 from concurrent.futures import Executor
 
 from .errors import StorageError
@@ -46,7 +47,7 @@ class SpoolFile:
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
     __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
-                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from",
+                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from", "_crc",
                  "_budget", "_held")
 
     def __init__(self, spool_dir: str, queue_id: str, executor: Executor, budget: MemoryBudget):
@@ -58,6 +59,7 @@ class SpoolFile:
         self._executor = executor
         self._fd = -1
         self._sha = hashlib.sha256()
+        self._crc = 0   # zlib CRC-32 of the bytes written (checked while serving)
         self._chunks: list[bytes] = []
         self._queued = 0
         self._job: asyncio.Future | None = None
@@ -108,6 +110,11 @@ class SpoolFile:
     def sha256(self) -> str:
         return self._digest or self._sha.hexdigest()
 
+    @property
+    def crc32(self) -> int:
+        """The CRC-32 of a message written to its own file (a packed one's is the index writer's)."""
+        return self._crc
+
     def packed(self, sha256: str) -> None:
         """The index writer stored this (small) message in a pack, and hashed it."""
         self._digest = sha256
@@ -126,7 +133,7 @@ class SpoolFile:
         return chunks
 
     async def sync(self, target: str, tail=None) -> None:
-        """Write what is queued (then tail(sha256 hex): bytes that follow the message in its file, its
+        """Write what is queued (then tail(sha256 hex, crc32): bytes that follow the message in its file, its
         envelope record), fsync, close, rename to `target` and fsync its folder (so that concurrent
         messages' fsyncs overlap); raises StorageError on failure."""
         while self._job is not None:
@@ -197,6 +204,7 @@ class SpoolFile:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             for chunk in chunks:
                 self._sha.update(chunk)
+                self._crc = zlib.crc32(chunk, self._crc)
                 write_all(self._fd, chunk)
                 self._written += len(chunk)
             if final is None and self._written - self._flushing_from >= WRITEBACK_AT:
@@ -204,7 +212,7 @@ class SpoolFile:
                 self._flushing_from = self._written
             if final is not None:
                 if tail is not None:
-                    write_all(self._fd, tail(self._sha.hexdigest()))
+                    write_all(self._fd, tail(self._sha.hexdigest(), self._crc))
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1

@@ -199,9 +199,10 @@ class Storage:
                             spool.take_chunks(), on_committed)
             done.add_done_callback(lambda _: spool.release())   # the batch holding its bytes is over
         else:
-            def tail(sha256: str) -> bytes:   # its envelope record, written and fsynced with it
+            def tail(sha256: str, crc32: int) -> bytes:   # its envelope record, written and fsynced with it
                 return envelope.trailer(envelope.record(spool.queue_id, spool.size, received_at, sha256, meta,
-                                                        deliveries, remote, envelope.structure_json(meta)),
+                                                        deliveries, remote, envelope.structure_json(meta),
+                                                        crc=crc32),
                                         spool.size)
 
             await spool.sync(f"{self._blob_folder}/{blob}", tail)
@@ -320,13 +321,13 @@ class Storage:
         """The site's mailbox entries in delivery order."""
         async with self._db.execute(
                 "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
-                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset FROM mailbox b"
+                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset, m.crc32 FROM mailbox b"
                 " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
                 (site_id,)) as cursor:
             rows = await cursor.fetchall()
         return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
-                             delivered, offset)
-                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset in rows]
+                             delivered, offset, crc)
+                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset, crc in rows]
 
     def serving_problem(self, entry: MailboxEntry) -> str | None:
         """Checked before a mail is served (POP3 +OK, an IMAP literal): why it must not be, or None.
@@ -337,11 +338,15 @@ class Storage:
             return reason
         reason = verify.size_problem(entry.path, entry.offset, entry.size)
         if reason is not None:
-            self.damaged[entry.queue_id] = reason
-            task = asyncio.ensure_future(self.mark_damaged(entry.queue_id, reason, "serving"))
-            self._marking.add(task)
-            task.add_done_callback(self._marking.discard)
+            self.mark_damaged_soon(entry.queue_id, reason, "serving")
         return reason
+
+    def mark_damaged_soon(self, queue_id: str, reason: str, found_by: str) -> None:
+        """Refuse the mail from now on and mark it damaged in the background (mark_damaged)."""
+        self.damaged[queue_id] = reason
+        task = asyncio.ensure_future(self.mark_damaged(queue_id, reason, found_by))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
 
     async def mark_damaged(self, queue_id: str, reason: str, found_by: str) -> bool:
         """Note a mail as damaged: a copy of what is on disk of it into the quarantine, a `damaged`
@@ -355,7 +360,7 @@ class Storage:
         try:
             entry = await asyncio.get_running_loop().run_in_executor(
                 self.executor, verify.quarantine_copy, self.data_dir, self.blob_dir / blob, offset, size, queue_id,
-                reason)
+                reason, found_by)
             new = await self._writer.call(IndexWriter.mark_damaged, queue_id, reason, found_by, time.time(), entry)
         except StorageError as exc:
             log.error("mail %s is damaged (%s) but could not be recorded so: %s", queue_id, reason, exc)
@@ -485,4 +490,5 @@ def _batch_item(item: _Pending) -> BatchItem:
     packed = item.data is not None
     return BatchItem(spool.queue_id, spool.size, item.received_at, item.meta, item.deliveries, item.remote,
                      item.mark, item.blob, None if packed else spool.sha256,
-                     out_of_band(item.data) if packed else None, spool.path if packed else None)
+                     out_of_band(item.data) if packed else None, spool.path if packed else None,
+                     crc32=None if packed else spool.crc32)

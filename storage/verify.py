@@ -77,12 +77,14 @@ class Pacer:
             self._start, self._bytes = time.monotonic(), 0
 
 
-def quarantine_copy(data_dir: Path, path: Path, offset: int, size: int, queue_id: str, reason: str) -> str | None:
+def quarantine_copy(data_dir: Path, path: Path, offset: int, size: int, queue_id: str, reason: str,
+                    found_by: str) -> str | None:
     """Copy what is on disk of a damaged mail into the quarantine (the blob stays: the mailbox entry
-    still names it until the gateway deletes it); the entry's id, or None (no file, or no room)."""
+    still names it until the gateway deletes it); the entry's id, or None (no file, or no room). Its
+    record (queue ID, reason, found_by, time) is what rebuild-index makes the `damaged` row again from."""
     try:
         entry = quarantine.quarantine(data_dir, Path(path), "damaged", reason, byte_range=(offset, size),
-                                      queue_id=queue_id)
+                                      queue_id=queue_id, found_by=found_by)
     except OSError:
         return None
     return f"{entry.parent.name}/{entry.name}"
@@ -94,6 +96,19 @@ def note_damaged(conn: sqlite3.Connection, queue_id: str, reason: str, found_by:
     cursor = conn.execute("INSERT OR IGNORE INTO damaged (queue_id, reason, found_by, found_at, quarantine)"
                           " VALUES (?, ?, ?, ?, ?)", (queue_id, reason, found_by, at, entry))
     return cursor.rowcount > 0
+
+
+def damaged_rows_from_quarantine(conn: sqlite3.Connection, data_dir: Path) -> int:
+    """Make the `damaged` rows again from the quarantine's `damaged` entries (rebuild-index: an
+    index restored from a backup, or lost, forgot them); call inside a transaction. Returns how many
+    rows were missing."""
+    made = 0
+    for entry in quarantine.list_entries(data_dir):
+        queue_id = entry.extra.get("queue_id")
+        if entry.reason == "damaged" and isinstance(queue_id, str):
+            made += note_damaged(conn, queue_id, entry.detail, str(entry.extra.get("found_by", "unknown")),
+                                 entry.at, entry.id)
+    return made
 
 
 def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by: str) -> int:
@@ -113,7 +128,8 @@ def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by
                                    (queue_id,)).fetchone()
                 if row is None:
                     continue
-                entry = quarantine_copy(data_dir, data_dir / "blobs" / row[0], row[1], row[2], queue_id, reason)
+                entry = quarantine_copy(data_dir, data_dir / "blobs" / row[0], row[1], row[2], queue_id, reason,
+                                        found_by)
                 with db.transaction(conn):
                     new += note_damaged(conn, queue_id, reason, found_by, time.time(), entry)
             return new

@@ -500,7 +500,7 @@ def test_stls_upgrades_the_session_and_messages_come_through_exact(tls_hub):
     client.pass_(PASSWORD)
     assert [strip_trace(retr(client, n)) for n in (1, 2, 3)] == sent
     client.quit()
-    line = wait_for(lambda: re.search(r" retrieved=3 .* zero_copy=0 ", hub.log_text()))   # TLS: copied
+    line = wait_for(lambda: re.search(r" retrieved=3 .* direct=0 ", hub.log_text()))   # TLS: copied
     assert line, hub.log_text()[-2000:]
     assert_no_traceback(hub)
 
@@ -637,7 +637,7 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_h
     rss_mb = int(fields["VmRSS"].split()[0]) / 1024
     assert min(sizes) > 100 * CHUNK
     assert peak_mb < rss_mb + 40, (peak_mb, rss_mb)
-    line = wait_for(lambda: re.search(r" retrieved=2 .* zero_copy=1 ", hub.log_text()))   # the first only
+    line = wait_for(lambda: re.search(r" retrieved=2 .* direct=1 ", hub.log_text()))   # the first only
     assert line, hub.log_text()[-2000:]
 
 
