@@ -3,9 +3,11 @@
 # quarantine and damaged run beside a running hub and never change its data; verify reads every mail
 # and has the damaged ones marked (by the running hub over its control socket, or itself under the
 # data folder's lock); rebuild-index needs the hub stopped (it takes
-# the data folder's lock). Exit status as in cli.py: 0 fine, 1 a problem found or the operation
+# the data folder's lock); compact-ledger works on the past days' files beside a running hub, on all
+# of them when it can take the lock. Exit status as in cli.py: 0 fine, 1 a problem found or the operation
 # failed, 2 bad usage.
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -47,6 +49,12 @@ def storage_parsers(commands, common) -> None:
     verify.add_argument("--quiet", action="store_true", help="no progress lines")
     damaged = sub.add_parser("damaged", parents=[common], help="list the mails found damaged, and where")
     damaged.add_argument("--json", action="store_true")
+    compact = sub.add_parser(
+        "compact-ledger", parents=[common], help="drop the ledger's lines about mails whose bytes are gone",
+        description="Rewrites the ledger's files into one snapshot that keeps what rebuild-index needs about the"
+                    " mails the blob store still holds. Beside a running hub it compacts the files of past days;"
+                    " with the hub stopped, all of them. Safe to interrupt at any point.")
+    compact.add_argument("--json", action="store_true")
     quarantine = sub.add_parser("quarantine", parents=[common], help="list what was moved aside, and why")
     quarantine.add_argument("--json", action="store_true")
 
@@ -64,6 +72,8 @@ def storage_command(cfg, args) -> int:
             return _verify(cfg, args)
         if action == "damaged":
             return _damaged(cfg, args)
+        if action == "compact-ledger":
+            return _compact_ledger(cfg, args)
         return _quarantine(cfg, args)
     except (OSError, sqlite3.Error) as exc:
         print(f"mailhub: storage {action} failed: {exc}", file=sys.stderr)
@@ -132,6 +142,33 @@ def _rebuild(cfg, args) -> int:
               " and import its key")
     for note in r.notes:
         print(f"note: {note}")
+    return 0
+
+
+def _compact_ledger(cfg, args) -> int:
+    from storage.folder_lock import DataFolderInUse, lock_data_folder
+    from storage.ledger_compact import CompactionRunning, compact
+
+    try:
+        lock = lock_data_folder(cfg.data_dir)
+    except DataFolderInUse:
+        lock = None   # a hub serves the folder: today's file is its to append to
+    try:
+        report = compact(cfg.data_dir, include_today=lock is not None)
+    except CompactionRunning as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if lock is not None:
+            os.close(lock)
+    if args.json:
+        print(json.dumps(report.__dict__, indent=2))
+        return 0
+    r = report
+    which = "all ledger files (hub stopped)" if r.today_included else "the ledger files of past days (hub running)"
+    print(f"compacted {which}: {r.files_before} file(s), {r.lines_before} line(s), {human_size(r.bytes_before)}"
+          f" -> 1 file, {r.lines_after} line(s), {human_size(r.bytes_after)} in {r.seconds:.1f} s;"
+          f" lines of {r.mails_dropped} mail(s) whose bytes are gone dropped, of {r.mails_kept} still stored kept")
     return 0
 
 

@@ -331,7 +331,8 @@ class ImapSession(MailboxSessionIO):
         started = time.monotonic()
         self._in_literal = True
         # a literal of the whole mail is checked as it goes; a part or a partial range is not
-        crc32 = entry.crc32 if event.start == 0 and event.length == entry.size else None
+        whole = event.start == 0 and event.length == entry.size
+        crc32 = entry.crc32 if whole and self.ctx.cfg.storage.verify_while_serving else None
         try:
             if FileSender.usable(self.transport):
                 await self._flushed()

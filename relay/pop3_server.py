@@ -206,7 +206,8 @@ class Pop3Session(MailboxSessionIO):
     async def _send_message(self, event: SendMessage) -> None:
         entry = event.entry.ref
         started = time.monotonic()
-        crc32 = entry.crc32 if event.body_lines is None else None   # RETR is checked as it goes, TOP not
+        # RETR is checked as it goes (storage.verify_while_serving), TOP not
+        crc32 = entry.crc32 if event.body_lines is None and self.ctx.cfg.storage.verify_while_serving else None
         try:
             if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
                 await self._flushed()

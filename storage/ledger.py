@@ -13,7 +13,7 @@
 # start-up recovery appends what a crash kept it from writing. Commit lines are written at once
 # and made durable lazily (the index holds the truth meanwhile); removals are fdatasynced before
 # the writer answers. A torn last line (a crash mid-write) is ignored. Must never be rewritten in
-# place: lines are only ever appended.
+# place: lines are only ever appended (storage/ledger_compact.py replaces whole files by a snapshot).
 import json
 import os
 import time

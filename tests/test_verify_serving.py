@@ -25,6 +25,9 @@ from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from
 import smtplib
 
 
+VERIFYING = {"MAILHUB_STORAGE_VERIFY_WHILE_SERVING": "true"}   # off by default (its cost: docs/integrity.md)
+
+
 def send(hub, sizes: list[int]) -> dict[str, bytes]:
     sent = {}
     with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:
@@ -105,7 +108,7 @@ def whole(data: bytes, body: bytes) -> bool:
 
 
 def test_damaged_mails_are_refused_found_listed_and_deletable(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING).start()
     sent = send(hub, [5_000, 6_000, 7_000, 400_000, 500_000, 600_000])
     qids = list(sent)
     small_flipped, unfetched_flipped, big_flipped, big_cut = qids[1], qids[3], qids[4], qids[5]
@@ -175,7 +178,7 @@ def test_damaged_mails_are_refused_found_listed_and_deletable(make_hub):
 
 
 def test_the_scrub_and_a_verify_with_the_hub_stopped_find_changed_bytes(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING).start()
     qids = list(send(hub, [3_000, 4_000, 300_000, 5_000]))
     hub.stop()
     flip_byte(hub, qids[1])
@@ -199,7 +202,7 @@ def test_the_scrub_and_a_verify_with_the_hub_stopped_find_changed_bytes(make_hub
 
 
 def test_a_blob_cut_while_it_is_sent_ends_the_connection_without_the_end_line(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING).start()
     (qid,) = send(hub, [40_000_000])
     path, offset, size = where(hub, qid)
     sock = socket.create_connection(("127.0.0.1", hub.ports["pop3"]), timeout=30)
@@ -243,7 +246,7 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
     while it is sent: POP3 (sendfile-sized mails and the dot-stuffing copy path) and IMAP FETCH
     BODY[] (not PEEK) end the connection before the mail's end; \\Seen is not left set; the mail is
     listed damaged, counted, quarantined and refused from then on, before any byte."""
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING).start()
     dotted = make_message(300_000, subject="dotted").replace(b"\r\n", b"\r\n.dot line\r\n", 1)
     with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:
         client.login("beta", PASSWORD)
@@ -300,7 +303,7 @@ def test_changed_bytes_found_while_serving_over_imap_with_tls(make_hub, tmp_path
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
                     "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", MAILHUB_TLS_CERT_FILE=str(cert),
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING, MAILHUB_TLS_CERT_FILE=str(cert),
                    MAILHUB_TLS_KEY_FILE=str(key)).start()
     sent = send(hub, [2_500_000, 4_000])
     qids = list(sent)
@@ -325,7 +328,7 @@ def test_changed_bytes_found_while_serving_over_imap_with_tls(make_hub, tmp_path
 def test_rebuild_index_makes_the_damaged_table_again(make_hub, index):
     """An older index (a backup's, taken before the damage was found) or none at all: rebuild-index
     marks the damaged mails again from the quarantine's records, so the hub keeps refusing them."""
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING).start()
     sent = send(hub, [4_000, 5_000, 300_000])
     qids = list(sent)
     backup = hub.data_dir.parent / f"{hub.data_dir.name}-backup"
@@ -362,3 +365,19 @@ def test_rebuild_index_makes_the_damaged_table_again(make_hub, index):
     hub.stop()
     shutil.rmtree(backup)
     assert "Traceback" not in hub.log_text()
+
+
+def test_verify_while_serving_off_sends_with_sendfile_and_leaves_changed_bytes_to_the_scrub(make_hub):
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()   # the default: off
+    sent = send(hub, [300_000, 4_000])
+    qids = list(sent)
+    flip_byte(hub, qids[0])
+    got = pop3_retrieve_all(hub)
+    assert isinstance(got[qids[0]], bytes) and not whole(got[qids[0]], sent[qids[0]])   # served, changed
+    assert whole(got[qids[1]], sent[qids[1]])
+    assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
+    deadline = time.monotonic() + 10
+    while " direct=2 checked=0 " not in hub.log_text():
+        assert time.monotonic() < deadline, hub.log_text()[-2000:]
+        time.sleep(0.05)
+    hub.stop()
