@@ -154,6 +154,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("storage", "reserve_bytes"): ("1M", 1024 * 1024),
         ("storage", "min_free_bytes"): ("0", 0),
         ("storage", "scrub_rate"): ("1K", 1024),
+        ("storage", "verify_while_serving"): ("true", True),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
         ("log", "stall_threshold"): ("0.5", 0.5),
