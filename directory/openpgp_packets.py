@@ -1,194 +1,242 @@
-# Reads the session-key packets at the start of an OpenPGP message as it streams: the key IDs of
-# its public-key encrypted session key packets (PKESK, tag 1; key ID 0 = hidden recipient) and the
-# tag of the first data packet after them. Accepts ASCII armor or binary, optionally inside a
-# base64 Content-Transfer-Encoding, and old or new packet headers. Sans-I/O and bounded: it only
-# ever looks at the first SCAN_LIMIT bytes and never decrypts anything.
-import binascii
+# OpenPGP packet sequences (RFC 4880 / RFC 9580 section 4-5), sans-I/O and without decrypting
+# anything. PacketStream walks an encrypted message as it streams: an optional marker packet, the
+# session-key packets (PKESK tag 1: their recipient key IDs, key ID 0 = hidden recipient; SKESK
+# tag 3: a passphrase), then exactly one encrypted data packet (tag 9, 18 or 20) that must run to
+# the end: a byte after it (a clear literal packet appended, a second message) is an error. The
+# data packet's payload is skipped, not read: a caller holding base64 text need only decode the
+# few bytes of each partial-length chunk header (skippable()/skip()). packet_tags() lists the
+# packets of a small binary block (signatures, keys). Never holds more than one session-key
+# packet (<= 16 KB).
 from dataclasses import dataclass, field
 
-SCAN_LIMIT = 256 * 1024          # input bytes looked at before giving up on finding the data packet
-_MAX_LINE = 4096
+SCAN_LIMIT = 256 * 1024          # bytes of session-key packets looked at before the data packet
 _MAX_SESSION_PACKET = 16 * 1024  # a PKESK is a few hundred bytes
-PKESK, SKESK = 1, 3
+PKESK, SKESK, MARKER = 1, 3, 10
 DATA_TAGS = {9: "symmetrically encrypted data", 18: "symmetrically encrypted integrity protected data",
              20: "AEAD encrypted data"}
 WILDCARD_KEY_ID = "0000000000000000"
-_ARMOR_BEGIN = b"-----BEGIN PGP MESSAGE-----"
+_HEADER, _ESK, _DATA, _CHUNK_HEADER, _END, _REST, _FAILED = range(7)
 
 
 @dataclass
 class SessionPackets:
     key_ids: list[str] = field(default_factory=list)  # 16 hex digits, upper case, in message order
     passphrase_packets: int = 0                       # SKESK: encrypted to a passphrase
-    data_tag: int | None = None                       # tag of the first packet after the session keys
+    data_tag: int | None = None                       # tag of the encrypted data packet
     error: str | None = None
 
     @property
     def complete(self) -> bool:
+        """The session keys are known (or the message is known to be bad)."""
         return self.data_tag is not None or self.error is not None
 
 
-class SessionPacketReader:
-    """feed() the part's body as transmitted (after the part's header); close() at its end."""
+class PacketStream:
+    """feed() the binary message in order, or skip() the next skippable() bytes unseen; close() at
+    its end (truncated=True: the message may stop anywhere after its data packet began, as the
+    first fragment of a message/partial does)."""
 
-    def __init__(self, transfer_encoding: str = ""):
+    def __init__(self) -> None:
         self.result = SessionPackets()
-        self._base64_transfer = transfer_encoding.strip().lower() == "base64"
-        self._transfer_rest = b""      # undecoded tail of the transfer encoding
-        self._mode: str | None = None  # "armor" or "binary", decided by the first byte
-        self._armor_state = "begin"    # begin -> headers -> body
-        self._line = bytearray()
-        self._armor_rest = b""
-        self._packets = bytearray()
-        self._seen = 0
+        self.offset = 0            # bytes consumed so far
+        self._state = _HEADER
+        self._buf = bytearray()    # a packet header or a session-key packet being collected
+        self._need = 0             # _ESK: body bytes still to collect; _DATA: payload left in the chunk
+        self._last = True          # the current data chunk ends the packet
+        self.chunk = 0             # size of the last partial-length chunk (0: none)
+        self._tag = 0
+        self._first = True         # no packet seen yet (a marker packet may come first only)
 
-    def feed(self, data: bytes) -> None:
-        if self.result.complete or not data:
-            return
-        data = data[:SCAN_LIMIT - self._seen]
-        self._seen += len(data)
-        if self._base64_transfer:
-            data = self._decode_base64(data, "transfer")
-        self._content(data)
-        if not self.result.complete and self._seen >= SCAN_LIMIT:
-            self._fail(f"no encrypted data packet within the first {SCAN_LIMIT // 1024} KB")
+    def skippable(self) -> int:
+        """Bytes that may be skipped unseen: the rest of the current payload chunk."""
+        if self._state == _DATA:
+            return self._need
+        return 1 << 62 if self._state == _REST else 0
 
-    def close(self) -> SessionPackets:
-        if not self.result.complete:
-            if self._mode is None:
-                self._fail("the encrypted part is empty")
-            else:
-                self._fail("the OpenPGP message ends before its encrypted data packet")
-        return self.result
+    def skip(self, n: int) -> None:
+        self.offset += n
+        if self._state == _DATA:
+            self._need -= n
+            if self._need == 0:
+                self._chunk_done()
 
-    # ---- layers: transfer encoding -> armor -> packets ----------------------------------------
-
-    def _decode_base64(self, data: bytes, layer: str) -> bytes:
-        text = (self._transfer_rest if layer == "transfer" else self._armor_rest) + data.translate(
-            None, b" \t\r\n")
-        usable = len(text) - len(text) % 4
-        rest = text[usable:]
-        if layer == "transfer":
-            self._transfer_rest = rest
-        else:
-            self._armor_rest = rest
-        try:
-            return binascii.a2b_base64(text[:usable], strict_mode=True)
-        except binascii.Error:
-            self._fail(f"invalid base64 in the {'Content-Transfer-Encoding' if layer == 'transfer' else 'ASCII armor'}")
-            return b""
-
-    def _content(self, data: bytes) -> None:
-        if self._mode is None:
-            stripped = data.lstrip(b" \t\r\n")
-            if not stripped:
-                return
-            self._mode = "binary" if stripped[0] & 0x80 else "armor"
-            data = stripped
-        if self._mode == "binary":
-            self._packet_bytes(data)
-        else:
-            self._armor(data)
-
-    def _armor(self, data: bytes) -> None:
-        start = 0
-        while start < len(data) and not self.result.complete:
-            end = data.find(b"\n", start)
-            if end < 0:
-                self._line += data[start:]
-                if len(self._line) > _MAX_LINE:
-                    self._fail("an ASCII armor line is too long")
-                return
-            self._line += data[start:end]
-            start = end + 1
-            line = bytes(self._line).rstrip(b"\r \t")
-            self._line.clear()
-            self._armor_line(line)
-
-    def _armor_line(self, line: bytes) -> None:
-        if self._armor_state == "begin":
-            if line == _ARMOR_BEGIN:
-                self._armor_state = "headers"
-            elif line:
-                self._fail("the encrypted part is neither an ASCII-armored PGP MESSAGE nor binary OpenPGP")
-        elif self._armor_state == "headers":
-            if not line:
-                self._armor_state = "body"
-            elif b": " not in line:
-                self._fail("malformed ASCII armor header line")
-        elif line.startswith(b"=") or line.startswith(b"-----"):
-            self._fail("the OpenPGP message ends before its encrypted data packet")
-        else:
-            self._packet_bytes(self._decode_base64(line, "armor"))
-
-    def _packet_bytes(self, data: bytes) -> None:
-        if self.result.complete:
-            return
-        self._packets += data
-        while not self.result.complete:
-            parsed = _packet_header(self._packets)
-            if parsed is None:
-                return  # need more bytes
-            if isinstance(parsed, str):
-                self._fail(parsed)
-                return
-            tag, header_length, body_length = parsed
-            if tag not in (PKESK, SKESK):
-                if tag in DATA_TAGS:
-                    self.result.data_tag = tag
+    def feed(self, data) -> None:
+        pos, end = 0, len(data)
+        while pos < end and self._state != _FAILED:
+            state = self._state
+            if state in (_DATA, _REST):
+                take = min(self.skippable(), end - pos)
+                self.skip(take)
+                pos += take
+            elif state == _END:
+                self._fail("data after the encrypted data packet (a second message or a clear packet appended)")
+            elif state == _ESK:
+                take = min(self._need, end - pos)
+                self._buf += data[pos:pos + take]
+                self._need -= take
+                pos += take
+                self.offset += take
+                if self._need == 0:
+                    self._session_packet()
+            else:  # _HEADER or _CHUNK_HEADER: one byte at a time (at most six)
+                self._buf.append(data[pos])
+                pos += 1
+                self.offset += 1
+                if state == _HEADER:
+                    self._packet_header()
                 else:
-                    self._fail(f"unexpected OpenPGP packet (tag {tag}) where encrypted data should be")
-                return
-            if body_length is None or body_length > _MAX_SESSION_PACKET:
-                self._fail("malformed session key packet length")
-                return
-            if len(self._packets) < header_length + body_length:
-                return
-            body = bytes(self._packets[header_length:header_length + body_length])
-            del self._packets[:header_length + body_length]
-            if tag == SKESK:
-                self.result.passphrase_packets += 1
-                continue
+                    self._chunk_header()
+
+    def close(self, truncated: bool = False) -> SessionPackets:
+        result = self.result
+        if result.error is None:
+            if result.data_tag is None:
+                if self.offset == 0:
+                    self._fail("the encrypted part is empty")
+                else:
+                    self._fail("the OpenPGP message ends before its encrypted data packet")
+            elif not truncated and self._state not in (_END, _REST):
+                self._fail("the OpenPGP message ends inside its encrypted data packet")
+        return result
+
+    # ---- states ----------------------------------------------------------------------------------
+
+    def _packet_header(self) -> None:
+        parsed = packet_header(self._buf)
+        if parsed is None:
+            return
+        self._buf.clear()
+        if isinstance(parsed, str):
+            self._fail(parsed)
+            return
+        tag, _, length, partial = parsed
+        first, self._first = self._first, False
+        if tag in DATA_TAGS:
+            self.result.data_tag = tag
+            self._start_chunk(length, partial)
+            return
+        if tag == MARKER and first and length == 3:
+            self._state, self._need, self._tag = _ESK, 3, tag
+            return
+        if tag not in (PKESK, SKESK):
+            self._fail(f"unexpected OpenPGP packet (tag {tag}) where encrypted data should be")
+        elif length is None or length > _MAX_SESSION_PACKET:
+            self._fail("malformed session key packet length")
+        elif self.offset + length > SCAN_LIMIT:
+            self._fail(f"no encrypted data packet within the first {SCAN_LIMIT // 1024} KB")
+        else:
+            self._state, self._need, self._tag = _ESK, length, tag
+            if length == 0:
+                self._session_packet()
+
+    def _session_packet(self) -> None:
+        body = bytes(self._buf)
+        self._buf.clear()
+        self._state = _HEADER
+        if self._tag == MARKER:
+            if body != b"PGP":
+                self._fail("malformed marker packet")
+        elif self._tag == SKESK:
+            self.result.passphrase_packets += 1
+        else:
             key_id = _pkesk_key_id(body)
             if key_id is None:
                 self._fail("malformed public-key encrypted session key packet")
-                return
-            self.result.key_ids.append(key_id)
+            else:
+                self.result.key_ids.append(key_id)
+
+    def _start_chunk(self, length: int | None, partial: int | None) -> None:
+        if length is None and partial is None:  # old format, indeterminate: runs to the end
+            self._state = _REST
+            return
+        self._state = _DATA
+        self._last = partial is None
+        self._need = length if partial is None else partial
+        if partial is not None:
+            self.chunk = partial
+        if self._need == 0:
+            self._chunk_done()
+
+    def _chunk_done(self) -> None:
+        self._state = _END if self._last else _CHUNK_HEADER
+
+    def _chunk_header(self) -> None:
+        parsed = _body_length(self._buf, 0)
+        if parsed is None:
+            return
+        self._buf.clear()
+        _, length, partial = parsed
+        self._start_chunk(length, partial)
 
     def _fail(self, reason: str) -> None:
-        if self.result.error is None and self.result.data_tag is None:
+        if self.result.error is None:
             self.result.error = reason
-        self._packets.clear()
+        self._state = _FAILED
+        self._buf.clear()
 
 
-def _packet_header(buf: bytearray):
-    """(tag, header length, body length or None for partial/indeterminate), None for "need more",
-    or an error text."""
-    if not buf:
+def packet_header(buf, pos: int = 0):
+    """(tag, header length, body length or None, partial chunk length or None) of the packet
+    starting at buf[pos]; None for "need more"; or an error text. Old-format indeterminate length:
+    (tag, 1, None, None)."""
+    if len(buf) <= pos:
         return None
-    first = buf[0]
+    first = buf[pos]
     if not first & 0x80:
         return "not an OpenPGP packet (bad packet header)"
     if first & 0x40:  # new format
-        tag = first & 0x3F
-        if len(buf) < 2:
+        parsed = _body_length(buf, pos + 1)
+        if parsed is None:
             return None
-        octet = buf[1]
-        if octet < 192:
-            return tag, 2, octet
-        if octet < 224:
-            return (tag, 3, ((octet - 192) << 8) + buf[2] + 192) if len(buf) >= 3 else None
-        if octet == 255:
-            return (tag, 6, int.from_bytes(buf[2:6], "big")) if len(buf) >= 6 else None
-        return tag, 2, None  # partial body length
+        size, length, partial = parsed
+        return first & 0x3F, 1 + size, length, partial
     tag = (first >> 2) & 0x0F
     length_type = first & 0x03
     if length_type == 3:
-        return tag, 1, None  # indeterminate length
+        return tag, 1, None, None
     size = (1, 2, 4)[length_type]
-    if len(buf) < 1 + size:
+    if len(buf) < pos + 1 + size:
         return None
-    return tag, 1 + size, int.from_bytes(buf[1:1 + size], "big")
+    return tag, 1 + size, int.from_bytes(buf[pos + 1:pos + 1 + size], "big"), None
+
+
+def _body_length(buf, pos: int):
+    """A new-format body length at buf[pos]: (octets used, length or None, partial length or None)."""
+    if len(buf) <= pos:
+        return None
+    octet = buf[pos]
+    if octet < 192:
+        return 1, octet, None
+    if octet < 224:
+        return (2, ((octet - 192) << 8) + buf[pos + 1] + 192, None) if len(buf) >= pos + 2 else None
+    if octet == 255:
+        return (5, int.from_bytes(buf[pos + 1:pos + 5], "big"), None) if len(buf) >= pos + 5 else None
+    return 1, None, 1 << (octet & 0x1F)
+
+
+def packet_tags(data: bytes) -> list[int] | str:
+    """The tags of the packets of a whole binary block, or an error text."""
+    tags, pos = [], 0
+    while pos < len(data):
+        parsed = packet_header(data, pos)
+        if parsed is None or isinstance(parsed, str):
+            return parsed or "an OpenPGP packet header is cut short"
+        tag, header_length, length, partial = parsed
+        pos += header_length
+        while partial is not None:
+            pos += partial
+            chunk = _body_length(data, pos)
+            if chunk is None:
+                return "an OpenPGP packet is cut short"
+            pos += chunk[0]
+            length, partial = chunk[1], chunk[2]
+        if length is None:
+            return "an OpenPGP packet of indeterminate length"
+        pos += length
+        if pos > len(data):
+            return "an OpenPGP packet is cut short"
+        tags.append(tag)
+    return tags
 
 
 def _pkesk_key_id(body: bytes) -> str | None:

@@ -1,7 +1,9 @@
 # One message being received: decoded bytes go to a spool file through the size limit, the
 # header scanner and the streaming MIME parser, whose structure record is stored with the message;
-# more listeners (the encryption policy) share the parser. Never raises from write(): failures are
-# remembered so that the caller can drain the client's data and then give the matching reply.
+# more listeners (the encryption policy) share the parser. Once a listener has refused the mail
+# (its `reply` is set) the parser stops: the mail will not be stored, so the rest of it need not be
+# parsed. Never raises from write(): failures are remembered so that the caller can drain the
+# client's data and then give the matching reply.
 import logging
 
 from storage import MessageMeta, Site, Storage, StorageError
@@ -22,7 +24,7 @@ class UncheckedMessage(StorageError):
 
 class IncomingMessage:
     __slots__ = ("spool", "headers", "lines", "mime", "structure", "checked", "size", "max_size", "too_big",
-                 "too_big_reply", "error")
+                 "too_big_reply", "error", "_judges")
 
     def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
         self.headers = HeaderScanner()
@@ -33,6 +35,7 @@ class IncomingMessage:
         self.mime: MimeStreamParser | None = MimeStreamParser(
             Listeners(self.structure, *listeners) if listeners else self.structure)
         self.checked = bool(listeners)
+        self._judges = [listener for listener in listeners if hasattr(listener, "reply")]
         self.size = 0
         self.max_size = max_size
         self.too_big = False
@@ -95,6 +98,8 @@ class IncomingMessage:
                 self.mime.close()
             else:
                 self.mime.feed(data)
+                if any(judge.reply is not None for judge in self._judges):
+                    self.mime = None   # refused: nothing more to learn from the rest
         except Exception:  # a bug here must not cost the mail: it is stored without its structure
             log.exception("qid=%s: MIME parsing stopped", self.queue_id)
             self.mime = None

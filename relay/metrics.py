@@ -50,7 +50,8 @@ SMTP_DEFERRALS = Counter(
     "mailbox_messages, received_per_day, ...).", ["reason"], registry=REGISTRY)
 ENCRYPTION_REFUSALS = Counter(
     "mailhub_encryption_refusals_total", "Mails refused by the encryption policy at the end of data, by reason "
-    "(cleartext_dicom, malformed, wrong_key, hidden_recipient).", ["reason"], registry=REGISTRY)
+    "(cleartext_dicom, cleartext_data, malformed, ambiguous, unsupported, structure_limit, fragment, wrong_key, "
+    "hidden_recipient; docs/encryption-policy.md).", ["reason"], registry=REGISTRY)
 IMAP_SESSIONS = Counter(
     "mailhub_imap_sessions_total", "IMAP connections, by how they ended (logout, closed, idle_timeout, "
     "login_timeout, connection_lost, error, refused).", ["outcome"], registry=REGISTRY)

@@ -19,13 +19,14 @@ from email.utils import format_datetime
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, syntax
 
-from directory import DirectoryError, DirectoryMailer, EncryptionPolicy, KeyRing, policy_for
+from directory import DirectoryError, DirectoryMailer, KeyRing, recipients_under_policy
 from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
 from . import connection_limits, metrics
 from . import smtp_replies as R
+from .encryption_policy import EncryptionPolicy
 from .ingest import IncomingMessage
 from .internal_errors import report_internal_error
 from .logins import Logins
@@ -865,13 +866,17 @@ class HubSMTP(SMTP):
                                [tx.policy] if tx.policy is not None else ())
 
     def _encryption_policy(self) -> EncryptionPolicy | None:
-        """The policy for this transaction's recipient sites. Exempt: directory requests (no
-        deliveries) and notifications with the null sender (DSNs); MDNs are recognised by the
-        policy itself from their multipart/report type."""
+        """The policy for this transaction's recipient sites, whoever sends (the null sender,
+        postmaster and reports included: a report passes because its parts are clear reports).
+        None when no recipient site is under it, or for a request to the directory only (nothing
+        of it is stored)."""
         tx = self.envelope
-        if self.ctx.keyring is None or not tx.deliveries or tx.mail_from == "":
+        if self.ctx.keyring is None or not tx.deliveries:
             return None
-        return policy_for(tx.receivers, self.ctx.keyring, self.ctx.cfg)
+        recipients = recipients_under_policy(tx.receivers, self.ctx.keyring, self.ctx.cfg)
+        if not recipients:
+            return None
+        return EncryptionPolicy(recipients, self.ctx.cfg.encryption.allow_hidden_recipients)
 
     def _trace_header(self, queue_id: str) -> bytes:
         protocol = "ESMTP" if self.session.extended_smtp else "SMTP"

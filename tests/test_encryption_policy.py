@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, queue_id_from
-from directory.policy import EncryptionPolicy, RecipientKeys
+from directory.policy import RecipientKeys
+from relay.encryption_policy import EncryptionPolicy
 from gpgutil import Gpg, pgp_mime
 from relay.mime_stream import MimeStreamParser
 
@@ -40,7 +41,7 @@ def check(message: bytes, recipients, allow_hidden: bool = False, piece: int = 1
     for i in range(0, len(message), piece):
         parser.feed(message[i:i + piece])
     parser.close()
-    return None if policy.exempt else policy.reply
+    return policy.reply
 
 
 def beta_keys(gpg) -> list[RecipientKeys]:
@@ -110,11 +111,15 @@ def test_malformed_pgp_mime(gpg):
         assert reply is not None and reply.startswith("554 5.6.0 Malformed PGP/MIME") and reason in reply, reply
 
 
-def test_reports_are_exempt():
+def test_reports_pass_by_their_parts_not_by_their_type():
     mdn = (b"Subject: read\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report;"
            b' report-type=disposition-notification; boundary="r"\r\n\r\n--r\r\nContent-Type: text/plain\r\n\r\n'
-           b"displayed\r\n--r\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--r--\r\n")
+           b"displayed\r\n--r\r\nContent-Type: message/disposition-notification\r\n\r\n"
+           b"Final-Recipient: rfc822; beta@hub.test\r\nDisposition: manual-action/MDN-sent-manually; displayed\r\n"
+           b"--r--\r\n")
     assert check(mdn, [RecipientKeys("beta", {})]) is None
+    carrying = mdn.replace(b"--r--", b"--r\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--r--")
+    assert check(carrying, [RecipientKeys("beta", {})]).startswith("554 5.7.1 Unencrypted DICOM refused: part 3")
 
 
 # ---- over SMTP against a real hub ------------------------------------------------------------
@@ -178,10 +183,11 @@ def test_smtp_policy_end_to_end(keyed_hub, gpg):
     assert 'mailhub_encryption_refusals_total{reason="wrong_key"} 1.0' in scraped
     assert 'mailhub_encryption_refusals_total{reason="cleartext_dicom"} 1.0' in scraped
 
-    # exempt: a DSN (null sender), an MDN, a request to the directory
+    # no exemption by label or envelope: a report type, the null sender; a request to the directory
+    # only is not stored, so not checked
     mdn = dicom_mail().replace(b"multipart/mixed;", b"multipart/report; report-type=disposition-notification;")
-    assert send(hub, "alpha@hub.test", ["beta@hub.test"], mdn)[0] == 250
-    assert send(hub, "", ["beta@hub.test"], dicom_mail())[0] == 250  # authenticated, null sender
+    assert send(hub, "alpha@hub.test", ["beta@hub.test"], mdn)[0] == 554
+    assert send(hub, "", ["beta@hub.test"], dicom_mail())[0] == 554  # authenticated, null sender
     assert send(hub, "alpha@hub.test", ["directory@hub.test"], dicom_mail())[0] == 250
 
     # a site with the policy off takes cleartext; gamma has no key: encrypted mail is not checked

@@ -4,7 +4,8 @@ import base64
 
 import pytest
 
-from directory.openpgp_packets import WILDCARD_KEY_ID, SessionPacketReader
+from directory.openpgp_armor import SessionPacketReader
+from directory.openpgp_packets import WILDCARD_KEY_ID
 from gpgutil import Gpg
 
 
@@ -79,13 +80,23 @@ def test_broken_input_gets_a_reason(data, reason):
     assert result.error is not None and reason in result.error, result
 
 
-def test_only_the_start_is_read(gpg):
+def test_nothing_may_follow_the_message(gpg):
+    """The whole message is checked: text after the armor, a second armored message, a clear
+    packet after the encrypted data packet are refused (they would travel in the clear)."""
     message = gpg.encrypt(b"q", "alpha@hub.test")
     reader = SessionPacketReader()
     reader.feed(message)
     assert reader.result.complete
-    reader.feed(b"anything after the data packet is never looked at" * 1000)
-    assert reader.close().error is None
+    reader.feed(b"anything after the armored message" * 1000)
+    assert "after the end of the armored message" in reader.close().error
+    assert "after the end" in read(message + message).error
+    binary = gpg.encrypt(b"q", "alpha@hub.test", armor=False)
+    literal = bytes([0xCB, 0x0A]) + b"b\x00\x00\x00\x00\x00DICM"  # a clear literal data packet
+    assert read(binary).error is None
+    assert "data after the encrypted data packet" in read(binary + literal).error
+    armored = base64.encodebytes(binary + literal).replace(b"\n", b"\r\n")
+    assert "data after the encrypted data packet" in read(
+        b"-----BEGIN PGP MESSAGE-----\r\n\r\n" + armored + b"-----END PGP MESSAGE-----\r\n").error
     endless = SessionPacketReader()
     endless.feed(b"-----BEGIN PGP MESSAGE-----\r\nComment: x\r\n")
     for _ in range(100):
@@ -93,4 +104,4 @@ def test_only_the_start_is_read(gpg):
     assert endless.result.error is None
     for _ in range(4000):
         endless.feed(b"Comment: " + b"y" * 70 + b"\r\n")
-    assert "within the first 256 KB" in endless.close().error
+    assert "KB of ASCII armor header lines" in endless.close().error
