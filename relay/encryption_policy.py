@@ -23,12 +23,15 @@ from .content_sniff import dicom_name, binary_in_text
 __all__ = ["EncryptionPolicy", "RecipientKeys"]
 
 PREAMBLE_LIMIT = 64 * 1024   # bytes of preamble plus epilogue per multipart
+FEED_SLICE = 64 * 1024       # body bytes handed to a part's check at a time
 DICOM_TYPES = {"application/dicom", "application/dicom+json", "application/dicom+xml", "application/x-dicom",
                "image/dicom", "image/x-dicom", "image/dicom-rle"}
 # shown as text by mail readers, or structured text reports: checked as text
 TEXT_TYPES = {"application/json", "application/xml", "message/delivery-status", "message/global-delivery-status",
               "message/disposition-notification", "message/global-disposition-notification",
               "message/global-headers", "message/feedback-report"}
+OPENPGP_LABELS = {"application/pgp-encrypted", "application/pgp"}   # said to be encrypted: the reply says it is not
+OPENPGP_SUFFIXES = (".pgp", ".gpg", ".asc")
 NESTED_MESSAGES = {"global", "news", "rfc822"}   # message/* subtypes that carry a message
 _CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
 
@@ -75,8 +78,13 @@ class EncryptionPolicy:
     def part_body(self, part, data) -> None:
         if self.reply is None:
             check = self._checks.get(id(part))
-            if check is not None:
-                check.feed(bytes(data))
+            # in slices: copies of 1 MB chunks (and their joins in the checks) would come and go
+            # per chunk, and once malloc serves them from its heap they are not given back
+            for start in range(0, len(data), FEED_SLICE):
+                if check is None or self.reply is not None:
+                    return
+                check.feed(bytes(data[start:start + FEED_SLICE]))
+                check = self._checks.get(id(part))
 
     def part_end(self, part) -> None:
         if self.reply is None:
@@ -243,7 +251,10 @@ class EncryptionPolicy:
                                                                 " elsewhere)", where=where))
             return
         else:
-            check = ClearCheck(self, where, encoding, printable(media), returned)
+            what = printable(media)
+            if media in OPENPGP_LABELS or any(name.lower().endswith(OPENPGP_SUFFIXES) for name in names):
+                what = f"data that is no OpenPGP message (though labelled {what})"
+            check = ClearCheck(self, where, encoding, what, returned)
         if check is not None:
             self._checks[id(part)] = check
 

@@ -171,7 +171,7 @@ class ClearCheck:
         self.what = what
         self.returned = returned
         self.decoder = decoder_for(encoding)
-        self.raw = bytearray()
+        self.raw: bytearray | None = bytearray()
         self.head = bytearray()
         self.payload: PayloadCheck | None = None
 
@@ -179,8 +179,11 @@ class ClearCheck:
         if self.payload is not None:
             self.payload.feed(data)
             return
-        if len(self.raw) < sniff.SNIFF_BYTES:
-            self.raw += data
+        if self.raw is not None:   # the part's raw bytes so far, while they are few
+            if len(self.raw) < sniff.SNIFF_BYTES:
+                self.raw += data
+            else:
+                self.raw = None
         self.head += self.decoder.feed(data)[:sniff.SNIFF_BYTES]
         if len(self.head.lstrip(_BLANKS)) >= 64:
             self._decide(final=False)
@@ -196,7 +199,7 @@ class ClearCheck:
         content = bytes(self.head.lstrip(_BLANKS))
         if not content:
             return  # nothing but blank space: no data
-        if sniff.openpgp_start(content) and len(self.raw) < sniff.SNIFF_BYTES:
+        if sniff.openpgp_start(content) and self.raw is not None:
             self.payload = PayloadCheck(self.policy, self.where, self.encoding, False, False, self.returned)
             raw, self.raw, self.head = bytes(self.raw), bytearray(), bytearray()
             self.payload.feed(raw)

@@ -34,7 +34,7 @@ def make_mail(rng: random.Random, tag: str) -> bytes:
         lines.append(b".")  # a last line that is a lone dot, right before the end-of-data marker
     mail = header + b"\r\n".join(lines) + b"\r\n"
     if rng.random() < 0.05:
-        mail = b".first line starts with a dot\r\n" + mail
+        mail = b".first-line: starts with a dot\r\n" + mail   # a header field (RFC 5322 allows the dot)
     return mail
 
 

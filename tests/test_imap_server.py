@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import BETA, PASSWORD, make_message
+from conftest import ALPHA_BETA_B2, BETA, PASSWORD, make_message
 from pop3util import RawPop3, make_cert, non_loopback_ip, send, strip_trace
 
 
@@ -371,8 +371,8 @@ def test_connection_limit_and_idle_timeout(make_hub):
 
 
 
-# multipart/mixed, not multipart/encrypted: the hub's encryption policy refuses PGP/MIME whose armor
-# is not real OpenPGP, and what matters here is the structure
+# PGP/MIME-like parts in a multipart/mixed whose armor is not real OpenPGP: the encryption policy
+# refuses it (its own tests are test_policy_*), so the test's hub has it off: the structure matters here
 MIME_MAIL = (b"From: Alpha Gateway <alpha@hub.test>\r\nTo: beta@hub.test\r\nSubject: study 1.2.840\r\n"
             b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <study-1@hub.test>\r\nMIME-Version: 1.0\r\n"
             b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
@@ -384,7 +384,8 @@ MIME_MAIL = (b"From: Alpha Gateway <alpha@hub.test>\r\nTo: beta@hub.test\r\nSubj
             b"--b1--\r\n")
 
 
-def test_envelope_bodystructure_and_parts_from_the_recorded_structure(hub):
+def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
+    hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_ENCRYPTION_REQUIRED="false").start()
     send(hub, ["beta@hub.test"], MIME_MAIL)
     client = imap(hub)
     ok(client.select("INBOX"))

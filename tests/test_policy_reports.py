@@ -185,3 +185,29 @@ def test_load_test_corpus_mails_pass():
     assert verdict(message, [RecipientKeys("beta", {key_id.upper(): "current key"})]) is None
     reason, _ = verdict(message, [RecipientKeys("beta", {OTHER_KEY: "current key"})])
     assert reason == "wrong_key"
+
+
+def test_the_hubs_rotation_announcement_passes(tmp_path):
+    """A key-rotation announcement (helper E's directory mail: two hub keys in the application/pgp-keys
+    part, two signatures, a participant's armored key in the text) passes as it is, also forwarded."""
+    from directory import HubKeySource, directory_mail, rotate_hub_key
+
+    addresses = ["directory@hub.test"]
+    HubKeySource(tmp_path, addresses, 86400).get()
+    rotate_hub_key(tmp_path, addresses)
+    keys = HubKeySource(tmp_path, addresses, 86400).get()
+    armored_keys, _ = keys.published(time.time(), True)
+    document = {"version": 7, "generated_at": "2026-12-05T10:00:00Z",
+                "hub": {"fingerprint": keys.fingerprint, "directory_addresses": addresses,
+                        "key_rotation": {"previous_fingerprint": keys.previous_fingerprint,
+                                         "rotated_at": "2026-12-05T10:00:00Z",
+                                         "previous_signs_until": "2026-12-06T10:00:00Z"}},
+                "participants": [{"name": "beta", "addresses": ["beta@hub.test"], "key_fingerprint": keys.fingerprint,
+                                  "key_imported_at": "2026-12-01T10:00:00Z", "public_key": armored_keys}]}
+    raw = directory_mail(document, keys, "directory@hub.test", "beta@hub.test", "hub key rotation", announcement=True)
+    assert raw.count(b"-----BEGIN PGP PUBLIC KEY BLOCK-----") >= 2 and b"application/pgp-keys" in raw
+    assert verdict(raw) is None
+    forwarded = mail(multipart(b"mixed", [text(b"FYI, the hub's new key.\r\n"), b"Content-Type: message/rfc822\r\n\r\n" + raw]))
+    assert verdict(forwarded) is None
+    swapped = raw.replace(b"Content-Type: application/pgp-keys", b"Content-Type: application/octet-stream")
+    assert verdict(swapped)[0] == "cleartext_data"   # the same key block under another label is not harmless

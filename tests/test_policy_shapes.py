@@ -143,6 +143,10 @@ SHAPES = [
         b'application/octet-stream; name="study.asc"', PGP)])), ALLOWED),
     ("encrypted file attached (binary, base64)", mail(multipart(b"mixed", [part(
         b'application/pgp-encrypted; name="study.gpg"', b64(openpgp(partial=True)), b"base64")])), ALLOWED),
+    ("large encrypted file attached (armored, 300 KB)", mail(multipart(b"mixed", [text(), part(
+        b'application/octet-stream; name="study.asc"', armored(openpgp(size=300_000, partial=True)))])), ALLOWED),
+    ("large encrypted file attached (binary, base64, 300 KB)", mail(multipart(b"mixed", [part(
+        b'application/pgp-encrypted; name="study.gpg"', b64(openpgp(size=300_000)), b"base64")])), ALLOWED),
     ("old-style application/pgp", mail(part(b"application/pgp; format=text; x-action=encrypt", PGP)), ALLOWED),
     ("forwarded PGP/MIME (message/rfc822)", mail(multipart(b"mixed", [text(), part(b"message/rfc822", mail(pgp_mime()))])),
      ALLOWED),
@@ -262,6 +266,9 @@ SHAPES = [
                                         b'; protocol="application/pkcs7-signature"')), ("cleartext_data", "pkcs7")),
     ("S/MIME encrypted", mail(part(b"application/pkcs7-mime; smime-type=enveloped-data", b64(os.urandom(900)), b"base64")),
      ("cleartext_data", "pkcs7-mime")),
+    ("random bytes labelled application/pgp-encrypted", mail(multipart(b"mixed", [text(), part(
+        b'application/pgp-encrypted; name="study.dcm.pgp"', b64(os.urandom(3000)), b"base64")])),
+     ("cleartext_data", "no OpenPGP message (though labelled application/pgp-encrypted)")),
     ("secret key attached", mail(part(b"application/pgp-keys", key_block(secret=True))), ("cleartext_data", "secret key")),
     ("unencrypted OpenPGP (gpg --store)", mail(part(b"application/octet-stream", armored(literal_packet(DICOM)))),
      ("malformed", "tag 11")),
