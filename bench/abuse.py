@@ -53,7 +53,9 @@ class OwnHub:
             PYTHONPATH=repo, MAILHUB_DATA_DIR=os.path.join(workdir, "hub-data"), MAILHUB_DOMAIN=domain,
             MAILHUB_SMTP_LISTEN=f"{HOST}:{self.ports.smtp}", MAILHUB_POP3_LISTEN=f"{HOST}:{self.ports.pop3}",
             MAILHUB_IMAP_LISTEN=f"{HOST}:{self.ports.imap}", MAILHUB_METRICS_LISTEN=f"{HOST}:{self.ports.metrics}",
-            MAILHUB_LOG_LEVEL="info", MAILHUB_SHUTDOWN_TIMEOUT="5", MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="false")
+            MAILHUB_LOG_LEVEL="info", MAILHUB_SHUTDOWN_TIMEOUT="5", MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="false",
+            # the IMAP attacks need hostile MIME in a mailbox, which the encryption policy refuses at SMTP
+            MAILHUB_ENCRYPTION_REQUIRED="false")
         self.env.update(extra_env)
         self.proc = None
 
