@@ -5,17 +5,18 @@
 # sessions receiving mail data stop reading from their sockets until memory is freed (TCP flow
 # control then slows their senders). A session never waits for the budget with bytes of its own in
 # memory, so memory held always drains: the budget cannot deadlock.
-# After a burst (TRIM_AFTER bytes or more held, then three quarters of it freed), glibc is asked to
-# give free heap pages back to the system (malloc_trim, in a worker thread, about 5 ms for 100 MB):
-# the chunks of received mail are freed in an order that leaves holes which glibc would otherwise
-# keep. A steady flow (a big mail streaming through a few MB) never trims: pages given back would
-# only be faulted in again.
+# After a burst (TRIM_AFTER bytes or more received since the last trim, then at most a quarter of
+# the most held at once still held), glibc is asked to give free heap pages back to the system
+# (malloc_trim, in a worker thread, about 5 ms for 100 MB): the chunks of received mail are freed in
+# an order that leaves holes which glibc would otherwise keep. The trim waits TRIM_DELAY and is
+# skipped when memory held grew again meanwhile, so a steady flow (a big mail streaming through a
+# few MB) trims rarely: pages given back would only be faulted in again.
 # Must never block the loop, and never do I/O.
 import asyncio
 import ctypes
 import ctypes.util
 
-TRIM_AFTER = 32 * 1024**2   # bytes held at once that make a trim worthwhile once they are freed
+TRIM_AFTER = 32 * 1024**2   # bytes received since the last trim that make a trim worthwhile
 TRIM_DELAY = 1.0            # seconds from the end of the burst to the trim
 
 
@@ -28,7 +29,8 @@ class MemoryBudget:
         self.waits = 0    # times a session stopped reading until memory was freed
         self._holders: dict = {}    # spool files holding bytes in memory outside a write job
         self._paused: dict = {}     # sessions not reading their sockets until memory is freed
-        self._high = 0              # the most held since the last trim
+        self._high = 0              # the most held at once since the last trim
+        self._received = 0          # bytes taken since the last trim
         self._trim: asyncio.Handle | asyncio.Future | None = None
 
     @property
@@ -38,6 +40,7 @@ class MemoryBudget:
     def take(self, octets: int, holder=None) -> None:
         """`octets` more are held in memory; by `holder` (a spool file, which can spill them)."""
         self.held += octets
+        self._received += octets
         if holder is not None:
             self._holders[holder] = None
         if self.held > self._high:
@@ -54,8 +57,7 @@ class MemoryBudget:
             paused, self._paused = self._paused, {}
             for session in paused:
                 session.resume_reading()
-        if self._high >= TRIM_AFTER and self.held * 4 <= self._high and self._trim is None:
-            self._high = self.held   # the burst is over
+        if self._received >= TRIM_AFTER and self.held * 4 <= self._high and self._trim is None:
             if _malloc_trim is not None:
                 self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._start_trim)
 
@@ -80,6 +82,10 @@ class MemoryBudget:
         self._paused[session] = None
 
     def _start_trim(self) -> None:
+        if self.held * 4 > self._high:   # a new burst began meanwhile: trim after it
+            self._trim = None
+            return
+        self._high, self._received = self.held, 0
         self._trim = asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
         self._trim.add_done_callback(self._trim_done)
 
