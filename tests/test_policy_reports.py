@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.thirdparty import POSTFIX_MAILDIR_OVERRIDES, POSTFIX_VIRTUAL_MASTER, _mail_ids, _postfix_instance
+from loadtest.thirdparty import POSTFIX_MAILDIR_OVERRIDES, POSTFIX_VIRTUAL_MASTER, _mail_ids, postfix_instance
 from conftest import ALPHA_BETA, PASSWORD
 from directory.policy import RecipientKeys
 from mailshapes import KEY, OTHER_KEY, armored, dicom_attachment, mail, multipart, openpgp, pgp_mime, text
@@ -75,7 +75,7 @@ def _bounce_three_mails(workdir: Path) -> dict[str, bytes]:
         "dicom": mail(multipart(b"mixed", [text(), dicom_attachment()]),
                       b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: dicom\r\nMIME-Version: 1.0\r\n"),
     }
-    with _postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
+    with postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             for subject, message in originals.items():
                 options = ["RET=HDRS"] if subject == "pgp-hdrs" else ["RET=FULL"]

@@ -91,6 +91,10 @@ def uuencoded(data: bytes, name: bytes = b"img.dcm") -> bytes:
 
 
 DICOM = dicom_file()
+# random payloads of shapes that must not depend on chance: a DER SEQUENCE starts every S/MIME
+# (CMS) structure, and a first byte without bit 7 is no OpenPGP packet header (random bytes that
+# start like one are refused as a malformed OpenPGP message instead, another reason)
+DER = b"\x30\x82\x03\x80"
 ALLOWED = None
 SHAPES = [
     # ---- allowed: text ---------------------------------------------------------------------------
@@ -261,13 +265,13 @@ SHAPES = [
     ("message/x-custom opaque", mail(part(b"message/x-custom", b"some opaque data\r\n" * 10)), ("cleartext_data", "message/x-custom")),
     ("text with NUL bytes", mail(part(b"text/plain", b"abc\0def\r\n", b"8bit")), ("cleartext_data", "NUL")),
     ("text with control bytes", mail(part(b"text/plain", b"abc\x01\x02def\r\n", b"8bit")), ("cleartext_data", "control")),
-    ("S/MIME signature", mail(multipart(b"signed", [text(), part(b"application/pkcs7-signature", b64(os.urandom(900)),
+    ("S/MIME signature", mail(multipart(b"signed", [text(), part(b"application/pkcs7-signature", b64(DER + os.urandom(900)),
                                                                   b"base64")], b"s",
                                         b'; protocol="application/pkcs7-signature"')), ("cleartext_data", "pkcs7")),
-    ("S/MIME encrypted", mail(part(b"application/pkcs7-mime; smime-type=enveloped-data", b64(os.urandom(900)), b"base64")),
+    ("S/MIME encrypted", mail(part(b"application/pkcs7-mime; smime-type=enveloped-data", b64(DER + os.urandom(900)), b"base64")),
      ("cleartext_data", "pkcs7-mime")),
     ("random bytes labelled application/pgp-encrypted", mail(multipart(b"mixed", [text(), part(
-        b'application/pgp-encrypted; name="study.dcm.pgp"', b64(os.urandom(3000)), b"base64")])),
+        b'application/pgp-encrypted; name="study.dcm.pgp"', b64(b"\x00" + os.urandom(3000)), b"base64")])),
      ("cleartext_data", "no OpenPGP message (though labelled application/pgp-encrypted)")),
     ("secret key attached", mail(part(b"application/pgp-keys", key_block(secret=True))), ("cleartext_data", "secret key")),
     ("unencrypted OpenPGP (gpg --store)", mail(part(b"application/octet-stream", armored(literal_packet(DICOM)))),
