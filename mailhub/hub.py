@@ -21,7 +21,7 @@ from relay.logins import Logins
 from relay.outbound_queue import OutboundQueue
 from relay.pop3_server import Pop3Context
 from relay.smtp_server import HubSMTP, SmtpContext
-from storage import SiteCache, Storage
+from storage import SiteCache, Storage, StorageFull
 from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
 from storage.scrub import Scrub
 
@@ -289,6 +289,8 @@ async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
             if rounds:
                 await storage.empty_trash()
                 await storage.keep_reserve()
+        except StorageFull as exc:   # a full disk is not a bug: one line, the next round tries again
+            log.warning("housekeeping skipped: %s", exc)
         except Exception:
             log.exception("housekeeping failed")
         rounds += 1

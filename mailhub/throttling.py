@@ -7,7 +7,7 @@ import logging
 import time
 
 from quotas import AdmissionConfig, DrainConfig, PacingConfig, SiteLimits, Throttle, ThrottleSettings
-from storage import SiteCache, Storage
+from storage import SiteCache, Storage, StorageFull
 
 from . import metrics
 
@@ -51,6 +51,7 @@ class ThrottleFeeder:
 
     async def run(self) -> None:
         saved_at = float("-inf")
+        full_logged = False   # one line per full-disk episode, not one per attempt
         while True:
             await asyncio.sleep(self.interval)
             try:
@@ -62,5 +63,10 @@ class ThrottleFeeder:
                     saved_at = now
                     states = {s.id: state for s, (_, state) in zip(sites, metrics.THROTTLE.states)}
                     await self.storage.save_throttle_states(states, wall)
+                    full_logged = False
+            except StorageFull as exc:   # the states are saved again once there is room; the full disk is logged elsewhere
+                if not full_logged:
+                    log.warning("throttle states not saved: %s (retried every %.0f s)", exc, _STATE_EVERY)
+                full_logged = True
             except Exception:
                 log.exception("throttle update failed")
