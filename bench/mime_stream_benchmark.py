@@ -215,7 +215,10 @@ def _child(tree: str, name: str, seconds: float) -> dict:
 
 def main() -> None:
     # argparse here, not bench.common: a --child process runs with an older tree (--baseline) on its path
-    ap = argparse.ArgumentParser(prog="python -m bench.mime_stream_benchmark", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.mime_stream_benchmark", description=(
+        "How fast the MIME scanner of the ingest path (parser, structure recorder, encryption policy)\n"
+        "consumes ordinary and adversarial mails, and the share of one core it takes at the hub's\n"
+        "ingest rate; with --baseline, side by side with an older checkout."),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="parsing time per figure")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (median)")
