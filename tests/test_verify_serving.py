@@ -247,7 +247,7 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
     BODY[] (not PEEK) end the connection before the mail's end; \\Seen is not left set; the mail is
     listed damaged, counted, quarantined and refused from then on, before any byte."""
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING).start()
-    dotted = make_message(300_000, subject="dotted").replace(b"\r\n", b"\r\n.dot line\r\n", 1)
+    dotted = make_message(300_000, subject="dotted").replace(b"\r\n\r\n", b"\r\n\r\n.dot line\r\n", 1)
     with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:
         client.login("beta", PASSWORD)
         client.mail("beta@hub.test")
