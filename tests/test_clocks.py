@@ -144,7 +144,7 @@ def test_hub_under_faketime_steps(make_hub, tmp_path):
     offset_file.write_text("+0\n")
     mail = make_message(10_000, subject="clock")
     limit = 3 * (len(mail) + 400)   # 3 mails with their Received: header, not 4
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_QUOTAS_RECEIVED_PER_DAY=str(limit),
+    hub = make_hub(process=True, sites=ALPHA_BETA, MAILHUB_QUOTAS_RECEIVED_PER_DAY=str(limit),
                    MAILHUB_SMTP_IDLE_TIMEOUT="300", MAILHUB_THROTTLE_INTERVAL="0.2",
                    LD_PRELOAD=str(_LIBFAKETIME), FAKETIME_TIMESTAMP_FILE=str(offset_file),
                    FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")

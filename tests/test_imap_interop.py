@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not (shutil.which("fetchmail") and shutil.which(
 def loaded_hub(tmp_path_factory):
     """A hub whose sites alpha and beta both hold the same set of mails (one stored copy each)."""
     data_dir = tmp_path_factory.mktemp("imap-interop") / "data"
-    hub = Hub(data_dir, hub_env(data_dir))
+    hub = Hub(data_dir, hub_env(data_dir), process=True)   # its memory is measured (pop3_interop._reset_peak_rss)
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
     hub.add_site("gamma", "gamma@hub.test")
