@@ -19,6 +19,6 @@ python3 -m venv .venv
 # cores the tests wait (paced transfers, timeouts, restarts) about as much as they compute.
 # Arguments given here come later and win (-n 0: no workers).
 # pytest's exit status 5 (no tests collected) is a failure here like any other non-zero status.
-# Fixed order (-p no:randomly): in random order some tests still depend on others (metrics counts
-# after in-process hubs); `.venv/bin/python -m pytest -n 3 --dist loadfile` runs them shuffled.
+# Fixed order (-p no:randomly) until the shuffled suite has been shown green more than once;
+# `.venv/bin/python -m pytest -n 3 --dist loadfile` runs it shuffled (pytest-randomly).
 exec .venv/bin/python -m pytest -q -n 3 --dist loadfile -p no:randomly "$@"

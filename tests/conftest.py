@@ -81,6 +81,8 @@ def _fresh_metrics() -> None:
                     collector.clear()
                 else:
                     collector._metric_init()
+    import relay.metrics   # its cache of labelled children would keep counting into the cleared ones
+    relay.metrics._children.clear()
 
 
 _session_key: list[Path] = []
