@@ -152,6 +152,7 @@ class HubSMTP(SMTP):
         self._from_peer_network = False
         self._auth_failures = 0
         self._idle_deadline = 0.0   # loop time at which the connection times out (_reset_timeout)
+        self._timer_at = 0.0        # loop time at which the idle timer fires (_arm_timer)
         self._errors = 0            # syntax errors so far (500/501/504/555 replies)
         self._closing_why = ""      # why the hub closed the connection, for the log of an aborted transaction
         self._budget = ctx.storage.memory_budget
@@ -391,10 +392,16 @@ class HubSMTP(SMTP):
         either times the connection out or waits for the deadline as it is by then."""
         deadline = self.loop.time() + (duration or self._timeout_duration)
         self._idle_deadline = deadline
-        if self._timeout_handle is None or deadline < self._timeout_handle.when():
+        if self._timeout_handle is None or deadline < self._timer_at:
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
-            self._timeout_handle = self.loop.call_at(deadline, self._check_idle)
+            self._arm_timer(deadline)
+
+    def _arm_timer(self, deadline: float) -> None:
+        # The timer's own deadline is kept here: uvloop's call_at returns a plain Handle, without
+        # when(), for a deadline less than a millisecond away.
+        self._timer_at = deadline
+        self._timeout_handle = self.loop.call_at(deadline, self._check_idle)
 
     def _data_progress(self, octets: int) -> None:
         """Message data arrived: as Postfix's smtpd_min_data_rate, the idle deadline moves on by
@@ -408,7 +415,7 @@ class HubSMTP(SMTP):
         if self.loop.time() >= self._idle_deadline:
             self._timeout_cb()
         else:
-            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._check_idle)
+            self._arm_timer(self._idle_deadline)
 
     def _timeout_cb(self):
         self._closing_why = self._closing_why or "idle timeout"
