@@ -1,4 +1,4 @@
-# MIME scanning cost at ingest: how fast relay.mime_stream, with the structure recorder and the
+# MIME scanning cost at ingest: how fast relay.mime.stream, with the structure recorder and the
 # encryption policy the hub attaches, consumes mails fed in 1 MB chunks as the SMTP reader
 # delivers them (one process, no I/O), for ordinary mail and for adversarial shapes (issue 20:
 # runs of dashes, folded headers, thousands of boundaries, huge header blocks, boundaries that are
@@ -172,10 +172,10 @@ def _listener_factory():
     """The structure recorder plus the encryption policy, as the hub attaches them (the policy
     for one recipient site whose key ID is KEY_ID); works with the code before and after issue 22."""
     from directory.policy import RecipientKeys
-    from relay.mime_stream import Listeners
-    from relay.mime_structure import StructureRecorder
+    from relay.mime.stream import Listeners
+    from relay.mime.structure import StructureRecorder
     try:
-        from relay.encryption_policy import EncryptionPolicy
+        from relay.policy.encryption import EncryptionPolicy
     except ImportError:
         from directory.policy import EncryptionPolicy
     recipients = [RecipientKeys("beta", {KEY_ID.hex().upper(): "current key"})]
@@ -183,7 +183,7 @@ def _listener_factory():
 
 
 def measure(name: str, seconds: float) -> dict:
-    from relay.mime_stream import MimeStreamParser
+    from relay.mime.stream import MimeStreamParser
     build, size, piece = WORKLOADS[name]
     message = build(size)
     chunks = [message[i:i + piece] for i in range(0, len(message), piece)]

@@ -1,7 +1,7 @@
 # The participant directory and the encryption policy: sites' OpenPGP keys, the hub's signing key
 # (its rotation and publication), the signed participant list served by mail, and the policy that
 # says which recipient sites are under the encryption policy with which keys (the check itself is
-# relay.encryption_policy).
+# relay.policy.encryption).
 from .document import read_document, to_json, to_text
 from .errors import DirectoryError
 from .hub_key import HubKey, HubKeys, HubKeySource, load_hub_key, load_hub_keys, load_or_create_hub_keys

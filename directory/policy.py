@@ -1,6 +1,6 @@
 # Which recipient sites of a mail are under the encryption policy, and the encryption key IDs each
 # one's mail may be encrypted to (current key, and previous keys within the grace period). The
-# check of a mail itself is relay.encryption_policy, which takes these. No I/O beyond the key
+# check of a mail itself is relay.policy.encryption, which takes these. No I/O beyond the key
 # ring's cached reads.
 import time
 from dataclasses import dataclass

@@ -130,7 +130,7 @@ def _number(value: Any) -> float:
 
 @_kind("list of route tables")
 def _routes(value: Any) -> list:
-    from relay.outbound_routes import parse_routes  # the route table's own parser and checks
+    from relay.outbound.routes import parse_routes  # the route table's own parser and checks
     return parse_routes(value)
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
 from quotas import Throttle
 from relay.file_sender import FileSender
-from relay.imap_server import ImapContext
+from relay.imap.server import ImapContext
 from relay.logins import Logins
-from relay.outbound_queue import OutboundQueue
-from relay.pop3_server import Pop3Context
-from relay.smtp_server import HubSMTP, SmtpContext
+from relay.outbound.queue import OutboundQueue
+from relay.pop3.server import Pop3Context
+from relay.smtp.server import HubSMTP, SmtpContext
 from storage import SiteCache, Storage, StorageFull
 from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
 from storage.scrub import Scrub

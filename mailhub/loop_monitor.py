@@ -4,7 +4,7 @@
 # for longer than the threshold, faulthandler's C thread (which needs no GIL, so it also sees a loop
 # stuck in C code such as a regex) writes the stacks of all threads into a pipe. A watchdog thread
 # logs one line per stall with the innermost frames of the loop thread, e.g.
-#   event loop stalled 0.84 s in re/__init__.py:171 fullmatch <- relay/imap_protocol.py:412 ...
+#   event loop stalled 0.84 s in re/__init__.py:171 fullmatch <- relay/imap/protocol.py:412 ...
 # Stall lines are rate-limited (at most MAX_LINES_PER_MINUTE; the rest are counted and the count is
 # reported by the next line); a loop blocked for good in Python code is reported while it lasts
 # (after 5 s, 10 s, 20 s, ...) from a live sample (sys._current_frames).

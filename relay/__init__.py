@@ -1,3 +1,3 @@
 # Network side of the hub: SMTP ingress, POP3 and IMAP mailbox serving, the outbound relay.
-# Import the modules themselves (relay.smtp_server, ...): the package imports nothing, so that the
-# command-line tools, which need only relay.outbound_routes for the config, start fast.
+# Import the modules themselves (relay.smtp.server, ...): the package imports nothing, so that the
+# command-line tools, which need only relay.outbound.routes for the config, start fast.

@@ -7,7 +7,7 @@
 import ipaddress
 from dataclasses import dataclass
 
-from .login_guard import client_key
+from relay.login_guard import client_key
 
 # refusal reasons (metric labels)
 TOTAL = "total"

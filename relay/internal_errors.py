@@ -6,9 +6,9 @@
 import logging
 import time
 
-from . import metrics
+from relay import metrics
 
-from .mailbox_session import printable
+from relay.mailbox_session import printable
 
 TRACEBACK_INTERVAL = 60.0
 _last_traceback = [float("-inf")]

@@ -12,9 +12,9 @@ from typing import Callable
 
 from storage import LoginBusy, Site, SiteCache
 
-from . import metrics
-from .login_guard import GuardSettings, LoginGuard, client_key
-from .mailbox_session import printable
+from relay import metrics
+from relay.login_guard import GuardSettings, LoginGuard, client_key
+from relay.mailbox_session import printable
 
 log = logging.getLogger("mailhub.auth")
 

@@ -8,9 +8,9 @@ import ipaddress
 import threading
 import time
 
-from . import metrics
+from relay import metrics
 
-from .connection_limits import Ticket
+from relay.connection_limits import Ticket
 
 PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 

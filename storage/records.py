@@ -26,7 +26,7 @@ class MessageMeta:
     set_total: int | None = None
     sender_name: str | None = None   # the sending site's name (for the tracking record)
     peer: str | None = None          # the client's IP address
-    structure: dict | None = None   # MIME structure record (relay.mime_structure), offsets in the blob
+    structure: dict | None = None   # MIME structure record (relay.mime.structure), offsets in the blob
 
 
 @pickled_by_fields
@@ -51,7 +51,7 @@ class MailboxEntry:
     sha256: str
     sender_site: int | None = None
     fetched: bool = False     # downloaded before (by an earlier session)
-    flags: int = 0            # IMAP flag bits (relay.imap_fetch: \Seen 1, \Answered 2, ...)
+    flags: int = 0            # IMAP flag bits (relay.imap.fetch: \Seen 1, \Answered 2, ...)
     delivered_at: float = 0.0
     offset: int = 0           # where the message starts in its blob file (a pack of small messages)
     crc32: int | None = None  # zlib CRC-32 of the message, checked while it is served (None: stored before)

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS messages (
     set_part     INTEGER,
     set_total    INTEGER,
     refs         INTEGER NOT NULL,
-    structure    TEXT,     -- MIME structure recorded at ingest (JSON, relay/mime_structure.py)
+    structure    TEXT,     -- MIME structure recorded at ingest (JSON, relay/mime/structure.py)
     crc32        INTEGER   -- zlib CRC-32 of the message bytes, checked while serving (NULL: stored before)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);

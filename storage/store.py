@@ -383,7 +383,7 @@ class Storage:
             " LIMIT ?", (queue_id, limit))
 
     async def message_structure(self, queue_id: str) -> dict | None:
-        """The MIME structure recorded at ingest (relay.mime_structure), or None (unknown message,
+        """The MIME structure recorded at ingest (relay.mime.structure), or None (unknown message,
         or stored before structures were recorded)."""
         async with self._db.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)) as cursor:
             row = await cursor.fetchone()

@@ -19,7 +19,7 @@ import pytest
 from conftest import PASSWORD, REPO, Hub, hub_env, make_message
 from pop3util import make_cert
 from mailhub import config
-from relay.outbound_routes import Route
+from relay.outbound.routes import Route
 from storage.passwords import verify_password
 
 EXAMPLE = REPO / "mailhub" / "example.toml"

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, queue_id_from
 from directory.policy import RecipientKeys
-from relay.encryption_policy import EncryptionPolicy
+from relay.policy.encryption import EncryptionPolicy
 from gpgutil import Gpg, pgp_mime
-from relay.mime_stream import MimeStreamParser
+from relay.mime.stream import MimeStreamParser
 
 MB = 1024 * 1024
 DICOM = b"\0" * 128 + b"DICM" + os.urandom(400)

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import PASSWORD, Hub, hub_env, make_message
-from relay import imap_limits
+from relay.imap import limits as imap_limits
 
 GOOD_MAIL = make_message(1024 * 1024, subject="good")
 GOOD_SECONDS = 1.0

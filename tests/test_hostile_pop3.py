@@ -3,7 +3,7 @@
 # within 1 s while the attack runs.
 from conftest import ALPHA_BETA
 from pop3util import RawPop3, send
-from relay.pop3_protocol import MAX_BUFFERED, MAX_LINE, PRE_LOGIN_MAX_BUFFERED, MaildropEntry, Pop3Connection
+from relay.pop3.protocol import MAX_BUFFERED, MAX_LINE, PRE_LOGIN_MAX_BUFFERED, MaildropEntry, Pop3Connection
 from test_hostile_imap import GOOD_MAIL, under_attack
 
 

@@ -1,4 +1,4 @@
-# The pure parts of the IMAP limits (relay/imap_limits.py), in memory: LIST patterns matched against
+# The pure parts of the IMAP limits (relay/imap/limits.py), in memory: LIST patterns matched against
 # a regex reference and in linear time, sequence sets against a naive reading, the MIME structure
 # caps (the recorder's record equals capped() of an uncapped record; wide, deep and long-valued
 # mails stay within the caps), SEARCH depth and key limits, the text scanner and its budget.
@@ -12,14 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import imap_limits, imap_parser, mime_structure
-from relay.imap_events import ScanBudget
-from relay.imap_parser import Atom, Command, ParseError, SequenceSet, tokenize
-from relay.imap_protocol import _wildcard_match
-from relay.imap_scan import scan_messages
-from relay.imap_search import parse_search
-from relay.mime_stream import MimeStreamParser
-from relay.mime_structure import StructureRecorder, bodystructure, capped, envelope, section_range
+from relay.imap import limits as imap_limits
+from relay.imap import parser as imap_parser
+from relay.mime import structure as mime_structure
+from relay.imap.events import ScanBudget
+from relay.imap.parser import Atom, Command, ParseError, SequenceSet, tokenize
+from relay.imap.protocol import _wildcard_match
+from relay.imap.scan import scan_messages
+from relay.imap.search import parse_search
+from relay.mime.stream import MimeStreamParser
+from relay.mime.structure import StructureRecorder, bodystructure, capped, envelope, section_range
 
 
 # ---- LIST patterns --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# The IMAP core (relay/imap_protocol.py) and its parser in memory, without sockets: exact wire bytes
+# The IMAP core (relay/imap/protocol.py) and its parser in memory, without sockets: exact wire bytes
 # for literals, pipelining, malformed commands and sequence sets, and a hypothesis test that feeds
 # random and malformed commands (in random chunkings) and checks that the core never raises and that
 # every line it writes outside literals is a tagged status, an untagged reply or a continuation.
@@ -8,11 +8,11 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.imap_parser import CommandFramer, LiteralRequest, ParseError, fetch_att, sequence_set, tokenize
-from relay.imap_protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest,
+from relay.imap.parser import CommandFramer, LiteralRequest, ParseError, fetch_att, sequence_set, tokenize
+from relay.imap.protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest,
                                  ImapConnection, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest,
                                  SendBytes, SendFile, Snapshot, StartTls, StoreFlags)
-from relay.imap_scan import header_contains, sent_date
+from relay.imap.scan import header_contains, sent_date
 import pytest
 
 
@@ -92,7 +92,7 @@ def run(data_chunks, *, tls=False, plaintext=True, site="site", damaged=()):
 
 
 def scan_probe(probe):
-    """What relay/imap_scan.py answers for a message of HEADER and body BODY_TEXT."""
+    """What relay/imap/scan.py answers for a message of HEADER and body BODY_TEXT."""
     if probe[0] == "H":
         return header_contains(HEADER, probe[1], probe[2])
     if probe[0] == "D":
@@ -311,7 +311,7 @@ def test_parser_units():
 
 
 def tokenize_one(text: str):
-    from relay.imap_parser import Command
+    from relay.imap.parser import Command
     return tokenize(Command("t", ((b"t X " + text.encode()),)))[2]
 
 

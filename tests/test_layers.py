@@ -45,9 +45,9 @@ def tree_copy(tmp_path_factory) -> Path:
     ("quotas/limits.py", "from storage import db", "quotas is not allowed to import storage"),
     ("storage/db.py", "from directory import errors", "storage is not allowed to import directory"),
     ("directory/errors.py", "import relay.metrics", "directory is not allowed to import relay"),
-    ("relay/smtp_replies.py", "def f():\n    from mailhub import config", "relay is not allowed to import mailhub"),
+    ("relay/smtp/replies.py", "def f():\n    from mailhub import config", "relay is not allowed to import mailhub"),
     ("storage/files.py", "def f():\n    import mailhub.cli", "storage is not allowed to import mailhub"),
-    ("relay/bounce.py", "import loadtest.net", "relay is not allowed to import loadtest"),
+    ("relay/outbound/bounce.py", "import loadtest.net", "relay is not allowed to import loadtest"),
     ("loadtest/net.py", "def f():\n    from bench import abuse", "loadtest is not allowed to import bench"),
 ])
 def test_an_upward_import_breaks_a_contract(tree_copy, module, line, broken):

@@ -20,9 +20,9 @@ from gpgutil import Gpg
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
 
-from relay import ingest as ingest_module
-from relay.ingest import IncomingMessage
-from relay.mime_structure import StructureRecorder, bodystructure, envelope, section_range
+from relay.smtp import ingest as ingest_module
+from relay.smtp.ingest import IncomingMessage
+from relay.mime.structure import StructureRecorder, bodystructure, envelope, section_range
 from storage import Storage, db
 
 MB = 1024 * 1024

@@ -12,8 +12,8 @@ from email.mime.text import MIMEText
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import mime_stream
-from relay.mime_stream import Listeners, MimeStreamParser, split_params
+from relay.mime import stream as mime_stream
+from relay.mime.stream import Listeners, MimeStreamParser, split_params
 
 
 class Recorder:

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_mime_stream import messages, serialize
 
-from relay.mime_stream import MimeStreamParser
-from relay.mime_structure import StructureRecorder, bodystructure, envelope, parse_address_list, section_range
+from relay.mime.stream import MimeStreamParser
+from relay.mime.structure import StructureRecorder, bodystructure, envelope, parse_address_list, section_range
 
 DOVECOT_IMAP = "/usr/lib/dovecot/imap"  # Debian dovecot-imapd (bench/debian-packages.txt)
 TRACE = b"Received: from gw.test by hub.test with ESMTPA id 0123456789ABCDEF; Sat, 28 Nov 2026 04:00:00 +0000\r\n"

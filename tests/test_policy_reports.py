@@ -18,9 +18,9 @@ from loadtest.thirdparty import POSTFIX_MAILDIR_OVERRIDES, POSTFIX_VIRTUAL_MASTE
 from conftest import ALPHA_BETA, PASSWORD
 from directory.policy import RecipientKeys
 from mailshapes import KEY, OTHER_KEY, armored, dicom_attachment, mail, multipart, openpgp, pgp_mime, text
-from relay.bounce import FailedRecipient, build_dsn, header_of
-from relay.encryption_policy import EncryptionPolicy
-from relay.mime_stream import MimeStreamParser
+from relay.outbound.bounce import FailedRecipient, build_dsn, header_of
+from relay.policy.encryption import EncryptionPolicy
+from relay.mime.stream import MimeStreamParser
 from test_directory import pop3_messages, request_directory
 
 BETA = [RecipientKeys("beta", {KEY: "current key"})]

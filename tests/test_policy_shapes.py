@@ -15,9 +15,9 @@ from directory.policy import RecipientKeys
 from mailshapes import (CRLF, HEAD, KEY, OTHER_KEY, armored, b64, dicom_attachment, dicom_file, dicom_json,
                         dicom_raw, dicom_xml, gzipped, key_block, literal_packet, mail, multipart, openpgp, part,
                         pgp_mime, signature_block, tarred, text, zipped)
-from relay import mime_stream
-from relay.encryption_policy import EncryptionPolicy
-from relay.mime_stream import MimeStreamParser
+from relay.mime import stream as mime_stream
+from relay.policy.encryption import EncryptionPolicy
+from relay.mime.stream import MimeStreamParser
 
 BETA = [RecipientKeys("beta", {KEY: "current key"})]
 PGP = armored(openpgp())

@@ -1,22 +1,10 @@
-"""Tests for relay.pop3_protocol: exact wire bytes, in memory, no sockets."""
+"""Tests for relay.pop3.protocol: exact wire bytes, in memory, no sockets."""
 import base64
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-try:
-    from relay import pop3_protocol
-except ImportError:
-    # relay/__init__.py pulls in the SMTP stack (aiosqlite, aiosmtpd...). The POP3 core
-    # has no dependencies, so test it on its own when those are not installed.
-    _path = pathlib.Path(__file__).resolve().parents[1] / "relay" / "pop3_protocol.py"
-    _spec = importlib.util.spec_from_file_location("_pop3_protocol_standalone", _path)
-    pop3_protocol = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = pop3_protocol   # dataclasses look their module up here
-    _spec.loader.exec_module(pop3_protocol)
+from relay.pop3 import protocol as pop3_protocol
 
 CLOSED, NEED_DATA, PAUSED = pop3_protocol.CLOSED, pop3_protocol.NEED_DATA, pop3_protocol.PAUSED
 AuthRequest, CloseConnection = pop3_protocol.AuthRequest, pop3_protocol.CloseConnection

@@ -20,9 +20,9 @@ import pytest
 from conftest import ALPHA_BETA, BETA, PASSWORD, RawSMTP, make_message
 from pop3util import (RawPop3, blob_path, make_cert, message_range, non_loopback_ip, released, send, sha256,
                       stored_size, strip_trace, unstuff)
-from relay.smtp_stream import dot_stuff_bytes
+from relay.smtp.stream import dot_stuff_bytes
 
-CHUNK = 1024 * 1024   # relay.pop3_server.CHUNK: dot lines are placed around its multiples
+CHUNK = 1024 * 1024   # relay.pop3.server.CHUNK: dot lines are placed around its multiples
 
 
 def pop(hub, user: str = "beta", port: int | None = None) -> poplib.POP3:

@@ -4,9 +4,9 @@ import email.policy
 
 import pytest
 
-from relay.bounce import FailedRecipient, build_dsn, header_of, status_of
-from relay.outbound_client import Reply, mail_command, parse_extensions, parse_reply, size_limit
-from relay.outbound_routes import Route, parse_routes, route_for
+from relay.outbound.bounce import FailedRecipient, build_dsn, header_of, status_of
+from relay.outbound.client import Reply, mail_command, parse_extensions, parse_reply, size_limit
+from relay.outbound.routes import Route, parse_routes, route_for
 
 
 def test_routes_match_the_most_specific_domain_then_the_default():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import Hub, RawSMTP, hub_env
-from relay.smtp_stream import dot_stuff_bytes
+from relay.smtp.stream import dot_stuff_bytes
 
 EXAMPLES = int(__import__("os").environ.get("FUZZ_N", 10_000))
 _REPLY_LINE = re.compile(rb"\d{3}[ -][\x20-\x7e]*\r\n\Z")

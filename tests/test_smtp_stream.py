@@ -2,8 +2,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.message_scan import DotLineScanner, HeaderScanner
-from relay.smtp_stream import DataDecoder, dot_stuff_bytes
+from relay.smtp.message_scan import DotLineScanner, HeaderScanner
+from relay.smtp.stream import DataDecoder, dot_stuff_bytes
 
 
 def decode(wire: bytes, cuts: list[int]) -> tuple[bytes, DataDecoder, bytes]:
@@ -101,7 +101,7 @@ def test_header_scanner_is_bounded_and_tolerates_garbage():
 def _header_facts_oracle(message: bytes):
     """What the header scanner must find: the header block (up to the blank line, or all) in its
     first MAX_HEADER_BYTES, split in CRLF lines, first occurrence of each wanted field, unfolded."""
-    from relay.message_scan import MAX_HEADER_BYTES
+    from relay.smtp.message_scan import MAX_HEADER_BYTES
     end = message.find(b"\r\n\r\n")
     block = b"" if message.startswith(b"\r\n") else message if end < 0 else message[:end + 2]
     block = block[:MAX_HEADER_BYTES]

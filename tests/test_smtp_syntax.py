@@ -1,14 +1,14 @@
-# The SMTP command syntax (relay.smtp_syntax) and the body line-length check
-# (relay.message_scan.LineLengthCheck), in memory: exact results for tables of lines and paths, and
+# The SMTP command syntax (relay.smtp.syntax) and the body line-length check
+# (relay.smtp.message_scan.LineLengthCheck), in memory: exact results for tables of lines and paths, and
 # property tests against a plain oracle (any bytes, any chunking).
 import base64
 
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from relay import smtp_replies as R
-from relay.message_scan import MAX_LINE, LineLengthCheck
-from relay.smtp_syntax import decode_sasl, parse_bdat, parse_helo, parse_path, split_command
+from relay.smtp import replies as R
+from relay.smtp.message_scan import MAX_LINE, LineLengthCheck
+from relay.smtp.syntax import decode_sasl, parse_bdat, parse_helo, parse_path, split_command
 
 
 @pytest.mark.parametrize("line, expected", [

@@ -7,7 +7,7 @@ import base64
 import ipaddress
 import re
 
-from . import smtp_replies as R
+from relay.smtp import replies as R
 
 MAX_VERB = 16            # longer first words are not commands of any SMTP extension
 MAX_LOCAL_PART = 64      # RFC 5321 4.5.3.1.1

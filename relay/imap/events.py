@@ -1,4 +1,4 @@
-# Data and events of the IMAP core (relay/imap_protocol.py): the messages of a mailbox view, the
+# Data and events of the IMAP core (relay/imap/protocol.py): the messages of a mailbox view, the
 # snapshot the adapter answers a MailboxRequest with, and the events the core emits. Plain data only.
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Message:
     ref: object = None                     # the adapter's handle (storage entry)
     structure: dict | None = None          # loaded on demand (LoadRequest), dropped after use
     header: bytes | None = None            # top-level header block incl. the blank line, likewise
-    probes: dict | None = None             # SEARCH probe -> answer (relay/imap_scan.py), likewise
+    probes: dict | None = None             # SEARCH probe -> answer (relay/imap/scan.py), likewise
     gone: bool = False                     # expunged by another session, EXPUNGE not yet sent
     damaged: str | None = None             # why it must not be served (LoadRequest with check), or None
 
@@ -101,7 +101,7 @@ class ScanBudget:
 
 @dataclass(frozen=True)
 class ScanRequest:
-    """Answer `probes` (relay/imap_search.py) for each message into msg.probes within the budget;
+    """Answer `probes` (relay/imap/search.py) for each message into msg.probes within the budget;
     resume(True), or resume(False) when the budget ran out."""
     messages: list
     probes: tuple

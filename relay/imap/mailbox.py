@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import bisect
 
-from .imap_events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanBudget,
+from relay.imap.events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanBudget,
                           ScanRequest, SendFile, Snapshot, State, StoreFlags)
-from .imap_fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, PartHeader, fetch_response, flag_list
-from .imap_limits import FETCH_CHUNK, MAX_FETCH_ITEMS, SEARCH_BATCH, SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS
-from .imap_parser import Atom, ParseError, SequenceSet, fetch_att
-from .imap_search import parse_search
+from relay.imap.fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, PartHeader, fetch_response, flag_list
+from relay.imap.limits import FETCH_CHUNK, MAX_FETCH_ITEMS, SEARCH_BATCH, SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS
+from relay.imap.parser import Atom, ParseError, SequenceSet, fetch_att
+from relay.imap.search import parse_search
 
 __all__ = ["SelectedState"]
 

@@ -1,4 +1,4 @@
-# The reading side of IMAP SEARCH (relay/imap_search.py names the probes): runs in a worker thread,
+# The reading side of IMAP SEARCH (relay/imap/search.py names the probes): runs in a worker thread,
 # reads stored messages with os.pread and answers each probe per message: a header field contains a
 # text ("H", FIELD, text), the Date: header's day ("D",), the body or the whole message contains
 # octets ("B", octets) / ("T", octets), case-insensitively for ASCII letters. Every octet read counts
@@ -12,8 +12,8 @@ import email.utils
 import os
 import time
 
-from .imap_events import ScanBudget
-from .imap_limits import MAX_HEADER
+from relay.imap.events import ScanBudget
+from relay.imap.limits import MAX_HEADER
 
 __all__ = ["scan_messages", "header_contains", "sent_date"]
 

@@ -7,7 +7,7 @@
 import binascii
 import re
 
-from .mime_stream import decode_params, param_items
+from relay.mime.stream import decode_params, param_items
 
 IDENTITY = ("", "7bit", "8bit", "binary")
 UUENCODE = ("x-uuencode", "uuencode", "x-uue")

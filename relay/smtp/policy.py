@@ -5,7 +5,7 @@ from typing import Callable
 
 from storage import Site
 
-from . import smtp_replies as R
+from relay.smtp import replies as R
 
 
 @dataclass(frozen=True, slots=True)

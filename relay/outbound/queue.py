@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
 from storage.outbound import Deferral, QueuedRecipient
 
-from . import metrics
-from .bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
-from .file_sender import FileSender
-from .outbound_client import HopConnection, HopError, OutgoingMessage
-from .outbound_routes import Route, route_for
+from relay import metrics
+from relay.outbound.bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
+from relay.file_sender import FileSender
+from relay.outbound.client import HopConnection, HopError, OutgoingMessage
+from relay.outbound.routes import Route, route_for
 
 log = logging.getLogger("mailhub.relay")
 POLL_SECONDS = 1.0

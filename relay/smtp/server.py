@@ -1,9 +1,9 @@
 # SMTP ingress: aiosmtpd's session objects with the hub's own command loop (lines bounded, every
-# malformed one answered, syntax in smtp_syntax) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/
+# malformed one answered, syntax in relay.smtp.syntax) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/
 # STARTTLS. DATA and BDAT are read in large chunks straight into a spool file (never line by line,
 # never the whole message in memory; read buffers count in the memory budget); a 250 is sent only
-# after storage has committed the message durably. Relay control lives in smtp_policy, reply texts
-# in smtp_replies; this module is the I/O glue. It must never let a client's input reach a
+# after storage has committed the message durably. Relay control lives in relay.smtp.policy, reply texts
+# in relay.smtp.replies; this module is the I/O glue. It must never let a client's input reach a
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
 import base64
@@ -24,19 +24,20 @@ from quotas import SetPart, Throttle, Verdict
 from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
-from . import connection_limits, metrics
-from . import smtp_replies as R
-from .encryption_policy import EncryptionPolicy
-from .ingest import IncomingMessage
-from .internal_errors import report_internal_error
-from .logins import Logins
-from .mailbox_session import is_loopback, printable
-from .message_scan import DotLineScanner
-from .outbound_routes import route_for
-from .smtp_pacing import Pacer
-from .smtp_policy import Client, recipient_verdict, sender_verdict
-from .smtp_stream import DataDecoder
-from .smtp_syntax import decode_sasl, parse_bdat, parse_helo, parse_path, parse_size, split_command
+from relay import connection_limits
+from relay import metrics
+from relay.smtp import replies as R
+from relay.policy.encryption import EncryptionPolicy
+from relay.smtp.ingest import IncomingMessage
+from relay.internal_errors import report_internal_error
+from relay.logins import Logins
+from relay.mailbox_session import is_loopback, printable
+from relay.smtp.message_scan import DotLineScanner
+from relay.outbound.routes import route_for
+from relay.smtp.pacing import Pacer
+from relay.smtp.policy import Client, recipient_verdict, sender_verdict
+from relay.smtp.stream import DataDecoder
+from relay.smtp.syntax import decode_sasl, parse_bdat, parse_helo, parse_path, parse_size, split_command
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024

@@ -1,4 +1,4 @@
-# POP3 mailbox serving: the asyncio adapter around relay.pop3_protocol (the sans-I/O core, which
+# POP3 mailbox serving: the asyncio adapter around relay.pop3.protocol (the sans-I/O core, which
 # holds all protocol logic and wording). Per connection it feeds received bytes to the core and does
 # what the core's events ask: check logins through SiteCache (slowly on failure), lock the mailbox
 # (one session per site), snapshot it at login, stream messages from their blob files (zero-copy
@@ -18,11 +18,12 @@ import time
 from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
-from . import connection_limits, metrics
-from .file_sender import ChecksumMismatch, FileSender, RunningCrc
-from .logins import Logins
-from .mailbox_session import MailboxSessionIO, is_loopback
-from .pop3_protocol import (CLOSED, NEED_DATA, AuthRequest, CheckMessage, CloseConnection, MaildropEntry,
+from relay import connection_limits
+from relay import metrics
+from relay.file_sender import ChecksumMismatch, FileSender, RunningCrc
+from relay.logins import Logins
+from relay.mailbox_session import MailboxSessionIO, is_loopback
+from relay.pop3.protocol import (CLOSED, NEED_DATA, AuthRequest, CheckMessage, CloseConnection, MaildropEntry,
                             Pop3Connection, SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
                             message_terminator, system_error)
 
@@ -112,7 +113,7 @@ class Pop3Session(MailboxSessionIO):
         if self.transport is not None:
             self.transport.close()
 
-    # ---- the adapter loop (see relay/pop3_protocol.py) ---------------------------------------
+    # ---- the adapter loop (see relay/pop3/protocol.py) ---------------------------------------
 
     async def _run(self) -> None:
         core = self.core

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .imap_parser import FetchAtt
+from relay.imap.parser import FetchAtt
 
 __all__ = ["FileRange", "PartHeader", "FetchPlan", "fetch_response", "flag_list", "internal_date",
            "filter_header", "FLAG_BITS", "SEEN", "ANSWERED", "FLAGGED", "DELETED", "DRAFT", "ALL_FLAGS"]

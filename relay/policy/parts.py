@@ -8,9 +8,9 @@ import zlib
 
 from directory.openpgp_armor import SessionPacketReader, block_packet_tags
 
-from . import content_sniff as sniff
-from .mime_decode import Base64, decoder_for
-from .policy_replies import CLEARTEXT_DATA, CLEARTEXT_DICOM, MALFORMED, MALFORMED_OPENPGP, FRAGMENT, printable
+from relay.mime import sniff
+from relay.mime.decode import Base64, decoder_for
+from relay.policy.replies import CLEARTEXT_DATA, CLEARTEXT_DICOM, MALFORMED, MALFORMED_OPENPGP, FRAGMENT, printable
 
 VERSION_PART_LIMIT = 1024             # bytes of the PGP/MIME version part ("Version: 1")
 SIGNATURE_LIMIT = 64 * 1024           # an OpenPGP signature part

@@ -1,5 +1,5 @@
 # The encryption policy: "no DICOM in the clear, only to the recipient's key", decided while a mail
-# streams, as a listener of relay.mime_stream (part_start, part_body, part_end, skipped). It fails
+# streams, as a listener of relay.mime.stream (part_start, part_body, part_end, skipped). It fails
 # closed: a mail is allowed only when every part that could carry data was seen to be an OpenPGP
 # message encrypted to the key(s) of every recipient site under the policy (PGP/MIME, RFC 3156, or
 # an encrypted file attached as is), or is a small recognised harmless part: text, signatures, keys,
@@ -12,13 +12,13 @@
 from directory.openpgp_packets import WILDCARD_KEY_ID
 from directory.policy import RecipientKeys
 
-from .mime_decode import IDENTITY, KNOWN_ENCODINGS, file_names, transfer_encoding
-from .mime_stream import AMBIGUITY_DEFECTS, LIMIT_DEFECTS, MAX_DEPTH, MAX_PARTS, MimeStreamParser
-from .policy_parts import (BlockCheck, ClearCheck, LaterFragmentCheck, NestedCheck, PayloadCheck, TextCheck,
+from relay.mime.decode import IDENTITY, KNOWN_ENCODINGS, file_names, transfer_encoding
+from relay.mime.stream import AMBIGUITY_DEFECTS, LIMIT_DEFECTS, MAX_DEPTH, MAX_PARTS, MimeStreamParser
+from relay.policy.parts import (BlockCheck, ClearCheck, LaterFragmentCheck, NestedCheck, PayloadCheck, TextCheck,
                            VersionCheck)
-from .policy_replies import (AMBIGUOUS, CLEARTEXT_DATA, CLEARTEXT_DICOM, FRAGMENT, HIDDEN_REFUSED, MALFORMED,
+from relay.policy.replies import (AMBIGUOUS, CLEARTEXT_DATA, CLEARTEXT_DICOM, FRAGMENT, HIDDEN_REFUSED, MALFORMED,
                              STRUCTURE_LIMIT, UNSUPPORTED, WRONG_KEY, printable)
-from .content_sniff import dicom_name, binary_in_text
+from relay.mime.sniff import dicom_name, binary_in_text
 
 __all__ = ["EncryptionPolicy", "RecipientKeys"]
 
@@ -56,7 +56,7 @@ class _Multipart:
 
 class EncryptionPolicy:
     """One mail's verdict: after the parser is closed, reply is None (allowed) or the refusal's
-    reply line, and reason its code (policy_replies.REASONS)."""
+    reply line, and reason its code (relay.policy.replies.REASONS)."""
 
     def __init__(self, recipients: list[RecipientKeys], allow_hidden_recipients: bool) -> None:
         self.recipients = recipients

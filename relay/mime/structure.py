@@ -1,5 +1,5 @@
 # The MIME structure of a stored message, recorded once while it streams in (a listener of
-# relay.mime_stream) and rendered later for IMAP without reading the message again: BODY and
+# relay.mime.stream) and rendered later for IMAP without reading the message again: BODY and
 # BODYSTRUCTURE, ENVELOPE (RFC 3501 sec. 7.4.2) and the byte range of a body section in the blob.
 # The record is a small JSON-serialisable dict, one per message:
 #   a part:    {"type", "subtype", "params", "hs", "bs", "be" (header start, body start, body end:
@@ -8,16 +8,16 @@
 #               "parts": [child parts] (multipart) or "message": {part} (message/rfc822)}
 #   a message (the top level and each message/rfc822 body) is a part with "envelope": the raw
 #   values of its Date, Subject, From, Sender, Reply-To, To, Cc, Bcc, In-Reply-To, Message-ID.
-# The record is capped (relay/imap_limits.py STRUCTURE_*): parts, nesting, characters per value and
+# The record is capped (relay/imap/limits.py STRUCTURE_*): parts, nesting, characters per value and
 # in all, parameters per part. Past the caps, the rest of a multipart is one application/octet-stream
 # part covering its remaining children, a part nested too deep is one application/octet-stream
 # part, and a message/rfc822 part whose message does not fit is rendered as application/octet-stream.
 # The recorder applies the caps while it records; capped() applies the same rules to a record made
 # before them, so that every rendering stays within them.
 # Must never hold body bytes: only header values and offsets.
-from .imap_limits import (STRUCTURE_MAX_DEPTH, STRUCTURE_MAX_PARAMS, STRUCTURE_MAX_PARTS, STRUCTURE_MAX_TEXT,
+from relay.imap.limits import (STRUCTURE_MAX_DEPTH, STRUCTURE_MAX_PARAMS, STRUCTURE_MAX_PARTS, STRUCTURE_MAX_TEXT,
                           STRUCTURE_MAX_VALUE)
-from .mime_stream import split_params
+from relay.mime.stream import split_params
 
 __all__ = ["StructureRecorder", "capped", "bodystructure", "envelope", "section_range"]
 
@@ -48,7 +48,7 @@ class _Budget:
 
 
 class StructureRecorder:
-    """mime_stream listener that builds the (capped) structure record; `structure` is set at the end."""
+    """relay.mime.stream listener that builds the (capped) structure record; `structure` is set at the end."""
 
     def __init__(self) -> None:
         self.structure: dict | None = None

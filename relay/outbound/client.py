@@ -12,9 +12,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .file_sender import FileSender
-from .outbound_routes import Route
-from .pop3_protocol import dot_stuff, message_terminator
+from relay.file_sender import FileSender
+from relay.outbound.routes import Route
+from relay.pop3.protocol import dot_stuff, message_terminator
 
 CHUNK = 1024 * 1024
 _HIGH_WATER = 4 * CHUNK

@@ -1,4 +1,4 @@
-# IMAP mailbox serving: the asyncio adapter around relay.imap_protocol (the sans-I/O core, which holds
+# IMAP mailbox serving: the asyncio adapter around relay.imap.protocol (the sans-I/O core, which holds
 # all protocol logic and wording). Per connection it feeds received bytes to the core and does what
 # the core's events ask: check logins through SiteCache (slowly on failure), read the site's mailbox
 # from the index, load MIME structures (recorded at ingest) and header blocks, store flags, expunge
@@ -18,17 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from quotas import Throttle
 from storage import Downloads, SiteCache, Storage
 
-from . import connection_limits, metrics, mime_structure
-from .imap_fetch import SEEN
-from .file_sender import ChecksumMismatch, FileSender, RunningCrc
-from .logins import Logins
-from .mailbox_session import MailboxSessionIO, is_loopback
-from .imap_limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
-from .imap_protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
+from relay import connection_limits
+from relay import metrics
+from relay.mime import structure as mime_structure
+from relay.imap.fetch import SEEN
+from relay.file_sender import ChecksumMismatch, FileSender, RunningCrc
+from relay.logins import Logins
+from relay.mailbox_session import MailboxSessionIO, is_loopback
+from relay.imap.limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
+from relay.imap.protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
                             LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest, SendBytes, SendFile,
                             Snapshot, StartTls, StoreFlags, TemporaryFailure, bye)
-from .imap_scan import scan_messages
-from .mime_stream import MimeStreamParser
+from relay.imap.scan import scan_messages
+from relay.mime.stream import MimeStreamParser
 
 log = logging.getLogger("mailhub.imap")
 CHUNK = 1024 * 1024
@@ -142,7 +144,7 @@ class ImapSession(MailboxSessionIO):
                 self.transport.write(bye(reason))
             self.transport.close()
 
-    # ---- the adapter loop (see relay/imap_protocol.py) ---------------------------------------
+    # ---- the adapter loop (see relay/imap/protocol.py) ---------------------------------------
 
     async def _run(self) -> None:
         core = self.core

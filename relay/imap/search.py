@@ -2,7 +2,7 @@
 # (flags, UID, sequence number, size, internal date; header fields, the Date: header, body and whole
 # text), bounded in depth and number (BAD past MAX_SEARCH_DEPTH / MAX_SEARCH_KEYS). Keys that need
 # the message's contents become probes: ("H", FIELD, text), ("D",), ("B", octets), ("T", octets),
-# answered per message by relay/imap_scan.py off the event loop (msg.probes) within a byte and time
+# answered per message by relay/imap/scan.py off the event loop (msg.probes) within a byte and time
 # budget. The keys of the top level are split in two: the cheap ones (no probe) are checked first,
 # and only messages that pass them are read.
 # Pure functions, no I/O; malformed criteria raise ParseError (a BAD reply).
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import datetime
 
-from .imap_fetch import ANSWERED, DELETED, DRAFT, FLAG_BITS, FLAGGED, SEEN
-from .imap_limits import MAX_SEARCH_DEPTH, MAX_SEARCH_KEYS
-from .imap_parser import Atom, ParseError, SequenceSet, astring, imap_date
+from relay.imap.fetch import ANSWERED, DELETED, DRAFT, FLAG_BITS, FLAGGED, SEEN
+from relay.imap.limits import MAX_SEARCH_DEPTH, MAX_SEARCH_KEYS
+from relay.imap.parser import Atom, ParseError, SequenceSet, astring, imap_date
 
 __all__ = ["Search", "parse_search"]
 

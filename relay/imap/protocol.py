@@ -1,4 +1,4 @@
-# IMAP4rev1 server protocol core for DICOM Mail Hub -- sans-I/O, like relay/pop3_protocol.py.
+# IMAP4rev1 server protocol core for DICOM Mail Hub -- sans-I/O, like relay/pop3/protocol.py.
 # RFC 3501 (IMAP4rev1) with RFC 2177 (IDLE), RFC 4315 (UIDPLUS: UID EXPUNGE), RFC 3691 (UNSELECT),
 # RFC 2342 (NAMESPACE), RFC 2971 (ID), RFC 7888 (LITERAL+), RFC 4959 (SASL-IR), RFC 4616 (PLAIN),
 # RFC 5530 (response codes). One mailbox per site: INBOX.
@@ -25,10 +25,10 @@
 #         StoreFlags      -> add/remove flag bits of ev.uids in storage, resume(True/False)
 #         ExpungeRequest  -> delete ev.uids, resume("ok" | "in-use" | "error")
 #         CloseConnection -> flush and close
-# This module holds the command loop and the commands of the other states; imap_mailbox.py the
-# selected state (FETCH, STORE, SEARCH, EXPUNGE, ...), imap_events.py the events and data classes.
+# This module holds the command loop and the commands of the other states; mailbox.py the
+# selected state (FETCH, STORE, SEARCH, EXPUNGE, ...), events.py the events and data classes.
 # Must never: do I/O, read a clock, or raise because of anything a client sends (only misuse by
-# the adapter raises ImapProtocolError), or let a client's input cost more than relay/imap_limits.py
+# the adapter raises ImapProtocolError), or let a client's input cost more than relay/imap/limits.py
 # allows. Message contents never pass through here: only header blocks (bounded) and the recorded
 # MIME structure.
 from __future__ import annotations
@@ -38,13 +38,13 @@ import binascii
 import re
 from collections import deque
 
-from .imap_events import (_CHANGED, _FLUSH, _LINE, _LINE_OR_CHANGE, CLOSED, NEED_DATA, PAUSED, YIELD, AuthRequest,
+from relay.imap.events import (_CHANGED, _FLUSH, _LINE, _LINE_OR_CHANGE, CLOSED, NEED_DATA, PAUSED, YIELD, AuthRequest,
                           CloseConnection, ExpungeRequest, ImapProtocolError, LoadRequest, MailboxRequest, Message,
                           PartHeaderRequest, ScanRequest, SendBytes, SendFile, Snapshot, StartTls, State, StoreFlags)
-from .imap_fetch import SEEN
-from .imap_limits import MAX_BUFFER, MAX_COMMAND, PRE_LOGIN_MAX_BUFFER, PRE_LOGIN_MAX_COMMAND
-from .imap_mailbox import SelectedState
-from .imap_parser import (Atom, Command, CommandFramer, LiteralRequest, Overflow, ParseError, TooLong, astring,
+from relay.imap.fetch import SEEN
+from relay.imap.limits import MAX_BUFFER, MAX_COMMAND, PRE_LOGIN_MAX_BUFFER, PRE_LOGIN_MAX_COMMAND
+from relay.imap.mailbox import SelectedState
+from relay.imap.parser import (Atom, Command, CommandFramer, LiteralRequest, Overflow, ParseError, TooLong, astring,
                           tokenize)
 
 __all__ = ["ImapConnection", "ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile",

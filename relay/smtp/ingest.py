@@ -8,9 +8,9 @@ import logging
 
 from storage import MessageMeta, Site, Storage, StorageError
 
-from .message_scan import HeaderScanner, LineLengthCheck
-from .mime_stream import Listeners, MimeStreamParser
-from .mime_structure import StructureRecorder
+from relay.smtp.message_scan import HeaderScanner, LineLengthCheck
+from relay.mime.stream import Listeners, MimeStreamParser
+from relay.mime.structure import StructureRecorder
 
 log = logging.getLogger("mailhub.ingest")
 

@@ -10,7 +10,7 @@ import datetime
 import re
 from dataclasses import dataclass
 
-from .imap_limits import MAX_LIST_DEPTH, MAX_TOKENS
+from relay.imap.limits import MAX_LIST_DEPTH, MAX_TOKENS
 
 __all__ = ["ParseError", "CommandFramer", "Command", "LiteralRequest", "TooLong", "Overflow", "Atom",
            "tokenize", "astring", "sequence_set", "SequenceSet", "fetch_att", "FetchAtt", "imap_date"]
