@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PASSWORD, Hub, hub_env, make_message
 from relay.imap import limits as imap_limits
+from relay.mime import limits as mime_limits
 
 GOOD_MAIL = make_message(1024 * 1024, subject="good")
 GOOD_SECONDS = 1.0
@@ -317,7 +318,7 @@ def test_wide_and_deep_mime_structures(hub):
     envelopes = f"Subject: envelopes\r\nContent-Type: multipart/mixed; boundary=e\r\n\r\n{envelope}--e--\r\n"
     for mail in (wide, deep, envelopes):
         send(hub, ["beta@hub.test"], mail.encode())
-    limit = imap_limits.STRUCTURE_MAX_PARTS
+    limit = mime_limits.STRUCTURE_MAX_PARTS
 
     def attack(results):
         client = RawImap(hub.ports["imap"])
@@ -338,7 +339,7 @@ def test_wide_and_deep_mime_structures(hub):
     # the opaque last part is the rest of the multipart: the parts not described, as they were sent
     tail = re.search(rb"BODY\[%d\] \{(\d+)\}\r\n" % limit, wide_tail)
     assert int(tail.group(1)) > 4000 * len(b'--w\r\nContent-Type: text/plain; name="part.txt"\r\n\r\nx\r\n') - 100
-    assert deep_structure.count(b'"mixed"') == 2 * (imap_limits.STRUCTURE_MAX_DEPTH + 1)   # levels 0..16
+    assert deep_structure.count(b'"mixed"') == 2 * (mime_limits.STRUCTURE_MAX_DEPTH + 1)   # levels 0..16
     assert b"deepest" not in deep_structure
 
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.imap import limits as imap_limits
+from relay.mime import limits as mime_limits
 from relay.imap import parser as imap_parser
 from relay.mime import structure as mime_structure
 from relay.imap.events import ScanBudget
@@ -162,17 +163,17 @@ def test_wide_deep_and_long_valued_mails_stay_within_the_caps():
     for blob in (wide, deep, long_values):
         structure = record(blob)
         parts = list(walk(structure))
-        assert len(parts) <= imap_limits.STRUCTURE_MAX_PARTS + imap_limits.STRUCTURE_MAX_DEPTH + 1
-        assert max(depth for _, depth in parts) <= imap_limits.STRUCTURE_MAX_DEPTH + 1
-        assert len(json.dumps(structure)) < 2 * imap_limits.STRUCTURE_MAX_TEXT + 100 * len(parts)
+        assert len(parts) <= mime_limits.STRUCTURE_MAX_PARTS + mime_limits.STRUCTURE_MAX_DEPTH + 1
+        assert max(depth for _, depth in parts) <= mime_limits.STRUCTURE_MAX_DEPTH + 1
+        assert len(json.dumps(structure)) < 2 * mime_limits.STRUCTURE_MAX_TEXT + 100 * len(parts)
         assert len(bodystructure(structure)) + len(envelope(structure)) < 2_000_000
     structure = record(wide)
     tail = structure["parts"][-1]
-    assert len(structure["parts"]) == imap_limits.STRUCTURE_MAX_PARTS   # the top level is one of them
+    assert len(structure["parts"]) == mime_limits.STRUCTURE_MAX_PARTS   # the top level is one of them
     assert (tail["type"], tail["subtype"]) == ("application", "octet-stream")
     start, end = section_range(structure, str(len(structure["parts"])))
     assert wide[start:].startswith(b"Content-Type: application/dicom") and wide[:end].endswith(b"body of application/dicom")
-    assert len(record(long_values)["params"]) == imap_limits.STRUCTURE_MAX_PARAMS
+    assert len(record(long_values)["params"]) == mime_limits.STRUCTURE_MAX_PARAMS
 
 
 def test_records_made_before_the_caps_are_rendered_within_them(monkeypatch):
@@ -180,7 +181,7 @@ def test_records_made_before_the_caps_are_rendered_within_them(monkeypatch):
     old = uncapped(monkeypatch, blob)
     assert sum(1 for _ in walk(old)) > 4000
     new = capped(old)
-    assert sum(1 for _ in walk(new)) <= imap_limits.STRUCTURE_MAX_PARTS + imap_limits.STRUCTURE_MAX_DEPTH + 1
+    assert sum(1 for _ in walk(new)) <= mime_limits.STRUCTURE_MAX_PARTS + mime_limits.STRUCTURE_MAX_DEPTH + 1
     assert new == record(blob)
 
 

@@ -4,6 +4,7 @@ import base64
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from relay.framing import dot_stuff, message_terminator
 from relay.pop3 import protocol as pop3_protocol
 
 CLOSED, NEED_DATA, PAUSED = pop3_protocol.CLOSED, pop3_protocol.NEED_DATA, pop3_protocol.PAUSED
@@ -13,7 +14,6 @@ Pop3ProtocolError, SendBytes = pop3_protocol.Pop3ProtocolError, pop3_protocol.Se
 SendMessage, StartTls, State = pop3_protocol.SendMessage, pop3_protocol.StartTls, pop3_protocol.State
 CheckMessage = pop3_protocol.CheckMessage
 TopFilter, Update = pop3_protocol.TopFilter, pop3_protocol.Update
-dot_stuff, message_terminator = pop3_protocol.dot_stuff, pop3_protocol.message_terminator
 system_error = pop3_protocol.system_error
 
 HOST = "pop.example.org"

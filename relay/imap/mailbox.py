@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 
 from relay.imap.events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanBudget,
-                          ScanRequest, SendFile, Snapshot, State, StoreFlags)
+                               ScanRequest, SendFile, Snapshot, State, StoreFlags)
 from relay.imap.fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, PartHeader, fetch_response, flag_list
 from relay.imap.limits import FETCH_CHUNK, MAX_FETCH_ITEMS, SEARCH_BATCH, SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS
 from relay.imap.parser import Atom, ParseError, SequenceSet, fetch_att

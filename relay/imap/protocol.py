@@ -39,13 +39,14 @@ import re
 from collections import deque
 
 from relay.imap.events import (_CHANGED, _FLUSH, _LINE, _LINE_OR_CHANGE, CLOSED, NEED_DATA, PAUSED, YIELD, AuthRequest,
-                          CloseConnection, ExpungeRequest, ImapProtocolError, LoadRequest, MailboxRequest, Message,
-                          PartHeaderRequest, ScanRequest, SendBytes, SendFile, Snapshot, StartTls, State, StoreFlags)
+                               CloseConnection, ExpungeRequest, ImapProtocolError, LoadRequest, MailboxRequest,
+                               Message, PartHeaderRequest, ScanRequest, SendBytes, SendFile, Snapshot, StartTls, State,
+                               StoreFlags)
 from relay.imap.fetch import SEEN
 from relay.imap.limits import MAX_BUFFER, MAX_COMMAND, PRE_LOGIN_MAX_BUFFER, PRE_LOGIN_MAX_COMMAND
 from relay.imap.mailbox import SelectedState
 from relay.imap.parser import (Atom, Command, CommandFramer, LiteralRequest, Overflow, ParseError, TooLong, astring,
-                          tokenize)
+                               tokenize)
 
 __all__ = ["ImapConnection", "ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile",
            "AuthRequest", "StartTls", "MailboxRequest", "LoadRequest", "PartHeaderRequest", "ScanRequest",

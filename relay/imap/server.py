@@ -27,8 +27,8 @@ from relay.logins import Logins
 from relay.mailbox_session import MailboxSessionIO, is_loopback
 from relay.imap.limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
 from relay.imap.protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
-                            LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest, SendBytes, SendFile,
-                            Snapshot, StartTls, StoreFlags, TemporaryFailure, bye)
+                                 LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest, SendBytes,
+                                 SendFile, Snapshot, StartTls, StoreFlags, TemporaryFailure, bye)
 from relay.imap.scan import scan_messages
 from relay.mime.stream import MimeStreamParser
 

@@ -8,15 +8,15 @@
 #               "parts": [child parts] (multipart) or "message": {part} (message/rfc822)}
 #   a message (the top level and each message/rfc822 body) is a part with "envelope": the raw
 #   values of its Date, Subject, From, Sender, Reply-To, To, Cc, Bcc, In-Reply-To, Message-ID.
-# The record is capped (relay/imap/limits.py STRUCTURE_*): parts, nesting, characters per value and
+# The record is capped (relay/mime/limits.py): parts, nesting, characters per value and
 # in all, parameters per part. Past the caps, the rest of a multipart is one application/octet-stream
 # part covering its remaining children, a part nested too deep is one application/octet-stream
 # part, and a message/rfc822 part whose message does not fit is rendered as application/octet-stream.
 # The recorder applies the caps while it records; capped() applies the same rules to a record made
 # before them, so that every rendering stays within them.
 # Must never hold body bytes: only header values and offsets.
-from relay.imap.limits import (STRUCTURE_MAX_DEPTH, STRUCTURE_MAX_PARAMS, STRUCTURE_MAX_PARTS, STRUCTURE_MAX_TEXT,
-                          STRUCTURE_MAX_VALUE)
+from relay.mime.limits import (STRUCTURE_MAX_DEPTH, STRUCTURE_MAX_PARAMS, STRUCTURE_MAX_PARTS, STRUCTURE_MAX_TEXT,
+                               STRUCTURE_MAX_VALUE)
 from relay.mime.stream import split_params
 
 __all__ = ["StructureRecorder", "capped", "bodystructure", "envelope", "section_range"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.file_sender import FileSender
+from relay.framing import dot_stuff, message_terminator
 from relay.outbound.routes import Route
-from relay.pop3.protocol import dot_stuff, message_terminator
 
 CHUNK = 1024 * 1024
 _HIGH_WATER = 4 * CHUNK

@@ -15,9 +15,9 @@ from directory.policy import RecipientKeys
 from relay.mime.decode import IDENTITY, KNOWN_ENCODINGS, file_names, transfer_encoding
 from relay.mime.stream import AMBIGUITY_DEFECTS, LIMIT_DEFECTS, MAX_DEPTH, MAX_PARTS, MimeStreamParser
 from relay.policy.parts import (BlockCheck, ClearCheck, LaterFragmentCheck, NestedCheck, PayloadCheck, TextCheck,
-                           VersionCheck)
+                                VersionCheck)
 from relay.policy.replies import (AMBIGUOUS, CLEARTEXT_DATA, CLEARTEXT_DICOM, FRAGMENT, HIDDEN_REFUSED, MALFORMED,
-                             STRUCTURE_LIMIT, UNSUPPORTED, WRONG_KEY, printable)
+                                  STRUCTURE_LIMIT, UNSUPPORTED, WRONG_KEY, printable)
 from relay.mime.sniff import dicom_name, binary_in_text
 
 __all__ = ["EncryptionPolicy", "RecipientKeys"]

@@ -23,8 +23,8 @@
 #         CheckMessage     -> check the stored message can be served whole (RETR, TOP), then
 #                             send(conn.check_result(problem)): None -> "+OK" and a
 #                             SendMessage follows; a reason -> "-ERR [SYS/PERM] ..."
-#         SendMessage      -> stream the message (dot_stuff() when has_dot_lines, else
-#                             sendfile; TopFilter for TOP), then message_terminator(),
+#         SendMessage      -> stream the message (relay.framing.dot_stuff() when has_dot_lines,
+#                             else sendfile; TopFilter for TOP), then message_terminator(),
 #                             then conn.message_sent()
 #         Update           -> delete ev.deleted, send(conn.update_result(ok))
 #         CloseConnection  -> flush and close
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Pop3Connection", "Pop3ProtocolError", "State", "MaildropEntry",
     "SendBytes", "AuthRequest", "StartTls", "CheckMessage", "SendMessage", "Update", "CloseConnection",
-    "NEED_DATA", "PAUSED", "CLOSED", "dot_stuff", "message_terminator", "TopFilter", "system_error",
+    "NEED_DATA", "PAUSED", "CLOSED", "TopFilter", "system_error",
 ]
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
@@ -621,28 +621,12 @@ class Pop3Connection:
 
 # ---- pure helpers for streaming a message (used by the adapter) -------------
 
-def dot_stuff(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
-    """Byte-stuff one chunk of a message (RFC 1939 sec. 3): every line that starts
-    with "." gets another "." in front.  Pass the returned flag with the next chunk."""
-    if not chunk:
-        return chunk, at_line_start
-    out = chunk.replace(b"\n.", b"\n..")
-    if at_line_start and chunk[:1] == b".":
-        out = b"." + out
-    return out, chunk.endswith(b"\n")
-
-
 def system_error(reason: str, code: str | None = "SYS/TEMP") -> bytes:
     """The reply for a connection the adapter ends on its own (too many connections, shutting
     down, login timeout, internal error): send it instead of the greeting or the next reply, then
     close. `code` is the RFC 2449/3206 response code (None: none)."""
     text = _CONTROL.sub(b"", reason.encode("ascii", "replace")).decode("ascii")
     return (f"-ERR [{code}] {text}\r\n" if code else f"-ERR {text}\r\n").encode()
-
-
-def message_terminator(at_line_start: bool) -> bytes:
-    """The closing ".\\r\\n", with a CRLF first if the message did not end with one."""
-    return b".\r\n" if at_line_start else b"\r\n.\r\n"
 
 
 class TopFilter:

@@ -23,9 +23,10 @@ from relay import metrics
 from relay.file_sender import ChecksumMismatch, FileSender, RunningCrc
 from relay.logins import Logins
 from relay.mailbox_session import MailboxSessionIO, is_loopback
+from relay.framing import dot_stuff, message_terminator
 from relay.pop3.protocol import (CLOSED, NEED_DATA, AuthRequest, CheckMessage, CloseConnection, MaildropEntry,
-                            Pop3Connection, SendBytes, SendMessage, StartTls, State, TopFilter, Update, dot_stuff,
-                            message_terminator, system_error)
+                                 Pop3Connection, SendBytes, SendMessage, StartTls, State, TopFilter, Update,
+                                 system_error)
 
 log = logging.getLogger("mailhub.pop3")
 CHUNK = 1024 * 1024
