@@ -1,4 +1,5 @@
-# SMTP ingress: aiosmtpd's session objects with the hub's own command loop (lines bounded, every
+# SMTP ingress: aiosmtpd's session objects (through relay.smtp.aiosmtpd_adapter, the only module
+# touching aiosmtpd's private members) with the hub's own command loop (lines bounded, every
 # malformed one answered, syntax in relay.smtp.syntax) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/
 # STARTTLS. DATA and BDAT are read in large chunks straight into a spool file (never line by line,
 # never the whole message in memory; read buffers count in the memory budget); a 250 is sent only
@@ -16,8 +17,7 @@ import time
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, syntax
+from aiosmtpd.smtp import AuthResult, Envelope, syntax
 
 from directory import DirectoryError, DirectoryMailer, KeyRing, recipients_under_policy
 from quotas import SetPart, Throttle, Verdict
@@ -27,6 +27,7 @@ from storage.events import refusal as refusal_event
 from relay import connection_limits
 from relay import metrics
 from relay.smtp import replies as R
+from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
 from relay.policy.encryption import EncryptionPolicy
 from relay.smtp.ingest import IncomingMessage
 from relay.internal_errors import report_internal_error
@@ -135,7 +136,7 @@ class SmtpContext:
             conn.close_now(R.SHUTTING_DOWN)
 
 
-class HubSMTP(SMTP):
+class HubSMTP(AiosmtpdSession):
     line_length_limit = _READER_LIMIT
     AuthLoginUsernameChallenge = "Username:"   # as most servers prompt (aiosmtpd: "User Name\0")
     AuthLoginPasswordChallenge = "Password:"
@@ -152,8 +153,6 @@ class HubSMTP(SMTP):
         self._peer_ip = ""
         self._from_peer_network = False
         self._auth_failures = 0
-        self._idle_deadline = 0.0   # loop time at which the connection times out (_reset_timeout)
-        self._timer_at = 0.0        # loop time at which the idle timer fires (_arm_timer)
         self._errors = 0            # syntax errors so far (500/501/504/555 replies)
         self._closing_why = ""      # why the hub closed the connection, for the log of an aborted transaction
         self._budget = ctx.storage.memory_budget
@@ -169,7 +168,7 @@ class HubSMTP(SMTP):
         """A transaction is in flight: data being received or committed, or a BDAT series open."""
         return self._in_data or (self.envelope is not None and self.envelope.bdat is not None)
 
-    def _create_envelope(self) -> Transaction:
+    def new_envelope(self) -> Transaction:
         old = getattr(self, "envelope", None)
         if old is not None:
             self._abort(old, "reset")   # RSET, EHLO or STARTTLS between two BDAT chunks
@@ -182,7 +181,7 @@ class HubSMTP(SMTP):
         self._peer_ip = peer[0] if isinstance(peer, tuple) else "local"
         self._from_peer_network = self.ctx.is_peer(self._peer_ip)
         loopback = self._peer_ip == "local" or is_loopback(self._peer_ip)
-        self._auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
+        self.auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
 
     def connection_lost(self, error) -> None:
         self.ctx.release(self)
@@ -208,13 +207,13 @@ class HubSMTP(SMTP):
         unless the reader holds it paused itself (its buffer is full)."""
         if self._reading_paused:
             self._reading_paused = False
-            if self.transport is not None and not self.transport.is_closing() and not self._reader._paused:
+            if self.transport is not None and not self.transport.is_closing() and not self.reader_holds_socket_paused():
                 self.transport.resume_reading()
 
     def _count_buffer(self) -> None:
         """The bytes waiting in the reader's buffer count in the memory budget (called after every
         read and every arrival)."""
-        size = len(self._reader._buffer)
+        size = self.buffered_bytes()
         if size > self._buffered:
             self._budget.take(size - self._buffered)
         elif size < self._buffered:
@@ -226,15 +225,15 @@ class HubSMTP(SMTP):
         self.resume_reading()   # a pause for memory holds back mail data only
 
     async def _read(self, size: int) -> bytes:
-        chunk = await self._reader.read(size)
+        chunk = await self.read_some(size)
         self._count_buffer()
         return chunk
 
     def eof_received(self):
-        """The client closed its side: the commands it sent before still run (aiosmtpd dropped
-        them, cancelling the session at once); the session ends when the reader reaches the end."""
+        """The client closed its side: the commands it sent before still run (the adapter keeps
+        aiosmtpd from cancelling the session); the session ends when the reader reaches the end."""
         self._closing_why = self._closing_why or "client closed"
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        return super().eof_received()
 
     def _abort(self, tx: Transaction, why: str) -> None:
         """A transaction whose data was being received (or committed) ends without a reply: its
@@ -252,7 +251,7 @@ class HubSMTP(SMTP):
                  ",".join(printable(r) for r in tx.rcpt_tos), message.size,
                  "unanswered (being committed: stored unless the commit fails)" if committing else "aborted", why)
 
-    async def _handle_client(self) -> None:
+    async def serve(self) -> None:
         refusal = self.ctx.admit(self, self._peer_ip)
         metrics.smtp_session("admitted" if refusal is None else
                              "shutting_down" if refusal == R.SHUTTING_DOWN else "too_many_connections")
@@ -261,7 +260,7 @@ class HubSMTP(SMTP):
             return
         self._login_timer = self.loop.call_later(self.ctx.cfg.smtp.login_timeout, self._login_expired)
         try:
-            await self.push(f"220 {self.hostname} {self.__ident__}")
+            await self.push(f"220 {self.hostname} {self.ident}")
             await self._serve_commands()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass   # the client is gone (a transaction it left was logged by _abort)
@@ -286,7 +285,7 @@ class HubSMTP(SMTP):
                 parsed = split_command(line)
             if not isinstance(parsed, str):
                 verb, arg = parsed
-                method = self._smtp_methods.get(verb)
+                method = self.commands.get(verb)
                 if method is None:
                     parsed = R.UNKNOWN_COMMAND
                 elif calls[verb] >= limits.max_commands:
@@ -297,7 +296,7 @@ class HubSMTP(SMTP):
                 await self.push(parsed)
             else:
                 calls[verb] += 1
-                self._reset_timeout()
+                self.touch_idle_deadline()
                 try:
                     await method(arg)
                 except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -313,15 +312,14 @@ class HubSMTP(SMTP):
     async def _read_line(self) -> bytes | None:
         """The next line without its CRLF (or bare LF); None for a line longer than the reader's
         buffer, which is read and thrown away up to its end (never held whole)."""
-        reader = self._reader
         try:
-            line = await reader.readuntil(b"\n")
+            line = await self.read_until_lf()
         except asyncio.LimitOverrunError as exc:
             consumed = exc.consumed
             while True:
                 await self._read(consumed)
                 try:
-                    await reader.readuntil(b"\n")
+                    await self.read_until_lf()
                     self._count_buffer()
                     return None
                 except asyncio.LimitOverrunError as more:
@@ -360,7 +358,7 @@ class HubSMTP(SMTP):
         """Reply, but hold it back while the client's next complete command is already buffered:
         a pipelining client then gets the replies to its whole group in one segment (RFC 2920)."""
         self._held.append(status.encode() + b"\r\n")
-        if b"\n" not in self._reader._buffer:
+        if not self.has_buffered_line():
             await self._flush_held()
 
     async def push(self, status) -> None:
@@ -377,8 +375,7 @@ class HubSMTP(SMTP):
     async def _flush_held(self) -> None:
         data = b"".join(self._held)
         self._held.clear()
-        self._writer.write(data)
-        await self._writer.drain()
+        await self.send(data)
 
     def close_now(self, reply: str) -> None:
         self._closing_why = self._closing_why or ("shutdown" if reply == R.SHUTTING_DOWN else reply[:9])
@@ -387,42 +384,18 @@ class HubSMTP(SMTP):
             self._held.clear()
             self.transport.close()
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """aiosmtpd calls this at every command and every chunk of data read, and re-armed a
-        timer each time; here it notes the deadline, and one timer per connection, when it fires,
-        either times the connection out or waits for the deadline as it is by then."""
-        deadline = self.loop.time() + (duration or self._timeout_duration)
-        self._idle_deadline = deadline
-        if self._timeout_handle is None or deadline < self._timer_at:
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
-            self._arm_timer(deadline)
-
-    def _arm_timer(self, deadline: float) -> None:
-        # The timer's own deadline is kept here: uvloop's call_at returns a plain Handle, without
-        # when(), for a deadline less than a millisecond away.
-        self._timer_at = deadline
-        self._timeout_handle = self.loop.call_at(deadline, self._check_idle)
-
     def _data_progress(self, octets: int) -> None:
         """Message data arrived: as Postfix's smtpd_min_data_rate, the idle deadline moves on by
         octets / _MIN_DATA_RATE seconds (at most to a full idle_timeout from now), so that a client
         trickling a few bytes at a time cannot hold a transaction open for ever."""
         now = self.loop.time()
-        self._reset_timeout(max(0.001, min(self._timeout_duration,
-                                           self._idle_deadline - now + octets / _MIN_DATA_RATE)))
+        self.touch_idle_deadline(max(0.001, min(self.idle_timeout,
+                                                self.idle_deadline - now + octets / _MIN_DATA_RATE)))
 
-    def _check_idle(self) -> None:
-        if self.loop.time() >= self._idle_deadline:
-            self._timeout_cb()
-        else:
-            self._arm_timer(self._idle_deadline)
-
-    def _timeout_cb(self):
+    def on_idle_timeout(self) -> None:
         self._closing_why = self._closing_why or "idle timeout"
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(R.TIMEOUT.encode() + b"\r\n")
-        super()._timeout_cb()
 
     # ---- EHLO / STARTTLS / AUTH --------------------------------------------------------------
 
@@ -432,7 +405,7 @@ class HubSMTP(SMTP):
         if hostname is None:
             await self.push(R.HELO_SYNTAX)
             return
-        self._set_rset_state()
+        self.reset_transaction()
         self.session.extended_smtp = False
         self.session.host_name = hostname
         await self.push(f"250 {self.hostname}")
@@ -443,14 +416,14 @@ class HubSMTP(SMTP):
         if hostname is None:
             await self.push(R.EHLO_SYNTAX)
             return
-        self._set_rset_state()
+        self.reset_transaction()
         self.session.extended_smtp = True
         self.session.host_name = hostname
         lines = [f"250-{self.hostname}", f"250-SIZE {self.ctx.cfg.smtp.max_message_size}", "250-8BITMIME",
                  "250-PIPELINING", "250-CHUNKING", "250-ENHANCEDSTATUSCODES"]
-        if self.tls_context and not self._tls_protocol:
+        if self.tls_context and not self.tls_active:
             lines.append("250-STARTTLS")
-        if not self._auth_require_tls or self._tls_protocol:
+        if not self.auth_require_tls or self.tls_active:
             lines.append("250-AUTH PLAIN LOGIN")
         lines.append("250 HELP")
         await self.push("\r\n".join(lines))
@@ -483,33 +456,31 @@ class HubSMTP(SMTP):
         if not self.tls_context:
             await self.push(R.TLS_UNAVAILABLE)
             return
-        if self._tls_protocol:
+        if self.tls_active:
             await self.push(R.ALREADY_TLS)
             return
-        self._reader._buffer.clear()  # RFC 3207: nothing sent before the handshake may count
+        self.discard_buffered()  # RFC 3207: nothing sent before the handshake may count
         self._count_buffer()
         await self.push(R.READY_TLS)
         try:
-            await self._writer.start_tls(self.tls_context)
+            await self.start_tls(self.tls_context)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("%s: TLS handshake failed: %s", self._peer_ip, exc)
             self.transport.close()
             return
-        self.transport = self._writer.transport
-        self._tls_protocol = True
         # RFC 3207 4.2: forget everything learnt before TLS, authentication included.
         peer = self.session.peer
-        self.session = self._create_session()
+        self.session = self.new_session()
         self.session.peer = peer
         self.session.ssl = self.transport.get_extra_info("ssl_object")
-        self._set_rset_state()
+        self.reset_transaction()
 
     @syntax("AUTH <mechanism> [<initial response>]")
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.session.extended_smtp:
             await self.push(R.AUTH_NEEDS_EHLO)
             return
-        if self._auth_require_tls and not self._tls_protocol:
+        if self.auth_require_tls and not self.tls_active:
             await self.push(R.AUTH_NEEDS_TLS)
             return
         if self.session.authenticated:
@@ -785,7 +756,7 @@ class HubSMTP(SMTP):
                     await message.room()
                 await pacer.after_read(size)
             if decoder.leftover:
-                self._reader._buffer[0:0] = decoder.leftover  # pipelined commands after the data
+                self.unread(decoder.leftover)  # pipelined commands after the data
                 self._count_buffer()
             reply = await self._finish(message, decoder.dot_lines)
             tx.receiving = None
@@ -888,7 +859,7 @@ class HubSMTP(SMTP):
 
     def _trace_header(self, queue_id: str) -> bytes:
         protocol = "ESMTP" if self.session.extended_smtp else "SMTP"
-        if self._tls_protocol:
+        if self.tls_active:
             protocol += "S"
         if self.session.authenticated:
             protocol += "A"
@@ -981,7 +952,7 @@ class HubSMTP(SMTP):
 
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
         if reset:
-            self._set_post_data_state()
+            self.end_transaction()
         await self.reply_pipelined(reply)
         if reset and self.ctx.shutting_down:
             self.close_now(R.SHUTTING_DOWN)

@@ -1,0 +1,174 @@
+# The one place that touches aiosmtpd's private members (and those of the asyncio StreamReader it
+# reads with). The SMTP server (relay/smtp/server.py) subclasses AiosmtpdSession and uses only what
+# is named here plus aiosmtpd's public API (session, envelope, transport, push, smtp_<VERB>
+# methods, the syntax decorator, AuthResult, Envelope). tests/test_aiosmtpd_adapter.py pins every
+# behaviour relied on below against the installed aiosmtpd; pyproject.toml declares the versions.
+# Must never: hold protocol logic or policy; it only renames and wraps.
+import asyncio
+import ssl
+
+from aiosmtpd.smtp import SMTP, Envelope
+
+
+class AiosmtpdSession(SMTP):
+    """aiosmtpd's SMTP session with its private hooks turned into named ones:
+
+    - serve(): the whole session after the connection is made (aiosmtpd's _handle_client, the
+      task connection_made() starts);
+    - new_envelope(): the envelope of the next transaction (aiosmtpd's _create_envelope, called at
+      connection, RSET, HELO/EHLO and after each transaction);
+    - on_idle_timeout(): the idle deadline passed, just before the connection is closed;
+    - an idle deadline that can be moved on cheaply (touch_idle_deadline, one timer per connection);
+    - the command reader's buffer (buffered_bytes, has_buffered_line, unread, discard_buffered),
+      reads and writes, and STARTTLS over the same streams."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle_deadline = 0.0   # loop time at which the connection times out
+        self._timer_at = 0.0        # loop time at which the idle timer fires (see _arm_timer)
+
+    # ---- hooks for the subclass ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        raise NotImplementedError
+
+    def new_envelope(self) -> Envelope:
+        return Envelope()
+
+    def on_idle_timeout(self) -> None:
+        """Called once the idle deadline passed, before the transport is closed."""
+
+    # ---- aiosmtpd's private hooks, routed to the named ones -------------------------------------
+
+    async def _handle_client(self) -> None:
+        await self.serve()
+
+    def _create_envelope(self) -> Envelope:
+        return self.new_envelope()
+
+    def eof_received(self):
+        """The client closed its side: aiosmtpd would cancel the session's task at once, dropping
+        the commands the client sent before; here the reader just reaches its end, and the session
+        runs those commands first."""
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    # ---- the session's state ------------------------------------------------------------------
+
+    @property
+    def ident(self) -> str:
+        """The text after the host name in the 220 greeting."""
+        return self.__ident__
+
+    @property
+    def commands(self) -> dict:
+        """Verb (upper case) -> the bound smtp_<VERB> method."""
+        return self._smtp_methods
+
+    @property
+    def tls_active(self) -> bool:
+        return bool(self._tls_protocol)
+
+    @property
+    def auth_require_tls(self) -> bool:
+        return self._auth_require_tls
+
+    @auth_require_tls.setter
+    def auth_require_tls(self, required: bool) -> None:
+        self._auth_require_tls = required
+
+    def new_session(self):
+        """A fresh aiosmtpd Session (after STARTTLS: everything learnt before is forgotten)."""
+        return self._create_session()
+
+    def reset_transaction(self) -> None:
+        """RSET, HELO, EHLO: a new envelope (aiosmtpd's _set_rset_state)."""
+        self._set_rset_state()
+
+    def end_transaction(self) -> None:
+        """After a transaction's reply: a new envelope (aiosmtpd's _set_post_data_state)."""
+        self._set_post_data_state()
+
+    # ---- the idle deadline ----------------------------------------------------------------------
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._timeout_duration
+
+    @property
+    def idle_deadline(self) -> float:
+        return self._idle_deadline
+
+    def touch_idle_deadline(self, duration: float | None = None) -> None:
+        """The connection times out `duration` (default: the idle timeout) from now."""
+        self._reset_timeout(duration)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls this at connection and re-armed a timer each time; here the deadline is
+        # noted, and one timer per connection, when it fires, either times the connection out or
+        # waits for the deadline as it is by then.
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        if self._timeout_handle is None or deadline < self._timer_at:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._arm_timer(deadline)
+
+    def _arm_timer(self, deadline: float) -> None:
+        # The timer's own deadline is kept here: uvloop's call_at returns a plain Handle, without
+        # when(), for a deadline less than a millisecond away.
+        self._timer_at = deadline
+        self._timeout_handle = self.loop.call_at(deadline, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.loop.time() >= self._idle_deadline:
+            self._timeout_cb()
+        else:
+            self._arm_timer(self._idle_deadline)
+
+    def _timeout_cb(self) -> None:
+        self.on_idle_timeout()
+        super()._timeout_cb()   # closes the transport
+
+    # ---- reading and writing --------------------------------------------------------------------
+
+    async def read_some(self, size: int) -> bytes:
+        """Up to `size` bytes, b"" at the end of the stream."""
+        return await self._reader.read(size)
+
+    async def read_until_lf(self) -> bytes:
+        """The next line with its LF; asyncio.LimitOverrunError (with .consumed) past the reader's
+        limit, asyncio.IncompleteReadError at the end of the stream."""
+        return await self._reader.readuntil(b"\n")
+
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet read."""
+        return len(self._reader._buffer)
+
+    def has_buffered_line(self) -> bool:
+        """A complete line (a pipelined command) is already received and not yet read."""
+        return b"\n" in self._reader._buffer
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes read too far (pipelined commands after DATA's end) back in front."""
+        self._reader._buffer[0:0] = data
+
+    def discard_buffered(self) -> None:
+        """Forget the bytes received and not yet read (RFC 3207: before the TLS handshake)."""
+        self._reader._buffer.clear()
+
+    def reader_holds_socket_paused(self) -> bool:
+        """The reader paused the socket itself (its buffer is full)."""
+        return self._reader._paused
+
+    async def send(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade the connection in place (STARTTLS): the same reader and writer go on over TLS."""
+        await self._writer.start_tls(context)
+        self.transport = self._writer.transport
+        self._tls_protocol = True
+
+
+__all__ = ["AiosmtpdSession"]
