@@ -11,6 +11,7 @@ import time
 from relay import metrics
 
 from relay.connection_limits import Ticket
+from relay.login_deadline import LoginDeadline
 
 PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
 
@@ -25,7 +26,7 @@ class MailboxSessionIO(asyncio.Protocol):
         self.ctx = ctx
         self.idle_timeout = idle_timeout
         self.ticket: Ticket | None = None     # counted by ctx.connections while open
-        self._login_timer: asyncio.TimerHandle | None = None
+        self._login_deadline: LoginDeadline | None = None
         self._end_reason: str | None = None   # why the server closed the connection on its own
         self._idle_from = 0.0                 # loop time the idle timeout counts from
         self._partial_line = False            # the last bytes received did not end a line
@@ -62,34 +63,29 @@ class MailboxSessionIO(asyncio.Protocol):
             metrics.connection_refused(self.protocol, admitted)
             return admitted
         self.ticket = admitted
-        loop = asyncio.get_running_loop()
-        self._idle_from = loop.time()
-        self._login_timer = loop.call_later(self.ctx.login_timeout, self._login_expired)
+        self._idle_from = asyncio.get_running_loop().time()
+        self._login_deadline = LoginDeadline(self.protocol, self.ctx.login_timeout, admitted,
+                                             self._login_expired)
         return None
 
     def _logged_in(self) -> None:
-        """Credentials accepted: no longer counted as not logged in, no login deadline."""
-        self.ticket.logged_in()
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        """Credentials accepted: the login deadline is met."""
+        self._login_deadline.met()
 
-    def _login_expired(self) -> None:
-        self._login_timer = None
+    def _login_expired(self) -> bool:
         if self.site is not None or self._lost or self.transport.is_closing():
-            return
-        metrics.login_timeout(self.protocol)
+            return False
         self._end_reason = "login timeout"
         self.transport.write(self._login_timeout_reply())
         self.transport.close()
+        return True
 
     def _login_timeout_reply(self) -> bytes:
         raise NotImplementedError
 
     def _release(self) -> None:
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        if self._login_deadline is not None:
+            self._login_deadline.cancel()
         if self.ticket is not None:
             self.ticket.release()
 

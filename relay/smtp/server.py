@@ -31,6 +31,7 @@ from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
 from relay.policy.encryption import EncryptionPolicy
 from relay.smtp.ingest import IncomingMessage
 from relay.internal_errors import report_internal_error
+from relay.login_deadline import LoginDeadline
 from relay.logins import Logins
 from relay.mailbox_session import is_loopback, printable
 from relay.smtp.message_scan import DotLineScanner
@@ -159,7 +160,7 @@ class HubSMTP(AiosmtpdSession):
         self._buffered = 0          # bytes of the reader's buffer counted in the memory budget
         self._reading_paused = False   # the socket is not read until memory is under the budget
         self.ticket: connection_limits.Ticket | None = None   # counted while open (SmtpContext.admit)
-        self._login_timer: asyncio.TimerHandle | None = None
+        self._login_deadline: LoginDeadline | None = None
 
     # ---- connection life cycle -------------------------------------------------------------
 
@@ -185,8 +186,8 @@ class HubSMTP(AiosmtpdSession):
 
     def connection_lost(self, error) -> None:
         self.ctx.release(self)
-        if self._login_timer is not None:
-            self._login_timer.cancel()
+        if self._login_deadline is not None:
+            self._login_deadline.cancel()
         self._budget.give(self._buffered)
         self._buffered = 0
         if self.envelope is not None:
@@ -258,7 +259,8 @@ class HubSMTP(AiosmtpdSession):
         if refusal is not None:
             self.close_now(refusal)
             return
-        self._login_timer = self.loop.call_later(self.ctx.cfg.smtp.login_timeout, self._login_expired)
+        self._login_deadline = LoginDeadline("smtp", self.ctx.cfg.smtp.login_timeout, self.ticket,
+                                             self._login_expired)
         try:
             await self.push(f"220 {self.hostname} {self.ident}")
             await self._serve_commands()
@@ -335,24 +337,20 @@ class HubSMTP(AiosmtpdSession):
                                                   f" qid={message.queue_id if message else '-'}")
 
     def _logged_in(self) -> None:
-        """Authenticated, or (from a peer network) a transaction started: no longer counted as not
-        logged in, no login deadline; the idle timeout alone applies."""
-        if self.ticket is not None:
-            self.ticket.logged_in()
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        """Authenticated, or (from a peer network) a transaction started: the login deadline is
+        met; the idle timeout alone applies."""
+        if self._login_deadline is not None:
+            self._login_deadline.met()
 
-    def _login_expired(self) -> None:
+    def _login_expired(self) -> bool:
         """smtp.login_timeout passed without AUTH (from a peer network: without MAIL FROM)."""
-        self._login_timer = None
         if self.transport is None or self.transport.is_closing():
-            return
-        metrics.login_timeout("smtp")
+            return False
         log.info("%s: closed: %s within %.0f s", self._peer_ip,
                  "no mail transaction" if self._from_peer_network else "no authentication",
                  self.ctx.cfg.smtp.login_timeout)
         self.close_now(R.login_timeout(self._from_peer_network, self.ctx.cfg.smtp.login_timeout))
+        return True
 
     async def reply_pipelined(self, status: str) -> None:
         """Reply, but hold it back while the client's next complete command is already buffered:
