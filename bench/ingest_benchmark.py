@@ -526,7 +526,7 @@ def main():
     medians = {}
     rows = [("workload", "hub", "postfix", "aiosmtpd", "hub/postfix", "hub/aiosmtpd")]
     notes = []
-    for name, label, size, sessions, counts, unit in WORKLOADS:
+    for name, label, _size, _sessions, counts, unit in WORKLOADS:
         key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
         med = {}
         for s in SERVERS:
@@ -566,7 +566,7 @@ def main():
         ", ".join("%.1fx for %s" % (v, k) for k, v in TARGETS.items()))
     log("")
     log("all runs (%s):" % ", ".join(SERVERS))
-    for name, label, size, sessions, counts, unit in WORKLOADS:
+    for name, label, _size, _sessions, _counts, unit in WORKLOADS:
         key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
         parts = []
         for s in SERVERS:

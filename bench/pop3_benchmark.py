@@ -453,7 +453,7 @@ def main():
             facts.get("hub commit"), after.get("hub commit")))
     medians = {}
     rows = [("workload", "hub", "dovecot", "hub/dovecot", "target")]
-    for name, label, size, nbox, _c, unit in WORKLOADS:
+    for name, label, _size, nbox, _c, unit in WORKLOADS:
         key = "mb_per_s" if unit == "MB/s" else "messages_per_s"
         med = {}
         for s in SERVERS:
@@ -492,7 +492,7 @@ def main():
         log("SHA-256: not checked (interrupted before)")
     log("")
     log("all runs (%s):" % ", ".join(SERVERS))
-    for name, label, size, nbox, _c, unit in WORKLOADS:
+    for name, label, _size, _nbox, _c, unit in WORKLOADS:
         key = "mb_per_s" if unit == "MB/s" else "messages_per_s"
         parts = []
         for s in SERVERS:

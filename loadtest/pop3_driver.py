@@ -55,7 +55,7 @@ async def poll_once(*, host: str, port: int, login: str, password: str, site: st
         await client.simple(pp.command("PASS", password))
         count, size = pp.parse_stat(await client.simple(pp.command("STAT")))
         recorder.server_backlog(site, count, size)
-        for number, uid in pp.parse_listing(await client.multi(pp.command("UIDL"))):
+        for number, _uid in pp.parse_listing(await client.multi(pp.command("UIDL"))):
             raw = await client.multi(pp.command("RETR", str(number)))
             at = recorder.now()
             path = save_dir / f"{site}-{next(_SEQ):07d}.eml"

@@ -22,7 +22,7 @@
 # unless it turned out bigger than declared (or was only let through for a possible set).
 import math
 from dataclasses import dataclass
-from typing import Hashable, Mapping
+from typing import Any, Hashable, Mapping
 
 from .limits import DrainDeferred, SiteLimits, Verdict, accept, refuse
 from .sets import OpenSets, SetPart
@@ -44,7 +44,7 @@ class ReceiverState:
     name: str
     limits: SiteLimits
     drain_rate: float                   # bytes/s, from DrainEstimator.rate(now)
-    backlog: Mapping[Hashable, int]     # bytes waiting (not yet downloaded) per sender
+    backlog: Mapping[Any, int]          # bytes waiting (not yet downloaded) per sender (any hashable key)
 
     @property
     def total(self) -> int:
@@ -117,10 +117,11 @@ def admit_at_end_of_data(now: float, sender: Hashable, state: ReceiverState, siz
 def standing_rcpt_acceptance(receiver: str, size: int, at_rcpt: Verdict | None) -> Verdict | None:
     """The end-of-data verdict when a firm acceptance at RCPT with SIZE= stands (the mail did not
     come out bigger), else None: then the receiver's state decides (admit_at_end_of_data)."""
+    declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
     if (at_rcpt is not None and at_rcpt.ok and at_rcpt.reason not in _PROVISIONAL
-            and at_rcpt.figures.get("size") is not None and size <= at_rcpt.figures["size"]):
-        return accept("admitted_at_rcpt", stage="end_of_data", receiver=receiver, size=size,
-                      declared=at_rcpt.figures["size"])
+            and isinstance(declared, int) and size <= declared):
+        return accept("admitted_at_rcpt", stage="end_of_data", receiver=receiver, size=size, declared=declared)
+    return None
     return None
 
 

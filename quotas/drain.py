@@ -63,7 +63,7 @@ class DrainEstimator:
         if dt > 0 and (backlog0 > 0 or delta > 0):   # idle with an empty mailbox does not count
             self._pending_seconds += dt
             self._pending_bytes += delta
-        if not polled:
+        if not polled or last_poll_at is None:   # (polled implies a poll time)
             return
         if last_poll_at - previous_poll <= self.config.grace:
             self._win_seconds += self._pending_seconds

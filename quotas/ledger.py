@@ -14,7 +14,7 @@
 # dropped or counted twice whichever way the clock moves.
 import time
 from collections import defaultdict
-from typing import Hashable
+from typing import Hashable, Iterable, Mapping
 
 from .limits import SiteUsage
 
@@ -27,15 +27,18 @@ def volume_window(wall: float) -> tuple[str, str]:
     return _periods(wall - VOLUME_WINDOW_DAYS * 86400)
 
 
-def _periods(now: float, _cache: dict = {}) -> tuple[str, str]:
+_PERIODS_CACHE: dict[int, tuple[str, str]] = {}   # the last second asked: its day and month keys
+
+
+def _periods(now: float) -> tuple[str, str]:
     """UTC day and month keys of `now` (cached per second: asked several times per mail)."""
     second = int(now)
-    found = _cache.get(second)
+    found = _PERIODS_CACHE.get(second)
     if found is None:
         t = time.gmtime(second)
         found = time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t)
-        _cache.clear()
-        _cache[second] = found
+        _PERIODS_CACHE.clear()
+        _PERIODS_CACHE[second] = found
     return found
 
 
@@ -54,7 +57,9 @@ class Ledger:
 
     # ---- the index at start ------------------------------------------------------------------
 
-    def load(self, usage, volumes, downloads, now: float = 0.0, wall: float = 0.0) -> None:
+    def load(self, usage: Iterable[tuple[int, int, int, int, int, int]],
+             volumes: Mapping[tuple[int, str], tuple[int, int]], downloads: Mapping[int, tuple[int, float]],
+             now: float = 0.0, wall: float = 0.0) -> None:
         """The index figures at start: usage rows (receiver, sender, held_bytes, held_messages,
         waiting_bytes, waiting_messages), volumes {(site, period): (submitted, received)} of the
         periods since volume_window(wall), and download counters {site: (bytes, last_poll_at)}

@@ -28,7 +28,7 @@ class SiteLimits:
     max_drain_time: float = DEFAULT_MAX_DRAIN_TIME
     downlink_prior: float = DEFAULT_DOWNLINK    # bytes/s, the drain-rate prior
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_drain_time <= 0 or self.downlink_prior < 0:
             raise ValueError("max_drain_time must be > 0 and downlink_prior >= 0")
 
@@ -100,9 +100,9 @@ class Verdict:
         return " ".join([("accept" if self.ok else "refuse"), f"reason={self.reason}", *parts])
 
 
-def accept(reason: str, **figures) -> Verdict:
+def accept(reason: str, **figures: object) -> Verdict:
     return Verdict(None, reason, figures)
 
 
-def refuse(error: QuotaError, reason: str, **figures) -> Verdict:
+def refuse(error: QuotaError, reason: str, **figures: object) -> Verdict:
     return Verdict(error, reason, figures)

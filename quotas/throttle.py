@@ -8,7 +8,7 @@
 # Pure: never does I/O, reads the clock or sleeps; the server's throttle loop feeds it.
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Hashable
+from typing import Any, Hashable, Mapping
 
 from .admission import (AdmissionConfig, ReceiverState, admit_at_end_of_data, admit_at_rcpt, record_admitted,
                         standing_rcpt_acceptance)
@@ -39,12 +39,12 @@ class SiteRef:
     """What the throttle needs of a site record."""
     id: int
     name: str
-    limits: dict = field(default_factory=dict)   # overrides: limit name -> value (-1 unlimited)
+    limits: dict[str, float] = field(default_factory=dict)   # overrides: limit name -> value (-1 unlimited)
 
 
-def merge_limits(defaults: SiteLimits, overrides: dict) -> SiteLimits:
+def merge_limits(defaults: SiteLimits, overrides: Mapping[str, float]) -> SiteLimits:
     """The config defaults with a site's overrides; -1 lifts a quota."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for name, value in overrides.items():
         if name in _QUOTA_FIELDS:
             changes[name] = None if value == UNLIMITED else int(value)
@@ -62,8 +62,8 @@ class Throttle:
         self.sets = OpenSets()
         self._estimators: dict[int, DrainEstimator] = {}
         self._buckets: dict[int, TokenBucket] = {}    # receiver -> its intake bucket (pacing)
-        self._limits: dict[int, tuple[dict, SiteLimits]] = {}
-        self.deferrals: Counter = Counter()                 # (receiver name, reason) -> count
+        self._limits: dict[int, tuple[dict[str, float], SiteLimits]] = {}
+        self.deferrals: Counter[tuple[str, str]] = Counter()                 # (receiver name, reason) -> count
         self.last_deferral: dict[int, tuple[float, str]] = {}   # site -> (Unix time, reason)
 
     # ---- sites -------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class Throttle:
         stored = size if stored is None else stored
         for receiver, at_rcpt in receivers:
             declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
-            if declared is not None and stored <= declared:
+            if at_rcpt is not None and isinstance(declared, int) and stored <= declared:
                 verdict = at_rcpt   # quotas were checked with this size reserved until now
             else:
                 verdict = self._quotas(sender, receiver, size, wall, token, stored)
@@ -218,7 +218,7 @@ class Throttle:
 
     # ---- reporting ---------------------------------------------------------------------------
 
-    def state(self, site: SiteRef, now: float, wall: float) -> dict:
+    def state(self, site: SiteRef, now: float, wall: float) -> dict[str, Any]:
         """The live figures of one site (metrics, `mailhub site show`)."""
         limits = self.limits(site)
         reading = self._estimator(site, now).reading(now)
@@ -242,7 +242,7 @@ class Throttle:
         }
 
 
-def usage_ratios(limits: SiteLimits, usage) -> dict[str, float]:
+def usage_ratios(limits: SiteLimits, usage: SiteUsage) -> dict[str, float]:
     """Used / limit for every limited quota (for the usage gauges)."""
     pairs = {"mailbox_bytes": usage.mailbox_bytes, "mailbox_messages": usage.mailbox_messages,
              "submitted_per_day": usage.submitted_today, "submitted_per_month": usage.submitted_month,

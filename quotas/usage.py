@@ -3,7 +3,7 @@
 # must never do I/O, read the clock itself or keep state. Exactly at a limit is accepted.
 from datetime import datetime, timezone
 
-from .limits import (MailboxFull, MessageTooBig, ReceivedVolumeExceeded, SiteLimits, SiteUsage,
+from .limits import (MailboxFull, MessageTooBig, QuotaError, ReceivedVolumeExceeded, SiteLimits, SiteUsage,
                      SubmittedVolumeExceeded, Verdict, accept, refuse)
 
 UNKNOWN_SIZE = 1  # a mail of undeclared size is at least one byte: the smallest it can be
@@ -45,7 +45,7 @@ def check_mailbox(limits: SiteLimits, usage: SiteUsage, size: int | None) -> Ver
                   mailbox_messages=usage.mailbox_messages, messages_limit=limits.mailbox_messages)
 
 
-def _volume(kind: str, error_cls, used_day: int, used_month: int, per_day: int | None,
+def _volume(kind: str, error_cls: type[QuotaError], used_day: int, used_month: int, per_day: int | None,
             per_month: int | None, size: int, now: float) -> Verdict | None:
     if per_day is not None and used_day + size > per_day:
         retry = next_day(now)

@@ -11,7 +11,7 @@ INSTANCE = 'instance=~"$instance"'
 SITE = 'site=~"$site"'
 RATE = "$__rate_interval"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-I, S, R = INSTANCE, SITE, RATE     # short names for the queries below
+I, S, R = INSTANCE, SITE, RATE  # noqa: E741 -- short names keep the query lines below readable
 
 
 class Layout:

@@ -190,8 +190,8 @@ def _copy_across(item: Path, target: Path) -> None:
 
 def _remove_if_unused(entry: Path, *own: str) -> None:
     """A failed quarantine leaves no entry behind (only files it wrote itself, never the item)."""
-    for name in (RECORD_NAME, *own):
-        for name in (name, name + ".tmp"):
+    for base in (RECORD_NAME, *own):
+        for name in (base, base + ".tmp"):
             try:
                 os.unlink(entry / name)
             except FileNotFoundError:

@@ -338,7 +338,7 @@ def test_serve_exits_when_its_port_is_taken(tmp_path):
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"the hub printed {err.splitlines()[-1:]} but did not exit")
+        raise AssertionError(f"the hub printed {err.splitlines()[-1:]} but did not exit") from None
     finally:
         holder.close()
     assert proc.returncode == 1
@@ -360,7 +360,7 @@ def test_serve_with_an_empty_smtp_listen_neither_crashes_nor_hangs(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            raise AssertionError("serve hangs and ignores SIGTERM:\n" + err[-2000:])
+            raise AssertionError("serve hangs and ignores SIGTERM:\n" + err[-2000:]) from None
         assert "hub ready" in err, err[-2000:]  # kept running: then it must have started properly
     assert "Traceback" not in err, err[-2000:]
     if "hub ready" not in err:
@@ -505,7 +505,7 @@ def test_passwords_are_stored_only_as_salted_scrypt_hashes(site_env, tmp_path):
     conn = sqlite3.connect(tmp_path / "data" / "index.sqlite3")
     hashes = dict(conn.execute("SELECT name, password_hash FROM sites"))
     conn.close()
-    for name, stored in hashes.items():
+    for _name, stored in hashes.items():
         assert re.fullmatch(r"scrypt\$16384\$8\$1\$[A-Za-z0-9+/=]{24}\$[A-Za-z0-9+/=]{44}", stored), stored
         assert password not in stored
     assert hashes["one"].split("$")[4] != hashes["two"].split("$")[4]  # salted

@@ -162,7 +162,7 @@ def test_acknowledged_mails_survive_sigkill(make_hub):
     indexed = {blob for blob, _, _, _ in rows.values()}
     assert files - indexed == set(), "blob files without an index row"
     assert indexed - files == set(), "index rows without a blob file"
-    for qid, (blob, size, sha, refs) in rows.items():
+    for qid, (_blob, size, sha, refs) in rows.items():
         data = stored[qid]
         assert len(data) == size, qid
         assert hashlib.sha256(data).hexdigest() == sha, f"{qid}: blob does not match its indexed sha256"

@@ -226,7 +226,7 @@ def test_pop3_idle_timeout_counts_complete_commands_not_bytes(make_hub):
     chatty, trickler = connections
     started = time.monotonic()
     trickler_closed = None
-    for n in range(80):
+    for _n in range(80):
         chatty.sendall(b"NOOP\r\n")
         assert chatty.recv(1000) == b"+OK\r\n"   # complete commands every 0.2 s keep it open
         if trickler_closed is None:

@@ -103,7 +103,7 @@ def test_malformed_oversized_and_unknown_requests_get_clean_replies(hub):
 def test_slowloris_and_connection_floods(hub):
     port = hub.ports["metrics"]
     slow = []
-    for n in range(http_server.MAX_PER_ADDRESS):   # one address's share, each trickling a head
+    for _n in range(http_server.MAX_PER_ADDRESS):   # one address's share, each trickling a head
         sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(ATTACKER, 0))
         sock.sendall(b"GET /metrics HTTP/1.1\r\n")
         slow.append(sock)

@@ -244,21 +244,21 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     assert gone.command("DATA").startswith(b"354")
     gone.send(b"Subject: x\r\n\r\n" + b"y" * 5000)
     gone.close()   # the hub reads what was sent before it sees the end
-    line = _wait_for(lambda: [l for l in _abort_lines(hub) if "reason='client closed'" in l])
+    line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='client closed'" in entry])
     assert len(line) == 1 and "site=- from=<alpha@hub.test> rcpts=beta@hub.test received=5014" in line[0], line
 
     idle = open_transaction()   # idle timeout between two BDAT chunks
     idle.send(b"BDAT 4\r\nabcd")
     assert idle.reply().startswith(b"250 2.0.0 4 octets")
     assert idle.rest(5).startswith(b"421 4.4.2")
-    line = _wait_for(lambda: [l for l in _abort_lines(hub) if "reason='idle timeout'" in l])
+    line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='idle timeout'" in entry])
     assert len(line) == 1 and "received=4 " in line[0]
 
     reset = open_transaction()  # RSET between BDAT chunks
     reset.send(b"BDAT 3\r\nabc")
     assert reset.reply().startswith(b"250")
     assert reset.command("RSET").startswith(b"250")
-    line = _wait_for(lambda: [l for l in _abort_lines(hub) if "reason='reset'" in l])
+    line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='reset'" in entry])
     assert len(line) == 1 and "received=3 " in line[0]
 
     busy = open_transaction()   # shutdown while a DATA is being received
@@ -276,7 +276,7 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     hub.proc.send_signal(signal.SIGTERM)
-    _wait_for(lambda: [l for l in _abort_lines(hub) if "reason='shutdown'" in l], timeout=15)
+    _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='shutdown'" in entry], timeout=15)
     hub.proc.wait(15)
     sender.join(10)
     for client in (gone, idle, reset, busy):

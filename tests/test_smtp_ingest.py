@@ -132,7 +132,7 @@ def test_pipelined_transactions_in_one_write(hub):
     raw.reply()
     bodies = [make_message(1000 + i) for i in range(5)]
     batch = b""
-    for body in bodies:
+    for _ in bodies:
         batch += b"MAIL FROM:<alpha@hub.test>\r\nRCPT TO:<beta@hub.test>\r\nDATA\r\n"
     raw.send(batch[:batch.index(b"DATA\r\n") + 6])
     queue_ids = []

@@ -81,7 +81,7 @@ def no_trace(hub) -> list[str]:
 def stored_by_message_id(hub) -> dict[str, list[str]]:
     """Message-ID -> SHA-256 of each stored copy (the hub's Received: line stripped)."""
     found: dict[str, list[str]] = {}
-    for qid, blob, offset, size in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages"):
+    for _qid, blob, offset, size in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages"):
         with open(hub.data_dir / "blobs" / blob, "rb") as f:
             data = os.pread(f.fileno(), size, offset)
         body = data[data.index(b"\r\nFrom: ") + 2:]
@@ -100,7 +100,7 @@ def test_one_outcome_per_transaction(make_hub, tmp_path, process, point, action,
     after_4xx, after_drop, acknowledged = set(), set(), {}
     for message in mails:
         mid = MID_RE.search(message).group(1).decode()
-        for attempt in range(3):
+        for _attempt in range(3):
             reply = deliver(hub, message)
             if reply.startswith("250"):
                 outcomes["acknowledged"] += 1

@@ -68,7 +68,7 @@ def test_packed_mails_read_back_exactly_and_are_freed_with_their_last_message(hu
     pop.pass_(PASSWORD)
     numbers = {uid.decode(): int(n) for n, uid in (line.split() for line in pop.uidl()[1])}
     assert len(numbers) == len(sent)
-    for qid, mail in sent.items():
+    for qid in sent:
         (uid,), = hub.query("SELECT uid FROM mailbox WHERE queue_id = ?", qid)
         lines = pop.retr(numbers[str(uid)])[1]
         assert b"\r\n".join(lines) + b"\r\n" == hub.stored(qid), qid
