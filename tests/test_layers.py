@@ -60,6 +60,7 @@ def tree_copy(tmp_path_factory) -> Path:
     ("relay/imap/parser.py", "def f():\n    from relay.imap import server",
      "relay.imap.parser is not allowed to import relay.imap.server"),
     ("relay/smtp/syntax.py", "def f():\n    import storage", "relay.smtp.syntax is not allowed to import storage"),
+    ("relay/smtp/protocol.py", "import ssl", "relay.smtp.protocol is not allowed to import ssl"),
 ])
 def test_an_upward_import_breaks_a_contract(tree_copy, module, line, broken):
     path = tree_copy / module

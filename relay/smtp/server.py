@@ -1,23 +1,22 @@
 # SMTP ingress: aiosmtpd's session objects (through relay.smtp.aiosmtpd_adapter, the only module
 # touching aiosmtpd's private members) with the hub's own command loop (lines bounded, every
-# malformed one answered, syntax in relay.smtp.syntax) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/
-# STARTTLS. DATA and BDAT are read in large chunks straight into a spool file (never line by line,
+# malformed one answered) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/STARTTLS. What the protocol
+# allows in which phase, command lines, reply bytes and the AUTH exchange are the sans-I/O core
+# relay.smtp.protocol (argument syntax: relay.smtp.syntax). DATA and BDAT are read in large chunks straight into a spool file (never line by line,
 # never the whole message in memory; read buffers count in the memory budget); a 250 is sent only
 # after storage has committed the message durably. Relay control lives in relay.smtp.policy, reply texts
 # in relay.smtp.replies; this module is the I/O glue. It must never let a client's input reach a
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
-import base64
 import collections
 import ipaddress
 import logging
-import re
 import ssl
 import time
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from aiosmtpd.smtp import AuthResult, Envelope, syntax
+from aiosmtpd.smtp import Envelope, syntax
 
 from directory import DirectoryError, DirectoryMailer, KeyRing, recipients_under_policy
 from quotas import SetPart, Throttle, Verdict
@@ -39,7 +38,9 @@ from relay.outbound.routes import route_for
 from relay.smtp.pacing import Pacer
 from relay.smtp.policy import Client, recipient_verdict, sender_verdict
 from relay.smtp.stream import DataDecoder
-from relay.smtp.syntax import decode_sasl, parse_bdat, parse_helo, parse_path, parse_size, split_command
+from relay.smtp.protocol import (NO_ARGUMENT, AuthExchange, Challenge, Credentials, Phase, command, ehlo_reply,
+                                 is_syntax_error, phase_of, refusal, wire)
+from relay.smtp.syntax import parse_bdat, parse_helo, parse_path, parse_size
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
@@ -50,7 +51,6 @@ _REFUSALS = {connection_limits.TOTAL: R.TOO_MANY_CONNECTIONS,
              connection_limits.PER_ADDRESS: R.TOO_MANY_CONNECTIONS_FROM_ADDRESS,
              connection_limits.UNAUTHENTICATED: R.TOO_MANY_UNAUTHENTICATED,
              connection_limits.UNAUTHENTICATED_PER_ADDRESS: R.TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS}
-_COUNTED_ERRORS = frozenset(("500", "501", "504", "555"))   # syntax errors, counted by smtp.max_bad_commands
 _YIELD_EVERY = 16   # commands run between two turns of the event loop: a client pipelining 256 KB of
                     # NOOPs (40,000 commands, all buffered) would otherwise hold the loop for a second
 
@@ -139,8 +139,6 @@ class SmtpContext:
 
 class HubSMTP(AiosmtpdSession):
     line_length_limit = _READER_LIMIT
-    AuthLoginUsernameChallenge = "Username:"   # as most servers prompt (aiosmtpd: "User Name\0")
-    AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, ctx: SmtpContext):
         cfg = ctx.cfg
@@ -281,16 +279,11 @@ class HubSMTP(AiosmtpdSession):
             if served % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)   # buffered commands do not suspend the reader: let others run
             line = await self._read_line()
-            if line is None or len(line) > limits.max_line_length:
-                parsed = R.LINE_TOO_LONG
-            else:
-                parsed = split_command(line)
+            parsed = command(line, limits.max_line_length, self.commands)
             if not isinstance(parsed, str):
                 verb, arg = parsed
-                method = self.commands.get(verb)
-                if method is None:
-                    parsed = R.UNKNOWN_COMMAND
-                elif calls[verb] >= limits.max_commands:
+                method = self.commands[verb]
+                if calls[verb] >= limits.max_commands:
                     log.warning("%s: %s sent too many times", self._peer_ip, verb)
                     self.close_now(f"421 4.7.0 {verb} sent too many times")
                     return
@@ -361,13 +354,11 @@ class HubSMTP(AiosmtpdSession):
 
     async def push(self, status) -> None:
         if isinstance(status, str):
-            if status[:3] in _COUNTED_ERRORS:
+            if is_syntax_error(status):
                 self._errors += 1
-            status = _with_enhanced_code(status)
-            if not status.isprintable():   # a reply echoing the client's control bytes (or a multi-line one)
-                status = _CONTROL_CHARS.sub("?", status)
-            status = status.encode("ascii", "replace")
-        self._held.append(status + b"\r\n")
+            self._held.append(wire(status))
+        else:
+            self._held.append(status + b"\r\n")
         await self._flush_held()
 
     async def _flush_held(self) -> None:
@@ -417,14 +408,9 @@ class HubSMTP(AiosmtpdSession):
         self.reset_transaction()
         self.session.extended_smtp = True
         self.session.host_name = hostname
-        lines = [f"250-{self.hostname}", f"250-SIZE {self.ctx.cfg.smtp.max_message_size}", "250-8BITMIME",
-                 "250-PIPELINING", "250-CHUNKING", "250-ENHANCEDSTATUSCODES"]
-        if self.tls_context and not self.tls_active:
-            lines.append("250-STARTTLS")
-        if not self.auth_require_tls or self.tls_active:
-            lines.append("250-AUTH PLAIN LOGIN")
-        lines.append("250 HELP")
-        await self.push("\r\n".join(lines))
+        await self.push(ehlo_reply(self.hostname, self.ctx.cfg.smtp.max_message_size,
+                                   starttls=bool(self.tls_context) and not self.tls_active,
+                                   auth=not self.auth_require_tls or self.tls_active))
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None):
@@ -440,7 +426,7 @@ class HubSMTP(AiosmtpdSession):
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str | None):
         if arg is not None:
-            await self.push("501 5.5.4 Syntax: QUIT")
+            await self.push(NO_ARGUMENT["QUIT"])
             return
         self._closing_why = "quit"
         await self.push(R.BYE)
@@ -449,7 +435,7 @@ class HubSMTP(AiosmtpdSession):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str):
         if arg:
-            await self.push("501 5.5.4 Syntax: STARTTLS")
+            await self.push(NO_ARGUMENT["STARTTLS"])
             return
         if not self.tls_context:
             await self.push(R.TLS_UNAVAILABLE)
@@ -484,87 +470,38 @@ class HubSMTP(AiosmtpdSession):
         if self.session.authenticated:
             await self.push(R.AUTH_ALREADY)
             return
-        if self.envelope.mail_from is not None:
-            await self.push(R.BAD_SEQUENCE)
+        sequence_error = refusal("AUTH", self._phase())
+        if sequence_error:
+            await self.push(sequence_error)
             return
-        words = arg.split(" ") if arg else []
-        if not 1 <= len(words) <= 2:
-            await self.push(R.AUTH_SYNTAX)
-            return
-        mechanism = words[0].upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
-            await self.push(R.AUTH_UNKNOWN_MECHANISM)
-            return
-        initial = None
-        if len(words) == 2:
-            initial = decode_sasl(words[1])
-            if initial is None:
-                await self.push(R.AUTH_BAD_BASE64)
-        if len(words) == 1 or initial is not None:
-            if mechanism == "PLAIN":
-                result = await self._auth_plain(initial)
-            else:
-                result = await self._auth_login(initial)
-            if result.success:
-                self.session.authenticated = True
-                self.session.auth_data = result.auth_data
-                await self.push(R.AUTH_OK)
-            elif not result.handled:
-                await self.push(result.message or R.AUTH_FAILED)
-        if not self.session.authenticated and arg and arg.split()[0].upper() in ("PLAIN", "LOGIN"):
+        exchange = AuthExchange(arg)
+        event = exchange.start()
+        while isinstance(event, Challenge):
+            self._held.append(event.line)
+            await self._flush_held()
+            line = await self._read_line()
+            event = exchange.receive(None if line is None or len(line) > self.ctx.cfg.smtp.max_line_length
+                                     else line)
+        if isinstance(event, Credentials):
+            reply = await self._check_login(event.login, event.password)
+        else:
+            reply = event.reply
+        await self.push(reply)
+        if not self.session.authenticated and exchange.counts:
             self._auth_failures += 1
             if self._auth_failures >= _MAX_AUTH_FAILURES:
                 self.close_now(R.TOO_MANY_AUTH_FAILURES)
 
-    async def challenge_auth(self, challenge: str) -> bytes | None:
-        """Send a 334 challenge and read the client's response: its bytes, or None once the
-        exchange failed and was answered (cancelled with "*", not base64, too long)."""
-        await self.push(b"334 " + base64.b64encode(challenge.encode()))
-        line = await self._read_line()
-        if line is None or len(line) > self.ctx.cfg.smtp.max_line_length:
-            await self.push(R.LINE_TOO_LONG)
-            return None
-        if line.strip(b" ") == b"*":
-            await self.push(R.AUTH_CANCELLED)
-            return None
-        blob = decode_sasl(line.strip(b" "))
-        if blob is None:
-            await self.push(R.AUTH_BAD_BASE64)
-        return blob
-
-    async def _auth_plain(self, blob: bytes | None) -> AuthResult:
-        if blob is None:
-            blob = await self.challenge_auth("")
-            if blob is None:
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\x00")
-        if len(parts) != 3:
-            await self.push(R.AUTH_MALFORMED)
-            return AuthResult(success=False, handled=True)
-        authzid, login, password = parts
-        if authzid and authzid != login:   # RFC 4616: a site may act only as itself
-            await self.push(R.AUTH_FAILED)
-            return AuthResult(success=False, handled=True)
-        return await self._check_login(login, password)
-
-    async def _auth_login(self, login: bytes | None) -> AuthResult:
-        if login is None:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is None:
-                return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if password is None:
-            return AuthResult(success=False, handled=True)
-        return await self._check_login(login, password)
-
-    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+    async def _check_login(self, login: bytes, password: bytes) -> str:
+        """Log in as the site (the session is then authenticated); the reply."""
         outcome = await self.ctx.logins.login("smtp", self._peer_ip, login.decode("utf-8", "replace"),
                                               password.decode("utf-8", "replace"))
         if outcome.site is None:
-            message = R.AUTH_FAILED if outcome.temporary is None else R.auth_temporary_failure(outcome.temporary)
-            return AuthResult(success=False, handled=False, message=message)
+            return R.AUTH_FAILED if outcome.temporary is None else R.auth_temporary_failure(outcome.temporary)
         self._logged_in()
-        return AuthResult(success=True, auth_data=outcome.site, message=R.AUTH_OK)
+        self.session.authenticated = True
+        self.session.auth_data = outcome.site
+        return R.AUTH_OK
 
     @property
     def _site(self) -> Site | None:
@@ -579,8 +516,7 @@ class HubSMTP(AiosmtpdSession):
 
     @syntax("MAIL FROM:<address>", extended=" [SIZE=<size>] [BODY=7BIT|8BITMIME]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        nested = R.NESTED_MAIL if self.envelope.mail_from is not None else None
-        parsed = await self._path_or_reply(arg, "FROM:", nested)
+        parsed = await self._path_or_reply("MAIL", arg, "FROM:")
         if parsed is None:
             return
         if self._site is not None and self._gone(self._site):   # `mailhub site remove` while logged in
@@ -620,8 +556,7 @@ class HubSMTP(AiosmtpdSession):
 
     @syntax("RCPT TO:<address>")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        no_mail = R.NEED_MAIL if self.envelope.mail_from is None else None
-        parsed = await self._path_or_reply(arg, "TO:", no_mail)
+        parsed = await self._path_or_reply("RCPT", arg, "TO:")
         if parsed is None:
             return
         address, params = parsed
@@ -707,11 +642,15 @@ class HubSMTP(AiosmtpdSession):
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self._from_peer_network)
 
-    async def _path_or_reply(self, arg: str | None, keyword: str, sequence_error: str | None):
+    def _phase(self) -> Phase:
+        tx = self.envelope
+        return phase_of(bool(self.session.host_name), tx.mail_from is not None, tx.has_recipients,
+                        tx.bdat is not None, tx.bdat_failed)
+
+    async def _path_or_reply(self, verb: str, arg: str | None, keyword: str):
         """The common start of MAIL and RCPT: (address, params), or None once a reply was sent."""
-        if await self.check_helo_needed():
-            return None
-        if sequence_error is not None:
+        sequence_error = refusal(verb, self._phase())
+        if sequence_error:
             await self.push(sequence_error)
             return None
         parsed = parse_path(arg, keyword, null_allowed=keyword == "FROM:")
@@ -724,16 +663,10 @@ class HubSMTP(AiosmtpdSession):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        if self.envelope.bdat is not None or self.envelope.bdat_failed:
-            await self.push(R.DATA_AFTER_BDAT)
-            return
-        if not self.envelope.has_recipients:
-            await self.push(R.NEED_RCPT if self.envelope.mail_from is not None else R.NEED_MAIL)
+        phase = self._phase()
+        reply = NO_ARGUMENT["DATA"] if arg and phase is not Phase.CONNECTED else refusal("DATA", phase)
+        if reply:
+            await self.push(reply)
             return
         self._in_data = True
         tx = self.envelope
@@ -781,7 +714,8 @@ class HubSMTP(AiosmtpdSession):
                 tx.bdat, tx.bdat_failed = None, True
             await self.push(R.BDAT_SYNTAX)
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
-        usable = bool(self.session.host_name and tx.has_recipients and not tx.bdat_failed)
+        sequence_error = refusal("BDAT", self._phase())
+        usable = sequence_error is None
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
@@ -790,7 +724,7 @@ class HubSMTP(AiosmtpdSession):
         try:
             await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots, tx.pacer)
             if not usable:
-                reply = self._bdat_refusal()
+                reply = sequence_error
             elif tx.bdat.failed or last:
                 reply = await self._finish(tx.bdat, tx.bdat_dots.found)
                 tx.bdat, tx.bdat_failed = None, reply[0] != "2"
@@ -802,14 +736,6 @@ class HubSMTP(AiosmtpdSession):
         finally:
             self._data_over()
         await self._reply_after_transaction(reply, reset=last)
-
-    def _bdat_refusal(self) -> str:
-        tx = self.envelope
-        if not self.session.host_name:
-            return R.BAD_SEQUENCE
-        if tx.bdat_failed:
-            return R.NO_BDAT_TRANSACTION
-        return R.NEED_RCPT if tx.mail_from is not None else R.NEED_MAIL
 
     async def _read_chunk(self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None,
                           pacer: Pacer | None):
@@ -956,20 +882,6 @@ class HubSMTP(AiosmtpdSession):
             self.close_now(R.SHUTTING_DOWN)
 
 
-# aiosmtpd's own replies lack RFC 3463 codes; ENHANCEDSTATUSCODES promises them on every reply.
-_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0",
-                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-                     "530": "5.7.0", "535": "5.7.8", "554": "5.0.0"}
-_HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-
-
-def _with_enhanced_code(status: str) -> str:
-    code = status[:3]
-    if code in _DEFAULT_ENHANCED and "\r\n" not in status and not _HAS_ENHANCED.match(status):
-        return f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}".rstrip()
-    return status
-
-
 def _why(error: BaseException) -> str:
     """Why a transaction ended without a reply, when the hub did not close the connection itself."""
     if isinstance(error, asyncio.CancelledError):
@@ -979,7 +891,6 @@ def _why(error: BaseException) -> str:
     return type(error).__name__
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")   # all but CR and LF
 _date_cache = [0, ""]
 
 
