@@ -3,7 +3,7 @@
 # when the connection ends. When it passes, the session's own `expire` closes the connection (with
 # its protocol's reply) and says so; such a close is counted (metric login_timeouts).
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from relay import metrics
 from relay.connection_limits import Ticket

@@ -2,10 +2,11 @@
 # touching aiosmtpd's private members) with the hub's own command loop (lines bounded, every
 # malformed one answered) and its own HELO/EHLO/MAIL/RCPT/DATA/BDAT/AUTH/STARTTLS. What the protocol
 # allows in which phase, command lines, reply bytes and the AUTH exchange are the sans-I/O core
-# relay.smtp.protocol (argument syntax: relay.smtp.syntax). DATA and BDAT are read in large chunks straight into a spool file (never line by line,
-# never the whole message in memory; read buffers count in the memory budget); a 250 is sent only
-# after storage has committed the message durably. Relay control lives in relay.smtp.policy, reply texts
-# in relay.smtp.replies; this module is the I/O glue. It must never let a client's input reach a
+# relay.smtp.protocol (argument syntax: relay.smtp.syntax). DATA and BDAT are read in large chunks
+# straight into a spool file (never line by line, never the whole message in memory; read buffers
+# count in the memory budget); a 250 is sent only after storage has committed the message durably.
+# Relay control lives in relay.smtp.policy, reply texts in relay.smtp.replies; this module is the
+# I/O glue. It must never let a client's input reach a
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
 import collections
