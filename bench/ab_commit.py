@@ -61,23 +61,30 @@ def worktree(rev: str, root: str) -> str:
     if os.path.isdir(rev):
         return os.path.abspath(rev)
     path = os.path.join(root, rev.replace("/", "_"))
-    subprocess.run(["git", "-C", REPO_ROOT, "worktree", "add", "--detach", path, rev], check=True,
-                   capture_output=True)
+    subprocess.run(["git", "-C", REPO_ROOT, "worktree", "add", "--detach", path, rev], check=True, capture_output=True)
     return path
 
 
 def run(tree: str, size: int, seconds: float, concurrency: int, root: str) -> dict:
     env = dict(os.environ, PYTHONPATH=tree)
-    out = subprocess.run([sys.executable, "-c", _RUN, str(size), str(seconds), str(concurrency), root], cwd=tree,
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN, str(size), str(seconds), str(concurrency), root],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise SystemExit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ap = argument_parser("bench.ab_commit", "The storage commit path (no SMTP) of two revisions side by side: mails/s and CPU\n"
-                         "seconds per 1000 mails of the hub and of the index writer process, alternating rounds.")
+    ap = argument_parser(
+        "bench.ab_commit",
+        "The storage commit path (no SMTP) of two revisions side by side: mails/s and CPU\n"
+        "seconds per 1000 mails of the hub and of the index writer process, alternating rounds.",
+    )
     ap.add_argument("--a", required=True, help="revision A (a commit, or a source tree)")
     ap.add_argument("--b", default=REPO_ROOT, help="revision B (default: this checkout)")
     ap.add_argument("--size", type=int, default=10_000, help="bytes per mail (default 10000)")
@@ -91,19 +98,24 @@ def main() -> None:
     figures = {side: [] for side in trees}
     try:
         for round_no in range(args.rounds):
-            for side in (("A", "B") if round_no % 2 == 0 else ("B", "A")):
+            for side in ("A", "B") if round_no % 2 == 0 else ("B", "A"):
                 res = run(trees[side], args.size, args.seconds, args.concurrency, root)
                 rate = res["mails"] / res["seconds"]
                 cpu = [1000 * res[k] / res["mails"] for k in ("hub_user", "hub_sys", "writer_user", "writer_sys")]
                 figures[side].append([rate] + cpu)
-                print(f"round {round_no} {side}: {rate:.0f} mails/s, CPU s per 1000 mails: hub {cpu[0]:.3f} user"
-                      f" + {cpu[1]:.3f} sys, writer {cpu[2]:.3f} user + {cpu[3]:.3f} sys", flush=True)
+                print(
+                    f"round {round_no} {side}: {rate:.0f} mails/s, CPU s per 1000 mails: hub {cpu[0]:.3f} user"
+                    f" + {cpu[1]:.3f} sys, writer {cpu[2]:.3f} user + {cpu[3]:.3f} sys",
+                    flush=True,
+                )
         for i, what in enumerate(("mails/s", "hub user", "hub sys", "writer user", "writer sys")):
             a = [f[i] for f in figures["A"]]
             b = [f[i] for f in figures["B"]]
             ratios = [y / x for x, y in zip(a, b) if x]
-            print(f"{what}: A median {statistics.median(a):.3f}, B median {statistics.median(b):.3f},"
-                  f" B/A median {statistics.median(ratios) if ratios else float('nan'):.3f}")
+            print(
+                f"{what}: A median {statistics.median(a):.3f}, B median {statistics.median(b):.3f},"
+                f" B/A median {statistics.median(ratios) if ratios else float('nan'):.3f}"
+            )
     finally:
         for tree in trees.values():
             if tree.startswith(root):

@@ -14,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 
+from bench.common import REPO_ROOT, argument_parser, command_line
 from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, RECEIVER, SENDER, WORKLOADS, hub_env
 from bench.smtp_blast import blast, make_body
-from bench.common import REPO_ROOT, argument_parser, command_line
 from loadtest.thirdparty import LOOPBACK, free_port, wait_banner
 
 
@@ -26,16 +26,37 @@ def hub_from(checkout: str, workdir: str):
     data_dir = os.path.join(workdir, "hub-data")
     port = free_port()
     # figures of more than the receiver could drain in time: the throttle's admission stays out of it
-    env = hub_env(data_dir, port, extra_env={"PYTHONPATH": checkout, "MAILHUB_THROTTLE_DRAIN_ADMISSION": "false",
-                                             "MAILHUB_THROTTLE_PACING": "false"})
+    env = hub_env(
+        data_dir,
+        port,
+        extra_env={
+            "PYTHONPATH": checkout,
+            "MAILHUB_THROTTLE_DRAIN_ADMISSION": "false",
+            "MAILHUB_THROTTLE_PACING": "false",
+        },
+    )
     command = [sys.executable, "-m", "mailhub.cli"]
     for site in (SENDER, RECEIVER):
-        subprocess.run(command + ["site", "add", site, "--address", f"{site}@{HUB_DOMAIN}", "--password-stdin"],
-                       input=PASSWORD + "\n", text=True, env=env, cwd=checkout, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            command + ["site", "add", site, "--address", f"{site}@{HUB_DOMAIN}", "--password-stdin"],
+            input=PASSWORD + "\n",
+            text=True,
+            env=env,
+            cwd=checkout,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     with open(os.path.join(workdir, "hub.log"), "ab") as log:
-        proc = subprocess.Popen(command + ["serve"], env=env, cwd=checkout, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command + ["serve"],
+            env=env,
+            cwd=checkout,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             wait_banner(port, proc=proc, timeout=60)
             yield port, proc.pid
@@ -69,9 +90,20 @@ def run(checkout: str, workload, mails: int, body: bytes) -> dict:
     try:
         with hub_from(checkout, workdir) as (port, pid):
             cpu_before = cpu_seconds(pid)
-            result = asyncio.run(blast(LOOPBACK, port, sessions=sessions, mails=mails, size=size, body=body,
-                                       user=SENDER, password=PASSWORD, mail_from=f"{SENDER}@{HUB_DOMAIN}",
-                                       rcpt=f"{RECEIVER}@{HUB_DOMAIN}"))
+            result = asyncio.run(
+                blast(
+                    LOOPBACK,
+                    port,
+                    sessions=sessions,
+                    mails=mails,
+                    size=size,
+                    body=body,
+                    user=SENDER,
+                    password=PASSWORD,
+                    mail_from=f"{SENDER}@{HUB_DOMAIN}",
+                    rcpt=f"{RECEIVER}@{HUB_DOMAIN}",
+                )
+            )
             result["cpu"] = cpu_seconds(pid) - cpu_before
             return result
     finally:
@@ -80,27 +112,36 @@ def run(checkout: str, workload, mails: int, body: bytes) -> dict:
 
 
 def main() -> int:
-    ap = argument_parser("bench.ab_ingest", "SMTP ingest of this checkout against a base commit, side by side in alternating rounds")
+    ap = argument_parser(
+        "bench.ab_ingest", "SMTP ingest of this checkout against a base commit, side by side in alternating rounds"
+    )
     ap.add_argument("--base", required=True, help="commit to compare this checkout with")
-    ap.add_argument("--workload", nargs="+", default=["50MB", "10KB"], choices=[w[0] for w in WORKLOADS], help="workloads to run (default 50MB 10KB)")
+    ap.add_argument(
+        "--workload",
+        nargs="+",
+        default=["50MB", "10KB"],
+        choices=[w[0] for w in WORKLOADS],
+        help="workloads to run (default 50MB 10KB)",
+    )
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (default 4)")
     ap.add_argument("--seconds", type=float, default=10.0, help="at least this long per figure")
     args = ap.parse_args()
     print(command_line("bench.ab_ingest"), flush=True)
     base = tempfile.mkdtemp(prefix="ab-base-")
-    subprocess.run(["git", "worktree", "add", "--detach", base, args.base], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", base, args.base], cwd=REPO_ROOT, check=True, capture_output=True
+    )
     sides = {"this": str(REPO_ROOT), "base": base}
     try:
         for workload in (w for w in WORKLOADS if w[0] in args.workload):
             name, label, size, sessions, _counts, unit = workload
             body = make_body(max(0, size - 160))
             key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
-            probe = run(sides["this"], workload, 2 * sessions, body)   # calibrate the count for --seconds
+            probe = run(sides["this"], workload, 2 * sessions, body)  # calibrate the count for --seconds
             mails = max(2 * sessions, int(probe["mails_per_s"] * args.seconds * 1.2))
-            per_unit = unit.split("/")[0].rstrip("s")   # "MB" or "mail"
+            per_unit = unit.split("/")[0].rstrip("s")  # "MB" or "mail"
             figures = {"this": [], "base": []}
-            cpu = {"this": [], "base": []}   # ms of hub CPU per MB or per mail
+            cpu = {"this": [], "base": []}  # ms of hub CPU per MB or per mail
             print(f"{label}: {mails} mails per figure, {args.rounds} alternating rounds", flush=True)
             for round_no in range(args.rounds):
                 order = ("this", "base") if round_no % 2 == 0 else ("base", "this")
@@ -110,13 +151,19 @@ def main() -> int:
                     figures[side].append(result[key])
                     per = result["bytes"] / 1e6 if unit == "MB/s" else result["mails"]
                     cpu[side].append(1000 * result["cpu"] / per)
-                    print(f"  round {round_no + 1} {side}: {result[key]} {unit}, hub CPU {cpu[side][-1]:.3f} ms"
-                          f" per {per_unit} ({result['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+                    print(
+                        f"  round {round_no + 1} {side}: {result[key]} {unit}, hub CPU {cpu[side][-1]:.3f} ms"
+                        f" per {per_unit} ({result['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
             for what, values in (("throughput", figures), (f"CPU per {per_unit}", cpu)):
                 ratios = [a / b for a, b in zip(values["this"], values["base"])]
-                print(f"{label}, {what}: this {statistics.median(values['this']):.3f} vs base"
-                      f" {statistics.median(values['base']):.3f} (medians); this/base per round"
-                      f" {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}", flush=True)
+                print(
+                    f"{label}, {what}: this {statistics.median(values['this']):.3f} vs base"
+                    f" {statistics.median(values['base']):.3f} (medians); this/base per round"
+                    f" {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}",
+                    flush=True,
+                )
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", base], cwd=REPO_ROOT, capture_output=True)
     return 0

@@ -27,8 +27,18 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 
 from bench.abuse_attacks import ATTACKS
-from bench.abuse_gateway import (HOST, Gateway, HubProcesses, LagProbe, MemorySampler, Ports, Recorder, Sites,
-                                 download_imap, download_pop3)
+from bench.abuse_gateway import (
+    HOST,
+    Gateway,
+    HubProcesses,
+    LagProbe,
+    MemorySampler,
+    Ports,
+    Recorder,
+    Sites,
+    download_imap,
+    download_pop3,
+)
 from bench.abuse_inputs import BULK_MAILS, bulk_mail, hostile_mime_mails
 from bench.common import REPO_ROOT, argument_parser, command_line
 from loadtest.thirdparty import free_port
@@ -40,6 +50,7 @@ LAG_BUCKET_RE = re.compile(r'^mailhub_event_loop_lag_seconds_bucket\{[^}]*le="([
 
 # ------------------------------------------------------------------------- the hub
 
+
 class OwnHub:
     """A `mailhub serve` of the checkout `repo`, run by `python`, on fixed free loopback ports, in a
     data folder under `workdir`; restartable (same ports, same data) after a stall."""
@@ -50,30 +61,58 @@ class OwnHub:
         self.log_path = os.path.join(workdir, "hub.log")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
         self.env.update(
-            PYTHONPATH=repo, MAILHUB_DATA_DIR=os.path.join(workdir, "hub-data"), MAILHUB_DOMAIN=domain,
-            MAILHUB_SMTP_LISTEN=f"{HOST}:{self.ports.smtp}", MAILHUB_POP3_LISTEN=f"{HOST}:{self.ports.pop3}",
-            MAILHUB_IMAP_LISTEN=f"{HOST}:{self.ports.imap}", MAILHUB_METRICS_LISTEN=f"{HOST}:{self.ports.metrics}",
-            MAILHUB_LOG_LEVEL="info", MAILHUB_SHUTDOWN_TIMEOUT="5", MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="false",
+            PYTHONPATH=repo,
+            MAILHUB_DATA_DIR=os.path.join(workdir, "hub-data"),
+            MAILHUB_DOMAIN=domain,
+            MAILHUB_SMTP_LISTEN=f"{HOST}:{self.ports.smtp}",
+            MAILHUB_POP3_LISTEN=f"{HOST}:{self.ports.pop3}",
+            MAILHUB_IMAP_LISTEN=f"{HOST}:{self.ports.imap}",
+            MAILHUB_METRICS_LISTEN=f"{HOST}:{self.ports.metrics}",
+            MAILHUB_LOG_LEVEL="info",
+            MAILHUB_SHUTDOWN_TIMEOUT="5",
+            MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="false",
             # the IMAP attacks need hostile MIME in a mailbox, which the encryption policy refuses at SMTP
-            MAILHUB_ENCRYPTION_REQUIRED="false")
+            MAILHUB_ENCRYPTION_REQUIRED="false",
+        )
         self.env.update(extra_env)
         self.proc = None
 
     def cli(self, *args: str, stdin: str = "") -> None:
-        subprocess.run([self.python, "-m", "mailhub.cli", *args], input=stdin, text=True, env=self.env,
-                       cwd=self.repo, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [self.python, "-m", "mailhub.cli", *args],
+            input=stdin,
+            text=True,
+            env=self.env,
+            cwd=self.repo,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     def add_sites(self, sites: Sites) -> None:
         for name in sites.all():
-            self.cli("site", "add", name, "--address", f"{name}@{self.domain}", "--password-stdin",
-                     stdin=sites.password + "\n")
+            self.cli(
+                "site",
+                "add",
+                name,
+                "--address",
+                f"{name}@{self.domain}",
+                "--password-stdin",
+                stdin=sites.password + "\n",
+            )
 
     def start(self, wait: float = 60.0) -> None:
         with open(self.log_path, "ab") as log:
             mark = log.tell()
-            self.proc = subprocess.Popen([self.python, "-m", "mailhub.cli", "serve"], env=self.env, cwd=self.repo,
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [self.python, "-m", "mailhub.cli", "serve"],
+                env=self.env,
+                cwd=self.repo,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             with open(self.log_path, "rb") as log:
@@ -95,7 +134,7 @@ class OwnHub:
             except subprocess.TimeoutExpired:
                 pass
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)   # its own session: the index writer too
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the index writer too
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
@@ -109,8 +148,11 @@ class OwnHub:
 def fill_mailboxes(ports: Ports, sites: Sites, domain: str, mime_parts: int, bulk_mails: int) -> None:
     """The attacker's mailboxes: bulk mails of 1 MB with 60 KB headers (for FETCH and SEARCH) and
     one of each hostile MIME mail (for BODYSTRUCTURE); skipped where they are already there."""
-    wanted = {sites.attacker: [bulk_mail(domain, sites.attacker, sites.attacker, n) for n in range(bulk_mails)]
-              if mailbox_count(ports, sites, sites.attacker) < bulk_mails else []}
+    wanted = {
+        sites.attacker: [bulk_mail(domain, sites.attacker, sites.attacker, n) for n in range(bulk_mails)]
+        if mailbox_count(ports, sites, sites.attacker) < bulk_mails
+        else []
+    }
     mime = hostile_mime_mails(domain, sites.attacker, sites.attacker_mime, mime_parts)
     if mailbox_count(ports, sites, sites.attacker_mime) < len(mime):
         wanted[sites.attacker_mime] = [mail for _name, mail in mime]
@@ -163,13 +205,14 @@ def worst_bucket(before: dict | None, after: dict | None) -> str:
 
 # ------------------------------------------------------------------------- one window
 
+
 @dataclass
 class Row:
     attack: str
     probe_worst: float | None = None
     probe_failures: int = 0
     lag_metric: str = "n/a"
-    ops: dict = field(default_factory=dict)     # op -> (p50, p99, count, failures) in seconds
+    ops: dict = field(default_factory=dict)  # op -> (p50, p99, count, failures) in seconds
     failures: list = field(default_factory=list)
     rss_peak: int | None = None
     cpu_percent: float | None = None
@@ -220,16 +263,36 @@ class Bench:
 
     def attack(self, name: str, index: int) -> dict:
         a = self.args
-        target = dict(host=HOST, smtp=self.ports.smtp, pop3=self.ports.pop3, imap=self.ports.imap,
-                      metrics=self.ports.metrics, domain=a.domain, password=self.sites.password,
-                      sites={"sender": self.sites.sender, "pop3": self.sites.pop3, "imap": self.sites.imap,
-                             "attacker": self.sites.attacker, "attacker-mime": self.sites.attacker_mime,
-                             "sink": self.sites.sink},
-                      sources=[f"127.0.{10 + index}.{j}" for j in range(1, 5)], duration=a.duration,
-                      connections=a.connections, stalled_sessions=a.stalled_sessions, mime_parts=a.mime_parts)
+        target = dict(
+            host=HOST,
+            smtp=self.ports.smtp,
+            pop3=self.ports.pop3,
+            imap=self.ports.imap,
+            metrics=self.ports.metrics,
+            domain=a.domain,
+            password=self.sites.password,
+            sites={
+                "sender": self.sites.sender,
+                "pop3": self.sites.pop3,
+                "imap": self.sites.imap,
+                "attacker": self.sites.attacker,
+                "attacker-mime": self.sites.attacker_mime,
+                "sink": self.sites.sink,
+            },
+            sources=[f"127.0.{10 + index}.{j}" for j in range(1, 5)],
+            duration=a.duration,
+            connections=a.connections,
+            stalled_sessions=a.stalled_sessions,
+            mime_parts=a.mime_parts,
+        )
         try:
-            done = subprocess.run([sys.executable, "-m", "bench.abuse_attacks", name, json.dumps(target)],
-                                  cwd=REPO_ROOT, capture_output=True, text=True, timeout=a.duration + 30)
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.abuse_attacks", name, json.dumps(target)],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=a.duration + 30,
+            )
         except subprocess.TimeoutExpired:
             return {"note": "attacker overran its time and was killed"}
         if done.returncode != 0 or not done.stdout.strip():
@@ -262,8 +325,9 @@ class Bench:
             self.restart(row)
         self.measure(row, start, end)
         # a restarted hub's histogram starts again from zero: the stall itself was never observed
-        row.lag_metric = f"> {self.args.recover:.0f} (stalled)" if stalled else \
-            worst_bucket(lag_before, lag_buckets(self.ports))
+        row.lag_metric = (
+            f"> {self.args.recover:.0f} (stalled)" if stalled else worst_bucket(lag_before, lag_buckets(self.ports))
+        )
         if cpu_before is not None and cpu_after is not None:
             row.cpu_percent = 100 * (cpu_after - cpu_before) / (end - start)
         row.log_lines, row.tracebacks = self.log_between(log_before, self.log_size())
@@ -286,12 +350,15 @@ class Bench:
         for op in OPS:
             samples = self.recorder.between(start, end, op)
             times = [s.seconds for s in samples]
-            row.ops[op] = ((nearest_rank(times, 0.5), nearest_rank(times, 0.99)) if times else (None, None)) + \
-                (len(samples), sum(not s.ok for s in samples))
+            row.ops[op] = ((nearest_rank(times, 0.5), nearest_rank(times, 0.99)) if times else (None, None)) + (
+                len(samples),
+                sum(not s.ok for s in samples),
+            )
             row.failures += [f"{op}: {s.error}" for s in samples if not s.ok][:3]
 
 
 # ------------------------------------------------------------------------- the table
+
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
@@ -304,17 +371,34 @@ def _op(cell: tuple) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("attack", "worst lag, probe (s)", "lag metric (s)", "SMTP p50/p99 (ms)", "POP3 p50/p99 (ms)",
-            "IMAP p50/p99 (ms)", "hub RSS peak (MB)", "CPU hub+writer (%)", "log lines / tracebacks", "hub")
+    head = (
+        "attack",
+        "worst lag, probe (s)",
+        "lag metric (s)",
+        "SMTP p50/p99 (ms)",
+        "POP3 p50/p99 (ms)",
+        "IMAP p50/p99 (ms)",
+        "hub RSS peak (MB)",
+        "CPU hub+writer (%)",
+        "log lines / tracebacks",
+        "hub",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        probe = "-" if r.probe_worst is None else \
-            ("≥ " if r.state.startswith("STALLED") else "") + f"{r.probe_worst:.2f}"
+        probe = (
+            "-" if r.probe_worst is None else ("≥ " if r.state.startswith("STALLED") else "") + f"{r.probe_worst:.2f}"
+        )
         probe += f" ({r.probe_failures} probe failures)" if r.probe_failures else ""
-        cells = (r.attack, probe, r.lag_metric, *(_op(r.ops[op]) for op in OPS),
-                 "-" if r.rss_peak is None else f"{r.rss_peak / 1e6:.0f}",
-                 "-" if r.cpu_percent is None else f"{r.cpu_percent:.0f}",
-                 "-" if r.log_lines is None else f"{r.log_lines} / {r.tracebacks}", r.state)
+        cells = (
+            r.attack,
+            probe,
+            r.lag_metric,
+            *(_op(r.ops[op]) for op in OPS),
+            "-" if r.rss_peak is None else f"{r.rss_peak / 1e6:.0f}",
+            "-" if r.cpu_percent is None else f"{r.cpu_percent:.0f}",
+            "-" if r.log_lines is None else f"{r.log_lines} / {r.tracebacks}",
+            r.state,
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -329,34 +413,59 @@ def notes(rows: list[Row]) -> str:
 
 def report(rows: list[Row], args, started: str, seconds: float) -> str:
     command = command_line("bench.abuse")
-    return (f"Abuse benchmark, {started}, {seconds:.0f} s: `{command}`\n"
-            f"hub: {args.hub_description}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n\n"
-            f"{table(rows)}\n\nWhat each attacker saw (counts over its {args.duration:g} s):\n{notes(rows)}\n")
+    return (
+        f"Abuse benchmark, {started}, {seconds:.0f} s: `{command}`\n"
+        f"hub: {args.hub_description}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n\n"
+        f"{table(rows)}\n\nWhat each attacker saw (counts over its {args.duration:g} s):\n{notes(rows)}\n"
+    )
 
 
 # ------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None):
-    ap = argument_parser("bench.abuse", "Run every attack class of issue 20 against a hub while a good "
-                                             "gateway works; print a table (docs/abuse-benchmark.md).")
+    ap = argument_parser(
+        "bench.abuse",
+        "Run every attack class of issue 20 against a hub while a good "
+        "gateway works; print a table (docs/abuse-benchmark.md).",
+    )
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per attack (default 10)")
     ap.add_argument("--attack", action="append", choices=sorted(ATTACKS), help="run only these (repeatable)")
-    ap.add_argument("--recover", type=float, default=20.0,
-                    help="seconds the hub gets after an attack to answer again before it counts as stalled")
-    ap.add_argument("--connections", type=int, default=1100,
-                    help="connections per protocol of the idle/slow pre-login attacks (default 1100)")
+    ap.add_argument(
+        "--recover",
+        type=float,
+        default=20.0,
+        help="seconds the hub gets after an attack to answer again before it counts as stalled",
+    )
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=1100,
+        help="connections per protocol of the idle/slow pre-login attacks (default 1100)",
+    )
     ap.add_argument("--stalled-sessions", type=int, default=300, help="SMTP sessions stalled mid-DATA")
     ap.add_argument("--mime-parts", type=int, default=20000, help="parts of the wide MIME mail")
-    ap.add_argument("--bulk-mails", type=int, default=BULK_MAILS,
-                    help=f"1 MB mails in the attacker's mailbox (default {BULK_MAILS})")
+    ap.add_argument(
+        "--bulk-mails",
+        type=int,
+        default=BULK_MAILS,
+        help=f"1 MB mails in the attacker's mailbox (default {BULK_MAILS})",
+    )
     ap.add_argument("--gateway-pause", type=float, default=0.1, help="seconds between good gateway rounds")
     ap.add_argument("--hub-repo", default=REPO_ROOT, help="checkout whose hub to start (default: this one)")
     ap.add_argument("--hub-python", help="its Python (default: HUB_REPO/.venv/bin/python, else this one)")
-    ap.add_argument("--hub-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for the started hub, e.g. MAILHUB_IMAP_MAX_CONNECTIONS=500")
-    ap.add_argument("--ports", metavar="SMTP,POP3,IMAP[,METRICS]",
-                    help="target a running hub on 127.0.0.1 instead of starting one; its sites must exist "
-                         "(see --print-setup)")
+    ap.add_argument(
+        "--hub-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the started hub, e.g. MAILHUB_IMAP_MAX_CONNECTIONS=500",
+    )
+    ap.add_argument(
+        "--ports",
+        metavar="SMTP,POP3,IMAP[,METRICS]",
+        help="target a running hub on 127.0.0.1 instead of starting one; its sites must exist (see --print-setup)",
+    )
     ap.add_argument("--hub-pid", type=int, help="pid of the running hub (for RSS and CPU)")
     ap.add_argument("--hub-log", help="log file of the running hub (for log lines and tracebacks)")
     ap.add_argument("--password", default="abuse-bench-pass-1", help="password of every benchmark site")
@@ -382,7 +491,7 @@ def run(args, ports: Ports, sites: Sites, hub: OwnHub | None, pid: int | None, l
     print("filling the attacker's mailboxes ...", flush=True)
     fill_mailboxes(ports, sites, args.domain, args.mime_parts, args.bulk_mails)
     names = [BASELINE, *(args.attack or ATTACKS)]
-    download_pop3(ports, sites, most=1000)     # the good mailboxes start empty
+    download_pop3(ports, sites, most=1000)  # the good mailboxes start empty
     download_imap(ports, sites, most=1000)
     rows = []
     with Bench(args, ports, sites, hub, pid, log_path) as bench:
@@ -410,13 +519,19 @@ def main(argv=None) -> None:
             args.hub_description = f"running hub on ports {args.ports}"
         else:
             python = args.hub_python or os.path.join(args.hub_repo, ".venv", "bin", "python")
-            hub = OwnHub(os.path.abspath(args.hub_repo), python if os.path.exists(python) else sys.executable,
-                         workdir, args.domain, dict(kv.split("=", 1) for kv in args.hub_env))
+            hub = OwnHub(
+                os.path.abspath(args.hub_repo),
+                python if os.path.exists(python) else sys.executable,
+                workdir,
+                args.domain,
+                dict(kv.split("=", 1) for kv in args.hub_env),
+            )
             hub.add_sites(sites)
             hub.start()
             ports, pid, log_path = hub.ports, hub.pid, hub.log_path
-            args.hub_description = f"started from {hub.repo} ({git_commit(hub.repo)})" + \
-                (f" with {' '.join(args.hub_env)}" if args.hub_env else "")
+            args.hub_description = f"started from {hub.repo} ({git_commit(hub.repo)})" + (
+                f" with {' '.join(args.hub_env)}" if args.hub_env else ""
+            )
         rows = run(args, ports, sites, hub, pid, log_path)
     finally:
         if hub is not None:
@@ -435,8 +550,12 @@ def main(argv=None) -> None:
 
 def git_commit(repo: str) -> str:
     try:
-        return subprocess.run(["git", "-C", repo, "log", "-1", "--format=%h %cs"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "not a git checkout"
+        return (
+            subprocess.run(
+                ["git", "-C", repo, "log", "-1", "--format=%h %cs"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "not a git checkout"
+        )
     except OSError:
         return "commit unknown"
 

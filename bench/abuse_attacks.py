@@ -23,6 +23,7 @@ READ_LIMIT = 1 << 20
 @dataclass
 class Target:
     """Where and as whom to attack, and how hard; built by bench/abuse.py, passed as JSON."""
+
     host: str
     smtp: int
     pop3: int
@@ -30,10 +31,10 @@ class Target:
     metrics: int | None
     domain: str
     password: str
-    sites: dict          # role -> site name (see abuse_gateway.Sites)
-    sources: list        # client addresses (127.x.y.z) this attack may connect from
+    sites: dict  # role -> site name (see abuse_gateway.Sites)
+    sources: list  # client addresses (127.x.y.z) this attack may connect from
     duration: float
-    connections: int     # connections per protocol for the connection-holding attacks
+    connections: int  # connections per protocol for the connection-holding attacks
     stalled_sessions: int
     mime_parts: int
 
@@ -53,7 +54,7 @@ class Run:
     deadline: float
     tally: collections.Counter = field(default_factory=collections.Counter)
     slowest: float = 0.0
-    received: int = 0      # bytes the hub sent, over all connections
+    received: int = 0  # bytes the hub sent, over all connections
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -65,7 +66,7 @@ class Run:
             raise Ended
         try:
             return await asyncio.wait_for(awaitable, left if cap is None else min(cap, left))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self.left() <= 0:
                 raise Ended from None
             raise
@@ -74,11 +75,16 @@ class Run:
         self.slowest = max(self.slowest, time.monotonic() - started)
 
     async def connect(self, port: int, source: str | None = None):
-        return await self.within(asyncio.open_connection(
-            self.target.host, port, local_addr=(source or self.target.sources[0], 0), limit=READ_LIMIT), cap=10)
+        return await self.within(
+            asyncio.open_connection(
+                self.target.host, port, local_addr=(source or self.target.sources[0], 0), limit=READ_LIMIT
+            ),
+            cap=10,
+        )
 
 
 # ------------------------------------------------------------------------- protocol helpers
+
 
 class Line:
     """A connection read line by line (replies) or in bulk up to a tagged IMAP reply."""
@@ -126,7 +132,7 @@ class Line:
             pending += chunk
             at = pending.find(marker)
             if at >= 0 and pending.find(b"\n", at + 1) >= 0:
-                return pending[at + len(marker):].split(None, 1)[0], total
+                return pending[at + len(marker) :].split(None, 1)[0], total
             pending = pending[-512:]
 
     def close(self) -> None:
@@ -166,22 +172,35 @@ def _kind(error: BaseException) -> str:
     if isinstance(error, (BrokenPipeError, ConnectionResetError)):
         return "closed by hub"
     text = str(error)
-    return "BYE" if text == "BYE" else "closed by hub" if "closed" in text or "reset" in text.lower() else \
-        type(error).__name__
+    return (
+        "BYE"
+        if text == "BYE"
+        else "closed by hub"
+        if "closed" in text or "reset" in text.lower()
+        else type(error).__name__
+    )
 
 
 async def workers(run: Run, count: int, worker) -> None:
     """`count` copies of worker(run, index) until the deadline; a worker that fails is restarted."""
+
     async def loop(index):
         while run.left() > 0:
             try:
                 await worker(run, index)
             except Ended:
                 return
-            except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError, ValueError) as e:
+            except (
+                TimeoutError,
+                OSError,
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ValueError,
+            ) as e:
                 run.tally[_kind(e)] += 1
                 await asyncio.sleep(min(0.05, max(0.0, run.left())))
+
     await asyncio.gather(*(loop(i) for i in range(count)))
 
 
@@ -200,12 +219,14 @@ async def imap_commands(run: Run, conn: Line, commands) -> None:
 
 async def imap_command_loop(run: Run, site: str, commands, select: bool = True) -> None:
     """Two logged-in IMAP sessions of `site`, each sending commands(index) one after the other."""
+
     async def worker(run, index):
         conn = await imap_login(run, run.target.sites[site], select=select)
         try:
             await imap_commands(run, conn, commands(index))
         finally:
             conn.close()
+
     await workers(run, 2, worker)
 
 
@@ -218,6 +239,7 @@ def attack(name: str, description: str):
     def register(fn):
         ATTACKS[name] = (description, fn)
         return fn
+
     return register
 
 
@@ -226,14 +248,19 @@ async def imap_list_pattern(run: Run) -> None:
     await imap_command_loop(run, "attacker", inputs.list_patterns, select=False)
 
 
-@attack("imap-fetch-many", "FETCH 1:* naming thousands of items (ENVELOPE, BODYSTRUCTURE, header fields, "
-                           "partial bodies) in one 60 KB command, responses read (2 connections)")
+@attack(
+    "imap-fetch-many",
+    "FETCH 1:* naming thousands of items (ENVELOPE, BODYSTRUCTURE, header fields, "
+    "partial bodies) in one 60 KB command, responses read (2 connections)",
+)
 async def imap_fetch_many(run: Run) -> None:
     await imap_command_loop(run, "attacker", lambda _index: inputs.many_item_fetches())
 
 
-@attack("imap-fetch-unread", "FETCH 1:* of every body 50 times over (~5 GB asked) on 4 connections that "
-                             "never read the response")
+@attack(
+    "imap-fetch-unread",
+    "FETCH 1:* of every body 50 times over (~5 GB asked) on 4 connections that never read the response",
+)
 async def imap_fetch_unread(run: Run) -> None:
     async def worker(run, index):
         conn = await imap_login(run, run.target.sites["attacker"])
@@ -243,23 +270,30 @@ async def imap_fetch_unread(run: Run) -> None:
             await asyncio.sleep(max(0.0, run.left()))
         finally:
             conn.close()
+
     await workers(run, 4, worker)
 
 
-@attack("imap-search-deep", "SEARCH with keys nested 1,000-16,000 deep (NOT NOT ..., ((( ))), OR OR ...) "
-                            "(2 connections)")
+@attack(
+    "imap-search-deep", "SEARCH with keys nested 1,000-16,000 deep (NOT NOT ..., ((( ))), OR OR ...) (2 connections)"
+)
 async def imap_search_deep(run: Run) -> None:
     await imap_command_loop(run, "attacker", lambda _index: inputs.deep_searches())
 
 
-@attack("imap-search-text", "HEADER/SUBJECT/BODY/TEXT searches, up to 60 KB needles, over 100 mails of "
-                            "1 MB with 60 KB headers (2 connections)")
+@attack(
+    "imap-search-text",
+    "HEADER/SUBJECT/BODY/TEXT searches, up to 60 KB needles, over 100 mails of 1 MB with 60 KB headers (2 connections)",
+)
 async def imap_search_text(run: Run) -> None:
     await imap_command_loop(run, "attacker", lambda _index: inputs.text_searches())
 
 
-@attack("mime-ingest", "SMTP submission of wide (N parts), deep (nested 2,000), dash-run, folded-header "
-                       "and many-boundary mails (2 sessions)")
+@attack(
+    "mime-ingest",
+    "SMTP submission of wide (N parts), deep (nested 2,000), dash-run, folded-header "
+    "and many-boundary mails (2 sessions)",
+)
 async def mime_ingest(run: Run) -> None:
     t = run.target
     mails = inputs.hostile_mime_mails(t.domain, t.sites["attacker"], t.sites["attacker-mime"], t.mime_parts)
@@ -282,11 +316,14 @@ async def mime_ingest(run: Run) -> None:
             raise
         finally:
             conn.close()
+
     await workers(run, 2, worker)
 
 
-@attack("imap-bodystructure", "FETCH BODYSTRUCTURE / ENVELOPE / BODY / deep BODY[1.1.1...] sections of "
-                              "the wide and deep mails (2 connections)")
+@attack(
+    "imap-bodystructure",
+    "FETCH BODYSTRUCTURE / ENVELOPE / BODY / deep BODY[1.1.1...] sections of the wide and deep mails (2 connections)",
+)
 async def imap_bodystructure(run: Run) -> None:
     await imap_command_loop(run, "attacker-mime", lambda _index: inputs.structure_fetches())
 
@@ -298,7 +335,7 @@ async def closed_within(run: Run, conn: Line, seconds: float) -> bool:
     """Whether the hub closes the connection within `seconds` (what it sends meanwhile is dropped)."""
     try:
         return await run.within(conn.reader.read(4096), cap=seconds) == b""
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 
@@ -306,12 +343,12 @@ async def _greeted_or_refused(run: Run, protocol: str) -> Line | None:
     """A new pre-login connection that was greeted, or None (tallied: refused, no reply, ...)."""
     try:
         conn = await open_line(run, getattr(run.target, protocol))
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         run.tally[f"{protocol} {_kind(e)}"] += 1
         return None
     try:
         greeting = await conn.line(cap=10)
-    except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError, ConnectionError) as e:
         run.tally[f"{protocol} {_kind(e)}"] += 1
         conn.close()
         return None
@@ -328,7 +365,7 @@ async def _keep(run: Run, protocol: str, conn: Line, trickle: bytes | None) -> N
     try:
         for sent in itertools.count():
             if trickle is not None:
-                await conn.send(trickle[sent % len(trickle):][:1])
+                await conn.send(trickle[sent % len(trickle) :][:1])
             if await closed_within(run, conn, 1.0 if trickle else run.left()):
                 run.tally[f"{protocol} closed by hub"] += 1
                 return
@@ -351,21 +388,30 @@ async def _hold_all(run: Run, trickles: dict) -> None:
     await asyncio.gather(*(_keep(run, p, conn, trickles[p]) for p, conn in zip(protocols, conns) if conn))
 
 
-@attack("idle-prelogin", "N connections per protocol (SMTP, POP3, IMAP) from one address that read the "
-                         "greeting and then say nothing")
+@attack(
+    "idle-prelogin",
+    "N connections per protocol (SMTP, POP3, IMAP) from one address that read the greeting and then say nothing",
+)
 async def idle_prelogin(run: Run) -> None:
     await _hold_all(run, {"smtp": None, "pop3": None, "imap": None})
 
 
-@attack("slow-prelogin", "N connections per protocol from one address trickling one byte a second of a "
-                         "command line that never ends (EHLO / USER / LOGIN)")
+@attack(
+    "slow-prelogin",
+    "N connections per protocol from one address trickling one byte a second of a "
+    "command line that never ends (EHLO / USER / LOGIN)",
+)
 async def slow_prelogin(run: Run) -> None:
-    await _hold_all(run, {"smtp": b"EHLO " + b"s" * 4000, "pop3": b"USER " + b"u" * 4000,
-                          "imap": b"a LOGIN " + b"x" * 4000})
+    await _hold_all(
+        run, {"smtp": b"EHLO " + b"s" * 4000, "pop3": b"USER " + b"u" * 4000, "imap": b"a LOGIN " + b"x" * 4000}
+    )
 
 
-@attack("conn-flood", "connect, read the greeting, disconnect, as fast as possible to all three protocols "
-                      "from one address (60 at a time)")
+@attack(
+    "conn-flood",
+    "connect, read the greeting, disconnect, as fast as possible to all three protocols "
+    "from one address (60 at a time)",
+)
 async def conn_flood(run: Run) -> None:
     protocols = ("smtp", "pop3", "imap")
 
@@ -377,6 +423,7 @@ async def conn_flood(run: Run) -> None:
             run.tally[f"{protocol} {'greeted' if greeting.startswith(GREETING[protocol]) else 'refused'}"] += 1
         finally:
             conn.close()
+
     await workers(run, 60, worker)
 
 
@@ -415,14 +462,17 @@ async def greeted(run: Run, protocol: str, source: str | None = None) -> Line:
     return conn
 
 
-@attack("auth-flood", "wrong passwords over SMTP AUTH, POP3 USER/PASS and IMAP LOGIN, 50 connections per "
-                      "protocol from one address, for the good sites' accounts, the attacker's own and a "
-                      "made-up one; then the attacker's right password from the same address")
+@attack(
+    "auth-flood",
+    "wrong passwords over SMTP AUTH, POP3 USER/PASS and IMAP LOGIN, 50 connections per "
+    "protocol from one address, for the good sites' accounts, the attacker's own and a "
+    "made-up one; then the attacker's right password from the same address",
+)
 async def auth_flood(run: Run) -> None:
     sites = run.target.sites
     accounts = [sites["pop3"], sites["imap"], sites["sender"], sites["attacker"], "no-such-site"]
     protocols = ("smtp", "pop3", "imap")
-    final = min(3.0, run.target.duration / 4)   # seconds kept at the end for the right-password check
+    final = min(3.0, run.target.duration / 4)  # seconds kept at the end for the right-password check
     flood = Run(run.target, run.deadline - final, run.tally)
 
     async def worker(flood, index):
@@ -441,6 +491,7 @@ async def auth_flood(run: Run) -> None:
                 flood.timed(started)
         finally:
             conn.close()
+
     await workers(flood, 150, worker)
     for protocol in protocols:
         try:
@@ -448,13 +499,16 @@ async def auth_flood(run: Run) -> None:
             ok = await try_login(run, conn, protocol, sites["attacker"], run.target.password)
             run.tally[f"right password then: {protocol} {'accepted' if ok else 'refused'}"] += 1
             conn.close()
-        except (OSError, ConnectionError, asyncio.TimeoutError, Ended) as e:
+        except (TimeoutError, OSError, ConnectionError, Ended) as e:
             run.tally[f"right password then: {protocol} {_kind(e)}"] += 1
     run.slowest, run.received = flood.slowest, flood.received
 
 
-@attack("smtp-malformed", "malformed SMTP of every kind (commands, paths, parameters, AUTH lines, NULs, "
-                          "8-bit, 100 KB lines) over 4 connections, reconnecting when closed")
+@attack(
+    "smtp-malformed",
+    "malformed SMTP of every kind (commands, paths, parameters, AUTH lines, NULs, "
+    "8-bit, 100 KB lines) over 4 connections, reconnecting when closed",
+)
 async def smtp_malformed(run: Run) -> None:
     lines = inputs.malformed_smtp(run.target.domain)
 
@@ -470,11 +524,14 @@ async def smtp_malformed(run: Run) -> None:
                     return
         finally:
             conn.close()
+
     await workers(run, 4, worker)
 
 
-@attack("smtp-stalled-data", "N authenticated sessions (several addresses) each sending 1.9 MB of DATA, "
-                             "then stalling mid-DATA until the end")
+@attack(
+    "smtp-stalled-data",
+    "N authenticated sessions (several addresses) each sending 1.9 MB of DATA, then stalling mid-DATA until the end",
+)
 async def smtp_stalled_data(run: Run) -> None:
     t = run.target
     chunk = inputs.data_filler(1_900_000)
@@ -483,7 +540,7 @@ async def smtp_stalled_data(run: Run) -> None:
         source = t.sources[index % len(t.sources)]
         try:
             conn = await smtp_login(run, source)
-        except (OSError, ConnectionError, asyncio.TimeoutError, Ended) as e:
+        except (TimeoutError, OSError, ConnectionError, Ended) as e:
             run.tally[f"not started ({_kind(e)})"] += 1
             return
         try:
@@ -499,15 +556,19 @@ async def smtp_stalled_data(run: Run) -> None:
                 run.tally["closed by hub"] += 1
         except Ended:
             pass
-        except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError, ConnectionError) as e:
             run.tally[_kind(e)] += 1
         finally:
             conn.close()
+
     await asyncio.gather(*(one(i) for i in range(t.stalled_sessions)))
 
 
-@attack("http-slow", "the metrics port: N connections trickling request headers one byte a second, plus "
-                     "requests with 1 MB header lines and 10,000 headers, read (slowloris)")
+@attack(
+    "http-slow",
+    "the metrics port: N connections trickling request headers one byte a second, plus "
+    "requests with 1 MB header lines and 10,000 headers, read (slowloris)",
+)
 async def http_slow(run: Run) -> None:
     if run.target.metrics is None:
         run.tally["skipped: no metrics port"] += 1
@@ -520,7 +581,7 @@ async def http_slow(run: Run) -> None:
         except Ended:
             run.tally["slow: still connecting at the end"] += 1
             return
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             run.tally[f"slow: connect {_kind(e)}"] += 1
             return
         try:
@@ -529,7 +590,7 @@ async def http_slow(run: Run) -> None:
                 await conn.send(b"X")
                 try:
                     data = await run.within(conn.reader.read(4096), cap=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 status = data.split(b" ")[1].decode(errors="replace") if data.startswith(b"HTTP/") else None
                 run.tally[f"slow: answered {status}" if status else "slow: closed by hub"] += 1
@@ -552,10 +613,12 @@ async def http_slow(run: Run) -> None:
 
     async def slow_all():
         await asyncio.gather(*(slow(i) for i in range(run.target.connections)))
+
     await asyncio.gather(slow_all(), workers(run, 2, big))
 
 
 # ------------------------------------------------------------------------- the child process
+
 
 def note(run: Run) -> str:
     parts = [f"{key} {count}" for key, count in sorted(run.tally.items())]
@@ -577,8 +640,10 @@ async def execute(name: str, target: Target) -> dict:
 
 def main() -> None:
     if len(sys.argv) != 3 or sys.argv[1] not in ATTACKS:
-        sys.exit("usage: python -m bench.abuse_attacks ATTACK TARGET_JSON (started by bench.abuse, which see)\n"
-                 f"attacks: {', '.join(sorted(ATTACKS))}")
+        sys.exit(
+            "usage: python -m bench.abuse_attacks ATTACK TARGET_JSON (started by bench.abuse, which see)\n"
+            f"attacks: {', '.join(sorted(ATTACKS))}"
+        )
     name, spec = sys.argv[1], json.loads(sys.argv[2])
     result = asyncio.run(execute(name, Target(**spec)))
     print(json.dumps(result), flush=True)

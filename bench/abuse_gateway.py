@@ -19,14 +19,14 @@ import psutil
 
 HOST = "127.0.0.1"
 MAIL_SIZE = 1_000_000
-OP_TIMEOUT = 30.0          # seconds a good operation may take before it counts as failed
+OP_TIMEOUT = 30.0  # seconds a good operation may take before it counts as failed
 PROBE_INTERVAL = 0.05
 
 
 @dataclass
 class Sample:
-    started: float     # time.monotonic() when the operation (or NOOP) was sent
-    op: str            # "smtp", "pop3", "imap" or "probe"
+    started: float  # time.monotonic() when the operation (or NOOP) was sent
+    op: str  # "smtp", "pop3", "imap" or "probe"
     seconds: float
     ok: bool
     error: str = ""
@@ -43,6 +43,7 @@ class Ports:
 @dataclass
 class Sites:
     """Site names the benchmark uses; every one has the same password."""
+
     password: str
     sender: str = "good-sender"
     pop3: str = "good-pop3"
@@ -78,9 +79,11 @@ class Recorder:
 
 
 def gateway_mail(domain: str, sender: str, recipients: list[str], number: int) -> bytes:
-    header = (f"From: {sender}@{domain}\r\nTo: {', '.join(f'{r}@{domain}' for r in recipients)}\r\n"
-              f"Subject: abuse benchmark good mail {number}\r\n"
-              f"Message-ID: <good-{number}-{os.urandom(6).hex()}@{domain}>\r\n\r\n").encode()
+    header = (
+        f"From: {sender}@{domain}\r\nTo: {', '.join(f'{r}@{domain}' for r in recipients)}\r\n"
+        f"Subject: abuse benchmark good mail {number}\r\n"
+        f"Message-ID: <good-{number}-{os.urandom(6).hex()}@{domain}>\r\n\r\n"
+    ).encode()
     line = (os.urandom(38).hex()[:76] + "\r\n").encode()
     return header + line * ((MAIL_SIZE - len(header)) // len(line))
 
@@ -160,7 +163,7 @@ class _ProbeConnection:
         self.sock = socket.create_connection((HOST, ports.imap), timeout=OP_TIMEOUT)
         self.buf = b""
         self.tag = 0
-        self._line()   # greeting
+        self._line()  # greeting
         for command in (f"LOGIN {sites.probe} {sites.password}", "SELECT INBOX"):
             status = self.command(command)
             if not status.startswith(b"OK"):
@@ -181,7 +184,7 @@ class _ProbeConnection:
         self.sock.sendall(tag + text.encode() + b"\r\n")
         while not (line := self._line()).startswith(tag):
             pass
-        return line[len(tag):]
+        return line[len(tag) :]
 
     def close(self) -> None:
         self.sock.close()

@@ -38,8 +38,8 @@ async def serve(host, port, directory):
     handler = FileHandler(directory)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, data_size_limit=DATA_SIZE_LIMIT, hostname="bare-aiosmtpd"),
-        host, port)
+        lambda: SMTP(handler, data_size_limit=DATA_SIZE_LIMIT, hostname="bare-aiosmtpd"), host, port
+    )
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -56,9 +56,14 @@ def bare_aiosmtpd(workdir):
     os.makedirs(d, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_aiosmtpd", "--port", "0", "--dir", d],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-                            cwd=REPO_ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.bare_aiosmtpd", "--port", "0", "--dir", d],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline()
         if not line.strip().isdigit():
@@ -77,8 +82,11 @@ def bare_aiosmtpd(workdir):
 
 
 def main():
-    ap = argument_parser("bench.bare_aiosmtpd", "Stock aiosmtpd storing and fsyncing each mail: the baseline of "
-                         "bench.ingest_benchmark.\nPrints the port it listens on.")
+    ap = argument_parser(
+        "bench.bare_aiosmtpd",
+        "Stock aiosmtpd storing and fsyncing each mail: the baseline of "
+        "bench.ingest_benchmark.\nPrints the port it listens on.",
+    )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")
     ap.add_argument("--dir", required=True, help="folder for the received mails")

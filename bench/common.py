@@ -12,8 +12,9 @@ REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 def argument_parser(module: str, description: str) -> argparse.ArgumentParser:
     """A parser for `python -m MODULE`, its description shown as written (line breaks kept)."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def command_line(module: str) -> str:

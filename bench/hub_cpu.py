@@ -8,9 +8,9 @@ import os
 import shutil
 import tempfile
 
+from bench.common import argument_parser, command_line
 from bench.ingest_benchmark import hub_server, run_blast
 from bench.smtp_blast import make_body
-from bench.common import argument_parser, command_line
 
 
 def cpu_seconds(pid: int) -> float:
@@ -20,8 +20,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    ap = argument_parser("bench.hub_cpu", "Hub CPU seconds per 100 MB received for one ingest workload (compare versions by\n"
-                         "running it from both checkouts in turns).")
+    ap = argument_parser(
+        "bench.hub_cpu",
+        "Hub CPU seconds per 100 MB received for one ingest workload (compare versions by\n"
+        "running it from both checkouts in turns).",
+    )
     ap.add_argument("--size", type=int, default=50_000_000, help="bytes per mail (default 50000000)")
     ap.add_argument("--mails", type=int, default=8, help="mails sent (default 8)")
     ap.add_argument("--sessions", type=int, default=4, help="SMTP sessions at once (default 4)")
@@ -37,9 +40,11 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     per_100mb = 100 * used / (result["bytes"] / 1e6) if result["bytes"] else float("nan")
-    print(f"{args.mails} x {args.size} B over {args.sessions} sessions: {result['mb_per_s']:.0f} MB/s,"
-          f" hub CPU {per_100mb:.3f} s per 100 MB, failures {result['failures']},"
-          f" load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.mails} x {args.size} B over {args.sessions} sessions: {result['mb_per_s']:.0f} MB/s,"
+        f" hub CPU {per_100mb:.3f} s per 100 MB, failures {result['failures']},"
+        f" load {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,19 +19,44 @@ import sys
 import tempfile
 import time
 
-from bench.ingest_benchmark import (HUB_DOMAIN, PASSWORD, SENDER, cpu_model, fmt_ratio, fmt_value, hub_server,
-                                    interrupt_once, loadavg, log, make_workdir, read_log_problems, software, table,
-                                    uptime_line, versions, vm_status, warn)
-from bench.pop3_benchmark import (HEADER_RE, MAIL_FROM, TRACE_RE, _dovecot_pid, cpu_seconds, dovecot_version,
-                                  fill_dovecot, fill_hub)
-from bench.smtp_blast import make_body, make_header
 from bench.common import argument_parser, command_line
+from bench.ingest_benchmark import (
+    HUB_DOMAIN,
+    PASSWORD,
+    SENDER,
+    cpu_model,
+    fmt_ratio,
+    fmt_value,
+    hub_server,
+    interrupt_once,
+    loadavg,
+    log,
+    make_workdir,
+    read_log_problems,
+    software,
+    table,
+    uptime_line,
+    versions,
+    vm_status,
+    warn,
+)
+from bench.pop3_benchmark import (
+    HEADER_RE,
+    MAIL_FROM,
+    TRACE_RE,
+    _dovecot_pid,
+    cpu_seconds,
+    dovecot_version,
+    fill_dovecot,
+    fill_hub,
+)
+from bench.smtp_blast import make_body, make_header
 from loadtest.thirdparty import LOOPBACK, dovecot_server
 
 SERVERS = ("hub", "dovecot")
 SIZE = 50_000_000
-WORKLOAD = ("50MB", "50 MB mails, 1 imaplib session", SIZE, 1, None, "MB/s")   # as bench.pop3_benchmark's
-BOX = "bench-r50mb"   # = pop3_benchmark.mailboxes(WORKLOAD)[0]
+WORKLOAD = ("50MB", "50 MB mails, 1 imaplib session", SIZE, 1, None, "MB/s")  # as bench.pop3_benchmark's
+BOX = "bench-r50mb"  # = pop3_benchmark.mailboxes(WORKLOAD)[0]
 TARGET = 1.5
 
 
@@ -58,11 +83,15 @@ def fetch_all(port, expected, body, verify):
             trace = TRACE_RE.match(literal).end()
             split = literal.find(b"\r\n\r\n", trace) + 4
             m = HEADER_RE.match(literal[trace:split])
-            if (m is None or literal[trace:split] != make_header(int(m.group(1)), MAIL_FROM, BOX + "@" + HUB_DOMAIN,
-                                                                  m.group(2).decode())
-                    or hashlib.sha256(memoryview(literal)[split:]).hexdigest() != body_sha):
-                problems.append("message %d: header or body SHA-256 differs from what was sent (%r...)" % (
-                    n, literal[:100]))
+            if (
+                m is None
+                or literal[trace:split]
+                != make_header(int(m.group(1)), MAIL_FROM, BOX + "@" + HUB_DOMAIN, m.group(2).decode())
+                or hashlib.sha256(memoryview(literal)[split:]).hexdigest() != body_sha
+            ):
+                problems.append(
+                    "message %d: header or body SHA-256 differs from what was sent (%r...)" % (n, literal[:100])
+                )
             elif int(m.group(1)) in seen:
                 problems.append("message %d: mail %s served twice" % (n, m.group(1).decode()))
             else:
@@ -105,16 +134,32 @@ def measure(server, rep, mails, body, workdir, logs_dir, verify):
             load = loadavg()[0]
             cpu0 = cpu_seconds(pid)
             total, seconds, probs = fetch_all(port, mails, body, verify)
-            time.sleep(0.3)   # Dovecot's master reaps the imap process (its CPU time goes to it)
+            time.sleep(0.3)  # Dovecot's master reaps the imap process (its CPU time goes to it)
             cpu1 = cpu_seconds(pid)
             problems += probs
             mb_s = total / 1e6 / seconds if seconds else 0.0
-            result = {"server": server, "rep": rep, "bytes": total, "seconds": seconds, "mb_per_s": mb_s,
-                      "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "load": load,
-                      "vmhwm": vm_status(pid, "VmHWM") if server == "hub" else None}
-            log("        %-8s %8.1f MB/s (%d bytes in %.2f s, server CPU %s s, load %.2f)%s" % (
-                server, mb_s, total, seconds, "%.2f" % result["server_cpu_s"] if result["server_cpu_s"] is not None
-                else "-", load, ", SHA-256 checked" if verify else ""))
+            result = {
+                "server": server,
+                "rep": rep,
+                "bytes": total,
+                "seconds": seconds,
+                "mb_per_s": mb_s,
+                "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+                "load": load,
+                "vmhwm": vm_status(pid, "VmHWM") if server == "hub" else None,
+            }
+            log(
+                "        %-8s %8.1f MB/s (%d bytes in %.2f s, server CPU %s s, load %.2f)%s"
+                % (
+                    server,
+                    mb_s,
+                    total,
+                    seconds,
+                    "%.2f" % result["server_cpu_s"] if result["server_cpu_s"] is not None else "-",
+                    load,
+                    ", SHA-256 checked" if verify else "",
+                )
+            )
         if server == "hub":
             lines = read_log_problems(hub_log)
             if lines:
@@ -126,7 +171,9 @@ def measure(server, rep, mails, body, workdir, logs_dir, verify):
 
 
 def main():
-    ap = argument_parser("bench.imap_benchmark", "IMAP download benchmark: hub vs Dovecot imapd, side by side in one run")
+    ap = argument_parser(
+        "bench.imap_benchmark", "IMAP download benchmark: hub vs Dovecot imapd, side by side in one run"
+    )
     ap.add_argument("--quick", action="store_true", help="10 mails, one repetition")
     ap.add_argument("--mails", type=int, help="50 MB mails in the mailbox (default 20, --quick 10)")
     ap.add_argument("--repeat", type=int, help="repetitions (default 3, --quick 1)")
@@ -144,7 +191,7 @@ def main():
     log("imap benchmark: %s" % command_line("bench.imap_benchmark"))
     log("machine: nproc %d, CPU %s, %s, dovecot %s" % (os.cpu_count(), cpu_model(), software(facts), facts["dovecot"]))
     log("load before: %s" % uptime_line())
-    body = make_body(SIZE - 160)   # as smtp_blast does
+    body = make_body(SIZE - 160)  # as smtp_blast does
     results, problems = [], []
     try:
         for rep in range(1, reps + 1):
@@ -162,22 +209,47 @@ def main():
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    med = {s: statistics.median([r["mb_per_s"] for r in results if r["server"] == s]) if any(
-        r["server"] == s for r in results) else None for s in SERVERS}
+    med = {
+        s: statistics.median([r["mb_per_s"] for r in results if r["server"] == s])
+        if any(r["server"] == s for r in results)
+        else None
+        for s in SERVERS
+    }
     log("")
-    log("IMAP download on loopback, client Python imaplib (FETCH n (BODY.PEEK[]) of each mail, one session), "
-        "data in page cache; median of %d run(s)" % reps)
+    log(
+        "IMAP download on loopback, client Python imaplib (FETCH n (BODY.PEEK[]) of each mail, one session), "
+        "data in page cache; median of %d run(s)" % reps
+    )
     log("")
-    log(table([("workload", "hub", "dovecot", "hub/dovecot", "target"),
-               ("%d x 50 MB mails, 1 session (MB/s)" % mails, fmt_value(med["hub"], "MB/s"),
-                fmt_value(med["dovecot"], "MB/s"), fmt_ratio(med["hub"], med["dovecot"]), ">= %.1fx" % TARGET)]))
+    log(
+        table(
+            [
+                ("workload", "hub", "dovecot", "hub/dovecot", "target"),
+                (
+                    "%d x 50 MB mails, 1 session (MB/s)" % mails,
+                    fmt_value(med["hub"], "MB/s"),
+                    fmt_value(med["dovecot"], "MB/s"),
+                    fmt_ratio(med["hub"], med["dovecot"]),
+                    ">= %.1fx" % TARGET,
+                ),
+            ]
+        )
+    )
     log("")
     for s in SERVERS:
         runs = [r for r in results if r["server"] == s]
-        log("  %-8s runs: %s MB/s; server CPU s per GB sent: %s" % (
-            s, " / ".join("%.1f" % r["mb_per_s"] for r in runs),
-            " / ".join("%.2f" % (r["server_cpu_s"] / (r["bytes"] / 1e9)) for r in runs
-                       if r["server_cpu_s"] is not None and r["bytes"])))
+        log(
+            "  %-8s runs: %s MB/s; server CPU s per GB sent: %s"
+            % (
+                s,
+                " / ".join("%.1f" % r["mb_per_s"] for r in runs),
+                " / ".join(
+                    "%.2f" % (r["server_cpu_s"] / (r["bytes"] / 1e9))
+                    for r in runs
+                    if r["server_cpu_s"] is not None and r["bytes"]
+                ),
+            )
+        )
     hwm = [r["vmhwm"] for r in results if r.get("vmhwm")]
     if hwm:
         log("  hub VmHWM while serving: %.1f MB (max over reps)" % (max(hwm) / 1e6))

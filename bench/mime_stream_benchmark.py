@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---- OpenPGP-shaped payloads (structure only: the policy never decrypts) -----------------------
 
+
 def _pkesk() -> bytes:
     body = bytes([3]) + KEY_ID + bytes([18]) + os.urandom(80)
     return bytes([0xC1, len(body)]) + body
@@ -36,12 +37,16 @@ def _seipd(size: int, partial: bool) -> bytes:
     if not partial:
         return bytes([0xD2, 0xFF]) + len(data).to_bytes(4, "big") + data
     out, pos = [bytes([0xD2])], 0
-    while len(data) - pos > 8192:       # GnuPG streams with 8 KB partial body chunks
-        out += [bytes([0xED]), data[pos:pos + 8192]]
+    while len(data) - pos > 8192:  # GnuPG streams with 8 KB partial body chunks
+        out += [bytes([0xED]), data[pos : pos + 8192]]
         pos += 8192
     rest = len(data) - pos
-    out += [bytes([192 + ((rest - 192) >> 8), (rest - 192) & 0xFF]) if 192 <= rest < 8384 else
-            bytes([0xFF]) + rest.to_bytes(4, "big"), data[pos:]]
+    out += [
+        bytes([192 + ((rest - 192) >> 8), (rest - 192) & 0xFF])
+        if 192 <= rest < 8384
+        else bytes([0xFF]) + rest.to_bytes(4, "big"),
+        data[pos:],
+    ]
     return b"".join(out)
 
 
@@ -53,12 +58,20 @@ def _armor(binary: bytes) -> bytes:
 def pgp_mime(size: int, partial: bool = True) -> bytes:
     boundary = b"------------7A1C0B2F3E4D5C6B7A8F9E0D"
     payload = _armor(_pkesk() + _seipd(size * 3 // 4, partial))
-    return (b"From: <a@hub.test>\r\nTo: <b@hub.test>\r\nSubject: study\r\nMIME-Version: 1.0\r\n"
-            b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n boundary="'
-            + boundary[2:] + b'"\r\n\r\nThis is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n'
-            + boundary + b"\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
-            + boundary + b'\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n\r\n'
-            + payload + b"\r\n" + boundary + b"--\r\n")
+    return (
+        b"From: <a@hub.test>\r\nTo: <b@hub.test>\r\nSubject: study\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n boundary="'
+        + boundary[2:]
+        + b'"\r\n\r\nThis is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n'
+        + boundary
+        + b"\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
+        + boundary
+        + b'\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n\r\n'
+        + payload
+        + b"\r\n"
+        + boundary
+        + b"--\r\n"
+    )
 
 
 def plain_text(size: int) -> bytes:
@@ -70,10 +83,19 @@ def plain_text(size: int) -> bytes:
 
 # ---- adversarial shapes --------------------------------------------------------------------------
 
+
 def _mixed(boundary: bytes, body: bytes) -> bytes:
-    return (b"From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"" + boundary
-            + b"\"\r\n\r\n--" + boundary + b"\r\nContent-Type: text/plain\r\n\r\n" + body
-            + b"\r\n--" + boundary + b"--\r\n")
+    return (
+        b'From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="'
+        + boundary
+        + b'"\r\n\r\n--'
+        + boundary
+        + b"\r\nContent-Type: text/plain\r\n\r\n"
+        + body
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
 
 
 def _repeat(unit: bytes, size: int) -> bytes:
@@ -100,8 +122,7 @@ def prefix_boundaries(size: int) -> bytes:
     head = b"From: <a@hub.test>\r\nMIME-Version: 1.0\r\n"
     opening = b""
     for level in range(1, depth + 1):
-        opening += (b"Content-Type: multipart/mixed; boundary=\"" + b"p" * level + b"\"\r\n\r\n--"
-                    + b"p" * level + b"\r\n")
+        opening += b'Content-Type: multipart/mixed; boundary="' + b"p" * level + b'"\r\n\r\n--' + b"p" * level + b"\r\n"
     lines = b"".join(b"--" + b"p" * k + b"q\r\n" for k in range(1, depth + 1))
     closing = b"".join(b"\r\n--" + b"p" * level + b"--" for level in range(depth, 0, -1)) + b"\r\n"
     return head + opening + b"Content-Type: text/plain\r\n\r\n" + _repeat(lines, size) + closing
@@ -116,28 +137,39 @@ def folded_header(size: int) -> bytes:
     """Parts whose header is one field folded over thousands of 3-byte lines (each block stops at
     the header limit)."""
     part = b"--b\r\nX-Long: a\r\n" + _repeat(b" a\r\n", 250_000) + b"\r\nbody\r\n"
-    return (b"From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
-            + _repeat(part, size) + b"--b--\r\n")
+    return (
+        b'From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        + _repeat(part, size)
+        + b"--b--\r\n"
+    )
 
 
 def huge_header_blocks(size: int) -> bytes:
     """Parts with a thousand short header fields each."""
     part = b"--b\r\n" + b"".join(b"X-F%d: v\r\n" % i for i in range(1000)) + b"\r\nbody\r\n"
-    return (b"From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
-            + _repeat(part, size) + b"--b--\r\n")
+    return (
+        b'From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        + _repeat(part, size)
+        + b"--b--\r\n"
+    )
 
 
 def deep_nesting(size: int) -> bytes:
     """Multiparts and message/rfc822 alternating, past the depth limit, repeated."""
     unit = b""
     for level in range(40):
-        unit += (b"Content-Type: multipart/mixed; boundary=\"n%d\"\r\n\r\n--n%d\r\n" % (level, level)
-                 + b"Content-Type: message/rfc822\r\n\r\n")
+        unit += (
+            b'Content-Type: multipart/mixed; boundary="n%d"\r\n\r\n--n%d\r\n' % (level, level)
+            + b"Content-Type: message/rfc822\r\n\r\n"
+        )
     unit += b"Content-Type: text/plain\r\n\r\nleaf\r\n"
     unit += b"".join(b"--n%d--\r\n" % level for level in range(39, -1, -1))
     block = b"--top\r\n" + unit
-    return (b"From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"top\"\r\n\r\n"
-            + _repeat(block, size) + b"--top--\r\n")
+    return (
+        b'From: <a@hub.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="top"\r\n\r\n'
+        + _repeat(block, size)
+        + b"--top--\r\n"
+    )
 
 
 def long_line_body(size: int) -> bytes:
@@ -168,12 +200,14 @@ WORKLOADS = {
 
 # ---- measuring (in a child process per tree) ----------------------------------------------------
 
+
 def _listener_factory():
     """The structure recorder plus the encryption policy, as the hub attaches them (the policy
     for one recipient site whose key ID is KEY_ID); works with the code before and after issue 22."""
     from directory.policy import RecipientKeys
     from relay.mime.stream import Listeners
     from relay.mime.structure import StructureRecorder
+
     try:
         from relay.policy.encryption import EncryptionPolicy
     except ImportError:
@@ -184,9 +218,10 @@ def _listener_factory():
 
 def measure(name: str, seconds: float) -> dict:
     from relay.mime.stream import MimeStreamParser
+
     build, size, piece = WORKLOADS[name]
     message = build(size)
-    chunks = [message[i:i + piece] for i in range(0, len(message), piece)]
+    chunks = [message[i : i + piece] for i in range(0, len(message), piece)]
     make = _listener_factory()
     done, started, verdict = 0, time.perf_counter(), None
     while True:
@@ -201,25 +236,34 @@ def measure(name: str, seconds: float) -> dict:
             break
     policy = listener.listeners[1]
     verdict = policy.reply or ("exempt" if getattr(policy, "exempt", False) else "allowed")
-    return {"mb_s": len(message) * done / MB / elapsed, "size": len(message), "runs": done,
-            "verdict": verdict[:70]}
+    return {"mb_s": len(message) * done / MB / elapsed, "size": len(message), "runs": done, "verdict": verdict[:70]}
 
 
 def _child(tree: str, name: str, seconds: float) -> dict:
     """measure() in a new process that imports relay/ and directory/ from `tree`."""
     env = dict(os.environ, PYTHONPATH=tree)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, str(seconds)],
-                         capture_output=True, text=True, env=env, cwd=tree, check=True)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", name, str(seconds)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     # argparse here, not bench.common: a --child process runs with an older tree (--baseline) on its path
-    ap = argparse.ArgumentParser(prog="python -m bench.mime_stream_benchmark", description=(
-        "How fast the MIME scanner of the ingest path (parser, structure recorder, encryption policy)\n"
-        "consumes ordinary and adversarial mails, and the share of one core it takes at the hub's\n"
-        "ingest rate; with --baseline, side by side with an older checkout."),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.mime_stream_benchmark",
+        description=(
+            "How fast the MIME scanner of the ingest path (parser, structure recorder, encryption policy)\n"
+            "consumes ordinary and adversarial mails, and the share of one core it takes at the hub's\n"
+            "ingest rate; with --baseline, side by side with an older checkout."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--seconds", type=float, default=10.0, help="parsing time per figure")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (median)")
     ap.add_argument("--baseline", help="a checkout of an older commit to measure side by side")
@@ -231,11 +275,15 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], float(args.child[1]))))
         return
     from bench.common import command_line
+
     print(command_line("bench.mime_stream_benchmark"), flush=True)
     trees = [("after", HERE)] + ([("before", os.path.abspath(args.baseline))] if args.baseline else [])
     names = args.only or list(WORKLOADS)
-    print(f"load average at start: {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per figure, "
-          f"{args.rounds} alternating round(s); MB/s = parsed bytes / CPU-bound wall time", flush=True)
+    print(
+        f"load average at start: {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per figure, "
+        f"{args.rounds} alternating round(s); MB/s = parsed bytes / CPU-bound wall time",
+        flush=True,
+    )
     header = f"{'workload':27} | {'size MB':>7} |" + "".join(f" {label + ' MB/s':>12} |" for label, _ in trees)
     header += " after/before |" if args.baseline else ""
     print(header + f" core share at {args.ingest_rate:.0f} MB/s | verdict (after)")
@@ -243,14 +291,13 @@ def main() -> None:
         rates: dict[str, list[float]] = {label: [] for label, _ in trees}
         result = {}
         for _ in range(args.rounds):
-            for label, tree in (trees if _ % 2 == 0 else trees[::-1]):
+            for label, tree in trees if _ % 2 == 0 else trees[::-1]:
                 got = _child(tree, name, args.seconds)
                 rates[label].append(got["mb_s"])
                 if label == "after":
                     result = got
         medians = {label: statistics.median(values) for label, values in rates.items()}
-        line = f"{name:27} | {result['size'] / MB:7.1f} |" + "".join(
-            f" {medians[label]:12.1f} |" for label, _ in trees)
+        line = f"{name:27} | {result['size'] / MB:7.1f} |" + "".join(f" {medians[label]:12.1f} |" for label, _ in trees)
         if args.baseline:
             line += f" {medians['after'] / medians['before']:11.2f}x |"
         line += f" {100 * args.ingest_rate / medians['after']:6.1f} % | {result['verdict']}"

@@ -35,12 +35,31 @@ import tempfile
 import threading
 import time
 
-from bench.ingest_benchmark import (HUB_DOMAIN, PASSWORD, SENDER, cpu_model, filesystem_of, fmt_ratio, fmt_value, loadavg, log,
-                                    mem_total_mb, read_log_problems, software, table, uptime_line, versions,
-                                    hub_server, interrupt_once, make_workdir, vm_status, warn)
+from bench.common import argument_parser, command_line
+from bench.ingest_benchmark import (
+    HUB_DOMAIN,
+    PASSWORD,
+    SENDER,
+    cpu_model,
+    filesystem_of,
+    fmt_ratio,
+    fmt_value,
+    hub_server,
+    interrupt_once,
+    loadavg,
+    log,
+    make_workdir,
+    mem_total_mb,
+    read_log_problems,
+    software,
+    table,
+    uptime_line,
+    versions,
+    vm_status,
+    warn,
+)
 from bench.pop3_fetch import Conn, _cmd, fetch_all
 from bench.smtp_blast import blast, make_body, make_header
-from bench.common import argument_parser, command_line
 from loadtest.thirdparty import LOOPBACK, deliver_to_maildir, dovecot_server
 
 SERVERS = ("hub", "dovecot")
@@ -67,8 +86,7 @@ def mailboxes(wl):
 
 def dovecot_version():
     with contextlib.suppress(Exception):
-        return subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(["dovecot", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     return "unknown"
 
 
@@ -83,20 +101,33 @@ def cpu_seconds(pid):
 
 # ------------------------------------------------------------------------- filling the mailboxes
 
+
 def fill_hub(hub, wl, mails, body):
     """Submit `mails` mails per mailbox of wl over SMTP. Returns (failures, error texts)."""
     size = wl[2]
     fails, errors = 0, []
     for box in mailboxes(wl):
+
         async def go():
             return await asyncio.wait_for(
-                blast(LOOPBACK, hub.smtp_port, sessions=min(FILL_SESSIONS[size], mails), mails=mails,
-                      size=size, user=SENDER, password=PASSWORD, mail_from=MAIL_FROM,
-                      rcpt="%s@%s" % (box, HUB_DOMAIN), body=body),
-                300 + mails * size / 2e6)
+                blast(
+                    LOOPBACK,
+                    hub.smtp_port,
+                    sessions=min(FILL_SESSIONS[size], mails),
+                    mails=mails,
+                    size=size,
+                    user=SENDER,
+                    password=PASSWORD,
+                    mail_from=MAIL_FROM,
+                    rcpt="%s@%s" % (box, HUB_DOMAIN),
+                    body=body,
+                ),
+                300 + mails * size / 2e6,
+            )
+
         try:
             r = asyncio.run(go())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             r = {"failures": mails, "errors": ["SMTP fill timed out"]}
         fails += r["failures"]
         errors += r.get("errors", [])
@@ -126,8 +157,10 @@ def touch_mailbox(port, user):
 
 # ------------------------------------------------------------------------- verification (untimed)
 
-HEADER_RE = re.compile(rb"^From: <[^>]*>\r\nTo: <[^>]*>\r\nSubject: smtp_blast (\d+)\r\n"
-                       rb"Message-ID: <([^>]*)\.(\d+)@smtp-blast\.invalid>\r\n\r\n$")
+HEADER_RE = re.compile(
+    rb"^From: <[^>]*>\r\nTo: <[^>]*>\r\nSubject: smtp_blast (\d+)\r\n"
+    rb"Message-ID: <([^>]*)\.(\d+)@smtp-blast\.invalid>\r\n\r\n$"
+)
 TRACE_RE = re.compile(rb"^(?:(?:Received|Return-Path):[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
 
 
@@ -148,8 +181,8 @@ class Splitter:
         self.head += mv
         i = self.head.find(b"\r\n\r\n", start)
         if i >= 0:
-            rest = bytes(self.head[i + 4:])
-            del self.head[i + 4:]
+            rest = bytes(self.head[i + 4 :])
+            del self.head[i + 4 :]
             self.body = hashlib.sha256(rest)
             self.body_len = len(rest)
         elif len(self.head) > 1 << 20:
@@ -177,12 +210,18 @@ def verify_mailbox(port, user, mails, body_sha, body_len):
             trace = TRACE_RE.match(head).end()
             trace_bytes.append(trace)
             m = HEADER_RE.match(head[trace:])
-            ok = (m is not None and s.body is not None
-                  and head[trace:] == make_header(int(m.group(1)), MAIL_FROM, rcpt, m.group(2).decode())
-                  and s.body_len == body_len and s.body.hexdigest() == body_sha)
+            ok = (
+                m is not None
+                and s.body is not None
+                and head[trace:] == make_header(int(m.group(1)), MAIL_FROM, rcpt, m.group(2).decode())
+                and s.body_len == body_len
+                and s.body.hexdigest() == body_sha
+            )
             if not ok:
-                problems.append("%s message %d: header or body SHA-256 differs from what was sent "
-                                "(header %r..., body %d bytes)" % (user, n, head[:120], s.body_len))
+                problems.append(
+                    "%s message %d: header or body SHA-256 differs from what was sent "
+                    "(header %r..., body %d bytes)" % (user, n, head[:120], s.body_len)
+                )
             elif int(m.group(1)) in seen:
                 problems.append("%s message %d: mail %s served twice" % (user, n, m.group(1).decode()))
             else:
@@ -194,6 +233,7 @@ def verify_mailbox(port, user, mails, body_sha, body_len):
 
 
 # ------------------------------------------------------------------------- RSS sampling for Dovecot
+
 
 class PeakSampler:
     """Every 50 ms: largest VmHWM among the direct children of `parent` named `comm` (Dovecot's
@@ -233,16 +273,25 @@ class PeakSampler:
 
 # ------------------------------------------------------------------------- one measurement
 
+
 def timed_fetch(port, accounts, timeout):
     """fetch_all in a thread; on timeout the caller's server shutdown ends the thread."""
     box = {}
-    t = threading.Thread(target=lambda: box.update(r=fetch_all(LOOPBACK, port, accounts, sessions=len(accounts))),
-                         daemon=True)
+    t = threading.Thread(
+        target=lambda: box.update(r=fetch_all(LOOPBACK, port, accounts, sessions=len(accounts))), daemon=True
+    )
     t.start()
     t.join(timeout)
     if t.is_alive():
-        return {"messages": 0, "bytes": 0, "seconds": timeout, "mb_per_s": 0.0, "messages_per_s": 0.0,
-                "failures": len(accounts), "errors": ["timed out after %.0f s" % timeout]}
+        return {
+            "messages": 0,
+            "bytes": 0,
+            "seconds": timeout,
+            "mb_per_s": 0.0,
+            "messages_per_s": 0.0,
+            "failures": len(accounts),
+            "errors": ["timed out after %.0f s" % timeout],
+        }
     return box["r"]
 
 
@@ -262,8 +311,10 @@ def serve_and_measure(server, rep, order, counts, bodies, body_sha, workdir, log
                 for wl in WORKLOADS:
                     fails, errors = fill_hub(filler, wl, counts[wl[0]], bodies[wl[2]])
                     if fails:
-                        problems.append("hub rep %d: %d SMTP submissions failed filling %s: %s" % (
-                            rep, fails, wl[0], "; ".join(errors[:3])))
+                        problems.append(
+                            "hub rep %d: %d SMTP submissions failed filling %s: %s"
+                            % (rep, fails, wl[0], "; ".join(errors[:3]))
+                        )
             cm = hub_server(run_dir, hub_log, sites=(), pop3=True)
         else:
             cm = dovecot_server(run_dir, {b: PASSWORD for b in all_boxes}, protocols=("pop3",))
@@ -279,13 +330,20 @@ def serve_and_measure(server, rep, order, counts, bodies, body_sha, workdir, log
                 for b in mailboxes(wl):
                     n = touch_mailbox(port, b)
                     if n != counts[wl[0]]:
-                        problems.append("%s rep %d: mailbox %s holds %d mails, expected %d" % (
-                            server, rep, b, n, counts[wl[0]]))
+                        problems.append(
+                            "%s rep %d: mailbox %s holds %d mails, expected %d" % (server, rep, b, n, counts[wl[0]])
+                        )
             os.sync()  # fill writes reach the disk before anything is timed
-            log("        %s filled and indexed in %.1f s%s" % (
-                server, time.perf_counter() - t0,
-                ", serving hub started afresh (VmHWM %.1f MB after start)" % ((hwm_start or 0) / 1e6)
-                if server == "hub" else ""))
+            log(
+                "        %s filled and indexed in %.1f s%s"
+                % (
+                    server,
+                    time.perf_counter() - t0,
+                    ", serving hub started afresh (VmHWM %.1f MB after start)" % ((hwm_start or 0) / 1e6)
+                    if server == "hub"
+                    else "",
+                )
+            )
             for wl in order:
                 name, label, size, _nbox, _c, unit = wl
                 accounts = [(b, PASSWORD) for b in mailboxes(wl)]
@@ -298,26 +356,49 @@ def serve_and_measure(server, rep, order, counts, bodies, body_sha, workdir, log
                 time.sleep(0.3)  # Dovecot's master reaps the pop3 processes (their CPU time goes to it)
                 cpu1 = cpu_seconds(pid)
                 r = {k: v for k, v in r.items() if k != "sha256"}
-                r.update(server=server, workload=name, rep=rep, mails_expected=mails, load_before=load_before,
-                         server_cpu_s=round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None)
+                r.update(
+                    server=server,
+                    workload=name,
+                    rep=rep,
+                    mails_expected=mails,
+                    load_before=load_before,
+                    server_cpu_s=round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None,
+                )
                 if server == "hub":
                     r["hub_vmhwm"] = vm_status(pid, "VmHWM")
                     r["hub_alive"] = handle.proc.poll() is None
                 else:
                     r["dovecot_pop3_vmhwm"] = sampler.peak or None
                 value = r["mb_per_s"] if unit == "MB/s" else r["messages_per_s"]
-                log("        %-8s %-34s %8s %-7s (%.2f s, %.1f MB/s, %.1f mails/s, %d mails, server CPU %s s, "
-                    "load %.2f)" % (server, label, fmt_value(value, unit), unit, r["seconds"], r["mb_per_s"],
-                                    r["messages_per_s"], r["messages"], r["server_cpu_s"], load_before[0]))
+                log(
+                    "        %-8s %-34s %8s %-7s (%.2f s, %.1f MB/s, %.1f mails/s, %d mails, server CPU %s s, "
+                    "load %.2f)"
+                    % (
+                        server,
+                        label,
+                        fmt_value(value, unit),
+                        unit,
+                        r["seconds"],
+                        r["mb_per_s"],
+                        r["messages_per_s"],
+                        r["messages"],
+                        r["server_cpu_s"],
+                        load_before[0],
+                    )
+                )
                 if r["failures"] or r["messages"] != mails:
-                    problems.append("%s %s rep %d: %d of %d mails downloaded, %d failed sessions: %s" % (
-                        server, name, rep, r["messages"], mails, r["failures"], "; ".join(r.get("errors", [])[:3])))
+                    problems.append(
+                        "%s %s rep %d: %d of %d mails downloaded, %d failed sessions: %s"
+                        % (server, name, rep, r["messages"], mails, r["failures"], "; ".join(r.get("errors", [])[:3]))
+                    )
                 if server == "hub" and not r["hub_alive"]:
                     problems.append("hub %s rep %d: the hub process died" % (name, rep))
                 results.append(r)
             if server == "hub":
-                log("        hub VmHWM after the downloads %.1f MB (VmRSS now %.1f MB)" % (
-                    (vm_status(pid, "VmHWM") or 0) / 1e6, (vm_status(pid, "VmRSS") or 0) / 1e6))
+                log(
+                    "        hub VmHWM after the downloads %.1f MB (VmRSS now %.1f MB)"
+                    % ((vm_status(pid, "VmHWM") or 0) / 1e6, (vm_status(pid, "VmRSS") or 0) / 1e6)
+                )
             if verify:
                 t1 = time.perf_counter()
                 checked, vprobs, traces = 0, [], []
@@ -325,13 +406,24 @@ def serve_and_measure(server, rep, order, counts, bodies, body_sha, workdir, log
                     for b in mailboxes(wl):
                         c, p, tr = verify_mailbox(port, b, counts[wl[0]], body_sha[wl[2]], len(bodies[wl[2]]))
                         checked, vprobs, traces = checked + c, vprobs + p, traces + tr
-                verification = {"server": server, "checked": checked, "problems": vprobs,
-                                "trace_bytes": (min(traces), max(traces)) if traces else None,
-                                "seconds": round(time.perf_counter() - t1, 1)}
-                log("        %s SHA-256 check (untimed): %d messages, %d mismatches, trace header on top "
-                    "%s bytes, %.1f s" % (server, checked, len(vprobs),
-                                          "%d..%d" % verification["trace_bytes"] if traces else "-",
-                                          verification["seconds"]))
+                verification = {
+                    "server": server,
+                    "checked": checked,
+                    "problems": vprobs,
+                    "trace_bytes": (min(traces), max(traces)) if traces else None,
+                    "seconds": round(time.perf_counter() - t1, 1),
+                }
+                log(
+                    "        %s SHA-256 check (untimed): %d messages, %d mismatches, trace header on top "
+                    "%s bytes, %.1f s"
+                    % (
+                        server,
+                        checked,
+                        len(vprobs),
+                        "%d..%d" % verification["trace_bytes"] if traces else "-",
+                        verification["seconds"],
+                    )
+                )
                 problems += vprobs[:10]
         if server == "hub":
             lines = read_log_problems(hub_log)
@@ -359,6 +451,7 @@ def _dovecot_pid(run_dir):
 
 # ------------------------------------------------------------------------- the run
 
+
 def main():
     ap = argument_parser("bench.pop3_benchmark", "POP3 download benchmark: hub vs Dovecot, side by side in one run")
     ap.add_argument("--quick", action="store_true", help="200 instead of 500 1 MB mails, one repetition")
@@ -380,23 +473,33 @@ def main():
 
     started = time.time()
     uptime_before = uptime_line()
-    facts = {"nproc": os.cpu_count(), "cpu": cpu_model(), "mem_mb": mem_total_mb(), **versions(),
-             "dovecot": dovecot_version(), "workdir": workdir,
-             "filesystem": "%s on %s (%s)" % (mnt, dev, fstype)}
+    facts = {
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "mem_mb": mem_total_mb(),
+        **versions(),
+        "dovecot": dovecot_version(),
+        "workdir": workdir,
+        "filesystem": "%s on %s (%s)" % (mnt, dev, fstype),
+    }
     facts.pop("postfix", None)
     facts.pop("aiosmtpd", None)
     counts = {wl[0]: (wl[4][1] if a.quick else wl[4][0]) for wl in WORKLOADS}
     log("pop3 benchmark: %s" % command)
-    log("machine: nproc %d, CPU %s, %d MB RAM, %s, dovecot %s" % (
-        facts["nproc"], facts["cpu"], facts["mem_mb"], software(facts), facts["dovecot"]))
+    log(
+        "machine: nproc %d, CPU %s, %d MB RAM, %s, dovecot %s"
+        % (facts["nproc"], facts["cpu"], facts["mem_mb"], software(facts), facts["dovecot"])
+    )
     log("data: %s, filesystem %s, %.1f GB free" % (workdir, facts["filesystem"], free / 1e9))
     log("load before: %s" % uptime_before)
     need = sum(wl[2] * wl[3] * counts[wl[0]] for wl in WORKLOADS) * 1.2 + GB
     if free < need:
         sys.exit("pop3_benchmark: %.1f GB free under %s, need %.1f GB" % (free / 1e9, workdir, need / 1e9))
     if loadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        log("note: the machine is already busy (1-minute load %.2f on %d CPUs); "
-            "figures will be lower and noisier than on an idle machine" % (loadavg()[0], os.cpu_count()))
+        log(
+            "note: the machine is already busy (1-minute load %.2f on %d CPUs); "
+            "figures will be lower and noisier than on an idle machine" % (loadavg()[0], os.cpu_count())
+        )
 
     results, verifications, problems = [], [], []
     try:
@@ -408,14 +511,17 @@ def main():
         plan = []
         for rep in range(reps):
             k = rep % len(SERVERS)
-            order = WORKLOADS[rep % len(WORKLOADS):] + WORKLOADS[:rep % len(WORKLOADS)]
+            order = WORKLOADS[rep % len(WORKLOADS) :] + WORKLOADS[: rep % len(WORKLOADS)]
             for server in SERVERS[k:] + SERVERS[:k]:  # rotated, so no server always goes first
                 plan.append((rep + 1, server, order))
         for n, (rep, server, order) in enumerate(plan, 1):
-            log("[%d/%d] rep %d  %s: fresh server, fill, %s" % (
-                n, len(plan), rep, server, ", ".join(w[0] for w in order)))
-            res, ver, probs = serve_and_measure(server, rep, order, counts, bodies, body_sha, workdir,
-                                                logs_dir, verify=(rep == 1))
+            log(
+                "[%d/%d] rep %d  %s: fresh server, fill, %s"
+                % (n, len(plan), rep, server, ", ".join(w[0] for w in order))
+            )
+            res, ver, probs = serve_and_measure(
+                server, rep, order, counts, bodies, body_sha, workdir, logs_dir, verify=(rep == 1)
+            )
             results += res
             if ver:
                 verifications.append(ver)
@@ -443,14 +549,18 @@ def main():
     uptime_after = uptime_line()
     after = versions()
     if after["hub code"] != facts["hub code"]:
-        msg = ("the hub's source changed during the run (fingerprint %s -> %s, commit %s -> %s): "
-               "later runs measured different code" % (facts["hub code"], after["hub code"],
-                                                       facts.get("hub commit"), after.get("hub commit")))
+        msg = (
+            "the hub's source changed during the run (fingerprint %s -> %s, commit %s -> %s): "
+            "later runs measured different code"
+            % (facts["hub code"], after["hub code"], facts.get("hub commit"), after.get("hub commit"))
+        )
         warn(msg)
         problems.append(msg)
     elif after.get("hub commit") != facts.get("hub commit"):
-        log("note: new commits during the run (%s -> %s), but the hub's source files did not change" % (
-            facts.get("hub commit"), after.get("hub commit")))
+        log(
+            "note: new commits during the run (%s -> %s), but the hub's source files did not change"
+            % (facts.get("hub commit"), after.get("hub commit"))
+        )
     medians = {}
     rows = [("workload", "hub", "dovecot", "hub/dovecot", "target")]
     for name, label, _size, nbox, _c, unit in WORKLOADS:
@@ -461,33 +571,67 @@ def main():
             med[s] = statistics.median(vals) if vals else None
         medians[name] = med
         mails = counts[name] * nbox
-        rows.append(("%s, %d mails (%s)" % (label, mails, unit), fmt_value(med["hub"], unit),
-                     fmt_value(med["dovecot"], unit), fmt_ratio(med["hub"], med["dovecot"]),
-                     ">= %.1fx" % TARGETS[name]))
+        rows.append(
+            (
+                "%s, %d mails (%s)" % (label, mails, unit),
+                fmt_value(med["hub"], unit),
+                fmt_value(med["dovecot"], unit),
+                fmt_ratio(med["hub"], med["dovecot"]),
+                ">= %.1fx" % TARGETS[name],
+            )
+        )
         if unit != "MB/s":
-            mb = {s: statistics.median([r["mb_per_s"] for r in results if r["server"] == s and r["workload"] == name])
-                  if any(r["server"] == s and r["workload"] == name for r in results) else None for s in SERVERS}
-            rows.append(("  same, in MB/s", fmt_value(mb["hub"], "MB/s"), fmt_value(mb["dovecot"], "MB/s"),
-                         fmt_ratio(mb["hub"], mb["dovecot"]), ""))
+            mb = {
+                s: statistics.median([r["mb_per_s"] for r in results if r["server"] == s and r["workload"] == name])
+                if any(r["server"] == s and r["workload"] == name for r in results)
+                else None
+                for s in SERVERS
+            }
+            rows.append(
+                (
+                    "  same, in MB/s",
+                    fmt_value(mb["hub"], "MB/s"),
+                    fmt_value(mb["dovecot"], "MB/s"),
+                    fmt_ratio(mb["hub"], mb["dovecot"]),
+                    "",
+                )
+            )
     hub_hwm = [r["hub_vmhwm"] for r in results if r.get("hub_vmhwm")]
     dc_hwm = [r["dovecot_pop3_vmhwm"] for r in results if r.get("dovecot_pop3_vmhwm")]
-    rows.append(("peak RSS while serving (MB) *", fmt_value(max(hub_hwm) / 1e6 if hub_hwm else None, ""),
-                 fmt_value(max(dc_hwm) / 1e6 if dc_hwm else None, ""), "", ""))
+    rows.append(
+        (
+            "peak RSS while serving (MB) *",
+            fmt_value(max(hub_hwm) / 1e6 if hub_hwm else None, ""),
+            fmt_value(max(dc_hwm) / 1e6 if dc_hwm else None, ""),
+            "",
+            "",
+        )
+    )
     log("")
     log("=" * 100)
-    log("POP3 download on loopback, client bench/pop3_fetch (RETR all, no DELE), data in page cache; "
-        "median of %d run(s) per cell" % reps)
+    log(
+        "POP3 download on loopback, client bench/pop3_fetch (RETR all, no DELE), data in page cache; "
+        "median of %d run(s) per cell" % reps
+    )
     log("")
     log(table(rows))
     log("")
-    log("* hub: VmHWM of the hub process serving (started afresh on the filled data folder, so not the SMTP "
+    log(
+        "* hub: VmHWM of the hub process serving (started afresh on the filled data folder, so not the SMTP "
         "fill), read after the timed downloads, max over reps; dovecot: largest VmHWM of one `pop3` process "
-        "(one per session), sampled every 50 ms")
+        "(one per session), sampled every 50 ms"
+    )
     log("targets (issue 3): 2x Dovecot for 50 MB mails, Dovecot parity at least for 1 MB mails")
     for v in verifications:
-        log("SHA-256 (untimed extra download, rep 1): %s %d messages, %s; trace header on top: %s bytes" % (
-            v["server"], v["checked"], "all match" if not v["problems"] else "%d MISMATCHES" % len(v["problems"]),
-            "%d..%d" % tuple(v["trace_bytes"]) if v["trace_bytes"] else "-"))
+        log(
+            "SHA-256 (untimed extra download, rep 1): %s %d messages, %s; trace header on top: %s bytes"
+            % (
+                v["server"],
+                v["checked"],
+                "all match" if not v["problems"] else "%d MISMATCHES" % len(v["problems"]),
+                "%d..%d" % tuple(v["trace_bytes"]) if v["trace_bytes"] else "-",
+            )
+        )
     if not verifications:
         log("SHA-256: not checked (interrupted before)")
     log("")
@@ -501,13 +645,18 @@ def main():
         log("  %-34s %s  [%s]" % (label, "; ".join(parts), unit))
         cpu = []
         for s in SERVERS:
-            vals = ["%.1f" % (r["server_cpu_s"] / (r["bytes"] / GB)) for r in results if r["server"] == s
-                    and r["workload"] == name and r.get("server_cpu_s") is not None and r["bytes"]]
+            vals = [
+                "%.1f" % (r["server_cpu_s"] / (r["bytes"] / GB))
+                for r in results
+                if r["server"] == s and r["workload"] == name and r.get("server_cpu_s") is not None and r["bytes"]
+            ]
             cpu.append("%s %s" % (s, "/".join(vals) or "-"))
         log("  %-34s %s  [server CPU s per GB sent]" % ("", "; ".join(cpu)))
     log("")
-    log("machine: nproc %d, CPU %s, %d MB RAM, %s, dovecot %s" % (
-        facts["nproc"], facts["cpu"], facts["mem_mb"], software(facts), facts["dovecot"]))
+    log(
+        "machine: nproc %d, CPU %s, %d MB RAM, %s, dovecot %s"
+        % (facts["nproc"], facts["cpu"], facts["mem_mb"], software(facts), facts["dovecot"])
+    )
     log("data:    %s (filesystem %s), deleted after each rep" % (workdir, facts["filesystem"]))
     log("load:    before: %s" % uptime_before)
     log("         after:  %s" % uptime_after)
@@ -527,10 +676,23 @@ def main():
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": command, "machine": facts, "reps": reps, "quick": a.quick,
-                       "uptime_before": uptime_before, "uptime_after": uptime_after, "seconds": elapsed,
-                       "medians": medians, "runs": results, "verification": verifications,
-                       "problems": problems}, f, indent=1)
+            json.dump(
+                {
+                    "command": command,
+                    "machine": facts,
+                    "reps": reps,
+                    "quick": a.quick,
+                    "uptime_before": uptime_before,
+                    "uptime_after": uptime_after,
+                    "seconds": elapsed,
+                    "medians": medians,
+                    "runs": results,
+                    "verification": verifications,
+                    "problems": problems,
+                },
+                f,
+                indent=1,
+            )
         log("json:    %s" % a.json)
     return 1 if problems else 0
 

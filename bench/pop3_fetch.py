@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+
 from bench.common import argument_parser
 
 BUFSZ = 4 << 20
@@ -30,9 +31,9 @@ class Conn:
             n = self.hi - self.lo
             if n == len(self.buf):
                 raise ValueError("line too long")
-            self.buf[0:n] = self.buf[self.lo:self.hi]
+            self.buf[0:n] = self.buf[self.lo : self.hi]
             self.lo, self.hi = 0, n
-        k = self.sock.recv_into(self.mv[self.hi:])
+        k = self.sock.recv_into(self.mv[self.hi :])
         if not k:
             raise ConnectionError("connection closed by peer")
         self.hi += k
@@ -42,7 +43,7 @@ class Conn:
         while True:
             i = self.buf.find(b"\r\n", self.lo, self.hi)
             if i >= 0:
-                line = bytes(self.buf[self.lo:i])
+                line = bytes(self.buf[self.lo : i])
                 self.lo = i + 2
                 return line
             self._recv()
@@ -55,7 +56,7 @@ class Conn:
         # Put a virtual CRLF before the data so that "line start" is always
         # "after CRLF"; those two bytes are never emitted.
         n = self.hi - self.lo
-        buf[2:2 + n] = buf[self.lo:self.hi]
+        buf[2 : 2 + n] = buf[self.lo : self.hi]
         buf[0:2] = b"\r\n"
         hi, pos, emit, total = 2 + n, 0, 2, 0
         while True:
@@ -73,7 +74,7 @@ class Conn:
                 if p + 5 > hi:
                     break
                 if emit < p + 2:
-                    sink(mv[emit:p + 2])
+                    sink(mv[emit : p + 2])
                     total += p + 2 - emit
                 if buf[p + 3] == 13 and buf[p + 4] == 10:  # CRLF . CRLF: end
                     self.lo, self.hi = p + 5, hi
@@ -102,7 +103,7 @@ class Conn:
                 self.lo = self.hi = 0
                 self._recv()
             k = min(count, self.hi - self.lo)
-            sink(self.mv[self.lo:self.lo + k])
+            sink(self.mv[self.lo : self.lo + k])
             self.lo += k
             count -= k
 
@@ -175,9 +176,14 @@ def fetch_all(host, port, accounts, dele=False, sha256=False, sessions=None):
     dt = time.perf_counter() - t0
     msgs = sum(r["messages"] for r in results)
     nbytes = sum(r["bytes"] for r in results)
-    out = {"messages": msgs, "bytes": nbytes, "seconds": round(dt, 4),
-           "mb_per_s": round(nbytes / dt / 1e6, 1), "messages_per_s": round(msgs / dt, 1),
-           "failures": len(errors)}
+    out = {
+        "messages": msgs,
+        "bytes": nbytes,
+        "seconds": round(dt, 4),
+        "mb_per_s": round(nbytes / dt / 1e6, 1),
+        "messages_per_s": round(msgs / dt, 1),
+        "failures": len(errors),
+    }
     if errors:
         out["errors"] = errors
     if sha256:
@@ -186,11 +192,18 @@ def fetch_all(host, port, accounts, dele=False, sha256=False, sessions=None):
 
 
 def main():
-    ap = argument_parser("bench.pop3_fetch", "Fast POP3 download client (one thread per mailbox); prints one JSON line.")
+    ap = argument_parser(
+        "bench.pop3_fetch", "Fast POP3 download client (one thread per mailbox); prints one JSON line."
+    )
     ap.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, required=True, help="server port")
-    ap.add_argument("--account", action="append", required=True, metavar="USER:PASSWORD",
-                    help="mailbox to download; repeat for several (one session each)")
+    ap.add_argument(
+        "--account",
+        action="append",
+        required=True,
+        metavar="USER:PASSWORD",
+        help="mailbox to download; repeat for several (one session each)",
+    )
     ap.add_argument("--sessions", type=int, default=0, help="max parallel sessions (default: one per account)")
     ap.add_argument("--dele", action="store_true", help="DELE each message after RETR")
     ap.add_argument("--sha256", action="store_true", help="hash each unstuffed message")

@@ -45,20 +45,25 @@ async def fill(data: Path, mails: int, size: int, large_every: int) -> None:
         for n in queue:
             spool = storage.new_spool()
             spool.write(large if large_every and n % large_every == large_every - 1 else small)
-            await storage.commit(spool, MessageMeta("alpha@hub.test", None, False),
-                                 [Delivery(site.id, "beta@hub.test", "beta")])
+            await storage.commit(
+                spool, MessageMeta("alpha@hub.test", None, False), [Delivery(site.id, "beta@hub.test", "beta")]
+            )
 
     await asyncio.gather(*(worker() for _ in range(16)))
     await storage.close()
 
 
 def main() -> None:
-    ap = argument_parser("bench.rebuild_benchmark", "`mailhub storage rebuild-index` of a store filled through the real Storage, its\n"
-                         "index lost: seconds and peak memory per round.")
+    ap = argument_parser(
+        "bench.rebuild_benchmark",
+        "`mailhub storage rebuild-index` of a store filled through the real Storage, its\n"
+        "index lost: seconds and peak memory per round.",
+    )
     ap.add_argument("--mails", type=int, default=20_000, help="mails in the store (default 20000)")
     ap.add_argument("--size", type=int, default=10_000, help="bytes per mail (default 10000)")
-    ap.add_argument("--large-every", type=int, default=0,
-                    help="every Nth mail is over 2 MB, a file of its own (default 0: none)")
+    ap.add_argument(
+        "--large-every", type=int, default=0, help="every Nth mail is over 2 MB, a file of its own (default 0: none)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="rebuilds of the same store (default 3)")
     ap.add_argument("--tree", default=REPO_ROOT, help="source tree whose rebuild-index runs")
     args = ap.parse_args()
@@ -76,15 +81,22 @@ def main() -> None:
             shutil.copytree(pristine, data, symlinks=True)
             for suffix in ("", "-wal", "-shm"):
                 (data / f"index.sqlite3{suffix}").unlink(missing_ok=True)
-            out = subprocess.run([sys.executable, "-c", _REBUILD, str(data)], cwd=args.tree, capture_output=True,
-                                 text=True, env=dict(os.environ, PYTHONPATH=args.tree))
+            out = subprocess.run(
+                [sys.executable, "-c", _REBUILD, str(data)],
+                cwd=args.tree,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=args.tree),
+            )
             if out.returncode:
                 raise SystemExit(out.stderr)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             assert res["restored"] == args.mails, res
-            print(f"round {round_no}: rebuilt {res['restored']} mails in {res['seconds']:.1f} s"
-                  f" ({res['restored'] / res['seconds']:.0f} mails/s), peak RSS {res['peak_rss_mb']:.0f} MB",
-                  flush=True)
+            print(
+                f"round {round_no}: rebuilt {res['restored']} mails in {res['seconds']:.1f} s"
+                f" ({res['restored'] / res['seconds']:.0f} mails/s), peak RSS {res['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import argument_parser, command_line
 from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, SENDER, hub_server
 from bench.smtp_blast import blast
 from loadtest.thirdparty import postfix_instance, postfix_sink
-from bench.common import argument_parser, command_line
 
 POSTFIX_RELAY_OVERRIDES = """\
 # --- relay_benchmark: every non-local recipient to the sink
@@ -36,6 +36,7 @@ def postfix_relay(workdir, sink_port):
     def main_cf(text):
         lines = [ln for ln in text.splitlines() if not ln.startswith(("default_transport", "relay_transport"))]
         return "\n".join(lines) + "\n" + POSTFIX_RELAY_OVERRIDES.format(sink=sink_port)
+
     with postfix_instance(workdir, main_cf, POSTFIX_SMTP_MASTER) as port:
         yield port
 
@@ -47,23 +48,42 @@ def delivered(sink_log: Path) -> int:
 def measure(name, port, sink_log, args, user=None) -> dict:
     before = delivered(sink_log)
     started = time.perf_counter()
-    sent = asyncio.run(blast("127.0.0.1", port, args.sessions, args.mails, args.size, user=user,
-                             password=PASSWORD if user else None, rcpt="x@remote.example",
-                             mail_from=f"{SENDER}@{HUB_DOMAIN}", bdat=False))
+    sent = asyncio.run(
+        blast(
+            "127.0.0.1",
+            port,
+            args.sessions,
+            args.mails,
+            args.size,
+            user=user,
+            password=PASSWORD if user else None,
+            rcpt="x@remote.example",
+            mail_from=f"{SENDER}@{HUB_DOMAIN}",
+            bdat=False,
+        )
+    )
     accepted = time.perf_counter() - started
     deadline = time.monotonic() + 600
     while delivered(sink_log) - before < args.mails - sent["failures"] and time.monotonic() < deadline:
         time.sleep(0.05)
     total = time.perf_counter() - started
     count = delivered(sink_log) - before
-    return {"server": name, "mails": count, "failures": sent["failures"], "accept_seconds": round(accepted, 2),
-            "seconds": round(total, 2), "mails_per_s": round(count / total, 1),
-            "mb_per_s": round(count * args.size / total / 1e6, 1)}
+    return {
+        "server": name,
+        "mails": count,
+        "failures": sent["failures"],
+        "accept_seconds": round(accepted, 2),
+        "seconds": round(total, 2),
+        "mails_per_s": round(count / total, 1),
+        "mb_per_s": round(count * args.size / total / 1e6, 1),
+    }
 
 
 def main():
-    ap = argument_parser("bench.relay_benchmark", "Outbound relay benchmark: the hub vs Postfix relaying to the same Postfix sink,\n"
-                         "side by side in one run.")
+    ap = argument_parser(
+        "bench.relay_benchmark",
+        "Outbound relay benchmark: the hub vs Postfix relaying to the same Postfix sink,\nside by side in one run.",
+    )
     ap.add_argument("--mails", type=int, default=200, help="mails sent (default 200)")
     ap.add_argument("--size", type=int, default=100_000, help="bytes per mail (default 100000)")
     ap.add_argument("--sessions", type=int, default=4, help="SMTP sessions at once (default 4)")
@@ -75,8 +95,9 @@ def main():
     try:
         with postfix_sink(workdir / "sink") as sink_port:
             sink_log = workdir / "sink" / "postfix" / "postfix.log"
-            with hub_server(workdir / "hub", workdir / "hub.log",
-                            extra_env={"MAILHUB_RELAY_ROUTES": f"*=127.0.0.1:{sink_port}"}) as hub:
+            with hub_server(
+                workdir / "hub", workdir / "hub.log", extra_env={"MAILHUB_RELAY_ROUTES": f"*=127.0.0.1:{sink_port}"}
+            ) as hub:
                 results.append(measure("hub", hub.port, sink_log, args, user=SENDER))
             with postfix_relay(workdir / "relay", sink_port) as relay_port:
                 results.append(measure("postfix", relay_port, sink_log, args))
@@ -86,8 +107,10 @@ def main():
     print(f"{args.mails} mails of {args.size} bytes over {args.sessions} sessions, relayed to a Postfix sink")
     print(f"{'server':<10}{'delivered':>10}{'accepted in s':>15}{'all relayed in s':>18}{'mails/s':>10}{'MB/s':>8}")
     for r in results:
-        print(f"{r['server']:<10}{r['mails']:>10}{r['accept_seconds']:>15}{r['seconds']:>18}"
-              f"{r['mails_per_s']:>10}{r['mb_per_s']:>8}")
+        print(
+            f"{r['server']:<10}{r['mails']:>10}{r['accept_seconds']:>15}{r['seconds']:>18}"
+            f"{r['mails_per_s']:>10}{r['mb_per_s']:>8}"
+        )
     print(json.dumps(results))
 
 

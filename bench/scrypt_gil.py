@@ -15,9 +15,10 @@ import os
 import statistics
 import threading
 import time
+
 from bench.common import argument_parser, command_line
 
-N, R, P = 2**14, 8, 1   # storage/passwords.py
+N, R, P = 2**14, 8, 1  # storage/passwords.py
 
 
 def one_hash() -> None:
@@ -32,6 +33,7 @@ def hash_rate(threads: int, seconds: float) -> float:
         while time.monotonic() < end:
             one_hash()
             counts[i] += 1
+
     pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()
@@ -51,6 +53,7 @@ def loop_lag(threads: int, nice: int, seconds: float) -> tuple[float, float, flo
         while not stop.is_set():
             one_hash()
             hashes[0] += 1
+
     pool = [threading.Thread(target=work) for _ in range(threads)]
     for t in pool:
         t.start()
@@ -64,6 +67,7 @@ def loop_lag(threads: int, nice: int, seconds: float) -> tuple[float, float, flo
             await asyncio.sleep(0.01)
             lags.append(max(0.0, loop.time() - due) * 1000)
         return lags
+
     lags = asyncio.run(ticks())
     stop.set()
     for t in pool:
@@ -73,8 +77,11 @@ def loop_lag(threads: int, nice: int, seconds: float) -> tuple[float, float, flo
 
 
 def main() -> None:
-    ap = argument_parser("bench.scrypt_gil", "Does hashlib.scrypt release the GIL, and what does a password-check flood cost\n"
-                         "the event loop? Hash rates and loop lag by hashing threads and nice level.")
+    ap = argument_parser(
+        "bench.scrypt_gil",
+        "Does hashlib.scrypt release the GIL, and what does a password-check flood cost\n"
+        "the event loop? Hash rates and loop lag by hashing threads and nice level.",
+    )
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per figure (default 10)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     args = ap.parse_args()
@@ -91,7 +98,9 @@ def main() -> None:
             lags.setdefault((threads, nice), []).append(loop_lag(threads, nice, args.seconds))
     print("\nhashes/s by hashing threads (median of rounds):")
     for threads, values in rates.items():
-        print(f"  {threads} thread(s): {statistics.median(values):6.1f}   rounds: {', '.join(f'{v:.1f}' for v in values)}")
+        print(
+            f"  {threads} thread(s): {statistics.median(values):6.1f}   rounds: {', '.join(f'{v:.1f}' for v in values)}"
+        )
     print(f"  ratio 2/1: {statistics.median(rates[2]) / statistics.median(rates[1]):.2f}")
     print("\nevent-loop lag (ms) of a 10 ms tick beside hashing threads (median of rounds):")
     print(f"  {'threads':>7} {'nice':>4} {'p50':>7} {'p99':>7} {'max':>7} {'hashes/s':>9}")

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import time
+
 from bench.common import argument_parser
 
 LINE = 76
@@ -27,12 +28,14 @@ def make_body(size):
     block = min(nlines, 16384)  # ~1.3 MB of random lines, repeated: fast for 1 GB
     lines = base64.encodebytes(os.urandom(block * LINE // 4 * 3)).replace(b"\n", b"\r\n")
     full, rest = divmod(nlines, block)
-    return lines * full + lines[:rest * (LINE + 2)]
+    return lines * full + lines[: rest * (LINE + 2)]
 
 
 def make_header(i, mail_from, rcpt, tag):
-    return ("From: <%s>\r\nTo: <%s>\r\nSubject: smtp_blast %d\r\n"
-            "Message-ID: <%s.%d@smtp-blast.invalid>\r\n\r\n" % (mail_from, rcpt, i, tag, i)).encode()
+    return (
+        "From: <%s>\r\nTo: <%s>\r\nSubject: smtp_blast %d\r\n"
+        "Message-ID: <%s.%d@smtp-blast.invalid>\r\n\r\n" % (mail_from, rcpt, i, tag, i)
+    ).encode()
 
 
 async def _reply(reader):
@@ -54,7 +57,7 @@ async def _send(writer, hdr, body_mv, tail=b""):
     else:
         writer.write(hdr)
         for i in range(0, len(body_mv), CHUNK):
-            writer.write(body_mv[i:i + CHUNK])
+            writer.write(body_mv[i : i + CHUNK])
             await writer.drain()
         if tail:
             writer.write(tail)
@@ -134,31 +137,56 @@ async def _session(host, port, jobs, st, body, o):
             pass
 
 
-async def blast(host, port, sessions=1, mails=1, size=10240, user=None, password=None,
-                rcpt="bench@example.org", mail_from="blast@example.org", bdat=False, body=None):
+async def blast(
+    host,
+    port,
+    sessions=1,
+    mails=1,
+    size=10240,
+    user=None,
+    password=None,
+    rcpt="bench@example.org",
+    mail_from="blast@example.org",
+    bdat=False,
+    body=None,
+):
     """Send `mails` mails of ~`size` bytes over `sessions` parallel sessions.
     Returns {"mails", "bytes", "seconds", "mails_per_s", "mb_per_s", "failures"}
     (+ "errors", a few failure descriptions, when failures > 0)."""
     body = body if body is not None else make_body(max(0, size - 160))
-    o = {"user": user, "password": password or "", "rcpt": rcpt, "from": mail_from,
-         "bdat": bdat, "tag": "%x.%x" % (int(time.time()), os.getpid())}
+    o = {
+        "user": user,
+        "password": password or "",
+        "rcpt": rcpt,
+        "from": mail_from,
+        "bdat": bdat,
+        "tag": "%x.%x" % (int(time.time()), os.getpid()),
+    }
     st = _Stats()
     jobs = iter(range(mails))  # shared: a free session takes the next mail
     t0 = time.perf_counter()
-    res = await asyncio.gather(*(_session(host, port, jobs, st, body, o) for _ in range(sessions)),
-                               return_exceptions=True)
+    res = await asyncio.gather(
+        *(_session(host, port, jobs, st, body, o) for _ in range(sessions)), return_exceptions=True
+    )
     dt = time.perf_counter() - t0
     st.errors += ["session: %r" % r for r in res if isinstance(r, BaseException)]
-    out = {"mails": st.ok, "bytes": st.bytes, "seconds": round(dt, 4),
-           "mails_per_s": round(st.ok / dt, 1), "mb_per_s": round(st.bytes / dt / 1e6, 1),
-           "failures": mails - st.ok}
+    out = {
+        "mails": st.ok,
+        "bytes": st.bytes,
+        "seconds": round(dt, 4),
+        "mails_per_s": round(st.ok / dt, 1),
+        "mb_per_s": round(st.bytes / dt / 1e6, 1),
+        "failures": mails - st.ok,
+    }
     if st.errors:
         out["errors"] = st.errors[:10]
     return out
 
 
 def main():
-    ap = argument_parser("bench.smtp_blast", "Fast asyncio SMTP load client: N sessions share M mails; prints one JSON line.")
+    ap = argument_parser(
+        "bench.smtp_blast", "Fast asyncio SMTP load client: N sessions share M mails; prints one JSON line."
+    )
     ap.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, required=True, help="server port")
     ap.add_argument("--sessions", type=int, default=1, help="SMTP sessions at once (default 1)")
@@ -170,8 +198,13 @@ def main():
     ap.add_argument("--from", dest="mail_from", default="blast@example.org", help="sender (default blast@example.org)")
     ap.add_argument("--bdat", action="store_true", help="use BDAT when CHUNKING is offered")
     a = ap.parse_args()
-    print(json.dumps(asyncio.run(blast(a.host, a.port, a.sessions, a.mails, a.size, a.user,
-                                       a.password, a.rcpt, a.mail_from, a.bdat))))
+    print(
+        json.dumps(
+            asyncio.run(
+                blast(a.host, a.port, a.sessions, a.mails, a.size, a.user, a.password, a.rcpt, a.mail_from, a.bdat)
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

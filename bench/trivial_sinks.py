@@ -7,12 +7,11 @@
 import socket
 import threading
 
+from bench.common import argument_parser
 from bench.pop3_fetch import Conn
 from bench.smtp_blast import make_body
-from bench.common import argument_parser
 
-EHLO = (b"250-trivial-sink\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n"
-        b"250-AUTH PLAIN\r\n250 SIZE 0\r\n")
+EHLO = b"250-trivial-sink\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250-AUTH PLAIN\r\n250 SIZE 0\r\n"
 
 
 def _discard(_mv):
@@ -89,8 +88,11 @@ def serve(handler, port=0):
 
 
 def main():
-    ap = argument_parser("bench.trivial_sinks", "Trivial loopback servers that show the benchmark clients are not the\n"
-                         "bottleneck: an SMTP sink, or a POP3 server serving one in-memory message.")
+    ap = argument_parser(
+        "bench.trivial_sinks",
+        "Trivial loopback servers that show the benchmark clients are not the\n"
+        "bottleneck: an SMTP sink, or a POP3 server serving one in-memory message.",
+    )
     ap.add_argument("kind", choices=("smtp", "pop3"), help="which server")
     ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free one, printed)")
     ap.add_argument("--count", type=int, default=20, help="POP3: messages in the mailbox (default 20)")

@@ -11,7 +11,29 @@ from .mailer import DirectoryMailer, directory_mail
 from .policy import RecipientKeys, recipients_under_policy
 from .wkd import wkd_hash, wkd_paths
 
-__all__ = ["DirectoryError", "DirectoryMailer", "HubKey", "HubKeySource", "HubKeys", "KeyRing", "RecipientKeys",
-           "SiteKey", "clean_leftovers", "directory_mail", "import_key", "load_hub_key", "load_hub_keys",
-           "load_or_create_hub_keys", "parse_public_key", "read_document", "recipients_under_policy",
-           "rotate_hub_key", "set_policy", "site_keys", "to_json", "to_text", "wkd_hash", "wkd_paths"]
+__all__ = [
+    "DirectoryError",
+    "DirectoryMailer",
+    "HubKey",
+    "HubKeySource",
+    "HubKeys",
+    "KeyRing",
+    "RecipientKeys",
+    "SiteKey",
+    "clean_leftovers",
+    "directory_mail",
+    "import_key",
+    "load_hub_key",
+    "load_hub_keys",
+    "load_or_create_hub_keys",
+    "parse_public_key",
+    "read_document",
+    "recipients_under_policy",
+    "rotate_hub_key",
+    "set_policy",
+    "site_keys",
+    "to_json",
+    "to_text",
+    "wkd_hash",
+    "wkd_paths",
+]

@@ -31,7 +31,7 @@ def armor(kind: str, data: bytes, comments: tuple[str, ...] = ()) -> str:
     """`kind` is e.g. "PUBLIC KEY BLOCK" or "SIGNATURE"; LF line ends, 64 columns, no trailing space."""
     body = base64.b64encode(data).decode("ascii")
     lines = [f"-----BEGIN PGP {kind}-----", *(f"Comment: {c}" for c in comments), ""]
-    lines += [body[i:i + 64] for i in range(0, len(body), 64)]
+    lines += [body[i : i + 64] for i in range(0, len(body), 64)]
     lines.append("=" + base64.b64encode(crc24(data).to_bytes(3, "big")).decode("ascii"))
     lines.append(f"-----END PGP {kind}-----")
     return "\n".join(lines) + "\n"

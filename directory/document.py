@@ -13,8 +13,9 @@ from .keys import site_keys
 FORMAT = "dicom-mail-hub-directory/1"
 
 
-def read_document(conn: sqlite3.Connection, hub_keys, domains: list[str],
-                  directory_local_part: str, now: float | None = None) -> dict:
+def read_document(
+    conn: sqlite3.Connection, hub_keys, domains: list[str], directory_local_part: str, now: float | None = None
+) -> dict:
     """The directory as the index holds it now; `hub_keys` is the hub's HubKeys (fingerprint and
     last rotation)."""
     version = directory_version(conn)
@@ -22,21 +23,25 @@ def read_document(conn: sqlite3.Connection, hub_keys, domains: list[str],
     for site in list_sites(conn):
         keys = site_keys(conn, site.id)
         current = keys[0] if keys and keys[0].retired_at is None else None
-        participants.append({
-            "name": site.name,
-            "addresses": site.addresses,
-            "key_fingerprint": current.fingerprint if current else None,
-            "encryption_key_ids": list(current.encryption_key_ids) if current else [],
-            "key_imported_at": timestamp(current.imported_at) if current else None,
-            "public_key": current.armored if current else None,
-        })
+        participants.append(
+            {
+                "name": site.name,
+                "addresses": site.addresses,
+                "key_fingerprint": current.fingerprint if current else None,
+                "encryption_key_ids": list(current.encryption_key_ids) if current else [],
+                "key_imported_at": timestamp(current.imported_at) if current else None,
+                "public_key": current.armored if current else None,
+            }
+        )
     return {
         "format": FORMAT,
         "version": version,
         "generated_at": timestamp(time.time() if now is None else now),
-        "hub": {"fingerprint": hub_keys.fingerprint,
-                "directory_addresses": [f"{directory_local_part}@{d}" for d in domains],
-                "key_rotation": hub_keys.rotation()},
+        "hub": {
+            "fingerprint": hub_keys.fingerprint,
+            "directory_addresses": [f"{directory_local_part}@{d}" for d in domains],
+            "key_rotation": hub_keys.rotation(),
+        },
         "participants": participants,
     }
 
@@ -47,12 +52,15 @@ def to_json(document: dict) -> str:
 
 def to_text(document: dict) -> str:
     hub = document["hub"]
-    lines = ["DICOM Mail Hub - participant directory",
-             f"Version {document['version']}, generated {document['generated_at']}.",
-             f"Signed by the hub key {group_fingerprint(hub['fingerprint'])}.",
-             *_rotation_lines(hub.get("key_rotation")),
-             f"Ask for it again by mail to {', '.join(hub['directory_addresses'])}.",
-             f"{len(document['participants'])} participant(s):", ""]
+    lines = [
+        "DICOM Mail Hub - participant directory",
+        f"Version {document['version']}, generated {document['generated_at']}.",
+        f"Signed by the hub key {group_fingerprint(hub['fingerprint'])}.",
+        *_rotation_lines(hub.get("key_rotation")),
+        f"Ask for it again by mail to {', '.join(hub['directory_addresses'])}.",
+        f"{len(document['participants'])} participant(s):",
+        "",
+    ]
     for site in document["participants"]:
         lines.append(f"* {site['name']}")
         lines.append(f"  addresses: {', '.join(site['addresses'])}")
@@ -68,14 +76,16 @@ def to_text(document: dict) -> str:
 def _rotation_lines(rotation: dict | None) -> list[str]:
     if not rotation:
         return []
-    return [f"The hub key replaced the previous hub key {group_fingerprint(rotation['previous_fingerprint'])}",
-            f"on {rotation['rotated_at']} and is certified by it; the previous key also signs",
-            f"directory mails until {rotation['previous_signs_until']}, then it is retired."]
+    return [
+        f"The hub key replaced the previous hub key {group_fingerprint(rotation['previous_fingerprint'])}",
+        f"on {rotation['rotated_at']} and is certified by it; the previous key also signs",
+        f"directory mails until {rotation['previous_signs_until']}, then it is retired.",
+    ]
 
 
 def group_fingerprint(fingerprint: str) -> str:
     """GnuPG's way of showing a fingerprint: groups of four hex digits."""
-    return " ".join(fingerprint[i:i + 4] for i in range(0, len(fingerprint), 4))
+    return " ".join(fingerprint[i : i + 4] for i in range(0, len(fingerprint), 4))
 
 
 def timestamp(seconds: float) -> str:

@@ -10,14 +10,20 @@ import os
 import threading
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import pgpy
-    from pgpy.constants import (CompressionAlgorithm, HashAlgorithm, KeyFlags, PubKeyAlgorithm,
-                                SignatureType, SymmetricKeyAlgorithm)
+    from pgpy.constants import (
+        CompressionAlgorithm,
+        HashAlgorithm,
+        KeyFlags,
+        PubKeyAlgorithm,
+        SignatureType,
+        SymmetricKeyAlgorithm,
+    )
 
 from storage.files import fsync_dir
 
@@ -31,8 +37,12 @@ log = logging.getLogger("mailhub.directory")
 KEY_FILE = "hub-signing-key.asc"
 ARCHIVE_DIR = "hub-keys"
 _KEY_BITS = 3072
-_CERTIFICATIONS = {SignatureType.Generic_Cert, SignatureType.Persona_Cert, SignatureType.Casual_Cert,
-                   SignatureType.Positive_Cert}
+_CERTIFICATIONS = {
+    SignatureType.Generic_Cert,
+    SignatureType.Persona_Cert,
+    SignatureType.Casual_Cert,
+    SignatureType.Positive_Cert,
+}
 
 
 class HubKey:
@@ -87,10 +97,15 @@ class HubKeys:
     """The hub's signing keys at one moment: the current key and, after a rotation, the previous
     one, which co-signs until `previous_signs_until` and is then retired (kept, unused)."""
 
-    def __init__(self, current: HubKey, previous: HubKey | None = None,
-                 rotated_from: tuple[str, float] | None = None, grace_seconds: float = 0.0):
+    def __init__(
+        self,
+        current: HubKey,
+        previous: HubKey | None = None,
+        rotated_from: tuple[str, float] | None = None,
+        grace_seconds: float = 0.0,
+    ):
         self.current = current
-        self.previous = previous       # None also when the previous key's file is missing
+        self.previous = previous  # None also when the previous key's file is missing
         self.previous_fingerprint, self.rotated_at = rotated_from or (None, None)
         self.previous_signs_until = None if self.rotated_at is None else self.rotated_at + grace_seconds
         self._published: dict[int, tuple[str, bytes]] = {}
@@ -100,8 +115,11 @@ class HubKeys:
         return self.current.fingerprint
 
     def in_grace(self, now: float | None = None) -> bool:
-        return (self.previous is not None and self.previous_signs_until is not None
-                and (time.time() if now is None else now) < self.previous_signs_until)
+        return (
+            self.previous is not None
+            and self.previous_signs_until is not None
+            and (time.time() if now is None else now) < self.previous_signs_until
+        )
 
     def signers(self, now: float | None = None, announcement: bool = False) -> list[HubKey]:
         """The current key, plus the previous one during the grace period; an announcement of the
@@ -111,8 +129,7 @@ class HubKeys:
 
     def sign_detached(self, data: bytes, now: float | None = None, announcement: bool = False) -> str:
         """One armored signature block holding a signature by each signing key."""
-        return armor("SIGNATURE", b"".join(key.signature_packet(data, now)
-                                           for key in self.signers(now, announcement)))
+        return armor("SIGNATURE", b"".join(key.signature_packet(data, now) for key in self.signers(now, announcement)))
 
     def published(self, now: float | None = None, announcement: bool = False) -> tuple[str, bytes]:
         """The public keys of the signing keys (current first), armored with a comment naming each
@@ -121,8 +138,9 @@ class HubKeys:
         cache_key = len(keys)
         if cache_key not in self._published:
             binary = b"".join(key.public_binary for key in keys)
-            comments = tuple(f"{'previous' if key is self.previous else 'current'} hub key {key.fingerprint}"
-                             for key in keys)
+            comments = tuple(
+                f"{'previous' if key is self.previous else 'current'} hub key {key.fingerprint}" for key in keys
+            )
             self._published[cache_key] = (armor("PUBLIC KEY BLOCK", binary, comments), binary)
         return self._published[cache_key]
 
@@ -130,8 +148,11 @@ class HubKeys:
         """The last rotation, as the directory document states it."""
         if self.rotated_at is None:
             return None
-        return {"previous_fingerprint": self.previous_fingerprint, "rotated_at": timestamp(self.rotated_at),
-                "previous_signs_until": timestamp(self.previous_signs_until)}
+        return {
+            "previous_fingerprint": self.previous_fingerprint,
+            "rotated_at": timestamp(self.rotated_at),
+            "previous_signs_until": timestamp(self.previous_signs_until),
+        }
 
 
 def key_path(data_dir: Path) -> Path:
@@ -169,8 +190,12 @@ def load_hub_keys(data_dir: Path, grace_seconds: float) -> HubKeys | None:
     try:
         previous = load_key_file(path)
     except FileNotFoundError:
-        log.warning("the hub key was rotated from %s, but %s is missing: only the current key signs"
-                    " (restore the file from the backup)", certifier[0], path)
+        log.warning(
+            "the hub key was rotated from %s, but %s is missing: only the current key signs"
+            " (restore the file from the backup)",
+            certifier[0],
+            path,
+        )
         previous = None
     return HubKeys(current, previous, certifier, grace_seconds)
 
@@ -202,7 +227,7 @@ class HubKeySource:
         self._lock = threading.Lock()
         self._keys = load_or_create_hub_keys(self.data_dir, addresses, grace_seconds)
         self._seen = self._file_state()
-        self._problem: str | None = None   # logged once, not at every look
+        self._problem: str | None = None  # logged once, not at every look
 
     def _file_state(self):
         st = os.stat(key_path(self.data_dir))
@@ -231,9 +256,14 @@ def new_key(addresses: list[str]) -> HubKey:
         warnings.simplefilter("ignore")
         key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, _KEY_BITS)
         for number, address in enumerate(addresses):
-            key.add_uid(pgpy.PGPUID.new("DICOM Mail Hub directory", email=address), primary=number == 0,
-                        usage={KeyFlags.Sign, KeyFlags.Certify}, hashes=[HashAlgorithm.SHA256, HashAlgorithm.SHA512],
-                        ciphers=[SymmetricKeyAlgorithm.AES256], compression=[CompressionAlgorithm.Uncompressed])
+            key.add_uid(
+                pgpy.PGPUID.new("DICOM Mail Hub directory", email=address),
+                primary=number == 0,
+                usage={KeyFlags.Sign, KeyFlags.Certify},
+                hashes=[HashAlgorithm.SHA256, HashAlgorithm.SHA512],
+                ciphers=[SymmetricKeyAlgorithm.AES256],
+                compression=[CompressionAlgorithm.Uncompressed],
+            )
     return HubKey(key)
 
 
@@ -249,4 +279,4 @@ def write_private(path: Path, key: HubKey, owner: tuple[int, int] | None = None)
 
 
 def _utc(seconds: float | None) -> datetime | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)

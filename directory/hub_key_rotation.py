@@ -8,8 +8,8 @@
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from storage.files import fsync_dir
 
@@ -23,8 +23,9 @@ _TEMPORARY = f".{KEY_FILE}.rotation.tmp"
 STEPS = ("generated", "archived", "written", "committed")
 
 
-def rotate_hub_key(data_dir: Path, addresses: list[str], now: float | None = None,
-                   step: Callable[[str], None] = lambda name: None) -> tuple[HubKey, HubKey]:
+def rotate_hub_key(
+    data_dir: Path, addresses: list[str], now: float | None = None, step: Callable[[str], None] = lambda name: None
+) -> tuple[HubKey, HubKey]:
     """Replace the hub key by a new one certified by it; returns (previous, new)."""
     data_dir = Path(data_dir)
     now = time.time() if now is None else now
@@ -32,29 +33,34 @@ def rotate_hub_key(data_dir: Path, addresses: list[str], now: float | None = Non
     try:
         previous = load_hub_key(data_dir)
         if previous is None:
-            raise DirectoryError("there is no hub key to rotate yet (it is made by the first start or"
-                                 " `mailhub directory fingerprint`)")
+            raise DirectoryError(
+                "there is no hub key to rotate yet (it is made by the first start or `mailhub directory fingerprint`)"
+            )
         new = new_key(addresses)
         previous.certify(new, now)
         step("generated")
         try:
             st = key_path(data_dir).stat()
-            owner = st.st_uid, st.st_gid   # run as root, the files stay the hub user's
+            owner = st.st_uid, st.st_gid  # run as root, the files stay the hub user's
             _archive(data_dir, previous, owner)
             step("archived")
             temporary = data_dir / _TEMPORARY
             write_private(temporary, new, owner)
             step("written")
-            os.replace(temporary, key_path(data_dir))   # the commit point
+            os.replace(temporary, key_path(data_dir))  # the commit point
         except OSError as exc:
-            raise DirectoryError(f"rotation not done, the hub key {previous.fingerprint} stays current:"
-                                 f" {exc.strerror or exc}: {exc.filename}") from None
+            raise DirectoryError(
+                f"rotation not done, the hub key {previous.fingerprint} stays current:"
+                f" {exc.strerror or exc}: {exc.filename}"
+            ) from None
         step("committed")
         try:
             fsync_dir(data_dir)
         except OSError as exc:
-            raise DirectoryError(f"the hub key was replaced by {new.fingerprint}, but syncing {data_dir}"
-                                 f" failed ({exc.strerror}); check the disk") from None
+            raise DirectoryError(
+                f"the hub key was replaced by {new.fingerprint}, but syncing {data_dir}"
+                f" failed ({exc.strerror}); check the disk"
+            ) from None
         return previous, new
     finally:
         os.close(lock)
@@ -75,7 +81,7 @@ def clean_leftovers(data_dir: Path) -> None:
 
 
 def _lock(data_dir: Path) -> int:
-    try:   # read-only and readable by all: a lock taken as root does not shut the hub's user out
+    try:  # read-only and readable by all: a lock taken as root does not shut the hub's user out
         fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise DirectoryError(f"cannot open {data_dir / LOCK_FILE}: {exc.strerror}") from None

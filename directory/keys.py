@@ -19,13 +19,17 @@ with warnings.catch_warnings():  # pgpy 0.6 imports the deprecated imghdr module
 from .errors import DirectoryError
 
 _RELOAD_SECONDS = 0.5
-_ENCRYPTING_ALGORITHMS = {PubKeyAlgorithm.RSAEncryptOrSign, PubKeyAlgorithm.RSAEncrypt,
-                          PubKeyAlgorithm.ElGamal, PubKeyAlgorithm.ECDH}
+_ENCRYPTING_ALGORITHMS = {
+    PubKeyAlgorithm.RSAEncryptOrSign,
+    PubKeyAlgorithm.RSAEncrypt,
+    PubKeyAlgorithm.ElGamal,
+    PubKeyAlgorithm.ECDH,
+}
 
 
 @dataclass(frozen=True)
 class ParsedKey:
-    fingerprint: str                 # 40 hex digits, upper case
+    fingerprint: str  # 40 hex digits, upper case
     encryption_key_ids: tuple[str, ...]  # 16 hex digits each, upper case
     armored: str
     user_ids: tuple[str, ...]
@@ -37,7 +41,7 @@ class SiteKey:
     encryption_key_ids: tuple[str, ...]
     armored: str
     imported_at: float
-    retired_at: float | None         # None: the site's current key
+    retired_at: float | None  # None: the site's current key
 
     def usable(self, now: float, grace_seconds: float) -> bool:
         """Mails may be encrypted to it: the current key, or a previous one within the grace period."""
@@ -49,27 +53,33 @@ def load_pgpy_key(data: bytes):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            key, loaded = pgpy.PGPKey.from_blob(data if b"-----BEGIN PGP" not in data[:4096]
-                                                else data.decode("ascii", "replace"))
+            key, loaded = pgpy.PGPKey.from_blob(
+                data if b"-----BEGIN PGP" not in data[:4096] else data.decode("ascii", "replace")
+            )
         except Exception as exc:  # pgpy raises ValueError, PGPError, NotImplementedError, ...
             raise DirectoryError(f"not an OpenPGP key: {exc}") from None
     if len(loaded) > 1:
-        raise DirectoryError(f"{len(loaded)} keys given where one is needed; export only the site's key"
-                             " (gpg --armor --export FINGERPRINT)")
+        raise DirectoryError(
+            f"{len(loaded)} keys given where one is needed; export only the site's key"
+            " (gpg --armor --export FINGERPRINT)"
+        )
     return key
 
 
 def parse_public_key(data: bytes) -> ParsedKey:
     key = load_pgpy_key(data)
     if not key.is_public:
-        raise DirectoryError("this is a private key; export and import the public key only"
-                             " (gpg --armor --export NAME)")
+        raise DirectoryError("this is a private key; export and import the public key only (gpg --armor --export NAME)")
     ids = tuple(k.fingerprint.keyid.upper() for k in (key, *key.subkeys.values()) if _can_encrypt(k))
     if not ids:
         raise DirectoryError(f"key {key.fingerprint} has no usable encryption key (add an encryption subkey)")
     armored = data.decode("ascii") if data.lstrip().startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK") else str(key)
-    return ParsedKey(str(key.fingerprint).replace(" ", "").upper(), ids, armored.replace("\r\n", "\n"),
-                     tuple(str(uid.userid) for uid in key.userids))
+    return ParsedKey(
+        str(key.fingerprint).replace(" ", "").upper(),
+        ids,
+        armored.replace("\r\n", "\n"),
+        tuple(str(uid.userid) for uid in key.userids),
+    )
 
 
 def _can_encrypt(key) -> bool:
@@ -85,8 +95,9 @@ def import_key(conn: sqlite3.Connection, site_name: str, data: bytes, now: float
     """Make the key the site's current one; the current key becomes the previous one."""
     parsed = parse_public_key(data)
     now = time.time() if now is None else now
-    if not directory_index.replace_site_key(conn, site_name, parsed.fingerprint, " ".join(parsed.encryption_key_ids),
-                                            parsed.armored, now):
+    if not directory_index.replace_site_key(
+        conn, site_name, parsed.fingerprint, " ".join(parsed.encryption_key_ids), parsed.armored, now
+    ):
         raise DirectoryError(f"key {parsed.fingerprint} is already the current key of site {site_name}")
     return parsed
 
@@ -118,15 +129,17 @@ class KeyRing:
     _RELOAD_SECONDS, so that the SMTP path reads memory only and SQLite never blocks the event loop."""
 
     def __init__(self, data_dir):
-        self._state: tuple[dict[int, list[SiteKey]], dict[int, str]] = ({}, {})   # keys, policy overrides
+        self._state: tuple[dict[int, list[SiteKey]], dict[int, str]] = ({}, {})  # keys, policy overrides
         self._watcher = IndexWatcher(data_dir, "site keys", directory_index.keys_version, self._load, _RELOAD_SECONDS)
 
     def close(self) -> None:
         self._watcher.close()
 
     def _load(self, conn: sqlite3.Connection) -> None:
-        keys = {site_id: [_key(row) for row in rows] for site_id, rows in directory_index.all_site_key_rows(conn).items()}
-        self._state = (keys, directory_index.policy_overrides(conn))   # one assignment: readers see both or neither
+        keys = {
+            site_id: [_key(row) for row in rows] for site_id, rows in directory_index.all_site_key_rows(conn).items()
+        }
+        self._state = (keys, directory_index.policy_overrides(conn))  # one assignment: readers see both or neither
 
     def keys(self, site_id: int) -> list[SiteKey]:
         return self._state[0].get(site_id, [])

@@ -25,7 +25,7 @@ from .signing import mixed_part, signed_body
 log = logging.getLogger("mailhub.directory")
 _POLL_SECONDS = 1.0
 SENT_VERSION = "directory_sent_version"
-ANNOUNCED_KEY = "hub_key_announced"   # key_stamp() of the last hub key the sites were told of
+ANNOUNCED_KEY = "hub_key_announced"  # key_stamp() of the last hub key the sites were told of
 KEY_PART_NAME = "hub-key.asc"
 
 
@@ -34,15 +34,28 @@ def key_stamp(fingerprint: str) -> int:
     return int(fingerprint[-15:], 16)
 
 
-def directory_mail(document: dict, keys: HubKeys, sender: str, to: str, subject: str,
-                   in_reply_to: str | None = None, now: float | None = None, announcement: bool = False) -> bytes:
+def directory_mail(
+    document: dict,
+    keys: HubKeys,
+    sender: str,
+    to: str,
+    subject: str,
+    in_reply_to: str | None = None,
+    now: float | None = None,
+    announcement: bool = False,
+) -> bytes:
     """A whole RFC 5322 message (CRLF) holding the signed directory and the hub's public key(s);
     signed by the current key, and by the previous one during the grace period of a rotation (an
     announcement of the rotation by both, always)."""
     now = time.time() if now is None else now
     armored, _ = keys.published(now, announcement)
-    inner = mixed_part(to_text(document), [("application/json", "directory.json", to_json(document).encode("ascii")),
-                                           ("application/pgp-keys", KEY_PART_NAME, armored.encode("ascii"))])
+    inner = mixed_part(
+        to_text(document),
+        [
+            ("application/json", "directory.json", to_json(document).encode("ascii")),
+            ("application/pgp-keys", KEY_PART_NAME, armored.encode("ascii")),
+        ],
+    )
     content_type, body = signed_body(inner, lambda data: keys.sign_detached(data, now, announcement))
     domain = sender.rpartition("@")[2]
     headers = [
@@ -54,8 +67,11 @@ def directory_mail(document: dict, keys: HubKeys, sender: str, to: str, subject:
         *([f"In-Reply-To: {in_reply_to}"] if in_reply_to else []),
         "Auto-Submitted: " + ("auto-replied" if in_reply_to is not None else "auto-generated"),
         f"X-DICOM-Mail-Hub-Directory-Version: {document['version']}",
-        *([f"X-DICOM-Mail-Hub-Key-Rotation: {keys.previous_fingerprint} -> {keys.fingerprint}"]
-          if announcement else []),
+        *(
+            [f"X-DICOM-Mail-Hub-Key-Rotation: {keys.previous_fingerprint} -> {keys.fingerprint}"]
+            if announcement
+            else []
+        ),
         "MIME-Version: 1.0",
         f"Content-Type: {content_type}",
     ]
@@ -70,11 +86,11 @@ class DirectoryMailer:
         self.storage = storage
         self.hub_keys = hub_keys
         self.local_part = cfg.directory.address
-        self._asked_at: dict[int, float] = {}   # site id -> when its last request was taken (monotonic)
+        self._asked_at: dict[int, float] = {}  # site id -> when its last request was taken (monotonic)
         self._checking = asyncio.Lock()
-        self._conn: sqlite3.Connection | None = None   # the update loop's, used in _index_thread only
+        self._conn: sqlite3.Connection | None = None  # the update loop's, used in _index_thread only
         self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="directory-index")
-        self._known_key = ""                    # the hub key the sites know when nothing is recorded yet
+        self._known_key = ""  # the hub key the sites know when nothing is recorded yet
 
     def is_directory_address(self, address: str) -> bool:
         local, _, domain = address.rpartition("@")
@@ -93,8 +109,9 @@ class DirectoryMailer:
     async def reply(self, site: Site, address: str, request_id: str | None) -> str:
         """Store the signed directory in the requesting site's mailbox; returns the queue ID."""
         sender = f"{self.local_part}@{address.rpartition('@')[2].lower()}"
-        data = await self._in_thread(self._mail, self.hub_keys.get(), sender, address, "Participant directory",
-                                     request_id or "", False)
+        data = await self._in_thread(
+            self._mail, self.hub_keys.get(), sender, address, "Participant directory", request_id or "", False
+        )
         queue_id = await self.storage.store_generated(data, _meta(data), [Delivery(site.id, address, site.name)])
         metrics.directory_mail("reply")
         return queue_id
@@ -119,8 +136,9 @@ class DirectoryMailer:
 
     async def _on_index(self, function, *args):
         """function(connection, *args) in the mailer's index thread: SQLite never blocks the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._index_thread,
-                                                                lambda: function(self._index(), *args))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._index_thread, lambda: function(self._index(), *args)
+        )
 
     def _close_index(self) -> None:
         if self._conn is not None:
@@ -129,7 +147,7 @@ class DirectoryMailer:
 
     async def _update_loop(self) -> None:
         try:
-            try:   # open now: what is there at the start counts as sent (a failure is retried below)
+            try:  # open now: what is there at the start counts as sent (a failure is retried below)
                 await self._on_index(lambda conn: None)
             except Exception:
                 log.exception("directory index not opened; retrying")
@@ -167,8 +185,9 @@ class DirectoryMailer:
         if not recipients:
             await self._on_index(directory_index.set_mark, SENT_VERSION, version)
             return None
-        queue_id = await self._store_for_all(keys, recipients, "Participant directory update", False,
-                                             (SENT_VERSION, version))
+        queue_id = await self._store_for_all(
+            keys, recipients, "Participant directory update", False, (SENT_VERSION, version)
+        )
         metrics.directory_mail("update")
         log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
         return {"kind": "update", "sites": len(recipients), "queue_id": queue_id}
@@ -177,10 +196,12 @@ class DirectoryMailer:
         """Index thread: None, or (directory version, whether a rotation is to be announced, the
         recipients) when an announcement or an update is due; the version and the sites it counts
         are read together."""
+
         def due(marks: dict) -> tuple[bool, bool]:
             announce = marks.get(ANNOUNCED_KEY) != stamp
-            return announce, announce or (self.cfg.directory.notify_on_change
-                                          and marks.get(SENT_VERSION) != marks["directory_version"])
+            return announce, announce or (
+                self.cfg.directory.notify_on_change and marks.get(SENT_VERSION) != marks["directory_version"]
+            )
 
         if not due(directory_index.marks(conn, SENT_VERSION, ANNOUNCED_KEY))[1]:
             return None
@@ -191,29 +212,41 @@ class DirectoryMailer:
         return marks["directory_version"], announce, [(s, s.addresses[0]) for s in sites if s.addresses]
 
     async def _announce_rotation(self, keys: HubKeys, recipients: list, stamp: int) -> dict | None:
-        if keys.previous is None:   # replaced by hand, or the previous key's file is missing
-            log.warning("hub key %s is not certified by a previous hub key on file: no rotation to announce;"
-                        " the sites must learn its fingerprint out of band", keys.fingerprint)
+        if keys.previous is None:  # replaced by hand, or the previous key's file is missing
+            log.warning(
+                "hub key %s is not certified by a previous hub key on file: no rotation to announce;"
+                " the sites must learn its fingerprint out of band",
+                keys.fingerprint,
+            )
         elif recipients:
-            queue_id = await self._store_for_all(keys, recipients, "Hub signing key rotation (participant directory)",
-                                                 True, (ANNOUNCED_KEY, stamp))
+            queue_id = await self._store_for_all(
+                keys, recipients, "Hub signing key rotation (participant directory)", True, (ANNOUNCED_KEY, stamp)
+            )
             metrics.directory_mail("key_rotation")
-            log.info("hub key rotation %s -> %s announced to %d site(s) as qid=%s", keys.previous_fingerprint,
-                     keys.fingerprint, len(recipients), queue_id)
+            log.info(
+                "hub key rotation %s -> %s announced to %d site(s) as qid=%s",
+                keys.previous_fingerprint,
+                keys.fingerprint,
+                len(recipients),
+                queue_id,
+            )
             return {"kind": "key_rotation", "sites": len(recipients), "queue_id": queue_id}
         await self._on_index(directory_index.set_mark, ANNOUNCED_KEY, stamp)
         return None
 
-    async def _store_for_all(self, keys: HubKeys, recipients: list, subject: str, announcement: bool,
-                             mark: tuple[str, int]) -> str:
+    async def _store_for_all(
+        self, keys: HubKeys, recipients: list, subject: str, announcement: bool, mark: tuple[str, int]
+    ) -> str:
         """One mail signed by `keys` for every site, committed with the meta row `mark`."""
         sender = f"{self.local_part}@{self.cfg.domain[0]}"
         data = await self._in_thread(self._mail, keys, sender, "undisclosed-recipients:;", subject, None, announcement)
         return await self.storage.store_generated(
-            data, _meta(data), [Delivery(site.id, address, site.name) for site, address in recipients], mark=mark)
+            data, _meta(data), [Delivery(site.id, address, site.name) for site, address in recipients], mark=mark
+        )
 
-    def _mail(self, keys: HubKeys, sender: str, to: str, subject: str, in_reply_to: str | None,
-              announcement: bool) -> bytes:
+    def _mail(
+        self, keys: HubKeys, sender: str, to: str, subject: str, in_reply_to: str | None, announcement: bool
+    ) -> bytes:
         """Worker thread: read the index, build and sign the mail."""
         conn = db.connect(self.cfg.data_dir)
         try:

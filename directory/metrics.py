@@ -6,9 +6,13 @@ from prometheus_client import CollectorRegistry, Counter
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 DIRECTORY_MAILS = Counter(
-    "mailhub_directory_mails_total", "Signed participant-directory mails stored, by kind (reply to a request, "
+    "mailhub_directory_mails_total",
+    "Signed participant-directory mails stored, by kind (reply to a request, "
     "update after a change, key_rotation announcing a new hub key; an update or announcement is one mail "
-    "for all sites).", ["kind"], registry=REGISTRY)
+    "for all sites).",
+    ["kind"],
+    registry=REGISTRY,
+)
 
 
 def directory_mail(kind: str) -> None:

@@ -12,8 +12,8 @@ _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _CLASSIFY = bytes(c if c in _ALPHABET or c == 0x3D else 0x21 for c in range(256))  # others -> "!"
 _BLANKS = b" \t\r\n"
 _MAX_LINE = 4096
-_MAX_ARMOR_HEADERS = 64 * 1024   # bytes of armor header lines (Version:, Comment: ...)
-_FRONT = 64                      # content bytes looked at to tell armor from binary
+_MAX_ARMOR_HEADERS = 64 * 1024  # bytes of armor header lines (Version:, Comment: ...)
+_FRONT = 64  # content bytes looked at to tell armor from binary
 _ARMOR_BEGIN = b"-----BEGIN PGP MESSAGE-----"
 _ARMOR_END = b"-----END PGP MESSAGE-----"
 IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
@@ -26,8 +26,8 @@ class Base64Feed:
     def __init__(self, stream: PacketStream) -> None:
         self.stream = stream
         self.error: str | None = None
-        self._carry = b""   # fewer than 4 base64 characters not decoded yet
-        self._pads = 0      # '=' seen: the text is over
+        self._carry = b""  # fewer than 4 base64 characters not decoded yet
+        self._pads = 0  # '=' seen: the text is over
 
     def feed(self, text) -> None:
         if self.error is not None:
@@ -72,7 +72,7 @@ class Base64Feed:
                 i += quads * 4
             else:
                 window = min(n - i, 8) // 4 * 4
-                stream.feed(binascii.a2b_base64(text[i:i + window]))
+                stream.feed(binascii.a2b_base64(text[i : i + window]))
                 i += window
         self._carry = text[i:] if n - i < 4 else b""
 
@@ -94,7 +94,7 @@ class ArmorReader:
     def __init__(self, body: Base64Feed) -> None:
         self.body = body
         self.error: str | None = None
-        self._state = "begin"   # begin -> headers -> body -> trailer -> after
+        self._state = "begin"  # begin -> headers -> body -> trailer -> after
         self._line = bytearray()
         self._checksum = False
         self._header_bytes = 0
@@ -128,8 +128,11 @@ class ArmorReader:
             self._line.clear()
             self._armor_line(line)
         if self.error is None and self._state != "after" and not truncated:
-            self.error = ("the armored message has no END line" if self._state in ("body", "trailer")
-                          else "the encrypted part is not an ASCII-armored PGP MESSAGE")
+            self.error = (
+                "the armored message has no END line"
+                if self._state in ("body", "trailer")
+                else "the encrypted part is not an ASCII-armored PGP MESSAGE"
+            )
         self._take_error()
 
     def _bulk(self, data, pos: int) -> int:
@@ -185,9 +188,9 @@ class SessionPacketReader:
         encoding = transfer_encoding.strip().lower()
         self._encoding = "" if encoding in IDENTITY_ENCODINGS else encoding
         self._front = bytearray()
-        self._sink = None           # where the body goes once its form is known
-        self._closers: list = []    # layers to close, outermost first
-        self._layers: list = []     # layers whose errors count
+        self._sink = None  # where the body goes once its form is known
+        self._closers: list = []  # layers to close, outermost first
+        self._layers: list = []  # layers whose errors count
         if self._encoding not in ("", "base64", "quoted-printable"):
             self.stream._fail(f"unsupported Content-Transfer-Encoding {encoding!r}")
 
@@ -213,8 +216,7 @@ class SessionPacketReader:
             if self._sink is None:
                 self._decide(final=True)
                 self._check_layers()
-            if self.result.error is None and self._sink is not None and self.stream.offset == 0 and \
-                    not self.truncated:
+            if self.result.error is None and self._sink is not None and self.stream.offset == 0 and not self.truncated:
                 self.stream._fail("the OpenPGP message ends before its encrypted data packet")
             for layer in self._closers:
                 if self.result.error is None:
@@ -262,7 +264,7 @@ class SessionPacketReader:
                 self._closers.insert(0, decoder)
                 self._layers.append(decoder)
                 sink = decoder.feed
-            else:        # binary inside base64: the transfer encoding is the base64 layer
+            else:  # binary inside base64: the transfer encoding is the base64 layer
                 feed = Base64Feed(self.stream)
                 sink, self._closers, self._layers = feed.feed, [feed], [feed]
         elif self._encoding == "quoted-printable":
@@ -332,7 +334,7 @@ class QuotedPrintableDecoder:
 
 def _decode_prefix(text: bytes) -> bytes:
     """The bytes the first whole base64 groups of text decode to (blanks skipped)."""
-    pure = text[:_FRONT * 2].translate(None, _BLANKS)
+    pure = text[: _FRONT * 2].translate(None, _BLANKS)
     usable = len(pure) - len(pure) % 4
     try:
         return binascii.a2b_base64(pure[:usable])
@@ -356,7 +358,9 @@ def dearmor(data: bytes, labels: tuple[bytes, ...]) -> list[bytes] | str:
         if state == "outside":
             if not line:
                 continue
-            label = line[len(b"-----BEGIN "):-5] if line.startswith(b"-----BEGIN ") and line.endswith(b"-----") else None
+            label = (
+                line[len(b"-----BEGIN ") : -5] if line.startswith(b"-----BEGIN ") and line.endswith(b"-----") else None
+            )
             if label not in labels:
                 return "text outside an ASCII-armored block"
             state, body = "headers", []

@@ -9,11 +9,14 @@
 # packet (<= 16 KB).
 from dataclasses import dataclass, field
 
-SCAN_LIMIT = 256 * 1024          # bytes of session-key packets looked at before the data packet
+SCAN_LIMIT = 256 * 1024  # bytes of session-key packets looked at before the data packet
 _MAX_SESSION_PACKET = 16 * 1024  # a PKESK is a few hundred bytes
 PKESK, SKESK, MARKER = 1, 3, 10
-DATA_TAGS = {9: "symmetrically encrypted data", 18: "symmetrically encrypted integrity protected data",
-             20: "AEAD encrypted data"}
+DATA_TAGS = {
+    9: "symmetrically encrypted data",
+    18: "symmetrically encrypted integrity protected data",
+    20: "AEAD encrypted data",
+}
 WILDCARD_KEY_ID = "0000000000000000"
 _HEADER, _ESK, _DATA, _CHUNK_HEADER, _END, _REST, _FAILED = range(7)
 
@@ -21,8 +24,8 @@ _HEADER, _ESK, _DATA, _CHUNK_HEADER, _END, _REST, _FAILED = range(7)
 @dataclass
 class SessionPackets:
     key_ids: list[str] = field(default_factory=list)  # 16 hex digits, upper case, in message order
-    passphrase_packets: int = 0                       # SKESK: encrypted to a passphrase
-    data_tag: int | None = None                       # tag of the encrypted data packet
+    passphrase_packets: int = 0  # SKESK: encrypted to a passphrase
+    data_tag: int | None = None  # tag of the encrypted data packet
     error: str | None = None
 
     @property
@@ -38,14 +41,14 @@ class PacketStream:
 
     def __init__(self) -> None:
         self.result = SessionPackets()
-        self.offset = 0            # bytes consumed so far
+        self.offset = 0  # bytes consumed so far
         self._state = _HEADER
-        self._buf = bytearray()    # a packet header or a session-key packet being collected
-        self._need = 0             # _ESK: body bytes still to collect; _DATA: payload left in the chunk
-        self._last = True          # the current data chunk ends the packet
-        self.chunk = 0             # size of the last partial-length chunk (0: none)
+        self._buf = bytearray()  # a packet header or a session-key packet being collected
+        self._need = 0  # _ESK: body bytes still to collect; _DATA: payload left in the chunk
+        self._last = True  # the current data chunk ends the packet
+        self.chunk = 0  # size of the last partial-length chunk (0: none)
         self._tag = 0
-        self._first = True         # no packet seen yet (a marker packet may come first only)
+        self._first = True  # no packet seen yet (a marker packet may come first only)
 
     def skippable(self) -> int:
         """Bytes that may be skipped unseen: the rest of the current payload chunk."""
@@ -72,7 +75,7 @@ class PacketStream:
                 self._fail("data after the encrypted data packet (a second message or a clear packet appended)")
             elif state == _ESK:
                 take = min(self._need, end - pos)
-                self._buf += data[pos:pos + take]
+                self._buf += data[pos : pos + take]
                 self._need -= take
                 pos += take
                 self.offset += take
@@ -197,7 +200,7 @@ def packet_header(buf, pos: int = 0):
     size = (1, 2, 4)[length_type]
     if len(buf) < pos + 1 + size:
         return None
-    return tag, 1 + size, int.from_bytes(buf[pos + 1:pos + 1 + size], "big"), None
+    return tag, 1 + size, int.from_bytes(buf[pos + 1 : pos + 1 + size], "big"), None
 
 
 def _body_length(buf, pos: int):
@@ -210,7 +213,7 @@ def _body_length(buf, pos: int):
     if octet < 224:
         return (2, ((octet - 192) << 8) + buf[pos + 1] + 192, None) if len(buf) >= pos + 2 else None
     if octet == 255:
-        return (5, int.from_bytes(buf[pos + 1:pos + 5], "big"), None) if len(buf) >= pos + 5 else None
+        return (5, int.from_bytes(buf[pos + 1 : pos + 5], "big"), None) if len(buf) >= pos + 5 else None
     return 1, None, 1 << (octet & 0x1F)
 
 
@@ -249,6 +252,6 @@ def _pkesk_key_id(body: bytes) -> str | None:
             return WILDCARD_KEY_ID
         if len(body) < 2 + size or size < 2:
             return None
-        key_version, fingerprint = body[2], body[3:2 + size]
+        key_version, fingerprint = body[2], body[3 : 2 + size]
         return (fingerprint[-8:] if key_version == 4 else fingerprint[:8]).hex().upper()
     return None

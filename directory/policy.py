@@ -11,6 +11,7 @@ from .keys import KeyRing
 @dataclass(frozen=True)
 class RecipientKeys:
     """A recipient site under the policy and the encryption key IDs its mail may be encrypted to."""
+
     site: str
     key_ids: dict[str, str]  # key ID -> how to name it in a reply ("current key" / "previous key ...")
 

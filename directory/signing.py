@@ -4,8 +4,8 @@
 # only; the key is passed in as a signing function.
 import base64
 import os
+from collections.abc import Callable
 from email import quoprimime
-from typing import Callable
 
 CRLF = "\r\n"
 
@@ -21,21 +21,27 @@ def mixed_part(text: str, attachments: list[tuple[str, str, bytes]]) -> bytes:
     boundary = _boundary("part")
     text_body = quoprimime.body_encode(text.replace("\r\n", "\n"), maxlinelen=76, eol=CRLF)
     lines = [
-        f'Content-Type: multipart/mixed; boundary="{boundary}"', "",
+        f'Content-Type: multipart/mixed; boundary="{boundary}"',
+        "",
         f"--{boundary}",
         "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: quoted-printable", "",
+        "Content-Transfer-Encoding: quoted-printable",
+        "",
         text_body.rstrip(CRLF),
     ]
     for content_type, filename, data in attachments:
         armored = _is_7bit_text(data)
-        body = data.decode("ascii").replace("\n", CRLF) if armored else (
-            base64.encodebytes(data).decode("ascii").replace("\n", CRLF))
+        body = (
+            data.decode("ascii").replace("\n", CRLF)
+            if armored
+            else (base64.encodebytes(data).decode("ascii").replace("\n", CRLF))
+        )
         lines += [
             f"--{boundary}",
             f'Content-Type: {content_type}; name="{filename}"',
             f'Content-Disposition: attachment; filename="{filename}"',
-            f"Content-Transfer-Encoding: {'7bit' if armored else 'base64'}", "",
+            f"Content-Transfer-Encoding: {'7bit' if armored else 'base64'}",
+            "",
             body.rstrip(CRLF),
         ]
     lines.append(f"--{boundary}--")
@@ -56,15 +62,24 @@ def signed_body(signed_part: bytes, sign_detached: Callable[[bytes], str]) -> tu
         raise ValueError("the signed part must be canonical: CRLF line ends, no trailing white space")
     signature = sign_detached(signed_part).replace("\r\n", "\n").strip().replace("\n", CRLF)
     boundary = _boundary("signed")
-    body = CRLF.join([
-        "This is an OpenPGP/MIME signed message (RFC 3156).",
-        f"--{boundary}", ""]).encode("ascii") + signed_part + CRLF.join([
-            "", f"--{boundary}",
-            'Content-Type: application/pgp-signature; name="signature.asc"',
-            "Content-Description: OpenPGP digital signature",
-            'Content-Disposition: attachment; filename="signature.asc"', "",
-            signature,
-            f"--{boundary}--", ""]).encode("ascii")
-    content_type = (f'multipart/signed; micalg=pgp-sha256; protocol="application/pgp-signature";'
-                    f'{CRLF}\tboundary="{boundary}"')
+    body = (
+        CRLF.join(["This is an OpenPGP/MIME signed message (RFC 3156).", f"--{boundary}", ""]).encode("ascii")
+        + signed_part
+        + CRLF.join(
+            [
+                "",
+                f"--{boundary}",
+                'Content-Type: application/pgp-signature; name="signature.asc"',
+                "Content-Description: OpenPGP digital signature",
+                'Content-Disposition: attachment; filename="signature.asc"',
+                "",
+                signature,
+                f"--{boundary}--",
+                "",
+            ]
+        ).encode("ascii")
+    )
+    content_type = (
+        f'multipart/signed; micalg=pgp-sha256; protocol="application/pgp-signature";{CRLF}\tboundary="{boundary}"'
+    )
     return content_type, body

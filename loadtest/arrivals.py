@@ -11,10 +11,10 @@ from .profile import Profile
 @dataclass(frozen=True)
 class PlannedStudy:
     number: int
-    at_s: float          # offset from the start of the run
+    at_s: float  # offset from the start of the run
     sender: str
     receiver: str
-    kind: int            # index into profile.studies
+    kind: int  # index into profile.studies
     images: int
 
 

@@ -18,6 +18,7 @@ def _deep_check(args: tuple[str, str, list[str]]) -> str | None:
     """Worker: decrypt one saved mail; None if its DICOM digests match, else what is wrong."""
     path, key_path, expected = args
     from . import pgpmime
+
     key = _KEYS.get(key_path)
     if key is None:
         key = _KEYS[key_path] = pgpmime.load_key(Path(key_path).read_text())
@@ -35,9 +36,19 @@ def check(manifest: dict, corpus: Path, rec: Recorder, deep: bool = True, worker
     by_id = defaultdict(list)
     for item in rec.received:
         by_id[item.message_id].append(item)
-    counts = {"planned": len(expected), "accepted": 0, "rejected": 0, "gave_up": 0, "not_sent": 0,
-              "received": len(rec.received), "lost": 0, "duplicated": 0, "corrupted": 0, "unexpected": 0,
-              "deep_checked": 0}
+    counts = {
+        "planned": len(expected),
+        "accepted": 0,
+        "rejected": 0,
+        "gave_up": 0,
+        "not_sent": 0,
+        "received": len(rec.received),
+        "lost": 0,
+        "duplicated": 0,
+        "corrupted": 0,
+        "unexpected": 0,
+        "deep_checked": 0,
+    }
     problems: list[str] = []
     jobs = []
     for mid, (study, mail) in expected.items():
@@ -59,8 +70,10 @@ def check(manifest: dict, corpus: Path, rec: Recorder, deep: bool = True, worker
         for item in got:
             if item.receiver != study["receiver"] or item.body_sha256 != mail["body_sha256"]:
                 counts["corrupted"] += 1
-                problems.append(f"{mid}: CORRUPTED (downloaded by {item.receiver}, body digest "
-                                f"{'ok' if item.body_sha256 == mail['body_sha256'] else 'differs'})")
+                problems.append(
+                    f"{mid}: CORRUPTED (downloaded by {item.receiver}, body digest "
+                    f"{'ok' if item.body_sha256 == mail['body_sha256'] else 'differs'})"
+                )
             elif deep:
                 key = corpus / manifest["sites"][study["receiver"]]["key"]
                 jobs.append((mid, (item.path, str(key), mail["dicom_sha256"])))
@@ -81,5 +94,4 @@ def check(manifest: dict, corpus: Path, rec: Recorder, deep: bool = True, worker
                 counts["corrupted"] += 1
                 problems.append(f"{mid}: CORRUPTED ({verdict})")
     failed = any(counts[k] for k in ("lost", "duplicated", "corrupted", "rejected", "gave_up", "not_sent"))
-    return {"passed": not failed, "counts": counts, "problems": problems[:200],
-            "problems_total": len(problems)}
+    return {"passed": not failed, "counts": counts, "problems": problems[:200], "problems_total": len(problems)}

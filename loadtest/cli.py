@@ -18,8 +18,9 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailhub-loadtest",
-                                     description="Network load generator with integrity checks for the DICOM Mail Hub")
+    parser = argparse.ArgumentParser(
+        prog="mailhub-loadtest", description="Network load generator with integrity checks for the DICOM Mail Hub"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="build the corpus (DICOM, PGP/MIME) of a profile")
     gen.add_argument("profile", help="profile name (smoke, pilot, westgerman, mismatch) or TOML path")
@@ -34,18 +35,32 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--smtp", metavar="HOST:PORT", help="SMTP submission address of the server under test")
     run.add_argument("--pop3", metavar="HOST:PORT")
     run.add_argument("--imap", metavar="HOST:PORT")
-    run.add_argument("--accounts", type=Path, metavar="FILE",
-                     help="TOML {site = {login, password}} for a foreign server (default: the corpus passwords)")
+    run.add_argument(
+        "--accounts",
+        type=Path,
+        metavar="FILE",
+        help="TOML {site = {login, password}} for a foreign server (default: the corpus passwords)",
+    )
     run.add_argument("--label", help="name of the target in reports")
     run.add_argument("--drain-timeout", type=float, metavar="S", help="override the profile's drain_timeout_s")
-    run.add_argument("--speed", type=float, default=1.0, metavar="X",
-                     help="compress the arrival times X-fold (a stress run of the same corpus)")
+    run.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="compress the arrival times X-fold (a stress run of the same corpus)",
+    )
     run.add_argument("--generate", action="store_true", help="build the corpus first if missing or stale")
     run.add_argument("--no-deep-check", action="store_true", help="skip decrypting (body digests are still checked)")
     run.add_argument("--keep-received", type=Path, metavar="DIR", help="keep downloaded mails here")
     run.add_argument("--keep-hub", action="store_true", help="do not delete the spawned hub's data folder")
-    run.add_argument("--hub-env", action="append", default=[], metavar="MAILHUB_NAME=VALUE",
-                     help="a setting for the spawned hub, e.g. MAILHUB_QUOTAS_MAX_DRAIN_TIME=10 (repeatable)")
+    run.add_argument(
+        "--hub-env",
+        action="append",
+        default=[],
+        metavar="MAILHUB_NAME=VALUE",
+        help="a setting for the spawned hub, e.g. MAILHUB_QUOTAS_MAX_DRAIN_TIME=10 (repeatable)",
+    )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--allow-remote", action="store_true", help="allow non-loopback targets")
     cmp_ = sub.add_parser("compare", help="print the ratios of two results (B / A)")
@@ -73,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from .profile import ProfileError
     from .runner import Unsupported
     from .spawn import SpawnError
+
     try:
         if args.command == "generate":
             return _generate(args)
@@ -80,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "compare":
             from .compare import compare_files
+
             print(compare_files(args.a, args.b))
             return 0
         if args.command == "report":
             from .report import write_report
+
             write_report(json.loads(args.result.read_text()), args.html)
             print(f"report written to {args.html}")
             return 0
@@ -96,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args) -> int:
     from .corpus import generate, print_progress
     from .profile import load_profile
+
     profile = load_profile(args.profile)
     manifest = generate(profile, args.corpus, print_progress)
-    print(f"corpus of {profile.name}: {len(manifest['studies'])} studies, {manifest['mails']} mails, "
-          f"{manifest['bytes'] / 1e6:.1f} MB in {args.corpus}")
+    print(
+        f"corpus of {profile.name}: {len(manifest['studies'])} studies, {manifest['mails']} mails, "
+        f"{manifest['bytes'] / 1e6:.1f} MB in {args.corpus}"
+    )
     return 0
 
 
@@ -112,7 +133,8 @@ def _accounts(path: Path | None, profile) -> dict:
 
 
 def _run(args) -> int:
-    from . import checks, corpus as corpus_mod, results
+    from . import checks, results
+    from . import corpus as corpus_mod
     from .net import check_loopback, parse_hostport
     from .profile import load_profile
     from .runner import Target, run
@@ -133,10 +155,13 @@ def _run(args) -> int:
                 print(f"spawning a hub in {hub.dir} with {len(manifest['sites'])} site(s)", file=sys.stderr)
             hub.add_sites({n: s for n, s in manifest["sites"].items()})
             ports = hub.start()
-            target = Target("mailhub (spawned)", ("127.0.0.1", ports["smtp"]),
-                            ("127.0.0.1", ports["pop3"]) if "pop3" in ports else None,
-                            ("127.0.0.1", ports["imap"]) if "imap" in ports else None,
-                            imap_note="the hub has no IMAP listener (imap.listen is empty)")
+            target = Target(
+                "mailhub (spawned)",
+                ("127.0.0.1", ports["smtp"]),
+                ("127.0.0.1", ports["pop3"]) if "pop3" in ports else None,
+                ("127.0.0.1", ports["imap"]) if "imap" in ports else None,
+                imap_note="the hub has no IMAP listener (imap.listen is empty)",
+            )
         else:
             smtp = parse_hostport(args.smtp)
             pop3 = parse_hostport(args.pop3) if args.pop3 else None
@@ -151,8 +176,18 @@ def _run(args) -> int:
         save_dir.mkdir(parents=True, exist_ok=True)
         started = time.time()
         try:
-            rec, timeline, outcome = asyncio.run(run(profile, manifest, args.corpus, target, save_dir,
-                                                     args.drain_timeout, not args.no_progress, args.speed))
+            rec, timeline, outcome = asyncio.run(
+                run(
+                    profile,
+                    manifest,
+                    args.corpus,
+                    target,
+                    save_dir,
+                    args.drain_timeout,
+                    not args.no_progress,
+                    args.speed,
+                )
+            )
             if hub is not None:
                 hub.stop()
                 hub = None
@@ -160,8 +195,11 @@ def _run(args) -> int:
         finally:
             if args.keep_received is None:
                 shutil.rmtree(save_dir, ignore_errors=True)
-        addr = {"smtp": "%s:%d" % target.smtp, "pop3": "%s:%d" % target.pop3 if target.pop3 else None,
-                "imap": "%s:%d" % target.imap if target.imap else None}
+        addr = {
+            "smtp": "%s:%d" % target.smtp,
+            "pop3": "%s:%d" % target.pop3 if target.pop3 else None,
+            "imap": "%s:%d" % target.imap if target.imap else None,
+        }
         result = results.build(profile, manifest, target.label, addr, rec, timeline, outcome, verdict, started)
         result["run"]["speed"] = args.speed
     finally:
@@ -172,8 +210,9 @@ def _run(args) -> int:
     report_path = args.report or args.out.with_suffix(".html")
     try:
         from .report import write_report
+
         write_report(result, report_path)
-    except ImportError as exc:   # matplotlib missing: the JSON is still complete
+    except ImportError as exc:  # matplotlib missing: the JSON is still complete
         print(f"mailhub-loadtest: no HTML report ({exc})", file=sys.stderr)
     for line in result["problems"][:20]:
         print(f"  {line}", file=sys.stderr)

@@ -34,9 +34,12 @@ def ratios(a: dict, b: dict) -> list[tuple[str, object, object, float | None, st
 def format_comparison(a: dict, b: dict) -> str:
     def fmt(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
     la, lb = a["target"]["label"], b["target"]["label"]
-    lines = [f"A = {la} ({a['profile']['name']}, {'passed' if a['passed'] else 'FAILED'})",
-             f"B = {lb} ({b['profile']['name']}, {'passed' if b['passed'] else 'FAILED'})"]
+    lines = [
+        f"A = {la} ({a['profile']['name']}, {'passed' if a['passed'] else 'FAILED'})",
+        f"B = {lb} ({b['profile']['name']}, {'passed' if b['passed'] else 'FAILED'})",
+    ]
     if a["profile"]["sha256"] != b["profile"]["sha256"]:
         lines.append("warning: the two results come from different profiles")
     lines.append(f"{'figure':<26}{'A':>12}{'B':>12}{'B/A':>9}  better")

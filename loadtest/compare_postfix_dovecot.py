@@ -39,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("compare_postfix_dovecot: needs root (Postfix and Dovecot drop privileges)", file=sys.stderr)
         return 2
-    from .thirdparty import dovecot_server, postfix_to_lmtp
-
-    from .corpus import load, generate, print_progress, CorpusError
+    from .corpus import CorpusError, generate, load, print_progress
     from .profile import load_profile
+    from .thirdparty import dovecot_server, postfix_to_lmtp
 
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -55,18 +54,44 @@ def main(argv: list[str] | None = None) -> int:
     hub_json, pd_json = out / "hub.json", out / "postfix-dovecot.json"
     codes = {}
     if not args.skip_hub:
-        codes["hub"] = _loadtest("run", args.profile, "--spawn-local", "--corpus", corpus, "--out", hub_json,
-                                 "--label", "mailhub", "--speed", args.speed)
+        codes["hub"] = _loadtest(
+            "run",
+            args.profile,
+            "--spawn-local",
+            "--corpus",
+            corpus,
+            "--out",
+            hub_json,
+            "--label",
+            "mailhub",
+            "--speed",
+            args.speed,
+        )
     users = {name: site["password"] for name, site in manifest["sites"].items()}
     with tempfile.TemporaryDirectory(prefix="loadtest-postfix-dovecot-") as work:
         with dovecot_server(work, users, protocols=("pop3", "imap"), lmtp=True, auth_socket=True) as dovecot:
             with postfix_to_lmtp(work, dovecot["lmtp"], [profile.domain], sasl_path=dovecot["auth_socket"]) as smtp:
                 codes["postfix-dovecot"] = _loadtest(
-                    "run", args.profile, "--smtp", f"127.0.0.1:{smtp}", "--pop3", f"127.0.0.1:{dovecot['pop3']}",
-                    "--imap", f"127.0.0.1:{dovecot['imap']}", "--corpus", corpus, "--out", pd_json,
-                    "--label", "postfix+dovecot", "--speed", args.speed)
+                    "run",
+                    args.profile,
+                    "--smtp",
+                    f"127.0.0.1:{smtp}",
+                    "--pop3",
+                    f"127.0.0.1:{dovecot['pop3']}",
+                    "--imap",
+                    f"127.0.0.1:{dovecot['imap']}",
+                    "--corpus",
+                    corpus,
+                    "--out",
+                    pd_json,
+                    "--label",
+                    "postfix+dovecot",
+                    "--speed",
+                    args.speed,
+                )
     if hub_json.exists() and pd_json.exists():
         from .compare import compare_files
+
         text = compare_files(pd_json, hub_json)
         (out / "comparison.txt").write_text(text + "\n")
         print(text)

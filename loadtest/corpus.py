@@ -46,8 +46,14 @@ def generate(profile: Profile, corpus: Path, progress=None) -> dict:
     passwords = {}
     if old.exists():  # keep the passwords of an earlier generation (sites may exist already)
         passwords = {n: s["password"] for n, s in json.loads(old.read_text()).get("sites", {}).items()}
-    sites = {s.name: {"address": f"{s.name}@{profile.domain}", "key": f"keys/{s.name}.asc",
-                      "password": passwords.get(s.name) or secrets.token_urlsafe(12)} for s in profile.sites}
+    sites = {
+        s.name: {
+            "address": f"{s.name}@{profile.domain}",
+            "key": f"keys/{s.name}.asc",
+            "password": passwords.get(s.name) or secrets.token_urlsafe(12),
+        }
+        for s in profile.sites
+    }
     plan = arrivals.plan(profile)
     rng = random.Random(profile.seed * 7919 + 1)
     studies, total_bytes, started = [], 0, time.monotonic()
@@ -55,9 +61,13 @@ def generate(profile: Profile, corpus: Path, progress=None) -> dict:
         kind = profile.studies[study.kind]
         study_uid, series_uid = dicomgen.study_uids(rng)
         patient = f"LT{study.number:07d}"
-        images = [(f"IM{i:05d}.dcm", dicomgen.dicom_image(rng, kind.modality, study_uid, series_uid, i,
-                                                         kind.bytes_per_image, patient))
-                  for i in range(1, study.images + 1)]
+        images = [
+            (
+                f"IM{i:05d}.dcm",
+                dicomgen.dicom_image(rng, kind.modality, study_uid, series_uid, i, kind.bytes_per_image, patient),
+            )
+            for i in range(1, study.images + 1)
+        ]
         groups = [images] if kind.per_mail == "study" else [[img] for img in images]
         set_id = f"{study_uid}"
         mails = []
@@ -67,23 +77,55 @@ def generate(profile: Profile, corpus: Path, progress=None) -> dict:
         for part, files in enumerate(groups, 1):
             message_id = f"lt{study.number:06d}.{part:04d}.{secrets.token_hex(4)}@{study.sender}.{profile.domain}"
             raw = pgpmime.pgp_mime_mail(
-                sender=sender, recipient=receiver, public_key=keys[study.receiver].pubkey, files=files,
-                set_id=set_id, set_part=part, set_total=len(groups), message_id=message_id,
-                subject=f"{kind.modality} study {patient} part {part}/{len(groups)}")
+                sender=sender,
+                recipient=receiver,
+                public_key=keys[study.receiver].pubkey,
+                files=files,
+                set_id=set_id,
+                set_part=part,
+                set_total=len(groups),
+                message_id=message_id,
+                subject=f"{kind.modality} study {patient} part {part}/{len(groups)}",
+            )
             path = folder / f"{part:04d}.eml"
             path.write_bytes(raw)
             total_bytes += len(raw)
-            mails.append({"file": str(path.relative_to(corpus)), "message_id": message_id, "size": len(raw),
-                          "part": part, "total": len(groups), "body_sha256": pgpmime.body_digest(raw),
-                          "dicom_sha256": [hashlib.sha256(d).hexdigest() for _, d in files]})
-        studies.append({"number": study.number, "at_s": study.at_s, "sender": study.sender,
-                        "receiver": study.receiver, "modality": kind.modality, "per_mail": kind.per_mail,
-                        "images": study.images, "set_id": set_id, "mails": mails})
+            mails.append(
+                {
+                    "file": str(path.relative_to(corpus)),
+                    "message_id": message_id,
+                    "size": len(raw),
+                    "part": part,
+                    "total": len(groups),
+                    "body_sha256": pgpmime.body_digest(raw),
+                    "dicom_sha256": [hashlib.sha256(d).hexdigest() for _, d in files],
+                }
+            )
+        studies.append(
+            {
+                "number": study.number,
+                "at_s": study.at_s,
+                "sender": study.sender,
+                "receiver": study.receiver,
+                "modality": kind.modality,
+                "per_mail": kind.per_mail,
+                "images": study.images,
+                "set_id": set_id,
+                "mails": mails,
+            }
+        )
         if progress:
             progress(n, len(plan), total_bytes, time.monotonic() - started)
-    manifest = {"format": FORMAT, "profile": profile.name, "profile_sha256": profile.sha256,
-                "domain": profile.domain, "sites": sites, "studies": studies,
-                "mails": sum(len(s["mails"]) for s in studies), "bytes": total_bytes}
+    manifest = {
+        "format": FORMAT,
+        "profile": profile.name,
+        "profile_sha256": profile.sha256,
+        "domain": profile.domain,
+        "sites": sites,
+        "studies": studies,
+        "mails": sum(len(s["mails"]) for s in studies),
+        "bytes": total_bytes,
+    }
     tmp = corpus / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(corpus / "manifest.json")
@@ -96,8 +138,9 @@ def load(profile: Profile, corpus: Path) -> dict:
         raise CorpusError(f"no corpus in {corpus}: run `mailhub-loadtest generate {profile.name} --corpus {corpus}`")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("profile_sha256") != profile.sha256:
-        raise CorpusError(f"the corpus in {corpus} was built from another profile (or version); "
-                          f"run `mailhub-loadtest generate` again")
+        raise CorpusError(
+            f"the corpus in {corpus} was built from another profile (or version); run `mailhub-loadtest generate` again"
+        )
     return manifest
 
 

@@ -9,16 +9,16 @@ import random
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 SOP_CLASSES = {
-    "CT": "1.2.840.10008.5.1.4.1.1.2",       # CT Image Storage
-    "MR": "1.2.840.10008.5.1.4.1.1.4",       # MR Image Storage
-    "CR": "1.2.840.10008.5.1.4.1.1.1",       # Computed Radiography Image Storage
-    "DX": "1.2.840.10008.5.1.4.1.1.1.1",     # Digital X-Ray Image Storage - For Presentation
-    "US": "1.2.840.10008.5.1.4.1.1.6.1",     # Ultrasound Image Storage
-    "MG": "1.2.840.10008.5.1.4.1.1.1.2",     # Digital Mammography X-Ray Image Storage - For Presentation
-    "XA": "1.2.840.10008.5.1.4.1.1.12.1",    # X-Ray Angiographic Image Storage
+    "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "MR": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+    "MG": "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
+    "XA": "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image Storage
 }
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -28,8 +28,9 @@ def study_uids(rng: random.Random) -> tuple[str, str]:
     return (generate_uid(entropy_srcs=[str(rng.random())]), generate_uid(entropy_srcs=[str(rng.random())]))
 
 
-def dicom_image(rng: random.Random, modality: str, study_uid: str, series_uid: str,
-                instance: int, nbytes: int, patient: str) -> bytes:
+def dicom_image(
+    rng: random.Random, modality: str, study_uid: str, series_uid: str, instance: int, nbytes: int, patient: str
+) -> bytes:
     """One DICOM Part 10 file with about `nbytes` of pixel data."""
     side = max(8, int(math.sqrt(max(nbytes, 128) / 2)))
     rows, cols = side, max(8, (max(nbytes, 128) // 2) // side)

@@ -77,7 +77,7 @@ async def _idle(client: ImapClient, stop: asyncio.Event) -> None:
         if r.text.startswith("+"):
             break
         if r.tag == tag:
-            ip.check_tagged(r)   # a server without IDLE answers BAD here
+            ip.check_tagged(r)  # a server without IDLE answers BAD here
             return
     waiter = asyncio.ensure_future(stop.wait())
     try:
@@ -100,8 +100,19 @@ async def _idle(client: ImapClient, stop: asyncio.Event) -> None:
             return
 
 
-async def receive_loop(*, host: str, port: int, login: str, password: str, site: str, downlink, uplink,
-                       recorder: Recorder, save_dir: Path, stop: asyncio.Event) -> None:
+async def receive_loop(
+    *,
+    host: str,
+    port: int,
+    login: str,
+    password: str,
+    site: str,
+    downlink,
+    uplink,
+    recorder: Recorder,
+    save_dir: Path,
+    stop: asyncio.Event,
+) -> None:
     while not stop.is_set():
         stream = None
         try:
@@ -117,18 +128,18 @@ async def receive_loop(*, host: str, port: int, login: str, password: str, site:
                 await _drain_mailbox(client, site, recorder, save_dir)
                 if stop.is_set():
                     break
-                if not client.saw_exists:   # nothing arrived while fetching: wait for news
+                if not client.saw_exists:  # nothing arrived while fetching: wait for news
                     await _idle(client, stop)
             try:
                 await asyncio.wait_for(client.run("LOGOUT"), 5)
-            except (ip.ImapError, OSError, ConnectionError, asyncio.TimeoutError):
+            except (TimeoutError, ip.ImapError, OSError, ConnectionError):
                 pass
             return
-        except (OSError, ConnectionError, asyncio.TimeoutError, ip.ImapError) as exc:
+        except (TimeoutError, OSError, ConnectionError, ip.ImapError) as exc:
             recorder.error(site, f"IMAP session failed: {str(exc) or type(exc).__name__}")
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         finally:
             if stream is not None:

@@ -15,6 +15,7 @@ class ImapError(Exception):
 @dataclass
 class Response:
     """One server response: its text with literals replaced by {n}, and the literals in order."""
+
     text: str
     literals: list
 
@@ -31,7 +32,7 @@ class ResponseParser:
         self._buf = bytearray()
         self._text: list[bytes] = []
         self._literals: list[bytes] = []
-        self._need = 0           # octets of a literal still to read
+        self._need = 0  # octets of a literal still to read
 
     def feed(self, data: bytes) -> list[Response]:
         self._buf += data
@@ -40,15 +41,15 @@ class ResponseParser:
             if self._need:
                 if len(self._buf) < self._need:
                     return out
-                self._literals.append(bytes(self._buf[:self._need]))
-                del self._buf[:self._need]
+                self._literals.append(bytes(self._buf[: self._need]))
+                del self._buf[: self._need]
                 self._need = 0
                 continue
             i = self._buf.find(b"\r\n")
             if i < 0:
                 return out
-            line = bytes(self._buf[:i + 2])
-            del self._buf[:i + 2]
+            line = bytes(self._buf[: i + 2])
+            del self._buf[: i + 2]
             match = _LITERAL_RE.search(line)
             self._text.append(line[:-2])
             if match:

@@ -40,25 +40,25 @@ class Stream:
         self._loop = asyncio.get_running_loop()
 
     @classmethod
-    async def connect(cls, host: str, port: int, up=None, down=None, timeout: float = 30.0) -> "Stream":
+    async def connect(cls, host: str, port: int, up=None, down=None, timeout: float = 30.0) -> Stream:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), timeout)
-        except asyncio.TimeoutError:
-            raise asyncio.TimeoutError(f"connect to {host}:{port} timed out after {timeout:.0f} s") from None
+        except TimeoutError:
+            raise TimeoutError(f"connect to {host}:{port} timed out after {timeout:.0f} s") from None
         return cls(reader, writer, up, down)
 
     @staticmethod
     async def _timed(awaitable, timeout: float):
         try:
             return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:
-            raise asyncio.TimeoutError(f"no data from the server for {timeout:.0f} s") from None
+        except TimeoutError:
+            raise TimeoutError(f"no data from the server for {timeout:.0f} s") from None
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         step = CHUNK if not self.up.unlimited else 1 << 20
         for i in range(0, len(view), step):
-            piece = view[i:i + step]
+            piece = view[i : i + step]
             wait = self.up.reserve(len(piece), self._loop.time())
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -91,12 +91,12 @@ class Stream:
     async def starttls(self, server_hostname: str) -> None:
         context = ssl.create_default_context()
         context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE   # throw-away certificates on loopback test servers
+        context.verify_mode = ssl.CERT_NONE  # throw-away certificates on loopback test servers
         await self.writer.start_tls(context, server_hostname=server_hostname)
 
     async def close(self) -> None:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, OSError, ssl.SSLError):
             pass

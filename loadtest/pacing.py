@@ -14,7 +14,7 @@ class Pacer:
         self._free_at = 0.0
 
     @classmethod
-    def mbit(cls, mbit_s: float) -> "Pacer":
+    def mbit(cls, mbit_s: float) -> Pacer:
         return cls(mbit_s * 1e6 / 8)
 
     @property

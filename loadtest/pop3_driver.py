@@ -43,8 +43,9 @@ class Pop3Client:
         return body.take()
 
 
-async def poll_once(*, host: str, port: int, login: str, password: str, site: str, downlink, uplink,
-                    recorder: Recorder, save_dir: Path) -> int:
+async def poll_once(
+    *, host: str, port: int, login: str, password: str, site: str, downlink, uplink, recorder: Recorder, save_dir: Path
+) -> int:
     """One POP3 session; returns how many mails it downloaded (and the server deleted)."""
     stream = await Stream.connect(host, port, uplink, downlink)
     client = Pop3Client(stream)
@@ -74,9 +75,21 @@ async def poll_once(*, host: str, port: int, login: str, password: str, site: st
     return len(fetched)
 
 
-async def receive_loop(*, host: str, port: int, login: str, password: str, site: str, interval: float,
-                       first_poll: float, downlink, uplink, recorder: Recorder, save_dir: Path,
-                       stop: asyncio.Event) -> None:
+async def receive_loop(
+    *,
+    host: str,
+    port: int,
+    login: str,
+    password: str,
+    site: str,
+    interval: float,
+    first_poll: float,
+    downlink,
+    uplink,
+    recorder: Recorder,
+    save_dir: Path,
+    stop: asyncio.Event,
+) -> None:
     """Poll until `stop` is set (a session in progress finishes first)."""
     loop = asyncio.get_running_loop()
     next_at = loop.time() + first_poll
@@ -84,11 +97,20 @@ async def receive_loop(*, host: str, port: int, login: str, password: str, site:
         try:
             await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         next_at = loop.time() + interval
         try:
-            await poll_once(host=host, port=port, login=login, password=password, site=site,
-                            downlink=downlink, uplink=uplink, recorder=recorder, save_dir=save_dir)
-        except (OSError, ConnectionError, asyncio.TimeoutError, pp.Pop3Error) as exc:
+            await poll_once(
+                host=host,
+                port=port,
+                login=login,
+                password=password,
+                site=site,
+                downlink=downlink,
+                uplink=uplink,
+                recorder=recorder,
+                save_dir=save_dir,
+            )
+        except (TimeoutError, OSError, ConnectionError, pp.Pop3Error) as exc:
             recorder.error(site, f"POP3 session failed: {str(exc) or type(exc).__name__}")

@@ -25,7 +25,7 @@ class MultiLine:
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
-        self._tail = b"\r\n"   # the status line ended with CRLF: a body may end at once
+        self._tail = b"\r\n"  # the status line ended with CRLF: a body may end at once
         self.done = False
         self.extra = b""
         self.size = 0
@@ -34,14 +34,14 @@ class MultiLine:
         window = self._tail + data
         end = window.find(b"\r\n.\r\n")
         if end >= 0:
-            cut = end + 2 - len(self._tail)          # index into data where ".\r\n" starts
-            self._parts.append(data[:max(0, cut)])
-            self.extra = data[cut + 3:]
+            cut = end + 2 - len(self._tail)  # index into data where ".\r\n" starts
+            self._parts.append(data[: max(0, cut)])
+            self.extra = data[cut + 3 :]
             self.done = True
-            if cut < 0:                            # the terminator began in the tail
+            if cut < 0:  # the terminator began in the tail
                 self._parts[-1] = b""
                 joined = b"".join(self._parts[:-1])
-                self._parts = [joined[:len(joined) + cut]]
+                self._parts = [joined[: len(joined) + cut]]
         else:
             self._parts.append(data)
         self.size += len(data)

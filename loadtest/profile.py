@@ -22,14 +22,14 @@ class Site:
     name: str
     send: bool = True
     receive: bool = True
-    uplink_mbit_s: float = 0.0        # 0 = unlimited (client-side pacing of the sender sockets)
-    downlink_mbit_s: float = 0.0      # 0 = unlimited (pacing of the receiver's reads)
+    uplink_mbit_s: float = 0.0  # 0 = unlimited (client-side pacing of the sender sockets)
+    downlink_mbit_s: float = 0.0  # 0 = unlimited (pacing of the receiver's reads)
     protocol: str = "pop3"
     poll_interval_s: float = 5.0
     first_poll_s: float | None = None  # None: a seeded random phase in [0, poll_interval_s)
     send_weight: float = 1.0
     receive_weight: float = 1.0
-    connections: int = 2              # concurrent SMTP sessions of this gateway
+    connections: int = 2  # concurrent SMTP sessions of this gateway
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class StudyKind:
     weight: float = 1.0
     images: tuple[int, int] = (1, 1)  # uniform between min and max
     bytes_per_image: int = 65536
-    per_mail: str = "file"            # one DICOM file per mail, or the whole study in one mail
+    per_mail: str = "file"  # one DICOM file per mail, or the whole study in one mail
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,10 @@ class Burst:
 
 @dataclass(frozen=True)
 class Smtp:
-    starttls: bool = False            # use STARTTLS when offered
-    chunking: bool = True             # use BDAT when CHUNKING is offered
+    starttls: bool = False  # use STARTTLS when offered
+    chunking: bool = True  # use BDAT when CHUNKING is offered
     pipelining: bool = True
-    retry_base_s: float = 1.0         # first retry after a 4xx; doubles each time
+    retry_base_s: float = 1.0  # first retry after a 4xx; doubles each time
     retry_max_s: float = 30.0
     max_attempts: int = 8
 
@@ -72,7 +72,7 @@ class Profile:
     bursts: tuple[Burst, ...]
     smtp: Smtp
     sha256: str = ""
-    accounts: dict = field(default_factory=dict)   # name -> {"login", "password"} for foreign servers
+    accounts: dict = field(default_factory=dict)  # name -> {"login", "password"} for foreign servers
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -107,9 +107,19 @@ def _take(table: dict, where: str, spec: dict) -> dict:
     return out
 
 
-_SITE_KEYS = {"name": str, "send": bool, "receive": bool, "uplink_mbit_s": float,
-              "downlink_mbit_s": float, "protocol": str, "poll_interval_s": float,
-              "first_poll_s": float, "send_weight": float, "receive_weight": float, "connections": int}
+_SITE_KEYS = {
+    "name": str,
+    "send": bool,
+    "receive": bool,
+    "uplink_mbit_s": float,
+    "downlink_mbit_s": float,
+    "protocol": str,
+    "poll_interval_s": float,
+    "first_poll_s": float,
+    "send_weight": float,
+    "receive_weight": float,
+    "connections": int,
+}
 
 
 def _site(values: dict, where: str) -> Site:
@@ -126,19 +136,20 @@ def _site(values: dict, where: str) -> Site:
 
 
 def _sites(data: dict) -> tuple[Site, ...]:
-    defaults = _take(data.get("site_defaults", {}), "site_defaults",
-                     {k: v for k, v in _SITE_KEYS.items() if k != "name"})
+    defaults = _take(
+        data.get("site_defaults", {}), "site_defaults", {k: v for k, v in _SITE_KEYS.items() if k != "name"}
+    )
     sites = []
     for i, table in enumerate(data.get("site_groups", [])):
         where = f"site_groups[{i}]"
-        group = _take(table, where, {**{k: v for k, v in _SITE_KEYS.items() if k != "name"},
-                                     "prefix": str, "count": int})
+        group = _take(
+            table, where, {**{k: v for k, v in _SITE_KEYS.items() if k != "name"}, "prefix": str, "count": int}
+        )
         prefix, count = group.pop("prefix", None), group.pop("count", None)
         if not prefix or not count or count < 1:
             raise ProfileError(f"{where}: needs prefix and count >= 1")
         width = max(3, len(str(count)))
-        sites += [_site({**defaults, **group, "name": f"{prefix}{n:0{width}d}"}, where)
-                  for n in range(1, count + 1)]
+        sites += [_site({**defaults, **group, "name": f"{prefix}{n:0{width}d}"}, where) for n in range(1, count + 1)]
     for i, table in enumerate(data.get("sites", [])):
         where = f"sites[{i}]"
         values = _take(table, where, _SITE_KEYS)
@@ -148,7 +159,9 @@ def _sites(data: dict) -> tuple[Site, ...]:
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ProfileError("sites: duplicate site names")
-    if not any(s.send and s.send_weight > 0 for s in sites) or not any(s.receive and s.receive_weight > 0 for s in sites):
+    if not any(s.send and s.send_weight > 0 for s in sites) or not any(
+        s.receive and s.receive_weight > 0 for s in sites
+    ):
         raise ProfileError("sites: need at least one sending and one receiving site (with weight > 0)")
     return tuple(sites)
 
@@ -157,11 +170,11 @@ def _studies(data: dict) -> tuple[StudyKind, ...]:
     kinds = []
     for i, table in enumerate(data.get("studies", [])):
         where = f"studies[{i}]"
-        values = _take(table, where, {"modality": str, "weight": float, "images": list,
-                                      "bytes_per_image": int, "per_mail": str})
+        values = _take(
+            table, where, {"modality": str, "weight": float, "images": list, "bytes_per_image": int, "per_mail": str}
+        )
         images = values.get("images", [1, 1])
-        if (len(images) != 2 or not all(isinstance(n, int) for n in images)
-                or not 1 <= images[0] <= images[1]):
+        if len(images) != 2 or not all(isinstance(n, int) for n in images) or not 1 <= images[0] <= images[1]:
             raise ProfileError(f"{where}.images: expected [min, max] with 1 <= min <= max")
         values["images"] = (images[0], images[1])
         kind = StudyKind(**values)
@@ -180,25 +193,62 @@ def parse_profile(text: str, source: str = "<string>") -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{source}: {exc}") from None
-    top = _take(data, "profile", {"name": str, "description": str, "duration_s": float,
-                                  "drain_timeout_s": float, "seed": int, "domain": str,
-                                  "site_defaults": dict, "site_groups": list, "sites": list,
-                                  "studies": list, "arrival": dict, "smtp": dict, "accounts": dict})
+    top = _take(
+        data,
+        "profile",
+        {
+            "name": str,
+            "description": str,
+            "duration_s": float,
+            "drain_timeout_s": float,
+            "seed": int,
+            "domain": str,
+            "site_defaults": dict,
+            "site_groups": list,
+            "sites": list,
+            "studies": list,
+            "arrival": dict,
+            "smtp": dict,
+            "accounts": dict,
+        },
+    )
     arrival = _take(data.get("arrival", {}), "arrival", {"rate_per_s": float, "bursts": list})
-    bursts = tuple(Burst(**_take(b, f"arrival.bursts[{i}]", {"at_s": float, "studies": int, "within_s": float}))
-                   for i, b in enumerate(arrival.get("bursts", [])))
-    smtp = Smtp(**_take(data.get("smtp", {}), "smtp",
-                        {"starttls": bool, "chunking": bool, "pipelining": bool, "retry_base_s": float,
-                         "retry_max_s": float, "max_attempts": int}))
+    bursts = tuple(
+        Burst(**_take(b, f"arrival.bursts[{i}]", {"at_s": float, "studies": int, "within_s": float}))
+        for i, b in enumerate(arrival.get("bursts", []))
+    )
+    smtp = Smtp(
+        **_take(
+            data.get("smtp", {}),
+            "smtp",
+            {
+                "starttls": bool,
+                "chunking": bool,
+                "pipelining": bool,
+                "retry_base_s": float,
+                "retry_max_s": float,
+                "max_attempts": int,
+            },
+        )
+    )
     accounts = {}
     for name, acc in top.get("accounts", {}).items():
         accounts[name] = _take(acc, f"accounts.{name}", {"login": str, "password": str})
     profile = Profile(
-        name=top.get("name", Path(source).stem), description=top.get("description", ""),
-        duration_s=top.get("duration_s", 10.0), drain_timeout_s=top.get("drain_timeout_s", 30.0),
-        seed=top.get("seed", 1), domain=top.get("domain", "hub.test"), sites=_sites(data),
-        studies=_studies(data), rate_per_s=arrival.get("rate_per_s", 1.0), bursts=bursts, smtp=smtp,
-        sha256=hashlib.sha256(text.encode()).hexdigest(), accounts=accounts)
+        name=top.get("name", Path(source).stem),
+        description=top.get("description", ""),
+        duration_s=top.get("duration_s", 10.0),
+        drain_timeout_s=top.get("drain_timeout_s", 30.0),
+        seed=top.get("seed", 1),
+        domain=top.get("domain", "hub.test"),
+        sites=_sites(data),
+        studies=_studies(data),
+        rate_per_s=arrival.get("rate_per_s", 1.0),
+        bursts=bursts,
+        smtp=smtp,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        accounts=accounts,
+    )
     if profile.duration_s <= 0 or profile.rate_per_s < 0:
         raise ProfileError("duration_s must be > 0 and arrival.rate_per_s >= 0")
     return profile

@@ -14,10 +14,10 @@ class Sent:
     sender: str
     receiver: str
     size: int
-    submit_s: float                  # first attempt began
+    submit_s: float  # first attempt began
     accepted_s: float | None = None
     attempts: int = 0
-    outcome: str = "pending"         # pending, accepted, rejected, gave-up
+    outcome: str = "pending"  # pending, accepted, rejected, gave-up
     reply: str = ""
 
 
@@ -25,20 +25,20 @@ class Sent:
 class Received:
     message_id: str
     receiver: str
-    at_s: float                      # download finished (RETR/FETCH complete)
+    at_s: float  # download finished (RETR/FETCH complete)
     size: int
     body_sha256: str
-    path: str                        # where the raw mail was saved for the deep check
+    path: str  # where the raw mail was saved for the deep check
 
 
 @dataclass
 class Recorder:
     t0: float = field(default_factory=time.monotonic)
-    sent: dict = field(default_factory=dict)                  # message_id -> Sent
-    received: list = field(default_factory=list)              # [Received]
-    deferrals: list = field(default_factory=list)             # [(t, site, reply)]
+    sent: dict = field(default_factory=dict)  # message_id -> Sent
+    received: list = field(default_factory=list)  # [Received]
+    deferrals: list = field(default_factory=list)  # [(t, site, reply)]
     backlog: dict = field(default_factory=lambda: defaultdict(list))  # receiver -> [(t, count, bytes)]
-    errors: list = field(default_factory=list)                # [(t, who, text)]
+    errors: list = field(default_factory=list)  # [(t, who, text)]
     accepted_count: int = 0
     accepted_bytes: int = 0
     received_count: int = 0

@@ -84,9 +84,9 @@ def plot_backlog(result: dict) -> str:
     ax.plot(ts, [sum(v for v in p["backlog"].values() if v > 0) for p in tl], color="black", label="all receivers")
     server = result.get("server_backlog", {})
     for name in top:
-        line, = ax.plot(ts, [p["backlog"].get(name, 0) for p in tl], label=name, linewidth=1)
+        (line,) = ax.plot(ts, [p["backlog"].get(name, 0) for p in tl], label=name, linewidth=1)
         readings = server.get(name, [])
-        if readings:   # what the server itself reported at each poll (STAT / SEARCH)
+        if readings:  # what the server itself reported at each poll (STAT / SEARCH)
             ax.plot([r[0] for r in readings], [r[1] for r in readings], ".", color=line.get_color(), markersize=4)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("accepted, not yet downloaded")
@@ -110,29 +110,47 @@ def _table(rows: list[tuple[str, object]]) -> str:
         if isinstance(v, float):
             return f"{v:.3f}"
         return html.escape("-" if v is None else str(v))
+
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{cell(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
 def render(result: dict) -> str:
     c, lat, acc, th = result["counts"], result["latency_s"], result["smtp_accept_latency_s"], result["throughput"]
-    plots = [("Throughput", plot_throughput(result)), ("Latency", plot_latency(result)),
-             ("Backlog", plot_backlog(result)), ("Deferrals", plot_deferrals(result))]
+    plots = [
+        ("Throughput", plot_throughput(result)),
+        ("Latency", plot_latency(result)),
+        ("Backlog", plot_backlog(result)),
+        ("Deferrals", plot_deferrals(result)),
+    ]
     reasons = {}
     for d in result["deferrals"]:
         reasons[d["reply"][:60]] = reasons.get(d["reply"][:60], 0) + 1
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in result["problems"])
     body = [
-        f"<h1>mailhub-loadtest: {html.escape(result['profile']['name'])} against {html.escape(result['target']['label'])}</h1>",
+        f"<h1>mailhub-loadtest: {html.escape(result['profile']['name'])}"
+        f" against {html.escape(result['target']['label'])}</h1>",
         f"<p class={'pass' if result['passed'] else 'fail'}>{html.escape(headline(result))}</p>",
-        "<h2>Mails</h2>", _table([(k, v) for k, v in c.items()]),
-        "<h2>Throughput</h2>", _table([(k, v) for k, v in th.items()] +
-                                      [("accepted bytes", result["bytes"]["accepted"]),
-                                       ("downloaded bytes", result["bytes"]["downloaded"]),
-                                       ("wall time (s)", result["run"]["wall_s"])]),
-        "<h2>Latency (s)</h2>", _table([(f"submit-to-download {k}", v) for k, v in lat.items()] +
-                                       [(f"submit-to-250 {k}", v) for k, v in acc.items()]),
-        "<h2>Target</h2>", _table([(k, v) for k, v in result["target"].items()] +
-                                  [("started", result["started_at"]), ("profile sha256", result["profile"]["sha256"][:16])]),
+        "<h2>Mails</h2>",
+        _table([(k, v) for k, v in c.items()]),
+        "<h2>Throughput</h2>",
+        _table(
+            [(k, v) for k, v in th.items()]
+            + [
+                ("accepted bytes", result["bytes"]["accepted"]),
+                ("downloaded bytes", result["bytes"]["downloaded"]),
+                ("wall time (s)", result["run"]["wall_s"]),
+            ]
+        ),
+        "<h2>Latency (s)</h2>",
+        _table(
+            [(f"submit-to-download {k}", v) for k, v in lat.items()]
+            + [(f"submit-to-250 {k}", v) for k, v in acc.items()]
+        ),
+        "<h2>Target</h2>",
+        _table(
+            [(k, v) for k, v in result["target"].items()]
+            + [("started", result["started_at"]), ("profile sha256", result["profile"]["sha256"][:16])]
+        ),
     ]
     body += [f"<h2>{name}</h2><img src='data:image/png;base64,{png}'>" for name, png in plots]
     if reasons:
@@ -140,24 +158,40 @@ def render(result: dict) -> str:
     receivers = result.get("per_receiver", {})
     if receivers:
         worst = sorted(receivers.items(), key=lambda kv: -(kv[1]["latency_p95_s"] or 0))[:15]
-        head = "<tr><th>receiver</th><th>downlink Mbit/s</th><th>mails</th><th>MB</th><th>latency p50 / p95 (s)</th><th>peak backlog</th><th>polls</th></tr>"
+        head = (
+            "<tr><th>receiver</th><th>downlink Mbit/s</th><th>mails</th><th>MB</th>"
+            "<th>latency p50 / p95 (s)</th><th>peak backlog</th><th>polls</th></tr>"
+        )
         rows = "".join(
-            f"<tr><td>{html.escape(name)}</td><td>{r['downlink_mbit_s'] or 'unlimited'}</td><td>{r['downloaded']}/{r['accepted']}</td>"
+            f"<tr><td>{html.escape(name)}</td><td>{r['downlink_mbit_s'] or 'unlimited'}</td>"
+            f"<td>{r['downloaded']}/{r['accepted']}</td>"
             f"<td>{r['bytes'] / 1e6:.1f}</td><td>{(r['latency_p50_s'] or 0):.2f} / {(r['latency_p95_s'] or 0):.2f}</td>"
-            f"<td>{r['peak_backlog']}</td><td>{r['polls']}</td></tr>" for name, r in worst)
-        body += [f"<h2>Receivers (slowest {len(worst)} of {len(receivers)} by p95 latency)</h2><table>{head}{rows}</table>"]
+            f"<td>{r['peak_backlog']}</td><td>{r['polls']}</td></tr>"
+            for name, r in worst
+        )
+        body += [
+            f"<h2>Receivers (slowest {len(worst)} of {len(receivers)} by p95 latency)</h2><table>{head}{rows}</table>"
+        ]
     errors = {}
     for e in result.get("errors", []):
         errors[e["text"][:80]] = errors.get(e["text"][:80], 0) + 1
     if errors:
-        body += ["<h2>Client-side errors (sessions retried)</h2>", _table(sorted(errors.items(), key=lambda kv: -kv[1]))]
+        body += [
+            "<h2>Client-side errors (sessions retried)</h2>",
+            _table(sorted(errors.items(), key=lambda kv: -kv[1])),
+        ]
     if problems:
         body += [f"<h2>Problems ({result['problems_total']})</h2><ul>{problems}</ul>"]
-    style = ("body{font-family:sans-serif;max-width:960px;margin:1em auto}table{border-collapse:collapse}"
-             "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}.pass{color:#060}.fail{color:#a00;"
-             "font-weight:bold}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>mailhub-loadtest {html.escape(result['profile']['name'])}"
-            f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:1em auto}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}.pass{color:#060}.fail{color:#a00;"
+        "font-weight:bold}img{max-width:100%}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>mailhub-loadtest {html.escape(result['profile']['name'])}"
+        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def write_report(result: dict, path: Path) -> None:

@@ -24,8 +24,14 @@ def percentile(values: list[float], p: float) -> float | None:
 def summary(values: list[float]) -> dict:
     if not values:
         return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-    return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-            "p99": percentile(values, 99), "max": max(values), "mean": sum(values) / len(values)}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values),
+        "mean": sum(values) / len(values),
+    }
 
 
 def _rate(amount: float, start: float | None, end: float | None) -> float | None:
@@ -34,8 +40,17 @@ def _rate(amount: float, start: float | None, end: float | None) -> float | None
     return amount / (end - start)
 
 
-def build(profile: Profile, manifest: dict, target_label: str, target: dict, rec: Recorder,
-          timeline: list[dict], outcome: dict, verdict: dict, started_at: float) -> dict:
+def build(
+    profile: Profile,
+    manifest: dict,
+    target_label: str,
+    target: dict,
+    rec: Recorder,
+    timeline: list[dict],
+    outcome: dict,
+    verdict: dict,
+    started_at: float,
+) -> dict:
     accepted = [s for s in rec.sent.values() if s.outcome == "accepted"]
     sent_by_id = {s.message_id: s for s in accepted}
     first_download = {}
@@ -57,9 +72,13 @@ def build(profile: Profile, manifest: dict, target_label: str, target: dict, rec
             peaks[name] = max(peaks.get(name, 0), n)
     for name, entry in per_receiver.items():
         lat = entry.pop("lat")
-        entry.update(latency_p50_s=percentile(lat, 50), latency_p95_s=percentile(lat, 95),
-                     peak_backlog=peaks.get(name, 0), polls=len(rec.backlog.get(name, [])),
-                     downlink_mbit_s=profile.site(name).downlink_mbit_s)
+        entry.update(
+            latency_p50_s=percentile(lat, 50),
+            latency_p95_s=percentile(lat, 95),
+            peak_backlog=peaks.get(name, 0),
+            polls=len(rec.backlog.get(name, [])),
+            downlink_mbit_s=profile.site(name).downlink_mbit_s,
+        )
     smtp_latency = [round(s.accepted_s - s.submit_s, 4) for s in accepted]
     first_submit = min((s.submit_s for s in rec.sent.values()), default=None)
     last_accept = max((s.accepted_s for s in accepted), default=None)
@@ -73,17 +92,29 @@ def build(profile: Profile, manifest: dict, target_label: str, target: dict, rec
         "downloaded_mb_per_s": _rate(rec.received_bytes / mb, first_submit, last_download),
     }
     return {
-        "format": FORMAT, "tool": "mailhub-loadtest", "passed": verdict["passed"],
-        "profile": {"name": profile.name, "sha256": profile.sha256, "duration_s": profile.duration_s,
-                    "sites": len(profile.sites), "senders": len(profile.senders),
-                    "receivers": len(profile.receivers)},
+        "format": FORMAT,
+        "tool": "mailhub-loadtest",
+        "passed": verdict["passed"],
+        "profile": {
+            "name": profile.name,
+            "sha256": profile.sha256,
+            "duration_s": profile.duration_s,
+            "sites": len(profile.sites),
+            "senders": len(profile.senders),
+            "receivers": len(profile.receivers),
+        },
         "target": {"label": target_label, **target},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "host": {"python": platform.python_version(), "machine": platform.machine(), "node": platform.node()},
         "corpus": {"mails": manifest["mails"], "bytes": manifest["bytes"], "studies": len(manifest["studies"])},
         "run": {**outcome, "wall_s": rec.now()},
-        "counts": {**verdict["counts"], "deferrals": len(rec.deferrals), "errors": len(rec.errors),
-                   "smtp_sessions": rec.smtp_sessions, "smtp_tls_sessions": rec.smtp_tls_sessions},
+        "counts": {
+            **verdict["counts"],
+            "deferrals": len(rec.deferrals),
+            "errors": len(rec.errors),
+            "smtp_sessions": rec.smtp_sessions,
+            "smtp_tls_sessions": rec.smtp_tls_sessions,
+        },
         "bytes": {"accepted": rec.accepted_bytes, "downloaded": rec.received_bytes},
         "throughput": throughput,
         "latency_s": summary(latency),
@@ -94,7 +125,8 @@ def build(profile: Profile, manifest: dict, target_label: str, target: dict, rec
         "server_backlog": {k: v for k, v in rec.backlog.items()},
         "deferrals": [{"t": round(t, 3), "site": site, "reply": reply} for t, site, reply in rec.deferrals[:5000]],
         "errors": [{"t": round(t, 3), "who": who, "text": text} for t, who, text in rec.errors[:500]],
-        "problems": verdict["problems"], "problems_total": verdict["problems_total"],
+        "problems": verdict["problems"],
+        "problems_total": verdict["problems_total"],
     }
 
 
@@ -103,9 +135,12 @@ def headline(result: dict) -> str:
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
-    return (f"{'PASSED' if result['passed'] else 'FAILED'}: {result['profile']['name']} against "
-            f"{result['target']['label']}: {c['accepted']}/{c['planned']} accepted, {c['received']} downloaded, "
-            f"lost {c['lost']}, duplicated {c['duplicated']}, corrupted {c['corrupted']}, "
-            f"not accepted {c['rejected'] + c['gave_up'] + c['not_sent']}, deferrals {c['deferrals']}; "
-            f"in {f(th['accepted_mails_per_s'])} mails/s {f(th['accepted_mb_per_s'])} MB/s; "
-            f"latency p50 {f(lat['p50'], '{:.3f}')} s p95 {f(lat['p95'], '{:.3f}')} s p99 {f(lat['p99'], '{:.3f}')} s")
+
+    return (
+        f"{'PASSED' if result['passed'] else 'FAILED'}: {result['profile']['name']} against "
+        f"{result['target']['label']}: {c['accepted']}/{c['planned']} accepted, {c['received']} downloaded, "
+        f"lost {c['lost']}, duplicated {c['duplicated']}, corrupted {c['corrupted']}, "
+        f"not accepted {c['rejected'] + c['gave_up'] + c['not_sent']}, deferrals {c['deferrals']}; "
+        f"in {f(th['accepted_mails_per_s'])} mails/s {f(th['accepted_mb_per_s'])} MB/s; "
+        f"latency p50 {f(lat['p50'], '{:.3f}')} s p95 {f(lat['p95'], '{:.3f}')} s p99 {f(lat['p99'], '{:.3f}')} s"
+    )

@@ -29,7 +29,7 @@ class Target:
     smtp: tuple[str, int]
     pop3: tuple[str, int] | None = None
     imap: tuple[str, int] | None = None
-    accounts: dict = field(default_factory=dict)     # site -> {"login", "password"}
+    accounts: dict = field(default_factory=dict)  # site -> {"login", "password"}
     imap_note: str = "the target has no IMAP port (--imap HOST:PORT)"
 
 
@@ -56,10 +56,17 @@ class Progress:
 
     def sample(self, phase: str) -> None:
         rec, now = self.rec, self.rec.now()
-        self.timeline.append({"t": round(now, 3), "accepted": rec.accepted_count, "received": rec.received_count,
-                              "accepted_bytes": rec.accepted_bytes, "received_bytes": rec.received_bytes,
-                              "deferrals": len(rec.deferrals),
-                              "backlog": {k: v for k, v in rec.pending_by_receiver.items() if v}})
+        self.timeline.append(
+            {
+                "t": round(now, 3),
+                "accepted": rec.accepted_count,
+                "received": rec.received_count,
+                "accepted_bytes": rec.accepted_bytes,
+                "received_bytes": rec.received_bytes,
+                "deferrals": len(rec.deferrals),
+                "backlog": {k: v for k, v in rec.pending_by_receiver.items() if v},
+            }
+        )
         self._count += 1
         # on a terminal one live line; in a log file one line every 5 s
         if self.enabled and (self._tty or self._count % 10 == 1 or phase == "done"):
@@ -68,11 +75,12 @@ class Progress:
             self._last = (now, rec.accepted_bytes, rec.received_bytes)
             backlog = sum(v for v in rec.pending_by_receiver.values() if v > 0)
             lead, end = ("\r", "") if self._tty else ("", "\n")
-            sys.stderr.write(f"{lead}[{phase:>5}] {now:6.1f}s  accepted {rec.accepted_count}/{self.total}  "
-                             f"downloaded {rec.received_count}  backlog {backlog}  deferrals {len(rec.deferrals)}  "
-                             f"in {(rec.accepted_bytes - acc_b) / dt / 1e6:6.1f} MB/s  "
-                             f"out {(rec.received_bytes - rcv_b) / dt / 1e6:6.1f} MB/s  errors {len(rec.errors)} "
-                             + end)
+            sys.stderr.write(
+                f"{lead}[{phase:>5}] {now:6.1f}s  accepted {rec.accepted_count}/{self.total}  "
+                f"downloaded {rec.received_count}  backlog {backlog}  deferrals {len(rec.deferrals)}  "
+                f"in {(rec.accepted_bytes - acc_b) / dt / 1e6:6.1f} MB/s  "
+                f"out {(rec.received_bytes - rcv_b) / dt / 1e6:6.1f} MB/s  errors {len(rec.errors)} " + end
+            )
             sys.stderr.flush()
 
     def finish(self) -> None:
@@ -80,8 +88,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
-async def run(profile: Profile, manifest: dict, corpus: Path, target: Target, save_dir: Path,
-              drain_timeout_s: float | None = None, progress: bool = True, speed: float = 1.0) -> tuple[Recorder, list[dict], dict]:
+async def run(
+    profile: Profile,
+    manifest: dict,
+    corpus: Path,
+    target: Target,
+    save_dir: Path,
+    drain_timeout_s: float | None = None,
+    progress: bool = True,
+    speed: float = 1.0,
+) -> tuple[Recorder, list[dict], dict]:
     check_supported(profile, target)
     rec = Recorder()
     loop = asyncio.get_running_loop()
@@ -97,14 +113,27 @@ async def run(profile: Profile, manifest: dict, corpus: Path, target: Target, sa
     receivers = []
     for site in profile.receivers:
         login, password = _account(target, manifest, site.name)
-        common = dict(login=login, password=password, site=site.name, downlink=downlinks[site.name],
-                      uplink=uplinks[site.name], recorder=rec, save_dir=save_dir, stop=stop_recv)
+        common = dict(
+            login=login,
+            password=password,
+            site=site.name,
+            downlink=downlinks[site.name],
+            uplink=uplinks[site.name],
+            recorder=rec,
+            save_dir=save_dir,
+            stop=stop_recv,
+        )
         if site.protocol == "pop3":
-            coro = pop3_driver.receive_loop(host=target.pop3[0], port=target.pop3[1],
-                                            interval=site.poll_interval_s,
-                                            first_poll=arrivals.poll_phase(profile, site.name), **common)
+            coro = pop3_driver.receive_loop(
+                host=target.pop3[0],
+                port=target.pop3[1],
+                interval=site.poll_interval_s,
+                first_poll=arrivals.poll_phase(profile, site.name),
+                **common,
+            )
         else:
             from . import imap_driver
+
             coro = imap_driver.receive_loop(host=target.imap[0], port=target.imap[1], **common)
         receivers.append(asyncio.create_task(coro))
 
@@ -114,11 +143,21 @@ async def run(profile: Profile, manifest: dict, corpus: Path, target: Target, sa
         login, password = _account(target, manifest, sender)
         async with slots[sender]:
             await smtp_driver.send_study(
-                study=study, corpus=corpus, host=target.smtp[0], port=target.smtp[1], login=login,
-                password=password, sender_address=manifest["sites"][sender]["address"],
-                receiver_address=manifest["sites"][study["receiver"]]["address"], smtp_cfg=profile.smtp,
-                uplink=uplinks[sender], downlink=downlinks[sender], recorder=rec,
-                rng=random.Random(rng.random()), stop=stop_send)
+                study=study,
+                corpus=corpus,
+                host=target.smtp[0],
+                port=target.smtp[1],
+                login=login,
+                password=password,
+                sender_address=manifest["sites"][sender]["address"],
+                receiver_address=manifest["sites"][study["receiver"]]["address"],
+                smtp_cfg=profile.smtp,
+                uplink=uplinks[sender],
+                downlink=downlinks[sender],
+                recorder=rec,
+                rng=random.Random(rng.random()),
+                stop=stop_send,
+            )
 
     async def sampler() -> None:
         while True:

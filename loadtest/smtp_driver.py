@@ -54,7 +54,7 @@ class SmtpSession:
             await self.stream.starttls(self.host)
             self.tls = True
             self.caps = sp.capabilities(await self.command(sp.ehlo("loadtest-gateway.invalid")))
-        if login and "AUTH" in self.caps:   # a server that offers no AUTH takes loopback mail as is
+        if login and "AUTH" in self.caps:  # a server that offers no AUTH takes loopback mail as is
             reply = await self.command(sp.auth_plain(login, password))
             if reply.code != 235:
                 raise Transient(reply.short()) if reply.kind == "transient" else Permanent(reply.short())
@@ -65,8 +65,9 @@ class SmtpSession:
         if reply.kind == "permanent":
             raise Permanent(f"{what}: {reply.short()}")
 
-    async def send_mail(self, sender: str, recipient: str, message: bytes, use_bdat: bool,
-                        pipelining: bool) -> sp.Reply:
+    async def send_mail(
+        self, sender: str, recipient: str, message: bytes, use_bdat: bool, pipelining: bool
+    ) -> sp.Reply:
         size = len(message) if "SIZE" in self.caps else None
         bdat = use_bdat and "CHUNKING" in self.caps
         head = [sp.mail_from(sender, size), sp.rcpt_to(recipient)] + ([] if bdat else [sp.DATA])
@@ -81,14 +82,14 @@ class SmtpSession:
                     break
         data_reply = replies[2] if len(replies) == 3 else None
         if data_reply is not None and data_reply.code == 354 and any(r.kind != "ok" for r in replies[:2]):
-            await self.stream.write(b".\r\n")   # DATA went through anyway: end an empty mail
+            await self.stream.write(b".\r\n")  # DATA went through anyway: end an empty mail
             await self.reply()
         for reply, what in zip(replies[:2], ("MAIL", "RCPT")):
             self._check(reply, what)
         if data_reply is not None and data_reply.code != 354:
             self._check(data_reply, "DATA")
             raise Permanent(f"DATA: unexpected {data_reply.short()}")
-        if bdat and len(message) > 1 << 20:          # no copy of a big mail
+        if bdat and len(message) > 1 << 20:  # no copy of a big mail
             await self.stream.write(sp.bdat(len(message)))
             final = await self.command(message)
         elif bdat:
@@ -102,14 +103,28 @@ class SmtpSession:
     async def quit(self) -> None:
         try:
             await asyncio.wait_for(self.command(sp.QUIT), 5)
-        except (OSError, ConnectionError, asyncio.TimeoutError, sp.SmtpReplyError):
+        except (TimeoutError, OSError, ConnectionError, sp.SmtpReplyError):
             pass
         await self.stream.close()
 
 
-async def send_study(*, study: dict, corpus: Path, host: str, port: int, login: str, password: str,
-                     sender_address: str, receiver_address: str, smtp_cfg, uplink, downlink,
-                     recorder: Recorder, rng: random.Random, stop: asyncio.Event) -> None:
+async def send_study(
+    *,
+    study: dict,
+    corpus: Path,
+    host: str,
+    port: int,
+    login: str,
+    password: str,
+    sender_address: str,
+    receiver_address: str,
+    smtp_cfg,
+    uplink,
+    downlink,
+    recorder: Recorder,
+    rng: random.Random,
+    stop: asyncio.Event,
+) -> None:
     """Send every mail of one study, retrying each until accepted, refused or out of attempts."""
     session: SmtpSession | None = None
     try:
@@ -126,8 +141,9 @@ async def send_study(*, study: dict, corpus: Path, host: str, port: int, login: 
                         await session.open(login, password, smtp_cfg.starttls)
                         recorder.smtp_sessions += 1
                         recorder.smtp_tls_sessions += session.tls
-                    final = await session.send_mail(sender_address, receiver_address, message,
-                                                    smtp_cfg.chunking, smtp_cfg.pipelining)
+                    final = await session.send_mail(
+                        sender_address, receiver_address, message, smtp_cfg.chunking, smtp_cfg.pipelining
+                    )
                     recorder.accepted(record, final.short())
                     break
                 except Permanent as exc:
@@ -136,25 +152,26 @@ async def send_study(*, study: dict, corpus: Path, host: str, port: int, login: 
                     if session is not None:
                         try:
                             await session.command(sp.RSET)
-                        except (OSError, ConnectionError, asyncio.TimeoutError, sp.SmtpReplyError):
+                        except (TimeoutError, OSError, ConnectionError, sp.SmtpReplyError):
                             await session.quit()
                             session = None
                     break
-                except (Transient, OSError, ConnectionError, asyncio.TimeoutError, sp.SmtpReplyError) as exc:
+                except (TimeoutError, Transient, OSError, ConnectionError, sp.SmtpReplyError) as exc:
                     text = str(exc) or type(exc).__name__
                     recorder.deferral(study["sender"], text)
                     if session is not None:
-                        await session.quit()   # a gateway reconnects after trouble
+                        await session.quit()  # a gateway reconnects after trouble
                         session = None
                     if attempt >= smtp_cfg.max_attempts or stop.is_set():
                         recorder.failed(record, "gave-up", text)
                         recorder.error(study["sender"], f"{mail['message_id']}: gave up: {text}")
                         break
-                    delay = sp.backoff_delay(attempt + 1, smtp_cfg.retry_base_s, smtp_cfg.retry_max_s,
-                                             rng.uniform(0.8, 1.2))
+                    delay = sp.backoff_delay(
+                        attempt + 1, smtp_cfg.retry_base_s, smtp_cfg.retry_max_s, rng.uniform(0.8, 1.2)
+                    )
                     try:
                         await asyncio.wait_for(stop.wait(), delay)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
     finally:
         if session is not None:

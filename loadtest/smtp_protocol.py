@@ -40,7 +40,7 @@ class ReplyParser:
         self._buf += data
         replies = []
         while (i := self._buf.find(b"\n")) >= 0:
-            line, self._buf = self._buf[:i].rstrip(b"\r"), self._buf[i + 1:]
+            line, self._buf = self._buf[:i].rstrip(b"\r"), self._buf[i + 1 :]
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise SmtpReplyError(f"bad reply line {line[:100]!r}")
             self._lines.append(line[4:].decode("utf-8", "replace"))

@@ -44,12 +44,19 @@ class LocalHub:
         self.log_path = self.dir / "hub.log"
         self.keep = keep
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
-        self.env.update({"MAILHUB_DATA_DIR": str(self.data_dir), "MAILHUB_DOMAIN": domain,
-                         "MAILHUB_SMTP_LISTEN": "127.0.0.1:0", "MAILHUB_POP3_LISTEN": "127.0.0.1:0",
-                         "MAILHUB_IMAP_LISTEN": "127.0.0.1:0", "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
-                         # every simulated site connects from 127.0.0.1: held to the totals only
-                         **{f"MAILHUB_{p}_LIMIT_EXEMPT_NETWORKS": "127.0.0.0/8" for p in ("SMTP", "POP3", "IMAP")},
-                         **(extra_env or {})})
+        self.env.update(
+            {
+                "MAILHUB_DATA_DIR": str(self.data_dir),
+                "MAILHUB_DOMAIN": domain,
+                "MAILHUB_SMTP_LISTEN": "127.0.0.1:0",
+                "MAILHUB_POP3_LISTEN": "127.0.0.1:0",
+                "MAILHUB_IMAP_LISTEN": "127.0.0.1:0",
+                "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
+                # every simulated site connects from 127.0.0.1: held to the totals only
+                **{f"MAILHUB_{p}_LIMIT_EXEMPT_NETWORKS": "127.0.0.0/8" for p in ("SMTP", "POP3", "IMAP")},
+                **(extra_env or {}),
+            }
+        )
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
 
@@ -64,8 +71,14 @@ class LocalHub:
         for shard in shards:
             plan = json.dumps([[name, site["address"]] for name, site in shard])
             stdin = "".join(site["password"] + "\n" for _, site in shard)
-            proc = subprocess.Popen([sys.executable, "-c", _ADD_SITES, plan], env=self.env, text=True,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _ADD_SITES, plan],
+                env=self.env,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             procs.append((proc, stdin))
         errors = []
         for proc, stdin in procs:
@@ -77,8 +90,9 @@ class LocalHub:
 
     def start(self, wait: float = 30.0) -> dict[str, int]:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*mailhub_command(), "serve"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [*mailhub_command(), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         log.close()
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -104,7 +118,7 @@ class LocalHub:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,9 +6,9 @@
 # (sh bench/install-debian-packages.sh, as root). Must never touch the system's own Postfix or
 # Dovecot configuration, queues or services, and never listen beyond loopback.
 import contextlib
+import grp
 import os
 import pwd
-import grp
 import signal
 import socket
 import subprocess
@@ -202,14 +202,18 @@ def postfix_to_lmtp(workdir, lmtp_port, domains, sasl_path=None):
     """Real Postfix on 127.0.0.1:<port> that accepts mail for `domains` (from
     127.0.0.1, or SASL-authenticated through Dovecot's auth socket `sasl_path`)
     and delivers it to Dovecot LMTP on 127.0.0.1:lmtp_port. Yields the port."""
+
     def main_cf(text):
-        lines = [ln for ln in text.splitlines()
-                 if not ln.startswith(("virtual_transport", "smtpd_relay_restrictions",
-                                       "smtpd_recipient_restrictions"))]
+        lines = [
+            ln
+            for ln in text.splitlines()
+            if not ln.startswith(("virtual_transport", "smtpd_relay_restrictions", "smtpd_recipient_restrictions"))
+        ]
         extra = POSTFIX_LMTP_OVERRIDES.format(domains=", ".join(domains), lmtp_port=lmtp_port)
         if sasl_path:
             extra += POSTFIX_SASL_OVERRIDES.format(sasl_path=sasl_path)
         return "\n".join(lines) + "\n" + extra
+
     with postfix_instance(workdir, main_cf, POSTFIX_LMTP_MASTER) as port:
         yield port
 
@@ -228,14 +232,20 @@ def postfix_instance(workdir, edit_main_cf, master_extra):
     make_traversable(base)
     port = free_port()
     with open(os.path.join(conf, "main.cf"), "w") as f:
-        f.write(edit_main_cf(POSTFIX_MAIN_CF.format(conf=conf, queue=queue, data=data,
-                                                    log=os.path.join(base, "postfix.log"), base=base)))
+        f.write(
+            edit_main_cf(
+                POSTFIX_MAIN_CF.format(
+                    conf=conf, queue=queue, data=data, log=os.path.join(base, "postfix.log"), base=base
+                )
+            )
+        )
     with open(os.path.join(conf, "master.cf"), "w") as f:
         f.write(POSTFIX_MASTER_CF.format(port="%s:%d" % (LOOPBACK, port)) + master_extra)
     env = dict(os.environ, MAIL_CONFIG=conf)
     pidfile = os.path.join(queue, "pid", "master.pid")
-    subprocess.run(["postfix", "-c", conf, "start"], check=True, env=env,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    subprocess.run(
+        ["postfix", "-c", conf, "start"], check=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     master = None
     try:
         deadline = time.monotonic() + 30
@@ -249,12 +259,12 @@ def postfix_instance(workdir, edit_main_cf, master_extra):
         yield port
     finally:
         children = _children_of(master) if master else []
-        subprocess.run(["postfix", "-c", conf, "stop"], env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["postfix", "-c", conf, "stop"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         pids = ([master] if master else []) + children
         if not _wait_gone(pids, 15):
-            subprocess.run(["postfix", "-c", conf, "abort"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["postfix", "-c", conf, "abort"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             if master:
                 _kill_pgroup(master)  # master is a session/group leader
             for p in pids:
@@ -432,13 +442,27 @@ def dovecot_server(workdir, users, protocols=("pop3", "imap"), lmtp=False, auth_
         extra += DOVECOT_AUTH_SOCKET_CONF
     conf = os.path.join(base, "dovecot.conf")
     with open(conf, "w") as f:
-        f.write(DOVECOT_CONF.format(
-            protocols=" ".join(tuple(protocols) + (("lmtp",) if lmtp else ())), base=base, mail=mail,
-            uid=uid, gid=gid, port_tag="%d" % min(ports.values()), pop3=ports.get("pop3", 0),
-            imap=ports.get("imap", 0)) + extra)
+        f.write(
+            DOVECOT_CONF.format(
+                protocols=" ".join(tuple(protocols) + (("lmtp",) if lmtp else ())),
+                base=base,
+                mail=mail,
+                uid=uid,
+                gid=gid,
+                port_tag="%d" % min(ports.values()),
+                pop3=ports.get("pop3", 0),
+                imap=ports.get("imap", 0),
+            )
+            + extra
+        )
     out = open(os.path.join(base, "dovecot.stdout"), "wb")
-    proc = subprocess.Popen(["dovecot", "-F", "-c", conf], stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["dovecot", "-F", "-c", conf],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         for p, port in ports.items():
             if p == "pop3":
@@ -496,7 +520,11 @@ def postfix_to_maildir(workdir, domains):
 
     def main_cf(text):
         lines = [ln for ln in text.splitlines() if not ln.startswith("virtual_transport")]
-        return "\n".join(lines) + "\n" + POSTFIX_MAILDIR_OVERRIDES.format(
-            domains=", ".join(domains), mail=mail, uid=uid, gid=gid)
+        return (
+            "\n".join(lines)
+            + "\n"
+            + POSTFIX_MAILDIR_OVERRIDES.format(domains=", ".join(domains), mail=mail, uid=uid, gid=gid)
+        )
+
     with postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
         yield port, os.path.join(mail, "box")

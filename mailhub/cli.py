@@ -42,16 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     passwd = site_commands.add_parser("passwd", parents=[common], help="set a site's password")
     passwd.add_argument("name")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    verify = site_commands.add_parser("verify", parents=[common],
-                                      help="check a password against a site's (exit 0 matches, 1 differs)")
+    verify = site_commands.add_parser(
+        "verify", parents=[common], help="check a password against a site's (exit 0 matches, 1 differs)"
+    )
     verify.add_argument("name")
     verify.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     remove = site_commands.add_parser("remove", parents=[common], help="remove a site and its mailbox")
     remove.add_argument("name")
     limits = site_commands.add_parser(
-        "set", parents=[common], help="set a site's quotas and drain-time limit",
+        "set",
+        parents=[common],
+        help="set a site's quotas and drain-time limit",
         description="Each VALUE is a number (sizes may take K, M, G, T), 'unlimited', or 'default' "
-                    "(back to the config's [quotas] value).")
+        "(back to the config's [quotas] value).",
+    )
     limits.add_argument("name")
     for name in _LIMIT_OPTIONS:
         limits.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
@@ -62,10 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("query", help="queue ID, Message-ID, sender or recipient address, or X-TELEMEDICINE-SETID")
     how = trace.add_mutually_exclusive_group()
     for kind, meaning in TRACE_KINDS.items():
-        how.add_argument(f"--{kind}", dest="kind", action="store_const", const=kind,
-                         help=f"QUERY is {meaning} (default: guessed from its form)")
-    trace.add_argument("--limit", type=_positive, default=100, metavar="N",
-                       help="for an address: the N most recent mails and refusals (default 100)")
+        how.add_argument(
+            f"--{kind}",
+            dest="kind",
+            action="store_const",
+            const=kind,
+            help=f"QUERY is {meaning} (default: guessed from its form)",
+        )
+    trace.add_argument(
+        "--limit",
+        type=_positive,
+        default=100,
+        metavar="N",
+        help="for an address: the N most recent mails and refusals (default 100)",
+    )
     trace.add_argument("--json", action="store_true")
     stats = commands.add_parser("stats", parents=[common], help="volumes, refusals and backlogs of a period")
     stats.add_argument("--since", default="24h", help="24h, 7d, 2026-11-01, 2026-11-01T12:00 (UTC; default 24h)")
@@ -78,13 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="default: events.retention_days")
     auth = commands.add_parser("auth", help="password-guessing penalties and blocks of the running hub")
     auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")
-    blocks = auth_commands.add_parser("blocks", parents=[common],
-                                      help="list penalised client addresses and blocked (site, address) pairs")
+    blocks = auth_commands.add_parser(
+        "blocks", parents=[common], help="list penalised client addresses and blocked (site, address) pairs"
+    )
     blocks.add_argument("--json", action="store_true")
     unblock = auth_commands.add_parser(
-        "unblock", parents=[common], help="lift the blocks and the penalty of a client address",
+        "unblock",
+        parents=[common],
+        help="lift the blocks and the penalty of a client address",
         description="Without --site: every block of ADDRESS and its penalty delay; with --site: only the "
-                    "block of that site from ADDRESS.")
+        "block of that site from ADDRESS.",
+    )
     unblock.add_argument("address", help="client address (an IPv6 address stands for its /64)")
     unblock.add_argument("--site", help="only the block of this site (as it was given at login)")
     queue = commands.add_parser("queue", help="inspect and manage the outbound relay queue")
@@ -103,10 +121,15 @@ def _parser() -> argparse.ArgumentParser:
 
 # `site set` options: limit name -> (unit shown, whether 'unlimited' is allowed)
 _LIMIT_OPTIONS = {
-    "mailbox_bytes": ("size", True), "mailbox_messages": ("count", True), "max_message_size": ("size", True),
-    "submitted_per_day": ("size", True), "submitted_per_month": ("size", True),
-    "received_per_day": ("size", True), "received_per_month": ("size", True),
-    "max_drain_time": ("seconds", False), "downlink": ("size/s", False),
+    "mailbox_bytes": ("size", True),
+    "mailbox_messages": ("count", True),
+    "max_message_size": ("size", True),
+    "submitted_per_day": ("size", True),
+    "submitted_per_month": ("size", True),
+    "received_per_day": ("size", True),
+    "received_per_month": ("size", True),
+    "max_drain_time": ("seconds", False),
+    "downlink": ("size/s", False),
 }
 
 
@@ -114,11 +137,14 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
+
+
 def _directory_parsers(commands, site_commands, common) -> None:
     key = site_commands.add_parser("key", help="a site's OpenPGP public key")
     key_commands = key.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
-    key_import = key_commands.add_parser("import", parents=[common],
-                                         help="make FILE (armored or binary public key) the site's current key")
+    key_import = key_commands.add_parser(
+        "import", parents=[common], help="make FILE (armored or binary public key) the site's current key"
+    )
     key_import.add_argument("name")
     key_import.add_argument("file")
     key_show = key_commands.add_parser("show", parents=[common], help="show the site's current and previous keys")
@@ -131,28 +157,45 @@ def _directory_parsers(commands, site_commands, common) -> None:
 
     directory = commands.add_parser("directory", help="the participant directory and the hub's signing key")
     directory_commands = directory.add_subparsers(dest="directory_command", required=True, metavar="SUBCOMMAND")
-    directory_commands.add_parser("fingerprint", parents=[common],
-                                  help="the hub signing key's fingerprint (creates the key if missing)")
+    directory_commands.add_parser(
+        "fingerprint", parents=[common], help="the hub signing key's fingerprint (creates the key if missing)"
+    )
     export = directory_commands.add_parser("export", parents=[common], help="write the participant directory")
     export.add_argument("--output", metavar="FILE", help="file to write (default: standard output)")
-    export.add_argument("--format", choices=["json", "text", "signed"], default="json",
-                        help="json (default), text, or signed: the PGP/MIME multipart/signed entity")
+    export.add_argument(
+        "--format",
+        choices=["json", "text", "signed"],
+        default="json",
+        help="json (default), text, or signed: the PGP/MIME multipart/signed entity",
+    )
     export_key = directory_commands.add_parser(
-        "export-key", parents=[common], help="write the hub's public signing key(s), armored (creates the key if missing)",
+        "export-key",
+        parents=[common],
+        help="write the hub's public signing key(s), armored (creates the key if missing)",
         description="The current key, and during a rotation's grace period the previous one too, to standard"
-                    " output; their fingerprints and state to standard error.")
+        " output; their fingerprints and state to standard error.",
+    )
     export_key.add_argument("--output", metavar="FILE", help="file to write (default: standard output)")
     export_key.add_argument("--binary", action="store_true", help="binary OpenPGP keys instead of armored text")
-    export_key.add_argument("--fingerprint-only", action="store_true",
-                            help="print only the current key's fingerprint (as `directory fingerprint`)")
+    export_key.add_argument(
+        "--fingerprint-only",
+        action="store_true",
+        help="print only the current key's fingerprint (as `directory fingerprint`)",
+    )
     rotate = directory_commands.add_parser(
-        "rotate-key", parents=[common], help="replace the hub's signing key by a new one certified by it",
+        "rotate-key",
+        parents=[common],
+        help="replace the hub's signing key by a new one certified by it",
         description="Makes a new hub key, certifies it with the current one, keeps the current one in"
-                    " DATA_DIR/hub-keys/ and makes the new one current. The hub announces the rotation to every"
-                    " site in a mail signed by both keys; the previous key co-signs directory mails for"
-                    " directory.hub_key_grace_days. Prints the new fingerprint.")
-    rotate.add_argument("--force", action="store_true",
-                        help="rotate even though the previous rotation was not announced to the sites yet")
+        " DATA_DIR/hub-keys/ and makes the new one current. The hub announces the rotation to every"
+        " site in a mail signed by both keys; the previous key co-signs directory mails for"
+        " directory.hub_key_grace_days. Prints the new fingerprint.",
+    )
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help="rotate even though the previous rotation was not announced to the sites yet",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +248,8 @@ def _serve(cfg) -> int:
     import uvloop
 
     from directory import DirectoryError
-    from storage.db import IndexDamaged
     from storage import StorageError
+    from storage.db import IndexDamaged
     from storage.recovery import IndexBehind
 
     from .logsetup import setup_logging
@@ -215,7 +258,7 @@ def _serve(cfg) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         uvloop.run(serve(cfg))
-    except (IndexDamaged, IndexBehind) as exc:   # the operator's turn: the message says what to run
+    except (IndexDamaged, IndexBehind) as exc:  # the operator's turn: the message says what to run
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, DirectoryError, StorageError, sqlite3.Error) as exc:
@@ -248,8 +291,14 @@ def _auth_command(cfg, args) -> int:
     else:
         print(f"{'ADDRESS':<28} {'DELAY':>7} {'FAILURES':>8}  BLOCKED SITES")
         for row in rows:
-            blocked = ", ".join(f"{printable(b['account'])} ({math.ceil(b['seconds_left'] / 60)} min left,"
-                                f" {b['failures']} failures)" for b in row["blocks"]) or "-"
+            blocked = (
+                ", ".join(
+                    f"{printable(b['account'])} ({math.ceil(b['seconds_left'] / 60)} min left,"
+                    f" {b['failures']} failures)"
+                    for b in row["blocks"]
+                )
+                or "-"
+            )
             print(f"{row['address']:<28} {row['delay']:>6.1f}s {row['failures']:>8}  {blocked}")
     if answer.get("checks_waiting"):
         print(f"{answer['checks_waiting']} password check(s) waiting")
@@ -310,9 +359,13 @@ def _site_command(cfg, args) -> int:
             if not values:
                 raise SiteError("nothing to set: give at least one limit option (see mailhub site set --help)")
             usage.set_limits(conn, args.name, values)
-            print(f"limits of site {args.name} set: "
-                  + ", ".join(f"{k}={'default' if v is None else 'unlimited' if v == usage.UNLIMITED else v}"
-                              for k, v in values.items()))
+            print(
+                f"limits of site {args.name} set: "
+                + ", ".join(
+                    f"{k}={'default' if v is None else 'unlimited' if v == usage.UNLIMITED else v}"
+                    for k, v in values.items()
+                )
+            )
         elif action == "show":
             site = sites.get_site(conn, args.name)
             summary = _site_summary(conn, site, cfg)
@@ -324,9 +377,11 @@ def _site_command(cfg, args) -> int:
                 print(json.dumps(summaries, indent=2))
             elif not summaries:
                 print("no sites")
-            for s in ([] if args.json else summaries):
-                print(f"{s['name']:<24} {s['mailbox_messages']:>7} mails {human_size(s['mailbox_bytes']):>10}  "
-                      f"{', '.join(s['addresses'])}")
+            for s in [] if args.json else summaries:
+                print(
+                    f"{s['name']:<24} {s['mailbox_messages']:>7} mails {human_size(s['mailbox_bytes']):>10}  "
+                    f"{', '.join(s['addresses'])}"
+                )
         return 0
     except SiteError as exc:
         print(f"mailhub: {exc}", file=sys.stderr)
@@ -368,18 +423,29 @@ def _queue_command(cfg, args) -> int:
 
 
 def _print_queue(rows, as_json: bool) -> None:
-    entries = [{"queue_id": r.queue_id, "rcpt": r.rcpt, "sender": r.mail_from, "size": r.size,
-                "queued_at": iso_time(r.queued_at, millis=False), "attempts": r.attempts,
-                "next_attempt_at": iso_time(r.next_attempt_at, millis=False), "last_error": r.last_error}
-               for r in rows]
+    entries = [
+        {
+            "queue_id": r.queue_id,
+            "rcpt": r.rcpt,
+            "sender": r.mail_from,
+            "size": r.size,
+            "queued_at": iso_time(r.queued_at, millis=False),
+            "attempts": r.attempts,
+            "next_attempt_at": iso_time(r.next_attempt_at, millis=False),
+            "last_error": r.last_error,
+        }
+        for r in rows
+    ]
     if as_json:
         print(json.dumps(entries, indent=2))
         return
     if not entries:
         print("queue empty")
     for e in entries:
-        print(f"{e['queue_id']}  {human_size(e['size']):>10}  {e['queued_at']}  <{printable(e['sender'])}> -> "
-              f"<{printable(e['rcpt'])}>  attempts={e['attempts']} next={e['next_attempt_at']}")
+        print(
+            f"{e['queue_id']}  {human_size(e['size']):>10}  {e['queued_at']}  <{printable(e['sender'])}> -> "
+            f"<{printable(e['rcpt'])}>  attempts={e['attempts']} next={e['next_attempt_at']}"
+        )
         if e["last_error"]:
             print(f"    {printable(e['last_error'])}")
 
@@ -427,12 +493,22 @@ def _site_summary(conn: sqlite3.Connection, site, cfg) -> dict:
 
     count, size = reports.mailbox_totals(conn, site.id)
     sessions, messages, octets, seconds, first, last = usage.download_totals(conn, site.id)
-    return {"name": site.name, "addresses": site.addresses, **_quota_summary(conn, site, cfg),
-            "created_at": iso_time(site.created_at, millis=False),
-            "mailbox_messages": count, "mailbox_bytes": size,
-            "downloads": {"sessions": sessions, "messages": messages, "bytes": octets,
-                          "send_seconds": round(seconds, 6), "first_poll_at": iso_time(first, millis=False),
-                          "last_poll_at": iso_time(last, millis=False)}}
+    return {
+        "name": site.name,
+        "addresses": site.addresses,
+        **_quota_summary(conn, site, cfg),
+        "created_at": iso_time(site.created_at, millis=False),
+        "mailbox_messages": count,
+        "mailbox_bytes": size,
+        "downloads": {
+            "sessions": sessions,
+            "messages": messages,
+            "bytes": octets,
+            "send_seconds": round(seconds, 6),
+            "first_poll_at": iso_time(first, millis=False),
+            "last_poll_at": iso_time(last, millis=False),
+        },
+    }
 
 
 def _quota_summary(conn: sqlite3.Connection, site, cfg) -> dict:
@@ -449,15 +525,18 @@ def _quota_summary(conn: sqlite3.Connection, site, cfg) -> dict:
     limits = {}
     for name in usage.LIMIT_NAMES:
         value = getattr(effective, "downlink_prior" if name == "downlink" else name)
-        limits[name] = {"limit": value, "source": "site" if name in overrides else "config",
-                        "used": used.get(name)}
+        limits[name] = {"limit": value, "source": "site" if name in overrides else "config", "used": used.get(name)}
     state = usage.read_throttle_state(conn, site.id)
     throttle = None
     if state is not None:
         updated_at, figures = state
         throttle = {"updated_at": iso_time(updated_at, millis=False), **figures}
-    return {"limits": limits, "waiting_bytes": used["waiting_bytes"], "waiting_messages": used["waiting_messages"],
-            "throttle": throttle}
+    return {
+        "limits": limits,
+        "waiting_bytes": used["waiting_bytes"],
+        "waiting_messages": used["waiting_messages"],
+        "throttle": throttle,
+    }
 
 
 def _print_site(summary: dict, as_json: bool) -> None:
@@ -467,12 +546,16 @@ def _print_site(summary: dict, as_json: bool) -> None:
     print(f"site:      {summary['name']}")
     print(f"addresses: {', '.join(summary['addresses'])}")
     print(f"created:   {summary['created_at']}")
-    print(f"mailbox:   {summary['mailbox_messages']} mail(s), {human_size(summary['mailbox_bytes'])}"
-          f" ({summary['waiting_messages']} mail(s), {human_size(summary['waiting_bytes'])} not downloaded yet)")
+    print(
+        f"mailbox:   {summary['mailbox_messages']} mail(s), {human_size(summary['mailbox_bytes'])}"
+        f" ({summary['waiting_messages']} mail(s), {human_size(summary['waiting_bytes'])} not downloaded yet)"
+    )
     print("limits:")
     for name, item in summary["limits"].items():
-        print(f"  {name:<20} {_limit_text(name, item['used'], item['limit'])}"
-              f"{'' if item['source'] == 'config' else '  (site)'}")
+        print(
+            f"  {name:<20} {_limit_text(name, item['used'], item['limit'])}"
+            f"{'' if item['source'] == 'config' else '  (site)'}"
+        )
     _print_throttle(summary["throttle"])
     d = summary["downloads"]
     if d["last_poll_at"] is None:
@@ -504,15 +587,21 @@ def _print_throttle(state: dict | None) -> None:
         return
     rate = state["drain_rate"]
     drain = "unbounded (not downloading)" if state["drain_time"] == float("inf") else f"{state['drain_time']:.0f} s"
-    print(f"throttle:  as of {state['updated_at']}: drain rate {human_size(rate)}/s"
-          f"{' (offline)' if state['offline'] else ''}{' (prior, not measured yet)' if not state['drain_samples'] else ''},"
-          f" drain time {drain} of {state['max_drain_time']:.0f} s"
-          f"{', SATURATED: new mail is deferred' if state['saturated'] else ''}")
+    print(
+        f"throttle:  as of {state['updated_at']}: drain rate {human_size(rate)}/s"
+        f"{' (offline)' if state['offline'] else ''}"
+        f"{' (prior, not measured yet)' if not state['drain_samples'] else ''},"
+        f" drain time {drain} of {state['max_drain_time']:.0f} s"
+        f"{', SATURATED: new mail is deferred' if state['saturated'] else ''}"
+    )
     if state["paced_rate"]:
         print(f"           senders paced to {human_size(state['paced_rate'])}/s")
     if state["deferrals"]:
-        print(f"           {state['deferrals']} deferral(s) since the server started, last {state['last_deferral_reason']}"
-              f" at {iso_time(state['last_deferral_at'], millis=False)}")
+        print(
+            f"           {state['deferrals']} deferral(s) since the server started,"
+            f" last {state['last_deferral_reason']}"
+            f" at {iso_time(state['last_deferral_at'], millis=False)}"
+        )
 
 
 def _report_command(cfg, args) -> int:
@@ -540,8 +629,10 @@ def _report_command(cfg, args) -> int:
         elif found:
             print(trace.render(result))
         if not found:
-            print(f"mailhub: nothing known about {args.query!r} (looked up as a {result['looked_up_as']})",
-                  file=sys.stderr)
+            print(
+                f"mailhub: nothing known about {args.query!r} (looked up as a {result['looked_up_as']})",
+                file=sys.stderr,
+            )
         return 0 if found else EXIT_FAILED
     except sqlite3.Error as exc:
         print(f"mailhub: index error: {exc}", file=sys.stderr)
@@ -565,6 +656,7 @@ def _prune_events(cfg, days: float) -> int:
         conn.close()
     print(f"pruned {pruned} event(s) older than {days:g} day(s)")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

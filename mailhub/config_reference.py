@@ -79,15 +79,18 @@ def reference() -> str:
         "([operator guide](operator-guide.md#deploying-with-ansible)).\n\n",
     ]
     grouped = sections()
-    out.append("Sections: " + ", ".join(
-        f"[{'top level' if not s else '[' + s + ']'}](#{_anchor(s)})" for s in grouped) + ".\n")
+    out.append(
+        "Sections: " + ", ".join(f"[{'top level' if not s else '[' + s + ']'}](#{_anchor(s)})" for s in grouped) + ".\n"
+    )
     for section, keys in grouped.items():
         out.append(f"\n## {_heading(section)}\n\n{SECTION_DOCS[section]}\n\n")
         out.append("| Key | Type | Default | Description |\n|---|---|---|---|\n")
         for key in keys:
             option = SCHEMA[(section, key)]
-            out.append(f"| `{_dotted(section, key)}` | {_cell(option.kind)} "
-                       f"| `{_cell(toml_value(option.default))}` | {_cell(option.doc)} |\n")
+            out.append(
+                f"| `{_dotted(section, key)}` | {_cell(option.kind)} "
+                f"| `{_cell(toml_value(option.default))}` | {_cell(option.doc)} |\n"
+            )
     return "".join(out)
 
 
@@ -130,12 +133,17 @@ def example() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mailhub.config_reference",
-        description="Write docs/configuration.md and mailhub/example.toml from the config schema.")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if either file differs from the schema")
+        description="Write docs/configuration.md and mailhub/example.toml from the config schema.",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if either file differs from the schema"
+    )
     args = parser.parse_args(argv)
-    stale = [path for path, text in ((REFERENCE, reference()), (EXAMPLE, example()))
-             if not path.exists() or path.read_text() != text]
+    stale = [
+        path
+        for path, text in ((REFERENCE, reference()), (EXAMPLE, example()))
+        if not path.exists() or path.read_text() != text
+    ]
     for path in stale:
         name = path.relative_to(REPO)
         if args.check:

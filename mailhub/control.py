@@ -11,16 +11,16 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 log = logging.getLogger("mailhub.control")
 
 SOCKET_NAME = "control.sock"
-MAX_LINE = 64 * 1024          # bytes of one request line
-MAX_CONNECTIONS = 16          # control clients served at once (the socket is the hub owner's only)
-REQUEST_TIMEOUT = 30.0        # seconds a control client may take to send its request line
-_SUN_PATH_MAX = 107           # bytes of a Unix socket path (sun_path less its NUL)
+MAX_LINE = 64 * 1024  # bytes of one request line
+MAX_CONNECTIONS = 16  # control clients served at once (the socket is the hub owner's only)
+REQUEST_TIMEOUT = 30.0  # seconds a control client may take to send its request line
+_SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path less its NUL)
 
 Handler = Callable[[dict], "dict | Awaitable[dict]"]
 
@@ -54,7 +54,7 @@ class ControlServer:
         hub serves this folder)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.fchmod(sock.fileno(), 0o600)   # Linux: the file bind() makes gets the socket's mode
+            os.fchmod(sock.fileno(), 0o600)  # Linux: the file bind() makes gets the socket's mode
             with _short_path(self.path) as path:
                 try:
                     os.unlink(path)
@@ -151,8 +151,9 @@ def request(data_dir, cmd: str, timeout: float = 30.0, **fields) -> dict:
                 break
             data += chunk
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise ControlError(f"the hub is not running (no answer on {path}: {exc.strerror});"
-                           f" start it with: mailhub serve") from None
+        raise ControlError(
+            f"the hub is not running (no answer on {path}: {exc.strerror}); start it with: mailhub serve"
+        ) from None
     except PermissionError:
         raise ControlError(f"no permission to use {path}; run this as the user the hub runs as") from None
     except TimeoutError:

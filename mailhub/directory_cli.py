@@ -47,18 +47,29 @@ def _key(cfg, conn, args) -> int:
         except OSError as exc:
             raise DirectoryError(f"cannot read {args.file}: {exc.strerror}") from None
         parsed = import_key(conn, args.name, data)
-        print(f"key {group_fingerprint(parsed.fingerprint)} is now the current key of site {args.name}"
-              f" (encryption key ID(s) {', '.join(parsed.encryption_key_ids)})")
+        print(
+            f"key {group_fingerprint(parsed.fingerprint)} is now the current key of site {args.name}"
+            f" (encryption key ID(s) {', '.join(parsed.encryption_key_ids)})"
+        )
         return 0
     site = get_site(conn, args.name)
     grace = cfg.directory.key_grace_days * 86400
     now = time.time()
-    keys = [{"fingerprint": k.fingerprint, "encryption_key_ids": list(k.encryption_key_ids),
-             "imported_at": _timestamp(k.imported_at), "retired_at": _timestamp(k.retired_at),
-             "state": "current" if k.retired_at is None else
-                      "previous (valid until " + _timestamp(k.retired_at + grace) + ")" if k.usable(now, grace)
-                      else "expired",
-             "armored": k.armored} for k in site_keys(conn, site.id)]
+    keys = [
+        {
+            "fingerprint": k.fingerprint,
+            "encryption_key_ids": list(k.encryption_key_ids),
+            "imported_at": _timestamp(k.imported_at),
+            "retired_at": _timestamp(k.retired_at),
+            "state": "current"
+            if k.retired_at is None
+            else "previous (valid until " + _timestamp(k.retired_at + grace) + ")"
+            if k.usable(now, grace)
+            else "expired",
+            "armored": k.armored,
+        }
+        for k in site_keys(conn, site.id)
+    ]
     if args.json:
         print(json.dumps({"name": site.name, "keys": keys}, indent=2))
         return 0
@@ -99,8 +110,9 @@ def _directory(cfg, conn, args) -> int:
     elif args.format == "text":
         output = to_text(document).encode()
     else:
-        output = directory_mail(document, keys, _hub_addresses(cfg)[0], "undisclosed-recipients:;",
-                                "Participant directory")
+        output = directory_mail(
+            document, keys, _hub_addresses(cfg)[0], "undisclosed-recipients:;", "Participant directory"
+        )
     _write(args.output, output)
     return 0
 
@@ -117,14 +129,22 @@ def _export_key(conn, keys, args) -> int:
     print(f"current hub key: {keys.fingerprint}", file=sys.stderr)
     rotation = keys.rotation()
     if rotation:
-        state = (f"co-signs until {rotation['previous_signs_until']}" if keys.in_grace()
-                 else f"retired since {rotation['previous_signs_until']}")
-        print(f"previous hub key: {rotation['previous_fingerprint']} (replaced {rotation['rotated_at']}; {state})",
-              file=sys.stderr)
+        state = (
+            f"co-signs until {rotation['previous_signs_until']}"
+            if keys.in_grace()
+            else f"retired since {rotation['previous_signs_until']}"
+        )
+        print(
+            f"previous hub key: {rotation['previous_fingerprint']} (replaced {rotation['rotated_at']}; {state})",
+            file=sys.stderr,
+        )
         announced = announced_key_stamp(conn)
         if announced is not None and announced != key_stamp(keys.fingerprint):
-            print("the rotation is not announced to the sites yet: a running hub sends the announcement"
-                  " within seconds, a stopped one when it starts", file=sys.stderr)
+            print(
+                "the rotation is not announced to the sites yet: a running hub sends the announcement"
+                " within seconds, a stopped one when it starts",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -136,23 +156,33 @@ def _rotate_key(cfg, conn, args) -> int:
     grace = _hub_key_grace(cfg)
     keys = load_hub_keys(cfg.data_dir, grace)
     if keys is None:
-        raise DirectoryError("there is no hub key to rotate yet (the first start or `mailhub directory"
-                             " fingerprint` makes one)")
+        raise DirectoryError(
+            "there is no hub key to rotate yet (the first start or `mailhub directory fingerprint` makes one)"
+        )
     announced = announced_key_stamp(conn)
-    if announced is not None and announced != key_stamp(keys.fingerprint) and keys.previous is not None \
-            and not args.force:
-        raise DirectoryError(f"the previous rotation ({keys.previous_fingerprint} -> {keys.fingerprint}) is not"
-                             " announced to the sites yet; start the hub, which announces it, and rotate"
-                             " after that (or pass --force: sites that missed it cannot follow)")
+    if (
+        announced is not None
+        and announced != key_stamp(keys.fingerprint)
+        and keys.previous is not None
+        and not args.force
+    ):
+        raise DirectoryError(
+            f"the previous rotation ({keys.previous_fingerprint} -> {keys.fingerprint}) is not"
+            " announced to the sites yet; start the hub, which announces it, and rotate"
+            " after that (or pass --force: sites that missed it cannot follow)"
+        )
     note_hub_key_announced(conn, keys.fingerprint)  # the key the sites know, if nothing was recorded yet
     if keys.in_grace():
         print(f"note: the key before, {keys.previous_fingerprint}, stops co-signing now", file=sys.stderr)
     previous, new = rotate_hub_key(cfg.data_dir, _hub_addresses(cfg))
     days = cfg.directory.hub_key_grace_days
-    print(f"hub key rotated: {previous.fingerprint} -> {new.fingerprint}\n"
-          f"The new key is certified by the previous one, which is kept in"
-          f" {archive_path(cfg.data_dir, previous.fingerprint)}\n"
-          f"and co-signs directory mails for {days:g} day(s) (directory.hub_key_grace_days).", file=sys.stderr)
+    print(
+        f"hub key rotated: {previous.fingerprint} -> {new.fingerprint}\n"
+        f"The new key is certified by the previous one, which is kept in"
+        f" {archive_path(cfg.data_dir, previous.fingerprint)}\n"
+        f"and co-signs directory mails for {days:g} day(s) (directory.hub_key_grace_days).",
+        file=sys.stderr,
+    )
     print(_announcement(cfg, new.fingerprint), file=sys.stderr)
     print(new.fingerprint)
     return 0
@@ -162,8 +192,10 @@ def _announcement(cfg, fingerprint: str) -> str:
     """Ask the running hub to announce the rotation now; what became of it, for the operator."""
     from .control import ControlError, request
 
-    later = ("The hub announces the rotation to every site, in a mail signed by both keys, when it starts"
-             " (log line 'hub key rotation ... announced').")
+    later = (
+        "The hub announces the rotation to every site, in a mail signed by both keys, when it starts"
+        " (log line 'hub key rotation ... announced')."
+    )
     try:
         answer = request(cfg.data_dir, "hub-key-announce", timeout=120)
     except ControlError as exc:
@@ -171,8 +203,10 @@ def _announcement(cfg, fingerprint: str) -> str:
     if answer.get("fingerprint") != fingerprint:
         return f"the running hub still signs with {answer.get('fingerprint')}; see its log.\n{later}"
     if answer.get("kind") == "key_rotation":
-        return (f"The running hub announced the rotation to {answer['sites']} site(s), in a mail signed by both"
-                f" keys (queued as {answer['queue_id']}).")
+        return (
+            f"The running hub announced the rotation to {answer['sites']} site(s), in a mail signed by both"
+            f" keys (queued as {answer['queue_id']})."
+        )
     return "The running hub had announced the rotation already (or there is no site to tell)."
 
 

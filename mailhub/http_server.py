@@ -13,28 +13,37 @@ from dataclasses import dataclass
 
 log = logging.getLogger("mailhub.http")
 
-MAX_REQUEST_LINE = 2048       # octets; longer: 414
-MAX_HEAD = 8 * 1024           # request line and header fields; larger: 431
-MAX_HEADER_FIELDS = 50        # more: 431
-HEAD_SECONDS = 5.0            # to send the whole head; later: 408
-RESPONSE_SECONDS = 30.0       # to take the whole response
-MAX_CONNECTIONS = 64          # open at once, in all; more: 503
-MAX_PER_ADDRESS = 8           # open at once from one client address; more: 503
+MAX_REQUEST_LINE = 2048  # octets; longer: 414
+MAX_HEAD = 8 * 1024  # request line and header fields; larger: 431
+MAX_HEADER_FIELDS = 50  # more: 431
+HEAD_SECONDS = 5.0  # to send the whole head; later: 408
+RESPONSE_SECONDS = 30.0  # to take the whole response
+MAX_CONNECTIONS = 64  # open at once, in all; more: 503
+MAX_PER_ADDRESS = 8  # open at once from one client address; more: 503
 ALLOWED = ("GET", "HEAD")
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_METHOD_START = re.compile(rb"[\r\n]*[!#$%&'*+.^_`|~0-9A-Za-z-]{0,16}(?: |\Z)")   # what a request may begin with
+_METHOD_START = re.compile(rb"[\r\n]*[!#$%&'*+.^_`|~0-9A-Za-z-]{0,16}(?: |\Z)")  # what a request may begin with
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*[\x20-\x7e\x80-\xff\t]*")
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
 
 
 @dataclass(frozen=True)
 class Request:
     method: str
-    path: str          # without the query string
+    path: str  # without the query string
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ def parse_head(head: bytes) -> Request | Refusal:
     if len(request_line) > MAX_REQUEST_LINE:
         return Refusal(414, "request line too long")
     fields = [line.removesuffix(b"\r") for line in lines[1:]]
-    fields = fields[:fields.index(b"")] if b"" in fields else fields
+    fields = fields[: fields.index(b"")] if b"" in fields else fields
     if len(fields) > MAX_HEADER_FIELDS:
         return Refusal(431, f"more than {MAX_HEADER_FIELDS} header fields")
     parts = request_line.split(b" ")
@@ -88,7 +97,7 @@ class HttpServer:
     def __init__(self, route, counted=lambda status: None):
         self.route = route
         self.counted = counted
-        self.open: dict[str, int] = {}   # client address -> open connections
+        self.open: dict[str, int] = {}  # client address -> open connections
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -127,7 +136,7 @@ class HttpServer:
         try:
             async with asyncio.timeout(HEAD_SECONDS):
                 while (end := end_of_head(data)) < 0:
-                    if not _METHOD_START.match(data):   # e.g. a TLS handshake: no need to wait for a line
+                    if not _METHOD_START.match(data):  # e.g. a TLS handshake: no need to wait for a line
                         return Refusal(400, "not an HTTP request")
                     if b"\n" not in data and len(data) > MAX_REQUEST_LINE:
                         return Refusal(414, "request line too long")
@@ -141,12 +150,13 @@ class HttpServer:
             return Refusal(408, f"request head not complete within {HEAD_SECONDS:.0f} s")
         return bytes(data[:end])
 
-    async def _reply(self, writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes,
-                     head_only: bool) -> None:
+    async def _reply(self, writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, head_only: bool) -> None:
         self.counted(status)
         extra = "Allow: GET, HEAD\r\n" if status == 405 else "Retry-After: 5\r\n" if status == 503 else ""
-        writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
-                     f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n".encode())
+        writer.write(
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n".encode()
+        )
         if not head_only:
             writer.write(body)
         async with asyncio.timeout(RESPONSE_SECONDS):

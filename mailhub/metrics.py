@@ -10,8 +10,14 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
-                               disable_created_metrics, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -26,23 +32,32 @@ from .http_server import HttpServer
 
 log = logging.getLogger("mailhub.metrics")
 
-disable_created_metrics()   # no *_created series: they double the series count for nothing we use
+disable_created_metrics()  # no *_created series: they double the series count for nothing we use
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 for _layer in (relay.metrics.REGISTRY, storage.metrics.REGISTRY, directory.metrics.REGISTRY):
-    REGISTRY.register(_layer)    # collected at each scrape; a metric name defined twice fails here
+    REGISTRY.register(_layer)  # collected at each scrape; a metric name defined twice fails here
 
 LOOP_LAG = Histogram(
-    "mailhub_event_loop_lag_seconds", "How late the event loop ran a callback due every 0.1 s (measured "
+    "mailhub_event_loop_lag_seconds",
+    "How late the event loop ran a callback due every 0.1 s (measured "
     "continuously; a blocked loop delays every protocol).",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=REGISTRY)
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
 LOOP_STALLS = Counter(
-    "mailhub_event_loop_stalls_total", "Times the event loop was late by log.stall_threshold or more (each "
-    "logged with what it was doing, within the log rate).", registry=REGISTRY)
+    "mailhub_event_loop_stalls_total",
+    "Times the event loop was late by log.stall_threshold or more (each "
+    "logged with what it was doing, within the log rate).",
+    registry=REGISTRY,
+)
 HTTP_REQUESTS = Counter(
-    "mailhub_http_requests_total", "Requests to the metrics port, by reply status (4xx and 503: refused by "
-    "its limits).", ["code"], registry=REGISTRY)
+    "mailhub_http_requests_total",
+    "Requests to the metrics port, by reply status (4xx and 503: refused by its limits).",
+    ["code"],
+    registry=REGISTRY,
+)
 
 
 def http_request(status: int) -> None:
@@ -62,19 +77,35 @@ class ThrottleCollector:
         self.states: list[tuple[str, dict]] = []
 
     def collect(self):
-        rate = GaugeMetricFamily("mailhub_site_drain_rate_bytes_per_second", "Estimated rate at which each "
-                                 "site downloads its waiting mail (0 while it does not poll).", labels=["site"])
-        drain = GaugeMetricFamily("mailhub_site_drain_time_seconds", "Time each site needs to download the "
-                                  "mail waiting for it at its drain rate (+Inf when not draining).", labels=["site"])
-        limit = GaugeMetricFamily("mailhub_site_max_drain_time_seconds", "Each site's drain-time limit.",
-                                  labels=["site"])
-        waiting = GaugeMetricFamily("mailhub_site_waiting_bytes", "Octets waiting for each site that it has "
-                                    "not downloaded yet (the backlog the drain time is computed from).",
-                                    labels=["site"])
-        paced = GaugeMetricFamily("mailhub_site_pacing_rate_bytes_per_second", "Rate at which senders' data "
-                                  "for each site is read while paced (0: not paced).", labels=["site"])
-        ratios = GaugeMetricFamily("mailhub_site_quota_usage_ratio", "Usage of each limited quota of each site "
-                                   "(1 = at the limit).", labels=["site", "quota"])
+        rate = GaugeMetricFamily(
+            "mailhub_site_drain_rate_bytes_per_second",
+            "Estimated rate at which each site downloads its waiting mail (0 while it does not poll).",
+            labels=["site"],
+        )
+        drain = GaugeMetricFamily(
+            "mailhub_site_drain_time_seconds",
+            "Time each site needs to download the mail waiting for it at its drain rate (+Inf when not draining).",
+            labels=["site"],
+        )
+        limit = GaugeMetricFamily(
+            "mailhub_site_max_drain_time_seconds", "Each site's drain-time limit.", labels=["site"]
+        )
+        waiting = GaugeMetricFamily(
+            "mailhub_site_waiting_bytes",
+            "Octets waiting for each site that it has "
+            "not downloaded yet (the backlog the drain time is computed from).",
+            labels=["site"],
+        )
+        paced = GaugeMetricFamily(
+            "mailhub_site_pacing_rate_bytes_per_second",
+            "Rate at which senders' data for each site is read while paced (0: not paced).",
+            labels=["site"],
+        )
+        ratios = GaugeMetricFamily(
+            "mailhub_site_quota_usage_ratio",
+            "Usage of each limited quota of each site (1 = at the limit).",
+            labels=["site", "quota"],
+        )
         for name, state in self.states:
             rate.add_metric([name], state["drain_rate"])
             drain.add_metric([name], state["drain_time"])
@@ -95,23 +126,32 @@ REGISTRY.register(THROTTLE)
 
 # ---- the HTTP port's routes (mailhub/http_server.py serves them) -------------------------------
 
+
 class MetricsServer:
     """GET /metrics (Prometheus text format), GET /healthz (200 "ok" or 503 with the reasons), and the
     hub key's paths when `key_routes` is given."""
 
-    def __init__(self, data_dir: Path, min_free_bytes: int, listeners_up, smtp_sessions, pop3_sessions,
-                 imap_sessions=lambda: 0, key_routes=None):
+    def __init__(
+        self,
+        data_dir: Path,
+        min_free_bytes: int,
+        listeners_up,
+        smtp_sessions,
+        pop3_sessions,
+        imap_sessions=lambda: 0,
+        key_routes=None,
+    ):
         self.data_dir = Path(data_dir)
-        self.key_routes = key_routes        # a HubKeyRoutes, or None
+        self.key_routes = key_routes  # a HubKeyRoutes, or None
         self.min_free_bytes = min_free_bytes
-        self.listeners_up = listeners_up    # () -> list of names of listeners not serving
+        self.listeners_up = listeners_up  # () -> list of names of listeners not serving
         self.collector = StorageCollector(self.data_dir)
         SMTP_ACTIVE.set_function(smtp_sessions)
         POP3_ACTIVE.set_function(pop3_sessions)
         IMAP_ACTIVE.set_function(imap_sessions)
         REGISTRY.register(self.collector)
-        self.handle = HttpServer(self._route, http_request).handle   # the asyncio.start_server callback
-        self._running: dict[str, asyncio.Future] = {}   # what concurrent requests share
+        self.handle = HttpServer(self._route, http_request).handle  # the asyncio.start_server callback
+        self._running: dict[str, asyncio.Future] = {}  # what concurrent requests share
 
     def close(self) -> None:
         REGISTRY.unregister(self.collector)

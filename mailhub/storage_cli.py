@@ -20,40 +20,64 @@ EXIT_FAILED = 1
 def storage_parsers(commands, common) -> None:
     storage = commands.add_parser("storage", help="check, rebuild, back up the mail store")
     sub = storage.add_subparsers(dest="storage_command", required=True, metavar="SUBCOMMAND")
-    check = sub.add_parser("check", parents=[common], help="report on the index, blobs, ledger and quarantine"
-                           " (read-only; exit status 1 when something is wrong)")
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="report on the index, blobs, ledger and quarantine (read-only; exit status 1 when something is wrong)",
+    )
     check.add_argument("--json", action="store_true")
     rebuild = sub.add_parser(
-        "rebuild-index", parents=[common], help="rebuild or reconcile the index from the blob store (hub stopped)",
+        "rebuild-index",
+        parents=[common],
+        help="rebuild or reconcile the index from the blob store (hub stopped)",
         description="Puts every committed mail of the blob store that the index lacks back into its mailboxes,"
-                    " removes the entries the ledger says were deleted, and moves rows whose blob is gone into"
-                    " the quarantine. The index as it was is kept in the quarantine first.")
-    rebuild.add_argument("--from", dest="base", metavar="INDEX",
-                         help="start from this index file (e.g. a backup's index.sqlite3) instead of the one in place")
+        " removes the entries the ledger says were deleted, and moves rows whose blob is gone into"
+        " the quarantine. The index as it was is kept in the quarantine first.",
+    )
+    rebuild.add_argument(
+        "--from",
+        dest="base",
+        metavar="INDEX",
+        help="start from this index file (e.g. a backup's index.sqlite3) instead of the one in place",
+    )
     rebuild.add_argument("--json", action="store_true")
-    backup = sub.add_parser("backup", parents=[common], help="consistent online backup into a new folder",
-                            description="Copies the index (a consistent snapshot), the blobs (hard links where"
-                                        " possible, packs copied), the ledger and the hub's keys into DEST while"
-                                        " the hub runs. Restore: docs/storage.md.")
+    backup = sub.add_parser(
+        "backup",
+        parents=[common],
+        help="consistent online backup into a new folder",
+        description="Copies the index (a consistent snapshot), the blobs (hard links where"
+        " possible, packs copied), the ledger and the hub's keys into DEST while"
+        " the hub runs. Restore: docs/storage.md.",
+    )
     backup.add_argument("dest", metavar="DEST", help="a new or empty folder")
     backup.add_argument("--json", action="store_true")
     verify = sub.add_parser(
-        "verify", parents=[common], help="check every stored mail (or one site's) against its SHA-256",
+        "verify",
+        parents=[common],
+        help="check every stored mail (or one site's) against its SHA-256",
         description="Reads every stored mail (or those in one site's mailbox) and checks its bytes against the"
-                    " SHA-256 recorded at ingest. Damaged mails are listed, copied to the quarantine and refused to"
-                    " POP3/IMAP from then on (their receivers can delete them). Progress goes to stderr. Exit"
-                    " status: 0 all whole, 1 damaged mails found (or the check failed), 2 bad usage.")
+        " SHA-256 recorded at ingest. Damaged mails are listed, copied to the quarantine and refused to"
+        " POP3/IMAP from then on (their receivers can delete them). Progress goes to stderr. Exit"
+        " status: 0 all whole, 1 damaged mails found (or the check failed), 2 bad usage.",
+    )
     verify.add_argument("--site", metavar="NAME", help="only the mails in this site's mailbox")
-    verify.add_argument("--rate", metavar="BYTES", default="0",
-                        help="read at most this many bytes a second (e.g. 50M; default: as fast as the disk goes)")
+    verify.add_argument(
+        "--rate",
+        metavar="BYTES",
+        default="0",
+        help="read at most this many bytes a second (e.g. 50M; default: as fast as the disk goes)",
+    )
     verify.add_argument("--quiet", action="store_true", help="no progress lines")
     damaged = sub.add_parser("damaged", parents=[common], help="list the mails found damaged, and where")
     damaged.add_argument("--json", action="store_true")
     compact = sub.add_parser(
-        "compact-ledger", parents=[common], help="drop the ledger's lines about mails whose bytes are gone",
+        "compact-ledger",
+        parents=[common],
+        help="drop the ledger's lines about mails whose bytes are gone",
         description="Rewrites the ledger's files into one snapshot that keeps what rebuild-index needs about the"
-                    " mails the blob store still holds. Beside a running hub it compacts the files of past days;"
-                    " with the hub stopped, all of them. Safe to interrupt at any point.")
+        " mails the blob store still holds. Beside a running hub it compacts the files of past days;"
+        " with the hub stopped, all of them. Safe to interrupt at any point.",
+    )
     compact.add_argument("--json", action="store_true")
     quarantine = sub.add_parser("quarantine", parents=[common], help="list what was moved aside, and why")
     quarantine.add_argument("--json", action="store_true")
@@ -89,14 +113,20 @@ def _check(cfg, args) -> int:
     else:
         r = report
         print(f"data folder   {r.data_dir} (hub {'running' if r.hub_running else 'stopped'})")
-        print(f"index         {'ok' if r.index_ok else 'DAMAGED'}: {r.messages} mail(s), {human_size(r.message_bytes)},"
-              f" {r.mailbox_entries} mailbox entr(ies), {r.outbound} outbound recipient(s)")
+        print(
+            f"index         {'ok' if r.index_ok else 'DAMAGED'}: {r.messages} mail(s), {human_size(r.message_bytes)},"
+            f" {r.mailbox_entries} mailbox entr(ies), {r.outbound} outbound recipient(s)"
+        )
         print(f"blob store    {r.blob_files} file(s) ({r.packs} pack(s)), {human_size(r.blob_bytes)} on disk")
-        print(f"ledger        {r.ledger_files} file(s), {human_size(r.ledger_bytes)}; group commit {r.ledger_seq}"
-              f" (index: {r.commit_seq}){f', {r.ledger_torn_lines} torn line(s)' if r.ledger_torn_lines else ''}")
+        print(
+            f"ledger        {r.ledger_files} file(s), {human_size(r.ledger_bytes)}; group commit {r.ledger_seq}"
+            f" (index: {r.commit_seq}){f', {r.ledger_torn_lines} torn line(s)' if r.ledger_torn_lines else ''}"
+        )
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(r.quarantine_reasons.items()))
-        print(f"quarantine    {r.quarantine_entries} entr(ies), {human_size(r.quarantine_bytes)}"
-              f"{f' ({reasons})' if reasons else ''}")
+        print(
+            f"quarantine    {r.quarantine_entries} entr(ies), {human_size(r.quarantine_bytes)}"
+            f"{f' ({reasons})' if reasons else ''}"
+        )
         for problem in r.problems:
             print(f"PROBLEM: {printable(problem)}")
         if not r.problems:
@@ -123,23 +153,33 @@ def _rebuild(cfg, args) -> int:
     r = report
     print(f"rebuilt from {r.base}; the index as it was is in {r.saved_index or '(there was none)'}")
     print(f"scanned {r.scanned_files} blob file(s): {r.found} mail(s) with an envelope record")
-    print(f"restored {r.restored} mail(s): {r.restored_entries} mailbox entr(ies), {r.restored_outbound} outbound"
-          f" recipient(s)")
-    print(f"removed {r.removed_entries} mailbox entr(ies) and {r.removed_outbound} outbound recipient(s) the ledger"
-          f" says were deleted; {r.all_removed} mail(s) not restored: deleted by every receiver")
+    print(
+        f"restored {r.restored} mail(s): {r.restored_entries} mailbox entr(ies), {r.restored_outbound} outbound"
+        f" recipient(s)"
+    )
+    print(
+        f"removed {r.removed_entries} mailbox entr(ies) and {r.removed_outbound} outbound recipient(s) the ledger"
+        f" says were deleted; {r.all_removed} mail(s) not restored: deleted by every receiver"
+    )
     if r.damaged_marked:
-        print(f"{r.damaged_marked} mail(s) marked damaged again from the quarantine's records"
-              " (refused to clients; see `mailhub storage damaged`)")
+        print(
+            f"{r.damaged_marked} mail(s) marked damaged again from the quarantine's records"
+            " (refused to clients; see `mailhub storage damaged`)"
+        )
     if r.uncommitted:
         print(f"{r.uncommitted} record(s) of transactions that never committed (never acknowledged): left out")
-    for what, items in (("lost: blob missing, rows moved to the quarantine", r.missing),
-                        ("damaged (bytes differ from their record): not restored", r.damaged),
-                        ("without a readable envelope record", r.unreadable)):
+    for what, items in (
+        ("lost: blob missing, rows moved to the quarantine", r.missing),
+        ("damaged (bytes differ from their record): not restored", r.damaged),
+        ("without a readable envelope record", r.unreadable),
+    ):
         if items:
             print(f"{len(items)} {what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
     for name in r.sites_made:
-        print(f"site {name} made again from its mails: set its password with `mailhub site passwd {name}`"
-              " and import its key")
+        print(
+            f"site {name} made again from its mails: set its password with `mailhub site passwd {name}`"
+            " and import its key"
+        )
     for note in r.notes:
         print(f"note: {note}")
     return 0
@@ -152,7 +192,7 @@ def _compact_ledger(cfg, args) -> int:
     try:
         lock = lock_data_folder(cfg.data_dir)
     except DataFolderInUse:
-        lock = None   # a hub serves the folder: today's file is its to append to
+        lock = None  # a hub serves the folder: today's file is its to append to
     try:
         report = compact(cfg.data_dir, include_today=lock is not None)
     except CompactionRunning as exc:
@@ -166,9 +206,11 @@ def _compact_ledger(cfg, args) -> int:
         return 0
     r = report
     which = "all ledger files (hub stopped)" if r.today_included else "the ledger files of past days (hub running)"
-    print(f"compacted {which}: {r.files_before} file(s), {r.lines_before} line(s), {human_size(r.bytes_before)}"
-          f" -> 1 file, {r.lines_after} line(s), {human_size(r.bytes_after)} in {r.seconds:.1f} s;"
-          f" lines of {r.mails_dropped} mail(s) whose bytes are gone dropped, of {r.mails_kept} still stored kept")
+    print(
+        f"compacted {which}: {r.files_before} file(s), {r.lines_before} line(s), {human_size(r.bytes_before)}"
+        f" -> 1 file, {r.lines_after} line(s), {human_size(r.bytes_after)} in {r.seconds:.1f} s;"
+        f" lines of {r.mails_dropped} mail(s) whose bytes are gone dropped, of {r.mails_kept} still stored kept"
+    )
     return 0
 
 
@@ -184,9 +226,11 @@ def _backup(cfg, args) -> int:
         print(json.dumps(report.__dict__, indent=2))
     else:
         r = report
-        print(f"backup in {r.dest}: {r.messages} mail(s), {r.mailbox_entries} mailbox entr(ies);"
-              f" {r.linked_files} file(s) linked, {r.copied_files} copied, {r.copied_packs} pack(s) copied,"
-              f" {human_size(r.bytes_copied)} copied, {r.ledger_lines} ledger line(s), in {r.seconds:.1f} s")
+        print(
+            f"backup in {r.dest}: {r.messages} mail(s), {r.mailbox_entries} mailbox entr(ies);"
+            f" {r.linked_files} file(s) linked, {r.copied_files} copied, {r.copied_packs} pack(s) copied,"
+            f" {human_size(r.bytes_copied)} copied, {r.ledger_lines} ledger line(s), in {r.seconds:.1f} s"
+        )
         if r.gone:
             print(f"{len(r.gone)} mail file(s) freed while the backup ran (deleted meanwhile): {', '.join(r.gone[:5])}")
     return 0
@@ -197,15 +241,33 @@ def _quarantine(cfg, args) -> int:
 
     entries = list_entries(cfg.data_dir)
     if args.json:
-        print(json.dumps([{"id": e.id, "path": str(e.path), "original": e.original, "reason": e.reason,
-                           "detail": e.detail, "at": iso_time(e.at), "size": e.size, "moved": e.moved, **e.extra}
-                          for e in entries], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": e.id,
+                        "path": str(e.path),
+                        "original": e.original,
+                        "reason": e.reason,
+                        "detail": e.detail,
+                        "at": iso_time(e.at),
+                        "size": e.size,
+                        "moved": e.moved,
+                        **e.extra,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not entries:
         print("quarantine is empty")
     for e in entries:
-        print(f"{iso_time(e.at, millis=False)}  {e.reason:<22} {human_size(e.size):>10}  {printable(e.original)}"
-              f"{'' if e.moved else '  (not moved)'}\n    {printable(e.detail)}\n    -> {e.path}")
+        print(
+            f"{iso_time(e.at, millis=False)}  {e.reason:<22} {human_size(e.size):>10}  {printable(e.original)}"
+            f"{'' if e.moved else '  (not moved)'}\n    {printable(e.detail)}\n    -> {e.path}"
+        )
     return 0
 
 
@@ -214,8 +276,15 @@ def _verify(cfg, args) -> int:
 
     from storage import db
     from storage.folder_lock import DataFolderInUse
-    from storage.verify import (Pacer, content_problem, known_damaged, mails_to_verify, mark_with_hub_stopped,
-                                site_id_of, still_stored)
+    from storage.verify import (
+        Pacer,
+        content_problem,
+        known_damaged,
+        mails_to_verify,
+        mark_with_hub_stopped,
+        site_id_of,
+        still_stored,
+    )
 
     from .config import ConfigError, parse_size
     from .control import ControlError, request
@@ -241,14 +310,17 @@ def _verify(cfg, args) -> int:
     for n, (queue_id, blob, offset, size, sha256) in enumerate(mails, 1):
         problem = content_problem(blob_dir / blob, offset, size, sha256, pacer)
         if problem is not None and still_stored(conn, queue_id):
-            found.append((queue_id, problem))   # (a mail deleted meanwhile is no damage)
+            found.append((queue_id, problem))  # (a mail deleted meanwhile is no damage)
             print(f"DAMAGED {queue_id}: {problem}{' (known before)' if queue_id in known else ''}", flush=True)
         done_bytes += size
         if not args.quiet and (time.monotonic() - shown >= 2.0 or n == len(mails)):
             shown = time.monotonic()
-            print(f"verify: {n}/{len(mails)} mail(s), {human_size(done_bytes)} of {human_size(total)},"
-                  f" {human_size(done_bytes / max(shown - started, 1e-3))}/s, {len(found)} damaged",
-                  file=sys.stderr, flush=True)
+            print(
+                f"verify: {n}/{len(mails)} mail(s), {human_size(done_bytes)} of {human_size(total)},"
+                f" {human_size(done_bytes / max(shown - started, 1e-3))}/s, {len(found)} damaged",
+                file=sys.stderr,
+                flush=True,
+            )
     conn.close()
     new = [[qid, problem] for qid, problem in found if qid not in known]
     if new:
@@ -257,15 +329,19 @@ def _verify(cfg, args) -> int:
             how = "marked (hub stopped)"
         except DataFolderInUse:
             try:
-                marked = sum(request(cfg.data_dir, "storage-damaged", timeout=120, mails=new[i:i + 100])["marked"]
-                             for i in range(0, len(new), 100))
+                marked = sum(
+                    request(cfg.data_dir, "storage-damaged", timeout=120, mails=new[i : i + 100])["marked"]
+                    for i in range(0, len(new), 100)
+                )
             except ControlError as exc:
                 print(f"mailhub: the damaged mails could not be marked: {exc}", file=sys.stderr)
                 return EXIT_FAILED
             how = "marked by the running hub"
         print(f"{marked} newly damaged mail(s) {how}: copied to the quarantine, refused to POP3/IMAP")
-    print(f"verified {len(mails)} mail(s), {human_size(total)} in {time.monotonic() - started:.1f} s:"
-          f" {len(found)} damaged ({len(found) - len(new)} known before)")
+    print(
+        f"verified {len(mails)} mail(s), {human_size(total)} in {time.monotonic() - started:.1f} s:"
+        f" {len(found)} damaged ({len(found) - len(new)} known before)"
+    )
     return EXIT_FAILED if found else 0
 
 
@@ -279,14 +355,31 @@ def _damaged(cfg, args) -> int:
     finally:
         conn.close()
     if args.json:
-        print(json.dumps([{"queue_id": q, "reason": r, "found_by": by, "found_at": iso_time(at), "quarantine": e,
-                           "stored": size is not None, "size": size, "mailboxes": (sites or "").split(",") if sites else []}
-                          for q, r, by, at, e, size, sites in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "queue_id": q,
+                        "reason": r,
+                        "found_by": by,
+                        "found_at": iso_time(at),
+                        "quarantine": e,
+                        "stored": size is not None,
+                        "size": size,
+                        "mailboxes": (sites or "").split(",") if sites else [],
+                    }
+                    for q, r, by, at, e, size, sites in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not rows:
         print("no damaged mails known")
     for queue_id, reason, by, at, entry, size, sites in rows:
         where = f"in the mailbox of {sites}" if sites else ("stored" if size is not None else "deleted since")
-        print(f"{iso_time(at, millis=False)}  {queue_id}  found by {by}: {printable(reason)}\n    {where};"
-              f" quarantine copy: {entry or '(none)'}")
+        print(
+            f"{iso_time(at, millis=False)}  {queue_id}  found by {by}: {printable(reason)}\n    {where};"
+            f" quarantine copy: {entry or '(none)'}"
+        )
     return 0

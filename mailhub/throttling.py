@@ -12,24 +12,34 @@ from storage import SiteCache, Storage, StorageFull
 from . import metrics
 
 log = logging.getLogger("mailhub.throttle")
-_STATE_EVERY = 5.0   # seconds between writes of the live state to the index
+_STATE_EVERY = 5.0  # seconds between writes of the live state to the index
 
 
 def settings_from_config(cfg) -> ThrottleSettings:
     q, t = cfg.quotas, cfg.throttle
     defaults = SiteLimits(
-        mailbox_bytes=q.mailbox_bytes or None, mailbox_messages=q.mailbox_messages or None,
+        mailbox_bytes=q.mailbox_bytes or None,
+        mailbox_messages=q.mailbox_messages or None,
         max_message_size=q.max_message_size or None,
-        submitted_per_day=q.submitted_per_day or None, submitted_per_month=q.submitted_per_month or None,
-        received_per_day=q.received_per_day or None, received_per_month=q.received_per_month or None,
-        max_drain_time=q.max_drain_time, downlink_prior=float(q.downlink))
+        submitted_per_day=q.submitted_per_day or None,
+        submitted_per_month=q.submitted_per_month or None,
+        received_per_day=q.received_per_day or None,
+        received_per_month=q.received_per_month or None,
+        max_drain_time=q.max_drain_time,
+        downlink_prior=float(q.downlink),
+    )
     return ThrottleSettings(
         defaults=defaults,
-        admission=AdmissionConfig(floor_bytes=t.floor_bytes, set_overshoot=t.set_overshoot,
-                                  min_retry=t.min_retry, offline_retry=t.offline_retry),
+        admission=AdmissionConfig(
+            floor_bytes=t.floor_bytes,
+            set_overshoot=t.set_overshoot,
+            min_retry=t.min_retry,
+            offline_retry=t.offline_retry,
+        ),
         drain=DrainConfig(window=t.drain_window, tau=t.drain_tau, grace=t.offline_grace),
         pacing=PacingConfig(enabled=t.pacing, engage_at=t.pacing_engage_at, min_rate=float(t.pacing_min_rate)),
-        drain_admission=t.drain_admission)
+        drain_admission=t.drain_admission,
+    )
 
 
 class ThrottleFeeder:
@@ -51,11 +61,11 @@ class ThrottleFeeder:
 
     async def run(self) -> None:
         saved_at = float("-inf")
-        full_logged = False   # one line per full-disk episode, not one per attempt
+        full_logged = False  # one line per full-disk episode, not one per attempt
         while True:
             await asyncio.sleep(self.interval)
             try:
-                now, wall = time.monotonic(), time.time()   # rates on the first, UTC periods on the second
+                now, wall = time.monotonic(), time.time()  # rates on the first, UTC periods on the second
                 sites = self.sites.all_sites()
                 self.throttle.observe(sites, now)
                 metrics.THROTTLE.states = [(s.name, self.throttle.state(s, now, wall)) for s in sites]
@@ -64,7 +74,9 @@ class ThrottleFeeder:
                     states = {s.id: state for s, (_, state) in zip(sites, metrics.THROTTLE.states)}
                     await self.storage.save_throttle_states(states, wall)
                     full_logged = False
-            except StorageFull as exc:   # the states are saved again once there is room; the full disk is logged elsewhere
+            except (
+                StorageFull
+            ) as exc:  # the states are saved again once there is room; the full disk is logged elsewhere
                 if not full_logged:
                     log.warning("throttle states not saved: %s (retried every %.0f s)", exc, _STATE_EVERY)
                 full_logged = True

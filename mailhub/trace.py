@@ -13,9 +13,13 @@ from storage.events import COLUMNS, Event
 
 from .report_format import human_size, iso_time, printable
 
-QUEUE_ID = re.compile(r"[0-9A-F]{19}\Z")   # storage.spool.new_queue_id
-KINDS = {"queue-id": "a queue ID", "message-id": "a Message-ID", "address": "a sender or recipient address",
-         "set": "an X-TELEMEDICINE-SETID"}
+QUEUE_ID = re.compile(r"[0-9A-F]{19}\Z")  # storage.spool.new_queue_id
+KINDS = {
+    "queue-id": "a queue ID",
+    "message-id": "a Message-ID",
+    "address": "a sender or recipient address",
+    "set": "an X-TELEMEDICINE-SETID",
+}
 
 
 @dataclass
@@ -36,8 +40,9 @@ class Recipient:
 @dataclass
 class RemoteRecipient:
     """A recipient of another network, as its relay attempts left it."""
+
     rcpt: str
-    state: str = "queued"          # relayed, retrying (the next hop deferred it) or bounced
+    state: str = "queued"  # relayed, retrying (the next hop deferred it) or bounced
     attempts: int = 0
     hop: str | None = None
     last_reply: str | None = None
@@ -70,7 +75,7 @@ class Mail:
         elif e.kind in _RELAY_STATES:
             remote = self.remote.setdefault(e.rcpt or "-", RemoteRecipient(e.rcpt or "-"))
             remote.state, remote.last_reply, remote.at = _RELAY_STATES[e.kind], e.detail, e.at
-            if e.peer is not None:   # an attempt (a bounce at the end of the lifetime without a route is none)
+            if e.peer is not None:  # an attempt (a bounce at the end of the lifetime without a route is none)
                 remote.attempts += 1
                 remote.hop = e.peer
 
@@ -90,7 +95,7 @@ def detect(conn: sqlite3.Connection, query: str) -> str:
 def trace(conn: sqlite3.Connection, query: str, kind: str | None = None, limit: int = 100) -> dict:
     """Everything known about QUERY, as plain data (the --json output)."""
     kind = kind or detect(conn, query)
-    refusals: list[Event] = []   # an address's refusals (those of a mail are listed with the mail)
+    refusals: list[Event] = []  # an address's refusals (those of a mail are listed with the mail)
     if kind == "queue-id":
         queue_ids = [query]
     elif kind == "message-id":
@@ -101,8 +106,12 @@ def trace(conn: sqlite3.Connection, query: str, kind: str | None = None, limit: 
     else:
         queue_ids, refusals = _by_address(conn, query, limit)
     mails = _mails(conn, queue_ids, by_part=kind == "set")
-    result = {"query": query, "looked_up_as": kind, "mails": [_mail_json(m) for m in mails],
-              "refusals": [_refusal_json(e) for e in refusals]}
+    result = {
+        "query": query,
+        "looked_up_as": kind,
+        "mails": [_mail_json(m) for m in mails],
+        "refusals": [_refusal_json(e) for e in refusals],
+    }
     if kind == "set":
         result["study"] = study(query, mails)
     return result
@@ -119,7 +128,7 @@ def _by_address(conn: sqlite3.Connection, address: str, limit: int) -> tuple[lis
         for kind in ("refused", "deferred"):
             refusals += reports.latest_events_of(conn, column, address, kind, limit)
     queue_ids = sorted(latest, key=latest.__getitem__, reverse=True)[:limit]
-    unique = {(e.at, e.kind, e.queue_id, e.sender, e.rcpt): e for e in refusals}   # sender = rcpt: once
+    unique = {(e.at, e.kind, e.queue_id, e.sender, e.rcpt): e for e in refusals}  # sender = rcpt: once
     return queue_ids, sorted(unique.values(), key=lambda e: e.at)[-limit:]
 
 
@@ -144,8 +153,18 @@ def study(set_id: str, mails: list[Mail]) -> dict:
     recipients: dict[str, dict] = {}
     for m in mails:
         for r in m.recipients.values():
-            s = recipients.setdefault(r.site, {"site": r.site, "delivered": 0, "downloaded": 0, "deleted": 0,
-                                               "waiting": 0, "first_download_at": None, "last_download_at": None})
+            s = recipients.setdefault(
+                r.site,
+                {
+                    "site": r.site,
+                    "delivered": 0,
+                    "downloaded": 0,
+                    "deleted": 0,
+                    "waiting": 0,
+                    "first_download_at": None,
+                    "last_download_at": None,
+                },
+            )
             s["delivered"] += r.delivered_at is not None
             s["downloaded"] += bool(r.downloads)
             s["deleted"] += r.deleted_at is not None
@@ -157,14 +176,19 @@ def study(set_id: str, mails: list[Mail]) -> dict:
         for key in ("first_download_at", "last_download_at"):
             s[key] = iso_time(s[key])
     times = [a.at for a in accepted]
-    return {"set_id": set_id, "parts_received": len(parts), "set_total": total,
-            "missing_parts": sorted(set(range(1, total + 1)) - parts) if total and total < 100000 else [],
-            "mails_accepted": len(accepted), "bytes": sum(a.size or 0 for a in accepted),
-            "senders": sorted({a.site or "-" for a in accepted}),
-            "first_accepted_at": iso_time(min(times)) if times else None,
-            "last_accepted_at": iso_time(max(times)) if times else None,
-            "recipients": sorted(recipients.values(), key=lambda s: s["site"]),
-            "refusals": sum(1 for m in mails for e in m.events if e.kind in ("refused", "deferred"))}
+    return {
+        "set_id": set_id,
+        "parts_received": len(parts),
+        "set_total": total,
+        "missing_parts": sorted(set(range(1, total + 1)) - parts) if total and total < 100000 else [],
+        "mails_accepted": len(accepted),
+        "bytes": sum(a.size or 0 for a in accepted),
+        "senders": sorted({a.site or "-" for a in accepted}),
+        "first_accepted_at": iso_time(min(times)) if times else None,
+        "last_accepted_at": iso_time(max(times)) if times else None,
+        "recipients": sorted(recipients.values(), key=lambda s: s["site"]),
+        "refusals": sum(1 for m in mails for e in m.events if e.kind in ("refused", "deferred")),
+    }
 
 
 def _earliest(current: float | None, value: float) -> float:
@@ -173,22 +197,43 @@ def _earliest(current: float | None, value: float) -> float:
 
 def _mail_json(m: Mail) -> dict:
     a = m.accepted
-    return {"queue_id": m.queue_id,
-            "message_id": a.message_id if a else next((e.message_id for e in m.events if e.message_id), None),
-            "set_id": a.set_id if a else next((e.set_id for e in m.events if e.set_id), None),
-            "set_part": a.set_part if a else None, "set_total": a.set_total if a else None,
-            "accepted_at": iso_time(a.at) if a else None, "size": a.size if a else None,
-            "sha256": a.detail if a else None, "from_site": a.site if a else None,
-            "sender": a.sender if a else None, "client": a.peer if a else None,
-            "recipients": [{"site": r.site, "rcpt": r.rcpt, "state": r.state,
-                            "delivered_at": iso_time(r.delivered_at),
-                            "downloads": [{"at": iso_time(d.at), "protocol": d.detail, "client": d.peer}
-                                          for d in r.downloads],
-                            "deleted_at": iso_time(r.deleted_at)} for r in m.recipients.values()],
-            "remote_recipients": [{"rcpt": r.rcpt, "state": r.state, "attempts": r.attempts, "hop": r.hop,
-                                   "last_reply": r.last_reply, "at": iso_time(r.at)} for r in m.remote.values()],
-            "refusals": [_refusal_json(e) for e in m.events if e.kind in ("refused", "deferred")],
-            "events": [_event_json(e) for e in m.events]}
+    return {
+        "queue_id": m.queue_id,
+        "message_id": a.message_id if a else next((e.message_id for e in m.events if e.message_id), None),
+        "set_id": a.set_id if a else next((e.set_id for e in m.events if e.set_id), None),
+        "set_part": a.set_part if a else None,
+        "set_total": a.set_total if a else None,
+        "accepted_at": iso_time(a.at) if a else None,
+        "size": a.size if a else None,
+        "sha256": a.detail if a else None,
+        "from_site": a.site if a else None,
+        "sender": a.sender if a else None,
+        "client": a.peer if a else None,
+        "recipients": [
+            {
+                "site": r.site,
+                "rcpt": r.rcpt,
+                "state": r.state,
+                "delivered_at": iso_time(r.delivered_at),
+                "downloads": [{"at": iso_time(d.at), "protocol": d.detail, "client": d.peer} for d in r.downloads],
+                "deleted_at": iso_time(r.deleted_at),
+            }
+            for r in m.recipients.values()
+        ],
+        "remote_recipients": [
+            {
+                "rcpt": r.rcpt,
+                "state": r.state,
+                "attempts": r.attempts,
+                "hop": r.hop,
+                "last_reply": r.last_reply,
+                "at": iso_time(r.at),
+            }
+            for r in m.remote.values()
+        ],
+        "refusals": [_refusal_json(e) for e in m.events if e.kind in ("refused", "deferred")],
+        "events": [_event_json(e) for e in m.events],
+    }
 
 
 def _event_json(e: Event) -> dict:
@@ -197,11 +242,21 @@ def _event_json(e: Event) -> dict:
 
 
 def _refusal_json(e: Event) -> dict:
-    return {"at": iso_time(e.at), "kind": e.kind, "code": (e.detail or "")[:3], "reply": e.detail,
-            "site": e.site, "sender": e.sender, "rcpt": e.rcpt, "client": e.peer, "queue_id": e.queue_id}
+    return {
+        "at": iso_time(e.at),
+        "kind": e.kind,
+        "code": (e.detail or "")[:3],
+        "reply": e.detail,
+        "site": e.site,
+        "sender": e.sender,
+        "rcpt": e.rcpt,
+        "client": e.peer,
+        "queue_id": e.queue_id,
+    }
 
 
 # ---- text output -----------------------------------------------------------------------------
+
 
 def render(result: dict) -> str:
     lines = []
@@ -219,17 +274,21 @@ def render(result: dict) -> str:
 
 def _render_study(s: dict) -> list[str]:
     total = s["set_total"] if s["set_total"] is not None else "?"
-    lines = [f"study {s['set_id']}: {s['parts_received']} of {total} part(s) received"
-             f" ({s['mails_accepted']} mail(s), {human_size(s['bytes'])}) from {', '.join(s['senders']) or '-'}",
-             f"  first accepted {s['first_accepted_at'] or '-'}, last accepted {s['last_accepted_at'] or '-'}"]
+    lines = [
+        f"study {s['set_id']}: {s['parts_received']} of {total} part(s) received"
+        f" ({s['mails_accepted']} mail(s), {human_size(s['bytes'])}) from {', '.join(s['senders']) or '-'}",
+        f"  first accepted {s['first_accepted_at'] or '-'}, last accepted {s['last_accepted_at'] or '-'}",
+    ]
     if s["missing_parts"]:
         lines.append(f"  missing parts: {_ranges(s['missing_parts'])}")
     if s["recipients"]:
         lines.append(f"  {'recipient':<20} {'downloaded':>13} {'deleted':>8} {'waiting':>8}  first / last download")
     for r in s["recipients"]:
-        lines.append(f"  {r['site']:<20} {r['downloaded']:>5} of {r['delivered']:<4}"
-                     f" {r['deleted']:>8} {r['waiting']:>8}"
-                     f"  {r['first_download_at'] or '-'} / {r['last_download_at'] or '-'}")
+        lines.append(
+            f"  {r['site']:<20} {r['downloaded']:>5} of {r['delivered']:<4}"
+            f" {r['deleted']:>8} {r['waiting']:>8}"
+            f"  {r['first_download_at'] or '-'} / {r['last_download_at'] or '-'}"
+        )
     if s["refusals"]:
         lines.append(f"  refused or deferred attempts: {s['refusals']}")
     return lines
@@ -256,21 +315,33 @@ def _render_mail(m: dict) -> list[str]:
 def _describe(e: dict) -> str:
     kind = e["kind"]
     if kind == "accepted":
-        return (f"from {e.get('site', '-')} <{e.get('sender', '')}> [{e.get('peer', '-')}],"
-                f" {human_size(e.get('size', 0))}, sha256 {e.get('detail', '-')}")
+        return (
+            f"from {e.get('site', '-')} <{e.get('sender', '')}> [{e.get('peer', '-')}],"
+            f" {human_size(e.get('size', 0))}, sha256 {e.get('detail', '-')}"
+        )
     if kind == "delivered":
         return f"to {e.get('site', '-')} <{e.get('rcpt', '')}>"
     if kind == "downloaded":
-        return (f"by {e.get('site', '-')} over {e.get('detail', '?')} [{e.get('peer', '-')}],"
-                f" {human_size(e.get('size', 0))}")
+        return (
+            f"by {e.get('site', '-')} over {e.get('detail', '?')} [{e.get('peer', '-')}],"
+            f" {human_size(e.get('size', 0))}"
+        )
     if kind == "deleted":
         how = e.get("detail", "?")
         return f"from the mailbox of {e.get('site', '-')} ({how}{' [' + e['peer'] + ']' if 'peer' in e else ''})"
     if kind in _RELAY_STATES:
         via = f" via {e['peer']}" if "peer" in e else ""
         return f"to <{e.get('rcpt', '')}>{via}: {e.get('detail', '-')}"
-    return _refusal_line({"reply": e.get("detail"), "site": e.get("site"), "sender": e.get("sender"),
-                          "rcpt": e.get("rcpt"), "client": e.get("peer")}, with_time=False)
+    return _refusal_line(
+        {
+            "reply": e.get("detail"),
+            "site": e.get("site"),
+            "sender": e.get("sender"),
+            "rcpt": e.get("rcpt"),
+            "client": e.get("peer"),
+        },
+        with_time=False,
+    )
 
 
 def _refusal_line(r: dict, with_time: bool = True) -> str:

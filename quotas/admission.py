@@ -21,8 +21,9 @@
 # and decided at end of data. A mail admitted at RCPT with SIZE= is not re-judged at end of data
 # unless it turned out bigger than declared (or was only let through for a possible set).
 import math
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping
+from typing import Any
 
 from .limits import DrainDeferred, SiteLimits, Verdict, accept, refuse
 from .sets import OpenSets, SetPart
@@ -31,9 +32,9 @@ from .sets import OpenSets, SetPart
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     floor_bytes: int = 16 * 1024 * 1024
-    set_overshoot: float = 0.25     # fraction of the drain limit a started set may go beyond
-    min_retry: float = 60.0         # shortest retry time suggested to a deferred sender
-    offline_retry: float = 600.0    # retry time suggested when the receiver drains nothing
+    set_overshoot: float = 0.25  # fraction of the drain limit a started set may go beyond
+    min_retry: float = 60.0  # shortest retry time suggested to a deferred sender
+    offline_retry: float = 600.0  # retry time suggested when the receiver drains nothing
 
 
 @dataclass(slots=True)
@@ -43,16 +44,17 @@ class ReceiverState:
 
     name: str
     limits: SiteLimits
-    drain_rate: float                   # bytes/s, from DrainEstimator.rate(now)
-    backlog: Mapping[Any, int]          # bytes waiting (not yet downloaded) per sender (any hashable key)
+    drain_rate: float  # bytes/s, from DrainEstimator.rate(now)
+    backlog: Mapping[Any, int]  # bytes waiting (not yet downloaded) per sender (any hashable key)
 
     @property
     def total(self) -> int:
         return sum(self.backlog.values())
 
 
-def _decide(sender: Hashable, state: ReceiverState, size: int, continuation: bool,
-            config: AdmissionConfig, stage: str) -> Verdict:
+def _decide(
+    sender: Hashable, state: ReceiverState, size: int, continuation: bool, config: AdmissionConfig, stage: str
+) -> Verdict:
     limit = state.limits.max_drain_time
     rate = max(state.drain_rate, 0.0)
     total = state.total
@@ -62,10 +64,20 @@ def _decide(sender: Hashable, state: ReceiverState, size: int, continuation: boo
     capacity = limit * rate
     fair = capacity / senders
     drain = after / rate if rate > 0 else math.inf
-    figures = dict(stage=stage, receiver=state.name, size=size, backlog=total,
-                   sender_backlog=state.backlog.get(sender, 0), rate=float(rate),
-                   drain_seconds=float(drain), limit=float(limit), capacity=float(capacity),
-                   senders=senders, fair_share=float(fair), set_continuation=continuation)
+    figures = dict(
+        stage=stage,
+        receiver=state.name,
+        size=size,
+        backlog=total,
+        sender_backlog=state.backlog.get(sender, 0),
+        rate=float(rate),
+        drain_seconds=float(drain),
+        limit=float(limit),
+        capacity=float(capacity),
+        senders=senders,
+        fair_share=float(fair),
+        set_continuation=continuation,
+    )
     if total == 0 or after <= config.floor_bytes:
         return accept("floor", **figures)
     if after <= capacity:
@@ -79,20 +91,29 @@ def _decide(sender: Hashable, state: ReceiverState, size: int, continuation: boo
     else:
         retry = config.offline_retry
     share = f", {100.0 * mine / after:.0f}% of it from your site" if senders > 1 else ""
-    reply = (f"{DrainDeferred.reply[:9]} Deferred: {state.name} would need "
-             + (f"{drain:.0f} s" if rate > 0 else "unbounded time (not downloading)")
-             + f" to download its waiting mail{share} (limit {limit:.0f} s);"
-             f" try again in {retry:.0f} s")
-    return refuse(DrainDeferred(reply), "over_fair_share" if senders > 1 else "drain_time",
-                  retry_in=float(retry), **figures)
+    reply = (
+        f"{DrainDeferred.reply[:9]} Deferred: {state.name} would need "
+        + (f"{drain:.0f} s" if rate > 0 else "unbounded time (not downloading)")
+        + f" to download its waiting mail{share} (limit {limit:.0f} s);"
+        f" try again in {retry:.0f} s"
+    )
+    return refuse(
+        DrainDeferred(reply), "over_fair_share" if senders > 1 else "drain_time", retry_in=float(retry), **figures
+    )
 
 
 # RCPT acceptances that end of data must judge again.
 _PROVISIONAL = ("deferred_to_end_of_data", "set_overshoot")
 
 
-def admit_at_rcpt(now: float, sender: Hashable, state: ReceiverState, declared_size: int | None,
-                  open_sets: OpenSets, config: AdmissionConfig = AdmissionConfig()) -> Verdict:
+def admit_at_rcpt(
+    now: float,
+    sender: Hashable,
+    state: ReceiverState,
+    declared_size: int | None,
+    open_sets: OpenSets,
+    config: AdmissionConfig = AdmissionConfig(),
+) -> Verdict:
     """Drain-time admission at RCPT. Without SIZE= nothing is decided here (end of data will)."""
     if declared_size is None:
         return accept("deferred_to_end_of_data", stage="rcpt", receiver=state.name, size=None)
@@ -100,10 +121,16 @@ def admit_at_rcpt(now: float, sender: Hashable, state: ReceiverState, declared_s
     return _decide(sender, state, declared_size, maybe_set, config, "rcpt")
 
 
-def admit_at_end_of_data(now: float, sender: Hashable, state: ReceiverState, size: int,
-                         part: SetPart | None, open_sets: OpenSets,
-                         config: AdmissionConfig = AdmissionConfig(),
-                         at_rcpt: Verdict | None = None) -> Verdict:
+def admit_at_end_of_data(
+    now: float,
+    sender: Hashable,
+    state: ReceiverState,
+    size: int,
+    part: SetPart | None,
+    open_sets: OpenSets,
+    config: AdmissionConfig = AdmissionConfig(),
+    at_rcpt: Verdict | None = None,
+) -> Verdict:
     """Drain-time admission once the whole mail is in. `at_rcpt` is this receiver's verdict at
     RCPT, if any: a firm acceptance there with SIZE= stands unless the mail came out bigger. Once
     the mail is committed the caller records its set part with `record_admitted`."""
@@ -118,15 +145,19 @@ def standing_rcpt_acceptance(receiver: str, size: int, at_rcpt: Verdict | None) 
     """The end-of-data verdict when a firm acceptance at RCPT with SIZE= stands (the mail did not
     come out bigger), else None: then the receiver's state decides (admit_at_end_of_data)."""
     declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
-    if (at_rcpt is not None and at_rcpt.ok and at_rcpt.reason not in _PROVISIONAL
-            and isinstance(declared, int) and size <= declared):
+    if (
+        at_rcpt is not None
+        and at_rcpt.ok
+        and at_rcpt.reason not in _PROVISIONAL
+        and isinstance(declared, int)
+        and size <= declared
+    ):
         return accept("admitted_at_rcpt", stage="end_of_data", receiver=receiver, size=size, declared=declared)
     return None
     return None
 
 
-def record_admitted(now: float, sender: Hashable, receiver: str, part: SetPart | None,
-                    open_sets: OpenSets) -> None:
+def record_admitted(now: float, sender: Hashable, receiver: str, part: SetPart | None, open_sets: OpenSets) -> None:
     """Note a committed mail's set part, so the rest of its set counts as a continuation."""
     if part is not None:
         open_sets.admitted(now, sender, receiver, part)

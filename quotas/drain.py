@@ -17,20 +17,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class DrainConfig:
-    window: float = 60.0      # seconds of waiting time per sample
-    tau: float = 300.0        # time constant of the moving estimate, seconds of waiting time
-    grace: float = 900.0      # seconds without a poll after which the site counts as offline
+    window: float = 60.0  # seconds of waiting time per sample
+    tau: float = 300.0  # time constant of the moving estimate, seconds of waiting time
+    grace: float = 900.0  # seconds without a poll after which the site counts as offline
 
 
 @dataclass(frozen=True, slots=True)
 class DrainReading:
     """The figures behind a rate, for logging."""
 
-    rate: float               # bytes/s used for admission (0 when offline)
-    estimate: float           # the moving estimate, offline or not
-    samples: int              # windows measured so far (0: the prior is in use)
+    rate: float  # bytes/s used for admission (0 when offline)
+    estimate: float  # the moving estimate, offline or not
+    samples: int  # windows measured so far (0: the prior is in use)
     offline: bool
-    since_poll: float         # seconds since the last poll (or since the estimator was created)
+    since_poll: float  # seconds since the last poll (or since the estimator was created)
 
 
 class DrainEstimator:
@@ -40,14 +40,13 @@ class DrainEstimator:
         self.samples = 0
         self.created_at = now
         self.last_poll_at: float | None = None
-        self._last: tuple[float, int, int] | None = None   # (time, downloaded total, backlog)
-        self._win_seconds = 0.0        # waiting time and bytes of the window being filled
+        self._last: tuple[float, int, int] | None = None  # (time, downloaded total, backlog)
+        self._win_seconds = 0.0  # waiting time and bytes of the window being filled
         self._win_bytes = 0
-        self._pending_seconds = 0.0    # ... and of the stretch since the latest poll
+        self._pending_seconds = 0.0  # ... and of the stretch since the latest poll
         self._pending_bytes = 0
 
-    def observe(self, now: float, downloaded_total: int, backlog: int,
-                last_poll_at: float | None = None) -> None:
+    def observe(self, now: float, downloaded_total: int, backlog: int, last_poll_at: float | None = None) -> None:
         """Take one reading: the site's cumulative downloaded bytes, the bytes waiting for it now,
         and the time of its latest poll (login). Readings must come in time order."""
         previous_poll = self.created_at if self.last_poll_at is None else self.last_poll_at
@@ -59,16 +58,16 @@ class DrainEstimator:
             return
         t0, total0, backlog0 = self._last
         self._last = (now, downloaded_total, backlog)
-        dt, delta = now - t0, max(downloaded_total - total0, 0)   # < 0: counter reset, rebase
-        if dt > 0 and (backlog0 > 0 or delta > 0):   # idle with an empty mailbox does not count
+        dt, delta = now - t0, max(downloaded_total - total0, 0)  # < 0: counter reset, rebase
+        if dt > 0 and (backlog0 > 0 or delta > 0):  # idle with an empty mailbox does not count
             self._pending_seconds += dt
             self._pending_bytes += delta
-        if not polled or last_poll_at is None:   # (polled implies a poll time)
+        if not polled or last_poll_at is None:  # (polled implies a poll time)
             return
         if last_poll_at - previous_poll <= self.config.grace:
             self._win_seconds += self._pending_seconds
             self._win_bytes += self._pending_bytes
-        self._pending_seconds, self._pending_bytes = 0.0, 0   # an offline stretch is dropped
+        self._pending_seconds, self._pending_bytes = 0.0, 0  # an offline stretch is dropped
         if self._win_seconds >= self.config.window:
             sample = self._win_bytes / self._win_seconds
             weight = 1.0 - math.exp(-self._win_seconds / self.config.tau)
@@ -84,8 +83,9 @@ class DrainEstimator:
 
     def reading(self, now: float) -> DrainReading:
         offline = self._offline(now)
-        return DrainReading(0.0 if offline else self.estimate, self.estimate, self.samples, offline,
-                            self._since_poll(now))
+        return DrainReading(
+            0.0 if offline else self.estimate, self.estimate, self.samples, offline, self._since_poll(now)
+        )
 
     def rate(self, now: float) -> float:
         """Bytes/s the site is expected to drain from now on (reading(now).rate)."""

@@ -14,12 +14,12 @@
 # dropped or counted twice whichever way the clock moves.
 import time
 from collections import defaultdict
-from typing import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 from .limits import SiteUsage
 
-NO_SITE = 0     # sender key of mail from outside (a peer network): no site, no submitted quota
-VOLUME_WINDOW_DAYS = 40   # days of volume periods kept (a wall-clock step within it loses nothing)
+NO_SITE = 0  # sender key of mail from outside (a peer network): no site, no submitted quota
+VOLUME_WINDOW_DAYS = 40  # days of volume periods kept (a wall-clock step within it loses nothing)
 
 
 def volume_window(wall: float) -> tuple[str, str]:
@@ -27,7 +27,7 @@ def volume_window(wall: float) -> tuple[str, str]:
     return _periods(wall - VOLUME_WINDOW_DAYS * 86400)
 
 
-_PERIODS_CACHE: dict[int, tuple[str, str]] = {}   # the last second asked: its day and month keys
+_PERIODS_CACHE: dict[int, tuple[str, str]] = {}  # the last second asked: its day and month keys
 
 
 def _periods(now: float) -> tuple[str, str]:
@@ -44,22 +44,27 @@ def _periods(now: float) -> tuple[str, str]:
 
 class Ledger:
     def __init__(self) -> None:
-        self._held: dict[int, tuple[int, int]] = {}           # receiver -> (bytes, messages)
-        self._waiting: dict[int, dict[int, int]] = {}         # receiver -> sender -> bytes
+        self._held: dict[int, tuple[int, int]] = {}  # receiver -> (bytes, messages)
+        self._waiting: dict[int, dict[int, int]] = {}  # receiver -> sender -> bytes
         self._volumes: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])  # submitted, received
-        self._reserved: dict[Hashable, list[tuple[int, int, int]]] = {}      # token -> (recv, sender, bytes)
-        self._reserved_for: dict[int, dict[int, list[int]]] = {}   # their sums: recv -> sender -> [bytes, count]
-        self._submitting: dict[int, dict[Hashable, int]] = {}      # sender -> token -> bytes reserved
-        self._live_fetched: dict[int, dict[int, tuple[int, int]]] = {}     # recv -> uid -> (sender, bytes)
-        self._downloaded: dict[int, int] = {}                 # site -> cumulative bytes sent to it
-        self._last_poll: dict[int, float] = {}   # site -> monotonic time of its latest poll
-        self._latest_day = ""                      # the latest UTC day a commit counted for
+        self._reserved: dict[Hashable, list[tuple[int, int, int]]] = {}  # token -> (recv, sender, bytes)
+        self._reserved_for: dict[int, dict[int, list[int]]] = {}  # their sums: recv -> sender -> [bytes, count]
+        self._submitting: dict[int, dict[Hashable, int]] = {}  # sender -> token -> bytes reserved
+        self._live_fetched: dict[int, dict[int, tuple[int, int]]] = {}  # recv -> uid -> (sender, bytes)
+        self._downloaded: dict[int, int] = {}  # site -> cumulative bytes sent to it
+        self._last_poll: dict[int, float] = {}  # site -> monotonic time of its latest poll
+        self._latest_day = ""  # the latest UTC day a commit counted for
 
     # ---- the index at start ------------------------------------------------------------------
 
-    def load(self, usage: Iterable[tuple[int, int, int, int, int, int]],
-             volumes: Mapping[tuple[int, str], tuple[int, int]], downloads: Mapping[int, tuple[int, float]],
-             now: float = 0.0, wall: float = 0.0) -> None:
+    def load(
+        self,
+        usage: Iterable[tuple[int, int, int, int, int, int]],
+        volumes: Mapping[tuple[int, str], tuple[int, int]],
+        downloads: Mapping[int, tuple[int, float]],
+        now: float = 0.0,
+        wall: float = 0.0,
+    ) -> None:
         """The index figures at start: usage rows (receiver, sender, held_bytes, held_messages,
         waiting_bytes, waiting_messages), volumes {(site, period): (submitted, received)} of the
         periods since volume_window(wall), and download counters {site: (bytes, last_poll_at)}
@@ -77,7 +82,7 @@ class Ledger:
         self._volumes = defaultdict(lambda: [0, 0], {key: list(v) for key, v in volumes.items()})
         for site, (octets, last_poll) in downloads.items():
             self._downloaded[site] = octets
-            self._last_poll[site] = now - max(wall - last_poll, 0.0)   # its age, as the wall clock tells
+            self._last_poll[site] = now - max(wall - last_poll, 0.0)  # its age, as the wall clock tells
 
     # ---- what happened since (reported by storage after each transaction) -------------------
 
@@ -85,12 +90,17 @@ class Ledger:
         """A message was committed into the receivers' mailboxes (any path: SMTP, bounces...)."""
         sender = NO_SITE if sender is None else sender
         day, month = _periods(at)
-        if day > self._latest_day:   # a new day: forget periods older than the window
+        if day > self._latest_day:  # a new day: forget periods older than the window
             self._latest_day = day
             oldest_day, oldest_month = volume_window(at)
-            self._volumes = defaultdict(lambda: [0, 0], {
-                k: v for k, v in self._volumes.items()
-                if k[1] >= (oldest_day if len(k[1]) == len(oldest_day) else oldest_month)})
+            self._volumes = defaultdict(
+                lambda: [0, 0],
+                {
+                    k: v
+                    for k, v in self._volumes.items()
+                    if k[1] >= (oldest_day if len(k[1]) == len(oldest_day) else oldest_month)
+                },
+            )
         if sender != NO_SITE:
             self._volumes[(sender, day)][0] += size
             self._volumes[(sender, month)][0] += size
@@ -137,7 +147,7 @@ class Ledger:
         total = self._reserved_for.setdefault(receiver, {}).setdefault(sender, [0, 0])
         total[0] += size
         total[1] += 1
-        if sender != NO_SITE:   # one mail to several receivers is submitted once
+        if sender != NO_SITE:  # one mail to several receivers is submitted once
             by_token = self._submitting.setdefault(sender, {})
             by_token[token] = max(by_token.get(token, 0), size)
 
@@ -186,7 +196,7 @@ class Ledger:
         for size, count in self._reserved_for.get(site, {}).values():
             held_bytes += size
             held_messages += count
-        for recv, _, size in self._reserved.get(excluding, ()):   # the asking transaction's own
+        for recv, _, size in self._reserved.get(excluding, ()):  # the asking transaction's own
             if recv == site:
                 held_bytes -= size
                 held_messages -= 1
@@ -205,9 +215,14 @@ class Ledger:
         if submitting:
             submitted = sum(submitting.values()) - submitting.get(excluding, 0)
         today, this_month = self._volumes.get((site, day), (0, 0)), self._volumes.get((site, month), (0, 0))
-        return SiteUsage(mailbox_bytes=held_bytes, mailbox_messages=held_messages,
-                         submitted_today=today[0] + submitted, submitted_month=this_month[0] + submitted,
-                         received_today=today[1] + received, received_month=this_month[1] + received)
+        return SiteUsage(
+            mailbox_bytes=held_bytes,
+            mailbox_messages=held_messages,
+            submitted_today=today[0] + submitted,
+            submitted_month=this_month[0] + submitted,
+            received_today=today[1] + received,
+            received_month=this_month[1] + received,
+        )
 
     def downloaded(self, site: int) -> int:
         return self._downloaded.get(site, 0)

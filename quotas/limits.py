@@ -7,11 +7,12 @@
 #   receiver's daily/monthly volume        452 4.2.1  (mailbox temporarily not accepting)
 #   sender's daily/monthly volume          451 4.7.1  (sender temporarily not authorised)
 #   drain time of the receiver too long    451 4.7.0  (policy deferral; text says why, when to retry)
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
-DEFAULT_MAX_DRAIN_TIME = 1800.0      # seconds a receiver may need to download its backlog
-DEFAULT_DOWNLINK = 1_000_000.0       # bytes/s assumed before a site has been measured
+DEFAULT_MAX_DRAIN_TIME = 1800.0  # seconds a receiver may need to download its backlog
+DEFAULT_DOWNLINK = 1_000_000.0  # bytes/s assumed before a site has been measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +27,7 @@ class SiteLimits:
     received_per_day: int | None = None
     received_per_month: int | None = None
     max_drain_time: float = DEFAULT_MAX_DRAIN_TIME
-    downlink_prior: float = DEFAULT_DOWNLINK    # bytes/s, the drain-rate prior
+    downlink_prior: float = DEFAULT_DOWNLINK  # bytes/s, the drain-rate prior
 
     def __post_init__(self) -> None:
         if self.max_drain_time <= 0 or self.downlink_prior < 0:

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class PacingConfig:
     enabled: bool = True
-    engage_at: float = 1.0          # pace once a receiver's drain time exceeds this part of its limit
-    min_rate: float = 64 * 1024.0   # bytes/s floor: a paced client still makes steady progress
-    burst_seconds: float = 2.0      # bucket depth, in seconds of the current rate
-    max_wait: float = 30.0          # longest single pause (RFC 5321 data block timeout is 3 min)
+    engage_at: float = 1.0  # pace once a receiver's drain time exceeds this part of its limit
+    min_rate: float = 64 * 1024.0  # bytes/s floor: a paced client still makes steady progress
+    burst_seconds: float = 2.0  # bucket depth, in seconds of the current rate
+    max_wait: float = 30.0  # longest single pause (RFC 5321 data block timeout is 3 min)
 
 
-def pacing_rate(receivers: list[tuple[float, float, float]],
-                config: PacingConfig = PacingConfig()) -> float | None:
+def pacing_rate(receivers: list[tuple[float, float, float]], config: PacingConfig = PacingConfig()) -> float | None:
     """Bucket rate for a sender's mail from its receivers' (drain_seconds, max_drain_time,
     drain_rate) figures, or None for unpaced. Paced at the slowest lagging receiver's drain rate,
     never below `min_rate`."""

@@ -2,22 +2,21 @@
 # finished towards each receiver, so admission can let a started study finish first.
 # Pure in-memory state with the clock passed in; must never do I/O. Parts are counted once each;
 # a set not added to for `expiry` seconds is forgotten (an abandoned study must not hold a bonus).
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 
 @dataclass(frozen=True, slots=True)
 class SetPart:
     set_id: str
-    part: int       # 1-based
+    part: int  # 1-based
     total: int
 
     @classmethod
-    def from_headers(cls, set_id: str | None, part: str | int | None,
-                     total: str | int | None) -> "SetPart | None":
+    def from_headers(cls, set_id: str | None, part: str | int | None, total: str | int | None) -> "SetPart | None":
         """A SetPart from header values, or None when absent or malformed."""
         try:
-            p, t = int(part), int(total)   # type: ignore[arg-type]
+            p, t = int(part), int(total)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return None
         if not set_id or not 1 <= p <= t:
@@ -50,8 +49,9 @@ class OpenSets:
 
     def open_for(self, now: float, sender: Hashable, receiver: Hashable) -> list[str]:
         """Set ids the sender has started and not finished towards the receiver."""
-        return [set_id for set_id, entry in self._sets.get((sender, receiver), {}).items()
-                if now - entry[2] <= self.expiry]
+        return [
+            set_id for set_id, entry in self._sets.get((sender, receiver), {}).items() if now - entry[2] <= self.expiry
+        ]
 
     def expire(self, now: float) -> None:
         for key, pair in list(self._sets.items()):

@@ -7,11 +7,18 @@
 # the volume quotas, retry times quoted to senders, when the last deferral happened).
 # Pure: never does I/O, reads the clock or sleeps; the server's throttle loop feeds it.
 from collections import Counter
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Mapping
+from typing import Any
 
-from .admission import (AdmissionConfig, ReceiverState, admit_at_end_of_data, admit_at_rcpt, record_admitted,
-                        standing_rcpt_acceptance)
+from .admission import (
+    AdmissionConfig,
+    ReceiverState,
+    admit_at_end_of_data,
+    admit_at_rcpt,
+    record_admitted,
+    standing_rcpt_acceptance,
+)
 from .drain import DrainConfig, DrainEstimator
 from .ledger import NO_SITE, Ledger
 from .limits import MailboxFull, MessageTooBig, SiteLimits, SiteUsage, Verdict, accept
@@ -20,9 +27,16 @@ from .sets import OpenSets, SetPart
 from .usage import check_quotas
 
 UNLIMITED = -1
-_NOT_COUNTED = SiteUsage()   # the usage of a sender without submitted-volume quotas (never compared)
-_QUOTA_FIELDS = ("mailbox_bytes", "mailbox_messages", "max_message_size", "submitted_per_day",
-                 "submitted_per_month", "received_per_day", "received_per_month")
+_NOT_COUNTED = SiteUsage()  # the usage of a sender without submitted-volume quotas (never compared)
+_QUOTA_FIELDS = (
+    "mailbox_bytes",
+    "mailbox_messages",
+    "max_message_size",
+    "submitted_per_day",
+    "submitted_per_month",
+    "received_per_day",
+    "received_per_month",
+)
 
 
 @dataclass(frozen=True)
@@ -31,15 +45,16 @@ class ThrottleSettings:
     admission: AdmissionConfig = AdmissionConfig()
     drain: DrainConfig = DrainConfig()
     pacing: PacingConfig = PacingConfig()
-    drain_admission: bool = True        # False: quotas only, no deferral by drain time
+    drain_admission: bool = True  # False: quotas only, no deferral by drain time
 
 
 @dataclass
 class SiteRef:
     """What the throttle needs of a site record."""
+
     id: int
     name: str
-    limits: dict[str, float] = field(default_factory=dict)   # overrides: limit name -> value (-1 unlimited)
+    limits: dict[str, float] = field(default_factory=dict)  # overrides: limit name -> value (-1 unlimited)
 
 
 def merge_limits(defaults: SiteLimits, overrides: Mapping[str, float]) -> SiteLimits:
@@ -61,16 +76,16 @@ class Throttle:
         self.ledger = Ledger()
         self.sets = OpenSets()
         self._estimators: dict[int, DrainEstimator] = {}
-        self._buckets: dict[int, TokenBucket] = {}    # receiver -> its intake bucket (pacing)
+        self._buckets: dict[int, TokenBucket] = {}  # receiver -> its intake bucket (pacing)
         self._limits: dict[int, tuple[dict[str, float], SiteLimits]] = {}
-        self.deferrals: Counter[tuple[str, str]] = Counter()                 # (receiver name, reason) -> count
-        self.last_deferral: dict[int, tuple[float, str]] = {}   # site -> (Unix time, reason)
+        self.deferrals: Counter[tuple[str, str]] = Counter()  # (receiver name, reason) -> count
+        self.last_deferral: dict[int, tuple[float, str]] = {}  # site -> (Unix time, reason)
 
     # ---- sites -------------------------------------------------------------------------------
 
     def limits(self, site: SiteRef) -> SiteLimits:
         cached = self._limits.get(site.id)
-        if cached is None or cached[0] is not site.limits:   # a reloaded site record brings a new dict
+        if cached is None or cached[0] is not site.limits:  # a reloaded site record brings a new dict
             cached = (site.limits, merge_limits(self.settings.defaults, site.limits))
             self._limits[site.id] = cached
         return cached[1]
@@ -83,7 +98,7 @@ class Throttle:
             estimator.last_poll_at = self.ledger.last_poll(site.id)
             self._estimators[site.id] = estimator
         elif estimator.samples == 0:
-            estimator.estimate = prior   # the prior serves (as set now) until there are measurements
+            estimator.estimate = prior  # the prior serves (as set now) until there are measurements
         return estimator
 
     # ---- feeding -----------------------------------------------------------------------------
@@ -93,8 +108,12 @@ class Throttle:
         for site in sites:
             self.limits(site)
             estimator = self._estimator(site, now)
-            estimator.observe(now, self.ledger.downloaded(site.id), sum(self.ledger.waiting(site.id).values()),
-                              self.ledger.last_poll(site.id))
+            estimator.observe(
+                now,
+                self.ledger.downloaded(site.id),
+                sum(self.ledger.waiting(site.id).values()),
+                self.ledger.last_poll(site.id),
+            )
             bucket = self._buckets.get(site.id)
             if bucket is not None:
                 bucket.set_rate(self.pacing_rate([site], now), now)
@@ -102,24 +121,35 @@ class Throttle:
     # ---- decisions ---------------------------------------------------------------------------
 
     def receiver_state(self, site: SiteRef, now: float) -> ReceiverState:
-        return ReceiverState(site.name, self.limits(site), self._estimator(site, now).rate(now),
-                             self.ledger.waiting(site.id))
+        return ReceiverState(
+            site.name, self.limits(site), self._estimator(site, now).rate(now), self.ledger.waiting(site.id)
+        )
 
-    def at_rcpt(self, token: Hashable, sender: SiteRef | None, receiver: SiteRef, declared: int | None,
-                now: float, wall: float) -> Verdict:
+    def at_rcpt(
+        self, token: Hashable, sender: SiteRef | None, receiver: SiteRef, declared: int | None, now: float, wall: float
+    ) -> Verdict:
         """Quotas with the declared size, then drain-time admission; an accepted declared size is
         reserved against the receiver until `release(token)`."""
         verdict = self._quotas(sender, receiver, declared, wall, token)
         if verdict.ok and self.settings.drain_admission:
-            verdict = admit_at_rcpt(now, _key(sender), self.receiver_state(receiver, now), declared,
-                                    self.sets, self.settings.admission)
+            verdict = admit_at_rcpt(
+                now, _key(sender), self.receiver_state(receiver, now), declared, self.sets, self.settings.admission
+            )
         if verdict.ok and declared is not None:
             self.ledger.reserve(token, receiver.id, _key(sender), declared)
         return self._counted(receiver, verdict, wall)
 
-    def at_end_of_data(self, token: Hashable, sender: SiteRef | None,
-                       receivers: list[tuple[SiteRef, Verdict | None]], size: int, part: SetPart | None,
-                       now: float, wall: float, stored: int | None = None) -> Verdict:
+    def at_end_of_data(
+        self,
+        token: Hashable,
+        sender: SiteRef | None,
+        receivers: list[tuple[SiteRef, Verdict | None]],
+        size: int,
+        part: SetPart | None,
+        now: float,
+        wall: float,
+        stored: int | None = None,
+    ) -> Verdict:
         """The whole mail is in: quotas with its real size and drain time per receiver. The first
         refusal refuses the mail (one reply for all recipients) and ends the transaction's
         reservations. `size` is the client's message (size limits, drain time), `stored` what the
@@ -136,21 +166,27 @@ class Throttle:
         for receiver, at_rcpt in receivers:
             declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
             if at_rcpt is not None and isinstance(declared, int) and stored <= declared:
-                verdict = at_rcpt   # quotas were checked with this size reserved until now
+                verdict = at_rcpt  # quotas were checked with this size reserved until now
             else:
                 verdict = self._quotas(sender, receiver, size, wall, token, stored)
-            if verdict.ok and self.settings.drain_admission:   # the receiver's state only when needed
+            if verdict.ok and self.settings.drain_admission:  # the receiver's state only when needed
                 verdict = standing_rcpt_acceptance(receiver.name, size, at_rcpt) or admit_at_end_of_data(
-                    now, _key(sender), self.receiver_state(receiver, now), size, part, self.sets,
-                    self.settings.admission, at_rcpt)
+                    now,
+                    _key(sender),
+                    self.receiver_state(receiver, now),
+                    size,
+                    part,
+                    self.sets,
+                    self.settings.admission,
+                    at_rcpt,
+                )
             if not verdict.ok:
                 ledger.release(token)
                 return self._counted(receiver, verdict, wall)
             ledger.reserve(token, receiver.id, _key(sender), stored)
         return accept("admitted", size=size, receivers=len(receivers))
 
-    def admitted(self, sender: SiteRef | None, receivers: list[SiteRef], part: SetPart | None,
-                 now: float) -> None:
+    def admitted(self, sender: SiteRef | None, receivers: list[SiteRef], part: SetPart | None, now: float) -> None:
         """The mail is committed (the ledger hears of it from storage): note its study set part."""
         for receiver in receivers:
             record_admitted(now, _key(sender), receiver.name, part, self.sets)
@@ -158,8 +194,7 @@ class Throttle:
     def release(self, token: Hashable) -> None:
         self.ledger.release(token)
 
-    def stream_limit(self, token: Hashable, sender: SiteRef | None,
-                     receivers: list[SiteRef]) -> tuple[int, str] | None:
+    def stream_limit(self, token: Hashable, sender: SiteRef | None, receivers: list[SiteRef]) -> tuple[int, str] | None:
         """The size at which the data being received must stop (and the reply to give then): the
         smallest message-size limit and mailbox room left among the receivers (and the sender)."""
         limits = []
@@ -193,17 +228,23 @@ class Throttle:
         for site in receivers:
             bucket = self._buckets.get(site.id)
             if bucket is None:
-                bucket = self._buckets[site.id] = TokenBucket(self.pacing_rate([site], now), now,
-                                                              self.settings.pacing)
+                bucket = self._buckets[site.id] = TokenBucket(self.pacing_rate([site], now), now, self.settings.pacing)
             found.append(bucket)
         return found
 
-    def _quotas(self, sender: SiteRef | None, receiver: SiteRef, size: int | None, wall: float,
-                token: Hashable, stored: int | None = None) -> Verdict:
+    def _quotas(
+        self,
+        sender: SiteRef | None,
+        receiver: SiteRef,
+        size: int | None,
+        wall: float,
+        token: Hashable,
+        stored: int | None = None,
+    ) -> Verdict:
         """The static quotas for one receiver, against usage that counts every other transaction's
         reservations (not `token`'s own)."""
         sending = None
-        if sender is not None:   # of a sender's usage only its submitted volumes are checked
+        if sender is not None:  # of a sender's usage only its submitted volumes are checked
             limits = self.limits(sender)
             counted = limits.submitted_per_day is not None or limits.submitted_per_month is not None
             sending = (limits, self.ledger.usage(sender.id, wall, excluding=token) if counted else _NOT_COUNTED)
@@ -231,24 +272,35 @@ class Throttle:
         return {
             "backlog_bytes": backlog,
             "backlog_senders": len(waiting),
-            "drain_rate": reading.rate, "drain_estimate": reading.estimate, "drain_samples": reading.samples,
-            "offline": reading.offline, "since_poll": reading.since_poll,
-            "drain_time": drain, "max_drain_time": limits.max_drain_time,
+            "drain_rate": reading.rate,
+            "drain_estimate": reading.estimate,
+            "drain_samples": reading.samples,
+            "offline": reading.offline,
+            "since_poll": reading.since_poll,
+            "drain_time": drain,
+            "max_drain_time": limits.max_drain_time,
             "saturated": drain > limits.max_drain_time,
             "paced_rate": paced,
             "deferrals": sum(n for (name, _), n in self.deferrals.items() if name == site.name),
-            "last_deferral_at": last[0] if last else None, "last_deferral_reason": last[1] if last else None,
+            "last_deferral_at": last[0] if last else None,
+            "last_deferral_reason": last[1] if last else None,
             "usage_ratios": usage_ratios(limits, usage),
         }
 
 
 def usage_ratios(limits: SiteLimits, usage: SiteUsage) -> dict[str, float]:
     """Used / limit for every limited quota (for the usage gauges)."""
-    pairs = {"mailbox_bytes": usage.mailbox_bytes, "mailbox_messages": usage.mailbox_messages,
-             "submitted_per_day": usage.submitted_today, "submitted_per_month": usage.submitted_month,
-             "received_per_day": usage.received_today, "received_per_month": usage.received_month}
-    return {name: used / limit for name, used in pairs.items()
-            if (limit := getattr(limits, name)) is not None and limit > 0}
+    pairs = {
+        "mailbox_bytes": usage.mailbox_bytes,
+        "mailbox_messages": usage.mailbox_messages,
+        "submitted_per_day": usage.submitted_today,
+        "submitted_per_month": usage.submitted_month,
+        "received_per_day": usage.received_today,
+        "received_per_month": usage.received_month,
+    }
+    return {
+        name: used / limit for name, used in pairs.items() if (limit := getattr(limits, name)) is not None and limit > 0
+    }
 
 
 def _key(sender: SiteRef | None) -> int:

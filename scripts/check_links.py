@@ -24,7 +24,7 @@ def default_files() -> list[Path]:
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"<[^>]+>", "", heading)               # inline HTML
+    text = re.sub(r"<[^>]+>", "", heading)  # inline HTML
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links keep their text
     text = text.replace("`", "").strip().lower()
     kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")

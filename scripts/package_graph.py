@@ -39,7 +39,7 @@ def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
         state[node] = "open"
         for target in sorted(edges.get(node, {})):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target, path + [target])):
                 return cycle
         state[node] = "done"
@@ -54,8 +54,10 @@ def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
 def render(edges: dict[str, dict[str, int]], counts: bool = False) -> str:
     lines = []
     for package in PACKAGES:
-        targets = ", ".join(t + (f" ({n})" if counts else "")
-                            for t, n in sorted(edges[package].items(), key=lambda e: PACKAGES.index(e[0])))
+        targets = ", ".join(
+            t + (f" ({n})" if counts else "")
+            for t, n in sorted(edges[package].items(), key=lambda e: PACKAGES.index(e[0]))
+        )
         lines.append(f"{package:<10} -> {targets or '(nothing of the project)'}")
     cycle = find_cycle(edges)
     lines.append("cycle: " + " -> ".join(cycle) if cycle else "no cycle")

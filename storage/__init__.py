@@ -5,9 +5,18 @@
 import importlib
 
 _EXPORTS = {
-    "StorageError": ".errors", "StorageFull": ".errors", "MailboxLimitReached": ".errors",
-    "Delivery": ".records", "Downloads": ".records", "MailboxEntry": ".records", "MessageMeta": ".records",
-    "SiteCache": ".site_cache", "LoginBusy": ".site_cache", "Site": ".sites", "SiteError": ".sites", "SpoolFile": ".spool",
+    "StorageError": ".errors",
+    "StorageFull": ".errors",
+    "MailboxLimitReached": ".errors",
+    "Delivery": ".records",
+    "Downloads": ".records",
+    "MailboxEntry": ".records",
+    "MessageMeta": ".records",
+    "SiteCache": ".site_cache",
+    "LoginBusy": ".site_cache",
+    "Site": ".sites",
+    "SiteError": ".sites",
+    "SpoolFile": ".spool",
     "Storage": ".store",
 }
 __all__ = sorted(_EXPORTS)

@@ -23,8 +23,19 @@ from . import db, ledger
 from .files import copy_range, fsync_dir, fsync_file
 from .recovery import HOUR_FOLDER, QUEUE_ID
 
-_SKIP = {"spool", "blobs", "ledger", "quarantine", "mailhub.lock", "control.sock", "reserve.space",
-         db.INDEX_NAME, f"{db.INDEX_NAME}-wal", f"{db.INDEX_NAME}-shm", f"{db.INDEX_NAME}-journal"}
+_SKIP = {
+    "spool",
+    "blobs",
+    "ledger",
+    "quarantine",
+    "mailhub.lock",
+    "control.sock",
+    "reserve.space",
+    db.INDEX_NAME,
+    f"{db.INDEX_NAME}-wal",
+    f"{db.INDEX_NAME}-shm",
+    f"{db.INDEX_NAME}-journal",
+}
 
 
 class BackupError(Exception):
@@ -42,7 +53,7 @@ class BackupReport:
     bytes_copied: int = 0
     ledger_lines: int = 0
     other_files: int = 0
-    gone: list[str] = field(default_factory=list)   # named by the snapshot, freed before they were copied
+    gone: list[str] = field(default_factory=list)  # named by the snapshot, freed before they were copied
     seconds: float = 0.0
 
 
@@ -66,8 +77,9 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
         report.messages = snapshot.execute("SELECT count(*) FROM messages").fetchone()[0]
         report.mailbox_entries = snapshot.execute("SELECT count(*) FROM mailbox").fetchone()[0]
         seq, _attempt = ledger.last_commit(snapshot)
-        removal = snapshot.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'ledger_pending'),"
-                                   " 0)").fetchone()[0]
+        removal = snapshot.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'ledger_pending'), 0)"
+        ).fetchone()[0]
     finally:
         snapshot.close()
     for blob, end in sorted(ends.items()):
@@ -83,7 +95,7 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
         except FileNotFoundError:
             report.gone.append(blob)
     for blob in early - set(ends):
-        (copy_dir / blob).unlink()   # in flight or freed at the snapshot's time
+        (copy_dir / blob).unlink()  # in flight or freed at the snapshot's time
     for folder in copy_dir.iterdir():
         if not any(folder.iterdir()):
             folder.rmdir()

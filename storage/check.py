@@ -13,7 +13,7 @@ from . import db, ledger, quarantine
 from .folder_lock import LOCK_NAME
 from .recovery import HOUR_FOLDER, QUEUE_ID, SPOOL_FILE
 
-IN_FLIGHT_SECONDS = 300   # beside a running hub, a file this young may belong to a transaction in flight
+IN_FLIGHT_SECONDS = 300  # beside a running hub, a file this young may belong to a transaction in flight
 
 
 @dataclass
@@ -56,8 +56,9 @@ def check(data_dir: Path) -> CheckReport:
         conn = db.connect_readonly(data_dir)
     except (OSError, sqlite3.Error) as exc:
         report.index_ok = False
-        report.problems.append(f"the index cannot be opened ({exc}): stop the hub and run `mailhub storage"
-                               " rebuild-index`")
+        report.problems.append(
+            f"the index cannot be opened ({exc}): stop the hub and run `mailhub storage rebuild-index`"
+        )
         conn = None
     if conn is not None:
         try:
@@ -82,7 +83,7 @@ def _hub_running(data_dir: Path) -> bool:
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)   # (releases the lock if it was taken)
+        os.close(fd)  # (releases the lock if it was taken)
     return False
 
 
@@ -93,7 +94,8 @@ def _check_index(conn, data_dir: Path, report: CheckReport, now: float) -> None:
         report.problems.append(db.damaged_message(db.index_path(data_dir), "; ".join(problems)))
         return
     report.messages, report.message_bytes = conn.execute(
-        "SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+        "SELECT count(*), coalesce(sum(size), 0) FROM messages"
+    ).fetchone()
     report.mailbox_entries = conn.execute("SELECT count(*) FROM mailbox").fetchone()[0]
     report.outbound = conn.execute("SELECT count(*) FROM outbound").fetchone()[0]
     report.commit_seq, _attempt = ledger.last_commit(conn)
@@ -134,24 +136,34 @@ def _check_index(conn, data_dir: Path, report: CheckReport, now: float) -> None:
             report.strays.append(f"spool/{entry.name}")
     fix = "stop the hub and start it (start-up recovery moves them aside)"
     if report.missing_blobs:
-        report.problems.append(f"{len(report.missing_blobs)} blob file(s) the index refers to are missing"
-                               f" (first: {report.missing_blobs[0]}): {fix}, or put them back and run"
-                               " `mailhub storage rebuild-index`")
+        report.problems.append(
+            f"{len(report.missing_blobs)} blob file(s) the index refers to are missing"
+            f" (first: {report.missing_blobs[0]}): {fix}, or put them back and run"
+            " `mailhub storage rebuild-index`"
+        )
     if report.short_blobs:
-        report.problems.append(f"{len(report.short_blobs)} blob file(s) are shorter than their indexed mails"
-                               f" (first: {report.short_blobs[0]}): {fix}")
+        report.problems.append(
+            f"{len(report.short_blobs)} blob file(s) are shorter than their indexed mails"
+            f" (first: {report.short_blobs[0]}): {fix}"
+        )
     if report.unindexed_files:
-        report.problems.append(f"{len(report.unindexed_files)} blob file(s) no index row refers to (first:"
-                               f" {report.unindexed_files[0]}): run `mailhub storage rebuild-index` if the index"
-                               f" is older than the blobs, else {fix}")
+        report.problems.append(
+            f"{len(report.unindexed_files)} blob file(s) no index row refers to (first:"
+            f" {report.unindexed_files[0]}): run `mailhub storage rebuild-index` if the index"
+            f" is older than the blobs, else {fix}"
+        )
     if report.uncommitted_tails:
-        report.problems.append(f"{len(report.uncommitted_tails)} pack(s) hold bytes past their committed end"
-                               f" (first: {report.uncommitted_tails[0]}): {fix}")
+        report.problems.append(
+            f"{len(report.uncommitted_tails)} pack(s) hold bytes past their committed end"
+            f" (first: {report.uncommitted_tails[0]}): {fix}"
+        )
     if not report.hub_running and report.spool_files:
         report.problems.append(f"{report.spool_files} spool file(s) left by an interrupted transaction: {fix}")
     if report.strays:
-        report.problems.append(f"{len(report.strays)} stray file(s) or folder(s) in the hub's folders (first:"
-                               f" {report.strays[0]}): not the hub's; move them away")
+        report.problems.append(
+            f"{len(report.strays)} stray file(s) or folder(s) in the hub's folders (first:"
+            f" {report.strays[0]}): not the hub's; move them away"
+        )
 
 
 def _check_ledger(data_dir: Path, report: CheckReport) -> None:
@@ -161,8 +173,10 @@ def _check_ledger(data_dir: Path, report: CheckReport) -> None:
     state = ledger.read(data_dir, newest_only=True)
     report.ledger_seq, report.ledger_torn_lines = state.max_seq, state.torn
     if report.index_ok and state.max_seq > report.commit_seq:
-        report.problems.append(f"the index is older than the blob store (group commit {report.commit_seq}, the"
-                               f" ledger says {state.max_seq}): stop the hub and run `mailhub storage rebuild-index`")
+        report.problems.append(
+            f"the index is older than the blob store (group commit {report.commit_seq}, the"
+            f" ledger says {state.max_seq}): stop the hub and run `mailhub storage rebuild-index`"
+        )
 
 
 def _check_quarantine(data_dir: Path, report: CheckReport) -> None:

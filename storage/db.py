@@ -71,8 +71,10 @@ def check(conn: sqlite3.Connection) -> None:
 
 
 def damaged_message(path, error) -> str:
-    return (f"the index {path} is damaged ({error}); stop the hub and run `mailhub storage rebuild-index`"
-            f" (see docs/storage.md)")
+    return (
+        f"the index {path} is damaged ({error}); stop the hub and run `mailhub storage rebuild-index`"
+        f" (see docs/storage.md)"
+    )
 
 
 def _damage(exc: sqlite3.DatabaseError) -> bool:
@@ -134,7 +136,7 @@ class transaction:
         try:
             self.conn.execute("ROLLBACK")
         except sqlite3.OperationalError:
-            if self.conn.in_transaction:   # else SQLite rolled back by itself (as on SQLITE_FULL)
+            if self.conn.in_transaction:  # else SQLite rolled back by itself (as on SQLITE_FULL)
                 raise
 
 

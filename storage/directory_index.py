@@ -10,31 +10,37 @@ from . import db
 from .sites import Site, get_site, list_sites
 
 _KEY_COLUMNS = "fingerprint, encryption_key_ids, armored, imported_at, retired_at"
-_KEY_ORDER = "retired_at IS NOT NULL, coalesce(retired_at, 0) DESC, id DESC"   # current first, then newest
-KeyRow = tuple[str, str, str, float, float | None]   # fingerprint, key IDs (space-separated), armored, times
+_KEY_ORDER = "retired_at IS NOT NULL, coalesce(retired_at, 0) DESC, id DESC"  # current first, then newest
+KeyRow = tuple[str, str, str, float, float | None]  # fingerprint, key IDs (space-separated), armored, times
 
 
-def replace_site_key(conn: sqlite3.Connection, site_name: str, fingerprint: str, encryption_key_ids: str,
-                     armored: str, now: float) -> bool:
+def replace_site_key(
+    conn: sqlite3.Connection, site_name: str, fingerprint: str, encryption_key_ids: str, armored: str, now: float
+) -> bool:
     """Make the key the site's current one, retiring its current key at `now`, in one transaction;
     False (and nothing changed) when it is the current key already. Raises SiteError for an
     unknown site."""
     with db.transaction(conn):
         site = get_site(conn, site_name)
-        current = conn.execute("SELECT fingerprint FROM site_keys WHERE site_id = ? AND retired_at IS NULL",
-                               (site.id,)).fetchone()
+        current = conn.execute(
+            "SELECT fingerprint FROM site_keys WHERE site_id = ? AND retired_at IS NULL", (site.id,)
+        ).fetchone()
         if current and current[0] == fingerprint:
             return False
         conn.execute("UPDATE site_keys SET retired_at = ? WHERE site_id = ? AND retired_at IS NULL", (now, site.id))
-        conn.execute("INSERT INTO site_keys (site_id, fingerprint, encryption_key_ids, armored, imported_at)"
-                     " VALUES (?, ?, ?, ?, ?)", (site.id, fingerprint, encryption_key_ids, armored, now))
+        conn.execute(
+            "INSERT INTO site_keys (site_id, fingerprint, encryption_key_ids, armored, imported_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (site.id, fingerprint, encryption_key_ids, armored, now),
+        )
     return True
 
 
 def site_key_rows(conn: sqlite3.Connection, site_id: int) -> list[KeyRow]:
     """One site's keys, current first, then the retired ones, newest first."""
-    return conn.execute(f"SELECT {_KEY_COLUMNS} FROM site_keys WHERE site_id = ? ORDER BY {_KEY_ORDER}",
-                        (site_id,)).fetchall()
+    return conn.execute(
+        f"SELECT {_KEY_COLUMNS} FROM site_keys WHERE site_id = ? ORDER BY {_KEY_ORDER}", (site_id,)
+    ).fetchall()
 
 
 def all_site_key_rows(conn: sqlite3.Connection) -> dict[int, list[KeyRow]]:
@@ -50,8 +56,11 @@ def set_policy_override(conn: sqlite3.Connection, site_id: int, encryption: str 
     if encryption is None:
         conn.execute("DELETE FROM site_policy WHERE site_id = ?", (site_id,))
     else:
-        conn.execute("INSERT INTO site_policy (site_id, encryption) VALUES (?, ?) ON CONFLICT (site_id)"
-                     " DO UPDATE SET encryption = excluded.encryption", (site_id, encryption))
+        conn.execute(
+            "INSERT INTO site_policy (site_id, encryption) VALUES (?, ?) ON CONFLICT (site_id)"
+            " DO UPDATE SET encryption = excluded.encryption",
+            (site_id, encryption),
+        )
 
 
 def policy_overrides(conn: sqlite3.Connection) -> dict[int, str]:
@@ -100,5 +109,6 @@ def mark(conn: sqlite3.Connection, name: str) -> int | None:
 
 def set_mark_to_version_if_unset(conn: sqlite3.Connection, name: str) -> None:
     """Set the mark to the present directory_version unless it is set (one statement)."""
-    conn.execute("INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta WHERE key = 'directory_version'",
-                 (name,))
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta WHERE key = 'directory_version'", (name,)
+    )

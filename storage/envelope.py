@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 FRAME_MAGIC = b"MHF1"
 TRAILER_MAGIC = b"MHT1"
-_FRAME = struct.Struct(">4sIQI")     # magic, record length, message length, crc32(record)
-_TRAILER = struct.Struct(">IQI4s")   # record length, message length, crc32(record), magic
-HEADER_SIZE = _FRAME.size            # == _TRAILER.size == 20
-MAX_RECORD = 16 * 1024 * 1024        # a longer record length is damage, not a record
-_SCAN_STEP = 1 << 20                 # bytes read at a time when looking for the next frame
+_FRAME = struct.Struct(">4sIQI")  # magic, record length, message length, crc32(record)
+_TRAILER = struct.Struct(">IQI4s")  # record length, message length, crc32(record), magic
+HEADER_SIZE = _FRAME.size  # == _TRAILER.size == 20
+MAX_RECORD = 16 * 1024 * 1024  # a longer record length is damage, not a record
+_SCAN_STEP = 1 << 20  # bytes read at a time when looking for the next frame
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode   # ASCII: any text goes
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode  # ASCII: any text goes
 
 
 def structure_json(meta) -> str:
@@ -32,14 +32,27 @@ def structure_json(meta) -> str:
     return "null" if meta.structure is None else _ENCODE(meta.structure)
 
 
-def record(queue_id: str, size: int, received_at: float, sha256: str, meta, deliveries, remote,
-           structure: str, **batch) -> bytes:
+def record(
+    queue_id: str, size: int, received_at: float, sha256: str, meta, deliveries, remote, structure: str, **batch
+) -> bytes:
     """The JSON record of one mail (`meta` a storage.MessageMeta, `deliveries` storage.Delivery,
     `structure` its structure_json, spliced in as it is)."""
-    doc = {"v": 1, "q": queue_id, "at": received_at, "size": size, "sha256": sha256,
-           "dots": int(meta.dot_lines), "from": meta.mail_from, "ss": meta.sender_site, "sn": meta.sender_name,
-           "d": [[d.site_id, d.rcpt, d.site_name] for d in deliveries], "r": list(remote),
-           "mid": meta.message_id, "set": [meta.set_id, meta.set_part, meta.set_total], "peer": meta.peer}
+    doc = {
+        "v": 1,
+        "q": queue_id,
+        "at": received_at,
+        "size": size,
+        "sha256": sha256,
+        "dots": int(meta.dot_lines),
+        "from": meta.mail_from,
+        "ss": meta.sender_site,
+        "sn": meta.sender_name,
+        "d": [[d.site_id, d.rcpt, d.site_name] for d in deliveries],
+        "r": list(remote),
+        "mid": meta.message_id,
+        "set": [meta.set_id, meta.set_part, meta.set_total],
+        "peer": meta.peer,
+    }
     doc.update(batch)
     return (_ENCODE(doc)[:-1] + ',"st":' + structure + "}").encode()
 
@@ -56,11 +69,12 @@ def trailer(record_bytes: bytes, message_size: int) -> bytes:
 @dataclass
 class Found:
     """A mail found in a blob file: its record (None if unreadable) and where its bytes are."""
+
     record: dict | None
-    offset: int          # of the message bytes
+    offset: int  # of the message bytes
     size: int
-    frame_offset: int    # where its frame (pack) or its message (single file) begins
-    end: int             # where the next frame begins
+    frame_offset: int  # where its frame (pack) or its message (single file) begins
+    end: int  # where the next frame begins
 
 
 def has_trailer(fd: int, file_size: int) -> bool:

@@ -13,6 +13,7 @@ class StorageFull(StorageError):
 
 class MailboxLimitReached(StorageError):
     """The commit found a receiving mailbox's byte or message limit reached (index writer check)."""
+
     reply = "452 4.2.2 Mailbox of the recipient site is full, try again later"
 
 

@@ -37,7 +37,7 @@ def _fire(process: str, point: str) -> None:
         return
     if _FILE is not None:
         try:
-            os.unlink(_FILE)   # only the process that removes it fires: once, however many race
+            os.unlink(_FILE)  # only the process that removes it fires: once, however many race
         except FileNotFoundError:
             return
     if action == "kill":

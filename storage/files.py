@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .errors import StorageError, StorageFull
 
-
 _known_folders: set[str] = set()  # blob folders known to exist (a folder is never removed while serving)
 
 
@@ -24,14 +23,14 @@ def unlink_quietly(path: str | Path) -> None:
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def write_all_vectored(fd: int, buffers: list) -> None:
     """Write several buffers in order with as few system calls as the kernel allows (no copy)."""
     written = os.writev(fd, buffers)
     total = sum(map(len, buffers))
-    if written < total:   # a partial write (rare): the rest, one buffer at a time
+    if written < total:  # a partial write (rare): the rest, one buffer at a time
         rest = b"".join(buffers)[written:]
         write_all(fd, rest)
 
@@ -42,7 +41,7 @@ def rename_into(path: str, final: str) -> None:
     if folder not in _known_folders:
         try:
             os.mkdir(folder)
-            fsync_dir(os.path.dirname(folder))   # a new hour folder's own entry is durable too
+            fsync_dir(os.path.dirname(folder))  # a new hour folder's own entry is durable too
         except FileExistsError:
             pass
         _known_folders.add(folder)
@@ -82,8 +81,8 @@ def copy_range(source: str | Path, target: str | Path, offset: int, length: int)
     return copied
 
 
-libc = ctypes.CDLL(None, use_errno=True)   # the C library: sync_file_range here, fallocate in packs
-_sync_file_range = getattr(libc, "sync_file_range", None)   # Linux only
+libc = ctypes.CDLL(None, use_errno=True)  # the C library: sync_file_range here, fallocate in packs
+_sync_file_range = getattr(libc, "sync_file_range", None)  # Linux only
 if _sync_file_range is not None:
     _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2

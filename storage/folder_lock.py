@@ -25,8 +25,7 @@ def lock_data_folder(data_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise DataFolderInUse(f"data folder {data_dir} is in use by another `mailhub serve`"
-                              f" (pid {holder})") from None
+        raise DataFolderInUse(f"data folder {data_dir} is in use by another `mailhub serve` (pid {holder})") from None
     except BaseException:
         os.close(fd)
         raise

@@ -8,8 +8,8 @@
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import db
 from .errors import StorageError
@@ -18,8 +18,14 @@ log = logging.getLogger("mailhub.storage")
 
 
 class IndexWatcher:
-    def __init__(self, data_dir: Path, what: str, version: Callable[[sqlite3.Connection], int],
-                 load: Callable[[sqlite3.Connection], None], interval: float = 0.5):
+    def __init__(
+        self,
+        data_dir: Path,
+        what: str,
+        version: Callable[[sqlite3.Connection], int],
+        load: Callable[[sqlite3.Connection], None],
+        interval: float = 0.5,
+    ):
         """Load now (an unreadable or damaged index raises here, to the caller), then watch."""
         self._data_dir, self._what, self._version_of, self._load = data_dir, what, version, load
         self.interval = interval
@@ -53,8 +59,9 @@ class IndexWatcher:
                     self._reload(conn)
                 except (sqlite3.Error, OSError, StorageError) as exc:
                     if not failing:
-                        log.warning("%s not reloaded from the index (retrying every %.1f s): %s", self._what,
-                                    self.interval, exc)
+                        log.warning(
+                            "%s not reloaded from the index (retrying every %.1f s): %s", self._what, self.interval, exc
+                        )
                     failing = True
                     if conn is not None:
                         conn.close()

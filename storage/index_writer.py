@@ -21,7 +21,7 @@ from .packs import PackWriter, truncate_durably
 from .records import pickled_by_fields
 from .usage import write_throttle_states
 
-LEDGER_SYNC_INTERVAL = 1.0   # seconds: under steady load, commit lines are made durable this often
+LEDGER_SYNC_INTERVAL = 1.0  # seconds: under steady load, commit lines are made durable this often
 
 
 @pickled_by_fields
@@ -31,20 +31,21 @@ class BatchItem:
     (received chunks) and `spool_path`, the file a pack it begins starts as; the writer appends it
     to the open pack and sets `blob`, `offset` and `sha256`. Any other one is already durable as `blob`.
     Paths are plain strings: cheaper to send and to make than pathlib's."""
+
     queue_id: str
     size: int
     received_at: float
-    meta: object          # storage.MessageMeta
-    deliveries: list      # [storage.Delivery]
+    meta: object  # storage.MessageMeta
+    deliveries: list  # [storage.Delivery]
     remote: list[str]
     mark: tuple[str, int] | None
-    blob: str             # '<hour folder>/<name>' (a packed one: the name a pack it begins takes)
+    blob: str  # '<hour folder>/<name>' (a packed one: the name a pack it begins takes)
     sha256: str | None = None
     data: list[bytes] | None = None
     spool_path: str | None = None
     offset: int = 0
-    structure: str | None = None   # meta.structure as JSON (set by the writer, for the record and the row)
-    crc32: int | None = None       # zlib CRC-32 of the message (a packed one's: set by the writer)
+    structure: str | None = None  # meta.structure as JSON (set by the writer, for the record and the row)
+    crc32: int | None = None  # zlib CRC-32 of the message (a packed one's: set by the writer)
 
 
 class IndexWriter:
@@ -61,10 +62,10 @@ class IndexWriter:
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
         self.ledger = ledger.LedgerWriter(data_dir)
         self.seq, self.attempt = ledger.last_commit(self.conn)
-        self._pruned = (0, 0)   # (seq, removal id) up to which the index's ledger rows were deleted
+        self._pruned = (0, 0)  # (seq, removal id) up to which the index's ledger rows were deleted
         # what the ledger holds durably: commits up to synced_seq, removals up to flushed_removal
         self.synced_seq = self.flushed_removal = 0
-        self._ledger_behind = True   # an append failed (or none yet): catch up from the index first
+        self._ledger_behind = True  # an append failed (or none yet): catch up from the index first
         self._synced_at = time.monotonic()
         self._to_ledger([], sync=True)
 
@@ -106,9 +107,20 @@ class IndexWriter:
 
         def record_of(item: BatchItem) -> bytes:
             item.structure = envelope.structure_json(item.meta)
-            return envelope.record(item.queue_id, item.size, item.received_at, item.sha256, item.meta,
-                                   item.deliveries, item.remote, item.structure, seq=seq, a=attempt, p=prev,
-                                   crc=item.crc32)
+            return envelope.record(
+                item.queue_id,
+                item.size,
+                item.received_at,
+                item.sha256,
+                item.meta,
+                item.deliveries,
+                item.remote,
+                item.structure,
+                seq=seq,
+                a=attempt,
+                p=prev,
+                crc=item.crc32,
+            )
 
         self._note_time()
         try:
@@ -129,25 +141,30 @@ class IndexWriter:
         self._to_ledger([ledger.commit_line(seq, attempt, files, left_out)], sync=False)
         return [None if i in refused else item.sha256 for i, item in enumerate(batch)]
 
-    def _note_commit(self, seq: int, attempt: int, files: list[str], refused: list[str],
-                     ends: dict[str, int]) -> None:
+    def _note_commit(self, seq: int, attempt: int, files: list[str], refused: list[str], ends: dict[str, int]) -> None:
         """The group commit's own rows (in its transaction): its number, the packs' committed ends;
         rows the ledger already holds durably go."""
         conn = self.conn
-        conn.execute("INSERT INTO commits (seq, attempt, mails) VALUES (?, ?, ?)",
-                     (seq, attempt, json.dumps({"f": files, "x": refused}) if files or refused else ""))
+        conn.execute(
+            "INSERT INTO commits (seq, attempt, mails) VALUES (?, ?, ?)",
+            (seq, attempt, json.dumps({"f": files, "x": refused}) if files or refused else ""),
+        )
         if ends:
-            conn.executemany("INSERT INTO packs (blob, committed_end) VALUES (?, ?) ON CONFLICT (blob)"
-                             " DO UPDATE SET committed_end = excluded.committed_end", list(ends.items()))
+            conn.executemany(
+                "INSERT INTO packs (blob, committed_end) VALUES (?, ?) ON CONFLICT (blob)"
+                " DO UPDATE SET committed_end = excluded.committed_end",
+                list(ends.items()),
+            )
         if not self._ledger_behind and (self.synced_seq, self.flushed_removal) != self._pruned:
-            conn.execute("DELETE FROM commits WHERE seq <= ?", (self.synced_seq,))   # (not this one)
+            conn.execute("DELETE FROM commits WHERE seq <= ?", (self.synced_seq,))  # (not this one)
             conn.execute("DELETE FROM ledger_pending WHERE id <= ?", (self.flushed_removal,))
             self._pruned = (self.synced_seq, self.flushed_removal)
 
     def sync_ledger(self, idle: bool = True) -> None:
         """Make the commit lines durable: when the writer is idle, or LEDGER_SYNC_INTERVAL after the last time."""
         if (self.ledger.dirty or self._ledger_behind) and (
-                idle or time.monotonic() - self._synced_at >= LEDGER_SYNC_INTERVAL):
+            idle or time.monotonic() - self._synced_at >= LEDGER_SYNC_INTERVAL
+        ):
             self._to_ledger([], sync=True)
 
     def flush_removals(self) -> None:
@@ -181,8 +198,12 @@ class IndexWriter:
         a quick deletion). If not: None, after removing what it wrote (the frames past the packs'
         committed ends, the packs it began): the batch leaves no trace."""
         marks = ",".join("?" * len(queue_ids))
-        found = dict(self.conn.execute(f"SELECT queue_id, detail FROM events WHERE kind = '{events.ACCEPTED}'"
-                                       f" AND queue_id IN ({marks})", queue_ids))
+        found = dict(
+            self.conn.execute(
+                f"SELECT queue_id, detail FROM events WHERE kind = '{events.ACCEPTED}' AND queue_id IN ({marks})",
+                queue_ids,
+            )
+        )
         if found:
             return found
         for blob, end in self.conn.execute("SELECT blob, committed_end FROM packs").fetchall():
@@ -192,8 +213,13 @@ class IndexWriter:
                 except FileNotFoundError:
                     pass
         for blob in begun:
-            if self.conn.execute("SELECT 1 FROM messages WHERE blob = ? UNION ALL SELECT 1 FROM packs WHERE blob = ?",
-                                 (blob, blob)).fetchone() is None and blob != self.packs.open_blob:
+            if (
+                self.conn.execute(
+                    "SELECT 1 FROM messages WHERE blob = ? UNION ALL SELECT 1 FROM packs WHERE blob = ?", (blob, blob)
+                ).fetchone()
+                is None
+                and blob != self.packs.open_blob
+            ):
                 unlink_quietly(f"{self.blob_dir}/{blob}")
         return None
 
@@ -209,9 +235,12 @@ class IndexWriter:
         return result
 
     def update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
-        self.in_transaction(lambda conn: conn.executemany(
-            "UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
-            [(add, remove, site_id, uid) for uid in uids]))
+        self.in_transaction(
+            lambda conn: conn.executemany(
+                "UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
+                [(add, remove, site_id, uid) for uid in uids],
+            )
+        )
 
     def mark_damaged(self, queue_id: str, reason: str, found_by: str, at: float, entry: str | None) -> bool:
         """A mail found damaged (storage/verify.py); False if it was known already."""
@@ -228,7 +257,7 @@ class IndexWriter:
         seconds ago (a reader may still be sending a message freed meanwhile: a hole would turn its
         bytes into zeros, while an unlinked file stays readable). A freed open pack is closed first:
         no more messages go into it (a pack is never reopened, so what is listed here stays free)."""
-        self.flush_removals()   # those the command line made (site remove, queue delete)
+        self.flush_removals()  # those the command line made (site remove, queue delete)
         blobs = [blob for (blob,) in self.conn.execute("SELECT blob FROM blob_trash")]
         if self.packs.open_blob in blobs:
             self.packs.close()
@@ -236,18 +265,22 @@ class IndexWriter:
         while self._recent and now - self._recent[0][0] >= self.release_freed_after:
             self._recent.popleft()
         young_from = self._recent[0][1] if self._recent else float("inf")
-        holes = self.conn.execute("SELECT blob, start, size FROM blob_holes WHERE freed_at <= ? AND freed_at < ?",
-                                  (time.time() - self.release_freed_after, young_from)).fetchall()
+        holes = self.conn.execute(
+            "SELECT blob, start, size FROM blob_holes WHERE freed_at <= ? AND freed_at < ?",
+            (time.time() - self.release_freed_after, young_from),
+        ).fetchall()
         return blobs, holes
 
     def forget_freed(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
         self.conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in blobs])
-        self.conn.executemany("DELETE FROM blob_holes WHERE blob = ? AND start = ?",
-                              [(blob, start) for blob, start, _size in holes])
+        self.conn.executemany(
+            "DELETE FROM blob_holes WHERE blob = ? AND start = ?", [(blob, start) for blob, start, _size in holes]
+        )
 
 
-_HELD_SQL = ("SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0) FROM mailbox_usage"
-             " WHERE receiver_id = ?")
+_HELD_SQL = (
+    "SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0) FROM mailbox_usage WHERE receiver_id = ?"
+)
 
 
 def _over_mailbox_limits(conn, batch: list[BatchItem]) -> set[int]:
@@ -256,16 +289,20 @@ def _over_mailbox_limits(conn, batch: list[BatchItem]) -> set[int]:
     messages before them. The server reserves room before it commits, so this refuses nothing
     unless something else filled the mailbox meanwhile: it is the check that holds whatever the
     server believed."""
-    limited = {d.site_id for item in batch for d in item.deliveries
-               if d.max_bytes is not None or d.max_messages is not None}
+    limited = {
+        d.site_id for item in batch for d in item.deliveries if d.max_bytes is not None or d.max_messages is not None
+    }
     refused: set[int] = set()
     if not limited:
         return refused
     held = {site: list(conn.execute(_HELD_SQL, (site,)).fetchone()) for site in limited}
     for i, item in enumerate(batch):
-        if any((d.max_bytes is not None and held[d.site_id][0] + item.size > d.max_bytes)
-               or (d.max_messages is not None and held[d.site_id][1] + 1 > d.max_messages)
-               for d in item.deliveries if d.site_id in limited):
+        if any(
+            (d.max_bytes is not None and held[d.site_id][0] + item.size > d.max_bytes)
+            or (d.max_messages is not None and held[d.site_id][1] + 1 > d.max_messages)
+            for d in item.deliveries
+            if d.site_id in limited
+        ):
             refused.add(i)
             continue
         for d in item.deliveries:
@@ -287,41 +324,95 @@ def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> set[int]:
     for item in batch:
         m = item.meta
         qid, size, at = item.queue_id, item.size, item.received_at
-        if item.structure is not None:   # made for its envelope record
+        if item.structure is not None:  # made for its envelope record
             structure = None if item.structure == "null" else item.structure
         else:
             structure = None if m.structure is None else json.dumps(m.structure, separators=(",", ":"))
-        messages.append((qid, item.blob, item.offset, size, item.sha256,
-                         int(m.dot_lines), at, m.mail_from, m.sender_site,
-                         m.message_id, m.set_id, m.set_part, m.set_total,
-                         len(item.deliveries) + len(item.remote), structure, item.crc32))
-        tracked.append((at, events.ACCEPTED, qid, m.sender_name, None, m.mail_from, None, m.peer, size,
-                        m.message_id, m.set_id, m.set_part, m.set_total, item.sha256))
+        messages.append(
+            (
+                qid,
+                item.blob,
+                item.offset,
+                size,
+                item.sha256,
+                int(m.dot_lines),
+                at,
+                m.mail_from,
+                m.sender_site,
+                m.message_id,
+                m.set_id,
+                m.set_part,
+                m.set_total,
+                len(item.deliveries) + len(item.remote),
+                structure,
+                item.crc32,
+            )
+        )
+        tracked.append(
+            (
+                at,
+                events.ACCEPTED,
+                qid,
+                m.sender_name,
+                None,
+                m.mail_from,
+                None,
+                m.peer,
+                size,
+                m.message_id,
+                m.set_id,
+                m.set_part,
+                m.set_total,
+                item.sha256,
+            )
+        )
         for d in item.deliveries:
             entries.append((d.site_id, qid, d.rcpt, at))
-            tracked.append((at, events.DELIVERED, qid, d.site_name, m.sender_name, None, d.rcpt, None, size,
-                            None, None, None, None, None))
+            tracked.append(
+                (
+                    at,
+                    events.DELIVERED,
+                    qid,
+                    d.site_name,
+                    m.sender_name,
+                    None,
+                    d.rcpt,
+                    None,
+                    size,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            )
         queued.extend((qid, rcpt, at, at) for rcpt in item.remote)
     conn.executemany(
         "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at,"
         " mail_from, sender_site, message_id, set_id, set_part, set_total, refs, structure, crc32)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        messages,
+    )
+    conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
     conn.executemany(
-        "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
-    conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                     [item.mark for item in batch if item.mark is not None])
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [item.mark for item in batch if item.mark is not None]
+    )
     conn.executemany(events.INSERT, tracked)
     if queued:
-        conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at)"
-                         " VALUES (?, ?, ?, ?)", queued)
+        conn.executemany(
+            "INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at) VALUES (?, ?, ?, ?)", queued
+        )
     # a pack that was freed while open is referenced again
-    conn.executemany("DELETE FROM blob_trash WHERE blob = ?",
-                     [(blob,) for blob in {i.blob for i in batch if i.data is not None}])
+    conn.executemany(
+        "DELETE FROM blob_trash WHERE blob = ?", [(blob,) for blob in {i.blob for i in batch if i.data is not None}]
+    )
     return refused
 
 
-_ENTRY_SQL = ("SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
-              " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? AND b.uid = ?")
+_ENTRY_SQL = (
+    "SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
+    " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? AND b.uid = ?"
+)
 
 
 def _delete_entries(conn, site_id: int, uids: list[int], downloads, site_name: str | None):
@@ -329,7 +420,7 @@ def _delete_entries(conn, site_id: int, uids: list[int], downloads, site_name: s
     now = time.time()
     protocol = downloads.protocol if downloads is not None else None
     peer = downloads.peer if downloads is not None else None
-    for uid in (downloads.fetched_uids if downloads is not None else ()):
+    for uid in downloads.fetched_uids if downloads is not None else ():
         row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
         if row is not None and row[3]:
             conn.execute("UPDATE mailbox SET fetched_at = ? WHERE uid = ?", (now, uid))
@@ -339,13 +430,15 @@ def _delete_entries(conn, site_id: int, uids: list[int], downloads, site_name: s
         if row is not None:
             gone = conn.execute("DELETE FROM mailbox WHERE uid = ? RETURNING queue_id", (uid,)).fetchall()
             removed.append(row)
-            tracked.append(events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer,
-                                                   detail=protocol)))
+            tracked.append(
+                events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer, detail=protocol))
+            )
     if downloads is not None:
         _add_downloads(conn, site_id, downloads)
-        tracked[:0] = [events.row(events.Event(at, events.DOWNLOADED, qid, site_name, peer=peer, size=size,
-                                               detail=protocol))
-                       for qid, (at, size) in downloads.retrieved.items()]
+        tracked[:0] = [
+            events.row(events.Event(at, events.DOWNLOADED, qid, site_name, peer=peer, size=size, detail=protocol))
+            for qid, (at, size) in downloads.retrieved.items()
+        ]
     conn.executemany(events.INSERT, tracked)
     return fetched, removed
 
@@ -357,4 +450,5 @@ def _add_downloads(conn, site_id: int, d) -> None:
         " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
         " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
         " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
-        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at))
+        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at),
+    )

@@ -36,8 +36,8 @@ class LedgerWriter:
         self._folder = ledger_dir(data_dir)
         self._fd = -1
         self._day = ""
-        self.dirty = False   # lines written since the last sync
-        self._torn = False   # a write failed: the file may end in part of a line
+        self.dirty = False  # lines written since the last sync
+        self._torn = False  # a write failed: the file may end in part of a line
 
     def append(self, docs: list[dict]) -> None:
         """Write lines (not yet durable: see sync). Raises OSError (a full disk)."""
@@ -48,12 +48,12 @@ class LedgerWriter:
             self._open(day)
         data = b"".join(json.dumps(doc, separators=(",", ":")).encode() + b"\n" for doc in docs)
         if self._torn:
-            data = b"\n" + data   # end the torn line: it is skipped, not glued to the next one
+            data = b"\n" + data  # end the torn line: it is skipped, not glued to the next one
         self.dirty = True
         self._torn = True
         view = memoryview(data)
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         self._torn = False
 
     def sync(self) -> None:
@@ -78,7 +78,7 @@ class LedgerWriter:
         path = self._folder / f"{day}.jsonl"
         new = not path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        if new:   # the file's own entry must outlive a crash, like its lines
+        if new:  # the file's own entry must outlive a crash, like its lines
             fsync_dir(self._folder)
         self._day = day
 
@@ -86,16 +86,17 @@ class LedgerWriter:
 @dataclass
 class LedgerState:
     """What the ledger says (all of it, or only its newest file's worth: see `read`)."""
-    commits: dict[int, int] = field(default_factory=dict)        # seq -> attempt id
-    file_mails: set[str] = field(default_factory=set)            # committed mails stored as files
-    left_out: set[str] = field(default_factory=set)              # mails their commit left out
-    removed: set[tuple[str, int | str]] = field(default_factory=set)   # (queue ID, site id), (queue ID, site name)
-    outbound_done: set[tuple[str, str]] = field(default_factory=set)   # (queue ID, recipient)
+
+    commits: dict[int, int] = field(default_factory=dict)  # seq -> attempt id
+    file_mails: set[str] = field(default_factory=set)  # committed mails stored as files
+    left_out: set[str] = field(default_factory=set)  # mails their commit left out
+    removed: set[tuple[str, int | str]] = field(default_factory=set)  # (queue ID, site id), (queue ID, site name)
+    outbound_done: set[tuple[str, str]] = field(default_factory=set)  # (queue ID, recipient)
     max_seq: int = 0
     max_removal_id: int = 0
     max_uid: int = 0
     lines: int = 0
-    torn: int = 0          # unreadable lines (a torn last line is expected after a crash)
+    torn: int = 0  # unreadable lines (a torn last line is expected after a crash)
 
     def was_removed(self, queue_id: str, site_id: int | None, site_name: str | None) -> bool:
         """Whether the ledger holds the removal of this mail's entry in this site's mailbox."""
@@ -159,8 +160,9 @@ def _apply(doc: dict, state: LedgerState) -> None:
 
 # ---- what the index writer and start-up recovery append -----------------------------------------
 
-PENDING_SQL = ("SELECT id, kind, queue_id, site_id, site_name, rcpt, uid, at FROM ledger_pending"
-               " WHERE id > ? ORDER BY id")
+PENDING_SQL = (
+    "SELECT id, kind, queue_id, site_id, site_name, rcpt, uid, at FROM ledger_pending WHERE id > ? ORDER BY id"
+)
 
 
 def pending_lines(conn, after: int) -> list[dict]:

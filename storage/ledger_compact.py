@@ -42,8 +42,8 @@ class CompactReport:
     bytes_before: int = 0
     lines_after: int = 0
     bytes_after: int = 0
-    mails_dropped: int = 0        # mails whose lines went (no record of theirs in the blob store)
-    mails_kept: int = 0           # mails the lines speak of that the blob store still holds
+    mails_dropped: int = 0  # mails whose lines went (no record of theirs in the blob store)
+    mails_kept: int = 0  # mails the lines speak of that the blob store still holds
     today_included: bool = False  # the hub was stopped: today's file was compacted too
     seconds: float = 0.0
 
@@ -83,12 +83,12 @@ def compact(data_dir: Path, include_today: bool) -> CompactReport:
 
 @dataclass
 class _Lines:
-    commits: dict          # seq -> attempt
+    commits: dict  # seq -> attempt
     file_mails: set
     left_out: set
-    removals: list         # the "d" and "o" lines as read
+    removals: list  # the "d" and "o" lines as read
     max_uid: int
-    mails: set             # every queue ID a line names
+    mails: set  # every queue ID a line names
 
 
 def _read(paths: list[Path], report: CompactReport) -> _Lines:
@@ -102,7 +102,7 @@ def _read(paths: list[Path], report: CompactReport) -> _Lines:
                     doc = json.loads(raw)
                     _note(doc, found)
                 except (ValueError, TypeError, KeyError, AttributeError):
-                    continue   # a torn line (a crash mid-write) says nothing
+                    continue  # a torn line (a crash mid-write) says nothing
                 report.lines_before += 1
     return found
 
@@ -132,13 +132,20 @@ def _scan_blob_store(blob_dir: Path, asked: set) -> tuple[set, set]:
     for _blob, path in blob_files(blob_dir):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:   # freed meanwhile (a running hub)
+        except FileNotFoundError:  # freed meanwhile (a running hub)
             continue
         try:
             size = os.fstat(fd).st_size
             single = envelope.read_trailer(fd, size)
-            records = [single.record] if single is not None else (
-                [f.record for f in envelope.frames(fd, 0, size) if f.record is not None] if envelope.is_pack(fd) else [])
+            records = (
+                [single.record]
+                if single is not None
+                else (
+                    [f.record for f in envelope.frames(fd, 0, size) if f.record is not None]
+                    if envelope.is_pack(fd)
+                    else []
+                )
+            )
         finally:
             os.close(fd)
         for record in records:
@@ -159,7 +166,7 @@ def _snapshot_lines(lines: _Lines, present: set, named_commits: set) -> list[dic
         if seq != top and (seq, attempt) not in named_commits:
             continue
         doc = {"c": seq, "a": attempt, "f": [], "at": now}
-        if seq == top:   # the marks of the mails still stored (rebuild reads them as one set)
+        if seq == top:  # the marks of the mails still stored (rebuild reads them as one set)
             doc["f"] = sorted(lines.file_mails & present)
             left_out = sorted(lines.left_out & present)
             if left_out:
@@ -176,7 +183,7 @@ def _replace(folder: Path, inputs: list[Path], data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

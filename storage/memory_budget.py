@@ -16,8 +16,8 @@ import asyncio
 import ctypes
 import ctypes.util
 
-TRIM_AFTER = 32 * 1024**2   # bytes received since the last trim that make a trim worthwhile
-TRIM_DELAY = 1.0            # seconds from the end of the burst to the trim
+TRIM_AFTER = 32 * 1024**2  # bytes received since the last trim that make a trim worthwhile
+TRIM_DELAY = 1.0  # seconds from the end of the burst to the trim
 
 
 class MemoryBudget:
@@ -25,12 +25,12 @@ class MemoryBudget:
         self.limit = limit
         self.held = 0
         self.peak = 0
-        self.spills = 0   # mails sent to their spool files early (counters for the metrics)
-        self.waits = 0    # times a session stopped reading until memory was freed
-        self._holders: dict = {}    # spool files holding bytes in memory outside a write job
-        self._paused: dict = {}     # sessions not reading their sockets until memory is freed
-        self._high = 0              # the most held at once since the last trim
-        self._received = 0          # bytes taken since the last trim
+        self.spills = 0  # mails sent to their spool files early (counters for the metrics)
+        self.waits = 0  # times a session stopped reading until memory was freed
+        self._holders: dict = {}  # spool files holding bytes in memory outside a write job
+        self._paused: dict = {}  # sessions not reading their sockets until memory is freed
+        self._high = 0  # the most held at once since the last trim
+        self._received = 0  # bytes taken since the last trim
         self._trim: asyncio.Handle | asyncio.Future | None = None
 
     @property
@@ -82,7 +82,7 @@ class MemoryBudget:
         self._paused[session] = None
 
     def _start_trim(self) -> None:
-        if self.held * 4 > self._high:   # a new burst began meanwhile: trim after it
+        if self.held * 4 > self._high:  # a new burst began meanwhile: trim after it
             self._trim = None
             return
         self._high, self._received = self.held, 0

@@ -21,12 +21,18 @@ log = logging.getLogger("mailhub.metrics")
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 DAMAGED_MAILS = Counter(
-    "mailhub_damaged_mails_total", "Stored mails found damaged (bytes missing or not the ones acknowledged;"
+    "mailhub_damaged_mails_total",
+    "Stored mails found damaged (bytes missing or not the ones acknowledged;"
     " refused to POP3/IMAP, copied to the quarantine, listed by `mailhub storage damaged`), by who found them:"
-    " serving (size check), scrub, verify.", ["found_by"], registry=REGISTRY)
+    " serving (size check), scrub, verify.",
+    ["found_by"],
+    registry=REGISTRY,
+)
 SCRUB_BYTES = Counter(
-    "mailhub_scrub_verified_bytes_total", "Octets of stored mails the background scrub read and checked"
-    " against their SHA-256 (storage.scrub_rate).", registry=REGISTRY)
+    "mailhub_scrub_verified_bytes_total",
+    "Octets of stored mails the background scrub read and checked against their SHA-256 (storage.scrub_rate).",
+    registry=REGISTRY,
+)
 
 
 def damaged_mail(found_by: str) -> None:
@@ -45,8 +51,9 @@ class StorageCollector:
         self._conn: sqlite3.Connection | None = None
         self._cached: tuple[float, tuple] | None = None
 
-    def _totals(self) -> tuple[tuple[int, int, int], list[tuple[str, int, int, float | None]],
-                               tuple[int, float | None]]:
+    def _totals(
+        self,
+    ) -> tuple[tuple[int, int, int], list[tuple[str, int, int, float | None]], tuple[int, float | None]]:
         with self._lock:
             now = time.monotonic()
             if self._cached is not None and now - self._cached[0] < self.ttl:
@@ -55,12 +62,13 @@ class StorageCollector:
                 uri = (self.data_dir / "index.sqlite3").resolve().as_uri() + "?mode=ro"
                 self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5)
             row = self._conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0)"
-                " FROM messages").fetchone()
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0) FROM messages"
+            ).fetchone()
             backlog = self._conn.execute(
                 "SELECT s.name, count(b.uid), coalesce(sum(m.size), 0), min(b.delivered_at) FROM sites s"
                 " LEFT JOIN mailbox b ON b.site_id = s.id LEFT JOIN messages m ON m.queue_id = b.queue_id"
-                " GROUP BY s.id ORDER BY s.name").fetchall()
+                " GROUP BY s.id ORDER BY s.name"
+            ).fetchall()
             queued = self._conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
             totals = ((int(row[0]), int(row[1]), int(row[2])), backlog, queued, _quarantine_totals(self.data_dir))
             self._cached = (now, totals)
@@ -72,20 +80,28 @@ class StorageCollector:
         except sqlite3.Error as exc:
             log.warning("storage metrics unavailable: %s", exc)
         else:
-            yield GaugeMetricFamily("mailhub_storage_blobs", "Messages in storage (one blob each, however many"
-                                    " recipients; small ones share pack files).", value=blobs)
-            yield GaugeMetricFamily("mailhub_storage_blobs_bytes", "Octets of the messages in storage.",
-                                    value=size)
-            yield GaugeMetricFamily("mailhub_storage_single_instance_saved_bytes",
-                                    "Octets not stored thanks to one blob per mail however many recipients.",
-                                    value=saved)
-            messages = GaugeMetricFamily("mailhub_mailbox_messages", "Messages waiting in each site's mailbox.",
-                                         labels=["site"])
-            octets = GaugeMetricFamily("mailhub_mailbox_bytes", "Octets waiting in each site's mailbox.",
-                                       labels=["site"])
-            oldest = GaugeMetricFamily("mailhub_mailbox_oldest_message_timestamp_seconds",
-                                       "Delivery time of the oldest message in each non-empty mailbox.",
-                                       labels=["site"])
+            yield GaugeMetricFamily(
+                "mailhub_storage_blobs",
+                "Messages in storage (one blob each, however many recipients; small ones share pack files).",
+                value=blobs,
+            )
+            yield GaugeMetricFamily("mailhub_storage_blobs_bytes", "Octets of the messages in storage.", value=size)
+            yield GaugeMetricFamily(
+                "mailhub_storage_single_instance_saved_bytes",
+                "Octets not stored thanks to one blob per mail however many recipients.",
+                value=saved,
+            )
+            messages = GaugeMetricFamily(
+                "mailhub_mailbox_messages", "Messages waiting in each site's mailbox.", labels=["site"]
+            )
+            octets = GaugeMetricFamily(
+                "mailhub_mailbox_bytes", "Octets waiting in each site's mailbox.", labels=["site"]
+            )
+            oldest = GaugeMetricFamily(
+                "mailhub_mailbox_oldest_message_timestamp_seconds",
+                "Delivery time of the oldest message in each non-empty mailbox.",
+                labels=["site"],
+            )
             for name, count, total, first in backlog:
                 messages.add_metric([name], count)
                 octets.add_metric([name], total)
@@ -94,31 +110,42 @@ class StorageCollector:
             yield messages
             yield octets
             yield oldest
-            yield GaugeMetricFamily("mailhub_outbound_queue_messages",
-                                    "Messages waiting in the outbound relay queue.", value=queued)
-            entries = GaugeMetricFamily("mailhub_quarantine_entries", "Items the hub moved aside instead of deleting"
-                                        " (docs/storage.md), by reason (uncommitted_blob, missing_blob, damaged...).",
-                                        labels=["reason"])
+            yield GaugeMetricFamily(
+                "mailhub_outbound_queue_messages", "Messages waiting in the outbound relay queue.", value=queued
+            )
+            entries = GaugeMetricFamily(
+                "mailhub_quarantine_entries",
+                "Items the hub moved aside instead of deleting"
+                " (docs/storage.md), by reason (uncommitted_blob, missing_blob, damaged...).",
+                labels=["reason"],
+            )
             for reason, count in sorted(quarantined.items()):
                 entries.add_metric([reason], count)
             yield entries
-            yield GaugeMetricFamily("mailhub_quarantine_bytes", "Octets held in the quarantine.",
-                                    value=quarantined_bytes)
-            yield GaugeMetricFamily("mailhub_outbound_queue_oldest_age_seconds",
-                                    "Age of the oldest message in the outbound queue (0 when empty).",
-                                    value=time.time() - oldest_queued if oldest_queued else 0)
+            yield GaugeMetricFamily(
+                "mailhub_quarantine_bytes", "Octets held in the quarantine.", value=quarantined_bytes
+            )
+            yield GaugeMetricFamily(
+                "mailhub_outbound_queue_oldest_age_seconds",
+                "Age of the oldest message in the outbound queue (0 when empty).",
+                value=time.time() - oldest_queued if oldest_queued else 0,
+            )
         try:
             st = os.statvfs(self.data_dir)
         except OSError as exc:
             log.warning("disk metrics unavailable: %s", exc)
             return
-        yield GaugeMetricFamily("mailhub_disk_free_bytes", "Free octets (for unprivileged users) on the data "
-                                "folder's file system.", value=st.f_bavail * st.f_frsize)
-        yield GaugeMetricFamily("mailhub_disk_size_bytes", "Size of the data folder's file system.",
-                                value=st.f_blocks * st.f_frsize)
+        yield GaugeMetricFamily(
+            "mailhub_disk_free_bytes",
+            "Free octets (for unprivileged users) on the data folder's file system.",
+            value=st.f_bavail * st.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            "mailhub_disk_size_bytes", "Size of the data folder's file system.", value=st.f_blocks * st.f_frsize
+        )
 
     def describe(self):
-        return []   # collected lazily: no scrape-time query at registration
+        return []  # collected lazily: no scrape-time query at registration
 
     def close(self) -> None:
         with self._lock:
@@ -152,19 +179,35 @@ class MemoryBudgetCollector:
         budget = self.budget
         if budget is None:
             return
-        yield GaugeMetricFamily("mailhub_ingest_memory_bytes", "Bytes of mails in flight held in memory"
-                                " (read buffers, queued for the spool files, small mails waiting for their"
-                                " commit).",
-                                value=budget.held)
-        yield GaugeMetricFamily("mailhub_ingest_memory_peak_bytes", "The most bytes of mails in flight held in"
-                                " memory at once since the start (the budget may be overshot by one"
-                                " read per session).", value=budget.peak)
-        yield GaugeMetricFamily("mailhub_ingest_memory_budget_bytes", "The budget of memory for mails in"
-                                " flight (smtp.memory_budget).", value=budget.limit)
-        yield CounterMetricFamily("mailhub_ingest_memory_spills", "Mails in flight sent to their spool file"
-                                  " early because the memory budget was reached.", value=budget.spills)
-        yield CounterMetricFamily("mailhub_ingest_memory_waits", "Times a session stopped reading its"
-                                  " sender's data until memory was freed (budget reached).", value=budget.waits)
+        yield GaugeMetricFamily(
+            "mailhub_ingest_memory_bytes",
+            "Bytes of mails in flight held in memory"
+            " (read buffers, queued for the spool files, small mails waiting for their"
+            " commit).",
+            value=budget.held,
+        )
+        yield GaugeMetricFamily(
+            "mailhub_ingest_memory_peak_bytes",
+            "The most bytes of mails in flight held in"
+            " memory at once since the start (the budget may be overshot by one"
+            " read per session).",
+            value=budget.peak,
+        )
+        yield GaugeMetricFamily(
+            "mailhub_ingest_memory_budget_bytes",
+            "The budget of memory for mails in flight (smtp.memory_budget).",
+            value=budget.limit,
+        )
+        yield CounterMetricFamily(
+            "mailhub_ingest_memory_spills",
+            "Mails in flight sent to their spool file early because the memory budget was reached.",
+            value=budget.spills,
+        )
+        yield CounterMetricFamily(
+            "mailhub_ingest_memory_waits",
+            "Times a session stopped reading its sender's data until memory was freed (budget reached).",
+            value=budget.waits,
+        )
 
     def describe(self):
         return []

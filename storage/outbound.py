@@ -20,7 +20,7 @@ class QueuedRecipient:
     warned: bool
     last_error: str | None
     blob: Path
-    offset: int   # where the message starts in the blob file
+    offset: int  # where the message starts in the blob file
     size: int
     dot_lines: bool
     mail_from: str
@@ -39,24 +39,34 @@ class Deferral:
     warned: bool
 
 
-_SELECT = ("SELECT o.id, o.queue_id, o.rcpt, o.queued_at, o.next_attempt_at, o.attempts, o.warned,"
-           " o.last_error, m.blob, m.blob_offset, m.size, m.dot_lines, m.mail_from FROM outbound o"
-           " JOIN messages m ON m.queue_id = o.queue_id")
+_SELECT = (
+    "SELECT o.id, o.queue_id, o.rcpt, o.queued_at, o.next_attempt_at, o.attempts, o.warned,"
+    " o.last_error, m.blob, m.blob_offset, m.size, m.dot_lines, m.mail_from FROM outbound o"
+    " JOIN messages m ON m.queue_id = o.queue_id"
+)
 
 
 def _rows(conn: sqlite3.Connection, sql: str, params, blob_dir: Path) -> list[QueuedRecipient]:
-    return [QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, o, s, bool(d), f)
-            for i, q, r, qa, na, a, w, e, b, o, s, d, f in conn.execute(sql, params)]
+    return [
+        QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, o, s, bool(d), f)
+        for i, q, r, qa, na, a, w, e, b, o, s, d, f in conn.execute(sql, params)
+    ]
 
 
-def due(conn: sqlite3.Connection, blob_dir: Path, now: float, fresh: bool, limit: int,
-        exclude: str = "[]") -> list[QueuedRecipient]:
+def due(
+    conn: sqlite3.Connection, blob_dir: Path, now: float, fresh: bool, limit: int, exclude: str = "[]"
+) -> list[QueuedRecipient]:
     """Rows whose next attempt is due: never tried yet (fresh) or deferred, oldest first; `exclude`
     is a JSON list of row ids (those in flight)."""
     where = "o.attempts = 0" if fresh else "o.attempts > 0"
-    return _rows(conn, f"{_SELECT} WHERE o.next_attempt_at <= ? AND {where}"
-                 " AND o.id NOT IN (SELECT value FROM json_each(?))"
-                 " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, exclude, limit), blob_dir)
+    return _rows(
+        conn,
+        f"{_SELECT} WHERE o.next_attempt_at <= ? AND {where}"
+        " AND o.id NOT IN (SELECT value FROM json_each(?))"
+        " ORDER BY o.next_attempt_at, o.id LIMIT ?",
+        (now, exclude, limit),
+        blob_dir,
+    )
 
 
 def all_rows(conn: sqlite3.Connection, blob_dir: Path) -> list[QueuedRecipient]:
@@ -72,7 +82,8 @@ def defer(conn: sqlite3.Connection, deferrals: list[Deferral], attempted_at: flo
     conn.executemany(
         "UPDATE outbound SET next_attempt_at = ?, attempts = ?, last_error = ?, warned = ?,"
         " last_attempt_at = ? WHERE id = ?",
-        [(d.next_attempt_at, d.attempts, d.error[:500], int(d.warned), attempted_at, d.id) for d in deferrals])
+        [(d.next_attempt_at, d.attempts, d.error[:500], int(d.warned), attempted_at, d.id) for d in deferrals],
+    )
 
 
 def retry_now(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
@@ -92,8 +103,9 @@ def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
     """Drop a message's rows (or one recipient's) without delivery; returns how many."""
     if rcpt is None:
         return conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,)).rowcount
-    return conn.execute("DELETE FROM outbound WHERE queue_id = ? AND rcpt = ? COLLATE NOCASE",
-                        (queue_id, rcpt)).rowcount
+    return conn.execute(
+        "DELETE FROM outbound WHERE queue_id = ? AND rcpt = ? COLLATE NOCASE", (queue_id, rcpt)
+    ).rowcount
 
 
 def retry_queued(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
@@ -111,12 +123,14 @@ def drop_queued(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> in
 def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
     """(messages, recipients, oldest queued_at) of the whole queue."""
     messages, recipients, oldest = conn.execute(
-        "SELECT count(DISTINCT queue_id), count(*), min(queued_at) FROM outbound").fetchone()
+        "SELECT count(DISTINCT queue_id), count(*), min(queued_at) FROM outbound"
+    ).fetchone()
     return messages, recipients, oldest
 
 
-def due_and_version(conn: sqlite3.Connection, blob_dir: Path, now: float, busy: str, free: int,
-                    deferred_share: int) -> tuple[int, list[QueuedRecipient]]:
+def due_and_version(
+    conn: sqlite3.Connection, blob_dir: Path, now: float, busy: str, free: int, deferred_share: int
+) -> tuple[int, list[QueuedRecipient]]:
     """The retry version and due rows, fresh ones first, then deferred ones (at most
     deferred_share), none in flight."""
     fresh = due(conn, blob_dir, now, True, free, busy)
@@ -125,8 +139,9 @@ def due_and_version(conn: sqlite3.Connection, blob_dir: Path, now: float, busy: 
     return retry_version(conn), rows
 
 
-def settle(conn: sqlite3.Connection, removed: list[int], deferrals: list[Deferral], now: float,
-           tracked: list[tuple] = ()) -> None:
+def settle(
+    conn: sqlite3.Connection, removed: list[int], deferrals: list[Deferral], now: float, tracked: list[tuple] = ()
+) -> None:
     """Delivered or expired rows go, deferred ones get their next attempt, with the tracking event
     rows of the outcomes (one transaction)."""
     remove(conn, removed)

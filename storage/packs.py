@@ -27,10 +27,10 @@ class PackWriter:
     def __init__(self, blob_dir: str):
         self._blob_dir = blob_dir
         self._fd = -1
-        self._blob: str | None = None    # the open pack's blob name ('<hour folder>/<name>')
+        self._blob: str | None = None  # the open pack's blob name ('<hour folder>/<name>')
         self._size = 0
-        self._made: list[str] = []       # packs begun by the last batch (they hold nothing committed)
-        self._cut: tuple[str, int] | None = None   # (path, size) of the pack open when the last batch began
+        self._made: list[str] = []  # packs begun by the last batch (they hold nothing committed)
+        self._cut: tuple[str, int] | None = None  # (path, size) of the pack open when the last batch began
 
     @property
     def open_blob(self) -> str | None:
@@ -60,7 +60,7 @@ class PackWriter:
             try:
                 truncate_durably(*cut)
             except OSError:
-                pass   # the tail stays past the pack's committed end: start-up recovery moves it aside
+                pass  # the tail stays past the pack's committed end: start-up recovery moves it aside
         for path in self._made:
             unlink_quietly(path)
         self._made = []
@@ -68,9 +68,9 @@ class PackWriter:
     def _write(self, messages: list, record_of) -> dict[str, int]:
         self._made = []
         self._cut = (f"{self._blob_dir}/{self._blob}", self._size) if self._fd >= 0 else None
-        written = []   # fds of the packs written to, in order
-        begun = {}     # fd -> (spool path, blob) of the packs this batch begins
-        ends = {}      # blob -> end of its last frame
+        written = []  # fds of the packs written to, in order
+        begun = {}  # fd -> (spool path, blob) of the packs this batch begins
+        ends = {}  # blob -> end of its last frame
         try:
             for message in messages:
                 chunks = message.data
@@ -110,11 +110,11 @@ class PackWriter:
                 if fd != self._fd:
                     os.close(fd)
             for path, _blob in begun.values():
-                unlink_quietly(path)   # never renamed: the batch failed
+                unlink_quietly(path)  # never renamed: the batch failed
         return ends
 
     def close(self) -> None:
-        fd, self._fd, self._blob, self._size = self._fd, -1, None, 0   # forgotten even if close() fails
+        fd, self._fd, self._blob, self._size = self._fd, -1, None, 0  # forgotten even if close() fails
         if fd >= 0:
             os.close(fd)
 

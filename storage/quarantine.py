@@ -20,30 +20,38 @@ from .files import copy_range, fsync_dir, fsync_file
 
 QUARANTINE_DIR = "quarantine"
 RECORD_NAME = "reason.json"
-_MAX_NAME = 120   # characters of the original path kept in an entry folder's name
+_MAX_NAME = 120  # characters of the original path kept in an entry folder's name
 
 
 @dataclass
 class QuarantineEntry:
     """One quarantined item, as `list_entries` finds it."""
-    id: str                  # '<YYYYMMDD>/<HHMMSS>-<n>-<what>' (relative to the quarantine folder)
-    path: Path               # the entry folder
-    original: str            # where the item was, relative to the data folder
-    reason: str              # a short code: orphan_blob, missing_row, spool_leftover, damaged, stray...
+
+    id: str  # '<YYYYMMDD>/<HHMMSS>-<n>-<what>' (relative to the quarantine folder)
+    path: Path  # the entry folder
+    original: str  # where the item was, relative to the data folder
+    reason: str  # a short code: orphan_blob, missing_row, spool_leftover, damaged, stray...
     detail: str
     at: float
-    size: int                # bytes of the item (a folder: of every file in it)
-    moved: bool              # False: the item never arrived (crash between record and move)
-    extra: dict = field(default_factory=dict)   # queue_id, sha256, offset... when known
+    size: int  # bytes of the item (a folder: of every file in it)
+    moved: bool  # False: the item never arrived (crash between record and move)
+    extra: dict = field(default_factory=dict)  # queue_id, sha256, offset... when known
 
 
 def quarantine_dir(data_dir: Path) -> Path:
     return Path(data_dir) / QUARANTINE_DIR
 
 
-def quarantine(data_dir: Path, item: Path, reason: str, detail: str = "",
-               byte_range: tuple[int, int] | None = None, now: float | None = None,
-               original: str | None = None, **extra) -> Path:
+def quarantine(
+    data_dir: Path,
+    item: Path,
+    reason: str,
+    detail: str = "",
+    byte_range: tuple[int, int] | None = None,
+    now: float | None = None,
+    original: str | None = None,
+    **extra,
+) -> Path:
     """Move the file or folder `item` (inside `data_dir`) into a new quarantine entry with a reason
     record; with `byte_range` (offset, size) copy only those bytes of the file and leave it in place.
     `original` names what it was when its path does not (a copy made for the quarantine). Returns
@@ -55,8 +63,14 @@ def quarantine(data_dir: Path, item: Path, reason: str, detail: str = "",
     original = original or relative
     size = byte_range[1] if byte_range else _size(item)
     entry = _new_entry(quarantine_dir(data_dir), original, now)
-    record = {"original": original, "reason": reason, "detail": detail, "at": now,
-              "at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "size": size}
+    record = {
+        "original": original,
+        "reason": reason,
+        "detail": detail,
+        "at": now,
+        "at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "size": size,
+    }
     if byte_range is not None:
         record["offset"], record["length"] = byte_range
     record.update(extra)
@@ -74,15 +88,29 @@ def quarantine(data_dir: Path, item: Path, reason: str, detail: str = "",
     return entry
 
 
-def quarantine_data(data_dir: Path, name: str, data: bytes, original: str, reason: str, detail: str = "",
-                    now: float | None = None, **extra) -> Path:
+def quarantine_data(
+    data_dir: Path,
+    name: str,
+    data: bytes,
+    original: str,
+    reason: str,
+    detail: str = "",
+    now: float | None = None,
+    **extra,
+) -> Path:
     """A new entry holding `data` as file `name` (e.g. index rows whose blob is gone), with its reason
     record; `original` says what it stood for. Returns the entry folder; raises OSError."""
     data_dir = Path(data_dir).absolute()
     now = time.time() if now is None else now
     entry = _new_entry(quarantine_dir(data_dir), original, now)
-    record = {"original": original, "reason": reason, "detail": detail, "at": now,
-              "at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "size": len(data)}
+    record = {
+        "original": original,
+        "reason": reason,
+        "detail": detail,
+        "at": now,
+        "at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "size": len(data),
+    }
     record.update(extra)
     try:
         _write_durably(entry / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True).encode() + b"\n")
@@ -114,6 +142,7 @@ def summary(data_dir: Path) -> tuple[int, int]:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
 
 def _relative(item: Path, data_dir: Path) -> str:
     try:
@@ -153,7 +182,7 @@ def _write_durably(path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -168,7 +197,7 @@ def _move(item: Path, target: Path) -> None:
             raise
         _copy_across(item, target)
         if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item)   # only once the copy is durable: a move, not a deletion
+            shutil.rmtree(item)  # only once the copy is durable: a move, not a deletion
         else:
             os.unlink(item)
     fsync_dir(item.parent)
@@ -215,7 +244,13 @@ def _read_entry(root: Path, folder: Path) -> QuarantineEntry:
     except (TypeError, ValueError):
         at = folder.stat().st_mtime
     return QuarantineEntry(
-        id=entry_id, path=folder, original=str(record.get("original", "?")),
-        reason=str(record.get("reason", "unknown")), detail=str(record.get("detail", "")), at=at,
+        id=entry_id,
+        path=folder,
+        original=str(record.get("original", "?")),
+        reason=str(record.get("reason", "unknown")),
+        detail=str(record.get("detail", "")),
+        at=at,
         size=int(record.get("size", 0)) if str(record.get("size", 0)).isdigit() else 0,
-        moved=bool(items), extra={k: v for k, v in record.items() if k not in known})
+        moved=bool(items),
+        extra={k: v for k, v in record.items() if k not in known},
+    )

@@ -9,7 +9,8 @@
 #   - rows whose blob is gone are moved to the quarantine (reported: mails deleted after the
 #     backup whose files were freed, or lost);
 #   - a site the index lacks (added after the backup, or the whole index lost) is made again from
-#     the mails' records (receiving and sending sites, with the addresses the records show), with no password (login impossible until `mailhub site passwd`);
+#     the mails' records (receiving and sending sites, with the addresses the records show), with no
+#     password (login impossible until `mailhub site passwd`);
 #   - a committed mail whose bytes differ from its record's SHA-256 (bit rot) is not put back but
 #     quarantined (`damaged_mail`: a file of its own is moved, a packed mail's frame copied), and so
 #     is what has no readable record and no index row (`unreadable_record`): listed and counted,
@@ -39,39 +40,40 @@ from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
 from .usage import rebuild_usage
 
 log = logging.getLogger("mailhub.storage")
-LOCKED_PASSWORD = "!"   # a password hash no password matches (sites made again by a rebuild)
+LOCKED_PASSWORD = "!"  # a password hash no password matches (sites made again by a rebuild)
 
 
 @dataclass
 class Candidate:
     """A mail found in the blob store."""
+
     blob: str
     offset: int
     size: int
     record: dict
     packed: bool
-    frame: int = 0   # where its frame begins (a pack), or 0 (a file of its own)
+    frame: int = 0  # where its frame begins (a pack), or 0 (a file of its own)
 
 
 @dataclass
 class RebuildReport:
-    base: str = ""                        # which index the rebuild started from
-    saved_index: str = ""                 # where the index as it was was kept
+    base: str = ""  # which index the rebuild started from
+    saved_index: str = ""  # where the index as it was was kept
     scanned_files: int = 0
-    found: int = 0                        # mails with a readable record
-    restored: int = 0                     # mails put back
+    found: int = 0  # mails with a readable record
+    restored: int = 0  # mails put back
     restored_entries: int = 0
     restored_outbound: int = 0
-    removed_entries: int = 0              # entries the ledger says were removed after the index's time
+    removed_entries: int = 0  # entries the ledger says were removed after the index's time
     removed_outbound: int = 0
-    all_removed: int = 0                  # committed mails not in the index whose every entry was removed
-    uncommitted: int = 0                  # records of commits that never committed
-    damaged: list[str] = field(default_factory=list)   # found, but their bytes differ from the record
-    damaged_marked: int = 0               # rows of table `damaged` made again from the quarantine's records
+    all_removed: int = 0  # committed mails not in the index whose every entry was removed
+    uncommitted: int = 0  # records of commits that never committed
+    damaged: list[str] = field(default_factory=list)  # found, but their bytes differ from the record
+    damaged_marked: int = 0  # rows of table `damaged` made again from the quarantine's records
     unreadable: list[str] = field(default_factory=list)  # files or ranges with no readable record
     sites_made: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)   # indexed mails whose blob is gone (quarantined)
-    quarantined: list[str] = field(default_factory=list)   # damaged or unreadable, moved or copied aside
+    missing: list[str] = field(default_factory=list)  # indexed mails whose blob is gone (quarantined)
+    quarantined: list[str] = field(default_factory=list)  # damaged or unreadable, moved or copied aside
     notes: list[str] = field(default_factory=list)
     # (blob, frame offset, length, packed, reason, detail, queue ID) to move aside once committed
     aside: list[tuple] = field(default_factory=list, repr=False)
@@ -98,6 +100,7 @@ def rebuild_index(data_dir: Path, base: Path | None = None) -> RebuildReport:
 
 # ---- the index to start from --------------------------------------------------------------------
 
+
 def _index_files(data_dir: Path) -> list[Path]:
     path = db.index_path(data_dir)
     return [p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
@@ -117,14 +120,19 @@ def _open_base(data_dir: Path, base: Path | None, report: RebuildReport) -> sqli
             report.base = f"the index in place ({path})"
             return conn
     if path.exists() or _index_files(data_dir):
-        entry = _move_aside(data_dir, "replaced_index" if damaged is None else "damaged_index",
-                            damaged or f"replaced by {base} for a rebuild")
+        entry = _move_aside(
+            data_dir,
+            "replaced_index" if damaged is None else "damaged_index",
+            damaged or f"replaced by {base} for a rebuild",
+        )
         report.saved_index = str(entry)
         if damaged is not None and base is None:
             if _salvage(entry / path.name, path):
                 report.base = f"what sqlite3 .recover salvaged of the damaged index ({damaged})"
-                report.notes.append("the index was damaged: rows sqlite3 could not read are lost (sites, limits,"
-                                    " keys and events among them may be missing)")
+                report.notes.append(
+                    "the index was damaged: rows sqlite3 could not read are lost (sites, limits,"
+                    " keys and events among them may be missing)"
+                )
             else:
                 report.base = "an empty index (the damaged one could not be salvaged)"
     if base is not None:
@@ -150,8 +158,13 @@ def _save_copy(conn: sqlite3.Connection, data_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".rebuild-") as folder:
         copy = Path(folder) / db.INDEX_NAME
         conn.execute("VACUUM INTO ?", (str(copy),))
-        return quarantine(data_dir, copy, "index_before_rebuild", "the index as it was before"
-                          " `mailhub storage rebuild-index` changed it", original=db.INDEX_NAME)
+        return quarantine(
+            data_dir,
+            copy,
+            "index_before_rebuild",
+            "the index as it was before `mailhub storage rebuild-index` changed it",
+            original=db.INDEX_NAME,
+        )
 
 
 def _move_aside(data_dir: Path, reason: str, detail: str) -> Path:
@@ -182,6 +195,7 @@ def _salvage(damaged: Path, target: Path) -> bool:
 
 # ---- the reconciliation ---------------------------------------------------------------------------
 
+
 def blob_files(blob_dir: Path):
     """(blob name, path) of every file the hub names in the blob store, in order."""
     for folder in sorted(os.scandir(blob_dir), key=lambda e: e.name):
@@ -210,16 +224,33 @@ def _read_file(blob: str, path: str, report: RebuildReport, proven: set) -> list
             return [Candidate(blob, 0, single.size, single.record, False)]
         if not envelope.is_pack(fd):
             report.unreadable.append(f"{blob} (no envelope record: stored before records existed, or damaged)")
-            report.aside.append((blob, 0, size, False, "unreadable_record", "a blob file without a readable"
-                                 " envelope record (damaged, or stored before records existed)", None))
+            report.aside.append(
+                (
+                    blob,
+                    0,
+                    size,
+                    False,
+                    "unreadable_record",
+                    "a blob file without a readable envelope record (damaged, or stored before records existed)",
+                    None,
+                )
+            )
             return []
         mails = []
         for found in envelope.frames(fd, 0, size):
             if found.record is None:
                 report.unreadable.append(f"{blob} bytes {found.offset}..{found.offset + found.size}")
-                report.aside.append((blob, found.offset, found.size, True, "unreadable_record",
-                                     "bytes of a pack without a readable frame (damaged, or a write cut short)",
-                                     None))
+                report.aside.append(
+                    (
+                        blob,
+                        found.offset,
+                        found.size,
+                        True,
+                        "unreadable_record",
+                        "bytes of a pack without a readable frame (damaged, or a write cut short)",
+                        None,
+                    )
+                )
                 continue
             prev = found.record.get("p")
             if isinstance(prev, list) and len(prev) == 2:
@@ -239,24 +270,27 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
     sites = _Sites(conn, report)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("UPDATE meta SET value = 1 WHERE key = 'ledger_quiet'")   # no removals of its own
-        for blob, path in blob_files(blob_dir):   # the second pass, file by file
+        conn.execute("UPDATE meta SET value = 1 WHERE key = 'ledger_quiet'")  # no removals of its own
+        for blob, path in blob_files(blob_dir):  # the second pass, file by file
             for mail in _read_file(blob, path, RebuildReport(), set()):
                 qid = mail.record["q"]
                 if conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (qid,)).fetchone() is not None:
-                    continue   # indexed (or restored from another copy already)
+                    continue  # indexed (or restored from another copy already)
                 if not _committed(conn, mail, state, proven):
                     report.uncommitted += 1
                     continue
                 _restore(conn, blob_dir, mail, state, sites, report)
         _apply_removals(conn, state, report)
         top_seq = max([seq] + list(state.commits))
-        if top_seq > seq:   # the index's last group commit is the ledger's (its line is there already)
-            conn.execute("INSERT INTO commits (seq, attempt, mails) VALUES (?, ?, '')",
-                         (top_seq, state.commits[top_seq]))
+        if top_seq > seq:  # the index's last group commit is the ledger's (its line is there already)
+            conn.execute(
+                "INSERT INTO commits (seq, attempt, mails) VALUES (?, ?, '')", (top_seq, state.commits[top_seq])
+            )
         conn.execute("DELETE FROM packs")
-        conn.execute("INSERT INTO packs (blob, committed_end) SELECT blob, max(blob_offset + size) FROM messages"
-                     " WHERE blob_offset > 0 GROUP BY blob")
+        conn.execute(
+            "INSERT INTO packs (blob, committed_end) SELECT blob, max(blob_offset + size) FROM messages"
+            " WHERE blob_offset > 0 GROUP BY blob"
+        )
         _raise_uid_floor(conn, state.max_uid)
         report.damaged_marked = verify.damaged_rows_from_quarantine(conn, data_dir)
         conn.execute("UPDATE meta SET value = 0 WHERE key = 'ledger_quiet'")
@@ -284,16 +318,24 @@ def _move_aside_unrestored(conn, data_dir: Path, report: RebuildReport) -> None:
     done = {(e.original, e.extra.get("offset"), e.reason) for e in list_entries(data_dir)}
     for blob, start, length, packed, reason, detail, qid in report.aside:
         if packed:
-            held = conn.execute("SELECT 1 FROM messages WHERE blob = ? AND blob_offset >= ? AND blob_offset < ?",
-                                (blob, start, start + length)).fetchone()
+            held = conn.execute(
+                "SELECT 1 FROM messages WHERE blob = ? AND blob_offset >= ? AND blob_offset < ?",
+                (blob, start, start + length),
+            ).fetchone()
         else:
             held = conn.execute("SELECT 1 FROM messages WHERE blob = ?", (blob,)).fetchone()
         if held is not None or (f"blobs/{blob}", start if packed else None, reason) in done:
             continue
         where = f"{blob} bytes {start}..{start + length}" if packed else blob
         try:
-            quarantine(data_dir, data_dir / "blobs" / blob, reason, detail,
-                       byte_range=(start, length) if packed else None, queue_ids=[qid] if qid else [])
+            quarantine(
+                data_dir,
+                data_dir / "blobs" / blob,
+                reason,
+                detail,
+                byte_range=(start, length) if packed else None,
+                queue_ids=[qid] if qid else [],
+            )
         except OSError as exc:
             report.notes.append(f"could not move {where} to the quarantine: {exc}")
             continue
@@ -301,18 +343,23 @@ def _move_aside_unrestored(conn, data_dir: Path, report: RebuildReport) -> None:
 
 
 def _committed(conn, mail: Candidate, state: ledger.LedgerState, proven: set) -> bool:
-    if conn.execute("SELECT 1 FROM events WHERE queue_id = ? AND kind = ?",
-                    (mail.record["q"], events.ACCEPTED)).fetchone() is not None:
-        return True   # the index's own tracking record says so
-    if mail.record["q"] in state.left_out:   # its commit left it out: the sender got a 452
+    if (
+        conn.execute(
+            "SELECT 1 FROM events WHERE queue_id = ? AND kind = ?", (mail.record["q"], events.ACCEPTED)
+        ).fetchone()
+        is not None
+    ):
+        return True  # the index's own tracking record says so
+    if mail.record["q"] in state.left_out:  # its commit left it out: the sender got a 452
         return False
     if not mail.packed:
         return mail.record["q"] in state.file_mails
     return (mail.record.get("seq"), mail.record.get("a")) in proven
 
 
-def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, sites: "_Sites",
-             report: RebuildReport) -> None:
+def _restore(
+    conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, sites: "_Sites", report: RebuildReport
+) -> None:
     r = mail.record
     qid = r["q"]
     entries = []
@@ -328,10 +375,19 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
         return
     if verify.content_problem(blob_dir / mail.blob, mail.offset, mail.size, r.get("sha256")) is not None:
         report.damaged.append(f"{qid} in {mail.blob} at {mail.offset}")
-        report.aside.append((mail.blob, mail.frame, mail.offset + mail.size - mail.frame, mail.packed,
-                             "damaged_mail", "an acknowledged mail whose bytes differ from the SHA-256 of its"
-                             f" envelope record: not put back into {len(entries)} mailbox(es)"
-                             f" and {len(remote)} outbound recipient(s)", qid))
+        report.aside.append(
+            (
+                mail.blob,
+                mail.frame,
+                mail.offset + mail.size - mail.frame,
+                mail.packed,
+                "damaged_mail",
+                "an acknowledged mail whose bytes differ from the SHA-256 of its"
+                f" envelope record: not put back into {len(entries)} mailbox(es)"
+                f" and {len(remote)} outbound recipient(s)",
+                qid,
+            )
+        )
         return
     message_id, (set_id, set_part, set_total) = r.get("mid"), (r.get("set") or [None, None, None])
     # the sending site too (it may have no mail of its own); its envelope sender is one of its
@@ -344,19 +400,66 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
         "INSERT INTO messages (queue_id, blob, blob_offset, size, sha256, dot_lines, received_at, mail_from,"
         " sender_site, message_id, set_id, set_part, set_total, refs, structure, crc32)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (qid, mail.blob, mail.offset, mail.size, r["sha256"], int(r.get("dots", 0)), at, r.get("from", ""),
-         sender_site, message_id, set_id, set_part, set_total, len(entries) + len(remote), structure,
-         r["crc"] if isinstance(r.get("crc"), int) else None))
-    conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)",
-                     [(site_id, qid, rcpt, at) for site_id, rcpt in entries])
-    conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at) VALUES (?, ?, ?, ?)",
-                     [(qid, rcpt, at, time.time()) for rcpt in remote])
-    rows = [events.row(events.Event(at, events.ACCEPTED, qid, r.get("sn"), sender=r.get("from"), peer=r.get("peer"),
-                                    size=mail.size, message_id=message_id, set_id=set_id, set_part=set_part,
-                                    set_total=set_total, detail=r["sha256"]))]
-    rows += [events.row(events.Event(at, events.DELIVERED, qid, sites.name(site_id), peer_site=r.get("sn"),
-                                     rcpt=rcpt, size=mail.size, detail="restored by rebuild-index"))
-             for site_id, rcpt in entries]
+        (
+            qid,
+            mail.blob,
+            mail.offset,
+            mail.size,
+            r["sha256"],
+            int(r.get("dots", 0)),
+            at,
+            r.get("from", ""),
+            sender_site,
+            message_id,
+            set_id,
+            set_part,
+            set_total,
+            len(entries) + len(remote),
+            structure,
+            r["crc"] if isinstance(r.get("crc"), int) else None,
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)",
+        [(site_id, qid, rcpt, at) for site_id, rcpt in entries],
+    )
+    conn.executemany(
+        "INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at) VALUES (?, ?, ?, ?)",
+        [(qid, rcpt, at, time.time()) for rcpt in remote],
+    )
+    rows = [
+        events.row(
+            events.Event(
+                at,
+                events.ACCEPTED,
+                qid,
+                r.get("sn"),
+                sender=r.get("from"),
+                peer=r.get("peer"),
+                size=mail.size,
+                message_id=message_id,
+                set_id=set_id,
+                set_part=set_part,
+                set_total=set_total,
+                detail=r["sha256"],
+            )
+        )
+    ]
+    rows += [
+        events.row(
+            events.Event(
+                at,
+                events.DELIVERED,
+                qid,
+                sites.name(site_id),
+                peer_site=r.get("sn"),
+                rcpt=rcpt,
+                size=mail.size,
+                detail="restored by rebuild-index",
+            )
+        )
+        for site_id, rcpt in entries
+    ]
     conn.executemany(events.INSERT, rows)
     report.restored += 1
     report.restored_entries += len(entries)
@@ -365,12 +468,16 @@ def _restore(conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, s
 
 def _apply_removals(conn, state: ledger.LedgerState, report: RebuildReport) -> None:
     for qid, site in state.removed:
-        sql = ("DELETE FROM mailbox WHERE queue_id = ? AND site_id = ?" if isinstance(site, int) else
-               "DELETE FROM mailbox WHERE queue_id = ? AND site_id = (SELECT id FROM sites WHERE name = ?)")
+        sql = (
+            "DELETE FROM mailbox WHERE queue_id = ? AND site_id = ?"
+            if isinstance(site, int)
+            else "DELETE FROM mailbox WHERE queue_id = ? AND site_id = (SELECT id FROM sites WHERE name = ?)"
+        )
         report.removed_entries += conn.execute(sql, (qid, site)).rowcount
     for qid, rcpt in state.outbound_done:
-        report.removed_outbound += conn.execute("DELETE FROM outbound WHERE queue_id = ? AND rcpt = ?",
-                                                (qid, rcpt)).rowcount
+        report.removed_outbound += conn.execute(
+            "DELETE FROM outbound WHERE queue_id = ? AND rcpt = ?", (qid, rcpt)
+        ).rowcount
 
 
 def _raise_uid_floor(conn, max_uid: int) -> None:
@@ -398,12 +505,14 @@ class _Sites:
         if name is None:
             return site_id if site_id in self.names else None
         if name in self.by_name:
-            if rcpt and name in self.report.sites_made:   # a site made again gets every address it had
-                self.conn.execute("INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)",
-                                  (rcpt, self.by_name[name]))
+            if rcpt and name in self.report.sites_made:  # a site made again gets every address it had
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)", (rcpt, self.by_name[name])
+                )
             return self.by_name[name]
-        cur = self.conn.execute("INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)",
-                                (name, LOCKED_PASSWORD, time.time()))
+        cur = self.conn.execute(
+            "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)", (name, LOCKED_PASSWORD, time.time())
+        )
         self.by_name[name], self.names[cur.lastrowid] = cur.lastrowid, name
         if rcpt:
             self.conn.execute("INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)", (rcpt, cur.lastrowid))

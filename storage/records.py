@@ -17,6 +17,7 @@ def pickled_by_fields(cls):
 @dataclass(slots=True)
 class MessageMeta:
     """What the ingest learnt about a message while it streamed."""
+
     mail_from: str
     sender_site: int | None
     dot_lines: bool
@@ -24,9 +25,9 @@ class MessageMeta:
     set_id: str | None = None
     set_part: int | None = None
     set_total: int | None = None
-    sender_name: str | None = None   # the sending site's name (for the tracking record)
-    peer: str | None = None          # the client's IP address
-    structure: dict | None = None   # MIME structure record (relay.mime.structure), offsets in the blob
+    sender_name: str | None = None  # the sending site's name (for the tracking record)
+    peer: str | None = None  # the client's IP address
+    structure: dict | None = None  # MIME structure record (relay.mime.structure), offsets in the blob
 
 
 @pickled_by_fields
@@ -34,7 +35,7 @@ class MessageMeta:
 class Delivery:
     site_id: int
     rcpt: str
-    site_name: str | None = None   # for the tracking record
+    site_name: str | None = None  # for the tracking record
     # the receiving mailbox's limits (None: unlimited), checked once more inside the commit's
     # transaction against what the index holds: the last word, whatever the server's ledger said
     max_bytes: int | None = None
@@ -50,22 +51,23 @@ class MailboxEntry:
     path: Path
     sha256: str
     sender_site: int | None = None
-    fetched: bool = False     # downloaded before (by an earlier session)
-    flags: int = 0            # IMAP flag bits (relay.imap.fetch: \Seen 1, \Answered 2, ...)
+    fetched: bool = False  # downloaded before (by an earlier session)
+    flags: int = 0  # IMAP flag bits (relay.imap.fetch: \Seen 1, \Answered 2, ...)
     delivered_at: float = 0.0
-    offset: int = 0           # where the message starts in its blob file (a pack of small messages)
+    offset: int = 0  # where the message starts in its blob file (a pack of small messages)
     crc32: int | None = None  # zlib CRC-32 of the message, checked while it is served (None: stored before)
 
 
 @dataclass(slots=True)
 class Downloads:
     """What one mailbox session sent to its site (added to running totals per site)."""
-    polled_at: float          # login time (time.time())
-    messages: int = 0         # whole messages (RETR)
-    bytes: int = 0            # message octets (RETR and TOP)
+
+    polled_at: float  # login time (time.time())
+    messages: int = 0  # whole messages (RETR)
+    bytes: int = 0  # message octets (RETR and TOP)
     send_seconds: float = 0.0
-    fetched_uids: list[int] = field(default_factory=list)   # entries downloaded for the first time
+    fetched_uids: list[int] = field(default_factory=list)  # entries downloaded for the first time
     protocol: str = "pop3"
-    peer: str | None = None   # the client's IP address
-    retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)   # queue ID -> (time, octets)
-    sessions: int = 1         # 0 for a later part of a session already counted (IMAP records at each expunge)
+    peer: str | None = None  # the client's IP address
+    retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)  # queue ID -> (time, octets)
+    sessions: int = 1  # 0 for a later part of a session already counted (IMAP records at each expunge)

@@ -29,8 +29,8 @@ log = logging.getLogger("mailhub.storage")
 HOUR_FOLDER = re.compile(r"^\d{10}$")
 QUEUE_ID = re.compile(r"^[0-9A-F]{19}$")
 SPOOL_FILE = re.compile(r"^[0-9A-F]{19}\.tmp$")
-PROBE_FILE = re.compile(r"^healthz-\d+\.probe$")   # mailhub.metrics' free-space probe
-MISSING_LIMIT = 10   # more missing blobs than this (and over a tenth of all) stop the start
+PROBE_FILE = re.compile(r"^healthz-\d+\.probe$")  # mailhub.metrics' free-space probe
+MISSING_LIMIT = 10  # more missing blobs than this (and over a tenth of all) stop the start
 
 
 class IndexBehind(StorageError):
@@ -44,21 +44,30 @@ class IndexBehind(StorageError):
 class RecoveryReport:
     spool_removed: int = 0
     trash_removed: int = 0
-    quarantined: list[str] = field(default_factory=list)     # what was moved aside, and why
-    strays: list[str] = field(default_factory=list)          # left alone
+    quarantined: list[str] = field(default_factory=list)  # what was moved aside, and why
+    strays: list[str] = field(default_factory=list)  # left alone
     missing_blobs: list[str] = field(default_factory=list)
     size_mismatches: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)         # could not be done (e.g. a full disk)
+    skipped: list[str] = field(default_factory=list)  # could not be done (e.g. a full disk)
 
     def anything(self) -> bool:
-        return bool(self.spool_removed or self.trash_removed or self.quarantined or self.strays
-                    or self.missing_blobs or self.size_mismatches or self.skipped)
+        return bool(
+            self.spool_removed
+            or self.trash_removed
+            or self.quarantined
+            or self.strays
+            or self.missing_blobs
+            or self.size_mismatches
+            or self.skipped
+        )
 
     def __str__(self) -> str:
-        return (f"{self.spool_removed} partial spool file(s) removed, {self.trash_removed} freed blob(s)"
-                f" removed, {len(self.quarantined)} item(s) quarantined, {len(self.strays)} stray(s) left alone,"
-                f" {len(self.missing_blobs)} indexed blob(s) missing, {len(self.size_mismatches)} blob(s)"
-                f" shorter than indexed, {len(self.skipped)} step(s) skipped")
+        return (
+            f"{self.spool_removed} partial spool file(s) removed, {self.trash_removed} freed blob(s)"
+            f" removed, {len(self.quarantined)} item(s) quarantined, {len(self.strays)} stray(s) left alone,"
+            f" {len(self.missing_blobs)} indexed blob(s) missing, {len(self.size_mismatches)} blob(s)"
+            f" shorter than indexed, {len(self.skipped)} step(s) skipped"
+        )
 
 
 def recover(conn: sqlite3.Connection, data_dir: Path) -> RecoveryReport:
@@ -69,8 +78,10 @@ def recover(conn: sqlite3.Connection, data_dir: Path) -> RecoveryReport:
     seq, _attempt = ledger.last_commit(conn)
     newest = ledger.read(data_dir, newest_only=True)
     if newest.max_seq > seq:
-        raise IndexBehind(f"the index ({data_dir / 'index.sqlite3'}) is older than the blob store: it ends at"
-                          f" group commit {seq}, the ledger at {newest.max_seq}")
+        raise IndexBehind(
+            f"the index ({data_dir / 'index.sqlite3'}) is older than the blob store: it ends at"
+            f" group commit {seq}, the ledger at {newest.max_seq}"
+        )
     _catch_up_ledger(conn, data_dir, report)
     _check_blobs(conn, data_dir, seq, report)
     for text in report.quarantined:
@@ -85,7 +96,7 @@ def recover(conn: sqlite3.Connection, data_dir: Path) -> RecoveryReport:
 def _clean_spool(data_dir: Path, spool_dir: Path, report: RecoveryReport) -> None:
     for entry in os.scandir(spool_dir):
         if entry.is_file(follow_symlinks=False) and (SPOOL_FILE.match(entry.name) or PROBE_FILE.match(entry.name)):
-            os.unlink(entry.path)   # never renamed into blobs/: never committed, never acknowledged
+            os.unlink(entry.path)  # never renamed into blobs/: never committed, never acknowledged
             report.spool_removed += 1
         else:
             report.strays.append(_relative(entry.path, data_dir))
@@ -94,10 +105,10 @@ def _clean_spool(data_dir: Path, spool_dir: Path, report: RecoveryReport) -> Non
 def _empty_trash(conn: sqlite3.Connection, blob_dir: Path, report: RecoveryReport) -> None:
     trash = [blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")]
     for blob in trash:
-        unlink_quietly(blob_dir / blob)   # freed by a committed deletion
+        unlink_quietly(blob_dir / blob)  # freed by a committed deletion
     try:
         conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(b,) for b in trash])
-    except sqlite3.OperationalError as exc:   # a full disk: the rows are removed at the next start
+    except sqlite3.OperationalError as exc:  # a full disk: the rows are removed at the next start
         report.skipped.append(f"forgetting {len(trash)} removed blob(s): {exc}")
     report.trash_removed = len(trash)
 
@@ -135,24 +146,34 @@ def _check_blobs(conn, data_dir: Path, seq: int, report: RecoveryReport) -> None
                     report.size_mismatches.append(name)
                 elif name in committed_end and size > committed_end[name]:
                     tails.append((name, committed_end[name], size))
-            elif name in committed_end:   # a pack whose messages are all gone, not yet trashed
+            elif name in committed_end:  # a pack whose messages are all gone, not yet trashed
                 on_disk.add(name)
             else:
                 orphans.append(name)
-    newer = [what for what in (_newer_than_index(blob_dir, name, start, seq) for name, start, _ in tails)
-             if what] + [what for what in (_newer_than_index(blob_dir, name, 0, seq) for name in orphans) if what]
+    newer = [what for what in (_newer_than_index(blob_dir, name, start, seq) for name, start, _ in tails) if what] + [
+        what for what in (_newer_than_index(blob_dir, name, 0, seq) for name in orphans) if what
+    ]
     if newer:
-        raise IndexBehind(f"the index ({data_dir / 'index.sqlite3'}) is older than the blob store: {newer[0]}"
-                          f" (and {len(newer) - 1} more), but it ends at group commit {seq}")
+        raise IndexBehind(
+            f"the index ({data_dir / 'index.sqlite3'}) is older than the blob store: {newer[0]}"
+            f" (and {len(newer) - 1} more), but it ends at group commit {seq}"
+        )
     report.missing_blobs = sorted(set(indexed) - on_disk)
     if len(report.missing_blobs) > max(MISSING_LIMIT, len(indexed) // 10):
-        raise IndexBehind(f"{len(report.missing_blobs)} of the {len(indexed)} blob files the index refers to are"
-                          f" missing from {blob_dir} (is the blob store mounted, or the index from elsewhere?)")
+        raise IndexBehind(
+            f"{len(report.missing_blobs)} of the {len(indexed)} blob files the index refers to are"
+            f" missing from {blob_dir} (is the blob store mounted, or the index from elsewhere?)"
+        )
     for name, start, size in tails:
         _quarantine_tail(data_dir, blob_dir / name, start, size, report)
     for name in orphans:
-        _quarantine(data_dir, blob_dir / name, "uncommitted_blob", "a blob file no index row refers to"
-                    " (a transaction cut short before its commit: its sender got no 250)", report)
+        _quarantine(
+            data_dir,
+            blob_dir / name,
+            "uncommitted_blob",
+            "a blob file no index row refers to (a transaction cut short before its commit: its sender got no 250)",
+            report,
+        )
     for blob in report.missing_blobs + report.size_mismatches:
         log.error("index refers to %s blob %s", "missing" if blob in report.missing_blobs else "short", blob)
         _quarantine_rows(conn, data_dir, blob, report)
@@ -167,7 +188,7 @@ def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int) -> str | 
     try:
         size = os.fstat(fd).st_size
         if start == 0 and envelope.has_trailer(fd, size):
-            return None   # a single file: its commit is in the ledger (checked), not in the file
+            return None  # a single file: its commit is in the ledger (checked), not in the file
         for found in envelope.frames(fd, start, size):
             record_seq = found.record.get("seq") if found.record else None
             if isinstance(record_seq, int) and record_seq > seq + 1:
@@ -182,8 +203,13 @@ def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int) -> str | 
 
 def _quarantine_tail(data_dir: Path, path: Path, start: int, size: int, report: RecoveryReport) -> None:
     try:
-        quarantine(data_dir, path, "uncommitted_frames", "bytes past the pack's committed end (a group commit"
-                   " cut short before its commit: its senders got no 250)", byte_range=(start, size - start))
+        quarantine(
+            data_dir,
+            path,
+            "uncommitted_frames",
+            "bytes past the pack's committed end (a group commit cut short before its commit: its senders got no 250)",
+            byte_range=(start, size - start),
+        )
         truncate_durably(str(path), start)
     except OSError as exc:
         report.skipped.append(f"moving aside the uncommitted end of {path}: {exc}")
@@ -222,41 +248,45 @@ def _quarantine_rows(conn, data_dir: Path, blob: str, report: RecoveryReport) ->
     rebuild brings the mails back if their blob turns up)."""
     path = data_dir / "blobs" / blob
     try:
-        length = path.stat().st_size   # short: only the mails past its end go
+        length = path.stat().st_size  # short: only the mails past its end go
     except FileNotFoundError:
         length = -1
     rows = conn.execute("SELECT * FROM messages WHERE blob = ? AND blob_offset + size > ?", (blob, length))
     columns = [c[0] for c in rows.description]
     messages = [dict(zip(columns, row)) for row in rows.fetchall()]
     qids = [(m["queue_id"],) for m in messages]
-    entries = conn.execute("SELECT b.site_id, s.name, b.rcpt, b.uid, b.queue_id FROM mailbox b"
-                           " JOIN messages m ON m.queue_id = b.queue_id LEFT JOIN sites s ON s.id = b.site_id"
-                           " WHERE m.blob = ? AND m.blob_offset + m.size > ?", (blob, length)).fetchall()
-    data = json.dumps({"blob": blob, "file_size": length, "messages": messages, "entries": entries},
-                      indent=1).encode()
+    entries = conn.execute(
+        "SELECT b.site_id, s.name, b.rcpt, b.uid, b.queue_id FROM mailbox b"
+        " JOIN messages m ON m.queue_id = b.queue_id LEFT JOIN sites s ON s.id = b.site_id"
+        " WHERE m.blob = ? AND m.blob_offset + m.size > ?",
+        (blob, length),
+    ).fetchall()
+    data = json.dumps({"blob": blob, "file_size": length, "messages": messages, "entries": entries}, indent=1).encode()
     reason = "short_blob" if length >= 0 else "missing_blob"
     state = "shorter than indexed" if length >= 0 else "missing"
     detail = f"index rows of mails past the end of blob file {blob} ({state}): taken out of the mailboxes"
     try:
-        quarantine_data(data_dir, "index-rows.json", data, f"blobs/{blob}", reason, detail,
-                        queue_ids=[q for (q,) in qids])
+        quarantine_data(
+            data_dir, "index-rows.json", data, f"blobs/{blob}", reason, detail, queue_ids=[q for (q,) in qids]
+        )
         with db.transaction(conn):
             conn.execute("UPDATE meta SET value = 1 WHERE key = 'ledger_quiet'")
             conn.executemany("DELETE FROM mailbox WHERE queue_id = ?", qids)
             conn.executemany("DELETE FROM outbound WHERE queue_id = ?", qids)
-            conn.executemany("DELETE FROM messages WHERE queue_id = ?", qids)   # (if no entry held it)
+            conn.executemany("DELETE FROM messages WHERE queue_id = ?", qids)  # (if no entry held it)
             conn.execute("DELETE FROM blob_holes WHERE blob = ? AND start + size > ?", (blob, length))
             if length < 0:
                 conn.execute("DELETE FROM packs WHERE blob = ?", (blob,))
-            conn.execute("DELETE FROM blob_trash WHERE blob = ?", (blob,))   # a short file stays, for the rest
+            conn.execute("DELETE FROM blob_trash WHERE blob = ?", (blob,))  # a short file stays, for the rest
             conn.execute("UPDATE meta SET value = 0 WHERE key = 'ledger_quiet'")
         if length >= 0 and conn.execute("SELECT 1 FROM messages WHERE blob = ?", (blob,)).fetchone() is None:
             quarantine(data_dir, path, reason, "what is left of a blob file shorter than its indexed mails")
     except (OSError, sqlite3.OperationalError) as exc:
         report.skipped.append(f"moving aside the index rows of {reason.replace('_', ' ')} {blob}: {exc}")
         return
-    report.quarantined.append(f"index rows of {blob}: {len(messages)} mail(s), {len(entries)} mailbox"
-                              f" entr(ies) ({reason.replace('_', ' ')})")
+    report.quarantined.append(
+        f"index rows of {blob}: {len(messages)} mail(s), {len(entries)} mailbox entr(ies) ({reason.replace('_', ' ')})"
+    )
 
 
 def _relative(path: str, data_dir: Path) -> str:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from .events import COLUMNS, Event
 
 _COLUMNS = ", ".join(COLUMNS)
-_CHUNK = 500   # queue IDs per IN (...) lookup
-_PARTY_COLUMNS = ("site", "peer_site", "sender", "rcpt")   # the columns a party is looked up by
+_CHUNK = 500  # queue IDs per IN (...) lookup
+_PARTY_COLUMNS = ("site", "peer_site", "sender", "rcpt")  # the columns a party is looked up by
 
 
 def _party_column(column: str) -> str:
@@ -24,7 +24,9 @@ def volumes(conn: sqlite3.Connection, since: float, until: float) -> list[tuple[
     """(kind, site, peer site, count, octets) of the events in [since, until); '-' for no site."""
     return conn.execute(
         "SELECT kind, coalesce(site, '-'), coalesce(peer_site, '-'), count(*), coalesce(sum(size), 0)"
-        " FROM events WHERE at >= ? AND at < ? GROUP BY 1, 2, 3", (since, until)).fetchall()
+        " FROM events WHERE at >= ? AND at < ? GROUP BY 1, 2, 3",
+        (since, until),
+    ).fetchall()
 
 
 def refusal_counts(conn: sqlite3.Connection, since: float, until: float) -> list[tuple[str, str, str, str, int, float]]:
@@ -33,7 +35,9 @@ def refusal_counts(conn: sqlite3.Connection, since: float, until: float) -> list
     return conn.execute(
         "SELECT kind, coalesce(site, '-'), coalesce(peer_site, '-'), detail, count(*), max(at)"
         " FROM events WHERE kind IN ('refused', 'deferred') AND at >= ? AND at < ?"
-        " GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2, 3, 4", (since, until)).fetchall()
+        " GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2, 3, 4",
+        (since, until),
+    ).fetchall()
 
 
 def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[tuple[str, int, int, float]]:
@@ -44,14 +48,17 @@ def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> 
         "SELECT s.name, count(*), sum(m.size), min(b.delivered_at) FROM mailbox b"
         " JOIN messages m ON m.queue_id = b.queue_id JOIN sites s ON s.id = b.site_id"
         f" {where} GROUP BY b.site_id ORDER BY 3 DESC, 1 LIMIT ?",
-        ((site_id,) if site_id is not None else ()) + (top,)).fetchall()
+        ((site_id,) if site_id is not None else ()) + (top,),
+    ).fetchall()
 
 
 def mailbox_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int]:
     """(messages, octets) waiting in one site's mailbox."""
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
-        " WHERE b.site_id = ?", (site_id,)).fetchone()
+        " WHERE b.site_id = ?",
+        (site_id,),
+    ).fetchone()
     return count, size
 
 
@@ -59,7 +66,8 @@ def downloads_since(conn: sqlite3.Connection, site: str, since: float) -> tuple[
     """(messages, octets) the site downloaded since `since`."""
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM events WHERE kind = 'downloaded' AND site = ? AND at >= ?",
-        (site, since)).fetchone()
+        (site, since),
+    ).fetchone()
     return count, size
 
 
@@ -68,48 +76,68 @@ def refusals_since(conn: sqlite3.Connection, column: str, name: str, since: floa
     ('site': the sender's site, 'peer_site': the recipient's) is `name`, the most frequent first."""
     return conn.execute(
         f"SELECT kind, detail, count(*), max(at) FROM events WHERE {_party_column(column)} = ? AND at >= ?"
-        " AND kind IN ('refused', 'deferred') GROUP BY 1, 2 ORDER BY 3 DESC, 2", (name, since)).fetchall()
+        " AND kind IN ('refused', 'deferred') GROUP BY 1, 2 ORDER BY 3 DESC, 2",
+        (name, since),
+    ).fetchall()
 
 
 def address_known(conn: sqlite3.Connection, address: str) -> bool:
     """Whether the address is a site's or appears as a sender or recipient in the events."""
-    return conn.execute("SELECT 1 FROM addresses WHERE address = ? UNION ALL"
-                        " SELECT 1 FROM events WHERE sender = ? UNION ALL"
-                        " SELECT 1 FROM events WHERE rcpt = ? LIMIT 1", (address, address, address)).fetchone() is not None
+    return (
+        conn.execute(
+            "SELECT 1 FROM addresses WHERE address = ? UNION ALL"
+            " SELECT 1 FROM events WHERE sender = ? UNION ALL"
+            " SELECT 1 FROM events WHERE rcpt = ? LIMIT 1",
+            (address, address, address),
+        ).fetchone()
+        is not None
+    )
 
 
 def queue_ids_by_message_id(conn: sqlite3.Connection, message_ids: tuple[str, ...]) -> list[str]:
     """The queue IDs of the mails with any of these Message-IDs."""
     marks = ",".join("?" * len(message_ids))
-    return [q for (q,) in conn.execute(f"SELECT DISTINCT queue_id FROM events WHERE message_id IN ({marks})",
-                                       message_ids) if q is not None]
+    return [
+        q
+        for (q,) in conn.execute(f"SELECT DISTINCT queue_id FROM events WHERE message_id IN ({marks})", message_ids)
+        if q is not None
+    ]
 
 
 def queue_ids_by_set(conn: sqlite3.Connection, set_id: str) -> list[str]:
     """The queue IDs of the parts of an X-TELEMEDICINE-SETID."""
-    return [q for (q,) in conn.execute("SELECT DISTINCT queue_id FROM events WHERE set_id = ?", (set_id,))
-            if q is not None]
+    return [
+        q for (q,) in conn.execute("SELECT DISTINCT queue_id FROM events WHERE set_id = ?", (set_id,)) if q is not None
+    ]
 
 
-def latest_mails_of(conn: sqlite3.Connection, column: str, address: str, kind: str,
-                    limit: int) -> list[tuple[str, float]]:
+def latest_mails_of(
+    conn: sqlite3.Connection, column: str, address: str, kind: str, limit: int
+) -> list[tuple[str, float]]:
     """(queue ID, time) of the latest `limit` events of `kind` whose `column` ('sender' or 'rcpt')
     is the address, the latest first."""
-    return conn.execute(f"SELECT queue_id, at FROM events WHERE {_party_column(column)} = ? AND kind = ?"
-                        " ORDER BY id DESC LIMIT ?", (address, kind, limit)).fetchall()
+    return conn.execute(
+        f"SELECT queue_id, at FROM events WHERE {_party_column(column)} = ? AND kind = ? ORDER BY id DESC LIMIT ?",
+        (address, kind, limit),
+    ).fetchall()
 
 
 def latest_events_of(conn: sqlite3.Connection, column: str, address: str, kind: str, limit: int) -> list[Event]:
     """The latest `limit` events of `kind` whose `column` ('sender' or 'rcpt') is the address."""
-    return [Event(*r) for r in conn.execute(
-        f"SELECT {_COLUMNS} FROM events WHERE {_party_column(column)} = ? AND kind = ? ORDER BY id DESC LIMIT ?",
-        (address, kind, limit))]
+    return [
+        Event(*r)
+        for r in conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE {_party_column(column)} = ? AND kind = ? ORDER BY id DESC LIMIT ?",
+            (address, kind, limit),
+        )
+    ]
 
 
 def events_of_mails(conn: sqlite3.Connection, queue_ids: list[str]) -> Iterator[Event]:
     """Every event of these mails, in time order within each chunk of _CHUNK queue IDs."""
     for start in range(0, len(queue_ids), _CHUNK):
-        chunk = queue_ids[start:start + _CHUNK]
-        for r in conn.execute(f"SELECT {_COLUMNS} FROM events WHERE queue_id IN ({','.join('?' * len(chunk))})"
-                              " ORDER BY at, id", chunk):
+        chunk = queue_ids[start : start + _CHUNK]
+        for r in conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE queue_id IN ({','.join('?' * len(chunk))}) ORDER BY at, id", chunk
+        ):
             yield Event(*r)

@@ -58,11 +58,17 @@ def release_if_short(data_dir: Path, size: int) -> bool:
         if path.exists():
             freed = path.stat().st_blocks * 512
             path.unlink()
-            log.warning("disk full: released the %d-byte reserve %s so that the hub can start and gateways"
-                        " can delete; SMTP answers 452 4.3.1 until space returns", freed, path)
+            log.warning(
+                "disk full: released the %d-byte reserve %s so that the hub can start and gateways"
+                " can delete; SMTP answers 452 4.3.1 until space returns",
+                freed,
+                path,
+            )
         else:
-            log.warning("disk full (less than storage.reserve_bytes free in %s): SMTP answers 452 4.3.1 until"
-                        " space returns", data_dir)
+            log.warning(
+                "disk full (less than storage.reserve_bytes free in %s): SMTP answers 452 4.3.1 until space returns",
+                data_dir,
+            )
     except OSError:
         pass
     return True
@@ -77,6 +83,10 @@ def release(data_dir: Path) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
-    log.warning("disk full: released the %d-byte reserve %s for a gateway's deletion; SMTP answers 452 4.3.1"
-                " until space returns", freed, path)
+    log.warning(
+        "disk full: released the %d-byte reserve %s for a gateway's deletion; SMTP answers 452 4.3.1"
+        " until space returns",
+        freed,
+        path,
+    )
     return True

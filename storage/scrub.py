@@ -18,17 +18,17 @@ from . import verify
 
 log = logging.getLogger("mailhub.storage")
 STATE_NAME = "scrub.json"
-BATCH = 100            # mails listed at a time
-IDLE_SECONDS = 60.0    # wait after a pass over an empty store
+BATCH = 100  # mails listed at a time
+IDLE_SECONDS = 60.0  # wait after a pass over an empty store
 
 
 class Scrub:
     def __init__(self, storage, rate: float, on_verified=None):
         self.storage = storage
-        self.on_verified = on_verified   # called with the octets of each mail checked (metrics)
+        self.on_verified = on_verified  # called with the octets of each mail checked (metrics)
         self.rate = rate
         self.state_path = Path(storage.data_dir) / STATE_NAME
-        self.verified_bytes = 0   # since the start (metrics)
+        self.verified_bytes = 0  # since the start (metrics)
         self.verified_mails = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailhub-scrub")
         self._stop = threading.Event()
@@ -57,8 +57,13 @@ class Scrub:
             rows = await self.storage.messages_after(state["after"], BATCH)
             if not rows:
                 seconds = time.time() - state["started"]
-                log.info("scrub pass done: %d mail(s), %d bytes verified, %d damaged, in %.0f s", state["mails"],
-                         state["bytes"], state["damaged"], seconds)
+                log.info(
+                    "scrub pass done: %d mail(s), %d bytes verified, %d damaged, in %.0f s",
+                    state["mails"],
+                    state["bytes"],
+                    state["damaged"],
+                    seconds,
+                )
                 state = {"after": "", "started": time.time(), "mails": 0, "bytes": 0, "damaged": 0}
                 await loop.run_in_executor(self._pool, self._save, state)
                 if seconds < IDLE_SECONDS:
@@ -67,8 +72,15 @@ class Scrub:
             for queue_id, blob, offset, size, sha256 in rows:
                 if queue_id not in self.storage.damaged:
                     problem = await loop.run_in_executor(
-                        self._pool, verify.content_problem, self.storage.blob_dir / blob, offset, size, sha256,
-                        pacer, self._stop)
+                        self._pool,
+                        verify.content_problem,
+                        self.storage.blob_dir / blob,
+                        offset,
+                        size,
+                        sha256,
+                        pacer,
+                        self._stop,
+                    )
                     # a mail freed meanwhile may be gone or punched out of its pack: no damage
                     if problem is not None and await self.storage.messages_after(queue_id, 0, exact=True):
                         state["damaged"] += await self.storage.mark_damaged(queue_id, problem, "scrub")
@@ -85,9 +97,13 @@ class Scrub:
         try:
             state = json.loads(self.state_path.read_text())
             if isinstance(state.get("after"), str):
-                return {"after": state["after"], "started": float(state.get("started", time.time())),
-                        "mails": int(state.get("mails", 0)), "bytes": int(state.get("bytes", 0)),
-                        "damaged": int(state.get("damaged", 0))}
+                return {
+                    "after": state["after"],
+                    "started": float(state.get("started", time.time())),
+                    "mails": int(state.get("mails", 0)),
+                    "bytes": int(state.get("bytes", 0)),
+                    "damaged": int(state.get("damaged", 0)),
+                }
         except (OSError, ValueError, TypeError, AttributeError):
             pass
         return {"after": "", "started": time.time(), "mails": 0, "bytes": 0, "damaged": 0}
@@ -96,6 +112,6 @@ class Scrub:
         try:
             temporary = self.state_path.with_name(STATE_NAME + ".tmp")
             temporary.write_text(json.dumps(state))
-            os.replace(temporary, self.state_path)   # no fsync: a lost state only begins a pass again
-        except OSError as exc:   # a full disk: the pass goes on, a restart begins it again
+            os.replace(temporary, self.state_path)  # no fsync: a lost state only begins a pass again
+        except OSError as exc:  # a full disk: the pass goes on, a restart begins it again
             log.debug("scrub state not saved: %s", os.strerror(exc.errno) if exc.errno else exc)

@@ -22,7 +22,7 @@ from .sites import Site, list_sites, sites_version
 
 _RECHECK_SECONDS = 0.5
 _VERIFIED_TTL = 300.0
-_HASH_NICENESS = 10   # the hashing threads yield the CPU to the event loop and the index writer
+_HASH_NICENESS = 10  # the hashing threads yield the CPU to the event loop and the index writer
 
 
 class LoginBusy(Exception):
@@ -31,13 +31,14 @@ class LoginBusy(Exception):
 
 class SiteCache:
     def __init__(self, data_dir, hash_threads: int = 2, max_queued_checks: int = 256):
-        self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="password-check",
-                                        initializer=_lower_priority)
+        self._pool = ThreadPoolExecutor(
+            max_workers=hash_threads, thread_name_prefix="password-check", initializer=_lower_priority
+        )
         self._max_queued = max_queued_checks
-        self._pending = 0     # checks submitted to the pool and not finished
-        self._sites: tuple[dict[str, Site], dict[str, Site]] = ({}, {})   # by name, by address (lower case)
+        self._pending = 0  # checks submitted to the pool and not finished
+        self._sites: tuple[dict[str, Site], dict[str, Site]] = ({}, {})  # by name, by address (lower case)
         self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._checking: dict[tuple[str, str, bytes], asyncio.Future] = {}   # checks in flight
+        self._checking: dict[tuple[str, str, bytes], asyncio.Future] = {}  # checks in flight
         self._key = os.urandom(32)
         self._watcher = IndexWatcher(data_dir, "sites", sites_version, self._load, _RECHECK_SECONDS)
 

@@ -25,7 +25,7 @@ class Site:
     password_hash: str
     created_at: float
     addresses: list[str] = field(default_factory=list)
-    limits: dict[str, float] = field(default_factory=dict)   # overrides of the config's quotas
+    limits: dict[str, float] = field(default_factory=dict)  # overrides of the config's quotas
 
 
 def validate_name(name: str) -> str:
@@ -44,8 +44,9 @@ def validate_address(address: str, local_domains: list[str]) -> str:
     return address
 
 
-def add_site(conn: sqlite3.Connection, name: str, addresses: list[str], password: str,
-             local_domains: list[str]) -> Site:
+def add_site(
+    conn: sqlite3.Connection, name: str, addresses: list[str], password: str, local_domains: list[str]
+) -> Site:
     validate_name(name)
     if not addresses:
         raise SiteError("a site needs at least one --address")
@@ -63,31 +64,35 @@ def add_site(conn: sqlite3.Connection, name: str, addresses: list[str], password
             raise SiteError(f"site {name!r} exists already")
         for address in checked:
             owner = conn.execute(
-                "SELECT s.name FROM addresses a JOIN sites s ON s.id = a.site_id WHERE a.address = ?",
-                (address,)).fetchone()
+                "SELECT s.name FROM addresses a JOIN sites s ON s.id = a.site_id WHERE a.address = ?", (address,)
+            ).fetchone()
             if owner:
                 raise SiteError(f"address {address!r} belongs to site {owner[0]!r}")
-        cur = conn.execute("INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)",
-                           (name, password_hash, time.time()))
-        conn.executemany("INSERT INTO addresses (address, site_id) VALUES (?, ?)",
-                         [(a, cur.lastrowid) for a in checked])
+        cur = conn.execute(
+            "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)", (name, password_hash, time.time())
+        )
+        conn.executemany(
+            "INSERT INTO addresses (address, site_id) VALUES (?, ?)", [(a, cur.lastrowid) for a in checked]
+        )
     return get_site(conn, name)
 
 
 def get_site(conn: sqlite3.Connection, name: str) -> Site:
-    row = conn.execute("SELECT id, name, password_hash, created_at FROM sites WHERE name = ?",
-                       (name,)).fetchone()
+    row = conn.execute("SELECT id, name, password_hash, created_at FROM sites WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise SiteError(f"no site named {name!r}")
     site = Site(*row)
-    site.addresses = [a for (a,) in conn.execute(
-        "SELECT address FROM addresses WHERE site_id = ? ORDER BY address", (site.id,))]
+    site.addresses = [
+        a for (a,) in conn.execute("SELECT address FROM addresses WHERE site_id = ? ORDER BY address", (site.id,))
+    ]
     return site
 
 
 def list_sites(conn: sqlite3.Connection) -> list[Site]:
-    sites = {row[0]: Site(*row) for row in conn.execute(
-        "SELECT id, name, password_hash, created_at FROM sites ORDER BY name")}
+    sites = {
+        row[0]: Site(*row)
+        for row in conn.execute("SELECT id, name, password_hash, created_at FROM sites ORDER BY name")
+    }
     for address, site_id in conn.execute("SELECT address, site_id FROM addresses ORDER BY address"):
         sites[site_id].addresses.append(address)
     cursor = conn.execute("SELECT * FROM site_limits")
@@ -104,8 +109,7 @@ def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
         raise SiteError("empty password")
     password_hash = hash_password(password)
     with db.transaction(conn):
-        if conn.execute("UPDATE sites SET password_hash = ? WHERE name = ?",
-                        (password_hash, name)).rowcount == 0:
+        if conn.execute("UPDATE sites SET password_hash = ? WHERE name = ?", (password_hash, name)).rowcount == 0:
             raise SiteError(f"no site named {name!r}")
 
 
@@ -113,8 +117,11 @@ def remove_site(conn: sqlite3.Connection, name: str) -> int:
     """Remove a site, its addresses and its mailbox; return how many mails were dropped."""
     with db.transaction(conn):
         site = get_site(conn, name)
-        conn.execute("INSERT INTO events (at, kind, queue_id, site, detail) SELECT ?, ?, queue_id, ?, 'site removed'"
-                     " FROM mailbox WHERE site_id = ?", (time.time(), events.DELETED, site.name, site.id))
+        conn.execute(
+            "INSERT INTO events (at, kind, queue_id, site, detail) SELECT ?, ?, queue_id, ?, 'site removed'"
+            " FROM mailbox WHERE site_id = ?",
+            (time.time(), events.DELETED, site.name, site.id),
+        )
         dropped = conn.execute("DELETE FROM mailbox WHERE site_id = ?", (site.id,)).rowcount
         conn.execute("DELETE FROM sites WHERE id = ?", (site.id,))
     return dropped

@@ -17,14 +17,14 @@ import zlib
 from concurrent.futures import Executor
 
 from .errors import StorageError
-from .memory_budget import MemoryBudget
 from .files import fsync_dir, rename_into, start_writeback, storage_error, unlink_quietly, write_all
+from .memory_budget import MemoryBudget
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
 SMALL_MESSAGE = 2 * 1024 * 1024  # until this much is queued no write job starts: a message whose
-                                 # end comes first is small, and goes into a pack
+# end comes first is small, and goes into a pack
 MAX_QUEUED = 4 * 1024 * 1024  # queued bytes after which the receiver waits for the disk (8 MB: the
-                              # 1 GB mail peaked 8 MB higher, 50 MB mails were no faster)
+# 1 GB mail peaked 8 MB higher, 50 MB mails were no faster)
 WRITEBACK_AT = 8 * 1024 * 1024  # written bytes whose writeback starts at once (not all at the final fsync)
 
 
@@ -46,30 +46,48 @@ class SpoolFile:
     """A message being received: `write()` chunks (never blocks), `await room()` when
     `backlogged`, then `await sync()` (durable, closed) or `discard()`."""
 
-    __slots__ = ("queue_id", "path", "size", "error", "handed_over", "_executor", "_fd", "_sha",
-                 "_chunks", "_queued", "_job", "_discarded", "_streaming", "_digest", "_written", "_flushing_from", "_crc",
-                 "_budget", "_held")
+    __slots__ = (
+        "queue_id",
+        "path",
+        "size",
+        "error",
+        "handed_over",
+        "_executor",
+        "_fd",
+        "_sha",
+        "_chunks",
+        "_queued",
+        "_job",
+        "_discarded",
+        "_streaming",
+        "_digest",
+        "_written",
+        "_flushing_from",
+        "_crc",
+        "_budget",
+        "_held",
+    )
 
     def __init__(self, spool_dir: str, queue_id: str, executor: Executor, budget: MemoryBudget):
         self.queue_id = queue_id
-        self.path = f"{spool_dir}/{queue_id}.tmp"   # then its blob file's, once synced
+        self.path = f"{spool_dir}/{queue_id}.tmp"  # then its blob file's, once synced
         self.size = 0
         self.error: StorageError | None = None
         self.handed_over = False  # synced and owned by the committer: discard() no longer applies
         self._executor = executor
         self._fd = -1
         self._sha = hashlib.sha256()
-        self._crc = 0   # zlib CRC-32 of the bytes written (checked while serving)
+        self._crc = 0  # zlib CRC-32 of the bytes written (checked while serving)
         self._chunks: list[bytes] = []
         self._queued = 0
         self._job: asyncio.Future | None = None
         self._discarded = False
         self._streaming = False  # a write job has started: the message is no longer all in memory
-        self._digest: str | None = None   # a packed message's SHA-256, from the index writer
-        self._written = 0          # bytes written to the file (worker side)
-        self._flushing_from = 0    # where the range not yet handed to start_writeback begins
+        self._digest: str | None = None  # a packed message's SHA-256, from the index writer
+        self._written = 0  # bytes written to the file (worker side)
+        self._flushing_from = 0  # where the range not yet handed to start_writeback begins
         self._budget = budget
-        self._held = 0             # bytes counted in the budget (queued, in a write job, or handed over)
+        self._held = 0  # bytes counted in the budget (queued, in a write job, or handed over)
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
@@ -80,8 +98,9 @@ class SpoolFile:
         self.size += size
         self._held += size
         self._budget.take(size, self)
-        if self._job is None and (self._queued >= (FLUSH_AT if self._streaming else SMALL_MESSAGE)
-                                  or self._budget.full):
+        if self._job is None and (
+            self._queued >= (FLUSH_AT if self._streaming else SMALL_MESSAGE) or self._budget.full
+        ):
             self._start_job()
 
     @property
@@ -177,8 +196,7 @@ class SpoolFile:
         self._streaming = True
         chunks, queued, self._chunks, self._queued = self._chunks, self._queued, [], 0
         self._budget.left(self)
-        self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks,
-                                                               chunks, final, tail)
+        self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks, chunks, final, tail)
         self._job.add_done_callback(lambda job: self._job_done(job, queued))
 
     def _job_done(self, job: asyncio.Future, written: int) -> None:

@@ -28,20 +28,20 @@ import aiosqlite
 
 from . import db, envelope, events, faults, reserve, verify
 from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
-from .recovery import recover
-from .index_writer import BatchItem, IndexWriter
-from .records import Delivery, Downloads, MailboxEntry, MessageMeta
-from .packs import punch_hole
 from .files import unlink_quietly
 from .folder_lock import lock_data_folder
+from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
+from .packs import punch_hole
+from .records import Delivery, Downloads, MailboxEntry, MessageMeta
+from .recovery import recover
 from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
 from .writer_process import WriterProcess, out_of_band
 
 log = logging.getLogger("mailhub.storage")
-_EVENT_DELAY = 1.0           # seconds a queued refusal waits for a commit to ride along with
-_MAX_QUEUED_EVENTS = 10000   # refusals queued beyond this are dropped (and counted in the log)
+_EVENT_DELAY = 1.0  # seconds a queued refusal waits for a commit to ride along with
+_MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and counted in the log)
 
 
 @dataclass(slots=True)
@@ -52,28 +52,34 @@ class _Pending:
     remote: list[str]
     received_at: float
     done: asyncio.Future
-    blob: str                            # its blob ('<hour folder>/<name>'), or the one a pack it begins takes
+    blob: str  # its blob ('<hour folder>/<name>'), or the one a pack it begins takes
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
-    data: list[bytes] | None = None      # a small message's chunks, still to be written by the batch
-    on_committed: object = None          # called right after the listeners heard of the commit
+    data: list[bytes] | None = None  # a small message's chunks, still to be written by the batch
+    on_committed: object = None  # called right after the listeners heard of the commit
 
 
 class Storage:
-    def __init__(self, data_dir: Path, release_freed_after: float = 3600, reserve_bytes: int = 0,
-                 memory_budget: int = 256 * 1024**2, min_free_bytes: int = 0):
-        self.data_dir = Path(data_dir).absolute()   # the index writer process gets it as it is
-        self.release_freed_after = release_freed_after   # seconds before a freed range of a pack is punched
-        self.reserve_bytes = reserve_bytes   # space set aside for a full disk (storage.reserve)
-        self._disk_full = False   # the hub started short of space: no mail taken until the reserve is back
+    def __init__(
+        self,
+        data_dir: Path,
+        release_freed_after: float = 3600,
+        reserve_bytes: int = 0,
+        memory_budget: int = 256 * 1024**2,
+        min_free_bytes: int = 0,
+    ):
+        self.data_dir = Path(data_dir).absolute()  # the index writer process gets it as it is
+        self.release_freed_after = release_freed_after  # seconds before a freed range of a pack is punched
+        self.reserve_bytes = reserve_bytes  # space set aside for a full disk (storage.reserve)
+        self._disk_full = False  # the hub started short of space: no mail taken until the reserve is back
         self._full_checked = 0.0
-        self.damaged: dict[str, str] = {}   # queue ID -> why (table damaged): never served again
+        self.damaged: dict[str, str] = {}  # queue ID -> why (table damaged): never served again
         self.on_damaged = None
-        self._marking: set[asyncio.Task] = set()   # called with found_by for each mail newly found damaged (metrics)
-        self.min_free_bytes = min_free_bytes   # below this much free space new mail is refused at MAIL FROM
-        self._free: tuple[float, int] = (float("-inf"), 0)   # (monotonic time read, free bytes)
+        self._marking: set[asyncio.Task] = set()  # called with found_by for each mail newly found damaged (metrics)
+        self.min_free_bytes = min_free_bytes  # below this much free space new mail is refused at MAIL FROM
+        self._free: tuple[float, int] = (float("-inf"), 0)  # (monotonic time read, free bytes)
         self.spool_dir = self.data_dir / "spool"
         self.blob_dir = self.data_dir / "blobs"
-        self._spool_folder = str(self.spool_dir)   # paths per message are plain strings (cheaper)
+        self._spool_folder = str(self.spool_dir)  # paths per message are plain strings (cheaper)
         self._blob_folder = str(self.blob_dir)
         self._db: aiosqlite.Connection | None = None
         self._pending: list[_Pending] = []
@@ -87,8 +93,8 @@ class Storage:
         self._writer = WriterProcess(self.data_dir, release_freed_after)
         self._listeners: list = []
         self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
-        self._folder_lock: int | None = None   # held from open() to close() (storage.folder_lock)
-        self.memory_budget = MemoryBudget(memory_budget)   # bytes of mails in flight held in memory
+        self._folder_lock: int | None = None  # held from open() to close() (storage.folder_lock)
+        self.memory_budget = MemoryBudget(memory_budget)  # bytes of mails in flight held in memory
 
     def add_listener(self, listener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
@@ -111,7 +117,7 @@ class Storage:
                 report = recover(conn, self.data_dir)
                 try:
                     rebuild_usage(conn)
-                except sqlite3.OperationalError as exc:   # a full disk: the triggers kept it anyway
+                except sqlite3.OperationalError as exc:  # a full disk: the triggers kept it anyway
                     report.skipped.append(f"recomputing the mailbox usage: {exc}")
             finally:
                 conn.close()
@@ -130,8 +136,9 @@ class Storage:
 
     async def keep_reserve(self) -> None:
         """Set the full-disk reserve aside again once there is room (start-up and housekeeping)."""
-        kept = await asyncio.get_running_loop().run_in_executor(self.executor, reserve.keep, self.data_dir,
-                                                                self.reserve_bytes)
+        kept = await asyncio.get_running_loop().run_in_executor(
+            self.executor, reserve.keep, self.data_dir, self.reserve_bytes
+        )
         if kept and self._disk_full:
             log.warning("space is back: the full-disk reserve is set aside again and mail is taken")
             self._disk_full = False
@@ -151,7 +158,7 @@ class Storage:
             try:
                 self._free = (now, reserve.free_bytes(self.data_dir))
             except OSError:
-                return False   # unknown: the writes will tell
+                return False  # unknown: the writes will tell
         return self._free[1] < self.min_free_bytes + 1.5 * (declared or 0)
 
     async def _freeing(self, method, *args):
@@ -185,8 +192,15 @@ class Storage:
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self._spool_folder, new_queue_id(), self.executor, self.memory_budget)
 
-    async def commit(self, spool: SpoolFile, meta: MessageMeta, deliveries: list[Delivery],
-                     mark: tuple[str, int] | None = None, remote: list[str] = (), on_committed=None) -> None:
+    async def commit(
+        self,
+        spool: SpoolFile,
+        meta: MessageMeta,
+        deliveries: list[Delivery],
+        mark: tuple[str, int] | None = None,
+        remote: list[str] = (),
+        on_committed=None,
+    ) -> None:
         """Make the spooled message durable, put it into the local recipients' mailboxes, queue it
         for the remote recipients (and set the meta row `mark`), all in one index transaction.
         `on_committed()` runs as soon as the listeners have counted the commit, before any other
@@ -195,21 +209,34 @@ class Storage:
         blob = blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
-            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
-                            spool.take_chunks(), on_committed)
-            done.add_done_callback(lambda _: spool.release())   # the batch holding its bytes is over
+            item = _Pending(
+                spool, meta, deliveries, list(remote), received_at, done, blob, mark, spool.take_chunks(), on_committed
+            )
+            done.add_done_callback(lambda _: spool.release())  # the batch holding its bytes is over
         else:
-            def tail(sha256: str, crc32: int) -> bytes:   # its envelope record, written and fsynced with it
-                return envelope.trailer(envelope.record(spool.queue_id, spool.size, received_at, sha256, meta,
-                                                        deliveries, remote, envelope.structure_json(meta),
-                                                        crc=crc32),
-                                        spool.size)
+
+            def tail(sha256: str, crc32: int) -> bytes:  # its envelope record, written and fsynced with it
+                return envelope.trailer(
+                    envelope.record(
+                        spool.queue_id,
+                        spool.size,
+                        received_at,
+                        sha256,
+                        meta,
+                        deliveries,
+                        remote,
+                        envelope.structure_json(meta),
+                        crc=crc32,
+                    ),
+                    spool.size,
+                )
 
             await spool.sync(f"{self._blob_folder}/{blob}", tail)
             spool.handed_over = True
             faults.hit("hub", "blob_synced")
-            item = _Pending(spool, meta, deliveries, list(remote), received_at, done, blob, mark,
-                            on_committed=on_committed)
+            item = _Pending(
+                spool, meta, deliveries, list(remote), received_at, done, blob, mark, on_committed=on_committed
+            )
         self._pending.append(item)
         self._start_flusher()
         await asyncio.shield(item.done)
@@ -236,8 +263,9 @@ class Storage:
         """Run a storage.outbound function (conn, *args) in one transaction in the index writer process."""
         return await self._writer.call(IndexWriter.in_transaction, function, *args)
 
-    async def store_generated(self, data: bytes, meta: MessageMeta, deliveries: list[Delivery],
-                              mark: tuple[str, int] | None = None) -> str:
+    async def store_generated(
+        self, data: bytes, meta: MessageMeta, deliveries: list[Delivery], mark: tuple[str, int] | None = None
+    ) -> str:
         """Put a small message made by the hub itself (CRLF, not dot-stuffed) into mailboxes through
         the same spool -> sync -> commit path as received mail; returns its queue ID."""
         spool = self.new_spool()
@@ -260,8 +288,9 @@ class Storage:
             try:
                 faults.hit("hub", "before_batch")
                 try:
-                    digests = await self._writer.call(IndexWriter.commit_batch, [_batch_item(i) for i in batch],
-                                                      [events.row(e) for e in loose])
+                    digests = await self._writer.call(
+                        IndexWriter.commit_batch, [_batch_item(i) for i in batch], [events.row(e) for e in loose]
+                    )
                 except WriterDied:
                     digests = await self._settle(batch)
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
@@ -278,7 +307,7 @@ class Storage:
                     raise
             else:
                 refused = [item for item, sha256 in zip(batch, digests) if sha256 is None]
-                if refused:   # a mailbox had no room left (the writer's check): not committed
+                if refused:  # a mailbox had no room left (the writer's check): not committed
                     await loop.run_in_executor(self.executor, self._remove_blobs, refused)
                 for item, sha256 in zip(batch, digests):
                     if sha256 is None:
@@ -288,8 +317,12 @@ class Storage:
                     if item.data is not None:
                         item.spool.packed(sha256)
                     for listener in self._listeners:
-                        listener.committed(item.meta.sender_site, [d.site_id for d in item.deliveries],
-                                           item.spool.size, item.received_at)
+                        listener.committed(
+                            item.meta.sender_site,
+                            [d.site_id for d in item.deliveries],
+                            item.spool.size,
+                            item.received_at,
+                        )
                     if item.on_committed is not None:
                         item.on_committed()
                     if not item.done.done():
@@ -301,14 +334,15 @@ class Storage:
         and nothing of it is left (the new writer removed what the old one wrote; the caller removes
         the single files)."""
         try:
-            found = await self._writer.call(IndexWriter.settle, [i.spool.queue_id for i in batch],
-                                            [i.blob for i in batch if i.data is not None])
+            found = await self._writer.call(
+                IndexWriter.settle, [i.spool.queue_id for i in batch], [i.blob for i in batch if i.data is not None]
+            )
         except StorageError as exc:
             raise _Unsettled(f"index writer process ended, and whether it committed is unknown: {exc}") from exc
         if found is None:
             raise StorageError("index writer process ended before the commit")
         log.warning("index writer process ended after committing %d message(s): acknowledged", len(found))
-        return [found.get(i.spool.queue_id) for i in batch]   # None: left out for want of room
+        return [found.get(i.spool.queue_id) for i in batch]  # None: left out for want of room
 
     def _remove_blobs(self, batch: list[_Pending]) -> None:
         """The single-file blobs of a failed batch (its packed messages went with PackWriter.abandon
@@ -320,14 +354,29 @@ class Storage:
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
         async with self._db.execute(
-                "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
-                " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset, m.crc32 FROM mailbox b"
-                " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
-                (site_id,)) as cursor:
+            "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
+            " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset, m.crc32 FROM mailbox b"
+            " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
+            (site_id,),
+        ) as cursor:
             rows = await cursor.fetchall()
-        return [MailboxEntry(uid, qid, size, bool(dots), self.blob_dir / blob, sha, sender, bool(fetched), flags,
-                             delivered, offset, crc)
-                for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset, crc in rows]
+        return [
+            MailboxEntry(
+                uid,
+                qid,
+                size,
+                bool(dots),
+                self.blob_dir / blob,
+                sha,
+                sender,
+                bool(fetched),
+                flags,
+                delivered,
+                offset,
+                crc,
+            )
+            for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset, crc in rows
+        ]
 
     def serving_problem(self, entry: MailboxEntry) -> str | None:
         """Checked before a mail is served (POP3 +OK, an IMAP literal): why it must not be, or None.
@@ -352,22 +401,37 @@ class Storage:
         """Note a mail as damaged: a copy of what is on disk of it into the quarantine, a `damaged`
         row; from now on it is refused to POP3 and IMAP clients. False if it is unknown or known already."""
         self.damaged[queue_id] = reason
-        rows = await self._db.execute_fetchall("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?",
-                                               (queue_id,))
+        rows = await self._db.execute_fetchall(
+            "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
+        )
         if not rows:
             return False
         blob, offset, size = rows[0]
         try:
             entry = await asyncio.get_running_loop().run_in_executor(
-                self.executor, verify.quarantine_copy, self.data_dir, self.blob_dir / blob, offset, size, queue_id,
-                reason, found_by)
+                self.executor,
+                verify.quarantine_copy,
+                self.data_dir,
+                self.blob_dir / blob,
+                offset,
+                size,
+                queue_id,
+                reason,
+                found_by,
+            )
             new = await self._writer.call(IndexWriter.mark_damaged, queue_id, reason, found_by, time.time(), entry)
         except StorageError as exc:
             log.error("mail %s is damaged (%s) but could not be recorded so: %s", queue_id, reason, exc)
             return False
         if new:
-            log.error("mail %s is damaged: %s (found by %s); POP3/IMAP refuse it, its receiver can delete it;"
-                      " a copy is in quarantine/%s", queue_id, reason, found_by, entry or "(none: nothing to copy)")
+            log.error(
+                "mail %s is damaged: %s (found by %s); POP3/IMAP refuse it, its receiver can delete it;"
+                " a copy is in quarantine/%s",
+                queue_id,
+                reason,
+                found_by,
+                entry or "(none: nothing to copy)",
+            )
             if self.on_damaged is not None:
                 self.on_damaged(found_by)
         return new
@@ -377,10 +441,13 @@ class Storage:
         queue ID order (the scrub), or with exact=True of that one mail if it is still stored."""
         if exact:
             return await self._db.execute_fetchall(
-                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,))
+                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,)
+            )
         return await self._db.execute_fetchall(
             "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id > ? ORDER BY queue_id"
-            " LIMIT ?", (queue_id, limit))
+            " LIMIT ?",
+            (queue_id, limit),
+        )
 
     async def message_structure(self, queue_id: str) -> dict | None:
         """The MIME structure recorded at ingest (relay.mime.structure), or None (unknown message,
@@ -394,8 +461,10 @@ class Storage:
     async def uid_next(self, site_id: int) -> int:
         """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""
         async with self._db.execute(
-                "SELECT max(coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1),"
-                " coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1))", (site_id, site_id)) as cursor:
+            "SELECT max(coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1),"
+            " coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1))",
+            (site_id, site_id),
+        ) as cursor:
             (value,) = await cursor.fetchone()
         return value
 
@@ -414,23 +483,25 @@ class Storage:
         """The server's live throttle state per site, for `mailhub site show` (one transaction)."""
         await self._writer.call(IndexWriter.save_throttle_states, states, now)
 
-    async def delete(self, site_id: int, uids: list[int], downloads: Downloads | None = None,
-                     site_name: str | None = None) -> None:
+    async def delete(
+        self, site_id: int, uids: list[int], downloads: Downloads | None = None, site_name: str | None = None
+    ) -> None:
         """Remove mailbox entries (and add a session's downloads to the site's totals) in one
         transaction with their tracking events; blobs whose last reference goes are freed after the
         commit."""
         await self._write_entries(site_id, uids, downloads, site_name)
         try:
             await self.empty_trash()
-        except StorageError as exc:   # the deletion stands; housekeeping empties the trash later
+        except StorageError as exc:  # the deletion stands; housekeeping empties the trash later
             log.warning("freeing the space of deleted mail failed (housekeeping tries again): %s", exc)
 
     async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
         """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""
         await self._write_entries(site_id, [], downloads, site_name)
 
-    async def _write_entries(self, site_id: int, uids: list[int], downloads: Downloads | None,
-                             site_name: str | None) -> None:
+    async def _write_entries(
+        self, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None
+    ) -> None:
         fetched, removed = await self._freeing(IndexWriter.delete_entries, site_id, uids, downloads, site_name)
         for listener in self._listeners:
             for row in fetched:
@@ -464,7 +535,7 @@ class Storage:
             if blob not in gone:
                 try:
                     punch_hole(self.blob_dir / blob, start, size)
-                except OSError as exc:   # the space comes back with the whole pack
+                except OSError as exc:  # the space comes back with the whole pack
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
 
 
@@ -476,19 +547,31 @@ def _open_index(data_dir: Path) -> sqlite3.Connection:
     """The index for start-up recovery; a full disk is said as such (SQLite cannot even size its
     shared-memory file then)."""
     try:
-        return db.connect(data_dir)   # creates the schema
+        return db.connect(data_dir)  # creates the schema
     except sqlite3.OperationalError as exc:
         free = reserve.free_bytes(data_dir)
         if free < 1024 * 1024:
-            raise StorageFull(f"cannot open the index ({exc}): the data folder's file system has {free} bytes free;"
-                              " free some space (e.g. in quarantine/, see docs/storage.md) and start again") from None
+            raise StorageFull(
+                f"cannot open the index ({exc}): the data folder's file system has {free} bytes free;"
+                " free some space (e.g. in quarantine/, see docs/storage.md) and start again"
+            ) from None
         raise
 
 
 def _batch_item(item: _Pending) -> BatchItem:
     spool = item.spool
     packed = item.data is not None
-    return BatchItem(spool.queue_id, spool.size, item.received_at, item.meta, item.deliveries, item.remote,
-                     item.mark, item.blob, None if packed else spool.sha256,
-                     out_of_band(item.data) if packed else None, spool.path if packed else None,
-                     crc32=None if packed else spool.crc32)
+    return BatchItem(
+        spool.queue_id,
+        spool.size,
+        item.received_at,
+        item.meta,
+        item.deliveries,
+        item.remote,
+        item.mark,
+        item.blob,
+        None if packed else spool.sha256,
+        out_of_band(item.data) if packed else None,
+        spool.path if packed else None,
+        crc32=None if packed else spool.crc32,
+    )

@@ -11,9 +11,17 @@ from . import db
 from .sites import SiteError, get_site
 
 # Limit names, in display order, as `mailhub site set` options and site_limits columns.
-LIMIT_NAMES = ("mailbox_bytes", "mailbox_messages", "max_message_size", "submitted_per_day",
-               "submitted_per_month", "received_per_day", "received_per_month", "max_drain_time",
-               "downlink")
+LIMIT_NAMES = (
+    "mailbox_bytes",
+    "mailbox_messages",
+    "max_message_size",
+    "submitted_per_day",
+    "submitted_per_month",
+    "received_per_day",
+    "received_per_month",
+    "max_drain_time",
+    "downlink",
+)
 UNLIMITED = -1
 
 
@@ -22,13 +30,14 @@ class UsageSnapshot:
     """Index figures the throttle loads: usage rows (receiver, sender, held_bytes, held_messages,
     waiting_bytes, waiting_messages), volumes {(site, period): (submitted, received)}, downloads
     {site: (bytes, last_poll_at)}."""
+
     taken_at: float
     usage: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     volumes: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
     downloads: dict[int, tuple[int, float]] = field(default_factory=dict)
 
 
-VOLUME_WINDOW_DAYS = 40   # days of volume periods loaded at start (as quotas.ledger keeps them)
+VOLUME_WINDOW_DAYS = 40  # days of volume periods loaded at start (as quotas.ledger keeps them)
 
 
 def periods(now: float) -> tuple[str, str]:
@@ -41,31 +50,41 @@ def window_start(now: float) -> tuple[str, str]:
     return periods(now - VOLUME_WINDOW_DAYS * 86400)
 
 
-USAGE_SQL = ("SELECT receiver_id, sender_id, held_bytes, held_messages, waiting_bytes, waiting_messages"
-             " FROM mailbox_usage WHERE held_messages > 0")
+USAGE_SQL = (
+    "SELECT receiver_id, sender_id, held_bytes, held_messages, waiting_bytes, waiting_messages"
+    " FROM mailbox_usage WHERE held_messages > 0"
+)
 # every period since window_start (days are 10 characters long, months 7): a wall clock stepped
 # back after start finds the earlier periods' counts
-VOLUME_SQL = ("SELECT site_id, period, submitted_bytes, received_bytes FROM site_volume"
-              " WHERE (length(period) = 10 AND period >= ?) OR (length(period) = 7 AND period >= ?)")
+VOLUME_SQL = (
+    "SELECT site_id, period, submitted_bytes, received_bytes FROM site_volume"
+    " WHERE (length(period) = 10 AND period >= ?) OR (length(period) = 7 AND period >= ?)"
+)
 DOWNLOADS_SQL = "SELECT site_id, bytes, last_poll_at FROM site_downloads"
 LIMITS_SQL = f"SELECT site_id, {', '.join(LIMIT_NAMES)} FROM site_limits"
 
 
 def snapshot_from_rows(now: float, usage, volumes, downloads) -> UsageSnapshot:
-    return UsageSnapshot(now, [tuple(r) for r in usage],
-                         {(site, period): (sub, rec) for site, period, sub, rec in volumes},
-                         {site: (octets, last) for site, octets, last in downloads})
+    return UsageSnapshot(
+        now,
+        [tuple(r) for r in usage],
+        {(site, period): (sub, rec) for site, period, sub, rec in volumes},
+        {site: (octets, last) for site, octets, last in downloads},
+    )
 
 
 def read_snapshot(conn: sqlite3.Connection, now: float) -> UsageSnapshot:
-    return snapshot_from_rows(now, conn.execute(USAGE_SQL), conn.execute(VOLUME_SQL, window_start(now)),
-                              conn.execute(DOWNLOADS_SQL))
+    return snapshot_from_rows(
+        now, conn.execute(USAGE_SQL), conn.execute(VOLUME_SQL, window_start(now)), conn.execute(DOWNLOADS_SQL)
+    )
 
 
 def read_limits(conn: sqlite3.Connection) -> dict[int, dict[str, float | None]]:
     """Per-site overrides: {site_id: {limit: value}} with only the limits that are set."""
-    return {row[0]: {name: value for name, value in zip(LIMIT_NAMES, row[1:]) if value is not None}
-            for row in conn.execute(LIMITS_SQL)}
+    return {
+        row[0]: {name: value for name, value in zip(LIMIT_NAMES, row[1:]) if value is not None}
+        for row in conn.execute(LIMITS_SQL)
+    }
 
 
 def set_limits(conn: sqlite3.Connection, name: str, values: dict[str, float | None]) -> None:
@@ -88,7 +107,8 @@ def rebuild_usage(conn: sqlite3.Connection) -> None:
             "INSERT INTO mailbox_usage (receiver_id, sender_id, held_bytes, held_messages, waiting_bytes,"
             " waiting_messages) SELECT b.site_id, coalesce(m.sender_site, 0), sum(m.size), count(*),"
             " sum(CASE WHEN b.fetched_at IS NULL THEN m.size ELSE 0 END), sum(b.fetched_at IS NULL)"
-            " FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id GROUP BY 1, 2")
+            " FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id GROUP BY 1, 2"
+        )
 
 
 def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict:
@@ -96,22 +116,37 @@ def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict:
     held_b, held_m, wait_b, wait_m = conn.execute(
         "SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0),"
         " coalesce(sum(waiting_bytes), 0), coalesce(sum(waiting_messages), 0)"
-        " FROM mailbox_usage WHERE receiver_id = ?", (site_id,)).fetchone()
+        " FROM mailbox_usage WHERE receiver_id = ?",
+        (site_id,),
+    ).fetchone()
     day, month = periods(now)
-    volumes = {period: (sub, rec) for period, sub, rec in conn.execute(
-        "SELECT period, submitted_bytes, received_bytes FROM site_volume WHERE site_id = ? AND period IN (?, ?)",
-        (site_id, day, month))}
-    return {"mailbox_bytes": held_b, "mailbox_messages": held_m, "waiting_bytes": wait_b,
-            "waiting_messages": wait_m,
-            "submitted_per_day": volumes.get(day, (0, 0))[0], "submitted_per_month": volumes.get(month, (0, 0))[0],
-            "received_per_day": volumes.get(day, (0, 0))[1], "received_per_month": volumes.get(month, (0, 0))[1]}
+    volumes = {
+        period: (sub, rec)
+        for period, sub, rec in conn.execute(
+            "SELECT period, submitted_bytes, received_bytes FROM site_volume WHERE site_id = ? AND period IN (?, ?)",
+            (site_id, day, month),
+        )
+    }
+    return {
+        "mailbox_bytes": held_b,
+        "mailbox_messages": held_m,
+        "waiting_bytes": wait_b,
+        "waiting_messages": wait_m,
+        "submitted_per_day": volumes.get(day, (0, 0))[0],
+        "submitted_per_month": volumes.get(month, (0, 0))[0],
+        "received_per_day": volumes.get(day, (0, 0))[1],
+        "received_per_month": volumes.get(month, (0, 0))[1],
+    }
 
 
 def download_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int, int, float, float | None, float | None]:
     """(sessions, messages, octets, seconds spent sending, first poll, last poll) of one site's
     downloads since it was added."""
-    row = conn.execute("SELECT sessions, messages, bytes, send_seconds, first_poll_at, last_poll_at"
-                       " FROM site_downloads WHERE site_id = ?", (site_id,)).fetchone()
+    row = conn.execute(
+        "SELECT sessions, messages, bytes, send_seconds, first_poll_at, last_poll_at"
+        " FROM site_downloads WHERE site_id = ?",
+        (site_id,),
+    ).fetchone()
     return tuple(row) if row else (0, 0, 0, 0.0, None, None)
 
 
@@ -120,7 +155,8 @@ def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict], now
         "INSERT INTO site_throttle (site_id, updated_at, state) SELECT ?, ?, ? WHERE EXISTS"
         " (SELECT 1 FROM sites WHERE id = ?) ON CONFLICT (site_id) DO UPDATE SET"
         " updated_at = excluded.updated_at, state = excluded.state",
-        [(site_id, now, json.dumps(state), site_id) for site_id, state in states.items()])
+        [(site_id, now, json.dumps(state), site_id) for site_id, state in states.items()],
+    )
 
 
 def read_throttle_state(conn: sqlite3.Connection, site_id: int) -> tuple[float, dict] | None:

@@ -30,8 +30,9 @@ def size_problem(path, offset: int, size: int) -> str | None:
     return None
 
 
-def content_problem(path, offset: int, size: int, sha256: str, pacer: "Pacer | None" = None,
-                    stop: threading.Event | None = None) -> str | None:
+def content_problem(
+    path, offset: int, size: int, sha256: str, pacer: "Pacer | None" = None, stop: threading.Event | None = None
+) -> str | None:
     """Why the mail's bytes are not the ones acknowledged (short, unreadable, another SHA-256), or
     None. Reads CHUNK bytes at a time (at the pacer's rate); returns None early if `stop` is set."""
     digest = hashlib.sha256()
@@ -73,28 +74,33 @@ class Pacer:
         ahead = self._bytes / self.rate - (time.monotonic() - self._start)
         if ahead > 0:
             time.sleep(ahead)
-        elif ahead < -1.0:   # idle for a while: no burst to catch up
+        elif ahead < -1.0:  # idle for a while: no burst to catch up
             self._start, self._bytes = time.monotonic(), 0
 
 
-def quarantine_copy(data_dir: Path, path: Path, offset: int, size: int, queue_id: str, reason: str,
-                    found_by: str) -> str | None:
+def quarantine_copy(
+    data_dir: Path, path: Path, offset: int, size: int, queue_id: str, reason: str, found_by: str
+) -> str | None:
     """Copy what is on disk of a damaged mail into the quarantine (the blob stays: the mailbox entry
     still names it until the gateway deletes it); the entry's id, or None (no file, or no room). Its
     record (queue ID, reason, found_by, time) is what rebuild-index makes the `damaged` row again from."""
     try:
-        entry = quarantine.quarantine(data_dir, Path(path), "damaged", reason, byte_range=(offset, size),
-                                      queue_id=queue_id, found_by=found_by)
+        entry = quarantine.quarantine(
+            data_dir, Path(path), "damaged", reason, byte_range=(offset, size), queue_id=queue_id, found_by=found_by
+        )
     except OSError:
         return None
     return f"{entry.parent.name}/{entry.name}"
 
 
-def note_damaged(conn: sqlite3.Connection, queue_id: str, reason: str, found_by: str, at: float,
-                 entry: str | None) -> bool:
+def note_damaged(
+    conn: sqlite3.Connection, queue_id: str, reason: str, found_by: str, at: float, entry: str | None
+) -> bool:
     """The `damaged` row (call inside a transaction); False if the mail was known damaged already."""
-    cursor = conn.execute("INSERT OR IGNORE INTO damaged (queue_id, reason, found_by, found_at, quarantine)"
-                          " VALUES (?, ?, ?, ?, ?)", (queue_id, reason, found_by, at, entry))
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO damaged (queue_id, reason, found_by, found_at, quarantine) VALUES (?, ?, ?, ?, ?)",
+        (queue_id, reason, found_by, at, entry),
+    )
     return cursor.rowcount > 0
 
 
@@ -106,8 +112,9 @@ def damaged_rows_from_quarantine(conn: sqlite3.Connection, data_dir: Path) -> in
     for entry in quarantine.list_entries(data_dir):
         queue_id = entry.extra.get("queue_id")
         if entry.reason == "damaged" and isinstance(queue_id, str):
-            made += note_damaged(conn, queue_id, entry.detail, str(entry.extra.get("found_by", "unknown")),
-                                 entry.at, entry.id)
+            made += note_damaged(
+                conn, queue_id, entry.detail, str(entry.extra.get("found_by", "unknown")), entry.at, entry.id
+            )
     return made
 
 
@@ -124,12 +131,14 @@ def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by
         try:
             new = 0
             for queue_id, reason in found:
-                row = conn.execute("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?",
-                                   (queue_id,)).fetchone()
+                row = conn.execute(
+                    "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
+                ).fetchone()
                 if row is None:
                     continue
-                entry = quarantine_copy(data_dir, data_dir / "blobs" / row[0], row[1], row[2], queue_id, reason,
-                                        found_by)
+                entry = quarantine_copy(
+                    data_dir, data_dir / "blobs" / row[0], row[1], row[2], queue_id, reason, found_by
+                )
                 with db.transaction(conn):
                     new += note_damaged(conn, queue_id, reason, found_by, time.time(), entry)
             return new
@@ -141,6 +150,7 @@ def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by
 
 # ---- what `mailhub storage verify` and `mailhub storage damaged` read (a read-only connection) ----
 
+
 def site_id_of(conn: sqlite3.Connection, name: str) -> int | None:
     row = conn.execute("SELECT id FROM sites WHERE name = ?", (name,)).fetchone()
     return None if row is None else row[0]
@@ -151,8 +161,11 @@ def mails_to_verify(conn: sqlite3.Connection, site_id: int | None = None) -> lis
     site's mailbox, in queue ID order."""
     columns = "m.queue_id, m.blob, m.blob_offset, m.size, m.sha256"
     if site_id is not None:
-        return conn.execute(f"SELECT DISTINCT {columns} FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
-                            " WHERE b.site_id = ? ORDER BY m.queue_id", (site_id,)).fetchall()
+        return conn.execute(
+            f"SELECT DISTINCT {columns} FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
+            " WHERE b.site_id = ? ORDER BY m.queue_id",
+            (site_id,),
+        ).fetchall()
     return conn.execute(f"SELECT {columns} FROM messages m ORDER BY m.queue_id").fetchall()
 
 
@@ -172,4 +185,5 @@ def damaged_mails(conn: sqlite3.Connection) -> list[tuple[str, str, str, float, 
         "SELECT d.queue_id, d.reason, d.found_by, d.found_at, d.quarantine, m.size,"
         " (SELECT group_concat(s.name, ',') FROM mailbox b JOIN sites s ON s.id = b.site_id"
         "  WHERE b.queue_id = d.queue_id) FROM damaged d LEFT JOIN messages m ON m.queue_id = d.queue_id"
-        " ORDER BY d.found_at").fetchall()
+        " ORDER BY d.found_at"
+    ).fetchall()

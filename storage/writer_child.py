@@ -16,9 +16,9 @@ from .errors import StorageError
 from .index_writer import IndexWriter
 
 LENGTH = struct.Struct(">Q")
-IDLE_SECONDS = 0.05   # no request for this long after a commit: its ledger line is made durable
+IDLE_SECONDS = 0.05  # no request for this long after a commit: its ledger line is made durable
 _PR_SET_PDEATHSIG = 1
-COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"   # what `ps` shows
+COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"  # what `ps` shows
 
 
 def out_of_band(chunks: list) -> list[pickle.PickleBuffer]:
@@ -65,7 +65,7 @@ class _Reader:
     def __init__(self, sock: socket.socket, size: int = 256 * 1024):
         self._sock = sock
         self._buffer = bytearray(size)
-        self._start = self._end = 0   # the unread bytes are _buffer[_start:_end]
+        self._start = self._end = 0  # the unread bytes are _buffer[_start:_end]
 
     def idle(self, timeout: float) -> bool:
         """No request buffered, and none arrives within `timeout` seconds."""
@@ -75,7 +75,7 @@ class _Reader:
         if self._end - self._start < size:
             self._fill(size)
         end = min(self._start + size, self._end)
-        data = bytes(memoryview(self._buffer)[self._start:end])
+        data = bytes(memoryview(self._buffer)[self._start : end])
         self._start = end
         return data
 
@@ -84,12 +84,12 @@ class _Reader:
         unread = self._end - self._start
         if size > len(self._buffer):
             self._buffer.extend(bytes(size - len(self._buffer)))
-        if self._start + size > len(self._buffer):   # move the unread bytes to the front
-            self._buffer[:unread] = self._buffer[self._start:self._end]
+        if self._start + size > len(self._buffer):  # move the unread bytes to the front
+            self._buffer[:unread] = self._buffer[self._start : self._end]
             self._start, self._end = 0, unread
         view = memoryview(self._buffer)
         while self._end - self._start < size:
-            got = self._sock.recv_into(view[self._end:])
+            got = self._sock.recv_into(view[self._end :])
             if not got:
                 break
             self._end += got
@@ -97,7 +97,7 @@ class _Reader:
     def readinto(self, target: bytearray) -> int:
         view = memoryview(target)
         filled = min(self._end - self._start, len(view))
-        view[:filled] = memoryview(self._buffer)[self._start:self._start + filled]
+        view[:filled] = memoryview(self._buffer)[self._start : self._start + filled]
         self._start += filled
         while filled < len(view):
             got = self._sock.recv_into(view[filled:])
@@ -110,31 +110,31 @@ class _Reader:
 def _serve(sock: socket.socket, writer: IndexWriter) -> None:
     reader = _Reader(sock)
     while True:
-        if writer.ledger.dirty:   # commit lines to make durable: now if idle, else at most each second
+        if writer.ledger.dirty:  # commit lines to make durable: now if idle, else at most each second
             writer.sync_ledger(idle=reader.idle(IDLE_SECONDS))
         request = _read_request(reader)
         if request is None:
-            return   # the hub closed the socket (or died)
+            return  # the hub closed the socket (or died)
         try:
             method, args = pickle.loads(request[0], buffers=request[1])
             data = frame((True, method(writer, *args)))
-        except Exception as exc:   # handed back to the caller
+        except Exception as exc:  # handed back to the caller
             data = frame((False, exc))
             try:
-                pickle.loads(data[LENGTH.size:])
-            except Exception:   # an exception that does not travel
+                pickle.loads(data[LENGTH.size :])
+            except Exception:  # an exception that does not travel
                 data = frame((False, StorageError(f"{type(exc).__name__}: {exc}")))
         try:
             sock.sendall(data)
         except OSError:
-            return   # the hub is gone
+            return  # the hub is gone
 
 
 def main(argv: list[str]) -> None:
     data_dir, release_freed_after, parent, fd = argv
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != int(parent):
-        return   # the hub died before the line above
+        return  # the hub died before the line above
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(fd))

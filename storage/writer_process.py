@@ -32,24 +32,27 @@ class WriterProcess:
     A writer that died is started again by the next call (what it was doing fails with StorageError)."""
 
     def __init__(self, data_dir: Path, release_freed_after: float):
-        self.pid: int | None = None   # the child's
+        self.pid: int | None = None  # the child's
         # -P: the hub's working folder is not put on the child's path (a `storage` folder there
         # would be imported instead of the hub's own)
-        self._argv = [sys.executable, "-P", "-c", COMMAND, str(data_dir),
-                      repr(release_freed_after), str(os.getpid())]
+        self._argv = [sys.executable, "-P", "-c", COMMAND, str(data_dir), repr(release_freed_after), str(os.getpid())]
         self._proc: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._reading: asyncio.Task | None = None
-        self._restarting: asyncio.Future | None = None   # one restart, however many callers notice
+        self._restarting: asyncio.Future | None = None  # one restart, however many callers notice
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         try:
-            self._proc = subprocess.Popen(self._argv + [str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                                          stdin=subprocess.DEVNULL, env=_child_environment())
+            self._proc = subprocess.Popen(
+                self._argv + [str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=_child_environment(),
+            )
         except BaseException:
             ours.close()
             raise
@@ -58,14 +61,14 @@ class WriterProcess:
         self.pid = self._proc.pid
         reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
         self._reading = asyncio.create_task(self._read_replies(reader))
-        await self.call(IndexWriter.ready)   # the child opened the index
+        await self.call(IndexWriter.ready)  # the child opened the index
 
     async def call(self, method, *args):
         if self._reading is None or self._reading.done():
             if self._restarting is None or self._restarting.done():
                 self._restarting = asyncio.ensure_future(self._restart())
             await asyncio.shield(self._restarting)
-        request = encode_request(method, args)   # raises here if it does not pickle
+        request = encode_request(method, args)  # raises here if it does not pickle
         done = asyncio.get_running_loop().create_future()
         self._waiting.append(done)
         self._stream.writelines(request)

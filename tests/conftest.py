@@ -72,7 +72,7 @@ def _fresh_metrics() -> None:
     from mailhub.metrics import REGISTRY
 
     registries = [REGISTRY]
-    while registries:   # the hub's registry holds those of the layers (relay, storage, directory)
+    while registries:  # the hub's registry holds those of the layers (relay, storage, directory)
         for collector in list(registries.pop()._collector_to_names):
             if isinstance(collector, CollectorRegistry):
                 registries.append(collector)
@@ -81,7 +81,8 @@ def _fresh_metrics() -> None:
                     collector.clear()
                 else:
                     collector._metric_init()
-    import relay.metrics   # its cache of labelled children would keep counting into the cleared ones
+    import relay.metrics  # its cache of labelled children would keep counting into the cleared ones
+
     relay.metrics._children.clear()
 
 
@@ -105,7 +106,7 @@ class _HubLog(logging.Handler):
     """Writes the records of one in-process hub into its log file: those logged on its event loop
     thread, and those of other threads (workers, watchdog) that belong to no other running hub."""
 
-    loop_threads: set[int] = set()   # the event loop threads of all in-process hubs running now
+    loop_threads: set[int] = set()  # the event loop threads of all in-process hubs running now
     saved_levels: dict[str, int] = {}
     lock_all = threading.Lock()
 
@@ -118,7 +119,7 @@ class _HubLog(logging.Handler):
     def attach(self, level: str) -> None:
         """Log the hub's records at `level` (log.level) into its file, as setup_logging would."""
         with self.lock_all:
-            if not self.loop_threads:   # the first hub running: the levels to restore after the last
+            if not self.loop_threads:  # the first hub running: the levels to restore after the last
                 _fresh_metrics()
                 self.saved_levels = {name: logging.getLogger(name).level for name in ("mailhub", "mail.log")}
             self.loop_threads.add(self.loop_thread)
@@ -130,7 +131,7 @@ class _HubLog(logging.Handler):
         with self.lock_all:
             logging.getLogger().removeHandler(self)
             self.loop_threads.discard(self.loop_thread)
-            if not self.loop_threads:   # the last hub stopped: the other tests see the levels as before
+            if not self.loop_threads:  # the last hub stopped: the other tests see the levels as before
                 for name, level in self.saved_levels.items():
                     logging.getLogger(name).setLevel(level)
         self.close()
@@ -168,13 +169,13 @@ class Hub:
         self._hub = None
         # The session's hub key is copied in at the start when the folder has none yet; a hub of
         # another domain or directory address (or with own_key) makes its own at its first start.
-        self.own_key = (env.get("MAILHUB_DOMAIN") != "hub.test"
-                        or env.get("MAILHUB_DIRECTORY_ADDRESS", "directory") != "directory")
+        self.own_key = (
+            env.get("MAILHUB_DOMAIN") != "hub.test" or env.get("MAILHUB_DIRECTORY_ADDRESS", "directory") != "directory"
+        )
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "mailhub.cli", *args]
-        result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=self.env,
-                                cwd=REPO, timeout=60)
+        result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=60)
         if check and result.returncode != 0:
             raise AssertionError(f"{args} failed: {result.stderr}")
         return result
@@ -296,7 +297,7 @@ class Hub:
         if hub is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(hub.request_stop)
-            except RuntimeError:   # the loop ended already
+            except RuntimeError:  # the loop ended already
                 pass
         thread.join(timeout)
         if thread.is_alive():
@@ -331,8 +332,9 @@ class Hub:
 def stored_message(data_dir: Path, queue_id: str) -> bytes:
     conn = sqlite3.connect(Path(data_dir) / "index.sqlite3")
     try:
-        (blob, offset, size), = conn.execute(
-            "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)).fetchall()
+        ((blob, offset, size),) = conn.execute(
+            "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
+        ).fetchall()
     finally:
         conn.close()
     with open(Path(data_dir) / "blobs" / blob, "rb") as f:
@@ -341,24 +343,26 @@ def stored_message(data_dir: Path, queue_id: str) -> bytes:
 
 def hub_env(data_dir: Path, **overrides: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILHUB_")}
-    env.update({
-        "MAILHUB_DATA_DIR": str(data_dir),
-        "MAILHUB_DOMAIN": "hub.test",
-        "MAILHUB_SMTP_LISTEN": "127.0.0.1:0",
-        "MAILHUB_POP3_LISTEN": "127.0.0.1:0",
-        "MAILHUB_IMAP_LISTEN": "127.0.0.1:0",
-        "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
-        "MAILHUB_SHUTDOWN_TIMEOUT": "10",
-        # Directory update mails would add a mail to every mailbox whenever a test adds a site;
-        # the directory tests turn them on.
-        "MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE": "false",
-        # Freed bytes in packs are released at once, so that tests can see it (test_storage_packs
-        # checks the delay).
-        "MAILHUB_STORAGE_RELEASE_FREED_AFTER": "0",
-        # A small full-disk reserve: hundreds of test hubs need not set 64 MB aside each.
-        "MAILHUB_STORAGE_RESERVE_BYTES": "256K",
-        "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "MAILHUB_DATA_DIR": str(data_dir),
+            "MAILHUB_DOMAIN": "hub.test",
+            "MAILHUB_SMTP_LISTEN": "127.0.0.1:0",
+            "MAILHUB_POP3_LISTEN": "127.0.0.1:0",
+            "MAILHUB_IMAP_LISTEN": "127.0.0.1:0",
+            "MAILHUB_METRICS_LISTEN": "127.0.0.1:0",
+            "MAILHUB_SHUTDOWN_TIMEOUT": "10",
+            # Directory update mails would add a mail to every mailbox whenever a test adds a site;
+            # the directory tests turn them on.
+            "MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE": "false",
+            # Freed bytes in packs are released at once, so that tests can see it (test_storage_packs
+            # checks the delay).
+            "MAILHUB_STORAGE_RELEASE_FREED_AFTER": "0",
+            # A small full-disk reserve: hundreds of test hubs need not set 64 MB aside each.
+            "MAILHUB_STORAGE_RESERVE_BYTES": "256K",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     env.update(overrides)
     return env
 
@@ -441,8 +445,10 @@ def process_hub(make_hub) -> Hub:
 
 def make_message(size: int = 2000, subject: str = "test", extra_headers: str = "") -> bytes:
     """A CRLF message of about `size` bytes, base64-like body lines as a DICOM gateway sends."""
-    header = (f"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: {subject}\r\n"
-              f"Message-ID: <{os.urandom(8).hex()}@hub.test>\r\n{extra_headers}\r\n").encode()
+    header = (
+        f"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{os.urandom(8).hex()}@hub.test>\r\n{extra_headers}\r\n"
+    ).encode()
     line = os.urandom(57).hex().encode()[:76] + b"\r\n"
     body = line * max(1, (size - len(header)) // len(line))
     return header + body
@@ -511,7 +517,7 @@ class RawSMTP:
         try:
             while chunk := self.sock.recv(65536):
                 data += chunk
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
         return data
 

@@ -14,17 +14,17 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-END_TIMEOUT = 15.0      # seconds the hub gets to close after our half-close (or to send its replies)
+END_TIMEOUT = 15.0  # seconds the hub gets to close after our half-close (or to send its replies)
 SPECIALS = b'(){}[]"\\*%<>@:;,.=+-~ \t\r\n\x00\x7f\xff'
 
 
 @dataclass
 class Transcript:
-    data: bytes              # everything the hub sent
-    closed_by_hub: bool      # the hub closed while we were still connected (not after our half-close)
-    reset: bool              # ... with a reset (it closed with our input unread: the kernel may drop
-                             # what it had not sent yet, such as a closing reply)
-    hung: bool               # the hub did not close within END_TIMEOUT after our half-close
+    data: bytes  # everything the hub sent
+    closed_by_hub: bool  # the hub closed while we were still connected (not after our half-close)
+    reset: bool  # ... with a reset (it closed with our input unread: the kernel may drop
+    # what it had not sent yet, such as a closing reply)
+    hung: bool  # the hub did not close within END_TIMEOUT after our half-close
     inputs_sent: int
 
     def last_lines(self, count: int) -> list[bytes]:
@@ -84,12 +84,14 @@ def run_session(port: int, source: str, inputs: list[bytes], final: bytes, quiet
     finally:
         sock.close()
         reader.join(5)
-    return Transcript(bytes(reader.data), closed_by_hub, closed_by_hub and (reader.reset or send_reset), hung,
-                      min(sent, len(inputs)))
+    return Transcript(
+        bytes(reader.data), closed_by_hub, closed_by_hub and (reader.reset or send_reset), hung, min(sent, len(inputs))
+    )
 
 
 class LogWatch:
     """New lines of the hub's log since the last look, and those that show a crash."""
+
     CRASH = re.compile(rb"Traceback|internal error")
 
     def __init__(self, path: Path):
@@ -105,6 +107,7 @@ class LogWatch:
 
 # ------------------------------------------------------------------------- hostile bytes
 
+
 def mutate(line: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     """Apply (kind, position, bytes) edits: 0 insert, 1 delete, 2 replace, 3 duplicate a span, 4 cut."""
     data = bytearray(line)
@@ -113,18 +116,21 @@ def mutate(line: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
         if kind == 0:
             data[at:at] = extra
         elif kind == 1:
-            del data[at:at + len(extra) + 1]
+            del data[at : at + len(extra) + 1]
         elif kind == 2:
-            data[at:at + len(extra)] = extra
+            data[at : at + len(extra)] = extra
         elif kind == 3:
-            data[at:at] = data[at:at + len(extra) + 3] * 4
+            data[at:at] = data[at : at + len(extra) + 3] * 4
         else:
             del data[at:]
     return bytes(data)
 
 
-_EDIT = st.tuples(st.integers(0, 4), st.integers(0, 1 << 16),
-                  st.one_of(st.binary(min_size=1, max_size=4), st.sampled_from([bytes([c]) for c in SPECIALS])))
+_EDIT = st.tuples(
+    st.integers(0, 4),
+    st.integers(0, 1 << 16),
+    st.one_of(st.binary(min_size=1, max_size=4), st.sampled_from([bytes([c]) for c in SPECIALS])),
+)
 
 
 def mutations(valid: st.SearchStrategy) -> st.SearchStrategy:
@@ -139,5 +145,9 @@ def random_line() -> st.SearchStrategy:
 
 def long_line(words: list[bytes]) -> st.SearchStrategy:
     """A line of 2 KB to 300 KB: one of `words` repeated, with or without an ending."""
-    return st.builds(lambda word, count, end: word * count + end, st.sampled_from(words),
-                     st.sampled_from([300, 9000, 40000]), st.sampled_from([b"\r\n", b"\n", b""]))
+    return st.builds(
+        lambda word, count, end: word * count + end,
+        st.sampled_from(words),
+        st.sampled_from([300, 9000, 40000]),
+        st.sampled_from([b"\r\n", b"\n", b""]),
+    )

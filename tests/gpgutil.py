@@ -13,10 +13,27 @@ class Gpg:
         self.home.chmod(0o700)
 
     def run(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["gpg", "--homedir", str(self.home), "--batch", "--yes", "--quiet",
-                                 "--no-tty", "--pinentry-mode", "loopback", "--passphrase", "",
-                                 "--trust-model", "always", *args],
-                                input=input, capture_output=True, timeout=120)
+        result = subprocess.run(
+            [
+                "gpg",
+                "--homedir",
+                str(self.home),
+                "--batch",
+                "--yes",
+                "--quiet",
+                "--no-tty",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase",
+                "",
+                "--trust-model",
+                "always",
+                *args,
+            ],
+            input=input,
+            capture_output=True,
+            timeout=120,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"gpg {args} failed: {result.stderr.decode(errors='replace')}")
         return result
@@ -57,27 +74,29 @@ class Gpg:
         data.write_bytes(signed)
         result = self.run("--status-fd", "1", "--verify", str(sig), str(data), check=False)
         status = result.stdout.decode()
-        assert result.returncode == 0 and "[GNUPG:] GOODSIG" in status, (
-            status + result.stderr.decode(errors="replace"))
+        assert result.returncode == 0 and "[GNUPG:] GOODSIG" in status, status + result.stderr.decode(errors="replace")
         return status
 
     def close(self) -> None:
-        subprocess.run(["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"],
-                       capture_output=True, timeout=30)
+        subprocess.run(["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"], capture_output=True, timeout=30)
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def pgp_mime(sender: str, to: str, encrypted: bytes, subject: str = "study",
-             extra_headers: str = "") -> bytes:
+def pgp_mime(sender: str, to: str, encrypted: bytes, subject: str = "study", extra_headers: str = "") -> bytes:
     """An RFC 3156 multipart/encrypted mail around an armored OpenPGP message."""
     boundary = "enc-boundary-42"
-    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n{extra_headers}"
+    return (
+        (
+            f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n{extra_headers}"
             f'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
             f' boundary="{boundary}"\r\n\r\n'
             f"This is an OpenPGP/MIME encrypted message (RFC 3156).\r\n"
             f"--{boundary}\r\nContent-Type: application/pgp-encrypted\r\n"
             f"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
-            f"--{boundary}\r\nContent-Type: application/octet-stream; name=\"encrypted.asc\"\r\n"
+            f'--{boundary}\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
             f"Content-Description: OpenPGP encrypted message\r\n"
-            f"Content-Disposition: inline; filename=\"encrypted.asc\"\r\n\r\n").encode() + (
-        encrypted.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")) + f"\r\n--{boundary}--\r\n".encode()
+            f'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n'
+        ).encode()
+        + (encrypted.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        + f"\r\n--{boundary}--\r\n".encode()
+    )

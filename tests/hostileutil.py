@@ -109,8 +109,11 @@ def metrics(hub) -> dict:
     """{(name, frozenset(labels.items())): value} of the hub's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def metric(scraped: dict, name: str, **labels) -> float:

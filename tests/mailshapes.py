@@ -11,12 +11,13 @@ import struct
 import tarfile
 import zipfile
 
-KEY = "0FDD75A8550A376D"          # the recipient site's encryption key ID in the tests
+KEY = "0FDD75A8550A376D"  # the recipient site's encryption key ID in the tests
 OTHER_KEY = "1122334455667788"
 CRLF = b"\r\n"
 
 
 # ---- DICOM ----------------------------------------------------------------------------------------
+
 
 def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
     if len(value) % 2:
@@ -28,14 +29,16 @@ def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
 
 def dicom_dataset(pixels: int = 2000) -> bytes:
     """A small explicit-VR little-endian data set (patient, study, pixel data)."""
-    return b"".join([
-        _element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2"),
-        _element(0x0008, 0x0018, b"UI", b"1.2.826.0.1.3680043.2.1125.1.42"),
-        _element(0x0010, 0x0010, b"PN", b"Doe^Jane"),
-        _element(0x0010, 0x0020, b"LO", b"PAT-0001"),
-        _element(0x0028, 0x0010, b"US", struct.pack("<H", 32)),
-        _element(0x7FE0, 0x0010, b"OW", os.urandom(pixels)),
-    ])
+    return b"".join(
+        [
+            _element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2"),
+            _element(0x0008, 0x0018, b"UI", b"1.2.826.0.1.3680043.2.1125.1.42"),
+            _element(0x0010, 0x0010, b"PN", b"Doe^Jane"),
+            _element(0x0010, 0x0020, b"LO", b"PAT-0001"),
+            _element(0x0028, 0x0010, b"US", struct.pack("<H", 32)),
+            _element(0x7FE0, 0x0010, b"OW", os.urandom(pixels)),
+        ]
+    )
 
 
 def dicom_meta() -> bytes:
@@ -54,14 +57,18 @@ def dicom_raw() -> bytes:
 
 
 def dicom_json() -> bytes:
-    return (b'[{"00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},'
-            b' "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}}]')
+    return (
+        b'[{"00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},'
+        b' "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}}]'
+    )
 
 
 def dicom_xml() -> bytes:
-    return (b'<?xml version="1.0"?>\n<NativeDicomModel>\n<DicomAttribute tag="00100010" vr="PN">'
-            b"<PersonName number=\"1\"><Alphabetic><FamilyName>Doe</FamilyName></Alphabetic></PersonName>"
-            b"</DicomAttribute>\n</NativeDicomModel>\n")
+    return (
+        b'<?xml version="1.0"?>\n<NativeDicomModel>\n<DicomAttribute tag="00100010" vr="PN">'
+        b'<PersonName number="1"><Alphabetic><FamilyName>Doe</FamilyName></Alphabetic></PersonName>'
+        b"</DicomAttribute>\n</NativeDicomModel>\n"
+    )
 
 
 def zipped(name: str, data: bytes, deflate: bool = True) -> bytes:
@@ -85,6 +92,7 @@ def tarred(name: str, data: bytes) -> bytes:
 
 
 # ---- OpenPGP --------------------------------------------------------------------------------------
+
 
 def _new_packet(tag: int, body: bytes) -> bytes:
     size = len(body)
@@ -114,15 +122,22 @@ def seipd(size: int = 3000, partial: bool = False) -> bytes:
         return _new_packet(18, data)
     out, pos = [bytes([0xD2])], 0
     while len(data) - pos > 1024:
-        out += [bytes([0xEA]), data[pos:pos + 1024]]   # 1 KB partial chunks
+        out += [bytes([0xEA]), data[pos : pos + 1024]]  # 1 KB partial chunks
         pos += 1024
     rest = data[pos:]
     out.append(_new_packet(18, rest)[1:])
     return b"".join(out)
 
 
-def openpgp(key_ids=(KEY,), size: int = 3000, partial: bool = False, marker: bool = False,
-            passphrase: bool = False, v6: bool = False, after: bytes = b"") -> bytes:
+def openpgp(
+    key_ids=(KEY,),
+    size: int = 3000,
+    partial: bool = False,
+    marker: bool = False,
+    passphrase: bool = False,
+    v6: bool = False,
+    after: bytes = b"",
+) -> bytes:
     """A binary OpenPGP message: [marker] PKESKs [SKESK] SEIPD [after]."""
     packets = [b"\xa8\x03PGP"] if marker else []
     packets += [pkesk(key_id, v6) for key_id in key_ids]
@@ -133,11 +148,19 @@ def openpgp(key_ids=(KEY,), size: int = 3000, partial: bool = False, marker: boo
 
 def armored(binary: bytes, headers: bytes = b"", crc: bool = True, width: int = 64, eol: bytes = CRLF) -> bytes:
     text = base64.b64encode(binary)
-    lines = [text[i:i + width] for i in range(0, len(text), width)]
+    lines = [text[i : i + width] for i in range(0, len(text), width)]
     if crc:
         lines.append(b"=" + base64.b64encode(binascii.crc32(binary).to_bytes(4, "big")[1:]))
-    return eol.join([b"-----BEGIN PGP MESSAGE-----", *([headers] if headers else []), b"", *lines,
-                     b"-----END PGP MESSAGE-----", b""])
+    return eol.join(
+        [
+            b"-----BEGIN PGP MESSAGE-----",
+            *([headers] if headers else []),
+            b"",
+            *lines,
+            b"-----END PGP MESSAGE-----",
+            b"",
+        ]
+    )
 
 
 def literal_packet(data: bytes) -> bytes:
@@ -151,8 +174,11 @@ def signature_block() -> bytes:
 
 
 def key_block(secret: bool = False) -> bytes:
-    binary = _new_packet(5 if secret else 6, bytes([4, 0, 0, 0, 0, 22]) + os.urandom(40)) + \
-        _new_packet(13, b"site <site@hub.test>") + _new_packet(2, bytes([4, 0x13, 22, 8]) + os.urandom(60))
+    binary = (
+        _new_packet(5 if secret else 6, bytes([4, 0, 0, 0, 0, 22]) + os.urandom(40))
+        + _new_packet(13, b"site <site@hub.test>")
+        + _new_packet(2, bytes([4, 0x13, 22, 8]) + os.urandom(60))
+    )
     text = base64.encodebytes(binary).replace(b"\n", CRLF)
     label = b"PRIVATE KEY BLOCK" if secret else b"PUBLIC KEY BLOCK"
     return b"-----BEGIN PGP " + label + b"-----\r\n\r\n" + text + b"-----END PGP " + label + b"-----\r\n"
@@ -165,7 +191,7 @@ HEAD = b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: study\r\nMIME-Ver
 
 def b64(data: bytes, width: int = 76, eol: bytes = CRLF) -> bytes:
     text = base64.b64encode(data)
-    return eol.join(text[i:i + width] for i in range(0, len(text), width)) + eol
+    return eol.join(text[i : i + width] for i in range(0, len(text), width)) + eol
 
 
 def part(content_type: bytes, body: bytes, encoding: bytes | None = None, extra: bytes = b"") -> bytes:
@@ -176,10 +202,23 @@ def part(content_type: bytes, body: bytes, encoding: bytes | None = None, extra:
     return head + extra + CRLF + body
 
 
-def multipart(subtype: bytes, parts: list[bytes], boundary: bytes = b"b1", params: bytes = b"",
-              preamble: bytes = b"", epilogue: bytes = b"") -> bytes:
+def multipart(
+    subtype: bytes,
+    parts: list[bytes],
+    boundary: bytes = b"b1",
+    params: bytes = b"",
+    preamble: bytes = b"",
+    epilogue: bytes = b"",
+) -> bytes:
     """A multipart entity (header and body)."""
-    body = preamble + b"".join(b"\r\n--" + boundary + CRLF + p for p in parts) + b"\r\n--" + boundary + b"--\r\n" + epilogue
+    body = (
+        preamble
+        + b"".join(b"\r\n--" + boundary + CRLF + p for p in parts)
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+        + epilogue
+    )
     if not preamble:
         body = body[2:]
     return b"Content-Type: multipart/" + subtype + b'; boundary="' + boundary + b'"' + params + CRLF + CRLF + body
@@ -189,26 +228,45 @@ def mail(entity: bytes, head: bytes = HEAD) -> bytes:
     return head + entity
 
 
-def pgp_mime(payload: bytes | None = None, encoding: bytes | None = None, boundary: bytes = b"enc",
-             version: bytes = b"Version: 1\r\n") -> bytes:
+def pgp_mime(
+    payload: bytes | None = None,
+    encoding: bytes | None = None,
+    boundary: bytes = b"enc",
+    version: bytes = b"Version: 1\r\n",
+) -> bytes:
     """The multipart/encrypted entity of RFC 3156 around an OpenPGP message."""
     if payload is None:
         payload = armored(openpgp())
-    return (b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n boundary="'
-            + boundary + b'"\r\n\r\nThis is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n--'
-            + boundary + b"\r\nContent-Type: application/pgp-encrypted\r\nContent-Description: PGP/MIME"
-            b" version identification\r\n\r\n" + version + b"\r\n--" + boundary
-            + b'\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
-            + (b"Content-Transfer-Encoding: " + encoding + CRLF if encoding else b"")
-            + b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n' + payload
-            + b"\r\n--" + boundary + b"--\r\n")
+    return (
+        b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n boundary="'
+        + boundary
+        + b'"\r\n\r\nThis is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n--'
+        + boundary
+        + b"\r\nContent-Type: application/pgp-encrypted\r\nContent-Description: PGP/MIME"
+        b" version identification\r\n\r\n"
+        + version
+        + b"\r\n--"
+        + boundary
+        + b'\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
+        + (b"Content-Transfer-Encoding: " + encoding + CRLF if encoding else b"")
+        + b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n'
+        + payload
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
 
 
-def dicom_attachment(content_type: bytes = b"application/dicom", data: bytes | None = None,
-                     name: bytes = b"img.dcm") -> bytes:
+def dicom_attachment(
+    content_type: bytes = b"application/dicom", data: bytes | None = None, name: bytes = b"img.dcm"
+) -> bytes:
     data = dicom_file() if data is None else data
-    return part(content_type + b'; name="' + name + b'"', b64(data), b"base64",
-                b'Content-Disposition: attachment; filename="' + name + b'"\r\n')
+    return part(
+        content_type + b'; name="' + name + b'"',
+        b64(data),
+        b"base64",
+        b'Content-Disposition: attachment; filename="' + name + b'"\r\n',
+    )
 
 
 def text(body: bytes = b"Hello,\r\nthe study follows.\r\n", subtype: bytes = b"plain") -> bytes:

@@ -43,7 +43,7 @@ def stored_size(hub, queue_id: str) -> int:
 
 def message_range(hub, queue_id: str) -> tuple[Path, int, int]:
     """Where a message's bytes are: its blob file (its own, or a pack of small messages), offset, size."""
-    (blob, offset, size), = hub.query("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", queue_id)
+    ((blob, offset, size),) = hub.query("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", queue_id)
     return hub.data_dir / "blobs" / blob, offset, size
 
 
@@ -62,7 +62,7 @@ def strip_trace(stored: bytes) -> bytes:
     top (the first header field with its continuation lines)."""
     assert stored.startswith(b"Received: "), stored[:80]
     pos = stored.index(b"\r\n") + 2
-    while stored[pos:pos + 1] in (b" ", b"\t"):
+    while stored[pos : pos + 1] in (b" ", b"\t"):
         pos = stored.index(b"\r\n", pos) + 2
     return stored[pos:]
 
@@ -100,8 +100,8 @@ class RawPop3:
         """One reply line including its CRLF."""
         while (end := self.buf.find(b"\n")) < 0:
             self._fill()
-        line = bytes(self.buf[:end + 1])
-        del self.buf[:end + 1]
+        line = bytes(self.buf[: end + 1])
+        del self.buf[: end + 1]
         return line
 
     def send(self, data: bytes) -> None:
@@ -120,8 +120,8 @@ class RawPop3:
                 return b""
             end = self.buf.find(_TERMINATOR, max(0, scanned - len(_TERMINATOR)))
             if end >= 0:
-                data = bytes(self.buf[:end + 2])
-                del self.buf[:end + 5]
+                data = bytes(self.buf[: end + 2])
+                del self.buf[: end + 5]
                 return data
             scanned = len(self.buf)
             self._fill()
@@ -157,9 +157,29 @@ class RawPop3:
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
@@ -167,7 +187,7 @@ def non_loopback_ip() -> str | None:
     """An IPv4 address of this machine that is not loopback (None if there is none)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        probe.connect(("192.0.2.1", 9))   # picks a route; sends nothing
+        probe.connect(("192.0.2.1", 9))  # picks a route; sends nothing
         ip = probe.getsockname()[0]
     except OSError:
         return None

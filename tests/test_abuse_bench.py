@@ -13,12 +13,18 @@ import pytest
 from bench import abuse
 from bench import abuse_inputs as inputs
 from bench.abuse_attacks import ATTACKS, Target
+
 from conftest import REPO
 
 
 def test_imap_commands_fit_the_command_limit():
-    generators = (inputs.list_patterns(7), inputs.many_item_fetches(), inputs.deep_searches(),
-                  inputs.text_searches(), inputs.structure_fetches())
+    generators = (
+        inputs.list_patterns(7),
+        inputs.many_item_fetches(),
+        inputs.deep_searches(),
+        inputs.text_searches(),
+        inputs.structure_fetches(),
+    )
     for generator in generators:
         for command in itertools.islice(generator, 12):
             assert len(b"Z123 " + command + b"\r\n") <= 64 * 1024, command[:60]
@@ -50,8 +56,21 @@ def test_worst_bucket_of_a_window():
 
 
 def test_attacks_refuse_addresses_outside_loopback():
-    spec = dict(host="127.0.0.1", smtp=1, pop3=2, imap=3, metrics=None, domain="hub.test", password="x",
-                sites={}, sources=["127.0.10.1"], duration=1, connections=1, stalled_sessions=1, mime_parts=1)
+    spec = dict(
+        host="127.0.0.1",
+        smtp=1,
+        pop3=2,
+        imap=3,
+        metrics=None,
+        domain="hub.test",
+        password="x",
+        sites={},
+        sources=["127.0.10.1"],
+        duration=1,
+        connections=1,
+        stalled_sessions=1,
+        mime_parts=1,
+    )
     Target(**spec)
     with pytest.raises(SystemExit):
         Target(**{**spec, "sources": ["192.0.2.1"]})
@@ -61,9 +80,27 @@ def test_attacks_refuse_addresses_outside_loopback():
 
 def test_every_attack_runs_against_a_hub(tmp_path):
     rows_path = tmp_path / "rows.json"
-    command = [sys.executable, "-m", "bench.abuse", "--duration", "1", "--recover", "5", "--connections", "20",
-               "--stalled-sessions", "4", "--mime-parts", "300", "--bulk-mails", "3", "--workdir", str(tmp_path),
-               "--json", str(rows_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.abuse",
+        "--duration",
+        "1",
+        "--recover",
+        "5",
+        "--connections",
+        "20",
+        "--stalled-sessions",
+        "4",
+        "--mime-parts",
+        "300",
+        "--bulk-mails",
+        "3",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(rows_path),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(rows_path.read_text())

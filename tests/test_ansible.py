@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from mailhub.config import SCHEMA
+
 from gpgutil import Gpg, pgp_mime
 from pop3util import make_cert
 
@@ -37,14 +38,19 @@ ROLE = ANSIBLE / "roles" / "mailhub"
 BIN = Path(sys.executable).parent
 EXAMPLE_VARS = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "main.yml"
 EXAMPLE_VAULT = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "vault.yml"
-VAULT_PASSWORD = "mailhub-example-vault"        # the example vault's documented password
+VAULT_PASSWORD = "mailhub-example-vault"  # the example vault's documented password
 SITE_PASSWORDS = {"clinic-a": "clinic-a example password", "practice-b": "practice-b example password"}
 DASHBOARD = ROLE / "files" / "grafana-dashboard.json"
 # Metrics the dashboard may use before the hub exports them (issues 5, 7 and the relay, in progress).
-PENDING_METRICS = {"mailhub_smtp_deferrals_total", "mailhub_site_drain_rate_bytes_per_second",
-                   "mailhub_site_drain_time_seconds", "mailhub_site_quota_usage_ratio",
-                   "mailhub_imap_sessions_total", "mailhub_outbound_queue_messages",
-                   "mailhub_outbound_queue_oldest_age_seconds"}
+PENDING_METRICS = {
+    "mailhub_smtp_deferrals_total",
+    "mailhub_site_drain_rate_bytes_per_second",
+    "mailhub_site_drain_time_seconds",
+    "mailhub_site_quota_usage_ratio",
+    "mailhub_imap_sessions_total",
+    "mailhub_outbound_queue_messages",
+    "mailhub_outbound_queue_oldest_age_seconds",
+}
 _RECAP_RE = re.compile(r"^localhost\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -68,21 +74,28 @@ def test_role_reaches_every_config_key():
         if _variable(section, key) not in defaults or entry != f"{{{{ {_variable(section, key)} }}}}":
             missing.append(f"{section}.{key}" if section else key)
     assert not missing, f"settings the role does not reach: {missing}; run scripts/ansible_role_settings.py"
-    check = subprocess.run([sys.executable, str(REPO / "scripts" / "ansible_role_settings.py"), "--check"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "ansible_role_settings.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout
 
 
 def test_toml_filter_reads_back_as_written():
     filters = _filters()
-    document = {"data_dir": "/var/lib/mail hub", "domain": ["a.test", "b.test"], "hostname": None,
-                "shutdown_timeout": 2.5,
-                "smtp": {"listen": "[::1]:25", "max_message_size": 2147483648, "peer_networks": []},
-                "auth": {"allow_plaintext": False},
-                "odd": {'quote"back\\slash': 'tab\tnew\nline\x7f\x01 ünï', "emoji": "\U0001F600"},
-                "relay": {"routes": [{"domain": "x.test", "host": "mx.x.test", "port": 25, "tls": None}],
-                          "nested": {"deep": True}},
-                "empty": {"unset": None}}
+    document = {
+        "data_dir": "/var/lib/mail hub",
+        "domain": ["a.test", "b.test"],
+        "hostname": None,
+        "shutdown_timeout": 2.5,
+        "smtp": {"listen": "[::1]:25", "max_message_size": 2147483648, "peer_networks": []},
+        "auth": {"allow_plaintext": False},
+        "odd": {'quote"back\\slash': "tab\tnew\nline\x7f\x01 ünï", "emoji": "\U0001f600"},
+        "relay": {
+            "routes": [{"domain": "x.test", "host": "mx.x.test", "port": 25, "tls": None}],
+            "nested": {"deep": True},
+        },
+        "empty": {"unset": None},
+    }
     text = filters.to_toml(document)
     expected = json.loads(json.dumps(document))
     expected.pop("hostname")
@@ -90,26 +103,45 @@ def test_toml_filter_reads_back_as_written():
     del expected["relay"]["routes"][0]["tls"]
     assert tomllib.loads(text) == expected
     assert filters.limit_options({"mailbox_bytes": "10G", "max_drain_time": 600}) == [
-        "--mailbox-bytes", "10G", "--max-drain-time", "600"]
-    before = {"mailbox_bytes": {"limit": 10737418240, "source": "site"}, "max_drain_time": {"limit": 1800.0,
-              "source": "config"}, "downlink": {"limit": None, "source": "site"}}
+        "--mailbox-bytes",
+        "10G",
+        "--max-drain-time",
+        "600",
+    ]
+    before = {
+        "mailbox_bytes": {"limit": 10737418240, "source": "site"},
+        "max_drain_time": {"limit": 1800.0, "source": "config"},
+        "downlink": {"limit": None, "source": "site"},
+    }
     reply = "limits of site a set: mailbox_bytes=10737418240, max_drain_time=default, downlink=unlimited\n"
     assert not filters.limits_changed(before, reply)
     assert filters.limits_changed(before, reply.replace("=10737418240", "=1024"))
     assert filters.limits_changed(before, reply.replace("max_drain_time=default", "max_drain_time=1800.0"))
     assert filters.limits_changed(before, reply.replace("downlink=unlimited", "downlink=default"))
     assert filters.limits_changed({}, reply)
-    assert filters.listen_ports({"smtp": {"listen": "0.0.0.0:25"}, "pop3": {"listen": "", "pop3s_listen": "[::]:995"},
-                                 "metrics": {"listen": "127.0.0.1:9425"}, "domain": "x"}) == [25, 995, 9425]
+    assert filters.listen_ports(
+        {
+            "smtp": {"listen": "0.0.0.0:25"},
+            "pop3": {"listen": "", "pop3s_listen": "[::]:995"},
+            "metrics": {"listen": "127.0.0.1:9425"},
+            "domain": "x",
+        }
+    ) == [25, 995, 9425]
 
 
 def _ansible_env(home: Path) -> dict:
     """Ansible's own state (temp files, caches) under `home`; our venv's tools first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MAILHUB_"))}
-    env.update(PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}", ANSIBLE_HOME=str(home),
-               ANSIBLE_LOCAL_TEMP=str(home / "tmp"), ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_RETRY_FILES_ENABLED="0",
-               XDG_CACHE_HOME=str(home / "cache"))
+    env.update(
+        PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        ANSIBLE_HOME=str(home),
+        ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
+        ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_RETRY_FILES_ENABLED="0",
+        XDG_CACHE_HOME=str(home / "cache"),
+    )
     return env
 
 
@@ -117,17 +149,25 @@ def test_ansible_lint_and_syntax_check(tmp_path):
     password_file = tmp_path / "vault-password"
     password_file.write_text(VAULT_PASSWORD + "\n")
     env = _ansible_env(tmp_path / "ansible-home") | {"ANSIBLE_VAULT_PASSWORD_FILE": str(password_file)}
-    syntax = subprocess.run([BIN / "ansible-playbook", "--syntax-check", "site.yml"], cwd=ANSIBLE, env=env,
-                            capture_output=True, text=True, timeout=120)
+    syntax = subprocess.run(
+        [BIN / "ansible-playbook", "--syntax-check", "site.yml"],
+        cwd=ANSIBLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert syntax.returncode == 0, syntax.stdout + syntax.stderr
-    lint = subprocess.run([BIN / "ansible-lint", "--nocolor"], cwd=ANSIBLE, env=env,
-                          capture_output=True, text=True, timeout=300)
+    lint = subprocess.run(
+        [BIN / "ansible-lint", "--nocolor"], cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=300
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert "Profile 'production' was required, and it passed" in lint.stdout + lint.stderr
     assert not list(ANSIBLE.glob(".cache")), "ansible-lint left a cache in ansible/"
 
 
 # ---- the playbook applied to this machine -------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -150,8 +190,12 @@ def _build_wheel(work: Path) -> Path:
     for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
         package = pattern.rstrip("*")
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", work / "dist", source],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", work / "dist", source],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (work / "dist").glob("dicom_mail_hub-*.whl")
     return wheel
 
@@ -166,18 +210,28 @@ class Deployment:
         self.vault_password_file = work / "vault-password"
         self.vault_password_file.write_text(VAULT_PASSWORD + "\n")
         self.cert, self.key = _certificate(work / "tls")
-        self.gpg = Gpg()        # practice-b's OpenPGP key, imported by the role from key_file
+        self.gpg = Gpg()  # practice-b's OpenPGP key, imported by the role from key_file
         self.gpg.new_key("practice-b@hub.example.net")
         sites = yaml.safe_load(EXAMPLE_VARS.read_text())["mailhub_sites"]
-        for site in sites:             # only practice-b has a key here; clinic-a only sends
+        for site in sites:  # only practice-b has a key here; clinic-a only sends
             site.pop("key_file")
             if site["name"] == "practice-b":
                 site["key_file"] = str(self.gpg.export("practice-b@hub.example.net", work / "practice-b.asc"))
         self.ports = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.inventory = work / "inventory.yml"
         host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
-        self.inventory.write_text(yaml.safe_dump({"all": {"children": {
-            "mailhub": {"hosts": {"localhost": host}}, "mailhub_monitoring": {"hosts": {"localhost": host}}}}}))
+        self.inventory.write_text(
+            yaml.safe_dump(
+                {
+                    "all": {
+                        "children": {
+                            "mailhub": {"hosts": {"localhost": host}},
+                            "mailhub_monitoring": {"hosts": {"localhost": host}},
+                        }
+                    }
+                }
+            )
+        )
         self.vars = {
             "mailhub_root_dir": str(self.prefix),
             "mailhub_create_user": False,
@@ -185,7 +239,7 @@ class Deployment:
             "mailhub_group": grp.getgrgid(os.getgid()).gr_name,
             "mailhub_manage_service": False,
             "mailhub_apply_kernel_tuning": False,
-            "mailhub_system_packages": [],          # this machine has them; apt is not for a test
+            "mailhub_system_packages": [],  # this machine has them; apt is not for a test
             "mailhub_wheel_source": str(_build_wheel(work)),
             "mailhub_tls_cert_source": str(self.cert),
             "mailhub_tls_key_source": str(self.key),
@@ -199,7 +253,7 @@ class Deployment:
             "mailhub_service_environment": {"MAILHUB_SHUTDOWN_TIMEOUT": "5"},
             "mailhub_grafana_dashboards_dir": str(self.prefix / "var" / "lib" / "grafana" / "dashboards"),
             "mailhub_config_extra": {"smtp": {"max_recipients": 50}},
-            "mailhub_hostname": None,               # left out of the file: the hub's default applies
+            "mailhub_hostname": None,  # left out of the file: the hub's default applies
             "mailhub_sites": sites,
         }
 
@@ -211,9 +265,27 @@ class Deployment:
         variables = self.work / "test-vars.json"
         variables.write_text(json.dumps(self.vars | overrides))
         result = subprocess.run(
-            [BIN / "ansible-playbook", "-i", self.inventory, "--vault-password-file", self.vault_password_file,
-             "-e", f"@{EXAMPLE_VARS}", "-e", f"@{EXAMPLE_VAULT}", "-e", f"@{variables}", *options, "site.yml"],
-            cwd=ANSIBLE, env=self.env, capture_output=True, text=True, timeout=600)
+            [
+                BIN / "ansible-playbook",
+                "-i",
+                self.inventory,
+                "--vault-password-file",
+                self.vault_password_file,
+                "-e",
+                f"@{EXAMPLE_VARS}",
+                "-e",
+                f"@{EXAMPLE_VAULT}",
+                "-e",
+                f"@{variables}",
+                *options,
+                "site.yml",
+            ],
+            cwd=ANSIBLE,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         output = result.stdout + result.stderr
         (self.work / "last-play.log").write_text(output)
         assert result.returncode == 0, output[-6000:]
@@ -258,13 +330,25 @@ class UnitProcess:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
 
     def start(self, wait: float = 30.0) -> None:
-        pre = subprocess.run(shlex.split(self.service["ExecStartPre"][0]), env=self.env, cwd=self.cwd,
-                             capture_output=True, text=True, timeout=60)
+        pre = subprocess.run(
+            shlex.split(self.service["ExecStartPre"][0]),
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert pre.returncode == 0, pre.stderr
         mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(shlex.split(self.service["ExecStart"][0]), env=self.env, cwd=self.cwd,
-                                         stdout=log, stderr=log, preexec_fn=self._limits)
+            self.proc = subprocess.Popen(
+                shlex.split(self.service["ExecStart"][0]),
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=log,
+                preexec_fn=self._limits,
+            )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[mark:]
@@ -313,9 +397,9 @@ def _dashboard_metric_names() -> set[str]:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     names = set()
     for expr in exprs:
-        stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)          # strings
-        stripped = re.sub(r"\{[^}]*\}", "", stripped)               # label matchers
-        stripped = re.sub(r"\[[^\]]*\]", "", stripped)              # ranges
+        stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
+        stripped = re.sub(r"\{[^}]*\}", "", stripped)  # label matchers
+        stripped = re.sub(r"\[[^\]]*\]", "", stripped)  # ranges
         stripped = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", stripped)
         for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*(?=\s*(\()?)", stripped):
             if match.group(1) is None and match.group(0) not in {"and", "or", "unless", "bool", "offset"}:
@@ -337,11 +421,37 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     assert config["domain"] == ["hub.example.net"] and config["log"]["format"] == "json"
     assert Path(config["tls"]["cert_file"]).read_bytes() == deployment.cert.read_bytes()
     assert oct(Path(config["tls"]["key_file"]).stat().st_mode & 0o777) == "0o640"
-    shown = subprocess.run([deployment.path("/opt/mailhub/venv/bin/mailhub"), "site", "show", "clinic-a", "--json",
-                            "--config", config_file], capture_output=True, text=True, check=True).stdout
-    keys = json.loads(subprocess.run(
-        [deployment.path("/opt/mailhub/venv/bin/mailhub"), "site", "key", "show", "practice-b", "--json",
-         "--config", config_file], capture_output=True, text=True, check=True).stdout)["keys"]
+    shown = subprocess.run(
+        [
+            deployment.path("/opt/mailhub/venv/bin/mailhub"),
+            "site",
+            "show",
+            "clinic-a",
+            "--json",
+            "--config",
+            config_file,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    keys = json.loads(
+        subprocess.run(
+            [
+                deployment.path("/opt/mailhub/venv/bin/mailhub"),
+                "site",
+                "key",
+                "show",
+                "practice-b",
+                "--json",
+                "--config",
+                config_file,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["keys"]
     assert [k["state"] for k in keys] == ["current"]
     assert keys[0]["fingerprint"] == deployment.gpg.fingerprints("practice-b@hub.example.net")[0]
     limits = json.loads(shown)["limits"]
@@ -350,16 +460,25 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
 
     unit = deployment.path("/etc/systemd/system/mailhub.service")
     service = _unit_service_section(unit)
-    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", f"ReadWritePaths={data_dir}",
-                    "LimitNOFILE=65536", "CapabilityBoundingSet="):
+    for setting in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={data_dir}",
+        "LimitNOFILE=65536",
+        "CapabilityBoundingSet=",
+    ):
         name, _, value = setting.partition("=")
         assert service.get(name) == [value], (setting, service.get(name))
-    assert "AmbientCapabilities" not in service      # every port of this test is above 1023
+    assert "AmbientCapabilities" not in service  # every port of this test is above 1023
     verify = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
-    security = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=30", unit],
-                              capture_output=True, text=True, timeout=120)
-    assert security.returncode == 0, security.stdout[-2000:]    # exposure 3.0 or less ("OK")
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=30", unit],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert security.returncode == 0, security.stdout[-2000:]  # exposure 3.0 or less ("OK")
     sysctl = deployment.path("/etc/sysctl.d/60-mailhub.conf").read_text()
     assert "net.core.somaxconn = 4096" in sysctl and "net.ipv4.tcp_rmem = 4096 131072 67108864" in sysctl
     assert "copytruncate" in deployment.path("/etc/logrotate.d/mailhub").read_text()
@@ -369,8 +488,12 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     try:
         context = ssl.create_default_context(cafile=deployment.cert)
         encrypted = deployment.gpg.encrypt(b"DICM part 1 of 1", "practice-b@hub.example.net")
-        message = pgp_mime("clinic-a@hub.example.net", "practice-b@hub.example.net", encrypted,
-                           extra_headers="X-TELEMEDICINE-SETID: 1.2.3\r\n")
+        message = pgp_mime(
+            "clinic-a@hub.example.net",
+            "practice-b@hub.example.net",
+            encrypted,
+            extra_headers="X-TELEMEDICINE-SETID: 1.2.3\r\n",
+        )
         with smtplib.SMTP("127.0.0.1", deployment.ports["smtp"], timeout=30) as smtp:
             smtp.starttls(context=context)
             smtp.login("clinic-a", SITE_PASSWORDS["clinic-a"])
@@ -398,44 +521,73 @@ def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployme
     ok, changed, output = deployment.play()
     assert changed == 0, output[-4000:]
     new_cert, new_key = _certificate(deployment.work / "tls-rotated")
-    vault = yaml.safe_load(subprocess.run(
-        [BIN / "ansible-vault", "view", "--vault-password-file", deployment.vault_password_file, EXAMPLE_VAULT],
-        env=deployment.env, capture_output=True, text=True, check=True).stdout)
+    vault = yaml.safe_load(
+        subprocess.run(
+            [BIN / "ansible-vault", "view", "--vault-password-file", deployment.vault_password_file, EXAMPLE_VAULT],
+            env=deployment.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     passwords = vault["vault_mailhub_site_passwords"] | {"practice-b": "a new password"}
-    ok, changed, output = deployment.play("--tags", "mailhub_tls,mailhub_sites", mailhub_tls_cert_source=str(new_cert),
-                                          mailhub_tls_key_source=str(new_key), vault_mailhub_site_passwords=passwords)
-    assert changed == 2, output[-4000:]          # the certificate with its key (one task) and one password
+    ok, changed, output = deployment.play(
+        "--tags",
+        "mailhub_tls,mailhub_sites",
+        mailhub_tls_cert_source=str(new_cert),
+        mailhub_tls_key_source=str(new_key),
+        vault_mailhub_site_passwords=passwords,
+    )
+    assert changed == 2, output[-4000:]  # the certificate with its key (one task) and one password
     assert "RUNNING HANDLER [mailhub : Check the hub's configuration]" in output
     assert deployment.path("/etc/mailhub/tls/cert.pem").read_bytes() == new_cert.read_bytes()
-    verify = subprocess.run([deployment.path("/opt/mailhub/venv/bin/mailhub"), "site", "verify", "practice-b",
-                             "--password-stdin", "--config", deployment.path("/etc/mailhub/mailhub.toml")],
-                            input="a new password\n", capture_output=True, text=True)
+    verify = subprocess.run(
+        [
+            deployment.path("/opt/mailhub/venv/bin/mailhub"),
+            "site",
+            "verify",
+            "practice-b",
+            "--password-stdin",
+            "--config",
+            deployment.path("/etc/mailhub/mailhub.toml"),
+        ],
+        input="a new password\n",
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_a_listener_below_1024_gets_cap_net_bind_service_and_nothing_else(deployment):
     unit = deployment.path("/etc/systemd/system/mailhub.service")
     before = unit.read_text()
-    ok, changed, output = deployment.play("--check", "--diff", "--tags", "mailhub_service",
-                                          mailhub_smtp_listen="127.0.0.1:25")
-    assert changed == 1, output[-4000:]           # check mode: the unit would change, nothing is written
+    ok, changed, output = deployment.play(
+        "--check", "--diff", "--tags", "mailhub_service", mailhub_smtp_listen="127.0.0.1:25"
+    )
+    assert changed == 1, output[-4000:]  # check mode: the unit would change, nothing is written
     assert "+AmbientCapabilities=CAP_NET_BIND_SERVICE\n" in output.replace("\r", "")
     assert "-CapabilityBoundingSet=\n+CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n" in output
     assert unit.read_text() == before
 
 
 def test_install_from_a_git_checkout_over_the_wheel(deployment):
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
     from_git = {"mailhub_install_from": "git", "mailhub_git_repo": str(REPO), "mailhub_git_version": head}
     ok, changed, output = deployment.play("--tags", "mailhub_install", **from_git)
-    assert changed == 2, output[-4000:]          # the checkout, and pip installing it
+    assert changed == 2, output[-4000:]  # the checkout, and pip installing it
     assert "RUNNING HANDLER [mailhub : Check the hub's configuration]" in output
     source = deployment.path("/opt/mailhub/src")
-    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
-                          check=True).stdout.strip() == head
-    (origin,) = deployment.path("/opt/mailhub/venv/lib").glob("python3*/site-packages/dicom_mail_hub-*.dist-info/"
-                                                              "direct_url.json")
+    assert (
+        subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == head
+    )
+    (origin,) = deployment.path("/opt/mailhub/venv/lib").glob(
+        "python3*/site-packages/dicom_mail_hub-*.dist-info/direct_url.json"
+    )
     assert json.loads(origin.read_text())["url"] == source.as_uri()
     ok, changed, output = deployment.play("--tags", "mailhub_install", **from_git)
     assert changed == 0, output[-4000:]
@@ -444,11 +596,15 @@ def test_install_from_a_git_checkout_over_the_wheel(deployment):
 def test_monitoring_targets_and_dashboard(deployment, tmp_path):
     targets_file = deployment.path("/etc/prometheus/file_sd/mailhub.yml")
     targets = yaml.safe_load(targets_file.read_text())
-    assert targets == [{"targets": [f"127.0.0.1:{deployment.ports['metrics']}"],
-                        "labels": {"hub": "localhost", "hub_role": "primary"}}]
+    assert targets == [
+        {"targets": [f"127.0.0.1:{deployment.ports['metrics']}"], "labels": {"hub": "localhost", "hub_role": "primary"}}
+    ]
     prometheus_config = tmp_path / "prometheus.yml"
-    prometheus_config.write_text(yaml.safe_dump({"scrape_configs": [
-        {"job_name": "mailhub", "file_sd_configs": [{"files": [str(targets_file)]}]}]}))
+    prometheus_config.write_text(
+        yaml.safe_dump(
+            {"scrape_configs": [{"job_name": "mailhub", "file_sd_configs": [{"files": [str(targets_file)]}]}]}
+        )
+    )
     check = subprocess.run(["promtool", "check", "config", prometheus_config], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     installed = deployment.path("/var/lib/grafana/dashboards/mailhub.json")
@@ -464,10 +620,16 @@ def test_dashboard_has_a_datasource_variable_and_the_issue_panels():
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
     used = _dashboard_metric_names()
-    assert {"mailhub_smtp_received_bytes_total", "mailhub_mailbox_bytes", "mailhub_site_drain_time_seconds",
-            "mailhub_smtp_deferrals_total", "mailhub_smtp_ingest_duration_seconds_bucket",
-            "mailhub_disk_free_bytes"} <= used
+    assert {
+        "mailhub_smtp_received_bytes_total",
+        "mailhub_mailbox_bytes",
+        "mailhub_site_drain_time_seconds",
+        "mailhub_smtp_deferrals_total",
+        "mailhub_smtp_ingest_duration_seconds_bucket",
+        "mailhub_disk_free_bytes",
+    } <= used
     assert all(name == "up" or name.startswith(("mailhub_", "process_")) for name in used), used
-    check = subprocess.run([sys.executable, str(REPO / "scripts" / "grafana_dashboard.py"), "--check"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "grafana_dashboard.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr

@@ -3,8 +3,6 @@
 # ways (NTP corrections, a VM resumed) without a count lost or counted twice. Pure parts with an
 # injected clock, then one hub run under libfaketime (Debian package faketime) whose wall clock
 # steps a day forward, back and forward again while the monotonic clock runs on.
-import json
-import os
 import smtplib
 import time
 import urllib.request
@@ -15,12 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ALPHA_BETA, PASSWORD, make_message
 from quotas import DrainConfig, SiteLimits, SiteRef, Throttle, ThrottleSettings
 from quotas.ledger import VOLUME_WINDOW_DAYS, Ledger
 from storage import usage as storage_usage
 
-T0 = 1_800_000_000.0   # 2027-01-15 08:00 UTC
+from conftest import ALPHA_BETA, PASSWORD, make_message
+
+T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 DAY = 86400.0
 MB = 1_000_000
 SENDER, RECEIVER = SiteRef(1, "sender"), SiteRef(2, "receiver")
@@ -64,26 +63,29 @@ def test_volume_counts_survive_wall_clock_steps_both_ways(steps):
 def test_volumes_of_the_window_are_loaded_and_older_ones_forgotten():
     ledger = Ledger()
     yesterday, old = _day(T0 - DAY), _day(T0 - (VOLUME_WINDOW_DAYS + 5) * DAY)
-    ledger.load([], {(2, yesterday): (0, 700), (2, _month(T0)): (0, 900), (2, old): (0, 5)}, {},
-                now=0.0, wall=T0)
-    assert ledger.usage(2, T0 - DAY).received_today == 700      # a step back to yesterday finds it
-    ledger.committed(1, [2], 100, T0 + 2 * DAY)                  # a new day prunes beyond the window
+    ledger.load([], {(2, yesterday): (0, 700), (2, _month(T0)): (0, 900), (2, old): (0, 5)}, {}, now=0.0, wall=T0)
+    assert ledger.usage(2, T0 - DAY).received_today == 700  # a step back to yesterday finds it
+    ledger.committed(1, [2], 100, T0 + 2 * DAY)  # a new day prunes beyond the window
     assert ledger.usage(2, T0 - DAY).received_today == 700
     assert ledger.usage(2, T0 - (VOLUME_WINDOW_DAYS + 5) * DAY).received_today == 0
 
 
 def test_poll_times_from_the_index_go_onto_the_monotonic_clock():
     ledger = Ledger()
-    ledger.load([], {}, {2: (5000, T0 - 120.0)}, now=50.0, wall=T0)   # polled 2 min before start
+    ledger.load([], {}, {2: (5000, T0 - 120.0)}, now=50.0, wall=T0)  # polled 2 min before start
     assert ledger.last_poll(2) == pytest.approx(-70.0)
     ledger.load([], {}, {2: (5000, T0 + 3600.0)}, now=50.0, wall=T0)  # a poll "in the future": now
     assert ledger.last_poll(2) == 50.0
 
 
 def _throttle() -> Throttle:
-    return Throttle(ThrottleSettings(
-        defaults=SiteLimits(max_drain_time=10.0, downlink_prior=1 * MB, received_per_day=30 * MB),
-        drain=DrainConfig(window=1.0, tau=2.0, grace=60.0), drain_admission=False))
+    return Throttle(
+        ThrottleSettings(
+            defaults=SiteLimits(max_drain_time=10.0, downlink_prior=1 * MB, received_per_day=30 * MB),
+            drain=DrainConfig(window=1.0, tau=2.0, grace=60.0),
+            drain_admission=False,
+        )
+    )
 
 
 @pytest.mark.parametrize("step", [-DAY, -3600.0, 3600.0, DAY])
@@ -94,7 +96,7 @@ def test_drain_rate_pacing_and_deferral_figures_ignore_a_wall_clock_step(step):
     t = _throttle()
     t.ledger.load([], {}, {}, now=100.0, wall=T0)
     t.ledger.committed(1, [2], 50 * MB, T0)
-    bucket, = t.buckets([RECEIVER], 100.0)
+    (bucket,) = t.buckets([RECEIVER], 100.0)
     now, wall = 100.0, T0
     for i in range(80):
         now += 0.25
@@ -143,11 +145,18 @@ def test_hub_under_faketime_steps(make_hub, tmp_path):
     offset_file = tmp_path / "faketime"
     offset_file.write_text("+0\n")
     mail = make_message(10_000, subject="clock")
-    limit = 3 * (len(mail) + 400)   # 3 mails with their Received: header, not 4
-    hub = make_hub(process=True, sites=ALPHA_BETA, MAILHUB_QUOTAS_RECEIVED_PER_DAY=str(limit),
-                   MAILHUB_SMTP_IDLE_TIMEOUT="300", MAILHUB_THROTTLE_INTERVAL="0.2",
-                   LD_PRELOAD=str(_LIBFAKETIME), FAKETIME_TIMESTAMP_FILE=str(offset_file),
-                   FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    limit = 3 * (len(mail) + 400)  # 3 mails with their Received: header, not 4
+    hub = make_hub(
+        process=True,
+        sites=ALPHA_BETA,
+        MAILHUB_QUOTAS_RECEIVED_PER_DAY=str(limit),
+        MAILHUB_SMTP_IDLE_TIMEOUT="300",
+        MAILHUB_THROTTLE_INTERVAL="0.2",
+        LD_PRELOAD=str(_LIBFAKETIME),
+        FAKETIME_TIMESTAMP_FILE=str(offset_file),
+        FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+    )
     hub.start()
     acknowledged, refused = [], []
 
@@ -170,33 +179,40 @@ def test_hub_under_faketime_steps(make_hub, tmp_path):
 
     standing = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
     standing.login("alpha", PASSWORD)
-    assert send(4) == [250, 250, 250, 452]          # day 0 is full
+    assert send(4) == [250, 250, 250, 452]  # day 0 is full
     step("+1d")
-    assert send(4) == [250, 250, 250, 452]          # day 1 starts empty, fills up
-    drain = _wait_for(lambda: _metric(hub.ports["metrics"], "mailhub_site_drain_rate_bytes_per_second", "beta"),
-                      "a drain reading after the step")
+    assert send(4) == [250, 250, 250, 452]  # day 1 starts empty, fills up
+    drain = _wait_for(
+        lambda: _metric(hub.ports["metrics"], "mailhub_site_drain_rate_bytes_per_second", "beta"),
+        "a drain reading after the step",
+    )
     assert drain > 0, "a forward step made beta look offline"
     step("+0")
-    assert send(1) == [452]                         # back on day 0: its 3 mails still count
-    assert standing.noop()[0] == 250                # not timed out by the day-long steps
+    assert send(1) == [452]  # back on day 0: its 3 mails still count
+    assert standing.noop()[0] == 250  # not timed out by the day-long steps
     standing.quit()
     hub.stop()
-    hub.start()                                     # on day 0; day 1's counts are loaded too
+    hub.start()  # on day 0; day 1's counts are loaded too
     step("+1d")
     assert send(1) == [452]
     step("+2d")
     assert send(1) == [250]
     hub.stop()
     stored = hub.query("SELECT count(*), count(DISTINCT queue_id) FROM messages")[0]
-    days = hub.query("SELECT v.period, v.received_bytes FROM site_volume v JOIN sites s ON s.id = v.site_id"
-                     " WHERE s.name = 'beta' AND length(v.period) = 10 ORDER BY v.period")
-    arrived = hub.query("SELECT strftime('%Y-%m-%d', received_at, 'unixepoch'), count(*), sum(size)"
-                        " FROM messages GROUP BY 1 ORDER BY 1")
-    print(f"clock steps: acknowledged={len(acknowledged)} refused={len(refused)} stored={stored[0]}"
-          f" duplicated={stored[0] - stored[1]} lost={len(acknowledged) - stored[1]} days={arrived}")
+    days = hub.query(
+        "SELECT v.period, v.received_bytes FROM site_volume v JOIN sites s ON s.id = v.site_id"
+        " WHERE s.name = 'beta' AND length(v.period) = 10 ORDER BY v.period"
+    )
+    arrived = hub.query(
+        "SELECT strftime('%Y-%m-%d', received_at, 'unixepoch'), count(*), sum(size) FROM messages GROUP BY 1 ORDER BY 1"
+    )
+    print(
+        f"clock steps: acknowledged={len(acknowledged)} refused={len(refused)} stored={stored[0]}"
+        f" duplicated={stored[0] - stored[1]} lost={len(acknowledged) - stored[1]} days={arrived}"
+    )
     assert stored == (len(acknowledged), len(acknowledged)) == (7, 7)
     assert [count for _, count, _ in arrived] == [3, 3, 1]
-    assert days == [(day, total) for day, _, total in arrived]   # the volume counters agree with the mails
+    assert days == [(day, total) for day, _, total in arrived]  # the volume counters agree with the mails
     assert "Traceback" not in hub.log_text()
 
 
@@ -204,18 +220,22 @@ def test_freed_ranges_wait_their_delay_in_real_time(tmp_path, monkeypatch):
     """A range of a pack freed now is released after release_freed_after seconds of monotonic
     time, not earlier when the wall clock steps forward (a reader may still be sending it)."""
     from storage import index_writer
+
     writer = index_writer.IndexWriter(tmp_path, 3600.0)
     try:
         wall, mono = time.time(), time.monotonic()
         clock = {"wall": wall, "mono": mono}
         monkeypatch.setattr(index_writer.time, "time", lambda: clock["wall"])
         monkeypatch.setattr(index_writer.time, "monotonic", lambda: clock["mono"])
-        writer.in_transaction(lambda conn: conn.execute(
-            "INSERT INTO blob_holes (blob, start, size, freed_at) VALUES ('p', 0, 10, ?)", (wall,)))
-        clock["wall"] += 2 * 3600.0                  # the wall clock jumps two hours ahead
+        writer.in_transaction(
+            lambda conn: conn.execute(
+                "INSERT INTO blob_holes (blob, start, size, freed_at) VALUES ('p', 0, 10, ?)", (wall,)
+            )
+        )
+        clock["wall"] += 2 * 3600.0  # the wall clock jumps two hours ahead
         assert writer.freed() == ([], [])
-        clock["mono"] += 3601.0                      # over an hour has really passed (mono + 3600.0 - mono
-                                                     # is 3599.999... for about 4% of mono values)
+        clock["mono"] += 3601.0  # over an hour has really passed (mono + 3600.0 - mono
+        # is 3599.999... for about 4% of mono values)
         assert writer.freed() == ([], [("p", 0, 10)])
     finally:
         writer.close()

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, REPO, Hub, hub_env, make_message
-from pop3util import make_cert
 from mailhub import config
 from relay.outbound.routes import Route
 from storage.passwords import verify_password
+
+from conftest import PASSWORD, REPO, Hub, hub_env, make_message
+from pop3util import make_cert
 
 EXAMPLE = REPO / "mailhub" / "example.toml"
 
@@ -31,12 +32,19 @@ def clean_env(**overrides: str) -> dict:
     return env
 
 
-def mailhub(*args: str, env: dict | None = None, stdin: str | None = None, cwd: Path | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mailhub.cli", *args], input=stdin,
-                          stdin=None if stdin is not None else subprocess.DEVNULL, capture_output=True,
-                          text=True, env=env if env is not None else clean_env(), cwd=cwd or REPO,
-                          timeout=timeout)
+def mailhub(
+    *args: str, env: dict | None = None, stdin: str | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailhub.cli", *args],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env if env is not None else clean_env(),
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
 
 
 def assert_config_error(result: subprocess.CompletedProcess, *names: str) -> str:
@@ -53,10 +61,11 @@ def assert_config_error(result: subprocess.CompletedProcess, *names: str) -> str
 
 @pytest.fixture(scope="module")
 def pem_files(tmp_path_factory) -> tuple[Path, Path]:
-    return make_cert(tmp_path_factory.mktemp("pem"))     # `mailhub check` loads them
+    return make_cert(tmp_path_factory.mktemp("pem"))  # `mailhub check` loads them
 
 
 # ---- configuration ---------------------------------------------------------------------------
+
 
 def test_check_with_the_built_in_defaults(tmp_path):
     result = mailhub("check", cwd=tmp_path)
@@ -64,9 +73,17 @@ def test_check_with_the_built_in_defaults(tmp_path):
     assert list(tmp_path.iterdir()) == []  # checking creates nothing
     cfg = config.load(None, environ={})
     assert (cfg.data_dir, cfg.domain, cfg.hostname, cfg.shutdown_timeout) == (
-        Path("mailhub-data"), ["hub.test"], "hub.test", 30)
+        Path("mailhub-data"),
+        ["hub.test"],
+        "hub.test",
+        30,
+    )
     assert (cfg.smtp.listen, cfg.pop3.listen, cfg.imap.listen, cfg.metrics.listen) == (
-        ("127.0.0.1", 2525), ("127.0.0.1", 1110), ("127.0.0.1", 1143), ("127.0.0.1", 9425))
+        ("127.0.0.1", 2525),
+        ("127.0.0.1", 1110),
+        ("127.0.0.1", 1143),
+        ("127.0.0.1", 9425),
+    )
     assert cfg.smtp.max_message_size == 2 * 1024**3
     assert (cfg.tls.cert_file, cfg.tls.key_file, cfg.auth.allow_plaintext) == (None, None, False)
     assert cfg.smtp.peer_networks == [] and cfg.config_file is None
@@ -167,8 +184,10 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("encryption", "allow_hidden_recipients"): ("true", True),
         ("relay", "enabled"): ("no", False),
         ("relay", "hostname"): ("relay.hub.example", "relay.hub.example"),
-        ("relay", "routes"): ("other.example=127.0.0.1:2526, *=[::1]:25",
-                              [Route("other.example", "127.0.0.1", 2526), Route("*", "::1", 25)]),
+        ("relay", "routes"): (
+            "other.example=127.0.0.1:2526, *=[::1]:25",
+            [Route("other.example", "127.0.0.1", 2526), Route("*", "::1", 25)],
+        ),
         ("relay", "max_active"): ("7", 7),
         ("relay", "connect_timeout"): ("3", 3.0),
         ("relay", "command_timeout"): ("4", 4.0),
@@ -187,9 +206,18 @@ def test_every_key_can_be_set_from_the_environment(pem_files):
     table = samples(pem_files)
     assert set(table) == set(config.SCHEMA), "keep this table in step with config.SCHEMA"
     environ = {config.env_name(s, k): text for (s, k), (text, _) in table.items()}
-    for name in ("MAILHUB_DATA_DIR", "MAILHUB_DOMAIN", "MAILHUB_SMTP_LISTEN", "MAILHUB_POP3_LISTEN",
-                 "MAILHUB_IMAP_LISTEN", "MAILHUB_METRICS_LISTEN", "MAILHUB_SMTP_MAX_MESSAGE_SIZE",
-                 "MAILHUB_TLS_CERT_FILE", "MAILHUB_AUTH_ALLOW_PLAINTEXT", "MAILHUB_SHUTDOWN_TIMEOUT"):
+    for name in (
+        "MAILHUB_DATA_DIR",
+        "MAILHUB_DOMAIN",
+        "MAILHUB_SMTP_LISTEN",
+        "MAILHUB_POP3_LISTEN",
+        "MAILHUB_IMAP_LISTEN",
+        "MAILHUB_METRICS_LISTEN",
+        "MAILHUB_SMTP_MAX_MESSAGE_SIZE",
+        "MAILHUB_TLS_CERT_FILE",
+        "MAILHUB_AUTH_ALLOW_PLAINTEXT",
+        "MAILHUB_SHUTDOWN_TIMEOUT",
+    ):
         assert name in environ, name
     cfg = config.load(None, environ=environ)
     for (section, key), (_, expected) in table.items():
@@ -214,8 +242,11 @@ def test_a_file_with_every_section_and_the_environment_winning(tmp_path, pem_fil
     sections: dict[str, list[str]] = {}
     for (section, key), (_, value) in table.items():
         sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
-    text = "\n".join(sections.pop("")) + "\n" + "".join(
-        f"\n[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items())
+    text = (
+        "\n".join(sections.pop(""))
+        + "\n"
+        + "".join(f"\n[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items())
+    )
     path = tmp_path / "hub.toml"
     path.write_text(text)
     assert {"smtp", "pop3", "imap", "metrics", "tls", "auth", "log"} <= set(tomllib.loads(text))
@@ -226,8 +257,14 @@ def test_a_file_with_every_section_and_the_environment_winning(tmp_path, pem_fil
     result = mailhub("check", "--config", str(path))
     assert (result.returncode, result.stdout) == (0, f"config ok ({path})\n"), result.stderr
     # the environment wins over the file
-    cfg = config.load(path, environ={"MAILHUB_SMTP_LISTEN": "127.0.0.1:2626", "MAILHUB_DOMAIN": "a.test,b.test",
-                                     "MAILHUB_LOG_LEVEL": "error"})
+    cfg = config.load(
+        path,
+        environ={
+            "MAILHUB_SMTP_LISTEN": "127.0.0.1:2626",
+            "MAILHUB_DOMAIN": "a.test,b.test",
+            "MAILHUB_LOG_LEVEL": "error",
+        },
+    )
     assert cfg.smtp.listen == ("127.0.0.1", 2626) and cfg.domain == ["a.test", "b.test"]
     assert cfg.log.level == "error" and cfg.hostname == "mx.hub.example"
 
@@ -235,13 +272,25 @@ def test_a_file_with_every_section_and_the_environment_winning(tmp_path, pem_fil
 def test_serve_uses_the_config_file(tmp_path):
     data_dir = tmp_path / "data"
     path = tmp_path / "hub.toml"
-    path.write_text(f'data_dir = "{data_dir}"\ndomain = ["example.org", "hub.test"]\n\n'
-                    '[smtp]\nlisten = "127.0.0.1:0"\nmax_message_size = 5000\n\n'
-                    '[pop3]\nlisten = "127.0.0.1:0"\n[imap]\nlisten = "127.0.0.1:0"\n'
-                    '[metrics]\nlisten = "127.0.0.1:0"\n')
+    path.write_text(
+        f'data_dir = "{data_dir}"\ndomain = ["example.org", "hub.test"]\n\n'
+        '[smtp]\nlisten = "127.0.0.1:0"\nmax_message_size = 5000\n\n'
+        '[pop3]\nlisten = "127.0.0.1:0"\n[imap]\nlisten = "127.0.0.1:0"\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
     env = clean_env()
-    result = mailhub("site", "add", "org", "--address", "org@example.org", "--password-stdin",
-                     "--config", str(path), env=env, stdin=PASSWORD + "\n")
+    result = mailhub(
+        "site",
+        "add",
+        "org",
+        "--address",
+        "org@example.org",
+        "--password-stdin",
+        "--config",
+        str(path),
+        env=env,
+        stdin=PASSWORD + "\n",
+    )
     assert result.returncode == 0, result.stderr
     hub = Hub(data_dir, env, config=path)
     hub.start()
@@ -275,38 +324,60 @@ INVALID_ENVIRONMENTS = [
     ({"MAILHUB_AUTH_ALLOW_PLAINTEXT": "maybe"}, ["auth.allow_plaintext"]),
     ({"MAILHUB_LOG_LEVEL": "loud"}, ["log.level"]),
     ({"MAILHUB_LOG_FORMAT": "xml"}, ["log.format"]),
-    ({"MAILHUB_TLS_CERT_FILE": "/nonexistent/cert.pem", "MAILHUB_TLS_KEY_FILE": "/nonexistent/key.pem"},
-     ["tls.cert_file", "/nonexistent/cert.pem"]),
+    (
+        {"MAILHUB_TLS_CERT_FILE": "/nonexistent/cert.pem", "MAILHUB_TLS_KEY_FILE": "/nonexistent/key.pem"},
+        ["tls.cert_file", "/nonexistent/cert.pem"],
+    ),
     ({"MAILHUB_TLS_CERT_FILE": str(REPO / "pyproject.toml")}, ["tls.cert_file", "key_file"]),
     ({"MAILHUB_POP3_POP3S_LISTEN": "127.0.0.1:995"}, ["pop3.pop3s_listen"]),
     ({"MAILHUB_IMAP_IMAPS_LISTEN": "127.0.0.1:993"}, ["imap.imaps_listen"]),
 ]
 
 
-@pytest.mark.parametrize("env,names", [
-    pytest.param(env, names, id=",".join(f"{k.removeprefix('MAILHUB_')}={v}" for k, v in env.items()))
-    for env, names in INVALID_ENVIRONMENTS])
+@pytest.mark.parametrize(
+    "env,names",
+    [
+        pytest.param(env, names, id=",".join(f"{k.removeprefix('MAILHUB_')}={v}" for k, v in env.items()))
+        for env, names in INVALID_ENVIRONMENTS
+    ],
+)
 def test_invalid_environment_values(tmp_path, env, names):
     assert_config_error(mailhub("check", env=clean_env(**env), cwd=tmp_path), *names)
 
 
-@pytest.mark.parametrize("text,names", [
-    ("[smtp]\nlisten = \"127.0.0.1:2525\"\nbogus = 1\n", ["smtp.bogus", "unknown key"]),
-    ("bogus = 1\n", ["bogus", "unknown key"]),
-    ("[bogus]\nkey = 1\n", ["bogus.key"]),
-    ("[stmp]\n# listen = \"127.0.0.1:25\"\n", ["stmp"]),  # a misspelt section, all its keys commented out
-    ("[smtp]\nmax_message_size = \"big\"\n", ["smtp.max_message_size"]),
-    ("[smtp]\nmax_message_size = -1\n", ["smtp.max_message_size"]),
-    ("[smtp]\nlisten = 2525\n", ["smtp.listen"]),
-    ("[smtp]\npeer_networks = \"not a net\"\n", ["smtp.peer_networks"]),
-    ("domain = []\n", ["domain"]),
-    ("[auth]\nallow_plaintext = \"perhaps\"\n", ["auth.allow_plaintext"]),
-    ("[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"\n", ["tls.cert_file"]),
-    ("[smtp\nlisten = 1\n", ["invalid TOML"]),
-    ("data_dir = 'a'\ndata_dir = 'b'\n", ["invalid TOML"]),
-], ids=["unknown-key", "unknown-top-key", "unknown-section", "unknown-empty-section", "string-size",
-        "negative-size", "number-listen", "bad-network", "no-domain", "bad-bool", "missing-cert",
-        "bad-toml", "duplicate-key"])
+@pytest.mark.parametrize(
+    "text,names",
+    [
+        ('[smtp]\nlisten = "127.0.0.1:2525"\nbogus = 1\n', ["smtp.bogus", "unknown key"]),
+        ("bogus = 1\n", ["bogus", "unknown key"]),
+        ("[bogus]\nkey = 1\n", ["bogus.key"]),
+        ('[stmp]\n# listen = "127.0.0.1:25"\n', ["stmp"]),  # a misspelt section, all its keys commented out
+        ('[smtp]\nmax_message_size = "big"\n', ["smtp.max_message_size"]),
+        ("[smtp]\nmax_message_size = -1\n", ["smtp.max_message_size"]),
+        ("[smtp]\nlisten = 2525\n", ["smtp.listen"]),
+        ('[smtp]\npeer_networks = "not a net"\n', ["smtp.peer_networks"]),
+        ("domain = []\n", ["domain"]),
+        ('[auth]\nallow_plaintext = "perhaps"\n', ["auth.allow_plaintext"]),
+        ('[tls]\ncert_file = "/nonexistent.pem"\nkey_file = "/nonexistent.key"\n', ["tls.cert_file"]),
+        ("[smtp\nlisten = 1\n", ["invalid TOML"]),
+        ("data_dir = 'a'\ndata_dir = 'b'\n", ["invalid TOML"]),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-top-key",
+        "unknown-section",
+        "unknown-empty-section",
+        "string-size",
+        "negative-size",
+        "number-listen",
+        "bad-network",
+        "no-domain",
+        "bad-bool",
+        "missing-cert",
+        "bad-toml",
+        "duplicate-key",
+    ],
+)
 def test_invalid_config_files(tmp_path, text, names):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -319,8 +390,11 @@ def test_missing_config_file_and_serve_with_a_bad_config(tmp_path):
     line = assert_config_error(mailhub("check", "--config", str(tmp_path / "missing.toml")))
     assert "missing.toml" in line
     # serve validates before starting anything
-    result = mailhub("serve", env=clean_env(MAILHUB_DATA_DIR=str(tmp_path / "data"),
-                                            MAILHUB_SMTP_LISTEN="127.0.0.1:99999"), timeout=20)
+    result = mailhub(
+        "serve",
+        env=clean_env(MAILHUB_DATA_DIR=str(tmp_path / "data"), MAILHUB_SMTP_LISTEN="127.0.0.1:99999"),
+        timeout=20,
+    )
     assert_config_error(result, "smtp.listen")
     assert not (tmp_path / "data").exists()
 
@@ -331,8 +405,14 @@ def test_serve_exits_when_its_port_is_taken(tmp_path):
     holder.listen()
     port = holder.getsockname()[1]
     env = hub_env(tmp_path / "data", MAILHUB_SMTP_LISTEN=f"127.0.0.1:{port}")
-    proc = subprocess.Popen([sys.executable, "-m", "mailhub.cli", "serve"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailhub.cli", "serve"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=15)
     except subprocess.TimeoutExpired:
@@ -349,8 +429,14 @@ def test_serve_exits_when_its_port_is_taken(tmp_path):
 def test_serve_with_an_empty_smtp_listen_neither_crashes_nor_hangs(tmp_path):
     # "" disables a listener (config._listen); for SMTP that must be refused cleanly or honoured.
     env = hub_env(tmp_path / "data", MAILHUB_SMTP_LISTEN="")
-    proc = subprocess.Popen([sys.executable, "-m", "mailhub.cli", "serve"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailhub.cli", "serve"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=10)
     except subprocess.TimeoutExpired:
@@ -397,6 +483,7 @@ def test_the_example_file_documents_every_key_and_loads(tmp_path):
 
 # ---- sites -----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def site_env(tmp_path) -> dict:
     return clean_env(MAILHUB_DATA_DIR=str(tmp_path / "data"), MAILHUB_DOMAIN="hub.test,second.test")
@@ -418,47 +505,85 @@ def failed(result: subprocess.CompletedProcess, message: str) -> None:
 def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
     assert ok(site(site_env, "list")) == "no sites\n"
     assert json.loads(ok(site(site_env, "list", "--json"))) == []
-    assert ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin",
-                   stdin="pw-alpha\n")) == "site alpha added with address(es) alpha@hub.test\n"
-    assert ok(site(site_env, "add", "beta.site", "--address", "beta@hub.test", "--address", "B2@second.test",
-                   "--password-stdin", stdin="pw-beta\n")) == (
-        "site beta.site added with address(es) B2@second.test, beta@hub.test\n")
+    assert (
+        ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="pw-alpha\n"))
+        == "site alpha added with address(es) alpha@hub.test\n"
+    )
+    assert ok(
+        site(
+            site_env,
+            "add",
+            "beta.site",
+            "--address",
+            "beta@hub.test",
+            "--address",
+            "B2@second.test",
+            "--password-stdin",
+            stdin="pw-beta\n",
+        )
+    ) == ("site beta.site added with address(es) B2@second.test, beta@hub.test\n")
     assert ok(site(site_env, "list")) == (
         "alpha                          0 mails        0 B  alpha@hub.test\n"
-        "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n")
+        "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n"
+    )
     shown = ok(site(site_env, "show", "beta.site"))
-    assert re.fullmatch(r"site:      beta.site\naddresses: B2@second.test, beta@hub.test\n"
-                        r"created:   \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n"
-                        r"mailbox:   0 mail\(s\), 0 B \(0 mail\(s\), 0 B not downloaded yet\)\n"
-                        r"limits:\n  mailbox_bytes        0 B of 50.0 GiB \(0.0%\)\n"
-                        r"  mailbox_messages     0 of 200000 \(0.0%\)\n  max_message_size     unlimited\n"
-                        r"(  (submitted|received)_per_(day|month) +0 B of unlimited\n){4}"
-                        r"  max_drain_time       1800 s\n  downlink             1.0 MiB/s assumed until measured\n"
-                        r"throttle:  no live state yet .*\n"
-                        r"downloads: never polled\n"
-                        r"activity:  last 60 min: downloaded 0 mail\(s\), 0 B \(0 B/s\)\n", shown), shown
+    assert re.fullmatch(
+        r"site:      beta.site\naddresses: B2@second.test, beta@hub.test\n"
+        r"created:   \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n"
+        r"mailbox:   0 mail\(s\), 0 B \(0 mail\(s\), 0 B not downloaded yet\)\n"
+        r"limits:\n  mailbox_bytes        0 B of 50.0 GiB \(0.0%\)\n"
+        r"  mailbox_messages     0 of 200000 \(0.0%\)\n  max_message_size     unlimited\n"
+        r"(  (submitted|received)_per_(day|month) +0 B of unlimited\n){4}"
+        r"  max_drain_time       1800 s\n  downlink             1.0 MiB/s assumed until measured\n"
+        r"throttle:  no live state yet .*\n"
+        r"downloads: never polled\n"
+        r"activity:  last 60 min: downloaded 0 mail\(s\), 0 B \(0 B/s\)\n",
+        shown,
+    ), shown
     as_json = json.loads(ok(site(site_env, "show", "beta.site", "--json")))
     created = as_json.pop("created_at")
     assert as_json.pop("activity") == {
-        "window_seconds": 3600.0, "oldest_waiting_at": None, "downloaded_messages": 0, "downloaded_bytes": 0,
-        "download_rate_bytes_per_second": 0.0, "refusals_as_sender": [], "refusals_as_recipient": []}
+        "window_seconds": 3600.0,
+        "oldest_waiting_at": None,
+        "downloaded_messages": 0,
+        "downloaded_bytes": 0,
+        "download_rate_bytes_per_second": 0.0,
+        "refusals_as_sender": [],
+        "refusals_as_recipient": [],
+    }
     limits = as_json.pop("limits")
     assert limits["mailbox_bytes"] == {"limit": 50 * 1024**3, "source": "config", "used": 0}
     assert limits["max_drain_time"] == {"limit": 1800.0, "source": "config", "used": None}
-    assert as_json == {"name": "beta.site", "addresses": ["B2@second.test", "beta@hub.test"],
-                       "mailbox_messages": 0, "mailbox_bytes": 0, "waiting_bytes": 0, "waiting_messages": 0,
-                       "throttle": None,
-                       "downloads": {"sessions": 0, "messages": 0, "bytes": 0, "send_seconds": 0,
-                                     "first_poll_at": None, "last_poll_at": None}}
+    assert as_json == {
+        "name": "beta.site",
+        "addresses": ["B2@second.test", "beta@hub.test"],
+        "mailbox_messages": 0,
+        "mailbox_bytes": 0,
+        "waiting_bytes": 0,
+        "waiting_messages": 0,
+        "throttle": None,
+        "downloads": {
+            "sessions": 0,
+            "messages": 0,
+            "bytes": 0,
+            "send_seconds": 0,
+            "first_poll_at": None,
+            "last_poll_at": None,
+        },
+    }
     assert f"created:   {created}\n" in shown
     assert abs(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 120
     listed = json.loads(ok(site(site_env, "list", "--json")))
     assert [s["name"] for s in listed] == ["alpha", "beta.site"]
     assert ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-new\n")) == (
-        "password of site alpha changed\n")
+        "password of site alpha changed\n"
+    )
     assert ok(site(site_env, "remove", "alpha")) == "site alpha removed (0 mail(s) in its mailbox dropped)\n"
     failed(site(site_env, "show", "alpha"), "no site named 'alpha'")
-    assert ok(site(site_env, "list")) == "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n"
+    assert (
+        ok(site(site_env, "list"))
+        == "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n"
+    )
     # the removed site's address is free again
     ok(site(site_env, "add", "gamma", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"))
 
@@ -467,20 +592,31 @@ def test_site_command_errors(site_env):
     add = ("add", "alpha", "--address", "alpha@hub.test", "--password-stdin")
     ok(site(site_env, *add, stdin="pw\n"))
     failed(site(site_env, *add, stdin="pw\n"), "site 'alpha' exists already")
-    failed(site(site_env, "add", "other", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"),
-           "address 'alpha@hub.test' belongs to site 'alpha'")
-    failed(site(site_env, "add", "other", "--address", "ALPHA@Hub.Test", "--password-stdin", stdin="pw\n"),
-           "address 'ALPHA@Hub.Test' belongs to site 'alpha'")
-    failed(site(site_env, "add", "other", "--address", "x@else.org", "--password-stdin", stdin="pw\n"),
-           "address 'x@else.org' is not in a local domain (hub.test, second.test)")
-    failed(site(site_env, "add", "other", "--address", "no-at-sign", "--password-stdin", stdin="pw\n"),
-           "invalid address 'no-at-sign'")
-    failed(site(site_env, "add", "bad name", "--address", "b@hub.test", "--password-stdin", stdin="pw\n"),
-           "invalid site name 'bad name': use letters, digits, '.', '_' or '-'")
-    failed(site(site_env, "add", "other", "--address", "o@hub.test", "--password-stdin", stdin="\n"),
-           "empty password")
-    failed(site(site_env, "add", "other", "--address", "o@hub.test"),
-           "no password: use --password-stdin or run interactively")
+    failed(
+        site(site_env, "add", "other", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"),
+        "address 'alpha@hub.test' belongs to site 'alpha'",
+    )
+    failed(
+        site(site_env, "add", "other", "--address", "ALPHA@Hub.Test", "--password-stdin", stdin="pw\n"),
+        "address 'ALPHA@Hub.Test' belongs to site 'alpha'",
+    )
+    failed(
+        site(site_env, "add", "other", "--address", "x@else.org", "--password-stdin", stdin="pw\n"),
+        "address 'x@else.org' is not in a local domain (hub.test, second.test)",
+    )
+    failed(
+        site(site_env, "add", "other", "--address", "no-at-sign", "--password-stdin", stdin="pw\n"),
+        "invalid address 'no-at-sign'",
+    )
+    failed(
+        site(site_env, "add", "bad name", "--address", "b@hub.test", "--password-stdin", stdin="pw\n"),
+        "invalid site name 'bad name': use letters, digits, '.', '_' or '-'",
+    )
+    failed(site(site_env, "add", "other", "--address", "o@hub.test", "--password-stdin", stdin="\n"), "empty password")
+    failed(
+        site(site_env, "add", "other", "--address", "o@hub.test"),
+        "no password: use --password-stdin or run interactively",
+    )
     for action in (("show", "ghost"), ("remove", "ghost"), ("passwd", "ghost", "--password-stdin")):
         failed(site(site_env, *action, stdin="pw\n"), "no site named 'ghost'")
     usage = site(site_env, "add", "other", "--password-stdin", stdin="pw\n")
@@ -490,8 +626,9 @@ def test_site_command_errors(site_env):
 
 
 def test_the_same_address_twice_in_one_add_gives_a_clear_message(site_env):
-    result = site(site_env, "add", "dup", "--address", "d@hub.test", "--address", "D@hub.test",
-                  "--password-stdin", stdin="pw\n")
+    result = site(
+        site_env, "add", "dup", "--address", "d@hub.test", "--address", "D@hub.test", "--password-stdin", stdin="pw\n"
+    )
     assert result.returncode == 1
     assert "d@hub.test" in result.stderr.lower() and "UNIQUE constraint" not in result.stderr, result.stderr
     assert json.loads(ok(site(site_env, "list", "--json"))) == []
@@ -531,7 +668,8 @@ def test_check_loads_the_certificate_with_its_key(tmp_path):
 def test_site_verify_tells_whether_a_password_matches(site_env):
     ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="pw-one\n"))
     assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-one\n")) == (
-        "password of site alpha matches\n")
+        "password of site alpha matches\n"
+    )
     differs = site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")
     assert (differs.returncode, differs.stdout, differs.stderr) == (1, "password of site alpha differs\n", "")
     ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-two\n"))
@@ -540,6 +678,7 @@ def test_site_verify_tells_whether_a_password_matches(site_env):
 
 
 # ---- a running hub sees site changes without a restart -----------------------------------------
+
 
 def until(check, within: float = 2.0):
     """Poll `check` (returns a truthy value when done) for up to `within` seconds."""
@@ -588,13 +727,17 @@ def test_a_running_hub_sees_site_changes_without_restart(hub):
     assert until(lambda: login_code(hub, "gamma", "gamma-old") == 235)
 
     assert hub.cli("site", "passwd", "gamma", "--password-stdin", stdin="gamma-new\n").stdout == (
-        "password of site gamma changed\n")
+        "password of site gamma changed\n"
+    )
     assert until(lambda: login_code(hub, "gamma", "gamma-old") == 535), "old password still accepted after 2 s"
     assert login_code(hub, "gamma", "gamma-new") == 235
 
     listed = hub.cli("site", "list").stdout.splitlines()
-    assert [line.split()[:3] for line in listed] == [["alpha", "0", "mails"], ["beta", "0", "mails"],
-                                                     ["gamma", "1", "mails"]]
+    assert [line.split()[:3] for line in listed] == [
+        ["alpha", "0", "mails"],
+        ["beta", "0", "mails"],
+        ["gamma", "1", "mails"],
+    ]
     assert hub.cli("site", "remove", "gamma").stdout == "site gamma removed (1 mail(s) in its mailbox dropped)\n"
     assert until(lambda: rcpt_code(hub, "gamma@hub.test") == 550), "removed address still accepted after 2 s"
     assert login_code(hub, "gamma", "gamma-new") == 535

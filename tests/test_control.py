@@ -39,6 +39,7 @@ def control(tmp_path):
         running = RunningControl(data_dir, handlers)
         started.append(running)
         return running
+
     yield start
     for running in started:
         running.close()
@@ -102,7 +103,7 @@ def test_bad_input_gets_an_answer_and_the_server_keeps_serving(control, tmp_path
 def test_long_data_folder_path_and_stale_socket(control, tmp_path):
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
-    stale = socket.socket(socket.AF_UNIX)   # a socket file a killed hub left behind, nobody listening
+    stale = socket.socket(socket.AF_UNIX)  # a socket file a killed hub left behind, nobody listening
     with pytest.raises(OSError):
         stale.bind(str(socket_path(deep)))  # too long to bind directly
     stale.close()
@@ -118,7 +119,7 @@ def test_long_data_folder_path_and_stale_socket(control, tmp_path):
 def test_client_says_when_the_hub_is_not_running(tmp_path):
     with pytest.raises(ControlError, match=r"the hub is not running .*control\.sock.*start it with: mailhub serve"):
         request(tmp_path, "help")
-    listener = socket.socket(socket.AF_UNIX)   # a stale socket file: refused
+    listener = socket.socket(socket.AF_UNIX)  # a stale socket file: refused
     listener.bind(str(socket_path(tmp_path)))
     listener.close()
     with pytest.raises(ControlError, match="the hub is not running"):

@@ -106,8 +106,10 @@ def request_directory(hub, login: str) -> str:
     try:
         client.ehlo("gateway.test")
         client.login(login, PASSWORD)
-        message = (f"From: {login}@hub.test\r\nTo: directory@hub.test\r\nSubject: directory please\r\n"
-                   f"Message-ID: <req-1@{login}.test>\r\n\r\nsend the list\r\n")
+        message = (
+            f"From: {login}@hub.test\r\nTo: directory@hub.test\r\nSubject: directory please\r\n"
+            f"Message-ID: <req-1@{login}.test>\r\n\r\nsend the list\r\n"
+        )
         client.mail(f"{login}@hub.test")
         assert client.rcpt("directory@hub.test")[0] == 250
         code, reply = client.data(message.encode())
@@ -155,8 +157,12 @@ def test_bad_keys_are_refused_with_a_clear_message(make_hub, gpg, tmp_path):
     gpg.new_key("other <other@hub.test>")
     two = tmp_path / "two.asc"
     two.write_bytes(gpg.run("--armor", "--export").stdout)
-    for path, text in ((secret, "private key"), (junk, "not an OpenPGP key"), (two, "2 keys given"),
-                       (tmp_path / "missing.asc", "cannot read")):
+    for path, text in (
+        (secret, "private key"),
+        (junk, "not an OpenPGP key"),
+        (two, "2 keys given"),
+        (tmp_path / "missing.asc", "cannot read"),
+    ):
         result = hub.cli("site", "key", "import", "alpha", str(path), check=False)
         assert result.returncode == 1 and text in result.stderr and "Traceback" not in result.stderr, result
     assert hub.query("SELECT count(*) FROM site_keys") == [(0,)]
@@ -203,11 +209,14 @@ def test_a_site_asking_again_too_soon_is_told_when_to_ask(make_hub):
         client.login("alpha", PASSWORD)
         client.mail("alpha@hub.test")
         code, reply = client.rcpt("directory@hub.test")
-        assert code == 450 and re.match(rb"4\.7\.1 The directory was sent to your mailbox a moment ago;"
-                                        rb" ask again in [123] s$", reply), reply
+        assert code == 450 and re.match(
+            rb"4\.7\.1 The directory was sent to your mailbox a moment ago;"
+            rb" ask again in [123] s$",
+            reply,
+        ), reply
     finally:
         client.quit()
-    assert "directory sent to your mailbox" in request_directory(hub, "beta")   # other sites are not held
+    assert "directory sent to your mailbox" in request_directory(hub, "beta")  # other sites are not held
     time.sleep(3.1)
     assert "directory sent to your mailbox" in request_directory(hub, "alpha")
     assert len(pop3_messages(hub, "alpha")) == 2
@@ -281,13 +290,14 @@ def test_export_and_fingerprint_from_the_cli(make_hub, gpg, tmp_path):
 
 def test_the_directory_address_cannot_be_given_to_a_site(make_hub):
     hub = make_hub()
-    result = hub.cli("site", "add", "dir", "--address", "Directory@hub.test", "--password-stdin",
-                     stdin="pw\n", check=False)
+    result = hub.cli(
+        "site", "add", "dir", "--address", "Directory@hub.test", "--password-stdin", stdin="pw\n", check=False
+    )
     assert result.returncode == 1 and "participant directory" in result.stderr
 
 
 def test_a_damaged_hub_key_stops_the_start_with_one_line(make_hub):
-    hub = make_hub(process=True)   # what `mailhub serve` prints
+    hub = make_hub(process=True)  # what `mailhub serve` prints
     hub.data_dir.mkdir(parents=True)
     (hub.data_dir / "hub-signing-key.asc").write_text("not a key\n")
     with pytest.raises(AssertionError) as failed:

@@ -99,8 +99,9 @@ def test_full_disk_refuses_temporarily_deletes_and_recovers(make_hub, mount):
     (packs) until it is full; then the disk is filled to the last byte; gateways delete by POP3
     and IMAP; mail flows again."""
     disk = mount("small", "12m")
-    hub = make_hub(MAILHUB_DATA_DIR=str(disk / "data"),
-                   MAILHUB_STORAGE_RESERVE_BYTES="1M", MAILHUB_STORAGE_MIN_FREE_BYTES="0")
+    hub = make_hub(
+        MAILHUB_DATA_DIR=str(disk / "data"), MAILHUB_STORAGE_RESERVE_BYTES="1M", MAILHUB_STORAGE_MIN_FREE_BYTES="0"
+    )
     hub.data_dir = disk / "data"
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
@@ -121,23 +122,25 @@ def test_full_disk_refuses_temporarily_deletes_and_recovers(make_hub, mount):
         assert data.startswith(b"Received: ") and hashlib.sha256(data[-size:]).hexdigest() == digest
     assert not list((hub.data_dir / "spool").iterdir())
     assert unexplained_bytes(hub) == []
-    filler = fill(disk)                              # not a byte left
+    filler = fill(disk)  # not a byte left
     assert submit(hub.smtp_port, "alpha", "beta@hub.test", make_message(5000))[0] == 452
-    deleted = pop3_delete_all(hub, "alpha")          # POP3 DELE + QUIT on a full disk
+    deleted = pop3_delete_all(hub, "alpha")  # POP3 DELE + QUIT on a full disk
     imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"])
     imap.login("beta", PASSWORD)
     imap.select("INBOX")
     assert imap.store("1:*", "+FLAGS", "(\\Deleted)")[0] == "OK"
-    assert imap.expunge()[0] == "OK"                # IMAP EXPUNGE on a full disk
+    assert imap.expunge()[0] == "OK"  # IMAP EXPUNGE on a full disk
     imap.logout()
     assert hub.query("SELECT count(*) FROM mailbox") == [(0,)]
     os.unlink(filler)
-    deadline = time.monotonic() + 20                 # the hub reads free space once a second
+    deadline = time.monotonic() + 20  # the hub reads free space once a second
     while (code := submit(hub.smtp_port, "alpha", "beta@hub.test", make_message(1_000_000))[0]) != 250:
         assert code == 452 and time.monotonic() < deadline
-    print(f"full disk: acknowledged={len(accepted)} refused={len(refusals)} (all 452 4.3.1) lost=0"
-          f" half-written=0; deleted on a disk full to the last byte: {deleted} by POP3,"
-          f" {len(accepted) - deleted} by IMAP")
+    print(
+        f"full disk: acknowledged={len(accepted)} refused={len(refusals)} (all 452 4.3.1) lost=0"
+        f" half-written=0; deleted on a disk full to the last byte: {deleted} by POP3,"
+        f" {len(accepted) - deleted} by IMAP"
+    )
     hub.stop()
     assert "Traceback" not in hub.log_text()
     assert "reserve" in hub.log_text() and "for a gateway's deletion" in hub.log_text()
@@ -168,12 +171,11 @@ def test_full_index_file_system(make_hub, mount):
     assert all(code == 452 and reply.startswith(b"4.3.1") for code, reply in refusals), refusals
     stored = {qid for (qid,) in hub.query("SELECT queue_id FROM messages")}
     assert all(queue_id_from(reply) in stored for _, reply in accepted)
-    assert unexplained_bytes(hub) == []              # packed and single-file mails alike
+    assert unexplained_bytes(hub) == []  # packed and single-file mails alike
     assert not list((hub.data_dir / "spool").iterdir())
     os.unlink(filler)
     assert pop3_delete_all(hub, "alpha") == 5
     assert submit(hub.smtp_port, "alpha", "beta@hub.test", make_message(20_000))[0] == 250
-    print(f"full index: acknowledged={len(accepted) + 5} refused={len(refusals)} (all 452 4.3.1) lost=0"
-          f" half-written=0")
+    print(f"full index: acknowledged={len(accepted) + 5} refused={len(refusals)} (all 452 4.3.1) lost=0 half-written=0")
     hub.stop()
     assert "Traceback" not in hub.log_text()

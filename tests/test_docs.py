@@ -46,8 +46,10 @@ def test_the_check_notices_a_schema_change(monkeypatch, tmp_path):
     monkeypatch.setitem(config.SCHEMA, key, changed)
     assert config_reference.main(["--check"]) == 1
     assert config_reference.main([]) == 0  # rewrites both
-    assert "| `smtp.max_recipients` | integer >= 1 | `7` | Recipients per transaction, changed. |" \
+    assert (
+        "| `smtp.max_recipients` | integer >= 1 | `7` | Recipients per transaction, changed. |"
         in config_reference.REFERENCE.read_text()
+    )
     assert "# Recipients per transaction, changed.\nmax_recipients = 7\n" in config_reference.EXAMPLE.read_text()
     assert config_reference.main(["--check"]) == 0
 
@@ -61,20 +63,35 @@ def test_every_relative_link_and_anchor_in_the_docs_resolves():
 
 def test_the_link_check_finds_broken_files_and_anchors(tmp_path):
     check = _check_links()
-    (tmp_path / "other.md").write_text("# Other page\n\n## Running `mailhub serve` (twice)\n\n## Steps\n## Steps\n"
-                                       '<a id="custom"></a>\n```\n# not a heading\n```\n')
+    (tmp_path / "other.md").write_text(
+        "# Other page\n\n## Running `mailhub serve` (twice)\n\n## Steps\n## Steps\n"
+        '<a id="custom"></a>\n```\n# not a heading\n```\n'
+    )
     (tmp_path / "my page.md").write_text("# Top\n")
     page = tmp_path / "page.md"
-    page.write_text("\n".join([
-        "# Page", "[fine](other.md) [fine](other.md#running-mailhub-serve-twice) [fine](#page)",
-        "[fine](other.md#steps-1) [fine](other.md#custom) [web](https://example.org/x#y) [fine](my%20page.md#top)",
-        "[missing](gone.md) [bad anchor](other.md#not-a-heading)", "`[in code](nowhere.md)`",
-        "```", "[in a block](nowhere.md)", "```", "[ref]: other.md#nope", ""]))
+    page.write_text(
+        "\n".join(
+            [
+                "# Page",
+                "[fine](other.md) [fine](other.md#running-mailhub-serve-twice) [fine](#page)",
+                "[fine](other.md#steps-1) [fine](other.md#custom) [web](https://example.org/x#y)"
+                " [fine](my%20page.md#top)",
+                "[missing](gone.md) [bad anchor](other.md#not-a-heading)",
+                "`[in code](nowhere.md)`",
+                "```",
+                "[in a block](nowhere.md)",
+                "```",
+                "[ref]: other.md#nope",
+                "",
+            ]
+        )
+    )
     found = check.problems([page])
     assert [line.split(": ", 1)[1] for line in found] == [
         "gone.md: no such file",
         "other.md#not-a-heading: no heading or anchor #not-a-heading in other.md",
-        "other.md#nope: no heading or anchor #nope in other.md"]
+        "other.md#nope: no heading or anchor #nope in other.md",
+    ]
     assert [line.split(":")[1] for line in found] == ["4", "4", "9"]
 
 
@@ -83,6 +100,5 @@ def test_the_readme_is_a_landing_page():
     assert len(readme.splitlines()) <= 250
     assert "bash scripts/test.sh" in readme and "mailhub serve" in readme
     linked = set(_check_links().links(REPO / "README.md"))
-    for doc in ("operator-guide.md", "gateway-guide.md", "architecture.md", "configuration.md",
-                "benchmarks.md"):
+    for doc in ("operator-guide.md", "gateway-guide.md", "architecture.md", "configuration.md", "benchmarks.md"):
         assert any(target.startswith(f"docs/{doc}") for _, target in linked), doc

@@ -14,16 +14,16 @@ import psutil
 import pytest
 import uvloop
 
-from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 from mailhub import config
 from mailhub.hub import Hub
+
+from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 
 
 def _resources() -> tuple[set, set, int]:
     """This process's threads, child processes and number of open file descriptors."""
     me = psutil.Process()
-    return ({t.ident for t in threading.enumerate()}, {c.pid for c in me.children(recursive=True)},
-            me.num_fds())
+    return ({t.ident for t in threading.enumerate()}, {c.pid for c in me.children(recursive=True)}, me.num_fds())
 
 
 def _nothing_left(before: tuple[set, set, int]):
@@ -122,7 +122,7 @@ def test_a_hub_that_fails_to_start_half_way_leaves_nothing_behind(make_hub, hub_
     assert all(_refused(p) for p in hub.ports.values())
     wait_for(lambda: _nothing_left(before), timeout=10, message="threads, children and fds back to before")
 
-    async def again():   # the data folder's lock was released: a hub starts on it at once
+    async def again():  # the data folder's lock was released: a hub starts on it at once
         async with Hub(config.load(environ=dict(helper.env, MAILHUB_IMAP_LISTEN="127.0.0.1:0"))) as hub:
             return dict(hub.ports)
 
@@ -134,7 +134,7 @@ def test_stop_is_idempotent_and_a_hub_object_starts_once(make_hub, hub_signing_k
     hub = Hub(config.load(environ=helper.env))
 
     async def main():
-        await hub.stop()    # never started: nothing to do
+        await hub.stop()  # never started: nothing to do
         await hub.start()
         hub.request_stop()
         await asyncio.wait_for(hub.stopped(), 5)

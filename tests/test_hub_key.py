@@ -19,10 +19,10 @@ import sys
 import time
 
 import pytest
+from test_directory import document_of, pop3_messages, request_directory, signed_parts, until
 
 from conftest import ALPHA_BETA, PASSWORD, REPO
 from gpgutil import Gpg
-from test_directory import document_of, pop3_messages, request_directory, signed_parts, until
 
 WKS_CLIENT = "/usr/lib/gnupg/gpg-wks-client"
 
@@ -33,8 +33,11 @@ class Gateway(Gpg):
     def fingerprints_known(self) -> set[str]:
         out = self.run("--with-colons", "--list-keys", check=False).stdout.decode()
         lines = out.splitlines()
-        return {line.split(":")[9] for i, line in enumerate(lines)
-                if line.startswith("fpr:") and i > 0 and lines[i - 1].startswith("pub:")}
+        return {
+            line.split(":")[9]
+            for i, line in enumerate(lines)
+            if line.startswith("fpr:") and i > 0 and lines[i - 1].startswith("pub:")
+        }
 
     def fetch(self, url: str) -> None:
         result = self.run("--fetch-keys", url, check=False)
@@ -44,8 +47,15 @@ class Gateway(Gpg):
         """gpg --verify of a detached signature: (exit status, status lines)."""
         (self.home / "check.sig").write_bytes(signature)
         (self.home / "check.dat").write_bytes(signed)
-        result = self.run("--status-fd", "1", *options, "--verify", str(self.home / "check.sig"),
-                          str(self.home / "check.dat"), check=False)
+        result = self.run(
+            "--status-fd",
+            "1",
+            *options,
+            "--verify",
+            str(self.home / "check.sig"),
+            str(self.home / "check.dat"),
+            check=False,
+        )
         return result.returncode, result.stdout.decode()
 
     def close(self) -> None:
@@ -82,13 +92,14 @@ def http_get(hub, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
 
 def wkd_url(hub, address: str, method: str) -> str:
     """GnuPG's own WKD URL for `address`, its host replaced by the hub's loopback HTTP port."""
-    url = subprocess.run([WKS_CLIENT, "--print-wkd-url", address], capture_output=True, text=True,
-                         check=True, timeout=30).stdout.strip()
+    url = subprocess.run(
+        [WKS_CLIENT, "--print-wkd-url", address], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
     local, domain = address.split("@")
     advanced = f"https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/hu/"
     assert url.startswith(advanced) and url.endswith(f"?l={local}"), url
     base = f"http://127.0.0.1:{hub.ports['metrics']}/.well-known/openpgpkey/"
-    return base + (f"{domain}/hu/" if method == "advanced" else "hu/") + url[len(advanced):]
+    return base + (f"{domain}/hu/" if method == "advanced" else "hu/") + url[len(advanced) :]
 
 
 def key_part(raw: bytes) -> bytes:
@@ -108,7 +119,7 @@ def tampered(raw: bytes) -> bytes:
 
 def test_a_gateway_knowing_only_the_fingerprint_gets_the_key_by_every_path(make_hub, gateways, tmp_path):
     hub = make_hub(sites=ALPHA_BETA).start()
-    pinned = hub.cli("directory", "fingerprint").stdout.strip()   # told to the site out of band
+    pinned = hub.cli("directory", "fingerprint").stdout.strip()  # told to the site out of band
 
     exported = hub.cli("directory", "export-key")
     assert exported.stdout.startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----\nComment: current hub key " + pinned)
@@ -135,8 +146,11 @@ def test_a_gateway_knowing_only_the_fingerprint_gets_the_key_by_every_path(make_
         assert code == 0 and valid_signers(status) == [pinned], (name, status)
         code, status = gateway.check(*reversed(signed_parts(tampered(reply))))
         assert code != 0 and "[GNUPG:] BADSIG" in status and not valid_signers(status), (name, status)
-    assert document_of(reply)["hub"] == {"fingerprint": pinned, "directory_addresses": ["directory@hub.test"],
-                                         "key_rotation": None}
+    assert document_of(reply)["hub"] == {
+        "fingerprint": pinned,
+        "directory_addresses": ["directory@hub.test"],
+        "key_rotation": None,
+    }
 
     # the HTTP side: types, HEAD, the WKD policy files, nothing for other names
     status, headers, body = http_get(hub, "/hub-key.asc")
@@ -150,8 +164,12 @@ def test_a_gateway_knowing_only_the_fingerprint_gets_the_key_by_every_path(make_
     for policy in ("/.well-known/openpgpkey/policy", "/.well-known/openpgpkey/hub.test/policy"):
         assert http_get(hub, policy)[:1] == (200,)
     other = wkd_url(hub, "alpha@hub.test", "direct").split(str(hub.ports["metrics"]), 1)[1]
-    for missing in (other, "/.well-known/openpgpkey/other.test/hu/" + wkd_path.rsplit("/", 1)[1],
-                    "/hub-signing-key.asc", "/hub-key.asc/../hub-signing-key.asc"):
+    for missing in (
+        other,
+        "/.well-known/openpgpkey/other.test/hu/" + wkd_path.rsplit("/", 1)[1],
+        "/hub-signing-key.asc",
+        "/hub-key.asc/../hub-signing-key.asc",
+    ):
         assert http_get(hub, missing)[0] == 404, missing
 
 
@@ -175,7 +193,7 @@ def test_the_directory_mail_with_its_key_part_passes_the_encryption_policy(make_
 def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_hub, gateways, tmp_path):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_DIRECTORY_HUB_KEY_GRACE_DAYS="1").start()
     old = hub.cli("directory", "fingerprint").stdout.strip()
-    gateway = gateways()   # pins the old key, the only hub key it ever received out of band
+    gateway = gateways()  # pins the old key, the only hub key it ever received out of band
     gateway.import_key(hub.cli("directory", "export-key").stdout.encode())
     trusting_old = ("--trust-model", "pgp", "--trusted-key", old)
 
@@ -183,11 +201,14 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
     new = rotated.stdout.strip()
     assert new != old and f"hub key rotated: {old} -> {new}" in rotated.stderr
     # the command asked the running hub over the control socket, which announced it before answering
-    assert "The running hub announced the rotation to 2 site(s), in a mail signed by both keys (queued as " \
-        in rotated.stderr, rotated.stderr
+    assert (
+        "The running hub announced the rotation to 2 site(s), in a mail signed by both keys (queued as "
+        in rotated.stderr
+    ), rotated.stderr
     assert (hub.data_dir / "hub-keys" / f"{old}.asc").stat().st_mode & 0o777 == 0o600
-    assert until(lambda: f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text()), \
-        hub.log_text()[-2000:]
+    assert until(lambda: f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text()), hub.log_text()[
+        -2000:
+    ]
     assert hub.query("SELECT count(*) FROM mailbox") == [(2,)]
     announcements = {login: pop3_messages(hub, login) for login in ("alpha", "beta")}
     assert all(len(mails) == 1 for mails in announcements.values())
@@ -230,8 +251,8 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
     assert hub.stop() == 0
     hub.start()
     request_directory(hub, "alpha")
-    time.sleep(1.5)   # the update loop looks once a second
-    assert hub.query("SELECT count(*) FROM mailbox") == [(4,)]   # 2 announcements, 2 replies
+    time.sleep(1.5)  # the update loop looks once a second
+    assert hub.query("SELECT count(*) FROM mailbox") == [(4,)]  # 2 announcements, 2 replies
 
     # after the grace period only the new key signs and is published; the old one stays on disk
     hub.stop()
@@ -261,18 +282,18 @@ def test_a_rotation_not_yet_announced_blocks_the_next_one(make_hub):
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"the previous rotation ({first} -> {second}) is not announced to the sites yet" in refused.stderr
     assert "not announced to the sites yet" in hub.cli("directory", "export-key").stderr
-    hub.start()   # announces it
+    hub.start()  # announces it
     assert until(lambda: "announced to 2 site(s)" in hub.log_text()), hub.log_text()[-2000:]
     third = hub.cli("directory", "rotate-key").stdout.strip()
     assert len({first, second, third}) == 3
-    forced = hub.cli("directory", "rotate-key", "--force")   # before the hub announced the third
+    forced = hub.cli("directory", "rotate-key", "--force")  # before the hub announced the third
     assert forced.returncode == 0 and "stops co-signing now" in forced.stderr
 
 
 def test_a_rotation_that_cannot_write_says_so_and_changes_nothing(make_hub):
     hub = make_hub(sites=ALPHA_BETA)
     first = hub.cli("directory", "fingerprint").stdout.strip()
-    (hub.data_dir / "hub-keys").write_text("in the way\n")   # the archive folder cannot be made
+    (hub.data_dir / "hub-keys").write_text("in the way\n")  # the archive folder cannot be made
     failed = hub.cli("directory", "rotate-key", check=False)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
     assert f"rotation not done, the hub key {first} stays current: File exists" in failed.stderr
@@ -297,45 +318,60 @@ def test_a_rotation_killed_at_each_step_leaves_one_consistent_state(make_hub):
     for step in STEPS:
         hub = make_hub(sites=ALPHA_BETA)
         old = hub.cli("directory", "fingerprint").stdout.strip()
-        killed = subprocess.run([sys.executable, "-c", _CUT_OFF, str(hub.data_dir), step], cwd=REPO,
-                                env=hub.env, capture_output=True, timeout=120)
+        killed = subprocess.run(
+            [sys.executable, "-c", _CUT_OFF, str(hub.data_dir), step],
+            cwd=REPO,
+            env=hub.env,
+            capture_output=True,
+            timeout=120,
+        )
         assert killed.returncode == -9, killed.stderr
         keys = load_hub_keys(hub.data_dir, 86400)
-        if keys.fingerprint == old:       # cut off before the commit: nothing changed
+        if keys.fingerprint == old:  # cut off before the commit: nothing changed
             assert keys.rotation() is None
             outcomes[step] = "old key current"
-        else:                             # after it: the whole rotation
+        else:  # after it: the whole rotation
             assert keys.previous.fingerprint == old and keys.in_grace()
             outcomes[step] = "rotated"
         hub.start()
         assert not list(hub.data_dir.glob(".hub-signing-key.asc.*")), "leftover removed at start"
         mails = 2 if outcomes[step] == "rotated" else 0
         assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(mails,)]), hub.log_text()[-2000:]
-        next_key = hub.cli("directory", "rotate-key").stdout.strip()   # and the next rotation works
+        next_key = hub.cli("directory", "rotate-key").stdout.strip()  # and the next rotation works
         assert until(lambda: f"-> {next_key} announced to 2 site(s)" in hub.log_text()), hub.log_text()[-2000:]
         hub.stop()
     print("rotation cut off by SIGKILL after each step:", json.dumps(outcomes))
-    assert outcomes == {"generated": "old key current", "archived": "old key current",
-                        "written": "old key current", "committed": "rotated"}
+    assert outcomes == {
+        "generated": "old key current",
+        "archived": "old key current",
+        "written": "old key current",
+        "committed": "rotated",
+    }
 
 
 def test_wkd_names_are_gnupgs():
     from directory import wkd_hash
 
-    for address in ("directory@hub.test", "Directory@Hub.Test", "Joe.Doe@Example.ORG", "x@y.z",
-                    "teilnehmer-verzeichnis_2@klinik.example"):
-        printed = subprocess.run([WKS_CLIENT, "--print-wkd-hash", address], capture_output=True, text=True,
-                                 check=True, timeout=30).stdout.split()[0]
+    for address in (
+        "directory@hub.test",
+        "Directory@Hub.Test",
+        "Joe.Doe@Example.ORG",
+        "x@y.z",
+        "teilnehmer-verzeichnis_2@klinik.example",
+    ):
+        printed = subprocess.run(
+            [WKS_CLIENT, "--print-wkd-hash", address], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()[0]
         assert wkd_hash(address.split("@")[0]) == printed, address
 
 
 def test_the_server_reloads_a_rotated_key_and_keeps_its_keys_when_the_file_goes_bad(tmp_path, caplog, gateways):
     from directory import HubKeySource, rotate_hub_key
 
-    addresses = ["directory@hub.test", "directory@other.test"]   # one user ID per local domain
+    addresses = ["directory@hub.test", "directory@other.test"]  # one user ID per local domain
     source = HubKeySource(tmp_path, addresses, 86400)
     first = source.get().fingerprint
-    assert source.get() is source.get()   # not read again while the file is unchanged
+    assert source.get() is source.get()  # not read again while the file is unchanged
     previous, new = rotate_hub_key(tmp_path, addresses)
     assert previous.fingerprint == first
     keys = source.get()
@@ -345,12 +381,14 @@ def test_the_server_reloads_a_rotated_key_and_keeps_its_keys_when_the_file_goes_
     listing = gateway.run("--with-colons", "--check-sigs", new.fingerprint).stdout.decode().splitlines()
     uids = [i for i, line in enumerate(listing) if line.startswith("uid:")]
     assert [listing[i].split(":")[9] for i in uids] == [f"DICOM Mail Hub directory <{a}>" for a in addresses]
-    for start, end in zip(uids, uids[1:] + [len(listing)]):   # each user ID certified by the old key
-        assert any(line.startswith("sig:!:") and line.split(":")[4] == first[-16:]
-                   for line in listing[start:end]), listing
+    for start, end in zip(uids, uids[1:] + [len(listing)]):  # each user ID certified by the old key
+        assert any(line.startswith("sig:!:") and line.split(":")[4] == first[-16:] for line in listing[start:end]), (
+            listing
+        )
     (tmp_path / "hub-signing-key.asc").write_text("damaged\n")
-    caplog.clear()   # only what the damaged file causes (not the warnings of the rotation above)
+    caplog.clear()  # only what the damaged file causes (not the warnings of the rotation above)
     with caplog.at_level("ERROR", logger="mailhub.directory"):
         assert all(source.get() is keys for _ in range(5))
     assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelno >= logging.WARNING] == [
-        f"hub key file unreadable, still signing with {new.fingerprint}"]
+        f"hub key file unreadable, still signing with {new.fingerprint}"
+    ]

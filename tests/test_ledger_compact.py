@@ -25,8 +25,12 @@ def send(hub, sizes: list[int]) -> list[str]:
 def pop3_delete(hub, qids: list[str]) -> None:
     import poplib
 
-    order = [q for (q,) in hub.query("SELECT b.queue_id FROM mailbox b JOIN sites s ON s.id = b.site_id"
-                                     " WHERE s.name = 'alpha' ORDER BY b.uid")]
+    order = [
+        q
+        for (q,) in hub.query(
+            "SELECT b.queue_id FROM mailbox b JOIN sites s ON s.id = b.site_id WHERE s.name = 'alpha' ORDER BY b.uid"
+        )
+    ]
     client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
     client.user("alpha")
     client.pass_(PASSWORD)
@@ -53,13 +57,13 @@ def ledger_files(hub) -> list[str]:
 
 def test_compaction_keeps_what_rebuild_needs_and_survives_a_kill_at_each_step(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
-    small = send(hub, [3_000, 4_000, 5_000, 6_000])        # one pack
-    large = send(hub, [2_500_000, 2_600_000, 2_700_000])    # files of their own
-    pop3_delete(hub, small[:2] + large[:2])   # packed: a hole, the records stay; files: unlinked
+    small = send(hub, [3_000, 4_000, 5_000, 6_000])  # one pack
+    large = send(hub, [2_500_000, 2_600_000, 2_700_000])  # files of their own
+    pop3_delete(hub, small[:2] + large[:2])  # packed: a hole, the records stay; files: unlinked
     expected = mailboxes(hub)
     assert expected == {("alpha", q) for q in small[2:] + large[2:]}
     hub.stop()
-    hub.start()   # start-up empties the trash: the deleted files are gone
+    hub.start()  # start-up empties the trash: the deleted files are gone
     hub.stop()
     assert not any(p.name in large[:2] for p in hub.blob_files())
     before = ledger_files(hub)
@@ -88,7 +92,7 @@ def test_compaction_keeps_what_rebuild_needs_and_survives_a_kill_at_each_step(ma
     lines = [json.loads(line) for line in (hub.data_dir / "ledger" / "00000000.jsonl").read_text().splitlines()]
     assert not any(str(doc.get("q")) in large[:2] for doc in lines)
     assert not any(q in large[:2] for doc in lines for q in doc.get("f", ()))
-    assert {doc["q"] for doc in lines if "d" in doc} == set(small[:2])   # their records are still in the pack
+    assert {doc["q"] for doc in lines if "d" in doc} == set(small[:2])  # their records are still in the pack
     got = rebuild_from_blobs(hub)
     lost += len(expected - got)
     resurrected += len(got - expected)
@@ -96,28 +100,30 @@ def test_compaction_keeps_what_rebuild_needs_and_survives_a_kill_at_each_step(ma
     again = json.loads(hub.cli("storage", "compact-ledger", "--json").stdout)
     assert again["lines_after"] == report["lines_after"] and again["mails_dropped"] == 0
 
-    for site in ("alpha", "beta"):   # sites made again from the mails' records have no password
+    for site in ("alpha", "beta"):  # sites made again from the mails' records have no password
         hub.cli("site", "passwd", site, "--password-stdin", stdin=PASSWORD + "\n")
-    hub.start()   # the hub starts on a compacted ledger and goes on appending to it
+    hub.start()  # the hub starts on a compacted ledger and goes on appending to it
     new = send(hub, [7_000])
     pop3_delete(hub, [large[2]])
     hub.stop()
     expected = (expected - {("alpha", large[2])}) | {("alpha", new[0])}
     assert rebuild_from_blobs(hub) == expected
-    print(f"ledger compaction: files {len(before)} -> 1, lines {lines_before} -> {report['lines_after']},"
-          f" kills at 3 steps: lost={lost} brought back={resurrected}")
+    print(
+        f"ledger compaction: files {len(before)} -> 1, lines {lines_before} -> {report['lines_after']},"
+        f" kills at 3 steps: lost={lost} brought back={resurrected}"
+    )
 
 
 def test_compaction_beside_a_running_hub_leaves_todays_file_alone(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()
     send(hub, [3_000])
     today = ledger_files(hub)
-    past = hub.data_dir / "ledger" / "20000101.jsonl"   # a past day's file: a commit and a removal of a gone mail
+    past = hub.data_dir / "ledger" / "20000101.jsonl"  # a past day's file: a commit and a removal of a gone mail
     past.write_text('{"c":0,"a":1,"f":["GONE1"],"at":1}\n{"d":1,"q":"GONE1","s":1,"n":"alpha","u":1,"at":1}\n')
     report = json.loads(hub.cli("storage", "compact-ledger", "--json").stdout)
     assert not report["today_included"] and report["files_before"] == 1 and report["mails_dropped"] == 1
     assert ledger_files(hub) == sorted(["00000000.jsonl"] + today)
-    send(hub, [3_000])   # the hub goes on
+    send(hub, [3_000])  # the hub goes on
     result = hub.cli("storage", "check")
     assert "no problems found" in result.stdout, result.stdout
     hub.stop()

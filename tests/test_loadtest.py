@@ -11,11 +11,14 @@ import time
 import pytest
 from pgpy.errors import PGPError
 
-from conftest import REPO
-from loadtest import arrivals, pgpmime, pop3_protocol as pp, smtp_protocol as sp
+from loadtest import arrivals, pgpmime
+from loadtest import pop3_protocol as pp
+from loadtest import smtp_protocol as sp
 from loadtest.pacing import Pacer
 from loadtest.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile
 from loadtest.results import percentile
+
+from conftest import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -31,11 +34,17 @@ modality = "CT"
 
 
 def loadtest(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "loadtest.cli", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---- pure parts -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["smoke", "pilot", "westgerman", "mismatch"])
 def test_shipped_profiles_load(name):
@@ -52,13 +61,16 @@ def test_profile_site_counts():
     assert len(mismatch.senders) == 1 and len(mismatch.receivers) == 1
 
 
-@pytest.mark.parametrize("bad, where", [
-    (MINIMAL + "colour = 1\n", "unknown key"),
-    (MINIMAL.replace('name = "b"', 'name = "b"\nprotocol = "smoke-signals"'), "protocol"),
-    (MINIMAL + 'images = [5, 2]\n', "images"),
-    (MINIMAL.replace('name = "b"', 'name = "a"'), "duplicate"),
-    (MINIMAL + "[arrival]\nrate_per_s = \"fast\"\n", "rate_per_s"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        (MINIMAL + "colour = 1\n", "unknown key"),
+        (MINIMAL.replace('name = "b"', 'name = "b"\nprotocol = "smoke-signals"'), "protocol"),
+        (MINIMAL + "images = [5, 2]\n", "images"),
+        (MINIMAL.replace('name = "b"', 'name = "a"'), "duplicate"),
+        (MINIMAL + '[arrival]\nrate_per_s = "fast"\n', "rate_per_s"),
+    ],
+)
 def test_profile_errors_name_the_key(bad, where):
     with pytest.raises(ProfileError, match=where):
         parse_profile(bad)
@@ -80,10 +92,10 @@ def test_arrivals_are_deterministic_and_never_self_addressed():
 
 
 def test_pacer_books_the_line():
-    pacer = Pacer(1000, burst_bytes=0)          # 1000 bytes/s
+    pacer = Pacer(1000, burst_bytes=0)  # 1000 bytes/s
     assert pacer.reserve(500, now=10.0) == pytest.approx(0.5)
-    assert pacer.reserve(500, now=10.0) == pytest.approx(1.0)   # queued behind the first
-    assert pacer.reserve(100, now=20.0) == pytest.approx(0.1)   # idle line: no debt carried
+    assert pacer.reserve(500, now=10.0) == pytest.approx(1.0)  # queued behind the first
+    assert pacer.reserve(100, now=20.0) == pytest.approx(0.1)  # idle line: no debt carried
     assert Pacer(0).reserve(10**9, now=0) == 0
 
 
@@ -129,30 +141,46 @@ def test_percentile_nearest_rank():
 
 def test_pgp_mime_round_trip_and_tamper_detection():
     import hashlib
+
     key = pgpmime.new_site_key("b", "b@hub.test")
     files = [("IM1.dcm", b"DICM" * 1000), ("IM2.dcm", b"\x00\x01" * 3000)]
-    raw = pgpmime.pgp_mime_mail(sender="a@hub.test", recipient="b@hub.test", public_key=key.pubkey,
-                                files=files, set_id="1.2.3", set_part=1, set_total=1,
-                                message_id="m@a.hub.test", subject="CT")
+    raw = pgpmime.pgp_mime_mail(
+        sender="a@hub.test",
+        recipient="b@hub.test",
+        public_key=key.pubkey,
+        files=files,
+        set_id="1.2.3",
+        set_part=1,
+        set_total=1,
+        message_id="m@a.hub.test",
+        subject="CT",
+    )
     head = raw.split(b"\r\n\r\n")[0]
-    for header in (b"X-TELEMEDICINE-SETID: 1.2.3", b"X-TELEMEDICINE-SETPART: 1", b"X-TELEMEDICINE-SETTOTAL: 1",
-                   b"Disposition-Notification-To: <a@hub.test>", b'protocol="application/pgp-encrypted"'):
+    for header in (
+        b"X-TELEMEDICINE-SETID: 1.2.3",
+        b"X-TELEMEDICINE-SETPART: 1",
+        b"X-TELEMEDICINE-SETTOTAL: 1",
+        b"Disposition-Notification-To: <a@hub.test>",
+        b'protocol="application/pgp-encrypted"',
+    ):
         assert header in head
     expected = [hashlib.sha256(d).hexdigest() for _, d in files]
     # a server adding a trace header changes nothing that is checked
     assert pgpmime.dicom_digests(key, b"Received: by hub\r\n" + raw) == expected
     other = pgpmime.new_site_key("c", "c@hub.test")
-    with pytest.raises(PGPError):   # not decryptable with another site's key
+    with pytest.raises(PGPError):  # not decryptable with another site's key
         pgpmime.dicom_digests(other, raw)
 
 
 # ---- end to end --------------------------------------------------------------------------------
 
+
 def test_smoke_profile_against_a_spawned_hub(tmp_path):
     out = tmp_path / "smoke.json"
     started = time.monotonic()
-    result = loadtest("run", "smoke", "--spawn-local", "--generate", "--corpus", tmp_path / "corpus",
-                      "--out", out, "--no-progress")
+    result = loadtest(
+        "run", "smoke", "--spawn-local", "--generate", "--corpus", tmp_path / "corpus", "--out", out, "--no-progress"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert time.monotonic() - started < 60
     data = json.loads(out.read_text())
@@ -198,9 +226,21 @@ def test_a_mail_deleted_on_the_server_fails_the_run(make_hub, tmp_path):
     thief = threading.Thread(target=delete_first)
     thief.start()
     out = tmp_path / "lost.json"
-    result = loadtest("run", profile, "--smtp", f"127.0.0.1:{hub.ports['smtp']}",
-                      "--pop3", f"127.0.0.1:{hub.ports['pop3']}", "--corpus", corpus, "--out", out,
-                      "--drain-timeout", "4", "--no-progress")
+    result = loadtest(
+        "run",
+        profile,
+        "--smtp",
+        f"127.0.0.1:{hub.ports['smtp']}",
+        "--pop3",
+        f"127.0.0.1:{hub.ports['pop3']}",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--drain-timeout",
+        "4",
+        "--no-progress",
+    )
     thief.join()
     assert deleted, "no mailbox entry appeared"
     assert result.returncode == 1, result.stdout + result.stderr
@@ -213,13 +253,17 @@ def test_a_mail_deleted_on_the_server_fails_the_run(make_hub, tmp_path):
 
 def test_imap_response_parser_handles_literals_in_any_split():
     from loadtest import imap_protocol as ip
-    wire = (b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\nworl)\r\n"
-            b"L3 OK done\r\n* SEARCH 4 2 9\r\n* 3 EXISTS\r\n")
+
+    wire = b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\nworl)\r\nL3 OK done\r\n* SEARCH 4 2 9\r\n* 3 EXISTS\r\n"
     for cut in range(len(wire)):
         parser = ip.ResponseParser()
         responses = parser.feed(wire[:cut]) + parser.feed(wire[cut:])
-        assert [r.text for r in responses] == ["* 1 FETCH (UID 7 BODY[] {11})", "L3 OK done",
-                                               "* SEARCH 4 2 9", "* 3 EXISTS"]
+        assert [r.text for r in responses] == [
+            "* 1 FETCH (UID 7 BODY[] {11})",
+            "L3 OK done",
+            "* SEARCH 4 2 9",
+            "* 3 EXISTS",
+        ]
         assert ip.fetched_body(responses) == b"hello\r\nworl"
         assert ip.search_uids(responses) == [2, 4, 9] and ip.is_exists(responses[3])
     with pytest.raises(ip.ImapError):
@@ -229,8 +273,17 @@ def test_imap_response_parser_handles_literals_in_any_split():
 def test_smoke_over_imap_idle_against_the_hub(tmp_path):
     profile = tmp_path / "imap.toml"
     profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace('protocol = "pop3"', 'protocol = "imap-idle"'))
-    result = loadtest("run", profile, "--spawn-local", "--generate", "--corpus", tmp_path / "c",
-                      "--out", tmp_path / "r.json", "--no-progress")
+    result = loadtest(
+        "run",
+        profile,
+        "--spawn-local",
+        "--generate",
+        "--corpus",
+        tmp_path / "c",
+        "--out",
+        tmp_path / "r.json",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["passed"] and data["counts"]["received"] == data["counts"]["planned"]
@@ -239,14 +292,20 @@ def test_smoke_over_imap_idle_against_the_hub(tmp_path):
 def _have_postfix_dovecot() -> bool:
     import os
     import shutil
-    return (os.geteuid() == 0 and shutil.which("postfix") is not None and shutil.which("dovecot") is not None
-            and os.path.exists("/usr/lib/dovecot/lmtp"))
+
+    return (
+        os.geteuid() == 0
+        and shutil.which("postfix") is not None
+        and shutil.which("dovecot") is not None
+        and os.path.exists("/usr/lib/dovecot/lmtp")
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_postfix_dovecot(), reason="needs root, postfix and dovecot-lmtpd")
 def test_smoke_over_imap_idle_against_postfix_and_dovecot(tmp_path):
     from loadtest.thirdparty import dovecot_server, postfix_to_lmtp
+
     profile = tmp_path / "imap.toml"
     profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace('protocol = "pop3"', 'protocol = "imap-idle"'))
     corpus = tmp_path / "corpus"
@@ -255,12 +314,26 @@ def test_smoke_over_imap_idle_against_postfix_and_dovecot(tmp_path):
     users = {name: site["password"] for name, site in manifest["sites"].items()}
     # Dovecot's sockets go under its work folder, and a socket path must stay under 108 bytes:
     # a short folder under /tmp rather than pytest's (longer still under pytest-xdist).
-    with tempfile.TemporaryDirectory(prefix="mh-dovecot-") as work, \
-            dovecot_server(work, users, lmtp=True, auth_socket=True) as dovecot:
+    with (
+        tempfile.TemporaryDirectory(prefix="mh-dovecot-") as work,
+        dovecot_server(work, users, lmtp=True, auth_socket=True) as dovecot,
+    ):
         with postfix_to_lmtp(work, dovecot["lmtp"], ["hub.test"], sasl_path=dovecot["auth_socket"]) as smtp:
-            result = loadtest("run", profile, "--smtp", f"127.0.0.1:{smtp}", "--imap", f"127.0.0.1:{dovecot['imap']}",
-                              "--pop3", f"127.0.0.1:{dovecot['pop3']}", "--corpus", corpus,
-                              "--out", tmp_path / "r.json", "--no-progress")
+            result = loadtest(
+                "run",
+                profile,
+                "--smtp",
+                f"127.0.0.1:{smtp}",
+                "--imap",
+                f"127.0.0.1:{dovecot['imap']}",
+                "--pop3",
+                f"127.0.0.1:{dovecot['pop3']}",
+                "--corpus",
+                corpus,
+                "--out",
+                tmp_path / "r.json",
+                "--no-progress",
+            )
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["passed"] and data["counts"]["received"] == data["counts"]["planned"]
@@ -314,8 +387,11 @@ def test_sender_retries_a_4xx_with_backoff_and_reconnects(tmp_path):
 
     (tmp_path / "m1.eml").write_bytes(b"Message-ID: <m1@x>\r\n\r\nbody one\r\n")
     (tmp_path / "m2.eml").write_bytes(b"Message-ID: <m2@x>\r\n\r\nbody two\r\n")
-    study = {"sender": "a", "receiver": "b",
-             "mails": [{"file": "m1.eml", "message_id": "m1@x"}, {"file": "m2.eml", "message_id": "m2@x"}]}
+    study = {
+        "sender": "a",
+        "receiver": "b",
+        "mails": [{"file": "m1.eml", "message_id": "m1@x"}, {"file": "m2.eml", "message_id": "m2@x"}],
+    }
     flaky = _FlakySmtp()
 
     async def scenario():
@@ -323,10 +399,22 @@ def test_sender_retries_a_4xx_with_backoff_and_reconnects(tmp_path):
         port = server.sockets[0].getsockname()[1]
         rec = Recorder()
         started = asyncio.get_running_loop().time()
-        await send_study(study=study, corpus=tmp_path, host="127.0.0.1", port=port, login="a", password="p",
-                         sender_address="a@hub.test", receiver_address="b@hub.test",
-                         smtp_cfg=Smtp(retry_base_s=0.2, retry_max_s=1.0), uplink=None, downlink=None,
-                         recorder=rec, rng=random.Random(1), stop=asyncio.Event())
+        await send_study(
+            study=study,
+            corpus=tmp_path,
+            host="127.0.0.1",
+            port=port,
+            login="a",
+            password="p",
+            sender_address="a@hub.test",
+            receiver_address="b@hub.test",
+            smtp_cfg=Smtp(retry_base_s=0.2, retry_max_s=1.0),
+            uplink=None,
+            downlink=None,
+            recorder=rec,
+            rng=random.Random(1),
+            stop=asyncio.Event(),
+        )
         server.close()
         return rec, asyncio.get_running_loop().time() - started
 
@@ -334,7 +422,7 @@ def test_sender_retries_a_4xx_with_backoff_and_reconnects(tmp_path):
     assert [s.outcome for s in rec.sent.values()] == ["accepted", "accepted"]
     assert [s.attempts for s in rec.sent.values()] == [2, 2]
     assert len(rec.deferrals) == 2 and "451" in rec.deferrals[0][2]
-    assert flaky.connections == 3            # a gateway reconnects after a deferral
+    assert flaky.connections == 3  # a gateway reconnects after a deferral
     assert len(flaky.mails) == 2 and seconds >= 2 * 0.2 * 0.8
 
 
@@ -351,11 +439,12 @@ def test_uplink_pacing_limits_the_socket(tmp_path):
             while data := await reader.read(65536):
                 got.extend(data)
             writer.close()
+
         server = await asyncio.start_server(sink, "127.0.0.1", 0)
         stream = await Stream.connect("127.0.0.1", server.sockets[0].getsockname()[1], up=Pacer.mbit(1.0))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await stream.write(b"x" * 250_000)        # 2 Mbit at 1 Mbit/s
+        await stream.write(b"x" * 250_000)  # 2 Mbit at 1 Mbit/s
         elapsed = loop.time() - started
         await stream.close()
         server.close()
@@ -367,8 +456,26 @@ def test_uplink_pacing_limits_the_socket(tmp_path):
 
 def test_smoke_with_starttls_against_a_tls_hub(make_hub, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     profile = tmp_path / "tls.toml"
     profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace("[smtp]\n", "[smtp]\nstarttls = true\n"))
     corpus = tmp_path / "corpus"
@@ -379,8 +486,19 @@ def test_smoke_with_starttls_against_a_tls_hub(make_hub, tmp_path):
         hub.add_site(name, site["address"], password=site["password"])
     hub.start()
     out = tmp_path / "tls.json"
-    result = loadtest("run", profile, "--smtp", f"127.0.0.1:{hub.ports['smtp']}",
-                      "--pop3", f"127.0.0.1:{hub.ports['pop3']}", "--corpus", corpus, "--out", out, "--no-progress")
+    result = loadtest(
+        "run",
+        profile,
+        "--smtp",
+        f"127.0.0.1:{hub.ports['smtp']}",
+        "--pop3",
+        f"127.0.0.1:{hub.ports['pop3']}",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     counts = json.loads(out.read_text())["counts"]
     assert counts["smtp_sessions"] > 0 and counts["smtp_tls_sessions"] == counts["smtp_sessions"]
@@ -399,14 +517,26 @@ def test_checks_count_duplicates_corruption_and_unexpected_mail(tmp_path):
     for n in range(4):
         dicom = f"DICM image {n}".encode() * 50
         mid = f"m{n}@a.hub.test"
-        raw = pgpmime.pgp_mime_mail(sender="a@hub.test", recipient="b@hub.test", public_key=key.pubkey,
-                                    files=[("IM.dcm", dicom)], set_id="s", set_part=n + 1, set_total=4,
-                                    message_id=mid, subject="CT")
+        raw = pgpmime.pgp_mime_mail(
+            sender="a@hub.test",
+            recipient="b@hub.test",
+            public_key=key.pubkey,
+            files=[("IM.dcm", dicom)],
+            set_id="s",
+            set_part=n + 1,
+            set_total=4,
+            message_id=mid,
+            subject="CT",
+        )
         raws[mid] = raw
-        mails.append({"message_id": mid, "body_sha256": pgpmime.body_digest(raw),
-                      "dicom_sha256": [hashlib.sha256(dicom).hexdigest()]})
-    manifest = {"sites": {"b": {"key": "keys/b.asc"}},
-                "studies": [{"sender": "a", "receiver": "b", "mails": mails}]}
+        mails.append(
+            {
+                "message_id": mid,
+                "body_sha256": pgpmime.body_digest(raw),
+                "dicom_sha256": [hashlib.sha256(dicom).hexdigest()],
+            }
+        )
+    manifest = {"sites": {"b": {"key": "keys/b.asc"}}, "studies": [{"sender": "a", "receiver": "b", "mails": mails}]}
     rec = Recorder()
     for mid, raw in raws.items():
         rec.accepted(rec.submit(mid, "a", "b", len(raw)), "250")
@@ -417,13 +547,13 @@ def test_checks_count_duplicates_corruption_and_unexpected_mail(tmp_path):
         rec.download(Received(mid, "b", 1.0, len(raw), pgpmime.body_digest(raw), str(path)))
 
     got("m0@a.hub.test", raws["m0@a.hub.test"], "0")
-    got("m0@a.hub.test", raws["m0@a.hub.test"], "0b")                         # twice
+    got("m0@a.hub.test", raws["m0@a.hub.test"], "0b")  # twice
     body = raws["m1@a.hub.test"]
-    middle = len(body) - 300                                                   # inside the armored data
-    flipped = b"B" if body[middle:middle + 1] != b"B" else b"C"
-    got("m1@a.hub.test", body[:middle] + flipped + body[middle + 1:], "1")     # one byte changed
+    middle = len(body) - 300  # inside the armored data
+    flipped = b"B" if body[middle : middle + 1] != b"B" else b"C"
+    got("m1@a.hub.test", body[:middle] + flipped + body[middle + 1 :], "1")  # one byte changed
     got("m2@a.hub.test", raws["m2@a.hub.test"], "2")
-    got("stray@elsewhere", raws["m2@a.hub.test"], "x")                        # not from this run
+    got("stray@elsewhere", raws["m2@a.hub.test"], "x")  # not from this run
     verdict = check(manifest, tmp_path, rec, workers=1)
     counts = verdict["counts"]
     assert (counts["lost"], counts["duplicated"], counts["corrupted"], counts["unexpected"]) == (1, 1, 1, 1)
@@ -438,8 +568,10 @@ def test_accounts_file_and_loopback_only(tmp_path):
     accounts = tmp_path / "logins.toml"
     accounts.write_text('[accounts.clinic-a]\nlogin = "gw-a"\npassword = "pw"\n')
     profile = parse_profile(MINIMAL + '[accounts.b]\nlogin = "bee"\npassword = "x"\n')
-    assert _accounts(accounts, profile) == {"b": {"login": "bee", "password": "x"},
-                                            "clinic-a": {"login": "gw-a", "password": "pw"}}
+    assert _accounts(accounts, profile) == {
+        "b": {"login": "bee", "password": "x"},
+        "clinic-a": {"login": "gw-a", "password": "pw"},
+    }
     assert parse_hostport("127.0.0.1:2525") == ("127.0.0.1", 2525)
     assert parse_hostport("[::1]:110") == ("::1", 110)
     check_loopback("127.0.0.1")
@@ -451,9 +583,12 @@ def test_accounts_file_and_loopback_only(tmp_path):
 def test_gateways_ride_out_421_connection_limits_of_the_hub(make_hub, tmp_path):
     # One SMTP connection per client address: concurrent studies get 421 4.7.0, retry, all arrive.
     profile = tmp_path / "crowded.toml"
-    profile.write_text((PROFILE_DIR / "smoke.toml").read_text()
-                       .replace("max_attempts = 6", "max_attempts = 30")
-                       .replace("rate_per_s = 1.5", "rate_per_s = 4.0"))
+    profile.write_text(
+        (PROFILE_DIR / "smoke.toml")
+        .read_text()
+        .replace("max_attempts = 6", "max_attempts = 30")
+        .replace("rate_per_s = 1.5", "rate_per_s = 4.0")
+    )
     corpus = tmp_path / "corpus"
     assert loadtest("generate", profile, "--corpus", corpus).returncode == 0
     manifest = json.loads((corpus / "manifest.json").read_text())
@@ -462,8 +597,19 @@ def test_gateways_ride_out_421_connection_limits_of_the_hub(make_hub, tmp_path):
         hub.add_site(name, site["address"], password=site["password"])
     hub.start()
     out = tmp_path / "crowded.json"
-    result = loadtest("run", profile, "--smtp", f"127.0.0.1:{hub.ports['smtp']}",
-                      "--pop3", f"127.0.0.1:{hub.ports['pop3']}", "--corpus", corpus, "--out", out, "--no-progress")
+    result = loadtest(
+        "run",
+        profile,
+        "--smtp",
+        f"127.0.0.1:{hub.ports['smtp']}",
+        "--pop3",
+        f"127.0.0.1:{hub.ports['pop3']}",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(out.read_text())
     assert data["counts"]["deferrals"] > 0

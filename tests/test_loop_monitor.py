@@ -16,8 +16,10 @@ from mailhub.loop_monitor import LoopMonitor
 def lag_counts() -> tuple[float, float]:
     """(samples in the lag histogram, samples of 0.25 s or less)"""
     registry = metrics.REGISTRY
-    return (registry.get_sample_value("mailhub_event_loop_lag_seconds_count"),
-            registry.get_sample_value("mailhub_event_loop_lag_seconds_bucket", {"le": "0.25"}))
+    return (
+        registry.get_sample_value("mailhub_event_loop_lag_seconds_count"),
+        registry.get_sample_value("mailhub_event_loop_lag_seconds_bucket", {"le": "0.25"}),
+    )
 
 
 def stall_lines(caplog) -> list[str]:
@@ -48,12 +50,12 @@ def test_a_blocking_call_is_logged_with_its_function_and_measured(caplog):
     assert len(lines) == 1, stall_lines(caplog)
     line = lines[0]
     assert line.startswith("event loop stalled 0.")
-    assert float(line.split()[3]) >= 0.4   # the lateness of the tick, about the 0.6 s blocked
+    assert float(line.split()[3]) >= 0.4  # the lateness of the tick, about the 0.6 s blocked
     # the innermost frame (time.sleep is C: the project frame that called it comes first)
     assert "tests/test_loop_monitor.py:" in line and line.index("deliberately_blocking") < line.index("<-")
     new_count, new_fast = lag_counts()
-    assert new_count > count + 2          # ticks measured all along
-    assert new_count - new_fast >= count - fast + 1   # at least one sample over 0.25 s
+    assert new_count > count + 2  # ticks measured all along
+    assert new_count - new_fast >= count - fast + 1  # at least one sample over 0.25 s
     assert metrics.REGISTRY.get_sample_value("mailhub_event_loop_stalls_total") >= stalls + 1
 
 
@@ -79,8 +81,9 @@ def test_a_stall_in_c_code_holding_the_gil_is_named(caplog):
     caplog.set_level(logging.WARNING, "mailhub.loop")
     asyncio.run(run_in_c(LoopMonitor(threshold=0.2)))
     lines = [line for line in stall_lines(caplog) if "regex_in_c" in line]
-    assert lines and "fullmatch" in lines[0] and lines[0].index("fullmatch") < lines[0].index("regex_in_c"), \
+    assert lines and "fullmatch" in lines[0] and lines[0].index("fullmatch") < lines[0].index("regex_in_c"), (
         stall_lines(caplog)
+    )
 
 
 def test_a_hang_is_reported_while_it_lasts(caplog, monkeypatch):

@@ -9,8 +9,9 @@ import shutil
 import time
 
 from bench.ingest_benchmark import hub_peak_rss
-from conftest import ALPHA_BETA, RawSMTP, queue_id_from
 from storage import envelope
+
+from conftest import ALPHA_BETA, RawSMTP, queue_id_from
 
 MB = 1024 * 1024
 MAIL_MB = int(os.environ.get("MAILHUB_TEST_BIG_MAIL_MB", "1024"))  # 1 GB, as in issue 2
@@ -29,7 +30,7 @@ def _base64_chunk() -> bytes:
     """1 MiB of 76-character base64 lines (whole lines, so the chunk can be repeated)."""
     lines_per_chunk = MB // 78
     text = base64.b64encode(os.urandom(57 * lines_per_chunk))
-    chunk = b"".join(text[i:i + 76] + b"\r\n" for i in range(0, len(text), 76))
+    chunk = b"".join(text[i : i + 76] + b"\r\n" for i in range(0, len(text), 76))
     return chunk + b"A" * (MB - len(chunk) - 2) + b"\r\n"
 
 
@@ -40,11 +41,13 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     pid = hub.proc.pid
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"mailhub.cli\0serve" in f.read()  # the hub itself, not a wrapper
-    rss_before = hub_peak_rss(pid)   # VmHWM plus the index writer's private memory
+    rss_before = hub_peak_rss(pid)  # VmHWM plus the index writer's private memory
 
-    header = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: whole study\r\n"
-              b"Message-ID: <big-study@hub.test>\r\nX-TELEMEDICINE-SETID: 1.2.840.99\r\n"
-              b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n")   # passes the policy as text
+    header = (
+        b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: whole study\r\n"
+        b"Message-ID: <big-study@hub.test>\r\nX-TELEMEDICINE-SETID: 1.2.840.99\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    )  # passes the policy as text
     chunk = _base64_chunk()
     assert len(chunk) == MB and chunk.endswith(b"\r\n") and b"\r\n." not in chunk
     size = len(header) + MAIL_MB * len(chunk)
@@ -68,14 +71,17 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     peak = hub_peak_rss(pid)
     assert client.command("QUIT").startswith(b"221")
     client.close()
-    print(f"\n{MAIL_MB} MiB mail in {elapsed:.1f} s ({MAIL_MB / elapsed:.0f} MiB/s); hub peak RSS "
-          f"{peak / MB:.1f} MiB (at start {rss_before / MB:.1f} MiB)")
+    print(
+        f"\n{MAIL_MB} MiB mail in {elapsed:.1f} s ({MAIL_MB / elapsed:.0f} MiB/s); hub peak RSS "
+        f"{peak / MB:.1f} MiB (at start {rss_before / MB:.1f} MiB)"
+    )
     assert peak < RSS_LIMIT, f"hub peak RSS {peak / MB:.1f} MiB"
 
     (blob, stored_size, stored_sha, set_id, message_id) = hub.query(
-        "SELECT blob, size, sha256, set_id, message_id FROM messages WHERE queue_id = ?", qid)[0]
+        "SELECT blob, size, sha256, set_id, message_id FROM messages WHERE queue_id = ?", qid
+    )[0]
     path = hub.data_dir / "blobs" / blob
-    with open(path, "rb") as f:   # the mail, then its envelope record (storage/envelope.py)
+    with open(path, "rb") as f:  # the mail, then its envelope record (storage/envelope.py)
         record = envelope.read_trailer(f.fileno(), path.stat().st_size)
     assert record.size == stored_size and record.record["q"] == qid and record.record["sha256"] == stored_sha
     assert (set_id, message_id) == ("1.2.840.99", "<big-study@hub.test>")

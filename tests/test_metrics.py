@@ -31,8 +31,11 @@ def fetch(hub, path: str) -> tuple[int, str]:
 
 def samples(text: str) -> dict[tuple, float]:
     """{(sample name, ((label, value), ...)): value}"""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(scraped: dict, name: str, **labels) -> float:
@@ -83,11 +86,11 @@ def run_traffic(hub) -> dict:
     # Refusals at MAIL and RCPT, and one transaction refused at the end of data (too big).
     client = smtp(hub, "alpha")
     try:
-        assert client.mail("beta@hub.test")[0] == 553                   # sender not owned
+        assert client.mail("beta@hub.test")[0] == 553  # sender not owned
         assert client.mail("alpha@hub.test", [f"SIZE={MAX_SIZE + 1}"])[0] == 552
         assert client.mail("alpha@hub.test")[0] == 250
-        assert client.rcpt("nobody@hub.test")[0] == 550                 # unknown user
-        assert client.rcpt("someone@example.org")[0] == 550              # no route
+        assert client.rcpt("nobody@hub.test")[0] == 550  # unknown user
+        assert client.rcpt("someone@example.org")[0] == 550  # no route
         assert client.rcpt("beta@hub.test")[0] == 250
         code, _ = client.data(make_message(MAX_SIZE + 5_000))
         assert code == 552
@@ -96,7 +99,7 @@ def run_traffic(hub) -> dict:
     unauthenticated = smtp(hub, None)
     try:
         assert unauthenticated.mail("x@example.org")[0] == 250
-        assert unauthenticated.rcpt("beta@hub.test")[0] == 530           # authentication required
+        assert unauthenticated.rcpt("beta@hub.test")[0] == 530  # authentication required
     finally:
         unauthenticated.quit()
     sizes["smtp_sessions"] = 3 + 1 + 1 + 1 + 1
@@ -104,8 +107,11 @@ def run_traffic(hub) -> dict:
     # POP3: beta and gamma download everything (RETR) and delete it.
     served = {}
     for site in ("beta", "gamma"):
-        rows = hub.query("SELECT m.size FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
-                         " JOIN sites s ON s.id = b.site_id WHERE s.name = ? ORDER BY b.uid", site)
+        rows = hub.query(
+            "SELECT m.size FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
+            " JOIN sites s ON s.id = b.site_id WHERE s.name = ? ORDER BY b.uid",
+            site,
+        )
         served[site] = (len(rows), sum(size for (size,) in rows))
         pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
         pop.user(site)
@@ -140,7 +146,7 @@ def test_counters_match_scripted_traffic(traffic_hub):
     assert value(m, "mailhub_smtp_received_bytes_total", site="alpha") == expected["alpha"]
     assert value(m, "mailhub_smtp_received_messages_total", site="beta") == 1
     assert value(m, "mailhub_smtp_received_bytes_total", site="beta") == expected["beta"]
-    assert value(m, "mailhub_smtp_delivered_messages_total", site="beta") == 4   # b2 + beta: one entry
+    assert value(m, "mailhub_smtp_delivered_messages_total", site="beta") == 4  # b2 + beta: one entry
     assert value(m, "mailhub_smtp_delivered_bytes_total", site="beta") == expected["beta_in"]
     assert value(m, "mailhub_smtp_delivered_messages_total", site="gamma") == 1
     assert value(m, "mailhub_smtp_delivered_bytes_total", site="gamma") == expected["gamma_in"]
@@ -156,7 +162,7 @@ def test_counters_match_scripted_traffic(traffic_hub):
     assert value(m, "mailhub_pop3_sessions_total", outcome="quit") == 2
 
     # Storage gauges from the index: after the downloads only alpha's mail from beta is left.
-    (blobs, size), = hub.query("SELECT count(*), sum(size) FROM messages")
+    ((blobs, size),) = hub.query("SELECT count(*), sum(size) FROM messages")
     assert blobs == 1
     assert value(m, "mailhub_storage_blobs") == blobs
     assert value(m, "mailhub_storage_blobs_bytes") == size
@@ -170,10 +176,10 @@ def test_counters_match_scripted_traffic(traffic_hub):
     assert value(m, "process_resident_memory_bytes") > 0
     assert value(m, "mailhub_smtp_sessions_active") == 0
 
-    promtool = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
-                              timeout=60)
+    promtool = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert promtool.returncode == 0 and not promtool.stdout.strip() and not promtool.stderr.strip(), (
-        promtool.stdout + promtool.stderr)
+        promtool.stdout + promtool.stderr
+    )
 
 
 def test_single_instance_savings_and_empty_hub(make_hub):
@@ -182,15 +188,16 @@ def test_single_instance_savings_and_empty_hub(make_hub):
     message = make_message(4_000)
     assert send(hub, "alpha", ["beta@hub.test", "gamma@hub.test"], message)[0] == 250
     m = samples(fetch(hub, "/metrics")[1])
-    (size,), = hub.query("SELECT size FROM messages")
+    ((size,),) = hub.query("SELECT size FROM messages")
     assert value(m, "mailhub_storage_blobs") == 1
     assert value(m, "mailhub_storage_blobs_bytes") == size
     assert value(m, "mailhub_storage_single_instance_saved_bytes") == size
     for site in ("beta", "gamma"):
         assert value(m, "mailhub_mailbox_messages", site=site) == 1
         assert value(m, "mailhub_mailbox_bytes", site=site) == size
-        (delivered,), = hub.query("SELECT b.delivered_at FROM mailbox b JOIN sites s ON s.id = b.site_id"
-                                  " WHERE s.name = ?", site)
+        ((delivered,),) = hub.query(
+            "SELECT b.delivered_at FROM mailbox b JOIN sites s ON s.id = b.site_id WHERE s.name = ?", site
+        )
         assert value(m, "mailhub_mailbox_oldest_message_timestamp_seconds", site=site) == delivered
     assert value(m, "mailhub_mailbox_messages", site="alpha") == 0
     assert value(m, "mailhub_mailbox_bytes", site="alpha") == 0
@@ -225,12 +232,20 @@ def test_real_prometheus_scrapes_the_hub(hub, tmp_path):
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: mailhub\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{hub.ports['metrics']}']\n")
+        f"      - targets: ['127.0.0.1:{hub.ports['metrics']}']\n"
+    )
     port = _free_port()
     log = open(tmp_path / "prometheus.log", "w")
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         query = urllib.parse.urlencode({"query": 'mailhub_smtp_received_messages_total{site="alpha"}'})
         deadline = time.monotonic() + 60

@@ -6,6 +6,7 @@ import pytest
 
 from directory.openpgp_armor import SessionPacketReader
 from directory.openpgp_packets import WILDCARD_KEY_ID
+
 from gpgutil import Gpg
 
 
@@ -21,7 +22,7 @@ def gpg():
 def read(data: bytes, piece: int = 1 << 20, transfer_encoding: str = ""):
     reader = SessionPacketReader(transfer_encoding)
     for i in range(0, len(data), piece):
-        reader.feed(data[i:i + piece])
+        reader.feed(data[i : i + piece])
     return reader.close()
 
 
@@ -30,8 +31,9 @@ def test_armored_message_to_two_recipients(gpg, piece):
     message = gpg.encrypt(b"DICM" * 1000, "alpha@hub.test", "beta@hub.test")
     result = read(message, piece)
     assert result.error is None and result.data_tag == 18
-    assert sorted(result.key_ids) == sorted([gpg.encryption_key_id("alpha@hub.test"),
-                                             gpg.encryption_key_id("beta@hub.test")])
+    assert sorted(result.key_ids) == sorted(
+        [gpg.encryption_key_id("alpha@hub.test"), gpg.encryption_key_id("beta@hub.test")]
+    )
 
 
 def test_binary_and_base64_transfer_encoding(gpg):
@@ -66,15 +68,18 @@ def test_hidden_recipient_and_passphrase_only(gpg):
     assert result.key_ids == [] and result.passphrase_packets == 1 and result.data_tag == 18
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty"),
-    (b"hello world\r\n", "neither an ASCII-armored PGP MESSAGE nor binary"),
-    (b"-----BEGIN PGP MESSAGE-----\r\n\r\n!!!!\r\n", "invalid base64"),
-    (b"-----BEGIN PGP MESSAGE-----\r\n\r\n-----END PGP MESSAGE-----\r\n", "ends before its encrypted data"),
-    (bytes([0x84, 0x05, 3, 1, 2]), "ends before its encrypted data"),
-    (bytes([0x84, 0x03, 9, 9, 9, 0xD2, 0x01, 0x01]), "malformed public-key"),
-    (bytes([0xB4, 0x01, 0x00]), "unexpected OpenPGP packet (tag 13)"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"hello world\r\n", "neither an ASCII-armored PGP MESSAGE nor binary"),
+        (b"-----BEGIN PGP MESSAGE-----\r\n\r\n!!!!\r\n", "invalid base64"),
+        (b"-----BEGIN PGP MESSAGE-----\r\n\r\n-----END PGP MESSAGE-----\r\n", "ends before its encrypted data"),
+        (bytes([0x84, 0x05, 3, 1, 2]), "ends before its encrypted data"),
+        (bytes([0x84, 0x03, 9, 9, 9, 0xD2, 0x01, 0x01]), "malformed public-key"),
+        (bytes([0xB4, 0x01, 0x00]), "unexpected OpenPGP packet (tag 13)"),
+    ],
+)
 def test_broken_input_gets_a_reason(data, reason):
     result = read(data)
     assert result.error is not None and reason in result.error, result
@@ -95,8 +100,10 @@ def test_nothing_may_follow_the_message(gpg):
     assert read(binary).error is None
     assert "data after the encrypted data packet" in read(binary + literal).error
     armored = base64.encodebytes(binary + literal).replace(b"\n", b"\r\n")
-    assert "data after the encrypted data packet" in read(
-        b"-----BEGIN PGP MESSAGE-----\r\n\r\n" + armored + b"-----END PGP MESSAGE-----\r\n").error
+    assert (
+        "data after the encrypted data packet"
+        in read(b"-----BEGIN PGP MESSAGE-----\r\n\r\n" + armored + b"-----END PGP MESSAGE-----\r\n").error
+    )
     endless = SessionPacketReader()
     endless.feed(b"-----BEGIN PGP MESSAGE-----\r\nComment: x\r\n")
     for _ in range(100):

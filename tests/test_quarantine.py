@@ -87,8 +87,9 @@ def test_an_entry_whose_item_never_arrived_is_listed_as_not_moved(tmp_path):
     data = _data(tmp_path)
     entry = data / "quarantine" / "20260101" / "120000-1-blobs_x"
     entry.mkdir(parents=True)
-    (entry / q.RECORD_NAME).write_text(json.dumps({"original": "blobs/x", "reason": "orphan_blob", "at": 1.0,
-                                                   "size": 3}))
+    (entry / q.RECORD_NAME).write_text(
+        json.dumps({"original": "blobs/x", "reason": "orphan_blob", "at": 1.0, "size": 3})
+    )
     (data / "quarantine" / "20260101" / "damaged-entry").mkdir()
     entries = q.list_entries(data)
     assert {(e.original, e.moved) for e in entries} == {("?", False), ("blobs/x", False)}

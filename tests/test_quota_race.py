@@ -10,9 +10,10 @@ import threading
 import time
 import urllib.request
 
-from conftest import ALPHA, PASSWORD, make_message, queue_id_from
 from storage import Delivery, MessageMeta
 from storage.index_writer import BatchItem, IndexWriter
+
+from conftest import ALPHA, PASSWORD, make_message, queue_id_from
 
 SENDERS = 20
 PER_SENDER = 4
@@ -20,8 +21,11 @@ KB = 1024
 
 
 def _usage(hub, site: str) -> tuple[int, int]:
-    return hub.query("SELECT coalesce(sum(u.held_bytes), 0), coalesce(sum(u.held_messages), 0)"
-                     " FROM mailbox_usage u JOIN sites s ON s.id = u.receiver_id WHERE s.name = ?", site)[0]
+    return hub.query(
+        "SELECT coalesce(sum(u.held_bytes), 0), coalesce(sum(u.held_messages), 0)"
+        " FROM mailbox_usage u JOIN sites s ON s.id = u.receiver_id WHERE s.name = ?",
+        site,
+    )[0]
 
 
 def _ratio(port: int, site: str, quota: str) -> float | None:
@@ -29,7 +33,7 @@ def _ratio(port: int, site: str, quota: str) -> float | None:
     prefix = f'mailhub_site_quota_usage_ratio{{quota="{quota}",site="{site}"}} '
     for line in text.splitlines():
         if line.startswith(prefix):
-            return float(line[len(prefix):])
+            return float(line[len(prefix) :])
     return None
 
 
@@ -51,13 +55,13 @@ def test_parallel_senders_never_exceed_mailbox_limits(make_hub):
         for _ in range(3):
             client.sendmail("alpha@hub.test", ["bytes@hub.test", "count@hub.test"], prefill)
     held_bytes, held_count = _usage(hub, "bytes")
-    byte_limit = held_bytes + 3 * 1024 * KB           # room for about 3 MB more
-    count_limit = held_count + 9                      # room for 9 more mails
+    byte_limit = held_bytes + 3 * 1024 * KB  # room for about 3 MB more
+    count_limit = held_count + 9  # room for 9 more mails
     hub.cli("site", "set", "bytes", "--mailbox-bytes", str(byte_limit))
     hub.cli("site", "set", "count", "--mailbox-messages", str(count_limit))
-    _wait_for_ratio(hub.ports["metrics"], "bytes", "mailbox_bytes", held_bytes / byte_limit)   # the hub has them
+    _wait_for_ratio(hub.ports["metrics"], "bytes", "mailbox_bytes", held_bytes / byte_limit)  # the hub has them
     _wait_for_ratio(hub.ports["metrics"], "count", "mailbox_messages", held_count / count_limit)
-    results = []   # (recipient, code, reply, queue ID)
+    results = []  # (recipient, code, reply, queue ID)
     lock = threading.Lock()
     start = threading.Barrier(SENDERS)
 
@@ -70,7 +74,7 @@ def test_parallel_senders_never_exceed_mailbox_limits(make_hub):
                 rcpt = "bytes@hub.test" if (n + i) % 2 else "count@hub.test"
                 size = 2500 * KB if rng.random() < 0.1 else rng.randrange(20 * KB, 400 * KB)
                 body = make_message(size, subject=f"race {n}/{i}")
-                declared = rng.choice([None, len(body) + 600, len(body) * 2])   # with Received:, or more
+                declared = rng.choice([None, len(body) + 600, len(body) * 2])  # with Received:, or more
                 options = [f"SIZE={declared}"] if declared else []
                 code, reply = client.mail("alpha@hub.test", options)
                 assert code == 250, reply
@@ -95,8 +99,10 @@ def test_parallel_senders_never_exceed_mailbox_limits(make_hub):
     lost = [r for r in acknowledged if r[3] not in stored]
     final_bytes, final_count = _usage(hub, "bytes")
     count_bytes, count_count = _usage(hub, "count")
-    print(f"quota race: attempts={len(results)} acknowledged={len(acknowledged)} refused={len(refused)}"
-          f" lost={len(lost)} bytes-site {final_bytes}/{byte_limit} B, count-site {count_count}/{count_limit} mails")
+    print(
+        f"quota race: attempts={len(results)} acknowledged={len(acknowledged)} refused={len(refused)}"
+        f" lost={len(lost)} bytes-site {final_bytes}/{byte_limit} B, count-site {count_count}/{count_limit} mails"
+    )
     assert not lost
     assert final_bytes <= byte_limit and count_count <= count_limit
     assert count_count == count_limit, "the count-limited mailbox was not filled (more senders tried)"
@@ -112,8 +118,18 @@ def test_parallel_senders_never_exceed_mailbox_limits(make_hub):
 def _item(qid: str, site_id: int, size: int, max_bytes=None, max_messages=None) -> BatchItem:
     meta = MessageMeta("a@x", None, False)
     data = [os.urandom(size)]
-    return BatchItem(qid, size, time.time(), meta, [Delivery(site_id, "b@x", "beta", max_bytes, max_messages)],
-                     [], None, f"2026112815/{qid}", data=data, spool_path=None)
+    return BatchItem(
+        qid,
+        size,
+        time.time(),
+        meta,
+        [Delivery(site_id, "b@x", "beta", max_bytes, max_messages)],
+        [],
+        None,
+        f"2026112815/{qid}",
+        data=data,
+        spool_path=None,
+    )
 
 
 def test_index_writer_refuses_what_a_mailbox_has_no_room_for(tmp_path):
@@ -125,9 +141,9 @@ def test_index_writer_refuses_what_a_mailbox_has_no_room_for(tmp_path):
         spool = tmp_path / "spool"
         spool.mkdir()
         (tmp_path / "blobs").mkdir()
-        batch = [_item(f"Q{i}", 4, 1000, max_bytes=2500) for i in range(3)]          # the third does not fit
-        batch += [_item(f"R{i}", 4, 10, max_messages=3) for i in range(2)]          # a third message, not a fourth
-        batch.append(_item("S0", 4, 10))                                            # unlimited (a bounce)
+        batch = [_item(f"Q{i}", 4, 1000, max_bytes=2500) for i in range(3)]  # the third does not fit
+        batch += [_item(f"R{i}", 4, 10, max_messages=3) for i in range(2)]  # a third message, not a fourth
+        batch.append(_item("S0", 4, 10))  # unlimited (a bounce)
         for item in batch:
             item.spool_path = str(spool / f"{item.queue_id}.tmp")
         digests = writer.commit_batch(batch, [])

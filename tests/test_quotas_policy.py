@@ -5,9 +5,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quotas import (AdmissionConfig, DrainConfig, DrainEstimator, OpenSets, PacingConfig,
-                    ReceiverState, SetPart, SiteLimits, SiteUsage, TokenBucket, admit_at_end_of_data,
-                    admit_at_rcpt, check_quotas, next_day, next_month, pacing_rate, record_admitted)
+from quotas import (
+    AdmissionConfig,
+    DrainConfig,
+    DrainEstimator,
+    OpenSets,
+    PacingConfig,
+    ReceiverState,
+    SetPart,
+    SiteLimits,
+    SiteUsage,
+    TokenBucket,
+    admit_at_end_of_data,
+    admit_at_rcpt,
+    check_quotas,
+    next_day,
+    next_month,
+    pacing_rate,
+    record_admitted,
+)
 from quotas.limits import QuotaError
 
 MB = 1_000_000
@@ -17,11 +33,18 @@ T0 = 1_780_000_000.0  # a fixed epoch start for the simulated clock
 class Receiver:
     """A receiving site that downloads its mailbox FIFO at `speed` bytes/s while online."""
 
-    def __init__(self, name: str, speed: float, prior: float, now: float, limit: float = 1800.0,
-                 drain_config: DrainConfig = DrainConfig()):
+    def __init__(
+        self,
+        name: str,
+        speed: float,
+        prior: float,
+        now: float,
+        limit: float = 1800.0,
+        drain_config: DrainConfig = DrainConfig(),
+    ):
         self.name, self.speed, self.online = name, speed, True
         self.limits = SiteLimits(max_drain_time=limit, downlink_prior=prior)
-        self.queue: deque[list] = deque()          # [sender, bytes left]
+        self.queue: deque[list] = deque()  # [sender, bytes left]
         self.backlog: dict[str, int] = {}
         self.downloaded = 0
         self.last_poll: float | None = now
@@ -56,8 +79,15 @@ class Receiver:
         self.estimator.observe(now, self.downloaded, self.total, self.last_poll)
 
 
-def offer(now, rcv: Receiver, sender: str, size: int, sets: OpenSets, part: SetPart | None = None,
-          config: AdmissionConfig = AdmissionConfig()):
+def offer(
+    now,
+    rcv: Receiver,
+    sender: str,
+    size: int,
+    sets: OpenSets,
+    part: SetPart | None = None,
+    config: AdmissionConfig = AdmissionConfig(),
+):
     """One SMTP transaction with SIZE=: RCPT, then end of data; deliver when both accept."""
     state = rcv.state(now)
     first = admit_at_rcpt(now, sender, state, size, sets, config)
@@ -67,17 +97,18 @@ def offer(now, rcv: Receiver, sender: str, size: int, sets: OpenSets, part: SetP
     if final.ok:
         rcv.deliver(sender, size)
         record_admitted(now, sender, rcv.name, part, sets)
-    return first if final.reason == "admitted_at_rcpt" else final   # the deciding verdict
+    return first if final.reason == "admitted_at_rcpt" else final  # the deciding verdict
 
 
 # ---- fast sender, slow receiver ------------------------------------------------------------------
+
 
 def test_fast_sender_slow_receiver_stays_within_drain_limit():
     now, speed, size = T0, 100_000.0, 5 * MB
     rcv, sets = Receiver("slow", speed, prior=speed, now=now), OpenSets()
     accepted = deferred = 0
     worst = 0.0
-    for _ in range(4 * 3600):             # the sender offers a 5 MB mail every second for 4 hours
+    for _ in range(4 * 3600):  # the sender offers a 5 MB mail every second for 4 hours
         now += 1.0
         rcv.step(now, 1.0)
         verdict = offer(now, rcv, "fast", size, sets)
@@ -89,8 +120,8 @@ def test_fast_sender_slow_receiver_stays_within_drain_limit():
             assert "try again in" in verdict.reply and "limit 1800 s" in verdict.reply
             assert verdict.figures["drain_seconds"] > 1800
         worst = max(worst, rcv.total / speed)
-    assert worst <= 1800 + size / speed     # never more than one mail over the limit
-    assert worst >= 1700                    # ...and the receiver's capacity is actually used
+    assert worst <= 1800 + size / speed  # never more than one mail over the limit
+    assert worst >= 1700  # ...and the receiver's capacity is actually used
     # what got in is what the receiver could take: its download volume plus the final backlog
     assert accepted * size == pytest.approx(speed * 4 * 3600 + rcv.total, rel=0.01)
     assert deferred > 10 * accepted
@@ -115,18 +146,18 @@ def test_idle_time_with_empty_mailbox_does_not_count():
     now = T0
     est = DrainEstimator(prior=50_000.0, now=now)
     est.observe(now, 0, 0, now)
-    for _ in range(60):                     # an hour of polling an empty mailbox
+    for _ in range(60):  # an hour of polling an empty mailbox
         now += 60
         est.observe(now, 0, 0, now)
-    assert est.samples == 0 and est.rate(now) == 50_000.0   # still the prior
+    assert est.samples == 0 and est.rate(now) == 50_000.0  # still the prior
     total = 0
-    for _ in range(60):                     # then an hour of downloading at 200 KB/s
+    for _ in range(60):  # then an hour of downloading at 200 KB/s
         now += 60
         total += 200_000 * 60
         est.observe(now, total, 10 * MB, now)
     assert est.samples == 60
     assert est.rate(now) == pytest.approx(200_000, rel=0.01)
-    for _ in range(30):                     # mail waiting, site polls but downloads nothing
+    for _ in range(30):  # mail waiting, site polls but downloads nothing
         now += 60
         est.observe(now, total, 10 * MB, now)
     assert est.rate(now) < 0.01 * 200_000
@@ -139,23 +170,24 @@ def test_polling_gaps_count_but_an_offline_stretch_does_not():
     est = DrainEstimator(prior=1_000_000.0, now=now, config=DrainConfig(grace=900.0))
     total, poll = 0, now
     est.observe(now, total, 50 * MB, poll)
-    for i in range(240):                    # 4 hours, a reading every 10 s
+    for i in range(240):  # 4 hours, a reading every 10 s
         now += 10
-        if i % 30 == 29:                    # a session every 300 s
+        if i % 30 == 29:  # a session every 300 s
             poll, total = now, total + 30 * MB
         est.observe(now, total, 50 * MB, poll)
     assert est.rate(now) == pytest.approx(100_000, rel=0.05)
     before = est.rate(now)
-    for _ in range(720):                    # offline for 2 hours with mail waiting
+    for _ in range(720):  # offline for 2 hours with mail waiting
         now += 10
         est.observe(now, total, 50 * MB, poll)
     assert est.rate(now) == 0.0 and est.reading(now).offline
     now += 10
-    est.observe(now, total, 50 * MB, now)   # it logs in again
+    est.observe(now, total, 50 * MB, now)  # it logs in again
     assert est.rate(now) == pytest.approx(before)
 
 
 # ---- two senders, one receiver -------------------------------------------------------------------
+
 
 def test_two_senders_share_a_saturated_receiver():
     now, speed = T0, 100_000.0
@@ -166,20 +198,20 @@ def test_two_senders_share_a_saturated_receiver():
     for i in range(6 * 3600):
         now += 1.0
         rcv.step(now, 1.0)
-        v = offer(now, rcv, "bulk", 5 * MB, sets)       # bursts every second
+        v = offer(now, rcv, "bulk", 5 * MB, sets)  # bursts every second
         got["bulk"] += v.ok * 5 * MB
         reasons["bulk"].add(v.reason)
-        if i >= 1800 and i % 30 == 0:                    # arrives once bulk has saturated it
+        if i >= 1800 and i % 30 == 0:  # arrives once bulk has saturated it
             offered_small += 1
             v = offer(now, rcv, "small", 1 * MB, sets)
             got["small"] += v.ok * 1 * MB
             reasons["small"].add(v.reason)
     assert "over_fair_share" in reasons["bulk"]
     assert "fair_share" in reasons["small"]
-    assert got["small"] == offered_small * 1 * MB        # the small sender is never locked out
-    assert got["bulk"] > 2 * got["small"]                # and the bulk sender still gets the rest
+    assert got["small"] == offered_small * 1 * MB  # the small sender is never locked out
+    assert got["bulk"] > 2 * got["small"]  # and the bulk sender still gets the rest
     capacity = 1800 * speed
-    assert rcv.total <= capacity * 1.5                   # bounded by C + the other's fair share
+    assert rcv.total <= capacity * 1.5  # bounded by C + the other's fair share
 
 
 def test_largest_share_is_deferred_first():
@@ -193,11 +225,12 @@ def test_largest_share_is_deferred_first():
     assert "92% of it from your site" in a.reply
     assert b.ok and b.reason == "fair_share" and b.figures["fair_share"] == pytest.approx(50 * MB)
     assert c.ok and c.figures["senders"] == 3
-    d = admit_at_rcpt(T0, "b", state, 43 * MB, sets)     # over its fair share of 50 MB
+    d = admit_at_rcpt(T0, "b", state, 43 * MB, sets)  # over its fair share of 50 MB
     assert not d.ok and d.reason == "over_fair_share"
 
 
 # ---- offline and back ----------------------------------------------------------------------------
+
 
 def test_receiver_offline_then_back():
     now, speed = T0, 200_000.0
@@ -243,11 +276,11 @@ def test_floor_lets_a_quiet_or_new_site_receive():
     limits = SiteLimits(max_drain_time=60.0, downlink_prior=1000.0)
     sets = OpenSets()
     empty_offline = ReceiverState("new", limits, 0.0, {})
-    big = admit_at_rcpt(T0, "s", empty_offline, 500 * MB, sets)   # bigger than any capacity
+    big = admit_at_rcpt(T0, "s", empty_offline, 500 * MB, sets)  # bigger than any capacity
     assert big.ok and big.reason == "floor"
     small = ReceiverState("new", limits, 0.0, {"s": 1 * MB})
     assert admit_at_rcpt(T0, "s", small, 1 * MB, sets).reason == "floor"
-    assert admit_at_rcpt(T0, "s", small, 15 * MB, sets).ok      # 16 MB <= 16 MiB floor
+    assert admit_at_rcpt(T0, "s", small, 15 * MB, sets).ok  # 16 MB <= 16 MiB floor
     assert not admit_at_rcpt(T0, "s", small, 16 * MB, sets).ok  # 17 MB > 16 MiB
 
 
@@ -268,14 +301,15 @@ def test_no_size_at_rcpt_is_decided_at_end_of_data():
 
 # ---- study sets ----------------------------------------------------------------------------------
 
+
 def test_study_set_straddling_the_limit_finishes_before_new_sets():
-    limits = SiteLimits(max_drain_time=100.0)       # capacity 100 MB at 1 MB/s
+    limits = SiteLimits(max_drain_time=100.0)  # capacity 100 MB at 1 MB/s
     rate = 1 * MB
     sets = OpenSets()
     cfg = AdmissionConfig(set_overshoot=0.25, floor_bytes=0)
     backlog = {"s": 70 * MB}
     results = []
-    for part in range(1, 6):                        # 5 parts of 10 MB: 120 MB in all
+    for part in range(1, 6):  # 5 parts of 10 MB: 120 MB in all
         p = SetPart("study-1", part, 5)
         state = ReceiverState("rx", limits, rate, dict(backlog))
         v_rcpt = admit_at_rcpt(T0 + part, "s", state, 10 * MB, sets, cfg)
@@ -285,10 +319,10 @@ def test_study_set_straddling_the_limit_finishes_before_new_sets():
             backlog["s"] += 10 * MB
             record_admitted(T0 + part, "s", "rx", p, sets)
     assert results[0] == ("within_limit", "admitted_at_rcpt")
-    assert results[2] == ("within_limit", "admitted_at_rcpt")            # exactly 100 MB
-    assert results[3] == ("set_overshoot", "set_overshoot")              # 110 MB: finishing
-    assert results[4] == ("set_overshoot", "set_overshoot")              # 120 MB <= 125 MB
-    assert sets.open_for(T0 + 10, "s", "rx") == []                       # complete: closed
+    assert results[2] == ("within_limit", "admitted_at_rcpt")  # exactly 100 MB
+    assert results[3] == ("set_overshoot", "set_overshoot")  # 110 MB: finishing
+    assert results[4] == ("set_overshoot", "set_overshoot")  # 120 MB <= 125 MB
+    assert sets.open_for(T0 + 10, "s", "rx") == []  # complete: closed
     # at 120 MB a new set from the same sender gets no overshoot, neither does an unrelated mail
     state = ReceiverState("rx", limits, rate, dict(backlog))
     new = SetPart("study-2", 1, 3)
@@ -308,16 +342,24 @@ def test_set_overshoot_is_bounded_and_new_sets_wait():
     assert r.ok and r.reason == "set_overshoot"
     assert admit_at_end_of_data(T0, "s", state, 5 * MB, cont, sets, cfg, at_rcpt=r).ok
     v = admit_at_end_of_data(T0, "s", state, 5 * MB, SetPart("b", 1, 2), sets, cfg, at_rcpt=r)
-    assert not v.ok                                   # a new set is judged again and deferred
-    assert not admit_at_rcpt(T0, "s", state, 6 * MB, sets, cfg).ok     # 126 MB > 125 MB
+    assert not v.ok  # a new set is judged again and deferred
+    assert not admit_at_rcpt(T0, "s", state, 6 * MB, sets, cfg).ok  # 126 MB > 125 MB
     assert not admit_at_end_of_data(T0, "s", state, 6 * MB, cont, sets, cfg).ok
     # an abandoned set stops counting after the expiry
     assert not sets.is_open(T0 + 25 * 3600, "s", "rx", "a")
 
 
-_SET_STEPS = st.lists(st.tuples(st.sampled_from(["admit", "expire"]), st.sampled_from(["s1", "s2"]),
-                                 st.sampled_from(["r1", "r2"]), st.sampled_from(["a", "b", "c"]),
-                                 st.integers(1, 3), st.integers(0, 40)), max_size=40)
+_SET_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "expire"]),
+        st.sampled_from(["s1", "s2"]),
+        st.sampled_from(["r1", "r2"]),
+        st.sampled_from(["a", "b", "c"]),
+        st.integers(1, 3),
+        st.integers(0, 40),
+    ),
+    max_size=40,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -327,7 +369,7 @@ def test_open_sets_match_a_plain_model(steps):
     all sets does: a set is open from its first part until all its parts are in, or until `expiry`
     seconds without a part (expire() forgets it then)."""
     expiry = 30.0
-    sets, model, now = OpenSets(expiry=expiry), {}, T0   # model: (sender, receiver, set) -> (parts, last)
+    sets, model, now = OpenSets(expiry=expiry), {}, T0  # model: (sender, receiver, set) -> (parts, last)
     for action, sender, receiver, set_id, part, advance in steps:
         now += advance
         if action == "admit":
@@ -356,13 +398,14 @@ def test_set_headers_parsing():
 
 # ---- quota edges ---------------------------------------------------------------------------------
 
+
 def test_mailbox_quota_edges():
     limits = SiteLimits(mailbox_bytes=1000, mailbox_messages=3, max_message_size=600)
     usage = SiteUsage(mailbox_bytes=400, mailbox_messages=2)
     at = check_quotas(None, (limits, usage), 600, T0)
     assert at.ok
     over = check_quotas(None, (limits, usage), 601, T0)
-    assert not over.ok and over.reply.startswith("552 5.3.4 ")            # size limit first
+    assert not over.ok and over.reply.startswith("552 5.3.4 ")  # size limit first
     nearly = SiteUsage(mailbox_bytes=401, mailbox_messages=2)
     full = check_quotas(None, (limits, nearly), 600, T0)
     assert not full.ok and full.reply.startswith("452 4.2.2 ") and full.reason == "mailbox_bytes"
@@ -391,7 +434,7 @@ def test_volume_quota_edges_and_retry_time():
     assert month.reply.startswith("451 4.7.1 ") and month.reason == "submitted_per_month"
     assert month.figures["retry_at"] == next_month(now) and "this month" in month.reply
     assert check_quotas((sl, sent), (rl, SiteUsage()), 500, now).ok
-    assert next_month(1_798_761_599.0) == 1_798_761_600.0     # 2026-12-31 23:59:59 -> 2027-01-01
+    assert next_month(1_798_761_599.0) == 1_798_761_600.0  # 2026-12-31 23:59:59 -> 2027-01-01
 
 
 def test_verdict_log_text():
@@ -404,21 +447,24 @@ def test_verdict_log_text():
 
 # ---- pacing --------------------------------------------------------------------------------------
 
+
 def test_pacing_is_off_while_receivers_keep_up():
     cfg = PacingConfig()
     assert pacing_rate([(100.0, 1800.0, 50_000.0), (899.0, 1800.0, 10_000.0)], cfg) is None
     bucket = TokenBucket(None, T0, cfg)
     assert all(bucket.take(10 * MB, T0) == 0.0 for _ in range(100))
-    assert bucket.tokens == 0.0                             # no account kept
+    assert bucket.tokens == 0.0  # no account kept
     assert pacing_rate([(2000.0, 1800.0, 1e6)], PacingConfig(enabled=False)) is None
-    assert pacing_rate([(1799.0, 1800.0, 1e6)], cfg) is None          # by default: only over the limit
+    assert pacing_rate([(1799.0, 1800.0, 1e6)], cfg) is None  # by default: only over the limit
     assert pacing_rate([(1801.0, 1800.0, 1e6)], cfg) == 1e6
 
 
 def test_pacing_follows_slowest_lagging_receiver_with_a_floor():
     cfg = PacingConfig(min_rate=64_000.0, engage_at=0.5)
-    assert pacing_rate([(1000.0, 1800.0, 300_000.0), (1500.0, 1800.0, 200_000.0),
-                        (10.0, 1800.0, 1000.0)], cfg) == 200_000.0
+    assert (
+        pacing_rate([(1000.0, 1800.0, 300_000.0), (1500.0, 1800.0, 200_000.0), (10.0, 1800.0, 1000.0)], cfg)
+        == 200_000.0
+    )
     assert pacing_rate([(1000.0, 1800.0, 0.0)], cfg) == 64_000.0
 
 
@@ -426,11 +472,11 @@ def test_token_bucket_limits_long_run_rate_and_caps_waits():
     cfg = PacingConfig(min_rate=10_000.0, burst_seconds=2.0, max_wait=30.0)
     now = T0
     bucket = TokenBucket(100_000.0, now, cfg)
-    assert bucket.take(200_000, now) == 0.0                 # the burst is free
+    assert bucket.take(200_000, now) == 0.0  # the burst is free
     wait = bucket.take(50_000, now)
     assert wait == pytest.approx(0.5)
     read = 250_000
-    for _ in range(600):                                    # a reader obeying the waits
+    for _ in range(600):  # a reader obeying the waits
         now += wait
         wait = bucket.take(65_536, now)
         read += 65_536

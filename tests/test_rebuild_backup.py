@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import ALPHA_BETA, PASSWORD, make_message
 
-SMALL, LARGE = 6_000, 2_600_000    # packed, and a file of its own (over storage.spool.SMALL_MESSAGE)
+SMALL, LARGE = 6_000, 2_600_000  # packed, and a file of its own (over storage.spool.SMALL_MESSAGE)
 MID_RE = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
 
@@ -59,7 +59,7 @@ def mailbox(hub, site: str) -> dict[str, tuple[int, str]]:
         found: dict[str, tuple[int, str]] = {}
         for number in range(1, len(client.list()[1]) + 1):
             data = b"\r\n".join(client.retr(number)[1]) + b"\r\n"
-            body = data[data.index(b"\r\nFrom: ") + 2:]
+            body = data[data.index(b"\r\nFrom: ") + 2 :]
             mid = MID_RE.search(body).group(1).decode()
             count = found.get(mid, (0, ""))[0]
             found[mid] = (count + 1, hashlib.sha256(body).hexdigest())
@@ -80,13 +80,22 @@ def delete_mails(hub, site: str, mids: set[str]) -> None:
 
 
 def expected(sender: Sender, site: str, deleted: set[str]) -> dict[str, str]:
-    return {mid: digest for mid, (sites, digest) in sender.acknowledged.items()
-            if site in sites and (site, mid) not in deleted}
+    return {
+        mid: digest
+        for mid, (sites, digest) in sender.acknowledged.items()
+        if site in sites and (site, mid) not in deleted
+    }
 
 
 def compare(hub, sender: Sender, deleted: set[tuple[str, str]]) -> dict[str, int]:
-    counts = {"acknowledged": len(sender.acknowledged), "lost": 0, "duplicated": 0, "resurrected": 0,
-              "damaged": 0, "entries": 0}
+    counts = {
+        "acknowledged": len(sender.acknowledged),
+        "lost": 0,
+        "duplicated": 0,
+        "resurrected": 0,
+        "damaged": 0,
+        "entries": 0,
+    }
     for site in ("alpha", "beta"):
         want = expected(sender, site, deleted)
         have = mailbox(hub, site)
@@ -119,7 +128,7 @@ def test_backup_while_mail_flows_then_restore_and_rebuild(make_hub, tmp_path):
     sender = Sender(hub)
     before = sender.send_many(15)
     deleted: set[tuple[str, str]] = set()
-    gone_before = {before[1], before[4]}            # one packed, one file of its own
+    gone_before = {before[1], before[4]}  # one packed, one file of its own
     delete_mails(hub, "beta", gone_before)
     deleted |= {("beta", mid) for mid in gone_before}
 
@@ -157,8 +166,10 @@ def test_backup_while_mail_flows_then_restore_and_rebuild(make_hub, tmp_path):
     print(result.stdout.strip())
     hub.start()
     counts = compare(hub, sender, deleted)
-    print(f"acknowledged {counts['acknowledged']} (before the backup {len(before)}, during {len(during)},"
-          f" after {len(after)}), deleted {len(deleted)} (after the backup {len(gone_after)}): {counts}")
+    print(
+        f"acknowledged {counts['acknowledged']} (before the backup {len(before)}, during {len(during)},"
+        f" after {len(after)}), deleted {len(deleted)} (after the backup {len(gone_after)}): {counts}"
+    )
     assert counts["lost"] == counts["duplicated"] == counts["resurrected"] == counts["damaged"] == 0, counts
     assert len(during) >= 2, "no mail flowed while the backup ran"
     assert hub.cli("storage", "check").returncode == 0
@@ -173,7 +184,7 @@ def test_a_lost_index_is_rebuilt_with_its_sites(make_hub):
     assert hub.stop() == 0
     for suffix in ("", "-wal", "-shm"):
         (hub.data_dir / f"index.sqlite3{suffix}").unlink(missing_ok=True)
-    message = refused_start(hub)   # the ledger remembers commits this new, empty index never saw
+    message = refused_start(hub)  # the ledger remembers commits this new, empty index never saw
     assert "rebuild-index" in message
     result = hub.cli("storage", "rebuild-index")
     assert "site alpha made again" in result.stdout and "site beta made again" in result.stdout, result.stdout
@@ -189,7 +200,7 @@ def test_a_deleted_wal_is_noticed_and_rebuilt(make_hub):
     hub = make_hub(sites=ALPHA_BETA, process=True).start()
     sender = Sender(hub)
     sender.send_many(6)
-    hub.kill()   # no checkpoint: the commits are in the WAL only
+    hub.kill()  # no checkpoint: the commits are in the WAL only
     wal = hub.data_dir / "index.sqlite3-wal"
     assert wal.stat().st_size > 0
     wal.unlink()
@@ -209,7 +220,7 @@ def test_a_damaged_index_stops_the_start_with_one_line_and_is_rebuilt(make_hub):
     sender.send_many(5)
     assert hub.stop() == 0
     index = hub.data_dir / "index.sqlite3"
-    with open(index, "r+b") as f:   # the header and the first pages: not a database any more
+    with open(index, "r+b") as f:  # the header and the first pages: not a database any more
         f.write(os.urandom(8192))
     message = refused_start(hub)
     assert str(index) in message and "damaged" in message and "mailhub storage rebuild-index" in message
@@ -217,7 +228,7 @@ def test_a_damaged_index_stops_the_start_with_one_line_and_is_rebuilt(make_hub):
     assert result.returncode == 1 and "rebuild-index" in result.stdout, result.stdout
     result = hub.cli("storage", "rebuild-index")
     print(result.stdout)
-    for site in ("alpha", "beta"):   # whatever could not be salvaged is made again, without a password
+    for site in ("alpha", "beta"):  # whatever could not be salvaged is made again, without a password
         hub.cli("site", "passwd", site, "--password-stdin", stdin=PASSWORD + "\n")
     hub.start()
     counts = compare(hub, sender, set())
@@ -232,8 +243,12 @@ def test_stray_files_are_reported_and_left_alone(make_hub):
     sender = Sender(hub)
     sender.send_many(3)
     assert hub.stop() == 0
-    strays = [hub.data_dir / "spool" / "notes.txt", hub.data_dir / "spool" / "folder" / "x",
-              hub.data_dir / "blobs" / "README", hub.data_dir / "blobs" / "lost+found" / "y"]
+    strays = [
+        hub.data_dir / "spool" / "notes.txt",
+        hub.data_dir / "spool" / "folder" / "x",
+        hub.data_dir / "blobs" / "README",
+        hub.data_dir / "blobs" / "lost+found" / "y",
+    ]
     hour = next(p for p in (hub.data_dir / "blobs").iterdir() if p.is_dir() and p.name.isdigit())
     strays += [hour / "copy of a blob", hour / "sub" / "z"]
     for path in strays:
@@ -255,8 +270,12 @@ def test_bit_flipped_blobs_and_packs_found_by_a_rebuild_are_quarantined_not_serv
     sender = Sender(hub)
     sent = [sender.send(size=SMALL) for _ in range(6)] + [sender.send(size=LARGE) for _ in range(2)]
     assert hub.stop() == 0
-    rows = {mid.strip("<>"): (qid, blob, offset, size) for qid, blob, offset, size, mid in
-            hub.query("SELECT queue_id, blob, blob_offset, size, message_id FROM messages")}
+    rows = {
+        mid.strip("<>"): (qid, blob, offset, size)
+        for qid, blob, offset, size, mid in hub.query(
+            "SELECT queue_id, blob, blob_offset, size, message_id FROM messages"
+        )
+    }
 
     def flip(mid: str, at: int) -> None:
         _qid, blob, offset, _size = rows[mid]
@@ -267,10 +286,10 @@ def test_bit_flipped_blobs_and_packs_found_by_a_rebuild_are_quarantined_not_serv
             f.write(bytes([byte[0] ^ 0x10]))
 
     in_pack, bad_record, large = sent[2], sent[4], sent[6]
-    flip(in_pack, rows[in_pack][3] // 2)   # a packed mail's bytes
-    flip(bad_record, -10)                  # a packed mail's envelope record (its CRC no longer matches)
-    flip(large, rows[large][3] // 2)       # a file of its own
-    for suffix in ("", "-wal", "-shm"):    # the index is lost: the blobs must speak for themselves
+    flip(in_pack, rows[in_pack][3] // 2)  # a packed mail's bytes
+    flip(bad_record, -10)  # a packed mail's envelope record (its CRC no longer matches)
+    flip(large, rows[large][3] // 2)  # a file of its own
+    for suffix in ("", "-wal", "-shm"):  # the index is lost: the blobs must speak for themselves
         (hub.data_dir / f"index.sqlite3{suffix}").unlink(missing_ok=True)
     report = json.loads(hub.cli("storage", "rebuild-index", "--json").stdout)
     damaged_qids = {rows[in_pack][0], rows[large][0]}
@@ -278,7 +297,7 @@ def test_bit_flipped_blobs_and_packs_found_by_a_rebuild_are_quarantined_not_serv
     assert len(report["unreadable"]) == 1 and rows[bad_record][1] in report["unreadable"][0], report
     assert len(report["quarantined"]) == 3 and report["restored"] == 5, report
     again = json.loads(hub.cli("storage", "rebuild-index", "--json").stdout)
-    assert again["quarantined"] == [] and again["restored"] == 0, again   # nothing copied twice
+    assert again["quarantined"] == [] and again["restored"] == 0, again  # nothing copied twice
     for site in ("alpha", "beta"):
         hub.cli("site", "passwd", site, "--password-stdin", stdin=PASSWORD + "\n")
     hub.start()
@@ -290,17 +309,19 @@ def test_bit_flipped_blobs_and_packs_found_by_a_rebuild_are_quarantined_not_serv
     by_reason: dict[str, list] = {}
     for entry in entries:
         by_reason.setdefault(entry["reason"], []).append(entry)
-    print(f"\n8 acknowledged, 3 bit-flipped, index lost: {len(have)} served intact, damaged served {damaged},"
-          f" duplicated {duplicated}, not restored {len(lost)} (quarantined"
-          f" {len(by_reason.get('damaged_mail', []))} damaged, {len(by_reason.get('unreadable_record', []))}"
-          f" unreadable)")
+    print(
+        f"\n8 acknowledged, 3 bit-flipped, index lost: {len(have)} served intact, damaged served {damaged},"
+        f" duplicated {duplicated}, not restored {len(lost)} (quarantined"
+        f" {len(by_reason.get('damaged_mail', []))} damaged, {len(by_reason.get('unreadable_record', []))}"
+        f" unreadable)"
+    )
     assert damaged == duplicated == 0
     assert lost == {in_pack, bad_record, large}
     assert {q for e in by_reason["damaged_mail"] for q in e["queue_ids"]} == damaged_qids
-    unreadable, = by_reason["unreadable_record"]
+    (unreadable,) = by_reason["unreadable_record"]
     copy = next(p for p in Path(unreadable["path"]).iterdir() if p.name != "reason.json")
-    assert f"<{bad_record}>".encode() in copy.read_bytes()   # its bytes are kept for the operator
-    assert not (hub.data_dir / "blobs" / rows[large][1]).exists()   # moved, not served as if whole
-    check = hub.cli("storage", "check")   # dealt with: listed, no longer a problem of the index
+    assert f"<{bad_record}>".encode() in copy.read_bytes()  # its bytes are kept for the operator
+    assert not (hub.data_dir / "blobs" / rows[large][1]).exists()  # moved, not served as if whole
+    check = hub.cli("storage", "check")  # dealt with: listed, no longer a problem of the index
     assert "2 damaged_mail" in check.stdout and "1 unreadable_record" in check.stdout, check.stdout
     assert hub.stop() == 0

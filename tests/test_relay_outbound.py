@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.thirdparty import free_port, make_traversable, postfix_to_maildir, wait_banner
+
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
 
@@ -46,8 +47,11 @@ def smtp_sink(folder: Path, port: int, *options: str):
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o777)
     make_traversable(folder)  # the sink writes as nobody
-    proc = subprocess.Popen(["smtp-sink", "-u", "nobody", *options, "-d", f"{folder}/mail.",
-                             f"127.0.0.1:{port}", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["smtp-sink", "-u", "nobody", *options, "-d", f"{folder}/mail.", f"127.0.0.1:{port}", "50"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_banner(port, proc=proc)
         yield folder
@@ -66,8 +70,13 @@ def closed_port():
 
 
 def relay_hub(make_hub, routes: str, **overrides):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_RELAY_ROUTES=routes, MAILHUB_RELAY_CONNECT_TIMEOUT="5",
-                   MAILHUB_RELAY_COMMAND_TIMEOUT="120", **overrides)
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_RELAY_ROUTES=routes,
+        MAILHUB_RELAY_CONNECT_TIMEOUT="5",
+        MAILHUB_RELAY_COMMAND_TIMEOUT="120",
+        **overrides,
+    )
     return hub.start()
 
 
@@ -93,8 +102,10 @@ def pop3_messages(hub, login: str = "alpha") -> list[email.message.EmailMessage]
         client.user(login)
         client.pass_(PASSWORD)
         count = len(client.list()[1])
-        return [email.message_from_bytes(b"\r\n".join(client.retr(i)[1]), policy=email.policy.default)
-                for i in range(1, count + 1)]
+        return [
+            email.message_from_bytes(b"\r\n".join(client.retr(i)[1]), policy=email.policy.default)
+            for i in range(1, count + 1)
+        ]
     finally:
         client.quit()
 
@@ -108,8 +119,7 @@ def delivery_reports(messages) -> list[tuple[str, list]]:
         assert message.get_param("report-type") == "delivery-status"
         assert message["From"].addresses[0].username == "MAILER-DAEMON"
         parts = list(message.iter_parts())
-        assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status",
-                                                         "text/rfc822-headers"]
+        assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
         blocks = parts[1].get_payload()  # per-message block, then one block per recipient
         reports.append((blocks[1]["Action"], blocks[1:]))
     return reports
@@ -122,10 +132,15 @@ def metrics_text(hub) -> str:
 
 # ---- acceptance at RCPT -----------------------------------------------------------------------
 
+
 def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, closed_port):
     # Deliveries fail (nothing listens) and are deferred for an hour.
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{closed_port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
-                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    hub = relay_hub(
+        make_hub,
+        f"{REMOTE}=127.0.0.1:{closed_port}",
+        MAILHUB_RELAY_MIN_BACKOFF="3600",
+        MAILHUB_RELAY_MAX_BACKOFF="3600",
+    )
     client = RawSMTP(hub.smtp_port)
     client.ehlo()
     assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
@@ -134,7 +149,7 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, clos
     assert client.auth_plain("alpha").startswith(b"235")
     assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
     assert client.command(f"RCPT TO:<x@{REMOTE}>").startswith(b"250")
-    assert client.command(f"RCPT TO:<y@sub.{REMOTE}>").startswith(b"250")   # subdomains follow the route
+    assert client.command(f"RCPT TO:<y@sub.{REMOTE}>").startswith(b"250")  # subdomains follow the route
     assert client.command("RCPT TO:<z@elsewhere.example>").startswith(b"550 5.1.2")
     assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
     client.command("QUIT")
@@ -144,8 +159,10 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, clos
     assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(3,)]
     assert len(hub.blob_files()) == 1
     assert hub.query("SELECT rcpt FROM mailbox WHERE queue_id = ?", qid) == [("beta@hub.test",)]
-    wait_until(lambda: all(attempts == 1 for _, _, attempts, _, _ in queue_rows(hub)) and queue_rows(hub),
-               what="a failed first attempt")
+    wait_until(
+        lambda: all(attempts == 1 for _, _, attempts, _, _ in queue_rows(hub)) and queue_rows(hub),
+        what="a failed first attempt",
+    )
     rows = queue_rows(hub)
     assert sorted(r[1] for r in rows) == [f"x@{REMOTE}", f"y@sub.{REMOTE}"]
     assert all("cannot connect" in r[3] for r in rows), rows
@@ -156,10 +173,13 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, clos
 
     # The next hop is backed off as a whole: a new mail for it waits without a connection attempt.
     later = submit(hub, [f"z@{REMOTE}"], make_message(1000))
-    wait_until(lambda: hub.query("SELECT last_error FROM outbound WHERE queue_id = ?", later) ==
-               [("destination backed off",)], what="the new mail to wait for the next hop")
-    ((attempts, wait),) = hub.query("SELECT attempts, next_attempt_at - queued_at FROM outbound"
-                                    " WHERE queue_id = ?", later)
+    wait_until(
+        lambda: hub.query("SELECT last_error FROM outbound WHERE queue_id = ?", later) == [("destination backed off",)],
+        what="the new mail to wait for the next hop",
+    )
+    ((attempts, wait),) = hub.query(
+        "SELECT attempts, next_attempt_at - queued_at FROM outbound WHERE queue_id = ?", later
+    )
     assert attempts == 0 and 3000 < wait < 3700, (attempts, wait)
     hub.cli("queue", "delete", later)
 
@@ -170,7 +190,7 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, clos
     assert hub.cli("queue", "delete", "NOSUCHID", check=False).returncode == 1
     hub.cli("queue", "delete", qid)
     assert queue_rows(hub) == []
-    assert hub.query("SELECT queue_id, refs FROM messages") == [(qid, 1)]   # beta's mailbox still holds it
+    assert hub.query("SELECT queue_id, refs FROM messages") == [(qid, 1)]  # beta's mailbox still holds it
     assert 'mailhub_outbound_deliveries_total{outcome="deferred"} 2.0' in metrics_text(hub)
 
 
@@ -186,13 +206,16 @@ def test_relaying_disabled_refuses_remote_recipients(make_hub):
 
 # ---- a real Postfix as next hop ---------------------------------------------------------------
 
+
 def _write_big_mail(path: Path, size: int) -> tuple[int, int, str]:
     """A CRLF mail of about `size` bytes from 1 MiB of base64 lines repeated; returns (size, size
     and SHA-256 of its LF form, as Postfix stores it)."""
     text = base64.b64encode(os.urandom(57 * 13000))
-    block = b"".join(text[i:i + 76] + b"\r\n" for i in range(0, len(text), 76))
-    header = (b"From: alpha@hub.test\r\nTo: big@remote.test\r\nSubject: 200 MB\r\n"
-              b"Message-ID: <big@hub.test>\r\nDate: Sat, 28 Nov 2026 03:00:00 +0000\r\n\r\n")
+    block = b"".join(text[i : i + 76] + b"\r\n" for i in range(0, len(text), 76))
+    header = (
+        b"From: alpha@hub.test\r\nTo: big@remote.test\r\nSubject: 200 MB\r\n"
+        b"Message-ID: <big@hub.test>\r\nDate: Sat, 28 Nov 2026 03:00:00 +0000\r\n\r\n"
+    )
     lf_header, lf_block = header.replace(b"\r\n", b"\n"), block.replace(b"\r\n", b"\n")
     digest = hashlib.sha256(lf_header)
     blocks = size // len(block)
@@ -221,8 +244,13 @@ def _tail_sha256(path: Path, length: int) -> str:
 def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
     with postfix_to_maildir(tmp_path / "pf", [REMOTE]) as (port, maildir):
         maildir = Path(maildir)
-        hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{port}", process=True, MAILHUB_RELAY_MIN_BACKOFF="5",
-                        MAILHUB_RELAY_MAX_BACKOFF="5")  # a busy machine may time a delivery out: retry soon
+        hub = relay_hub(
+            make_hub,
+            f"{REMOTE}=127.0.0.1:{port}",
+            process=True,
+            MAILHUB_RELAY_MIN_BACKOFF="5",
+            MAILHUB_RELAY_MAX_BACKOFF="5",
+        )  # a busy machine may time a delivery out: retry soon
         small = make_message(1024, subject="1 KB", extra_headers="Date: Sat, 28 Nov 2026 03:00:00 +0000\r\n")
         small = small.replace(b"To: beta@hub.test", b"To: small@remote.test")  # (Postfix adds a missing Date)
         small += b".a line starting with a dot\r\n"
@@ -231,20 +259,25 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         wait_until(lambda: not queue_rows(hub), what="the queue row to go")
         (delivered,) = _delivered(maildir)
         lf = small.replace(b"\r\n", b"\n")
-        assert hashlib.sha256(delivered.read_bytes()[-len(lf):]).hexdigest() == hashlib.sha256(lf).hexdigest()
+        assert hashlib.sha256(delivered.read_bytes()[-len(lf) :]).hexdigest() == hashlib.sha256(lf).hexdigest()
         assert f"with ESMTPA id {qid}".encode() in delivered.read_bytes()  # the hub's trace header went along
         assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(1,)]  # beta's copy left
 
-        with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:   # a burst: one connection reused
+        with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:  # a burst: one connection reused
             client.login("alpha", PASSWORD)
             for i in range(30):
                 client.sendmail("alpha@hub.test", [f"burst{i}@{REMOTE}"], make_message(2000, subject=f"burst {i}"))
         wait_until(lambda: len(_delivered(maildir)) == 31, what="the burst at Postfix")
         log = maildir.parent.parent / "postfix.log"
-        sessions = wait_until(lambda: (found := [int(m) for m in re.findall(r"disconnect from .* mail=(\d+)",
-                                                                            log.read_text())]) and
-                              sum(found) == 31 and found, what="the hub's connections to end")
-        assert len(sessions) <= 15 and max(sessions) >= 5, sessions   # connections reused (at most 10 at once)
+        sessions = wait_until(
+            lambda: (
+                (found := [int(m) for m in re.findall(r"disconnect from .* mail=(\d+)", log.read_text())])
+                and sum(found) == 31
+                and found
+            ),
+            what="the hub's connections to end",
+        )
+        assert len(sessions) <= 15 and max(sessions) >= 5, sessions  # connections reused (at most 10 at once)
 
         big = tmp_path / "big.eml"
         size, lf_size, lf_sha = _write_big_mail(big, 200 * MB)
@@ -259,8 +292,12 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         big_qid = queue_id_from(client.reply())
         client.command("QUIT")
         client.close()
-        delivered = wait_until(lambda: [p for p in _delivered(maildir) if p.stat().st_size > 100 * MB],
-                               timeout=180, what="the 200 MB mail at Postfix", hub=hub)[0]
+        delivered = wait_until(
+            lambda: [p for p in _delivered(maildir) if p.stat().st_size > 100 * MB],
+            timeout=180,
+            what="the 200 MB mail at Postfix",
+            hub=hub,
+        )[0]
         assert _tail_sha256(delivered, lf_size) == lf_sha
         wait_until(lambda: not queue_rows(hub), what="the queue row to go")
         assert hub.query("SELECT count(*) FROM messages WHERE queue_id = ?", big_qid) == [(0,)]  # blob freed
@@ -273,10 +310,12 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
 
 # ---- retries, expiry and bounces ----------------------------------------------------------------
 
+
 def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
-    hop = CountingHop(mode="421")   # refuses connections: the next hop is backed off
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{hop.port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
-                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    hop = CountingHop(mode="421")  # refuses connections: the next hop is backed off
+    hub = relay_hub(
+        make_hub, f"{REMOTE}=127.0.0.1:{hop.port}", MAILHUB_RELAY_MIN_BACKOFF="3600", MAILHUB_RELAY_MAX_BACKOFF="3600"
+    )
     try:
         message = make_message(5000, subject="retried") + b".leading dot: sent with DATA, so dot-stuffed\r\n"
         qid = submit(hub, [f"later@{REMOTE}"], message)
@@ -285,7 +324,7 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
         hop.mode = "450"
         assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")  # also ends the next hop's back-off
         wait_until(lambda: [r[2] for r in queue_rows(hub)] == [2], what="a deferral")
-        (_, rcpt, attempts, error, _), = queue_rows(hub)
+        ((_, rcpt, attempts, error, _),) = queue_rows(hub)
         assert (rcpt, attempts) == (f"later@{REMOTE}", 2) and error.startswith("450 4.2.0"), error
         listed = json.loads(hub.cli("queue", "list", "--json").stdout)
         assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 2)]
@@ -305,8 +344,10 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
     (mail,) = json.loads(hub.cli("trace", qid, "--json").stdout)["mails"]
     relay_events = [e for e in mail["events"] if e.get("rcpt") == f"later@{REMOTE}"]
     assert relay_events[0]["kind"] == "relay_deferred" and "421 4.3.2" in relay_events[0]["detail"]
-    assert [(e["kind"], e["detail"][:9]) for e in relay_events[1:]] == [("relay_deferred", "450 4.2.0"),
-                                                                       ("relayed", "250 2.0.0")]
+    assert [(e["kind"], e["detail"][:9]) for e in relay_events[1:]] == [
+        ("relay_deferred", "450 4.2.0"),
+        ("relayed", "250 2.0.0"),
+    ]
     (remote,) = mail["remote_recipients"]
     assert (remote["rcpt"], remote["state"], remote["attempts"]) == (f"later@{REMOTE}", "relayed", 3)
     assert remote["hop"] == f"127.0.0.1:{hop.port}"
@@ -316,9 +357,14 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
 
 def test_5xx_bounces_and_expiry_with_delay_warning(make_hub, tmp_path):
     hard, soft = free_port(), free_port()
-    hub = relay_hub(make_hub, f"hard.test=127.0.0.1:{hard}, soft.test=127.0.0.1:{soft}",
-                    MAILHUB_RELAY_MIN_BACKOFF="0.5", MAILHUB_RELAY_MAX_BACKOFF="1",
-                    MAILHUB_RELAY_DELAY_WARNING="1.5", MAILHUB_RELAY_MAX_LIFETIME="4")
+    hub = relay_hub(
+        make_hub,
+        f"hard.test=127.0.0.1:{hard}, soft.test=127.0.0.1:{soft}",
+        MAILHUB_RELAY_MIN_BACKOFF="0.5",
+        MAILHUB_RELAY_MAX_BACKOFF="1",
+        MAILHUB_RELAY_DELAY_WARNING="1.5",
+        MAILHUB_RELAY_MAX_LIFETIME="4",
+    )
     with smtp_sink(tmp_path / "hard", hard, "-f", "rcpt"), smtp_sink(tmp_path / "soft", soft, "-r", "rcpt"):
         bounced = submit(hub, ["nobody@hard.test"], make_message(2000, subject="to be bounced"))
         submit(hub, ["nobody@hard.test"], make_message(2000, subject="a bounce"), sender="")  # never bounced
@@ -358,6 +404,7 @@ def test_5xx_bounces_and_expiry_with_delay_warning(make_hub, tmp_path):
 
 # ---- crash safety ------------------------------------------------------------------------------
 
+
 class StallingHop:
     """An SMTP next hop that takes the message data but never answers the end of data, counting
     the bytes it got: the hub is caught in the middle of a delivery."""
@@ -382,8 +429,7 @@ class StallingHop:
                 buffer += data
                 while b"\r\n" in buffer and not buffer.startswith((b"DATA", b"BDAT")):
                     line, buffer = buffer.split(b"\r\n", 1)
-                    conn.sendall(b"250-stall\r\n250 PIPELINING\r\n" if line.startswith(b"EHLO")
-                                 else b"250 ok\r\n")
+                    conn.sendall(b"250-stall\r\n250 PIPELINING\r\n" if line.startswith(b"EHLO") else b"250 ok\r\n")
             conn.sendall(b"354 go on\r\n")
             while data := conn.recv(65536):
                 self.received += len(data)
@@ -397,7 +443,7 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
     stall = StallingHop()
     port = free_port()
     hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{stall.port}", process=True)
-    with smtp_sink(tmp_path / "sink", port) as dump:   # the next hop after the restart
+    with smtp_sink(tmp_path / "sink", port) as dump:  # the next hop after the restart
         try:
             message = make_message(8 * MB, subject="interrupted")
             qid = submit(hub, [f"far@{REMOTE}"], message)
@@ -416,12 +462,17 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
 
 # ---- TLS policies and AUTH: another hub as the next hop ------------------------------------------
 
+
 def test_tls_required_with_verification_and_auth_to_another_hub(make_hub, tmp_path):
     cert, key = make_cert(tmp_path)
     # The other network's hub knows this hub's relaying login, which owns the sender address.
     # Mail for opp.test comes unauthenticated from this hub's network (a peer).
-    other = make_hub(MAILHUB_DOMAIN="other.test,hub.test,opp.test", MAILHUB_TLS_CERT_FILE=str(cert),
-                     MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8")
+    other = make_hub(
+        MAILHUB_DOMAIN="other.test,hub.test,opp.test",
+        MAILHUB_TLS_CERT_FILE=str(cert),
+        MAILHUB_TLS_KEY_FILE=str(key),
+        MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8",
+    )
     other.add_site("partner", "partner@other.test")
     other.add_site("hub-a", "alpha@hub.test")
     other.add_site("opp", "opp@opp.test")
@@ -438,7 +489,7 @@ port = {other.smtp_port}
 tls = "required"
 ca_file = "{cert}"
 auth_user = "hub-a"
-auth_password_file = "{tmp_path / 'relay-password'}"
+auth_password_file = "{tmp_path / "relay-password"}"
 
 [[relay.routes]]
 domain = "opp.test"
@@ -480,11 +531,13 @@ tls = "required"
 
 # ---- per-recipient replies, the next hop's SIZE, connection limit and reuse ----------------------
 
+
 class CountingHop(socketserver.ThreadingTCPServer):
     """A small SMTP next hop (PIPELINING, SIZE 100000, no CHUNKING; with esmtp=False an old server
     that refuses EHLO): refuses RCPT for local parts starting with "reject", accepts the rest, and
     counts connections at once and mails per connection. `mode` may be switched at any time:
     "421" refuses connections, "450" defers every RCPT, "ok" works. Keeps the mails it accepted."""
+
     daemon_threads = True
     allow_reuse_address = True
 
@@ -517,8 +570,11 @@ class _CountingSession(socketserver.StreamRequestHandler):
             while line := self.rfile.readline():
                 command = line.strip().upper()
                 if command.startswith(b"EHLO"):
-                    self.wfile.write(b"250-counting\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n"
-                                     if hop.esmtp else b"502 5.5.1 EHLO not implemented\r\n")
+                    self.wfile.write(
+                        b"250-counting\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n"
+                        if hop.esmtp
+                        else b"502 5.5.1 EHLO not implemented\r\n"
+                    )
                 elif command.startswith(b"RCPT") and hop.mode == "450":
                     self.wfile.write(b"450 4.2.0 busy, try later\r\n")
                 elif command.startswith(b"RCPT"):
@@ -551,9 +607,11 @@ class _CountingSession(socketserver.StreamRequestHandler):
 def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_path):
     hop, old = CountingHop(), CountingHop(esmtp=False)
     config = tmp_path / "hub.toml"
-    config.write_text(f'[[relay.routes]]\ndomain = "count.test"\nhost = "127.0.0.1"\nport = {hop.port}\n'
-                      f'max_connections = 2\n'
-                      f'[[relay.routes]]\ndomain = "old.test"\nhost = "127.0.0.1"\nport = {old.port}\n')
+    config.write_text(
+        f'[[relay.routes]]\ndomain = "count.test"\nhost = "127.0.0.1"\nport = {hop.port}\n'
+        f"max_connections = 2\n"
+        f'[[relay.routes]]\ndomain = "old.test"\nhost = "127.0.0.1"\nport = {old.port}\n'
+    )
     hub = make_hub()
     hub.config = config
     hub.add_site("alpha", "alpha@hub.test")
@@ -563,8 +621,9 @@ def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_pat
             client.login("alpha", PASSWORD)
             for i in range(12):
                 client.sendmail("alpha@hub.test", [f"ok{i}@count.test"], make_message(2000, subject=f"mail {i}"))
-            client.sendmail("alpha@hub.test", ["good@count.test", "reject@count.test"],
-                            make_message(2000, subject="half refused"))
+            client.sendmail(
+                "alpha@hub.test", ["good@count.test", "reject@count.test"], make_message(2000, subject="half refused")
+            )
             client.sendmail("alpha@hub.test", ["big@count.test"], make_message(150_000, subject="too big"))
             client.sendmail("alpha@hub.test", ["someone@old.test"], make_message(150_000, subject="by HELO"))
         wait_until(lambda: not queue_rows(hub), what="the queue to empty")
@@ -584,8 +643,12 @@ def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_pat
 
 
 def test_mail_whose_route_was_removed_is_returned_when_its_lifetime_ends(make_hub, closed_port):
-    hub = relay_hub(make_hub, f"{REMOTE}=127.0.0.1:{closed_port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
-                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    hub = relay_hub(
+        make_hub,
+        f"{REMOTE}=127.0.0.1:{closed_port}",
+        MAILHUB_RELAY_MIN_BACKOFF="3600",
+        MAILHUB_RELAY_MAX_BACKOFF="3600",
+    )
     submitted = time.monotonic()
     submit(hub, [f"gone@{REMOTE}"], make_message(2000, subject="orphaned"))
     wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a failed first attempt")

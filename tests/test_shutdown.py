@@ -136,7 +136,7 @@ def test_bdat_transaction_between_chunks_is_in_flight(make_hub):
     """A BDAT transaction whose first chunk arrived is in flight: the client may finish it."""
     hub = start_hub(make_hub, MAILHUB_SHUTDOWN_TIMEOUT="10")
     mail = make_message(4 * MB)
-    first, last = mail[:2 * MB], mail[2 * MB:]
+    first, last = mail[: 2 * MB], mail[2 * MB :]
     client = in_transaction(hub)
     client.send(b"BDAT %d\r\n" % len(first) + first[:MB])
     time.sleep(0.1)
@@ -151,7 +151,8 @@ def test_bdat_transaction_between_chunks_is_in_flight(make_hub):
     except OSError:
         reply = client.rest()
     assert reply.startswith(b"250 2.0.0 Ok: queued as "), (
-        f"BDAT transaction cut between chunks during shutdown: {reply[:200]!r}")
+        f"BDAT transaction cut between chunks during shutdown: {reply[:200]!r}"
+    )
     qid = queue_id_from(reply)
     assert client.rest() == SHUTTING_DOWN
     assert wait_exit(hub, 15)[0] == 0

@@ -32,7 +32,7 @@ def test_concurrent_logins_share_one_check_and_wrong_passwords_fail(tmp_path):
             logins = [cache.authenticate("alpha", "right-password") for _ in range(10)]
             logins += [cache.authenticate("alpha", "wrong-password") for _ in range(3)]
             results = await asyncio.gather(*logins)
-            again = await cache.authenticate("alpha", "right-password")   # cached
+            again = await cache.authenticate("alpha", "right-password")  # cached
         return results, again
 
     try:
@@ -52,11 +52,10 @@ def test_a_changed_password_is_checked_anew(tmp_path):
         before = cache.by_name("alpha").password_hash
         with contextlib.closing(db.connect(tmp_path)) as conn:
             set_password(conn, "alpha", "new-password")
-        deadline = time.monotonic() + 30   # the watcher's thread reloads within about 0.5 s
+        deadline = time.monotonic() + 30  # the watcher's thread reloads within about 0.5 s
         while cache.by_name("alpha").password_hash == before and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return (await cache.authenticate("alpha", "right-password"),
-                await cache.authenticate("alpha", "new-password"))
+        return (await cache.authenticate("alpha", "right-password"), await cache.authenticate("alpha", "new-password"))
 
     try:
         old, new = asyncio.run(play())

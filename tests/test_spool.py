@@ -4,9 +4,10 @@ import asyncio
 import hashlib
 import os
 
-from conftest import stored_message
 from storage import files, spool
 from storage.store import MessageMeta, Storage
+
+from conftest import stored_message
 
 MB = 1024 * 1024
 
@@ -29,7 +30,7 @@ def test_a_big_message_starts_its_writeback_while_it_streams(tmp_path, monkeypat
         try:
             message = storage.new_spool()
             for i in range(0, len(mail), MB):
-                message.write(mail[i:i + MB])
+                message.write(mail[i : i + MB])
                 if message.backlogged:
                     await message.room()
             await storage.commit(message, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"])
@@ -53,6 +54,6 @@ def test_start_writeback_is_the_kernel_call_on_linux(tmp_path):
         os.write(fd, b"x" * MB)
         files.start_writeback(fd, 0, MB)
         assert files._sync_file_range(fd, 0, MB, 2) == 0
-        assert files._sync_file_range(-1, 0, MB, 2) == -1   # a bad descriptor fails without raising
+        assert files._sync_file_range(-1, 0, MB, 2) == -1  # a bad descriptor fails without raising
     finally:
         os.close(fd)

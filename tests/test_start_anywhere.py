@@ -14,7 +14,7 @@ def fill(path) -> None:
     """Take every free byte of the file system."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        for size in (65536, 4096, 512, 1):   # down to the last partial block
+        for size in (65536, 4096, 512, 1):  # down to the last partial block
             try:
                 while True:
                     os.write(fd, b"\0" * size)
@@ -42,7 +42,7 @@ def test_the_hub_starts_on_a_full_disk_serves_and_takes_mail_once_space_returns(
     filler = small_disk / "filler"
     fill(filler)
 
-    hub.start()   # on a full disk
+    hub.start()  # on a full disk
     log = hub.log_text()
     assert "hub ready" in log and "released the 2097152-byte reserve" in log
     pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
@@ -51,7 +51,7 @@ def test_the_hub_starts_on_a_full_disk_serves_and_takes_mail_once_space_returns(
     assert len(pop.list()[1]) == 3
     body = b"\r\n".join(pop.retr(1)[1]) + b"\r\n"
     assert body.endswith(sent[0])
-    pop.dele(1)   # gateways delete on a full disk: what frees space
+    pop.dele(1)  # gateways delete on a full disk: what frees space
     assert pop.quit().startswith(b"+OK")
     assert hub.query("SELECT count(*) FROM mailbox") == [(2,)]
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
@@ -60,7 +60,7 @@ def test_the_hub_starts_on_a_full_disk_serves_and_takes_mail_once_space_returns(
     assert (code, reply[:5]) == (452, b"4.3.1"), (code, reply)
     client.quit()
 
-    filler.unlink()   # space returns: mail is taken again within a second or so
+    filler.unlink()  # space returns: mail is taken again within a second or so
     deadline = time.monotonic() + 10
     while True:
         client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
@@ -77,7 +77,7 @@ def test_the_hub_starts_on_a_full_disk_serves_and_takes_mail_once_space_returns(
     assert client.sendmail("alpha@hub.test", ["beta@hub.test"], make_message(50_000, subject="room")) == {}
     client.quit()
     assert hub.stop() == 0
-    hub.start()   # what the full start skipped is done now: no problem left
+    hub.start()  # what the full start skipped is done now: no problem left
     result = hub.cli("storage", "check", check=False)
     assert result.returncode == 0, result.stdout
     assert hub.query("SELECT count(*) FROM mailbox") == [(3,)]

@@ -24,12 +24,18 @@ MAILS = 4
 MID_RE = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
 WRITER_POINTS = ["before_pack", "pack_written", "pack_synced", "before_commit", "after_commit"]
-CASES = ([("writer", point, "kill", "small") for point in WRITER_POINTS]
-         + [("writer", point, "kill", "large") for point in ("before_pack", "before_commit", "after_commit")]
-         + [("writer", "pack_written", "eio", "small"), ("writer", "before_commit", "eio", "small"),
-            ("writer", "before_commit", "eio", "large"), ("writer", "pack_synced", "enospc", "small")]
-         + [("hub", point, "kill", size) for point in ("before_batch", "committed") for size in ("small", "large")]
-         + [("hub", "blob_synced", "kill", "large")])
+CASES = (
+    [("writer", point, "kill", "small") for point in WRITER_POINTS]
+    + [("writer", point, "kill", "large") for point in ("before_pack", "before_commit", "after_commit")]
+    + [
+        ("writer", "pack_written", "eio", "small"),
+        ("writer", "before_commit", "eio", "small"),
+        ("writer", "before_commit", "eio", "large"),
+        ("writer", "pack_synced", "enospc", "small"),
+    ]
+    + [("hub", point, "kill", size) for point in ("before_batch", "committed") for size in ("small", "large")]
+    + [("hub", "blob_synced", "kill", "large")]
+)
 
 
 def deliver(hub, message: bytes) -> str:
@@ -71,8 +77,8 @@ def no_trace(hub) -> list[str]:
         elif name in ends and path.stat().st_size != ends[name]:
             problems.append(f"pack {name} has {path.stat().st_size - ends[name]} bytes past its committed end")
     problems += [f"spool file {p.name}" for p in (hub.data_dir / "spool").iterdir()]
-    (held,), = hub.query("SELECT coalesce(sum(held_messages), 0) FROM mailbox_usage")
-    (rows,), = hub.query("SELECT count(*) FROM mailbox")
+    ((held,),) = hub.query("SELECT coalesce(sum(held_messages), 0) FROM mailbox_usage")
+    ((rows,),) = hub.query("SELECT count(*) FROM mailbox")
     if held != rows:
         problems.append(f"mailbox usage counts {held} mails, the mailbox holds {rows}")
     return problems
@@ -84,7 +90,7 @@ def stored_by_message_id(hub) -> dict[str, list[str]]:
     for _qid, blob, offset, size in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages"):
         with open(hub.data_dir / "blobs" / blob, "rb") as f:
             data = os.pread(f.fileno(), size, offset)
-        body = data[data.index(b"\r\nFrom: ") + 2:]
+        body = data[data.index(b"\r\nFrom: ") + 2 :]
         found.setdefault(MID_RE.search(body).group(1).decode(), []).append(hashlib.sha256(body).hexdigest())
     return found
 
@@ -112,7 +118,7 @@ def test_one_outcome_per_transaction(make_hub, tmp_path, process, point, action,
                 after_drop.add(mid)
                 assert process == "hub" and wait_exit(hub), "a connection dropped but the hub lives on"
                 hub.stop()
-                hub.start()   # start-up recovery; the fault is spent (its file is gone)
+                hub.start()  # start-up recovery; the fault is spent (its file is gone)
                 continue
             assert reply[:1] == "4", reply
             outcomes["refused_4xx"] += 1
@@ -122,21 +128,23 @@ def test_one_outcome_per_transaction(make_hub, tmp_path, process, point, action,
             assert not problems, f"a refused transaction left a trace: {problems}"
     assert not armed.exists(), "the fault never fired"
     assert hub.stop() == 0
-    hub.start()   # recovery once more, then count
+    hub.start()  # recovery once more, then count
     copies = stored_by_message_id(hub)
     lost = [mid for mid in acknowledged if mid not in copies]
     damaged = [mid for mid, digest in acknowledged.items() if any(d != digest for d in copies.get(mid, ()))]
     duplicated = [mid for mid in acknowledged if len(copies.get(mid, ())) > 1 and mid not in after_drop]
     drop_copies = sum(len(copies.get(mid, ())) - 1 for mid in after_drop)
     quarantined = len(hub.cli("storage", "quarantine", "--json").stdout.split('"reason"')) - 1
-    print(f"\n{process}:{point}:{action} {size}: {len(mails)} mails, {outcomes}, stored"
-          f" {sum(map(len, copies.values()))}, lost {len(lost)}, duplicated {len(duplicated)}, damaged"
-          f" {len(damaged)}, extra copies after a lost connection {drop_copies}, quarantined {quarantined}")
+    print(
+        f"\n{process}:{point}:{action} {size}: {len(mails)} mails, {outcomes}, stored"
+        f" {sum(map(len, copies.values()))}, lost {len(lost)}, duplicated {len(duplicated)}, damaged"
+        f" {len(damaged)}, extra copies after a lost connection {drop_copies}, quarantined {quarantined}"
+    )
     assert len(acknowledged) == len(mails)
     assert lost == [] and duplicated == [] and damaged == []
     assert not no_trace(hub)
     if process == "writer" or point != "committed":
-        assert drop_copies == 0   # only a hub killed after its commit leaves the sender in doubt
+        assert drop_copies == 0  # only a hub killed after its commit leaves the sender in doubt
     if process == "writer" and action == "kill" and point == "after_commit":
         assert outcomes["refused_4xx"] == 0, "committed, so the sender must get its 250"
         assert "after committing" in hub.log_text()
@@ -154,8 +162,8 @@ def test_truncated_blobs_and_packs_found_at_start(make_hub):
     assert hub.stop() == 0
     rows = {q: (b, o, s) for q, b, o, s in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages")}
     large_blob, _, large_size = rows[qids[4]]
-    os.truncate(hub.data_dir / "blobs" / large_blob, large_size // 2)   # a file of its own, cut in two
-    pack, offset, small_size = rows[qids[3]]                              # the pack's last mail, cut
+    os.truncate(hub.data_dir / "blobs" / large_blob, large_size // 2)  # a file of its own, cut in two
+    pack, offset, small_size = rows[qids[3]]  # the pack's last mail, cut
     os.truncate(hub.data_dir / "blobs" / pack, offset + small_size // 2)
     hub.start()
     left = {q for (q,) in hub.query("SELECT queue_id FROM messages")}
@@ -164,19 +172,19 @@ def test_truncated_blobs_and_packs_found_at_start(make_hub):
         blob, offset, size = rows[qid]
         with open(hub.data_dir / "blobs" / blob, "rb") as f:
             data = os.pread(f.fileno(), size, offset)
-        sha, = hub.query("SELECT sha256 FROM messages WHERE queue_id = ?", qid)[0]
+        (sha,) = hub.query("SELECT sha256 FROM messages WHERE queue_id = ?", qid)[0]
         assert hashlib.sha256(data).hexdigest() == sha
     entries = hub.cli("storage", "quarantine", "--json").stdout
-    assert entries.count('"short_blob"') == 3, entries   # two records of rows, and what was left of the file
+    assert entries.count('"short_blob"') == 3, entries  # two records of rows, and what was left of the file
     assert qids[3] in entries and qids[4] in entries
     client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
     client.user("beta")
     client.pass_(PASSWORD)
-    assert len(client.list()[1]) == 4   # the four intact ones, served
+    assert len(client.list()[1]) == 4  # the four intact ones, served
     client.quit()
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10).read().decode()
     assert 'mailhub_quarantine_entries{reason="short_blob"} 3.0' in metrics
-    print(f"\n6 mails, 2 truncated at start: 2 quarantined (index rows), 4 served intact, lost 0")
+    print("\n6 mails, 2 truncated at start: 2 quarantined (index rows), 4 served intact, lost 0")
     assert hub.cli("storage", "check").returncode == 0
 
 
@@ -185,8 +193,12 @@ def test_a_deletion_cut_by_the_writers_death_is_done_once_or_not_at_all(make_hub
     # before its commit: the deletion never happened (the gateway is told so and deletes again);
     # after it, before its ledger line: it stays done, even through a rebuild from the blobs
     armed = tmp_path / "fault-armed"
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_FAULT=f"writer:{point}:kill",
-                   MAILHUB_FAULT_FILE=str(armed), MAILHUB_STORAGE_RELEASE_FREED_AFTER="3600").start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_FAULT=f"writer:{point}:kill",
+        MAILHUB_FAULT_FILE=str(armed),
+        MAILHUB_STORAGE_RELEASE_FREED_AFTER="3600",
+    ).start()
     for i in range(3):
         assert deliver(hub, make_message(SMALL, subject=f"d {i}")).startswith("250")
     armed.write_text("once")
@@ -196,7 +208,7 @@ def test_a_deletion_cut_by_the_writers_death_is_done_once_or_not_at_all(make_hub
     client.dele(1)
     try:
         reply = client.quit().decode()
-    except poplib.error_proto as exc:   # after the commit the gateway may be told -ERR: it looks again
+    except poplib.error_proto as exc:  # after the commit the gateway may be told -ERR: it looks again
         reply = str(exc)
     assert not armed.exists()
     left = 3 if point == "delete_before_commit" else 2
@@ -204,9 +216,11 @@ def test_a_deletion_cut_by_the_writers_death_is_done_once_or_not_at_all(make_hub
         assert "-ERR" in reply, f"a deletion that never happened was confirmed: {reply}"
     assert hub.query("SELECT count(*) FROM mailbox") == [(left,)]
     assert hub.stop() == 0
-    for suffix in ("", "-wal", "-shm"):   # the index is lost: only the blobs and the ledger are left
+    for suffix in ("", "-wal", "-shm"):  # the index is lost: only the blobs and the ledger are left
         (hub.data_dir / f"index.sqlite3{suffix}").unlink(missing_ok=True)
     hub.cli("storage", "rebuild-index")
     assert hub.query("SELECT count(*) FROM mailbox") == [(left,)], "a deleted mail came back, or one was lost"
-    print(f"\nwriter killed at {point}: 3 stored, mailbox after a rebuild {left} (deleted"
-          f" {3 - left}, resurrected 0, lost 0)")
+    print(
+        f"\nwriter killed at {point}: 3 stored, mailbox after a rebuild {left} (deleted"
+        f" {3 - left}, resurrected 0, lost 0)"
+    )

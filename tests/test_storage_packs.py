@@ -10,11 +10,13 @@ import imaplib
 import poplib
 import threading
 
-from conftest import ALPHA_BETA_B2, PASSWORD, make_message
-from pop3util import message_range, released, send
+from test_relay_outbound import CountingHop, relay_hub, wait_until
+
 from storage import db, outbound
 from storage.store import MessageMeta, Storage
-from test_relay_outbound import CountingHop, relay_hub, wait_until
+
+from conftest import ALPHA_BETA_B2, PASSWORD, make_message
+from pop3util import message_range, released, send
 
 SENDERS = 8
 MAILS_EACH = 15
@@ -59,7 +61,7 @@ def test_packed_mails_read_back_exactly_and_are_freed_with_their_last_message(hu
     for qid, mail in sent.items():
         data = hub.stored(qid)
         assert data.endswith(mail), qid
-        (sha,), = hub.query("SELECT sha256 FROM messages WHERE queue_id = ?", qid)
+        ((sha,),) = hub.query("SELECT sha256 FROM messages WHERE queue_id = ?", qid)
         assert hashlib.sha256(data).hexdigest() == sha, qid
 
     # POP3: every message byte-exact (the trace header first, then the mail as sent)
@@ -69,7 +71,7 @@ def test_packed_mails_read_back_exactly_and_are_freed_with_their_last_message(hu
     numbers = {uid.decode(): int(n) for n, uid in (line.split() for line in pop.uidl()[1])}
     assert len(numbers) == len(sent)
     for qid in sent:
-        (uid,), = hub.query("SELECT uid FROM mailbox WHERE queue_id = ?", qid)
+        ((uid,),) = hub.query("SELECT uid FROM mailbox WHERE queue_id = ?", qid)
         lines = pop.retr(numbers[str(uid)])[1]
         assert b"\r\n".join(lines) + b"\r\n" == hub.stored(qid), qid
     pop.quit()
@@ -113,29 +115,36 @@ def delete_over_pop3(hub, queue_ids: list[str]) -> None:
     pop.pass_(PASSWORD)
     numbers = {uid.decode(): n for n, uid in (line.split() for line in pop.uidl()[1])}
     for qid in queue_ids:
-        (uid,), = hub.query("SELECT uid FROM mailbox WHERE queue_id = ?", qid)
+        ((uid,),) = hub.query("SELECT uid FROM mailbox WHERE queue_id = ?", qid)
         pop.dele(int(numbers[str(uid)]))
     pop.quit()
 
 
 def test_packed_mails_are_relayed_intact(make_hub):
-    hop = CountingHop(mode="450")   # deferred at first: the packs are still there to look at
-    hub = relay_hub(make_hub, f"remote.test=127.0.0.1:{hop.port}", MAILHUB_RELAY_MIN_BACKOFF="3600",
-                    MAILHUB_RELAY_MAX_BACKOFF="3600")
+    hop = CountingHop(mode="450")  # deferred at first: the packs are still there to look at
+    hub = relay_hub(
+        make_hub,
+        f"remote.test=127.0.0.1:{hop.port}",
+        MAILHUB_RELAY_MIN_BACKOFF="3600",
+        MAILHUB_RELAY_MAX_BACKOFF="3600",
+    )
     try:
         sent = send_concurrently(hub, "someone@remote.test")
         assert packs_of(hub), "concurrent small mails were never committed together"
         hop.mode = "ok"
-        wait_until(lambda: hub.query("SELECT count(*) FROM outbound WHERE attempts = 0") == [(0,)],
-                   what="every first attempt", hub=hub)
+        wait_until(
+            lambda: hub.query("SELECT count(*) FROM outbound WHERE attempts = 0") == [(0,)],
+            what="every first attempt",
+            hub=hub,
+        )
         hub.cli("queue", "retry", "--all")
         wait_until(lambda: len(hop.messages) == len(sent), what="every mail at the next hop", hub=hub)
     finally:
         hop.shutdown()
         hop.server_close()
     assert hub.query("SELECT count(*) FROM outbound") == [(0,)]
-    assert hub.query("SELECT count(*) FROM messages") == [(0,)]   # relayed, so freed
-    assert not hub.blob_files()                                    # packs included
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)]  # relayed, so freed
+    assert not hub.blob_files()  # packs included
     delivered = {qid: m for qid, mail in sent.items() for m in hop.messages if f"id {qid}".encode() in m}
     assert len(delivered) == len(sent)
     for qid, mail in sent.items():
@@ -146,11 +155,13 @@ def test_mail_after_a_freed_pack_goes_into_a_new_one_and_stays(hub):
     """Sequential mails share the open pack; once all of them are deleted the pack is closed and
     removed, and later mails go into a new pack that a later deletion does not take with it."""
     first = [send(hub, ["beta@hub.test"], make_message(2000 + i, subject=f"first {i}")) for i in range(2)]
-    (old_blob,), = hub.query("SELECT DISTINCT blob FROM messages")
+    ((old_blob,),) = hub.query("SELECT DISTINCT blob FROM messages")
     delete_over_pop3(hub, first)
     assert not (hub.data_dir / "blobs" / old_blob).exists()
-    later = {send(hub, ["beta@hub.test"], mail): mail
-             for mail in (make_message(2500 + i, subject=f"later {i}") for i in range(3))}
+    later = {
+        send(hub, ["beta@hub.test"], mail): mail
+        for mail in (make_message(2500 + i, subject=f"later {i}") for i in range(3))
+    }
     blobs = {blob for (blob,) in hub.query("SELECT blob FROM messages")}
     assert len(blobs) == 1 and old_blob not in blobs
     gone, *kept = later
@@ -170,18 +181,20 @@ def test_mail_after_a_freed_pack_goes_into_a_new_one_and_stays(hub):
 def test_a_pack_freed_while_open_is_not_removed_once_it_takes_new_mail(tmp_path):
     """The open pack's last message is freed (the pack goes into the trash) and a new message is
     appended to it before the trash is emptied: emptying must keep the pack and the new message."""
+
     async def play() -> tuple[bytes, bytes, list]:
         storage = Storage(tmp_path)
         await storage.open()
         try:
             first = await store_small(storage, b"Subject: one\r\n\r\nfirst\r\n")
-            await storage.queue_op(outbound.delete, first, None)   # the relay is done with it
+            await storage.queue_op(outbound.delete, first, None)  # the relay is done with it
             second = await store_small(storage, b"Subject: two\r\n\r\nsecond\r\n")
             await storage.empty_trash()
             with contextlib.closing(db.connect(tmp_path)) as conn:
                 trash = conn.execute("SELECT blob FROM blob_trash").fetchall()
                 blob, offset, size = conn.execute(
-                    "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (second,)).fetchone()
+                    "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (second,)
+                ).fetchone()
             with open(storage.blob_dir / blob, "rb") as f:
                 f.seek(offset)
                 return f.read(size), blob, trash
@@ -201,11 +214,11 @@ async def store_small(storage: Storage, data: bytes) -> str:
 
 def test_mails_under_two_megabytes_are_packed_and_larger_ones_get_a_file_of_their_own(hub):
     small = make_message(5000, subject="small")
-    image = make_message(1_500_000, subject="one image")        # a typical single-image DICOM mail
-    study = make_message(3_000_000, subject="a whole series")   # streamed to a file of its own
+    image = make_message(1_500_000, subject="one image")  # a typical single-image DICOM mail
+    study = make_message(3_000_000, subject="a whole series")  # streamed to a file of its own
     qids = [send(hub, ["beta@hub.test"], mail) for mail in (small, image, study)]
     rows = {qid: hub.query("SELECT blob, blob_offset FROM messages WHERE queue_id = ?", qid)[0] for qid in qids}
-    assert rows[qids[1]][0] == rows[qids[0]][0] and rows[qids[1]][1] > 0   # appended to the same pack
+    assert rows[qids[1]][0] == rows[qids[0]][0] and rows[qids[1]][1] > 0  # appended to the same pack
     assert rows[qids[2]][1] == 0 and rows[qids[2]][0] != rows[qids[0]][0]
     assert hub.query("SELECT count(*) FROM messages WHERE blob = ?", rows[qids[2]][0]) == [(1,)]
     for qid, mail in zip(qids, (small, image, study)):
@@ -219,16 +232,16 @@ def test_freed_bytes_in_a_pack_are_released_only_after_the_configured_delay(make
     sent = [make_message(4000 + i, subject=f"delay {i}") for i in range(3)]
     first, second, third = qids = [send(hub, ["beta@hub.test"], mail) for mail in sent]
     ranges = {qid: message_range(hub, qid) for qid in qids}
-    assert len({path for path, _offset, _size in ranges.values()}) == 1   # one pack
+    assert len({path for path, _offset, _size in ranges.values()}) == 1  # one pack
     delete_over_pop3(hub, [first])
-    assert not released(ranges[first])                                  # still readable
+    assert not released(ranges[first])  # still readable
     blob = f"{ranges[first][0].parent.name}/{ranges[first][0].name}"
     assert hub.query("SELECT blob, start, size FROM blob_holes") == [(blob, ranges[first][1], ranges[first][2])]
     conn = hub.db()
-    conn.execute("UPDATE blob_holes SET freed_at = freed_at - 3601")   # as if an hour had passed
+    conn.execute("UPDATE blob_holes SET freed_at = freed_at - 3601")  # as if an hour had passed
     conn.commit()
     conn.close()
-    delete_over_pop3(hub, [second])                                     # the next emptying of the trash
+    delete_over_pop3(hub, [second])  # the next emptying of the trash
     assert released(ranges[first]) and not released(ranges[second])
     assert hub.query("SELECT count(*) FROM blob_holes") == [(1,)]
     assert hub.stored(third).endswith(sent[2])

@@ -21,19 +21,40 @@ QUEUED_RE = re.compile(r"^<-  250 2\.0\.0 Ok: queued as (\S+)$", re.M)
 
 @pytest.fixture(scope="session", autouse=True)
 def swaks_installed():
-    assert shutil.which("swaks"), ("swaks is missing: DEBIAN_FRONTEND=noninteractive apt-get install -y swaks"
-                                   " (or sh bench/install-debian-packages.sh)")
+    assert shutil.which("swaks"), (
+        "swaks is missing: DEBIAN_FRONTEND=noninteractive apt-get install -y swaks"
+        " (or sh bench/install-debian-packages.sh)"
+    )
 
 
-def swaks(hub, *args: str, auth: str | None = "PLAIN", user: str = "alpha", password: str = PASSWORD,
-          sender: str = "alpha@hub.test", to: str = "beta@hub.test") -> tuple[int, str]:
+def swaks(
+    hub,
+    *args: str,
+    auth: str | None = "PLAIN",
+    user: str = "alpha",
+    password: str = PASSWORD,
+    sender: str = "alpha@hub.test",
+    to: str = "beta@hub.test",
+) -> tuple[int, str]:
     """Run swaks against the hub; return (exit status, transcript)."""
-    cmd = ["swaks", "--server", "127.0.0.1", "--port", str(hub.smtp_port), "--ehlo", "gw.test",
-           "--timeout", "20", "--from", sender, "--to", to]
+    cmd = [
+        "swaks",
+        "--server",
+        "127.0.0.1",
+        "--port",
+        str(hub.smtp_port),
+        "--ehlo",
+        "gw.test",
+        "--timeout",
+        "20",
+        "--from",
+        sender,
+        "--to",
+        to,
+    ]
     if auth:
         cmd += ["--auth", auth, "--auth-user", user, "--auth-password", password]
-    result = subprocess.run(cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=60)
+    result = subprocess.run(cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     return result.returncode, result.stdout
 
 
@@ -60,10 +81,12 @@ def nothing_stored(hub) -> None:
 
 
 def test_auth_plain_delivery_stores_the_exact_data(hub, tmp_path):
-    data = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: swaks plain\r\n"
-            b"Message-ID: <swaks-plain@gw.test>\r\nX-TELEMEDICINE-SETID: 1.2.840.5\r\n"
-            b"X-TELEMEDICINE-SETPART: 2\r\nX-TELEMEDICINE-SETTOTAL: 9\r\n\r\n"
-            b"first line\r\n.starts with a dot\r\n..two dots\r\n.\r\nlast line")
+    data = (
+        b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: swaks plain\r\n"
+        b"Message-ID: <swaks-plain@gw.test>\r\nX-TELEMEDICINE-SETID: 1.2.840.5\r\n"
+        b"X-TELEMEDICINE-SETPART: 2\r\nX-TELEMEDICINE-SETTOTAL: 9\r\n\r\n"
+        b"first line\r\n.starts with a dot\r\n..two dots\r\n.\r\nlast line"
+    )
     (tmp_path / "mail").write_bytes(data)
     code, out = swaks(hub, "--data", f"@{tmp_path / 'mail'}")
     assert code == 0, out
@@ -72,13 +95,15 @@ def test_auth_plain_delivery_stores_the_exact_data(hub, tmp_path):
     qid = queued(out)
     blob = blob_of(hub, qid)
     assert blob.endswith(data + b"\r\n")  # swaks ends the last line; the hub unstuffs the dots
-    received = blob[:len(blob) - len(data) - 2]
+    received = blob[: len(blob) - len(data) - 2]
     assert received.startswith(b"Received: from gw.test ([127.0.0.1])\r\n") and b"\r\n\r\n" not in received
     assert f"with ESMTPA id {qid}".encode() in received
     assert hub.query("SELECT message_id, set_id, set_part, set_total, dot_lines, mail_from FROM messages") == [
-        ("<swaks-plain@gw.test>", "1.2.840.5", 2, 9, 1, "alpha@hub.test")]
+        ("<swaks-plain@gw.test>", "1.2.840.5", 2, 9, 1, "alpha@hub.test")
+    ]
     assert hub.query("SELECT s.name, b.rcpt FROM mailbox b JOIN sites s ON s.id = b.site_id") == [
-        ("beta", "beta@hub.test")]
+        ("beta", "beta@hub.test")
+    ]
 
 
 def test_auth_login_delivery_of_the_default_swaks_mail(hub):
@@ -106,15 +131,22 @@ def test_pipelined_transaction_to_two_sites_is_stored_once(hub):
     qid = queued(out)
     assert len(hub.blob_files()) == 1
     assert hub.query("SELECT queue_id, refs FROM messages") == [(qid, 2)]
-    assert sorted(hub.query("SELECT s.name FROM mailbox b JOIN sites s ON s.id = b.site_id")) == [
-        ("alpha",), ("beta",)]
+    assert sorted(hub.query("SELECT s.name FROM mailbox b JOIN sites s ON s.id = b.site_id")) == [("alpha",), ("beta",)]
 
 
 def test_binary_attachment_survives(hub, tmp_path):
-    payload = openpgp(size=300_000)   # an encrypted file (the policy refuses anything else in the clear)
+    payload = openpgp(size=300_000)  # an encrypted file (the policy refuses anything else in the clear)
     (tmp_path / "study.dcm.pgp").write_bytes(payload)
-    code, out = swaks(hub, "--attach-type", "application/pgp-encrypted", "--attach",
-                      f"@{tmp_path / 'study.dcm.pgp'}", "--body", "one study", "--suppress-data")
+    code, out = swaks(
+        hub,
+        "--attach-type",
+        "application/pgp-encrypted",
+        "--attach",
+        f"@{tmp_path / 'study.dcm.pgp'}",
+        "--body",
+        "one study",
+        "--suppress-data",
+    )
     assert code == 0, out
     message = email.message_from_bytes(blob_of(hub, queued(out)), policy=email.policy.default)
     parts = [p for p in message.walk() if p.get_filename() == "study.dcm.pgp"]
@@ -123,14 +155,17 @@ def test_binary_attachment_survives(hub, tmp_path):
     assert parts[0].get_payload(decode=True) == payload
 
 
-@pytest.mark.parametrize("auth,sender,to,reply,status", [
-    (None, "x@else.org", "y@else.org", "554 5.7.1 Relay access denied", 24),
-    (None, "x@else.org", "beta@hub.test", "530 5.7.0 Authentication required", 24),
-    ("PLAIN", "alpha@hub.test", "y@else.org", "550 5.1.2 No route to that domain", 24),
-    ("PLAIN", "alpha@hub.test", "nobody@hub.test", "550 5.1.1 No such user here", 24),
-    ("LOGIN", "beta@hub.test", "beta@hub.test",
-     "553 5.7.1 Sender address not owned by the authenticated site", 23),
-], ids=["relay", "unauthenticated", "authenticated-relay", "unknown-recipient", "foreign-sender"])
+@pytest.mark.parametrize(
+    "auth,sender,to,reply,status",
+    [
+        (None, "x@else.org", "y@else.org", "554 5.7.1 Relay access denied", 24),
+        (None, "x@else.org", "beta@hub.test", "530 5.7.0 Authentication required", 24),
+        ("PLAIN", "alpha@hub.test", "y@else.org", "550 5.1.2 No route to that domain", 24),
+        ("PLAIN", "alpha@hub.test", "nobody@hub.test", "550 5.1.1 No such user here", 24),
+        ("LOGIN", "beta@hub.test", "beta@hub.test", "553 5.7.1 Sender address not owned by the authenticated site", 23),
+    ],
+    ids=["relay", "unauthenticated", "authenticated-relay", "unknown-recipient", "foreign-sender"],
+)
 def test_rejections_with_exact_codes(hub, auth, sender, to, reply, status):
     code, out = swaks(hub, auth=auth, sender=sender, to=to)
     assert code == status, out
@@ -160,8 +195,13 @@ def test_quit_after(hub, stop):
     code, out = swaks(hub, "--quit-after", stop)
     assert code == 0, out
     assert re.search(r"^ -> QUIT\n<-  221 ", out, re.M), out
-    last_command = {"CONNECT": None, "EHLO": " -> EHLO gw.test", "AUTH": " -> AUTH PLAIN",
-                    "MAIL": " -> MAIL FROM:<alpha@hub.test>", "RCPT": " -> RCPT TO:<beta@hub.test>"}[stop]
+    last_command = {
+        "CONNECT": None,
+        "EHLO": " -> EHLO gw.test",
+        "AUTH": " -> AUTH PLAIN",
+        "MAIL": " -> MAIL FROM:<alpha@hub.test>",
+        "RCPT": " -> RCPT TO:<beta@hub.test>",
+    }[stop]
     commands = [line for line in out.splitlines() if line.startswith(" -> ") and line != " -> QUIT"]
     if last_command is None:
         assert commands == []
@@ -179,8 +219,9 @@ def test_quit_reply_carries_an_enhanced_status_code(hub):
     assert re.search(r"^<-  221 2\.0\.0 ", out, re.M), out.splitlines()[-3:]
 
 
-@pytest.mark.parametrize("option,stop", [("--drop-after", "RCPT"), ("--drop-after", "DATA"),
-                                         ("--drop-after-send", "DATA")])
+@pytest.mark.parametrize(
+    "option,stop", [("--drop-after", "RCPT"), ("--drop-after", "DATA"), ("--drop-after-send", "DATA")]
+)
 def test_dropped_connections_store_nothing(hub, option, stop):
     code, out = swaks(hub, option, stop)
     assert code == 0, out

@@ -14,10 +14,10 @@ import time
 
 from conftest import PASSWORD
 
-RATE = 2_000_000            # the slow receiver's download speed, bytes/s
-LIMIT = 3.0                 # its max drain time, seconds: capacity 6 MB
-MAIL = 400_000              # bytes of payload per mail
-MAILS = 40                  # 16 MB in all: 2.7x the capacity
+RATE = 2_000_000  # the slow receiver's download speed, bytes/s
+LIMIT = 3.0  # its max drain time, seconds: capacity 6 MB
+MAIL = 400_000  # bytes of payload per mail
+MAILS = 40  # 16 MB in all: 2.7x the capacity
 OTHER_MAILS = 10
 
 
@@ -44,12 +44,15 @@ class Clock:
 
 def make_mail(sender: str, rcpt: str, seq: int, size: int) -> bytes:
     text = base64.encodebytes(os.urandom(size * 3 // 4))
-    return (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: part {seq}\r\nX-Seq: {seq}\r\n"
-            f"Message-ID: <{seq}.{os.getpid()}.{time.time_ns()}@test>\r\n\r\n").encode() + text.replace(b"\n", b"\r\n")
+    return (
+        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: part {seq}\r\nX-Seq: {seq}\r\n"
+        f"Message-ID: <{seq}.{os.getpid()}.{time.time_ns()}@test>\r\n\r\n"
+    ).encode() + text.replace(b"\n", b"\r\n")
 
 
-def send_all(port: int, login: str, sender: str, rcpt: str, mails: list[bytes], clock: Clock | None,
-             stats: dict) -> None:
+def send_all(
+    port: int, login: str, sender: str, rcpt: str, mails: list[bytes], clock: Clock | None, stats: dict
+) -> None:
     """Submit each mail until accepted; 4xx replies are retried (as a gateway does)."""
     smtp = smtplib.SMTP("127.0.0.1", port, timeout=120)
     smtp.login(login, PASSWORD)
@@ -83,8 +86,8 @@ def pop3_lines(sock: socket.socket, buf: bytearray, rate: float | None):
     while True:
         end = buf.find(b"\r\n.\r\n")
         if end >= 0:
-            data = bytes(buf[:end + 2])
-            del buf[:end + 5]
+            data = bytes(buf[: end + 2])
+            del buf[: end + 5]
             return data
         chunk = sock.recv(16384)
         if not chunk:
@@ -108,19 +111,22 @@ def pop3_line(sock: socket.socket, buf: bytearray) -> bytes:
     return line
 
 
-def receive_all(port: int, user: str, expected: int, rate: float | None, clock: Clock | None,
-                received: list, deadline: float) -> None:
+def receive_all(
+    port: int, user: str, expected: int, rate: float | None, clock: Clock | None, received: list, deadline: float
+) -> None:
     """Poll like a gateway: log in, RETR + DELE everything listed, QUIT, poll again."""
     while len(received) < expected and time.monotonic() < deadline:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         buf = bytearray()
         try:
+
             def command(line: str) -> bytes:
                 sock.sendall(line.encode() + b"\r\n")
                 reply = pop3_line(sock, buf)
                 assert reply.startswith(b"+OK"), (line, reply)
                 return reply
+
             pop3_line(sock, buf)
             command(f"USER {user}")
             command(f"PASS {PASSWORD}")
@@ -143,12 +149,18 @@ def receive_all(port: int, user: str, expected: int, rate: float | None, clock: 
 
 def pilot_hub(make_hub, throttling: bool):
     on = "true" if throttling else "false"
-    hub = make_hub(sites=tuple((name, f"{name}@hub.test") for name in ("fast", "slow", "other", "quick")),
-                   MAILHUB_QUOTAS_MAX_DRAIN_TIME=str(LIMIT), MAILHUB_QUOTAS_DOWNLINK=str(RATE),
-                   MAILHUB_THROTTLE_DRAIN_ADMISSION=on, MAILHUB_THROTTLE_PACING=on,
-                   MAILHUB_THROTTLE_FLOOR_BYTES=str(MAIL), MAILHUB_THROTTLE_DRAIN_WINDOW="1",
-                   MAILHUB_THROTTLE_DRAIN_TAU="3", MAILHUB_THROTTLE_INTERVAL="0.2",
-                   MAILHUB_THROTTLE_MIN_RETRY="1")
+    hub = make_hub(
+        sites=tuple((name, f"{name}@hub.test") for name in ("fast", "slow", "other", "quick")),
+        MAILHUB_QUOTAS_MAX_DRAIN_TIME=str(LIMIT),
+        MAILHUB_QUOTAS_DOWNLINK=str(RATE),
+        MAILHUB_THROTTLE_DRAIN_ADMISSION=on,
+        MAILHUB_THROTTLE_PACING=on,
+        MAILHUB_THROTTLE_FLOOR_BYTES=str(MAIL),
+        MAILHUB_THROTTLE_DRAIN_WINDOW="1",
+        MAILHUB_THROTTLE_DRAIN_TAU="3",
+        MAILHUB_THROTTLE_INTERVAL="0.2",
+        MAILHUB_THROTTLE_MIN_RETRY="1",
+    )
     return hub.start()
 
 
@@ -156,8 +168,8 @@ def run_pilot(hub) -> dict:
     smtp_port, pop3_port = hub.ports["smtp"], hub.ports["pop3"]
     mails = [make_mail("fast@hub.test", "slow@hub.test", i, MAIL) for i in range(MAILS)]
     other = [make_mail("other@hub.test", "quick@hub.test", i, MAIL // 4) for i in range(OTHER_MAILS)]
-    sent_digest = {i: hashlib.sha256(m[m.index(b"\r\n\r\n") + 4:]).hexdigest() for i, m in enumerate(mails)}
-    other_digest = {i: hashlib.sha256(m[m.index(b"\r\n\r\n") + 4:]).hexdigest() for i, m in enumerate(other)}
+    sent_digest = {i: hashlib.sha256(m[m.index(b"\r\n\r\n") + 4 :]).hexdigest() for i, m in enumerate(mails)}
+    other_digest = {i: hashlib.sha256(m[m.index(b"\r\n\r\n") + 4 :]).hexdigest() for i, m in enumerate(other)}
     clock = Clock()
     fast_stats = {"deferred": 0, "accepted_at": [], "last_text": ""}
     other_stats = {"deferred": 0, "accepted_at": [], "last_text": ""}
@@ -166,14 +178,16 @@ def run_pilot(hub) -> dict:
     deadline = started + 120
     threads = [
         threading.Thread(target=clock.sample, args=(started,)),
-        threading.Thread(target=send_all, args=(smtp_port, "fast", "fast@hub.test", "slow@hub.test", mails,
-                                                clock, fast_stats)),
-        threading.Thread(target=receive_all, args=(pop3_port, "slow", MAILS, RATE, clock, slow_received,
-                                                   deadline)),
-        threading.Thread(target=send_all, args=(smtp_port, "other", "other@hub.test", "quick@hub.test", other,
-                                                None, other_stats)),
-        threading.Thread(target=receive_all, args=(pop3_port, "quick", OTHER_MAILS, None, None,
-                                                   quick_received, deadline)),
+        threading.Thread(
+            target=send_all, args=(smtp_port, "fast", "fast@hub.test", "slow@hub.test", mails, clock, fast_stats)
+        ),
+        threading.Thread(target=receive_all, args=(pop3_port, "slow", MAILS, RATE, clock, slow_received, deadline)),
+        threading.Thread(
+            target=send_all, args=(smtp_port, "other", "other@hub.test", "quick@hub.test", other, None, other_stats)
+        ),
+        threading.Thread(
+            target=receive_all, args=(pop3_port, "quick", OTHER_MAILS, None, None, quick_received, deadline)
+        ),
     ]
     for t in threads:
         t.start()
@@ -183,9 +197,17 @@ def run_pilot(hub) -> dict:
     threads[0].join()
     log = hub.log_text()
     hub.stop()
-    return {"clock": clock, "fast": fast_stats, "other": other_stats, "slow_received": slow_received,
-            "quick_received": quick_received, "sent_digest": sent_digest, "other_digest": other_digest,
-            "log": log, "mail_size": len(mails[0])}
+    return {
+        "clock": clock,
+        "fast": fast_stats,
+        "other": other_stats,
+        "slow_received": slow_received,
+        "quick_received": quick_received,
+        "sent_digest": sent_digest,
+        "other_digest": other_digest,
+        "log": log,
+        "mail_size": len(mails[0]),
+    }
 
 
 def check_exactly_once(received: list, digests: dict) -> None:
@@ -200,8 +222,7 @@ def test_pilot_problem_with_and_without_throttling(make_hub, capsys):
     # the time waiting, not computing.
     hubs = {on: pilot_hub(make_hub, throttling=on) for on in (True, False)}
     runs = {}
-    pilots = [threading.Thread(target=lambda on: runs.__setitem__(on, run_pilot(hubs[on])), args=(on,))
-              for on in hubs]
+    pilots = [threading.Thread(target=lambda on: runs.__setitem__(on, run_pilot(hubs[on])), args=(on,)) for on in hubs]
     for pilot in pilots:
         pilot.start()
     for pilot in pilots:
@@ -213,12 +234,18 @@ def test_pilot_problem_with_and_without_throttling(make_hub, capsys):
     max_on = max(b for _, b in on["clock"].curve)
     max_off = max(b for _, b in off["clock"].curve)
     with capsys.disabled():
-        print(f"\npilot run, slow receiver at {RATE / 1e6:.1f} MB/s, drain limit {LIMIT:.0f} s "
-              f"(capacity {capacity / 1e6:.1f} MB), {MAILS} mails of {MAIL / 1e3:.0f} kB:")
-        print(f"  throttling on : backlog max {max_on / 1e6:.2f} MB = drain time {max_on / RATE:.2f} s, "
-              f"{on['fast']['deferred']} deferrals")
-        print(f"  throttling off: backlog max {max_off / 1e6:.2f} MB = drain time {max_off / RATE:.2f} s, "
-              f"{off['fast']['deferred']} deferrals")
+        print(
+            f"\npilot run, slow receiver at {RATE / 1e6:.1f} MB/s, drain limit {LIMIT:.0f} s "
+            f"(capacity {capacity / 1e6:.1f} MB), {MAILS} mails of {MAIL / 1e3:.0f} kB:"
+        )
+        print(
+            f"  throttling on : backlog max {max_on / 1e6:.2f} MB = drain time {max_on / RATE:.2f} s, "
+            f"{on['fast']['deferred']} deferrals"
+        )
+        print(
+            f"  throttling off: backlog max {max_off / 1e6:.2f} MB = drain time {max_off / RATE:.2f} s, "
+            f"{off['fast']['deferred']} deferrals"
+        )
 
     for run in (on, off):
         check_exactly_once(run["slow_received"], run["sent_digest"])

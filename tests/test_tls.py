@@ -21,8 +21,26 @@ READY = b"220 2.0.0 Ready to start TLS\r\n"
 def certificate(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("tls")
     key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(cert), str(key)
 
 
@@ -49,8 +67,9 @@ def non_loopback_ipv4() -> str:
         for address in addresses:
             if address.family.name == "AF_INET" and not ipaddress.ip_address(address.address).is_loopback:
                 return address.address
-    raise AssertionError("this test needs a non-loopback IPv4 address on the host (a client connecting to it"
-                         " is not a loopback peer)")
+    raise AssertionError(
+        "this test needs a non-loopback IPv4 address on the host (a client connecting to it is not a loopback peer)"
+    )
 
 
 def tls_raw(hub, host: str = "127.0.0.1") -> RawSMTP:
@@ -86,11 +105,14 @@ def test_starttls_then_login_and_send(tls_hub, certificate):
     (sha,) = tls_hub.query("SELECT sha256 FROM messages WHERE queue_id = ?", qid)[0]
     data = tls_hub.stored(qid)
     assert data.endswith(body) and hashlib.sha256(data).hexdigest() == sha
-    assert f"with ESMTPSA id {qid}".encode() in data[:-len(body)]
+    assert f"with ESMTPSA id {qid}".encode() in data[: -len(body)]
 
 
-@pytest.mark.parametrize("injected", [b"RSET\r\n", b"MAIL FROM:<alpha@hub.test>\r\n",
-                                      b"NOOP\r\nNOOP\r\nNOOP\r\n"], ids=["RSET", "MAIL", "3xNOOP"])
+@pytest.mark.parametrize(
+    "injected",
+    [b"RSET\r\n", b"MAIL FROM:<alpha@hub.test>\r\n", b"NOOP\r\nNOOP\r\nNOOP\r\n"],
+    ids=["RSET", "MAIL", "3xNOOP"],
+)
 def test_commands_pipelined_with_starttls_are_discarded(tls_hub, injected):
     client = RawSMTP(tls_hub.smtp_port)
     client.ehlo()
@@ -184,8 +206,7 @@ def test_auth_on_plaintext_from_a_non_loopback_client(make_hub, certificate):
 
 def test_allow_plaintext_permits_auth_without_tls_from_a_non_loopback_client(make_hub, certificate):
     address = non_loopback_ipv4()
-    hub = start_tls_hub(make_hub, certificate, MAILHUB_SMTP_LISTEN=f"{address}:0",
-                        MAILHUB_AUTH_ALLOW_PLAINTEXT="true")
+    hub = start_tls_hub(make_hub, certificate, MAILHUB_SMTP_LISTEN=f"{address}:0", MAILHUB_AUTH_ALLOW_PLAINTEXT="true")
     client = RawSMTP(hub.smtp_port, host=address)
     assert b"250-AUTH PLAIN LOGIN" in client.ehlo()
     assert client.auth_plain("alpha").startswith(b"235 2.7.0")
@@ -197,10 +218,35 @@ def test_allow_plaintext_permits_auth_without_tls_from_a_non_loopback_client(mak
 def test_swaks_starttls(tls_hub):
     assert shutil.which("swaks"), "swaks is missing: DEBIAN_FRONTEND=noninteractive apt-get install -y swaks"
     result = subprocess.run(
-        ["swaks", "--server", "127.0.0.1", "--port", str(tls_hub.smtp_port), "--ehlo", "gw.test", "--tls",
-         "--auth", "LOGIN", "--auth-user", "alpha", "--auth-password", PASSWORD, "--from", "alpha@hub.test",
-         "--to", "beta@hub.test", "--body", "over STARTTLS", "--timeout", "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+        [
+            "swaks",
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(tls_hub.smtp_port),
+            "--ehlo",
+            "gw.test",
+            "--tls",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "alpha",
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            "alpha@hub.test",
+            "--to",
+            "beta@hub.test",
+            "--body",
+            "over STARTTLS",
+            "--timeout",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
     out = result.stdout
     assert result.returncode == 0, out
     assert "-> STARTTLS" in out and "<-  220 2.0.0 Ready to start TLS" in out

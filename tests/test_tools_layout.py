@@ -9,9 +9,23 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_COMMANDS = ["ab_commit", "ab_ingest", "abuse", "bare_aiosmtpd", "hub_cpu", "imap_benchmark",
-                  "ingest_benchmark", "mime_stream_benchmark", "pop3_benchmark", "pop3_fetch",
-                  "rebuild_benchmark", "relay_benchmark", "scrypt_gil", "smtp_blast", "trivial_sinks"]
+BENCH_COMMANDS = [
+    "ab_commit",
+    "ab_ingest",
+    "abuse",
+    "bare_aiosmtpd",
+    "hub_cpu",
+    "imap_benchmark",
+    "ingest_benchmark",
+    "mime_stream_benchmark",
+    "pop3_benchmark",
+    "pop3_fetch",
+    "rebuild_benchmark",
+    "relay_benchmark",
+    "scrypt_gil",
+    "smtp_blast",
+    "trivial_sinks",
+]
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -25,18 +39,29 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_loadtest_imports_nothing_from_bench():
-    offenders = {str(path.relative_to(REPO)): sorted(name for name in _imported_modules(path)
-                                                      if name == "bench" or name.startswith("bench."))
-                 for path in (REPO / "loadtest").rglob("*.py")}
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            name for name in _imported_modules(path) if name == "bench" or name.startswith("bench.")
+        )
+        for path in (REPO / "loadtest").rglob("*.py")
+    }
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
 def test_every_bench_module_has_a_header_comment():
-    missing = [path.name for path in sorted((REPO / "bench").glob("*.py"))
-               if path.name != "__init__.py" and not path.read_text().startswith("#")]
+    missing = [
+        path.name
+        for path in sorted((REPO / "bench").glob("*.py"))
+        if path.name != "__init__.py" and not path.read_text().startswith("#")
+    ]
     assert missing == []
-    listed = {path.stem for path in (REPO / "bench").glob("*.py")} - {"__init__", "common", "abuse_attacks",
-                                                                       "abuse_gateway", "abuse_inputs"}
+    listed = {path.stem for path in (REPO / "bench").glob("*.py")} - {
+        "__init__",
+        "common",
+        "abuse_attacks",
+        "abuse_gateway",
+        "abuse_inputs",
+    }
     assert listed == set(BENCH_COMMANDS), "a bench command was added or removed: update BENCH_COMMANDS"
 
 
@@ -59,8 +84,9 @@ print(json.dumps(out))
 
 
 def test_every_bench_command_answers_help():
-    result = subprocess.run([sys.executable, "-c", _HELP_ALL, *BENCH_COMMANDS], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _HELP_ALL, *BENCH_COMMANDS], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     helps = json.loads(result.stdout)
     for name in BENCH_COMMANDS:

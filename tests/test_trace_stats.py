@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from conftest import ALPHA_BETA, Hub, PASSWORD, hub_env, make_message
 from mailhub.report_format import iso_time
+
+from conftest import ALPHA_BETA, PASSWORD, Hub, hub_env, make_message
 
 SET_ID = "1.2.826.0.1.3680043.10.543.20261128.7"
 BIG_SET = "1.2.826.0.1.3680043.10.543.20261128.8"
@@ -25,15 +26,14 @@ MAX_SIZE = 100_000
 
 
 def part_message(n: int, set_id: str = SET_ID, size: int = 3000) -> bytes:
-    headers = (f"X-TELEMEDICINE-SETID: {set_id}\r\nX-TELEMEDICINE-SETPART: {n}\r\n"
-               f"X-TELEMEDICINE-SETTOTAL: {PARTS}\r\n")
+    headers = f"X-TELEMEDICINE-SETID: {set_id}\r\nX-TELEMEDICINE-SETPART: {n}\r\nX-TELEMEDICINE-SETTOTAL: {PARTS}\r\n"
     message = make_message(size + 100 * n, subject=f"part {n}", extra_headers=headers)
     return message.replace(b"Message-ID: <", f"Message-ID: <part{n}.".encode(), 1)
 
 
 def message_id(message: bytes) -> str:
     start = message.index(b"Message-ID: ") + len(b"Message-ID: ")
-    return message[start:message.index(b"\r\n", start)].decode()
+    return message[start : message.index(b"\r\n", start)].decode()
 
 
 def cli_json(hub: Hub, *args: str):
@@ -92,9 +92,17 @@ def study(tmp_path_factory):
         after_download = time.time()
         # the 552 refusal is queued without waiting for the disk: written within about a second
         wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'refused'") == [(2,)])
-        yield dict(hub=hub, messages=messages, queue_ids=queue_ids, sizes=sizes, received=received,
-                   big_message_id=message_id(big), started=started, before_download=before_download,
-                   after_download=after_download)
+        yield dict(
+            hub=hub,
+            messages=messages,
+            queue_ids=queue_ids,
+            sizes=sizes,
+            received=received,
+            big_message_id=message_id(big),
+            started=started,
+            before_download=before_download,
+            after_download=after_download,
+        )
     finally:
         hub.stop(signal.SIGKILL)
 
@@ -105,24 +113,40 @@ def test_trace_of_the_set_gives_the_study_view(study):
     result = cli_json(hub, "trace", SET_ID)
     assert result["looked_up_as"] == "set"
     view = result["study"]
-    first_download, last_download = view["recipients"][1].pop("first_download_at"), \
-        view["recipients"][1].pop("last_download_at")
+    first_download, last_download = (
+        view["recipients"][1].pop("first_download_at"),
+        view["recipients"][1].pop("last_download_at"),
+    )
     assert view == {
-        "set_id": SET_ID, "parts_received": 20, "set_total": 20, "missing_parts": [], "mails_accepted": 20,
-        "bytes": total, "senders": ["alpha"],
+        "set_id": SET_ID,
+        "parts_received": 20,
+        "set_total": 20,
+        "missing_parts": [],
+        "mails_accepted": 20,
+        "bytes": total,
+        "senders": ["alpha"],
         "first_accepted_at": iso_time(study["received"][qids[0]]),
         "last_accepted_at": iso_time(study["received"][qids[-1]]),
         "recipients": [
-            {"site": "beta", "delivered": 20, "downloaded": 0, "deleted": 0, "waiting": 20,
-             "first_download_at": None, "last_download_at": None},
-            {"site": "gamma", "delivered": 20, "downloaded": 10, "deleted": 10, "waiting": 10}],
-        "refusals": 0}
-    assert iso_time(study["before_download"]) <= first_download <= last_download \
-        <= iso_time(study["after_download"])
+            {
+                "site": "beta",
+                "delivered": 20,
+                "downloaded": 0,
+                "deleted": 0,
+                "waiting": 20,
+                "first_download_at": None,
+                "last_download_at": None,
+            },
+            {"site": "gamma", "delivered": 20, "downloaded": 10, "deleted": 10, "waiting": 10},
+        ],
+        "refusals": 0,
+    }
+    assert iso_time(study["before_download"]) <= first_download <= last_download <= iso_time(study["after_download"])
     assert [m["set_part"] for m in result["mails"]] == list(range(1, 21))
     assert [m["queue_id"] for m in result["mails"]] == qids
     assert [[(r["site"], r["state"]) for r in m["recipients"]] for m in result["mails"]] == (
-        [[("beta", "waiting"), ("gamma", "deleted")]] * 10 + [[("beta", "waiting"), ("gamma", "waiting")]] * 10)
+        [[("beta", "waiting"), ("gamma", "deleted")]] * 10 + [[("beta", "waiting"), ("gamma", "waiting")]] * 10
+    )
 
     text = hub.cli("trace", SET_ID).stdout
     assert text.startswith(f"study {SET_ID}: 20 of 20 part(s) received (20 mail(s), ")
@@ -140,10 +164,19 @@ def test_trace_by_message_id_queue_id_and_address(study):
     (mail,) = by_message_id["mails"]
     assert mail["queue_id"] == qids[2]
     assert [(e["kind"], e.get("site"), e.get("rcpt")) for e in mail["events"]] == [
-        ("accepted", "alpha", None), ("delivered", "beta", "beta@hub.test"),
-        ("delivered", "gamma", "gamma@hub.test"), ("downloaded", "gamma", None), ("deleted", "gamma", None)]
+        ("accepted", "alpha", None),
+        ("delivered", "beta", "beta@hub.test"),
+        ("delivered", "gamma", "gamma@hub.test"),
+        ("downloaded", "gamma", None),
+        ("deleted", "gamma", None),
+    ]
     assert (mail["sender"], mail["client"], mail["size"], mail["set_part"], mail["set_total"]) == (
-        "alpha@hub.test", "127.0.0.1", study["sizes"][qids[2]], 3, 20)
+        "alpha@hub.test",
+        "127.0.0.1",
+        study["sizes"][qids[2]],
+        3,
+        20,
+    )
     assert mail["recipients"][1]["downloads"][0]["protocol"] == "pop3"
     assert mail["recipients"][1]["downloads"][0]["client"] == "127.0.0.1"
     assert len(mail["sha256"]) == 64
@@ -170,19 +203,29 @@ def test_refusals_are_tracked(study):
     refused, too_big = by_sender["refusals"]
     assert (too_big["reply"][:3], too_big["rcpt"], len(too_big["queue_id"])) == ("552", "beta@hub.test", 19)
     assert {k: refused[k] for k in ("kind", "code", "reply", "site", "sender", "rcpt", "client", "queue_id")} == {
-        "kind": "refused", "code": "550", "reply": "550 5.1.1 No such user here", "site": "alpha",
-        "sender": "alpha@hub.test", "rcpt": "nobody@hub.test", "client": "127.0.0.1", "queue_id": None}
+        "kind": "refused",
+        "code": "550",
+        "reply": "550 5.1.1 No such user here",
+        "site": "alpha",
+        "sender": "alpha@hub.test",
+        "rcpt": "nobody@hub.test",
+        "client": "127.0.0.1",
+        "queue_id": None,
+    }
     # an address the hub does not know, but the events do
     assert cli_json(hub, "trace", "nobody@hub.test")["refusals"] == [refused]
-    assert "refused     alpha <alpha@hub.test> [127.0.0.1] to <nobody@hub.test>: 550 5.1.1 No such user here" \
+    assert (
+        "refused     alpha <alpha@hub.test> [127.0.0.1] to <nobody@hub.test>: 550 5.1.1 No such user here"
         in hub.cli("trace", "nobody@hub.test").stdout
+    )
 
     # the data of another set refused at the end of data: found by its set and by its Message-ID
     big = cli_json(hub, "trace", BIG_SET)
     (mail,) = big["mails"]
     assert mail["accepted_at"] is None and mail["recipients"] == []
     assert [(r["kind"], r["reply"], r["rcpt"]) for r in mail["refusals"]] == [
-        ("refused", "552 5.3.4 Message size exceeds fixed maximum message size", "beta@hub.test")]
+        ("refused", "552 5.3.4 Message size exceeds fixed maximum message size", "beta@hub.test")
+    ]
     assert big["study"]["parts_received"] == 0 and big["study"]["refusals"] == 1
     assert cli_json(hub, "trace", study["big_message_id"])["mails"] == [mail]
 
@@ -196,25 +239,53 @@ def test_stats_volumes_per_site_and_pair(study):
     total = sum(sizes[q] for q in qids)
     half = sum(sizes[q] for q in qids[:10])
     report = cli_json(hub, "stats", "--since", "1h")
-    empty = {"submitted_messages": 0, "submitted_bytes": 0, "received_messages": 0, "received_bytes": 0,
-             "downloaded_messages": 0, "downloaded_bytes": 0, "deleted_messages": 0, "refused": 0, "deferred": 0}
+    empty = {
+        "submitted_messages": 0,
+        "submitted_bytes": 0,
+        "received_messages": 0,
+        "received_bytes": 0,
+        "downloaded_messages": 0,
+        "downloaded_bytes": 0,
+        "deleted_messages": 0,
+        "refused": 0,
+        "deferred": 0,
+    }
     assert report["sites"] == [
         {**empty, "site": "alpha", "submitted_messages": 20, "submitted_bytes": total, "refused": 2},
         {**empty, "site": "beta", "received_messages": 20, "received_bytes": total},
-        {**empty, "site": "gamma", "received_messages": 20, "received_bytes": total,
-         "downloaded_messages": 10, "downloaded_bytes": half, "deleted_messages": 10}]
-    assert report["totals"] == {"submitted_messages": 20, "submitted_bytes": total, "received_messages": 40,
-                                "received_bytes": 2 * total, "downloaded_messages": 10, "downloaded_bytes": half,
-                                "refused": 2, "deferred": 0}
-    assert report["pairs"] == [{"from": "alpha", "to": "beta", "messages": 20, "bytes": total},
-                               {"from": "alpha", "to": "gamma", "messages": 20, "bytes": total}]
+        {
+            **empty,
+            "site": "gamma",
+            "received_messages": 20,
+            "received_bytes": total,
+            "downloaded_messages": 10,
+            "downloaded_bytes": half,
+            "deleted_messages": 10,
+        },
+    ]
+    assert report["totals"] == {
+        "submitted_messages": 20,
+        "submitted_bytes": total,
+        "received_messages": 40,
+        "received_bytes": 2 * total,
+        "downloaded_messages": 10,
+        "downloaded_bytes": half,
+        "refused": 2,
+        "deferred": 0,
+    }
+    assert report["pairs"] == [
+        {"from": "alpha", "to": "beta", "messages": 20, "bytes": total},
+        {"from": "alpha", "to": "gamma", "messages": 20, "bytes": total},
+    ]
     assert [(r["kind"], r["site"], r["to_site"], r["reply"], r["count"]) for r in report["refusals"]] == [
         ("refused", "alpha", "-", "550 5.1.1 No such user here", 1),
-        ("refused", "alpha", "beta", "552 5.3.4 Message size exceeds fixed maximum message size", 1)]
+        ("refused", "alpha", "beta", "552 5.3.4 Message size exceeds fixed maximum message size", 1),
+    ]
     oldest = iso_time(study["received"][qids[0]])
-    assert report["backlogs"] == [{"site": "beta", "messages": 20, "bytes": total, "oldest_at": oldest},
-                                  {"site": "gamma", "messages": 10, "bytes": total - half,
-                                   "oldest_at": iso_time(study["received"][qids[10]])}]
+    assert report["backlogs"] == [
+        {"site": "beta", "messages": 20, "bytes": total, "oldest_at": oldest},
+        {"site": "gamma", "messages": 10, "bytes": total - half, "oldest_at": iso_time(study["received"][qids[10]])},
+    ]
     assert cli_json(hub, "stats", "--top", "1")["backlogs"] == report["backlogs"][:1]
 
     # a period before the traffic: no volumes, the backlogs are those of now
@@ -236,14 +307,20 @@ def test_site_show_has_the_recent_activity(study):
     half = sum(sizes[q] for q in qids[:10])
     gamma = cli_json(hub, "site", "show", "gamma")
     assert gamma["activity"] == {
-        "window_seconds": 3600.0, "oldest_waiting_at": iso_time(study["received"][qids[10]]),
-        "downloaded_messages": 10, "downloaded_bytes": half, "download_rate_bytes_per_second": half / 3600,
-        "refusals_as_sender": [], "refusals_as_recipient": []}
-    assert "throttle" in gamma   # the server's live throttle state stays beside it
+        "window_seconds": 3600.0,
+        "oldest_waiting_at": iso_time(study["received"][qids[10]]),
+        "downloaded_messages": 10,
+        "downloaded_bytes": half,
+        "download_rate_bytes_per_second": half / 3600,
+        "refusals_as_sender": [],
+        "refusals_as_recipient": [],
+    }
+    assert "throttle" in gamma  # the server's live throttle state stays beside it
     alpha = cli_json(hub, "site", "show", "alpha")["activity"]
     assert [(r["kind"], r["reply"], r["count"]) for r in alpha["refusals_as_sender"]] == [
         ("refused", "550 5.1.1 No such user here", 1),
-        ("refused", "552 5.3.4 Message size exceeds fixed maximum message size", 1)]
+        ("refused", "552 5.3.4 Message size exceeds fixed maximum message size", 1),
+    ]
     beta = cli_json(hub, "site", "show", "beta")["activity"]
     assert [r["reply"][:3] for r in beta["refusals_as_recipient"]] == ["552"]
     text = hub.cli("site", "show", "gamma").stdout
@@ -255,26 +332,29 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_EVENTS_RETENTION_DAYS="10")
     hub.start()
     hub.cli("site", "set", "beta", "--mailbox-messages", "1")
-    time.sleep(0.6)   # the server's site cache rereads changed sites within half a second
+    time.sleep(0.6)  # the server's site cache rereads changed sites within half a second
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60)
     client.login("alpha", PASSWORD)
-    client.sendmail("alpha@hub.test", ["beta@hub.test"],
-                    make_message().replace(b"Message-ID: <", b"Message-ID: <\x1b[31mred.", 1))
+    client.sendmail(
+        "alpha@hub.test", ["beta@hub.test"], make_message().replace(b"Message-ID: <", b"Message-ID: <\x1b[31mred.", 1)
+    )
     ((qid,),) = hub.query("SELECT queue_id FROM messages")
     wait_for(lambda: hub.cli("site", "show", "beta", "--json").stdout.count('"used": 1') >= 1)
-    client.mail("alpha@hub.test")   # beta's mailbox is full now: a deferral
+    client.mail("alpha@hub.test")  # beta's mailbox is full now: a deferral
     code, reply = client.rcpt("beta@hub.test")
     client.quit()
     assert (code, reply) == (452, b"4.2.2 Mailbox of the recipient site is full, try again later")
     deferred = wait_for(lambda: cli_json(hub, "stats")["refusals"])
     assert [(d["kind"], d["site"], d["to_site"], d["reply"], d["count"]) for d in deferred] == [
-        ("deferred", "alpha", "beta", "452 4.2.2 Mailbox of the recipient site is full, try again later", 1)]
+        ("deferred", "alpha", "beta", "452 4.2.2 Mailbox of the recipient site is full, try again later", 1)
+    ]
     assert cli_json(hub, "stats")["totals"]["deferred"] == 1
     assert [r["kind"] for r in cli_json(hub, "site", "show", "beta")["activity"]["refusals_as_recipient"]] == [
-        "deferred"]
-    shown = hub.cli("trace", qid).stdout   # client-supplied text cannot drive the terminal
+        "deferred"
+    ]
+    shown = hub.cli("trace", qid).stdout  # client-supplied text cannot drive the terminal
     assert "\x1b" not in shown and "Message-ID <\\x1b[31mred." in shown
-    pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=60)   # a session that ends without QUIT
+    pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=60)  # a session that ends without QUIT
     pop.user("beta")
     pop.pass_(PASSWORD)
     pop.retr(1)
@@ -283,12 +363,17 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
     hub.cli("site", "remove", "beta")
     mail = cli_json(hub, "trace", qid)["mails"][0]
     assert [(e["kind"], e.get("site"), e.get("detail")) for e in mail["events"]][1:] == [
-        ("delivered", "beta", None), ("downloaded", "beta", "pop3"), ("deleted", "beta", "site removed")]
+        ("delivered", "beta", None),
+        ("downloaded", "beta", "pop3"),
+        ("deleted", "beta", "site removed"),
+    ]
 
     def age(days: float, count: int) -> None:
         conn = sqlite3.connect(hub.data_dir / "index.sqlite3")
-        conn.executemany("INSERT INTO events (at, kind, site, size) VALUES (?, 'accepted', 'old', 1)",
-                         [(time.time() - days * 86400,)] * count)
+        conn.executemany(
+            "INSERT INTO events (at, kind, site, size) VALUES (?, 'accepted', 'old', 1)",
+            [(time.time() - days * 86400,)] * count,
+        )
         conn.commit()
         conn.close()
 
@@ -296,10 +381,10 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
     age(5, 3)
     assert hub.cli("events", "prune").stdout == "pruned 7 event(s) older than 10 day(s)\n"
     assert hub.cli("events", "prune", "--older-than", "4").stdout == "pruned 3 event(s) older than 4 day(s)\n"
-    assert hub.query("SELECT count(*) FROM events") == [(5,)]   # accepted, delivered, deferred, downloaded, deleted
+    assert hub.query("SELECT count(*) FROM events") == [(5,)]  # accepted, delivered, deferred, downloaded, deleted
 
-    hub.stop()   # the server prunes by itself at start (then hourly)
-    age(11, 6001)   # more than one pruning batch
+    hub.stop()  # the server prunes by itself at start (then hourly)
+    age(11, 6001)  # more than one pruning batch
     hub.start()
     wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE site = 'old'") == [(0,)])
     wait_for(lambda: "pruned 6001 tracking event(s) older than 10 days" in hub.log_text())
@@ -311,9 +396,11 @@ def test_reports_without_an_index_say_so(tmp_path):
     for args in (("trace", "x"), ("stats",)):
         result = hub.cli(*args, check=False)
         assert result.returncode == 1 and result.stdout == ""
-        assert result.stderr == f"mailhub: cannot open the index in {tmp_path / 'none'}: no index at" \
-                                f" {tmp_path / 'none' / 'index.sqlite3'}\n"
-    assert not (tmp_path / "none").exists()   # reading creates nothing
+        assert (
+            result.stderr == f"mailhub: cannot open the index in {tmp_path / 'none'}: no index at"
+            f" {tmp_path / 'none' / 'index.sqlite3'}\n"
+        )
+    assert not (tmp_path / "none").exists()  # reading creates nothing
     bad = hub.cli("trace", "x", "--limit", "0", check=False)
     assert bad.returncode == 2 and "--limit: expected a whole number >= 1, got '0'" in bad.stderr
 
@@ -331,6 +418,7 @@ def test_imap_downloads_are_tracked_with_their_protocol(hub):
     def downloaded():
         mails = cli_json(hub, "trace", "imap-set", "--set")["mails"]
         return mails and [d for r in mails[0]["recipients"] for d in r["downloads"]]
+
     wait_for(downloaded)
     (download,) = downloaded()
     assert (download["protocol"], download["client"]) == ("imap", "127.0.0.1")

@@ -6,12 +6,12 @@
 # hub stopped) and by the background scrub, then refused likewise; damaged mails are copied to the
 # quarantine, listed by `mailhub storage damaged`, counted, and can still be deleted; a blob cut
 # while it is being sent ends the connection without the terminating line. Counts printed.
-import hashlib
 import imaplib
 import json
 import os
 import poplib
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -22,10 +22,7 @@ import pytest
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from
 
-import smtplib
-
-
-VERIFYING = {"MAILHUB_STORAGE_VERIFY_WHILE_SERVING": "true"}   # off by default (its cost: docs/integrity.md)
+VERIFYING = {"MAILHUB_STORAGE_VERIFY_WHILE_SERVING": "true"}  # off by default (its cost: docs/integrity.md)
 
 
 def send(hub, sizes: list[int]) -> dict[str, bytes]:
@@ -84,20 +81,24 @@ def pop3_retrieve_all(hub) -> dict[str, bytes | str]:
     session in the middle of the mail: a new session goes on with the next one)."""
     client = pop3_login(hub)
     uids = [line.split()[1].decode() for line in client.uidl()[1]]
-    order = [qid for (qid,) in hub.query(
-        "SELECT b.queue_id FROM mailbox b JOIN sites s ON s.id = b.site_id WHERE s.name = 'alpha' ORDER BY b.uid")]
+    order = [
+        qid
+        for (qid,) in hub.query(
+            "SELECT b.queue_id FROM mailbox b JOIN sites s ON s.id = b.site_id WHERE s.name = 'alpha' ORDER BY b.uid"
+        )
+    ]
     got = {}
     for n, qid in enumerate(order, 1):
         try:
             got[qid] = b"\r\n".join(client.retr(n)[1]) + b"\r\n"
         except poplib.error_proto as exc:
-            got[qid] = CLOSED if exc.args[0] == "-ERR EOF" else str(exc)   # poplib's words for a cut reply
+            got[qid] = CLOSED if exc.args[0] == "-ERR EOF" else str(exc)  # poplib's words for a cut reply
         except ConnectionError:
             got[qid] = CLOSED
         if got[qid] == CLOSED:
             client.close()
             client = pop3_login(hub)
-    assert client.noop().startswith(b"+OK")   # the session goes on after a refusal
+    assert client.noop().startswith(b"+OK")  # the session goes on after a refusal
     client.quit()
     assert len(uids) == len(order)
     return got
@@ -124,37 +125,38 @@ def test_damaged_mails_are_refused_found_listed_and_deletable(make_hub):
     # does not: the session ends without the end line, no client takes them as whole
     assert got[small_flipped] == CLOSED and got[big_flipped] == CLOSED
     deadline = time.monotonic() + 10
-    while hub.query("SELECT count(*) FROM damaged") != [(3,)]:   # marked in the background
+    while hub.query("SELECT count(*) FROM damaged") != [(3,)]:  # marked in the background
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert hub.query("SELECT DISTINCT found_by FROM damaged") == [("serving",)]
 
-    flip_byte(hub, unfetched_flipped)   # not fetched since: found by the SHA-256 check of verify
+    flip_byte(hub, unfetched_flipped)  # not fetched since: found by the SHA-256 check of verify
     result = hub.cli("storage", "verify", check=False)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert sorted(line.split()[1].rstrip(":") for line in result.stdout.splitlines()
-                  if line.startswith("DAMAGED")) == sorted([small_flipped, unfetched_flipped, big_flipped, big_cut])
+    assert sorted(
+        line.split()[1].rstrip(":") for line in result.stdout.splitlines() if line.startswith("DAMAGED")
+    ) == sorted([small_flipped, unfetched_flipped, big_flipped, big_cut])
     assert "1 newly damaged mail(s) marked by the running hub" in result.stdout
     assert "verify: 6/6 mail(s)" in result.stderr
-    assert hub.cli("storage", "verify", "--site", "beta").returncode == 0   # nothing in beta's mailbox
+    assert hub.cli("storage", "verify", "--site", "beta").returncode == 0  # nothing in beta's mailbox
 
     got = pop3_retrieve_all(hub)
     refused = [q for q in qids if isinstance(got[q], str)]
     assert sorted(refused) == sorted([small_flipped, unfetched_flipped, big_flipped, big_cut])
-    assert all("[SYS/PERM]" in got[q] for q in refused)   # refused before any byte now
+    assert all("[SYS/PERM]" in got[q] for q in refused)  # refused before any byte now
     served = [q for q in qids if q not in refused and whole(got[q], sent[q])]
     assert len(served) == 2
 
     imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"])
     imap.login("alpha", PASSWORD)
     imap.select("INBOX")
-    status, data = imap.fetch("1:6", "(BODY[])")   # not PEEK: the damaged ones do not become \Seen
+    status, data = imap.fetch("1:6", "(BODY[])")  # not PEEK: the damaged ones do not become \Seen
     assert status == "NO" and "[CORRUPTION] message(s) 2,4,5,6 damaged" in str(data)
     flags = dict(hub.query("SELECT queue_id, flags & 1 FROM mailbox"))
     assert flags == {q: int(q not in refused) for q in qids}
     status, data = imap.fetch("1", "(BODY.PEEK[])")
     assert status == "OK" and data[0][1].endswith(sent[qids[0]])
-    status, data = imap.fetch("2", "(RFC822.SIZE FLAGS)")   # no body: answered
+    status, data = imap.fetch("2", "(RFC822.SIZE FLAGS)")  # no body: answered
     assert status == "OK"
     imap.logout()
 
@@ -165,14 +167,16 @@ def test_damaged_mails_are_refused_found_listed_and_deletable(make_hub):
     quarantined = json.loads(hub.cli("storage", "quarantine", "--json").stdout)
     assert sorted(e["queue_id"] for e in quarantined if e["reason"] == "damaged") == sorted(refused)
 
-    client = pop3_login(hub)   # the receiver deletes them
+    client = pop3_login(hub)  # the receiver deletes them
     for n in (2, 4, 5, 6):
         client.dele(n)
     assert client.quit().startswith(b"+OK")
     assert hub.query("SELECT count(*) FROM mailbox") == [(2,)]
-    print(f"verify on the way out: acknowledged={len(sent)} served whole={len(served)} damaged detected="
-          f"{len(refused)} (1 by size before serving, 2 by CRC-32 while serving, 1 by SHA-256 in `storage"
-          f" verify`); damaged mails taken as whole by a client: 0; lost=0")
+    print(
+        f"verify on the way out: acknowledged={len(sent)} served whole={len(served)} damaged detected="
+        f"{len(refused)} (1 by size before serving, 2 by CRC-32 while serving, 1 by SHA-256 in `storage"
+        f" verify`); damaged mails taken as whole by a client: 0; lost=0"
+    )
     hub.stop()
     assert "Traceback" not in hub.log_text()
 
@@ -182,7 +186,7 @@ def test_the_scrub_and_a_verify_with_the_hub_stopped_find_changed_bytes(make_hub
     qids = list(send(hub, [3_000, 4_000, 300_000, 5_000]))
     hub.stop()
     flip_byte(hub, qids[1])
-    result = hub.cli("storage", "verify", "--quiet", check=False)   # hub stopped: it marks them itself
+    result = hub.cli("storage", "verify", "--quiet", check=False)  # hub stopped: it marks them itself
     assert result.returncode == 1 and "1 newly damaged mail(s) marked (hub stopped)" in result.stdout
     assert result.stderr == ""
     flip_byte(hub, qids[2])
@@ -195,8 +199,10 @@ def test_the_scrub_and_a_verify_with_the_hub_stopped_find_changed_bytes(make_hub
     assert hub.query("SELECT queue_id FROM damaged ORDER BY found_at") == [(qids[1],), (qids[2],)]
     got = pop3_retrieve_all(hub)
     assert [q for q in qids if isinstance(got[q], str)] == qids[1:3]
-    print(f"scrub: acknowledged=4 damaged detected=2 (1 by verify with the hub stopped, 1 by the scrub)"
-          f" served damaged=0 lost=0")
+    print(
+        "scrub: acknowledged=4 damaged detected=2 (1 by verify with the hub stopped, 1 by the scrub)"
+        " served damaged=0 lost=0"
+    )
     hub.stop()
     assert "scrub" in hub.log_text() and "Traceback" not in hub.log_text()
 
@@ -215,13 +221,13 @@ def test_a_blob_cut_while_it_is_sent_ends_the_connection_without_the_end_line(ma
     sock.sendall(b"RETR 1\r\n")
     assert reader.readline() == f"+OK {size} octets\r\n".encode()
     received = len(reader.read(100_000))
-    os.truncate(path, offset + 5_000_000)            # damaged mid-transfer
+    os.truncate(path, offset + 5_000_000)  # damaged mid-transfer
     tail = b""
     while chunk := reader.read1(1 << 20):
         received += len(chunk)
         tail = (tail + chunk)[-5:]
     sock.close()
-    assert received < size and tail != b"\r\n.\r\n"   # the client cannot take it as whole
+    assert received < size and tail != b"\r\n.\r\n"  # the client cannot take it as whole
     print(f"cut mid-transfer: {received} of {size} octets sent, connection closed without the end line")
     hub.stop()
 
@@ -266,14 +272,14 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
     assert whole(got[qids[1]], sent[qids[1]]) and whole(got[qids[3]], sent[qids[3]])
     wait_damaged(hub, 2)
 
-    flip_byte(hub, qids[3])   # a packed mail, fetched over IMAP (sendfile-able: checked while sent)
+    flip_byte(hub, qids[3])  # a packed mail, fetched over IMAP (sendfile-able: checked while sent)
     imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"])
     imap.login("alpha", PASSWORD)
     imap.select("INBOX")
     with pytest.raises((imaplib.IMAP4.abort, OSError)):
         imap.fetch("4", "(BODY[])")
     wait_damaged(hub, 3)
-    deadline = time.monotonic() + 10   # the \Seen this FETCH set is taken back
+    deadline = time.monotonic() + 10  # the \Seen this FETCH set is taken back
     while hub.query("SELECT flags & 1 FROM mailbox WHERE queue_id = ?", qids[3]) != [(0,)]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -292,8 +298,10 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
     assert all("CRC-32" in d["reason"] and d["quarantine"] for d in listing)
     assert damaged_metric(hub, "serving") == 3
     assert len([line for line in hub.log_text().splitlines() if "is damaged: checksum (CRC-32)" in line]) == 3
-    print("changed bytes while serving: acknowledged=4 damaged=3 (POP3 sendfile-size, POP3 dot-stuffed copy,"
-          " IMAP BODY[]) taken as whole by a client=0, left \\Seen=0, whole mails served=1 per pass, lost=0")
+    print(
+        "changed bytes while serving: acknowledged=4 damaged=3 (POP3 sendfile-size, POP3 dot-stuffed copy,"
+        " IMAP BODY[]) taken as whole by a client=0, left \\Seen=0, whole mails served=1 per pass, lost=0"
+    )
     hub.stop()
     assert "Traceback" not in hub.log_text()
 
@@ -301,10 +309,33 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
 def test_changed_bytes_found_while_serving_over_imap_with_tls(make_hub, tmp_path):
     """The copying path (TLS) checks the CRC-32 too: the connection ends inside the literal."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0", **VERIFYING, MAILHUB_TLS_CERT_FILE=str(cert),
-                   MAILHUB_TLS_KEY_FILE=str(key)).start()
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_STORAGE_SCRUB_RATE="0",
+        **VERIFYING,
+        MAILHUB_TLS_CERT_FILE=str(cert),
+        MAILHUB_TLS_KEY_FILE=str(key),
+    ).start()
     sent = send(hub, [2_500_000, 4_000])
     qids = list(sent)
     flip_byte(hub, qids[0])
@@ -349,18 +380,18 @@ def test_rebuild_index_makes_the_damaged_table_again(make_hub, index):
     report = json.loads(result.stdout)
     assert report["damaged_marked"] == 2, report
     assert hub.query("SELECT queue_id, reason, found_by, quarantine FROM damaged ORDER BY queue_id") == before
-    assert hub.cli("storage", "rebuild-index", "--json").stdout.count('"damaged_marked": 0') == 1   # again: none
-    if index == "lost":   # sites made again from the mails' records have no password
+    assert hub.cli("storage", "rebuild-index", "--json").stdout.count('"damaged_marked": 0') == 1  # again: none
+    if index == "lost":  # sites made again from the mails' records have no password
         hub.cli("site", "passwd", "alpha", "--password-stdin", stdin=PASSWORD + "\n")
 
     hub.start()
     got = pop3_retrieve_all(hub)
     assert whole(got[qids[0]], sent[qids[0]])
-    if index == "older":   # still in the mailbox (its receiver can delete it), refused before any byte
+    if index == "older":  # still in the mailbox (its receiver can delete it), refused before any byte
         assert [q for q in qids if isinstance(got[q], str) and "[SYS/PERM]" in got[q]] == qids[1:]
-    else:   # made again from the blobs: a mail whose bytes differ from its record is not put back
+    else:  # made again from the blobs: a mail whose bytes differ from its record is not put back
         assert list(got) == qids[:1] and len(report["damaged"]) == 2
-        assert hub.query("SELECT count(*) FROM messages WHERE crc32 IS NULL") == [(0,)]   # from the records
+        assert hub.query("SELECT count(*) FROM messages WHERE crc32 IS NULL") == [(0,)]  # from the records
     print(f"rebuild-index from {index} index: damaged rows made again=2 of 2, refused before any byte=2")
     hub.stop()
     shutil.rmtree(backup)
@@ -368,12 +399,12 @@ def test_rebuild_index_makes_the_damaged_table_again(make_hub, index):
 
 
 def test_verify_while_serving_off_sends_with_sendfile_and_leaves_changed_bytes_to_the_scrub(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()   # the default: off
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_STORAGE_SCRUB_RATE="0").start()  # the default: off
     sent = send(hub, [300_000, 4_000])
     qids = list(sent)
     flip_byte(hub, qids[0])
     got = pop3_retrieve_all(hub)
-    assert isinstance(got[qids[0]], bytes) and not whole(got[qids[0]], sent[qids[0]])   # served, changed
+    assert isinstance(got[qids[0]], bytes) and not whole(got[qids[0]], sent[qids[0]])  # served, changed
     assert whole(got[qids[1]], sent[qids[1]])
     assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
     deadline = time.monotonic() + 10

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPHA_BETA_B2, make_message, stored_message
-from pop3util import send
 from storage import StorageError, outbound
 from storage.index_writer import BatchItem, IndexWriter
 from storage.records import Delivery
 from storage.store import MessageMeta, Storage
 from storage.writer_child import encode_request, out_of_band
+
+from conftest import ALPHA_BETA_B2, make_message, stored_message
+from pop3util import send
 
 
 async def store_small(storage: Storage, data: bytes) -> str:
@@ -65,11 +66,11 @@ def test_requests_that_fail_fail_alone_and_the_writer_keeps_working(tmp_path):
         await storage.open()
         try:
             pid = storage._writer.pid
-            with pytest.raises(Exception, match="pickle|lambda"):   # cannot even be sent
+            with pytest.raises(Exception, match="pickle|lambda"):  # cannot even be sent
                 await storage.queue_op(lambda conn: None)
-            with pytest.raises(ModuleNotFoundError):    # sent, but the writer cannot load it
+            with pytest.raises(ModuleNotFoundError):  # sent, but the writer cannot load it
                 await storage.queue_op(only_here)
-            with pytest.raises(TypeError):              # runs in the writer and fails there
+            with pytest.raises(TypeError):  # runs in the writer and fails there
                 await storage.queue_op(outbound.delete)
             assert await storage.queue_op(outbound.delete, "no-such-message", None) == 0
             await store_small(storage, b"Subject: after\r\n\r\nstill fine\r\n")
@@ -113,9 +114,10 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
             os.kill(first, signal.SIGKILL)
             with pytest.raises(StorageError):
                 await commit
-            kept, _fresh = await asyncio.gather(   # both notice the dead writer: one new one
+            kept, _fresh = await asyncio.gather(  # both notice the dead writer: one new one
                 store_small(storage, b"Subject: kept\r\n\r\nacknowledged\r\n"),
-                storage.queue_op(outbound.delete, "no-such-message", None))
+                storage.queue_op(outbound.delete, "no-such-message", None),
+            )
             assert storage._writer.pid not in (None, first) and not alive(first)
             assert [pid for pid in children(os.getpid()) if is_writer(pid)] == [storage._writer.pid]
             async with storage._db.execute("SELECT queue_id FROM messages") as cursor:
@@ -135,8 +137,8 @@ def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_
 
     hub.start()
     [writer] = children(hub.proc.pid)
-    os.kill(writer, signal.SIGINT)     # Ctrl-C in a terminal, or a stop signal to the whole group:
-    os.kill(writer, signal.SIGTERM)    # the hub's graceful shutdown still needs its writer
+    os.kill(writer, signal.SIGINT)  # Ctrl-C in a terminal, or a stop signal to the whole group:
+    os.kill(writer, signal.SIGTERM)  # the hub's graceful shutdown still needs its writer
     message = make_message(3000)
     qid = send(hub, ["beta@hub.test"], message)
     assert alive(writer)
@@ -149,8 +151,19 @@ def test_a_batch_item_crosses_the_wire_whole():
     """What the hub sends the writer per message (pickled by its fields, data out of band)
     arrives with every field and the data bytes as sent."""
     meta = MessageMeta("a@x", 3, True, "<m@x>", "set", 2, 5, "alpha", "127.0.0.1", {"type": "text"})
-    item = BatchItem("Q1", 11, 1.5, meta, [Delivery(4, "b@x", "beta")], ["c@y"], ("k", 7), "2026112815/Q1",
-                     None, out_of_band([b"hello", b" world"]), "/spool/Q1.tmp")
+    item = BatchItem(
+        "Q1",
+        11,
+        1.5,
+        meta,
+        [Delivery(4, "b@x", "beta")],
+        ["c@y"],
+        ("k", 7),
+        "2026112815/Q1",
+        None,
+        out_of_band([b"hello", b" world"]),
+        "/spool/Q1.tmp",
+    )
     head, data, *raw = encode_request(IndexWriter.commit_batch, ([item], []))
     method, (batch, loose) = pickle.loads(data, buffers=[bytearray(view) for view in raw])
     got = batch[0]
@@ -163,13 +176,13 @@ def test_a_batch_item_crosses_the_wire_whole():
 def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
     """Cancelled in the hub (an abnormal end), a group commit may still be committed by the writer:
     the mail's file must then still be there for its index rows (it was never acknowledged)."""
-    big = b"Subject: big\r\n\r\n" + b"x" * 3_000_000 + b"\r\n"   # a file of its own, not packed
+    big = b"Subject: big\r\n\r\n" + b"x" * 3_000_000 + b"\r\n"  # a file of its own, not packed
 
     async def play():
         storage = Storage(tmp_path)
         await storage.open()
         try:
-            os.kill(storage._writer.pid, signal.SIGSTOP)   # the request waits in the socket
+            os.kill(storage._writer.pid, signal.SIGSTOP)  # the request waits in the socket
             commit = asyncio.create_task(store_small(storage, big))
             while storage._flusher is None:
                 await asyncio.sleep(0.01)
@@ -178,12 +191,12 @@ def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
             with pytest.raises((StorageError, asyncio.CancelledError)):
                 await commit
             os.kill(storage._writer.pid, signal.SIGCONT)
-            await storage.queue_op(outbound.delete, "no-such-message", None)   # after the commit
+            await storage.queue_op(outbound.delete, "no-such-message", None)  # after the commit
             async with storage._db.execute("SELECT queue_id, blob FROM messages") as cursor:
                 return await cursor.fetchall()
         finally:
             await storage.close()
 
-    (queue_id, blob), = asyncio.run(play())
+    ((queue_id, blob),) = asyncio.run(play())
     assert (tmp_path / "blobs" / blob).is_file()
     assert stored_message(tmp_path, queue_id) == big
