@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from relay.smtp import replies as R
 from relay.smtp.protocol import (HELO_FIRST, TRANSITIONS, AuthExchange, Challenge, Credentials, Phase, Refused,
-                                 command, ehlo_reply, is_syntax_error, phase_of, refusal, wire)
+                                 command, ehlo_reply, is_syntax_error, out_of_sequence, phase_of, wire,
+                                 with_protocol)
 
 C, G, M, T, B, F = (Phase.CONNECTED, Phase.GREETED, Phase.MAIL, Phase.RCPT, Phase.BDAT, Phase.BDAT_FAILED)
 VERBS = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
@@ -47,7 +48,7 @@ EXPECTED = {   # verb: the replies in phases C, G, M, T, B, F (None: allowed)
 @pytest.mark.parametrize("verb", sorted(VERBS))
 def test_every_verb_in_every_phase(verb):
     expected = EXPECTED.get(verb, (None,) * 6)
-    assert tuple(refusal(verb, phase) for phase in (C, G, M, T, B, F)) == expected
+    assert tuple(out_of_sequence(verb, phase) for phase in (C, G, M, T, B, F)) == expected
     assert set(TRANSITIONS) == set(EXPECTED)
 
 
@@ -103,6 +104,14 @@ def test_the_ehlo_reply():
     assert wire(ehlo_reply("h", 10, starttls=False, auth=True)) == (
         b"250-h\r\n250-SIZE 10\r\n250-8BITMIME\r\n250-PIPELINING\r\n250-CHUNKING\r\n"
         b"250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN LOGIN\r\n250 HELP\r\n")
+
+
+@pytest.mark.parametrize("extended, tls, authenticated, name", [
+    (False, False, False, "SMTP"), (True, False, False, "ESMTP"), (True, True, False, "ESMTPS"),
+    (True, False, True, "ESMTPA"), (True, True, True, "ESMTPSA"), (False, True, True, "SMTPSA"),
+])
+def test_the_received_with_protocol(extended, tls, authenticated, name):
+    assert with_protocol(extended, tls, authenticated) == name
 
 
 # ---- AUTH ---------------------------------------------------------------------------------------------

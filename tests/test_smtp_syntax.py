@@ -8,7 +8,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from relay.smtp import replies as R
 from relay.smtp.message_scan import MAX_LINE, LineLengthCheck
-from relay.smtp.syntax import decode_sasl, parse_bdat, parse_helo, parse_path, split_command
+from relay.smtp.syntax import decode_sasl, parse_bdat, parse_helo, parse_mail_parameters, parse_path, split_command
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -137,3 +137,18 @@ def test_line_length_check_of_big_chunks_matches_the_oracle(base, odd, where, cu
     check.feed(data[:cut])
     check.feed(data[cut:])
     assert check.too_long == _too_long_oracle(data)
+
+
+@pytest.mark.parametrize("params, result", [
+    ({}, None),
+    ({"SIZE": "1000"}, 1000),
+    ({"SIZE": "0", "BODY": "8bitmime", "AUTH": "<>"}, 0),
+    ({"BODY": "7BIT"}, None),
+    ({"SIZE": "1e3"}, R.BAD_SIZE),
+    ({"SIZE": "9" * 19}, R.BAD_SIZE),
+    ({"BODY": "BINARYMIME"}, R.BAD_BODY),
+    ({"SMTPUTF8": ""}, R.UNKNOWN_PARAMETER),
+    ({"SIZE": "10", "RET": "HDRS"}, R.UNKNOWN_PARAMETER),
+])
+def test_mail_parameters(params, result):
+    assert parse_mail_parameters(params) == result

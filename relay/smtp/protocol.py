@@ -52,7 +52,7 @@ TRANSITIONS: dict[str, dict[Phase, str]] = {
 }
 
 
-def refusal(verb: str, phase: Phase) -> str | None:
+def out_of_sequence(verb: str, phase: Phase) -> str | None:
     """The reply refusing `verb` in `phase`, or None: allowed."""
     return TRANSITIONS.get(verb, {}).get(phase)
 
@@ -104,6 +104,11 @@ def ehlo_reply(hostname: str, max_size: int, starttls: bool, auth: bool) -> str:
         lines.append("250-AUTH " + " ".join(MECHANISMS))
     lines.append("250 HELP")
     return "\r\n".join(lines)
+
+
+def with_protocol(extended: bool, tls: bool, authenticated: bool) -> str:
+    """The "with" of the Received: line (RFC 3848): SMTP or ESMTP, then S for TLS, A for AUTH."""
+    return ("ESMTP" if extended else "SMTP") + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 # ---- AUTH ----------------------------------------------------------------------------------------
@@ -185,5 +190,5 @@ class AuthExchange:
         return Credentials(login, password)
 
 
-__all__ = ["Phase", "phase_of", "TRANSITIONS", "refusal", "command", "HELO_FIRST", "NO_ARGUMENT", "wire",
-           "is_syntax_error", "ehlo_reply", "AuthExchange", "Challenge", "Credentials", "Refused"]
+__all__ = ["Phase", "phase_of", "TRANSITIONS", "out_of_sequence", "command", "HELO_FIRST", "NO_ARGUMENT", "wire",
+           "is_syntax_error", "ehlo_reply", "with_protocol", "AuthExchange", "Challenge", "Credentials", "Refused"]

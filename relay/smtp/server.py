@@ -40,8 +40,8 @@ from relay.smtp.pacing import Pacer
 from relay.smtp.policy import Client, recipient_verdict, sender_verdict
 from relay.smtp.stream import DataDecoder
 from relay.smtp.protocol import (NO_ARGUMENT, AuthExchange, Challenge, Credentials, Phase, command, ehlo_reply,
-                                 is_syntax_error, phase_of, refusal, wire)
-from relay.smtp.syntax import parse_bdat, parse_helo, parse_path, parse_size
+                                 is_syntax_error, out_of_sequence, phase_of, wire, with_protocol)
+from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
@@ -471,7 +471,7 @@ class HubSMTP(AiosmtpdSession):
         if self.session.authenticated:
             await self.push(R.AUTH_ALREADY)
             return
-        sequence_error = refusal("AUTH", self._phase())
+        sequence_error = out_of_sequence("AUTH", self._phase())
         if sequence_error:
             await self.push(sequence_error)
             return
@@ -526,20 +526,10 @@ class HubSMTP(AiosmtpdSession):
             await self.push(R.SITE_REMOVED)
             return
         address, params = parsed
-        size = None
-        for name, value in params.items():
-            if name == "SIZE":
-                size = parse_size(value)
-                if size is None:
-                    await self.push(R.BAD_SIZE)
-                    return
-            elif name == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    await self.push(R.BAD_BODY)
-                    return
-            elif name != "AUTH":  # RFC 4954 AUTH=<mailbox> is informational
-                await self.push(R.UNKNOWN_PARAMETER)
-                return
+        size = parse_mail_parameters(params)
+        if isinstance(size, str):
+            await self.push(size)
+            return
         if size is not None and size > self.ctx.cfg.smtp.max_message_size:
             await self._refuse("mail", R.MESSAGE_TOO_BIG, address)
             return
@@ -650,7 +640,7 @@ class HubSMTP(AiosmtpdSession):
 
     async def _path_or_reply(self, verb: str, arg: str | None, keyword: str):
         """The common start of MAIL and RCPT: (address, params), or None once a reply was sent."""
-        sequence_error = refusal(verb, self._phase())
+        sequence_error = out_of_sequence(verb, self._phase())
         if sequence_error:
             await self.push(sequence_error)
             return None
@@ -665,7 +655,7 @@ class HubSMTP(AiosmtpdSession):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         phase = self._phase()
-        reply = NO_ARGUMENT["DATA"] if arg and phase is not Phase.CONNECTED else refusal("DATA", phase)
+        reply = NO_ARGUMENT["DATA"] if arg and phase is not Phase.CONNECTED else out_of_sequence("DATA", phase)
         if reply:
             await self.push(reply)
             return
@@ -715,7 +705,7 @@ class HubSMTP(AiosmtpdSession):
                 tx.bdat, tx.bdat_failed = None, True
             await self.push(R.BDAT_SYNTAX)
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
-        sequence_error = refusal("BDAT", self._phase())
+        sequence_error = out_of_sequence("BDAT", self._phase())
         usable = sequence_error is None
         if usable and tx.bdat is None:
             tx.bdat = self._new_message()
@@ -783,11 +773,7 @@ class HubSMTP(AiosmtpdSession):
         return EncryptionPolicy(recipients, self.ctx.cfg.encryption.allow_hidden_recipients)
 
     def _trace_header(self, queue_id: str) -> bytes:
-        protocol = "ESMTP" if self.session.extended_smtp else "SMTP"
-        if self.tls_active:
-            protocol += "S"
-        if self.session.authenticated:
-            protocol += "A"
+        protocol = with_protocol(self.session.extended_smtp, self.tls_active, bool(self.session.authenticated))
         helo = printable(self.session.host_name or "unknown")[:255]
         rcpts = self.envelope.rcpt_tos
         for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""

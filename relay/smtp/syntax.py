@@ -160,6 +160,24 @@ def parse_size(value: str) -> int | None:
     return int(value) if _DIGITS.match(value) else None
 
 
+def parse_mail_parameters(params: dict[str, str]) -> int | None | str:
+    """MAIL FROM's parameters (from parse_path): the declared SIZE (None: not declared), or the
+    reply refusing them. BODY=7BIT|8BITMIME is accepted; AUTH=<mailbox> (RFC 4954) is
+    informational; any other parameter is refused."""
+    size = None
+    for name, value in params.items():
+        if name == "SIZE":
+            size = parse_size(value)
+            if size is None:
+                return R.BAD_SIZE
+        elif name == "BODY":
+            if value.upper() not in ("7BIT", "8BITMIME"):
+                return R.BAD_BODY
+        elif name != "AUTH":
+            return R.UNKNOWN_PARAMETER
+    return size
+
+
 def parse_bdat(arg: str | None) -> tuple[int | None, bool | None]:
     """BDAT's argument as (size, last): (size, None) when the size is fine but the rest is not
     (the chunk can still be skipped), (None, None) when the size itself is unusable."""
