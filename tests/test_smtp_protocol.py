@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from relay.smtp import replies as R
-from relay.smtp.protocol import (HELO_FIRST, TRANSITIONS, AuthExchange, Challenge, Credentials, Phase, Refused,
-                                 command, ehlo_reply, is_syntax_error, out_of_sequence, phase_of, wire,
+from relay.smtp.protocol import (HELO_FIRST, TRANSITIONS, AuthExchange, Challenge, CommandBudget, Credentials, Phase,
+                                 Refused, command, ehlo_reply, is_syntax_error, out_of_sequence, phase_of, wire,
                                  with_protocol)
 
 C, G, M, T, B, F = (Phase.CONNECTED, Phase.GREETED, Phase.MAIL, Phase.RCPT, Phase.BDAT, Phase.BDAT_FAILED)
@@ -180,3 +180,22 @@ def test_any_input_gives_an_event_and_never_raises(arg, lines):
     assert isinstance(event, (Challenge, Credentials, Refused))
     if isinstance(event, Challenge):
         assert event.line.startswith(b"334 ") and event.line.endswith(b"\r\n")
+
+
+# ---- the command budget ---------------------------------------------------------------------------------
+
+def test_each_verb_has_its_own_count():
+    budget = CommandBudget(max_commands=2, max_bad_commands=3)
+    assert [budget.take("NOOP"), budget.take("NOOP"), budget.take("RSET")] == [None, None, None]
+    assert budget.take("NOOP") == "421 4.7.0 NOOP sent too many times"
+    assert budget.take("NOOP") == "421 4.7.0 NOOP sent too many times"
+    assert budget.take("RSET") is None and budget.take("RSET") == "421 4.7.0 RSET sent too many times"
+
+
+def test_syntax_error_replies_exhaust_the_budget():
+    budget = CommandBudget(max_commands=100, max_bad_commands=3)
+    for status in (R.SYNTAX_ERROR, R.NEED_MAIL, R.AUTH_FAILED, R.OK, R.BAD_SIZE):
+        budget.replied(status)
+    assert budget.errors == 2 and not budget.exhausted
+    budget.replied(R.UNKNOWN_PARAMETER)
+    assert budget.errors == 3 and budget.exhausted

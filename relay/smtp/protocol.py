@@ -5,6 +5,7 @@
 # in, challenges, credentials or the refusal out. The server (relay/smtp/server.py) does the I/O,
 # the limits and the policy around it. Must never do I/O, and never decide who may send where.
 import base64
+import collections
 import enum
 import re
 from dataclasses import dataclass
@@ -66,6 +67,33 @@ def command(line: bytes | None, max_line_length: int, verbs) -> tuple[str, str |
     if isinstance(parsed, tuple) and parsed[0] not in verbs:
         return R.UNKNOWN_COMMAND
     return parsed
+
+
+class CommandBudget:
+    """What one session may send: each verb at most `max_commands` times, and replies that count
+    as syntax errors (is_syntax_error) fewer than `max_bad_commands` times in all."""
+
+    def __init__(self, max_commands: int, max_bad_commands: int):
+        self._max_commands = max_commands
+        self._max_bad_commands = max_bad_commands
+        self._calls: collections.Counter = collections.Counter()
+        self.errors = 0
+
+    def take(self, verb: str) -> str | None:
+        """Count one run of `verb`; the reply closing the connection when it was sent too often."""
+        if self._calls[verb] >= self._max_commands:
+            return R.sent_too_many_times(verb)
+        self._calls[verb] += 1
+        return None
+
+    def replied(self, status: str) -> None:
+        if is_syntax_error(status):
+            self.errors += 1
+
+    @property
+    def exhausted(self) -> bool:
+        """Too many syntax errors: close the connection (R.TOO_MANY_ERRORS)."""
+        return self.errors >= self._max_bad_commands
 
 
 # ---- replies -------------------------------------------------------------------------------------
@@ -190,5 +218,6 @@ class AuthExchange:
         return Credentials(login, password)
 
 
-__all__ = ["Phase", "phase_of", "TRANSITIONS", "out_of_sequence", "command", "HELO_FIRST", "NO_ARGUMENT", "wire",
-           "is_syntax_error", "ehlo_reply", "with_protocol", "AuthExchange", "Challenge", "Credentials", "Refused"]
+__all__ = ["Phase", "phase_of", "TRANSITIONS", "out_of_sequence", "command", "CommandBudget", "HELO_FIRST",
+           "NO_ARGUMENT", "wire", "is_syntax_error", "ehlo_reply", "with_protocol", "AuthExchange", "Challenge",
+           "Credentials", "Refused"]

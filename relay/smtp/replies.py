@@ -96,5 +96,9 @@ def auth_temporary_failure(reason: str) -> str:
     return f"454 4.7.0 Temporary authentication failure: {reason}"
 
 
+def sent_too_many_times(verb: str) -> str:
+    return f"421 4.7.0 {verb} sent too many times"
+
+
 def chunk_received(size: int) -> str:
     return f"250 2.0.0 {size} octets received"

@@ -9,7 +9,6 @@
 # I/O glue. It must never let a client's input reach a
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
-import collections
 import ipaddress
 import logging
 import ssl
@@ -39,8 +38,8 @@ from relay.outbound.routes import route_for
 from relay.smtp.pacing import Pacer
 from relay.smtp.policy import Client, recipient_verdict, sender_verdict
 from relay.smtp.stream import DataDecoder
-from relay.smtp.protocol import (NO_ARGUMENT, AuthExchange, Challenge, Credentials, Phase, command, ehlo_reply,
-                                 is_syntax_error, out_of_sequence, phase_of, wire, with_protocol)
+from relay.smtp.protocol import (NO_ARGUMENT, AuthExchange, Challenge, CommandBudget, Credentials, Phase, command,
+                                 ehlo_reply, out_of_sequence, phase_of, wire, with_protocol)
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
 
 log = logging.getLogger("mailhub.smtp")
@@ -153,7 +152,7 @@ class HubSMTP(AiosmtpdSession):
         self._peer_ip = ""
         self._from_peer_network = False
         self._auth_failures = 0
-        self._errors = 0            # syntax errors so far (500/501/504/555 replies)
+        self._command_budget = CommandBudget(cfg.smtp.max_commands, cfg.smtp.max_bad_commands)
         self._closing_why = ""      # why the hub closed the connection, for the log of an aborted transaction
         self._budget = ctx.storage.memory_budget
         self._buffered = 0          # bytes of the reader's buffer counted in the memory budget
@@ -271,27 +270,26 @@ class HubSMTP(AiosmtpdSession):
 
     async def _serve_commands(self) -> None:
         """Read command lines and run them until the connection closes. Every malformed line gets its
-        500/501 reply; smtp.max_bad_commands of them close the connection (421)."""
-        limits = self.ctx.cfg.smtp
-        calls: collections.Counter = collections.Counter()
+        500/501 reply; smtp.max_bad_commands of them close the connection (421), as does a verb sent
+        more than smtp.max_commands times."""
+        budget = self._command_budget
         served = 0
         while not self.transport.is_closing():
             served += 1
             if served % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)   # buffered commands do not suspend the reader: let others run
             line = await self._read_line()
-            parsed = command(line, limits.max_line_length, self.commands)
-            if not isinstance(parsed, str):
-                verb, arg = parsed
-                method = self.commands[verb]
-                if calls[verb] >= limits.max_commands:
-                    log.warning("%s: %s sent too many times", self._peer_ip, verb)
-                    self.close_now(f"421 4.7.0 {verb} sent too many times")
-                    return
+            parsed = command(line, self.ctx.cfg.smtp.max_line_length, self.commands)
             if isinstance(parsed, str):
                 await self.push(parsed)
             else:
-                calls[verb] += 1
+                verb, arg = parsed
+                method = self.commands[verb]
+                too_many = budget.take(verb)
+                if too_many:
+                    log.warning("%s: %s sent too many times", self._peer_ip, verb)
+                    self.close_now(too_many)
+                    return
                 self.touch_idle_deadline()
                 try:
                     await method(arg)
@@ -300,8 +298,8 @@ class HubSMTP(AiosmtpdSession):
                 except Exception as exc:   # a bug: one log line, the session carries on
                     self._report(exc)
                     await self.push(R.INTERNAL_ERROR)
-            if self._errors >= limits.max_bad_commands:
-                log.info("%s: too many errors (%d), closing", self._peer_ip, self._errors)
+            if budget.exhausted:
+                log.info("%s: too many errors (%d), closing", self._peer_ip, budget.errors)
                 self.close_now(R.TOO_MANY_ERRORS)
                 return
 
@@ -355,8 +353,7 @@ class HubSMTP(AiosmtpdSession):
 
     async def push(self, status) -> None:
         if isinstance(status, str):
-            if is_syntax_error(status):
-                self._errors += 1
+            self._command_budget.replied(status)
             self._held.append(wire(status))
         else:
             self._held.append(status + b"\r\n")
