@@ -9,8 +9,18 @@ import time
 import pytest
 
 from conftest import ALPHA_BETA, make_message
-from hostileutil import (ATTACKER, GOOD, connect, good_gateway_imap, good_gateway_pop3, good_gateway_smtp, metric,
-                         metrics, read_until_closed, wait_for)
+from hostileutil import (
+    ATTACKER,
+    GOOD,
+    connect,
+    good_gateway_imap,
+    good_gateway_pop3,
+    good_gateway_smtp,
+    metric,
+    metrics,
+    read_until_closed,
+    wait_for,
+)
 from pop3util import send
 
 GREETING = {"smtp": b"220 ", "pop3": b"+OK", "imap": b"* OK"}
@@ -29,7 +39,7 @@ UNAUTHENTICATED_TOTAL = {
     "pop3": b"-ERR [SYS/TEMP] too many connections not logged in, try again later\r\n",
     "imap": b"* BYE [UNAVAILABLE] Too many connections not logged in, try again later\r\n",
 }
-LOGIN = {"smtp": None, "pop3": [b"USER beta\r\n", b"PASS s3cret-pass\r\n"], "imap": [b"a LOGIN beta s3cret-pass\r\n"]}
+LOGIN = {"smtp": None, "pop3": [b"USER %s\r\n", b"PASS s3cret-pass\r\n"], "imap": [b"a LOGIN %s s3cret-pass\r\n"]}
 
 
 def port_of(hub, protocol: str) -> int:
@@ -43,20 +53,20 @@ def greeted(hub, protocol: str, source: str = ATTACKER) -> socket.socket:
     return sock
 
 
-def log_in(sock: socket.socket, protocol: str) -> None:
-    """Log an open connection in (SMTP: AUTH PLAIN)."""
+def log_in(sock: socket.socket, protocol: str, site: bytes = b"beta") -> None:
+    """Log an open connection in as `site` (SMTP: AUTH PLAIN)."""
     if protocol == "smtp":
         import base64
         sock.sendall(b"EHLO attacker.test\r\n")
         data = b""
         while not data.endswith(b"250 HELP\r\n"):
             data += sock.recv(4096)
-        token = base64.b64encode(b"\0beta\0s3cret-pass")
+        token = base64.b64encode(b"\0" + site + b"\0s3cret-pass")
         sock.sendall(b"AUTH PLAIN " + token + b"\r\n")
         assert sock.recv(1000).startswith(b"235 "), "login failed"
         return
     for line in LOGIN[protocol]:
-        sock.sendall(line)
+        sock.sendall(line.replace(b"%s", site))
         reply = sock.recv(1000)
         assert reply.startswith((b"+OK", b"a OK")), reply
 
@@ -156,6 +166,10 @@ def test_connections_not_logged_in_are_closed_at_the_deadline_however_they_trick
     send(hub, ["beta@hub.test"], make_message(20000))
     silent, chatty, trickler = (greeted(hub, protocol) for _ in range(3))
     started = time.monotonic()
+    # a connection that logged in is not touched by the deadline (checked at the end, past it)
+    logged_in = greeted(hub, protocol)
+    log_in(logged_in, protocol, b"alpha")  # the good gateway below takes beta's mailbox
+    logged_in_at = time.monotonic()
     # the chatty one sends complete commands that are not a login; the trickler a byte at a time
     noop = b"NOOP\r\n" if protocol != "imap" else b"n NOOP\r\n"
     received = {chatty: b"", trickler: b""}
@@ -185,13 +199,14 @@ def test_connections_not_logged_in_are_closed_at_the_deadline_however_they_trick
         assert received[sock].endswith(TIMEOUT_REPLY[protocol]), received[sock][-300:]
     assert read_until_closed(silent, 3).endswith(TIMEOUT_REPLY[protocol])
     assert metric(metrics(hub), "mailhub_login_timeouts_total", protocol=protocol) == 3
-    # a connection that logged in is not touched by the deadline
-    sock = greeted(hub, protocol)
-    log_in(sock, protocol)
-    time.sleep(2.5)
-    sock.sendall(noop)
-    assert sock.recv(1000)[:3] in (b"250", b"+OK", b"n O")
-    sock.close()
+    # past the deadline (2 s) by half a second, the logged-in connection has been sent nothing
+    logged_in.settimeout(max(0.01, 2.5 - (time.monotonic() - logged_in_at)))
+    with pytest.raises(TimeoutError):
+        logged_in.recv(1000)
+    logged_in.settimeout(10)
+    logged_in.sendall(noop)
+    assert logged_in.recv(1000)[:3] in (b"250", b"+OK", b"n O")
+    logged_in.close()
 
 
 def test_smtp_from_a_peer_network_must_start_a_transaction_by_the_deadline(make_hub):

@@ -3,8 +3,8 @@
 import base64
 import hashlib
 import re
-import socket
 import smtplib
+import socket
 import time
 
 import pytest
@@ -181,7 +181,9 @@ def test_peer_network_may_deliver_without_auth_but_not_relay(make_hub):
     client.quit()
 
 
-def test_wrong_password_then_too_many_failures_closes(hub):
+def test_wrong_password_then_too_many_failures_closes(make_hub):
+    # the failed logins take turns 0.5 s apart, doubling, by default: 10 ms here, same replies
+    hub = make_hub(sites=ALPHA, MAILHUB_AUTH_FAILURE_DELAY="0.01", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.05").start()
     raw = Raw(hub.smtp_port)
     raw.send(b"EHLO gw\r\n")
     raw.reply()
