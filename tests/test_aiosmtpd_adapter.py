@@ -35,8 +35,15 @@ class Probe(AiosmtpdSession):
     what the adapter's hooks saw."""
 
     def __init__(self, script, timeout: float = 30.0, tls_context=None):
-        super().__init__(Handler(), hostname="probe.test", ident="ESMTP probe", timeout=timeout,
-                         tls_context=tls_context, auth_require_tls=True, loop=asyncio.get_running_loop())
+        super().__init__(
+            Handler(),
+            hostname="probe.test",
+            ident="ESMTP probe",
+            timeout=timeout,
+            tls_context=tls_context,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
         self.script = script
         self.envelopes = 0
         self.idle_timeouts: list[float] = []
@@ -57,7 +64,7 @@ class Probe(AiosmtpdSession):
     async def serve(self) -> None:
         try:
             result = await self.script(self)
-        except asyncio.CancelledError:   # (aiosmtpd cancels the session at EOF and connection loss)
+        except asyncio.CancelledError:  # (aiosmtpd cancels the session at EOF and connection loss)
             self.done.cancel()
             raise
         except Exception as exc:
@@ -89,7 +96,7 @@ async def serve_one(script, client, **kwargs):
     port = server.sockets[0].getsockname()[1]
     try:
         client_result = await asyncio.to_thread(client, port)
-        while not sessions:   # a client that closed at once may be done before the accept
+        while not sessions:  # a client that closed at once may be done before the accept
             await asyncio.sleep(0.01)
         result = await sessions[0].done
     finally:
@@ -112,8 +119,14 @@ def read_until(sock: socket.socket, end: bytes) -> bytes:
 def test_connection_starts_serve_with_an_envelope_and_the_verb_table(loop_name):
     async def script(session: Probe):
         await session.push(f"220 {session.hostname} {session.ident}")
-        return (session.envelopes, session.commands.get("EHLO"), session.commands.get("NOOP"),
-                session.auth_require_tls, session.tls_active, session.idle_timeout)
+        return (
+            session.envelopes,
+            session.commands.get("EHLO"),
+            session.commands.get("NOOP"),
+            session.auth_require_tls,
+            session.tls_active,
+            session.idle_timeout,
+        )
 
     def client(port):
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -122,8 +135,8 @@ def test_connection_starts_serve_with_an_envelope_and_the_verb_table(loop_name):
     async def main():
         session, greeting, (envelopes, ehlo, noop, require_tls, tls, idle) = await serve_one(script, client)
         assert greeting == b"220 probe.test ESMTP probe\r\n"
-        assert envelopes == 1                      # connection_made -> _set_rset_state -> _create_envelope
-        assert ehlo == session.smtp_EHLO and noop == session.smtp_NOOP   # bound smtp_<VERB> methods
+        assert envelopes == 1  # connection_made -> _set_rset_state -> _create_envelope
+        assert ehlo == session.smtp_EHLO and noop == session.smtp_NOOP  # bound smtp_<VERB> methods
         assert require_tls is True and tls is False and idle == 30.0
         session.auth_require_tls = False
         assert session.auth_require_tls is False
@@ -132,6 +145,7 @@ def test_connection_starts_serve_with_an_envelope_and_the_verb_table(loop_name):
         assert session.envelopes == 3
         fresh = session.new_session()
         assert fresh is not session.session and not fresh.authenticated and fresh.host_name is None
+
     run(loop_name, main)
 
 
@@ -164,6 +178,7 @@ def test_the_reader_buffer_helpers(loop_name):
         assert partial == (1, False)
         assert after_discard == 0 and paused is False
         assert reply == b"done\r\n"
+
     run(loop_name, main)
 
 
@@ -171,8 +186,9 @@ def test_the_reader_buffer_helpers(loop_name):
 def test_eof_leaves_the_session_running(loop_name):
     """aiosmtpd alone cancels the session's task at EOF; through the adapter the lines sent before
     are still read and answered over the half-closed connection."""
+
     async def script(session: Probe):
-        await session.eof_seen.wait()   # (the whole test runs under a deadline: run())
+        await session.eof_seen.wait()  # (the whole test runs under a deadline: run())
         lines = [await session.read_until_lf(), await session.read_until_lf()]
         with pytest.raises(asyncio.IncompleteReadError):
             await session.read_until_lf()
@@ -189,6 +205,7 @@ def test_eof_leaves_the_session_running(loop_name):
         _, reply, lines = await serve_one(script, client)
         assert lines == [b"L1\r\n", b"L2\r\n"]
         assert reply == b"got L1 L2\r\n"
+
     run(loop_name, main)
 
 
@@ -197,11 +214,12 @@ def test_the_idle_deadline(loop_name):
     """touch_idle_deadline() moves the deadline either way; at the deadline on_idle_timeout() runs
     once and aiosmtpd's _timeout_cb closes the transport. A deadline under a millisecond away works
     on uvloop too (its call_at returns a Handle without when() then)."""
+
     async def script(session: Probe):
         session.touch_idle_deadline(0.2)
         await asyncio.sleep(0.1)
         touched = session.loop.time()
-        session.touch_idle_deadline(0.4)    # later: the timer armed for 0.2 waits on
+        session.touch_idle_deadline(0.4)  # later: the timer armed for 0.2 waits on
         assert session.idle_deadline == pytest.approx(touched + 0.4, abs=0.01)
         return touched
 
@@ -210,7 +228,7 @@ def test_the_idle_deadline(loop_name):
 
     def client(port):
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            return read_until(sock, b"\r\n")   # b"" once the server closes
+            return read_until(sock, b"\r\n")  # b"" once the server closes
 
     async def main():
         session, received, touched = await serve_one(script, client)
@@ -219,6 +237,7 @@ def test_the_idle_deadline(loop_name):
         assert session.idle_timeouts[0] >= touched + 0.4 - 0.005
         session, received, _ = await serve_one(soon, client)
         assert len(session.idle_timeouts) == 1 and received == b""
+
     run(loop_name, main)
 
 
@@ -228,7 +247,7 @@ def test_connection_lost_stops_the_idle_timer(loop_name):
         session.touch_idle_deadline(0.3)
         with pytest.raises(asyncio.IncompleteReadError):
             await session.read_until_lf()
-        session.transport.close()   # as the hub's session does at its end: connection_lost follows
+        session.transport.close()  # as the hub's session does at its end: connection_lost follows
         return session.idle_deadline
 
     def client(port):
@@ -238,9 +257,10 @@ def test_connection_lost_stops_the_idle_timer(loop_name):
         errors = []
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
         session, _, deadline = await serve_one(script, client)
-        while asyncio.get_running_loop().time() < deadline + 0.2:   # past the deadline the timer had
+        while asyncio.get_running_loop().time() < deadline + 0.2:  # past the deadline the timer had
             await asyncio.sleep(0.05)
         assert session.idle_timeouts == [] and errors == []
+
     run(loop_name, main)
 
 
@@ -248,8 +268,26 @@ def test_connection_lost_stops_the_idle_timer(loop_name):
 def tls_context(tmp_path_factory) -> ssl.SSLContext:
     folder = tmp_path_factory.mktemp("tls")
     key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(cert), str(key))
     return context
@@ -276,10 +314,10 @@ def test_start_tls_in_place(loop_name, tls_context):
                 return ready, read_until(tls, b"\r\n")
 
     async def main():
-        _, (ready, reply), (before, after, active, has_ssl) = await serve_one(script, client,
-                                                                             tls_context=tls_context)
+        _, (ready, reply), (before, after, active, has_ssl) = await serve_one(script, client, tls_context=tls_context)
         assert (ready, reply) == (b"220 go ahead\r\n", b"250 over TLS\r\n")
         assert (before, after, active, has_ssl) == (b"STARTTLS\r\n", b"NOOP\r\n", True, True)
+
     run(loop_name, main)
 
 
@@ -297,12 +335,14 @@ def test_the_installed_aiosmtpd_is_in_the_declared_range():
 
 def _private_names() -> set[str]:
     """aiosmtpd SMTP's private attribute names (class and instance) and the StreamReader's."""
+
     async def build():
         return vars(SMTP(Handler(), loop=asyncio.get_running_loop()))
+
     instance = asyncio.run(build())
     names = {n for n in list(dir(SMTP)) + list(instance) if n.startswith("_") and not n.endswith("__")}
     names |= {n for n in vars(asyncio.StreamReader(loop=asyncio.new_event_loop())) if n.startswith("_")}
-    return names | {"__ident__", "_reader", "_writer"}   # the last two: set at connection
+    return names | {"__ident__", "_reader", "_writer"}  # the last two: set at connection
 
 
 def test_only_the_adapter_touches_aiosmtpd_private_members():
@@ -314,11 +354,14 @@ def test_only_the_adapter_touches_aiosmtpd_private_members():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         if path.name == "aiosmtpd_adapter.py" or not imported & {"aiosmtpd.smtp", "relay.smtp.aiosmtpd_adapter"}:
-            continue   # (other modules' own private names may be spelt alike: _buffer, _transport, ...)
+            continue  # (other modules' own private names may be spelt alike: _buffer, _transport, ...)
         users.append(path.name)
         for node in ast.walk(tree):
-            named = node.attr if isinstance(node, ast.Attribute) else (
-                node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None)
+            named = (
+                node.attr
+                if isinstance(node, ast.Attribute)
+                else (node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None)
+            )
             if named in private:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {named}")
     assert users == ["server.py"] and offenders == []

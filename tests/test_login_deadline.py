@@ -35,7 +35,8 @@ def test_an_unmet_deadline_runs_the_expiry_once_and_counts_the_close():
         await asyncio.sleep(0.05)
         assert expired == [1] and not deadline.running
         assert timeouts("deadline-test") == before + 1
-        assert connections.unauthenticated == 1   # still not logged in
+        assert connections.unauthenticated == 1  # still not logged in
+
     asyncio.run(main())
 
 
@@ -46,6 +47,7 @@ def test_an_expiry_with_nothing_to_close_is_not_counted():
         LoginDeadline("deadline-test-gone", 0.01, None, lambda: expired.append(1) or False)
         await until(lambda: expired)
         assert timeouts("deadline-test-gone") == before
+
     asyncio.run(main())
 
 
@@ -59,8 +61,9 @@ def test_a_met_or_cancelled_deadline_never_fires():
         met.met()
         cancelled.cancel()
         assert connections.unauthenticated == 0 and not met.running and not cancelled.running
-        met.met()   # again (SMTP from a peer network: each MAIL FROM): no harm
+        met.met()  # again (SMTP from a peer network: each MAIL FROM): no harm
         assert connections.unauthenticated == 0
         await asyncio.sleep(0.1)
         assert expired == [] and timeouts("deadline-test-met") == 0
+
     asyncio.run(main())

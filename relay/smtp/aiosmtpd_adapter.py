@@ -24,8 +24,8 @@ class AiosmtpdSession(SMTP):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._idle_deadline = 0.0   # loop time at which the connection times out
-        self._timer_at = 0.0        # loop time at which the idle timer fires (see _arm_timer)
+        self._idle_deadline = 0.0  # loop time at which the connection times out
+        self._timer_at = 0.0  # loop time at which the idle timer fires (see _arm_timer)
 
     # ---- hooks for the subclass ---------------------------------------------------------------
 
@@ -127,7 +127,7 @@ class AiosmtpdSession(SMTP):
 
     def _timeout_cb(self) -> None:
         self.on_idle_timeout()
-        super()._timeout_cb()   # closes the transport
+        super()._timeout_cb()  # closes the transport
 
     # ---- reading and writing --------------------------------------------------------------------
 

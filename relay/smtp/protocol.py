@@ -19,12 +19,12 @@ MECHANISMS = ("PLAIN", "LOGIN")
 
 
 class Phase(enum.Enum):
-    CONNECTED = "connected"       # no HELO/EHLO yet
-    GREETED = "greeted"           # HELO/EHLO, no transaction
-    MAIL = "mail"                 # MAIL FROM accepted, no recipient yet
-    RCPT = "rcpt"                 # recipients accepted (or the directory asked for)
-    BDAT = "bdat"                 # a BDAT series is open: chunks received, LAST not yet
-    BDAT_FAILED = "bdat_failed"   # a BDAT chunk of this transaction failed: only RSET/MAIL end it
+    CONNECTED = "connected"  # no HELO/EHLO yet
+    GREETED = "greeted"  # HELO/EHLO, no transaction
+    MAIL = "mail"  # MAIL FROM accepted, no recipient yet
+    RCPT = "rcpt"  # recipients accepted (or the directory asked for)
+    BDAT = "bdat"  # a BDAT series is open: chunks received, LAST not yet
+    BDAT_FAILED = "bdat_failed"  # a BDAT chunk of this transaction failed: only RSET/MAIL end it
 
 
 def phase_of(greeted: bool, mail_from: bool, recipients: bool, bdat_open: bool, bdat_failed: bool) -> Phase:
@@ -98,13 +98,25 @@ class CommandBudget:
 
 # ---- replies -------------------------------------------------------------------------------------
 
-_COUNTED_ERRORS = frozenset(("500", "501", "504", "555"))   # syntax errors (smtp.max_bad_commands)
+_COUNTED_ERRORS = frozenset(("500", "501", "504", "555"))  # syntax errors (smtp.max_bad_commands)
 # ENHANCEDSTATUSCODES promises RFC 3463 codes on every reply; aiosmtpd's own replies lack them.
-_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0",
-                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-                     "530": "5.7.0", "535": "5.7.8", "554": "5.0.0"}
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "554": "5.0.0",
+}
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-_CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")   # all but CR and LF
+_CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")  # all but CR and LF
 
 
 def is_syntax_error(status: str) -> bool:
@@ -118,14 +130,20 @@ def wire(status: str) -> bytes:
     code = status[:3]
     if code in _DEFAULT_ENHANCED and "\r\n" not in status and not _HAS_ENHANCED.match(status):
         status = f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}".rstrip()
-    if not status.isprintable():   # a reply echoing the client's control bytes (or a multi-line one)
+    if not status.isprintable():  # a reply echoing the client's control bytes (or a multi-line one)
         status = _CONTROL_CHARS.sub("?", status)
     return status.encode("ascii", "replace") + b"\r\n"
 
 
 def ehlo_reply(hostname: str, max_size: int, starttls: bool, auth: bool) -> str:
-    lines = [f"250-{hostname}", f"250-SIZE {max_size}", "250-8BITMIME", "250-PIPELINING", "250-CHUNKING",
-             "250-ENHANCEDSTATUSCODES"]
+    lines = [
+        f"250-{hostname}",
+        f"250-SIZE {max_size}",
+        "250-8BITMIME",
+        "250-PIPELINING",
+        "250-CHUNKING",
+        "250-ENHANCEDSTATUSCODES",
+    ]
     if starttls:
         lines.append("250-STARTTLS")
     if auth:
@@ -141,15 +159,18 @@ def with_protocol(extended: bool, tls: bool, authenticated: bool) -> str:
 
 # ---- AUTH ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Challenge:
     """Send `line` (a 334 reply, CRLF included) and feed the client's next line to receive()."""
+
     line: bytes
 
 
 @dataclass(frozen=True)
 class Credentials:
     """The exchange is complete: check these; answer R.AUTH_OK or the failure."""
+
     login: bytes
     password: bytes
 
@@ -157,6 +178,7 @@ class Credentials:
 @dataclass(frozen=True)
 class Refused:
     """The exchange ended without credentials: send `reply`."""
+
     reply: str
 
 
@@ -213,11 +235,26 @@ class AuthExchange:
         if len(parts) != 3:
             return Refused(R.AUTH_MALFORMED)
         authzid, login, password = parts
-        if authzid and authzid != login:   # RFC 4616: a site may act only as itself
+        if authzid and authzid != login:  # RFC 4616: a site may act only as itself
             return Refused(R.AUTH_FAILED)
         return Credentials(login, password)
 
 
-__all__ = ["Phase", "phase_of", "TRANSITIONS", "out_of_sequence", "command", "CommandBudget", "HELO_FIRST",
-           "NO_ARGUMENT", "wire", "is_syntax_error", "ehlo_reply", "with_protocol", "AuthExchange", "Challenge",
-           "Credentials", "Refused"]
+__all__ = [
+    "Phase",
+    "phase_of",
+    "TRANSITIONS",
+    "out_of_sequence",
+    "command",
+    "CommandBudget",
+    "HELO_FIRST",
+    "NO_ARGUMENT",
+    "wire",
+    "is_syntax_error",
+    "ehlo_reply",
+    "with_protocol",
+    "AuthExchange",
+    "Challenge",
+    "Credentials",
+    "Refused",
+]
