@@ -16,6 +16,13 @@ def counter() -> ConnectionCounter:
     return ConnectionCounter(Limits(10, 10, 10, 10, ()))
 
 
+async def past(seconds: float) -> None:
+    """Return once a timer set `seconds` from now fired: every timer due before it fired first."""
+    fired = asyncio.Event()
+    asyncio.get_running_loop().call_later(seconds, fired.set)
+    await fired.wait()
+
+
 async def until(condition, seconds: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not condition():
@@ -32,7 +39,7 @@ def test_an_unmet_deadline_runs_the_expiry_once_and_counts_the_close():
         deadline = LoginDeadline("deadline-test", 0.02, ticket, lambda: expired.append(1) or True)
         assert deadline.running and connections.unauthenticated == 1
         await until(lambda: expired)
-        await asyncio.sleep(0.05)
+        await past(0.03)  # and not again
         assert expired == [1] and not deadline.running
         assert timeouts("deadline-test") == before + 1
         assert connections.unauthenticated == 1  # still not logged in
@@ -63,7 +70,7 @@ def test_a_met_or_cancelled_deadline_never_fires():
         assert connections.unauthenticated == 0 and not met.running and not cancelled.running
         met.met()  # again (SMTP from a peer network: each MAIL FROM): no harm
         assert connections.unauthenticated == 0
-        await asyncio.sleep(0.1)
+        await past(0.03)  # past both deadlines
         assert expired == [] and timeouts("deadline-test-met") == 0
 
     asyncio.run(main())
