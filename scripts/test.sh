@@ -15,10 +15,20 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install --quiet -e '.[test]'
 
-# Three pytest-xdist workers, each taking whole test files (module fixtures are made once): on two
-# cores the tests wait (paced transfers, timeouts, restarts) about as much as they compute.
-# Arguments given here come later and win (-n 0: no workers).
+# Three pytest-xdist workers, each taking whole test files (module fixtures are made once; the
+# slowest files are handed out first, see SLOWEST_FILES in tests/conftest.py): on two cores the
+# tests wait (paced transfers, timeouts, restarts) about as much as they compute.
+# The order is shuffled (pytest-randomly) with a seed printed here: a failure found in one order is
+# replayed with `bash scripts/test.sh --randomly-seed=SEED` (a later seed wins), and `-p no:randomly`
+# keeps the collected order. Arguments given here come later and win (-n 0: no workers).
 # pytest's exit status 5 (no tests collected) is a failure here like any other non-zero status.
-# Fixed order (-p no:randomly) until the shuffled suite has been shown green more than once;
-# `.venv/bin/python -m pytest -n 3 --dist loadfile` runs it shuffled (pytest-randomly).
-exec .venv/bin/python -m pytest -q -n 3 --dist loadfile -p no:randomly "$@"
+order=(--randomly-seed="${MAILHUB_TEST_SEED:-$(( (RANDOM << 15) | RANDOM ))}")
+for arg in "$@"; do
+    if [ "$arg" = no:randomly ] || [ "$arg" = "-pno:randomly" ]; then order=(); fi
+done
+if [ ${#order[@]} -gt 0 ]; then
+    echo "test.sh: random order, ${order[0]} (replay: bash scripts/test.sh ${order[0]})"
+else
+    echo "test.sh: fixed order (-p no:randomly)"
+fi
+exec .venv/bin/python -m pytest -q -n 3 --dist loadfile "${order[@]}" "$@"

@@ -41,6 +41,48 @@ def pytest_configure(config):
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
+# The test files that take longest (tens of seconds each on 2 cores, from --durations=0), longest first. They are
+# collected first: pytest-xdist (--dist loadfile) hands whole files to its workers in collection
+# order, and a long file handed out last would be the tail of the run while the other workers idle.
+# Otherwise the order is pytest-randomly's shuffle (files, and tests within each file).
+SLOWEST_FILES = (
+    "test_ansible.py",
+    "test_loadtest.py",
+    "test_config_cli.py",
+    "test_hostile_smtp.py",
+    "test_storage_faults.py",
+    "test_pop3_server.py",
+    "test_smtp_fuzz.py",
+    "test_hub_key.py",
+    "test_relay_outbound.py",
+    "test_quotas_smtp.py",
+    "test_abuse_bench.py",
+    "test_hostile_connections.py",
+    "test_directory.py",
+    "test_policy_shapes.py",
+    "test_fuzz_protocols.py",
+    "test_rebuild_backup.py",
+    "test_hostile_auth.py",
+    "test_trace_stats.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of SLOWEST_FILES first, in that order; the rest as collected (or shuffled). A test
+    module that sets IN_FILE_ORDER = True (the steps of one scenario on a module fixture) keeps the
+    order of its tests in the file."""
+    rank = {name: n for n, name in enumerate(SLOWEST_FILES)}
+
+    def in_file_order(item) -> bool:
+        return getattr(getattr(item, "module", None), "IN_FILE_ORDER", False)
+
+    def position(item) -> tuple:
+        line = item.location[1] if in_file_order(item) else 0
+        return rank.get(item.path.name, len(rank)), str(item.path) if in_file_order(item) else "", line
+
+    items.sort(key=position)  # stable: keeps the shuffle of the files and of the other tests
+
+
 def pytest_unconfigure(config):
     if _session_key:
         shutil.rmtree(_session_key[0].parent, ignore_errors=True)

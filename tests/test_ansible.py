@@ -3,6 +3,8 @@
 # this machine (connection local) into a throw-away prefix installs a hub that starts the way its
 # systemd unit says, takes a mail over SMTP with STARTTLS and serves it over POP3S; a second run
 # changes nothing, a third with a new password and certificate changes exactly those.
+# The tests on the one deployment (the module fixture) are the steps of one scenario: they run in
+# the order of this file also when the suite is shuffled (IN_FILE_ORDER, tests/conftest.py).
 import getpass
 import grp
 import importlib.util
@@ -31,6 +33,8 @@ from mailhub.config import SCHEMA
 
 from gpgutil import Gpg, pgp_mime
 from pop3util import make_cert
+
+IN_FILE_ORDER = True  # first deployment, reruns, rotation, upgrade from a checkout: in this order
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "ansible"
