@@ -1,9 +1,10 @@
 # The text layers around an OpenPGP message as mail carries it: a Content-Transfer-Encoding
 # (base64, quoted-printable or none), ASCII armor (RFC 4880 6.2), and base64 text that is decoded
 # only where the packet walker must look (partial-length chunk headers): the payload of a 50 MB
-# message is checked to be base64 (one bytes.translate per chunk) but never decoded, so that the
-# encryption policy keeps up with ingest. SessionPacketReader is the front: feed() a part's body
-# as transmitted, close() -> SessionPackets. Sans-I/O; never decrypts; holds a few KB at most.
+# message is checked to be base64 (one bytes.translate per chunk deletes the alphabet) but never
+# decoded or copied, so that the encryption policy keeps up with ingest. SessionPacketReader is the
+# front: feed() a part's body as transmitted, close() -> SessionPackets. Sans-I/O; never decrypts;
+# holds a few KB at most.
 import binascii
 
 from .openpgp_packets import PacketStream, SessionPackets, packet_tags
@@ -21,7 +22,10 @@ IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
 
 class Base64Feed:
     """Base64 text (any line breaks and blanks; '=' only as the final padding) into a
-    PacketStream, decoding only the bytes the stream has to see."""
+    PacketStream, decoding only the bytes the stream has to see. A chunk is checked with one
+    bytes.translate that deletes the alphabet (what is left must be blanks); when its lines are
+    all of one length the position of any character is computed, not found by copying the text
+    without its blanks."""
 
     def __init__(self, stream: PacketStream) -> None:
         self.stream = stream
@@ -32,7 +36,17 @@ class Base64Feed:
     def feed(self, text) -> None:
         if self.error is not None:
             return
-        pure = bytes(text).translate(_CLASSIFY, _BLANKS)
+        text = bytes(text)
+        residue = text.translate(None, _ALPHABET)
+        if self._pads or residue.translate(None, _BLANKS):
+            self._feed_unusual(text)  # padding, or characters outside the alphabet
+            return
+        count = len(text) - len(residue)
+        if count:
+            self._take(_layout(text, residue) or text.translate(None, _BLANKS).__getitem__, count)
+
+    def _feed_unusual(self, text: bytes) -> None:
+        pure = text.translate(_CLASSIFY, _BLANKS)
         if not pure:
             return
         if pure.find(b"!") >= 0:
@@ -50,31 +64,39 @@ class Base64Feed:
                 return
             self._pads = len(pure) - pad
             pure = pure[:pad]
+        if pure:
+            self._take(pure.__getitem__, len(pure))
+
+    def _take(self, chars, count: int) -> None:
+        """count more base64 characters, chars(slice(i, j)) giving characters i to j."""
         start = 0
         if self._carry:
-            start = 4 - len(self._carry)
-            quad = self._carry + pure[:start]
+            start = min(4 - len(self._carry), count)
+            quad = self._carry + chars(slice(0, start))
             if len(quad) < 4:
                 self._carry = quad
                 return
             self._carry = b""
-            self._decode(quad, 0)
-        self._decode(pure, start)
+            self._walk(quad.__getitem__, 4, 0)
+        self._walk(chars, count, start)
 
-    def _decode(self, text: bytes, i: int) -> None:
+    def _walk(self, chars, count: int, i: int) -> None:
         stream = self.stream
-        n = len(text)
-        while n - i >= 4 and stream.result.error is None:
-            skippable = stream.skippable()
-            if skippable >= 3:
-                quads = min(skippable // 3, (n - i) // 4)
-                stream.skip(quads * 3)
-                i += quads * 4
-            else:
-                window = min(n - i, 8) // 4 * 4
-                stream.feed(binascii.a2b_base64(text[i : i + window]))
+        while count - i >= 4 and stream.result.error is None:
+            available = (count - i) // 4 * 3
+            at = i
+
+            def byte_at(ahead: int) -> int:
+                quad = at + ahead // 3 * 4
+                return binascii.a2b_base64(chars(slice(quad, quad + 4)))[ahead % 3]
+
+            used = stream.walk(available, byte_at)
+            i += used // 3 * 4
+            if used < available:  # the stream must see these bytes
+                window = min(count - i, 8) // 4 * 4
+                stream.feed(binascii.a2b_base64(chars(slice(i, i + window)))[used % 3 :])
                 i += window
-        self._carry = text[i:] if n - i < 4 else b""
+        self._carry = chars(slice(i, count)) if count - i < 4 else b""
 
     def close(self) -> None:
         """The text is over: decode the last, padded quad."""
@@ -84,6 +106,50 @@ class Base64Feed:
             else:
                 self.stream.feed(binascii.a2b_base64(self._carry + b"=" * (4 - len(self._carry))))
             self._carry = b""
+
+
+def _layout(text: bytes, residue: bytes):
+    """For base64 text whose only other bytes (residue) are blanks: when every line break is the
+    same run of blanks and the full lines are all equally long, a function chars(slice) that
+    gives the base64 characters of a range from their computed positions; else None."""
+    if not residue:
+        return text.__getitem__
+    newline = text.find(b"\n")
+    following = text.find(b"\n", newline + 1) if newline >= 0 else -1
+    if following < 0:
+        return None
+    begin = following  # the line break before `following`, the first one seen whole
+    while begin > newline + 1 and text[begin - 1] in _BLANKS:
+        begin -= 1
+    eol = text[begin : following + 1]
+    period = following - newline
+    line = period - len(eol)
+    if line <= 0:
+        return None
+    start = newline + 1 - len(eol)  # where the first line break begins (< 0: in the last chunk)
+    expected = 0
+    for k in range(len(eol)):  # every line break in place, and no other blank anywhere
+        offset = start + k if start + k >= 0 else start + k + period
+        run = text[offset::period]
+        if run != eol[k : k + 1] * len(run):
+            return None
+        expected += len(run)
+    if expected != len(residue):
+        return None
+    head, after = max(start, 0), newline + 1
+
+    def position(i: int) -> int:
+        if i < head:
+            return i
+        lines, column = divmod(i - head, line)
+        return after + lines * period + column
+
+    def chars(span: slice) -> bytes:
+        if span.stop <= span.start:
+            return b""
+        return text[position(span.start) : position(span.stop - 1) + 1].translate(None, _BLANKS)
+
+    return chars
 
 
 class ArmorReader:

@@ -4,9 +4,8 @@
 # tag 3: a passphrase), then exactly one encrypted data packet (tag 9, 18 or 20) that must run to
 # the end: a byte after it (a clear literal packet appended, a second message) is an error. The
 # data packet's payload is skipped, not read: a caller holding base64 text need only decode the
-# few bytes of each partial-length chunk header (skippable()/skip()). packet_tags() lists the
-# packets of a small binary block (signatures, keys). Never holds more than one session-key
-# packet (<= 16 KB).
+# one byte of each partial-length chunk header (walk()). packet_tags() lists the packets of a
+# small binary block (signatures, keys). Never holds more than one session-key packet (<= 16 KB).
 from dataclasses import dataclass, field
 
 SCAN_LIMIT = 256 * 1024  # bytes of session-key packets looked at before the data packet
@@ -35,9 +34,9 @@ class SessionPackets:
 
 
 class PacketStream:
-    """feed() the binary message in order, or skip() the next skippable() bytes unseen; close() at
-    its end (truncated=True: the message may stop anywhere after its data packet began, as the
-    first fragment of a message/partial does)."""
+    """feed() the binary message in order, or walk() over the payload seeing only its chunk
+    headers; close() at its end (truncated=True: the message may stop anywhere after its data
+    packet began, as the first fragment of a message/partial does)."""
 
     def __init__(self) -> None:
         self.result = SessionPackets()
@@ -50,12 +49,6 @@ class PacketStream:
         self._tag = 0
         self._first = True  # no packet seen yet (a marker packet may come first only)
 
-    def skippable(self) -> int:
-        """Bytes that may be skipped unseen: the rest of the current payload chunk."""
-        if self._state == _DATA:
-            return self._need
-        return 1 << 62 if self._state == _REST else 0
-
     def skip(self, n: int) -> None:
         self.offset += n
         if self._state == _DATA:
@@ -63,14 +56,39 @@ class PacketStream:
             if self._need == 0:
                 self._chunk_done()
 
+    def walk(self, available: int, byte_at) -> int:
+        """Pass over up to `available` bytes of the encrypted data packet's payload, looking only
+        at the one-byte headers of its partial-length chunks (byte_at(i): the byte i places ahead).
+        Returns the bytes consumed; stops before any other byte the packet structure depends on
+        (a final chunk's length, whatever follows the packet), which feed() must then be given."""
+        if self._state == _REST:
+            self.skip(available)
+            return available
+        pos = 0
+        while self._state == _DATA:
+            need = self._need
+            if pos + need >= available:
+                self.skip(available - pos)
+                return available
+            pos += need
+            self.skip(need)
+            if self._state != _CHUNK_HEADER:
+                break
+            octet = byte_at(pos)
+            if not 224 <= octet < 255:  # not a partial length: feed() reads the longer header
+                break
+            pos += 1
+            self.offset += 1
+            self._start_chunk(None, 1 << (octet & 0x1F))
+        return pos
+
     def feed(self, data) -> None:
         pos, end = 0, len(data)
         while pos < end and self._state != _FAILED:
             state = self._state
             if state in (_DATA, _REST):
-                take = min(self.skippable(), end - pos)
-                self.skip(take)
-                pos += take
+                base = pos
+                pos += self.walk(end - pos, lambda ahead: data[base + ahead])
             elif state == _END:
                 self._fail("data after the encrypted data packet (a second message or a clear packet appended)")
             elif state == _ESK:

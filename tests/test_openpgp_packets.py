@@ -112,3 +112,136 @@ def test_nothing_may_follow_the_message(gpg):
     for _ in range(4000):
         endless.feed(b"Comment: " + b"y" * 70 + b"\r\n")
     assert "KB of ASCII armor header lines" in endless.close().error
+
+
+# ---- the fast paths against a reference that decodes everything -------------------------------
+# Base64Feed checks base64 text without copying it and computes where characters are when lines
+# are of one length; PacketStream.walk() looks at one byte per partial-length chunk header. Both
+# must agree with a plain reading of the whole decoded message on random messages, text layouts
+# and feed sizes, broken ones included.
+
+
+def _reference(binary: bytes):
+    """(key IDs, data tag) when binary is a well-formed encrypted message (new-format headers,
+    as _random_message makes them), else None: reads every byte."""
+    pos, key_ids = 0, []
+    while pos < len(binary):
+        header = binary[pos]
+        if header & 0xC0 != 0xC0:
+            return None
+        tag, pos = header & 0x3F, pos + 1
+        if tag == 1:
+            if pos >= len(binary) or binary[pos] >= 192 or pos + 1 + binary[pos] > len(binary):
+                return None
+            body = binary[pos + 1 : pos + 1 + binary[pos]]
+            if len(body) < 10 or body[0] != 3:
+                return None
+            key_ids.append(body[1:9].hex().upper())
+            pos += 1 + len(body)
+            continue
+        if tag != 18:
+            return None
+        while True:  # the chunks of the data packet
+            if pos >= len(binary):
+                return None
+            octet = binary[pos]
+            if 224 <= octet < 255:
+                pos += 1 + (1 << (octet & 0x1F))
+                continue
+            if octet < 192:
+                size, length = 1, octet
+            elif octet < 224:
+                if pos + 2 > len(binary):
+                    return None
+                size, length = 2, ((octet - 192) << 8) + binary[pos + 1] + 192
+            else:
+                if pos + 5 > len(binary):
+                    return None
+                size, length = 5, int.from_bytes(binary[pos + 1 : pos + 5], "big")
+            return (key_ids, 18) if pos + size + length == len(binary) else None
+    return None
+
+
+def _random_message(rng) -> bytes:
+    parts = []
+    for _ in range(rng.randint(1, 3)):
+        body = bytes([3]) + rng.randbytes(8) + bytes([18]) + rng.randbytes(rng.randint(1, 60))
+        parts.append(bytes([0xC1, len(body)]) + body)
+    parts.append(b"\xd2")
+    for _ in range(rng.randint(0, 12)):
+        power = rng.choice([0, 1, 2, 3, 5, 9, 10, 13])
+        parts += [bytes([224 + power]), rng.randbytes(1 << power)]
+    last = rng.choice([0, 1, 100, 191, 192, 700, 8383, 8384, 20000])
+    if last < 192:
+        parts.append(bytes([last]))
+    elif last < 8384:
+        parts.append(bytes([192 + ((last - 192) >> 8), (last - 192) & 0xFF]))
+    else:
+        parts.append(b"\xff" + last.to_bytes(4, "big"))
+    parts.append(rng.randbytes(last))
+    binary = b"".join(parts)
+    damage = rng.random()
+    if damage < 0.1:
+        binary = binary[: rng.randrange(len(binary))]
+    elif damage < 0.2:
+        binary += rng.randbytes(rng.randint(1, 3))
+    elif damage < 0.3:
+        spot = rng.randrange(len(binary))
+        binary = binary[:spot] + bytes([rng.randrange(256)]) + binary[spot + 1 :]
+    return binary
+
+
+def _random_text(rng, binary: bytes) -> bytes:
+    """binary as base64 lines of one random length (sometimes ragged, with blank lines or
+    trailing blanks), CRLF or LF."""
+    text = base64.b64encode(binary)
+    eol = rng.choice([b"\r\n", b"\n", b" \r\n", b"\t\n"])
+    width = rng.choice([4, 16, 63, 64, 76, 77, 100, 1000])
+    lines = [text[i : i + width] for i in range(0, len(text), width)]
+    if rng.random() < 0.2:
+        cuts = [rng.randint(1, len(line)) for line in lines]
+        lines = [line[:cut] + b"\r\n" + line[cut:] for line, cut in zip(lines, cuts)]
+    if rng.random() < 0.2:
+        lines.insert(rng.randint(0, len(lines)), b"")
+    return eol.join(lines) + eol
+
+
+def _pieces(rng, data: bytes):
+    size = rng.choice([1, 3, 7, 64, 1000, 8191, 65536, 1 << 20])
+    pos = 0
+    while pos < len(data):
+        step = rng.randint(1, size)
+        yield data[pos : pos + step]
+        pos += step
+
+
+def _expect(binary: bytes, result) -> None:
+    expected = _reference(binary)
+    if expected is None:
+        assert result.error is not None
+    else:
+        assert result.error is None, result.error
+        assert (result.key_ids, result.data_tag) == expected
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_paths_agree_with_decoding_everything(seed):
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(25):
+        binary = _random_message(rng)
+        text = _random_text(rng, binary)
+        armored = b"-----BEGIN PGP MESSAGE-----\r\n\r\n" + text + b"-----END PGP MESSAGE-----\r\n"
+        if rng.random() < 0.1:  # a character outside the alphabet in the base64 text
+            spot = rng.randrange(len(text))
+            text = text[:spot] + b"*" + text[spot:]
+            armored = b"-----BEGIN PGP MESSAGE-----\r\n\r\n" + text + b"-----END PGP MESSAGE-----\r\n"
+            binary = b""  # never a well-formed message
+        for data, encoding in ((armored, ""), (text, "base64"), (binary, "")):
+            if not data and encoding == "":
+                continue
+            reader = SessionPacketReader(encoding)
+            for piece in _pieces(rng, data):
+                reader.feed(piece)
+            _expect(binary, reader.close())

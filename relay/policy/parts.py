@@ -18,6 +18,7 @@ KEYS_LIMIT = 1024 * 1024              # an application/pgp-keys part
 _B64_LINE = re.compile(rb"[A-Za-z0-9+/]{40,}={0,2}\r?$")
 _UU_BEGIN = re.compile(rb"begin(?:-base64)? [0-7]{3,4} ([^\r\n]*)")
 _BLANKS = b" \t\r\n"
+_MARKERS = ((b"begin ", b" "), (b";base64,", b";"))  # each with a byte it holds that is found fast
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
@@ -75,8 +76,9 @@ class TextCheck:
         start), or a data: URI whose base64 content is DICOM or an archive. Markers too close to
         the end of what came so far wait for the next data."""
         keep = max(len(text) - 16, 0)
-        for needle in (b"begin ", b";base64,"):
-            hit = text.find(needle)
+        for needle, rare in _MARKERS:
+            first = text.find(rare)  # memchr: base64-like text has no blank and no ';' at all
+            hit = -1 if first < 0 else text.find(needle, max(first - needle.index(rare), 0))
             while hit >= 0:
                 if len(text) - hit < self._LOOK and not final:
                     keep = min(keep, max(hit - 3, 0))
