@@ -8,7 +8,6 @@ import os
 import shutil
 import smtplib
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,11 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, queue_id_from
 from directory.policy import RecipientKeys
-from relay.policy.encryption import EncryptionPolicy
-from gpgutil import Gpg, pgp_mime
 from relay.mime.stream import MimeStreamParser
+from relay.policy.encryption import EncryptionPolicy
+
+from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, queue_id_from, wait_for
+from gpgutil import Gpg, pgp_mime
 
 MB = 1024 * 1024
 DICOM = b"\0" * 128 + b"DICM" + os.urandom(400)
@@ -192,13 +192,12 @@ def test_smtp_policy_end_to_end(keyed_hub, gpg):
 
     # a site with the policy off takes cleartext; gamma has no key: encrypted mail is not checked
     hub.cli("site", "policy", "gamma", "--encryption", "off")
-    time.sleep(0.7)  # the key cache reloads within 0.5 s
-    assert send(hub, "alpha@hub.test", ["gamma@hub.test"], dicom_mail())[0] == 250
+    # the key cache reloads within 0.5 s: until then the mail is refused (and not stored)
+    wait_for(lambda: send(hub, "alpha@hub.test", ["gamma@hub.test"], dicom_mail())[0] == 250, 5, 0.1)
     code, text = send(hub, "alpha@hub.test", ["gamma@hub.test", "beta@hub.test"], dicom_mail())
     assert code == 554, text  # beta is still under the policy
     hub.cli("site", "policy", "gamma", "--encryption", "default")
-    time.sleep(0.7)
-    assert send(hub, "alpha@hub.test", ["gamma@hub.test"], dicom_mail())[0] == 554
+    wait_for(lambda: send(hub, "alpha@hub.test", ["gamma@hub.test"], dicom_mail())[0] == 554, 5, 0.1)
 
 
 def test_stale_key_after_the_grace_period(make_hub, gpg, tmp_path):

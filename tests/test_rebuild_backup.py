@@ -10,10 +10,9 @@ import poplib
 import re
 import smtplib
 import threading
-import time
 from pathlib import Path
 
-from conftest import ALPHA_BETA, PASSWORD, make_message
+from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 
 SMALL, LARGE = 6_000, 2_600_000  # packed, and a file of its own (over storage.spool.SMALL_MESSAGE)
 MID_RE = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
@@ -142,11 +141,12 @@ def test_backup_while_mail_flows_then_restore_and_rebuild(make_hub, tmp_path):
     thread = threading.Thread(target=keep_sending)
     thread.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: len(during) >= 3)  # mails flowing when the backup starts...
         backup_dir = tmp_path / "backup"
         result = hub.cli("storage", "backup", str(backup_dir))
         print(result.stdout.strip())
-        time.sleep(0.5)
+        sent_by_then = len(during)
+        wait_for(lambda: len(during) >= sent_by_then + 3)  # ...and still after it
     finally:
         flowing.set()
         thread.join(60)
