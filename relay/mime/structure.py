@@ -105,8 +105,7 @@ def _describe(part) -> dict:
     if part.params:  # as written (IMAP servers keep the case of parameter names)
         record["params"] = split_params(part.header("content-type"), lower=False)[1]
     seen = set()
-    for name, value in part.headers:
-        lower = name.lower()
+    for lower, value in part.content_fields():  # all the fields looked for are Content-* fields
         key = _PART_FIELDS.get(lower)
         if key is not None and key not in seen:
             seen.add(key)
