@@ -4,6 +4,7 @@
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 
 from storage.directory_index import directory_version
 from storage.sites import list_sites
@@ -14,7 +15,7 @@ FORMAT = "dicom-mail-hub-directory/1"
 
 
 def read_document(
-    conn: sqlite3.Connection, hub_keys, domains: list[str], directory_local_part: str, now: float | None = None
+    conn: sqlite3.Connection, hub_keys, domains: Sequence[str], directory_local_part: str, now: float | None = None
 ) -> dict:
     """The directory as the index holds it now; `hub_keys` is the hub's HubKeys (fingerprint and
     last rotation)."""

@@ -2,6 +2,7 @@
 # /.well-known/openpgpkey/[DOMAIN/]hu/, and the paths of both lookup methods. Pure functions; the
 # HTTP side lives in mailhub/hub_key_http.py.
 import hashlib
+from collections.abc import Sequence
 
 _ZBASE32 = "ybndrfg8ejkmcpqxot1uwisza345h769"
 
@@ -23,7 +24,7 @@ def wkd_hash(local_part: str) -> str:
     return zbase32(hashlib.sha1(lowered.encode("utf-8")).digest())
 
 
-def wkd_paths(local_part: str, domains: list[str]) -> tuple[set[str], set[str]]:
+def wkd_paths(local_part: str, domains: Sequence[str]) -> tuple[set[str], set[str]]:
     """(key paths, policy paths) of the direct method and of the advanced method per domain."""
     name = wkd_hash(local_part)
     keys = {f"/.well-known/openpgpkey/hu/{name}"}

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     return _site_command(cfg, args)
 
 
-def _tls_problem(cfg) -> str | None:
+def _tls_problem(cfg: config.Config) -> str | None:
     """Why the certificate and key cannot serve TLS (e.g. a key of another certificate), or None."""
     import ssl
 
@@ -244,7 +244,7 @@ def _tls_problem(cfg) -> str | None:
     return None
 
 
-def _serve(cfg) -> int:
+def _serve(cfg: config.Config) -> int:
     import uvloop
 
     from directory import DirectoryError
@@ -267,7 +267,7 @@ def _serve(cfg) -> int:
     return 0
 
 
-def _auth_command(cfg, args) -> int:
+def _auth_command(cfg: config.Config, args) -> int:
     if args.auth_command == "unblock":
         fields = {"address": args.address} | ({"site": args.site} if args.site is not None else {})
         answer = ask_hub(cfg, "auth.unblock", **fields)
@@ -305,7 +305,7 @@ def _auth_command(cfg, args) -> int:
     return 0
 
 
-def ask_hub(cfg, cmd: str, **fields) -> dict | None:
+def ask_hub(cfg: config.Config, cmd: str, **fields) -> dict | None:
     """The running hub's answer to a control-socket request (mailhub/control.py), or None after
     printing one line saying why there is none (the caller then exits with EXIT_FAILED)."""
     from .control import ControlError, request
@@ -317,7 +317,7 @@ def ask_hub(cfg, cmd: str, **fields) -> dict | None:
         return None
 
 
-def open_index(cfg, readonly: bool = False) -> sqlite3.Connection | None:
+def open_index(cfg: config.Config, readonly: bool = False) -> sqlite3.Connection | None:
     """A connection to the index, or None after saying why there is none."""
     from storage import db
 
@@ -328,7 +328,7 @@ def open_index(cfg, readonly: bool = False) -> sqlite3.Connection | None:
         return None
 
 
-def _site_command(cfg, args) -> int:
+def _site_command(cfg: config.Config, args) -> int:
     from storage import SiteError, sites, usage
     from storage.passwords import verify_password
 
@@ -393,7 +393,7 @@ def _site_command(cfg, args) -> int:
         conn.close()
 
 
-def _queue_command(cfg, args) -> int:
+def _queue_command(cfg: config.Config, args) -> int:
     from storage import StorageError, outbound
 
     conn = open_index(cfg)
@@ -488,7 +488,7 @@ def _limit_values(args) -> dict:
     return values
 
 
-def _site_summary(conn: sqlite3.Connection, site, cfg) -> dict:
+def _site_summary(conn: sqlite3.Connection, site, cfg: config.Config) -> dict:
     from storage import reports, usage
 
     count, size = reports.mailbox_totals(conn, site.id)
@@ -511,7 +511,7 @@ def _site_summary(conn: sqlite3.Connection, site, cfg) -> dict:
     }
 
 
-def _quota_summary(conn: sqlite3.Connection, site, cfg) -> dict:
+def _quota_summary(conn: sqlite3.Connection, site, cfg: config.Config) -> dict:
     """Effective limits (and where each comes from), usage against them, and the server's live
     throttle state as it last wrote it."""
     from quotas import merge_limits
@@ -604,7 +604,7 @@ def _print_throttle(state: dict | None) -> None:
         )
 
 
-def _report_command(cfg, args) -> int:
+def _report_command(cfg: config.Config, args) -> int:
     from . import stats, trace
 
     if args.command == "stats":
@@ -641,7 +641,7 @@ def _report_command(cfg, args) -> int:
         conn.close()
 
 
-def _prune_events(cfg, days: float) -> int:
+def _prune_events(cfg: config.Config, days: float) -> int:
     from storage import events
 
     conn = open_index(cfg)

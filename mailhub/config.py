@@ -1,15 +1,26 @@
-# Configuration: one schema of every key with its type and default, loaded once from an optional
-# TOML file and from MAILHUB_<SECTION>_<KEY> environment variables, validated, then read-only.
-# Must never let an invalid value through: errors name the key and the source.
+# Configuration: one typed, immutable object (a frozen dataclass per section) loaded once from the
+# built-in defaults, an optional TOML file and MAILHUB_<SECTION>_<KEY> environment variables, and
+# validated as a whole. Each field declares its key's parser, default and documentation (setting()),
+# so the loader, the environment names and docs/configuration.md all read the same schema. A changed
+# configuration (tests, a reload) is a new object: Config.with_overrides() or dataclasses.replace().
+# Must never let an invalid value through: errors are one line naming the key and the source.
+import dataclasses
 import ipaddress
 import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from relay.outbound.routes import Route
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Parser = Callable[[Any], Any]
+P = TypeVar("P", bound=Callable[..., Any])
 
 ENV_PREFIX = "MAILHUB_"
 
@@ -18,17 +29,19 @@ class ConfigError(Exception):
     """Invalid configuration; the message names the key and is one line."""
 
 
-def _kind(text: str) -> Callable:
+def _kind(text: str) -> Callable[[P], P]:
     """Marks a parser with its value's type in words (shown in docs/configuration.md)."""
-    def mark(parse: Callable) -> Callable:
+
+    def mark(parse: P) -> P:
         parse.kind = text  # type: ignore[attr-defined]
         return parse
+
     return mark
 
 
 @_kind("HOST:PORT, or empty to disable")
 def _listen(value: Any) -> tuple[str, int] | None:
-    """"HOST:PORT" (IPv6 as "[::1]:PORT"); an empty string disables the listener."""
+    """ "HOST:PORT" (IPv6 as "[::1]:PORT"); an empty string disables the listener."""
     if not isinstance(value, str):
         raise ValueError("expected a string HOST:PORT")
     if value == "":
@@ -50,23 +63,25 @@ def _required_listen(value: Any) -> tuple[str, int]:
 def _str_list(value: Any) -> list[str]:
     if isinstance(value, str):
         value = [v for v in (p.strip() for p in value.split(",")) if v]
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("expected a list of strings (or a comma-separated string)")
     return value
 
 
 @_kind("list of domains")
-def _domains(value: Any) -> list[str]:
-    domains = [d.lower() for d in _str_list(value)]
+def _domains(value: Any) -> tuple[str, ...]:
+    domains = tuple(d.lower() for d in _str_list(value))
     if not domains:
         raise ValueError("at least one domain is needed")
     return domains
 
 
 @_kind("list of CIDR networks")
-def _networks(value: Any) -> list:
+def _networks(value: Any) -> tuple[Network, ...]:
     try:
-        return [ipaddress.ip_network(v, strict=False) for v in _str_list(value)]
+        return tuple(ipaddress.ip_network(v, strict=False) for v in _str_list(value))
     except ValueError as exc:
         raise ValueError(f"expected CIDR networks: {exc}") from None
 
@@ -79,6 +94,7 @@ def _int(minimum: int) -> Callable[[Any], int]:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
         return value
+
     return parse
 
 
@@ -129,9 +145,10 @@ def _number(value: Any) -> float:
 
 
 @_kind("list of route tables")
-def _routes(value: Any) -> list:
+def _routes(value: Any) -> tuple["Route", ...]:
     from relay.outbound.routes import parse_routes  # the route table's own parser and checks
-    return parse_routes(value)
+
+    return tuple(parse_routes(value))
 
 
 @_kind("true or false")
@@ -160,7 +177,8 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
+        return str(value)
+
     return parse
 
 
@@ -184,381 +202,700 @@ def _local_part(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Option:
-    parse: Callable[[Any], Any]
+    """One key of the schema: how its value is parsed and checked, its default as written in TOML,
+    and what it does (for docs/configuration.md and example.toml)."""
+
+    parse: Parser
     default: Any
-    doc: str  # what the key does, for docs/configuration.md and example.toml
+    doc: str
 
     @property
     def kind(self) -> str:
         """The value's type in words (set on each parser by @_kind)."""
-        return self.parse.kind  # type: ignore[attr-defined]
+        return str(self.parse.kind)  # type: ignore[attr-defined]
 
 
-# (section, key) -> Option; section "" holds the top-level keys. `python -m mailhub.config_reference`
-# writes docs/configuration.md and mailhub/example.toml from it (never edit those by hand). A new key:
-# add it here with its doc, then run that and `python3 scripts/ansible_role_settings.py` (tests fail
-# until both outputs match the schema).
-SCHEMA: dict[tuple[str, str], Option] = {
-    ("", "data_dir"): Option(_path, "mailhub-data",
-        "Folder for the index (index.sqlite3), the spool and the message blobs. Relative to the "
-        "working folder."),
-    ("", "domain"): Option(_domains, ["hub.test"],
-        "The local mail domains: mail to these is delivered to site mailboxes (the first is the "
-        "default)."),
-    ("", "hostname"): Option(_text, "",
-        "Name the hub gives itself in greetings and Received: headers (default: the first "
-        "domain)."),
-    ("", "shutdown_timeout"): Option(_number, 30,
-        "Seconds that transactions in flight get to finish after SIGTERM/SIGINT before they are "
-        "cut off."),
-    ("smtp", "listen"): Option(_required_listen, "127.0.0.1:2525",
-        "Address of the SMTP listener, HOST:PORT (\"[::1]:25\" for IPv6). Port 0 picks a free port."),
-    ("smtp", "max_message_size"): Option(_int(1), 2 * 1024**3,
-        "Largest message accepted, in bytes (announced as SIZE; SIZE= over it is refused with 552 "
-        "5.3.4)."),
-    ("smtp", "max_recipients"): Option(_int(1), 1000,
-        "Recipients per transaction; more get 452 4.5.3."),
-    ("smtp", "max_connections"): Option(_int(1), 1000,
-        "Simultaneous SMTP connections in all; more get 421 4.7.0."),
-    ("smtp", "max_connections_per_ip"): Option(_int(1), 100,
-        "Simultaneous SMTP connections from one client address; more get 421 4.7.0."),
-    ("smtp", "max_unauthenticated"): Option(_int(1), 500,
+def setting(parse: Parser, default: Any, doc: str) -> Any:
+    """A dataclass field for one key: its typed default is the parsed TOML default."""
+    return field(default=parse(default), metadata={"option": Option(parse, default, doc)})
+
+
+# One frozen dataclass per section, one field per key (in the order of docs/configuration.md).
+# `python -m mailhub.config_reference` writes docs/configuration.md and mailhub/example.toml from
+# these fields (never edit those by hand). A new key: add a setting() here with its doc, then run
+# that and `python3 scripts/ansible_role_settings.py` (tests fail until both outputs match).
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The [smtp] section (SECTION_DOCS["smtp"])."""
+
+    listen: tuple[str, int] = setting(
+        _required_listen,
+        "127.0.0.1:2525",
+        'Address of the SMTP listener, HOST:PORT ("[::1]:25" for IPv6). Port 0 picks a free port.',
+    )
+    max_message_size: int = setting(
+        _int(1),
+        2 * 1024**3,
+        "Largest message accepted, in bytes (announced as SIZE; SIZE= over it is refused with 552 5.3.4).",
+    )
+    max_recipients: int = setting(_int(1), 1000, "Recipients per transaction; more get 452 4.5.3.")
+    max_connections: int = setting(_int(1), 1000, "Simultaneous SMTP connections in all; more get 421 4.7.0.")
+    max_connections_per_ip: int = setting(
+        _int(1), 100, "Simultaneous SMTP connections from one client address; more get 421 4.7.0."
+    )
+    max_unauthenticated: int = setting(
+        _int(1),
+        500,
         "Of those, connections that have not logged in yet (from smtp.peer_networks: not started "
-        "a transaction), in all; more get 421 4.7.0."),
-    ("smtp", "max_unauthenticated_per_ip"): Option(_int(1), 20,
+        "a transaction), in all; more get 421 4.7.0.",
+    )
+    max_unauthenticated_per_ip: int = setting(
+        _int(1),
+        20,
         "Connections not logged in yet (from smtp.peer_networks: not started a transaction) from "
-        "one client address; more get 421 4.7.0."),
-    ("smtp", "login_timeout"): Option(_number, 60,
+        "one client address; more get 421 4.7.0.",
+    )
+    login_timeout: float = setting(
+        _number,
+        60,
         "Seconds a connection may take to authenticate (from smtp.peer_networks, which need no "
         "AUTH: to start a transaction with MAIL FROM), however many bytes it sends meanwhile; "
-        "then 421 4.4.2."),
-    ("smtp", "limit_exempt_networks"): Option(_networks, [],
+        "then 421 4.4.2.",
+    )
+    limit_exempt_networks: tuple[Network, ...] = setting(
+        _networks,
+        [],
         "Client networks (CIDR) held only to the totals above, not to the per-address limits "
         "(e.g. a load generator on 127.0.0.0/8); smtp.peer_networks are not exempt unless listed "
-        "here too. docs/hostile-clients.md explains all the limits."),
-    ("smtp", "max_commands"): Option(_int(10), 100000,
-        "Commands of one kind one connection may send before it is closed with 421 (guards "
-        "against loops)."),
-    ("smtp", "max_bad_commands"): Option(_int(1), 20,
+        "here too. docs/hostile-clients.md explains all the limits.",
+    )
+    max_commands: int = setting(
+        _int(10),
+        100000,
+        "Commands of one kind one connection may send before it is closed with 421 (guards against loops).",
+    )
+    max_bad_commands: int = setting(
+        _int(1),
+        20,
         "Malformed or unknown commands (replies 500, 501, 504, 555) one connection may send "
-        "before it is closed with 421 4.7.0."),
-    ("smtp", "max_line_length"): Option(_int(512), 2048,
-        "Longest command line in bytes (RFC 5321 asks for at least 512); longer lines get 500 "
-        "5.5.6."),
-    ("smtp", "idle_timeout"): Option(_number, 300,
-        "Seconds without a command (or without data during DATA/BDAT) before the connection is "
-        "closed with 421."),
-    ("smtp", "peer_networks"): Option(_networks, [],
-        "Client networks (CIDR) that may deliver to local sites without authenticating (never "
-        "relay)."),
-    ("smtp", "memory_budget"): Option(parse_size, "256M",
+        "before it is closed with 421 4.7.0.",
+    )
+    max_line_length: int = setting(
+        _int(512), 2048, "Longest command line in bytes (RFC 5321 asks for at least 512); longer lines get 500 5.5.6."
+    )
+    idle_timeout: float = setting(
+        _number,
+        300,
+        "Seconds without a command (or without data during DATA/BDAT) before the connection is closed with 421.",
+    )
+    peer_networks: tuple[Network, ...] = setting(
+        _networks, [], "Client networks (CIDR) that may deliver to local sites without authenticating (never relay)."
+    )
+    memory_budget: int = setting(
+        parse_size,
+        "256M",
         "Memory held for all mails in flight (received bytes queued for the disk, small mails "
         "waiting to be packed). Past it, mails go to their spool files at once and senders are "
         "read no faster than the disk takes their data. Each connection may hold about 256 KB "
-        "more in its socket buffer."),
-    ("pop3", "listen"): Option(_listen, "127.0.0.1:1110",
-        "Address of the POP3 listener."),
-    ("pop3", "pop3s_listen"): Option(_listen, "",
-        "Address of the POP3S listener (implicit TLS); empty disables it. Needs [tls]."),
-    ("pop3", "max_connections"): Option(_int(1), 1000,
-        "Simultaneous POP3 and POP3S connections in all; more get \"-ERR [SYS/TEMP]\" and are "
-        "closed."),
-    ("pop3", "max_connections_per_ip"): Option(_int(1), 50,
-        "Simultaneous POP3 and POP3S connections from one client address; more get \"-ERR "
-        "[IN-USE]\" and are closed."),
-    ("pop3", "max_unauthenticated"): Option(_int(1), 500,
+        "more in its socket buffer.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3Config:
+    """The [pop3] section (SECTION_DOCS["pop3"])."""
+
+    listen: tuple[str, int] | None = setting(_listen, "127.0.0.1:1110", "Address of the POP3 listener.")
+    pop3s_listen: tuple[str, int] | None = setting(
+        _listen, "", "Address of the POP3S listener (implicit TLS); empty disables it. Needs [tls]."
+    )
+    max_connections: int = setting(
+        _int(1), 1000, 'Simultaneous POP3 and POP3S connections in all; more get "-ERR [SYS/TEMP]" and are closed.'
+    )
+    max_connections_per_ip: int = setting(
+        _int(1),
+        50,
+        'Simultaneous POP3 and POP3S connections from one client address; more get "-ERR [IN-USE]" and are closed.',
+    )
+    max_unauthenticated: int = setting(
+        _int(1),
+        500,
         "Of those, connections that have not logged in yet, in all (what clients can hold without "
-        "credentials); more get \"-ERR [SYS/TEMP]\"."),
-    ("pop3", "max_unauthenticated_per_ip"): Option(_int(1), 20,
-        "Connections not logged in yet from one client address; more get \"-ERR [IN-USE]\"."),
-    ("pop3", "login_timeout"): Option(_number, 60,
-        "Seconds a connection may take to log in, however many bytes it sends meanwhile; then it "
-        "is closed."),
-    ("pop3", "limit_exempt_networks"): Option(_networks, [],
+        'credentials); more get "-ERR [SYS/TEMP]".',
+    )
+    max_unauthenticated_per_ip: int = setting(
+        _int(1), 20, 'Connections not logged in yet from one client address; more get "-ERR [IN-USE]".'
+    )
+    login_timeout: float = setting(
+        _number,
+        60,
+        "Seconds a connection may take to log in, however many bytes it sends meanwhile; then it is closed.",
+    )
+    limit_exempt_networks: tuple[Network, ...] = setting(
+        _networks,
+        [],
         "Client networks (CIDR) held only to the totals above, not to the per-address limits "
-        "(e.g. a load generator on 127.0.0.0/8). docs/hostile-clients.md explains all the limits."),
-    ("pop3", "idle_timeout"): Option(_number, 600,
+        "(e.g. a load generator on 127.0.0.0/8). docs/hostile-clients.md explains all the limits.",
+    )
+    idle_timeout: float = setting(
+        _number,
+        600,
         "Seconds without a command (or without progress while sending a message) before the "
         "connection is closed without a reply and without deleting anything (RFC 1939 asks for at "
-        "least 600)."),
-    ("imap", "listen"): Option(_listen, "127.0.0.1:1143",
-        "Address of the IMAP listener; empty disables it."),
-    ("imap", "imaps_listen"): Option(_listen, "",
-        "Address of the IMAPS listener (implicit TLS); empty disables it. Needs [tls]."),
-    ("imap", "max_connections"): Option(_int(1), 1000,
-        "Simultaneous IMAP and IMAPS connections in all; more get \"* BYE [UNAVAILABLE] ...\" and "
-        "are closed."),
-    ("imap", "max_connections_per_ip"): Option(_int(1), 50,
-        "Simultaneous IMAP and IMAPS connections from one client address; more get \"* BYE "
-        "[UNAVAILABLE] ...\" and are closed."),
-    ("imap", "max_unauthenticated"): Option(_int(1), 500,
+        "least 600).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ImapConfig:
+    """The [imap] section (SECTION_DOCS["imap"])."""
+
+    listen: tuple[str, int] | None = setting(
+        _listen, "127.0.0.1:1143", "Address of the IMAP listener; empty disables it."
+    )
+    imaps_listen: tuple[str, int] | None = setting(
+        _listen, "", "Address of the IMAPS listener (implicit TLS); empty disables it. Needs [tls]."
+    )
+    max_connections: int = setting(
+        _int(1),
+        1000,
+        'Simultaneous IMAP and IMAPS connections in all; more get "* BYE [UNAVAILABLE] ..." and are closed.',
+    )
+    max_connections_per_ip: int = setting(
+        _int(1),
+        50,
+        'Simultaneous IMAP and IMAPS connections from one client address; more get "* BYE '
+        '[UNAVAILABLE] ..." and are closed.',
+    )
+    max_unauthenticated: int = setting(
+        _int(1),
+        500,
         "Of those, connections that have not logged in yet, in all (what clients can hold without "
-        "credentials); more get \"* BYE [UNAVAILABLE]\"."),
-    ("imap", "max_unauthenticated_per_ip"): Option(_int(1), 20,
-        "Connections not logged in yet from one client address; more get \"* BYE [UNAVAILABLE]\"."),
-    ("imap", "login_timeout"): Option(_number, 60,
-        "Seconds a connection may take to log in, however many bytes it sends meanwhile; then it "
-        "is closed."),
-    ("imap", "limit_exempt_networks"): Option(_networks, [],
+        'credentials); more get "* BYE [UNAVAILABLE]".',
+    )
+    max_unauthenticated_per_ip: int = setting(
+        _int(1), 20, 'Connections not logged in yet from one client address; more get "* BYE [UNAVAILABLE]".'
+    )
+    login_timeout: float = setting(
+        _number,
+        60,
+        "Seconds a connection may take to log in, however many bytes it sends meanwhile; then it is closed.",
+    )
+    limit_exempt_networks: tuple[Network, ...] = setting(
+        _networks,
+        [],
         "Client networks (CIDR) held only to the totals above, not to the per-address limits "
-        "(e.g. a load generator on 127.0.0.0/8). docs/hostile-clients.md explains all the limits."),
-    ("imap", "idle_timeout"): Option(_number, 1860,
+        "(e.g. a load generator on 127.0.0.0/8). docs/hostile-clients.md explains all the limits.",
+    )
+    idle_timeout: float = setting(
+        _number,
+        1860,
         "Seconds without a command (also while idling in IDLE, or without progress while sending) "
-        "before the server says \"* BYE\" and closes (RFC 3501 asks for at least 30 minutes; "
-        "clients renew IDLE every 29 minutes)."),
-    ("quotas", "mailbox_bytes"): Option(parse_size, "50G",
-        "Mailbox of a receiving site: octets held (downloaded or not). Over it: 452 4.2.2."),
-    ("quotas", "mailbox_messages"): Option(_int(0), 200000,
-        "Mailbox of a receiving site: mails held (downloaded or not). Over it: 452 4.2.2."),
-    ("quotas", "max_message_size"): Option(parse_size, 0,
-        "Largest message a site may send or receive (0: only smtp.max_message_size). Over it: 552 "
-        "5.3.4."),
-    ("quotas", "submitted_per_day"): Option(parse_size, 0,
-        "Octets a site may submit per UTC day. Over it: 451 4.7.1, with the time to retry in the "
-        "reply."),
-    ("quotas", "submitted_per_month"): Option(parse_size, 0,
-        "Octets a site may submit per UTC month. Over it: 451 4.7.1, with the time to retry in "
-        "the reply."),
-    ("quotas", "received_per_day"): Option(parse_size, 0,
-        "Octets a site may receive per UTC day. Over it: 452 4.2.1, with the time to retry in the "
-        "reply."),
-    ("quotas", "received_per_month"): Option(parse_size, 0,
-        "Octets a site may receive per UTC month. Over it: 452 4.2.1, with the time to retry in "
-        "the reply."),
-    ("quotas", "max_drain_time"): Option(_number, 1800,
+        'before the server says "* BYE" and closes (RFC 3501 asks for at least 30 minutes; '
+        "clients renew IDLE every 29 minutes).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasConfig:
+    """The [quotas] section (SECTION_DOCS["quotas"])."""
+
+    mailbox_bytes: int = setting(
+        parse_size, "50G", "Mailbox of a receiving site: octets held (downloaded or not). Over it: 452 4.2.2."
+    )
+    mailbox_messages: int = setting(
+        _int(0), 200000, "Mailbox of a receiving site: mails held (downloaded or not). Over it: 452 4.2.2."
+    )
+    max_message_size: int = setting(
+        parse_size, 0, "Largest message a site may send or receive (0: only smtp.max_message_size). Over it: 552 5.3.4."
+    )
+    submitted_per_day: int = setting(
+        parse_size, 0, "Octets a site may submit per UTC day. Over it: 451 4.7.1, with the time to retry in the reply."
+    )
+    submitted_per_month: int = setting(
+        parse_size,
+        0,
+        "Octets a site may submit per UTC month. Over it: 451 4.7.1, with the time to retry in the reply.",
+    )
+    received_per_day: int = setting(
+        parse_size, 0, "Octets a site may receive per UTC day. Over it: 452 4.2.1, with the time to retry in the reply."
+    )
+    received_per_month: int = setting(
+        parse_size,
+        0,
+        "Octets a site may receive per UTC month. Over it: 452 4.2.1, with the time to retry in the reply.",
+    )
+    max_drain_time: float = setting(
+        _number,
+        1800,
         "Seconds a receiving site may need to download what waits for it (backlog / drain rate). "
         "New mail that would push it over is deferred with 451 4.7.0 saying why and when to "
-        "retry."),
-    ("quotas", "downlink"): Option(parse_size, "1M",
-        "Drain rate (octets/s) assumed for a site before its downloads have been measured."),
-    ("throttle", "drain_admission"): Option(_bool, True,
-        "Defer mail by the receiver's drain time (false: static quotas only)."),
-    ("throttle", "floor_bytes"): Option(parse_size, "16M",
-        "A receiver whose backlog with the new mail stays within this always receives (new, quiet "
-        "sites)."),
-    ("throttle", "set_overshoot"): Option(_fraction, 0.25,
-        "A sender may finish a study set it started beyond the drain limit by this fraction of "
-        "it."),
-    ("throttle", "min_retry"): Option(_number, 60,
-        "Shortest retry time (seconds) a deferral suggests."),
-    ("throttle", "offline_retry"): Option(_number, 600,
-        "Retry time (seconds) a deferral suggests when the receiver is not polling."),
-    ("throttle", "drain_window"): Option(_number, 60,
-        "Drain-rate estimate: seconds of waiting time per sample."),
-    ("throttle", "drain_tau"): Option(_number, 300,
-        "Drain-rate estimate: time constant (seconds) of the moving estimate."),
-    ("throttle", "offline_grace"): Option(_number, 900,
-        "Seconds without a poll after which a site counts as draining nothing."),
-    ("throttle", "pacing"): Option(_bool, True,
+        "retry.",
+    )
+    downlink: int = setting(
+        parse_size, "1M", "Drain rate (octets/s) assumed for a site before its downloads have been measured."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleConfig:
+    """The [throttle] section (SECTION_DOCS["throttle"])."""
+
+    drain_admission: bool = setting(_bool, True, "Defer mail by the receiver's drain time (false: static quotas only).")
+    floor_bytes: int = setting(
+        parse_size,
+        "16M",
+        "A receiver whose backlog with the new mail stays within this always receives (new, quiet sites).",
+    )
+    set_overshoot: float = setting(
+        _fraction, 0.25, "A sender may finish a study set it started beyond the drain limit by this fraction of it."
+    )
+    min_retry: float = setting(_number, 60, "Shortest retry time (seconds) a deferral suggests.")
+    offline_retry: float = setting(
+        _number, 600, "Retry time (seconds) a deferral suggests when the receiver is not polling."
+    )
+    drain_window: float = setting(_number, 60, "Drain-rate estimate: seconds of waiting time per sample.")
+    drain_tau: float = setting(_number, 300, "Drain-rate estimate: time constant (seconds) of the moving estimate.")
+    offline_grace: float = setting(
+        _number, 900, "Seconds without a poll after which a site counts as draining nothing."
+    )
+    pacing: bool = setting(
+        _bool,
+        True,
         "Read a sender's data no faster than its lagging receivers drain (never below "
         "pacing_min_rate octets/s); engaged once a receiver's drain time (counting sizes declared "
         "by transactions in flight) passes pacing_engage_at times its limit: by default only when "
         "the hub is over capacity for that receiver, e.g. a whole-study mail bigger than the "
-        "receiver can drain in time."),
-    ("throttle", "pacing_engage_at"): Option(_fraction, 1.0,
-        "Pacing engages once a receiver's drain time passes this many times its limit "
-        "(quotas.max_drain_time)."),
-    ("throttle", "pacing_min_rate"): Option(parse_size, "64K",
-        "Pacing never reads a sender slower than this many octets a second."),
-    ("throttle", "interval"): Option(_number, 1,
-        "Seconds between drain-rate readings (and refreshes of the usage figures from the index)."),
-    ("metrics", "listen"): Option(_listen, "127.0.0.1:9425",
-        "Address of the Prometheus metrics endpoint (/metrics and /healthz); empty disables it."),
-    ("metrics", "health_min_free_bytes"): Option(_int(0), 1024**3,
-        "/healthz answers 503 when the data folder's file system has less free space than this "
-        "(bytes)."),
-    ("tls", "cert_file"): Option(_optional_path, "",
-        "PEM certificate chain; with tls.key_file set, SMTP offers STARTTLS, POP3 STLS and IMAP "
-        "STARTTLS."),
-    ("tls", "key_file"): Option(_optional_path, "",
-        "PEM private key of tls.cert_file (both or neither)."),
-    ("auth", "allow_plaintext"): Option(_bool, False,
-        "Allow password logins on unencrypted connections from non-loopback clients (not "
-        "recommended)."),
-    ("auth", "failure_delay"): Option(_number, 0.5,
+        "receiver can drain in time.",
+    )
+    pacing_engage_at: float = setting(
+        _fraction,
+        1.0,
+        "Pacing engages once a receiver's drain time passes this many times its limit (quotas.max_drain_time).",
+    )
+    pacing_min_rate: int = setting(
+        parse_size, "64K", "Pacing never reads a sender slower than this many octets a second."
+    )
+    interval: float = setting(
+        _number, 1, "Seconds between drain-rate readings (and refreshes of the usage figures from the index)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The [metrics] section (SECTION_DOCS["metrics"])."""
+
+    listen: tuple[str, int] | None = setting(
+        _listen,
+        "127.0.0.1:9425",
+        "Address of the Prometheus metrics endpoint (/metrics and /healthz); empty disables it.",
+    )
+    health_min_free_bytes: int = setting(
+        _int(0),
+        1024**3,
+        "/healthz answers 503 when the data folder's file system has less free space than this (bytes).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The [tls] section (SECTION_DOCS["tls"])."""
+
+    cert_file: Path | None = setting(
+        _optional_path,
+        "",
+        "PEM certificate chain; with tls.key_file set, SMTP offers STARTTLS, POP3 STLS and IMAP STARTTLS.",
+    )
+    key_file: Path | None = setting(_optional_path, "", "PEM private key of tls.cert_file (both or neither).")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """The [auth] section (SECTION_DOCS["auth"])."""
+
+    allow_plaintext: bool = setting(
+        _bool, False, "Allow password logins on unencrypted connections from non-loopback clients (not recommended)."
+    )
+    failure_delay: float = setting(
+        _number,
+        0.5,
         "A failed login slows its client address down: its logins take turns, this many seconds "
         "apart after one recent failure, doubling with each further one up to "
-        "auth.max_failure_delay."),
-    ("auth", "max_failure_delay"): Option(_number, 15,
-        "Longest spacing (seconds) between the login turns of an address that keeps failing."),
-    ("auth", "penalty_half_life"): Option(_number, 600,
-        "Seconds after which an address's failed logins count half as much."),
-    ("auth", "max_failures"): Option(_int(1), 10,
+        "auth.max_failure_delay.",
+    )
+    max_failure_delay: float = setting(
+        _number, 15, "Longest spacing (seconds) between the login turns of an address that keeps failing."
+    )
+    penalty_half_life: float = setting(
+        _number, 600, "Seconds after which an address's failed logins count half as much."
+    )
+    max_failures: int = setting(
+        _int(1),
+        10,
         "This many failed logins for one site from one address (none more than "
         "auth.failure_window seconds after the previous one) block that site from that address "
         "for auth.block_time seconds, even with the right password: it gets a temporary failure "
         "(SMTP 454 4.7.0, POP3 -ERR [SYS/TEMP], IMAP NO [UNAVAILABLE]). Other addresses of the "
         "site are not affected. `mailhub auth blocks` lists blocks and penalties; `mailhub auth "
-        "unblock ADDRESS [--site NAME]` lifts them."),
-    ("auth", "failure_window"): Option(_number, 3600,
-        "Seconds between two failed logins beyond which they no longer count towards "
-        "auth.max_failures together."),
-    ("auth", "block_time"): Option(_number, 900,
-        "Seconds a site stays blocked from an address after auth.max_failures failed logins."),
-    ("auth", "max_penalty_wait"): Option(_number, 30,
-        "A login whose turn is more than this many seconds away is refused at once."),
-    ("auth", "hash_threads"): Option(_int(1), 2,
-        "Password checks (scrypt) run in this many threads at a lower CPU priority."),
-    ("auth", "max_queued_checks"): Option(_int(1), 256,
-        "At most this many password checks wait for a thread; further logins get a temporary "
-        "failure at once."),
-    ("events", "retention_days"): Option(_number, 90,
+        "unblock ADDRESS [--site NAME]` lifts them.",
+    )
+    failure_window: float = setting(
+        _number,
+        3600,
+        "Seconds between two failed logins beyond which they no longer count towards auth.max_failures together.",
+    )
+    block_time: float = setting(
+        _number, 900, "Seconds a site stays blocked from an address after auth.max_failures failed logins."
+    )
+    max_penalty_wait: float = setting(
+        _number, 30, "A login whose turn is more than this many seconds away is refused at once."
+    )
+    hash_threads: int = setting(
+        _int(1), 2, "Password checks (scrypt) run in this many threads at a lower CPU priority."
+    )
+    max_queued_checks: int = setting(
+        _int(1),
+        256,
+        "At most this many password checks wait for a thread; further logins get a temporary failure at once.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """The [events] section (SECTION_DOCS["events"])."""
+
+    retention_days: float = setting(
+        _number,
+        90,
         "Days the tracking record (mailhub trace, mailhub stats) keeps each event: accepted, "
         "delivered, downloaded, deleted, refused/deferred. Older events are pruned at start and "
-        "every hour."),
-    ("storage", "release_freed_after"): Option(_zero_or_more, 3600,
+        "every hour.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """The [storage] section (SECTION_DOCS["storage"])."""
+
+    release_freed_after: float = setting(
+        _zero_or_more,
+        3600,
         "Seconds after a small message stored in a shared pack file is freed (its last mailbox "
         "entry or queue entry gone) before its bytes are released (a hole punched in the pack): a "
-        "session or the relay still sending it meanwhile gets its bytes. 0 releases them at once."),
-    ("storage", "reserve_bytes"): Option(parse_size, "64M",
+        "session or the relay still sending it meanwhile gets its bytes. 0 releases them at once.",
+    )
+    reserve_bytes: int = setting(
+        parse_size,
+        "64M",
         "Space set aside in the data folder (file reserve.space) while the disk has room, given "
         "back when it is full, so that the hub can start and gateways can delete mail on a full "
         "disk (docs/storage.md). Made again once twice this much is free; 0 for none. Running, "
         "the reserve is also given back when a gateway's deletion (POP3 DELE + QUIT, IMAP "
-        "EXPUNGE) finds the disk full: deleting is what frees space (docs/integrity.md)."),
-    ("storage", "min_free_bytes"): Option(parse_size, "0",
+        "EXPUNGE) finds the disk full: deleting is what frees space (docs/integrity.md).",
+    )
+    min_free_bytes: int = setting(
+        parse_size,
+        "0",
         "New mail is refused at MAIL FROM with 452 4.3.1 while the data folder's file system has "
         "less than this much free, plus 1.5 times the size a client declares (SIZE=). A write "
         "that still runs out of space answers 452 4.3.1 too and leaves nothing half-written "
         "(docs/integrity.md). 0 (the default) leaves only the SIZE= check; a busy hub wants e.g. "
-        "\"1G\"."),
-    ("storage", "scrub_rate"): Option(parse_size, "16M",
+        '"1G".',
+    )
+    scrub_rate: int = setting(
+        parse_size,
+        "16M",
         "The background scrub reads every stored mail at this many bytes a second and checks it "
         "against the SHA-256 recorded at ingest; a damaged one is refused to POP3/IMAP, copied to "
         "the quarantine and listed by `mailhub storage damaged` (docs/integrity.md). A pass over "
-        "1 TB takes 18 h at \"16M\"; 0 is off."),
-    ("storage", "verify_while_serving"): Option(_bool, False,
+        '1 TB takes 18 h at "16M"; 0 is off.',
+    )
+    verify_while_serving: bool = setting(
+        _bool,
+        False,
         "Check the CRC-32 recorded at ingest while a whole mail is sent (POP3 RETR, an IMAP literal "
         "of the whole mail): a mail whose bytes changed on disk is cut off before the end of the "
         "reply, so no client takes it as whole, and marked damaged (docs/integrity.md). It reads "
         "each mail through the hub instead of sendfile: measured, POP3 downloads of large mails "
         "fell from about 2.3x Dovecot's speed to about 1.2x (2-4x the hub's CPU per GB sent), so it "
         "is off by default; changed bytes are then found by the scrub and `mailhub storage verify`. "
-        "A mail cut short is refused or cut off either way."),
-    ("log", "level"): Option(_choice("debug", "info", "warning", "error"), "info",
-        "debug, info, warning or error."),
-    ("log", "format"): Option(_choice("text", "json"), "text",
-        "text (readable lines) or json (one object per line, for log shippers)."),
-    ("log", "stall_threshold"): Option(_zero_or_more, 0.25,
+        "A mail cut short is refused or cut off either way.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """The [log] section (SECTION_DOCS["log"])."""
+
+    level: str = setting(_choice("debug", "info", "warning", "error"), "info", "debug, info, warning or error.")
+    format: str = setting(
+        _choice("text", "json"), "text", "text (readable lines) or json (one object per line, for log shippers)."
+    )
+    stall_threshold: float = setting(
+        _zero_or_more,
+        0.25,
         "Seconds the event loop may be blocked before a warning names what it was doing (the "
         "innermost functions of the hub's code); 0 turns the warning off. The lag is measured "
-        "either way (mailhub_event_loop_lag_seconds)."),
-    ("directory", "address"): Option(_local_part, "directory",
+        "either way (mailhub_event_loop_lag_seconds).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    """The [directory] section (SECTION_DOCS["directory"])."""
+
+    address: str = setting(
+        _local_part,
+        "directory",
         "Local part of the participant directory's address: a site that mails directory@<each "
-        "local domain> gets the signed participant list back in its own mailbox."),
-    ("directory", "notify_on_change"): Option(_bool, True,
+        "local domain> gets the signed participant list back in its own mailbox.",
+    )
+    notify_on_change: bool = setting(
+        _bool,
+        True,
         "Send every site the signed participant list whenever a site is added or removed, or "
-        "changes its addresses or key."),
-    ("directory", "key_grace_days"): Option(_zero_or_more, 14,
+        "changes its addresses or key.",
+    )
+    key_grace_days: float = setting(
+        _zero_or_more,
+        14,
         "Days a site's previous key stays valid for encryption after `mailhub site key import` "
-        "replaced it (0: not at all)."),
-    ("directory", "min_request_interval"): Option(_zero_or_more, 60,
+        "replaced it (0: not at all).",
+    )
+    min_request_interval: float = setting(
+        _zero_or_more,
+        60,
         "Seconds before a site that asked for the directory is answered again (0: no limit); a "
-        "request sooner gets 450 4.7.1 at RCPT, so its gateway asks again later."),
-    ("directory", "hub_key_grace_days"): Option(_zero_or_more, 30,
+        "request sooner gets 450 4.7.1 at RCPT, so its gateway asks again later.",
+    )
+    hub_key_grace_days: float = setting(
+        _zero_or_more,
+        30,
         "Days the hub's previous signing key keeps co-signing every directory mail after `mailhub "
         "directory rotate-key` (0: only the announcement of the rotation); then it is retired, "
-        "kept in DATA_DIR/hub-keys/ but no longer used."),
-    ("encryption", "required"): Option(_bool, True,
+        "kept in DATA_DIR/hub-keys/ but no longer used.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    """The [encryption] section (SECTION_DOCS["encryption"])."""
+
+    required: bool = setting(
+        _bool,
+        True,
         "Refuse DICOM in the clear and PGP/MIME mails not encrypted to each recipient site's "
         "current (or grace-period) key. Sites can be set apart with `mailhub site policy NAME "
-        "--encryption on|off`."),
-    ("encryption", "allow_hidden_recipients"): Option(_bool, False,
-        "Accept PGP/MIME mails whose public-key packets hide the recipient (key ID 0, gpg "
-        "--throw-keyids)."),
-    ("relay", "enabled"): Option(_bool, True,
+        "--encryption on|off`.",
+    )
+    allow_hidden_recipients: bool = setting(
+        _bool,
+        False,
+        "Accept PGP/MIME mails whose public-key packets hide the recipient (key ID 0, gpg --throw-keyids).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The [relay] section (SECTION_DOCS["relay"])."""
+
+    enabled: bool = setting(
+        _bool,
+        True,
         "Forward mail to non-local addresses along relay.routes. Off: such recipients get 550 "
         "5.1.2 at RCPT, and mail already queued waits (`mailhub queue list`) until the relay is "
-        "on again."),
-    ("relay", "hostname"): Option(_text, "",
-        "Name sent in EHLO to next hops (default: the hub's hostname)."),
-    ("relay", "routes"): Option(_routes, [],
-        "Next hops by recipient domain, most specific first: \"example.org\" also serves its "
-        "subdomains, \"*\" serves every other non-local domain. Without a matching route a "
+        "on again.",
+    )
+    hostname: str = setting(_text, "", "Name sent in EHLO to next hops (default: the hub's hostname).")
+    routes: tuple["Route", ...] = setting(
+        _routes,
+        [],
+        'Next hops by recipient domain, most specific first: "example.org" also serves its '
+        'subdomains, "*" serves every other non-local domain. Without a matching route a '
         "recipient gets 550 5.1.2. Each route is a [[relay.routes]] table with domain, host, port "
         "(25), tls (none | opportunistic: STARTTLS when offered, any certificate | required: "
         "STARTTLS with a verified certificate, else defer; default opportunistic), ca_file (CA "
-        "bundle for tls = \"required\"; default: the system's), auth_user and auth_password or "
-        "auth_password_file (AUTH PLAIN, only over TLS unless tls = \"none\"), max_connections (10: "
+        'bundle for tls = "required"; default: the system\'s), auth_user and auth_password or '
+        'auth_password_file (AUTH PLAIN, only over TLS unless tls = "none"), max_connections (10: '
         "simultaneous connections to this next hop, reused for bursts). In the environment: "
-        "MAILHUB_RELAY_ROUTES=\"example.org=mx.example.org:25, *=smarthost:587\" (defaults for the "
-        "other route keys)."),
-    ("relay", "max_active"): Option(_int(1), 100,
-        "Deliveries (recipients) in progress at once, over all next hops. Deferred mail gets at "
-        "most half."),
-    ("relay", "connect_timeout"): Option(_number, 30,
-        "Seconds to connect to a next hop (and finish a TLS handshake)."),
-    ("relay", "command_timeout"): Option(_number, 300,
+        'MAILHUB_RELAY_ROUTES="example.org=mx.example.org:25, *=smarthost:587" (defaults for the '
+        "other route keys).",
+    )
+    max_active: int = setting(
+        _int(1),
+        100,
+        "Deliveries (recipients) in progress at once, over all next hops. Deferred mail gets at most half.",
+    )
+    connect_timeout: float = setting(_number, 30, "Seconds to connect to a next hop (and finish a TLS handshake).")
+    command_timeout: float = setting(
+        _number,
+        300,
         "Seconds to wait for each reply of a next hop (twice as long for the reply to the end of "
-        "the data, while the next hop stores the mail)."),
-    ("relay", "min_backoff"): Option(_number, 300,
+        "the data, while the next hop stores the mail).",
+    )
+    min_backoff: float = setting(
+        _number,
+        300,
         "Seconds before the first retry after a temporary failure, doubling per attempt up to "
         "relay.max_backoff. A next hop that cannot be reached is backed off as a whole in the "
-        "same way."),
-    ("relay", "max_backoff"): Option(_number, 3600,
-        "Longest wait (seconds) between retries."),
-    ("relay", "max_lifetime"): Option(_number, 5 * 86400,
-        "Seconds after which undelivered mail is returned to its sender (a DSN in the sender's "
-        "mailbox)."),
-    ("relay", "delay_warning"): Option(_zero_or_more, 4 * 3600,
-        "Seconds after which the sender is told once that the mail is still being retried (0: "
-        "never)."),
-}
+        "same way.",
+    )
+    max_backoff: float = setting(_number, 3600, "Longest wait (seconds) between retries.")
+    max_lifetime: float = setting(
+        _number,
+        5 * 86400,
+        "Seconds after which undelivered mail is returned to its sender (a DSN in the sender's mailbox).",
+    )
+    delay_warning: float = setting(
+        _zero_or_more,
+        4 * 3600,
+        "Seconds after which the sender is told once that the mail is still being retried (0: never).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration: the top-level keys, one object per section, and the file it came
+    from. Built by load() (or with_overrides()), which validate it; never changed afterwards."""
+
+    data_dir: Path = setting(
+        _path,
+        "mailhub-data",
+        "Folder for the index (index.sqlite3), the spool and the message blobs. Relative to the working folder.",
+    )
+    domain: tuple[str, ...] = setting(
+        _domains,
+        ["hub.test"],
+        "The local mail domains: mail to these is delivered to site mailboxes (the first is the default).",
+    )
+    hostname: str = setting(
+        _text, "", "Name the hub gives itself in greetings and Received: headers (default: the first domain)."
+    )
+    shutdown_timeout: float = setting(
+        _number, 30, "Seconds that transactions in flight get to finish after SIGTERM/SIGINT before they are cut off."
+    )
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    pop3: Pop3Config = field(default_factory=Pop3Config)
+    imap: ImapConfig = field(default_factory=ImapConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    config_file: Path | None = None
+    # ((section, key), (value as given, where from)) for each key set by the file or the environment
+    # (later ones win), for with_overrides(); may hold secrets, so never in a repr.
+    sources: tuple[tuple[tuple[str, str], tuple[Any, str]], ...] = field(default=(), repr=False, compare=False)
+
+    def with_overrides(self, values: Mapping[str, Any], source: str = "override") -> "Config":
+        """A new Config as if the dotted keys in `values` ("smtp.max_recipients", "domain") had
+        been set after the file and the environment, as written there (TOML values or strings);
+        validated like load(). This object is left as it is."""
+        given = dict(self.sources)
+        for dotted, value in values.items():
+            section, _, key = dotted.rpartition(".")
+            if (section, key) not in SCHEMA:
+                raise ConfigError(f"{dotted}: unknown key (in {source})")
+            given[(section, key)] = (value, source)
+        return build(given, self.config_file)
 
 
 # What each section is for (the heading text of docs/configuration.md and example.toml).
 SECTION_DOCS: dict[str, str] = {
     "": "Top-level settings: where the data lives and which mail domains are local.",
-    "smtp": (
-        "The SMTP listener gateways submit mail to (docs/hostile-clients.md explains the connection "
-        "limits)."),
+    "smtp": ("The SMTP listener gateways submit mail to (docs/hostile-clients.md explains the connection limits)."),
     "pop3": "The POP3 listener (and POP3S) gateways fetch mail from.",
     "imap": "The IMAP listener (and IMAPS) gateways fetch mail from.",
     "quotas": (
         "Defaults for every site; `mailhub site set NAME --<limit> VALUE|unlimited|default` "
         "overrides one site. Sizes take K, M, G, T (binary) units. 0 means unlimited for the size "
-        "and volume limits."),
+        "and volume limits."
+    ),
     "throttle": "Admission by the receiver's drain time, and pacing of senders.",
     "metrics": "The Prometheus endpoint.",
     "tls": "Certificate and key for STARTTLS/STLS and the implicit-TLS listeners.",
     "auth": "Logins, and the guard against password guessing (all protocols; docs/hostile-clients.md).",
     "events": "The tracking record behind `mailhub trace` and `mailhub stats`.",
-    "storage": (
-        "The blob store, its disk-space guards and the background scrub (docs/storage.md, "
-        "docs/integrity.md)."),
+    "storage": ("The blob store, its disk-space guards and the background scrub (docs/storage.md, docs/integrity.md)."),
     "log": "Logging.",
     "directory": "The participant directory and the hub's signing key (docs/hub-key.md).",
     "encryption": "The encryption policy applied at the end of the data.",
     "relay": (
         "Outbound relay: mail from authenticated sites to addresses outside the local domains is "
-        "queued durably and forwarded along the routes."),
+        "queued durably and forwarded along the routes."
+    ),
 }
+
+
+def _section_classes() -> dict[str, type]:
+    found: dict[str, type] = {"": Config}
+    for config_field in dataclasses.fields(Config):
+        section_class = config_field.default_factory
+        if isinstance(section_class, type):
+            found[config_field.name] = section_class
+    return found
+
+
+# Section name ("" for the top level) -> its dataclass, in the order of docs/configuration.md.
+SECTIONS = _section_classes()
+
+# (section, key) -> Option, read from the fields above: the one schema the loader, the environment
+# names, docs/configuration.md, example.toml and the Ansible role all use.
+SCHEMA: dict[tuple[str, str], Option] = {
+    (section, f.name): f.metadata["option"]
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if "option" in f.metadata
+}
+
 
 def env_name(section: str, key: str) -> str:
     return ENV_PREFIX + (f"{section}_{key}" if section else key).upper()
 
 
-def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> SimpleNamespace:
-    """Defaults, then the TOML file, then the environment; returns cfg with cfg.<section>.<key>."""
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file, then the environment; a validated Config."""
     environ = os.environ if environ is None else environ
-    raw: dict[tuple[str, str], tuple[Any, str]] = {k: (o.default, "default") for k, o in SCHEMA.items()}
+    given: dict[tuple[str, str], tuple[Any, str]] = {}
     if path is not None:
-        for name, value in _read_toml(Path(path)).items():
-            raw[name] = (value, str(path))
-    for (section, key) in SCHEMA:
+        for section_key, value in _read_toml(Path(path)).items():
+            given[section_key] = (value, str(path))
+    for section, key in SCHEMA:
         name = env_name(section, key)
         if name in environ:
-            raw[(section, key)] = (environ[name], name)
-    cfg = SimpleNamespace(**{s: SimpleNamespace() for s, _ in SCHEMA if s})
-    for (section, key), (value, source) in raw.items():
+            given[(section, key)] = (environ[name], name)
+    return build(given, Path(path) if path is not None else None)
+
+
+def build(given: Mapping[tuple[str, str], tuple[Any, str]], config_file: Path | None = None) -> Config:
+    """A validated Config from (section, key) -> (value as written, where it came from); keys not
+    given keep their defaults."""
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for (section, key), (value, source) in given.items():
         try:
-            parsed = SCHEMA[(section, key)].parse(value)
+            values[section][key] = SCHEMA[(section, key)].parse(value)
         except ValueError as exc:
             raise ConfigError(f"{_dotted(section, key)}: {exc} (from {source})") from None
-        setattr(getattr(cfg, section) if section else cfg, key, parsed)
+    top = values.pop("")
+    if not top.get("hostname"):
+        top["hostname"] = top.get("domain", _default("", "domain"))[0]
+    sections = {name: SECTIONS[name](**keys) for name, keys in values.items()}
+    cfg = Config(**top, **sections, config_file=config_file, sources=tuple(given.items()))
     _check_combinations(cfg)
-    cfg.config_file = Path(path) if path is not None else None
     return cfg
+
+
+def _default(section: str, key: str) -> Any:
+    option = SCHEMA[(section, key)]
+    return option.parse(option.default)
 
 
 def _read_toml(path: Path) -> dict[tuple[str, str], Any]:
@@ -569,7 +906,7 @@ def _read_toml(path: Path) -> dict[tuple[str, str], Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    found = {}
+    found: dict[tuple[str, str], Any] = {}
     sections = {section for section, _ in SCHEMA if section}
     for name, value in document.items():
         if isinstance(value, dict) and not value and name not in sections:
@@ -585,19 +922,16 @@ def _read_toml(path: Path) -> dict[tuple[str, str], Any]:
     return found
 
 
-def _check_combinations(cfg: SimpleNamespace) -> None:
+def _check_combinations(cfg: Config) -> None:
     if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
         raise ConfigError("tls.cert_file: cert_file and key_file must be set together")
-    for key in ("cert_file", "key_file"):
-        value = getattr(cfg.tls, key)
+    for key, value in (("cert_file", cfg.tls.cert_file), ("key_file", cfg.tls.key_file)):
         if value is not None and not value.is_file():
             raise ConfigError(f"tls.{key}: no such file {str(value)!r}")
     if cfg.pop3.pop3s_listen and cfg.tls.cert_file is None:
         raise ConfigError("pop3.pop3s_listen: needs tls.cert_file and tls.key_file")
     if cfg.imap.imaps_listen and cfg.tls.cert_file is None:
         raise ConfigError("imap.imaps_listen: needs tls.cert_file and tls.key_file")
-    if not cfg.hostname:
-        cfg.hostname = cfg.domain[0]
     if cfg.relay.max_backoff < cfg.relay.min_backoff:
         raise ConfigError("relay.max_backoff: must not be less than relay.min_backoff")
 

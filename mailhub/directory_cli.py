@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from .config import Config
+
 EXIT_FAILED = 1
 
 
-def directory_command(cfg, args) -> int:
+def directory_command(cfg: Config, args) -> int:
     from directory import DirectoryError
     from storage import SiteError
 
@@ -36,7 +38,7 @@ def directory_command(cfg, args) -> int:
         conn.close()
 
 
-def _key(cfg, conn, args) -> int:
+def _key(cfg: Config, conn, args) -> int:
     from directory import DirectoryError, import_key, site_keys
     from directory.document import group_fingerprint
     from storage.sites import get_site
@@ -93,7 +95,7 @@ def _policy(conn, args) -> int:
     return 0
 
 
-def _directory(cfg, conn, args) -> int:
+def _directory(cfg: Config, conn, args) -> int:
     from directory import directory_mail, load_or_create_hub_keys, read_document, to_json, to_text
 
     if args.directory_command == "rotate-key":
@@ -148,7 +150,7 @@ def _export_key(conn, keys, args) -> int:
     return 0
 
 
-def _rotate_key(cfg, conn, args) -> int:
+def _rotate_key(cfg: Config, conn, args) -> int:
     from directory import DirectoryError, load_hub_keys, rotate_hub_key
     from directory.hub_key import archive_path
     from directory.mailer import announced_key_stamp, key_stamp, note_hub_key_announced
@@ -188,7 +190,7 @@ def _rotate_key(cfg, conn, args) -> int:
     return 0
 
 
-def _announcement(cfg, fingerprint: str) -> str:
+def _announcement(cfg: Config, fingerprint: str) -> str:
     """Ask the running hub to announce the rotation now; what became of it, for the operator."""
     from .control import ControlError, request
 
@@ -210,12 +212,12 @@ def _announcement(cfg, fingerprint: str) -> str:
     return "The running hub had announced the rotation already (or there is no site to tell)."
 
 
-def _hub_addresses(cfg) -> list[str]:
+def _hub_addresses(cfg: Config) -> list[str]:
     """The directory address of each local domain, the first one's first."""
     return [f"{cfg.directory.address}@{domain}" for domain in cfg.domain]
 
 
-def _hub_key_grace(cfg) -> float:
+def _hub_key_grace(cfg: Config) -> float:
     return cfg.directory.hub_key_grace_days * 86400
 
 

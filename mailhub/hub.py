@@ -26,6 +26,7 @@ from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
 from storage.scrub import Scrub
 
 from .auth_control import register_auth_commands
+from .config import Config
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
@@ -38,7 +39,7 @@ _PRUNE_EVERY = 60    # housekeeping rounds (an hour) between two prunings of the
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def tls_context(cfg) -> ssl.SSLContext | None:
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
     if cfg.tls.cert_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -51,7 +52,7 @@ class Hub:
     imap, imaps, metrics) to the ports actually bound. With `handle_signals` (the main thread of
     `mailhub serve` only), SIGTERM and SIGINT ask it to stop: `await hub.stopped()` returns then."""
 
-    def __init__(self, cfg, handle_signals: bool = False):
+    def __init__(self, cfg: Config, handle_signals: bool = False):
         self.cfg = cfg
         self.ports: dict[str, int] = {}
         self._handle_signals = handle_signals
@@ -262,7 +263,7 @@ async def _start_control(control: ControlServer) -> bool:
     return True
 
 
-def _hub_keys(cfg) -> HubKeySource:
+def _hub_keys(cfg: Config) -> HubKeySource:
     """The hub's signing keys (the first made now if there is none), after removing what a cut-off
     rotation left."""
     clean_leftovers(cfg.data_dir)

@@ -4,13 +4,15 @@
 # fetch it with `gpg --fetch-keys` or any WKD client. Only public keys are ever served.
 # Must never: serve anything but the published public keys, or block the event loop for long
 # (the keys are armored once per change; a lookup is a dict access and one stat()).
+from collections.abc import Sequence
+
 from directory import HubKeySource, wkd_paths
 
 ARMORED_PATH = "/hub-key.asc"
 
 
 class HubKeyRoutes:
-    def __init__(self, source: HubKeySource, local_part: str, domains: list[str]):
+    def __init__(self, source: HubKeySource, local_part: str, domains: Sequence[str]):
         self.source = source
         self.key_paths, self.policy_paths = wkd_paths(local_part, domains)
 

@@ -12,6 +12,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from .config import Config
 from .report_format import human_size, iso_time, printable
 
 EXIT_FAILED = 1
@@ -83,7 +84,7 @@ def storage_parsers(commands, common) -> None:
     quarantine.add_argument("--json", action="store_true")
 
 
-def storage_command(cfg, args) -> int:
+def storage_command(cfg: Config, args) -> int:
     action = args.storage_command
     try:
         if action == "check":
@@ -104,7 +105,7 @@ def storage_command(cfg, args) -> int:
         return EXIT_FAILED
 
 
-def _check(cfg, args) -> int:
+def _check(cfg: Config, args) -> int:
     from storage.check import check
 
     report = check(cfg.data_dir)
@@ -134,7 +135,7 @@ def _check(cfg, args) -> int:
     return EXIT_FAILED if report.problems else 0
 
 
-def _rebuild(cfg, args) -> int:
+def _rebuild(cfg: Config, args) -> int:
     from storage.errors import StorageError
     from storage.rebuild import rebuild_index
 
@@ -185,7 +186,7 @@ def _rebuild(cfg, args) -> int:
     return 0
 
 
-def _compact_ledger(cfg, args) -> int:
+def _compact_ledger(cfg: Config, args) -> int:
     from storage.folder_lock import DataFolderInUse, lock_data_folder
     from storage.ledger_compact import CompactionRunning, compact
 
@@ -214,7 +215,7 @@ def _compact_ledger(cfg, args) -> int:
     return 0
 
 
-def _backup(cfg, args) -> int:
+def _backup(cfg: Config, args) -> int:
     from storage.backup import BackupError, backup
 
     try:
@@ -236,7 +237,7 @@ def _backup(cfg, args) -> int:
     return 0
 
 
-def _quarantine(cfg, args) -> int:
+def _quarantine(cfg: Config, args) -> int:
     from storage.quarantine import list_entries
 
     entries = list_entries(cfg.data_dir)
@@ -271,7 +272,7 @@ def _quarantine(cfg, args) -> int:
     return 0
 
 
-def _verify(cfg, args) -> int:
+def _verify(cfg: Config, args) -> int:
     import time
 
     from storage import db
@@ -345,7 +346,7 @@ def _verify(cfg, args) -> int:
     return EXIT_FAILED if found else 0
 
 
-def _damaged(cfg, args) -> int:
+def _damaged(cfg: Config, args) -> int:
     from storage import db
     from storage.verify import damaged_mails
 

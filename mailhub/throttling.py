@@ -10,12 +10,13 @@ from quotas import AdmissionConfig, DrainConfig, PacingConfig, SiteLimits, Throt
 from storage import SiteCache, Storage, StorageFull
 
 from . import metrics
+from .config import Config
 
 log = logging.getLogger("mailhub.throttle")
 _STATE_EVERY = 5.0  # seconds between writes of the live state to the index
 
 
-def settings_from_config(cfg) -> ThrottleSettings:
+def settings_from_config(cfg: Config) -> ThrottleSettings:
     q, t = cfg.quotas, cfg.throttle
     defaults = SiteLimits(
         mailbox_bytes=q.mailbox_bytes or None,

@@ -4,6 +4,7 @@
 import re
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import db, events
@@ -45,7 +46,7 @@ def validate_address(address: str, local_domains: list[str]) -> str:
 
 
 def add_site(
-    conn: sqlite3.Connection, name: str, addresses: list[str], password: str, local_domains: list[str]
+    conn: sqlite3.Connection, name: str, addresses: list[str], password: str, local_domains: Sequence[str]
 ) -> Site:
     validate_name(name)
     if not addresses:

@@ -74,7 +74,7 @@ def test_check_with_the_built_in_defaults(tmp_path):
     cfg = config.load(None, environ={})
     assert (cfg.data_dir, cfg.domain, cfg.hostname, cfg.shutdown_timeout) == (
         Path("mailhub-data"),
-        ["hub.test"],
+        ("hub.test",),
         "hub.test",
         30,
     )
@@ -86,7 +86,7 @@ def test_check_with_the_built_in_defaults(tmp_path):
     )
     assert cfg.smtp.max_message_size == 2 * 1024**3
     assert (cfg.tls.cert_file, cfg.tls.key_file, cfg.auth.allow_plaintext) == (None, None, False)
-    assert cfg.smtp.peer_networks == [] and cfg.config_file is None
+    assert cfg.smtp.peer_networks == () and cfg.config_file is None
 
 
 def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
@@ -95,7 +95,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
     net = ipaddress.ip_network
     return {
         ("", "data_dir"): ("/srv/mailhub", Path("/srv/mailhub")),
-        ("", "domain"): ("Hub.Example, second.example", ["hub.example", "second.example"]),
+        ("", "domain"): ("Hub.Example, second.example", ("hub.example", "second.example")),
         ("", "hostname"): ("mx.hub.example", "mx.hub.example"),
         ("", "shutdown_timeout"): ("2.5", 2.5),
         ("smtp", "listen"): ("0.0.0.0:25", ("0.0.0.0", 25)),
@@ -106,12 +106,12 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("smtp", "max_unauthenticated"): ("21", 21),
         ("smtp", "max_unauthenticated_per_ip"): ("22", 22),
         ("smtp", "login_timeout"): ("23.5", 23.5),
-        ("smtp", "limit_exempt_networks"): ("127.0.0.0/8, ::1/128", [net("127.0.0.0/8"), net("::1/128")]),
+        ("smtp", "limit_exempt_networks"): ("127.0.0.0/8, ::1/128", (net("127.0.0.0/8"), net("::1/128"))),
         ("smtp", "max_commands"): ("500", 500),
         ("smtp", "max_bad_commands"): ("3", 3),
         ("smtp", "max_line_length"): ("1000", 1000),
         ("smtp", "idle_timeout"): ("60", 60.0),
-        ("smtp", "peer_networks"): ("10.0.0.0/8, 2001:db8::/32", [net("10.0.0.0/8"), net("2001:db8::/32")]),
+        ("smtp", "peer_networks"): ("10.0.0.0/8, 2001:db8::/32", (net("10.0.0.0/8"), net("2001:db8::/32"))),
         ("smtp", "memory_budget"): ("64M", 64 * 1024**2),
         ("pop3", "listen"): ("[::1]:110", ("::1", 110)),
         ("pop3", "pop3s_listen"): ("127.0.0.1:995", ("127.0.0.1", 995)),
@@ -120,7 +120,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("pop3", "max_unauthenticated"): ("31", 31),
         ("pop3", "max_unauthenticated_per_ip"): ("32", 32),
         ("pop3", "login_timeout"): ("33.5", 33.5),
-        ("pop3", "limit_exempt_networks"): ("127.0.0.0/8, ::1/128", [net("127.0.0.0/8"), net("::1/128")]),
+        ("pop3", "limit_exempt_networks"): ("127.0.0.0/8, ::1/128", (net("127.0.0.0/8"), net("::1/128"))),
         ("pop3", "idle_timeout"): ("700", 700.0),
         ("imap", "listen"): ("127.0.0.2:143", ("127.0.0.2", 143)),
         ("imap", "imaps_listen"): ("127.0.0.1:993", ("127.0.0.1", 993)),
@@ -129,7 +129,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("imap", "max_unauthenticated"): ("41", 41),
         ("imap", "max_unauthenticated_per_ip"): ("42", 42),
         ("imap", "login_timeout"): ("43.5", 43.5),
-        ("imap", "limit_exempt_networks"): ("127.0.0.0/8, ::1/128", [net("127.0.0.0/8"), net("::1/128")]),
+        ("imap", "limit_exempt_networks"): ("127.0.0.0/8, ::1/128", (net("127.0.0.0/8"), net("::1/128"))),
         ("imap", "idle_timeout"): ("1900", 1900.0),
         ("quotas", "mailbox_bytes"): ("10G", 10 * 1024**3),
         ("quotas", "mailbox_messages"): ("5000", 5000),
@@ -186,7 +186,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("relay", "hostname"): ("relay.hub.example", "relay.hub.example"),
         ("relay", "routes"): (
             "other.example=127.0.0.1:2526, *=[::1]:25",
-            [Route("other.example", "127.0.0.1", 2526), Route("*", "::1", 25)],
+            (Route("other.example", "127.0.0.1", 2526), Route("*", "::1", 25)),
         ),
         ("relay", "max_active"): ("7", 7),
         ("relay", "connect_timeout"): ("3", 3.0),
@@ -229,10 +229,10 @@ def toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, tuple):
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):  # HOST:PORT
         host, port = value
         return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    if isinstance(value, list):
+    if isinstance(value, tuple):  # lists are tuples in the Config
         return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
     return json.dumps(str(value))
 
@@ -265,7 +265,7 @@ def test_a_file_with_every_section_and_the_environment_winning(tmp_path, pem_fil
             "MAILHUB_LOG_LEVEL": "error",
         },
     )
-    assert cfg.smtp.listen == ("127.0.0.1", 2626) and cfg.domain == ["a.test", "b.test"]
+    assert cfg.smtp.listen == ("127.0.0.1", 2626) and cfg.domain == ("a.test", "b.test")
     assert cfg.log.level == "error" and cfg.hostname == "mx.hub.example"
 
 

@@ -2,7 +2,7 @@
 # serves which recipient domain. Parsed once from the config ([[relay.routes]] tables, or the compact
 # "DOMAIN=HOST:PORT, ..." form of the environment); pure lookups, no I/O. Must never import the
 # network code: the config loader uses it.
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ class Route:
     tls: str = "opportunistic"  # none | opportunistic | required (verified certificate)
     ca_file: Path | None = None  # CA bundle for tls = "required" (default: the system's)
     auth_user: str = ""
-    auth_password: str = ""
+    auth_password: str = field(default="", repr=False)  # a secret: never in logs or reprs
     max_connections: int = 10
 
     @property
@@ -54,10 +54,10 @@ def parse_routes(value: Any) -> list[Route]:
 def _route(item: Any) -> Route:
     if isinstance(item, str):
         domain, sep, hop = item.partition("=")
-        host, colon, port = hop.rpartition(":")
+        host, colon, port_text = hop.rpartition(":")
         if not sep or not colon:
             raise ValueError(f"expected DOMAIN=HOST:PORT, got {item!r}")
-        item = {"domain": domain.strip(), "host": host.strip().strip("[]"), "port": port.strip()}
+        item = {"domain": domain.strip(), "host": host.strip().strip("[]"), "port": port_text.strip()}
     if not isinstance(item, dict):
         raise ValueError(f"a route must be a table, got {item!r}")
     unknown = set(item) - _KEYS
@@ -94,7 +94,7 @@ def _route(item: Any) -> Route:
                                                                   "max_connections", 1, 1000))
 
 
-def _string(item: dict, key: str) -> str:
+def _string(item: dict[str, Any], key: str) -> str:
     value = item.get(key, "")
     if not isinstance(value, str):
         raise ValueError(f"route key {key} must be a string")
