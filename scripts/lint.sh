@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's static checks, as CI runs them (scripts/test.sh calls this before pytest):
+# The project's static checks, as CI runs them (scripts/test.sh calls this before pytest when MAILHUB_LINT=1):
 # the package layers (import-linter), ruff's lint rules and formatting, and mypy on the modules
 # pyproject.toml lists ([tool.mypy] files; strict). Needs the venv made by scripts/test.sh.
 set -euo pipefail

@@ -3,6 +3,7 @@
 # imports storage.writer_child, does not load the event-loop side (asyncio, aiosqlite) it never
 # uses: it stays at about half the memory.
 import importlib
+from typing import Any
 
 _EXPORTS = {
     "StorageError": ".errors",
@@ -22,7 +23,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -8,6 +8,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import db, ledger, quarantine
 from .folder_lock import LOCK_NAME
@@ -44,7 +45,7 @@ class CheckReport:
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -87,7 +88,7 @@ def _hub_running(data_dir: Path) -> bool:
     return False
 
 
-def _check_index(conn, data_dir: Path, report: CheckReport, now: float) -> None:
+def _check_index(conn: sqlite3.Connection, data_dir: Path, report: CheckReport, now: float) -> None:
     problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
     if problems != ["ok"]:
         report.index_ok = False
@@ -103,7 +104,10 @@ def _check_index(conn, data_dir: Path, report: CheckReport, now: float) -> None:
     committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs"))
     trash = {b for (b,) in conn.execute("SELECT blob FROM blob_trash")}
     report.packs = len(committed_end)
-    young = report.hub_running and (lambda mtime: now - mtime < IN_FLIGHT_SECONDS) or (lambda mtime: False)
+
+    def young(mtime: float) -> bool:
+        return report.hub_running and now - mtime < IN_FLIGHT_SECONDS
+
     blob_dir, on_disk = data_dir / "blobs", set()
     for folder in _scandir(blob_dir):
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
@@ -186,7 +190,7 @@ def _check_quarantine(data_dir: Path, report: CheckReport) -> None:
         report.quarantine_reasons[entry.reason] = report.quarantine_reasons.get(entry.reason, 0) + 1
 
 
-def _scandir(path):
+def _scandir(path: str | Path) -> list[os.DirEntry[str]]:
     try:
         return list(os.scandir(path))
     except FileNotFoundError:

@@ -3,6 +3,8 @@
 import sqlite3
 from importlib import resources
 from pathlib import Path
+from types import TracebackType
+from typing import Literal
 
 from .errors import StorageError, StorageFull
 
@@ -70,7 +72,7 @@ def check(conn: sqlite3.Connection) -> None:
         raise IndexDamaged(damaged_message(path, "; ".join(problems)))
 
 
-def damaged_message(path, error) -> str:
+def damaged_message(path: str | Path, error: BaseException | str) -> str:
     return (
         f"the index {path} is damaged ({error}); stop the hub and run `mailhub storage rebuild-index`"
         f" (see docs/storage.md)"
@@ -110,7 +112,7 @@ class transaction:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
 
-    def __enter__(self):
+    def __enter__(self) -> sqlite3.Connection:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -118,18 +120,22 @@ class transaction:
             raise
         return self.conn
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
+        commit_failed: sqlite3.OperationalError | None = None
         if exc_type is None:
             try:
                 self.conn.execute("COMMIT")
                 return False
-            except sqlite3.OperationalError as commit_failed:
-                exc = commit_failed
+            except sqlite3.OperationalError as error:
+                commit_failed = error
         self._rollback()
-        if isinstance(exc, sqlite3.OperationalError):
-            _raise_if_full(exc)
-        if exc_type is None:
-            raise exc
+        failure = commit_failed or exc
+        if isinstance(failure, sqlite3.OperationalError):
+            _raise_if_full(failure)
+        if commit_failed is not None:
+            raise commit_failed
         return False
 
     def _rollback(self) -> None:

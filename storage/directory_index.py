@@ -70,12 +70,12 @@ def policy_overrides(conn: sqlite3.Connection) -> dict[int, str]:
 
 def directory_version(conn: sqlite3.Connection) -> int:
     """Moves whenever what the participant list shows changes (sites, addresses, keys)."""
-    return conn.execute("SELECT value FROM meta WHERE key = 'directory_version'").fetchone()[0]
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'directory_version'").fetchone()[0])
 
 
 def keys_version(conn: sqlite3.Connection) -> int:
     """Moves whenever a site's keys or policy override change."""
-    return conn.execute("SELECT value FROM meta WHERE key = 'keys_version'").fetchone()[0]
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'keys_version'").fetchone()[0])
 
 
 def marks(conn: sqlite3.Connection, *names: str) -> dict[str, int]:

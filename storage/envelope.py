@@ -13,7 +13,11 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from .records import Delivery, MessageMeta
 
 FRAME_MAGIC = b"MHF1"
 TRAILER_MAGIC = b"MHT1"
@@ -27,13 +31,21 @@ _SCAN_STEP = 1 << 20  # bytes read at a time when looking for the next frame
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode  # ASCII: any text goes
 
 
-def structure_json(meta) -> str:
+def structure_json(meta: MessageMeta) -> str:
     """The MIME structure as the index stores it (messages.structure), "null" when unknown."""
     return "null" if meta.structure is None else _ENCODE(meta.structure)
 
 
 def record(
-    queue_id: str, size: int, received_at: float, sha256: str, meta, deliveries, remote, structure: str, **batch
+    queue_id: str,
+    size: int,
+    received_at: float,
+    sha256: str,
+    meta: MessageMeta,
+    deliveries: Iterable[Delivery],
+    remote: Iterable[str],
+    structure: str,
+    **batch: Any,
 ) -> bytes:
     """The JSON record of one mail (`meta` a storage.MessageMeta, `deliveries` storage.Delivery,
     `structure` its structure_json, spliced in as it is)."""
@@ -70,7 +82,7 @@ def trailer(record_bytes: bytes, message_size: int) -> bytes:
 class Found:
     """A mail found in a blob file: its record (None if unreadable) and where its bytes are."""
 
-    record: dict | None
+    record: dict[str, Any] | None
     offset: int  # of the message bytes
     size: int
     frame_offset: int  # where its frame (pack) or its message (single file) begins
@@ -110,7 +122,7 @@ def read_frame(fd: int, offset: int, file_size: int) -> Found | None:
     return None if doc is None else Found(doc, start, size, offset, start + size)
 
 
-def frames(fd: int, start: int, end: int):
+def frames(fd: int, start: int, end: int) -> Iterator[Found]:
     """Every frame in [start, end) of a pack, in order. Where a frame cannot be read (damage, a
     torn write) the scan looks for the next intact one; each skipped range is yielded as a Found
     with record None."""
@@ -140,7 +152,7 @@ def _next_frame(fd: int, offset: int, end: int) -> int:
     return end
 
 
-def _decode(data: bytes, crc: int) -> dict | None:
+def _decode(data: bytes, crc: int) -> dict[str, Any] | None:
     if zlib.crc32(data) != crc:
         return None
     try:

@@ -6,6 +6,7 @@
 # describe; this module only builds rows and prunes. Must never read message content.
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 ACCEPTED, DELIVERED, DOWNLOADED, DELETED = "accepted", "delivered", "downloaded", "deleted"
 REFUSED, DEFERRED = "refused", "deferred"
@@ -52,7 +53,7 @@ COLUMNS = (
 INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-def row(e: Event) -> tuple:
+def row(e: Event) -> tuple[Any, ...]:
     return (
         e.at,
         e.kind,

@@ -26,7 +26,7 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def write_all_vectored(fd: int, buffers: list) -> None:
+def write_all_vectored(fd: int, buffers: list[bytes] | list[memoryview]) -> None:
     """Write several buffers in order with as few system calls as the kernel allows (no copy)."""
     written = os.writev(fd, buffers)
     total = sum(map(len, buffers))

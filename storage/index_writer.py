@@ -11,17 +11,24 @@
 import collections
 import json
 import secrets
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, TypeVarTuple
 
 from . import db, envelope, events, faults, ledger, verify
 from .files import unlink_quietly
 from .packs import PackWriter, truncate_durably
-from .records import pickled_by_fields
+from .records import Delivery, Downloads, MessageMeta, pickled_by_fields
 from .usage import write_throttle_states
 
 LEDGER_SYNC_INTERVAL = 1.0  # seconds: under steady load, commit lines are made durable this often
+
+
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 
 @pickled_by_fields
@@ -35,13 +42,13 @@ class BatchItem:
     queue_id: str
     size: int
     received_at: float
-    meta: object  # storage.MessageMeta
-    deliveries: list  # [storage.Delivery]
+    meta: MessageMeta
+    deliveries: list[Delivery]
     remote: list[str]
     mark: tuple[str, int] | None
     blob: str  # '<hour folder>/<name>' (a packed one: the name a pack it begins takes)
     sha256: str | None = None
-    data: list[bytes] | None = None
+    data: list[Any] | None = None  # bytes; pickle.PickleBuffers to the writer process, bytearrays in it
     spool_path: str | None = None
     offset: int = 0
     structure: str | None = None  # meta.structure as JSON (set by the writer, for the record and the row)
@@ -80,7 +87,7 @@ class IndexWriter:
             self.ledger.close()
             self.conn.close()
 
-    def in_transaction(self, function, *args):
+    def in_transaction(self, function: Callable[[sqlite3.Connection, *Args], T], *args: *Args) -> T:
         """function(conn, *args) in one transaction (also storage.outbound functions, by queue_op)."""
         self._note_time()
         with db.transaction(self.conn):
@@ -93,7 +100,7 @@ class IndexWriter:
         if not self._recent or now - self._recent[-1][0] >= 1.0:
             self._recent.append((now, time.time()))
 
-    def commit_batch(self, batch: list[BatchItem], loose: list[tuple]) -> list[str | None]:
+    def commit_batch(self, batch: list[BatchItem], loose: list[tuple[Any, ...]]) -> list[str | None]:
         """Small messages into the pack (durable), then one transaction for the batch with its
         tracking events and the queued refusal `loose` (event rows). Returns each one's SHA-256,
         or None for a message left out because a receiving mailbox had no room for it (its frame
@@ -106,6 +113,7 @@ class IndexWriter:
         seq, attempt, prev = self.seq + 1, secrets.randbits(62) + 1, [self.seq, self.attempt]
 
         def record_of(item: BatchItem) -> bytes:
+            assert item.sha256 is not None  # set by the pack writer
             item.structure = envelope.structure_json(item.meta)
             return envelope.record(
                 item.queue_id,
@@ -173,7 +181,7 @@ class IndexWriter:
         if docs or self._ledger_behind:
             self._to_ledger(docs, sync=True)
 
-    def _to_ledger(self, docs: list[dict], sync: bool) -> None:
+    def _to_ledger(self, docs: list[dict[str, Any]], sync: bool) -> None:
         """Append to the ledger; never raises (what it describes is committed already). After a
         failure (a full disk) the index keeps the lines' rows (commits, ledger_pending) until a
         later call appends them all again."""
@@ -223,7 +231,9 @@ class IndexWriter:
                 unlink_quietly(f"{self.blob_dir}/{blob}")
         return None
 
-    def delete_entries(self, site_id: int, uids: list[int], downloads, site_name: str | None):
+    def delete_entries(
+        self, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None
+    ) -> tuple[list[Any], list[Any]]:
         """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
         Returns what changed: ([(uid, sender_site, size)] newly marked downloaded,
         [(uid, sender_site, size, was_waiting)] removed)."""
@@ -246,7 +256,7 @@ class IndexWriter:
         """A mail found damaged (storage/verify.py); False if it was known already."""
         return self.in_transaction(verify.note_damaged, queue_id, reason, found_by, at, entry)
 
-    def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
+    def save_throttle_states(self, states: dict[int, dict[str, Any]], now: float) -> None:
         self.in_transaction(write_throttle_states, states, now)
 
     def prune_events(self, before: float) -> int:
@@ -283,7 +293,7 @@ _HELD_SQL = (
 )
 
 
-def _over_mailbox_limits(conn, batch: list[BatchItem]) -> set[int]:
+def _over_mailbox_limits(conn: sqlite3.Connection, batch: list[BatchItem]) -> set[int]:
     """Indexes of the batch's messages that would take a receiving mailbox over its byte or
     message limit (Delivery.max_bytes/max_messages), counting what the index holds and the batch's
     messages before them. The server reserves room before it commits, so this refuses nothing
@@ -312,14 +322,14 @@ def _over_mailbox_limits(conn, batch: list[BatchItem]) -> set[int]:
     return refused
 
 
-def _index_batch(conn, batch: list[BatchItem], loose: list[tuple]) -> set[int]:
+def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[tuple[Any, ...]]) -> set[int]:
     """The batch's rows; returns the indexes of the messages left out (_over_mailbox_limits)."""
     refused = _over_mailbox_limits(conn, batch)
     if refused:
         batch = [item for i, item in enumerate(batch) if i not in refused]
     messages = []
     entries = []
-    queued = []
+    queued: list[tuple[Any, ...]] = []
     tracked = list(loose)
     for item in batch:
         m = item.meta
@@ -415,8 +425,12 @@ _ENTRY_SQL = (
 )
 
 
-def _delete_entries(conn, site_id: int, uids: list[int], downloads, site_name: str | None):
-    fetched, removed, tracked = [], [], []
+def _delete_entries(
+    conn: sqlite3.Connection, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None
+) -> tuple[list[Any], list[Any]]:
+    fetched: list[Any] = []
+    removed: list[Any] = []
+    tracked: list[tuple[Any, ...]] = []
     now = time.time()
     protocol = downloads.protocol if downloads is not None else None
     peer = downloads.peer if downloads is not None else None
@@ -443,7 +457,7 @@ def _delete_entries(conn, site_id: int, uids: list[int], downloads, site_name: s
     return fetched, removed
 
 
-def _add_downloads(conn, site_id: int, d) -> None:
+def _add_downloads(conn: sqlite3.Connection, site_id: int, d: Downloads) -> None:
     conn.execute(
         "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
         " last_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"

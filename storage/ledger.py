@@ -16,9 +16,11 @@
 # place: lines are only ever appended (storage/ledger_compact.py replaces whole files by a snapshot).
 import json
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .files import fsync_dir
 
@@ -39,7 +41,7 @@ class LedgerWriter:
         self.dirty = False  # lines written since the last sync
         self._torn = False  # a write failed: the file may end in part of a line
 
-    def append(self, docs: list[dict]) -> None:
+    def append(self, docs: list[dict[str, Any]]) -> None:
         """Write lines (not yet durable: see sync). Raises OSError (a full disk)."""
         if not docs:
             return
@@ -136,7 +138,7 @@ def _read_file(path: Path, state: LedgerState) -> None:
             state.lines += 1
 
 
-def _apply(doc: dict, state: LedgerState) -> None:
+def _apply(doc: dict[str, Any], state: LedgerState) -> None:
     if "c" in doc:
         seq = int(doc["c"])
         state.commits[seq] = int(doc["a"])
@@ -165,7 +167,7 @@ PENDING_SQL = (
 )
 
 
-def pending_lines(conn, after: int) -> list[dict]:
+def pending_lines(conn: sqlite3.Connection, after: int) -> list[dict[str, Any]]:
     """The index's removals not yet in the ledger (ledger_pending rows with an id above `after`)."""
     docs = []
     for id_, kind, qid, site_id, site_name, rcpt, uid, at in conn.execute(PENDING_SQL, (after,)):
@@ -176,7 +178,7 @@ def pending_lines(conn, after: int) -> list[dict]:
     return docs
 
 
-def catch_up(conn, writer: LedgerWriter) -> int:
+def catch_up(conn: sqlite3.Connection, writer: LedgerWriter) -> int:
     """Append, durably, what the index holds that the ledger may lack: its commits and removals
     not yet pruned (lines the ledger already has come again: harmless, reading is idempotent).
     Returns the highest removal id appended."""
@@ -187,22 +189,22 @@ def catch_up(conn, writer: LedgerWriter) -> int:
     removals = pending_lines(conn, 0)
     writer.append(docs + removals + [uid_line(conn)])
     writer.sync()
-    return max((doc.get("d", doc.get("o")) for doc in removals), default=0)
+    return max((int(doc["d"] if "d" in doc else doc["o"]) for doc in removals), default=0)
 
 
-def last_commit(conn) -> tuple[int, int]:
+def last_commit(conn: sqlite3.Connection) -> tuple[int, int]:
     """(seq, attempt id) of the index's last group commit, (0, 0) before the first."""
     row = conn.execute("SELECT seq, attempt FROM commits ORDER BY seq DESC LIMIT 1").fetchone()
     return (row[0], row[1]) if row else (0, 0)
 
 
-def uid_line(conn) -> dict:
+def uid_line(conn: sqlite3.Connection) -> dict[str, Any]:
     (uid,) = conn.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'mailbox'), 0)").fetchone()
     return {"u": uid, "at": round(time.time(), 3)}
 
 
-def commit_line(seq: int, attempt: int, file_mails: list[str], left_out: list[str]) -> dict:
-    doc = {"c": seq, "a": attempt, "f": file_mails, "at": round(time.time(), 3)}
+def commit_line(seq: int, attempt: int, file_mails: list[str], left_out: list[str]) -> dict[str, Any]:
+    doc: dict[str, Any] = {"c": seq, "a": attempt, "f": file_mails, "at": round(time.time(), 3)}
     if left_out:
         doc["x"] = left_out
     return doc

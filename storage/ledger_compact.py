@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import envelope, faults, ledger
 from .files import fsync_dir
@@ -83,12 +84,12 @@ def compact(data_dir: Path, include_today: bool) -> CompactReport:
 
 @dataclass
 class _Lines:
-    commits: dict  # seq -> attempt
-    file_mails: set
-    left_out: set
-    removals: list  # the "d" and "o" lines as read
+    commits: dict[int, int]  # seq -> attempt
+    file_mails: set[str]
+    left_out: set[str]
+    removals: list[dict[str, Any]]  # the "d" and "o" lines as read
     max_uid: int
-    mails: set  # every queue ID a line names
+    mails: set[str]  # every queue ID a line names
 
 
 def _read(paths: list[Path], report: CompactReport) -> _Lines:
@@ -107,7 +108,7 @@ def _read(paths: list[Path], report: CompactReport) -> _Lines:
     return found
 
 
-def _note(doc: dict, found: _Lines) -> None:
+def _note(doc: dict[str, Any], found: _Lines) -> None:
     if "c" in doc:
         found.commits[int(doc["c"])] = int(doc["a"])
         for key, marks in (("f", found.file_mails), ("x", found.left_out)):
@@ -123,10 +124,11 @@ def _note(doc: dict, found: _Lines) -> None:
         raise KeyError("unknown ledger line")
 
 
-def _scan_blob_store(blob_dir: Path, asked: set) -> tuple[set, set]:
+def _scan_blob_store(blob_dir: Path, asked: set[str]) -> tuple[set[str], set[tuple[int, int]]]:
     """(the queue IDs of `asked` that have a record in the blob store, the (seq, attempt) of the
     group commits the store's packed records name: their own and their predecessor's)."""
-    present, commits = set(), set()
+    present: set[str] = set()
+    commits: set[tuple[int, int]] = set()
     if not blob_dir.is_dir():
         return present, commits
     for _blob, path in blob_files(blob_dir):
@@ -139,7 +141,7 @@ def _scan_blob_store(blob_dir: Path, asked: set) -> tuple[set, set]:
             single = envelope.read_trailer(fd, size)
             records = (
                 [single.record]
-                if single is not None
+                if single is not None and single.record is not None
                 else (
                     [f.record for f in envelope.frames(fd, 0, size) if f.record is not None]
                     if envelope.is_pack(fd)
@@ -157,7 +159,7 @@ def _scan_blob_store(blob_dir: Path, asked: set) -> tuple[set, set]:
     return present, commits
 
 
-def _snapshot_lines(lines: _Lines, present: set, named_commits: set) -> list[dict]:
+def _snapshot_lines(lines: _Lines, present: set[str], named_commits: set[tuple[int, int]]) -> list[dict[str, Any]]:
     now = round(time.time(), 3)
     docs = []
     top = max(lines.commits, default=None)

@@ -15,9 +15,23 @@
 import asyncio
 import ctypes
 import ctypes.util
+from collections.abc import Callable
+from typing import Protocol
 
 TRIM_AFTER = 32 * 1024**2  # bytes received since the last trim that make a trim worthwhile
 TRIM_DELAY = 1.0  # seconds from the end of the burst to the trim
+
+
+class Spillable(Protocol):
+    """What holds bytes in memory that it can write out (a storage.spool.SpoolFile)."""
+
+    def spill(self) -> int: ...
+
+
+class Pausable(Protocol):
+    """A session that stopped reading its socket until memory is freed."""
+
+    def resume_reading(self) -> None: ...
 
 
 class MemoryBudget:
@@ -27,17 +41,17 @@ class MemoryBudget:
         self.peak = 0
         self.spills = 0  # mails sent to their spool files early (counters for the metrics)
         self.waits = 0  # times a session stopped reading until memory was freed
-        self._holders: dict = {}  # spool files holding bytes in memory outside a write job
-        self._paused: dict = {}  # sessions not reading their sockets until memory is freed
+        self._holders: dict[Spillable, None] = {}  # spool files holding bytes in memory outside a write job
+        self._paused: dict[Pausable, None] = {}  # sessions not reading their sockets until memory is freed
         self._high = 0  # the most held at once since the last trim
         self._received = 0  # bytes taken since the last trim
-        self._trim: asyncio.Handle | asyncio.Future | None = None
+        self._trim: asyncio.Handle | asyncio.Future[int] | None = None
 
     @property
     def full(self) -> bool:
         return self.held >= self.limit
 
-    def take(self, octets: int, holder=None) -> None:
+    def take(self, octets: int, holder: Spillable | None = None) -> None:
         """`octets` more are held in memory; by `holder` (a spool file, which can spill them)."""
         self.held += octets
         self._received += octets
@@ -61,11 +75,11 @@ class MemoryBudget:
             if _malloc_trim is not None:
                 self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._start_trim)
 
-    def keep(self, holder) -> None:
+    def keep(self, holder: Spillable) -> None:
         """`holder` still holds bytes in memory outside a write job (spilled again if need be)."""
         self._holders[holder] = None
 
-    def left(self, holder) -> None:
+    def left(self, holder: Spillable) -> None:
         """`holder` no longer holds memory outside a write job (its bytes went to one, or away)."""
         self._holders.pop(holder, None)
 
@@ -75,28 +89,30 @@ class MemoryBudget:
         for holder in holders:
             self.spills += holder.spill()
 
-    def pause(self, session) -> None:
+    def pause(self, session: Pausable) -> None:
         """`session` stopped reading its socket; its resume_reading() is called once memory is
         under the budget again."""
         self.waits += 1
         self._paused[session] = None
 
     def _start_trim(self) -> None:
-        if self.held * 4 > self._high:  # a new burst began meanwhile: trim after it
+        if _malloc_trim is None or self.held * 4 > self._high:  # a new burst began meanwhile: trim after it
             self._trim = None
             return
         self._high, self._received = self.held, 0
-        self._trim = asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
-        self._trim.add_done_callback(self._trim_done)
+        trim = asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
+        trim.add_done_callback(self._trim_done)
+        self._trim = trim
 
-    def _trim_done(self, _) -> None:
+    def _trim_done(self, _: asyncio.Future[int]) -> None:
         self._trim = None
 
 
-def _libc_malloc_trim():
+def _libc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None elsewhere (musl, macOS)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return trim
     except (OSError, AttributeError):
         return None
 

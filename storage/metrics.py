@@ -9,11 +9,14 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
+from .memory_budget import MemoryBudget
 from .quarantine import list_entries
 
 log = logging.getLogger("mailhub.metrics")
@@ -39,6 +42,16 @@ def damaged_mail(found_by: str) -> None:
     DAMAGED_MAILS.labels(found_by).inc()
 
 
+# (messages, octets, octets saved by sharing), per site (name, mails, octets, oldest delivery),
+# outbound (messages, oldest queued), quarantine (entries per reason, octets)
+_Totals = tuple[
+    tuple[int, int, int],
+    list[tuple[str, int, int, float | None]],
+    tuple[int, float | None],
+    tuple[dict[str, int], int],
+]
+
+
 class StorageCollector:
     """Blob count and bytes and each site's mailbox backlog from the index (two aggregate queries,
     cached for `ttl` seconds) and the data folder's file system. Runs in the scrape's worker thread
@@ -49,11 +62,9 @@ class StorageCollector:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._cached: tuple[float, tuple] | None = None
+        self._cached: tuple[float, _Totals] | None = None
 
-    def _totals(
-        self,
-    ) -> tuple[tuple[int, int, int], list[tuple[str, int, int, float | None]], tuple[int, float | None]]:
+    def _totals(self) -> "_Totals":
         with self._lock:
             now = time.monotonic()
             if self._cached is not None and now - self._cached[0] < self.ttl:
@@ -70,11 +81,16 @@ class StorageCollector:
                 " GROUP BY s.id ORDER BY s.name"
             ).fetchall()
             queued = self._conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
-            totals = ((int(row[0]), int(row[1]), int(row[2])), backlog, queued, _quarantine_totals(self.data_dir))
+            totals: _Totals = (
+                (int(row[0]), int(row[1]), int(row[2])),
+                backlog,
+                queued,
+                _quarantine_totals(self.data_dir),
+            )
             self._cached = (now, totals)
             return totals
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         try:
             (blobs, size, saved), backlog, (queued, oldest_queued), (quarantined, quarantined_bytes) = self._totals()
         except sqlite3.Error as exc:
@@ -144,7 +160,7 @@ class StorageCollector:
             "mailhub_disk_size_bytes", "Size of the data folder's file system.", value=st.f_blocks * st.f_frsize
         )
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # collected lazily: no scrape-time query at registration
 
     def close(self) -> None:
@@ -172,10 +188,10 @@ def _quarantine_totals(data_dir: Path) -> tuple[dict[str, int], int]:
 class MemoryBudgetCollector:
     """The memory budget of mails in flight (storage.MemoryBudget), read at scrape time."""
 
-    def __init__(self):
-        self.budget = None
+    def __init__(self) -> None:
+        self.budget: MemoryBudget | None = None
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         budget = self.budget
         if budget is None:
             return
@@ -209,7 +225,7 @@ class MemoryBudgetCollector:
             value=budget.waits,
         )
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
 

@@ -3,8 +3,10 @@
 # Synchronous functions on a sqlite3 connection. Must never delete a row before its recipient was
 # accepted by the next hop or its bounce was stored: the row is the only record of the duty.
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import db, events
 
@@ -46,7 +48,7 @@ _SELECT = (
 )
 
 
-def _rows(conn: sqlite3.Connection, sql: str, params, blob_dir: Path) -> list[QueuedRecipient]:
+def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[object], blob_dir: Path) -> list[QueuedRecipient]:
     return [
         QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, o, s, bool(d), f)
         for i, q, r, qa, na, a, w, e, b, o, s, d, f in conn.execute(sql, params)
@@ -96,7 +98,7 @@ def retry_now(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int
 
 
 def retry_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT value FROM meta WHERE key = 'outbound_retry'").fetchone()[0]
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'outbound_retry'").fetchone()[0])
 
 
 def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
@@ -111,13 +113,15 @@ def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
 def retry_queued(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
     """`mailhub queue retry`: retry_now in a transaction of its own; how many rows."""
     with db.transaction(conn):
-        return retry_now(conn, now, queue_id)
+        count = retry_now(conn, now, queue_id)
+    return count
 
 
 def drop_queued(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
     """`mailhub queue delete`: delete in a transaction of its own; how many rows."""
     with db.transaction(conn):
-        return delete(conn, queue_id, rcpt)
+        count = delete(conn, queue_id, rcpt)
+    return count
 
 
 def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
@@ -140,7 +144,11 @@ def due_and_version(
 
 
 def settle(
-    conn: sqlite3.Connection, removed: list[int], deferrals: list[Deferral], now: float, tracked: list[tuple] = ()
+    conn: sqlite3.Connection,
+    removed: list[int],
+    deferrals: list[Deferral],
+    now: float,
+    tracked: Sequence[tuple[Any, ...]] = (),
 ) -> None:
     """Delivered or expired rows go, deferred ones get their next attempt, with the tracking event
     rows of the outcomes (one transaction)."""

@@ -15,10 +15,15 @@ import errno
 import hashlib
 import os
 import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import faults
 from .envelope import HEADER_SIZE, frame_header
 from .files import fsync_dir, libc, rename_into, storage_error, unlink_quietly, write_all_vectored
+
+if TYPE_CHECKING:
+    from .index_writer import BatchItem
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 
@@ -37,7 +42,7 @@ class PackWriter:
         """The open pack's blob name, or None."""
         return self._blob
 
-    def write(self, messages: list, record_of) -> dict[str, int]:
+    def write(self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes]) -> dict[str, int]:
         """Make a batch of small messages durable: index_writer.BatchItems with their `data`,
         `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes);
         record_of(message) is its envelope record (after `sha256` is set). Sets each one's blob,
@@ -65,33 +70,35 @@ class PackWriter:
             unlink_quietly(path)
         self._made = []
 
-    def _write(self, messages: list, record_of) -> dict[str, int]:
+    def _write(self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes]) -> dict[str, int]:
         self._made = []
         self._cut = (f"{self._blob_dir}/{self._blob}", self._size) if self._fd >= 0 else None
         written = []  # fds of the packs written to, in order
-        begun = {}  # fd -> (spool path, blob) of the packs this batch begins
-        ends = {}  # blob -> end of its last frame
+        begun: dict[int, tuple[str, str]] = {}  # fd -> (spool path, blob) of the packs this batch begins
+        ends: dict[str, int] = {}  # blob -> end of its last frame
         try:
             for message in messages:
-                chunks = message.data
+                chunks, spool_path = message.data, message.spool_path
+                assert chunks is not None and spool_path is not None, "a packed message comes with both"
                 size = sum(map(len, chunks))
                 if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
                     if self._fd not in written:
                         self.close()
                     self._fd = -1
-                    fd = os.open(message.spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                    fd = os.open(spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                     self._fd, self._blob, self._size = fd, message.blob, 0
-                    begun[fd] = (message.spool_path, message.blob)
+                    begun[fd] = (spool_path, message.blob)
                     written.append(fd)
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 message.sha256 = hashlib.sha256(data).hexdigest()
                 message.crc32 = zlib.crc32(data)
+                assert self._blob is not None  # the pack open (or just begun)
                 message.blob = self._blob
                 record = record_of(message)
                 message.offset = self._size + HEADER_SIZE + len(record)
                 write_all_vectored(self._fd, [frame_header(record, size), record, data])
                 self._size = message.offset + size
-                ends[self._blob] = self._size
+                ends[message.blob] = self._size
                 if not written or written[-1] != self._fd:
                     written.append(self._fd)
             faults.hit("writer", "pack_written")
@@ -134,7 +141,7 @@ libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
-def punch_hole(path, start: int, size: int) -> bool:
+def punch_hole(path: str | os.PathLike[str], start: int, size: int) -> bool:
     """Release the disk space of a freed message's bytes inside a pack (they read as zeros after).
     False if the file is gone or its filesystem cannot punch holes (the space then comes back with
     the whole pack)."""

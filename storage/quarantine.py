@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .files import copy_range, fsync_dir, fsync_file
 
@@ -35,7 +36,7 @@ class QuarantineEntry:
     at: float
     size: int  # bytes of the item (a folder: of every file in it)
     moved: bool  # False: the item never arrived (crash between record and move)
-    extra: dict = field(default_factory=dict)  # queue_id, sha256, offset... when known
+    extra: dict[str, Any] = field(default_factory=dict)  # queue_id, sha256, offset... when known
 
 
 def quarantine_dir(data_dir: Path) -> Path:
@@ -50,7 +51,7 @@ def quarantine(
     byte_range: tuple[int, int] | None = None,
     now: float | None = None,
     original: str | None = None,
-    **extra,
+    **extra: Any,
 ) -> Path:
     """Move the file or folder `item` (inside `data_dir`) into a new quarantine entry with a reason
     record; with `byte_range` (offset, size) copy only those bytes of the file and leave it in place.
@@ -96,7 +97,7 @@ def quarantine_data(
     reason: str,
     detail: str = "",
     now: float | None = None,
-    **extra,
+    **extra: Any,
 ) -> Path:
     """A new entry holding `data` as file `name` (e.g. index rows whose blob is gone), with its reason
     record; `original` says what it stood for. Returns the entry folder; raises OSError."""
@@ -125,7 +126,7 @@ def quarantine_data(
 def list_entries(data_dir: Path) -> list[QuarantineEntry]:
     """Every quarantine entry, oldest first (an entry without a readable record is listed too)."""
     root = quarantine_dir(data_dir)
-    entries = []
+    entries: list[QuarantineEntry] = []
     if not root.is_dir():
         return entries
     for day in sorted(p for p in root.iterdir() if p.is_dir()):

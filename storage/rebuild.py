@@ -30,8 +30,10 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import db, envelope, events, ledger, verify
 from .folder_lock import lock_data_folder
@@ -50,7 +52,7 @@ class Candidate:
     blob: str
     offset: int
     size: int
-    record: dict
+    record: dict[str, Any]
     packed: bool
     frame: int = 0  # where its frame begins (a pack), or 0 (a file of its own)
 
@@ -76,9 +78,9 @@ class RebuildReport:
     quarantined: list[str] = field(default_factory=list)  # damaged or unreadable, moved or copied aside
     notes: list[str] = field(default_factory=list)
     # (blob, frame offset, length, packed, reason, detail, queue ID) to move aside once committed
-    aside: list[tuple] = field(default_factory=list, repr=False)
+    aside: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "aside"}
 
 
@@ -196,7 +198,7 @@ def _salvage(damaged: Path, target: Path) -> bool:
 # ---- the reconciliation ---------------------------------------------------------------------------
 
 
-def blob_files(blob_dir: Path):
+def blob_files(blob_dir: Path) -> Iterator[tuple[str, str]]:
     """(blob name, path) of every file the hub names in the blob store, in order."""
     for folder in sorted(os.scandir(blob_dir), key=lambda e: e.name):
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
@@ -206,7 +208,7 @@ def blob_files(blob_dir: Path):
                 yield f"{folder.name}/{entry.name}", entry.path
 
 
-def prove(blob_dir: Path, report: RebuildReport, proven: set) -> None:
+def prove(blob_dir: Path, report: RebuildReport, proven: set[tuple[int, int]]) -> None:
     """The first pass: count the mails and unreadable ranges, and add the group commits that later
     records name as their predecessor to `proven` (records are not kept: memory stays bounded by
     one file's records however large the store)."""
@@ -215,12 +217,12 @@ def prove(blob_dir: Path, report: RebuildReport, proven: set) -> None:
         report.found += len(_read_file(blob, path, report, proven))
 
 
-def _read_file(blob: str, path: str, report: RebuildReport, proven: set) -> list[Candidate]:
+def _read_file(blob: str, path: str, report: RebuildReport, proven: set[tuple[int, int]]) -> list[Candidate]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         single = envelope.read_trailer(fd, size)
-        if single is not None:
+        if single is not None and single.record is not None:
             return [Candidate(blob, 0, single.size, single.record, False)]
         if not envelope.is_pack(fd):
             report.unreadable.append(f"{blob} (no envelope record: stored before records existed, or damaged)")
@@ -311,7 +313,7 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
     rebuild_usage(conn)
 
 
-def _move_aside_unrestored(conn, data_dir: Path, report: RebuildReport) -> None:
+def _move_aside_unrestored(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) -> None:
     """Quarantine the damaged mails and unreadable ranges the scan found that no index row holds: a
     file of its own is moved, a range of a pack copied (the pack lives on). A range already in the
     quarantine (a rebuild run again) is not copied twice."""
@@ -342,7 +344,9 @@ def _move_aside_unrestored(conn, data_dir: Path, report: RebuildReport) -> None:
         report.quarantined.append(f"{where} ({reason}{', ' + qid if qid else ''})")
 
 
-def _committed(conn, mail: Candidate, state: ledger.LedgerState, proven: set) -> bool:
+def _committed(
+    conn: sqlite3.Connection, mail: Candidate, state: ledger.LedgerState, proven: set[tuple[int, int]]
+) -> bool:
     if (
         conn.execute(
             "SELECT 1 FROM events WHERE queue_id = ? AND kind = ?", (mail.record["q"], events.ACCEPTED)
@@ -358,11 +362,16 @@ def _committed(conn, mail: Candidate, state: ledger.LedgerState, proven: set) ->
 
 
 def _restore(
-    conn, blob_dir: Path, mail: Candidate, state: ledger.LedgerState, sites: "_Sites", report: RebuildReport
+    conn: sqlite3.Connection,
+    blob_dir: Path,
+    mail: Candidate,
+    state: ledger.LedgerState,
+    sites: "_Sites",
+    report: RebuildReport,
 ) -> None:
     r = mail.record
     qid = r["q"]
-    entries = []
+    entries: list[tuple[int, str]] = []
     for site_id, rcpt, site_name in r.get("d", ()):
         if state.was_removed(qid, site_id, site_name):
             continue
@@ -466,7 +475,7 @@ def _restore(
     report.restored_outbound += len(remote)
 
 
-def _apply_removals(conn, state: ledger.LedgerState, report: RebuildReport) -> None:
+def _apply_removals(conn: sqlite3.Connection, state: ledger.LedgerState, report: RebuildReport) -> None:
     for qid, site in state.removed:
         sql = (
             "DELETE FROM mailbox WHERE queue_id = ? AND site_id = ?"
@@ -480,7 +489,7 @@ def _apply_removals(conn, state: ledger.LedgerState, report: RebuildReport) -> N
         ).rowcount
 
 
-def _raise_uid_floor(conn, max_uid: int) -> None:
+def _raise_uid_floor(conn: sqlite3.Connection, max_uid: int) -> None:
     """New mailbox UIDs above every UID the ledger saw issued: an IMAP client that knew a UID from
     after the index's time never sees it reused for another mail."""
     current = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'mailbox'").fetchone()
@@ -493,9 +502,9 @@ def _raise_uid_floor(conn, max_uid: int) -> None:
 class _Sites:
     """Sites by name (then id), made again from records when the index lacks them."""
 
-    def __init__(self, conn, report: RebuildReport):
+    def __init__(self, conn: sqlite3.Connection, report: RebuildReport):
         self.conn, self.report = conn, report
-        self.by_name = {name: id_ for id_, name in conn.execute("SELECT id, name FROM sites")}
+        self.by_name: dict[str, int] = {name: id_ for id_, name in conn.execute("SELECT id, name FROM sites")}
         self.names = {id_: name for name, id_ in self.by_name.items()}
 
     def name(self, site_id: int) -> str | None:
@@ -513,8 +522,10 @@ class _Sites:
         cur = self.conn.execute(
             "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)", (name, LOCKED_PASSWORD, time.time())
         )
-        self.by_name[name], self.names[cur.lastrowid] = cur.lastrowid, name
+        new_id = cur.lastrowid
+        assert new_id is not None  # an INSERT's
+        self.by_name[name], self.names[new_id] = new_id, name
         if rcpt:
-            self.conn.execute("INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)", (rcpt, cur.lastrowid))
+            self.conn.execute("INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)", (rcpt, new_id))
         self.report.sites_made.append(name)
-        return cur.lastrowid
+        return new_id

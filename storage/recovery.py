@@ -113,7 +113,7 @@ def _empty_trash(conn: sqlite3.Connection, blob_dir: Path, report: RecoveryRepor
     report.trash_removed = len(trash)
 
 
-def _catch_up_ledger(conn, data_dir: Path, report: RecoveryReport) -> None:
+def _catch_up_ledger(conn: sqlite3.Connection, data_dir: Path, report: RecoveryReport) -> None:
     writer = ledger.LedgerWriter(data_dir)
     try:
         ledger.catch_up(conn, writer)
@@ -126,7 +126,7 @@ def _catch_up_ledger(conn, data_dir: Path, report: RecoveryReport) -> None:
             pass
 
 
-def _check_blobs(conn, data_dir: Path, seq: int, report: RecoveryReport) -> None:
+def _check_blobs(conn: sqlite3.Connection, data_dir: Path, seq: int, report: RecoveryReport) -> None:
     blob_dir = data_dir / "blobs"
     indexed = dict(conn.execute("SELECT blob, max(blob_offset + size) FROM messages GROUP BY blob"))
     committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs"))
@@ -190,10 +190,12 @@ def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int) -> str | 
         if start == 0 and envelope.has_trailer(fd, size):
             return None  # a single file: its commit is in the ledger (checked), not in the file
         for found in envelope.frames(fd, start, size):
-            record_seq = found.record.get("seq") if found.record else None
+            if not found.record:
+                continue
+            record_seq = found.record.get("seq")
             if isinstance(record_seq, int) and record_seq > seq + 1:
                 return f"{name} holds mail {found.record['q']} of group commit {record_seq}"
-            prev = found.record.get("p") if found.record else None
+            prev = found.record.get("p")
             if isinstance(prev, list) and prev and isinstance(prev[0], int) and prev[0] > seq:
                 return f"{name} holds mail {found.record['q']} written after group commit {prev[0]}"
     finally:
@@ -235,14 +237,14 @@ def _queue_ids(path: Path) -> list[str]:
     try:
         size = os.fstat(fd).st_size
         single = envelope.read_trailer(fd, size)
-        if single is not None:
+        if single is not None and single.record is not None:
             return [single.record["q"]]
         return [f.record["q"] for f in envelope.frames(fd, 0, size) if f.record] if envelope.is_pack(fd) else []
     finally:
         os.close(fd)
 
 
-def _quarantine_rows(conn, data_dir: Path, blob: str, report: RecoveryReport) -> None:
+def _quarantine_rows(conn: sqlite3.Connection, data_dir: Path, blob: str, report: RecoveryReport) -> None:
     """Index rows whose blob is missing or short: their record (and a short file) go to the
     quarantine, the rows go from the index without ledger removals (not a receiver's deletion: a
     rebuild brings the mails back if their blob turns up)."""
@@ -289,7 +291,7 @@ def _quarantine_rows(conn, data_dir: Path, blob: str, report: RecoveryReport) ->
     )
 
 
-def _relative(path: str, data_dir: Path) -> str:
+def _relative(path: str | Path, data_dir: Path) -> str:
     try:
         return str(Path(path).relative_to(data_dir))
     except ValueError:

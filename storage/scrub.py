@@ -12,9 +12,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import verify
+
+if TYPE_CHECKING:
+    from .store import Storage
 
 log = logging.getLogger("mailhub.storage")
 STATE_NAME = "scrub.json"
@@ -23,7 +28,7 @@ IDLE_SECONDS = 60.0  # wait after a pass over an empty store
 
 
 class Scrub:
-    def __init__(self, storage, rate: float, on_verified=None):
+    def __init__(self, storage: "Storage", rate: float, on_verified: Callable[[int], None] | None = None):
         self.storage = storage
         self.on_verified = on_verified  # called with the octets of each mail checked (metrics)
         self.rate = rate
@@ -93,7 +98,7 @@ class Scrub:
                 state["after"] = queue_id
             await loop.run_in_executor(self._pool, self._save, state)
 
-    def _load(self) -> dict:
+    def _load(self) -> dict[str, Any]:
         try:
             state = json.loads(self.state_path.read_text())
             if isinstance(state.get("after"), str):
@@ -108,7 +113,7 @@ class Scrub:
             pass
         return {"after": "", "started": time.time(), "mails": 0, "bytes": 0, "damaged": 0}
 
-    def _save(self, state: dict) -> None:
+    def _save(self, state: dict[str, Any]) -> None:
         try:
             temporary = self.state_path.with_name(STATE_NAME + ".tmp")
             temporary.write_text(json.dumps(state))

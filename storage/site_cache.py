@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .index_watch import IndexWatcher
 from .passwords import verify_password
@@ -30,7 +31,7 @@ class LoginBusy(Exception):
 
 
 class SiteCache:
-    def __init__(self, data_dir, hash_threads: int = 2, max_queued_checks: int = 256):
+    def __init__(self, data_dir: Path, hash_threads: int = 2, max_queued_checks: int = 256):
         self._pool = ThreadPoolExecutor(
             max_workers=hash_threads, thread_name_prefix="password-check", initializer=_lower_priority
         )
@@ -38,7 +39,7 @@ class SiteCache:
         self._pending = 0  # checks submitted to the pool and not finished
         self._sites: tuple[dict[str, Site], dict[str, Site]] = ({}, {})  # by name, by address (lower case)
         self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._checking: dict[tuple[str, str, bytes], asyncio.Future] = {}  # checks in flight
+        self._checking: dict[tuple[str, str, bytes], asyncio.Future[bool]] = {}  # checks in flight
         self._key = os.urandom(32)
         self._watcher = IndexWatcher(data_dir, "sites", sites_version, self._load, _RECHECK_SECONDS)
 

@@ -129,4 +129,4 @@ def remove_site(conn: sqlite3.Connection, name: str) -> int:
 
 
 def sites_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT value FROM meta WHERE key = 'sites_version'").fetchone()[0]
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'sites_version'").fetchone()[0])

@@ -14,11 +14,15 @@ import itertools
 import os
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from .errors import StorageError
 from .files import fsync_dir, rename_into, start_writeback, storage_error, unlink_quietly, write_all
 from .memory_budget import MemoryBudget
+
+# tail(sha256 hex, crc32) -> the bytes that follow a message in its file (a blob's record)
+Tail = Callable[[str, int], bytes]
 
 FLUSH_AT = 512 * 1024  # queued bytes that start a write job
 SMALL_MESSAGE = 2 * 1024 * 1024  # until this much is queued no write job starts: a message whose
@@ -80,7 +84,7 @@ class SpoolFile:
         self._crc = 0  # zlib CRC-32 of the bytes written (checked while serving)
         self._chunks: list[bytes] = []
         self._queued = 0
-        self._job: asyncio.Future | None = None
+        self._job: asyncio.Future[None] | None = None
         self._discarded = False
         self._streaming = False  # a write job has started: the message is no longer all in memory
         self._digest: str | None = None  # a packed message's SHA-256, from the index writer
@@ -151,7 +155,7 @@ class SpoolFile:
         self._budget.left(self)
         return chunks
 
-    async def sync(self, target: str, tail=None) -> None:
+    async def sync(self, target: str, tail: Tail | None = None) -> None:
         """Write what is queued (then tail(sha256 hex, crc32): bytes that follow the message in its file, its
         envelope record), fsync, close, rename to `target` and fsync its folder (so that concurrent
         messages' fsyncs overlap); raises StorageError on failure."""
@@ -169,6 +173,8 @@ class SpoolFile:
     async def _job_finished(self) -> None:
         """Wait for the running job and for its done-callback to have run."""
         job = self._job
+        if job is None:
+            return
         if not job.done():
             await asyncio.wait([job])
         while self._job is job:
@@ -192,14 +198,14 @@ class SpoolFile:
 
     # ---- worker side ----------------------------------------------------------------------------
 
-    def _start_job(self, final: str | None = None, tail=None) -> None:
+    def _start_job(self, final: str | None = None, tail: Tail | None = None) -> None:
         self._streaming = True
         chunks, queued, self._chunks, self._queued = self._chunks, self._queued, [], 0
         self._budget.left(self)
         self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks, chunks, final, tail)
         self._job.add_done_callback(lambda job: self._job_done(job, queued))
 
-    def _job_done(self, job: asyncio.Future, written: int) -> None:
+    def _job_done(self, job: asyncio.Future[None], written: int) -> None:
         self._job = None
         self._free(written)
         if not job.cancelled() and job.exception() is not None:
@@ -215,7 +221,7 @@ class SpoolFile:
             else:
                 self._budget.keep(self)
 
-    def _write_chunks(self, chunks: list[bytes], final: str | None, tail=None) -> None:
+    def _write_chunks(self, chunks: list[bytes], final: str | None, tail: Tail | None = None) -> None:
         """Runs in a worker thread, one job per file at a time."""
         try:
             if self._fd < 0:

@@ -21,8 +21,10 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -44,6 +46,16 @@ _EVENT_DELAY = 1.0  # seconds a queued refusal waits for a commit to ride along 
 _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and counted in the log)
 
 
+class MailboxListener(Protocol):
+    """Hears of every committed change to the mailboxes (Storage.add_listener)."""
+
+    def committed(self, sender_site: int | None, receiver_site_ids: list[int], size: int, at: float, /) -> None: ...
+
+    def fetched_committed(self, site_id: int, uid: int, sender_site: int | None, size: int, /) -> None: ...
+
+    def removed(self, site_id: int, uid: int, sender_site: int | None, size: int, was_waiting: bool, /) -> None: ...
+
+
 @dataclass(slots=True)
 class _Pending:
     spool: SpoolFile
@@ -51,11 +63,11 @@ class _Pending:
     deliveries: list[Delivery]
     remote: list[str]
     received_at: float
-    done: asyncio.Future
+    done: asyncio.Future[None]
     blob: str  # its blob ('<hour folder>/<name>'), or the one a pack it begins takes
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None  # a small message's chunks, still to be written by the batch
-    on_committed: object = None  # called right after the listeners heard of the commit
+    on_committed: Callable[[], None] | None = None  # called right after the listeners heard of the commit
 
 
 class Storage:
@@ -73,8 +85,10 @@ class Storage:
         self._disk_full = False  # the hub started short of space: no mail taken until the reserve is back
         self._full_checked = 0.0
         self.damaged: dict[str, str] = {}  # queue ID -> why (table damaged): never served again
-        self.on_damaged = None
-        self._marking: set[asyncio.Task] = set()  # called with found_by for each mail newly found damaged (metrics)
+        self.on_damaged: Callable[[str], None] | None = None
+        self._marking: set[asyncio.Task[bool]] = (
+            set()
+        )  # called with found_by for each mail newly found damaged (metrics)
         self.min_free_bytes = min_free_bytes  # below this much free space new mail is refused at MAIL FROM
         self._free: tuple[float, int] = (float("-inf"), 0)  # (monotonic time read, free bytes)
         self.spool_dir = self.data_dir / "spool"
@@ -86,22 +100,30 @@ class Storage:
         self._queued_events: list[events.Event] = []
         self._dropped_events = 0
         self._event_timer: asyncio.TimerHandle | None = None
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Task[None] | None = None
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         # Group commits and every other index write: one request (pack write and transaction) per hop.
         self._writer = WriterProcess(self.data_dir, release_freed_after)
-        self._listeners: list = []
-        self.on_outbound = None  # called after a commit that queued remote recipients (wakes the relay)
+        self._listeners: list[MailboxListener] = []
+        self.on_outbound: Callable[[], None] | None = (
+            None  # called after a commit that queued remote recipients (wakes the relay)
+        )
         self._folder_lock: int | None = None  # held from open() to close() (storage.folder_lock)
         self.memory_budget = MemoryBudget(memory_budget)  # bytes of mails in flight held in memory
 
-    def add_listener(self, listener) -> None:
+    def add_listener(self, listener: MailboxListener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event
         loop: committed(sender_site, receiver_site_ids, size, at) per message,
         fetched_committed(site_id, uid, sender_site, size) when an entry is first marked downloaded,
         removed(site_id, uid, sender_site, size, was_waiting) per deleted entry."""
         self._listeners.append(listener)
+
+    @property
+    def _index(self) -> aiosqlite.Connection:
+        """The event loop's read connection to the index (made by open())."""
+        assert self._db is not None, "storage not open"
+        return self._db
 
     async def open(self) -> None:
         """Take the data folder (one serving hub per folder), recover, start the index writer."""
@@ -132,7 +154,9 @@ class Storage:
         self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
         for pragma in db.pragma_statements():
             await self._db.execute(pragma)
-        self.damaged = dict(await self._db.execute_fetchall("SELECT queue_id, reason FROM damaged"))
+        self.damaged = {
+            qid: reason for qid, reason in await self._db.execute_fetchall("SELECT queue_id, reason FROM damaged")
+        }
 
     async def keep_reserve(self) -> None:
         """Set the full-disk reserve aside again once there is room (start-up and housekeeping)."""
@@ -161,7 +185,7 @@ class Storage:
                 return False  # unknown: the writes will tell
         return self._free[1] < self.min_free_bytes + 1.5 * (declared or 0)
 
-    async def _freeing(self, method, *args):
+    async def _freeing(self, method: Callable[..., object], *args: object) -> Any:
         """An index write that frees space or leads to it (a deletion, IMAP \\Deleted): on a full disk
         the reserve is given back for it and it is tried once more; new mail waits until space returns."""
         try:
@@ -198,8 +222,8 @@ class Storage:
         meta: MessageMeta,
         deliveries: list[Delivery],
         mark: tuple[str, int] | None = None,
-        remote: list[str] = (),
-        on_committed=None,
+        remote: Sequence[str] = (),
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
         """Make the spooled message durable, put it into the local recipients' mailboxes, queue it
         for the remote recipients (and set the meta row `mark`), all in one index transaction.
@@ -259,7 +283,7 @@ class Storage:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
 
-    async def queue_op(self, function, *args):
+    async def queue_op(self, function: Callable[..., object], *args: object) -> Any:
         """Run a storage.outbound function (conn, *args) in one transaction in the index writer process."""
         return await self._writer.call(IndexWriter.in_transaction, function, *args)
 
@@ -353,7 +377,7 @@ class Storage:
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
-        async with self._db.execute(
+        async with self._index.execute(
             "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
             " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset, m.crc32 FROM mailbox b"
             " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
@@ -401,8 +425,10 @@ class Storage:
         """Note a mail as damaged: a copy of what is on disk of it into the quarantine, a `damaged`
         row; from now on it is refused to POP3 and IMAP clients. False if it is unknown or known already."""
         self.damaged[queue_id] = reason
-        rows = await self._db.execute_fetchall(
-            "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
+        rows = list(
+            await self._index.execute_fetchall(
+                "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
+            )
         )
         if not rows:
             return False
@@ -419,7 +445,9 @@ class Storage:
                 reason,
                 found_by,
             )
-            new = await self._writer.call(IndexWriter.mark_damaged, queue_id, reason, found_by, time.time(), entry)
+            new: bool = await self._writer.call(
+                IndexWriter.mark_damaged, queue_id, reason, found_by, time.time(), entry
+            )
         except StorageError as exc:
             log.error("mail %s is damaged (%s) but could not be recorded so: %s", queue_id, reason, exc)
             return False
@@ -436,37 +464,44 @@ class Storage:
                 self.on_damaged(found_by)
         return new
 
-    async def messages_after(self, queue_id: str, limit: int, exact: bool = False) -> list[tuple]:
+    async def messages_after(self, queue_id: str, limit: int, exact: bool = False) -> list[Any]:
         """(queue_id, blob, blob_offset, size, sha256) of up to `limit` mails after `queue_id` in
         queue ID order (the scrub), or with exact=True of that one mail if it is still stored."""
         if exact:
-            return await self._db.execute_fetchall(
-                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,)
+            return list(
+                await self._index.execute_fetchall(
+                    "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,)
+                )
             )
-        return await self._db.execute_fetchall(
-            "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id > ? ORDER BY queue_id"
-            " LIMIT ?",
-            (queue_id, limit),
+        return list(
+            await self._index.execute_fetchall(
+                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id > ? ORDER BY queue_id"
+                " LIMIT ?",
+                (queue_id, limit),
+            )
         )
 
-    async def message_structure(self, queue_id: str) -> dict | None:
+    async def message_structure(self, queue_id: str) -> dict[str, Any] | None:
         """The MIME structure recorded at ingest (relay.mime.structure), or None (unknown message,
         or stored before structures were recorded)."""
-        async with self._db.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)) as cursor:
+        async with self._index.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)) as cursor:
             row = await cursor.fetchone()
         if row is None or row[0] is None:
             return None
-        return json.loads(row[0])
+        structure: dict[str, Any] = json.loads(row[0])
+        return structure
 
     async def uid_next(self, site_id: int) -> int:
         """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""
-        async with self._db.execute(
+        async with self._index.execute(
             "SELECT max(coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1),"
             " coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1))",
             (site_id, site_id),
         ) as cursor:
-            (value,) = await cursor.fetchone()
-        return value
+            row = await cursor.fetchone()
+        assert row is not None  # max() gives a row
+        uid_next: int = row[0]
+        return uid_next
 
     async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
         """Set the `add` and clear the `remove` flag bits of mailbox entries (one transaction)."""
@@ -474,12 +509,12 @@ class Storage:
 
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
-        usage = await self._db.execute_fetchall(USAGE_SQL)
-        volumes = await self._db.execute_fetchall(VOLUME_SQL, window_start(now))
-        downloads = await self._db.execute_fetchall(DOWNLOADS_SQL)
+        usage = await self._index.execute_fetchall(USAGE_SQL)
+        volumes = await self._index.execute_fetchall(VOLUME_SQL, window_start(now))
+        downloads = await self._index.execute_fetchall(DOWNLOADS_SQL)
         return snapshot_from_rows(now, usage, volumes, downloads)
 
-    async def save_throttle_states(self, states: dict[int, dict], now: float) -> None:
+    async def save_throttle_states(self, states: dict[int, dict[str, Any]], now: float) -> None:
         """The server's live throttle state per site, for `mailhub site show` (one transaction)."""
         await self._writer.call(IndexWriter.save_throttle_states, states, now)
 
@@ -559,8 +594,8 @@ def _open_index(data_dir: Path) -> sqlite3.Connection:
 
 
 def _batch_item(item: _Pending) -> BatchItem:
-    spool = item.spool
-    packed = item.data is not None
+    spool, data = item.spool, item.data
+    packed = data is not None
     return BatchItem(
         spool.queue_id,
         spool.size,
@@ -571,7 +606,7 @@ def _batch_item(item: _Pending) -> BatchItem:
         item.mark,
         item.blob,
         None if packed else spool.sha256,
-        out_of_band(item.data) if packed else None,
+        out_of_band(data) if data is not None else None,
         spool.path if packed else None,
         crc32=None if packed else spool.crc32,
     )

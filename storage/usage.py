@@ -5,7 +5,9 @@
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import db
 from .sites import SiteError, get_site
@@ -64,7 +66,9 @@ DOWNLOADS_SQL = "SELECT site_id, bytes, last_poll_at FROM site_downloads"
 LIMITS_SQL = f"SELECT site_id, {', '.join(LIMIT_NAMES)} FROM site_limits"
 
 
-def snapshot_from_rows(now: float, usage, volumes, downloads) -> UsageSnapshot:
+def snapshot_from_rows(
+    now: float, usage: Iterable[Sequence[Any]], volumes: Iterable[Sequence[Any]], downloads: Iterable[Sequence[Any]]
+) -> UsageSnapshot:
     return UsageSnapshot(
         now,
         [tuple(r) for r in usage],
@@ -111,7 +115,7 @@ def rebuild_usage(conn: sqlite3.Connection) -> None:
         )
 
 
-def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict:
+def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict[str, Any]:
     """One site's usage figures for `mailhub site show`."""
     held_b, held_m, wait_b, wait_m = conn.execute(
         "SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0),"
@@ -150,7 +154,7 @@ def download_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int, i
     return tuple(row) if row else (0, 0, 0, 0.0, None, None)
 
 
-def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict], now: float) -> None:
+def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict[str, Any]], now: float) -> None:
     conn.executemany(
         "INSERT INTO site_throttle (site_id, updated_at, state) SELECT ?, ?, ? WHERE EXISTS"
         " (SELECT 1 FROM sites WHERE id = ?) ON CONFLICT (site_id) DO UPDATE SET"
@@ -159,6 +163,6 @@ def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict], now
     )
 
 
-def read_throttle_state(conn: sqlite3.Connection, site_id: int) -> tuple[float, dict] | None:
+def read_throttle_state(conn: sqlite3.Connection, site_id: int) -> tuple[float, dict[str, Any]] | None:
     row = conn.execute("SELECT updated_at, state FROM site_throttle WHERE site_id = ?", (site_id,)).fetchone()
     return None if row is None else (row[0], json.loads(row[1]))

@@ -17,7 +17,7 @@ from . import quarantine
 CHUNK = 1 << 20
 
 
-def size_problem(path, offset: int, size: int) -> str | None:
+def size_problem(path: str | os.PathLike[str], offset: int, size: int) -> str | None:
     """Why the mail [offset, offset + size) of the blob file cannot be whole, or None."""
     try:
         file_size = os.stat(path).st_size
@@ -31,7 +31,12 @@ def size_problem(path, offset: int, size: int) -> str | None:
 
 
 def content_problem(
-    path, offset: int, size: int, sha256: str, pacer: "Pacer | None" = None, stop: threading.Event | None = None
+    path: str | os.PathLike[str],
+    offset: int,
+    size: int,
+    sha256: str | None,
+    pacer: "Pacer | None" = None,
+    stop: threading.Event | None = None,
 ) -> str | None:
     """Why the mail's bytes are not the ones acknowledged (short, unreadable, another SHA-256), or
     None. Reads CHUNK bytes at a time (at the pacer's rate); returns None early if `stop` is set."""

@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import StorageError
@@ -21,26 +22,26 @@ _PR_SET_PDEATHSIG = 1
 COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"  # what `ps` shows
 
 
-def out_of_band(chunks: list) -> list[pickle.PickleBuffer]:
+def out_of_band(chunks: Iterable[bytes]) -> list[pickle.PickleBuffer]:
     """Bytes to send to the writer raw, after the request (it gets them as bytearrays)."""
     return [pickle.PickleBuffer(chunk) for chunk in chunks]
 
 
-def frame(obj) -> bytes:
+def frame(obj: object) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return LENGTH.pack(len(data)) + data
 
 
-def encode_request(method, args) -> list:
+def encode_request(method: Callable[..., object], args: tuple[object, ...]) -> list[bytes | memoryview]:
     """[lengths, pickle, *raw buffers]: the pickle's length, the number of buffers and each one's."""
-    buffers = []
+    buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps((method, args), protocol=5, buffer_callback=buffers.append)
     raw = [buffer.raw() for buffer in buffers]
     lengths = [len(data), len(raw)] + [view.nbytes for view in raw]
     return [struct.pack(f">{len(lengths)}Q", *lengths), data, *raw]
 
 
-def _read_request(reader) -> tuple[bytes, list[bytearray]] | None:
+def _read_request(reader: "_Reader") -> tuple[bytes, list[bytearray]] | None:
     """The pickle and its raw buffers; None at the end of the stream."""
     head = reader.read(16)
     if len(head) < 16:

@@ -16,7 +16,9 @@ import pickle
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import WriterDied
 from .index_writer import IndexWriter
@@ -36,11 +38,11 @@ class WriterProcess:
         # -P: the hub's working folder is not put on the child's path (a `storage` folder there
         # would be imported instead of the hub's own)
         self._argv = [sys.executable, "-P", "-c", COMMAND, str(data_dir), repr(release_freed_after), str(os.getpid())]
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._stream: asyncio.StreamWriter | None = None
-        self._waiting: collections.deque[asyncio.Future] = collections.deque()
-        self._reading: asyncio.Task | None = None
-        self._restarting: asyncio.Future | None = None  # one restart, however many callers notice
+        self._waiting: collections.deque[asyncio.Future[tuple[bool, Any]]] = collections.deque()
+        self._reading: asyncio.Task[None] | None = None
+        self._restarting: asyncio.Future[None] | None = None  # one restart, however many callers notice
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -63,7 +65,8 @@ class WriterProcess:
         self._reading = asyncio.create_task(self._read_replies(reader))
         await self.call(IndexWriter.ready)  # the child opened the index
 
-    async def call(self, method, *args):
+    async def call(self, method: Callable[..., object], *args: object) -> Any:
+        """method(index writer, *args) run in the writer process; its result (pickled back)."""
         if self._reading is None or self._reading.done():
             if self._restarting is None or self._restarting.done():
                 self._restarting = asyncio.ensure_future(self._restart())
@@ -71,6 +74,7 @@ class WriterProcess:
         request = encode_request(method, args)  # raises here if it does not pickle
         done = asyncio.get_running_loop().create_future()
         self._waiting.append(done)
+        assert self._stream is not None  # started
         self._stream.writelines(request)
         ok, result = await done
         if not ok:
@@ -81,7 +85,8 @@ class WriterProcess:
         if self._proc is not None:
             status = await asyncio.get_running_loop().run_in_executor(None, self._proc.wait)
             log.error("index writer process ended (status %s); starting a new one", status)
-            self._stream.close()
+            if self._stream is not None:
+                self._stream.close()
         await self.start()
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
@@ -110,10 +115,11 @@ class WriterProcess:
         if self._reading is not None:
             await self._reading
         proc, self._proc = self._proc, None
-        await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+        if proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
 
 
-def _child_environment() -> dict:
+def _child_environment() -> dict[str, str]:
     """The hub's environment, with this code's folder first on the path: the writer runs the very
     `storage` package the hub runs (installed or not), in the hub's working folder."""
     root = str(Path(__file__).resolve().parent.parent)
