@@ -292,7 +292,9 @@ def main() -> None:
     if args.child:
         # only the measured tree: the editable install of this checkout would otherwise supply the
         # modules an older tree lacks (relay.mime.stream under an older relay/)
-        sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in getattr(finder, "__module__", "")]
+        sys.meta_path[:] = [
+            finder for finder in sys.meta_path if "__editable__" not in getattr(finder, "__module__", "")
+        ]
         print(json.dumps(measure(args.child[0], float(args.child[1]))))
         return
     from bench.common import command_line

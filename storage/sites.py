@@ -35,7 +35,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-def validate_address(address: str, local_domains: list[str]) -> str:
+def validate_address(address: str, local_domains: Sequence[str]) -> str:
     address = address.strip()
     if not _ADDRESS_RE.match(address):
         raise SiteError(f"invalid address {address!r}")
