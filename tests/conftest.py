@@ -429,6 +429,20 @@ _SITE_ADD_SETTINGS = ("MAILHUB_DATA_DIR", "MAILHUB_DOMAIN", "MAILHUB_DIRECTORY_A
 
 
 @pytest.fixture(scope="session")
+def self_signed_certificate(tmp_path_factory) -> tuple[str, str]:
+    """A throw-away self-signed certificate for localhost, made once per session: (cert, key) paths."""
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture(scope="session")
 def hub_signing_key() -> Path:
     return session_signing_key()
 

@@ -10,7 +10,6 @@ import importlib.metadata
 import re
 import socket
 import ssl
-import subprocess
 import time
 import tomllib
 from pathlib import Path
@@ -265,31 +264,10 @@ def test_connection_lost_stops_the_idle_timer(loop_name):
 
 
 @pytest.fixture(scope="module")
-def tls_context(tmp_path_factory) -> ssl.SSLContext:
-    folder = tmp_path_factory.mktemp("tls")
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def tls_context(self_signed_certificate) -> ssl.SSLContext:
+    cert, key = self_signed_certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(cert), str(key))
+    context.load_cert_chain(cert, key)
     return context
 
 

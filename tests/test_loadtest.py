@@ -454,28 +454,8 @@ def test_uplink_pacing_limits_the_socket(tmp_path):
     assert 1.7 < elapsed < 4.0
 
 
-def test_smoke_with_starttls_against_a_tls_hub(make_hub, tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def test_smoke_with_starttls_against_a_tls_hub(make_hub, tmp_path, self_signed_certificate):
+    cert, key = self_signed_certificate
     profile = tmp_path / "tls.toml"
     profile.write_text((PROFILE_DIR / "smoke.toml").read_text().replace("[smtp]\n", "[smtp]\nstarttls = true\n"))
     corpus = tmp_path / "corpus"

@@ -18,30 +18,8 @@ READY = b"220 2.0.0 Ready to start TLS\r\n"
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("tls")
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(cert), str(key)
+def certificate(self_signed_certificate) -> tuple[str, str]:
+    return self_signed_certificate
 
 
 def client_context() -> ssl.SSLContext:

@@ -14,7 +14,6 @@ import shutil
 import smtplib
 import socket
 import ssl
-import subprocess
 import time
 import urllib.request
 
@@ -306,29 +305,9 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
     assert "Traceback" not in hub.log_text()
 
 
-def test_changed_bytes_found_while_serving_over_imap_with_tls(make_hub, tmp_path):
+def test_changed_bytes_found_while_serving_over_imap_with_tls(make_hub, tmp_path, self_signed_certificate):
     """The copying path (TLS) checks the CRC-32 too: the connection ends inside the literal."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate
     hub = make_hub(
         sites=ALPHA_BETA,
         MAILHUB_STORAGE_SCRUB_RATE="0",
