@@ -35,7 +35,7 @@ from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")
 _HOUSEKEEPING_SECONDS = 60
-_PRUNE_EVERY = 60    # housekeeping rounds (an hour) between two prunings of the tracking events
+_PRUNE_EVERY = 60  # housekeeping rounds (an hour) between two prunings of the tracking events
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -62,12 +62,12 @@ class Hub:
         self._keyring: KeyRing | None = None
         self._monitor: LoopMonitor | None = None
         self._listeners: dict[str, asyncio.base_events.Server] = {}
-        self._contexts: list = []             # the SMTP, POP3 and IMAP contexts (drained at stop)
+        self._contexts: list = []  # the SMTP, POP3 and IMAP contexts (drained at stop)
         self._metrics: MetricsServer | None = None
         self._control: ControlServer | None = None
         self._control_open = False
         self._tasks: list[asyncio.Task] = []  # background tasks, cancelled and awaited at stop
-        self._closers: list = []              # called after the tasks ended (scrub, relay sender)
+        self._closers: list = []  # called after the tasks ended (scrub, relay sender)
         self._signals_installed = False
         self._started = False
 
@@ -102,9 +102,13 @@ class Hub:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        storage = Storage(cfg.data_dir, release_freed_after=cfg.storage.release_freed_after,
-                          reserve_bytes=cfg.storage.reserve_bytes, memory_budget=cfg.smtp.memory_budget,
-                          min_free_bytes=cfg.storage.min_free_bytes)
+        storage = Storage(
+            cfg.data_dir,
+            release_freed_after=cfg.storage.release_freed_after,
+            reserve_bytes=cfg.storage.reserve_bytes,
+            memory_budget=cfg.smtp.memory_budget,
+            min_free_bytes=cfg.storage.min_free_bytes,
+        )
         MEMORY_BUDGET.budget = storage.memory_budget
         storage.on_damaged = damaged_mail
         await storage.open()
@@ -120,7 +124,7 @@ class Hub:
         await feeder.start()
         hub_keys = await asyncio.get_running_loop().run_in_executor(None, _hub_keys, cfg)
         directory = DirectoryMailer(cfg, storage, hub_keys)
-        logins = Logins.from_config(cfg, sites)   # one login guard for every protocol
+        logins = Logins.from_config(cfg, sites)  # one login guard for every protocol
         smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring, logins=logins)
         pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins)
         imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks, logins=logins)
@@ -132,10 +136,14 @@ class Hub:
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         named = self._listeners
         self._metrics = MetricsServer(
-            cfg.data_dir, cfg.metrics.health_min_free_bytes,
+            cfg.data_dir,
+            cfg.metrics.health_min_free_bytes,
             lambda: [name for name, server in named.items() if name != "metrics" and not server.is_serving()],
-            lambda: len(smtp.connections), lambda: len(pop3.sessions), lambda: len(imap.sessions),
-            HubKeyRoutes(hub_keys, cfg.directory.address, cfg.domain))
+            lambda: len(smtp.connections),
+            lambda: len(pop3.sessions),
+            lambda: len(imap.sessions),
+            HubKeyRoutes(hub_keys, cfg.directory.address, cfg.domain),
+        )
 
         await self._listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
         if cfg.pop3.listen:
@@ -148,11 +156,11 @@ class Hub:
             await self._listen("imaps", imap.factory(implicit_tls=True), cfg.imap.imaps_listen, tls)
         if cfg.metrics.listen:
             host, port = cfg.metrics.listen
-            self._record("metrics", await asyncio.start_server(self._metrics.handle, host, port,
-                                                               reuse_address=True))
+            self._record("metrics", await asyncio.start_server(self._metrics.handle, host, port, reuse_address=True))
         if not sites.all_sites():
-            log.warning("no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin",
-                        cfg.domain[0])
+            log.warning(
+                "no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin", cfg.domain[0]
+            )
         if self._handle_signals:
             loop = asyncio.get_running_loop()
             for signum in _STOP_SIGNALS:
@@ -161,11 +169,11 @@ class Hub:
         self._tasks.append(asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400)))
         self._tasks.append(asyncio.create_task(feeder.run()))
         self._tasks.append(directory.start_updates())
-        if cfg.storage.scrub_rate > 0:   # the background scrub (storage/scrub.py); 0 turns it off
+        if cfg.storage.scrub_rate > 0:  # the background scrub (storage/scrub.py); 0 turns it off
             scrub = Scrub(storage, cfg.storage.scrub_rate, on_verified=SCRUB_BYTES.inc)
             self._tasks.append(asyncio.create_task(scrub.run()))
             self._closers.append(scrub.close)
-        if cfg.relay.enabled:   # the outbound relay's scheduler (reloads the durable queue)
+        if cfg.relay.enabled:  # the outbound relay's scheduler (reloads the durable queue)
             sender = FileSender(max_threads=cfg.relay.max_active)  # one send at a time per delivery
             queue = OutboundQueue(cfg, storage, sites, sender)
             storage.on_outbound = queue.wake
@@ -177,8 +185,9 @@ class Hub:
 
     async def _listen(self, name: str, factory, address, ssl_context=None) -> None:
         host, port = address
-        server = await asyncio.get_running_loop().create_server(factory, host, port, backlog=1024,
-                                                                reuse_address=True, ssl=ssl_context)
+        server = await asyncio.get_running_loop().create_server(
+            factory, host, port, backlog=1024, reuse_address=True, ssl=ssl_context
+        )
         self._record(name, server)
 
     def _record(self, name: str, server: asyncio.base_events.Server) -> None:
@@ -193,8 +202,7 @@ class Hub:
         transactions in flight, then every task stopped and storage closed."""
         if not self._started:
             return
-        log.info("shutting down: no new connections, up to %.0fs for transactions in flight",
-                 self.cfg.shutdown_timeout)
+        log.info("shutting down: no new connections, up to %.0fs for transactions in flight", self.cfg.shutdown_timeout)
         await self._shutdown()
         log.info("stopped")
 
@@ -243,7 +251,8 @@ async def _mark_damaged(storage: Storage, request: dict) -> dict:
     mark them damaged (quarantine copy, refused to POP3/IMAP); answers how many were new."""
     mails = request.get("mails")
     if not isinstance(mails, list) or not all(
-            isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in mails):
+        isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in mails
+    ):
         raise ControlError('"mails" is a list of [queue ID, reason] pairs')
     marked = 0
     for queue_id, reason in mails[:10000]:
@@ -257,8 +266,7 @@ async def _start_control(control: ControlServer) -> bool:
     try:
         await control.start()
     except OSError as exc:
-        log.error("control socket %s unavailable (%s); commands that ask the running hub will fail",
-                  control.path, exc)
+        log.error("control socket %s unavailable (%s); commands that ask the running hub will fail", control.path, exc)
         return False
     return True
 
@@ -267,13 +275,19 @@ def _hub_keys(cfg: Config) -> HubKeySource:
     """The hub's signing keys (the first made now if there is none), after removing what a cut-off
     rotation left."""
     clean_leftovers(cfg.data_dir)
-    source = HubKeySource(cfg.data_dir, [f"{cfg.directory.address}@{domain}" for domain in cfg.domain],
-                          cfg.directory.hub_key_grace_days * 86400)
+    source = HubKeySource(
+        cfg.data_dir,
+        [f"{cfg.directory.address}@{domain}" for domain in cfg.domain],
+        cfg.directory.hub_key_grace_days * 86400,
+    )
     keys = source.get()
     log.info("directory signing key %s", keys.fingerprint)
     if keys.in_grace():
-        log.info("previous directory signing key %s co-signs until %s", keys.previous_fingerprint,
-                 keys.rotation()["previous_signs_until"])
+        log.info(
+            "previous directory signing key %s co-signs until %s",
+            keys.previous_fingerprint,
+            keys.rotation()["previous_signs_until"],
+        )
     return source
 
 
@@ -290,7 +304,7 @@ async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
             if rounds:
                 await storage.empty_trash()
                 await storage.keep_reserve()
-        except StorageFull as exc:   # a full disk is not a bug: one line, the next round tries again
+        except StorageFull as exc:  # a full disk is not a bug: one line, the next round tries again
             log.warning("housekeeping skipped: %s", exc)
         except Exception:
             log.exception("housekeeping failed")

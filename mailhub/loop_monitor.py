@@ -13,8 +13,8 @@
 # timer per process: nothing else in the hub may use dump_traceback_later.
 import asyncio
 import contextlib
-import fcntl
 import faulthandler
+import fcntl
 import logging
 import os
 import re
@@ -26,11 +26,11 @@ from . import metrics
 
 log = logging.getLogger("mailhub.loop")
 
-TICK = 0.1                    # seconds between two lateness measurements
-MAX_LINES_PER_MINUTE = 6      # stall log lines; further stalls in the minute are only counted
-FIRST_HANG_REPORT = 5.0       # seconds blocked before a stall still going on is reported
-_FRAMES_SHOWN = 4             # project frames named per line (innermost first)
-_PIPE_SIZE = 1 << 20          # room for the dump of every thread (faulthandler shows at most 100)
+TICK = 0.1  # seconds between two lateness measurements
+MAX_LINES_PER_MINUTE = 6  # stall log lines; further stalls in the minute are only counted
+FIRST_HANG_REPORT = 5.0  # seconds blocked before a stall still going on is reported
+_FRAMES_SHOWN = 4  # project frames named per line (innermost first)
+_PIPE_SIZE = 1 << 20  # room for the dump of every thread (faulthandler shows at most 100)
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _NOT_PROJECT = (os.sep + "site-packages" + os.sep, os.sep + ".venv" + os.sep)
 _DUMP_FRAME = re.compile(r'  File "(.*)", line (\d+) in (.*)')
@@ -53,7 +53,9 @@ def _in_project(path: str) -> bool:
 
 
 def _project_frames(frames) -> list[str]:
-    return [f"{path[len(_PROJECT):]}:{line} {name}" for path, line, name in frames if _in_project(path)][:_FRAMES_SHOWN]
+    return [f"{path[len(_PROJECT) :]}:{line} {name}" for path, line, name in frames if _in_project(path)][
+        :_FRAMES_SHOWN
+    ]
 
 
 def dumped_threads(dump: str) -> dict[int, list[tuple[str, int, str]]]:
@@ -91,11 +93,11 @@ class LoopMonitor:
         self.tick = tick
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0                     # loop time the next tick is due
+        self._due = 0.0  # loop time the next tick is due
         self._last_tick = time.monotonic()  # written by the loop, read by the watchdog
         self._loop_thread = 0
-        self._ended: tuple[float, float] | None = None   # (the stall's last tick, lag): to be logged
-        self._pipe: tuple[int, int] | None = None         # faulthandler writes, the watchdog reads
+        self._ended: tuple[float, float] | None = None  # (the stall's last tick, lag): to be logged
+        self._pipe: tuple[int, int] | None = None  # faulthandler writes, the watchdog reads
         self._dump = b""
         self._hang_started = 0.0
         self._next_hang_report = 0.0
@@ -110,7 +112,7 @@ class LoopMonitor:
         self._loop_thread = threading.get_ident()
         if self.threshold > 0:
             self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            with contextlib.suppress(OSError):   # a full pipe only cuts a dump short
+            with contextlib.suppress(OSError):  # a full pipe only cuts a dump short
                 fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
             self._watchdog = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
             self._watchdog.start()
@@ -128,7 +130,7 @@ class LoopMonitor:
             self._watchdog.join(timeout=5)
             self._watchdog = None
             self._read_pipe()
-            if self._ended is not None:   # a stall that ended just now
+            if self._ended is not None:  # a stall that ended just now
                 self._stalled(self._ended[1])
             for fd in self._pipe:
                 os.close(fd)
@@ -160,10 +162,10 @@ class LoopMonitor:
             if ended is not None:
                 self._stalled(ended[1])
             elif blocked < self.threshold / 2:
-                self._dump = b""   # a dump at the edge of the threshold that no stall report took
+                self._dump = b""  # a dump at the edge of the threshold that no stall report took
             if blocked < FIRST_HANG_REPORT:
                 continue
-            if self._hang_started != self._last_tick:   # a new hang
+            if self._hang_started != self._last_tick:  # a new hang
                 self._hang_started, self._next_hang_report = self._last_tick, FIRST_HANG_REPORT
             if blocked >= self._next_hang_report:
                 self._next_hang_report *= 2
@@ -183,7 +185,7 @@ class LoopMonitor:
             place = "code the stack dump missed (likely C code in another thread holding the GIL)"
         elif _project_frames(frames):
             place = where(frames)
-        else:   # the loop itself was waiting for the GIL: who held it?
+        else:  # the loop itself was waiting for the GIL: who held it?
             busy = [where(other) for other in threads.values() if other and not _waiting(other)]
             place = where(frames) + (f", while another thread held the GIL in {busy[0]}" if busy else "")
         self._report(f"event loop stalled {lag:.2f} s in {place}")

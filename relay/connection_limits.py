@@ -27,12 +27,18 @@ class Limits:
 
 def limits_from(section) -> Limits:
     """The limits of a protocol's config section ([smtp], [pop3], [imap])."""
-    return Limits(section.max_connections, section.max_connections_per_ip, section.max_unauthenticated,
-                  section.max_unauthenticated_per_ip, tuple(section.limit_exempt_networks))
+    return Limits(
+        section.max_connections,
+        section.max_connections_per_ip,
+        section.max_unauthenticated,
+        section.max_unauthenticated_per_ip,
+        tuple(section.limit_exempt_networks),
+    )
 
 
 class Ticket:
     """One admitted connection: logged_in() once it has authenticated, release() when it ends."""
+
     __slots__ = ("_counter", "address", "exempt", "authenticated", "released")
 
     def __init__(self, counter: "ConnectionCounter", address: str, exempt: bool) -> None:
@@ -118,5 +124,13 @@ def _in_networks(ip: str, networks) -> bool:
     return any(address.version == net.version and address in net for net in networks)
 
 
-__all__ = ["ConnectionCounter", "Limits", "Ticket", "limits_from", "PER_ADDRESS", "TOTAL", "UNAUTHENTICATED",
-           "UNAUTHENTICATED_PER_ADDRESS"]
+__all__ = [
+    "ConnectionCounter",
+    "Limits",
+    "Ticket",
+    "limits_from",
+    "PER_ADDRESS",
+    "TOTAL",
+    "UNAUTHENTICATED",
+    "UNAUTHENTICATED_PER_ADDRESS",
+]

@@ -25,9 +25,9 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-_MAX_CALL = 0x7FFFF000   # Linux sends at most this much per sendfile() call
-_POLL_MS = 250           # how often a waiting worker looks at its stop flag
-CHECKED_CHUNK = 256 * 1024   # bytes read, checked and sent at a time when verifying (cache-sized)
+_MAX_CALL = 0x7FFFF000  # Linux sends at most this much per sendfile() call
+_POLL_MS = 250  # how often a waiting worker looks at its stop flag
+CHECKED_CHUNK = 256 * 1024  # bytes read, checked and sent at a time when verifying (cache-sized)
 
 
 class ShortFile(OSError):
@@ -74,8 +74,16 @@ class FileSender:
         """Read part of a file in a worker thread (for the paths that must copy: TLS, dot-stuffing)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, _pread, path, offset, size)
 
-    async def send(self, transport: asyncio.Transport, path: Path, offset: int, count: int,
-                   stop: threading.Event, idle_timeout: float, crc32: int | None = None) -> bool:
+    async def send(
+        self,
+        transport: asyncio.Transport,
+        path: Path,
+        offset: int,
+        count: int,
+        stop: threading.Event,
+        idle_timeout: float,
+        crc32: int | None = None,
+    ) -> bool:
         """Send count bytes of the file from offset; return True when the file's last byte sent is LF
         (or nothing was sent).  Raises OSError (ShortFile, connection errors), TimeoutError when
         the peer takes nothing for idle_timeout seconds, or ConnectionAbortedError once stop is set.
@@ -87,7 +95,8 @@ class FileSender:
         args = () if crc32 is None else (crc32,)
         try:
             job = asyncio.get_running_loop().run_in_executor(
-                self._pool, worker, sock_fd, path, offset, count, stop, idle_timeout, *args)
+                self._pool, worker, sock_fd, path, offset, count, stop, idle_timeout, *args
+            )
         except BaseException:
             os.close(sock_fd)
             raise
@@ -99,8 +108,7 @@ def _pread(path: Path, offset: int, size: int) -> bytes:
         return os.pread(f.fileno(), size, offset)
 
 
-def _send(sock_fd: int, path: Path, offset: int, count: int, stop: threading.Event,
-          idle_timeout: float) -> bool:
+def _send(sock_fd: int, path: Path, offset: int, count: int, stop: threading.Event, idle_timeout: float) -> bool:
     """Worker side; owns (and closes) sock_fd and the file."""
     try:
         with open(path, "rb") as f:
@@ -129,8 +137,9 @@ def _send(sock_fd: int, path: Path, offset: int, count: int, stop: threading.Eve
         os.close(sock_fd)
 
 
-def _send_checked(sock_fd: int, path: Path, offset: int, count: int, stop: threading.Event,
-                  idle_timeout: float, expected_crc: int) -> bool:
+def _send_checked(
+    sock_fd: int, path: Path, offset: int, count: int, stop: threading.Event, idle_timeout: float, expected_crc: int
+) -> bool:
     """Worker side of a verified send: read a chunk, add it to the CRC-32, send that same chunk."""
     try:
         with open(path, "rb") as f:
@@ -142,7 +151,7 @@ def _send_checked(sock_fd: int, path: Path, offset: int, count: int, stop: threa
             crc = 0
             last = b"\n"
             while offset < end:
-                got = os.preadv(file_fd, [buffer[:min(len(buffer), end - offset)]], offset)
+                got = os.preadv(file_fd, [buffer[: min(len(buffer), end - offset)]], offset)
                 if got == 0:
                     raise ShortFile(f"{path} ended at {offset} of {end} bytes")
                 chunk = buffer[:got]
@@ -154,7 +163,7 @@ def _send_checked(sock_fd: int, path: Path, offset: int, count: int, stop: threa
                     if stop.is_set():
                         raise ConnectionAbortedError("send stopped")
                     try:
-                        chunk = chunk[os.write(sock_fd, chunk):]
+                        chunk = chunk[os.write(sock_fd, chunk) :]
                         last_progress = time.monotonic()
                         continue
                     except (BlockingIOError, InterruptedError):

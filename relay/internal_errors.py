@@ -7,7 +7,6 @@ import logging
 import time
 
 from relay import metrics
-
 from relay.mailbox_session import printable
 
 TRACEBACK_INTERVAL = 60.0
@@ -22,6 +21,12 @@ def report_internal_error(logger: logging.Logger, protocol: str, error: BaseExce
     if with_traceback:
         _last_traceback[0] = now
     text = printable(str(error))[:300]
-    logger.error("%s internal error: %s: %s (%s)%s", protocol, type(error).__name__, text, where,
-                 "" if with_traceback else "; traceback suppressed (one a minute)",
-                 exc_info=error if with_traceback else None)
+    logger.error(
+        "%s internal error: %s: %s (%s)%s",
+        protocol,
+        type(error).__name__,
+        text,
+        where,
+        "" if with_traceback else "; traceback suppressed (one a minute)",
+        exc_info=error if with_traceback else None,
+    )

@@ -11,32 +11,32 @@
 # Client addresses are keyed as the host (IPv4) or its /64 (IPv6: one subscriber's network).
 # Must never: do I/O, read a clock, or grow without bound (entries are capped and pruned).
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-ACCOUNT_CHARS = 256   # account names are kept (and compared) at most this long
+ACCOUNT_CHARS = 256  # account names are kept (and compared) at most this long
 
 
 @dataclass(frozen=True)
 class GuardSettings:
-    failure_delay: float = 0.5    # seconds of penalty after one recent failure; doubles per failure
-    max_delay: float = 15.0       # penalty cap (Dovecot's is 15 s)
-    half_life: float = 600.0      # the failure score of an address halves in this time
-    max_failures: int = 10        # failures for one account from one address that block the pair
+    failure_delay: float = 0.5  # seconds of penalty after one recent failure; doubles per failure
+    max_delay: float = 15.0  # penalty cap (Dovecot's is 15 s)
+    half_life: float = 600.0  # the failure score of an address halves in this time
+    max_failures: int = 10  # failures for one account from one address that block the pair
     failure_window: float = 3600.0  # a pair's failures are forgotten after this long without one
-    block_time: float = 900.0     # seconds a pair stays blocked
-    max_wait: float = 30.0        # an attempt that would wait longer for its turn is refused at once
-    max_entries: int = 100_000    # addresses, and pairs, remembered at most (oldest dropped beyond)
-    log_lines_per_minute: int = 10   # failure log lines per address and minute, then a count
-    log_lines_per_minute_total: int = 300   # and from all addresses together (a flood from many)
+    block_time: float = 900.0  # seconds a pair stays blocked
+    max_wait: float = 30.0  # an attempt that would wait longer for its turn is refused at once
+    max_entries: int = 100_000  # addresses, and pairs, remembered at most (oldest dropped beyond)
+    log_lines_per_minute: int = 10  # failure log lines per address and minute, then a count
+    log_lines_per_minute_total: int = 300  # and from all addresses together (a flood from many)
 
 
 @dataclass(slots=True)
 class _Address:
-    score: float = 0.0        # recent failures, decaying with half_life
-    at: float = 0.0           # when score was last updated
-    next_slot: float = 0.0    # earliest start of the next attempt from this address
-    failures: int = 0         # failures since first seen (for the operator's listing)
-    log_window: float = -1e18   # start of the current minute of log lines
+    score: float = 0.0  # recent failures, decaying with half_life
+    at: float = 0.0  # when score was last updated
+    next_slot: float = 0.0  # earliest start of the next attempt from this address
+    failures: int = 0  # failures since first seen (for the operator's listing)
+    log_window: float = -1e18  # start of the current minute of log lines
     logged: int = 0
     suppressed: int = 0
 
@@ -51,9 +51,10 @@ class _Pair:
 @dataclass(frozen=True)
 class Admission:
     """Before checking a password: go after `wait` seconds, or not at all (blocked / too busy)."""
+
     wait: float = 0.0
-    blocked_until: float | None = None   # the pair is blocked until then (no check, temporary failure)
-    too_busy: bool = False               # the address's queue of attempts is too long (temporary failure)
+    blocked_until: float | None = None  # the pair is blocked until then (no check, temporary failure)
+    too_busy: bool = False  # the address's queue of attempts is too long (temporary failure)
 
     @property
     def go(self) -> bool:
@@ -62,10 +63,10 @@ class Admission:
 
 @dataclass(frozen=True)
 class Failure:
-    delay: float            # seconds to wait before answering (and the address's next turn)
+    delay: float  # seconds to wait before answering (and the address's next turn)
     address_failures: float  # the address's recent failure score
-    pair_failures: int      # failures for this account from this address in the window
-    blocked_now: bool       # this failure blocked the pair
+    pair_failures: int  # failures for this account from this address in the window
+    blocked_now: bool  # this failure blocked the pair
     blocked_until: float | None = None
 
 
@@ -92,9 +93,9 @@ class LoginGuard:
         self.settings = settings
         self._addresses: dict[str, _Address] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
-        self._log_window = -1e18    # start of the current minute of log lines from all addresses
+        self._log_window = -1e18  # start of the current minute of log lines from all addresses
         self._logged = 0
-        self._suppressed = 0        # lines over the all-address budget (not counted per address)
+        self._suppressed = 0  # lines over the all-address budget (not counted per address)
 
     # ---- one login attempt ---------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ class LoginGuard:
         state.next_slot = max(state.next_slot, now + delay)
         key = (address, account_key(account))
         pair = self._pairs.pop(key, None) or _Pair()
-        self._pairs[key] = pair          # most recently used last (eviction drops the oldest)
+        self._pairs[key] = pair  # most recently used last (eviction drops the oldest)
         if now - pair.last > s.failure_window:
             pair.failures = 0
         pair.failures += 1
@@ -133,8 +134,9 @@ class LoginGuard:
         if blocked_now:
             pair.blocked_until = now + s.block_time
         self._bound(self._pairs, now)
-        return Failure(delay, state.score, pair.failures, blocked_now,
-                       pair.blocked_until if pair.blocked_until > now else None)
+        return Failure(
+            delay, state.score, pair.failures, blocked_now, pair.blocked_until if pair.blocked_until > now else None
+        )
 
     def succeeded(self, address: str, account: str) -> None:
         """A right password: the pair's failures are forgotten (the address's penalty decays alone,
@@ -171,19 +173,24 @@ class LoginGuard:
         blocks: dict[str, list[dict]] = {}
         for (address, account), pair in self._pairs.items():
             if pair.blocked_until > now:
-                blocks.setdefault(address, []).append({
-                    "account": account, "seconds_left": round(pair.blocked_until - now, 1),
-                    "failures": pair.failures})
+                blocks.setdefault(address, []).append(
+                    {"account": account, "seconds_left": round(pair.blocked_until - now, 1), "failures": pair.failures}
+                )
         rows = []
         for address in sorted(set(blocks) | set(self._addresses)):
             state = self._addresses.get(address)
             delay = self._delay(state, now) if state is not None else 0.0
             if delay <= 0 and address not in blocks:
                 continue
-            rows.append({"address": address, "delay": round(delay, 2),
-                         "score": round(self._score(state, now), 2) if state else 0.0,
-                         "failures": state.failures if state else 0,
-                         "blocks": sorted(blocks.get(address, []), key=lambda b: b["account"])})
+            rows.append(
+                {
+                    "address": address,
+                    "delay": round(delay, 2),
+                    "score": round(self._score(state, now), 2) if state else 0.0,
+                    "failures": state.failures if state else 0,
+                    "blocks": sorted(blocks.get(address, []), key=lambda b: b["account"]),
+                }
+            )
         return rows
 
     def unblock(self, address: str, account: str | None = None) -> int:
@@ -212,7 +219,7 @@ class LoginGuard:
         state = self._addresses.pop(address, None)
         if state is None:
             state = _Address(at=now)
-        self._addresses[address] = state   # most recently used last
+        self._addresses[address] = state  # most recently used last
         self._bound(self._addresses, now)
         return state
 
@@ -229,14 +236,13 @@ class LoginGuard:
         excess = len(table) - max(1, cap * 9 // 10)
         keys = list(table)[:-1]
         blocked = {k for k in keys if isinstance(table[k], _Pair) and table[k].blocked_until > now}
-        for key in ([k for k in keys if k not in blocked] + [k for k in keys if k in blocked])[:max(0, excess)]:
+        for key in ([k for k in keys if k not in blocked] + [k for k in keys if k in blocked])[: max(0, excess)]:
             del table[key]
 
     def _matters(self, value, now: float) -> bool:
         if isinstance(value, _Pair):
             return value.blocked_until > now or now - value.last <= self.settings.failure_window
-        return (self._score(value, now) >= 0.05 or value.next_slot > now
-                or now - value.log_window < 60.0)
+        return self._score(value, now) >= 0.05 or value.next_slot > now or now - value.log_window < 60.0
 
 
 __all__ = ["Admission", "Failure", "GuardSettings", "LoginGuard", "account_key", "client_key"]

@@ -7,14 +7,13 @@ import asyncio
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-from storage import LoginBusy, Site, SiteCache
 
 from relay import metrics
 from relay.login_guard import GuardSettings, LoginGuard, client_key
 from relay.mailbox_session import printable
+from storage import LoginBusy, Site, SiteCache
 
 log = logging.getLogger("mailhub.auth")
 
@@ -22,7 +21,7 @@ log = logging.getLogger("mailhub.auth")
 @dataclass(frozen=True)
 class LoginOutcome:
     site: Site | None = None
-    temporary: str | None = None   # why the attempt was refused without a check (say "try later")
+    temporary: str | None = None  # why the attempt was refused without a check (say "try later")
 
     @property
     def ok(self) -> bool:
@@ -35,10 +34,15 @@ BUSY = "too many logins at once; try again shortly"
 
 def guard_settings(cfg) -> GuardSettings:
     auth = cfg.auth
-    return GuardSettings(failure_delay=auth.failure_delay, max_delay=auth.max_failure_delay,
-                         half_life=auth.penalty_half_life, max_failures=auth.max_failures,
-                         failure_window=auth.failure_window, block_time=auth.block_time,
-                         max_wait=auth.max_penalty_wait)
+    return GuardSettings(
+        failure_delay=auth.failure_delay,
+        max_delay=auth.max_failure_delay,
+        half_life=auth.penalty_half_life,
+        max_failures=auth.max_failures,
+        failure_window=auth.failure_window,
+        block_time=auth.block_time,
+        max_wait=auth.max_penalty_wait,
+    )
 
 
 class Logins:
@@ -56,13 +60,25 @@ class Logins:
         admission = self.guard.admit(address, user, self.clock())
         if admission.blocked_until is not None:
             metrics.login_refused(protocol, "blocked")
-            self._log(address, "%s: login as %r from %s refused unchecked: blocked for %.0f s more", protocol,
-                      printable(user), peer, admission.blocked_until - self.clock())
+            self._log(
+                address,
+                "%s: login as %r from %s refused unchecked: blocked for %.0f s more",
+                protocol,
+                printable(user),
+                peer,
+                admission.blocked_until - self.clock(),
+            )
             return LoginOutcome(temporary=BLOCKED)
         if admission.too_busy:
             metrics.login_refused(protocol, "queue")
-            self._log(address, "%s: login as %r from %s refused unchecked: its address's turn is %.0f s away",
-                      protocol, printable(user), peer, admission.wait)
+            self._log(
+                address,
+                "%s: login as %r from %s refused unchecked: its address's turn is %.0f s away",
+                protocol,
+                printable(user),
+                peer,
+                admission.wait,
+            )
             return LoginOutcome(temporary=BUSY)
         if admission.wait > 0:
             metrics.login_penalty(protocol, admission.wait)
@@ -80,13 +96,27 @@ class Logins:
         metrics.login_failure(protocol)
         if failure.blocked_now:
             metrics.login_block()
-            log.warning("%s: failed login as %r from %s, %d for this account from this address: pair blocked"
-                        " for %.0f s (lift it with: mailhub auth unblock %s --site %s)", protocol, printable(user),
-                        peer, failure.pair_failures, self.guard.settings.block_time, address, shlex.quote(printable(user)))
+            log.warning(
+                "%s: failed login as %r from %s, %d for this account from this address: pair blocked"
+                " for %.0f s (lift it with: mailhub auth unblock %s --site %s)",
+                protocol,
+                printable(user),
+                peer,
+                failure.pair_failures,
+                self.guard.settings.block_time,
+                address,
+                shlex.quote(printable(user)),
+            )
         else:
-            self._log(address, "%s: failed login as %r from %s (%d for this account from this address; its"
-                      " next attempt waits %.1f s)", protocol, printable(user), peer, failure.pair_failures,
-                      failure.delay)
+            self._log(
+                address,
+                "%s: failed login as %r from %s (%d for this account from this address; its next attempt waits %.1f s)",
+                protocol,
+                printable(user),
+                peer,
+                failure.pair_failures,
+                failure.delay,
+            )
         if failure.delay > 0:
             metrics.login_penalty(protocol, failure.delay)
             await asyncio.sleep(failure.delay)
@@ -99,8 +129,11 @@ class Logins:
         if suppressed:
             log.warning("%d more login failures or refusals from %s were not logged", suppressed, address)
         if suppressed_total:
-            log.warning("%d more login failures or refusals (from all addresses, over %d lines a minute) were"
-                        " not logged", suppressed_total, self.guard.settings.log_lines_per_minute_total)
+            log.warning(
+                "%d more login failures or refusals (from all addresses, over %d lines a minute) were not logged",
+                suppressed_total,
+                self.guard.settings.log_lines_per_minute_total,
+            )
         if logged:
             log.info(message, *args)
 

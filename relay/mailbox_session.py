@@ -9,37 +9,36 @@ import threading
 import time
 
 from relay import metrics
-
 from relay.connection_limits import Ticket
 from relay.login_deadline import LoginDeadline
 
-PAUSE_READING_AT = 64 * 1024   # client bytes waiting in the core before the socket is paused
+PAUSE_READING_AT = 64 * 1024  # client bytes waiting in the core before the socket is paused
 
 
 class MailboxSessionIO(asyncio.Protocol):
     """Base of Pop3Session and ImapSession: the session state both share. Subclasses set `core`
     (their sans-I/O connection) in connection_made()."""
 
-    protocol = ""   # "pop3" / "imap": metric labels
+    protocol = ""  # "pop3" / "imap": metric labels
 
     def __init__(self, ctx, idle_timeout: float, implicit_tls: bool):
         self.ctx = ctx
         self.idle_timeout = idle_timeout
-        self.ticket: Ticket | None = None     # counted by ctx.connections while open
+        self.ticket: Ticket | None = None  # counted by ctx.connections while open
         self._login_deadline: LoginDeadline | None = None
-        self._end_reason: str | None = None   # why the server closed the connection on its own
-        self._idle_from = 0.0                 # loop time the idle timeout counts from
-        self._partial_line = False            # the last bytes received did not end a line
+        self._end_reason: str | None = None  # why the server closed the connection on its own
+        self._idle_from = 0.0  # loop time the idle timeout counts from
+        self._partial_line = False  # the last bytes received did not end a line
         self.tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self.core = None
         self.task: asyncio.Task | None = None
         self.peer = "-"
         self.site = None
-        self.downloads = None          # storage.Downloads not yet added to the site's totals
-        self._direct = 0               # messages sent from the file by a worker thread (sendfile, or
-                                       # read, CRC-checked and sent), not through the event loop
-        self._checked = 0              # messages whose CRC-32 was checked as they were sent
+        self.downloads = None  # storage.Downloads not yet added to the site's totals
+        self._direct = 0  # messages sent from the file by a worker thread (sendfile, or
+        # read, CRC-checked and sent), not through the event loop
+        self._checked = 0  # messages whose CRC-32 was checked as they were sent
         self._started = time.monotonic()
         self._input = asyncio.Event()
         self._writable = asyncio.Event()
@@ -64,8 +63,7 @@ class MailboxSessionIO(asyncio.Protocol):
             return admitted
         self.ticket = admitted
         self._idle_from = asyncio.get_running_loop().time()
-        self._login_deadline = LoginDeadline(self.protocol, self.ctx.login_timeout, admitted,
-                                             self._login_expired)
+        self._login_deadline = LoginDeadline(self.protocol, self.ctx.login_timeout, admitted, self._login_expired)
         return None
 
     def _logged_in(self) -> None:
@@ -94,7 +92,7 @@ class MailboxSessionIO(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.core is None:
             return
-        if b"\n" in data:   # a line completed: the idle timeout counts from here
+        if b"\n" in data:  # a line completed: the idle timeout counts from here
             self._idle_from = asyncio.get_running_loop().time()
         self._partial_line = not data.endswith(b"\n")
         self.core.receive_data(data)
@@ -107,7 +105,7 @@ class MailboxSessionIO(asyncio.Protocol):
         if self.core is not None:
             self.core.receive_data(b"")
         self._input.set()
-        return not self.tls   # keep a half-closed plain connection open to answer what came before
+        return not self.tls  # keep a half-closed plain connection open to answer what came before
 
     def connection_lost(self, exc) -> None:
         self._release()
@@ -157,7 +155,7 @@ class MailboxSessionIO(asyncio.Protocol):
         """Wait until the transport has handed every buffered byte to the kernel."""
         if self.transport.get_write_buffer_size() == 0:
             return
-        self.transport.set_write_buffer_limits(high=0)   # resume_writing() once the buffer is empty
+        self.transport.set_write_buffer_limits(high=0)  # resume_writing() once the buffer is empty
         try:
             await self._drain()
         finally:
@@ -179,6 +177,6 @@ def printable(text: str | bytes) -> str:
     """Client-controlled text made safe for a log line (or a trace header)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    if text.isprintable() and "\\" not in text:   # the common case, without a loop per character
+    if text.isprintable() and "\\" not in text:  # the common case, without a loop per character
         return text[:320]
     return "".join(c if c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in text)[:320]

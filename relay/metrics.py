@@ -7,98 +7,177 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-NO_SITE = "-"   # label value for mail from an unauthenticated peer (smtp.peer_networks)
+NO_SITE = "-"  # label value for mail from an unauthenticated peer (smtp.peer_networks)
 
 SMTP_SESSIONS = Counter(
-    "mailhub_smtp_sessions_total", "SMTP connections, by whether they were admitted or refused (and why).",
-    ["outcome"], registry=REGISTRY)
+    "mailhub_smtp_sessions_total",
+    "SMTP connections, by whether they were admitted or refused (and why).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 SMTP_TRANSACTIONS = Counter(
     "mailhub_smtp_transactions_total",
     "SMTP mail transactions that reached the end of data, by outcome (accepted, deferred = 4xx, "
-    "rejected = 5xx) and reply code.", ["outcome", "code"], registry=REGISTRY)
+    "rejected = 5xx) and reply code.",
+    ["outcome", "code"],
+    registry=REGISTRY,
+)
 SMTP_REFUSALS = Counter(
-    "mailhub_smtp_refusals_total", "MAIL FROM and RCPT TO commands refused by policy or limits, by command "
-    "and reply code.", ["command", "code"], registry=REGISTRY)
+    "mailhub_smtp_refusals_total",
+    "MAIL FROM and RCPT TO commands refused by policy or limits, by command and reply code.",
+    ["command", "code"],
+    registry=REGISTRY,
+)
 RECEIVED_MESSAGES = Counter(
-    "mailhub_smtp_received_messages_total", "Mails accepted (250 after end of data), by sending site.",
-    ["site"], registry=REGISTRY)
+    "mailhub_smtp_received_messages_total",
+    "Mails accepted (250 after end of data), by sending site.",
+    ["site"],
+    registry=REGISTRY,
+)
 RECEIVED_BYTES = Counter(
     "mailhub_smtp_received_bytes_total",
     "Octets of accepted mails as the site sent them (without the hub's Received: header), by sending site.",
-    ["site"], registry=REGISTRY)
+    ["site"],
+    registry=REGISTRY,
+)
 DELIVERED_MESSAGES = Counter(
-    "mailhub_smtp_delivered_messages_total", "Mailbox entries created by accepted mails, by receiving site.",
-    ["site"], registry=REGISTRY)
+    "mailhub_smtp_delivered_messages_total",
+    "Mailbox entries created by accepted mails, by receiving site.",
+    ["site"],
+    registry=REGISTRY,
+)
 DELIVERED_BYTES = Counter(
-    "mailhub_smtp_delivered_bytes_total", "Octets of accepted mails, counted once per receiving site.",
-    ["site"], registry=REGISTRY)
+    "mailhub_smtp_delivered_bytes_total",
+    "Octets of accepted mails, counted once per receiving site.",
+    ["site"],
+    registry=REGISTRY,
+)
 INGEST_SECONDS = Histogram(
-    "mailhub_smtp_ingest_duration_seconds", "Time from the end of data to the 250 reply (durable commit) "
-    "of accepted mails.", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-    registry=REGISTRY)
+    "mailhub_smtp_ingest_duration_seconds",
+    "Time from the end of data to the 250 reply (durable commit) of accepted mails.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
 POP3_SESSIONS = Counter(
-    "mailhub_pop3_sessions_total", "POP3 connections, by how they ended (quit, closed, idle_timeout, "
-    "login_timeout, connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
+    "mailhub_pop3_sessions_total",
+    "POP3 connections, by how they ended (quit, closed, idle_timeout, login_timeout, connection_lost, error, refused).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 POP3_MESSAGES = Counter(
-    "mailhub_pop3_messages_served_total", "Whole messages sent by RETR, by site.", ["site"], registry=REGISTRY)
+    "mailhub_pop3_messages_served_total", "Whole messages sent by RETR, by site.", ["site"], registry=REGISTRY
+)
 POP3_BYTES = Counter(
-    "mailhub_pop3_served_bytes_total", "Message octets sent by RETR and TOP (before dot-stuffing), by site.",
-    ["site"], registry=REGISTRY)
+    "mailhub_pop3_served_bytes_total",
+    "Message octets sent by RETR and TOP (before dot-stuffing), by site.",
+    ["site"],
+    registry=REGISTRY,
+)
 SMTP_DEFERRALS = Counter(
-    "mailhub_smtp_deferrals_total", "Recipients (at RCPT) and mails (at end of data) deferred with a 4xx by "
+    "mailhub_smtp_deferrals_total",
+    "Recipients (at RCPT) and mails (at end of data) deferred with a 4xx by "
     "the quota and drain-time policy, by reason (drain_time, over_fair_share, mailbox_bytes, "
-    "mailbox_messages, received_per_day, ...).", ["reason"], registry=REGISTRY)
+    "mailbox_messages, received_per_day, ...).",
+    ["reason"],
+    registry=REGISTRY,
+)
 ENCRYPTION_REFUSALS = Counter(
-    "mailhub_encryption_refusals_total", "Mails refused by the encryption policy at the end of data, by reason "
+    "mailhub_encryption_refusals_total",
+    "Mails refused by the encryption policy at the end of data, by reason "
     "(cleartext_dicom, cleartext_data, malformed, ambiguous, unsupported, structure_limit, fragment, wrong_key, "
-    "hidden_recipient; docs/encryption-policy.md).", ["reason"], registry=REGISTRY)
+    "hidden_recipient; docs/encryption-policy.md).",
+    ["reason"],
+    registry=REGISTRY,
+)
 IMAP_SESSIONS = Counter(
-    "mailhub_imap_sessions_total", "IMAP connections, by how they ended (logout, closed, idle_timeout, "
-    "login_timeout, connection_lost, error, refused).", ["outcome"], registry=REGISTRY)
+    "mailhub_imap_sessions_total",
+    "IMAP connections, by how they ended (logout, closed, idle_timeout, "
+    "login_timeout, connection_lost, error, refused).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 IMAP_MESSAGES = Counter(
-    "mailhub_imap_messages_served_total", "Whole messages sent by FETCH (BODY[], RFC822), by site.", ["site"],
-    registry=REGISTRY)
+    "mailhub_imap_messages_served_total",
+    "Whole messages sent by FETCH (BODY[], RFC822), by site.",
+    ["site"],
+    registry=REGISTRY,
+)
 IMAP_BYTES = Counter(
-    "mailhub_imap_served_bytes_total", "Message octets sent as FETCH body literals, by site.", ["site"],
-    registry=REGISTRY)
+    "mailhub_imap_served_bytes_total",
+    "Message octets sent as FETCH body literals, by site.",
+    ["site"],
+    registry=REGISTRY,
+)
 OUTBOUND_DELIVERIES = Counter(
-    "mailhub_outbound_deliveries_total", "Outbound relay results per recipient (delivered, deferred, "
-    "bounced = permanent failure, expired = lifetime exceeded).", ["outcome"], registry=REGISTRY)
+    "mailhub_outbound_deliveries_total",
+    "Outbound relay results per recipient (delivered, deferred, "
+    "bounced = permanent failure, expired = lifetime exceeded).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 INTERNAL_ERRORS = Counter(
-    "mailhub_internal_errors_total", "Unexpected errors (bugs) met while serving a client, by protocol; each"
-    " is logged in one line, its traceback at most once a minute.", ["protocol"], registry=REGISTRY)
+    "mailhub_internal_errors_total",
+    "Unexpected errors (bugs) met while serving a client, by protocol; each"
+    " is logged in one line, its traceback at most once a minute.",
+    ["protocol"],
+    registry=REGISTRY,
+)
 SMTP_ABORTED = Counter(
-    "mailhub_smtp_aborted_transactions_total", "Transactions that ended while their data was being received"
+    "mailhub_smtp_aborted_transactions_total",
+    "Transactions that ended while their data was being received"
     " or committed, without a reply (client gone, idle timeout, shutdown, RSET between BDAT chunks), by"
-    " reason.", ["reason"], registry=REGISTRY)
+    " reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
 SMTP_ACTIVE = Gauge("mailhub_smtp_sessions_active", "Open SMTP sessions.", registry=REGISTRY)
 POP3_ACTIVE = Gauge("mailhub_pop3_sessions_active", "Open POP3 sessions.", registry=REGISTRY)
 IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", registry=REGISTRY)
 CONNECTIONS_REFUSED = Counter(
-    "mailhub_connections_refused_total", "Connections refused at once by the connection limits, by protocol and "
+    "mailhub_connections_refused_total",
+    "Connections refused at once by the connection limits, by protocol and "
     "reason (total, per_address, unauthenticated = not logged in in total, unauthenticated_per_address).",
-    ["protocol", "reason"], registry=REGISTRY)
+    ["protocol", "reason"],
+    registry=REGISTRY,
+)
 LOGIN_TIMEOUTS = Counter(
-    "mailhub_login_timeouts_total", "Connections closed for not logging in within <protocol>.login_timeout (SMTP "
-    "from a peer network: for not starting a transaction), by protocol.", ["protocol"], registry=REGISTRY)
+    "mailhub_login_timeouts_total",
+    "Connections closed for not logging in within <protocol>.login_timeout (SMTP "
+    "from a peer network: for not starting a transaction), by protocol.",
+    ["protocol"],
+    registry=REGISTRY,
+)
 LOGIN_FAILURES = Counter(
-    "mailhub_login_failures_total", "Failed logins (wrong password or unknown account), by protocol.",
-    ["protocol"], registry=REGISTRY)
+    "mailhub_login_failures_total",
+    "Failed logins (wrong password or unknown account), by protocol.",
+    ["protocol"],
+    registry=REGISTRY,
+)
 LOGIN_PENALTIES = Counter(
-    "mailhub_login_penalties_total", "Login attempts and failure replies held back by their address's penalty "
-    "(auth.failure_delay), by protocol.", ["protocol"], registry=REGISTRY)
+    "mailhub_login_penalties_total",
+    "Login attempts and failure replies held back by their address's penalty (auth.failure_delay), by protocol.",
+    ["protocol"],
+    registry=REGISTRY,
+)
 LOGIN_PENALTY_SECONDS = Counter(
-    "mailhub_login_penalty_seconds_total", "Seconds logins were held back by their address's penalty, by protocol.",
-    ["protocol"], registry=REGISTRY)
+    "mailhub_login_penalty_seconds_total",
+    "Seconds logins were held back by their address's penalty, by protocol.",
+    ["protocol"],
+    registry=REGISTRY,
+)
 LOGIN_BLOCKS = Counter(
-    "mailhub_login_blocks_total", "(account, address) pairs blocked for auth.block_time after "
-    "auth.max_failures failures.", registry=REGISTRY)
+    "mailhub_login_blocks_total",
+    "(account, address) pairs blocked for auth.block_time after auth.max_failures failures.",
+    registry=REGISTRY,
+)
 LOGIN_REFUSED = Counter(
-    "mailhub_login_refused_total", "Login attempts refused with a temporary failure and no password check, by "
+    "mailhub_login_refused_total",
+    "Login attempts refused with a temporary failure and no password check, by "
     "protocol and reason (blocked = the pair is blocked, queue = the address's turn too far off, busy = too many "
-    "password checks waiting).", ["protocol", "reason"], registry=REGISTRY)
-
-
+    "password checks waiting).",
+    ["protocol", "reason"],
+    registry=REGISTRY,
+)
 
 
 # ---- hooks called by the protocol edges (cheap; they never raise into a session) -------------

@@ -23,10 +23,12 @@ SITE_OF = {"alpha@hub.test": "alpha", "beta@hub.test": "beta", "b2@hub.test": "b
 def make_mail(rng: random.Random, tag: str) -> bytes:
     """A CRLF mail of 1 KB .. 5 MB (log-uniform), hex body lines, sometimes with leading dots."""
     size = int(2 ** rng.uniform(10, 22.3))
-    header = (f"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: crash {tag}\r\n"
-              f"Message-ID: <{tag}@crash.test>\r\nX-TELEMEDICINE-SETID: 1.2.3.{tag}\r\n\r\n").encode()
+    header = (
+        f"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: crash {tag}\r\n"
+        f"Message-ID: <{tag}@crash.test>\r\nX-TELEMEDICINE-SETID: 1.2.3.{tag}\r\n\r\n"
+    ).encode()
     text = rng.randbytes(max(1, (size - len(header)) // 2 + 38)).hex().encode()
-    lines = [text[i:i + 76] for i in range(0, len(text) - 76, 76)] or [b"x"]
+    lines = [text[i : i + 76] for i in range(0, len(text) - 76, 76)] or [b"x"]
     if rng.random() < 0.6:
         for _ in range(rng.randint(1, 6)):
             lines[rng.randrange(len(lines))] = rng.choice([b".", b"..", b"...", b"." + lines[0], b".. x"])
@@ -34,15 +36,14 @@ def make_mail(rng: random.Random, tag: str) -> bytes:
         lines.append(b".")  # a last line that is a lone dot, right before the end-of-data marker
     mail = header + b"\r\n".join(lines) + b"\r\n"
     if rng.random() < 0.05:
-        mail = b".first-line: starts with a dot\r\n" + mail   # a header field (RFC 5322 allows the dot)
+        mail = b".first-line: starts with a dot\r\n" + mail  # a header field (RFC 5322 allows the dot)
     return mail
 
 
 class Sender(threading.Thread):
     """Sends mails to the hub of one round until the hub dies or the round ends."""
 
-    def __init__(self, index: int, port: int, round_no: int, killed: threading.Event, ledger: list,
-                 errors: list):
+    def __init__(self, index: int, port: int, round_no: int, killed: threading.Event, ledger: list, errors: list):
         super().__init__(daemon=True)
         self.rng = random.Random(f"{SEED}-{round_no}-{index}")
         self.port, self.tag = port, f"{round_no}.{index}"
@@ -95,8 +96,7 @@ class Sender(threading.Thread):
             client.ehlo("crash.test")
             assert client.auth_plain("alpha").startswith(b"235")
             mail, rcpts = self.next_mail()
-            commands = b"MAIL FROM:<alpha@hub.test>\r\n" + b"".join(b"RCPT TO:<%s>\r\n" % r.encode()
-                                                                     for r in rcpts)
+            commands = b"MAIL FROM:<alpha@hub.test>\r\n" + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts)
             self.in_flight = True
             client.send(commands)  # pipelined
             for _ in range(1 + len(rcpts)):
@@ -139,16 +139,20 @@ def test_acknowledged_mails_survive_sigkill(make_hub):
         for sender in senders:
             sender.join(30)
             assert not sender.is_alive(), "a sender hangs after the kill"
-        print(f"round {round_no}: killed after {delay:.2f} s with {in_flight} transaction(s) in flight,"
-              f" {before} mail(s) acknowledged so far")
+        print(
+            f"round {round_no}: killed after {delay:.2f} s with {in_flight} transaction(s) in flight,"
+            f" {before} mail(s) acknowledged so far"
+        )
         assert not errors, errors
     assert len(ledger) >= 20, "too few mails acknowledged for the test to mean anything"
     assert cut_short >= 1, "the kills never hit a transaction in flight"
 
     hub.start()  # the final restart runs recovery
     try:
-        rows = {qid: (blob, size, sha, refs) for qid, blob, size, sha, refs in
-                hub.query("SELECT queue_id, blob, size, sha256, refs FROM messages")}
+        rows = {
+            qid: (blob, size, sha, refs)
+            for qid, blob, size, sha, refs in hub.query("SELECT queue_id, blob, size, sha256, refs FROM messages")
+        }
         stored = {qid: hub.stored(qid) for qid in rows}
         entries = dict(hub.query("SELECT queue_id, count(*) FROM mailbox GROUP BY queue_id"))
         blob_dir = hub.data_dir / "blobs"
@@ -187,7 +191,9 @@ def test_acknowledged_mails_survive_sigkill(make_hub):
     for report in reports:
         assert "0 indexed blob(s) missing, 0 blob(s) shorter than indexed" in report, report
     print("\n".join(f"recovery: {r}" for r in reports))
-    packed = len(rows) - len(indexed)   # small mails committed together share a pack file
-    print(f"{len(ledger)} acknowledged mails intact, {len(rows) - len(ledger)} unacknowledged but complete "
-          f"mail(s) kept, {len(indexed)} blob files ({packed} mails in packs beyond their first),"
-          f" {time.monotonic() - started:.1f} s")
+    packed = len(rows) - len(indexed)  # small mails committed together share a pack file
+    print(
+        f"{len(ledger)} acknowledged mails intact, {len(rows) - len(ledger)} unacknowledged but complete "
+        f"mail(s) kept, {len(indexed)} blob files ({packed} mails in packs beyond their first),"
+        f" {time.monotonic() - started:.1f} s"
+    )

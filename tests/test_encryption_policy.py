@@ -39,7 +39,7 @@ def check(message: bytes, recipients, allow_hidden: bool = False, piece: int = 1
     policy = EncryptionPolicy(recipients, allow_hidden)
     parser = MimeStreamParser(policy)
     for i in range(0, len(message), piece):
-        parser.feed(message[i:i + piece])
+        parser.feed(message[i : i + piece])
     parser.close()
     return policy.reply
 
@@ -50,14 +50,21 @@ def beta_keys(gpg) -> list[RecipientKeys]:
 
 def dicom_mail(content_type: str = "application/dicom", encoding: str = "base64") -> bytes:
     body = base64.encodebytes(DICOM).replace(b"\n", b"\r\n") if encoding == "base64" else DICOM
-    return (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: image\r\nMIME-Version: 1.0\r\n"
-            b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
-            b"see attachment\r\n--b1\r\nContent-Type: " + content_type.encode() +
-            b'; name="img.dcm"\r\nContent-Transfer-Encoding: ' + encoding.encode() + b"\r\n\r\n" + body +
-            b"\r\n--b1--\r\n")
+    return (
+        b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: image\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+        b"see attachment\r\n--b1\r\nContent-Type: "
+        + content_type.encode()
+        + b'; name="img.dcm"\r\nContent-Transfer-Encoding: '
+        + encoding.encode()
+        + b"\r\n\r\n"
+        + body
+        + b"\r\n--b1--\r\n"
+    )
 
 
 # ---- in memory -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("piece", [1, 13, 1 << 20])
 def test_right_key_accepted_wrong_key_refused(gpg, piece):
@@ -87,9 +94,10 @@ def test_hidden_recipients_per_configuration(gpg):
     assert check(hidden, beta_keys(gpg), allow_hidden=True) is None
 
 
-@pytest.mark.parametrize("content_type, encoding", [("application/dicom", "base64"),
-                                                    ("application/octet-stream", "base64"),
-                                                    ("application/octet-stream", "binary")])
+@pytest.mark.parametrize(
+    "content_type, encoding",
+    [("application/dicom", "base64"), ("application/octet-stream", "base64"), ("application/octet-stream", "binary")],
+)
 def test_cleartext_dicom_refused(content_type, encoding):
     reply = check(dicom_mail(content_type, encoding), [RecipientKeys("beta", {})], piece=7)
     assert reply.startswith("554 5.7.1 Unencrypted DICOM refused: part 2 ("), reply
@@ -102,8 +110,9 @@ def test_malformed_pgp_mime(gpg):
         good.replace(b"Version: 1", b"Version: 2"): "Version: 1",
         good.replace(b'protocol="application/pgp-encrypted"', b'protocol="application/pkcs7-mime"'): "protocol",
         good.replace(b"Content-Type: application/octet-stream", b"Content-Type: text/plain"): "second part",
-        good.replace(b"--enc-boundary-42--", b"--enc-boundary-42\r\nContent-Type: text/plain\r\n\r\nx\r\n"
-                                             b"--enc-boundary-42--"): "exactly two parts",
+        good.replace(
+            b"--enc-boundary-42--", b"--enc-boundary-42\r\nContent-Type: text/plain\r\n\r\nx\r\n--enc-boundary-42--"
+        ): "exactly two parts",
         good.replace(b"-----BEGIN PGP MESSAGE-----", b"-----BEGIN PGP SIGNATURE-----"): "neither",
     }
     for message, reason in cases.items():
@@ -112,17 +121,20 @@ def test_malformed_pgp_mime(gpg):
 
 
 def test_reports_pass_by_their_parts_not_by_their_type():
-    mdn = (b"Subject: read\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report;"
-           b' report-type=disposition-notification; boundary="r"\r\n\r\n--r\r\nContent-Type: text/plain\r\n\r\n'
-           b"displayed\r\n--r\r\nContent-Type: message/disposition-notification\r\n\r\n"
-           b"Final-Recipient: rfc822; beta@hub.test\r\nDisposition: manual-action/MDN-sent-manually; displayed\r\n"
-           b"--r--\r\n")
+    mdn = (
+        b"Subject: read\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report;"
+        b' report-type=disposition-notification; boundary="r"\r\n\r\n--r\r\nContent-Type: text/plain\r\n\r\n'
+        b"displayed\r\n--r\r\nContent-Type: message/disposition-notification\r\n\r\n"
+        b"Final-Recipient: rfc822; beta@hub.test\r\nDisposition: manual-action/MDN-sent-manually; displayed\r\n"
+        b"--r--\r\n"
+    )
     assert check(mdn, [RecipientKeys("beta", {})]) is None
     carrying = mdn.replace(b"--r--", b"--r\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--r--")
     assert check(carrying, [RecipientKeys("beta", {})]).startswith("554 5.7.1 Unencrypted DICOM refused: part 3")
 
 
 # ---- over SMTP against a real hub ------------------------------------------------------------
+
 
 def send(hub, sender: str, rcpts: list[str], message: bytes, login: str = "alpha"):
     """(code, reply text) at the end of data."""
@@ -166,10 +178,14 @@ def keyed_hub(make_hub, keyed_data):
 def test_smtp_policy_end_to_end(keyed_hub, gpg):
     hub = keyed_hub
     encrypted = gpg.encrypt(DICOM, "beta@keys.test")
-    assert send(hub, "alpha@hub.test", ["beta@hub.test"], pgp_mime("alpha@hub.test", "beta@hub.test", encrypted))[0] == 250
+    assert (
+        send(hub, "alpha@hub.test", ["beta@hub.test"], pgp_mime("alpha@hub.test", "beta@hub.test", encrypted))[0] == 250
+    )
     # the previous key is still valid in its grace period
     previous = gpg.encrypt(DICOM, "beta-old@keys.test")
-    assert send(hub, "alpha@hub.test", ["beta@hub.test"], pgp_mime("alpha@hub.test", "beta@hub.test", previous))[0] == 250
+    assert (
+        send(hub, "alpha@hub.test", ["beta@hub.test"], pgp_mime("alpha@hub.test", "beta@hub.test", previous))[0] == 250
+    )
     stale = gpg.encrypt(DICOM, "stranger@keys.test")
     code, text = send(hub, "alpha@hub.test", ["beta@hub.test"], pgp_mime("alpha@hub.test", "beta@hub.test", stale))
     assert code == 550 and text.startswith("5.7.5 Not encrypted to site beta's key"), text
@@ -220,15 +236,33 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 def test_200_mb_encrypted_mail_checked_in_bounded_memory(make_hub, keyed_data, gpg):
-    hub = make_hub(process=True, **GRACE_14_DAYS)   # a process of its own: its memory is measured
+    hub = make_hub(process=True, **GRACE_14_DAYS)  # a process of its own: its memory is measured
     shutil.copytree(keyed_data, hub.data_dir)
     hub.start()
     payload_bytes = 150 * 1000 * 1000  # about 200 MB once armored
     header, trailer = pgp_mime("alpha@hub.test", "beta@hub.test", b"@@BODY@@").split(b"@@BODY@@")
     zeros = subprocess.Popen(["head", "-c", str(payload_bytes), "/dev/zero"], stdout=subprocess.PIPE)
-    encrypt = subprocess.Popen(["gpg", "--homedir", str(gpg.home), "--batch", "--quiet", "--trust-model", "always",
-                                "--compress-algo", "none", "--encrypt", "--armor", "--recipient", "beta@keys.test",
-                                "--output", "-"], stdin=zeros.stdout, stdout=subprocess.PIPE)
+    encrypt = subprocess.Popen(
+        [
+            "gpg",
+            "--homedir",
+            str(gpg.home),
+            "--batch",
+            "--quiet",
+            "--trust-model",
+            "always",
+            "--compress-algo",
+            "none",
+            "--encrypt",
+            "--armor",
+            "--recipient",
+            "beta@keys.test",
+            "--output",
+            "-",
+        ],
+        stdin=zeros.stdout,
+        stdout=subprocess.PIPE,
+    )
     zeros.stdout.close()
     client = RawSMTP(hub.smtp_port, timeout=120)
     sent = 0
@@ -287,6 +321,6 @@ def test_mangled_mails_never_break_the_policy(gpg, sample_mails, data):
     cut = data.draw(st.integers(0, len(base)))
     noise = data.draw(st.binary(max_size=200))
     keep = data.draw(st.integers(0, len(base) - cut))
-    message = base[:cut] + noise + base[cut + keep:]
+    message = base[:cut] + noise + base[cut + keep :]
     reply = check(message, beta_keys(gpg), piece=data.draw(st.integers(1, 4096)))
     assert reply is None or reply[:3] in ("550", "554")

@@ -13,8 +13,17 @@ import time
 import pytest
 
 from conftest import ALPHA_BETA, PASSWORD, make_message
-from hostileutil import (ATTACKER, GOOD, IMAP4From, POP3From, good_gateway_imap, good_gateway_pop3, metric, metrics,
-                         smtp_from)
+from hostileutil import (
+    ATTACKER,
+    GOOD,
+    IMAP4From,
+    POP3From,
+    good_gateway_imap,
+    good_gateway_pop3,
+    metric,
+    metrics,
+    smtp_from,
+)
 from pop3util import send
 
 
@@ -58,27 +67,36 @@ def try_login(hub, protocol: str, password: str, source: str = ATTACKER, site: s
 
 def _plain(user: str, password: str) -> str:
     import base64
+
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
 BLOCKED = {
     "smtp": "454 4.7.0 Temporary authentication failure: too many failed logins for this account from your "
-            "address; try again later",
+    "address; try again later",
     "pop3": "-ERR [SYS/TEMP] too many failed logins for this account from your address; try again later",
     "imap": "[UNAVAILABLE] too many failed logins for this account from your address; try again later",
 }
-WRONG = {"smtp": "535 5.7.8 Authentication credentials invalid",
-         "pop3": "-ERR [AUTH] invalid user name or password",
-         "imap": "[AUTHENTICATIONFAILED] authentication failed"}
+WRONG = {
+    "smtp": "535 5.7.8 Authentication credentials invalid",
+    "pop3": "-ERR [AUTH] invalid user name or password",
+    "imap": "[AUTHENTICATIONFAILED] authentication failed",
+}
 
 
 def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_FAILURE_DELAY="0.2", MAILHUB_AUTH_MAX_FAILURES="5",
-                   MAILHUB_AUTH_BLOCK_TIME="600", MAILHUB_AUTH_PENALTY_HALF_LIFE="86400").start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        process=True,
+        MAILHUB_AUTH_FAILURE_DELAY="0.2",
+        MAILHUB_AUTH_MAX_FAILURES="5",
+        MAILHUB_AUTH_BLOCK_TIME="600",
+        MAILHUB_AUTH_PENALTY_HALF_LIFE="86400",
+    ).start()
     send(hub, ["beta@hub.test"], make_message(20000))
     protocols = ["smtp", "pop3", "imap", "smtp", "pop3"]
     timings = []
-    for n, protocol in enumerate(protocols):   # each on a new connection, alternating protocols
+    for n, protocol in enumerate(protocols):  # each on a new connection, alternating protocols
         ok, answer, took = try_login(hub, protocol, f"guess-{n}")
         assert not ok and answer.startswith(WRONG[protocol]), answer
         timings.append(took)
@@ -86,8 +104,10 @@ def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_h
     # plus its password check, which is slow on a busy machine: the hub's own count of penalty
     # seconds shows the growth exactly); the 5th failure blocked the pair
     for n, took in enumerate(timings):
-        assert 0.2 * 2 ** n - 0.05 < took < 0.2 * 2 ** n + 3.0, timings
-    held = sum(metric(metrics(hub), "mailhub_login_penalty_seconds_total", protocol=p) for p in ("smtp", "pop3", "imap"))
+        assert 0.2 * 2**n - 0.05 < took < 0.2 * 2**n + 3.0, timings
+    held = sum(
+        metric(metrics(hub), "mailhub_login_penalty_seconds_total", protocol=p) for p in ("smtp", "pop3", "imap")
+    )
     assert held == pytest.approx(0.2 + 0.4 + 0.8 + 1.6 + 3.2, abs=0.05), (held, timings)
     # now the right password is refused too, unchecked, on every protocol, from that address
     for protocol in ("smtp", "pop3", "imap"):
@@ -104,8 +124,10 @@ def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_h
     scraped = metrics(hub)
     assert sum(metric(scraped, "mailhub_login_failures_total", protocol=p) for p in ("smtp", "pop3", "imap")) == 5
     assert metric(scraped, "mailhub_login_blocks_total") == 1
-    assert all(metric(scraped, "mailhub_login_refused_total", protocol=p, reason="blocked") == 1
-               for p in ("smtp", "pop3", "imap"))
+    assert all(
+        metric(scraped, "mailhub_login_refused_total", protocol=p, reason="blocked") == 1
+        for p in ("smtp", "pop3", "imap")
+    )
     assert metric(scraped, "mailhub_login_penalties_total", protocol="smtp") >= 2
     log = hub.log_text()
     assert "failed login as 'beta' from 127.0.0.1, 5 for this account from this address: pair blocked" in log
@@ -126,9 +148,14 @@ def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_h
 
 
 def test_parallel_guesses_from_one_address_take_turns(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_FAILURE_DELAY="0.3", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.3",
-                   MAILHUB_AUTH_MAX_FAILURES="100").start()
-    ok, _, _ = try_login(hub, "pop3", "first-guess")   # the address now has a 0.3 s penalty
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        process=True,
+        MAILHUB_AUTH_FAILURE_DELAY="0.3",
+        MAILHUB_AUTH_MAX_FAILURE_DELAY="0.3",
+        MAILHUB_AUTH_MAX_FAILURES="100",
+    ).start()
+    ok, _, _ = try_login(hub, "pop3", "first-guess")  # the address now has a 0.3 s penalty
     assert not ok
     results = []
     started = time.monotonic()
@@ -150,13 +177,14 @@ def test_parallel_guesses_from_one_address_take_turns(make_hub):
 
 
 def test_the_password_check_queue_is_bounded(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_HASH_THREADS="1",
-                   MAILHUB_AUTH_MAX_QUEUED_CHECKS="2").start()
+    hub = make_hub(
+        sites=ALPHA_BETA, process=True, MAILHUB_AUTH_HASH_THREADS="1", MAILHUB_AUTH_MAX_QUEUED_CHECKS="2"
+    ).start()
     send(hub, ["beta@hub.test"], make_message(20000))
-    assert good_gateway_pop3(hub, GOOD) < 2.0   # its check is now cached: no queue for it
+    assert good_gateway_pop3(hub, GOOD) < 2.0  # its check is now cached: no queue for it
     results = []
 
-    def guess(n):   # many addresses at once, so that no penalty spaces them out
+    def guess(n):  # many addresses at once, so that no penalty spaces them out
         results.append(try_login(hub, "imap", f"guess-{n}", source=f"127.0.1.{n + 1}", site=f"nobody{n}"))
 
     threads = [threading.Thread(target=guess, args=(n,)) for n in range(16)]
@@ -174,11 +202,16 @@ def test_the_password_check_queue_is_bounded(make_hub):
 
 
 def test_failure_log_lines_are_rate_limited_per_address(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_AUTH_FAILURE_DELAY="0.01", MAILHUB_AUTH_MAX_FAILURE_DELAY="0.02",
-                   MAILHUB_AUTH_MAX_FAILURES="1000").start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        process=True,
+        MAILHUB_AUTH_FAILURE_DELAY="0.01",
+        MAILHUB_AUTH_MAX_FAILURE_DELAY="0.02",
+        MAILHUB_AUTH_MAX_FAILURES="1000",
+    ).start()
     client = POP3From(hub.ports["pop3"], ATTACKER)
     for n in range(30):
-        if n % 2 == 0:   # two failures per connection (the third would close it)
+        if n % 2 == 0:  # two failures per connection (the third would close it)
             client.close()
             client = POP3From(hub.ports["pop3"], ATTACKER)
         client.user("beta")

@@ -57,6 +57,7 @@ def log_in(sock: socket.socket, protocol: str, site: bytes = b"beta") -> None:
     """Log an open connection in as `site` (SMTP: AUTH PLAIN)."""
     if protocol == "smtp":
         import base64
+
         sock.sendall(b"EHLO attacker.test\r\n")
         data = b""
         while not data.endswith(b"250 HELP\r\n"):
@@ -82,8 +83,10 @@ def good_gateway(hub, protocol: str) -> float:
 @pytest.mark.parametrize("protocol", ["smtp", "pop3", "imap"])
 def test_a_flood_from_one_address_hits_its_limits_and_others_are_still_served(make_hub, protocol):
     key = protocol.upper()
-    hub = make_hub(sites=ALPHA_BETA, **{f"MAILHUB_{key}_MAX_CONNECTIONS_PER_IP": "6",
-                                        f"MAILHUB_{key}_MAX_UNAUTHENTICATED_PER_IP": "4"}).start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        **{f"MAILHUB_{key}_MAX_CONNECTIONS_PER_IP": "6", f"MAILHUB_{key}_MAX_UNAUTHENTICATED_PER_IP": "4"},
+    ).start()
     send(hub, ["beta@hub.test"], make_message(20000))
     # four connections that never log in take the address's share of unauthenticated ones
     idle = [greeted(hub, protocol) for _ in range(4)]
@@ -100,17 +103,20 @@ def test_a_flood_from_one_address_hits_its_limits_and_others_are_still_served(ma
         second = idle.pop()
         log_in(second, protocol)
         idle += [greeted(hub, protocol)]
-        refused = connect(port_of(hub, protocol))   # 4 unauthenticated + 2 logged in = 6
+        refused = connect(port_of(hub, protocol))  # 4 unauthenticated + 2 logged in = 6
         assert read_until_closed(refused) == PER_ADDRESS[protocol]
         logged_in = [logged, second]
     else:
         logged_in = [logged]
     scraped = metrics(hub)
-    assert metric(scraped, "mailhub_connections_refused_total", protocol=protocol,
-                  reason="unauthenticated_per_address") == 1
-    assert metric(scraped, "mailhub_connections_refused_total", protocol=protocol,
-                  reason="per_address") == (0 if protocol == "pop3" else 1)
-    for sock in idle:   # closing frees the slots
+    assert (
+        metric(scraped, "mailhub_connections_refused_total", protocol=protocol, reason="unauthenticated_per_address")
+        == 1
+    )
+    assert metric(scraped, "mailhub_connections_refused_total", protocol=protocol, reason="per_address") == (
+        0 if protocol == "pop3" else 1
+    )
+    for sock in idle:  # closing frees the slots
         sock.close()
     assert wait_for(lambda: _admitted(hub, protocol))
     for sock in logged_in:
@@ -126,12 +132,16 @@ def _admitted(hub, protocol: str) -> bool:
 
 
 @pytest.mark.parametrize("protocol", ["smtp", "pop3", "imap"])
-def test_the_total_of_connections_not_logged_in_is_bounded_and_exempt_networks_count_only_there(
-        make_hub, protocol):
+def test_the_total_of_connections_not_logged_in_is_bounded_and_exempt_networks_count_only_there(make_hub, protocol):
     key = protocol.upper()
-    hub = make_hub(sites=ALPHA_BETA, **{f"MAILHUB_{key}_MAX_UNAUTHENTICATED": "8",
-                                        f"MAILHUB_{key}_MAX_UNAUTHENTICATED_PER_IP": "2",
-                                        f"MAILHUB_{key}_LIMIT_EXEMPT_NETWORKS": "127.0.0.9/32"}).start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        **{
+            f"MAILHUB_{key}_MAX_UNAUTHENTICATED": "8",
+            f"MAILHUB_{key}_MAX_UNAUTHENTICATED_PER_IP": "2",
+            f"MAILHUB_{key}_LIMIT_EXEMPT_NETWORKS": "127.0.0.9/32",
+        },
+    ).start()
     # the exempt address is held only to the total: 8 connections not logged in
     exempt = [greeted(hub, protocol, "127.0.0.9") for _ in range(6)]
     others = [greeted(hub, protocol, f"127.0.0.{20 + i}") for i in range(2)]
@@ -176,7 +186,7 @@ def test_connections_not_logged_in_are_closed_at_the_deadline_however_they_trick
     trickle = TRICKLE[protocol] + b"x" * 100
     closed_at = {}
     for n in range(60):
-        for sock, data in ((chatty, noop), (trickler, trickle[n:n + 1])):
+        for sock, data in ((chatty, noop), (trickler, trickle[n : n + 1])):
             if sock in closed_at:
                 continue
             try:
@@ -210,19 +220,19 @@ def test_connections_not_logged_in_are_closed_at_the_deadline_however_they_trick
 
 
 def test_smtp_from_a_peer_network_must_start_a_transaction_by_the_deadline(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_LOGIN_TIMEOUT="2",
-                   MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8").start()
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_LOGIN_TIMEOUT="2", MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8").start()
     idle, busy = greeted(hub, "smtp"), greeted(hub, "smtp")
     for sock in (idle, busy):
         sock.sendall(b"EHLO peer.test\r\n")
     busy.sendall(b"MAIL FROM:<someone@peer.test>\r\n")
     replies = b""
-    while b"\r\n250 2.1.0" not in replies:   # the EHLO reply, then MAIL's (the socket's timeout: the deadline)
+    while b"\r\n250 2.1.0" not in replies:  # the EHLO reply, then MAIL's (the socket's timeout: the deadline)
         chunk = busy.recv(65536)
         assert chunk, replies
         replies += chunk
     assert read_until_closed(idle, 4).endswith(
-        b"421 4.4.2 No mail transaction started within 2 seconds, closing connection\r\n")
+        b"421 4.4.2 No mail transaction started within 2 seconds, closing connection\r\n"
+    )
     busy.sendall(b"RCPT TO:<beta@hub.test>\r\n")
     assert busy.recv(1000).startswith(b"250 2.1.5")
     busy.close()
@@ -243,7 +253,7 @@ def test_pop3_idle_timeout_counts_complete_commands_not_bytes(make_hub):
     trickler_closed = None
     for _n in range(80):
         chatty.sendall(b"NOOP\r\n")
-        assert chatty.recv(1000) == b"+OK\r\n"   # complete commands every 0.2 s keep it open
+        assert chatty.recv(1000) == b"+OK\r\n"  # complete commands every 0.2 s keep it open
         if trickler_closed is None:
             try:
                 trickler.sendall(b"N")
@@ -277,7 +287,7 @@ def test_imap_idle_is_ended_by_the_idle_timeout_whatever_the_server_reports(make
     updates = b""
     sock.settimeout(0.3)
     while time.monotonic() - started < 6:
-        send(hub, ["beta@hub.test"], make_message(3000))   # the server reports each new mail
+        send(hub, ["beta@hub.test"], make_message(3000))  # the server reports each new mail
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
@@ -297,8 +307,11 @@ def test_smtp_data_trickled_a_byte_at_a_time_times_out(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_IDLE_TIMEOUT="2").start()
     sock = greeted(hub, "smtp")
     log_in(sock, "smtp")
-    for line, code in ((b"MAIL FROM:<beta@hub.test>\r\n", b"250"), (b"RCPT TO:<alpha@hub.test>\r\n", b"250"),
-                       (b"DATA\r\n", b"354")):
+    for line, code in (
+        (b"MAIL FROM:<beta@hub.test>\r\n", b"250"),
+        (b"RCPT TO:<alpha@hub.test>\r\n", b"250"),
+        (b"DATA\r\n", b"354"),
+    ):
         sock.sendall(line)
         assert sock.recv(1000).startswith(code)
     started = time.monotonic()

@@ -70,6 +70,7 @@ def hub(tmp_path_factory):
     hub.add_site("beta")
     hub.start()
     from pop3util import send
+
     send(hub, ["alpha@hub.test"], GOOD_MAIL, login="beta")
     send(hub, ["beta@hub.test"], make_message(5000, subject="plain one"))
     yield hub
@@ -115,7 +116,7 @@ def under_attack(hub, attack, attackers: int = 2, rounds: int = 3) -> list:
                 if first:
                     first = False
                     started.wait(timeout=120)
-        except BaseException as exc:   # reported by the main thread
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
             started.abort()
 
@@ -123,7 +124,7 @@ def under_attack(hub, attack, attackers: int = 2, rounds: int = 3) -> list:
     for thread in threads:
         thread.start()
     try:
-        started.wait(timeout=120)   # every attacker finished a round: the attack is known to work
+        started.wait(timeout=120)  # every attacker finished a round: the attack is known to work
         times = [good_gateway(hub) for _ in range(rounds)]
     finally:
         stop.set()
@@ -137,9 +138,15 @@ def under_attack(hub, attack, attackers: int = 2, rounds: int = 3) -> list:
 
 # ---- LIST / LSUB ----------------------------------------------------------------------------------
 
+
 def test_list_pattern_explosion(hub):
-    patterns = [("*%" * 4000 + "x", True), ("*%" * 4000 + "z", False), ("%" * 30000, True),
-                ("*" * 20 + "I" * 20 + "*" * 20, False), ("IN*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%BOX", True)]
+    patterns = [
+        ("*%" * 4000 + "x", True),
+        ("*%" * 4000 + "z", False),
+        ("%" * 30000, True),
+        ("*" * 20 + "I" * 20 + "*" * 20, False),
+        ("IN*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%BOX", True),
+    ]
 
     def attack(results):
         client = RawImap(hub.ports["imap"])
@@ -155,6 +162,7 @@ def test_list_pattern_explosion(hub):
 
 
 # ---- FETCH ----------------------------------------------------------------------------------------
+
 
 def test_many_item_and_huge_sequence_set_fetch(hub):
     distinct = "(" + " ".join(f"BODY.PEEK[1]<{n}.1>" for n in range(1000)) + ")"
@@ -179,8 +187,11 @@ def test_many_item_and_huge_sequence_set_fetch(hub):
     (messages,) = hub.query("SELECT count(*) FROM mailbox JOIN sites ON sites.id = site_id WHERE name = 'beta'")[0]
     assert replies["repeated"].count(b"BODY[HEADER.FIELDS (SUBJECT)]") == replies["repeated"].count(b"* ") == messages
     assert replies["repeated"].endswith(b"OK FETCH completed\r\n")
-    assert re.fullmatch(rb"(\* \d+ FETCH \(UID \d+ FLAGS \(.*\) RFC822.SIZE \d+\)\r\n){%d}t\d+ OK.*\r\n" % messages,
-                        replies["uid range"], re.DOTALL), replies["uid range"][-500:]
+    assert re.fullmatch(
+        rb"(\* \d+ FETCH \(UID \d+ FLAGS \(.*\) RFC822.SIZE \d+\)\r\n){%d}t\d+ OK.*\r\n" % messages,
+        replies["uid range"],
+        re.DOTALL,
+    ), replies["uid range"][-500:]
     assert replies["uid list"].endswith(b"OK FETCH completed\r\n")
     assert replies["seq list"].endswith(b"BAD invalid message sequence number\r\n")
 
@@ -208,10 +219,14 @@ def peak_rss_during(hub, action) -> int:
 
 def test_fetch_of_big_header_blocks_in_bounded_memory(hub):
     from pop3util import send
+
     folded = "X-Filler: start\r\n" + " filler line of a header folded without end\r\n" * 5000
     inner = f"Subject: inner\r\n{folded}\r\nbody\r\n"
-    mail = (f"Subject: big header\r\n{folded}Content-Type: multipart/mixed; boundary=b\r\n\r\n"
-            + "".join(f"--b\r\nContent-Type: message/rfc822\r\n\r\n{inner}" for _ in range(60)) + "--b--\r\n").encode()
+    mail = (
+        f"Subject: big header\r\n{folded}Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + "".join(f"--b\r\nContent-Type: message/rfc822\r\n\r\n{inner}" for _ in range(60))
+        + "--b--\r\n"
+    ).encode()
     send(hub, ["beta@hub.test"], mail)
     items = " ".join(f"BODY.PEEK[{n}.HEADER.FIELDS (X-FILLER)]" for n in range(1, 61))
     request = f"FETCH 1:* (BODY.PEEK[HEADER.FIELDS.NOT (SUBJECT)] {items})"
@@ -228,27 +243,30 @@ def test_fetch_of_big_header_blocks_in_bounded_memory(hub):
     growth = peak_rss_during(hub, run_attack)
     reply = results[0]
     assert reply.endswith(b"OK FETCH completed\r\n")
-    assert reply.count(b"X-Filler: start\r\n") >= 61   # 60 parts and the top of the big mail
+    assert reply.count(b"X-Filler: start\r\n") >= 61  # 60 parts and the top of the big mail
     # 4 connections, each holding at most two header blocks (256 KB) and a 64 KB response chunk at once
     assert growth < 48 * 1024 * 1024, growth
 
 
 # ---- SEARCH ---------------------------------------------------------------------------------------
 
+
 def test_deep_and_wide_search_keys(hub):
     depth, keys = imap_limits.MAX_SEARCH_DEPTH, imap_limits.MAX_SEARCH_KEYS
     too_many_tokens = f"BAD too many tokens in one command (at most {imap_limits.MAX_TOKENS})".encode()
-    requests = [("SEARCH " + "NOT " * 1000 + "ALL", b"BAD search keys nested too deeply (at most 32 levels)"),
-                ("SEARCH " + "(" * 2000 + "ALL" + ")" * 2000, b"BAD parentheses nested too deeply (at most 64)"),
-                ("SEARCH " + "OR " * 1000 + "SEEN " * 1001, b"BAD search keys nested too deeply"),
-                ("SEARCH " + "SEEN " * 1000, f"BAD too many search keys (at most {keys})".encode()),
-                ("SEARCH " + "NOT " * (depth - 1) + "DELETED", b"OK SEARCH completed"),
-                ("UID SEARCH " + ",".join(str(n) for n in range(1, 9000)) + " UNDELETED", b"OK SEARCH completed"),
-                ("SEARCH UNDELETED", b"OK SEARCH completed"),
-                ("SEARCH " + "NOT " * 10000 + "ALL", too_many_tokens),
-                ("SEARCH " + "OR " * 5000 + "SEEN " * 5001, too_many_tokens),
-                ("SEARCH " + "SEEN " * 12000, too_many_tokens),
-                ("NOOP " + '"x" ' * 12000, too_many_tokens)]
+    requests = [
+        ("SEARCH " + "NOT " * 1000 + "ALL", b"BAD search keys nested too deeply (at most 32 levels)"),
+        ("SEARCH " + "(" * 2000 + "ALL" + ")" * 2000, b"BAD parentheses nested too deeply (at most 64)"),
+        ("SEARCH " + "OR " * 1000 + "SEEN " * 1001, b"BAD search keys nested too deeply"),
+        ("SEARCH " + "SEEN " * 1000, f"BAD too many search keys (at most {keys})".encode()),
+        ("SEARCH " + "NOT " * (depth - 1) + "DELETED", b"OK SEARCH completed"),
+        ("UID SEARCH " + ",".join(str(n) for n in range(1, 9000)) + " UNDELETED", b"OK SEARCH completed"),
+        ("SEARCH UNDELETED", b"OK SEARCH completed"),
+        ("SEARCH " + "NOT " * 10000 + "ALL", too_many_tokens),
+        ("SEARCH " + "OR " * 5000 + "SEEN " * 5001, too_many_tokens),
+        ("SEARCH " + "SEEN " * 12000, too_many_tokens),
+        ("NOOP " + '"x" ' * 12000, too_many_tokens),
+    ]
 
     def attack(results):
         client = RawImap(hub.ports["imap"])
@@ -267,6 +285,7 @@ def test_deep_and_wide_search_keys(hub):
 def send_big(hub, rcpt: str, body_octets: int, marker: bytes) -> None:
     """A mail of about body_octets (base64-like lines) with `marker` in its first line, streamed."""
     from conftest import RawSMTP
+
     client = RawSMTP(hub.smtp_port, timeout=300)
     client.ehlo()
     assert client.auth_plain("alpha").startswith(b"235")
@@ -286,11 +305,14 @@ def test_text_search_bounded_by_bytes_and_off_the_loop(hub):
     over = imap_limits.SEARCH_MAX_BYTES + 16 * 1024 * 1024
     send_big(hub, "beta@hub.test", over, b"findme early")
     from pop3util import send
+
     send(hub, ["beta@hub.test"], b"Subject: folded\r\nX-Filler: start\r\n header folded here\r\n\r\nbody\r\n")
-    requests = [("SEARCH BODY absent-text", b"NO [LIMIT] SEARCH would read more than 256 MB"),
-                ("SEARCH TEXT FINDME", b"OK SEARCH completed"),
-                ("SEARCH SUBJECT scan", b"OK SEARCH completed"),
-                ('SEARCH HEADER X-Filler "header folded"', b"OK SEARCH completed")]
+    requests = [
+        ("SEARCH BODY absent-text", b"NO [LIMIT] SEARCH would read more than 256 MB"),
+        ("SEARCH TEXT FINDME", b"OK SEARCH completed"),
+        ("SEARCH SUBJECT scan", b"OK SEARCH completed"),
+        ('SEARCH HEADER X-Filler "header folded"', b"OK SEARCH completed"),
+    ]
 
     def attack(results):
         client = RawImap(hub.ports["imap"])
@@ -303,23 +325,29 @@ def test_text_search_bounded_by_bytes_and_off_the_loop(hub):
         assert expected in reply.splitlines()[-1], (request, reply[-300:])
     big = re.search(rb"\* SEARCH (\d+)\r\n", replies[1]).group(1)
     assert re.search(rb"\* SEARCH .*\b" + big + rb"\b", replies[2])
-    assert re.search(rb"\* SEARCH (\d+ )*\d+\r\n", replies[3])   # the folded X-Filler mail sent above
+    assert re.search(rb"\* SEARCH (\d+ )*\d+\r\n", replies[3])  # the folded X-Filler mail sent above
 
 
 # ---- MIME structure -------------------------------------------------------------------------------
 
+
 def test_wide_and_deep_mime_structures(hub):
     from pop3util import send
-    wide = ("Subject: wide\r\nContent-Type: multipart/mixed; boundary=w\r\n\r\n"
-            + "--w\r\nContent-Type: text/plain; name=\"part.txt\"\r\n\r\nx\r\n" * 5000 + "--w--\r\n")
+
+    wide = (
+        "Subject: wide\r\nContent-Type: multipart/mixed; boundary=w\r\n\r\n"
+        + '--w\r\nContent-Type: text/plain; name="part.txt"\r\n\r\nx\r\n' * 5000
+        + "--w--\r\n"
+    )
     deep = "Subject: deep\r\n"
     for level in range(40):
         deep += f"Content-Type: multipart/mixed; boundary=d{level}\r\n\r\n--d{level}\r\n"
     deep += "Content-Type: text/plain\r\n\r\ndeepest\r\n" + "".join(f"--d{n}--\r\n" for n in reversed(range(40)))
     # big header fields, folded: SMTP refuses lines over 998 characters (554 5.6.0)
     to, subject = "\r\n ".join(["x@y.example,"] * 150), "\r\n ".join(["s" * 70] * 43)
-    envelope = "".join(f"--e\r\nContent-Type: message/rfc822\r\n\r\nTo: {to}\r\n"
-                       f"Subject: {subject}\r\n\r\nbody\r\n" for _ in range(300))
+    envelope = "".join(
+        f"--e\r\nContent-Type: message/rfc822\r\n\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nbody\r\n" for _ in range(300)
+    )
     envelopes = f"Subject: envelopes\r\nContent-Type: multipart/mixed; boundary=e\r\n\r\n{envelope}--e--\r\n"
     for mail in (wide, deep, envelopes):
         send(hub, ["beta@hub.test"], mail.encode())
@@ -344,11 +372,12 @@ def test_wide_and_deep_mime_structures(hub):
     # the opaque last part is the rest of the multipart: the parts not described, as they were sent
     tail = re.search(rb"BODY\[%d\] \{(\d+)\}\r\n" % limit, wide_tail)
     assert int(tail.group(1)) > 4000 * len(b'--w\r\nContent-Type: text/plain; name="part.txt"\r\n\r\nx\r\n') - 100
-    assert deep_structure.count(b'"mixed"') == 2 * (mime_limits.STRUCTURE_MAX_DEPTH + 1)   # levels 0..16
+    assert deep_structure.count(b'"mixed"') == 2 * (mime_limits.STRUCTURE_MAX_DEPTH + 1)  # levels 0..16
     assert b"deepest" not in deep_structure
 
 
 # ---- command lines and literals -------------------------------------------------------------------
+
 
 def test_command_and_literal_limits_before_and_after_login(hub):
     def attack(results):

@@ -1,10 +1,12 @@
 # Hostile POP3 input (issue 20): line and pipelining limits before and after login, in the core and
 # against a real hub, where a well-behaved gateway on other connections still logs in and downloads
 # within 1 s while the attack runs.
+from test_hostile_imap import GOOD_MAIL, under_attack
+
+from relay.pop3.protocol import MAX_BUFFERED, MAX_LINE, PRE_LOGIN_MAX_BUFFERED, MaildropEntry, Pop3Connection
+
 from conftest import ALPHA_BETA
 from pop3util import RawPop3, send
-from relay.pop3.protocol import MAX_BUFFERED, MAX_LINE, PRE_LOGIN_MAX_BUFFERED, MaildropEntry, Pop3Connection
-from test_hostile_imap import GOOD_MAIL, under_attack
 
 
 def core() -> Pop3Connection:
@@ -30,7 +32,7 @@ def test_pipelined_input_before_login_is_limited_more_tightly():
     conn = core()
     conn.receive_data(b"USER a\r\nPASS b\r\n")
     assert replies(conn).endswith(b"+OK maildrop has 1 messages (10 octets)\r\n")
-    conn.receive_data(b"NOOP\r\n" * (PRE_LOGIN_MAX_BUFFERED // 6 * 4))   # well over the pre-login limit
+    conn.receive_data(b"NOOP\r\n" * (PRE_LOGIN_MAX_BUFFERED // 6 * 4))  # well over the pre-login limit
     assert replies(conn) == b"+OK\r\n" * (PRE_LOGIN_MAX_BUFFERED // 6 * 4)
     conn.receive_data(b"NOOP\r\n" * (MAX_BUFFERED // 6 + 1))
     assert replies(conn).endswith(b"-ERR too much pipelined input\r\n")
@@ -56,7 +58,7 @@ def test_pop3_floods_and_long_lines_against_a_hub(make_hub):
         results.append(pre.command(b"CAPA").startswith(b"+OK"))
         pre.send(b"NOOP\r\n" * 2000)
         flood_replies = bytes(pre.buf)
-        while chunk := pre.sock.recv(1 << 20):   # until the hub closes
+        while chunk := pre.sock.recv(1 << 20):  # until the hub closes
             flood_replies += chunk
         results.append(flood_replies)
         pre.sock.close()
@@ -69,7 +71,7 @@ def test_pop3_floods_and_long_lines_against_a_hub(make_hub):
         results.append(got)
         after.sock.close()
 
-    results = under_attack(hub, attack, attackers=1)   # one POP3 session of beta at a time
+    results = under_attack(hub, attack, attackers=1)  # one POP3 session of beta at a time
     assert results[0] == b"-ERR line too long\r\n"
     assert results[1] is True
     assert results[2].endswith(b"-ERR too much pipelined input\r\n")

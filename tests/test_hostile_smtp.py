@@ -20,7 +20,7 @@ from bench.ingest_benchmark import vm_status
 from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, make_message, queue_id_from
 
 MB = 1024 * 1024
-PEER = {"MAILHUB_SMTP_PEER_NETWORKS": "127.0.0.0/8"}   # loopback delivers to local sites without AUTH
+PEER = {"MAILHUB_SMTP_PEER_NETWORKS": "127.0.0.0/8"}  # loopback delivers to local sites without AUTH
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def _valid_transaction(client: RawSMTP) -> str:
 def test_malformed_input_gets_its_reply_and_the_session_stays_usable(shared_hub, name):
     client = RawSMTP(shared_hub.smtp_port)
     steps = _steps_for(name)
-    if steps is None:   # AUTH before EHLO (and after HELO): 503, then the session goes on
+    if steps is None:  # AUTH before EHLO (and after HELO): 503, then the session goes on
         assert client.command("AUTH PLAIN " + b64(b"\0alpha\0" + PASSWORD.encode()).decode()).startswith(b"503 5.5.1")
         assert client.command("HELO gw.test").startswith(b"250")
         assert client.command("AUTH PLAIN").startswith(b"503 5.5.1")
@@ -163,7 +163,7 @@ def test_malformed_input_gets_its_reply_and_the_session_stays_usable(shared_hub,
         for data, expected in steps:
             client.send(data if data.endswith(b"\r\n") else data + b"\r\n")
             reply = b"".join(client.reply() for _ in range(expected.count(b"\r\n") + 1))
-            got = [line[:len(want)] for line, want in zip(reply.split(b"\r\n"), expected.split(b"\r\n"))]
+            got = [line[: len(want)] for line, want in zip(reply.split(b"\r\n"), expected.split(b"\r\n"))]
             assert got == expected.split(b"\r\n"), (name, reply)
             assert reply.isascii() and not re.search(rb"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]", reply), reply
     client.ehlo()
@@ -177,14 +177,17 @@ def test_too_many_errors_close_the_session(make_hub):
     client.ehlo()
     assert client.command("FOO").startswith(b"500 5.5.1")
     assert client.command("MAIL FROM:<x").startswith(b"501 5.1.3")
-    assert client.command("NOOP").startswith(b"250")   # good commands are not errors
+    assert client.command("NOOP").startswith(b"250")  # good commands are not errors
     client.send(b"\x00\r\n")
-    assert client.rest() == b"500 5.5.2 Syntax error, command unrecognized\r\n" \
-                            b"421 4.7.0 Too many errors, closing connection\r\n"
+    assert (
+        client.rest() == b"500 5.5.2 Syntax error, command unrecognized\r\n"
+        b"421 4.7.0 Too many errors, closing connection\r\n"
+    )
     client.close()
 
 
 # ---- long body lines -----------------------------------------------------------------------
+
 
 def _lines_message(line_length: int) -> bytes:
     head = b"From: alpha@hub.test\r\nSubject: long line\r\n\r\n"
@@ -210,10 +213,11 @@ def test_body_lines_over_998_characters_are_refused_at_the_end_of_data(shared_hu
     _valid_transaction(client)
     client.close()
     accepted = shared_hub.query("SELECT count(*) FROM messages WHERE size > 1000 AND size < 1400")
-    assert accepted == [(1,)]   # the 998-character line's mail only
+    assert accepted == [(1,)]  # the 998-character line's mail only
 
 
 # ---- transactions that end without a reply leave one log line ------------------------------
+
 
 def _abort_lines(hub, queue_id=None):
     lines = [line for line in hub.log_text().splitlines() if "outcome=aborted" in line or "outcome=unanswered" in line]
@@ -231,8 +235,9 @@ def _wait_for(condition, timeout=10.0):
 
 
 def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_SMTP_IDLE_TIMEOUT="1", MAILHUB_SHUTDOWN_TIMEOUT="1",
-                   **PEER).start()
+    hub = make_hub(
+        sites=ALPHA_BETA, process=True, MAILHUB_SMTP_IDLE_TIMEOUT="1", MAILHUB_SHUTDOWN_TIMEOUT="1", **PEER
+    ).start()
 
     def open_transaction() -> RawSMTP:
         client = RawSMTP(hub.smtp_port)
@@ -240,14 +245,14 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
         assert client.command(MAIL).startswith(b"250") and client.command(RCPT).startswith(b"250")
         return client
 
-    gone = open_transaction()   # client gone mid-DATA
+    gone = open_transaction()  # client gone mid-DATA
     assert gone.command("DATA").startswith(b"354")
     gone.send(b"Subject: x\r\n\r\n" + b"y" * 5000)
-    gone.close()   # the hub reads what was sent before it sees the end
+    gone.close()  # the hub reads what was sent before it sees the end
     line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='client closed'" in entry])
     assert len(line) == 1 and "site=- from=<alpha@hub.test> rcpts=beta@hub.test received=5014" in line[0], line
 
-    idle = open_transaction()   # idle timeout between two BDAT chunks
+    idle = open_transaction()  # idle timeout between two BDAT chunks
     idle.send(b"BDAT 4\r\nabcd")
     assert idle.reply().startswith(b"250 2.0.0 4 octets")
     assert idle.rest(5).startswith(b"421 4.4.2")
@@ -261,11 +266,11 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='reset'" in entry])
     assert len(line) == 1 and "received=3 " in line[0]
 
-    busy = open_transaction()   # shutdown while a DATA is being received
+    busy = open_transaction()  # shutdown while a DATA is being received
     assert busy.command("DATA").startswith(b"354")
     busy.send(b"Subject: x\r\n\r\n")
 
-    def trickle():   # keeps the session busy (never idle) until the shutdown closes it
+    def trickle():  # keeps the session busy (never idle) until the shutdown closes it
         try:
             while True:
                 busy.send(b"z" * 100 + b"\r\n")
@@ -286,6 +291,7 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
 
 
 # ---- a flood of junk, and a good gateway on another connection -------------------------------
+
 
 def _good_gateway_round(hub) -> float:
     """Seconds for a good gateway to log in, submit a mail and download one over POP3. (The first
@@ -311,8 +317,17 @@ def _good_gateway_round(hub) -> float:
     return time.monotonic() - started
 
 
-JUNK = [b"\x00\x01\x02 junk", b"MAIL FROM:<" + b"a" * 500, b"AUTH PLAIN !!!", b"X" * 5000,
-        b"RCPT TO:<>", b"BDAT x", b"EHLO " + b"\xff" * 100, b"\r\r\r", b"HELP " + b"?" * 200]
+JUNK = [
+    b"\x00\x01\x02 junk",
+    b"MAIL FROM:<" + b"a" * 500,
+    b"AUTH PLAIN !!!",
+    b"X" * 5000,
+    b"RCPT TO:<>",
+    b"BDAT x",
+    b"EHLO " + b"\xff" * 100,
+    b"\r\r\r",
+    b"HELP " + b"?" * 200,
+]
 
 
 def test_a_flood_of_malformed_commands_leaves_a_good_gateway_served_within_a_second(make_hub):
@@ -327,7 +342,7 @@ def test_a_flood_of_malformed_commands_leaves_a_good_gateway_served_within_a_sec
                 sock = socket.create_connection(("127.0.0.1", hub.smtp_port), timeout=5)
                 sock.sendall(b"EHLO flood\r\n" + b"\r\n".join(JUNK * 5) + b"\r\n")
                 sent[0] += 1
-                while sock.recv(65536):   # until the hub closes it (too many errors)
+                while sock.recv(65536):  # until the hub closes it (too many errors)
                     pass
                 sock.close()
             except OSError:
@@ -343,8 +358,11 @@ def test_a_flood_of_malformed_commands_leaves_a_good_gateway_served_within_a_sec
         stop.set()
         for worker in workers:
             worker.join(10)
-    print("good gateway rounds during the flood (s):", ", ".join(f"{r:.3f}" for r in rounds),
-          f"; flood sessions: {sent[0]}")
+    print(
+        "good gateway rounds during the flood (s):",
+        ", ".join(f"{r:.3f}" for r in rounds),
+        f"; flood sessions: {sent[0]}",
+    )
     assert max(rounds) < 1.0, rounds
     assert sent[0] >= 20
     text = hub.log_text()
@@ -353,7 +371,7 @@ def test_a_flood_of_malformed_commands_leaves_a_good_gateway_served_within_a_sec
 
 def test_a_client_pipelining_thousands_of_commands_does_not_hold_the_event_loop(make_hub):
     hub = make_hub().start()
-    count = 50_000   # 300 KB: more than the hub reads at once (256 KB); under smtp.max_commands
+    count = 50_000  # 300 KB: more than the hub reads at once (256 KB); under smtp.max_commands
     flood = RawSMTP(hub.smtp_port)
     answered = [0]
 
@@ -376,10 +394,11 @@ def test_a_client_pipelining_thousands_of_commands_does_not_hold_the_event_loop(
     reader.join()
     print(f"{answered[0]} pipelined NOOPs answered; another session's worst NOOP round trip meanwhile: {worst:.3f} s")
     assert answered[0] == count
-    assert worst < 0.3   # without a turn of the loop every few commands: ~0.5 s per 256 KB read
+    assert worst < 0.3  # without a turn of the loop every few commands: ~0.5 s per 256 KB read
 
 
 # ---- memory: hundreds of sessions stalled mid-DATA ------------------------------------------
+
 
 def _rss(pid: int) -> int:
     return vm_status(pid, "VmRSS")
@@ -393,9 +412,15 @@ def _ingest_memory(hub) -> dict:
 
 def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(make_hub):
     sessions, sent_each, budget = 300, MB, 64 * MB
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
-                   MAILHUB_SMTP_MEMORY_BUDGET=str(budget), MAILHUB_THROTTLE_DRAIN_ADMISSION="false",
-                   MAILHUB_THROTTLE_PACING="false", **PEER).start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        process=True,
+        MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+        MAILHUB_SMTP_MEMORY_BUDGET=str(budget),
+        MAILHUB_THROTTLE_DRAIN_ADMISSION="false",
+        MAILHUB_THROTTLE_PACING="false",
+        **PEER,
+    ).start()
     pid = hub.proc.pid
     _good_gateway_round(hub)
     base = _rss(pid)
@@ -423,11 +448,13 @@ def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(mak
     gauges = _ingest_memory(hub)
     started = time.monotonic()
     good = _good_gateway_round(hub)
-    print(f"{sessions} stalled sessions x {sent_each // MB} MB: hub RSS {base / MB:.1f} -> {rss / MB:.1f} MB"
-          f" (peak {peak / MB:.1f} MB, budget {budget // MB} MB, mail bytes held at most"
-          f" {gauges['peak'] / MB:.1f} MB); good gateway served in {good:.3f} s")
-    assert gauges["peak"] < budget + sessions * 256 * 1024   # the budget, overshot by one read per session
-    bound = base + budget + sessions * 300 * 1024   # RSS: the budget plus per-connection buffers and state
+    print(
+        f"{sessions} stalled sessions x {sent_each // MB} MB: hub RSS {base / MB:.1f} -> {rss / MB:.1f} MB"
+        f" (peak {peak / MB:.1f} MB, budget {budget // MB} MB, mail bytes held at most"
+        f" {gauges['peak'] / MB:.1f} MB); good gateway served in {good:.3f} s"
+    )
+    assert gauges["peak"] < budget + sessions * 256 * 1024  # the budget, overshot by one read per session
+    bound = base + budget + sessions * 300 * 1024  # RSS: the budget plus per-connection buffers and state
     assert peak < bound, (peak / MB, bound / MB)
     assert good < 1.0 and time.monotonic() - started < 5
     for sock in socks:
@@ -442,9 +469,15 @@ def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(mak
 def test_memory_is_returned_after_a_burst(make_hub):
     # 64 sessions at once from one address: above the default of 20 not yet greeted/authenticated,
     # which would answer some of them 421 instead of the banner.
-    hub = make_hub(sites=ALPHA_BETA, process=True, MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
-                   MAILHUB_SMTP_MAX_UNAUTHENTICATED_PER_IP="1000",
-                   MAILHUB_THROTTLE_DRAIN_ADMISSION="false", MAILHUB_THROTTLE_PACING="false", **PEER).start()
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        process=True,
+        MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+        MAILHUB_SMTP_MAX_UNAUTHENTICATED_PER_IP="1000",
+        MAILHUB_THROTTLE_DRAIN_ADMISSION="false",
+        MAILHUB_THROTTLE_PACING="false",
+        **PEER,
+    ).start()
     pid = hub.proc.pid
     _good_gateway_round(hub)
     base = _rss(pid)
@@ -466,9 +499,11 @@ def test_memory_is_returned_after_a_burst(make_hub):
     after_burst = _rss(pid)
     peak = vm_status(pid, "VmHWM")
     returned = _wait_for(lambda: (rss := _rss(pid)) < base + 24 * MB and rss, timeout=15)
-    print(f"burst of 128 x 1 MB mails over 64 sessions: hub RSS {base / MB:.1f} MB before, peak {peak / MB:.1f},"
-          f" {after_burst / MB:.1f} right after, {returned / MB:.1f} once memory was returned")
-    assert peak > base + 24 * MB   # the burst did take memory (else this test shows nothing)
+    print(
+        f"burst of 128 x 1 MB mails over 64 sessions: hub RSS {base / MB:.1f} MB before, peak {peak / MB:.1f},"
+        f" {after_burst / MB:.1f} right after, {returned / MB:.1f} once memory was returned"
+    )
+    assert peak > base + 24 * MB  # the burst did take memory (else this test shows nothing)
 
 
 def test_internal_errors_are_one_line_each_with_tracebacks_rate_limited(caplog):
@@ -490,7 +525,7 @@ def test_internal_errors_are_one_line_each_with_tracebacks_rate_limited(caplog):
             raise ValueError(f"bug \x1b[2J number {n}")
         except ValueError as exc:
             internal_errors.report_internal_error(log, "smtp", exc, "qid=Q1 site=alpha")
-    internal_errors._last_traceback[0] -= internal_errors.TRACEBACK_INTERVAL   # a minute later
+    internal_errors._last_traceback[0] -= internal_errors.TRACEBACK_INTERVAL  # a minute later
     try:
         raise KeyError("again")
     except KeyError as exc:
@@ -499,5 +534,7 @@ def test_internal_errors_are_one_line_each_with_tracebacks_rate_limited(caplog):
     records = [r for r in caplog.records if r.name == "mailhub.test.internal_errors"]
     assert len(records) == 4 and count() == before + 4
     assert [r.exc_info is not None for r in records] == [True, False, False, True]
-    assert records[1].getMessage() == ("smtp internal error: ValueError: bug \\x1b[2J number 1 (qid=Q1 site=alpha);"
-                                       " traceback suppressed (one a minute)")
+    assert records[1].getMessage() == (
+        "smtp internal error: ValueError: bug \\x1b[2J number 1 (qid=Q1 site=alpha);"
+        " traceback suppressed (one a minute)"
+    )

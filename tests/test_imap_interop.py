@@ -16,30 +16,38 @@ import time
 from pathlib import Path
 
 import pytest
+from test_pop3_interop import _big_message, _peak_over_rss_mb, _reset_peak_rss, _strip_first_field
 
 from conftest import PASSWORD, Hub, hub_env, make_message
 from pop3util import send, sha256, strip_trace
-from test_pop3_interop import _big_message, _peak_over_rss_mb, _reset_peak_rss, _strip_first_field
 
-pytestmark = pytest.mark.skipif(not (shutil.which("fetchmail") and shutil.which("getmail") and shutil.which("neomutt")),
-                                reason="needs Debian's fetchmail, getmail6 and neomutt (bench/install-debian-packages.sh)")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("fetchmail") and shutil.which("getmail") and shutil.which("neomutt")),
+    reason="needs Debian's fetchmail, getmail6 and neomutt (bench/install-debian-packages.sh)",
+)
 
 
 @pytest.fixture(scope="module")
 def loaded_hub(tmp_path_factory):
     """A hub whose sites alpha and beta both hold the same set of mails (one stored copy each)."""
     data_dir = tmp_path_factory.mktemp("imap-interop") / "data"
-    hub = Hub(data_dir, hub_env(data_dir), process=True)   # its memory is measured (pop3_interop._reset_peak_rss)
+    hub = Hub(data_dir, hub_env(data_dir), process=True)  # its memory is measured (pop3_interop._reset_peak_rss)
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
     hub.add_site("gamma", "gamma@hub.test")
     hub.start()
-    mails = [make_message(2000, subject="small"),
-             make_message(3000, subject="dots") + b".\r\n..\r\n.leading dot\r\n",
-             make_message(3 * 1024 * 1024, subject="3 MB"),
-             make_message(1500, subject="8 bit", extra_headers="Content-Type: text/plain; charset=utf-8\r\n"
-                          "Content-Transfer-Encoding: 8bit\r\n") + "Grüße, Ärztin\r\n".encode(),
-             _big_message()]
+    mails = [
+        make_message(2000, subject="small"),
+        make_message(3000, subject="dots") + b".\r\n..\r\n.leading dot\r\n",
+        make_message(3 * 1024 * 1024, subject="3 MB"),
+        make_message(
+            1500,
+            subject="8 bit",
+            extra_headers="Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
+        )
+        + "Grüße, Ärztin\r\n".encode(),
+        _big_message(),
+    ]
     for mail in mails:
         send(hub, ["alpha@hub.test", "beta@hub.test"], mail)
     for mail in mails[:4]:
@@ -53,8 +61,9 @@ def loaded_hub(tmp_path_factory):
 
 def _check_downloads(hub, site: str, digests: list[str]) -> dict:
     assert sorted(digests) == hub.sent_digests
-    assert hub.query("SELECT count(*) FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = ?)",
-                     site) == [(0,)]
+    assert hub.query("SELECT count(*) FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = ?)", site) == [
+        (0,)
+    ]
     assert "Traceback" not in hub.log_text()
     deadline = time.monotonic() + 10
     while not (downloads := json.loads(hub.cli("site", "show", site, "--json").stdout)["downloads"]):
@@ -75,13 +84,18 @@ def test_fetchmail_imap_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
         "set no bouncemail\nset no syslog\n"
         f"poll 127.0.0.1 protocol imap port {hub.ports['imap']} auth password\n"
         f'  user "alpha" there with password "{PASSWORD}" is "root" here\n'
-        f'  options fetchall no rewrite no stripcr sslproto "" mda "{mda}"\n')
+        f'  options fetchall no rewrite no stripcr sslproto "" mda "{mda}"\n'
+    )
     rc.chmod(0o600)
     env = dict(os.environ, HOME=str(tmp_path), FETCHMAILHOME=str(tmp_path))
     _reset_peak_rss(hub)
-    result = subprocess.run(["fetchmail", "-N", "-f", str(rc), "--idfile", str(tmp_path / "ids"),
-                             "--pidfile", str(tmp_path / "pid")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["fetchmail", "-N", "-f", str(rc), "--idfile", str(tmp_path / "ids"), "--pidfile", str(tmp_path / "pid")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert _peak_over_rss_mb(hub) < 40
 
@@ -110,7 +124,7 @@ def test_getmail_imap_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
         (getmaildir / "getmailrc").write_text(f"""[retriever]
 type = SimpleIMAPRetriever
 server = 127.0.0.1
-port = {hub.ports['imap']}
+port = {hub.ports["imap"]}
 username = beta
 password = {PASSWORD}
 mailboxes = ("INBOX",)
@@ -128,8 +142,9 @@ received = false
 delivered_to = false
 """)
         _reset_peak_rss(hub)
-        result = subprocess.run(["getmail", f"--getmaildir={getmaildir}", "--rcfile=getmailrc"],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["getmail", f"--getmaildir={getmaildir}", "--rcfile=getmailrc"], capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert _peak_over_rss_mb(hub) < 40
 
@@ -152,7 +167,7 @@ def test_neomutt_lists_the_mailbox(loaded_hub, tmp_path):
     rc = tmp_path / "muttrc"
     rc.write_text(f"""set imap_user = "gamma"
 set imap_pass = "{PASSWORD}"
-set folder = "imap://127.0.0.1:{hub.ports['imap']}/"
+set folder = "imap://127.0.0.1:{hub.ports["imap"]}/"
 set spoolfile = "+INBOX"
 set ssl_starttls = no
 set ssl_force_tls = no
@@ -167,12 +182,19 @@ set pipe_split = yes
 set mail_check_stats = no
 set imap_check_subscribed = no
 """)
-    keys = f'<tag-pattern>~A<enter><tag-prefix><pipe-message>cat >> {piped}<enter><sync-mailbox><quit>'
+    keys = f"<tag-pattern>~A<enter><tag-prefix><pipe-message>cat >> {piped}<enter><sync-mailbox><quit>"
     env = dict(os.environ, HOME=str(tmp_path), TERM="vt100", COLUMNS="200", LINES="40")
     master, slave = pty.openpty()
     os.set_blocking(master, False)
-    proc = subprocess.Popen(["neomutt", "-n", "-F", str(rc), "-e", f'push "{keys}"'], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, close_fds=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["neomutt", "-n", "-F", str(rc), "-e", f'push "{keys}"'],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+        start_new_session=True,
+    )
     os.close(slave)
     screen = b""
     try:
@@ -194,5 +216,7 @@ set imap_check_subscribed = no
         assert b"LISTED " + subject in screen, screen[-3000:]
     data = piped.read_bytes()
     assert data.count(b"\nSubject: ") == 4 and b"Subject: 3 MB" in data
-    assert hub.query("SELECT count(*) FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = 'gamma')") == [(4,)]
+    assert hub.query("SELECT count(*) FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = 'gamma')") == [
+        (4,)
+    ]
     assert "Traceback" not in hub.log_text()

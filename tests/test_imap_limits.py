@@ -13,19 +13,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.imap import limits as imap_limits
-from relay.mime import limits as mime_limits
 from relay.imap import parser as imap_parser
-from relay.mime import structure as mime_structure
 from relay.imap.events import ScanBudget
 from relay.imap.parser import Atom, Command, ParseError, SequenceSet, tokenize
 from relay.imap.protocol import _wildcard_match
 from relay.imap.scan import scan_messages
 from relay.imap.search import parse_search
+from relay.mime import limits as mime_limits
+from relay.mime import structure as mime_structure
 from relay.mime.stream import MimeStreamParser
 from relay.mime.structure import StructureRecorder, bodystructure, capped, envelope, section_range
 
-
 # ---- LIST patterns --------------------------------------------------------------------------------
+
 
 def reference_match(pattern: str, name: str) -> bool:
     regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern.upper())
@@ -38,8 +38,18 @@ def test_wildcard_match_equals_the_regex_reference(pattern, name):
     assert _wildcard_match(pattern, name) == reference_match(pattern, name)
 
 
-@pytest.mark.parametrize("pattern", ["*%" * 30000 + "x", "*I" * 30000, "%" * 60000 + "INBOX", "*" * 60000,
-                                     "I" * 60000, "*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%x", "%/" * 30000])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "*%" * 30000 + "x",
+        "*I" * 30000,
+        "%" * 60000 + "INBOX",
+        "*" * 60000,
+        "I" * 60000,
+        "*%*%*%*%*%*%*%*%*%*%*%*%*%*%*%x",
+        "%/" * 30000,
+    ],
+)
 def test_wildcard_match_is_linear_on_explosive_patterns(pattern):
     started = time.perf_counter()
     assert _wildcard_match(pattern, "INBOX") == reference_match(pattern[:40], "INBOX") or len(pattern) > 40
@@ -48,13 +58,16 @@ def test_wildcard_match_is_linear_on_explosive_patterns(pattern):
 
 # ---- sequence sets --------------------------------------------------------------------------------
 
+
 def token(text: str):
     return tokenize(Command("t", (b"t X " + text.encode(),)))[2]
 
 
 @settings(max_examples=500)
-@given(ranges=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=8),
-       largest=st.integers(0, 25))
+@given(
+    ranges=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=8),
+    largest=st.integers(0, 25),
+)
 def test_sequence_set_equals_a_naive_reading(ranges, largest):
     text = ",".join(f"{lo or '*'}:{hi or '*'}" for lo, hi in ranges)
     numbers = SequenceSet(token(text))
@@ -73,11 +86,17 @@ def test_huge_sequence_sets_cost_little():
 
 # ---- MIME structure caps ----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_caps(monkeypatch):
     """Caps small enough to reach with generated mails."""
-    caps = {"STRUCTURE_MAX_PARTS": 6, "STRUCTURE_MAX_DEPTH": 3, "STRUCTURE_MAX_VALUE": 12, "STRUCTURE_MAX_PARAMS": 2,
-            "STRUCTURE_MAX_TEXT": 260}
+    caps = {
+        "STRUCTURE_MAX_PARTS": 6,
+        "STRUCTURE_MAX_DEPTH": 3,
+        "STRUCTURE_MAX_VALUE": 12,
+        "STRUCTURE_MAX_PARAMS": 2,
+        "STRUCTURE_MAX_TEXT": 260,
+    }
     for name, value in caps.items():
         monkeypatch.setattr(mime_structure, name, value)
     return caps
@@ -85,8 +104,13 @@ def small_caps(monkeypatch):
 
 def uncapped(monkeypatch, blob: bytes) -> dict:
     with monkeypatch.context() as m:
-        for name in ("STRUCTURE_MAX_PARTS", "STRUCTURE_MAX_DEPTH", "STRUCTURE_MAX_VALUE", "STRUCTURE_MAX_PARAMS",
-                     "STRUCTURE_MAX_TEXT"):
+        for name in (
+            "STRUCTURE_MAX_PARTS",
+            "STRUCTURE_MAX_DEPTH",
+            "STRUCTURE_MAX_VALUE",
+            "STRUCTURE_MAX_PARAMS",
+            "STRUCTURE_MAX_TEXT",
+        ):
             m.setattr(mime_structure, name, 10**9)
         return record(blob)
 
@@ -96,7 +120,7 @@ def record(blob: bytes) -> dict:
     parser = MimeStreamParser(recorder)
     parser.feed(blob)
     parser.close()
-    return json.loads(json.dumps(recorder.structure))   # as stored in the index
+    return json.loads(json.dumps(recorder.structure))  # as stored in the index
 
 
 _counter = itertools.count()
@@ -108,22 +132,36 @@ def mime(node) -> bytes:
     kind = node[0]
     if kind == "leaf":
         params = "".join(f'; {k}="{v}"' for k, v in node[2].items())
-        return (f"Content-Type: {node[1]}{params}\r\nContent-Description: {node[1]} part\r\n\r\n"
-                f"body of {node[1]}\r\n").encode()
+        return (
+            f"Content-Type: {node[1]}{params}\r\nContent-Description: {node[1]} part\r\n\r\nbody of {node[1]}\r\n"
+        ).encode()
     if kind == "message":
-        return (b"Content-Type: message/rfc822\r\n\r\nSubject: inner subject line\r\nFrom: a@b.example\r\n"
-                + mime(node[1]))
+        return b"Content-Type: message/rfc822\r\n\r\nSubject: inner subject line\r\nFrom: a@b.example\r\n" + mime(
+            node[1]
+        )
     boundary = f"b{next(_counter)}"
     parts = b"".join(b"--" + boundary.encode() + b"\r\n" + mime(child) for child in node[1])
-    return (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode() + parts
-            + b"--" + boundary.encode() + b"--\r\n")
+    return (
+        f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
+        + parts
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
 
 
-leaves = st.tuples(st.just("leaf"), st.sampled_from(["text/plain", "application/dicom", "image/png"]),
-                   st.dictionaries(st.text("abc", min_size=1, max_size=4), st.text("xyz", max_size=20), max_size=3))
-trees = st.recursive(leaves, lambda inner: st.one_of(
-    st.tuples(st.just("multi"), st.lists(inner, min_size=1, max_size=5)),
-    st.tuples(st.just("message"), inner)), max_leaves=25)
+leaves = st.tuples(
+    st.just("leaf"),
+    st.sampled_from(["text/plain", "application/dicom", "image/png"]),
+    st.dictionaries(st.text("abc", min_size=1, max_size=4), st.text("xyz", max_size=20), max_size=3),
+)
+trees = st.recursive(
+    leaves,
+    lambda inner: st.one_of(
+        st.tuples(st.just("multi"), st.lists(inner, min_size=1, max_size=5)), st.tuples(st.just("message"), inner)
+    ),
+    max_leaves=25,
+)
 
 
 def walk(part: dict, depth: int = 0):
@@ -135,7 +173,7 @@ def walk(part: dict, depth: int = 0):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=trees)   # the fixtures only set constants: nothing to reset between examples
+@given(tree=trees)  # the fixtures only set constants: nothing to reset between examples
 def test_recorded_structure_equals_capped_of_an_uncapped_record(small_caps, monkeypatch, tree):
     blob = b"Subject: top\r\nFrom: x@y.example\r\n" + mime(tree)
     with_caps = record(blob)
@@ -145,7 +183,7 @@ def test_recorded_structure_equals_capped_of_an_uncapped_record(small_caps, monk
     tails = sum(1 for p, _ in parts if "parts" in p and p["parts"] and p["parts"][-1].get("subtype") == "octet-stream")
     assert len(parts) <= small_caps["STRUCTURE_MAX_PARTS"] + small_caps["STRUCTURE_MAX_DEPTH"] + 1 + tails
     assert max(depth for _, depth in parts) <= small_caps["STRUCTURE_MAX_DEPTH"] + 1
-    for part, _ in parts:   # every part's range lies in the message and renders
+    for part, _ in parts:  # every part's range lies in the message and renders
         assert 0 <= part["hs"] <= part["bs"] <= part["be"] <= len(blob)
     bodystructure(with_caps)
     envelope(with_caps)
@@ -158,8 +196,10 @@ def test_wide_deep_and_long_valued_mails_stay_within_the_caps():
         deep_tree = ("multi", [deep_tree])
     deep = mime(deep_tree)
     huge_params = "".join(f'; p{n}="{"v" * 3000}"' for n in range(40))
-    long_values = (f"To: {'a@b.example, ' * 3000}\r\nSubject: {'s' * 50000}\r\n"
-                   f"Content-Type: application/dicom{huge_params}\r\n\r\nx\r\n").encode()
+    long_values = (
+        f"To: {'a@b.example, ' * 3000}\r\nSubject: {'s' * 50000}\r\n"
+        f"Content-Type: application/dicom{huge_params}\r\n\r\nx\r\n"
+    ).encode()
     for blob in (wide, deep, long_values):
         structure = record(blob)
         parts = list(walk(structure))
@@ -169,10 +209,12 @@ def test_wide_deep_and_long_valued_mails_stay_within_the_caps():
         assert len(bodystructure(structure)) + len(envelope(structure)) < 2_000_000
     structure = record(wide)
     tail = structure["parts"][-1]
-    assert len(structure["parts"]) == mime_limits.STRUCTURE_MAX_PARTS   # the top level is one of them
+    assert len(structure["parts"]) == mime_limits.STRUCTURE_MAX_PARTS  # the top level is one of them
     assert (tail["type"], tail["subtype"]) == ("application", "octet-stream")
     start, end = section_range(structure, str(len(structure["parts"])))
-    assert wide[start:].startswith(b"Content-Type: application/dicom") and wide[:end].endswith(b"body of application/dicom")
+    assert wide[start:].startswith(b"Content-Type: application/dicom") and wide[:end].endswith(
+        b"body of application/dicom"
+    )
     assert len(record(long_values)["params"]) == mime_limits.STRUCTURE_MAX_PARAMS
 
 
@@ -186,6 +228,7 @@ def test_records_made_before_the_caps_are_rendered_within_them(monkeypatch):
 
 
 # ---- tokens -------------------------------------------------------------------------------------
+
 
 def tokens_or_error(text: bytes):
     try:
@@ -202,7 +245,7 @@ def test_tokenizer_fast_path_equals_the_character_loops(text):
     command = b"t X " + text.encode("latin-1")
     fast = tokens_or_error(command)
     saved = imap_parser._LEXEME
-    imap_parser._LEXEME = re.compile(rb"(?!)")   # never matches: every token through the loops
+    imap_parser._LEXEME = re.compile(rb"(?!)")  # never matches: every token through the loops
     try:
         slow = tokens_or_error(command)
     finally:
@@ -212,7 +255,7 @@ def test_tokenizer_fast_path_equals_the_character_loops(text):
 
 def test_token_count_is_limited():
     limit = imap_limits.MAX_TOKENS
-    assert len(tokenize(Command("t", (b"t NOOP " + b"a " * (limit - 4) + b"(b)",)))) == limit - 1   # the list and b
+    assert len(tokenize(Command("t", (b"t NOOP " + b"a " * (limit - 4) + b"(b)",)))) == limit - 1  # the list and b
     for text in (b"a " * limit, b'"a" ' * limit, b"() " * limit, b"(" + b"a " * limit + b")"):
         with pytest.raises(ParseError, match=f"too many tokens in one command \\(at most {limit}\\)"):
             tokenize(Command("t", (b"t NOOP " + text,)))
@@ -225,6 +268,7 @@ def test_token_count_is_limited():
 
 # ---- SEARCH parsing -------------------------------------------------------------------------------
 
+
 def search_args(text: str) -> list:
     return tokenize(Command("t", (b"t SEARCH " + text.encode(),)))[2:]
 
@@ -232,8 +276,11 @@ def search_args(text: str) -> list:
 def test_search_depth_and_key_count_are_limited():
     depth = imap_limits.MAX_SEARCH_DEPTH
     parse_search(search_args("NOT " * (depth - 1) + "SEEN"))
-    for text in ("NOT " * depth + "SEEN", "(" * 20 + "SEEN" + ")" * 20 + " " + "OR " * 40 + "SEEN " * 41,
-                 "NOT " * 2000 + "ALL"):
+    for text in (
+        "NOT " * depth + "SEEN",
+        "(" * 20 + "SEEN" + ")" * 20 + " " + "OR " * 40 + "SEEN " * 41,
+        "NOT " * 2000 + "ALL",
+    ):
         with pytest.raises(ParseError, match="nested too deeply"):
             parse_search(search_args(text))
     with pytest.raises(ParseError, match="too many search keys"):
@@ -251,19 +298,26 @@ def test_search_keys_split_into_cheap_and_reading_ones():
 
 # ---- the text scanner -----------------------------------------------------------------------------
 
+
 def test_scanner_finds_text_across_chunks_and_honours_the_budget(tmp_path):
     body = bytearray(random.Random(1).randbytes(3 * 1024 * 1024).hex().encode())
-    body[1024 * 1024 - 3:1024 * 1024 + 3] = b"NeEdLe"      # across the first chunk edge
+    body[1024 * 1024 - 3 : 1024 * 1024 + 3] = b"NeEdLe"  # across the first chunk edge
     mail = b"Subject: Scan me\r\nDate: Tue, 2 Feb 2021 10:00:00 +0000\r\n\r\n" + bytes(body)
     path = tmp_path / "blob"
     path.write_bytes(b"xx" + mail)
-    probes = (("B", b"needle"), ("T", b"scan me"), ("B", b"scan me"), ("H", "SUBJECT", "scan"), ("D",),
-              ("B", b"absent"))
+    probes = (
+        ("B", b"needle"),
+        ("T", b"scan me"),
+        ("B", b"scan me"),
+        ("H", "SUBJECT", "scan"),
+        ("D",),
+        ("B", b"absent"),
+    )
     budget = ScanBudget(10**9, 10, time.monotonic() + 10)
     (found,) = scan_messages([(str(path), 2, len(mail))], probes, budget)
     assert found[("B", b"needle")] and found[("T", b"scan me")] and not found[("B", b"scan me")]
     assert found[("H", "SUBJECT", "scan")] and str(found[("D",)]) == "2021-02-02" and not found[("B", b"absent")]
-    assert 10**9 - budget.bytes_left >= len(mail)   # the absent text made it read everything
+    assert 10**9 - budget.bytes_left >= len(mail)  # the absent text made it read everything
     small = ScanBudget(1024 * 1024, 10, time.monotonic() + 10)
     assert scan_messages([(str(path), 2, len(mail))], (("B", b"absent"),), small) is None
     late = ScanBudget(10**9, 10, time.monotonic() - 1)
@@ -275,8 +329,11 @@ def test_header_search_is_linear_in_folded_lines(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(header)
     started = time.perf_counter()
-    (found,) = scan_messages([(str(path), 0, len(header))], (("H", "X-LONG", "zzz"), ("H", "SUBJECT", "found")),
-                             ScanBudget(10**9, 10, time.monotonic() + 10))
+    (found,) = scan_messages(
+        [(str(path), 0, len(header))],
+        (("H", "X-LONG", "zzz"), ("H", "SUBJECT", "found")),
+        ScanBudget(10**9, 10, time.monotonic() + 10),
+    )
     assert time.perf_counter() - started < 1
     assert found == {("H", "X-LONG", "zzz"): False, ("H", "SUBJECT", "found"): True}
 

@@ -44,8 +44,11 @@ def assert_no_traceback(hub) -> None:
 
 
 def test_login_select_fetch_bodies_byte_exact(hub):
-    mails = [make_message(3000, subject="one"), make_message(5 * 1024 * 1024, subject="big"),
-             make_message(800, subject="dots") + b".\r\n..\r\n"]
+    mails = [
+        make_message(3000, subject="one"),
+        make_message(5 * 1024 * 1024, subject="big"),
+        make_message(800, subject="dots") + b".\r\n..\r\n",
+    ]
     for mail in mails:
         send(hub, ["beta@hub.test"], mail)
     client = imap(hub)
@@ -75,7 +78,9 @@ def test_login_select_fetch_bodies_byte_exact(hub):
     notfields = literal(ok(client.fetch("1", "(BODY.PEEK[HEADER.FIELDS.NOT (Subject TO Received)])")))
     assert b"Subject" not in notfields and notfields.startswith(b"From: alpha@hub.test\r\n")
     data = ok(client.fetch("1:3", "(FLAGS UID INTERNALDATE RFC822.SIZE)"))
-    assert len(data) == 3 and all(re.search(rb'INTERNALDATE "[ \d]\d-\w{3}-\d{4} \d\d:\d\d:\d\d \+0000"', d) for d in data)
+    assert len(data) == 3 and all(
+        re.search(rb'INTERNALDATE "[ \d]\d-\w{3}-\d{4} \d\d:\d\d:\d\d \+0000"', d) for d in data
+    )
     client.logout()
     assert_no_traceback(hub)
 
@@ -93,8 +98,10 @@ def test_uid_commands_store_search_expunge(hub):
     assert len(uids) == 4 and uids == sorted(uids, key=int)
     data = ok(client.uid("FETCH", uids[1], "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
     assert b"UID " + uids[1] in data[0][0] and data[0][1] == b"Subject: b\r\n\r\n"
-    assert ok(client.store("1:2", "+FLAGS", "(\\Flagged \\Answered)")) == [b"1 (FLAGS (\\Answered \\Flagged))",
-                                                                         b"2 (FLAGS (\\Answered \\Flagged))"]
+    assert ok(client.store("1:2", "+FLAGS", "(\\Flagged \\Answered)")) == [
+        b"1 (FLAGS (\\Answered \\Flagged))",
+        b"2 (FLAGS (\\Answered \\Flagged))",
+    ]
     assert ok(client.store("2", "-FLAGS.SILENT", "(\\Answered)")) == [None]
     assert ok(client.uid("STORE", uids[2], "FLAGS", "(\\Draft)")) == [b"3 (UID " + uids[2] + b" FLAGS (\\Draft))"]
     assert ok(client.search(None, "FLAGGED")) == [b"1 2"]
@@ -109,8 +116,9 @@ def test_uid_commands_store_search_expunge(hub):
     assert ok(client.search(None, "2:3")) == [b"2 3"]
     assert ok(client.search(None, "LARGER", "100", "SMALLER", "5")) == [b""]
     # flags are kept in the index
-    rows = hub.query("SELECT uid, flags FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = 'beta')"
-                     " ORDER BY uid")
+    rows = hub.query(
+        "SELECT uid, flags FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = 'beta') ORDER BY uid"
+    )
     assert [flags for _, flags in rows] == [2 | 4, 4, 16, 0]
     # UID EXPUNGE removes only the given \Deleted messages; EXPUNGE the rest
     ok(client.store("1:4", "+FLAGS.SILENT", "(\\Deleted)"))
@@ -141,7 +149,7 @@ def test_examine_is_read_only_and_other_commands(hub):
     client = imap(hub)
     typ, data = client.select("INBOX", readonly=True)
     assert typ == "OK" and client.untagged_responses.get("READ-ONLY")
-    ok(client.fetch("1", "(BODY[])"))                      # no \Seen in EXAMINE
+    ok(client.fetch("1", "(BODY[])"))  # no \Seen in EXAMINE
     assert ok(client.search(None, "UNSEEN")) == [b"1"]
     typ, data = client.store("1", "+FLAGS", "(\\Deleted)")
     assert typ == "NO" and b"READ-ONLY" in data[0]
@@ -190,15 +198,17 @@ def test_bad_input_gets_bad_and_session_goes_on(hub):
     raw.sendall(b"a LOGIN beta " + PASSWORD.encode() + b"\r\nb SELECT INBOX\r\n")
     while not f.readline().startswith(b"b OK"):
         pass
-    for line, reply in ((b"c FETCH 1:x FLAGS", b"c BAD invalid sequence set"),
-                        (b"d FETCH 1 (FLAGS", b"d BAD unbalanced parenthesis"),
-                        (b"e FROBNICATE", b"e BAD unknown command"),
-                        (b"f FETCH 5 FLAGS", b"f BAD invalid message sequence number"),
-                        (b"g SEARCH BODY x (", b"g BAD unbalanced parenthesis"),
-                        (b"\x00\xff\xfe", b"* BAD unexpected character '\\x00'"),
-                        (b"h STORE 1 FLAGS (\\Bogus)", b"h BAD unknown system flag \\Bogus"),
-                        (b"i LOGIN x y", b"i BAD LOGIN not allowed in the selected state"),
-                        (b"j UID FETCH 1:* BODY[HEADER.FIELDS ()]", b"j BAD invalid header field names")):
+    for line, reply in (
+        (b"c FETCH 1:x FLAGS", b"c BAD invalid sequence set"),
+        (b"d FETCH 1 (FLAGS", b"d BAD unbalanced parenthesis"),
+        (b"e FROBNICATE", b"e BAD unknown command"),
+        (b"f FETCH 5 FLAGS", b"f BAD invalid message sequence number"),
+        (b"g SEARCH BODY x (", b"g BAD unbalanced parenthesis"),
+        (b"\x00\xff\xfe", b"* BAD unexpected character '\\x00'"),
+        (b"h STORE 1 FLAGS (\\Bogus)", b"h BAD unknown system flag \\Bogus"),
+        (b"i LOGIN x y", b"i BAD LOGIN not allowed in the selected state"),
+        (b"j UID FETCH 1:* BODY[HEADER.FIELDS ()]", b"j BAD invalid header field names"),
+    ):
         raw.sendall(line + b"\r\n")
         assert f.readline().rstrip(b"\r\n") == reply, line
     raw.sendall(b"k NOOP " + b"x" * 100_000 + b"\r\nl NOOP\r\n")
@@ -222,7 +232,7 @@ def test_idle_push_within_a_second_and_two_sessions(hub):
     watcher.sock.settimeout(5)
     for expected in (2, 3):
         send(hub, ["beta@hub.test", "alpha@hub.test"], make_message(500, subject="news"))
-        delivered = time.monotonic()   # the 250 came after the commit
+        delivered = time.monotonic()  # the 250 came after the commit
         line = watcher.readline()
         assert line == b"* %d EXISTS\r\n" % expected
         assert time.monotonic() - delivered < 1.0
@@ -275,7 +285,7 @@ def test_pop3_and_imap_on_one_mailbox(hub):
     assert client.untagged_responses.pop("EXPUNGE", None) == [b"1"]
     deadline = time.monotonic() + 5
     while (result := client.expunge())[0] != "OK" and time.monotonic() < deadline:
-        time.sleep(0.1)   # the POP3 lock goes when the server has finished the session
+        time.sleep(0.1)  # the POP3 lock goes when the server has finished the session
     assert result == ("OK", [b"2"])
     assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]
     client.logout()
@@ -305,6 +315,7 @@ def test_downloads_feed_site_totals_and_metrics(hub):
         time.sleep(0.1)
     assert (d["sessions"], d["messages"], d["bytes"]) == (1, 2, sum(sizes) + 100)
     import urllib.request
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10).read().decode()
     assert 'mailhub_imap_messages_served_total{site="beta"} 2.0' in text
     assert f'mailhub_imap_served_bytes_total{{site="beta"}} {float(sum(sizes) + 100)}' in text
@@ -314,8 +325,12 @@ def test_downloads_feed_site_totals_and_metrics(hub):
 
 def test_starttls_and_imaps(make_hub, tmp_path):
     cert, key = make_cert(tmp_path)
-    hub = make_hub(sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
-                   MAILHUB_IMAP_IMAPS_LISTEN="127.0.0.1:0")
+    hub = make_hub(
+        sites=BETA,
+        MAILHUB_TLS_CERT_FILE=str(cert),
+        MAILHUB_TLS_KEY_FILE=str(key),
+        MAILHUB_IMAP_IMAPS_LISTEN="127.0.0.1:0",
+    )
     hub.start()
     mail = make_message(3 * 1024 * 1024)
     send(hub, ["beta@hub.test"], mail, login="beta")
@@ -331,8 +346,10 @@ def test_starttls_and_imaps(make_hub, tmp_path):
     assert "STARTTLS" not in client.capabilities
     client.login("beta", PASSWORD)
     ok(client.select("INBOX"))
-    assert hashlib.sha256(strip_trace(literal(ok(client.fetch("1", "(RFC822)"))))).digest() == \
-        hashlib.sha256(mail).digest()
+    assert (
+        hashlib.sha256(strip_trace(literal(ok(client.fetch("1", "(RFC822)"))))).digest()
+        == hashlib.sha256(mail).digest()
+    )
     client.logout()
     assert_no_traceback(hub)
 
@@ -342,15 +359,16 @@ def test_plaintext_login_refused_off_loopback_until_starttls(make_hub, tmp_path)
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
     cert, key = make_cert(tmp_path)
-    hub = make_hub(sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
-                   MAILHUB_IMAP_LISTEN=f"{ip}:0")
+    hub = make_hub(
+        sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_IMAP_LISTEN=f"{ip}:0"
+    )
     hub.start()
     client = imaplib.IMAP4(ip, hub.ports["imap"], timeout=30)
     assert "LOGINDISABLED" in client.capabilities and "AUTH=PLAIN" not in client.capabilities
     with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
         client.login("beta", PASSWORD)
     context = ssl.create_default_context(cafile=str(cert))
-    context.check_hostname = False   # the certificate names 127.0.0.1, not this address
+    context.check_hostname = False  # the certificate names 127.0.0.1, not this address
     ok(client.starttls(context))
     assert "AUTH=PLAIN" in client.capabilities and "STARTTLS" not in client.capabilities
     ok(client.login("beta", PASSWORD))
@@ -365,23 +383,25 @@ def test_connection_limit_and_idle_timeout(make_hub):
     second = socket.create_connection(("127.0.0.1", hub.ports["imap"]), timeout=10)
     assert second.recv(1000) == b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
     second.close()
-    assert first.recv(1000) == b"* BYE autologout; idle for too long\r\n"   # within the socket's 10 s
+    assert first.recv(1000) == b"* BYE autologout; idle for too long\r\n"  # within the socket's 10 s
     first.close()
-
-
 
 
 # PGP/MIME-like parts in a multipart/mixed whose armor is not real OpenPGP: the encryption policy
 # refuses it (its own tests are test_policy_*), so the test's hub has it off: the structure matters here
-MIME_MAIL = (b"From: Alpha Gateway <alpha@hub.test>\r\nTo: beta@hub.test\r\nSubject: study 1.2.840\r\n"
-            b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <study-1@hub.test>\r\nMIME-Version: 1.0\r\n"
-            b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
-            b"--b1\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n"
-            b'--b1\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n\r\n'
-            b"-----BEGIN PGP MESSAGE-----\r\n" + b"hQIMA0xyz0123456789abcdefABCDEF+/\r\n" * 2000 +
-            b"-----END PGP MESSAGE-----\r\n"
-            b"--b1\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nFrom: x@y\r\n\r\ninner body\r\n"
-            b"--b1--\r\n")
+MIME_MAIL = (
+    b"From: Alpha Gateway <alpha@hub.test>\r\nTo: beta@hub.test\r\nSubject: study 1.2.840\r\n"
+    b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <study-1@hub.test>\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+    b"--b1\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n"
+    b'--b1\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n\r\n'
+    b"-----BEGIN PGP MESSAGE-----\r\n"
+    + b"hQIMA0xyz0123456789abcdefABCDEF+/\r\n"
+    * 2000
+    + b"-----END PGP MESSAGE-----\r\n"
+    b"--b1\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nFrom: x@y\r\n\r\ninner body\r\n"
+    b"--b1--\r\n"
+)
 
 
 def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
@@ -393,8 +413,10 @@ def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
     def fetch_parts():
         data = ok(client.fetch("1", "(ENVELOPE BODYSTRUCTURE BODY)"))[0]
         text = data if isinstance(data, bytes) else b"".join(data)
-        parts = {section: literal(ok(client.fetch("1", f"(BODY.PEEK[{section}])")))
-                 for section in ("1", "1.MIME", "2", "3.HEADER", "3.TEXT")}
+        parts = {
+            section: literal(ok(client.fetch("1", f"(BODY.PEEK[{section}])")))
+            for section in ("1", "1.MIME", "2", "3.HEADER", "3.TEXT")
+        }
         fields = literal(ok(client.fetch("1", "(BODY.PEEK[3.HEADER.FIELDS (SUBJECT)])")))
         return text, parts, fields
 
@@ -406,7 +428,9 @@ def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
     assert b'"MESSAGE" "RFC822"' in upper
     assert parts["1"] == b"Version: 1"
     assert parts["1.MIME"] == b"Content-Type: application/pgp-encrypted\r\n\r\n"
-    assert parts["2"].startswith(b"-----BEGIN PGP MESSAGE-----\r\n") and parts["2"].endswith(b"-----END PGP MESSAGE-----")
+    assert parts["2"].startswith(b"-----BEGIN PGP MESSAGE-----\r\n") and parts["2"].endswith(
+        b"-----END PGP MESSAGE-----"
+    )
     assert parts["3.HEADER"] == b"Subject: inner\r\nFrom: x@y\r\n\r\n" and parts["3.TEXT"] == b"inner body"
     assert fields == b"Subject: inner\r\n\r\n"
     # a message stored without a structure record (before recording existed) gets it from its blob

@@ -1,8 +1,9 @@
 # The package layers (docs/architecture.md): mailhub <- relay <- directory <- storage | quotas, none
 # of them importing the tools (loadtest, bench), and loadtest importing nothing of bench; inside
-# relay/, the protocol packages independent of each other and the sans-I/O cores free of I/O. The import-linter contracts in pyproject.toml
-# say so; these tests run `lint-imports` on the tree, and on a copy of it with one upward import
-# added each, to show that the contracts catch a break (lazy imports inside a function included).
+# relay/, the protocol packages independent of each other and the sans-I/O cores free of I/O. The
+# import-linter contracts in pyproject.toml say so; these tests run `lint-imports` on the tree, and
+# on a copy of it with one upward import added each, to show that the contracts catch a break (lazy
+# imports inside a function included).
 # Also: the package graph in docs/architecture.md is current and has no cycle, and no SQL is
 # written outside storage/.
 import ast
@@ -22,8 +23,14 @@ PACKAGES = ["mailhub", "relay", "directory", "quotas", "storage", "loadtest", "b
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     tool = Path(sys.executable).parent / "lint-imports"
     command = [str(tool)] if tool.exists() else [shutil.which("lint-imports") or "lint-imports"]
-    return subprocess.run(command + ["--no-cache", "--no-logo"], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)})
+    return subprocess.run(
+        command + ["--no-cache", "--no-logo"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)},
+    )
 
 
 def test_the_tree_keeps_every_contract():
@@ -41,27 +48,43 @@ def tree_copy(tmp_path_factory) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("module, line, broken", [
-    ("storage/errors.py", "import quotas", "storage is not allowed to import quotas"),
-    ("quotas/limits.py", "from storage import db", "quotas is not allowed to import storage"),
-    ("storage/db.py", "from directory import errors", "storage is not allowed to import directory"),
-    ("directory/errors.py", "import relay.metrics", "directory is not allowed to import relay"),
-    ("relay/smtp/replies.py", "def f():\n    from mailhub import logsetup", "relay is not allowed to import mailhub"),
-    ("storage/files.py", "def f():\n    import mailhub.control", "storage is not allowed to import mailhub"),
-    ("relay/outbound/bounce.py", "import loadtest.net", "relay is not allowed to import loadtest"),
-    ("loadtest/net.py", "def f():\n    from bench import abuse", "loadtest is not allowed to import bench"),
-    ("relay/pop3/server.py", "from relay.imap import server", "relay.pop3 is not allowed to import relay.imap"),
-    ("relay/outbound/queue.py", "def f():\n    import relay.smtp.ingest",
-     "relay.outbound is not allowed to import relay.smtp"),
-    ("relay/mime/sniff.py", "from relay.policy import replies", "relay.mime is not allowed to import relay.policy"),
-    ("relay/framing.py", "def f():\n    from relay.pop3 import protocol",
-     "relay.framing is not allowed to import relay.pop3"),
-    ("relay/pop3/protocol.py", "import asyncio", "relay.pop3.protocol is not allowed to import asyncio"),
-    ("relay/imap/parser.py", "def f():\n    from relay.imap import server",
-     "relay.imap.parser is not allowed to import relay.imap.server"),
-    ("relay/smtp/syntax.py", "def f():\n    import storage", "relay.smtp.syntax is not allowed to import storage"),
-    ("relay/smtp/protocol.py", "import ssl", "relay.smtp.protocol is not allowed to import ssl"),
-])
+@pytest.mark.parametrize(
+    "module, line, broken",
+    [
+        ("storage/errors.py", "import quotas", "storage is not allowed to import quotas"),
+        ("quotas/limits.py", "from storage import db", "quotas is not allowed to import storage"),
+        ("storage/db.py", "from directory import errors", "storage is not allowed to import directory"),
+        ("directory/errors.py", "import relay.metrics", "directory is not allowed to import relay"),
+        (
+            "relay/smtp/replies.py",
+            "def f():\n    from mailhub import logsetup",
+            "relay is not allowed to import mailhub",
+        ),
+        ("storage/files.py", "def f():\n    import mailhub.control", "storage is not allowed to import mailhub"),
+        ("relay/outbound/bounce.py", "import loadtest.net", "relay is not allowed to import loadtest"),
+        ("loadtest/net.py", "def f():\n    from bench import abuse", "loadtest is not allowed to import bench"),
+        ("relay/pop3/server.py", "from relay.imap import server", "relay.pop3 is not allowed to import relay.imap"),
+        (
+            "relay/outbound/queue.py",
+            "def f():\n    import relay.smtp.ingest",
+            "relay.outbound is not allowed to import relay.smtp",
+        ),
+        ("relay/mime/sniff.py", "from relay.policy import replies", "relay.mime is not allowed to import relay.policy"),
+        (
+            "relay/framing.py",
+            "def f():\n    from relay.pop3 import protocol",
+            "relay.framing is not allowed to import relay.pop3",
+        ),
+        ("relay/pop3/protocol.py", "import asyncio", "relay.pop3.protocol is not allowed to import asyncio"),
+        (
+            "relay/imap/parser.py",
+            "def f():\n    from relay.imap import server",
+            "relay.imap.parser is not allowed to import relay.imap.server",
+        ),
+        ("relay/smtp/syntax.py", "def f():\n    import storage", "relay.smtp.syntax is not allowed to import storage"),
+        ("relay/smtp/protocol.py", "import ssl", "relay.smtp.protocol is not allowed to import ssl"),
+    ],
+)
 def test_an_upward_import_breaks_a_contract(tree_copy, module, line, broken):
     path = tree_copy / module
     original = path.read_text()
@@ -87,7 +110,8 @@ def test_the_package_graph_has_no_cycle_and_the_docs_show_it():
     assert text.endswith("no cycle"), text
     assert text in (ROOT / "docs" / "architecture.md").read_text(), (
         "docs/architecture.md does not show the current package graph; paste the output of "
-        "scripts/package_graph.py:\n" + text)
+        "scripts/package_graph.py:\n" + text
+    )
 
 
 def test_the_cycle_finder_finds_cycles():
@@ -95,12 +119,19 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"mailhub": {"relay": 1}, "relay": {"storage": 2}, "storage": {}}) is None
     assert find_cycle({"mailhub": {"relay": 1}, "relay": {"mailhub": 1}}) == ["mailhub", "relay", "mailhub"]
     assert find_cycle({"relay": {"directory": 1}, "directory": {"storage": 1}, "storage": {"relay": 1}}) == [
-        "relay", "directory", "storage", "relay"]
+        "relay",
+        "directory",
+        "storage",
+        "relay",
+    ]
 
 
 # SQL statements in string literals (an IMAP "SELECT" command or the word "update" in prose is not one)
-_SQL = re.compile(r"\b(SELECT\b.*\bFROM|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|"
-                  r"BEGIN(\s+IMMEDIATE)?$|COMMIT$|ROLLBACK$|CREATE\s+TABLE)\b", re.S)
+_SQL = re.compile(
+    r"\b(SELECT\b.*\bFROM|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|"
+    r"BEGIN(\s+IMMEDIATE)?$|COMMIT$|ROLLBACK$|CREATE\s+TABLE)\b",
+    re.S,
+)
 _EXECUTE = {"execute", "executemany", "executescript", "execute_fetchall", "execute_insert"}
 
 
@@ -126,7 +157,11 @@ def test_the_sql_check_finds_sql(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "a.py").write_text('def f(conn):\n    return conn.execute("SELECT 1 FROM sites").fetchone()\n')
-    (package / "b.py").write_text('SQL = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"\n'
-                                  'REPLY = "OK [READ-WRITE] SELECT completed"\n')
+    (package / "b.py").write_text(
+        'SQL = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"\nREPLY = "OK [READ-WRITE] SELECT completed"\n'
+    )
     assert [line.split(": ", 1)[1][:12] for line in _sql_outside_storage(package)] == [
-        ".execute(...", "SQL text 'SE", "SQL text 'IN"]
+        ".execute(...",
+        "SQL text 'SE",
+        "SQL text 'IN",
+    ]

@@ -15,15 +15,16 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
 import pytest
-from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, RawSMTP, queue_id_from, stored_message
-from gpgutil import Gpg
 from test_memory import _base64_chunk, _status_kb
 from test_mime_structure import Dovecot, parse_sexp
 
+from relay.mime.structure import StructureRecorder, bodystructure, envelope, section_range
 from relay.smtp import ingest as ingest_module
 from relay.smtp.ingest import IncomingMessage
-from relay.mime.structure import StructureRecorder, bodystructure, envelope, section_range
 from storage import Storage, db
+
+from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, RawSMTP, queue_id_from, stored_message
+from gpgutil import Gpg
 
 MB = 1024 * 1024
 DICOM = b"\0" * 128 + b"DICM" + os.urandom(3000)
@@ -42,15 +43,17 @@ def armored():
 
 def pgp_mime(armored: bytes) -> bytes:
     """A PGP/MIME mail as the DICOM gateways send one (RFC 3156)."""
-    return (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: CT study 1/1\r\n"
-            b"Message-ID: <study-1@gw.alpha>\r\nX-TELEMEDICINE-SETID: 1.2.840.1\r\nMIME-Version: 1.0\r\n"
-            b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
-            b' boundary="------------enc0123456789"\r\n\r\nThis is an OpenPGP/MIME encrypted message.\r\n'
-            b"--------------enc0123456789\r\nContent-Type: application/pgp-encrypted\r\n"
-            b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
-            b'--------------enc0123456789\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
-            b'Content-Description: OpenPGP encrypted message\r\nContent-Disposition: inline; filename="encrypted.asc"\r\n'
-            b"\r\n" + armored + b"\r\n--------------enc0123456789--\r\n")
+    return (
+        b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: CT study 1/1\r\n"
+        b"Message-ID: <study-1@gw.alpha>\r\nX-TELEMEDICINE-SETID: 1.2.840.1\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
+        b' boundary="------------enc0123456789"\r\n\r\nThis is an OpenPGP/MIME encrypted message.\r\n'
+        b"--------------enc0123456789\r\nContent-Type: application/pgp-encrypted\r\n"
+        b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
+        b'--------------enc0123456789\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
+        b'Content-Description: OpenPGP encrypted message\r\nContent-Disposition: inline; filename="encrypted.asc"\r\n'
+        b"\r\n" + armored + b"\r\n--------------enc0123456789--\r\n"
+    )
 
 
 def nested() -> bytes:
@@ -82,7 +85,7 @@ def send(hub, message: bytes) -> str:
 
 
 def stored(hub, qid: str) -> tuple[dict, bytes]:
-    (structure,), = hub.query("SELECT structure FROM messages WHERE queue_id = ?", qid)
+    ((structure,),) = hub.query("SELECT structure FROM messages WHERE queue_id = ?", qid)
     return json.loads(structure), hub.stored(qid)
 
 
@@ -94,8 +97,10 @@ def test_pgp_mime_and_nested_structures_recorded_over_smtp(make_hub, armored):
     pgp, pgp_blob = stored(hub, qids[0])
     assert pgp_blob.startswith(b"Received: ") and pgp["hs"] == 0 and pgp["be"] == len(pgp_blob)
     assert (pgp["type"], pgp["subtype"]) == ("multipart", "encrypted")
-    assert [(p["type"], p["subtype"]) for p in pgp["parts"]] == [("application", "pgp-encrypted"),
-                                                                ("application", "octet-stream")]
+    assert [(p["type"], p["subtype"]) for p in pgp["parts"]] == [
+        ("application", "pgp-encrypted"),
+        ("application", "octet-stream"),
+    ]
     start, end = section_range(pgp, "2")
     assert pgp_blob[start:end] == armored
     start, end = section_range(pgp, "1")
@@ -151,8 +156,10 @@ def test_structure_of_a_200_mb_mail_recorded_in_bounded_memory(make_hub):
     hub = make_hub(sites=ALPHA_BETA, process=True)
     hub.start()
     pid = hub.proc.pid
-    header = (b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: one big part\r\n"
-              b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n")
+    header = (
+        b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: one big part\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    )
     chunk = _base64_chunk()
     mail_mb = 200
     client = RawSMTP(hub.smtp_port, timeout=120)
@@ -170,7 +177,7 @@ def test_structure_of_a_200_mb_mail_recorded_in_bounded_memory(make_hub):
     peak = _status_kb(pid, "VmHWM") * 1024
     assert peak < 100 * MB, f"hub peak RSS {peak / MB:.1f} MiB"
 
-    (structure, size), = hub.query("SELECT structure, size FROM messages WHERE queue_id = ?", qid)
+    ((structure, size),) = hub.query("SELECT structure, size FROM messages WHERE queue_id = ?", qid)
     structure = json.loads(structure)
     trace = size - len(header) - mail_mb * MB
     assert (structure["type"], structure["subtype"]) == ("text", "plain")
@@ -184,10 +191,12 @@ def test_structure_of_a_200_mb_mail_recorded_in_bounded_memory(make_hub):
 
 def test_older_index_gets_the_structure_column(tmp_path):
     conn = sqlite3.connect(tmp_path / db.INDEX_NAME)
-    conn.execute("CREATE TABLE messages (queue_id TEXT PRIMARY KEY, blob TEXT NOT NULL, size INTEGER NOT NULL,"
-                 " sha256 TEXT NOT NULL, dot_lines INTEGER NOT NULL, received_at REAL NOT NULL,"
-                 " mail_from TEXT NOT NULL, sender_site INTEGER, message_id TEXT, set_id TEXT,"
-                 " set_part INTEGER, set_total INTEGER, refs INTEGER NOT NULL) WITHOUT ROWID")
+    conn.execute(
+        "CREATE TABLE messages (queue_id TEXT PRIMARY KEY, blob TEXT NOT NULL, size INTEGER NOT NULL,"
+        " sha256 TEXT NOT NULL, dot_lines INTEGER NOT NULL, received_at REAL NOT NULL,"
+        " mail_from TEXT NOT NULL, sender_site INTEGER, message_id TEXT, set_id TEXT,"
+        " set_part INTEGER, set_total INTEGER, refs INTEGER NOT NULL) WITHOUT ROWID"
+    )
     conn.close()
     conn = db.connect(tmp_path)
     assert "structure" in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
@@ -216,16 +225,22 @@ class ExplodingRecorder(StructureRecorder):
         super().part_start(part)
 
 
-def test_a_failing_parse_costs_the_structure_not_the_mail_unless_a_check_needed_it(tmp_path, caplog, armored,
-                                                                                 monkeypatch):
+def test_a_failing_parse_costs_the_structure_not_the_mail_unless_a_check_needed_it(
+    tmp_path, caplog, armored, monkeypatch
+):
     async def ingest(message: bytes, listeners) -> tuple:
         storage = Storage(tmp_path)
         await storage.open()
         try:
-            incoming = IncomingMessage(storage, 10 * MB, lambda qid: b"Received: by hub.test id %s\r\n" % qid.encode(),
-                                       "552 too big", listeners=listeners)
+            incoming = IncomingMessage(
+                storage,
+                10 * MB,
+                lambda qid: b"Received: by hub.test id %s\r\n" % qid.encode(),
+                "552 too big",
+                listeners=listeners,
+            )
             for i in range(0, len(message), 1000):
-                incoming.write(message[i:i + 1000])
+                incoming.write(message[i : i + 1000])
             incoming.end_of_data()
             if incoming.failed:
                 return incoming.queue_id, incoming.error.reply

@@ -25,9 +25,20 @@ class Recorder:
         self._bodies: dict[int, bytearray] = {}
 
     def part_start(self, part) -> None:
-        self.events.append(("start", part.path, part.is_message, part.kind, part.content_type,
-                            part.subtype, dict(part.params), list(part.headers), part.header_start,
-                            part.body_start))
+        self.events.append(
+            (
+                "start",
+                part.path,
+                part.is_message,
+                part.kind,
+                part.content_type,
+                part.subtype,
+                dict(part.params),
+                list(part.headers),
+                part.header_start,
+                part.body_start,
+            )
+        )
         self._bodies[id(part)] = bytearray()
 
     def part_body(self, part, data) -> None:
@@ -36,9 +47,17 @@ class Recorder:
 
     def part_end(self, part) -> None:
         self.events.append(("end", part.path, part.is_message, part.body_end, part.size, part.lines))
-        self.parts.append({"path": part.path, "is_message": part.is_message, "kind": part.kind,
-                           "type": f"{part.content_type}/{part.subtype}", "body_start": part.body_start,
-                           "body_end": part.body_end, "body": bytes(self._bodies.pop(id(part)))})
+        self.parts.append(
+            {
+                "path": part.path,
+                "is_message": part.is_message,
+                "kind": part.kind,
+                "type": f"{part.content_type}/{part.subtype}",
+                "body_start": part.body_start,
+                "body_end": part.body_end,
+                "body": bytes(self._bodies.pop(id(part))),
+            }
+        )
 
 
 def parse(data: bytes, cuts: list[int] = ()) -> Recorder:
@@ -54,8 +73,9 @@ def parse(data: bytes, cuts: list[int] = ()) -> Recorder:
 
 
 def tree_of(recorder: Recorder) -> list[tuple]:
-    return sorted((p["path"], p["is_message"], p["type"], p["body"] if p["kind"] == "leaf" else None)
-                  for p in recorder.parts)
+    return sorted(
+        (p["path"], p["is_message"], p["type"], p["body"] if p["kind"] == "leaf" else None) for p in recorder.parts
+    )
 
 
 def email_tree(msg: Message, path: str = "", is_message: bool = True) -> list[tuple]:
@@ -78,7 +98,8 @@ BCHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-.
 
 line_text = st.text(alphabet="ab -.:\t#", max_size=30)
 body_text = st.lists(line_text, max_size=6).map("\n".join) | st.lists(line_text, max_size=4).map(
-    lambda lines: "\n".join(lines) + "\n")
+    lambda lines: "\n".join(lines) + "\n"
+)
 
 
 @st.composite
@@ -90,11 +111,11 @@ def boundaries(draw) -> str:
 
 
 def leaves():
-    text = st.builds(lambda body, sub: MIMEText(body, sub, "us-ascii"), body_text,
-                     st.sampled_from(["plain", "html", "x-dicom-note"]))
+    text = st.builds(
+        lambda body, sub: MIMEText(body, sub, "us-ascii"), body_text, st.sampled_from(["plain", "html", "x-dicom-note"])
+    )
     binary = st.builds(lambda data: MIMEApplication(data, "octet-stream"), st.binary(max_size=300))
-    encrypted_control = st.builds(lambda: MIMEApplication(b"Version: 1\n", "pgp-encrypted",
-                                                          _encoder=lambda m: None))
+    encrypted_control = st.builds(lambda: MIMEApplication(b"Version: 1\n", "pgp-encrypted", _encoder=lambda m: None))
     return text | binary | encrypted_control
 
 
@@ -108,9 +129,13 @@ def multipart_of(children: list, subtype: str, boundary: str, preamble: str | No
 
 
 def extend(children):
-    multipart = st.builds(multipart_of, st.lists(children, min_size=1, max_size=3),
-                          st.sampled_from(["mixed", "alternative", "encrypted", "related"]),
-                          boundaries(), st.none() | body_text)
+    multipart = st.builds(
+        multipart_of,
+        st.lists(children, min_size=1, max_size=3),
+        st.sampled_from(["mixed", "alternative", "encrypted", "related"]),
+        boundaries(),
+        st.none() | body_text,
+    )
     rfc822 = st.builds(lambda inner: MIMEMessage(_with_envelope(inner)), children)
     return multipart | rfc822
 
@@ -142,16 +167,36 @@ def test_chunked_equals_whole_equals_email_package(msg, data):
     assert tree_of(whole) == sorted(email_tree(email.message_from_bytes(raw)))
     for part in whole.parts:
         if part["kind"] == "leaf":
-            assert raw[part["body_start"]:part["body_end"]] == part["body"]
+            assert raw[part["body_start"] : part["body_end"]] == part["body"]
     assert [p["path"] for p in whole.parts][-1] == ""
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"--", b"-", b"--b", b"--b--", b"--c",
-                                     b"Content-Type: multipart/mixed; boundary=b", b"boundary=c",
-                                     b"Content-Type: message/rfc822", b"X:", b" ", b"a", b"\r\n\r\n"]),
-                    max_size=60).map(b"".join),
-       data=st.data())
+@given(
+    raw=st.lists(
+        st.sampled_from(
+            [
+                b"\r\n",
+                b"\n",
+                b"\r",
+                b"--",
+                b"-",
+                b"--b",
+                b"--b--",
+                b"--c",
+                b"Content-Type: multipart/mixed; boundary=b",
+                b"boundary=c",
+                b"Content-Type: message/rfc822",
+                b"X:",
+                b" ",
+                b"a",
+                b"\r\n\r\n",
+            ]
+        ),
+        max_size=60,
+    ).map(b"".join),
+    data=st.data(),
+)
 def test_arbitrary_bytes_never_raise_and_chunking_changes_nothing(raw, data):
     whole = parse(raw)
     cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=10))
@@ -174,9 +219,10 @@ PGP_MIME = (
     b"------enc=_1\r\nContent-Type: application/pgp-encrypted\r\n"
     b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
     b'------enc=_1\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
-    b"Content-Disposition: inline; filename=\"encrypted.asc\"\r\n\r\n"
+    b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n'
     b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA0xyz\r\n=abcd\r\n-----END PGP MESSAGE-----\r\n\r\n"
-    b"------enc=_1--\r\n")
+    b"------enc=_1--\r\n"
+)
 
 
 def test_pgp_mime_parts_types_and_bodies():
@@ -187,8 +233,9 @@ def test_pgp_mime_parts_types_and_bodies():
     assert start[6] == {"protocol": "application/pgp-encrypted", "boundary": "----enc=_1"}
     assert by_path["1"]["type"] == "application/pgp-encrypted"
     assert by_path["1"]["body"] == b"Version: 1\r\n"
-    assert by_path["2"]["body"] == (b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA0xyz\r\n=abcd\r\n"
-                                    b"-----END PGP MESSAGE-----\r\n")
+    assert by_path["2"]["body"] == (
+        b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA0xyz\r\n=abcd\r\n-----END PGP MESSAGE-----\r\n"
+    )
     assert ("end", "", True, len(PGP_MIME), len(PGP_MIME) - start[9], None) == rec.events[-1]
     assert parse(PGP_MIME, range(len(PGP_MIME))).events == rec.events
 
@@ -197,13 +244,13 @@ def test_offsets_are_relative_to_the_first_byte_fed():
     prefix = b"Received: from gw by hub; Sat, 28 Nov 2026 04:00:00 +0000\r\n"
     rec = parse(prefix + PGP_MIME)
     assert rec.events[0][7][0] == ("Received", "from gw by hub; Sat, 28 Nov 2026 04:00:00 +0000")
-    assert {p["path"]: p["body_start"] for p in parse(PGP_MIME).parts}["2"] + len(prefix) == \
-        {p["path"]: p["body_start"] for p in rec.parts}["2"]
+    assert {p["path"]: p["body_start"] for p in parse(PGP_MIME).parts}["2"] + len(prefix) == {
+        p["path"]: p["body_start"] for p in rec.parts
+    }["2"]
 
 
 def test_folded_headers_are_unfolded_and_params_parsed():
-    raw = (b"Content-Type: text/plain;\r\n\tcharset=\"utf-8\" (a comment);\r\n name*=x\r\n"
-           b"Subject: one\r\n two\r\n\r\nbody")
+    raw = b'Content-Type: text/plain;\r\n\tcharset="utf-8" (a comment);\r\n name*=x\r\nSubject: one\r\n two\r\n\r\nbody'
     start = parse(raw).events[0]
     assert start[4:7] == ("text", "plain", {"charset": "utf-8", "name": "x"})  # RFC 2231, decoded
     assert ("Subject", "one two") in start[7]
@@ -274,23 +321,31 @@ def test_nesting_beyond_the_depth_limit_becomes_body():
 
 
 def test_outer_boundary_closes_an_unterminated_inner_multipart():
-    raw = (b"Content-Type: multipart/mixed; boundary=out\r\n\r\n--out\r\n"
-           b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n\r\ninner\r\n"
-           b"--out\r\n\r\nsecond\r\n--out--\r\n")
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=out\r\n\r\n--out\r\n"
+        b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n\r\ninner\r\n"
+        b"--out\r\n\r\nsecond\r\n--out--\r\n"
+    )
     rec = parse(raw)
-    assert tree_of(rec) == [("", True, "multipart/mixed", None), ("1", False, "multipart/alternative", None),
-                            ("1.1", False, "text/plain", b"inner"), ("2", False, "text/plain", b"second")]
+    assert tree_of(rec) == [
+        ("", True, "multipart/mixed", None),
+        ("1", False, "multipart/alternative", None),
+        ("1.1", False, "text/plain", b"inner"),
+        ("2", False, "text/plain", b"second"),
+    ]
 
 
 def test_lines_of_text_and_message_rfc822_parts():
     inner = b"Subject: s\r\n\r\nl1\r\nl2"
-    raw = (b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\na\r\nb\r\n\r\n--q\r\n"
-           b"Content-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--q--\r\n")
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\na\r\nb\r\n\r\n--q\r\n"
+        b"Content-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--q--\r\n"
+    )
     ends = {(e[1], e[2]): e for e in parse(raw).events if e[0] == "end"}
-    assert ends[("1", False)][4:] == (6, 2)      # "a\r\nb\r\n": the last CRLF is the delimiter's
+    assert ends[("1", False)][4:] == (6, 2)  # "a\r\nb\r\n": the last CRLF is the delimiter's
     assert ends[("2", False)][4:] == (len(inner), 3)  # line feeds, as Dovecot counts
     assert ends[("2", True)][4:] == (6, 1)
-    assert ends[("", True)][5] is None           # multipart: not counted
+    assert ends[("", True)][5] is None  # multipart: not counted
 
 
 def test_long_dash_lines_are_body():
@@ -319,8 +374,11 @@ def test_listeners_share_one_parser():
 
 def test_parts_beyond_the_limit_become_body_of_the_last_one(monkeypatch):
     monkeypatch.setattr(mime_stream, "MAX_PARTS", 20)
-    raw = (b"Content-Type: multipart/mixed; boundary=q\r\n\r\n"
-           + b"".join(b"--q\r\n\r\npart %d\r\n" % i for i in range(50)) + b"--q--\r\nepilogue\r\n")
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=q\r\n\r\n"
+        + b"".join(b"--q\r\n\r\npart %d\r\n" % i for i in range(50))
+        + b"--q--\r\nepilogue\r\n"
+    )
     rec = parse(raw, range(0, len(raw), 33))
     assert len(rec.parts) == 20 and rec.parts[-1]["path"] == ""
     last = rec.parts[-2]

@@ -20,10 +20,21 @@ from relay.mime.structure import StructureRecorder, bodystructure, envelope, par
 DOVECOT_IMAP = "/usr/lib/dovecot/imap"  # Debian dovecot-imapd (bench/debian-packages.txt)
 TRACE = b"Received: from gw.test by hub.test with ESMTPA id 0123456789ABCDEF; Sat, 28 Nov 2026 04:00:00 +0000\r\n"
 
-ADDRESSES = ["a@b.example", '"Doe, John" <john@x.example>', "John Q. Public <jqp@example.com>",
-             "bare@x.org (Bare Name)", "undisclosed-recipients:;", "grp: a@b, c@d;", "a@b, c@d",
-             "<@r1.example,@r2.example:user@host.example>", "=?utf-8?q?J=C3=B6rg?= <j@x.example>",
-             "nodomain", '"quoted local"@x.example', "Name <a@[127.0.0.1]>", "Mixed (comment) <m@x.example>"]
+ADDRESSES = [
+    "a@b.example",
+    '"Doe, John" <john@x.example>',
+    "John Q. Public <jqp@example.com>",
+    "bare@x.org (Bare Name)",
+    "undisclosed-recipients:;",
+    "grp: a@b, c@d;",
+    "a@b, c@d",
+    "<@r1.example,@r2.example:user@host.example>",
+    "=?utf-8?q?J=C3=B6rg?= <j@x.example>",
+    "nodomain",
+    '"quoted local"@x.example',
+    "Name <a@[127.0.0.1]>",
+    "Mixed (comment) <m@x.example>",
+]
 
 
 def structure_of(blob: bytes) -> dict:
@@ -46,14 +57,18 @@ class Dovecot:
         for n, blob in enumerate(blobs, 1):
             (maildir / "cur" / f"{1000 + n}.M{n}P1.hub:2,").write_bytes(blob)
         (root / "dovecot.conf").write_text(
-            f"log_path = {root}/dovecot.log\ninfo_log_path = {root}/dovecot.log\nmail_location = maildir:{maildir}\nssl = no\n")
+            f"log_path = {root}/dovecot.log\ninfo_log_path = {root}/dovecot.log\n"
+            f"mail_location = maildir:{maildir}\nssl = no\n"
+        )
         user = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "user")
         if os.geteuid() == 0:  # Dovecot will not serve mail as root
             shutil.chown(root, "nobody")
             for path in root.rglob("*"):
                 shutil.chown(path, "nobody")
-        command = (f"env -i USER={user} HOME={shlex.quote(str(root))} MAIL=maildir:{shlex.quote(str(maildir))}"
-                   f" {DOVECOT_IMAP} -c {shlex.quote(str(root / 'dovecot.conf'))}")
+        command = (
+            f"env -i USER={user} HOME={shlex.quote(str(root))} MAIL=maildir:{shlex.quote(str(maildir))}"
+            f" {DOVECOT_IMAP} -c {shlex.quote(str(root / 'dovecot.conf'))}"
+        )
         if os.geteuid() == 0:
             command = "runuser -u nobody -- " + command
         self.imap = imaplib.IMAP4_stream(command)
@@ -83,35 +98,35 @@ def parse_sexp(data: bytes):
 
     def value():
         nonlocal pos
-        while data[pos:pos + 1] == b" ":
+        while data[pos : pos + 1] == b" ":
             pos += 1
-        ch = data[pos:pos + 1]
+        ch = data[pos : pos + 1]
         if ch == b"(":
             pos += 1
             items = []
-            while data[pos:pos + 1] != b")":
+            while data[pos : pos + 1] != b")":
                 items.append(value())
-                while data[pos:pos + 1] == b" ":
+                while data[pos : pos + 1] == b" ":
                     pos += 1
             pos += 1
             return items
         if ch == b'"':
             out = bytearray()
             pos += 1
-            while data[pos:pos + 1] != b'"':
-                if data[pos:pos + 1] == b"\\":
+            while data[pos : pos + 1] != b'"':
+                if data[pos : pos + 1] == b"\\":
                     pos += 1
-                out += data[pos:pos + 1]
+                out += data[pos : pos + 1]
                 pos += 1
             pos += 1
             return bytes(out)
         if ch == b"{":
             close = data.index(b"}\r\n", pos)
-            length = int(data[pos + 1:close])
+            length = int(data[pos + 1 : close])
             pos = close + 3 + length
-            return data[close + 3:pos]
+            return data[close + 3 : pos]
         start = pos
-        while pos < len(data) and data[pos:pos + 1] not in (b" ", b"(", b")"):
+        while pos < len(data) and data[pos : pos + 1] not in (b" ", b"(", b")"):
             pos += 1
         atom = data[start:pos]
         return None if atom == b"NIL" else atom
@@ -181,7 +196,7 @@ FIXED = [
     b"Content-Type: text/plain; charset=utf-8\r\n\r\nl1\r\nl2\r\n\r\n--q\r\nContent-Type: message/rfc822\r\n\r\n"
     b"Subject: inner\r\n\r\nx\r\n--q\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\nnothing\r\n--q--\r\n",
     # every extension field of a body part
-    b"From: a@b.example\r\nContent-Type: multipart/mixed; boundary=\"=_x\"; type=abc\r\n"
+    b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="=_x"; type=abc\r\n'
     b"Content-Disposition: inline\r\nContent-Language: en\r\nContent-Location: http://hub.test/m\r\n\r\n"
     b'--=_x\r\nContent-Type: application/dicom; Name="x.dcm"; CharSet=binary\r\nContent-ID: <img1@gw.test>\r\n'
     b"Content-Description: CT slice 1\r\nContent-Transfer-Encoding: base64\r\n"
@@ -200,7 +215,7 @@ FIXED = [
     b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA0xyz\r\n-----END PGP MESSAGE-----\r\n\r\n------enc=_1--\r\n",
     # unterminated multipart, raw 8-bit and odd header values (an invalid Content-Type is left
     # out: RFC 2045 makes it text/plain, Dovecot keeps the type and an empty subtype)
-    "Subject: Befund für Müller\r\nFrom: \r\nReply-To: \"Dr. X\" <x@y.example>\r\nDate: today\r\n"
+    'Subject: Befund für Müller\r\nFrom: \r\nReply-To: "Dr. X" <x@y.example>\r\nDate: today\r\n'
     "Content-Type: multipart/alternative; boundary=u\r\n\r\n--u\r\nContent-Type: text/plain; charset=utf-8\r\n"
     "\r\nä\r\n".encode(),
     # no empty line after the header, no body at all (a line that is no header field starts the
@@ -239,9 +254,12 @@ def test_structure_is_compact_json_without_body_bytes():
 
 
 def test_renderings_of_odd_values():
-    structure = structure_of(b"Subject: \xc3\xa4 \"q\"\r\nFrom: ,\r\nContent-Type: text\r\n\r\nx")
+    structure = structure_of(b'Subject: \xc3\xa4 "q"\r\nFrom: ,\r\nContent-Type: text\r\n\r\nx')
     assert envelope(structure).startswith(b'(NIL {6}\r\n\xc3\xa4 "q" NIL NIL NIL NIL')
     assert bodystructure(structure) == b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 1 0 NIL NIL NIL NIL)'
     assert parse_address_list('"A \\"B\\"" <a@b>, (only comment) c@d, <@x,@y:z@w>, e@') == [
-        ('A "B"', None, "a", "b"), ("only comment", None, "c", "d"), (None, "@x,@y", "z", "w"),
-        (None, None, "e", "MISSING_DOMAIN")]
+        ('A "B"', None, "a", "b"),
+        ("only comment", None, "c", "d"),
+        (None, "@x,@y", "z", "w"),
+        (None, None, "e", "MISSING_DOMAIN"),
+    ]

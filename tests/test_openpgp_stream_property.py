@@ -253,5 +253,5 @@ def test_feed_sizes_do_not_change_the_result(seed):
     first = whole.close()
     again = stream_read(text, encoding, rng)
     assert (again.error is None) == (first.error is None)
-    if first.error is None:   # a failed read may stop before or after the key packets, by chunking
+    if first.error is None:  # a failed read may stop before or after the key packets, by chunking
         assert (again.key_ids, again.data_tag) == (first.key_ids, first.data_tag)

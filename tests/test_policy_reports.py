@@ -13,15 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from test_directory import pop3_messages, request_directory
 
-from loadtest.thirdparty import POSTFIX_MAILDIR_OVERRIDES, POSTFIX_VIRTUAL_MASTER, _mail_ids, postfix_instance
-from conftest import ALPHA_BETA, PASSWORD
 from directory.policy import RecipientKeys
-from mailshapes import KEY, OTHER_KEY, armored, dicom_attachment, mail, multipart, openpgp, pgp_mime, text
+from loadtest.thirdparty import POSTFIX_MAILDIR_OVERRIDES, POSTFIX_VIRTUAL_MASTER, _mail_ids, postfix_instance
+from relay.mime.stream import MimeStreamParser
 from relay.outbound.bounce import FailedRecipient, build_dsn, header_of
 from relay.policy.encryption import EncryptionPolicy
-from relay.mime.stream import MimeStreamParser
-from test_directory import pop3_messages, request_directory
+
+from conftest import ALPHA_BETA, PASSWORD
+from mailshapes import KEY, OTHER_KEY, armored, dicom_attachment, mail, multipart, openpgp, pgp_mime, text
 
 BETA = [RecipientKeys("beta", {KEY: "current key"})]
 
@@ -30,7 +31,7 @@ def verdict(message: bytes, recipients=BETA):
     policy = EncryptionPolicy(recipients, False)
     parser = MimeStreamParser(policy)
     for i in range(0, len(message), 65536):
-        parser.feed(message[i:i + 65536])
+        parser.feed(message[i : i + 65536])
     parser.close()
     return None if policy.reply is None else (policy.reason, policy.reply)
 
@@ -64,16 +65,28 @@ def _bounce_three_mails(workdir: Path) -> dict[str, bytes]:
 
     def main_cf(text_):
         lines = [ln for ln in text_.splitlines() if not ln.startswith(("virtual_transport", "relay_domains"))]
-        return "\n".join(lines) + "\n" + POSTFIX_MAILDIR_OVERRIDES.format(
-            domains="sites.test", mail=box, uid=uid, gid=gid) + (
-            "relay_domains = gone.test\nsmtpd_reject_unlisted_recipient = no\n"
-            "transport_maps = inline:{ {gone.test = error:5.1.1 no such gateway} }\n")
+        return (
+            "\n".join(lines)
+            + "\n"
+            + POSTFIX_MAILDIR_OVERRIDES.format(domains="sites.test", mail=box, uid=uid, gid=gid)
+            + (
+                "relay_domains = gone.test\nsmtpd_reject_unlisted_recipient = no\n"
+                "transport_maps = inline:{ {gone.test = error:5.1.1 no such gateway} }\n"
+            )
+        )
+
     originals = {
-        "pgp-full": mail(pgp_mime(armored(openpgp((OTHER_KEY,), size=4000))),
-                         b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: pgp-full\r\nMIME-Version: 1.0\r\n"),
-        "pgp-hdrs": mail(pgp_mime(), b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: pgp-hdrs\r\nMIME-Version: 1.0\r\n"),
-        "dicom": mail(multipart(b"mixed", [text(), dicom_attachment()]),
-                      b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: dicom\r\nMIME-Version: 1.0\r\n"),
+        "pgp-full": mail(
+            pgp_mime(armored(openpgp((OTHER_KEY,), size=4000))),
+            b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: pgp-full\r\nMIME-Version: 1.0\r\n",
+        ),
+        "pgp-hdrs": mail(
+            pgp_mime(), b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: pgp-hdrs\r\nMIME-Version: 1.0\r\n"
+        ),
+        "dicom": mail(
+            multipart(b"mixed", [text(), dicom_attachment()]),
+            b"From: alpha@sites.test\r\nTo: x@gone.test\r\nSubject: dicom\r\nMIME-Version: 1.0\r\n",
+        ),
     }
     with postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -120,12 +133,21 @@ def test_postfix_dsns_from_the_null_sender_at_a_running_hub(make_hub, postfix_ds
 
 def test_the_hubs_own_bounces_pass():
     original = mail(pgp_mime(), b"From: alpha@hub.test\r\nTo: x@remote.test\r\nSubject: study\r\nMIME-Version: 1.0\r\n")
-    failures = [FailedRecipient("x@remote.test", 550, "550 5.1.1 <x@remote.test>: unknown", "mx.remote.test"),
-                FailedRecipient("y@remote.test", 451, "4.4.1 connection timed out")]
+    failures = [
+        FailedRecipient("x@remote.test", 550, "550 5.1.1 <x@remote.test>: unknown", "mx.remote.test"),
+        FailedRecipient("y@remote.test", 451, "4.4.1 connection timed out"),
+    ]
     for delayed in (False, True):
-        dsn = build_dsn(reporting_mta="hub.test", sender="alpha@hub.test", queue_id="Q1", arrival=time.time(),
-                        failures=failures, delayed=delayed, original_header=header_of(original),
-                        retry_until=time.time() + 3600)
+        dsn = build_dsn(
+            reporting_mta="hub.test",
+            sender="alpha@hub.test",
+            queue_id="Q1",
+            arrival=time.time(),
+            failures=failures,
+            delayed=delayed,
+            original_header=header_of(original),
+            retry_until=time.time() + 3600,
+        )
         assert verdict(dsn) is None, dsn
 
 
@@ -144,27 +166,30 @@ THUNDERBIRD_MDN = (
     b' boundary="------------z8x0Wb4k"\r\n\r\nThis is a multi-part message in MIME format.\r\n'
     b"--------------z8x0Wb4k\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
     b"This is a Return Receipt for the mail that you sent to <beta@hub.test>.\r\n\r\n"
-    b"--------------z8x0Wb4k\r\nContent-Type: message/disposition-notification; name=\"MDNPart2.txt\"\r\n"
+    b'--------------z8x0Wb4k\r\nContent-Type: message/disposition-notification; name="MDNPart2.txt"\r\n'
     b"Content-Disposition: inline\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
     b"Reporting-UA: gateway.beta; Thunderbird 115.6.0\r\nFinal-Recipient: rfc822;beta@hub.test\r\n"
     b"Original-Message-ID: <study-7@alpha.test>\r\nDisposition: manual-action/MDN-sent-manually; displayed\r\n\r\n"
-    b"--------------z8x0Wb4k\r\nContent-Type: text/rfc822-headers; name=\"MDNPart3.txt\"\r\n"
+    b'--------------z8x0Wb4k\r\nContent-Type: text/rfc822-headers; name="MDNPart3.txt"\r\n'
     b"Content-Disposition: inline\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
     b"Subject: study\r\nFrom: alpha@hub.test\r\nTo: beta@hub.test\r\nMessage-ID: <study-7@alpha.test>\r\n\r\n"
-    b"--------------z8x0Wb4k--\r\n")
+    b"--------------z8x0Wb4k--\r\n"
+)
 
 
 def gateway_mdn(returned: bytes) -> bytes:
     """An RFC 8098 MDN as a DICOM gateway sends it for a processed study, the original returned."""
-    return (b"From: <beta@hub.test>\r\nTo: <alpha@hub.test>\r\nSubject: Disposition notification\r\n"
-            b"Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
-            b'Content-Type: multipart/report; report-type=disposition-notification; boundary="mdn-1"\r\n\r\n'
-            b"--mdn-1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThe study was received and processed.\r\n"
-            b"--mdn-1\r\nContent-Type: message/disposition-notification\r\n\r\n"
-            b"Reporting-UA: gateway.beta; DICOM gateway 3.1\r\nOriginal-Recipient: rfc822;beta@hub.test\r\n"
-            b"Final-Recipient: rfc822;beta@hub.test\r\nOriginal-Message-ID: <study-7@alpha.test>\r\n"
-            b"Disposition: automatic-action/MDN-sent-automatically; processed\r\n\r\n"
-            b"--mdn-1\r\nContent-Type: message/rfc822\r\n\r\n" + returned + b"\r\n--mdn-1--\r\n")
+    return (
+        b"From: <beta@hub.test>\r\nTo: <alpha@hub.test>\r\nSubject: Disposition notification\r\n"
+        b"Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=disposition-notification; boundary="mdn-1"\r\n\r\n'
+        b"--mdn-1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThe study was received and processed.\r\n"
+        b"--mdn-1\r\nContent-Type: message/disposition-notification\r\n\r\n"
+        b"Reporting-UA: gateway.beta; DICOM gateway 3.1\r\nOriginal-Recipient: rfc822;beta@hub.test\r\n"
+        b"Final-Recipient: rfc822;beta@hub.test\r\nOriginal-Message-ID: <study-7@alpha.test>\r\n"
+        b"Disposition: automatic-action/MDN-sent-automatically; processed\r\n\r\n"
+        b"--mdn-1\r\nContent-Type: message/rfc822\r\n\r\n" + returned + b"\r\n--mdn-1--\r\n"
+    )
 
 
 def test_read_receipts_pass_and_cannot_carry_data():
@@ -177,11 +202,20 @@ def test_read_receipts_pass_and_cannot_carry_data():
 
 def test_load_test_corpus_mails_pass():
     from loadtest import pgpmime
+
     key = pgpmime.new_site_key("beta", "beta@hub.test")
     key_id = next(iter(key.subkeys))  # the ECDH encryption subkey
-    message = pgpmime.pgp_mime_mail(sender="alpha@hub.test", recipient="beta@hub.test", public_key=key.pubkey,
-                                    files=[("1.dcm", b"\0" * 128 + b"DICM" + b"x" * 5000)], set_id="1.2.3",
-                                    set_part=1, set_total=1, message_id="m1@alpha", subject="study")
+    message = pgpmime.pgp_mime_mail(
+        sender="alpha@hub.test",
+        recipient="beta@hub.test",
+        public_key=key.pubkey,
+        files=[("1.dcm", b"\0" * 128 + b"DICM" + b"x" * 5000)],
+        set_id="1.2.3",
+        set_part=1,
+        set_total=1,
+        message_id="m1@alpha",
+        subject="study",
+    )
     assert verdict(message, [RecipientKeys("beta", {key_id.upper(): "current key"})]) is None
     reason, _ = verdict(message, [RecipientKeys("beta", {OTHER_KEY: "current key"})])
     assert reason == "wrong_key"
@@ -197,17 +231,34 @@ def test_the_hubs_rotation_announcement_passes(tmp_path):
     rotate_hub_key(tmp_path, addresses)
     keys = HubKeySource(tmp_path, addresses, 86400).get()
     armored_keys, _ = keys.published(time.time(), True)
-    document = {"version": 7, "generated_at": "2026-12-05T10:00:00Z",
-                "hub": {"fingerprint": keys.fingerprint, "directory_addresses": addresses,
-                        "key_rotation": {"previous_fingerprint": keys.previous_fingerprint,
-                                         "rotated_at": "2026-12-05T10:00:00Z",
-                                         "previous_signs_until": "2026-12-06T10:00:00Z"}},
-                "participants": [{"name": "beta", "addresses": ["beta@hub.test"], "key_fingerprint": keys.fingerprint,
-                                  "key_imported_at": "2026-12-01T10:00:00Z", "public_key": armored_keys}]}
+    document = {
+        "version": 7,
+        "generated_at": "2026-12-05T10:00:00Z",
+        "hub": {
+            "fingerprint": keys.fingerprint,
+            "directory_addresses": addresses,
+            "key_rotation": {
+                "previous_fingerprint": keys.previous_fingerprint,
+                "rotated_at": "2026-12-05T10:00:00Z",
+                "previous_signs_until": "2026-12-06T10:00:00Z",
+            },
+        },
+        "participants": [
+            {
+                "name": "beta",
+                "addresses": ["beta@hub.test"],
+                "key_fingerprint": keys.fingerprint,
+                "key_imported_at": "2026-12-01T10:00:00Z",
+                "public_key": armored_keys,
+            }
+        ],
+    }
     raw = directory_mail(document, keys, "directory@hub.test", "beta@hub.test", "hub key rotation", announcement=True)
     assert raw.count(b"-----BEGIN PGP PUBLIC KEY BLOCK-----") >= 2 and b"application/pgp-keys" in raw
     assert verdict(raw) is None
-    forwarded = mail(multipart(b"mixed", [text(b"FYI, the hub's new key.\r\n"), b"Content-Type: message/rfc822\r\n\r\n" + raw]))
+    forwarded = mail(
+        multipart(b"mixed", [text(b"FYI, the hub's new key.\r\n"), b"Content-Type: message/rfc822\r\n\r\n" + raw])
+    )
     assert verdict(forwarded) is None
     swapped = raw.replace(b"Content-Type: application/pgp-keys", b"Content-Type: application/octet-stream")
-    assert verdict(swapped)[0] == "cleartext_data"   # the same key block under another label is not harmless
+    assert verdict(swapped)[0] == "cleartext_data"  # the same key block under another label is not harmless

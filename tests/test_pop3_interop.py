@@ -19,8 +19,10 @@ from conftest import PASSWORD, Hub, hub_env, make_message
 from pop3util import send, sha256, strip_trace
 
 BIG = 200 * 1024 * 1024
-pytestmark = pytest.mark.skipif(not (shutil.which("fetchmail") and shutil.which("getmail")),
-                                reason="needs Debian's fetchmail and getmail6 (bench/install-debian-packages.sh)")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("fetchmail") and shutil.which("getmail")),
+    reason="needs Debian's fetchmail and getmail6 (bench/install-debian-packages.sh)",
+)
 
 
 def _big_message() -> bytes:
@@ -33,21 +35,27 @@ def _big_message() -> bytes:
 def loaded_hub(tmp_path_factory):
     """A hub whose sites alpha and beta both hold the same set of mails (one stored copy each)."""
     data_dir = tmp_path_factory.mktemp("interop") / "data"
-    hub = Hub(data_dir, hub_env(data_dir), process=True)   # its memory is measured
+    hub = Hub(data_dir, hub_env(data_dir), process=True)  # its memory is measured
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
     hub.start()
-    mails = [make_message(2000, subject="small"),
-             make_message(3000, subject="dots") + b".\r\n..\r\n.leading dot\r\n",
-             make_message(3 * 1024 * 1024, subject="3 MB"),
-             make_message(1500, subject="8 bit", extra_headers="Content-Type: text/plain; charset=utf-8\r\n"
-                          "Content-Transfer-Encoding: 8bit\r\n") + "Grüße, Ärztin\r\n".encode(),
-             _big_message()]
+    mails = [
+        make_message(2000, subject="small"),
+        make_message(3000, subject="dots") + b".\r\n..\r\n.leading dot\r\n",
+        make_message(3 * 1024 * 1024, subject="3 MB"),
+        make_message(
+            1500,
+            subject="8 bit",
+            extra_headers="Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
+        )
+        + "Grüße, Ärztin\r\n".encode(),
+        _big_message(),
+    ]
     for mail in mails:
         assert b"\r" not in mail.replace(b"\r\n", b"") and b"\n" not in mail.replace(b"\r\n", b"")
         send(hub, ["alpha@hub.test", "beta@hub.test"], mail)
     hub.sent_digests = sorted(sha256(m) for m in mails)
-    hub.stored_bytes = hub.query("SELECT sum(size) FROM messages")[0][0]   # what RETR sends
+    hub.stored_bytes = hub.query("SELECT sum(size) FROM messages")[0][0]  # what RETR sends
     del mails
     yield hub
     hub.stop()
@@ -66,15 +74,16 @@ def _peak_over_rss_mb(hub) -> float:
 def _strip_first_field(data: bytes, eol: bytes) -> tuple[bytes, bytes]:
     """(first header field with its continuation lines, the rest)."""
     end = data.index(eol) + len(eol)
-    while data[end:end + 1] in (b" ", b"\t"):
+    while data[end : end + 1] in (b" ", b"\t"):
         end = data.index(eol, end) + len(eol)
     return data[:end], data[end:]
 
 
 def _check_downloads(hub, site: str, digests: list[str]) -> None:
     assert sorted(digests) == hub.sent_digests
-    assert hub.query("SELECT count(*) FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = ?)",
-                     site) == [(0,)]
+    assert hub.query("SELECT count(*) FROM mailbox WHERE site_id = (SELECT id FROM sites WHERE name = ?)", site) == [
+        (0,)
+    ]
     downloads = json.loads(hub.cli("site", "show", site, "--json").stdout)["downloads"]
     assert (downloads["messages"], downloads["bytes"]) == (len(digests), hub.stored_bytes)
     assert "Traceback" not in hub.log_text()
@@ -84,7 +93,7 @@ def test_fetchmail_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
     hub = loaded_hub
     out = tmp_path / "delivered"
     out.mkdir()
-    mda = tmp_path / "mda.sh"   # one file per message, named in delivery order
+    mda = tmp_path / "mda.sh"  # one file per message, named in delivery order
     mda.write_text(f'#!/bin/sh\nexec cat > "{out}/$(date +%s%N).$$"\n')
     mda.chmod(0o755)
     rc = tmp_path / "fetchmailrc"
@@ -93,13 +102,18 @@ def test_fetchmail_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
         f"poll 127.0.0.1 protocol pop3 port {hub.ports['pop3']} auth password\n"
         f'  user "alpha" there with password "{PASSWORD}" is "root" here\n'
         # sslproto "": plain POP3 (loopback); no stripcr: keep CRLF; no rewrite: leave headers alone
-        f'  options fetchall no rewrite no stripcr sslproto "" mda "{mda}"\n')
+        f'  options fetchall no rewrite no stripcr sslproto "" mda "{mda}"\n'
+    )
     rc.chmod(0o600)
     env = dict(os.environ, HOME=str(tmp_path), FETCHMAILHOME=str(tmp_path))
     _reset_peak_rss(hub)
-    result = subprocess.run(["fetchmail", "-N", "-f", str(rc), "--idfile", str(tmp_path / "ids"),
-                             "--pidfile", str(tmp_path / "pid")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["fetchmail", "-N", "-f", str(rc), "--idfile", str(tmp_path / "ids"), "--pidfile", str(tmp_path / "pid")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert _peak_over_rss_mb(hub) < 40
 
@@ -129,7 +143,7 @@ def test_getmail_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
         (getmaildir / "getmailrc").write_text(f"""[retriever]
 type = SimplePOP3Retriever
 server = 127.0.0.1
-port = {hub.ports['pop3']}
+port = {hub.ports["pop3"]}
 username = beta
 password = {PASSWORD}
 
@@ -145,8 +159,9 @@ received = false
 delivered_to = false
 """)
         _reset_peak_rss(hub)
-        result = subprocess.run(["getmail", f"--getmaildir={getmaildir}", "--rcfile=getmailrc"],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["getmail", f"--getmaildir={getmaildir}", "--rcfile=getmailrc"], capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert _peak_over_rss_mb(hub) < 40
 
@@ -155,7 +170,7 @@ delivered_to = false
             data = path.read_bytes()
             added, data = _strip_first_field(data, b"\n")
             assert added == b"Return-Path: <unknown>\n", added
-            assert b"\r" not in data   # Maildir files have LF line ends; the mails had CRLF only
+            assert b"\r" not in data  # Maildir files have LF line ends; the mails had CRLF only
             digests.append(sha256(strip_trace(data.replace(b"\n", b"\r\n"))))
         _check_downloads(hub, "beta", digests)
     finally:

@@ -1,8 +1,10 @@
 """Tests for relay.pop3.protocol: exact wire bytes, in memory, no sockets."""
+
 import base64
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.framing import dot_stuff, message_terminator
 from relay.pop3 import protocol as pop3_protocol
@@ -40,7 +42,7 @@ class FakeAdapter:
 
     def __init__(self, conn, maildrop=MAILDROP, in_use=False, update_ok=True, damaged=None):
         self.conn, self.maildrop, self.in_use, self.update_ok = conn, maildrop, in_use, update_ok
-        self.damaged = damaged or {}   # uid -> the problem check_result is told
+        self.damaged = damaged or {}  # uid -> the problem check_result is told
         self.events, self.closed, self.auth_requests = [], False, []
 
     def feed(self, data: bytes) -> bytes:
@@ -85,12 +87,18 @@ def run_script(script, conn=None, **adapter_kw):
     return ad
 
 
-CAPA_PRE = (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-            b"PIPELINING\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n")
-CAPA_POST = (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-             b"PIPELINING\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n")
-LOGIN = [(b"USER alice\r\n", b"+OK send PASS\r\n"),
-         (b"PASS s3cret\r\n", b"+OK maildrop has 3 messages (620 octets)\r\n")]
+CAPA_PRE = (
+    b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+    b"PIPELINING\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n"
+)
+CAPA_POST = (
+    b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+    b"PIPELINING\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n"
+)
+LOGIN = [
+    (b"USER alice\r\n", b"+OK send PASS\r\n"),
+    (b"PASS s3cret\r\n", b"+OK maildrop has 3 messages (620 octets)\r\n"),
+]
 
 FULL_SESSION = [
     (b"CAPA\r\n", CAPA_PRE),
@@ -113,7 +121,7 @@ FULL_SESSION = [
     (b"DELE 3\r\n", b"+OK message 3 deleted\r\n"),
     (b"NOOP\r\n", b"+OK\r\n"),
     (b"QUIT\r\n", b"[update uid-1 uid-3]+OK pop.example.org POP3 server signing off (1 messages left)\r\n[close]"),
-    (b"NOOP\r\n", b""),   # after close, input is ignored
+    (b"NOOP\r\n", b""),  # after close, input is ignored
 ]
 
 
@@ -134,7 +142,7 @@ def test_full_session_byte_by_byte_and_in_one_chunk():
     whole = b"".join(line for line, _ in FULL_SESSION)
     expected = b"".join(reply for _, reply in FULL_SESSION)
     ad = FakeAdapter(make())
-    assert b"".join(ad.feed(whole[i:i + 1]) for i in range(len(whole))) == expected
+    assert b"".join(ad.feed(whole[i : i + 1]) for i in range(len(whole))) == expected
     assert FakeAdapter(make()).feed(whole) == expected
 
 
@@ -143,12 +151,14 @@ def test_auth_request_hides_password_in_repr():
 
 
 def test_lowercase_commands_and_password_with_spaces():
-    run_script([
-        (b"user bob\r\n", b"+OK send PASS\r\n"),
-        (b"pass pw with spaces\r\n", b"+OK maildrop has 3 messages (620 octets)\r\n"),
-        (b"stat\r\n", b"+OK 3 620\r\n"),
-        (b"ReTr 3\n", b"+OK 300 octets\r\n[uid-3 None].\r\n"),   # bare LF accepted
-    ])
+    run_script(
+        [
+            (b"user bob\r\n", b"+OK send PASS\r\n"),
+            (b"pass pw with spaces\r\n", b"+OK maildrop has 3 messages (620 octets)\r\n"),
+            (b"stat\r\n", b"+OK 3 620\r\n"),
+            (b"ReTr 3\n", b"+OK 300 octets\r\n[uid-3 None].\r\n"),  # bare LF accepted
+        ]
+    )
 
 
 def test_quit_in_authorization_closes_without_update():
@@ -158,73 +168,112 @@ def test_quit_in_authorization_closes_without_update():
 
 
 def test_quit_with_nothing_deleted_still_updates_and_update_failure():
-    run_script(LOGIN + [(b"QUIT\r\n", b"[update ]+OK pop.example.org POP3 server signing off (3 messages left)\r\n[close]")])
-    run_script(LOGIN + [(b"DELE 1\r\n", b"+OK message 1 deleted\r\n"),
-                        (b"QUIT\r\n", b"[update uid-1]-ERR [SYS/TEMP] some deleted messages not removed\r\n[close]")],
-               update_ok=False)
+    run_script(
+        LOGIN + [(b"QUIT\r\n", b"[update ]+OK pop.example.org POP3 server signing off (3 messages left)\r\n[close]")]
+    )
+    run_script(
+        LOGIN
+        + [
+            (b"DELE 1\r\n", b"+OK message 1 deleted\r\n"),
+            (b"QUIT\r\n", b"[update uid-1]-ERR [SYS/TEMP] some deleted messages not removed\r\n[close]"),
+        ],
+        update_ok=False,
+    )
 
 
-@pytest.mark.parametrize("script", [
-    [(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
-      b"+OK maildrop has 3 messages (620 octets)\r\n")],
-    [(b"AUTH PLAIN\r\n", b"+ \r\n"),
-     (f"{b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(), b"+OK maildrop has 3 messages (620 octets)\r\n")],
-    [(f"auth plain {b64('alice' + chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
-      b"+OK maildrop has 3 messages (620 octets)\r\n")],
-], ids=["initial-response", "continuation", "authzid-equal"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        [
+            (
+                f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
+                b"+OK maildrop has 3 messages (620 octets)\r\n",
+            )
+        ],
+        [
+            (b"AUTH PLAIN\r\n", b"+ \r\n"),
+            (
+                f"{b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
+                b"+OK maildrop has 3 messages (620 octets)\r\n",
+            ),
+        ],
+        [
+            (
+                f"auth plain {b64('alice' + chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
+                b"+OK maildrop has 3 messages (620 octets)\r\n",
+            )
+        ],
+    ],
+    ids=["initial-response", "continuation", "authzid-equal"],
+)
 def test_auth_plain_success(script):
     ad = run_script(script + [(b"STAT\r\n", b"+OK 3 620\r\n")])
     assert ad.auth_requests == [AuthRequest("alice", "s3cret", 0)]
 
 
-@pytest.mark.parametrize("line,reply", [
-    (b"AUTH\r\n", b"+OK\r\nPLAIN\r\n.\r\n"),
-    (b"AUTH CRAM-MD5\r\n", b"-ERR unsupported authentication mechanism\r\n"),
-    (b"AUTH PLAIN !!!!\r\n", b"-ERR invalid base64\r\n"),
-    (b"AUTH PLAIN AGFsaWN\r\n", b"-ERR invalid base64\r\n"),           # bad padding
-    (b"AUTH PLAIN =\r\n", b"-ERR malformed PLAIN response\r\n"),       # empty response
-    (f"AUTH PLAIN {b64('alice')}\r\n".encode(), b"-ERR malformed PLAIN response\r\n"),
-    (f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0))}\r\n".encode(), b"-ERR malformed PLAIN response\r\n"),
-    (f"AUTH PLAIN {b64('root' + chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
-     b"-ERR authorization identity must be empty or the user name\r\n"),
-    (b"AUTH PLAIN " + base64.b64encode(b"\0\xff\0x") + b"\r\n", b"-ERR credentials are not valid UTF-8\r\n"),
-    (b"AUTH PLAIN a b\r\n", b"-ERR too many arguments\r\n"),
-])
+@pytest.mark.parametrize(
+    "line,reply",
+    [
+        (b"AUTH\r\n", b"+OK\r\nPLAIN\r\n.\r\n"),
+        (b"AUTH CRAM-MD5\r\n", b"-ERR unsupported authentication mechanism\r\n"),
+        (b"AUTH PLAIN !!!!\r\n", b"-ERR invalid base64\r\n"),
+        (b"AUTH PLAIN AGFsaWN\r\n", b"-ERR invalid base64\r\n"),  # bad padding
+        (b"AUTH PLAIN =\r\n", b"-ERR malformed PLAIN response\r\n"),  # empty response
+        (f"AUTH PLAIN {b64('alice')}\r\n".encode(), b"-ERR malformed PLAIN response\r\n"),
+        (f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0))}\r\n".encode(), b"-ERR malformed PLAIN response\r\n"),
+        (
+            f"AUTH PLAIN {b64('root' + chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(),
+            b"-ERR authorization identity must be empty or the user name\r\n",
+        ),
+        (b"AUTH PLAIN " + base64.b64encode(b"\0\xff\0x") + b"\r\n", b"-ERR credentials are not valid UTF-8\r\n"),
+        (b"AUTH PLAIN a b\r\n", b"-ERR too many arguments\r\n"),
+    ],
+)
 def test_auth_errors(line, reply):
     ad = run_script([(line, reply), (b"STAT\r\n", b"-ERR STAT not allowed before login\r\n")])
     assert ad.auth_requests == []
 
 
 def test_auth_continuation_cancel_and_bad_base64():
-    run_script([
-        (b"AUTH PLAIN\r\n", b"+ \r\n"),
-        (b"*\r\n", b"-ERR authentication cancelled\r\n"),
-        (b"AUTH PLAIN\r\n", b"+ \r\n"),
-        (b"%%%\r\n", b"-ERR invalid base64\r\n"),
-        (b"NOOP\r\n", b"-ERR NOOP not allowed before login\r\n"),   # back in AUTHORIZATION
-    ])
+    run_script(
+        [
+            (b"AUTH PLAIN\r\n", b"+ \r\n"),
+            (b"*\r\n", b"-ERR authentication cancelled\r\n"),
+            (b"AUTH PLAIN\r\n", b"+ \r\n"),
+            (b"%%%\r\n", b"-ERR invalid base64\r\n"),
+            (b"NOOP\r\n", b"-ERR NOOP not allowed before login\r\n"),  # back in AUTHORIZATION
+        ]
+    )
 
 
 def test_in_use_is_not_a_failed_login():
     conn = make(max_failed_logins=1)
-    ad = run_script([
-        (b"USER alice\r\n", b"+OK send PASS\r\n"),
-        (b"PASS s3cret\r\n", b"-ERR [IN-USE] maildrop already locked\r\n"),
-        (b"STAT\r\n", b"-ERR STAT not allowed before login\r\n"),
-    ], conn=conn, in_use=True)
+    ad = run_script(
+        [
+            (b"USER alice\r\n", b"+OK send PASS\r\n"),
+            (b"PASS s3cret\r\n", b"-ERR [IN-USE] maildrop already locked\r\n"),
+            (b"STAT\r\n", b"-ERR STAT not allowed before login\r\n"),
+        ],
+        conn=conn,
+        in_use=True,
+    )
     assert not ad.closed and conn.state is State.AUTHORIZATION
 
 
 def test_failed_logins_close_the_connection():
-    ad = run_script([
-        (b"USER alice\r\n", b"+OK send PASS\r\n"),
-        (b"PASS wrong\r\n", b"-ERR [AUTH] invalid user name or password\r\n"),
-        (b"USER alice\r\n", b"+OK send PASS\r\n"),
-        (b"PASS wrong\r\n", b"-ERR [AUTH] invalid user name or password\r\n"),
-        (f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'nope')}\r\n".encode(),
-         b"-ERR [AUTH] too many failures\r\n[close]"),
-        (b"USER alice\r\n", b""),
-    ])
+    ad = run_script(
+        [
+            (b"USER alice\r\n", b"+OK send PASS\r\n"),
+            (b"PASS wrong\r\n", b"-ERR [AUTH] invalid user name or password\r\n"),
+            (b"USER alice\r\n", b"+OK send PASS\r\n"),
+            (b"PASS wrong\r\n", b"-ERR [AUTH] invalid user name or password\r\n"),
+            (
+                f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'nope')}\r\n".encode(),
+                b"-ERR [AUTH] too many failures\r\n[close]",
+            ),
+            (b"USER alice\r\n", b""),
+        ]
+    )
     assert [r.failed_so_far for r in ad.auth_requests] == [0, 1, 2]
     assert ad.conn.state is State.CLOSED and ad.conn.next_event() is CLOSED
 
@@ -233,43 +282,47 @@ def test_pipelined_failed_logins_stop_at_the_limit():
     chunk = b"USER alice\r\nPASS x\r\n" * 5
     assert FakeAdapter(make(max_failed_logins=2)).feed(chunk) == (
         b"+OK send PASS\r\n-ERR [AUTH] invalid user name or password\r\n"
-        b"+OK send PASS\r\n-ERR [AUTH] too many failures\r\n[close]")
+        b"+OK send PASS\r\n-ERR [AUTH] too many failures\r\n[close]"
+    )
 
 
-@pytest.mark.parametrize("before,line,reply", [
-    ([], b"STAT\r\n", b"-ERR STAT not allowed before login\r\n"),
-    ([], b"RETR 1\r\n", b"-ERR RETR not allowed before login\r\n"),
-    ([], b"NOOP\r\n", b"-ERR NOOP not allowed before login\r\n"),
-    ([], b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
-    ([b"USER alice\r\n", b"CAPA\r\n"], b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
-    ([b"USER alice\r\n", b"STAT\r\n"], b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
-    (LOGIN, b"USER alice\r\n", b"-ERR USER not allowed after login\r\n"),
-    (LOGIN, b"PASS s3cret\r\n", b"-ERR PASS not allowed after login\r\n"),
-    (LOGIN, b"AUTH PLAIN\r\n", b"-ERR AUTH not allowed after login\r\n"),
-    (LOGIN, b"STLS\r\n", b"-ERR STLS not allowed after login\r\n"),
-    ([], b"HELO x\r\n", b"-ERR unknown command\r\n"),
-    (LOGIN, b"XYZZY\r\n", b"-ERR unknown command\r\n"),
-    ([], b"\r\n", b"-ERR unknown command\r\n"),
-    ([], b"\xc3\xa9STAT\r\n", b"-ERR unknown command\r\n"),
-    ([], b"NO\x00OP\r\n", b"-ERR invalid characters in command\r\n"),
-    ([], b"NOOP\rSTAT\r\n", b"-ERR invalid characters in command\r\n"),
-    ([], b"USER\r\n", b"-ERR USER requires exactly one argument\r\n"),
-    ([], b"USER a b\r\n", b"-ERR USER requires exactly one argument\r\n"),
-    ([], b"USER \xff\r\n", b"-ERR user name is not valid UTF-8\r\n"),
-    ([b"USER alice\r\n"], b"PASS\r\n", b"-ERR PASS requires a password\r\n"),
-    ([b"USER alice\r\n"], b"PASS \xff\r\n", b"-ERR password is not valid UTF-8\r\n"),
-    ([], b"CAPA x\r\n", b"-ERR CAPA takes no arguments\r\n"),
-    (LOGIN, b"STAT 1\r\n", b"-ERR STAT takes no arguments\r\n"),
-    (LOGIN, b"NOOP 1\r\n", b"-ERR NOOP takes no arguments\r\n"),
-    (LOGIN, b"RSET 1\r\n", b"-ERR RSET takes no arguments\r\n"),
-    (LOGIN, b"QUIT now\r\n", b"-ERR QUIT takes no arguments\r\n"),
-    (LOGIN, b"LIST 1 2\r\n", b"-ERR too many arguments\r\n"),
-    (LOGIN, b"RETR\r\n", b"-ERR RETR requires one message number\r\n"),
-    (LOGIN, b"DELE 1 2\r\n", b"-ERR DELE requires one message number\r\n"),
-    (LOGIN, b"TOP 1\r\n", b"-ERR TOP requires a message number and a line count\r\n"),
-    (LOGIN, b"TOP 1 -1\r\n", b"-ERR invalid line count\r\n"),
-    (LOGIN, b"TOP 1 x\r\n", b"-ERR invalid line count\r\n"),
-])
+@pytest.mark.parametrize(
+    "before,line,reply",
+    [
+        ([], b"STAT\r\n", b"-ERR STAT not allowed before login\r\n"),
+        ([], b"RETR 1\r\n", b"-ERR RETR not allowed before login\r\n"),
+        ([], b"NOOP\r\n", b"-ERR NOOP not allowed before login\r\n"),
+        ([], b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
+        ([b"USER alice\r\n", b"CAPA\r\n"], b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
+        ([b"USER alice\r\n", b"STAT\r\n"], b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
+        (LOGIN, b"USER alice\r\n", b"-ERR USER not allowed after login\r\n"),
+        (LOGIN, b"PASS s3cret\r\n", b"-ERR PASS not allowed after login\r\n"),
+        (LOGIN, b"AUTH PLAIN\r\n", b"-ERR AUTH not allowed after login\r\n"),
+        (LOGIN, b"STLS\r\n", b"-ERR STLS not allowed after login\r\n"),
+        ([], b"HELO x\r\n", b"-ERR unknown command\r\n"),
+        (LOGIN, b"XYZZY\r\n", b"-ERR unknown command\r\n"),
+        ([], b"\r\n", b"-ERR unknown command\r\n"),
+        ([], b"\xc3\xa9STAT\r\n", b"-ERR unknown command\r\n"),
+        ([], b"NO\x00OP\r\n", b"-ERR invalid characters in command\r\n"),
+        ([], b"NOOP\rSTAT\r\n", b"-ERR invalid characters in command\r\n"),
+        ([], b"USER\r\n", b"-ERR USER requires exactly one argument\r\n"),
+        ([], b"USER a b\r\n", b"-ERR USER requires exactly one argument\r\n"),
+        ([], b"USER \xff\r\n", b"-ERR user name is not valid UTF-8\r\n"),
+        ([b"USER alice\r\n"], b"PASS\r\n", b"-ERR PASS requires a password\r\n"),
+        ([b"USER alice\r\n"], b"PASS \xff\r\n", b"-ERR password is not valid UTF-8\r\n"),
+        ([], b"CAPA x\r\n", b"-ERR CAPA takes no arguments\r\n"),
+        (LOGIN, b"STAT 1\r\n", b"-ERR STAT takes no arguments\r\n"),
+        (LOGIN, b"NOOP 1\r\n", b"-ERR NOOP takes no arguments\r\n"),
+        (LOGIN, b"RSET 1\r\n", b"-ERR RSET takes no arguments\r\n"),
+        (LOGIN, b"QUIT now\r\n", b"-ERR QUIT takes no arguments\r\n"),
+        (LOGIN, b"LIST 1 2\r\n", b"-ERR too many arguments\r\n"),
+        (LOGIN, b"RETR\r\n", b"-ERR RETR requires one message number\r\n"),
+        (LOGIN, b"DELE 1 2\r\n", b"-ERR DELE requires one message number\r\n"),
+        (LOGIN, b"TOP 1\r\n", b"-ERR TOP requires a message number and a line count\r\n"),
+        (LOGIN, b"TOP 1 -1\r\n", b"-ERR invalid line count\r\n"),
+        (LOGIN, b"TOP 1 x\r\n", b"-ERR invalid line count\r\n"),
+    ],
+)
 def test_errors_and_wrong_state(before, line, reply):
     ad = FakeAdapter(make())
     for item in before:
@@ -282,8 +335,7 @@ def test_error_keeps_transaction_state():
     run_script(LOGIN + [(b"BOGUS\r\n", b"-ERR unknown command\r\n"), (b"STAT\r\n", b"+OK 3 620\r\n")])
 
 
-BAD_NUMBERS = [b"0", b"4", b"abc", b"-1", b"+1", b"1.0", b"0x1", b"99999999999999999999999999999",
-               b"\xd9\xa1", b"\xb2"]
+BAD_NUMBERS = [b"0", b"4", b"abc", b"-1", b"+1", b"1.0", b"0x1", b"99999999999999999999999999999", b"\xd9\xa1", b"\xb2"]
 
 
 @pytest.mark.parametrize("num", BAD_NUMBERS)
@@ -305,32 +357,38 @@ def test_leading_zeros_and_extra_spaces_are_accepted():
 
 
 def test_empty_maildrop():
-    run_script(LOGIN[:1] + [
-        (b"PASS s3cret\r\n", b"+OK maildrop has 0 messages (0 octets)\r\n"),
-        (b"STAT\r\n", b"+OK 0 0\r\n"),
-        (b"LIST\r\n", b"+OK maildrop has 0 messages (0 octets)\r\n.\r\n"),
-        (b"UIDL\r\n", b"+OK\r\n.\r\n"),
-        (b"RETR 1\r\n", b"-ERR no such message\r\n"),
-    ], maildrop=[])
+    run_script(
+        LOGIN[:1]
+        + [
+            (b"PASS s3cret\r\n", b"+OK maildrop has 0 messages (0 octets)\r\n"),
+            (b"STAT\r\n", b"+OK 0 0\r\n"),
+            (b"LIST\r\n", b"+OK maildrop has 0 messages (0 octets)\r\n.\r\n"),
+            (b"UIDL\r\n", b"+OK\r\n.\r\n"),
+            (b"RETR 1\r\n", b"-ERR no such message\r\n"),
+        ],
+        maildrop=[],
+    )
 
 
 def test_maildrop_is_a_snapshot():
     drop = [M1]
     ad = run_script(LOGIN[:1] + [(b"PASS s3cret\r\n", b"+OK maildrop has 1 messages (120 octets)\r\n")], maildrop=drop)
-    drop.append(M2)   # new mail arrives after login
+    drop.append(M2)  # new mail arrives after login
     assert ad.feed(b"STAT\r\n") == b"+OK 1 120\r\n"
 
 
 # ---- line length and buffering --------------------------------------------
 
+
 def test_over_long_line():
     conn = make(max_line_length=64)
     ad = FakeAdapter(conn)
-    ok_line = b"NOOP " + b"x" * 57 + b"\r\n"          # exactly 64 octets: wrong args, but read
+    ok_line = b"NOOP " + b"x" * 57 + b"\r\n"  # exactly 64 octets: wrong args, but read
     assert len(ok_line) == 64
     assert ad.feed(ok_line) == b"-ERR NOOP not allowed before login\r\n"
     assert ad.feed(b"NOOP " + b"x" * 58 + b"\r\nCAPA x\r\n") == (
-        b"-ERR line too long\r\n-ERR CAPA takes no arguments\r\n")
+        b"-ERR line too long\r\n-ERR CAPA takes no arguments\r\n"
+    )
 
 
 def test_over_long_line_is_discarded_without_buffering():
@@ -340,15 +398,22 @@ def test_over_long_line_is_discarded_without_buffering():
     for _ in range(1000):
         out += ad.feed(b"y" * 1000)
         assert conn.buffered_bytes <= 64
-    out += ad.feed(b"STAT\r\nQUIT\r\n")   # "STAT" belongs to the over-long line
+    out += ad.feed(b"STAT\r\nQUIT\r\n")  # "STAT" belongs to the over-long line
     assert out == b"-ERR line too long\r\n+OK pop.example.org POP3 server signing off\r\n[close]"
 
 
 def test_over_long_line_cancels_sasl_and_user():
     conn = make(max_line_length=64)
-    run_script([(b"AUTH PLAIN\r\n", b"+ \r\n"), (b"A" * 100 + b"\r\n", b"-ERR line too long\r\n"),
-                (b"USER alice\r\n", b"+OK send PASS\r\n"), (b"P" * 100 + b"\r\n", b"-ERR line too long\r\n"),
-                (b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n")], conn=conn)
+    run_script(
+        [
+            (b"AUTH PLAIN\r\n", b"+ \r\n"),
+            (b"A" * 100 + b"\r\n", b"-ERR line too long\r\n"),
+            (b"USER alice\r\n", b"+OK send PASS\r\n"),
+            (b"P" * 100 + b"\r\n", b"-ERR line too long\r\n"),
+            (b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
+        ],
+        conn=conn,
+    )
 
 
 def test_too_much_pipelined_input_while_paused():
@@ -372,12 +437,13 @@ def test_eof_closes_without_update():
     ad = run_script(LOGIN + [(b"DELE 1\r\n", b"+OK message 1 deleted\r\n")], conn=conn)
     conn.receive_data(b"NOOP\r\nSTA")
     conn.receive_data(b"")
-    assert ad.pump() == b"+OK\r\n"     # the unterminated "STA" is dropped
+    assert ad.pump() == b"+OK\r\n"  # the unterminated "STA" is dropped
     assert conn.state is State.CLOSED and conn.next_event() is CLOSED
     assert not any(isinstance(e, Update) for e in ad.events)
 
 
 # ---- pipelining ------------------------------------------------------------
+
 
 def test_pipelined_commands_in_one_chunk():
     ad = FakeAdapter(make())
@@ -385,7 +451,8 @@ def test_pipelined_commands_in_one_chunk():
         b"+OK send PASS\r\n+OK maildrop has 3 messages (620 octets)\r\n+OK 3 620\r\n"
         b"+OK 200 octets\r\n[uid-2 None].\r\n+OK 120 octets\r\n[uid-1 0].\r\n+OK message 1 deleted\r\n"
         b"+OK maildrop has 2 messages (500 octets)\r\n2 200\r\n3 300\r\n.\r\n"
-        b"[update uid-1]+OK pop.example.org POP3 server signing off (2 messages left)\r\n[close]")
+        b"[update uid-1]+OK pop.example.org POP3 server signing off (2 messages left)\r\n[close]"
+    )
 
 
 def test_adapter_work_blocks_later_commands():
@@ -413,19 +480,23 @@ def test_adapter_work_blocks_later_commands():
 
 def test_adapter_misuse_raises():
     conn = make()
-    for call in (lambda: conn.auth_result(True, maildrop=[]), conn.message_sent, conn.tls_started,
-                 lambda: conn.update_result(True)):
+    for call in (
+        lambda: conn.auth_result(True, maildrop=[]),
+        conn.message_sent,
+        conn.tls_started,
+        lambda: conn.update_result(True),
+    ):
         with pytest.raises(Pop3ProtocolError):
             call()
     conn.receive_data(b"USER alice\r\nPASS s3cret\r\n")
     conn.next_event(), conn.next_event()
     with pytest.raises(Pop3ProtocolError):
-        conn.auth_result(True)                                # no maildrop
+        conn.auth_result(True)  # no maildrop
     with pytest.raises(Pop3ProtocolError):
         conn.auth_result(True, maildrop=[MaildropEntry("bad uid", 1, False)])
     with pytest.raises(Pop3ProtocolError):
-        conn.auth_result(True, maildrop=[M1, M1])             # duplicate UID
-    assert conn.state is State.AUTH_PENDING                  # still answerable
+        conn.auth_result(True, maildrop=[M1, M1])  # duplicate UID
+    assert conn.state is State.AUTH_PENDING  # still answerable
     conn.auth_result(True, maildrop=MAILDROP)
     with pytest.raises(Pop3ProtocolError):
         conn.message_sent()
@@ -435,27 +506,35 @@ def test_adapter_misuse_raises():
 
 # ---- STLS -------------------------------------------------------------------
 
+
 def test_stls_flow_and_plaintext_refused():
     refused = b"-ERR [AUTH] plaintext login refused; use STLS\r\n"
-    capa_plain = (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-                  b"PIPELINING\r\nSTLS\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n")
-    capa_tls = (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-                b"PIPELINING\r\nUSER\r\nSASL PLAIN\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n")
+    capa_plain = (
+        b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+        b"PIPELINING\r\nSTLS\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n"
+    )
+    capa_tls = (
+        b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+        b"PIPELINING\r\nUSER\r\nSASL PLAIN\r\nIMPLEMENTATION DICOM-Mail-Hub\r\n.\r\n"
+    )
     conn = make(plaintext_login_allowed=False)
-    ad = run_script([
-        (b"CAPA\r\n", capa_plain),
-        (b"USER alice\r\n", refused),
-        (b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
-        (b"AUTH PLAIN\r\n", refused),
-        (f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(), refused),
-        (b"AUTH\r\n", b"+OK\r\n.\r\n"),
-        # the injected USER after STLS (same plaintext chunk) must be discarded
-        (b"STLS\r\nUSER evil\r\n", b"+OK Begin TLS negotiation\r\n[tls]"),
-        (b"CAPA\r\n", capa_tls),
-        (b"STLS\r\n", b"-ERR TLS already active\r\n"),
-        (b"AUTH\r\n", b"+OK\r\nPLAIN\r\n.\r\n"),
-        *LOGIN,
-    ], conn=conn)
+    ad = run_script(
+        [
+            (b"CAPA\r\n", capa_plain),
+            (b"USER alice\r\n", refused),
+            (b"PASS s3cret\r\n", b"-ERR PASS must follow USER\r\n"),
+            (b"AUTH PLAIN\r\n", refused),
+            (f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode(), refused),
+            (b"AUTH\r\n", b"+OK\r\n.\r\n"),
+            # the injected USER after STLS (same plaintext chunk) must be discarded
+            (b"STLS\r\nUSER evil\r\n", b"+OK Begin TLS negotiation\r\n[tls]"),
+            (b"CAPA\r\n", capa_tls),
+            (b"STLS\r\n", b"-ERR TLS already active\r\n"),
+            (b"AUTH\r\n", b"+OK\r\nPLAIN\r\n.\r\n"),
+            *LOGIN,
+        ],
+        conn=conn,
+    )
     assert conn.tls_active and ad.auth_requests == [AuthRequest("alice", "s3cret", 0)]
     assert sum(isinstance(e, StartTls) for e in ad.events) == 1
 
@@ -469,14 +548,16 @@ def test_stls_drops_bytes_before_handshake_and_unavailable():
     conn.receive_data(b"USER evil\r\n")
     conn.tls_started()
     assert conn.next_event() is NEED_DATA and conn.state is State.AUTHORIZATION
-    run_script([(b"STLS\r\n", b"-ERR STLS not available\r\n"),
-                (b"USER a\r\n", b"-ERR [AUTH] plaintext login refused\r\n")],
-               conn=make(stls_available=False, plaintext_login_allowed=False))
+    run_script(
+        [(b"STLS\r\n", b"-ERR STLS not available\r\n"), (b"USER a\r\n", b"-ERR [AUTH] plaintext login refused\r\n")],
+        conn=make(stls_available=False, plaintext_login_allowed=False),
+    )
     capa = run_script([], conn=make(stls_available=False)).feed(b"CAPA\r\n")
     assert b"STLS" not in capa and b"USER\r\n" in capa
 
 
 # ---- dot_stuff / TopFilter ------------------------------------------------------
+
 
 def stuff_whole(msg: bytes) -> bytes:
     """Reference: a line starts after LF; each one beginning with "." gets one more."""
@@ -491,8 +572,7 @@ def stuff_chunks(chunks) -> bytes:
     return out + message_terminator(start)
 
 
-DOT_MESSAGES = [b"", b".", b"..\r\n", b"a\r\n.b\r\n..c\r\n.\r\n", b".x\r\n\r\n.\r\n.", b"no dots\r\n",
-                b"x.\r\ny\r\n."]
+DOT_MESSAGES = [b"", b".", b"..\r\n", b"a\r\n.b\r\n..c\r\n.\r\n", b".x\r\n\r\n.\r\n.", b"no dots\r\n", b"x.\r\ny\r\n."]
 
 
 @pytest.mark.parametrize("msg", DOT_MESSAGES)
@@ -501,7 +581,7 @@ def test_dot_stuff_every_split(msg):
     for i in range(len(msg) + 1):
         for j in range(i, len(msg) + 1):
             assert stuff_chunks([msg[:i], msg[i:j], msg[j:]]) == expected
-    assert stuff_chunks([msg[k:k + 1] for k in range(len(msg))]) == expected
+    assert stuff_chunks([msg[k : k + 1] for k in range(len(msg))]) == expected
 
 
 def test_dot_stuff_examples():
@@ -551,17 +631,20 @@ def test_top_filter_every_split(n):
         for j in range(i, len(MSG) + 1):
             out, done = top_chunks(n, [MSG[:i], MSG[i:j], MSG[j:]])
             assert out == TOP_EXPECTED[n], (i, j)
-            assert done == (n <= 4)   # MSG has 4 body lines; n=4 finishes on the last LF
-    assert top_chunks(n, [MSG[k:k + 1] for k in range(len(MSG))])[0] == TOP_EXPECTED[n]
+            assert done == (n <= 4)  # MSG has 4 body lines; n=4 finishes on the last LF
+    assert top_chunks(n, [MSG[k : k + 1] for k in range(len(MSG))])[0] == TOP_EXPECTED[n]
 
 
-@pytest.mark.parametrize("msg,n,expected,done", [
-    (b"A: b\n\nbody1\nbody2\n", 1, b"A: b\n\nbody1\n", True),          # LF-only message
-    (b"A: b\r\nC: d\r\n", 0, b"A: b\r\nC: d\r\n", False),              # no body at all
-    (b"\r\nbody\r\nmore\r\n", 1, b"\r\nbody\r\n", True),              # no header at all
-    (b"A: b\r\n\r\nlast line no CRLF", 5, b"A: b\r\n\r\nlast line no CRLF", False),
-    (b"A: \r\r\n\r\nx\r\n", 0, b"A: \r\r\n\r\n", True),                # CR inside a header line
-])
+@pytest.mark.parametrize(
+    "msg,n,expected,done",
+    [
+        (b"A: b\n\nbody1\nbody2\n", 1, b"A: b\n\nbody1\n", True),  # LF-only message
+        (b"A: b\r\nC: d\r\n", 0, b"A: b\r\nC: d\r\n", False),  # no body at all
+        (b"\r\nbody\r\nmore\r\n", 1, b"\r\nbody\r\n", True),  # no header at all
+        (b"A: b\r\n\r\nlast line no CRLF", 5, b"A: b\r\n\r\nlast line no CRLF", False),
+        (b"A: \r\r\n\r\nx\r\n", 0, b"A: \r\r\n\r\n", True),  # CR inside a header line
+    ],
+)
 def test_top_filter_cases(msg, n, expected, done):
     for i in range(len(msg) + 1):
         assert top_chunks(n, [msg[:i], msg[i:]]) == (expected, done)
@@ -584,8 +667,12 @@ def top_reference(msg: bytes, n: int) -> bytes:
     return msg if keep > len(lines) - 1 else b"\n".join(lines[:keep]) + b"\n"
 
 
-@given(st.lists(st.sampled_from([b"A: b", b"", b"\r", b"x\r", b".", b"body"]), max_size=12),
-       st.sampled_from([b"\n", b"\r\n"]), st.integers(0, 6), st.lists(st.integers(0, 120), max_size=6))
+@given(
+    st.lists(st.sampled_from([b"A: b", b"", b"\r", b"x\r", b".", b"body"]), max_size=12),
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.integers(0, 6),
+    st.lists(st.integers(0, 120), max_size=6),
+)
 def test_top_filter_property(lines, eol, n, cuts):
     msg = eol.join(lines)
     f, out = TopFilter(n), b""
@@ -596,17 +683,56 @@ def test_top_filter_property(lines, eol, n, cuts):
 
 def test_every_command_in_the_table_has_a_handler():
     verbs = {trigger for (_, trigger) in pop3_protocol._TRANSITIONS if trigger.isalpha()}
-    assert verbs == {"CAPA", "USER", "PASS", "AUTH", "STLS", "QUIT", "STAT", "LIST", "UIDL",
-                     "RETR", "TOP", "DELE", "RSET", "NOOP"}
+    assert verbs == {
+        "CAPA",
+        "USER",
+        "PASS",
+        "AUTH",
+        "STLS",
+        "QUIT",
+        "STAT",
+        "LIST",
+        "UIDL",
+        "RETR",
+        "TOP",
+        "DELE",
+        "RSET",
+        "NOOP",
+    }
     for verb in verbs:
         assert callable(getattr(make(), "_cmd_" + verb.lower()))
 
 
 # ---- property tests: never raise, always +OK/-ERR ----------------------------------
 
-TOKENS = [b"USER alice", b"PASS s3cret", b"PASS bad", b"AUTH PLAIN", b"AUTH", b"*", b"STLS", b"CAPA",
-          b"STAT", b"LIST", b"LIST 1", b"UIDL 2", b"RETR 1", b"TOP 1 0", b"DELE 1", b"DELE 9", b"RSET",
-          b"NOOP", b"QUIT", b"AGFsaWNlAHMzY3JldA==", b"\r\n", b"\n", b"\r", b" ", b"\x00", b"x" * 300]
+TOKENS = [
+    b"USER alice",
+    b"PASS s3cret",
+    b"PASS bad",
+    b"AUTH PLAIN",
+    b"AUTH",
+    b"*",
+    b"STLS",
+    b"CAPA",
+    b"STAT",
+    b"LIST",
+    b"LIST 1",
+    b"UIDL 2",
+    b"RETR 1",
+    b"TOP 1 0",
+    b"DELE 1",
+    b"DELE 9",
+    b"RSET",
+    b"NOOP",
+    b"QUIT",
+    b"AGFsaWNlAHMzY3JldA==",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\x00",
+    b"x" * 300,
+]
 
 
 def drive(conn, chunks):
@@ -641,27 +767,53 @@ def drive(conn, chunks):
 def chunked(data, cuts):
     cuts = sorted(min(c, len(data)) for c in cuts)
     chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
-    return [c for c in chunks if c]   # b"" would mean EOF
+    return [c for c in chunks if c]  # b"" would mean EOF
 
 
 input_bytes = st.lists(st.one_of(st.binary(max_size=40), st.sampled_from(TOKENS)), max_size=40).map(b"".join)
 
 
 @settings(max_examples=300, deadline=None)
-@given(input_bytes, st.lists(st.integers(0, 2000), max_size=30), st.booleans(), st.booleans(),
-       st.sampled_from([64, 100, 1024]))
+@given(
+    input_bytes,
+    st.lists(st.integers(0, 2000), max_size=30),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([64, 100, 1024]),
+)
 def test_random_input_never_raises(data, cuts, stls, plaintext, max_line):
-    conn = make(stls_available=stls, plaintext_login_allowed=plaintext, max_line_length=max_line,
-                max_buffered_bytes=4096)
+    conn = make(
+        stls_available=stls, plaintext_login_allowed=plaintext, max_line_length=max_line, max_buffered_bytes=4096
+    )
     replies = drive(conn, chunked(data, cuts) + [b""])
     for r in replies:
         assert r.startswith((b"+OK", b"-ERR", b"+ \r\n")) and r.endswith(b"\r\n"), r
     assert conn.next_event() is CLOSED
 
 
-LINES = [b"USER alice", b"PASS s3cret", b"PASS bad", b"AUTH PLAIN", b"AUTH", b"*", b"CAPA", b"STAT",
-         b"LIST", b"LIST 7", b"UIDL", b"RETR 1", b"TOP 2 1", b"DELE 1", b"DELE 2", b"RSET", b"noop",
-         b"QUIT", b"FOO", b"", b"x" * 90]
+LINES = [
+    b"USER alice",
+    b"PASS s3cret",
+    b"PASS bad",
+    b"AUTH PLAIN",
+    b"AUTH",
+    b"*",
+    b"CAPA",
+    b"STAT",
+    b"LIST",
+    b"LIST 7",
+    b"UIDL",
+    b"RETR 1",
+    b"TOP 2 1",
+    b"DELE 1",
+    b"DELE 2",
+    b"RSET",
+    b"noop",
+    b"QUIT",
+    b"FOO",
+    b"",
+    b"x" * 90,
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -681,12 +833,20 @@ def test_one_reply_per_line(lines, cuts):
 
 
 def test_a_damaged_message_is_refused_before_any_byte_and_can_be_deleted():
-    ad = run_script(LOGIN + [
-        (b"RETR 2\r\n", b"-ERR [SYS/PERM] message 2 is damaged on the server (cut\x07 short); delete it\r\n"
-                         .replace(b"\x07", b"")),
-        (b"TOP 2 0\r\n", b"-ERR [SYS/PERM] message 2 is damaged on the server (cut short); delete it\r\n"),
-        (b"RETR 1\r\n", b"+OK 120 octets\r\n[uid-1 None].\r\n"),
-        (b"DELE 2\r\n", b"+OK message 2 deleted\r\n"),
-    ], damaged={"uid-2": "cut\x07 short"})
+    ad = run_script(
+        LOGIN
+        + [
+            (
+                b"RETR 2\r\n",
+                b"-ERR [SYS/PERM] message 2 is damaged on the server (cut\x07 short); delete it\r\n".replace(
+                    b"\x07", b""
+                ),
+            ),
+            (b"TOP 2 0\r\n", b"-ERR [SYS/PERM] message 2 is damaged on the server (cut short); delete it\r\n"),
+            (b"RETR 1\r\n", b"+OK 120 octets\r\n[uid-1 None].\r\n"),
+            (b"DELE 2\r\n", b"+OK message 2 deleted\r\n"),
+        ],
+        damaged={"uid-2": "cut\x07 short"},
+    )
     assert [e.entry.uid for e in ad.events if isinstance(e, SendMessage)] == ["uid-1"]
     assert ad.conn.state is State.TRANSACTION

@@ -34,7 +34,7 @@ from pop3util import (
     unstuff,
 )
 
-CHUNK = 1024 * 1024   # relay.pop3.server.CHUNK: dot lines are placed around its multiples
+CHUNK = 1024 * 1024  # relay.pop3.server.CHUNK: dot lines are placed around its multiples
 
 
 def pop(hub, user: str = "beta", port: int | None = None) -> poplib.POP3:
@@ -68,6 +68,7 @@ def wait_for(predicate, timeout: float = 10.0):
 
 def login_when_free(hub, user: str = "beta") -> RawPop3:
     """Log in, retrying while the server has not yet noticed that the previous session ended."""
+
     def attempt():
         client = RawPop3(hub.ports["pop3"])
         client.command(f"USER {user}")
@@ -77,6 +78,7 @@ def login_when_free(hub, user: str = "beta") -> RawPop3:
         assert b"[IN-USE]" in reply, reply
         client.close()
         return None
+
     client = wait_for(attempt)
     assert client, "mailbox still locked"
     return client
@@ -97,6 +99,7 @@ def linger_reset(sock: socket.socket) -> None:
 
 # ---- greeting, CAPA, login ---------------------------------------------------------------------
 
+
 def test_greeting_and_capabilities_before_and_after_login(hub):
     client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
     assert client.getwelcome() == b"+OK hub.test POP3 server ready"
@@ -104,7 +107,7 @@ def test_greeting_and_capabilities_before_and_after_login(hub):
     for cap in ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "USER"):
         assert cap in caps, caps
     assert caps["SASL"] == ["PLAIN"] and caps["IMPLEMENTATION"] == ["DICOM-Mail-Hub"]
-    assert "STLS" not in caps   # no certificate configured
+    assert "STLS" not in caps  # no certificate configured
     client.user("beta")
     assert client.pass_(PASSWORD) == b"+OK maildrop has 0 messages (0 octets)"
     caps = client.capa()
@@ -137,14 +140,16 @@ def test_failed_logins_are_slowed_down_then_the_connection_is_closed(make_hub):
     hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_AUTH_FAILURE_DELAY="0.1").start()
     client = raw(hub, user=None)
     durations = []
-    for password, expected in (("wrong1", b"-ERR [AUTH] invalid user name or password\r\n"),
-                               ("wrong2", b"-ERR [AUTH] invalid user name or password\r\n"),
-                               ("wrong3", b"-ERR [AUTH] too many failures\r\n")):
+    for password, expected in (
+        ("wrong1", b"-ERR [AUTH] invalid user name or password\r\n"),
+        ("wrong2", b"-ERR [AUTH] invalid user name or password\r\n"),
+        ("wrong3", b"-ERR [AUTH] too many failures\r\n"),
+    ):
         assert client.command("USER beta") == b"+OK send PASS\r\n"
         started = time.monotonic()
         assert client.command(f"PASS {password}") == expected
         durations.append(time.monotonic() - started)
-    assert client.rest() == b""   # closed by the server
+    assert client.rest() == b""  # closed by the server
     assert durations[0] >= 0.05 and durations[1] >= 0.1 and durations[2] >= 0.15, durations
     # An unknown name gets the same reply as a wrong password (no probing for site names).
     client = raw(hub, user=None)
@@ -159,19 +164,20 @@ def test_a_second_session_on_a_mailbox_gets_in_use_and_any_close_releases_it(hub
     second = raw(hub, user=None)
     second.command("USER beta")
     assert second.command(f"PASS {PASSWORD}") == b"-ERR [IN-USE] maildrop already locked\r\n"
-    second.command("USER beta")   # without the right password the lock is not revealed
+    second.command("USER beta")  # without the right password the lock is not revealed
     assert second.command("PASS wrong") == b"-ERR [AUTH] invalid user name or password\r\n"
-    other = raw(hub, user="alpha")   # another site's mailbox is independent
+    other = raw(hub, user="alpha")  # another site's mailbox is independent
     assert other.command("QUIT").startswith(b"+OK")
     linger_reset(first.sock)
-    first.close()   # abrupt end, no QUIT
+    first.close()  # abrupt end, no QUIT
     login_when_free(hub).command("QUIT")
-    third = raw(hub)   # QUIT released it at once
+    third = raw(hub)  # QUIT released it at once
     assert third.command("QUIT").startswith(b"+OK")
     assert_no_traceback(hub)
 
 
 # ---- transaction commands ----------------------------------------------------------------------
+
 
 def test_stat_list_uidl_describe_the_stored_mailbox(hub):
     qids = [send(hub, ["beta@hub.test"], make_message(2000 + 700 * i, subject=f"m{i}")) for i in range(3)]
@@ -187,7 +193,7 @@ def test_stat_list_uidl_describe_the_stored_mailbox(hub):
     assert client.uidl(3) == b"+OK " + uids[2]
     assert client.noop() == b"+OK"
     client.quit()
-    client = pop(hub)   # UIDs are stable across sessions
+    client = pop(hub)  # UIDs are stable across sessions
     assert client.uidl()[1] == uids
     client.quit()
 
@@ -230,8 +236,8 @@ def test_a_dot_after_a_bare_lf_is_stuffed_too(hub):
     for transfer in (b"DATA\r\n", b"BDAT %d LAST\r\n" % len(message)):
         assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
         assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
-        if transfer.startswith(b"DATA"):   # stuffed as SMTP wants it: after CRLF only (smtplib would
-            assert client.command("DATA").startswith(b"354")   # also stuff after the bare LF)
+        if transfer.startswith(b"DATA"):  # stuffed as SMTP wants it: after CRLF only (smtplib would
+            assert client.command("DATA").startswith(b"354")  # also stuff after the bare LF)
             client.send(dot_stuff_bytes(message))
         else:
             client.send(transfer + message)
@@ -242,7 +248,7 @@ def test_a_dot_after_a_bare_lf_is_stuffed_too(hub):
     for n in (1, 2):
         # poplib joins its lines with CRLF: the bare LF comes back as a line end of its own
         assert strip_trace(retr(client, n)) == message.replace(b"3\n.", b"3\r\n.")
-    client.quit()   # in step: nothing of the message was left to be read as a reply
+    client.quit()  # in step: nothing of the message was left to be read as a reply
 
 
 def test_lines_starting_with_a_dot_are_stuffed_on_the_wire_and_come_back_exact(hub):
@@ -263,15 +269,15 @@ def test_lines_starting_with_a_dot_are_stuffed_on_the_wire_and_come_back_exact(h
     assert dot_lines == 1
     stored = hub.stored(qid)
     for target in targets:
-        assert stored[target - 2:target + 4] == b"\r\n.dot", target
+        assert stored[target - 2 : target + 4] == b"\r\n.dot", target
 
     client = raw(hub)
     assert client.command("RETR 2") == f"+OK {len(stored)} octets\r\n".encode()
     wire = client.block()
-    assert wire == stored.replace(b"\n.", b"\n..")   # every line-leading dot doubled, nothing else
+    assert wire == stored.replace(b"\n.", b"\n..")  # every line-leading dot doubled, nothing else
     assert unstuff(wire) == stored and strip_trace(unstuff(wire)) == message
     client.command("QUIT")
-    assert strip_trace(retr(pop(hub), 2)) == message   # and poplib agrees
+    assert strip_trace(retr(pop(hub), 2)) == message  # and poplib agrees
 
 
 def _bdat(hub, message: bytes) -> str:
@@ -293,15 +299,16 @@ def test_a_message_not_ending_in_crlf_gets_one_before_the_terminator(hub):
     dotted = b"Subject: dots, no final newline\r\n\r\n.dot line\r\n.last"
     stored = [hub.stored(_bdat(hub, m)) for m in (plain, dotted)]
     client = raw(hub)
-    for n, blob in enumerate(stored, 1):   # the first goes by sendfile, the second is copied
+    for n, blob in enumerate(stored, 1):  # the first goes by sendfile, the second is copied
         assert client.command(f"RETR {n}") == f"+OK {len(blob)} octets\r\n".encode()
         assert client.block() == blob.replace(b"\n.", b"\n..") + b"\r\n"
     client.command("QUIT")
 
 
 def test_top_sends_the_header_and_the_first_body_lines(hub):
-    message = (b"From: alpha@hub.test\r\nSubject: top\r\n\r\nline 1\r\n.line 2 with a dot\r\nline 3\r\n"
-               + b"z" * 76 + b"\r\n") + make_message(2 * CHUNK).split(b"\r\n\r\n", 1)[1]
+    message = (
+        b"From: alpha@hub.test\r\nSubject: top\r\n\r\nline 1\r\n.line 2 with a dot\r\nline 3\r\n" + b"z" * 76 + b"\r\n"
+    ) + make_message(2 * CHUNK).split(b"\r\n\r\n", 1)[1]
     blob = hub.stored(send(hub, ["beta@hub.test"], message))
     head_end = blob.index(b"\r\n\r\n") + 4
     lines = blob[head_end:].split(b"\r\n")
@@ -311,7 +318,7 @@ def test_top_sends_the_header_and_the_first_body_lines(hub):
         expected = blob[:head_end] + b"".join(line + b"\r\n" for line in lines[:n])
         assert client.block() == expected.replace(b"\n.", b"\n..")
     assert client.command("TOP 1 99999999").startswith(b"+OK")
-    assert unstuff(client.block()) == blob   # more lines than the message has: all of it
+    assert unstuff(client.block()) == blob  # more lines than the message has: all of it
     client.command("QUIT")
     p = pop(hub)
     _, top_lines, _ = p.top(1, 2)
@@ -334,7 +341,7 @@ def test_dele_rset_and_deletion_only_in_the_update_state(hub):
     assert client.command("RSET").startswith(b"+OK maildrop has 3 messages")
     client.command("DELE 2")
     client.command("DELE 3")
-    client.close()   # no QUIT: no UPDATE, nothing deleted
+    client.close()  # no QUIT: no UPDATE, nothing deleted
 
     client = login_when_free(hub)
     assert client.command("STAT").startswith(b"+OK 3 ")
@@ -356,41 +363,43 @@ def test_bad_input_gets_err_replies_and_never_a_traceback(hub):
     send(hub, ["beta@hub.test"], make_message(1000))
     client = raw(hub, user=None)
     for line, reply in (
-            ("FOO", b"-ERR unknown command"),
-            ("", b"-ERR unknown command"),
-            ("STAT", b"-ERR STAT not allowed before login"),
-            ("RETR 1", b"-ERR RETR not allowed before login"),
-            ("PASS x", b"-ERR PASS must follow USER"),
-            ("USER", b"-ERR USER requires exactly one argument"),
-            ("CAPA x", b"-ERR CAPA takes no arguments"),
-            ("STLS", b"-ERR STLS not available"),
-            (b"NO\x00OP", b"-ERR invalid characters in command"),
-            (b"USER \xff\xfe", b"-ERR user name is not valid UTF-8"),
-            (b"NOOP " + b"x" * 5000, b"-ERR line too long")):
+        ("FOO", b"-ERR unknown command"),
+        ("", b"-ERR unknown command"),
+        ("STAT", b"-ERR STAT not allowed before login"),
+        ("RETR 1", b"-ERR RETR not allowed before login"),
+        ("PASS x", b"-ERR PASS must follow USER"),
+        ("USER", b"-ERR USER requires exactly one argument"),
+        ("CAPA x", b"-ERR CAPA takes no arguments"),
+        ("STLS", b"-ERR STLS not available"),
+        (b"NO\x00OP", b"-ERR invalid characters in command"),
+        (b"USER \xff\xfe", b"-ERR user name is not valid UTF-8"),
+        (b"NOOP " + b"x" * 5000, b"-ERR line too long"),
+    ):
         assert client.command(line) == reply + b"\r\n", line
     assert client.login("beta").startswith(b"+OK maildrop has 1 messages")
     for line, reply in (
-            ("USER beta", b"-ERR USER not allowed after login"),
-            ("AUTH PLAIN", b"-ERR AUTH not allowed after login"),
-            ("RETR 0", b"-ERR no such message"),
-            ("RETR 2", b"-ERR no such message"),
-            ("RETR x", b"-ERR no such message"),
-            ("RETR -1", b"-ERR no such message"),
-            ("RETR 99999999999999999999999", b"-ERR no such message"),
-            ("RETR", b"-ERR RETR requires one message number"),
-            ("RETR 1 2", b"-ERR RETR requires one message number"),
-            ("TOP 1", b"-ERR TOP requires a message number and a line count"),
-            ("TOP 1 x", b"-ERR invalid line count"),
-            ("TOP 9 1", b"-ERR no such message"),
-            ("LIST 9", b"-ERR no such message"),
-            ("UIDL 0", b"-ERR no such message"),
-            ("DELE 9", b"-ERR no such message"),
-            ("STAT 1", b"-ERR STAT takes no arguments"),
-            ("LIST 1 2", b"-ERR too many arguments"),
-            ("QUIT now", b"-ERR QUIT takes no arguments"),
-            (b"x" * 100_000, b"-ERR line too long")):
+        ("USER beta", b"-ERR USER not allowed after login"),
+        ("AUTH PLAIN", b"-ERR AUTH not allowed after login"),
+        ("RETR 0", b"-ERR no such message"),
+        ("RETR 2", b"-ERR no such message"),
+        ("RETR x", b"-ERR no such message"),
+        ("RETR -1", b"-ERR no such message"),
+        ("RETR 99999999999999999999999", b"-ERR no such message"),
+        ("RETR", b"-ERR RETR requires one message number"),
+        ("RETR 1 2", b"-ERR RETR requires one message number"),
+        ("TOP 1", b"-ERR TOP requires a message number and a line count"),
+        ("TOP 1 x", b"-ERR invalid line count"),
+        ("TOP 9 1", b"-ERR no such message"),
+        ("LIST 9", b"-ERR no such message"),
+        ("UIDL 0", b"-ERR no such message"),
+        ("DELE 9", b"-ERR no such message"),
+        ("STAT 1", b"-ERR STAT takes no arguments"),
+        ("LIST 1 2", b"-ERR too many arguments"),
+        ("QUIT now", b"-ERR QUIT takes no arguments"),
+        (b"x" * 100_000, b"-ERR line too long"),
+    ):
         assert client.command(line) == reply + b"\r\n", line
-    assert client.command("noop") == b"+OK\r\n"   # the session goes on; verbs are case-insensitive
+    assert client.command("noop") == b"+OK\r\n"  # the session goes on; verbs are case-insensitive
     assert client.command("QUIT").startswith(b"+OK")
     assert_no_traceback(hub)
 
@@ -422,7 +431,7 @@ def test_the_maildrop_is_a_snapshot_taken_at_login(hub):
     client.dele(1)
     client.quit()
     client = pop(hub)
-    assert client.stat()[0] == 1 and strip_trace(retr(client, 1)) == later   # arrived during, kept
+    assert client.stat()[0] == 1 and strip_trace(retr(client, 1)) == later  # arrived during, kept
     client.quit()
 
 
@@ -438,28 +447,35 @@ def test_sites_cannot_see_or_delete_each_others_mail(hub):
     assert beta.stat()[0] == 2
     assert [strip_trace(retr(beta, n)) for n in (1, 2)] == [to_beta, to_both]
     with pytest.raises(poplib.error_proto):
-        beta.dele(3)   # alpha's own mail has no number in beta's maildrop
+        beta.dele(3)  # alpha's own mail has no number in beta's maildrop
     beta.dele(1)
     beta.dele(2)
     beta.quit()
-    assert not released(shared)   # alpha still refers to the single stored copy
+    assert not released(shared)  # alpha still refers to the single stored copy
 
     alpha = pop(hub, "alpha")
     assert alpha.stat()[0] == 2
     assert [strip_trace(retr(alpha, n)) for n in (1, 2)] == [to_alpha, to_both]
     alpha.dele(2)
     alpha.quit()
-    assert released(shared)   # the last reference went: the bytes are freed
+    assert released(shared)  # the last reference went: the bytes are freed
     assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]
 
 
 # ---- download totals ---------------------------------------------------------------------------
 
+
 def test_download_totals_are_recorded_per_site_and_shown(hub):
     blobs = [hub.stored(send(hub, ["beta@hub.test"], make_message(s))) for s in (4000, 90_000)]
     header_size = blobs[0].index(b"\r\n\r\n") + 4
-    assert site_json(hub, "beta")["downloads"] == {"sessions": 0, "messages": 0, "bytes": 0, "send_seconds": 0.0,
-                                                   "first_poll_at": None, "last_poll_at": None}
+    assert site_json(hub, "beta")["downloads"] == {
+        "sessions": 0,
+        "messages": 0,
+        "bytes": 0,
+        "send_seconds": 0.0,
+        "first_poll_at": None,
+        "last_poll_at": None,
+    }
     before = time.time()
     client = pop(hub)
     retr(client, 1)
@@ -473,12 +489,12 @@ def test_download_totals_are_recorded_per_site_and_shown(hub):
     assert d["first_poll_at"] == d["last_poll_at"]
     assert abs(time.mktime(time.strptime(d["last_poll_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone - before) < 5
 
-    client = raw(hub)   # a session that ends without QUIT is counted too
+    client = raw(hub)  # a session that ends without QUIT is counted too
     client.retr(1)
     client.close()
     d = wait_for(lambda: (lambda d: d if d["sessions"] == 2 else None)(site_json(hub, "beta")["downloads"]))
     assert d and (d["messages"], d["bytes"]) == (3, len(blobs[0]) + 2 * len(blobs[1]) + header_size)
-    assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]   # nothing deleted by that one
+    assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]  # nothing deleted by that one
 
     text = hub.cli("site", "show", "beta").stdout
     assert re.search(r"^downloads: 3 mail\(s\), .* in 2 session\(s\), .*/s while sending$", text, re.M), text
@@ -489,11 +505,16 @@ def test_download_totals_are_recorded_per_site_and_shown(hub):
 
 # ---- TLS ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def tls_hub(make_hub, tmp_path):
     cert, key = make_cert(tmp_path)
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
-                   MAILHUB_POP3_POP3S_LISTEN="127.0.0.1:0")
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_TLS_CERT_FILE=str(cert),
+        MAILHUB_TLS_KEY_FILE=str(key),
+        MAILHUB_POP3_POP3S_LISTEN="127.0.0.1:0",
+    )
     hub.start()
     hub.client_context = ssl.create_default_context(cafile=str(cert))
     return hub
@@ -514,7 +535,7 @@ def test_stls_upgrades_the_session_and_messages_come_through_exact(tls_hub):
     client.pass_(PASSWORD)
     assert [strip_trace(retr(client, n)) for n in (1, 2, 3)] == sent
     client.quit()
-    line = wait_for(lambda: re.search(r" retrieved=3 .* direct=0 ", hub.log_text()))   # TLS: copied
+    line = wait_for(lambda: re.search(r" retrieved=3 .* direct=0 ", hub.log_text()))  # TLS: copied
     assert line, hub.log_text()[-2000:]
     assert_no_traceback(hub)
 
@@ -523,7 +544,7 @@ def test_commands_pipelined_behind_stls_are_discarded(tls_hub):
     hub = tls_hub
     sock = socket.create_connection(("127.0.0.1", hub.ports["pop3"]), timeout=30)
     sock.recv(1000)
-    sock.sendall(b"STLS\r\nUSER beta\r\n")   # injected before the handshake (RFC 2595 sec. 4)
+    sock.sendall(b"STLS\r\nUSER beta\r\n")  # injected before the handshake (RFC 2595 sec. 4)
     assert sock.recv(1000) == b"+OK Begin TLS negotiation\r\n"
     tls = hub.client_context.wrap_socket(sock, server_hostname="localhost")
     tls.sendall(f"PASS {PASSWORD}\r\n".encode())
@@ -550,8 +571,9 @@ def test_plaintext_login_is_refused_off_loopback_unless_tls_or_allowed(make_hub,
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
     cert, key = make_cert(tmp_path)
-    hub = make_hub(sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key),
-                   MAILHUB_POP3_LISTEN=f"{ip}:0")
+    hub = make_hub(
+        sites=BETA, MAILHUB_TLS_CERT_FILE=str(cert), MAILHUB_TLS_KEY_FILE=str(key), MAILHUB_POP3_LISTEN=f"{ip}:0"
+    )
     hub.start()
     client = RawPop3(hub.ports["pop3"], host=ip)
     assert client.command("CAPA") == b"+OK Capability list follows\r\n"
@@ -562,7 +584,7 @@ def test_plaintext_login_is_refused_off_loopback_unless_tls_or_allowed(make_hub,
     client.close()
     p = poplib.POP3(ip, hub.ports["pop3"], timeout=30)
     context = ssl.create_default_context(cafile=str(cert))
-    context.check_hostname = False   # the certificate names 127.0.0.1, not this address
+    context.check_hostname = False  # the certificate names 127.0.0.1, not this address
     p.stls(context)
     p.user("beta")
     assert p.pass_(PASSWORD).startswith(b"+OK")
@@ -578,12 +600,13 @@ def test_plaintext_login_is_refused_off_loopback_unless_tls_or_allowed(make_hub,
 
 # ---- limits ------------------------------------------------------------------------------------
 
+
 def test_idle_sessions_are_closed_without_reply_and_release_the_mailbox(make_hub):
     hub = make_hub(sites=BETA, MAILHUB_POP3_IDLE_TIMEOUT="1")
     hub.start()
     client = raw(hub)
     started = time.monotonic()
-    assert client.rest(timeout=10) == b""   # RFC 1939: close without a response
+    assert client.rest(timeout=10) == b""  # RFC 1939: close without a response
     assert 0.9 < time.monotonic() - started < 5
     login_when_free(hub).command("QUIT")
     assert "outcome=idle timeout" in hub.log_text()
@@ -604,13 +627,13 @@ def test_connections_over_the_limit_are_refused(make_hub):
 def test_a_client_that_stops_reading_mid_message_is_dropped(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_POP3_IDLE_TIMEOUT="1")
     hub.start()
-    plain = make_message(12 * CHUNK)   # more than the socket buffers on both sides hold
+    plain = make_message(12 * CHUNK)  # more than the socket buffers on both sides hold
     dotted = make_message(12 * CHUNK) + b".dot\r\n"
     send(hub, ["beta@hub.test"], plain)
     send(hub, ["beta@hub.test"], dotted)
-    for n in (1, 2):   # sendfile worker, then the copying path
+    for n in (1, 2):  # sendfile worker, then the copying path
         client = raw(hub, rcvbuf=65536)
-        client.send(f"RETR {n}\r\n".encode())   # then read nothing
+        client.send(f"RETR {n}\r\n".encode())  # then read nothing
         assert wait_for(lambda: hub.log_text().count("outcome=idle timeout") >= n), hub.log_text()[-2000:]
         client.close()
     client = login_when_free(hub)
@@ -630,7 +653,7 @@ def test_a_client_vanishing_mid_message_leaves_the_hub_healthy(hub):
         linger_reset(client.sock)
         client.close()
     client = login_when_free(hub)
-    assert client.retr(1) == client.retr(1)   # twice in one session, same bytes
+    assert client.retr(1) == client.retr(1)  # twice in one session, same bytes
     client.command("QUIT")
     assert_no_traceback(hub)
 
@@ -642,7 +665,7 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_h
     send(hub, ["beta@hub.test"], make_message(100 * CHUNK) + b".dot\r\n")
     status = f"/proc/{hub.proc.pid}/status"
     with open(f"/proc/{hub.proc.pid}/clear_refs", "w") as f:
-        f.write("5")   # reset the peak (VmHWM) to the current RSS
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
     client = raw(hub)
     sizes = [len(client.retr(n)) for n in (1, 2)]
     client.command("QUIT")
@@ -651,11 +674,12 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_h
     rss_mb = int(fields["VmRSS"].split()[0]) / 1024
     assert min(sizes) > 100 * CHUNK
     assert peak_mb < rss_mb + 40, (peak_mb, rss_mb)
-    line = wait_for(lambda: re.search(r" retrieved=2 .* direct=1 ", hub.log_text()))   # the first only
+    line = wait_for(lambda: re.search(r" retrieved=2 .* direct=1 ", hub.log_text()))  # the first only
     assert line, hub.log_text()[-2000:]
 
 
 # ---- shutdown and crashes ----------------------------------------------------------------------
+
 
 def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(process_hub):
     hub = process_hub
@@ -697,7 +721,7 @@ def test_a_crash_between_the_delete_commit_and_the_unlink_leaves_no_orphan(proce
     gone_blob, kept_blob = blob_path(hub, gone), blob_path(hub, kept)
     hub.kill()
     conn = hub.db()
-    conn.execute("DELETE FROM mailbox WHERE queue_id = ?", (gone,))   # what the UPDATE commits
+    conn.execute("DELETE FROM mailbox WHERE queue_id = ?", (gone,))  # what the UPDATE commits
     conn.commit()
     conn.close()
     assert hub.query("SELECT count(*) FROM blob_trash") == [(1,)] and gone_blob.exists()
@@ -725,7 +749,7 @@ def test_sessions_and_ingest_run_concurrently_without_losing_or_duplicating_mail
                 message = make_message(5000 + i, subject=f"{site}-{i}")
                 send(hub, [f"{other}@hub.test"], message, login=site)
                 sent[other].append(message)
-        except Exception as exc:   # pragma: no cover - reported below
+        except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     def poller(site: str):
@@ -741,11 +765,13 @@ def test_sessions_and_ingest_run_concurrently_without_losing_or_duplicating_mail
                 client.close()
                 if done:
                     return
-        except Exception as exc:   # pragma: no cover - reported below
+        except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=sender, args=("alpha", "beta")),
-               threading.Thread(target=sender, args=("beta", "alpha"))]
+    threads = [
+        threading.Thread(target=sender, args=("alpha", "beta")),
+        threading.Thread(target=sender, args=("beta", "alpha")),
+    ]
     pollers = [threading.Thread(target=poller, args=(s,)) for s in ("alpha", "beta")]
     for t in threads + pollers:
         t.start()

@@ -10,9 +10,13 @@ from relay.outbound.routes import Route, parse_routes, route_for
 
 
 def test_routes_match_the_most_specific_domain_then_the_default():
-    routes = parse_routes([{"domain": "Example.ORG", "host": "mx1", "port": 2525},
-                           {"domain": "deep.example.org", "host": "mx2"},
-                           {"domain": "*", "host": "smarthost", "tls": "required", "max_connections": 3}])
+    routes = parse_routes(
+        [
+            {"domain": "Example.ORG", "host": "mx1", "port": 2525},
+            {"domain": "deep.example.org", "host": "mx2"},
+            {"domain": "*", "host": "smarthost", "tls": "required", "max_connections": 3},
+        ]
+    )
     assert route_for(routes, "a@example.org").host == "mx1"
     assert route_for(routes, "a@sub.EXAMPLE.org").host == "mx1"
     assert route_for(routes, "a@x.deep.example.org").host == "mx2"
@@ -20,23 +24,28 @@ def test_routes_match_the_most_specific_domain_then_the_default():
     assert route_for(routes[:2], "a@other.test") is None
     assert route_for(routes, "postmaster") is None and route_for(routes, "@x.test") is None
     assert routes[0] == Route("example.org", "mx1", 2525) and routes[2].max_connections == 3
-    assert parse_routes("a.test=127.0.0.1:25, *=[::1]:2525") == [Route("a.test", "127.0.0.1", 25),
-                                                                   Route("*", "::1", 2525)]
+    assert parse_routes("a.test=127.0.0.1:25, *=[::1]:2525") == [
+        Route("a.test", "127.0.0.1", 25),
+        Route("*", "::1", 2525),
+    ]
     assert str(Route("*", "::1", 2525)) == "*=[::1]:2525"
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([{"domain": "a.test"}], "needs a domain and a host"),
-    ([{"domain": "a.test", "host": "h", "tls": "maybe"}], "tls must be one of"),
-    ([{"domain": "a.test", "host": "h", "port": 70000}], "port"),
-    ([{"domain": "a.test", "host": "h", "colour": "red"}], "unknown route key"),
-    ([{"domain": "a.test", "host": "h"}, {"domain": "A.test", "host": "g"}], "two routes"),
-    ([{"domain": "a.test", "host": "h", "auth_user": "u"}], "go together"),
-    ([{"domain": "a.test", "host": "h", "auth_user": "u", "auth_password_file": "/nonexistent"}], "cannot read"),
-    ([{"domain": "bad domain", "host": "h"}], "invalid route domain"),
-    ("a.test:25", "DOMAIN=HOST:PORT"),
-    (42, "expected"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([{"domain": "a.test"}], "needs a domain and a host"),
+        ([{"domain": "a.test", "host": "h", "tls": "maybe"}], "tls must be one of"),
+        ([{"domain": "a.test", "host": "h", "port": 70000}], "port"),
+        ([{"domain": "a.test", "host": "h", "colour": "red"}], "unknown route key"),
+        ([{"domain": "a.test", "host": "h"}, {"domain": "A.test", "host": "g"}], "two routes"),
+        ([{"domain": "a.test", "host": "h", "auth_user": "u"}], "go together"),
+        ([{"domain": "a.test", "host": "h", "auth_user": "u", "auth_password_file": "/nonexistent"}], "cannot read"),
+        ([{"domain": "bad domain", "host": "h"}], "invalid route domain"),
+        ("a.test:25", "DOMAIN=HOST:PORT"),
+        (42, "expected"),
+    ],
+)
 def test_bad_routes_are_refused_with_a_reason(bad, message):
     with pytest.raises(ValueError, match=message):
         parse_routes(bad)
@@ -54,10 +63,19 @@ def test_reply_and_extension_parsing():
 
 def test_a_dsn_is_a_multipart_report_with_the_original_header_only():
     original = b"From: a@hub.test\r\nSubject: study 7\r\nMessage-ID: <m1@hub.test>\r\n\r\nSECRET BODY\r\n"
-    failures = [FailedRecipient("x@remote.test", 550, "550 5.1.1 <x@remote.test>: unknown\r\n user", "mx.remote"),
-                FailedRecipient("y@remote.test", 554, "554 transaction failed")]
-    dsn = build_dsn(reporting_mta="hub.test", sender="a@hub.test", queue_id="Q1", arrival=1.8e9,
-                    failures=failures, delayed=False, original_header=header_of(original))
+    failures = [
+        FailedRecipient("x@remote.test", 550, "550 5.1.1 <x@remote.test>: unknown\r\n user", "mx.remote"),
+        FailedRecipient("y@remote.test", 554, "554 transaction failed"),
+    ]
+    dsn = build_dsn(
+        reporting_mta="hub.test",
+        sender="a@hub.test",
+        queue_id="Q1",
+        arrival=1.8e9,
+        failures=failures,
+        delayed=False,
+        original_header=header_of(original),
+    )
     message = email.message_from_bytes(dsn, policy=email.policy.default)
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "delivery-status"
@@ -79,17 +97,20 @@ def test_status_codes_of_temporary_failures():
 
 
 def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_path):
-    from storage.outbound import due_and_version
     from storage import db
+    from storage.outbound import due_and_version
 
     conn = db.connect(tmp_path)
-    conn.execute("INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
-                 " VALUES ('Q', 'b/Q', 10, 'x', 0, 1, 'a@hub.test', 14)")
-    rows = [("Q", f"old{i}@r.test", 1.0, 100.0 + i, 3) for i in range(10)]      # deferred, due long ago
-    rows += [("Q", f"new{i}@r.test", 500.0, 500.0, 0) for i in range(3)]        # fresh
-    rows += [("Q", "later@r.test", 1.0, 5000.0, 2)]                             # deferred, not yet due
-    conn.executemany("INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at, attempts)"
-                     " VALUES (?, ?, ?, ?, ?)", rows)
+    conn.execute(
+        "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
+        " VALUES ('Q', 'b/Q', 10, 'x', 0, 1, 'a@hub.test', 14)"
+    )
+    rows = [("Q", f"old{i}@r.test", 1.0, 100.0 + i, 3) for i in range(10)]  # deferred, due long ago
+    rows += [("Q", f"new{i}@r.test", 500.0, 500.0, 0) for i in range(3)]  # fresh
+    rows += [("Q", "later@r.test", 1.0, 5000.0, 2)]  # deferred, not yet due
+    conn.executemany(
+        "INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at, attempts) VALUES (?, ?, ?, ?, ?)", rows
+    )
     _, picked = due_and_version(conn, tmp_path / "blobs", 1000.0, "[]", 6, 2)
     assert [r.rcpt for r in picked] == ["new0@r.test", "new1@r.test", "new2@r.test", "old0@r.test", "old1@r.test"]
     in_flight = "[" + ",".join(str(r.id) for r in picked) + "]"

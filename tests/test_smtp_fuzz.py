@@ -8,22 +8,26 @@ import re
 import signal
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.smtp.stream import dot_stuff_bytes
 
 from conftest import Hub, RawSMTP, hub_env
-from relay.smtp.stream import dot_stuff_bytes
 
 EXAMPLES = int(__import__("os").environ.get("FUZZ_N", 10_000))
 _REPLY_LINE = re.compile(rb"\d{3}[ -][\x20-\x7e]*\r\n\Z")
 _ENHANCED = re.compile(rb"\d{3} [245]\.\d{1,3}\.\d{1,3}( |\r\n)")
-_NO_ENHANCED_CODE = (b"220", b"334", b"354")   # greeting, AUTH challenge, DATA go-ahead
+_NO_ENHANCED_CODE = (b"220", b"334", b"354")  # greeting, AUTH challenge, DATA go-ahead
 
 
 @pytest.fixture(scope="module")
 def fuzz_hub(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
-    hub = Hub(data_dir, hub_env(data_dir, MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8",
-                                MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000"))
+    hub = Hub(
+        data_dir,
+        hub_env(data_dir, MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8", MAILHUB_SMTP_MAX_CONNECTIONS_PER_IP="1000"),
+    )
     hub.add_site("alpha", "alpha@hub.test")
     hub.add_site("beta", "beta@hub.test")
     hub.start()
@@ -33,6 +37,7 @@ def fuzz_hub(tmp_path_factory):
 
 # ---- what is generated -----------------------------------------------------------------------
 
+
 def _defused(line: bytes) -> bytes:
     """A junk line that would make the hub read a BDAT chunk the client never sends is made a NOOP."""
     return b"NOOP " + line if _BDAT_LIKE.match(line) else line
@@ -41,17 +46,71 @@ def _defused(line: bytes) -> bytes:
 _BDAT_LIKE = re.compile(rb"\s*bdat +\d", re.IGNORECASE)
 _junk = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"\r"))
 _fragment = st.one_of(
-    st.sampled_from([b"FROM:<alpha@hub.test>", b"TO:<beta@hub.test>", b"FROM:<>", b"TO:<>", b"FROM:",
-                     b"TO:<beta@hub.test", b"FROM:alpha@hub.test>", b"<@a,@b:x@y.z>", b'<"q>"@hub.test>',
-                     b"SIZE=100", b"SIZE=" + b"9" * 30, b"SIZE=-1", b"BODY=8BITMIME", b"BODY=BINARYMIME",
-                     b"AUTH=<>", b"NOTIFY=NEVER", b"=", b"==", b"*", b"<", b">", b"<>", b"[127.0.0.1]",
-                     b"[IPv6:::1]", b"[300.1.1.1]", b"gw.example", b"\x00", b"\r", b"\t", b"\xff\xfe",
-                     b"\xc3\xa9", b"\x1b[2J", b"%s", b"{}", b"' OR 1=1 --"]),
-    _junk)
-_arg = st.builds(lambda parts, sep: sep.join(parts), st.lists(_fragment, max_size=3),
-                 st.sampled_from([b" ", b"", b"  "]))
-_verb = st.sampled_from([b"HELO", b"EHLO", b"MAIL", b"RCPT", b"RSET", b"NOOP", b"VRFY", b"EXPN", b"HELP",
-                         b"STARTTLS", b"QUIT", b"mail", b"Rcpt", b"DATA", b"XYZZY", b"MAIL FROM:", b""])
+    st.sampled_from(
+        [
+            b"FROM:<alpha@hub.test>",
+            b"TO:<beta@hub.test>",
+            b"FROM:<>",
+            b"TO:<>",
+            b"FROM:",
+            b"TO:<beta@hub.test",
+            b"FROM:alpha@hub.test>",
+            b"<@a,@b:x@y.z>",
+            b'<"q>"@hub.test>',
+            b"SIZE=100",
+            b"SIZE=" + b"9" * 30,
+            b"SIZE=-1",
+            b"BODY=8BITMIME",
+            b"BODY=BINARYMIME",
+            b"AUTH=<>",
+            b"NOTIFY=NEVER",
+            b"=",
+            b"==",
+            b"*",
+            b"<",
+            b">",
+            b"<>",
+            b"[127.0.0.1]",
+            b"[IPv6:::1]",
+            b"[300.1.1.1]",
+            b"gw.example",
+            b"\x00",
+            b"\r",
+            b"\t",
+            b"\xff\xfe",
+            b"\xc3\xa9",
+            b"\x1b[2J",
+            b"%s",
+            b"{}",
+            b"' OR 1=1 --",
+        ]
+    ),
+    _junk,
+)
+_arg = st.builds(
+    lambda parts, sep: sep.join(parts), st.lists(_fragment, max_size=3), st.sampled_from([b" ", b"", b"  "])
+)
+_verb = st.sampled_from(
+    [
+        b"HELO",
+        b"EHLO",
+        b"MAIL",
+        b"RCPT",
+        b"RSET",
+        b"NOOP",
+        b"VRFY",
+        b"EXPN",
+        b"HELP",
+        b"STARTTLS",
+        b"QUIT",
+        b"mail",
+        b"Rcpt",
+        b"DATA",
+        b"XYZZY",
+        b"MAIL FROM:",
+        b"",
+    ]
+)
 _end = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"])
 
 
@@ -74,29 +133,50 @@ def _command(verb, arg, end) -> Step:
 
 _commands = st.builds(_command, _verb, _arg, _end)
 _junk_lines = st.builds(lambda junk, end: Step(_defused(junk) + end), _junk, _end)
-_long_lines = st.builds(lambda n, c: Step(b"NOOP " + c * n + b"\r\n"),
-                        st.sampled_from([600, 2100, 5000, 70_000, 140_000, 300_000]),
-                        st.sampled_from([b"x", b"\xff", b"\x00"]))
-_body = st.one_of(st.binary(max_size=300), st.sampled_from(
-    [b"x" * 998 + b"\r\n", b"x" * 1200 + b"\r\n", b".\r\n..\r\n", b"a\rb\nc\r\n.\n.\r\n", b"",
-     b"Subject: x\r\n\r\n" + b"QUFB" * 19 + b"\r\n" * 2000]))
+_long_lines = st.builds(
+    lambda n, c: Step(b"NOOP " + c * n + b"\r\n"),
+    st.sampled_from([600, 2100, 5000, 70_000, 140_000, 300_000]),
+    st.sampled_from([b"x", b"\xff", b"\x00"]),
+)
+_body = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from(
+        [
+            b"x" * 998 + b"\r\n",
+            b"x" * 1200 + b"\r\n",
+            b".\r\n..\r\n",
+            b"a\rb\nc\r\n.\n.\r\n",
+            b"",
+            b"Subject: x\r\n\r\n" + b"QUFB" * 19 + b"\r\n" * 2000,
+        ]
+    ),
+)
 _data = st.builds(lambda body: Step(b"DATA\r\n", body=dot_stuff_bytes(body)), _body)
-_bdat = st.builds(lambda data, suffix: Step(b"BDAT %d%s\r\n" % (len(data), suffix), chunk=data), _body,
-                  st.sampled_from([b"", b" LAST", b" last", b" FIRST", b"  LAST", b" LAST now"]))
-_not_base64 = st.one_of(st.sampled_from([b"*", b"!!!!", b"YQ=", b"=", b"\x00", b"QUFB" * 3000]),
-                        _junk.map(lambda b: b"!" + b))
+_bdat = st.builds(
+    lambda data, suffix: Step(b"BDAT %d%s\r\n" % (len(data), suffix), chunk=data),
+    _body,
+    st.sampled_from([b"", b" LAST", b" last", b" FIRST", b"  LAST", b" LAST now"]),
+)
+_not_base64 = st.one_of(
+    st.sampled_from([b"*", b"!!!!", b"YQ=", b"=", b"\x00", b"QUFB" * 3000]), _junk.map(lambda b: b"!" + b)
+)
 _auth = st.one_of(
-    st.builds(lambda mech, extra: Step(b"AUTH " + mech + extra + b"\r\n"),
-              st.sampled_from([b"PLAIN", b"LOGIN", b"plain", b"CRAM-MD5", b"GSSAPI", b"", b"X" * 40]),
-              st.sampled_from([b"", b" !!!!", b" =", b" YQ==", b" a b", b" \xff", b" AGFscGhh"])),
+    st.builds(
+        lambda mech, extra: Step(b"AUTH " + mech + extra + b"\r\n"),
+        st.sampled_from([b"PLAIN", b"LOGIN", b"plain", b"CRAM-MD5", b"GSSAPI", b"", b"X" * 40]),
+        st.sampled_from([b"", b" !!!!", b" =", b" YQ==", b" a b", b" \xff", b" AGFscGhh"]),
+    ),
     st.builds(lambda responses: Step(b"AUTH PLAIN\r\n", responses=responses), st.lists(_not_base64, max_size=2)),
-    st.builds(lambda responses: Step(b"AUTH LOGIN\r\n", responses=[b"YWxwaGE="] + responses),
-              st.lists(_not_base64, min_size=1, max_size=2)),
+    st.builds(
+        lambda responses: Step(b"AUTH LOGIN\r\n", responses=[b"YWxwaGE="] + responses),
+        st.lists(_not_base64, min_size=1, max_size=2),
+    ),
 )
 _step = st.one_of(_commands, _commands, _commands, _junk_lines, _junk_lines, _data, _bdat, _auth, _long_lines)
 
 
 # ---- the client side ---------------------------------------------------------------------------
+
 
 class Client:
     def __init__(self, port: int):
@@ -138,7 +218,7 @@ class Client:
     def still_serving(self) -> None:
         smtp = self.connection()
         reply = smtp.command("NOOP")
-        if reply.startswith(b"421"):   # closed for too many errors: a new connection must work
+        if reply.startswith(b"421"):  # closed for too many errors: a new connection must work
             self.drop()
             reply = self.connection().command("NOOP")
         assert reply.startswith(b"250 2.0.0"), reply
@@ -164,9 +244,12 @@ def clients(fuzz_hub):
 def test_fuzzed_smtp_sessions_get_well_formed_replies_and_the_hub_keeps_serving(fuzz_hub, clients):
     examples = [0]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+    )
     @given(st.integers(0, len(clients) - 1), st.lists(_step, min_size=1, max_size=6))
     def run(which, steps):
         client = clients[which]

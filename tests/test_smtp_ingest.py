@@ -63,8 +63,10 @@ def test_ehlo_advertises_the_extensions(hub):
 
 
 def test_plain_data_is_stored_canonically_with_trace_header_and_index(hub):
-    body = make_message(5000, extra_headers="X-TELEMEDICINE-SETID: 1.2.3.4\r\nX-TELEMEDICINE-SETPART: 7\r\n"
-                                            "X-TELEMEDICINE-SETTOTAL: 330\r\n")
+    body = make_message(
+        5000,
+        extra_headers="X-TELEMEDICINE-SETID: 1.2.3.4\r\nX-TELEMEDICINE-SETPART: 7\r\nX-TELEMEDICINE-SETTOTAL: 330\r\n",
+    )
     body += b".starts with a dot\r\n..two dots\r\n"
     client = connect(hub)
     client.mail("alpha@hub.test")
@@ -76,10 +78,13 @@ def test_plain_data_is_stored_canonically_with_trace_header_and_index(hub):
     blob = stored(hub, qid)
     assert blob.startswith(b"Received: from gateway.test ([127.0.0.1])\r\n\tby hub.test")
     assert f"with ESMTPA id {qid}".encode() in blob
-    assert re.search(rb";\r\n\t\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000\r\n", blob[:300])   # UTC: +0000
+    assert re.search(rb";\r\n\t\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000\r\n", blob[:300])  # UTC: +0000
     assert blob.endswith(body)
-    row = hub.query("SELECT size, sha256, dot_lines, set_id, set_part, set_total, message_id, mail_from"
-                    " FROM messages WHERE queue_id = ?", qid)[0]
+    row = hub.query(
+        "SELECT size, sha256, dot_lines, set_id, set_part, set_total, message_id, mail_from"
+        " FROM messages WHERE queue_id = ?",
+        qid,
+    )[0]
     assert row[0] == len(blob) and row[1] == hashlib.sha256(blob).hexdigest()
     assert row[2:6] == (1, "1.2.3.4", 7, 330)
     assert row[6].startswith("<") and row[7] == "alpha@hub.test"
@@ -134,7 +139,7 @@ def test_pipelined_transactions_in_one_write(hub):
     batch = b""
     for _ in bodies:
         batch += b"MAIL FROM:<alpha@hub.test>\r\nRCPT TO:<beta@hub.test>\r\nDATA\r\n"
-    raw.send(batch[:batch.index(b"DATA\r\n") + 6])
+    raw.send(batch[: batch.index(b"DATA\r\n") + 6])
     queue_ids = []
     for i, body in enumerate(bodies):
         assert raw.reply().startswith(b"250 2.1.0")
@@ -146,16 +151,18 @@ def test_pipelined_transactions_in_one_write(hub):
         assert reply.startswith(b"250 2.0.0 Ok: queued as"), reply
         queue_ids.append(queue_id_of(reply.strip()))
     assert raw.reply().startswith(b"221")
-    assert [stored(hub, q).split(b"\r\n\r\n", 1)[1] for q in queue_ids] == [
-        b.split(b"\r\n\r\n", 1)[1] for b in bodies]
+    assert [stored(hub, q).split(b"\r\n\r\n", 1)[1] for q in queue_ids] == [b.split(b"\r\n\r\n", 1)[1] for b in bodies]
 
 
-@pytest.mark.parametrize("login,sender,recipient,expected", [
-    (None, "x@else.org", "beta@else.org", (554, b"5.7.1 Relay access denied")),
-    (None, "x@else.org", "beta@hub.test", (530, b"5.7.0 Authentication required")),
-    ("alpha", "alpha@hub.test", "nobody@hub.test", (550, b"5.1.1 No such user here")),
-    ("alpha", "alpha@hub.test", "x@else.org", (550, b"5.1.2 No route to that domain")),
-])
+@pytest.mark.parametrize(
+    "login,sender,recipient,expected",
+    [
+        (None, "x@else.org", "beta@else.org", (554, b"5.7.1 Relay access denied")),
+        (None, "x@else.org", "beta@hub.test", (530, b"5.7.0 Authentication required")),
+        ("alpha", "alpha@hub.test", "nobody@hub.test", (550, b"5.1.1 No such user here")),
+        ("alpha", "alpha@hub.test", "x@else.org", (550, b"5.1.2 No route to that domain")),
+    ],
+)
 def test_recipient_rejections(hub, login, sender, recipient, expected):
     client = connect(hub, login)
     assert client.mail(sender)[0] == 250
@@ -202,7 +209,9 @@ def test_declared_size_over_limit_is_refused_at_mail(make_hub):
     hub.start()
     client = connect(hub)
     assert client.mail("alpha@hub.test", ["SIZE=100001"]) == (
-        552, b"5.3.4 Message size exceeds fixed maximum message size")
+        552,
+        b"5.3.4 Message size exceeds fixed maximum message size",
+    )
     assert client.mail("alpha@hub.test", ["SIZE=99999"])[0] == 250
     client.quit()
 
@@ -306,15 +315,15 @@ def test_a_site_removed_while_its_session_or_transaction_is_open(make_hub):
         assert client.auth_plain(login).startswith(b"235")
         return client
 
-    to_removed = session("alpha")   # a transaction to a site removed before its end of data
+    to_removed = session("alpha")  # a transaction to a site removed before its end of data
     assert to_removed.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
     assert to_removed.command("RCPT TO:<gamma@hub.test>").startswith(b"250")
-    by_removed = session("beta")    # a session (and a transaction) of a site removed meanwhile
+    by_removed = session("beta")  # a session (and a transaction) of a site removed meanwhile
     assert by_removed.command("MAIL FROM:<beta@hub.test>").startswith(b"250")
     assert by_removed.command("RCPT TO:<alpha@hub.test>").startswith(b"250")
     hub.cli("site", "remove", "gamma")
     hub.cli("site", "remove", "beta")
-    time.sleep(0.6)   # the hub rereads its sites every half second
+    time.sleep(0.6)  # the hub rereads its sites every half second
     assert to_removed.command("DATA").startswith(b"354")
     to_removed.send(message + b"\r\n.\r\n")
     assert to_removed.reply().startswith(b"451 4.1.1 A recipient site was removed")
@@ -322,7 +331,7 @@ def test_a_site_removed_while_its_session_or_transaction_is_open(make_hub):
     by_removed.send(message + b"\r\n.\r\n")
     assert by_removed.reply().startswith(b"530 5.7.0 Authentication required: this site was removed")
     assert by_removed.command("MAIL FROM:<beta@hub.test>").startswith(b"530 5.7.0")
-    assert to_removed.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")   # alpha carries on
+    assert to_removed.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")  # alpha carries on
     assert to_removed.command("RCPT TO:<gamma@hub.test>").startswith(b"550 5.1.1")
     for client in (to_removed, by_removed):
         client.close()
@@ -363,12 +372,14 @@ def test_bdat_with_a_bad_keyword_skips_its_chunk_and_fails_the_transaction(make_
     assert client.auth_plain("alpha").startswith(b"235")
     assert client.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
     assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
-    for chunk, expected in ((b"BDAT 6\r\nSubjec", b"250"),
-                            (b"BDAT 5 FIRST\r\nt: x\r", b"501 5.5.4"),   # its 5 bytes are skipped
-                            (b"BDAT 3 LAST\r\n\nhi", b"503")):          # the message lost a chunk
+    for chunk, expected in (
+        (b"BDAT 6\r\nSubjec", b"250"),
+        (b"BDAT 5 FIRST\r\nt: x\r", b"501 5.5.4"),  # its 5 bytes are skipped
+        (b"BDAT 3 LAST\r\n\nhi", b"503"),
+    ):  # the message lost a chunk
         client.send(chunk)
         assert client.reply().startswith(expected)
     assert client.command("RSET").startswith(b"250")
-    assert client.command("NOOP").startswith(b"250")   # still in step: no data read as a command
+    assert client.command("NOOP").startswith(b"250")  # still in step: no data read as a command
     client.close()
     assert hub.query("SELECT count(*) FROM messages") == [(0,)]

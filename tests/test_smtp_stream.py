@@ -18,14 +18,18 @@ def decode(wire: bytes, cuts: list[int]) -> tuple[bytes, DataDecoder, bytes]:
     return b"".join(out), decoder, b""
 
 
-lines = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"\r", b"\n", b"abc", b". ", b"\r\n."]),
-                 max_size=12).map(lambda parts: b"".join(parts))
+lines = st.lists(
+    st.sampled_from([b"", b".", b"..", b".x", b"x.", b"\r", b"\n", b"abc", b". ", b"\r\n."]), max_size=12
+).map(lambda parts: b"".join(parts))
 messages = st.lists(lines, max_size=12).map(lambda ls: b"".join(line + b"\r\n" for line in ls))
 
 
 @settings(max_examples=600, deadline=None)
-@given(message=messages, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
-       trailer=st.binary(max_size=20))
+@given(
+    message=messages,
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    trailer=st.binary(max_size=20),
+)
 def test_any_dot_stuffed_message_cut_anywhere_decodes_to_the_original(message, cuts, trailer):
     wire = dot_stuff_bytes(message) + trailer
     decoded, decoder, rest = decode(wire, cuts)
@@ -61,7 +65,7 @@ def test_empty_message_and_byte_by_byte():
     decoder = DataDecoder()
     out = b""
     for i in range(len(wire)):
-        out += decoder.feed(wire[i:i + 1])
+        out += decoder.feed(wire[i : i + 1])
         if decoder.done:
             break
     assert out == b".a\r\nb\r\n" and decoder.dot_lines
@@ -79,15 +83,21 @@ def test_dot_line_scanner_matches_a_whole_scan(message, cuts):
 
 
 def test_header_scanner_reads_study_headers_across_chunks():
-    message = (b"Message-ID: <abc@site>\r\nX-TELEMEDICINE-SETID: 1.2.840.1\r\nX-Telemedicine-Setpart: 3\r\n"
-               b"X-TELEMEDICINE-SETTOTAL: 330\r\n\r\nbody\r\n")
+    message = (
+        b"Message-ID: <abc@site>\r\nX-TELEMEDICINE-SETID: 1.2.840.1\r\nX-Telemedicine-Setpart: 3\r\n"
+        b"X-TELEMEDICINE-SETTOTAL: 330\r\n\r\nbody\r\n"
+    )
     for cut in range(len(message)):
         scanner = HeaderScanner()
         scanner.feed(message[:cut])
         scanner.feed(message[cut:])
         scanner.close()
         assert (scanner.message_id, scanner.set_id, scanner.set_part, scanner.set_total) == (
-            "<abc@site>", "1.2.840.1", 3, 330)
+            "<abc@site>",
+            "1.2.840.1",
+            3,
+            330,
+        )
 
 
 def test_header_scanner_is_bounded_and_tolerates_garbage():
@@ -102,8 +112,9 @@ def _header_facts_oracle(message: bytes):
     """What the header scanner must find: the header block (up to the blank line, or all) in its
     first MAX_HEADER_BYTES, split in CRLF lines, first occurrence of each wanted field, unfolded."""
     from relay.smtp.message_scan import MAX_HEADER_BYTES
+
     end = message.find(b"\r\n\r\n")
-    block = b"" if message.startswith(b"\r\n") else message if end < 0 else message[:end + 2]
+    block = b"" if message.startswith(b"\r\n") else message if end < 0 else message[: end + 2]
     block = block[:MAX_HEADER_BYTES]
     fields, name = {}, None
     for line in block.split(b"\r\n"):
@@ -114,8 +125,11 @@ def _header_facts_oracle(message: bytes):
         key, colon, value = line.partition(b":")
         key = key.strip().lower().decode("latin-1")
         name = None
-        if colon and key in ("message-id", "x-telemedicine-setid", "x-telemedicine-setpart",
-                             "x-telemedicine-settotal") and key not in fields:
+        if (
+            colon
+            and key in ("message-id", "x-telemedicine-setid", "x-telemedicine-setpart", "x-telemedicine-settotal")
+            and key not in fields
+        ):
             name = key
             fields[name] = value.decode("utf-8", "replace")
 
@@ -127,27 +141,50 @@ def _header_facts_oracle(message: bytes):
         text = clean(key, 20)
         return int(text) if text is not None and text.isdigit() else None
 
-    return (clean("message-id", 998), clean("x-telemedicine-setid", 256),
-            small_int("x-telemedicine-setpart"), small_int("x-telemedicine-settotal"))
+    return (
+        clean("message-id", 998),
+        clean("x-telemedicine-setid", 256),
+        small_int("x-telemedicine-setpart"),
+        small_int("x-telemedicine-settotal"),
+    )
 
 
 _header_line = st.one_of(
-    st.sampled_from([b"Message-ID: <a@b>", b"message-id:<c@d>", b"X-TELEMEDICINE-SETID: 1.2.3", b" folded more",
-                     b"\tx", b"X-Telemedicine-Setpart: 7", b"X-TELEMEDICINE-SETTOTAL:  12 ", b"Subject: s",
-                     b"X-TELEMEDICINE-SETPART: 1 2", b"Message-ID :\xff\xfe", b"no colon", b"", b" ",
-                     b"X-TELEMEDICINE-SETID: " + b"9" * 300, b"Message-ID: " + b"x " * 800]),
-    st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")))
+    st.sampled_from(
+        [
+            b"Message-ID: <a@b>",
+            b"message-id:<c@d>",
+            b"X-TELEMEDICINE-SETID: 1.2.3",
+            b" folded more",
+            b"\tx",
+            b"X-Telemedicine-Setpart: 7",
+            b"X-TELEMEDICINE-SETTOTAL:  12 ",
+            b"Subject: s",
+            b"X-TELEMEDICINE-SETPART: 1 2",
+            b"Message-ID :\xff\xfe",
+            b"no colon",
+            b"",
+            b" ",
+            b"X-TELEMEDICINE-SETID: " + b"9" * 300,
+            b"Message-ID: " + b"x " * 800,
+        ]
+    ),
+    st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")),
+)
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(_header_line, max_size=12), st.sampled_from([b"\r\n", b"", b"\r\n\r\nbody\r\n"]),
-       st.lists(st.integers(1, 200), max_size=6))
+@given(
+    st.lists(_header_line, max_size=12),
+    st.sampled_from([b"\r\n", b"", b"\r\n\r\nbody\r\n"]),
+    st.lists(st.integers(1, 200), max_size=6),
+)
 def test_header_scanner_matches_the_block_parser_at_any_chunking(lines, tail, cuts):
     message = b"\r\n".join(lines) + tail
     scanner = HeaderScanner()
     start = 0
     for cut in cuts:
-        scanner.feed(message[start:start + cut])
+        scanner.feed(message[start : start + cut])
         start += cut
     scanner.feed(message[start:])
     scanner.close()
@@ -157,7 +194,7 @@ def test_header_scanner_matches_the_block_parser_at_any_chunking(lines, tail, cu
 def test_header_scanner_keeps_little_of_a_huge_header_line():
     scanner = HeaderScanner()
     scanner.feed(b"Message-ID: <" + b"m" * 100)
-    for _ in range(40):   # 200 KB of one line, fed in pieces
+    for _ in range(40):  # 200 KB of one line, fed in pieces
         scanner.feed(b"m" * 5000)
         assert len(scanner._partial) <= 64 * 1024 + 1
     scanner.feed(b">\r\n\r\n")

@@ -5,9 +5,28 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile", "AuthRequest", "StartTls",
-           "MailboxRequest", "LoadRequest", "PartHeaderRequest", "ScanBudget", "ScanRequest", "StoreFlags",
-           "ExpungeRequest", "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "YIELD"]
+__all__ = [
+    "ImapProtocolError",
+    "State",
+    "Message",
+    "Snapshot",
+    "SendBytes",
+    "SendFile",
+    "AuthRequest",
+    "StartTls",
+    "MailboxRequest",
+    "LoadRequest",
+    "PartHeaderRequest",
+    "ScanBudget",
+    "ScanRequest",
+    "StoreFlags",
+    "ExpungeRequest",
+    "CloseConnection",
+    "NEED_DATA",
+    "PAUSED",
+    "CLOSED",
+    "YIELD",
+]
 
 
 class ImapProtocolError(Exception):
@@ -27,12 +46,12 @@ class Message:
     size: int
     flags: int
     internal_date: float
-    ref: object = None                     # the adapter's handle (storage entry)
-    structure: dict | None = None          # loaded on demand (LoadRequest), dropped after use
-    header: bytes | None = None            # top-level header block incl. the blank line, likewise
-    probes: dict | None = None             # SEARCH probe -> answer (relay/imap/scan.py), likewise
-    gone: bool = False                     # expunged by another session, EXPUNGE not yet sent
-    damaged: str | None = None             # why it must not be served (LoadRequest with check), or None
+    ref: object = None  # the adapter's handle (storage entry)
+    structure: dict | None = None  # loaded on demand (LoadRequest), dropped after use
+    header: bytes | None = None  # top-level header block incl. the blank line, likewise
+    probes: dict | None = None  # SEARCH probe -> answer (relay/imap/scan.py), likewise
+    gone: bool = False  # expunged by another session, EXPUNGE not yet sent
+    damaged: str | None = None  # why it must not be served (LoadRequest with check), or None
 
 
 @dataclass
@@ -54,7 +73,7 @@ class SendFile:
     start: int
     length: int
     whole: bool
-    seen_now: bool = False   # this FETCH set the message's \Seen flag (taken back if found damaged)
+    seen_now: bool = False  # this FETCH set the message's \Seen flag (taken back if found damaged)
 
 
 @dataclass(frozen=True)
@@ -79,13 +98,14 @@ class LoadRequest:
     messages: list
     structure: bool
     header: bool
-    check: bool = False   # set msg.damaged before any byte of a body literal is sent (damaged: none is)
+    check: bool = False  # set msg.damaged before any byte of a body literal is sent (damaged: none is)
 
 
 @dataclass(frozen=True)
 class PartHeaderRequest:
     """The header block of part `part` ("1.2", a message/rfc822 part's N.HEADER) of the message;
     resume with the bytes (at most MAX_HEADER) or None."""
+
     message: Message
     part: str
 
@@ -94,6 +114,7 @@ class PartHeaderRequest:
 class ScanBudget:
     """What one SEARCH may still read: octets, and seconds from its first ScanRequest (the adapter
     sets the deadline then; the core has no clock)."""
+
     bytes_left: int
     seconds: float
     deadline: float | None = None
@@ -103,6 +124,7 @@ class ScanBudget:
 class ScanRequest:
     """Answer `probes` (relay/imap/search.py) for each message into msg.probes within the budget;
     resume(True), or resume(False) when the budget ran out."""
+
     messages: list
     probes: tuple
     budget: ScanBudget
@@ -137,5 +159,6 @@ NEED_DATA, PAUSED, CLOSED = _Sentinel("NEED_DATA"), _Sentinel("PAUSED"), _Sentin
 # A long command reached a point where other clients may run first: call next_event() again (after
 # letting the event loop run, when the session has worked for a while).
 YIELD = _Sentinel("YIELD")
-_FLUSH, _LINE, _LINE_OR_CHANGE, _CHANGED = (_Sentinel(n) for n in ("<flush>", "<line>", "<line-or-change>",
-                                                                   "<changed>"))
+_FLUSH, _LINE, _LINE_OR_CHANGE, _CHANGED = (
+    _Sentinel(n) for n in ("<flush>", "<line>", "<line-or-change>", "<changed>")
+)

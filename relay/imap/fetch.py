@@ -14,15 +14,33 @@ from dataclasses import dataclass
 
 from relay.imap.parser import FetchAtt
 
-__all__ = ["FileRange", "PartHeader", "FetchPlan", "fetch_response", "flag_list", "internal_date",
-           "filter_header", "FLAG_BITS", "SEEN", "ANSWERED", "FLAGGED", "DELETED", "DRAFT", "ALL_FLAGS"]
+__all__ = [
+    "FileRange",
+    "PartHeader",
+    "FetchPlan",
+    "fetch_response",
+    "flag_list",
+    "internal_date",
+    "filter_header",
+    "FLAG_BITS",
+    "SEEN",
+    "ANSWERED",
+    "FLAGGED",
+    "DELETED",
+    "DRAFT",
+    "ALL_FLAGS",
+]
 
 SEEN, ANSWERED, FLAGGED, DELETED, DRAFT = 1, 2, 4, 8, 16
 ALL_FLAGS = SEEN | ANSWERED | FLAGGED | DELETED | DRAFT
-FLAG_BITS = {"\\SEEN": SEEN, "\\ANSWERED": ANSWERED, "\\FLAGGED": FLAGGED, "\\DELETED": DELETED,
-             "\\DRAFT": DRAFT}
-_FLAG_NAMES = ((ANSWERED, "\\Answered"), (FLAGGED, "\\Flagged"), (DELETED, "\\Deleted"), (SEEN, "\\Seen"),
-               (DRAFT, "\\Draft"))
+FLAG_BITS = {"\\SEEN": SEEN, "\\ANSWERED": ANSWERED, "\\FLAGGED": FLAGGED, "\\DELETED": DELETED, "\\DRAFT": DRAFT}
+_FLAG_NAMES = (
+    (ANSWERED, "\\Answered"),
+    (FLAGGED, "\\Flagged"),
+    (DELETED, "\\Deleted"),
+    (SEEN, "\\Seen"),
+    (DRAFT, "\\Draft"),
+)
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -30,12 +48,12 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 class FileRange:
     start: int
     length: int
-    whole: bool   # the entire message (counts as one downloaded message)
+    whole: bool  # the entire message (counts as one downloaded message)
 
 
 @dataclass(frozen=True)
 class PartHeader:
-    part: str     # "1.2": fetch_response needs that part's header block (send it in, or None)
+    part: str  # "1.2": fetch_response needs that part's header block (send it in, or None)
 
 
 def flag_list(flags: int) -> str:
@@ -44,7 +62,9 @@ def flag_list(flags: int) -> str:
 
 def internal_date(timestamp: float) -> str:
     t = time.gmtime(timestamp)
-    return f'"{t.tm_mday:2d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"'
+    return (
+        f'"{t.tm_mday:2d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"'
+    )
 
 
 class FetchPlan:
@@ -58,8 +78,9 @@ class FetchPlan:
         self.sets_seen = False
         # FLAGS, UID, RFC822.SIZE, INTERNALDATE only: answerable from the session's view alone
         # a literal of the stored bytes: checked first (LoadRequest.check), a damaged mail is not sent
-        self.body = any(att.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT") or att.section is not None
-                        for att in atts)
+        self.body = any(
+            att.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT") or att.section is not None for att in atts
+        )
         self.reads_message = any(att.name not in ("FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE") for att in atts)
         for att in atts:
             name, section = att.name, att.section
@@ -67,10 +88,14 @@ class FetchPlan:
                 self.structure = True
             if name in ("RFC822", "RFC822.TEXT") or (name == "BODY" and section is not None):
                 self.sets_seen = True
-            if section is not None and section.startswith(("HEADER", "TEXT")) or name in ("RFC822.HEADER", "RFC822.TEXT"):
-                self.header = True      # the top-level header's end (and its fields)
+            if (
+                section is not None
+                and section.startswith(("HEADER", "TEXT"))
+                or name in ("RFC822.HEADER", "RFC822.TEXT")
+            ):
+                self.header = True  # the top-level header's end (and its fields)
             elif section:
-                self.structure = True   # a numbered part
+                self.structure = True  # a numbered part
 
 
 def fetch_response(seq: int, msg, plan: FetchPlan, renderers, with_flags: bool):
@@ -149,7 +174,7 @@ def _cut_range(start: int, end: int, partial, whole: bool) -> FileRange:
 def _cut_bytes(data: bytes, partial) -> bytes:
     if partial is not None:
         offset, count = partial
-        data = data[offset:offset + count]
+        data = data[offset : offset + count]
     return data
 
 

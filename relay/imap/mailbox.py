@@ -7,16 +7,38 @@ from __future__ import annotations
 
 import bisect
 
-from relay.imap.events import (_FLUSH, ExpungeRequest, LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanBudget,
-                               ScanRequest, SendFile, Snapshot, State, StoreFlags)
-from relay.imap.fetch import ALL_FLAGS, DELETED, FLAG_BITS, SEEN, FetchPlan, FileRange, PartHeader, fetch_response, flag_list
+from relay.imap.events import (
+    _FLUSH,
+    ExpungeRequest,
+    LoadRequest,
+    MailboxRequest,
+    Message,
+    PartHeaderRequest,
+    ScanBudget,
+    ScanRequest,
+    SendFile,
+    Snapshot,
+    State,
+    StoreFlags,
+)
+from relay.imap.fetch import (
+    ALL_FLAGS,
+    DELETED,
+    FLAG_BITS,
+    SEEN,
+    FetchPlan,
+    FileRange,
+    PartHeader,
+    fetch_response,
+    flag_list,
+)
 from relay.imap.limits import FETCH_CHUNK, MAX_FETCH_ITEMS, SEARCH_BATCH, SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS
 from relay.imap.parser import Atom, ParseError, SequenceSet, fetch_att
 from relay.imap.search import parse_search
 
 __all__ = ["SelectedState"]
 
-_BATCH = 100   # messages whose \Seen flags are stored at once
+_BATCH = 100  # messages whose \Seen flags are stored at once
 
 
 class SelectedState:
@@ -72,7 +94,7 @@ class SelectedState:
             return chosen
         largest = len(msgs)
         if largest == 0 and numbers.names_only_star():
-            return []   # "1:*" in an empty mailbox: nothing, as clients expect
+            return []  # "1:*" in an empty mailbox: nothing, as clients expect
         if largest == 0 or numbers.highest(largest) > largest:
             raise ParseError("invalid message sequence number")
         starts, ends = numbers.resolved(largest)
@@ -81,7 +103,7 @@ class SelectedState:
     def _cmd_close(self, tag, args):
         deleted = [m.uid for m in self._messages if m.flags & DELETED and not m.gone]
         if deleted and not self._readonly:
-            yield ExpungeRequest(deleted)   # silently: no EXPUNGE responses (RFC 3501 sec. 6.4.2)
+            yield ExpungeRequest(deleted)  # silently: no EXPUNGE responses (RFC 3501 sec. 6.4.2)
         self._state, self._messages = State.AUTHENTICATED, []
         self._send(f"{tag} OK CLOSE completed\r\n")
 
@@ -94,8 +116,9 @@ class SelectedState:
         if self._readonly:
             return self._done(tag, "NO", "[READ-ONLY] mailbox opened with EXAMINE")
         chosen = {id(m) for _, m in self._select_set(uid_set, True)} if uid_set is not None else None
-        deleted = [m for m in self._messages
-                   if m.flags & DELETED and not m.gone and (chosen is None or id(m) in chosen)]
+        deleted = [
+            m for m in self._messages if m.flags & DELETED and not m.gone and (chosen is None or id(m) in chosen)
+        ]
         if deleted:
             outcome = yield ExpungeRequest([m.uid for m in deleted])
             if outcome == "in-use":
@@ -135,21 +158,21 @@ class SelectedState:
         atts = fetch_att(args[1])
         if uid_mode and not any(a.name == "UID" for a in atts):
             atts.insert(0, fetch_att(Atom("UID"))[0])
-        atts = list(dict.fromkeys(atts))   # an item named twice is answered once
+        atts = list(dict.fromkeys(atts))  # an item named twice is answered once
         if len(atts) > MAX_FETCH_ITEMS:
             raise ParseError(f"[LIMIT] too many FETCH data items (at most {MAX_FETCH_ITEMS})")
         plan = FetchPlan(atts)
         chosen = self._select_set(args[0], uid_mode)
-        missing = plan.reads_message and any(m.gone for _, m in chosen)   # RFC 2180 sec. 4.1
+        missing = plan.reads_message and any(m.gone for _, m in chosen)  # RFC 2180 sec. 4.1
         damaged: list[int] = []
         if missing:
             chosen = [(seq, m) for seq, m in chosen if not m.gone]
         for start in range(0, len(chosen), _BATCH):
-            batch = chosen[start:start + _BATCH]
+            batch = chosen[start : start + _BATCH]
             seen_now = set()
             if plan.sets_seen and not self._readonly:
                 unseen = [m for _, m in batch if not m.flags & SEEN]
-                if unseen and plan.body:   # a mail known damaged is not sent: it does not become \Seen
+                if unseen and plan.body:  # a mail known damaged is not sent: it does not become \Seen
                     yield LoadRequest(unseen, False, False, True)
                     unseen = [m for m in unseen if m.damaged is None]
                 if unseen and (yield StoreFlags([m.uid for m in unseen], SEEN, 0)):
@@ -164,8 +187,9 @@ class SelectedState:
                     damaged.append(seq)
         if damaged:
             listed = ",".join(map(str, damaged[:20])) + (",..." if len(damaged) > 20 else "")
-            return self._done(tag, "NO", f"[CORRUPTION] message(s) {listed} damaged on the server, not sent;"
-                                         " delete them")
+            return self._done(
+                tag, "NO", f"[CORRUPTION] message(s) {listed} damaged on the server, not sent; delete them"
+            )
         if missing:
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the requested messages were expunged")
         self._done(tag, "OK", "FETCH completed")
@@ -257,15 +281,22 @@ class SelectedState:
         largest_seq = len(self._messages)
         largest_uid = self._messages[-1].uid if self._messages else 0
         for start in range(0, largest_seq, SEARCH_BATCH):
-            batch = [(seq, m) for seq, m in enumerate(self._messages[start:start + SEARCH_BATCH], start + 1)
-                     if not m.gone and search.cheap(seq, m, largest_seq, largest_uid)]
+            batch = [
+                (seq, m)
+                for seq, m in enumerate(self._messages[start : start + SEARCH_BATCH], start + 1)
+                if not m.gone and search.cheap(seq, m, largest_seq, largest_uid)
+            ]
             if search.probes and batch:
                 if not (yield ScanRequest([m for _, m in batch], search.probes, budget)):
-                    return self._done(tag, "NO", f"[LIMIT] SEARCH would read more than {SEARCH_MAX_BYTES >> 20} MB"
-                                      f" or take more than {SEARCH_MAX_SECONDS:.0f} s; narrow it down"
-                                      " (e.g. by UID, date or size)")
+                    return self._done(
+                        tag,
+                        "NO",
+                        f"[LIMIT] SEARCH would read more than {SEARCH_MAX_BYTES >> 20} MB"
+                        f" or take more than {SEARCH_MAX_SECONDS:.0f} s; narrow it down"
+                        " (e.g. by UID, date or size)",
+                    )
                 batch = [(seq, m) for seq, m in batch if search.full(seq, m, largest_seq, largest_uid)]
-                for m in self._messages[start:start + SEARCH_BATCH]:
+                for m in self._messages[start : start + SEARCH_BATCH]:
                     m.probes = None
             hits.extend(m.uid if uid_mode else seq for seq, m in batch)
             yield _FLUSH

@@ -12,8 +12,22 @@ from dataclasses import dataclass
 
 from relay.imap.limits import MAX_LIST_DEPTH, MAX_TOKENS
 
-__all__ = ["ParseError", "CommandFramer", "Command", "LiteralRequest", "TooLong", "Overflow", "Atom",
-           "tokenize", "astring", "sequence_set", "SequenceSet", "fetch_att", "FetchAtt", "imap_date"]
+__all__ = [
+    "ParseError",
+    "CommandFramer",
+    "Command",
+    "LiteralRequest",
+    "TooLong",
+    "Overflow",
+    "Atom",
+    "tokenize",
+    "astring",
+    "sequence_set",
+    "SequenceSet",
+    "fetch_att",
+    "FetchAtt",
+    "imap_date",
+]
 
 
 class ParseError(Exception):
@@ -22,19 +36,21 @@ class ParseError(Exception):
 
 # ---- framing --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Command:
     tag: str
-    segments: tuple   # text, literal, text, literal, ..., text (each text without CRLF)
+    segments: tuple  # text, literal, text, literal, ..., text (each text without CRLF)
 
 
 @dataclass(frozen=True)
 class LiteralRequest:
     """A synchronizing literal {n} was announced: call accept_literal() (and send "+") or
     reject_literal() (and send the tagged NO or BAD reply)."""
+
     tag: str
     size: int
-    verb: str = ""   # the command's name, upper-case, when it is readable
+    verb: str = ""  # the command's name, upper-case, when it is readable
 
 
 @dataclass(frozen=True)
@@ -48,7 +64,7 @@ class Overflow:
 
 
 _LITERAL_AT_END = re.compile(rb"\{([0-9]{1,10})(\+?)\}\r?$")
-_TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]{1,64}')   # ASTRING-CHARs but "+"
+_TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]{1,64}')  # ASTRING-CHARs but "+"
 
 
 class CommandFramer:
@@ -57,9 +73,9 @@ class CommandFramer:
         self._buf = bytearray()
         self._segments: list[bytes] = []
         self._size = 0
-        self._literal: int | None = None   # size of the announced literal still to read
-        self._waiting = False       # a LiteralRequest is unanswered
-        self._discarding = False    # skipping the rest of an over-long line
+        self._literal: int | None = None  # size of the announced literal still to read
+        self._waiting = False  # a LiteralRequest is unanswered
+        self._discarding = False  # skipping the rest of an over-long line
         self._overflowed = False
 
     def set_limits(self, max_command: int, max_buffer: int) -> None:
@@ -113,7 +129,7 @@ class CommandFramer:
                     self._buf.clear()
                 return None
             line = bytes(self._buf[:nl])
-            del self._buf[:nl + 1]
+            del self._buf[: nl + 1]
             if self._discarding:
                 self._discarding = False
                 continue
@@ -127,8 +143,8 @@ class CommandFramer:
             if self._literal is not None:
                 if len(self._buf) < self._literal:
                     return Overflow() if self._overflowed else None
-                self._segments.append(bytes(self._buf[:self._literal]))
-                del self._buf[:self._literal]
+                self._segments.append(bytes(self._buf[: self._literal]))
+                del self._buf[: self._literal]
                 self._literal = None
             item = self._line()
             if not isinstance(item, bytes):
@@ -164,7 +180,6 @@ class CommandFramer:
     def reject_literal(self) -> None:
         self._reset()
 
-
     def _verb(self) -> str:
         words = self._segments[0].split(b" ", 2)
         return words[1].decode("ascii", "replace").upper() if len(words) > 1 else ""
@@ -177,11 +192,12 @@ def _line_tag(line: bytes) -> str:
 
 # ---- tokens ---------------------------------------------------------------------------------
 
+
 class Atom(str):
     """An atom (also NIL, numbers, sequence sets, fetch attributes with their [section]<partial>)."""
 
 
-_ATOM_STOP = set(b'(){ "\\') | set(range(0x00, 0x20)) | {0x7f}
+_ATOM_STOP = set(b'(){ "\\') | set(range(0x00, 0x20)) | {0x7F}
 
 
 def tokenize(command: Command) -> list:
@@ -189,7 +205,7 @@ def tokenize(command: Command) -> list:
     tokens: list = []
     stack: list[list] = [tokens]
     segments = command.segments
-    count = 0   # tokens so far (atoms, strings, literals, lists)
+    count = 0  # tokens so far (atoms, strings, literals, lists)
     for index in range(0, len(segments), 2):
         text = segments[index]
         literal = segments[index + 1] if index + 1 < len(segments) else None
@@ -203,21 +219,21 @@ def tokenize(command: Command) -> list:
                 if pos < end and text[pos] == 0x20:
                     raise ParseError("two spaces in a row")
                 continue
-            count += c != 0x29   # a list counts once, at its "("
+            count += c != 0x29  # a list counts once, at its "("
             if count > MAX_TOKENS:
                 raise ParseError(f"too many tokens in one command (at most {MAX_TOKENS})")
-            if c == 0x28:   # (
+            if c == 0x28:  # (
                 if len(stack) > MAX_LIST_DEPTH:
                     raise ParseError(f"parentheses nested too deeply (at most {MAX_LIST_DEPTH})")
                 stack.append([])
                 stack[-2].append(stack[-1])
                 pos += 1
-            elif c == 0x29:   # )
+            elif c == 0x29:  # )
                 if len(stack) == 1:
                     raise ParseError("unbalanced parenthesis")
                 stack.pop()
                 pos += 1
-            elif lexeme := _LEXEME.match(text, pos, end):   # the common tokens, in one step
+            elif lexeme := _LEXEME.match(text, pos, end):  # the common tokens, in one step
                 if lexeme.lastgroup == "quoted":
                     stack[-1].append(lexeme.group("quoted"))
                 else:
@@ -226,7 +242,7 @@ def tokenize(command: Command) -> list:
                     except UnicodeDecodeError:
                         raise ParseError("8-bit characters in an atom") from None
                 pos = lexeme.end()
-            elif c == 0x22:   # " (with escapes, or malformed)
+            elif c == 0x22:  # " (with escapes, or malformed)
                 value, pos = _quoted(text, pos + 1, end)
                 stack[-1].append(value)
             else:
@@ -247,8 +263,10 @@ def tokenize(command: Command) -> list:
 # A quoted string without escapes, or an atom without nested sections that ends at a space, a
 # parenthesis or the end, taken in one regex step (possessive: no backtracking); anything else
 # (escapes, nested "[", malformed input) goes through the character loops below, which decide.
-_LEXEME = re.compile(rb'"(?P<quoted>[^"\\\x00\r\n]*+)"'
-                     rb'|(?P<atom>\\?(?:[^(){ "\\\x00-\x1f\x7f\[\]]++|\[[^\[\]\r\n\x00{]*+\]|\])++)(?=[ ()]|\Z)')
+_LEXEME = re.compile(
+    rb'"(?P<quoted>[^"\\\x00\r\n]*+)"'
+    rb'|(?P<atom>\\?(?:[^(){ "\\\x00-\x1f\x7f\[\]]++|\[[^\[\]\r\n\x00{]*+\]|\])++)(?=[ ()]|\Z)'
+)
 
 
 def _quoted(text: bytes, pos: int, end: int) -> tuple[bytes, int]:
@@ -275,11 +293,11 @@ def _atom(text: bytes, pos: int, end: int) -> tuple[Atom, int]:
     depth = 0
     while pos < end:
         c = text[pos]
-        if c == 0x5B:   # [ opens a section: spaces and parentheses allowed inside
+        if c == 0x5B:  # [ opens a section: spaces and parentheses allowed inside
             depth += 1
         elif c == 0x5D:
-            depth = max(0, depth - 1)   # outside a section "]" is an ASTRING-CHAR
-        elif depth == 0 and c in _ATOM_STOP and not (c == 0x5C and pos == start):   # flags: \Seen
+            depth = max(0, depth - 1)  # outside a section "]" is an ASTRING-CHAR
+        elif depth == 0 and c in _ATOM_STOP and not (c == 0x5C and pos == start):  # flags: \Seen
             break
         elif depth and c in (0x0D, 0x0A, 0x00, 0x7B):
             raise ParseError("invalid character in section")
@@ -309,7 +327,7 @@ def astring(token) -> str:
 # ---- sequence sets ----------------------------------------------------------------------------
 
 _SEQ_RANGE = re.compile(r"(\*|[1-9][0-9]{0,9})(?::(\*|[1-9][0-9]{0,9}))?")
-STAR = 0   # stands for "*" (the largest number in use) until resolved
+STAR = 0  # stands for "*" (the largest number in use) until resolved
 
 
 def sequence_set(token) -> list[tuple[int, int]]:
@@ -342,8 +360,9 @@ class SequenceSet:
     def resolved(self, largest: int) -> tuple[list[int], list[int]]:
         """(starts, ends) of the disjoint ascending ranges, each end inclusive."""
         if largest != self._largest:
-            spans = sorted((min(lo or largest, hi or largest), max(lo or largest, hi or largest))
-                           for lo, hi in self.ranges)
+            spans = sorted(
+                (min(lo or largest, hi or largest), max(lo or largest, hi or largest)) for lo, hi in self.ranges
+            )
             starts, ends = [], []
             for lo, hi in spans:
                 if starts and lo <= ends[-1] + 1:
@@ -370,11 +389,12 @@ class SequenceSet:
 
 # ---- fetch attributes ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FetchAtt:
-    name: str                      # FLAGS, UID, ..., BODY, BODY.PEEK (the RFC 3501 names)
-    section: str | None = None     # text inside [] (upper-cased, without HEADER.FIELDS' list)
-    fields: tuple[str, ...] = ()   # HEADER.FIELDS (...) names, upper-cased
+    name: str  # FLAGS, UID, ..., BODY, BODY.PEEK (the RFC 3501 names)
+    section: str | None = None  # text inside [] (upper-cased, without HEADER.FIELDS' list)
+    fields: tuple[str, ...] = ()  # HEADER.FIELDS (...) names, upper-cased
     partial: tuple[int, int] | None = None
 
     @property
@@ -382,11 +402,23 @@ class FetchAtt:
         return self.name == "BODY.PEEK"
 
 
-_SIMPLE_ATTS = {"FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
-                "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
-_MACROS = {"ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
-           "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
-           "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY")}
+_SIMPLE_ATTS = {
+    "FLAGS",
+    "UID",
+    "RFC822.SIZE",
+    "INTERNALDATE",
+    "ENVELOPE",
+    "BODYSTRUCTURE",
+    "BODY",
+    "RFC822",
+    "RFC822.HEADER",
+    "RFC822.TEXT",
+}
+_MACROS = {
+    "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
+    "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
+    "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
+}
 _BODY_ATT = re.compile(r"(BODY|BODY\.PEEK)\[([^\]]*)\](?:<([0-9]{1,10})\.([0-9]{1,10})>)?", re.I)
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 

@@ -38,20 +38,70 @@ import binascii
 import re
 from collections import deque
 
-from relay.imap.events import (_CHANGED, _FLUSH, _LINE, _LINE_OR_CHANGE, CLOSED, NEED_DATA, PAUSED, YIELD, AuthRequest,
-                               CloseConnection, ExpungeRequest, ImapProtocolError, LoadRequest, MailboxRequest,
-                               Message, PartHeaderRequest, ScanRequest, SendBytes, SendFile, Snapshot, StartTls, State,
-                               StoreFlags)
+from relay.imap.events import (
+    _CHANGED,
+    _FLUSH,
+    _LINE,
+    _LINE_OR_CHANGE,
+    CLOSED,
+    NEED_DATA,
+    PAUSED,
+    YIELD,
+    AuthRequest,
+    CloseConnection,
+    ExpungeRequest,
+    ImapProtocolError,
+    LoadRequest,
+    MailboxRequest,
+    Message,
+    PartHeaderRequest,
+    ScanRequest,
+    SendBytes,
+    SendFile,
+    Snapshot,
+    StartTls,
+    State,
+    StoreFlags,
+)
 from relay.imap.fetch import SEEN
 from relay.imap.limits import MAX_BUFFER, MAX_COMMAND, PRE_LOGIN_MAX_BUFFER, PRE_LOGIN_MAX_COMMAND
 from relay.imap.mailbox import SelectedState
-from relay.imap.parser import (Atom, Command, CommandFramer, LiteralRequest, Overflow, ParseError, TooLong, astring,
-                               tokenize)
+from relay.imap.parser import (
+    Atom,
+    Command,
+    CommandFramer,
+    LiteralRequest,
+    Overflow,
+    ParseError,
+    TooLong,
+    astring,
+    tokenize,
+)
 
-__all__ = ["ImapConnection", "ImapProtocolError", "State", "Message", "Snapshot", "SendBytes", "SendFile",
-           "AuthRequest", "StartTls", "MailboxRequest", "LoadRequest", "PartHeaderRequest", "ScanRequest",
-           "StoreFlags", "ExpungeRequest", "CloseConnection", "NEED_DATA", "PAUSED", "CLOSED", "YIELD",
-           "TemporaryFailure", "bye"]
+__all__ = [
+    "ImapConnection",
+    "ImapProtocolError",
+    "State",
+    "Message",
+    "Snapshot",
+    "SendBytes",
+    "SendFile",
+    "AuthRequest",
+    "StartTls",
+    "MailboxRequest",
+    "LoadRequest",
+    "PartHeaderRequest",
+    "ScanRequest",
+    "StoreFlags",
+    "ExpungeRequest",
+    "CloseConnection",
+    "NEED_DATA",
+    "PAUSED",
+    "CLOSED",
+    "YIELD",
+    "TemporaryFailure",
+    "bye",
+]
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
 
@@ -59,6 +109,7 @@ IMPLEMENTATION = "DICOM-Mail-Hub"
 class TemporaryFailure:
     """The answer to an AuthRequest refused without a check (e.g. too many failures from the
     client's address): NO [UNAVAILABLE] with the reason; it counts as a failed login."""
+
     __slots__ = ("reason",)
 
     def __init__(self, reason: str) -> None:
@@ -69,13 +120,36 @@ NA, AU, SE = State.NOT_AUTHENTICATED, State.AUTHENTICATED, State.SELECTED
 _ANY, _AUTHED = {NA, AU, SE}, {AU, SE}
 # verb -> states in which it is valid (RFC 3501 sec. 6); every other verb is BAD
 _COMMANDS = {
-    "CAPABILITY": _ANY, "NOOP": _ANY, "LOGOUT": _ANY, "ID": _ANY,
-    "STARTTLS": {NA}, "LOGIN": {NA}, "AUTHENTICATE": {NA},
-    "SELECT": _AUTHED, "EXAMINE": _AUTHED, "LIST": _AUTHED, "LSUB": _AUTHED, "STATUS": _AUTHED,
-    "NAMESPACE": _AUTHED, "IDLE": _AUTHED, "SUBSCRIBE": _AUTHED, "UNSUBSCRIBE": _AUTHED,
-    "CREATE": _AUTHED, "DELETE": _AUTHED, "RENAME": _AUTHED, "APPEND": _AUTHED,
-    "CHECK": {SE}, "CLOSE": {SE}, "UNSELECT": {SE}, "EXPUNGE": {SE}, "FETCH": {SE}, "STORE": {SE},
-    "SEARCH": {SE}, "COPY": {SE}, "MOVE": {SE}, "UID": {SE},
+    "CAPABILITY": _ANY,
+    "NOOP": _ANY,
+    "LOGOUT": _ANY,
+    "ID": _ANY,
+    "STARTTLS": {NA},
+    "LOGIN": {NA},
+    "AUTHENTICATE": {NA},
+    "SELECT": _AUTHED,
+    "EXAMINE": _AUTHED,
+    "LIST": _AUTHED,
+    "LSUB": _AUTHED,
+    "STATUS": _AUTHED,
+    "NAMESPACE": _AUTHED,
+    "IDLE": _AUTHED,
+    "SUBSCRIBE": _AUTHED,
+    "UNSUBSCRIBE": _AUTHED,
+    "CREATE": _AUTHED,
+    "DELETE": _AUTHED,
+    "RENAME": _AUTHED,
+    "APPEND": _AUTHED,
+    "CHECK": {SE},
+    "CLOSE": {SE},
+    "UNSELECT": {SE},
+    "EXPUNGE": {SE},
+    "FETCH": {SE},
+    "STORE": {SE},
+    "SEARCH": {SE},
+    "COPY": {SE},
+    "MOVE": {SE},
+    "UID": {SE},
 }
 # commands after which EXPUNGE responses may not be sent (RFC 3501 sec. 7.4.1)
 _NO_EXPUNGE_AFTER = {"FETCH", "STORE", "SEARCH"}
@@ -86,8 +160,15 @@ _PERMANENT = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 
 
 class ImapConnection(SelectedState):
-    def __init__(self, *, greeting_host: str, starttls_available: bool, plaintext_login_allowed: bool,
-                 renderers, max_failed_logins: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        greeting_host: str,
+        starttls_available: bool,
+        plaintext_login_allowed: bool,
+        renderers,
+        max_failed_logins: int = 3,
+    ) -> None:
         self._host = greeting_host
         self._starttls = starttls_available
         self._plaintext_ok = plaintext_login_allowed
@@ -98,9 +179,9 @@ class ImapConnection(SelectedState):
         self._tls_active = False
         self._failed = 0
         self._out: deque = deque()
-        self._task = None          # the running command's generator
-        self._waiting = None       # what the task waits for: _FLUSH, _LINE, _LINE_OR_CHANGE, or a request
-        self._yielded = False      # YIELD was returned for the current _FLUSH
+        self._task = None  # the running command's generator
+        self._waiting = None  # what the task waits for: _FLUSH, _LINE, _LINE_OR_CHANGE, or a request
+        self._yielded = False  # YIELD was returned for the current _FLUSH
         self._eof = False
         self._changed = False
         self._readonly = False
@@ -177,15 +258,17 @@ class ImapConnection(SelectedState):
                     continue
                 return NEED_DATA
             if isinstance(item, LiteralRequest):
-                if item.verb == "APPEND":   # not offered: the client must not send the literal
+                if item.verb == "APPEND":  # not offered: the client must not send the literal
                     self._framer.reject_literal()
                     self._send(f"{item.tag} NO [CANNOT] APPEND is not offered: mail comes in over SMTP only\r\n")
                 else:
                     self._framer.accept_literal()
                     self._send("+ Ready for literal data\r\n")
             elif isinstance(item, TooLong):
-                self._send(f"{item.tag} BAD command line too long (at most {self._framer.max_command} octets"
-                           f" with its literals{' before login' if self._state is State.NOT_AUTHENTICATED else ''})\r\n")
+                self._send(
+                    f"{item.tag} BAD command line too long (at most {self._framer.max_command} octets"
+                    f" with its literals{' before login' if self._state is State.NOT_AUTHENTICATED else ''})\r\n"
+                )
             elif isinstance(item, Overflow):
                 self._send("* BYE too much input\r\n")
                 self._close()
@@ -249,8 +332,7 @@ class ImapConnection(SelectedState):
 
     # ---- any state ------------------------------------------------------------------------------
     def _capabilities(self) -> str:
-        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "IDLE", "NAMESPACE", "ID", "UIDPLUS", "UNSELECT",
-                "CHILDREN"]
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "IDLE", "NAMESPACE", "ID", "UIDPLUS", "UNSELECT", "CHILDREN"]
         if self._state is State.NOT_AUTHENTICATED:
             if self._starttls and not self._tls_active:
                 caps.append("STARTTLS")
@@ -332,8 +414,11 @@ class ImapConnection(SelectedState):
         site = yield AuthRequest(user, password, self._failed)
         if site is None or isinstance(site, TemporaryFailure):
             self._failed += 1
-            text = (f"[UNAVAILABLE] {''.join(c for c in site.reason if ' ' <= c <= '~')}"
-                    if isinstance(site, TemporaryFailure) else "[AUTHENTICATIONFAILED] authentication failed")
+            text = (
+                f"[UNAVAILABLE] {''.join(c for c in site.reason if ' ' <= c <= '~')}"
+                if isinstance(site, TemporaryFailure)
+                else "[AUTHENTICATIONFAILED] authentication failed"
+            )
             if self._failed >= self._max_failed:
                 self._send(f"{tag} NO {text}\r\n* BYE too many failures\r\n")
                 return self._close()
@@ -356,7 +441,7 @@ class ImapConnection(SelectedState):
     def _open(self, tag, args, readonly: bool):
         if len(args) != 1:
             raise ParseError("expected one mailbox name")
-        self._state, self._messages = State.AUTHENTICATED, []   # a failed SELECT leaves no mailbox selected
+        self._state, self._messages = State.AUTHENTICATED, []  # a failed SELECT leaves no mailbox selected
         if self._mailbox_name(args[0]) != "INBOX":
             return self._done(tag, "NO", "[NONEXISTENT] no such mailbox (only INBOX)")
         snapshot = yield MailboxRequest()
@@ -366,12 +451,14 @@ class ImapConnection(SelectedState):
         self._readonly = readonly
         self._state = State.SELECTED
         unseen = next((seq for seq, m in enumerate(self._messages, 1) if not m.flags & SEEN), None)
-        self._send(f"* FLAGS {_PERMANENT}\r\n"
-                   f"* OK [PERMANENTFLAGS {'()' if readonly else _PERMANENT}] flags kept\r\n"
-                   f"* {len(self._messages)} EXISTS\r\n* 0 RECENT\r\n"
-                   + (f"* OK [UNSEEN {unseen}] first unseen\r\n" if unseen else "")
-                   + f"* OK [UIDVALIDITY {self._uid_validity}] UIDs valid\r\n"
-                   f"* OK [UIDNEXT {self._uid_next}] predicted next UID\r\n")
+        self._send(
+            f"* FLAGS {_PERMANENT}\r\n"
+            f"* OK [PERMANENTFLAGS {'()' if readonly else _PERMANENT}] flags kept\r\n"
+            f"* {len(self._messages)} EXISTS\r\n* 0 RECENT\r\n"
+            + (f"* OK [UNSEEN {unseen}] first unseen\r\n" if unseen else "")
+            + f"* OK [UIDVALIDITY {self._uid_validity}] UIDs valid\r\n"
+            f"* OK [UIDNEXT {self._uid_next}] predicted next UID\r\n"
+        )
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         self._done(tag, "OK", f"[{mode}] {'EXAMINE' if readonly else 'SELECT'} completed")
 
@@ -386,9 +473,13 @@ class ImapConnection(SelectedState):
         snapshot = yield MailboxRequest()
         if snapshot is None:
             return self._done(tag, "NO", "[UNAVAILABLE] mailbox unavailable")
-        values = {"MESSAGES": len(snapshot.messages), "RECENT": 0, "UIDNEXT": snapshot.uid_next,
-                  "UIDVALIDITY": snapshot.uid_validity,
-                  "UNSEEN": sum(1 for m in snapshot.messages if not m.flags & SEEN)}
+        values = {
+            "MESSAGES": len(snapshot.messages),
+            "RECENT": 0,
+            "UIDNEXT": snapshot.uid_next,
+            "UIDVALIDITY": snapshot.uid_validity,
+            "UNSEEN": sum(1 for m in snapshot.messages if not m.flags & SEEN),
+        }
         self._send(f"* STATUS INBOX ({' '.join(f'{i} {values[i]}' for i in items)})\r\n")
         self._done(tag, "OK", "STATUS completed")
 
@@ -447,6 +538,7 @@ class ImapConnection(SelectedState):
                 return self._done(tag, "BAD", "expected DONE")
             return self._done(tag, "OK", "IDLE terminated")
 
+
 _WILDCARD_RUN = re.compile(r"[*%]{2,}")
 
 
@@ -460,7 +552,7 @@ def _wildcard_match(pattern: str, name: str) -> bool:
         return False
     pattern = _WILDCARD_RUN.sub(lambda run: "*" if "*" in run.group() else "%", pattern.upper())
     name = name.upper()
-    reach = [True] + [False] * len(name)   # reach[i]: the pattern so far can match name[:i]
+    reach = [True] + [False] * len(name)  # reach[i]: the pattern so far can match name[:i]
     for c in pattern:
         if c == "*":
             first = reach.index(True)
@@ -479,4 +571,3 @@ def bye(reason: str) -> bytes:
     """An untagged BYE for a connection the adapter ends on its own (limits, shutdown, errors)."""
     text = "".join(c for c in reason if " " <= c <= "~")
     return f"* BYE {text}\r\n".encode()
-

@@ -71,7 +71,7 @@ def _read_header(fd: int, offset: int, size: int, budget: ScanBudget) -> bytes:
             return b"\r\n"
         blank = data.find(b"\r\n\r\n", scan_from)
         if blank >= 0:
-            return data[:blank + 4]
+            return data[: blank + 4]
     return data
 
 
@@ -96,6 +96,7 @@ def _contains(fd: int, offset: int, length: int, needles: list[bytes], budget: S
 
 
 # ---- header fields --------------------------------------------------------------------------------
+
 
 def _fields(header: bytes, field: str) -> list[str]:
     """Unfolded values of every header field named `field` (upper-case); linear in the header's size

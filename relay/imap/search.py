@@ -16,10 +16,18 @@ from relay.imap.parser import Atom, ParseError, SequenceSet, astring, imap_date
 
 __all__ = ["Search", "parse_search"]
 
-_FLAG_KEYS = {"ANSWERED": (ANSWERED, True), "DELETED": (DELETED, True), "DRAFT": (DRAFT, True),
-              "FLAGGED": (FLAGGED, True), "SEEN": (SEEN, True), "UNANSWERED": (ANSWERED, False),
-              "UNDELETED": (DELETED, False), "UNDRAFT": (DRAFT, False), "UNFLAGGED": (FLAGGED, False),
-              "UNSEEN": (SEEN, False)}
+_FLAG_KEYS = {
+    "ANSWERED": (ANSWERED, True),
+    "DELETED": (DELETED, True),
+    "DRAFT": (DRAFT, True),
+    "FLAGGED": (FLAGGED, True),
+    "SEEN": (SEEN, True),
+    "UNANSWERED": (ANSWERED, False),
+    "UNDELETED": (DELETED, False),
+    "UNDRAFT": (DRAFT, False),
+    "UNFLAGGED": (FLAGGED, False),
+    "UNSEEN": (SEEN, False),
+}
 _HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
 _DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 _CHARSETS = {"US-ASCII", "UTF-8"}
@@ -61,7 +69,7 @@ def _all_of(predicates):
 
 class _Parser:
     def __init__(self, tokens: list):
-        self.stack = [(tokens, 0)]   # (tokens, position) of each open parenthesized list
+        self.stack = [(tokens, 0)]  # (tokens, position) of each open parenthesized list
         self.keys = 0
         self.probes: list[tuple] = []
 
@@ -107,7 +115,7 @@ class _Parser:
         if name in ("ALL", "OLD"):
             return lambda *a: True
         if name in ("NEW", "RECENT"):
-            return lambda *a: False          # no message is ever \Recent here
+            return lambda *a: False  # no message is ever \Recent here
         if name in _FLAG_KEYS:
             bit, wanted = _FLAG_KEYS[name]
             return lambda seq, msg, *a: bool(msg.flags & bit) == wanted
@@ -147,12 +155,16 @@ class _Parser:
     def _date_key(self, name: str, day: datetime.date):
         if name.startswith("SENT"):
             self.probes.append(SENT_DATE)
+
             def when(msg):
                 return msg.probes[SENT_DATE]
+
             name = name[4:]
         else:
+
             def when(msg):
-                return datetime.datetime.fromtimestamp(msg.internal_date, datetime.timezone.utc).date()
+                return datetime.datetime.fromtimestamp(msg.internal_date, datetime.UTC).date()
+
         if name == "BEFORE":
             return lambda seq, msg, *a: (d := when(msg)) is not None and d < day
         if name == "ON":

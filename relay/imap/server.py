@@ -16,21 +16,37 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from quotas import Throttle
-from storage import Downloads, SiteCache, Storage
-
-from relay import connection_limits
-from relay import metrics
-from relay.mime import structure as mime_structure
-from relay.imap.fetch import SEEN
+from relay import connection_limits, metrics
 from relay.file_sender import ChecksumMismatch, FileSender, RunningCrc
+from relay.imap.fetch import SEEN
+from relay.imap.limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
+from relay.imap.protocol import (
+    CLOSED,
+    NEED_DATA,
+    YIELD,
+    AuthRequest,
+    CloseConnection,
+    ExpungeRequest,
+    ImapConnection,
+    LoadRequest,
+    MailboxRequest,
+    Message,
+    PartHeaderRequest,
+    ScanRequest,
+    SendBytes,
+    SendFile,
+    Snapshot,
+    StartTls,
+    StoreFlags,
+    TemporaryFailure,
+    bye,
+)
+from relay.imap.scan import scan_messages
 from relay.logins import Logins
 from relay.mailbox_session import MailboxSessionIO, is_loopback
-from relay.imap.limits import MAX_HEADER, SEARCH_THREADS, SLICE_SECONDS
-from relay.imap.protocol import (CLOSED, NEED_DATA, YIELD, AuthRequest, CloseConnection, ExpungeRequest, ImapConnection,
-                                 LoadRequest, MailboxRequest, Message, PartHeaderRequest, ScanRequest, SendBytes,
-                                 SendFile, Snapshot, StartTls, StoreFlags, TemporaryFailure, bye)
-from relay.imap.scan import scan_messages
+from relay.mime import structure as mime_structure
 from relay.mime.stream import MimeStreamParser
+from storage import Downloads, SiteCache, Storage
 
 log = logging.getLogger("mailhub.imap")
 CHUNK = 1024 * 1024
@@ -45,7 +61,8 @@ _REFUSALS = {
     connection_limits.PER_ADDRESS: bye("[UNAVAILABLE] Too many connections from your address"),
     connection_limits.UNAUTHENTICATED: bye("[UNAVAILABLE] Too many connections not logged in, try again later"),
     connection_limits.UNAUTHENTICATED_PER_ADDRESS: bye(
-        "[UNAVAILABLE] Too many connections not logged in from your address"),
+        "[UNAVAILABLE] Too many connections not logged in from your address"
+    ),
 }
 
 
@@ -55,12 +72,20 @@ class ImapContext:
     ledger (told of each poll and download: the drain-rate measurement, as for POP3). It is one of
     storage's listeners: every committed delivery or removal wakes the sessions of that site."""
 
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle, pop3_locks: dict, logins: Logins | None = None):
+    def __init__(
+        self,
+        cfg,
+        storage: Storage,
+        sites: SiteCache,
+        tls_context: ssl.SSLContext | None,
+        throttle: Throttle,
+        pop3_locks: dict,
+        logins: Logins | None = None,
+    ):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
-        self.logins = logins or Logins.from_config(cfg, sites)   # shared by all protocols (server.py)
+        self.logins = logins or Logins.from_config(cfg, sites)  # shared by all protocols (server.py)
         self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.imap))
         self.login_timeout = cfg.imap.login_timeout
         self.ledger = throttle.ledger
@@ -69,7 +94,7 @@ class ImapContext:
         self.sender = FileSender(cfg.imap.max_connections)
         self.searcher = ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="mailhub-imap-search")
         self.sessions: set[ImapSession] = set()
-        self.by_site: dict[int, set[ImapSession]] = {}   # logged-in sessions per site id
+        self.by_site: dict[int, set[ImapSession]] = {}  # logged-in sessions per site id
         self.shutting_down = False
         storage.add_listener(self)
 
@@ -108,7 +133,7 @@ class ImapSession(MailboxSessionIO):
 
     def __init__(self, ctx: ImapContext, implicit_tls: bool):
         super().__init__(ctx, ctx.cfg.imap.idle_timeout, implicit_tls)
-        self._served = Downloads(polled_at=0.0)       # the whole session's, for its log line
+        self._served = Downloads(polled_at=0.0)  # the whole session's, for its log line
         self._expunged = 0
         self._in_literal = False
 
@@ -124,9 +149,11 @@ class ImapSession(MailboxSessionIO):
             return
         ctx.sessions.add(self)
         self.core = ImapConnection(
-            greeting_host=ctx.cfg.hostname, starttls_available=ctx.tls_context is not None and not self.tls,
+            greeting_host=ctx.cfg.hostname,
+            starttls_available=ctx.tls_context is not None and not self.tls,
             plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext,
-            renderers=mime_structure)
+            renderers=mime_structure,
+        )
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def _login_timeout_reply(self) -> bytes:
@@ -154,7 +181,7 @@ class ImapSession(MailboxSessionIO):
             self._write(core.initial_bytes())
             slice_end = loop.time() + SLICE_SECONDS
             while (event := core.next_event()) is not CLOSED:
-                if event is YIELD:   # a long command: let the other clients run now and then
+                if event is YIELD:  # a long command: let the other clients run now and then
                     if loop.time() >= slice_end:
                         await asyncio.sleep(0)
                         slice_end = loop.time() + SLICE_SECONDS
@@ -226,7 +253,7 @@ class ImapSession(MailboxSessionIO):
     async def _snapshot(self) -> Snapshot | None:
         site = self.ctx.sites.by_name(self.site.name)
         if site is None or site.id != self.site.id:
-            return None   # removed (or removed and added again) meanwhile
+            return None  # removed (or removed and added again) meanwhile
         storage = self.ctx.storage
         entries = await storage.mailbox(site.id)
         messages = [Message(e.uid, e.size, e.flags, e.delivered_at, e) for e in entries]
@@ -237,14 +264,19 @@ class ImapSession(MailboxSessionIO):
             if event.check:
                 msg.damaged = self.ctx.storage.serving_problem(msg.ref)
                 if msg.damaged is not None:
-                    log.warning("peer=%s site=%s: mail %s not served: damaged (%s)", self.peer, self._site_name(),
-                                msg.ref.queue_id, msg.damaged)
+                    log.warning(
+                        "peer=%s site=%s: mail %s not served: damaged (%s)",
+                        self.peer,
+                        self._site_name(),
+                        msg.ref.queue_id,
+                        msg.damaged,
+                    )
                     continue
             if event.structure:
                 structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
-                if structure is None:   # stored before structures were recorded
+                if structure is None:  # stored before structures were recorded
                     structure = await self._record_structure(msg.ref)
-                msg.structure = mime_structure.capped(structure)   # also records made before the caps
+                msg.structure = mime_structure.capped(structure)  # also records made before the caps
             if event.header:
                 msg.header = await self._read_header(msg.ref)
 
@@ -260,7 +292,8 @@ class ImapSession(MailboxSessionIO):
             budget.deadline = time.monotonic() + budget.seconds
         where = [(m.ref.path, m.ref.offset, m.size) for m in event.messages]
         answers = await asyncio.get_running_loop().run_in_executor(
-            self.ctx.searcher, scan_messages, where, event.probes, budget)
+            self.ctx.searcher, scan_messages, where, event.probes, budget
+        )
         if answers is None:
             return False
         for msg, found in zip(event.messages, answers):
@@ -282,15 +315,16 @@ class ImapSession(MailboxSessionIO):
         limit = min(entry.size if end is None else end, start + MAX_HEADER) - start
         data = b""
         while len(data) < limit:
-            chunk = await self.ctx.sender.read(entry.path, entry.offset + start + len(data),
-                                               min(_HEADER_READ, limit - len(data)))
+            chunk = await self.ctx.sender.read(
+                entry.path, entry.offset + start + len(data), min(_HEADER_READ, limit - len(data))
+            )
             if not chunk:
                 break
             scan_from = max(0, len(data) - 3)
             data += chunk
             blank = data.find(b"\r\n\r\n", scan_from)
             if blank >= 0:
-                return data[:blank + 4]
+                return data[: blank + 4]
             if data.startswith(b"\r\n"):
                 return b"\r\n"
         return data
@@ -301,13 +335,13 @@ class ImapSession(MailboxSessionIO):
         except Exception:
             log.exception("site=%s: storing flags failed", self.site.name)
             return False
-        self.ctx.mailboxes_changed((self.site.id,))   # the other sessions of the site show the flags
+        self.ctx.mailboxes_changed((self.site.id,))  # the other sessions of the site show the flags
         return True
 
     async def _expunge(self, event: ExpungeRequest) -> str:
         if self.site.id in self.ctx.pop3_locks:
             return "in-use"
-        try:   # what was downloaded so far is recorded with the deletion (long IDLE sessions)
+        try:  # what was downloaded so far is recorded with the deletion (long IDLE sessions)
             await self.ctx.storage.delete(self.site.id, event.uids, self.downloads)
         except Exception:
             log.exception("site=%s: expunging %d message(s) failed", self.site.name, len(event.uids))
@@ -320,8 +354,12 @@ class ImapSession(MailboxSessionIO):
         await self._drain()
         try:
             transport = await asyncio.get_running_loop().start_tls(
-                self.transport, self, self.ctx.tls_context, server_side=True,
-                ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
+                self.transport,
+                self,
+                self.ctx.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
+            )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise ConnectionAbortedError(f"TLS handshake failed: {exc}") from None
         if transport is None:
@@ -338,8 +376,15 @@ class ImapSession(MailboxSessionIO):
         try:
             if FileSender.usable(self.transport):
                 await self._flushed()
-                await self.ctx.sender.send(self.transport, entry.path, entry.offset + event.start, event.length,
-                                           self._stop_send, self.idle_timeout, crc32)
+                await self.ctx.sender.send(
+                    self.transport,
+                    entry.path,
+                    entry.offset + event.start,
+                    event.length,
+                    self._stop_send,
+                    self.idle_timeout,
+                    crc32,
+                )
                 self._direct += 1
             else:
                 await self._copy(entry, event.start, event.length, RunningCrc(crc32))
@@ -358,7 +403,7 @@ class ImapSession(MailboxSessionIO):
         self.ctx.ledger.note_download(self.site.id, event.length, time.monotonic())
         if event.whole:
             self.downloads.retrieved[entry.queue_id] = (time.time(), event.length)
-        if event.whole and not entry.fetched:   # first download: no longer waiting (as POP3 RETR)
+        if event.whole and not entry.fetched:  # first download: no longer waiting (as POP3 RETR)
             entry.fetched = True
             self.downloads.fetched_uids.append(entry.uid)
             self.ctx.ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
@@ -376,8 +421,9 @@ class ImapSession(MailboxSessionIO):
             try:
                 await self.ctx.storage.set_flags(self.site.id, [entry.uid], 0, SEEN)
             except Exception as exc:
-                log.warning("site=%s: \\Seen of damaged mail %s not taken back: %s", self._site_name(),
-                            entry.queue_id, exc)
+                log.warning(
+                    "site=%s: \\Seen of damaged mail %s not taken back: %s", self._site_name(), entry.queue_id, exc
+                )
             self.ctx.mailboxes_changed((self.site.id,))
         raise ConnectionAbortedError(self._end_reason)
 
@@ -410,6 +456,7 @@ class ImapSession(MailboxSessionIO):
 
         async def read():
             return offset, await self.ctx.sender.read(entry.path, entry.offset + offset, min(CHUNK, end - offset))
+
         return asyncio.ensure_future(read())
 
     # ---- the end of a session ---------------------------------------------------------------
@@ -433,10 +480,20 @@ class ImapSession(MailboxSessionIO):
                     ctx.by_site.pop(self.site.id, None)
         metrics.imap_session(outcome)
         d = self._served
-        log.info("session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f direct=%d checked=%d expunged=%d"
-                 " session_s=%.1f outcome=%s", self.peer, self._site_name(), d.messages, d.bytes, d.send_seconds,
-                 self._direct, self._checked, self._expunged, time.monotonic() - self._started, outcome)
-
+        log.info(
+            "session peer=%s site=%s fetched=%d bytes=%d send_s=%.3f direct=%d checked=%d expunged=%d"
+            " session_s=%.1f outcome=%s",
+            self.peer,
+            self._site_name(),
+            d.messages,
+            d.bytes,
+            d.send_seconds,
+            self._direct,
+            self._checked,
+            self._expunged,
+            time.monotonic() - self._started,
+            outcome,
+        )
 
 
 __all__ = ["ImapContext", "ImapSession"]

@@ -51,6 +51,7 @@ class Identity:
 class Base64:
     """Every byte outside the alphabet is skipped (RFC 2045 6.8); padding ends a group and
     decoding goes on after it (a reader that stops at the first '=' sees less, never more)."""
+
     error = None
 
     def __init__(self) -> None:
@@ -91,7 +92,7 @@ class QuotedPrintable:
         text = self._rest + bytes(data)
         cut = text.rfind(b"\n") + 1
         if cut == 0 and len(text) > _MAX_LINE:
-            cut = len(text) - 2   # an '=XY' may be cut: keep two bytes
+            cut = len(text) - 2  # an '=XY' may be cut: keep two bytes
         self._rest = text[cut:]
         return binascii.a2b_qp(text[:cut]) if cut else b""
 
@@ -106,7 +107,7 @@ class UUDecode:
 
     def __init__(self) -> None:
         self._rest = b""
-        self._state = "before"   # before -> lines -> after
+        self._state = "before"  # before -> lines -> after
         self.error: str | None = None
         self.name: str | None = None
 
@@ -150,7 +151,7 @@ def uu_line(line: bytes) -> bytes:
         return binascii.a2b_uu(line)
     except binascii.Error:
         length = (line[0] - 32) & 63
-        body = line[1:1 + (length + 2) // 3 * 4]
+        body = line[1 : 1 + (length + 2) // 3 * 4]
         try:
             return binascii.a2b_uu(bytes([32 + len(body) * 3 // 4 if body else 32]) + body)[:length]
         except binascii.Error:

@@ -9,21 +9,61 @@ import re
 import struct
 import zlib
 
-SNIFF_BYTES = 64 * 1024        # decoded bytes of a part looked at
-MAX_CONTAINER_DEPTH = 3        # zip/gzip inside zip/gzip looked into
-INFLATE_BYTES = 8 * 1024       # decompressed bytes looked at per level
+SNIFF_BYTES = 64 * 1024  # decoded bytes of a part looked at
+MAX_CONTAINER_DEPTH = 3  # zip/gzip inside zip/gzip looked into
+INFLATE_BYTES = 8 * 1024  # decompressed bytes looked at per level
 _TEXT_CONTROLS = bytes(c for c in range(32) if c not in (9, 10, 11, 12, 13, 27)) + b"\x7f"
-_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD",
-        b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
-        b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+_VRS = {
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FL",
+    b"FD",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SQ",
+    b"SS",
+    b"ST",
+    b"SV",
+    b"TM",
+    b"UC",
+    b"UI",
+    b"UL",
+    b"UN",
+    b"UR",
+    b"US",
+    b"UT",
+    b"UV",
+}
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _DICOM_JSON = re.compile(rb'"[0-9A-Fa-f]{8}"\s*:\s*\{\s*"vr"\s*:')
 _DICOM_XML = re.compile(rb"<\s*(?:NativeDicomModel|DicomAttribute)\b")
 _DICOM_NAME = re.compile(r"(?i)(\.(dcm|dicom|dic|dc3)$|^dicomdir$)")
-_ARCHIVES = ((b"PK\x03\x04", "a zip archive"), (b"PK\x05\x06", "a zip archive"), (b"PK\x07\x08", "a zip archive"),
-             (b"\x1f\x8b", "a gzip file"), (b"BZh", "a bzip2 file"), (b"\xfd7zXZ\x00", "an xz file"),
-             (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"), (b"\x28\xb5\x2f\xfd", "a zstd file"),
-             (b"Rar!\x1a\x07", "a RAR archive"))
+_ARCHIVES = (
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PK\x05\x06", "a zip archive"),
+    (b"PK\x07\x08", "a zip archive"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"BZh", "a bzip2 file"),
+    (b"\xfd7zXZ\x00", "an xz file"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"\x28\xb5\x2f\xfd", "a zstd file"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+)
 
 
 def dicom_name(name: str) -> bool:
@@ -56,11 +96,11 @@ def _raw_dataset(head: bytes) -> bool:
             if tag <= previous or group & 1 or (count == 0 and group not in (0x0002, 0x0008)):
                 break
             if explicit:
-                vr = head[pos + 4:pos + 6]
+                vr = head[pos + 4 : pos + 6]
                 if vr not in _VRS:
                     break
                 if vr in _LONG_VRS:
-                    if head[pos + 6:pos + 8] != b"\0\0" or pos + 12 > len(head):
+                    if head[pos + 6 : pos + 8] != b"\0\0" or pos + 12 > len(head):
                         break
                     length, size = struct.unpack_from("<I", head, pos + 8)[0], 12
                 else:
@@ -96,16 +136,16 @@ def dicom_in_archive(head: bytes, depth: int = 0) -> str | None:
     kind = archive_kind(head)
     inner, name = None, ""
     if kind == "a zip archive" and head.startswith(b"PK\x03\x04") and len(head) >= 30:
-        method, = struct.unpack_from("<H", head, 8)
+        (method,) = struct.unpack_from("<H", head, 8)
         name_length, extra_length = struct.unpack_from("<HH", head, 26)
-        name = head[30:30 + name_length].decode("utf-8", "replace")
-        data = head[30 + name_length + extra_length:]
+        name = head[30 : 30 + name_length].decode("utf-8", "replace")
+        data = head[30 + name_length + extra_length :]
         inner = data[:INFLATE_BYTES] if method == 0 else _inflate(data, -15) if method == 8 else None
     elif kind == "a gzip file":
         inner = _inflate(head, 31)
     elif kind == "a tar archive":
         name = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        inner = head[512:512 + INFLATE_BYTES]
+        inner = head[512 : 512 + INFLATE_BYTES]
     if kind is None:
         return None
     if name and dicom_name(name):

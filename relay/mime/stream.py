@@ -17,16 +17,16 @@
 import re
 
 MAX_HEADER_BYTES = 256 * 1024  # of one header block; what follows is taken as body
-MAX_HEADERS = 1000             # fields kept per header block; the block ends there too
-MAX_DEPTH = 32                 # nesting of multiparts and message/rfc822; deeper ones are leaves
-MAX_PARTS = 10_000             # per message; further parts are body of the last one
-MAX_BOUNDARY = 200             # characters of a boundary (RFC 2046: 70); longer: not a multipart
-MAX_BOUNDARY_LINE = 1024       # a longer line is never a boundary line
-MAX_FALSE_DELIMITERS = 1000    # lines that start like a boundary but are none; past it: no structure
-MAX_FIELD_NAME = 998           # a longer run of name characters is no header field
+MAX_HEADERS = 1000  # fields kept per header block; the block ends there too
+MAX_DEPTH = 32  # nesting of multiparts and message/rfc822; deeper ones are leaves
+MAX_PARTS = 10_000  # per message; further parts are body of the last one
+MAX_BOUNDARY = 200  # characters of a boundary (RFC 2046: 70); longer: not a multipart
+MAX_BOUNDARY_LINE = 1024  # a longer line is never a boundary line
+MAX_FALSE_DELIMITERS = 1000  # lines that start like a boundary but are none; past it: no structure
+MAX_FIELD_NAME = 998  # a longer run of name characters is no header field
 _LOOKAHEAD = 4 * MAX_BOUNDARY_LINE
-_DASH_PROBES = 8               # dashes looked at per chunk before searching for the markers instead
-_NUMPY_MIN = 32 * 1024         # shorter spans: bytes.count (numpy's call overhead, and it lets go of the GIL)
+_DASH_PROBES = 8  # dashes looked at per chunk before searching for the markers instead
+_NUMPY_MIN = 32 * 1024  # shorter spans: bytes.count (numpy's call overhead, and it lets go of the GIL)
 
 _HEADERS, _BODY, _SKIP = 0, 1, 2  # states of the innermost open part (_SKIP: preamble/epilogue)
 _LF, _CR = 10, 13
@@ -54,10 +54,30 @@ class Part:
     RFC 2231 continuations and encodings decoded. defects: codes of what makes the part ambiguous
     or cut short (see DEFECTS), each once."""
 
-    __slots__ = ("path", "parent", "depth", "is_message", "headers", "headers_truncated",
-                 "content_type", "subtype", "params", "kind", "header_start", "body_start",
-                 "body_end", "size", "lines", "defects", "_children", "_marker", "_needles",
-                 "_lf_start", "_line", "_content")
+    __slots__ = (
+        "path",
+        "parent",
+        "depth",
+        "is_message",
+        "headers",
+        "headers_truncated",
+        "content_type",
+        "subtype",
+        "params",
+        "kind",
+        "header_start",
+        "body_start",
+        "body_end",
+        "size",
+        "lines",
+        "defects",
+        "_children",
+        "_marker",
+        "_needles",
+        "_lf_start",
+        "_line",
+        "_content",
+    )
     # headers: (name, value) in order, unfolded (line ends removed), value without the blanks
     # after the colon; bytes that are not UTF-8 are kept as surrogate escapes.
 
@@ -79,8 +99,8 @@ class Part:
         self.lines: int | None = None
         self.defects: list[str] = []
         self._children = 0
-        self._marker = b""      # b"--" + boundary
-        self._needles = ()      # b"\n--" + boundary, b"\r--" + boundary: what bytes.find looks for
+        self._marker = b""  # b"--" + boundary
+        self._needles = ()  # b"\n--" + boundary, b"\r--" + boundary: what bytes.find looks for
         self._lf_start: int | None = None
         self._line: bytearray | None = None  # a header line being collected across chunks
         self._content: list[tuple[str, str]] | None = None
@@ -98,8 +118,7 @@ class Part:
     def content_fields(self) -> list[tuple[str, str]]:
         """The Content-* fields, names lower-cased, in order (made once the header is complete)."""
         if self._content is None or self.body_start is None:
-            self._content = [(field.lower(), value) for field, value in self.headers
-                             if field[:8].lower() == "content-"]
+            self._content = [(field.lower(), value) for field, value in self.headers if field[:8].lower() == "content-"]
         return self._content
 
     def defect(self, code: str) -> None:
@@ -107,8 +126,10 @@ class Part:
             self.defects.append(code)
 
     def __repr__(self) -> str:
-        return (f"Part({self.path!r}, {self.content_type}/{self.subtype}, {self.kind},"
-                f" body={self.body_start}..{self.body_end})")
+        return (
+            f"Part({self.path!r}, {self.content_type}/{self.subtype}, {self.kind},"
+            f" body={self.body_start}..{self.body_end})"
+        )
 
 
 # What part.defects may hold. Limits: the part is cut short or taken as a leaf.
@@ -138,17 +159,17 @@ class MimeStreamParser:
     def __init__(self, listener) -> None:
         self.listener = listener
         self._on_skip = getattr(listener, "skipped", None)
-        self._offset = 0         # absolute offset just after the last byte fed
-        self._tail = b""         # undecided bytes at the end of what was fed (they end at _offset)
+        self._offset = 0  # absolute offset just after the last byte fed
+        self._tail = b""  # undecided bytes at the end of what was fed (they end at _offset)
         self._stack: list[Part] = []
         self._open_boundaries: list[Part] = []  # multiparts whose close delimiter is still to come
         self._parts = 0
-        self._false = 0          # lines that started like a delimiter but were none
-        self._in_rfc822 = 0      # open message/rfc822 parts: everything inside has its lines counted
-        self._lf = 0             # line feeds counted so far (only while counting)
+        self._false = 0  # lines that started like a delimiter but were none
+        self._in_rfc822 = 0  # open message/rfc822 parts: everything inside has its lines counted
+        self._lf = 0  # line feeds counted so far (only while counting)
         self._counting = False
         self._line_start = True  # the next byte starts a line whose line end was consumed already
-        self._eol = 2            # length of the line end of the last header or delimiter line
+        self._eol = 2  # length of the line end of the last header or delimiter line
         self._state = _HEADERS
         self._closed = False
         self._hits: dict[bytes, int] = {}  # needle -> next hit in the chunk being scanned
@@ -176,7 +197,7 @@ class MimeStreamParser:
             if used >= len(tail):
                 start = used - len(tail)
             else:  # an undecided line longer than the lookahead: it is at most a few KB
-                data = head[used:len(tail)] + data
+                data = head[used : len(tail)] + data
                 base -= len(tail) - used
         used = self._run(data, start, base, False)
         self._tail = data[used:]
@@ -221,14 +242,14 @@ class MimeStreamParser:
             nl = buf.find(b"\n", pos, min(end, limit))
             if nl < 0:
                 return self._grow_line(part, buf, pos, min(end, limit), limit, base)
-            part._line += buf[pos:nl + 1]
+            part._line += buf[pos : nl + 1]
             self._consumed(buf, nl, nl + 1)
             self._finish_line(part)
             pos = nl + 1
             if pos >= end:
                 return pos, False
-        first = buf[pos:pos + 1]
-        if first == b"\n" or buf[pos:pos + 2] == b"\r\n":  # the empty line that ends the block
+        first = buf[pos : pos + 1]
+        if first == b"\n" or buf[pos : pos + 2] == b"\r\n":  # the empty line that ends the block
             line_end = pos + (1 if first == b"\n" else 2)
             self._consumed(buf, pos, line_end)
             self._header_done(part, base + line_end)
@@ -245,7 +266,7 @@ class MimeStreamParser:
             return self._cut(part, buf, pos, pos, base)
         if first not in (b" ", b"\t") and not _FIELD_START.match(buf, pos):
             if end - pos <= MAX_FIELD_NAME and buf.find(b"\n", pos) < 0 and not final:
-                return pos, True   # too little of the line to tell
+                return pos, True  # too little of the line to tell
             part.defect("no_separator")
             self._header_done(part, base + pos)
             return pos, False
@@ -269,7 +290,7 @@ class MimeStreamParser:
                 return pos
         # every line of buf[pos:stop + 1] must be a field or a continuation: checked unfolded
         # (a regular expression per folded line is slow), by line otherwise
-        run = buf[pos:stop + 1]
+        run = buf[pos : stop + 1]
         if _NOT_FIELD.search(_unfold_lines(run), 0, len(run) - 1) is None:
             return stop + 1
         found = _STOP.search(buf, pos, stop + 1)
@@ -289,9 +310,11 @@ class MimeStreamParser:
         room = MAX_HEADERS - len(headers)
         if len(fields) > room:
             part.defect("header_fields")
-            fields = fields[:max(room, 0)]
-        headers += [(name.decode("ascii"), _unfold(value, more) if more else value.decode("utf-8", "surrogateescape"))
-                    for name, value, more in fields]
+            fields = fields[: max(room, 0)]
+        headers += [
+            (name.decode("ascii"), _unfold(value, more) if more else value.decode("utf-8", "surrogateescape"))
+            for name, value, more in fields
+        ]
         self._consumed(buf, pos, end)
         return end
 
@@ -367,7 +390,7 @@ class MimeStreamParser:
                 line = self._find_marker(buf, scan)
                 if line < 0:
                     break
-            if buf[line:line + 2] == b"--" or end - line < 2:
+            if buf[line : line + 2] == b"--" or end - line < 2:
                 judged = self._judge_line(buf, line, final)
                 if judged is None:
                     return self._hold(buf, pos, line), True
@@ -435,11 +458,11 @@ class MimeStreamParser:
             if dash < 0:
                 return -1
             self._probes += 1
-            if dash > 0 and buf[dash + 1:dash + 2] in (b"-", b""):
+            if dash > 0 and buf[dash + 1 : dash + 2] in (b"-", b""):
                 before = buf[dash - 1]
                 if before == _LF:
                     return dash
-                if before == _CR and buf[dash + 1:dash + 2] == b"-" and self._bare_cr_marker(buf, dash):
+                if before == _CR and buf[dash + 1 : dash + 2] == b"-" and self._bare_cr_marker(buf, dash):
                     scan = dash + 1
                     continue
             scan = dash + 1
@@ -462,7 +485,7 @@ class MimeStreamParser:
 
     def _bare_cr_marker(self, buf: bytes, dash: int) -> bool:
         """A lone CR before "--" + an open marker: noted on that multipart."""
-        if buf[dash - 1] != _CR or buf[dash:dash + 1] != b"-":
+        if buf[dash - 1] != _CR or buf[dash : dash + 1] != b"-":
             return False
         for multipart in self._open_boundaries:
             if buf.startswith(multipart._marker, dash):
@@ -477,8 +500,9 @@ class MimeStreamParser:
         longest = max(len(multipart._marker) + 1 for multipart in self._open_boundaries)
         window = max(pos, end - longest)
         line = max(buf.rfind(b"\n", window), buf.rfind(b"\r", window))
-        if line >= 0 and any(needle.startswith(buf[line:end]) for multipart in self._open_boundaries
-                             for needle in multipart._needles):
+        if line >= 0 and any(
+            needle.startswith(buf[line:end]) for multipart in self._open_boundaries for needle in multipart._needles
+        ):
             keep = line
         elif buf.endswith(b"\r"):
             keep = end - 1
@@ -505,9 +529,9 @@ class MimeStreamParser:
         for multipart in reversed(self._open_boundaries):
             marker = multipart._marker
             if text.startswith(marker):
-                rest = text[len(marker):]
+                rest = text[len(marker) :]
                 closes = rest[:2] == b"--"
-                if not rest[2 if closes else 0:].strip(b" \t") and (closes or self._parts < MAX_PARTS):
+                if not rest[2 if closes else 0 :].strip(b" \t") and (closes or self._parts < MAX_PARTS):
                     return multipart, closes
         return None
 
@@ -532,8 +556,9 @@ class MimeStreamParser:
         self._eol = 2 if end - start >= 2 and buf[end - 2] == _CR else 1
         self._line_start = True
 
-    def _delimiter(self, match: tuple[Part, bool], delimiter: int, buf: bytes, start: int,
-                   line_end: int, base: int, unwound: int) -> None:
+    def _delimiter(
+        self, match: tuple[Part, bool], delimiter: int, buf: bytes, start: int, line_end: int, base: int, unwound: int
+    ) -> None:
         """A boundary line from absolute `delimiter` (its preceding line end) to buf[line_end]: the
         parts inside its multipart end; a new child part starts unless it is the close delimiter.
         unwound: line feeds of buf[start:] taken back from the count."""
@@ -548,8 +573,7 @@ class MimeStreamParser:
         else:
             multipart._children += 1
             n = multipart._children
-            self._push(Part(f"{multipart.path}.{n}" if multipart.path else str(n), multipart,
-                            base + line_end, False))
+            self._push(Part(f"{multipart.path}.{n}" if multipart.path else str(n), multipart, base + line_end, False))
         self._update_counting()
 
     def _push(self, part: Part) -> None:
@@ -604,8 +628,7 @@ class MimeStreamParser:
 
     def _set_type(self, part: Part) -> None:
         value = part.header("content-type")
-        digest = part.parent is not None and part.parent.kind == "multipart" and \
-            part.parent.subtype == "digest"
+        digest = part.parent is not None and part.parent.kind == "multipart" and part.parent.subtype == "digest"
         main, sub, params = ("message", "rfc822", {}) if digest else ("text", "plain", {})
         if value is not None:
             full, items = param_items(value)
@@ -644,7 +667,8 @@ class MimeStreamParser:
     def _update_counting(self) -> None:
         part = self._stack[-1] if self._stack else None
         self._counting = self._in_rfc822 > 0 or (
-            part is not None and self._state == _BODY and part.content_type == "text")
+            part is not None and self._state == _BODY and part.content_type == "text"
+        )
 
 
 def _unfold_lines(lines: bytes) -> bytes:
@@ -667,10 +691,12 @@ def _line_feeds(buf: bytes, start: int, end: int) -> int:
     if end - start < _NUMPY_MIN:
         return buf.count(b"\n", start, end)
     import numpy
+
     return int(numpy.count_nonzero(numpy.frombuffer(buf, numpy.uint8, end - start, start) == _LF))
 
 
 # -- Content-Type parameters -----------------------------------------------------------------------
+
 
 def split_params(value: str, lower: bool = True) -> tuple[str, dict[str, str]]:
     """'type/sub; a=1; b="x;y"' -> ('type/sub', {'a': '1', 'b': 'x;y'}); names lower-cased unless
@@ -750,8 +776,8 @@ def _percent_decode(value: str) -> bytes:
     out = bytearray()
     i = 0
     while i < len(data):
-        if data[i] == 0x25 and _is_hex(data[i + 1:i + 3]):
-            out.append(int(data[i + 1:i + 3], 16))
+        if data[i] == 0x25 and _is_hex(data[i + 1 : i + 3]):
+            out.append(int(data[i + 1 : i + 3], 16))
             i += 3
         else:
             out.append(data[i])

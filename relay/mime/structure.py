@@ -15,17 +15,26 @@
 # The recorder applies the caps while it records; capped() applies the same rules to a record made
 # before them, so that every rendering stays within them.
 # Must never hold body bytes: only header values and offsets.
-from relay.mime.limits import (STRUCTURE_MAX_DEPTH, STRUCTURE_MAX_PARAMS, STRUCTURE_MAX_PARTS, STRUCTURE_MAX_TEXT,
-                               STRUCTURE_MAX_VALUE)
+from relay.mime.limits import (
+    STRUCTURE_MAX_DEPTH,
+    STRUCTURE_MAX_PARAMS,
+    STRUCTURE_MAX_PARTS,
+    STRUCTURE_MAX_TEXT,
+    STRUCTURE_MAX_VALUE,
+)
 from relay.mime.stream import split_params
 
 __all__ = ["StructureRecorder", "capped", "bodystructure", "envelope", "section_range"]
 
-ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to",
-                   "message-id")
-_PART_FIELDS = {"content-id": "id", "content-description": "description", "content-md5": "md5",
-                "content-transfer-encoding": "encoding", "content-language": "language",
-                "content-location": "location"}
+ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to", "message-id")
+_PART_FIELDS = {
+    "content-id": "id",
+    "content-description": "description",
+    "content-md5": "md5",
+    "content-transfer-encoding": "encoding",
+    "content-language": "language",
+    "content-location": "location",
+}
 _CHILDREN = ("parts", "message")
 
 
@@ -52,9 +61,9 @@ class StructureRecorder:
 
     def __init__(self) -> None:
         self.structure: dict | None = None
-        self._records: dict[int, dict] = {}   # id(part) -> record of each recorded part still open
-        self._opaque: set[int] = set()        # id(part) of recorded parts whose children are not
-        self._tails: dict[int, dict] = {}     # id(multipart) -> the opaque part covering its rest
+        self._records: dict[int, dict] = {}  # id(part) -> record of each recorded part still open
+        self._opaque: set[int] = set()  # id(part) of recorded parts whose children are not
+        self._tails: dict[int, dict] = {}  # id(multipart) -> the opaque part covering its rest
         self._budget = _Budget()
 
     def part_start(self, part) -> None:
@@ -62,7 +71,7 @@ class StructureRecorder:
         if part.parent is not None:
             parent = self._records.get(id(part.parent))
             if parent is None or id(part.parent) in self._opaque:
-                return   # inside a part that is described as a whole
+                return  # inside a part that is described as a whole
         if part.depth > STRUCTURE_MAX_DEPTH:
             record = _opaque_part(part.header_start, part.body_start)
             self._opaque.add(id(part))
@@ -201,6 +210,7 @@ def _cap(record: dict, depth: int, budget: _Budget) -> dict | None:
 
 # -- IMAP rendering ------------------------------------------------------------------------------
 
+
 def bodystructure(structure: dict, extensible: bool = True) -> bytes:
     """BODYSTRUCTURE (extensible) or BODY of the message."""
     return _body(structure, extensible)
@@ -218,10 +228,18 @@ def _body(part: dict, ext: bool) -> bytes:
     if part["type"] == "text" and not any(name.lower() == "charset" for name in params):
         params = {"charset": "us-ascii", **params}  # the RFC 2045 default
     if media == ("message", "rfc822") and "message" not in part:
-        media = ("application", "octet-stream")     # nested too deep to be parsed
-    fields = b" ".join((_string(media[0]), _string(media[1]), _params(params),
-                        _nstring(part.get("id")), _nstring(part.get("description")),
-                        _string(part.get("encoding") or "7bit"), str(part["be"] - part["bs"]).encode()))
+        media = ("application", "octet-stream")  # nested too deep to be parsed
+    fields = b" ".join(
+        (
+            _string(media[0]),
+            _string(media[1]),
+            _params(params),
+            _nstring(part.get("id")),
+            _nstring(part.get("description")),
+            _string(part.get("encoding") or "7bit"),
+            str(part["be"] - part["bs"]).encode(),
+        )
+    )
     if "message" in part:
         inner = part["message"]
         fields += b" " + envelope(inner) + b" " + _body(inner, ext) + b" " + str(part.get("lines", 0)).encode()
@@ -238,8 +256,7 @@ _EMPTY_TEXT = {"type": "text", "subtype": "plain", "hs": 0, "bs": 0, "be": 0, "l
 def _extension_tail(part: dict) -> bytes:
     """body-fld-dsp SP body-fld-lang SP body-fld-loc"""
     disposition = part.get("disposition")
-    dsp = b"NIL" if disposition is None else (
-        b"(" + _string(disposition[0]) + b" " + _params(disposition[1]) + b")")
+    dsp = b"NIL" if disposition is None else (b"(" + _string(disposition[0]) + b" " + _params(disposition[1]) + b")")
     languages = [tag.strip() for tag in (part.get("language") or "").split(",") if tag.strip()]
     lang = b"(" + b" ".join(_string(tag) for tag in languages) + b")" if languages else b"NIL"
     return dsp + b" " + lang + b" " + _nstring(part.get("location"))
@@ -256,12 +273,17 @@ def envelope(message: dict) -> bytes:
     fields = message.get("envelope", {})
     sender_default = fields.get("from")
     items = [
-        _nstring(fields.get("date") or None), _nstring(fields.get("subject") or None),
+        _nstring(fields.get("date") or None),
+        _nstring(fields.get("subject") or None),
         _addresses(fields.get("from")),
         _addresses(fields.get("sender") or sender_default),
         _addresses(fields.get("reply-to") or sender_default),
-        _addresses(fields.get("to")), _addresses(fields.get("cc")), _addresses(fields.get("bcc")),
-        _nstring(fields.get("in-reply-to") or None), _nstring(fields.get("message-id") or None)]
+        _addresses(fields.get("to")),
+        _addresses(fields.get("cc")),
+        _addresses(fields.get("bcc")),
+        _nstring(fields.get("in-reply-to") or None),
+        _nstring(fields.get("message-id") or None),
+    ]
     return b"(" + b" ".join(items) + b")"
 
 
@@ -281,12 +303,13 @@ def _nstring(value: str | None) -> bytes:
 def _string(value: str) -> bytes:
     """A quoted string, or a literal when the value has 8-bit bytes, CR, LF or NUL."""
     raw = value.encode("utf-8", "surrogateescape")
-    if any(b > 0x7e or b in (0, 10, 13) for b in raw):
+    if any(b > 0x7E or b in (0, 10, 13) for b in raw):
         return b"{%d}\r\n" % len(raw) + raw
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 # -- sections -------------------------------------------------------------------------------------
+
 
 def section_range(structure: dict, section: str) -> tuple[int, int] | None:
     """(start, end) in the blob of an IMAP body section ("", "HEADER", "TEXT", "1.2", "1.2.MIME",
@@ -340,6 +363,7 @@ def _message_range(message: dict, suffix: str) -> tuple[int, int]:
 
 
 # -- addresses (RFC 5322 sec. 3.4, obsolete route syntax included) --------------------------------
+
 
 def parse_address_list(value: str) -> list[tuple[str | None, str | None, str | None, str | None]]:
     """IMAP address structures (name, adl, mailbox, host); groups as (None, None, name, None) ...
@@ -399,7 +423,7 @@ def _angle(tokens, i):
     colon = next((n for n, t in enumerate(words) if t == ("special", ":")), None)
     if colon is not None and words and words[0] == ("special", "@"):
         route = "".join(text for _, text in words[:colon])
-        words = words[colon + 1:]
+        words = words[colon + 1 :]
     return route, _addr_spec(words), i + 1
 
 
@@ -408,7 +432,7 @@ def _addr_spec(words) -> tuple[str, str]:
     at = max((n for n, t in enumerate(words) if t == ("special", "@")), default=None)
     if at is None:
         return _raw(words) or "MISSING_MAILBOX", "MISSING_DOMAIN"
-    return _raw(words[:at]) or "MISSING_MAILBOX", _raw(words[at + 1:]) or "MISSING_DOMAIN"
+    return _raw(words[:at]) or "MISSING_MAILBOX", _raw(words[at + 1 :]) or "MISSING_DOMAIN"
 
 
 def _raw(words) -> str:
@@ -456,7 +480,7 @@ def _tokens(value: str) -> list[tuple[str, str]]:
             end = n if end < 0 else end + 1
             tokens.append(("atom", value[i:end]))
             i = end
-        elif ch in '<>@,;:.':
+        elif ch in "<>@,;:.":
             tokens.append(("special", ch))
             i += 1
         else:

@@ -16,8 +16,8 @@ MAX_HEADER = 64 * 1024  # of the original message quoted in a notice
 @dataclass(frozen=True, slots=True)
 class FailedRecipient:
     rcpt: str
-    code: int            # SMTP reply code (or 4xx for expiry after temporary failures)
-    diagnostic: str      # the next hop's reply or the hub's reason
+    code: int  # SMTP reply code (or 4xx for expiry after temporary failures)
+    diagnostic: str  # the next hop's reply or the hub's reason
     remote_mta: str = ""  # next hop host, when one answered
 
 
@@ -32,45 +32,66 @@ def status_of(failure: FailedRecipient) -> str:
 def header_of(head: bytes) -> bytes:
     """The header block of a message from its first bytes (up to MAX_HEADER)."""
     end = head.find(b"\r\n\r\n")
-    return head[:end + 2] if end >= 0 else head[:MAX_HEADER]
+    return head[: end + 2] if end >= 0 else head[:MAX_HEADER]
 
 
-def build_dsn(*, reporting_mta: str, sender: str, queue_id: str, arrival: float,
-              failures: list[FailedRecipient], delayed: bool, original_header: bytes,
-              retry_until: float | None = None) -> bytes:
+def build_dsn(
+    *,
+    reporting_mta: str,
+    sender: str,
+    queue_id: str,
+    arrival: float,
+    failures: list[FailedRecipient],
+    delayed: bool,
+    original_header: bytes,
+    retry_until: float | None = None,
+) -> bytes:
     """A complete RFC 5322 message (CRLF) from MAILER-DAEMON to the original sender."""
     boundary = f"{queue_id}.{os.urandom(6).hex()}/{reporting_mta}"
     if delayed:
         subject = "Delayed Mail (still being retried)"
-        human = ("This is the mail system at host {host}.\r\n\r\nYour message could not be delivered to "
-                 "the recipient(s) below yet. The hub keeps trying{until}; no action is needed.\r\n")
+        human = (
+            "This is the mail system at host {host}.\r\n\r\nYour message could not be delivered to "
+            "the recipient(s) below yet. The hub keeps trying{until}; no action is needed.\r\n"
+        )
     else:
         subject = "Undelivered Mail Returned to Sender"
-        human = ("This is the mail system at host {host}.\r\n\r\nYour message could not be delivered to "
-                 "the recipient(s) below. This is a permanent error; the hub has given up.\r\n")
+        human = (
+            "This is the mail system at host {host}.\r\n\r\nYour message could not be delivered to "
+            "the recipient(s) below. This is a permanent error; the hub has given up.\r\n"
+        )
     until = f" until {formatdate(retry_until, usegmt=True)}" if retry_until else ""
     lines = [human.format(host=reporting_mta, until=until), ""]
     lines += [f"<{_clean(f.rcpt)}>: {_clean(f.diagnostic)}\r\n" for f in failures]
-    report = [f"Reporting-MTA: dns; {reporting_mta}", f"X-Mailhub-Queue-ID: {queue_id}",
-              f"Arrival-Date: {formatdate(arrival, usegmt=True)}", ""]
+    report = [
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Mailhub-Queue-ID: {queue_id}",
+        f"Arrival-Date: {formatdate(arrival, usegmt=True)}",
+        "",
+    ]
     for f in failures:
-        report += [f"Final-Recipient: rfc822; {_clean(f.rcpt)}", f"Action: {'delayed' if delayed else 'failed'}",
-                   f"Status: {status_of(f)}"]
+        report += [
+            f"Final-Recipient: rfc822; {_clean(f.rcpt)}",
+            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Status: {status_of(f)}",
+        ]
         if f.remote_mta:
             report.append(f"Remote-MTA: dns; {_clean(f.remote_mta)}")
         report.append(f"Diagnostic-Code: smtp; {_clean(f.diagnostic)}")
         if delayed and retry_until:
             report.append(f"Will-Retry-Until: {formatdate(retry_until, usegmt=True)}")
         report.append("")
-    head = (f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n"
-            f"To: <{_clean(sender)}>\r\n"
-            f"Subject: {subject}\r\n"
-            f"Date: {formatdate(time.time(), usegmt=True)}\r\n"
-            f"Message-ID: <{queue_id}.{os.urandom(4).hex()}.dsn@{reporting_mta}>\r\n"
-            f"Auto-Submitted: auto-replied\r\n"
-            f"MIME-Version: 1.0\r\n"
-            f"Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n"
-            f"\r\nThis is a MIME-encapsulated message.\r\n\r\n")
+    head = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n"
+        f"To: <{_clean(sender)}>\r\n"
+        f"Subject: {subject}\r\n"
+        f"Date: {formatdate(time.time(), usegmt=True)}\r\n"
+        f"Message-ID: <{queue_id}.{os.urandom(4).hex()}.dsn@{reporting_mta}>\r\n"
+        f"Auto-Submitted: auto-replied\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
+        f"\r\nThis is a MIME-encapsulated message.\r\n\r\n"
+    )
     parts = [
         f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Description: Notification\r\n\r\n"
         + "".join(lines),

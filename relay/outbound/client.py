@@ -23,6 +23,7 @@ _DATA_DONE_FACTOR = 2  # the reply to the end of data may take longer (the next 
 
 # ---- pure protocol helpers ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     code: int
@@ -81,13 +82,14 @@ def size_limit(extensions: dict[str, str]) -> int | None:
 
 # ---- I/O ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class OutgoingMessage:
     queue_id: str
     sender: str
     recipients: list[str]
     blob: Path
-    offset: int   # where the message starts in the blob file
+    offset: int  # where the message starts in the blob file
     size: int
     dot_lines: bool
     results: dict[str, Reply] = field(default_factory=dict)
@@ -97,8 +99,9 @@ class HopConnection:
     """One SMTP session to a next hop; `await open()`, `await send(message)` as often as wanted,
     `await close()`."""
 
-    def __init__(self, route: Route, helo_name: str, sender: FileSender, connect_timeout: float,
-                 command_timeout: float):
+    def __init__(
+        self, route: Route, helo_name: str, sender: FileSender, connect_timeout: float, command_timeout: float
+    ):
         self.route = route
         self.helo_name = helo_name
         self.sender = sender
@@ -118,17 +121,19 @@ class HopConnection:
         route = self.route
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(route.host, route.port, limit=64 * 1024), self.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+                asyncio.open_connection(route.host, route.port, limit=64 * 1024), self.connect_timeout
+            )
+        except (TimeoutError, OSError) as exc:
             raise HopError(f"cannot connect to {route.hop}: {exc or 'timeout'}") from None
         await self._expect(await self._reply(), "greeting")
         await self._ehlo()
         if route.tls != "none" and "STARTTLS" in self.extensions:
             await self._expect(await self._command(b"STARTTLS\r\n"), "STARTTLS")
             try:
-                await self._writer.start_tls(self._tls_context(), server_hostname=route.host,
-                                             ssl_handshake_timeout=self.connect_timeout)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+                await self._writer.start_tls(
+                    self._tls_context(), server_hostname=route.host, ssl_handshake_timeout=self.connect_timeout
+                )
+            except (TimeoutError, OSError, ssl.SSLError) as exc:
                 raise HopError(f"TLS with {route.hop} failed: {exc}") from None
             self.encrypted = True
             await self._ehlo()
@@ -159,8 +164,9 @@ class HopConnection:
             raise HopError(f"{self.route.hop}: not sending credentials without TLS")
         if "PLAIN" not in self.extensions.get("AUTH", "").upper().split():
             raise HopError(f"{self.route.hop} does not offer AUTH PLAIN")
-        token = base64.b64encode(b"\0" + self.route.auth_user.encode() + b"\0" +
-                                 self.route.auth_password.encode()).decode()
+        token = base64.b64encode(
+            b"\0" + self.route.auth_user.encode() + b"\0" + self.route.auth_password.encode()
+        ).decode()
         await self._expect(await self._command(f"AUTH PLAIN {token}\r\n".encode()), "AUTH")
 
     async def _expect(self, reply: Reply, step: str) -> None:
@@ -222,8 +228,9 @@ class HopConnection:
         if not stuffing and FileSender.usable(transport):
             await self._flushed()
             try:
-                return await self.sender.send(transport, message.blob, message.offset, message.size, self._stop,
-                                              self.command_timeout)
+                return await self.sender.send(
+                    transport, message.blob, message.offset, message.size, self._stop, self.command_timeout
+                )
             except BaseException:
                 self._stop.set()
                 raise
@@ -264,7 +271,7 @@ class HopConnection:
                 lines.append(line.rstrip(b"\r\n"))
                 if line[3:4] != b"-" or len(lines) > 100:
                     return parse_reply(lines)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HopError(f"{self.route.hop} did not answer within {timeout:.0f}s") from None
         except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
             raise HopError(f"{self.route.hop}: {exc}") from None
@@ -277,7 +284,7 @@ class HopConnection:
         try:
             if not self._writer.is_closing():
                 await asyncio.wait_for(self._command(b"QUIT\r\n"), 5)
-        except (HopError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, HopError, OSError):
             pass
         self.abort()
 

@@ -14,14 +14,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
-from storage.outbound import Deferral, QueuedRecipient
-
 from relay import metrics
-from relay.outbound.bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
 from relay.file_sender import FileSender
+from relay.outbound.bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
 from relay.outbound.client import HopConnection, HopError, OutgoingMessage
 from relay.outbound.routes import Route, route_for
+from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
+from storage.outbound import Deferral, QueuedRecipient
 
 log = logging.getLogger("mailhub.relay")
 POLL_SECONDS = 1.0
@@ -31,13 +30,21 @@ LINGER_SECONDS = 2.0  # an idle connection waits this long for more mail before 
 @dataclass
 class Job:
     """One message's recipients for one destination."""
+
     route: Route
     rows: list[QueuedRecipient]
 
     def message(self) -> OutgoingMessage:
         first = self.rows[0]
-        return OutgoingMessage(first.queue_id, first.mail_from, [r.rcpt for r in self.rows], first.blob,
-                               first.offset, first.size, first.dot_lines)
+        return OutgoingMessage(
+            first.queue_id,
+            first.mail_from,
+            [r.rcpt for r in self.rows],
+            first.blob,
+            first.offset,
+            first.size,
+            first.dot_lines,
+        )
 
 
 @dataclass
@@ -45,8 +52,8 @@ class Destination:
     jobs: collections.deque = field(default_factory=collections.deque)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when jobs are added
     connections: int = 0
-    failures: int = 0          # connection failures in a row
-    blocked_until: float = 0.0   # monotonic: a back-off is a duration, whatever the wall clock does
+    failures: int = 0  # connection failures in a row
+    blocked_until: float = 0.0  # monotonic: a back-off is a duration, whatever the wall clock does
 
 
 class OutboundQueue:
@@ -57,7 +64,7 @@ class OutboundQueue:
         self.sites = sites
         self.sender = sender
         self.helo_name = cfg.relay.hostname or cfg.hostname
-        self._busy: set[int] = set()           # rows in flight
+        self._busy: set[int] = set()  # rows in flight
         self._busy_deferred: set[int] = set()  # of which deferred before (at most half the window)
         self._destinations: dict[str, Destination] = collections.defaultdict(Destination)
         self._tasks: set[asyncio.Task] = set()
@@ -77,7 +84,7 @@ class OutboundQueue:
                     log.exception("outbound scheduling failed")
                 try:
                     await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self._wake.clear()
         finally:
@@ -95,8 +102,9 @@ class OutboundQueue:
         now = time.time()
         busy = json.dumps(sorted(self._busy))
         deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
-        retry_version, rows = await self.storage.queue_op(outbound.due_and_version, self.storage.blob_dir, now,
-                                                          busy, free, deferred_room)
+        retry_version, rows = await self.storage.queue_op(
+            outbound.due_and_version, self.storage.blob_dir, now, busy, free, deferred_room
+        )
         if retry_version != self._retry_version:
             if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
                 for dest in self._destinations.values():
@@ -112,7 +120,7 @@ class OutboundQueue:
                 continue
             dest = self._destinations[route.destination]
             wait = dest.blocked_until - time.monotonic()
-            if wait > 0:   # the queue row's next attempt is a wall-clock time (it outlives the process)
+            if wait > 0:  # the queue row's next attempt is a wall-clock time (it outlives the process)
                 blocked.append((row, now + wait))
                 continue
             jobs.setdefault((route.destination, row.queue_id), Job(route, [])).rows.append(row)
@@ -134,15 +142,22 @@ class OutboundQueue:
         reason = "no route to the recipient's domain"
         expired = [r for r in unrouted if now - r.queued_at >= self.relay.max_lifetime]
         for row in expired:
-            await self._notify(row, [FailedRecipient(row.rcpt, 451, f"4.4.7 delivery time expired; {reason}")],
-                               delayed=False)
+            await self._notify(
+                row, [FailedRecipient(row.rcpt, 451, f"4.4.7 delivery time expired; {reason}")], delayed=False
+            )
             metrics.outbound_delivery("expired")
-        deferrals = [Deferral(r.id, now + self._backoff(r.attempts + 1), r.attempts + 1, reason, r.warned)
-                     for r in unrouted if r not in expired]
-        deferrals += [Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
-                      for r, until in blocked]
-        tracked = [_outcome_row(now, events.BOUNCED, r, None, f"4.4.7 delivery time expired; {reason}")
-                   for r in expired]
+        deferrals = [
+            Deferral(r.id, now + self._backoff(r.attempts + 1), r.attempts + 1, reason, r.warned)
+            for r in unrouted
+            if r not in expired
+        ]
+        deferrals += [
+            Deferral(r.id, until, r.attempts, r.last_error or "destination backed off", r.warned)
+            for r, until in blocked
+        ]
+        tracked = [
+            _outcome_row(now, events.BOUNCED, r, None, f"4.4.7 delivery time expired; {reason}") for r in expired
+        ]
         await self.storage.queue_op(outbound.settle, [r.id for r in expired], deferrals, now, tracked)
 
     def _start_connections(self, destination: str, route: Route) -> None:
@@ -158,8 +173,7 @@ class OutboundQueue:
 
     async def _connection(self, destination: str, route: Route) -> None:
         dest = self._destinations[destination]
-        hop = HopConnection(route, self.helo_name, self.sender, self.relay.connect_timeout,
-                            self.relay.command_timeout)
+        hop = HopConnection(route, self.helo_name, self.sender, self.relay.connect_timeout, self.relay.command_timeout)
         try:
             try:
                 await hop.open()
@@ -172,7 +186,7 @@ class OutboundQueue:
                     dest.arrived.clear()
                     try:
                         await asyncio.wait_for(dest.arrived.wait(), LINGER_SECONDS)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                     if not await hop.alive():
                         break  # the next hop went away meanwhile: a new connection takes the mail
@@ -231,8 +245,9 @@ class OutboundQueue:
                 done.append(row.id)
                 tracked.append((events.RELAYED, row, text))
                 metrics.outbound_delivery("delivered")
-                log.info("qid=%s rcpt=<%s> relay=%s delivered: %s", row.queue_id, row.rcpt,
-                         job.route.destination, text[:200])
+                log.info(
+                    "qid=%s rcpt=<%s> relay=%s delivered: %s", row.queue_id, row.rcpt, job.route.destination, text[:200]
+                )
             elif reply is not None and reply.permanent:
                 bounced.append((row, FailedRecipient(row.rcpt, reply.code, text, job.route.host)))
                 tracked.append((events.BOUNCED, row, text))
@@ -246,14 +261,22 @@ class OutboundQueue:
                 tracked.append((events.RELAY_DEFERRED, row, text))
                 warned = row.warned
                 if not warned and relay.delay_warning and now - row.queued_at >= relay.delay_warning:
-                    warn.append((row, FailedRecipient(row.rcpt, reply.code if reply else 451, text,
-                                                      job.route.host if reply else "")))
+                    warn.append(
+                        (
+                            row,
+                            FailedRecipient(
+                                row.rcpt, reply.code if reply else 451, text, job.route.host if reply else ""
+                            ),
+                        )
+                    )
                     warned = True
-                deferrals.append(Deferral(row.id, now + self._backoff(row.attempts + 1), row.attempts + 1,
-                                          text, warned))
+                deferrals.append(
+                    Deferral(row.id, now + self._backoff(row.attempts + 1), row.attempts + 1, text, warned)
+                )
                 metrics.outbound_delivery("deferred")
-                log.info("qid=%s rcpt=<%s> relay=%s deferred: %s", row.queue_id, row.rcpt,
-                         job.route.destination, text[:200])
+                log.info(
+                    "qid=%s rcpt=<%s> relay=%s deferred: %s", row.queue_id, row.rcpt, job.route.destination, text[:200]
+                )
         removed = done + [row.id for row, _ in bounced]
         try:
             if bounced:
@@ -273,8 +296,9 @@ class OutboundQueue:
         """Store a DSN in the sender's mailbox (stored before the rows change: a crash in between
         repeats the notice, never loses it). Never for a mail with the null sender."""
         for f in failures:
-            log.info("qid=%s rcpt=<%s> %s: %s", row.queue_id, f.rcpt, "delayed" if delayed else "bounced",
-                     f.diagnostic[:200])
+            log.info(
+                "qid=%s rcpt=<%s> %s: %s", row.queue_id, f.rcpt, "delayed" if delayed else "bounced", f.diagnostic[:200]
+            )
         if not row.mail_from:
             return
         site = self.sites.by_address(row.mail_from)
@@ -285,14 +309,23 @@ class OutboundQueue:
             head = header_of(await self.sender.read(row.blob, row.offset, min(MAX_HEADER, row.size)))
         except OSError as exc:
             head = f"X-Mailhub-Note: original header unavailable ({exc.strerror})\r\n".encode()
-        dsn = build_dsn(reporting_mta=self.helo_name, sender=row.mail_from, queue_id=row.queue_id,
-                        arrival=row.queued_at, failures=failures, delayed=delayed, original_header=head,
-                        retry_until=row.queued_at + self.relay.max_lifetime if delayed else None)
+        dsn = build_dsn(
+            reporting_mta=self.helo_name,
+            sender=row.mail_from,
+            queue_id=row.queue_id,
+            arrival=row.queued_at,
+            failures=failures,
+            delayed=delayed,
+            original_header=head,
+            retry_until=row.queued_at + self.relay.max_lifetime if delayed else None,
+        )
         dot_lines = dsn.startswith(b".") or b"\n." in dsn
-        qid = await self.storage.store_generated(dsn, MessageMeta("", None, dot_lines),
-                                                 [Delivery(site.id, row.mail_from, site.name)])
-        log.info("qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce",
-                 qid, row.mail_from)
+        qid = await self.storage.store_generated(
+            dsn, MessageMeta("", None, dot_lines), [Delivery(site.id, row.mail_from, site.name)]
+        )
+        log.info(
+            "qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce", qid, row.mail_from
+        )
 
 
 def _outcome_row(now: float, kind: str, row: QueuedRecipient, hop: str | None, text: str) -> tuple:

@@ -7,13 +7,22 @@ from pathlib import Path
 from typing import Any
 
 TLS_POLICIES = ("none", "opportunistic", "required")
-_KEYS = {"domain", "host", "port", "tls", "ca_file", "auth_user", "auth_password", "auth_password_file",
-         "max_connections"}
+_KEYS = {
+    "domain",
+    "host",
+    "port",
+    "tls",
+    "ca_file",
+    "auth_user",
+    "auth_password",
+    "auth_password_file",
+    "max_connections",
+}
 
 
 @dataclass(frozen=True)
 class Route:
-    domain: str                 # "example.org" (also serves its subdomains) or "*" (everything else)
+    domain: str  # "example.org" (also serves its subdomains) or "*" (everything else)
     host: str
     port: int = 25
     tls: str = "opportunistic"  # none | opportunistic | required (verified certificate)
@@ -41,7 +50,7 @@ def parse_routes(value: Any) -> list[Route]:
     if isinstance(value, str):
         value = [v for v in (p.strip() for p in value.split(",")) if v]
     if not isinstance(value, list):
-        raise ValueError("expected [[relay.routes]] tables or \"DOMAIN=HOST:PORT, ...\"")
+        raise ValueError('expected [[relay.routes]] tables or "DOMAIN=HOST:PORT, ..."')
     routes = [_route(item) for item in value]
     seen = set()
     for route in routes:
@@ -88,10 +97,16 @@ def _route(item: Any) -> Route:
     ca_file = _string(item, "ca_file")
     if ca_file and not Path(ca_file).expanduser().is_file():
         raise ValueError(f"route {domain}: no such ca_file {ca_file!r}")
-    return Route(domain=domain, host=host, port=port, tls=tls,
-                 ca_file=Path(ca_file).expanduser() if ca_file else None, auth_user=user,
-                 auth_password=password, max_connections=_integer(item.get("max_connections", 10),
-                                                                  "max_connections", 1, 1000))
+    return Route(
+        domain=domain,
+        host=host,
+        port=port,
+        tls=tls,
+        ca_file=Path(ca_file).expanduser() if ca_file else None,
+        auth_user=user,
+        auth_password=password,
+        max_connections=_integer(item.get("max_connections", 10), "max_connections", 1, 1000),
+    )
 
 
 def _string(item: dict[str, Any], key: str) -> str:

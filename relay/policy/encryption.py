@@ -11,28 +11,59 @@
 # no I/O, never decrypts, never sees a private key; keeps a few KB per open part.
 from directory.openpgp_packets import WILDCARD_KEY_ID
 from directory.policy import RecipientKeys
-
 from relay.mime.decode import IDENTITY, KNOWN_ENCODINGS, file_names, transfer_encoding
+from relay.mime.sniff import binary_in_text, dicom_name
 from relay.mime.stream import AMBIGUITY_DEFECTS, LIMIT_DEFECTS, MAX_DEPTH, MAX_PARTS, MimeStreamParser
-from relay.policy.parts import (BlockCheck, ClearCheck, LaterFragmentCheck, NestedCheck, PayloadCheck, TextCheck,
-                                VersionCheck)
-from relay.policy.replies import (AMBIGUOUS, CLEARTEXT_DATA, CLEARTEXT_DICOM, FRAGMENT, HIDDEN_REFUSED, MALFORMED,
-                                  STRUCTURE_LIMIT, UNSUPPORTED, WRONG_KEY, printable)
-from relay.mime.sniff import dicom_name, binary_in_text
+from relay.policy.parts import (
+    BlockCheck,
+    ClearCheck,
+    LaterFragmentCheck,
+    NestedCheck,
+    PayloadCheck,
+    TextCheck,
+    VersionCheck,
+)
+from relay.policy.replies import (
+    AMBIGUOUS,
+    CLEARTEXT_DATA,
+    CLEARTEXT_DICOM,
+    FRAGMENT,
+    HIDDEN_REFUSED,
+    MALFORMED,
+    STRUCTURE_LIMIT,
+    TWO_ENCRYPTED_PARTS,
+    UNSUPPORTED,
+    WRONG_KEY,
+    printable,
+)
 
 __all__ = ["EncryptionPolicy", "RecipientKeys"]
 
-PREAMBLE_LIMIT = 64 * 1024   # bytes of preamble plus epilogue per multipart
-FEED_SLICE = 64 * 1024       # body bytes handed to a part's check at a time
-DICOM_TYPES = {"application/dicom", "application/dicom+json", "application/dicom+xml", "application/x-dicom",
-               "image/dicom", "image/x-dicom", "image/dicom-rle"}
+PREAMBLE_LIMIT = 64 * 1024  # bytes of preamble plus epilogue per multipart
+FEED_SLICE = 64 * 1024  # body bytes handed to a part's check at a time
+DICOM_TYPES = {
+    "application/dicom",
+    "application/dicom+json",
+    "application/dicom+xml",
+    "application/x-dicom",
+    "image/dicom",
+    "image/x-dicom",
+    "image/dicom-rle",
+}
 # shown as text by mail readers, or structured text reports: checked as text
-TEXT_TYPES = {"application/json", "application/xml", "message/delivery-status", "message/global-delivery-status",
-              "message/disposition-notification", "message/global-disposition-notification",
-              "message/global-headers", "message/feedback-report"}
-OPENPGP_LABELS = {"application/pgp-encrypted", "application/pgp"}   # said to be encrypted: the reply says it is not
+TEXT_TYPES = {
+    "application/json",
+    "application/xml",
+    "message/delivery-status",
+    "message/global-delivery-status",
+    "message/disposition-notification",
+    "message/global-disposition-notification",
+    "message/global-headers",
+    "message/feedback-report",
+}
+OPENPGP_LABELS = {"application/pgp-encrypted", "application/pgp"}  # said to be encrypted: the reply says it is not
 OPENPGP_SUFFIXES = (".pgp", ".gpg", ".asc")
-NESTED_MESSAGES = {"global", "news", "rfc822"}   # message/* subtypes that carry a message
+NESTED_MESSAGES = {"global", "news", "rfc822"}  # message/* subtypes that carry a message
 _CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
 
 
@@ -41,6 +72,7 @@ class _Scope:
     depth of that message, whether it is a report's returned content (encrypted to anyone is
     enough there), and whether it is the first fragment of a message/partial (it may end anywhere
     after its session keys)."""
+
     __slots__ = ("prefix", "depth", "returned", "fragment")
 
     def __init__(self, prefix: str, depth: int, returned: bool, fragment: bool) -> None:
@@ -64,9 +96,9 @@ class EncryptionPolicy:
         self.reply: str | None = None
         self.reason: str | None = None
         self._top = _Scope("", 0, False, False)
-        self._checks: dict[int, object] = {}          # id(leaf part) -> its content check
+        self._checks: dict[int, object] = {}  # id(leaf part) -> its content check
         self._multiparts: dict[int, _Multipart] = {}  # id(multipart) -> its state
-        self._returned: set[int] = set()              # ids of parts in a report's returned content
+        self._returned: set[int] = set()  # ids of parts in a report's returned content
         self._parts = 0
 
     # ---- listener ------------------------------------------------------------------------------
@@ -83,7 +115,7 @@ class EncryptionPolicy:
             for start in range(0, len(data), FEED_SLICE):
                 if check is None or self.reply is not None:
                     return
-                check.feed(bytes(data[start:start + FEED_SLICE]))
+                check.feed(bytes(data[start : start + FEED_SLICE]))
                 check = self._checks.get(id(part))
 
     def part_end(self, part) -> None:
@@ -99,8 +131,12 @@ class EncryptionPolicy:
         if state.skipped > PREAMBLE_LIMIT:
             self._limit(f"more than {PREAMBLE_LIMIT // 1024} KB of preamble and epilogue", self._where(part, self._top))
         elif binary_in_text(bytes(data)) is not None:
-            self.refuse("cleartext_data", CLEARTEXT_DATA.format(
-                where=f"the preamble or epilogue of {self._where(part, self._top)}", what="binary content"))
+            self.refuse(
+                "cleartext_data",
+                CLEARTEXT_DATA.format(
+                    where=f"the preamble or epilogue of {self._where(part, self._top)}", what="binary content"
+                ),
+            )
 
     # ---- verdicts ------------------------------------------------------------------------------
 
@@ -121,11 +157,13 @@ class EncryptionPolicy:
             if WILDCARD_KEY_ID in found and self.allow_hidden:
                 continue
             if WILDCARD_KEY_ID in found and found <= {WILDCARD_KEY_ID}:
-                self.refuse("hidden_recipient",
-                            HIDDEN_REFUSED.format(site=recipient.site, expected=recipient.expected()))
+                self.refuse(
+                    "hidden_recipient", HIDDEN_REFUSED.format(site=recipient.site, expected=recipient.expected())
+                )
                 return
             shown = ", ".join(packets.key_ids) or (
-                "none (encrypted to a passphrase only)" if packets.passphrase_packets else "none")
+                "none (encrypted to a passphrase only)" if packets.passphrase_packets else "none"
+            )
             self.refuse("wrong_key", WRONG_KEY.format(site=recipient.site, found=shown, expected=recipient.expected()))
             return
 
@@ -167,17 +205,34 @@ class EncryptionPolicy:
             self._returned.add(id(part))
         media = f"{part.content_type}/{part.subtype}"
         encoding = transfer_encoding(part)
-        if scope.fragment and part.parent is None and (
-                media != "multipart/encrypted" or part.params.get("protocol", "").lower() != "application/pgp-encrypted"):
-            self.refuse("fragment", FRAGMENT.format(reason=f"the first fragment announces {printable(media)},"
-                                                           " not PGP/MIME (multipart/encrypted)"))
+        if (
+            scope.fragment
+            and part.parent is None
+            and (
+                media != "multipart/encrypted" or part.params.get("protocol", "").lower() != "application/pgp-encrypted"
+            )
+        ):
+            self.refuse(
+                "fragment",
+                FRAGMENT.format(
+                    reason=f"the first fragment announces {printable(media)}, not PGP/MIME (multipart/encrypted)"
+                ),
+            )
             return
         if parent is not None and parent.subtype == "signed":
             parent.children += 1
-            if parent.children == 2 and parent.protocol == "application/pgp-signature" and \
-                    media != "application/pgp-signature":
-                self.refuse("malformed", MALFORMED.format(
-                    reason=f"the second part of multipart/signed is {printable(media)}, expected application/pgp-signature"))
+            if (
+                parent.children == 2
+                and parent.protocol == "application/pgp-signature"
+                and media != "application/pgp-signature"
+            ):
+                self.refuse(
+                    "malformed",
+                    MALFORMED.format(
+                        reason=f"the second part of multipart/signed is {printable(media)},"
+                        " expected application/pgp-signature"
+                    ),
+                )
                 return
         if part.kind != "leaf":
             self._container(part, parent, media, encoding, where)
@@ -186,47 +241,69 @@ class EncryptionPolicy:
             self._encrypted_child(part, parent, media, encoding, scope, returned)
             return
         if encoding not in KNOWN_ENCODINGS:
-            self.refuse("unsupported", UNSUPPORTED.format(what=f"Content-Transfer-Encoding {printable(encoding, 40)!r}",
-                                                          where=where))
+            self.refuse(
+                "unsupported",
+                UNSUPPORTED.format(what=f"Content-Transfer-Encoding {printable(encoding, 40)!r}", where=where),
+            )
             return
         self._leaf(part, media, encoding, where, scope, returned)
 
     def _container(self, part, parent, media: str, encoding: str, where: str) -> None:
         """A multipart or a message/rfc822 part parsed in line."""
         if encoding not in IDENTITY:
-            self.refuse("ambiguous", AMBIGUOUS.format(
-                where=where, what=f"a Content-Transfer-Encoding ({printable(encoding, 40)}) on a {printable(media)}"))
+            self.refuse(
+                "ambiguous",
+                AMBIGUOUS.format(
+                    where=where, what=f"a Content-Transfer-Encoding ({printable(encoding, 40)}) on a {printable(media)}"
+                ),
+            )
         elif parent is not None and parent.subtype == "encrypted":
             parent.children += 1
             self.refuse("malformed", MALFORMED.format(reason=f"a {printable(media)} inside multipart/encrypted"))
         elif part.kind == "multipart":
             protocol = part.params.get("protocol", "").lower()
             if part.subtype == "encrypted" and protocol != "application/pgp-encrypted":
-                self.refuse("malformed", MALFORMED.format(
-                    reason=f"multipart/encrypted with protocol {printable(protocol, 40) or 'missing'!r},"
-                           " expected \"application/pgp-encrypted\""))
+                self.refuse(
+                    "malformed",
+                    MALFORMED.format(
+                        reason=f"multipart/encrypted with protocol {printable(protocol, 40) or 'missing'!r},"
+                        ' expected "application/pgp-encrypted"'
+                    ),
+                )
                 return
             self._multiparts[id(part)] = _Multipart(part.subtype, protocol)
 
-    def _encrypted_child(self, part, parent: _Multipart, media: str, encoding: str, scope: _Scope,
-                         returned: bool) -> None:
+    def _encrypted_child(
+        self, part, parent: _Multipart, media: str, encoding: str, scope: _Scope, returned: bool
+    ) -> None:
         parent.children += 1
         if parent.children == 1:
             if media != "application/pgp-encrypted":
-                self.refuse("malformed", MALFORMED.format(
-                    reason=f"the first part is {printable(media)}, expected application/pgp-encrypted"))
+                self.refuse(
+                    "malformed",
+                    MALFORMED.format(
+                        reason=f"the first part is {printable(media)}, expected application/pgp-encrypted"
+                    ),
+                )
             else:
                 self._checks[id(part)] = VersionCheck(self)
         elif parent.children == 2:
             if media != "application/octet-stream":
-                self.refuse("malformed", MALFORMED.format(
-                    reason=f"the second part is {printable(media)}, expected application/octet-stream"))
+                self.refuse(
+                    "malformed",
+                    MALFORMED.format(
+                        reason=f"the second part is {printable(media)}, expected application/octet-stream"
+                    ),
+                )
             else:
-                self._checks[id(part)] = PayloadCheck(self, self._where(part, scope), encoding, True,
-                                                      scope.fragment, returned)
+                self._checks[id(part)] = PayloadCheck(
+                    self, self._where(part, scope), encoding, True, scope.fragment, returned
+                )
         else:
-            self.refuse("malformed", MALFORMED.format(
-                reason="multipart/encrypted needs exactly two parts (application/pgp-encrypted, application/octet-stream)"))
+            self.refuse(
+                "malformed",
+                MALFORMED.format(reason=TWO_ENCRYPTED_PARTS),
+            )
 
     def _leaf(self, part, media: str, encoding: str, where: str, scope: _Scope, returned: bool) -> None:
         names = file_names(part)
@@ -247,8 +324,10 @@ class EncryptionPolicy:
         elif media == "message/partial":
             check = self._fragment(part, encoding, where, scope, returned)
         elif media == "message/external-body":
-            self.refuse("unsupported", UNSUPPORTED.format(what="message/external-body (a reference to data"
-                                                                " elsewhere)", where=where))
+            self.refuse(
+                "unsupported",
+                UNSUPPORTED.format(what="message/external-body (a reference to data elsewhere)", where=where),
+            )
             return
         else:
             what = printable(media)
@@ -259,7 +338,7 @@ class EncryptionPolicy:
             self._checks[id(part)] = check
 
     def _nested(self, part, encoding: str, scope: _Scope, returned: bool, fragment: bool) -> NestedCheck:
-        path = self._path(part, scope) or "1"   # numbered as IMAP numbers a message/rfc822 top level
+        path = self._path(part, scope) or "1"  # numbered as IMAP numbers a message/rfc822 top level
         nested = _Scope(path, scope.depth + part.depth + 1, returned, fragment)
         return NestedCheck(MimeStreamParser(_NestedListener(self, nested)), encoding)
 
@@ -268,10 +347,20 @@ class EncryptionPolicy:
         its session keys; later ones only the rest of the encrypted message."""
         params = part.params
         number, total = params.get("number", ""), params.get("total", "")
-        if encoding not in ("", "7bit") or not params.get("id") or not number.isdigit() or int(number) < 1 or \
-                (total and (not total.isdigit() or int(total) < int(number))):
-            self.refuse("fragment", FRAGMENT.format(
-                reason=f"{where} lacks a valid id, number or total, or is encoded ({printable(encoding, 20) or '7bit'})"))
+        if (
+            encoding not in ("", "7bit")
+            or not params.get("id")
+            or not number.isdigit()
+            or int(number) < 1
+            or (total and (not total.isdigit() or int(total) < int(number)))
+        ):
+            self.refuse(
+                "fragment",
+                FRAGMENT.format(
+                    reason=f"{where} lacks a valid id, number or total,"
+                    f" or is encoded ({printable(encoding, 20) or '7bit'})"
+                ),
+            )
             return None
         if int(number) == 1:
             return self._nested(part, encoding, scope, returned, fragment=True)
@@ -288,8 +377,10 @@ class EncryptionPolicy:
         if self.reply is not None or state is None:
             return
         if state.subtype == "encrypted" and state.children != 2:
-            self.refuse("malformed", MALFORMED.format(
-                reason="multipart/encrypted needs exactly two parts (application/pgp-encrypted, application/octet-stream)"))
+            self.refuse(
+                "malformed",
+                MALFORMED.format(reason=TWO_ENCRYPTED_PARTS),
+            )
         elif state.subtype == "signed" and state.children != 2:
             self.refuse("malformed", MALFORMED.format(reason="multipart/signed needs exactly two parts"))
 

@@ -7,14 +7,13 @@ import re
 import zlib
 
 from directory.openpgp_armor import SessionPacketReader, block_packet_tags
-
 from relay.mime import sniff
 from relay.mime.decode import Base64, decoder_for
-from relay.policy.replies import CLEARTEXT_DATA, CLEARTEXT_DICOM, MALFORMED, MALFORMED_OPENPGP, FRAGMENT, printable
+from relay.policy.replies import CLEARTEXT_DATA, CLEARTEXT_DICOM, FRAGMENT, MALFORMED, MALFORMED_OPENPGP, printable
 
-VERSION_PART_LIMIT = 1024             # bytes of the PGP/MIME version part ("Version: 1")
-SIGNATURE_LIMIT = 64 * 1024           # an OpenPGP signature part
-KEYS_LIMIT = 1024 * 1024              # an application/pgp-keys part
+VERSION_PART_LIMIT = 1024  # bytes of the PGP/MIME version part ("Version: 1")
+SIGNATURE_LIMIT = 64 * 1024  # an OpenPGP signature part
+KEYS_LIMIT = 1024 * 1024  # an application/pgp-keys part
 _B64_LINE = re.compile(rb"[A-Za-z0-9+/]{40,}={0,2}\r?$")
 _UU_BEGIN = re.compile(rb"begin(?:-base64)? [0-7]{3,4} ([^\r\n]*)")
 _BLANKS = b" \t\r\n"
@@ -39,7 +38,7 @@ class TextCheck:
     data), must not start as DICOM or an archive (also as base64 text, or in a data: URI), and
     carries no uuencoded or yEnc file."""
 
-    _LOOK = 300   # bytes after a marker needed to judge it
+    _LOOK = 300  # bytes after a marker needed to judge it
 
     def __init__(self, policy, where: str, encoding: str) -> None:
         self.policy = policy
@@ -48,7 +47,7 @@ class TextCheck:
         self.head = bytearray()
         self.head_done = False
         self.nul = False
-        self.carry = b"\n"   # undecided end of the text so far (a marker cut short; a line start)
+        self.carry = b"\n"  # undecided end of the text so far (a marker cut short; a line start)
 
     def feed(self, data: bytes) -> None:
         self._text(self.decoder.feed(data), final=False)
@@ -62,7 +61,7 @@ class TextCheck:
         if self.policy.reply is not None or (not text and not final):
             return
         if not self.head_done:
-            self.head += text[:sniff.SNIFF_BYTES - len(self.head)]
+            self.head += text[: sniff.SNIFF_BYTES - len(self.head)]
             self.nul = self.nul or text.find(b"\0") >= 0
             if len(self.head) >= sniff.SNIFF_BYTES:
                 self._judge_head()
@@ -90,12 +89,12 @@ class TextCheck:
 
     def _marker(self, text: bytes, hit: int, needle: bytes) -> bool:
         if needle == b";base64,":
-            found = _dicom_or_archive(Base64().feed(text[hit + 8:hit + 8 + 4096].split(b'"')[0]))
+            found = _dicom_or_archive(Base64().feed(text[hit + 8 : hit + 8 + 4096].split(b'"')[0]))
             if found is not None:
                 self._refuse(found[0], f"{found[1]} in a data: URI", dicom=found[0] == "cleartext_dicom")
             return found is not None
-        yenc = text[hit - 3:hit] == b"\n=y"
-        match = None if yenc or text[hit - 1:hit] != b"\n" else _UU_BEGIN.match(text, hit, hit + self._LOOK)
+        yenc = text[hit - 3 : hit] == b"\n=y"
+        match = None if yenc or text[hit - 1 : hit] != b"\n" else _UU_BEGIN.match(text, hit, hit + self._LOOK)
         if not yenc and match is None:
             return False
         name = match.group(1).decode("utf-8", "replace").strip() if match else ""
@@ -134,8 +133,7 @@ class PayloadCheck:
     """An OpenPGP message, checked whole (armor, packets to the last byte): the second part of a
     PGP/MIME mail, or an encrypted file attached as is."""
 
-    def __init__(self, policy, where: str, encoding: str, pgp_mime: bool, truncated: bool,
-                 returned: bool) -> None:
+    def __init__(self, policy, where: str, encoding: str, pgp_mime: bool, truncated: bool, returned: bool) -> None:
         self.policy = policy
         self.where = where
         self.pgp_mime = pgp_mime
@@ -181,12 +179,12 @@ class ClearCheck:
         if self.payload is not None:
             self.payload.feed(data)
             return
-        if self.raw is not None:   # the part's raw bytes so far, while they are few
+        if self.raw is not None:  # the part's raw bytes so far, while they are few
             if len(self.raw) < sniff.SNIFF_BYTES:
                 self.raw += data
             else:
                 self.raw = None
-        self.head += self.decoder.feed(data)[:sniff.SNIFF_BYTES]
+        self.head += self.decoder.feed(data)[: sniff.SNIFF_BYTES]
         if len(self.head.lstrip(_BLANKS)) >= 64:
             self._decide(final=False)
 
@@ -226,16 +224,21 @@ class VersionCheck:
 
     def feed(self, data: bytes) -> None:
         self.size += len(data)
-        self.text += data[:VERSION_PART_LIMIT + 1 - len(self.text)]
+        self.text += data[: VERSION_PART_LIMIT + 1 - len(self.text)]
 
     def close(self) -> None:
         text = bytes(self.text)
         if self.size > VERSION_PART_LIMIT or text.find(b"\0") >= 0:
-            self.policy.refuse("malformed", MALFORMED.format(
-                reason=f"the application/pgp-encrypted part holds {self.size} bytes, not just \"Version: 1\""))
+            self.policy.refuse(
+                "malformed",
+                MALFORMED.format(
+                    reason=f'the application/pgp-encrypted part holds {self.size} bytes, not just "Version: 1"'
+                ),
+            )
         elif b"version: 1" not in text.lower().replace(b"\r", b""):
-            self.policy.refuse("malformed", MALFORMED.format(
-                reason="the application/pgp-encrypted part does not say \"Version: 1\""))
+            self.policy.refuse(
+                "malformed", MALFORMED.format(reason='the application/pgp-encrypted part does not say "Version: 1"')
+            )
 
 
 class BlockCheck:
@@ -244,8 +247,12 @@ class BlockCheck:
 
     KINDS = {
         "signature": ((b"PGP SIGNATURE",), {2}, SIGNATURE_LIMIT, "an OpenPGP signature"),
-        "keys": ((b"PGP PUBLIC KEY BLOCK", b"PGP PRIVATE KEY BLOCK"), {2, 6, 12, 13, 14, 17}, KEYS_LIMIT,
-                 "OpenPGP public keys"),
+        "keys": (
+            (b"PGP PUBLIC KEY BLOCK", b"PGP PRIVATE KEY BLOCK"),
+            {2, 6, 12, 13, 14, 17},
+            KEYS_LIMIT,
+            "OpenPGP public keys",
+        ),
     }
 
     def __init__(self, policy, where: str, encoding: str, kind: str) -> None:
@@ -278,8 +285,9 @@ class BlockCheck:
             self._refuse(f"OpenPGP packets of tag(s) {sorted(set(tags) - self.tags)}")
 
     def _refuse(self, problem: str) -> None:
-        self.policy.refuse("cleartext_data", CLEARTEXT_DATA.format(
-            where=self.where, what=f"not {self.what} ({problem})"))
+        self.policy.refuse(
+            "cleartext_data", CLEARTEXT_DATA.format(where=self.where, what=f"not {self.what} ({problem})")
+        )
 
 
 class NestedCheck:
@@ -312,7 +320,7 @@ class LaterFragmentCheck:
         self.rest = b""
         self.base64 = Base64()
         self.decoded = bytearray()
-        self.state = "data"   # data -> trailer (after the END line) -> closed (after the boundary)
+        self.state = "data"  # data -> trailer (after the END line) -> closed (after the boundary)
         self.first_block = True
 
     def feed(self, data: bytes) -> None:
@@ -351,8 +359,8 @@ class LaterFragmentCheck:
 
     def _judge(self, final: bool) -> None:
         while len(self.decoded) >= self._BLOCK or (final and self.decoded):
-            block = bytes(self.decoded[:self._BLOCK])
-            del self.decoded[:self._BLOCK]
+            block = bytes(self.decoded[: self._BLOCK])
+            del self.decoded[: self._BLOCK]
             if self.first_block:
                 self.first_block = False
                 found = _dicom_or_archive(block)

@@ -40,9 +40,22 @@ from collections import deque
 from dataclasses import dataclass, field
 
 __all__ = [
-    "Pop3Connection", "Pop3ProtocolError", "State", "MaildropEntry",
-    "SendBytes", "AuthRequest", "StartTls", "CheckMessage", "SendMessage", "Update", "CloseConnection",
-    "NEED_DATA", "PAUSED", "CLOSED", "TopFilter", "system_error",
+    "Pop3Connection",
+    "Pop3ProtocolError",
+    "State",
+    "MaildropEntry",
+    "SendBytes",
+    "AuthRequest",
+    "StartTls",
+    "CheckMessage",
+    "SendMessage",
+    "Update",
+    "CloseConnection",
+    "NEED_DATA",
+    "PAUSED",
+    "CLOSED",
+    "TopFilter",
+    "system_error",
 ]
 
 IMPLEMENTATION = "DICOM-Mail-Hub"
@@ -50,9 +63,9 @@ IMPLEMENTATION = "DICOM-Mail-Hub"
 # Limits on what one client can make a connection hold (docs/limits.md). Past MAX_LINE a line gets
 # "-ERR line too long" and is skipped without being buffered; past the buffered limit (complete
 # lines received but not answered yet: pipelining) "-ERR too much pipelined input" and close.
-MAX_LINE = 1024                      # octets of a command or SASL line, CRLF included (RFC 2449: 255)
-PRE_LOGIN_MAX_BUFFERED = 4 * 1024    # unanswered lines before login (CAPA, USER, PASS need < 1 KB)
-MAX_BUFFERED = 128 * 1024            # after login
+MAX_LINE = 1024  # octets of a command or SASL line, CRLF included (RFC 2449: 255)
+PRE_LOGIN_MAX_BUFFERED = 4 * 1024  # unanswered lines before login (CAPA, USER, PASS need < 1 KB)
+MAX_BUFFERED = 128 * 1024  # after login
 
 
 class Pop3ProtocolError(Exception):
@@ -61,13 +74,14 @@ class Pop3ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class MaildropEntry:
-    uid: str              # UIDL value: 1..70 characters 0x21..0x7E, unique in the maildrop
-    size: int             # octets in canonical CRLF form, as STAT/LIST report
-    has_dot_lines: bool   # some line starts with "." -> the adapter must dot_stuff()
-    ref: object = None    # opaque handle for the adapter
+    uid: str  # UIDL value: 1..70 characters 0x21..0x7E, unique in the maildrop
+    size: int  # octets in canonical CRLF form, as STAT/LIST report
+    has_dot_lines: bool  # some line starts with "." -> the adapter must dot_stuff()
+    ref: object = None  # opaque handle for the adapter
 
 
 # ---- events ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SendBytes:
@@ -78,6 +92,7 @@ class SendBytes:
 class AuthRequest:
     """Check user/password.  failed_so_far counts earlier failures on this
     connection so the adapter can sleep before a failure reply."""
+
     user: str
     password: str = field(repr=False)
     failed_so_far: int = 0
@@ -91,6 +106,7 @@ class StartTls:
 @dataclass(frozen=True)
 class CheckMessage:
     """Before "+OK" (RETR, TOP): may the message be served? Answer with check_result()."""
+
     entry: MaildropEntry
     body_lines: int | None
 
@@ -98,7 +114,7 @@ class CheckMessage:
 @dataclass(frozen=True)
 class SendMessage:
     entry: MaildropEntry
-    body_lines: int | None   # None: RETR (whole message); n: TOP (header + n body lines)
+    body_lines: int | None  # None: RETR (whole message); n: TOP (header + n body lines)
 
 
 @dataclass(frozen=True)
@@ -119,21 +135,21 @@ class _Sentinel:
         return self._name
 
 
-NEED_DATA = _Sentinel("NEED_DATA")   # feed more bytes with receive_data()
-PAUSED = _Sentinel("PAUSED")         # waiting for auth_result/tls_started/message_sent/update_result
-CLOSED = _Sentinel("CLOSED")         # the session is over
+NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes with receive_data()
+PAUSED = _Sentinel("PAUSED")  # waiting for auth_result/tls_started/message_sent/update_result
+CLOSED = _Sentinel("CLOSED")  # the session is over
 
 
 class State(enum.Enum):
     AUTHORIZATION = "AUTHORIZATION"
-    USER_GIVEN = "USER_GIVEN"        # after USER: only an immediately following PASS logs in
-    SASL_PLAIN = "SASL_PLAIN"        # "+ " sent, the next line is the AUTH PLAIN response
-    AUTH_PENDING = "AUTH_PENDING"    # AuthRequest emitted, waiting for auth_result()
-    TLS_PENDING = "TLS_PENDING"      # StartTls emitted, waiting for tls_started()
+    USER_GIVEN = "USER_GIVEN"  # after USER: only an immediately following PASS logs in
+    SASL_PLAIN = "SASL_PLAIN"  # "+ " sent, the next line is the AUTH PLAIN response
+    AUTH_PENDING = "AUTH_PENDING"  # AuthRequest emitted, waiting for auth_result()
+    TLS_PENDING = "TLS_PENDING"  # StartTls emitted, waiting for tls_started()
     TRANSACTION = "TRANSACTION"
-    CHECKING = "CHECKING"            # CheckMessage emitted, waiting for check_result()
-    SENDING = "SENDING"              # SendMessage emitted, waiting for message_sent()
-    UPDATE = "UPDATE"                # Update emitted, waiting for update_result()
+    CHECKING = "CHECKING"  # CheckMessage emitted, waiting for check_result()
+    SENDING = "SENDING"  # SendMessage emitted, waiting for message_sent()
+    UPDATE = "UPDATE"  # Update emitted, waiting for update_result()
     CLOSED = "CLOSED"
 
 
@@ -155,7 +171,7 @@ _TRANSITIONS: dict[tuple[State, str], dict[str, State]] = {
     (A, "AUTH"): _AUTH_OUTCOMES,
     (A, "STLS"): {"ok": TP, "err": A},
     (A, "QUIT"): {"ok": X, "err": A},
-    (U, "CAPA"): {"ok": A, "err": A},        # anything but PASS forgets the USER name
+    (U, "CAPA"): {"ok": A, "err": A},  # anything but PASS forgets the USER name
     (U, "USER"): {"ok": U, "err": A},
     (U, "PASS"): {"request": AP, "err": A},
     (U, "AUTH"): _AUTH_OUTCOMES,
@@ -164,8 +180,7 @@ _TRANSITIONS: dict[tuple[State, str], dict[str, State]] = {
     (S, "<sasl-line>"): {"request": AP, "err": A},
     (AP, "auth_result"): {"ok": T, "err": A, "close": X},
     (TP, "tls_started"): {"ok": A},
-    **{(T, verb): {"ok": T, "err": T}
-       for verb in ("CAPA", "STAT", "LIST", "UIDL", "DELE", "RSET", "NOOP")},
+    **{(T, verb): {"ok": T, "err": T} for verb in ("CAPA", "STAT", "LIST", "UIDL", "DELE", "RSET", "NOOP")},
     (T, "RETR"): {"check": CHK, "err": T},
     (T, "TOP"): {"check": CHK, "err": T},
     (CHK, "check_result"): {"send": SND, "err": T},
@@ -190,10 +205,17 @@ _HOST = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 class Pop3Connection:
-    def __init__(self, *, greeting_host: str, stls_available: bool, plaintext_login_allowed: bool,
-                 max_line_length: int = MAX_LINE, max_failed_logins: int = 3,
-                 max_buffered_bytes: int = MAX_BUFFERED,
-                 max_buffered_before_login: int = PRE_LOGIN_MAX_BUFFERED) -> None:
+    def __init__(
+        self,
+        *,
+        greeting_host: str,
+        stls_available: bool,
+        plaintext_login_allowed: bool,
+        max_line_length: int = MAX_LINE,
+        max_failed_logins: int = 3,
+        max_buffered_bytes: int = MAX_BUFFERED,
+        max_buffered_before_login: int = PRE_LOGIN_MAX_BUFFERED,
+    ) -> None:
         if not _HOST.fullmatch(greeting_host):
             raise ValueError("greeting_host must be printable ASCII without spaces")
         if max_line_length < 64 or max_failed_logins < 1 or max_buffered_bytes < max_line_length:
@@ -201,7 +223,7 @@ class Pop3Connection:
         self._host = greeting_host
         self._stls_available = stls_available
         self._plaintext_ok = plaintext_login_allowed
-        self._max_line = max_line_length          # including CRLF
+        self._max_line = max_line_length  # including CRLF
         self._max_failed = max_failed_logins
         self._max_buffered_after_login = max_buffered_bytes
         self._max_buffered = min(max_buffered_bytes, max(max_line_length, max_buffered_before_login))
@@ -211,8 +233,8 @@ class Pop3Connection:
         self._failed = 0
         self._user: str | None = None
         self._maildrop: list[MaildropEntry] = []
-        self._deleted: set[int] = set()           # 0-based indexes
-        self._checking: tuple[int, MaildropEntry, int | None] | None = None   # (number, entry, body_lines)
+        self._deleted: set[int] = set()  # 0-based indexes
+        self._checking: tuple[int, MaildropEntry, int | None] | None = None  # (number, entry, body_lines)
         self._out: deque = deque()
         self._reset_input()
 
@@ -244,7 +266,7 @@ class Pop3Connection:
     def receive_data(self, data: bytes) -> None:
         """Buffer client bytes; b"" means the client closed its side."""
         if self._state in (State.CLOSED, State.TLS_PENDING) or self._eof or self._overflowed:
-            return   # bytes after STLS and before the handshake are dropped (RFC 2595 sec. 4)
+            return  # bytes after STLS and before the handshake are dropped (RFC 2595 sec. 4)
         if not data:
             self._eof = True
             return
@@ -254,7 +276,7 @@ class Pop3Connection:
             nl = data.find(b"\n", pos)
             stop = end if nl < 0 else nl
             if not self._discarding:
-                if len(self._partial) + (stop - pos) > self._max_line - 1:   # no room for LF
+                if len(self._partial) + (stop - pos) > self._max_line - 1:  # no room for LF
                     self._partial.clear()
                     self._discarding = True
                     self._queue(_TOO_LONG)
@@ -269,7 +291,7 @@ class Pop3Connection:
             pos = nl + 1
 
     def _queue(self, item) -> None:
-        size = len(item) + 1 if isinstance(item, bytes) else 0   # + the LF
+        size = len(item) + 1 if isinstance(item, bytes) else 0  # + the LF
         if self._queued + size > self._max_buffered:
             self._lines.append(_OVERFLOW)
             self._overflowed = True
@@ -450,8 +472,9 @@ class Pop3Connection:
         return "ok"
 
     # ---- adapter results ----------------------------------------------------
-    def auth_result(self, ok: bool, in_use: bool = False,
-                    maildrop: list[MaildropEntry] | None = None, temporary: str | None = None) -> bytes:
+    def auth_result(
+        self, ok: bool, in_use: bool = False, maildrop: list[MaildropEntry] | None = None, temporary: str | None = None
+    ) -> bytes:
         """Answer an AuthRequest.  in_use: credentials fine but the maildrop is locked.
         temporary: the login was refused unchecked for this reason (e.g. too many failures from
         the client's address); it counts as a failure but says [SYS/TEMP]."""
@@ -470,8 +493,12 @@ class Pop3Connection:
                 raise Pop3ProtocolError("auth_result(ok=True) needs the maildrop")
             entries = list(maildrop)
             for e in entries:
-                if not isinstance(e, MaildropEntry) or not _UID.fullmatch(e.uid) or \
-                        not isinstance(e.size, int) or e.size < 0:
+                if (
+                    not isinstance(e, MaildropEntry)
+                    or not _UID.fullmatch(e.uid)
+                    or not isinstance(e.size, int)
+                    or e.size < 0
+                ):
                     raise Pop3ProtocolError(f"bad maildrop entry {e!r}")
             if len({e.uid for e in entries}) != len(entries):
                 raise Pop3ProtocolError("duplicate UIDs in maildrop")
@@ -621,6 +648,7 @@ class Pop3Connection:
 
 # ---- pure helpers for streaming a message (used by the adapter) -------------
 
+
 def system_error(reason: str, code: str | None = "SYS/TEMP") -> bytes:
     """The reply for a connection the adapter ends on its own (too many connections, shutting
     down, login timeout, internal error): send it instead of the greeting or the next reply, then
@@ -639,8 +667,8 @@ class TopFilter:
             raise ValueError("body_lines must be >= 0")
         self._left = body_lines
         self._in_header = True
-        self._line_len = 0        # bytes of the current header line so far, LF excluded
-        self._first_cr = False    # the current header line starts with CR
+        self._line_len = 0  # bytes of the current header line so far, LF excluded
+        self._first_cr = False  # the current header line starts with CR
         self._done = False
 
     @property

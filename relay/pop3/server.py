@@ -16,21 +16,32 @@ import ssl
 import time
 
 from quotas import Throttle
-from storage import Downloads, SiteCache, Storage
-
-from relay import connection_limits
-from relay import metrics
+from relay import connection_limits, metrics
 from relay.file_sender import ChecksumMismatch, FileSender, RunningCrc
+from relay.framing import dot_stuff, message_terminator
 from relay.logins import Logins
 from relay.mailbox_session import MailboxSessionIO, is_loopback
-from relay.framing import dot_stuff, message_terminator
-from relay.pop3.protocol import (CLOSED, NEED_DATA, AuthRequest, CheckMessage, CloseConnection, MaildropEntry,
-                                 Pop3Connection, SendBytes, SendMessage, StartTls, State, TopFilter, Update,
-                                 system_error)
+from relay.pop3.protocol import (
+    CLOSED,
+    NEED_DATA,
+    AuthRequest,
+    CheckMessage,
+    CloseConnection,
+    MaildropEntry,
+    Pop3Connection,
+    SendBytes,
+    SendMessage,
+    StartTls,
+    State,
+    TopFilter,
+    Update,
+    system_error,
+)
+from storage import Downloads, SiteCache, Storage
 
 log = logging.getLogger("mailhub.pop3")
 CHUNK = 1024 * 1024
-_HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK   # transport buffer while copying a message
+_HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK  # transport buffer while copying a message
 _TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -40,29 +51,40 @@ _REFUSALS = {
     connection_limits.PER_ADDRESS: system_error("too many connections from your address", code="IN-USE"),
     connection_limits.UNAUTHENTICATED: system_error("too many connections not logged in, try again later"),
     connection_limits.UNAUTHENTICATED_PER_ADDRESS: system_error(
-        "too many connections not logged in from your address", code="IN-USE"),
+        "too many connections not logged in from your address", code="IN-USE"
+    ),
 }
 
 
 class Pop3Context:
     """What all POP3 connections share: config, storage, sites, TLS, sessions and mailbox locks."""
 
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle, logins: Logins | None = None):
+    def __init__(
+        self,
+        cfg,
+        storage: Storage,
+        sites: SiteCache,
+        tls_context: ssl.SSLContext | None,
+        throttle: Throttle,
+        logins: Logins | None = None,
+    ):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
-        self.logins = logins or Logins.from_config(cfg, sites)   # shared by all protocols (server.py)
+        self.logins = logins or Logins.from_config(cfg, sites)  # shared by all protocols (server.py)
         self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.pop3))
         self.login_timeout = cfg.pop3.login_timeout
-        self.ledger = throttle.ledger   # told of each poll and download (the drain-rate measurement)
+        self.ledger = throttle.ledger  # told of each poll and download (the drain-rate measurement)
         self.tls_context = tls_context
         self.sender = FileSender(cfg.pop3.max_connections)
         self.sessions: set[Pop3Session] = set()
-        self.locks: dict[int, Pop3Session] = {}   # site id -> the session holding its mailbox
+        self.locks: dict[int, Pop3Session] = {}  # site id -> the session holding its mailbox
         self.shutting_down = False
-        Pop3Connection(greeting_host=cfg.hostname, stls_available=False,   # fail at start, not per client
-                       plaintext_login_allowed=False)
+        Pop3Connection(
+            greeting_host=cfg.hostname,
+            stls_available=False,  # fail at start, not per client
+            plaintext_login_allowed=False,
+        )
 
     def factory(self, implicit_tls: bool = False):
         return lambda: Pop3Session(self, implicit_tls)
@@ -84,7 +106,7 @@ class Pop3Session(MailboxSessionIO):
 
     def __init__(self, ctx: Pop3Context, implicit_tls: bool):
         super().__init__(ctx, ctx.cfg.pop3.idle_timeout, implicit_tls)
-        self._recorded = False    # downloads written with the UPDATE transaction
+        self._recorded = False  # downloads written with the UPDATE transaction
         self._deleted = 0
 
     # ---- transport callbacks ----------------------------------------------------------------
@@ -99,8 +121,10 @@ class Pop3Session(MailboxSessionIO):
             return
         ctx.sessions.add(self)
         self.core = Pop3Connection(
-            greeting_host=ctx.cfg.hostname, stls_available=ctx.tls_context is not None and not self.tls,
-            plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext)
+            greeting_host=ctx.cfg.hostname,
+            stls_available=ctx.tls_context is not None and not self.tls,
+            plaintext_login_allowed=self.tls or is_loopback(self.peer) or ctx.cfg.auth.allow_plaintext,
+        )
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def _login_timeout_reply(self) -> bytes:
@@ -188,8 +212,12 @@ class Pop3Session(MailboxSessionIO):
     async def _start_tls(self) -> None:
         try:
             transport = await asyncio.get_running_loop().start_tls(
-                self.transport, self, self.ctx.tls_context, server_side=True,
-                ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
+                self.transport,
+                self,
+                self.ctx.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
+            )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise ConnectionAbortedError(f"TLS handshake failed: {exc}") from None
         if transport is None:
@@ -201,8 +229,13 @@ class Pop3Session(MailboxSessionIO):
         """Why a mail must not be sent (damaged: storage.Storage.serving_problem), logged; or None."""
         problem = self.ctx.storage.serving_problem(entry)
         if problem is not None:
-            log.warning("peer=%s site=%s: mail %s not served: damaged (%s)", self.peer, self._site_name(),
-                        entry.queue_id, problem)
+            log.warning(
+                "peer=%s site=%s: mail %s not served: damaged (%s)",
+                self.peer,
+                self._site_name(),
+                entry.queue_id,
+                problem,
+            )
         return problem
 
     async def _send_message(self, event: SendMessage) -> None:
@@ -213,8 +246,9 @@ class Pop3Session(MailboxSessionIO):
         try:
             if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
                 await self._flushed()
-                ends_with_lf = await self.ctx.sender.send(self.transport, entry.path, entry.offset, entry.size,
-                                                          self._stop_send, self.idle_timeout, crc32)
+                ends_with_lf = await self.ctx.sender.send(
+                    self.transport, entry.path, entry.offset, entry.size, self._stop_send, self.idle_timeout, crc32
+                )
                 sent = entry.size
                 self._direct += 1
             else:
@@ -226,7 +260,7 @@ class Pop3Session(MailboxSessionIO):
             self._stop_send.set()
             await self._damaged_while_sending(entry, str(exc))
         except BaseException:
-            self._stop_send.set()   # a worker still sending stops within a fraction of a second
+            self._stop_send.set()  # a worker still sending stops within a fraction of a second
             raise
         self.downloads.bytes += sent
         self.downloads.send_seconds += time.monotonic() - started
@@ -235,7 +269,7 @@ class Pop3Session(MailboxSessionIO):
         if event.body_lines is None:
             self.downloads.messages += 1
             self.downloads.retrieved[entry.queue_id] = (time.time(), sent)
-            if not entry.fetched:   # first download: no longer waiting (the index learns it at the end)
+            if not entry.fetched:  # first download: no longer waiting (the index learns it at the end)
                 entry.fetched = True
                 self.downloads.fetched_uids.append(entry.uid)
                 ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
@@ -270,7 +304,7 @@ class Pop3Session(MailboxSessionIO):
                     chunk = top.feed(chunk)
                 reading = None if top is not None and top.done else self._read_ahead(entry, offset)
                 sent += len(chunk)
-                data, at_line_start = dot_stuff(chunk, at_line_start)   # a no-op unless a line starts with "."
+                data, at_line_start = dot_stuff(chunk, at_line_start)  # a no-op unless a line starts with "."
                 if data:
                     self._write(data)
                     await self._drain()
@@ -285,9 +319,12 @@ class Pop3Session(MailboxSessionIO):
     def _read_ahead(self, entry, offset: int) -> asyncio.Future | None:
         if offset >= entry.size:
             return None
+
         async def read():
-            return offset, await self.ctx.sender.read(entry.path, entry.offset + offset,
-                                                            min(CHUNK, entry.size - offset))
+            return offset, await self.ctx.sender.read(
+                entry.path, entry.offset + offset, min(CHUNK, entry.size - offset)
+            )
+
         return asyncio.ensure_future(read())
 
     async def _update(self, event: Update) -> None:
@@ -314,17 +351,26 @@ class Pop3Session(MailboxSessionIO):
         try:
             if self.downloads is not None and not self._recorded:
                 await ctx.storage.record_downloads(self.site.id, self.downloads, self.site.name)
-        except Exception as exc:   # e.g. the site was removed meanwhile
+        except Exception as exc:  # e.g. the site was removed meanwhile
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:
             ctx.sessions.discard(self)
         metrics.pop3_session(outcome)
         d = self.downloads
-        log.info("session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f direct=%d checked=%d deleted=%d"
-                 " session_s=%.1f outcome=%s", self.peer, self._site_name(), d.messages if d else 0,
-                 d.bytes if d else 0, d.send_seconds if d else 0.0, self._direct, self._checked, self._deleted,
-                 time.monotonic() - self._started, outcome)
-
+        log.info(
+            "session peer=%s site=%s retrieved=%d bytes=%d send_s=%.3f direct=%d checked=%d deleted=%d"
+            " session_s=%.1f outcome=%s",
+            self.peer,
+            self._site_name(),
+            d.messages if d else 0,
+            d.bytes if d else 0,
+            d.send_seconds if d else 0.0,
+            self._direct,
+            self._checked,
+            self._deleted,
+            time.monotonic() - self._started,
+            outcome,
+        )
 
 
 __all__ = ["Pop3Context", "Pop3Session"]

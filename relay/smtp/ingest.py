@@ -6,11 +6,10 @@
 # client's data and then give the matching reply.
 import logging
 
-from storage import MessageMeta, Site, Storage, StorageError
-
-from relay.smtp.message_scan import HeaderScanner, LineLengthCheck
 from relay.mime.stream import Listeners, MimeStreamParser
 from relay.mime.structure import StructureRecorder
+from relay.smtp.message_scan import HeaderScanner, LineLengthCheck
+from storage import MessageMeta, Site, Storage, StorageError
 
 log = logging.getLogger("mailhub.ingest")
 
@@ -23,23 +22,36 @@ class UncheckedMessage(StorageError):
 
 
 class IncomingMessage:
-    __slots__ = ("spool", "headers", "lines", "mime", "structure", "checked", "size", "max_size", "too_big",
-                 "too_big_reply", "error", "_judges")
+    __slots__ = (
+        "spool",
+        "headers",
+        "lines",
+        "mime",
+        "structure",
+        "checked",
+        "size",
+        "max_size",
+        "too_big",
+        "too_big_reply",
+        "error",
+        "_judges",
+    )
 
     def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
         self.headers = HeaderScanner()
-        self.lines = LineLengthCheck()   # the data's lines only: the hub's trace header is folded
+        self.lines = LineLengthCheck()  # the data's lines only: the hub's trace header is folded
         # the parser sees the stored bytes (the hub's trace header first): structure offsets are
         # offsets in the blob
         self.structure = StructureRecorder()
         self.mime: MimeStreamParser | None = MimeStreamParser(
-            Listeners(self.structure, *listeners) if listeners else self.structure)
+            Listeners(self.structure, *listeners) if listeners else self.structure
+        )
         self.checked = bool(listeners)
         self._judges = [listener for listener in listeners if hasattr(listener, "reply")]
         self.size = 0
         self.max_size = max_size
         self.too_big = False
-        self.too_big_reply = too_big_reply   # the size limit's reply (message size, or mailbox room)
+        self.too_big_reply = too_big_reply  # the size limit's reply (message size, or mailbox room)
         self.error: StorageError | None = None
         self.spool = None
         try:
@@ -71,14 +83,14 @@ class IncomingMessage:
         if self.failed:
             return
         self.size += len(data)
-        if not self.headers.done:   # before the size check, so that a refusal can name the mail
+        if not self.headers.done:  # before the size check, so that a refusal can name the mail
             self.headers.feed(data)
         if self.size > self.max_size:
             self.too_big = True
             self.discard()
             return
         self.lines.feed(data)
-        if self.lines.too_long:   # POP3 and IMAP clients could not take it back: refused at the end
+        if self.lines.too_long:  # POP3 and IMAP clients could not take it back: refused at the end
             self.discard()
             return
         self._parse(data)
@@ -99,7 +111,7 @@ class IncomingMessage:
             else:
                 self.mime.feed(data)
                 if any(judge.reply is not None for judge in self._judges):
-                    self.mime = None   # refused: nothing more to learn from the rest
+                    self.mime = None  # refused: nothing more to learn from the rest
         except Exception:  # a bug here must not cost the mail: it is stored without its structure
             log.exception("qid=%s: MIME parsing stopped", self.queue_id)
             self.mime = None
@@ -110,10 +122,18 @@ class IncomingMessage:
         self.headers.close()
         h = self.headers
         self._parse(None)
-        return MessageMeta(mail_from=mail_from, sender_site=sender.id if sender else None, dot_lines=dot_lines,
-                           message_id=h.message_id, set_id=h.set_id, set_part=h.set_part,
-                           set_total=h.set_total, sender_name=sender.name if sender else None, peer=peer,
-                           structure=self.structure.structure if self.mime is not None else None)
+        return MessageMeta(
+            mail_from=mail_from,
+            sender_site=sender.id if sender else None,
+            dot_lines=dot_lines,
+            message_id=h.message_id,
+            set_id=h.set_id,
+            set_part=h.set_part,
+            set_total=h.set_total,
+            sender_name=sender.name if sender else None,
+            peer=peer,
+            structure=self.structure.structure if self.mime is not None else None,
+        )
 
     def _fail(self, exc: StorageError) -> None:
         self.error = exc
@@ -122,4 +142,3 @@ class IncomingMessage:
     def discard(self) -> None:
         if self.spool is not None:
             self.spool.discard()
-

@@ -7,21 +7,24 @@
 import numpy
 
 MAX_HEADER_BYTES = 256 * 1024
-_WANTED = {b"message-id": "Message-ID", b"x-telemedicine-setid": "X-TELEMEDICINE-SETID",
-           b"x-telemedicine-setpart": "X-TELEMEDICINE-SETPART", b"x-telemedicine-settotal": "X-TELEMEDICINE-SETTOTAL"}
-_MAX_VALUE = 1000          # characters kept of a field's collapsed value (the longest use takes 998)
-_MAX_PARTIAL = 64 * 1024   # octets kept of a line until its CRLF arrives
+_WANTED = {
+    b"message-id": "Message-ID",
+    b"x-telemedicine-setid": "X-TELEMEDICINE-SETID",
+    b"x-telemedicine-setpart": "X-TELEMEDICINE-SETPART",
+    b"x-telemedicine-settotal": "X-TELEMEDICINE-SETTOTAL",
+}
+_MAX_VALUE = 1000  # characters kept of a field's collapsed value (the longest use takes 998)
+_MAX_PARTIAL = 64 * 1024  # octets kept of a line until its CRLF arrives
 
 
 class HeaderScanner:
-    __slots__ = ("_partial", "_size", "_fields", "_current", "done", "message_id", "set_id", "set_part",
-                 "set_total")
+    __slots__ = ("_partial", "_size", "_fields", "_current", "done", "message_id", "set_id", "set_part", "set_total")
 
     def __init__(self) -> None:
-        self._partial = b""     # the unfinished last line
-        self._size = 0          # header octets fed so far
+        self._partial = b""  # the unfinished last line
+        self._size = 0  # header octets fed so far
         self._fields: dict[str, str] = {}
-        self._current: str | None = None   # the wanted field that continuation lines extend
+        self._current: str | None = None  # the wanted field that continuation lines extend
         self.done = False
         self.message_id: str | None = None
         self.set_id: str | None = None
@@ -33,19 +36,19 @@ class HeaderScanner:
             return
         capped = self._size + len(data) >= MAX_HEADER_BYTES
         if capped:
-            data = data[:MAX_HEADER_BYTES - self._size]
+            data = data[: MAX_HEADER_BYTES - self._size]
         self._size += len(data)
         buf = self._partial + data if self._partial else data
         find = buf.find
         start = 0
         while (end := find(b"\r\n", start)) >= 0:
-            if start == end:   # the empty line that ends the header block
+            if start == end:  # the empty line that ends the header block
                 self._finish()
                 return
             self._line(buf[start:end])
             start = end + 2
         rest = buf[start:]
-        if len(rest) > _MAX_PARTIAL:   # keep the start of the line, and a CR that may begin its CRLF
+        if len(rest) > _MAX_PARTIAL:  # keep the start of the line, and a CR that may begin its CRLF
             rest = rest[:_MAX_PARTIAL] + rest[-1:]
         self._partial = rest
         if capped:
@@ -104,9 +107,9 @@ class DotLineScanner:
         self._tail = data[-2:] if len(data) >= 2 else self._tail[-1:] + data
 
 
-MAX_LINE = 1000   # octets of a line with its line end (RFC 5321 4.5.3.1.6: 998 characters + CRLF)
-_BLOCK = MAX_LINE // 2   # an LF in every aligned block of this many octets: no line can be too long
-_NUMPY_MIN = 64 * 1024   # shorter spans are checked by the hop loop alone (numpy's call overhead)
+MAX_LINE = 1000  # octets of a line with its line end (RFC 5321 4.5.3.1.6: 998 characters + CRLF)
+_BLOCK = MAX_LINE // 2  # an LF in every aligned block of this many octets: no line can be too long
+_NUMPY_MIN = 64 * 1024  # shorter spans are checked by the hop loop alone (numpy's call overhead)
 
 
 class LineLengthCheck:
@@ -119,12 +122,12 @@ class LineLengthCheck:
 
     def __init__(self) -> None:
         self.too_long = False
-        self._line = 0   # octets of the stream's last, unfinished line so far
+        self._line = 0  # octets of the stream's last, unfinished line so far
 
     def feed(self, data: bytes) -> None:
         if self.too_long or not data:
             return
-        room = MAX_LINE - self._line   # the unfinished line's LF must come within this many octets
+        room = MAX_LINE - self._line  # the unfinished line's LF must come within this many octets
         first = data.find(b"\n", 0, room)
         if first < 0:
             self._line += len(data)
@@ -135,7 +138,7 @@ class LineLengthCheck:
             self.too_long = True
             return
         self._line = len(data) - last - 1
-        self.too_long = self._line >= MAX_LINE   # the unfinished last line is already too long
+        self.too_long = self._line >= MAX_LINE  # the unfinished last line is already too long
 
 
 def _short_lines(data: bytes, start: int, end: int) -> bool:
@@ -144,7 +147,7 @@ def _short_lines(data: bytes, start: int, end: int) -> bool:
         blocks = (end - start) // _BLOCK
         octets = numpy.frombuffer(data, numpy.uint8, count=blocks * _BLOCK, offset=start)
         if (octets.reshape(blocks, _BLOCK) == 10).any(axis=1).all():
-            return True   # runs without LF are under 500 octets inside, under 1000 across the last block
+            return True  # runs without LF are under 500 octets inside, under 1000 across the last block
     rfind = data.rfind
     pos = start
     while end - pos > MAX_LINE:

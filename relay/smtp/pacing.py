@@ -14,7 +14,7 @@ class Pacer:
         self.waited = 0.0
 
     async def after_read(self, nbytes: int) -> None:
-        now = time.monotonic()   # a rate: a step of the wall clock must not stall or free the reader
+        now = time.monotonic()  # a rate: a step of the wall clock must not stall or free the reader
         wait = max([bucket.take(nbytes, now) for bucket in self.buckets], default=0.0)
         if wait > 0:
             self.waited += wait

@@ -1,11 +1,10 @@
 # Relay control of the SMTP ingress: who may use which envelope sender and recipient.
 # Pure decisions on the facts given (no I/O); the server turns the reply constants into replies.
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-from storage import Site
 
 from relay.smtp import replies as R
+from storage import Site
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +22,13 @@ def sender_verdict(client: Client, address: str) -> str | None:
     return None
 
 
-def recipient_verdict(client: Client, address: str, local_domains: list[str],
-                      lookup: Callable[[str], Site | None],
-                      has_route: Callable[[str], bool]) -> tuple[str | None, Site | None]:
+def recipient_verdict(
+    client: Client,
+    address: str,
+    local_domains: list[str],
+    lookup: Callable[[str], Site | None],
+    has_route: Callable[[str], bool],
+) -> tuple[str | None, Site | None]:
     """(None, site) when the recipient is a local site's address, (None, None) when it is a remote
     address to relay (authenticated sites only, along a configured route), else (reply, None)."""
     domain = address.rpartition("@")[2].lower()

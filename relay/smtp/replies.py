@@ -13,8 +13,9 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_CONNECTIONS_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_UNAUTHENTICATED = "421 4.7.0 Too many connections not yet authenticated, try again later"
-TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS = ("421 4.7.0 Too many connections not yet authenticated from your"
-                                         " address, try again later")
+TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS = (
+    "421 4.7.0 Too many connections not yet authenticated from your address, try again later"
+)
 TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentications, goodbye"
 TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -64,8 +65,10 @@ RELAY_DENIED = "554 5.7.1 Relay access denied"
 UNKNOWN_USER = "550 5.1.1 No such user here"
 NO_ROUTE = "550 5.1.2 No route to that domain"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated site"
-LINE_TOO_LONG_IN_DATA = ("554 5.6.0 Message refused: a line is longer than 998 characters (RFC 5321"
-                         " 4.5.3.1.6); send long lines in base64 or quoted-printable")
+LINE_TOO_LONG_IN_DATA = (
+    "554 5.6.0 Message refused: a line is longer than 998 characters (RFC 5321"
+    " 4.5.3.1.6); send long lines in base64 or quoted-printable"
+)
 MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 DIRECTORY_SITES_ONLY = "550 5.7.1 The directory answers authenticated sites only"
 # `mailhub site remove` while a session of (or a transaction to) the site was open
@@ -82,8 +85,7 @@ def directory_queued(queue_id: str) -> str:
 
 
 def directory_too_soon(wait: float) -> str:
-    return (f"450 4.7.1 The directory was sent to your mailbox a moment ago; ask again in"
-            f" {math.ceil(wait)} s")
+    return f"450 4.7.1 The directory was sent to your mailbox a moment ago; ask again in {math.ceil(wait)} s"
 
 
 def login_timeout(peer_network: bool, seconds: float) -> str:

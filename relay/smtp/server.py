@@ -13,46 +13,58 @@ import ipaddress
 import logging
 import ssl
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from aiosmtpd.smtp import Envelope, syntax
 
 from directory import DirectoryError, DirectoryMailer, KeyRing, recipients_under_policy
 from quotas import SetPart, Throttle, Verdict
-from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
-from storage.events import refusal as refusal_event
-
-from relay import connection_limits
-from relay import metrics
-from relay.smtp import replies as R
-from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
-from relay.policy.encryption import EncryptionPolicy
-from relay.smtp.ingest import IncomingMessage
+from relay import connection_limits, metrics
 from relay.internal_errors import report_internal_error
 from relay.login_deadline import LoginDeadline
 from relay.logins import Logins
 from relay.mailbox_session import is_loopback, printable
-from relay.smtp.message_scan import DotLineScanner
 from relay.outbound.routes import route_for
+from relay.policy.encryption import EncryptionPolicy
+from relay.smtp import replies as R
+from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
+from relay.smtp.ingest import IncomingMessage
+from relay.smtp.message_scan import DotLineScanner
 from relay.smtp.pacing import Pacer
 from relay.smtp.policy import Client, recipient_verdict, sender_verdict
+from relay.smtp.protocol import (
+    NO_ARGUMENT,
+    AuthExchange,
+    Challenge,
+    CommandBudget,
+    Credentials,
+    Phase,
+    command,
+    ehlo_reply,
+    out_of_sequence,
+    phase_of,
+    wire,
+    with_protocol,
+)
 from relay.smtp.stream import DataDecoder
-from relay.smtp.protocol import (NO_ARGUMENT, AuthExchange, Challenge, CommandBudget, Credentials, Phase, command,
-                                 ehlo_reply, out_of_sequence, phase_of, wire, with_protocol)
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
+from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
+from storage.events import refusal as refusal_event
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
-_MIN_DATA_RATE = 500     # octets/s a client must keep up in DATA/BDAT (idle deadline, see _data_progress)
-_MAX_AUTH_FAILURES = 5   # per connection (the login guard slows and blocks across connections)
-_REFUSALS = {connection_limits.TOTAL: R.TOO_MANY_CONNECTIONS,
-             connection_limits.PER_ADDRESS: R.TOO_MANY_CONNECTIONS_FROM_ADDRESS,
-             connection_limits.UNAUTHENTICATED: R.TOO_MANY_UNAUTHENTICATED,
-             connection_limits.UNAUTHENTICATED_PER_ADDRESS: R.TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS}
-_YIELD_EVERY = 16   # commands run between two turns of the event loop: a client pipelining 256 KB of
-                    # NOOPs (40,000 commands, all buffered) would otherwise hold the loop for a second
+_MIN_DATA_RATE = 500  # octets/s a client must keep up in DATA/BDAT (idle deadline, see _data_progress)
+_MAX_AUTH_FAILURES = 5  # per connection (the login guard slows and blocks across connections)
+_REFUSALS = {
+    connection_limits.TOTAL: R.TOO_MANY_CONNECTIONS,
+    connection_limits.PER_ADDRESS: R.TOO_MANY_CONNECTIONS_FROM_ADDRESS,
+    connection_limits.UNAUTHENTICATED: R.TOO_MANY_UNAUTHENTICATED,
+    connection_limits.UNAUTHENTICATED_PER_ADDRESS: R.TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS,
+}
+_YIELD_EVERY = 16  # commands run between two turns of the event loop: a client pipelining 256 KB of
+# NOOPs (40,000 commands, all buffered) would otherwise hold the loop for a second
 
 
 class Transaction(Envelope):
@@ -61,15 +73,15 @@ class Transaction(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.deliveries: list[Delivery] = []
-        self.receivers: list[Site] = []           # the local sites of the deliveries
-        self.verdicts: dict[int, Verdict] = {}    # the throttle's verdict at RCPT per receiving site
+        self.receivers: list[Site] = []  # the local sites of the deliveries
+        self.verdicts: dict[int, Verdict] = {}  # the throttle's verdict at RCPT per receiving site
         self.remote: list[str] = []  # recipients to relay to other networks
         self.declared_size: int | None = None
-        self.bdat: IncomingMessage | None = None    # the message of an open BDAT series
-        self.receiving: IncomingMessage | None = None   # the message of a DATA being received
+        self.bdat: IncomingMessage | None = None  # the message of an open BDAT series
+        self.receiving: IncomingMessage | None = None  # the message of a DATA being received
         self.bdat_dots: DotLineScanner | None = None
         self.bdat_failed = False
-        self.pacer: Pacer | None = None           # reads DATA/BDAT bytes no faster than allowed
+        self.pacer: Pacer | None = None  # reads DATA/BDAT bytes no faster than allowed
         self.directory_request = False  # directory@<local domain> was a recipient
         self.policy: EncryptionPolicy | None = None
 
@@ -81,9 +93,17 @@ class Transaction(Envelope):
 class SmtpContext:
     """What all SMTP connections share: config, storage, sites, limits, live connections."""
 
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, tls_context: ssl.SSLContext | None,
-                 throttle: Throttle, directory: DirectoryMailer | None = None,
-                 keyring: KeyRing | None = None, logins: Logins | None = None):
+    def __init__(
+        self,
+        cfg,
+        storage: Storage,
+        sites: SiteCache,
+        tls_context: ssl.SSLContext | None,
+        throttle: Throttle,
+        directory: DirectoryMailer | None = None,
+        keyring: KeyRing | None = None,
+        logins: Logins | None = None,
+    ):
         self.cfg = cfg
         self.storage = storage
         self.sites = sites
@@ -91,9 +111,9 @@ class SmtpContext:
         self.tls_context = tls_context
         self.directory = directory
         self.keyring = keyring
-        self.connections: set["HubSMTP"] = set()
+        self.connections: set[HubSMTP] = set()
         self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.smtp))
-        self.logins = logins or Logins.from_config(cfg, sites)   # shared by all protocols (server.py)
+        self.logins = logins or Logins.from_config(cfg, sites)  # shared by all protocols (server.py)
         self.shutting_down = False
         relay = cfg.relay
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
@@ -143,9 +163,15 @@ class HubSMTP(AiosmtpdSession):
     def __init__(self, ctx: SmtpContext):
         cfg = ctx.cfg
         super().__init__(
-            ctx, hostname=cfg.hostname, ident="ESMTP DICOM Mail Hub", tls_context=ctx.tls_context,
-            timeout=cfg.smtp.idle_timeout, data_size_limit=cfg.smtp.max_message_size,
-            auth_require_tls=True, loop=asyncio.get_running_loop())
+            ctx,
+            hostname=cfg.hostname,
+            ident="ESMTP DICOM Mail Hub",
+            tls_context=ctx.tls_context,
+            timeout=cfg.smtp.idle_timeout,
+            data_size_limit=cfg.smtp.max_message_size,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
         self.ctx = ctx
         self._in_data = False  # reading DATA/BDAT bytes or committing them
         self._held: list[bytes] = []  # replies held back for pipelining
@@ -153,11 +179,11 @@ class HubSMTP(AiosmtpdSession):
         self._from_peer_network = False
         self._auth_failures = 0
         self._command_budget = CommandBudget(cfg.smtp.max_commands, cfg.smtp.max_bad_commands)
-        self._closing_why = ""      # why the hub closed the connection, for the log of an aborted transaction
+        self._closing_why = ""  # why the hub closed the connection, for the log of an aborted transaction
         self._budget = ctx.storage.memory_budget
-        self._buffered = 0          # bytes of the reader's buffer counted in the memory budget
-        self._reading_paused = False   # the socket is not read until memory is under the budget
-        self.ticket: connection_limits.Ticket | None = None   # counted while open (SmtpContext.admit)
+        self._buffered = 0  # bytes of the reader's buffer counted in the memory budget
+        self._reading_paused = False  # the socket is not read until memory is under the budget
+        self.ticket: connection_limits.Ticket | None = None  # counted while open (SmtpContext.admit)
         self._login_deadline: LoginDeadline | None = None
 
     # ---- connection life cycle -------------------------------------------------------------
@@ -170,8 +196,8 @@ class HubSMTP(AiosmtpdSession):
     def new_envelope(self) -> Transaction:
         old = getattr(self, "envelope", None)
         if old is not None:
-            self._abort(old, "reset")   # RSET, EHLO or STARTTLS between two BDAT chunks
-            self.ctx.throttle.release(old)   # sizes reserved at RCPT end with their transaction
+            self._abort(old, "reset")  # RSET, EHLO or STARTTLS between two BDAT chunks
+            self.ctx.throttle.release(old)  # sizes reserved at RCPT end with their transaction
         return Transaction()
 
     def connection_made(self, transport) -> None:
@@ -197,7 +223,7 @@ class HubSMTP(AiosmtpdSession):
         super().data_received(data)
         self._count_buffer()
         if self._in_data and self._budget.full and not self._reading_paused and self.transport is not None:
-            self._reading_paused = True   # mail data waits in the socket until memory is freed
+            self._reading_paused = True  # mail data waits in the socket until memory is freed
             self.transport.pause_reading()
             self._budget.pause(self)
 
@@ -221,7 +247,7 @@ class HubSMTP(AiosmtpdSession):
 
     def _data_over(self) -> None:
         self._in_data = False
-        self.resume_reading()   # a pause for memory holds back mail data only
+        self.resume_reading()  # a pause for memory holds back mail data only
 
     async def _read(self, size: int) -> bytes:
         chunk = await self.read_some(size)
@@ -242,28 +268,34 @@ class HubSMTP(AiosmtpdSession):
             return
         tx.receiving = tx.bdat = None
         committing = message.spool is not None and message.spool.handed_over
-        message.discard()   # (not once handed to the index writer: that commit runs to its end)
+        message.discard()  # (not once handed to the index writer: that commit runs to its end)
         metrics.smtp_aborted(why)
         site = self._site
-        log.info("qid=%s site=%s from=<%s> rcpts=%s received=%d outcome=%s reason=%r", message.queue_id,
-                 site.name if site else "-", printable(tx.mail_from or ""),
-                 ",".join(printable(r) for r in tx.rcpt_tos), message.size,
-                 "unanswered (being committed: stored unless the commit fails)" if committing else "aborted", why)
+        log.info(
+            "qid=%s site=%s from=<%s> rcpts=%s received=%d outcome=%s reason=%r",
+            message.queue_id,
+            site.name if site else "-",
+            printable(tx.mail_from or ""),
+            ",".join(printable(r) for r in tx.rcpt_tos),
+            message.size,
+            "unanswered (being committed: stored unless the commit fails)" if committing else "aborted",
+            why,
+        )
 
     async def serve(self) -> None:
         refusal = self.ctx.admit(self, self._peer_ip)
-        metrics.smtp_session("admitted" if refusal is None else
-                             "shutting_down" if refusal == R.SHUTTING_DOWN else "too_many_connections")
+        metrics.smtp_session(
+            "admitted" if refusal is None else "shutting_down" if refusal == R.SHUTTING_DOWN else "too_many_connections"
+        )
         if refusal is not None:
             self.close_now(refusal)
             return
-        self._login_deadline = LoginDeadline("smtp", self.ctx.cfg.smtp.login_timeout, self.ticket,
-                                             self._login_expired)
+        self._login_deadline = LoginDeadline("smtp", self.ctx.cfg.smtp.login_timeout, self.ticket, self._login_expired)
         try:
             await self.push(f"220 {self.hostname} {self.ident}")
             await self._serve_commands()
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass   # the client is gone (a transaction it left was logged by _abort)
+            pass  # the client is gone (a transaction it left was logged by _abort)
         finally:
             if self.transport is not None:
                 self.transport.close()
@@ -277,7 +309,7 @@ class HubSMTP(AiosmtpdSession):
         while not self.transport.is_closing():
             served += 1
             if served % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)   # buffered commands do not suspend the reader: let others run
+                await asyncio.sleep(0)  # buffered commands do not suspend the reader: let others run
             line = await self._read_line()
             parsed = command(line, self.ctx.cfg.smtp.max_line_length, self.commands)
             if isinstance(parsed, str):
@@ -295,7 +327,7 @@ class HubSMTP(AiosmtpdSession):
                     await method(arg)
                 except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
                     raise
-                except Exception as exc:   # a bug: one log line, the session carries on
+                except Exception as exc:  # a bug: one log line, the session carries on
                     self._report(exc)
                     await self.push(R.INTERNAL_ERROR)
             if budget.exhausted:
@@ -325,8 +357,12 @@ class HubSMTP(AiosmtpdSession):
         tx = self.envelope
         message = tx.receiving or tx.bdat if tx is not None else None
         site = self._site
-        report_internal_error(log, "smtp", error, f"peer={self._peer_ip} site={site.name if site else '-'}"
-                                                  f" qid={message.queue_id if message else '-'}")
+        report_internal_error(
+            log,
+            "smtp",
+            error,
+            f"peer={self._peer_ip} site={site.name if site else '-'} qid={message.queue_id if message else '-'}",
+        )
 
     def _logged_in(self) -> None:
         """Authenticated, or (from a peer network) a transaction started: the login deadline is
@@ -338,9 +374,12 @@ class HubSMTP(AiosmtpdSession):
         """smtp.login_timeout passed without AUTH (from a peer network: without MAIL FROM)."""
         if self.transport is None or self.transport.is_closing():
             return False
-        log.info("%s: closed: %s within %.0f s", self._peer_ip,
-                 "no mail transaction" if self._from_peer_network else "no authentication",
-                 self.ctx.cfg.smtp.login_timeout)
+        log.info(
+            "%s: closed: %s within %.0f s",
+            self._peer_ip,
+            "no mail transaction" if self._from_peer_network else "no authentication",
+            self.ctx.cfg.smtp.login_timeout,
+        )
         self.close_now(R.login_timeout(self._from_peer_network, self.ctx.cfg.smtp.login_timeout))
         return True
 
@@ -376,8 +415,7 @@ class HubSMTP(AiosmtpdSession):
         octets / _MIN_DATA_RATE seconds (at most to a full idle_timeout from now), so that a client
         trickling a few bytes at a time cannot hold a transaction open for ever."""
         now = self.loop.time()
-        self.touch_idle_deadline(max(0.001, min(self.idle_timeout,
-                                                self.idle_deadline - now + octets / _MIN_DATA_RATE)))
+        self.touch_idle_deadline(max(0.001, min(self.idle_timeout, self.idle_deadline - now + octets / _MIN_DATA_RATE)))
 
     def on_idle_timeout(self) -> None:
         self._closing_why = self._closing_why or "idle timeout"
@@ -406,9 +444,14 @@ class HubSMTP(AiosmtpdSession):
         self.reset_transaction()
         self.session.extended_smtp = True
         self.session.host_name = hostname
-        await self.push(ehlo_reply(self.hostname, self.ctx.cfg.smtp.max_message_size,
-                                   starttls=bool(self.tls_context) and not self.tls_active,
-                                   auth=not self.auth_require_tls or self.tls_active))
+        await self.push(
+            ehlo_reply(
+                self.hostname,
+                self.ctx.cfg.smtp.max_message_size,
+                starttls=bool(self.tls_context) and not self.tls_active,
+                auth=not self.auth_require_tls or self.tls_active,
+            )
+        )
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None):
@@ -478,8 +521,7 @@ class HubSMTP(AiosmtpdSession):
             self._held.append(event.line)
             await self._flush_held()
             line = await self._read_line()
-            event = exchange.receive(None if line is None or len(line) > self.ctx.cfg.smtp.max_line_length
-                                     else line)
+            event = exchange.receive(None if line is None or len(line) > self.ctx.cfg.smtp.max_line_length else line)
         if isinstance(event, Credentials):
             reply = await self._check_login(event.login, event.password)
         else:
@@ -492,8 +534,9 @@ class HubSMTP(AiosmtpdSession):
 
     async def _check_login(self, login: bytes, password: bytes) -> str:
         """Log in as the site (the session is then authenticated); the reply."""
-        outcome = await self.ctx.logins.login("smtp", self._peer_ip, login.decode("utf-8", "replace"),
-                                              password.decode("utf-8", "replace"))
+        outcome = await self.ctx.logins.login(
+            "smtp", self._peer_ip, login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+        )
         if outcome.site is None:
             return R.AUTH_FAILED if outcome.temporary is None else R.auth_temporary_failure(outcome.temporary)
         self._logged_in()
@@ -517,7 +560,7 @@ class HubSMTP(AiosmtpdSession):
         parsed = await self._path_or_reply("MAIL", arg, "FROM:")
         if parsed is None:
             return
-        if self._site is not None and self._gone(self._site):   # `mailhub site remove` while logged in
+        if self._site is not None and self._gone(self._site):  # `mailhub site remove` while logged in
             log.info("%s site=%s: MAIL refused: the site was removed", self._peer_ip, self._site.name)
             self.session.authenticated, self.session.auth_data = False, None
             await self.push(R.SITE_REMOVED)
@@ -532,14 +575,14 @@ class HubSMTP(AiosmtpdSession):
             return
         refusal = sender_verdict(self._client(), address)
         if refusal is None and await self.ctx.storage.short_of_space(size):
-            refusal = StorageFull.reply   # a full disk: nothing taken until space returns
+            refusal = StorageFull.reply  # a full disk: nothing taken until space returns
         if refusal:
             await self._refuse("mail", refusal, address)
             return
         self.envelope.mail_from = address
         self.envelope.declared_size = size
         if self._from_peer_network:
-            self._logged_in()   # a peer network's transaction started: its login deadline is met
+            self._logged_in()  # a peer network's transaction started: its login deadline is met
         await self.reply_pipelined(R.SENDER_OK)
 
     @syntax("RCPT TO:<address>")
@@ -557,8 +600,9 @@ class HubSMTP(AiosmtpdSession):
         if self.ctx.directory is not None and self.ctx.directory.is_directory_address(address):
             await self._directory_recipient(address)
             return
-        refusal, site = recipient_verdict(self._client(), address, self.ctx.cfg.domain,
-                                          self.ctx.sites.by_address, self.ctx.has_route)
+        refusal, site = recipient_verdict(
+            self._client(), address, self.ctx.cfg.domain, self.ctx.sites.by_address, self.ctx.has_route
+        )
         if refusal:
             log.info("%s: RCPT <%s> refused: %s", self._peer_ip, printable(address), refusal)
             await self._refuse("rcpt", refusal, self.envelope.mail_from, address)
@@ -568,15 +612,14 @@ class HubSMTP(AiosmtpdSession):
             if all(r.lower() != address.lower() for r in tx.remote):
                 tx.remote.append(address)
         elif all(d.site_id != site.id for d in tx.deliveries):
-            verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.monotonic(),
-                                                time.time())
+            verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.monotonic(), time.time())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: RCPT <%s> %s", self._peer_ip, printable(address), verdict.log_text())
             if not verdict.ok:
                 self._log_refusal(f"RCPT <{printable(address)}>", verdict)
                 await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
-            limits = self.ctx.throttle.limits(site)   # checked once more as the mail is committed
+            limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
             tx.deliveries.append(Delivery(site.id, address, site.name, limits.mailbox_bytes, limits.mailbox_messages))
             tx.receivers.append(site)
             tx.verdicts[site.id] = verdict
@@ -587,15 +630,21 @@ class HubSMTP(AiosmtpdSession):
         """Throttle refusals with the figures behind them; 4xx ones are counted as deferrals."""
         if verdict.reply[0] == "4":
             metrics.smtp_deferral(verdict.reason)
-        log.info("%s site=%s: %s refused %s: %s", self._peer_ip, self._site.name if self._site else "-", what,
-                 verdict.reply[:9], verdict.log_text())
+        log.info(
+            "%s site=%s: %s refused %s: %s",
+            self._peer_ip,
+            self._site.name if self._site else "-",
+            what,
+            verdict.reply[:9],
+            verdict.log_text(),
+        )
 
     async def _directory_recipient(self, address: str) -> None:
         """directory@<local domain>: answered with the signed participant list, to sites only."""
         if self._site is None:
             await self._refuse("rcpt", R.DIRECTORY_SITES_ONLY, self.envelope.mail_from, address)
             return
-        if not self.envelope.directory_request:   # one request per transaction, however many addresses
+        if not self.envelope.directory_request:  # one request per transaction, however many addresses
             wait = self.ctx.directory.take_request(self._site.id, time.monotonic())
             if wait > 0:
                 await self._refuse("rcpt", R.directory_too_soon(wait), self.envelope.mail_from, address)
@@ -622,18 +671,34 @@ class HubSMTP(AiosmtpdSession):
         now = time.time()
         for rcpt in rcpts:
             to_site = self.ctx.sites.by_address(rcpt) if rcpt else None
-            self.ctx.storage.record_event(refusal_event(
-                now, reply, site=site.name if site else None, sender=sender, rcpt=rcpt,
-                to_site=to_site.name if to_site else None, peer=self._peer_ip,
-                queue_id=queue_id, message_id=message_id, set_id=set_id, size=size))
+            self.ctx.storage.record_event(
+                refusal_event(
+                    now,
+                    reply,
+                    site=site.name if site else None,
+                    sender=sender,
+                    rcpt=rcpt,
+                    to_site=to_site.name if to_site else None,
+                    peer=self._peer_ip,
+                    queue_id=queue_id,
+                    message_id=message_id,
+                    set_id=set_id,
+                    size=size,
+                )
+            )
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self._from_peer_network)
 
     def _phase(self) -> Phase:
         tx = self.envelope
-        return phase_of(bool(self.session.host_name), tx.mail_from is not None, tx.has_recipients,
-                        tx.bdat is not None, tx.bdat_failed)
+        return phase_of(
+            bool(self.session.host_name),
+            tx.mail_from is not None,
+            tx.has_recipients,
+            tx.bdat is not None,
+            tx.bdat_failed,
+        )
 
     async def _path_or_reply(self, verb: str, arg: str | None, keyword: str):
         """The common start of MAIL and RCPT: (address, params), or None once a reply was sent."""
@@ -670,7 +735,7 @@ class HubSMTP(AiosmtpdSession):
                 size = len(chunk)
                 self._data_progress(size)
                 message.write(decoder.feed(chunk))
-                del chunk   # the spool holds (and counts) what it keeps: a stalled sender pins nothing more
+                del chunk  # the spool holds (and counts) what it keeps: a stalled sender pins nothing more
                 if message.backlogged:
                     await message.room()
                 await pacer.after_read(size)
@@ -691,8 +756,8 @@ class HubSMTP(AiosmtpdSession):
         size, last = parse_bdat(arg)
         tx = self.envelope
         if last is None:
-            if size is not None:   # the size is known: its chunk is skipped, and a message
-                self._in_data = True   # being received lost it, so its transaction fails
+            if size is not None:  # the size is known: its chunk is skipped, and a message
+                self._in_data = True  # being received lost it, so its transaction fails
                 try:
                     await self._read_chunk(size, None, None, None)
                 finally:
@@ -725,8 +790,9 @@ class HubSMTP(AiosmtpdSession):
             self._data_over()
         await self._reply_after_transaction(reply, reset=last)
 
-    async def _read_chunk(self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None,
-                          pacer: Pacer | None):
+    async def _read_chunk(
+        self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None, pacer: Pacer | None
+    ):
         remaining = size
         while remaining:
             chunk = await self._read(min(remaining, CHUNK))
@@ -738,7 +804,7 @@ class HubSMTP(AiosmtpdSession):
             if message is not None:
                 message.write(chunk)
                 dots.feed(chunk)
-            del chunk   # as in DATA: nothing pinned while waiting for the next bytes
+            del chunk  # as in DATA: nothing pinned while waiting for the next bytes
             if message is not None:
                 if message.backlogged:
                     await message.room()
@@ -753,8 +819,9 @@ class HubSMTP(AiosmtpdSession):
         if limit is not None and limit[0] < max_size:
             max_size, reply = limit
         tx.policy = self._encryption_policy()
-        return IncomingMessage(self.ctx.storage, max_size, self._trace_header, reply,
-                               [tx.policy] if tx.policy is not None else ())
+        return IncomingMessage(
+            self.ctx.storage, max_size, self._trace_header, reply, [tx.policy] if tx.policy is not None else ()
+        )
 
     def _encryption_policy(self) -> EncryptionPolicy | None:
         """The policy for this transaction's recipient sites, whoever sends (the null sender,
@@ -774,9 +841,10 @@ class HubSMTP(AiosmtpdSession):
         helo = printable(self.session.host_name or "unknown")[:255]
         rcpts = self.envelope.rcpt_tos
         for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
-        return (f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
-                f" with {protocol} id {queue_id}{for_clause};\r\n\t{_date_now()}\r\n"
-                ).encode("utf-8", "replace")
+        return (
+            f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
+            f" with {protocol} id {queue_id}{for_clause};\r\n\t{_date_now()}\r\n"
+        ).encode("utf-8", "replace")
 
     async def _finish(self, message: IncomingMessage, dot_lines: bool) -> str:
         tx = self.envelope
@@ -793,19 +861,30 @@ class HubSMTP(AiosmtpdSession):
             message.discard()
             reply = tx.policy.reply
             metrics.encryption_refusal(tx.policy.reason)
-            log.info("qid=%s site=%s refused by the encryption policy: %s", message.queue_id,
-                     site.name if site else "-", reply)
+            log.info(
+                "qid=%s site=%s refused by the encryption policy: %s",
+                message.queue_id,
+                site.name if site else "-",
+                reply,
+            )
         elif (sender_gone := site is not None and self._gone(site)) or any(self._gone(r) for r in tx.receivers):
-            message.discard()   # a site was removed during the transaction: its rows cannot be written
+            message.discard()  # a site was removed during the transaction: its rows cannot be written
             reply = R.SITE_REMOVED if sender_gone else R.RECIPIENT_SITE_REMOVED
             log.info("qid=%s site=%s refused: %s", message.queue_id, site.name if site else "-", reply)
         else:
             meta = message.meta(tx.mail_from, site, dot_lines, self._peer_ip)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
             throttle = self.ctx.throttle
-            verdict = throttle.at_end_of_data(tx, site, [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
-                                              message.size, part, time.monotonic(), time.time(),
-                                              stored=message.spool.size)
+            verdict = throttle.at_end_of_data(
+                tx,
+                site,
+                [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
+                message.size,
+                part,
+                time.monotonic(),
+                time.time(),
+                stored=message.spool.size,
+            )
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
             if not verdict.ok:
@@ -817,14 +896,26 @@ class HubSMTP(AiosmtpdSession):
         elapsed = time.monotonic() - started
         if reply[0] != "2":
             self._track_refusal(reply, tx.mail_from, tx.rcpt_tos, message)
-        metrics.smtp_transaction(reply, message.size, site.name if site else None,
-                                 [d.site_name for d in tx.deliveries] if reply[0] == "2" else (), elapsed)
+        metrics.smtp_transaction(
+            reply,
+            message.size,
+            site.name if site else None,
+            [d.site_name for d in tx.deliveries] if reply[0] == "2" else (),
+            elapsed,
+        )
         if log.isEnabledFor(logging.INFO):
-            log.info("qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
-                     message.queue_id, site.name if site else "-", printable(tx.mail_from),
-                     ",".join(printable(r) for r in tx.rcpt_tos), message.size,
-                     message.spool.sha256 if message.spool and reply[0] == "2" else "-", reply[:3],
-                     elapsed * 1000, tx.pacer.waited if tx.pacer else 0.0)
+            log.info(
+                "qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
+                message.queue_id,
+                site.name if site else "-",
+                printable(tx.mail_from),
+                ",".join(printable(r) for r in tx.rcpt_tos),
+                message.size,
+                message.spool.sha256 if message.spool and reply[0] == "2" else "-",
+                reply[:3],
+                elapsed * 1000,
+                tx.pacer.waited if tx.pacer else 0.0,
+            )
         return reply
 
     async def _store(self, message: IncomingMessage, meta, part: SetPart) -> str:
@@ -834,8 +925,13 @@ class HubSMTP(AiosmtpdSession):
         try:
             if tx.deliveries or tx.remote:
                 # the sizes reserved at end of data end as the ledger counts the mail (or at RSET)
-                await self.ctx.storage.commit(message.spool, meta, tx.deliveries, remote=tx.remote,
-                                              on_committed=lambda: self.ctx.throttle.release(tx))
+                await self.ctx.storage.commit(
+                    message.spool,
+                    meta,
+                    tx.deliveries,
+                    remote=tx.remote,
+                    on_committed=lambda: self.ctx.throttle.release(tx),
+                )
                 self.ctx.throttle.admitted(self._site, tx.receivers, part, time.monotonic())
             else:
                 message.discard()  # a request to the directory only: nothing to keep
@@ -869,7 +965,7 @@ class HubSMTP(AiosmtpdSession):
 def _why(error: BaseException) -> str:
     """Why a transaction ended without a reply, when the hub did not close the connection itself."""
     if isinstance(error, asyncio.CancelledError):
-        return "client closed"   # aiosmtpd cancels the session's task at EOF and at connection loss
+        return "client closed"  # aiosmtpd cancels the session's task at EOF and at connection loss
     if isinstance(error, (ConnectionError, asyncio.IncompleteReadError)):
         return "client closed"
     return type(error).__name__
@@ -882,7 +978,7 @@ def _date_now() -> str:
     """The RFC 5322 date of this second in UTC, "+0000" (formatted once per second)."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[:] = now, format_datetime(datetime.fromtimestamp(now, timezone.utc))
+        _date_cache[:] = now, format_datetime(datetime.fromtimestamp(now, UTC))
     return _date_cache[1]
 
 

@@ -10,6 +10,7 @@ the command reader. Only ``CRLF . CRLF`` ends the data: a bare LF never does, wh
 keeps the hub immune to SMTP smuggling.
 """
 
+
 class DataDecoder:
     __slots__ = ("_pending", "_at_start", "_after_lf", "done", "leftover", "dot_lines")
 
@@ -53,24 +54,24 @@ class DataDecoder:
                 break
             pos = j + 1
             if j < 2 or buf[j - 2] != 13 or buf[j - 1] != 10:
-                if (buf[j - 1] == 10 if j else self._after_lf):
-                    self.dot_lines = True   # a "." after a bare LF: not stuffed by the client
+                if buf[j - 1] == 10 if j else self._after_lf:
+                    self.dot_lines = True  # a "." after a bare LF: not stuffed by the client
                 continue
             i = j - 2
             if len(buf) - i < 5:  # need "\r\n.XY" to decide
                 out.append(buf[start:i])
                 self._pending = buf[i:]
                 return b"".join(out)
-            if buf[i + 3:i + 5] == b"\r\n":
-                out.append(buf[start:i + 2])
+            if buf[i + 3 : i + 5] == b"\r\n":
+                out.append(buf[start : i + 2])
                 self.done = True
-                self.leftover = buf[i + 5:]
+                self.leftover = buf[i + 5 :]
                 return b"".join(out)
             # Dot-stuffed line: keep the CRLF, drop the transparency dot.
-            out.append(buf[start:i + 2])
+            out.append(buf[start : i + 2])
             start = i + 3
             pos = start + 1
-            if buf[start:start + 1] == b".":
+            if buf[start : start + 1] == b".":
                 self.dot_lines = True
         # Keep a trailing partial "\r\n" or "\r" undecided.
         self._after_lf = buf.endswith(b"\n") and not buf.endswith(b"\r\n")

@@ -9,13 +9,13 @@ import re
 
 from relay.smtp import replies as R
 
-MAX_VERB = 16            # longer first words are not commands of any SMTP extension
-MAX_LOCAL_PART = 64      # RFC 5321 4.5.3.1.1
-MAX_DOMAIN = 255         # RFC 5321 4.5.3.1.2
-MAX_PATH = 256           # RFC 5321 4.5.3.1.3, angle brackets included
+MAX_VERB = 16  # longer first words are not commands of any SMTP extension
+MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
+MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
+MAX_PATH = 256  # RFC 5321 4.5.3.1.3, angle brackets included
 MAX_HELO = 255
-MAX_SIZE_DIGITS = 18     # SIZE= and BDAT sizes: anything longer cannot be a real size (and int() of
-                         # thousands of digits is slow)
+MAX_SIZE_DIGITS = 18  # SIZE= and BDAT sizes: anything longer cannot be a real size (and int() of
+# thousands of digits is slow)
 
 _VERB = re.compile(rb"[A-Za-z]{1,%d}\Z" % MAX_VERB)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -54,14 +54,14 @@ def parse_path(arg: str | None, keyword: str, null_allowed: bool) -> tuple[str, 
     a bare address without angle brackets is accepted as most servers do; a path missing either
     bracket is not."""
     usage = R.MAIL_SYNTAX if keyword == "FROM:" else R.RCPT_SYNTAX
-    if arg is None or arg[:len(keyword)].upper() != keyword:
+    if arg is None or arg[: len(keyword)].upper() != keyword:
         return usage
-    rest = arg[len(keyword):].lstrip(" ")
+    rest = arg[len(keyword) :].lstrip(" ")
     if rest.startswith("<"):
         end = _closing_bracket(rest)
         if end < 0:
             return R.BAD_PATH
-        path, tail = rest[1:end], rest[end + 1:]
+        path, tail = rest[1:end], rest[end + 1 :]
         if tail and not tail.startswith(" "):
             return R.BAD_PATH
         if len(path) + 2 > MAX_PATH:
@@ -93,7 +93,7 @@ def parse_path(arg: str | None, keyword: str, null_allowed: bool) -> tuple[str, 
 def _closing_bracket(text: str) -> int:
     """Where the path that `text` starts with ("<...") ends: its ">" outside a quoted local part."""
     end = text.find(">")
-    if '"' not in text[:end if end >= 0 else len(text)]:
+    if '"' not in text[: end if end >= 0 else len(text)]:
         return end
     quoted = escaped = False
     for i, char in enumerate(text):

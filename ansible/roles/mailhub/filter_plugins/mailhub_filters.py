@@ -102,5 +102,9 @@ def limits_changed(before: Mapping, reply: str) -> bool:
 
 class FilterModule:
     def filters(self):
-        return {"mailhub_toml": to_toml, "mailhub_listen_ports": listen_ports,
-                "mailhub_limit_options": limit_options, "mailhub_limits_changed": limits_changed}
+        return {
+            "mailhub_toml": to_toml,
+            "mailhub_listen_ports": listen_ports,
+            "mailhub_limit_options": limit_options,
+            "mailhub_limits_changed": limits_changed,
+        }
