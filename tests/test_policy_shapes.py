@@ -121,6 +121,13 @@ def uuencoded(data: bytes, name: bytes = b"img.dcm") -> bytes:
     return b"begin 644 " + name + CRLF + CRLF.join(lines) + b"\r\n`\r\nend\r\n"
 
 
+def uuencoded_base64(data: bytes, name: bytes = b"img.dcm") -> bytes:
+    """What `uuencode -m` writes: a "begin-base64" line, base64 lines, "====" as the end."""
+    encoded = base64.b64encode(data)
+    lines = [encoded[i : i + 60] for i in range(0, len(encoded), 60)]
+    return b"begin-base64 644 " + name + CRLF + CRLF.join(lines) + b"\r\n====\r\n"
+
+
 DICOM = dicom_file()
 # random payloads of shapes that must not depend on chance: a DER SEQUENCE starts every S/MIME
 # (CMS) structure, and a first byte without bit 7 is no OpenPGP packet header (random bytes that
@@ -437,6 +444,16 @@ SHAPES = [
     (
         "uuencoded file in a text body",
         mail(text(b"see below\r\n" + uuencoded(b"x" * 300, b"a.bin"))),
+        ("cleartext_data", "uuencoded file"),
+    ),
+    (
+        "begin-base64 DICOM in a text body",
+        mail(text(b"see below\r\n\r\n" + uuencoded_base64(DICOM))),
+        ("cleartext_dicom", "img.dcm"),
+    ),
+    (
+        "begin-base64 file in a text body",
+        mail(text(b"see below\r\n" + uuencoded_base64(b"x" * 300, b"a.bin"))),
         ("cleartext_data", "uuencoded file"),
     ),
     (

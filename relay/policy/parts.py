@@ -17,7 +17,8 @@ KEYS_LIMIT = 1024 * 1024  # an application/pgp-keys part
 _B64_LINE = re.compile(rb"[A-Za-z0-9+/]{40,}={0,2}\r?$")
 _UU_BEGIN = re.compile(rb"begin(?:-base64)? [0-7]{3,4} ([^\r\n]*)")
 _BLANKS = b" \t\r\n"
-_MARKERS = ((b"begin ", b" "), (b";base64,", b";"))  # each with a byte it holds that is found fast
+# each with a byte it holds that is found fast; "begin-base64" is what `uuencode -m` writes
+_MARKERS = ((b"begin ", b" "), (b"begin-base64 ", b" "), (b";base64,", b";"))
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
@@ -71,9 +72,9 @@ class TextCheck:
             self._markers(self.carry + text if text else self.carry, final)
 
     def _markers(self, text: bytes, final: bool) -> None:
-        """A uuencoded or yEnc file starting in the text ("begin 644 name" or "=ybegin" at a line
-        start), or a data: URI whose base64 content is DICOM or an archive. Markers too close to
-        the end of what came so far wait for the next data."""
+        """A uuencoded or yEnc file starting in the text ("begin 644 name", "begin-base64 644 name"
+        or "=ybegin" at a line start), or a data: URI whose base64 content is DICOM or an archive.
+        Markers too close to the end of what came so far wait for the next data."""
         keep = max(len(text) - 16, 0)
         for needle, rare in _MARKERS:
             first = text.find(rare)  # memchr: base64-like text has no blank and no ';' at all
