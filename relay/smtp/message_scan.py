@@ -68,12 +68,12 @@ class HeaderScanner:
                 if len(value) < _MAX_VALUE:
                     self._fields[self._current] = _collapse(value + " " + line.decode("utf-8", "replace"))
             return
-        key, colon, value = line.partition(b":")
+        key, colon, raw = line.partition(b":")
         name = _WANTED.get(key.strip().lower()) if colon else None
         self._current = None
         if name is not None and name not in self._fields:
             self._current = name
-            self._fields[name] = _collapse(value.decode("utf-8", "replace"))
+            self._fields[name] = _collapse(raw.decode("utf-8", "replace"))
 
     def _finish(self) -> None:
         self.done = True
@@ -158,14 +158,14 @@ def _short_lines(data: bytes, start: int, end: int) -> bool:
     return True
 
 
-def _clean(value, limit: int) -> str | None:
+def _clean(value: str | None, limit: int) -> str | None:
     if value is None:
         return None
-    text = " ".join(str(value).split())[:limit]
+    text = " ".join(value.split())[:limit]
     return text or None
 
 
-def _small_int(value) -> int | None:
+def _small_int(value: str | None) -> int | None:
     text = _clean(value, 20)
     if text is None or not text.isdigit():
         return None

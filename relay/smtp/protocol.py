@@ -8,6 +8,7 @@ import base64
 import collections
 import enum
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 
 from relay.smtp import replies as R
@@ -58,7 +59,7 @@ def out_of_sequence(verb: str, phase: Phase) -> str | None:
     return TRANSITIONS.get(verb, {}).get(phase)
 
 
-def command(line: bytes | None, max_line_length: int, verbs) -> tuple[str, str | None] | str:
+def command(line: bytes | None, max_line_length: int, verbs: Container[str]) -> tuple[str, str | None] | str:
     """A command line without its line end (None: longer than the reader holds) as (VERB, argument
     or None), or the reply refusing it: too long, malformed, or a verb not in `verbs`."""
     if line is None or len(line) > max_line_length:
@@ -76,7 +77,7 @@ class CommandBudget:
     def __init__(self, max_commands: int, max_bad_commands: int):
         self._max_commands = max_commands
         self._max_bad_commands = max_bad_commands
-        self._calls: collections.Counter = collections.Counter()
+        self._calls: collections.Counter[str] = collections.Counter()
         self.errors = 0
 
     def take(self, verb: str) -> str | None:

@@ -79,15 +79,12 @@ def parse_path(arg: str | None, keyword: str, null_allowed: bool) -> tuple[str, 
     if path == "":
         if not null_allowed:
             return R.BAD_PATH
-        address = ""
-    else:
-        address = path if is_mailbox(path) else None
-        if address is None:
-            return R.BAD_PATH
+    elif not is_mailbox(path):
+        return R.BAD_PATH
     params = parse_params(tail)
     if isinstance(params, str):
         return params
-    return address, params
+    return path, params
 
 
 def _closing_bracket(text: str) -> int:
