@@ -2,8 +2,11 @@
 # snapshot the adapter answers a MailboxRequest with, and the events the core emits. Plain data only.
 from __future__ import annotations
 
+import datetime
 import enum
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
 
 __all__ = [
     "ImapProtocolError",
@@ -26,6 +29,12 @@ __all__ = [
     "PAUSED",
     "CLOSED",
     "YIELD",
+    "Probe",
+    "ProbeAnswer",
+    "Request",
+    "Event",
+    "Step",
+    "Task",
 ]
 
 
@@ -40,6 +49,13 @@ class State(enum.Enum):
     LOGOUT = "logout"
 
 
+# A SEARCH probe (named by relay/imap/search.py, answered by relay/imap/scan.py): a header field
+# contains a text ("H", FIELD, text), the Date: header's day ("D",), the body or the whole message
+# contains octets ("B", octets) / ("T", octets); and its answer (a day or None for "D", else a bool).
+Probe: TypeAlias = tuple[Literal["H"], str, str] | tuple[Literal["D"]] | tuple[Literal["B", "T"], bytes]
+ProbeAnswer: TypeAlias = bool | datetime.date | None
+
+
 @dataclass(eq=False)
 class Message:
     uid: int
@@ -47,9 +63,9 @@ class Message:
     flags: int
     internal_date: float
     ref: object = None  # the adapter's handle (storage entry)
-    structure: dict | None = None  # loaded on demand (LoadRequest), dropped after use
+    structure: dict[str, Any] | None = None  # loaded on demand (LoadRequest), dropped after use
     header: bytes | None = None  # top-level header block incl. the blank line, likewise
-    probes: dict | None = None  # SEARCH probe -> answer (relay/imap/scan.py), likewise
+    probes: dict[Probe, ProbeAnswer] | None = None  # SEARCH probe -> answer (relay/imap/scan.py), likewise
     gone: bool = False  # expunged by another session, EXPUNGE not yet sent
     damaged: str | None = None  # why it must not be served (LoadRequest with check), or None
 
@@ -95,7 +111,7 @@ class MailboxRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    messages: list
+    messages: list[Message]
     structure: bool
     header: bool
     check: bool = False  # set msg.damaged before any byte of a body literal is sent (damaged: none is)
@@ -125,8 +141,8 @@ class ScanRequest:
     """Answer `probes` (relay/imap/search.py) for each message into msg.probes within the budget;
     resume(True), or resume(False) when the budget ran out."""
 
-    messages: list
-    probes: tuple
+    messages: list[Message]
+    probes: tuple[Probe, ...]
     budget: ScanBudget
 
 
@@ -162,3 +178,21 @@ YIELD = _Sentinel("YIELD")
 _FLUSH, _LINE, _LINE_OR_CHANGE, _CHANGED = (
     _Sentinel(n) for n in ("<flush>", "<line>", "<line-or-change>", "<changed>")
 )
+
+# The requests a command asks the adapter to answer (resume()), what next_event() returns, and a
+# command's generator: it yields requests or the core's own waits (_FLUSH, _LINE, ...) and is sent
+# the answers, whose type depends on the request (relay/imap/protocol.py's header lists them; each
+# yield site annotates what it receives).
+Request: TypeAlias = (
+    AuthRequest
+    | StartTls
+    | MailboxRequest
+    | LoadRequest
+    | PartHeaderRequest
+    | ScanRequest
+    | StoreFlags
+    | ExpungeRequest
+)
+Event: TypeAlias = SendBytes | SendFile | CloseConnection | Request | _Sentinel
+Step: TypeAlias = Request | _Sentinel
+Task: TypeAlias = Generator[Step, Any, None]

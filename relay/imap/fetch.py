@@ -10,13 +10,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias
 
+from relay.imap.events import Message
 from relay.imap.parser import FetchAtt
 
 __all__ = [
     "FileRange",
     "PartHeader",
+    "Piece",
+    "Renderers",
     "FetchPlan",
     "fetch_response",
     "flag_list",
@@ -54,6 +59,20 @@ class FileRange:
 @dataclass(frozen=True)
 class PartHeader:
     part: str  # "1.2": fetch_response needs that part's header block (send it in, or None)
+
+
+# What fetch_response() yields: bytes to send, a FileRange to stream, a PartHeader to answer.
+Piece: TypeAlias = bytes | FileRange | PartHeader
+
+
+class Renderers(Protocol):
+    """The MIME structure's IMAP forms (relay.mime.structure; tests pass fakes)."""
+
+    def bodystructure(self, structure: dict[str, Any], /, extensible: bool = True) -> bytes: ...
+
+    def envelope(self, structure: dict[str, Any], /) -> bytes: ...
+
+    def section_range(self, structure: dict[str, Any], section: str, /) -> tuple[int, int] | None: ...
 
 
 def flag_list(flags: int) -> str:
@@ -98,16 +117,17 @@ class FetchPlan:
                 self.structure = True  # a numbered part
 
 
-def fetch_response(seq: int, msg, plan: FetchPlan, renderers, with_flags: bool):
-    """`* seq FETCH (...)` for msg (which has .uid .size .flags .internal_date .structure .header), a
-    generator of pieces (bytes, FileRange, PartHeader); renderers has bodystructure(structure),
-    envelope(structure), section_range(structure, section)."""
+def fetch_response(
+    seq: int, msg: Message, plan: FetchPlan, renderers: Renderers, with_flags: bool
+) -> Generator[Piece, bytes | None, None]:
+    """`* seq FETCH (...)` for msg (its .structure and .header loaded as the plan needs), a generator
+    of pieces; a PartHeader is sent the part's header block (or None)."""
     yield f"* {seq} FETCH (".encode()
     for i, att in enumerate(plan.atts):
         if i:
             yield b" "
         part_header = None
-        if att.fields and att.section[0].isdigit():
+        if att.fields and att.section and att.section[0].isdigit():
             part_header = yield PartHeader(att.section.split(".HEADER.FIELDS")[0])
         yield from _item(msg, att, renderers, part_header)
     if with_flags and "FLAGS" not in plan.names:
@@ -115,7 +135,7 @@ def fetch_response(seq: int, msg, plan: FetchPlan, renderers, with_flags: bool):
     yield b")\r\n"
 
 
-def _item(msg, att: FetchAtt, renderers, part_header: bytes | None) -> list:
+def _item(msg: Message, att: FetchAtt, renderers: Renderers, part_header: bytes | None) -> list[Piece]:
     name = att.name
     if name == "FLAGS":
         return [f"FLAGS {flag_list(msg.flags)}".encode()]
@@ -126,9 +146,9 @@ def _item(msg, att: FetchAtt, renderers, part_header: bytes | None) -> list:
     if name == "INTERNALDATE":
         return [f"INTERNALDATE {internal_date(msg.internal_date)}".encode()]
     if name == "ENVELOPE":
-        return [b"ENVELOPE " + renderers.envelope(msg.structure)]
+        return [b"ENVELOPE " + renderers.envelope(_structure(msg))]
     if name == "BODYSTRUCTURE" or (name == "BODY" and att.section is None):
-        return [name.encode() + b" " + renderers.bodystructure(msg.structure, extensible=name == "BODYSTRUCTURE")]
+        return [name.encode() + b" " + renderers.bodystructure(_structure(msg), extensible=name == "BODYSTRUCTURE")]
     if name == "RFC822":
         return _literal(b"RFC822", FileRange(0, msg.size, True))
     header_end = len(msg.header) if msg.header is not None else 0
@@ -142,6 +162,7 @@ def _item(msg, att: FetchAtt, renderers, part_header: bytes | None) -> list:
         block = msg.header if not section[0].isdigit() else part_header
         data = filter_header(block or b"", set(att.fields), section.endswith(".NOT"))
         return _literal(_partial_label(label, att), _cut_bytes(data, att.partial))
+    span: tuple[int, int] | None
     if section == "":
         span = (0, msg.size)
     elif section == "HEADER":
@@ -157,13 +178,18 @@ def _item(msg, att: FetchAtt, renderers, part_header: bytes | None) -> list:
     return _literal(_partial_label(label, att), _cut_range(start, end, att.partial, whole))
 
 
+def _structure(msg: Message) -> dict[str, Any]:
+    assert msg.structure is not None  # loaded for the FetchPlan (else the message is not answered)
+    return msg.structure
+
+
 def _partial_label(label: str, att: FetchAtt) -> bytes:
     if att.partial is not None:
         label += f"<{att.partial[0]}>"
     return label.encode()
 
 
-def _cut_range(start: int, end: int, partial, whole: bool) -> FileRange:
+def _cut_range(start: int, end: int, partial: tuple[int, int] | None, whole: bool) -> FileRange:
     if partial is not None:
         offset, count = partial
         start = min(end, start + offset)
@@ -171,14 +197,14 @@ def _cut_range(start: int, end: int, partial, whole: bool) -> FileRange:
     return FileRange(start, max(0, end - start), whole)
 
 
-def _cut_bytes(data: bytes, partial) -> bytes:
+def _cut_bytes(data: bytes, partial: tuple[int, int] | None) -> bytes:
     if partial is not None:
         offset, count = partial
         data = data[offset : offset + count]
     return data
 
 
-def _literal(label: bytes, content) -> list:
+def _literal(label: bytes, content: bytes | FileRange) -> list[Piece]:
     length = len(content) if isinstance(content, bytes) else content.length
     head = label + b" {%d}\r\n" % length
     if isinstance(content, bytes):

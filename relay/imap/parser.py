@@ -9,6 +9,7 @@ import bisect
 import datetime
 import re
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from relay.imap.limits import MAX_LIST_DEPTH, MAX_TOKENS
 
@@ -20,6 +21,7 @@ __all__ = [
     "TooLong",
     "Overflow",
     "Atom",
+    "Token",
     "tokenize",
     "astring",
     "sequence_set",
@@ -40,7 +42,7 @@ class ParseError(Exception):
 @dataclass(frozen=True)
 class Command:
     tag: str
-    segments: tuple  # text, literal, text, literal, ..., text (each text without CRLF)
+    segments: tuple[bytes, ...]  # text, literal, text, literal, ..., text (each text without CRLF)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class CommandFramer:
         item = self._line()
         return item if isinstance(item, bytes) else None
 
-    def _line(self):
+    def _line(self) -> bytes | TooLong | Overflow | None:
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:
@@ -135,7 +137,7 @@ class CommandFramer:
                 continue
             return line[:-1] if line.endswith(b"\r") else line
 
-    def next_item(self):
+    def next_item(self) -> Command | LiteralRequest | TooLong | Overflow | None:
         """Command, LiteralRequest, TooLong, Overflow, or None when more input is needed."""
         while True:
             if self._waiting:
@@ -197,13 +199,16 @@ class Atom(str):
     """An atom (also NIL, numbers, sequence sets, fetch attributes with their [section]<partial>)."""
 
 
+# A token of a command: an atom, a string (quoted or literal), or a parenthesized list of tokens.
+Token: TypeAlias = "Atom | bytes | list[Token]"
+
 _ATOM_STOP = set(b'(){ "\\') | set(range(0x00, 0x20)) | {0x7F}
 
 
-def tokenize(command: Command) -> list:
+def tokenize(command: Command) -> list[Token]:
     """Tag and everything after it as tokens: Atom, bytes (quoted string or literal), list."""
-    tokens: list = []
-    stack: list[list] = [tokens]
+    tokens: list[Token] = []
+    stack: list[list[Token]] = [tokens]
     segments = command.segments
     count = 0  # tokens so far (atoms, strings, literals, lists)
     for index in range(0, len(segments), 2):
@@ -246,8 +251,8 @@ def tokenize(command: Command) -> list:
                 value, pos = _quoted(text, pos + 1, end)
                 stack[-1].append(value)
             else:
-                value, pos = _atom(text, pos, end)
-                stack[-1].append(value)
+                atom, pos = _atom(text, pos, end)
+                stack[-1].append(atom)
         if literal is not None:
             if end > 0 and text[end - 1] not in b" (":
                 raise ParseError("literal must follow a space or a parenthesis")
@@ -312,7 +317,7 @@ def _atom(text: bytes, pos: int, end: int) -> tuple[Atom, int]:
         raise ParseError("8-bit characters in an atom") from None
 
 
-def astring(token) -> str:
+def astring(token: Token) -> str:
     """An astring argument (atom, quoted or literal) as text."""
     if isinstance(token, list):
         raise ParseError("expected a string, got a list")
@@ -330,7 +335,7 @@ _SEQ_RANGE = re.compile(r"(\*|[1-9][0-9]{0,9})(?::(\*|[1-9][0-9]{0,9}))?")
 STAR = 0  # stands for "*" (the largest number in use) until resolved
 
 
-def sequence_set(token) -> list[tuple[int, int]]:
+def sequence_set(token: Token) -> list[tuple[int, int]]:
     """'1:3,7,9:*' -> [(1, 3), (7, 7), (9, STAR)] (STAR = 0: resolve against the largest number)."""
     if not isinstance(token, Atom):
         raise ParseError("expected a sequence set")
@@ -351,7 +356,7 @@ class SequenceSet:
     """A parsed sequence set, asked about numbers in O(log ranges): the ranges are resolved against
     the largest number in use ("*"), sorted and merged once per largest number."""
 
-    def __init__(self, token):
+    def __init__(self, token: Token) -> None:
         self.ranges = sequence_set(token)
         self._largest: int | None = None
         self._starts: list[int] = []
@@ -363,7 +368,8 @@ class SequenceSet:
             spans = sorted(
                 (min(lo or largest, hi or largest), max(lo or largest, hi or largest)) for lo, hi in self.ranges
             )
-            starts, ends = [], []
+            starts: list[int] = []
+            ends: list[int] = []
             for lo, hi in spans:
                 if starts and lo <= ends[-1] + 1:
                     ends[-1] = max(ends[-1], hi)
@@ -423,7 +429,7 @@ _BODY_ATT = re.compile(r"(BODY|BODY\.PEEK)\[([^\]]*)\](?:<([0-9]{1,10})\.([0-9]{
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 
-def fetch_att(token) -> list[FetchAtt]:
+def fetch_att(token: Token) -> list[FetchAtt]:
     """One fetch argument (a macro, an attribute, or a parenthesized list of attributes)."""
     if isinstance(token, list):
         if not token:
@@ -434,7 +440,7 @@ def fetch_att(token) -> list[FetchAtt]:
     return _one_att(token)
 
 
-def _one_att(token) -> list[FetchAtt]:
+def _one_att(token: Token) -> list[FetchAtt]:
     if not isinstance(token, Atom):
         raise ParseError("invalid fetch attribute")
     upper = token.upper()
@@ -484,7 +490,7 @@ _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT",
 _DATE = re.compile(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
 
 
-def imap_date(token) -> datetime.date:
+def imap_date(token: Token) -> datetime.date:
     """date = 1*2DIGIT "-" month "-" 4DIGIT, as an atom or a quoted string."""
     text = token.decode("ascii", "replace") if isinstance(token, bytes) else token
     m = _DATE.fullmatch(text) if isinstance(text, str) else None

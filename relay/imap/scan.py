@@ -11,8 +11,9 @@ import datetime
 import email.utils
 import os
 import time
+from typing import Literal
 
-from relay.imap.events import ScanBudget
+from relay.imap.events import Probe, ProbeAnswer, ScanBudget
 from relay.imap.limits import MAX_HEADER
 
 __all__ = ["scan_messages", "header_contains", "sent_date"]
@@ -21,11 +22,14 @@ _CHUNK = 1024 * 1024
 _HEADER_READ = 64 * 1024
 
 
-def scan_messages(messages: list[tuple], probes: tuple, budget: ScanBudget) -> list[dict] | None:
+def scan_messages(
+    messages: list[tuple[str | os.PathLike[str], int, int]], probes: tuple[Probe, ...], budget: ScanBudget
+) -> list[dict[Probe, ProbeAnswer]] | None:
     """messages: (path, offset in the file, size) each. Returns {probe: answer} per message, or None
-    once the budget is spent (bytes or time)."""
+    once the budget is spent (bytes or time: its deadline is set)."""
     answers = []
     for path, offset, size in messages:
+        assert budget.deadline is not None
         if time.monotonic() > budget.deadline or budget.bytes_left < 0:
             return None
         with open(path, "rb") as f:
@@ -36,8 +40,10 @@ def scan_messages(messages: list[tuple], probes: tuple, budget: ScanBudget) -> l
     return answers
 
 
-def _scan_one(fd: int, offset: int, size: int, probes: tuple, budget: ScanBudget) -> dict | None:
-    answers: dict = {}
+def _scan_one(
+    fd: int, offset: int, size: int, probes: tuple[Probe, ...], budget: ScanBudget
+) -> dict[Probe, ProbeAnswer] | None:
+    answers: dict[Probe, ProbeAnswer] = {}
     header = b""
     if any(p[0] != "T" for p in probes):
         header = _read_header(fd, offset, size, budget)
@@ -46,6 +52,7 @@ def _scan_one(fd: int, offset: int, size: int, probes: tuple, budget: ScanBudget
                 answers[probe] = header_contains(header, probe[1], probe[2])
             elif probe[0] == "D":
                 answers[probe] = sent_date(header)
+    kind: Literal["B", "T"]
     for kind, start in (("B", len(header)), ("T", 0)):
         needles = [p[1] for p in probes if p[0] == kind]
         if needles:
@@ -75,9 +82,10 @@ def _read_header(fd: int, offset: int, size: int, budget: ScanBudget) -> bytes:
     return data
 
 
-def _contains(fd: int, offset: int, length: int, needles: list[bytes], budget: ScanBudget) -> set | None:
+def _contains(fd: int, offset: int, length: int, needles: list[bytes], budget: ScanBudget) -> set[bytes] | None:
     """Which needles (lower-case) occur in the range, ignoring ASCII case; None past the budget."""
-    hits = {n for n in needles if not n}
+    assert budget.deadline is not None
+    hits: set[bytes] = {n for n in needles if not n}
     keep = max(len(n) for n in needles) - 1
     tail = b""
     done = 0

@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
+from typing import TypeAlias
 
+from relay.imap.events import Message, Probe, ProbeAnswer
 from relay.imap.fetch import ANSWERED, DELETED, DRAFT, FLAG_BITS, FLAGGED, SEEN
 from relay.imap.limits import MAX_SEARCH_DEPTH, MAX_SEARCH_KEYS
-from relay.imap.parser import Atom, ParseError, SequenceSet, astring, imap_date
+from relay.imap.parser import Atom, ParseError, SequenceSet, Token, astring, imap_date
 
 __all__ = ["Search", "parse_search"]
 
@@ -31,7 +34,9 @@ _FLAG_KEYS = {
 _HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
 _DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 _CHARSETS = {"US-ASCII", "UTF-8"}
-SENT_DATE = ("D",)
+SENT_DATE: Probe = ("D",)
+# (sequence number, message, largest sequence number, largest UID) -> whether the message matches
+Predicate: TypeAlias = Callable[[int, Message, int, int], bool]
 
 
 class Search:
@@ -39,13 +44,13 @@ class Search:
     full(...) also reads msg.probes, which must hold an answer for each of `probes` (empty: cheap
     is the whole search)."""
 
-    def __init__(self, cheap, full, probes: tuple):
+    def __init__(self, cheap: Predicate, full: Predicate, probes: tuple[Probe, ...]) -> None:
         self.cheap = cheap
         self.full = full
         self.probes = probes
 
 
-def parse_search(args: list) -> Search:
+def parse_search(args: list[Token]) -> Search:
     if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "CHARSET":
         if astring(args[1]).upper() not in _CHARSETS:
             raise ParseError("[BADCHARSET (US-ASCII UTF-8)] unsupported charset")
@@ -53,7 +58,8 @@ def parse_search(args: list) -> Search:
     if not args:
         raise ParseError("SEARCH needs criteria")
     parser = _Parser(args)
-    cheap, full = [], []
+    cheap: list[Predicate] = []
+    full: list[Predicate] = []
     while not parser.at_end():
         probes_before = len(parser.probes)
         key = parser.key(1)
@@ -61,30 +67,30 @@ def parse_search(args: list) -> Search:
     return Search(_all_of(cheap), _all_of(full), tuple(dict.fromkeys(parser.probes)))
 
 
-def _all_of(predicates):
+def _all_of(predicates: list[Predicate]) -> Predicate:
     if len(predicates) == 1:
         return predicates[0]
     return lambda *a: all(p(*a) for p in predicates)
 
 
 class _Parser:
-    def __init__(self, tokens: list):
+    def __init__(self, tokens: list[Token]) -> None:
         self.stack = [(tokens, 0)]  # (tokens, position) of each open parenthesized list
         self.keys = 0
-        self.probes: list[tuple] = []
+        self.probes: list[Probe] = []
 
     def at_end(self) -> bool:
         tokens, pos = self.stack[-1]
         return pos >= len(tokens)
 
-    def take(self):
+    def take(self) -> Token:
         tokens, pos = self.stack[-1]
         if pos >= len(tokens):
             raise ParseError("search key needs an argument")
         self.stack[-1] = (tokens, pos + 1)
         return tokens[pos]
 
-    def key(self, depth: int):
+    def key(self, depth: int) -> Predicate:
         if depth > MAX_SEARCH_DEPTH:
             raise ParseError(f"search keys nested too deeply (at most {MAX_SEARCH_DEPTH} levels)")
         self.keys += 1
@@ -95,7 +101,7 @@ class _Parser:
             if not token:
                 raise ParseError("empty search list")
             self.stack.append((token, 0))
-            predicates = []
+            predicates: list[Predicate] = []
             while not self.at_end():
                 predicates.append(self.key(depth + 1))
             self.stack.pop()
@@ -111,7 +117,7 @@ class _Parser:
             return lambda *a: left(*a) or right(*a)
         return self._simple(name, token)
 
-    def _simple(self, name: str, token):
+    def _simple(self, name: str, token: Atom) -> Predicate:
         if name in ("ALL", "OLD"):
             return lambda *a: True
         if name in ("NEW", "RECENT"):
@@ -142,27 +148,28 @@ class _Parser:
             return self._probe(("H", field, astring(self.take()).lower()))
         if name in ("BODY", "TEXT"):
             text = astring(self.take()).encode("utf-8").lower()
-            return self._probe((name[0], text))
+            return self._probe(("B" if name == "BODY" else "T", text))
         if name[:1].isdigit() or name[:1] == "*":
             numbers = SequenceSet(token)
             return lambda seq, msg, largest_seq, largest_uid: numbers.contains(seq, largest_seq)
         raise ParseError("unknown search key " + name[:30])
 
-    def _probe(self, probe: tuple):
+    def _probe(self, probe: Probe) -> Predicate:
         self.probes.append(probe)
-        return lambda seq, msg, *a: msg.probes[probe]
+        return lambda seq, msg, *a: _answer(msg, probe) is True
 
-    def _date_key(self, name: str, day: datetime.date):
+    def _date_key(self, name: str, day: datetime.date) -> Predicate:
         if name.startswith("SENT"):
             self.probes.append(SENT_DATE)
 
-            def when(msg):
-                return msg.probes[SENT_DATE]
+            def when(msg: Message) -> datetime.date | None:
+                answer = _answer(msg, SENT_DATE)
+                return answer if isinstance(answer, datetime.date) else None
 
             name = name[4:]
         else:
 
-            def when(msg):
+            def when(msg: Message) -> datetime.date | None:
                 return datetime.datetime.fromtimestamp(msg.internal_date, datetime.UTC).date()
 
         if name == "BEFORE":
@@ -170,3 +177,8 @@ class _Parser:
         if name == "ON":
             return lambda seq, msg, *a: when(msg) == day
         return lambda seq, msg, *a: (d := when(msg)) is not None and d >= day
+
+
+def _answer(msg: Message, probe: Probe) -> ProbeAnswer:
+    assert msg.probes is not None  # full() runs after the ScanRequest answered the probes
+    return msg.probes[probe]
