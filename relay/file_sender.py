@@ -65,7 +65,7 @@ class FileSender:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
-    def usable(transport: asyncio.Transport) -> bool:
+    def usable(transport: asyncio.BaseTransport) -> bool:
         """True for a plain (non-TLS) socket transport."""
         sock = transport.get_extra_info("socket")
         return transport.get_extra_info("ssl_object") is None and sock is not None and sock.fileno() >= 0
@@ -76,7 +76,7 @@ class FileSender:
 
     async def send(
         self,
-        transport: asyncio.Transport,
+        transport: asyncio.BaseTransport,
         path: Path,
         offset: int,
         count: int,

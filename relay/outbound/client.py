@@ -117,6 +117,16 @@ class HopConnection:
     def usable(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def _open_reader(self) -> asyncio.StreamReader:
+        assert self._reader is not None, "the connection is not open"
+        return self._reader
+
+    @property
+    def _open_writer(self) -> asyncio.StreamWriter:
+        assert self._writer is not None, "the connection is not open (or was aborted)"
+        return self._writer
+
     async def open(self) -> None:
         route = self.route
         try:
@@ -130,7 +140,7 @@ class HopConnection:
         if route.tls != "none" and "STARTTLS" in self.extensions:
             await self._expect(await self._command(b"STARTTLS\r\n"), "STARTTLS")
             try:
-                await self._writer.start_tls(
+                await self._open_writer.start_tls(
                     self._tls_context(), server_hostname=route.host, ssl_handshake_timeout=self.connect_timeout
                 )
             except (TimeoutError, OSError, ssl.SSLError) as exc:
@@ -183,7 +193,7 @@ class HopConnection:
         commands = [mail_command(message.sender, message.size, self.extensions)]
         commands += [f"RCPT TO:<{rcpt}>\r\n".encode() for rcpt in message.recipients]
         if "PIPELINING" in self.extensions:
-            self._writer.write(b"".join(commands))
+            self._open_writer.write(b"".join(commands))
             replies = [await self._reply() for _ in commands]
         else:
             replies = [await self._command(command) for command in commands]
@@ -210,7 +220,7 @@ class HopConnection:
         return True
 
     async def _bdat(self, message: OutgoingMessage) -> Reply:
-        self._writer.write(f"BDAT {message.size} LAST\r\n".encode())
+        self._open_writer.write(f"BDAT {message.size} LAST\r\n".encode())
         await self._body(message, stuffing=False)
         return await self._reply(self.command_timeout * _DATA_DONE_FACTOR)
 
@@ -219,12 +229,12 @@ class HopConnection:
         if reply.code != 354:
             return reply
         ends_with_lf = await self._body(message, stuffing=message.dot_lines)
-        self._writer.write(message_terminator(ends_with_lf))
+        self._open_writer.write(message_terminator(ends_with_lf))
         return await self._reply(self.command_timeout * _DATA_DONE_FACTOR)
 
     async def _body(self, message: OutgoingMessage, stuffing: bool) -> bool:
         """Send the blob (dot-stuffed if asked); True when its last byte is LF."""
-        transport = self._writer.transport
+        transport = self._open_writer.transport
         if not stuffing and FileSender.usable(transport):
             await self._flushed()
             try:
@@ -242,22 +252,22 @@ class HopConnection:
                 raise HopError(f"blob {message.blob} ended at {offset} of {message.size} bytes")
             offset += len(chunk)
             data, at_line_start = dot_stuff(chunk, at_line_start) if stuffing else (chunk, chunk.endswith(b"\n"))
-            self._writer.write(data)
-            await asyncio.wait_for(self._writer.drain(), self.command_timeout)
+            self._open_writer.write(data)
+            await asyncio.wait_for(self._open_writer.drain(), self.command_timeout)
         return at_line_start
 
     async def _flushed(self) -> None:
         """Wait until everything written so far has left the transport (before a raw sendfile)."""
-        transport = self._writer.transport
+        transport = self._open_writer.transport
         transport.set_write_buffer_limits(high=0)
         try:
-            await asyncio.wait_for(self._writer.drain(), self.command_timeout)
+            await asyncio.wait_for(self._open_writer.drain(), self.command_timeout)
         finally:
             if not transport.is_closing():
                 transport.set_write_buffer_limits(_HIGH_WATER)
 
     async def _command(self, line: bytes) -> Reply:
-        self._writer.write(line)
+        self._open_writer.write(line)
         return await self._reply()
 
     async def _reply(self, timeout: float | None = None) -> Reply:
@@ -265,7 +275,7 @@ class HopConnection:
         lines = []
         try:
             while True:
-                line = await asyncio.wait_for(self._reader.readline(), timeout)
+                line = await asyncio.wait_for(self._open_reader.readline(), timeout)
                 if not line.endswith(b"\n"):
                     raise HopError(f"{self.route.hop} closed the connection")
                 lines.append(line.rstrip(b"\r\n"))
