@@ -6,8 +6,9 @@
 # few bytes between chunks (a uuencoded line at most).
 import binascii
 import re
+from typing import Protocol
 
-from relay.mime.stream import decode_params, param_items
+from relay.mime.stream import Part, decode_params, param_items
 
 IDENTITY = ("", "7bit", "8bit", "binary")
 UUENCODE = ("x-uuencode", "uuencode", "x-uue")
@@ -17,7 +18,15 @@ _NOT_B64 = bytes(c for c in range(256) if c not in _B64 and c != 0x3D)
 _MAX_LINE = 64 * 1024
 
 
-def transfer_encoding(part) -> str:
+class Decoder(Protocol):
+    """Decodes a part's body chunk by chunk: feed(data) and close() return the bytes decoded so far."""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+def transfer_encoding(part: Part) -> str:
     """The part's Content-Transfer-Encoding, lower case, comments and blanks dropped ("" if none)."""
     value = part.header("content-transfer-encoding")
     if value is None:
@@ -25,8 +34,8 @@ def transfer_encoding(part) -> str:
     return re.sub(r"\([^)]*\)", "", value).strip().lower()
 
 
-def decoder_for(encoding: str):
-    """A decoder (feed(data) -> bytes, close() -> bytes) for a known encoding, else None."""
+def decoder_for(encoding: str) -> Decoder:
+    """The decoder for one of KNOWN_ENCODINGS (callers refuse the others first)."""
     if encoding in IDENTITY:
         return Identity()
     if encoding == "base64":
@@ -35,13 +44,13 @@ def decoder_for(encoding: str):
         return QuotedPrintable()
     if encoding in UUENCODE:
         return UUDecode()
-    return None
+    raise ValueError(f"no decoder for Content-Transfer-Encoding {encoding!r}")
 
 
 class Identity:
     error = None
 
-    def feed(self, data) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         return data if isinstance(data, bytes) else bytes(data)
 
     def close(self) -> bytes:
@@ -57,7 +66,7 @@ class Base64:
     def __init__(self) -> None:
         self._rest = b""
 
-    def feed(self, data) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         text = self._rest + bytes(data).translate(None, _NOT_B64)
         pieces = text.split(b"=")
         out = [_decode_group_run(piece) for piece in pieces[:-1] if piece]
@@ -88,7 +97,7 @@ class QuotedPrintable:
     def __init__(self) -> None:
         self._rest = b""
 
-    def feed(self, data) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         text = self._rest + bytes(data)
         cut = text.rfind(b"\n") + 1
         if cut == 0 and len(text) > _MAX_LINE:
@@ -111,7 +120,7 @@ class UUDecode:
         self.error: str | None = None
         self.name: str | None = None
 
-    def feed(self, data) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         text = self._rest + bytes(data)
         cut = text.rfind(b"\n") + 1
         if cut == 0 and len(text) > _MAX_LINE:
@@ -128,7 +137,7 @@ class UUDecode:
             self.error = "no uuencoded file (no 'begin' line)"
         return out
 
-    def _lines(self, lines) -> bytes:
+    def _lines(self, lines: list[bytes]) -> bytes:
         out = []
         for raw in lines:
             line = raw.rstrip(b"\r")
@@ -169,7 +178,7 @@ def decode_words(text: str) -> str:
     return _ENCODED_WORD.sub(_decode_word, text)
 
 
-def _decode_word(match: re.Match) -> str:
+def _decode_word(match: re.Match[str]) -> str:
     charset, kind, payload = match.group(1).split("*")[0], match.group(2).lower(), match.group(3)
     try:
         if kind == "b":
@@ -181,7 +190,7 @@ def _decode_word(match: re.Match) -> str:
         return match.group(0)
 
 
-def file_names(part) -> list[str]:
+def file_names(part: Part) -> list[str]:
     """The names the part may be saved under: Content-Disposition filename and Content-Type name,
     RFC 2231 and RFC 2047 decoded."""
     names = []

@@ -15,6 +15,7 @@
 # where the last stopped, and lines that start like a boundary but are none are counted and, past
 # MAX_FALSE_DELIMITERS, end the structure (the rest is body of the innermost part).
 import re
+from typing import Protocol
 
 MAX_HEADER_BYTES = 256 * 1024  # of one header block; what follows is taken as body
 MAX_HEADERS = 1000  # fields kept per header block; the block ends there too
@@ -84,7 +85,7 @@ class Part:
     def __init__(self, path: str, parent: "Part | None", header_start: int, is_message: bool) -> None:
         self.path = path
         self.parent = parent
-        self.depth = 0 if parent is None else parent.depth + 1
+        self.depth: int = 0 if parent is None else parent.depth + 1
         self.is_message = is_message
         self.headers: list[tuple[str, str]] = []
         self.headers_truncated = False
@@ -100,7 +101,7 @@ class Part:
         self.defects: list[str] = []
         self._children = 0
         self._marker = b""  # b"--" + boundary
-        self._needles = ()  # b"\n--" + boundary, b"\r--" + boundary: what bytes.find looks for
+        self._needles: tuple[bytes, ...] = ()  # b"\n--" + boundary, b"\r--" + boundary: what bytes.find looks for
         self._lf_start: int | None = None
         self._line: bytearray | None = None  # a header line being collected across chunks
         self._content: list[tuple[str, str]] | None = None
@@ -155,8 +156,18 @@ AMBIGUITY_DEFECTS = {
 }
 
 
+class Listener(Protocol):
+    """What the parser reports to; a listener may also have skipped(part, data) (see the top)."""
+
+    def part_start(self, part: Part) -> None: ...
+
+    def part_body(self, part: Part, data: memoryview) -> None: ...
+
+    def part_end(self, part: Part) -> None: ...
+
+
 class MimeStreamParser:
-    def __init__(self, listener) -> None:
+    def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self._on_skip = getattr(listener, "skipped", None)
         self._offset = 0  # absolute offset just after the last byte fed
@@ -173,13 +184,13 @@ class MimeStreamParser:
         self._state = _HEADERS
         self._closed = False
         self._hits: dict[bytes, int] = {}  # needle -> next hit in the chunk being scanned
-        self._hits_buf = None
+        self._hits_buf: bytes | None = None
         self._probes = 0
         self._push(Part("", None, 0, True))
 
     # -- input ---------------------------------------------------------------------------------
 
-    def feed(self, data) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed or not data:
             return
         if not isinstance(data, bytes):
@@ -302,7 +313,9 @@ class MimeStreamParser:
         if buf.count(b"\r", pos, end) != buf.count(b"\r\n", pos, end):
             part.defect("bare_cr")
         headers = part.headers
-        cont = _CONTINUATIONS.match(buf, pos, end).end()
+        continuations = _CONTINUATIONS.match(buf, pos, end)
+        assert continuations is not None  # the pattern matches the empty string
+        cont = continuations.end()
         if cont > pos and headers:  # continuation lines of the last field of an earlier run
             name, value = headers[-1]
             headers[-1] = (name, value + _unfold(b"", buf[pos:cont]))
@@ -340,6 +353,7 @@ class MimeStreamParser:
         return limit, False
 
     def _finish_line(self, part: Part) -> None:
+        assert part._line is not None  # called only while a line is being collected
         line, part._line = bytes(part._line), None
         if line.count(b"\r") != line.count(b"\r\n"):
             part.defect("bare_cr")
@@ -358,7 +372,7 @@ class MimeStreamParser:
         else:
             part.defect("header_fields")
 
-    def _boundary_in_header(self, part: Part, buf: bytes, pos: int, base: int, final: bool):
+    def _boundary_in_header(self, part: Part, buf: bytes, pos: int, base: int, final: bool) -> tuple[int, bool] | None:
         """A line in a header block that starts with "-": the part may end before its header
         block did. None when it is no boundary line (then it is a field or the body's start)."""
         judged = self._judge_line(buf, pos, final)
@@ -409,7 +423,7 @@ class MimeStreamParser:
         self._take(buf, pos, keep)
         return keep, keep < end
 
-    def _judge_line(self, buf: bytes, line: int, final: bool):
+    def _judge_line(self, buf: bytes, line: int, final: bool) -> tuple[tuple[Part, bool] | None, int] | None:
         """(match or None, line end) for a line starting at buf[line]; None when more data is
         needed to tell. A line that starts with an open multipart's marker but is no delimiter
         line is counted (and noted: mail readers that compare only the start, as RFC 2046 allows,
@@ -629,6 +643,7 @@ class MimeStreamParser:
     def _set_type(self, part: Part) -> None:
         value = part.header("content-type")
         digest = part.parent is not None and part.parent.kind == "multipart" and part.parent.subtype == "digest"
+        params: dict[str, str]
         main, sub, params = ("message", "rfc822", {}) if digest else ("text", "plain", {})
         if value is not None:
             full, items = param_items(value)
@@ -646,8 +661,10 @@ class MimeStreamParser:
     def _end(self, part: Part, at: int) -> None:
         if part.body_start is None:
             self._header_done(part, at, ending=True)
-        part.body_end = max(at, part.body_start)
-        part.size = part.body_end - part.body_start
+        body_start = part.body_start
+        assert body_start is not None  # set by _header_done
+        part.body_end = max(at, body_start)
+        part.size = part.body_end - body_start
         if part._lf_start is not None:
             part.lines = self._lf - part._lf_start
         self._stack.pop()
@@ -790,7 +807,9 @@ def _is_hex(pair: bytes) -> bool:
 
 
 def _split_outside_quotes(value: str) -> list[str]:
-    items, current, quoted, escaped, comment = [], [], False, False, 0
+    items: list[str] = []
+    current: list[str] = []
+    quoted, escaped, comment = False, False, 0
     for ch in value:
         if escaped:
             escaped = False
@@ -835,7 +854,7 @@ class Listeners:
     """Several listeners on one parser (e.g. the structure recorder and a policy check), called
     in order."""
 
-    def __init__(self, *listeners) -> None:
+    def __init__(self, *listeners: Listener) -> None:
         self.listeners = listeners
         self._skip = [listener for listener in listeners if hasattr(listener, "skipped")]
 
@@ -843,7 +862,7 @@ class Listeners:
         for listener in self.listeners:
             listener.part_start(part)
 
-    def part_body(self, part: Part, data) -> None:
+    def part_body(self, part: Part, data: memoryview) -> None:
         for listener in self.listeners:
             listener.part_body(part, data)
 
@@ -851,6 +870,6 @@ class Listeners:
         for listener in self.listeners:
             listener.part_end(part)
 
-    def skipped(self, part: Part, data) -> None:
+    def skipped(self, part: Part, data: memoryview) -> None:
         for listener in self._skip:
             listener.skipped(part, data)

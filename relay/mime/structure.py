@@ -15,6 +15,8 @@
 # The recorder applies the caps while it records; capped() applies the same rules to a record made
 # before them, so that every rendering stays within them.
 # Must never hold body bytes: only header values and offsets.
+from typing import Any
+
 from relay.mime.limits import (
     STRUCTURE_MAX_DEPTH,
     STRUCTURE_MAX_PARAMS,
@@ -22,7 +24,7 @@ from relay.mime.limits import (
     STRUCTURE_MAX_TEXT,
     STRUCTURE_MAX_VALUE,
 )
-from relay.mime.stream import split_params
+from relay.mime.stream import Part, split_params
 
 __all__ = ["StructureRecorder", "capped", "bodystructure", "envelope", "section_range"]
 
@@ -36,6 +38,10 @@ _PART_FIELDS = {
     "content-location": "location",
 }
 _CHILDREN = ("parts", "message")
+# A record (a part, see above): JSON, its values of the several types listed there.
+Record = dict[str, Any]
+# An address header's token: ("atom"|"quoted"|"comment"|"literal"|"special", text)
+Token = tuple[str, str]
 
 
 class _Budget:
@@ -46,7 +52,7 @@ class _Budget:
         self.text = 0
         self.full = False
 
-    def admit(self, record: dict, always: bool = False) -> bool:
+    def admit(self, record: Record, always: bool = False) -> bool:
         cost = _cost(record)
         if not always and (self.full or self.parts >= STRUCTURE_MAX_PARTS or self.text + cost > STRUCTURE_MAX_TEXT):
             self.full = True
@@ -60,24 +66,26 @@ class StructureRecorder:
     """relay.mime.stream listener that builds the (capped) structure record; `structure` is set at the end."""
 
     def __init__(self) -> None:
-        self.structure: dict | None = None
-        self._records: dict[int, dict] = {}  # id(part) -> record of each recorded part still open
+        self.structure: Record | None = None
+        self._records: dict[int, Record] = {}  # id(part) -> record of each recorded part still open
         self._opaque: set[int] = set()  # id(part) of recorded parts whose children are not
-        self._tails: dict[int, dict] = {}  # id(multipart) -> the opaque part covering its rest
+        self._tails: dict[int, Record] = {}  # id(multipart) -> the opaque part covering its rest
         self._budget = _Budget()
 
-    def part_start(self, part) -> None:
+    def part_start(self, part: Part) -> None:
         parent = None
         if part.parent is not None:
             parent = self._records.get(id(part.parent))
             if parent is None or id(part.parent) in self._opaque:
                 return  # inside a part that is described as a whole
         if part.depth > STRUCTURE_MAX_DEPTH:
+            assert part.body_start is not None  # the header block is done at part_start
             record = _opaque_part(part.header_start, part.body_start)
             self._opaque.add(id(part))
         else:
             record = _trim(_describe(part))
         if not self._budget.admit(record, always=parent is None):
+            assert parent is not None  # the top level is always admitted
             if "parts" in parent and id(part.parent) not in self._tails:
                 tail = _opaque_part(part.header_start, part.header_start, part.header_start)
                 parent["parts"].append(tail)
@@ -91,10 +99,10 @@ class StructureRecorder:
             parent["message"] = record
         self._records[id(part)] = record
 
-    def part_body(self, part, data) -> None:
+    def part_body(self, part: Part, data: memoryview) -> None:
         pass
 
-    def part_end(self, part) -> None:
+    def part_end(self, part: Part) -> None:
         record = self._records.pop(id(part), None)
         self._tails.pop(id(part), None)
         if record is None:
@@ -109,11 +117,18 @@ class StructureRecorder:
             record["lines"] = part.lines
 
 
-def _describe(part) -> dict:
-    record = {"type": part.content_type, "subtype": part.subtype, "hs": part.header_start, "bs": part.body_start}
+def _describe(part: Part) -> Record:
+    record: Record = {
+        "type": part.content_type,
+        "subtype": part.subtype,
+        "hs": part.header_start,
+        "bs": part.body_start,
+    }
     if part.params:  # as written (IMAP servers keep the case of parameter names)
-        record["params"] = split_params(part.header("content-type"), lower=False)[1]
-    seen = set()
+        content_type = part.header("content-type")
+        assert content_type is not None  # the params come from it
+        record["params"] = split_params(content_type, lower=False)[1]
+    seen: set[str] = set()
     for lower, value in part.content_fields():  # all the fields looked for are Content-* fields
         key = _PART_FIELDS.get(lower)
         if key is not None and key not in seen:
@@ -123,7 +138,7 @@ def _describe(part) -> dict:
             seen.add("disposition")
             record["disposition"] = list(split_params(value, lower=False))
     if part.is_message:
-        fields = {}
+        fields: dict[str, str] = {}
         for name, value in part.headers:
             lower = name.lower()
             if lower in ENVELOPE_FIELDS and lower not in fields:
@@ -134,16 +149,16 @@ def _describe(part) -> dict:
     return record
 
 
-def _opaque_part(header_start: int, body_start: int, body_end: int | None = None) -> dict:
-    record = {"type": "application", "subtype": "octet-stream", "hs": header_start, "bs": body_start}
+def _opaque_part(header_start: int, body_start: int, body_end: int | None = None) -> Record:
+    record: Record = {"type": "application", "subtype": "octet-stream", "hs": header_start, "bs": body_start}
     if body_end is not None:
         record["be"] = body_end
     return record
 
 
-def _trim(record: dict) -> dict:
+def _trim(record: Record) -> Record:
     """The record's own fields (not its children) within the per-value and per-part caps."""
-    out = {}
+    out: Record = {}
     for key, value in record.items():
         if key in _CHILDREN:
             continue
@@ -159,17 +174,17 @@ def _trim(record: dict) -> dict:
     return out
 
 
-def _trim_params(params: dict) -> dict:
+def _trim_params(params: dict[str, str]) -> dict[str, str]:
     kept = list(params.items())[:STRUCTURE_MAX_PARAMS]
     return {k[:STRUCTURE_MAX_VALUE]: v[:STRUCTURE_MAX_VALUE] for k, v in kept}
 
 
-def _cost(record: dict) -> int:
+def _cost(record: Record) -> int:
     """Characters of the record's own text (names and values)."""
     return sum(_text_size(value) for key, value in record.items() if key not in _CHILDREN)
 
 
-def _text_size(value) -> int:
+def _text_size(value: object) -> int:
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
@@ -179,13 +194,15 @@ def _text_size(value) -> int:
     return 0
 
 
-def capped(structure: dict) -> dict:
+def capped(structure: Record) -> Record:
     """The record within the caps, as the recorder would have made it (records made before the caps
     may exceed them); a record within them comes back equal."""
-    return _cap(structure, 0, _Budget())
+    out = _cap(structure, 0, _Budget())
+    assert out is not None  # the top level is always admitted
+    return out
 
 
-def _cap(record: dict, depth: int, budget: _Budget) -> dict | None:
+def _cap(record: Record, depth: int, budget: _Budget) -> Record | None:
     if depth > STRUCTURE_MAX_DEPTH:
         out = _opaque_part(record["hs"], record["bs"], record["be"])
     else:
@@ -211,12 +228,12 @@ def _cap(record: dict, depth: int, budget: _Budget) -> dict | None:
 # -- IMAP rendering ------------------------------------------------------------------------------
 
 
-def bodystructure(structure: dict, extensible: bool = True) -> bytes:
+def bodystructure(structure: Record, extensible: bool = True) -> bytes:
     """BODYSTRUCTURE (extensible) or BODY of the message."""
     return _body(structure, extensible)
 
 
-def _body(part: dict, ext: bool) -> bytes:
+def _body(part: Record, ext: bool) -> bytes:
     if "parts" in part:
         children = part["parts"] or [_EMPTY_TEXT]
         out = b"(" + b"".join(_body(child, ext) for child in children) + b" " + _string(part["subtype"])
@@ -250,10 +267,10 @@ def _body(part: dict, ext: bool) -> bytes:
     return b"(" + fields + b")"
 
 
-_EMPTY_TEXT = {"type": "text", "subtype": "plain", "hs": 0, "bs": 0, "be": 0, "lines": 0}
+_EMPTY_TEXT: Record = {"type": "text", "subtype": "plain", "hs": 0, "bs": 0, "be": 0, "lines": 0}
 
 
-def _extension_tail(part: dict) -> bytes:
+def _extension_tail(part: Record) -> bytes:
     """body-fld-dsp SP body-fld-lang SP body-fld-loc"""
     disposition = part.get("disposition")
     dsp = b"NIL" if disposition is None else (b"(" + _string(disposition[0]) + b" " + _params(disposition[1]) + b")")
@@ -262,13 +279,13 @@ def _extension_tail(part: dict) -> bytes:
     return dsp + b" " + lang + b" " + _nstring(part.get("location"))
 
 
-def _params(params: dict | None) -> bytes:
+def _params(params: dict[str, str] | None) -> bytes:
     if not params:
         return b"NIL"
     return b"(" + b" ".join(_string(k) + b" " + _string(v) for k, v in params.items()) + b")"
 
 
-def envelope(message: dict) -> bytes:
+def envelope(message: Record) -> bytes:
     """ENVELOPE of a message record (the top level or a message/rfc822 body)."""
     fields = message.get("envelope", {})
     sender_default = fields.get("from")
@@ -311,7 +328,7 @@ def _string(value: str) -> bytes:
 # -- sections -------------------------------------------------------------------------------------
 
 
-def section_range(structure: dict, section: str) -> tuple[int, int] | None:
+def section_range(structure: Record, section: str) -> tuple[int, int] | None:
     """(start, end) in the blob of an IMAP body section ("", "HEADER", "TEXT", "1.2", "1.2.MIME",
     "2.HEADER", "2.TEXT" of a message/rfc822 part), or None when the message has no such part.
     HEADER.FIELDS sections are cut from the HEADER range by the caller."""
@@ -327,7 +344,8 @@ def section_range(structure: dict, section: str) -> tuple[int, int] | None:
         if suffix == "MIME":
             return None
         return _message_range(structure, suffix)
-    part, message = structure, structure  # message: the message whose part numbers come next
+    part: Record = structure
+    message: Record | None = structure  # message: the message whose part numbers come next
     for depth, n in enumerate(numbers):
         if depth:
             if "message" not in part:
@@ -354,7 +372,7 @@ def section_range(structure: dict, section: str) -> tuple[int, int] | None:
     return part["bs"], part["be"]
 
 
-def _message_range(message: dict, suffix: str) -> tuple[int, int]:
+def _message_range(message: Record, suffix: str) -> tuple[int, int]:
     if suffix == "HEADER":
         return message["hs"], message["bs"]
     if suffix == "TEXT":
@@ -368,7 +386,7 @@ def _message_range(message: dict, suffix: str) -> tuple[int, int]:
 def parse_address_list(value: str) -> list[tuple[str | None, str | None, str | None, str | None]]:
     """IMAP address structures (name, adl, mailbox, host); groups as (None, None, name, None) ...
     (None, None, None, None). Encoded words stay as they are."""
-    out: list = []
+    out: list[tuple[str | None, str | None, str | None, str | None]] = []
     tokens = _tokens(value)
     i = 0
     in_group = False
@@ -397,9 +415,10 @@ def parse_address_list(value: str) -> list[tuple[str | None, str | None, str | N
     return out
 
 
-def _collect(tokens, i, stops):
+def _collect(tokens: list[Token], i: int, stops: str) -> tuple[list[Token], str | None, int, str | None]:
     """Word tokens up to one of the stop specials; returns (words, last comment, index, stop)."""
-    words, comment = [], None
+    words: list[Token] = []
+    comment = None
     while i < len(tokens):
         kind, text = tokens[i][0], tokens[i][1]
         if kind == "special" and text in stops:
@@ -412,9 +431,9 @@ def _collect(tokens, i, stops):
     return words, comment, i, None
 
 
-def _angle(tokens, i):
+def _angle(tokens: list[Token], i: int) -> tuple[str | None, tuple[str, str], int]:
     """After "<": (route or None, (mailbox, host), index after ">")."""
-    words = []
+    words: list[Token] = []
     while i < len(tokens) and tokens[i] != ("special", ">"):
         if tokens[i][0] != "comment":
             words.append(tokens[i])
@@ -427,7 +446,7 @@ def _angle(tokens, i):
     return route, _addr_spec(words), i + 1
 
 
-def _addr_spec(words) -> tuple[str, str]:
+def _addr_spec(words: list[Token]) -> tuple[str, str]:
     """(mailbox, host); missing ones named as Dovecot names them."""
     at = max((n for n, t in enumerate(words) if t == ("special", "@")), default=None)
     if at is None:
@@ -435,12 +454,12 @@ def _addr_spec(words) -> tuple[str, str]:
     return _raw(words[:at]) or "MISSING_MAILBOX", _raw(words[at + 1 :]) or "MISSING_DOMAIN"
 
 
-def _raw(words) -> str:
+def _raw(words: list[Token]) -> str:
     """Tokens as one string, quoted parts unquoted (as Dovecot gives a quoted local part)."""
     return "".join(text for _, text in words)
 
 
-def _phrase(words) -> str:
+def _phrase(words: list[Token]) -> str:
     """A display name: words joined by single spaces, "." kept with the word before it."""
     out: list[str] = []
     for kind, text in words:
@@ -451,9 +470,10 @@ def _phrase(words) -> str:
     return " ".join(out)
 
 
-def _tokens(value: str) -> list[tuple[str, str]]:
-    """("atom"|"quoted"|"comment"|"literal"|"special", text) tokens of an address header."""
-    tokens, i, n = [], 0, len(value)
+def _tokens(value: str) -> list[Token]:
+    """The tokens of an address header."""
+    tokens: list[Token] = []
+    i, n = 0, len(value)
     while i < n:
         ch = value[i]
         if ch in " \t\r\n":
@@ -462,18 +482,18 @@ def _tokens(value: str) -> list[tuple[str, str]]:
             text, i = _delimited(value, i + 1, '"')
             tokens.append(("quoted", text))
         elif ch == "(":
-            depth, j, text = 1, i + 1, []
+            depth, j, chars = 1, i + 1, []
             while j < n and depth:
                 c = value[j]
                 if c == "\\" and j + 1 < n:
-                    text.append(value[j + 1])
+                    chars.append(value[j + 1])
                     j += 2
                     continue
                 depth += {"(": 1, ")": -1}.get(c, 0)
                 if depth:
-                    text.append(c)
+                    chars.append(c)
                 j += 1
-            tokens.append(("comment", "".join(text)))
+            tokens.append(("comment", "".join(chars)))
             i = j
         elif ch == "[":
             end = value.find("]", i)
