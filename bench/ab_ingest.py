@@ -15,58 +15,23 @@ import sys
 import tempfile
 
 from bench.common import REPO_ROOT, argument_parser, command_line
-from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, RECEIVER, SENDER, WORKLOADS, hub_env
+from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, RECEIVER, SENDER, WORKLOADS, hub_server
 from bench.smtp_blast import blast, make_body
-from loadtest.thirdparty import LOOPBACK, free_port, wait_banner
+from loadtest.thirdparty import LOOPBACK
+
+# figures of more than the receiver could drain in time: the throttle's admission stays out of it
+UNTHROTTLED = {"MAILHUB_THROTTLE_DRAIN_ADMISSION": "false", "MAILHUB_THROTTLE_PACING": "false"}
 
 
 @contextlib.contextmanager
-def hub_from(checkout: str, workdir: str):
-    """`mailhub serve` run from the source tree `checkout` (its own modules first on the path)."""
-    data_dir = os.path.join(workdir, "hub-data")
-    port = free_port()
-    # figures of more than the receiver could drain in time: the throttle's admission stays out of it
-    env = hub_env(
-        data_dir,
-        port,
-        extra_env={
-            "PYTHONPATH": checkout,
-            "MAILHUB_THROTTLE_DRAIN_ADMISSION": "false",
-            "MAILHUB_THROTTLE_PACING": "false",
-        },
-    )
-    command = [sys.executable, "-m", "mailhub.cli"]
-    for site in (SENDER, RECEIVER):
-        subprocess.run(
-            command + ["site", "add", site, "--address", f"{site}@{HUB_DOMAIN}", "--password-stdin"],
-            input=PASSWORD + "\n",
-            text=True,
-            env=env,
-            cwd=checkout,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    with open(os.path.join(workdir, "hub.log"), "ab") as log:
-        proc = subprocess.Popen(
-            command + ["serve"],
-            env=env,
-            cwd=checkout,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_banner(port, proc=proc, timeout=60)
-            yield port, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def worktree(commit: str):
+    """A temporary git worktree of `commit` (detached), removed on exit. Yields its path."""
+    path = tempfile.mkdtemp(prefix="ab-base-")
+    subprocess.run(["git", "worktree", "add", "--detach", path, commit], cwd=REPO_ROOT, check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", path], cwd=REPO_ROOT, capture_output=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -88,7 +53,9 @@ def run(checkout: str, workload, mails: int, body: bytes) -> dict:
     _name, _label, size, sessions, _counts, _unit = workload
     workdir = tempfile.mkdtemp(prefix="ab-ingest-")
     try:
-        with hub_from(checkout, workdir) as (port, pid):
+        log_path = os.path.join(workdir, "hub.log")
+        with hub_server(workdir, log_path, extra_env=UNTHROTTLED, checkout=checkout) as hub:
+            port, pid = hub.port, hub.proc.pid
             cpu_before = cpu_seconds(pid)
             result = asyncio.run(
                 blast(
@@ -111,6 +78,18 @@ def run(checkout: str, workload, mails: int, body: bytes) -> dict:
         os.sync()
 
 
+def calibrated_count(checkout: str, workload, body: bytes, seconds: float) -> int:
+    """Mails for a figure of at least `seconds`: probes grow until one lasts a second (a probe of a
+    few mails mostly measures the sessions' start), then its rate sets the count, with 20 % spare."""
+    sessions = workload[3]
+    mails = 2 * sessions
+    while True:
+        probe = run(checkout, workload, mails, body)
+        if probe["seconds"] >= min(1.0, seconds / 4):
+            return max(mails, int(probe["mails"] / probe["seconds"] * seconds * 1.2))
+        mails *= 4
+
+
 def main() -> int:
     ap = argument_parser(
         "bench.ab_ingest", "SMTP ingest of this checkout against a base commit, side by side in alternating rounds"
@@ -127,18 +106,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="at least this long per figure")
     args = ap.parse_args()
     print(command_line("bench.ab_ingest"), flush=True)
-    base = tempfile.mkdtemp(prefix="ab-base-")
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", base, args.base], cwd=REPO_ROOT, check=True, capture_output=True
-    )
-    sides = {"this": str(REPO_ROOT), "base": base}
-    try:
+    with worktree(args.base) as base:
+        sides = {"this": str(REPO_ROOT), "base": base}
         for workload in (w for w in WORKLOADS if w[0] in args.workload):
             name, label, size, sessions, _counts, unit = workload
             body = make_body(max(0, size - 160))
             key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
-            probe = run(sides["this"], workload, 2 * sessions, body)  # calibrate the count for --seconds
-            mails = max(2 * sessions, int(probe["mails_per_s"] * args.seconds * 1.2))
+            mails = calibrated_count(sides["this"], workload, body, args.seconds)
             per_unit = unit.split("/")[0].rstrip("s")  # "MB" or "mail"
             figures = {"this": [], "base": []}
             cpu = {"this": [], "base": []}  # ms of hub CPU per MB or per mail
@@ -164,8 +138,6 @@ def main() -> int:
                     f" {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}",
                     flush=True,
                 )
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", base], cwd=REPO_ROOT, capture_output=True)
     return 0
 
 

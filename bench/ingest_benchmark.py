@@ -240,32 +240,37 @@ class HubProcess:
 
 
 @contextlib.contextmanager
-def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False, imap=False, extra_env=None):
+def hub_server(workdir, log_path, sites=(SENDER, RECEIVER), pop3=False, imap=False, extra_env=None, checkout=None):
     """`mailhub serve` on 127.0.0.1 with the data folder workdir/hub-data and the given sites added
     (none: reuse the folder as it is); SMTP (and with pop3=True POP3, imap=True IMAP) on free ports. Yields a
     HubProcess; stops the process (SIGTERM, then SIGKILL of its process group) on exit.
-    The hub logs at warning level, so it does not print its ports: we choose free ones."""
+    The hub logs at warning level, so it does not print its ports: we choose free ones.
+    checkout: run the hub of that source tree (its modules first on the path) instead of this one."""
     data_dir = os.path.join(os.path.abspath(workdir), "hub-data")
     smtp_port = free_port()
     pop3_port = free_port() if pop3 else None
     imap_port = free_port() if imap else None
+    if checkout:
+        extra_env = {**(extra_env or {}), "PYTHONPATH": checkout}
     env = hub_env(data_dir, smtp_port, pop3_port, imap_port, extra_env)
+    command = [sys.executable, "-m", "mailhub.cli"] if checkout else _mailhub_cmd()
+    cwd = checkout or REPO_ROOT
     for site in sites:
         subprocess.run(
-            _mailhub_cmd() + ["site", "add", site, "--address", "%s@%s" % (site, HUB_DOMAIN), "--password-stdin"],
+            command + ["site", "add", site, "--address", "%s@%s" % (site, HUB_DOMAIN), "--password-stdin"],
             input=PASSWORD + "\n",
             text=True,
             env=env,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             check=True,
             capture_output=True,
             timeout=120,
         )
     logf = open(log_path, "ab")
     proc = subprocess.Popen(
-        _mailhub_cmd() + ["serve"],
+        command + ["serve"],
         env=env,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         stdout=logf,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -11,6 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH_COMMANDS = [
     "ab_commit",
+    "ab_download",
     "ab_ingest",
     "abuse",
     "bare_aiosmtpd",
