@@ -19,6 +19,7 @@ from relay.policy.parts import (
     ClearCheck,
     LaterFragmentCheck,
     NestedCheck,
+    PartCheck,
     PayloadCheck,
     TextCheck,
     VersionCheck,
@@ -96,7 +97,7 @@ class EncryptionPolicy:
         self.reply: str | None = None
         self.reason: str | None = None
         self._top = _Scope("", 0, False, False)
-        self._checks: dict[int, object] = {}  # id(leaf part) -> its content check
+        self._checks: dict[int, PartCheck] = {}  # id(leaf part) -> its content check
         self._multiparts: dict[int, _Multipart] = {}  # id(multipart) -> its state
         self._returned: set[int] = set()  # ids of parts in a report's returned content
         self._parts = 0
@@ -313,6 +314,7 @@ class EncryptionPolicy:
             self.refuse("cleartext_dicom", CLEARTEXT_DICOM.format(where=where, how=how))
             return
         main, sub = part.content_type, part.subtype
+        check: PartCheck | None
         if main == "text" or media in TEXT_TYPES:
             check = TextCheck(self, where, encoding)
         elif media == "application/pgp-signature":
@@ -342,7 +344,7 @@ class EncryptionPolicy:
         nested = _Scope(path, scope.depth + part.depth + 1, returned, fragment)
         return NestedCheck(MimeStreamParser(_NestedListener(self, nested)), encoding)
 
-    def _fragment(self, part, encoding: str, where: str, scope: _Scope, returned: bool):
+    def _fragment(self, part, encoding: str, where: str, scope: _Scope, returned: bool) -> PartCheck | None:
         """message/partial (RFC 2046 5.2.2): the first fragment must announce PGP/MIME and carry
         its session keys; later ones only the rest of the encrypted message."""
         params = part.params

@@ -5,6 +5,7 @@
 # policy.refuse() and holds at most SNIFF_BYTES of decoded content. Never decrypts.
 import re
 import zlib
+from typing import Protocol
 
 from directory.openpgp_armor import SessionPacketReader, block_packet_tags
 from relay.mime import sniff
@@ -20,6 +21,14 @@ _BLANKS = b" \t\r\n"
 # each with a byte it holds that is found fast; "begin-base64" is what `uuencode -m` writes
 _MARKERS = ((b"begin ", b" "), (b"begin-base64 ", b" "), (b";base64,", b";"))
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+class PartCheck(Protocol):
+    """What every check below is: fed a leaf part's body as it streams, closed at the part's end."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _dicom_or_archive(content: bytes) -> tuple[str, str] | None:
