@@ -6,9 +6,13 @@
 from __future__ import annotations
 
 import bisect
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any
 
 from relay.imap.events import (
     _FLUSH,
+    Event,
     ExpungeRequest,
     LoadRequest,
     MailboxRequest,
@@ -19,7 +23,9 @@ from relay.imap.events import (
     SendFile,
     Snapshot,
     State,
+    Step,
     StoreFlags,
+    Task,
 )
 from relay.imap.fetch import (
     ALL_FLAGS,
@@ -29,11 +35,13 @@ from relay.imap.fetch import (
     FetchPlan,
     FileRange,
     PartHeader,
+    Piece,
+    Renderers,
     fetch_response,
     flag_list,
 )
 from relay.imap.limits import FETCH_CHUNK, MAX_FETCH_ITEMS, SEARCH_BATCH, SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS
-from relay.imap.parser import Atom, ParseError, SequenceSet, fetch_att
+from relay.imap.parser import Atom, ParseError, SequenceSet, Token, fetch_att
 from relay.imap.search import parse_search
 
 __all__ = ["SelectedState"]
@@ -42,8 +50,20 @@ _BATCH = 100  # messages whose \Seen flags are stored at once
 
 
 class SelectedState:
-    """Mixin: needs self._messages, _readonly, _changed, _uid_validity, _uid_next, _state, _verb,
-    _renderers, _out, _send(), _done() from ImapConnection."""
+    """Mixin: ImapConnection sets these attributes and has these methods."""
+
+    _messages: list[Message]
+    _readonly: bool
+    _changed: bool
+    _uid_validity: int
+    _uid_next: int
+    _state: State
+    _verb: str
+    _renderers: Renderers
+    _out: deque[Event]
+    _send: Callable[[str | bytes], None]
+    _done: Callable[[str, str, str], None]  # tag, status, text
+    _cmd_copy: Callable[[str, list[Token]], Task]
 
     # ---- mailbox view ---------------------------------------------------------------------------
     def _load(self, snapshot: Snapshot) -> None:
@@ -51,11 +71,11 @@ class SelectedState:
         self._uid_validity, self._uid_next = snapshot.uid_validity, snapshot.uid_next
         self._changed = False
 
-    def _sync(self):
+    def _sync(self) -> Task:
         """Re-read the mailbox: new messages (EXISTS), flags changed elsewhere (FETCH), messages
         expunged elsewhere (marked gone; EXPUNGE is sent where allowed)."""
         self._changed = False
-        snapshot = yield MailboxRequest()
+        snapshot: Snapshot | None = yield MailboxRequest()
         if snapshot is None:
             return
         current = {m.uid: m for m in snapshot.messages}
@@ -79,7 +99,7 @@ class SelectedState:
                 del self._messages[seq - 1]
                 self._send(f"* {seq} EXPUNGE\r\n")
 
-    def _select_set(self, token, uid_mode: bool) -> list[tuple[int, Message]]:
+    def _select_set(self, token: Token, uid_mode: bool) -> list[tuple[int, Message]]:
         """(sequence number, message) of each message the set names, in mailbox order; O(ranges *
         log(messages) + messages named) whatever the set (e.g. 1:4294967295 or 1,2,3,...)."""
         numbers = SequenceSet(token)
@@ -87,7 +107,7 @@ class SelectedState:
         if uid_mode:
             uids = [m.uid for m in msgs]
             starts, ends = numbers.resolved(uids[-1] if uids else 0)
-            chosen = []
+            chosen: list[tuple[int, Message]] = []
             for lo, hi in zip(starts, ends):
                 first, last = bisect.bisect_left(uids, lo), bisect.bisect_right(uids, hi)
                 chosen.extend((seq + 1, msgs[seq]) for seq in range(first, last))
@@ -100,19 +120,19 @@ class SelectedState:
         starts, ends = numbers.resolved(largest)
         return [(seq, msgs[seq - 1]) for lo, hi in zip(starts, ends) for seq in range(lo, hi + 1)]
 
-    def _cmd_close(self, tag, args):
+    def _cmd_close(self, tag: str, args: list[Token]) -> Task:
         deleted = [m.uid for m in self._messages if m.flags & DELETED and not m.gone]
         if deleted and not self._readonly:
             yield ExpungeRequest(deleted)  # silently: no EXPUNGE responses (RFC 3501 sec. 6.4.2)
         self._state, self._messages = State.AUTHENTICATED, []
         self._send(f"{tag} OK CLOSE completed\r\n")
 
-    def _cmd_unselect(self, tag, args):
+    def _cmd_unselect(self, tag: str, args: list[Token]) -> Task:
         self._state, self._messages = State.AUTHENTICATED, []
         self._send(f"{tag} OK UNSELECT completed\r\n")
         yield from ()
 
-    def _cmd_expunge(self, tag, args, uid_set=None):
+    def _cmd_expunge(self, tag: str, args: list[Token], uid_set: Token | None = None) -> Task:
         if self._readonly:
             return self._done(tag, "NO", "[READ-ONLY] mailbox opened with EXAMINE")
         chosen = {id(m) for _, m in self._select_set(uid_set, True)} if uid_set is not None else None
@@ -120,7 +140,7 @@ class SelectedState:
             m for m in self._messages if m.flags & DELETED and not m.gone and (chosen is None or id(m) in chosen)
         ]
         if deleted:
-            outcome = yield ExpungeRequest([m.uid for m in deleted])
+            outcome: str = yield ExpungeRequest([m.uid for m in deleted])
             if outcome == "in-use":
                 return self._done(tag, "NO", "[INUSE] a POP3 session holds this mailbox; try again later")
             if outcome != "ok":
@@ -129,7 +149,7 @@ class SelectedState:
                 m.gone = True
         self._done(tag, "OK", "EXPUNGE completed")
 
-    def _cmd_uid(self, tag, args):
+    def _cmd_uid(self, tag: str, args: list[Token]) -> Task:
         if not args or not isinstance(args[0], Atom):
             raise ParseError("UID needs FETCH, STORE, SEARCH or EXPUNGE")
         sub = args[0].upper()
@@ -149,10 +169,10 @@ class SelectedState:
         else:
             raise ParseError("unknown UID command")
 
-    def _cmd_fetch(self, tag, args):
+    def _cmd_fetch(self, tag: str, args: list[Token]) -> Task:
         yield from self._fetch(tag, args, uid_mode=False)
 
-    def _fetch(self, tag, args, uid_mode: bool):
+    def _fetch(self, tag: str, args: list[Token], uid_mode: bool) -> Task:
         if len(args) != 2:
             raise ParseError("FETCH needs a sequence set and data items")
         atts = fetch_att(args[1])
@@ -169,7 +189,7 @@ class SelectedState:
             chosen = [(seq, m) for seq, m in chosen if not m.gone]
         for start in range(0, len(chosen), _BATCH):
             batch = chosen[start : start + _BATCH]
-            seen_now = set()
+            seen_now: set[int] = set()
             if plan.sets_seen and not self._readonly:
                 unseen = [m for _, m in batch if not m.flags & SEEN]
                 if unseen and plan.body:  # a mail known damaged is not sent: it does not become \Seen
@@ -194,7 +214,7 @@ class SelectedState:
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the requested messages were expunged")
         self._done(tag, "OK", "FETCH completed")
 
-    def _fetch_one(self, seq: int, msg: Message, plan: FetchPlan, with_flags: bool):
+    def _fetch_one(self, seq: int, msg: Message, plan: FetchPlan, with_flags: bool) -> Generator[Step, Any, str | None]:
         """Send one message's FETCH response, piece by piece: small pieces gathered up to FETCH_CHUNK
         octets, body literals as SendFile, a part's header block loaded only for its item. Returns
         None, or what kept it from being sent at all: "damaged" (checked first), "structure"."""
@@ -208,7 +228,7 @@ class SelectedState:
             pending: list[bytes] = []
             size = 0
             pieces = fetch_response(seq, msg, plan, self._renderers, with_flags)
-            answer = None
+            answer: bytes | None = None
             while (piece := _next_piece(pieces, answer)) is not None:
                 answer = None
                 if isinstance(piece, bytes):
@@ -231,10 +251,10 @@ class SelectedState:
         finally:
             msg.structure = msg.header = None
 
-    def _cmd_store(self, tag, args):
+    def _cmd_store(self, tag: str, args: list[Token]) -> Task:
         yield from self._store(tag, args, uid_mode=False)
 
-    def _store(self, tag, args, uid_mode: bool):
+    def _store(self, tag: str, args: list[Token], uid_mode: bool) -> Task:
         if len(args) < 3 or not isinstance(args[1], Atom):
             raise ParseError("STORE needs a sequence set, an item and flags")
         item = args[1].upper()
@@ -269,15 +289,15 @@ class SelectedState:
             return self._done(tag, "NO", "[EXPUNGEISSUED] some of the messages were expunged")
         self._done(tag, "OK", "STORE completed")
 
-    def _cmd_search(self, tag, args):
+    def _cmd_search(self, tag: str, args: list[Token]) -> Task:
         yield from self._search(tag, args, uid_mode=False)
 
-    def _search(self, tag, args, uid_mode: bool):
+    def _search(self, tag: str, args: list[Token], uid_mode: bool) -> Task:
         """Cheap keys first; the messages that pass them are read (off the loop, SEARCH_BATCH at a
         time) only when the search has header, date or text keys, within one ScanBudget."""
         search = parse_search(args)
         budget = ScanBudget(SEARCH_MAX_BYTES, SEARCH_MAX_SECONDS)
-        hits = []
+        hits: list[int] = []
         largest_seq = len(self._messages)
         largest_uid = self._messages[-1].uid if self._messages else 0
         for start in range(0, largest_seq, SEARCH_BATCH):
@@ -304,7 +324,7 @@ class SelectedState:
         self._done(tag, "OK", "SEARCH completed")
 
 
-def _next_piece(pieces, answer):
+def _next_piece(pieces: Generator[Piece, bytes | None, None], answer: bytes | None) -> Piece | None:
     try:
         return pieces.send(answer)
     except StopIteration:

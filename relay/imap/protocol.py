@@ -49,6 +49,7 @@ from relay.imap.events import (
     YIELD,
     AuthRequest,
     CloseConnection,
+    Event,
     ExpungeRequest,
     ImapProtocolError,
     LoadRequest,
@@ -61,9 +62,12 @@ from relay.imap.events import (
     Snapshot,
     StartTls,
     State,
+    Step,
     StoreFlags,
+    Task,
+    _Sentinel,
 )
-from relay.imap.fetch import SEEN
+from relay.imap.fetch import SEEN, Renderers
 from relay.imap.limits import MAX_BUFFER, MAX_COMMAND, PRE_LOGIN_MAX_BUFFER, PRE_LOGIN_MAX_COMMAND
 from relay.imap.mailbox import SelectedState
 from relay.imap.parser import (
@@ -73,6 +77,7 @@ from relay.imap.parser import (
     LiteralRequest,
     Overflow,
     ParseError,
+    Token,
     TooLong,
     astring,
     tokenize,
@@ -166,7 +171,7 @@ class ImapConnection(SelectedState):
         greeting_host: str,
         starttls_available: bool,
         plaintext_login_allowed: bool,
-        renderers,
+        renderers: Renderers,
         max_failed_logins: int = 3,
     ) -> None:
         self._host = greeting_host
@@ -178,9 +183,9 @@ class ImapConnection(SelectedState):
         self._state = State.NOT_AUTHENTICATED
         self._tls_active = False
         self._failed = 0
-        self._out: deque = deque()
-        self._task = None  # the running command's generator
-        self._waiting = None  # what the task waits for: _FLUSH, _LINE, _LINE_OR_CHANGE, or a request
+        self._out: deque[Event] = deque()
+        self._task: Task | None = None  # the running command's generator
+        self._waiting: Step | None = None  # what the task waits for: _FLUSH, _LINE, _LINE_OR_CHANGE, or a request
         self._yielded = False  # YIELD was returned for the current _FLUSH
         self._eof = False
         self._changed = False
@@ -221,12 +226,12 @@ class ImapConnection(SelectedState):
         (and at once while idling)."""
         self._changed = True
 
-    def resume(self, answer) -> None:
+    def resume(self, answer: object) -> None:
         if self._task is None or self._waiting in (None, _FLUSH, _LINE, _LINE_OR_CHANGE):
             raise ImapProtocolError("resume() without a pending request")
         self._advance(answer)
 
-    def next_event(self):
+    def next_event(self) -> Event:
         while True:
             if self._out:
                 return self._out.popleft()
@@ -306,7 +311,8 @@ class ImapConnection(SelectedState):
         self._waiting = None
         self._advance(None)
 
-    def _advance(self, value) -> None:
+    def _advance(self, value: object) -> None:
+        assert self._task is not None
         try:
             waiting = self._task.send(value)
         except StopIteration:
@@ -316,7 +322,7 @@ class ImapConnection(SelectedState):
         if waiting not in (_FLUSH, _LINE, _LINE_OR_CHANGE):
             self._out.append(waiting)
 
-    def _run(self, tag: str, verb: str, args: list):
+    def _run(self, tag: str, verb: str, args: list[Token]) -> Task:
         try:
             if self._state is State.SELECTED and self._changed and verb not in _SYNCS_ITSELF:
                 yield from self._sync()
@@ -339,26 +345,26 @@ class ImapConnection(SelectedState):
             caps.append("AUTH=PLAIN" if self._login_allowed() else "LOGINDISABLED")
         return " ".join(caps)
 
-    def _cmd_capability(self, tag, args):
+    def _cmd_capability(self, tag: str, args: list[Token]) -> Task:
         self._send(f"* CAPABILITY {self._capabilities()}\r\n")
         self._done(tag, "OK", "CAPABILITY completed")
         yield from ()
 
-    def _cmd_noop(self, tag, args):
+    def _cmd_noop(self, tag: str, args: list[Token]) -> Task:
         if self._state is State.SELECTED:
             yield from self._sync()
         self._done(tag, "OK", "NOOP completed")
 
-    def _cmd_check(self, tag, args):
+    def _cmd_check(self, tag: str, args: list[Token]) -> Task:
         yield from self._cmd_noop(tag, args)
 
-    def _cmd_logout(self, tag, args):
+    def _cmd_logout(self, tag: str, args: list[Token]) -> Task:
         self._send(f"* BYE {self._host} IMAP4rev1 server signing off\r\n")
         self._send(f"{tag} OK LOGOUT completed\r\n")
         self._close()
         yield from ()
 
-    def _cmd_id(self, tag, args):
+    def _cmd_id(self, tag: str, args: list[Token]) -> Task:
         self._send(f'* ID ("name" "{IMPLEMENTATION}")\r\n')
         self._done(tag, "OK", "ID completed")
         yield from ()
@@ -371,7 +377,7 @@ class ImapConnection(SelectedState):
         hint = "; use STARTTLS" if self._starttls else ""
         self._done(tag, "NO", f"[PRIVACYREQUIRED] plaintext login refused{hint}")
 
-    def _cmd_starttls(self, tag, args):
+    def _cmd_starttls(self, tag: str, args: list[Token]) -> Task:
         if not self._starttls or self._tls_active:
             self._done(tag, "NO", "STARTTLS not available")
             return
@@ -380,14 +386,14 @@ class ImapConnection(SelectedState):
         self._tls_active = True
         self._framer.drop_input()
 
-    def _cmd_login(self, tag, args):
+    def _cmd_login(self, tag: str, args: list[Token]) -> Task:
         if len(args) != 2:
             raise ParseError("LOGIN needs a user name and a password")
         if not self._login_allowed():
             return self._refuse_plaintext(tag)
         yield from self._authenticate(tag, astring(args[0]), astring(args[1]))
 
-    def _cmd_authenticate(self, tag, args):
+    def _cmd_authenticate(self, tag: str, args: list[Token]) -> Task:
         if not args or len(args) > 2 or not isinstance(args[0], Atom):
             raise ParseError("AUTHENTICATE needs a mechanism")
         if args[0].upper() != "PLAIN":
@@ -410,8 +416,8 @@ class ImapConnection(SelectedState):
             return self._done(tag, "NO", "[AUTHENTICATIONFAILED] invalid PLAIN credentials")
         yield from self._authenticate(tag, user, password)
 
-    def _authenticate(self, tag, user: str, password: str):
-        site = yield AuthRequest(user, password, self._failed)
+    def _authenticate(self, tag: str, user: str, password: str) -> Task:
+        site: object = yield AuthRequest(user, password, self._failed)
         if site is None or isinstance(site, TemporaryFailure):
             self._failed += 1
             text = (
@@ -428,23 +434,23 @@ class ImapConnection(SelectedState):
         self._done(tag, "OK", f"[CAPABILITY {self._capabilities()}] logged in")
 
     # ---- authenticated ---------------------------------------------------------------------------
-    def _mailbox_name(self, token) -> str:
+    def _mailbox_name(self, token: Token) -> str:
         name = astring(token)
         return "INBOX" if name.upper() == "INBOX" else name
 
-    def _cmd_select(self, tag, args):
+    def _cmd_select(self, tag: str, args: list[Token]) -> Task:
         yield from self._open(tag, args, readonly=False)
 
-    def _cmd_examine(self, tag, args):
+    def _cmd_examine(self, tag: str, args: list[Token]) -> Task:
         yield from self._open(tag, args, readonly=True)
 
-    def _open(self, tag, args, readonly: bool):
+    def _open(self, tag: str, args: list[Token], readonly: bool) -> Task:
         if len(args) != 1:
             raise ParseError("expected one mailbox name")
         self._state, self._messages = State.AUTHENTICATED, []  # a failed SELECT leaves no mailbox selected
         if self._mailbox_name(args[0]) != "INBOX":
             return self._done(tag, "NO", "[NONEXISTENT] no such mailbox (only INBOX)")
-        snapshot = yield MailboxRequest()
+        snapshot: Snapshot | None = yield MailboxRequest()
         if snapshot is None:
             return self._done(tag, "NO", "[UNAVAILABLE] mailbox unavailable")
         self._load(snapshot)
@@ -462,7 +468,7 @@ class ImapConnection(SelectedState):
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         self._done(tag, "OK", f"[{mode}] {'EXAMINE' if readonly else 'SELECT'} completed")
 
-    def _cmd_status(self, tag, args):
+    def _cmd_status(self, tag: str, args: list[Token]) -> Task:
         if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
             raise ParseError("STATUS needs a mailbox and a list of items")
         items = [astring(i).upper() for i in args[1]]
@@ -470,7 +476,7 @@ class ImapConnection(SelectedState):
             raise ParseError("unknown STATUS item")
         if self._mailbox_name(args[0]) != "INBOX":
             return self._done(tag, "NO", "[NONEXISTENT] no such mailbox (only INBOX)")
-        snapshot = yield MailboxRequest()
+        snapshot: Snapshot | None = yield MailboxRequest()
         if snapshot is None:
             return self._done(tag, "NO", "[UNAVAILABLE] mailbox unavailable")
         values = {
@@ -483,15 +489,15 @@ class ImapConnection(SelectedState):
         self._send(f"* STATUS INBOX ({' '.join(f'{i} {values[i]}' for i in items)})\r\n")
         self._done(tag, "OK", "STATUS completed")
 
-    def _cmd_list(self, tag, args):
+    def _cmd_list(self, tag: str, args: list[Token]) -> Task:
         self._listing(tag, args, "LIST")
         yield from ()
 
-    def _cmd_lsub(self, tag, args):
+    def _cmd_lsub(self, tag: str, args: list[Token]) -> Task:
         self._listing(tag, args, "LSUB")
         yield from ()
 
-    def _listing(self, tag, args, verb: str) -> None:
+    def _listing(self, tag: str, args: list[Token], verb: str) -> None:
         if len(args) != 2:
             raise ParseError(f"{verb} needs a reference and a mailbox pattern")
         reference, pattern = astring(args[0]), astring(args[1])
@@ -501,12 +507,12 @@ class ImapConnection(SelectedState):
             self._send(f'* {verb} (\\HasNoChildren) "/" INBOX\r\n')
         self._done(tag, "OK", f"{verb} completed")
 
-    def _cmd_namespace(self, tag, args):
+    def _cmd_namespace(self, tag: str, args: list[Token]) -> Task:
         self._send('* NAMESPACE (("" "/")) NIL NIL\r\n')
         self._done(tag, "OK", "NAMESPACE completed")
         yield from ()
 
-    def _cmd_subscribe(self, tag, args):
+    def _cmd_subscribe(self, tag: str, args: list[Token]) -> Task:
         if len(args) != 1:
             raise ParseError("expected one mailbox name")
         if self._mailbox_name(args[0]) != "INBOX":
@@ -516,13 +522,13 @@ class ImapConnection(SelectedState):
 
     _cmd_unsubscribe = _cmd_subscribe
 
-    def _cmd_create(self, tag, args):
+    def _cmd_create(self, tag: str, args: list[Token]) -> Task:
         self._done(tag, "NO", "[CANNOT] each site has only its INBOX")
         yield from ()
 
     _cmd_delete = _cmd_rename = _cmd_append = _cmd_copy = _cmd_move = _cmd_create
 
-    def _cmd_idle(self, tag, args):
+    def _cmd_idle(self, tag: str, args: list[Token]) -> Task:
         if args:
             raise ParseError("IDLE takes no arguments")
         self._send("+ idling\r\n")
@@ -531,8 +537,8 @@ class ImapConnection(SelectedState):
                 if self._changed:
                     yield from self._sync()
                 self._send_expunges()
-            line = yield _LINE_OR_CHANGE
-            if line is _CHANGED:
+            line: bytes | _Sentinel = yield _LINE_OR_CHANGE
+            if not isinstance(line, bytes):  # _CHANGED
                 continue
             if line.upper() != b"DONE":
                 return self._done(tag, "BAD", "expected DONE")
