@@ -106,7 +106,10 @@ class HubKeys:
     ):
         self.current = current
         self.previous = previous  # None also when the previous key's file is missing
-        self.previous_fingerprint, self.rotated_at = rotated_from or (None, None)
+        self.previous_fingerprint: str | None = None
+        self.rotated_at: float | None = None
+        if rotated_from is not None:
+            self.previous_fingerprint, self.rotated_at = rotated_from
         self.previous_signs_until = None if self.rotated_at is None else self.rotated_at + grace_seconds
         self._published: dict[int, tuple[str, bytes]] = {}
 
@@ -124,8 +127,9 @@ class HubKeys:
     def signers(self, now: float | None = None, announcement: bool = False) -> list[HubKey]:
         """The current key, plus the previous one during the grace period; an announcement of the
         rotation is always signed by both (it is what lets the sites trust the new key)."""
-        both = self.previous is not None and (announcement or self.in_grace(now))
-        return [self.current, self.previous] if both else [self.current]
+        if self.previous is not None and (announcement or self.in_grace(now)):
+            return [self.current, self.previous]
+        return [self.current]
 
     def sign_detached(self, data: bytes, now: float | None = None, announcement: bool = False) -> str:
         """One armored signature block holding a signature by each signing key."""
@@ -146,7 +150,7 @@ class HubKeys:
 
     def rotation(self) -> dict | None:
         """The last rotation, as the directory document states it."""
-        if self.rotated_at is None:
+        if self.rotated_at is None or self.previous_signs_until is None:  # both are set by a rotation
             return None
         return {
             "previous_fingerprint": self.previous_fingerprint,
@@ -214,7 +218,9 @@ def load_or_create_hub_keys(data_dir: Path, addresses: list[str], grace_seconds:
         finally:
             os.unlink(temporary)
         fsync_dir(path.parent)
-    return load_hub_keys(data_dir, grace_seconds)
+    keys = load_hub_keys(data_dir, grace_seconds)
+    assert keys is not None, "the key file was made above"
+    return keys
 
 
 class HubKeySource:

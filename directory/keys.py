@@ -6,6 +6,7 @@ import sqlite3
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from storage import directory_index
 from storage.index_watch import IndexWatcher
@@ -128,7 +129,7 @@ class KeyRing:
     reloaded by a thread (storage.index_watch) when keys_version moves, checked every
     _RELOAD_SECONDS, so that the SMTP path reads memory only and SQLite never blocks the event loop."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir: Path):
         self._state: tuple[dict[int, list[SiteKey]], dict[int, str]] = ({}, {})  # keys, policy overrides
         self._watcher = IndexWatcher(data_dir, "site keys", directory_index.keys_version, self._load, _RELOAD_SECONDS)
 

@@ -122,7 +122,8 @@ class DirectoryMailer:
         later changes are sent."""
         keys = self.hub_keys.get()
         # nothing recorded yet: the sites know this key, or the previous one if it was rotated lately
-        self._known_key = keys.previous_fingerprint if keys.in_grace() else keys.fingerprint
+        previous = keys.previous_fingerprint if keys.in_grace() else None
+        self._known_key = keys.fingerprint if previous is None else previous
         return asyncio.create_task(self._update_loop())
 
     def _index(self) -> sqlite3.Connection:

@@ -6,6 +6,7 @@
 # front: feed() a part's body as transmitted, close() -> SessionPackets. Sans-I/O; never decrypts;
 # holds a few KB at most.
 import binascii
+from collections.abc import Callable
 
 from .openpgp_packets import PacketStream, SessionPackets, packet_tags
 
@@ -254,7 +255,7 @@ class SessionPacketReader:
         encoding = transfer_encoding.strip().lower()
         self._encoding = "" if encoding in IDENTITY_ENCODINGS else encoding
         self._front = bytearray()
-        self._sink = None  # where the body goes once its form is known
+        self._sink: Callable[[bytes], None] | None = None  # where the body goes once its form is known
         self._closers: list = []  # layers to close, outermost first
         self._layers: list = []  # layers whose errors count
         if self._encoding not in ("", "base64", "quoted-printable"):
@@ -316,6 +317,7 @@ class SessionPacketReader:
         if not armored and not content[0] & 0x80:
             self.stream._fail("the encrypted part is neither an ASCII-armored PGP MESSAGE nor binary OpenPGP")
             return
+        sink: Callable[[bytes], None]
         if armored:
             feed = Base64Feed(self.stream)
             armor = ArmorReader(feed)
@@ -334,9 +336,9 @@ class SessionPacketReader:
                 feed = Base64Feed(self.stream)
                 sink, self._closers, self._layers = feed.feed, [feed], [feed]
         elif self._encoding == "quoted-printable":
-            decoder = QuotedPrintableDecoder(sink)
-            self._closers.insert(0, decoder)
-            sink = decoder.feed
+            qp_decoder = QuotedPrintableDecoder(sink)
+            self._closers.insert(0, qp_decoder)
+            sink = qp_decoder.feed
         self._sink = sink
         sink(front)
 
@@ -418,7 +420,9 @@ def dearmor(data: bytes, labels: tuple[bytes, ...]) -> list[bytes] | str:
     """The binary contents of the ASCII-armored blocks of data whose BEGIN line names one of the
     labels (b"PGP SIGNATURE", b"PGP PUBLIC KEY BLOCK"), or an error text. Only blank space may
     surround the blocks."""
-    blocks, body, state = [], [], "outside"
+    blocks: list[bytes] = []
+    body: list[bytes] = []
+    state = "outside"
     for raw in data.split(b"\n"):
         line = raw.rstrip(b"\r \t")
         if state == "outside":

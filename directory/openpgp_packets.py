@@ -167,14 +167,15 @@ class PacketStream:
                 self.result.key_ids.append(key_id)
 
     def _start_chunk(self, length: int | None, partial: int | None) -> None:
-        if length is None and partial is None:  # old format, indeterminate: runs to the end
+        if partial is not None:
+            self._need = self.chunk = partial
+        elif length is not None:
+            self._need = length
+        else:  # old format, indeterminate: runs to the end
             self._state = _REST
             return
         self._state = _DATA
         self._last = partial is None
-        self._need = length if partial is None else partial
-        if partial is not None:
-            self.chunk = partial
         if self._need == 0:
             self._chunk_done()
 

@@ -27,7 +27,7 @@ def recipients_under_policy(sites, keyring: KeyRing, cfg) -> list[RecipientKeys]
     for site in sites:
         if not keyring.encryption_required(site.id, cfg.encryption.required):
             continue
-        key_ids = {}
+        key_ids: dict[str, str] = {}
         for key in keyring.keys(site.id):
             if key.usable(now, grace):
                 label = "current key" if key.retired_at is None else "previous key, in its grace period"
