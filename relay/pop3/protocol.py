@@ -37,6 +37,7 @@ import binascii
 import enum
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -125,6 +126,10 @@ class Update:
 @dataclass(frozen=True)
 class CloseConnection:
     pass
+
+
+# what next_event() gives besides the sentinels below
+Event = SendBytes | AuthRequest | StartTls | CheckMessage | SendMessage | Update | CloseConnection
 
 
 class _Sentinel:
@@ -235,7 +240,7 @@ class Pop3Connection:
         self._maildrop: list[MaildropEntry] = []
         self._deleted: set[int] = set()  # 0-based indexes
         self._checking: tuple[int, MaildropEntry, int | None] | None = None  # (number, entry, body_lines)
-        self._out: deque = deque()
+        self._out: deque[Event] = deque()
         self._reset_input()
 
     # ---- properties for the adapter ----------------------------------------
@@ -256,7 +261,7 @@ class Pop3Connection:
 
     # ---- input ---------------------------------------------------------------
     def _reset_input(self) -> None:
-        self._lines: deque = deque()
+        self._lines: deque[bytes | _Sentinel] = deque()  # complete lines (LF removed), _TOO_LONG, _OVERFLOW
         self._queued = 0
         self._partial = bytearray()
         self._discarding = False
@@ -290,7 +295,7 @@ class Pop3Connection:
             self._discarding = False
             pos = nl + 1
 
-    def _queue(self, item) -> None:
+    def _queue(self, item: bytes | _Sentinel) -> None:
         size = len(item) + 1 if isinstance(item, bytes) else 0  # + the LF
         if self._queued + size > self._max_buffered:
             self._lines.append(_OVERFLOW)
@@ -301,7 +306,7 @@ class Pop3Connection:
         self._lines.append(item)
 
     # ---- output ------------------------------------------------------------
-    def next_event(self):
+    def next_event(self) -> Event | _Sentinel:
         while True:
             if self._out:
                 return self._out.popleft()
@@ -336,7 +341,7 @@ class Pop3Connection:
         self._send(f"-ERR {text}\r\n")
         return "err"
 
-    def _process(self, item) -> None:
+    def _process(self, item: bytes | _Sentinel) -> None:
         if item is _TOO_LONG:
             self._err("line too long")
             return self._go("<too-long>", "err")
@@ -344,6 +349,7 @@ class Pop3Connection:
             self._err("too much pipelined input")
             self._out.append(CloseConnection())
             return self._go("<overflow>", "close")
+        assert isinstance(item, bytes)  # the only sentinels queued are the two above
         line = item[:-1] if item.endswith(b"\r") else item
         if _CONTROL.search(line):
             self._err("invalid characters in command")
@@ -375,12 +381,12 @@ class Pop3Connection:
             return self._err("[AUTH] plaintext login refused; use STLS")
         return self._err("[AUTH] plaintext login refused")
 
-    def _no_args(self, verb: str, args: list) -> bool:
+    def _no_args(self, verb: str, args: list[bytes]) -> bool:
         if args:
             self._err(f"{verb} takes no arguments")
         return not args
 
-    def _cmd_capa(self, args) -> str:
+    def _cmd_capa(self, args: list[bytes]) -> str:
         if not self._no_args("CAPA", args):
             return "err"
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
@@ -393,7 +399,7 @@ class Pop3Connection:
         self._send("+OK Capability list follows\r\n" + "".join(c + "\r\n" for c in caps) + ".\r\n")
         return "ok"
 
-    def _cmd_user(self, args) -> str:
+    def _cmd_user(self, args: list[bytes]) -> str:
         if not self._login_allowed():
             return self._refuse_plaintext()
         if len(args) != 1:
@@ -407,6 +413,7 @@ class Pop3Connection:
 
     def _cmd_pass(self, rest: bytes) -> str:
         user, self._user = self._user, None
+        assert user is not None  # PASS is a command only right after USER (State.USER_GIVEN)
         if not rest:
             return self._err("PASS requires a password")
         try:
@@ -419,7 +426,7 @@ class Pop3Connection:
         self._out.append(AuthRequest(user, password, self._failed))
         return "request"
 
-    def _cmd_auth(self, args) -> str:
+    def _cmd_auth(self, args: list[bytes]) -> str:
         if not args:
             self._send("+OK\r\n" + ("PLAIN\r\n" if self._login_allowed() else "") + ".\r\n")
             return "list"
@@ -450,7 +457,7 @@ class Pop3Connection:
             return self._err("authorization identity must be empty or the user name")
         return self._auth_request(user, password)
 
-    def _cmd_stls(self, args) -> str:
+    def _cmd_stls(self, args: list[bytes]) -> str:
         if not self._no_args("STLS", args):
             return "err"
         if self._tls_active:
@@ -461,7 +468,7 @@ class Pop3Connection:
         self._out.append(StartTls())
         return "ok"
 
-    def _cmd_quit(self, args) -> str:
+    def _cmd_quit(self, args: list[bytes]) -> str:
         if not self._no_args("QUIT", args):
             return "err"
         if self._state is State.TRANSACTION:
@@ -527,6 +534,7 @@ class Pop3Connection:
         """Answer a CheckMessage: None when the message can be served (its "+OK" is returned and a
         SendMessage follows), else why not: it is refused with [SYS/PERM] before any byte of it."""
         self._require("check_result")
+        assert self._checking is not None  # set with the CheckMessage (State.CHECKING)
         n, entry, body_lines = self._checking
         self._checking = None
         if problem is None:
@@ -571,20 +579,20 @@ class Pop3Connection:
             return None
         return n, self._maildrop[n - 1]
 
-    def _one_message(self, verb: str, args) -> tuple[int, MaildropEntry] | None:
+    def _one_message(self, verb: str, args: list[bytes]) -> tuple[int, MaildropEntry] | None:
         if len(args) != 1:
             self._err(f"{verb} requires one message number")
             return None
         return self._message(args[0])
 
-    def _cmd_stat(self, args) -> str:
+    def _cmd_stat(self, args: list[bytes]) -> str:
         if not self._no_args("STAT", args):
             return "err"
         live = self._live()
         self._send(f"+OK {len(live)} {sum(e.size for _, e in live)}\r\n")
         return "ok"
 
-    def _listing(self, verb: str, args, value) -> str:
+    def _listing(self, verb: str, args: list[bytes], value: Callable[[MaildropEntry], object]) -> str:
         if len(args) > 1:
             return self._err("too many arguments")
         if args:
@@ -597,13 +605,13 @@ class Pop3Connection:
         self._send(head + "".join(f"{n} {value(e)}\r\n" for n, e in self._live()) + ".\r\n")
         return "ok"
 
-    def _cmd_list(self, args) -> str:
+    def _cmd_list(self, args: list[bytes]) -> str:
         return self._listing("LIST", args, lambda e: e.size)
 
-    def _cmd_uidl(self, args) -> str:
+    def _cmd_uidl(self, args: list[bytes]) -> str:
         return self._listing("UIDL", args, lambda e: e.uid)
 
-    def _cmd_retr(self, args) -> str:
+    def _cmd_retr(self, args: list[bytes]) -> str:
         found = self._one_message("RETR", args)
         if found is None:
             return "err"
@@ -614,7 +622,7 @@ class Pop3Connection:
         self._out.append(CheckMessage(entry, body_lines))
         return "check"
 
-    def _cmd_top(self, args) -> str:
+    def _cmd_top(self, args: list[bytes]) -> str:
         if len(args) != 2:
             return self._err("TOP requires a message number and a line count")
         found = self._message(args[0])
@@ -624,7 +632,7 @@ class Pop3Connection:
             return self._err("invalid line count")
         return self._check(*found, int(args[1]))
 
-    def _cmd_dele(self, args) -> str:
+    def _cmd_dele(self, args: list[bytes]) -> str:
         found = self._one_message("DELE", args)
         if found is None:
             return "err"
@@ -632,14 +640,14 @@ class Pop3Connection:
         self._send(f"+OK message {found[0]} deleted\r\n")
         return "ok"
 
-    def _cmd_rset(self, args) -> str:
+    def _cmd_rset(self, args: list[bytes]) -> str:
         if not self._no_args("RSET", args):
             return "err"
         self._deleted.clear()
         self._send(f"+OK {self._summary()}\r\n")
         return "ok"
 
-    def _cmd_noop(self, args) -> str:
+    def _cmd_noop(self, args: list[bytes]) -> str:
         if not self._no_args("NOOP", args):
             return "err"
         self._send("+OK\r\n")
