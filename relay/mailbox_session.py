@@ -7,21 +7,45 @@ import asyncio
 import ipaddress
 import threading
 import time
+from typing import Generic, Protocol, TypeVar, cast
 
 from relay import metrics
-from relay.connection_limits import Ticket
+from relay.connection_limits import ConnectionCounter, Ticket
 from relay.login_deadline import LoginDeadline
+from storage.records import Downloads
+from storage.sites import Site
 
 PAUSE_READING_AT = 64 * 1024  # client bytes waiting in the core before the socket is paused
 
 
-class MailboxSessionIO(asyncio.Protocol):
+class SessionContext(Protocol):
+    """What this base uses of the context all sessions of a protocol share (Pop3Context, ImapContext)."""
+
+    shutting_down: bool
+    connection_counter: ConnectionCounter
+    login_timeout: float
+
+
+class SessionCore(Protocol):
+    """What this base uses of a sans-I/O connection (Pop3Connection, ImapConnection)."""
+
+    @property
+    def buffered_bytes(self) -> int: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+
+ContextT = TypeVar("ContextT", bound=SessionContext)
+CoreT = TypeVar("CoreT", bound=SessionCore)
+
+
+class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
     """Base of Pop3Session and ImapSession: the session state both share. Subclasses set `core`
     (their sans-I/O connection) in connection_made()."""
 
     protocol = ""  # "pop3" / "imap": metric labels
 
-    def __init__(self, ctx, idle_timeout: float, implicit_tls: bool):
+    def __init__(self, ctx: ContextT, idle_timeout: float, implicit_tls: bool):
         self.ctx = ctx
         self.idle_timeout = idle_timeout
         self.ticket: Ticket | None = None  # counted by ctx.connections while open
@@ -31,11 +55,11 @@ class MailboxSessionIO(asyncio.Protocol):
         self._partial_line = False  # the last bytes received did not end a line
         self.tls = implicit_tls
         self.transport: asyncio.Transport | None = None
-        self.core = None
-        self.task: asyncio.Task | None = None
+        self.core: CoreT | None = None
+        self.task: asyncio.Task[None] | None = None
         self.peer = "-"
-        self.site = None
-        self.downloads = None  # storage.Downloads not yet added to the site's totals
+        self.site: Site | None = None
+        self.downloads: Downloads | None = None  # not yet added to the site's totals
         self._direct = 0  # messages sent from the file by a worker thread (sendfile, or
         # read, CRC-checked and sent), not through the event loop
         self._checked = 0  # messages whose CRC-32 was checked as they were sent
@@ -47,12 +71,24 @@ class MailboxSessionIO(asyncio.Protocol):
         self._reading_paused = False
         self._stop_send = threading.Event()
 
+    @property
+    def _core(self) -> CoreT:
+        """`core`, which connection_made() sets before the session's task starts."""
+        assert self.core is not None
+        return self.core
+
+    @property
+    def _transport(self) -> asyncio.Transport:
+        """`transport`, which connection_made() sets before anything else runs."""
+        assert self.transport is not None
+        return self.transport
+
     # ---- admission and the login deadline ---------------------------------------------------
 
-    def _admit(self, transport) -> str | None:
+    def _admit(self, transport: asyncio.BaseTransport) -> str | None:
         """Note the transport and peer and count the connection; the reason it is refused, or None
         (then the login deadline runs)."""
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's transports are asyncio.Transports
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
         if self.ctx.shutting_down:
@@ -68,14 +104,15 @@ class MailboxSessionIO(asyncio.Protocol):
 
     def _logged_in(self) -> None:
         """Credentials accepted: the login deadline is met."""
+        assert self._login_deadline is not None  # set when the connection was admitted
         self._login_deadline.met()
 
     def _login_expired(self) -> bool:
-        if self.site is not None or self._lost or self.transport.is_closing():
+        if self.site is not None or self._lost or self._transport.is_closing():
             return False
         self._end_reason = "login timeout"
-        self.transport.write(self._login_timeout_reply())
-        self.transport.close()
+        self._transport.write(self._login_timeout_reply())
+        self._transport.close()
         return True
 
     def _login_timeout_reply(self) -> bytes:
@@ -97,17 +134,17 @@ class MailboxSessionIO(asyncio.Protocol):
         self._partial_line = not data.endswith(b"\n")
         self.core.receive_data(data)
         if self.core.buffered_bytes >= PAUSE_READING_AT and not self._reading_paused:
-            self.transport.pause_reading()
+            self._transport.pause_reading()
             self._reading_paused = True
         self._input.set()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         if self.core is not None:
             self.core.receive_data(b"")
         self._input.set()
         return not self.tls  # keep a half-closed plain connection open to answer what came before
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._release()
         self._lost = True
         self._stop_send.set()
@@ -129,7 +166,7 @@ class MailboxSessionIO(asyncio.Protocol):
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._reading_paused:
-            self.transport.resume_reading()
+            self._transport.resume_reading()
             self._reading_paused = False
         loop = asyncio.get_running_loop()
         if not self._partial_line and not getattr(self.core, "idling", False):
@@ -139,9 +176,9 @@ class MailboxSessionIO(asyncio.Protocol):
             await self._input.wait()
 
     def _write(self, data: bytes) -> None:
-        if self._lost or self.transport.is_closing():
+        if self._lost or self._transport.is_closing():
             raise ConnectionResetError("connection lost")
-        self.transport.write(data)
+        self._transport.write(data)
 
     async def _drain(self) -> None:
         """Wait while the transport's buffer is over its high-water mark (flow control)."""
@@ -153,14 +190,14 @@ class MailboxSessionIO(asyncio.Protocol):
 
     async def _flushed(self) -> None:
         """Wait until the transport has handed every buffered byte to the kernel."""
-        if self.transport.get_write_buffer_size() == 0:
+        if self._transport.get_write_buffer_size() == 0:
             return
-        self.transport.set_write_buffer_limits(high=0)  # resume_writing() once the buffer is empty
+        self._transport.set_write_buffer_limits(high=0)  # resume_writing() once the buffer is empty
         try:
             await self._drain()
         finally:
-            if not self.transport.is_closing():
-                self.transport.set_write_buffer_limits()
+            if not self._transport.is_closing():
+                self._transport.set_write_buffer_limits()
 
     def _site_name(self) -> str:
         return self.site.name if self.site is not None else "-"

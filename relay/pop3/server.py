@@ -14,6 +14,8 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
+from typing import cast
 
 from quotas import Throttle
 from relay import connection_limits, metrics
@@ -37,7 +39,8 @@ from relay.pop3.protocol import (
     Update,
     system_error,
 )
-from storage import Downloads, SiteCache, Storage
+from storage import SiteCache, Storage
+from storage.records import Downloads, MailboxEntry
 
 log = logging.getLogger("mailhub.pop3")
 CHUNK = 1024 * 1024
@@ -86,7 +89,7 @@ class Pop3Context:
             plaintext_login_allowed=False,
         )
 
-    def factory(self, implicit_tls: bool = False):
+    def factory(self, implicit_tls: bool = False) -> Callable[[], "Pop3Session"]:
         return lambda: Pop3Session(self, implicit_tls)
 
     async def drain(self, timeout: float) -> None:
@@ -101,7 +104,7 @@ class Pop3Context:
         self.sender.close()
 
 
-class Pop3Session(MailboxSessionIO):
+class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
     protocol = "pop3"
 
     def __init__(self, ctx: Pop3Context, implicit_tls: bool):
@@ -111,12 +114,12 @@ class Pop3Session(MailboxSessionIO):
 
     # ---- transport callbacks ----------------------------------------------------------------
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         refusal = self._admit(transport)
         if refusal is not None:
-            transport.write(_REFUSALS[refusal])
-            transport.close()
+            self._transport.write(_REFUSALS[refusal])
+            self._transport.close()
             metrics.pop3_session("refused")
             return
         ctx.sessions.add(self)
@@ -141,7 +144,7 @@ class Pop3Session(MailboxSessionIO):
     # ---- the adapter loop (see relay/pop3/protocol.py) ---------------------------------------
 
     async def _run(self) -> None:
-        core = self.core
+        core = self._core
         outcome = "closed"
         try:
             self._write(core.initial_bytes())
@@ -154,7 +157,7 @@ class Pop3Session(MailboxSessionIO):
                 elif isinstance(event, AuthRequest):
                     await self._login(event)
                 elif isinstance(event, CheckMessage):
-                    self._write(core.check_result(self._serving_problem(event.entry.ref)))
+                    self._write(core.check_result(self._serving_problem(_stored(event.entry))))
                     await self._drain()
                 elif isinstance(event, SendMessage):
                     await self._send_message(event)
@@ -184,8 +187,8 @@ class Pop3Session(MailboxSessionIO):
 
     def _reply_system_error(self, reason: str) -> None:
         """Say why we close, unless that would land inside a message being sent."""
-        if not self._lost and not self.transport.is_closing() and self.core.state is not State.SENDING:
-            self.transport.write(system_error(reason))
+        if not self._lost and not self._transport.is_closing() and self._core.state is not State.SENDING:
+            self._transport.write(system_error(reason))
 
     # ---- what the core's events ask for ----------------------------------------------------
 
@@ -194,11 +197,11 @@ class Pop3Session(MailboxSessionIO):
         outcome = await ctx.logins.login("pop3", self.peer, event.user, event.password)
         site = outcome.site
         if site is None:
-            self._write(self.core.auth_result(False, temporary=outcome.temporary))
+            self._write(self._core.auth_result(False, temporary=outcome.temporary))
             return
         if site.id in ctx.locks:
             log.info("peer=%s site=%s: mailbox in use", self.peer, site.name)
-            self._write(self.core.auth_result(True, in_use=True))
+            self._write(self._core.auth_result(True, in_use=True))
             return
         ctx.locks[site.id] = self
         self.site = site
@@ -207,14 +210,16 @@ class Pop3Session(MailboxSessionIO):
         ctx.ledger.note_poll(site.id, time.monotonic())
         entries = await ctx.storage.mailbox(site.id)
         maildrop = [MaildropEntry(str(e.uid), e.size, e.dot_lines, e) for e in entries]
-        self._write(self.core.auth_result(True, maildrop=maildrop))
+        self._write(self._core.auth_result(True, maildrop=maildrop))
 
     async def _start_tls(self) -> None:
+        tls_context = self.ctx.tls_context
+        assert tls_context is not None  # STLS is offered only with a TLS context
         try:
             transport = await asyncio.get_running_loop().start_tls(
-                self.transport,
+                self._transport,
                 self,
-                self.ctx.tls_context,
+                tls_context,
                 server_side=True,
                 ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
             )
@@ -223,9 +228,9 @@ class Pop3Session(MailboxSessionIO):
         if transport is None:
             raise ConnectionAbortedError("connection closed during the TLS handshake")
         self.transport, self.tls, self._reading_paused = transport, True, False
-        self.core.tls_started()
+        self._core.tls_started()
 
-    def _serving_problem(self, entry) -> str | None:
+    def _serving_problem(self, entry: MailboxEntry) -> str | None:
         """Why a mail must not be sent (damaged: storage.Storage.serving_problem), logged; or None."""
         problem = self.ctx.storage.serving_problem(entry)
         if problem is not None:
@@ -239,15 +244,17 @@ class Pop3Session(MailboxSessionIO):
         return problem
 
     async def _send_message(self, event: SendMessage) -> None:
-        entry = event.entry.ref
+        entry = _stored(event.entry)
+        site, downloads = self.site, self.downloads
+        assert site is not None and downloads is not None  # messages are sent after login only
         started = time.monotonic()
         # RETR is checked as it goes (storage.verify_while_serving), TOP not
         crc32 = entry.crc32 if event.body_lines is None and self.ctx.cfg.storage.verify_while_serving else None
         try:
-            if event.body_lines is None and not entry.dot_lines and FileSender.usable(self.transport):
+            if event.body_lines is None and not entry.dot_lines and FileSender.usable(self._transport):
                 await self._flushed()
                 ends_with_lf = await self.ctx.sender.send(
-                    self.transport, entry.path, entry.offset, entry.size, self._stop_send, self.idle_timeout, crc32
+                    self._transport, entry.path, entry.offset, entry.size, self._stop_send, self.idle_timeout, crc32
                 )
                 sent = entry.size
                 self._direct += 1
@@ -262,36 +269,36 @@ class Pop3Session(MailboxSessionIO):
         except BaseException:
             self._stop_send.set()  # a worker still sending stops within a fraction of a second
             raise
-        self.downloads.bytes += sent
-        self.downloads.send_seconds += time.monotonic() - started
+        downloads.bytes += sent
+        downloads.send_seconds += time.monotonic() - started
         ledger = self.ctx.ledger
-        ledger.note_download(self.site.id, sent, time.monotonic())
+        ledger.note_download(site.id, sent, time.monotonic())
         if event.body_lines is None:
-            self.downloads.messages += 1
-            self.downloads.retrieved[entry.queue_id] = (time.time(), sent)
+            downloads.messages += 1
+            downloads.retrieved[entry.queue_id] = (time.time(), sent)
             if not entry.fetched:  # first download: no longer waiting (the index learns it at the end)
                 entry.fetched = True
-                self.downloads.fetched_uids.append(entry.uid)
-                ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
-        metrics.pop3_message(self.site.name, sent, event.body_lines is None)
-        self.core.message_sent()
+                downloads.fetched_uids.append(entry.uid)
+                ledger.fetched(site.id, entry.uid, entry.sender_site, entry.size)
+        metrics.pop3_message(site.name, sent, event.body_lines is None)
+        self._core.message_sent()
 
-    async def _damaged_while_sending(self, entry, reason: str) -> None:
+    async def _damaged_while_sending(self, entry: MailboxEntry, reason: str) -> None:
         """The mail's bytes changed on disk, found after they were sent: the connection is reset
         without the end line, so the client cannot take the mail as whole; the mail is marked damaged
         (refused from now on, quarantine copy, log line, metric)."""
         self._end_reason = f"mail {entry.queue_id} found damaged while sending it"
-        self.transport.abort()
+        self._transport.abort()
         self.ctx.storage.mark_damaged_soon(entry.queue_id, reason, "serving")
         raise ConnectionAbortedError(self._end_reason)
 
-    async def _copy(self, entry, body_lines: int | None, crc: RunningCrc) -> tuple[int, bool]:
+    async def _copy(self, entry: MailboxEntry, body_lines: int | None, crc: RunningCrc) -> tuple[int, bool]:
         """Read, cut (TOP), dot-stuff and write the message in chunks; return (octets, ends with LF).
         The next chunk is read while the transport sends the previous ones (at most _HIGH_WATER).
         The chunks read go into `crc`, checked after the last one (ChecksumMismatch)."""
         top = TopFilter(body_lines) if body_lines is not None else None
         sent, at_line_start = 0, True
-        self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        self._transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         reading = self._read_ahead(entry, 0)
         try:
             while reading is not None:
@@ -312,15 +319,15 @@ class Pop3Session(MailboxSessionIO):
         finally:
             if reading is not None:
                 reading.cancel()
-            if not self.transport.is_closing():
-                self.transport.set_write_buffer_limits()
+            if not self._transport.is_closing():
+                self._transport.set_write_buffer_limits()
         return sent, at_line_start
 
-    def _read_ahead(self, entry, offset: int) -> asyncio.Future | None:
+    def _read_ahead(self, entry: MailboxEntry, offset: int) -> asyncio.Future[tuple[int, bytes]] | None:
         if offset >= entry.size:
             return None
 
-        async def read():
+        async def read() -> tuple[int, bytes]:
             return offset, await self.ctx.sender.read(
                 entry.path, entry.offset + offset, min(CHUNK, entry.size - offset)
             )
@@ -328,29 +335,31 @@ class Pop3Session(MailboxSessionIO):
         return asyncio.ensure_future(read())
 
     async def _update(self, event: Update) -> None:
-        uids = [e.ref.uid for e in event.deleted]
+        site = self.site
+        assert site is not None  # UPDATE follows a login
+        uids = [_stored(e).uid for e in event.deleted]
         try:
-            await self.ctx.storage.delete(self.site.id, uids, self.downloads, self.site.name)
+            await self.ctx.storage.delete(site.id, uids, self.downloads, site.name)
         except Exception:
-            log.exception("site=%s: deleting %d message(s) failed", self.site.name, len(uids))
+            log.exception("site=%s: deleting %d message(s) failed", site.name, len(uids))
             ok = False
         else:
             ok, self._recorded, self._deleted = True, True, len(uids)
-        self._write(self.core.update_result(ok))
+        self._write(self._core.update_result(ok))
         await self._drain()
 
     # ---- the end of a session ---------------------------------------------------------------
 
     async def _finish(self, outcome: str) -> None:
         self._stop_send.set()
-        if not self.transport.is_closing():
-            self.transport.close()
-        ctx = self.ctx
-        if self.site is not None and ctx.locks.get(self.site.id) is self:
-            del ctx.locks[self.site.id]
+        if not self._transport.is_closing():
+            self._transport.close()
+        ctx, site = self.ctx, self.site
+        if site is not None and ctx.locks.get(site.id) is self:
+            del ctx.locks[site.id]
         try:
-            if self.downloads is not None and not self._recorded:
-                await ctx.storage.record_downloads(self.site.id, self.downloads, self.site.name)
+            if site is not None and self.downloads is not None and not self._recorded:  # both set at login
+                await ctx.storage.record_downloads(site.id, self.downloads, site.name)
         except Exception as exc:  # e.g. the site was removed meanwhile
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:
@@ -371,6 +380,11 @@ class Pop3Session(MailboxSessionIO):
             time.monotonic() - self._started,
             outcome,
         )
+
+
+def _stored(entry: MaildropEntry) -> MailboxEntry:
+    """The stored mail a maildrop entry stands for (its ref, set by Pop3Session._login)."""
+    return cast(MailboxEntry, entry.ref)
 
 
 __all__ = ["Pop3Context", "Pop3Session"]
