@@ -464,10 +464,10 @@ def _read_password(args) -> str:
     return password
 
 
-def _limit_values(args) -> dict:
+def _limit_values(args) -> dict[str, float | None]:
     from storage import SiteError, usage
 
-    values = {}
+    values: dict[str, float | None] = {}
     for name, (unit, unlimited_ok) in _LIMIT_OPTIONS.items():
         text = getattr(args, name)
         if text is None:

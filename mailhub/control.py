@@ -7,6 +7,7 @@
 # time per connection, read an unbounded line, or leave the socket file behind after a clean stop.
 import asyncio
 import errno
+import inspect
 import json
 import logging
 import os
@@ -89,9 +90,8 @@ class ControlServer:
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd[:80]!r} (known: {', '.join(sorted(self._handlers))})"}
         try:
-            result = handler(request)
-            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                result = await result
+            answer = handler(request)
+            result = await answer if inspect.isawaitable(answer) else answer
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:
@@ -104,6 +104,7 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None, "asyncio runs each connection's callback as a task"
         if len(self._clients) >= MAX_CONNECTIONS:
             writer.write(_encode({"ok": False, "error": "too many control connections; try again"}))
             writer.close()

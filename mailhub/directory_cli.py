@@ -7,10 +7,22 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from .config import Config
 
 EXIT_FAILED = 1
+
+
+class _KeyShown(TypedDict):
+    """One key of a site as `mailhub site key show` lists it (also its --json form)."""
+
+    fingerprint: str
+    encryption_key_ids: list[str]
+    imported_at: str | None
+    retired_at: str | None
+    state: str
+    armored: str
 
 
 def directory_command(cfg: Config, args) -> int:
@@ -40,7 +52,7 @@ def directory_command(cfg: Config, args) -> int:
 
 def _key(cfg: Config, conn, args) -> int:
     from directory import DirectoryError, import_key, site_keys
-    from directory.document import group_fingerprint
+    from directory.document import group_fingerprint, timestamp
     from storage.sites import get_site
 
     if args.key_command == "import":
@@ -57,7 +69,7 @@ def _key(cfg: Config, conn, args) -> int:
     site = get_site(conn, args.name)
     grace = cfg.directory.key_grace_days * 86400
     now = time.time()
-    keys = [
+    keys: list[_KeyShown] = [
         {
             "fingerprint": k.fingerprint,
             "encryption_key_ids": list(k.encryption_key_ids),
@@ -65,7 +77,7 @@ def _key(cfg: Config, conn, args) -> int:
             "retired_at": _timestamp(k.retired_at),
             "state": "current"
             if k.retired_at is None
-            else "previous (valid until " + _timestamp(k.retired_at + grace) + ")"
+            else "previous (valid until " + timestamp(k.retired_at + grace) + ")"
             if k.usable(now, grace)
             else "expired",
             "armored": k.armored,

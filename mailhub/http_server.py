@@ -9,6 +9,7 @@
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("mailhub.http")
@@ -94,7 +95,11 @@ class HttpServer:
     """handle() is the asyncio.start_server callback; route(path) -> (status, content type, body);
     counted(status) is told of every reply."""
 
-    def __init__(self, route, counted=lambda status: None):
+    def __init__(
+        self,
+        route: Callable[[str], Awaitable[tuple[str, str, bytes]]],
+        counted: Callable[[int], None] = lambda status: None,
+    ) -> None:
         self.route = route
         self.counted = counted
         self.open: dict[str, int] = {}  # client address -> open connections

@@ -64,8 +64,7 @@ class Hub:
         self._listeners: dict[str, asyncio.base_events.Server] = {}
         self._contexts: list = []  # the SMTP, POP3 and IMAP contexts (drained at stop)
         self._metrics: MetricsServer | None = None
-        self._control: ControlServer | None = None
-        self._control_open = False
+        self._control: ControlServer | None = None  # while its socket is open
         self._tasks: list[asyncio.Task] = []  # background tasks, cancelled and awaited at stop
         self._closers: list = []  # called after the tasks ended (scrub, relay sender)
         self._signals_installed = False
@@ -179,8 +178,7 @@ class Hub:
             storage.on_outbound = queue.wake
             self._tasks.append(asyncio.create_task(queue.run()))
             self._closers.append(sender.close)
-        self._control = control
-        self._control_open = await _start_control(control)
+        self._control = control if await _start_control(control) else None
         log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
 
     async def _listen(self, name: str, factory, address, ssl_context=None) -> None:
@@ -216,9 +214,9 @@ class Hub:
         listeners, self._listeners = list(self._listeners.values()), {}
         for server in listeners:
             server.close()
-        if self._control_open:
-            self._control_open = False
-            await self._control.close()
+        control, self._control = self._control, None
+        if control is not None:
+            await control.close()
         contexts, self._contexts = self._contexts, []
         await asyncio.gather(*(context.drain(self.cfg.shutdown_timeout) for context in contexts))
         tasks, self._tasks = self._tasks, []
@@ -282,11 +280,12 @@ def _hub_keys(cfg: Config) -> HubKeySource:
     )
     keys = source.get()
     log.info("directory signing key %s", keys.fingerprint)
-    if keys.in_grace():
+    rotation = keys.rotation()
+    if rotation is not None and keys.in_grace():
         log.info(
             "previous directory signing key %s co-signs until %s",
-            keys.previous_fingerprint,
-            keys.rotation()["previous_signs_until"],
+            rotation["previous_fingerprint"],
+            rotation["previous_signs_until"],
         )
     return source
 

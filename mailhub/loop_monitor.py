@@ -132,12 +132,18 @@ class LoopMonitor:
             self._read_pipe()
             if self._ended is not None:  # a stall that ended just now
                 self._stalled(self._ended[1])
-            for fd in self._pipe:
+            for fd in self._open_pipe:
                 os.close(fd)
             self._pipe = None
 
+    @property
+    def _open_pipe(self) -> tuple[int, int]:
+        assert self._pipe is not None, "the pipe is open while the watchdog runs"
+        return self._pipe
+
     # ---- on the loop ---------------------------------------------------------------------------
     def _on_tick(self) -> None:
+        assert self._loop is not None, "ticks run after start()"
         now = self._loop.time()
         lag = max(0.0, now - self._due)
         previous, self._last_tick = self._last_tick, time.monotonic()
@@ -173,7 +179,7 @@ class LoopMonitor:
 
     def _read_pipe(self) -> None:
         with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self._pipe[0], _PIPE_SIZE):
+            while chunk := os.read(self._open_pipe[0], _PIPE_SIZE):
                 self._dump += chunk
 
     def _stalled(self, lag: float) -> None:

@@ -73,7 +73,7 @@ class ThrottleCollector:
     """Per-site drain and quota figures; the throttle loop hands over a fresh list each interval
     (site name, state dict of quotas.Throttle.state), so a scrape never touches live state."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.states: list[tuple[str, dict]] = []
 
     def collect(self):

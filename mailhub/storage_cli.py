@@ -326,7 +326,7 @@ def _verify(cfg: Config, args) -> int:
     new = [[qid, problem] for qid, problem in found if qid not in known]
     if new:
         try:
-            marked = mark_with_hub_stopped(cfg.data_dir, [tuple(m) for m in new], "verify")
+            marked = mark_with_hub_stopped(cfg.data_dir, [(qid, problem) for qid, problem in new], "verify")
             how = "marked (hub stopped)"
         except DataFolderInUse:
             try:

@@ -106,7 +106,7 @@ def trace(conn: sqlite3.Connection, query: str, kind: str | None = None, limit: 
     else:
         queue_ids, refusals = _by_address(conn, query, limit)
     mails = _mails(conn, queue_ids, by_part=kind == "set")
-    result = {
+    result: dict[str, object] = {
         "query": query,
         "looked_up_as": kind,
         "mails": [_mail_json(m) for m in mails],
@@ -136,6 +136,7 @@ def _mails(conn: sqlite3.Connection, queue_ids: list[str], by_part: bool) -> lis
     """The mails' paths in time order (a set's in part order)."""
     mails = {q: Mail(q) for q in queue_ids}
     for event in reports.events_of_mails(conn, queue_ids):
+        assert event.queue_id is not None  # selected by queue ID
         mails[event.queue_id].add(event)
     found = [m for m in mails.values() if m.events]
     if by_part:

@@ -83,7 +83,7 @@ def read_snapshot(conn: sqlite3.Connection, now: float) -> UsageSnapshot:
     )
 
 
-def read_limits(conn: sqlite3.Connection) -> dict[int, dict[str, float | None]]:
+def read_limits(conn: sqlite3.Connection) -> dict[int, dict[str, float]]:
     """Per-site overrides: {site_id: {limit: value}} with only the limits that are set."""
     return {
         row[0]: {name: value for name, value in zip(LIMIT_NAMES, row[1:]) if value is not None}
