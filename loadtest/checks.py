@@ -59,7 +59,7 @@ def check(manifest: dict, corpus: Path, rec: Recorder, deep: bool = True, worker
             counts["accepted"] += 1
         else:
             counts[{"rejected": "rejected", "gave-up": "gave_up"}.get(outcome, "not_sent")] += 1
-            if outcome != "not-sent":
+            if sent is not None:
                 problems.append(f"{mid}: not accepted ({outcome}): {sent.reply}")
         if outcome == "accepted" and not got:
             counts["lost"] += 1

@@ -195,12 +195,12 @@ def _run(args) -> int:
         finally:
             if args.keep_received is None:
                 shutil.rmtree(save_dir, ignore_errors=True)
-        addr = {
+        addresses = {
             "smtp": "%s:%d" % target.smtp,
             "pop3": "%s:%d" % target.pop3 if target.pop3 else None,
             "imap": "%s:%d" % target.imap if target.imap else None,
         }
-        result = results.build(profile, manifest, target.label, addr, rec, timeline, outcome, verdict, started)
+        result = results.build(profile, manifest, target.label, addresses, rec, timeline, outcome, verdict, started)
         result["run"]["speed"] = args.speed
     finally:
         if hub is not None:

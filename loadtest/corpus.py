@@ -11,6 +11,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import arrivals, dicomgen, pgpmime
 from .profile import Profile
@@ -56,7 +57,8 @@ def generate(profile: Profile, corpus: Path, progress=None) -> dict:
     }
     plan = arrivals.plan(profile)
     rng = random.Random(profile.seed * 7919 + 1)
-    studies, total_bytes, started = [], 0, time.monotonic()
+    studies: list[dict[str, Any]] = []  # the manifest's JSON
+    total_bytes, started = 0, time.monotonic()
     for n, study in enumerate(plan, 1):
         kind = profile.studies[study.kind]
         study_uid, series_uid = dicomgen.study_uids(rng)

@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 SOP_CLASSES = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -35,7 +35,7 @@ def dicom_image(
     side = max(8, int(math.sqrt(max(nbytes, 128) / 2)))
     rows, cols = side, max(8, (max(nbytes, 128) // 2) // side)
     meta = FileMetaDataset()
-    sop_class = SOP_CLASSES.get(modality.upper(), SECONDARY_CAPTURE)
+    sop_class = UID(SOP_CLASSES.get(modality.upper(), SECONDARY_CAPTURE))
     sop_uid = generate_uid(entropy_srcs=[study_uid, str(instance), str(rng.random())])
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid

@@ -34,7 +34,7 @@ class ImapClient:
         """Send a command; return its untagged responses (after checking the tagged OK)."""
         tag, data = self.tags.command(text)
         await self.stream.write(data)
-        untagged = []
+        untagged: list[ip.Response] = []
         while True:
             r = await self.response()
             if r.tag == tag:

@@ -36,7 +36,7 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> list[Response]:
         self._buf += data
-        out = []
+        out: list[Response] = []
         while True:
             if self._need:
                 if len(self._buf) < self._need:

@@ -12,6 +12,7 @@ import hashlib
 import uuid
 import warnings
 from email.utils import formatdate
+from typing import cast
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -155,7 +156,7 @@ def dicom_digests(secret_key, raw: bytes) -> list[str]:
     inner = decrypt(secret_key, dearmor(body[start:]))
     entity = email.message_from_bytes(inner, policy=email.policy.compat32)
     return [
-        hashlib.sha256(p.get_payload(decode=True)).hexdigest()
+        hashlib.sha256(cast(bytes, p.get_payload(decode=True))).hexdigest()  # a leaf part: its decoded bytes
         for p in entity.walk()
         if p.get_content_type() == "application/dicom"
     ]

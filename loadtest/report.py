@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -74,11 +76,11 @@ def plot_latency(result: dict) -> str:
 
 def plot_backlog(result: dict) -> str:
     tl = result["timeline"]
-    names = {}
+    names: dict[str, int] = {}
     for point in tl:
         for name, n in point["backlog"].items():
             names[name] = max(names.get(name, 0), n)
-    top = sorted(names, key=names.get, reverse=True)[:TOP_RECEIVERS]
+    top = sorted(names, key=names.__getitem__, reverse=True)[:TOP_RECEIVERS]
     fig, ax = plt.subplots(figsize=(9, 4))
     ts = [p["t"] for p in tl]
     ax.plot(ts, [sum(v for v in p["backlog"].values() if v > 0) for p in tl], color="black", label="all receivers")
@@ -105,7 +107,7 @@ def plot_deferrals(result: dict) -> str:
     return _png(fig)
 
 
-def _table(rows: list[tuple[str, object]]) -> str:
+def _table(rows: Sequence[tuple[str, object]]) -> str:
     def cell(v):
         if isinstance(v, float):
             return f"{v:.3f}"
@@ -122,9 +124,7 @@ def render(result: dict) -> str:
         ("Backlog", plot_backlog(result)),
         ("Deferrals", plot_deferrals(result)),
     ]
-    reasons = {}
-    for d in result["deferrals"]:
-        reasons[d["reply"][:60]] = reasons.get(d["reply"][:60], 0) + 1
+    reasons = Counter(d["reply"][:60] for d in result["deferrals"])
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in result["problems"])
     body = [
         f"<h1>mailhub-loadtest: {html.escape(result['profile']['name'])}"
@@ -154,7 +154,7 @@ def render(result: dict) -> str:
     ]
     body += [f"<h2>{name}</h2><img src='data:image/png;base64,{png}'>" for name, png in plots]
     if reasons:
-        body += ["<h2>Deferral replies</h2>", _table(sorted(reasons.items(), key=lambda kv: -kv[1]))]
+        body += ["<h2>Deferral replies</h2>", _table(reasons.most_common())]
     receivers = result.get("per_receiver", {})
     if receivers:
         worst = sorted(receivers.items(), key=lambda kv: -(kv[1]["latency_p95_s"] or 0))[:15]
@@ -172,13 +172,11 @@ def render(result: dict) -> str:
         body += [
             f"<h2>Receivers (slowest {len(worst)} of {len(receivers)} by p95 latency)</h2><table>{head}{rows}</table>"
         ]
-    errors = {}
-    for e in result.get("errors", []):
-        errors[e["text"][:80]] = errors.get(e["text"][:80], 0) + 1
+    errors = Counter(e["text"][:80] for e in result.get("errors", []))
     if errors:
         body += [
             "<h2>Client-side errors (sessions retried)</h2>",
-            _table(sorted(errors.items(), key=lambda kv: -kv[1])),
+            _table(errors.most_common()),
         ]
     if problems:
         body += [f"<h2>Problems ({result['problems_total']})</h2><ul>{problems}</ul>"]

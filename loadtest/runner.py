@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from . import arrivals, pop3_driver, smtp_driver
 from .pacing import Pacer
@@ -31,6 +32,19 @@ class Target:
     imap: tuple[str, int] | None = None
     accounts: dict = field(default_factory=dict)  # site -> {"login", "password"}
     imap_note: str = "the target has no IMAP port (--imap HOST:PORT)"
+
+
+class _ReceiverArgs(TypedDict):
+    """What the POP3 and the IMAP receive_loop both take."""
+
+    login: str
+    password: str
+    site: str
+    downlink: Pacer
+    uplink: Pacer
+    recorder: Recorder
+    save_dir: Path
+    stop: asyncio.Event
 
 
 def _account(target: Target, manifest: dict, site: str) -> tuple[str, str]:
@@ -113,7 +127,7 @@ async def run(
     receivers = []
     for site in profile.receivers:
         login, password = _account(target, manifest, site.name)
-        common = dict(
+        common = _ReceiverArgs(
             login=login,
             password=password,
             site=site.name,
@@ -124,6 +138,7 @@ async def run(
             stop=stop_recv,
         )
         if site.protocol == "pop3":
+            assert target.pop3 is not None, "check_supported() saw to it"
             coro = pop3_driver.receive_loop(
                 host=target.pop3[0],
                 port=target.pop3[1],
@@ -134,6 +149,7 @@ async def run(
         else:
             from . import imap_driver
 
+            assert target.imap is not None, "check_supported() saw to it"
             coro = imap_driver.receive_loop(host=target.imap[0], port=target.imap[1], **common)
         receivers.append(asyncio.create_task(coro))
 
@@ -167,7 +183,7 @@ async def run(
     phase = "send"
     sampling = asyncio.create_task(sampler())
     senders = [asyncio.create_task(one_study(s)) for s in manifest["studies"]]
-    outcome = {"send_end_s": None, "drain_end_s": None, "drained": False}
+    outcome: dict[str, float | bool | None] = {"send_end_s": None, "drain_end_s": None, "drained": False}
     try:
         results = await asyncio.gather(*senders, return_exceptions=True)
         for r in results:
