@@ -95,7 +95,7 @@ def main() -> None:
     print(command_line("bench.ab_commit"), flush=True)
     root = tempfile.mkdtemp(prefix="ab-commit-")
     trees = {"A": worktree(args.a, root), "B": worktree(args.b, root)}
-    figures = {side: [] for side in trees}
+    figures: dict[str, list[list[float]]] = {side: [] for side in trees}
     try:
         for round_no in range(args.rounds):
             for side in ("A", "B") if round_no % 2 == 0 else ("B", "A"):

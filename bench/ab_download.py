@@ -116,7 +116,7 @@ def main() -> int:
     print(command_line("bench.ab_download"), flush=True)
     counts = {name: wl[4][0] for name, wl in WORKLOADS.items()} | {"1MB": args.mails_1mb}
     bodies = {size: make_body(size - 160) for size in (50_000_000, 1_000_000)}  # as smtp_blast does
-    results = {"this": [], "base": []}
+    results: dict[str, list[dict]] = {"this": [], "base": []}
     with worktree(args.base) as base:
         sides = {"this": str(REPO_ROOT), "base": base}
         for round_no in range(args.rounds):

@@ -114,8 +114,8 @@ def main() -> int:
             key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
             mails = calibrated_count(sides["this"], workload, body, args.seconds)
             per_unit = unit.split("/")[0].rstrip("s")  # "MB" or "mail"
-            figures = {"this": [], "base": []}
-            cpu = {"this": [], "base": []}  # ms of hub CPU per MB or per mail
+            figures: dict[str, list[float]] = {"this": [], "base": []}
+            cpu: dict[str, list[float]] = {"this": [], "base": []}  # ms of hub CPU per MB or per mail
             print(f"{label}: {mails} mails per figure, {args.rounds} alternating rounds", flush=True)
             for round_no in range(args.rounds):
                 order = ("this", "base") if round_no % 2 == 0 else ("base", "this")

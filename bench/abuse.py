@@ -75,7 +75,7 @@ class OwnHub:
             MAILHUB_ENCRYPTION_REQUIRED="false",
         )
         self.env.update(extra_env)
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str, stdin: str = "") -> None:
         subprocess.run(
@@ -167,7 +167,10 @@ def mailbox_count(ports: Ports, sites: Sites, site: str) -> int:
     imap = imaplib.IMAP4(HOST, ports.imap, timeout=60)
     try:
         imap.login(site, sites.password)
-        return int(imap.select("INBOX", readonly=True)[1][0])
+        typ, data = imap.select("INBOX", readonly=True)
+        if typ != "OK" or data[0] is None:
+            raise imaplib.IMAP4.error(f"SELECT: {typ} {data}")
+        return int(data[0])
     finally:
         imap.logout()
 
@@ -181,7 +184,7 @@ def lag_buckets(ports: Ports) -> dict[float, float] | None:
             text = reply.read().decode()
     except OSError:
         return None
-    buckets = {}
+    buckets: dict[float, float] = {}
     for le, count in LAG_BUCKET_RE.findall(text):
         bound = math.inf if le == "+Inf" else float(le)
         buckets[bound] = buckets.get(bound, 0.0) + float(count)
@@ -254,7 +257,7 @@ class Bench:
             return None
 
     def log_between(self, start: int | None, end: int | None) -> tuple[int | None, int | None]:
-        if start is None or end is None:
+        if start is None or end is None or self.log_path is None:  # log_size() gave None
             return None, None
         with open(self.log_path, "rb") as log:
             log.seek(start)
@@ -513,8 +516,8 @@ def main(argv=None) -> None:
     hub = None
     try:
         if args.ports:
-            numbers = [int(p) for p in args.ports.split(",")]
-            ports = Ports(*numbers[:3], numbers[3] if len(numbers) > 3 else None)
+            smtp, pop3, imap, *metrics = [int(p) for p in args.ports.split(",")]
+            ports = Ports(smtp, pop3, imap, metrics[0] if metrics else None)
             pid, log_path = args.hub_pid, args.hub_log
             args.hub_description = f"running hub on ports {args.ports}"
         else:

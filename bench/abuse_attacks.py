@@ -13,6 +13,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench import abuse_inputs as inputs
@@ -232,7 +233,7 @@ async def imap_command_loop(run: Run, site: str, commands, select: bool = True) 
 
 # ------------------------------------------------------------------------- the attacks
 
-ATTACKS = {}
+ATTACKS: dict[str, tuple[str, Callable[[Run], Awaitable[None]]]] = {}  # name -> (description, attack)
 
 
 def attack(name: str, description: str):

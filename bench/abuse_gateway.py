@@ -60,7 +60,7 @@ class Sites:
 class Recorder:
     """Thread-safe list of samples."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._samples: list[Sample] = []
 
@@ -123,13 +123,13 @@ def download_imap(ports: Ports, sites: Sites, most: int = 2) -> None:
     try:
         imap.login(sites.imap, sites.password)
         typ, data = imap.select("INBOX")
-        if typ != "OK":
+        if typ != "OK" or data[0] is None:
             raise imaplib.IMAP4.error(f"SELECT: {typ} {data}")
         count = min(int(data[0]), most)
         if count:
-            typ, data = imap.fetch(f"1:{count}", "(BODY[])")
+            typ, fetched = imap.fetch(f"1:{count}", "(BODY[])")
             if typ != "OK":
-                raise imaplib.IMAP4.error(f"FETCH: {typ} {data}")
+                raise imaplib.IMAP4.error(f"FETCH: {typ} {fetched}")
             imap.store(f"1:{count}", "+FLAGS", "(\\Deleted)")
             imap.expunge()
     except BaseException:

@@ -89,8 +89,8 @@ def main() -> None:
     started = time.monotonic()
     one_hash()
     print(f"one scrypt (N={N}, r={R}, p={P}): {(time.monotonic() - started) * 1000:.0f} ms; cpus: {os.cpu_count()}")
-    rates = {1: [], 2: []}
-    lags = {}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    lags: dict[tuple[int, int], list[tuple[float, float, float, float]]] = {}
     for _ in range(args.rounds):
         for threads in (1, 2):
             rates[threads].append(hash_rate(threads, args.seconds))
@@ -104,8 +104,8 @@ def main() -> None:
     print(f"  ratio 2/1: {statistics.median(rates[2]) / statistics.median(rates[1]):.2f}")
     print("\nevent-loop lag (ms) of a 10 ms tick beside hashing threads (median of rounds):")
     print(f"  {'threads':>7} {'nice':>4} {'p50':>7} {'p99':>7} {'max':>7} {'hashes/s':>9}")
-    for (threads, nice), values in lags.items():
-        p50, p99, worst, rate = (statistics.median(v[i] for v in values) for i in range(4))
+    for (threads, nice), runs in lags.items():
+        p50, p99, worst, rate = (statistics.median(run[i] for run in runs) for i in range(4))
         print(f"  {threads:>7} {nice:>4} {p50:7.2f} {p99:7.2f} {worst:7.2f} {rate:9.1f}")
 
 
