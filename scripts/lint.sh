@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The project's static checks, as CI runs them (scripts/test.sh calls this before pytest when MAILHUB_LINT=1):
-# the package layers (import-linter), ruff's lint rules and formatting, and mypy on the modules
-# pyproject.toml lists ([tool.mypy] files; strict). Needs the venv made by scripts/test.sh.
+# The project's static checks, as CI runs them (scripts/test.sh calls this before pytest; MAILHUB_LINT=0 skips):
+# the package layers (import-linter), ruff's lint rules and formatting, and mypy ([tool.mypy] in
+# pyproject.toml: every package, strict for storage, quotas and the protocol cores). Needs the venv
+# made by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin

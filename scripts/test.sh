@@ -15,9 +15,11 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install --quiet -e '.[test]'
 
-# The static checks (scripts/lint.sh): on with MAILHUB_LINT=1 until the whole tree is ruff-clean.
-if [ "${MAILHUB_LINT:-0}" = 1 ]; then
-    bash scripts/lint.sh
+# The static checks (scripts/lint.sh: layers, ruff, mypy) first; a failure there fails the run
+# after the tests have run too. MAILHUB_LINT=0 skips them.
+lint_status=0
+if [ "${MAILHUB_LINT:-1}" != 0 ]; then
+    bash scripts/lint.sh || lint_status=$?
 fi
 
 # Three pytest-xdist workers, each taking whole test files (module fixtures are made once; the
@@ -36,4 +38,10 @@ if [ ${#order[@]} -gt 0 ]; then
 else
     echo "test.sh: fixed order (-p no:randomly)"
 fi
-exec .venv/bin/python -m pytest -q -n 3 --dist loadfile "${order[@]}" "$@"
+test_status=0
+.venv/bin/python -m pytest -q -n 3 --dist loadfile "${order[@]}" "$@" || test_status=$?
+if [ "$lint_status" != 0 ]; then
+    echo "test.sh: the static checks failed (scripts/lint.sh, output above)" >&2
+    [ "$test_status" != 0 ] || test_status=$lint_status
+fi
+exit "$test_status"
