@@ -447,6 +447,21 @@ SHAPES = [
         ("cleartext_data", "uuencoded file"),
     ),
     (
+        "raw DICOM labelled x-uuencode (no begin line: readers show the raw bytes)",
+        mail(part(b"application/octet-stream", DICOM, b"x-uuencode")),
+        ("ambiguous", "x-uuencode without a 'begin' line"),
+    ),
+    (
+        "uuencoded lines without a begin line in a text part",
+        mail(part(b"text/plain", uuencoded(DICOM).split(CRLF, 1)[1], b"x-uuencode")),
+        ("ambiguous", "cannot decode"),
+    ),
+    (
+        "a uuencoded line too long",
+        mail(part(b"application/octet-stream", b"M" * 100_000 + CRLF, b"uuencode")),
+        ("ambiguous", "uuencoded line longer than"),
+    ),
+    (
         "begin-base64 DICOM in a text body",
         mail(text(b"see below\r\n\r\n" + uuencoded_base64(DICOM))),
         ("cleartext_dicom", "img.dcm"),

@@ -19,7 +19,10 @@ _MAX_LINE = 64 * 1024
 
 
 class Decoder(Protocol):
-    """Decodes a part's body chunk by chunk: feed(data) and close() return the bytes decoded so far."""
+    """Decodes a part's body chunk by chunk: feed(data) and close() return the bytes decoded so far.
+    `error` says, once set, why the body cannot be decoded (a reader may then show its raw bytes)."""
+
+    error: str | None
 
     def feed(self, data: bytes | bytearray | memoryview) -> bytes: ...
 
@@ -48,7 +51,7 @@ def decoder_for(encoding: str) -> Decoder:
 
 
 class Identity:
-    error = None
+    error: str | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         return data if isinstance(data, bytes) else bytes(data)
@@ -61,7 +64,7 @@ class Base64:
     """Every byte outside the alphabet is skipped (RFC 2045 6.8); padding ends a group and
     decoding goes on after it (a reader that stops at the first '=' sees less, never more)."""
 
-    error = None
+    error: str | None = None
 
     def __init__(self) -> None:
         self._rest = b""
@@ -92,7 +95,7 @@ def _decode_group_run(text: bytes) -> bytes:
 
 
 class QuotedPrintable:
-    error = None
+    error: str | None = None
 
     def __init__(self) -> None:
         self._rest = b""
@@ -124,7 +127,7 @@ class UUDecode:
         text = self._rest + bytes(data)
         cut = text.rfind(b"\n") + 1
         if cut == 0 and len(text) > _MAX_LINE:
-            self.error = "a uuencoded line is too long"
+            self.error = f"a uuencoded line longer than {_MAX_LINE} bytes"
             self._rest = b""
             return b""
         self._rest = text[cut:]
@@ -134,13 +137,15 @@ class UUDecode:
         rest, self._rest = self._rest, b""
         out = self._lines([rest]) if rest else b""
         if self._state == "before" and self.error is None:
-            self.error = "no uuencoded file (no 'begin' line)"
+            self.error = "x-uuencode without a 'begin' line"
         return out
 
     def _lines(self, lines: list[bytes]) -> bytes:
         out = []
         for raw in lines:
             line = raw.rstrip(b"\r")
+            if len(line) > _MAX_LINE and self.error is None:
+                self.error = f"a uuencoded line longer than {_MAX_LINE} bytes"
             if self._state == "before":
                 if line.startswith(b"begin "):
                     self._state = "lines"

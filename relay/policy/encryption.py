@@ -322,7 +322,7 @@ class EncryptionPolicy:
         elif media == "application/pgp-keys":
             check = BlockCheck(self, where, encoding, "keys")
         elif main == "message" and sub in NESTED_MESSAGES:
-            check = self._nested(part, encoding, scope, returned, fragment=False)
+            check = self._nested(part, encoding, where, scope, returned, fragment=False)
         elif media == "message/partial":
             check = self._fragment(part, encoding, where, scope, returned)
         elif media == "message/external-body":
@@ -339,10 +339,10 @@ class EncryptionPolicy:
         if check is not None:
             self._checks[id(part)] = check
 
-    def _nested(self, part, encoding: str, scope: _Scope, returned: bool, fragment: bool) -> NestedCheck:
+    def _nested(self, part, encoding: str, where: str, scope: _Scope, returned: bool, fragment: bool) -> NestedCheck:
         path = self._path(part, scope) or "1"  # numbered as IMAP numbers a message/rfc822 top level
         nested = _Scope(path, scope.depth + part.depth + 1, returned, fragment)
-        return NestedCheck(MimeStreamParser(_NestedListener(self, nested)), encoding)
+        return NestedCheck(self, where, MimeStreamParser(_NestedListener(self, nested)), encoding)
 
     def _fragment(self, part, encoding: str, where: str, scope: _Scope, returned: bool) -> PartCheck | None:
         """message/partial (RFC 2046 5.2.2): the first fragment must announce PGP/MIME and carry
@@ -365,7 +365,7 @@ class EncryptionPolicy:
             )
             return None
         if int(number) == 1:
-            return self._nested(part, encoding, scope, returned, fragment=True)
+            return self._nested(part, encoding, where, scope, returned, fragment=True)
         return LaterFragmentCheck(self, int(number))
 
     def _end(self, part, scope: _Scope) -> None:

@@ -9,8 +9,16 @@ from typing import Protocol
 
 from directory.openpgp_armor import SessionPacketReader, block_packet_tags
 from relay.mime import sniff
-from relay.mime.decode import Base64, decoder_for
-from relay.policy.replies import CLEARTEXT_DATA, CLEARTEXT_DICOM, FRAGMENT, MALFORMED, MALFORMED_OPENPGP, printable
+from relay.mime.decode import Base64, Decoder, decoder_for
+from relay.policy.replies import (
+    AMBIGUOUS,
+    CLEARTEXT_DATA,
+    CLEARTEXT_DICOM,
+    FRAGMENT,
+    MALFORMED,
+    MALFORMED_OPENPGP,
+    printable,
+)
 
 VERSION_PART_LIMIT = 1024  # bytes of the PGP/MIME version part ("Version: 1")
 SIGNATURE_LIMIT = 64 * 1024  # an OpenPGP signature part
@@ -43,6 +51,17 @@ def _dicom_or_archive(content: bytes) -> tuple[str, str] | None:
     return None
 
 
+def refuse_undecodable(policy, where: str, decoder: Decoder) -> None:
+    """Refuses a part whose body its transfer encoding cannot decode (x-uuencode without a "begin"
+    line, or with a line too long): the hub sees nothing, but a reader that cannot decode it may
+    show or save the raw bytes (Python's email package does), so they could be anything."""
+    if decoder.error is not None and policy.reply is None:
+        policy.refuse(
+            "ambiguous",
+            AMBIGUOUS.format(where=where, what=f"a body its transfer encoding cannot decode ({decoder.error})"),
+        )
+
+
 class TextCheck:
     """A part shown as text: its decoded content must hold no NUL or other control bytes (binary
     data), must not start as DICOM or an archive (also as base64 text, or in a data: URI), and
@@ -64,6 +83,7 @@ class TextCheck:
 
     def close(self) -> None:
         self._text(self.decoder.close(), final=True)
+        refuse_undecodable(self.policy, self.where, self.decoder)
         if not self.head_done and self.policy.reply is None:
             self._judge_head()
 
@@ -202,6 +222,7 @@ class ClearCheck:
         if self.payload is None:
             self.head += self.decoder.close()
             self._decide(final=True)
+            refuse_undecodable(self.policy, self.where, self.decoder)
         if self.payload is not None:
             self.payload.close()
 
@@ -283,6 +304,7 @@ class BlockCheck:
         decoded = self.decoder.close()
         self.size += len(decoded)
         self.content += decoded
+        refuse_undecodable(self.policy, self.where, self.decoder)
         if self.size > self.limit:
             self._refuse(f"{self.size} bytes, more than {self.limit // 1024} KB")
             return
@@ -304,7 +326,9 @@ class NestedCheck:
     """A message carried in a message/global or message/news part (or another whose body must be
     decoded first): decoded and parsed by a parser of its own, whose parts the policy judges."""
 
-    def __init__(self, parser, encoding: str) -> None:
+    def __init__(self, policy, where: str, parser, encoding: str) -> None:
+        self.policy = policy
+        self.where = where
         self.parser = parser
         self.decoder = decoder_for(encoding)
 
@@ -314,6 +338,7 @@ class NestedCheck:
     def close(self) -> None:
         self.parser.feed(self.decoder.close())
         self.parser.close()
+        refuse_undecodable(self.policy, self.where, self.decoder)
 
 
 class LaterFragmentCheck:
