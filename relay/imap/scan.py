@@ -11,6 +11,7 @@ import datetime
 import email.utils
 import os
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from relay.imap.events import Probe, ProbeAnswer, ScanBudget
@@ -23,7 +24,7 @@ _HEADER_READ = 64 * 1024
 
 
 def scan_messages(
-    messages: list[tuple[str | os.PathLike[str], int, int]], probes: tuple[Probe, ...], budget: ScanBudget
+    messages: Sequence[tuple[str | os.PathLike[str], int, int]], probes: tuple[Probe, ...], budget: ScanBudget
 ) -> list[dict[Probe, ProbeAnswer]] | None:
     """messages: (path, offset in the file, size) each. Returns {probe: answer} per message, or None
     once the budget is spent (bytes or time: its deadline is set)."""

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from quotas import Throttle
 from relay import connection_limits, metrics
@@ -46,7 +48,9 @@ from relay.logins import Logins
 from relay.mailbox_session import MailboxSessionIO, is_loopback
 from relay.mime import structure as mime_structure
 from relay.mime.stream import MimeStreamParser
-from storage import Downloads, SiteCache, Storage
+from storage import SiteCache, Storage
+from storage.records import Downloads, MailboxEntry
+from storage.sites import Site
 
 log = logging.getLogger("mailhub.imap")
 CHUNK = 1024 * 1024
@@ -98,10 +102,10 @@ class ImapContext:
         self.shutting_down = False
         storage.add_listener(self)
 
-    def factory(self, implicit_tls: bool = False):
+    def factory(self, implicit_tls: bool = False) -> Callable[[], "ImapSession"]:
         return lambda: ImapSession(self, implicit_tls)
 
-    def mailboxes_changed(self, site_ids) -> None:
+    def mailboxes_changed(self, site_ids: Iterable[int]) -> None:
         for site_id in site_ids:
             for session in self.by_site.get(site_id, ()):
                 session.mailbox_changed()
@@ -128,7 +132,7 @@ class ImapContext:
         self.searcher.shutdown(wait=False, cancel_futures=True)
 
 
-class ImapSession(MailboxSessionIO):
+class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
     protocol = "imap"
 
     def __init__(self, ctx: ImapContext, implicit_tls: bool):
@@ -139,12 +143,12 @@ class ImapSession(MailboxSessionIO):
 
     # ---- transport callbacks ----------------------------------------------------------------
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         refusal = self._admit(transport)
         if refusal is not None:
-            transport.write(_REFUSALS[refusal])
-            transport.close()
+            self._transport.write(_REFUSALS[refusal])
+            self._transport.close()
             metrics.imap_session("refused")
             return
         ctx.sessions.add(self)
@@ -159,9 +163,15 @@ class ImapSession(MailboxSessionIO):
     def _login_timeout_reply(self) -> bytes:
         return bye(f"Autologout; no login within {self.ctx.login_timeout:.0f} seconds")
 
+    @property
+    def _site(self) -> Site:
+        """`site`, which the login set before the core asks for anything of the mailbox."""
+        assert self.site is not None
+        return self.site
+
     def mailbox_changed(self) -> None:
-        self.core.mailbox_changed()
-        if self.core.idling:
+        self._core.mailbox_changed()
+        if self._core.idling:
             self._input.set()
 
     def abort(self, reason: str) -> None:
@@ -174,7 +184,7 @@ class ImapSession(MailboxSessionIO):
     # ---- the adapter loop (see relay/imap/protocol.py) ---------------------------------------
 
     async def _run(self) -> None:
-        core = self.core
+        core = self._core
         outcome = "closed"
         loop = asyncio.get_running_loop()
         try:
@@ -233,12 +243,12 @@ class ImapSession(MailboxSessionIO):
             await self._finish(self._end_reason or outcome)
 
     def _say_bye(self, reason: str) -> None:
-        if not self._lost and not self.transport.is_closing() and not self._in_literal:
-            self.transport.write(bye(reason))
+        if not self._lost and not self._transport.is_closing() and not self._in_literal:
+            self._transport.write(bye(reason))
 
     # ---- what the core's events ask for ----------------------------------------------------
 
-    async def _login(self, event: AuthRequest):
+    async def _login(self, event: AuthRequest) -> Site | TemporaryFailure | None:
         outcome = await self.ctx.logins.login("imap", self.peer, event.user, event.password)
         site = outcome.site
         if site is None:
@@ -251,8 +261,8 @@ class ImapSession(MailboxSessionIO):
         return site
 
     async def _snapshot(self) -> Snapshot | None:
-        site = self.ctx.sites.by_name(self.site.name)
-        if site is None or site.id != self.site.id:
+        site = self.ctx.sites.by_name(self._site.name)
+        if site is None or site.id != self._site.id:
             return None  # removed (or removed and added again) meanwhile
         storage = self.ctx.storage
         entries = await storage.mailbox(site.id)
@@ -261,28 +271,31 @@ class ImapSession(MailboxSessionIO):
 
     async def _load(self, event: LoadRequest) -> None:
         for msg in event.messages:
+            entry = _stored(msg.ref)
             if event.check:
-                msg.damaged = self.ctx.storage.serving_problem(msg.ref)
+                msg.damaged = self.ctx.storage.serving_problem(entry)
                 if msg.damaged is not None:
                     log.warning(
                         "peer=%s site=%s: mail %s not served: damaged (%s)",
                         self.peer,
                         self._site_name(),
-                        msg.ref.queue_id,
+                        entry.queue_id,
                         msg.damaged,
                     )
                     continue
             if event.structure:
-                structure = await self.ctx.storage.message_structure(msg.ref.queue_id)
+                structure = await self.ctx.storage.message_structure(entry.queue_id)
                 if structure is None:  # stored before structures were recorded
-                    structure = await self._record_structure(msg.ref)
+                    structure = await self._record_structure(entry)
                 msg.structure = mime_structure.capped(structure)  # also records made before the caps
             if event.header:
-                msg.header = await self._read_header(msg.ref)
+                msg.header = await self._read_header(entry)
 
     async def _part_header(self, event: PartHeaderRequest) -> bytes | None:
-        span = mime_structure.section_range(event.message.structure, event.part + ".HEADER")
-        return None if span is None else await self._read_header(event.message.ref, *span)
+        structure = event.message.structure
+        assert structure is not None  # loaded for the FETCH of a numbered part
+        span = mime_structure.section_range(structure, event.part + ".HEADER")
+        return None if span is None else await self._read_header(_stored(event.message.ref), *span)
 
     async def _scan(self, event: ScanRequest) -> bool:
         """The SEARCH probes of a batch of messages, read in the search pool (a few threads for the
@@ -290,7 +303,7 @@ class ImapSession(MailboxSessionIO):
         budget = event.budget
         if budget.deadline is None:
             budget.deadline = time.monotonic() + budget.seconds
-        where = [(m.ref.path, m.ref.offset, m.size) for m in event.messages]
+        where = [(_stored(m.ref).path, _stored(m.ref).offset, m.size) for m in event.messages]
         answers = await asyncio.get_running_loop().run_in_executor(
             self.ctx.searcher, scan_messages, where, event.probes, budget
         )
@@ -300,16 +313,17 @@ class ImapSession(MailboxSessionIO):
             msg.probes = found
         return True
 
-    async def _record_structure(self, entry) -> dict:
+    async def _record_structure(self, entry: MailboxEntry) -> mime_structure.Record:
         """The MIME structure of a blob, streamed through the ingest's recorder (1 MB at a time)."""
         recorder = mime_structure.StructureRecorder()
         parser = MimeStreamParser(recorder)
         for offset in range(0, entry.size, CHUNK):
             parser.feed(await self.ctx.sender.read(entry.path, entry.offset + offset, min(CHUNK, entry.size - offset)))
         parser.close()
+        assert recorder.structure is not None  # the top-level part is always recorded
         return recorder.structure
 
-    async def _read_header(self, entry, start: int = 0, end: int | None = None) -> bytes:
+    async def _read_header(self, entry: MailboxEntry, start: int = 0, end: int | None = None) -> bytes:
         """The header block from `start` up to and including the blank line (at most MAX_HEADER
         bytes, never beyond `end`)."""
         limit = min(entry.size if end is None else end, start + MAX_HEADER) - start
@@ -331,20 +345,21 @@ class ImapSession(MailboxSessionIO):
 
     async def _store_flags(self, event: StoreFlags) -> bool:
         try:
-            await self.ctx.storage.set_flags(self.site.id, event.uids, event.add, event.remove)
+            await self.ctx.storage.set_flags(self._site.id, event.uids, event.add, event.remove)
         except Exception:
-            log.exception("site=%s: storing flags failed", self.site.name)
+            log.exception("site=%s: storing flags failed", self._site.name)
             return False
-        self.ctx.mailboxes_changed((self.site.id,))  # the other sessions of the site show the flags
+        self.ctx.mailboxes_changed((self._site.id,))  # the other sessions of the site show the flags
         return True
 
     async def _expunge(self, event: ExpungeRequest) -> str:
-        if self.site.id in self.ctx.pop3_locks:
+        site = self._site
+        if site.id in self.ctx.pop3_locks:
             return "in-use"
         try:  # what was downloaded so far is recorded with the deletion (long IDLE sessions)
-            await self.ctx.storage.delete(self.site.id, event.uids, self.downloads)
+            await self.ctx.storage.delete(site.id, event.uids, self.downloads)
         except Exception:
-            log.exception("site=%s: expunging %d message(s) failed", self.site.name, len(event.uids))
+            log.exception("site=%s: expunging %d message(s) failed", site.name, len(event.uids))
             return "error"
         self._expunged += len(event.uids)
         self.downloads = Downloads(polled_at=time.time(), sessions=0, protocol="imap", peer=self.peer)
@@ -352,11 +367,13 @@ class ImapSession(MailboxSessionIO):
 
     async def _start_tls(self) -> None:
         await self._drain()
+        tls_context = self.ctx.tls_context
+        assert tls_context is not None  # STARTTLS is offered only with a TLS context
         try:
             transport = await asyncio.get_running_loop().start_tls(
-                self.transport,
+                self._transport,
                 self,
-                self.ctx.tls_context,
+                tls_context,
                 server_side=True,
                 ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
             )
@@ -367,17 +384,19 @@ class ImapSession(MailboxSessionIO):
         self.transport, self.tls, self._reading_paused = transport, True, False
 
     async def _send_file(self, event: SendFile) -> None:
-        entry = event.ref
+        entry = _stored(event.ref)
+        site, downloads = self._site, self.downloads
+        assert downloads is not None  # set by the login, like the site
         started = time.monotonic()
         self._in_literal = True
         # a literal of the whole mail is checked as it goes; a part or a partial range is not
         whole = event.start == 0 and event.length == entry.size
         crc32 = entry.crc32 if whole and self.ctx.cfg.storage.verify_while_serving else None
         try:
-            if FileSender.usable(self.transport):
+            if FileSender.usable(self._transport):
                 await self._flushed()
                 await self.ctx.sender.send(
-                    self.transport,
+                    self._transport,
                     entry.path,
                     entry.offset + event.start,
                     event.length,
@@ -396,42 +415,42 @@ class ImapSession(MailboxSessionIO):
             raise
         self._checked += crc32 is not None
         self._in_literal = False
-        for totals in (self.downloads, self._served):
+        for totals in (downloads, self._served):
             totals.bytes += event.length
             totals.send_seconds += time.monotonic() - started
             totals.messages += event.whole
-        self.ctx.ledger.note_download(self.site.id, event.length, time.monotonic())
+        self.ctx.ledger.note_download(site.id, event.length, time.monotonic())
         if event.whole:
-            self.downloads.retrieved[entry.queue_id] = (time.time(), event.length)
+            downloads.retrieved[entry.queue_id] = (time.time(), event.length)
         if event.whole and not entry.fetched:  # first download: no longer waiting (as POP3 RETR)
             entry.fetched = True
-            self.downloads.fetched_uids.append(entry.uid)
-            self.ctx.ledger.fetched(self.site.id, entry.uid, entry.sender_site, entry.size)
-        metrics.imap_message(self.site.name, event.length, event.whole)
+            downloads.fetched_uids.append(entry.uid)
+            self.ctx.ledger.fetched(site.id, entry.uid, entry.sender_site, entry.size)
+        metrics.imap_message(site.name, event.length, event.whole)
 
-    async def _damaged_while_sending(self, entry, reason: str, seen_now: bool) -> None:
+    async def _damaged_while_sending(self, entry: MailboxEntry, reason: str, seen_now: bool) -> None:
         """The mail's bytes changed on disk, found after the literal was sent: the connection is reset
         before the FETCH response ends, so the client cannot take the mail as whole; the \\Seen flag
         this FETCH set is taken back; the mail is marked damaged (refused from now on, quarantine
         copy, log line, metric)."""
         self._end_reason = f"mail {entry.queue_id} found damaged while sending it"
-        self.transport.abort()
+        self._transport.abort()
         self.ctx.storage.mark_damaged_soon(entry.queue_id, reason, "serving")
         if seen_now:
             try:
-                await self.ctx.storage.set_flags(self.site.id, [entry.uid], 0, SEEN)
+                await self.ctx.storage.set_flags(self._site.id, [entry.uid], 0, SEEN)
             except Exception as exc:
                 log.warning(
                     "site=%s: \\Seen of damaged mail %s not taken back: %s", self._site_name(), entry.queue_id, exc
                 )
-            self.ctx.mailboxes_changed((self.site.id,))
+            self.ctx.mailboxes_changed((self._site.id,))
         raise ConnectionAbortedError(self._end_reason)
 
-    async def _copy(self, entry, start: int, length: int, crc: RunningCrc) -> None:
+    async def _copy(self, entry: MailboxEntry, start: int, length: int, crc: RunningCrc) -> None:
         """Read and write the range in 1 MB chunks, the next read overlapping the sending; the chunks
         go into `crc`, checked after the last one (ChecksumMismatch)."""
         end = start + length
-        self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        self._transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         reading = self._read_ahead(entry, start, end)
         try:
             while reading is not None:
@@ -447,14 +466,14 @@ class ImapSession(MailboxSessionIO):
         finally:
             if reading is not None:
                 reading.cancel()
-            if not self.transport.is_closing():
-                self.transport.set_write_buffer_limits()
+            if not self._transport.is_closing():
+                self._transport.set_write_buffer_limits()
 
-    def _read_ahead(self, entry, offset: int, end: int) -> asyncio.Future | None:
+    def _read_ahead(self, entry: MailboxEntry, offset: int, end: int) -> asyncio.Future[tuple[int, bytes]] | None:
         if offset >= end:
             return None
 
-        async def read():
+        async def read() -> tuple[int, bytes]:
             return offset, await self.ctx.sender.read(entry.path, entry.offset + offset, min(CHUNK, end - offset))
 
         return asyncio.ensure_future(read())
@@ -463,12 +482,12 @@ class ImapSession(MailboxSessionIO):
 
     async def _finish(self, outcome: str) -> None:
         self._stop_send.set()
-        if not self.transport.is_closing():
-            self.transport.close()
+        if not self._transport.is_closing():
+            self._transport.close()
         ctx = self.ctx
         try:
             if self.downloads is not None and (self.downloads.sessions or self.downloads.bytes):
-                await ctx.storage.record_downloads(self.site.id, self.downloads)
+                await ctx.storage.record_downloads(self._site.id, self.downloads)
         except Exception as exc:
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:
@@ -494,6 +513,11 @@ class ImapSession(MailboxSessionIO):
             time.monotonic() - self._started,
             outcome,
         )
+
+
+def _stored(ref: object) -> MailboxEntry:
+    """The stored mail a core Message (or SendFile) stands for (its ref, set by ImapSession._snapshot)."""
+    return cast(MailboxEntry, ref)
 
 
 __all__ = ["ImapContext", "ImapSession"]
