@@ -59,6 +59,7 @@ SLOWEST_FILES = (
     "test_abuse_bench.py",
     "test_hostile_connections.py",
     "test_directory.py",
+    "test_ansible_role.py",
     "test_policy_shapes.py",
     "test_fuzz_protocols.py",
     "test_rebuild_backup.py",

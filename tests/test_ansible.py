@@ -1,13 +1,12 @@
-# Tests of the Ansible deployment (ansible/): the role reaches every config key of the hub, its TOML
-# writer reads back as written, ansible-lint and --syntax-check pass, and the playbook applied to
-# this machine (connection local) into a throw-away prefix installs a hub that starts the way its
-# systemd unit says, takes a mail over SMTP with STARTTLS and serves it over POP3S; a second run
-# changes nothing, a third with a new password and certificate changes exactly those.
+# Tests of the Ansible deployment (ansible/): the playbook applied to this machine (connection
+# local) into a throw-away prefix installs a hub that starts the way its systemd unit says, takes a
+# mail over SMTP with STARTTLS and serves it over POP3S; a second run changes nothing, a third with a
+# new password and certificate changes exactly those. (The role's static checks, ansible-lint and
+# --syntax-check: tests/test_ansible_role.py, a file of its own so that another worker runs them.)
 # The tests on the one deployment (the module fixture) are the steps of one scenario: they run in
 # the order of this file also when the suite is shuffled (IN_FILE_ORDER, tests/conftest.py).
 import getpass
 import grp
-import importlib.util
 import json
 import os
 import poplib
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_ansible_role import ANSIBLE, BIN, DASHBOARD, REPO, VAULT_PASSWORD, ansible_env, dashboard_metric_names
 
 from mailhub.config import SCHEMA
 
@@ -36,15 +36,9 @@ from pop3util import make_cert
 
 IN_FILE_ORDER = True  # first deployment, reruns, rotation, upgrade from a checkout: in this order
 
-REPO = Path(__file__).resolve().parent.parent
-ANSIBLE = REPO / "ansible"
-ROLE = ANSIBLE / "roles" / "mailhub"
-BIN = Path(sys.executable).parent
 EXAMPLE_VARS = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "main.yml"
 EXAMPLE_VAULT = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "vault.yml"
-VAULT_PASSWORD = "mailhub-example-vault"  # the example vault's documented password
 SITE_PASSWORDS = {"clinic-a": "clinic-a example password", "practice-b": "practice-b example password"}
-DASHBOARD = ROLE / "files" / "grafana-dashboard.json"
 # Metrics the dashboard may use before the hub exports them (issues 5, 7 and the relay, in progress).
 PENDING_METRICS = {
     "mailhub_smtp_deferrals_total",
@@ -56,118 +50,6 @@ PENDING_METRICS = {
     "mailhub_outbound_queue_oldest_age_seconds",
 }
 _RECAP_RE = re.compile(r"^localhost\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-
-
-def _filters():
-    spec = importlib.util.spec_from_file_location("mailhub_filters", ROLE / "filter_plugins" / "mailhub_filters.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _variable(section: str, key: str) -> str:
-    return f"mailhub_{section}_{key}" if section else f"mailhub_{key}"
-
-
-def test_role_reaches_every_config_key():
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    layout = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())["mailhub_config_settings"]
-    missing = []
-    for section, key in SCHEMA:
-        entry = layout.get(section, {}).get(key) if section else layout.get(key)
-        if _variable(section, key) not in defaults or entry != f"{{{{ {_variable(section, key)} }}}}":
-            missing.append(f"{section}.{key}" if section else key)
-    assert not missing, f"settings the role does not reach: {missing}; run scripts/ansible_role_settings.py"
-    check = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "ansible_role_settings.py"), "--check"], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stdout
-
-
-def test_toml_filter_reads_back_as_written():
-    filters = _filters()
-    document = {
-        "data_dir": "/var/lib/mail hub",
-        "domain": ["a.test", "b.test"],
-        "hostname": None,
-        "shutdown_timeout": 2.5,
-        "smtp": {"listen": "[::1]:25", "max_message_size": 2147483648, "peer_networks": []},
-        "auth": {"allow_plaintext": False},
-        "odd": {'quote"back\\slash': "tab\tnew\nline\x7f\x01 ünï", "emoji": "\U0001f600"},
-        "relay": {
-            "routes": [{"domain": "x.test", "host": "mx.x.test", "port": 25, "tls": None}],
-            "nested": {"deep": True},
-        },
-        "empty": {"unset": None},
-    }
-    text = filters.to_toml(document)
-    expected = json.loads(json.dumps(document))
-    expected.pop("hostname")
-    expected.pop("empty")
-    del expected["relay"]["routes"][0]["tls"]
-    assert tomllib.loads(text) == expected
-    assert filters.limit_options({"mailbox_bytes": "10G", "max_drain_time": 600}) == [
-        "--mailbox-bytes",
-        "10G",
-        "--max-drain-time",
-        "600",
-    ]
-    before = {
-        "mailbox_bytes": {"limit": 10737418240, "source": "site"},
-        "max_drain_time": {"limit": 1800.0, "source": "config"},
-        "downlink": {"limit": None, "source": "site"},
-    }
-    reply = "limits of site a set: mailbox_bytes=10737418240, max_drain_time=default, downlink=unlimited\n"
-    assert not filters.limits_changed(before, reply)
-    assert filters.limits_changed(before, reply.replace("=10737418240", "=1024"))
-    assert filters.limits_changed(before, reply.replace("max_drain_time=default", "max_drain_time=1800.0"))
-    assert filters.limits_changed(before, reply.replace("downlink=unlimited", "downlink=default"))
-    assert filters.limits_changed({}, reply)
-    assert filters.listen_ports(
-        {
-            "smtp": {"listen": "0.0.0.0:25"},
-            "pop3": {"listen": "", "pop3s_listen": "[::]:995"},
-            "metrics": {"listen": "127.0.0.1:9425"},
-            "domain": "x",
-        }
-    ) == [25, 995, 9425]
-
-
-def _ansible_env(home: Path) -> dict:
-    """Ansible's own state (temp files, caches) under `home`; our venv's tools first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MAILHUB_"))}
-    env.update(
-        PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
-        ANSIBLE_HOME=str(home),
-        ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
-        ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_RETRY_FILES_ENABLED="0",
-        XDG_CACHE_HOME=str(home / "cache"),
-    )
-    return env
-
-
-def test_ansible_lint_and_syntax_check(tmp_path):
-    password_file = tmp_path / "vault-password"
-    password_file.write_text(VAULT_PASSWORD + "\n")
-    env = _ansible_env(tmp_path / "ansible-home") | {"ANSIBLE_VAULT_PASSWORD_FILE": str(password_file)}
-    syntax = subprocess.run(
-        [BIN / "ansible-playbook", "--syntax-check", "site.yml"],
-        cwd=ANSIBLE,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert syntax.returncode == 0, syntax.stdout + syntax.stderr
-    lint = subprocess.run(
-        [BIN / "ansible-lint", "--nocolor"], cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    assert "Profile 'production' was required, and it passed" in lint.stdout + lint.stderr
-    assert not list(ANSIBLE.glob(".cache")), "ansible-lint left a cache in ansible/"
 
 
 # ---- the playbook applied to this machine -------------------------------------------------------
@@ -210,7 +92,7 @@ class Deployment:
     def __init__(self, work: Path):
         self.work = work
         self.prefix = work / "root"
-        self.env = _ansible_env(work / "ansible-home")
+        self.env = ansible_env(work / "ansible-home")
         self.vault_password_file = work / "vault-password"
         self.vault_password_file.write_text(VAULT_PASSWORD + "\n")
         self.cert, self.key = _certificate(work / "tls")
@@ -394,23 +276,6 @@ def _metric_names(exposition: str) -> set[str]:
     return names
 
 
-def _dashboard_metric_names() -> set[str]:
-    """Metric names in the dashboard's PromQL: identifiers that are not functions, keywords,
-    label names in by()/without() or matchers, range durations or template variables."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    names = set()
-    for expr in exprs:
-        stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
-        stripped = re.sub(r"\{[^}]*\}", "", stripped)  # label matchers
-        stripped = re.sub(r"\[[^\]]*\]", "", stripped)  # ranges
-        stripped = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", stripped)
-        for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*(?=\s*(\()?)", stripped):
-            if match.group(1) is None and match.group(0) not in {"and", "or", "unless", "bool", "offset"}:
-                names.add(match.group(0))
-    return names
-
-
 def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     ok, changed, output = deployment.first
     assert changed > 5, output[-3000:]
@@ -518,7 +383,7 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
         assert hub.stop() == 0
     exported = _metric_names(exposition)
     assert "mailhub_pop3_messages_served_total" in exported
-    assert _dashboard_metric_names() - exported - PENDING_METRICS - {"up"} == set()
+    assert dashboard_metric_names() - exported - PENDING_METRICS - {"up"} == set()
 
 
 def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployment):
@@ -613,27 +478,3 @@ def test_monitoring_targets_and_dashboard(deployment, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     installed = deployment.path("/var/lib/grafana/dashboards/mailhub.json")
     assert installed.read_bytes() == DASHBOARD.read_bytes()
-
-
-def test_dashboard_has_a_datasource_variable_and_the_issue_panels():
-    dashboard = json.loads(DASHBOARD.read_text())
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for panel in dashboard["panels"]:
-        if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-            assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
-    used = _dashboard_metric_names()
-    assert {
-        "mailhub_smtp_received_bytes_total",
-        "mailhub_mailbox_bytes",
-        "mailhub_site_drain_time_seconds",
-        "mailhub_smtp_deferrals_total",
-        "mailhub_smtp_ingest_duration_seconds_bucket",
-        "mailhub_disk_free_bytes",
-    } <= used
-    assert all(name == "up" or name.startswith(("mailhub_", "process_")) for name in used), used
-    check = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "grafana_dashboard.py"), "--check"], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr
