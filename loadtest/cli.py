@@ -14,6 +14,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from mailhub.entry import version
+
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
@@ -21,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailhub-loadtest", description="Network load generator with integrity checks for the DICOM Mail Hub"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="build the corpus (DICOM, PGP/MIME) of a profile")
     gen.add_argument("profile", help="profile name (smoke, pilot, westgerman, mismatch) or TOML path")

@@ -11,6 +11,7 @@ import sys
 import time
 
 from . import config
+from .entry import version
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
 from .storage_cli import storage_command, storage_parsers
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="FILE", help="TOML config file (default: built-in)")
     parser = argparse.ArgumentParser(prog="mailhub", description="DICOM Mail Hub")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the hub")
     commands.add_parser("check", parents=[common], help="validate the configuration and exit")
