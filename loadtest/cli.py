@@ -1,6 +1,7 @@
 # The `mailhub-loadtest` command: generate a corpus, run a profile against a spawned hub or any
 # SMTP + POP3/IMAP server, write RESULT.json and the HTML report, compare two results.
-# Exit status: 0 passed, 1 the run failed its integrity checks, 2 bad usage, profile or target.
+# Exit status: 0 passed, 1 the run failed its integrity checks, 2 bad usage, profile or target,
+# 141 standard output's reader gone (mailhub/entry.py).
 # Must never target a non-loopback host without --allow-remote.
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from mailhub.entry import version
+from mailhub.entry import quiet_on_closed_pipe, version
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -85,6 +86,7 @@ def _hub_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .corpus import CorpusError
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             write_report(json.loads(args.result.read_text()), args.html)
             print(f"report written to {args.html}")
             return 0
+    except BrokenPipeError:  # standard output's reader went away: the entry point ends quietly
+        raise
     except (ProfileError, CorpusError, Unsupported, SpawnError, ValueError, OSError) as exc:
         print(f"mailhub-loadtest: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,7 +1,7 @@
 # The `mailhub` command: serve, check the config, manage sites and the outbound queue, trace mails,
 # report volumes, prune the tracking events. These work on the index directly (SQLite WAL), so they
 # run beside a live server, which picks site and queue changes up by itself; trace and stats only read.
-# Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration.
+# Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration, 141 output's reader gone.
 import argparse
 import getpass
 import json
@@ -11,7 +11,7 @@ import sys
 import time
 
 from . import config
-from .entry import version
+from .entry import quiet_on_closed_pipe, version
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
 from .storage_cli import storage_command, storage_parsers
@@ -200,6 +200,7 @@ def _directory_parsers(commands, site_commands, common) -> None:
     )
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -1,20 +1,21 @@
 # The command-line entry points of `mailhub` and `mailhub-loadtest`, run as real processes: `--version`
-# prints the installed package's version.
+# prints the installed package's version; output to a pipe whose reader has gone (`| head -1`) ends
+# the command quietly (status 141, nothing on standard error), whatever the command, with standard
+# output buffered or not.
 import importlib.metadata
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import PASSWORD, REPO, hub_env
 
 TOOLS = {"mailhub": "mailhub.cli", "mailhub-loadtest": "loadtest.cli"}
 
 
-def run(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, stdin=subprocess.DEVNULL, timeout=60, **kwargs
-    )
+def run(module: str, *args: str, stdin=subprocess.DEVNULL, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, stdin=stdin, timeout=60, **kwargs)
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -22,3 +23,51 @@ def test_version_prints_the_package_version(tool):
     result = run(TOOLS[tool], "--version", capture_output=True, text=True)
     expected = importlib.metadata.version("dicom-mail-hub")
     assert (result.returncode, result.stdout, result.stderr) == (0, f"{tool} {expected}\n", "")
+
+
+CLOSED_PIPE_COMMANDS = [
+    ("mailhub", "site", "list"),
+    ("mailhub", "site", "list", "--json"),
+    ("mailhub", "site", "show", "alpha"),
+    ("mailhub", "stats"),
+    ("mailhub", "queue", "list"),
+    ("mailhub", "--help"),
+    ("mailhub", "--version"),
+    ("mailhub-loadtest", "--help"),
+    ("mailhub-loadtest", "--version"),
+]
+
+
+@pytest.fixture(scope="module")
+def site_env(tmp_path_factory) -> dict:
+    env = hub_env(tmp_path_factory.mktemp("pipe") / "data")
+    added = run(
+        "mailhub.cli",
+        *("site", "add", "alpha", "--address", "alpha@hub.test", "--password-stdin"),
+        env=env,
+        input=PASSWORD + "\n",
+        stdin=None,
+        capture_output=True,
+        text=True,
+    )
+    assert added.returncode == 0, added.stderr
+    return env
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("command", CLOSED_PIPE_COMMANDS, ids=" ".join)
+def test_output_to_a_closed_pipe_ends_quietly(command, buffered, site_env):
+    env = {k: v for k, v in site_env.items() if k != "PYTHONUNBUFFERED"} | (
+        {} if buffered else {"PYTHONUNBUFFERED": "1"}
+    )
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the command writes a byte, as `| head -1` after a line
+    try:
+        result = run(TOOLS[command[0]], *command[1:], env=env, stdout=writer, stderr=subprocess.PIPE)
+    finally:
+        os.close(writer)
+    assert result.stderr.decode() == ""
+    if command[1].startswith("--") and not buffered:
+        assert result.returncode == 0  # argparse drops the write error of its own --help and --version
+    else:
+        assert result.returncode == 141
