@@ -1,15 +1,18 @@
 # Side-by-side POP3 and IMAP download of two versions of the hub (this checkout and a base commit,
-# checked out into a temporary git worktree), in one run on loopback. Each round, each version in
-# turn (order alternating) gets a fresh data folder with a backlog waiting for download, filled over
-# SMTP by that version as in bench.pop3_benchmark (20 x 50 MB mails in one mailbox, 4 mailboxes of
-# 5 x 50 MB, --mails-1mb x 1 MB in one more); a fresh hub process then serves it, and each figure
-# downloads its mailboxes again and again (no DELE) for at least --seconds:
+# checked out into a temporary git worktree), in one run on loopback. Each round gives each version
+# a fresh data folder with a backlog waiting for download, filled over SMTP by that version as in
+# bench.pop3_benchmark (20 x 50 MB mails in one mailbox, 4 mailboxes of 5 x 50 MB, --mails-1mb x 1 MB
+# in one more), served by a fresh process of that version; then, per figure, the two hubs take turns
+# (the first alternating from round to round), each turn one download of the figure's mailboxes
+# (no DELE), until each has downloaded for at least --seconds; so a busy phase of a shared machine
+# hits both alike:
 #   POP3 (client bench/pop3_fetch): 50 MB mails, 1 session; 50 MB mails, 4 sessions; 1 MB mails, 1 session
 #   IMAP (client imaplib, FETCH n (BODY.PEEK[]), only the FETCH calls timed): 50 MB mails, 1 session
 # Prints every figure with the hub's CPU time per MB (per mail for 1 MB mails) and the median ratios
-# this/base per round. In round 1 every mail is downloaded once more from both versions, untimed,
+# this/base per round. In round 1 every mail is first downloaded once from both versions, untimed,
 # and checked: header as sent under the hub's trace fields, body SHA-256 as sent.
 #   .venv/bin/python -m bench.ab_download --base 433ff94 [--rounds 3] [--seconds 10] [--mails-1mb 500]
+import contextlib
 import hashlib
 import os
 import shutil
@@ -62,9 +65,10 @@ def verify(hub, counts: dict, bodies: dict) -> list[str]:
     return problems
 
 
-def serve_and_measure(checkout: str, counts: dict, bodies: dict, seconds: float, check: bool) -> dict:
-    """Fill a fresh data folder from `checkout`'s hub, serve it from a fresh process of that hub and
-    measure every figure. Returns {figure: (rate, hub CPU ms per unit, seconds)}."""
+@contextlib.contextmanager
+def backlog(checkout: str, counts: dict, bodies: dict):
+    """A fresh data folder filled over SMTP by `checkout`'s hub and served by a fresh process of that
+    hub (POP3 and IMAP), every mailbox touched once; the folder is deleted on exit. Yields the hub."""
     workdir = tempfile.mkdtemp(prefix="ab-download-", dir="/var/tmp")
     log_path = os.path.join(workdir, "hub.log")
     boxes = [box for wl in WORKLOADS.values() for box in pop3_benchmark.mailboxes(wl)]
@@ -78,29 +82,41 @@ def serve_and_measure(checkout: str, counts: dict, bodies: dict, seconds: float,
                 for box in pop3_benchmark.mailboxes(wl):
                     assert pop3_benchmark.touch_mailbox(hub.pop3_port, box) == counts[name], box
             assert imap_benchmark.touch(hub.imap_port) == counts["50MB"]
-            os.sync()  # the fill's writes reach the disk before anything is timed
-            figures = {}
-            for figure, _label, workload, unit in FIGURES:
-                port = hub.imap_port if workload is None else hub.pop3_port
-                mails = total = timed = 0.0
-                cpu_before = cpu_seconds(hub.proc.pid)
-                while timed < seconds:
-                    m, b, s = one_pass(port, workload, counts, bodies[WORKLOADS[workload or "50MB"][2]])
-                    mails, total, timed = mails + m, total + b, timed + s
-                cpu = cpu_seconds(hub.proc.pid) - cpu_before
-                if unit == "MB/s":
-                    figures[figure] = (total / 1e6 / timed, 1000 * cpu / (total / 1e6), timed)
-                else:
-                    figures[figure] = (mails / timed, 1000 * cpu / mails, timed)
-            problems = verify(hub, counts, bodies) if check else []
+            yield hub
             assert hub.proc.poll() is None, "the hub died"
-        assert not problems, problems[:5]
         for line in read_log_problems(log_path):  # e.g. a loop stall on a busy machine: shown, not fatal
-            print(f"    hub log: {line[:200]}", flush=True)
-        return figures
+            print(f"    hub log ({checkout}): {line[:200]}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         os.sync()
+
+
+def measure_round(checkouts: dict, counts: dict, bodies: dict, seconds: float, check: bool) -> dict:
+    """A backlog for every checkout ({side: tree}, in the order to take turns), then per figure one
+    download of its mailboxes from each side in turn until each has downloaded for `seconds`.
+    Returns {side: {figure: (rate, hub CPU ms per unit, seconds)}}."""
+    with contextlib.ExitStack() as stack:
+        hubs = {side: stack.enter_context(backlog(checkout, counts, bodies)) for side, checkout in checkouts.items()}
+        if check:
+            for side, hub in hubs.items():
+                problems = verify(hub, counts, bodies)
+                assert not problems, (side, problems[:5])
+        os.sync()  # the fill's writes reach the disk before anything is timed
+        results: dict[str, dict[str, tuple[float, float, float]]] = {side: {} for side in hubs}
+        for figure, _label, workload, unit in FIGURES:
+            totals = {side: [0, 0, 0.0, 0.0] for side in hubs}  # mails, bytes, seconds, hub CPU seconds
+            body = bodies[WORKLOADS[workload or "50MB"][2]]
+            while min(total[2] for total in totals.values()) < seconds:
+                for side, hub in hubs.items():
+                    port = hub.imap_port if workload is None else hub.pop3_port
+                    cpu_before = cpu_seconds(hub.proc.pid)
+                    one = one_pass(port, workload, counts, body)
+                    cpu = cpu_seconds(hub.proc.pid) - cpu_before
+                    totals[side] = [a + b for a, b in zip(totals[side], (*one, cpu))]
+            for side, (mails, total, timed, cpu) in totals.items():
+                per = total / 1e6 if unit == "MB/s" else mails
+                results[side][figure] = (per / timed, 1000 * cpu / per, timed)
+        return results
 
 
 def main() -> int:
@@ -118,10 +134,11 @@ def main() -> int:
     bodies = {size: make_body(size - 160) for size in (50_000_000, 1_000_000)}  # as smtp_blast does
     results: dict[str, list[dict]] = {"this": [], "base": []}
     with worktree(args.base) as base:
-        sides = {"this": str(REPO_ROOT), "base": base}
         for round_no in range(args.rounds):
-            for side in ("this", "base") if round_no % 2 == 0 else ("base", "this"):
-                figures = serve_and_measure(sides[side], counts, bodies, args.seconds, check=round_no == 0)
+            sides = {"this": str(REPO_ROOT), "base": base}
+            if round_no % 2:
+                sides = dict(reversed(sides.items()))
+            for side, figures in measure_round(sides, counts, bodies, args.seconds, check=round_no == 0).items():
                 results[side].append(figures)
                 for figure, label, _workload, unit in FIGURES:
                     rate, cpu, timed = figures[figure]

@@ -1,9 +1,11 @@
 # Side-by-side SMTP ingest of two versions of the hub (this checkout and a base commit, checked out
-# into a temporary git worktree), in one run on loopback: each round starts each version fresh in
-# an empty folder, in alternating order, and sends one workload for at least --seconds; the table
-# shows every round and the median ratios this/base of the throughput and of the hub's CPU time
-# per unit (its process and the index writer's: on a shared, loaded machine the CPU time varies far
-# less than the wall time). For checking what a change to the receive path costs.
+# into a temporary git worktree), in one run on loopback: each round starts both versions fresh in
+# empty folders and sends one workload to them in turns, slices of about --slice seconds each (the
+# first side alternating from round to round), until each had at least --seconds; so a busy phase of
+# a shared machine hits both alike. The table shows every round and the median ratios this/base of
+# the throughput and of the hub's CPU time per unit (its process and the index writer's: on a shared,
+# loaded machine the CPU time varies far less than the wall time). For checking what a change to the
+# receive path costs.
 #   .venv/bin/python -m bench.ab_ingest --base 8e0198b [--workload 50MB 10KB] [--rounds 4] [--seconds 10]
 import asyncio
 import contextlib
@@ -49,44 +51,46 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def run(checkout: str, workload, mails: int, body: bytes) -> dict:
+def send(port: int, workload, mails: int, body: bytes) -> dict:
+    """One slice: `mails` mails of the workload over its sessions; smtp_blast's result."""
     _name, _label, size, sessions, _counts, _unit = workload
-    workdir = tempfile.mkdtemp(prefix="ab-ingest-")
-    try:
-        log_path = os.path.join(workdir, "hub.log")
-        with hub_server(workdir, log_path, extra_env=UNTHROTTLED, checkout=checkout) as hub:
-            port, pid = hub.port, hub.proc.pid
-            cpu_before = cpu_seconds(pid)
-            result = asyncio.run(
-                blast(
-                    LOOPBACK,
-                    port,
-                    sessions=sessions,
-                    mails=mails,
-                    size=size,
-                    body=body,
-                    user=SENDER,
-                    password=PASSWORD,
-                    mail_from=f"{SENDER}@{HUB_DOMAIN}",
-                    rcpt=f"{RECEIVER}@{HUB_DOMAIN}",
-                )
-            )
-            result["cpu"] = cpu_seconds(pid) - cpu_before
-            return result
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        os.sync()
+    sender, receiver = f"{SENDER}@{HUB_DOMAIN}", f"{RECEIVER}@{HUB_DOMAIN}"
+    logins = {"user": SENDER, "password": PASSWORD, "mail_from": sender, "rcpt": receiver}
+    return asyncio.run(blast(LOOPBACK, port, sessions, mails, size, body=body, **logins))
 
 
-def calibrated_count(checkout: str, workload, body: bytes, seconds: float) -> int:
-    """Mails for a figure of at least `seconds`: probes grow until one lasts a second (a probe of a
-    few mails mostly measures the sessions' start), then its rate sets the count, with 20 % spare."""
-    sessions = workload[3]
-    mails = 2 * sessions
+def measure_round(checkouts: dict, workload, mails: int, body: bytes, seconds: float) -> dict:
+    """Fresh hubs of every checkout ({side: tree}, in the order to take turns), each sent slices of
+    `mails` mails in turns until each has received for `seconds`. Returns {side: totals}."""
+    totals = {side: {"mails": 0, "bytes": 0, "seconds": 0.0, "cpu": 0.0} for side in checkouts}
+    with contextlib.ExitStack() as stack:
+        hubs = {}
+        for side, checkout in checkouts.items():
+            workdir = tempfile.mkdtemp(prefix="ab-ingest-")
+            stack.callback(os.sync)
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            log_path = os.path.join(workdir, "hub.log")
+            hubs[side] = stack.enter_context(hub_server(workdir, log_path, extra_env=UNTHROTTLED, checkout=checkout))
+        while True:
+            for side, hub in hubs.items():
+                cpu_before = cpu_seconds(hub.proc.pid)
+                result = send(hub.port, workload, mails, body)
+                assert result["failures"] == 0, result
+                totals[side]["cpu"] += cpu_seconds(hub.proc.pid) - cpu_before
+                for key in ("mails", "bytes", "seconds"):
+                    totals[side][key] += result[key]
+            if min(t["seconds"] for t in totals.values()) >= seconds:
+                return totals
+
+
+def slice_count(checkout: str, workload, body: bytes, seconds: float) -> int:
+    """Mails for a slice of about `seconds`: probes grow until one lasts a second (a probe of a few
+    mails mostly measures the sessions' start), then its rate sets the count."""
+    mails = 2 * workload[3]
     while True:
-        probe = run(checkout, workload, mails, body)
-        if probe["seconds"] >= min(1.0, seconds / 4):
-            return max(mails, int(probe["mails"] / probe["seconds"] * seconds * 1.2))
+        probe = measure_round({"this": checkout}, workload, mails, body, 0)["this"]
+        if probe["seconds"] >= min(1.0, seconds / 2):
+            return max(mails, int(probe["mails"] / probe["seconds"] * seconds))
         mails *= 4
 
 
@@ -102,32 +106,32 @@ def main() -> int:
         choices=[w[0] for w in WORKLOADS],
         help="workloads to run (default 50MB 10KB)",
     )
-    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (default 4)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="at least this long per figure")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="at least this long per figure (default 10)")
+    ap.add_argument("--slice", type=float, default=2.0, help="seconds of one turn of one side (default 2)")
     args = ap.parse_args()
     print(command_line("bench.ab_ingest"), flush=True)
     with worktree(args.base) as base:
-        sides = {"this": str(REPO_ROOT), "base": base}
         for workload in (w for w in WORKLOADS if w[0] in args.workload):
-            name, label, size, sessions, _counts, unit = workload
+            _name, label, size, _sessions, _counts, unit = workload
             body = make_body(max(0, size - 160))
-            key = "mb_per_s" if unit == "MB/s" else "mails_per_s"
-            mails = calibrated_count(sides["this"], workload, body, args.seconds)
+            mails = slice_count(str(REPO_ROOT), workload, body, args.slice)
             per_unit = unit.split("/")[0].rstrip("s")  # "MB" or "mail"
             figures: dict[str, list[float]] = {"this": [], "base": []}
             cpu: dict[str, list[float]] = {"this": [], "base": []}  # ms of hub CPU per MB or per mail
-            print(f"{label}: {mails} mails per figure, {args.rounds} alternating rounds", flush=True)
+            print(f"{label}: slices of {mails} mails, {args.rounds} rounds", flush=True)
             for round_no in range(args.rounds):
-                order = ("this", "base") if round_no % 2 == 0 else ("base", "this")
-                for side in order:
-                    result = run(sides[side], workload, mails, body)
-                    assert result["failures"] == 0, result
-                    figures[side].append(result[key])
-                    per = result["bytes"] / 1e6 if unit == "MB/s" else result["mails"]
-                    cpu[side].append(1000 * result["cpu"] / per)
+                sides = {"this": str(REPO_ROOT), "base": base}
+                if round_no % 2:
+                    sides = dict(reversed(sides.items()))
+                for side, total in measure_round(sides, workload, mails, body, args.seconds).items():
+                    per = total["bytes"] / 1e6 if unit == "MB/s" else total["mails"]
+                    figures[side].append(per / total["seconds"])
+                    cpu[side].append(1000 * total["cpu"] / per)
                     print(
-                        f"  round {round_no + 1} {side}: {result[key]} {unit}, hub CPU {cpu[side][-1]:.3f} ms"
-                        f" per {per_unit} ({result['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})",
+                        f"  round {round_no + 1} {side}: {figures[side][-1]:.1f} {unit}, hub CPU"
+                        f" {cpu[side][-1]:.3f} ms per {per_unit} ({total['seconds']:.1f} s,"
+                        f" load {os.getloadavg()[0]:.1f})",
                         flush=True,
                     )
             for what, values in (("throughput", figures), (f"CPU per {per_unit}", cpu)):
