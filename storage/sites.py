@@ -13,6 +13,9 @@ from .passwords import hash_password
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADDRESS_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9.-]+$")
+# Local parts no site may have in any local domain: postmaster (RFC 5321 §4.5.1: reaches the
+# operator), abuse (RFC 2142) and mailer-daemon (the sender of the hub's bounces).
+RESERVED_LOCAL_PARTS = ("postmaster", "abuse", "mailer-daemon")
 
 
 class SiteError(StorageError):
@@ -42,6 +45,12 @@ def validate_address(address: str, local_domains: Sequence[str]) -> str:
     domain = address.rsplit("@", 1)[1].lower()
     if local_domains and domain not in local_domains:
         raise SiteError(f"address {address!r} is not in a local domain ({', '.join(local_domains)})")
+    local = address.rsplit("@", 1)[0].lower()
+    if local in RESERVED_LOCAL_PARTS:
+        raise SiteError(
+            f"address {address!r} is reserved: {local}@ of every local domain is the hub operator's"
+            " (postmaster: RFC 5321, abuse: RFC 2142, mailer-daemon: the hub's bounces)"
+        )
     return address
 
 

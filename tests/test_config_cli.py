@@ -625,6 +625,19 @@ def test_site_command_errors(site_env):
     assert [s["name"] for s in json.loads(ok(site(site_env, "list", "--json")))] == ["alpha"]
 
 
+@pytest.mark.parametrize(
+    "address", ["postmaster@hub.test", "PostMaster@second.test", "abuse@hub.test", "MAILER-DAEMON@hub.test"]
+)
+def test_reserved_local_parts_cannot_be_given_to_a_site(site_env, address):
+    local = address.split("@")[0].lower()
+    failed(
+        site(site_env, "add", "other", "--address", address, "--password-stdin", stdin=PASSWORD + "\n"),
+        f"address {address!r} is reserved: {local}@ of every local domain is the hub operator's"
+        " (postmaster: RFC 5321, abuse: RFC 2142, mailer-daemon: the hub's bounces)",
+    )
+    assert json.loads(ok(site(site_env, "list", "--json"))) == []
+
+
 def test_the_same_address_twice_in_one_add_gives_a_clear_message(site_env):
     result = site(
         site_env, "add", "dup", "--address", "d@hub.test", "--address", "D@hub.test", "--password-stdin", stdin="pw\n"
