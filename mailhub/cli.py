@@ -6,7 +6,9 @@ import argparse
 import getpass
 import json
 import math
+import secrets
 import sqlite3
+import string
 import sys
 import time
 
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     add = site_commands.add_parser("add", parents=[common], help="add a site")
     add.add_argument("name")
     add.add_argument("--address", action="append", required=True, help="e-mail address (repeatable)")
-    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _password_options(add)
     show = site_commands.add_parser("show", parents=[common], help="show one site")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     passwd = site_commands.add_parser("passwd", parents=[common], help="set a site's password")
     passwd.add_argument("name")
-    passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _password_options(passwd)
     verify = site_commands.add_parser(
         "verify", parents=[common], help="check a password against a site's (exit 0 matches, 1 differs)"
     )
@@ -133,6 +135,17 @@ _LIMIT_OPTIONS = {
     "max_drain_time": ("seconds", False),
     "downlink": ("size/s", False),
 }
+
+
+def _password_options(command: argparse.ArgumentParser) -> None:
+    """How `site add` and `site passwd` get the new password (interactively by default)."""
+    how = command.add_mutually_exclusive_group()
+    how.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    how.add_argument(
+        "--generate-password",
+        action="store_true",
+        help="make a random password (32 characters), set it and print it once",
+    )
 
 
 def _positive(text: str) -> int:
@@ -344,11 +357,15 @@ def _site_command(cfg: config.Config, args) -> int:
             reserved = [a for a in args.address if a.rpartition("@")[0].lower() == cfg.directory.address]
             if reserved:
                 raise SiteError(f"address {reserved[0]!r} is the participant directory's (directory.address)")
-            site = sites.add_site(conn, args.name, args.address, _read_password(args), cfg.domain)
+            password = _new_password(args)
+            site = sites.add_site(conn, args.name, args.address, password, cfg.domain)
             print(f"site {site.name} added with address(es) {', '.join(site.addresses)}")
+            _show_generated(args, password)
         elif action == "passwd":
-            sites.set_password(conn, args.name, _read_password(args))
+            password = _new_password(args)
+            sites.set_password(conn, args.name, password)
             print(f"password of site {args.name} changed")
+            _show_generated(args, password)
         elif action == "verify":
             if not verify_password(_read_password(args), sites.get_site(conn, args.name).password_hash):
                 print(f"password of site {args.name} differs")
@@ -451,6 +468,19 @@ def _print_queue(rows, as_json: bool) -> None:
         )
         if e["last_error"]:
             print(f"    {printable(e['last_error'])}")
+
+
+def _new_password(args) -> str:
+    """The password `site add` or `site passwd` sets: generated (32 letters and digits, 190 bits,
+    nothing a gateway's configuration file or a shell would need quoted) or read as `site verify` reads one."""
+    if args.generate_password:
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
+    return _read_password(args)
+
+
+def _show_generated(args, password: str) -> None:
+    if args.generate_password:
+        print(f"generated password (shown only now): {password}")
 
 
 def _read_password(args) -> str:

@@ -13,6 +13,8 @@ from .passwords import hash_password
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADDRESS_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9.-]+$")
+# The shortest password `site add` and `site passwd` accept (docs/operator-guide.md#sites says why).
+MIN_PASSWORD_LENGTH = 12
 # Local parts no site may have in any local domain: postmaster (RFC 5321 §4.5.1: reaches the
 # operator), abuse (RFC 2142) and mailer-daemon (the sender of the hub's bounces).
 RESERVED_LOCAL_PARTS = ("postmaster", "abuse", "mailer-daemon")
@@ -54,14 +56,24 @@ def validate_address(address: str, local_domains: Sequence[str]) -> str:
     return address
 
 
+def validate_password(password: str) -> str:
+    if not password:
+        raise SiteError("empty password")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise SiteError(
+            f"password too short: {len(password)} characters, at least {MIN_PASSWORD_LENGTH}"
+            " (or let --generate-password make one)"
+        )
+    return password
+
+
 def add_site(
     conn: sqlite3.Connection, name: str, addresses: list[str], password: str, local_domains: Sequence[str]
 ) -> Site:
     validate_name(name)
     if not addresses:
         raise SiteError("a site needs at least one --address")
-    if not password:
-        raise SiteError("empty password")
+    validate_password(password)
     checked = [validate_address(a, local_domains) for a in addresses]
     seen = set()
     for address in checked:
@@ -115,8 +127,7 @@ def list_sites(conn: sqlite3.Connection) -> list[Site]:
 
 
 def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
-    if not password:
-        raise SiteError("empty password")
+    validate_password(password)
     password_hash = hash_password(password)
     with db.transaction(conn):
         if conn.execute("UPDATE sites SET password_hash = ? WHERE name = ?", (password_hash, name)).rowcount == 0:

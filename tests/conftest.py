@@ -25,7 +25,7 @@ from mailhub.hub import Hub as HubObject
 from mailhub.logsetup import formatter
 
 REPO = Path(__file__).resolve().parent.parent
-PASSWORD = "s3cret-pass"
+PASSWORD = "s3cret-pass-long"  # `site add` wants 12 characters at least
 _LISTEN_RE = re.compile(r"(\w+) listening on ([\d.:a-f]+):(\d+)")
 
 

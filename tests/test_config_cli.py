@@ -506,7 +506,7 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
     assert ok(site(site_env, "list")) == "no sites\n"
     assert json.loads(ok(site(site_env, "list", "--json"))) == []
     assert (
-        ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="pw-alpha\n"))
+        ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="alpha-password\n"))
         == "site alpha added with address(es) alpha@hub.test\n"
     )
     assert ok(
@@ -519,7 +519,7 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
             "--address",
             "B2@second.test",
             "--password-stdin",
-            stdin="pw-beta\n",
+            stdin="beta-password\n",
         )
     ) == ("site beta.site added with address(es) B2@second.test, beta@hub.test\n")
     assert ok(site(site_env, "list")) == (
@@ -575,7 +575,7 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
     assert abs(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 120
     listed = json.loads(ok(site(site_env, "list", "--json")))
     assert [s["name"] for s in listed] == ["alpha", "beta.site"]
-    assert ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-new\n")) == (
+    assert ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="alpha-new-password\n")) == (
         "password of site alpha changed\n"
     )
     assert ok(site(site_env, "remove", "alpha")) == "site alpha removed (0 mail(s) in its mailbox dropped)\n"
@@ -585,31 +585,31 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
         == "beta.site                      0 mails        0 B  B2@second.test, beta@hub.test\n"
     )
     # the removed site's address is free again
-    ok(site(site_env, "add", "gamma", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"))
+    ok(site(site_env, "add", "gamma", "--address", "alpha@hub.test", "--password-stdin", stdin=PASSWORD + "\n"))
 
 
 def test_site_command_errors(site_env):
     add = ("add", "alpha", "--address", "alpha@hub.test", "--password-stdin")
-    ok(site(site_env, *add, stdin="pw\n"))
-    failed(site(site_env, *add, stdin="pw\n"), "site 'alpha' exists already")
+    ok(site(site_env, *add, stdin=PASSWORD + "\n"))
+    failed(site(site_env, *add, stdin=PASSWORD + "\n"), "site 'alpha' exists already")
     failed(
-        site(site_env, "add", "other", "--address", "alpha@hub.test", "--password-stdin", stdin="pw\n"),
+        site(site_env, "add", "other", "--address", "alpha@hub.test", "--password-stdin", stdin=PASSWORD + "\n"),
         "address 'alpha@hub.test' belongs to site 'alpha'",
     )
     failed(
-        site(site_env, "add", "other", "--address", "ALPHA@Hub.Test", "--password-stdin", stdin="pw\n"),
+        site(site_env, "add", "other", "--address", "ALPHA@Hub.Test", "--password-stdin", stdin=PASSWORD + "\n"),
         "address 'ALPHA@Hub.Test' belongs to site 'alpha'",
     )
     failed(
-        site(site_env, "add", "other", "--address", "x@else.org", "--password-stdin", stdin="pw\n"),
+        site(site_env, "add", "other", "--address", "x@else.org", "--password-stdin", stdin=PASSWORD + "\n"),
         "address 'x@else.org' is not in a local domain (hub.test, second.test)",
     )
     failed(
-        site(site_env, "add", "other", "--address", "no-at-sign", "--password-stdin", stdin="pw\n"),
+        site(site_env, "add", "other", "--address", "no-at-sign", "--password-stdin", stdin=PASSWORD + "\n"),
         "invalid address 'no-at-sign'",
     )
     failed(
-        site(site_env, "add", "bad name", "--address", "b@hub.test", "--password-stdin", stdin="pw\n"),
+        site(site_env, "add", "bad name", "--address", "b@hub.test", "--password-stdin", stdin=PASSWORD + "\n"),
         "invalid site name 'bad name': use letters, digits, '.', '_' or '-'",
     )
     failed(site(site_env, "add", "other", "--address", "o@hub.test", "--password-stdin", stdin="\n"), "empty password")
@@ -618,8 +618,8 @@ def test_site_command_errors(site_env):
         "no password: use --password-stdin or run interactively",
     )
     for action in (("show", "ghost"), ("remove", "ghost"), ("passwd", "ghost", "--password-stdin")):
-        failed(site(site_env, *action, stdin="pw\n"), "no site named 'ghost'")
-    usage = site(site_env, "add", "other", "--password-stdin", stdin="pw\n")
+        failed(site(site_env, *action, stdin=PASSWORD + "\n"), "no site named 'ghost'")
+    usage = site(site_env, "add", "other", "--password-stdin", stdin=PASSWORD + "\n")
     assert usage.returncode == 2 and "--address" in usage.stderr
     # nothing of the refused commands was stored
     assert [s["name"] for s in json.loads(ok(site(site_env, "list", "--json")))] == ["alpha"]
@@ -640,7 +640,15 @@ def test_reserved_local_parts_cannot_be_given_to_a_site(site_env, address):
 
 def test_the_same_address_twice_in_one_add_gives_a_clear_message(site_env):
     result = site(
-        site_env, "add", "dup", "--address", "d@hub.test", "--address", "D@hub.test", "--password-stdin", stdin="pw\n"
+        site_env,
+        "add",
+        "dup",
+        "--address",
+        "d@hub.test",
+        "--address",
+        "D@hub.test",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
     )
     assert result.returncode == 1
     assert "d@hub.test" in result.stderr.lower() and "UNIQUE constraint" not in result.stderr, result.stderr
@@ -665,6 +673,37 @@ def test_passwords_are_stored_only_as_salted_scrypt_hashes(site_env, tmp_path):
         assert password.encode() not in path.read_bytes(), path
 
 
+def test_passwords_shorter_than_12_characters_are_refused(site_env):
+    too_short = "x" * 11
+    refusal = "password too short: 11 characters, at least 12 (or let --generate-password make one)"
+    add = ("add", "alpha", "--address", "alpha@hub.test", "--password-stdin")
+    failed(site(site_env, *add, stdin=too_short + "\n"), refusal)
+    assert json.loads(ok(site(site_env, "list", "--json"))) == []
+    ok(site(site_env, *add, stdin="y" * 12 + "\n"))
+    failed(site(site_env, "passwd", "alpha", "--password-stdin", stdin=too_short + "\n"), refusal)
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="y" * 12 + "\n")).endswith("matches\n")
+    # verify checks whatever it is given: a password set before the rule still verifies
+    differs = site(site_env, "verify", "alpha", "--password-stdin", stdin="pw\n")
+    assert (differs.returncode, differs.stderr) == (1, "")
+
+
+def test_generate_password_sets_a_random_password_and_prints_it_once(site_env):
+    added = ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--generate-password"))
+    first_line, second_line = added.splitlines()
+    assert first_line == "site alpha added with address(es) alpha@hub.test"
+    password = second_line.removeprefix("generated password (shown only now): ")
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password), second_line
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin=password + "\n")).endswith("matches\n")
+    changed = ok(site(site_env, "passwd", "alpha", "--generate-password")).splitlines()
+    assert changed[0] == "password of site alpha changed"
+    new = changed[1].removeprefix("generated password (shown only now): ")
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", new) and new != password
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin=new + "\n")).endswith("matches\n")
+    assert password not in ok(site(site_env, "show", "alpha")) + ok(site(site_env, "list", "--json"))
+    both = site(site_env, "passwd", "alpha", "--generate-password", "--password-stdin", stdin=PASSWORD + "\n")
+    assert both.returncode == 2 and "not allowed with argument --generate-password" in both.stderr
+
+
 def test_check_loads_the_certificate_with_its_key(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -679,15 +718,15 @@ def test_check_loads_the_certificate_with_its_key(tmp_path):
 
 
 def test_site_verify_tells_whether_a_password_matches(site_env):
-    ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="pw-one\n"))
-    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-one\n")) == (
+    ok(site(site_env, "add", "alpha", "--address", "alpha@hub.test", "--password-stdin", stdin="first-password\n"))
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="first-password\n")) == (
         "password of site alpha matches\n"
     )
-    differs = site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")
+    differs = site(site_env, "verify", "alpha", "--password-stdin", stdin="second-password\n")
     assert (differs.returncode, differs.stdout, differs.stderr) == (1, "password of site alpha differs\n", "")
-    ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="pw-two\n"))
-    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="pw-two\n")).endswith("matches\n")
-    failed(site(site_env, "verify", "ghost", "--password-stdin", stdin="pw\n"), "no site named 'ghost'")
+    ok(site(site_env, "passwd", "alpha", "--password-stdin", stdin="second-password\n"))
+    assert ok(site(site_env, "verify", "alpha", "--password-stdin", stdin="second-password\n")).endswith("matches\n")
+    failed(site(site_env, "verify", "ghost", "--password-stdin", stdin=PASSWORD + "\n"), "no site named 'ghost'")
 
 
 # ---- a running hub sees site changes without a restart -----------------------------------------
@@ -728,7 +767,7 @@ def login_code(hub, name: str, password: str) -> int:
 
 def test_a_running_hub_sees_site_changes_without_restart(hub):
     assert rcpt_code(hub, "gamma@hub.test") == 550
-    hub.add_site("gamma", "gamma@hub.test", password="gamma-old")
+    hub.add_site("gamma", "gamma@hub.test", password="gamma-old-password")
     started = time.monotonic()
     assert until(lambda: rcpt_code(hub, "gamma@hub.test") == 250), "added site not seen within 2 s"
     print(f"\nadded site seen after {time.monotonic() - started:.2f} s")
@@ -737,13 +776,13 @@ def test_a_running_hub_sees_site_changes_without_restart(hub):
     client.login("alpha", PASSWORD)
     assert client.sendmail("alpha@hub.test", ["gamma@hub.test"], make_message(4000)) == {}
     client.quit()
-    assert until(lambda: login_code(hub, "gamma", "gamma-old") == 235)
+    assert until(lambda: login_code(hub, "gamma", "gamma-old-password") == 235)
 
-    assert hub.cli("site", "passwd", "gamma", "--password-stdin", stdin="gamma-new\n").stdout == (
+    assert hub.cli("site", "passwd", "gamma", "--password-stdin", stdin="gamma-new-password\n").stdout == (
         "password of site gamma changed\n"
     )
-    assert until(lambda: login_code(hub, "gamma", "gamma-old") == 535), "old password still accepted after 2 s"
-    assert login_code(hub, "gamma", "gamma-new") == 235
+    assert until(lambda: login_code(hub, "gamma", "gamma-old-password") == 535), "old password still accepted after 2 s"
+    assert login_code(hub, "gamma", "gamma-new-password") == 235
 
     listed = hub.cli("site", "list").stdout.splitlines()
     assert [line.split()[:3] for line in listed] == [
@@ -753,7 +792,7 @@ def test_a_running_hub_sees_site_changes_without_restart(hub):
     ]
     assert hub.cli("site", "remove", "gamma").stdout == "site gamma removed (1 mail(s) in its mailbox dropped)\n"
     assert until(lambda: rcpt_code(hub, "gamma@hub.test") == 550), "removed address still accepted after 2 s"
-    assert login_code(hub, "gamma", "gamma-new") == 535
+    assert login_code(hub, "gamma", "gamma-new-password") == 535
     assert hub.query("SELECT count(*) FROM messages") == [(0,)]
     # the orphaned blob is freed at the latest on the next start
     assert hub.stop() == 0

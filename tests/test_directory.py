@@ -294,7 +294,7 @@ def test_export_and_fingerprint_from_the_cli(make_hub, gpg, tmp_path):
 def test_the_directory_address_cannot_be_given_to_a_site(make_hub):
     hub = make_hub()
     result = hub.cli(
-        "site", "add", "dir", "--address", "Directory@hub.test", "--password-stdin", stdin="pw\n", check=False
+        "site", "add", "dir", "--address", "Directory@hub.test", "--password-stdin", stdin=PASSWORD + "\n", check=False
     )
     assert result.returncode == 1 and "participant directory" in result.stderr
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ALPHA_BETA, make_message
+from conftest import ALPHA_BETA, PASSWORD, make_message
 from hostileutil import (
     ATTACKER,
     GOOD,
@@ -39,7 +39,11 @@ UNAUTHENTICATED_TOTAL = {
     "pop3": b"-ERR [SYS/TEMP] too many connections not logged in, try again later\r\n",
     "imap": b"* BYE [UNAVAILABLE] Too many connections not logged in, try again later\r\n",
 }
-LOGIN = {"smtp": None, "pop3": [b"USER %s\r\n", b"PASS s3cret-pass\r\n"], "imap": [b"a LOGIN %s s3cret-pass\r\n"]}
+LOGIN = {
+    "smtp": None,
+    "pop3": [b"USER %s\r\n", b"PASS %s\r\n" % PASSWORD.encode()],
+    "imap": [b"a LOGIN %s " + PASSWORD.encode() + b"\r\n"],
+}
 
 
 def port_of(hub, protocol: str) -> int:
@@ -62,7 +66,7 @@ def log_in(sock: socket.socket, protocol: str, site: bytes = b"beta") -> None:
         data = b""
         while not data.endswith(b"250 HELP\r\n"):
             data += sock.recv(4096)
-        token = base64.b64encode(b"\0" + site + b"\0s3cret-pass")
+        token = base64.b64encode(b"\0" + site + b"\0" + PASSWORD.encode())
         sock.sendall(b"AUTH PLAIN " + token + b"\r\n")
         assert sock.recv(1000).startswith(b"235 "), "login failed"
         return
@@ -245,7 +249,7 @@ def test_pop3_idle_timeout_counts_complete_commands_not_bytes(make_hub):
         sock = greeted(hub, "pop3", source)
         sock.sendall(f"USER {site}\r\n".encode())
         sock.recv(1000)
-        sock.sendall(b"PASS s3cret-pass\r\n")
+        sock.sendall(b"PASS %s\r\n" % PASSWORD.encode())
         assert sock.recv(1000).startswith(b"+OK")
         connections.append(sock)
     chatty, trickler = connections
