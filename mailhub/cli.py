@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import math
+import os
 import secrets
 import sqlite3
 import string
@@ -21,6 +22,9 @@ from .trace import KINDS as TRACE_KINDS
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# Bits no file or folder the hub creates grants: its data (mail, index, ledger, keys) is its user's alone
+# (files 0600, folders 0700), whatever the umask it was started with (docs/operator-guide.md#storage-and-durability).
+PRIVATE_UMASK = 0o077
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -216,6 +220,7 @@ def _directory_parsers(commands, site_commands, common) -> None:
 @quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:

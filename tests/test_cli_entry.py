@@ -1,15 +1,18 @@
 # The command-line entry points of `mailhub` and `mailhub-loadtest`, run as real processes: `--version`
 # prints the installed package's version; output to a pipe whose reader has gone (`| head -1`) ends
 # the command quietly (status 141, nothing on standard error), whatever the command, with standard
-# output buffered or not.
+# output buffered or not; what the quick start creates (a served data folder with sites and a mail)
+# is private, whatever the umask the commands were started with.
 import importlib.metadata
 import os
+import smtplib
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from conftest import PASSWORD, REPO, hub_env
+from conftest import PASSWORD, REPO, hub_env, make_message, wait_for
 
 TOOLS = {"mailhub": "mailhub.cli", "mailhub-loadtest": "loadtest.cli"}
 
@@ -71,3 +74,26 @@ def test_output_to_a_closed_pipe_ends_quietly(command, buffered, site_env):
         assert result.returncode == 0  # argparse drops the write error of its own --help and --version
     else:
         assert result.returncode == 141
+
+
+def test_the_quick_start_leaves_a_private_data_folder(make_hub):
+    saved = os.umask(0o022)  # a common login umask: without the hub's own, files 0644, folders 0755
+    try:
+        hub = make_hub(process=True, own_key=True).start()  # `mailhub serve` makes the folder and its key
+        hub.add_site("clinic-a")
+        hub.add_site("practice-b")
+        with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30) as smtp:
+            smtp.login("clinic-a", PASSWORD)
+            smtp.sendmail("clinic-a@hub.test", ["practice-b@hub.test"], make_message())
+        wait_for(lambda: hub.blob_files(), message="the mail's blob")
+        hub.stop()
+    finally:
+        os.umask(saved)
+    modes = {
+        str(path.relative_to(hub.data_dir)): oct(stat.S_IMODE(path.lstat().st_mode))
+        for path in [hub.data_dir, *hub.data_dir.rglob("*")]
+    }
+    assert {"index.sqlite3", "hub-signing-key.asc", "mailhub.lock", "reserve.space"} <= set(modes)
+    assert any(name.startswith("ledger/") for name in modes) and any(name.startswith("blobs/") for name in modes)
+    folders = {name for name in modes if (hub.data_dir / name).is_dir()}
+    assert {name: mode for name, mode in modes.items() if mode != ("0o700" if name in folders else "0o600")} == {}
