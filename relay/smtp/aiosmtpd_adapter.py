@@ -6,8 +6,17 @@
 # Must never: hold protocol logic or policy; it only renames and wraps.
 import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
+from typing import Protocol, cast
 
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+class _ReaderBuffer(Protocol):
+    """The asyncio StreamReader's private members read here (typeshed does not declare them)."""
+
+    _buffer: bytearray
+    _paused: bool
 
 
 class AiosmtpdSession(SMTP):
@@ -22,10 +31,13 @@ class AiosmtpdSession(SMTP):
     - the command reader's buffer (buffered_bytes, has_buffered_line, unread, discard_buffered),
       reads and writes, and STARTTLS over the same streams."""
 
+    transport: asyncio.Transport | None  # a stream transport (aiosmtpd declares asyncio.BaseTransport)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._idle_deadline = 0.0  # loop time at which the connection times out
         self._timer_at = 0.0  # loop time at which the idle timer fires (see _arm_timer)
+        self._tls_started = False  # STARTTLS succeeded (aiosmtpd's own flag is its SSLProtocol)
 
     # ---- hooks for the subclass ---------------------------------------------------------------
 
@@ -46,7 +58,7 @@ class AiosmtpdSession(SMTP):
     def _create_envelope(self) -> Envelope:
         return self.new_envelope()
 
-    def eof_received(self):
+    def eof_received(self) -> bool | None:
         """The client closed its side: aiosmtpd would cancel the session's task at once, dropping
         the commands the client sent before; here the reader just reaches its end, and the session
         runs those commands first."""
@@ -60,13 +72,27 @@ class AiosmtpdSession(SMTP):
         return self.__ident__
 
     @property
-    def commands(self) -> dict:
+    def commands(self) -> dict[str, Callable[[str | None], Awaitable[None]]]:
         """Verb (upper case) -> the bound smtp_<VERB> method."""
         return self._smtp_methods
 
+    # (methods, not properties, where they assert: aiosmtpd's __init__ reads every property through
+    # inspect.getmembers, which passes over an AttributeError only)
+
+    def live_session(self) -> Session:
+        """aiosmtpd's session, set from connection_made() on."""
+        assert self.session is not None
+        return self.session
+
+    def live_transport(self) -> asyncio.Transport:
+        """The transport while serve() runs (aiosmtpd sets it to None once the connection is lost,
+        and cancels serve() then)."""
+        assert self.transport is not None
+        return self.transport
+
     @property
     def tls_active(self) -> bool:
-        return bool(self._tls_protocol)
+        return self._tls_started
 
     @property
     def auth_require_tls(self) -> bool:
@@ -76,7 +102,7 @@ class AiosmtpdSession(SMTP):
     def auth_require_tls(self, required: bool) -> None:
         self._auth_require_tls = required
 
-    def new_session(self):
+    def new_session(self) -> Session:
         """A fresh aiosmtpd Session (after STARTTLS: everything learnt before is forgotten)."""
         return self._create_session()
 
@@ -140,25 +166,28 @@ class AiosmtpdSession(SMTP):
         limit, asyncio.IncompleteReadError at the end of the stream."""
         return await self._reader.readuntil(b"\n")
 
+    def _reader_buffer(self) -> _ReaderBuffer:
+        return cast(_ReaderBuffer, self._reader)
+
     def buffered_bytes(self) -> int:
         """Bytes received and not yet read."""
-        return len(self._reader._buffer)
+        return len(self._reader_buffer()._buffer)
 
     def has_buffered_line(self) -> bool:
         """A complete line (a pipelined command) is already received and not yet read."""
-        return b"\n" in self._reader._buffer
+        return b"\n" in self._reader_buffer()._buffer
 
     def unread(self, data: bytes) -> None:
         """Put bytes read too far (pipelined commands after DATA's end) back in front."""
-        self._reader._buffer[0:0] = data
+        self._reader_buffer()._buffer[0:0] = data
 
     def discard_buffered(self) -> None:
         """Forget the bytes received and not yet read (RFC 3207: before the TLS handshake)."""
-        self._reader._buffer.clear()
+        self._reader_buffer()._buffer.clear()
 
     def reader_holds_socket_paused(self) -> bool:
         """The reader paused the socket itself (its buffer is full)."""
-        return self._reader._paused
+        return self._reader_buffer()._paused
 
     async def send(self, data: bytes) -> None:
         self._writer.write(data)
@@ -167,8 +196,8 @@ class AiosmtpdSession(SMTP):
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """Upgrade the connection in place (STARTTLS): the same reader and writer go on over TLS."""
         await self._writer.start_tls(context)
-        self.transport = self._writer.transport
-        self._tls_protocol = True
+        self.transport = cast(asyncio.Transport, self._writer.transport)  # asyncio's TLS transport
+        self._tls_started = True
 
 
 __all__ = ["AiosmtpdSession"]

@@ -5,11 +5,12 @@
 # parsed. Never raises from write(): failures are remembered so that the caller can drain the
 # client's data and then give the matching reply.
 import logging
+from collections.abc import Callable
 
 from relay.mime.stream import Listeners, MimeStreamParser
 from relay.mime.structure import StructureRecorder
 from relay.smtp.message_scan import HeaderScanner, LineLengthCheck
-from storage import MessageMeta, Site, Storage, StorageError
+from storage import MessageMeta, Site, SpoolFile, Storage, StorageError
 
 log = logging.getLogger("mailhub.ingest")
 
@@ -37,7 +38,14 @@ class IncomingMessage:
         "_judges",
     )
 
-    def __init__(self, storage: Storage, max_size: int, trace_header, too_big_reply: str, listeners=()) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        max_size: int,
+        trace_header: Callable[[str], bytes],
+        too_big_reply: str,
+        listeners=(),
+    ) -> None:
         self.headers = HeaderScanner()
         self.lines = LineLengthCheck()  # the data's lines only: the hub's trace header is folded
         # the parser sees the stored bytes (the hub's trace header first): structure offsets are
@@ -53,7 +61,7 @@ class IncomingMessage:
         self.too_big = False
         self.too_big_reply = too_big_reply  # the size limit's reply (message size, or mailbox room)
         self.error: StorageError | None = None
-        self.spool = None
+        self.spool: SpoolFile | None = None
         try:
             self.spool = storage.new_spool()
             trace = trace_header(self.spool.queue_id)
@@ -67,6 +75,12 @@ class IncomingMessage:
         return self.spool.queue_id if self.spool else "-"
 
     @property
+    def spooled(self) -> SpoolFile:
+        """The spool file of a message that has not failed (one without a spool has)."""
+        assert self.spool is not None
+        return self.spool
+
+    @property
     def failed(self) -> bool:
         if self.error is None and self.spool is not None and self.spool.error is not None:
             self._fail(self.spool.error)
@@ -77,6 +91,8 @@ class IncomingMessage:
         return self.spool is not None and self.spool.backlogged
 
     async def room(self) -> None:
+        """Wait until the spool takes more (awaited only while `backlogged`, which needs a spool)."""
+        assert self.spool is not None
         await self.spool.room()
 
     def write(self, data: bytes) -> None:
@@ -94,6 +110,7 @@ class IncomingMessage:
             self.discard()
             return
         self._parse(data)
+        assert self.spool is not None  # (without one, the message failed at its start)
         self.spool.write(data)
 
     def end_of_data(self) -> None:

@@ -9,10 +9,12 @@
 # I/O glue. It must never let a client's input reach a
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
+import functools
 import ipaddress
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -49,7 +51,7 @@ from relay.smtp.protocol import (
 )
 from relay.smtp.stream import DataDecoder
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
-from storage import Delivery, Site, SiteCache, Storage, StorageError, StorageFull
+from storage import Delivery, MessageMeta, Site, SiteCache, Storage, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
 log = logging.getLogger("mailhub.smtp")
@@ -191,16 +193,24 @@ class HubSMTP(AiosmtpdSession):
     @property
     def busy(self) -> bool:
         """A transaction is in flight: data being received or committed, or a BDAT series open."""
-        return self._in_data or (self.envelope is not None and self.envelope.bdat is not None)
+        tx = self.envelope
+        return self._in_data or (isinstance(tx, Transaction) and tx.bdat is not None)
+
+    def _transaction(self) -> Transaction:
+        """The transaction under way: set from connection_made() on, and always a Transaction
+        (new_envelope). (A method: aiosmtpd's __init__ reads every property.)"""
+        tx = self.envelope
+        assert isinstance(tx, Transaction)
+        return tx
 
     def new_envelope(self) -> Transaction:
         old = getattr(self, "envelope", None)
-        if old is not None:
+        if isinstance(old, Transaction):
             self._abort(old, "reset")  # RSET, EHLO or STARTTLS between two BDAT chunks
             self.ctx.throttle.release(old)  # sizes reserved at RCPT end with their transaction
         return Transaction()
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if isinstance(peer, tuple) else "local"
@@ -208,15 +218,16 @@ class HubSMTP(AiosmtpdSession):
         loopback = self._peer_ip == "local" or is_loopback(self._peer_ip)
         self.auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
 
-    def connection_lost(self, error) -> None:
+    def connection_lost(self, error: Exception | None) -> None:
         self.ctx.release(self)
         if self._login_deadline is not None:
             self._login_deadline.cancel()
         self._budget.give(self._buffered)
         self._buffered = 0
-        if self.envelope is not None:
-            self._abort(self.envelope, self._closing_why or ("connection lost" if error else "client closed"))
-            self.ctx.throttle.release(self.envelope)
+        tx = self.envelope
+        if isinstance(tx, Transaction):
+            self._abort(tx, self._closing_why or ("connection lost" if error else "client closed"))
+            self.ctx.throttle.release(tx)
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
@@ -254,7 +265,7 @@ class HubSMTP(AiosmtpdSession):
         self._count_buffer()
         return chunk
 
-    def eof_received(self):
+    def eof_received(self) -> bool | None:
         """The client closed its side: the commands it sent before still run (the adapter keeps
         aiosmtpd from cancelling the session); the session ends when the reader reaches the end."""
         self._closing_why = self._closing_why or "client closed"
@@ -306,7 +317,7 @@ class HubSMTP(AiosmtpdSession):
         more than smtp.max_commands times."""
         budget = self._command_budget
         served = 0
-        while not self.transport.is_closing():
+        while not self.live_transport().is_closing():
             served += 1
             if served % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # buffered commands do not suspend the reader: let others run
@@ -355,7 +366,7 @@ class HubSMTP(AiosmtpdSession):
 
     def _report(self, error: Exception) -> None:
         tx = self.envelope
-        message = tx.receiving or tx.bdat if tx is not None else None
+        message = tx.receiving or tx.bdat if isinstance(tx, Transaction) else None
         site = self._site
         report_internal_error(
             log,
@@ -390,7 +401,7 @@ class HubSMTP(AiosmtpdSession):
         if not self.has_buffered_line():
             await self._flush_held()
 
-    async def push(self, status) -> None:
+    async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             self._command_budget.replied(status)
             self._held.append(wire(status))
@@ -431,8 +442,9 @@ class HubSMTP(AiosmtpdSession):
             await self.push(R.HELO_SYNTAX)
             return
         self.reset_transaction()
-        self.session.extended_smtp = False
-        self.session.host_name = hostname
+        session = self.live_session()
+        session.extended_smtp = False
+        session.host_name = hostname
         await self.push(f"250 {self.hostname}")
 
     @syntax("EHLO hostname")
@@ -442,8 +454,9 @@ class HubSMTP(AiosmtpdSession):
             await self.push(R.EHLO_SYNTAX)
             return
         self.reset_transaction()
-        self.session.extended_smtp = True
-        self.session.host_name = hostname
+        session = self.live_session()
+        session.extended_smtp = True
+        session.host_name = hostname
         await self.push(
             ehlo_reply(
                 self.hostname,
@@ -471,7 +484,7 @@ class HubSMTP(AiosmtpdSession):
             return
         self._closing_why = "quit"
         await self.push(R.BYE)
-        self.transport.close()
+        self.live_transport().close()
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str):
@@ -491,24 +504,24 @@ class HubSMTP(AiosmtpdSession):
             await self.start_tls(self.tls_context)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("%s: TLS handshake failed: %s", self._peer_ip, exc)
-            self.transport.close()
+            self.live_transport().close()
             return
         # RFC 3207 4.2: forget everything learnt before TLS, authentication included.
-        peer = self.session.peer
-        self.session = self.new_session()
-        self.session.peer = peer
-        self.session.ssl = self.transport.get_extra_info("ssl_object")
+        session = self.new_session()
+        session.peer = self.live_session().peer
+        session.ssl = self.live_transport().get_extra_info("ssl_object")
+        self.session = session
         self.reset_transaction()
 
     @syntax("AUTH <mechanism> [<initial response>]")
     async def smtp_AUTH(self, arg: str) -> None:
-        if not self.session.extended_smtp:
+        if not self.live_session().extended_smtp:
             await self.push(R.AUTH_NEEDS_EHLO)
             return
         if self.auth_require_tls and not self.tls_active:
             await self.push(R.AUTH_NEEDS_TLS)
             return
-        if self.session.authenticated:
+        if self.live_session().authenticated:
             await self.push(R.AUTH_ALREADY)
             return
         sequence_error = out_of_sequence("AUTH", self._phase())
@@ -527,7 +540,7 @@ class HubSMTP(AiosmtpdSession):
         else:
             reply = event.reply
         await self.push(reply)
-        if not self.session.authenticated and exchange.counts:
+        if not self.live_session().authenticated and exchange.counts:
             self._auth_failures += 1
             if self._auth_failures >= _MAX_AUTH_FAILURES:
                 self.close_now(R.TOO_MANY_AUTH_FAILURES)
@@ -540,13 +553,15 @@ class HubSMTP(AiosmtpdSession):
         if outcome.site is None:
             return R.AUTH_FAILED if outcome.temporary is None else R.auth_temporary_failure(outcome.temporary)
         self._logged_in()
-        self.session.authenticated = True
-        self.session.auth_data = outcome.site
+        session = self.live_session()
+        session.authenticated = True
+        session.auth_data = outcome.site
         return R.AUTH_OK
 
     @property
     def _site(self) -> Site | None:
-        return self.session.auth_data if self.session.authenticated else None
+        session = self.session  # (None while aiosmtpd's __init__ reads every property)
+        return session.auth_data if session is not None and session.authenticated else None
 
     def _gone(self, site: Site) -> bool:
         """The site was removed (or removed and made anew) since this session learnt of it."""
@@ -560,9 +575,11 @@ class HubSMTP(AiosmtpdSession):
         parsed = await self._path_or_reply("MAIL", arg, "FROM:")
         if parsed is None:
             return
-        if self._site is not None and self._gone(self._site):  # `mailhub site remove` while logged in
-            log.info("%s site=%s: MAIL refused: the site was removed", self._peer_ip, self._site.name)
-            self.session.authenticated, self.session.auth_data = False, None
+        site = self._site
+        if site is not None and self._gone(site):  # `mailhub site remove` while logged in
+            log.info("%s site=%s: MAIL refused: the site was removed", self._peer_ip, site.name)
+            session = self.live_session()
+            session.authenticated, session.auth_data = False, None
             await self.push(R.SITE_REMOVED)
             return
         address, params = parsed
@@ -579,8 +596,9 @@ class HubSMTP(AiosmtpdSession):
         if refusal:
             await self._refuse("mail", refusal, address)
             return
-        self.envelope.mail_from = address
-        self.envelope.declared_size = size
+        tx = self._transaction()
+        tx.mail_from = address
+        tx.declared_size = size
         if self._from_peer_network:
             self._logged_in()  # a peer network's transaction started: its login deadline is met
         await self.reply_pipelined(R.SENDER_OK)
@@ -594,8 +612,9 @@ class HubSMTP(AiosmtpdSession):
         if params:
             await self.push(R.UNKNOWN_PARAMETER)
             return
-        if len(self.envelope.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
-            await self._refuse("rcpt", R.TOO_MANY_RECIPIENTS, self.envelope.mail_from, address)
+        tx = self._transaction()
+        if len(tx.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
+            await self._refuse("rcpt", R.TOO_MANY_RECIPIENTS, tx.mail_from, address)
             return
         if self.ctx.directory is not None and self.ctx.directory.is_directory_address(address):
             await self._directory_recipient(address)
@@ -605,9 +624,8 @@ class HubSMTP(AiosmtpdSession):
         )
         if refusal:
             log.info("%s: RCPT <%s> refused: %s", self._peer_ip, printable(address), refusal)
-            await self._refuse("rcpt", refusal, self.envelope.mail_from, address)
+            await self._refuse("rcpt", refusal, tx.mail_from, address)
             return
-        tx = self.envelope
         if site is None:
             if all(r.lower() != address.lower() for r in tx.remote):
                 tx.remote.append(address)
@@ -615,8 +633,8 @@ class HubSMTP(AiosmtpdSession):
             verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.monotonic(), time.time())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: RCPT <%s> %s", self._peer_ip, printable(address), verdict.log_text())
-            if not verdict.ok:
-                self._log_refusal(f"RCPT <{printable(address)}>", verdict)
+            if verdict.reply is not None:
+                self._log_refusal(f"RCPT <{printable(address)}>", verdict.reply, verdict)
                 await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
             limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
@@ -626,40 +644,46 @@ class HubSMTP(AiosmtpdSession):
         tx.rcpt_tos.append(address)
         await self.reply_pipelined(R.RECIPIENT_OK)
 
-    def _log_refusal(self, what: str, verdict: Verdict) -> None:
-        """Throttle refusals with the figures behind them; 4xx ones are counted as deferrals."""
-        if verdict.reply[0] == "4":
+    def _log_refusal(self, what: str, reply: str, verdict: Verdict) -> None:
+        """Throttle refusals (`reply`: the verdict's) with the figures behind them; 4xx ones are
+        counted as deferrals."""
+        if reply[0] == "4":
             metrics.smtp_deferral(verdict.reason)
+        site = self._site
         log.info(
             "%s site=%s: %s refused %s: %s",
             self._peer_ip,
-            self._site.name if self._site else "-",
+            site.name if site else "-",
             what,
-            verdict.reply[:9],
+            reply[:9],
             verdict.log_text(),
         )
 
     async def _directory_recipient(self, address: str) -> None:
         """directory@<local domain>: answered with the signed participant list, to sites only."""
-        if self._site is None:
-            await self._refuse("rcpt", R.DIRECTORY_SITES_ONLY, self.envelope.mail_from, address)
+        site, directory, tx = self._site, self.ctx.directory, self._transaction()
+        assert directory is not None  # (only its addresses come here)
+        if site is None:
+            await self._refuse("rcpt", R.DIRECTORY_SITES_ONLY, tx.mail_from, address)
             return
-        if not self.envelope.directory_request:  # one request per transaction, however many addresses
-            wait = self.ctx.directory.take_request(self._site.id, time.monotonic())
+        if not tx.directory_request:  # one request per transaction, however many addresses
+            wait = directory.take_request(site.id, time.monotonic())
             if wait > 0:
-                await self._refuse("rcpt", R.directory_too_soon(wait), self.envelope.mail_from, address)
+                await self._refuse("rcpt", R.directory_too_soon(wait), tx.mail_from, address)
                 return
-        self.envelope.directory_request = True
-        self.envelope.rcpt_tos.append(address)
+        tx.directory_request = True
+        tx.rcpt_tos.append(address)
         await self.reply_pipelined(R.RECIPIENT_OK)
 
-    async def _refuse(self, command: str, reply: str, sender: str, rcpt: str | None = None) -> None:
+    async def _refuse(self, command: str, reply: str, sender: str | None, rcpt: str | None = None) -> None:
         """A policy or limit refusal of MAIL FROM or RCPT TO: counted, tracked, answered."""
         metrics.smtp_refusal(command, reply)
         self._track_refusal(reply, sender, [rcpt])
         await self.push(reply)
 
-    def _track_refusal(self, reply: str, sender: str, rcpts: list, message: IncomingMessage | None = None) -> None:
+    def _track_refusal(
+        self, reply: str, sender: str | None, rcpts: Sequence[str | None], message: IncomingMessage | None = None
+    ) -> None:
         """Queue a refused/deferred tracking event per recipient (never waits for the disk)."""
         site = self._site
         queue_id = message_id = set_id = size = None
@@ -691,16 +715,16 @@ class HubSMTP(AiosmtpdSession):
         return Client(site=self._site, from_peer_network=self._from_peer_network)
 
     def _phase(self) -> Phase:
-        tx = self.envelope
+        tx = self._transaction()
         return phase_of(
-            bool(self.session.host_name),
+            bool(self.live_session().host_name),
             tx.mail_from is not None,
             tx.has_recipients,
             tx.bdat is not None,
             tx.bdat_failed,
         )
 
-    async def _path_or_reply(self, verb: str, arg: str | None, keyword: str):
+    async def _path_or_reply(self, verb: str, arg: str | None, keyword: str) -> tuple[str, dict[str, str]] | None:
         """The common start of MAIL and RCPT: (address, params), or None once a reply was sent."""
         sequence_error = out_of_sequence(verb, self._phase())
         if sequence_error:
@@ -722,7 +746,7 @@ class HubSMTP(AiosmtpdSession):
             await self.push(reply)
             return
         self._in_data = True
-        tx = self.envelope
+        tx = self._transaction()
         message = tx.receiving = self._new_message()
         try:
             await self.push(R.START_DATA)
@@ -754,12 +778,12 @@ class HubSMTP(AiosmtpdSession):
     @syntax("BDAT <size> [LAST]")
     async def smtp_BDAT(self, arg: str | None) -> None:
         size, last = parse_bdat(arg)
-        tx = self.envelope
-        if last is None:
+        tx = self._transaction()
+        if size is None or last is None:  # (a LAST or not comes with a valid size)
             if size is not None:  # the size is known: its chunk is skipped, and a message
                 self._in_data = True  # being received lost it, so its transaction fails
                 try:
-                    await self._read_chunk(size, None, None, None)
+                    await self._read_chunk(size, None)
                 finally:
                     self._data_over()
             if tx.bdat is not None:
@@ -768,21 +792,24 @@ class HubSMTP(AiosmtpdSession):
             await self.push(R.BDAT_SYNTAX)
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
         sequence_error = out_of_sequence("BDAT", self._phase())
-        usable = sequence_error is None
-        if usable and tx.bdat is None:
+        if sequence_error is None and tx.bdat is None:
             tx.bdat = self._new_message()
             tx.bdat_dots = DotLineScanner()
             tx.pacer = Pacer(self.ctx.throttle, tx.receivers)
         self._in_data = True
         try:
-            await self._read_chunk(size, tx.bdat if usable else None, tx.bdat_dots, tx.pacer)
-            if not usable:
+            if sequence_error is not None:
+                await self._read_chunk(size, None)
                 reply = sequence_error
-            elif tx.bdat.failed or last:
-                reply = await self._finish(tx.bdat, tx.bdat_dots.found)
-                tx.bdat, tx.bdat_failed = None, reply[0] != "2"
             else:
-                reply = R.chunk_received(size)
+                message, dots, pacer = tx.bdat, tx.bdat_dots, tx.pacer
+                assert message is not None and dots is not None and pacer is not None  # (opened together)
+                await self._read_chunk(size, (message, dots, pacer))
+                if message.failed or last:
+                    reply = await self._finish(message, dots.found)
+                    tx.bdat, tx.bdat_failed = None, reply[0] != "2"
+                else:
+                    reply = R.chunk_received(size)
         except BaseException as exc:
             self._abort(tx, self._closing_why or _why(exc))
             raise
@@ -790,9 +817,9 @@ class HubSMTP(AiosmtpdSession):
             self._data_over()
         await self._reply_after_transaction(reply, reset=last)
 
-    async def _read_chunk(
-        self, size: int, message: IncomingMessage | None, dots: DotLineScanner | None, pacer: Pacer | None
-    ):
+    async def _read_chunk(self, size: int, into: tuple[IncomingMessage, DotLineScanner, Pacer] | None) -> None:
+        """Read a BDAT chunk of `size` octets into a BDAT series (its message, the message's dot-line
+        scanner, the transaction's pacer), or skip it (`into` None)."""
         remaining = size
         while remaining:
             chunk = await self._read(min(remaining, CHUNK))
@@ -801,19 +828,21 @@ class HubSMTP(AiosmtpdSession):
             size = len(chunk)
             self._data_progress(size)
             remaining -= size
-            if message is not None:
-                message.write(chunk)
-                dots.feed(chunk)
+            if into is None:
+                del chunk  # skipped (and, as below, not pinned while waiting for the next bytes)
+                continue
+            message, dots, pacer = into
+            message.write(chunk)
+            dots.feed(chunk)
             del chunk  # as in DATA: nothing pinned while waiting for the next bytes
-            if message is not None:
-                if message.backlogged:
-                    await message.room()
-                await pacer.after_read(size)
+            if message.backlogged:
+                await message.room()
+            await pacer.after_read(size)
 
     def _new_message(self) -> IncomingMessage:
         """A message to receive, stopped (and drained) at the size limit or the receivers' room,
         checked by the encryption policy as it streams when that applies."""
-        tx = self.envelope
+        tx = self._transaction()
         max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
         limit = self.ctx.throttle.stream_limit(tx, self._site, tx.receivers)
         if limit is not None and limit[0] < max_size:
@@ -828,7 +857,7 @@ class HubSMTP(AiosmtpdSession):
         postmaster and reports included: a report passes because its parts are clear reports).
         None when no recipient site is under it, or for a request to the directory only (nothing
         of it is stored)."""
-        tx = self.envelope
+        tx = self._transaction()
         if self.ctx.keyring is None or not tx.deliveries:
             return None
         recipients = recipients_under_policy(tx.receivers, self.ctx.keyring, self.ctx.cfg)
@@ -837,9 +866,10 @@ class HubSMTP(AiosmtpdSession):
         return EncryptionPolicy(recipients, self.ctx.cfg.encryption.allow_hidden_recipients)
 
     def _trace_header(self, queue_id: str) -> bytes:
-        protocol = with_protocol(self.session.extended_smtp, self.tls_active, bool(self.session.authenticated))
-        helo = printable(self.session.host_name or "unknown")[:255]
-        rcpts = self.envelope.rcpt_tos
+        session = self.live_session()
+        protocol = with_protocol(session.extended_smtp, self.tls_active, bool(session.authenticated))
+        helo = printable(session.host_name or "unknown")[:255]
+        rcpts = self._transaction().rcpt_tos
         for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (
             f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
@@ -847,7 +877,9 @@ class HubSMTP(AiosmtpdSession):
         ).encode("utf-8", "replace")
 
     async def _finish(self, message: IncomingMessage, dot_lines: bool) -> str:
-        tx = self.envelope
+        tx = self._transaction()
+        sender = tx.mail_from
+        assert sender is not None  # DATA and BDAT come after MAIL FROM
         site = self._site
         started = time.monotonic()
         message.end_of_data()
@@ -859,8 +891,9 @@ class HubSMTP(AiosmtpdSession):
             reply = message.error.reply
         elif tx.policy is not None and tx.policy.reply is not None:
             message.discard()
-            reply = tx.policy.reply
-            metrics.encryption_refusal(tx.policy.reason)
+            reply, reason = tx.policy.reply, tx.policy.reason
+            assert reason is not None  # (set with the reply)
+            metrics.encryption_refusal(reason)
             log.info(
                 "qid=%s site=%s refused by the encryption policy: %s",
                 message.queue_id,
@@ -872,7 +905,7 @@ class HubSMTP(AiosmtpdSession):
             reply = R.SITE_REMOVED if sender_gone else R.RECIPIENT_SITE_REMOVED
             log.info("qid=%s site=%s refused: %s", message.queue_id, site.name if site else "-", reply)
         else:
-            meta = message.meta(tx.mail_from, site, dot_lines, self._peer_ip)
+            meta = message.meta(sender, site, dot_lines, self._peer_ip)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
             throttle = self.ctx.throttle
             verdict = throttle.at_end_of_data(
@@ -883,19 +916,19 @@ class HubSMTP(AiosmtpdSession):
                 part,
                 time.monotonic(),
                 time.time(),
-                stored=message.spool.size,
+                stored=message.spooled.size,
             )
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
-            if not verdict.ok:
-                self._log_refusal(f"qid={message.queue_id}", verdict)
+            if verdict.reply is not None:
+                self._log_refusal(f"qid={message.queue_id}", verdict.reply, verdict)
                 message.discard()
                 reply = verdict.reply
             else:
                 reply = await self._store(message, meta, part)
         elapsed = time.monotonic() - started
         if reply[0] != "2":
-            self._track_refusal(reply, tx.mail_from, tx.rcpt_tos, message)
+            self._track_refusal(reply, sender, tx.rcpt_tos, message)
         metrics.smtp_transaction(
             reply,
             message.size,
@@ -908,7 +941,7 @@ class HubSMTP(AiosmtpdSession):
                 "qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
                 message.queue_id,
                 site.name if site else "-",
-                printable(tx.mail_from),
+                printable(sender),
                 ",".join(printable(r) for r in tx.rcpt_tos),
                 message.size,
                 message.spool.sha256 if message.spool and reply[0] == "2" else "-",
@@ -918,15 +951,15 @@ class HubSMTP(AiosmtpdSession):
             )
         return reply
 
-    async def _store(self, message: IncomingMessage, meta, part: SetPart) -> str:
+    async def _store(self, message: IncomingMessage, meta: MessageMeta, part: SetPart | None) -> str:
         """Commit the message to its recipients' mailboxes and the outbound queue, and answer a
         directory request."""
-        tx = self.envelope
+        tx = self._transaction()
         try:
             if tx.deliveries or tx.remote:
                 # the sizes reserved at end of data end as the ledger counts the mail (or at RSET)
                 await self.ctx.storage.commit(
-                    message.spool,
+                    message.spooled,
                     meta,
                     tx.deliveries,
                     remote=tx.remote,
@@ -944,10 +977,11 @@ class HubSMTP(AiosmtpdSession):
             return exc.reply
 
     async def _answer_directory_request(self, message_id: str | None) -> str:
-        site = self._site
-        address = self.envelope.mail_from or site.addresses[0]
+        site, directory = self._site, self.ctx.directory
+        assert site is not None and directory is not None  # (as for the request: see _directory_recipient)
+        address = self._transaction().mail_from or site.addresses[0]
         try:
-            queue_id = await self.ctx.directory.reply(site, address, message_id)
+            queue_id = await directory.reply(site, address, message_id)
         except DirectoryError as exc:
             log.error("directory reply to %s failed: %s", site.name, exc)
             return R.INTERNAL_ERROR
@@ -971,15 +1005,14 @@ def _why(error: BaseException) -> str:
     return type(error).__name__
 
 
-_date_cache = [0, ""]
-
-
 def _date_now() -> str:
     """The RFC 5322 date of this second in UTC, "+0000" (formatted once per second)."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[:] = now, format_datetime(datetime.fromtimestamp(now, UTC))
-    return _date_cache[1]
+    return _date_of(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _date_of(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 __all__ = ["HubSMTP", "SmtpContext"]
