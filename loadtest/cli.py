@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -18,6 +19,9 @@ from pathlib import Path
 from mailhub.entry import quiet_on_closed_pipe, version
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+# The modules of the `loadtest` extra (pyproject.toml): without them, say which install is missing.
+EXTRAS = ("pydicom", "pgpy", "numpy", "matplotlib")
+INSTALL_EXTRAS = "pip install '.[loadtest]' in the hub's source folder (or pip install 'dicom-mail-hub[loadtest]')"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +93,19 @@ def _hub_env(pairs: list[str]) -> dict[str, str]:
 @quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in EXTRAS:
+            raise
+        print(
+            f"mailhub-loadtest: {missing} is missing: install the tool's extras with {INSTALL_EXTRAS}", file=sys.stderr
+        )
+        return EXIT_USAGE
+
+
+def _command(args) -> int:
     from .corpus import CorpusError
     from .profile import ProfileError
     from .runner import Unsupported
@@ -150,9 +167,10 @@ def _run(args) -> int:
     profile = load_profile(args.profile)
     try:
         manifest = corpus_mod.load(profile, args.corpus)
-    except corpus_mod.CorpusError:
+    except corpus_mod.CorpusError as exc:
         if not args.generate:
-            raise
+            generate = shlex.join(["mailhub-loadtest", "generate", args.profile, "--corpus", str(args.corpus)])
+            raise corpus_mod.CorpusError(f"{exc}: run `{generate}` first, or add --generate to this command") from None
         manifest = corpus_mod.generate(profile, args.corpus, corpus_mod.print_progress)
     hub = None
     try:
@@ -220,7 +238,7 @@ def _run(args) -> int:
 
         write_report(result, report_path)
     except ImportError as exc:  # matplotlib missing: the JSON is still complete
-        print(f"mailhub-loadtest: no HTML report ({exc})", file=sys.stderr)
+        print(f"mailhub-loadtest: no HTML report ({exc}; {INSTALL_EXTRAS})", file=sys.stderr)
     for line in result["problems"][:20]:
         print(f"  {line}", file=sys.stderr)
     if result["problems_total"] > 20:

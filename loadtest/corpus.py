@@ -137,12 +137,10 @@ def generate(profile: Profile, corpus: Path, progress=None) -> dict:
 def load(profile: Profile, corpus: Path) -> dict:
     path = corpus / "manifest.json"
     if not path.exists():
-        raise CorpusError(f"no corpus in {corpus}: run `mailhub-loadtest generate {profile.name} --corpus {corpus}`")
+        raise CorpusError(f"no corpus in {corpus}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("profile_sha256") != profile.sha256:
-        raise CorpusError(
-            f"the corpus in {corpus} was built from another profile (or version); run `mailhub-loadtest generate` again"
-        )
+        raise CorpusError(f"the corpus in {corpus} was built from another profile (or version)")
     return manifest
 
 

@@ -2,11 +2,14 @@
 # PGP/MIME round trip), then the smoke profile end to end against a spawned hub, and a run that
 # must fail because a mail is deleted on the server behind the tool's back.
 import json
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tomllib
 
 import pytest
 from pgpy.errors import PGPError
@@ -14,6 +17,7 @@ from pgpy.errors import PGPError
 from loadtest import arrivals, pgpmime
 from loadtest import pop3_protocol as pp
 from loadtest import smtp_protocol as sp
+from loadtest.cli import EXTRAS
 from loadtest.pacing import Pacer
 from loadtest.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile
 from loadtest.results import percentile
@@ -539,6 +543,48 @@ def test_checks_count_duplicates_corruption_and_unexpected_mail(tmp_path):
     assert (counts["lost"], counts["duplicated"], counts["corrupted"], counts["unexpected"]) == (1, 1, 1, 1)
     assert counts["deep_checked"] == 3 and not verdict["passed"]
     assert any("m3@a.hub.test: LOST" in p for p in verdict["problems"])
+
+
+def test_run_without_a_corpus_names_the_command_that_makes_it(tmp_path):
+    corpus = tmp_path / "my corpus"
+    result = loadtest("run", "smoke", "--corpus", corpus, "--out", tmp_path / "r.json", "--spawn-local")
+    command = f"mailhub-loadtest generate smoke --corpus '{corpus}'"
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        f"mailhub-loadtest: no corpus in {corpus}: run `{command}` first, or add --generate to this command\n",
+    )
+    assert loadtest(*shlex.split(command)[1:]).returncode == 0  # the command it names makes the corpus
+    stale = loadtest("run", "pilot", "--corpus", corpus, "--out", tmp_path / "r.json", "--spawn-local")
+    assert (stale.returncode, stale.stderr) == (
+        2,
+        f"mailhub-loadtest: the corpus in {corpus} was built from another profile (or version): run"
+        f" `mailhub-loadtest generate pilot --corpus '{corpus}'` first, or add --generate to this command\n",
+    )
+
+
+def test_the_extras_list_is_the_loadtest_extra():
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["loadtest"]
+    assert set(EXTRAS) == {re.match(r"[A-Za-z0-9_.-]+", requirement).group() for requirement in extra}
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("pydicom", ["generate", "smoke", "--corpus", "{tmp}/corpus"]),
+        ("matplotlib", ["report", "{tmp}/r.json", "--html", "{tmp}/r.html"]),
+    ],
+)
+def test_missing_extras_name_the_pip_install(tmp_path, module, args):
+    argv = [arg.format(tmp=tmp_path) for arg in args]
+    code = f"import sys; sys.modules[{module!r}] = None; from loadtest.cli import main; sys.exit(main({argv!r}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        f"mailhub-loadtest: {module} is missing: install the tool's extras with pip install '.[loadtest]' in the"
+        " hub's source folder (or pip install 'dicom-mail-hub[loadtest]')\n",
+    )
 
 
 def test_accounts_file_and_loopback_only(tmp_path):
