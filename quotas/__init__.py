@@ -20,7 +20,7 @@ from .limits import (
 )
 from .pacing import PacingConfig, TokenBucket, pacing_rate
 from .sets import OpenSets, SetPart
-from .throttle import SiteRef, Throttle, ThrottleSettings, merge_limits, usage_ratios
+from .throttle import SiteRecord, SiteRef, Throttle, ThrottleSettings, merge_limits, usage_ratios
 from .usage import check_mailbox, check_quotas, check_size, check_volume, next_day, next_month
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "SetPart",
     "NO_SITE",
     "Ledger",
+    "SiteRecord",
     "SiteRef",
     "Throttle",
     "ThrottleSettings",

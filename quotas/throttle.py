@@ -7,9 +7,9 @@
 # the volume quotas, retry times quoted to senders, when the last deferral happened).
 # Pure: never does I/O, reads the clock or sleeps; the server's throttle loop feeds it.
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from .admission import (
     AdmissionConfig,
@@ -48,9 +48,22 @@ class ThrottleSettings:
     drain_admission: bool = True  # False: quotas only, no deferral by drain time
 
 
+class SiteRecord(Protocol):
+    """What the throttle needs of a site record (storage.Site has it; SiteRef is the plain one)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def limits(self) -> Mapping[str, float]: ...  # overrides: limit name -> value (-1 unlimited)
+
+
 @dataclass
 class SiteRef:
-    """What the throttle needs of a site record."""
+    """A site record holding only what the throttle needs."""
 
     id: int
     name: str
@@ -77,20 +90,20 @@ class Throttle:
         self.sets = OpenSets()
         self._estimators: dict[int, DrainEstimator] = {}
         self._buckets: dict[int, TokenBucket] = {}  # receiver -> its intake bucket (pacing)
-        self._limits: dict[int, tuple[dict[str, float], SiteLimits]] = {}
+        self._limits: dict[int, tuple[Mapping[str, float], SiteLimits]] = {}
         self.deferrals: Counter[tuple[str, str]] = Counter()  # (receiver name, reason) -> count
         self.last_deferral: dict[int, tuple[float, str]] = {}  # site -> (Unix time, reason)
 
     # ---- sites -------------------------------------------------------------------------------
 
-    def limits(self, site: SiteRef) -> SiteLimits:
+    def limits(self, site: SiteRecord) -> SiteLimits:
         cached = self._limits.get(site.id)
         if cached is None or cached[0] is not site.limits:  # a reloaded site record brings a new dict
             cached = (site.limits, merge_limits(self.settings.defaults, site.limits))
             self._limits[site.id] = cached
         return cached[1]
 
-    def _estimator(self, site: SiteRef, now: float) -> DrainEstimator:
+    def _estimator(self, site: SiteRecord, now: float) -> DrainEstimator:
         prior = self.limits(site).downlink_prior
         estimator = self._estimators.get(site.id)
         if estimator is None:
@@ -103,7 +116,7 @@ class Throttle:
 
     # ---- feeding -----------------------------------------------------------------------------
 
-    def observe(self, sites: list[SiteRef], now: float) -> None:
+    def observe(self, sites: Sequence[SiteRecord], now: float) -> None:
         """One reading of every site's download counter and backlog (call every second or so)."""
         for site in sites:
             self.limits(site)
@@ -120,13 +133,19 @@ class Throttle:
 
     # ---- decisions ---------------------------------------------------------------------------
 
-    def receiver_state(self, site: SiteRef, now: float) -> ReceiverState:
+    def receiver_state(self, site: SiteRecord, now: float) -> ReceiverState:
         return ReceiverState(
             site.name, self.limits(site), self._estimator(site, now).rate(now), self.ledger.waiting(site.id)
         )
 
     def at_rcpt(
-        self, token: Hashable, sender: SiteRef | None, receiver: SiteRef, declared: int | None, now: float, wall: float
+        self,
+        token: Hashable,
+        sender: SiteRecord | None,
+        receiver: SiteRecord,
+        declared: int | None,
+        now: float,
+        wall: float,
     ) -> Verdict:
         """Quotas with the declared size, then drain-time admission; an accepted declared size is
         reserved against the receiver until `release(token)`."""
@@ -142,8 +161,8 @@ class Throttle:
     def at_end_of_data(
         self,
         token: Hashable,
-        sender: SiteRef | None,
-        receivers: list[tuple[SiteRef, Verdict | None]],
+        sender: SiteRecord | None,
+        receivers: Sequence[tuple[SiteRecord, Verdict | None]],
         size: int,
         part: SetPart | None,
         now: float,
@@ -186,7 +205,9 @@ class Throttle:
             ledger.reserve(token, receiver.id, _key(sender), stored)
         return accept("admitted", size=size, receivers=len(receivers))
 
-    def admitted(self, sender: SiteRef | None, receivers: list[SiteRef], part: SetPart | None, now: float) -> None:
+    def admitted(
+        self, sender: SiteRecord | None, receivers: Sequence[SiteRecord], part: SetPart | None, now: float
+    ) -> None:
         """The mail is committed (the ledger hears of it from storage): note its study set part."""
         for receiver in receivers:
             record_admitted(now, _key(sender), receiver.name, part, self.sets)
@@ -194,11 +215,13 @@ class Throttle:
     def release(self, token: Hashable) -> None:
         self.ledger.release(token)
 
-    def stream_limit(self, token: Hashable, sender: SiteRef | None, receivers: list[SiteRef]) -> tuple[int, str] | None:
+    def stream_limit(
+        self, token: Hashable, sender: SiteRecord | None, receivers: Sequence[SiteRecord]
+    ) -> tuple[int, str] | None:
         """The size at which the data being received must stop (and the reply to give then): the
         smallest message-size limit and mailbox room left among the receivers (and the sender)."""
         limits = []
-        for site in ([sender] if sender is not None else []) + receivers:
+        for site in [*([sender] if sender is not None else []), *receivers]:
             size_limit = self.limits(site).max_message_size
             if size_limit is not None:
                 limits.append((size_limit, MessageTooBig.reply))
@@ -209,7 +232,7 @@ class Throttle:
                 limits.append((max(room - used, 0), MailboxFull.reply))
         return min(limits, default=None, key=lambda item: item[0])
 
-    def pacing_rate(self, receivers: list[SiteRef], now: float) -> float | None:
+    def pacing_rate(self, receivers: Sequence[SiteRecord], now: float) -> float | None:
         """Bytes/s at which to read a sender's data, or None for unpaced."""
         if not self.settings.pacing.enabled:
             return None
@@ -221,7 +244,7 @@ class Throttle:
             figures.append((drain, state.limits.max_drain_time, rate))
         return pacing_rate(figures, self.settings.pacing)
 
-    def buckets(self, receivers: list[SiteRef], now: float) -> list[TokenBucket]:
+    def buckets(self, receivers: Sequence[SiteRecord], now: float) -> list[TokenBucket]:
         """The intake buckets of the receivers: every sender's data for a receiver draws from its
         one bucket, whose rate `observe` keeps at the pacing rate (None: unpaced, free)."""
         found = []
@@ -234,8 +257,8 @@ class Throttle:
 
     def _quotas(
         self,
-        sender: SiteRef | None,
-        receiver: SiteRef,
+        sender: SiteRecord | None,
+        receiver: SiteRecord,
         size: int | None,
         wall: float,
         token: Hashable,
@@ -251,7 +274,7 @@ class Throttle:
         receiving = (self.limits(receiver), self.ledger.usage(receiver.id, wall, excluding=token))
         return check_quotas(sending, receiving, size, wall, stored)
 
-    def _counted(self, receiver: SiteRef, verdict: Verdict, wall: float) -> Verdict:
+    def _counted(self, receiver: SiteRecord, verdict: Verdict, wall: float) -> Verdict:
         if not verdict.ok:
             self.deferrals[(receiver.name, verdict.reason)] += 1
             self.last_deferral[receiver.id] = (wall, verdict.reason)
@@ -259,7 +282,7 @@ class Throttle:
 
     # ---- reporting ---------------------------------------------------------------------------
 
-    def state(self, site: SiteRef, now: float, wall: float) -> dict[str, Any]:
+    def state(self, site: SiteRecord, now: float, wall: float) -> dict[str, Any]:
         """The live figures of one site (metrics, `mailhub site show`)."""
         limits = self.limits(site)
         reading = self._estimator(site, now).reading(now)
@@ -303,5 +326,5 @@ def usage_ratios(limits: SiteLimits, usage: SiteUsage) -> dict[str, float]:
     }
 
 
-def _key(sender: SiteRef | None) -> int:
+def _key(sender: SiteRecord | None) -> int:
     return NO_SITE if sender is None else sender.id
