@@ -220,7 +220,15 @@ def _directory_parsers(commands, site_commands, common) -> None:
 @quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
+    umask = os.umask(PRIVATE_UMASK)
+    os.umask(umask | PRIVATE_UMASK)
+    try:
+        return _command(args)
+    finally:
+        os.umask(umask)  # as it was for the rest of a program that calls main() (the tests, loadtest's site adder)
+
+
+def _command(args) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:

@@ -97,3 +97,17 @@ def test_the_quick_start_leaves_a_private_data_folder(make_hub):
     assert any(name.startswith("ledger/") for name in modes) and any(name.startswith("blobs/") for name in modes)
     folders = {name for name in modes if (hub.data_dir / name).is_dir()}
     assert {name: mode for name, mode in modes.items() if mode != ("0o700" if name in folders else "0o600")} == {}
+
+
+def test_main_in_a_program_keeps_that_programs_umask(tmp_path, monkeypatch, capsys):
+    from mailhub.cli import main
+
+    monkeypatch.setenv("MAILHUB_DATA_DIR", str(tmp_path / "data"))
+    saved = os.umask(0o022)
+    try:
+        assert main(["site", "list"]) == 0
+        assert os.umask(0o022) == 0o022  # the tests and loadtest's site adder call main() in their process
+    finally:
+        os.umask(saved)
+    assert capsys.readouterr().out == "no sites\n"
+    assert oct(stat.S_IMODE((tmp_path / "data").stat().st_mode)) == "0o700"
