@@ -15,7 +15,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADDRESS_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9.-]+$")
 # The shortest password `site add` and `site passwd` accept (docs/operator-guide.md#sites says why).
 MIN_PASSWORD_LENGTH = 12
-# Local parts no site may have in any local domain: postmaster (RFC 5321 §4.5.1: reaches the
+# Local parts no site may have in any local domain: postmaster (RFC 5321 §4.5.1: must reach the
 # operator), abuse (RFC 2142) and mailer-daemon (the sender of the hub's bounces).
 RESERVED_LOCAL_PARTS = ("postmaster", "abuse", "mailer-daemon")
 
