@@ -329,8 +329,9 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
         listed = json.loads(hub.cli("queue", "list", "--json").stdout)
         assert [(e["queue_id"], e["rcpt"], e["attempts"]) for e in listed] == [(qid, f"later@{REMOTE}", 2)]
         hop.mode = "ok"
-        time.sleep(1.5)
-        assert queue_rows(hub) and not hop.messages  # the next attempt is an hour away
+        # the next attempt is an hour away (the back-off), so nothing is tried until the retry below
+        ((next_attempt,),) = hub.query("SELECT next_attempt_at FROM outbound")
+        assert next_attempt - time.time() > 3500 and queue_rows(hub) and not hop.messages
         assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")
         wait_until(lambda: not queue_rows(hub), what="delivery after queue retry")
     finally:
