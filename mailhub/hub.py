@@ -20,7 +20,8 @@ from relay.imap.server import ImapContext
 from relay.logins import Logins
 from relay.outbound.queue import OutboundQueue
 from relay.pop3.server import Pop3Context
-from relay.smtp.server import HubSMTP, SmtpContext
+from relay.smtp.context import SmtpContext
+from relay.smtp.server import HubSMTP
 from storage import SiteCache, Storage, StorageFull
 from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
 from storage.scrub import Scrub

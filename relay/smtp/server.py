@@ -10,7 +10,6 @@
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
 import functools
-import ipaddress
 import logging
 import ssl
 import time
@@ -18,19 +17,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from aiosmtpd.smtp import Envelope, syntax
+from aiosmtpd.smtp import syntax
 
-from directory import DirectoryError, DirectoryMailer, KeyRing, recipients_under_policy
-from quotas import SetPart, Throttle, Verdict
+from directory import DirectoryError, recipients_under_policy
+from quotas import SetPart, Verdict
 from relay import connection_limits, metrics
 from relay.internal_errors import report_internal_error
 from relay.login_deadline import LoginDeadline
-from relay.logins import Logins
 from relay.mailbox_session import is_loopback, printable
-from relay.outbound.routes import route_for
 from relay.policy.encryption import EncryptionPolicy
 from relay.smtp import replies as R
 from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
+from relay.smtp.context import SmtpContext, Transaction
 from relay.smtp.ingest import IncomingMessage
 from relay.smtp.message_scan import DotLineScanner
 from relay.smtp.pacing import Pacer
@@ -51,7 +49,7 @@ from relay.smtp.protocol import (
 )
 from relay.smtp.stream import DataDecoder
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
-from storage import Delivery, MessageMeta, Site, SiteCache, Storage, StorageError, StorageFull
+from storage import Delivery, MessageMeta, Site, StorageError, StorageFull
 from storage.events import refusal as refusal_event
 
 log = logging.getLogger("mailhub.smtp")
@@ -59,104 +57,8 @@ CHUNK = 1024 * 1024
 _READER_LIMIT = 128 * 1024  # the command reader buffers at most 2x this before pausing the socket
 _MIN_DATA_RATE = 500  # octets/s a client must keep up in DATA/BDAT (idle deadline, see _data_progress)
 _MAX_AUTH_FAILURES = 5  # per connection (the login guard slows and blocks across connections)
-_REFUSALS = {
-    connection_limits.TOTAL: R.TOO_MANY_CONNECTIONS,
-    connection_limits.PER_ADDRESS: R.TOO_MANY_CONNECTIONS_FROM_ADDRESS,
-    connection_limits.UNAUTHENTICATED: R.TOO_MANY_UNAUTHENTICATED,
-    connection_limits.UNAUTHENTICATED_PER_ADDRESS: R.TOO_MANY_UNAUTHENTICATED_FROM_ADDRESS,
-}
 _YIELD_EVERY = 16  # commands run between two turns of the event loop: a client pipelining 256 KB of
 # NOOPs (40,000 commands, all buffered) would otherwise hold the loop for a second
-
-
-class Transaction(Envelope):
-    """aiosmtpd's envelope plus what the hub needs per transaction."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deliveries: list[Delivery] = []
-        self.receivers: list[Site] = []  # the local sites of the deliveries
-        self.verdicts: dict[int, Verdict] = {}  # the throttle's verdict at RCPT per receiving site
-        self.remote: list[str] = []  # recipients to relay to other networks
-        self.declared_size: int | None = None
-        self.bdat: IncomingMessage | None = None  # the message of an open BDAT series
-        self.receiving: IncomingMessage | None = None  # the message of a DATA being received
-        self.bdat_dots: DotLineScanner | None = None
-        self.bdat_failed = False
-        self.pacer: Pacer | None = None  # reads DATA/BDAT bytes no faster than allowed
-        self.directory_request = False  # directory@<local domain> was a recipient
-        self.policy: EncryptionPolicy | None = None
-
-    @property
-    def has_recipients(self) -> bool:
-        return bool(self.deliveries or self.remote) or self.directory_request
-
-
-class SmtpContext:
-    """What all SMTP connections share: config, storage, sites, limits, live connections."""
-
-    def __init__(
-        self,
-        cfg,
-        storage: Storage,
-        sites: SiteCache,
-        tls_context: ssl.SSLContext | None,
-        throttle: Throttle,
-        directory: DirectoryMailer | None = None,
-        keyring: KeyRing | None = None,
-        logins: Logins | None = None,
-    ):
-        self.cfg = cfg
-        self.storage = storage
-        self.sites = sites
-        self.throttle = throttle
-        self.tls_context = tls_context
-        self.directory = directory
-        self.keyring = keyring
-        self.connections: set[HubSMTP] = set()
-        self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.smtp))
-        self.logins = logins or Logins.from_config(cfg, sites)  # shared by all protocols (server.py)
-        self.shutting_down = False
-        relay = cfg.relay
-        self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
-
-    def admit(self, conn: "HubSMTP", ip: str) -> str | None:
-        """Count the new connection (conn.ticket); the refusal reply if it is over a limit."""
-        if self.shutting_down:
-            return R.SHUTTING_DOWN
-        admitted = self.connection_counter.admit(ip)
-        if isinstance(admitted, str):
-            metrics.connection_refused("smtp", admitted)
-            return _REFUSALS[admitted]
-        conn.ticket = admitted
-        self.connections.add(conn)
-        return None
-
-    def release(self, conn: "HubSMTP") -> None:
-        self.connections.discard(conn)
-        if conn.ticket is not None:
-            conn.ticket.release()
-
-    def is_peer(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self.cfg.smtp.peer_networks)
-
-    async def drain(self, timeout: float) -> None:
-        """Shutdown: close idle sessions now, give busy ones until `timeout` to finish."""
-        self.shutting_down = True
-        deadline = time.monotonic() + timeout
-        while True:
-            for conn in list(self.connections):
-                if not conn.busy:
-                    conn.close_now(R.SHUTTING_DOWN)
-            if not self.connections or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.close_now(R.SHUTTING_DOWN)
 
 
 class HubSMTP(AiosmtpdSession):
@@ -1015,4 +917,4 @@ def _date_of(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
-__all__ = ["HubSMTP", "SmtpContext"]
+__all__ = ["HubSMTP"]
