@@ -127,6 +127,9 @@ class Deployment:
             "mailhub_apply_kernel_tuning": False,
             "mailhub_system_packages": [],  # this machine has them; apt is not for a test
             "mailhub_wheel_source": str(_build_wheel(work)),
+            # pip leaves the .py files of the hub and its dependencies uncompiled (imports compile
+            # what they use): half the time of the first install, the longest task of the suite
+            "mailhub_pip_extra_args": ["--no-compile"],
             "mailhub_tls_cert_source": str(self.cert),
             "mailhub_tls_key_source": str(self.key),
             "mailhub_smtp_listen": f"127.0.0.1:{self.ports['smtp']}",
