@@ -84,11 +84,15 @@ WRONG = {
 }
 
 
+# The first failure's delay there; each next one doubles it (the doubling is the point, not the size).
+FIRST_DELAY = 0.1
+
+
 def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_hub):
     hub = make_hub(
         sites=ALPHA_BETA,
         process=True,
-        MAILHUB_AUTH_FAILURE_DELAY="0.2",
+        MAILHUB_AUTH_FAILURE_DELAY=str(FIRST_DELAY),
         MAILHUB_AUTH_MAX_FAILURES="5",
         MAILHUB_AUTH_BLOCK_TIME="600",
         MAILHUB_AUTH_PENALTY_HALF_LIFE="86400",
@@ -100,15 +104,15 @@ def test_guessing_across_protocols_slows_the_address_then_blocks_the_pair(make_h
         ok, answer, took = try_login(hub, protocol, f"guess-{n}")
         assert not ok and answer.startswith(WRONG[protocol]), answer
         timings.append(took)
-    # the failure replies are held back 0.2, 0.4, 0.8, 1.6, 3.2 s (each reply took at least that,
+    # the failure replies are held back 0.1, 0.2, 0.4, 0.8, 1.6 s (each reply took at least that,
     # plus its password check, which is slow on a busy machine: the hub's own count of penalty
     # seconds shows the growth exactly); the 5th failure blocked the pair
     for n, took in enumerate(timings):
-        assert 0.2 * 2**n - 0.05 < took < 0.2 * 2**n + 3.0, timings
+        assert FIRST_DELAY * 2**n - 0.05 < took < FIRST_DELAY * 2**n + 3.0, timings
     held = sum(
         metric(metrics(hub), "mailhub_login_penalty_seconds_total", protocol=p) for p in ("smtp", "pop3", "imap")
     )
-    assert held == pytest.approx(0.2 + 0.4 + 0.8 + 1.6 + 3.2, abs=0.05), (held, timings)
+    assert held == pytest.approx(FIRST_DELAY * (1 + 2 + 4 + 8 + 16), abs=0.05), (held, timings)
     # now the right password is refused too, unchecked, on every protocol, from that address
     for protocol in ("smtp", "pop3", "imap"):
         ok, answer, _ = try_login(hub, protocol, PASSWORD)
