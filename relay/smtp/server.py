@@ -13,14 +13,13 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from aiosmtpd.smtp import syntax
 
 from directory import DirectoryError, recipients_under_policy
-from quotas import SetPart, Verdict
+from quotas import SetPart
 from relay import connection_limits, metrics
 from relay.internal_errors import report_internal_error
 from relay.login_deadline import LoginDeadline
@@ -47,10 +46,10 @@ from relay.smtp.protocol import (
     wire,
     with_protocol,
 )
+from relay.smtp.refusals import log_throttle_refusal, track_refusal
 from relay.smtp.stream import DataDecoder
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
 from storage import Delivery, MessageMeta, Site, StorageError, StorageFull
-from storage.events import refusal as refusal_event
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
@@ -536,7 +535,7 @@ class HubSMTP(AiosmtpdSession):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: RCPT <%s> %s", self._peer_ip, printable(address), verdict.log_text())
             if verdict.reply is not None:
-                self._log_refusal(f"RCPT <{printable(address)}>", verdict.reply, verdict)
+                log_throttle_refusal(self._peer_ip, self._site, f"RCPT <{printable(address)}>", verdict.reply, verdict)
                 await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
             limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
@@ -545,21 +544,6 @@ class HubSMTP(AiosmtpdSession):
             tx.verdicts[site.id] = verdict
         tx.rcpt_tos.append(address)
         await self.reply_pipelined(R.RECIPIENT_OK)
-
-    def _log_refusal(self, what: str, reply: str, verdict: Verdict) -> None:
-        """Throttle refusals (`reply`: the verdict's) with the figures behind them; 4xx ones are
-        counted as deferrals."""
-        if reply[0] == "4":
-            metrics.smtp_deferral(verdict.reason)
-        site = self._site
-        log.info(
-            "%s site=%s: %s refused %s: %s",
-            self._peer_ip,
-            site.name if site else "-",
-            what,
-            reply[:9],
-            verdict.log_text(),
-        )
 
     async def _directory_recipient(self, address: str) -> None:
         """directory@<local domain>: answered with the signed participant list, to sites only."""
@@ -580,38 +564,8 @@ class HubSMTP(AiosmtpdSession):
     async def _refuse(self, command: str, reply: str, sender: str | None, rcpt: str | None = None) -> None:
         """A policy or limit refusal of MAIL FROM or RCPT TO: counted, tracked, answered."""
         metrics.smtp_refusal(command, reply)
-        self._track_refusal(reply, sender, [rcpt])
+        track_refusal(self.ctx, self._peer_ip, self._site, reply, sender, [rcpt])
         await self.push(reply)
-
-    def _track_refusal(
-        self, reply: str, sender: str | None, rcpts: Sequence[str | None], message: IncomingMessage | None = None
-    ) -> None:
-        """Queue a refused/deferred tracking event per recipient (never waits for the disk)."""
-        site = self._site
-        queue_id = message_id = set_id = size = None
-        if message is not None:
-            message.headers.close()
-            queue_id = message.spool.queue_id if message.spool is not None else None
-            message_id, set_id = message.headers.message_id, message.headers.set_id
-            size = message.size
-        now = time.time()
-        for rcpt in rcpts:
-            to_site = self.ctx.sites.by_address(rcpt) if rcpt else None
-            self.ctx.storage.record_event(
-                refusal_event(
-                    now,
-                    reply,
-                    site=site.name if site else None,
-                    sender=sender,
-                    rcpt=rcpt,
-                    to_site=to_site.name if to_site else None,
-                    peer=self._peer_ip,
-                    queue_id=queue_id,
-                    message_id=message_id,
-                    set_id=set_id,
-                    size=size,
-                )
-            )
 
     def _client(self) -> Client:
         return Client(site=self._site, from_peer_network=self._from_peer_network)
@@ -823,14 +777,14 @@ class HubSMTP(AiosmtpdSession):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
             if verdict.reply is not None:
-                self._log_refusal(f"qid={message.queue_id}", verdict.reply, verdict)
+                log_throttle_refusal(self._peer_ip, site, f"qid={message.queue_id}", verdict.reply, verdict)
                 message.discard()
                 reply = verdict.reply
             else:
                 reply = await self._store(message, meta, part)
         elapsed = time.monotonic() - started
         if reply[0] != "2":
-            self._track_refusal(reply, sender, tx.rcpt_tos, message)
+            track_refusal(self.ctx, self._peer_ip, site, reply, sender, tx.rcpt_tos, message)
         metrics.smtp_transaction(
             reply,
             message.size,
