@@ -116,6 +116,11 @@ class SmtpContext:
             return False
         return any(address in net for net in self.cfg.smtp.peer_networks)
 
+    def site_gone(self, site: Site) -> bool:
+        """The site was removed (or removed and made anew) since a session learnt of it."""
+        current = self.sites.by_name(site.name)
+        return current is None or current.id != site.id
+
     async def drain(self, timeout: float) -> None:
         """Shutdown: close idle sessions now, give busy ones until `timeout` to finish."""
         self.shutting_down = True

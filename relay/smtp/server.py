@@ -9,22 +9,16 @@
 # I/O glue. It must never let a client's input reach a
 # traceback: a bug is one log line (internal_errors) and a 451, and the session goes on.
 import asyncio
-import functools
 import logging
 import ssl
 import time
-from datetime import UTC, datetime
-from email.utils import format_datetime
 
 from aiosmtpd.smtp import syntax
 
-from directory import DirectoryError, recipients_under_policy
-from quotas import SetPart
 from relay import connection_limits, metrics
 from relay.internal_errors import report_internal_error
 from relay.login_deadline import LoginDeadline
 from relay.mailbox_session import is_loopback, printable
-from relay.policy.encryption import EncryptionPolicy
 from relay.smtp import replies as R
 from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
 from relay.smtp.context import SmtpContext, Transaction
@@ -44,12 +38,12 @@ from relay.smtp.protocol import (
     out_of_sequence,
     phase_of,
     wire,
-    with_protocol,
 )
+from relay.smtp.receiving import Receiver
 from relay.smtp.refusals import log_throttle_refusal, track_refusal
 from relay.smtp.stream import DataDecoder
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
-from storage import Delivery, MessageMeta, Site, StorageError, StorageFull
+from storage import Delivery, Site, StorageFull
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
@@ -78,7 +72,7 @@ class HubSMTP(AiosmtpdSession):
         self.ctx = ctx
         self._in_data = False  # reading DATA/BDAT bytes or committing them
         self._held: list[bytes] = []  # replies held back for pipelining
-        self._peer_ip = ""
+        self.peer_ip = ""
         self._from_peer_network = False
         self._auth_failures = 0
         self._command_budget = CommandBudget(cfg.smtp.max_commands, cfg.smtp.max_bad_commands)
@@ -88,6 +82,7 @@ class HubSMTP(AiosmtpdSession):
         self._reading_paused = False  # the socket is not read until memory is under the budget
         self.ticket: connection_limits.Ticket | None = None  # counted while open (SmtpContext.admit)
         self._login_deadline: LoginDeadline | None = None
+        self._receiver = Receiver(self)
 
     # ---- connection life cycle -------------------------------------------------------------
 
@@ -97,7 +92,7 @@ class HubSMTP(AiosmtpdSession):
         tx = self.envelope
         return self._in_data or (isinstance(tx, Transaction) and tx.bdat is not None)
 
-    def _transaction(self) -> Transaction:
+    def transaction(self) -> Transaction:
         """The transaction under way: set from connection_made() on, and always a Transaction
         (new_envelope). (A method: aiosmtpd's __init__ reads every property.)"""
         tx = self.envelope
@@ -107,16 +102,16 @@ class HubSMTP(AiosmtpdSession):
     def new_envelope(self) -> Transaction:
         old = getattr(self, "envelope", None)
         if isinstance(old, Transaction):
-            self._abort(old, "reset")  # RSET, EHLO or STARTTLS between two BDAT chunks
+            self._receiver.abort(old, "reset")  # RSET, EHLO or STARTTLS between two BDAT chunks
             self.ctx.throttle.release(old)  # sizes reserved at RCPT end with their transaction
         return Transaction()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self._peer_ip = peer[0] if isinstance(peer, tuple) else "local"
-        self._from_peer_network = self.ctx.is_peer(self._peer_ip)
-        loopback = self._peer_ip == "local" or is_loopback(self._peer_ip)
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else "local"
+        self._from_peer_network = self.ctx.is_peer(self.peer_ip)
+        loopback = self.peer_ip == "local" or is_loopback(self.peer_ip)
         self.auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -127,7 +122,7 @@ class HubSMTP(AiosmtpdSession):
         self._buffered = 0
         tx = self.envelope
         if isinstance(tx, Transaction):
-            self._abort(tx, self._closing_why or ("connection lost" if error else "client closed"))
+            self._receiver.abort(tx, self._closing_why or ("connection lost" if error else "client closed"))
             self.ctx.throttle.release(tx)
         super().connection_lost(error)
 
@@ -172,30 +167,8 @@ class HubSMTP(AiosmtpdSession):
         self._closing_why = self._closing_why or "client closed"
         return super().eof_received()
 
-    def _abort(self, tx: Transaction, why: str) -> None:
-        """A transaction whose data was being received (or committed) ends without a reply: its
-        message is dropped, and the log gets one line (the first caller's reason)."""
-        message = tx.receiving or tx.bdat
-        if message is None:
-            return
-        tx.receiving = tx.bdat = None
-        committing = message.spool is not None and message.spool.handed_over
-        message.discard()  # (not once handed to the index writer: that commit runs to its end)
-        metrics.smtp_aborted(why)
-        site = self._site
-        log.info(
-            "qid=%s site=%s from=<%s> rcpts=%s received=%d outcome=%s reason=%r",
-            message.queue_id,
-            site.name if site else "-",
-            printable(tx.mail_from or ""),
-            ",".join(printable(r) for r in tx.rcpt_tos),
-            message.size,
-            "unanswered (being committed: stored unless the commit fails)" if committing else "aborted",
-            why,
-        )
-
     async def serve(self) -> None:
-        refusal = self.ctx.admit(self, self._peer_ip)
+        refusal = self.ctx.admit(self, self.peer_ip)
         metrics.smtp_session(
             "admitted" if refusal is None else "shutting_down" if refusal == R.SHUTTING_DOWN else "too_many_connections"
         )
@@ -207,7 +180,7 @@ class HubSMTP(AiosmtpdSession):
             await self.push(f"220 {self.hostname} {self.ident}")
             await self._serve_commands()
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client is gone (a transaction it left was logged by _abort)
+            pass  # the client is gone (a transaction it left was logged by Receiver.abort)
         finally:
             if self.transport is not None:
                 self.transport.close()
@@ -231,7 +204,7 @@ class HubSMTP(AiosmtpdSession):
                 method = self.commands[verb]
                 too_many = budget.take(verb)
                 if too_many:
-                    log.warning("%s: %s sent too many times", self._peer_ip, verb)
+                    log.warning("%s: %s sent too many times", self.peer_ip, verb)
                     self.close_now(too_many)
                     return
                 self.touch_idle_deadline()
@@ -243,7 +216,7 @@ class HubSMTP(AiosmtpdSession):
                     self._report(exc)
                     await self.push(R.INTERNAL_ERROR)
             if budget.exhausted:
-                log.info("%s: too many errors (%d), closing", self._peer_ip, budget.errors)
+                log.info("%s: too many errors (%d), closing", self.peer_ip, budget.errors)
                 self.close_now(R.TOO_MANY_ERRORS)
                 return
 
@@ -268,12 +241,12 @@ class HubSMTP(AiosmtpdSession):
     def _report(self, error: Exception) -> None:
         tx = self.envelope
         message = tx.receiving or tx.bdat if isinstance(tx, Transaction) else None
-        site = self._site
+        site = self.site
         report_internal_error(
             log,
             "smtp",
             error,
-            f"peer={self._peer_ip} site={site.name if site else '-'} qid={message.queue_id if message else '-'}",
+            f"peer={self.peer_ip} site={site.name if site else '-'} qid={message.queue_id if message else '-'}",
         )
 
     def _logged_in(self) -> None:
@@ -288,7 +261,7 @@ class HubSMTP(AiosmtpdSession):
             return False
         log.info(
             "%s: closed: %s within %.0f s",
-            self._peer_ip,
+            self.peer_ip,
             "no mail transaction" if self._from_peer_network else "no authentication",
             self.ctx.cfg.smtp.login_timeout,
         )
@@ -404,7 +377,7 @@ class HubSMTP(AiosmtpdSession):
         try:
             await self.start_tls(self.tls_context)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("%s: TLS handshake failed: %s", self._peer_ip, exc)
+            log.info("%s: TLS handshake failed: %s", self.peer_ip, exc)
             self.live_transport().close()
             return
         # RFC 3207 4.2: forget everything learnt before TLS, authentication included.
@@ -449,7 +422,7 @@ class HubSMTP(AiosmtpdSession):
     async def _check_login(self, login: bytes, password: bytes) -> str:
         """Log in as the site (the session is then authenticated); the reply."""
         outcome = await self.ctx.logins.login(
-            "smtp", self._peer_ip, login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+            "smtp", self.peer_ip, login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
         )
         if outcome.site is None:
             return R.AUTH_FAILED if outcome.temporary is None else R.auth_temporary_failure(outcome.temporary)
@@ -460,14 +433,9 @@ class HubSMTP(AiosmtpdSession):
         return R.AUTH_OK
 
     @property
-    def _site(self) -> Site | None:
+    def site(self) -> Site | None:
         session = self.session  # (None while aiosmtpd's __init__ reads every property)
         return session.auth_data if session is not None and session.authenticated else None
-
-    def _gone(self, site: Site) -> bool:
-        """The site was removed (or removed and made anew) since this session learnt of it."""
-        current = self.ctx.sites.by_name(site.name)
-        return current is None or current.id != site.id
 
     # ---- MAIL / RCPT -------------------------------------------------------------------------
 
@@ -476,9 +444,9 @@ class HubSMTP(AiosmtpdSession):
         parsed = await self._path_or_reply("MAIL", arg, "FROM:")
         if parsed is None:
             return
-        site = self._site
-        if site is not None and self._gone(site):  # `mailhub site remove` while logged in
-            log.info("%s site=%s: MAIL refused: the site was removed", self._peer_ip, site.name)
+        site = self.site
+        if site is not None and self.ctx.site_gone(site):  # `mailhub site remove` while logged in
+            log.info("%s site=%s: MAIL refused: the site was removed", self.peer_ip, site.name)
             session = self.live_session()
             session.authenticated, session.auth_data = False, None
             await self.push(R.SITE_REMOVED)
@@ -497,7 +465,7 @@ class HubSMTP(AiosmtpdSession):
         if refusal:
             await self._refuse("mail", refusal, address)
             return
-        tx = self._transaction()
+        tx = self.transaction()
         tx.mail_from = address
         tx.declared_size = size
         if self._from_peer_network:
@@ -513,7 +481,7 @@ class HubSMTP(AiosmtpdSession):
         if params:
             await self.push(R.UNKNOWN_PARAMETER)
             return
-        tx = self._transaction()
+        tx = self.transaction()
         if len(tx.rcpt_tos) >= self.ctx.cfg.smtp.max_recipients:
             await self._refuse("rcpt", R.TOO_MANY_RECIPIENTS, tx.mail_from, address)
             return
@@ -524,18 +492,18 @@ class HubSMTP(AiosmtpdSession):
             self._client(), address, self.ctx.cfg.domain, self.ctx.sites.by_address, self.ctx.has_route
         )
         if refusal:
-            log.info("%s: RCPT <%s> refused: %s", self._peer_ip, printable(address), refusal)
+            log.info("%s: RCPT <%s> refused: %s", self.peer_ip, printable(address), refusal)
             await self._refuse("rcpt", refusal, tx.mail_from, address)
             return
         if site is None:
             if all(r.lower() != address.lower() for r in tx.remote):
                 tx.remote.append(address)
         elif all(d.site_id != site.id for d in tx.deliveries):
-            verdict = self.ctx.throttle.at_rcpt(tx, self._site, site, tx.declared_size, time.monotonic(), time.time())
+            verdict = self.ctx.throttle.at_rcpt(tx, self.site, site, tx.declared_size, time.monotonic(), time.time())
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: RCPT <%s> %s", self._peer_ip, printable(address), verdict.log_text())
+                log.debug("%s: RCPT <%s> %s", self.peer_ip, printable(address), verdict.log_text())
             if verdict.reply is not None:
-                log_throttle_refusal(self._peer_ip, self._site, f"RCPT <{printable(address)}>", verdict.reply, verdict)
+                log_throttle_refusal(self.peer_ip, self.site, f"RCPT <{printable(address)}>", verdict.reply, verdict)
                 await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
                 return
             limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
@@ -547,7 +515,7 @@ class HubSMTP(AiosmtpdSession):
 
     async def _directory_recipient(self, address: str) -> None:
         """directory@<local domain>: answered with the signed participant list, to sites only."""
-        site, directory, tx = self._site, self.ctx.directory, self._transaction()
+        site, directory, tx = self.site, self.ctx.directory, self.transaction()
         assert directory is not None  # (only its addresses come here)
         if site is None:
             await self._refuse("rcpt", R.DIRECTORY_SITES_ONLY, tx.mail_from, address)
@@ -564,14 +532,14 @@ class HubSMTP(AiosmtpdSession):
     async def _refuse(self, command: str, reply: str, sender: str | None, rcpt: str | None = None) -> None:
         """A policy or limit refusal of MAIL FROM or RCPT TO: counted, tracked, answered."""
         metrics.smtp_refusal(command, reply)
-        track_refusal(self.ctx, self._peer_ip, self._site, reply, sender, [rcpt])
+        track_refusal(self.ctx, self.peer_ip, self.site, reply, sender, [rcpt])
         await self.push(reply)
 
     def _client(self) -> Client:
-        return Client(site=self._site, from_peer_network=self._from_peer_network)
+        return Client(site=self.site, from_peer_network=self._from_peer_network)
 
     def _phase(self) -> Phase:
-        tx = self._transaction()
+        tx = self.transaction()
         return phase_of(
             bool(self.live_session().host_name),
             tx.mail_from is not None,
@@ -602,8 +570,8 @@ class HubSMTP(AiosmtpdSession):
             await self.push(reply)
             return
         self._in_data = True
-        tx = self._transaction()
-        message = tx.receiving = self._new_message()
+        tx = self.transaction()
+        message = tx.receiving = self._receiver.new_message()
         try:
             await self.push(R.START_DATA)
             decoder = DataDecoder()
@@ -622,10 +590,10 @@ class HubSMTP(AiosmtpdSession):
             if decoder.leftover:
                 self.unread(decoder.leftover)  # pipelined commands after the data
                 self._count_buffer()
-            reply = await self._finish(message, decoder.dot_lines)
+            reply = await self._receiver.finish(message, decoder.dot_lines)
             tx.receiving = None
         except BaseException as exc:
-            self._abort(tx, self._closing_why or _why(exc))
+            self._receiver.abort(tx, self._closing_why or _why(exc))
             raise
         finally:
             self._data_over()
@@ -634,7 +602,7 @@ class HubSMTP(AiosmtpdSession):
     @syntax("BDAT <size> [LAST]")
     async def smtp_BDAT(self, arg: str | None) -> None:
         size, last = parse_bdat(arg)
-        tx = self._transaction()
+        tx = self.transaction()
         if size is None or last is None:  # (a LAST or not comes with a valid size)
             if size is not None:  # the size is known: its chunk is skipped, and a message
                 self._in_data = True  # being received lost it, so its transaction fails
@@ -649,7 +617,7 @@ class HubSMTP(AiosmtpdSession):
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
         sequence_error = out_of_sequence("BDAT", self._phase())
         if sequence_error is None and tx.bdat is None:
-            tx.bdat = self._new_message()
+            tx.bdat = self._receiver.new_message()
             tx.bdat_dots = DotLineScanner()
             tx.pacer = Pacer(self.ctx.throttle, tx.receivers)
         self._in_data = True
@@ -662,12 +630,12 @@ class HubSMTP(AiosmtpdSession):
                 assert message is not None and dots is not None and pacer is not None  # (opened together)
                 await self._read_chunk(size, (message, dots, pacer))
                 if message.failed or last:
-                    reply = await self._finish(message, dots.found)
+                    reply = await self._receiver.finish(message, dots.found)
                     tx.bdat, tx.bdat_failed = None, reply[0] != "2"
                 else:
                     reply = R.chunk_received(size)
         except BaseException as exc:
-            self._abort(tx, self._closing_why or _why(exc))
+            self._receiver.abort(tx, self._closing_why or _why(exc))
             raise
         finally:
             self._data_over()
@@ -695,155 +663,6 @@ class HubSMTP(AiosmtpdSession):
                 await message.room()
             await pacer.after_read(size)
 
-    def _new_message(self) -> IncomingMessage:
-        """A message to receive, stopped (and drained) at the size limit or the receivers' room,
-        checked by the encryption policy as it streams when that applies."""
-        tx = self._transaction()
-        max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
-        limit = self.ctx.throttle.stream_limit(tx, self._site, tx.receivers)
-        if limit is not None and limit[0] < max_size:
-            max_size, reply = limit
-        tx.policy = self._encryption_policy()
-        return IncomingMessage(
-            self.ctx.storage, max_size, self._trace_header, reply, [tx.policy] if tx.policy is not None else ()
-        )
-
-    def _encryption_policy(self) -> EncryptionPolicy | None:
-        """The policy for this transaction's recipient sites, whoever sends (the null sender,
-        postmaster and reports included: a report passes because its parts are clear reports).
-        None when no recipient site is under it, or for a request to the directory only (nothing
-        of it is stored)."""
-        tx = self._transaction()
-        if self.ctx.keyring is None or not tx.deliveries:
-            return None
-        recipients = recipients_under_policy(tx.receivers, self.ctx.keyring, self.ctx.cfg)
-        if not recipients:
-            return None
-        return EncryptionPolicy(recipients, self.ctx.cfg.encryption.allow_hidden_recipients)
-
-    def _trace_header(self, queue_id: str) -> bytes:
-        session = self.live_session()
-        protocol = with_protocol(session.extended_smtp, self.tls_active, bool(session.authenticated))
-        helo = printable(session.host_name or "unknown")[:255]
-        rcpts = self._transaction().rcpt_tos
-        for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
-        return (
-            f"Received: from {helo} ([{self._peer_ip}])\r\n\tby {self.hostname} (DICOM Mail Hub)"
-            f" with {protocol} id {queue_id}{for_clause};\r\n\t{_date_now()}\r\n"
-        ).encode("utf-8", "replace")
-
-    async def _finish(self, message: IncomingMessage, dot_lines: bool) -> str:
-        tx = self._transaction()
-        sender = tx.mail_from
-        assert sender is not None  # DATA and BDAT come after MAIL FROM
-        site = self._site
-        started = time.monotonic()
-        message.end_of_data()
-        if message.failed and message.too_big:
-            reply = message.too_big_reply
-        elif message.lines.too_long:
-            reply = R.LINE_TOO_LONG_IN_DATA
-        elif message.error is not None:
-            reply = message.error.reply
-        elif tx.policy is not None and tx.policy.reply is not None:
-            message.discard()
-            reply, reason = tx.policy.reply, tx.policy.reason
-            assert reason is not None  # (set with the reply)
-            metrics.encryption_refusal(reason)
-            log.info(
-                "qid=%s site=%s refused by the encryption policy: %s",
-                message.queue_id,
-                site.name if site else "-",
-                reply,
-            )
-        elif (sender_gone := site is not None and self._gone(site)) or any(self._gone(r) for r in tx.receivers):
-            message.discard()  # a site was removed during the transaction: its rows cannot be written
-            reply = R.SITE_REMOVED if sender_gone else R.RECIPIENT_SITE_REMOVED
-            log.info("qid=%s site=%s refused: %s", message.queue_id, site.name if site else "-", reply)
-        else:
-            meta = message.meta(sender, site, dot_lines, self._peer_ip)
-            part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
-            throttle = self.ctx.throttle
-            verdict = throttle.at_end_of_data(
-                tx,
-                site,
-                [(r, tx.verdicts.get(r.id)) for r in tx.receivers],
-                message.size,
-                part,
-                time.monotonic(),
-                time.time(),
-                stored=message.spooled.size,
-            )
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("qid=%s end of data: %s", message.queue_id, verdict.log_text())
-            if verdict.reply is not None:
-                log_throttle_refusal(self._peer_ip, site, f"qid={message.queue_id}", verdict.reply, verdict)
-                message.discard()
-                reply = verdict.reply
-            else:
-                reply = await self._store(message, meta, part)
-        elapsed = time.monotonic() - started
-        if reply[0] != "2":
-            track_refusal(self.ctx, self._peer_ip, site, reply, sender, tx.rcpt_tos, message)
-        metrics.smtp_transaction(
-            reply,
-            message.size,
-            site.name if site else None,
-            [d.site_name for d in tx.deliveries] if reply[0] == "2" else (),
-            elapsed,
-        )
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "qid=%s site=%s from=<%s> rcpts=%s size=%d sha256=%s outcome=%r commit_ms=%.1f paced_s=%.1f",
-                message.queue_id,
-                site.name if site else "-",
-                printable(sender),
-                ",".join(printable(r) for r in tx.rcpt_tos),
-                message.size,
-                message.spool.sha256 if message.spool and reply[0] == "2" else "-",
-                reply[:3],
-                elapsed * 1000,
-                tx.pacer.waited if tx.pacer else 0.0,
-            )
-        return reply
-
-    async def _store(self, message: IncomingMessage, meta: MessageMeta, part: SetPart | None) -> str:
-        """Commit the message to its recipients' mailboxes and the outbound queue, and answer a
-        directory request."""
-        tx = self._transaction()
-        try:
-            if tx.deliveries or tx.remote:
-                # the sizes reserved at end of data end as the ledger counts the mail (or at RSET)
-                await self.ctx.storage.commit(
-                    message.spooled,
-                    meta,
-                    tx.deliveries,
-                    remote=tx.remote,
-                    on_committed=lambda: self.ctx.throttle.release(tx),
-                )
-                self.ctx.throttle.admitted(self._site, tx.receivers, part, time.monotonic())
-            else:
-                message.discard()  # a request to the directory only: nothing to keep
-            if tx.directory_request:
-                directory_reply = await self._answer_directory_request(meta.message_id)
-                if not (tx.deliveries or tx.remote):
-                    return directory_reply
-            return R.queued(message.queue_id)
-        except StorageError as exc:
-            return exc.reply
-
-    async def _answer_directory_request(self, message_id: str | None) -> str:
-        site, directory = self._site, self.ctx.directory
-        assert site is not None and directory is not None  # (as for the request: see _directory_recipient)
-        address = self._transaction().mail_from or site.addresses[0]
-        try:
-            queue_id = await directory.reply(site, address, message_id)
-        except DirectoryError as exc:
-            log.error("directory reply to %s failed: %s", site.name, exc)
-            return R.INTERNAL_ERROR
-        log.info("directory sent to site=%s rcpt=<%s> qid=%s", site.name, printable(address), queue_id)
-        return R.directory_queued(queue_id)
-
     async def _reply_after_transaction(self, reply: str, reset: bool = True) -> None:
         if reset:
             self.end_transaction()
@@ -859,16 +678,6 @@ def _why(error: BaseException) -> str:
     if isinstance(error, (ConnectionError, asyncio.IncompleteReadError)):
         return "client closed"
     return type(error).__name__
-
-
-def _date_now() -> str:
-    """The RFC 5322 date of this second in UTC, "+0000" (formatted once per second)."""
-    return _date_of(int(time.time()))
-
-
-@functools.lru_cache(maxsize=1)
-def _date_of(second: int) -> str:
-    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 __all__ = ["HubSMTP"]
