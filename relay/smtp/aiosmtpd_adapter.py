@@ -1,8 +1,9 @@
 # The one place that touches aiosmtpd's private members (and those of the asyncio StreamReader it
-# reads with). The SMTP server (relay/smtp/server.py) subclasses AiosmtpdSession and uses only what
-# is named here plus aiosmtpd's public API (session, envelope, transport, push, smtp_<VERB>
-# methods, the syntax decorator, AuthResult, Envelope). tests/test_aiosmtpd_adapter.py pins every
-# behaviour relied on below against the installed aiosmtpd; pyproject.toml declares the versions.
+# reads with). The SMTP connection (relay/smtp/connection.py, under the session's verbs in
+# relay/smtp/server.py) subclasses AiosmtpdSession; both use only what is named here plus aiosmtpd's
+# public API (session, envelope, transport, push, smtp_<VERB> methods, the syntax decorator,
+# AuthResult, Envelope). tests/test_aiosmtpd_adapter.py pins every behaviour relied on below against
+# the installed aiosmtpd; pyproject.toml declares the versions.
 # Must never: hold protocol logic or policy; it only renames and wraps.
 import asyncio
 import ssl

@@ -2,8 +2,9 @@
 # (TRANSITIONS), which commands each phase refuses with which reply; a received command line as
 # (verb, argument) or its refusal; the reply bytes on the wire (RFC 3463 codes added, control bytes
 # masked); the EHLO reply; and one AUTH exchange (PLAIN, LOGIN) as a small state machine: lines
-# in, challenges, credentials or the refusal out. The server (relay/smtp/server.py) does the I/O,
-# the limits and the policy around it. Must never do I/O, and never decide who may send where.
+# in, challenges, credentials or the refusal out. The session (relay/smtp/server.py on
+# relay/smtp/connection.py) does the I/O, the limits and the policy around it. Must never do I/O,
+# and never decide who may send where.
 import base64
 import collections
 import enum
