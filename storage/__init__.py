@@ -3,7 +3,22 @@
 # imports storage.writer_child, does not load the event-loop side (asyncio, aiosqlite) it never
 # uses: it stays at about half the memory.
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, for type checkers (which do not run __getattr__)
+    from .errors import MailboxLimitReached as MailboxLimitReached
+    from .errors import StorageError as StorageError
+    from .errors import StorageFull as StorageFull
+    from .records import Delivery as Delivery
+    from .records import Downloads as Downloads
+    from .records import MailboxEntry as MailboxEntry
+    from .records import MessageMeta as MessageMeta
+    from .site_cache import LoginBusy as LoginBusy
+    from .site_cache import SiteCache as SiteCache
+    from .sites import Site as Site
+    from .sites import SiteError as SiteError
+    from .spool import SpoolFile as SpoolFile
+    from .store import Storage as Storage
 
 _EXPORTS = {
     "StorageError": ".errors",

@@ -196,7 +196,7 @@ class HubSMTP(SmtpConnection):
         self._logged_in()
         session = self.live_session()
         session.authenticated = True
-        session.auth_data = outcome.site
+        session.auth_data = outcome.site  # type: ignore[assignment]  # aiosmtpd infers None; it holds the login
         return R.AUTH_OK
 
     # ---- MAIL / RCPT -------------------------------------------------------------------------
