@@ -79,9 +79,12 @@ def test_output_to_a_closed_pipe_ends_quietly(command, buffered, site_env):
 def test_the_quick_start_leaves_a_private_data_folder(make_hub):
     saved = os.umask(0o022)  # a common login umask: without the hub's own, files 0644, folders 0755
     try:
-        hub = make_hub(process=True, own_key=True).start()  # `mailhub serve` makes the folder and its key
+        hub = make_hub(process=True, own_key=True)
+        # `mailhub site add` makes the folder and the index, `mailhub serve` its key, lock and the
+        # rest (the sites are added first: a running hub sees new sites only at its next look)
         hub.add_site("clinic-a")
         hub.add_site("practice-b")
+        hub.start()
         with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30) as smtp:
             smtp.login("clinic-a", PASSWORD)
             smtp.sendmail("clinic-a@hub.test", ["practice-b@hub.test"], make_message())
