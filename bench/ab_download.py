@@ -16,13 +16,12 @@ import contextlib
 import hashlib
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 
 from bench import imap_benchmark, pop3_benchmark
 from bench.ab_ingest import UNTHROTTLED, cpu_seconds, worktree
-from bench.common import REPO_ROOT, argument_parser, command_line
+from bench.common import REPO_ROOT, argument_parser, command_line, print_ab_summary
 from bench.ingest_benchmark import PASSWORD, SENDER, hub_server, read_log_problems
 from bench.pop3_fetch import fetch_all
 from bench.smtp_blast import make_body
@@ -152,13 +151,7 @@ def main() -> int:
         for what, index in (("throughput", 0), ("hub CPU per unit", 1)):
             this = [r[figure][index] for r in results["this"]]
             base = [r[figure][index] for r in results["base"]]
-            ratios = [a / b for a, b in zip(this, base)]
-            print(
-                f"{label}, {what}: this {statistics.median(this):.3f} vs base {statistics.median(base):.3f}"
-                f" (medians); this/base per round {', '.join(f'{r:.3f}' for r in ratios)};"
-                f" median {statistics.median(ratios):.3f}",
-                flush=True,
-            )
+            print_ab_summary(label, what, this, base)
     return 0
 
 

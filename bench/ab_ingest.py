@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 
-from bench.common import REPO_ROOT, argument_parser, command_line
+from bench.common import REPO_ROOT, argument_parser, command_line, print_ab_summary
 from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, RECEIVER, SENDER, WORKLOADS, hub_server
 from bench.smtp_blast import blast, make_body
 from loadtest.thirdparty import LOOPBACK
@@ -135,13 +134,7 @@ def main() -> int:
                         flush=True,
                     )
             for what, values in (("throughput", figures), (f"CPU per {per_unit}", cpu)):
-                ratios = [a / b for a, b in zip(values["this"], values["base"])]
-                print(
-                    f"{label}, {what}: this {statistics.median(values['this']):.3f} vs base"
-                    f" {statistics.median(values['base']):.3f} (medians); this/base per round"
-                    f" {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}",
-                    flush=True,
-                )
+                print_ab_summary(label, what, values["this"], values["base"])
     return 0
 
 

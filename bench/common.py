@@ -1,9 +1,11 @@
 # What every benchmark script shares: the checkout it runs from, a command line parser whose usage
 # shows how the script is really started (`python -m bench.NAME`), and the command line to print
-# beside the figures, so that every table can be made again. Must never import the hub's internals.
+# beside the figures, so that every table can be made again; and the summary line of an A/B run.
+# Must never import the hub's internals.
 import argparse
 import os
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,3 +24,14 @@ def command_line(module: str) -> str:
     interpreter relative to the current folder when it lies inside it, e.g. .venv/bin/python)."""
     python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else sys.executable
     return shlex.join([python, "-m", module, *sys.argv[1:]])
+
+
+def print_ab_summary(label: str, what: str, this: list[float], base: list[float]) -> None:
+    """One figure of an A/B run (bench.ab_ingest, bench.ab_download): both sides' medians, the
+    this/base ratio of each round and their median."""
+    ratios = [a / b for a, b in zip(this, base)]
+    print(
+        f"{label}, {what}: this {statistics.median(this):.3f} vs base {statistics.median(base):.3f} (medians);"
+        f" this/base per round {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}",
+        flush=True,
+    )
