@@ -26,8 +26,9 @@ KEYS_LIMIT = 1024 * 1024  # an application/pgp-keys part
 _B64_LINE = re.compile(rb"[A-Za-z0-9+/]{40,}={0,2}\r?$")
 _UU_BEGIN = re.compile(rb"begin(?:-base64)? [0-7]{3,4} ([^\r\n]*)")
 _BLANKS = b" \t\r\n"
-# each with a byte it holds that is found fast; "begin-base64" is what `uuencode -m` writes
-_MARKERS = ((b"begin ", b" "), (b"begin-base64 ", b" "), (b";base64,", b";"))
+# each with a byte its marker holds that is found fast, and how far before that byte the marker may
+# start: "begin 644 " and "begin-base64 644 " (what `uuencode -m` writes) share one search
+_MARKERS = ((b"begin", b" ", len(b"begin-base64")), (b";base64,", b";", 0))
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
@@ -105,9 +106,9 @@ class TextCheck:
         or "=ybegin" at a line start), or a data: URI whose base64 content is DICOM or an archive.
         Markers too close to the end of what came so far wait for the next data."""
         keep = max(len(text) - 16, 0)
-        for needle, rare in _MARKERS:
+        for needle, rare, before in _MARKERS:
             first = text.find(rare)  # memchr: base64-like text has no blank and no ';' at all
-            hit = -1 if first < 0 else text.find(needle, max(first - needle.index(rare), 0))
+            hit = -1 if first < 0 else text.find(needle, max(first - before, 0))
             while hit >= 0:
                 if len(text) - hit < self._LOOK and not final:
                     keep = min(keep, max(hit - 3, 0))
