@@ -1,7 +1,8 @@
 # The `mailhub` command: serve, check the config, manage sites and the outbound queue, trace mails,
 # report volumes, prune the tracking events. These work on the index directly (SQLite WAL), so they
 # run beside a live server, which picks site and queue changes up by itself; trace and stats only read.
-# Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration, 141 output's reader gone.
+# Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration, 3 (reload) a restart is
+# needed, 141 output's reader gone.
 import argparse
 import getpass
 import json
@@ -22,6 +23,7 @@ from .trace import KINDS as TRACE_KINDS
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_RESTART_NEEDED = 3  # `mailhub reload`: reloaded, but some changed settings wait for a restart
 # Bits no file or folder the hub creates grants: its data (mail, index, ledger, keys) is its user's alone
 # (files 0600, folders 0700), whatever the umask it was started with (docs/operator-guide.md#storage-and-durability).
 PRIVATE_UMASK = 0o077
@@ -35,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the hub")
     commands.add_parser("check", parents=[common], help="validate the configuration and exit")
+    commands.add_parser(
+        "reload",
+        parents=[common],
+        help="make the running hub read its configuration and certificate again (as SIGHUP does)",
+        description="Open sessions go on. Exit status 0: reloaded; 3: reloaded, but some changed settings "
+        "need a restart (listed); 1: refused (the hub keeps its configuration) or the hub is not running.",
+    )
 
     site = commands.add_parser("site", help="manage sites (participants)")
     site_commands = site.add_subparsers(dest="site_command", required=True, metavar="SUBCOMMAND")
@@ -243,6 +252,8 @@ def _command(args) -> int:
         return 0
     if args.command == "serve":
         return _serve(cfg)
+    if args.command == "reload":
+        return _reload(cfg)
     if args.command == "queue":
         return _queue_command(cfg, args)
     if args.command == "auth":
@@ -293,6 +304,23 @@ def _serve(cfg: config.Config) -> int:
     except (OSError, DirectoryError, StorageError, sqlite3.Error) as exc:
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def _reload(cfg: config.Config) -> int:
+    answer = ask_hub(cfg, "reload")
+    if answer is None:
+        return EXIT_FAILED
+    changed = answer["changed"]
+    print(f"reloaded: {'changed ' + ', '.join(changed) if changed else 'no live setting changed'}")
+    if answer.get("certificate"):
+        print(f"serving certificate {answer['certificate']}")
+    if answer["restart_needed"]:
+        print(
+            f"not changed, needs a restart (systemctl restart mailhub): {', '.join(answer['restart_needed'])}",
+            file=sys.stderr,
+        )
+        return EXIT_RESTART_NEEDED
     return 0
 
 

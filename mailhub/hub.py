@@ -4,20 +4,25 @@
 # on leaving shuts all of it down gracefully: stop listening, give transactions in flight up to
 # shutdown_timeout, stop the tasks, close storage. `mailhub serve` (mailhub/server.py) and the test
 # fixture (tests/conftest.py) both run it; ports given as 0 are bound by the system (`hub.ports`).
+# `reload()` (SIGHUP, the control command "reload") reads the configuration and the certificate
+# again and hands what can change live to the running parts (mailhub/reload.py); open sessions go on.
 # Must never: acknowledge a partial message on the way down, or leave a task, thread, child
-# process or socket of its own behind after `stop()` (also when `start()` fails half way).
+# process or socket of its own behind after `stop()` (also when `start()` fails half way); let a
+# configuration that fails to load replace the running one.
 import asyncio
 import logging
 import signal
 import ssl
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
 from quotas import Throttle
 from relay.file_sender import FileSender
 from relay.imap.server import ImapContext
-from relay.logins import Logins
+from relay.logins import Logins, guard_settings
 from relay.outbound.queue import OutboundQueue
 from relay.pop3.server import Pop3Context
 from relay.smtp.context import SmtpContext
@@ -26,8 +31,10 @@ from storage import SiteCache, Storage, StorageFull
 from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
 from storage.scrub import Scrub
 
+from . import reload as reloading
 from .auth_control import register_auth_commands
-from .config import Config
+from .certificates import read_certificate
+from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
@@ -48,13 +55,27 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     return context
 
 
+class ReloadRefused(Exception):
+    """The new configuration or certificate did not load; the running one stays (one line)."""
+
+
 class Hub:
     """One running hub on the current event loop. `ports` maps listener names (smtp, pop3, pop3s,
     imap, imaps, metrics) to the ports actually bound. With `handle_signals` (the main thread of
-    `mailhub serve` only), SIGTERM and SIGINT ask it to stop: `await hub.stopped()` returns then."""
+    `mailhub serve` only), SIGTERM and SIGINT ask it to stop: `await hub.stopped()` returns then,
+    and SIGHUP reloads the configuration. A reload reads the file the configuration came from and
+    `environ` (default: the process's environment)."""
 
-    def __init__(self, cfg: Config, handle_signals: bool = False):
+    def __init__(self, cfg: Config, handle_signals: bool = False, environ: Mapping[str, str] | None = None):
         self.cfg = cfg
+        self._environ = environ
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task] = set()  # reloads SIGHUP started (kept from the collector)
+        self._tls: reloading.LiveTls | None = None
+        self._throttle: Throttle | None = None
+        self._feeder: ThrottleFeeder | None = None
+        self._logins: Logins | None = None
+        self._directory: DirectoryMailer | None = None
         self.ports: dict[str, int] = {}
         self._handle_signals = handle_signals
         self._stop_requested = asyncio.Event()
@@ -119,12 +140,14 @@ class Hub:
         self._monitor.start()
 
         tls = tls_context(cfg)
-        throttle = Throttle(settings_from_config(cfg))
-        feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
+        if tls is not None:
+            self._tls = reloading.LiveTls(tls)
+        self._throttle = throttle = Throttle(settings_from_config(cfg))
+        self._feeder = feeder = ThrottleFeeder(throttle, storage, sites, cfg.throttle.interval)
         await feeder.start()
         hub_keys = await asyncio.get_running_loop().run_in_executor(None, _hub_keys, cfg)
-        directory = DirectoryMailer(cfg, storage, hub_keys)
-        logins = Logins.from_config(cfg, sites)  # one login guard for every protocol
+        self._directory = directory = DirectoryMailer(cfg, storage, hub_keys)
+        self._logins = logins = Logins.from_config(cfg, sites)  # one login guard for every protocol
         smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring, logins=logins)
         pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins)
         imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks, logins=logins)
@@ -134,6 +157,7 @@ class Hub:
         control.register("hub-key-announce", directory.announce_now)
         register_auth_commands(control, logins)
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
+        control.register("reload", self._reload_command)
         named = self._listeners
         self._metrics = MetricsServer(
             cfg.data_dir,
@@ -165,6 +189,7 @@ class Hub:
             loop = asyncio.get_running_loop()
             for signum in _STOP_SIGNALS:
                 loop.add_signal_handler(signum, self._stop_requested.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             self._signals_installed = True
         self._tasks.append(asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400)))
         self._tasks.append(asyncio.create_task(feeder.run()))
@@ -181,6 +206,81 @@ class Hub:
             self._closers.append(sender.close)
         self._control = control if await _start_control(control) else None
         log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
+
+    def _reload_on_signal(self) -> None:
+        task = asyncio.ensure_future(self._reload_logged())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ReloadRefused:
+            pass  # reload() logged why
+
+    async def _reload_command(self, _request: dict) -> dict:
+        try:
+            return await self.reload()
+        except ReloadRefused as exc:
+            raise ControlError(f"reload refused, the hub keeps its running configuration: {exc}") from None
+
+    async def reload(self) -> dict:
+        """Read the configuration (its file and the environment) and the certificate again and
+        take over what can change live; open sessions go on. Returns what changed live, what
+        needs a restart and the certificate now served. Raises ReloadRefused (after one log line)
+        when the configuration or the certificate does not load: then nothing changes."""
+        async with self._reload_lock:
+            if self.storage is None:
+                raise ReloadRefused("the hub is not running")
+            loop = asyncio.get_running_loop()
+            path = self.cfg.config_file
+            try:
+                new = await loop.run_in_executor(None, lambda: load(path, self._environ))
+            except ConfigError as exc:
+                self._refuse(str(exc))
+            plan = reloading.plan(self.cfg, new)
+            cfg = plan.effective
+            tls = None
+            if self._tls is not None:
+                try:
+                    tls = await loop.run_in_executor(None, tls_context, cfg)
+                except (ssl.SSLError, OSError) as exc:
+                    self._refuse(f"tls.cert_file: cannot load {cfg.tls.cert_file} with {cfg.tls.key_file}: {exc}")
+            self._apply(cfg, tls)
+            certificate = await loop.run_in_executor(None, _certificate_text, cfg) if tls else None
+            log.info(
+                "configuration reloaded from %s: %s%s%s",
+                path or "the environment",
+                f"changed {', '.join(plan.changed)}" if plan.changed else "no live setting changed",
+                f"; serving certificate {certificate}" if certificate else "",
+                f"; not changed, needs a restart (systemctl restart mailhub): {', '.join(plan.restart)}"
+                if plan.restart
+                else "",
+            )
+            return {"changed": list(plan.changed), "restart_needed": list(plan.restart), "certificate": certificate}
+
+    def _refuse(self, reason: str) -> NoReturn:
+        log.error("reload refused, the running configuration stays: %s", reason)
+        raise ReloadRefused(reason)
+
+    def _apply(self, cfg: Config, tls: ssl.SSLContext | None) -> None:
+        """Hand a checked configuration (and its freshly loaded TLS context) to the running parts."""
+        self.cfg = cfg
+        for context in self._contexts:
+            context.reconfigure(cfg)
+        if self._tls is not None and tls is not None:
+            self._tls.replace(tls)
+        if self._throttle is not None:
+            self._throttle.reconfigure(settings_from_config(cfg))
+        if self._feeder is not None:
+            self._feeder.interval = cfg.throttle.interval
+        if self._logins is not None:
+            self._logins.guard.settings = guard_settings(cfg)
+        if self._directory is not None:
+            self._directory.cfg = cfg
+        if self._metrics is not None:
+            self._metrics.min_free_bytes = cfg.metrics.health_min_free_bytes
+        logging.getLogger("mailhub").setLevel(cfg.log.level.upper())
 
     async def _listen(self, name: str, factory, address, ssl_context=None) -> None:
         host, port = address
@@ -211,7 +311,11 @@ class Hub:
             loop = asyncio.get_running_loop()
             for signum in _STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked during the shutdown must not kill it
             self._signals_installed = False
+        for task in list(self._reloads):
+            task.cancel()
         listeners, self._listeners = list(self._listeners.values()), {}
         for server in listeners:
             server.close()
@@ -243,6 +347,14 @@ class Hub:
         if self._keyring is not None:
             self._keyring.close()
             self._keyring = None
+
+
+def _certificate_text(cfg: Config) -> str | None:
+    """The served certificate in a few words (subject, end of validity, fingerprint)."""
+    try:
+        return read_certificate(cfg.tls.cert_file).text() if cfg.tls.cert_file else None
+    except ValueError as exc:  # loaded by OpenSSL a moment ago: only a file changed since
+        return str(exc)
 
 
 async def _mark_damaged(storage: Storage, request: dict) -> dict:

@@ -94,6 +94,16 @@ class Throttle:
         self.deferrals: Counter[tuple[str, str]] = Counter()  # (receiver name, reason) -> count
         self.last_deferral: dict[int, tuple[float, str]] = {}  # site -> (Unix time, reason)
 
+    def reconfigure(self, settings: ThrottleSettings) -> None:
+        """New settings (a configuration reload): limits, admission and pacing follow at once;
+        the measured drain rates, the ledger and open study sets are kept."""
+        self.settings = settings
+        self._limits.clear()
+        for estimator in self._estimators.values():
+            estimator.config = settings.drain
+        for bucket in self._buckets.values():
+            bucket.config = settings.pacing
+
     # ---- sites -------------------------------------------------------------------------------
 
     def limits(self, site: SiteRecord) -> SiteLimits:

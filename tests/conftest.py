@@ -373,7 +373,7 @@ class Hub:
         outcome: dict = {}
 
         async def run() -> None:
-            hub = HubObject(cfg)
+            hub = HubObject(cfg, environ=self.env)
             self._loop = asyncio.get_running_loop()
             try:
                 await hub.start()

@@ -102,6 +102,13 @@ class ImapContext:
         self.shutting_down = False
         storage.add_listener(self)
 
+    def reconfigure(self, cfg) -> None:
+        """A reloaded configuration: connection limits and the login timeout at once, the rest
+        as sessions read it (idle timeouts of new sessions)."""
+        self.cfg = cfg
+        self.connection_counter.limits = connection_limits.limits_from(cfg.imap)
+        self.login_timeout = cfg.imap.login_timeout
+
     def factory(self, implicit_tls: bool = False) -> Callable[[], "ImapSession"]:
         return lambda: ImapSession(self, implicit_tls)
 

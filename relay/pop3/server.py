@@ -89,6 +89,13 @@ class Pop3Context:
             plaintext_login_allowed=False,
         )
 
+    def reconfigure(self, cfg) -> None:
+        """A reloaded configuration: connection limits and the login timeout at once, the rest
+        as sessions read it (idle timeouts of new sessions)."""
+        self.cfg = cfg
+        self.connection_counter.limits = connection_limits.limits_from(cfg.pop3)
+        self.login_timeout = cfg.pop3.login_timeout
+
     def factory(self, implicit_tls: bool = False) -> Callable[[], "Pop3Session"]:
         return lambda: Pop3Session(self, implicit_tls)
 

@@ -92,6 +92,12 @@ class SmtpContext:
         relay = cfg.relay
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
 
+    def reconfigure(self, cfg) -> None:
+        """A reloaded configuration: connection limits at once, the rest as sessions read it
+        (new connections, new transactions). The route table and TLS are not changed here."""
+        self.cfg = cfg
+        self.connection_counter.limits = connection_limits.limits_from(cfg.smtp)
+
     def admit(self, conn: Connection, ip: str) -> str | None:
         """Count the new connection (conn.ticket); the refusal reply if it is over a limit."""
         if self.shutting_down:
