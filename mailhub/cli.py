@@ -15,6 +15,7 @@ import sys
 import time
 
 from . import config
+from .audit_cli import audit_command, audit_parser, operator_name
 from .entry import quiet_on_closed_pipe, version
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     qdelete = queue_commands.add_parser("delete", parents=[common], help="drop queued mail without delivery")
     qdelete.add_argument("queue_id")
     qdelete.add_argument("--rcpt", help="only this recipient")
+    audit_parser(commands, common)
     return parser
 
 
@@ -264,6 +266,8 @@ def _command(args) -> int:
         return _prune_events(cfg, args.older_than if args.older_than is not None else cfg.events.retention_days)
     if args.command == "storage":
         return storage_command(cfg, args)
+    if args.command == "audit":
+        return audit_command(cfg, args)
     if args.command == "directory" or args.site_command in ("key", "policy"):
         from .directory_cli import directory_command
 
@@ -413,7 +417,7 @@ def _site_command(cfg: config.Config, args) -> int:
                 return EXIT_FAILED
             print(f"password of site {args.name} matches")
         elif action == "remove":
-            dropped = sites.remove_site(conn, args.name)
+            dropped = sites.remove_site(conn, args.name, operator_name())
             print(f"site {args.name} removed ({dropped} mail(s) in its mailbox dropped)")
         elif action == "set":
             values = _limit_values(args)

@@ -573,6 +573,13 @@ class EventsConfig:
         "delivered, downloaded, deleted, refused/deferred. Older events are pruned at start and "
         "every hour.",
     )
+    audit_retention_days: float = setting(
+        _number,
+        3650,
+        "Days the audit trail (mailhub audit) keeps each record of a mailbox event: accepted, fetched, "
+        "deleted by the site, expired, deleted, exported or returned by an operator. Records outlive "
+        "the mail and its site; older ones are pruned at start and every hour. Default: 10 years.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,7 +191,11 @@ class Hub:
                 loop.add_signal_handler(signum, self._stop_requested.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             self._signals_installed = True
-        self._tasks.append(asyncio.create_task(_housekeeping(storage, cfg.events.retention_days * 86400)))
+        self._tasks.append(
+            asyncio.create_task(
+                _housekeeping(storage, cfg.events.retention_days * 86400, cfg.events.audit_retention_days * 86400)
+            )
+        )
         self._tasks.append(asyncio.create_task(feeder.run()))
         self._tasks.append(directory.start_updates())
         if cfg.storage.scrub_rate > 0:  # the background scrub (storage/scrub.py); 0 turns it off
@@ -403,9 +407,9 @@ def _hub_keys(cfg: Config) -> HubKeySource:
     return source
 
 
-async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
-    """Prune tracking events past their retention (at start, then hourly); free blobs of mailbox
-    entries that other processes (the CLI) removed."""
+async def _housekeeping(storage: Storage, retention_seconds: float, audit_retention_seconds: float) -> None:
+    """Prune tracking events and audit records past their retention (at start, then hourly); free
+    blobs of mailbox entries that other processes (the CLI) removed."""
     rounds = 0
     while True:
         try:
@@ -413,6 +417,9 @@ async def _housekeeping(storage: Storage, retention_seconds: float) -> None:
                 pruned = await storage.prune_events(time.time() - retention_seconds)
                 if pruned:
                     log.info("pruned %d tracking event(s) older than %.0f days", pruned, retention_seconds / 86400)
+                pruned = await storage.prune_audit(time.time() - audit_retention_seconds)
+                if pruned:
+                    log.info("pruned %d audit record(s) older than %.0f days", pruned, audit_retention_seconds / 86400)
             if rounds:
                 await storage.empty_trash()
                 await storage.keep_reserve()

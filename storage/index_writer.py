@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from . import db, envelope, events, faults, ledger, verify
+from . import audit, db, envelope, events, faults, ledger, verify
 from .files import unlink_quietly
 from .packs import PackWriter, truncate_durably
-from .records import Delivery, Downloads, MessageMeta, pickled_by_fields
+from .records import Delivery, Downloads, MessageMeta, Removal, pickled_by_fields
 from .usage import write_throttle_states
 
 LEDGER_SYNC_INTERVAL = 1.0  # seconds: under steady load, commit lines are made durable this often
@@ -232,13 +232,19 @@ class IndexWriter:
         return None
 
     def delete_entries(
-        self, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None
+        self,
+        site_id: int,
+        uids: list[int],
+        downloads: Downloads | None,
+        site_name: str | None,
+        removal: Removal | None = None,
     ) -> tuple[list[Any], list[Any]]:
-        """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events.
+        """Remove mailbox entries, mark downloads, add the session's totals, with the tracking events
+        and the audit records (deleted by the site, or as `removal` says: expired, by an operator).
         Returns what changed: ([(uid, sender_site, size)] newly marked downloaded,
         [(uid, sender_site, size, was_waiting)] removed)."""
         with db.transaction(self.conn):
-            result = _delete_entries(self.conn, site_id, uids, downloads, site_name)
+            result = _delete_entries(self.conn, site_id, uids, downloads, site_name, removal)
             faults.hit("writer", "delete_before_commit")
         faults.hit("writer", "delete_after_commit")
         self.flush_removals()
@@ -261,6 +267,9 @@ class IndexWriter:
 
     def prune_events(self, before: float) -> int:
         return events.prune_batch(self.conn, before)
+
+    def prune_audit(self, before: float) -> int:
+        return audit.prune_batch(self.conn, before)
 
     def freed(self) -> tuple[list[str], list[tuple[str, int, int]]]:
         """The freed blobs, and the ranges of packs that live on freed at least release_freed_after
@@ -331,6 +340,7 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
     entries = []
     queued: list[tuple[Any, ...]] = []
     tracked = list(loose)
+    accepted: list[tuple[Any, ...]] = []  # audit rows (storage.audit.record_accepted)
     for item in batch:
         m = item.meta
         qid, size, at = item.queue_id, item.size, item.received_at
@@ -376,8 +386,10 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
                 item.sha256,
             )
         )
+        actor = m.sender_name or m.mail_from or None
         for d in item.deliveries:
             entries.append((d.site_id, qid, d.rcpt, at))
+            accepted.append((at, d.site_name, d.site_id, qid, m.message_id, m.set_id, size, item.sha256, actor))
             tracked.append(
                 (
                     at,
@@ -408,6 +420,7 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
         "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [item.mark for item in batch if item.mark is not None]
     )
     conn.executemany(events.INSERT, tracked)
+    audit.record_accepted(conn, accepted)
     if queued:
         conn.executemany(
             "INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at) VALUES (?, ?, ?, ?)", queued
@@ -426,7 +439,12 @@ _ENTRY_SQL = (
 
 
 def _delete_entries(
-    conn: sqlite3.Connection, site_id: int, uids: list[int], downloads: Downloads | None, site_name: str | None
+    conn: sqlite3.Connection,
+    site_id: int,
+    uids: list[int],
+    downloads: Downloads | None,
+    site_name: str | None,
+    removal: Removal | None = None,
 ) -> tuple[list[Any], list[Any]]:
     fetched: list[Any] = []
     removed: list[Any] = []
@@ -434,6 +452,14 @@ def _delete_entries(
     now = time.time()
     protocol = downloads.protocol if downloads is not None else None
     peer = downloads.peer if downloads is not None else None
+    if downloads is not None and downloads.retrieved:  # before the deletions, which may free the messages
+        audit.record_downloads(conn, site_id, downloads.retrieved, " ".join(filter(None, (protocol, peer))) or None)
+    how = protocol  # the deleted events' detail
+    if removal is None:
+        audit.record_entries(conn, audit.DELETED_BY_SITE, site_id, uids, None, protocol, now)
+    else:
+        audit.record_entries(conn, removal.event, site_id, uids, removal.actor, removal.detail, now)
+        how = f"{removal.event} by {removal.actor}"[:300]
     for uid in downloads.fetched_uids if downloads is not None else ():
         row = conn.execute(_ENTRY_SQL, (site_id, uid)).fetchone()
         if row is not None and row[3]:
@@ -444,9 +470,7 @@ def _delete_entries(
         if row is not None:
             gone = conn.execute("DELETE FROM mailbox WHERE uid = ? RETURNING queue_id", (uid,)).fetchall()
             removed.append(row)
-            tracked.append(
-                events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer, detail=protocol))
-            )
+            tracked.append(events.row(events.Event(now, events.DELETED, gone[0][0], site_name, peer=peer, detail=how)))
     if downloads is not None:
         _add_downloads(conn, site_id, downloads)
         tracked[:0] = [

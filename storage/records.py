@@ -74,3 +74,15 @@ class Downloads:
     peer: str | None = None  # the client's IP address
     retrieved: dict[str, tuple[float, int]] = field(default_factory=dict)  # queue ID -> (time, octets)
     sessions: int = 1  # 0 for a later part of a session already counted (IMAP records at each expunge)
+
+
+@pickled_by_fields
+@dataclass(slots=True)
+class Removal:
+    """Why mailbox entries are removed when not by their site (Storage.remove_entries): the audit
+    event (storage.audit: EXPIRED, DELETED_BY_OPERATOR, RETURNED), who (the operator's user name,
+    or "hub") and a note for the audit record."""
+
+    event: str
+    actor: str
+    detail: str | None = None

@@ -405,3 +405,33 @@ CREATE TABLE IF NOT EXISTS damaged (
     found_at   REAL NOT NULL,
     quarantine TEXT                -- the quarantine entry's id, if a copy was made
 ) WITHOUT ROWID;
+
+-- ---- Audit trail (issue 25, storage/audit.py) ---------------------------------------------------
+-- Append-only: one row per mailbox event (accepted, fetched, deleted_by_site, expired,
+-- deleted_by_operator, exported, returned) with the site by name (outlives the site and the mail),
+-- queue ID, Message-ID, study (SETID), size, SHA-256 and the actor; never content. UPDATE is
+-- refused; DELETE only of rows older than meta audit_prune_before, which storage.audit.prune sets
+-- for its own transaction (retention: events.audit_retention_days).
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    event      TEXT NOT NULL,
+    site       TEXT,
+    queue_id   TEXT,
+    message_id TEXT,
+    study_id   TEXT,
+    size       INTEGER,
+    sha256     TEXT,
+    actor      TEXT,
+    detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_site ON audit (site, at);
+CREATE INDEX IF NOT EXISTS audit_study ON audit (study_id) WHERE study_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_queue_id ON audit (queue_id) WHERE queue_id IS NOT NULL;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_prune_before', 0);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+WHEN OLD.at >= (SELECT value FROM meta WHERE key = 'audit_prune_before')
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only (records go only when past their retention)'); END;

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import db, events
+from . import audit, db, events
 from .errors import StorageError
 from .passwords import hash_password
 
@@ -134,10 +134,13 @@ def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
             raise SiteError(f"no site named {name!r}")
 
 
-def remove_site(conn: sqlite3.Connection, name: str) -> int:
-    """Remove a site, its addresses and its mailbox; return how many mails were dropped."""
+def remove_site(conn: sqlite3.Connection, name: str, actor: str | None = None) -> int:
+    """Remove a site, its addresses and its mailbox; return how many mails were dropped. Each
+    dropped mail gets an audit record (deleted by the operator `actor`), which outlives the site."""
     with db.transaction(conn):
         site = get_site(conn, name)
+        uids = [uid for (uid,) in conn.execute("SELECT uid FROM mailbox WHERE site_id = ?", (site.id,))]
+        audit.record_entries(conn, audit.DELETED_BY_OPERATOR, site.id, uids, actor or "operator", "site removed")
         conn.execute(
             "INSERT INTO events (at, kind, queue_id, site, detail) SELECT ?, ?, queue_id, ?, 'site removed'"
             " FROM mailbox WHERE site_id = ?",

@@ -28,14 +28,14 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from . import db, envelope, events, faults, reserve, verify
+from . import audit, db, envelope, events, faults, reserve, verify
 from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
 from .files import unlink_quietly
 from .folder_lock import lock_data_folder
 from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
 from .packs import punch_hole
-from .records import Delivery, Downloads, MailboxEntry, MessageMeta
+from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
 from .recovery import recover
 from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
@@ -543,6 +543,35 @@ class Storage:
                 listener.fetched_committed(site_id, *row)
             for row in removed:
                 listener.removed(site_id, *row)
+
+    async def remove_entries(self, site_id: int, uids: list[int], removal: Removal) -> list[int]:
+        """Remove mailbox entries not at their site's request (expiry, an operator), each with its
+        audit record (removal.event, removal.actor) and tracking event, in one transaction; the
+        listeners hear of each (IMAP sessions report EXPUNGE, POP3 sessions refuse to send them).
+        Returns the UIDs actually removed (an entry gone meanwhile is skipped)."""
+        fetched, removed = await self._freeing(IndexWriter.delete_entries, site_id, uids, None, None, removal)
+        for listener in self._listeners:
+            for row in removed:
+                listener.removed(site_id, *row)
+        try:
+            await self.empty_trash()
+        except StorageError as exc:  # the removal stands; housekeeping empties the trash later
+            log.warning("freeing the space of removed mail failed (housekeeping tries again): %s", exc)
+        return [row[0] for row in removed]
+
+    async def audit(self, rows: list[tuple[Any, ...]]) -> None:
+        """Append audit records made by storage.audit.row() (an event that changes no state, such as
+        an export), through the index writer, durably before this returns."""
+        await self._writer.call(IndexWriter.in_transaction, audit.record_rows, rows)
+
+    async def prune_audit(self, before: float) -> int:
+        """Delete audit records older than `before` in short transactions; the count."""
+        total = 0
+        while (deleted := await self._writer.call(IndexWriter.prune_audit, before)) > 0:
+            total += deleted
+            if deleted < audit.PRUNE_BATCH:
+                break
+        return total
 
     async def prune_events(self, before: float) -> int:
         """Delete tracking events older than `before` in short transactions (commits run between
