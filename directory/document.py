@@ -1,5 +1,6 @@
 # The participant directory document: per site its name, addresses, current key fingerprint and
-# armored public key, as a dict (serialised as JSON) and as readable text. Pure functions plus one
+# armored public key, as a dict (serialised as JSON) and as readable text; and the update document
+# (only what changed between two versions: sites added, changed, removed). Pure functions plus one
 # synchronous read of the index (through storage/); signing and mailing live elsewhere.
 import json
 import sqlite3
@@ -12,6 +13,7 @@ from storage.sites import list_sites
 from .keys import site_keys
 
 FORMAT = "dicom-mail-hub-directory/1"
+UPDATE_FORMAT = "dicom-mail-hub-directory-update/1"
 
 
 def read_document(
@@ -19,12 +21,22 @@ def read_document(
 ) -> dict:
     """The directory as the index holds it now; `hub_keys` is the hub's HubKeys (fingerprint and
     last rotation)."""
-    version = directory_version(conn)
-    participants = []
+    return {
+        "format": FORMAT,
+        "version": directory_version(conn),
+        "generated_at": timestamp(time.time() if now is None else now),
+        "hub": hub_section(hub_keys, domains, directory_local_part),
+        "participants": participants(conn),
+    }
+
+
+def participants(conn: sqlite3.Connection) -> list[dict]:
+    """Every site's entry of the directory, by name."""
+    entries = []
     for site in list_sites(conn):
         keys = site_keys(conn, site.id)
         current = keys[0] if keys and keys[0].retired_at is None else None
-        participants.append(
+        entries.append(
             {
                 "name": site.name,
                 "addresses": site.addresses,
@@ -34,16 +46,37 @@ def read_document(
                 "public_key": current.armored if current else None,
             }
         )
+    return entries
+
+
+def hub_section(hub_keys, domains: Sequence[str], directory_local_part: str) -> dict:
     return {
-        "format": FORMAT,
-        "version": version,
-        "generated_at": timestamp(time.time() if now is None else now),
-        "hub": {
-            "fingerprint": hub_keys.fingerprint,
-            "directory_addresses": [f"{directory_local_part}@{d}" for d in domains],
-            "key_rotation": hub_keys.rotation(),
-        },
-        "participants": participants,
+        "fingerprint": hub_keys.fingerprint,
+        "directory_addresses": [f"{directory_local_part}@{d}" for d in domains],
+        "key_rotation": hub_keys.rotation(),
+    }
+
+
+def update_document(base_version: int, base: dict[str, dict], document: dict) -> dict | None:
+    """What changed from the participants `base` (name -> entry, as sent in version
+    `base_version`) to the directory `document`: an update document, or None when no entry
+    changed. Entries added or changed are whole; removed sites are named."""
+    now = {entry["name"]: entry for entry in document["participants"]}
+    added = [entry for name, entry in now.items() if name not in base]
+    changed = [entry for name, entry in now.items() if name in base and base[name] != entry]
+    removed = sorted(name for name in base if name not in now)
+    if not (added or changed or removed):
+        return None
+    return {
+        "format": UPDATE_FORMAT,
+        "version": document["version"],
+        "base_version": base_version,
+        "generated_at": document["generated_at"],
+        "hub": document["hub"],
+        "participant_count": len(now),
+        "added": added,
+        "changed": changed,
+        "removed": removed,
     }
 
 
@@ -52,6 +85,8 @@ def to_json(document: dict) -> str:
 
 
 def to_text(document: dict) -> str:
+    if document["format"] == UPDATE_FORMAT:
+        return _update_text(document)
     hub = document["hub"]
     lines = [
         "DICOM Mail Hub - participant directory",
@@ -62,7 +97,34 @@ def to_text(document: dict) -> str:
         f"{len(document['participants'])} participant(s):",
         "",
     ]
-    for site in document["participants"]:
+    lines += _entry_lines(document["participants"])
+    return "\n".join(lines) + "\n"
+
+
+def _update_text(update: dict) -> str:
+    hub = update["hub"]
+    lines = [
+        "DICOM Mail Hub - participant directory update",
+        f"Version {update['version']} (changes since version {update['base_version']}), generated"
+        f" {update['generated_at']}.",
+        f"Signed by the hub key {group_fingerprint(hub['fingerprint'])}.",
+        *_rotation_lines(hub.get("key_rotation")),
+        f"{update['participant_count']} participant(s) in all; the whole list by mail to"
+        f" {', '.join(hub['directory_addresses'])}.",
+        "",
+    ]
+    if update["added"]:
+        lines += [f"{len(update['added'])} added:", "", *_entry_lines(update["added"])]
+    if update["changed"]:
+        lines += [f"{len(update['changed'])} changed:", "", *_entry_lines(update["changed"])]
+    if update["removed"]:
+        lines += [f"{len(update['removed'])} removed:", *(f"* {name}" for name in update["removed"]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _entry_lines(entries: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for site in entries:
         lines.append(f"* {site['name']}")
         lines.append(f"  addresses: {', '.join(site['addresses'])}")
         if site["key_fingerprint"] is None:
@@ -71,7 +133,7 @@ def to_text(document: dict) -> str:
         lines.append(f"  key:       {group_fingerprint(site['key_fingerprint'])}")
         lines.append(f"  imported:  {site['key_imported_at']}")
         lines += ["", *site["public_key"].strip().splitlines(), ""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _rotation_lines(rotation: dict | None) -> list[str]:

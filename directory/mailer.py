@@ -1,24 +1,31 @@
 # Directory mails: the signed participant list as a reply to a site that mailed directory@<domain>,
 # as an update to every site when the list changed (sites added or removed, addresses or keys
-# changed), and as the announcement of a rotation of the hub's key (signed by both keys). Each
-# carries the hub's public key(s) as an application/pgp-keys part inside the signed part. Each mail
+# changed; changes within directory.update_delay go out as one update carrying only what changed
+# since the version sent before, docs/gateway-guide.md), and as the announcement of a rotation of
+# the hub's key (signed by both keys). Each carries the hub's public key(s) as an
+# application/pgp-keys part inside the signed part. Each mail
 # is stored through the normal spool -> sync -> commit path; an update or announcement is committed
 # together with the mark "this directory version / this hub key was sent", so a restart neither
 # sends it twice nor loses it. A site is answered at most once per directory.min_request_interval
 # (each answer is a signed mail in its mailbox: a gateway asking in a loop must not fill it, nor
 # keep the hub signing).
 import asyncio
+import json
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
+from pathlib import Path
 
 from storage import Delivery, MessageMeta, Site, Storage, db, directory_index
+from storage.directory_index import directory_version
+from storage.sites import list_sites
 
 from . import metrics
-from .document import read_document, to_json, to_text
+from .document import UPDATE_FORMAT, participants, read_document, to_json, to_text, update_document
 from .hub_key import HubKeys, HubKeySource
 from .signing import mixed_part, signed_body
 
@@ -27,6 +34,7 @@ _POLL_SECONDS = 1.0
 SENT_VERSION = "directory_sent_version"
 ANNOUNCED_KEY = "hub_key_announced"  # key_stamp() of the last hub key the sites were told of
 KEY_PART_NAME = "hub-key.asc"
+SENT_FILE = "directory-sent.json"  # the participants as the last update sent them (what the next one compares with)
 
 
 def key_stamp(fingerprint: str) -> int:
@@ -68,6 +76,11 @@ def directory_mail(
         "Auto-Submitted: " + ("auto-replied" if in_reply_to is not None else "auto-generated"),
         f"X-DICOM-Mail-Hub-Directory-Version: {document['version']}",
         *(
+            [f"X-DICOM-Mail-Hub-Directory-Base-Version: {document['base_version']}"]
+            if document["format"] == UPDATE_FORMAT
+            else []
+        ),
+        *(
             [f"X-DICOM-Mail-Hub-Key-Rotation: {keys.previous_fingerprint} -> {keys.fingerprint}"]
             if announcement
             else []
@@ -81,8 +94,12 @@ def directory_mail(
 class DirectoryMailer:
     """Server side: answers directory requests and sends updates after changes."""
 
-    def __init__(self, cfg, storage: Storage, hub_keys: HubKeySource):
+    def __init__(self, cfg, storage: Storage, hub_keys: HubKeySource, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
+        self.clock = clock
+        self._pending_since: float | None = None  # when a change waiting for its update was first seen
+        self._sent_path = Path(cfg.data_dir) / SENT_FILE
+        self._sent: tuple[int, dict[str, dict]] | None = None  # (version, participants by name) last sent
         self.storage = storage
         self.hub_keys = hub_keys
         self.local_part = cfg.directory.address
@@ -130,10 +147,31 @@ class DirectoryMailer:
         """Index thread: the mailer's connection, opened at first use with the present directory
         version and hub key recorded as sent unless a mark is there already."""
         if self._conn is None:
-            self._conn = db.connect(self.cfg.data_dir)
-            directory_index.set_mark_to_version_if_unset(self._conn, SENT_VERSION)
-            note_hub_key_announced(self._conn, self._known_key)
+            conn = db.connect(self.cfg.data_dir)
+            first_start = directory_index.mark(conn, SENT_VERSION) is None
+            directory_index.set_mark_to_version_if_unset(conn, SENT_VERSION)
+            note_hub_key_announced(conn, self._known_key)
+            self._sent = _load_sent(self._sent_path)
+            if (
+                first_start
+                or self._sent is None
+                and directory_index.mark(conn, SENT_VERSION) == directory_version(conn)
+            ):
+                # what the sites have is what is there now (without a record, the next update is whole)
+                self._save_sent({"version": directory_version(conn), "participants": participants(conn)})
+            self._conn = conn
         return self._conn
+
+    def _save_sent(self, document: dict) -> None:
+        """Record the participants the sites now have (written whole, then renamed into place)."""
+        sent = {entry["name"]: entry for entry in document["participants"]}
+        temporary = self._sent_path.with_suffix(".tmp")
+        with open(temporary, "w", encoding="ascii") as f:
+            json.dump({"version": document["version"], "participants": sent}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self._sent_path)
+        self._sent = (document["version"], sent)
 
     async def _on_index(self, function, *args):
         """function(connection, *args) in the mailer's index thread: SQLite never blocks the event loop."""
@@ -164,34 +202,80 @@ class DirectoryMailer:
 
     async def announce_now(self, _request: dict) -> dict:
         """Control command: look for a new hub key now, and announce it (`mailhub directory
-        rotate-key` asks right after a rotation); says what was sent."""
-        sent = await self._send_update_if_changed()
+        rotate-key` asks right after a rotation), or send the update waiting for the end of
+        directory.update_delay now; says what was sent."""
+        sent = await self._send_update_if_changed(now=True)
         return {"fingerprint": self.hub_keys.get().fingerprint, **(sent or {"kind": None})}
 
-    async def _send_update_if_changed(self) -> dict | None:
+    async def _send_update_if_changed(self, now: bool = False) -> dict | None:
         """Send a rotation announcement or an update if one is due (one check at a time: the loop
         and the control command must not both send it); returns what was sent."""
         async with self._checking:
-            return await self._send_due()
+            return await self._send_due(now)
 
-    async def _send_due(self) -> dict | None:
+    async def _send_due(self, now: bool) -> dict | None:
         keys = self.hub_keys.get()
         stamp = key_stamp(keys.fingerprint)
         due = await self._on_index(self._due, stamp)
         if due is None:
+            self._pending_since = None
             return None
         version, announce, recipients = due
         if announce:
             return await self._announce_rotation(keys, recipients, stamp)
-        if not recipients:
-            await self._on_index(directory_index.set_mark, SENT_VERSION, version)
+        if not now and self._wait_for_more(version):
             return None
-        queue_id = await self._store_for_all(
-            keys, recipients, "Participant directory update", False, (SENT_VERSION, version)
+        self._pending_since = None
+        document, recipients = await self._on_index(self._document_and_recipients, keys)
+        base = self._sent
+        update = document if base is None else update_document(base[0], base[1], document)
+        if update is None or not recipients:  # nothing a site sees changed, or nobody to tell
+            await self._on_index(directory_index.set_mark, SENT_VERSION, version)
+            await self._in_thread(self._save_sent, document)
+            return None
+        sender = f"{self.local_part}@{self.cfg.domain[0]}"
+        data = await self._in_thread(
+            directory_mail, update, keys, sender, "undisclosed-recipients:;", "Participant directory update"
         )
+        queue_id = await self.storage.store_generated(
+            data,
+            _meta(data),
+            [Delivery(site.id, address, site.name) for site, address in recipients],
+            mark=(SENT_VERSION, version),
+        )
+        await self._in_thread(self._save_sent, document)  # after the commit: a crash between resends more, never less
         metrics.directory_mail("update")
-        log.info("directory version %d sent to %d site(s) as qid=%s", version, len(recipients), queue_id)
-        return {"kind": "update", "sites": len(recipients), "queue_id": queue_id}
+        changes = (
+            {"whole": len(document["participants"])}
+            if update is document
+            else {k: len(update[k]) for k in ("added", "changed", "removed")}
+        )
+        log.info(
+            "directory version %d sent to %d site(s) as qid=%s (%d bytes; %s)",
+            version,
+            len(recipients),
+            queue_id,
+            len(data),
+            ", ".join(f"{k} {n}" for k, n in changes.items()),
+        )
+        return {"kind": "update", "sites": len(recipients), "queue_id": queue_id, "bytes": len(data), **changes}
+
+    def _wait_for_more(self, version: int) -> bool:
+        """True while directory.update_delay has not passed since the change was first seen:
+        changes made meanwhile go out in the same update."""
+        delay = self.cfg.directory.update_delay
+        at = self.clock()
+        if self._pending_since is None:
+            self._pending_since = at
+            if delay > 0:
+                log.info("directory version %d: the update goes out in %.0f s (directory.update_delay)", version, delay)
+        return at - self._pending_since < delay
+
+    def _document_and_recipients(self, conn: sqlite3.Connection, keys: HubKeys) -> tuple[dict, list]:
+        """Index thread: the directory now and the sites to tell, read one after the other."""
+        document = read_document(conn, keys, self.cfg.domain, self.local_part)
+        recipients = [(s, s.addresses[0]) for s in list_sites(conn) if s.addresses]
+        return document, recipients
 
     def _due(self, conn: sqlite3.Connection, stamp: int) -> tuple[int, bool, list] | None:
         """Index thread: None, or (directory version, whether a rotation is to be announced, the
@@ -267,6 +351,20 @@ def note_hub_key_announced(conn, fingerprint: str) -> None:
 
 def announced_key_stamp(conn) -> int | None:
     return directory_index.mark(conn, ANNOUNCED_KEY)
+
+
+def _load_sent(path: Path) -> tuple[int, dict[str, dict]] | None:
+    """The participants the last update sent, or None when there is no usable record (the next
+    update is then the whole directory)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            record = json.load(f)
+        return int(record["version"]), dict(record["participants"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s unusable (%s); the next directory update is the whole directory", path, exc)
+        return None
 
 
 def _meta(data: bytes) -> MessageMeta:

@@ -665,6 +665,13 @@ class DirectoryConfig:
         "Send every site the signed participant list whenever a site is added or removed, or "
         "changes its addresses or key.",
     )
+    update_delay: float = setting(
+        _zero_or_more,
+        10,
+        "Seconds the hub waits after it sees a change of the directory before it sends the update: "
+        "changes made meanwhile (sites added in a row) go out as one update, which carries only "
+        "what changed since the version sent before (docs/gateway-guide.md).",
+    )
     key_grace_days: float = setting(
         _zero_or_more,
         14,

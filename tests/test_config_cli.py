@@ -177,6 +177,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("log", "stall_threshold"): ("0.5", 0.5),
         ("directory", "address"): ("Participants", "participants"),
         ("directory", "notify_on_change"): ("off", False),
+        ("directory", "update_delay"): ("2.5", 2.5),
         ("directory", "key_grace_days"): ("0.5", 0.5),
         ("directory", "min_request_interval"): ("0", 0.0),
         ("directory", "hub_key_grace_days"): ("2.5", 2.5),

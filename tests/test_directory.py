@@ -68,7 +68,7 @@ def document_of(raw: bytes) -> dict:
     assert key.get_payload().startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
     document = json.loads(attachment.get_payload(decode=True))
     readable = text.get_payload(decode=True).decode()
-    for site in document["participants"]:
+    for site in document["participants"] if "participants" in document else document["added"] + document["changed"]:
         assert site["name"] in readable and all(a in readable for a in site["addresses"])
     return document
 
@@ -254,7 +254,7 @@ def test_directory_address_is_for_sites_only(hub):
 
 
 def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="true")
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="true", MAILHUB_DIRECTORY_UPDATE_DELAY="0")
     hub.start()
     # a check of the directory mailer now (as its loop makes every second) sends nothing
     assert control.request(hub.data_dir, "hub-key-announce")["kind"] is None
@@ -265,29 +265,38 @@ def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
     documents = {}
     for login in ("alpha", "beta", "gamma"):
         (raw,) = pop3_messages(hub, login)
-        assert email.message_from_bytes(raw)["Subject"] == "Participant directory update"
+        message = email.message_from_bytes(raw)
+        assert message["Subject"] == "Participant directory update"
         documents[login] = verify_directory_mail(gpg, hub, raw)
-    assert {s["name"] for s in documents["alpha"]["participants"]} == {"alpha", "beta", "gamma"}
+        assert message["X-DICOM-Mail-Hub-Directory-Base-Version"] == str(documents[login]["base_version"])
+    update = documents["alpha"]
+    assert update["format"] == "dicom-mail-hub-directory-update/1" and update["participant_count"] == 3
+    assert [s["name"] for s in update["added"]] == ["gamma"] and update["changed"] == update["removed"] == []
+    assert update["base_version"] < update["version"]
     assert hub.query("SELECT count(DISTINCT queue_id) FROM mailbox") == [(1,)]  # one blob for all
 
-    # a key change is an update too
+    # a key change is an update too, based on the version sent before
     fpr = gpg.new_key("gamma <gamma@hub.test>")
     hub.cli("site", "key", "import", "gamma", str(gpg.export(fpr, tmp_path / "gamma.asc")))
     assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(6,)]), hub.log_text()[-2000:]
     raw = pop3_messages(hub, "beta")[-1]
-    sites = {s["name"]: s for s in verify_directory_mail(gpg, hub, raw)["participants"]}
-    assert sites["gamma"]["key_fingerprint"] == fpr
+    second = verify_directory_mail(gpg, hub, raw)
+    assert second["base_version"] == update["version"] and second["added"] == second["removed"] == []
+    (changed,) = second["changed"]
+    assert changed["name"] == "gamma" and changed["key_fingerprint"] == fpr
 
     # nothing is sent again after a restart
     assert hub.stop() == 0
     hub.start()
     assert control.request(hub.data_dir, "hub-key-announce")["kind"] is None
     assert hub.query("SELECT count(*) FROM mailbox") == [(6,)]
-    # a change made while the hub was down is sent after the start
+    # a change made while the hub was down is sent after the start, compared with what was sent
     hub.stop()
     hub.add_site("delta", "delta@hub.test")
     hub.start()
     assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(10,)]), hub.log_text()[-2000:]
+    third = document_of(pop3_messages(hub, "delta")[-1])
+    assert third["base_version"] == second["version"] and [s["name"] for s in third["added"]] == ["delta"]
 
 
 def test_export_and_fingerprint_from_the_cli(make_hub, gpg, tmp_path):
