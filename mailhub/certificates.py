@@ -1,5 +1,5 @@
-# What the hub's TLS certificate says (for `mailhub check`, the reload log line): subject, end of
-# validity, fingerprint, whether the key belongs to it. Reads the PEM files with `cryptography`
+# What the hub's TLS certificate says (for `mailhub check`, the reload log line): subject, period of
+# validity, fingerprint. Reads the PEM files with `cryptography`
 # (which pgpy needs too). Must never: print or log the private key, or fail with a traceback on a
 # file that is not a certificate (ValueError with one line instead).
 import datetime
@@ -41,42 +41,29 @@ def read_certificate(path: Path) -> Certificate:
     )
 
 
-def key_matches(cert_path: Path, key_path: Path) -> bool:
-    """Whether the private key in key_path is the one of the certificate's public key; ValueError
-    with one line when either file cannot be read."""
-    try:
-        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-    except OSError as exc:
-        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    except (ValueError, TypeError):
-        raise ValueError(f"{key_path} holds no unencrypted PEM private key") from None
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    return bool(cert.public_key().public_bytes(der, public) == key.public_key().public_bytes(der, public))
-
-
-def problems(cert_path: Path, key_path: Path, now: datetime.datetime) -> list[str]:
+def problems(cert_path: Path, now: datetime.datetime) -> list[tuple[bool, str]]:
     """What `mailhub check` reports about the certificate: expired, not valid yet, expiring within
-    EXPIRY_WARNING_DAYS, a key that is not its key, a file that cannot be read."""
+    EXPIRY_WARNING_DAYS, a file that cannot be read. (A key that is not the certificate's is found
+    by loading both, as the hub does: mailhub.hub.tls_context.) Each is (fatal, one line): only
+    expiring soon is not fatal."""
     try:
         cert = read_certificate(cert_path)
     except ValueError as exc:
-        return [f"tls.cert_file: {exc}"]
+        return [(True, f"tls.cert_file: {exc}")]
     found = []
     if cert.not_after <= now:
-        found.append(f"tls.cert_file: the certificate ({cert.subject}) expired on {cert.not_after:%Y-%m-%d %H:%M} UTC")
+        found.append(
+            (True, f"tls.cert_file: the certificate ({cert.subject}) expired on {cert.not_after:%Y-%m-%d %H:%M} UTC")
+        )
     elif cert.not_after - now <= datetime.timedelta(days=EXPIRY_WARNING_DAYS):
         days = (cert.not_after - now).total_seconds() / 86400
         found.append(
-            f"tls.cert_file: the certificate ({cert.subject}) expires in {days:.0f} day(s), on "
-            f"{cert.not_after:%Y-%m-%d %H:%M} UTC; renew it, then: mailhub reload"
+            (
+                False,
+                f"tls.cert_file: the certificate ({cert.subject}) expires in {days:.0f} day(s), on "
+                f"{cert.not_after:%Y-%m-%d %H:%M} UTC; renew it, then: mailhub reload",
+            )
         )
     if cert.not_before > now:
-        found.append(f"tls.cert_file: the certificate is valid only from {cert.not_before:%Y-%m-%d %H:%M} UTC")
-    try:
-        if not key_matches(cert_path, key_path):
-            found.append(f"tls.key_file: {key_path} is not the key of the certificate in {cert_path}")
-    except ValueError as exc:
-        found.append(f"tls.key_file: {exc}")
+        found.append((True, f"tls.cert_file: the certificate is valid only from {cert.not_before:%Y-%m-%d %H:%M} UTC"))
     return found

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import sqlite3
 import string
 import sys
@@ -37,7 +38,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the hub")
-    commands.add_parser("check", parents=[common], help="validate the configuration and exit")
+    commands.add_parser(
+        "check",
+        parents=[common],
+        help="validate the configuration and exit",
+        description="Also checks the TLS certificate (expired, expiring within 30 days, key not its key), "
+        "MAILHUB_* variables that are no setting, and the data folder (writable, free space). Exit status 2 "
+        "on an error; warnings are printed and the check passes.",
+    )
+    config_command = commands.add_parser("config", help="the effective configuration")
+    config_commands = config_command.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show_config = config_commands.add_parser(
+        "show",
+        parents=[common],
+        help="print every setting with its value and where it came from (default, file, environment)",
+    )
+    show_config.add_argument("--json", action="store_true")
     commands.add_parser(
         "reload",
         parents=[common],
@@ -246,11 +262,11 @@ def _command(args) -> int:
         print(f"mailhub: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
-        problem = _tls_problem(cfg)
-        if problem:
-            print(f"mailhub: config error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"config ok ({args.config or 'built-in defaults'})")
+        return _check(cfg, args)
+    if args.command == "config":
+        from .config_show import render, rows
+
+        print(json.dumps(rows(cfg), indent=2) if args.json else render(cfg))
         return 0
     if args.command == "serve":
         return _serve(cfg)
@@ -273,6 +289,22 @@ def _command(args) -> int:
 
         return directory_command(cfg, args)
     return _site_command(cfg, args)
+
+
+def _check(cfg: config.Config, args) -> int:
+    from .check import ERROR, findings
+
+    problem = _tls_problem(cfg)
+    if problem:
+        print(f"mailhub: config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    found = findings(cfg, os.environ)
+    for finding in found:
+        print(f"mailhub: {'config error' if finding.level == ERROR else 'warning'}: {finding.text}", file=sys.stderr)
+    if any(finding.level == ERROR for finding in found):
+        return EXIT_USAGE
+    print(f"config ok ({args.config or 'built-in defaults'})")
+    return 0
 
 
 def _tls_problem(cfg: config.Config) -> str | None:
@@ -300,6 +332,8 @@ def _serve(cfg: config.Config) -> int:
     from .server import serve
 
     setup_logging(cfg.log.level, cfg.log.format)
+    # SIGHUP reloads once the hub runs (mailhub/hub.py); until then it must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         uvloop.run(serve(cfg))
     except (IndexDamaged, IndexBehind) as exc:  # the operator's turn: the message says what to run

@@ -5,6 +5,7 @@
 # configuration (tests, a reload) is a new object: Config.with_overrides() or dataclasses.replace().
 # Must never let an invalid value through: errors are one line naming the key and the source.
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
@@ -932,8 +933,20 @@ def _read_toml(path: Path) -> dict[tuple[str, str], Any]:
             found[("", name)] = value
     for section, key in found:
         if (section, key) not in SCHEMA:
-            raise ConfigError(f"{_dotted(section, key)}: unknown key (in {path})")
+            raise ConfigError(f"{_dotted(section, key)}: unknown key{_did_you_mean(section, key)} (in {path})")
     return found
+
+
+def nearest_key(dotted: str) -> str | None:
+    """The schema's key closest to a misspelt dotted name ("smtp.max_recipient"), if any is close."""
+    names = [_dotted(section, key) for section, key in SCHEMA]
+    close = difflib.get_close_matches(dotted, names, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _did_you_mean(section: str, key: str) -> str:
+    nearest = nearest_key(_dotted(section, key))
+    return f"; did you mean {nearest}?" if nearest else ""
 
 
 def _check_combinations(cfg: Config) -> None:
