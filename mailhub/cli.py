@@ -18,6 +18,7 @@ import time
 from . import config
 from .audit_cli import audit_command, audit_parser, operator_name
 from .entry import quiet_on_closed_pipe, version
+from .expiry_cli import expire_command, expiry_parsers, set_retention
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
 from .storage_cli import storage_command, storage_parsers
@@ -93,8 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("name")
     for name in _LIMIT_OPTIONS:
         limits.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
+    limits.add_argument(
+        "--retention-days",
+        metavar="DAYS",
+        help="days mail may wait unfetched (0: keep; 'default': lifecycle.retention_days)",
+    )
     _directory_parsers(commands, site_commands, common)
     storage_parsers(commands, common)
+    mailbox = commands.add_parser("mailbox", help="mailbox administration: expiry of unfetched mail")
+    mailbox_commands = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="SUBCOMMAND")
+    expiry_parsers(mailbox_commands, common)
 
     trace = commands.add_parser("trace", parents=[common], help="where is a mail or a study?")
     trace.add_argument("query", help="queue ID, Message-ID, sender or recipient address, or X-TELEMEDICINE-SETID")
@@ -107,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
             const=kind,
             help=f"QUERY is {meaning} (default: guessed from its form)",
         )
+    how.add_argument("--study", dest="kind", action="store_const", const="set", help="the same as --set")
     trace.add_argument(
         "--limit",
         type=_positive,
@@ -284,6 +294,8 @@ def _command(args) -> int:
         return storage_command(cfg, args)
     if args.command == "audit":
         return audit_command(cfg, args)
+    if args.command == "mailbox" and args.mailbox_command == "expire":
+        return expire_command(cfg, args)
     if args.command == "directory" or args.site_command in ("key", "policy"):
         from .directory_cli import directory_command
 
@@ -455,16 +467,19 @@ def _site_command(cfg: config.Config, args) -> int:
             print(f"site {args.name} removed ({dropped} mail(s) in its mailbox dropped)")
         elif action == "set":
             values = _limit_values(args)
-            if not values:
+            if not values and args.retention_days is None:
                 raise SiteError("nothing to set: give at least one limit option (see mailhub site set --help)")
-            usage.set_limits(conn, args.name, values)
-            print(
-                f"limits of site {args.name} set: "
-                + ", ".join(
-                    f"{k}={'default' if v is None else 'unlimited' if v == usage.UNLIMITED else v}"
-                    for k, v in values.items()
+            if values:
+                usage.set_limits(conn, args.name, values)
+                print(
+                    f"limits of site {args.name} set: "
+                    + ", ".join(
+                        f"{k}={'default' if v is None else 'unlimited' if v == usage.UNLIMITED else v}"
+                        for k, v in values.items()
+                    )
                 )
-            )
+            if args.retention_days is not None:
+                print(set_retention(conn, args.name, args.retention_days))
         elif action == "show":
             site = sites.get_site(conn, args.name)
             summary = _site_summary(conn, site, cfg)

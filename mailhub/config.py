@@ -770,6 +770,63 @@ class RelayConfig:
     )
 
 
+@_kind("list of percentages (1-100), or empty for none")
+def _levels(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [v for v in (p.strip() for p in value.split(",")) if v]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected a list of percentages, e.g. [80, 95]")
+    levels = []
+    for item in value:
+        text = str(item).strip().removesuffix("%")
+        if isinstance(item, bool) or not text.isdigit() or not 1 <= int(text) <= 100:
+            raise ValueError(f"expected percentages from 1 to 100, got {item!r}")
+        levels.append(int(text))
+    return tuple(sorted(set(levels)))
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    """The [lifecycle] section (SECTION_DOCS["lifecycle"])."""
+
+    retention_days: float = setting(
+        _zero_or_more,
+        14,
+        "Days mail may wait unfetched in a site's mailbox; then it is removed (the tracking record keeps "
+        "its IDs, sizes and times) and its sender gets one delivery status notification per study. "
+        "0 keeps mail until it is fetched. `mailhub site set NAME --retention-days N|default` overrides one site.",
+    )
+    warn_before_days: float = setting(
+        _zero_or_more,
+        2,
+        "Days before the expiry that the receiving site is warned (one notice per site and check, "
+        "once per mail); 0: no warning.",
+    )
+    check_interval: float = setting(
+        _number,
+        300,
+        "Seconds between two expiry checks of the running hub (also the update interval of the study metrics).",
+    )
+    quota_warning_levels: tuple[int, ...] = setting(
+        _levels,
+        [80, 95],
+        "Fill levels (percent of a site's mailbox quota, bytes or mails, whichever is fuller) at which the site "
+        "and the operator get one notice each; again only after the mailbox fell below the level. Empty: none.",
+    )
+    operator_address: str = setting(
+        _text,
+        "",
+        "Where notices for the operator (quota warnings) go: a site's address or, with the relay, a remote "
+        "one. Empty: they are only logged.",
+    )
+    study_alert_hours: float = setting(
+        _number,
+        24,
+        "Hours after which a complete study still unfetched, or fetched without a receipt, counts in "
+        "mailhub_studies_unfetched / mailhub_studies_unacknowledged.",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: the top-level keys, one object per section, and the file it came
@@ -805,6 +862,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     config_file: Path | None = None
     # ((section, key), (value as given, where from)) for each key set by the file or the environment
     # (later ones win), for with_overrides(); may hold secrets, so never in a repr.
@@ -846,6 +904,10 @@ SECTION_DOCS: dict[str, str] = {
     "relay": (
         "Outbound relay: mail from authenticated sites to addresses outside the local domains is "
         "queued durably and forwarded along the routes."
+    ),
+    "lifecycle": (
+        "Mailbox lifecycle: expiry of mail not fetched in time (with a warning to the receiving site and one "
+        "notice per study to the sender), quota warnings, and the study metrics (docs/operator-runbook.md)."
     ),
 }
 

@@ -22,6 +22,7 @@ from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
 from quotas import Throttle
 from relay.file_sender import FileSender
 from relay.imap.server import ImapContext
+from relay.lifecycle import Lifecycle
 from relay.logins import Logins, guard_settings
 from relay.outbound.queue import OutboundQueue
 from relay.pop3.server import Pop3Context
@@ -87,6 +88,7 @@ class Hub:
         self._contexts: list = []  # the SMTP, POP3 and IMAP contexts (drained at stop)
         self._metrics: MetricsServer | None = None
         self._control: ControlServer | None = None  # while its socket is open
+        self.lifecycle: Lifecycle | None = None
         self._tasks: list[asyncio.Task] = []  # background tasks, cancelled and awaited at stop
         self._closers: list = []  # called after the tasks ended (scrub, relay sender)
         self._signals_installed = False
@@ -152,12 +154,16 @@ class Hub:
         pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins)
         imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks, logins=logins)
         self._contexts = [smtp, pop3, imap]
+        # expiry, quota warnings, notices, receipts (relay/lifecycle.py); tests move its clock
+        self.lifecycle = lifecycle = Lifecycle(cfg, storage, sites, throttle)
+        smtp.on_stored = lifecycle.mail_stored
         # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
         control = ControlServer(cfg.data_dir)
         control.register("hub-key-announce", directory.announce_now)
         register_auth_commands(control, logins)
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         control.register("reload", self._reload_command)
+        control.register("mailbox.expire", lifecycle.control_expire)
         named = self._listeners
         self._metrics = MetricsServer(
             cfg.data_dir,
@@ -198,6 +204,8 @@ class Hub:
         )
         self._tasks.append(asyncio.create_task(feeder.run()))
         self._tasks.append(directory.start_updates())
+        self._tasks.append(asyncio.create_task(lifecycle.run()))
+        self._closers.append(lifecycle.close)
         if cfg.storage.scrub_rate > 0:  # the background scrub (storage/scrub.py); 0 turns it off
             scrub = Scrub(storage, cfg.storage.scrub_rate, on_verified=SCRUB_BYTES.inc)
             self._tasks.append(asyncio.create_task(scrub.run()))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from storage import reports
 from storage.events import COLUMNS, Event
+from storage.lifecycle import disposition_of
 
 from .report_format import human_size, iso_time, printable
 
@@ -29,9 +30,13 @@ class Recipient:
     delivered_at: float | None = None
     downloads: list[Event] = field(default_factory=list)
     deleted_at: float | None = None
+    expired_at: float | None = None  # removed unfetched after the site's retention
+    receipts: list[Event] = field(default_factory=list)  # the site's receipts (MDNs) for the mail
 
     @property
     def state(self) -> str:
+        if self.expired_at is not None:
+            return "expired"
         if self.deleted_at is not None:
             return "deleted"
         return "downloaded" if self.downloads else "waiting"
@@ -64,14 +69,18 @@ class Mail:
         self.events.append(e)
         if e.kind == "accepted":
             self.accepted = e
-        elif e.kind in ("delivered", "downloaded", "deleted"):
+        elif e.kind in ("delivered", "downloaded", "deleted", "expired", "receipt"):
             r = self.recipients.setdefault(e.site or "-", Recipient(e.site or "-"))
             if e.kind == "delivered":
                 r.rcpt, r.delivered_at = e.rcpt, e.at
             elif e.kind == "downloaded":
                 r.downloads.append(e)
+            elif e.kind == "receipt":
+                r.receipts.append(e)
             else:
                 r.deleted_at = e.at
+                if e.kind == "expired":
+                    r.expired_at = e.at
         elif e.kind in _RELAY_STATES:
             remote = self.remote.setdefault(e.rcpt or "-", RemoteRecipient(e.rcpt or "-"))
             remote.state, remote.last_reply, remote.at = _RELAY_STATES[e.kind], e.detail, e.at
@@ -161,20 +170,29 @@ def study(set_id: str, mails: list[Mail]) -> dict:
                     "delivered": 0,
                     "downloaded": 0,
                     "deleted": 0,
+                    "expired": 0,
                     "waiting": 0,
                     "first_download_at": None,
                     "last_download_at": None,
+                    "acknowledged": 0,
+                    "last_receipt_at": None,
+                    "disposition": None,
                 },
             )
             s["delivered"] += r.delivered_at is not None
             s["downloaded"] += bool(r.downloads)
-            s["deleted"] += r.deleted_at is not None
+            s["deleted"] += r.deleted_at is not None and r.expired_at is None
+            s["expired"] += r.expired_at is not None
+            s["acknowledged"] += bool(r.receipts)
+            for receipt in r.receipts:
+                if s["last_receipt_at"] is None or receipt.at >= s["last_receipt_at"]:
+                    s["last_receipt_at"], s["disposition"] = receipt.at, disposition_of(receipt.detail)
             s["waiting"] += r.delivered_at is not None and r.deleted_at is None
             for d in r.downloads:
                 s["first_download_at"] = _earliest(s["first_download_at"], d.at)
                 s["last_download_at"] = max(s["last_download_at"] or d.at, d.at)
     for s in recipients.values():
-        for key in ("first_download_at", "last_download_at"):
+        for key in ("first_download_at", "last_download_at", "last_receipt_at"):
             s[key] = iso_time(s[key])
     times = [a.at for a in accepted]
     return {
@@ -218,6 +236,8 @@ def _mail_json(m: Mail) -> dict:
                 "delivered_at": iso_time(r.delivered_at),
                 "downloads": [{"at": iso_time(d.at), "protocol": d.detail, "client": d.peer} for d in r.downloads],
                 "deleted_at": iso_time(r.deleted_at),
+                "expired_at": iso_time(r.expired_at),
+                "receipts": [{"at": iso_time(e.at), "disposition": disposition_of(e.detail)} for e in r.receipts],
             }
             for r in m.recipients.values()
         ],
@@ -283,13 +303,21 @@ def _render_study(s: dict) -> list[str]:
     if s["missing_parts"]:
         lines.append(f"  missing parts: {_ranges(s['missing_parts'])}")
     if s["recipients"]:
-        lines.append(f"  {'recipient':<20} {'downloaded':>13} {'deleted':>8} {'waiting':>8}  first / last download")
+        lines.append(
+            f"  {'recipient':<20} {'downloaded':>13} {'deleted':>8} {'expired':>8} {'waiting':>8}"
+            "  first / last download"
+        )
     for r in s["recipients"]:
         lines.append(
             f"  {r['site']:<20} {r['downloaded']:>5} of {r['delivered']:<4}"
-            f" {r['deleted']:>8} {r['waiting']:>8}"
+            f" {r['deleted']:>8} {r['expired']:>8} {r['waiting']:>8}"
             f"  {r['first_download_at'] or '-'} / {r['last_download_at'] or '-'}"
         )
+        if r["acknowledged"]:
+            lines.append(
+                f"  {'':<20} receipts for {r['acknowledged']} of {r['delivered']} part(s), last"
+                f" {r['last_receipt_at']}: {r['disposition']}"
+            )
     if s["refusals"]:
         lines.append(f"  refused or deferred attempts: {s['refusals']}")
     return lines
@@ -304,7 +332,7 @@ def _render_mail(m: dict) -> list[str]:
     lines = [head]
     for e in m["events"]:
         lines.append(f"  {e['at']}  {e['kind']:<10}  {_describe(e)}")
-    waiting = [r["site"] for r in m["recipients"] if r["state"] != "deleted"]
+    waiting = [r["site"] for r in m["recipients"] if r["state"] not in ("deleted", "expired")]
     if waiting:
         lines.append(f"  still in the mailbox of: {', '.join(waiting)}")
     retrying = [f"<{r['rcpt']}>" for r in m["remote_recipients"] if r["state"] == "retrying"]
@@ -327,6 +355,10 @@ def _describe(e: dict) -> str:
             f"by {e.get('site', '-')} over {e.get('detail', '?')} [{e.get('peer', '-')}],"
             f" {human_size(e.get('size', 0))}"
         )
+    if kind == "expired":
+        return f"from the mailbox of {e.get('site', '-')}: {e.get('detail', '-')}"
+    if kind == "receipt":
+        return f"receipt from {e.get('site', '-')} <{e.get('sender', '')}>: {e.get('detail', '-')}"
     if kind == "deleted":
         how = e.get("detail", "?")
         return f"from the mailbox of {e.get('site', '-')} ({how}{' [' + e['peer'] + ']' if 'peer' in e else ''})"

@@ -189,6 +189,10 @@ class Ledger:
             result[sender] = result.get(sender, 0) - size
         return {sender: b for sender, b in result.items() if b > 0}
 
+    def held(self, site: int) -> tuple[int, int]:
+        """(bytes, messages) the site's mailbox holds as committed (no transactions in flight)."""
+        return self._held.get(site, (0, 0))
+
     def mailbox(self, site: int, excluding: Hashable = None) -> tuple[int, int]:
         """(bytes, messages) the site's mailbox holds, counting the reservations of transactions
         in flight (but not those of `excluding`, the transaction asking)."""

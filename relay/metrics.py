@@ -297,3 +297,67 @@ def _session_outcome(outcome: str, clean_end: str) -> str:
     else:
         key = "closed"
     return key
+
+
+# ---- the mailbox lifecycle (relay/lifecycle.py): expiry, notices, quota warnings, receipts ----------
+EXPIRED_MAILS = Counter(
+    "mailhub_expired_mails_total",
+    "Mailbox entries removed unfetched after their site's retention (lifecycle.retention_days), by site.",
+    ["site"],
+    registry=REGISTRY,
+)
+EXPIRED_BYTES = Counter(
+    "mailhub_expired_bytes_total",
+    "Octets of the mailbox entries removed unfetched, by site.",
+    ["site"],
+    registry=REGISTRY,
+)
+LIFECYCLE_NOTICES = Counter(
+    "mailhub_lifecycle_notices_total",
+    "Notices the hub sent: expiry_warning (to a site), expiry_dsn (one per study, to its sender), "
+    "quota_warning (to a site), quota_operator; by kind and outcome (sent, undeliverable).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+QUOTA_WARNINGS = Counter(
+    "mailhub_quota_warnings_total",
+    "Crossings of a quota warning level (lifecycle.quota_warning_levels), by level.",
+    ["level"],
+    registry=REGISTRY,
+)
+RECEIPTS = Counter(
+    "mailhub_receipts_total",
+    "Receipts (RFC 8098 disposition notifications) passed through, by whether the mail they answer is "
+    "known (linked) or not (unlinked).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+STUDIES_UNFETCHED = Gauge(
+    "mailhub_studies_unfetched",
+    "Studies (X-TELEMEDICINE-SETID, per receiving site) received complete more than "
+    "lifecycle.study_alert_hours ago with parts still unfetched (of the last 8 days).",
+    registry=REGISTRY,
+)
+STUDIES_UNACKNOWLEDGED = Gauge(
+    "mailhub_studies_unacknowledged",
+    "Studies (per receiving site) fetched complete more than lifecycle.study_alert_hours ago without a "
+    "receipt from that site (of the last 8 days).",
+    registry=REGISTRY,
+)
+
+
+def expired(site: str, octets: int) -> None:
+    _labelled(EXPIRED_MAILS, site).inc()
+    _labelled(EXPIRED_BYTES, site).inc(octets)
+
+
+def lifecycle_notice(kind: str, outcome: str) -> None:
+    _labelled(LIFECYCLE_NOTICES, kind, outcome).inc()
+
+
+def quota_warning(level: int) -> None:
+    _labelled(QUOTA_WARNINGS, str(level)).inc()
+
+
+def receipt(linked: bool) -> None:
+    _labelled(RECEIPTS, "linked" if linked else "unlinked").inc()

@@ -25,6 +25,7 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("messages", "blob_offset", "INTEGER NOT NULL DEFAULT 0"),
     ("blob_holes", "freed_at", "REAL NOT NULL DEFAULT 0"),
     ("messages", "crc32", "INTEGER"),
+    ("mailbox", "warned_at", "REAL"),
 )
 
 

@@ -88,7 +88,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     rcpt         TEXT NOT NULL,
     delivered_at REAL NOT NULL,
     fetched_at   REAL,           -- first download (POP3 RETR, IMAP body fetch); NULL: still waiting
-    flags        INTEGER NOT NULL DEFAULT 0   -- IMAP flags: \Seen 1, \Answered 2, \Flagged 4, \Deleted 8, \Draft 16
+    flags        INTEGER NOT NULL DEFAULT 0,  -- IMAP flags: \Seen 1, \Answered 2, \Flagged 4, \Deleted 8, \Draft 16
+    warned_at    REAL            -- when the site was warned that this entry expires unfetched (storage/lifecycle.py)
 );
 CREATE INDEX IF NOT EXISTS mailbox_site ON mailbox (site_id, uid);
 CREATE INDEX IF NOT EXISTS mailbox_queue_id ON mailbox (queue_id);
@@ -435,3 +436,32 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 WHEN OLD.at >= (SELECT value FROM meta WHERE key = 'audit_prune_before')
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only (records go only when past their retention)'); END;
+
+-- ---- Mailbox lifecycle (issue 25): expiry, quota warnings, notices -------------------------------
+-- Per-site retention override in days (0: keep until fetched); no row = lifecycle.retention_days.
+CREATE TABLE IF NOT EXISTS site_retention (
+    site_id INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    days    REAL NOT NULL CHECK (days >= 0)
+);
+
+-- Quota warning levels (percent) a site's mailbox is at or above and was told of: a level notifies
+-- once when it is crossed and again only after the mailbox fell below it (the row goes then).
+CREATE TABLE IF NOT EXISTS quota_warnings (
+    site_id    INTEGER NOT NULL REFERENCES sites (id) ON DELETE CASCADE,
+    level      INTEGER NOT NULL,
+    crossed_at REAL NOT NULL,
+    PRIMARY KEY (site_id, level)
+) WITHOUT ROWID;
+
+-- Notices the hub owes (expiry warnings, expiry DSNs, quota warnings), written in the transaction
+-- that decided them; the hub sends them in id order, each committed together with meta
+-- lifecycle_notice_sent = its id (so a restart neither loses nor repeats one). facts: JSON of IDs,
+-- sizes and dates only, never content. rcpt: the envelope recipient ('' for the operator).
+CREATE TABLE IF NOT EXISTS lifecycle_notices (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind       TEXT NOT NULL,      -- expiry_warning, expiry_dsn, quota_warning, quota_operator
+    created_at REAL NOT NULL,
+    rcpt       TEXT NOT NULL,
+    facts      TEXT NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('lifecycle_notice_sent', 0);

@@ -288,14 +288,20 @@ class Storage:
         return await self._writer.call(IndexWriter.in_transaction, function, *args)
 
     async def store_generated(
-        self, data: bytes, meta: MessageMeta, deliveries: list[Delivery], mark: tuple[str, int] | None = None
+        self,
+        data: bytes,
+        meta: MessageMeta,
+        deliveries: list[Delivery],
+        mark: tuple[str, int] | None = None,
+        remote: Sequence[str] = (),
     ) -> str:
-        """Put a small message made by the hub itself (CRLF, not dot-stuffed) into mailboxes through
-        the same spool -> sync -> commit path as received mail; returns its queue ID."""
+        """Put a small message made by the hub itself (CRLF, not dot-stuffed) into mailboxes (and
+        the outbound queue for `remote` recipients) through the same spool -> sync -> commit path as
+        received mail; returns its queue ID."""
         spool = self.new_spool()
         spool.write(data)
         try:
-            await self.commit(spool, meta, deliveries, mark)
+            await self.commit(spool, meta, deliveries, mark, remote)
         except BaseException:
             spool.discard()
             raise
@@ -529,6 +535,21 @@ class Storage:
             await self.empty_trash()
         except StorageError as exc:  # the deletion stands; housekeeping empties the trash later
             log.warning("freeing the space of deleted mail failed (housekeeping tries again): %s", exc)
+
+    async def remove_with(self, function: Callable[..., Any], *args: object) -> Any:
+        """Run function(conn, *args) in one transaction of the index writer, where it removes mailbox
+        entries (expiry, an operator's deletion) and returns ([(site_id, uid, sender_site, size,
+        was_waiting)] removed, result); the listeners hear of each removal, freed blobs go. Returns
+        the result."""
+        removed, result = await self._freeing(IndexWriter.in_transaction, function, *args)
+        for listener in self._listeners:
+            for site_id, *row in removed:
+                listener.removed(site_id, *row)
+        try:
+            await self.empty_trash()
+        except StorageError as exc:  # the removal stands; housekeeping empties the trash later
+            log.warning("freeing the space of removed mail failed (housekeeping tries again): %s", exc)
+        return result
 
     async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
         """Add a session's downloads to the site's totals (for a session that ended without UPDATE)."""

@@ -503,6 +503,9 @@ def hub_env(data_dir: Path, **overrides: str) -> dict:
             # Directory update mails would add a mail to every mailbox whenever a test adds a site;
             # the directory tests turn them on.
             "MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE": "false",
+            # Likewise quota warnings would add a notice to a mailbox that a quota test fills; the
+            # lifecycle tests turn them on.
+            "MAILHUB_LIFECYCLE_QUOTA_WARNING_LEVELS": "",
             # Freed bytes in packs are released at once, so that tests can see it (test_storage_packs
             # checks the delay).
             "MAILHUB_STORAGE_RELEASE_FREED_AFTER": "0",

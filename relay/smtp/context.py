@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import ssl
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from aiosmtpd.smtp import Envelope
@@ -20,7 +21,7 @@ from relay.smtp import replies as R
 from relay.smtp.ingest import IncomingMessage
 from relay.smtp.message_scan import DotLineScanner
 from relay.smtp.pacing import Pacer
-from storage import Delivery, Site, SiteCache, Storage
+from storage import Delivery, MessageMeta, Site, SiteCache, Storage
 
 _REFUSALS = {
     connection_limits.TOTAL: R.TOO_MANY_CONNECTIONS,
@@ -89,6 +90,8 @@ class SmtpContext:
         self.connection_counter = connection_limits.ConnectionCounter(connection_limits.limits_from(cfg.smtp))
         self.logins = logins or Logins.from_config(cfg, sites)  # shared by all protocols (server.py)
         self.shutting_down = False
+        # called after each commit with (queue ID, meta, sending site): receipts are linked (relay/lifecycle.py)
+        self.on_stored: Callable[[str, MessageMeta, Site | None], None] | None = None
         relay = cfg.relay
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
 

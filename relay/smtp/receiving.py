@@ -206,6 +206,8 @@ class Receiver:
                     on_committed=lambda: self.ctx.throttle.release(tx),
                 )
                 self.ctx.throttle.admitted(self._session.site, tx.receivers, part, time.monotonic())
+                if self.ctx.on_stored is not None:
+                    self.ctx.on_stored(message.queue_id, meta, self._session.site)
             else:
                 message.discard()  # a request to the directory only: nothing to keep
             if tx.directory_request:

@@ -1,0 +1,197 @@
+# The mailbox lifecycle (issue 25) against a real in-process hub with the lifecycle's clock moved
+# forward (relay/lifecycle.py takes `clock`): the warning to the receiving site before the expiry,
+# the expiry itself (mailbox entries gone, their blobs freed, `expired` events, an open IMAP session
+# told by EXPUNGE), one RFC 3464 notice per study to the sender (parsed with Python's email as a
+# real DSN), none of it carrying the originals' subjects or bodies, the metrics, `mailhub mailbox
+# expire --dry-run` and `site set --retention-days`. Quota warnings: once per crossing of each
+# level, to the site and to the operator, again only after the level was left, and not again after
+# a restart. Receipts: a real MDN built as gateways build them (RFC 8098) passes untouched and is
+# traced to its study.
+import asyncio
+import email
+import imaplib
+import json
+import poplib
+import smtplib
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
+
+DAY = 86400
+STUDY = "1.2.826.0.1.3680043.10.543.20261206.1"
+SECRET = "Patient Doe^John 1970-01-01"  # in each original's Subject: must never reach a notice
+
+
+def run(hub, coro, timeout: float = 30.0):
+    """Run a coroutine on the in-process hub's event loop."""
+    return asyncio.run_coroutine_threadsafe(coro, hub._loop).result(timeout)
+
+
+def lifecycle(hub):
+    return hub._hub.lifecycle
+
+
+def send(hub, message: bytes, rcpts=("beta@hub.test",), login: str = "alpha", sender: str = "alpha@hub.test") -> str:
+    with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30) as client:
+        client.login(login, PASSWORD)
+        client.mail(sender)
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        code, reply = client.data(message)
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[1]
+
+
+def part(n: int, total: int, set_id: str = STUDY) -> bytes:
+    headers = f"X-TELEMEDICINE-SETID: {set_id}\r\nX-TELEMEDICINE-SETPART: {n}\r\nX-TELEMEDICINE-SETTOTAL: {total}\r\n"
+    return make_message(3000, subject=f"{SECRET} part {n}", extra_headers=headers)
+
+
+def mailbox(hub, site: str) -> list[tuple[str, float | None]]:
+    return hub.query(
+        "SELECT b.queue_id, b.fetched_at FROM mailbox b JOIN sites s ON s.id = b.site_id WHERE s.name = ? ORDER BY uid",
+        site,
+    )
+
+
+def stored_mails(hub, site: str, exclude: set[str]) -> list[bytes]:
+    return [hub.stored(q) for q, _ in mailbox(hub, site) if q not in exclude]
+
+
+def metric(hub, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/metrics", timeout=10).read().decode()
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture
+def lifecycle_hub(make_hub):
+    # the loop's own rounds stay out of the way (an hour apart); the test runs rounds itself
+    return make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_LIFECYCLE_CHECK_INTERVAL="3600",
+        MAILHUB_LIFECYCLE_RETENTION_DAYS="14",
+        MAILHUB_LIFECYCLE_WARN_BEFORE_DAYS="2",
+    ).start()
+
+
+def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
+    hub = lifecycle_hub
+    start = time.time()
+    study = [send(hub, part(n, 3)) for n in (1, 2, 3)]
+    single = send(hub, make_message(2500, subject=SECRET))
+    fetched = send(hub, make_message(2000, subject=SECRET))
+    pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+    pop.user("beta")
+    pop.pass_(PASSWORD)
+    count = len(pop.list()[1])
+    pop.retr(count)  # the newest: `fetched` (downloaded, kept): never expires
+    pop.quit()
+    wait_for(lambda: dict(mailbox(hub, "beta"))[fetched] is not None)
+    originals = set(study + [single, fetched])
+
+    imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"])
+    imap.login("beta", PASSWORD)
+    assert imap.select("INBOX")[1] == [b"5"]
+
+    # 12.5 days on: the whole study and the single mail are within 2 days of their expiry
+    lifecycle(hub).clock = lambda: start + 12.5 * DAY
+    dry = json.loads(hub.cli("mailbox", "expire", "--dry-run", "--json").stdout)
+    assert dry["expire"] == [] and sorted(e["queue_id"] for e in dry["warn"]) == sorted(study + [single])
+    report = run(hub, lifecycle(hub).expire_now())
+    assert report["warnings_queued"] == 1 and not report["expire"]
+    warnings = stored_mails(hub, "beta", originals)
+    assert len(warnings) == 1
+    warning = email.message_from_bytes(warnings[0])
+    assert warning["Auto-Submitted"] == "auto-generated" and "expires soon (4 mail(s))" in warning["Subject"]
+    text = warning.get_payload()
+    for queue_id in study + [single]:
+        assert queue_id in text
+    assert fetched not in text and STUDY in text and SECRET not in warnings[0].decode()
+    # warned once: the next round warns nobody again
+    lifecycle(hub).clock = lambda: start + 13 * DAY
+    assert run(hub, lifecycle(hub).expire_now()).get("warnings_queued") is None
+    assert len(stored_mails(hub, "beta", originals)) == 1
+
+    # 14 days and a bit: the four expire, and the warning (stored in real time, as old as they are)
+    # silently; alpha gets one notice for the study and one for the single mail
+    lifecycle(hub).clock = lambda: start + 14 * DAY + 60
+    report = run(hub, lifecycle(hub).expire_now())
+    assert report["removed"] == 5 and report["notices_queued"] == 2 and report["studies"] == 3
+    assert [q for q, _ in mailbox(hub, "beta")] == [fetched]
+    assert hub.query("SELECT count(*) FROM messages WHERE queue_id IN (?, ?, ?, ?)", *study, single) == [(0,)]
+    dsns = [email.message_from_bytes(data) for data in stored_mails(hub, "alpha", set())]
+    assert len(dsns) == 2
+    by_study = {}
+    for dsn, raw in zip(dsns, stored_mails(hub, "alpha", set())):
+        assert SECRET not in raw.decode() and "part 1" not in dsn["Subject"]
+        assert dsn.get_content_type() == "multipart/report"
+        assert dsn.get_param("report-type") == "delivery-status"
+        human, status = dsn.get_payload()[:2]
+        assert status.get_content_type() == "message/delivery-status"
+        per_message, *per_recipient = status.get_payload()
+        assert per_message["Reporting-MTA"] == "dns; hub.test"
+        assert len(per_recipient) == 1
+        rcpt = per_recipient[0]
+        assert rcpt["Final-Recipient"] == "rfc822; beta@hub.test"
+        assert (rcpt["Action"], rcpt["Status"]) == ("failed", "5.4.7")
+        assert "not fetched by the recipient within 14 days" in rcpt["Diagnostic-Code"]
+        by_study[per_message["X-Mailhub-Study-ID"]] = human.get_payload()
+    assert set(by_study) == {STUDY, None}
+    assert all(q in by_study[STUDY] for q in study) and single in by_study[None]
+    assert "not fetched by the recipient within 14 days" in by_study[STUDY]
+
+    expired = hub.query(
+        "SELECT queue_id, site, peer_site, detail FROM events WHERE kind = 'expired' AND peer_site IS NOT NULL"
+    )
+    assert sorted(q for q, *_ in expired) == sorted(study + [single])
+    assert {(s, p, d) for _, s, p, d in expired} == {("beta", "alpha", "not fetched within 14 days")}
+    trace = json.loads(hub.cli("trace", "--study", STUDY, "--json").stdout)
+    assert trace["study"]["recipients"][0]["expired"] == 3
+    assert metric(hub, "mailhub_expired_mails_total", site="beta") == 5
+    assert metric(hub, "mailhub_lifecycle_notices_total", kind="expiry_dsn", outcome="sent") == 2
+    assert metric(hub, "mailhub_lifecycle_notices_total", kind="expiry_warning", outcome="sent") == 1
+
+    # the IMAP session of beta sees the four go at its next command (the warning came after SELECT:
+    # EXISTS, then EXPUNGE)
+    imap.noop()
+    assert len(imap.response("EXPUNGE")[1]) == 4 or imap.select("INBOX")[1] == [b"1"]
+    assert imap.select("INBOX")[1] == [b"1"]
+    imap.logout()
+
+    # a second round (the fake clock makes alpha's two notices as old) removes those silently: no
+    # notice about a notice, and none sent twice
+    notices = hub.query("SELECT count(*) FROM lifecycle_notices")
+    report = run(hub, lifecycle(hub).expire_now())
+    assert report["removed"] == 2 and report["notices_queued"] == 0
+    assert {e["sender"] for e in report["expire"]} == {""}
+    assert hub.query("SELECT count(*) FROM lifecycle_notices") == notices
+    assert metric(hub, "mailhub_lifecycle_notices_total", kind="expiry_dsn", outcome="sent") == 2
+
+
+def test_retention_override_and_keep(lifecycle_hub):
+    hub = lifecycle_hub
+    start = time.time()
+    queue_id = send(hub, make_message(2000))
+    assert (
+        "retention of site beta: keep until fetched" in hub.cli("site", "set", "beta", "--retention-days", "0").stdout
+    )
+    lifecycle(hub).clock = lambda: start + 400 * DAY
+    assert run(hub, lifecycle(hub).expire_now())["expire"] == []
+    hub.cli("site", "set", "beta", "--retention-days", "3")
+    lifecycle(hub).clock = lambda: start + 2 * DAY
+    report = run(hub, lifecycle(hub).expire_now(dry_run=True))
+    assert [e["queue_id"] for e in report["warn"]] == [queue_id] and report["expire"] == []
+    lifecycle(hub).clock = lambda: start + 3 * DAY + 1
+    assert [e["queue_id"] for e in run(hub, lifecycle(hub).expire_now())["expire"]] == [queue_id]
+    assert mailbox(hub, "beta") == []
+    result = hub.cli("site", "set", "beta", "--retention-days", "-1", check=False)
+    assert result.returncode == 1 and "--retention-days" in result.stderr
+    hub.cli("site", "set", "beta", "--retention-days", "default")
+    assert hub.query("SELECT count(*) FROM site_retention") == [(0,)]
