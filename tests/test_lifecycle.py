@@ -152,6 +152,17 @@ def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
     )
     assert sorted(q for q, *_ in expired) == sorted(study + [single])
     assert {(s, p, d) for _, s, p, d in expired} == {("beta", "alpha", "not fetched within 14 days")}
+    audited = hub.query(
+        "SELECT queue_id, site, study_id, size, sha256, actor, detail FROM audit WHERE event = 'expired'"
+        " AND study_id IS NOT NULL ORDER BY queue_id"
+    )
+    stored = {
+        q: (size, sha)
+        for q, size, sha in hub.query("SELECT queue_id, size, detail FROM events WHERE kind = 'accepted'")
+    }
+    assert audited == [(q, "beta", STUDY, *stored[q], "hub", "not fetched within 14 days") for q in sorted(study)]
+    audit_cli = json.loads(hub.cli("audit", "--study", STUDY, "--json").stdout)
+    assert sorted(r["event"] for r in audit_cli) == ["accepted"] * 3 + ["expired"] * 3
     trace = json.loads(hub.cli("trace", "--study", STUDY, "--json").stdout)
     assert trace["study"]["recipients"][0]["expired"] == 3
     assert metric(hub, "mailhub_expired_mails_total", site="beta") == 5
