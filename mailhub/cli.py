@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     events_commands = events.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
     prune = events_commands.add_parser("prune", parents=[common], help="delete events past their retention")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="default: events.retention_days")
+    sessions = commands.add_parser("sessions", parents=[common], help="who is connected to the running hub")
+    sessions.add_argument("--kick", metavar="SITE", help="end this site's sessions (each protocol's goodbye)")
+    sessions.add_argument("--json", action="store_true")
     auth = commands.add_parser("auth", help="password-guessing penalties and blocks of the running hub")
     auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")
     blocks = auth_commands.add_parser(
@@ -286,6 +289,10 @@ def _command(args) -> int:
         return _queue_command(cfg, args)
     if args.command == "auth":
         return _auth_command(cfg, args)
+    if args.command == "sessions":
+        from .sessions_control import sessions_command
+
+        return sessions_command(cfg, args)
     if args.command in ("trace", "stats"):
         return _report_command(cfg, args)
     if args.command == "events":

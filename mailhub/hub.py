@@ -26,6 +26,7 @@ from relay.lifecycle import Lifecycle
 from relay.logins import Logins, guard_settings
 from relay.outbound.queue import OutboundQueue
 from relay.pop3.server import Pop3Context
+from relay.sessions import SessionRegistry
 from relay.smtp.context import SmtpContext
 from relay.smtp.server import HubSMTP
 from storage import SiteCache, Storage, StorageFull
@@ -40,6 +41,7 @@ from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
 from .metrics import MetricsServer
+from .sessions_control import register_session_commands
 from .throttling import ThrottleFeeder, settings_from_config
 
 log = logging.getLogger("mailhub.server")
@@ -161,6 +163,7 @@ class Hub:
         control = ControlServer(cfg.data_dir)
         control.register("hub-key-announce", directory.announce_now)
         register_auth_commands(control, logins)
+        register_session_commands(control, SessionRegistry([smtp.connections, pop3.sessions, imap.sessions]))
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         control.register("reload", self._reload_command)
         control.register("mailbox.expire", lifecycle.control_expire)

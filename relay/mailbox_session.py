@@ -12,6 +12,7 @@ from typing import Generic, Protocol, TypeVar, cast
 from relay import metrics
 from relay.connection_limits import ConnectionCounter, Ticket
 from relay.login_deadline import LoginDeadline
+from relay.sessions import SessionInfo
 from storage.records import Downloads
 from storage.sites import Site
 
@@ -31,6 +32,9 @@ class SessionCore(Protocol):
 
     @property
     def buffered_bytes(self) -> int: ...
+
+    @property
+    def last_command(self) -> str: ...
 
     def receive_data(self, data: bytes) -> None: ...
 
@@ -64,12 +68,26 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
         # read, CRC-checked and sent), not through the event loop
         self._checked = 0  # messages whose CRC-32 was checked as they were sent
         self._started = time.monotonic()
+        self.since = time.time()  # what `mailhub sessions` shows (relay/sessions.py)
+        self.bytes_in = 0
+        self.bytes_out = 0  # written, plus each mail sent from its file once it is sent
         self._input = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = False
         self._reading_paused = False
         self._stop_send = threading.Event()
+
+    def session_info(self) -> SessionInfo:
+        return SessionInfo(
+            self.protocol,
+            self.site.name if self.site is not None else None,
+            self.peer,
+            self.since,
+            self.bytes_in,
+            self.bytes_out,
+            self.core.last_command if self.core is not None else "",
+        )
 
     @property
     def _core(self) -> CoreT:
@@ -129,6 +147,7 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
     def data_received(self, data: bytes) -> None:
         if self.core is None:
             return
+        self.bytes_in += len(data)
         if b"\n" in data:  # a line completed: the idle timeout counts from here
             self._idle_from = asyncio.get_running_loop().time()
         self._partial_line = not data.endswith(b"\n")
@@ -178,6 +197,7 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
     def _write(self, data: bytes) -> None:
         if self._lost or self._transport.is_closing():
             raise ConnectionResetError("connection lost")
+        self.bytes_out += len(data)
         self._transport.write(data)
 
     async def _drain(self) -> None:

@@ -205,6 +205,11 @@ class ImapConnection(SelectedState):
         return self._tls_active
 
     @property
+    def last_command(self) -> str:
+        """The verb of the command being served or served last (no arguments), or ""."""
+        return self._verb
+
+    @property
     def idling(self) -> bool:
         return self._waiting is _LINE_OR_CHANGE
 

@@ -48,6 +48,7 @@ from relay.logins import Logins
 from relay.mailbox_session import MailboxSessionIO, is_loopback
 from relay.mime import structure as mime_structure
 from relay.mime.stream import MimeStreamParser
+from relay.sessions import KICK_REASON
 from storage import SiteCache, Storage
 from storage.records import Downloads, MailboxEntry
 from storage.sites import Site
@@ -180,6 +181,12 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         self._core.mailbox_changed()
         if self._core.idling:
             self._input.set()
+
+    def kick(self) -> None:
+        """The operator ends this session (`mailhub sessions --kick`): * BYE, then close."""
+        self._end_reason = self._end_reason or KICK_REASON
+        log.info("peer=%s site=%s: %s", self.peer, self._site_name(), KICK_REASON)
+        self.abort("Closed by the hub's operator")
 
     def abort(self, reason: str) -> None:
         self._stop_send.set()
@@ -412,6 +419,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
                     crc32,
                 )
                 self._direct += 1
+                self.bytes_out += event.length
             else:
                 await self._copy(entry, event.start, event.length, RunningCrc(crc32))
         except ChecksumMismatch as exc:

@@ -242,11 +242,17 @@ class Pop3Connection:
         self._checking: tuple[int, MaildropEntry, int | None] | None = None  # (number, entry, body_lines)
         self._out: deque[Event] = deque()
         self._reset_input()
+        self._last_verb = ""  # of the last known command (`mailhub sessions`; never its arguments)
 
     # ---- properties for the adapter ----------------------------------------
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def last_command(self) -> str:
+        """The verb of the last command received (a known verb only, no arguments), or ""."""
+        return self._last_verb
 
     @property
     def tls_active(self) -> bool:
@@ -359,6 +365,8 @@ class Pop3Connection:
             return self._go("<sasl-line>", outcome)
         verb_b, _, rest = line.partition(b" ")
         verb = verb_b.upper().decode("ascii") if verb_b.isascii() else ""
+        if verb in _VERBS:
+            self._last_verb = verb
         if (self._state, verb) in _TRANSITIONS:
             args = [a for a in rest.split(b" ") if a]
             handler = getattr(self, "_cmd_" + verb.lower())

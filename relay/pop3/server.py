@@ -39,6 +39,7 @@ from relay.pop3.protocol import (
     Update,
     system_error,
 )
+from relay.sessions import KICK_REASON
 from storage import SiteCache, Storage
 from storage.records import Downloads, MailboxEntry
 
@@ -139,6 +140,19 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
 
     def _login_timeout_reply(self) -> bytes:
         return system_error(f"no login within {self.ctx.login_timeout:.0f} seconds, closing", code=None)
+
+    def kick(self) -> None:
+        """The operator ends this session (`mailhub sessions --kick`): nothing is deleted (no QUIT);
+        an -ERR says why, unless a mail is being sent or deletions are being applied (then the
+        session ends as UPDATE finishes)."""
+        if self.core is None or self.core.state is State.UPDATE:
+            return
+        self._end_reason = self._end_reason or KICK_REASON
+        log.info("peer=%s site=%s: %s", self.peer, self._site_name(), KICK_REASON)
+        if self.transport is not None and not self.transport.is_closing() and self.core.state is not State.SENDING:
+            self.bytes_out += len(data := system_error(KICK_REASON))
+            self.transport.write(data)
+        self.abort()
 
     def abort(self) -> None:
         """Close now (shutdown), unless deletions are being applied."""
@@ -265,6 +279,7 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
                 )
                 sent = entry.size
                 self._direct += 1
+                self.bytes_out += sent
             else:
                 sent, ends_with_lf = await self._copy(entry, event.body_lines, RunningCrc(crc32))
             self._checked += crc32 is not None

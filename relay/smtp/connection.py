@@ -9,11 +9,13 @@
 # asyncio calls for the connection's events.
 import asyncio
 import logging
+import time
 
 from relay import connection_limits, metrics
 from relay.internal_errors import report_internal_error
 from relay.login_deadline import LoginDeadline
 from relay.mailbox_session import is_loopback
+from relay.sessions import KICK_REASON, SessionInfo
 from relay.smtp import replies as R
 from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
 from relay.smtp.context import SmtpContext, Transaction
@@ -54,6 +56,12 @@ class SmtpConnection(AiosmtpdSession):
         self._reading_paused = False  # the socket is not read until memory is under the budget
         self.ticket: connection_limits.Ticket | None = None  # counted while open (SmtpContext.admit)
         self._login_deadline: LoginDeadline | None = None
+        # what `mailhub sessions` shows (relay/sessions.py)
+        self.since = time.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_command = ""
+        self._kick_pending = False  # close once the transaction in flight is over
 
     # ---- what the listener, the verbs and the message path read ----------------------------------
 
@@ -68,6 +76,30 @@ class SmtpConnection(AiosmtpdSession):
         """The site logged in on this connection (AUTH), or None."""
         session = self.session  # (None while aiosmtpd's __init__ reads every property)
         return session.auth_data if session is not None and session.authenticated else None
+
+    def session_info(self) -> SessionInfo:
+        site = self.site
+        return SessionInfo(
+            "smtp",
+            site.name if site else None,
+            self.peer_ip,
+            self.since,
+            self.bytes_in,
+            self.bytes_out,
+            self.last_command,
+        )
+
+    def kick(self) -> None:
+        """The operator ends this session (`mailhub sessions --kick`): 421 now, or right after the
+        transaction in flight (its mail is answered first, so nothing is stored twice)."""
+        self._kick_pending = True
+        if not self.busy:
+            self._close_kicked()
+
+    def _close_kicked(self) -> None:
+        self._closing_why = self._closing_why or KICK_REASON
+        log.info("%s site=%s: %s", self.peer_ip, self.site.name if self.site else "-", KICK_REASON)
+        self.close_now(R.KICKED)
 
     # ---- life cycle and reads --------------------------------------------------------------------
 
@@ -88,6 +120,7 @@ class SmtpConnection(AiosmtpdSession):
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         super().data_received(data)
         self._count_buffer()
         if self._in_data and self._budget.full and not self._reading_paused and self.transport is not None:
@@ -164,6 +197,7 @@ class SmtpConnection(AiosmtpdSession):
                 await self.push(parsed)
             else:
                 verb, arg = parsed
+                self.last_command = verb
                 method = self.commands[verb]
                 too_many = budget.take(verb)
                 if too_many:
@@ -178,6 +212,9 @@ class SmtpConnection(AiosmtpdSession):
                 except Exception as exc:  # a bug: one log line, the session carries on
                     self._report(exc)
                     await self.push(R.INTERNAL_ERROR)
+            if self._kick_pending and not self.busy:
+                self._close_kicked()
+                return
             if budget.exhausted:
                 log.info("%s: too many errors (%d), closing", self.peer_ip, budget.errors)
                 self.close_now(R.TOO_MANY_ERRORS)
@@ -253,12 +290,15 @@ class SmtpConnection(AiosmtpdSession):
     async def _flush_held(self) -> None:
         data = b"".join(self._held)
         self._held.clear()
+        self.bytes_out += len(data)
         await self.send(data)
 
     def close_now(self, reply: str) -> None:
         self._closing_why = self._closing_why or ("shutdown" if reply == R.SHUTTING_DOWN else reply[:9])
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._held) + reply.encode() + b"\r\n")
+            data = b"".join(self._held) + reply.encode() + b"\r\n"
+            self.bytes_out += len(data)
+            self.transport.write(data)
             self._held.clear()
             self.transport.close()
 

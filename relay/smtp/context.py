@@ -17,6 +17,7 @@ from relay import connection_limits, metrics
 from relay.logins import Logins
 from relay.outbound.routes import route_for
 from relay.policy.encryption import EncryptionPolicy
+from relay.sessions import SessionInfo
 from relay.smtp import replies as R
 from relay.smtp.ingest import IncomingMessage
 from relay.smtp.message_scan import DotLineScanner
@@ -40,6 +41,10 @@ class Connection(Protocol):
     def busy(self) -> bool: ...
 
     def close_now(self, reply: str) -> None: ...
+
+    def session_info(self) -> SessionInfo: ...
+
+    def kick(self) -> None: ...
 
 
 class Transaction(Envelope):

@@ -10,6 +10,7 @@ READY_TLS = "220 2.0.0 Ready to start TLS"
 AUTH_OK = "235 2.7.0 Authentication successful"
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+KICKED = "421 4.3.2 Closed by the hub's operator, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_CONNECTIONS_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_UNAUTHENTICATED = "421 4.7.0 Too many connections not yet authenticated, try again later"

@@ -1,0 +1,73 @@
+# `mailhub sessions`: who is connected to the running hub (protocol, site, client address, since,
+# bytes in and out, last command) and `--kick SITE`, which ends that site's sessions with each
+# protocol's goodbye (SMTP 421, once a transaction in flight is answered; POP3 -ERR, without
+# applying deletions; IMAP * BYE). The hub's side registers the control commands `sessions` and
+# `sessions.kick`; the CLI side asks them and prints the answer. Must never: show a command's
+# arguments (relay/sessions.py keeps the verb only).
+import json
+import time
+
+from relay.sessions import SessionRegistry
+
+from .control import ControlError, ControlServer
+from .report_format import human_size, iso_time, printable
+
+EXIT_FAILED = 1
+
+
+def register_session_commands(control: ControlServer, registry: SessionRegistry) -> None:
+    def listing(_request: dict) -> dict:
+        return {"sessions": [info.as_dict() for info in registry.listing()], "now": time.time()}
+
+    def kick(request: dict) -> dict:
+        site = request.get("site")
+        if not isinstance(site, str) or not site:
+            raise ControlError('sessions.kick needs "site", a site name')
+        return {"site": site, "ended": [info.as_dict() for info in registry.kick(site)]}
+
+    control.register("sessions", listing)
+    control.register("sessions.kick", kick)
+
+
+def sessions_command(cfg, args) -> int:
+    from .cli import ask_hub
+
+    if args.kick is not None:
+        answer = ask_hub(cfg, "sessions.kick", site=args.kick)
+        if answer is None:
+            return EXIT_FAILED
+        if args.json:
+            print(json.dumps(answer, indent=2))
+        elif not answer["ended"]:
+            print(f"site {printable(args.kick)} has no open session")
+        else:
+            print(f"ending {len(answer['ended'])} session(s) of site {printable(args.kick)}:")
+            _table(answer["ended"], time.time())
+        return 0 if answer["ended"] else EXIT_FAILED
+    answer = ask_hub(cfg, "sessions")
+    if answer is None:
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(answer["sessions"], indent=2))
+    elif not answer["sessions"]:
+        print("no open sessions")
+    else:
+        _table(answer["sessions"], answer["now"])
+    return 0
+
+
+def _table(rows: list[dict], now: float) -> None:
+    print(f"{'PROTO':<5} {'SITE':<20} {'CLIENT':<39} {'SINCE':<20} {'FOR':>8} {'IN':>10} {'OUT':>10}  COMMAND")
+    for row in rows:
+        print(
+            f"{row['protocol']:<5} {printable(row['site'] or '-'):<20} {row['client']:<39}"
+            f" {iso_time(row['since'], millis=False):<20} {_duration(now - row['since']):>8}"
+            f" {human_size(row['bytes_in']):>10} {human_size(row['bytes_out']):>10}  {row['command'] or '-'}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
