@@ -35,13 +35,16 @@ def imaps(hub, user: str = "beta") -> imaplib.IMAP4_SSL:
     return client
 
 
-def served_certificates(hub) -> tuple[str, str]:
-    """The certificate a new STLS connection and a new IMAPS connection get."""
+def served_certificates(hub) -> tuple[str, str, str]:
+    """The certificate a new SMTP STARTTLS, POP3 STLS and IMAPS connection get."""
+    smtp = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
+    smtp.starttls(context=any_certificate())
     pop = pop3_over_stls(hub)
     client = imaps(hub)
     try:
-        return peer_fingerprint(pop.sock), peer_fingerprint(client.sock)
+        return peer_fingerprint(smtp.sock), peer_fingerprint(pop.sock), peer_fingerprint(client.sock)
     finally:
+        smtp.quit()
         pop.close()
         client.logout()
 
@@ -65,6 +68,7 @@ def test_sighup_renews_the_certificate_under_a_pop3_download_and_an_imap_idle(ma
         MAILHUB_IMAP_IMAPS_LISTEN="127.0.0.1:0",
     )
     hub.config = settings
+    hub.start()
     queue_id = send(hub, ["alpha@hub.test"], make_message(4 * 1024 * 1024))
     # a download under way: a small receive buffer keeps the hub sending while we pause
     download = pop3_over_stls(hub, rcvbuf=32 * 1024)
@@ -83,7 +87,7 @@ def test_sighup_renews_the_certificate_under_a_pop3_download_and_an_imap_idle(ma
     os.kill(hub.pid, signal.SIGHUP)
     log = reloaded(hub, mark)
     assert "no live setting changed" in log and "CN=new.hub.test" in log, log
-    assert served_certificates(hub) == (new, new)
+    assert served_certificates(hub) == (new, new, new)
 
     # both sessions go on under the old certificate
     assert unstuff(download.block()) == hub.stored(queue_id)
@@ -104,7 +108,7 @@ def test_sighup_renews_the_certificate_under_a_pop3_download_and_an_imap_idle(ma
     refusals = [line for line in log.splitlines() if "reload refused" in line]
     assert len(refusals) == 1 and "smtp.max_recipients" in refusals[0], log
     assert "Traceback" not in hub.log_text()
-    assert served_certificates(hub) == (new, new)
+    assert served_certificates(hub) == (new, new, new)
     assert send(hub, ["beta@hub.test"], make_message(500))
     assert hub.proc.poll() is None
 
@@ -114,6 +118,7 @@ def test_reload_changes_live_settings_and_names_those_that_need_a_restart(make_h
     settings.write_text("[smtp]\nmax_recipients = 3\n")
     hub = make_hub(sites=ALPHA_BETA_B2)
     hub.config = settings
+    hub.start()
     cert, key = tls_files
     make_certificate(cert, key)
     settings.write_text(
@@ -153,6 +158,7 @@ def test_a_key_that_does_not_fit_is_refused_and_the_certificate_stays(make_hub, 
         MAILHUB_TLS_KEY_FILE=str(key),
         MAILHUB_IMAP_IMAPS_LISTEN="127.0.0.1:0",
     )
+    hub.start()
     make_certificate(cert, key.with_name("other-key.pem"), "new.hub.test")  # the new key not copied yet
     mark = len(hub.log_text())
     result = hub.cli("reload", check=False)
@@ -161,4 +167,4 @@ def test_a_key_that_does_not_fit_is_refused_and_the_certificate_stays(make_hub, 
     assert result.stderr.count("\n") == 1, result.stderr
     log = hub.log_text()[mark:]
     assert log.count("reload refused") == 1 and "Traceback" not in log, log
-    assert served_certificates(hub) == (old, old)
+    assert served_certificates(hub) == (old, old, old)
