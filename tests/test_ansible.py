@@ -382,6 +382,13 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
             pop.quit()
         url = f"http://127.0.0.1:{deployment.ports['metrics']}/metrics"
         exposition = urllib.request.urlopen(url, timeout=30).read().decode()
+        # systemctl reload runs ExecReload: the running hub reads its configuration and certificate again
+        assert hub.service["ExecReload"] == [hub.service["ExecStart"][0].replace(" serve ", " reload ", 1)]
+        reload = subprocess.run(
+            shlex.split(hub.service["ExecReload"][0]), env=hub.env, cwd=hub.cwd, capture_output=True, text=True
+        )
+        assert (reload.returncode, reload.stderr) == (0, ""), reload
+        assert reload.stdout.startswith("reloaded: no live setting changed\nserving certificate "), reload.stdout
     finally:
         assert hub.stop() == 0
     exported = _metric_names(exposition)
