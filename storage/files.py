@@ -20,19 +20,28 @@ def unlink_quietly(path: str | Path) -> None:
         pass
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
+_IOV_MAX = 1024  # buffers one writev takes (Linux)
+
+
 def write_all_vectored(fd: int, buffers: list[bytes] | list[memoryview]) -> None:
     """Write several buffers in order with as few system calls as the kernel allows (no copy)."""
-    written = os.writev(fd, buffers)
-    total = sum(map(len, buffers))
-    if written < total:  # a partial write (rare): the rest, one buffer at a time
-        rest = b"".join(buffers)[written:]
-        write_all(fd, rest)
+    for start in range(0, len(buffers), _IOV_MAX):
+        group = buffers[start : start + _IOV_MAX]
+        written = os.writev(fd, group)
+        total = sum(map(len, group))
+        if written < total:  # a partial write (rare): the rest, one buffer at a time
+            for buffer in group:
+                if written >= len(buffer):
+                    written -= len(buffer)
+                    continue
+                write_all(fd, memoryview(buffer)[written:])
+                written = 0
 
 
 def rename_into(path: str, final: str) -> None:

@@ -1,16 +1,16 @@
 # Every write to the SQLite index, on one connection, one request at a time: the group commit of
-# a batch of messages (with the pack writer for the small ones), deletions with download totals,
-# IMAP flags, throttle states, outbound queue operations, and the trash. Runs in the index writer
-# process (storage/writer_process.py); plain blocking code that knows nothing of the event loop.
-# One writer means no SQLite lock contention and no interleaved transactions.
-# Each group commit with messages is numbered (table commits) and gets a random attempt id; its
-# packed messages' envelope records name both, and the previous commit's, and after the COMMIT a
-# ledger line says it committed (storage/ledger.py): what lets a rebuild of the index tell committed
-# mails from the leftovers of a commit that failed. Removals are appended to the ledger (fdatasync)
-# before the writer answers.
+# a batch of messages (made durable by the hub beforehand: files of their own, or frames in packs),
+# deletions with download totals, IMAP flags, throttle states, outbound queue operations, and the
+# trash. Runs in the index writer process (storage/writer_process.py); plain blocking code that
+# knows nothing of the event loop, and never sees message bytes. One writer means no SQLite lock
+# contention and no interleaved transactions.
+# Each group commit with messages is numbered (table commits; the hub picks the next number and a
+# random attempt id after asking last_commit()); its packed messages' envelope records name both,
+# and the previous commit's, and after the COMMIT a ledger line says it committed
+# (storage/ledger.py): what lets a rebuild of the index tell committed mails from the leftovers of
+# a commit that failed. Removals are appended to the ledger (fdatasync) before the writer answers.
 import collections
 import json
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from . import audit, db, envelope, events, faults, ledger, verify
+from . import audit, db, events, faults, ledger, verify
+from .errors import StorageError
 from .files import unlink_quietly
-from .packs import PackWriter, truncate_durably
+from .packs import truncate_durably
 from .records import Delivery, Downloads, MessageMeta, Removal, pickled_by_fields
 from .usage import write_throttle_states
 
@@ -34,10 +35,11 @@ Args = TypeVarTuple("Args")
 @pickled_by_fields
 @dataclass(slots=True)
 class BatchItem:
-    """A message of a group commit, as the writer gets it. A small message comes with its `data`
-    (received chunks) and `spool_path`, the file a pack it begins starts as; the writer appends it
-    to the open pack and sets `blob`, `offset` and `sha256`. Any other one is already durable as `blob`.
-    Paths are plain strings: cheaper to send and to make than pathlib's."""
+    """A message of a group commit. In the hub a small message comes with its `data` (received
+    chunks) and `spool_path`, the file a pack it begins starts as; the hub's pack writer appends it
+    to the open pack and sets `blob`, `offset`, `sha256` and `crc32`, and the writer process gets
+    it without its data (`packed`). Any other one is already durable as `blob`. Paths are plain
+    strings: cheaper to send and to make than pathlib's."""
 
     queue_id: str
     size: int
@@ -52,14 +54,14 @@ class BatchItem:
     spool_path: str | None = None
     offset: int = 0
     structure: str | None = None  # meta.structure as JSON (set by the writer, for the record and the row)
-    crc32: int | None = None  # zlib CRC-32 of the message (a packed one's: set by the writer)
+    crc32: int | None = None  # zlib CRC-32 of the message
+    packed: bool = False  # a frame in a pack (written by the hub: `data` stays in the hub)
 
 
 class IndexWriter:
     def __init__(self, data_dir: Path, release_freed_after: float):
         self.conn = db.connect(data_dir)
         self.blob_dir = str(data_dir / "blobs")
-        self.packs = PackWriter(self.blob_dir)
         self.release_freed_after = release_freed_after
         # (monotonic, Unix time) at the start of this process's transactions of the last
         # release_freed_after seconds (one per second at most): a range freed by one of them is
@@ -80,7 +82,6 @@ class IndexWriter:
         """Answers once the writer has opened the index."""
 
     def close(self) -> None:
-        self.packs.close()
         try:
             self.sync_ledger()
         finally:
@@ -100,50 +101,37 @@ class IndexWriter:
         if not self._recent or now - self._recent[-1][0] >= 1.0:
             self._recent.append((now, time.time()))
 
-    def commit_batch(self, batch: list[BatchItem], loose: list[tuple[Any, ...]]) -> list[str | None]:
-        """Small messages into the pack (durable), then one transaction for the batch with its
-        tracking events and the queued refusal `loose` (event rows). Returns each one's SHA-256,
-        or None for a message left out because a receiving mailbox had no room for it (its frame
-        in a pack stays, named refused by the commit's ledger line; the caller removes its own
-        blob file)."""
+    def last_commit(self) -> tuple[int, int]:
+        """(seq, attempt) of the last group commit: the hub numbers the next one (its packed mails'
+        envelope records name it and this one, written before the commit)."""
+        return self.seq, self.attempt
+
+    def commit_batch(
+        self,
+        batch: list[BatchItem],
+        loose: list[tuple[Any, ...]],
+        seq: int = 0,
+        attempt: int = 0,
+        ends: dict[str, int] | None = None,
+    ) -> list[str | None]:
+        """One transaction for a batch of messages, durable already (files of their own, or frames
+        the hub appended to packs as group commit `seq` with attempt id `attempt`, the packs' new
+        committed `ends`), with their tracking events and the queued refusal `loose` (event rows).
+        Returns each one's SHA-256, or None for a message left out because a receiving mailbox had
+        no room for it (its frame in a pack stays, named refused by the commit's ledger line; the
+        caller removes its own blob file)."""
         if not batch:
             self.in_transaction(_index_batch, batch, loose)
             return []
-        packed = [item for item in batch if item.data is not None]
-        seq, attempt, prev = self.seq + 1, secrets.randbits(62) + 1, [self.seq, self.attempt]
-
-        def record_of(item: BatchItem) -> bytes:
-            assert item.sha256 is not None  # set by the pack writer
-            item.structure = envelope.structure_json(item.meta)
-            return envelope.record(
-                item.queue_id,
-                item.size,
-                item.received_at,
-                item.sha256,
-                item.meta,
-                item.deliveries,
-                item.remote,
-                item.structure,
-                seq=seq,
-                a=attempt,
-                p=prev,
-                crc=item.crc32,
-            )
-
+        if seq != self.seq + 1:  # the hub numbered it from a commit it did not know of
+            raise StorageError(f"group commit {seq} out of sequence (the last one is {self.seq})")
         self._note_time()
-        try:
-            faults.hit("writer", "before_pack")
-            ends = self.packs.write(packed, record_of)
-            with db.transaction(self.conn):
-                refused = _index_batch(self.conn, batch, loose)
-                files = [item.queue_id for i, item in enumerate(batch) if item.data is None and i not in refused]
-                left_out = [batch[i].queue_id for i in sorted(refused)]
-                self._note_commit(seq, attempt, files, left_out, ends)
-                faults.hit("writer", "before_commit")
-        except BaseException:
-            if packed:
-                self.packs.abandon()
-            raise
+        with db.transaction(self.conn):
+            refused = _index_batch(self.conn, batch, loose)
+            files = [item.queue_id for i, item in enumerate(batch) if not item.packed and i not in refused]
+            left_out = [batch[i].queue_id for i in sorted(refused)]
+            self._note_commit(seq, attempt, files, left_out, ends or {})
+            faults.hit("writer", "before_commit")
         faults.hit("writer", "after_commit")
         self.seq, self.attempt = seq, attempt
         self._to_ledger([ledger.commit_line(seq, attempt, files, left_out)], sync=False)
@@ -215,18 +203,16 @@ class IndexWriter:
         if found:
             return found
         for blob, end in self.conn.execute("SELECT blob, committed_end FROM packs").fetchall():
-            if blob != self.packs.open_blob:
-                try:
-                    truncate_durably(f"{self.blob_dir}/{blob}", end)
-                except FileNotFoundError:
-                    pass
+            try:
+                truncate_durably(f"{self.blob_dir}/{blob}", end)
+            except FileNotFoundError:
+                pass
         for blob in begun:
             if (
                 self.conn.execute(
                     "SELECT 1 FROM messages WHERE blob = ? UNION ALL SELECT 1 FROM packs WHERE blob = ?", (blob, blob)
                 ).fetchone()
                 is None
-                and blob != self.packs.open_blob
             ):
                 unlink_quietly(f"{self.blob_dir}/{blob}")
         return None
@@ -274,12 +260,10 @@ class IndexWriter:
     def freed(self) -> tuple[list[str], list[tuple[str, int, int]]]:
         """The freed blobs, and the ranges of packs that live on freed at least release_freed_after
         seconds ago (a reader may still be sending a message freed meanwhile: a hole would turn its
-        bytes into zeros, while an unlinked file stays readable). A freed open pack is closed first:
-        no more messages go into it (a pack is never reopened, so what is listed here stays free)."""
+        bytes into zeros, while an unlinked file stays readable). The hub closes its open pack if it
+        is listed (Storage.empty_trash) before any more messages could go into it."""
         self.flush_removals()  # those the command line made (site remove, queue delete)
         blobs = [blob for (blob,) in self.conn.execute("SELECT blob FROM blob_trash")]
-        if self.packs.open_blob in blobs:
-            self.packs.close()
         now = time.monotonic()
         while self._recent and now - self._recent[0][0] >= self.release_freed_after:
             self._recent.popleft()
@@ -426,9 +410,7 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
             "INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at) VALUES (?, ?, ?, ?)", queued
         )
     # a pack that was freed while open is referenced again
-    conn.executemany(
-        "DELETE FROM blob_trash WHERE blob = ?", [(blob,) for blob in {i.blob for i in batch if i.data is not None}]
-    )
+    conn.executemany("DELETE FROM blob_trash WHERE blob = ?", [(blob,) for blob in {i.blob for i in batch if i.packed}])
     return refused
 
 

@@ -1,19 +1,22 @@
 # Packs: small messages (whole in memory at end of data) are stored together in pack files under
-# blobs/, written by the index writer only (storage/index_writer.py). A batch is appended to the
-# open pack and made durable with one fdatasync (a file creation costs far more than writing
-# 10 KB). Each message is a frame: header, envelope record, message bytes (storage/envelope.py),
-# so that a pack describes itself. A new pack is made the way a single message is (spool file,
-# fsync, rename into blobs/, folder fsync), so a name under blobs/ never shows a file whose indexed
-# bytes are not durable. A batch whose commit then fails leaves no trace: the open pack is cut back
-# to where the batch began and the packs it began are removed (a writer killed before it could is
+# blobs/, written by the hub process (storage/store.py, in its worker threads, one batch at a time):
+# the index writer process gets only their index rows. A batch is appended to the open pack and
+# made durable with one fdatasync (a file creation costs far more than writing 10 KB). Each message
+# is a frame: header, envelope record, message bytes (storage/envelope.py), so that a pack
+# describes itself. A new pack is made the way a single message is (spool file, fsync, rename into
+# blobs/, folder fsync), so a name under blobs/ never shows a file whose indexed bytes are not
+# durable. A batch whose commit then fails leaves no trace: the open pack is cut back to where the
+# batch began and the packs it began are removed (a writer killed before it could answer is
 # handled by Storage._settle or start-up recovery: bytes past a pack's committed end, index table
-# `packs`). A pack is freed with its last message; an open pack is closed first, on the writer too
-# (IndexWriter.freed), and appending to a pack takes it out of the trash. The bytes of a freed
-# message in a pack that lives on are released later by punch_hole.
+# `packs`). A pack is freed with its last message; an open pack is closed first (Storage.empty_trash,
+# never while a batch is being written), and appending to a pack takes it out of the trash. The
+# bytes of a freed message in a pack that lives on are released later by punch_hole.
+# Must never be used by two threads at once (the caller serialises batches).
 import ctypes
 import errno
 import hashlib
 import os
+import threading
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -31,6 +34,7 @@ PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this
 class PackWriter:
     def __init__(self, blob_dir: str):
         self._blob_dir = blob_dir
+        self._lock = threading.Lock()  # a close or abandon from the event loop waits for a write
         self._fd = -1
         self._blob: str | None = None  # the open pack's blob name ('<hour folder>/<name>')
         self._size = 0
@@ -44,23 +48,36 @@ class PackWriter:
 
     def write(self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes]) -> dict[str, int]:
         """Make a batch of small messages durable: index_writer.BatchItems with their `data`,
-        `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes);
-        record_of(message) is its envelope record (after `sha256` is set). Sets each one's blob,
-        offset, sha256 and crc32; returns each pack written to with the end of its last frame. Raises
-        StorageError (and abandons)."""
+        `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes),
+        and their sha256 and crc32 when known (else computed here); record_of(message) is its
+        envelope record (after `sha256` is set). Sets each one's blob, offset, sha256 and crc32;
+        returns each pack written to with the end of its last frame. Raises StorageError (and
+        abandons)."""
         if not messages:
             return {}
-        try:
-            return self._write(messages, record_of)
-        except OSError as exc:
-            self.abandon()
-            raise storage_error(exc) from exc
+        with self._lock:
+            try:
+                faults.hit("hub", "before_pack")
+                return self._write(messages, record_of)
+            except OSError as exc:
+                self._abandon()
+                raise storage_error(exc) from exc
+
+    def committed(self) -> None:
+        """The last batch is committed: nothing of it is to be cut back or removed any more."""
+        with self._lock:
+            self._cut = None
+            self._made = []
 
     def abandon(self) -> None:
         """The batch failed: cut the pack it appended to back to where the batch began, close it,
         and remove the packs the batch began."""
+        with self._lock:
+            self._abandon()
+
+    def _abandon(self) -> None:
         cut, self._cut = self._cut, None
-        self.close()
+        self._close()
         if cut is not None:
             try:
                 truncate_durably(*cut)
@@ -83,25 +100,24 @@ class PackWriter:
                 size = sum(map(len, chunks))
                 if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
                     if self._fd not in written:
-                        self.close()
+                        self._close()
                     self._fd = -1
                     fd = os.open(spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                     self._fd, self._blob, self._size = fd, message.blob, 0
                     begun[fd] = (spool_path, message.blob)
                     written.append(fd)
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                message.sha256 = hashlib.sha256(data).hexdigest()
-                message.crc32 = zlib.crc32(data)
+                if message.sha256 is None or message.crc32 is None:
+                    message.sha256, message.crc32 = digest(chunks)
                 assert self._blob is not None  # the pack open (or just begun)
                 message.blob = self._blob
                 record = record_of(message)
                 message.offset = self._size + HEADER_SIZE + len(record)
-                write_all_vectored(self._fd, [frame_header(record, size), record, data])
+                write_all_vectored(self._fd, [frame_header(record, size), record, *chunks])
                 self._size = message.offset + size
                 ends[message.blob] = self._size
                 if not written or written[-1] != self._fd:
                     written.append(self._fd)
-            faults.hit("writer", "pack_written")
+            faults.hit("hub", "pack_written")
             for fd in written:
                 (os.fsync if fd in begun else os.fdatasync)(fd)
             for fd, (path, blob) in list(begun.items()):
@@ -111,7 +127,7 @@ class PackWriter:
                 del begun[fd]
             for folder in {os.path.dirname(target) for target in self._made}:
                 fsync_dir(folder)
-            faults.hit("writer", "pack_synced")
+            faults.hit("hub", "pack_synced")
         finally:
             for fd in written:
                 if fd != self._fd:
@@ -121,9 +137,27 @@ class PackWriter:
         return ends
 
     def close(self) -> None:
+        """Close the open pack: later messages go into a new one."""
+        with self._lock:
+            self._cut = None
+            self._made = []
+            self._close()
+
+    def _close(self) -> None:
         fd, self._fd, self._blob, self._size = self._fd, -1, None, 0  # forgotten even if close() fails
         if fd >= 0:
             os.close(fd)
+
+
+def digest(chunks: list[bytes]) -> tuple[str, int]:
+    """(SHA-256 hex, CRC-32) of a message held as chunks, without joining them (both functions let
+    go of the GIL over large buffers: worker threads hash on the second core)."""
+    sha = hashlib.sha256()
+    crc = 0
+    for chunk in chunks:
+        sha.update(chunk)
+        crc = zlib.crc32(chunk, crc)
+    return sha.hexdigest(), crc
 
 
 def truncate_durably(path: str, size: int) -> None:

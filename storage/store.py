@@ -2,10 +2,12 @@
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
 # may reply 250. Must never report success before all four are done. Small messages go as a
-# group: the index writer appends a batch of them to the open pack file with one fdatasync
-# (storage/packs.py), then commits. A blob file is unlinked only after the commit that put it
-# into blob_trash (start-up recovery finishes what a crash cut short); an open pack is closed
-# first. A freed message's range of a pack that lives on is punched after a delay (blob_holes).
+# group: hashed in worker threads as each one ends (or with the batch, if tiny), a batch of them
+# is appended to the open pack with one fdatasync (storage/packs.py, in a worker thread of this
+# process), then the index writer commits their rows: message bytes never cross to the writer.
+# A blob file is unlinked only after the commit that put it into blob_trash (start-up recovery
+# finishes what a crash cut short); an open pack is closed first (never while a batch writes to
+# it: _batch_lock). A freed message's range of a pack that lives on is punched after a delay (blob_holes).
 # The tracking events (storage/events.py) are rows in the same transactions: accepted + delivered
 # with the group commit, downloaded + deleted with a session's deletions; SMTP refusals are queued
 # without waiting and ride along with the next transaction (or get one of their own after a second).
@@ -19,6 +21,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -34,16 +37,18 @@ from .files import unlink_quietly
 from .folder_lock import lock_data_folder
 from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
-from .packs import punch_hole
+from .packs import PackWriter, digest, punch_hole
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
 from .recovery import recover
 from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
-from .writer_process import WriterProcess, out_of_band
+from .writer_process import WriterProcess
 
 log = logging.getLogger("mailhub.storage")
 _EVENT_DELAY = 1.0  # seconds a queued refusal waits for a commit to ride along with
 _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and counted in the log)
+HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread as
+# soon as it ends (in parallel with the event loop and other mails); a smaller one with its batch
 
 
 class MailboxListener(Protocol):
@@ -68,6 +73,8 @@ class _Pending:
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None  # a small message's chunks, still to be written by the batch
     on_committed: Callable[[], None] | None = None  # called right after the listeners heard of the commit
+    sha256: str | None = None  # a small message's digests, if hashed already
+    crc32: int | None = None
 
 
 class Storage:
@@ -103,8 +110,11 @@ class Storage:
         self._flusher: asyncio.Task[None] | None = None
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
-        # Group commits and every other index write: one request (pack write and transaction) per hop.
+        # Group commits and every other index write: one request (a transaction) per hop.
         self._writer = WriterProcess(self.data_dir, release_freed_after)
+        self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
+        self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
+        self._batch_lock = asyncio.Lock()  # a batch (pack write and commit) vs emptying the trash
         self._listeners: list[MailboxListener] = []
         self.on_outbound: Callable[[], None] | None = (
             None  # called after a commit that queued remote recipients (wakes the relay)
@@ -150,6 +160,7 @@ class Storage:
         if report.anything():
             log.warning("recovery: %s", report)
         await self._writer.start()
+        self._last_commit = await self._writer.call(IndexWriter.last_commit)
         await self.keep_reserve()
         self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
         for pragma in db.pragma_statements():
@@ -209,6 +220,7 @@ class Storage:
             self._db = None
         await self._writer.close()
         self.executor.shutdown(wait=True)
+        self._packs.close()
         if self._folder_lock is not None:
             os.close(self._folder_lock)
             self._folder_lock = None
@@ -233,8 +245,27 @@ class Storage:
         blob = blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
+            chunks = spool.take_chunks()
+            sha256 = crc32 = None
+            if spool.size >= HASH_IN_THREAD_AT:
+                try:
+                    sha256, crc32 = await asyncio.get_running_loop().run_in_executor(self.executor, digest, chunks)
+                except BaseException:
+                    spool.release()
+                    raise
             item = _Pending(
-                spool, meta, deliveries, list(remote), received_at, done, blob, mark, spool.take_chunks(), on_committed
+                spool,
+                meta,
+                deliveries,
+                list(remote),
+                received_at,
+                done,
+                blob,
+                mark,
+                chunks,
+                on_committed,
+                sha256,
+                crc32,
             )
             done.add_done_callback(lambda _: spool.release())  # the batch holding its bytes is over
         else:
@@ -317,17 +348,17 @@ class Storage:
                 self._dropped_events = 0
             try:
                 faults.hit("hub", "before_batch")
-                try:
-                    digests = await self._writer.call(
-                        IndexWriter.commit_batch, [_batch_item(i) for i in batch], [events.row(e) for e in loose]
-                    )
-                except WriterDied:
-                    digests = await self._settle(batch)
+                async with self._batch_lock:
+                    digests = await self._commit_batch(batch, [events.row(e) for e in loose])
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
                 log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
-                if not isinstance(exc, (asyncio.CancelledError, _Unsettled)):
+                self._last_commit = None  # asked again before the next batch
+                if isinstance(exc, (asyncio.CancelledError, _Unsettled)):
                     # cancelled, or not settled, the request may have been committed by the writer:
-                    # its blobs stay (start-up recovery moves them aside if they were not)
+                    # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
+                    self._packs.close()
+                else:
+                    await loop.run_in_executor(self.executor, self._packs.abandon)
                     await loop.run_in_executor(self.executor, self._remove_blobs, batch)
                 error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 for item in batch:
@@ -358,7 +389,52 @@ class Storage:
                     if not item.done.done():
                         item.done.set_result(None)
 
-    async def _settle(self, batch: list[_Pending]) -> list[str]:
+    async def _commit_batch(self, batch: list[_Pending], loose: list[tuple[Any, ...]]) -> list[str | None]:
+        """Write the batch's small messages to the pack (durable), then have the index writer commit
+        the batch's rows as the next group commit; each message's SHA-256 (None: left out)."""
+        if not batch:
+            digests: list[str | None] = await self._writer.call(IndexWriter.commit_batch, [], loose)
+            return digests
+        if self._last_commit is None:
+            self._last_commit = await self._writer.call(IndexWriter.last_commit)
+        last_seq, last_attempt = self._last_commit
+        seq, attempt = last_seq + 1, secrets.randbits(62) + 1
+        items = [_batch_item(i) for i in batch]
+        packed = [item for item in items if item.data is not None]
+        ends: dict[str, int] = {}
+        if packed:
+
+            def record_of(item: BatchItem) -> bytes:
+                assert item.sha256 is not None  # set by the pack writer
+                item.structure = envelope.structure_json(item.meta)
+                return envelope.record(
+                    item.queue_id,
+                    item.size,
+                    item.received_at,
+                    item.sha256,
+                    item.meta,
+                    item.deliveries,
+                    item.remote,
+                    item.structure,
+                    seq=seq,
+                    a=attempt,
+                    p=[last_seq, last_attempt],
+                    crc=item.crc32,
+                )
+
+            ends = await asyncio.get_running_loop().run_in_executor(self.executor, self._packs.write, packed, record_of)
+            for item in packed:
+                item.data = None  # the bytes stay here: the writer gets the rows
+        try:
+            digests = await self._writer.call(IndexWriter.commit_batch, items, loose, seq, attempt, ends)
+        except WriterDied:
+            digests = await self._settle(batch)
+        self._last_commit = (seq, attempt)
+        if packed:
+            self._packs.committed()
+        return digests
+
+    async def _settle(self, batch: list[_Pending]) -> list[str | None]:
         """The index writer died with the batch: ask the new one whether it was committed. Yes: each
         mail's SHA-256 (the senders get their 250), as commit_batch returns them. No: StorageError,
         and nothing of it is left (the new writer removed what the old one wrote; the caller removes
@@ -606,7 +682,10 @@ class Storage:
 
     async def empty_trash(self) -> None:
         """Remove the files of freed blobs and release the space of freed messages in packs."""
-        blobs, holes = await self._writer.call(IndexWriter.freed)
+        async with self._batch_lock:  # no batch is writing to the open pack
+            blobs, holes = await self._writer.call(IndexWriter.freed)
+            if self._packs.open_blob in blobs:
+                self._packs.close()  # a pack is never reopened: what is listed stays free
         if not blobs and not holes:
             return
         await asyncio.get_running_loop().run_in_executor(self.executor, self._release, blobs, holes)
@@ -655,8 +734,9 @@ def _batch_item(item: _Pending) -> BatchItem:
         item.remote,
         item.mark,
         item.blob,
-        None if packed else spool.sha256,
-        out_of_band(data) if data is not None else None,
+        item.sha256 if packed else spool.sha256,
+        data,
         spool.path if packed else None,
-        crc32=None if packed else spool.crc32,
+        crc32=item.crc32 if packed else spool.crc32,
+        packed=packed,
     )

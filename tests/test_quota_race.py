@@ -3,6 +3,7 @@
 # limits hold exactly, every refusal is 452 4.2.2, every 250 is stored, and afterwards nothing is
 # left reserved (the live usage equals the index's). Plus the index writer's own check, the last
 # word, refusing a batch's message that a mailbox has no room for.
+import hashlib
 import os
 import random
 import smtplib
@@ -117,7 +118,6 @@ def test_parallel_senders_never_exceed_mailbox_limits(make_hub):
 
 def _item(qid: str, site_id: int, size: int, max_bytes=None, max_messages=None) -> BatchItem:
     meta = MessageMeta("a@x", None, False)
-    data = [os.urandom(size)]
     return BatchItem(
         qid,
         size,
@@ -127,8 +127,7 @@ def _item(qid: str, site_id: int, size: int, max_bytes=None, max_messages=None) 
         [],
         None,
         f"2026112815/{qid}",
-        data=data,
-        spool_path=None,
+        sha256=hashlib.sha256(os.urandom(size)).hexdigest(),
     )
 
 
@@ -138,15 +137,10 @@ def test_index_writer_refuses_what_a_mailbox_has_no_room_for(tmp_path):
     writer = IndexWriter(tmp_path, 0)
     try:
         writer.conn.execute("INSERT INTO sites (id, name, password_hash, created_at) VALUES (4, 'beta', 'x', 0)")
-        spool = tmp_path / "spool"
-        spool.mkdir()
-        (tmp_path / "blobs").mkdir()
         batch = [_item(f"Q{i}", 4, 1000, max_bytes=2500) for i in range(3)]  # the third does not fit
         batch += [_item(f"R{i}", 4, 10, max_messages=3) for i in range(2)]  # a third message, not a fourth
         batch.append(_item("S0", 4, 10))  # unlimited (a bounce)
-        for item in batch:
-            item.spool_path = str(spool / f"{item.queue_id}.tmp")
-        digests = writer.commit_batch(batch, [])
+        digests = writer.commit_batch(batch, [], writer.seq + 1, 1)
         assert [d is not None for d in digests] == [True, True, False, True, False, True]
         rows = [qid for (qid,) in writer.conn.execute("SELECT queue_id FROM mailbox ORDER BY uid")]
         assert rows == ["Q0", "Q1", "R0", "S0"]
