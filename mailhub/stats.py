@@ -7,7 +7,7 @@ import re
 import sqlite3
 import time
 
-from storage import reports
+from storage import lifecycle, reports
 
 from .report_format import human_size, iso_time, printable
 
@@ -83,7 +83,48 @@ def report(conn: sqlite3.Connection, since: float, until: float, top: int = 10) 
         "pairs": sorted(pairs.values(), key=lambda p: (-p["bytes"], p["from"], p["to"])),
         "refusals": refusals,
         "backlogs": backlogs(conn, top),
+        "studies": studies(conn, since, until, top),
     }
+
+
+def studies(conn: sqlite3.Connection, since: float, until: float, top: int) -> list[dict]:
+    """The latest `top` studies with a part accepted in [since, until), per receiving site: parts
+    accepted, delivered, fetched and acknowledged by a receipt (and its disposition), with times."""
+    found = []
+    for row in lifecycle.study_rows(conn, since, until)[:top]:
+        (
+            set_id,
+            site,
+            total,
+            parts,
+            first,
+            last,
+            delivered,
+            fetched,
+            last_fetch,
+            acked,
+            last_receipt,
+            detail,
+            waiting,
+        ) = row
+        found.append(
+            {
+                "set_id": set_id,
+                "site": site,
+                "set_total": total,
+                "parts_accepted": parts,
+                "first_accepted_at": iso_time(first),
+                "last_accepted_at": iso_time(last),
+                "parts_delivered": delivered,
+                "parts_fetched": fetched,
+                "last_fetched_at": iso_time(last_fetch),
+                "parts_acknowledged": acked,
+                "last_receipt_at": iso_time(last_receipt),
+                "disposition": lifecycle.disposition_of(detail),
+                "parts_waiting": waiting,
+            }
+        )
+    return found
 
 
 def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[dict]:
@@ -150,6 +191,18 @@ def render(r: dict) -> str:
     lines += [
         f"  {b['site']:<20} {_volume(b['messages'], b['bytes']):>20}  oldest {b['oldest_at']}" for b in r["backlogs"]
     ]
+    lines += ["", "studies (per receiving site):" if r.get("studies") else "studies: none"]
+    for st in r.get("studies", []):
+        receipt = (
+            f", receipts {st['parts_acknowledged']} (last {st['last_receipt_at']}: {st['disposition']})"
+            if st["parts_acknowledged"]
+            else ", no receipt"
+        )
+        lines.append(
+            f"  {st['set_id']} -> {st['site']}: accepted {st['parts_accepted']} of {st['set_total'] or '?'}"
+            f" (last {st['last_accepted_at']}), fetched {st['parts_fetched']}"
+            f"{' (last ' + st['last_fetched_at'] + ')' if st['last_fetched_at'] else ''}{receipt}"
+        )
     return "\n".join(printable(line) for line in lines)
 
 

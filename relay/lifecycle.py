@@ -55,6 +55,7 @@ class Lifecycle:
         self._wake = asyncio.Event()
         self._round = asyncio.Lock()  # one expiry round at a time (the loop, `mailbox expire`)
         self._sending = asyncio.Lock()
+        self._quotas = asyncio.Lock()  # one quota check at a time: a level is recorded before the next looks
         self._tasks: set[asyncio.Task[None]] = set()
         storage.add_listener(self)
 
@@ -149,6 +150,11 @@ class Lifecycle:
     # ---- quota warnings --------------------------------------------------------------------------
 
     async def check_quotas(self) -> None:
+        """Check the quota warning levels of the sites whose mailboxes changed (all, the first time)."""
+        async with self._quotas:
+            await self._check_quotas()
+
+    async def _check_quotas(self) -> None:
         levels = self.settings.quota_warning_levels
         if self._levels is None:
             self._levels = await self._read(lifecycle.quota_levels)
@@ -296,14 +302,15 @@ class Lifecycle:
 
 
 def study_alerts(rows: list[tuple[Any, ...]], now: float, after: float) -> tuple[int, int]:
-    """(complete studies with parts unfetched, studies fetched complete without a receipt), each
-    per receiving site and older than `after` seconds, from storage.lifecycle.study_rows."""
+    """(complete studies with parts unfetched, studies fetched complete with a part still without
+    its receipt: an MDN answers one mail), each per receiving site and older than `after` seconds,
+    from storage.lifecycle.study_rows."""
     unfetched = unacknowledged = 0
-    for _, _, total, parts, last_accepted, _, downloaded, last_download, receipts_, _, waiting in rows:
+    for _, _, total, parts, _, last_accepted, _, downloaded, last_download, receipts_, _, _, waiting in rows:
         complete = total is not None and parts >= total
         if complete and waiting > 0 and now - last_accepted >= after:
             unfetched += 1
-        if complete and downloaded >= total and not receipts_ and last_download and now - last_download >= after:
+        if complete and downloaded >= total and receipts_ < total and last_download and now - last_download >= after:
             unacknowledged += 1
     return unfetched, unacknowledged
 

@@ -340,8 +340,8 @@ STUDIES_UNFETCHED = Gauge(
 )
 STUDIES_UNACKNOWLEDGED = Gauge(
     "mailhub_studies_unacknowledged",
-    "Studies (per receiving site) fetched complete more than lifecycle.study_alert_hours ago without a "
-    "receipt from that site (of the last 8 days).",
+    "Studies (per receiving site) fetched complete more than lifecycle.study_alert_hours ago with a part "
+    "still without its receipt from that site (of the last 8 days).",
     registry=REGISTRY,
 )
 

@@ -146,13 +146,17 @@ def quota_levels(conn: sqlite3.Connection) -> dict[int, set[int]]:
     return found
 
 
-def study_rows(conn: sqlite3.Connection, since: float) -> list[tuple[Any, ...]]:
-    """Per (study, receiving site) since `since`: (set_id, site, set_total, parts accepted, last
-    accepted, parts delivered, parts downloaded, last download, receipts, last receipt, parts still
-    in the mailbox unfetched). From the tracking events, so bounded by their retention."""
+def study_rows(conn: sqlite3.Connection, since: float, until: float | None = None) -> list[tuple[Any, ...]]:
+    """Per (study, receiving site) of the studies with a part accepted in [since, until): (set_id,
+    site, set_total, parts accepted, first accepted, last accepted, parts delivered, parts
+    downloaded, last download, parts with a receipt, last receipt, its detail, parts still in the
+    mailbox unfetched), the latest studies first. From the tracking events, so bounded by their
+    retention."""
     return conn.execute(
-        "WITH acc AS (SELECT queue_id, set_id, set_part, set_total, at FROM events"
-        "   WHERE kind = 'accepted' AND set_id IS NOT NULL AND at >= ?),"
+        "WITH sets AS (SELECT DISTINCT set_id FROM events WHERE kind = 'accepted' AND set_id IS NOT NULL"
+        "   AND at >= ? AND at < ?),"
+        " acc AS (SELECT e.queue_id, e.set_id, e.set_part, e.set_total, e.at FROM events e JOIN sets USING (set_id)"
+        "   WHERE e.kind = 'accepted'),"
         " dlv AS (SELECT e.queue_id, e.site, a.set_id, a.set_part FROM events e JOIN acc a ON a.queue_id = e.queue_id"
         "   WHERE e.kind = 'delivered'),"
         " dl AS (SELECT e.queue_id, e.site, max(e.at) AS at FROM events e JOIN acc a ON a.queue_id = e.queue_id"
@@ -161,16 +165,19 @@ def study_rows(conn: sqlite3.Connection, since: float) -> list[tuple[Any, ...]]:
         "   WHERE e.kind = 'receipt' GROUP BY 1, 2)"
         " SELECT d.set_id, d.site, (SELECT max(set_total) FROM acc WHERE acc.set_id = d.set_id),"
         "  (SELECT count(DISTINCT set_part) FROM acc WHERE acc.set_id = d.set_id),"
+        "  (SELECT min(at) FROM acc WHERE acc.set_id = d.set_id),"
         "  (SELECT max(at) FROM acc WHERE acc.set_id = d.set_id),"
         "  count(DISTINCT d.set_part), count(DISTINCT CASE WHEN dl.at IS NOT NULL THEN d.set_part END), max(dl.at),"
-        "  count(rc.at), max(rc.at),"
+        "  count(DISTINCT CASE WHEN rc.at IS NOT NULL THEN d.set_part END), max(rc.at),"
+        "  (SELECT detail FROM events r WHERE r.kind = 'receipt' AND r.set_id = d.set_id AND r.site = d.site"
+        "    ORDER BY r.at DESC LIMIT 1),"
         "  (SELECT count(*) FROM mailbox b JOIN sites s ON s.id = b.site_id"
         "    WHERE s.name = d.site AND b.fetched_at IS NULL AND b.queue_id IN"
         "     (SELECT queue_id FROM acc WHERE acc.set_id = d.set_id))"
         " FROM dlv d LEFT JOIN dl ON dl.queue_id = d.queue_id AND dl.site = d.site"
         " LEFT JOIN rc ON rc.queue_id = d.queue_id AND rc.site = d.site"
-        " GROUP BY d.set_id, d.site",
-        (since,),
+        " GROUP BY d.set_id, d.site ORDER BY 6 DESC, 1, 2",
+        (since, float("inf") if until is None else until),
     ).fetchall()
 
 

@@ -206,3 +206,150 @@ def test_retention_override_and_keep(lifecycle_hub):
     assert result.returncode == 1 and "--retention-days" in result.stderr
     hub.cli("site", "set", "beta", "--retention-days", "default")
     assert hub.query("SELECT count(*) FROM site_retention") == [(0,)]
+
+
+def quota_notices(hub, site: str, kind_words: str) -> list[email.message.Message]:
+    found = []
+    for queue_id, _ in mailbox(hub, site):
+        message = email.message_from_bytes(hub.stored(queue_id))
+        if message["Auto-Submitted"] == "auto-generated" and kind_words in (message["Subject"] or ""):
+            found.append(message)
+    return found
+
+
+def test_quota_warnings_once_per_crossing_to_site_and_operator(make_hub):
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_QUOTAS_MAILBOX_MESSAGES="10",
+        MAILHUB_LIFECYCLE_QUOTA_WARNING_LEVELS="50, 90",
+        MAILHUB_LIFECYCLE_OPERATOR_ADDRESS="alpha@hub.test",
+    ).start()
+
+    def warned(site: str) -> list[str]:
+        return sorted(m["Subject"] for m in quota_notices(hub, site, "is "))
+
+    for _ in range(5):  # 5 of 10: the 50 % level
+        send(hub, make_message(1500, subject=SECRET))
+    wait_for(lambda: warned("beta") == ["Mailbox of site beta is 50% full"])
+    wait_for(lambda: warned("alpha") == ["Mailbox of site beta is 50% full"])  # the operator's copy
+    for _ in range(2):  # 6 (the notice counts) + 2 = 8: no new level
+        send(hub, make_message(1500))
+    run(hub, lifecycle(hub).check_quotas())  # what the hub does a second after a change, now
+    assert run(hub, lifecycle(hub).send_notices()) == 0
+    assert len(warned("beta")) == 1
+    send(hub, make_message(1500))  # 9 of 10: the 90 % level, once
+    wait_for(lambda: len(warned("beta")) == 2)
+    wait_for(lambda: len(warned("alpha")) == 2)
+    text = quota_notices(hub, "beta", "90%")[0].get_payload()
+    assert "9 of 10 mails" in text and SECRET not in text
+    assert hub.query("SELECT level FROM quota_warnings ORDER BY level") == [(50,), (90,)]
+
+    # a restart resends nothing (the crossings are recorded in the index)
+    hub.stop()
+    hub.start()
+    run(hub, lifecycle(hub).check_quotas())  # (the first check looks at every site)
+    assert run(hub, lifecycle(hub).send_notices()) == 0
+    assert len(warned("beta")) == 2 and len(warned("alpha")) == 2
+
+    # beta fetches and deletes everything: both levels are left; filling again warns again
+    pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+    pop.user("beta")
+    pop.pass_(PASSWORD)
+    for n in range(1, len(pop.list()[1]) + 1):
+        pop.dele(n)
+    pop.quit()
+    wait_for(lambda: hub.query("SELECT count(*) FROM quota_warnings") == [(0,)])
+    for _ in range(5):
+        send(hub, make_message(1500))
+    wait_for(lambda: warned("beta") == ["Mailbox of site beta is 50% full"])
+    wait_for(lambda: len(warned("alpha")) == 3)
+    assert metric(hub, "mailhub_quota_warnings_total", level="50") == 1  # since the restart
+    assert metric(hub, "mailhub_lifecycle_notices_total", kind="quota_operator", outcome="sent") == 1
+
+
+def gateway_mdn(original_message_id: str, original_header: bytes, disposition: str) -> bytes:
+    """An RFC 8098 receipt as a DICOM gateway sends it once it has processed a mail: the human part,
+    the machine-readable disposition-notification fields, and the original's header."""
+    return (
+        b"From: <beta@hub.test>\r\nTo: <alpha@hub.test>\r\nSubject: Disposition notification\r\n"
+        b"Message-ID: <mdn-" + original_message_id.strip("<>").encode() + b">\r\n"
+        b"Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=disposition-notification; boundary="mdn-1"\r\n\r\n'
+        b"--mdn-1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThe study was received and processed.\r\n"
+        b"--mdn-1\r\nContent-Type: message/disposition-notification\r\n\r\n"
+        b"Reporting-UA: gateway.beta; DICOM gateway 3.1\r\nOriginal-Recipient: rfc822;beta@hub.test\r\n"
+        b"Final-Recipient: rfc822;beta@hub.test\r\nOriginal-Message-ID: " + original_message_id.encode() + b"\r\n"
+        b"Disposition: " + disposition.encode() + b"\r\n\r\n"
+        b"--mdn-1\r\nContent-Type: text/rfc822-headers\r\n\r\n" + original_header + b"\r\n--mdn-1--\r\n"
+    )
+
+
+def test_receipt_passes_untouched_and_is_traced_to_its_study(lifecycle_hub):
+    hub = lifecycle_hub
+    set_id = "1.2.826.0.1.3680043.10.543.20261206.2"
+    originals = [part(n, 2, set_id) for n in (1, 2)]
+    queue_ids = [send(hub, m) for m in originals]
+    # beta's gateway fetches both parts and answers each with a receipt
+    pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+    pop.user("beta")
+    pop.pass_(PASSWORD)
+    fetched = [b"\r\n".join(pop.retr(n)[1]) for n in (1, 2)]
+    pop.dele(1)
+    pop.dele(2)
+    pop.quit()
+    receipts = []
+    for raw in fetched:
+        header = raw[: raw.index(b"\r\n\r\n") + 2]
+        original_id = email.message_from_bytes(raw)["Message-ID"]
+        receipts.append(gateway_mdn(original_id, header, "automatic-action/MDN-sent-automatically; processed"))
+    receipt_ids = [send(hub, r, rcpts=("alpha@hub.test",), login="beta", sender="beta@hub.test") for r in receipts[:1]]
+    wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'receipt'") == [(1,)])
+
+    # untouched: alpha gets the receipt as beta sent it (after the hub's Received: line)
+    stored = hub.stored(receipt_ids[0])
+    prefix = stored[: len(stored) - len(receipts[0])]
+    assert stored.endswith(receipts[0]) and prefix.startswith(b"Received: ") and prefix.count(b"Received: ") == 1
+
+    # traced: the study shows one of two parts acknowledged, the first part's path shows the receipt
+    trace = json.loads(hub.cli("trace", "--study", set_id, "--json").stdout)
+    (beta,) = trace["study"]["recipients"]
+    assert (beta["downloaded"], beta["acknowledged"]) == (2, 1)
+    assert beta["disposition"] == "automatic-action/MDN-sent-automatically; processed"
+    first = next(m for m in trace["mails"] if m["queue_id"] == queue_ids[0])
+    assert [r["disposition"] for r in first["recipients"][0]["receipts"]] == [beta["disposition"]]
+    assert any(e["kind"] == "receipt" and receipt_ids[0] in e["detail"] for e in first["events"])
+    text = hub.cli("trace", "--study", set_id).stdout
+    assert "receipts for 1 of 2 part(s)" in text and "processed" in text
+
+    # the stats per study, and the metric of fetched-but-unacknowledged studies past the threshold
+    stats = json.loads(hub.cli("stats", "--json").stdout)
+    (row,) = [s for s in stats["studies"] if s["set_id"] == set_id]
+    assert (row["parts_accepted"], row["parts_fetched"], row["parts_acknowledged"]) == (2, 2, 1)
+    lifecycle(hub).clock = lambda: time.time() + 2 * DAY
+    assert run(hub, lifecycle(hub).update_study_metrics()) == (0, 1)
+    assert metric(hub, "mailhub_studies_unacknowledged") == 1
+    send(hub, receipts[1], rcpts=("alpha@hub.test",), login="beta", sender="beta@hub.test")
+    wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'receipt'") == [(2,)])
+    assert run(hub, lifecycle(hub).update_study_metrics()) == (0, 0)
+    assert metric(hub, "mailhub_receipts_total", outcome="linked") == 2
+    # a receipt for a mail the hub never saw is still recorded, unlinked
+    send(
+        hub,
+        gateway_mdn("<unknown@x>", b"Subject: x\r\n", "manual-action/MDN-sent-manually; displayed"),
+        rcpts=("alpha@hub.test",),
+        login="beta",
+        sender="beta@hub.test",
+    )
+    wait_for(lambda: metric(hub, "mailhub_receipts_total", outcome="unlinked") == 1)
+
+
+def test_complete_study_unfetched_counts_in_the_metric(lifecycle_hub):
+    hub = lifecycle_hub
+    set_id = "1.2.826.0.1.3680043.10.543.20261206.3"
+    for n in (1, 2):
+        send(hub, part(n, 2, set_id))
+    send(hub, part(1, 3, set_id + ".9"))  # incomplete: not counted
+    assert run(hub, lifecycle(hub).update_study_metrics()) == (0, 0)  # not old enough yet
+    lifecycle(hub).clock = lambda: time.time() + DAY + 60
+    assert run(hub, lifecycle(hub).update_study_metrics()) == (1, 0)
+    assert metric(hub, "mailhub_studies_unfetched") == 1

@@ -302,6 +302,13 @@ def test_stats_volumes_per_site_and_pair(study):
         {"site": "gamma", "messages": 10, "bytes": total - half, "oldest_at": iso_time(study["received"][qids[10]])},
     ]
     assert cli_json(hub, "stats", "--top", "1")["backlogs"] == report["backlogs"][:1]
+    # per study and receiving site: parts accepted, fetched, acknowledged (no receipts here), waiting
+    by_site = {s["site"]: s for s in report["studies"] if s["set_id"] == SET_ID}
+    assert [
+        (s["parts_accepted"], s["set_total"], s["parts_fetched"], s["parts_acknowledged"], s["parts_waiting"])
+        for s in (by_site["beta"], by_site["gamma"])
+    ] == [(20, 20, 0, 0, 20), (20, 20, 10, 0, 10)]
+    assert by_site["gamma"]["last_fetched_at"] is not None and by_site["beta"]["last_fetched_at"] is None
 
     # a period before the traffic: no volumes, the backlogs are those of now
     earlier = cli_json(hub, "stats", "--since", "2020-01-01", "--until", "2020-01-02T00:00")
