@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         "MAILHUB_* variables that are no setting, and the data folder (writable, free space). Exit status 2 "
         "on an error; warnings are printed and the check passes.",
     )
+    commands.add_parser(
+        "restart",
+        parents=[common],
+        help="graceful restart of the running hub (as SIGUSR2), for settings a reload cannot change",
+        description="The new configuration is checked first (refused: the hub keeps running). The hub stops as "
+        "for SIGTERM (transactions in flight get shutdown_timeout) but keeps its listening sockets open, so no "
+        "connection is refused; a new hub in the same process takes them over. Waits until it answers.",
+    )
     config_command = commands.add_parser("config", help="the effective configuration")
     config_commands = config_command.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show_config = config_commands.add_parser(
@@ -285,6 +293,8 @@ def _command(args) -> int:
         return _serve(cfg)
     if args.command == "reload":
         return _reload(cfg)
+    if args.command == "restart":
+        return _restart(cfg)
     if args.command == "queue":
         return _queue_command(cfg, args)
     if args.command == "auth":
@@ -351,10 +361,16 @@ def _serve(cfg: config.Config) -> int:
     from .server import serve
 
     setup_logging(cfg.log.level, cfg.log.format)
-    # SIGHUP reloads once the hub runs (mailhub/hub.py); until then it must not end the process.
+    from .handover import exec_serving, inherited_sockets
+
+    # SIGHUP reloads and SIGUSR2 restarts once the hub runs (mailhub/hub.py); until then neither
+    # may end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
-        uvloop.run(serve(cfg))
+        kept = uvloop.run(serve(cfg, inherited_sockets()))
+        if kept:  # a graceful restart: the new hub in this process's place, with the listening sockets
+            exec_serving(kept)
     except (IndexDamaged, IndexBehind) as exc:  # the operator's turn: the message says what to run
         print(f"mailhub: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -379,6 +395,33 @@ def _reload(cfg: config.Config) -> int:
         )
         return EXIT_RESTART_NEEDED
     return 0
+
+
+def _restart(cfg: config.Config) -> int:
+    from .control import ControlError, request
+
+    answer = ask_hub(cfg, "restart")
+    if answer is None:
+        return EXIT_FAILED
+    print(f"restarting (transactions in flight get up to {answer['shutdown_timeout']:.0f} s) ...", flush=True)
+    deadline = time.monotonic() + answer["shutdown_timeout"] + 120
+    stopped = False
+    while time.monotonic() < deadline:
+        try:
+            request(cfg.data_dir, "help", timeout=5)
+        except ControlError:
+            stopped = True  # the old hub closed its control socket; the new one opens it when ready
+        else:
+            if stopped:
+                print(f"restarted: process {answer['pid']} serves again; no listening socket was closed")
+                return 0
+        time.sleep(0.1)
+    print(
+        f"mailhub: the hub did not answer again within {answer['shutdown_timeout'] + 120:.0f} s; "
+        "see its log (journalctl -u mailhub)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def _auth_command(cfg: config.Config, args) -> int:

@@ -11,7 +11,9 @@
 # configuration that fails to load replace the running one.
 import asyncio
 import logging
+import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -33,6 +35,7 @@ from storage import SiteCache, Storage, StorageFull
 from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
 from storage.scrub import Scrub
 
+from . import handover
 from . import reload as reloading
 from .auth_control import register_auth_commands
 from .certificates import read_certificate
@@ -69,9 +72,18 @@ class Hub:
     and SIGHUP reloads the configuration. A reload reads the file the configuration came from and
     `environ` (default: the process's environment)."""
 
-    def __init__(self, cfg: Config, handle_signals: bool = False, environ: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        handle_signals: bool = False,
+        environ: Mapping[str, str] | None = None,
+        inherited: dict[str, list[socket.socket]] | None = None,
+    ):
         self.cfg = cfg
         self._environ = environ
+        self._inherited = inherited or {}  # listening sockets a graceful restart passed on (mailhub/handover.py)
+        self._restarting = False
+        self.kept: list[tuple[str, int]] = []  # (listener name, fd) kept open for the next hub (restart)
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task] = set()  # reloads SIGHUP started (kept from the collector)
         self._tls: reloading.LiveTls | None = None
@@ -166,6 +178,7 @@ class Hub:
         register_session_commands(control, SessionRegistry([smtp.connections, pop3.sessions, imap.sessions]))
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         control.register("reload", self._reload_command)
+        control.register("restart", self._restart_command)
         control.register("mailbox.expire", lifecycle.control_expire)
         named = self._listeners
         self._metrics = MetricsServer(
@@ -189,7 +202,17 @@ class Hub:
             await self._listen("imaps", imap.factory(implicit_tls=True), cfg.imap.imaps_listen, tls)
         if cfg.metrics.listen:
             host, port = cfg.metrics.listen
-            self._record("metrics", await asyncio.start_server(self._metrics.handle, host, port, reuse_address=True))
+            sock = self._adopt("metrics", host, port)
+            if sock is not None:
+                server = await asyncio.start_server(self._metrics.handle, sock=sock)
+            else:
+                server = await asyncio.start_server(self._metrics.handle, host, port, reuse_address=True)
+            self._record("metrics", server, kept=sock is not None)
+        for name, sockets in self._inherited.items():  # listeners the new configuration no longer has
+            for sock in sockets:
+                log.info("%s listener %s:%d closed (no longer configured)", name, *sock.getsockname()[:2])
+                sock.close()
+        self._inherited = {}
         if not sites.all_sites():
             log.warning(
                 "no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin", cfg.domain[0]
@@ -199,6 +222,7 @@ class Hub:
             for signum in _STOP_SIGNALS:
                 loop.add_signal_handler(signum, self._stop_requested.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            loop.add_signal_handler(signal.SIGUSR2, self._restart_on_signal)
             self._signals_installed = True
         self._tasks.append(
             asyncio.create_task(
@@ -274,8 +298,8 @@ class Hub:
             )
             return {"changed": list(plan.changed), "restart_needed": list(plan.restart), "certificate": certificate}
 
-    def _refuse(self, reason: str) -> NoReturn:
-        log.error("reload refused, the running configuration stays: %s", reason)
+    def _refuse(self, reason: str, what: str = "reload refused, the running configuration stays") -> NoReturn:
+        log.error("%s: %s", what, reason)
         raise ReloadRefused(reason)
 
     def _apply(self, cfg: Config, tls: ssl.SSLContext | None) -> None:
@@ -297,19 +321,80 @@ class Hub:
             self._metrics.min_free_bytes = cfg.metrics.health_min_free_bytes
         logging.getLogger("mailhub").setLevel(cfg.log.level.upper())
 
+    def _restart_on_signal(self) -> None:
+        task = asyncio.ensure_future(self._restart_logged())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _restart_logged(self) -> None:
+        try:
+            await self.restart()
+        except ReloadRefused:
+            pass  # restart() logged why
+
+    async def _restart_command(self, _request: dict) -> dict:
+        try:
+            return await self.restart()
+        except ReloadRefused as exc:
+            raise ControlError(f"restart refused, the hub keeps running: {exc}") from None
+
+    async def restart(self) -> dict:
+        """Graceful restart (SIGUSR2, `mailhub restart`) for what a reload cannot change: once the
+        new configuration and certificate load, stop as for SIGTERM but keep the listening
+        sockets open, for `mailhub serve` to hand them to the hub it starts in this process's
+        place (mailhub/handover.py). Connections that arrive meanwhile wait in the listen backlog.
+        ReloadRefused (one log line) when the configuration does not load."""
+        async with self._reload_lock:
+            refused = "restart refused, the hub keeps running"
+            if not self._handle_signals:
+                self._refuse("a graceful restart needs the hub to run as `mailhub serve`", refused)
+            if self._restarting:
+                return {"pid": os.getpid(), "shutdown_timeout": self.cfg.shutdown_timeout}
+            loop = asyncio.get_running_loop()
+            path = self.cfg.config_file
+            try:
+                new = await loop.run_in_executor(None, lambda: load(path, self._environ))
+            except ConfigError as exc:
+                self._refuse(str(exc), refused)
+            try:
+                await loop.run_in_executor(None, tls_context, new)
+            except (ssl.SSLError, OSError) as exc:
+                self._refuse(f"tls.cert_file: cannot load {new.tls.cert_file} with {new.tls.key_file}: {exc}", refused)
+            self._restarting = True
+            log.info(
+                "restarting: the listening sockets stay open (new connections wait), transactions in flight "
+                "get up to %.0fs, then a new hub takes over",
+                self.cfg.shutdown_timeout,
+            )
+            loop.call_later(0.2, self._stop_requested.set)  # the control answer goes out first
+            return {"pid": os.getpid(), "shutdown_timeout": self.cfg.shutdown_timeout}
+
+    def _adopt(self, name: str, host: str, port: int) -> socket.socket | None:
+        """The listening socket a graceful restart passed on for this listener, if it is bound
+        where the configuration says; inherited sockets of the name that are not, closed."""
+        candidates = self._inherited.pop(name, [])
+        if len(candidates) == 1 and handover.matches(candidates[0], host, port):
+            return candidates[0]
+        for sock in candidates:  # moved elsewhere, or several (a name with more addresses): bound anew
+            sock.close()
+        return None
+
     async def _listen(self, name: str, factory, address, ssl_context=None) -> None:
         host, port = address
-        server = await asyncio.get_running_loop().create_server(
-            factory, host, port, backlog=1024, reuse_address=True, ssl=ssl_context
-        )
-        self._record(name, server)
+        loop = asyncio.get_running_loop()
+        sock = self._adopt(name, host, port)
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock, backlog=1024, ssl=ssl_context)
+        else:
+            server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True, ssl=ssl_context)
+        self._record(name, server, kept=sock is not None)
 
-    def _record(self, name: str, server: asyncio.base_events.Server) -> None:
+    def _record(self, name: str, server: asyncio.base_events.Server, kept: bool = False) -> None:
         self._listeners[name] = server
         for sock in server.sockets:
             bound = sock.getsockname()
             self.ports.setdefault(name, bound[1])
-            log.info("%s listening on %s:%d", name, bound[0], bound[1])
+            log.info("%s listening on %s:%d%s", name, bound[0], bound[1], " (kept over the restart)" if kept else "")
 
     async def stop(self) -> None:
         """Graceful shutdown (idempotent): no new connections, up to shutdown_timeout for the
@@ -326,14 +411,21 @@ class Hub:
             loop = asyncio.get_running_loop()
             for signum in _STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
-            loop.remove_signal_handler(signal.SIGHUP)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked during the shutdown must not kill it
+            for signum in (signal.SIGHUP, signal.SIGUSR2):
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, signal.SIG_IGN)  # a reload or restart asked during the shutdown must not kill it
             self._signals_installed = False
         for task in list(self._reloads):
             task.cancel()
-        listeners, self._listeners = list(self._listeners.values()), {}
-        for server in listeners:
+        listeners, self._listeners = list(self._listeners.items()), {}
+        for name, server in listeners:
+            if self._restarting:  # still listening through these; the kernel queues new connections
+                self.kept += [(name, fd) for fd in handover.keep(server.sockets)]
             server.close()
+        for sockets in self._inherited.values():  # a start that failed before adopting them
+            for sock in sockets:
+                sock.close()
+        self._inherited = {}
         control, self._control = self._control, None
         if control is not None:
             await control.close()

@@ -2,16 +2,20 @@
 # while a POP3 download and an IMAP IDLE that began under the old one go on to the end; live
 # settings change at once; settings that need a restart are named and left as they run; a broken
 # configuration or a key that does not fit the certificate is refused with one log line and the
-# hub keeps running as before.
+# hub keeps running as before. A graceful restart (SIGUSR2, `mailhub restart`) keeps the listening
+# sockets: a transaction in flight is finished, a connection made meanwhile waits and is served by
+# the new hub, in the same process.
 import imaplib
+import json
 import os
 import signal
 import smtplib
+import socket
 
 import pytest
 
 from certutil import any_certificate, make_certificate, peer_fingerprint
-from conftest import ALPHA_BETA_B2, PASSWORD, make_message, wait_for
+from conftest import ALPHA_BETA_B2, PASSWORD, RawSMTP, make_message, wait_for
 from pop3util import RawPop3, send, unstuff
 
 
@@ -143,6 +147,9 @@ def test_reload_changes_live_settings_and_names_those_that_need_a_restart(make_h
         smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
     assert refused.value.smtp_code == 421, refused.value
     client.quit()
+    # a graceful restart needs `mailhub serve` (it replaces the process); an in-process hub refuses it
+    refused = hub.cli("restart", check=False)
+    assert refused.returncode == 1 and "a graceful restart needs the hub to run as `mailhub serve`" in refused.stderr
     # still no TLS: it is switched on by a restart, not by a reload
     plain = RawPop3(hub.ports["pop3"])
     assert b"STLS" not in plain.command("CAPA") + plain.block()
@@ -168,3 +175,49 @@ def test_a_key_that_does_not_fit_is_refused_and_the_certificate_stays(make_hub, 
     log = hub.log_text()[mark:]
     assert log.count("reload refused") == 1 and "Traceback" not in log, log
     assert served_certificates(hub) == (old, old, old)
+
+
+def test_graceful_restart_keeps_the_listening_sockets_and_lets_a_transaction_finish(make_hub, tmp_path):
+    settings = tmp_path / "hub.toml"
+    settings.write_text("[smtp]\nmax_recipients = 50\n")
+    hub = make_hub(sites=ALPHA_BETA_B2, process=True)
+    hub.config = settings
+    hub.start()
+    pid, port = hub.pid, hub.smtp_port
+    # a configuration that does not load is refused before anything stops
+    settings.write_text('[log]\nformat = "yaml"\n')
+    refused = hub.cli("restart", check=False)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert refused.stderr.startswith("mailhub: restart refused, the hub keeps running: log.format"), refused.stderr
+    assert "restart refused, the hub keeps running: log.format" in hub.log_text()
+    settings.write_text('[log]\nformat = "json"\n')  # a setting a reload cannot change
+
+    busy = RawSMTP(port)
+    busy.ehlo()
+    assert busy.auth_plain("alpha").startswith(b"235")
+    assert busy.command("MAIL FROM:<alpha@hub.test>").startswith(b"250")
+    assert busy.command("RCPT TO:<beta@hub.test>").startswith(b"250")
+    assert busy.command("DATA").startswith(b"354")
+    message = make_message(200_000)
+    busy.send(message[:100_000])
+    mark = len(hub.log_text())
+    os.kill(pid, signal.SIGUSR2)
+    reloaded(hub, mark, "shutting down")  # the old hub accepts nothing more from here on
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=60)  # queued by the kernel, not refused
+    busy.send(message[100_000:] + b".\r\n")
+    assert busy.reply().startswith(b"250 "), "the transaction in flight is finished and acknowledged"
+    log = reloaded(hub, mark, '"hub ready')  # the new hub logs JSON: it read the new configuration
+    assert "Traceback" not in log and log.count("listening on") == log.count("(kept over the restart)") == 4, log
+    assert waiting.recv(1024).startswith(b"220 ")
+    waiting.close()
+    assert hub.proc.poll() is None and hub.proc.pid == pid  # the same process: systemd sees no change
+    assert json.loads(hub.log_text()[mark:].splitlines()[-1])["level"] in ("info", "warning")
+
+    restarted = hub.cli("restart")
+    assert restarted.stdout.splitlines()[-1] == (
+        f"restarted: process {pid} serves again; no listening socket was closed"
+    ), restarted.stdout
+    again = RawSMTP(port)
+    assert again.banner.startswith(b"220 ")
+    again.close()
+    assert send(hub, ["beta@hub.test"], make_message(500))
