@@ -317,6 +317,8 @@ class Hub:
             self._logins.guard.settings = guard_settings(cfg)
         if self._directory is not None:
             self._directory.cfg = cfg
+        if self.lifecycle is not None:
+            self.lifecycle.reconfigure(cfg)
         if self._metrics is not None:
             self._metrics.min_free_bytes = cfg.metrics.health_min_free_bytes
         logging.getLogger("mailhub").setLevel(cfg.log.level.upper())

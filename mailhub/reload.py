@@ -53,7 +53,7 @@ LIVE: frozenset[tuple[str, str]] = frozenset(
             "idle_timeout",
         )
     ]
-    + [key for key in SCHEMA if key[0] in ("quotas", "throttle", "encryption")]
+    + [key for key in SCHEMA if key[0] in ("quotas", "throttle", "encryption", "lifecycle")]
     + [
         ("auth", key)
         for key in (

@@ -28,6 +28,7 @@ log = logging.getLogger("mailhub.lifecycle")
 T = TypeVar("T")
 STUDY_WINDOW_DAYS = 8  # studies accepted this recently count in the study metrics
 _NOTICE_BATCH = 50
+EXPIRY_BATCH = 500  # mailbox entries removed per transaction (about)
 _QUOTA_DELAY = 1.0  # seconds a mailbox change waits before its quota check (changes come in bursts)
 
 
@@ -59,6 +60,12 @@ class Lifecycle:
         self._tasks: set[asyncio.Task[None]] = set()
         storage.add_listener(self)
 
+    def reconfigure(self, cfg: Any) -> None:
+        """A reloaded configuration ([lifecycle] is live): used from the next check on."""
+        self.cfg, self.settings = cfg, cfg.lifecycle
+        self._dirty.update(s.id for s in self.sites.all_sites())  # the levels may have changed
+        self._wake.set()
+
     # ---- storage listener: which sites to check for quota levels -----------------------------
 
     def committed(self, sender_site: int | None, receiver_site_ids: list[int], size: int, at: float) -> None:
@@ -75,6 +82,15 @@ class Lifecycle:
     # ---- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:  # receipts being linked: their mails are stored; only the link is not written
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
         next_round = 0.0  # monotonic
         loop = asyncio.get_running_loop()
         while True:
@@ -130,10 +146,11 @@ class Lifecycle:
                 return report
             if todo.warn:
                 report["warnings_queued"] = await self.storage.queue_op(lifecycle.warn, now, todo.warn)
-            if todo.expire:
-                summary = await self.storage.remove_with(lifecycle.expire, now, todo.expire)
-                report["removed"] = summary["mails"]
-                report["notices_queued"] = summary["notices"]
+            report["removed"] = report["notices_queued"] = 0
+            for batch in _batches(todo.expire):  # the index writer is not held up by a long transaction
+                summary = await self.storage.remove_with(lifecycle.expire, now, batch)
+                report["removed"] += summary["mails"]
+                report["notices_queued"] += summary["notices"]
                 for site, queue_id, size, sha256, _, set_id in summary["expired"]:
                     metrics.expired(site, size)
                     log.info(
@@ -299,6 +316,19 @@ class Lifecycle:
     async def control_expire(self, request: dict) -> dict:
         """Control command mailbox.expire {"dry_run": bool} (`mailhub mailbox expire`)."""
         return await self.expire_now(bool(request.get("dry_run")))
+
+
+def _batches(groups: list[lifecycle.ExpiryGroup]) -> list[list[lifecycle.ExpiryGroup]]:
+    """Groups in batches of about EXPIRY_BATCH entries (a group, one study, is never split)."""
+    batches: list[list[lifecycle.ExpiryGroup]] = []
+    size = EXPIRY_BATCH
+    for group in groups:
+        if size >= EXPIRY_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(group)
+        size += len(group.uids)
+    return batches
 
 
 def study_alerts(rows: list[tuple[Any, ...]], now: float, after: float) -> tuple[int, int]:

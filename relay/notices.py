@@ -13,6 +13,7 @@ from email.utils import formatdate
 from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_LISTED = 200  # mails listed one by one in a notice; the rest are counted
 STATUS_EXPIRED = "5.4.7"  # RFC 3463: delivery time expired (permanent: the mail is gone)
 
 
@@ -71,11 +72,12 @@ def expiry_dsn(facts: dict[str, Any], rcpt: str, host: str, now: float | None = 
         " if it is still needed.",
         "",
     ]
-    for m in mails:
+    for m in mails[:MAX_LISTED]:
         human.append(
             f"  queue ID {m['queue_id']}{_part_text(m)}, Message-ID {_clean(m.get('message_id') or '-')},"
             f" {_size(m.get('size'))}, delivered {_date(m.get('delivered_at'))}"
         )
+    human += _more(mails)
     report = [
         f"Reporting-MTA: dns; {host}",
         *([f"X-Mailhub-Study-ID: {_clean(study, 256)}"] if study else []),
@@ -128,13 +130,14 @@ def expiry_warning(facts: dict[str, Any], rcpt: str, host: str, now: float | Non
         f" be removed from {_date(first)} on unless they are fetched before:",
         "",
     ]
-    for m in mails:
+    for m in mails[:MAX_LISTED]:
         study = f" study {_clean(m['set_id'], 256)}{_part_text(m)}" if m.get("set_id") else ""
         lines.append(
             f"  queue ID {m['queue_id']}{study}, Message-ID {_clean(m.get('message_id') or '-')},"
             f" from site {_clean(m.get('from_site') or '-', 64)}, {_size(m.get('size'))},"
             f" delivered {_date(m.get('delivered_at'))}, expires {_date(m.get('expires_at'))}"
         )
+    lines += _more(mails)
     return _plain(host, rcpt, f"Mail waiting for you expires soon ({len(mails)} mail(s))", now, lines)
 
 
@@ -152,6 +155,10 @@ def quota_warning(facts: dict[str, Any], rcpt: str, host: str, now: float | None
     ]
     subject = f"Mailbox of site {site} is {level}% full"
     return _plain(host, rcpt, subject, now, [line for line in lines if line is not None])
+
+
+def _more(mails: list[dict[str, Any]]) -> list[str]:
+    return [f"  ... and {len(mails) - MAX_LISTED} more"] if len(mails) > MAX_LISTED else []
 
 
 def _plain(host: str, rcpt: str, subject: str, now: float, lines: list[str]) -> bytes:
