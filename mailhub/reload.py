@@ -12,8 +12,9 @@ from typing import Any
 
 from .config import SCHEMA, Config
 
-# Keys a running hub takes over at a reload. Everything else in SCHEMA needs a restart; the reload
-# then keeps the running value and says so. How each changes live:
+# Keys a running hub takes over at a reload, listed one by one (a key added to the schema later
+# needs a restart until it is wired here). Everything else needs a restart; the reload then keeps
+# the running value and says so. How each changes live:
 #  - the protocol contexts get the new Config (relay/*: reconfigure): limits, timeouts, sizes and
 #    policies are read per connection or per transaction, connection limits at once;
 #  - throttle and quotas: Throttle.reconfigure; the login guard: its settings;
@@ -53,7 +54,39 @@ LIVE: frozenset[tuple[str, str]] = frozenset(
             "idle_timeout",
         )
     ]
-    + [key for key in SCHEMA if key[0] in ("quotas", "throttle", "encryption", "lifecycle")]
+    + [
+        ("quotas", key)
+        for key in (
+            "mailbox_bytes",
+            "mailbox_messages",
+            "max_message_size",
+            "submitted_per_day",
+            "submitted_per_month",
+            "received_per_day",
+            "received_per_month",
+            "max_drain_time",
+            "downlink",
+        )
+    ]
+    + [
+        ("throttle", key)
+        for key in (
+            "drain_admission",
+            "floor_bytes",
+            "set_overshoot",
+            "min_retry",
+            "offline_retry",
+            "drain_window",
+            "drain_tau",
+            "offline_grace",
+            "pacing",
+            "pacing_engage_at",
+            "pacing_min_rate",
+            "interval",
+        )
+    ]
+    + [("encryption", "required"), ("encryption", "allow_hidden_recipients")]
+    + [key for key in SCHEMA if key[0] == "lifecycle"]  # Lifecycle.reconfigure (relay/lifecycle.py)
     + [
         ("auth", key)
         for key in (

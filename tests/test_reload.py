@@ -14,6 +14,11 @@ import socket
 
 import pytest
 
+from mailhub import config
+from mailhub.config import SCHEMA
+from mailhub.reload import LIVE
+from mailhub.reload import plan as reload_plan
+
 from certutil import any_certificate, make_certificate, peer_fingerprint
 from conftest import ALPHA_BETA_B2, PASSWORD, RawSMTP, make_message, wait_for
 from pop3util import RawPop3, send, unstuff
@@ -221,3 +226,19 @@ def test_graceful_restart_keeps_the_listening_sockets_and_lets_a_transaction_fin
     assert again.banner.startswith(b"220 ")
     again.close()
     assert send(hub, ["beta@hub.test"], make_message(500))
+
+
+def test_the_reload_plan_keeps_the_running_value_of_what_needs_a_restart():
+    assert LIVE <= set(SCHEMA)  # no misspelt key
+    running = config.load(None, environ={})
+    new = running.with_overrides({"smtp.listen": "127.0.0.1:2626", "smtp.max_recipients": 7, "log.level": "debug"})
+    plan = reload_plan(running, new)
+    assert (plan.changed, plan.restart) == (("smtp.max_recipients", "log.level"), ("smtp.listen",))
+    effective = plan.effective
+    assert (effective.smtp.listen, effective.smtp.max_recipients, effective.log.level) == (
+        ("127.0.0.1", 2525),
+        7,
+        "debug",
+    )
+    unchanged = reload_plan(running, config.load(None, environ={}))
+    assert unchanged.changed == unchanged.restart == () and unchanged.effective == running
