@@ -67,6 +67,7 @@ class Logins:
                 printable(user),
                 peer,
                 admission.blocked_until - self.clock(),
+                fields=_login_fields(protocol, user, peer, "blocked"),
             )
             return LoginOutcome(temporary=BLOCKED)
         if admission.too_busy:
@@ -78,6 +79,7 @@ class Logins:
                 printable(user),
                 peer,
                 admission.wait,
+                fields=_login_fields(protocol, user, peer, "busy"),
             )
             return LoginOutcome(temporary=BUSY)
         if admission.wait > 0:
@@ -87,7 +89,15 @@ class Logins:
             site = await self.sites.authenticate(user, password)
         except LoginBusy as exc:
             metrics.login_refused(protocol, "busy")
-            self._log(address, "%s: login as %r from %s refused unchecked: %s", protocol, printable(user), peer, exc)
+            self._log(
+                address,
+                "%s: login as %r from %s refused unchecked: %s",
+                protocol,
+                printable(user),
+                peer,
+                exc,
+                fields=_login_fields(protocol, user, peer, "busy"),
+            )
             return LoginOutcome(temporary=BUSY)
         if site is not None:
             self.guard.succeeded(address, user)
@@ -106,6 +116,7 @@ class Logins:
                 self.guard.settings.block_time,
                 address,
                 shlex.quote(printable(user)),
+                extra=_login_fields(protocol, user, peer, "blocked"),
             )
         else:
             self._log(
@@ -116,13 +127,14 @@ class Logins:
                 peer,
                 failure.pair_failures,
                 failure.delay,
+                fields=_login_fields(protocol, user, peer, "failed"),
             )
         if failure.delay > 0:
             metrics.login_penalty(protocol, failure.delay)
             await asyncio.sleep(failure.delay)
         return LoginOutcome()
 
-    def _log(self, address: str, message: str, *args) -> None:
+    def _log(self, address: str, message: str, *args, fields: dict | None = None) -> None:
         """One line per event, at most log_lines_per_minute per address and
         log_lines_per_minute_total from all addresses; then a count."""
         logged, suppressed, suppressed_total = self.guard.log_line(address, self.clock())
@@ -135,7 +147,12 @@ class Logins:
                 self.guard.settings.log_lines_per_minute_total,
             )
         if logged:
-            log.info(message, *args)
+            log.info(message, *args, extra=fields)
+
+
+def _login_fields(protocol: str, user: str, peer: str, outcome: str) -> dict:
+    """The JSON log fields of a login line (mailhub/logsetup.py FIELDS)."""
+    return {"event": "login.refused", "protocol": protocol, "user": printable(user), "client": peer, "outcome": outcome}
 
 
 __all__ = ["BLOCKED", "BUSY", "LoginOutcome", "Logins", "guard_settings"]

@@ -89,6 +89,28 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
             self.core.last_command if self.core is not None else "",
         )
 
+    def _session_fields(self, messages: int, size: int, deleted: int, outcome: str) -> dict:
+        """The JSON log fields of the session's last line (mailhub/logsetup.py FIELDS)."""
+        return {
+            "event": f"{self.protocol}.session",
+            "protocol": self.protocol,
+            "site": self.site.name if self.site is not None else None,
+            "client": self.peer,
+            "messages": messages,
+            "size": size,
+            "deleted": deleted,
+            "outcome": outcome,
+            "duration_s": round(time.monotonic() - self._started, 3),
+        }
+
+    def _kick_fields(self) -> dict:
+        return {
+            "event": "session.kicked",
+            "protocol": self.protocol,
+            "site": self.site.name if self.site is not None else None,
+            "client": self.peer,
+        }
+
     @property
     def _core(self) -> CoreT:
         """`core`, which connection_made() sets before the session's task starts."""

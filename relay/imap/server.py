@@ -185,7 +185,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
     def kick(self) -> None:
         """The operator ends this session (`mailhub sessions --kick`): * BYE, then close."""
         self._end_reason = self._end_reason or KICK_REASON
-        log.info("peer=%s site=%s: %s", self.peer, self._site_name(), KICK_REASON)
+        log.info("peer=%s site=%s: %s", self.peer, self._site_name(), KICK_REASON, extra=self._kick_fields())
         self.abort("Closed by the hub's operator")
 
     def abort(self, reason: str) -> None:
@@ -527,6 +527,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
             self._expunged,
             time.monotonic() - self._started,
             outcome,
+            extra=self._session_fields(d.messages, d.bytes, self._expunged, outcome),
         )
 
 

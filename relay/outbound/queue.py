@@ -246,7 +246,12 @@ class OutboundQueue:
                 tracked.append((events.RELAYED, row, text))
                 metrics.outbound_delivery("delivered")
                 log.info(
-                    "qid=%s rcpt=<%s> relay=%s delivered: %s", row.queue_id, row.rcpt, job.route.destination, text[:200]
+                    "qid=%s rcpt=<%s> relay=%s delivered: %s",
+                    row.queue_id,
+                    row.rcpt,
+                    job.route.destination,
+                    text[:200],
+                    extra=_relay_fields(row, "delivered", text),
                 )
             elif reply is not None and reply.permanent:
                 bounced.append((row, FailedRecipient(row.rcpt, reply.code, text, job.route.host)))
@@ -275,7 +280,12 @@ class OutboundQueue:
                 )
                 metrics.outbound_delivery("deferred")
                 log.info(
-                    "qid=%s rcpt=<%s> relay=%s deferred: %s", row.queue_id, row.rcpt, job.route.destination, text[:200]
+                    "qid=%s rcpt=<%s> relay=%s deferred: %s",
+                    row.queue_id,
+                    row.rcpt,
+                    job.route.destination,
+                    text[:200],
+                    extra=_relay_fields(row, "deferred", text),
                 )
         removed = done + [row.id for row, _ in bounced]
         try:
@@ -297,7 +307,12 @@ class OutboundQueue:
         repeats the notice, never loses it). Never for a mail with the null sender."""
         for f in failures:
             log.info(
-                "qid=%s rcpt=<%s> %s: %s", row.queue_id, f.rcpt, "delayed" if delayed else "bounced", f.diagnostic[:200]
+                "qid=%s rcpt=<%s> %s: %s",
+                row.queue_id,
+                f.rcpt,
+                "delayed" if delayed else "bounced",
+                f.diagnostic[:200],
+                extra={**_relay_fields(row, "delayed" if delayed else "bounced", f.diagnostic), "recipients": [f.rcpt]},
             )
         if not row.mail_from:
             return
@@ -326,6 +341,19 @@ class OutboundQueue:
         log.info(
             "qid=%s: %s notice %s stored for <%s>", row.queue_id, "delay" if delayed else "bounce", qid, row.mail_from
         )
+
+
+def _relay_fields(row: QueuedRecipient, outcome: str, text: str) -> dict:
+    """The JSON log fields of a relay outcome (mailhub/logsetup.py FIELDS)."""
+    return {
+        "event": "relay.delivery",
+        "queue_id": row.queue_id,
+        "sender": row.mail_from,
+        "recipients": [row.rcpt],
+        "size": row.size,
+        "outcome": outcome,
+        "reason": text[:200],
+    }
 
 
 def _outcome_row(now: float, kind: str, row: QueuedRecipient, hop: str | None, text: str) -> tuple:

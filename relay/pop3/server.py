@@ -148,7 +148,7 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
         if self.core is None or self.core.state is State.UPDATE:
             return
         self._end_reason = self._end_reason or KICK_REASON
-        log.info("peer=%s site=%s: %s", self.peer, self._site_name(), KICK_REASON)
+        log.info("peer=%s site=%s: %s", self.peer, self._site_name(), KICK_REASON, extra=self._kick_fields())
         if self.transport is not None and not self.transport.is_closing() and self.core.state is not State.SENDING:
             self.bytes_out += len(data := system_error(KICK_REASON))
             self.transport.write(data)
@@ -401,6 +401,7 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
             self._deleted,
             time.monotonic() - self._started,
             outcome,
+            extra=self._session_fields(d.messages if d else 0, d.bytes if d else 0, self._deleted, outcome),
         )
 
 

@@ -98,7 +98,14 @@ class SmtpConnection(AiosmtpdSession):
 
     def _close_kicked(self) -> None:
         self._closing_why = self._closing_why or KICK_REASON
-        log.info("%s site=%s: %s", self.peer_ip, self.site.name if self.site else "-", KICK_REASON)
+        site = self.site.name if self.site else None
+        log.info(
+            "%s site=%s: %s",
+            self.peer_ip,
+            site or "-",
+            KICK_REASON,
+            extra={"event": "session.kicked", "protocol": "smtp", "site": site, "client": self.peer_ip},
+        )
         self.close_now(R.KICKED)
 
     # ---- life cycle and reads --------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Receiver:
         message.discard()  # (not once handed to the index writer: that commit runs to its end)
         metrics.smtp_aborted(why)
         site = self._session.site
+        outcome = "unanswered (being committed: stored unless the commit fails)" if committing else "aborted"
         log.info(
             "qid=%s site=%s from=<%s> rcpts=%s received=%d outcome=%s reason=%r",
             message.queue_id,
@@ -73,9 +74,28 @@ class Receiver:
             printable(tx.mail_from or ""),
             ",".join(printable(r) for r in tx.rcpt_tos),
             message.size,
-            "unanswered (being committed: stored unless the commit fails)" if committing else "aborted",
+            outcome,
             why,
+            extra={
+                "event": "smtp.aborted",
+                **self._fields(message.queue_id, tx.mail_from or "", tx.rcpt_tos),
+                "size": message.size,
+                "outcome": "unanswered" if committing else "aborted",
+                "reason": why,
+            },
         )
+
+    def _fields(self, queue_id: str, sender: str, recipients) -> dict:
+        """The JSON log fields every transaction line has (mailhub/logsetup.py FIELDS)."""
+        site = self._session.site
+        return {
+            "queue_id": queue_id,
+            "protocol": "smtp",
+            "site": site.name if site else None,
+            "client": self._session.peer_ip,
+            "sender": printable(sender),
+            "recipients": [printable(r) for r in recipients],
+        }
 
     def new_message(self) -> IncomingMessage:
         """A message to receive, stopped (and drained) at the size limit or the receivers' room,
@@ -137,13 +157,31 @@ class Receiver:
                 message.queue_id,
                 site.name if site else "-",
                 reply,
+                extra={
+                    "event": "smtp.refused",
+                    **self._fields(message.queue_id, sender, tx.rcpt_tos),
+                    "size": message.size,
+                    "outcome": reply[:3],
+                    "reason": f"encryption policy: {reason}",
+                },
             )
         elif (sender_gone := site is not None and self.ctx.site_gone(site)) or any(
             self.ctx.site_gone(r) for r in tx.receivers
         ):
             message.discard()  # a site was removed during the transaction: its rows cannot be written
             reply = R.SITE_REMOVED if sender_gone else R.RECIPIENT_SITE_REMOVED
-            log.info("qid=%s site=%s refused: %s", message.queue_id, site.name if site else "-", reply)
+            log.info(
+                "qid=%s site=%s refused: %s",
+                message.queue_id,
+                site.name if site else "-",
+                reply,
+                extra={
+                    "event": "smtp.refused",
+                    **self._fields(message.queue_id, sender, tx.rcpt_tos),
+                    "outcome": reply[:3],
+                    "reason": "site removed",
+                },
+            )
         else:
             meta = message.meta(sender, site, dot_lines, self._session.peer_ip)
             part = SetPart.from_headers(meta.set_id, meta.set_part, meta.set_total)
@@ -188,6 +226,14 @@ class Receiver:
                 reply[:3],
                 elapsed * 1000,
                 tx.pacer.waited if tx.pacer else 0.0,
+                extra={
+                    "event": "smtp.transaction",
+                    **self._fields(message.queue_id, sender, tx.rcpt_tos),
+                    "size": message.size,
+                    "sha256": message.spool.sha256 if message.spool and reply[0] == "2" else None,
+                    "outcome": reply[:3],
+                    "duration_s": round(elapsed, 4),
+                },
             )
         return reply
 

@@ -28,6 +28,14 @@ def log_throttle_refusal(peer_ip: str, site: Site | None, what: str, reply: str,
         what,
         reply[:9],
         verdict.log_text(),
+        extra={
+            "event": "smtp.throttled",
+            "protocol": "smtp",
+            "site": site.name if site else None,
+            "client": peer_ip,
+            "outcome": reply[:3],
+            "reason": verdict.reason,
+        },
     )
 
 

@@ -254,7 +254,20 @@ class HubSMTP(SmtpConnection):
             self._client(), address, self.ctx.cfg.domain, self.ctx.sites.by_address, self.ctx.has_route
         )
         if refusal:
-            log.info("%s: RCPT <%s> refused: %s", self.peer_ip, printable(address), refusal)
+            log.info(
+                "%s: RCPT <%s> refused: %s",
+                self.peer_ip,
+                printable(address),
+                refusal,
+                extra={
+                    "event": "smtp.rcpt_refused",
+                    "protocol": "smtp",
+                    "site": self.site.name if self.site else None,
+                    "client": self.peer_ip,
+                    "recipients": [printable(address)],
+                    "outcome": refusal[:3],
+                },
+            )
             await self._refuse("rcpt", refusal, tx.mail_from, address)
             return
         if site is None:
