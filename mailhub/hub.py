@@ -39,6 +39,7 @@ from . import handover
 from . import reload as reloading
 from .auth_control import register_auth_commands
 from .certificates import read_certificate
+from .check import unknown_variables
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
@@ -217,6 +218,8 @@ class Hub:
             log.warning(
                 "no sites yet; add one with: mailhub site add NAME --address NAME@%s --password-stdin", cfg.domain[0]
             )
+        for finding in unknown_variables(os.environ if self._environ is None else self._environ):
+            log.warning("%s", finding.text)  # a misspelt setting is otherwise silently not applied
         if self._handle_signals:
             loop = asyncio.get_running_loop()
             for signum in _STOP_SIGNALS:

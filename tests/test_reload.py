@@ -125,9 +125,13 @@ def test_sighup_renews_the_certificate_under_a_pop3_download_and_an_imap_idle(ma
 def test_reload_changes_live_settings_and_names_those_that_need_a_restart(make_hub, tmp_path, tls_files):
     settings = tmp_path / "hub.toml"
     settings.write_text("[smtp]\nmax_recipients = 3\n")
-    hub = make_hub(sites=ALPHA_BETA_B2)
+    hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_SMTP_MAX_RECIPIENT="2")
     hub.config = settings
     hub.start()
+    assert (
+        "WARNING mailhub.server: MAILHUB_SMTP_MAX_RECIPIENT: no such setting, ignored; did you mean "
+        "MAILHUB_SMTP_MAX_RECIPIENTS?" in hub.log_text()
+    )
     cert, key = tls_files
     make_certificate(cert, key)
     settings.write_text(
