@@ -19,6 +19,7 @@ from . import config
 from .audit_cli import audit_command, audit_parser, operator_name
 from .entry import quiet_on_closed_pipe, version
 from .expiry_cli import expire_command, expiry_parsers, set_retention
+from .mailbox_cli import mailbox_command, mailbox_parsers
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
 from .storage_cli import storage_command, storage_parsers
@@ -109,8 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _directory_parsers(commands, site_commands, common)
     storage_parsers(commands, common)
-    mailbox = commands.add_parser("mailbox", help="mailbox administration: expiry of unfetched mail")
-    mailbox_commands = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="SUBCOMMAND")
+    mailbox_commands = mailbox_parsers(commands, common)
     expiry_parsers(mailbox_commands, common)
 
     trace = commands.add_parser("trace", parents=[common], help="where is a mail or a study?")
@@ -313,6 +313,8 @@ def _command(args) -> int:
         return audit_command(cfg, args)
     if args.command == "mailbox" and args.mailbox_command == "expire":
         return expire_command(cfg, args)
+    if args.command == "mailbox":
+        return mailbox_command(cfg, args)
     if args.command == "directory" or args.site_command in ("key", "policy"):
         from .directory_cli import directory_command
 

@@ -44,6 +44,7 @@ from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
 from .loop_monitor import LoopMonitor
+from .mailbox_ops import register_mailbox_commands
 from .metrics import MetricsServer
 from .sessions_control import register_session_commands
 from .throttling import ThrottleFeeder, settings_from_config
@@ -178,6 +179,7 @@ class Hub:
         register_auth_commands(control, logins)
         register_session_commands(control, SessionRegistry([smtp.connections, pop3.sessions, imap.sessions]))
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
+        register_mailbox_commands(control, storage, cfg)
         control.register("reload", self._reload_command)
         control.register("restart", self._restart_command)
         control.register("mailbox.expire", lifecycle.control_expire)

@@ -45,23 +45,30 @@ def build_dsn(
     delayed: bool,
     original_header: bytes,
     retry_until: float | None = None,
+    subject: str | None = None,
+    explanation: str | None = None,
 ) -> bytes:
-    """A complete RFC 5322 message (CRLF) from MAILER-DAEMON to the original sender."""
+    """A complete RFC 5322 message (CRLF) from MAILER-DAEMON to the original sender. `subject` and
+    `explanation` (the human-readable part's first paragraph) replace the relay's own wording."""
     boundary = f"{queue_id}.{os.urandom(6).hex()}/{reporting_mta}"
     if delayed:
-        subject = "Delayed Mail (still being retried)"
+        subject = subject or "Delayed Mail (still being retried)"
         human = (
             "This is the mail system at host {host}.\r\n\r\nYour message could not be delivered to "
             "the recipient(s) below yet. The hub keeps trying{until}; no action is needed.\r\n"
         )
     else:
-        subject = "Undelivered Mail Returned to Sender"
+        subject = subject or "Undelivered Mail Returned to Sender"
         human = (
             "This is the mail system at host {host}.\r\n\r\nYour message could not be delivered to "
             "the recipient(s) below. This is a permanent error; the hub has given up.\r\n"
         )
     until = f" until {formatdate(retry_until, usegmt=True)}" if retry_until else ""
-    lines = [human.format(host=reporting_mta, until=until), ""]
+    if explanation is not None:
+        human = f"This is the mail system at host {reporting_mta}.\r\n\r\n{explanation}"
+    else:
+        human = human.format(host=reporting_mta, until=until)
+    lines = [human, ""]
     lines += [f"<{_clean(f.rcpt)}>: {_clean(f.diagnostic)}\r\n" for f in failures]
     report = [
         f"Reporting-MTA: dns; {reporting_mta}",
@@ -102,6 +109,55 @@ def build_dsn(
     ]
     header = original_header if original_header.endswith(b"\r\n") else original_header + b"\r\n"
     return (head + "".join(parts)).encode() + header + f"\r\n--{boundary}--\r\n".encode()
+
+
+def identity_header(message_id: str | None, set_id: str | None, set_part: int | None, set_total: int | None) -> bytes:
+    """The header fields that name a mail without its content (a notice from the hub must carry no
+    patient data: no Subject, no From display name, no body): Message-ID and the study fields."""
+    fields = [
+        ("Message-ID", message_id),
+        ("X-TELEMEDICINE-SETID", set_id),
+        ("X-TELEMEDICINE-SETPART", set_part),
+        ("X-TELEMEDICINE-SETTOTAL", set_total),
+    ]
+    return "".join(f"{name}: {_clean(str(value))}\r\n" for name, value in fields if value is not None).encode()
+
+
+def returned_notice(
+    *,
+    reporting_mta: str,
+    sender: str,
+    queue_id: str,
+    arrival: float,
+    rcpt: str,
+    reason: str,
+    message_id: str | None,
+    set_id: str | None,
+    set_part: int | None,
+    set_total: int | None,
+) -> bytes:
+    """The RFC 3464 notice for a mail the hub's operator took out of a mailbox and returned to its
+    sender (`mailhub mailbox return`: "not for us"): names the mail by queue ID, Message-ID and
+    study, never its content."""
+    study = f", part {set_part} of {set_total} of study {set_id}" if set_id else ""
+    named = f"Message-ID {message_id}" if message_id else f"queue ID {queue_id}"
+    explanation = (
+        f"Your message ({_clean(named)}{_clean(study)}) was delivered to the mailbox of <{_clean(rcpt)}>, but the\r\n"
+        "hub's operator has removed it from there and returns it to you: the receiving site did not\r\n"
+        f"accept it ({_clean(reason)}). It was not read by the hub; nothing of it is attached.\r\n"
+        "Please check the recipient and send it again if needed.\r\n"
+    )
+    return build_dsn(
+        reporting_mta=reporting_mta,
+        sender=sender,
+        queue_id=queue_id,
+        arrival=arrival,
+        failures=[FailedRecipient(rcpt, 550, f"5.0.0 returned to the sender by the hub's operator: {reason}")],
+        delayed=False,
+        original_header=identity_header(message_id, set_id, set_part, set_total),
+        subject="Mail Returned to Sender by the Hub Operator",
+        explanation=explanation,
+    )
 
 
 def _clean(text: str) -> str:

@@ -538,9 +538,11 @@ class Pop3Connection:
         self._reset_input()
         self._go("tls_started", "ok")
 
-    def check_result(self, problem: str | None) -> bytes:
+    def check_result(self, problem: str | None, gone: bool = False) -> bytes:
         """Answer a CheckMessage: None when the message can be served (its "+OK" is returned and a
-        SendMessage follows), else why not: it is refused with [SYS/PERM] before any byte of it."""
+        SendMessage follows), else why not: it is refused with [SYS/PERM] before any byte of it
+        (`gone`: it was removed from the mailbox since the session began, by the hub's operator or
+        its expiry; it stays listed until QUIT, as RFC 1939 keeps the maildrop)."""
         self._require("check_result")
         assert self._checking is not None  # set with the CheckMessage (State.CHECKING)
         n, entry, body_lines = self._checking
@@ -550,6 +552,8 @@ class Pop3Connection:
             self._go("check_result", "send")
             return f"+OK {entry.size} octets\r\n".encode()
         self._go("check_result", "err")
+        if gone:
+            return f"-ERR [SYS/PERM] message {n} was removed from the mailbox on the server; delete it\r\n".encode()
         text = _CONTROL.sub(b"", problem.encode("ascii", "replace")).decode("ascii")[:200]
         return f"-ERR [SYS/PERM] message {n} is damaged on the server ({text}); delete it\r\n".encode()
 

@@ -84,6 +84,7 @@ class Pop3Context:
         self.sessions: set[Pop3Session] = set()
         self.locks: dict[int, Pop3Session] = {}  # site id -> the session holding its mailbox
         self.shutting_down = False
+        storage.add_listener(self)
         Pop3Connection(
             greeting_host=cfg.hostname,
             stls_available=False,  # fail at start, not per client
@@ -99,6 +100,20 @@ class Pop3Context:
 
     def factory(self, implicit_tls: bool = False) -> Callable[[], "Pop3Session"]:
         return lambda: Pop3Session(self, implicit_tls)
+
+    # storage listener (see Storage.add_listener): an entry removed while a session holds its
+    # mailbox (an operator's deletion, expiry) stays in that session's maildrop until QUIT, as POP3
+    # wants, but is no longer sent
+    def committed(self, sender_site, receiver_site_ids, size, at) -> None:
+        pass
+
+    def fetched_committed(self, site_id, uid, sender_site, size) -> None:
+        pass
+
+    def removed(self, site_id, uid, sender_site, size, was_waiting) -> None:
+        session = self.locks.get(site_id)
+        if session is not None:
+            session.removed_elsewhere.add(uid)
 
     async def drain(self, timeout: float) -> None:
         """Shutdown: end every session (nothing is deleted without QUIT; a session already in UPDATE
@@ -119,6 +134,7 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
         super().__init__(ctx, ctx.cfg.pop3.idle_timeout, implicit_tls)
         self._recorded = False  # downloads written with the UPDATE transaction
         self._deleted = 0
+        self.removed_elsewhere: set[int] = set()  # UIDs of the maildrop removed meanwhile (Pop3Context.removed)
 
     # ---- transport callbacks ----------------------------------------------------------------
 
@@ -178,7 +194,11 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
                 elif isinstance(event, AuthRequest):
                     await self._login(event)
                 elif isinstance(event, CheckMessage):
-                    self._write(core.check_result(self._serving_problem(_stored(event.entry))))
+                    entry = _stored(event.entry)
+                    if entry.uid in self.removed_elsewhere:
+                        self._write(core.check_result("removed", gone=True))
+                    else:
+                        self._write(core.check_result(self._serving_problem(entry)))
                     await self._drain()
                 elif isinstance(event, SendMessage):
                     await self._send_message(event)
