@@ -148,6 +148,7 @@ def test_delete_while_pop3_holds_the_mailbox(hub):
     assert pop.quit().startswith(b"+OK")
     assert hub.query("SELECT count(*) FROM mailbox") == [(0,)]
     assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
+    assert hub.cli("storage", "check").returncode == 0  # index, blobs and ledger agree
     wait_for(lambda: hub.query("SELECT count(*) FROM messages") == [(0,)], message="both mails freed")
 
     trail = audit_rows(hub, "--site", "beta")
