@@ -18,7 +18,7 @@ import time
 from . import config
 from .audit_cli import audit_command, audit_parser, operator_name
 from .entry import quiet_on_closed_pipe, version
-from .expiry_cli import expire_command, expiry_parsers, set_retention
+from .expiry_cli import expire_command, expiry_parsers, retention_summary, retention_text, set_retention
 from .mailbox_cli import mailbox_command, mailbox_parsers
 from .report_format import human_size, iso_time, printable
 from .stats import render_activity, site_activity
@@ -676,6 +676,7 @@ def _site_summary(conn: sqlite3.Connection, site, cfg: config.Config) -> dict:
         "name": site.name,
         "addresses": site.addresses,
         **_quota_summary(conn, site, cfg),
+        "retention": retention_summary(conn, site.id, cfg),
         "created_at": iso_time(site.created_at, millis=False),
         "mailbox_messages": count,
         "mailbox_bytes": size,
@@ -735,6 +736,7 @@ def _print_site(summary: dict, as_json: bool) -> None:
             f"  {name:<20} {_limit_text(name, item['used'], item['limit'])}"
             f"{'' if item['source'] == 'config' else '  (site)'}"
         )
+    print(f"retention: {retention_text(summary['retention'])}")
     _print_throttle(summary["throttle"])
     d = summary["downloads"]
     if d["last_poll_at"] is None:

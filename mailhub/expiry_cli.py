@@ -99,6 +99,22 @@ def _entry_line(e: dict[str, Any]) -> str:
     )
 
 
+def retention_summary(conn: sqlite3.Connection, site_id: int, cfg: config.Config) -> dict[str, Any]:
+    """A site's effective retention for `site show`: {"days": N (0: keep), "source": site|config}."""
+    from storage import lifecycle
+
+    override = lifecycle.retention_overrides(conn).get(site_id)
+    if override is None:
+        return {"days": cfg.lifecycle.retention_days, "source": "config"}
+    return {"days": override, "source": "site"}
+
+
+def retention_text(retention: dict[str, Any]) -> str:
+    days = retention["days"]
+    shown = "keep until fetched" if days == 0 else f"{days:g} days unfetched, then expired"
+    return shown + ("  (site)" if retention["source"] == "site" else "")
+
+
 def parse_retention(text: str) -> float | None:
     """`--retention-days` value: a number of days (0: keep until fetched) or 'default'."""
     from storage import SiteError

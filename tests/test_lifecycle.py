@@ -6,13 +6,14 @@
 # expire --dry-run` and `site set --retention-days`. Quota warnings: once per crossing of each
 # level, to the site and to the operator, again only after the level was left, and not again after
 # a restart. Receipts: a real MDN built as gateways build them (RFC 8098) passes untouched and is
-# traced to its study.
+# traced to its study. A notice to a sender of another network goes to the outbound queue.
 import asyncio
 import email
 import imaplib
 import json
 import poplib
 import smtplib
+import socket
 import time
 import urllib.request
 
@@ -196,6 +197,9 @@ def test_retention_override_and_keep(lifecycle_hub):
     lifecycle(hub).clock = lambda: start + 400 * DAY
     assert run(hub, lifecycle(hub).expire_now())["expire"] == []
     hub.cli("site", "set", "beta", "--retention-days", "3")
+    shown = json.loads(hub.cli("site", "show", "beta", "--json").stdout)["retention"]
+    assert shown == {"days": 3.0, "source": "site"}
+    assert "\nretention: 3 days unfetched, then expired  (site)\n" in hub.cli("site", "show", "beta").stdout
     lifecycle(hub).clock = lambda: start + 2 * DAY
     report = run(hub, lifecycle(hub).expire_now(dry_run=True))
     assert [e["queue_id"] for e in report["warn"]] == [queue_id] and report["expire"] == []
@@ -353,3 +357,25 @@ def test_complete_study_unfetched_counts_in_the_metric(lifecycle_hub):
     lifecycle(hub).clock = lambda: time.time() + DAY + 60
     assert run(hub, lifecycle(hub).update_study_metrics()) == (1, 0)
     assert metric(hub, "mailhub_studies_unfetched") == 1
+
+
+def test_dsn_to_a_sender_of_another_network_goes_to_the_outbound_queue(make_hub):
+    with socket.socket() as closed:  # the next hop: a port that refuses (the notice stays queued)
+        closed.bind(("127.0.0.1", 0))
+        hub = make_hub(
+            sites=ALPHA_BETA,
+            MAILHUB_SMTP_PEER_NETWORKS="127.0.0.0/8",
+            MAILHUB_RELAY_ROUTES=f"remote.test=127.0.0.1:{closed.getsockname()[1]}",
+            MAILHUB_RELAY_CONNECT_TIMEOUT="2",
+            MAILHUB_LIFECYCLE_CHECK_INTERVAL="3600",
+        ).start()
+        start = time.time()
+        with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30) as client:  # a peer network's MTA
+            client.sendmail("doctor@remote.test", ["beta@hub.test"], part(1, 1, STUDY + ".7"))
+        lifecycle(hub).clock = lambda: start + 15 * DAY
+        assert run(hub, lifecycle(hub).expire_now())["notices_queued"] == 1
+        rows = hub.query("SELECT o.rcpt, m.mail_from, m.queue_id FROM outbound o JOIN messages m USING (queue_id)")
+        assert [(rcpt, sender) for rcpt, sender, _ in rows] == [("doctor@remote.test", "")]
+        dsn = email.message_from_bytes(hub.stored(rows[0][2]))
+        assert dsn.get_param("report-type") == "delivery-status" and dsn["To"] == "<doctor@remote.test>"
+        assert SECRET not in hub.stored(rows[0][2]).decode()
