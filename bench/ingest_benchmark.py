@@ -11,6 +11,9 @@
 # the table shows the medians. The hub is measured as it is used: an authenticated site sending to
 # another site. Needs root (Postfix) and bench/install-debian-packages.sh.
 #   .venv/bin/python -m bench.ingest_benchmark [--quick] [--workdir DIR] [--json OUT]
+# With --sustained (bench/sustained.py) the servers instead run on for all rounds of a workload,
+# the hub's mailbox is never emptied, and rounds of >= 10 s per side alternate (issue 24):
+#   .venv/bin/python -m bench.ingest_benchmark --sustained [--workload 1MB] [--rounds 5] [--postfix both]
 import asyncio
 import contextlib
 import hashlib
@@ -437,6 +440,33 @@ def main():
         "--bdat", action="store_true", help="send with BDAT where CHUNKING is offered (hub, Postfix) instead of DATA"
     )
     ap.add_argument("--repeat", type=int, help="repetitions per measurement (default 3, --quick 1)")
+    sustained = ap.add_argument_group("--sustained: servers kept running, alternating rounds, growing mailbox")
+    sustained.add_argument(
+        "--sustained", action="store_true", help="the sustained mode (bench/sustained.py) instead of fresh runs"
+    )
+    sustained.add_argument("--rounds", type=int, default=5, help="rounds per workload (default 5)")
+    sustained.add_argument("--seconds", type=float, default=10.0, help="at least this long per side and round (10)")
+    sustained.add_argument(
+        "--workload",
+        nargs="+",
+        default=[w[0] for w in WORKLOADS],
+        choices=[w[0] for w in WORKLOADS],
+        help="workloads (default all)",
+    )
+    sustained.add_argument(
+        "--postfix",
+        choices=("private", "stock", "both"),
+        default="both",
+        help="Postfix logging to a file through postlogd (private), to syslog as Debian's stock instance, or both",
+    )
+    sustained.add_argument("--prefill", type=int, default=0, help="mails put into the hub's mailbox first (0)")
+    sustained.add_argument(
+        "--backlog-ab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of Postfix: the hub with N mails in its mailbox against a hub started empty each round",
+    )
     a = ap.parse_args()
     reps = a.repeat or (1 if a.quick else 3)
     command = command_line("bench.ingest_benchmark")
@@ -476,6 +506,9 @@ def main():
             "note: the machine is already busy (1-minute load %.2f on %d CPUs); "
             "figures will be lower and noisier than on an idle machine" % (loadavg()[0], os.cpu_count())
         )
+
+    if a.sustained:
+        return run_sustained(a, command, facts, uptime_before, own_workdir, workdir, logs_dir)
 
     results = []
     rss = None
@@ -724,6 +757,31 @@ def main():
             )
         log("json:    %s" % a.json)
     return 1 if problems else 0
+
+
+def run_sustained(a, command, facts, uptime_before, own_workdir, workdir, logs_dir):
+    from bench.sustained import main_sustained  # it imports this module
+
+    started = time.time()
+    reports = []
+    try:
+        reports = main_sustained(a, workdir, logs_dir)
+    except KeyboardInterrupt:
+        warn("interrupted; servers stopped")
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    log("")
+    log("machine: nproc %d, CPU %s, %d MB RAM, %s" % (facts["nproc"], facts["cpu"], facts["mem_mb"], software(facts)))
+    log("load:    before: %s" % uptime_before)
+    log("         after:  %s" % uptime_line())
+    log("command: %s   (in %s)" % (command, os.getcwd()))
+    log("time:    %.0f s" % (time.time() - started))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"command": command, "machine": facts, "reports": reports}, f, indent=1)
+        log("json:    %s" % a.json)
+    return 0 if reports and all(r["hub_alive"] for r in reports) else 1
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def test_every_bench_module_has_a_header_comment():
         "abuse_attacks",
         "abuse_gateway",
         "abuse_inputs",
+        "sustained",  # the --sustained mode of ingest_benchmark
     }
     assert listed == set(BENCH_COMMANDS), "a bench command was added or removed: update BENCH_COMMANDS"
 
