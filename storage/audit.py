@@ -154,15 +154,33 @@ def record_accepted(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> No
     )
 
 
+# The same from the mail's accepted tracking event (storage/events.py: SHA-256 in its detail), for a
+# mail freed before the session that fetched it ended (removed by another session or an operator)
+_EVENT_ROW = (
+    "INSERT INTO audit (at, event, site, queue_id, message_id, study_id, size, sha256, actor, detail)"
+    " SELECT ?, ?, (SELECT name FROM sites WHERE id = ?), e.queue_id, e.message_id, e.set_id, e.size,"
+    " e.detail, coalesce(?, (SELECT name FROM sites WHERE id = ?)), ? FROM events e"
+    " WHERE e.queue_id = ? AND e.kind = 'accepted' LIMIT 1"
+)
+
+# ... or by queue ID and size alone (stored before the tracking record, or its events pruned)
+_BARE_ROW = (
+    "INSERT INTO audit (at, event, site, queue_id, size, actor, detail) VALUES"
+    " (?, ?, (SELECT name FROM sites WHERE id = ?), ?, ?, (SELECT name FROM sites WHERE id = ?), ?)"
+)
+
+
 def record_downloads(
     conn: sqlite3.Connection, site_id: int, retrieved: dict[str, tuple[float, int]], detail: str | None
 ) -> None:
     """FETCHED rows for the mails a session downloaded whole (queue ID -> (time, octets)); the
-    site is the actor. Call it before the session's deletions, in the same transaction."""
-    conn.executemany(
-        _MESSAGE_ROW,
-        [(at, FETCHED, site_id, None, site_id, _text(detail), qid) for qid, (at, _size) in retrieved.items()],
-    )
+    site is the actor. Call it before the session's deletions, in the same transaction. A mail freed
+    meanwhile is described from its tracking event, or by queue ID and size alone."""
+    for qid, (at, size) in retrieved.items():
+        values = (at, FETCHED, site_id, None, site_id, _text(detail), qid)
+        if conn.execute(_MESSAGE_ROW, values).rowcount or conn.execute(_EVENT_ROW, values).rowcount:
+            continue
+        conn.execute(_BARE_ROW, (at, FETCHED, site_id, qid, size, site_id, _text(detail)))
 
 
 def query(

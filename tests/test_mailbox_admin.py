@@ -143,6 +143,7 @@ def test_delete_while_pop3_holds_the_mailbox(hub):
     with pytest.raises(poplib.error_proto, match="removed from the mailbox"):
         pop.retr(1)
     assert b"".join(pop.retr(2)[1]).startswith(b"Received:")
+    hub.cli("mailbox", "delete", "beta", q2, "--yes")  # fetched, not yet deleted by the session
     pop.dele(1)
     pop.dele(2)
     assert pop.quit().startswith(b"+OK")
@@ -157,9 +158,16 @@ def test_delete_while_pop3_holds_the_mailbox(hub):
         ("accepted", q1, "alpha"),
         ("accepted", q2, "alpha"),
         ("deleted_by_operator", q1, "alice"),
-        ("fetched", q2, "beta"),
-        ("deleted_by_site", q2, "beta"),
+        ("fetched", q2, "beta"),  # at the RETR; written at QUIT, when the mail was gone already
+        ("deleted_by_operator", q2, "alice"),
     ]
+    accepted, fetched = trail[1], trail[3]
+    assert (fetched["message_id"], fetched["study_id"], fetched["size"], fetched["sha256"]) == (
+        accepted["message_id"],
+        STUDY,
+        accepted["size"],
+        accepted["sha256"],
+    )
 
 
 def test_delete_by_filter_while_imap_has_the_mailbox_selected(hub):
@@ -225,11 +233,15 @@ def test_audit_exports_csv_and_delete_works_with_the_hub_stopped(hub, tmp_path):
     hub = hub()
     q1 = send(hub, ["beta@hub.test"], mail(1))
     q2 = send(hub, ["beta@hub.test"], mail(2))
+    q3 = send(hub, ["beta@hub.test"], mail(3))
     hub.stop()
     hub.cli("mailbox", "delete", "beta", q1, "--yes")  # its own storage, under the folder's lock
+    returned = json.loads(hub.cli("mailbox", "return", "beta", q3, "--yes", "--json").stdout)
     assert [r["queue_id"] for r in cli_json(hub, "mailbox", "list", "beta")] == [q2]
     hub.start()
     assert [r["queue_id"] for r in cli_json(hub, "mailbox", "list", "beta")] == [q2]
+    assert [r["queue_id"] for r in cli_json(hub, "mailbox", "list", "alpha")] == [returned["notice"]]
+    assert hub.cli("storage", "check").returncode == 0
 
     out = tmp_path / "audit.csv"
     hub.cli("audit", "--site", "beta", "--since", "1h", "--csv", "-o", str(out))
@@ -237,8 +249,10 @@ def test_audit_exports_csv_and_delete_works_with_the_hub_stopped(hub, tmp_path):
     assert [(r["event"], r["queue_id"]) for r in rows] == [
         ("accepted", q1),
         ("accepted", q2),
+        ("accepted", q3),
         ("deleted_by_operator", q1),
+        ("returned", q3),
     ]
-    assert rows[2]["actor"] == "alice" and rows[2]["study_id"] == STUDY and rows[2]["time"].endswith("Z")
+    assert rows[3]["actor"] == "alice" and rows[3]["study_id"] == STUDY and rows[3]["time"].endswith("Z")
     assert audit_rows(hub, "--site", "beta", "--until", "2020-01-01") == []
     assert "deleted_by_operator" in hub.cli("audit", "--study", STUDY).stdout
