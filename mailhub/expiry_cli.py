@@ -76,11 +76,15 @@ def _offline_dry_run(cfg: config.Config) -> dict[str, Any] | None:
 
 
 def render(report: dict[str, Any], dry_run: bool) -> str:
-    verb = "would expire" if dry_run else "expired"
     lines = []
     expire, warn = report["expire"], report["warn"]
     size = sum(e["size"] for e in expire)
-    lines.append(f"{verb}: {len(expire)} mail(s), {human_size(size)} in {report['studies']} study/studies or mail(s)")
+    if dry_run:
+        lines.append(f"would expire: {len(expire)} mail(s), {human_size(size)} in {report['studies']} group(s)")
+    else:  # an entry fetched meanwhile stays: the count is what was removed
+        lines.append(
+            f"expired: {report.get('removed', 0)} mail(s) of {len(expire)} due, in {report['studies']} group(s)"
+        )
     for e in expire:
         lines.append("  " + _entry_line(e))
     lines.append(f"{'would warn' if dry_run else 'warned'}: {len(warn)} mail(s)")
