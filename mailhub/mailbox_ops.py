@@ -42,8 +42,8 @@ async def read_index(storage: Storage, function: Callable[..., T], *args: Any) -
 
 async def remove(storage: Storage, site: str, uids: list[int], event: str, actor: str, detail: str | None) -> dict:
     """Remove these entries of a site's mailbox, audited as `event` by `actor`; {"removed": [uids]}."""
-    if event not in (audit.DELETED_BY_OPERATOR, audit.EXPIRED):
-        raise ControlError(f"event must be {audit.DELETED_BY_OPERATOR} or {audit.EXPIRED}")
+    if event != audit.DELETED_BY_OPERATOR:  # expiry and returns have their own paths
+        raise ControlError(f'"event" must be {audit.DELETED_BY_OPERATOR}')
     site_id = await read_index(storage, mailbox_admin.site_id_of, site)
     if site_id is None:
         raise ControlError(f"no site named {site!r}")
@@ -139,19 +139,23 @@ def register_mailbox_commands(control: ControlServer, storage: Storage, cfg: Con
 
     async def audit_command(request: dict) -> dict:
         rows = request.get("rows")
-        if (
-            not isinstance(rows, list)
-            or len(rows) > 1000
-            or not all(isinstance(r, list) and len(r) == 8 for r in rows)
-            or not all(
-                all(v is None or isinstance(v, str | int) and not isinstance(v, bool) for v in r)
-                and all(v is None or isinstance(v, str) and len(v) <= 1000 for i, v in enumerate(r) if i != 4)
-                for r in rows
+        if not isinstance(rows, list) or len(rows) > 1000 or not all(_export_row(r) for r in rows):
+            raise ControlError(
+                '"rows" is a list of at most 1000 rows [site, queue ID, Message-ID, study, size, SHA-256,'
+                " actor, detail] (strings of up to 1000 characters or null; size a whole number or null)"
             )
-        ):
-            raise ControlError('"rows" is a list of at most 1000 audit rows of 8 fields')
         return await record_export(storage, rows)
 
     control.register("mailbox.remove", remove_command)
     control.register("mailbox.return", return_command)
     control.register("mailbox.audit", audit_command)
+
+
+def _export_row(row: object) -> bool:
+    """An exported record as mailbox.audit takes it (see audit_command)."""
+    if not isinstance(row, list) or len(row) != 8:
+        return False
+    size = row[4]
+    if size is not None and (type(size) is not int or size < 0):
+        return False
+    return all(v is None or (isinstance(v, str) and len(v) <= 1000) for i, v in enumerate(row) if i != 4)

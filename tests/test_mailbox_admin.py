@@ -16,6 +16,9 @@ import poplib
 
 import pytest
 
+from mailhub.control import ControlError
+from mailhub.control import request as control_request
+
 from conftest import ALPHA_BETA_B2, PASSWORD, wait_for
 from mailshapes import armored, openpgp, pgp_mime
 from pop3util import send
@@ -227,6 +230,20 @@ def test_return_sends_a_dsn_naming_the_mail_without_its_content(hub):
     assert notice_qid in returned["detail"]
     missing = hub.cli("mailbox", "return", "beta", qid, "--yes", check=False)
     assert missing.returncode == 1 and "no mail" in missing.stderr
+
+    # the control commands check what they are sent (one-line refusals; nothing removed)
+    fields = {"site": "beta", "uids": [1], "event": "deleted_by_operator", "actor": "alice"}
+    for bad, said in (
+        ({"uids": "1"}, '"uids" is a list'),
+        ({"uids": list(range(2001))}, '"uids" is a list'),
+        ({"event": "expired"}, '"event" must be deleted_by_operator'),
+        ({"actor": ""}, '"actor" is a string'),
+        ({"site": "nosuch"}, "no site named 'nosuch'"),
+    ):
+        with pytest.raises(ControlError, match=said):
+            control_request(hub.data_dir, "mailbox.remove", **(fields | bad))
+    with pytest.raises(ControlError, match='"rows" is a list'):
+        control_request(hub.data_dir, "mailbox.audit", rows=[["beta", "Q", None, None, "big", None, "a", None]])
 
 
 def test_audit_exports_csv_and_delete_works_with_the_hub_stopped(hub, tmp_path):
