@@ -242,6 +242,18 @@ class SmtpConfig:
         "Largest message accepted, in bytes (announced as SIZE; SIZE= over it is refused with 552 5.3.4).",
     )
     max_recipients: int = setting(_int(1), 1000, "Recipients per transaction; more get 452 4.5.3.")
+    postmaster_max_message_size: int = setting(
+        parse_size,
+        "2M",
+        "Largest mail to postmaster@ (which reaches lifecycle.operator_address, RFC 5321 4.5.1) from a "
+        "client that is not a logged-in site; over it: 552 5.3.4.",
+    )
+    postmaster_max_per_hour: int = setting(
+        _int(1),
+        10,
+        "Mails to postmaster@ per client address and hour from clients that are not logged-in sites; "
+        "more get 450 4.7.1.",
+    )
     max_connections: int = setting(_int(1), 1000, "Simultaneous SMTP connections in all; more get 421 4.7.0.")
     max_connections_per_ip: int = setting(
         _int(1), 100, "Simultaneous SMTP connections from one client address; more get 421 4.7.0."
@@ -816,8 +828,9 @@ class LifecycleConfig:
     operator_address: str = setting(
         _text,
         "",
-        "Where notices for the operator (quota warnings) go: a site's address or, with the relay, a remote "
-        "one. Empty: they are only logged.",
+        "Where notices for the operator (quota warnings) and mail to postmaster@ of every local domain "
+        "(RFC 5321 4.5.1) go: a site's address or, with the relay, a remote one. Empty: notices are only "
+        "logged and postmaster@ is refused with 550 5.1.1.",
     )
     study_alert_hours: float = setting(
         _number,

@@ -101,6 +101,8 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("smtp", "listen"): ("0.0.0.0:25", ("0.0.0.0", 25)),
         ("smtp", "max_message_size"): ("1000000", 1000000),
         ("smtp", "max_recipients"): ("5", 5),
+        ("smtp", "postmaster_max_message_size"): ("64K", 64 * 1024),
+        ("smtp", "postmaster_max_per_hour"): ("3", 3),
         ("smtp", "max_connections"): ("50", 50),
         ("smtp", "max_connections_per_ip"): ("7", 7),
         ("smtp", "max_unauthenticated"): ("21", 21),

@@ -22,6 +22,7 @@ from relay.smtp import replies as R
 from relay.smtp.ingest import IncomingMessage
 from relay.smtp.message_scan import DotLineScanner
 from relay.smtp.pacing import Pacer
+from relay.smtp.postmaster import PostmasterRate
 from storage import Delivery, MessageMeta, Site, SiteCache, Storage
 
 _REFUSALS = {
@@ -63,6 +64,8 @@ class Transaction(Envelope):
         self.bdat_failed = False
         self.pacer: Pacer | None = None  # reads DATA/BDAT bytes no faster than allowed
         self.directory_request = False  # directory@<local domain> was a recipient
+        self.postmaster = False  # postmaster@<local domain> was a recipient
+        self.postmaster_sites: set[int] = set()  # receiving sites reached through postmaster@ only
         self.policy: EncryptionPolicy | None = None
 
     @property
@@ -99,12 +102,14 @@ class SmtpContext:
         self.on_stored: Callable[[str, MessageMeta, Site | None], None] | None = None
         relay = cfg.relay
         self.has_route = lambda address: relay.enabled and route_for(relay.routes, address) is not None
+        self.postmaster_rate = PostmasterRate(cfg.smtp.postmaster_max_per_hour)
 
     def reconfigure(self, cfg) -> None:
         """A reloaded configuration: connection limits at once, the rest as sessions read it
         (new connections, new transactions). The route table and TLS are not changed here."""
         self.cfg = cfg
         self.connection_counter.limits = connection_limits.limits_from(cfg.smtp)
+        self.postmaster_rate.max_per_hour = cfg.smtp.postmaster_max_per_hour
 
     def admit(self, conn: Connection, ip: str) -> str | None:
         """Count the new connection (conn.ticket); the refusal reply if it is over a limit."""

@@ -105,6 +105,9 @@ class Receiver:
         limit = self.ctx.throttle.stream_limit(tx, self._session.site, tx.receivers)
         if limit is not None and limit[0] < max_size:
             max_size, reply = limit
+        cap = self.ctx.cfg.smtp.postmaster_max_message_size
+        if tx.postmaster and self._session.site is None and cap < max_size:  # relay/smtp/postmaster.py
+            max_size, reply = cap, R.POSTMASTER_TOO_BIG
         tx.policy = self._encryption_policy()
         return IncomingMessage(
             self.ctx.storage, max_size, self._trace_header, reply, [tx.policy] if tx.policy is not None else ()
@@ -118,7 +121,8 @@ class Receiver:
         tx = self._session.transaction()
         if self.ctx.keyring is None or not tx.deliveries:
             return None
-        recipients = recipients_under_policy(tx.receivers, self.ctx.keyring, self.ctx.cfg)
+        receivers = [r for r in tx.receivers if r.id not in tx.postmaster_sites]  # postmaster@: not under it
+        recipients = recipients_under_policy(receivers, self.ctx.keyring, self.ctx.cfg) if receivers else []
         if not recipients:
             return None
         return EncryptionPolicy(recipients, self.ctx.cfg.encryption.allow_hidden_recipients)

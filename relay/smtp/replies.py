@@ -64,6 +64,11 @@ AUTH_ALREADY = "503 5.5.1 Already authenticated"
 AUTH_UNKNOWN_MECHANISM = "504 5.5.4 Unrecognized authentication type"
 RELAY_DENIED = "554 5.7.1 Relay access denied"
 UNKNOWN_USER = "550 5.1.1 No such user here"
+POSTMASTER_UNSET = (
+    "550 5.1.1 No postmaster mailbox is set up on this hub (its operator sets lifecycle.operator_address)"
+)
+POSTMASTER_UNREACHABLE = "451 4.3.0 The postmaster mailbox is not reachable now, try again later"
+POSTMASTER_TOO_BIG = "552 5.3.4 Mail to postmaster from outside the network is limited in size"
 NO_ROUTE = "550 5.1.2 No route to that domain"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated site"
 LINE_TOO_LONG_IN_DATA = (
@@ -83,6 +88,10 @@ def queued(queue_id: str) -> str:
 
 def directory_queued(queue_id: str) -> str:
     return f"250 2.0.0 Ok: directory sent to your mailbox, queued as {queue_id}"
+
+
+def postmaster_too_often(wait: float) -> str:
+    return f"450 4.7.1 Too many mails to postmaster from your address; try again in {max(1, round(wait))} s"
 
 
 def directory_too_soon(wait: float) -> str:

@@ -24,6 +24,7 @@ from relay.smtp.ingest import IncomingMessage
 from relay.smtp.message_scan import DotLineScanner
 from relay.smtp.pacing import Pacer
 from relay.smtp.policy import Client, recipient_verdict, sender_verdict
+from relay.smtp.postmaster import is_postmaster
 from relay.smtp.protocol import (
     NO_ARGUMENT,
     AuthExchange,
@@ -38,7 +39,7 @@ from relay.smtp.receiving import Receiver
 from relay.smtp.refusals import log_throttle_refusal, track_refusal
 from relay.smtp.stream import DataDecoder
 from relay.smtp.syntax import parse_bdat, parse_helo, parse_mail_parameters, parse_path
-from storage import Delivery, StorageFull
+from storage import Delivery, Site, StorageFull
 
 log = logging.getLogger("mailhub.smtp")
 CHUNK = 1024 * 1024
@@ -250,6 +251,9 @@ class HubSMTP(SmtpConnection):
         if self.ctx.directory is not None and self.ctx.directory.is_directory_address(address):
             await self._directory_recipient(address)
             return
+        if is_postmaster(address, self.ctx.cfg.domain):
+            await self._postmaster_recipient(address)
+            return
         refusal, site = recipient_verdict(
             self._client(), address, self.ctx.cfg.domain, self.ctx.sites.by_address, self.ctx.has_route
         )
@@ -273,19 +277,70 @@ class HubSMTP(SmtpConnection):
         if site is None:
             if all(r.lower() != address.lower() for r in tx.remote):
                 tx.remote.append(address)
-        elif all(d.site_id != site.id for d in tx.deliveries):
-            verdict = self.ctx.throttle.at_rcpt(tx, self.site, site, tx.declared_size, time.monotonic(), time.time())
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: RCPT <%s> %s", self.peer_ip, printable(address), verdict.log_text())
-            if verdict.reply is not None:
-                log_throttle_refusal(self.peer_ip, self.site, f"RCPT <{printable(address)}>", verdict.reply, verdict)
-                await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
+        else:
+            tx.postmaster_sites.discard(site.id)  # a recipient in its own right: under the policy
+            if not await self._deliver_to(site, address):
                 return
-            limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
-            tx.deliveries.append(Delivery(site.id, address, site.name, limits.mailbox_bytes, limits.mailbox_messages))
-            tx.receivers.append(site)
-            tx.verdicts[site.id] = verdict
         tx.rcpt_tos.append(address)
+        await self.reply_pipelined(R.RECIPIENT_OK)
+
+    async def _deliver_to(self, site: Site, address: str) -> bool:
+        """Add a local site's mailbox to the transaction, if the throttle lets it (else refused)."""
+        tx = self.transaction()
+        if any(d.site_id == site.id for d in tx.deliveries):
+            return True
+        verdict = self.ctx.throttle.at_rcpt(tx, self.site, site, tx.declared_size, time.monotonic(), time.time())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: RCPT <%s> %s", self.peer_ip, printable(address), verdict.log_text())
+        if verdict.reply is not None:
+            log_throttle_refusal(self.peer_ip, self.site, f"RCPT <{printable(address)}>", verdict.reply, verdict)
+            await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
+            return False
+        limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
+        tx.deliveries.append(Delivery(site.id, address, site.name, limits.mailbox_bytes, limits.mailbox_messages))
+        tx.receivers.append(site)
+        tx.verdicts[site.id] = verdict
+        return True
+
+    async def _postmaster_recipient(self, address: str) -> None:
+        """postmaster@<local domain> (relay/smtp/postmaster.py): to lifecycle.operator_address, from
+        anyone; bounded in size and rate for clients that are not logged-in sites."""
+        ctx, tx = self.ctx, self.transaction()
+        target = ctx.cfg.lifecycle.operator_address
+        if not target:
+            await self._refuse("rcpt", R.POSTMASTER_UNSET, tx.mail_from, address)
+            return
+        outsider = self.site is None
+        if outsider and (tx.declared_size or 0) > ctx.cfg.smtp.postmaster_max_message_size:
+            await self._refuse("rcpt", R.POSTMASTER_TOO_BIG, tx.mail_from, address)
+            return
+        if outsider and not tx.postmaster:
+            wait = ctx.postmaster_rate.take(self.peer_ip, time.monotonic())
+            if wait > 0:
+                log.info("%s: RCPT <%s> refused: over smtp.postmaster_max_per_hour", self.peer_ip, printable(address))
+                await self._refuse("rcpt", R.postmaster_too_often(wait), tx.mail_from, address)
+                return
+        site = ctx.sites.by_address(target)
+        if site is not None:
+            direct = any(d.site_id == site.id for d in tx.deliveries) and site.id not in tx.postmaster_sites
+            if not await self._deliver_to(site, target):
+                return
+            if not direct:
+                tx.postmaster_sites.add(site.id)
+        elif target.rpartition("@")[2].lower() not in ctx.cfg.domain and ctx.has_route(target):
+            if all(r.lower() != target.lower() for r in tx.remote):
+                tx.remote.append(target)
+        else:
+            log.warning(
+                "mail to postmaster deferred: lifecycle.operator_address %s is neither a site's address nor"
+                " relayed (add the site, or a relay route)",
+                target,
+            )
+            await self._refuse("rcpt", R.POSTMASTER_UNREACHABLE, tx.mail_from, address)
+            return
+        tx.postmaster = True
+        tx.rcpt_tos.append(address)
+        self._logged_in()  # a mail transaction of its own: the idle timeout alone applies
         await self.reply_pipelined(R.RECIPIENT_OK)
 
     async def _directory_recipient(self, address: str) -> None:

@@ -79,8 +79,8 @@ def parse_path(arg: str | None, keyword: str, null_allowed: bool) -> tuple[str, 
     if path == "":
         if not null_allowed:
             return R.BAD_PATH
-    elif not is_mailbox(path):
-        return R.BAD_PATH
+    elif not is_mailbox(path) and not (keyword == "TO:" and path.lower() == "postmaster"):
+        return R.BAD_PATH  # (RFC 5321 4.1.1.3: RCPT TO:<Postmaster> needs no domain)
     params = parse_params(tail)
     if isinstance(params, str):
         return params

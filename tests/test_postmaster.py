@@ -1,0 +1,99 @@
+# postmaster@ of every local domain reaches the operator (RFC 5321 4.5.1): lifecycle.operator_address
+# (here beta's second address b2@hub.test) gets it from anyone, without AUTH or TLS and without the
+# encryption policy, while other recipients still need a login; senders that are not logged-in
+# sites are bounded by smtp.postmaster_max_message_size and smtp.postmaster_max_per_hour. Over real
+# SMTP (raw socket) against an in-process hub; the rate window with an injected clock.
+from relay.smtp.postmaster import PostmasterRate, is_postmaster
+from relay.smtp.syntax import parse_path
+
+from conftest import ALPHA_BETA_B2, RawSMTP, queue_id_from
+
+ATTACHMENT = (
+    b"From: someone@elsewhere.example\r\nTo: postmaster@hub.test\r\nSubject: abuse report\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+    b"Content-Type: text/plain\r\n\r\nsee the attachment\r\n--b\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Disposition: attachment; filename=data.bin\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n" * 20
+    + b"--b--\r\n"
+)
+
+
+def operator_hub(make_hub, **overrides):
+    settings = {"MAILHUB_LIFECYCLE_OPERATOR_ADDRESS": "b2@hub.test"} | overrides
+    return make_hub(sites=ALPHA_BETA_B2, **settings).start()
+
+
+def send(hub, rcpts: list[str], data: bytes, login: str | None = None, size: int | None = None) -> list[bytes]:
+    """One transaction; the replies to RCPT (each) and, if one was accepted, to the end of data."""
+    client = RawSMTP(hub.smtp_port)
+    try:
+        client.ehlo()
+        if login:
+            assert client.auth_plain(login).startswith(b"235")
+        mail = "MAIL FROM:<someone@elsewhere.example>" if not login else f"MAIL FROM:<{login}@hub.test>"
+        assert client.command(mail + (f" SIZE={size}" if size else "")).startswith(b"250")
+        replies = [client.command(f"RCPT TO:<{rcpt}>") for rcpt in rcpts]
+        if any(r.startswith(b"250") for r in replies):
+            assert client.command("DATA").startswith(b"354")
+            client.send(data + b".\r\n")
+            replies.append(client.reply())
+        client.command("QUIT")
+        return replies
+    finally:
+        client.close()
+
+
+def beta_mails(hub) -> list[tuple[str, str]]:
+    return hub.query("SELECT m.queue_id, m.rcpt FROM mailbox m JOIN sites s ON s.id = m.site_id WHERE s.name = 'beta'")
+
+
+def test_postmaster_reaches_the_operator_from_anyone_without_the_encryption_policy(make_hub):
+    hub = operator_hub(make_hub)
+    replies = send(hub, ["postmaster@hub.test", "beta@hub.test", "Postmaster"], ATTACHMENT)
+    assert replies[0].startswith(b"250") and replies[2].startswith(b"250")
+    assert replies[1].startswith(b"530 5.7.0")  # other recipients still need a login
+    queue_id = queue_id_from(replies[3])
+    assert beta_mails(hub) == [(queue_id, "b2@hub.test")]  # one mailbox entry, in the operator's mailbox
+    assert b"application/octet-stream" in hub.stored(queue_id)
+    # the same attachment from a site to the operator's site as such is under the policy
+    refused = send(hub, ["beta@hub.test"], ATTACHMENT.replace(b"postmaster@", b"beta@"), login="alpha")
+    assert refused[0].startswith(b"250") and refused[1][:1] == b"5", refused
+    assert "refused by the encryption policy" in hub.log_text()
+    # and from a logged-in site to postmaster it passes (PostMaster@HUB.TEST: any case)
+    assert send(hub, ["PostMaster@HUB.TEST"], ATTACHMENT, login="alpha")[1].startswith(b"250")
+    assert len(beta_mails(hub)) == 2
+
+
+def test_postmaster_mail_from_outside_is_bounded_in_size_and_rate(make_hub):
+    hub = operator_hub(
+        make_hub, MAILHUB_SMTP_POSTMASTER_MAX_MESSAGE_SIZE="4K", MAILHUB_SMTP_POSTMASTER_MAX_PER_HOUR="2"
+    )
+    big = ATTACHMENT + b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n" * 200
+    assert send(hub, ["postmaster@hub.test"], big, size=len(big))[0].startswith(b"552 5.3.4")  # SIZE= said so
+    replies = send(hub, ["postmaster@hub.test"], big)  # (counted: its RCPT was taken)
+    assert replies[0].startswith(b"250") and replies[1].startswith(b"552 5.3.4"), replies
+    assert send(hub, ["postmaster@hub.test"], ATTACHMENT)[1].startswith(b"250")
+    third = send(hub, ["postmaster@hub.test"], ATTACHMENT)
+    assert third[0].startswith(b"450 4.7.1 Too many mails to postmaster"), third
+    assert len(beta_mails(hub)) == 1
+    # a logged-in site is neither capped in size nor counted
+    assert send(hub, ["postmaster@hub.test"], big, login="alpha")[1].startswith(b"250")
+
+
+def test_without_an_operator_address_postmaster_is_refused_with_the_setting_to_set(make_hub):
+    hub = make_hub(sites=ALPHA_BETA_B2).start()
+    (reply,) = send(hub, ["postmaster@hub.test"], ATTACHMENT)
+    assert reply.startswith(b"550 5.1.1") and b"lifecycle.operator_address" in reply
+
+
+def test_postmaster_of_every_local_domain_and_the_window():
+    domains = ["hub.test", "second.test"]
+    assert all(is_postmaster(a, domains) for a in ("postmaster@hub.test", "POSTMASTER@Second.Test", "Postmaster"))
+    assert not any(is_postmaster(a, domains) for a in ("postmaster@other.test", "postmasters@hub.test", "abuse"))
+    assert parse_path("TO:<Postmaster>", "TO:", False) == ("Postmaster", {})
+    assert isinstance(parse_path("FROM:<Postmaster>", "FROM:", True), str)  # a sender needs a domain
+    rate = PostmasterRate(2)
+    assert rate.take("192.0.2.1", 0.0) == 0 and rate.take("192.0.2.1", 10.0) == 0
+    assert rate.take("192.0.2.1", 20.0) == 3580.0  # the first one leaves the window at 3600
+    assert rate.take("192.0.2.2", 20.0) == 0  # per address
+    assert rate.take("192.0.2.1", 3600.0) == 0
