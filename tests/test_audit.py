@@ -129,3 +129,16 @@ def test_the_trail_is_append_only_and_pruned_only_past_retention(tmp_path):
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         conn.execute("DELETE FROM audit")  # the prune mark does not stay open
     conn.close()
+
+
+def test_the_hub_prunes_records_past_the_retention_at_start(make_hub):
+    hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_EVENTS_AUDIT_RETENTION_DAYS="30")
+    conn = db.connect(hub.data_dir)
+    now = time.time()
+    with db.transaction(conn):
+        audit.record(conn, audit.FETCHED, "beta", "OLD", None, None, 1, None, "beta", None, now - 31 * 86400)
+        audit.record(conn, audit.FETCHED, "beta", "NEW", None, None, 1, None, "beta", None, now - 29 * 86400)
+    conn.close()
+    hub.start()
+    wait_for(lambda: [r.queue_id for r in records(hub)] == ["NEW"], message="the old record pruned at start")
+    assert "pruned 1 audit record(s) older than 30 days" in hub.log_text()
