@@ -192,8 +192,16 @@ def test_delete_by_filter_while_imap_has_the_mailbox_selected(hub):
     assert sorted(imap.untagged_responses.get("EXPUNGE", [])) == [b"1", b"2"]  # told at its next command
     typ, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
     assert typ == "OK" and f"m1.{OTHER}".encode() in data[0][1]
+    # an idling session is told at once
+    imap.send(b"I1 IDLE\r\n")
+    assert imap.readline() == b"+ idling\r\n"
+    imap.sock.settimeout(10)
+    hub.cli("mailbox", "delete", "beta", other, "--yes")
+    assert imap.readline() == b"* 1 EXPUNGE\r\n"
+    imap.send(b"DONE\r\n")
+    assert imap.readline() == b"I1 OK IDLE terminated\r\n"
     imap.logout()
-    assert [r["queue_id"] for r in cli_json(hub, "mailbox", "list", "beta")] == [other]
+    assert cli_json(hub, "mailbox", "list", "beta") == []
     removed = audit_rows(hub, "--study", STUDY, "--event", "deleted_by_operator")
     assert sorted(r["queue_id"] for r in removed) == sorted(queue_ids)
     assert {r["actor"] for r in removed} == {"alice"}
