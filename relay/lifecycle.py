@@ -11,6 +11,7 @@
 # of its own, writes in the index writer).
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ log = logging.getLogger("mailhub.lifecycle")
 T = TypeVar("T")
 STUDY_WINDOW_DAYS = 8  # studies accepted this recently count in the study metrics
 _NOTICE_BATCH = 50
+_MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)\r$", re.M)
 EXPIRY_BATCH = 500  # mailbox entries removed per transaction (about)
 _QUOTA_DELAY = 1.0  # seconds a mailbox change waits before its quota check (changes come in bursts)
 
@@ -240,7 +242,10 @@ class Lifecycle:
             metrics.lifecycle_notice(notice.kind, "undeliverable")
             return 0
         data = BUILDERS[notice.kind](notice.facts, rcpt, self.host, self.clock())
-        meta = MessageMeta("", None, data.startswith(b".") or b"\n." in data)
+        found = _MESSAGE_ID.search(data)  # for the tracking record and the audit trail (accepted)
+        meta = MessageMeta(
+            "", None, data.startswith(b".") or b"\n." in data, found.group(1).decode() if found else None
+        )
         deliveries = [Delivery(site.id, rcpt, site.name)] if site is not None else []
         queue_id = await self.storage.store_generated(
             data, meta, deliveries, mark=(lifecycle.NOTICE_MARK, notice.id), remote=remote

@@ -162,6 +162,10 @@ def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
         for q, size, sha in hub.query("SELECT queue_id, size, detail FROM events WHERE kind = 'accepted'")
     }
     assert audited == [(q, "beta", STUDY, *stored[q], "hub", "not fetched within 14 days") for q in sorted(study)]
+    # the notices are in the audit trail of alpha's mailbox as accepted mails, with their Message-IDs
+    notices = {q for q, _ in mailbox(hub, "alpha")}
+    noted = hub.query("SELECT queue_id, message_id FROM audit WHERE event = 'accepted' AND site = 'alpha'")
+    assert {q for q, _ in noted} == notices and all(m.endswith(".notice@hub.test>") for _, m in noted)
     audit_cli = json.loads(hub.cli("audit", "--study", STUDY, "--json").stdout)
     assert sorted(r["event"] for r in audit_cli) == ["accepted"] * 3 + ["expired"] * 3
     trace = json.loads(hub.cli("trace", "--study", STUDY, "--json").stdout)
