@@ -96,10 +96,24 @@ def stored_by_message_id(hub) -> dict[str, list[str]]:
     return found
 
 
+def arm_fault(make_hub, monkeypatch, armed, fault: str, **overrides: str):
+    """A hub with `fault` (process:point:action) armed while the file `armed` exists. A fault of the
+    index writer needs only the writer child to read it: the hub runs in this process and the
+    writer it spawns inherits this process's environment. A fault of the hub itself needs a
+    `mailhub serve` process (its fault points are read at import)."""
+    settings = {"MAILHUB_FAULT": fault, "MAILHUB_FAULT_FILE": str(armed)}
+    if fault.startswith("writer:"):
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        return make_hub(sites=ALPHA_BETA, **overrides)
+    return make_hub(sites=ALPHA_BETA, **settings, **overrides)
+
+
 @pytest.mark.parametrize("process,point,action,size", CASES, ids=["-".join(c) for c in CASES])
-def test_one_outcome_per_transaction(make_hub, tmp_path, process, point, action, size):
+def test_one_outcome_per_transaction(make_hub, monkeypatch, tmp_path, process, point, action, size):
     armed = tmp_path / "fault-armed"
-    hub = make_hub(sites=ALPHA_BETA, MAILHUB_FAULT=f"{process}:{point}:{action}", MAILHUB_FAULT_FILE=str(armed))
+    hub = arm_fault(make_hub, monkeypatch, armed, f"{process}:{point}:{action}")
+    assert hub.process == (process == "hub")
     hub.start()
     armed.write_text("once")
     mails = [make_message(SMALL if size == "small" else LARGE, subject=f"fault {i}") for i in range(MAILS)]
@@ -128,6 +142,7 @@ def test_one_outcome_per_transaction(make_hub, tmp_path, process, point, action,
             problems = no_trace(hub)
             assert not problems, f"a refused transaction left a trace: {problems}"
     assert not armed.exists(), "the fault never fired"
+    monkeypatch.delenv("MAILHUB_FAULT", raising=False)  # spent: the CLI below may run in this process
     assert hub.stop() == 0
     hub.start()  # recovery once more, then count
     copies = stored_by_message_id(hub)
@@ -190,15 +205,12 @@ def test_truncated_blobs_and_packs_found_at_start(make_hub):
 
 
 @pytest.mark.parametrize("point", ["delete_before_commit", "delete_after_commit"])
-def test_a_deletion_cut_by_the_writers_death_is_done_once_or_not_at_all(make_hub, tmp_path, point):
+def test_a_deletion_cut_by_the_writers_death_is_done_once_or_not_at_all(make_hub, monkeypatch, tmp_path, point):
     # before its commit: the deletion never happened (the gateway is told so and deletes again);
     # after it, before its ledger line: it stays done, even through a rebuild from the blobs
     armed = tmp_path / "fault-armed"
-    hub = make_hub(
-        sites=ALPHA_BETA,
-        MAILHUB_FAULT=f"writer:{point}:kill",
-        MAILHUB_FAULT_FILE=str(armed),
-        MAILHUB_STORAGE_RELEASE_FREED_AFTER="3600",
+    hub = arm_fault(
+        make_hub, monkeypatch, armed, f"writer:{point}:kill", MAILHUB_STORAGE_RELEASE_FREED_AFTER="3600"
     ).start()
     for i in range(3):
         assert deliver(hub, make_message(SMALL, subject=f"d {i}")).startswith("250")
@@ -212,6 +224,7 @@ def test_a_deletion_cut_by_the_writers_death_is_done_once_or_not_at_all(make_hub
     except poplib.error_proto as exc:  # after the commit the gateway may be told -ERR: it looks again
         reply = str(exc)
     assert not armed.exists()
+    monkeypatch.delenv("MAILHUB_FAULT")
     left = 3 if point == "delete_before_commit" else 2
     if left == 3:
         assert "-ERR" in reply, f"a deletion that never happened was confirmed: {reply}"
