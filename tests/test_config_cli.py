@@ -20,7 +20,7 @@ from mailhub import config
 from relay.outbound.routes import Route
 from storage.passwords import verify_password
 
-from conftest import PASSWORD, REPO, Hub, hub_env, make_message
+from conftest import PASSWORD, REPO, Hub, cli_in_process_is_the_same, hub_env, make_message, run_cli_in_process
 from pop3util import make_cert
 
 EXAMPLE = REPO / "mailhub" / "example.toml"
@@ -35,13 +35,18 @@ def clean_env(**overrides: str) -> dict:
 def mailhub(
     *args: str, env: dict | None = None, stdin: str | None = None, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess:
+    """`mailhub ARGS` as a child process would run it: in this process where the outcome is the
+    same (conftest.cli_in_process_is_the_same), else as `python -m mailhub.cli`."""
+    env = env if env is not None else clean_env()
+    if cwd in (None, REPO) and cli_in_process_is_the_same(args, env):
+        return run_cli_in_process(args, stdin, env)
     return subprocess.run(
         [sys.executable, "-m", "mailhub.cli", *args],
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        env=env if env is not None else clean_env(),
+        env=env,
         cwd=cwd or REPO,
         timeout=timeout,
     )
