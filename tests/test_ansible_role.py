@@ -46,7 +46,6 @@ def ansible_env(home: Path) -> dict:
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_RETRY_FILES_ENABLED="0",
         XDG_CACHE_HOME=str(home / "cache"),
-        ANSIBLE_CALLBACK_PLUGINS="/tmp/anscb", ANSIBLE_CALLBACKS_ENABLED="tasktime",
     )
     return env
 
