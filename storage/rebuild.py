@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import db, envelope, events, ledger, verify
+from . import audit, db, envelope, events, ledger, verify
 from .folder_lock import lock_data_folder
 from .quarantine import list_entries, quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
@@ -470,6 +470,24 @@ def _restore(
         for site_id, rcpt in entries
     ]
     conn.executemany(events.INSERT, rows)
+    audit.record_rows(
+        conn,
+        [
+            audit.row(
+                audit.ACCEPTED,
+                sites.name(site_id),
+                qid,
+                message_id,
+                set_id,
+                mail.size,
+                r["sha256"],
+                r.get("sn") or r.get("from") or None,
+                "restored by rebuild-index",
+                at,
+            )
+            for site_id, _rcpt in entries
+        ],
+    )
     report.restored += 1
     report.restored_entries += len(entries)
     report.restored_outbound += len(remote)

@@ -188,6 +188,12 @@ def test_a_lost_index_is_rebuilt_with_its_sites(make_hub):
     assert "rebuild-index" in message
     result = hub.cli("storage", "rebuild-index")
     assert "site alpha made again" in result.stdout and "site beta made again" in result.stdout, result.stdout
+    # the audit trail went with the index; the mails put back get an accepted record saying so
+    ((entries,),) = hub.query("SELECT count(*) FROM mailbox")
+    assert entries > 0
+    assert hub.query(
+        "SELECT count(*) FROM audit WHERE event = 'accepted' AND detail = 'restored by rebuild-index'"
+    ) == [(entries,)]
     for site in ("alpha", "beta"):
         hub.cli("site", "passwd", site, "--password-stdin", stdin=PASSWORD + "\n")
     hub.start()
