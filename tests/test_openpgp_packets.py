@@ -207,10 +207,18 @@ def _random_text(rng, binary: bytes) -> bytes:
 
 
 def _pieces(rng, data: bytes):
+    """data in pieces of 1 to `size` bytes. With the tiny sizes, runs of tiny pieces (up to 300
+    bytes) alternate with one piece of up to 4 KB: every kind of boundary is still cut many times
+    in a message, at a tenth of the feed calls of tiny pieces all through (~100 KB messages)."""
     size = rng.choice([1, 3, 7, 64, 1000, 8191, 65536, 1 << 20])
-    pos = 0
+    pos, run_end = 0, 0
     while pos < len(data):
-        step = rng.randint(1, size)
+        if size > 7 or pos < run_end:
+            step = rng.randint(1, size)
+        elif run_end and rng.random() < 0.5:
+            step, run_end = rng.randint(1, 4096), 0
+        else:
+            step, run_end = rng.randint(1, size), pos + rng.randint(1, 300)
         yield data[pos : pos + step]
         pos += step
 
