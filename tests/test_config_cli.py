@@ -174,6 +174,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("auth", "hash_threads"): ("1", 1),
         ("auth", "max_queued_checks"): ("16", 16),
         ("events", "retention_days"): ("30", 30.0),
+        ("events", "audit_retention_days"): ("3650", 3650.0),
         ("storage", "release_freed_after"): ("0", 0.0),
         ("storage", "reserve_bytes"): ("1M", 1024 * 1024),
         ("storage", "min_free_bytes"): ("0", 0),
