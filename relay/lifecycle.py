@@ -117,10 +117,13 @@ class Lifecycle:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self._thread.submit(self._close_connection)  # after whatever read is still running there
+        self._thread.shutdown(wait=False)  # never holds up the event loop of a stopping hub
+
+    def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._thread.submit(conn.close)
-        self._thread.shutdown(wait=True)
+            conn.close()
 
     async def _read(self, function: Callable[..., T], *args: object) -> T:
         """function(conn, *args) on the lifecycle's own read connection, on its thread."""

@@ -385,3 +385,4 @@ def test_dsn_to_a_sender_of_another_network_goes_to_the_outbound_queue(make_hub)
         dsn = email.message_from_bytes(hub.stored(rows[0][2]))
         assert dsn.get_param("report-type") == "delivery-status" and dsn["To"] == "<doctor@remote.test>"
         assert SECRET not in hub.stored(rows[0][2]).decode()
+        hub.stop()  # while the next hop's port is still held (refusing), not taken by another process
