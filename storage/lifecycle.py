@@ -330,15 +330,23 @@ def record_receipt(
     disposition: str,
 ) -> dict[str, Any] | None:
     """Link a receipt (MDN) to the mail it answers, by the Original-Message-ID: a `receipt` event
-    on that mail (the latest accepted with that Message-ID, one delivered to the receipt's site
-    first). Returns the answered mail's {queue_id, set_id, set_part} or None if none is known (the
-    event is written all the same, with the Message-ID only)."""
+    on that mail (the latest accepted with that Message-ID that went where the receipt comes from:
+    delivered to the receipt's site, or, for a receipt from another network (no site), relayed
+    out). A receipt naming a mail that never reached its sender links to nothing: one site cannot
+    acknowledge another's mail. Returns the answered mail's {queue_id, set_id, set_part} or None if
+    none is known (the event is written all the same, with the Message-ID only)."""
+    if site is not None:
+        went = "d.kind = 'delivered' AND d.site = ?"
+        args: tuple[Any, ...] = (original_message_id, site)
+    else:
+        went = "d.kind = 'relayed'"
+        args = (original_message_id,)
     found = conn.execute(
         "SELECT a.queue_id, a.site, a.set_id, a.set_part, a.set_total FROM events a"
         " WHERE a.kind = 'accepted' AND a.message_id = ?"
-        " ORDER BY EXISTS (SELECT 1 FROM events d WHERE d.queue_id = a.queue_id AND d.kind = 'delivered'"
-        "  AND d.site = ?) DESC, a.at DESC LIMIT 1",
-        (original_message_id, site),
+        f" AND EXISTS (SELECT 1 FROM events d WHERE d.queue_id = a.queue_id AND {went})"
+        " ORDER BY a.at DESC LIMIT 1",
+        args,
     ).fetchone()
     qid, from_site, set_id, set_part, set_total = found if found is not None else (None, None, None, None, None)
     detail = f"{disposition[:200]} [mdn {mdn_queue_id}]"
