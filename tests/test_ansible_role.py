@@ -174,3 +174,35 @@ def test_dashboard_has_a_datasource_variable_and_the_issue_panels():
         [sys.executable, str(REPO / "scripts" / "grafana_dashboard.py"), "--check"], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
+
+
+def test_the_example_inventory_as_shipped_stops_first_naming_the_files_to_provide(tmp_path):
+    """The shipped inventory, its vault and site.yml on this machine (check mode, local connection):
+    the role's first tasks pass, then it stops before touching the host and names every file the
+    example expects on the controller (the wheel is looked for in a folder of its own here)."""
+    password_file = tmp_path / "vault-password"
+    password_file.write_text(VAULT_PASSWORD + "\n")
+    env = ansible_env(tmp_path / "ansible-home") | {"ANSIBLE_VAULT_PASSWORD_FILE": str(password_file)}
+    wheel = tmp_path / "dist" / "dicom_mail_hub-0.1.0-py3-none-any.whl"
+    run = subprocess.run(
+        [BIN / "ansible-playbook", "site.yml", "--check", "--limit", "hub1.example.net"]
+        + ["-e", "ansible_connection=local", "-e", f"ansible_python_interpreter={sys.executable}"]
+        + ["-e", f"mailhub_wheel_source={wheel}"],
+        cwd=ANSIBLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2 and "ok=1 " in output and "changed=0 " in output, output[-3000:]
+    missing = re.search(r'"msg": "missing on the controller: (.*?)\. Build the wheel', output)
+    assert missing, output[-3000:]
+    assert set(missing.group(1).split(", ")) == {
+        str(wheel),
+        str(ANSIBLE / "files" / "tls" / "hub1.example.net.crt"),
+        str(ANSIBLE / "files" / "tls" / "hub1.example.net.key"),
+        str(ANSIBLE / "files" / "site-keys" / "clinic-a.asc"),
+        str(ANSIBLE / "files" / "site-keys" / "practice-b.asc"),
+    }, missing.group(1)
+    assert 'docs/ansible.md, "Before the first run"' in output
