@@ -823,7 +823,8 @@ class LifecycleConfig:
         _levels,
         [80, 95],
         "Fill levels (percent of a site's mailbox quota, bytes or mails, whichever is fuller) at which the site "
-        "and the operator get one notice each; again only after the mailbox fell below the level. Empty: none.",
+        "and the operator get one notice each; again only after the mailbox fell 5 points below the level. "
+        "Empty: none.",
     )
     operator_address: str = setting(
         _text,
