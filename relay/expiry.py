@@ -2,7 +2,10 @@
 # warned, from the waiting entries (storage.lifecycle.waiting_entries) and a time. The parts of one
 # study (X-TELEMEDICINE-SETID) from one sender in one mailbox expire together, when the newest of
 # them is past the site's retention (never a part before its own time), so that the sender gets one
-# notice per study, not one per mail. A mail without a study is a group of its own. A warning goes
+# notice per study, not one per mail. Mails without a study (receipts, mail to postmaster@) expire
+# each at its own time, and those of one sender in one mailbox that expire in the same round go
+# together (up to MAX_UNSTUDIED per notice): a gateway that stopped fetching must not set off one
+# notice per receipt it was sent. A warning goes
 # `warn_before` seconds before a group expires, once per entry, never for mail from the null sender
 # (the hub's own notices, bounces: they expire silently). Pure: no I/O, the time is passed in.
 from collections.abc import Iterable
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from storage.lifecycle import ExpiryGroup, Waiting, WarningGroup
 
 DAY = 86400.0
+MAX_UNSTUDIED = 500  # mails without a study in one expiry group (one notice; one transaction at most)
 
 
 @dataclass
@@ -62,4 +66,24 @@ def plan(entries: Iterable[Waiting], now: float, warn_before: float) -> Plan:
                 group.expires_at[e.uid] = expires_at
                 result.entries[e.uid] = e
     result.warn = list(warnings.values())
+    result.expire = _merge_unstudied(result.expire)
     return result
+
+
+def _merge_unstudied(groups: list[ExpiryGroup]) -> list[ExpiryGroup]:
+    """The groups with the expiring mails without a study of one sender in one mailbox merged, in
+    groups of at most MAX_UNSTUDIED mails."""
+    merged: list[ExpiryGroup] = []
+    open_groups: dict[tuple[int, str], ExpiryGroup] = {}
+    for group in groups:
+        if group.set_id:
+            merged.append(group)
+            continue
+        key = (group.site_id, group.sender.lower())
+        into = open_groups.get(key)
+        if into is None or len(into.uids) + len(group.uids) > MAX_UNSTUDIED:
+            open_groups[key] = group
+            merged.append(group)
+        else:
+            into.uids.extend(group.uids)
+    return merged

@@ -62,16 +62,17 @@ def expiry_dsn(facts: dict[str, Any], rcpt: str, host: str, now: float | None = 
     days = facts["retention_days"]
     mails: list[dict[str, Any]] = facts["mails"]
     study = facts.get("set_id")
-    what = f"study {_clean(study, 256)}" if study else f"mail {mails[0]['queue_id']}"
+    if study or len(mails) == 1:
+        what = f"study {_clean(study, 256)}" if study else f"mail {mails[0]['queue_id']}"
+        told = f"Your {what} to site {_clean(facts['site'], 64)} was not fetched by the recipient within"
+        told += f" {days:g} days and has been removed from its mailbox ({len(mails)} mail(s)). Send it again"
+        told += " if it is still needed."
+    else:  # mails without a study of one sender expiring together (relay/expiry.py)
+        told = f"Your {len(mails)} mails to site {_clean(facts['site'], 64)} were not fetched by the recipient"
+        told += f" within {days:g} days and have been removed from its mailbox. Send them again if they are"
+        told += " still needed."
     boundary = f"{os.urandom(8).hex()}/{host}"
-    human = [
-        f"This is the mail system at host {host}.",
-        "",
-        f"Your {what} to site {_clean(facts['site'], 64)} was not fetched by the recipient within"
-        f" {days:g} days and has been removed from its mailbox ({len(mails)} mail(s)). Send it again"
-        " if it is still needed.",
-        "",
-    ]
+    human = [f"This is the mail system at host {host}.", "", told, ""]
     for m in mails[:MAX_LISTED]:
         human.append(
             f"  queue ID {m['queue_id']}{_part_text(m)}, Message-ID {_clean(m.get('message_id') or '-')},"

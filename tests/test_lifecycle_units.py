@@ -6,7 +6,7 @@ import email
 
 from quotas import warnings
 from relay import lifecycle as runner
-from relay.expiry import DAY, plan
+from relay.expiry import DAY, MAX_UNSTUDIED, plan
 from relay.notices import MAX_LISTED, expiry_dsn, quota_warning
 from relay.receipts import disposition_part, parse_fields
 from storage.lifecycle import ExpiryGroup, Waiting
@@ -85,6 +85,28 @@ def test_plan_expires_a_study_with_its_newest_part_and_warns_once():
     later = plan(entries, t0 + 16 * DAY, 2 * DAY)
     assert [g.uids for g in later.expire if g.set_id == "S1"] == [[1, 2]]
     assert plan(entries, at, 0).warn == []  # warnings off
+
+
+def test_mails_without_a_study_of_one_sender_expire_with_one_notice():
+    # a gateway that stopped fetching: the receipts (no study) sent to it expire in one round
+    t0 = 1_000_000.0
+    entries = [waiting(uid, t0 + uid) for uid in range(1, 1201)]
+    entries += [waiting(2000, t0, sender="gamma@hub.test"), waiting(2001, t0 + 10 * DAY)]  # not yet: stays
+    entries += [waiting(3000, t0, "S1")]
+    result = plan(entries, t0 + 14 * DAY + 2000, 0)
+    groups = sorted((g.sender, g.set_id or "", len(g.uids)) for g in result.expire)
+    assert groups == [
+        ("alpha@hub.test", "", 200),
+        ("alpha@hub.test", "", MAX_UNSTUDIED),
+        ("alpha@hub.test", "", MAX_UNSTUDIED),
+        ("alpha@hub.test", "S1", 1),
+        ("gamma@hub.test", "", 1),
+    ]
+    assert 2001 not in result.entries
+    mails = [{"queue_id": f"Q{i}", "rcpt": "beta@hub.test", "size": 10, "delivered_at": t0} for i in range(3)]
+    facts = {"site": "beta", "set_id": None, "retention_days": 14.0, "expired_at": t0, "mails": mails}
+    text = email.message_from_bytes(expiry_dsn(facts, "alpha@hub.test", "hub.test", now=t0)).get_payload()[0]
+    assert "Your 3 mails to site beta were not fetched" in text.get_payload()
 
 
 def test_batches_never_split_a_study():
