@@ -157,7 +157,8 @@ def session_signing_key() -> Path:
 
 # Environment variables that make no difference between `python -m mailhub.cli` and a call of
 # mailhub.cli.main in this process (which has this checkout on its path and its own bytecode cache).
-_CLI_SAME_IN_PROCESS = ("PYTHONPATH", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+# PYTEST_CURRENT_TEST: a hub made in a fixture's setup copied it with "(setup)", the test has "(call)".
+_CLI_SAME_IN_PROCESS = ("PYTHONPATH", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE", "PYTEST_CURRENT_TEST")
 
 
 def cli_in_process_is_the_same(args: tuple, env: dict) -> bool:
