@@ -1,9 +1,10 @@
 # JSON logs (log.format = "json"): every line a hub writes during a real session (smtplib sending,
-# poplib fetching and deleting, a failed login, a refused recipient) is one JSON object with the
+# imaplib fetching, poplib fetching and deleting, a failed login, a refused recipient) is one JSON object with the
 # stable fields of mailhub/logsetup.py (time, level, logger, event, msg, and per event queue_id,
 # site, client, size, sha256, outcome, ...), and the values are the session's own; text logs
 # keep their lines.
 import hashlib
+import imaplib
 import json
 import poplib
 import re
@@ -50,6 +51,11 @@ def test_a_real_session_logs_one_json_object_per_line_with_its_fields(json_hub):
         assert code == 250
     queue_id = queue_id_from(reply)
     stored = hub.stored(queue_id)  # (POP3 deletes it below)
+    imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"], timeout=30)
+    imap.login("beta", PASSWORD)
+    imap.select("INBOX", readonly=True)
+    assert imap.fetch("1", "(BODY.PEEK[])")[0] == "OK"
+    imap.logout()
     pop3 = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
     pop3.user("beta")
     with pytest.raises(poplib.error_proto):
@@ -83,6 +89,9 @@ def test_a_real_session_logs_one_json_object_per_line_with_its_fields(json_hub):
     (session,) = sessions
     assert (session["messages"], session["deleted"], session["outcome"]) == (1, 1, "quit")
     assert session["size"] >= len(message) and session["client"] == "127.0.0.1"
+    (imap_session,) = wait_for(lambda: [e for e in events(hub, "imap.session") if e["site"] == "beta"])
+    assert (imap_session["messages"], imap_session["deleted"], imap_session["outcome"]) == (1, 0, "logout")
+    assert imap_session["size"] == len(stored) and imap_session["protocol"] == "imap"
     assert any(e["event"] == "log" and "hub ready" in e["msg"] for e in log_objects(hub))  # all other lines
 
 
