@@ -2,6 +2,7 @@
 # caller only; a writer that died is replaced, and the batch it had is refused (never acknowledged);
 # the writer ends with the hub, on SIGTERM to the whole process group as on SIGKILL of the hub.
 import asyncio
+import hashlib
 import os
 import pickle
 import signal
@@ -200,3 +201,55 @@ def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
     ((queue_id, blob),) = asyncio.run(play())
     assert (tmp_path / "blobs" / blob).is_file()
     assert stored_message(tmp_path, queue_id) == big
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes the process has read with read(2) and recv(2) so far (its socket from the hub included)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
+
+
+def test_message_bytes_never_reach_the_writer_process(tmp_path):
+    """Issue 24: the hub hashes and writes small (packed) mails itself; the index writer gets their
+    index rows only. Ten 1 MB mails committed together cost the writer far less than one mail's bytes
+    in reads, and every mail reads back whole from its pack with the SHA-256 the index holds."""
+    mails = [b"Subject: m%d\r\n\r\n" % i + os.urandom(750_000).hex().encode()[:1_000_000] + b"\r\n" for i in range(10)]
+
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            pid = storage._writer.pid
+            before = read_bytes(pid)
+            qids = await asyncio.gather(*(store_small(storage, mail) for mail in mails))
+            read = read_bytes(pid) - before
+            async with storage._db.execute("SELECT queue_id, blob, blob_offset, size, sha256 FROM messages") as cursor:
+                rows = {row[0]: row[1:] for row in await cursor.fetchall()}
+        finally:
+            await storage.close()
+        return qids, read, rows
+
+    qids, read, rows = asyncio.run(play())
+    assert read < 500_000, f"the writer read {read} bytes for 10 MB of mail"
+    for qid, mail in zip(qids, mails):
+        blob, offset, size, sha256 = rows[qid]
+        assert offset > 0 and size == len(mail)  # a frame in a pack
+        with open(tmp_path / "blobs" / blob, "rb") as f:
+            data = os.pread(f.fileno(), size, offset)
+        assert data == mail and hashlib.sha256(data).hexdigest() == sha256
+
+
+def test_the_writer_refuses_a_group_commit_out_of_sequence(tmp_path):
+    """The hub numbers each group commit (its packed mails' records name it) from the writer's last;
+    a number that does not follow it means the hub's idea is stale: refused, nothing committed."""
+    writer = IndexWriter(tmp_path, 0)
+    try:
+        seq, _attempt = writer.last_commit()
+        item = BatchItem("Q1", 3, 1.0, MessageMeta("a@x", None, False), [], ["c@y"], None, "2026112815/Q1", "0" * 64)
+        with pytest.raises(StorageError, match="out of sequence"):
+            writer.commit_batch([item], [], seq + 2, 7)
+        assert writer.conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+        assert writer.commit_batch([item], [], seq + 1, 7) == ["0" * 64]
+        assert writer.last_commit() == (seq + 1, 7)
+    finally:
+        writer.close()
