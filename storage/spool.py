@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from .errors import StorageError
-from .files import fsync_dir, rename_into, start_writeback, storage_error, unlink_quietly, write_all
+from .files import rename_into, start_writeback, storage_error, unlink_quietly, write_all
 from .memory_budget import MemoryBudget
 
 # tail(sha256 hex, crc32) -> the bytes that follow a message in its file (a blob's record)
@@ -157,8 +157,9 @@ class SpoolFile:
 
     async def sync(self, target: str, tail: Tail | None = None) -> None:
         """Write what is queued (then tail(sha256 hex, crc32): bytes that follow the message in its file, its
-        envelope record), fsync, close, rename to `target` and fsync its folder (so that concurrent
-        messages' fsyncs overlap); raises StorageError on failure."""
+        envelope record), fsync, close and rename to `target` (so that concurrent messages' fsyncs
+        overlap); raises StorageError on failure. The folder's fsync is the caller's: the group
+        commit makes the folders of all its files durable at once, before the index commit."""
         while self._job is not None:
             await self._job_finished()
         if self.error is None and not self._discarded:
@@ -242,7 +243,6 @@ class SpoolFile:
                 self._fd = -1
                 rename_into(self.path, final)
                 self.path = final
-                fsync_dir(os.path.dirname(final))
         except OSError as exc:
             raise storage_error(exc) from exc
 

@@ -1,7 +1,8 @@
 # The storage facade used by the network code: spool a message, commit it durably (group commit),
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
-# Order of a commit: spool fsync -> rename into blobs/ -> folder fsync -> SQLite commit -> caller
-# may reply 250. Must never report success before all four are done. Small messages go as a
+# Order of a commit: spool fsync -> rename into blobs/ -> folder fsync (one per folder for all the
+# files of a group commit) -> SQLite commit -> caller may reply 250. Must never report success
+# before all four are done. Small messages go as a
 # group: hashed in worker threads as each one ends (or with the batch, if tiny), a batch of them
 # is appended to the open pack with one fdatasync (storage/packs.py, in a worker thread of this
 # process), then the index writer commits their rows: message bytes never cross to the writer.
@@ -33,7 +34,7 @@ import aiosqlite
 
 from . import audit, db, envelope, events, faults, reserve, verify
 from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
-from .files import unlink_quietly
+from .files import fsync_dir, storage_error, unlink_quietly
 from .folder_lock import lock_data_folder
 from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
@@ -401,7 +402,11 @@ class Storage:
         seq, attempt = last_seq + 1, secrets.randbits(62) + 1
         items = [_batch_item(i) for i in batch]
         packed = [item for item in items if item.data is not None]
+        # files of their own were fsynced and renamed into blobs/: one fsync per folder for all of them
+        folders = {os.path.dirname(i.spool.path) for i in batch if i.data is None}
         ends: dict[str, int] = {}
+        if folders:
+            await asyncio.get_running_loop().run_in_executor(self.executor, _fsync_folders, folders)
         if packed:
 
             def record_of(item: BatchItem) -> bytes:
@@ -701,6 +706,14 @@ class Storage:
                     punch_hole(self.blob_dir / blob, start, size)
                 except OSError as exc:  # the space comes back with the whole pack
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
+
+
+def _fsync_folders(folders: set[str]) -> None:
+    try:
+        for folder in folders:
+            fsync_dir(folder)
+    except OSError as exc:
+        raise storage_error(exc) from exc
 
 
 class _Unsettled(StorageError):
