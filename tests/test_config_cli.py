@@ -175,6 +175,12 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("auth", "max_queued_checks"): ("16", 16),
         ("events", "retention_days"): ("30", 30.0),
         ("events", "audit_retention_days"): ("3650", 3650.0),
+        ("lifecycle", "retention_days"): ("7", 7.0),
+        ("lifecycle", "warn_before_days"): ("1.5", 1.5),
+        ("lifecycle", "check_interval"): ("60", 60.0),
+        ("lifecycle", "quota_warning_levels"): ("95,70", (70, 95)),
+        ("lifecycle", "operator_address"): ("ops@hub.test", "ops@hub.test"),
+        ("lifecycle", "study_alert_hours"): ("12", 12.0),
         ("storage", "release_freed_after"): ("0", 0.0),
         ("storage", "reserve_bytes"): ("1M", 1024 * 1024),
         ("storage", "min_free_bytes"): ("0", 0),
@@ -544,6 +550,7 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
         r"  mailbox_messages     0 of 200000 \(0.0%\)\n  max_message_size     unlimited\n"
         r"(  (submitted|received)_per_(day|month) +0 B of unlimited\n){4}"
         r"  max_drain_time       1800 s\n  downlink             1.0 MiB/s assumed until measured\n"
+        r"retention: 14 days unfetched, then expired\n"
         r"throttle:  no live state yet .*\n"
         r"downloads: never polled\n"
         r"activity:  last 60 min: downloaded 0 mail\(s\), 0 B \(0 B/s\)\n",
@@ -571,6 +578,7 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
         "waiting_bytes": 0,
         "waiting_messages": 0,
         "throttle": None,
+        "retention": {"days": 14.0, "source": "config"},
         "downloads": {
             "sessions": 0,
             "messages": 0,
