@@ -3,6 +3,8 @@
 # encryption policy, while other recipients still need a login; senders that are not logged-in
 # sites are bounded by smtp.postmaster_max_message_size and smtp.postmaster_max_per_hour. Over real
 # SMTP (raw socket) against an in-process hub; the rate window with an injected clock.
+import socket
+
 from relay.smtp.postmaster import PostmasterRate, is_postmaster
 from relay.smtp.syntax import parse_path
 
@@ -84,6 +86,27 @@ def test_without_an_operator_address_postmaster_is_refused_with_the_setting_to_s
     hub = make_hub(sites=ALPHA_BETA_B2).start()
     (reply,) = send(hub, ["postmaster@hub.test"], ATTACHMENT)
     assert reply.startswith(b"550 5.1.1") and b"lifecycle.operator_address" in reply
+
+
+def test_a_remote_operator_address_gets_postmaster_mail_through_the_relay(make_hub):
+    with socket.socket() as closed:  # the next hop: bound, never listening (the mail stays queued)
+        closed.bind(("127.0.0.1", 0))
+        hub = operator_hub(
+            make_hub,
+            MAILHUB_LIFECYCLE_OPERATOR_ADDRESS="noc@ops.example",
+            MAILHUB_RELAY_ROUTES=f"ops.example=127.0.0.1:{closed.getsockname()[1]}",
+            MAILHUB_RELAY_MIN_BACKOFF="3600",
+        )
+        replies = send(hub, ["postmaster@hub.test"], ATTACHMENT)
+        queue_id = queue_id_from(replies[1])
+        assert hub.query("SELECT rcpt FROM outbound WHERE queue_id = ?", queue_id) == [("noc@ops.example",)]
+        assert beta_mails(hub) == []
+        # an operator address in a local domain that no site has: deferred, and the log says why
+        hub.stop()
+        hub.env["MAILHUB_LIFECYCLE_OPERATOR_ADDRESS"] = "nobody@hub.test"
+        hub.start()
+        (reply,) = send(hub, ["postmaster@hub.test"], ATTACHMENT)
+        assert reply.startswith(b"451 4.3.0") and "neither a site's address nor relayed" in hub.log_text()
 
 
 def test_postmaster_of_every_local_domain_and_the_window():
