@@ -100,6 +100,7 @@ def _int(minimum: int) -> Callable[[Any], int]:
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+MAX_SIZE = 2**63 - 1  # what SQLite's INTEGER holds (a larger size ended in a traceback at the index)
 
 
 @_kind("size: octets, or with a unit K, M, G, T")
@@ -110,10 +111,11 @@ def parse_size(value: Any) -> int:
         text = value.strip().upper().removesuffix("B").removesuffix("I")
         number, unit = (text[:-1], text[-1]) if text[-1:] in ("K", "M", "G", "T") else (text, "")
         try:
-            octets = int(float(number) * _SIZE_UNITS[unit])
+            factor = _SIZE_UNITS[unit]
+            octets = int(number) * factor if number.isdigit() else int(float(number) * factor)
         except (ValueError, OverflowError):
             octets = None
-    if isinstance(octets, bool) or not isinstance(octets, int) or octets < 0:
+    if isinstance(octets, bool) or not isinstance(octets, int) or not 0 <= octets <= MAX_SIZE:
         raise ValueError(f"expected a size in octets (e.g. 1048576, 500M, 2G), got {value!r}")
     return octets
 
