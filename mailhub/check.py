@@ -2,8 +2,10 @@
 # key (mailhub/cli.py): the certificate expired, not valid yet or expiring within 30 days; MAILHUB_*
 # environment variables that are no setting (with the nearest setting's name: a misspelt variable
 # is silently ignored otherwise); a data folder the hub could not write to or whose disk is nearly
-# full. Errors stop `check` with exit status 2 (and so systemd's ExecStartPre); warnings are
-# printed and the check passes. Must never: create or change a file, or print a private key.
+# full; lifecycle.operator_address set to postmaster@ of a local domain (it names itself: mail to
+# postmaster would be deferred for ever and the operator's notices dropped). Errors stop `check`
+# with exit status 2 (and so systemd's ExecStartPre); warnings are printed and the check passes.
+# Must never: create or change a file, or print a private key.
 import datetime
 import difflib
 import os
@@ -37,6 +39,7 @@ def findings(cfg: Config, environ: Mapping[str, str], now: datetime.datetime | N
             found.append(Finding(ERROR if fatal else WARNING, problem))
     found += unknown_variables(environ)
     found += data_dir_problems(cfg)
+    found += operator_address_problems(cfg)
     return sorted(found, key=lambda f: f.level != ERROR)
 
 
@@ -79,3 +82,19 @@ def data_dir_problems(cfg: Config) -> list[Finding]:
             )
         )
     return found
+
+
+def operator_address_problems(cfg: Config) -> list[Finding]:
+    """lifecycle.operator_address naming postmaster@ itself (relay/smtp/postmaster.py sends
+    postmaster@ there: it has to be a site's address or a remote one)."""
+    address = cfg.lifecycle.operator_address
+    local, at, domain = address.rpartition("@")
+    if address.lower() == "postmaster" or at and local.lower() == "postmaster" and domain.lower() in cfg.domain:
+        return [
+            Finding(
+                WARNING,
+                f"lifecycle.operator_address: {address} is the postmaster address itself, which goes to"
+                " lifecycle.operator_address: name a site's address (or, with the relay, a remote one)",
+            )
+        ]
+    return []

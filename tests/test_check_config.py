@@ -151,3 +151,17 @@ def test_config_show_gives_every_value_and_its_source_and_masks_secrets(tmp_path
     assert route["auth_user"] == "hub" and route["auth_password"] == "********" and route["port"] == 25
     assert by_key["smtp.peer_networks"] == {"key": "smtp.peer_networks", "value": [], "source": "default"}
     assert Path(by_key["data_dir"]["value"]) == Path("mailhub-data")
+
+
+@pytest.mark.parametrize("address", ["postmaster@hub.test", "PostMaster@HUB.test", "postmaster"])
+def test_check_warns_of_an_operator_address_that_is_postmaster_itself(data_dir, address):
+    # postmaster@ goes to lifecycle.operator_address: naming postmaster there defers it for ever
+    result = mailhub(
+        "check", MAILHUB_DATA_DIR=data_dir, MAILHUB_DOMAIN="hub.test", MAILHUB_LIFECYCLE_OPERATOR_ADDRESS=address
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"mailhub: warning: lifecycle.operator_address: {address} is the postmaster")
+    fine = mailhub(
+        "check", MAILHUB_DATA_DIR=data_dir, MAILHUB_DOMAIN="hub.test", MAILHUB_LIFECYCLE_OPERATOR_ADDRESS="ops@hub.test"
+    )
+    assert fine.stderr == ""
