@@ -64,15 +64,15 @@ def _offline_dry_run(cfg: config.Config) -> dict[str, Any] | None:
     except (OSError, sqlite3.Error) as exc:
         print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
         return None
+    now, warn_before = time.time(), cfg.lifecycle.warn_before_days * DAY
     try:
-        entries = lifecycle.waiting_entries(conn, cfg.lifecycle.retention_days)
+        entries = lifecycle.waiting_entries(conn, cfg.lifecycle.retention_days, now, warn_before)
     except sqlite3.Error as exc:
         print(f"mailhub: index error: {exc}", file=sys.stderr)
         return None
     finally:
         conn.close()
-    now = time.time()
-    return plan_report(plan(entries, now, cfg.lifecycle.warn_before_days * DAY), now)
+    return plan_report(plan(entries, now, warn_before), now)
 
 
 def render(report: dict[str, Any], dry_run: bool) -> str:

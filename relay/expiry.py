@@ -30,6 +30,12 @@ class Plan:
         return [self.entries[uid] for group in self.warn for uid in group.uids]
 
 
+def sender_key(address: str) -> str:
+    """The sender as groups compare it: ASCII letters in lower case, as SQLite's lower() does
+    (storage.lifecycle.waiting_entries reads whole groups by it)."""
+    return address.encode("utf-8", "surrogateescape").lower().decode("utf-8", "surrogateescape")
+
+
 def plan(entries: Iterable[Waiting], now: float, warn_before: float) -> Plan:
     """What expires at `now` and which entries are to be warned of (warn_before seconds ahead; 0:
     no warnings)."""
@@ -38,7 +44,7 @@ def plan(entries: Iterable[Waiting], now: float, warn_before: float) -> Plan:
         if e.retention_days <= 0:
             continue
         study = f"set:{e.set_id}" if e.set_id else f"mail:{e.queue_id}"
-        groups.setdefault((e.site_id, study, e.mail_from.lower()), []).append(e)
+        groups.setdefault((e.site_id, study, sender_key(e.mail_from)), []).append(e)
     result = Plan()
     warnings: dict[int, WarningGroup] = {}
     for members in groups.values():
@@ -79,7 +85,7 @@ def _merge_unstudied(groups: list[ExpiryGroup]) -> list[ExpiryGroup]:
         if group.set_id:
             merged.append(group)
             continue
-        key = (group.site_id, group.sender.lower())
+        key = (group.site_id, sender_key(group.sender))
         into = open_groups.get(key)
         if into is None or len(into.uids) + len(group.uids) > MAX_UNSTUDIED:
             open_groups[key] = group

@@ -138,8 +138,9 @@ class Lifecycle:
     # ---- expiry --------------------------------------------------------------------------------
 
     async def plan_now(self) -> Plan:
-        entries = await self._read(lifecycle.waiting_entries, self.settings.retention_days)
-        return plan(entries, self.clock(), self.settings.warn_before_days * DAY)
+        now, warn_before = self.clock(), self.settings.warn_before_days * DAY
+        entries = await self._read(lifecycle.waiting_entries, self.settings.retention_days, now, warn_before)
+        return plan(entries, now, warn_before)
 
     async def expire_now(self, dry_run: bool = False) -> dict[str, Any]:
         """One expiry round at the clock's time (or what it would do): warnings, expiry, notices."""

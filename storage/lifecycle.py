@@ -86,18 +86,31 @@ class Notice:
 # ---- reads ---------------------------------------------------------------------------------------
 
 
-def waiting_entries(conn: sqlite3.Connection, default_days: float) -> list[Waiting]:
-    """Every unfetched mailbox entry of a site whose retention is not 0 (keep)."""
-    rows = conn.execute(
+def waiting_entries(
+    conn: sqlite3.Connection, default_days: float, now: float | None = None, warn_before: float = 0.0
+) -> list[Waiting]:
+    """Every unfetched mailbox entry of a site whose retention is not 0 (keep); with `now`, only
+    those of a study (or a mail without one) from one sender (lower() of ASCII, as relay/expiry.py
+    groups) in a mailbox whose newest part is due to expire by now + warn_before seconds, each
+    study whole: a backlog that is not due is neither read into memory nor planned over."""
+    inner = (
         "SELECT b.uid, b.site_id, s.name, b.queue_id, b.delivered_at, b.warned_at, m.size, m.mail_from,"
-        " m.message_id, m.set_id, m.set_part, m.set_total, coalesce(r.days, ?),"
-        " (SELECT min(a.address) FROM addresses a WHERE a.site_id = b.site_id)"
+        " m.message_id, m.set_id, m.set_part, m.set_total, coalesce(r.days, ?) AS days,"
+        " (SELECT min(a.address) FROM addresses a WHERE a.site_id = b.site_id),"
+        " max(b.delivered_at) OVER (PARTITION BY b.site_id, CASE WHEN m.set_id IS NOT NULL AND m.set_id != ''"
+        "  THEN 'set:' || m.set_id ELSE 'mail:' || b.queue_id END, lower(m.mail_from)) AS newest"
         " FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id JOIN sites s ON s.id = b.site_id"
         " LEFT JOIN site_retention r ON r.site_id = b.site_id"
-        " WHERE b.fetched_at IS NULL AND coalesce(r.days, ?) > 0 ORDER BY b.uid",
-        (default_days, default_days),
-    ).fetchall()
-    return [_waiting(row) for row in rows]
+        " WHERE b.fetched_at IS NULL AND coalesce(r.days, ?) > 0"
+    )
+    if now is None:
+        rows = conn.execute(inner + " ORDER BY b.uid", (default_days, default_days)).fetchall()
+    else:
+        rows = conn.execute(
+            f"SELECT * FROM ({inner}) WHERE newest + days * 86400.0 - ? <= ? ORDER BY uid",
+            (default_days, default_days, max(0.0, warn_before), now),
+        ).fetchall()
+    return [_waiting(row[:14]) for row in rows]
 
 
 def _waiting(row: tuple[Any, ...]) -> Waiting:
