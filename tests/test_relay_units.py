@@ -4,7 +4,7 @@ import email.policy
 
 import pytest
 
-from relay.outbound.bounce import FailedRecipient, build_dsn, header_of, status_of
+from relay.outbound.bounce import FailedRecipient, build_dsn, header_of, identifying_fields, status_of
 from relay.outbound.client import Reply, mail_command, parse_extensions, parse_reply, size_limit
 from relay.outbound.routes import Route, parse_routes, route_for
 
@@ -117,3 +117,22 @@ def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_pat
     _, again = due_and_version(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
     assert [r.rcpt for r in again] == ["old2@r.test", "old3@r.test"]  # never a row already in flight
     conn.close()
+
+
+def test_a_notice_quotes_only_the_fields_that_name_the_mail():
+    header = (
+        b"Received: from gw.clinic-a.test by hub.test\r\n\twith ESMTPS id 1A2B3C; Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+        b"Received: from modality by gw.clinic-a.test\r\n"
+        b'From: "Doe, Jane (patient)" <gw@clinic-a.test>\r\n'
+        b"Subject: CT thorax\r\n  Jane Doe 1970-01-01\r\n"
+        b"Date: Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+        b"message-id: <m1@clinic-a.test>\r\n"
+        b"X-TELEMEDICINE-SETID: 1.2.3\r\nX-TELEMEDICINE-SETPART: 2\r\nX-TELEMEDICINE-SETTOTAL: 3\r\n"
+        b'Content-Type: multipart/encrypted; boundary="b"\r\n'
+    )
+    assert identifying_fields(header) == (
+        b"Received: from gw.clinic-a.test by hub.test\r\n\twith ESMTPS id 1A2B3C; Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+        b"Date: Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+        b"message-id: <m1@clinic-a.test>\r\n"
+        b"X-TELEMEDICINE-SETID: 1.2.3\r\nX-TELEMEDICINE-SETPART: 2\r\nX-TELEMEDICINE-SETTOTAL: 3\r\n"
+    )

@@ -35,6 +35,30 @@ def header_of(head: bytes) -> bytes:
     return head[: end + 2] if end >= 0 else head[:MAX_HEADER]
 
 
+# Header fields of the original that a notice may quote: they name the mail and its way through the
+# hub, never its content (Subject, display names and filenames can carry patient data).
+_QUOTABLE = {b"date", b"message-id", b"x-telemedicine-setid", b"x-telemedicine-setpart", b"x-telemedicine-settotal"}
+
+
+def identifying_fields(header: bytes) -> bytes:
+    """Of a header block, the hub's own Received: field (the first) and the fields of _QUOTABLE,
+    each with its folded lines; everything else left out."""
+    kept: list[bytes] = []
+    keep = False
+    received_seen = False
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field before
+            if keep:
+                kept.append(line)
+            continue
+        name = line.partition(b":")[0].strip().lower()
+        keep = name in _QUOTABLE or (name == b"received" and not received_seen)
+        received_seen = received_seen or name == b"received"
+        if keep:
+            kept.append(line)
+    return b"".join(line + b"\r\n" for line in kept)
+
+
 def build_dsn(
     *,
     reporting_mta: str,

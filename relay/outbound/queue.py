@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from relay import metrics
 from relay.file_sender import FileSender
-from relay.outbound.bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of
+from relay.outbound.bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of, identifying_fields
 from relay.outbound.client import HopConnection, HopError, OutgoingMessage
 from relay.outbound.routes import Route, route_for
 from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
@@ -321,7 +321,9 @@ class OutboundQueue:
             log.warning("qid=%s: no local mailbox for sender <%s>; notice dropped", row.queue_id, row.mail_from)
             return
         try:
-            head = header_of(await self.sender.read(row.blob, row.offset, min(MAX_HEADER, row.size)))
+            head = identifying_fields(
+                header_of(await self.sender.read(row.blob, row.offset, min(MAX_HEADER, row.size)))
+            )
         except OSError as exc:
             head = f"X-Mailhub-Note: original header unavailable ({exc.strerror})\r\n".encode()
         dsn = build_dsn(
