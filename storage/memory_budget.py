@@ -1,6 +1,6 @@
 # The one budget of memory held for mails in flight in the process: received bytes waiting in the
 # SMTP sessions' read buffers, bytes queued for the spool files' writer threads, and small mails kept
-# whole in memory until the index writer has packed them. When the budget is reached, every mail
+# whole in memory until their batch has packed them. When the budget is reached, every mail
 # still held in memory goes to its spool file ("spill": the writer threads take its bytes), and the
 # sessions receiving mail data stop reading from their sockets until memory is freed (TCP flow
 # control then slows their senders). A session never waits for the budget with bytes of its own in

@@ -3,8 +3,9 @@
 # both cores work: the loop receives while a thread writes), then fsyncs at the end. A big message's
 # bytes start going to disk while it streams (start_writeback every WRITEBACK_AT bytes), so that the
 # final fsync, which the client waits for, has only the tail left to flush.
-# A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the index
-# writer process, which hashes it and appends a batch of them to a pack file (storage/packs.py).
+# A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the
+# storage facade, which hashes it in a worker thread and appends it with its batch to a pack file
+# (storage/store.py, storage/packs.py); the index writer process only commits its rows.
 # Memory per message is bounded by MAX_QUEUED, and memory of all messages in flight by one
 # MemoryBudget (storage/memory_budget.py): past it, messages held in memory are written out early.
 # Never holds a whole message (but a small one).

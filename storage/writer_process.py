@@ -4,8 +4,8 @@
 # get it back while the loop runs (up to the 5 ms switch interval); measured, a group commit of
 # five 10 KB mails took 4.3 ms on the writer thread against about 2 ms in a process of its own.
 # Requests go over a socket pair, one at a time in order (wire format: storage/writer_child.py).
-# Message bytes (wrapped with `out_of_band`) follow a request raw, as pickle protocol 5 buffers:
-# copied once into the socket and once out of it, never into the pickle. The child dies with the
+# Message bytes never go there (the hub writes them: storage/store.py); bytes a request may carry
+# (wrapped with `out_of_band`) would follow it raw, as pickle protocol 5 buffers. The child dies with the
 # hub (PR_SET_PDEATHSIG) and ends when the socket closes; it ignores SIGINT and SIGTERM so that a
 # signal to the whole process group leaves the hub's graceful shutdown its commits.
 import asyncio
