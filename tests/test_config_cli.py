@@ -244,11 +244,13 @@ def toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):  # HOST:PORT
+    if (
+        isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+    ):  # HOST:PORT
         host, port = value
         return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if isinstance(value, tuple):  # lists are tuples in the Config
-        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+        return "[" + ", ".join(json.dumps(v if isinstance(v, int) else str(v)) for v in value) + "]"
     return json.dumps(str(value))
 
 
