@@ -76,6 +76,9 @@ def log_in(sock: socket.socket, protocol: str, site: bytes = b"beta") -> None:
         assert reply.startswith((b"+OK", b"a OK")), reply
 
 
+GOOD_GATEWAY_SECONDS = 2.0
+
+
 def good_gateway(hub, protocol: str) -> float:
     if protocol == "pop3":
         return good_gateway_pop3(hub)
@@ -96,8 +99,9 @@ def test_a_flood_from_one_address_hits_its_limits_and_others_are_still_served(ma
     idle = [greeted(hub, protocol) for _ in range(4)]
     refused = connect(port_of(hub, protocol))
     assert read_until_closed(refused) == UNAUTHENTICATED_PER_ADDRESS[protocol]
-    # another address is served meanwhile, and quickly
-    assert good_gateway(hub, protocol) < 1.0
+    # another address is served meanwhile, and quickly (a login and a mailbox read: ~0.1-0.3 s on a
+    # quiet machine; the bound leaves room for a suite sharing two cores with three other workers)
+    assert good_gateway(hub, protocol) < GOOD_GATEWAY_SECONDS
     # a logged-in connection frees its unauthenticated slot, but counts toward the address's total
     # (POP3 allows one session per mailbox: its others stay unauthenticated, so that limit stays)
     logged = idle.pop()
@@ -206,7 +210,7 @@ def test_connections_not_logged_in_are_closed_at_the_deadline_however_they_trick
                 closed_at[sock] = time.monotonic() - started
         if len(closed_at) == 2:
             break
-        assert good_gateway(hub, protocol) < 1.0 if n == 5 else True
+        assert good_gateway(hub, protocol) < GOOD_GATEWAY_SECONDS if n == 5 else True
     assert set(closed_at) == {chatty, trickler}, received
     assert all(1.9 < t < 4.0 for t in closed_at.values()), closed_at
     for sock in (chatty, trickler):
