@@ -58,6 +58,7 @@ CHUNK = 1024 * 1024
 _HIGH_WATER, _LOW_WATER = 2 * CHUNK, CHUNK
 _HEADER_READ = 64 * 1024
 _TLS_HANDSHAKE_TIMEOUT = 30.0
+_RECORD_RETRY_SECONDS = 10.0  # pause after a failed recording of a session's downloads
 
 
 _REFUSALS = {
@@ -148,6 +149,8 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         self._served = Downloads(polled_at=0.0)  # the whole session's, for its log line
         self._expunged = 0
         self._in_literal = False
+        self._login_at = 0.0  # time.time() of the login (the site's last login, recorded with its downloads)
+        self._record_again_at = 0.0  # after a failed recording of downloads: not before this (monotonic)
 
     # ---- transport callbacks ----------------------------------------------------------------
 
@@ -210,6 +213,8 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
                         await asyncio.sleep(0)
                         slice_end = loop.time() + SLICE_SECONDS
                 elif event is NEED_DATA:
+                    if await self._record_fetched():
+                        continue  # input may have come meanwhile: the core looks again first
                     await self._wait_input()
                     slice_end = loop.time() + SLICE_SECONDS
                 elif isinstance(event, SendBytes):
@@ -269,7 +274,8 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
             return None if outcome.temporary is None else TemporaryFailure(outcome.temporary)
         self.site = site
         self._logged_in()
-        self.downloads = Downloads(polled_at=time.time(), protocol="imap", peer=self.peer)
+        self._login_at = time.time()
+        self.downloads = Downloads(polled_at=self._login_at, protocol="imap", peer=self.peer)
         self.ctx.by_site.setdefault(site.id, set()).add(self)
         self.ctx.ledger.note_poll(site.id, time.monotonic())
         return site
@@ -371,13 +377,37 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         if site.id in self.ctx.pop3_locks:
             return "in-use"
         try:  # what was downloaded so far is recorded with the deletion (long IDLE sessions)
-            await self.ctx.storage.delete(site.id, event.uids, self.downloads)
+            await self.ctx.storage.delete(site.id, event.uids, self.downloads, site.name)
         except Exception:
             log.exception("site=%s: expunging %d message(s) failed", site.name, len(event.uids))
             return "error"
         self._expunged += len(event.uids)
-        self.downloads = Downloads(polled_at=time.time(), sessions=0, protocol="imap", peer=self.peer)
+        self._next_downloads()
         return "ok"
+
+    def _next_downloads(self) -> None:
+        """A fresh Downloads after a part of the session was recorded: the same login (the site's
+        last login stays the session's), no second session counted."""
+        self.downloads = Downloads(polled_at=self._login_at, sessions=0, protocol="imap", peer=self.peer)
+
+    async def _record_fetched(self) -> bool:
+        """Between commands: mails fetched whole by the last one are recorded at once, with their
+        site, so a mail fetched and kept stops counting as waiting while the session goes on (IDLE
+        sessions last hours), as the quota ledger already counts it. True if it tried (and so
+        awaited: the client may have sent more meanwhile)."""
+        downloads = self.downloads
+        if downloads is None or not (downloads.fetched_uids or downloads.retrieved):
+            return False
+        if time.monotonic() < self._record_again_at:
+            return False
+        try:
+            await self.ctx.storage.record_downloads(self._site.id, downloads, self._site.name)
+        except Exception as exc:  # tried again after a pause, at the latest at the end of the session
+            log.warning("site=%s: downloads not recorded yet: %s", self._site_name(), exc)
+            self._record_again_at = time.monotonic() + _RECORD_RETRY_SECONDS
+            return True
+        self._next_downloads()
+        return True
 
     async def _start_tls(self) -> None:
         await self._drain()
@@ -502,7 +532,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         ctx = self.ctx
         try:
             if self.downloads is not None and (self.downloads.sessions or self.downloads.bytes):
-                await ctx.storage.record_downloads(self._site.id, self.downloads)
+                await ctx.storage.record_downloads(self._site.id, self.downloads, self._site.name)
         except Exception as exc:
             log.warning("site=%s: download totals not recorded: %s", self._site_name(), exc)
         finally:
