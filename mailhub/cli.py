@@ -19,9 +19,10 @@ from . import config
 from .audit_cli import audit_command, audit_parser, operator_name
 from .entry import quiet_on_closed_pipe, version
 from .expiry_cli import expire_command, expiry_parsers, retention_summary, retention_text, set_retention
+from .liveness import render as render_liveness
 from .mailbox_cli import mailbox_command, mailbox_parsers
 from .report_format import human_size, iso_time, printable
-from .stats import render_activity, site_activity
+from .stats import render_activity, site_activity, site_liveness
 from .storage_cli import storage_command, storage_parsers
 from .trace import KINDS as TRACE_KINDS
 
@@ -77,7 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     add = site_commands.add_parser("add", parents=[common], help="add a site")
     add.add_argument("name")
     add.add_argument("--address", action="append", required=True, help="e-mail address (repeatable)")
+    add.add_argument(
+        "--contact", metavar="ADDRESS", help="where the site's liveness notices go (liveness.notify_sites)"
+    )
     _password_options(add)
+    modify = site_commands.add_parser("modify", parents=[common], help="change a site's attributes")
+    modify.add_argument("name")
+    modify.add_argument(
+        "--contact", metavar="ADDRESS", required=True, help="contact address for notices ('' removes it)"
+    )
     show = site_commands.add_parser("show", parents=[common], help="show one site")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
@@ -488,7 +497,7 @@ def open_index(cfg: config.Config, readonly: bool = False) -> sqlite3.Connection
 
 
 def _site_command(cfg: config.Config, args) -> int:
-    from storage import SiteError, sites, usage
+    from storage import SiteError, liveness, sites, usage
     from storage.passwords import verify_password
 
     conn = open_index(cfg)
@@ -500,10 +509,17 @@ def _site_command(cfg: config.Config, args) -> int:
             reserved = [a for a in args.address if a.rpartition("@")[0].lower() == cfg.directory.address]
             if reserved:
                 raise SiteError(f"address {reserved[0]!r} is the participant directory's (directory.address)")
+            contact = liveness.validate_contact(args.contact) if args.contact else None
             password = _new_password(args)
             site = sites.add_site(conn, args.name, args.address, password, cfg.domain)
+            if contact:
+                liveness.set_contact(conn, site.id, contact)
             print(f"site {site.name} added with address(es) {', '.join(site.addresses)}")
             _show_generated(args, password)
+        elif action == "modify":
+            site = sites.get_site(conn, args.name)
+            liveness.set_contact(conn, site.id, args.contact)
+            print(f"contact of site {site.name}: {args.contact or 'none'}")
         elif action == "passwd":
             password = _new_password(args)
             sites.set_password(conn, args.name, password)
@@ -536,6 +552,7 @@ def _site_command(cfg: config.Config, args) -> int:
             site = sites.get_site(conn, args.name)
             summary = _site_summary(conn, site, cfg)
             summary["activity"] = site_activity(conn, site.id, site.name, time.time())
+            summary["liveness"] = site_liveness(conn, site.id, cfg.liveness.stale_after, time.time())
             _print_site(summary, args.json)
         elif action == "list":
             summaries = [_site_summary(conn, s, cfg) for s in sites.list_sites(conn)]
@@ -747,6 +764,8 @@ def _print_site(summary: dict, as_json: bool) -> None:
         print(f"last poll: {d['last_poll_at']}")
     for line in render_activity(summary["activity"]):
         print(f"activity:  {line}")
+    print(f"liveness:  {render_liveness(summary['liveness'])}")
+    print(f"contact:   {summary['liveness']['contact'] or 'none'}")
 
 
 def _limit_text(name: str, used, limit) -> str:
@@ -800,7 +819,7 @@ def _report_command(cfg: config.Config, args) -> int:
         return EXIT_FAILED
     try:
         if args.command == "stats":
-            result = stats.report(conn, since, until, args.top)
+            result = stats.report(conn, since, until, args.top, cfg.liveness.stale_after, now)
             print(json.dumps(result, indent=2) if args.json else stats.render(result))
             return 0
         result = trace.trace(conn, args.query, args.kind, args.limit)

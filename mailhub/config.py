@@ -844,6 +844,32 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LivenessConfig:
+    """The [liveness] section (SECTION_DOCS["liveness"])."""
+
+    stale_after: float = setting(
+        _number,
+        21600,
+        "Seconds a site may leave mail waiting without fetching any before it counts as stale (the "
+        "clock starts at its last fetch or at the delivery of its oldest waiting mail, whichever is later).",
+    )
+    check_interval: float = setting(
+        _number, 60, "Seconds between two looks at every site's liveness (stale and recovered notices)."
+    )
+    notify_sites: bool = setting(
+        _bool,
+        False,
+        "Send a notice to a site's contact address (`mailhub site modify NAME --contact ADDRESS`) when it "
+        "goes stale and when it recovers.",
+    )
+    operator_address: str = setting(
+        _text,
+        "",
+        "Address that gets a notice whenever a site goes stale or recovers; empty: no operator notices.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: the top-level keys, one object per section, and the file it came
     from. Built by load() (or with_overrides()), which validate it; never changed afterwards."""
@@ -879,6 +905,7 @@ class Config:
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     config_file: Path | None = None
     # ((section, key), (value as given, where from)) for each key set by the file or the environment
     # (later ones win), for with_overrides(); may hold secrets, so never in a repr.
@@ -924,6 +951,10 @@ SECTION_DOCS: dict[str, str] = {
     "lifecycle": (
         "Mailbox lifecycle: expiry of mail not fetched in time (with a warning to the receiving site and one "
         "notice per study to the sender), quota warnings, and the study metrics (docs/operator-runbook.md)."
+    ),
+    "liveness": (
+        "Stale sites: mail waiting that its site has not fetched for too long (metrics, "
+        "`mailhub stats`, `mailhub site show`, notices)."
     ),
 }
 

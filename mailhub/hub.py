@@ -1,6 +1,6 @@
 # The hub in one object: `async with Hub(cfg) as hub:` opens storage (with start-up recovery), starts
 # every listener (SMTP, POP3/POP3S, IMAP/IMAPS, metrics/HTTP, the control socket) and the background
-# tasks (housekeeping, throttle feeder, directory updates, scrub, outbound relay, loop monitor), and
+# tasks (housekeeping, throttle feeder, directory updates, liveness, scrub, outbound relay, loop monitor), and
 # on leaving shuts all of it down gracefully: stop listening, give transactions in flight up to
 # shutdown_timeout, stop the tasks, close storage. `mailhub serve` (mailhub/server.py) and the test
 # fixture (tests/conftest.py) both run it; ports given as 0 are bound by the system (`hub.ports`).
@@ -43,6 +43,7 @@ from .check import unknown_variables
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
+from .liveness import LivenessMonitor
 from .loop_monitor import LoopMonitor
 from .mailbox_ops import register_mailbox_commands
 from .metrics import MetricsServer
@@ -192,6 +193,8 @@ class Hub:
             lambda: len(pop3.sessions),
             lambda: len(imap.sessions),
             HubKeyRoutes(hub_keys, cfg.directory.address, cfg.domain),
+            stale_after=cfg.liveness.stale_after,
+            cert_file=cfg.tls.cert_file,
         )
 
         await self._listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
@@ -238,6 +241,7 @@ class Hub:
         self._tasks.append(directory.start_updates())
         self._tasks.append(asyncio.create_task(lifecycle.run()))
         self._closers.append(lifecycle.close)
+        self._tasks.append(asyncio.create_task(LivenessMonitor(cfg, storage, sites).run()))
         if cfg.storage.scrub_rate > 0:  # the background scrub (storage/scrub.py); 0 turns it off
             scrub = Scrub(storage, cfg.storage.scrub_rate, on_verified=SCRUB_BYTES.inc)
             self._tasks.append(asyncio.create_task(scrub.run()))

@@ -29,6 +29,8 @@ from relay.metrics import IMAP_ACTIVE, POP3_ACTIVE, SMTP_ACTIVE
 from storage.metrics import StorageCollector
 
 from .http_server import HttpServer
+from .liveness import LivenessCollector
+from .tls_metrics import CertificateCollector
 
 log = logging.getLogger("mailhub.metrics")
 
@@ -90,12 +92,6 @@ class ThrottleCollector:
         limit = GaugeMetricFamily(
             "mailhub_site_max_drain_time_seconds", "Each site's drain-time limit.", labels=["site"]
         )
-        waiting = GaugeMetricFamily(
-            "mailhub_site_waiting_bytes",
-            "Octets waiting for each site that it has "
-            "not downloaded yet (the backlog the drain time is computed from).",
-            labels=["site"],
-        )
         paced = GaugeMetricFamily(
             "mailhub_site_pacing_rate_bytes_per_second",
             "Rate at which senders' data for each site is read while paced (0: not paced).",
@@ -110,11 +106,10 @@ class ThrottleCollector:
             rate.add_metric([name], state["drain_rate"])
             drain.add_metric([name], state["drain_time"])
             limit.add_metric([name], state["max_drain_time"])
-            waiting.add_metric([name], state["backlog_bytes"])
             paced.add_metric([name], state["paced_rate"] or 0.0)
             for quota, ratio in state["usage_ratios"].items():
                 ratios.add_metric([name, quota], ratio)
-        yield from (rate, drain, limit, waiting, paced, ratios)
+        yield from (rate, drain, limit, paced, ratios)  # waiting bytes: mailhub/liveness.py
 
     def describe(self):
         return []
@@ -140,6 +135,8 @@ class MetricsServer:
         pop3_sessions,
         imap_sessions=lambda: 0,
         key_routes=None,
+        stale_after: float = 21600.0,
+        cert_file: Path | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.key_routes = key_routes  # a HubKeyRoutes, or None
@@ -150,12 +147,19 @@ class MetricsServer:
         POP3_ACTIVE.set_function(pop3_sessions)
         IMAP_ACTIVE.set_function(imap_sessions)
         REGISTRY.register(self.collector)
+        self.liveness = LivenessCollector(self.data_dir, stale_after)  # per-site waiting, logins, stale
+        REGISTRY.register(self.liveness)
+        self.certificate = CertificateCollector(cert_file)
+        REGISTRY.register(self.certificate)
         self.handle = HttpServer(self._route, http_request).handle  # the asyncio.start_server callback
         self._running: dict[str, asyncio.Future] = {}  # what concurrent requests share
 
     def close(self) -> None:
         REGISTRY.unregister(self.collector)
         self.collector.close()
+        REGISTRY.unregister(self.liveness)
+        self.liveness.close()
+        REGISTRY.unregister(self.certificate)
 
     async def _route(self, path: str) -> tuple[str, str, bytes]:
         if path == "/metrics":

@@ -1,14 +1,17 @@
 # `mailhub stats` and the live part of `mailhub site show`: volumes per site and per pair of sites
 # over a period, refusals and deferrals by reason and site (from the tracking events), and the
-# backlogs waiting now (from the mailbox table), read through storage.reports on a connection the
-# caller opens. Must never write to the index, nor hold SQL of its own (it lives in storage/).
+# backlogs waiting now and each site's liveness (from the mailbox table), read through
+# storage.reports and storage.liveness on a connection the caller opens. Must never write to the
+# index, nor hold SQL of its own (it lives in storage/).
 import calendar
 import re
 import sqlite3
 import time
 
 from storage import lifecycle, reports
+from storage import liveness as storage_liveness
 
+from . import liveness
 from .report_format import human_size, iso_time, printable
 
 _SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw])\Z")
@@ -43,8 +46,15 @@ def parse_when(text: str, now: float) -> float:
     raise ValueError(f"expected a span like 24h or 7d, or a UTC date like 2026-11-01 or 2026-11-01T12:00, got {text!r}")
 
 
-def report(conn: sqlite3.Connection, since: float, until: float, top: int = 10) -> dict:
-    """The --json output of `mailhub stats` for [since, until)."""
+def report(
+    conn: sqlite3.Connection,
+    since: float,
+    until: float,
+    top: int = 10,
+    stale_after: float = 21600.0,
+    now: float | None = None,
+) -> dict:
+    """The --json output of `mailhub stats` for [since, until); liveness as of `now`."""
     sites: dict[str, dict] = {}
     pairs: dict[tuple[str, str], dict] = {}
     # one pass over the period: per site and kind, and per pair of sites
@@ -84,6 +94,7 @@ def report(conn: sqlite3.Connection, since: float, until: float, top: int = 10) 
         "refusals": refusals,
         "backlogs": backlogs(conn, top),
         "studies": studies(conn, since, until, top),
+        "liveness": liveness_report(conn, stale_after, time.time() if now is None else now),
     }
 
 
@@ -127,8 +138,20 @@ def studies(conn: sqlite3.Connection, since: float, until: float, top: int) -> l
     return found
 
 
+def liveness_report(conn: sqlite3.Connection, stale_after: float, now: float) -> list[dict]:
+    """Every site's liveness (mailhub/liveness.py), stale ones first, then by oldest waiting mail."""
+    lines = [liveness.summary(s, stale_after, now) for s in storage_liveness.read(conn)]
+    return sorted(lines, key=lambda s: (not s["stale"], -s["oldest_waiting_age_seconds"], s["site"]))
+
+
+def site_liveness(conn: sqlite3.Connection, site_id: int, stale_after: float, now: float) -> dict:
+    """One site's liveness for `mailhub site show`."""
+    return liveness.summary(storage_liveness.read(conn, site_id)[0], stale_after, now)
+
+
 def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[dict]:
-    """Mail waiting in mailboxes now, the largest backlogs first (or one site's)."""
+    """Mail waiting now (not fetched yet by its site, fetched and kept is not waiting), the largest
+    backlogs first (or one site's)."""
     return [
         {"site": name, "messages": count, "bytes": size, "oldest_at": iso_time(oldest)}
         for name, count, size, oldest in reports.backlogs(conn, top, site_id)
@@ -187,10 +210,14 @@ def render(r: dict) -> str:
     lines += [f"{p['from']:<20} {p['to']:<20} {_volume(p['messages'], p['bytes']):>20}" for p in r["pairs"]]
     lines += ["", "refusals and deferrals:" if r["refusals"] else "refusals and deferrals: none"]
     lines += [f"  {x['count']:>6} x {x['kind']:<8} {x['site']} -> {x['to_site']}: {x['reply']}" for x in r["refusals"]]
-    lines += ["", "backlogs now:" if r["backlogs"] else "backlogs now: none"]
+    lines += ["", "backlogs now (not fetched yet):" if r["backlogs"] else "backlogs now: none"]
     lines += [
         f"  {b['site']:<20} {_volume(b['messages'], b['bytes']):>20}  oldest {b['oldest_at']}" for b in r["backlogs"]
     ]
+    stale = [s for s in r["liveness"] if s["stale"]]
+    lines += ["", f"liveness: {len(stale)} stale site(s) of {len(r['liveness'])}"]
+    shown = [s for s in r["liveness"] if s["stale"] or s["waiting_messages"]][: max(len(stale), len(r["backlogs"]))]
+    lines += [f"  {s['site']:<20} {liveness.render(s)}" for s in shown]
     lines += ["", "studies (per receiving site):" if r.get("studies") else "studies: none"]
     for st in r.get("studies", []):
         receipt = (

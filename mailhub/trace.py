@@ -187,7 +187,8 @@ def study(set_id: str, mails: list[Mail]) -> dict:
             for receipt in r.receipts:
                 if s["last_receipt_at"] is None or receipt.at >= s["last_receipt_at"]:
                     s["last_receipt_at"], s["disposition"] = receipt.at, disposition_of(receipt.detail)
-            s["waiting"] += r.delivered_at is not None and r.deleted_at is None
+            # waiting: not fetched yet by its site (a mail fetched and kept is no longer waiting)
+            s["waiting"] += r.delivered_at is not None and r.state == "waiting"
             for d in r.downloads:
                 s["first_download_at"] = _earliest(s["first_download_at"], d.at)
                 s["last_download_at"] = max(s["last_download_at"] or d.at, d.at)

@@ -81,6 +81,13 @@ SMTP_DEFERRALS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+SITE_DEFERRALS = Counter(
+    "mailhub_site_deferrals_total",
+    "Deferrals (4xx) by the quota and drain-time policy, by the site they were for: side=receiver, the "
+    "recipient's site whose mailbox or drain time refused it; side=sender, the sending site's own quota.",
+    ["site", "side"],
+    registry=REGISTRY,
+)
 ENCRYPTION_REFUSALS = Counter(
     "mailhub_encryption_refusals_total",
     "Mails refused by the encryption policy at the end of data, by reason "
@@ -214,8 +221,10 @@ def encryption_refusal(reason: str) -> None:
     _labelled(ENCRYPTION_REFUSALS, reason).inc()
 
 
-def smtp_deferral(reason: str) -> None:
+def smtp_deferral(reason: str, site: str | None = None, side: str = "sender") -> None:
     _labelled(SMTP_DEFERRALS, reason).inc()
+    if site:
+        _labelled(SITE_DEFERRALS, site, side).inc()
 
 
 def smtp_transaction(reply: str, size: int, sender_site: str | None, receiving_sites, seconds: float) -> None:

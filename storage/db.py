@@ -26,6 +26,7 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("blob_holes", "freed_at", "REAL NOT NULL DEFAULT 0"),
     ("messages", "crc32", "INTEGER"),
     ("mailbox", "warned_at", "REAL"),
+    ("site_downloads", "last_fetch_at", "REAL"),
 )
 
 

@@ -464,11 +464,13 @@ def _delete_entries(
 
 
 def _add_downloads(conn: sqlite3.Connection, site_id: int, d: Downloads) -> None:
+    fetched = max((at for at, _size in d.retrieved.values()), default=None)
     conn.execute(
         "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
-        " last_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
+        " last_poll_at, last_fetch_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
         " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
         " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
-        " last_poll_at = max(last_poll_at, excluded.last_poll_at)",
-        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at),
+        " last_poll_at = max(last_poll_at, excluded.last_poll_at),"
+        " last_fetch_at = coalesce(max(last_fetch_at, excluded.last_fetch_at), last_fetch_at, excluded.last_fetch_at)",
+        (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at, fetched),
     )

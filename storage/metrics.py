@@ -108,14 +108,19 @@ class StorageCollector:
                 value=saved,
             )
             messages = GaugeMetricFamily(
-                "mailhub_mailbox_messages", "Messages waiting in each site's mailbox.", labels=["site"]
+                "mailhub_mailbox_messages",
+                "Messages held in each site's mailbox, fetched or not (what its mailbox quota counts;"
+                " mailhub_site_waiting_messages: those not fetched yet).",
+                labels=["site"],
             )
             octets = GaugeMetricFamily(
-                "mailhub_mailbox_bytes", "Octets waiting in each site's mailbox.", labels=["site"]
+                "mailhub_mailbox_bytes",
+                "Octets held in each site's mailbox, fetched or not (what its mailbox quota counts).",
+                labels=["site"],
             )
             oldest = GaugeMetricFamily(
                 "mailhub_mailbox_oldest_message_timestamp_seconds",
-                "Delivery time of the oldest message in each non-empty mailbox.",
+                "Delivery time of the oldest message held in each non-empty mailbox, fetched or not.",
                 labels=["site"],
             )
             for name, count, total, first in backlog:

@@ -7,6 +7,7 @@
 import sqlite3
 from collections.abc import Iterator
 
+from . import liveness
 from .events import COLUMNS, Event
 
 _COLUMNS = ", ".join(COLUMNS)
@@ -41,19 +42,13 @@ def refusal_counts(conn: sqlite3.Connection, since: float, until: float) -> list
 
 
 def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[tuple[str, int, int, float]]:
-    """(site, messages, octets, oldest delivery time) of the mail waiting in mailboxes now, the
-    largest backlogs first (at most `top`), or of one site's."""
-    where = "WHERE b.site_id = ?" if site_id is not None else ""
-    return conn.execute(
-        "SELECT s.name, count(*), sum(m.size), min(b.delivered_at) FROM mailbox b"
-        " JOIN messages m ON m.queue_id = b.queue_id JOIN sites s ON s.id = b.site_id"
-        f" {where} GROUP BY b.site_id ORDER BY 3 DESC, 1 LIMIT ?",
-        ((site_id,) if site_id is not None else ()) + (top,),
-    ).fetchall()
+    """(site, messages, octets, oldest delivery time) of the mail waiting now (not fetched yet by
+    its site: storage.liveness.WAITING), the largest backlogs first (at most `top`), or one site's."""
+    return liveness.backlogs(conn, top, site_id)
 
 
 def mailbox_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int]:
-    """(messages, octets) waiting in one site's mailbox."""
+    """(messages, octets) held in one site's mailbox, fetched or not (what its quotas count)."""
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
         " WHERE b.site_id = ?",

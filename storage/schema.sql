@@ -100,8 +100,8 @@ CREATE TABLE IF NOT EXISTS blob_trash (
     blob TEXT PRIMARY KEY
 ) WITHOUT ROWID;
 
--- What each site has downloaded over POP3 (IMAP later), as running totals: one row per site,
--- updated once per session at its end. A drain rate is the difference of two readings of these
+-- What each site has downloaded over POP3 and IMAP, as running totals: one row per site,
+-- updated at the end of each session (IMAP: also after each command that fetched mail). A drain rate is the difference of two readings of these
 -- counters divided by the time between them (or bytes / send_seconds for the transfer speed
 -- alone); last_poll_at tells whether the site still polls at all.
 CREATE TABLE IF NOT EXISTS site_downloads (
@@ -111,7 +111,8 @@ CREATE TABLE IF NOT EXISTS site_downloads (
     bytes         INTEGER NOT NULL,   -- message octets sent (RETR and TOP), before dot-stuffing
     send_seconds  REAL NOT NULL,      -- time spent sending those octets
     first_poll_at REAL NOT NULL,      -- login time of the first session
-    last_poll_at  REAL NOT NULL       -- login time of the latest session
+    last_poll_at  REAL NOT NULL,      -- login time of the latest session
+    last_fetch_at REAL                -- time of the latest whole mail sent (NULL: none yet)
 );
 
 
@@ -465,3 +466,17 @@ CREATE TABLE IF NOT EXISTS lifecycle_notices (
     facts      TEXT NOT NULL
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('lifecycle_notice_sent', 0);
+-- ---- Site liveness (issue 26) --------------------------------------------------------------------
+-- A site's contact address for liveness notices (`site add/modify --contact`); no row: none.
+CREATE TABLE IF NOT EXISTS site_contact (
+    site_id INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    address TEXT NOT NULL
+);
+-- Sites the hub found stale (mail waiting, no fetch for liveness.stale_after): since when, and
+-- whether its notices went out. Kept across restarts so a notice is sent once per episode; the row
+-- goes when the site recovers (its recovery notice sent).
+CREATE TABLE IF NOT EXISTS site_stale (
+    site_id     INTEGER PRIMARY KEY REFERENCES sites (id) ON DELETE CASCADE,
+    stale_since REAL NOT NULL,
+    noticed_at  REAL NOT NULL
+);

@@ -20,7 +20,11 @@ def log_throttle_refusal(peer_ip: str, site: Site | None, what: str, reply: str,
     """Throttle refusals (`reply`: the verdict's) with the figures behind them; 4xx ones are
     counted as deferrals."""
     if reply[0] == "4":
-        metrics.smtp_deferral(verdict.reason)
+        receiver = verdict.figures.get("receiver")
+        if isinstance(receiver, str):
+            metrics.smtp_deferral(verdict.reason, receiver, "receiver")
+        else:
+            metrics.smtp_deferral(verdict.reason, site.name if site else None, "sender")
     log.info(
         "%s site=%s: %s refused %s: %s",
         peer_ip,
