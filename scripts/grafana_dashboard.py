@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # Writes the Grafana dashboard of the hub (ansible/roles/mailhub/files/grafana-dashboard.json) from
-# the panel list below: traffic, backlog and drain time per site, deferrals, ingest latency, disk.
+# the panel list below: overview and stale sites, top-N sites (backlog, bytes in and out, deferrals;
+# the $top variable), IMAP, a per-site drill-down (the $site variable), deferrals, ingest latency, disk.
 # Edit the panels here and run it; `--check` exits 1 when the JSON file is out of date.
 import json
 import sys
@@ -58,7 +59,13 @@ class Layout:
                 "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
                 "options": options,
                 "targets": [
-                    {"datasource": DATASOURCE, "refId": chr(65 + i), "expr": expr, "legendFormat": legend}
+                    {
+                        "datasource": DATASOURCE,
+                        "refId": chr(65 + i),
+                        "expr": expr,
+                        "legendFormat": legend,
+                        **({"instant": True, "format": "table"} if kind == "table" else {}),
+                    }
                     for i, (expr, legend) in enumerate(targets)
                 ],
             }
@@ -68,53 +75,167 @@ class Layout:
 
 layout = Layout()
 newrow, panel = layout.row, layout.panel
+TOP = "$top"  # the top-N variable: at 650 sites one line per site is unreadable
 
-newrow("Traffic per site")
-panel(
-    "Received (by sending site)",
-    [(f"sum by (site) (rate(mailhub_smtp_received_bytes_total{{{I}, {S}}}[{R}]))", "{{site}}")],
-    "Bps",
-    desc="Octets of accepted mails per second, by the site that sent them ('-': unauthenticated peer networks).",
-)
-panel(
-    "Delivered (by receiving site)",
-    [(f"sum by (site) (rate(mailhub_smtp_delivered_bytes_total{{{I}, {S}}}[{R}]))", "{{site}}")],
-    "Bps",
-    desc="Octets per second put into each site's mailbox.",
-)
-panel(
-    "Downloaded (POP3, by site)",
-    [(f"sum by (site) (rate(mailhub_pop3_served_bytes_total{{{I}, {S}}}[{R}]))", "{{site}}")],
-    "Bps",
-    desc="Octets per second the sites fetched from their mailboxes.",
-)
-panel(
-    "Mails received per second",
-    [(f"sum by (site) (rate(mailhub_smtp_received_messages_total{{{I}, {S}}}[{R}]))", "{{site}}")],
-    "ops",
-)
-panel(
-    "Mails delivered per second",
-    [(f"sum by (site) (rate(mailhub_smtp_delivered_messages_total{{{I}, {S}}}[{R}]))", "{{site}}")],
-    "ops",
-)
-panel(
-    "Mails downloaded per second",
-    [(f"sum by (site) (rate(mailhub_pop3_messages_served_total{{{I}, {S}}}[{R}]))", "{{site}}")],
-    "ops",
-)
 
-newrow("Backlog and drain time per site")
+def top(expr: str) -> str:
+    return f"topk({TOP}, {expr})"
+
+
+newrow("Overview")
 panel(
-    "Backlog (octets waiting)",
-    [(f"sum by (site) (mailhub_mailbox_bytes{{{I}, {S}}})", "{{site}}")],
+    "Stale sites",
+    [(f"sum(mailhub_site_stale{{{I}}})", "stale")],
+    "short",
+    kind="stat",
+    w=6,
+    desc="Sites with mail waiting that have fetched none for liveness.stale_after (alert MailhubSiteStale).",
+)
+panel(
+    "Sites with mail waiting",
+    [(f"count(mailhub_site_waiting_messages{{{I}}} > 0)", "sites")],
+    "short",
+    kind="stat",
+    w=6,
+)
+panel(
+    "Mail waiting (all sites)",
+    [(f"sum(mailhub_site_waiting_bytes{{{I}}})", "waiting")],
     "bytes",
-    desc="Octets waiting in each site's mailbox.",
+    kind="stat",
+    w=6,
+    desc="Octets in mailboxes not fetched yet by their sites.",
 )
-panel("Backlog (mails waiting)", [(f"sum by (site) (mailhub_mailbox_messages{{{I}, {S}}})", "{{site}}")], "short")
 panel(
-    "Age of the oldest waiting mail",
-    [(f"time() - max by (site) (mailhub_mailbox_oldest_message_timestamp_seconds{{{I}, {S}}})", "{{site}}")],
+    "Oldest waiting mail", [(f"max(mailhub_site_oldest_waiting_age_seconds{{{I}}})", "oldest")], "s", kind="stat", w=6
+)
+panel(
+    "Stale sites: age of their oldest waiting mail",
+    [
+        (
+            f"max by (site) (mailhub_site_oldest_waiting_age_seconds{{{I}}})"
+            f" and on (site) (max by (site) (mailhub_site_stale{{{I}}}) == 1)",
+            "{{site}}",
+        )
+    ],
+    "s",
+    kind="table",
+    w=24,
+    desc="Each stale site and how long its oldest mail has waited. `mailhub site show NAME` tells more.",
+)
+
+newrow("Top sites (top $top)")
+panel(
+    "Backlog: octets waiting",
+    [(top(f"max by (site) (mailhub_site_waiting_bytes{{{I}}})"), "{{site}}")],
+    "bytes",
+    desc="The sites with the most octets not fetched yet.",
+)
+panel(
+    "Backlog: oldest waiting mail",
+    [(top(f"max by (site) (mailhub_site_oldest_waiting_age_seconds{{{I}}})"), "{{site}}")],
+    "s",
+    desc="The sites whose oldest unfetched mail is the oldest.",
+)
+panel(
+    "Deferrals",
+    [(top(f"sum by (site, side) (rate(mailhub_site_deferrals_total{{{I}}}[{R}]))"), "{{site}} ({{side}})")],
+    "ops",
+    desc="4xx deferrals by the quota and drain-time policy, by the site they were for.",
+)
+panel(
+    "Bytes in (sent by the site)",
+    [(top(f"sum by (site) (rate(mailhub_smtp_received_bytes_total{{{I}}}[{R}]))"), "{{site}}")],
+    "Bps",
+)
+panel(
+    "Bytes out (fetched by the site, POP3 + IMAP)",
+    [
+        (
+            top(
+                f"sum by (site) (rate(mailhub_pop3_served_bytes_total{{{I}}}[{R}]))"
+                f" or sum by (site) (rate(mailhub_imap_served_bytes_total{{{I}}}[{R}]))"
+            ),
+            "{{site}}",
+        )
+    ],
+    "Bps",
+    desc="POP3 where a site uses POP3, else IMAP (a site using both shows its POP3 rate).",
+)
+panel(
+    "Mailbox quota usage",
+    [
+        (
+            top(f'max by (site) (mailhub_site_quota_usage_ratio{{{I}, quota=~"mailbox_bytes|mailbox_messages"}})'),
+            "{{site}}",
+        )
+    ],
+    "percentunit",
+    desc="At 1 the hub defers new mail for the site (alert MailhubMailboxNearQuota at 0.9).",
+)
+
+newrow("IMAP")
+panel(
+    "Open IMAP sessions",
+    [(f"sum(mailhub_imap_sessions_active{{{I}}})", "IMAP"), (f"sum(mailhub_pop3_sessions_active{{{I}}})", "POP3")],
+    "short",
+)
+panel(
+    "IMAP sessions ended, by outcome",
+    [(f"sum by (outcome) (rate(mailhub_imap_sessions_total{{{I}}}[{R}]))", "{{outcome}}")],
+    "ops",
+)
+panel(
+    "IMAP downloads",
+    [
+        (f"sum(rate(mailhub_imap_served_bytes_total{{{I}}}[{R}]))", "octets/s"),
+        (f"sum(rate(mailhub_imap_messages_served_total{{{I}}}[{R}]))", "mails/s"),
+    ],
+    "short",
+    desc="Body literals sent by FETCH (octets) and whole mails fetched.",
+)
+
+newrow("Site drill-down: $site")
+panel(
+    "Received and delivered",
+    [
+        (f"sum by (site) (rate(mailhub_smtp_received_bytes_total{{{I}, {S}}}[{R}]))", "sent by {{site}}"),
+        (f"sum by (site) (rate(mailhub_smtp_delivered_bytes_total{{{I}, {S}}}[{R}]))", "delivered to {{site}}"),
+    ],
+    "Bps",
+    desc="Octets per second the site sent, and put into its mailbox.",
+)
+panel(
+    "Fetched (POP3, IMAP)",
+    [
+        (f"sum by (site) (rate(mailhub_pop3_served_bytes_total{{{I}, {S}}}[{R}]))", "POP3 {{site}}"),
+        (f"sum by (site) (rate(mailhub_imap_served_bytes_total{{{I}, {S}}}[{R}]))", "IMAP {{site}}"),
+    ],
+    "Bps",
+)
+panel(
+    "Waiting and held",
+    [
+        (f"max by (site) (mailhub_site_waiting_bytes{{{I}, {S}}})", "waiting {{site}}"),
+        (f"max by (site) (mailhub_mailbox_bytes{{{I}, {S}}})", "held {{site}}"),
+    ],
+    "bytes",
+    desc="Waiting: not fetched yet. Held: in the mailbox, fetched or not (what the mailbox quota counts).",
+)
+panel(
+    "Liveness",
+    [
+        (f"max by (site) (mailhub_site_oldest_waiting_age_seconds{{{I}, {S}}})", "oldest waiting {{site}}"),
+        (
+            f"time() - max by (site) (mailhub_site_last_fetch_timestamp_seconds{{{I}, {S}}})",
+            "since last fetch {{site}}",
+        ),
+        (
+            f"time() - max by (site) (mailhub_site_last_login_timestamp_seconds{{{I}, {S}}})",
+            "since last login {{site}}",
+        ),
+        (f"max(mailhub_liveness_stale_after_seconds{{{I}}})", "stale after"),
+    ],
     "s",
 )
 panel(
@@ -134,12 +255,6 @@ panel(
     " (new mail that would pass it is deferred).",
 )
 panel(
-    "Not yet downloaded",
-    [(f"max by (site) (mailhub_site_waiting_bytes{{{I}, {S}}})", "{{site}}")],
-    "bytes",
-    desc="Octets waiting for each site that it has not downloaded yet (what the drain time is computed from).",
-)
-panel(
     "Pacing of senders",
     [(f"max by (site) (mailhub_site_pacing_rate_bytes_per_second{{{I}, {S}}})", "{{site}}")],
     "Bps",
@@ -150,6 +265,11 @@ panel(
     [(f"max by (site, quota) (mailhub_site_quota_usage_ratio{{{I}, {S}}})", "{{site}} {{quota}}")],
     "percentunit",
     desc="Share of each quota used; at 1 the hub defers new mail for the site.",
+)
+panel(
+    "Deferrals",
+    [(f"sum by (site, side) (rate(mailhub_site_deferrals_total{{{I}, {S}}}[{R}]))", "{{site}} ({{side}})")],
+    "ops",
 )
 
 newrow("Deferrals and refusals")
@@ -207,7 +327,11 @@ panel(
 newrow("Sessions and outbound queue")
 panel(
     "Open sessions",
-    [(f"sum(mailhub_smtp_sessions_active{{{I}}})", "SMTP"), (f"sum(mailhub_pop3_sessions_active{{{I}}})", "POP3")],
+    [
+        (f"sum(mailhub_smtp_sessions_active{{{I}}})", "SMTP"),
+        (f"sum(mailhub_pop3_sessions_active{{{I}}})", "POP3"),
+        (f"sum(mailhub_imap_sessions_active{{{I}}})", "IMAP"),
+    ],
     "short",
 )
 panel(
@@ -215,7 +339,7 @@ panel(
     [
         (f"sum by (outcome) (rate(mailhub_smtp_sessions_total{{{I}}}[{R}]))", "SMTP {{outcome}}"),
         (f"sum by (outcome) (rate(mailhub_pop3_sessions_total{{{I}}}[{R}]))", "POP3 {{outcome}}"),
-        (f"sum(rate(mailhub_imap_sessions_total{{{I}}}[{R}]))", "IMAP"),
+        (f"sum by (outcome) (rate(mailhub_imap_sessions_total{{{I}}}[{R}]))", "IMAP {{outcome}}"),
     ],
     "ops",
 )
@@ -280,6 +404,13 @@ panel("Message files (count)", [(f"sum(mailhub_storage_blobs{{{I}}})", "blobs")]
 
 newrow("Process")
 panel("Hub up", [(f"up{{{I}}}", "{{instance}}")], "short", kind="stat", w=6)
+panel(
+    "Certificate expires in",
+    [(f"min(mailhub_tls_certificate_expiry_timestamp_seconds{{{I}}}) - time()", "tls.cert_file")],
+    "s",
+    kind="stat",
+    w=6,
+)
 panel("Resident memory", [(f"process_resident_memory_bytes{{{I}}}", "{{instance}}")], "bytes", w=6)
 panel("CPU", [(f"rate(process_cpu_seconds_total{{{I}}}[{R}])", "{{instance}}")], "percentunit", w=6)
 panel(
@@ -318,7 +449,8 @@ dashboard = {
     "refresh": "30s",
     "time": {"from": "now-6h", "to": "now"},
     "graphTooltip": 1,
-    "description": "DICOM Mail Hub: traffic, backlog and drain time per site, deferrals, ingest latency, disk.",
+    "description": "DICOM Mail Hub: stale sites, top sites by backlog, traffic and deferrals, IMAP, a per-site"
+    " drill-down ($site), ingest latency, disk.",
     "annotations": {"list": []},
     "links": [],
     "templating": {
@@ -334,7 +466,24 @@ dashboard = {
                 "regex": "",
             },
             var("instance", "Hub", "label_values(mailhub_smtp_sessions_total, instance)"),
-            var("site", "Site", 'label_values(mailhub_mailbox_messages{instance=~"$instance"}, site)'),
+            {
+                **var("site", "Site", 'label_values(mailhub_site_waiting_messages{instance=~"$instance"}, site)'),
+                "multi": False,
+                "includeAll": False,
+                "current": {},
+                "description": "The site the drill-down rows show.",
+            },
+            {
+                "name": "top",
+                "label": "Top N",
+                "type": "custom",
+                "query": "5,10,20,50",
+                "current": {"selected": True, "text": "10", "value": "10"},
+                "options": [{"selected": n == "10", "text": n, "value": n} for n in ("5", "10", "20", "50")],
+                "multi": False,
+                "includeAll": False,
+                "description": "How many sites the top-N panels show.",
+            },
         ]
     },
     "panels": layout.panels,
