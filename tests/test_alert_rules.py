@@ -2,14 +2,19 @@
 # `promtool check rules` accepts them, `promtool test rules` runs the cases of
 # tests/prometheus/alerts-test.yml (each alert fires on its series and not on those just short of
 # it), every metric they read is one the hub exports, and every query of the Grafana dashboard is
-# valid PromQL (checked by promtool as recording rules, the dashboard's variables filled in).
+# valid PromQL (checked by promtool as recording rules, the dashboard's variables filled in); the
+# certificate-expiry metric follows tls.cert_file.
 # promtool comes with Debian's `prometheus` package (bench/debian-packages.txt).
 import json
 import re
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import yaml
+
+from mailhub.tls_metrics import CertificateCollector
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "ansible" / "roles" / "mailhub" / "files" / "prometheus-alerts.yml"
@@ -81,3 +86,30 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
         variables["site"]["multi"] is False and "mailhub_site_waiting_messages" in variables["site"]["query"]["query"]
     )
     assert any("mailhub_imap_" in e for e in exprs)
+
+
+def test_certificate_expiry_metric_follows_the_file(self_signed_certificate, tmp_path):
+    """The metric MailhubCertificateExpiring reads: the notAfter of tls.cert_file, read again when the
+    file is replaced (a renewed certificate shows at the next scrape); no sample, no exception, for a
+    file that is not a certificate."""
+
+    def expiry(collector) -> list[float]:
+        return [s.value for family in collector.collect() for s in family.samples]
+
+    cert, key = self_signed_certificate
+    path = tmp_path / "cert.pem"
+    shutil.copy(cert, path)
+    collector = CertificateCollector(path)
+    (first,) = expiry(collector)
+    assert abs(first - (time.time() + 86400)) < 600  # made with -days 1
+    subprocess.run(
+        ["openssl", "req", "-x509", "-key", key, "-subj", "/CN=localhost", "-days", "30", "-out", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    (renewed,) = expiry(collector)
+    assert abs(renewed - (time.time() + 30 * 86400)) < 600
+    path.write_text("not a certificate\n")
+    assert expiry(collector) == []
+    assert expiry(CertificateCollector(None)) == []
