@@ -196,6 +196,17 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(\.{_ATOM})*")
 
 
+@_kind("e-mail address, or empty for none")
+def _optional_address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected an e-mail address string")
+    value = value.strip()
+    local, at, domain = value.rpartition("@")
+    if value and (not at or not local or not domain or any(c.isspace() or c in "<>,;" for c in value)):
+        raise ValueError(f"expected an address like ops@example.org, got {value!r}")
+    return value
+
+
 @_kind("local part of an address")
 def _local_part(value: Any) -> str:
     if not isinstance(value, str) or not _DOT_ATOM.fullmatch(value):
@@ -863,7 +874,7 @@ class LivenessConfig:
         "goes stale and when it recovers.",
     )
     operator_address: str = setting(
-        _text,
+        _optional_address,
         "",
         "Address that gets a notice whenever a site goes stale or recovers; empty: no operator notices.",
     )

@@ -30,10 +30,11 @@ class SiteLiveness:
     stale_since: float | None  # set while the hub holds the site stale (its notice sent)
 
 
+_ENTRY_WAITING = f"(b.uid IS NOT NULL AND {WAITING})"  # (a site with an empty mailbox joins one NULL row)
 _SQL = (
     "SELECT s.id, s.name, c.address, count(b.uid), coalesce(sum(m.size), 0),"
-    f" coalesce(sum({WAITING}), 0), coalesce(sum(CASE WHEN {WAITING} THEN m.size ELSE 0 END), 0),"
-    f" min(CASE WHEN {WAITING} THEN b.delivered_at END), d.last_poll_at, d.last_fetch_at, st.stale_since"
+    f" coalesce(sum({_ENTRY_WAITING}), 0), coalesce(sum(CASE WHEN {_ENTRY_WAITING} THEN m.size ELSE 0 END), 0),"
+    f" min(CASE WHEN {_ENTRY_WAITING} THEN b.delivered_at END), d.last_poll_at, d.last_fetch_at, st.stale_since"
     " FROM sites s LEFT JOIN mailbox b ON b.site_id = s.id LEFT JOIN messages m ON m.queue_id = b.queue_id"
     " LEFT JOIN site_contact c ON c.site_id = s.id LEFT JOIN site_downloads d ON d.site_id = s.id"
     " LEFT JOIN site_stale st ON st.site_id = s.id"

@@ -60,6 +60,7 @@ def dashboard_metric_names() -> set[str]:
         stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
         stripped = re.sub(r"\{[^}]*\}", "", stripped)  # label matchers
         stripped = re.sub(r"\[[^\]]*\]", "", stripped)  # ranges
+        stripped = re.sub(r"\$\w+", "", stripped)  # template variables ($top in topk)
         stripped = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", stripped)
         for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*(?=\s*(\()?)", stripped):
             if match.group(1) is None and match.group(0) not in {"and", "or", "unless", "bool", "offset"}:

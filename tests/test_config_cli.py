@@ -210,6 +210,10 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("relay", "max_backoff"): ("60", 60.0),
         ("relay", "max_lifetime"): ("3600", 3600.0),
         ("relay", "delay_warning"): ("0", 0.0),
+        ("liveness", "stale_after"): ("7200", 7200.0),
+        ("liveness", "check_interval"): ("30", 30.0),
+        ("liveness", "notify_sites"): ("yes", True),
+        ("liveness", "operator_address"): ("ops@hub.example", "ops@hub.example"),
     }
 
 
@@ -555,7 +559,9 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
         r"retention: 14 days unfetched, then expired\n"
         r"throttle:  no live state yet .*\n"
         r"downloads: never polled\n"
-        r"activity:  last 60 min: downloaded 0 mail\(s\), 0 B \(0 B/s\)\n",
+        r"activity:  last 60 min: downloaded 0 mail\(s\), 0 B \(0 B/s\)\n"
+        r"liveness:  ok: 0 waiting \(0 B\); last login never; last fetch never\n"
+        r"contact:   none\n",
         shown,
     ), shown
     as_json = json.loads(ok(site(site_env, "show", "beta.site", "--json")))
@@ -568,6 +574,20 @@ def test_site_round_trip_with_exact_outputs(site_env, tmp_path):
         "download_rate_bytes_per_second": 0.0,
         "refusals_as_sender": [],
         "refusals_as_recipient": [],
+    }
+    assert as_json.pop("liveness") == {
+        "site": "beta.site",
+        "contact": None,
+        "waiting_messages": 0,
+        "waiting_bytes": 0,
+        "held_messages": 0,
+        "held_bytes": 0,
+        "oldest_waiting_at": None,
+        "oldest_waiting_age_seconds": 0.0,
+        "last_login_at": None,
+        "last_fetch_at": None,
+        "stale": False,
+        "stale_since": None,
     }
     limits = as_json.pop("limits")
     assert limits["mailbox_bytes"] == {"limit": 50 * 1024**3, "source": "config", "used": 0}

@@ -77,7 +77,7 @@ def test_fetched_over_imap_and_kept_is_not_waiting_anywhere(hub):
         assert shown["activity"]["oldest_waiting_at"] is None
         stats = cli_json(hub, "stats", "--since", "1h")
         assert stats["backlogs"] == []
-        assert {s["site"]: s["waiting_messages"] for s in stats["liveness"]}["beta"] == 0
+        assert {s["site"]: s["waiting_messages"] for s in stats["liveness"]} == {"alpha": 0, "beta": 0}
         m = scrape(hub)
         assert m[("mailhub_site_waiting_messages", (("site", "beta"),))] == 0
         assert m[("mailhub_site_waiting_bytes", (("site", "beta"),))] == 0
