@@ -196,17 +196,6 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(\.{_ATOM})*")
 
 
-@_kind("e-mail address, or empty for none")
-def _optional_address(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected an e-mail address string")
-    value = value.strip()
-    local, at, domain = value.rpartition("@")
-    if value and (not at or not local or not domain or any(c.isspace() or c in "<>,;" for c in value)):
-        raise ValueError(f"expected an address like ops@example.org, got {value!r}")
-    return value
-
-
 @_kind("local part of an address")
 def _local_part(value: Any) -> str:
     if not isinstance(value, str) or not _DOT_ATOM.fullmatch(value):
@@ -873,10 +862,11 @@ class LivenessConfig:
         "Send a notice to a site's contact address (`mailhub site modify NAME --contact ADDRESS`) when it "
         "goes stale and when it recovers.",
     )
-    operator_address: str = setting(
-        _optional_address,
-        "",
-        "Address that gets a notice whenever a site goes stale or recovers; empty: no operator notices.",
+    notify_operator: bool = setting(
+        _bool,
+        True,
+        "Send a notice to lifecycle.operator_address (the operator's one address) when a site goes stale "
+        "and when it recovers.",
     )
 
 

@@ -1,7 +1,8 @@
 # Site liveness (issue 26): which sites are stale (mail waiting that they have not fetched for
 # liveness.stale_after), the per-site liveness metrics read at scrape time, and the monitor that
 # looks at every site each liveness.check_interval and sends a notice when a site goes stale and
-# when it recovers (to its contact address with liveness.notify_sites, to liveness.operator_address).
+# when it recovers (to its contact address with liveness.notify_sites, and to the operator,
+# lifecycle.operator_address, with liveness.notify_operator).
 # "Waiting" is storage.liveness's one definition. The stale/recovered state is kept in the index
 # (storage.liveness.mark_stale/mark_recovered), so a restart sends no notice twice.
 # Must never: block the event loop on the index (reads run in a worker thread), hold SQL of its own,
@@ -232,8 +233,8 @@ class LivenessMonitor:
         recipients = []
         if self.cfg.liveness.notify_sites and site.contact:
             recipients.append(site.contact)
-        if self.cfg.liveness.operator_address:
-            recipients.append(self.cfg.liveness.operator_address)
+        if self.cfg.liveness.notify_operator and self.cfg.lifecycle.operator_address:
+            recipients.append(self.cfg.lifecycle.operator_address)
         for address in dict.fromkeys(recipients):
             try:
                 await self._send(address, notice(self.cfg, site.name, change, figures, address, self.clock()))

@@ -213,7 +213,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("liveness", "stale_after"): ("7200", 7200.0),
         ("liveness", "check_interval"): ("30", 30.0),
         ("liveness", "notify_sites"): ("yes", True),
-        ("liveness", "operator_address"): ("ops@hub.example", "ops@hub.example"),
+        ("liveness", "notify_operator"): ("off", False),
     }
 
 

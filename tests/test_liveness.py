@@ -111,7 +111,7 @@ def liveness_hub(make_hub):
         MAILHUB_LIVENESS_STALE_AFTER=str(HOUR),
         MAILHUB_LIVENESS_CHECK_INTERVAL="86400",  # the hub's own monitor looks once, at start
         MAILHUB_LIVENESS_NOTIFY_SITES="true",
-        MAILHUB_LIVENESS_OPERATOR_ADDRESS="ops@hub.test",
+        MAILHUB_LIFECYCLE_OPERATOR_ADDRESS="ops@hub.test",
     )
     hub.add_site("ops", "ops@hub.test")
     hub.add_site("carol", "carol@hub.test")
