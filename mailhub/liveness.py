@@ -188,20 +188,15 @@ class LivenessMonitor:
         self.storage = storage  # storage.Storage: queue_op, store_generated
         self.sites = sites  # storage.SiteCache: whose address is a contact
         self.clock = clock
-        self._conn: sqlite3.Connection | None = None
 
     async def run(self) -> None:
         interval = self.cfg.liveness.check_interval
-        try:
-            while True:
-                try:
-                    await self.check()
-                except Exception:
-                    log.exception("liveness check failed (tried again in %.0f s)", interval)
-                await asyncio.sleep(interval)
-        finally:
-            if self._conn is not None:
-                self._conn.close()
+        while True:
+            try:
+                await self.check()
+            except Exception:
+                log.exception("liveness check failed (tried again in %.0f s)", interval)
+            await asyncio.sleep(interval)
 
     async def check(self) -> list[tuple[str, str]]:
         """One look at every site; returns the changes made, [(site, 'stale' | 'recovered')]."""
@@ -225,9 +220,13 @@ class LivenessMonitor:
         return changes
 
     def _read(self) -> list[SiteLiveness]:
-        if self._conn is None:
-            self._conn = liveness.open_reader(self.cfg.data_dir)
-        return liveness.read(self._conn)
+        """In a worker thread, on a connection of its own that it closes itself: a read still
+        running when the hub stops (its task cancelled) never meets a connection closed under it."""
+        conn = liveness.open_reader(self.cfg.data_dir)
+        try:
+            return liveness.read(conn)
+        finally:
+            conn.close()
 
     async def _notify(self, site: SiteLiveness, change: str, figures: dict) -> None:
         recipients = []
