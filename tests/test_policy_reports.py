@@ -225,6 +225,7 @@ def test_the_hubs_rotation_announcement_passes(tmp_path):
     """A key-rotation announcement (helper E's directory mail: two hub keys in the application/pgp-keys
     part, two signatures, a participant's armored key in the text) passes as it is, also forwarded."""
     from directory import HubKeySource, directory_mail, rotate_hub_key
+    from directory.document import FORMAT
 
     addresses = ["directory@hub.test"]
     HubKeySource(tmp_path, addresses, 86400).get()
@@ -232,6 +233,7 @@ def test_the_hubs_rotation_announcement_passes(tmp_path):
     keys = HubKeySource(tmp_path, addresses, 86400).get()
     armored_keys, _ = keys.published(time.time(), True)
     document = {
+        "format": FORMAT,
         "version": 7,
         "generated_at": "2026-12-05T10:00:00Z",
         "hub": {
