@@ -94,6 +94,7 @@ class Hub:
         self._feeder: ThrottleFeeder | None = None
         self._logins: Logins | None = None
         self._directory: DirectoryMailer | None = None
+        self._liveness: LivenessMonitor | None = None
         self.ports: dict[str, int] = {}
         self._handle_signals = handle_signals
         self._stop_requested = asyncio.Event()
@@ -241,7 +242,8 @@ class Hub:
         self._tasks.append(directory.start_updates())
         self._tasks.append(asyncio.create_task(lifecycle.run()))
         self._closers.append(lifecycle.close)
-        self._tasks.append(asyncio.create_task(LivenessMonitor(cfg, storage, sites).run()))
+        self._liveness = LivenessMonitor(cfg, storage, sites)
+        self._tasks.append(asyncio.create_task(self._liveness.run()))
         if cfg.storage.scrub_rate > 0:  # the background scrub (storage/scrub.py); 0 turns it off
             scrub = Scrub(storage, cfg.storage.scrub_rate, on_verified=SCRUB_BYTES.inc)
             self._tasks.append(asyncio.create_task(scrub.run()))
@@ -328,8 +330,11 @@ class Hub:
             self._directory.cfg = cfg
         if self.lifecycle is not None:
             self.lifecycle.reconfigure(cfg)
+        if self._liveness is not None:
+            self._liveness.cfg = cfg
         if self._metrics is not None:
             self._metrics.min_free_bytes = cfg.metrics.health_min_free_bytes
+            self._metrics.liveness.stale_after = cfg.liveness.stale_after
         logging.getLogger("mailhub").setLevel(cfg.log.level.upper())
 
     def _restart_on_signal(self) -> None:

@@ -190,8 +190,8 @@ class LivenessMonitor:
         self.clock = clock
 
     async def run(self) -> None:
-        interval = self.cfg.liveness.check_interval
         while True:
+            interval = self.cfg.liveness.check_interval  # a reload may change it (mailhub/reload.py)
             try:
                 await self.check()
             except Exception:

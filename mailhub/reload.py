@@ -87,6 +87,7 @@ LIVE: frozenset[tuple[str, str]] = frozenset(
     ]
     + [("encryption", "required"), ("encryption", "allow_hidden_recipients")]
     + [key for key in SCHEMA if key[0] == "lifecycle"]  # Lifecycle.reconfigure (relay/lifecycle.py)
+    + [key for key in SCHEMA if key[0] == "liveness"]  # the monitor's Config, the metrics' stale_after
     + [
         ("auth", key)
         for key in (

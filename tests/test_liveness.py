@@ -209,3 +209,22 @@ def test_stale_site_notices_once_and_recovery(liveness_hub):
     assert run(hub, monitor().check()) == []
     assert hub.query("SELECT count(*) FROM site_stale")[0][0] == 0
     assert "site=beta is stale" in hub.log_text() and "site=beta recovered" in hub.log_text()
+
+
+def test_deferrals_are_counted_for_the_site_they_were_for(make_hub):
+    """mailhub_site_deferrals_total (alert MailhubSiteDeferrals, the dashboard's top-N deferrals):
+    a mail deferred because beta's mailbox is full counts for beta, side=receiver, not for alpha."""
+    import smtplib
+
+    hub = make_hub(sites=ALPHA_BETA_B2)
+    hub.cli("site", "set", "beta", "--mailbox-messages", "1")
+    hub.start()
+    send(hub, ["beta@hub.test"], make_message(1000))
+    with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as smtp:
+        smtp.login("alpha", PASSWORD)
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            smtp.sendmail("alpha@hub.test", ["beta@hub.test"], make_message(1000))
+    assert refused.value.recipients["beta@hub.test"][0] == 452
+    m = scrape(hub)
+    assert m[("mailhub_site_deferrals_total", (("side", "receiver"), ("site", "beta")))] == 1
+    assert not [k for k in m if k[0] == "mailhub_site_deferrals_total" and ("site", "alpha") in k[1]]

@@ -16,15 +16,19 @@ from storage.events import refusal as refusal_event
 log = logging.getLogger("mailhub.smtp")
 
 
-def log_throttle_refusal(peer_ip: str, site: Site | None, what: str, reply: str, verdict: Verdict) -> None:
+def log_throttle_refusal(
+    peer_ip: str, site: Site | None, what: str, reply: str, verdict: Verdict, receiver: Site | None = None
+) -> None:
     """Throttle refusals (`reply`: the verdict's) with the figures behind them; 4xx ones are
-    counted as deferrals."""
+    counted as deferrals, per site: the sending site's own quotas (submitted_*) count for it, the
+    rest (mailbox, received volume, drain time) for the receiving site (`receiver` at RCPT, else
+    the verdict's figures)."""
     if reply[0] == "4":
-        receiver = verdict.figures.get("receiver")
-        if isinstance(receiver, str):
-            metrics.smtp_deferral(verdict.reason, receiver, "receiver")
-        else:
+        named = receiver.name if receiver is not None else verdict.figures.get("receiver")
+        if verdict.reason.startswith("submitted") or not isinstance(named, str):
             metrics.smtp_deferral(verdict.reason, site.name if site else None, "sender")
+        else:
+            metrics.smtp_deferral(verdict.reason, named, "receiver")
     log.info(
         "%s site=%s: %s refused %s: %s",
         peer_ip,

@@ -293,7 +293,9 @@ class HubSMTP(SmtpConnection):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: RCPT <%s> %s", self.peer_ip, printable(address), verdict.log_text())
         if verdict.reply is not None:
-            log_throttle_refusal(self.peer_ip, self.site, f"RCPT <{printable(address)}>", verdict.reply, verdict)
+            log_throttle_refusal(
+                self.peer_ip, self.site, f"RCPT <{printable(address)}>", verdict.reply, verdict, receiver=site
+            )
             await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
             return False
         limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
