@@ -253,8 +253,8 @@ class SmtpConfig:
     postmaster_max_per_hour: int = setting(
         _int(1),
         10,
-        "Mails to postmaster@ per client address and hour from clients that are not logged-in sites; "
-        "more get 450 4.7.1.",
+        "Mails to postmaster@ per client (IPv4 address, IPv6 /64) and hour from clients that are not "
+        "logged-in sites, and 20 times that from all of them together; more get 450 4.7.1.",
     )
     max_connections: int = setting(_int(1), 1000, "Simultaneous SMTP connections in all; more get 421 4.7.0.")
     max_connections_per_ip: int = setting(

@@ -5,7 +5,7 @@
 # SMTP (raw socket) against an in-process hub; the rate window with an injected clock.
 import socket
 
-from relay.smtp.postmaster import PostmasterRate, is_postmaster
+from relay.smtp.postmaster import ALL_CLIENTS, GLOBAL_FACTOR, MAX_CLIENTS, PostmasterRate, is_postmaster
 from relay.smtp.syntax import parse_path
 
 from conftest import ALPHA_BETA_B2, RawSMTP, queue_id_from
@@ -120,3 +120,24 @@ def test_postmaster_of_every_local_domain_and_the_window():
     assert rate.take("192.0.2.1", 20.0) == 3580.0  # the first one leaves the window at 3600
     assert rate.take("192.0.2.2", 20.0) == 0  # per address
     assert rate.take("192.0.2.1", 3600.0) == 0
+
+
+def test_the_postmaster_rate_counts_an_ipv6_64_as_one_client_and_caps_all_outsiders():
+    rate = PostmasterRate(2)
+    assert rate.take("2001:db8:1:2::1", 0.0) == 0 and rate.take("2001:db8:1:2:ffff::9", 1.0) == 0
+    assert rate.take("2001:db8:1:2:abcd::1", 2.0) == 3598.0  # another address of the same /64
+    assert rate.take("2001:db8:1:3::1", 2.0) == 0  # the next /64 is another client
+    assert rate.take("::ffff:192.0.2.7", 3.0) == 0 and rate.take("192.0.2.7", 4.0) == 0
+    assert rate.take("192.0.2.7", 5.0) > 0  # an IPv4-mapped address is its IPv4 address
+    # all outside clients together: GLOBAL_FACTOR times the per-client limit per hour
+    flood = PostmasterRate(2)
+    taken = [flood.take(f"198.51.100.{n % 250}", float(n)) for n in range(GLOBAL_FACTOR * 2 + 5)]
+    assert taken[: GLOBAL_FACTOR * 2] == [0.0] * (GLOBAL_FACTOR * 2) and all(t > 0 for t in taken[GLOBAL_FACTOR * 2 :])
+    assert flood.take("198.51.100.99", 3600.0) == 0  # the first ones left the window
+
+
+def test_the_postmaster_rate_forgets_the_oldest_clients_but_not_the_total():
+    rate = PostmasterRate(1000)  # all-clients cap 20,000: not reached by these
+    assert all(rate.take(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 0.0) == 0 for n in range(MAX_CLIENTS + 5))
+    assert len(rate._sent) == MAX_CLIENTS and len(rate._sent[ALL_CLIENTS]) == MAX_CLIENTS + 5
+    assert rate.take("10.0.0.5", 1.0) == 0  # forgotten (among the oldest): counts afresh
