@@ -75,10 +75,12 @@ class StorageCollector:
             row = self._conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0) FROM messages"
             ).fetchone()
+            # held per site from mailbox_usage (kept by triggers), the oldest as the first entry in
+            # arrival order (mailbox_site index): no pass over every mailbox entry per scrape
             backlog = self._conn.execute(
-                "SELECT s.name, count(b.uid), coalesce(sum(m.size), 0), min(b.delivered_at) FROM sites s"
-                " LEFT JOIN mailbox b ON b.site_id = s.id LEFT JOIN messages m ON m.queue_id = b.queue_id"
-                " GROUP BY s.id ORDER BY s.name"
+                "SELECT s.name, coalesce(sum(u.held_messages), 0), coalesce(sum(u.held_bytes), 0),"
+                " (SELECT b.delivered_at FROM mailbox b WHERE b.site_id = s.id ORDER BY b.uid LIMIT 1) FROM sites s"
+                " LEFT JOIN mailbox_usage u ON u.receiver_id = s.id GROUP BY s.id ORDER BY s.name"
             ).fetchall()
             queued = self._conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
             totals: _Totals = (
