@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -125,6 +126,8 @@ class ControlServer:
                 except (ValueError, UnicodeDecodeError) as exc:
                     answer = {"ok": False, "error": f"not a JSON object: {exc}"}
                 else:
+                    if isinstance(request, dict):  # what the kernel says, never what the client says
+                        request[PEER_UID] = _peer_uid(writer)
                     answer = await self.answer(request)
                 writer.write(_encode(answer))
                 await writer.drain()
@@ -133,6 +136,22 @@ class ControlServer:
         finally:
             self._clients.discard(task)
             writer.close()
+
+
+PEER_UID = "peer_uid"  # set in each request from the socket's peer credentials (SO_PEERCRED)
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user ID of the process at the other end of the control socket (Linux SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
 
 
 def request(data_dir, cmd: str, timeout: float = 30.0, **fields) -> dict:

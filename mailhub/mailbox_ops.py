@@ -9,6 +9,7 @@
 # notice, or trust a request's fields unchecked (they come over the control socket).
 import asyncio
 import logging
+import pwd
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from storage import Delivery, MessageMeta, Storage, audit, db, mailbox_admin
 from storage.records import Removal
 
 from .config import Config
-from .control import ControlError, ControlServer
+from .control import PEER_UID, ControlError, ControlServer
 
 log = logging.getLogger("mailhub.mailbox")
 MAX_UIDS = 2000  # mailbox entries per removal request (a request line is at most 64 KB)
@@ -111,6 +112,19 @@ async def record_export(storage: Storage, rows: list[list[Any]]) -> dict:
 # ---- the control commands (the running hub) --------------------------------------------------------
 
 
+def _verified_actor(declared: str, uid: object) -> str:
+    """The operator name the command line sent, with the user the kernel names for the peer of the
+    control socket when that is another one (`alice (uid 0 root)` under sudo): a client can claim
+    any name, not another uid."""
+    if type(uid) is not int:
+        return declared
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "?"
+    return declared if name == declared else f"{declared} (uid {uid} {name})"
+
+
 def _text(request: dict, key: str, required: bool = True) -> str | None:
     value = request.get(key)
     if value is None and not required:
@@ -129,12 +143,14 @@ def register_mailbox_commands(control: ControlServer, storage: Storage, cfg: Con
             raise ControlError(f'"uids" is a list of at most {MAX_UIDS} whole numbers')
         site, event, actor = _text(request, "site"), _text(request, "event"), _text(request, "actor")
         assert site is not None and event is not None and actor is not None  # required
+        actor = _verified_actor(actor, request.get(PEER_UID))
         return await remove(storage, site, uids, event, actor, _text(request, "detail", required=False))
 
     async def return_command(request: dict) -> dict:
         site, queue_id, actor = _text(request, "site"), _text(request, "queue_id"), _text(request, "actor")
         reason = _text(request, "reason")
         assert site is not None and queue_id is not None and actor is not None and reason is not None
+        actor = _verified_actor(actor, request.get(PEER_UID))
         return await return_mail(storage, reporting_mta, site, queue_id, actor, reason)
 
     async def audit_command(request: dict) -> dict:
@@ -144,6 +160,8 @@ def register_mailbox_commands(control: ControlServer, storage: Storage, cfg: Con
                 '"rows" is a list of at most 1000 rows [site, queue ID, Message-ID, study, size, SHA-256,'
                 " actor, detail] (strings of up to 1000 characters or null; size a whole number or null)"
             )
+        uid = request.get(PEER_UID)
+        rows = [[*r[:6], _verified_actor(r[6], uid) if r[6] else r[6], r[7]] for r in rows]
         return await record_export(storage, rows)
 
     control.register("mailbox.remove", remove_command)

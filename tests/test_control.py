@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from mailhub.control import MAX_LINE, ControlError, ControlServer, request, socket_path
+from mailhub.control import MAX_LINE, PEER_UID, ControlError, ControlServer, request, socket_path
 
 
 class RunningControl:
@@ -134,3 +134,9 @@ def test_hub_serves_the_control_socket_and_removes_it_at_shutdown(make_hub):
     assert answer["pid"] == hub.pid and "help" in answer["commands"]
     assert hub.stop() == 0
     assert not path.exists()
+
+
+def test_each_request_carries_the_peer_uid_the_kernel_gives_not_the_one_the_client_claims(control, tmp_path):
+    control({"who": lambda req: {"uid": req.get(PEER_UID)}})
+    assert request(tmp_path, "who") == {"uid": os.getuid()}
+    assert request(tmp_path, "who", **{PEER_UID: os.getuid() + 4242}) == {"uid": os.getuid()}

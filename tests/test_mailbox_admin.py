@@ -12,7 +12,9 @@ import hashlib
 import imaplib
 import io
 import json
+import os
 import poplib
+import pwd
 
 import pytest
 
@@ -20,6 +22,10 @@ from mailhub.control import ControlError
 from mailhub.control import request as control_request
 
 from conftest import ALPHA_BETA_B2, PASSWORD, wait_for
+
+# The operator an audit record names when the command went through the running hub: the name the
+# command line sent (SUDO_USER here) and the user the kernel names for the control socket's peer.
+VIA_HUB = f"alice (uid {os.getuid()} {pwd.getpwuid(os.getuid()).pw_name})"
 from mailshapes import armored, openpgp, pgp_mime
 from pop3util import send
 
@@ -124,7 +130,7 @@ def test_list_show_search_and_export(hub, tmp_path):
     assert hub.cli("mailbox", "export", "beta", q3, check=False).returncode == 1
 
     exported = audit_rows(hub, "--event", "exported")
-    assert [(r["queue_id"], r["site"], r["actor"]) for r in exported] == [(q2, "beta", "alice"), (q1, "beta", "alice")]
+    assert [(r["queue_id"], r["site"], r["actor"]) for r in exported] == [(q2, "beta", VIA_HUB), (q1, "beta", VIA_HUB)]
     assert exported[0]["detail"] == f"to file {out}" and exported[1]["detail"] == "to stdout"
     assert exported[0]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
 
@@ -160,9 +166,9 @@ def test_delete_while_pop3_holds_the_mailbox(hub):
     assert events == [
         ("accepted", q1, "alpha"),
         ("accepted", q2, "alpha"),
-        ("deleted_by_operator", q1, "alice"),
+        ("deleted_by_operator", q1, VIA_HUB),
         ("fetched", q2, "beta"),  # at the RETR; written at QUIT, when the mail was gone already
-        ("deleted_by_operator", q2, "alice"),
+        ("deleted_by_operator", q2, VIA_HUB),
     ]
     accepted, fetched = trail[1], trail[3]
     assert (fetched["message_id"], fetched["study_id"], fetched["size"], fetched["sha256"]) == (
@@ -204,7 +210,7 @@ def test_delete_by_filter_while_imap_has_the_mailbox_selected(hub):
     assert cli_json(hub, "mailbox", "list", "beta") == []
     removed = audit_rows(hub, "--study", STUDY, "--event", "deleted_by_operator")
     assert sorted(r["queue_id"] for r in removed) == sorted(queue_ids)
-    assert {r["actor"] for r in removed} == {"alice"}
+    assert {r["actor"] for r in removed} == {VIA_HUB}
 
 
 def test_return_sends_a_dsn_naming_the_mail_without_its_content(hub):
@@ -234,7 +240,7 @@ def test_return_sends_a_dsn_naming_the_mail_without_its_content(hub):
     assert b"Jane Roe" not in raw and b"BEGIN PGP" not in raw  # no patient data, no content
 
     (returned,) = audit_rows(hub, "--event", "returned")
-    assert (returned["queue_id"], returned["site"], returned["actor"]) == (qid, "beta", "alice")
+    assert (returned["queue_id"], returned["site"], returned["actor"]) == (qid, "beta", VIA_HUB)
     assert notice_qid in returned["detail"]
     missing = hub.cli("mailbox", "return", "beta", qid, "--yes", check=False)
     assert missing.returncode == 1 and "no mail" in missing.stderr
