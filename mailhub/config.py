@@ -871,6 +871,25 @@ class LivenessConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The [proxy] section (SECTION_DOCS["proxy"])."""
+
+    trusted_balancers: tuple[Network, ...] = setting(
+        _networks,
+        [],
+        "Addresses (CIDR) of the TCP balancers (HAProxy with send-proxy-v2) in front of the hub. A "
+        "connection from one of them must start with a PROXY protocol header (v2 or v1; before the TLS "
+        "handshake on pop3s/imaps) and the client address in it counts for everything (peer networks, "
+        "limits, login penalties, logs, Received:); without a valid header it is closed. Connections "
+        "from other addresses are served as they are, a PROXY header from them is never believed. "
+        "Empty: no balancer (needs a restart).",
+    )
+    header_timeout: float = setting(
+        _number, 5, "Seconds a balancer's connection may take to send its PROXY header before it is closed."
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: the top-level keys, one object per section, and the file it came
     from. Built by load() (or with_overrides()), which validate it; never changed afterwards."""
@@ -907,6 +926,7 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     config_file: Path | None = None
     # ((section, key), (value as given, where from)) for each key set by the file or the environment
     # (later ones win), for with_overrides(); may hold secrets, so never in a repr.
@@ -957,6 +977,7 @@ SECTION_DOCS: dict[str, str] = {
         "Stale sites: mail waiting that its site has not fetched for too long (metrics, "
         "`mailhub stats`, `mailhub site show`, notices)."
     ),
+    "proxy": "Running behind a TCP balancer with the PROXY protocol (docs/operator-guide.md, behind HAProxy).",
 }
 
 

@@ -28,6 +28,7 @@ from relay.lifecycle import Lifecycle
 from relay.logins import Logins, guard_settings
 from relay.outbound.queue import OutboundQueue
 from relay.pop3.server import Pop3Context
+from relay.proxy_gate import ProxyGates
 from relay.sessions import SessionRegistry
 from relay.smtp.context import SmtpContext
 from relay.smtp.server import HubSMTP
@@ -106,6 +107,8 @@ class Hub:
         self._contexts: list = []  # the SMTP, POP3 and IMAP contexts (drained at stop)
         self._metrics: MetricsServer | None = None
         self._control: ControlServer | None = None  # while its socket is open
+        # behind a TCP balancer: the PROXY header readers of the listeners (relay/proxy_gate.py)
+        self._gates = ProxyGates(cfg.proxy.trusted_balancers, cfg.proxy.header_timeout)
         self.lifecycle: Lifecycle | None = None
         self._tasks: list[asyncio.Task] = []  # background tasks, cancelled and awaited at stop
         self._closers: list = []  # called after the tasks ended (scrub, relay sender)
@@ -207,6 +210,8 @@ class Hub:
             await self._listen("imap", imap.factory(), cfg.imap.listen)
         if cfg.imap.imaps_listen:
             await self._listen("imaps", imap.factory(implicit_tls=True), cfg.imap.imaps_listen, tls)
+        if self._gates.trusted:
+            log.info("behind a balancer: PROXY headers read from %s", ", ".join(map(str, self._gates.trusted)))
         if cfg.metrics.listen:
             host, port = cfg.metrics.listen
             sock = self._adopt("metrics", host, port)
@@ -397,6 +402,8 @@ class Hub:
 
     async def _listen(self, name: str, factory, address, ssl_context=None) -> None:
         host, port = address
+        if self._gates.trusted:  # the PROXY header comes first, before any TLS handshake
+            factory, ssl_context = self._gates.factory(name, factory, ssl_context), None
         loop = asyncio.get_running_loop()
         sock = self._adopt(name, host, port)
         if sock is not None:
@@ -411,6 +418,12 @@ class Hub:
             bound = sock.getsockname()
             self.ports.setdefault(name, bound[1])
             log.info("%s listening on %s:%d%s", name, bound[0], bound[1], " (kept over the restart)" if kept else "")
+
+    def _close_listeners(self, listeners: list[tuple[str, asyncio.base_events.Server]]) -> None:
+        for name, server in listeners:
+            if self._restarting:  # still listening through these; the kernel queues new connections
+                self.kept += [(name, fd) for fd in handover.keep(server.sockets)]
+            server.close()
 
     async def stop(self) -> None:
         """Graceful shutdown (idempotent): no new connections, up to shutdown_timeout for the
@@ -433,11 +446,12 @@ class Hub:
             self._signals_installed = False
         for task in list(self._reloads):
             task.cancel()
+        if self._metrics is not None:  # /healthz says 503 while the sessions drain: a balancer takes this node out
+            self._metrics.draining = "restarting" if self._restarting else "shutting down"
         listeners, self._listeners = list(self._listeners.items()), {}
-        for name, server in listeners:
-            if self._restarting:  # still listening through these; the kernel queues new connections
-                self.kept += [(name, fd) for fd in handover.keep(server.sockets)]
-            server.close()
+        health = [(name, server) for name, server in listeners if name == "metrics"]
+        self._close_listeners([(name, server) for name, server in listeners if name != "metrics"])
+        self._gates.close_pending()
         for sockets in self._inherited.values():  # a start that failed before adopting them
             for sock in sockets:
                 sock.close()
@@ -447,6 +461,7 @@ class Hub:
             await control.close()
         contexts, self._contexts = self._contexts, []
         await asyncio.gather(*(context.drain(self.cfg.shutdown_timeout) for context in contexts))
+        self._close_listeners(health)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -142,6 +142,7 @@ class MetricsServer:
         self.key_routes = key_routes  # a HubKeyRoutes, or None
         self.min_free_bytes = min_free_bytes
         self.listeners_up = listeners_up  # () -> list of names of listeners not serving
+        self.draining: str | None = None  # set while the hub shuts down or restarts: /healthz says 503
         self.collector = StorageCollector(self.data_dir)
         SMTP_ACTIVE.set_function(smtp_sessions)
         POP3_ACTIVE.set_function(pop3_sessions)
@@ -195,8 +196,9 @@ class MetricsServer:
                 problems.append(f"disk low: {free} bytes free, floor {self.min_free_bytes}")
         except OSError as exc:
             problems.append(f"disk unknown: {exc.strerror or exc}")
-        down = self.listeners_up()
-        if down:
+        if self.draining is not None:  # (its listeners are closed on purpose)
+            problems.append(f"draining: {self.draining}")
+        elif down := self.listeners_up():
             problems.append("listeners down: " + ", ".join(down))
         return problems
 

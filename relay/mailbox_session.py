@@ -62,6 +62,7 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
         self.core: CoreT | None = None
         self.task: asyncio.Task[None] | None = None
         self.peer = "-"
+        self.proxied_peer: tuple[str, int] | None = None  # the client behind a balancer (relay/proxy_gate.py)
         self.site: Site | None = None
         self.downloads: Downloads | None = None  # not yet added to the site's totals
         self._direct = 0  # messages sent from the file by a worker thread (sendfile, or
@@ -129,8 +130,7 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
         """Note the transport and peer and count the connection; the reason it is refused, or None
         (then the login deadline runs)."""
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transports are asyncio.Transports
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
+        self.peer = client_ip(self.proxied_peer, transport)
         if self.ctx.shutting_down:
             return "shutting_down"
         admitted = self.ctx.connection_counter.admit(self.peer)
@@ -243,6 +243,15 @@ class MailboxSessionIO(asyncio.Protocol, Generic[ContextT, CoreT]):
 
     def _site_name(self) -> str:
         return self.site.name if self.site is not None else "-"
+
+
+def client_ip(proxied_peer: tuple[str, int] | None, transport: asyncio.BaseTransport) -> str:
+    """The client's address as the protocols use it: the PROXY header's, else the socket's peer
+    ("local" for a unix socket)."""
+    if proxied_peer is not None:
+        return proxied_peer[0]
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else "local"
 
 
 def is_loopback(ip: str) -> bool:

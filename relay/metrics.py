@@ -143,7 +143,8 @@ IMAP_ACTIVE = Gauge("mailhub_imap_sessions_active", "Open IMAP sessions.", regis
 CONNECTIONS_REFUSED = Counter(
     "mailhub_connections_refused_total",
     "Connections refused at once by the connection limits, by protocol and "
-    "reason (total, per_address, unauthenticated = not logged in in total, unauthenticated_per_address).",
+    "reason (total, per_address, unauthenticated = not logged in in total, unauthenticated_per_address, "
+    "proxy_header = from a balancer without a valid PROXY header).",
     ["protocol", "reason"],
     registry=REGISTRY,
 )

@@ -214,6 +214,8 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("liveness", "check_interval"): ("30", 30.0),
         ("liveness", "notify_sites"): ("yes", True),
         ("liveness", "notify_operator"): ("off", False),
+        ("proxy", "trusted_balancers"): ("10.0.0.5/32, 2001:db8::5", (net("10.0.0.5/32"), net("2001:db8::5/128"))),
+        ("proxy", "header_timeout"): ("2.5", 2.5),
     }
 
 

@@ -14,7 +14,7 @@ import time
 from relay import connection_limits, metrics
 from relay.internal_errors import report_internal_error
 from relay.login_deadline import LoginDeadline
-from relay.mailbox_session import is_loopback
+from relay.mailbox_session import client_ip, is_loopback
 from relay.sessions import KICK_REASON, SessionInfo
 from relay.smtp import replies as R
 from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
@@ -48,6 +48,7 @@ class SmtpConnection(AiosmtpdSession):
         self._in_data = False  # reading DATA/BDAT bytes or committing them
         self._held: list[bytes] = []  # replies held back for pipelining
         self.peer_ip = ""
+        self.proxied_peer: tuple[str, int] | None = None  # the client behind a balancer (relay/proxy_gate.py)
         self._from_peer_network = False
         self._command_budget = CommandBudget(cfg.smtp.max_commands, cfg.smtp.max_bad_commands)
         self._closing_why = ""  # why the hub closed the connection, for the log of an aborted transaction
@@ -112,8 +113,10 @@ class SmtpConnection(AiosmtpdSession):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if isinstance(peer, tuple) else "local"
+        self.peer_ip = client_ip(self.proxied_peer, transport)
+        if self.proxied_peer is not None:
+            # aiosmtpd's copy (typeshed-less: declared str | None, holds the peername tuple): the client's
+            self.live_session().peer = self.proxied_peer  # type: ignore[assignment]
         self._from_peer_network = self.ctx.is_peer(self.peer_ip)
         loopback = self.peer_ip == "local" or is_loopback(self.peer_ip)
         self.auth_require_tls = not (loopback or self.ctx.cfg.auth.allow_plaintext)
