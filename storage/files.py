@@ -105,6 +105,24 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def drop_cached(ranges: list[tuple[str, int, int]]) -> None:
+    """Tell the kernel it may drop the cached pages of these byte ranges [start, end) of blob files
+    (end 0: to the end of the file), written and synced long ago (clean). Only a hint: a file gone
+    meanwhile is skipped, a later read comes from the disk. The kernel drops only whole folios
+    (up to 2 MiB on Linux): the caller passes ranges that cover them."""
+    for path, start, end in ranges:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, start, max(end - start, 0), os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def storage_error(exc: OSError) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(str(exc))

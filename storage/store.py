@@ -18,6 +18,7 @@
 # ingest) and no interleaved transactions. aiosqlite only reads.
 # Remote recipients get outbound queue rows in the same transaction as the message (storage.outbound).
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -34,7 +35,7 @@ import aiosqlite
 
 from . import audit, db, envelope, events, faults, reserve, verify
 from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
-from .files import fsync_dir, storage_error, unlink_quietly
+from .files import drop_cached, fsync_dir, storage_error, unlink_quietly
 from .folder_lock import lock_data_folder
 from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
@@ -48,6 +49,11 @@ from .writer_process import WriterProcess
 log = logging.getLogger("mailhub.storage")
 _EVENT_DELAY = 1.0  # seconds a queued refusal waits for a commit to ride along with
 _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and counted in the log)
+KEEP_CACHED = 256 * 1024 * 1024  # bytes of the latest committed mail left in the page cache: a
+# gateway that fetches soon reads them from memory; older ones are dropped from the cache, so that
+# a backlog of many GB does not grow the page cache (measured: growing it into memory the machine
+# never used cost the writing threads 1-2 ms of system time per MB; docs/benchmarks.md, issue 24)
+_FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
 HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread as
 # soon as it ends (in parallel with the event loop and other mails); a smaller one with its batch
 
@@ -116,6 +122,9 @@ class Storage:
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
         self._batch_lock = asyncio.Lock()  # a batch (pack write and commit) vs emptying the trash
+        # committed mails not yet dropped from the page cache: (path, end in the file, size, packed)
+        self._cached: collections.deque[tuple[str, int, int, bool]] = collections.deque()
+        self._cached_bytes = 0  # in self._cached
         self._listeners: list[MailboxListener] = []
         self.on_outbound: Callable[[], None] | None = (
             None  # called after a commit that queued remote recipients (wakes the relay)
@@ -437,7 +446,31 @@ class Storage:
         self._last_commit = (seq, attempt)
         if packed:
             self._packs.committed()
+        self._keep_cached(items)
         return digests
+
+    def _keep_cached(self, items: list[BatchItem]) -> None:
+        """Note the committed mails; past KEEP_CACHED bytes, the oldest ones are dropped from the
+        page cache (in a worker thread, not waited for): a file of its own or a closed pack whole,
+        the open pack from its start up to the last 2 MiB boundary before the end of its newest mail
+        due (it is written in order, so all before is older; the kernel drops only whole folios, of
+        up to 2 MiB)."""
+        for item in items:
+            self._cached.append((f"{self._blob_folder}/{item.blob}", item.offset + item.size, item.size, item.packed))
+            self._cached_bytes += item.size
+        whole: set[str] = set()  # files of their own, and packs no longer written to
+        packs: dict[str, int] = {}
+        open_pack = f"{self._blob_folder}/{self._packs.open_blob}"
+        while self._cached_bytes > KEEP_CACHED:
+            path, end, size, packed = self._cached.popleft()
+            self._cached_bytes -= size
+            if not packed or path != open_pack:
+                whole.add(path)
+            elif end >= _FOLIO:
+                packs[path] = max(packs.get(path, 0), end // _FOLIO * _FOLIO)
+        ranges = [(path, 0, 0) for path in whole] + [(path, 0, end) for path, end in packs.items() if path not in whole]
+        if ranges:
+            self.executor.submit(drop_cached, ranges)
 
     async def _settle(self, batch: list[_Pending]) -> list[str | None]:
         """The index writer died with the batch: ask the new one whether it was committed. Yes: each

@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import hashlib
 import imaplib
+import os
 import poplib
 import threading
 
 from test_relay_outbound import CountingHop, relay_hub, wait_until
 
-from storage import db, outbound
+from storage import db, outbound, store
 from storage.store import MessageMeta, Storage
 
 from conftest import ALPHA_BETA_B2, PASSWORD, make_message
@@ -245,3 +246,56 @@ def test_freed_bytes_in_a_pack_are_released_only_after_the_configured_delay(make
     assert released(ranges[first]) and not released(ranges[second])
     assert hub.query("SELECT count(*) FROM blob_holes") == [(1,)]
     assert hub.stored(third).endswith(sent[2])
+
+
+def resident_pages(path, start: int, end: int) -> int:
+    """Pages of the byte range [start, end) of a file that are in the page cache (mmap + mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    page = mmap.PAGESIZE
+    first = start // page * page
+    length = end - first
+    with open(path, "rb") as f:
+        address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), first)
+    assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    try:
+        vector = (ctypes.c_ubyte * ((length + page - 1) // page))()
+        assert libc.mincore(address, length, vector) == 0, ctypes.get_errno()
+        return sum(v & 1 for v in vector)
+    finally:
+        libc.munmap(address, length)
+
+
+def test_only_the_latest_committed_mail_stays_in_the_page_cache(tmp_path, monkeypatch):
+    """Issue 24: a backlog of many GB must not grow the page cache: past KEEP_CACHED bytes of
+    committed mail, the oldest mails' pages are dropped (they read back intact, from the disk)."""
+    monkeypatch.setattr(store, "KEEP_CACHED", 2_500_000)  # the last two of these mails
+    mails = [b"Subject: c%d\r\n\r\n" % i + bytes([65 + i]) * 1_000_000 + b"\r\n" for i in range(8)]
+
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            qids = [await store_small(storage, mail) for mail in mails]  # one batch each, one pack
+            storage.executor.shutdown(wait=True)  # the drops it was given are done
+            async with storage._db.execute("SELECT queue_id, blob, blob_offset, size FROM messages") as cursor:
+                return qids, {row[0]: row[1:] for row in await cursor.fetchall()}
+        finally:
+            await storage.close()
+
+    qids, rows = asyncio.run(play())
+    assert len({rows[qid][0] for qid in qids}) == 1
+    paths = {qid: (tmp_path / "blobs" / rows[qid][0], rows[qid][1], rows[qid][2]) for qid in qids}
+    resident = [resident_pages(path, offset + 4096, offset + size - 4096) for path, offset, size in paths.values()]
+    assert resident[:3] == [0, 0, 0], resident  # the oldest: dropped (up to the 4 MiB boundary)
+    assert all(n > 0 for n in resident[-2:]), resident  # the latest 2.5 MB: still cached
+    for qid, mail in zip(qids, mails):
+        path, offset, size = paths[qid]
+        with open(path, "rb") as f:
+            assert os.pread(f.fileno(), size, offset) == mail
