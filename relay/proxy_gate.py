@@ -6,10 +6,15 @@
 # uses for everything that depends on it: peer networks, per-address limits and login penalties,
 # logs, Received:, the sessions listing. Any other peer is handed over at once, as without a
 # balancer, and its bytes go to the protocol unread: a PROXY header from it is never believed.
+# Why not aiosmtpd's own PROXY support (SMTP(proxy_protocol_timeout=...)): it wants a header from
+# every peer (no list of balancers), keeps session.peer at the balancer's address (the client's is
+# only in session.proxy_data), reads it in _handle_client, which the hub replaces (serve()), after
+# the connection was counted against the balancer's address; and POP3/IMAP need the same anyway.
 # Must never: believe a header from an address outside proxy.trusted_balancers, read a byte past
 # the header (it belongs to the protocol or the TLS handshake), keep a connection without a valid
 # header from a balancer, or leave a connection or task behind after close_pending().
 import asyncio
+import asyncio.sslproto as sslproto
 import ipaddress
 import logging
 import ssl
@@ -64,26 +69,6 @@ class ProxyGates:
             gate.abort()
 
 
-class _Holding(asyncio.Protocol):
-    """The TLS transport's protocol between the handshake and the hand-over (one loop turn):
-    keeps what arrives for the listener's protocol."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost = False
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-
-
 class ProxyGate(asyncio.BufferedProtocol):
     """One connection until its header is read (see the module comment)."""
 
@@ -98,7 +83,6 @@ class ProxyGate(asyncio.BufferedProtocol):
         self._reader = ProxyHeaderReader()
         self._chunk = bytearray()
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
         self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,14 +120,10 @@ class ProxyGate(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
-        if self._task is not None:
-            self._task.cancel()
 
     def abort(self) -> None:
-        """Shutdown: the header is not read yet, or the TLS handshake not done."""
+        """Shutdown, or a refusal: the header is not read yet."""
         self._finish()
-        if self._task is not None:
-            self._task.cancel()
         if self._transport is not None:
             self._transport.abort()
 
@@ -170,38 +150,26 @@ class ProxyGate(asyncio.BufferedProtocol):
         self.abort()
 
     def _hand_over(self, source: tuple[str, int] | None) -> None:
+        """To the listener's protocol, at once (synchronously: the next bytes read from the socket,
+        a TLS ClientHello or a command, are already theirs)."""
         assert self._transport is not None
-        transport = self._transport
+        self._finish()
         inner = self._inner()
         inner.proxied_peer = source
         if self._tls is None:
-            self._finish()
-            transport.set_protocol(inner)  # type: ignore[arg-type]
-            inner.connection_made(transport)
+            self._transport.set_protocol(inner)  # type: ignore[arg-type]
+            inner.connection_made(self._transport)
             return
-        self._timer, timer = None, self._timer
-        if timer is not None:
-            timer.cancel()  # start_tls has its own handshake timeout
-        self._gates.pending.add(self)
-        transport.pause_reading()  # the ClientHello waits in the socket for the TLS layer
-        self._task = asyncio.get_running_loop().create_task(self._start_tls(inner, self._tls))
-
-    async def _start_tls(self, inner: Proxied, context: ssl.SSLContext) -> None:
-        assert self._transport is not None
-        holding = _Holding()
-        try:
-            tls = await asyncio.get_running_loop().start_tls(self._transport, holding, context, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-            log.info("%s %s: TLS handshake failed: %s", self._listener, self._peer, printable(str(exc) or repr(exc)))
-            self._finish()
-            self._transport.abort()
-            return
-        self._finish()
-        if tls is None or holding.lost:
-            return
-        tls.set_protocol(inner)  # type: ignore[arg-type]
-        inner.connection_made(tls)
-        if holding.data and not tls.is_closing():
-            inner.data_received(b"".join(holding.data))  # type: ignore[attr-defined]
-        if holding.eof and not tls.is_closing():
-            inner.eof_received()  # type: ignore[attr-defined]
+        # What create_server(ssl=...) does, after the header: asyncio's TLS layer over this
+        # transport, which calls inner.connection_made() once the handshake is done (a failed or
+        # timed-out handshake closes the connection).
+        tls = sslproto.SSLProtocol(
+            asyncio.get_running_loop(),
+            inner,  # type: ignore[arg-type]
+            self._tls,
+            None,  # type: ignore[arg-type]  # no waiter (typeshed says a Future; None is what asyncio passes too)
+            server_side=True,
+            call_connection_made=True,
+        )
+        self._transport.set_protocol(tls)
+        tls.connection_made(self._transport)

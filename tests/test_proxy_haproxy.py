@@ -266,6 +266,14 @@ def test_a_header_from_an_untrusted_address_is_never_believed(behind):
         assert b"+OK" in answer  # the reply to QUIT
     assert "203.0.113.7" not in hub.log_text()
 
+    # a direct client (not a balancer) on an implicit-TLS listener: the handshake at once, as without a balancer
+    direct = SourcedPOP3S(CLIENT, "127.0.0.1", hub.ports["pop3s"], context=tls_client(), timeout=30)
+    direct.user("beta")
+    direct.pass_(PASSWORD)
+    assert direct.stat()[0] == 1
+    direct.quit()
+    wait_for(lambda: clients_logged(hub, "pop3") == {CLIENT}, 10, message=str(clients_logged(hub, "pop3")))
+
 
 def test_a_balancer_connection_without_a_valid_header_is_closed_with_a_log_line(behind):
     hub, _ = behind()
