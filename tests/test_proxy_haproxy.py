@@ -40,10 +40,11 @@ def _free_port() -> int:
 
 
 class Balancer:
-    """An HAProxy child process forwarding each named port of the hub (`send-proxy-v2`)."""
+    """An HAProxy child process forwarding each named port of the hub (`send-proxy-v2`), and SMTP
+    once more with the text header v1 (`send-proxy`, port "smtp-v1")."""
 
     def __init__(self, hub, names, folder):
-        self.ports = {name: _free_port() for name in names}
+        self.ports = {name: _free_port() for name in [*names, "smtp-v1"]}
         lines = [
             "global",
             "    maxconn 100",
@@ -59,6 +60,11 @@ class Balancer:
                 f"    bind 127.0.0.1:{self.ports[name]}",
                 f"    server hub1 {BALANCER}:{hub.ports[name]} send-proxy-v2",
             ]
+        lines += [
+            "listen smtp-v1",
+            f"    bind 127.0.0.1:{self.ports['smtp-v1']}",
+            f"    server hub1 {BALANCER}:{hub.ports['smtp']} send-proxy",
+        ]
         self.config = folder / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(
@@ -190,6 +196,9 @@ def test_smtp_through_haproxy_the_client_address_counts(behind):
     assert stored.startswith(b"Received: from gateway.test ([127.0.0.2])"), stored[:200]
     wait_for(lambda: CLIENT in clients_logged(hub, "smtp"), 10, message="no smtp log line with the client")
     assert BALANCER not in clients_logged(hub, "smtp")
+    code, reply = submit(balancer.ports["smtp-v1"], CLIENT, "alpha")  # the v1 header
+    assert code == 250, reply
+    assert hub.stored(queue_id_from(reply)).startswith(b"Received: from gateway.test ([127.0.0.2])")
     # peer networks go by the header's address: 127.0.0.2 may deliver without a login, 127.0.0.3
     # (through the same balancer) may not
     assert submit(balancer.ports["smtp"], CLIENT, None)[0] == 250
@@ -205,6 +214,8 @@ def test_pop3_imap_and_their_implicit_tls_through_haproxy(behind):
     pop.user("beta")
     pop.pass_(PASSWORD)
     assert pop.stat()[0] == 1
+    listed = json.loads(hub.cli("sessions", "--json").stdout)  # `mailhub sessions` names the client
+    assert [(r["protocol"], r["site"], r["client"]) for r in listed] == [("pop3", "beta", CLIENT)]
     # the per-address limit counts the client behind the balancer, not the balancer
     with pytest.raises(poplib.error_proto, match="too many connections from your address"):
         SourcedPOP3(CLIENT, "127.0.0.1", balancer.ports["pop3"], timeout=30)
