@@ -22,12 +22,12 @@ from mailhub.control import ControlError
 from mailhub.control import request as control_request
 
 from conftest import ALPHA_BETA_B2, PASSWORD, wait_for
+from mailshapes import armored, openpgp, pgp_mime
+from pop3util import send
 
 # The operator an audit record names when the command went through the running hub: the name the
 # command line sent (SUDO_USER here) and the user the kernel names for the control socket's peer.
 VIA_HUB = f"alice (uid {os.getuid()} {pwd.getpwuid(os.getuid()).pw_name})"
-from mailshapes import armored, openpgp, pgp_mime
-from pop3util import send
 
 STUDY = "1.2.826.0.1.3680043.10.543.25.2"
 OTHER = "1.2.826.0.1.3680043.10.543.25.3"
