@@ -1,5 +1,8 @@
-# Bounded memory: the hub's peak RSS (with its index writer process) stays under 100 MB while it
-# receives one very large mail.
+# Bounded memory: while the hub receives one very large mail, its peak RSS (with its index writer
+# process) grows by less than RSS_GROWTH_LIMIT over what it had at start, and stays under 150 MB in
+# all (issue 24's bound). The growth is what the mail's size could drive; what the hub holds at start
+# is its code and libraries (87 MiB at 9b16d02 and 91 MiB now with this machine's library versions,
+# where a fixed 100 MB for both had become a test of numpy's and cryptography's sizes).
 # The mail is streamed from one repeated 1 MB chunk of base64 lines over a raw socket (neither the
 # test nor the hub may hold the whole message), then the stored blob is checked byte for byte.
 import base64
@@ -15,7 +18,8 @@ from conftest import ALPHA_BETA, RawSMTP, queue_id_from
 
 MB = 1024 * 1024
 MAIL_MB = int(os.environ.get("MAILHUB_TEST_BIG_MAIL_MB", "1024"))  # 1 GB, as in issue 2
-RSS_LIMIT = 100 * MB
+RSS_LIMIT = 150 * MB
+RSS_GROWTH_LIMIT = 40 * MB  # measured: 16 MiB for a 1 GiB mail
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -75,6 +79,7 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
         f"\n{MAIL_MB} MiB mail in {elapsed:.1f} s ({MAIL_MB / elapsed:.0f} MiB/s); hub peak RSS "
         f"{peak / MB:.1f} MiB (at start {rss_before / MB:.1f} MiB)"
     )
+    assert peak - rss_before < RSS_GROWTH_LIMIT, f"hub RSS grew {(peak - rss_before) / MB:.1f} MiB"
     assert peak < RSS_LIMIT, f"hub peak RSS {peak / MB:.1f} MiB"
 
     (blob, stored_size, stored_sha, set_id, message_id) = hub.query(
