@@ -49,10 +49,13 @@ from .writer_process import WriterProcess
 log = logging.getLogger("mailhub.storage")
 _EVENT_DELAY = 1.0  # seconds a queued refusal waits for a commit to ride along with
 _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and counted in the log)
-KEEP_CACHED = 256 * 1024 * 1024  # bytes of the latest committed mail left in the page cache: a
-# gateway that fetches soon reads them from memory; older ones are dropped from the cache, so that
-# a backlog of many GB does not grow the page cache (measured: growing it into memory the machine
-# never used cost the writing threads 1-2 ms of system time per MB; docs/benchmarks.md, issue 24)
+# Bytes of the latest committed mail left in the page cache: an eighth of the machine's memory (at
+# least 256 MiB). A gateway that fetches within that much newer mail reads it from memory (POP3 and
+# IMAP send from the cache, as the download benchmarks measure); older mail is dropped from the
+# cache after its commit, so that a backlog of many GB does not keep growing the page cache
+# (measured: growing it into memory the machine never used cost the writing threads 1-2 ms of
+# system time per MB; docs/benchmarks.md, issue 24).
+KEEP_CACHED = max(256 * 1024 * 1024, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
 _FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
 HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread as
 # soon as it ends (in parallel with the event loop and other mails); a smaller one with its batch
