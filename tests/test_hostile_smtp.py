@@ -386,15 +386,23 @@ def test_a_client_pipelining_thousands_of_commands_does_not_hold_the_event_loop(
     reader.start()
     good = RawSMTP(hub.smtp_port)
     flood.send(b"NOOP\r\n" * count)
-    worst = 0.0
-    while reader.is_alive():
+    times = []
+    while reader.is_alive() or not times:
         started = time.monotonic()
         assert good.command("NOOP").startswith(b"250")
-        worst = max(worst, time.monotonic() - started)
+        times.append(time.monotonic() - started)
     reader.join()
-    print(f"{answered[0]} pipelined NOOPs answered; another session's worst NOOP round trip meanwhile: {worst:.3f} s")
+    times.sort()
+    median, worst = times[len(times) // 2], times[-1]
+    print(
+        f"{answered[0]} pipelined NOOPs answered; another session's {len(times)} NOOP round trips meanwhile:"
+        f" median {median:.3f} s, worst {worst:.3f} s"
+    )
     assert answered[0] == count
-    assert worst < 0.3  # without a turn of the loop every few commands: ~0.5 s per 256 KB read
+    # Without a turn of the loop every few commands each 256 KB read holds the loop ~0.5 s: the few
+    # NOOPs of the other session would all wait that long. The median tells that from one round trip
+    # slowed by a loaded machine (0.58 s once, with the suite on four workers).
+    assert median < 0.1 and worst < 1.5, times
 
 
 # ---- memory: hundreds of sessions stalled mid-DATA ------------------------------------------
