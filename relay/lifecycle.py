@@ -109,7 +109,10 @@ class Lifecycle:
                 log.exception("lifecycle round failed")
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_round - loop.time()))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+                # comes as the event is set, and this loop would never end (a hub that never stops)
+                async with asyncio.timeout(max(0.0, next_round - loop.time())):
+                    await self._wake.wait()
             except TimeoutError:
                 continue
             await asyncio.sleep(_QUOTA_DELAY)

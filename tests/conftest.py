@@ -245,6 +245,27 @@ def run_cli_in_process(args: tuple, stdin: str | None, env: dict) -> subprocess.
     )
 
 
+def _tasks_of(loop: asyncio.AbstractEventLoop) -> str:
+    """Where each task of a hub's event loop waits (what a hub that does not stop is waiting for):
+    the chain of coroutines each task awaits, outermost first."""
+    lines = []
+    try:
+        tasks = list(asyncio.all_tasks(loop))
+    except RuntimeError as exc:
+        return f"(tasks not readable: {exc})"
+    for task in tasks:
+        chain, coro = [], task.get_coro()
+        while coro is not None and len(chain) < 20:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is None:
+                chain.append(type(coro).__name__)
+                break
+            chain.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append(f"{task.get_name()}: " + " -> ".join(chain))
+    return "\n".join(lines)
+
+
 class _HubLog(logging.Handler):
     """Writes the records of one in-process hub into its log file: those logged on its event loop
     thread, and those of other threads (workers, watchdog) that belong to no other running hub."""
@@ -454,7 +475,10 @@ class Hub:
                 pass
         thread.join(timeout)
         if thread.is_alive():
-            raise AssertionError(f"in-process hub did not stop within {timeout}s:\n{self.log_text()[-3000:]}")
+            where = _tasks_of(loop) if loop is not None else "(no loop)"
+            raise AssertionError(
+                f"in-process hub did not stop within {timeout}s:\n{self.log_text()[-3000:]}\nits thread is at:\n{where}"
+            )
         return 0
 
     def kill(self) -> None:

@@ -130,9 +130,8 @@ class HopConnection:
     async def open(self) -> None:
         route = self.route
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(route.host, route.port, limit=64 * 1024), self.connect_timeout
-            )
+            async with asyncio.timeout(self.connect_timeout):
+                self._reader, self._writer = await asyncio.open_connection(route.host, route.port, limit=64 * 1024)
         except (TimeoutError, OSError) as exc:
             raise HopError(f"cannot connect to {route.hop}: {exc or 'timeout'}") from None
         await self._expect(await self._reply(), "greeting")
@@ -253,7 +252,8 @@ class HopConnection:
             offset += len(chunk)
             data, at_line_start = dot_stuff(chunk, at_line_start) if stuffing else (chunk, chunk.endswith(b"\n"))
             self._open_writer.write(data)
-            await asyncio.wait_for(self._open_writer.drain(), self.command_timeout)
+            async with asyncio.timeout(self.command_timeout):
+                await self._open_writer.drain()
         return at_line_start
 
     async def _flushed(self) -> None:
@@ -261,7 +261,8 @@ class HopConnection:
         transport = self._open_writer.transport
         transport.set_write_buffer_limits(high=0)
         try:
-            await asyncio.wait_for(self._open_writer.drain(), self.command_timeout)
+            async with asyncio.timeout(self.command_timeout):
+                await self._open_writer.drain()
         finally:
             if not transport.is_closing():
                 transport.set_write_buffer_limits(_HIGH_WATER)
@@ -275,7 +276,8 @@ class HopConnection:
         lines = []
         try:
             while True:
-                line = await asyncio.wait_for(self._open_reader.readline(), timeout)
+                async with asyncio.timeout(timeout):
+                    line = await self._open_reader.readline()
                 if not line.endswith(b"\n"):
                     raise HopError(f"{self.route.hop} closed the connection")
                 lines.append(line.rstrip(b"\r\n"))
@@ -293,7 +295,8 @@ class HopConnection:
         self._stop.set()
         try:
             if not self._writer.is_closing():
-                await asyncio.wait_for(self._command(b"QUIT\r\n"), 5)
+                async with asyncio.timeout(5):
+                    await self._command(b"QUIT\r\n")
         except (TimeoutError, HopError, OSError):
             pass
         self.abort()

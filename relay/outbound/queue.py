@@ -83,7 +83,8 @@ class OutboundQueue:
                 except Exception:
                     log.exception("outbound scheduling failed")
                 try:
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    async with asyncio.timeout(POLL_SECONDS):  # not wait_for: see relay/lifecycle.py
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 self._wake.clear()
@@ -185,7 +186,8 @@ class OutboundQueue:
                 if not dest.jobs:
                     dest.arrived.clear()
                     try:
-                        await asyncio.wait_for(dest.arrived.wait(), LINGER_SECONDS)
+                        async with asyncio.timeout(LINGER_SECONDS):
+                            await dest.arrived.wait()
                     except TimeoutError:
                         break
                     if not await hop.alive():
