@@ -10,6 +10,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from storage.usage import LIMIT_NAMES
+
 from .config import SCHEMA, Config
 
 # Keys a running hub takes over at a reload, listed one by one (a key added to the schema later
@@ -54,20 +56,7 @@ LIVE: frozenset[tuple[str, str]] = frozenset(
             "idle_timeout",
         )
     ]
-    + [
-        ("quotas", key)
-        for key in (
-            "mailbox_bytes",
-            "mailbox_messages",
-            "max_message_size",
-            "submitted_per_day",
-            "submitted_per_month",
-            "received_per_day",
-            "received_per_month",
-            "max_drain_time",
-            "downlink",
-        )
-    ]
+    + [("quotas", key) for key in LIMIT_NAMES]  # every [quotas] key is a per-site limit
     + [
         ("throttle", key)
         for key in (

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import db
+
 ACCEPTED = "accepted"  # delivered into the site's mailbox; actor: the sending site (or envelope sender)
 FETCHED = "fetched"  # downloaded whole by the site (POP3 RETR, IMAP body fetch); actor: the site
 DELETED_BY_SITE = "deleted_by_site"  # removed by the site (POP3 DELE + QUIT, IMAP EXPUNGE); actor: the site
@@ -226,17 +228,12 @@ def query(
 def prune_batch(conn: sqlite3.Connection, before: float, limit: int = PRUNE_BATCH) -> int:
     """Delete up to `limit` of the oldest records older than `before` in one transaction; the count.
     The schema's guard lets a DELETE through only below the mark set here in the same transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with db.transaction(conn):
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_prune_before', ?)", (before,))
         deleted = conn.execute(
             "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ? ORDER BY at LIMIT ?)", (before, limit)
         ).rowcount
         conn.execute("UPDATE meta SET value = 0 WHERE key = 'audit_prune_before'")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return deleted
 
 
