@@ -3,12 +3,13 @@
 # with Python's email) and the receipt fields (relay/receipts.py).
 import base64
 import email
+import time
 
 from quotas import warnings
 from relay import lifecycle as runner
 from relay.expiry import DAY, MAX_UNSTUDIED, plan
 from relay.notices import MAX_LISTED, expiry_dsn, quota_warning
-from relay.receipts import disposition_part, parse_fields
+from relay.receipts import MAX_FIELDS_BYTES, disposition_part, parse_fields
 from storage.lifecycle import ExpiryGroup, Waiting
 
 LEVELS = (80, 95)
@@ -184,3 +185,23 @@ def test_receipt_fields_and_structure():
     assert disposition_part(structure) == (30, 90, None)
     assert disposition_part({**structure, "params": {"report-type": "delivery-status"}}) is None
     assert disposition_part(None) is None
+
+
+def test_receipt_fields_from_a_hostile_sender_are_bounded_and_never_raise():
+    huge_id = b"Original-Message-ID: <" + b"x" * 100_000 + b"@b>\r\n\r\n"
+    receipt = parse_fields(huge_id)
+    # only MAX_FIELDS_BYTES are read and a value is cut to a line's 998 characters; a field past
+    # the bound is never seen
+    assert receipt is not None and len(receipt.original_message_id) == 998
+    late = b"X-Filler: " + b"y" * MAX_FIELDS_BYTES + b"\r\n" + FIELDS
+    assert parse_fields(late) is None
+    many = b"".join(b"X-%d: v\r\n" % n for n in range(200_000)) + FIELDS  # megabytes of fields
+    started = time.monotonic()
+    assert parse_fields(many) is None  # its Original-Message-ID lies past the bound
+    assert time.monotonic() - started < 2.0
+    folded = b"Original-Message-ID: <a@b>" + b"\r\n " * 5000 + b"\r\n\r\n"
+    assert parse_fields(folded).original_message_id == "<a@b>"  # folding whitespace collapses
+    for junk in (b"\x00\xff" * 5000, b"Original-Message-ID:\r\n\r\n", b":\r\n" * 1000, b""):
+        assert parse_fields(junk) is None
+    assert parse_fields(b"!!! not base64 \x00", "base64") is None
+    assert parse_fields(b"=ZZ=\r\n" * 1000, "quoted-printable") is None
