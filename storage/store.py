@@ -659,13 +659,7 @@ class Storage:
         was_waiting)] removed, result); the listeners hear of each removal, freed blobs go. Returns
         the result."""
         removed, result = await self._freeing(IndexWriter.in_transaction, function, *args)
-        for listener in self._listeners:
-            for site_id, *row in removed:
-                listener.removed(site_id, *row)
-        try:
-            await self.empty_trash()
-        except StorageError as exc:  # the removal stands; housekeeping empties the trash later
-            log.warning("freeing the space of removed mail failed (housekeeping tries again): %s", exc)
+        await self._removed(removed)
         return result
 
     async def record_downloads(self, site_id: int, downloads: Downloads, site_name: str | None = None) -> None:
@@ -688,14 +682,20 @@ class Storage:
         listeners hear of each (IMAP sessions report EXPUNGE, POP3 sessions refuse to send them).
         Returns the UIDs actually removed (an entry gone meanwhile is skipped)."""
         fetched, removed = await self._freeing(IndexWriter.delete_entries, site_id, uids, None, None, removal)
+        await self._removed([(site_id, *row) for row in removed])
+        return [row[0] for row in removed]
+
+    async def _removed(self, removed: list[tuple[Any, ...]]) -> None:
+        """After a removal not at the site's request: the listeners hear of each removed entry
+        ((site_id, uid, sender_site, size, was_waiting)), then freed blobs go (a failure there is
+        left to housekeeping: the removal stands)."""
         for listener in self._listeners:
-            for row in removed:
+            for site_id, *row in removed:
                 listener.removed(site_id, *row)
         try:
             await self.empty_trash()
-        except StorageError as exc:  # the removal stands; housekeeping empties the trash later
+        except StorageError as exc:
             log.warning("freeing the space of removed mail failed (housekeeping tries again): %s", exc)
-        return [row[0] for row in removed]
 
     async def audit(self, rows: list[tuple[Any, ...]]) -> None:
         """Append audit records made by storage.audit.row() (an event that changes no state, such as
