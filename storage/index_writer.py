@@ -93,6 +93,8 @@ class IndexWriter:
         self._note_time()
         with db.transaction(self.conn):
             result = function(self.conn, *args)
+            faults.hit("writer", "op_before_commit")
+        faults.hit("writer", "op_after_commit")
         self.flush_removals()
         return result
 

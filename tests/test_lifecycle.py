@@ -386,3 +386,44 @@ def test_dsn_to_a_sender_of_another_network_goes_to_the_outbound_queue(make_hub)
         assert dsn.get_param("report-type") == "delivery-status" and dsn["To"] == "<doctor@remote.test>"
         assert SECRET not in hub.stored(rows[0][2]).decode()
         hub.stop()  # while the next hop's port is still held (refusing), not taken by another process
+
+
+@pytest.mark.parametrize("point", ["op_before_commit", "op_after_commit"])
+def test_an_expiry_cut_by_the_writers_death_happens_once_with_one_notice(make_hub, monkeypatch, tmp_path, point):
+    # the index writer (a child process; it reads MAILHUB_FAULT at its start) is killed inside or
+    # right after the expiry's transaction: afterwards the study expired exactly once, its parts all
+    # together, with one notice to the sender and one expired audit record per part
+    armed = tmp_path / "fault-armed"
+    monkeypatch.setenv("MAILHUB_FAULT", f"writer:{point}:kill")
+    monkeypatch.setenv("MAILHUB_FAULT_FILE", str(armed))
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_LIFECYCLE_CHECK_INTERVAL="3600").start()
+    start = time.time()
+    study = [send(hub, part(n, 2, STUDY + ".5")) for n in (1, 2)]
+    lifecycle(hub).clock = lambda: start + 15 * DAY
+    armed.write_text("once")
+    outcome = "cut"
+    try:
+        run(hub, lifecycle(hub).expire_now())
+        outcome = "done"
+    except Exception as exc:  # the writer died under it: the round fails, the next one tries again
+        outcome = f"failed ({type(exc).__name__})"
+    assert not armed.exists(), "the fault never fired"
+    monkeypatch.delenv("MAILHUB_FAULT")
+
+    def round_done() -> bool:  # the writer is started again by the next operation that needs it
+        try:
+            run(hub, lifecycle(hub).expire_now())
+        except Exception:
+            return False
+        return True
+
+    wait_for(round_done, timeout=30, message="a round after the writer's restart")
+    left = [q for q, _ in mailbox(hub, "beta") if q in study]
+    notices = stored_mails(hub, "alpha", set())
+    expired = hub.query("SELECT count(*) FROM audit WHERE event = 'expired' AND queue_id IN (?, ?)", *study)
+    print(
+        f"\nwriter killed at {point}: first round {outcome}; acknowledged 2, left {len(left)}, notices"
+        f" {len(notices)}, expired records {expired[0][0]}"
+    )
+    assert left == [] and len(notices) == 1 and expired == [(2,)]
+    hub.stop()
