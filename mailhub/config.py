@@ -512,6 +512,12 @@ class MetricsConfig:
         1024**3,
         "/healthz answers 503 when the data folder's file system has less free space than this (bytes).",
     )
+    node: str = setting(
+        _text,
+        "",
+        'Name of this hub node, added as the label node="..." to every metric it exports, so that the '
+        "nodes of a cluster scraped into one Prometheus are told apart; empty: no node label (one hub).",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,6 +199,7 @@ class Hub:
             HubKeyRoutes(hub_keys, cfg.directory.address, cfg.domain),
             stale_after=cfg.liveness.stale_after,
             cert_file=cfg.tls.cert_file,
+            node=cfg.metrics.node,
         )
 
         await self._listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)
@@ -339,6 +340,7 @@ class Hub:
             self._liveness.cfg = cfg
         if self._metrics is not None:
             self._metrics.min_free_bytes = cfg.metrics.health_min_free_bytes
+            self._metrics.node = cfg.metrics.node
             self._metrics.liveness.stale_after = cfg.liveness.stale_after
         logging.getLogger("mailhub").setLevel(cfg.log.level.upper())
 

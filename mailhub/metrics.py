@@ -18,7 +18,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -119,6 +119,24 @@ THROTTLE = ThrottleCollector()
 REGISTRY.register(THROTTLE)
 
 
+class WithNodeLabel:
+    """A registry's metrics with the label node="..." added to each sample (a label of that name
+    already set by a metric is kept): what a cluster's nodes scraped into one Prometheus are told
+    apart by, also in federated or remote-written data where the scrape's instance label is gone."""
+
+    def __init__(self, registry: CollectorRegistry, node: str):
+        self.registry = registry
+        self.node = node
+
+    def collect(self):
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={"node": self.node, **sample.labels}) for sample in family.samples
+            ]
+            yield labelled
+
+
 # ---- the HTTP port's routes (mailhub/http_server.py serves them) -------------------------------
 
 
@@ -137,11 +155,13 @@ class MetricsServer:
         key_routes=None,
         stale_after: float = 21600.0,
         cert_file: Path | None = None,
+        node: str = "",
     ):
         self.data_dir = Path(data_dir)
         self.key_routes = key_routes  # a HubKeyRoutes, or None
         self.min_free_bytes = min_free_bytes
         self.listeners_up = listeners_up  # () -> list of names of listeners not serving
+        self.node = node  # metrics.node: the label added to every sample, or "" for none
         self.draining: str | None = None  # set while the hub shuts down or restarts: /healthz says 503
         self.collector = StorageCollector(self.data_dir)
         SMTP_ACTIVE.set_function(smtp_sessions)
@@ -164,7 +184,7 @@ class MetricsServer:
 
     async def _route(self, path: str) -> tuple[str, str, bytes]:
         if path == "/metrics":
-            body = await self._shared("metrics", lambda: asyncio.to_thread(generate_latest, REGISTRY))
+            body = await self._shared("metrics", lambda: asyncio.to_thread(self.exposition))
             return "200 OK", CONTENT_TYPE_LATEST, body
         if path == "/healthz":
             problems = await self._shared("healthz", self.health)
@@ -174,6 +194,11 @@ class MetricsServer:
         if self.key_routes is not None and (found := self.key_routes.route(path)) is not None:
             return found
         return "404 Not Found", "text/plain", b"not found\n"
+
+    def exposition(self) -> bytes:
+        """The text of a scrape: every metric of REGISTRY, with node="..." added when metrics.node is set."""
+        node = self.node
+        return generate_latest(WithNodeLabel(REGISTRY, node) if node else REGISTRY)
 
     async def _shared(self, name: str, start):
         """The result of the run of start() in progress, or of a new one: a flood of requests costs

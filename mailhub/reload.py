@@ -21,6 +21,7 @@ from .config import SCHEMA, Config
 #    policies are read per connection or per transaction, connection limits at once;
 #  - throttle and quotas: Throttle.reconfigure; the login guard: its settings;
 #  - log.level: the "mailhub" logger; metrics.health_min_free_bytes: the /healthz check;
+#    metrics.node: the label of the next scrape;
 #  - the directory mailer's request interval and update notices: its Config;
 #  - tls.cert_file and tls.key_file: re-read at every reload (a renewed certificate at the same
 #    path too), used by new handshakes (LiveTls), as long as TLS stays on.
@@ -93,6 +94,7 @@ LIVE: frozenset[tuple[str, str]] = frozenset(
     + [
         ("log", "level"),
         ("metrics", "health_min_free_bytes"),
+        ("metrics", "node"),
         ("directory", "key_grace_days"),
         ("directory", "min_request_interval"),
         ("directory", "notify_on_change"),

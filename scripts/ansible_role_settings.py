@@ -26,6 +26,7 @@ ROLE_VALUES = {
     ("pop3", "listen"): "0.0.0.0:110",
     ("imap", "listen"): "0.0.0.0:143",
     ("tls", "cert_file"): "{{ (mailhub_config_dir ~ '/tls/cert.pem') if mailhub_tls_cert_source else '' }}",
+    ("metrics", "node"): "{{ inventory_hostname }}",  # the hosts of a cluster told apart in one Prometheus
     ("tls", "key_file"): "{{ (mailhub_config_dir ~ '/tls/key.pem') if mailhub_tls_key_source else '' }}",
 }
 

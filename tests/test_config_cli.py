@@ -161,6 +161,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("throttle", "interval"): ("0.5", 0.5),
         ("metrics", "listen"): ("127.0.0.1:9100", ("127.0.0.1", 9100)),
         ("metrics", "health_min_free_bytes"): ("5000000", 5000000),
+        ("metrics", "node"): ("hub-b", "hub-b"),
         ("tls", "cert_file"): (str(cert), cert),
         ("tls", "key_file"): (str(key), key),
         ("auth", "allow_plaintext"): ("yes", True),

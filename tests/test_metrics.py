@@ -218,6 +218,29 @@ def test_healthz(make_hub):
     assert text.startswith("disk low:"), text
 
 
+def test_node_label_on_every_sample_and_at_reload(make_hub, tmp_path):
+    settings = tmp_path / "hub.toml"
+    settings.write_text('[metrics]\nnode = "hub-a"\n')
+    hub = make_hub(sites=ALPHA_BETA)
+    hub.config = settings
+    hub.start()
+    assert send(hub, "alpha", ["beta@hub.test"], make_message(2_000))[0] == 250
+    families = list(text_string_to_metric_families(fetch(hub, "/metrics")[1]))
+    labelled = [s for family in families for s in family.samples]
+    assert len(labelled) > 50
+    assert {s.labels.get("node") for s in labelled} == {"hub-a"}  # process, storage, relay, throttle alike
+    m = samples(fetch(hub, "/metrics")[1])
+    assert value(m, "mailhub_mailbox_messages", site="beta", node="hub-a") == 1
+    assert value(m, "mailhub_smtp_received_messages_total", site="alpha", node="hub-a") == 1
+
+    settings.write_text("")  # metrics.node is live at a reload: back to no label (one hub)
+    result = hub.cli("reload", check=False)
+    assert result.returncode == 0 and "metrics.node" in result.stdout, result
+    plain = [s for family in text_string_to_metric_families(fetch(hub, "/metrics")[1]) for s in family.samples]
+    assert plain and not [s for s in plain if "node" in s.labels]
+    assert value(samples(fetch(hub, "/metrics")[1]), "mailhub_mailbox_messages", site="beta") == 1
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
