@@ -2,8 +2,8 @@
 # Installs the Debian packages listed in bench/debian-packages.txt (third-party
 # tools used by tests/benchmarks) idempotently and non-interactively, as root.
 # Skips apt-get entirely when every package is already installed. Services that
-# the packages would start (postfix, dovecot, prometheus, haproxy) are prevented from
-# starting during install and stopped afterwards, so ports 25/110/143/9090
+# the packages would start (postfix, dovecot, prometheus, haproxy, postgresql) are prevented from
+# starting during install and stopped afterwards, so ports 25/110/143/9090/5432
 # stay free; loadtest/thirdparty.py starts private throw-away instances instead.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,7 +16,7 @@ for p in $pkgs; do
 done
 
 stop_services() {
-    for s in postfix dovecot prometheus prometheus-node-exporter haproxy; do
+    for s in postfix dovecot prometheus prometheus-node-exporter haproxy postgresql; do
         if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
             systemctl disable --now "$s" >/dev/null 2>&1 || true
         elif [ -x "/etc/init.d/$s" ]; then

@@ -615,6 +615,27 @@ def make_hub(tmp_path, site_data_templates):
         hub.stop(signal.SIGKILL if hub.process else signal.SIGTERM)
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of this test session (tests/pgutil.py: Debian's binaries, a temporary
+    folder, 127.0.0.1 on a free port), started at first use, stopped and removed at the end."""
+    from pgutil import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """The URL of a new, empty database of the session's PostgreSQL server, dropped after the test."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 12 MB tmpfs for a data folder to fill up (needs root, as in CI)."""

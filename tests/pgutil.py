@@ -1,0 +1,135 @@
+# A real, throw-away PostgreSQL server for the tests: Debian's binaries (package postgresql,
+# bench/debian-packages.txt) run initdb into a new temporary folder and start a server listening on
+# 127.0.0.1 at a free port and on a unix socket in that folder, with fsync on. initdb and postgres
+# refuse to run as root: as root (CI) they run as the user `postgres` (runuser), the folder given
+# to it; as anyone else, as that user. stop() stops the server and removes the folder. Each test
+# gets a database of its own (create_database: CREATE DATABASE from template1, a fraction of a second).
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+SUPERUSER = "mailhub"
+# a role that must give its password (scram-sha-256); every other role is trusted on this server
+PASSWORD_ROLE = "secured"
+
+
+def postgres_bin() -> Path:
+    """The newest installed version's bin folder (/usr/lib/postgresql/NN/bin)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parent.parent.name))
+    if not found:
+        raise RuntimeError(
+            "PostgreSQL's server binaries are missing (/usr/lib/postgresql/*/bin/initdb): install the Debian"
+            " package postgresql (bench/install-debian-packages.sh)"
+        )
+    return Path(found[-1]).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PostgresServer:
+    def __init__(self) -> None:
+        self.bin = postgres_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="mailhub-test-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.port = 0
+        self._as_user: list[str] = []
+        self._names = itertools.count(1)
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root, and there is no user `postgres` to run PostgreSQL as") from None
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({result.returncode}): {result.stdout}{result.stderr}")
+        return result
+
+    def start(self) -> "PostgresServer":
+        # -N: the cluster is made without fsyncing its files (throw-away; faster); the server itself
+        # runs with fsync on, as in production
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "-N",
+        )
+        (self.data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
+            "host all all 127.0.0.1/32 trust\n"
+        )
+        for attempt in range(3):
+            self.port = _free_port()
+            with open(self.data / "postgresql.conf", "a") as conf:
+                conf.write(
+                    f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
+                    "fsync = on\nsynchronous_commit = on\nmax_connections = 40\nshared_buffers = 16MB\n"
+                    "log_min_messages = warning\n"
+                )
+            try:
+                self._run(
+                    str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"
+                )
+                return self
+            except RuntimeError:
+                if attempt == 2 or "could not bind" not in self.log_text():
+                    raise RuntimeError(f"PostgreSQL did not start:\n{self.log_text()[-3000:]}") from None
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                try:
+                    self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, database: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
+        secret = f":{password}" if password is not None else ""
+        return f"postgresql://{user}{secret}@127.0.0.1:{self.port}/{database}"
+
+    def admin(self, sql: str) -> None:
+        """One statement as the superuser, outside a transaction (CREATE/DROP DATABASE, roles)."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(sql.encode())
+
+    def create_database(self) -> str:
+        """A new empty database; its name."""
+        name = f"test_{os.getpid()}_{next(self._names)}"
+        self.admin(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
