@@ -1,8 +1,8 @@
-# `mailhub storage check|rebuild-index|backup|quarantine|verify|damaged`: the storage commands of the
-# CLI (storage/check.py, rebuild.py, backup.py, quarantine.py, verify.py do the work). check, backup,
-# quarantine and damaged run beside a running hub and never change its data; verify reads every mail
-# and has the damaged ones marked (by the running hub over its control socket, or itself under the
-# data folder's lock); rebuild-index needs the hub stopped (it takes
+# `mailhub storage check|rebuild-index|backup|quarantine|verify|damaged|migrate`: the storage commands
+# of the CLI (storage/check.py, rebuild.py, backup.py, quarantine.py, verify.py, postgres/ do the work).
+# check, backup, quarantine, damaged and migrate run beside a running hub and never change its data;
+# verify reads every mail and has the damaged ones marked (by the running hub over its control
+# socket, or itself under the data folder's lock); rebuild-index needs the hub stopped (it takes
 # the data folder's lock); compact-ledger works on the past days' files beside a running hub, on all
 # of them when it can take the lock. Exit status as in cli.py: 0 fine, 1 a problem found or the operation
 # failed, 2 bad usage.
@@ -82,6 +82,21 @@ def storage_parsers(commands, common) -> None:
     compact.add_argument("--json", action="store_true")
     quarantine = sub.add_parser("quarantine", parents=[common], help="list what was moved aside, and why")
     quarantine.add_argument("--json", action="store_true")
+    migrate = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy the index into an empty PostgreSQL database and check the copy",
+        description="Copies a consistent snapshot of the index (the hub may run) into an empty PostgreSQL"
+        " database at the current schema version, in one transaction, then compares every table's row count"
+        " and digest on both sides. The hub keeps serving from SQLite (docs/postgresql.md). Exit status: 0 the"
+        " copy is equal, 1 it differs or failed (nothing kept), 2 the database is not empty or bad usage.",
+    )
+    migrate.add_argument(
+        "url",
+        metavar="URL",
+        help="postgresql://USER@HOST[:PORT]/DATABASE (a password: PGPASSWORD or ~/.pgpass rather than the URL)",
+    )
+    migrate.add_argument("--json", action="store_true")
 
 
 def storage_command(cfg: Config, args) -> int:
@@ -99,6 +114,8 @@ def storage_command(cfg: Config, args) -> int:
             return _damaged(cfg, args)
         if action == "compact-ledger":
             return _compact_ledger(cfg, args)
+        if action == "migrate":
+            return _migrate(cfg, args)
         return _quarantine(cfg, args)
     except (OSError, sqlite3.Error) as exc:
         print(f"mailhub: storage {action} failed: {exc}", file=sys.stderr)
@@ -213,6 +230,44 @@ def _compact_ledger(cfg: Config, args) -> int:
         f" lines of {r.mails_dropped} mail(s) whose bytes are gone dropped, of {r.mails_kept} still stored kept"
     )
     return 0
+
+
+def _migrate(cfg: Config, args) -> int:
+    if not args.url.startswith(("postgresql://", "postgres://")):
+        print("mailhub: storage migrate: give a postgresql://USER@HOST[:PORT]/DATABASE URL", file=sys.stderr)
+        return 2
+    try:
+        from storage.errors import StorageError
+        from storage.postgres import TargetNotEmpty, migrate
+    except ImportError as exc:
+        print(
+            f"mailhub: storage migrate needs psycopg 3 ({exc}): pip install 'dicom-mail-hub[postgresql]'",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        report = migrate(cfg.data_dir, args.url)
+    except TargetNotEmpty as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:  # MigrateError (one line, no password), a damaged index
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(f"{'table':<20} {'SQLite rows':>12} {'PostgreSQL rows':>16}  digest")
+        for t in report.tables:
+            print(
+                f"{t.table:<20} {t.sqlite_rows:>12} {t.postgresql_rows:>16}  "
+                f"{'equal' if t.equal else 'DIFFERENT'} ({t.postgresql_digest[:12]})"
+            )
+        outcome = "every table equal" if report.equal else "DIFFERENCES (see above)"
+        print(
+            f"copied {report.rows_copied} row(s) of {len(report.tables)} table(s) into {report.target}"
+            f" (schema version {report.schema_version}) in {report.seconds:.1f} s: {outcome}"
+        )
+    return 0 if report.equal else EXIT_FAILED
 
 
 def _backup(cfg: Config, args) -> int:

@@ -1,0 +1,14 @@
+# The index on PostgreSQL (issue 27), first slice: the schema as numbered migrations
+# (migrations/NNNN_name.sql, applied by schema.migrate_schema) and the copy of a hub's SQLite index
+# into an empty PostgreSQL database with its check (from_sqlite.migrate: `mailhub storage migrate`).
+# The hub does not serve from PostgreSQL yet. Needs psycopg 3 (the optional extra `postgresql`):
+# importing this package imports it, so nothing outside the commands that use it imports it.
+from .from_sqlite import MigrateError as MigrateError
+from .from_sqlite import MigrateReport as MigrateReport
+from .from_sqlite import TargetNotEmpty as TargetNotEmpty
+from .from_sqlite import migrate as migrate
+from .from_sqlite import redacted as redacted
+from .schema import SchemaTooNew as SchemaTooNew
+from .schema import latest_version as latest_version
+from .schema import migrate_schema as migrate_schema
+from .schema import schema_version as schema_version

@@ -1,0 +1,458 @@
+# The index on PostgreSQL, first slice (issue 27, docs/postgresql.md), against a real server
+# (tests/pgutil.py): the server fixture itself; schema v1 (every table, column and index of the
+# SQLite index, applied once however often migrate_schema runs, a newer database refused); the
+# counting triggers agreeing with SQLite's (the statements the project's storage functions run on
+# SQLite, recorded and replayed on PostgreSQL, leave the same rows); and `mailhub storage migrate`
+# copying a running hub filled over SMTP and POP3, checking the copy, refusing what it must.
+import calendar
+import json
+import os
+import poplib
+import pwd
+import re
+import smtplib
+import socket
+import sqlite3
+
+import psycopg
+import pytest
+
+from storage import audit, db, outbound, sites, usage
+from storage.index_writer import BatchItem, IndexWriter
+from storage.postgres import SchemaTooNew, latest_version, migrate_schema, schema_version
+from storage.postgres.from_sqlite import _canonical
+from storage.records import Delivery, Downloads, MessageMeta, Removal
+
+from conftest import ALPHA_BETA_B2, PASSWORD, make_message, wait_for
+from pgutil import PASSWORD_ROLE
+
+# ---- the server -----------------------------------------------------------------------------------
+
+
+def test_the_server_fsyncs_runs_unprivileged_and_gives_each_test_an_empty_database(postgres_server, pg_url):
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SHOW fsync").fetchone()[0] == "on"
+        assert conn.execute("SHOW listen_addresses").fetchone()[0] == "127.0.0.1"
+        assert (
+            conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace").fetchone()[0] == 0
+        )
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        expected_uid = pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()
+        assert os.stat(f"/proc/{backend}").st_uid == expected_uid
+    # and on the unix socket in the server's temporary folder
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(host=str(postgres_server.root), port=postgres_server.port, dbname=name, user="mailhub") as c:
+        assert c.execute("SELECT current_database()").fetchone()[0] == name
+
+
+# ---- schema v1 ------------------------------------------------------------------------------------
+
+
+def _catalog(conn) -> list[tuple]:
+    return conn.execute(
+        "SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' '"
+        " || coalesce(column_default, '') FROM information_schema.columns WHERE table_schema = 'public'"
+        " UNION ALL SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public'"
+        " UNION ALL SELECT 'trigger', pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal"
+        " UNION ALL SELECT 'function', proname || ' ' || md5(prosrc) FROM pg_proc"
+        " WHERE pronamespace = 'public'::regnamespace"
+        " UNION ALL SELECT 'meta', key || '=' || value FROM meta"
+        " UNION ALL SELECT 'migration', version || ' ' || name || ' ' || applied_at FROM schema_migrations"
+        " ORDER BY 1, 2"
+    ).fetchall()
+
+
+def test_schema_v1_has_every_table_column_and_index_of_the_sqlite_index_and_applies_once(pg_url, tmp_path):
+    lite = db.connect(tmp_path)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert schema_version(conn) == 0
+        assert migrate_schema(conn) == list(range(1, latest_version() + 1))
+        assert schema_version(conn) == latest_version() >= 1
+        before = _catalog(conn)
+        assert migrate_schema(conn) == []  # applied twice: nothing changes
+        assert _catalog(conn) == before
+
+        def pg(sql, *args):
+            return {row[0] for row in conn.execute(sql, args).fetchall()}
+
+        tables = {name for (name,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables -= {"sqlite_sequence"}
+        assert pg("SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == tables | {"schema_migrations"}
+        for table in tables:
+            columns = {row[1] for row in lite.execute(f"PRAGMA table_info({table})")}
+            assert pg("SELECT column_name FROM information_schema.columns WHERE table_name = %s", table) == columns
+        indexes = {
+            name for (name,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        }
+        assert indexes <= pg("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
+        # a fresh index's settings, as a fresh SQLite index has them
+        assert dict(conn.execute("SELECT key, value::bigint FROM meta").fetchall()) == dict(
+            lite.execute("SELECT key, value FROM meta").fetchall()
+        )
+        # the collation of addresses: case-insensitive as SQLite's NOCASE
+        conn.execute("INSERT INTO sites (name, password_hash, created_at) VALUES ('a', 'h', 0)")
+        conn.execute("INSERT INTO addresses (address, site_id) VALUES ('Alpha@Hub.Test', 1)")
+        assert conn.execute("SELECT site_id FROM addresses WHERE address = 'alpha@hub.test'").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO addresses (address, site_id) VALUES ('ALPHA@HUB.TEST', 1)")
+        # the audit trail stays append-only
+        conn.execute("INSERT INTO audit (at, event) VALUES (1, 'accepted')")
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("UPDATE audit SET event = 'fetched'")
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("DELETE FROM audit")
+    lite.close()
+
+
+def test_a_database_of_a_newer_schema_is_refused_untouched(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        migrate_schema(conn)
+        newer = latest_version() + 1
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, 'from_the_future')", (newer,))
+        before = _catalog(conn)
+        with pytest.raises(SchemaTooNew, match=f"schema version {newer}, newer than this hub knows"):
+            migrate_schema(conn)
+        assert _catalog(conn) == before
+
+
+# ---- the triggers agree with SQLite's -------------------------------------------------------------
+
+
+class Recorder:
+    """An sqlite3 connection that notes every statement run through it, with its parameters."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+        self.statements: list[tuple[str, list, bool]] = []  # (sql, parameter rows, executemany)
+
+    def execute(self, sql, params=()):
+        self.statements.append((sql, [tuple(params)], False))
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql, rows):
+        rows = [tuple(r) for r in rows]
+        self.statements.append((sql, rows, True))
+        return self._conn.executemany(sql, rows)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def pg_dialect(sql: str, placeholders: bool = True) -> str:
+    """What the statements of storage/ need to run on PostgreSQL (the constructs listed in
+    docs/postgresql.md), for the statements this test records."""
+    if placeholders:
+        sql = sql.replace("%", "%%").replace("?", "%s")
+    sql = sql.replace("BEGIN IMMEDIATE", "BEGIN")
+    if sql.startswith("INSERT OR REPLACE INTO meta"):
+        return sql.replace("INSERT OR REPLACE", "INSERT") + " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    if sql.startswith("INSERT OR IGNORE"):
+        return sql.replace("INSERT OR IGNORE", "INSERT") + " ON CONFLICT DO NOTHING"
+    sql = re.sub(r"\bmax\((\w+(?:\.\w+)?), ", r"greatest(\1, ", sql)  # the two-argument max
+    # DO UPDATE SET: a bare column on the right of `=` is the target table's (ambiguous on PostgreSQL)
+    match = re.match(r"INSERT INTO (\w+) .* DO UPDATE SET (.*)$", sql, re.S)
+    if match:
+        table = match[1]
+        sets = re.sub(r"(?<![\w.])(?!excluded\b)([a-z_]+)(?=\s*[-+,)]|\s*$)", rf"{table}.\1", match[2])
+        sql = sql[: match.start(2)] + sets
+    return sql
+
+
+T_NOV = calendar.timegm((2026, 11, 30, 23, 59, 0))  # the last minute of a month (UTC)
+T_DEC = T_NOV + 120  # the next month
+
+
+def _item(queue_id, size, at, sender_site, deliveries, blob, offset=0, remote=(), packed=False) -> BatchItem:
+    meta = MessageMeta(
+        mail_from=f"{queue_id}@hub.test",
+        sender_site=sender_site,
+        dot_lines=False,
+        message_id=f"<{queue_id}@hub.test>",
+        set_id="1.2.3" if sender_site else None,
+        sender_name=None,
+    )
+    return BatchItem(
+        queue_id,
+        size,
+        at,
+        meta,
+        deliveries,
+        list(remote),
+        None,
+        blob,
+        sha256="ab" * 32,
+        offset=offset,
+        crc32=12345,
+        packed=packed,
+    )
+
+
+def _sqlite_scenario(data_dir) -> Recorder:
+    """Sites, limits, two group commits across a month's end (packed and single mails, a peer's,
+    one with a remote recipient), a POP3 session (fetches, a deletion), IMAP flags, an outbound
+    recipient done, an expiry, a site removed: all through storage/'s functions."""
+    writer = IndexWriter(data_dir, 0.0)
+    rec = Recorder(writer.conn)
+    writer.conn = rec
+    for name in ("alpha", "beta", "gamma"):
+        sites.add_site(rec, name, [f"{name}@hub.test", f"{name}2@hub.test"], PASSWORD, ["hub.test"])
+    usage.set_limits(rec, "beta", {"mailbox_bytes": 10_000_000, "max_drain_time": 3600.0})
+    usage.set_limits(rec, "beta", {"mailbox_messages": 500})
+    alpha, beta, gamma = (sites.get_site(rec, n).id for n in ("alpha", "beta", "gamma"))
+
+    def to(*ids):
+        return [Delivery(i, f"site{i}@hub.test", site_name=f"site{i}") for i in ids]
+
+    writer.commit_batch(
+        [
+            _item("Q1", 1000, T_NOV, alpha, to(beta, gamma), "11/P1", 0, packed=True),
+            _item("Q2", 700, T_NOV, alpha, to(beta), "11/P1", 1000, packed=True),
+            _item("Q3", 50_000, T_NOV, beta, to(alpha, gamma), "11/Q3"),
+            _item("Q4", 3000, T_NOV, None, to(gamma), "11/Q4", remote=["far@other.test"]),
+        ],
+        [],
+        seq=1,
+        attempt=7,
+        ends={"11/P1": 1700},
+    )
+    writer.commit_batch(
+        [
+            _item("Q5", 2000, T_DEC, alpha, to(beta, beta), "12/P2", 0, packed=True),
+            _item("Q6", 400, T_DEC, gamma, to(alpha), "12/P2", 2000, packed=True),
+        ],
+        [],
+        seq=2,
+        attempt=8,
+        ends={"12/P2": 2400},
+    )
+    uids = {}
+    for uid, site_id, queue_id in rec.execute("SELECT uid, site_id, queue_id FROM mailbox ORDER BY uid").fetchall():
+        uids.setdefault((site_id, queue_id), []).append(uid)
+    # beta's POP3 session: Q1 and Q2 fetched, Q2 and one copy of Q5 deleted
+    b1, b2, b5 = uids[(beta, "Q1")][0], uids[(beta, "Q2")][0], uids[(beta, "Q5")][0]
+    downloads = Downloads(
+        polled_at=T_DEC + 10,
+        messages=2,
+        bytes=1700,
+        send_seconds=0.5,
+        fetched_uids=[b1, b2],
+        retrieved={"Q1": (T_DEC + 11, 1000), "Q2": (T_DEC + 12, 700)},
+    )
+    writer.delete_entries(beta, [b2, b5], downloads, "beta")
+    writer.delete_entries(beta, [], Downloads(polled_at=T_DEC + 20, fetched_uids=[uids[(beta, "Q5")][1]]), "beta")
+    writer.update_flags(alpha, uids[(alpha, "Q3")], 1 | 4, 0)
+    writer.in_transaction(outbound.remove, [1])  # Q4's remote recipient done
+    writer.delete_entries(gamma, uids[(gamma, "Q4")], None, "gamma", Removal(audit.EXPIRED, audit.HUB_ACTOR))
+    sites.remove_site(rec, "gamma", actor="operator")
+    writer.freed()  # flushes the removals the site's removal noted to the ledger
+    writer.close()
+    return rec
+
+
+def _rows(fetch, table: str, columns: list[str]) -> list[tuple]:
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    return sorted((tuple(_canonical(v) for v in row) for row in fetch(f'SELECT {quoted} FROM "{table}"')), key=repr)
+
+
+# columns a trigger fills with the current time, or ids given in the order rows of one statement are visited
+_NOT_COMPARED = {"blob_holes": {"freed_at"}, "ledger_pending": {"id", "at"}, "events": {"id"}, "audit": {"id"}}
+
+
+def test_the_triggers_keep_the_same_counters_as_sqlite(pg_url, tmp_path):
+    recorded = _sqlite_scenario(tmp_path / "data")
+    lite = db.connect(tmp_path / "data")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        migrate_schema(conn)
+        replayed = 0
+        for sql, rows, many in recorded.statements:
+            if sql.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+                continue  # reads change nothing
+            if not rows:
+                continue  # an executemany of no rows
+            with conn.cursor() as cur:
+                if many:
+                    cur.executemany(pg_dialect(sql), rows)
+                else:
+                    cur.execute(pg_dialect(sql, placeholders=bool(rows[0])), rows[0] or None)
+            replayed += 1
+        assert replayed > 40
+        tables = [t for (t,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        compared = []
+        for table in tables:
+            if table == "sqlite_sequence":
+                continue
+            columns = [row[1] for row in lite.execute(f"PRAGMA table_info({table})")]
+            columns = [c for c in columns if c not in _NOT_COMPARED.get(table, ())]
+            on_sqlite = _rows(lambda q: lite.execute(q).fetchall(), table, columns)
+            on_pg = _rows(lambda q: conn.execute(q.encode()).fetchall(), table, columns)
+            assert on_pg == on_sqlite, f"table {table} differs"
+            compared.append((table, len(on_sqlite)))
+        print(f"\n{replayed} statements replayed; rows per table: {compared}")
+    # the scenario reached every counter: so much is known without either database
+    usage_rows = {(r, s): (hb, hm, wb, wm) for r, s, hb, hm, wb, wm in lite.execute("SELECT * FROM mailbox_usage")}
+    assert usage_rows[(2, 1)] == (1000 + 2000, 2, 0, 0)  # beta from alpha: Q1 and Q5 fetched, Q2 and a Q5 gone
+    assert usage_rows[(1, 2)] == (50_000, 1, 50_000, 1)  # alpha from beta: Q3
+    assert dict(lite.execute("SELECT period, received_bytes FROM site_volume WHERE site_id = 2")) == {
+        "2026-11-30": 1700,
+        "2026-11": 1700,
+        "2026-12-01": 4000,
+        "2026-12": 4000,
+    }
+    assert lite.execute("SELECT queue_id, refs FROM messages ORDER BY 1").fetchall() == [
+        ("Q1", 1),
+        ("Q3", 1),
+        ("Q5", 1),
+        ("Q6", 1),
+    ]
+    assert lite.execute("SELECT blob, start, size FROM blob_holes").fetchall() == [("11/P1", 1000, 700)]  # Q2's
+    assert lite.execute("SELECT blob FROM blob_trash").fetchall() == [("11/Q4",)]  # expired, relayed
+    assert lite.execute("SELECT blob FROM packs ORDER BY 1").fetchall() == [("11/P1",), ("12/P2",)]
+    assert dict(lite.execute("SELECT key, value FROM meta"))["sites_version"] > 6
+    lite.close()
+
+
+def test_pg_dialect_qualifies_the_bare_columns_of_an_upsert():
+    sql = (
+        "INSERT INTO t (a, b, c) VALUES (?, ?, ?) ON CONFLICT (a) DO UPDATE SET b = b + excluded.b,"
+        " c = coalesce(max(c, excluded.c), c, excluded.c)"
+    )
+    assert pg_dialect(sql) == (
+        "INSERT INTO t (a, b, c) VALUES (%s, %s, %s) ON CONFLICT (a) DO UPDATE SET b = t.b + excluded.b,"
+        " c = coalesce(greatest(t.c, excluded.c), t.c, excluded.c)"
+    )
+
+
+# ---- mailhub storage migrate ----------------------------------------------------------------------
+
+
+def _send(hub, sender: str, rcpts: list[str], size: int = 3000) -> None:
+    client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
+    try:
+        client.login(sender, PASSWORD)
+        client.sendmail(f"{sender}@hub.test", rcpts, make_message(size))
+    finally:
+        client.close()
+
+
+def _pop3(hub, site: str, retrieve: int, delete: list[int]) -> None:
+    client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+    try:
+        client.user(site)
+        client.pass_(PASSWORD)
+        for number in range(1, retrieve + 1):
+            client.retr(number)
+        for number in delete:
+            client.dele(number)
+    finally:
+        client.quit()
+
+
+@pytest.fixture
+def filled_hub(make_hub):
+    """A running hub with mail delivered to several sites over SMTP, some fetched and deleted over
+    POP3, a site limit, a second site's removed mail, and the newest mailbox entry deleted (so that
+    SQLite's UID high-water mark is above every UID left)."""
+    hub = make_hub(sites=ALPHA_BETA_B2 + (("gamma", "gamma@hub.test"),))
+    hub.cli("site", "set", "beta", "--mailbox-bytes", "50M")
+    hub.start()
+    _send(hub, "alpha", ["beta@hub.test", "gamma@hub.test"])
+    _send(hub, "alpha", ["beta@hub.test", "b2@hub.test"], size=400_000)  # a file of its own
+    _send(hub, "beta", ["alpha@hub.test"])
+    _send(hub, "gamma", ["alpha@hub.test", "beta@hub.test"])
+    for _ in range(3):
+        _send(hub, "alpha", ["gamma@hub.test"], size=1500)
+    (entries,) = hub.query("SELECT count(*) FROM mailbox")[0]  # committed before each 250
+    assert entries >= 9
+    _pop3(hub, "beta", retrieve=3, delete=[1])  # fetched 3, deleted 1
+    _pop3(hub, "gamma", retrieve=0, delete=[4])  # the newest entry of the hub
+    wait_for(lambda: hub.query("SELECT count(*) FROM mailbox")[0][0] == entries - 2)
+    wait_for(lambda: hub.query("SELECT count(*) FROM audit WHERE event = 'deleted_by_site'")[0][0] == 2)
+    return hub
+
+
+def test_migrate_copies_a_running_hub_and_checks_the_copy(filled_hub, pg_url):
+    hub = filled_hub
+    result = hub.cli("storage", "migrate", pg_url, "--json", check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["equal"] is True and report["schema_version"] == latest_version()
+    tables = {t["table"]: t for t in report["tables"]}
+    lite = hub.db()
+    for table, check in tables.items():
+        assert check["equal"] and check["sqlite_digest"] == check["postgresql_digest"], table
+    assert set(tables) == {t for (t,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - {
+        "sqlite_sequence"
+    }
+    # (the idle hub writes none of these meanwhile)
+    for table in ("sites", "addresses", "messages", "mailbox", "mailbox_usage", "site_volume", "events", "audit"):
+        assert tables[table]["postgresql_rows"] > 0, table
+        assert tables[table]["sqlite_rows"] == lite.execute(f"SELECT count(*) FROM {table}").fetchone()[0], table
+    (uid_high,) = lite.execute("SELECT seq FROM sqlite_sequence WHERE name = 'mailbox'").fetchone()
+    assert uid_high > lite.execute("SELECT max(uid) FROM mailbox").fetchone()[0]  # the newest entry was deleted
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # the rows themselves, not only their digests (UIDVALIDITY is the site's created_at)
+        for table, order in (("mailbox", "uid"), ("sites", "id"), ("imap_uid_next", "site_id")):
+            assert (
+                conn.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+                == lite.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+            )
+        # the next UID is above every UID SQLite ever gave, and the triggers count again
+        (queue_id,) = conn.execute("SELECT queue_id FROM messages LIMIT 1").fetchone()
+        held = conn.execute("SELECT sum(held_messages) FROM mailbox_usage").fetchone()[0]
+        conn.execute("UPDATE messages SET refs = refs + 1 WHERE queue_id = %s", (queue_id,))
+        (uid,) = conn.execute(
+            "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (1, %s, 'alpha@hub.test', 0)"
+            " RETURNING uid",
+            (queue_id,),
+        ).fetchone()
+        assert uid == uid_high + 1
+        assert conn.execute("SELECT sum(held_messages) FROM mailbox_usage").fetchone()[0] == held + 1
+        assert conn.execute("SELECT uid_next FROM imap_uid_next WHERE site_id = 1").fetchone() == (uid + 1,)
+        (event_id,) = conn.execute("INSERT INTO events (at, kind) VALUES (0, 'x') RETURNING id").fetchone()
+        assert event_id == lite.execute("SELECT max(id) FROM events").fetchone()[0] + 1
+    lite.close()
+    # the table printed for people
+    again = hub.cli("storage", "migrate", pg_url, check=False)
+    assert again.returncode == 2 and "holds" in again.stderr and "empty" in again.stderr, again.stderr
+
+
+def test_migrate_prints_the_table_and_refuses_what_it_must(make_hub, postgres_server, pg_url):
+    hub = make_hub(sites=ALPHA_BETA_B2)  # a stopped hub's index (made by `site add`)
+    result = hub.cli("storage", "migrate", pg_url, check=False)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^mailbox\s+0\s+0\s+equal", result.stdout, re.M), result.stdout
+    assert re.search(r"^addresses\s+3\s+3\s+equal", result.stdout, re.M), result.stdout
+    assert "every table equal" in result.stdout
+    # a non-empty database: refused, untouched
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE audit CASCADE")
+        conn.execute("CREATE TABLE mine (x int)")
+    refused = hub.cli("storage", "migrate", pg_url, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('audit')").fetchone() == (None,)
+    # no server there: one line, never the password
+    secret = "Pa55-never-shown"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for url in (
+        f"postgresql://mailhub:{secret}@127.0.0.1:{closed}/nothing",
+        f"postgresql://mailhub@127.0.0.1:{closed}/nothing?password={secret}",
+    ):
+        failed = hub.cli("storage", "migrate", url, check=False)
+        assert failed.returncode == 1
+        assert failed.stderr.startswith("mailhub: cannot connect to postgresql://mailhub@127.0.0.1:")
+        assert failed.stderr.count("\n") == 1 and secret not in failed.stderr + failed.stdout, failed.stderr
+    # a wrong password for a role that needs one
+    postgres_server.admin(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 'the-right-one'")
+    try:
+        url = postgres_server.url(pg_url.rsplit("/", 1)[1], user=PASSWORD_ROLE, password=secret)
+        failed = hub.cli("storage", "migrate", url, check=False)
+        assert failed.returncode == 1 and "password authentication failed" in failed.stderr, failed.stderr
+        assert failed.stderr.count("\n") == 1 and secret not in failed.stderr
+    finally:
+        postgres_server.admin(f"DROP ROLE {PASSWORD_ROLE}")
+    # not a PostgreSQL URL: usage
+    assert hub.cli("storage", "migrate", "mysql://x/y", check=False).returncode == 2
