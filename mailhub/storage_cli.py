@@ -97,6 +97,7 @@ def storage_parsers(commands, common) -> None:
         help="postgresql://USER@HOST[:PORT]/DATABASE (a password: PGPASSWORD or ~/.pgpass rather than the URL)",
     )
     migrate.add_argument("--json", action="store_true")
+    migrate.add_argument("--quiet", action="store_true", help="no progress lines (on stderr)")
 
 
 def storage_command(cfg: Config, args) -> int:
@@ -246,7 +247,7 @@ def _migrate(cfg: Config, args) -> int:
         )
         return EXIT_FAILED
     try:
-        report = migrate(cfg.data_dir, args.url)
+        report = migrate(cfg.data_dir, args.url, progress=None if args.quiet else _progress)
     except TargetNotEmpty as exc:
         print(f"mailhub: {exc}", file=sys.stderr)
         return 2
@@ -268,6 +269,10 @@ def _migrate(cfg: Config, args) -> int:
             f" (schema version {report.schema_version}) in {report.seconds:.1f} s: {outcome}"
         )
     return 0 if report.equal else EXIT_FAILED
+
+
+def _progress(line: str) -> None:
+    print(f"migrate: {line}", file=sys.stderr, flush=True)
 
 
 def _backup(cfg: Config, args) -> int:

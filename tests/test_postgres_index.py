@@ -6,6 +6,7 @@
 # copying a running hub filled over SMTP and POP3, checking the copy, refusing what it must.
 import calendar
 import json
+import math
 import os
 import poplib
 import pwd
@@ -13,6 +14,7 @@ import re
 import smtplib
 import socket
 import sqlite3
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from storage import audit, db, outbound, sites, usage
 from storage.index_writer import BatchItem, IndexWriter
 from storage.postgres import SchemaTooNew, latest_version, migrate_schema, schema_version
-from storage.postgres.from_sqlite import _canonical
+from storage.postgres.from_sqlite import _canonical, check, digest
 from storage.records import Delivery, Downloads, MessageMeta, Removal
 
 from conftest import ALPHA_BETA_B2, PASSWORD, make_message, wait_for
@@ -374,12 +376,14 @@ def test_migrate_copies_a_running_hub_and_checks_the_copy(filled_hub, pg_url):
     hub = filled_hub
     result = hub.cli("storage", "migrate", pg_url, "--json", check=False)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"^migrate: copied mailbox: \d+ row\(s\)$", result.stderr, re.M), result.stderr
+    assert "migrate: checked audit: equal" in result.stderr
     report = json.loads(result.stdout)
     assert report["equal"] is True and report["schema_version"] == latest_version()
     tables = {t["table"]: t for t in report["tables"]}
     lite = hub.db()
-    for table, check in tables.items():
-        assert check["equal"] and check["sqlite_digest"] == check["postgresql_digest"], table
+    for table, compared in tables.items():
+        assert compared["equal"] and compared["sqlite_digest"] == compared["postgresql_digest"], table
     assert set(tables) == {t for (t,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - {
         "sqlite_sequence"
     }
@@ -418,11 +422,28 @@ def test_migrate_copies_a_running_hub_and_checks_the_copy(filled_hub, pg_url):
 
 def test_migrate_prints_the_table_and_refuses_what_it_must(make_hub, postgres_server, pg_url):
     hub = make_hub(sites=ALPHA_BETA_B2)  # a stopped hub's index (made by `site add`)
-    result = hub.cli("storage", "migrate", pg_url, check=False)
-    assert result.returncode == 0, result.stderr
+    lite = hub.db()
+    with lite:  # SQLite's INTEGER column holds a REAL as it is: a time stamp left by an audit pruning
+        lite.execute("UPDATE meta SET value = 1796083140.25 WHERE key = 'audit_prune_before'")
+    result = hub.cli("storage", "migrate", pg_url, "--quiet", check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
     assert re.search(r"^mailbox\s+0\s+0\s+equal", result.stdout, re.M), result.stdout
     assert re.search(r"^addresses\s+3\s+3\s+equal", result.stdout, re.M), result.stdout
+    assert re.search(r"^meta\s+8\s+8\s+equal", result.stdout, re.M), result.stdout
     assert "every table equal" in result.stdout
+    # the check sees a difference: a changed value, a row more
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'audit_prune_before'").fetchone()[0] == Decimal(
+            "1796083140.25"
+        )
+        assert all(t.equal for t in check(lite, conn))
+        conn.execute("UPDATE addresses SET address = 'B3@hub.test' WHERE address = 'b2@hub.test'")
+        conn.execute("INSERT INTO site_volume (site_id, period) VALUES (1, '2026-12')")
+        assert {t.table for t in check(lite, conn) if not t.equal} == {"addresses", "site_volume"}
+        different = {t.table: t for t in check(lite, conn)}
+        assert (different["addresses"].sqlite_rows, different["addresses"].postgresql_rows) == (3, 3)
+        assert (different["site_volume"].sqlite_rows, different["site_volume"].postgresql_rows) == (0, 1)
+    lite.close()
     # a non-empty database: refused, untouched
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("DROP TABLE audit CASCADE")
@@ -456,3 +477,14 @@ def test_migrate_prints_the_table_and_refuses_what_it_must(make_hub, postgres_se
         postgres_server.admin(f"DROP ROLE {PASSWORD_ROLE}")
     # not a PostgreSQL URL: usage
     assert hub.cli("storage", "migrate", "mysql://x/y", check=False).returncode == 2
+
+
+def test_the_digest_ignores_the_order_and_counts_every_row():
+    rows = [(1, "a", None, 0.5), (2, "b", 3.0, None), (2, "b", 3.0, None)]
+    count, total = digest(rows)
+    assert (count, total) == digest(reversed(rows))
+    assert total != digest(rows[:2])[1] and digest(rows[:2])[0] == 2  # a duplicate row counts
+    assert total != digest([(1, "a", None, 0.5), (2, "b", 3.0, None), (2, "B", 3.0, None)])[1]
+    # the same value from either side: SQLite's int or REAL, PostgreSQL's numeric or double
+    assert digest([(5, 2.5, 7.0)]) == digest([(Decimal(5), Decimal("2.5"), 7)])
+    assert digest([(math.inf,)]) == digest([(math.inf,)]) != digest([(-math.inf,)])

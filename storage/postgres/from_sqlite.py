@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -124,24 +124,34 @@ def connect(url: str) -> psycopg.Connection[Any]:
         raise MigrateError(f"cannot connect to {redacted(url)}: {_one_line(exc, url)}") from None
 
 
-def migrate(data_dir: Path, url: str, batch_rows: int = BATCH_ROWS) -> MigrateReport:
-    """Copy the hub's index in `data_dir` into the empty database at `url`, then check the copy."""
+def migrate(
+    data_dir: Path, url: str, batch_rows: int = BATCH_ROWS, progress: Callable[[str], None] | None = None
+) -> MigrateReport:
+    """Copy the hub's index in `data_dir` into the empty database at `url`, then check the copy.
+    `progress` is told of each table copied and checked (for a long copy's operator)."""
+    tell = progress or (lambda line: None)
     started = time.monotonic()
     report = MigrateReport(redacted(url))
     work = Path(tempfile.mkdtemp(prefix="mailhub-migrate-"))
     try:
-        snapshot = _snapshot(Path(data_dir), work)
+        try:
+            snapshot = _snapshot(Path(data_dir), work)
+        except sqlite3.OperationalError as exc:
+            raise MigrateError(
+                f"the snapshot of the index into {work} failed: {exc} (TMPDIR: a folder with room for a copy"
+                " of the index)"
+            ) from None
         try:
             conn = connect(url)
             try:
                 try:
-                    report.schema_version, report.rows_copied = _copy(snapshot, conn, batch_rows)
+                    report.schema_version, report.rows_copied = _copy(snapshot, conn, batch_rows, tell)
                 except psycopg.Error as exc:
                     raise MigrateError(
                         f"copying into {report.target} failed, nothing was kept: {_one_line(exc, url)}"
                     ) from None
                 try:
-                    report.tables = check(snapshot, conn)
+                    report.tables = check(snapshot, conn, tell)
                 except psycopg.Error as exc:
                     raise MigrateError(
                         f"the copy in {report.target} was committed, but checking it failed: {_one_line(exc, url)}"
@@ -197,7 +207,9 @@ def _pg_columns(conn: psycopg.Connection[Any], table: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-def _copy(snapshot: sqlite3.Connection, conn: psycopg.Connection[Any], batch_rows: int) -> tuple[int, int]:
+def _copy(
+    snapshot: sqlite3.Connection, conn: psycopg.Connection[Any], batch_rows: int, tell: Callable[[str], None]
+) -> tuple[int, int]:
     """Everything in one transaction; returns (schema version, rows copied)."""
     copied = 0
     with conn.transaction():
@@ -220,7 +232,9 @@ def _copy(snapshot: sqlite3.Connection, conn: psycopg.Connection[Any], batch_row
             conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(sql.Identifier(table)))
         conn.execute("DELETE FROM meta")  # the migration's defaults: the index's own values replace them
         for table in tables:
-            copied += _copy_table(snapshot, conn, table, batch_rows)
+            rows = _copy_table(snapshot, conn, table, batch_rows)
+            copied += rows
+            tell(f"copied {table}: {rows} row(s)")
         _advance_sequences(snapshot, conn, tables)
         for table in tables:
             conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(sql.Identifier(table)))
@@ -274,7 +288,9 @@ def _advance_sequences(snapshot: sqlite3.Connection, conn: psycopg.Connection[An
             conn.execute("SELECT setval(pg_get_serial_sequence(%s, %s), %s)", (table, column, highest))
 
 
-def check(snapshot: sqlite3.Connection, conn: psycopg.Connection[Any]) -> list[TableCheck]:
+def check(
+    snapshot: sqlite3.Connection, conn: psycopg.Connection[Any], tell: Callable[[str], None] | None = None
+) -> list[TableCheck]:
     """Row count and digest of each table on both sides (PostgreSQL read in one snapshot)."""
     results = []
     with conn.transaction():
@@ -282,10 +298,12 @@ def check(snapshot: sqlite3.Connection, conn: psycopg.Connection[Any]) -> list[T
         for table in sqlite_tables(snapshot):
             columns = _pg_columns(conn, table)
             sqlite_rows, sqlite_digest = digest(
-                row for batch in _batches(snapshot, table, columns, 2000) for row in batch
+                row for batch in _batches(snapshot, table, columns, BATCH_ROWS) for row in batch
             )
             pg_rows, pg_digest = digest(_pg_rows(conn, table, columns))
             results.append(TableCheck(table, sqlite_rows, pg_rows, sqlite_digest, pg_digest))
+            if tell is not None:
+                tell(f"checked {table}: {'equal' if results[-1].equal else 'DIFFERENT'}")
     return results
 
 
