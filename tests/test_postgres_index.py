@@ -19,7 +19,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from storage import audit, db, outbound, sites, usage
+from storage import audit, db, directory_index, lifecycle, outbound, sites, usage
 from storage.index_writer import BatchItem, IndexWriter
 from storage.postgres import SchemaTooNew, latest_version, migrate_schema, schema_version
 from storage.postgres.from_sqlite import _canonical, check, digest
@@ -191,8 +191,9 @@ def _item(queue_id, size, at, sender_site, deliveries, blob, offset=0, remote=()
 
 def _sqlite_scenario(data_dir) -> Recorder:
     """Sites, limits, two group commits across a month's end (packed and single mails, a peer's,
-    one with a remote recipient), a POP3 session (fetches, a deletion), IMAP flags, an outbound
-    recipient done, an expiry, a site removed: all through storage/'s functions."""
+    one with a remote recipient), a POP3 session (fetches, a deletion), IMAP flags, keys and policy
+    overrides, an audit pruning, an outbound recipient done, an expiry, a site removed: through
+    storage/'s functions (and one removal as start-up recovery makes it)."""
     writer = IndexWriter(data_dir, 0.0)
     rec = Recorder(writer.conn)
     writer.conn = rec
@@ -243,6 +244,19 @@ def _sqlite_scenario(data_dir) -> Recorder:
     writer.delete_entries(beta, [b2, b5], downloads, "beta")
     writer.delete_entries(beta, [], Downloads(polled_at=T_DEC + 20, fetched_uids=[uids[(beta, "Q5")][1]]), "beta")
     writer.update_flags(alpha, uids[(alpha, "Q3")], 1 | 4, 0)
+    # keys and policy overrides (directory and keys versions), a retention override
+    directory_index.replace_site_key(rec, "alpha", "FP1", "K1", "armored 1", T_NOV)
+    directory_index.replace_site_key(rec, "alpha", "FP2", "K2", "armored 2", T_DEC)  # retires FP1
+    for site_id, policy in ((beta, "on"), (beta, "off"), (alpha, "on"), (alpha, None)):
+        directory_index.set_policy_override(rec, site_id, policy)
+    lifecycle.set_retention(rec, "beta", 7.0)
+    # the audit trail pruned up to the first fetch (the guard lets only these rows go)
+    assert audit.prune(rec, T_DEC + 11) > 0
+    # a row moved aside without telling the ledger, as start-up recovery does (meta ledger_quiet)
+    with db.transaction(rec):
+        rec.execute("UPDATE meta SET value = 1 WHERE key = 'ledger_quiet'")
+        rec.execute("DELETE FROM mailbox WHERE uid = ?", (uids[(alpha, "Q6")][0],))
+        rec.execute("UPDATE meta SET value = 0 WHERE key = 'ledger_quiet'")
     writer.in_transaction(outbound.remove, [1])  # Q4's remote recipient done
     writer.delete_entries(gamma, uids[(gamma, "Q4")], None, "gamma", Removal(audit.EXPIRED, audit.HUB_ACTOR))
     sites.remove_site(rec, "gamma", actor="operator")
@@ -304,10 +318,18 @@ def test_the_triggers_keep_the_same_counters_as_sqlite(pg_url, tmp_path):
         ("Q1", 1),
         ("Q3", 1),
         ("Q5", 1),
-        ("Q6", 1),
     ]
-    assert lite.execute("SELECT blob, start, size FROM blob_holes").fetchall() == [("11/P1", 1000, 700)]  # Q2's
-    assert lite.execute("SELECT blob FROM blob_trash").fetchall() == [("11/Q4",)]  # expired, relayed
+    assert lite.execute("SELECT count(*) FROM ledger_pending WHERE queue_id = 'Q6'").fetchone() == (0,)
+    assert lite.execute("SELECT count(*) FROM audit WHERE at < ?", (T_DEC + 11,)).fetchone() == (0,)
+    assert lite.execute("SELECT fingerprint, retired_at FROM site_keys ORDER BY id").fetchall() == [
+        ("FP1", T_DEC),
+        ("FP2", None),
+    ]
+    assert sorted(lite.execute("SELECT blob, start, size FROM blob_holes")) == [
+        ("11/P1", 1000, 700),
+        ("12/P2", 2000, 400),
+    ]
+    assert sorted(lite.execute("SELECT blob FROM blob_trash").fetchall()) == [("11/Q4",)]  # expired, relayed
     assert lite.execute("SELECT blob FROM packs ORDER BY 1").fetchall() == [("11/P1",), ("12/P2",)]
     assert dict(lite.execute("SELECT key, value FROM meta"))["sites_version"] > 6
     lite.close()
