@@ -128,12 +128,18 @@ def migrate(
     data_dir: Path, url: str, batch_rows: int = BATCH_ROWS, progress: Callable[[str], None] | None = None
 ) -> MigrateReport:
     """Copy the hub's index in `data_dir` into the empty database at `url`, then check the copy.
-    `progress` is told of each table copied and checked (for a long copy's operator)."""
+    `progress` is told of each table copied and checked (for a long copy's operator). The target is
+    reached and found empty before the index is copied (a wrong URL fails at once)."""
     tell = progress or (lambda line: None)
     started = time.monotonic()
     report = MigrateReport(redacted(url))
+    conn = connect(url)
     work = Path(tempfile.mkdtemp(prefix="mailhub-migrate-"))
     try:
+        try:
+            _refuse_if_not_empty(conn)
+        except psycopg.Error as exc:
+            raise MigrateError(f"reading {report.target} failed: {_one_line(exc, url)}") from None
         try:
             snapshot = _snapshot(Path(data_dir), work)
         except sqlite3.OperationalError as exc:
@@ -142,25 +148,22 @@ def migrate(
                 " of the index)"
             ) from None
         try:
-            conn = connect(url)
             try:
-                try:
-                    report.schema_version, report.rows_copied = _copy(snapshot, conn, batch_rows, tell)
-                except psycopg.Error as exc:
-                    raise MigrateError(
-                        f"copying into {report.target} failed, nothing was kept: {_one_line(exc, url)}"
-                    ) from None
-                try:
-                    report.tables = check(snapshot, conn, tell)
-                except psycopg.Error as exc:
-                    raise MigrateError(
-                        f"the copy in {report.target} was committed, but checking it failed: {_one_line(exc, url)}"
-                    ) from None
-            finally:
-                conn.close()
+                report.schema_version, report.rows_copied = _copy(snapshot, conn, batch_rows, tell)
+            except psycopg.Error as exc:
+                raise MigrateError(
+                    f"copying into {report.target} failed, nothing was kept: {_one_line(exc, url)}"
+                ) from None
+            try:
+                report.tables = check(snapshot, conn, tell)
+            except psycopg.Error as exc:
+                raise MigrateError(
+                    f"the copy in {report.target} was committed, but checking it failed: {_one_line(exc, url)}"
+                ) from None
         finally:
             snapshot.close()
     finally:
+        conn.close()
         shutil.rmtree(work, ignore_errors=True)
     report.seconds = time.monotonic() - started
     return report
@@ -213,13 +216,7 @@ def _copy(
     """Everything in one transaction; returns (schema version, rows copied)."""
     copied = 0
     with conn.transaction():
-        present = _pg_tables(conn)
-        if present:
-            shown = ", ".join(present[:5]) + (" ..." if len(present) > 5 else "")
-            raise TargetNotEmpty(
-                f"the database holds {len(present)} table(s) already ({shown}): migrate copies into an empty"
-                " database only (createdb a new one, or drop these tables)"
-            )
+        _refuse_if_not_empty(conn)
         migrate_schema(conn)
         tables = sqlite_tables(snapshot)
         target_tables = set(_pg_tables(conn)) - {"schema_migrations"}
@@ -239,6 +236,16 @@ def _copy(
         for table in tables:
             conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(sql.Identifier(table)))
     return latest_version(), copied
+
+
+def _refuse_if_not_empty(conn: psycopg.Connection[Any]) -> None:
+    present = _pg_tables(conn)
+    if present:
+        shown = ", ".join(present[:5]) + (" ..." if len(present) > 5 else "")
+        raise TargetNotEmpty(
+            f"the database holds {len(present)} table(s) already ({shown}): migrate copies into an empty"
+            " database only (createdb a new one, or drop these tables)"
+        )
 
 
 def _copy_table(snapshot: sqlite3.Connection, conn: psycopg.Connection[Any], table: str, batch_rows: int) -> int:
