@@ -27,6 +27,8 @@ from mailhub import config
 from mailhub.hub import Hub as HubObject
 from mailhub.logsetup import formatter
 
+from seaweedutil import seaweedfs  # noqa: F401  (the session's SeaweedFS: tests/test_s3_*.py)
+
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-pass-long"  # `site add` wants 12 characters at least
 _LISTEN_RE = re.compile(r"(\w+) listening on ([\d.:a-f]+):(\d+)")

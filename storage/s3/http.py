@@ -1,0 +1,244 @@
+# The HTTP/1.1 exchange under the S3 client: one request per connection (Connection: close), over
+# asyncio streams (TLS for https endpoints), with a timeout on every step (connect, each write,
+# each read) and bounds on everything the server sends: the answer's head (64 KB, 100 fields), a
+# chunk-size line, and the bodies read whole (the caller's limit). A body is sent from memory in
+# slices, waiting for each to drain, so the transport never holds a second copy of it; an answer's
+# body is either read whole (bounded) or streamed to a sink in slices. Must never read an unbounded
+# amount from the server into memory, and never raise anything but S3Error.
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import S3Error, printable
+
+MAX_HEAD = 64 * 1024
+MAX_FIELDS = 100
+SLICE = 256 * 1024  # bytes written (then drained) or read at a time
+
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the store listens: http or https, host, port, and a path prefix (usually empty)."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> "Endpoint":
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("http", "https"):
+            raise ValueError(f"expected http://HOST[:PORT] or https://HOST[:PORT], got {url!r}")
+        authority, _, path = rest.partition("/")
+        host, port = authority, 443 if scheme == "https" else 80
+        if authority.startswith("["):  # [IPv6]:port
+            host, _, after = authority[1:].partition("]")
+            if after.startswith(":"):
+                port = _port(after[1:], url)
+        elif ":" in authority:
+            host, _, text = authority.rpartition(":")
+            port = _port(text, url)
+        if not host:
+            raise ValueError(f"no host in {url!r}")
+        return cls(scheme, host, port, "/" + path.strip("/") if path.strip("/") else "")
+
+    def host_header(self, host: str | None = None) -> str:
+        host = host or self.host
+        shown = f"[{host}]" if ":" in host else host
+        default = 443 if self.scheme == "https" else 80
+        return shown if self.port == default else f"{shown}:{self.port}"
+
+
+def _port(text: str, url: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in {url!r}")
+    return int(text)
+
+
+@dataclass
+class Response:
+    """An answer whose head has been read; its body is read with read_body() or stream()."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    what: str  # "PUT s3://bucket/key", for messages
+    timeout: float
+    _reader: asyncio.StreamReader = field(repr=False)
+    _writer: asyncio.StreamWriter = field(repr=False)
+    _has_body: bool = True
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body; S3Error when it is longer than `limit` bytes."""
+        parts: list[bytes] = []
+        total = 0
+
+        async def keep(data: bytes) -> None:
+            nonlocal total
+            total += len(data)
+            if total > limit:
+                raise S3Error(f"{self.what}: the store's answer is larger than {limit} bytes", self.status, "too_large")
+            parts.append(data)
+
+        await self.stream(keep)
+        return b"".join(parts)
+
+    async def stream(self, sink: Sink) -> int:
+        """Hand the body to `sink` in slices of at most SLICE bytes; the number of bytes."""
+        try:
+            if not self._has_body:
+                return 0
+            if "chunked" in self.headers.get("transfer-encoding", "").lower():
+                return await self._chunked(sink)
+            length = self.headers.get("content-length")
+            if length is not None:
+                if not length.strip().isdigit():
+                    raise S3Error(f"{self.what}: bad Content-Length {printable(length)!r}", self.status, "protocol")
+                return await self._exactly(int(length), sink)
+            return await self._until_close(sink)
+        finally:
+            self.close()
+
+    async def _exactly(self, length: int, sink: Sink) -> int:
+        left = length
+        while left:
+            data = await self._read(min(left, SLICE))
+            if not data:
+                raise S3Error(
+                    f"{self.what}: the store closed the connection after {length - left} of {length} bytes",
+                    self.status,
+                    "connection",
+                )
+            left -= len(data)
+            await sink(data)
+        return length
+
+    async def _until_close(self, sink: Sink) -> int:
+        total = 0
+        while data := await self._read(SLICE):
+            total += len(data)
+            await sink(data)
+        return total
+
+    async def _chunked(self, sink: Sink) -> int:
+        total = 0
+        while True:
+            line = await self._line()
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise S3Error(f"{self.what}: bad chunk size in the answer", self.status, "protocol") from None
+            if size == 0:
+                while await self._line():  # trailer fields, up to the empty line
+                    pass
+                return total
+            total += await self._exactly(size, sink)
+            if await self._line():
+                raise S3Error(f"{self.what}: no line end after a chunk", self.status, "protocol")
+
+    async def _read(self, n: int) -> bytes:
+        return await _step(self._reader.read(n), self.timeout, self.what)
+
+    async def _line(self) -> bytes:
+        return (await _step(self._reader.readuntil(b"\r\n"), self.timeout, self.what))[:-2]
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def _step(awaitable: Awaitable[bytes], timeout: float, what: str) -> bytes:
+    """One read with a deadline, its failures as S3Error."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise S3Error(f"{what}: no answer from the store within {timeout:g} s", 0, "timeout") from None
+    except asyncio.IncompleteReadError:
+        raise S3Error(f"{what}: the store closed the connection mid-answer", 0, "connection") from None
+    except (asyncio.LimitOverrunError, ValueError):
+        raise S3Error(f"{what}: a line of the store's answer is longer than {MAX_HEAD} bytes", 0, "protocol") from None
+    except OSError as exc:
+        raise S3Error(f"{what}: connection to the store failed: {exc.strerror or exc}", 0, "connection") from None
+
+
+async def exchange(
+    endpoint: Endpoint,
+    connect_host: str,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    body: list[bytes],
+    timeout: float,
+    what: str,
+    tls: ssl.SSLContext | None = None,
+) -> Response:
+    """Send one request (its body from memory, in chunks) and read the answer's head."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                connect_host,
+                endpoint.port,
+                ssl=tls if endpoint.scheme == "https" else None,
+                server_hostname=connect_host if endpoint.scheme == "https" else None,
+                limit=MAX_HEAD,
+            ),
+            timeout,
+        )
+    except TimeoutError:
+        raise S3Error(
+            f"{what}: cannot connect to {connect_host}:{endpoint.port} within {timeout:g} s", 0, "timeout"
+        ) from None
+    except OSError as exc:
+        raise S3Error(
+            f"{what}: cannot connect to {connect_host}:{endpoint.port}: {exc.strerror or exc}", 0, "connection"
+        ) from None
+    try:
+        head = [f"{method} {target} HTTP/1.1"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        head += [f"Content-Length: {sum(map(len, body))}", "Connection: close", "", ""]
+        writer.write("\r\n".join(head).encode("latin-1"))
+        for chunk in body:
+            view = memoryview(chunk)
+            for start in range(0, len(view), SLICE):
+                writer.write(view[start : start + SLICE])
+                await _drain(writer, timeout, what)
+        await _drain(writer, timeout, what)
+        status, reason, fields = await _read_head(reader, timeout, what)
+    except BaseException:
+        writer.close()
+        raise
+    no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+    return Response(status, reason, fields, what, timeout, reader, writer, not no_body)
+
+
+async def _drain(writer: asyncio.StreamWriter, timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(writer.drain(), timeout)
+    except TimeoutError:
+        raise S3Error(f"{what}: the store took no data for {timeout:g} s", 0, "timeout") from None
+    except OSError as exc:
+        raise S3Error(f"{what}: connection to the store failed: {exc.strerror or exc}", 0, "connection") from None
+
+
+async def _read_head(reader: asyncio.StreamReader, timeout: float, what: str) -> tuple[int, str, dict[str, str]]:
+    while True:  # skip interim 1xx answers (100 Continue)
+        raw = await _step(reader.readuntil(b"\r\n\r\n"), timeout, what)
+        lines = raw[:-4].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise S3Error(f"{what}: not an HTTP answer: {printable(lines[0], 80)!r}", 0, "protocol")
+        status = int(parts[1])
+        if len(lines) - 1 > MAX_FIELDS:
+            raise S3Error(f"{what}: the answer has more than {MAX_FIELDS} header fields", status, "protocol")
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise S3Error(f"{what}: bad header field {printable(line, 80)!r}", status, "protocol")
+            fields[name.lower()] = value.strip()
+        if not 100 <= status < 200:
+            return status, parts[2] if len(parts) > 2 else "", fields

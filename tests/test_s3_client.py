@@ -1,0 +1,359 @@
+# The S3 client (storage/s3/): the SigV4 signer against the examples of the S3 API reference
+# (exact strings), round trips against a real SeaweedFS (the session's `seaweedfs` fixture), a 40 MB
+# multipart upload whose memory stays at a few parts, an upload failed or cancelled mid-way that
+# leaves no object and no pending upload, and every failure of a store - wrong key, missing bucket,
+# refused connection, silence, oversized or hostile answers - as one clear S3Error.
+import asyncio
+import hashlib
+import random
+import threading
+import time
+
+import psutil
+import pytest
+
+from storage.s3 import Credentials, S3Client, S3Error, S3Settings, sigv4
+
+# --- the signer: the S3 API reference's examples ("Signature Calculations for the Authorization Header:
+# Transferring Payload in a Single Chunk"), bucket examplebucket, 2013-05-24T00:00:00Z, us-east-1 ---
+EXAMPLE = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+EXAMPLE_TIME = 1369353600.0  # Fri, 24 May 2013 00:00:00 GMT
+HOST = {"host": "examplebucket.s3.amazonaws.com"}
+CREDENTIAL = "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request"
+
+
+def test_sigv4_get_object_example_step_by_step():
+    headers = {
+        **HOST,
+        "range": "bytes=0-9",
+        "x-amz-content-sha256": sigv4.EMPTY_SHA256,
+        "x-amz-date": "20130524T000000Z",
+    }
+    request, signed = sigv4.canonical_request("GET", "/test.txt", [], headers, sigv4.EMPTY_SHA256)
+    assert request == (
+        "GET\n/test.txt\n\nhost:examplebucket.s3.amazonaws.com\nrange:bytes=0-9\n"
+        "x-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n"
+        "x-amz-date:20130524T000000Z\n\nhost;range;x-amz-content-sha256;x-amz-date\n"
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+    assert sigv4.string_to_sign("20130524T000000Z", "20130524/us-east-1/s3/aws4_request", request) == (
+        "AWS4-HMAC-SHA256\n20130524T000000Z\n20130524/us-east-1/s3/aws4_request\n"
+        "7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972"
+    )
+    signed_headers = sigv4.sign(
+        EXAMPLE, "us-east-1", "GET", "/test.txt", [], {**HOST, "Range": "bytes=0-9"}, sigv4.EMPTY_SHA256, EXAMPLE_TIME
+    )
+    assert signed_headers["authorization"] == (
+        f"{CREDENTIAL},SignedHeaders=host;range;x-amz-content-sha256;x-amz-date,"
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    assert signed_headers["x-amz-date"] == "20130524T000000Z"
+
+
+def test_sigv4_put_object_example_with_an_encoded_key_and_a_signed_payload():
+    body = b"Welcome to Amazon S3."
+    payload = hashlib.sha256(body).hexdigest()
+    assert payload == "44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072"
+    path = "/" + sigv4.uri_encode("test$file.text", encode_slash=False)
+    assert path == "/test%24file.text"
+    headers = {**HOST, "Date": "Fri, 24 May 2013 00:00:00 GMT", "x-amz-storage-class": "REDUCED_REDUNDANCY"}
+    signed = sigv4.sign(EXAMPLE, "us-east-1", "PUT", path, [], headers, payload, EXAMPLE_TIME)
+    assert signed["authorization"] == (
+        f"{CREDENTIAL},SignedHeaders=date;host;x-amz-content-sha256;x-amz-date;x-amz-storage-class,"
+        "Signature=98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd"
+    )
+
+
+@pytest.mark.parametrize(
+    "query, signature",
+    [
+        (
+            [("lifecycle", "")],
+            "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543",
+        ),  # GET Bucket Lifecycle
+        ([("prefix", "J"), ("max-keys", "2")], "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"),
+    ],
+)
+def test_sigv4_bucket_examples_with_a_query(query, signature):
+    signed = sigv4.sign(EXAMPLE, "us-east-1", "GET", "/", query, HOST, sigv4.EMPTY_SHA256, EXAMPLE_TIME)
+    assert (
+        signed["authorization"]
+        == f"{CREDENTIAL},SignedHeaders=host;x-amz-content-sha256;x-amz-date,Signature={signature}"
+    )
+
+
+def test_uri_encoding_and_the_secret_kept_out_of_reprs():
+    assert sigv4.uri_encode("a b+c/ü~", encode_slash=False) == "a%20b%2Bc/%C3%BC~"
+    assert sigv4.uri_encode("a/b") == "a%2Fb"
+    assert sigv4.canonical_query([("prefix", "x/y z"), ("list-type", "2"), ("uploads", "")]) == (
+        "list-type=2&prefix=x%2Fy%20z&uploads="
+    )
+    assert EXAMPLE.secret_key not in repr(EXAMPLE)
+    assert EXAMPLE.secret_key not in repr(S3Settings("http://127.0.0.1:1", "us-east-1", EXAMPLE))
+
+
+# --- against SeaweedFS -------------------------------------------------------------------------
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(client, bucket, key) -> bytes:
+    parts: list[bytes] = []
+
+    async def sink(data: bytes) -> None:
+        parts.append(data)
+
+    await client.get(bucket, key, sink)
+    return b"".join(parts)
+
+
+def from_bytes(data: bytes):
+    offset = 0
+
+    async def read(n: int) -> bytes:
+        nonlocal offset
+        chunk = data[offset : offset + n]
+        offset += len(chunk)
+        return chunk
+
+    return read
+
+
+def test_put_get_head_list_delete_round_trips(seaweedfs):
+    client = S3Client(seaweedfs.settings())
+    bucket = seaweedfs.new_bucket()
+    keys = {
+        "plain.txt": b"hello object store\r\n",
+        "empty": b"",
+        "dir/with space+plus & ü.bin": bytes(range(256)) * 40,
+        "dir/sub/deeper.eml": b"x" * 70_000,
+        "other/not-listed": b"-",
+    }
+
+    async def scenario():
+        for key, data in keys.items():
+            result = await client.put(bucket, key, from_bytes(data))
+            assert (result.size, result.parts, result.sha256) == (len(data), 0, hashlib.sha256(data).hexdigest())
+        for key, data in keys.items():
+            assert await collect(client, bucket, key) == data
+            info = await client.head(bucket, key)
+            assert info is not None and info.size == len(data), (key, info)
+        listed = [(o.key, o.size) async for o in client.list_objects(bucket, "dir/", page_size=1)]  # one per page
+        assert listed == [("dir/sub/deeper.eml", 70_000), ("dir/with space+plus & ü.bin", 10_240)]
+        everything = [o.key async for o in client.list_objects(bucket, page_size=2)]
+        assert everything == sorted(keys)
+        await client.delete(bucket, "plain.txt")
+        assert await client.head(bucket, "plain.txt") is None
+        with pytest.raises(S3Error) as caught:
+            await collect(client, bucket, "plain.txt")
+        assert caught.value.status == 404 and "NoSuchKey" in str(caught.value), caught.value
+        assert [o.key async for o in client.list_objects(bucket, "plain")] == []
+
+    run(scenario())
+
+
+class RssSampler:
+    """The process's peak resident memory above where it was at the start, sampled every 5 ms."""
+
+    def __init__(self):
+        self.process = psutil.Process()
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def test_a_40_mb_object_goes_up_in_parts_with_memory_of_a_few_parts(seaweedfs):
+    part = 5 * 1024 * 1024
+    size = 40 * 1000 * 1000
+    client = S3Client(seaweedfs.settings(part_size=part))
+    bucket = seaweedfs.new_bucket()
+    rng = random.Random(27)
+    sent = hashlib.sha256()
+    given = 0
+
+    async def read(n: int) -> bytes:
+        nonlocal given
+        chunk = rng.randbytes(min(n, size - given))
+        given += len(chunk)
+        sent.update(chunk)
+        return chunk
+
+    with RssSampler() as rss:
+        started = time.monotonic()
+        result = run(client.put(bucket, "big/study.eml", read))
+        up = time.monotonic() - started
+    assert (result.size, result.parts, result.sha256) == (size, 8, sent.hexdigest())
+    info = run(client.head(bucket, "big/study.eml"))
+    assert info is not None and info.size == size
+    got = hashlib.sha256()
+
+    async def sink(data: bytes) -> None:
+        got.update(data)
+
+    with RssSampler() as rss_down:
+        started = time.monotonic()
+        assert run(client.get(bucket, "big/study.eml", sink)) == size
+        down = time.monotonic() - started
+    assert got.hexdigest() == sent.hexdigest()
+    print(
+        f"40 MB in {result.parts} parts of 5 MiB: up {size / 1e6 / up:.0f} MB/s, down {size / 1e6 / down:.0f} MB/s;"
+        f" peak RSS growth up {rss.growth / 2**20:.1f} MiB,"
+        f" down {rss_down.growth / 2**20:.1f} MiB"
+    )
+    assert rss.growth < 3 * part, rss.growth  # two parts (sent, next read) and slices, never the object
+    assert rss_down.growth < part, rss_down.growth
+
+
+def test_an_upload_failing_or_cancelled_mid_way_leaves_no_object_and_no_pending_upload(seaweedfs):
+    part = 5 * 1024 * 1024
+    client = S3Client(seaweedfs.settings(part_size=part))
+    bucket = seaweedfs.new_bucket()
+
+    def source(fail_after: int, stall: asyncio.Event | None = None):
+        given = 0
+
+        async def read(n: int) -> bytes:
+            nonlocal given
+            if given >= fail_after:
+                if stall is not None:
+                    stall.set()
+                    await asyncio.sleep(3600)  # until cancelled
+                raise OSError(5, "Input/output error")
+            given += n
+            return b"d" * n
+
+        return read
+
+    async def scenario():
+        with pytest.raises(OSError, match="Input/output error"):
+            await client.put(bucket, "failed.eml", source(2 * part + 100_000))
+        stalled = asyncio.Event()
+        task = asyncio.ensure_future(client.put(bucket, "cancelled.eml", source(part + 1, stalled)))
+        await asyncio.wait_for(stalled.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for key in ("failed.eml", "cancelled.eml"):
+            assert await client.head(bucket, key) is None
+        return await client.pending_uploads(bucket)
+
+    assert run(scenario()) == []
+
+
+def test_a_wrong_key_or_a_missing_bucket_is_one_clear_error(seaweedfs):
+    bucket = seaweedfs.new_bucket()
+    right = seaweedfs.settings()
+    wrong_secret = S3Settings(right.endpoint, right.region, Credentials(right.credentials.access_key, "not-the-secret"))
+    unknown_key = S3Settings(right.endpoint, right.region, Credentials("NOSUCHKEYID", "whatever-secret"))
+    errors = {}
+    for name, settings, where in (
+        ("wrong secret", wrong_secret, bucket),
+        ("unknown key", unknown_key, bucket),
+        ("missing bucket", right, "no-such-bucket-here"),
+    ):
+        with pytest.raises(S3Error) as caught:
+            run(S3Client(settings).put(where, "k", from_bytes(b"data")))
+        errors[name] = caught.value
+        message = str(caught.value)
+        print(f"{name}: {message}")
+        assert "\n" not in message and "not-the-secret" not in message and "whatever-secret" not in message
+        assert message.startswith(f"PUT s3://{where}/k: HTTP "), message
+    assert errors["wrong secret"].status == 403 and errors["wrong secret"].code == "SignatureDoesNotMatch"
+    assert "check the secret key" in str(errors["wrong secret"])
+    assert errors["unknown key"].status == 403 and errors["unknown key"].code in ("InvalidAccessKeyId", "AccessDenied")
+    assert errors["missing bucket"].status == 404 and errors["missing bucket"].code == "NoSuchBucket"
+
+
+# --- a store that misbehaves: in-process servers on loopback ------------------------------------
+
+
+def hostile(answer: bytes | None, timeout: float = 0.5):
+    """Run `scenario(client)` against a server that reads the request and sends `answer` (None: says
+    nothing); returns the S3Error raised."""
+
+    async def handle(reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if answer is None:
+                await reader.read()  # nothing, until the client gives up and closes
+            else:
+                writer.write(answer)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=timeout)
+        try:
+            with pytest.raises(S3Error) as caught:
+                await S3Client(settings).head("bucket", "key") if answer is None else await S3Client(settings).delete(
+                    "bucket", "key"
+                )
+            return caught.value
+        finally:
+            server.close()
+
+    return run(scenario())
+
+
+def test_silence_oversized_answers_and_entities_are_bounded_errors():
+    started = time.monotonic()
+    silent = hostile(None)
+    assert silent.code == "timeout" and "no answer from the store within 0.5 s" in str(silent), silent
+    assert time.monotonic() - started < 10
+    huge_head = hostile(b"HTTP/1.1 200 OK\r\nX-Junk: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert huge_head.code == "protocol" and "longer than 65536" in str(huge_head), huge_head
+    many = hostile(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 500 + b"\r\n")
+    assert "more than 100 header fields" in str(many), many
+    huge_error = hostile(b"HTTP/1.1 500 Oops\r\nContent-Length: 50000000\r\n\r\n" + b"<" * 100_000)
+    assert huge_error.code == "too_large" and "larger than 65536 bytes" in str(huge_error), huge_error
+    bomb = (
+        b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+        b"<Error><Code>&b;</Code></Error>"
+    )
+    entities = hostile(b"HTTP/1.1 400 Bad\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb))
+    assert entities.status == 400 and "aaaaaaaaaa" not in str(entities), entities
+    not_http = hostile(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert "not an HTTP answer" in str(not_http), not_http
+    cut = hostile(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    assert cut.code == "connection" and "after 3 of 10 bytes" in str(cut), cut
+    slow = b"<Error><Code>SlowDown</Code><Message>Reduce your\r\nrequest rate.</Message></Error>"
+    with_code = hostile(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(slow), slow))
+    assert with_code.code == "SlowDown" and "Reduce your?request rate" in str(with_code), with_code
+    for error in (silent, huge_head, many, huge_error, entities, not_http, cut, with_code):
+        assert "\n" not in str(error) and len(str(error)) < 400, error
+
+
+def test_a_refused_connection_names_the_endpoint():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=5)
+    with pytest.raises(S3Error) as caught:
+        run(S3Client(settings).head("bucket", "key"))
+    assert caught.value.code == "connection" and f"cannot connect to 127.0.0.1:{port}" in str(caught.value)
