@@ -218,9 +218,10 @@ class Option:
         return str(self.parse.kind)  # type: ignore[attr-defined]
 
 
-def setting(parse: Parser, default: Any, doc: str) -> Any:
-    """A dataclass field for one key: its typed default is the parsed TOML default."""
-    return field(default=parse(default), metadata={"option": Option(parse, default, doc)})
+def setting(parse: Parser, default: Any, doc: str, secret: bool = False) -> Any:
+    """A dataclass field for one key: its typed default is the parsed TOML default. A `secret` key
+    is kept out of reprs and masked by `mailhub config show`."""
+    return field(default=parse(default), repr=not secret, metadata={"option": Option(parse, default, doc)})
 
 
 # One frozen dataclass per section, one field per key (in the order of docs/configuration.md).
@@ -895,6 +896,64 @@ class ProxyConfig:
     )
 
 
+@_kind("http(s)://HOST[:PORT], or empty")
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or not (value == "" or re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value)):
+        raise ValueError(f"expected http://HOST[:PORT] or https://HOST[:PORT], got {value!r}")
+    return value.rstrip("/")
+
+
+@_kind("size: octets, or with a unit K, M, G, T; at least 5M")
+def _part_size(value: Any) -> int:
+    size = parse_size(value)
+    if size < 5 * 1024**2:
+        raise ValueError(f"S3 parts are at least 5M (5242880 octets), got {value!r}")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """The [s3] section (SECTION_DOCS["s3"])."""
+
+    endpoint: str = setting(
+        _endpoint,
+        "",
+        "URL of the S3-compatible object store that `mailhub storage backup s3://BUCKET/PREFIX` and "
+        "`mailhub storage restore` use, e.g. https://s3.eu-central-1.amazonaws.com, "
+        "http://127.0.0.1:8333 (SeaweedFS), https://rgw.example (Ceph RGW). Empty: none.",
+    )
+    region: str = setting(_text, "us-east-1", "The store's region, part of every request's signature (SigV4).")
+    addressing: str = setting(
+        _choice("path", "virtual"),
+        "path",
+        'How a bucket is named in requests: "path" (ENDPOINT/BUCKET/KEY: SeaweedFS, Ceph RGW, MinIO) '
+        'or "virtual" (BUCKET.HOST/KEY: AWS S3).',
+    )
+    access_key: str = setting(_text, "", "Access key ID; empty: the environment's AWS_ACCESS_KEY_ID.")
+    secret_key: str = setting(
+        _text,
+        "",
+        "Secret access key; better kept in s3.secret_key_file. Empty: read from s3.secret_key_file, else "
+        "the environment's AWS_SECRET_ACCESS_KEY. Never printed (`mailhub config show` masks it).",
+        secret=True,
+    )
+    secret_key_file: Path | None = setting(
+        _optional_path, "", "File holding the secret access key (its first line; mode 0600)."
+    )
+    part_size: int = setting(
+        _part_size,
+        "8M",
+        "Files larger than this are uploaded in parts of this size (multipart upload); an upload holds "
+        "at most two parts in memory. At least 5M (S3's minimum); 10000 parts at most per file.",
+    )
+    timeout: float = setting(
+        _number,
+        30,
+        "Seconds any one step of a request to the store (connect, a write, a read) may take before the "
+        "request fails with a message naming it.",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: the top-level keys, one object per section, and the file it came
@@ -933,6 +992,7 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    s3: S3Config = field(default_factory=S3Config)
     config_file: Path | None = None
     # ((section, key), (value as given, where from)) for each key set by the file or the environment
     # (later ones win), for with_overrides(); may hold secrets, so never in a repr.
@@ -984,6 +1044,7 @@ SECTION_DOCS: dict[str, str] = {
         "`mailhub stats`, `mailhub site show`, notices)."
     ),
     "proxy": "Running behind a TCP balancer with the PROXY protocol (docs/operator-guide.md, behind HAProxy).",
+    "s3": "S3-compatible object storage for offsite backups (docs/storage.md, backup to object storage).",
 }
 
 

@@ -1,7 +1,7 @@
 # `mailhub config show`: the effective configuration, one line per key of the schema, with where its
 # value came from (default, the file, or the environment variable that set it), as text columns or
 # JSON. Values are written as they would be in the TOML file. Must never: print a secret (a field
-# its dataclass keeps out of reprs, such as a relay route's auth_password: shown as "********").
+# its dataclass keeps out of reprs, such as a relay route's auth_password or s3.secret_key: shown as "********").
 import dataclasses
 import ipaddress
 import json
@@ -9,9 +9,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import SCHEMA, Config
+from .config import SCHEMA, SECTIONS, Config
 
 MASK = "********"
+_FIELDS = {
+    (section, f.name): f
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if (section, f.name) in SCHEMA
+}
 
 
 def rows(cfg: Config) -> list[dict[str, Any]]:
@@ -19,7 +25,10 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
     given = dict(cfg.sources)
     found = []
     for section, key in SCHEMA:
-        value = getattr(getattr(cfg, section) if section else cfg, key)
+        holder = getattr(cfg, section) if section else cfg
+        value = getattr(holder, key)
+        if value and not _FIELDS[(section, key)].repr:
+            value = MASK  # a secret (s3.secret_key)
         source = given.get((section, key), (None, None))[1]
         if source is None:
             where = "default"

@@ -1,11 +1,11 @@
-# `mailhub storage check|rebuild-index|backup|quarantine|verify|damaged|migrate`: the storage commands
-# of the CLI (storage/check.py, rebuild.py, backup.py, quarantine.py, verify.py, postgres/ do the work).
-# check, backup, quarantine, damaged and migrate run beside a running hub and never change its data;
-# verify reads every mail and has the damaged ones marked (by the running hub over its control
-# socket, or itself under the data folder's lock); rebuild-index needs the hub stopped (it takes
-# the data folder's lock); compact-ledger works on the past days' files beside a running hub, on all
-# of them when it can take the lock. Exit status as in cli.py: 0 fine, 1 a problem found or the operation
-# failed, 2 bad usage.
+# `mailhub storage check|rebuild-index|backup|restore|quarantine|verify|damaged|migrate`: the storage
+# commands of the CLI (storage/check.py, rebuild.py, backup.py, backup_s3.py, quarantine.py, verify.py,
+# postgres/ do the work). check, backup, quarantine, damaged and migrate run beside a running hub and never
+# change its data; restore writes only into a new folder; verify reads every mail and has the damaged ones
+# marked (by the running hub over its control socket, or itself under the data folder's lock); rebuild-index
+# needs the hub stopped (it takes the data folder's lock); compact-ledger works on the past days' files
+# beside a running hub, on all of them when it can take the lock. Exit status as in cli.py: 0 fine, 1 a
+# problem found or the operation failed, 2 bad usage.
 import json
 import os
 import sqlite3
@@ -50,8 +50,23 @@ def storage_parsers(commands, common) -> None:
         " possible, packs copied), the ledger and the hub's keys into DEST while"
         " the hub runs. Restore: docs/storage.md.",
     )
-    backup.add_argument("dest", metavar="DEST", help="a new or empty folder")
+    backup.add_argument(
+        "dest",
+        metavar="DEST",
+        help="a new or empty folder, or s3://BUCKET/PREFIX (uploaded to the [s3] object store; a new prefix)",
+    )
     backup.add_argument("--json", action="store_true")
+    restore = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="download a backup from object storage into a new folder",
+        description="Downloads the backup that `mailhub storage backup s3://BUCKET/PREFIX` uploaded into DEST,"
+        " checking every file against the backup's manifest (size and SHA-256). DEST is then a data folder:"
+        " check it with `mailhub storage check`, and serve it (data_dir) or copy it in place (docs/storage.md).",
+    )
+    restore.add_argument("source", metavar="s3://BUCKET/PREFIX")
+    restore.add_argument("dest", metavar="DEST", help="a new or empty folder")
+    restore.add_argument("--json", action="store_true")
     verify = sub.add_parser(
         "verify",
         parents=[common],
@@ -108,7 +123,9 @@ def storage_command(cfg: Config, args) -> int:
         if action == "rebuild-index":
             return _rebuild(cfg, args)
         if action == "backup":
-            return _backup(cfg, args)
+            return _backup_s3(cfg, args) if args.dest.startswith("s3://") else _backup(cfg, args)
+        if action == "restore":
+            return _restore_s3(cfg, args)
         if action == "verify":
             return _verify(cfg, args)
         if action == "damaged":
@@ -294,6 +311,92 @@ def _backup(cfg: Config, args) -> int:
         )
         if r.gone:
             print(f"{len(r.gone)} mail file(s) freed while the backup ran (deleted meanwhile): {', '.join(r.gone[:5])}")
+    return 0
+
+
+class S3SetupError(Exception):
+    pass
+
+
+def s3_settings(cfg: Config, environ=os.environ):
+    """The object store's settings from [s3], the credentials from there or from the environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Never puts the secret into a message."""
+    from storage.s3 import Credentials, S3Settings
+
+    s3 = cfg.s3
+    if not s3.endpoint:
+        raise S3SetupError("no object store configured: set s3.endpoint (e.g. MAILHUB_S3_ENDPOINT=http://HOST:8333)")
+    access = s3.access_key or environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = s3.secret_key
+    if not secret and s3.secret_key_file is not None:
+        try:
+            with open(s3.secret_key_file, encoding="utf-8") as f:
+                secret = f.readline(1024).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise S3SetupError(f"s3.secret_key_file: cannot read {s3.secret_key_file}: {reason}") from None
+    secret = secret or environ.get("AWS_SECRET_ACCESS_KEY", "")
+    if not access or not secret:
+        raise S3SetupError(
+            "no S3 credentials: set s3.access_key and s3.secret_key_file (or the environment's"
+            " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
+    return S3Settings(s3.endpoint, s3.region, Credentials(access, secret), s3.part_size, s3.addressing, s3.timeout)
+
+
+def _s3_run(cfg: Config, url: str, work):
+    """Run work(location, settings); its failures as one line each (exit status 1, 2 for bad usage)."""
+    from storage.backup import BackupError
+    from storage.s3 import S3Error, S3Location
+
+    try:
+        location = S3Location.parse(url)
+    except ValueError as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return None, 2
+    try:
+        return work(location, s3_settings(cfg)), 0
+    except (S3SetupError, S3Error, BackupError) as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return None, EXIT_FAILED
+
+
+def _backup_s3(cfg: Config, args) -> int:
+    from storage.backup_s3 import backup_to_s3
+
+    report, status = _s3_run(cfg, args.dest, lambda location, settings: backup_to_s3(cfg.data_dir, location, settings))
+    if report is None:
+        return status
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    r = report
+    print(
+        f"backup in {r.location}: {r.messages} mail(s); {r.files} file(s), {human_size(r.bytes)} uploaded"
+        f" ({r.multipart} in parts) and checked in {r.seconds:.1f} s ({r.mb_per_s:.1f} MB/s);"
+        f" local copy in {r.local_seconds:.1f} s"
+    )
+    if r.gone:
+        print(f"{r.gone} mail file(s) freed while the backup ran (deleted meanwhile)")
+    return 0
+
+
+def _restore_s3(cfg: Config, args) -> int:
+    from storage.backup_s3 import restore_from_s3
+
+    dest = Path(args.dest)
+    report, status = _s3_run(cfg, args.source, lambda location, settings: restore_from_s3(location, settings, dest))
+    if report is None:
+        return status
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    r = report
+    print(
+        f"restored {r.location} into {dest}: {r.files} file(s), {human_size(r.bytes)} in {r.seconds:.1f} s"
+        f" ({r.mb_per_s:.1f} MB/s), each checked against the backup's manifest"
+    )
+    print(f"next: MAILHUB_DATA_DIR={dest} mailhub storage check; then serve that folder (docs/storage.md)")
     return 0
 
 
