@@ -1,5 +1,6 @@
 # `mailhub storage migrate URL`: copies a hub's SQLite index into an empty PostgreSQL database at
 # the current schema version, then checks the copy. Steps:
+#   0. the target reached and found empty first (a wrong URL fails before a big index is copied);
 #   1. a consistent snapshot of the index (VACUUM INTO a temporary folder, as storage/backup.py
 #      does: the hub may keep serving), brought to the current SQLite schema (storage/db.py);
 #   2. one PostgreSQL transaction: refuse a database that holds any table, apply the migrations
