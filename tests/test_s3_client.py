@@ -92,6 +92,24 @@ def test_uri_encoding_and_the_secret_kept_out_of_reprs():
     assert EXAMPLE.secret_key not in repr(S3Settings("http://127.0.0.1:1", "us-east-1", EXAMPLE))
 
 
+def test_path_and_virtual_host_addressing_and_endpoints():
+    def client(endpoint: str, addressing: str = "path") -> S3Client:
+        return S3Client(S3Settings(endpoint, "eu-central-1", EXAMPLE, addressing=addressing))
+
+    assert client("http://127.0.0.1:8333")._where("bkt", "a b/c.eml") == ("127.0.0.1", "/bkt/a%20b/c.eml")
+    assert client("http://127.0.0.1:8333")._where("bkt", "") == ("127.0.0.1", "/bkt")
+    aws = client("https://s3.eu-central-1.amazonaws.com", "virtual")
+    assert aws._where("bkt", "a b/c.eml") == ("bkt.s3.eu-central-1.amazonaws.com", "/a%20b/c.eml")
+    assert aws._where("bkt", "") == ("bkt.s3.eu-central-1.amazonaws.com", "/")
+    assert aws.endpoint.host_header("bkt.s3.eu-central-1.amazonaws.com") == "bkt.s3.eu-central-1.amazonaws.com"
+    assert client("http://rgw.example:7480/base/")._where("bkt", "k") == ("rgw.example", "/base/bkt/k")
+    v6 = client("http://[::1]:8333")
+    assert (v6.endpoint.host, v6.endpoint.port, v6.endpoint.host_header()) == ("::1", 8333, "[::1]:8333")
+    for bad in ("ftp://host", "http://", "http://host:99999", "s3.example"):
+        with pytest.raises(ValueError):
+            client(bad)
+
+
 # --- against SeaweedFS -------------------------------------------------------------------------
 
 
@@ -286,37 +304,77 @@ def test_a_wrong_key_or_a_missing_bucket_is_one_clear_error(seaweedfs):
 # --- a store that misbehaves: in-process servers on loopback ------------------------------------
 
 
-def hostile(answer: bytes | None, timeout: float = 0.5):
-    """Run `scenario(client)` against a server that reads the request and sends `answer` (None: says
-    nothing); returns the S3Error raised."""
+class Store:
+    """A store that misbehaves: a server on loopback that reads each request's head and gives the
+    next of `answers` (None: says nothing until the client gives up; the last one again when they run
+    out), counting the requests it got by their first line."""
 
-    async def handle(reader, writer):
+    def __init__(self, *answers: bytes | None, read_body: bool = True):
+        self.answers = list(answers)
+        self.requests: list[str] = []
+        self.read_body = read_body  # False: answer at once, take no body, close a second later
+
+    async def handle(self, reader, writer):
         try:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(head.split(b"\r\n", 1)[0].decode())
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
             if answer is None:
-                await reader.read()  # nothing, until the client gives up and closes
+                await reader.read()
             else:
                 writer.write(answer)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+                writer.write_eof()
+                if self.read_body:
+                    await reader.read()  # the body, until the client is done and closes
+                else:
+                    await asyncio.sleep(1)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
 
-    async def scenario():
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=timeout)
-        try:
-            with pytest.raises(S3Error) as caught:
-                await S3Client(settings).head("bucket", "key") if answer is None else await S3Client(settings).delete(
-                    "bucket", "key"
-                )
-            return caught.value
-        finally:
-            server.close()
+    def run(self, operation, timeout: float = 0.5):
+        """operation(client) against this store (3 tries, 10 ms apart); its result or S3Error."""
 
-    return run(scenario())
+        async def scenario():
+            server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=timeout, backoff=0.01)
+            try:
+                return await operation(S3Client(settings))
+            except S3Error as exc:
+                return exc
+            finally:
+                server.close()
+
+        return run(scenario())
+
+
+def hostile(answer: bytes | None) -> S3Error:
+    """The S3Error of a DELETE (a HEAD when the store says nothing) against a store answering `answer`."""
+    error = Store(answer).run(lambda c: c.head("bucket", "key") if answer is None else c.delete("bucket", "key"))
+    assert isinstance(error, S3Error), error
+    return error
+
+
+def test_failures_in_passing_are_tried_again_but_never_a_post():
+    flaky = Store(b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n", None, b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert flaky.run(lambda c: c.delete("bucket", "key")) is None  # 503, a timeout, then done
+    assert flaky.requests == ["DELETE /bucket/key HTTP/1.1"] * 3
+    down = Store(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+    error = down.run(lambda c: c.head("bucket", "key"))
+    assert isinstance(error, S3Error) and error.status == 500 and str(error).endswith("(tried 3 times)"), error
+    refused = Store(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(refused.run(lambda c: c.head("bucket", "key")), S3Error) and len(refused.requests) == 1
+    busy = b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n"
+    early = Store(busy, read_body=False)  # answers before it has read the body: its answer is still read
+    error = early.run(lambda c: c.put("bucket", "one", from_bytes(b"x" * (6 * 1024 * 1024))))
+    assert isinstance(error, S3Error) and error.status == 503 and len(early.requests) == 3, error
+    post = Store(busy)
+    error = post.run(lambda c: c.put("bucket", "big", from_bytes(b"x" * (9 * 1024 * 1024))))
+    assert isinstance(error, S3Error) and error.status == 503, error
+    assert post.requests == ["POST /bucket/big?uploads= HTTP/1.1"]  # creating an upload is never repeated
 
 
 def test_silence_oversized_answers_and_entities_are_bounded_errors():
@@ -353,7 +411,8 @@ def test_a_refused_connection_names_the_endpoint():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=5)
+    settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=5, backoff=0.01)
     with pytest.raises(S3Error) as caught:
         run(S3Client(settings).head("bucket", "key"))
     assert caught.value.code == "connection" and f"cannot connect to 127.0.0.1:{port}" in str(caught.value)
+    assert str(caught.value).endswith("(tried 3 times)"), caught.value

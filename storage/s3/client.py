@@ -40,9 +40,13 @@ class S3Settings:
     part_size: int = 8 * 1024 * 1024
     addressing: str = "path"  # "path": http://host/bucket/key; "virtual": http://bucket.host/key
     timeout: float = 30.0
+    attempts: int = 3  # tries of a request that failed in passing (5xx, 429, connection, timeout)
+    backoff: float = 0.5  # seconds before the second try, doubled before each next one
 
     def __post_init__(self) -> None:
         Endpoint.parse(self.endpoint)
+        if self.attempts < 1:
+            raise ValueError("attempts: at least 1")
         if self.part_size < MIN_PART:
             raise ValueError(f"part size {self.part_size} is below S3's minimum of 5 MiB")
         if self.addressing not in ("path", "virtual"):
@@ -328,14 +332,41 @@ class S3Client:
         query: list[tuple[str, str]] | None = None,
         body: bytes | list[bytes] = b"",
     ) -> Response:
-        """One signed request; the answer when its status is 2xx, else S3Error with the S3 code."""
+        """One signed request; the answer when its status is 2xx, else S3Error with the S3 code. A
+        failure in passing (a 5xx or 429 answer, a broken connection, a timeout) is tried again after
+        a pause, up to settings.attempts times, except a POST (creating an upload twice would leave
+        one behind; completing one twice fails the second time): the body is in memory, so sending
+        it again is safe, and a GET is retried only until its answer's head has come."""
         query = query or []
-        host, path = self._where(bucket, key)
         what = f"{method} s3://{bucket}/{key}"
         chunks = [body] if isinstance(body, bytes) else body
         digest = hashlib.sha256()
         for chunk in chunks:
             digest.update(chunk)
+        attempts = 1 if method == "POST" else self.settings.attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._send(method, bucket, key, query, chunks, digest.hexdigest(), what)
+            except S3Error as exc:
+                transient = exc.status >= 500 or exc.status == 429 or exc.code in ("connection", "timeout")
+                if not transient or attempt == attempts:
+                    if attempt == 1:
+                        raise
+                    raise S3Error(f"{exc} (tried {attempt} times)", exc.status, exc.code) from None
+            await asyncio.sleep(self.settings.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    async def _send(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        query: list[tuple[str, str]],
+        chunks: list[bytes],
+        payload_hash: str,
+        what: str,
+    ) -> Response:
+        host, path = self._where(bucket, key)
         headers = sigv4.sign(
             self.settings.credentials,
             self.settings.region,
@@ -343,7 +374,7 @@ class S3Client:
             path,
             query,
             {"host": self.endpoint.host_header(host)},
-            digest.hexdigest(),
+            payload_hash,
             self._clock(),
         )
         canonical = sigv4.canonical_query(query)

@@ -201,13 +201,20 @@ async def exchange(
         head += [f"{name}: {value}" for name, value in headers.items()]
         head += [f"Content-Length: {sum(map(len, body))}", "Connection: close", "", ""]
         writer.write("\r\n".join(head).encode("latin-1"))
-        for chunk in body:
-            view = memoryview(chunk)
-            for start in range(0, len(view), SLICE):
-                writer.write(view[start : start + SLICE])
-                await _drain(writer, timeout, what)
-        await _drain(writer, timeout, what)
-        status, reason, fields = await _read_head(reader, timeout, what)
+        try:
+            for chunk in body:
+                view = memoryview(chunk)
+                for start in range(0, len(view), SLICE):
+                    writer.write(view[start : start + SLICE])
+                    await _drain(writer, timeout, what)
+            await _drain(writer, timeout, what)
+        except S3Error as cut:  # the store may have answered (403, 503) and closed before taking it all
+            try:
+                status, reason, fields = await _read_head(reader, min(timeout, 5.0), what)
+            except S3Error:
+                raise cut from None
+        else:
+            status, reason, fields = await _read_head(reader, timeout, what)
     except BaseException:
         writer.close()
         raise
