@@ -6,7 +6,8 @@
 # (MANIFEST.jsonl: path, size, SHA-256 of each file) is uploaded last; then the temporary folder is
 # removed. A backup without its manifest is unfinished (interrupted): restore refuses it.
 # Restore: downloads every file the manifest names into a new folder, checks each one's size and
-# SHA-256, fsyncs them; the folder is a data folder `mailhub storage check` accepts.
+# SHA-256, fsyncs them; the folder is a data folder `mailhub storage check` accepts. A failed backup
+# deletes what it uploaded (as far as the store lets it); a failed restore leaves DEST empty.
 # Must never write into the live data folder, upload over an existing backup, or write outside
 # DEST whatever the manifest says (a hostile or damaged manifest is refused).
 import asyncio
@@ -58,7 +59,10 @@ def backup_to_s3(data_dir: Path, location: S3Location, settings: S3Settings) -> 
         local = backup(data_dir, copy)
         report = TransferReport(str(location), messages=local.messages, gone=len(local.gone))
         report.local_seconds = local.seconds
-        asyncio.run(_upload(client, location, copy, work / MANIFEST, report))
+        try:
+            asyncio.run(_upload(client, location, copy, work / MANIFEST, report))
+        except (S3Error, BackupError, OSError) as exc:
+            raise BackupError(f"{exc}; {asyncio.run(_remove_partial(client, location))}") from None
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -69,9 +73,21 @@ def restore_from_s3(location: S3Location, settings: S3Settings, dest: Path) -> T
     dest = Path(dest).absolute()
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty: give a new folder")
+    made = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     report = TransferReport(str(location))
-    asyncio.run(_download(S3Client(settings), location, dest, report))
+    try:
+        asyncio.run(_download(S3Client(settings), location, dest, report))
+    except BaseException:  # DEST left as it was: no half restore to be taken for a whole one
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            for entry in dest.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        raise
     return report
 
 
@@ -111,6 +127,21 @@ async def _upload(client: S3Client, location: S3Location, folder: Path, manifest
     if stored is None or stored.size != result.size:
         raise BackupError(f"{location}: the manifest did not arrive whole: the backup is unfinished")
     report.seconds = time.monotonic() - started
+
+
+async def _remove_partial(client: S3Client, location: S3Location) -> str:
+    """Delete what a failed backup uploaded (the prefix held nothing before it); what was done."""
+    removed = 0
+    try:
+        async for found in client.list_objects(location.bucket, location.key("")):
+            await client.delete(location.bucket, found.key)
+            removed += 1
+    except S3Error as exc:
+        return (
+            f"the {removed} object(s) removed of what it uploaded, not the rest ({exc}): {location} holds an"
+            " unfinished backup (no manifest, restore refuses it); delete it or give another prefix"
+        )
+    return f"the {removed} object(s) it had uploaded to {location} were removed"
 
 
 def _files(folder: Path) -> list[Path]:

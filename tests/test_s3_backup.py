@@ -3,7 +3,8 @@
 # file of its own, one large enough to go up in parts), backed up while it runs, restored into a
 # new folder that `mailhub storage check` accepts, and a hub started on that folder serves the same
 # bytes over POP3. Also: an existing prefix is refused, an unfinished backup (no manifest) and a
-# damaged object are refused at restore, and the secret key is printed nowhere.
+# damaged object are refused at restore (leaving no half restore), a backup failing mid-way removes
+# what it uploaded, and the secret key is printed nowhere.
 import asyncio
 import hashlib
 import poplib
@@ -11,7 +12,7 @@ import smtplib
 
 import pytest
 
-from storage.s3 import S3Client
+from storage.s3 import S3Client, S3Error
 
 from conftest import ALPHA_BETA, PASSWORD, Hub, hub_env, make_message
 
@@ -52,7 +53,7 @@ def test_backup_to_object_storage_restore_check_and_serve_the_same_bytes(make_hu
 
     bucket = seaweedfs.new_bucket()
     result = hub.cli("storage", "backup", f"s3://{bucket}/nightly/1")
-    print(result.stdout.strip())
+    figures = [result.stdout.strip()]
     assert f"backup in s3://{bucket}/nightly/1: {len(sizes)} mail(s)" in result.stdout
     assert "(1 in parts)" in result.stdout, result.stdout
     again = hub.cli("storage", "backup", f"s3://{bucket}/nightly/1", check=False)
@@ -63,7 +64,7 @@ def test_backup_to_object_storage_restore_check_and_serve_the_same_bytes(make_hu
     result = hub.cli("storage", "restore", f"s3://{bucket}/nightly/1", str(restored), "--json")
     assert '"files"' in result.stdout
     result = hub.cli("storage", "restore", f"s3://{bucket}/nightly/1", str(tmp_path / "restored-2"))
-    print(result.stdout.strip())
+    figures.append(result.stdout.strip())
     assert hub.stop() == 0
 
     check_env = hub_env(restored)
@@ -82,6 +83,8 @@ def test_backup_to_object_storage_restore_check_and_serve_the_same_bytes(make_hu
     assert '"********"' in row and "MAILHUB_S3_SECRET_KEY" in row, row
     out = capsys.readouterr()
     assert secret not in out.out + out.err + shown + hub.log_text()
+    with capsys.disabled():
+        print("\n" + "\n".join(figures))
 
 
 def test_restore_refuses_an_unfinished_or_damaged_backup_and_a_hostile_manifest(make_hub, seaweedfs, tmp_path):
@@ -111,6 +114,7 @@ def test_restore_refuses_an_unfinished_or_damaged_backup_and_a_hostile_manifest(
     put("damaged/index.sqlite3", b"fall")  # same size, other bytes
     result = hub.cli("storage", "restore", f"s3://{bucket}/damaged", str(tmp_path / "b"), check=False)
     assert result.returncode == 1 and "index.sqlite3 differs from the manifest" in result.stderr, result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no half restore left behind
 
     put("hostile/MANIFEST.jsonl", b'{"path": "../../etc/evil", "size": 1, "sha256": "%s"}\n' % (b"0" * 64))
     result = hub.cli("storage", "restore", f"s3://{bucket}/hostile", str(tmp_path / "c"), check=False)
@@ -139,3 +143,32 @@ def test_setup_mistakes_are_one_line_naming_the_fix(make_hub, seaweedfs, tmp_pat
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "wrong-secret-value" not in result.stderr
+
+
+def test_a_backup_failing_mid_way_removes_what_it_uploaded(make_hub, seaweedfs, monkeypatch):
+    hub = make_hub(sites=ALPHA_BETA, **s3_env(seaweedfs)).start()
+    with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as smtp:
+        smtp.login("alpha", PASSWORD)
+        smtp.sendmail("alpha@hub.test", ["beta@hub.test"], make_message(3000))
+    bucket = seaweedfs.new_bucket()
+    real_put_file = S3Client.put_file
+    calls = []
+
+    async def failing_put_file(self, bucket, key, path):
+        calls.append(key)
+        if len(calls) == 3:
+            raise S3Error(f"PUT s3://{bucket}/{key}: HTTP 507 InsufficientStorage", 507, "InsufficientStorage")
+        return await real_put_file(self, bucket, key, path)
+
+    monkeypatch.setattr(S3Client, "put_file", failing_put_file)
+    result = hub.cli("storage", "backup", f"s3://{bucket}/failed", check=False)
+    assert result.returncode == 1, result
+    assert "InsufficientStorage" in result.stderr and "the 2 object(s) it had uploaded" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    remaining = asyncio.run(_keys(S3Client(seaweedfs.settings()), bucket))
+    assert remaining == [], remaining
+    assert not [p for p in hub.data_dir.parent.iterdir() if "s3-backup" in p.name]
+
+
+async def _keys(client, bucket):
+    return [o.key async for o in client.list_objects(bucket)]
