@@ -383,21 +383,29 @@ def _backup_s3(cfg: Config, args) -> int:
 
 def _restore_s3(cfg: Config, args) -> int:
     from storage.backup_s3 import restore_from_s3
+    from storage.check import check
 
     dest = Path(args.dest)
     report, status = _s3_run(cfg, args.source, lambda location, settings: restore_from_s3(location, settings, dest))
     if report is None:
         return status
+    checked = check(dest)  # what `MAILHUB_DATA_DIR=DEST mailhub storage check` says
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-        return 0
+        print(json.dumps({**report.as_dict(), "check_problems": checked.problems}, indent=2))
+        return EXIT_FAILED if checked.problems else 0
     r = report
     print(
         f"restored {r.location} into {dest}: {r.files} file(s), {human_size(r.bytes)} in {r.seconds:.1f} s"
         f" ({r.mb_per_s:.1f} MB/s), each checked against the backup's manifest"
     )
-    print(f"next: MAILHUB_DATA_DIR={dest} mailhub storage check; then serve that folder (docs/storage.md)")
-    return 0
+    print(
+        f"storage check of {dest}: {checked.messages} mail(s), {checked.mailbox_entries} mailbox entr(ies),"
+        f" {len(checked.problems) or 'no'} problem(s)"
+    )
+    for problem in checked.problems:
+        print(f"PROBLEM: {printable(problem)}")
+    print(f"next: serve that folder (data_dir = {dest}) or copy it in place (docs/storage.md, restore from a backup)")
+    return EXIT_FAILED if checked.problems else 0
 
 
 def _quarantine(cfg: Config, args) -> int:

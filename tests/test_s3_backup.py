@@ -62,9 +62,11 @@ def test_backup_to_object_storage_restore_check_and_serve_the_same_bytes(make_hu
 
     restored = tmp_path / "restored"
     result = hub.cli("storage", "restore", f"s3://{bucket}/nightly/1", str(restored), "--json")
-    assert '"files"' in result.stdout
+    assert '"files": 9' in result.stdout and '"check_problems": []' in result.stdout, result.stdout
     result = hub.cli("storage", "restore", f"s3://{bucket}/nightly/1", str(tmp_path / "restored-2"))
     figures.append(result.stdout.strip())
+    assert f"storage check of {tmp_path / 'restored-2'}: {len(sizes)} mail(s)" in result.stdout, result.stdout
+    assert "no problem(s)" in result.stdout, result.stdout
     assert hub.stop() == 0
 
     check_env = hub_env(restored)
