@@ -7,6 +7,7 @@
 import ast
 import asyncio
 import importlib.metadata
+import os
 import re
 import socket
 import ssl
@@ -177,6 +178,57 @@ def test_the_reader_buffer_helpers(loop_name):
         assert partial == (1, False)
         assert after_discard == 0 and paused is False
         assert reply == b"done\r\n"
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_read_some_keeps_the_order_of_handed_and_buffered_bytes(loop_name):
+    """read_some takes bytes that arrive while it waits on an empty buffer as the transport gave
+    them (no copy); the rest is buffered. Whatever the mix, the bytes come in order, no read is
+    longer than asked, a read cancelled as bytes were handed to it leaves them to the next one,
+    and the end of the stream reads as b""."""
+    sent = [os.urandom(n) for n in (10, 70_000, 3, 300_000, 5000, 1)]
+
+    async def script(session: Probe):
+        got, sizes = [], []
+        # a read cancelled right after bytes were handed to it (before it ran again)
+        waiting = asyncio.ensure_future(session.read_some(100))
+        await asyncio.sleep(0)
+        session.data_received(b"kept")  # (as the transport would)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        got.append(await session.read_some(100))
+        await session.send(b"go\r\n")
+        for i, size in enumerate((100, 65536, 1, 1 << 20, 7, 1 << 20, 1 << 20, 1 << 20)):
+            if i % 3 == 2:
+                await asyncio.sleep(0.02)  # let bytes pile up in the buffer
+            chunk = await session.read_some(size)
+            sizes.append((len(chunk), size))
+            got.append(chunk)
+            if sum(map(len, got)) >= 4 + sum(map(len, sent)):
+                break
+        while chunk:
+            chunk = await session.read_some(1 << 20)
+            got.append(chunk)
+        await session.send(b"bye\r\n")
+        return got, sizes
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            read_until(sock, b"go\r\n")
+            for part in sent:
+                sock.sendall(part)
+                time.sleep(0.01)
+            sock.shutdown(socket.SHUT_WR)
+            return read_until(sock, b"bye\r\n")
+
+    async def main():
+        _, _, (got, sizes) = await serve_one(script, client)
+        assert got[0] == b"kept" and got[-1] == b""
+        assert b"".join(got[1:]) == b"".join(sent)
+        assert all(0 < length <= size for length, size in sizes), sizes
 
     run(loop_name, main)
 

@@ -18,6 +18,15 @@ class _ReaderBuffer(Protocol):
 
     _buffer: bytearray
     _paused: bool
+    _eof: bool
+    _exception: BaseException | None
+    _waiter: asyncio.Future[None] | None
+
+    async def _wait_for_data(self, func_name: str) -> None: ...
+
+    def _wakeup_waiter(self) -> None: ...
+
+    def _maybe_resume_transport(self) -> None: ...
 
 
 class AiosmtpdSession(SMTP):
@@ -39,6 +48,8 @@ class AiosmtpdSession(SMTP):
         self._idle_deadline = 0.0  # loop time at which the connection times out
         self._timer_at = 0.0  # loop time at which the idle timer fires (see _arm_timer)
         self._tls_started = False  # STARTTLS succeeded (aiosmtpd's own flag is its SSLProtocol)
+        self._hand_over = 0  # read_some waits on an empty buffer for up to this many bytes
+        self._handed: bytes | None = None  # what arrived then, as the transport gave it (not buffered)
 
     # ---- hooks for the subclass ---------------------------------------------------------------
 
@@ -159,8 +170,50 @@ class AiosmtpdSession(SMTP):
     # ---- reading and writing --------------------------------------------------------------------
 
     async def read_some(self, size: int) -> bytes:
-        """Up to `size` bytes, b"" at the end of the stream."""
-        return await self._reader.read(size)
+        """Up to `size` bytes, b"" at the end of the stream. (StreamReader.read copies each byte
+        three times: into its buffer, a slice, bytes; here the bytes the transport delivers while
+        the reader waits on an empty buffer come as they are, and buffered ones are copied once.)"""
+        reader = self._reader_buffer()
+        if reader._exception is not None:
+            raise reader._exception
+        if not reader._buffer and not reader._eof:
+            self._hand_over = size
+            try:
+                await reader._wait_for_data("read")
+            except BaseException:
+                if self._handed is not None:  # arrived as the wait was cancelled: left for the next read
+                    reader._buffer[0:0] = self._handed
+                    self._handed = None
+                raise
+            finally:
+                self._hand_over = 0
+            data, self._handed = self._handed, None
+            if data is not None:
+                return data
+            if reader._exception is not None:
+                raise reader._exception
+        buffer = reader._buffer
+        if len(buffer) <= size:
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            with memoryview(buffer) as view:
+                data = bytes(view[:size])
+            del buffer[:size]
+        reader._maybe_resume_transport()
+        return data
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the transport: handed straight to a read_some waiting on an empty buffer (when
+        they fit), else into the reader's buffer."""
+        if self._hand_over and self._handed is None and 0 < len(data) <= self._hand_over:
+            reader = self._reader_buffer()
+            if not reader._buffer and reader._waiter is not None:
+                self._handed = data
+                self._hand_over = 0
+                reader._wakeup_waiter()
+                return
+        super().data_received(data)
 
     async def read_until_lf(self) -> bytes:
         """The next line with its LF; asyncio.LimitOverrunError (with .consumed) past the reader's
