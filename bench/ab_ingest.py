@@ -4,8 +4,8 @@
 # first side alternating from round to round), until each had at least --seconds; so a busy phase of
 # a shared machine hits both alike. The table shows every round and the median ratios this/base of
 # the throughput and of the hub's CPU time per unit (its process and the index writer's: on a shared,
-# loaded machine the CPU time varies far less than the wall time). For checking what a change to the
-# receive path costs.
+# loaded machine the CPU time varies far less than the wall time), and of its event loop's thread
+# alone. For checking what a change to the receive path costs.
 #   .venv/bin/python -m bench.ab_ingest --base 8e0198b [--workload 50MB 10KB] [--rounds 4] [--seconds 10]
 import asyncio
 import contextlib
@@ -35,19 +35,29 @@ def worktree(commit: str):
         subprocess.run(["git", "worktree", "remove", "--force", path], cwd=REPO_ROOT, capture_output=True)
 
 
+def _stat_seconds(path: str) -> float:
+    """User + system CPU time in a /proc stat file, in seconds (0 if it is gone)."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its children (the index writer), in seconds."""
-    total = 0.0
-    pids = [pid]
+    children = []
     with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            pids += [int(child) for child in f.read().split()]
-    for each in pids:
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{each}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        for task in os.listdir(f"/proc/{pid}/task"):  # (a child started by any of its threads)
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    children += [int(child) for child in f.read().split()]
+    return sum(_stat_seconds(f"/proc/{each}/stat") for each in [pid, *children])
+
+
+def loop_seconds(pid: int) -> float:
+    """User + system CPU time of a process's main thread (the hub's event loop), in seconds."""
+    return _stat_seconds(f"/proc/{pid}/task/{pid}/stat")
 
 
 def send(port: int, workload, mails: int, body: bytes) -> dict:
@@ -61,7 +71,7 @@ def send(port: int, workload, mails: int, body: bytes) -> dict:
 def measure_round(checkouts: dict, workload, mails: int, body: bytes, seconds: float) -> dict:
     """Fresh hubs of every checkout ({side: tree}, in the order to take turns), each sent slices of
     `mails` mails in turns until each has received for `seconds`. Returns {side: totals}."""
-    totals = {side: {"mails": 0, "bytes": 0, "seconds": 0.0, "cpu": 0.0} for side in checkouts}
+    totals = {side: {"mails": 0, "bytes": 0, "seconds": 0.0, "cpu": 0.0, "loop": 0.0} for side in checkouts}
     with contextlib.ExitStack() as stack:
         hubs = {}
         for side, checkout in checkouts.items():
@@ -72,10 +82,11 @@ def measure_round(checkouts: dict, workload, mails: int, body: bytes, seconds: f
             hubs[side] = stack.enter_context(hub_server(workdir, log_path, extra_env=UNTHROTTLED, checkout=checkout))
         while True:
             for side, hub in hubs.items():
-                cpu_before = cpu_seconds(hub.proc.pid)
+                cpu_before, loop_before = cpu_seconds(hub.proc.pid), loop_seconds(hub.proc.pid)
                 result = send(hub.port, workload, mails, body)
                 assert result["failures"] == 0, result
                 totals[side]["cpu"] += cpu_seconds(hub.proc.pid) - cpu_before
+                totals[side]["loop"] += loop_seconds(hub.proc.pid) - loop_before
                 for key in ("mails", "bytes", "seconds"):
                     totals[side][key] += result[key]
             if min(t["seconds"] for t in totals.values()) >= seconds:
@@ -118,6 +129,7 @@ def main() -> int:
             per_unit = unit.split("/")[0].rstrip("s")  # "MB" or "mail"
             figures: dict[str, list[float]] = {"this": [], "base": []}
             cpu: dict[str, list[float]] = {"this": [], "base": []}  # ms of hub CPU per MB or per mail
+            loop: dict[str, list[float]] = {"this": [], "base": []}  # of it, the event loop's thread
             print(f"{label}: slices of {mails} mails, {args.rounds} rounds", flush=True)
             for round_no in range(args.rounds):
                 sides = {"this": str(REPO_ROOT), "base": base}
@@ -127,13 +139,18 @@ def main() -> int:
                     per = total["bytes"] / 1e6 if unit == "MB/s" else total["mails"]
                     figures[side].append(per / total["seconds"])
                     cpu[side].append(1000 * total["cpu"] / per)
+                    loop[side].append(1000 * total["loop"] / per)
                     print(
                         f"  round {round_no + 1} {side}: {figures[side][-1]:.1f} {unit}, hub CPU"
-                        f" {cpu[side][-1]:.3f} ms per {per_unit} ({total['seconds']:.1f} s,"
-                        f" load {os.getloadavg()[0]:.1f})",
+                        f" {cpu[side][-1]:.3f} ms per {per_unit} (event loop {loop[side][-1]:.3f})"
+                        f" ({total['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})",
                         flush=True,
                     )
-            for what, values in (("throughput", figures), (f"CPU per {per_unit}", cpu)):
+            for what, values in (
+                ("throughput", figures),
+                (f"CPU per {per_unit}", cpu),
+                (f"event loop CPU per {per_unit}", loop),
+            ):
                 print_ab_summary(label, what, values["this"], values["base"])
     return 0
 
