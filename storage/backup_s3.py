@@ -26,6 +26,7 @@ from .s3 import S3Client, S3Error, S3Location, S3Settings
 
 MANIFEST = "MANIFEST.jsonl"
 MAX_MANIFEST_LINE = 64 * 1024
+MAX_MANIFEST = 1 << 30  # bytes: millions of files' lines
 _SAFE_PATH = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
@@ -156,7 +157,7 @@ async def _download(client: S3Client, location: S3Location, dest: Path, report: 
     started = time.monotonic()
     manifest = dest / f".{MANIFEST}.partial"
     try:
-        await client.get_file(location.bucket, location.key(MANIFEST), manifest)
+        await client.get_file(location.bucket, location.key(MANIFEST), manifest, MAX_MANIFEST)
     except S3Error as exc:
         if exc.code in ("NoSuchKey", "NotFound"):
             raise BackupError(
@@ -171,7 +172,14 @@ async def _download(client: S3Client, location: S3Location, dest: Path, report: 
                 target = dest / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 folders.add(target.parent)
-                got, digest = await client.get_file(location.bucket, location.key(relative), target)
+                try:  # never more than the manifest's size: a hostile store cannot fill the disk
+                    got, digest = await client.get_file(location.bucket, location.key(relative), target, size)
+                except S3Error as exc:
+                    if exc.code != "too_large":
+                        raise
+                    raise BackupError(
+                        f"{location}: {relative} is larger than the manifest's {size} bytes: the backup is damaged"
+                    ) from None
                 if got != size or digest != sha256:
                     raise BackupError(
                         f"{location}: {relative} differs from the manifest ({got} bytes, SHA-256 {digest[:12]}...;"

@@ -6,6 +6,7 @@
 # in passing tried again (in-process misbehaving stores on loopback for what SeaweedFS never does).
 import asyncio
 import hashlib
+import itertools
 import random
 import threading
 import time
@@ -440,3 +441,113 @@ def test_a_refused_connection_names_the_endpoint():
         run(S3Client(settings).head("bucket", "key"))
     assert caught.value.code == "connection" and f"cannot connect to 127.0.0.1:{port}" in str(caught.value)
     assert str(caught.value).endswith("(tried 3 times)"), caught.value
+
+
+# --- review (issue 27): hostile numbers, chunk sizes, trailers, trickles and encodings ---------
+
+
+class Trickle:
+    """A store that sends its answer in pieces, `pause` seconds apart (the head at once, then the
+    body a few bytes at a time, or interim answers for ever)."""
+
+    def __init__(self, head: bytes, pieces, pause: float):
+        self.head, self.pieces, self.pause = head, pieces, pause
+
+    async def handle(self, reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.head)
+            for piece in self.pieces:
+                await writer.drain()
+                await asyncio.sleep(self.pause)
+                writer.write(piece)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def run(self, operation, timeout: float = 0.5):
+        async def scenario():
+            server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=timeout, attempts=1)
+            try:
+                async with asyncio.timeout(15):  # what a stuck client would do: the test fails instead
+                    return await operation(S3Client(settings))
+            except S3Error as exc:
+                return exc
+            finally:
+                server.close()
+
+        return run(scenario())
+
+
+def test_hostile_chunk_sizes_numbers_and_trailers_are_bounded_protocol_errors():
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # "-1" made the client read the rest of the connection into memory, whatever its length
+    for size in (b"-1", b"0x5", b"+5", b"1_0", b" ", b"1" * 17):
+        store = Store(chunked + size + b"\r\n" + b"<" * 8_000_000)
+        started = time.monotonic()
+        error = store.run(lambda c: _all(c.list_objects("bucket")))
+        assert isinstance(error, S3Error) and "bad chunk size" in str(error), (size, error)
+        assert time.monotonic() - started < 5, size
+    # digits that str.isdigit() takes and int() refuses: an S3Error, never a ValueError
+    for answer in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",
+        b"HTTP/1.1 2\xb2\xb2 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 12345678901234567890123\r\n\r\n",
+    ):
+        error = Store(answer).run(lambda c: _all(c.list_objects("bucket")))
+        assert isinstance(error, S3Error) and error.code == "protocol", (answer, error)
+    error = Store(b"HTTP/1.1 200 OK\r\nContent-Length: \xb3\r\n\r\n").run(lambda c: c.head("bucket", "key"))
+    assert isinstance(error, S3Error) and "content-length" in str(error), error
+    size = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n<a>"  # a listing whose <Size> is "²"
+    listing = b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>k</Key><Size>\xc2\xb2</Size>"
+    listing += b"</Contents></ListBucketResult>"
+    store = Store(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(listing), listing))
+    error = store.run(lambda c: _all(c.list_objects("bucket")))
+    assert isinstance(error, S3Error) and "expected a number in <Size>" in str(error), (size, error)
+    # trailer fields without end: bounded, not a loop for as long as the store sends
+    trailers = Store(chunked + b"0\r\n" + b"X-Trailer: y\r\n" * 100_000)
+    error = trailers.run(lambda c: c.delete("bucket", "key"))
+    assert isinstance(error, S3Error) and "more than 100 trailer fields" in str(error), error
+
+
+def test_a_store_that_trickles_or_sends_interim_answers_for_ever_is_given_up():
+    started = time.monotonic()
+    body = Trickle(b"HTTP/1.1 500 Oops\r\nContent-Length: 10000\r\n\r\n", [b"x"] * 10_000, 0.05)
+    error = body.run(lambda c: c.delete("bucket", "key"))  # each byte within the timeout, the body never
+    assert isinstance(error, S3Error) and error.code == "timeout" and "less than 65536 bytes per 0.5 s" in str(error)
+    interim = Trickle(b"", [b"HTTP/1.1 100 Continue\r\n\r\n"] * 10_000, 0.05)
+    error = interim.run(lambda c: c.delete("bucket", "key"))
+    assert (
+        isinstance(error, S3Error) and error.code == "timeout" and "no answer from the store within 0.5 s" in str(error)
+    ), error
+    assert time.monotonic() - started < 10
+
+
+def test_a_download_stops_at_its_limit_and_leaves_no_file(tmp_path):
+    chunk = b"10000\r\n" + b"z" * 65536 + b"\r\n"
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    endless = Trickle(head, itertools.repeat(chunk), 0)  # a store sending for ever, fast
+    longer = Store(head + chunk * 64)
+    for server in (endless, longer):
+        error = server.run(lambda c: c.get_file("bucket", "key", tmp_path / "object", limit=100_000))
+        assert isinstance(error, S3Error) and error.code == "too_large", error
+        assert "larger than 100000 bytes" in str(error) and not (tmp_path / "object").exists()
+
+
+def test_entities_are_refused_in_any_encoding_and_an_endpoint_holds_no_password():
+    bomb = (
+        '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE e [<!ENTITY a "EXPANDED"><!ENTITY b "&a;&a;&a;">]>'
+        "<Error><Code>Bad</Code><Message>&b;</Message></Error>"
+    ).encode("utf-16")
+    for body in (bomb, b"<!--" + b" " * 5000 + b'--><!DOCTYPE e SYSTEM "x.dtd"><Error><Code>Bad</Code></Error>'):
+        error = hostile(b"HTTP/1.1 400 Bad\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert "EXPANDED" not in str(error) and "declaring a DTD, not read" in str(error), error
+        listing = Store(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        error = listing.run(lambda c: _all(c.list_objects("bucket")))
+        assert isinstance(error, S3Error) and error.code == "dtd", error
+    with pytest.raises(ValueError) as caught:
+        S3Settings("http://AKID:s3cr3t@127.0.0.1:8333", "us-east-1", EXAMPLE)
+    assert "s3cr3t" not in str(caught.value)

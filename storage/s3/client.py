@@ -17,12 +17,13 @@ import re
 import ssl
 import time
 import xml.etree.ElementTree as ET
+import xml.parsers.expat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from . import sigv4
 from .errors import S3Error, printable
-from .http import SLICE, Endpoint, Response, exchange
+from .http import SLICE, Endpoint, Response, exchange, is_number
 
 Reader = Callable[[int], Awaitable[bytes]]  # read(n): up to n bytes, b"" at the end
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part (all but the last)
@@ -149,14 +150,22 @@ class S3Client:
         response = await self._call("GET", bucket, key)
         return await response.stream(sink)
 
-    async def get_file(self, bucket: str, key: str, path: str | os.PathLike[str]) -> tuple[int, str]:
+    async def get_file(
+        self, bucket: str, key: str, path: str | os.PathLike[str], limit: int | None = None
+    ) -> tuple[int, str]:
         """Write the object into a new file at `path` (fsynced); (its size, its SHA-256 hex). A
-        failed download leaves no file."""
+        failed download leaves no file. `limit`: the most bytes taken (a store sending more, e.g. an
+        endless chunked answer, fails with code "too_large" instead of filling the disk)."""
         digest = hashlib.sha256()
+        written = 0
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
 
             async def sink(data: bytes) -> None:
+                nonlocal written
+                written += len(data)
+                if limit is not None and written > limit:
+                    raise S3Error(f"GET s3://{bucket}/{key}: the object is larger than {limit} bytes", 200, "too_large")
                 digest.update(data)
                 view = memoryview(data)
                 while view:
@@ -422,9 +431,31 @@ def _status_error(what: str, status: int, reason: str, raw: bytes) -> S3Error:
     return S3Error(f"{what}: HTTP {status} {printable(code or reason, 60)}{detail}{hint}", status, code)
 
 
+class _Declared(Exception):
+    pass
+
+
+def _declares_dtd(raw: bytes) -> bool:
+    """Whether the document has a DOCTYPE (and so maybe entities), in whatever encoding it declares
+    (a search of the bytes for "<!ENTITY" misses a UTF-16 document): expat stops at the first sign."""
+
+    def found(*_args: object) -> None:
+        raise _Declared
+
+    parser = xml.parsers.expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = found
+    parser.EntityDeclHandler = found
+    try:
+        parser.Parse(raw, True)
+    except _Declared:
+        return True
+    except xml.parsers.expat.ExpatError:
+        pass  # not XML: ElementTree says so
+    return False
+
+
 def _parse_xml(raw: bytes, what: str, status: int) -> ET.Element:
-    head = raw[:4096].upper()
-    if b"<!DOCTYPE" in head or b"<!ENTITY" in raw.upper():  # no entity expansion from a hostile store
+    if _declares_dtd(raw):  # no entity expansion from a hostile store
         raise S3Error(f"{what}: the store's answer declares a DTD or entities: refused", status, "dtd")
     try:
         return ET.fromstring(raw)
@@ -449,14 +480,14 @@ def _text(element: ET.Element, name: str) -> str:
 
 def _int_text(element: ET.Element, name: str) -> int:
     text = _text(element, name)
-    if not text.isdigit():
+    if not is_number(text):
         raise S3Error(f"expected a number in <{name}>, got {printable(text, 40)!r}", 0, "protocol")
     return int(text)
 
 
 def _int_field(response: Response, name: str) -> int:
     value = response.headers.get(name, "")
-    if not value.isdigit():
+    if not is_number(value):
         raise S3Error(f"{response.what}: no valid {name} in the answer", response.status, "protocol")
     return int(value)
 

@@ -1,12 +1,17 @@
 # The HTTP/1.1 exchange under the S3 client: one request per connection (Connection: close), over
 # asyncio streams (TLS for https endpoints), with a timeout on every step (connect, each write,
-# each read) and bounds on everything the server sends: the answer's head (64 KB, 100 fields), a
-# chunk-size line, and the bodies read whole (the caller's limit). A body is sent from memory in
-# slices, waiting for each to drain, so the transport never holds a second copy of it; an answer's
-# body is either read whole (bounded) or streamed to a sink in slices. Must never read an unbounded
-# amount from the server into memory, and never raise anything but S3Error.
+# each read), an overall deadline on the answer's head (interim 1xx answers included), a lowest rate
+# for a body (MIN_RATE bytes per timeout: a store that trickles a byte now and then is cut off),
+# and bounds on everything the server sends: the answer's head (64 KB, 100 fields), a chunk-size
+# line (hex digits only), trailer fields (100), and the bodies read whole (the caller's limit). A
+# body is sent from memory in slices, waiting for each to drain, so the transport never holds a
+# second copy of it; an answer's body is either read whole (bounded) or streamed to a sink in
+# slices. Must never read an unbounded amount from the server into memory, and never raise anything
+# but S3Error.
 import asyncio
+import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -15,6 +20,8 @@ from .errors import S3Error, printable
 MAX_HEAD = 64 * 1024
 MAX_FIELDS = 100
 SLICE = 256 * 1024  # bytes written (then drained) or read at a time
+MIN_RATE = 64 * 1024  # bytes of a body that must come within each `timeout` seconds
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 Sink = Callable[[bytes], Awaitable[None]]
 
@@ -34,6 +41,8 @@ class Endpoint:
         if not sep or scheme not in ("http", "https"):
             raise ValueError(f"expected http://HOST[:PORT] or https://HOST[:PORT], got {url!r}")
         authority, _, path = rest.partition("/")
+        if "@" in authority:  # user:password@ would end up in messages: keys go in [s3]'s own keys
+            raise ValueError("the endpoint must not hold a user or password (set s3.access_key and s3.secret_key_file)")
         host, port = authority, 443 if scheme == "https" else 80
         if authority.startswith("["):  # [IPv6]:port
             host, _, after = authority[1:].partition("]")
@@ -71,6 +80,8 @@ class Response:
     _reader: asyncio.StreamReader = field(repr=False)
     _writer: asyncio.StreamWriter = field(repr=False)
     _has_body: bool = True
+    _window_start: float = 0.0
+    _window_bytes: int = 0
 
     async def read_body(self, limit: int) -> bytes:
         """The whole body; S3Error when it is longer than `limit` bytes."""
@@ -96,7 +107,7 @@ class Response:
                 return await self._chunked(sink)
             length = self.headers.get("content-length")
             if length is not None:
-                if not length.strip().isdigit():
+                if not is_number(length.strip()):
                     raise S3Error(f"{self.what}: bad Content-Length {printable(length)!r}", self.status, "protocol")
                 return await self._exactly(int(length), sink)
             return await self._until_close(sink)
@@ -129,23 +140,41 @@ class Response:
         while True:
             line = await self._line()
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise S3Error(f"{self.what}: bad chunk size in the answer", self.status, "protocol") from None
+            if not _CHUNK_SIZE.fullmatch(size_text):  # not int(): it takes "-1", "0x5", "1_0"
+                raise S3Error(f"{self.what}: bad chunk size in the answer", self.status, "protocol")
+            size = int(size_text, 16)
             if size == 0:
-                while await self._line():  # trailer fields, up to the empty line
-                    pass
-                return total
+                for _ in range(MAX_FIELDS + 1):  # trailer fields, up to the empty line
+                    if not await self._line():
+                        return total
+                raise S3Error(f"{self.what}: more than {MAX_FIELDS} trailer fields", self.status, "protocol")
             total += await self._exactly(size, sink)
             if await self._line():
                 raise S3Error(f"{self.what}: no line end after a chunk", self.status, "protocol")
 
     async def _read(self, n: int) -> bytes:
-        return await _step(self._reader.read(n), self.timeout, self.what)
+        return self._count(await _step(self._reader.read(n), self.timeout, self.what))
 
     async def _line(self) -> bytes:
-        return (await _step(self._reader.readuntil(b"\r\n"), self.timeout, self.what))[:-2]
+        return self._count(await _step(self._reader.readuntil(b"\r\n"), self.timeout, self.what))[:-2]
+
+    def _count(self, data: bytes) -> bytes:
+        """The lowest rate: at least MIN_RATE bytes in each window of `timeout` seconds (each read
+        has its own timeout too, but a byte every timeout - 1 s would keep a body coming for ever)."""
+        now = time.monotonic()
+        if not self._window_start:
+            self._window_start = now
+        self._window_bytes += len(data)
+        if now - self._window_start >= self.timeout:
+            if self._window_bytes < MIN_RATE:
+                raise S3Error(
+                    f"{self.what}: the store sent {self._window_bytes} bytes in {now - self._window_start:.1f} s"
+                    f" (less than {MIN_RATE} bytes per {self.timeout:g} s): given up",
+                    self.status,
+                    "timeout",
+                )
+            self._window_start, self._window_bytes = now, 0
+        return data
 
     def close(self) -> None:
         self._writer.close()
@@ -232,11 +261,20 @@ async def _drain(writer: asyncio.StreamWriter, timeout: float, what: str) -> Non
 
 
 async def _read_head(reader: asyncio.StreamReader, timeout: float, what: str) -> tuple[int, str, dict[str, str]]:
+    """The answer's status, reason and fields, all of it within `timeout` (interim answers too)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_heads(reader, timeout, what)
+    except TimeoutError:
+        raise S3Error(f"{what}: no answer from the store within {timeout:g} s", 0, "timeout") from None
+
+
+async def _read_heads(reader: asyncio.StreamReader, timeout: float, what: str) -> tuple[int, str, dict[str, str]]:
     while True:  # skip interim 1xx answers (100 Continue)
         raw = await _step(reader.readuntil(b"\r\n\r\n"), timeout, what)
         lines = raw[:-4].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (is_number(parts[1]) and len(parts[1]) == 3):
             raise S3Error(f"{what}: not an HTTP answer: {printable(lines[0], 80)!r}", 0, "protocol")
         status = int(parts[1])
         if len(lines) - 1 > MAX_FIELDS:
@@ -249,3 +287,8 @@ async def _read_head(reader: asyncio.StreamReader, timeout: float, what: str) ->
             fields[name.lower()] = value.strip()
         if not 100 <= status < 200:
             return status, parts[2] if len(parts) > 2 else "", fields
+
+
+def is_number(text: str) -> bool:
+    """Only ASCII digits (str.isdigit() takes "²", which int() refuses), at most 19 of them."""
+    return 0 < len(text) <= 19 and text.isascii() and text.isdigit()
