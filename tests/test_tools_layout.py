@@ -18,6 +18,7 @@ BENCH_COMMANDS = [
     "hub_cpu",
     "imap_benchmark",
     "ingest_benchmark",
+    "index_size",
     "mime_stream_benchmark",
     "pop3_benchmark",
     "pop3_fetch",
