@@ -511,3 +511,47 @@ def test_the_digest_ignores_the_order_and_counts_every_row():
     # the same value from either side: SQLite's int or REAL, PostgreSQL's numeric or double
     assert digest([(5, 2.5, 7.0)]) == digest([(Decimal(5), Decimal("2.5"), 7)])
     assert digest([(math.inf,)]) == digest([(math.inf,)]) != digest([(-math.inf,)])
+
+
+def test_a_password_is_shown_nowhere_even_in_a_url_that_only_libpq_can_read_or_as_sslpassword():
+    from storage.postgres.from_sqlite import MigrateError, connect, redacted
+
+    secret = "Pa55-never-shown"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for url in (
+        f"postgresql://mailhub:{secret}@[::1/db",  # urlsplit refuses it; libpq quotes it whole
+        f"postgresql://mailhub:{secret}@127.0.0.1:{closed}/db?sslpassword={secret}x&bogus=1",
+        f"postgresql://mailhub@127.0.0.1:{closed}/db?sslpassword={secret}&sslmode=disable",
+        f"postgresql://mailhub:{secret.replace('-', '%2D')}@127.0.0.1:{closed}/db",
+    ):
+        with pytest.raises(MigrateError) as caught:
+            connect(url)
+        text = str(caught.value)
+        assert secret not in text and secret.replace("-", "%2D") not in text, text
+        assert "Pa55" not in redacted(url) and "\n" not in text, redacted(url)
+    assert (
+        redacted(f"postgresql://u@h/db?sslmode=require&sslpassword={secret}") == "postgresql://u@h/db?sslmode=require"
+    )
+
+
+def test_a_database_holding_another_applications_schema_or_view_is_refused(make_hub, pg_url):
+    from storage.postgres import TargetNotEmpty, migrate
+
+    hub = make_hub(sites=ALPHA_BETA_B2)
+    for setup in (
+        "CREATE SCHEMA billing; CREATE TABLE billing.invoices (id int)",
+        "CREATE VIEW status AS SELECT 1 AS up",
+        "CREATE SEQUENCE tickets",
+    ):
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(setup.encode())
+        with pytest.raises(TargetNotEmpty) as caught:
+            migrate(hub.data_dir, pg_url)
+        assert "already" in str(caught.value), caught.value
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('messages')").fetchone() == (None,)  # untouched
+            conn.execute(
+                b"DROP SCHEMA IF EXISTS billing CASCADE; DROP VIEW IF EXISTS status; DROP SEQUENCE IF EXISTS tickets"
+            )

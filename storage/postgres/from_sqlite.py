@@ -35,6 +35,8 @@ BATCH_ROWS = 2000  # rows read from SQLite (and written to COPY) at a time
 _DIGEST_MODULUS = 2**256
 # copied first: the tables the others' foreign keys name
 _PARENTS = ("meta", "sites", "messages")
+# URL parameters that hold a secret (libpq: the password, the password of the TLS client key)
+_SECRET_PARAMETERS = ("password", "sslpassword")
 
 
 class MigrateError(StorageError):
@@ -92,26 +94,35 @@ def redacted(url: str) -> str:
             netloc_text = f"{user}@{hostport}" if user else hostport
         else:
             netloc_text = parts.netloc
-        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() not in _SECRET_PARAMETERS])
         return urlunsplit((parts.scheme, netloc_text, parts.path, query, ""))
     except ValueError:
         return "(a URL that cannot be parsed)"
 
 
 def _secrets(url: str) -> list[str]:
+    """The passwords in the URL, also in one that urlsplit refuses and libpq may still quote whole in
+    its message ("...in IPv6 host address in URI: "postgresql://user:secret@[::1/db""): the user
+    part taken by hand, up to the first "@" (as libpq reads it) and up to the last (as urlsplit)."""
     found = []
     try:
         parts = urlsplit(url)
         if parts.password:
-            found += [parts.password, unquote(parts.password)]
-        found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+            found.append(parts.password)
     except ValueError:
         pass
-    return [s for s in found if s]
+    authority = url.partition("://")[2].partition("/")[0].partition("?")[0]
+    for userinfo in (authority.partition("@")[0], authority.rpartition("@")[0]):
+        if ":" in userinfo:
+            found.append(userinfo.partition(":")[2])
+    found += [v for k, v in parse_qsl(url.partition("?")[2]) if k.lower() in _SECRET_PARAMETERS]
+    found += [unquote(secret) for secret in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)  # the longest first: no half left
 
 
 def _one_line(exc: BaseException, url: str) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.replace(url, redacted(url))
     for secret in _secrets(url):
         text = text.replace(secret, "***")
     return text
@@ -239,13 +250,26 @@ def _copy(
     return latest_version(), copied
 
 
+def _present(conn: psycopg.Connection[Any]) -> list[str]:
+    """The tables, views and sequences of every schema but PostgreSQL's own: another application's
+    in a schema of its own count too (not only those in the search path's first schema)."""
+    rows = conn.execute(
+        "SELECT CASE WHEN n.oid = current_schema()::regnamespace THEN c.relname"
+        " ELSE n.nspname || '.' || c.relname END FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        " AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp\\_%%'"
+        " ORDER BY 1"
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def _refuse_if_not_empty(conn: psycopg.Connection[Any]) -> None:
-    present = _pg_tables(conn)
+    present = _present(conn)
     if present:
         shown = ", ".join(present[:5]) + (" ..." if len(present) > 5 else "")
         raise TargetNotEmpty(
-            f"the database holds {len(present)} table(s) already ({shown}): migrate copies into an empty"
-            " database only (createdb a new one, or drop these tables)"
+            f"the database holds {len(present)} table(s), view(s) or sequence(s) already ({shown}): migrate"
+            " copies into an empty database only (createdb a new one, or drop these)"
         )
 
 
