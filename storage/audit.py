@@ -10,12 +10,11 @@
 # and any DELETE other than pruning past the retention (events.audit_retention_days).
 # Must never: hold message content (no header but Message-ID, no body), or be written outside the
 # transaction that changes the state it describes.
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import db
+from . import db, sql
 
 ACCEPTED = "accepted"  # delivered into the site's mailbox; actor: the sending site (or envelope sender)
 FETCHED = "fetched"  # downloaded whole by the site (POP3 RETR, IMAP body fetch); actor: the site
@@ -100,7 +99,7 @@ def row(
 
 
 def record(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     event: str,
     site: str | None,
     queue_id: str | None,
@@ -116,13 +115,13 @@ def record(
     conn.execute(_INSERT, row(event, site, queue_id, message_id, study_id, size, sha256, actor, detail, at))
 
 
-def record_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+def record_rows(conn: sql.Connection, rows: list[tuple[Any, ...]]) -> None:
     """Append rows made by row() (in the caller's transaction)."""
     conn.executemany(_INSERT, rows)
 
 
 def record_entries(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     event: str,
     site_id: int,
     uids: list[int],
@@ -144,7 +143,7 @@ _ACCEPTED_ROW = (
 )
 
 
-def record_accepted(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+def record_accepted(conn: sql.Connection, rows: list[tuple[Any, ...]]) -> None:
     """ACCEPTED rows of a group commit, one per mailbox entry: (at, site name or None, site id,
     queue ID, Message-ID, study, size, SHA-256, actor), in the commit's transaction."""
     conn.executemany(
@@ -173,7 +172,7 @@ _BARE_ROW = (
 
 
 def record_downloads(
-    conn: sqlite3.Connection, site_id: int, retrieved: dict[str, tuple[float, int]], detail: str | None
+    conn: sql.Connection, site_id: int, retrieved: dict[str, tuple[float, int]], detail: str | None
 ) -> None:
     """FETCHED rows for the mails a session downloaded whole (queue ID -> (time, octets)); the
     site is the actor. Call it before the session's deletions, in the same transaction. A mail freed
@@ -186,7 +185,7 @@ def record_downloads(
 
 
 def query(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     site: str | None = None,
     study: str | None = None,
     since: float | None = None,
@@ -225,11 +224,15 @@ def query(
     return [AuditRecord(*r) for r in conn.execute(sql, args)]
 
 
-def prune_batch(conn: sqlite3.Connection, before: float, limit: int = PRUNE_BATCH) -> int:
+def prune_batch(conn: sql.Connection, before: float, limit: int = PRUNE_BATCH) -> int:
     """Delete up to `limit` of the oldest records older than `before` in one transaction; the count.
     The schema's guard lets a DELETE through only below the mark set here in the same transaction."""
     with db.transaction(conn):
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_prune_before', ?)", (before,))
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('audit_prune_before', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (before,),
+        )
         deleted = conn.execute(
             "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ? ORDER BY at LIMIT ?)", (before, limit)
         ).rowcount
@@ -237,7 +240,7 @@ def prune_batch(conn: sqlite3.Connection, before: float, limit: int = PRUNE_BATC
     return deleted
 
 
-def prune(conn: sqlite3.Connection, before: float) -> int:
+def prune(conn: sql.Connection, before: float) -> int:
     """Delete every record older than `before`, batch by batch; the count."""
     total = 0
     while (deleted := prune_batch(conn, before)) > 0:

@@ -4,9 +4,12 @@ import sqlite3
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
+from . import sql
 from .errors import StorageError, StorageFull
+
+C = TypeVar("C", bound=sql.Connection)
 
 INDEX_NAME = "index.sqlite3"
 _SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
@@ -106,17 +109,17 @@ def connect_readonly(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
-class transaction:
-    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on error. Running out of
-    space (the WAL cannot grow: SQLITE_FULL) raises StorageFull (452 4.3.1), the transaction rolled
-    back."""
+class transaction(Generic[C]):
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection (PostgreSQL: BEGIN, sql.BEGIN_WRITE);
+    ROLLBACK on error. Running out of space (the WAL cannot grow: SQLITE_FULL; PostgreSQL's
+    disk_full) raises StorageFull (452 4.3.1), the transaction rolled back."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: C):
         self.conn = conn
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> C:
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(sql.BEGIN_WRITE[sql.dialect(self.conn)])
         except sqlite3.OperationalError as exc:
             _raise_if_full(exc)
             raise
@@ -125,12 +128,12 @@ class transaction:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
-        commit_failed: sqlite3.OperationalError | None = None
+        commit_failed: sqlite3.OperationalError | StorageFull | None = None
         if exc_type is None:
             try:
                 self.conn.execute("COMMIT")
                 return False
-            except sqlite3.OperationalError as error:
+            except (sqlite3.OperationalError, StorageFull) as error:
                 commit_failed = error
         self._rollback()
         failure = commit_failed or exc

@@ -4,9 +4,7 @@
 # of storage/schema.sql; the marks of what the directory mailer last sent). Parsing keys, building
 # and signing the directory are directory/'s business; this module only reads and writes rows.
 # Must never parse or check key material, nor import from directory/, relay/ or mailhub/.
-import sqlite3
-
-from . import db
+from . import db, sql
 from .sites import Site, get_site, list_sites
 
 _KEY_COLUMNS = "fingerprint, encryption_key_ids, armored, imported_at, retired_at"
@@ -15,7 +13,7 @@ KeyRow = tuple[str, str, str, float, float | None]  # fingerprint, key IDs (spac
 
 
 def replace_site_key(
-    conn: sqlite3.Connection, site_name: str, fingerprint: str, encryption_key_ids: str, armored: str, now: float
+    conn: sql.Connection, site_name: str, fingerprint: str, encryption_key_ids: str, armored: str, now: float
 ) -> bool:
     """Make the key the site's current one, retiring its current key at `now`, in one transaction;
     False (and nothing changed) when it is the current key already. Raises SiteError for an
@@ -36,14 +34,14 @@ def replace_site_key(
     return True
 
 
-def site_key_rows(conn: sqlite3.Connection, site_id: int) -> list[KeyRow]:
+def site_key_rows(conn: sql.Connection, site_id: int) -> list[KeyRow]:
     """One site's keys, current first, then the retired ones, newest first."""
     return conn.execute(
         f"SELECT {_KEY_COLUMNS} FROM site_keys WHERE site_id = ? ORDER BY {_KEY_ORDER}", (site_id,)
     ).fetchall()
 
 
-def all_site_key_rows(conn: sqlite3.Connection) -> dict[int, list[KeyRow]]:
+def all_site_key_rows(conn: sql.Connection) -> dict[int, list[KeyRow]]:
     """Every site's keys by site ID, each list ordered as site_key_rows'."""
     keys: dict[int, list[KeyRow]] = {}
     for row in conn.execute(f"SELECT site_id, {_KEY_COLUMNS} FROM site_keys ORDER BY site_id, {_KEY_ORDER}"):
@@ -51,7 +49,7 @@ def all_site_key_rows(conn: sqlite3.Connection) -> dict[int, list[KeyRow]]:
     return keys
 
 
-def set_policy_override(conn: sqlite3.Connection, site_id: int, encryption: str | None) -> None:
+def set_policy_override(conn: sql.Connection, site_id: int, encryption: str | None) -> None:
     """A site's encryption policy ('on', 'off'), or None to follow the hub's."""
     if encryption is None:
         conn.execute("DELETE FROM site_policy WHERE site_id = ?", (site_id,))
@@ -63,52 +61,57 @@ def set_policy_override(conn: sqlite3.Connection, site_id: int, encryption: str 
         )
 
 
-def policy_overrides(conn: sqlite3.Connection) -> dict[int, str]:
+def policy_overrides(conn: sql.Connection) -> dict[int, str]:
     """Every site's override by site ID (sites following the hub's policy have none)."""
     return dict(conn.execute("SELECT site_id, encryption FROM site_policy"))
 
 
-def directory_version(conn: sqlite3.Connection) -> int:
+def directory_version(conn: sql.Connection) -> int:
     """Moves whenever what the participant list shows changes (sites, addresses, keys)."""
     return int(conn.execute("SELECT value FROM meta WHERE key = 'directory_version'").fetchone()[0])
 
 
-def keys_version(conn: sqlite3.Connection) -> int:
+def keys_version(conn: sql.Connection) -> int:
     """Moves whenever a site's keys or policy override change."""
     return int(conn.execute("SELECT value FROM meta WHERE key = 'keys_version'").fetchone()[0])
 
 
-def marks(conn: sqlite3.Connection, *names: str) -> dict[str, int]:
+def marks(conn: sql.Connection, *names: str) -> dict[str, int]:
     """The directory mailer's marks (meta rows) that are set, by name, and directory_version."""
     wanted = ("directory_version", *names)
     return dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(wanted))})", wanted))
 
 
-def marks_and_sites(conn: sqlite3.Connection, *names: str) -> tuple[dict[str, int], list[Site]]:
+def marks_and_sites(conn: sql.Connection, *names: str) -> tuple[dict[str, int], list[Site]]:
     """marks() and every site, read together (one read transaction: the version and the sites it
     counts agree)."""
-    conn.execute("BEGIN")
+    conn.execute(sql.BEGIN_READ[sql.dialect(conn)])
     try:
         return marks(conn, *names), list_sites(conn)
     finally:
         conn.execute("COMMIT")
 
 
-def set_mark(conn: sqlite3.Connection, name: str, value: int) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (name, value))
+def set_mark(conn: sql.Connection, name: str, value: int) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (name, value),
+    )
 
 
-def set_mark_if_unset(conn: sqlite3.Connection, name: str, value: int) -> None:
-    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (name, value))
+def set_mark_if_unset(conn: sql.Connection, name: str, value: int) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, value))
 
 
-def mark(conn: sqlite3.Connection, name: str) -> int | None:
+def mark(conn: sql.Connection, name: str) -> int | None:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
     return None if row is None else row[0]
 
 
-def set_mark_to_version_if_unset(conn: sqlite3.Connection, name: str) -> None:
+def set_mark_to_version_if_unset(conn: sql.Connection, name: str) -> None:
     """Set the mark to the present directory_version unless it is set (one statement)."""
     conn.execute(
-        "INSERT OR IGNORE INTO meta (key, value) SELECT ?, value FROM meta WHERE key = 'directory_version'", (name,)
+        "INSERT INTO meta (key, value) SELECT ?, value FROM meta WHERE key = 'directory_version'"
+        " ON CONFLICT DO NOTHING",
+        (name,),
     )

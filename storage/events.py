@@ -4,9 +4,10 @@
 # `mailhub trace` can follow a mail after its blob is gone and `mailhub stats` can sum volumes.
 # Rows are written by the storage writer inside the transactions that change the state they
 # describe; this module only builds rows and prunes. Must never read message content.
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
+
+from . import sql
 
 ACCEPTED, DELIVERED, DOWNLOADED, DELETED = "accepted", "delivered", "downloaded", "deleted"
 REFUSED, DEFERRED = "refused", "deferred"
@@ -110,9 +111,9 @@ def relay_outcome(at: float, kind: str, queue_id: str, rcpt: str, hop: str | Non
     return Event(at, kind, queue_id=queue_id, rcpt=rcpt, peer=hop, size=size, detail=text.split("\r\n", 1)[0][:300])
 
 
-def prune_batch(conn: sqlite3.Connection, before: float, limit: int = PRUNE_BATCH) -> int:
+def prune_batch(conn: sql.Connection, before: float, limit: int = PRUNE_BATCH) -> int:
     """Delete up to `limit` of the oldest events older than `before` in one transaction; the count."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(sql.BEGIN_WRITE[sql.dialect(conn)])
     try:
         deleted = conn.execute(
             "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? ORDER BY at LIMIT ?)", (before, limit)
@@ -124,7 +125,7 @@ def prune_batch(conn: sqlite3.Connection, before: float, limit: int = PRUNE_BATC
     return deleted
 
 
-def prune(conn: sqlite3.Connection, before: float) -> int:
+def prune(conn: sql.Connection, before: float) -> int:
     """Delete every event older than `before`, batch by batch; the count."""
     total = 0
     while (deleted := prune_batch(conn, before)) > 0:

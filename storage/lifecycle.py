@@ -14,12 +14,11 @@
 #             message_id = its Original-Message-ID, set_id/part/total of the answered mail,
 #             detail = "DISPOSITION [mdn QUEUEID]"
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audit, events
+from . import audit, events, sql
 from .sites import SiteError, get_site
 
 EXPIRED, RECEIPT = "expired", "receipt"
@@ -87,7 +86,7 @@ class Notice:
 
 
 def waiting_entries(
-    conn: sqlite3.Connection, default_days: float, now: float | None = None, warn_before: float = 0.0
+    conn: sql.Connection, default_days: float, now: float | None = None, warn_before: float = 0.0
 ) -> list[Waiting]:
     """Every unfetched mailbox entry of a site whose retention is not 0 (keep); with `now`, only
     those of a study (or a mail without one) from one sender (lower() of ASCII, as relay/expiry.py
@@ -96,7 +95,8 @@ def waiting_entries(
     inner = (
         "SELECT b.uid, b.site_id, s.name, b.queue_id, b.delivered_at, b.warned_at, m.size, m.mail_from,"
         " m.message_id, m.set_id, m.set_part, m.set_total, coalesce(r.days, ?) AS days,"
-        " (SELECT min(a.address) FROM addresses a WHERE a.site_id = b.site_id),"
+        " (SELECT a.address FROM addresses a WHERE a.site_id = b.site_id"
+        f"  ORDER BY lower(a.address){sql.BYTE_ORDER[sql.dialect(conn)]} LIMIT 1),"
         " max(b.delivered_at) OVER (PARTITION BY b.site_id, CASE WHEN m.set_id IS NOT NULL AND m.set_id != ''"
         "  THEN 'set:' || m.set_id ELSE 'mail:' || b.queue_id END, lower(m.mail_from)) AS newest"
         " FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id JOIN sites s ON s.id = b.site_id"
@@ -107,7 +107,7 @@ def waiting_entries(
         rows = conn.execute(inner + " ORDER BY b.uid", (default_days, default_days)).fetchall()
     else:
         rows = conn.execute(
-            f"SELECT * FROM ({inner}) WHERE newest + days * 86400.0 - ? <= ? ORDER BY uid",
+            f"SELECT * FROM ({inner}) AS w WHERE newest + days * 86400.0 - ? <= ? ORDER BY uid",
             (default_days, default_days, max(0.0, warn_before), now),
         ).fetchall()
     return [_waiting(row[:14]) for row in rows]
@@ -120,11 +120,11 @@ def _waiting(row: tuple[Any, ...]) -> Waiting:
     )
 
 
-def retention_overrides(conn: sqlite3.Connection) -> dict[int, float]:
+def retention_overrides(conn: sql.Connection) -> dict[int, float]:
     return dict(conn.execute("SELECT site_id, days FROM site_retention").fetchall())
 
 
-def set_retention(conn: sqlite3.Connection, name: str, days: float | None) -> None:
+def set_retention(conn: sql.Connection, name: str, days: float | None) -> None:
     """A site's retention in days (0: keep until fetched), or None: back to the config default."""
     if days is not None and (days < 0 or days != days):
         raise SiteError(f"retention must be 0 (keep) or more days, got {days!r}")
@@ -139,7 +139,7 @@ def set_retention(conn: sqlite3.Connection, name: str, days: float | None) -> No
         )
 
 
-def pending_notices(conn: sqlite3.Connection, limit: int = 100) -> list[Notice]:
+def pending_notices(conn: sql.Connection, limit: int = 100) -> list[Notice]:
     """Notices not sent yet, oldest first."""
     return [
         Notice(i, kind, at, rcpt, json.loads(facts))
@@ -151,7 +151,7 @@ def pending_notices(conn: sqlite3.Connection, limit: int = 100) -> list[Notice]:
     ]
 
 
-def quota_levels(conn: sqlite3.Connection) -> dict[int, set[int]]:
+def quota_levels(conn: sql.Connection) -> dict[int, set[int]]:
     """Site id -> the warning levels it is recorded at or above."""
     found: dict[int, set[int]] = {}
     for site_id, level in conn.execute("SELECT site_id, level FROM quota_warnings"):
@@ -159,7 +159,7 @@ def quota_levels(conn: sqlite3.Connection) -> dict[int, set[int]]:
     return found
 
 
-def study_rows(conn: sqlite3.Connection, since: float, until: float | None = None) -> list[tuple[Any, ...]]:
+def study_rows(conn: sql.Connection, since: float, until: float | None = None) -> list[tuple[Any, ...]]:
     """Per (study, receiving site) of the studies with a part accepted in [since, until): (set_id,
     site, set_total, parts accepted, first accepted, last accepted, parts delivered, parts
     downloaded, last download, parts with a receipt, last receipt, its detail, parts still in the
@@ -205,7 +205,7 @@ _ENTRY = (
 
 
 def expire(
-    conn: sqlite3.Connection, now: float, groups: Sequence[ExpiryGroup]
+    conn: sql.Connection, now: float, groups: Sequence[ExpiryGroup]
 ) -> tuple[list[tuple[int, int, int | None, int, bool]], dict[str, Any]]:
     """Remove the groups' entries that are still unfetched, with an `expired` event and audit record
     (storage/audit.py, actor "hub") each and, per
@@ -271,7 +271,7 @@ def expire(
     return removed, summary
 
 
-def warn(conn: sqlite3.Connection, now: float, groups: Sequence[WarningGroup]) -> int:
+def warn(conn: sql.Connection, now: float, groups: Sequence[WarningGroup]) -> int:
     """Mark the groups' entries that are still unfetched and unwarned as warned, and queue one
     warning per group to its site; the number of notices queued."""
     queued = 0
@@ -303,7 +303,7 @@ def warn(conn: sqlite3.Connection, now: float, groups: Sequence[WarningGroup]) -
 
 
 def quota_crossed(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     now: float,
     site_id: int,
     crossed: Sequence[int],
@@ -314,19 +314,22 @@ def quota_crossed(
     notices (kind, rcpt, facts) the crossing owes, in one transaction: a restart resends none."""
     conn.executemany("DELETE FROM quota_warnings WHERE site_id = ? AND level = ?", [(site_id, lv) for lv in left])
     conn.executemany(
-        "INSERT OR IGNORE INTO quota_warnings (site_id, level, crossed_at) VALUES (?, ?, ?)",
+        "INSERT INTO quota_warnings (site_id, level, crossed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
         [(site_id, level, now) for level in crossed],
     )
     for kind, rcpt, facts in notices:
         _queue_notice(conn, now, kind, rcpt, facts)
 
 
-def notice_done(conn: sqlite3.Connection, notice_id: int) -> None:
+def notice_done(conn: sql.Connection, notice_id: int) -> None:
     """A notice that cannot be sent (no mailbox or route for its recipient) counts as sent."""
-    conn.execute("UPDATE meta SET value = max(value, ?) WHERE key = ?", (notice_id, NOTICE_MARK))
+    conn.execute(  # SQLite's max(value, ?) on both engines (no NULL here: value is NOT NULL)
+        "UPDATE meta SET value = CASE WHEN value >= ? THEN value ELSE ? END WHERE key = ?",
+        (notice_id, notice_id, NOTICE_MARK),
+    )
 
 
-def prune_notices(conn: sqlite3.Connection) -> int:
+def prune_notices(conn: sql.Connection) -> int:
     """Delete the notices sent (the outbox keeps its newest row: AUTOINCREMENT never reuses an id)."""
     return conn.execute(
         "DELETE FROM lifecycle_notices WHERE id <= (SELECT value FROM meta WHERE key = ?)", (NOTICE_MARK,)
@@ -334,7 +337,7 @@ def prune_notices(conn: sqlite3.Connection) -> int:
 
 
 def record_receipt(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     at: float,
     mdn_queue_id: str,
     site: str | None,
@@ -391,7 +394,7 @@ def disposition_of(detail: str | None) -> str | None:
     return detail.rsplit(" [mdn ", 1)[0]
 
 
-def _queue_notice(conn: sqlite3.Connection, now: float, kind: str, rcpt: str, facts: dict[str, Any]) -> None:
+def _queue_notice(conn: sql.Connection, now: float, kind: str, rcpt: str, facts: dict[str, Any]) -> None:
     conn.execute(
         "INSERT INTO lifecycle_notices (kind, created_at, rcpt, facts) VALUES (?, ?, ?, ?)",
         (kind, now, rcpt, json.dumps(facts, separators=(",", ":"))),

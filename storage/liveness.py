@@ -10,6 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sql
 from .sites import SiteError
 
 WAITING = "b.fetched_at IS NULL"  # the definition, as SQL over the mailbox table aliased b
@@ -53,21 +54,21 @@ def open_reader(data_dir: Path) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5)
 
 
-def read(conn: sqlite3.Connection, site_id: int | None = None) -> list[SiteLiveness]:
+def read(conn: sql.Connection, site_id: int | None = None) -> list[SiteLiveness]:
     """Every site's liveness figures by name (or one site's)."""
     where, params = (" WHERE s.id = ?", (site_id,)) if site_id is not None else ("", ())
     rows = conn.execute(_SQL + where + " ORDER BY s.name", params).fetchall()
     return [SiteLiveness(*row) for row in rows]
 
 
-def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[tuple[str, int, int, float]]:
+def backlogs(conn: sql.Connection, top: int, site_id: int | None = None) -> list[tuple[str, int, int, float]]:
     """(site, messages, octets, oldest delivery time) of the mail waiting now, the largest backlogs
     first (at most `top`), or one site's."""
     where = " AND b.site_id = ?" if site_id is not None else ""
     return conn.execute(
         "SELECT s.name, count(*), sum(m.size), min(b.delivered_at) FROM mailbox b"
         " JOIN messages m ON m.queue_id = b.queue_id JOIN sites s ON s.id = b.site_id"
-        f" WHERE {WAITING}{where} GROUP BY b.site_id ORDER BY 3 DESC, 1 LIMIT ?",
+        f" WHERE {WAITING}{where} GROUP BY b.site_id, s.name ORDER BY 3 DESC, 1 LIMIT ?",
         ((site_id,) if site_id is not None else ()) + (top,),
     ).fetchall()
 
@@ -75,14 +76,14 @@ def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> 
 # ---- what the hub and the command line write (one transaction each, the caller's) -------------
 
 
-def mark_stale(conn: sqlite3.Connection, site_id: int, since: float, noticed_at: float) -> None:
+def mark_stale(conn: sql.Connection, site_id: int, since: float, noticed_at: float) -> None:
     conn.execute(
         "INSERT INTO site_stale (site_id, stale_since, noticed_at) VALUES (?, ?, ?) ON CONFLICT (site_id) DO NOTHING",
         (site_id, since, noticed_at),
     )
 
 
-def mark_recovered(conn: sqlite3.Connection, site_id: int) -> None:
+def mark_recovered(conn: sql.Connection, site_id: int) -> None:
     conn.execute("DELETE FROM site_stale WHERE site_id = ?", (site_id,))
 
 
@@ -96,7 +97,7 @@ def validate_contact(address: str) -> str:
     return address.strip()
 
 
-def set_contact(conn: sqlite3.Connection, site_id: int, address: str | None) -> None:
+def set_contact(conn: sql.Connection, site_id: int, address: str | None) -> None:
     """A site's contact address for notices; None or '' removes it."""
     if address:
         address = validate_contact(address)
@@ -109,6 +110,6 @@ def set_contact(conn: sqlite3.Connection, site_id: int, address: str | None) -> 
         conn.execute("DELETE FROM site_contact WHERE site_id = ?", (site_id,))
 
 
-def contact(conn: sqlite3.Connection, site_id: int) -> str | None:
+def contact(conn: sql.Connection, site_id: int) -> str | None:
     row = conn.execute("SELECT address FROM site_contact WHERE site_id = ?", (site_id,)).fetchone()
     return row[0] if row else None

@@ -4,10 +4,11 @@
 # ingest), filtered; and the same across all mailboxes by Message-ID or study. Read-only (the
 # removals go through Storage.remove_entries); the callers hold a read connection.
 # Must never: read message bytes (the callers stream them from `path`), or change the index.
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from . import sql
 
 _SELECT = (
     "SELECT s.name, b.uid, m.queue_id, b.delivered_at, m.size, m.mail_from, m.message_id, m.set_id,"
@@ -60,7 +61,7 @@ class AdminEntry:
         }
 
 
-def _entries(conn: sqlite3.Connection, where: list[str], args: list[Any], limit: int | None) -> list[AdminEntry]:
+def _entries(conn: sql.Connection, where: list[str], args: list[Any], limit: int | None) -> list[AdminEntry]:
     sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY b.uid"
     if limit is not None:
         sql += " LIMIT ?"
@@ -74,7 +75,7 @@ def _entries(conn: sqlite3.Connection, where: list[str], args: list[Any], limit:
 
 
 def site_entries(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     site_id: int,
     *,
     arrived_before: float | None = None,
@@ -111,7 +112,7 @@ def site_entries(
 
 
 def search(
-    conn: sqlite3.Connection, message_id: str | None = None, study: str | None = None, limit: int | None = None
+    conn: sql.Connection, message_id: str | None = None, study: str | None = None, limit: int | None = None
 ) -> list[AdminEntry]:
     """Entries of every mailbox holding a mail with this Message-ID and/or of this study."""
     where: list[str] = []
@@ -127,18 +128,18 @@ def search(
     return _entries(conn, where, args, limit)
 
 
-def structure_json(conn: sqlite3.Connection, queue_id: str) -> str | None:
+def structure_json(conn: sql.Connection, queue_id: str) -> str | None:
     """The MIME structure recorded at ingest (JSON text), or None (unknown, or stored before)."""
     row = conn.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
     return None if row is None else row[0]
 
 
-def site_id_of(conn: sqlite3.Connection, name: str) -> int | None:
+def site_id_of(conn: sql.Connection, name: str) -> int | None:
     row = conn.execute("SELECT id FROM sites WHERE name = ?", (name,)).fetchone()
     return None if row is None else int(row[0])
 
 
-def site_of_address(conn: sqlite3.Connection, address: str) -> tuple[int, str] | None:
+def site_of_address(conn: sql.Connection, address: str) -> tuple[int, str] | None:
     """(id, name) of the site an address belongs to, or None (not a local address)."""
     row = conn.execute(
         "SELECT s.id, s.name FROM addresses a JOIN sites s ON s.id = a.site_id WHERE a.address = ?", (address,)

@@ -2,13 +2,12 @@
 # and updated by the relay's scheduler (in the index writer process) and by `mailhub queue`.
 # Synchronous functions on a sqlite3 connection. Must never delete a row before its recipient was
 # accepted by the next hop or its bounce was stored: the row is the only record of the duty.
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import db, events
+from . import db, events, sql
 
 
 @dataclass(slots=True)
@@ -48,7 +47,7 @@ _SELECT = (
 )
 
 
-def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[object], blob_dir: Path) -> list[QueuedRecipient]:
+def _rows(conn: sql.Connection, sql: str, params: Sequence[object], blob_dir: Path) -> list[QueuedRecipient]:
     return [
         QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, o, s, bool(d), f)
         for i, q, r, qa, na, a, w, e, b, o, s, d, f in conn.execute(sql, params)
@@ -56,7 +55,7 @@ def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[object], blob_dir
 
 
 def due(
-    conn: sqlite3.Connection, blob_dir: Path, now: float, fresh: bool, limit: int, exclude: str = "[]"
+    conn: sql.Connection, blob_dir: Path, now: float, fresh: bool, limit: int, exclude: str = "[]"
 ) -> list[QueuedRecipient]:
     """Rows whose next attempt is due: never tried yet (fresh) or deferred, oldest first; `exclude`
     is a JSON list of row ids (those in flight)."""
@@ -64,23 +63,23 @@ def due(
     return _rows(
         conn,
         f"{_SELECT} WHERE o.next_attempt_at <= ? AND {where}"
-        " AND o.id NOT IN (SELECT value FROM json_each(?))"
+        f" AND o.id NOT IN ({sql.JSON_INTEGERS[sql.dialect(conn)]})"
         " ORDER BY o.next_attempt_at, o.id LIMIT ?",
         (now, exclude, limit),
         blob_dir,
     )
 
 
-def all_rows(conn: sqlite3.Connection, blob_dir: Path) -> list[QueuedRecipient]:
+def all_rows(conn: sql.Connection, blob_dir: Path) -> list[QueuedRecipient]:
     return _rows(conn, f"{_SELECT} ORDER BY o.queue_id, o.id", (), blob_dir)
 
 
-def remove(conn: sqlite3.Connection, ids: list[int]) -> None:
+def remove(conn: sql.Connection, ids: list[int]) -> None:
     """Rows done (delivered or bounced); their message references go with them."""
     conn.executemany("DELETE FROM outbound WHERE id = ?", [(i,) for i in ids])
 
 
-def defer(conn: sqlite3.Connection, deferrals: list[Deferral], attempted_at: float) -> None:
+def defer(conn: sql.Connection, deferrals: list[Deferral], attempted_at: float) -> None:
     conn.executemany(
         "UPDATE outbound SET next_attempt_at = ?, attempts = ?, last_error = ?, warned = ?,"
         " last_attempt_at = ? WHERE id = ?",
@@ -88,7 +87,7 @@ def defer(conn: sqlite3.Connection, deferrals: list[Deferral], attempted_at: flo
     )
 
 
-def retry_now(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
+def retry_now(conn: sql.Connection, now: float, queue_id: str | None) -> int:
     """Make rows due now (all, or one message's) and tell the server to forget its back-off of
     next hops (retry_version); returns how many rows."""
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'outbound_retry'")
@@ -97,11 +96,11 @@ def retry_now(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int
     return conn.execute("UPDATE outbound SET next_attempt_at = ? WHERE queue_id = ?", (now, queue_id)).rowcount
 
 
-def retry_version(conn: sqlite3.Connection) -> int:
+def retry_version(conn: sql.Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE key = 'outbound_retry'").fetchone()[0])
 
 
-def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
+def delete(conn: sql.Connection, queue_id: str, rcpt: str | None) -> int:
     """Drop a message's rows (or one recipient's) without delivery; returns how many."""
     if rcpt is None:
         return conn.execute("DELETE FROM outbound WHERE queue_id = ?", (queue_id,)).rowcount
@@ -110,21 +109,21 @@ def delete(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
     ).rowcount
 
 
-def retry_queued(conn: sqlite3.Connection, now: float, queue_id: str | None) -> int:
+def retry_queued(conn: sql.Connection, now: float, queue_id: str | None) -> int:
     """`mailhub queue retry`: retry_now in a transaction of its own; how many rows."""
     with db.transaction(conn):
         count = retry_now(conn, now, queue_id)
     return count
 
 
-def drop_queued(conn: sqlite3.Connection, queue_id: str, rcpt: str | None) -> int:
+def drop_queued(conn: sql.Connection, queue_id: str, rcpt: str | None) -> int:
     """`mailhub queue delete`: delete in a transaction of its own; how many rows."""
     with db.transaction(conn):
         count = delete(conn, queue_id, rcpt)
     return count
 
 
-def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+def totals(conn: sql.Connection) -> tuple[int, int, float | None]:
     """(messages, recipients, oldest queued_at) of the whole queue."""
     messages, recipients, oldest = conn.execute(
         "SELECT count(DISTINCT queue_id), count(*), min(queued_at) FROM outbound"
@@ -133,7 +132,7 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
 
 
 def due_and_version(
-    conn: sqlite3.Connection, blob_dir: Path, now: float, busy: str, free: int, deferred_share: int
+    conn: sql.Connection, blob_dir: Path, now: float, busy: str, free: int, deferred_share: int
 ) -> tuple[int, list[QueuedRecipient]]:
     """The retry version and due rows, fresh ones first, then deferred ones (at most
     deferred_share), none in flight."""
@@ -144,7 +143,7 @@ def due_and_version(
 
 
 def settle(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     removed: list[int],
     deferrals: list[Deferral],
     now: float,

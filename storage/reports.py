@@ -4,10 +4,9 @@
 # plain rows or storage.events.Event objects; the reports are built and formatted in mailhub/.
 # Must never write to the index; every query is bounded by an index and, where it can grow with
 # the store, by a LIMIT or a chunked IN list.
-import sqlite3
 from collections.abc import Iterator
 
-from . import liveness
+from . import liveness, sql
 from .events import COLUMNS, Event
 
 _COLUMNS = ", ".join(COLUMNS)
@@ -21,7 +20,7 @@ def _party_column(column: str) -> str:
     return column
 
 
-def volumes(conn: sqlite3.Connection, since: float, until: float) -> list[tuple[str, str, str, int, int]]:
+def volumes(conn: sql.Connection, since: float, until: float) -> list[tuple[str, str, str, int, int]]:
     """(kind, site, peer site, count, octets) of the events in [since, until); '-' for no site."""
     return conn.execute(
         "SELECT kind, coalesce(site, '-'), coalesce(peer_site, '-'), count(*), coalesce(sum(size), 0)"
@@ -30,7 +29,7 @@ def volumes(conn: sqlite3.Connection, since: float, until: float) -> list[tuple[
     ).fetchall()
 
 
-def refusal_counts(conn: sqlite3.Connection, since: float, until: float) -> list[tuple[str, str, str, str, int, float]]:
+def refusal_counts(conn: sql.Connection, since: float, until: float) -> list[tuple[str, str, str, str, int, float]]:
     """(kind, site, site it was for, reply, count, last time) of the refusals and deferrals in
     [since, until), the most frequent first."""
     return conn.execute(
@@ -41,13 +40,13 @@ def refusal_counts(conn: sqlite3.Connection, since: float, until: float) -> list
     ).fetchall()
 
 
-def backlogs(conn: sqlite3.Connection, top: int, site_id: int | None = None) -> list[tuple[str, int, int, float]]:
+def backlogs(conn: sql.Connection, top: int, site_id: int | None = None) -> list[tuple[str, int, int, float]]:
     """(site, messages, octets, oldest delivery time) of the mail waiting now (not fetched yet by
     its site: storage.liveness.WAITING), the largest backlogs first (at most `top`), or one site's."""
     return liveness.backlogs(conn, top, site_id)
 
 
-def mailbox_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int]:
+def mailbox_totals(conn: sql.Connection, site_id: int) -> tuple[int, int]:
     """(messages, octets) held in one site's mailbox, fetched or not (what its quotas count)."""
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(m.size), 0) FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id"
@@ -57,7 +56,7 @@ def mailbox_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int]:
     return count, size
 
 
-def downloads_since(conn: sqlite3.Connection, site: str, since: float) -> tuple[int, int]:
+def downloads_since(conn: sql.Connection, site: str, since: float) -> tuple[int, int]:
     """(messages, octets) the site downloaded since `since`."""
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM events WHERE kind = 'downloaded' AND site = ? AND at >= ?",
@@ -66,7 +65,7 @@ def downloads_since(conn: sqlite3.Connection, site: str, since: float) -> tuple[
     return count, size
 
 
-def refusals_since(conn: sqlite3.Connection, column: str, name: str, since: float) -> list[tuple[str, str, int, float]]:
+def refusals_since(conn: sql.Connection, column: str, name: str, since: float) -> list[tuple[str, str, int, float]]:
     """(kind, reply, count, last time) of the refusals and deferrals since `since` whose `column`
     ('site': the sender's site, 'peer_site': the recipient's) is `name`, the most frequent first."""
     return conn.execute(
@@ -76,7 +75,7 @@ def refusals_since(conn: sqlite3.Connection, column: str, name: str, since: floa
     ).fetchall()
 
 
-def address_known(conn: sqlite3.Connection, address: str) -> bool:
+def address_known(conn: sql.Connection, address: str) -> bool:
     """Whether the address is a site's or appears as a sender or recipient in the events."""
     return (
         conn.execute(
@@ -89,7 +88,7 @@ def address_known(conn: sqlite3.Connection, address: str) -> bool:
     )
 
 
-def queue_ids_by_message_id(conn: sqlite3.Connection, message_ids: tuple[str, ...]) -> list[str]:
+def queue_ids_by_message_id(conn: sql.Connection, message_ids: tuple[str, ...]) -> list[str]:
     """The queue IDs of the mails with any of these Message-IDs."""
     marks = ",".join("?" * len(message_ids))
     return [
@@ -99,16 +98,14 @@ def queue_ids_by_message_id(conn: sqlite3.Connection, message_ids: tuple[str, ..
     ]
 
 
-def queue_ids_by_set(conn: sqlite3.Connection, set_id: str) -> list[str]:
+def queue_ids_by_set(conn: sql.Connection, set_id: str) -> list[str]:
     """The queue IDs of the parts of an X-TELEMEDICINE-SETID."""
     return [
         q for (q,) in conn.execute("SELECT DISTINCT queue_id FROM events WHERE set_id = ?", (set_id,)) if q is not None
     ]
 
 
-def latest_mails_of(
-    conn: sqlite3.Connection, column: str, address: str, kind: str, limit: int
-) -> list[tuple[str, float]]:
+def latest_mails_of(conn: sql.Connection, column: str, address: str, kind: str, limit: int) -> list[tuple[str, float]]:
     """(queue ID, time) of the latest `limit` events of `kind` whose `column` ('sender' or 'rcpt')
     is the address, the latest first."""
     return conn.execute(
@@ -117,7 +114,7 @@ def latest_mails_of(
     ).fetchall()
 
 
-def latest_events_of(conn: sqlite3.Connection, column: str, address: str, kind: str, limit: int) -> list[Event]:
+def latest_events_of(conn: sql.Connection, column: str, address: str, kind: str, limit: int) -> list[Event]:
     """The latest `limit` events of `kind` whose `column` ('sender' or 'rcpt') is the address."""
     return [
         Event(*r)
@@ -128,7 +125,7 @@ def latest_events_of(conn: sqlite3.Connection, column: str, address: str, kind: 
     ]
 
 
-def events_of_mails(conn: sqlite3.Connection, queue_ids: list[str]) -> Iterator[Event]:
+def events_of_mails(conn: sql.Connection, queue_ids: list[str]) -> Iterator[Event]:
     """Every event of these mails, in time order within each chunk of _CHUNK queue IDs."""
     for start in range(0, len(queue_ids), _CHUNK):
         chunk = queue_ids[start : start + _CHUNK]

@@ -2,12 +2,11 @@
 # Synchronous functions on a sqlite3 connection, used by the CLI and by the server's site cache.
 # Must never see a password in the clear except to hash it.
 import re
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import audit, db, events
+from . import audit, db, events, sql
 from .errors import StorageError
 from .passwords import hash_password
 
@@ -68,7 +67,7 @@ def validate_password(password: str) -> str:
 
 
 def add_site(
-    conn: sqlite3.Connection, name: str, addresses: list[str], password: str, local_domains: Sequence[str]
+    conn: sql.Connection, name: str, addresses: list[str], password: str, local_domains: Sequence[str]
 ) -> Site:
     validate_name(name)
     if not addresses:
@@ -90,32 +89,33 @@ def add_site(
             ).fetchone()
             if owner:
                 raise SiteError(f"address {address!r} belongs to site {owner[0]!r}")
-        cur = conn.execute(
-            "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)", (name, password_hash, time.time())
-        )
-        conn.executemany(
-            "INSERT INTO addresses (address, site_id) VALUES (?, ?)", [(a, cur.lastrowid) for a in checked]
-        )
+        (site_id,) = conn.execute(
+            "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?) RETURNING id",
+            (name, password_hash, time.time()),
+        ).fetchone()
+        conn.executemany("INSERT INTO addresses (address, site_id) VALUES (?, ?)", [(a, site_id) for a in checked])
     return get_site(conn, name)
 
 
-def get_site(conn: sqlite3.Connection, name: str) -> Site:
+def get_site(conn: sql.Connection, name: str) -> Site:
     row = conn.execute("SELECT id, name, password_hash, created_at FROM sites WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise SiteError(f"no site named {name!r}")
     site = Site(*row)
+    order = f"lower(address){sql.BYTE_ORDER[sql.dialect(conn)]}"  # NOCASE order on both engines
     site.addresses = [
-        a for (a,) in conn.execute("SELECT address FROM addresses WHERE site_id = ? ORDER BY address", (site.id,))
+        a for (a,) in conn.execute(f"SELECT address FROM addresses WHERE site_id = ? ORDER BY {order}", (site.id,))
     ]
     return site
 
 
-def list_sites(conn: sqlite3.Connection) -> list[Site]:
+def list_sites(conn: sql.Connection) -> list[Site]:
     sites = {
         row[0]: Site(*row)
         for row in conn.execute("SELECT id, name, password_hash, created_at FROM sites ORDER BY name")
     }
-    for address, site_id in conn.execute("SELECT address, site_id FROM addresses ORDER BY address"):
+    order = f"lower(address){sql.BYTE_ORDER[sql.dialect(conn)]}"  # NOCASE order on both engines
+    for address, site_id in conn.execute(f"SELECT address, site_id FROM addresses ORDER BY {order}"):
         sites[site_id].addresses.append(address)
     cursor = conn.execute("SELECT * FROM site_limits")
     names = [d[0] for d in cursor.description]
@@ -126,7 +126,7 @@ def list_sites(conn: sqlite3.Connection) -> list[Site]:
     return list(sites.values())
 
 
-def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
+def set_password(conn: sql.Connection, name: str, password: str) -> None:
     validate_password(password)
     password_hash = hash_password(password)
     with db.transaction(conn):
@@ -134,7 +134,7 @@ def set_password(conn: sqlite3.Connection, name: str, password: str) -> None:
             raise SiteError(f"no site named {name!r}")
 
 
-def remove_site(conn: sqlite3.Connection, name: str, actor: str | None = None) -> int:
+def remove_site(conn: sql.Connection, name: str, actor: str | None = None) -> int:
     """Remove a site, its addresses and its mailbox; return how many mails were dropped. Each
     dropped mail gets an audit record (deleted by the operator `actor`), which outlives the site."""
     with db.transaction(conn):
@@ -151,5 +151,5 @@ def remove_site(conn: sqlite3.Connection, name: str, actor: str | None = None) -
     return dropped
 
 
-def sites_version(conn: sqlite3.Connection) -> int:
+def sites_version(conn: sql.Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE key = 'sites_version'").fetchone()[0])

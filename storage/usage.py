@@ -3,13 +3,12 @@
 # throttle state. The usage tables are kept by triggers (schema.sql) in the same transactions as the
 # mailbox; this module only reads them, rebuilds them at start and stores limits. Never decides.
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import db
+from . import db, sql
 from .sites import SiteError, get_site
 
 # Limit names, in display order, as `mailhub site set` options and site_limits columns.
@@ -77,13 +76,13 @@ def snapshot_from_rows(
     )
 
 
-def read_snapshot(conn: sqlite3.Connection, now: float) -> UsageSnapshot:
+def read_snapshot(conn: sql.Connection, now: float) -> UsageSnapshot:
     return snapshot_from_rows(
         now, conn.execute(USAGE_SQL), conn.execute(VOLUME_SQL, window_start(now)), conn.execute(DOWNLOADS_SQL)
     )
 
 
-def read_limits(conn: sqlite3.Connection) -> dict[int, dict[str, float]]:
+def read_limits(conn: sql.Connection) -> dict[int, dict[str, float]]:
     """Per-site overrides: {site_id: {limit: value}} with only the limits that are set."""
     return {
         row[0]: {name: value for name, value in zip(LIMIT_NAMES, row[1:]) if value is not None}
@@ -91,31 +90,32 @@ def read_limits(conn: sqlite3.Connection) -> dict[int, dict[str, float]]:
     }
 
 
-def set_limits(conn: sqlite3.Connection, name: str, values: dict[str, float | None]) -> None:
+def set_limits(conn: sql.Connection, name: str, values: dict[str, float | None]) -> None:
     """Set (number), reset to the config default (None) or lift (UNLIMITED) limits of a site."""
     unknown = set(values) - set(LIMIT_NAMES)
     if unknown:
         raise SiteError(f"unknown limit(s): {', '.join(sorted(unknown))}")
     with db.transaction(conn):
         site = get_site(conn, name)
-        conn.execute("INSERT OR IGNORE INTO site_limits (site_id) VALUES (?)", (site.id,))
+        conn.execute("INSERT INTO site_limits (site_id) VALUES (?) ON CONFLICT DO NOTHING", (site.id,))
         for key, value in values.items():
             conn.execute(f"UPDATE site_limits SET {key} = ? WHERE site_id = ?", (value, site.id))
 
 
-def rebuild_usage(conn: sqlite3.Connection) -> None:
+def rebuild_usage(conn: sql.Connection) -> None:
     """Recompute mailbox_usage from the mailbox (at start, before any listener opens)."""
     with db.transaction(conn):
         conn.execute("DELETE FROM mailbox_usage")
         conn.execute(
             "INSERT INTO mailbox_usage (receiver_id, sender_id, held_bytes, held_messages, waiting_bytes,"
             " waiting_messages) SELECT b.site_id, coalesce(m.sender_site, 0), sum(m.size), count(*),"
-            " sum(CASE WHEN b.fetched_at IS NULL THEN m.size ELSE 0 END), sum(b.fetched_at IS NULL)"
+            " sum(CASE WHEN b.fetched_at IS NULL THEN m.size ELSE 0 END),"
+            " sum(CASE WHEN b.fetched_at IS NULL THEN 1 ELSE 0 END)"
             " FROM mailbox b JOIN messages m ON m.queue_id = b.queue_id GROUP BY 1, 2"
         )
 
 
-def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict[str, Any]:
+def site_usage(conn: sql.Connection, site_id: int, now: float) -> dict[str, Any]:
     """One site's usage figures for `mailhub site show`."""
     held_b, held_m, wait_b, wait_m = conn.execute(
         "SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0),"
@@ -143,7 +143,7 @@ def site_usage(conn: sqlite3.Connection, site_id: int, now: float) -> dict[str, 
     }
 
 
-def download_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int, int, float, float | None, float | None]:
+def download_totals(conn: sql.Connection, site_id: int) -> tuple[int, int, int, float, float | None, float | None]:
     """(sessions, messages, octets, seconds spent sending, first poll, last poll) of one site's
     downloads since it was added."""
     row = conn.execute(
@@ -154,7 +154,7 @@ def download_totals(conn: sqlite3.Connection, site_id: int) -> tuple[int, int, i
     return tuple(row) if row else (0, 0, 0, 0.0, None, None)
 
 
-def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict[str, Any]], now: float) -> None:
+def write_throttle_states(conn: sql.Connection, states: dict[int, dict[str, Any]], now: float) -> None:
     conn.executemany(
         "INSERT INTO site_throttle (site_id, updated_at, state) SELECT ?, ?, ? WHERE EXISTS"
         " (SELECT 1 FROM sites WHERE id = ?) ON CONFLICT (site_id) DO UPDATE SET"
@@ -163,6 +163,6 @@ def write_throttle_states(conn: sqlite3.Connection, states: dict[int, dict[str, 
     )
 
 
-def read_throttle_state(conn: sqlite3.Connection, site_id: int) -> tuple[float, dict[str, Any]] | None:
+def read_throttle_state(conn: sql.Connection, site_id: int) -> tuple[float, dict[str, Any]] | None:
     row = conn.execute("SELECT updated_at, state FROM site_throttle WHERE site_id = ?", (site_id,)).fetchone()
     return None if row is None else (row[0], json.loads(row[1]))

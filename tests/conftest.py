@@ -638,6 +638,42 @@ def pg_url(postgres_server) -> str:
     postgres_server.drop_database(name)
 
 
+@pytest.fixture(scope="session")
+def pg_index_template(postgres_server) -> str:
+    """A database of the session's server with the index's schema applied (storage/postgres
+    migrations): the template the `index` fixture's databases are copied from."""
+    import psycopg
+
+    from storage.postgres import migrate_schema
+
+    name = postgres_server.create_database()
+    with psycopg.connect(postgres_server.url(name), autocommit=True) as conn:
+        migrate_schema(conn)
+    return name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request, tmp_path):
+    """An empty index with its schema, on each engine in turn: SQLite (storage.db.connect in a
+    temporary folder) and PostgreSQL (a new database copied from pg_index_template, wrapped in
+    storage.postgres.connection.PgConnection). The same storage functions run on both."""
+    from storage import db
+
+    if request.param == "sqlite":
+        conn = db.connect(tmp_path)
+        yield conn
+        conn.close()
+        return
+    from storage.postgres.connection import PgConnection
+
+    server = request.getfixturevalue("postgres_server")
+    name = server.create_database(template=request.getfixturevalue("pg_index_template"))
+    conn = PgConnection.connect(server.url(name))
+    yield conn
+    conn.close()
+    server.drop_database(name)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 12 MB tmpfs for a data folder to fill up (needs root, as in CI)."""

@@ -110,8 +110,8 @@ def test_accepted_fetched_deleted_by_site_outlive_the_mail_and_the_site(make_hub
     assert len(records(hub, since=started - 1, until=time.time() + 1)) == 8
 
 
-def test_the_trail_is_append_only_and_pruned_only_past_retention(tmp_path):
-    conn = db.connect(tmp_path)
+def test_the_trail_is_append_only_and_pruned_only_past_retention(index):
+    conn = index  # SQLite and PostgreSQL (conftest.py)
     now = time.time()
     with db.transaction(conn):
         audit.record(
@@ -128,7 +128,6 @@ def test_the_trail_is_append_only_and_pruned_only_past_retention(tmp_path):
     assert [r.queue_id for r in audit.query(conn)] == ["Q2"]
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         conn.execute("DELETE FROM audit")  # the prune mark does not stay open
-    conn.close()
 
 
 def test_the_hub_prunes_records_past_the_retention_at_start(make_hub):

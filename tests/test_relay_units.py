@@ -96,11 +96,10 @@ def test_status_codes_of_temporary_failures():
     assert status_of(FailedRecipient("a@b", 550, "550 4.1.1 inconsistent")) == "5.0.0"
 
 
-def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_path):
-    from storage import db
+def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(index, tmp_path):
     from storage.outbound import due_and_version
 
-    conn = db.connect(tmp_path)
+    conn = index  # SQLite and PostgreSQL (conftest.py)
     conn.execute(
         "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
         " VALUES ('Q', 'b/Q', 10, 'x', 0, 1, 'a@hub.test', 14)"
@@ -116,7 +115,6 @@ def test_fresh_mail_comes_first_and_deferred_mail_gets_at_most_its_share(tmp_pat
     in_flight = "[" + ",".join(str(r.id) for r in picked) + "]"
     _, again = due_and_version(conn, tmp_path / "blobs", 1000.0, in_flight, 6, 2)
     assert [r.rcpt for r in again] == ["old2@r.test", "old3@r.test"]  # never a row already in flight
-    conn.close()
 
 
 def test_a_notice_quotes_only_the_fields_that_name_the_mail():

@@ -1,0 +1,147 @@
+# A psycopg 3 (synchronous) connection with the surface the storage functions use of an sqlite3 one
+# (storage.sql.Connection): execute/executemany with `?` placeholders, cursors with fetchone/fetchall,
+# iteration, rowcount and description, rows as tuples, autocommit with the explicit transactions of
+# storage.db.transaction, in_transaction. Values come back as SQLite gives them: numeric (meta.value,
+# sum() of bigint) as int when whole, else float. PostgreSQL's errors are raised as the sqlite3 ones
+# the storage code catches (the _ERRORS table; the original chained), a full disk as StorageFull.
+# Must never rewrite SQL beyond the placeholders (dialect differences are named switches in
+# storage/sql.py), nor log or show the connection's password.
+import functools
+import sqlite3
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any, Final
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.adapt import Dumper, Loader
+from psycopg.pq import TransactionStatus
+
+from ..errors import StorageFull
+from ..sql import POSTGRESQL, Connection, Cursor
+
+# psycopg's errors -> what the storage code catches (first match wins; the message is PostgreSQL's)
+_ERRORS: Final[tuple[tuple[type[psycopg.Error], type[Exception]], ...]] = (
+    (pg_errors.DiskFull, StorageFull),  # 53100: as SQLITE_FULL (db.transaction -> 452 4.3.1)
+    (pg_errors.IntegrityError, sqlite3.IntegrityError),  # class 23: unique, foreign key, not null, check
+    (pg_errors.RaiseException, sqlite3.IntegrityError),  # a trigger's RAISE (as SQLite's RAISE(ABORT, ...))
+    (pg_errors.SerializationFailure, sqlite3.OperationalError),  # 40001: try again, as SQLITE_BUSY
+    (pg_errors.DeadlockDetected, sqlite3.OperationalError),  # 40P01
+    (pg_errors.LockNotAvailable, sqlite3.OperationalError),  # 55P03: as SQLITE_BUSY after busy_timeout
+    (psycopg.ProgrammingError, sqlite3.OperationalError),  # class 42 (syntax, no such table), as SQLite
+    (pg_errors.DataError, sqlite3.DataError),
+    (psycopg.OperationalError, sqlite3.OperationalError),  # the server went away, admin shutdown, ...
+    (psycopg.Error, sqlite3.DatabaseError),
+)
+
+
+def mapped_error(exc: psycopg.Error) -> Exception:
+    """The exception the storage code expects for a psycopg error (its message, its SQLSTATE)."""
+    message = str(exc).split("\n", 1)[0]
+    state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+    for source, target in _ERRORS:
+        if isinstance(exc, source):
+            if target is StorageFull:
+                return StorageFull(f"index: {message}{state}")
+            return target(f"{message}{state}")
+    return sqlite3.DatabaseError(f"{message}{state}")
+
+
+@functools.lru_cache(maxsize=1024)
+def placeholders(sql: str) -> str:
+    """`?` -> `%s` outside string literals and quoted names; a `%` anywhere becomes `%%` (psycopg
+    reads `%` as its own placeholder character)."""
+    out: list[str] = []
+    quote = ""
+    for char in sql:
+        if char == "%":
+            out.append("%%")
+        elif quote:
+            out.append(char)
+            if char == quote:
+                quote = ""  # a doubled quote ('it''s') closes and reopens: the same result
+        elif char in "'\"":
+            quote = char
+            out.append(char)
+        elif char == "?":
+            out.append("%s")
+        else:
+            out.append(char)
+    if quote:
+        raise ValueError(f"unterminated quoted text in SQL: {sql[:80]!r}")
+    return "".join(out)
+
+
+class _NumericLoader(Loader):
+    """numeric as SQLite's dynamic types: whole numbers as int, others as float (never Decimal)."""
+
+    def load(self, data: Any) -> int | float:
+        value = Decimal(bytes(data).decode())
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+class _BoolDumper(Dumper):
+    """True/False as 1/0 (the schema has no boolean columns: SQLite keeps them as integers)."""
+
+    oid = psycopg.adapters.types["int8"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"1" if obj else b"0"
+
+
+class PgConnection:
+    """One psycopg connection in autocommit mode, speaking to the storage functions as sqlite3 does."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, conn: psycopg.Connection[Any]):
+        if not conn.autocommit:
+            conn.autocommit = True  # transactions are explicit (BEGIN ... COMMIT), as on SQLite
+        conn.adapters.register_loader("numeric", _NumericLoader)
+        conn.adapters.register_dumper(bool, _BoolDumper)
+        self.raw = conn
+
+    @classmethod
+    def connect(cls, url: str, **kwargs: Any) -> "PgConnection":
+        try:
+            return cls(psycopg.connect(url, autocommit=True, **kwargs))
+        except psycopg.Error as exc:
+            raise mapped_error(exc) from None  # never the URL: it may hold the password
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
+        try:
+            return self.raw.execute(placeholders(sql), tuple(parameters))
+        except psycopg.Error as exc:
+            raise mapped_error(exc) from exc
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor:
+        cursor = self.raw.cursor()
+        try:
+            cursor.executemany(placeholders(sql), [tuple(p) for p in parameters])
+        except psycopg.Error as exc:
+            raise mapped_error(exc) from exc
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def commit(self) -> None:
+        if self.in_transaction:
+            self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.in_transaction:
+            self.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> "PgConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_CHECKED: type[Connection] = PgConnection  # mypy: the storage functions' Protocol, satisfied

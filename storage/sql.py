@@ -1,0 +1,83 @@
+# The connection the synchronous storage functions take, whatever the engine: a Protocol that
+# sqlite3.Connection and storage.postgres.connection.PgConnection (psycopg 3) both satisfy, and the
+# few named dialect switches for what the two engines spell differently (docs/postgresql.md). The
+# storage functions write ONE SQL text for both engines (`?` placeholders, upserts, CASE, coalesce,
+# RETURNING); only the constructs below differ, each chosen by name, never by rewriting SQL text.
+# Must never import psycopg (the PostgreSQL extra is optional) nor hold message content.
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Literal, Protocol
+
+Dialect = Literal["sqlite", "postgresql"]
+SQLITE: Final = "sqlite"
+POSTGRESQL: Final = "postgresql"
+
+
+class Cursor(Protocol):
+    """What the storage functions use of a cursor: rows as tuples (access by index)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    @property
+    def description(self) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """An autocommit connection to the index (SQLite with isolation_level=None, or PgConnection):
+    transactions are the explicit ones of storage.db.transaction."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def dialect(conn: object) -> Dialect:
+    """The engine behind a connection: PgConnection says so; anything else (sqlite3.Connection, or a
+    wrapper around one) is SQLite."""
+    return POSTGRESQL if getattr(conn, "dialect", SQLITE) == POSTGRESQL else SQLITE
+
+
+# ---- the named switches ---------------------------------------------------------------------------
+
+# Start a write transaction. SQLite: take the write lock at once (no deadlock between two readers
+# that both want to write). PostgreSQL: row locks are taken as rows are written (one writer, the
+# index writer process, as on SQLite; several nodes need more: docs/postgresql.md).
+BEGIN_WRITE: Final[dict[Dialect, str]] = {SQLITE: "BEGIN IMMEDIATE", POSTGRESQL: "BEGIN"}
+
+# Start a read transaction whose statements all see one snapshot (SQLite's deferred BEGIN does;
+# PostgreSQL's default READ COMMITTED takes a snapshot per statement).
+BEGIN_READ: Final[dict[Dialect, str]] = {
+    SQLITE: "BEGIN",
+    POSTGRESQL: "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+}
+
+# Appended to lower(x) in ORDER BY, min() and max(): text in the order of SQLite's NOCASE (ASCII case
+# folded, then bytes). SQLite's lower() compares bytewise already; on PostgreSQL it would keep the
+# column's ICU collation `nocase`, which sorts punctuation first ('beta@' before 'beta2@').
+BYTE_ORDER: Final[dict[Dialect, str]] = {SQLITE: "", POSTGRESQL: ' COLLATE "C"'}
+
+# The integers of a JSON array given as one `?` parameter (e.g. '[3, 7]'), as a subquery's rows.
+JSON_INTEGERS: Final[dict[Dialect, str]] = {
+    SQLITE: "SELECT value FROM json_each(?)",
+    POSTGRESQL: "SELECT value::bigint FROM jsonb_array_elements_text(?::jsonb)",
+}
+
+
+def group_concat(conn: object, expression: str, separator: str) -> str:
+    """The aggregate joining `expression`'s text values with `separator` (a literal: ',')."""
+    if "'" in separator:
+        raise ValueError("separator must not contain a quote")
+    if dialect(conn) == POSTGRESQL:
+        return f"string_agg(({expression})::text, '{separator}')"
+    return f"group_concat({expression}, '{separator}')"
