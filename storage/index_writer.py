@@ -403,7 +403,8 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
     )
     conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
     conn.executemany(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [item.mark for item in batch if item.mark is not None]
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [item.mark for item in batch if item.mark is not None],
     )
     conn.executemany(events.INSERT, tracked)
     audit.record_accepted(conn, accepted)
@@ -417,7 +418,7 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
 
 
 _ENTRY_SQL = (
-    "SELECT b.uid, m.sender_site, m.size, b.fetched_at IS NULL FROM mailbox b"
+    "SELECT b.uid, m.sender_site, m.size, CASE WHEN b.fetched_at IS NULL THEN 1 ELSE 0 END FROM mailbox b"
     " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? AND b.uid = ?"
 )
 
@@ -468,11 +469,14 @@ def _delete_entries(
 def _add_downloads(conn: sqlite3.Connection, site_id: int, d: Downloads) -> None:
     fetched = max((at for at, _size in d.retrieved.values()), default=None)
     conn.execute(
-        "INSERT INTO site_downloads (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
+        "INSERT INTO site_downloads AS d (site_id, sessions, messages, bytes, send_seconds, first_poll_at,"
         " last_poll_at, last_fetch_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE SET"
-        " sessions = sessions + excluded.sessions, messages = messages + excluded.messages,"
-        " bytes = bytes + excluded.bytes, send_seconds = send_seconds + excluded.send_seconds,"
-        " last_poll_at = max(last_poll_at, excluded.last_poll_at),"
-        " last_fetch_at = coalesce(max(last_fetch_at, excluded.last_fetch_at), last_fetch_at, excluded.last_fetch_at)",
+        " sessions = d.sessions + excluded.sessions, messages = d.messages + excluded.messages,"
+        " bytes = d.bytes + excluded.bytes, send_seconds = d.send_seconds + excluded.send_seconds,"
+        # SQLite's max(a, b) (NULL if either is), and the later of the two ignoring NULL, on both engines
+        " last_poll_at = CASE WHEN d.last_poll_at IS NULL OR excluded.last_poll_at IS NULL THEN NULL"
+        "  WHEN d.last_poll_at >= excluded.last_poll_at THEN d.last_poll_at ELSE excluded.last_poll_at END,"
+        " last_fetch_at = coalesce(CASE WHEN d.last_fetch_at >= excluded.last_fetch_at THEN d.last_fetch_at"
+        "  ELSE excluded.last_fetch_at END, d.last_fetch_at, excluded.last_fetch_at)",
         (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at, fetched),
     )

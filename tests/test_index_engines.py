@@ -468,3 +468,55 @@ def test_the_outbound_queue_is_retried_deferred_settled_and_dropped(index, tmp_p
     assert outbound.drop_queued(index, "Q", None) == 2
     assert index.execute("SELECT count(*) FROM messages").fetchone() == (0,)  # freed with its last row
     assert outbound.totals(index) == (0, 0, None)
+
+
+# ---- the index writer's group commit and a POP3 session's deletions --------------------------------
+
+
+def test_a_group_commit_and_a_sessions_deletions(index):
+    from storage.index_writer import BatchItem, _delete_entries, _index_batch
+    from storage.records import Delivery, Downloads, MessageMeta
+
+    alpha, beta, gamma = add_sites(index, "alpha", "beta", "gamma")
+
+    def item(qid, size, to, remote=(), limit=None):
+        meta = MessageMeta(mail_from="a@hub.test", sender_site=alpha, dot_lines=False, message_id=f"<{qid}@x>",
+                           set_id="1.2.3", sender_name="alpha")  # fmt: skip
+        deliveries = [Delivery(s, f"s{s}@hub.test", f"site{s}", max_messages=limit) for s in to]
+        mark = ("directory_sent", 3) if qid == "Q1" else None
+        return BatchItem(qid, size, T0, meta, deliveries, list(remote), mark, f"b/{qid}", sha256="ab" * 32, crc32=1)
+
+    batch = [
+        item("Q1", 1000, [beta, gamma]),
+        item("Q2", 500, [beta], ["far@other.test"]),
+        item("Q3", 9, [beta], limit=2),
+    ]
+    with db.transaction(index):
+        refused = _index_batch(index, batch, [])
+    assert refused == {2}  # beta's limit of 2 messages: the third is left out
+    assert directory_index.mark(index, "directory_sent") == 3
+    assert index.execute("SELECT queue_id, refs FROM messages ORDER BY 1").fetchall() == [("Q1", 2), ("Q2", 2)]
+    assert index.execute("SELECT count(*) FROM audit WHERE event = 'accepted'").fetchone() == (3,)
+    uids = dict(index.execute("SELECT queue_id, uid FROM mailbox WHERE site_id = ?", (beta,)).fetchall())
+    session = Downloads(polled_at=T0 + 10, messages=1, bytes=1000, send_seconds=0.5, fetched_uids=[uids["Q1"]],
+                        retrieved={"Q1": (T0 + 11, 1000)})  # fmt: skip
+    with db.transaction(index):
+        fetched, removed = _delete_entries(index, beta, [uids["Q2"]], session, "beta")
+    assert fetched == [(uids["Q1"], alpha, 1000)]
+    assert removed == [(uids["Q2"], alpha, 500, 1)]  # it was still waiting
+    later = Downloads(polled_at=T0 + 5, messages=0, retrieved={})  # an earlier poll time: the later one stays
+    with db.transaction(index):
+        _delete_entries(index, beta, [], later, "beta")
+    assert usage.download_totals(index, beta) == (2, 1, 1000, 0.5, T0 + 10, T0 + 10)
+    assert index.execute("SELECT last_fetch_at FROM site_downloads WHERE site_id = ?", (beta,)).fetchone() == (T0 + 11,)
+    assert sorted(usage.read_snapshot(index, T0).usage) == [
+        (beta, alpha, 1000, 1, 0, 0),
+        (gamma, alpha, 1000, 1, 1000, 1),
+    ]
+    assert index.execute(
+        "SELECT event, queue_id FROM audit WHERE site = 'beta' AND event != 'accepted' ORDER BY id"
+    ).fetchall() == [
+        ("fetched", "Q1"),
+        ("deleted_by_site", "Q2"),
+    ]
+    assert index.execute("SELECT refs FROM messages WHERE queue_id = 'Q2'").fetchone() == (1,)  # its outbound row
