@@ -5,17 +5,36 @@
 # marked (by the running hub over its control socket, or itself under the data folder's lock); rebuild-index
 # needs the hub stopped (it takes the data folder's lock); compact-ledger works on the past days' files
 # beside a running hub, on all of them when it can take the lock. Exit status as in cli.py: 0 fine, 1 a
-# problem found or the operation failed, 2 bad usage.
+# problem found or the operation failed, 2 bad usage. The long transfers (backup and restore to object
+# storage, migrate) take SIGTERM as Ctrl-C: they clean up (uploaded objects, a half restore, the
+# temporary copy) and say what is left, instead of dying with it left behind.
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import sys
+import threading
 from pathlib import Path
 
 from .config import Config
 from .report_format import human_size, iso_time, printable
 
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (as SIGINT does) while the block runs: its cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def storage_parsers(commands, common) -> None:
@@ -264,7 +283,15 @@ def _migrate(cfg: Config, args) -> int:
         )
         return EXIT_FAILED
     try:
-        report = migrate(cfg.data_dir, args.url, progress=None if args.quiet else _progress)
+        with _terminate_as_interrupt():
+            report = migrate(cfg.data_dir, args.url, progress=None if args.quiet else _progress)
+    except KeyboardInterrupt:
+        print(
+            "mailhub: storage migrate interrupted: the copy was rolled back unless it had been committed (then"
+            " unchecked); start again into a new, empty database",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     except TargetNotEmpty as exc:
         print(f"mailhub: {exc}", file=sys.stderr)
         return 2
@@ -347,6 +374,7 @@ def s3_settings(cfg: Config, environ=os.environ):
 def _s3_run(cfg: Config, url: str, work):
     """Run work(location, settings); its failures as one line each (exit status 1, 2 for bad usage)."""
     from storage.backup import BackupError
+    from storage.backup_s3 import BackupInterrupted
     from storage.s3 import S3Error, S3Location
 
     try:
@@ -355,10 +383,14 @@ def _s3_run(cfg: Config, url: str, work):
         print(f"mailhub: {exc}", file=sys.stderr)
         return None, 2
     try:
-        return work(location, s3_settings(cfg)), 0
+        with _terminate_as_interrupt():
+            return work(location, s3_settings(cfg)), 0
     except (S3SetupError, S3Error, BackupError) as exc:
         print(f"mailhub: {exc}", file=sys.stderr)
-        return None, EXIT_FAILED
+        return None, EXIT_INTERRUPTED if isinstance(exc, BackupInterrupted) else EXIT_FAILED
+    except KeyboardInterrupt:  # (a backup's turns into BackupError, saying what it removed)
+        print("mailhub: interrupted; nothing was restored (the folder is as it was)", file=sys.stderr)
+        return None, EXIT_INTERRUPTED
 
 
 def _backup_s3(cfg: Config, args) -> int:

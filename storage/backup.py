@@ -107,7 +107,9 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
 
 
 def _link_single_files(blob_dir: Path, copy_dir: Path, report: BackupReport) -> set[str]:
-    linked = set()
+    linked: set[str] = set()
+    if not blob_dir.is_dir():  # a folder whose hub never started (sites added, no mail yet)
+        return linked
     for folder in os.scandir(blob_dir):
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
             continue

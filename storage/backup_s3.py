@@ -30,6 +30,10 @@ MAX_MANIFEST = 1 << 30  # bytes: millions of files' lines
 _SAFE_PATH = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
+class BackupInterrupted(BackupError):
+    """Ctrl-C or SIGTERM during the upload; the message says what was removed or is left."""
+
+
 @dataclass
 class TransferReport:
     location: str
@@ -58,12 +62,15 @@ def backup_to_s3(data_dir: Path, location: S3Location, settings: S3Settings) -> 
     try:
         copy = work / "backup"
         local = backup(data_dir, copy)
+        _refuse_unrestorable(copy, data_dir)
         report = TransferReport(str(location), messages=local.messages, gone=len(local.gone))
         report.local_seconds = local.seconds
         try:
             asyncio.run(_upload(client, location, copy, work / MANIFEST, report))
         except (S3Error, BackupError, OSError) as exc:
             raise BackupError(f"{exc}; {asyncio.run(_remove_partial(client, location))}") from None
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI maps it: what was uploaded goes
+            raise BackupInterrupted(f"interrupted; {asyncio.run(_remove_partial(client, location))}") from None
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -100,6 +107,18 @@ def _work_folder(data_dir: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix="mailhub-s3-backup-"))  # copies instead of links
 
 
+def _refuse_unrestorable(copy: Path, data_dir: Path) -> None:
+    """Refuse, before anything is uploaded, a file whose name restore would refuse (_entry): a
+    backup that cannot be restored is found out now, not on the day it is needed."""
+    for path in _files(copy):
+        relative = path.relative_to(copy).as_posix()
+        if not _SAFE_PATH.fullmatch(relative):
+            raise BackupError(
+                f"{data_dir / relative}: a name restore would refuse (letters A-Z a-z, digits and . _ - only):"
+                " rename it or move it out of the data folder; nothing was uploaded"
+            )
+
+
 async def _refuse_non_empty(client: S3Client, location: S3Location) -> None:
     async for found in client.list_objects(location.bucket, location.key(""), page_size=1):
         raise BackupError(f"{location} already holds objects ({found.key}): give a new prefix")
@@ -131,18 +150,24 @@ async def _upload(client: S3Client, location: S3Location, folder: Path, manifest
 
 
 async def _remove_partial(client: S3Client, location: S3Location) -> str:
-    """Delete what a failed backup uploaded (the prefix held nothing before it); what was done."""
-    removed = 0
+    """Delete what a failed backup uploaded (the prefix held nothing before it), multipart uploads
+    left pending by an interruption included; what was done."""
+    removed = aborted = 0
     try:
         async for found in client.list_objects(location.bucket, location.key("")):
             await client.delete(location.bucket, found.key)
             removed += 1
+        for key, upload_id in await client.pending_uploads(location.bucket, location.key("")):
+            await client.abort_upload(location.bucket, key, upload_id)
+            aborted += 1
     except S3Error as exc:
         return (
             f"the {removed} object(s) removed of what it uploaded, not the rest ({exc}): {location} holds an"
             " unfinished backup (no manifest, restore refuses it); delete it or give another prefix"
+            " (e.g. `aws s3 rm --recursive`; pending multipart uploads: `aws s3api list-multipart-uploads`)"
         )
-    return f"the {removed} object(s) it had uploaded to {location} were removed"
+    pending = f", {aborted} unfinished upload(s) aborted" if aborted else ""
+    return f"the {removed} object(s) it had uploaded to {location} were removed{pending}"
 
 
 def _files(folder: Path) -> list[Path]:

@@ -11,9 +11,12 @@ import os
 import poplib
 import pwd
 import re
+import signal
 import smtplib
 import socket
 import sqlite3
+import subprocess
+import sys
 from decimal import Decimal
 
 import psycopg
@@ -25,7 +28,7 @@ from storage.postgres import SchemaTooNew, latest_version, migrate_schema, schem
 from storage.postgres.from_sqlite import _canonical, check, digest
 from storage.records import Delivery, Downloads, MessageMeta, Removal
 
-from conftest import ALPHA_BETA_B2, PASSWORD, make_message, wait_for
+from conftest import ALPHA_BETA_B2, PASSWORD, REPO, make_message, wait_for
 from pgutil import PASSWORD_ROLE
 
 # ---- the server -----------------------------------------------------------------------------------
@@ -555,3 +558,35 @@ def test_a_database_holding_another_applications_schema_or_view_is_refused(make_
             conn.execute(
                 b"DROP SCHEMA IF EXISTS billing CASCADE; DROP VIEW IF EXISTS status; DROP SEQUENCE IF EXISTS tickets"
             )
+
+
+def test_sigterm_during_migrate_rolls_back_and_leaves_no_copy_of_the_index(make_hub, pg_url, tmp_path):
+    from storage.postgres.schema import _LOCK_KEY
+
+    hub = make_hub(sites=ALPHA_BETA_B2)
+    scratch = tmp_path / "tmp"  # the migrate's TMPDIR: where its snapshot of the index goes
+    scratch.mkdir()
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))  # migrate waits for it, mid-transaction
+        migrate = subprocess.Popen(
+            [sys.executable, "-m", "mailhub.cli", "storage", "migrate", pg_url, "--quiet"],
+            env={**hub.env, "TMPDIR": str(scratch)},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            wait_for(lambda: holder.execute(waiting).fetchone()[0] or migrate.poll() is not None, timeout=60)
+            assert migrate.poll() is None and list(scratch.iterdir()), migrate.communicate()
+            migrate.send_signal(signal.SIGTERM)
+            _out, err = migrate.communicate(timeout=60)
+        finally:
+            if migrate.poll() is None:
+                migrate.kill()
+                migrate.wait()
+    assert migrate.returncode == 130 and "interrupted" in err and "Traceback" not in err, (migrate.returncode, err)
+    assert list(scratch.iterdir()) == []  # the snapshot of the index (password hashes and all) is gone
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'schema_migrations'").fetchone() == (0,)

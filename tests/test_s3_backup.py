@@ -8,13 +8,16 @@
 import asyncio
 import hashlib
 import poplib
+import signal
 import smtplib
+import subprocess
+import sys
 
 import pytest
 
 from storage.s3 import S3Client, S3Error
 
-from conftest import ALPHA_BETA, PASSWORD, Hub, hub_env, make_message
+from conftest import ALPHA_BETA, PASSWORD, REPO, Hub, hub_env, make_message, wait_for
 
 PART = 5 * 1024 * 1024
 
@@ -174,3 +177,47 @@ def test_a_backup_failing_mid_way_removes_what_it_uploaded(make_hub, seaweedfs, 
 
 async def _keys(client, bucket):
     return [o.key async for o in client.list_objects(bucket)]
+
+
+def test_a_file_restore_would_refuse_is_refused_before_anything_is_uploaded(make_hub, seaweedfs):
+    hub = make_hub(sites=ALPHA_BETA, **s3_env(seaweedfs))
+    (hub.data_dir / "notes for the night shift.txt").write_text("left by an operator\n")
+    bucket = seaweedfs.new_bucket()
+    result = hub.cli("storage", "backup", f"s3://{bucket}/nightly", check=False)
+    assert result.returncode == 1 and "notes for the night shift.txt" in result.stderr, result
+    assert "rename it or move it out of the data folder" in result.stderr, result.stderr
+    assert asyncio.run(_keys(S3Client(seaweedfs.settings()), bucket)) == []
+    assert not [p for p in hub.data_dir.parent.iterdir() if "s3-backup" in p.name]
+
+
+def test_sigterm_during_a_backup_removes_what_it_uploaded_and_says_so(make_hub, seaweedfs):
+    hub = make_hub(sites=ALPHA_BETA, **s3_env(seaweedfs))
+    with open(hub.data_dir / "big.bin", "wb") as f:  # a large file of the folder's own: 24 parts
+        f.truncate(120 * 1024 * 1024)
+    bucket = seaweedfs.new_bucket()
+    client = S3Client(seaweedfs.settings())
+
+    async def uploaded() -> int:
+        return len(await _keys(client, bucket)) + len(await client.pending_uploads(bucket))
+
+    backup = subprocess.Popen(
+        [sys.executable, "-m", "mailhub.cli", "storage", "backup", f"s3://{bucket}/nightly"],
+        env=hub.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: asyncio.run(uploaded()) > 0 or backup.poll() is not None, timeout=60)
+        assert backup.poll() is None, backup.communicate()
+        backup.send_signal(signal.SIGTERM)
+        out, err = backup.communicate(timeout=60)
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+            backup.wait()
+    assert backup.returncode == 130, (backup.returncode, err)
+    assert err.startswith("mailhub: interrupted; the ") and "were removed" in err and "Traceback" not in err, err
+    assert asyncio.run(uploaded()) == 0  # no object, no pending multipart upload
+    assert not [p for p in hub.data_dir.parent.iterdir() if "s3-backup" in p.name]  # nor the local copy

@@ -227,6 +227,11 @@ class S3Client:
             if not key_marker:
                 return found
 
+    async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        """Abort a pending multipart upload (its parts are freed)."""
+        response = await self._call("DELETE", bucket, key, [("uploadId", upload_id)])
+        await response.read_body(MAX_ERROR_BODY)
+
     async def create_bucket(self, bucket: str) -> None:
         body = b""
         if self.settings.region != "us-east-1":
