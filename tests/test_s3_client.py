@@ -7,14 +7,21 @@
 import asyncio
 import hashlib
 import itertools
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from storage.s3 import Credentials, S3Client, S3Error, S3Settings, sigv4
+
+from conftest import wait_for
 
 # --- the signer: the S3 API reference's examples ("Signature Calculations for the Authorization Header:
 # Transferring Payload in a Single Chunk"), bucket examplebucket, 2013-05-24T00:00:00Z, us-east-1 ---
@@ -551,3 +558,36 @@ def test_entities_are_refused_in_any_encoding_and_an_endpoint_holds_no_password(
     with pytest.raises(ValueError) as caught:
         S3Settings("http://AKID:s3cr3t@127.0.0.1:8333", "us-east-1", EXAMPLE)
     assert "s3cr3t" not in str(caught.value)
+
+
+def test_a_killed_test_session_leaves_no_weed_running_and_no_files_in_tmp(seaweedfs, tmp_path):
+    # the session's own store keeps its logs and sockets in its folder, not in the temporary folder
+    assert not list(Path(tempfile.gettempdir()).glob(f"weed.*.{seaweedfs.proc.pid}"))
+    assert list(seaweedfs.folder.glob(f"weed.*.{seaweedfs.proc.pid}"))
+    session = subprocess.Popen(  # a test session that starts a store and is then killed
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from seaweedutil import SeaweedFS; "
+            "s = SeaweedFS(Path(sys.argv[1])); s.spawn(); print(s.proc.pid, flush=True); time.sleep(600)",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        weed = int(session.stdout.readline())
+    finally:
+        session.kill()
+        session.wait()
+        session.stdout.close()
+
+    def gone() -> bool:
+        try:
+            os.kill(weed, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{weed}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_for(gone, timeout=30)
