@@ -5,6 +5,7 @@
 # and takes the node out while its /healthz answers 503 and back in when it answers 200 again.
 import grp
 import os
+import pwd
 import shutil
 import smtplib
 import socket
@@ -70,6 +71,7 @@ def apply_role(hub, work: Path) -> tuple[Path, dict[str, int]]:
         ],
         "mailhub_balancer_check_interval": 0.2,
         "mailhub_balancer_maxconn": 100,  # (HAProxy raises its file limit to twice this: more than a test may)
+        "mailhub_balancer_stats_socket": str(work / "admin.sock"),
     }
     playbook = work / "balancer.yml"
     playbook.write_text(
@@ -115,6 +117,13 @@ def test_the_role_puts_haproxy_in_front_of_the_running_node(make_hub, tmp_path):
     haproxy = subprocess.Popen([HAPROXY, "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: greets(binds["smtp"]), 20, message="no greeting through haproxy")
+        # it faces the gateways: not as root, shut in its chroot (as Debian's own configuration has it)
+        assert "user haproxy" in text and "chroot /var/lib/haproxy" in text, text
+        if os.geteuid() == 0:
+            status = Path(f"/proc/{haproxy.pid}/status").read_text()
+            uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+            assert int(uid) == pwd.getpwnam("haproxy").pw_uid, status
+            assert os.readlink(f"/proc/{haproxy.pid}/root") == "/var/lib/haproxy"
         with smtplib.SMTP("127.0.0.1", binds["smtp"], source_address=(CLIENT, 0), timeout=30) as client:
             client.ehlo("gateway.test")
             client.login("alpha", PASSWORD)
