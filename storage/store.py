@@ -619,12 +619,12 @@ class Storage:
     async def uid_next(self, site_id: int) -> int:
         """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""
         async with self._index.execute(
-            "SELECT max(coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1),"
-            " coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1))",
+            "SELECT max(n) FROM (SELECT coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1) AS n"
+            " UNION ALL SELECT coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1)) AS u",
             (site_id, site_id),
         ) as cursor:
             row = await cursor.fetchone()
-        assert row is not None  # max() gives a row
+        assert row is not None  # an aggregate gives a row
         uid_next: int = row[0]
         return uid_next
 

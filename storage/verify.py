@@ -7,12 +7,11 @@
 # or remove a blob file.
 import hashlib
 import os
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from . import quarantine
+from . import quarantine, sql
 
 CHUNK = 1 << 20
 
@@ -98,18 +97,17 @@ def quarantine_copy(
     return f"{entry.parent.name}/{entry.name}"
 
 
-def note_damaged(
-    conn: sqlite3.Connection, queue_id: str, reason: str, found_by: str, at: float, entry: str | None
-) -> bool:
+def note_damaged(conn: sql.Connection, queue_id: str, reason: str, found_by: str, at: float, entry: str | None) -> bool:
     """The `damaged` row (call inside a transaction); False if the mail was known damaged already."""
     cursor = conn.execute(
-        "INSERT OR IGNORE INTO damaged (queue_id, reason, found_by, found_at, quarantine) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO damaged (queue_id, reason, found_by, found_at, quarantine) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
         (queue_id, reason, found_by, at, entry),
     )
     return cursor.rowcount > 0
 
 
-def damaged_rows_from_quarantine(conn: sqlite3.Connection, data_dir: Path) -> int:
+def damaged_rows_from_quarantine(conn: sql.Connection, data_dir: Path) -> int:
     """Make the `damaged` rows again from the quarantine's `damaged` entries (rebuild-index: an
     index restored from a backup, or lost, forgot them); call inside a transaction. Returns how many
     rows were missing."""
@@ -156,12 +154,12 @@ def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by
 # ---- what `mailhub storage verify` and `mailhub storage damaged` read (a read-only connection) ----
 
 
-def site_id_of(conn: sqlite3.Connection, name: str) -> int | None:
+def site_id_of(conn: sql.Connection, name: str) -> int | None:
     row = conn.execute("SELECT id FROM sites WHERE name = ?", (name,)).fetchone()
     return None if row is None else row[0]
 
 
-def mails_to_verify(conn: sqlite3.Connection, site_id: int | None = None) -> list[tuple[str, str, int, int, str]]:
+def mails_to_verify(conn: sql.Connection, site_id: int | None = None) -> list[tuple[str, str, int, int, str]]:
     """(queue ID, blob file, offset, size, SHA-256) of every stored mail, or of those in one
     site's mailbox, in queue ID order."""
     columns = "m.queue_id, m.blob, m.blob_offset, m.size, m.sha256"
@@ -174,21 +172,22 @@ def mails_to_verify(conn: sqlite3.Connection, site_id: int | None = None) -> lis
     return conn.execute(f"SELECT {columns} FROM messages m ORDER BY m.queue_id").fetchall()
 
 
-def still_stored(conn: sqlite3.Connection, queue_id: str) -> bool:
+def still_stored(conn: sql.Connection, queue_id: str) -> bool:
     return conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone() is not None
 
 
-def known_damaged(conn: sqlite3.Connection) -> set[str]:
+def known_damaged(conn: sql.Connection) -> set[str]:
     """The queue IDs marked damaged."""
     return {queue_id for (queue_id,) in conn.execute("SELECT queue_id FROM damaged")}
 
 
-def damaged_mails(conn: sqlite3.Connection) -> list[tuple[str, str, str, float, str | None, int | None, str | None]]:
+def damaged_mails(conn: sql.Connection) -> list[tuple[str, str, str, float, str | None, int | None, str | None]]:
     """(queue ID, reason, found by, found at, quarantine entry, size or None once deleted, the
     mailboxes it is in, comma-separated) of every mail marked damaged, in the order found."""
+    names = sql.group_concat(conn, "s.name", ",")
     return conn.execute(
         "SELECT d.queue_id, d.reason, d.found_by, d.found_at, d.quarantine, m.size,"
-        " (SELECT group_concat(s.name, ',') FROM mailbox b JOIN sites s ON s.id = b.site_id"
+        f" (SELECT {names} FROM mailbox b JOIN sites s ON s.id = b.site_id"
         "  WHERE b.queue_id = d.queue_id) FROM damaged d LEFT JOIN messages m ON m.queue_id = d.queue_id"
         " ORDER BY d.found_at"
     ).fetchall()

@@ -639,23 +639,38 @@ def pg_url(postgres_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_index_template(postgres_server) -> str:
-    """A database of the session's server with the index's schema applied (storage/postgres
-    migrations): the template the `index` fixture's databases are copied from."""
+def pg_index(postgres_server):
+    """(URL, reset) of a database of the session's server with the index's schema (storage/postgres
+    migrations); reset() empties it as new: every row deleted with the triggers off, the identities
+    restarted, meta as migrated (about 50 ms, where a new database takes 0.5 s with fsync on)."""
     import psycopg
 
     from storage.postgres import migrate_schema
 
-    name = postgres_server.create_database()
-    with psycopg.connect(postgres_server.url(name), autocommit=True) as conn:
+    url = postgres_server.url(postgres_server.create_database())
+    with psycopg.connect(url, autocommit=True) as conn:
         migrate_schema(conn)
-    return name
+        tables = [t for (t,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        tables.remove("schema_migrations")
+        sequences = [s for (s,) in conn.execute("SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'")]
+        meta = conn.execute("SELECT key, value FROM meta").fetchall()
+
+    def reset():
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            for table in tables:
+                conn.execute(f"DELETE FROM {table}".encode())
+            for sequence in sequences:
+                conn.execute(f"ALTER SEQUENCE {sequence} RESTART".encode())
+            conn.cursor().executemany("INSERT INTO meta (key, value) VALUES (%s, %s)", meta)
+
+    return url, reset
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def index(request, tmp_path):
     """An empty index with its schema, on each engine in turn: SQLite (storage.db.connect in a
-    temporary folder) and PostgreSQL (a new database copied from pg_index_template, wrapped in
+    temporary folder) and PostgreSQL (the session's pg_index database emptied, wrapped in
     storage.postgres.connection.PgConnection). The same storage functions run on both."""
     from storage import db
 
@@ -666,12 +681,11 @@ def index(request, tmp_path):
         return
     from storage.postgres.connection import PgConnection
 
-    server = request.getfixturevalue("postgres_server")
-    name = server.create_database(template=request.getfixturevalue("pg_index_template"))
-    conn = PgConnection.connect(server.url(name))
+    url, reset = request.getfixturevalue("pg_index")
+    reset()
+    conn = PgConnection.connect(url)
     yield conn
     conn.close()
-    server.drop_database(name)
 
 
 @pytest.fixture

@@ -168,10 +168,10 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(sql.encode())
 
-    def create_database(self, template: str = "template1") -> str:
-        """A new database, a copy of `template` (template1: empty); its name."""
+    def create_database(self) -> str:
+        """A new empty database; its name."""
         name = f"test_{os.getpid()}_{next(self._names)}"
-        self.admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        self.admin(f'CREATE DATABASE "{name}"')
         return name
 
     def drop_database(self, name: str) -> None:

@@ -520,3 +520,29 @@ def test_a_group_commit_and_a_sessions_deletions(index):
         ("deleted_by_site", "Q2"),
     ]
     assert index.execute("SELECT refs FROM messages WHERE queue_id = 'Q2'").fetchone() == (1,)  # its outbound row
+
+
+# ---- damaged mails (storage/verify.py) -------------------------------------------------------------
+
+
+def test_damaged_mails_are_noted_once_and_listed_with_their_mailboxes(index):
+    from storage import verify
+
+    alpha, beta, gamma = add_sites(index, "alpha", "beta", "gamma")
+    store(index, "Q1", 1000, T0, alpha, [beta, gamma])
+    store(index, "Q2", 20, T0, alpha, [beta])
+    with db.transaction(index):
+        assert verify.note_damaged(index, "Q1", "sha256 differs", "scrub", T0 + 1, "entry-1")
+        assert not verify.note_damaged(index, "Q1", "again", "verify", T0 + 2, None)
+        assert verify.note_damaged(index, "Q9", "gone", "verify", T0 + 3, None)
+    rows = verify.damaged_mails(index)
+    assert [(q, reason, by, at, entry, size) for q, reason, by, at, entry, size, _ in rows] == [
+        ("Q1", "sha256 differs", "scrub", T0 + 1, "entry-1", 1000),
+        ("Q9", "gone", "verify", T0 + 3, None, None),
+    ]
+    assert sorted(rows[0][6].split(",")) == ["beta", "gamma"] and rows[1][6] is None
+    assert verify.known_damaged(index) == {"Q1", "Q9"}
+    assert verify.site_id_of(index, "gamma") == gamma and verify.site_id_of(index, "nobody") is None
+    assert [r[0] for r in verify.mails_to_verify(index)] == ["Q1", "Q2"]
+    assert verify.mails_to_verify(index, gamma) == [("Q1", "b/Q1", 0, 1000, "ab" * 32)]
+    assert verify.still_stored(index, "Q2") and not verify.still_stored(index, "Q9")
