@@ -34,16 +34,29 @@ PASSWORD = "s3cret-pass-long"  # `site add` wants 12 characters at least
 _LISTEN_RE = re.compile(r"(\w+) listening on ([\d.:a-f]+):(\d+)")
 
 
+# The bytecode cache a pytest-xdist controller makes for all of its workers' children.
+_SHARED_PYCACHE = "PYTEST_MAILHUB_PYCACHE"
+
+
 def pytest_configure(config):
     """The child Pythons (hub, CLI, tools) compile this checkout's modules once per session into a
     throw-away bytecode cache instead of at every start, even where the environment says
-    PYTHONDONTWRITEBYTECODE. Under pytest-xdist each worker has its own: the controller runs no
-    test, and workers started with the variable would compile all of pytest again."""
-    xdist_controller = not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
-    if not xdist_controller and "PYTHONPYCACHEPREFIX" not in os.environ:
+    PYTHONDONTWRITEBYTECODE. Under pytest-xdist the controller makes one cache for the children of
+    all of its workers (each compiled the hub, its dependencies and the tools into a cache of its
+    own: about 3 s of CPU per worker) and runs no test itself; the workers do not use it for their
+    own imports (started with PYTHONPYCACHEPREFIX, each would compile all of pytest again)."""
+    if "PYTHONPYCACHEPREFIX" in os.environ:
+        return
+    xdist_worker = hasattr(config, "workerinput")
+    if not xdist_worker and config.getoption("dist", "no") != "no":  # the controller
         config._mailhub_pycache = tempfile.mkdtemp(prefix="mailhub-test-pycache-")
-        os.environ["PYTHONPYCACHEPREFIX"] = config._mailhub_pycache
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ[_SHARED_PYCACHE] = config._mailhub_pycache
+        return
+    shared = os.environ.get(_SHARED_PYCACHE) if xdist_worker else None
+    if shared is None:
+        shared = config._mailhub_pycache = tempfile.mkdtemp(prefix="mailhub-test-pycache-")
+    os.environ["PYTHONPYCACHEPREFIX"] = shared  # written atomically: workers may share it
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 # The test files that take longest (tens of seconds each on 2 cores, from --durations=0), longest first. They are
@@ -104,9 +117,11 @@ def pytest_unconfigure(config):
     if _session_key:
         shutil.rmtree(_session_key[0].parent, ignore_errors=True)
     pycache = getattr(config, "_mailhub_pycache", None)
-    if pycache is not None:
+    if pycache is not None:  # the cache this process made (a worker leaves the shared one alone)
         shutil.rmtree(pycache, ignore_errors=True)
-        del os.environ["PYTHONPYCACHEPREFIX"]
+        for name in ("PYTHONPYCACHEPREFIX", _SHARED_PYCACHE):
+            if os.environ.get(name) == pycache:
+                del os.environ[name]
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
