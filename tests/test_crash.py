@@ -147,7 +147,7 @@ def test_acknowledged_mails_survive_sigkill(make_hub):
     assert len(ledger) >= 20, "too few mails acknowledged for the test to mean anything"
     assert cut_short >= 1, "the kills never hit a transaction in flight"
 
-    hub.start()  # the final restart runs recovery
+    hub.in_process_from_now_on().start()  # the final restart runs recovery
     try:
         rows = {
             qid: (blob, size, sha, refs)

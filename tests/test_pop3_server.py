@@ -689,7 +689,7 @@ def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(process_hub):
     client.command("DELE 1")
     assert hub.stop(signal.SIGTERM) == 0
     assert client.rest() == b""
-    hub.start()
+    hub.in_process_from_now_on().start()
     client = raw(hub)
     assert client.command("STAT").startswith(b"+OK 1 ")
     assert strip_trace(client.retr(1)) == message
@@ -704,7 +704,7 @@ def test_a_crash_mid_session_loses_no_mail(process_hub):
     client.command("DELE 1")
     hub.kill()
     client.close()
-    hub.start()
+    hub.in_process_from_now_on().start()
     client = raw(hub)
     assert strip_trace(client.retr(1)) == message
     client.command("QUIT")
@@ -725,7 +725,7 @@ def test_a_crash_between_the_delete_commit_and_the_unlink_leaves_no_orphan(proce
     conn.commit()
     conn.close()
     assert hub.query("SELECT count(*) FROM blob_trash") == [(1,)] and gone_blob.exists()
-    hub.start()
+    hub.in_process_from_now_on().start()
     assert not gone_blob.exists() and kept_blob.exists()
     assert hub.query("SELECT count(*) FROM blob_trash") == [(0,)]
     assert "1 freed blob(s) removed" in hub.log_text()

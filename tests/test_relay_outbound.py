@@ -456,7 +456,7 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
             stall.close()
         assert [r[:3] for r in queue_rows(hub)] == [(qid, f"far@{REMOTE}", 0)]
         hub.env["MAILHUB_RELAY_ROUTES"] = f"{REMOTE}=127.0.0.1:{port}"
-        hub.start()
+        hub.in_process_from_now_on().start()
         wait_until(lambda: not queue_rows(hub), what="delivery after the restart")
         (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
         assert message.replace(b"\r\n", b"\n") in dumped.read_bytes()

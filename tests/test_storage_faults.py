@@ -109,14 +109,6 @@ def arm_fault(make_hub, monkeypatch, armed, fault: str, **overrides: str):
     return make_hub(sites=ALPHA_BETA, **settings, **overrides)
 
 
-def in_process_from_now_on(hub) -> None:
-    """The fault fired and is spent (its file is gone): the hub's next starts (start-up recovery,
-    then the count) run in this process like every hub whose process is not what is tested, on the
-    same data folder and log, instead of as `mailhub serve` processes (about 1 s of CPU each)."""
-    hub.env = {name: value for name, value in hub.env.items() if not name.startswith("MAILHUB_FAULT")}
-    hub.process = False
-
-
 @pytest.mark.parametrize("process,point,action,size", CASES, ids=["-".join(c) for c in CASES])
 def test_one_outcome_per_transaction(make_hub, monkeypatch, tmp_path, process, point, action, size):
     armed = tmp_path / "fault-armed"
@@ -141,8 +133,7 @@ def test_one_outcome_per_transaction(make_hub, monkeypatch, tmp_path, process, p
                 after_drop.add(mid)
                 assert process == "hub" and wait_exit(hub), "a connection dropped but the hub lives on"
                 hub.stop()
-                in_process_from_now_on(hub)
-                hub.start()  # start-up recovery; the fault is spent (its file is gone)
+                hub.in_process_from_now_on().start()  # start-up recovery; the fault is spent (its file is gone)
                 continue
             assert reply[:1] == "4", reply
             outcomes["refused_4xx"] += 1
@@ -153,8 +144,7 @@ def test_one_outcome_per_transaction(make_hub, monkeypatch, tmp_path, process, p
     assert not armed.exists(), "the fault never fired"
     monkeypatch.delenv("MAILHUB_FAULT", raising=False)  # spent: the CLI below may run in this process
     assert hub.stop() == 0
-    in_process_from_now_on(hub)
-    hub.start()  # recovery once more, then count
+    hub.in_process_from_now_on().start()  # recovery once more, then count
     copies = stored_by_message_id(hub)
     lost = [mid for mid in acknowledged if mid not in copies]
     damaged = [mid for mid, digest in acknowledged.items() if any(d != digest for d in copies.get(mid, ()))]
