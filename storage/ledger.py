@@ -16,12 +16,12 @@
 # place: lines are only ever appended (storage/ledger_compact.py replaces whole files by a snapshot).
 import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import sql
 from .files import fsync_dir
 
 LEDGER_DIR = "ledger"
@@ -167,7 +167,7 @@ PENDING_SQL = (
 )
 
 
-def pending_lines(conn: sqlite3.Connection, after: int) -> list[dict[str, Any]]:
+def pending_lines(conn: sql.Connection, after: int) -> list[dict[str, Any]]:
     """The index's removals not yet in the ledger (ledger_pending rows with an id above `after`)."""
     docs = []
     for id_, kind, qid, site_id, site_name, rcpt, uid, at in conn.execute(PENDING_SQL, (after,)):
@@ -178,7 +178,7 @@ def pending_lines(conn: sqlite3.Connection, after: int) -> list[dict[str, Any]]:
     return docs
 
 
-def catch_up(conn: sqlite3.Connection, writer: LedgerWriter) -> int:
+def catch_up(conn: sql.Connection, writer: LedgerWriter) -> int:
     """Append, durably, what the index holds that the ledger may lack: its commits and removals
     not yet pruned (lines the ledger already has come again: harmless, reading is idempotent).
     Returns the highest removal id appended."""
@@ -192,14 +192,14 @@ def catch_up(conn: sqlite3.Connection, writer: LedgerWriter) -> int:
     return max((int(doc["d"] if "d" in doc else doc["o"]) for doc in removals), default=0)
 
 
-def last_commit(conn: sqlite3.Connection) -> tuple[int, int]:
+def last_commit(conn: sql.Connection) -> tuple[int, int]:
     """(seq, attempt id) of the index's last group commit, (0, 0) before the first."""
     row = conn.execute("SELECT seq, attempt FROM commits ORDER BY seq DESC LIMIT 1").fetchone()
     return (row[0], row[1]) if row else (0, 0)
 
 
-def uid_line(conn: sqlite3.Connection) -> dict[str, Any]:
-    (uid,) = conn.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'mailbox'), 0)").fetchone()
+def uid_line(conn: sql.Connection) -> dict[str, Any]:
+    (uid,) = conn.execute(sql.id_high_water(conn, "mailbox", "uid")).fetchone()
     return {"u": uid, "at": round(time.time(), 3)}
 
 

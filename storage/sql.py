@@ -4,6 +4,7 @@
 # storage functions write ONE SQL text for both engines (`?` placeholders, upserts, CASE, coalesce,
 # RETURNING); only the constructs below differ, each chosen by name, never by rewriting SQL text.
 # Must never import psycopg (the PostgreSQL extra is optional) nor hold message content.
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Literal, Protocol
 
@@ -72,6 +73,23 @@ JSON_INTEGERS: Final[dict[Dialect, str]] = {
     SQLITE: "SELECT value FROM json_each(?)",
     POSTGRESQL: "SELECT value::bigint FROM jsonb_array_elements_text(?::jsonb)",
 }
+
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def id_high_water(conn: object, table: str, column: str) -> str:
+    """A SELECT of one row: the highest id the table's AUTOINCREMENT (SQLite: sqlite_sequence) or
+    identity column (PostgreSQL: its sequence) has handed out, 0 before the first; it never goes
+    down when rows are deleted. `table` and `column` are the code's own names, never input."""
+    if not (_NAME.fullmatch(table) and _NAME.fullmatch(column)):
+        raise ValueError(f"not a plain table or column name: {table!r}, {column!r}")
+    if dialect(conn) == POSTGRESQL:
+        return (
+            "SELECT coalesce((SELECT last_value FROM pg_sequences WHERE format('%I.%I', schemaname, sequencename)"
+            f" = pg_get_serial_sequence('{table}', '{column}')), 0)"
+        )
+    return f"SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0)"
 
 
 def group_concat(conn: object, expression: str, separator: str) -> str:

@@ -546,3 +546,31 @@ def test_damaged_mails_are_noted_once_and_listed_with_their_mailboxes(index):
     assert [r[0] for r in verify.mails_to_verify(index)] == ["Q1", "Q2"]
     assert verify.mails_to_verify(index, gamma) == [("Q1", "b/Q1", 0, 1000, "ab" * 32)]
     assert verify.still_stored(index, "Q2") and not verify.still_stored(index, "Q9")
+
+
+# ---- the ledger's catch-up (storage/ledger.py) -----------------------------------------------------
+
+
+def test_the_ledger_catches_up_with_the_index_and_uids_never_go_down(index, tmp_path):
+    from storage import ledger
+
+    alpha, beta = add_sites(index, "alpha", "beta")
+    assert ledger.uid_line(index)["u"] == 0 and ledger.last_commit(index) == (0, 0)
+    b1, b2 = store(index, "Q1", 10, T0, alpha, [beta, alpha])
+    with db.transaction(index):
+        index.execute("INSERT INTO commits (seq, attempt, mails) VALUES (1, 7, ?)", ('{"f": ["Q1"]}',))
+        index.execute("DELETE FROM mailbox WHERE uid = ?", (b2,))  # the highest uid goes
+    assert ledger.last_commit(index) == (1, 7)
+    assert ledger.uid_line(index)["u"] == b2  # the high-water mark stays
+    pending = ledger.pending_lines(index, 0)
+    assert [(d["q"], d["s"], d["n"], d["u"]) for d in pending] == [("Q1", alpha, "alpha", b2)]
+    assert ledger.pending_lines(index, pending[0]["d"]) == []
+    writer = ledger.LedgerWriter(tmp_path)
+    try:
+        assert ledger.catch_up(index, writer) == pending[0]["d"]
+    finally:
+        writer.close()
+    state = ledger.read(tmp_path)
+    assert (state.commits, state.file_mails, state.max_uid) == ({1: 7}, {"Q1"}, b2)
+    assert state.was_removed("Q1", alpha, None) and not state.was_removed("Q1", beta, "beta")
+    assert b1 < b2
