@@ -2,7 +2,8 @@
 # (tests/pgutil.py): the server fixture itself; schema v1 (every table, column and index of the
 # SQLite index, applied once however often migrate_schema runs, a newer database refused); the
 # counting triggers agreeing with SQLite's (the statements the project's storage functions run on
-# SQLite, recorded and replayed on PostgreSQL, leave the same rows); and `mailhub storage migrate`
+# SQLite, recorded and replayed on PostgreSQL through PgConnection, the same text with only
+# BEGIN IMMEDIATE switched, leave the same rows); and `mailhub storage migrate`
 # copying a running hub filled over SMTP and POP3, checking the copy, refusing what it must.
 import calendar
 import json
@@ -25,9 +26,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from storage import audit, db, directory_index, lifecycle, outbound, sites, usage
+from storage import audit, db, directory_index, lifecycle, outbound, sites, sql, usage
 from storage.index_writer import BatchItem, IndexWriter
 from storage.postgres import SchemaTooNew, latest_version, migrate_schema, schema_version
+from storage.postgres.connection import PgConnection
 from storage.postgres.from_sqlite import _canonical, check, digest
 from storage.records import Delivery, Downloads, MessageMeta, Removal
 
@@ -144,26 +146,6 @@ class Recorder:
 
     def __getattr__(self, name):
         return getattr(self._conn, name)
-
-
-def pg_dialect(sql: str, placeholders: bool = True) -> str:
-    """What the statements of storage/ need to run on PostgreSQL (the constructs listed in
-    docs/postgresql.md), for the statements this test records."""
-    if placeholders:
-        sql = sql.replace("%", "%%").replace("?", "%s")
-    sql = sql.replace("BEGIN IMMEDIATE", "BEGIN")
-    if sql.startswith("INSERT OR REPLACE INTO meta"):
-        return sql.replace("INSERT OR REPLACE", "INSERT") + " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-    if sql.startswith("INSERT OR IGNORE"):
-        return sql.replace("INSERT OR IGNORE", "INSERT") + " ON CONFLICT DO NOTHING"
-    sql = re.sub(r"\bmax\((\w+(?:\.\w+)?), ", r"greatest(\1, ", sql)  # the two-argument max
-    # DO UPDATE SET: a bare column on the right of `=` is the target table's (ambiguous on PostgreSQL)
-    match = re.match(r"INSERT INTO (\w+) .* DO UPDATE SET (.*)$", sql, re.S)
-    if match:
-        table = match[1]
-        sets = re.sub(r"(?<![\w.])(?!excluded\b)([a-z_]+)(?=\s*[-+,)]|\s*$)", rf"{table}.\1", match[2])
-        sql = sql[: match.start(2)] + sets
-    return sql
 
 
 T_NOV = calendar.timegm((2026, 11, 30, 23, 59, 0))  # the last minute of a month (UTC)
@@ -286,17 +268,20 @@ def test_the_triggers_keep_the_same_counters_as_sqlite(pg_url, tmp_path):
     lite = db.connect(tmp_path / "data")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         migrate_schema(conn)
+        pg = PgConnection(conn)
         replayed = 0
-        for sql, rows, many in recorded.statements:
-            if sql.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+        for statement, rows, many in recorded.statements:
+            if statement.lstrip().upper().startswith(("SELECT", "PRAGMA")):
                 continue  # reads change nothing
             if not rows:
                 continue  # an executemany of no rows
-            with conn.cursor() as cur:
-                if many:
-                    cur.executemany(pg_dialect(sql), rows)
-                else:
-                    cur.execute(pg_dialect(sql, placeholders=bool(rows[0])), rows[0] or None)
+            if statement == sql.BEGIN_WRITE[sql.SQLITE]:  # the one switch these statements go through
+                statement = sql.BEGIN_WRITE[sql.POSTGRESQL]
+            # the same text as on SQLite: the storage functions' SQL is portable (docs/postgresql.md)
+            if many:
+                pg.executemany(statement, rows)
+            else:
+                pg.execute(statement, rows[0])
             replayed += 1
         assert replayed > 40
         tables = [t for (t,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -336,17 +321,6 @@ def test_the_triggers_keep_the_same_counters_as_sqlite(pg_url, tmp_path):
     assert lite.execute("SELECT blob FROM packs ORDER BY 1").fetchall() == [("12/P2",)]  # 11/P1's went with Q1
     assert dict(lite.execute("SELECT key, value FROM meta"))["sites_version"] > 6
     lite.close()
-
-
-def test_pg_dialect_qualifies_the_bare_columns_of_an_upsert():
-    sql = (
-        "INSERT INTO t (a, b, c) VALUES (?, ?, ?) ON CONFLICT (a) DO UPDATE SET b = b + excluded.b,"
-        " c = coalesce(max(c, excluded.c), c, excluded.c)"
-    )
-    assert pg_dialect(sql) == (
-        "INSERT INTO t (a, b, c) VALUES (%s, %s, %s) ON CONFLICT (a) DO UPDATE SET b = t.b + excluded.b,"
-        " c = coalesce(greatest(t.c, excluded.c), t.c, excluded.c)"
-    )
 
 
 # ---- mailhub storage migrate ----------------------------------------------------------------------
