@@ -388,8 +388,11 @@ def _s3_run(cfg: Config, url: str, work):
     except (S3SetupError, S3Error, BackupError) as exc:
         print(f"mailhub: {exc}", file=sys.stderr)
         return None, EXIT_INTERRUPTED if isinstance(exc, BackupInterrupted) else EXIT_FAILED
-    except KeyboardInterrupt:  # (a backup's turns into BackupError, saying what it removed)
-        print("mailhub: interrupted; nothing was restored (the folder is as it was)", file=sys.stderr)
+    except KeyboardInterrupt:  # (a backup's upload turns it into BackupInterrupted, saying what it removed)
+        print(
+            "mailhub: interrupted; nothing was uploaded or restored (the temporary copy and a half restore removed)",
+            file=sys.stderr,
+        )
         return None, EXIT_INTERRUPTED
 
 
