@@ -591,3 +591,19 @@ def test_a_killed_test_session_leaves_no_weed_running_and_no_files_in_tmp(seawee
         return Path(f"/proc/{weed}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
     wait_for(gone, timeout=30)
+
+
+def test_a_bucket_of_another_region_names_the_setting_to_change():
+    moved = (
+        b"<Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to access must be addressed"
+        b" using the specified endpoint.</Message><Endpoint>bkt.s3.eu-west-1.amazonaws.com</Endpoint></Error>"
+    )
+    error = hostile(b"HTTP/1.1 301 Moved Permanently\r\nContent-Length: %d\r\n\r\n%s" % (len(moved), moved))
+    assert error.code == "PermanentRedirect" and "set s3.region and s3.endpoint" in str(error), error
+    head = Store(b"HTTP/1.1 301 Moved Permanently\r\nx-amz-bucket-region: eu-west-1\r\n\r\n")
+    error = head.run(lambda c: c.head("bucket", "key"))  # a HEAD's answer has no body to say it
+    assert isinstance(error, S3Error) and "set s3.region and s3.endpoint" in str(error), error
+    assert "the bucket's region: eu-west-1" in str(error), error
+    region = b"<Error><Code>AuthorizationHeaderMalformed</Code><Region>eu-west-1</Region></Error>"
+    error = hostile(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(region), region))
+    assert "check s3.region" in str(error), error

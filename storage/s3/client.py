@@ -400,7 +400,9 @@ class S3Client:
             return response
         raw = b"" if method == "HEAD" else await response.read_body(MAX_ERROR_BODY)
         response.close()
-        raise _status_error(what, response.status, response.reason, raw)
+        raise _status_error(
+            what, response.status, response.reason, raw, response.headers.get("x-amz-bucket-region", "")
+        )
 
     async def _xml(
         self, method: str, bucket: str, key: str, query: list[tuple[str, str]], body: bytes = b""
@@ -414,7 +416,7 @@ class S3Client:
         return root
 
 
-def _status_error(what: str, status: int, reason: str, raw: bytes) -> S3Error:
+def _status_error(what: str, status: int, reason: str, raw: bytes, region: str = "") -> S3Error:
     code, message = "", ""
     if raw:
         try:
@@ -425,14 +427,19 @@ def _status_error(what: str, status: int, reason: str, raw: bytes) -> S3Error:
                 "an answer declaring a DTD, not read" if exc.code == "dtd" else raw[:120].decode("utf-8", "replace")
             )
     if not code:
-        code = {403: "AccessDenied", 404: "NotFound"}.get(status, "")
+        code = {301: "PermanentRedirect", 403: "AccessDenied", 404: "NotFound"}.get(status, "")
     hint = {
         "SignatureDoesNotMatch": " (check the secret key)",
         "InvalidAccessKeyId": " (check the access key)",
         "AccessDenied": " (check the keys and the bucket's permissions)",
         "NoSuchBucket": " (create the bucket first)",
+        # AWS: a bucket of another region, or a request signed for the wrong one
+        "PermanentRedirect": " (the bucket is in another region: set s3.region and s3.endpoint to that region's)",
+        "AuthorizationHeaderMalformed": " (check s3.region: the store says which region it expects)",
     }.get(code, "")
     detail = f": {printable(message)}" if message else ""
+    if region:  # AWS says where the bucket is
+        detail += f" (the bucket's region: {printable(region, 40)})"
     return S3Error(f"{what}: HTTP {status} {printable(code or reason, 60)}{detail}{hint}", status, code)
 
 
