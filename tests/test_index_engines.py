@@ -574,3 +574,18 @@ def test_the_ledger_catches_up_with_the_index_and_uids_never_go_down(index, tmp_
     assert (state.commits, state.file_mails, state.max_uid) == ({1: 7}, {"Q1"}, b2)
     assert state.was_removed("Q1", alpha, None) and not state.was_removed("Q1", beta, "beta")
     assert b1 < b2
+
+
+def test_a_failed_connection_is_one_line_without_the_password(postgres_server):
+    from storage.errors import StorageError
+    from storage.postgres.connection import PgConnection
+
+    from pgutil import PASSWORD_ROLE
+
+    for url, why in (
+        (postgres_server.url("postgres", user=PASSWORD_ROLE, password="Sekr3t-pw"), "password authentication"),
+        (f"postgresql://u:Sekr3t-pw@[::1:{postgres_server.port}/db", "IPv6"),  # a URL libpq quotes whole
+    ):
+        with pytest.raises(StorageError, match=f"cannot connect to the index at .*{why}") as failed:
+            PgConnection.connect(url, connect_timeout=5)
+        assert "Sekr3t-pw" not in str(failed.value) and "\n" not in str(failed.value)

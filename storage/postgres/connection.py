@@ -17,8 +17,9 @@ from psycopg import errors as pg_errors
 from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 
-from ..errors import StorageFull
+from ..errors import StorageError, StorageFull
 from ..sql import POSTGRESQL, Connection, Cursor
+from .from_sqlite import _one_line, redacted
 
 # psycopg's errors -> what the storage code catches (first match wins; the message is PostgreSQL's)
 _ERRORS: Final[tuple[tuple[type[psycopg.Error], type[Exception]], ...]] = (
@@ -102,11 +103,13 @@ class PgConnection:
         self.raw = conn
 
     @classmethod
-    def connect(cls, url: str, **kwargs: Any) -> "PgConnection":
+    def connect(cls, url: str, connect_timeout: int = 10) -> "PgConnection":
+        """Raises StorageError with one line that shows no password (not in the URL, nor where libpq
+        quotes a URL it cannot read)."""
         try:
-            return cls(psycopg.connect(url, autocommit=True, **kwargs))
-        except psycopg.Error as exc:
-            raise mapped_error(exc) from None  # never the URL: it may hold the password
+            return cls(psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout))
+        except (psycopg.Error, ValueError) as exc:
+            raise StorageError(f"cannot connect to the index at {redacted(url)}: {_one_line(exc, url)}") from None
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
         try:
