@@ -93,8 +93,8 @@ def postgresql_sizes(url: str) -> tuple[int, dict[str, tuple[int, int]]]:
     with psycopg.connect(url, autocommit=True) as con:
         con.execute("VACUUM ANALYZE")
         tables = con.execute(
-            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = 'public' AND c.relkind = 'r'"
+            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'"
         ).fetchall()
         rows = {
             name: ((con.execute(f'SELECT count(*) FROM "{name}"').fetchone() or (0,))[0], size) for name, size in tables

@@ -217,6 +217,14 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("liveness", "notify_operator"): ("off", False),
         ("proxy", "trusted_balancers"): ("10.0.0.5/32, 2001:db8::5", (net("10.0.0.5/32"), net("2001:db8::5/128"))),
         ("proxy", "header_timeout"): ("2.5", 2.5),
+        ("s3", "endpoint"): ("http://127.0.0.1:8333", "http://127.0.0.1:8333"),
+        ("s3", "region"): ("eu-central-1", "eu-central-1"),
+        ("s3", "addressing"): ("virtual", "virtual"),
+        ("s3", "access_key"): ("AKIDEXAMPLE", "AKIDEXAMPLE"),
+        ("s3", "secret_key"): ("a-secret-key", "a-secret-key"),
+        ("s3", "secret_key_file"): (str(key), key),
+        ("s3", "part_size"): ("16M", 16 * 1024 * 1024),
+        ("s3", "timeout"): ("12.5", 12.5),
     }
 
 
