@@ -100,11 +100,28 @@ def restore_from_s3(location: S3Location, settings: S3Settings, dest: Path) -> T
 
 
 def _work_folder(data_dir: Path) -> Path:
-    """A temporary folder beside the data folder (same file system: links instead of copies)."""
+    """A temporary folder beside the data folder (same file system: links instead of copies), named
+    with this process's id; those of backups that died (SIGKILL, a crash) are removed first: their
+    hard links would keep mails deleted since on the disk for ever."""
+    for parent, prefix in ((data_dir.parent, f".{data_dir.name}-s3-backup-"), (None, "mailhub-s3-backup-")):
+        for stale in Path(parent or tempfile.gettempdir()).glob(f"{prefix}*-*"):
+            pid = stale.name[len(prefix) :].partition("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-s3-backup-", dir=data_dir.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-s3-backup-{os.getpid()}-", dir=data_dir.parent))
     except OSError:
-        return Path(tempfile.mkdtemp(prefix="mailhub-s3-backup-"))  # copies instead of links
+        return Path(tempfile.mkdtemp(prefix=f"mailhub-s3-backup-{os.getpid()}-"))  # copies instead of links
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _refuse_unrestorable(copy: Path, data_dir: Path) -> None:

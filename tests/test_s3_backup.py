@@ -7,6 +7,7 @@
 # what it uploaded, and the secret key is printed nowhere.
 import asyncio
 import hashlib
+import os
 import poplib
 import signal
 import smtplib
@@ -221,3 +222,19 @@ def test_sigterm_during_a_backup_removes_what_it_uploaded_and_says_so(make_hub, 
     assert err.startswith("mailhub: interrupted; the ") and "were removed" in err and "Traceback" not in err, err
     assert asyncio.run(uploaded()) == 0  # no object, no pending multipart upload
     assert not [p for p in hub.data_dir.parent.iterdir() if "s3-backup" in p.name]  # nor the local copy
+
+
+def test_the_local_copy_of_a_backup_that_died_is_removed_by_the_next(make_hub, seaweedfs):
+    hub = make_hub(sites=ALPHA_BETA, **s3_env(seaweedfs))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id no process has now: a backup killed with SIGKILL
+    stale = hub.data_dir.parent / f".{hub.data_dir.name}-s3-backup-{dead.pid}-k1ll3d"
+    (stale / "backup" / "blobs").mkdir(parents=True)
+    (stale / "backup" / "blobs" / "link").write_bytes(b"a mail deleted since, kept by its hard link")
+    running = hub.data_dir.parent / f".{hub.data_dir.name}-s3-backup-{os.getpid()}-running"
+    running.mkdir()  # a backup still running (this process): left alone
+    bucket = seaweedfs.new_bucket()
+    result = hub.cli("storage", "backup", f"s3://{bucket}/nightly")
+    assert "backup in s3://" in result.stdout, result
+    assert not stale.exists() and running.exists()
+    assert [p.name for p in hub.data_dir.parent.iterdir() if "s3-backup" in p.name] == [running.name]
