@@ -255,7 +255,9 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         small = small.replace(b"To: beta@hub.test", b"To: small@remote.test")  # (Postfix adds a missing Date)
         small += b".a line starting with a dot\r\n"
         qid = submit(hub, [f"small@{REMOTE}", "beta@hub.test"], small)
-        wait_until(lambda: _delivered(maildir), what="the 1 KB mail at Postfix")
+        wait_until(
+            lambda: _delivered(maildir), timeout=120, what="the 1 KB mail at Postfix"
+        )  # (Postfix on a busy machine)
         wait_until(lambda: not queue_rows(hub), what="the queue row to go")
         (delivered,) = _delivered(maildir)
         lf = small.replace(b"\r\n", b"\n")
