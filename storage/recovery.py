@@ -19,7 +19,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, envelope, ledger
+from . import db, envelope, ledger, sql
 from .errors import StorageError
 from .files import unlink_quietly
 from .packs import truncate_durably
@@ -70,7 +70,7 @@ class RecoveryReport:
         )
 
 
-def recover(conn: sqlite3.Connection, data_dir: Path) -> RecoveryReport:
+def recover(conn: sql.Connection, data_dir: Path) -> RecoveryReport:
     data_dir = Path(data_dir)
     report = RecoveryReport()
     _clean_spool(data_dir, data_dir / "spool", report)
@@ -102,7 +102,7 @@ def _clean_spool(data_dir: Path, spool_dir: Path, report: RecoveryReport) -> Non
             report.strays.append(_relative(entry.path, data_dir))
 
 
-def _empty_trash(conn: sqlite3.Connection, blob_dir: Path, report: RecoveryReport) -> None:
+def _empty_trash(conn: sql.Connection, blob_dir: Path, report: RecoveryReport) -> None:
     trash = [blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")]
     for blob in trash:
         unlink_quietly(blob_dir / blob)  # freed by a committed deletion
@@ -113,7 +113,7 @@ def _empty_trash(conn: sqlite3.Connection, blob_dir: Path, report: RecoveryRepor
     report.trash_removed = len(trash)
 
 
-def _catch_up_ledger(conn: sqlite3.Connection, data_dir: Path, report: RecoveryReport) -> None:
+def _catch_up_ledger(conn: sql.Connection, data_dir: Path, report: RecoveryReport) -> None:
     writer = ledger.LedgerWriter(data_dir)
     try:
         ledger.catch_up(conn, writer)
@@ -126,7 +126,7 @@ def _catch_up_ledger(conn: sqlite3.Connection, data_dir: Path, report: RecoveryR
             pass
 
 
-def _check_blobs(conn: sqlite3.Connection, data_dir: Path, seq: int, report: RecoveryReport) -> None:
+def _check_blobs(conn: sql.Connection, data_dir: Path, seq: int, report: RecoveryReport) -> None:
     blob_dir = data_dir / "blobs"
     indexed = dict(conn.execute("SELECT blob, max(blob_offset + size) FROM messages GROUP BY blob"))
     committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs"))
@@ -244,7 +244,7 @@ def _queue_ids(path: Path) -> list[str]:
         os.close(fd)
 
 
-def _quarantine_rows(conn: sqlite3.Connection, data_dir: Path, blob: str, report: RecoveryReport) -> None:
+def _quarantine_rows(conn: sql.Connection, data_dir: Path, blob: str, report: RecoveryReport) -> None:
     """Index rows whose blob is missing or short: their record (and a short file) go to the
     quarantine, the rows go from the index without ledger removals (not a receiver's deletion: a
     rebuild brings the mails back if their blob turns up)."""

@@ -589,3 +589,43 @@ def test_a_failed_connection_is_one_line_without_the_password(postgres_server):
         with pytest.raises(StorageError, match=f"cannot connect to the index at .*{why}") as failed:
             PgConnection.connect(url, connect_timeout=5)
         assert "Sekr3t-pw" not in str(failed.value) and "\n" not in str(failed.value)
+
+
+# ---- start-up recovery (storage/recovery.py) ------------------------------------------------------
+
+
+def test_start_up_recovery_cleans_up_and_moves_aside_the_rows_of_a_missing_blob(index, tmp_path):
+    from storage import recovery
+
+    alpha, beta = add_sites(index, "alpha", "beta")
+    data = tmp_path / "data"
+    (data / "spool").mkdir(parents=True)
+    (data / "spool" / ("0" * 19 + ".tmp")).write_bytes(b"never acknowledged")
+    hour = data / "blobs" / "2027011508"
+    hour.mkdir(parents=True)
+    kept, lost, freed = ("2027011508/" + c * 19 for c in "ABC")
+    (data / "blobs" / kept).write_bytes(b"x" * 10)
+    (data / "blobs" / freed).write_bytes(b"freed")
+    store(index, "QA", 10, T0, alpha, [beta])
+    store(index, "QB", 20, T0, alpha, [beta, alpha])
+    with db.transaction(index):
+        index.execute("UPDATE messages SET blob = ? WHERE queue_id = 'QA'", (kept,))
+        index.execute("UPDATE messages SET blob = ? WHERE queue_id = 'QB'", (lost,))
+        index.execute("INSERT INTO blob_trash (blob) VALUES (?)", (freed,))
+    report = recovery.recover(index, data)
+    assert (report.spool_removed, report.trash_removed, report.missing_blobs) == (1, 1, [lost])
+    assert len(report.quarantined) == 1 and "2 mailbox entr" in report.quarantined[0]
+    assert not (data / "blobs" / freed).exists() and (data / "blobs" / kept).exists()
+    assert index.execute("SELECT queue_id FROM messages").fetchall() == [("QA",)]
+    assert index.execute("SELECT count(*) FROM mailbox").fetchone() == (1,)
+    assert index.execute("SELECT count(*) FROM ledger_pending").fetchone() == (0,)  # not a receiver's deletion
+    assert index.execute("SELECT count(*) FROM blob_trash").fetchone() == (0,)
+    assert usage.site_usage(index, beta, T0)["mailbox_bytes"] == 10
+    assert len(list((data / "quarantine").rglob("index-rows.json"))) == 1
+    # a blob store ahead of the index stops the start
+    with db.transaction(index):
+        index.execute("INSERT INTO commits (seq, attempt, mails) VALUES (1, 1, '{}')")
+    (data / "ledger").mkdir(exist_ok=True)
+    (data / "ledger" / "20991231.jsonl").write_text('{"c":5,"a":9,"f":[],"at":1}\n')
+    with pytest.raises(recovery.IndexBehind, match="ends at group commit 1, the ledger at 5"):
+        recovery.recover(index, data)
