@@ -1,7 +1,8 @@
 # The outbound queue in the index (issue 8): rows of remote recipients of stored messages, read
 # and updated by the relay's scheduler (in the index writer process) and by `mailhub queue`.
-# Synchronous functions on a sqlite3 connection. Must never delete a row before its recipient was
-# accepted by the next hop or its bounce was stored: the row is the only record of the duty.
+# Synchronous functions on an index connection (storage.sql: SQLite or PostgreSQL). Must never
+# delete a row before its recipient was accepted by the next hop or its bounce was stored: the row
+# is the only record of the duty.
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,5 +1,6 @@
 # Site (participant) records: name, login password hash, e-mail addresses.
-# Synchronous functions on a sqlite3 connection, used by the CLI and by the server's site cache.
+# Synchronous functions on an index connection (storage.sql: SQLite or PostgreSQL), used by the CLI
+# and by the server's site cache.
 # Must never see a password in the clear except to hash it.
 import re
 import time
