@@ -607,3 +607,23 @@ def test_a_bucket_of_another_region_names_the_setting_to_change():
     region = b"<Error><Code>AuthorizationHeaderMalformed</Code><Region>eu-west-1</Region></Error>"
     error = hostile(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(region), region))
     assert "check s3.region" in str(error), error
+
+
+def test_a_store_giving_the_same_page_for_ever_is_refused():
+    page = (
+        b"<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken>"
+        b"<Contents><Key>k</Key><Size>1</Size></Contents></ListBucketResult>"
+    )
+    listing = Store(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(page), page))
+    error = listing.run(lambda c: _all(c.list_objects("bucket")))
+    assert isinstance(error, S3Error) and "same continuation token twice" in str(error), error
+    assert len(listing.requests) == 2
+    uploads = (
+        b"<ListMultipartUploadsResult><IsTruncated>true</IsTruncated><NextKeyMarker>k</NextKeyMarker>"
+        b"<NextUploadIdMarker>u</NextUploadIdMarker><Upload><Key>k</Key><UploadId>u</UploadId></Upload>"
+        b"</ListMultipartUploadsResult>"
+    )
+    pending = Store(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(uploads), uploads))
+    error = pending.run(lambda c: c.pending_uploads("bucket"))  # (its list grew for ever)
+    assert isinstance(error, S3Error) and "same markers twice" in str(error), error
+    assert len(pending.requests) == 2

@@ -205,11 +205,13 @@ class S3Client:
             root = await self._xml("GET", bucket, "", query)
             for item in _children(root, "Contents"):
                 yield ObjectInfo(_text(item, "Key"), _int_text(item, "Size"), _text(item, "ETag").strip('"'))
-            token = _text(root, "NextContinuationToken")
+            previous, token = token, _text(root, "NextContinuationToken")
             if _text(root, "IsTruncated").lower() != "true":
                 return
             if not token:
                 raise S3Error(f"LIST s3://{bucket}/{prefix}: a truncated page without a continuation token")
+            if token == previous:  # the same page again and again: a loop for ever
+                raise S3Error(f"LIST s3://{bucket}/{prefix}: the store gave the same continuation token twice")
 
     async def pending_uploads(self, bucket: str, prefix: str = "") -> list[tuple[str, str]]:
         """(key, upload id) of the multipart uploads begun and neither completed nor aborted."""
@@ -223,9 +225,12 @@ class S3Client:
             found += [(_text(u, "Key"), _text(u, "UploadId")) for u in _children(root, "Upload")]
             if _text(root, "IsTruncated").lower() != "true":
                 return found
+            markers = (key_marker, upload_marker)
             key_marker, upload_marker = _text(root, "NextKeyMarker"), _text(root, "NextUploadIdMarker")
             if not key_marker:
                 return found
+            if (key_marker, upload_marker) == markers:  # the same page again: a loop (and a list) for ever
+                raise S3Error(f"LIST s3://{bucket}/{prefix}?uploads: the store gave the same markers twice")
 
     async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
         """Abort a pending multipart upload (its parts are freed)."""
