@@ -295,3 +295,19 @@ def test_real_prometheus_scrapes_the_hub(hub, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_a_node_name_with_quotes_backslashes_and_newlines_is_escaped_and_a_metrics_own_node_label_kept():
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from mailhub.metrics import WithNodeLabel
+
+    registry = CollectorRegistry()
+    Counter("mailhub_test_total", "a metric without node", ["site"], registry=registry).labels("alpha").inc()
+    Counter("mailhub_test_own_total", "a metric with one", ["node"], registry=registry).labels("its-own").inc()
+    hostile = 'hub "a"\\b\nmailhub_fake_total 1e9\n} {'
+    text = generate_latest(WithNodeLabel(registry, hostile)).decode()
+    assert "\nmailhub_fake_total" not in text, text  # no sample injected by the node name
+    samples = {s.name: s.labels for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["mailhub_test_total"] == {"node": hostile, "site": "alpha"}
+    assert samples["mailhub_test_own_total"] == {"node": "its-own"}
