@@ -607,6 +607,9 @@ def test_a_bucket_of_another_region_names_the_setting_to_change():
     region = b"<Error><Code>AuthorizationHeaderMalformed</Code><Region>eu-west-1</Region></Error>"
     error = hostile(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(region), region))
     assert "check s3.region" in str(error), error
+    skewed = b"<Error><Code>RequestTimeTooSkewed</Code></Error>"
+    error = hostile(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(skewed), skewed))
+    assert "clock is off" in str(error), error
 
 
 def test_a_store_giving_the_same_page_for_ever_is_refused():

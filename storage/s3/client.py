@@ -441,6 +441,7 @@ def _status_error(what: str, status: int, reason: str, raw: bytes, region: str =
         # AWS: a bucket of another region, or a request signed for the wrong one
         "PermanentRedirect": " (the bucket is in another region: set s3.region and s3.endpoint to that region's)",
         "AuthorizationHeaderMalformed": " (check s3.region: the store says which region it expects)",
+        "RequestTimeTooSkewed": " (this machine's clock is off by more than 15 minutes: check its time sync)",
     }.get(code, "")
     detail = f": {printable(message)}" if message else ""
     if region:  # AWS says where the bucket is
