@@ -630,3 +630,17 @@ def test_a_store_giving_the_same_page_for_ever_is_refused():
     error = pending.run(lambda c: c.pending_uploads("bucket"))  # (its list grew for ever)
     assert isinstance(error, S3Error) and "same markers twice" in str(error), error
     assert len(pending.requests) == 2
+
+
+def test_a_download_cut_off_in_passing_starts_again_and_gives_the_whole_object(tmp_path):
+    body = b"0123456789" * 1000
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:3000])  # then closed
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    store = Store(cut, whole)
+    result = store.run(lambda c: c.get_file("bucket", "key", tmp_path / "object", limit=len(body)))
+    assert result == (len(body), hashlib.sha256(body).hexdigest()), result
+    assert (tmp_path / "object").read_bytes() == body and len(store.requests) == 2
+    broken = Store(cut)  # cut every time: the last try's error, no file
+    error = broken.run(lambda c: c.get_file("bucket", "key", tmp_path / "other"))
+    assert isinstance(error, S3Error) and error.code == "connection" and len(broken.requests) == 3, error
+    assert not (tmp_path / "other").exists()

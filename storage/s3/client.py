@@ -155,23 +155,36 @@ class S3Client:
     ) -> tuple[int, str]:
         """Write the object into a new file at `path` (fsynced); (its size, its SHA-256 hex). A
         failed download leaves no file. `limit`: the most bytes taken (a store sending more, e.g. an
-        endless chunked answer, fails with code "too_large" instead of filling the disk)."""
-        digest = hashlib.sha256()
-        written = 0
+        endless chunked answer, fails with code "too_large" instead of filling the disk). A download
+        cut off in passing (a broken connection, a timeout) starts again from the beginning, up to
+        settings.attempts times in all: one reset does not end a restore of many files."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            for attempt in range(1, self.settings.attempts + 1):
+                digest = hashlib.sha256()
+                written = 0
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
 
-            async def sink(data: bytes) -> None:
-                nonlocal written
-                written += len(data)
-                if limit is not None and written > limit:
-                    raise S3Error(f"GET s3://{bucket}/{key}: the object is larger than {limit} bytes", 200, "too_large")
-                digest.update(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                async def sink(data: bytes) -> None:
+                    nonlocal written
+                    written += len(data)
+                    if limit is not None and written > limit:
+                        raise S3Error(
+                            f"GET s3://{bucket}/{key}: the object is larger than {limit} bytes", 200, "too_large"
+                        )
+                    digest.update(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
 
-            size = await self.get(bucket, key, sink)
+                try:
+                    size = await self.get(bucket, key, sink)
+                    break
+                except S3Error as exc:
+                    if exc.code not in ("connection", "timeout") or attempt == self.settings.attempts:
+                        raise
+                await asyncio.sleep(self.settings.backoff * 2 ** (attempt - 1))
             os.fsync(fd)
         except BaseException:
             os.close(fd)
