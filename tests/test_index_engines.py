@@ -421,10 +421,7 @@ def test_postgresql_errors_arrive_as_the_ones_the_storage_code_catches(index):
     assert index.execute("SELECT count(*) FROM audit").fetchone() == (0,)  # rolled back
     with pytest.raises(sqlite3.OperationalError):
         index.execute("SELECT * FROM no_such_table")
-    # a full disk, as PostgreSQL reports it (53100), and the rest of the table
-    full = mapped_error(psycopg.errors.DiskFull("could not extend file: No space left on device"))
-    assert isinstance(full, StorageFull) and full.reply.startswith("452 4.3.1")
-    assert "No space left" in str(full)
+    # the rest of the table (a real full disk: the test below)
     assert isinstance(mapped_error(psycopg.errors.SerializationFailure("x")), sqlite3.OperationalError)
     assert isinstance(mapped_error(psycopg.errors.ForeignKeyViolation("x")), sqlite3.IntegrityError)
     assert type(mapped_error(psycopg.errors.InternalError_("x"))) is sqlite3.DatabaseError
@@ -629,3 +626,40 @@ def test_start_up_recovery_cleans_up_and_moves_aside_the_rows_of_a_missing_blob(
     (data / "ledger" / "20991231.jsonl").write_text('{"c":5,"a":9,"f":[],"at":1}\n')
     with pytest.raises(recovery.IndexBehind, match="ends at group commit 1, the ledger at 5"):
         recovery.recover(index, data)
+
+
+def test_a_full_disk_on_postgresql_ends_the_transaction_as_storage_full(postgres_server, pg_url):
+    """The table of the tracking events on a 1 MB tmpfs (a tablespace; needs root, as in CI): the
+    transaction that fills it fails with StorageFull (452 4.3.1) and keeps none of its rows."""
+    import os
+    import pwd
+    import subprocess
+
+    from storage.postgres import migrate_schema
+    from storage.postgres.connection import PgConnection
+
+    mount = postgres_server.root / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    conn = None
+    try:
+        user = pwd.getpwnam("postgres")
+        os.chown(mount, user.pw_uid, user.pw_gid)
+        postgres_server.admin(f"CREATE TABLESPACE small LOCATION '{mount}'")
+        conn = PgConnection.connect(pg_url)
+        migrate_schema(conn.raw)
+        conn.execute("ALTER TABLE events SET TABLESPACE small")
+        row = events.row(Event(T0, events.REFUSED, detail="x" * 300))
+        with pytest.raises(StorageFull, match="53100") as full:
+            with db.transaction(conn):
+                for _ in range(100):  # 100 x 1000 rows of ~400 bytes: far past 1 MB
+                    conn.executemany(events.INSERT, [row] * 1000)
+        assert full.value.reply.startswith("452 4.3.1")
+        assert not conn.in_transaction
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    finally:
+        if conn is not None:
+            conn.execute("DROP TABLE IF EXISTS events")
+            conn.close()
+        postgres_server.admin("DROP TABLESPACE IF EXISTS small")
+        subprocess.run(["umount", "-l", str(mount)], check=False)
