@@ -1,8 +1,10 @@
 # The index on PostgreSQL (issue 27), first slice: the schema as numbered migrations
 # (migrations/NNNN_name.sql, applied by schema.migrate_schema) and the copy of a hub's SQLite index
-# into an empty PostgreSQL database with its check (from_sqlite.migrate: `mailhub storage migrate`).
-# The hub does not serve from PostgreSQL yet. Needs psycopg 3 (the optional extra `postgresql`):
+# into an empty PostgreSQL database with its check (from_sqlite.migrate: `mailhub storage migrate`),
+# and PgConnection (connection.py), on which the synchronous storage functions run as on SQLite
+# (storage/sql.py). The hub does not serve from PostgreSQL yet. Needs psycopg 3 (the optional extra `postgresql`):
 # importing this package imports it, so nothing outside the commands that use it imports it.
+from .connection import PgConnection as PgConnection
 from .from_sqlite import MigrateError as MigrateError
 from .from_sqlite import MigrateReport as MigrateReport
 from .from_sqlite import TargetNotEmpty as TargetNotEmpty
