@@ -1,6 +1,7 @@
 # API: record(conn, event, site, queue_id, message_id, study_id, size, sha256, actor, detail=None, at=None)
 #      in the caller's transaction; record_entries(conn, event, site_id, uids, actor, detail, at) for
-#      mailbox entries before they go; query(conn, site=, study=, since=, until=, ...) -> [AuditRecord];
+#      mailbox entries before they go; query(conn, site=, study=, since=, until=, ...) -> [AuditRecord]
+#      (records(...): the same, one by one in bounded memory);
 #      prune(conn, before). In the running hub: Storage.audit(...) and Storage.remove_entries(...).
 # The audit trail (issue 25): an append-only record of what happened to each mail in a site's mailbox,
 # for the medical record: who received, fetched, expired, deleted, exported or returned what, and
@@ -11,6 +12,7 @@
 # Must never: hold message content (no header but Message-ID, no body), or be written outside the
 # transaction that changes the state it describes.
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -196,6 +198,35 @@ def query(
     limit: int | None = None,
 ) -> list[AuditRecord]:
     """The records matching every given filter, oldest first (until is exclusive)."""
+    return list(
+        records(
+            conn,
+            site=site,
+            study=study,
+            since=since,
+            until=until,
+            event=event,
+            queue_id=queue_id,
+            message_id=message_id,
+            limit=limit,
+        )
+    )
+
+
+def records(
+    conn: sql.Connection,
+    *,
+    site: str | None = None,
+    study: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    event: str | None = None,
+    queue_id: str | None = None,
+    message_id: str | None = None,
+    limit: int | None = None,
+) -> Iterator[AuditRecord]:
+    """query's records one by one, read as they are needed (an export of any size in bounded
+    memory, on PostgreSQL through a server-side cursor: storage.sql.rows)."""
     where: list[str] = []
     args: list[Any] = []
     for column, value in (
@@ -214,14 +245,14 @@ def query(
     if until is not None:
         where.append("at < ?")
         args.append(until)
-    sql = "SELECT id, " + ", ".join(COLUMNS) + " FROM audit"
+    text = "SELECT id, " + ", ".join(COLUMNS) + " FROM audit"
     if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY at, id"
+        text += " WHERE " + " AND ".join(where)
+    text += " ORDER BY at, id"
     if limit is not None:
-        sql += " LIMIT ?"
+        text += " LIMIT ?"
         args.append(limit)
-    return [AuditRecord(*r) for r in conn.execute(sql, args)]
+    return (AuditRecord(*r) for r in sql.rows(conn, text, args))
 
 
 def prune_batch(conn: sql.Connection, before: float, limit: int = PRUNE_BATCH) -> int:

@@ -170,7 +170,7 @@ PENDING_SQL = (
 def pending_lines(conn: sql.Connection, after: int) -> list[dict[str, Any]]:
     """The index's removals not yet in the ledger (ledger_pending rows with an id above `after`)."""
     docs = []
-    for id_, kind, qid, site_id, site_name, rcpt, uid, at in conn.execute(PENDING_SQL, (after,)):
+    for id_, kind, qid, site_id, site_name, rcpt, uid, at in sql.rows(conn, PENDING_SQL, (after,)):
         if kind == "d":
             docs.append({"d": id_, "q": qid, "s": site_id, "n": site_name, "u": uid, "at": at})
         else:
@@ -183,7 +183,7 @@ def catch_up(conn: sql.Connection, writer: LedgerWriter) -> int:
     not yet pruned (lines the ledger already has come again: harmless, reading is idempotent).
     Returns the highest removal id appended."""
     docs = []
-    for seq, attempt, mails in conn.execute("SELECT seq, attempt, mails FROM commits ORDER BY seq"):
+    for seq, attempt, mails in sql.rows(conn, "SELECT seq, attempt, mails FROM commits ORDER BY seq"):
         mails = json.loads(mails) if mails else {}
         docs.append(commit_line(seq, attempt, mails.get("f", []), mails.get("x", [])))
     removals = pending_lines(conn, 0)

@@ -129,7 +129,9 @@ def events_of_mails(conn: sql.Connection, queue_ids: list[str]) -> Iterator[Even
     """Every event of these mails, in time order within each chunk of _CHUNK queue IDs."""
     for start in range(0, len(queue_ids), _CHUNK):
         chunk = queue_ids[start : start + _CHUNK]
-        for r in conn.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE queue_id IN ({','.join('?' * len(chunk))}) ORDER BY at, id", chunk
+        for r in sql.rows(
+            conn,
+            f"SELECT {_COLUMNS} FROM events WHERE queue_id IN ({','.join('?' * len(chunk))}) ORDER BY at, id",
+            chunk,
         ):
             yield Event(*r)

@@ -43,6 +43,30 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
+class StreamingConnection(Connection, Protocol):
+    """A connection whose default cursor holds a whole result (PgConnection): `rows` reads a large
+    one in batches instead."""
+
+    def rows(self, sql: str, parameters: Any = ..., size: int = ..., /) -> Iterator[Any]: ...
+
+
+# Rows fetched from the server at once by `rows` on PostgreSQL (a batch of rows in memory, no more).
+FETCH_SIZE: Final = 1000
+
+
+def rows(conn: Connection, sql: str, parameters: Any = (), size: int = FETCH_SIZE) -> Iterator[Any]:
+    """The rows of a SELECT whose result can be large, read as they are needed, so the memory stays
+    bounded whatever the table's size. SQLite's cursor reads rows lazily already; on PostgreSQL the
+    default cursor would hold the whole result, so PgConnection.rows reads it through a server-side
+    cursor, `size` rows at a time, inside the caller's transaction or a read-only one of its own
+    (ended when the iteration ends or the iterator is closed). Write nothing on the connection while
+    iterating."""
+    if dialect(conn) == POSTGRESQL:
+        streaming: StreamingConnection = conn  # type: ignore[assignment]  # PgConnection
+        return streaming.rows(sql, parameters, size)
+    return iter(conn.execute(sql, parameters))
+
+
 def dialect(conn: object) -> Dialect:
     """The engine behind a connection: PgConnection says so; anything else (sqlite3.Connection, or a
     wrapper around one) is SQLite."""

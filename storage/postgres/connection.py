@@ -1,14 +1,16 @@
 # A psycopg 3 (synchronous) connection with the surface the storage functions use of an sqlite3 one
 # (storage.sql.Connection): execute/executemany with `?` placeholders, cursors with fetchone/fetchall,
 # iteration, rowcount and description, rows as tuples, autocommit with the explicit transactions of
-# storage.db.transaction, in_transaction. Values come back as SQLite gives them: numeric (meta.value,
-# sum() of bigint) as int when whole, else float. PostgreSQL's errors are raised as the sqlite3 ones
-# the storage code catches (the _ERRORS table; the original chained), a full disk as StorageFull.
+# storage.db.transaction, in_transaction; `rows` reads a large result through a server-side cursor.
+# Values come back as SQLite gives them: numeric (meta.value, sum() of bigint) as int when whole,
+# else float. PostgreSQL's errors are raised as the sqlite3 ones the storage code catches (the
+# _ERRORS table; the original chained), a full disk as StorageFull.
 # Must never rewrite SQL beyond the placeholders (dialect differences are named switches in
 # storage/sql.py), nor log or show the connection's password.
 import functools
+import itertools
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from typing import Any, Final
 
@@ -18,7 +20,7 @@ from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 
 from ..errors import StorageError, StorageFull
-from ..sql import POSTGRESQL, Connection, Cursor
+from ..sql import BEGIN_READ, FETCH_SIZE, POSTGRESQL, Cursor, StreamingConnection
 from .from_sqlite import _one_line, redacted
 
 # psycopg's errors -> what the storage code catches (first match wins; the message is PostgreSQL's)
@@ -90,6 +92,9 @@ class _BoolDumper(Dumper):
         return b"1" if obj else b"0"
 
 
+_CURSOR_NUMBERS = itertools.count(1)  # a unique name for each server-side cursor of the process
+
+
 class PgConnection:
     """One psycopg connection in autocommit mode, speaking to the storage functions as sqlite3 does."""
 
@@ -125,6 +130,30 @@ class PgConnection:
             raise mapped_error(exc) from exc
         return cursor
 
+    def rows(self, sql: str, parameters: Any = (), size: int = FETCH_SIZE, /) -> Iterator[Any]:
+        """The rows of a SELECT through a server-side (named) cursor, `size` at a time: a large
+        result never sits whole in this process (psycopg's default cursor would load it all). A
+        named cursor lives in a transaction: the caller's, or a REPEATABLE READ READ ONLY one begun
+        here and ended when the rows end or the iterator is closed (storage.sql.rows)."""
+        own = not self.in_transaction
+        if own:
+            self.execute(BEGIN_READ[POSTGRESQL])
+        cursor = self.raw.cursor(name=f"mailhub_rows_{next(_CURSOR_NUMBERS)}")
+        try:
+            try:
+                cursor.execute(placeholders(sql), tuple(parameters))
+                while batch := cursor.fetchmany(size):
+                    yield from batch
+            except psycopg.Error as exc:
+                raise mapped_error(exc) from exc
+        finally:
+            try:
+                cursor.close()
+            except psycopg.Error:
+                pass  # the transaction failed already: the ROLLBACK below ends the cursor with it
+            if own:
+                self.rollback()  # read only: nothing to keep
+
     @property
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status != TransactionStatus.IDLE
@@ -147,4 +176,4 @@ class PgConnection:
         self.close()
 
 
-_CHECKED: type[Connection] = PgConnection  # mypy: the storage functions' Protocol, satisfied
+_CHECKED: type[StreamingConnection] = PgConnection  # mypy: the storage functions' Protocol, satisfied
