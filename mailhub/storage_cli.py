@@ -26,11 +26,16 @@ EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt (as SIGINT does) while the block runs: its cleanup runs."""
+    """SIGTERM does what SIGINT does while the block runs (KeyboardInterrupt; inside asyncio.run, the
+    main task cancelled first, so that its cleanup runs in the loop): the cleanup runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def as_sigint(_signum: int, _frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    before = signal.signal(signal.SIGTERM, as_sigint)
     try:
         yield
     finally:
