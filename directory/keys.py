@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import directory_index
+from storage import directory_index, sql
 from storage.index_watch import IndexWatcher
 from storage.sites import get_site
 
@@ -136,7 +136,7 @@ class KeyRing:
     def close(self) -> None:
         self._watcher.close()
 
-    def _load(self, conn: sqlite3.Connection) -> None:
+    def _load(self, conn: sql.Connection) -> None:
         keys = {
             site_id: [_key(row) for row in rows] for site_id, rows in directory_index.all_site_key_rows(conn).items()
         }

@@ -2,7 +2,8 @@
 # SiteCache, the keys of directory.KeyRing): loads it once when made, then a thread of its own
 # checks a version counter (moved by the triggers of schema.sql when the command line changes the
 # rows) every `interval` seconds on a connection of its own and loads again when it moved. The
-# event loop reads the copy only, so SQLite never holds it up.
+# event loop reads the copy only, so SQLite never holds it up. Its connections come from `connect`
+# (default: the data folder's SQLite index; any storage.sql.Connection, e.g. a PgConnection).
 # Must never: touch the event loop, stop watching after an index error (logged once, retried), or
 # hand out a half-loaded copy (`load` builds the new copy and swaps it in with one assignment).
 import logging
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from . import db
+from . import db, sql
 from .errors import StorageError
 
 log = logging.getLogger("mailhub.storage")
@@ -22,14 +23,16 @@ class IndexWatcher:
         self,
         data_dir: Path,
         what: str,
-        version: Callable[[sqlite3.Connection], int],
-        load: Callable[[sqlite3.Connection], None],
+        version: Callable[[sql.Connection], int],
+        load: Callable[[sql.Connection], None],
         interval: float = 0.5,
+        connect: Callable[[], sql.Connection] | None = None,
     ):
         """Load now (an unreadable or damaged index raises here, to the caller), then watch."""
-        self._data_dir, self._what, self._version_of, self._load = data_dir, what, version, load
+        self._what, self._version_of, self._load = what, version, load
+        self._connect: Callable[[], sql.Connection] = connect or (lambda: db.connect(data_dir))
         self.interval = interval
-        conn = db.connect(data_dir)
+        conn = self._connect()
         try:
             self._version = -1
             self._reload(conn)
@@ -43,19 +46,20 @@ class IndexWatcher:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _reload(self, conn: sqlite3.Connection) -> None:
+    def _reload(self, conn: sql.Connection) -> None:
         version = self._version_of(conn)
         if version != self._version:
             self._load(conn)
             self._version = version
 
     def _watch(self) -> None:
-        conn, failing = None, False
+        conn: sql.Connection | None = None
+        failing = False
         try:
             while not self._stop.wait(self.interval):
                 try:
                     if conn is None:
-                        conn = db.connect(self._data_dir)
+                        conn = self._connect()
                     self._reload(conn)
                 except (sqlite3.Error, OSError, StorageError) as exc:
                     if not failing:

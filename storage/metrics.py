@@ -1,7 +1,8 @@
 # Prometheus metrics of storage, in a registry of the storage package's own (mailhub/metrics.py adds
 # it to the one it exposes): damaged mails and scrub progress (counted through the hooks the hub
 # wires into Storage and Scrub), the memory budget of mails in flight, and StorageCollector, which
-# reads the index totals, the quarantine and the data folder's file system at scrape time.
+# reads the index totals (portable SQL: on SQLite or, through a `connect` given, PostgreSQL), the
+# quarantine and the data folder's file system at scrape time.
 # Must never: run on the event loop (the collectors run in the scrape's worker thread), write to the
 # index, or import from relay/ or mailhub/.
 import logging
@@ -9,13 +10,15 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from . import sql
+from .errors import StorageError
 from .memory_budget import MemoryBudget
 from .quarantine import list_entries
 
@@ -55,14 +58,19 @@ _Totals = tuple[
 class StorageCollector:
     """Blob count and bytes and each site's mailbox backlog from the index (two aggregate queries,
     cached for `ttl` seconds) and the data folder's file system. Runs in the scrape's worker thread
-    on its own read-only connection."""
+    on its own read-only connection (`connect`: default the data folder's SQLite index, read-only)."""
 
-    def __init__(self, data_dir: Path, ttl: float = 10.0):
+    def __init__(self, data_dir: Path, ttl: float = 10.0, connect: Callable[[], sql.Connection] | None = None):
         self.data_dir = Path(data_dir)
         self.ttl = ttl
+        self._connect = connect or self._sqlite_readonly
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sql.Connection | None = None
         self._cached: tuple[float, _Totals] | None = None
+
+    def _sqlite_readonly(self) -> sql.Connection:
+        uri = (self.data_dir / "index.sqlite3").resolve().as_uri() + "?mode=ro"
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5)
 
     def _totals(self) -> "_Totals":
         with self._lock:
@@ -70,19 +78,24 @@ class StorageCollector:
             if self._cached is not None and now - self._cached[0] < self.ttl:
                 return self._cached[1]
             if self._conn is None:
-                uri = (self.data_dir / "index.sqlite3").resolve().as_uri() + "?mode=ro"
-                self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5)
-            row = self._conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0) FROM messages"
-            ).fetchone()
-            # held per site from mailbox_usage (kept by triggers), the oldest as the first entry in
-            # arrival order (mailbox_site index): no pass over every mailbox entry per scrape
-            backlog = self._conn.execute(
-                "SELECT s.name, coalesce(sum(u.held_messages), 0), coalesce(sum(u.held_bytes), 0),"
-                " (SELECT b.delivered_at FROM mailbox b WHERE b.site_id = s.id ORDER BY b.uid LIMIT 1) FROM sites s"
-                " LEFT JOIN mailbox_usage u ON u.receiver_id = s.id GROUP BY s.id ORDER BY s.name"
-            ).fetchall()
-            queued = self._conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
+                self._conn = self._connect()
+            conn = self._conn
+            try:
+                row = conn.execute(
+                    "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(size * (refs - 1)), 0) FROM messages"
+                ).fetchone()
+                # held per site from mailbox_usage (kept by triggers), the oldest as the first entry in
+                # arrival order (mailbox_site index): no pass over every mailbox entry per scrape
+                backlog = conn.execute(
+                    "SELECT s.name, coalesce(sum(u.held_messages), 0), coalesce(sum(u.held_bytes), 0),"
+                    " (SELECT b.delivered_at FROM mailbox b WHERE b.site_id = s.id ORDER BY b.uid LIMIT 1) FROM sites s"
+                    " LEFT JOIN mailbox_usage u ON u.receiver_id = s.id GROUP BY s.id ORDER BY s.name"
+                ).fetchall()
+                queued = conn.execute("SELECT count(DISTINCT queue_id), min(queued_at) FROM outbound").fetchone()
+            except (sqlite3.Error, StorageError):
+                self._conn = None  # the next scrape connects again (a PostgreSQL server restarted, ...)
+                conn.close()
+                raise
             totals: _Totals = (
                 (int(row[0]), int(row[1]), int(row[2])),
                 backlog,
@@ -95,7 +108,7 @@ class StorageCollector:
     def collect(self) -> Iterator[Metric]:
         try:
             (blobs, size, saved), backlog, (queued, oldest_queued), (quarantined, quarantined_bytes) = self._totals()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
             log.warning("storage metrics unavailable: %s", exc)
         else:
             yield GaugeMetricFamily(

@@ -11,12 +11,13 @@ import asyncio
 import hashlib
 import hmac
 import os
-import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import sql
 from .index_watch import IndexWatcher
 from .passwords import verify_password
 from .sites import Site, list_sites, sites_version
@@ -31,7 +32,14 @@ class LoginBusy(Exception):
 
 
 class SiteCache:
-    def __init__(self, data_dir: Path, hash_threads: int = 2, max_queued_checks: int = 256):
+    def __init__(
+        self,
+        data_dir: Path,
+        hash_threads: int = 2,
+        max_queued_checks: int = 256,
+        connect: Callable[[], sql.Connection] | None = None,
+    ):
+        """`connect`: the watcher's connections (default: the data folder's SQLite index)."""
         self._pool = ThreadPoolExecutor(
             max_workers=hash_threads, thread_name_prefix="password-check", initializer=_lower_priority
         )
@@ -41,7 +49,7 @@ class SiteCache:
         self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._checking: dict[tuple[str, str, bytes], asyncio.Future[bool]] = {}  # checks in flight
         self._key = os.urandom(32)
-        self._watcher = IndexWatcher(data_dir, "sites", sites_version, self._load, _RECHECK_SECONDS)
+        self._watcher = IndexWatcher(data_dir, "sites", sites_version, self._load, _RECHECK_SECONDS, connect)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -51,7 +59,7 @@ class SiteCache:
     def checks_pending(self) -> int:
         return self._pending
 
-    def _load(self, conn: sqlite3.Connection) -> None:
+    def _load(self, conn: sql.Connection) -> None:
         """The watcher's thread (and the first load): both maps swapped in at once."""
         sites = list_sites(conn)
         self._sites = ({s.name: s for s in sites}, {a.lower(): s for s in sites for a in s.addresses})

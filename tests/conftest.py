@@ -714,6 +714,20 @@ def index(request, tmp_path):
 
 
 @pytest.fixture
+def index_connect(index, request, tmp_path):
+    """Opens another connection to the `index` fixture's index, on its engine (what a watcher's
+    thread or the metrics collector opens for itself)."""
+    from storage import db, sql
+
+    if sql.dialect(index) == sql.POSTGRESQL:
+        from storage.postgres.connection import PgConnection
+
+        url = request.getfixturevalue("pg_index")[0]
+        return lambda: PgConnection.connect(url)
+    return lambda: db.connect(tmp_path)
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     """A 12 MB tmpfs for a data folder to fill up (needs root, as in CI)."""
     mount_point = tmp_path / "small"

@@ -1,26 +1,25 @@
 # Password checks of storage.SiteCache: sessions logging in together with the same credentials
 # share one scrypt check, a wrong password never passes (not even beside a right one in flight),
 # a changed password takes effect at once, and the copy of the sites is reloaded by a thread, never
-# by a lookup (which reads memory only).
+# by a lookup (which reads memory only). Each runs on both engines (the `index` fixture): the
+# cache's watcher reads the index on connections of its own (`connect`).
 import asyncio
-import contextlib
 import threading
 import time
 from unittest import mock
 
-from storage import db, site_cache
+from storage import site_cache
 from storage.passwords import verify_password
 from storage.sites import add_site, set_password
 
 
-def make_cache(tmp_path) -> site_cache.SiteCache:
-    with contextlib.closing(db.connect(tmp_path)) as conn:
-        add_site(conn, "alpha", ["alpha@hub.test"], "right-password", ["hub.test"])
-    return site_cache.SiteCache(tmp_path)
+def make_cache(index, index_connect, tmp_path) -> site_cache.SiteCache:
+    add_site(index, "alpha", ["alpha@hub.test"], "right-password", ["hub.test"])
+    return site_cache.SiteCache(tmp_path, connect=index_connect)
 
 
-def test_concurrent_logins_share_one_check_and_wrong_passwords_fail(tmp_path):
-    cache = make_cache(tmp_path)
+def test_concurrent_logins_share_one_check_and_wrong_passwords_fail(index, index_connect, tmp_path):
+    cache = make_cache(index, index_connect, tmp_path)
     checks = []
 
     def counted(password, stored):
@@ -44,14 +43,13 @@ def test_concurrent_logins_share_one_check_and_wrong_passwords_fail(tmp_path):
     assert sorted(checks) == ["right-password", "wrong-password"]
 
 
-def test_a_changed_password_is_checked_anew(tmp_path):
-    cache = make_cache(tmp_path)
+def test_a_changed_password_is_checked_anew(index, index_connect, tmp_path):
+    cache = make_cache(index, index_connect, tmp_path)
 
     async def play():
         assert await cache.authenticate("alpha", "right-password") is not None
         before = cache.by_name("alpha").password_hash
-        with contextlib.closing(db.connect(tmp_path)) as conn:
-            set_password(conn, "alpha", "new-password")
+        set_password(index, "alpha", "new-password")
         deadline = time.monotonic() + 30  # the watcher's thread reloads within about 0.5 s
         while cache.by_name("alpha").password_hash == before and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -64,12 +62,11 @@ def test_a_changed_password_is_checked_anew(tmp_path):
     assert old is None and new is not None
 
 
-def test_lookups_read_memory_and_a_thread_reloads_the_sites(tmp_path):
-    cache = make_cache(tmp_path)
+def test_lookups_read_memory_and_a_thread_reloads_the_sites(index, index_connect, tmp_path):
+    cache = make_cache(index, index_connect, tmp_path)
     try:
         assert cache.by_address("ALPHA@hub.test").name == "alpha" and cache.by_name("beta") is None
-        with contextlib.closing(db.connect(tmp_path)) as conn:
-            add_site(conn, "beta", ["beta@hub.test"], "other-password", ["hub.test"])
+        add_site(index, "beta", ["beta@hub.test"], "other-password", ["hub.test"])
         deadline = time.monotonic() + 30
         while cache.by_name("beta") is None and time.monotonic() < deadline:
             time.sleep(0.05)
