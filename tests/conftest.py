@@ -4,6 +4,7 @@
 import asyncio
 import base64
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -34,8 +35,9 @@ PASSWORD = "s3cret-pass-long"  # `site add` wants 12 characters at least
 _LISTEN_RE = re.compile(r"(\w+) listening on ([\d.:a-f]+):(\d+)")
 
 
-# The bytecode cache a pytest-xdist controller makes for all of its workers' children.
-_SHARED_PYCACHE = "PYTEST_MAILHUB_PYCACHE"
+# The folder a pytest-xdist controller makes for what all of its workers share: the bytecode cache
+# of their children (pycache/), the session's hub key and site data templates (see _made_once).
+_SHARED = "PYTEST_MAILHUB_SHARED"
 
 
 def pytest_configure(config):
@@ -45,18 +47,40 @@ def pytest_configure(config):
     all of its workers (each compiled the hub, its dependencies and the tools into a cache of its
     own: about 3 s of CPU per worker) and runs no test itself; the workers do not use it for their
     own imports (started with PYTHONPYCACHEPREFIX, each would compile all of pytest again)."""
-    if "PYTHONPYCACHEPREFIX" in os.environ:
-        return
     xdist_worker = hasattr(config, "workerinput")
     if not xdist_worker and config.getoption("dist", "no") != "no":  # the controller
-        config._mailhub_pycache = tempfile.mkdtemp(prefix="mailhub-test-pycache-")
-        os.environ[_SHARED_PYCACHE] = config._mailhub_pycache
+        config._mailhub_shared = tempfile.mkdtemp(prefix="mailhub-test-shared-")
+        os.environ[_SHARED] = config._mailhub_shared
         return
-    shared = os.environ.get(_SHARED_PYCACHE) if xdist_worker else None
-    if shared is None:
-        shared = config._mailhub_pycache = tempfile.mkdtemp(prefix="mailhub-test-pycache-")
-    os.environ["PYTHONPYCACHEPREFIX"] = shared  # written atomically: workers may share it
+    if "PYTHONPYCACHEPREFIX" in os.environ:
+        return
+    shared = os.environ.get(_SHARED) if xdist_worker else None
+    if shared is not None:
+        pycache = os.path.join(shared, "pycache")  # written atomically: the workers share it
+    else:
+        pycache = config._mailhub_pycache = tempfile.mkdtemp(prefix="mailhub-test-pycache-")
+    os.environ["PYTHONPYCACHEPREFIX"] = pycache
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def _made_once(name: str, make, private: Path | None = None) -> tuple[Path, bool]:
+    """A folder filled by make(folder) once for the session: under pytest-xdist once for all the
+    workers (the first to finish renames its folder into the shared one, a later one throws its
+    own away), else a new folder in `private` (or the system's temporary folder). Returns it and
+    whether it is the shared one."""
+    shared = os.environ.get(_SHARED)
+    target = Path(shared) / name if shared else None
+    if target is not None and target.exists():
+        return target, True
+    folder = Path(tempfile.mkdtemp(prefix=f"mailhub-test-{name}-", dir=shared or private))
+    make(folder)
+    if target is None:
+        return folder, False
+    try:
+        folder.rename(target)  # atomic: the others see the whole folder or none
+    except OSError:  # another worker was first
+        shutil.rmtree(folder, ignore_errors=True)
+    return target, True
 
 
 # The test files that take longest (tens of seconds each on 2 cores, from --durations=0), longest first. They are
@@ -114,14 +138,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-    if _session_key:
+    if _session_key and not _session_key[1]:
         shutil.rmtree(_session_key[0].parent, ignore_errors=True)
     pycache = getattr(config, "_mailhub_pycache", None)
-    if pycache is not None:  # the cache this process made (a worker leaves the shared one alone)
+    if pycache is not None:
         shutil.rmtree(pycache, ignore_errors=True)
-        for name in ("PYTHONPYCACHEPREFIX", _SHARED_PYCACHE):
-            if os.environ.get(name) == pycache:
-                del os.environ[name]
+        del os.environ["PYTHONPYCACHEPREFIX"]
+    shared = getattr(config, "_mailhub_shared", None)
+    if shared is not None:  # the controller, after its workers ended
+        shutil.rmtree(shared, ignore_errors=True)
+        del os.environ[_SHARED]
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
@@ -160,19 +186,20 @@ def _fresh_metrics() -> None:
     relay.metrics._children.clear()
 
 
-_session_key: list[Path] = []
+_session_key: list = []  # the key file, and whether it is the one the xdist workers share
 
 
 def session_signing_key() -> Path:
-    """One hub signing key (RSA-3072, seconds to make) for the test process, made as a hub's first
-    start makes it for the default domain and directory address; copied into each hub's new data
-    folder instead of a key made per hub (see Hub.own_key)."""
+    """One hub signing key (RSA-3072, seconds to make) for the session (all its xdist workers),
+    made as a hub's first start makes it for the default domain and directory address; copied into
+    each hub's new data folder instead of a key made per hub (see Hub.own_key)."""
     if not _session_key:
         from directory.hub_key import KEY_FILE, load_or_create_hub_keys
 
-        folder = Path(tempfile.mkdtemp(prefix="mailhub-test-hub-key-"))
-        load_or_create_hub_keys(folder, ["directory@hub.test"], 30 * 86400)
-        _session_key.append(folder / KEY_FILE)
+        folder, shared = _made_once(
+            "hub-key", lambda folder: load_or_create_hub_keys(folder, ["directory@hub.test"], 30 * 86400)
+        )
+        _session_key.extend([folder / KEY_FILE, shared])
     return _session_key[0]
 
 
@@ -584,8 +611,8 @@ ALPHA_BETA_B2 = (("alpha", "alpha@hub.test"), ("beta", "beta@hub.test", "b2@hub.
 @pytest.fixture(scope="session")
 def site_data_templates(tmp_path_factory) -> dict:
     """Data folders holding only sites added with `mailhub site add`, one per list of sites, made
-    once per session and copied into each hub made with that list: a CLI run costs most of a
-    second, and most hubs of the suite start with the same few sites."""
+    once per session (for all xdist workers: _made_once) and copied into each hub made with that
+    list: a CLI run costs most of a second, and most hubs of the suite start with the same few sites."""
     return {"folder": tmp_path_factory.mktemp("site-data"), "made": {}}
 
 
@@ -628,11 +655,14 @@ def make_hub(tmp_path, site_data_templates):
             assert not set(overrides) & set(_SITE_ADD_SETTINGS), "add these sites with hub.add_site"
             made = site_data_templates["made"]
             if sites not in made:
-                template_dir = site_data_templates["folder"] / f"data{len(made)}"
-                template = Hub(template_dir, hub_env(template_dir))
-                for name, *addresses in sites:
-                    template.add_site(name, *addresses)
-                made[sites] = template_dir
+
+                def add_sites(folder: Path) -> None:
+                    template = Hub(folder / "data", hub_env(folder / "data"))
+                    for name, *addresses in sites:
+                        template.add_site(name, *addresses)
+
+                name = "sites-" + hashlib.sha256(repr(sites).encode()).hexdigest()[:16]
+                made[sites] = _made_once(name, add_sites, site_data_templates["folder"])[0] / "data"
             shutil.copytree(made[sites], data_dir)
         hub.own_key = hub.own_key or own_key
         return hub
