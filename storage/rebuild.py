@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import audit, db, envelope, events, ledger, verify
+from . import audit, db, envelope, events, ledger, sql, verify
 from .folder_lock import lock_data_folder
 from .quarantine import list_entries, quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
@@ -263,14 +263,14 @@ def _read_file(blob: str, path: str, report: RebuildReport, proven: set[tuple[in
         os.close(fd)
 
 
-def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) -> None:
+def _reconcile(conn: sql.Connection, data_dir: Path, report: RebuildReport) -> None:
     blob_dir = data_dir / "blobs"
     state = ledger.read(data_dir)
     seq, attempt = ledger.last_commit(conn)
     proven = set(state.commits.items()) | {(seq, attempt)}
     prove(blob_dir, report, proven)
     sites = _Sites(conn, report)
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(sql.BEGIN_WRITE[sql.dialect(conn)])
     try:
         conn.execute("UPDATE meta SET value = 1 WHERE key = 'ledger_quiet'")  # no removals of its own
         for blob, path in blob_files(blob_dir):  # the second pass, file by file
@@ -313,7 +313,7 @@ def _reconcile(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) 
     rebuild_usage(conn)
 
 
-def _move_aside_unrestored(conn: sqlite3.Connection, data_dir: Path, report: RebuildReport) -> None:
+def _move_aside_unrestored(conn: sql.Connection, data_dir: Path, report: RebuildReport) -> None:
     """Quarantine the damaged mails and unreadable ranges the scan found that no index row holds: a
     file of its own is moved, a range of a pack copied (the pack lives on). A range already in the
     quarantine (a rebuild run again) is not copied twice."""
@@ -344,9 +344,7 @@ def _move_aside_unrestored(conn: sqlite3.Connection, data_dir: Path, report: Reb
         report.quarantined.append(f"{where} ({reason}{', ' + qid if qid else ''})")
 
 
-def _committed(
-    conn: sqlite3.Connection, mail: Candidate, state: ledger.LedgerState, proven: set[tuple[int, int]]
-) -> bool:
+def _committed(conn: sql.Connection, mail: Candidate, state: ledger.LedgerState, proven: set[tuple[int, int]]) -> bool:
     if (
         conn.execute(
             "SELECT 1 FROM events WHERE queue_id = ? AND kind = ?", (mail.record["q"], events.ACCEPTED)
@@ -362,7 +360,7 @@ def _committed(
 
 
 def _restore(
-    conn: sqlite3.Connection,
+    conn: sql.Connection,
     blob_dir: Path,
     mail: Candidate,
     state: ledger.LedgerState,
@@ -493,34 +491,42 @@ def _restore(
     report.restored_outbound += len(remote)
 
 
-def _apply_removals(conn: sqlite3.Connection, state: ledger.LedgerState, report: RebuildReport) -> None:
+def _apply_removals(conn: sql.Connection, state: ledger.LedgerState, report: RebuildReport) -> None:
     for qid, site in state.removed:
-        sql = (
+        text = (
             "DELETE FROM mailbox WHERE queue_id = ? AND site_id = ?"
             if isinstance(site, int)
             else "DELETE FROM mailbox WHERE queue_id = ? AND site_id = (SELECT id FROM sites WHERE name = ?)"
         )
-        report.removed_entries += conn.execute(sql, (qid, site)).rowcount
+        report.removed_entries += conn.execute(text, (qid, site)).rowcount
     for qid, rcpt in state.outbound_done:
         report.removed_outbound += conn.execute(
             "DELETE FROM outbound WHERE queue_id = ? AND rcpt = ?", (qid, rcpt)
         ).rowcount
 
 
-def _raise_uid_floor(conn: sqlite3.Connection, max_uid: int) -> None:
+def _raise_uid_floor(conn: sql.Connection, max_uid: int) -> None:
     """New mailbox UIDs above every UID the ledger saw issued: an IMAP client that knew a UID from
-    after the index's time never sees it reused for another mail."""
-    current = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'mailbox'").fetchone()
-    if current is None:
+    after the index's time never sees it reused for another mail. Never lowers the mark."""
+    (current,) = conn.execute(sql.id_high_water(conn, "mailbox", "uid")).fetchone()
+    if current >= max_uid:
+        return
+    if sql.dialect(conn) == sql.POSTGRESQL:  # the identity's sequence: the next UID is max_uid + 1
+        conn.execute("SELECT setval(pg_get_serial_sequence('mailbox', 'uid'), ?)", (max_uid,))
+    elif conn.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'mailbox'").fetchone() is None:
         conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('mailbox', ?)", (max_uid,))
-    elif current[0] < max_uid:
+    else:
         conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'mailbox'", (max_uid,))
+
+
+# an address a record shows, unless the index has it already (for this site or, kept, another)
+_ADD_ADDRESS = "INSERT INTO addresses (address, site_id) VALUES (?, ?) ON CONFLICT (address) DO NOTHING"
 
 
 class _Sites:
     """Sites by name (then id), made again from records when the index lacks them."""
 
-    def __init__(self, conn: sqlite3.Connection, report: RebuildReport):
+    def __init__(self, conn: sql.Connection, report: RebuildReport):
         self.conn, self.report = conn, report
         self.by_name: dict[str, int] = {name: id_ for id_, name in conn.execute("SELECT id, name FROM sites")}
         self.names = {id_: name for name, id_ in self.by_name.items()}
@@ -533,17 +539,15 @@ class _Sites:
             return site_id if site_id in self.names else None
         if name in self.by_name:
             if rcpt and name in self.report.sites_made:  # a site made again gets every address it had
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)", (rcpt, self.by_name[name])
-                )
+                self.conn.execute(_ADD_ADDRESS, (rcpt, self.by_name[name]))
             return self.by_name[name]
-        cur = self.conn.execute(
-            "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?)", (name, LOCKED_PASSWORD, time.time())
-        )
-        new_id = cur.lastrowid
-        assert new_id is not None  # an INSERT's
+        new_id: int
+        (new_id,) = self.conn.execute(
+            "INSERT INTO sites (name, password_hash, created_at) VALUES (?, ?, ?) RETURNING id",
+            (name, LOCKED_PASSWORD, time.time()),
+        ).fetchone()
         self.by_name[name], self.names[new_id] = new_id, name
         if rcpt:
-            self.conn.execute("INSERT OR IGNORE INTO addresses (address, site_id) VALUES (?, ?)", (rcpt, new_id))
+            self.conn.execute(_ADD_ADDRESS, (rcpt, new_id))
         self.report.sites_made.append(name)
         return new_id
