@@ -514,6 +514,9 @@ def test_a_password_is_shown_nowhere_even_in_a_url_that_only_libpq_can_read_or_a
     assert (
         redacted(f"postgresql://u@h/db?sslmode=require&sslpassword={secret}") == "postgresql://u@h/db?sslmode=require"
     )
+    # a unix socket given as host= keeps the URL's "//" (copied from the output, it still works)
+    socket_url = "postgresql:///db?host=%2Frun%2Fpostgresql&user=hub"
+    assert redacted(socket_url + f"&password={secret}") == socket_url
 
 
 def test_a_database_holding_another_applications_schema_or_view_is_refused(make_hub, pg_url):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import psycopg
 from psycopg import sql
@@ -95,7 +95,8 @@ def redacted(url: str) -> str:
         else:
             netloc_text = parts.netloc
         query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() not in _SECRET_PARAMETERS])
-        return urlunsplit((parts.scheme, netloc_text, parts.path, query, ""))
+        # (not urlunsplit: it drops the "//" of an empty host, postgresql:///db?host=/run/postgresql)
+        return f"{parts.scheme}://{netloc_text}{parts.path}" + (f"?{query}" if query else "")
     except ValueError:
         return "(a URL that cannot be parsed)"
 
