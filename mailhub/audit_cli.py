@@ -74,18 +74,26 @@ def audit_command(cfg: Config, args) -> int:
     except (OSError, sqlite3.Error) as exc:
         print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    filters = dict(
+        site=args.site,
+        study=args.study,
+        since=since,
+        until=until,
+        event=args.event,
+        queue_id=args.queue_id,
+        message_id=args.message_id,
+        limit=args.limit,
+    )
+    if args.csv:  # an export of any size: written row by row as the index yields them
+        try:
+            return _export_csv(audit.records(conn, **filters), args.output)
+        except sqlite3.Error as exc:
+            print(f"mailhub: index error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            conn.close()
     try:
-        found = audit.query(
-            conn,
-            site=args.site,
-            study=args.study,
-            since=since,
-            until=until,
-            event=args.event,
-            queue_id=args.queue_id,
-            message_id=args.message_id,
-            limit=args.limit,
-        )
+        found = audit.query(conn, **filters)
     except sqlite3.Error as exc:
         print(f"mailhub: index error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -96,20 +104,35 @@ def audit_command(cfg: Config, args) -> int:
         if args.json:
             json.dump([_exported(r.as_dict()) for r in found], out, indent=2)
             out.write("\n")
-        elif args.csv:
-            writer = csv.DictWriter(out, fieldnames=["time", *audit.COLUMNS], lineterminator="\n")
-            writer.writeheader()
-            for r in found:
-                writer.writerow({k: v for k, v in _exported(r.as_dict()).items() if k != "id"})
         else:
             _table(found, out)
     finally:
         if out is not sys.stdout:
             out.close()
-    if not found and not (args.json or args.csv):
+    if not found and not args.json:
         print("no audit records match", file=sys.stderr)
     if args.output:
         print(f"{len(found)} record(s) written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _export_csv(records, output: str | None) -> int:
+    """CSV with a header line, one row per record as it is read (bounded memory, however many)."""
+    out = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    count = 0
+    try:
+        from storage.audit import COLUMNS
+
+        writer = csv.DictWriter(out, fieldnames=["time", *COLUMNS], lineterminator="\n")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: v for k, v in _exported(r.as_dict()).items() if k != "id"})
+            count += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if output:
+        print(f"{count} record(s) written to {output}", file=sys.stderr)
     return 0
 
 
