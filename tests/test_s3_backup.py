@@ -238,3 +238,31 @@ def test_the_local_copy_of_a_backup_that_died_is_removed_by_the_next(make_hub, s
     assert "backup in s3://" in result.stdout, result
     assert not stale.exists() and running.exists()
     assert [p.name for p in hub.data_dir.parent.iterdir() if "s3-backup" in p.name] == [running.name]
+
+
+def test_sigterm_during_a_restore_leaves_no_half_restore(make_hub, seaweedfs, tmp_path):
+    hub = make_hub(sites=ALPHA_BETA, **s3_env(seaweedfs))
+    with open(hub.data_dir / "big.bin", "wb") as f:
+        f.truncate(80 * 1024 * 1024)
+    bucket = seaweedfs.new_bucket()
+    hub.cli("storage", "backup", f"s3://{bucket}/nightly")
+    dest = tmp_path / "restored"
+    restore = subprocess.Popen(
+        [sys.executable, "-m", "mailhub.cli", "storage", "restore", f"s3://{bucket}/nightly", str(dest)],
+        env=hub.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (dest / "big.bin").exists() or restore.poll() is not None, timeout=60)
+        assert restore.poll() is None, restore.communicate()
+        restore.send_signal(signal.SIGTERM)
+        _out, err = restore.communicate(timeout=60)
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+            restore.wait()
+    assert restore.returncode == 130 and err.startswith("mailhub: interrupted;") and err.count("\n") == 1, err
+    assert not dest.exists()  # made by the restore: removed, no half restore to be taken for a whole one

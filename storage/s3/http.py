@@ -181,9 +181,12 @@ class Response:
 
 
 async def _step(awaitable: Awaitable[bytes], timeout: float, what: str) -> bytes:
-    """One read with a deadline, its failures as S3Error."""
+    """One read with a deadline, its failures as S3Error. (asyncio.timeout, not wait_for: on Python
+    3.11 wait_for loses a cancellation that comes as the read completes, and a download went on
+    after Ctrl-C or SIGTERM cancelled it.)"""
     try:
-        return await asyncio.wait_for(awaitable, timeout)
+        async with asyncio.timeout(timeout):
+            return await awaitable
     except TimeoutError:
         raise S3Error(f"{what}: no answer from the store within {timeout:g} s", 0, "timeout") from None
     except asyncio.IncompleteReadError:
@@ -207,16 +210,14 @@ async def exchange(
 ) -> Response:
     """Send one request (its body from memory, in chunks) and read the answer's head."""
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
                 connect_host,
                 endpoint.port,
                 ssl=tls if endpoint.scheme == "https" else None,
                 server_hostname=connect_host if endpoint.scheme == "https" else None,
                 limit=MAX_HEAD,
-            ),
-            timeout,
-        )
+            )
     except TimeoutError:
         raise S3Error(
             f"{what}: cannot connect to {connect_host}:{endpoint.port} within {timeout:g} s", 0, "timeout"
@@ -253,7 +254,8 @@ async def exchange(
 
 async def _drain(writer: asyncio.StreamWriter, timeout: float, what: str) -> None:
     try:
-        await asyncio.wait_for(writer.drain(), timeout)
+        async with asyncio.timeout(timeout):
+            await writer.drain()
     except TimeoutError:
         raise S3Error(f"{what}: the store took no data for {timeout:g} s", 0, "timeout") from None
     except OSError as exc:
