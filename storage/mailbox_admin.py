@@ -62,12 +62,12 @@ class AdminEntry:
 
 
 def _entries(conn: sql.Connection, where: list[str], args: list[Any], limit: int | None) -> list[AdminEntry]:
-    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY b.uid"
+    text = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY b.uid"
     if limit is not None:
-        sql += " LIMIT ?"
+        text += " LIMIT ?"
         args = [*args, limit]
     found = []
-    for row in conn.execute(sql, args):
+    for row in sql.rows(conn, text, args):
         values: list[Any] = list(row)
         values[15] = bool(values[15])
         found.append(AdminEntry(*values))

@@ -48,10 +48,10 @@ _SELECT = (
 )
 
 
-def _rows(conn: sql.Connection, sql: str, params: Sequence[object], blob_dir: Path) -> list[QueuedRecipient]:
+def _rows(conn: sql.Connection, text: str, params: Sequence[object], blob_dir: Path) -> list[QueuedRecipient]:
     return [
         QueuedRecipient(i, q, r, qa, na, a, bool(w), e, blob_dir / b, o, s, bool(d), f)
-        for i, q, r, qa, na, a, w, e, b, o, s, d, f in conn.execute(sql, params)
+        for i, q, r, qa, na, a, w, e, b, o, s, d, f in sql.rows(conn, text, params)
     ]
 
 
