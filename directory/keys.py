@@ -5,6 +5,7 @@
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _key(row) -> SiteKey:
 POLICY_CHOICES = ("on", "off", "default")
 
 
-def set_policy(conn: sqlite3.Connection, site_name: str, encryption: str) -> None:
+def set_policy(conn: sql.Connection, site_name: str, encryption: str) -> None:
     """Override the hub's encryption policy for one site ('on', 'off'), or follow it ('default')."""
     if encryption not in POLICY_CHOICES:
         raise DirectoryError(f"encryption policy must be one of {', '.join(POLICY_CHOICES)}")
@@ -129,9 +130,12 @@ class KeyRing:
     reloaded by a thread (storage.index_watch) when keys_version moves, checked every
     _RELOAD_SECONDS, so that the SMTP path reads memory only and SQLite never blocks the event loop."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, connect: Callable[[], sql.Connection] | None = None):
+        """`connect`: the watcher's connections (default: the data folder's SQLite index)."""
         self._state: tuple[dict[int, list[SiteKey]], dict[int, str]] = ({}, {})  # keys, policy overrides
-        self._watcher = IndexWatcher(data_dir, "site keys", directory_index.keys_version, self._load, _RELOAD_SECONDS)
+        self._watcher = IndexWatcher(
+            data_dir, "site keys", directory_index.keys_version, self._load, _RELOAD_SECONDS, connect
+        )
 
     def close(self) -> None:
         self._watcher.close()

@@ -1,8 +1,9 @@
 # The readers that keep a copy or a total of the index outside the event loop, on both engines
 # through the `index` fixture (issue 27, docs/postgresql.md): the metrics collector's scrape-time
 # totals (storage.metrics.StorageCollector) and the watcher that reloads a copy when a version
-# counter moves (storage.index_watch.IndexWatcher, under SiteCache and KeyRing), each on connections
-# of its own from `connect`. The site cache's own tests (test_site_cache.py) run on both engines too.
+# counter moves (storage.index_watch.IndexWatcher, under SiteCache and KeyRing: a site's encryption
+# policy), each on connections of its own from `connect`. The site cache's own tests
+# (test_site_cache.py) run on both engines too.
 import logging
 import time
 
@@ -10,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from test_index_engines import add_sites, fetch, store
 
+from directory.keys import KeyRing, set_policy
 from storage import db, sites
 from storage.index_watch import IndexWatcher
 from storage.metrics import StorageCollector
@@ -106,3 +108,22 @@ def test_the_watcher_reloads_when_the_version_moves(index, index_connect, tmp_pa
         assert len(loads) == 2
     finally:
         watcher.close()
+
+
+def test_the_key_ring_follows_a_sites_encryption_policy(index, index_connect, tmp_path):
+    (alpha,) = add_sites(index, "alpha")
+    ring = KeyRing(tmp_path, connect=index_connect)
+    try:
+        assert not ring.encryption_required(alpha, hub_default=False) and ring.keys(alpha) == []
+        set_policy(index, "alpha", "on")
+        deadline = time.monotonic() + 30  # reloaded within about 0.5 s
+        while not ring.encryption_required(alpha, hub_default=False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ring.encryption_required(alpha, hub_default=False)
+        set_policy(index, "alpha", "default")
+        while ring.encryption_required(alpha, hub_default=False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not ring.encryption_required(alpha, hub_default=False)
+        assert ring.encryption_required(alpha, hub_default=True)
+    finally:
+        ring.close()
