@@ -14,6 +14,7 @@ BENCH_COMMANDS = [
     "ab_download",
     "ab_ingest",
     "abuse",
+    "balancer_loadtest",
     "bare_aiosmtpd",
     "hub_cpu",
     "imap_benchmark",
