@@ -644,3 +644,27 @@ def test_a_download_cut_off_in_passing_starts_again_and_gives_the_whole_object(t
     error = broken.run(lambda c: c.get_file("bucket", "key", tmp_path / "other"))
     assert isinstance(error, S3Error) and error.code == "connection" and len(broken.requests) == 3, error
     assert not (tmp_path / "other").exists()
+
+
+def test_completing_a_multipart_upload_is_tried_again_and_a_lost_answer_is_checked():
+    data = b"d" * (8 * 1024 * 1024 + 10)  # two parts of the default size
+    created = b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+    begin = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(created), created)
+    part = b'HTTP/1.1 200 OK\r\nETag: "p"\r\nContent-Length: 0\r\n\r\n'
+    done = b'<CompleteMultipartUploadResult><ETag>"whole-2"</ETag></CompleteMultipartUploadResult>'
+    complete = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(done), done)
+    slow = b"<Error><Code>SlowDown</Code></Error>"
+    busy = b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(slow), slow)
+    store = Store(begin, part, part, busy, complete)
+    result = store.run(lambda c: c.put("bucket", "big", from_bytes(data)), timeout=5)
+    assert not isinstance(result, S3Error) and (result.etag, result.parts) == ("whole-2", 2), result
+    assert [r.split()[0] for r in store.requests] == ["POST", "PUT", "PUT", "POST", "POST"], store.requests
+    # the answer to the first try lost (no answer in time), the second finds the upload gone: done if
+    # the object is there, of its size
+    gone = b"<Error><Code>NoSuchUpload</Code></Error>"
+    no_such = b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(gone), gone)
+    there = b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: "whole-2"\r\n\r\n' % len(data)
+    lost = Store(begin, part, part, None, no_such, there)
+    result = lost.run(lambda c: c.put("bucket", "big", from_bytes(data)), timeout=1)
+    assert not isinstance(result, S3Error) and result.etag == "whole-2", result
+    assert lost.requests[-1] == "HEAD /bucket/big HTTP/1.1", lost.requests

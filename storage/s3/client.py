@@ -131,7 +131,7 @@ class S3Client:
         del first
         try:
             etags, size = await self._upload_parts(bucket, key, upload_id, handed, read, whole)
-            etag = await self._complete(bucket, key, upload_id, etags)
+            etag = await self._complete(bucket, key, upload_id, etags, size)
         except BaseException as exc:
             await self._abort_quietly(bucket, key, upload_id, exc)
             raise
@@ -321,14 +321,36 @@ class S3Client:
             raise S3Error(f"POST s3://{bucket}/{key}?uploads: no UploadId in the answer", 200, "protocol")
         return upload_id
 
-    async def _complete(self, bucket: str, key: str, upload_id: str, etags: list[str]) -> str:
+    async def _complete(self, bucket: str, key: str, upload_id: str, etags: list[str], size: int) -> str:
+        """Complete the upload. A failure in passing (5xx, 429, InternalError or SlowDown in a 200's
+        body, a broken connection, a timeout) is tried again like other requests: the parts are
+        all there, and the whole upload should not be lost at its last step. When a try after a
+        lost answer finds the upload gone (NoSuchUpload), the earlier try completed it: the object
+        of the expected size is the proof, else the error stands."""
         body = "<CompleteMultipartUpload>" + "".join(
             f"<Part><PartNumber>{n}</PartNumber><ETag>{_escape(etag)}</ETag></Part>" for n, etag in enumerate(etags, 1)
         )
         body += "</CompleteMultipartUpload>"
-        # S3 may answer 200 and still fail (an <Error> body): _xml raises for that too.
-        root = await self._xml("POST", bucket, key, [("uploadId", upload_id)], body.encode())
-        return _text(root, "ETag").strip('"')
+        for attempt in range(1, self.settings.attempts + 1):
+            try:
+                # S3 may answer 200 and still fail (an <Error> body): _xml raises for that too.
+                root = await self._xml("POST", bucket, key, [("uploadId", upload_id)], body.encode())
+                return _text(root, "ETag").strip('"')
+            except S3Error as exc:
+                if exc.code == "NoSuchUpload" and attempt > 1:
+                    found = await self.head(bucket, key)
+                    if found is not None and found.size == size:
+                        return found.etag
+                    raise
+                transient = (
+                    exc.status >= 500
+                    or exc.status == 429
+                    or exc.code in ("connection", "timeout", "InternalError", "SlowDown")
+                )
+                if not transient or attempt == self.settings.attempts:
+                    raise
+            await asyncio.sleep(self.settings.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
 
     async def _abort_quietly(self, bucket: str, key: str, upload_id: str, cause: BaseException) -> None:
         """Abort the upload so that its parts are freed. Runs even when the caller was cancelled;
@@ -367,7 +389,8 @@ class S3Client:
         """One signed request; the answer when its status is 2xx, else S3Error with the S3 code. A
         failure in passing (a 5xx or 429 answer, a broken connection, a timeout) is tried again after
         a pause, up to settings.attempts times, except a POST (creating an upload twice would leave
-        one behind; completing one twice fails the second time): the body is in memory, so sending
+        one behind; completing one is tried again by _complete, which knows what a second try's
+        NoSuchUpload means): the body is in memory, so sending
         it again is safe, and a GET is retried only until its answer's head has come."""
         query = query or []
         what = f"{method} s3://{bucket}/{key}"
