@@ -35,11 +35,19 @@ def _terminate_as_interrupt():
     def as_sigint(_signum: int, _frame: object) -> None:
         signal.raise_signal(signal.SIGINT)
 
+    # A command started with SIGINT ignored (a background job of a script, nohup, some schedulers)
+    # would ignore the SIGINT raised for SIGTERM too, and run on: Python's own handler while the
+    # block runs (asyncio.run then installs its own over it).
+    interrupt_before = signal.getsignal(signal.SIGINT)
+    if interrupt_before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.signal(signal.SIGTERM, as_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+        if interrupt_before == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def storage_parsers(commands, common) -> None:

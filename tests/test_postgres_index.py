@@ -555,6 +555,8 @@ def test_sigterm_during_migrate_rolls_back_and_leaves_no_copy_of_the_index(make_
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # started with SIGINT ignored, as a background job of a script is: SIGTERM must still stop it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
         try:
             waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
