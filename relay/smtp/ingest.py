@@ -5,7 +5,7 @@
 # parsed. Never raises from write(): failures are remembered so that the caller can drain the
 # client's data and then give the matching reply. The line-length check runs off the event loop, in
 # the worker thread that hashes and writes the same bytes (storage.spool scan_with); its verdict is
-# complete once end_of_data() has been awaited (a BDAT series of several chunks: on the loop).
+# complete once scanned()/end_of_data() have been awaited.
 import logging
 from collections.abc import Callable
 
@@ -39,7 +39,6 @@ class IncomingMessage:
         "error",
         "_judges",
         "_dropped",
-        "_lines_on_loop",
     )
 
     def __init__(
@@ -49,14 +48,11 @@ class IncomingMessage:
         trace_header: Callable[[str], bytes],
         too_big_reply: str,
         listeners=(),
-        lines_in_thread: bool = True,
     ) -> None:
         self.headers = HeaderScanner()
         # the data's lines only (the hub's trace header is folded), checked by the spool in the worker
-        # thread that hashes and writes them, or at the end of data (see end_of_data); without
-        # `lines_in_thread` (a BDAT series of several chunks) on the loop as each chunk comes
+        # thread that hashes and writes them, or at the end of data (see end_of_data)
         self.lines = LineLengthCheck()
-        self._lines_on_loop = not lines_in_thread
         # the parser sees the stored bytes (the hub's trace header first): structure offsets are
         # offsets in the blob
         self.structure = StructureRecorder()
@@ -76,8 +72,7 @@ class IncomingMessage:
             self.spool = storage.new_spool()
             trace = trace_header(self.spool.queue_id)
             self.spool.write(trace)
-            if lines_in_thread:
-                self.spool.scan_with(self.lines)
+            self.spool.scan_with(self.lines)
             self._parse(trace)  # structure offsets are offsets in the stored file
         except StorageError as exc:
             self._fail(exc)
@@ -116,20 +111,20 @@ class IncomingMessage:
         if not self.headers.done:  # before the size check, so that a refusal can name the mail
             self.headers.feed(data)
         if self.size > self.max_size:
-            # (checked in a thread: dropped at the end of data, once the line check has seen what
-            # came before; a line found too long there is the reply, as if checked as it came)
+            # dropped at the end of data, once the line check has seen what came before (a line
+            # found too long there is the reply, as if it had been checked as it came)
             self.too_big = True
-            if self._lines_on_loop:
-                self.discard()
             return
-        if self._lines_on_loop:
-            self.lines.feed(data)
-            if self.lines.too_long:
-                self.discard()
-                return
         self._parse(data)
         assert self.spool is not None  # (without one, the message failed at its start)
         self.spool.write(data)
+
+    async def scanned(self) -> None:
+        """The line check has seen all data written so far (BDAT: a chunk's reply tells a line too long)."""
+        if self.spool is not None and not self._dropped:
+            await self.spool.scanned()
+            if self.lines.too_long:
+                self.discard()
 
     async def end_of_data(self) -> None:
         """The client's data is complete: the line check has seen all of it (and a message held in

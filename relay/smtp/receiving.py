@@ -97,10 +97,9 @@ class Receiver:
             "recipients": [printable(r) for r in recipients],
         }
 
-    def new_message(self, lines_in_thread: bool = True) -> IncomingMessage:
+    def new_message(self) -> IncomingMessage:
         """A message to receive, stopped (and drained) at the size limit or the receivers' room,
-        checked by the encryption policy as it streams when that applies; its line lengths in
-        worker threads unless `lines_in_thread` is false (see IncomingMessage)."""
+        checked by the encryption policy as it streams when that applies."""
         tx = self._session.transaction()
         max_size, reply = self.ctx.cfg.smtp.max_message_size, R.MESSAGE_TOO_BIG
         limit = self.ctx.throttle.stream_limit(tx, self._session.site, tx.receivers)
@@ -111,12 +110,7 @@ class Receiver:
             max_size, reply = cap, R.POSTMASTER_TOO_BIG
         tx.policy = self._encryption_policy()
         return IncomingMessage(
-            self.ctx.storage,
-            max_size,
-            self._trace_header,
-            reply,
-            [tx.policy] if tx.policy is not None else (),
-            lines_in_thread=lines_in_thread,
+            self.ctx.storage, max_size, self._trace_header, reply, [tx.policy] if tx.policy is not None else ()
         )
 
     def _encryption_policy(self) -> EncryptionPolicy | None:

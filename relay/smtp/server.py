@@ -449,9 +449,7 @@ class HubSMTP(SmtpConnection):
             return  # without a valid size the chunk cannot be skipped; the client will resync or die
         sequence_error = out_of_sequence("BDAT", self._phase())
         if sequence_error is None and tx.bdat is None:
-            # a series of several chunks has its lines checked on the loop, as each chunk comes: a
-            # chunk's reply tells a line too long in it without waiting for the disk's write jobs
-            tx.bdat = self._receiver.new_message(lines_in_thread=last)
+            tx.bdat = self._receiver.new_message()
             tx.bdat_dots = DotLineScanner()
             tx.pacer = Pacer(self.ctx.throttle, tx.receivers)
         self._in_data = True
@@ -463,6 +461,8 @@ class HubSMTP(SmtpConnection):
                 message, dots, pacer = tx.bdat, tx.bdat_dots, tx.pacer
                 assert message is not None and dots is not None and pacer is not None  # (opened together)
                 await self._read_chunk(size, (message, dots, pacer))
+                if not last:
+                    await message.scanned()  # a line too long is refused at the chunk that has it
                 if message.failed or last:
                     reply = await self._receiver.finish(message, dots.found)
                     tx.bdat, tx.bdat_failed = None, reply[0] != "2"
