@@ -6,9 +6,6 @@
 # A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the
 # storage facade, which hashes it in a worker thread and appends it with its batch to a pack file
 # (storage/store.py, storage/packs.py); the index writer process only commits its rows.
-# A scanner (scan_with: the SMTP line-length check) sees every byte after a given offset in order,
-# in the worker thread that writes it, or at scanned(): for a message held in memory in the thread
-# that also hashes it at its end (commit() then takes that digest), a few KB on the loop.
 # Memory per message is bounded by MAX_QUEUED, and memory of all messages in flight by one
 # MemoryBudget (storage/memory_budget.py): past it, messages held in memory are written out early.
 # Never holds a whole message (but a small one).
@@ -18,9 +15,8 @@ import itertools
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, Protocol
 
 from .errors import StorageError
 from .files import rename_into, start_writeback, storage_error, unlink_quietly, write_all
@@ -35,19 +31,6 @@ SMALL_MESSAGE = 2 * 1024 * 1024  # until this much is queued no write job starts
 MAX_QUEUED = 4 * 1024 * 1024  # queued bytes after which the receiver waits for the disk (8 MB: the
 # 1 GB mail peaked 8 MB higher, 50 MB mails were no faster)
 WRITEBACK_AT = 8 * 1024 * 1024  # written bytes whose writeback starts at once (not all at the final fsync)
-HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed (and the rest of it
-# scanned) in a worker thread; a smaller one is scanned on the loop and hashed with its batch
-
-
-class Scanner(Protocol):
-    """Looks at a message's bytes as they are written (SpoolFile.scan_with), maybe in a worker thread."""
-
-    @property
-    def finished(self) -> bool:
-        """Its verdict is known: it needs no more bytes."""
-        ...
-
-    def feed(self, data: bytes) -> None: ...
 
 
 _sequence = itertools.count(int.from_bytes(os.urandom(3), "big"))
@@ -88,9 +71,6 @@ class SpoolFile:
         "_crc",
         "_budget",
         "_held",
-        "_scanner",
-        "_fed",
-        "_memory_digest",
     )
 
     def __init__(self, spool_dir: str, queue_id: str, executor: Executor, budget: MemoryBudget):
@@ -105,7 +85,7 @@ class SpoolFile:
         self._crc = 0  # zlib CRC-32 of the bytes written (checked while serving)
         self._chunks: list[bytes] = []
         self._queued = 0
-        self._job: asyncio.Future[Any] | None = None
+        self._job: asyncio.Future[None] | None = None
         self._discarded = False
         self._streaming = False  # a write job has started: the message is no longer all in memory
         self._digest: str | None = None  # a packed message's SHA-256, from the index writer
@@ -113,9 +93,6 @@ class SpoolFile:
         self._flushing_from = 0  # where the range not yet handed to start_writeback begins
         self._budget = budget
         self._held = 0  # bytes counted in the budget (queued, in a write job, or handed over)
-        self._scanner: Scanner | None = None
-        self._fed = 0  # the scanner has seen the message up to this offset (loop or worker side, one at a time)
-        self._memory_digest: tuple[str, int] | None = None  # (SHA-256 hex, CRC-32) of a message held in memory
 
     def write(self, data: bytes) -> None:
         if not data or self.error is not None:
@@ -139,48 +116,6 @@ class SpoolFile:
         """Wait until the disk has caught up with what was queued."""
         while self.backlogged:
             await self._job_finished()
-
-    def scan_with(self, scanner: Scanner) -> None:
-        """From now on every byte written passes through scanner.feed, in order, in the worker thread
-        that writes it or at scanned(), which is to be awaited before the scanner's verdict is read
-        (bytes written before this call are not scanned)."""
-        self._scanner = scanner
-        self._fed = self.size
-
-    async def scanned(self, end: bool = False) -> None:
-        """Once this returns the scanner has seen every byte written so far (unless the spool failed
-        or was discarded). At the end of the data (`end`) a message held in memory of at least
-        HASH_IN_THREAD_AT bytes is hashed in the same worker thread pass (see memory_digest)."""
-        while self._job is not None:
-            await self._job_finished()
-        if self.error is not None or self._discarded:
-            return
-        scanner = self._scanner
-        unscanned = scanner is not None and not scanner.finished and self._fed < self.size
-        if self._streaming:
-            if unscanned and self._queued:  # written (and scanned) by a job, as any other chunks
-                self._start_job()
-                await self._job_finished()
-            return
-        hash_now = end and self.size >= HASH_IN_THREAD_AT and self._memory_digest is None
-        if not hash_now:
-            if not unscanned:
-                return
-            if self.size - self._fed < HASH_IN_THREAD_AT:  # a few KB: cheaper here than a thread's hand-off
-                self._scan(self._chunks, self.size - self._queued)
-                return
-        # the chunks stay queued (and counted): no write job starts while this one runs
-        job = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._scan_in_memory, list(self._chunks), self.size - self._queued, hash_now
-        )
-        self._job = job
-        job.add_done_callback(self._scan_done)
-        await self._job_finished()
-
-    @property
-    def memory_digest(self) -> tuple[str, int] | None:
-        """(SHA-256 hex, CRC-32) of a message held in memory, hashed by scanned(end=True); None if it was not."""
-        return self._memory_digest if self.in_memory else None
 
     def spill(self) -> int:
         """The memory budget is reached: write what is queued now (1 if this was a message held
@@ -267,12 +202,9 @@ class SpoolFile:
 
     def _start_job(self, final: str | None = None, tail: Tail | None = None) -> None:
         self._streaming = True
-        offset = self.size - self._queued
         chunks, queued, self._chunks, self._queued = self._chunks, self._queued, [], 0
         self._budget.left(self)
-        self._job = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._write_chunks, chunks, offset, final, tail
-        )
+        self._job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_chunks, chunks, final, tail)
         self._job.add_done_callback(lambda job: self._job_done(job, queued))
 
     def _job_done(self, job: asyncio.Future[None], written: int) -> None:
@@ -291,55 +223,12 @@ class SpoolFile:
             else:
                 self._budget.keep(self)
 
-    def _scan_done(self, job: asyncio.Future[tuple[str, int] | None]) -> None:
-        self._job = None
-        if job.cancelled():
-            return
-        exc = job.exception()
-        if exc is not None:  # (a scanner's bug): the message fails as with a write error
-            self.error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-        elif (digest := job.result()) is not None and not self._streaming:
-            self._memory_digest = digest
-        if self._discarded:
-            self._remove()
-
-    def _scan(self, chunks: Iterable[bytes], offset: int) -> None:
-        """Feed the scanner what it has not seen of `chunks` (the first one at stream `offset`)."""
-        scanner = self._scanner
-        if scanner is None:
-            return
-        for chunk in chunks:
-            end = offset + len(chunk)
-            if end > self._fed and not scanner.finished:
-                scanner.feed(chunk if offset >= self._fed else chunk[self._fed - offset :])
-                self._fed = end
-            offset = end
-
-    def _scan_in_memory(self, chunks: list[bytes], offset: int, hash_them: bool) -> tuple[str, int] | None:
-        """Runs in a worker thread: scan a message held in memory (`chunks`: all of it, from offset
-        0) and, with `hash_them`, hash it chunk by chunk in the same pass."""
-        if not hash_them:
-            self._scan(chunks, offset)
-            return None
-        sha = hashlib.sha256()
-        crc = 0
-        for chunk in chunks:
-            self._scan((chunk,), offset)
-            offset += len(chunk)
-            sha.update(chunk)
-            crc = zlib.crc32(chunk, crc)
-        return sha.hexdigest(), crc
-
-    def _write_chunks(self, chunks: list[bytes], offset: int, final: str | None, tail: Tail | None = None) -> None:
+    def _write_chunks(self, chunks: list[bytes], final: str | None, tail: Tail | None = None) -> None:
         """Runs in a worker thread, one job per file at a time."""
         try:
             if self._fd < 0:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-            scanner = self._scanner
             for chunk in chunks:
-                if scanner is not None and self._fed < offset + len(chunk):
-                    self._scan((chunk,), offset)
-                offset += len(chunk)
                 self._sha.update(chunk)
                 self._crc = zlib.crc32(chunk, self._crc)
                 write_all(self._fd, chunk)

@@ -42,7 +42,7 @@ from .memory_budget import MemoryBudget
 from .packs import PackWriter, digest, punch_hole
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
 from .recovery import recover
-from .spool import HASH_IN_THREAD_AT, SpoolFile, blob_name, new_queue_id
+from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
 from .writer_process import WriterProcess
 
@@ -57,6 +57,8 @@ _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and count
 # system time per MB; docs/benchmarks.md, issue 24).
 KEEP_CACHED = max(256 * 1024 * 1024, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
 _FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
+HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread as
+# soon as it ends (in parallel with the event loop and other mails); a smaller one with its batch
 
 
 class MailboxListener(Protocol):
@@ -256,13 +258,9 @@ class Storage:
         blob = blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
-            known = spool.memory_digest  # hashed at the end of its data (SpoolFile.scanned)
             chunks = spool.take_chunks()
-            sha256: str | None = None
-            crc32: int | None = None
-            if known is not None:
-                sha256, crc32 = known
-            elif spool.size >= HASH_IN_THREAD_AT:  # in a worker thread (a message not received over SMTP)
+            sha256 = crc32 = None
+            if spool.size >= HASH_IN_THREAD_AT:
                 try:
                     sha256, crc32 = await asyncio.get_running_loop().run_in_executor(self.executor, digest, chunks)
                 except BaseException:

@@ -241,7 +241,7 @@ def test_a_failing_parse_costs_the_structure_not_the_mail_unless_a_check_needed_
             )
             for i in range(0, len(message), 1000):
                 incoming.write(message[i : i + 1000])
-            await incoming.end_of_data()
+            incoming.end_of_data()
             if incoming.failed:
                 return incoming.queue_id, incoming.error.reply
             await storage.commit(incoming.spool, incoming.meta("alpha@hub.test", None, False, None), [])

@@ -3,9 +3,7 @@
 # more listeners (the encryption policy) share the parser. Once a listener has refused the mail
 # (its `reply` is set) the parser stops: the mail will not be stored, so the rest of it need not be
 # parsed. Never raises from write(): failures are remembered so that the caller can drain the
-# client's data and then give the matching reply. The line-length check runs off the event loop, in
-# the worker thread that hashes and writes the same bytes (storage.spool scan_with); its verdict is
-# complete once scanned()/end_of_data() have been awaited.
+# client's data and then give the matching reply.
 import logging
 from collections.abc import Callable
 
@@ -38,7 +36,6 @@ class IncomingMessage:
         "too_big_reply",
         "error",
         "_judges",
-        "_dropped",
     )
 
     def __init__(
@@ -50,9 +47,7 @@ class IncomingMessage:
         listeners=(),
     ) -> None:
         self.headers = HeaderScanner()
-        # the data's lines only (the hub's trace header is folded), checked by the spool in the worker
-        # thread that hashes and writes them, or at the end of data (see end_of_data)
-        self.lines = LineLengthCheck()
+        self.lines = LineLengthCheck()  # the data's lines only: the hub's trace header is folded
         # the parser sees the stored bytes (the hub's trace header first): structure offsets are
         # offsets in the blob
         self.structure = StructureRecorder()
@@ -67,12 +62,10 @@ class IncomingMessage:
         self.too_big_reply = too_big_reply  # the size limit's reply (message size, or mailbox room)
         self.error: StorageError | None = None
         self.spool: SpoolFile | None = None
-        self._dropped = False  # the spool was discarded
         try:
             self.spool = storage.new_spool()
             trace = trace_header(self.spool.queue_id)
             self.spool.write(trace)
-            self.spool.scan_with(self.lines)
             self._parse(trace)  # structure offsets are offsets in the stored file
         except StorageError as exc:
             self._fail(exc)
@@ -91,8 +84,6 @@ class IncomingMessage:
     def failed(self) -> bool:
         if self.error is None and self.spool is not None and self.spool.error is not None:
             self._fail(self.spool.error)
-        if self.lines.too_long:  # (found in a worker thread) POP3 and IMAP clients could not take it back
-            self.discard()
         return self.too_big or self.lines.too_long or self.error is not None
 
     @property
@@ -111,30 +102,20 @@ class IncomingMessage:
         if not self.headers.done:  # before the size check, so that a refusal can name the mail
             self.headers.feed(data)
         if self.size > self.max_size:
-            # dropped at the end of data, once the line check has seen what came before (a line
-            # found too long there is the reply, as if it had been checked as it came)
             self.too_big = True
+            self.discard()
+            return
+        self.lines.feed(data)
+        if self.lines.too_long:  # POP3 and IMAP clients could not take it back: refused at the end
+            self.discard()
             return
         self._parse(data)
         assert self.spool is not None  # (without one, the message failed at its start)
         self.spool.write(data)
 
-    async def scanned(self) -> None:
-        """The line check has seen all data written so far (BDAT: a chunk's reply tells a line too long)."""
-        if self.spool is not None and not self._dropped:
-            await self.spool.scanned()
-            if self.lines.too_long:
-                self.discard()
-
-    async def end_of_data(self) -> None:
-        """The client's data is complete: the line check has seen all of it (and a message held in
-        memory is hashed, in the same worker thread pass when it is big), the MIME listeners get
-        their last events; a message that failed is dropped."""
-        if self.spool is not None and not self._dropped:
-            await self.spool.scanned(end=not self.too_big)
-        if self.failed:
-            self.discard()
-        else:
+    def end_of_data(self) -> None:
+        """The client's data is complete: the MIME listeners get their last events."""
+        if not self.failed:
             self._parse(None)
 
     def _parse(self, data: bytes | None) -> None:
@@ -176,6 +157,5 @@ class IncomingMessage:
         self.discard()
 
     def discard(self) -> None:
-        if self.spool is not None and not self._dropped:
-            self._dropped = True
+        if self.spool is not None:
             self.spool.discard()

@@ -1,7 +1,6 @@
 # Facts taken from a message while it streams: the header block (Message-ID, the
 # X-TELEMEDICINE-SETID/-SETPART/-SETTOTAL study headers), whether any line starts with "."
-# (for BDAT input, where no decoder sees the lines) and whether a line is too long for SMTP (that
-# check is fed by the spool, in a worker thread: see LineLengthCheck).
+# (for BDAT input, where no decoder sees the lines) and whether a line is too long for SMTP.
 # Bounded: the header block is read line by line as it streams (its first MAX_HEADER_BYTES), and
 # only the wanted fields (whitespace-collapsed, at most _MAX_VALUE characters each) and the start of
 # an unfinished line (at most _MAX_PARTIAL) are kept; after the header block a chunk costs one test.
@@ -117,20 +116,13 @@ class LineLengthCheck:
     """Tells whether a stream has a line longer than MAX_LINE octets with its line end (LF ends a
     line; a CR before it is part of the line's MAX_LINE). A big chunk's complete lines are first
     checked with numpy (every aligned 500-octet block holds an LF: ~0.1 ms per MB); the exact check
-    hops from line start to the last LF within MAX_LINE octets (one short rfind per KB).
-    A storage.spool Scanner: the spool feeds it in the worker thread that hashes and writes the same
-    bytes (relay/smtp/ingest.py), so the event loop does not spend its time here."""
+    hops from line start to the last LF within MAX_LINE octets (one short rfind per KB)."""
 
     __slots__ = ("too_long", "_line")
 
     def __init__(self) -> None:
         self.too_long = False
         self._line = 0  # octets of the stream's last, unfinished line so far
-
-    @property
-    def finished(self) -> bool:
-        """The verdict is known (a line is too long): the rest need not be fed."""
-        return self.too_long
 
     def feed(self, data: bytes) -> None:
         if self.too_long or not data:

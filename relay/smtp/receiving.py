@@ -144,11 +144,11 @@ class Receiver:
         assert sender is not None  # DATA and BDAT come after MAIL FROM
         site = self._session.site
         started = time.monotonic()
-        await message.end_of_data()
-        if message.lines.too_long:  # (in data before the size limit was passed: so checked first)
-            reply = R.LINE_TOO_LONG_IN_DATA
-        elif message.failed and message.too_big:
+        message.end_of_data()
+        if message.failed and message.too_big:
             reply = message.too_big_reply
+        elif message.lines.too_long:
+            reply = R.LINE_TOO_LONG_IN_DATA
         elif message.error is not None:
             reply = message.error.reply
         elif tx.policy is not None and tx.policy.reply is not None:

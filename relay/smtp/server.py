@@ -461,8 +461,6 @@ class HubSMTP(SmtpConnection):
                 message, dots, pacer = tx.bdat, tx.bdat_dots, tx.pacer
                 assert message is not None and dots is not None and pacer is not None  # (opened together)
                 await self._read_chunk(size, (message, dots, pacer))
-                if not last:
-                    await message.scanned()  # a line too long is refused at the chunk that has it
                 if message.failed or last:
                     reply = await self._receiver.finish(message, dots.found)
                     tx.bdat, tx.bdat_failed = None, reply[0] != "2"
