@@ -5,6 +5,7 @@
 # served within 1 s; hundreds of sessions stalled mid-DATA do not grow the hub past its memory budget.
 import base64
 import concurrent.futures
+import hashlib
 import poplib
 import re
 import signal
@@ -12,12 +13,13 @@ import socket
 import threading
 import time
 import urllib.request
+import zlib
 
 import pytest
 
 from bench.ingest_benchmark import vm_status
 
-from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, make_message, queue_id_from
+from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, make_message, queue_id_from, wait_for
 
 MB = 1024 * 1024
 PEER = {"MAILHUB_SMTP_PEER_NETWORKS": "127.0.0.0/8"}  # loopback delivers to local sites without AUTH
@@ -214,6 +216,88 @@ def test_body_lines_over_998_characters_are_refused_at_the_end_of_data(shared_hu
     client.close()
     accepted = shared_hub.query("SELECT count(*) FROM messages WHERE size > 1000 AND size < 1400")
     assert accepted == [(1,)]  # the 998-character line's mail only
+
+
+def _body_with_long_line(size: int, at: int, line_length: int = 1200) -> bytes:
+    """A body of `size` octets of 76-character lines with one line of `line_length` characters
+    starting at about offset `at`."""
+    line = b"A" * 76 + b"\r\n"
+    before = line * (at // len(line))
+    long_line = b"L" * line_length + b"\r\n"
+    after = line * ((size - len(before) - len(long_line)) // len(line) + 1)
+    return (before + long_line + after)[: size - 2] + b"\r\n"
+
+
+def _data_replies(client: RawSMTP, cases) -> list[str]:
+    """Each (size, offset of the long line or None for 998-character lines only, expected reply)
+    sent with DATA; the queue IDs of the mails stored (checked: intact, with their digests)."""
+    head = b"From: alpha@hub.test\r\nSubject: long line\r\n\r\n"
+    stored = []
+    for size, at, expected in cases:
+        body = _body_with_long_line(size, at) if at is not None else _body_with_long_line(size, 1000, 998)
+        assert client.command(MAIL).startswith(b"250") and client.command(RCPT).startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        client.send(head + body + b".\r\n")
+        reply = client.reply()
+        assert reply.startswith(expected), (size, at, reply)
+        if at is None:
+            stored.append((queue_id_from(reply), head + body))
+    return stored
+
+
+def _check_stored(hub, stored) -> None:
+    for queue_id, data in stored:
+        blob = hub.stored(queue_id)
+        assert blob.endswith(data)
+        assert hub.query("SELECT sha256, crc32 FROM messages WHERE queue_id = ?", queue_id) == [
+            (hashlib.sha256(blob).hexdigest(), zlib.crc32(blob))
+        ]
+    spool = hub.data_dir / "spool"
+    wait_for(lambda: not [p for p in spool.iterdir() if p.name.endswith(".tmp")], message="spool files left")
+
+
+def test_long_lines_in_big_mails_get_the_same_reply_checked_off_the_event_loop(make_hub):
+    """A line too long in a mail held in memory, in one streamed to its own file (over 2 MiB), before
+    and after the size limit was passed, and at a BDAT chunk that is not the last: the replies of the
+    check made as the data comes (a line too long before the limit: 554 even when the mail then
+    grows too big)."""
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_MAX_MESSAGE_SIZE="3000000", **PEER).start()
+    client = RawSMTP(hub.smtp_port)
+    client.ehlo()
+    stored = _data_replies(
+        client,
+        [
+            (1 * MB, 900_000, b"554 5.6.0"),  # held in memory: checked where it is hashed
+            (2_900_000, 2_800_000, b"554 5.6.0"),  # streamed to its file: checked in the write jobs
+            (2_900_000, 100_000, b"554 5.6.0"),
+            (4 * MB, 3_500_000, b"552 5.3.4"),  # too big first: the size's reply
+            (2_900_000, None, b"250 2.0.0"),  # 998-character lines only: streamed
+            (1 * MB, None, b"250 2.0.0"),  # and held in memory (hashed where its lines were checked)
+        ],
+    )
+    # BDAT: a chunk (not the last) with a line too long is refused at once, as before (a series of
+    # several chunks is checked on the loop); one chunk, the last, is checked like DATA
+    head = b"Subject: long line\r\n\r\n"
+    body = _body_with_long_line(300_000, 150_000)
+    assert client.command(MAIL).startswith(b"250") and client.command(RCPT).startswith(b"250")
+    client.send(b"BDAT %d\r\n" % len(head + body) + head + body)
+    assert client.reply().startswith(b"554 5.6.0")
+    _valid_transaction(client)
+    body = _body_with_long_line(1 * MB, 700_000)
+    assert client.command(MAIL).startswith(b"250") and client.command(RCPT).startswith(b"250")
+    client.send(b"BDAT %d LAST\r\n" % len(head + body) + head + body)
+    assert client.reply().startswith(b"554 5.6.0")
+    _valid_transaction(client)
+    client.close()
+    _check_stored(hub, stored)
+    assert hub.query("SELECT count(*) FROM messages") == [(4,)]  # the two 998-character mails, _valid_transaction's
+    # held in memory (under 2 MiB) when the size limit is passed: the line before it is the reply
+    small = make_hub(sites=ALPHA_BETA, MAILHUB_SMTP_MAX_MESSAGE_SIZE="1500000", **PEER).start()
+    client = RawSMTP(small.smtp_port)
+    client.ehlo()
+    _data_replies(client, [(1_900_000, 500_000, b"554 5.6.0"), (1_900_000, 1_600_000, b"552 5.3.4")])
+    client.close()
+    _check_stored(small, [])
 
 
 # ---- transactions that end without a reply leave one log line ------------------------------
