@@ -128,8 +128,10 @@ def test_fetchmail_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
 
 def test_getmail_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
     hub = loaded_hub
-    # getmail refuses to deliver as root: it writes the Maildir as "nobody", who cannot enter
-    # pytest's private tmp_path, hence a folder of its own.
+    # getmail refuses to deliver as root, so it runs as "nobody" (not as root with `user = nobody`:
+    # then it forks a child per mail and, when a child exits before getmail waits for it, waits out
+    # its timeout and fails, a race of getmail's own); nobody cannot enter pytest's private
+    # tmp_path, hence a folder of its own.
     nobody = pwd.getpwnam("nobody")
     top = Path(tempfile.mkdtemp(prefix="mailhub-getmail-"))
     try:
@@ -138,8 +140,9 @@ def test_getmail_downloads_every_mail_byte_exact(loaded_hub, tmp_path):
             (maildir / sub).mkdir(exist_ok=True)
         for path in (top, maildir, *(maildir / s for s in ("cur", "new", "tmp"))):
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
-        getmaildir = tmp_path / "getmail"
+        getmaildir = top / "getmail"  # getmail keeps its state here
         getmaildir.mkdir()
+        os.chown(getmaildir, nobody.pw_uid, nobody.pw_gid)
         (getmaildir / "getmailrc").write_text(f"""[retriever]
 type = SimplePOP3Retriever
 server = 127.0.0.1
@@ -150,7 +153,6 @@ password = {PASSWORD}
 [destination]
 type = Maildir
 path = {maildir}/
-user = nobody
 
 [options]
 read_all = true
@@ -160,7 +162,10 @@ delivered_to = false
 """)
         _reset_peak_rss(hub)
         result = subprocess.run(
-            ["getmail", f"--getmaildir={getmaildir}", "--rcfile=getmailrc"], capture_output=True, text=True, timeout=300
+            ["runuser", "-u", "nobody", "--", "getmail", f"--getmaildir={getmaildir}", "--rcfile=getmailrc"],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert _peak_over_rss_mb(hub) < 40
