@@ -186,31 +186,9 @@ def record_downloads(
         conn.execute(_BARE_ROW, (at, FETCHED, site_id, qid, size, site_id, _text(detail)))
 
 
-def query(
-    conn: sql.Connection,
-    site: str | None = None,
-    study: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    event: str | None = None,
-    queue_id: str | None = None,
-    message_id: str | None = None,
-    limit: int | None = None,
-) -> list[AuditRecord]:
-    """The records matching every given filter, oldest first (until is exclusive)."""
-    return list(
-        records(
-            conn,
-            site=site,
-            study=study,
-            since=since,
-            until=until,
-            event=event,
-            queue_id=queue_id,
-            message_id=message_id,
-            limit=limit,
-        )
-    )
+def query(conn: sql.Connection, **filters: Any) -> list[AuditRecord]:
+    """The records matching every given filter (those of records()), oldest first (until is exclusive)."""
+    return list(records(conn, **filters))
 
 
 def records(
