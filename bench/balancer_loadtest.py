@@ -6,35 +6,23 @@
 # Needs Debian's haproxy (bench/install-debian-packages.sh).
 #   .venv/bin/python -m bench.balancer_loadtest [--profile pilot] [--rounds 2] [--speed X]
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import argument_parser, command_line
 from loadtest import corpus as corpus_mod
 from loadtest.profile import load_profile
 from loadtest.spawn import LocalHub
+from loadtest.thirdparty import free_port, wait_banner
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LOADTEST = Path(sys.executable).parent / "mailhub-loadtest"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _haproxy(ports: dict[str, int], folder: Path) -> tuple[subprocess.Popen, dict[str, int]]:
-    front = {name: _free_port() for name in ("smtp", "pop3")}
+    front = {name: free_port() for name in ("smtp", "pop3")}
     config = folder / "haproxy.cfg"
     config.write_text(
         "global\n    maxconn 1000\ndefaults\n    mode tcp\n    timeout connect 5s\n"
@@ -45,12 +33,12 @@ def _haproxy(ports: dict[str, int], folder: Path) -> tuple[subprocess.Popen, dic
         )
     )
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not all(_listening(port) for port in front.values()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"haproxy did not start ({HAPROXY} -db -f {config})")
-        time.sleep(0.05)
+    try:  # the hub's greetings through it
+        wait_banner(front["smtp"], timeout=10, proc=proc)
+        wait_banner(front["pop3"], prefix=b"+OK", timeout=10, proc=proc)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise SystemExit(f"haproxy did not pass connections ({HAPROXY} -db -f {config}): {exc}") from None
     return proc, front
 
 

@@ -1,5 +1,5 @@
-# Index bytes per mail, for sizing (docs/sizing.md): a hub (`mailhub serve`, a throw-away folder under
-# /var/tmp, loopback ports) filled over SMTP by SITES authenticated sites, each mail one part of a
+# Index bytes per mail, for sizing (docs/sizing.md): a hub (`mailhub serve` in a throw-away folder,
+# loopback ports: loadtest.spawn.LocalHub) filled over SMTP by SITES authenticated sites, each mail one part of a
 # study (X-TELEMEDICINE-SETID/-SETPART/-SETTOTAL, Disposition-Notification-To, as a gateway sends),
 # addressed to another site; then half of the receiving sites fetch and delete everything over POP3.
 # Prints the SQLite index's size and each table's rows and bytes (dbstat), per mail. With
@@ -8,26 +8,17 @@
 #   .venv/bin/python -m bench.index_size [--mails 20000] [--sites 20] [--postgresql URL]
 import os
 import poplib
-import shutil
 import smtplib
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench.common import argument_parser, command_line
+from loadtest.spawn import LocalHub, mailhub_command
 
-BIN = Path(sys.executable).parent
 BODY = (os.urandom(57).hex()[:76] + "\r\n") * 25  # ~2 KB: the body does not reach the index
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _password(site: str) -> str:
@@ -42,7 +33,7 @@ def _mail(sender: str, rcpt: str, study: str, part: int) -> str:
     )
 
 
-def fill(env: dict, sites: list[str], mails: int, smtp_port: int, pop3_port: int) -> tuple[int, int]:
+def fill(sites: list[str], mails: int, smtp_port: int, pop3_port: int) -> tuple[int, int]:
     sent = 0
     for i, sender in enumerate(sites):
         client = smtplib.SMTP("127.0.0.1", smtp_port, timeout=60)
@@ -120,46 +111,23 @@ def main() -> int:
     parser.add_argument("--sites", type=int, default=20)
     parser.add_argument("--postgresql", metavar="URL", help="an empty PostgreSQL database to migrate into")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mailhub-index-size-", dir="/var/tmp"))
-    ports = {name: _free_port() for name in ("smtp", "pop3", "imap", "metrics")}
-    env = dict(os.environ, MAILHUB_DATA_DIR=str(work / "data"))
-    env.update({f"MAILHUB_{name.upper()}_LISTEN": f"127.0.0.1:{port}" for name, port in ports.items()})
     sites = [f"site{i:03d}" for i in range(args.sites)]
-    hub = None
-    try:
-        for site in sites:
-            subprocess.run(
-                [BIN / "mailhub", "site", "add", site, "--address", f"{site}@hub.test", "--password-stdin"],
-                input=_password(site).encode(),
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-        hub = subprocess.Popen(
-            [BIN / "mailhub", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", ports["smtp"]), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or hub.poll() is not None:
-                    raise SystemExit("the hub did not start") from None
-                time.sleep(0.2)
+    with LocalHub("hub.test") as hub:  # a throw-away `mailhub serve`, its folder removed at the end
+        hub.add_sites({site: {"address": f"{site}@hub.test", "password": _password(site)} for site in sites})
+        ports = hub.start()
         started = time.monotonic()
-        sent, fetched = fill(env, sites, args.mails, ports["smtp"], ports["pop3"])
+        sent, fetched = fill(sites, args.mails, ports["smtp"], ports["pop3"])
         print(f"{command_line('bench.index_size')}")
         print(
             f"sent {sent} mails ({args.sites} sites, studies of 330 parts) in {time.monotonic() - started:.0f} s; "
             f"fetched and deleted {fetched} (half the sites)"
         )
-        total, rows = sqlite_sizes(work / "data" / "index.sqlite3")
+        total, rows = sqlite_sizes(hub.data_dir / "index.sqlite3")
         report("SQLite", total, rows, sent)
         if args.postgresql:
             migrate = subprocess.run(
-                [BIN / "mailhub", "storage", "migrate", args.postgresql, "--quiet"],
-                env=env,
+                [*mailhub_command(), "storage", "migrate", args.postgresql, "--quiet"],
+                env=hub.env,
                 capture_output=True,
                 text=True,
             )
@@ -167,11 +135,6 @@ def main() -> int:
                 raise SystemExit(f"mailhub storage migrate failed: {migrate.stderr.strip() or migrate.stdout.strip()}")
             total, rows = postgresql_sizes(args.postgresql)
             report("PostgreSQL", total, rows, sent)
-    finally:
-        if hub is not None:
-            hub.terminate()
-            hub.wait(60)
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
