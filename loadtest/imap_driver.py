@@ -131,14 +131,16 @@ async def receive_loop(
                 if not client.saw_exists:  # nothing arrived while fetching: wait for news
                     await _idle(client, stop)
             try:
-                await asyncio.wait_for(client.run("LOGOUT"), 5)
+                async with asyncio.timeout(5):
+                    await client.run("LOGOUT")
             except (TimeoutError, ip.ImapError, OSError, ConnectionError):
                 pass
             return
         except (TimeoutError, OSError, ConnectionError, ip.ImapError) as exc:
             recorder.error(site, f"IMAP session failed: {str(exc) or type(exc).__name__}")
             try:
-                await asyncio.wait_for(stop.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
             except TimeoutError:
                 pass
         finally:

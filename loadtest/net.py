@@ -42,7 +42,8 @@ class Stream:
     @classmethod
     async def connect(cls, host: str, port: int, up=None, down=None, timeout: float = 30.0) -> Stream:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), timeout)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
         except TimeoutError:
             raise TimeoutError(f"connect to {host}:{port} timed out after {timeout:.0f} s") from None
         return cls(reader, writer, up, down)
@@ -50,7 +51,8 @@ class Stream:
     @staticmethod
     async def _timed(awaitable, timeout: float):
         try:
-            return await asyncio.wait_for(awaitable, timeout)
+            async with asyncio.timeout(timeout):
+                return await awaitable
         except TimeoutError:
             raise TimeoutError(f"no data from the server for {timeout:.0f} s") from None
 
@@ -97,6 +99,7 @@ class Stream:
     async def close(self) -> None:
         self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
         except (TimeoutError, OSError, ssl.SSLError):
             pass

@@ -95,7 +95,8 @@ async def receive_loop(
     next_at = loop.time() + first_poll
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+            async with asyncio.timeout(max(0.0, next_at - loop.time())):
+                await stop.wait()
             return
         except TimeoutError:
             pass

@@ -102,7 +102,8 @@ class SmtpSession:
 
     async def quit(self) -> None:
         try:
-            await asyncio.wait_for(self.command(sp.QUIT), 5)
+            async with asyncio.timeout(5):
+                await self.command(sp.QUIT)
         except (TimeoutError, OSError, ConnectionError, sp.SmtpReplyError):
             pass
         await self.stream.close()
@@ -170,7 +171,8 @@ async def send_study(
                         attempt + 1, smtp_cfg.retry_base_s, smtp_cfg.retry_max_s, rng.uniform(0.8, 1.2)
                     )
                     try:
-                        await asyncio.wait_for(stop.wait(), delay)
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
                     except TimeoutError:
                         pass
     finally:
