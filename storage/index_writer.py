@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from . import audit, db, events, faults, ledger, verify
+from . import audit, cluster_events, db, events, faults, ledger, verify
 from .errors import StorageError
 from .files import unlink_quietly
 from .packs import truncate_durably
@@ -59,8 +59,11 @@ class BatchItem:
 
 
 class IndexWriter:
-    def __init__(self, data_dir: Path, release_freed_after: float):
+    def __init__(self, data_dir: Path, release_freed_after: float, node: str = ""):
         self.conn = db.connect(data_dir)
+        # this hub node's name: on PostgreSQL each mailbox change is NOTIFYed to the other nodes
+        # (storage/cluster_events.py) in its transaction, naming the node (its own skip it)
+        self.node = node
         self.blob_dir = str(data_dir / "blobs")
         self.release_freed_after = release_freed_after
         # (monotonic, Unix time) at the start of this process's transactions of the last
@@ -81,6 +84,9 @@ class IndexWriter:
     def ready(self) -> None:
         """Answers once the writer has opened the index."""
 
+    def set_node(self, node: str) -> None:
+        self.node = node
+
     def close(self) -> None:
         try:
             self.sync_ledger()
@@ -97,6 +103,20 @@ class IndexWriter:
         faults.hit("writer", "op_after_commit")
         self.flush_removals()
         return result
+
+    def remove_with(
+        self, function: Callable[[sqlite3.Connection, *Args], tuple[list[Any], T]], *args: *Args
+    ) -> tuple[list[Any], T]:
+        """function(conn, *args) in one transaction, where it removes mailbox entries (expiry) and
+        returns ([(site_id, uid, sender_site, size, was_waiting)] removed, result); on PostgreSQL
+        the other nodes hear of the removals at its commit."""
+
+        def removing(conn: sqlite3.Connection, *inner: *Args) -> tuple[list[Any], T]:
+            removed, result = function(conn, *inner)
+            cluster_events.notify(conn, cluster_events.Changes(self.node, removed=[tuple(r) for r in removed]))
+            return removed, result
+
+        return self.in_transaction(removing, *args)
 
     def _note_time(self) -> None:
         now = time.monotonic()
@@ -130,6 +150,17 @@ class IndexWriter:
         self._note_time()
         with db.transaction(self.conn):
             refused = _index_batch(self.conn, batch, loose)
+            cluster_events.notify(
+                self.conn,
+                cluster_events.Changes(
+                    self.node,
+                    committed=[
+                        (item.meta.sender_site, [d.site_id for d in item.deliveries], item.size, item.received_at)
+                        for i, item in enumerate(batch)
+                        if i not in refused
+                    ],
+                ),
+            )
             files = [item.queue_id for i, item in enumerate(batch) if not item.packed and i not in refused]
             left_out = [batch[i].queue_id for i in sorted(refused)]
             self._note_commit(seq, attempt, files, left_out, ends or {})
@@ -233,6 +264,15 @@ class IndexWriter:
         [(uid, sender_site, size, was_waiting)] removed)."""
         with db.transaction(self.conn):
             result = _delete_entries(self.conn, site_id, uids, downloads, site_name, removal)
+            fetched, removed = result
+            cluster_events.notify(
+                self.conn,
+                cluster_events.Changes(
+                    self.node,
+                    fetched=[(site_id, *row) for row in fetched],
+                    removed=[(site_id, *row) for row in removed],
+                ),
+            )
             faults.hit("writer", "delete_before_commit")
         faults.hit("writer", "delete_after_commit")
         self.flush_removals()

@@ -95,6 +95,7 @@ class Storage:
         reserve_bytes: int = 0,
         memory_budget: int = 256 * 1024**2,
         min_free_bytes: int = 0,
+        node: str = "",
     ):
         self.data_dir = Path(data_dir).absolute()  # the index writer process gets it as it is
         self.release_freed_after = release_freed_after  # seconds before a freed range of a pack is punched
@@ -122,6 +123,7 @@ class Storage:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         # Group commits and every other index write: one request (a transaction) per hop.
         self._writer = WriterProcess(self.data_dir, release_freed_after)
+        self._writer.node = node  # named in the mailbox changes told to other nodes (PostgreSQL index)
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
         self._batch_lock = asyncio.Lock()  # a batch (pack write and commit) vs emptying the trash
@@ -658,7 +660,7 @@ class Storage:
         entries (expiry, an operator's deletion) and returns ([(site_id, uid, sender_site, size,
         was_waiting)] removed, result); the listeners hear of each removal, freed blobs go. Returns
         the result."""
-        removed, result = await self._freeing(IndexWriter.in_transaction, function, *args)
+        removed, result = await self._freeing(IndexWriter.remove_with, function, *args)
         await self._removed(removed)
         return result
 

@@ -43,6 +43,7 @@ class WriterProcess:
         self._waiting: collections.deque[asyncio.Future[tuple[bool, Any]]] = collections.deque()
         self._reading: asyncio.Task[None] | None = None
         self._restarting: asyncio.Future[None] | None = None  # one restart, however many callers notice
+        self.node = ""  # this hub node's name, given to each writer it starts (cluster events name it)
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -64,6 +65,8 @@ class WriterProcess:
         reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
         self._reading = asyncio.create_task(self._read_replies(reader))
         await self.call(IndexWriter.ready)  # the child opened the index
+        if self.node:
+            await self.call(IndexWriter.set_node, self.node)
 
     async def call(self, method: Callable[..., object], *args: object) -> Any:
         """method(index writer, *args) run in the writer process; its result (pickled back)."""

@@ -1,0 +1,119 @@
+# The mailbox changes one hub node tells the others (issue 27: several nodes on one PostgreSQL
+# index): what storage.store.MailboxListener hears (committed, fetched_committed, removed, with the
+# calls' arguments) plus the live downloads and polls the throttle's drain rates measure, as the
+# payloads of NOTIFY on the channel `mailhub_events`, each naming the node that sent it. The index
+# writer sends the mailbox changes in the same transaction as the change (delivered at its commit,
+# never for a rolled-back one); the node's cluster link (storage/postgres/cluster.py) sends the
+# downloads and receives everything. Payloads stay under PostgreSQL's 8000-byte limit: a long list
+# is split over several NOTIFYs.
+# Must never import psycopg (the PostgreSQL extra is optional) nor trust a payload: anything that
+# does not decode into the expected shape is refused with one line (any database user may NOTIFY).
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import sql
+
+CHANNEL: Final = "mailhub_events"
+MAX_PAYLOAD: Final = 7800  # bytes; PostgreSQL refuses a payload of 8000 or more
+NODE_MAX: Final = 200  # characters of a node name
+
+
+class BadPayload(ValueError):
+    """A payload on the channel that is not one of ours (its reason in one line)."""
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one node tells: rows of each kind (the listener calls' arguments, in order)."""
+
+    node: str
+    committed: list[tuple[int | None, list[int], int, float]] = field(default_factory=list)
+    fetched: list[tuple[int, int, int | None, int]] = field(default_factory=list)  # site, uid, sender, size
+    removed: list[tuple[int, int, int | None, int, bool]] = field(default_factory=list)
+    downloaded: list[tuple[int, int]] = field(default_factory=list)  # site, bytes sent (live)
+    polled: list[int] = field(default_factory=list)  # sites that logged in
+
+    def __len__(self) -> int:
+        return len(self.committed) + len(self.fetched) + len(self.removed) + len(self.downloaded) + len(self.polled)
+
+
+_KINDS: Final = ("committed", "fetched", "removed", "downloaded", "polled")
+_KEYS: Final = {"committed": "c", "fetched": "f", "removed": "r", "downloaded": "d", "polled": "p"}
+
+
+def payloads(changes: Changes) -> list[str]:
+    """The changes as NOTIFY payloads of at most MAX_PAYLOAD bytes each (none when there are none)."""
+    node = json.dumps(changes.node[:NODE_MAX])
+    out: list[str] = []
+    parts: dict[str, list[str]] = {}
+    size = 0
+    base = len(node) + 10
+
+    def flush() -> None:
+        nonlocal size
+        if parts:
+            body = ",".join(f'"{key}":[{",".join(rows)}]' for key, rows in parts.items())
+            out.append(f'{{"n":{node},{body}}}')
+        parts.clear()
+        size = 0
+
+    for kind in _KINDS:
+        key = _KEYS[kind]
+        for row in getattr(changes, kind):
+            text = json.dumps(row, separators=(",", ":"))
+            extra = len(text.encode()) + 1 + (0 if key in parts else 7)  # a comma; `,"k":[` and `]`
+            if base + size + extra > MAX_PAYLOAD:
+                flush()
+            parts.setdefault(key, []).append(text)
+            size += extra
+    flush()
+    return out
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise BadPayload(f"not an integer: {str(value)[:40]!r}")
+    return value
+
+
+def _site(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
+def decode(payload: str) -> Changes:
+    """A payload back as Changes; BadPayload for anything else."""
+    if len(payload) > 8000:
+        raise BadPayload("payload too long")
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        raise BadPayload("not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("n"), str):
+        raise BadPayload("no node name")
+    changes = Changes(doc["n"][:NODE_MAX])
+    try:
+        for s, receivers, size, at in doc.get("c", []):
+            if not isinstance(receivers, list) or not isinstance(at, (int, float)):
+                raise BadPayload("bad committed row")
+            changes.committed.append((_site(s), [_int(r) for r in receivers], _int(size), float(at)))
+        for site, uid, sender, size in doc.get("f", []):
+            changes.fetched.append((_int(site), _int(uid), _site(sender), _int(size)))
+        for site, uid, sender, size, waiting in doc.get("r", []):
+            changes.removed.append((_int(site), _int(uid), _site(sender), _int(size), bool(waiting)))
+        for site, sent in doc.get("d", []):
+            changes.downloaded.append((_int(site), _int(sent)))
+        for site in doc.get("p", []):
+            changes.polled.append(_int(site))
+    except (TypeError, ValueError) as exc:
+        raise BadPayload(f"bad row: {str(exc)[:80]}") from None
+    return changes
+
+
+def notify(conn: sql.Connection, changes: Changes) -> None:
+    """NOTIFY the changes on PostgreSQL (inside the caller's transaction: sent at its commit);
+    nothing on SQLite (one node: the listeners hear of them in the process)."""
+    if sql.dialect(conn) != sql.POSTGRESQL or not len(changes):
+        return
+    for payload in payloads(changes):
+        conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))

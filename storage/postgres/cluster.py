@@ -1,0 +1,393 @@
+# A hub node's link to the other nodes of its cluster (issue 27: the nodes share nothing but the
+# PostgreSQL index and the blob folder): ONE dedicated psycopg 3 connection per node, driven by one
+# asyncio task (never blocks the event loop), that holds
+# - the POP3 mailbox locks: session-level advisory locks (key space MAILBOX_SPACE, site id), so one
+#   session at a time holds a mailbox across all nodes; PostgreSQL frees them when the node's
+#   connection ends (the process died, the host is gone once TCP keepalive gives up);
+# - the leader lock (LEADER_SPACE): the node holding it runs the cluster's periodic work (expiry,
+#   scrub, directory updates, pruning) - `is_leader()`;
+# - LISTEN mailhub_events: other nodes' mailbox changes and downloads (storage/cluster_events.py),
+#   fed to this node's listeners (IMAP IDLE, the throttle's ledger) at once; its own are skipped.
+# When the connection is lost, every lock it held is lost with it: the link says so at once
+# (`on_locks_lost`, then `on_leader` False), refuses new locks until it is back (ClusterUnavailable)
+# and reconnects with a growing delay (0.5 s up to 30 s).
+# Must never hold a lock it cannot vouch for (a lock is "held" only while the connection that took
+# it is known alive), run a query of anyone else's on this connection, or let a bad payload or a
+# listener's error stop the link.
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import psycopg
+
+from ..cluster_events import CHANNEL, BadPayload, Changes, decode, payloads
+from ..errors import StorageError
+from .from_sqlite import _one_line, redacted
+
+log = logging.getLogger("mailhub.cluster")
+
+# Two-key advisory locks (int4, int4): the first key names the use, apart from the one-key (bigint)
+# lock of schema migrations (PostgreSQL keeps the two forms apart).
+MAILBOX_SPACE: Final = 0x6D680001  # "mh" 1: POP3 mailbox locks, second key the site id
+LEADER_SPACE: Final = 0x6D680002  # "mh" 2: the leader lock, second key 0
+MAX_QUEUED_CHANGES: Final = 10_000  # rows received and not yet given to the listeners (beyond: dropped)
+DOWNLOAD_FLUSH: Final = 0.5  # seconds between two NOTIFYs of this node's live downloads and polls
+
+
+class ClusterUnavailable(StorageError):
+    """The link to PostgreSQL is down: no lock can be taken until it is back."""
+
+
+class ClusterLink:
+    """The node's cluster link. `await start()` connects (StorageError if PostgreSQL cannot be
+    reached), `await close()` lets everything go. Listeners (storage.store.MailboxListener, plus
+    optionally `downloaded(site, bytes)` and `polled(site)`) hear of other nodes' changes."""
+
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        *,
+        ping_interval: float = 10.0,
+        leader_interval: float = 5.0,
+        op_timeout: float = 10.0,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        connect_timeout: int = 10,
+        want_leader: bool = True,
+    ):
+        self.url = url
+        self.node = node
+        self.ping_interval = ping_interval
+        self.leader_interval = leader_interval
+        self.op_timeout = op_timeout
+        self.backoff = backoff
+        self.connect_timeout = connect_timeout
+        self.want_leader = want_leader
+        self.listeners: list[Any] = []
+        self.on_locks_lost: Callable[[set[int]], None] | None = None  # the site ids whose locks went
+        self.on_leader: Callable[[bool], None] | None = None
+        self.held: set[int] = set()  # site ids whose mailbox lock this node holds
+        self.leader = False
+        self.received = 0  # rows of other nodes' changes received
+        self.dropped = 0  # rows dropped: too many waiting, or a bad payload
+        self.reconnects = 0
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._commands: collections.deque[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = collections.deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changes: collections.deque[Changes] = collections.deque()
+        self._queued_rows = 0
+        self._outgoing = Changes(node)
+        self._closing = False
+        self._ready = asyncio.Event()
+
+    # ---- life -----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._ready.is_set()
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.create_task(self._pump(), name="mailhub-cluster-link")
+
+    async def close(self) -> None:
+        """Stop: the locks go with the connection (no unlock needed), listeners hear nothing more."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._drop_connection()
+        for _sql, _params, future in self._commands:
+            if not future.done():
+                future.set_exception(ClusterUnavailable("the cluster link is closed"))
+        self._commands.clear()
+
+    async def _connect(self) -> None:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=self.connect_timeout,
+                application_name=f"mailhub cluster link {self.node}"[:63],
+                # a host or network gone silent is found in about 20 s (the OS default: 2 hours)
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=2,
+            )
+        except (psycopg.Error, ValueError, OSError) as exc:
+            raise StorageError(
+                f"cluster link: cannot connect to {redacted(self.url)}: {_one_line(exc, self.url)}"
+            ) from None
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                await conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            await conn.close()
+            raise
+        conn.add_notify_handler(self._on_notify)
+        self._conn = conn
+        self._ready.set()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._ready.clear()
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:
+                pass
+        self._set_leader(False)
+        if self.held:
+            lost, self.held = self.held, set()
+            log.warning("cluster link lost: the mailbox locks of %d site(s) are gone", len(lost))
+            self._call_back(self.on_locks_lost, lost)
+
+    def _set_leader(self, leader: bool) -> None:
+        if leader != self.leader:
+            self.leader = leader
+            log.info(
+                "node %s %s the cluster's leader (periodic work)", self.node, "is now" if leader else "is no longer"
+            )
+            self._call_back(self.on_leader, leader)
+
+    def _call_back(self, function: Callable[[Any], None] | None, argument: Any) -> None:
+        if function is None:
+            return
+        try:
+            function(argument)
+        except Exception:
+            log.exception("cluster link: a callback failed")
+
+    # ---- the pump: the only user of the connection ------------------------------------------
+
+    async def _pump(self) -> None:
+        delay = self.backoff[0]
+        while not self._closing:
+            if self._conn is None:
+                try:
+                    await self._connect()
+                except StorageError as exc:
+                    log.warning("%s (again in %.1f s)", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff[1])
+                    continue
+                self.reconnects += 1
+                delay = self.backoff[0]
+                log.info("cluster link to %s back", redacted(self.url))
+            try:
+                await self._serve(self._conn)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection failed (psycopg.OperationalError, a timeout, ...)
+                log.warning("cluster link to %s lost: %s", redacted(self.url), _one_line(exc, self.url))
+                self._fail_commands(exc)
+                await self._drop_connection()
+                await asyncio.sleep(delay)  # a server restarting is not asked again at once
+
+    def _fail_commands(self, exc: BaseException) -> None:
+        while self._commands:
+            _sql, _params, future = self._commands.popleft()
+            if not future.done():
+                future.set_exception(ClusterUnavailable(f"cluster link lost: {str(exc).splitlines()[0][:200]}"))
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        pinged = leader_tried = flushed = time.monotonic()
+        leader_tried -= self.leader_interval  # try at once
+        while True:
+            while self._commands:
+                sql, params, future = self._commands[0]
+                async with asyncio.timeout(self.op_timeout):
+                    cursor = await conn.execute(sql.encode(), params)
+                    row = await cursor.fetchone()
+                self._commands.popleft()
+                self._settle(sql, params, future, row)
+            now = time.monotonic()
+            if self.want_leader and not self.leader and now - leader_tried >= self.leader_interval:
+                leader_tried = now
+                async with asyncio.timeout(self.op_timeout):
+                    cursor = await conn.execute("SELECT pg_try_advisory_lock(%s, 0)", (LEADER_SPACE,))
+                    row = await cursor.fetchone()
+                self._set_leader(bool(row and row[0]))
+                continue
+            if len(self._outgoing) and now - flushed >= DOWNLOAD_FLUSH:
+                flushed = now
+                outgoing, self._outgoing = self._outgoing, Changes(self.node)
+                async with asyncio.timeout(self.op_timeout):
+                    for payload in payloads(outgoing):
+                        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                continue
+            if now - pinged >= self.ping_interval:
+                pinged = now
+                async with asyncio.timeout(self.op_timeout):
+                    await conn.execute("SELECT 1")
+                continue
+            deadline = pinged + self.ping_interval
+            if self.want_leader and not self.leader:
+                deadline = min(deadline, leader_tried + self.leader_interval)
+            if len(self._outgoing):
+                deadline = min(deadline, flushed + DOWNLOAD_FLUSH)
+            await self._idle(conn, loop, max(deadline - now, 0.0))
+
+    async def _idle(self, conn: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Wait until the server sends something (a notification, or the end of the connection), a
+        command comes, or `timeout` passes. Nothing else uses the connection meanwhile (only this
+        task does), so watching its socket here is safe."""
+        if self._commands:
+            return
+        wake: asyncio.Future[None] = loop.create_future()
+        self._wake = wake
+        fd = conn.pgconn.socket
+        readable = False
+
+        def on_readable() -> None:
+            nonlocal readable
+            readable = True
+            if not wake.done():
+                wake.set_result(None)
+
+        loop.add_reader(fd, on_readable)
+        try:
+            await asyncio.wait([wake], timeout=timeout)
+        finally:
+            loop.remove_reader(fd)
+            self._wake = None
+        if readable:
+            pgconn = conn.pgconn
+            pgconn.consume_input()  # raises when the connection ended
+            if pgconn.status != psycopg.pq.ConnStatus.OK:
+                raise psycopg.OperationalError("the connection to the server was lost")
+            while notify := pgconn.notifies():
+                self._on_notify(psycopg.Notify(notify.relname.decode(), notify.extra.decode(), notify.be_pid))
+
+    def _submit(self, sql: str, params: tuple[Any, ...]) -> asyncio.Future[Any]:
+        if self._conn is None or self._closing:
+            raise ClusterUnavailable("the cluster link to PostgreSQL is down (reconnecting)")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._commands.append((sql, params, future))
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        return future
+
+    def _settle(self, sql: str, params: tuple[Any, ...], future: asyncio.Future[Any], row: Any) -> None:
+        """A command's result; a lock taken for a caller that gave up meanwhile is let go."""
+        value = row[0] if row else None
+        if sql is _TRY_LOCK:
+            site = params[1]
+            if value:
+                if future.done():  # cancelled while waiting: not wanted
+                    self._commands.appendleft((_UNLOCK, params, asyncio.get_running_loop().create_future()))
+                    return
+                self.held.add(site)
+        elif sql is _UNLOCK:
+            self.held.discard(params[1])
+        if not future.done():
+            future.set_result(value)
+
+    # ---- what the node asks -----------------------------------------------------------------
+
+    async def try_lock(self, site_id: int) -> bool:
+        """Take the site's mailbox lock for this node: False if another node holds it; raises
+        ClusterUnavailable while the link is down."""
+        if site_id in self.held:
+            return False  # the caller's in-process lock keeps one session per node: a second ask is a bug
+        return bool(await self._submit(_TRY_LOCK, (MAILBOX_SPACE, site_id)))
+
+    def unlock(self, site_id: int) -> None:
+        """Let the site's mailbox lock go (at once when the link is up; gone anyway when it is not)."""
+        if site_id not in self.held:
+            return
+        try:
+            self._submit(_UNLOCK, (MAILBOX_SPACE, site_id))
+        except ClusterUnavailable:
+            self.held.discard(site_id)
+
+    async def locked_elsewhere(self, site_id: int) -> bool:
+        """Whether a session of another node holds the site's mailbox (IMAP EXPUNGE waits then)."""
+        if site_id in self.held:
+            return False
+        return bool(await self._submit(_HELD, (MAILBOX_SPACE, site_id)))
+
+    def is_leader(self) -> bool:
+        """Whether this node runs the cluster's periodic work now."""
+        return self.leader and self.connected
+
+    def note_download(self, site_id: int, size: int) -> None:
+        """This node sent `size` bytes of a mail to the site (told to the others within DOWNLOAD_FLUSH)."""
+        self._outgoing.downloaded.append((site_id, size))
+        self._kick()
+
+    def note_poll(self, site_id: int) -> None:
+        self._outgoing.polled.append(site_id)
+        self._kick()
+
+    def _kick(self) -> None:
+        if len(self._outgoing) > MAX_QUEUED_CHANGES:  # link down for long: keep the newest
+            self._outgoing = Changes(self.node, downloaded=self._outgoing.downloaded[-1000:])
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    # ---- what the others tell -----------------------------------------------------------------
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        if notify.channel != CHANNEL:
+            return
+        try:
+            changes = decode(notify.payload)
+        except BadPayload as exc:
+            self.dropped += 1
+            log.warning("cluster link: a payload on %s refused: %s", CHANNEL, exc)
+            return
+        if changes.node == self.node:
+            return  # this node's listeners heard of it in the process
+        rows = len(changes)
+        self.received += rows
+        if self._queued_rows + rows > MAX_QUEUED_CHANGES:
+            self.dropped += rows
+            log.warning("cluster link: %d change(s) from node %s dropped (too many waiting)", rows, changes.node)
+            return
+        self._changes.append(changes)
+        self._queued_rows += rows
+        if len(self._changes) == 1:
+            asyncio.get_running_loop().call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Feed the received changes to the listeners, as storage does for this node's own."""
+        while self._changes:
+            changes = self._changes.popleft()
+            self._queued_rows -= len(changes)
+            for listener in self.listeners:
+                try:
+                    for c in changes.committed:
+                        listener.committed(*c)
+                    for f in changes.fetched:
+                        listener.fetched_committed(*f)
+                    for r in changes.removed:
+                        listener.removed(*r)
+                    downloaded = getattr(listener, "downloaded", None)
+                    if downloaded is not None:
+                        for site, size in changes.downloaded:
+                            downloaded(site, size)
+                    polled = getattr(listener, "polled", None)
+                    if polled is not None:
+                        for site in changes.polled:
+                            polled(site)
+                except Exception:
+                    log.exception("cluster link: a listener failed on node %s's changes", changes.node)
+
+
+_TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
+_UNLOCK: Final = "SELECT pg_advisory_unlock(%s, %s)"
+_HELD: Final = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 2"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+)

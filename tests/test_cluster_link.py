@@ -1,0 +1,345 @@
+# The cluster link (storage/postgres/cluster.py) on a real PostgreSQL: two links in one process act
+# as two nodes. Mailbox locks across nodes, freed when the node holding them dies (a killed process,
+# a terminated backend), the leader lock passing on, other nodes' mailbox changes (NOTIFY from an
+# index transaction, delivered at commit only) fed to the listeners, live downloads, bad payloads.
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from storage import cluster_events
+from storage.cluster_events import Changes
+from storage.postgres.cluster import MAILBOX_SPACE, ClusterLink, ClusterUnavailable
+from storage.postgres.connection import PgConnection
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def eventually_true(ask, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await ask():
+        if time.monotonic() > deadline:
+            raise AssertionError("not true in time")
+        await asyncio.sleep(0.05)
+
+
+class Heard:
+    def __init__(self):
+        self.calls = []
+
+    def committed(self, *args):
+        self.calls.append(("committed", args))
+
+    def fetched_committed(self, *args):
+        self.calls.append(("fetched", args))
+
+    def removed(self, *args):
+        self.calls.append(("removed", args))
+
+    def downloaded(self, *args):
+        self.calls.append(("downloaded", args))
+
+    def polled(self, *args):
+        self.calls.append(("polled", args))
+
+
+def link(url, node, **kw):
+    kw.setdefault("leader_interval", 0.1)
+    kw.setdefault("backoff", (0.05, 0.2))
+    return ClusterLink(url, node, **kw)
+
+
+def backend_pid(url, application):
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+            (application,),
+        ).fetchone()
+        return row[0] if row else None
+
+
+def test_a_mailbox_lock_is_held_by_one_node_at_a_time(pg_url):
+    async def main():
+        a, b = link(pg_url, "a"), link(pg_url, "b")
+        await a.start()
+        await b.start()
+        try:
+            assert await a.try_lock(7)
+            assert not await b.try_lock(7)  # held by node a
+            assert await b.locked_elsewhere(7) and not await a.locked_elsewhere(7)
+            assert await b.try_lock(8)  # another mailbox
+            a.unlock(7)
+            await eventually_true(lambda: b.try_lock(7))
+            assert b.held == {7, 8} and a.held == set()
+            assert not await a.try_lock(7)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_killed_node_frees_its_mailbox_locks(pg_url):
+    """A real process takes the lock and is killed with SIGKILL: PostgreSQL ends its session and the
+    other node takes the mailbox."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, psycopg\n"
+            "c = psycopg.connect(sys.argv[1], autocommit=True)\n"
+            "assert c.execute('SELECT pg_try_advisory_lock(%s, 3)', (int(sys.argv[2]),)).fetchone()[0]\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(600)\n",
+            pg_url,
+            str(MAILBOX_SPACE),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+
+        async def main():
+            b = link(pg_url, "b")
+            await b.start()
+            try:
+                assert not await b.try_lock(3)
+                assert await b.locked_elsewhere(3)
+                os.kill(holder.pid, signal.SIGKILL)
+                await eventually_true(lambda: b.try_lock(3))
+                assert b.held == {3}
+            finally:
+                await b.close()
+
+        asyncio.run(main())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lost_link_drops_its_locks_and_leadership_and_comes_back(pg_url):
+    async def main():
+        a, b = link(pg_url, "a"), link(pg_url, "b")
+        lost = []
+        a.on_locks_lost = lambda sites: lost.append((sites, a.is_leader(), set(a.held)))
+        await a.start()
+        await until(a.is_leader)
+        await b.start()
+        try:
+            assert await a.try_lock(1) and await a.try_lock(2)
+            pid = backend_pid(pg_url, "mailhub cluster link a")
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await until(lambda: lost)
+            assert lost == [({1, 2}, False, set())]  # leadership gone first, then the locks
+            assert await b.try_lock(1)  # the mailbox is free for the other node at once
+            await until(lambda: a.connected and a.reconnects == 1)
+            assert not await a.try_lock(1)  # back, and node b holds it now
+            assert await a.try_lock(2)
+            await until(lambda: a.is_leader() or b.is_leader())
+            await asyncio.sleep(0.3)
+            assert a.is_leader() != b.is_leader()  # one leader
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_no_lock_while_the_link_is_down(pg_url, postgres_server):
+    async def main():
+        a = link(pg_url, "a", backoff=(30.0, 30.0))
+        await a.start()
+        try:
+            pid = backend_pid(pg_url, "mailhub cluster link a")
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await until(lambda: not a.connected)
+            with pytest.raises(ClusterUnavailable):
+                await a.try_lock(4)
+            a.unlock(4)  # nothing held: nothing to do, no error
+        finally:
+            await a.close()
+
+    asyncio.run(main())
+
+
+def test_the_leader_lock_passes_on_when_the_leader_stops(pg_url):
+    async def main():
+        a, b = link(pg_url, "a"), link(pg_url, "b")
+        changes = []
+        b.on_leader = changes.append
+        await a.start()
+        await until(a.is_leader)
+        await b.start()
+        try:
+            await asyncio.sleep(0.3)  # b tried a few times
+            assert not b.is_leader() and changes == []
+            await a.close()
+            await until(b.is_leader)
+            assert changes == [True]
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_other_nodes_changes_reach_the_listeners_at_commit_only(pg_url):
+    async def main():
+        a, b = link(pg_url, "a"), link(pg_url, "b")
+        heard_a, heard_b = Heard(), Heard()
+        a.listeners.append(heard_a)
+        b.listeners.append(heard_b)
+        await a.start()
+        await b.start()
+        try:
+            writer = PgConnection.connect(pg_url)
+            try:
+                # what node a's index writer sends in a transaction of its own
+                writer.execute("BEGIN")
+                cluster_events.notify(writer, Changes("a", committed=[(1, [2, 3], 100, 1.5)]))
+                writer.execute("ROLLBACK")  # never committed: nobody hears of it
+                writer.execute("BEGIN")
+                cluster_events.notify(
+                    writer,
+                    Changes(
+                        "a",
+                        committed=[(None, [2], 50, 2.0)],
+                        fetched=[(2, 11, 1, 100)],
+                        removed=[(3, 12, 1, 100, True)],
+                    ),
+                )
+                writer.execute("COMMIT")
+            finally:
+                writer.close()
+            await until(lambda: len(heard_b.calls) == 3)
+            assert heard_b.calls == [
+                ("committed", (None, [2], 50, 2.0)),
+                ("fetched", (2, 11, 1, 100)),
+                ("removed", (3, 12, 1, 100, True)),
+            ]
+            a.note_download(2, 4096)  # a's live sends, for b's drain rates
+            a.note_poll(2)
+            await until(lambda: len(heard_b.calls) == 5)
+            assert heard_b.calls[3:] == [("downloaded", (2, 4096)), ("polled", (2,))]
+            await asyncio.sleep(0.2)
+            assert heard_a.calls == []  # a's own: its listeners heard of them in the process
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_bad_payload_is_refused_and_the_link_goes_on(pg_url):
+    async def main():
+        b = link(pg_url, "b")
+        heard = Heard()
+        b.listeners.append(heard)
+        await b.start()
+        try:
+            with psycopg.connect(pg_url, autocommit=True) as other:
+                for bad in ["not json", '{"n": "x", "c": [["a", [1], 2, 3]]}', '{"c": []}', '{"n": "x", "f": [1]}']:
+                    other.execute("SELECT pg_notify('mailhub_events', %s)", (bad,))
+                other.execute(
+                    "SELECT pg_notify('mailhub_events', %s)", (cluster_events.payloads(Changes("x", polled=[9]))[0],)
+                )
+            await until(lambda: heard.calls == [("polled", (9,))])
+            assert b.dropped == 4
+            assert await b.try_lock(1)
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_long_lists_are_split_under_the_notify_limit():
+    changes = Changes(
+        "node-" + "x" * 300,
+        committed=[(i, list(range(i % 7)), i * 1000, 1.7e9 + i) for i in range(900)],
+        fetched=[(i, i, None, 5) for i in range(900)],
+        removed=[(i, i, i, 5, i % 2 == 0) for i in range(900)],
+        downloaded=[(i, 1 << 40) for i in range(500)],
+        polled=list(range(500)),
+    )
+    texts = cluster_events.payloads(changes)
+    assert len(texts) > 5
+    assert all(len(t.encode()) <= cluster_events.MAX_PAYLOAD for t in texts)
+    back = [cluster_events.decode(t) for t in texts]
+    for kind in ("committed", "fetched", "removed", "downloaded", "polled"):
+        assert [row for part in back for row in getattr(part, kind)] == getattr(changes, kind)
+    assert {part.node for part in back} == {changes.node[: cluster_events.NODE_MAX]}
+    assert cluster_events.payloads(Changes("n")) == []
+
+
+def test_the_index_writer_tells_other_nodes_of_its_commits_and_deletions(pg_index, tmp_path):
+    """The index writer on PostgreSQL NOTIFYs in each transaction: node b's listeners hear of node
+    a's deliveries, downloads and deletions with the arguments a's own listeners get."""
+    from storage import sites
+    from storage.index_writer import BatchItem, IndexWriter
+    from storage.records import Delivery, Downloads, MessageMeta
+
+    url, reset = pg_index
+    reset()
+    writer = IndexWriter(tmp_path, 0.0, node="a")
+    writer.conn.close()
+    writer.conn = PgConnection.connect(url)
+    for name in ("alpha", "beta"):
+        sites.add_site(writer.conn, name, [f"{name}@hub.test"], "pw-" * 4, ["hub.test"])
+    alpha, beta = (sites.get_site(writer.conn, n).id for n in ("alpha", "beta"))
+
+    def item(queue_id, size, at):
+        meta = MessageMeta(mail_from="x@hub.test", sender_site=alpha, dot_lines=False, message_id=None)
+        return BatchItem(
+            queue_id, size, at, meta, [Delivery(beta, "beta@hub.test")], [], None, f"11/{queue_id}", sha256="ab" * 32
+        )
+
+    async def main():
+        a, b = link(url, "a"), link(url, "b")
+        heard_a, heard_b = Heard(), Heard()
+        a.listeners.append(heard_a)
+        b.listeners.append(heard_b)
+        await a.start()
+        await b.start()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, lambda: writer.commit_batch([item("Q1", 100, 1.5e9), item("Q2", 200, 1.5e9 + 1)], [], seq=1)
+            )
+            await until(lambda: len(heard_b.calls) == 2)
+            assert heard_b.calls == [
+                ("committed", (alpha, [beta], 100, 1.5e9)),
+                ("committed", (alpha, [beta], 200, 1.5e9 + 1)),
+            ]
+            uids = [u for (u,) in writer.conn.execute("SELECT uid FROM mailbox ORDER BY uid")]
+            downloads = Downloads(polled_at=1.6e9, fetched_uids=uids, retrieved={"Q1": (1.6e9, 100)})
+            result = await loop.run_in_executor(None, writer.delete_entries, beta, uids[:1], downloads, "beta")
+            await until(lambda: len(heard_b.calls) == 5)
+            fetched, removed = result
+            assert heard_b.calls[2:] == [("fetched", (beta, *row)) for row in fetched] + [
+                ("removed", (beta, *row)) for row in removed
+            ]
+            assert len(fetched) == 2 and len(removed) == 1
+            await asyncio.sleep(0.2)
+            assert heard_a.calls == []
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        writer.close()
