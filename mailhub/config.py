@@ -641,6 +641,14 @@ class StorageConfig:
         "the quarantine and listed by `mailhub storage damaged` (docs/integrity.md). A pass over "
         '1 TB takes 18 h at "16M"; 0 is off.',
     )
+    blobs: Path | None = setting(
+        _optional_path,
+        "",
+        "Empty (the default): the message blobs are kept in data_dir (blobs/, spool/, ledger/). Else "
+        "the path of a SHARED POSIX folder (NFS v4, CephFS) holding the blobs of all the nodes of a "
+        "cluster that share one index (storage.index): each node writes only under <blobs>/<node.name>/ "
+        "and serves any node's mail; the folder must exist (docs/storage.md, a shared blob folder).",
+    )
     verify_while_serving: bool = setting(
         _bool,
         False,
@@ -652,6 +660,38 @@ class StorageConfig:
         "is off by default; changed bytes are then found by the scrub and `mailhub storage verify`. "
         "A mail cut short is refused or cut off either way.",
     )
+
+
+@_kind("node name: letters, digits, '.', '_', '-'; up to 63")
+def _node_name(value: Any) -> str:
+    from storage.blob_layout import node_name_problem
+
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    problem = node_name_problem(value) if value else None
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """The [node] section (SECTION_DOCS["node"])."""
+
+    name: str = setting(
+        _node_name,
+        "",
+        "This node's name, unique in the cluster (empty: the host name's first label). With a shared "
+        "blob folder (storage.blobs) the node writes under <blobs>/<name>/ and its queue IDs carry a "
+        "node number the index records for this name.",
+    )
+
+    @property
+    def resolved_name(self) -> str:
+        """The name in use: `name`, or the host name's first label."""
+        from storage.blob_layout import default_node_name
+
+        return self.name or default_node_name()
 
 
 @dataclass(frozen=True, slots=True)
@@ -985,6 +1025,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
@@ -1028,6 +1069,7 @@ SECTION_DOCS: dict[str, str] = {
     "auth": "Logins, and the guard against password guessing (all protocols; docs/hostile-clients.md).",
     "events": "The tracking record behind `mailhub trace` and `mailhub stats`.",
     "storage": ("The blob store, its disk-space guards and the background scrub (docs/storage.md, docs/integrity.md)."),
+    "node": "This hub node's identity in a cluster (docs/storage.md, a shared blob folder).",
     "log": "Logging.",
     "directory": "The participant directory and the hub's signing key (docs/hub-key.md).",
     "encryption": "The encryption policy applied at the end of the data.",

@@ -152,6 +152,8 @@ class Hub:
             reserve_bytes=cfg.storage.reserve_bytes,
             memory_budget=cfg.smtp.memory_budget,
             min_free_bytes=cfg.storage.min_free_bytes,
+            blobs=cfg.storage.blobs,
+            node=cfg.node.resolved_name,
         )
         MEMORY_BUDGET.budget = storage.memory_budget
         storage.on_damaged = damaged_mail

@@ -424,6 +424,8 @@ async def _change_here(cfg: Config, cmd: str, fields: dict) -> dict:
         release_freed_after=cfg.storage.release_freed_after,
         reserve_bytes=cfg.storage.reserve_bytes,
         min_free_bytes=cfg.storage.min_free_bytes,
+        blobs=cfg.storage.blobs,
+        node=cfg.node.resolved_name,
     )
     try:
         await storage.open()

@@ -221,11 +221,13 @@ class IndexWriter:
         except OSError:
             self._ledger_behind = True
 
-    def settle(self, queue_ids: list[str], begun: list[str]) -> dict[str, str] | None:
+    def settle(self, queue_ids: list[str], begun: list[str], own: str = "") -> dict[str, str] | None:
         """A writer died during a group commit of these mails (`begun`: the packs its small mails
         would have begun). If it committed: {queue ID: SHA-256} (the accepted events, which outlive
         a quick deletion). If not: None, after removing what it wrote (the frames past the packs'
-        committed ends, the packs it began): the batch leaves no trace."""
+        committed ends, the packs it began): the batch leaves no trace. Only packs whose name
+        starts with `own` are cut back (a shared blob folder: another node's open pack holds its
+        batch in flight past its committed end)."""
         marks = ",".join("?" * len(queue_ids))
         found = dict(
             self.conn.execute(
@@ -235,7 +237,9 @@ class IndexWriter:
         )
         if found:
             return found
-        for blob, end in self.conn.execute("SELECT blob, committed_end FROM packs").fetchall():
+        for blob, end in self.conn.execute(
+            "SELECT blob, committed_end FROM packs WHERE substr(blob, 1, ?) = ?", (len(own), own)
+        ).fetchall():
             try:
                 truncate_durably(f"{self.blob_dir}/{blob}", end)
             except FileNotFoundError:

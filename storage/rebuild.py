@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import audit, db, envelope, events, ledger, sql, verify
+from .blob_layout import MARKER, node_name_problem
 from .folder_lock import lock_data_folder
 from .quarantine import list_entries, quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
@@ -198,14 +199,20 @@ def _salvage(damaged: Path, target: Path) -> bool:
 # ---- the reconciliation ---------------------------------------------------------------------------
 
 
-def blob_files(blob_dir: Path) -> Iterator[tuple[str, str]]:
-    """(blob name, path) of every file the hub names in the blob store, in order."""
+def blob_files(blob_dir: Path, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(blob name, path) of every file the hub names in the blob store, in order; a shared blob
+    folder (storage/blob_layout.py): of every node's folder, names '<node>/<hour>/<queue ID>'."""
+    if not prefix and os.path.exists(os.path.join(blob_dir, MARKER)):
+        for node in sorted(os.scandir(blob_dir), key=lambda e: e.name):
+            if node.is_dir(follow_symlinks=False) and node_name_problem(node.name) is None:
+                yield from blob_files(Path(node.path), f"{node.name}/")
+        return
     for folder in sorted(os.scandir(blob_dir), key=lambda e: e.name):
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
             continue
         for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
             if entry.is_file(follow_symlinks=False) and QUEUE_ID.match(entry.name):
-                yield f"{folder.name}/{entry.name}", entry.path
+                yield f"{prefix}{folder.name}/{entry.name}", entry.path
 
 
 def prove(blob_dir: Path, report: RebuildReport, proven: set[tuple[int, int]]) -> None:

@@ -11,6 +11,10 @@
 # quarantining them would hide acknowledged mail. Likewise when most indexed blobs are missing
 # (an unmounted blob store): IndexBehind, not a quarantine of every mailbox.
 # A full disk does not stop it: what cannot be written is skipped and reported.
+# With a shared blob folder (storage/blob_layout.py) it looks only at this node's own: its spool,
+# <root>/<node>/ and the index rows of blobs named '<node>/...'; another node's blob renamed into
+# place but not yet committed looks like an orphan, and is never touched. The trash it empties is
+# this node's and other nodes' single files (never another node's pack: it may be open there).
 import json
 import logging
 import os
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import db, envelope, ledger, sql
+from .blob_layout import BlobLayout
 from .errors import StorageError
 from .files import unlink_quietly
 from .packs import truncate_durably
@@ -70,11 +75,12 @@ class RecoveryReport:
         )
 
 
-def recover(conn: sql.Connection, data_dir: Path) -> RecoveryReport:
+def recover(conn: sql.Connection, data_dir: Path, layout: BlobLayout | None = None) -> RecoveryReport:
     data_dir = Path(data_dir)
+    layout = layout or BlobLayout(data_dir)
     report = RecoveryReport()
     _clean_spool(data_dir, data_dir / "spool", report)
-    _empty_trash(conn, data_dir / "blobs", report)
+    _empty_trash(conn, data_dir / "blobs", layout, report)
     seq, _attempt = ledger.last_commit(conn)
     newest = ledger.read(data_dir, newest_only=True)
     if newest.max_seq > seq:
@@ -83,7 +89,7 @@ def recover(conn: sql.Connection, data_dir: Path) -> RecoveryReport:
             f" group commit {seq}, the ledger at {newest.max_seq}"
         )
     _catch_up_ledger(conn, data_dir, report)
-    _check_blobs(conn, data_dir, seq, report)
+    _check_blobs(conn, data_dir, seq, layout.prefix, report)
     for text in report.quarantined:
         log.warning("recovery: quarantined %s", text)
     for text in report.strays:
@@ -102,8 +108,8 @@ def _clean_spool(data_dir: Path, spool_dir: Path, report: RecoveryReport) -> Non
             report.strays.append(_relative(entry.path, data_dir))
 
 
-def _empty_trash(conn: sql.Connection, blob_dir: Path, report: RecoveryReport) -> None:
-    trash = [blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")]
+def _empty_trash(conn: sql.Connection, blob_dir: Path, layout: BlobLayout, report: RecoveryReport) -> None:
+    trash = layout.releasable([blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")])
     for blob in trash:
         unlink_quietly(blob_dir / blob)  # freed by a committed deletion
     try:
@@ -126,17 +132,25 @@ def _catch_up_ledger(conn: sql.Connection, data_dir: Path, report: RecoveryRepor
             pass
 
 
-def _check_blobs(conn: sql.Connection, data_dir: Path, seq: int, report: RecoveryReport) -> None:
+def _check_blobs(conn: sql.Connection, data_dir: Path, seq: int, own: str, report: RecoveryReport) -> None:
+    """`own`: the prefix of this node's blob names ('<node>/' in a shared folder, else "")."""
     blob_dir = data_dir / "blobs"
-    indexed = dict(conn.execute("SELECT blob, max(blob_offset + size) FROM messages GROUP BY blob"))
-    committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs"))
+    mine = (len(own), own)
+    indexed = dict(
+        conn.execute(
+            "SELECT blob, max(blob_offset + size) FROM messages WHERE substr(blob, 1, ?) = ? GROUP BY blob", mine
+        )
+    )
+    committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs WHERE substr(blob, 1, ?) = ?", mine))
     orphans, tails, on_disk = [], [], set()
-    for folder in os.scandir(blob_dir):
+    for folder in os.scandir(blob_dir / own):
+        if own and folder.name in ("spool", "ledger", "mailhub.lock"):
+            continue  # the node's own (storage/blob_layout.py)
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
             report.strays.append(_relative(folder.path, data_dir))
             continue
         for entry in os.scandir(folder.path):
-            name = f"{folder.name}/{entry.name}"
+            name = f"{own}{folder.name}/{entry.name}"
             if not (entry.is_file(follow_symlinks=False) and QUEUE_ID.match(entry.name)):
                 report.strays.append(_relative(entry.path, data_dir))
             elif name in indexed:

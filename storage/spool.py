@@ -36,10 +36,14 @@ WRITEBACK_AT = 8 * 1024 * 1024  # written bytes whose writeback starts at once (
 _sequence = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
 
-def new_queue_id() -> str:
+def new_queue_id(node: int | None = None) -> str:
     """Time-sortable, unique, filename-safe: 13 hex digits of microseconds + a 6-digit sequence
-    (random start per process, so that a restart within the same microsecond cannot collide)."""
-    return f"{time.time_ns() // 1000:013X}{next(_sequence) & 0xFFFFFF:06X}"
+    (random start per process, so that a restart within the same microsecond cannot collide).
+    With a node number (1..255, a shared blob folder: storage/blob_layout.py) the sequence's first
+    two digits are the node's: nodes writing one index never make the same ID."""
+    if node is None:
+        return f"{time.time_ns() // 1000:013X}{next(_sequence) & 0xFFFFFF:06X}"
+    return f"{time.time_ns() // 1000:013X}{node:02X}{next(_sequence) & 0xFFFF:04X}"
 
 
 def blob_name(queue_id: str, received_at: float) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from . import audit, db, envelope, events, faults, reserve, verify
+from . import audit, blob_layout, db, envelope, events, faults, reserve, verify
 from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
 from .files import drop_cached, fsync_dir, storage_error, unlink_quietly
 from .folder_lock import lock_data_folder
@@ -95,9 +95,14 @@ class Storage:
         reserve_bytes: int = 0,
         memory_budget: int = 256 * 1024**2,
         min_free_bytes: int = 0,
+        blobs: Path | None = None,
         node: str = "",
     ):
         self.data_dir = Path(data_dir).absolute()  # the index writer process gets it as it is
+        # storage.blobs (a shared folder, storage/blob_layout.py) and this node's name in it
+        self.shared_blobs = Path(blobs).absolute() if blobs is not None else None
+        self.node = node or blob_layout.default_node_name()
+        self.layout = blob_layout.BlobLayout(self.data_dir)  # set by open()
         self.release_freed_after = release_freed_after  # seconds before a freed range of a pack is punched
         self.reserve_bytes = reserve_bytes  # space set aside for a full disk (storage.reserve)
         self._disk_full = False  # the hub started short of space: no mail taken until the reserve is back
@@ -154,14 +159,17 @@ class Storage:
         """Take the data folder (one serving hub per folder), recover, start the index writer."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._folder_lock = lock_data_folder(self.data_dir)
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.layout = blob_layout.prepare(
+                self.data_dir, self.shared_blobs, self.node, lambda: _open_index(self.data_dir)
+            )
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
             self._disk_full = reserve.release_if_short(self.data_dir, self.reserve_bytes)
             conn = _open_index(self.data_dir)
             try:
                 db.check(conn)
-                report = recover(conn, self.data_dir)
+                report = recover(conn, self.data_dir, self.layout)
                 try:
                     rebuild_usage(conn)
                 except sqlite3.OperationalError as exc:  # a full disk: the triggers kept it anyway
@@ -169,6 +177,7 @@ class Storage:
             finally:
                 conn.close()
         except BaseException:
+            self.layout.close()
             os.close(self._folder_lock)
             self._folder_lock = None
             raise
@@ -206,7 +215,7 @@ class Storage:
             return True
         if now - self._free[0] >= 1.0:
             try:
-                self._free = (now, reserve.free_bytes(self.data_dir))
+                self._free = (now, reserve.free_bytes(self.spool_dir))  # the blobs' file system
             except OSError:
                 return False  # unknown: the writes will tell
         return self._free[1] < self.min_free_bytes + 1.5 * (declared or 0)
@@ -236,12 +245,13 @@ class Storage:
         await self._writer.close()
         self.executor.shutdown(wait=True)
         self._packs.close()
+        self.layout.close()
         if self._folder_lock is not None:
             os.close(self._folder_lock)
             self._folder_lock = None
 
     def new_spool(self) -> SpoolFile:
-        return SpoolFile(self._spool_folder, new_queue_id(), self.executor, self.memory_budget)
+        return SpoolFile(self._spool_folder, new_queue_id(self.layout.number), self.executor, self.memory_budget)
 
     async def commit(
         self,
@@ -257,7 +267,7 @@ class Storage:
         `on_committed()` runs as soon as the listeners have counted the commit, before any other
         task can run (the quota reservation of the mail ends there, exactly as the ledger counts it)."""
         received_at = time.time()
-        blob = blob_name(spool.queue_id, received_at)
+        blob = self.layout.prefix + blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory:
             chunks = spool.take_chunks()
@@ -484,7 +494,10 @@ class Storage:
         the single files)."""
         try:
             found = await self._writer.call(
-                IndexWriter.settle, [i.spool.queue_id for i in batch], [i.blob for i in batch if i.data is not None]
+                IndexWriter.settle,
+                [i.spool.queue_id for i in batch],
+                [i.blob for i in batch if i.data is not None],
+                self.layout.prefix,
             )
         except StorageError as exc:
             raise _Unsettled(f"index writer process ended, and whether it committed is unknown: {exc}") from exc
@@ -536,6 +549,8 @@ class Storage:
             return reason
         reason = verify.size_problem(entry.path, entry.offset, entry.size)
         if reason is not None:
+            if not self.layout.available():  # the shared folder is away: not the mail's fault
+                return f"the shared blob folder {self.layout.root} cannot be reached"
             self.mark_damaged_soon(entry.queue_id, reason, "serving")
         return reason
 
@@ -548,7 +563,12 @@ class Storage:
 
     async def mark_damaged(self, queue_id: str, reason: str, found_by: str) -> bool:
         """Note a mail as damaged: a copy of what is on disk of it into the quarantine, a `damaged`
-        row; from now on it is refused to POP3 and IMAP clients. False if it is unknown or known already."""
+        row; from now on it is refused to POP3 and IMAP clients. False if it is unknown or known already,
+        or if the shared blob folder cannot be reached (nothing is marked: the mail is not at fault)."""
+        if not self.layout.available():
+            self.damaged.pop(queue_id, None)
+            log.error("mail %s not marked damaged (%s): the shared blob folder cannot be reached", queue_id, reason)
+            return False
         self.damaged[queue_id] = reason
         rows = list(
             await self._index.execute_fetchall(
@@ -727,6 +747,8 @@ class Storage:
         """Remove the files of freed blobs and release the space of freed messages in packs."""
         async with self._batch_lock:  # no batch is writing to the open pack
             blobs, holes = await self._writer.call(IndexWriter.freed)
+            if self.layout.shared and blobs:  # other nodes' packs are theirs to free
+                blobs = await asyncio.get_running_loop().run_in_executor(self.executor, self.layout.releasable, blobs)
             if self._packs.open_blob in blobs:
                 self._packs.close()  # a pack is never reopened: what is listed stays free
         if not blobs and not holes:

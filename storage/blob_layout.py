@@ -1,0 +1,258 @@
+# Where this node's blobs live: in its data folder (storage.blobs = "", today's layout), or in a
+# SHARED POSIX folder (NFS v4, CephFS) that several nodes, each with its own node-local data folder
+# and index writer, all writing one index, store and serve mail from (storage.blobs = PATH).
+# Shared layout:
+#   <root>/.mailhub-blobs          marker: this folder is a hub's shared blob store (made once)
+#   <root>/<node>/<YYYYMMDDHH>/<queue ID>   blob files and packs, exactly today's layout inside
+#   <root>/<node>/spool/           the node's spool (it must be on the blobs' file system: a
+#                                  spool file becomes a blob by one atomic rename, never by a copy)
+#   <root>/<node>/ledger/          the node's ledger lines (storage/ledger.py)
+#   <root>/<node>/mailhub.lock     held by the node's serving hub (two nodes with one name: refused)
+# In the data folder, blobs -> <root>, spool -> <root>/<node>/spool and ledger -> <root>/<node>/ledger
+# are symbolic links (made by the hub at start), so that every path the code and the command-line
+# tools build (data_dir/blobs/<blob name>) reaches the shared file; the index records blob names
+# with the node part ('<node>/<hour>/<queue ID>'), so any node serves any node's mail by its name.
+# What the hub relies on of the shared file system: fsync (of files and folders), atomic rename,
+# O_EXCL creation of new files, and flock on the node's lock file (NFS v4 and CephFS have them).
+# Dangers designed out here and in the modules named:
+# - Names: queue IDs carry a node number from 1 to 255 the index records for the node's name
+#   (meta rows 'blob_node:<name>' and 'blob_node_number:<n>', claimed once, never given to another
+#   name): two nodes never make the same queue ID, hence never the same blob name (spool.py).
+# - A node writes only under <root>/<node>/; start-up recovery (recovery.py) looks only there and
+#   at its own spool: a blob of another node renamed into place but not yet committed is never
+#   quarantined nor removed by this node.
+# - Freeing (store.py, releasable()): a freed blob file of its own (a big mail) is removed by any
+#   node; a freed PACK of another node is left to that node (it may be its open pack, which it may
+#   still append to); freed ranges of any pack are punched by any node (committed bytes, never
+#   appended to again). A freed name is never used again (names are queue IDs): unlinking it cannot
+#   hit a newer reference.
+# - An unmounted or unreachable shared folder is never taken for an empty store: without the marker
+#   the hub does not start if the index refers to shared blobs, and a missing blob is not marked
+#   damaged while the marker cannot be seen (reads fail cleanly, SMTP answers 451).
+# Must never remove a file (the callers do, as said above) nor create the root folder itself.
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import db, envelope, sql
+from .errors import StorageError
+from .files import fsync_dir
+from .folder_lock import DataFolderInUse, lock_data_folder
+
+MARKER = ".mailhub-blobs"
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_HOUR_LIKE = re.compile(r"\d{10}")
+LINKED = ("blobs", "spool", "ledger")  # the data folder's entries that point into the shared folder
+MAX_NODES = 255  # node numbers 1..255: two hex digits of a queue ID
+
+
+class SharedBlobsUnavailable(StorageError):
+    """The shared blob folder is missing, not mounted, or not the one the index refers to."""
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a node (it names its folder), or None."""
+    if not NODE_NAME.fullmatch(name) or _HOUR_LIKE.fullmatch(name) or name in ("spool", "ledger"):
+        return (
+            f"a node name is 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit, and not"
+            f" 10 digits (an hour folder's name), got {name!r}"
+        )
+    return None
+
+
+def default_node_name() -> str:
+    """The host name's first label, made a valid node name."""
+    label = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63].lstrip("._-")
+    return label if label and node_name_problem(label) is None else "node"
+
+
+@dataclass
+class BlobLayout:
+    """The layout in use. `prefix` starts every blob name this node makes ("" in a data folder)."""
+
+    data_dir: Path
+    root: Path | None = None  # the shared folder, or None
+    node: str = ""
+    number: int | None = None  # the node number in queue IDs (shared only)
+    lock: int | None = None  # fd holding <root>/<node>/mailhub.lock
+
+    @property
+    def shared(self) -> bool:
+        return self.root is not None
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.node}/" if self.root is not None else ""
+
+    def available(self) -> bool:
+        """Whether the blob store can be seen (always in a data folder; the marker, shared)."""
+        return self.root is None or os.path.exists(self.root / MARKER)
+
+    def releasable(self, blobs: list[str]) -> list[str]:
+        """Of freed blobs (blob_trash), those this node may unlink now: its own, and other nodes'
+        files of one mail each (never appended to); another node's pack stays (it may be the open
+        pack that node still appends to: it frees its own). A file already gone is listed (to be
+        forgotten). Runs in a worker thread (reads a header per foreign file)."""
+        if self.root is None:
+            return blobs
+        return [blob for blob in blobs if blob.startswith(self.prefix) or not _is_pack(self.root / blob)]
+
+    def close(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def _is_pack(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # unknown: left alone
+    try:
+        return envelope.is_pack(fd)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def prepare(
+    data_dir: Path, shared: Path | None, node: str, connect: Callable[[], sql.Connection] | None = None
+) -> BlobLayout:
+    """Check the layout before start-up recovery (the data folder's lock is held). Shared: the
+    root must hold the marker (made here if the index refers to no shared blob yet), the node's
+    folders and lock are taken, the data folder's links made, and the node number read from or
+    claimed in the index (connect() opens it). Raises SharedBlobsUnavailable, StorageError."""
+    data_dir = Path(data_dir)
+    if shared is None:
+        _refuse_links(data_dir)
+        return BlobLayout(data_dir)
+    if node_name_problem(node) is not None:
+        raise StorageError(f"node.name: {node_name_problem(node)}")
+    root = Path(shared).absolute()
+    if not root.is_dir():
+        raise SharedBlobsUnavailable(
+            f"storage.blobs {root} is not a folder (is the shared file system mounted?); the hub never"
+            " creates it: mount it, or create it once for a new cluster"
+        )
+    conn = (connect or (lambda: db.connect(data_dir)))()
+    try:
+        if not (root / MARKER).exists():
+            _mark_new_store(conn, root)
+        number = register_node(conn, node)
+    finally:
+        conn.close()
+    own = root / node
+    for folder in (own, own / "spool", own / "ledger"):
+        if not folder.is_dir():
+            folder.mkdir(mode=0o750, exist_ok=True)
+            fsync_dir(folder.parent)
+    try:
+        lock = lock_data_folder(own)
+    except DataFolderInUse:
+        raise StorageError(
+            f"the node folder {own} is in use by another hub: node.name {node!r} must be unique in the cluster"
+        ) from None
+    try:
+        for name, target in (("blobs", root), ("spool", own / "spool"), ("ledger", own / "ledger")):
+            _link(data_dir / name, target)
+    except BaseException:
+        os.close(lock)
+        raise
+    return BlobLayout(data_dir, root, node, number, lock)
+
+
+def _mark_new_store(conn: sql.Connection, root: Path) -> None:
+    """No marker: a new shared store, unless the index already refers to shared blobs (then the
+    folder is most likely not mounted: starting would show every mailbox's mail as missing)."""
+    row = conn.execute("SELECT blob FROM messages WHERE blob LIKE '%/%/%' LIMIT 1").fetchone()
+    if row is not None:
+        raise SharedBlobsUnavailable(
+            f"storage.blobs {root} has no {MARKER} but the index refers to shared blobs (e.g. {row[0]}):"
+            " is the shared file system mounted?"
+        )
+    temporary = root / f"{MARKER}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, b"DICOM Mail Hub shared blob folder: <node>/<hour>/<queue ID> (docs/storage.md)\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, root / MARKER)
+    fsync_dir(root)
+
+
+def register_node(conn: sql.Connection, node: str) -> int:
+    """The node's number (1..255) recorded in the index, claimed now if the name has none: the
+    claim row's key is unique, so two nodes starting at once never get the same number."""
+    key = f"blob_node:{node}"
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    with db.transaction(conn):
+        taken = {
+            int(k.rpartition(":")[2])
+            for (k,) in conn.execute("SELECT key FROM meta WHERE key LIKE 'blob_node_number:%'").fetchall()
+        }
+        for number in range(1, MAX_NODES + 1):
+            if number in taken:
+                continue
+            claimed = conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, 0) ON CONFLICT (key) DO NOTHING RETURNING key",
+                (f"blob_node_number:{number}",),
+            ).fetchone()
+            if claimed is not None:
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, number))
+                return number
+    raise StorageError(f"no node number left for node {node!r}: {MAX_NODES} node names are recorded in the index")
+
+
+def _link(path: Path, target: Path) -> None:
+    """Make `path` a symbolic link to `target`: an empty folder is replaced, a folder with files is
+    refused (it holds this node's data-folder layout: nothing is moved by the hub)."""
+    if path.is_symlink():
+        if os.readlink(path) == str(target):
+            return
+    elif path.is_dir():
+        try:
+            path.rmdir()
+        except OSError:
+            raise StorageError(
+                f"{path} holds files of the data-folder layout: storage.blobs cannot be used over them (stop"
+                " the hub and move them away, or set storage.blobs back to empty; docs/storage.md)"
+            ) from None
+    elif path.exists():
+        raise StorageError(f"{path} is in the way of the link to {target}: move it away")
+    temporary = path.with_name(f".{path.name}.link")
+    if temporary.is_symlink():
+        temporary.unlink()
+    os.symlink(target, temporary)
+    os.rename(temporary, path)  # replaces an old link in one step
+    fsync_dir(path.parent)
+
+
+def _refuse_links(data_dir: Path) -> None:
+    """storage.blobs is empty: the data folder must not still point into a shared folder."""
+    blobs = data_dir / "blobs"
+    if blobs.is_symlink():
+        raise StorageError(
+            f"storage.blobs is empty but {blobs} links to the shared blob folder {os.readlink(blobs)}: set"
+            " storage.blobs to it (this node's mail is there)"
+        )
+
+
+def shared_root(data_dir: Path) -> Path | None:
+    """The shared folder a data folder links to (for the command-line tools), or None."""
+    blobs = Path(data_dir) / "blobs"
+    return Path(os.readlink(blobs)) if blobs.is_symlink() and (blobs / MARKER).exists() else None
+
+
+def own_node(data_dir: Path) -> str | None:
+    """This data folder's node name in a shared folder (from its spool link), or None."""
+    spool = Path(data_dir) / "spool"
+    return Path(os.readlink(spool)).parent.name if spool.is_symlink() else None

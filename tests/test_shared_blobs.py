@@ -1,0 +1,323 @@
+# A shared blob folder for several nodes (storage.blobs, storage/blob_layout.py): each node writes
+# only under <root>/<node>/, any node serves any node's mail by the name the index records, start-up
+# recovery of one node never touches another's files (committed or in flight), a freed mail of
+# another node is removed without touching its open pack, queue IDs of two nodes never collide, an
+# unmounted folder is not taken for an empty one, and the default (blobs = "") keeps today's layout.
+# Two real Storage instances with their own data folders are the two nodes; they share one SQLite
+# index (node B's index.sqlite3 is a link to node A's: SQLite follows it, WAL and locks included),
+# with one node at a time making group commits (the index writers number them on their own).
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from storage import blob_layout, db, spool
+from storage.blob_layout import SharedBlobsUnavailable
+from storage.errors import StorageError
+from storage.records import Delivery, MessageMeta
+from storage.sites import add_site
+from storage.store import Storage
+
+from conftest import make_message
+from pop3util import released
+
+BIG = 2_500_000  # streamed to a file of its own (over spool.SMALL_MESSAGE)
+
+
+def make_cluster(tmp_path: Path) -> tuple[Path, Path, Path, int]:
+    """(shared root, node A's data folder, node B's, the site's id): one index, B's linked to A's."""
+    root, a, b = tmp_path / "shared", tmp_path / "a", tmp_path / "b"
+    root.mkdir()
+    b.mkdir()
+    conn = db.connect(a)
+    try:
+        site = add_site(conn, "beta", ["beta@hub.test"], "secret-password-1", ["hub.test"])
+    finally:
+        conn.close()
+    os.symlink(a / db.INDEX_NAME, b / db.INDEX_NAME)
+    return root, a, b, site.id
+
+
+def node(data_dir: Path, root: Path | None, name: str) -> Storage:
+    return Storage(data_dir, release_freed_after=0, blobs=root, node=name)
+
+
+async def store(storage: Storage, site_id: int, data: bytes) -> str:
+    spool_file = storage.new_spool()
+    for start in range(0, len(data), 256 * 1024):
+        spool_file.write(data[start : start + 256 * 1024])
+    await storage.commit(spool_file, MessageMeta("alpha@hub.test", None, False), [Delivery(site_id, "beta@hub.test")])
+    return spool_file.queue_id
+
+
+def row(data_dir: Path, queue_id: str) -> tuple[str, int, int]:
+    conn = sqlite3.connect(data_dir / db.INDEX_NAME)
+    try:
+        found = conn.execute("SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    finally:
+        conn.close()
+    assert found is not None, queue_id
+    return found
+
+
+def read(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), size, offset)
+
+
+def test_two_nodes_write_under_their_own_folders_and_serve_each_others_mail(tmp_path):
+    root, a, b, site = make_cluster(tmp_path)
+    small_b, big_b, small_a = make_message(3000, "b small"), make_message(BIG, "b big"), make_message(2000, "a small")
+
+    async def play():
+        node_b = node(b, root, "bravo")
+        await node_b.open()
+        node_a = node(a, root, "alpha")
+        try:
+            qids = {small_b: await store(node_b, site, small_b), big_b: await store(node_b, site, big_b)}
+            await node_a.open()
+            qids[small_a] = await store(node_a, site, small_a)
+            entries = await node_a.mailbox(site)  # what node A's POP3/IMAP serve
+            served = {e.queue_id: (node_a.serving_problem(e), read(e.path, e.offset, e.size)) for e in entries}
+            return qids, served, node_a.layout.number, node_b.layout.number
+        finally:
+            await node_a.close()
+            await node_b.close()
+
+    qids, served, number_a, number_b = asyncio.run(play())
+    assert {number_a, number_b} == {1, 2}
+    for mail, qid in qids.items():
+        assert served[qid] == (None, mail)
+        blob, _offset, _size = row(a, qid)
+        owner, number = ("alpha", number_a) if mail is small_a else ("bravo", number_b)
+        assert blob.startswith(f"{owner}/") and (root / blob).is_file()
+        assert qid[13:15] == f"{number:02X}"  # the node's number in its queue IDs
+    assert os.readlink(a / "blobs") == str(root) and os.readlink(b / "spool") == str(root / "bravo" / "spool")
+    assert os.readlink(a / "ledger") == str(root / "alpha" / "ledger")
+    assert sorted(os.listdir(root)) == [blob_layout.MARKER, "alpha", "bravo"]
+    assert any((root / "bravo" / "ledger").iterdir())  # B's ledger lines are in its folder
+
+
+def test_recovery_of_one_node_leaves_the_other_nodes_files_alone(tmp_path):
+    """Node B is serving: its open pack holds a batch in flight past its committed end, a blob it
+    renamed into place is not committed yet, a mail is still in its spool. Node A starts (and its
+    recovery runs): none of those is touched, while A's own uncommitted blob is quarantined. B's
+    indexed blobs that A cannot see do not count as missing for A."""
+    root, a, b, site = make_cluster(tmp_path)
+
+    async def play():
+        node_b = node(b, root, "bravo")
+        await node_b.open()
+        try:
+            packed = await store(node_b, site, make_message(3000, "in the open pack"))
+            pack, _offset, _size = row(b, packed)
+            hour = pack.split("/")[1]
+            in_flight = {
+                root / pack: read(root / pack, 0, 1 << 20) + b"frames of a batch not yet committed",
+                root / "bravo" / hour / spool.new_queue_id(node_b.layout.number): b"renamed, not committed",
+                root / "bravo" / "spool" / f"{spool.new_queue_id(node_b.layout.number)}.tmp": b"still arriving",
+            }
+            for path, data in in_flight.items():
+                path.write_bytes(data)
+            conn = db.connect(a)  # B's mails whose files are away (as if A could not see them)
+            try:
+                conn.executemany(
+                    "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
+                    " VALUES (?, ?, 10, '', 0, 0, 'x', 1)",
+                    [(f"{i:019X}", f"bravo/{hour}/{i:019X}") for i in range(1, 30)],
+                )
+            finally:
+                conn.close()
+            # node A crashed earlier with a blob of its own renamed into place, never committed
+            (root / "alpha" / hour).mkdir(parents=True)
+            own = root / "alpha" / hour / spool.new_queue_id(1)
+            own.write_bytes(b"A's leftover")
+            node_a = node(a, root, "alpha")
+            await node_a.open()
+            await node_a.close()
+            return in_flight, own
+        finally:
+            await node_b.close()
+
+    in_flight, own = asyncio.run(play())
+    for path, data in in_flight.items():
+        assert path.read_bytes() == data, path
+    assert not own.exists()
+    quarantined = [p.name for p in (a / "quarantine").rglob("*") if p.is_file()]
+    assert own.name in quarantined and "index-rows.json" not in quarantined
+
+
+def test_a_freed_mail_of_another_node_is_removed_without_touching_its_open_pack(tmp_path):
+    root, a, b, site = make_cluster(tmp_path)
+    mails = [make_message(BIG, "big"), make_message(3000, "p1"), make_message(3100, "p2"), make_message(3200, "p3")]
+
+    async def play():
+        node_b, node_a = node(b, root, "bravo"), node(a, root, "alpha")
+        await node_b.open()
+        await node_a.open()
+        try:
+            big, p1, p2 = [await store(node_b, site, mail) for mail in mails[:3]]
+            pack = row(a, p1)[0]
+            assert row(a, p2)[0] == pack and node_b._packs.open_blob == pack
+            uids = {e.queue_id: e.uid for e in await node_a.mailbox(site)}
+            where = {q: (root / row(a, q)[0], *row(a, q)[1:]) for q in (big, p1, p2)}
+            await node_a.delete(site, [uids[big], uids[p1]])  # A frees B's mails (and empties the trash)
+            assert not where[big][0].exists()  # B's file of its own: removed by A
+            assert released(where[p1]) and read(*where[p2]) == mails[2]  # a hole in B's open pack
+            await node_a.delete(site, [uids[p2]])  # B's open pack is now free as a whole ...
+            assert (root / pack).exists() and trash(a) == [pack]  # ... but it is B's to remove
+            p3 = await store(node_b, site, mails[3])  # B appends to it: out of the trash
+            assert row(a, p3)[0] == pack and trash(a) == []
+            entry = next(e for e in await node_a.mailbox(site) if e.queue_id == p3)
+            assert node_a.serving_problem(entry) is None and read(entry.path, entry.offset, entry.size) == mails[3]
+            await node_a.delete(site, [entry.uid])
+            assert (root / pack).exists() and trash(a) == [pack]
+            await node_b.empty_trash()  # its owner closes it and removes it
+            return pack
+        finally:
+            await node_a.close()
+            await node_b.close()
+
+    pack = asyncio.run(play())
+    assert not (root / pack).exists() and trash(a) == []
+
+
+def trash(data_dir: Path) -> list[str]:
+    conn = sqlite3.connect(data_dir / db.INDEX_NAME)
+    try:
+        return [blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")]
+    finally:
+        conn.close()
+
+
+def test_queue_ids_of_two_nodes_never_collide():
+    """Made at the same time, even with the same sequence numbers: the node number keeps them apart."""
+    ids = {n: [spool.new_queue_id(n) for _ in range(20000)] for n in (1, 2)}
+    assert not set(ids[1]) & set(ids[2])
+    assert all(q[13:15] == "01" for q in ids[1]) and all(q[13:15] == "02" for q in ids[2])
+    assert len(set(ids[1])) == len(ids[1])
+    spool._sequence = iter(range(5, 10))  # the worst case: both nodes' counters at the same values
+    try:
+        same_time = [spool.new_queue_id(n) for n in (1, 2, 1, 2)]
+    finally:
+        import itertools
+
+        spool._sequence = itertools.count(int.from_bytes(os.urandom(3), "big"))
+    assert len(set(q[13:] for q in same_time)) == 4
+    plain = spool.new_queue_id()
+    assert len(plain) == 19 and int(plain, 16) >= 0  # the default: today's format
+
+
+def test_node_numbers_are_claimed_once_per_name_and_never_twice(tmp_path):
+    conn = db.connect(tmp_path)
+    try:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('blob_node_number:1', 0)")  # a claim whose name never came
+        first = blob_layout.register_node(conn, "alpha")
+        second = blob_layout.register_node(conn, "bravo")
+        assert (first, second) == (2, 3) and blob_layout.register_node(conn, "alpha") == 2
+        for n in range(blob_layout.MAX_NODES - 3):
+            blob_layout.register_node(conn, f"n{n}")
+        with pytest.raises(StorageError, match="no node number left"):
+            blob_layout.register_node(conn, "one-too-many")
+    finally:
+        conn.close()
+
+
+def test_an_unmounted_shared_folder_is_not_taken_for_an_empty_one(tmp_path):
+    root, a, _b, site = make_cluster(tmp_path)
+
+    async def first_run() -> str:
+        storage = node(a, root, "alpha")
+        await storage.open()
+        try:
+            return await store(storage, site, make_message(3000))
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(first_run())
+    mounted = tmp_path / "elsewhere"
+    root.rename(mounted)  # unmounted: an empty mount point is left
+    root.mkdir()
+    with pytest.raises(SharedBlobsUnavailable, match="is the shared file system mounted"):
+        asyncio.run(node(a, root, "alpha").open())
+    assert os.listdir(root) == []  # nothing made on the wrong file system
+    root.rmdir()
+    with pytest.raises(SharedBlobsUnavailable, match="is not a folder"):
+        asyncio.run(node(a, root, "alpha").open())
+    mounted.rename(root)
+
+    async def away_while_serving() -> tuple[str | None, bool, dict[str, str]]:
+        storage = node(a, root, "alpha")
+        await storage.open()
+        try:
+            (entry,) = await storage.mailbox(site)
+            (root / blob_layout.MARKER).rename(tmp_path / "marker")  # the folder cannot be reached
+            problem = storage.serving_problem(entry)
+            marked = await storage.mark_damaged(qid, "missing", "scrub")
+            (tmp_path / "marker").rename(root / blob_layout.MARKER)
+            return problem, marked, dict(storage.damaged)
+        finally:
+            await storage.close()
+
+    problem, marked, damaged = asyncio.run(away_while_serving())
+    assert problem is None  # the file is there: only a missing file asks whether the folder is
+    assert not marked and damaged == {}  # a mail is never marked damaged while the folder is away
+
+
+def test_the_default_keeps_the_data_folder_layout_and_the_two_are_not_mixed(tmp_path):
+    root, a, _b, site = make_cluster(tmp_path)
+    local = tmp_path / "local"
+    local.mkdir()
+    os.symlink(a / db.INDEX_NAME, local / db.INDEX_NAME)
+
+    async def default_run() -> str:
+        storage = Storage(local)
+        await storage.open()
+        try:
+            assert storage.layout.prefix == "" and storage.layout.number is None
+            return await store(storage, site, make_message(3000))
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(default_run())
+    blob = row(local, qid)[0]
+    assert blob.count("/") == 1 and (local / "blobs" / blob).is_file()  # '<hour>/<queue ID>' as ever
+    assert not any((local / name).is_symlink() for name in blob_layout.LINKED)
+    with pytest.raises(StorageError, match="holds files of the data-folder layout"):
+        asyncio.run(node(local, root, "alpha").open())
+    assert not (local / "blobs").is_symlink() and (local / "blobs" / blob).is_file()
+
+    async def shared_then_default() -> None:
+        storage = node(a, root, "alpha")
+        await storage.open()
+        await storage.close()
+        await Storage(a).open()
+
+    with pytest.raises(StorageError, match="storage.blobs is empty but"):
+        asyncio.run(shared_then_default())
+
+
+def test_two_hubs_with_one_node_name_are_refused(tmp_path):
+    root, a, b, _site = make_cluster(tmp_path)
+
+    async def play() -> None:
+        first = node(a, root, "alpha")
+        await first.open()
+        try:
+            await node(b, root, "alpha").open()
+        finally:
+            await first.close()
+
+    with pytest.raises(StorageError, match="node.name 'alpha' must be unique"):
+        asyncio.run(play())
+    assert not (b / "blobs").exists()
+
+
+def test_a_node_name_must_be_a_folder_name():
+    for bad in ("", "../x", "a/b", ".hidden", "2026120703", "spool", "x" * 64):
+        assert blob_layout.node_name_problem(bad) is not None, bad
+    for good in ("hub1", "hub-2.eu", "A_b"):
+        assert blob_layout.node_name_problem(good) is None
+    assert blob_layout.node_name_problem(blob_layout.default_node_name()) is None
