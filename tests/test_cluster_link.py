@@ -343,3 +343,54 @@ def test_the_index_writer_tells_other_nodes_of_its_commits_and_deletions(pg_inde
         asyncio.run(main())
     finally:
         writer.close()
+
+
+def test_cluster_mailbox_locks_one_session_across_nodes_and_closed_when_the_link_goes(pg_url):
+    """relay/mailbox_locks.py on two links: the in-process lock first, then the cluster's; a lost
+    link closes the sessions that held locks, and new logins are refused until it is back."""
+    from relay.mailbox_locks import ClusterMailboxLocks, LocksUnavailable, MailboxLocks
+
+    async def main():
+        a, b = link(pg_url, "a", backoff=(0.5, 0.5)), link(pg_url, "b")
+        closed = []
+        locks_a, locks_b = ClusterMailboxLocks(a, closed.append), ClusterMailboxLocks(b, closed.append)
+        await a.start()
+        await b.start()
+        try:
+            s1, s2, s3 = "session 1", "session 2", "session 3"
+            assert await locks_a.acquire(5, s1)
+            assert not await locks_a.acquire(5, s2)  # same node: the in-process lock says no
+            assert not await locks_b.acquire(5, s3)  # other node: the advisory lock says no
+            assert locks_b.holder(5) is None and await locks_b.in_use(5) and await locks_a.in_use(5)
+            locks_a.release(5, s2)  # not the holder: nothing happens
+            assert not await locks_b.acquire(5, s3)
+            locks_a.release(5, s1)
+            await eventually_true(lambda: locks_b.acquire(5, s3))
+            assert not await locks_a.in_use(6)
+            assert await locks_a.acquire(6, s1)
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid(pg_url, "mailhub cluster link a"),))
+            await until(lambda: closed == [s1])  # its lock went: the session is closed
+            assert locks_a.holder(6) is None
+            with pytest.raises(LocksUnavailable):
+                await locks_a.acquire(7, s2)
+            assert locks_a.holder(7) is None  # the in-process lock was let go too
+            assert await locks_a.in_use(7)  # cannot tell: as if held
+            await until(lambda: a.connected)
+            assert await locks_a.acquire(7, s2)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+    async def local():
+        locks = MailboxLocks()
+        assert await locks.acquire(1, "x") and not await locks.acquire(1, "y")
+        assert await locks.in_use(1) and 1 in locks and locks.holder(1) == "x"
+        locks.release(1, "y")
+        assert locks.holder(1) == "x"
+        locks.release(1, "x")
+        assert not await locks.in_use(1)
+
+    asyncio.run(local())

@@ -45,6 +45,7 @@ from relay.imap.protocol import (
 )
 from relay.imap.scan import scan_messages
 from relay.logins import Logins
+from relay.mailbox_locks import MailboxLocks
 from relay.mailbox_session import MailboxSessionIO, is_loopback
 from relay.mime import structure as mime_structure
 from relay.mime.stream import MimeStreamParser
@@ -85,7 +86,7 @@ class ImapContext:
         sites: SiteCache,
         tls_context: ssl.SSLContext | None,
         throttle: Throttle,
-        pop3_locks: dict,
+        pop3_locks: MailboxLocks,
         logins: Logins | None = None,
     ):
         self.cfg = cfg
@@ -374,7 +375,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
 
     async def _expunge(self, event: ExpungeRequest) -> str:
         site = self._site
-        if site.id in self.ctx.pop3_locks:
+        if await self.ctx.pop3_locks.in_use(site.id):
             return "in-use"
         try:  # what was downloaded so far is recorded with the deletion (long IDLE sessions)
             await self.ctx.storage.delete(site.id, event.uids, self.downloads, site.name)

@@ -9,7 +9,8 @@
 # Must never: parse or word POP3 itself, hold more than a few MB per connection whatever the message
 # size, delete anything outside UPDATE, serve one mailbox to two sessions at once, or let anything
 # a client sends raise out of a session (I/O errors close the connection and are logged).
-# The mailbox locks live in this process: several hub processes on one index would need shared ones.
+# The mailbox locks are relay/mailbox_locks.py's: in this process (one hub on SQLite), or across the
+# nodes of a cluster through the cluster link (PostgreSQL).
 import asyncio
 import logging
 import ssl
@@ -22,6 +23,7 @@ from relay import connection_limits, metrics
 from relay.file_sender import ChecksumMismatch, FileSender, RunningCrc
 from relay.framing import dot_stuff, message_terminator
 from relay.logins import Logins
+from relay.mailbox_locks import LocksUnavailable, MailboxLocks
 from relay.mailbox_session import MailboxSessionIO, is_loopback
 from relay.pop3.protocol import (
     CLOSED,
@@ -71,6 +73,7 @@ class Pop3Context:
         tls_context: ssl.SSLContext | None,
         throttle: Throttle,
         logins: Logins | None = None,
+        locks: MailboxLocks | None = None,
     ):
         self.cfg = cfg
         self.storage = storage
@@ -82,7 +85,7 @@ class Pop3Context:
         self.tls_context = tls_context
         self.sender = FileSender(cfg.pop3.max_connections)
         self.sessions: set[Pop3Session] = set()
-        self.locks: dict[int, Pop3Session] = {}  # site id -> the session holding its mailbox
+        self.locks = locks if locks is not None else MailboxLocks()  # site id -> the session holding its mailbox
         self.shutting_down = False
         storage.add_listener(self)
         Pop3Connection(
@@ -111,7 +114,7 @@ class Pop3Context:
         pass
 
     def removed(self, site_id, uid, sender_site, size, was_waiting) -> None:
-        session = self.locks.get(site_id)
+        session = self.locks.holder(site_id)
         if session is not None:
             session.removed_elsewhere.add(uid)
 
@@ -240,11 +243,16 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
         if site is None:
             self._write(self._core.auth_result(False, temporary=outcome.temporary))
             return
-        if site.id in ctx.locks:
+        try:
+            locked = await ctx.locks.acquire(site.id, self)
+        except LocksUnavailable as exc:
+            log.warning("peer=%s site=%s: mailbox lock unavailable: %s", self.peer, site.name, exc)
+            self._write(self._core.auth_result(False, temporary="mailbox lock unavailable, try again later"))
+            return
+        if not locked:
             log.info("peer=%s site=%s: mailbox in use", self.peer, site.name)
             self._write(self._core.auth_result(True, in_use=True))
             return
-        ctx.locks[site.id] = self
         self.site = site
         self._logged_in()
         self.downloads = Downloads(polled_at=time.time(), protocol="pop3", peer=self.peer)
@@ -397,8 +405,8 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
         if not self._transport.is_closing():
             self._transport.close()
         ctx, site = self.ctx, self.site
-        if site is not None and ctx.locks.get(site.id) is self:
-            del ctx.locks[site.id]
+        if site is not None:
+            ctx.locks.release(site.id, self)
         try:
             if site is not None and self.downloads is not None and not self._recorded:  # both set at login
                 await ctx.storage.record_downloads(site.id, self.downloads, site.name)
