@@ -87,7 +87,7 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
         try:
             if blob in packs or _is_pack(source):
                 target.unlink(missing_ok=True)
-                target.parent.mkdir(exist_ok=True)
+                target.parent.mkdir(parents=True, exist_ok=True)  # shared: <node>/<hour>/
                 report.bytes_copied += copy_range(source, target, 0, max(end, packs.get(blob, 0)))
                 report.copied_packs += 1
             elif blob not in early:
@@ -133,7 +133,7 @@ def _is_pack(path: Path) -> bool:
 
 
 def _link_or_copy(source: Path, target: Path, report: BackupReport) -> None:
-    target.parent.mkdir(exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
         report.linked_files += 1

@@ -2,6 +2,8 @@
 # hub or a stopped one: counts, the quarantine, and every mismatch between the index, the blob store
 # and the ledger. `problems` lists what an operator must act on (each with the command that gets
 # out of it); the command's exit status is non-zero when there is one. Must never write anything.
+# A data folder that links into a shared blob folder (storage/blob_layout.py) is checked for its own
+# node's part only: <root>/<node>/ and the index rows of blobs named '<node>/...'.
 import fcntl
 import os
 import sqlite3
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import db, ledger, quarantine
+from . import blob_layout, db, ledger, quarantine
 from .folder_lock import LOCK_NAME
 from .recovery import HOUR_FOLDER, QUEUE_ID, SPOOL_FILE
 
@@ -100,21 +102,30 @@ def _check_index(conn: sqlite3.Connection, data_dir: Path, report: CheckReport, 
     report.mailbox_entries = conn.execute("SELECT count(*) FROM mailbox").fetchone()[0]
     report.outbound = conn.execute("SELECT count(*) FROM outbound").fetchone()[0]
     report.commit_seq, _attempt = ledger.last_commit(conn)
-    indexed = dict(conn.execute("SELECT blob, max(blob_offset + size) FROM messages GROUP BY blob"))
-    committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs"))
+    node = blob_layout.own_node(data_dir)
+    own = f"{node}/" if node else ""
+    mine = (len(own), own)
+    indexed = dict(
+        conn.execute(
+            "SELECT blob, max(blob_offset + size) FROM messages WHERE substr(blob, 1, ?) = ? GROUP BY blob", mine
+        )
+    )
+    committed_end = dict(conn.execute("SELECT blob, committed_end FROM packs WHERE substr(blob, 1, ?) = ?", mine))
     trash = {b for (b,) in conn.execute("SELECT blob FROM blob_trash")}
     report.packs = len(committed_end)
 
     def young(mtime: float) -> bool:
         return report.hub_running and now - mtime < IN_FLIGHT_SECONDS
 
-    blob_dir, on_disk = data_dir / "blobs", set()
+    blob_dir, on_disk = data_dir / "blobs" / own, set()
     for folder in _scandir(blob_dir):
+        if own and folder.name in ("spool", "ledger", "mailhub.lock"):
+            continue  # the node's own (storage/blob_layout.py)
         if not (folder.is_dir(follow_symlinks=False) and HOUR_FOLDER.match(folder.name)):
-            report.strays.append(f"blobs/{folder.name}")
+            report.strays.append(f"blobs/{own}{folder.name}")
             continue
         for entry in _scandir(folder.path):
-            name = f"{folder.name}/{entry.name}"
+            name = f"{own}{folder.name}/{entry.name}"
             if not (entry.is_file(follow_symlinks=False) and QUEUE_ID.match(entry.name)):
                 report.strays.append(f"blobs/{name}")
                 continue

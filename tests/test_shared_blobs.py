@@ -321,3 +321,109 @@ def test_a_node_name_must_be_a_folder_name():
     for good in ("hub1", "hub-2.eu", "A_b"):
         assert blob_layout.node_name_problem(good) is None
     assert blob_layout.node_name_problem(blob_layout.default_node_name()) is None
+
+
+def test_a_writer_settling_a_failed_commit_cuts_back_only_its_own_packs(tmp_path):
+    """Node A's index writer died mid-commit and the new one settles it (IndexWriter.settle): the
+    frames past the committed end of node B's open pack are B's batch in flight, never A's to cut."""
+    from storage.index_writer import IndexWriter
+
+    root, a, b, site = make_cluster(tmp_path)
+
+    async def b_writes() -> str:
+        node_b = node(b, root, "bravo")
+        await node_b.open()
+        try:
+            return row(b, await store(node_b, site, make_message(3000)))[0]
+        finally:
+            await node_b.close()
+
+    pack = asyncio.run(b_writes())
+    with open(root / pack, "ab") as f:
+        f.write(b"B's batch in flight")
+    size = (root / pack).stat().st_size
+    asyncio.run(open_and_close(node(a, root, "alpha")))  # node A's links made
+    writer = IndexWriter(a, 0)
+    try:
+        assert writer.settle(["0" * 19], [], "alpha/") is None
+        assert (root / pack).stat().st_size == size  # B's pack untouched
+        assert writer.settle(["0" * 19], [], "") is None  # (what it did before: every pack cut back)
+        assert (root / pack).stat().st_size < size
+    finally:
+        writer.close()
+
+
+async def open_and_close(storage: Storage) -> None:
+    await storage.open()
+    await storage.close()
+
+
+def test_storage_check_and_backup_of_a_node_in_a_shared_folder(tmp_path):
+    from storage.backup import backup
+    from storage.check import check
+
+    root, a, b, site = make_cluster(tmp_path)
+    mails = [make_message(3000, "small"), make_message(BIG, "big")]
+
+    async def play() -> list[str]:
+        node_b, node_a = node(b, root, "bravo"), node(a, root, "alpha")
+        await node_a.open()
+        try:
+            qids = [await store(node_a, site, mail) for mail in mails]
+            await node_b.open()  # (its index writer numbers its group commits after A's)
+            return qids + [await store(node_b, site, mails[0])]
+        finally:
+            await node_a.close()
+            await node_b.close()
+
+    qids = asyncio.run(play())
+    hour = row(a, qids[0])[0].split("/")[1]
+    (root / "bravo" / hour / spool.new_queue_id(2)).write_bytes(b"B's blob in flight")
+    report = check(a)
+    assert report.problems == [] and report.strays == [] and report.unindexed_files == []
+    assert report.blob_files == 2  # A's pack and A's big mail; B's are B's to check
+    (root / "alpha" / hour / spool.new_queue_id(1)).write_bytes(b"A's own stray blob")
+    assert check(a).unindexed_files  # its own part is still checked
+    done = backup(a, tmp_path / "copy")
+    assert done.gone == [] and done.messages == 3
+    for qid, mail in zip(qids, mails + mails[:1]):
+        blob, offset, size = row(a, qid)
+        assert read(tmp_path / "copy" / "blobs" / blob, offset, size) == mail
+
+
+def test_a_hub_on_a_shared_folder_takes_and_serves_mail_and_answers_451_while_it_is_away(make_hub, tmp_path):
+    import poplib
+    import smtplib
+
+    from conftest import ALPHA_BETA_B2, PASSWORD
+    from pop3util import send
+
+    root = tmp_path / "shared"
+    root.mkdir()
+    hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_STORAGE_BLOBS=str(root), MAILHUB_NODE_NAME="hub-one").start()
+    mails = [make_message(3000, "packed"), make_message(BIG, "own file")]
+    qids = [send(hub, ["beta@hub.test"], mail) for mail in mails]
+    for qid in qids:
+        (blob,) = hub.query("SELECT blob FROM messages WHERE queue_id = ?", qid)[0]
+        assert blob.startswith("hub-one/") and (root / blob).is_file()
+    pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=60)
+    pop.user("beta")
+    pop.pass_(PASSWORD)
+    got = [b"\r\n".join(pop.retr(n)[1]) + b"\r\n" for n in (1, 2)]
+    pop.quit()
+    assert [g.endswith(m) for g, m in zip(got, mails)] == [True, True]
+
+    root.rename(tmp_path / "away")  # the shared file system is gone
+    try:
+        client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60)
+        client.ehlo("gateway.test")
+        client.login("alpha", PASSWORD)
+        client.mail("alpha@hub.test")
+        client.rcpt("beta@hub.test")
+        code, reply = client.data(make_message(BIG, "while away"))
+        client.quit()
+    finally:
+        (tmp_path / "away").rename(root)
+    assert code == 451, reply
+    assert send(hub, ["beta@hub.test"], mails[1])  # back: taken again
+    assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
