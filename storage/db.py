@@ -30,6 +30,8 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("messages", "crc32", "INTEGER"),
     ("mailbox", "warned_at", "REAL"),
     ("site_downloads", "last_fetch_at", "REAL"),
+    ("outbound", "claimed_by", "TEXT"),
+    ("outbound", "claimed_until", "REAL"),
 )
 
 

@@ -56,19 +56,47 @@ def _rows(conn: sql.Connection, text: str, params: Sequence[object], blob_dir: P
 
 
 def due(
-    conn: sql.Connection, blob_dir: Path, now: float, fresh: bool, limit: int, exclude: str = "[]"
+    conn: sql.Connection,
+    blob_dir: Path,
+    now: float,
+    fresh: bool,
+    limit: int,
+    exclude: str = "[]",
+    node: str = "",
 ) -> list[QueuedRecipient]:
     """Rows whose next attempt is due: never tried yet (fresh) or deferred, oldest first; `exclude`
-    is a JSON list of row ids (those in flight)."""
+    is a JSON list of row ids (those in flight); rows another node claimed until later are left
+    out (and on PostgreSQL, rows another transaction is claiming right now: SKIP LOCKED)."""
     where = "o.attempts = 0" if fresh else "o.attempts > 0"
+    dialect = sql.dialect(conn)
+    locking = sql.CLAIM_ROWS[dialect] if conn.in_transaction else ""  # a claim is made in a write transaction
     return _rows(
         conn,
         f"{_SELECT} WHERE o.next_attempt_at <= ? AND {where}"
-        f" AND o.id NOT IN ({sql.JSON_INTEGERS[sql.dialect(conn)]})"
-        " ORDER BY o.next_attempt_at, o.id LIMIT ?",
-        (now, exclude, limit),
+        f" AND o.id NOT IN ({sql.JSON_INTEGERS[dialect]})"
+        " AND (o.claimed_until IS NULL OR o.claimed_until <= ? OR o.claimed_by = ?)"
+        f" ORDER BY o.next_attempt_at, o.id LIMIT ?{locking}",
+        (now, exclude, now, node, limit),
         blob_dir,
     )
+
+
+def claim(conn: sql.Connection, ids: list[int], node: str, until: float) -> None:
+    """Mark rows as being delivered by `node` until `until` (taken, or renewed while it delivers)."""
+    conn.executemany(
+        "UPDATE outbound SET claimed_by = ?, claimed_until = ? WHERE id = ?", [(node, until, i) for i in ids]
+    )
+
+
+def renew(conn: sql.Connection, ids: list[int], node: str, until: float) -> int:
+    """Extend this node's claims on rows it still delivers (not those another node took over after
+    the lease ran out); how many were renewed."""
+    renewed = 0
+    for i in ids:
+        renewed += conn.execute(
+            "UPDATE outbound SET claimed_until = ? WHERE id = ? AND claimed_by = ?", (until, i, node)
+        ).rowcount
+    return renewed
 
 
 def all_rows(conn: sql.Connection, blob_dir: Path) -> list[QueuedRecipient]:
@@ -83,7 +111,7 @@ def remove(conn: sql.Connection, ids: list[int]) -> None:
 def defer(conn: sql.Connection, deferrals: list[Deferral], attempted_at: float) -> None:
     conn.executemany(
         "UPDATE outbound SET next_attempt_at = ?, attempts = ?, last_error = ?, warned = ?,"
-        " last_attempt_at = ? WHERE id = ?",
+        " last_attempt_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
         [(d.next_attempt_at, d.attempts, d.error[:500], int(d.warned), attempted_at, d.id) for d in deferrals],
     )
 
@@ -133,13 +161,23 @@ def totals(conn: sql.Connection) -> tuple[int, int, float | None]:
 
 
 def due_and_version(
-    conn: sql.Connection, blob_dir: Path, now: float, busy: str, free: int, deferred_share: int
+    conn: sql.Connection,
+    blob_dir: Path,
+    now: float,
+    busy: str,
+    free: int,
+    deferred_share: int,
+    node: str = "",
+    lease: float = 0.0,
 ) -> tuple[int, list[QueuedRecipient]]:
     """The retry version and due rows, fresh ones first, then deferred ones (at most
-    deferred_share), none in flight."""
-    fresh = due(conn, blob_dir, now, True, free, busy)
+    deferred_share), none in flight, none another node claimed; with a `lease`, the rows are
+    claimed for `node` until now + lease (in the caller's transaction: two nodes never take one row)."""
+    fresh = due(conn, blob_dir, now, True, free, busy, node)
     room = min(free - len(fresh), deferred_share)
-    rows = fresh + (due(conn, blob_dir, now, False, room, busy) if room > 0 else [])
+    rows = fresh + (due(conn, blob_dir, now, False, room, busy, node) if room > 0 else [])
+    if lease > 0 and rows:
+        claim(conn, [r.id for r in rows], node, now + lease)
     return retry_version(conn), rows
 
 

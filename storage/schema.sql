@@ -368,7 +368,9 @@ CREATE TABLE IF NOT EXISTS outbound (
     attempts        INTEGER NOT NULL DEFAULT 0,
     last_attempt_at REAL,
     last_error      TEXT,
-    warned          INTEGER NOT NULL DEFAULT 0   -- a delay warning was sent
+    warned          INTEGER NOT NULL DEFAULT 0,  -- a delay warning was sent
+    claimed_by      TEXT,                        -- the node delivering it (several nodes: issue 27)
+    claimed_until   REAL                         -- until when (Unix time; renewed while it delivers)
 );
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbound_queue_id ON outbound (queue_id);

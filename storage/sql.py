@@ -99,6 +99,12 @@ JSON_INTEGERS: Final[dict[Dialect, str]] = {
 }
 
 
+# Appended to a SELECT of rows to claim inside a write transaction (outbound.due): PostgreSQL locks
+# them and skips those another node's transaction is claiming (several nodes); SQLite's writer holds
+# the one write lock already (BEGIN IMMEDIATE).
+CLAIM_ROWS: Final[dict[Dialect, str]] = {SQLITE: "", POSTGRESQL: " FOR UPDATE OF o SKIP LOCKED"}
+
+
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 

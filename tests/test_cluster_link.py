@@ -394,3 +394,75 @@ def test_cluster_mailbox_locks_one_session_across_nodes_and_closed_when_the_link
         assert not await locks.in_use(1)
 
     asyncio.run(local())
+
+
+# ---- the outbound queue's claims ------------------------------------------------------------------
+
+
+def _queue(conn, count):
+    from storage import db
+
+    with db.transaction(conn):
+        conn.execute(
+            "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
+            " VALUES ('Q', 'b/Q', 10, 'x', 0, 1, 'a@hub.test', ?)",
+            (count,),
+        )
+        conn.executemany(
+            "INSERT INTO outbound (queue_id, rcpt, queued_at, next_attempt_at, attempts) VALUES (?, ?, ?, ?, ?)",
+            [("Q", f"r{i}@far.test", 1.0, 100.0 + i, 0) for i in range(count)],
+        )
+
+
+def test_two_nodes_claiming_at_once_never_get_the_same_row(pg_index, tmp_path):
+    """Two transactions claim due rows concurrently: the second skips the rows the first holds
+    (FOR UPDATE SKIP LOCKED) instead of waiting or taking them; after both commit, a third node gets
+    none until the leases run out, then all of them (their nodes died)."""
+    from storage import db
+    from storage.outbound import due_and_version
+
+    url, reset = pg_index
+    reset()
+    a, b, c = (PgConnection.connect(url) for _ in range(3))
+    try:
+        _queue(a, 10)
+        a.execute("BEGIN")
+        _, got_a = due_and_version(a, tmp_path, 1000.0, "[]", 6, 3, "a", 300.0)
+        b.execute("BEGIN")
+        b.execute("SET LOCAL lock_timeout = '5s'")  # waiting instead of skipping would fail here
+        _, got_b = due_and_version(b, tmp_path, 1000.0, "[]", 6, 3, "b", 300.0)
+        a.execute("COMMIT")
+        b.execute("COMMIT")
+        ids_a, ids_b = {r.id for r in got_a}, {r.id for r in got_b}
+        assert len(ids_a) == 6 and len(ids_b) == 4 and not ids_a & ids_b
+        with db.transaction(c):
+            assert due_and_version(c, tmp_path, 1100.0, "[]", 20, 10, "c", 300.0)[1] == []
+        with db.transaction(a):  # node a asks again: its own claims are its own (it excludes its rows in flight)
+            assert {r.id for r in due_and_version(a, tmp_path, 1100.0, "[]", 20, 10, "a", 300.0)[1]} == ids_a
+        with db.transaction(c):  # the leases of a and b ran out: they died mid-delivery
+            taken = due_and_version(c, tmp_path, 1400.0, "[]", 20, 10, "c", 300.0)[1]
+        assert {r.id for r in taken} == ids_a | ids_b
+        claimed = set(c.execute("SELECT DISTINCT claimed_by, claimed_until FROM outbound").fetchall())
+        assert claimed == {("c", 1700.0)}
+    finally:
+        for conn in (a, b, c):
+            conn.close()
+
+
+def test_claims_are_renewed_by_their_node_and_cleared_by_a_deferral(index, tmp_path):
+    from storage import db, outbound
+
+    _queue(index, 3)
+    with db.transaction(index):
+        rows = outbound.due_and_version(index, tmp_path, 1000.0, "[]", 5, 5, "a", 300.0)[1]
+    ids = [r.id for r in rows]
+    assert len(ids) == 3
+    with db.transaction(index):
+        assert outbound.renew(index, ids, "a", 1500.0) == 3
+        assert outbound.renew(index, ids, "b", 9000.0) == 0  # not b's
+    with db.transaction(index):  # a's renewed leases hold past the first ones' end
+        assert outbound.due_and_version(index, tmp_path, 1400.0, "[]", 5, 5, "b", 300.0)[1] == []
+    with db.transaction(index):
+        outbound.settle(index, [ids[0]], [outbound.Deferral(ids[1], 1000.0, 1, "451 busy", False)], 1001.0)
+    with db.transaction(index):  # the deferred row is free for any node at once; ids[2] is still a's
+        assert [r.id for r in outbound.due_and_version(index, tmp_path, 1400.0, "[]", 5, 5, "b", 300.0)[1]] == [ids[1]]

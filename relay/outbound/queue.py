@@ -7,6 +7,10 @@
 # backed off as a whole. Rows are the truth: the queue is reloaded from the index on start and
 # polled every second (so `mailhub queue retry` takes effect), and a row goes only after the next
 # hop's 2xx or a stored bounce, so a crash repeats a delivery at worst.
+# Several hub nodes on one index (issue 27): each claims the rows it takes for CLAIM_LEASE seconds
+# (storage/outbound.py: FOR UPDATE SKIP LOCKED on PostgreSQL, in the transaction that reads them) and
+# renews the claims of its rows in flight every RENEW_SECONDS; rows of a node that died are taken by
+# another once the lease ran out (the mail may reach the next hop twice: at least once, as SMTP is).
 import asyncio
 import collections
 import json
@@ -25,6 +29,8 @@ from storage.outbound import Deferral, QueuedRecipient
 log = logging.getLogger("mailhub.relay")
 POLL_SECONDS = 1.0
 LINGER_SECONDS = 2.0  # an idle connection waits this long for more mail before QUIT (bursts)
+CLAIM_LEASE = 300.0  # seconds a node's claim on a row lasts unless renewed (its death frees them then)
+RENEW_SECONDS = 60.0  # the claims of rows in flight are renewed this often
 
 
 @dataclass
@@ -57,8 +63,10 @@ class Destination:
 
 
 class OutboundQueue:
-    def __init__(self, cfg, storage: Storage, sites: SiteCache, sender: FileSender):
+    def __init__(self, cfg, storage: Storage, sites: SiteCache, sender: FileSender, node: str = ""):
         self.cfg = cfg
+        self.node = node  # claims rows under this name (several nodes on one index)
+        self._renewed = time.monotonic()
         self.relay = cfg.relay
         self.storage = storage
         self.sites = sites
@@ -79,6 +87,7 @@ class OutboundQueue:
         try:
             while True:
                 try:
+                    await self._renew_claims()
                     await self._fill_window()
                 except Exception:
                     log.exception("outbound scheduling failed")
@@ -96,6 +105,16 @@ class OutboundQueue:
 
     # ---- taking due rows into the active window ----------------------------------------------
 
+    async def _renew_claims(self) -> None:
+        if time.monotonic() - self._renewed < RENEW_SECONDS:
+            return
+        self._renewed = time.monotonic()
+        if self._busy:
+            ids = sorted(self._busy)
+            renewed = await self.storage.queue_op(outbound.renew, ids, self.node, time.time() + CLAIM_LEASE)
+            if renewed < len(ids):  # this node stalled past the lease: another may deliver them too
+                log.warning("%d outbound row(s) in flight were claimed by another node meanwhile", len(ids) - renewed)
+
     async def _fill_window(self) -> None:
         free = self.relay.max_active - len(self._busy)
         if free <= 0:
@@ -104,7 +123,7 @@ class OutboundQueue:
         busy = json.dumps(sorted(self._busy))
         deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
         retry_version, rows = await self.storage.queue_op(
-            outbound.due_and_version, self.storage.blob_dir, now, busy, free, deferred_room
+            outbound.due_and_version, self.storage.blob_dir, now, busy, free, deferred_room, self.node, CLAIM_LEASE
         )
         if retry_version != self._retry_version:
             if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
