@@ -392,6 +392,7 @@ def test_storage_check_and_backup_of_a_node_in_a_shared_folder(tmp_path):
 
 
 def test_a_hub_on_a_shared_folder_takes_and_serves_mail_and_answers_451_while_it_is_away(make_hub, tmp_path):
+    import imaplib
     import poplib
     import smtplib
 
@@ -422,8 +423,20 @@ def test_a_hub_on_a_shared_folder_takes_and_serves_mail_and_answers_451_while_it
         client.rcpt("beta@hub.test")
         code, reply = client.data(make_message(BIG, "while away"))
         client.quit()
+        pop = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=60)
+        pop.user("beta")
+        pop.pass_(PASSWORD)
+        with pytest.raises(poplib.error_proto) as refused:
+            pop.retr(2)
+        pop.quit()
+        imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"], timeout=60)
+        imap.login("beta", PASSWORD)
+        imap.select("INBOX")
+        with pytest.raises(imaplib.IMAP4.abort, match="UNAVAILABLE"):
+            imap.fetch("1", "(BODY.PEEK[])")
     finally:
         (tmp_path / "away").rename(root)
     assert code == 451, reply
+    assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP] message 2 cannot be read now"), refused.value
     assert send(hub, ["beta@hub.test"], mails[1])  # back: taken again
     assert hub.query("SELECT count(*) FROM damaged") == [(0,)]

@@ -295,6 +295,11 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
             entry = _stored(msg.ref)
             if event.check:
                 msg.damaged = self.ctx.storage.serving_problem(entry)
+                if msg.damaged is not None and not self.ctx.storage.layout.available():
+                    # the shared blob folder is away, the mail is not at fault: no "delete them"
+                    self._end_reason = f"mail store unreachable: {msg.damaged}"
+                    self.abort("[UNAVAILABLE] The mail store cannot be reached now; try again later")
+                    raise ConnectionAbortedError(self._end_reason)
                 if msg.damaged is not None:
                     log.warning(
                         "peer=%s site=%s: mail %s not served: damaged (%s)",

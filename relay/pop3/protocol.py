@@ -538,11 +538,12 @@ class Pop3Connection:
         self._reset_input()
         self._go("tls_started", "ok")
 
-    def check_result(self, problem: str | None, gone: bool = False) -> bytes:
+    def check_result(self, problem: str | None, gone: bool = False, temporary: bool = False) -> bytes:
         """Answer a CheckMessage: None when the message can be served (its "+OK" is returned and a
         SendMessage follows), else why not: it is refused with [SYS/PERM] before any byte of it
         (`gone`: it was removed from the mailbox since the session began, by the hub's operator or
-        its expiry; it stays listed until QUIT, as RFC 1939 keeps the maildrop)."""
+        its expiry; it stays listed until QUIT, as RFC 1939 keeps the maildrop), or with [SYS/TEMP]
+        when the mail store cannot be reached now (`temporary`: the mail is not at fault)."""
         self._require("check_result")
         assert self._checking is not None  # set with the CheckMessage (State.CHECKING)
         n, entry, body_lines = self._checking
@@ -555,6 +556,8 @@ class Pop3Connection:
         if gone:
             return f"-ERR [SYS/PERM] message {n} was removed from the mailbox on the server; delete it\r\n".encode()
         text = _CONTROL.sub(b"", problem.encode("ascii", "replace")).decode("ascii")[:200]
+        if temporary:
+            return f"-ERR [SYS/TEMP] message {n} cannot be read now ({text}); try again later\r\n".encode()
         return f"-ERR [SYS/PERM] message {n} is damaged on the server ({text}); delete it\r\n".encode()
 
     def message_sent(self) -> None:

@@ -201,7 +201,9 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
                     if entry.uid in self.removed_elsewhere:
                         self._write(core.check_result("removed", gone=True))
                     else:
-                        self._write(core.check_result(self._serving_problem(entry)))
+                        problem = self._serving_problem(entry)
+                        unreachable = problem is not None and not self.ctx.storage.layout.available()
+                        self._write(core.check_result(problem, temporary=unreachable))
                     await self._drain()
                 elif isinstance(event, SendMessage):
                     await self._send_message(event)
