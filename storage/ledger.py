@@ -110,11 +110,18 @@ def files(data_dir: Path) -> list[Path]:
     return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
 
 
-def read(data_dir: Path, newest_only: bool = False) -> LedgerState:
-    """Read the ledger; `newest_only`: just the newest files, back to the one with a commit line
-    (its highest seq, cheaply, for start-up)."""
+def every_nodes_files(shared_root: Path) -> list[Path]:
+    """The ledger files of every node of a shared blob folder (<root>/<node>/ledger/, see
+    storage/blob_layout.py): their lines describe one index (one numbering of group commits and
+    removals), so together they say what one node's say for a single hub."""
+    return sorted(Path(shared_root).glob(f"*/{LEDGER_DIR}/*.jsonl"), key=lambda p: (p.name, str(p)))
+
+
+def read(data_dir: Path, newest_only: bool = False, paths: list[Path] | None = None) -> LedgerState:
+    """Read the ledger (or the files `paths`); `newest_only`: just the newest files, back to the
+    one with a commit line (its highest seq, cheaply, for start-up)."""
     state = LedgerState()
-    paths = files(data_dir)
+    paths = files(data_dir) if paths is None else paths
     if newest_only:
         for path in reversed(paths):
             _read_file(path, state)

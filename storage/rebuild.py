@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import audit, db, envelope, events, ledger, sql, verify
-from .blob_layout import MARKER, node_name_problem
+from .blob_layout import MARKER, node_name_problem, shared_root
 from .folder_lock import lock_data_folder
 from .quarantine import list_entries, quarantine
 from .recovery import HOUR_FOLDER, QUEUE_ID, RecoveryReport, _quarantine_rows
@@ -272,7 +272,8 @@ def _read_file(blob: str, path: str, report: RebuildReport, proven: set[tuple[in
 
 def _reconcile(conn: sql.Connection, data_dir: Path, report: RebuildReport) -> None:
     blob_dir = data_dir / "blobs"
-    state = ledger.read(data_dir)
+    root = shared_root(data_dir)  # a shared blob folder: every node's ledger (and blobs)
+    state = ledger.read(data_dir, paths=ledger.every_nodes_files(root) if root is not None else None)
     seq, attempt = ledger.last_commit(conn)
     proven = set(state.commits.items()) | {(seq, attempt)}
     prove(blob_dir, report, proven)

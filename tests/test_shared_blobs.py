@@ -40,8 +40,8 @@ def make_cluster(tmp_path: Path) -> tuple[Path, Path, Path, int]:
     return root, a, b, site.id
 
 
-def node(data_dir: Path, root: Path | None, name: str) -> Storage:
-    return Storage(data_dir, release_freed_after=0, blobs=root, node=name)
+def node(data_dir: Path, root: Path | None, name: str, release_freed_after: float = 0) -> Storage:
+    return Storage(data_dir, release_freed_after=release_freed_after, blobs=root, node=name)
 
 
 async def store(storage: Storage, site_id: int, data: bytes) -> str:
@@ -440,3 +440,48 @@ def test_a_hub_on_a_shared_folder_takes_and_serves_mail_and_answers_451_while_it
     assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP] message 2 cannot be read now"), refused.value
     assert send(hub, ["beta@hub.test"], mails[1])  # back: taken again
     assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
+
+
+def test_rebuild_index_reads_every_nodes_blobs_and_ledger(tmp_path):
+    """The index is lost; node B rebuilds it from an old copy (sites, no mail) and the shared
+    folder: every node's mail comes back (B's file of its own is proven by B's ledger only), and a
+    mail node A deleted stays deleted (A's ledger only says so)."""
+    import shutil
+
+    from storage.rebuild import rebuild_index
+
+    root, a, b, site = make_cluster(tmp_path)
+    old = tmp_path / "old-index.sqlite3"
+    shutil.copyfile(a / db.INDEX_NAME, old)
+    mails = [make_message(3000, "a"), make_message(BIG, "b big"), make_message(3100, "p1"), make_message(3200, "p2")]
+
+    async def play() -> list[str]:
+        node_a, node_b = node(a, root, "alpha", release_freed_after=3600), node(b, root, "bravo")  # (no hole)
+        await node_a.open()
+        try:
+            qids = [await store(node_a, site, mails[0])]
+            await node_b.open()
+            try:
+                qids += [await store(node_b, site, mail) for mail in mails[1:]]
+                uids = {e.queue_id: e.uid for e in await node_a.mailbox(site)}
+                await node_a.delete(site, [uids[qids[2]]])  # node A deletes B's p1
+            finally:
+                await node_b.close()
+        finally:
+            await node_a.close()
+        return qids
+
+    qids = asyncio.run(play())
+    (b / db.INDEX_NAME).unlink()  # B's index is gone
+    report = rebuild_index(b, old)
+    assert report.restored == 3, report
+    conn = sqlite3.connect(b / db.INDEX_NAME)
+    try:
+        entries = {q for (q,) in conn.execute("SELECT queue_id FROM mailbox")}
+    finally:
+        conn.close()
+    assert entries == {qids[0], qids[1], qids[3]}
+    for qid, mail in zip(qids, mails):
+        if qid in entries:
+            blob, offset, size = row(b, qid)
+            assert read(root / blob, offset, size) == mail
