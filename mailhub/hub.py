@@ -16,9 +16,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from directory import DirectoryMailer, HubKeySource, KeyRing, clean_leftovers
 from quotas import Throttle
@@ -26,6 +26,7 @@ from relay.file_sender import FileSender
 from relay.imap.server import ImapContext
 from relay.lifecycle import Lifecycle
 from relay.logins import Logins, guard_settings
+from relay.mailbox_locks import ClusterMailboxLocks, MailboxLocks
 from relay.outbound.queue import OutboundQueue
 from relay.pop3.server import Pop3Context
 from relay.proxy_gate import ProxyGates
@@ -44,12 +45,16 @@ from .check import unknown_variables
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .hub_key_http import HubKeyRoutes
+from .leadership import LeaderTasks, always
 from .liveness import LivenessMonitor
 from .loop_monitor import LoopMonitor
 from .mailbox_ops import register_mailbox_commands
 from .metrics import MetricsServer
 from .sessions_control import register_session_commands
-from .throttling import ThrottleFeeder, settings_from_config
+from .throttling import RemoteActivity, SharedLedger, ThrottleFeeder, settings_from_config
+
+if TYPE_CHECKING:
+    from storage.postgres.cluster import ClusterLink
 
 log = logging.getLogger("mailhub.server")
 _HOUSEKEEPING_SECONDS = 60
@@ -82,8 +87,14 @@ class Hub:
         handle_signals: bool = False,
         environ: Mapping[str, str] | None = None,
         inherited: dict[str, list[socket.socket]] | None = None,
+        cluster_url: str | None = None,
     ):
         self.cfg = cfg
+        # several nodes on one PostgreSQL index (issue 27): the URL the cluster link connects to
+        # (default: storage.index when it is a postgresql:// URL); None or "": one hub, no link
+        self._cluster_url = cluster_url if cluster_url is not None else _cluster_url(cfg)
+        self.cluster: ClusterLink | None = None  # while it runs
+        self._leader_tasks = LeaderTasks()
         self._environ = environ
         self._inherited = inherited or {}  # listening sockets a graceful restart passed on (mailhub/handover.py)
         self._restarting = False
@@ -159,6 +170,14 @@ class Hub:
         storage.on_damaged = damaged_mail
         await storage.open()
         self.storage = storage
+        is_leader = always
+        if self._cluster_url:
+            from storage.postgres.cluster import ClusterLink  # needs psycopg: only when clustered
+
+            self.cluster = link = ClusterLink(self._cluster_url, storage.node)
+            await link.start()
+            link.on_leader = self._leader_tasks.set_leader
+            is_leader = link.is_leader
         self._sites = sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks)
         self._keyring = keyring = KeyRing(cfg.data_dir)
         self._monitor = LoopMonitor(cfg.log.stall_threshold)
@@ -174,11 +193,17 @@ class Hub:
         self._directory = directory = DirectoryMailer(cfg, storage, hub_keys)
         self._logins = logins = Logins.from_config(cfg, sites)  # one login guard for every protocol
         smtp = SmtpContext(cfg, storage, sites, tls, throttle, directory, keyring, logins=logins)
-        pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins)
+        locks = MailboxLocks() if self.cluster is None else ClusterMailboxLocks(self.cluster, lambda s: s.abort())
+        pop3 = Pop3Context(cfg, storage, sites, tls, throttle, logins=logins, locks=locks)
         imap = ImapContext(cfg, storage, sites, tls, throttle, pop3.locks, logins=logins)
         self._contexts = [smtp, pop3, imap]
         # expiry, quota warnings, notices, receipts (relay/lifecycle.py); tests move its clock
         self.lifecycle = lifecycle = Lifecycle(cfg, storage, sites, throttle)
+        lifecycle.is_leader = is_leader
+        if self.cluster is not None:  # other nodes' changes reach this node's listeners too
+            self.cluster.listeners = [*storage.listeners, RemoteActivity(throttle.ledger)]
+            shared = SharedLedger(throttle.ledger, self.cluster)  # the Ledger surface the sessions use
+            pop3.ledger = imap.ledger = shared  # type: ignore[assignment]
         smtp.on_stored = lifecycle.mail_stored
         # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
         control = ControlServer(cfg.data_dir)
@@ -241,24 +266,25 @@ class Hub:
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             loop.add_signal_handler(signal.SIGUSR2, self._restart_on_signal)
             self._signals_installed = True
-        self._tasks.append(
-            asyncio.create_task(
-                _housekeeping(storage, cfg.events.retention_days * 86400, cfg.events.audit_retention_days * 86400)
-            )
-        )
+        retention = (cfg.events.retention_days * 86400, cfg.events.audit_retention_days * 86400)
+        self._tasks.append(asyncio.create_task(_housekeeping(storage, *retention, is_leader)))
         self._tasks.append(asyncio.create_task(feeder.run()))
-        self._tasks.append(directory.start_updates())
+        # periodic work done once in a cluster (mailhub/leadership.py): loops that only the leader
+        # runs, and rounds the leader alone does (lifecycle, liveness, pruning: is_leader)
+        self._leader_tasks.add("directory updates", directory.start_updates)
         self._tasks.append(asyncio.create_task(lifecycle.run()))
         self._closers.append(lifecycle.close)
         self._liveness = LivenessMonitor(cfg, storage, sites)
+        self._liveness.is_leader = is_leader
         self._tasks.append(asyncio.create_task(self._liveness.run()))
         if cfg.storage.scrub_rate > 0:  # the background scrub (storage/scrub.py); 0 turns it off
             scrub = Scrub(storage, cfg.storage.scrub_rate, on_verified=SCRUB_BYTES.inc)
-            self._tasks.append(asyncio.create_task(scrub.run()))
+            self._leader_tasks.add("scrub", lambda: asyncio.create_task(scrub.run()))
             self._closers.append(scrub.close)
+        self._leader_tasks.set_leader(self.cluster is None or self.cluster.is_leader())
         if cfg.relay.enabled:  # the outbound relay's scheduler (reloads the durable queue)
             sender = FileSender(max_threads=cfg.relay.max_active)  # one send at a time per delivery
-            queue = OutboundQueue(cfg, storage, sites, sender)
+            queue = OutboundQueue(cfg, storage, sites, sender, node=storage.node)
             storage.on_outbound = queue.wake
             self._tasks.append(asyncio.create_task(queue.run()))
             self._closers.append(sender.close)
@@ -466,6 +492,7 @@ class Hub:
         contexts, self._contexts = self._contexts, []
         await asyncio.gather(*(context.drain(self.cfg.shutdown_timeout) for context in contexts))
         self._close_listeners(health)
+        await self._leader_tasks.stop()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -483,6 +510,9 @@ class Hub:
         if self.storage is not None:
             await self.storage.close()
             self.storage = None
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:  # after the sessions: the mailbox locks go with its connection
+            await cluster.close()
         if self._sites is not None:
             self._sites.close()
             self._sites = None
@@ -545,13 +575,21 @@ def _hub_keys(cfg: Config) -> HubKeySource:
     return source
 
 
-async def _housekeeping(storage: Storage, retention_seconds: float, audit_retention_seconds: float) -> None:
-    """Prune tracking events and audit records past their retention (at start, then hourly); free
-    blobs of mailbox entries that other processes (the CLI) removed."""
+def _cluster_url(cfg: Config) -> str:
+    """storage.index when it is a PostgreSQL URL (several nodes may share it), else ""."""
+    index = getattr(cfg.storage, "index", "") or ""
+    return index if index.startswith(("postgresql://", "postgres://")) else ""
+
+
+async def _housekeeping(
+    storage: Storage, retention_seconds: float, audit_retention_seconds: float, is_leader: Callable[[], bool] = always
+) -> None:
+    """Prune tracking events and audit records past their retention (at start, then hourly; in a
+    cluster, the leader only); free blobs of mailbox entries that other processes (the CLI) removed."""
     rounds = 0
     while True:
         try:
-            if rounds % _PRUNE_EVERY == 0:
+            if rounds % _PRUNE_EVERY == 0 and is_leader():
                 pruned = await storage.prune_events(time.time() - retention_seconds)
                 if pruned:
                     log.info("pruned %d tracking event(s) older than %.0f days", pruned, retention_seconds / 86400)

@@ -185,6 +185,7 @@ class LivenessMonitor:
 
     def __init__(self, cfg, storage, sites, clock: Clock = time.time):
         self.cfg = cfg
+        self.is_leader: Callable[[], bool] = lambda: True  # a cluster's leader alone sends the notices
         self.storage = storage  # storage.Storage: queue_op, store_generated
         self.sites = sites  # storage.SiteCache: whose address is a contact
         self.clock = clock
@@ -193,7 +194,8 @@ class LivenessMonitor:
         while True:
             interval = self.cfg.liveness.check_interval  # a reload may change it (mailhub/reload.py)
             try:
-                await self.check()
+                if self.is_leader():  # several nodes on one index: the cluster's leader sends the notices
+                    await self.check()
             except Exception:
                 log.exception("liveness check failed (tried again in %.0f s)", interval)
             await asyncio.sleep(interval)

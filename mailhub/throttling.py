@@ -43,6 +43,49 @@ def settings_from_config(cfg: Config) -> ThrottleSettings:
     )
 
 
+class RemoteActivity:
+    """Other nodes' live downloads and logins (their cluster link's payloads), told to this node's
+    ledger as they come, so its drain rates count every node's fetches (issue 27)."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def committed(self, *_args) -> None:
+        pass  # the ledger is a listener of its own
+
+    def fetched_committed(self, *_args) -> None:
+        pass
+
+    def removed(self, *_args) -> None:
+        pass
+
+    def downloaded(self, site: int, size: int) -> None:
+        self.ledger.note_download(site, size, time.monotonic())
+
+    def polled(self, site: int) -> None:
+        self.ledger.note_poll(site, time.monotonic())
+
+
+class SharedLedger:
+    """What the POP3 and IMAP sessions tell the ledger (logins, bytes sent), also told to the other
+    nodes through the cluster link; everything else is the ledger's."""
+
+    def __init__(self, ledger, link):
+        self._ledger = ledger
+        self._link = link
+
+    def note_poll(self, site: int, now: float) -> None:
+        self._ledger.note_poll(site, now)
+        self._link.note_poll(site)
+
+    def note_download(self, site: int, size: int, now: float) -> None:
+        self._ledger.note_download(site, size, now)
+        self._link.note_download(site, size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ledger, name)
+
+
 class ThrottleFeeder:
     """Loads a Throttle's ledger from storage, keeps it told of storage's changes, and takes a
     drain-rate reading of every site each interval."""

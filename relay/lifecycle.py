@@ -60,6 +60,8 @@ class Lifecycle:
         self._sending = asyncio.Lock()
         self._quotas = asyncio.Lock()  # one quota check at a time: a level is recorded before the next looks
         self._tasks: set[asyncio.Task[None]] = set()
+        # several nodes on one index: only the cluster's leader expires, warns and sends notices
+        self.is_leader: Callable[[], bool] = lambda: True
         storage.add_listener(self)
 
     def reconfigure(self, cfg: Any) -> None:
@@ -97,12 +99,15 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                leader = self.is_leader()
                 if loop.time() >= next_round:
                     next_round = loop.time() + self.settings.check_interval
-                    await self.expire_now()
+                    if leader:
+                        await self.expire_now()
                     await self.update_study_metrics()
-                await self.check_quotas()
-                await self.send_notices()
+                if leader:
+                    await self.check_quotas()
+                    await self.send_notices()
             except StorageError as exc:  # a full disk: one line, the next round tries again
                 log.warning("lifecycle round skipped: %s", exc)
             except Exception:

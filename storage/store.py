@@ -128,7 +128,7 @@ class Storage:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         # Group commits and every other index write: one request (a transaction) per hop.
         self._writer = WriterProcess(self.data_dir, release_freed_after)
-        self._writer.node = node  # named in the mailbox changes told to other nodes (PostgreSQL index)
+        self._writer.node = self.node  # named in the mailbox changes told to other nodes (PostgreSQL index)
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
         self._batch_lock = asyncio.Lock()  # a batch (pack write and commit) vs emptying the trash
@@ -141,6 +141,11 @@ class Storage:
         )
         self._folder_lock: int | None = None  # held from open() to close() (storage.folder_lock)
         self.memory_budget = MemoryBudget(memory_budget)  # bytes of mails in flight held in memory
+
+    @property
+    def listeners(self) -> list[MailboxListener]:
+        """The listeners added so far (a cluster link feeds other nodes' changes to the same ones)."""
+        return list(self._listeners)
 
     def add_listener(self, listener: MailboxListener) -> None:
         """Tell `listener` of every change to the mailboxes once it is committed, on the event

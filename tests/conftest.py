@@ -408,6 +408,7 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hub = None
+        self.hub_kwargs: dict = {}  # more arguments of mailhub.hub.Hub in process (cluster_url)
         # The session's hub key is copied in at the start when the folder has none yet; a hub of
         # another domain or directory address (or with own_key) makes its own at its first start.
         self.own_key = (
@@ -473,7 +474,7 @@ class Hub:
         outcome: dict = {}
 
         async def run() -> None:
-            hub = HubObject(cfg, environ=self.env)
+            hub = HubObject(cfg, environ=self.env, **self.hub_kwargs)
             self._loop = asyncio.get_running_loop()
             try:
                 await hub.start()

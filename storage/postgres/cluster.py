@@ -297,8 +297,7 @@ class ClusterLink:
     async def try_lock(self, site_id: int) -> bool:
         """Take the site's mailbox lock for this node: False if another node holds it; raises
         ClusterUnavailable while the link is down."""
-        if site_id in self.held:
-            return False  # the caller's in-process lock keeps one session per node: a second ask is a bug
+        # (the caller's in-process lock keeps one session per node; an unlock still queued runs first)
         return bool(await self._submit(_TRY_LOCK, (MAILBOX_SPACE, site_id)))
 
     def unlock(self, site_id: int) -> None:
