@@ -209,7 +209,11 @@ class Hub:
         control = ControlServer(cfg.data_dir)
         control.register("hub-key-announce", directory.announce_now)
         register_auth_commands(control, logins)
-        register_session_commands(control, SessionRegistry([smtp.connections, pop3.sessions, imap.sessions]))
+        register_session_commands(
+            control,
+            SessionRegistry([smtp.connections, pop3.sessions, imap.sessions]),
+            node=storage.node if self.cluster is not None else "",
+        )
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         register_mailbox_commands(control, storage, cfg)
         control.register("reload", self._reload_command)

@@ -2,8 +2,10 @@
 # bytes in and out, last command) and `--kick SITE`, which ends that site's sessions with each
 # protocol's goodbye (SMTP 421, once a transaction in flight is answered; POP3 -ERR, without
 # applying deletions; IMAP * BYE). The hub's side registers the control commands `sessions` and
-# `sessions.kick`; the CLI side asks them and prints the answer. Must never: show a command's
-# arguments (relay/sessions.py keeps the verb only).
+# `sessions.kick`; the CLI side asks them and prints the answer. In a cluster (several nodes on one
+# PostgreSQL index) a node lists and kicks its own sessions only, each row naming the node: ask each
+# node (its control socket) for the whole picture. Must never: show a command's arguments
+# (relay/sessions.py keeps the verb only).
 import json
 import time
 
@@ -15,15 +17,22 @@ from .report_format import human_size, iso_time, printable
 EXIT_FAILED = 1
 
 
-def register_session_commands(control: ControlServer, registry: SessionRegistry) -> None:
+def register_session_commands(control: ControlServer, registry: SessionRegistry, node: str = "") -> None:
+    """`node`: this node's name when it is one of a cluster (named in the answers), else ""."""
+
+    def rows(infos) -> list[dict]:
+        return [{**info.as_dict(), "node": node} if node else info.as_dict() for info in infos]
+
     def listing(_request: dict) -> dict:
-        return {"sessions": [info.as_dict() for info in registry.listing()], "now": time.time()}
+        answer = {"sessions": rows(registry.listing()), "now": time.time()}
+        return {**answer, "node": node} if node else answer
 
     def kick(request: dict) -> dict:
         site = request.get("site")
         if not isinstance(site, str) or not site:
             raise ControlError('sessions.kick needs "site", a site name')
-        return {"site": site, "ended": [info.as_dict() for info in registry.kick(site)]}
+        answer = {"site": site, "ended": rows(registry.kick(site))}
+        return {**answer, "node": node} if node else answer
 
     control.register("sessions", listing)
     control.register("sessions.kick", kick)
@@ -50,9 +59,11 @@ def sessions_command(cfg, args) -> int:
     if args.json:
         print(json.dumps(answer["sessions"], indent=2))
     elif not answer["sessions"]:
-        print("no open sessions")
+        print("no open sessions" + (f" on node {printable(answer['node'])}" if answer.get("node") else ""))
     else:
         _table(answer["sessions"], answer["now"])
+        if answer.get("node"):
+            print(f"(node {printable(answer['node'])} only: the other nodes of the cluster list their own)")
     return 0
 
 

@@ -3,6 +3,7 @@
 # coordination, the shared index is tests/test_postgres_*'s): one POP3 session per mailbox across
 # both, a session closed when its node's link is lost, the periodic work on the leader only and
 # taken over when the leader stops.
+import json
 import poplib
 import time
 
@@ -54,6 +55,11 @@ def test_two_nodes_share_the_pop3_mailbox_lock_and_the_leader(pg_url, make_hub):
 
     session = _login(a)
     assert "[IN-USE]" in _refused(b)  # held on node a
+    # `mailhub sessions` on a node: its own sessions, named by node
+    listed = json.loads(a.cli("sessions", "--json").stdout)
+    assert [(r["protocol"], r["site"], r["node"]) for r in listed] == [("pop3", "alpha", "node-a")]
+    assert "(node node-a only" in a.cli("sessions").stdout
+    wait_for(lambda: b.cli("sessions").stdout.strip() == "no open sessions on node node-b")  # its refused one ended
     session.quit()
     wait_for(lambda: _try(b), message="node b takes the mailbox once node a let go")
 
