@@ -34,7 +34,7 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import db, envelope, sql
@@ -78,6 +78,7 @@ class BlobLayout:
     node: str = ""
     number: int | None = None  # the node number in queue IDs (shared only)
     lock: int | None = None  # fd holding <root>/<node>/mailhub.lock
+    _foreign_packs: set[str] = field(default_factory=set)  # other nodes' freed packs seen (left to them)
 
     @property
     def shared(self) -> bool:
@@ -98,7 +99,17 @@ class BlobLayout:
         forgotten). Runs in a worker thread (reads a header per foreign file)."""
         if self.root is None:
             return blobs
-        return [blob for blob in blobs if blob.startswith(self.prefix) or not _is_pack(self.root / blob)]
+        mine = []
+        for blob in blobs:
+            if blob.startswith(self.prefix):
+                mine.append(blob)
+            elif blob not in self._foreign_packs:  # a pack stays a pack: read once
+                pack = _is_pack(self.root / blob)
+                if pack:
+                    self._foreign_packs.add(blob)
+                elif pack is not None:
+                    mine.append(blob)
+        return mine
 
     def close(self) -> None:
         if self.lock is not None:
@@ -106,17 +117,18 @@ class BlobLayout:
             self.lock = None
 
 
-def _is_pack(path: Path) -> bool:
+def _is_pack(path: Path) -> bool | None:
+    """Whether the file is a pack; False if it is gone, None if it cannot be read now (left alone)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError:
-        return True  # unknown: left alone
+        return None
     try:
         return envelope.is_pack(fd)
     except OSError:
-        return True
+        return None
     finally:
         os.close(fd)
 

@@ -210,19 +210,41 @@ def test_queue_ids_of_two_nodes_never_collide():
     assert len(plain) == 19 and int(plain, 16) >= 0  # the default: today's format
 
 
-def test_node_numbers_are_claimed_once_per_name_and_never_twice(tmp_path):
-    conn = db.connect(tmp_path)
-    try:
-        conn.execute("INSERT INTO meta (key, value) VALUES ('blob_node_number:1', 0)")  # a claim whose name never came
-        first = blob_layout.register_node(conn, "alpha")
-        second = blob_layout.register_node(conn, "bravo")
-        assert (first, second) == (2, 3) and blob_layout.register_node(conn, "alpha") == 2
-        for n in range(blob_layout.MAX_NODES - 3):
-            blob_layout.register_node(conn, f"n{n}")
-        with pytest.raises(StorageError, match="no node number left"):
-            blob_layout.register_node(conn, "one-too-many")
-    finally:
-        conn.close()
+def test_node_numbers_are_claimed_once_per_name_and_never_twice(index, index_connect):
+    """On SQLite and PostgreSQL: a name keeps its number, a number is never given to two names,
+    also when nodes start at the same time (connections of their own, claiming at once)."""
+    import threading
+
+    index.execute("INSERT INTO meta (key, value) VALUES ('blob_node_number:1', 0)")  # a claim whose name never came
+    first = blob_layout.register_node(index, "alpha")
+    assert first == 2 and blob_layout.register_node(index, "alpha") == 2
+    got: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def claim(name: str) -> None:
+        conn = index_connect()
+        try:
+            got[name] = blob_layout.register_node(conn, name)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=claim, args=(f"node-{n}",)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(got.values()) == list(range(3, 9))
+    for n in range(blob_layout.MAX_NODES - 8):
+        blob_layout.register_node(index, f"n{n}")
+    with pytest.raises(StorageError, match="no node number left"):
+        blob_layout.register_node(index, "one-too-many")
+    assert blob_layout.register_node(index, "node-3") == got["node-3"]
+    # the queries that pick a node's own blobs (recovery, settle, check) run on the engine
+    assert index.execute("SELECT count(*) FROM packs WHERE substr(blob, 1, ?) = ?", (6, "alpha/")).fetchone() == (0,)
+    assert index.execute("SELECT blob FROM messages WHERE blob LIKE '%/%/%' LIMIT 1").fetchone() is None
 
 
 def test_an_unmounted_shared_folder_is_not_taken_for_an_empty_one(tmp_path):
