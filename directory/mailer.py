@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from pathlib import Path
 
-from storage import Delivery, MessageMeta, Site, Storage, db, directory_index
+from storage import Delivery, MessageMeta, Site, Storage, directory_index
 from storage.directory_index import directory_version
 from storage.sites import list_sites
 
@@ -147,7 +147,7 @@ class DirectoryMailer:
         """Index thread: the mailer's connection, opened at first use with the present directory
         version and hub key recorded as sent unless a mark is there already."""
         if self._conn is None:
-            conn = db.connect(self.cfg.data_dir)
+            conn = self.cfg.index_location.connect()
             first_start = directory_index.mark(conn, SENT_VERSION) is None
             directory_index.set_mark_to_version_if_unset(conn, SENT_VERSION)
             note_hub_key_announced(conn, self._known_key)
@@ -333,7 +333,7 @@ class DirectoryMailer:
         self, keys: HubKeys, sender: str, to: str, subject: str, in_reply_to: str | None, announcement: bool
     ) -> bytes:
         """Worker thread: read the index, build and sign the mail."""
-        conn = db.connect(self.cfg.data_dir)
+        conn = self.cfg.index_location.connect()
         try:
             document = read_document(conn, keys, self.cfg.domain, self.local_part)
         finally:

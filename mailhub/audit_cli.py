@@ -55,7 +55,8 @@ def audit_parser(commands, common) -> None:
 def audit_command(cfg: Config, args) -> int:
     import sqlite3
 
-    from storage import audit, db
+    from storage import audit
+    from storage.errors import StorageError
 
     from .stats import parse_when
 
@@ -70,9 +71,9 @@ def audit_command(cfg: Config, args) -> int:
         print("mailhub: --limit must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     try:
-        conn = db.connect_readonly(cfg.data_dir)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+        conn = cfg.index_location.connect_readonly()
+    except (OSError, sqlite3.Error, StorageError) as exc:
+        print(f"mailhub: cannot open the index at {cfg.index_location.where()}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     filters = dict(
         site=args.site,

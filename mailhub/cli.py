@@ -14,6 +14,7 @@ import sqlite3
 import string
 import sys
 import time
+from typing import Any
 
 from . import config
 from .audit_cli import audit_command, audit_parser, operator_name
@@ -485,14 +486,19 @@ def ask_hub(cfg: config.Config, cmd: str, **fields) -> dict | None:
         return None
 
 
-def open_index(cfg: config.Config, readonly: bool = False) -> sqlite3.Connection | None:
-    """A connection to the index, or None after saying why there is none."""
-    from storage import db
+def open_index(cfg: config.Config, readonly: bool = False) -> Any:
+    """A connection to the index (storage.index: SQLite in data_dir, or PostgreSQL; a
+    storage.sql.Connection), or None after saying why there is none (one line, no password)."""
+    from storage import StorageError
 
+    index = cfg.index_location
     try:
-        return db.connect_readonly(cfg.data_dir) if readonly else db.connect(cfg.data_dir)
+        return index.connect_readonly() if readonly else index.connect()
+    except StorageError as exc:  # PostgreSQL unreachable (the message names it, without a password)
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return None
     except (OSError, sqlite3.Error) as exc:
-        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+        print(f"mailhub: cannot open the index at {index.where()}: {exc}", file=sys.stderr)
         return None
 
 

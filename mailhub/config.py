@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from relay.outbound.routes import Route
+    from storage.index import IndexLocation
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Parser = Callable[[Any], Any]
@@ -604,10 +605,28 @@ class EventsConfig:
     )
 
 
+@_kind('"" or postgresql://USER@HOST:PORT/DATABASE')
+def _index_url(value: Any) -> str:
+    from storage.index_url import index_url
+
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return index_url(value)
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     """The [storage] section (SECTION_DOCS["storage"])."""
 
+    index: str = setting(
+        _index_url,
+        "",
+        "Where the index is: empty for SQLite (index.sqlite3 in data_dir), or a PostgreSQL database "
+        "as postgresql://USER@HOST:PORT/DATABASE (docs/postgresql.md). Give the password through "
+        "PGPASSWORD or ~/.pgpass rather than in the URL; it is never logged nor shown. The schema is "
+        "migrated when the hub starts. data_dir stays this node's own (spool, ledger, sockets).",
+        secret=True,  # kept out of reprs (a password in the URL); `config show` shows it without one
+    )
     release_freed_after: float = setting(
         _zero_or_more,
         3600,
@@ -1038,6 +1057,13 @@ class Config:
     # ((section, key), (value as given, where from)) for each key set by the file or the environment
     # (later ones win), for with_overrides(); may hold secrets, so never in a repr.
     sources: tuple[tuple[tuple[str, str], tuple[Any, str]], ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def index_location(self) -> "IndexLocation":
+        """Where the index is (storage.index: SQLite in data_dir, or PostgreSQL), to open it."""
+        from storage.index import IndexLocation
+
+        return IndexLocation(self.data_dir, self.storage.index)
 
     def with_overrides(self, values: Mapping[str, Any], source: str = "override") -> "Config":
         """A new Config as if the dotted keys in `values` ("smtp.max_recipients", "domain") had

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from storage.index_url import redacted
+
 from .config import SCHEMA, SECTIONS, Config
 
 MASK = "********"
@@ -27,7 +29,9 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
     for section, key in SCHEMA:
         holder = getattr(cfg, section) if section else cfg
         value = getattr(holder, key)
-        if value and not _FIELDS[(section, key)].repr:
+        if section == "storage" and key == "index" and value:
+            value = redacted(value)  # a password in the URL is never shown
+        elif value and not _FIELDS[(section, key)].repr:
             value = MASK  # a secret (s3.secret_key)
         source = given.get((section, key), (None, None))[1]
         if source is None:

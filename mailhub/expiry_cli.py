@@ -57,12 +57,13 @@ def _offline_dry_run(cfg: config.Config) -> dict[str, Any] | None:
     """The dry run without a running hub: the index read directly (read-only)."""
     from relay.expiry import DAY, plan
     from relay.lifecycle import plan_report
-    from storage import db, lifecycle
+    from storage import lifecycle
+    from storage.errors import StorageError
 
     try:
-        conn = db.connect_readonly(cfg.data_dir)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"mailhub: cannot open the index in {cfg.data_dir}: {exc}", file=sys.stderr)
+        conn = cfg.index_location.connect_readonly()
+    except (OSError, sqlite3.Error, StorageError) as exc:
+        print(f"mailhub: cannot open the index at {cfg.index_location.where()}: {exc}", file=sys.stderr)
         return None
     now, warn_before = time.time(), cfg.lifecycle.warn_before_days * DAY
     try:

@@ -165,6 +165,7 @@ class Hub:
             min_free_bytes=cfg.storage.min_free_bytes,
             blobs=cfg.storage.blobs,
             node=cfg.node.resolved_name,
+            index_url=cfg.storage.index,
         )
         MEMORY_BUDGET.budget = storage.memory_budget
         storage.on_damaged = damaged_mail
@@ -178,8 +179,9 @@ class Hub:
             await link.start()
             link.on_leader = self._leader_tasks.set_leader
             is_leader = link.is_leader
-        self._sites = sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks)
-        self._keyring = keyring = KeyRing(cfg.data_dir)
+        index = storage.index  # SQLite in data_dir, or PostgreSQL (storage.index): what every reader opens
+        self._sites = sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks, index.connect)
+        self._keyring = keyring = KeyRing(cfg.data_dir, index.connect)
         self._monitor = LoopMonitor(cfg.log.stall_threshold)
         self._monitor.start()
 
@@ -231,6 +233,7 @@ class Hub:
             stale_after=cfg.liveness.stale_after,
             cert_file=cfg.tls.cert_file,
             node=cfg.metrics.node,
+            index=index,
         )
 
         await self._listen("smtp", lambda: HubSMTP(smtp), cfg.smtp.listen)

@@ -22,7 +22,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from relay.outbound.routes import route_for
-from storage import liveness
+from storage import liveness, sql
+from storage.errors import StorageError
+from storage.index import IndexLocation
 from storage.liveness import SiteLiveness
 from storage.records import Delivery, MessageMeta
 
@@ -88,13 +90,13 @@ class LivenessCollector:
     """Per-site waiting mail, oldest waiting age, last login and fetch, and stale (0/1), from one
     query over the index (cached for `ttl` seconds) on a read-only connection of its own."""
 
-    def __init__(self, data_dir: Path, stale_after: float, clock: Clock = time.time, ttl: float = 10.0):
-        self.data_dir = Path(data_dir)
+    def __init__(self, index: "IndexLocation | Path", stale_after: float, clock: Clock = time.time, ttl: float = 10.0):
+        self.index = index if isinstance(index, IndexLocation) else IndexLocation(Path(index))
         self.stale_after = stale_after
         self.clock = clock
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sql.Connection | None = None
         self._cached: tuple[float, list[SiteLiveness]] | None = None
 
     def _rows(self) -> list[SiteLiveness]:
@@ -103,15 +105,20 @@ class LivenessCollector:
             if self._cached is not None and now - self._cached[0] < self.ttl:
                 return self._cached[1]
             if self._conn is None:
-                self._conn = liveness.open_reader(self.data_dir)
-            rows = liveness.read(self._conn)
+                self._conn = liveness.open_reader(self.index)
+            try:
+                rows = liveness.read(self._conn)
+            except sqlite3.Error:
+                self._conn.close()  # the next scrape connects again (a PostgreSQL server restarted, ...)
+                self._conn = None
+                raise
             self._cached = (now, rows)
             return rows
 
     def collect(self) -> Iterator[Metric]:
         try:
             rows = self._rows()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
             log.warning("liveness metrics unavailable: %s", exc)
             return
         now = self.clock()
@@ -224,7 +231,7 @@ class LivenessMonitor:
     def _read(self) -> list[SiteLiveness]:
         """In a worker thread, on a connection of its own that it closes itself: a read still
         running when the hub stops (its task cancelled) never meets a connection closed under it."""
-        conn = liveness.open_reader(self.cfg.data_dir)
+        conn = liveness.open_reader(self.cfg.index_location)
         try:
             return liveness.read(conn)
         finally:

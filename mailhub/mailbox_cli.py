@@ -125,12 +125,12 @@ def mailbox_command(cfg: Config, args) -> int:
 
 
 def _read(cfg: Config, function, *args, **kwargs):
-    from storage import db
+    from storage.errors import StorageError
 
     try:
-        conn = db.connect_readonly(cfg.data_dir)
-    except (OSError, sqlite3.Error) as exc:
-        raise MailboxCommandError(f"cannot open the index in {cfg.data_dir}: {exc}") from None
+        conn = cfg.index_location.connect_readonly()
+    except (OSError, sqlite3.Error, StorageError) as exc:
+        raise MailboxCommandError(f"cannot open the index at {cfg.index_location.where()}: {exc}") from None
     try:
         return function(conn, *args, **kwargs)
     finally:
@@ -426,6 +426,7 @@ async def _change_here(cfg: Config, cmd: str, fields: dict) -> dict:
         min_free_bytes=cfg.storage.min_free_bytes,
         blobs=cfg.storage.blobs,
         node=cfg.node.resolved_name,
+        index_url=cfg.storage.index,
     )
     try:
         await storage.open()

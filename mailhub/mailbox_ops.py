@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from relay.outbound.bounce import returned_notice
-from storage import Delivery, MessageMeta, Storage, audit, db, mailbox_admin
+from storage import Delivery, MessageMeta, Storage, audit, mailbox_admin
 from storage.records import Removal
 
 from .config import Config
@@ -32,7 +32,7 @@ async def read_index(storage: Storage, function: Callable[..., T], *args: Any) -
     never blocks the event loop)."""
 
     def run() -> T:
-        conn = db.connect_readonly(storage.data_dir)
+        conn = storage.index.connect_readonly()
         try:
             return function(conn, *args)
         finally:

@@ -26,6 +26,7 @@ import directory.metrics
 import relay.metrics
 import storage.metrics
 from relay.metrics import IMAP_ACTIVE, POP3_ACTIVE, SMTP_ACTIVE
+from storage.index import IndexLocation
 from storage.metrics import StorageCollector
 
 from .http_server import HttpServer
@@ -156,19 +157,23 @@ class MetricsServer:
         stale_after: float = 21600.0,
         cert_file: Path | None = None,
         node: str = "",
+        index: IndexLocation | None = None,
     ):
         self.data_dir = Path(data_dir)
+        index = index or IndexLocation(self.data_dir)
         self.key_routes = key_routes  # a HubKeyRoutes, or None
         self.min_free_bytes = min_free_bytes
         self.listeners_up = listeners_up  # () -> list of names of listeners not serving
         self.node = node  # metrics.node: the label added to every sample, or "" for none
         self.draining: str | None = None  # set while the hub shuts down or restarts: /healthz says 503
-        self.collector = StorageCollector(self.data_dir)
+        self.collector = StorageCollector(
+            self.data_dir, connect=(lambda: index.connect_readonly(any_thread=True)) if index.is_postgresql else None
+        )
         SMTP_ACTIVE.set_function(smtp_sessions)
         POP3_ACTIVE.set_function(pop3_sessions)
         IMAP_ACTIVE.set_function(imap_sessions)
         REGISTRY.register(self.collector)
-        self.liveness = LivenessCollector(self.data_dir, stale_after)  # per-site waiting, logins, stale
+        self.liveness = LivenessCollector(index, stale_after)  # per-site waiting, logins, stale
         REGISTRY.register(self.liveness)
         self.certificate = CertificateCollector(cert_file)
         REGISTRY.register(self.certificate)

@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from storage.errors import StorageError
+
 from .config import Config
 from .report_format import human_size, iso_time, printable
 
@@ -147,8 +149,27 @@ def storage_parsers(commands, common) -> None:
     migrate.add_argument("--quiet", action="store_true", help="no progress lines (on stderr)")
 
 
+# What works on the SQLite index file only, and what to use on a PostgreSQL index instead.
+SQLITE_ONLY = {
+    "check": "pg_amcheck for the index (and `mailhub storage verify` for the mails' bytes)",
+    "rebuild-index": "PostgreSQL's own backups to restore the index (pg_dump/pg_restore, or pg_basebackup"
+    " with point-in-time recovery)",
+    "backup": "pg_dump (or pg_basebackup) for the index, and a copy of the data folder's blobs/",
+    "restore": "pg_restore (or the base backup) for the index, and the blobs copied back",
+    "migrate": "pg_dump/pg_restore to copy a PostgreSQL index (storage migrate copies an SQLite one into PostgreSQL)",
+}
+
+
 def storage_command(cfg: Config, args) -> int:
     action = args.storage_command
+    if action in SQLITE_ONLY and cfg.storage.index:
+        from storage.index import NotOnPostgres
+
+        try:
+            cfg.index_location.require_sqlite(f"mailhub storage {action}", SQLITE_ONLY[action])
+        except NotOnPostgres as exc:
+            print(f"mailhub: {exc}", file=sys.stderr)
+            return 2
     try:
         if action == "check":
             return _check(cfg, args)
@@ -167,7 +188,7 @@ def storage_command(cfg: Config, args) -> int:
         if action == "migrate":
             return _migrate(cfg, args)
         return _quarantine(cfg, args)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StorageError) as exc:
         print(f"mailhub: storage {action} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -494,7 +515,6 @@ def _quarantine(cfg: Config, args) -> int:
 def _verify(cfg: Config, args) -> int:
     import time
 
-    from storage import db
     from storage.folder_lock import DataFolderInUse
     from storage.verify import (
         Pacer,
@@ -514,7 +534,7 @@ def _verify(cfg: Config, args) -> int:
     except (ConfigError, ValueError):
         print(f"mailhub: --rate: not a size: {args.rate!r}", file=sys.stderr)
         return 2
-    conn = db.connect_readonly(cfg.data_dir)
+    conn = cfg.index_location.connect_readonly()
     site_id = None
     if args.site:
         site_id = site_id_of(conn, args.site)
@@ -545,7 +565,9 @@ def _verify(cfg: Config, args) -> int:
     new = [[qid, problem] for qid, problem in found if qid not in known]
     if new:
         try:
-            marked = mark_with_hub_stopped(cfg.data_dir, [(qid, problem) for qid, problem in new], "verify")
+            marked = mark_with_hub_stopped(
+                cfg.data_dir, [(qid, problem) for qid, problem in new], "verify", cfg.storage.index
+            )
             how = "marked (hub stopped)"
         except DataFolderInUse:
             try:
@@ -566,10 +588,9 @@ def _verify(cfg: Config, args) -> int:
 
 
 def _damaged(cfg: Config, args) -> int:
-    from storage import db
     from storage.verify import damaged_mails
 
-    conn = db.connect_readonly(cfg.data_dir)
+    conn = cfg.index_location.connect_readonly()
     try:
         rows = damaged_mails(conn)
     finally:

@@ -12,7 +12,6 @@
 import asyncio
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from relay import metrics, receipts
 from relay.expiry import DAY, Plan, plan
 from relay.notices import BUILDERS
 from relay.outbound.routes import route_for
-from storage import Delivery, MessageMeta, Site, SiteCache, Storage, StorageError, db, lifecycle
+from storage import Delivery, MessageMeta, Site, SiteCache, Storage, StorageError, lifecycle, sql
 
 log = logging.getLogger("mailhub.lifecycle")
 T = TypeVar("T")
@@ -52,7 +51,7 @@ class Lifecycle:
         self.clock = clock
         self.host = cfg.relay.hostname or cfg.hostname
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="lifecycle-index")
-        self._conn: sqlite3.Connection | None = None  # used on _thread only
+        self._conn: sql.Connection | None = None  # used on _thread only
         self._levels: dict[int, set[int]] | None = None  # site id -> quota levels recorded
         self._dirty: set[int] = set()  # sites whose quota fill may have changed
         self._wake = asyncio.Event()
@@ -138,7 +137,7 @@ class Lifecycle:
 
         def call() -> T:
             if self._conn is None:
-                self._conn = db.connect_readonly(self.storage.data_dir)
+                self._conn = self.storage.index.connect_readonly(any_thread=True)
             return function(self._conn, *args)
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)

@@ -101,12 +101,14 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
-def connect_readonly(data_dir: Path) -> sqlite3.Connection:
+def connect_readonly(data_dir: Path, check_same_thread: bool = True) -> sqlite3.Connection:
     """A read-only connection for reports beside a running hub (never changes the index)."""
     path = index_path(data_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no index at {path}")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10, check_same_thread=check_same_thread
+    )
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
 

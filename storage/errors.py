@@ -19,3 +19,8 @@ class MailboxLimitReached(StorageError):
 
 class WriterDied(StorageError):
     """The index writer process ended while it had the request: whether it ran is not known."""
+
+
+class CommitUnknown(StorageError):
+    """The index's answer to a COMMIT was lost (PostgreSQL's connection failed then): whether it took is
+    unknown, so the hub keeps what it wrote (start-up recovery sorts it out) and acknowledges nothing."""

@@ -9,8 +9,15 @@
 # and the previous commit's, and after the COMMIT a ledger line says it committed
 # (storage/ledger.py): what lets a rebuild of the index tell committed mails from the leftovers of
 # a commit that failed. Removals are appended to the ledger (fdatasync) before the writer answers.
+# On PostgreSQL (storage.index) a transient failure - a deadlock (40P01), a serialization failure
+# (40001), the connection lost (a restart, pg_terminate_backend) - rolls the transaction back and
+# runs it again, RETRIES times at most (never half of one: each try is a whole transaction); a
+# COMMIT whose answer was lost is looked up before anything is redone (a group commit by its
+# `commits` row), else reported unknown (CommitUnknown: the hub keeps the files, sends no 250). A
+# server that stays down fails each request with one line (451 4.3.0 at SMTP) until it is back.
 import collections
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,14 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from . import audit, cluster_events, db, events, faults, ledger, verify
-from .errors import StorageError
+from . import audit, cluster_events, db, events, faults, ledger, sql, verify
+from .errors import CommitUnknown, StorageError
 from .files import unlink_quietly
+from .index import IndexLocation
 from .packs import truncate_durably
 from .records import Delivery, Downloads, MessageMeta, Removal, pickled_by_fields
 from .usage import write_throttle_states
 
 LEDGER_SYNC_INTERVAL = 1.0  # seconds: under steady load, commit lines are made durable this often
+RETRIES = 4  # PostgreSQL: a transaction redone at most this many times after a transient failure
+RETRY_PAUSE = 0.05  # seconds before the first redo, doubled for each next one
+RECONNECT_TIMEOUT = 5  # seconds a new connection to PostgreSQL may take (a request waits that long)
+log = logging.getLogger("mailhub.storage")
 
 
 T = TypeVar("T")
@@ -59,8 +71,10 @@ class BatchItem:
 
 
 class IndexWriter:
-    def __init__(self, data_dir: Path, release_freed_after: float, node: str = ""):
-        self.conn = db.connect(data_dir)
+    def __init__(self, data_dir: Path, release_freed_after: float, index_url: str = "", node: str = ""):
+        self.location = IndexLocation(data_dir, index_url)
+        self.conn = self.location.connect()
+        self._lost = False  # PostgreSQL: the connection failed; the next request connects again
         # this hub node's name: on PostgreSQL each mailbox change is NOTIFYed to the other nodes
         # (storage/cluster_events.py) in its transaction, naming the node (its own skip it)
         self.node = node
@@ -97,9 +111,13 @@ class IndexWriter:
     def in_transaction(self, function: Callable[[sqlite3.Connection, *Args], T], *args: *Args) -> T:
         """function(conn, *args) in one transaction (also storage.outbound functions, by queue_op)."""
         self._note_time()
-        with db.transaction(self.conn):
-            result = function(self.conn, *args)
+
+        def body(conn: sql.Connection) -> T:
+            result = function(conn, *args)  # type: ignore[arg-type]  # both engines' connections
             faults.hit("writer", "op_before_commit")
+            return result
+
+        result = self._write(body)
         faults.hit("writer", "op_after_commit")
         self.flush_removals()
         return result
@@ -117,6 +135,67 @@ class IndexWriter:
             return removed, result
 
         return self.in_transaction(removing, *args)
+
+    def reconnect_if_lost(self) -> None:
+        """PostgreSQL: a new connection if the last one failed (StorageError with one line if the
+        server cannot be reached); the group commit numbers are read again from the index."""
+        if not self.location.is_postgresql:
+            return
+        raw = getattr(self.conn, "raw", None)
+        if not self._lost and raw is not None and not raw.closed and not raw.broken:
+            return
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
+        self.conn = self.location.connect(RECONNECT_TIMEOUT)
+        self._lost = False
+        self.seq, self.attempt = ledger.last_commit(self.conn)  # a COMMIT whose answer was lost may be there
+        self._ledger_behind = True  # its ledger line too: caught up from the index's rows
+        log.warning("index writer: connected to the index at %s again", self.location.where())
+
+    def _write(
+        self, body: Callable[[sql.Connection], T], committed: Callable[[sql.Connection], bool] | None = None
+    ) -> T:
+        """body(conn) in one write transaction. On PostgreSQL, a transient failure rolls it back and
+        runs it again (RETRIES times at most, pausing RETRY_PAUSE doubled each time); if the answer
+        to COMMIT itself was lost, `committed(conn)` on a new connection tells whether it took
+        (no `committed`: CommitUnknown). On SQLite one try, as ever."""
+        for attempt in range(RETRIES + 1):
+            self.reconnect_if_lost()
+            conn = self.conn
+            body_done = False
+            try:
+                with db.transaction(conn):
+                    result = body(conn)
+                    body_done = True  # what fails from here on is the COMMIT
+                return result
+            except sqlite3.OperationalError as exc:
+                if not self.location.is_postgresql:
+                    raise
+                lost = _connection_lost(conn)
+                if not (lost or _transient(exc)):
+                    raise
+                self._lost = self._lost or lost
+                if body_done and lost:
+                    if committed is None:
+                        raise CommitUnknown(
+                            f"index: the answer to COMMIT was lost ({exc}): whether it took is unknown"
+                        ) from exc
+                    try:
+                        self.reconnect_if_lost()
+                        took = committed(self.conn)
+                    except (StorageError, sqlite3.Error) as check_failed:
+                        raise CommitUnknown(
+                            f"index: the answer to COMMIT was lost ({exc}), and it cannot be checked: {check_failed}"
+                        ) from None
+                    if took:
+                        return result
+                if attempt == RETRIES:
+                    raise StorageError(f"index: {exc} (tried {RETRIES + 1} times)") from exc
+                log.warning("index writer: %s; the transaction is run again (try %d)", exc, attempt + 2)
+                time.sleep(RETRY_PAUSE * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _note_time(self) -> None:
         now = time.monotonic()
@@ -148,10 +227,11 @@ class IndexWriter:
         if seq != self.seq + 1:  # the hub numbered it from a commit it did not know of
             raise StorageError(f"group commit {seq} out of sequence (the last one is {self.seq})")
         self._note_time()
-        with db.transaction(self.conn):
-            refused = _index_batch(self.conn, batch, loose)
+
+        def body(conn: sql.Connection) -> tuple[set[int], list[str], list[str]]:
+            refused = _index_batch(conn, batch, loose)  # type: ignore[arg-type]  # both engines'
             cluster_events.notify(
-                self.conn,
+                conn,
                 cluster_events.Changes(
                     self.node,
                     committed=[
@@ -165,6 +245,15 @@ class IndexWriter:
             left_out = [batch[i].queue_id for i in sorted(refused)]
             self._note_commit(seq, attempt, files, left_out, ends or {})
             faults.hit("writer", "before_commit")
+            return refused, files, left_out
+
+        def took(conn: sql.Connection) -> bool:  # the COMMIT's answer was lost: is the group commit there?
+            return (
+                conn.execute("SELECT 1 FROM commits WHERE seq = ? AND attempt = ?", (seq, attempt)).fetchone()
+                is not None
+            )
+
+        refused, files, left_out = self._write(body, took)
         faults.hit("writer", "after_commit")
         self.seq, self.attempt = seq, attempt
         self._to_ledger([ledger.commit_line(seq, attempt, files, left_out)], sync=False)
@@ -197,8 +286,15 @@ class IndexWriter:
             self._to_ledger([], sync=True)
 
     def flush_removals(self) -> None:
-        """Append the removals the index noted (ledger_pending) to the ledger, durably."""
-        docs = ledger.pending_lines(self.conn, self.flushed_removal)
+        """Append the removals the index noted (ledger_pending) to the ledger, durably. Never raises:
+        what they describe is committed; an index that cannot be read now (PostgreSQL gone) leaves
+        them for a later call (the ledger is caught up from the index)."""
+        try:
+            docs = ledger.pending_lines(self.conn, self.flushed_removal)
+        except (sqlite3.Error, StorageError):
+            self._ledger_behind = True
+            self._lost = self._lost or _connection_lost(self.conn)
+            return
         if docs or self._ledger_behind:
             self._to_ledger(docs, sync=True)
 
@@ -220,6 +316,9 @@ class IndexWriter:
                 self._synced_at = time.monotonic()
         except OSError:
             self._ledger_behind = True
+        except (sqlite3.Error, StorageError):  # PostgreSQL unreachable: caught up once it is back
+            self._ledger_behind = True
+            self._lost = self._lost or _connection_lost(self.conn)
 
     def settle(self, queue_ids: list[str], begun: list[str], own: str = "") -> dict[str, str] | None:
         """A writer died during a group commit of these mails (`begun`: the packs its small mails
@@ -266,11 +365,12 @@ class IndexWriter:
         and the audit records (deleted by the site, or as `removal` says: expired, by an operator).
         Returns what changed: ([(uid, sender_site, size)] newly marked downloaded,
         [(uid, sender_site, size, was_waiting)] removed)."""
-        with db.transaction(self.conn):
-            result = _delete_entries(self.conn, site_id, uids, downloads, site_name, removal)
+
+        def body(conn: sql.Connection) -> tuple[list[Any], list[Any]]:
+            result = _delete_entries(conn, site_id, uids, downloads, site_name, removal)  # type: ignore[arg-type]
             fetched, removed = result
             cluster_events.notify(
-                self.conn,
+                conn,
                 cluster_events.Changes(
                     self.node,
                     fetched=[(site_id, *row) for row in fetched],
@@ -278,6 +378,9 @@ class IndexWriter:
                 ),
             )
             faults.hit("writer", "delete_before_commit")
+            return result
+
+        result = self._write(body)
         faults.hit("writer", "delete_after_commit")
         self.flush_removals()
         return result
@@ -445,6 +548,15 @@ def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[t
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         messages,
     )
+    if entries and sql.dialect(conn) == sql.POSTGRESQL:
+        # each receiving site's UID counter row locked (in site order: no deadlock) BEFORE its UIDs are
+        # taken: a transaction of another writer (node) delivering to the site waits until this one
+        # commits, so UIDs become visible in their order and UIDNEXT never passes one not yet seen
+        conn.executemany(
+            "INSERT INTO imap_uid_next AS n (site_id, uid_next) VALUES (?, 1)"
+            " ON CONFLICT (site_id) DO UPDATE SET uid_next = n.uid_next",
+            [(site,) for site in sorted({entry[0] for entry in entries})],
+        )
     conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -524,3 +636,20 @@ def _add_downloads(conn: sqlite3.Connection, site_id: int, d: Downloads) -> None
         "  ELSE excluded.last_fetch_at END, d.last_fetch_at, excluded.last_fetch_at)",
         (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at, fetched),
     )
+
+
+def _connection_lost(conn: object) -> bool:
+    """A PostgreSQL connection that is closed or broken (the server restarted or ended the session)."""
+    raw = getattr(conn, "raw", None)
+    return raw is not None and bool(raw.closed or raw.broken)
+
+
+_TRANSIENT_STATES = ("40001", "40P01", "55P03", "57P01", "57P02", "57P03")  # serialization, deadlock, lock, shutdown
+
+
+def _transient(exc: BaseException) -> bool:
+    """A PostgreSQL failure that running the transaction again can cure (the original psycopg error
+    is chained: PgConnection maps it to sqlite3.OperationalError)."""
+    cause = exc.__cause__
+    state = getattr(cause, "sqlstate", None)
+    return state in _TRANSIENT_STATES or (state is not None and state.startswith("08"))  # 08: connection

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sql
+from .index import IndexLocation
 from .sites import SiteError
 
 WAITING = "b.fetched_at IS NULL"  # the definition, as SQL over the mailbox table aliased b
@@ -48,9 +49,14 @@ _SQL = (
 )
 
 
-def open_reader(data_dir: Path) -> sqlite3.Connection:
-    """A read-only connection to the index for a worker thread (metrics at scrape time, the monitor)."""
-    uri = (Path(data_dir) / "index.sqlite3").resolve().as_uri() + "?mode=ro"
+def open_reader(index: "IndexLocation | Path") -> sql.Connection:
+    """A read-only connection to the index (a data folder: its SQLite one) for a worker thread
+    (metrics at scrape time, the monitor)."""
+    if not isinstance(index, IndexLocation):
+        index = IndexLocation(Path(index))
+    if index.is_postgresql:
+        return index.connect_readonly(any_thread=True)
+    uri = (Path(index.data_dir) / "index.sqlite3").resolve().as_uri() + "?mode=ro"
     return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5)
 
 

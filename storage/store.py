@@ -1,7 +1,7 @@
 # The storage facade used by the network code: spool a message, commit it durably (group commit),
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync (one per folder for all the
-# files of a group commit) -> SQLite commit -> caller may reply 250. Must never report success
+# files of a group commit) -> index commit -> caller may reply 250. Must never report success
 # before all four are done. Small messages go as a
 # group: hashed in worker threads as each one ends (or with the batch, if tiny), a batch of them
 # is appended to the open pack with one fdatasync (storage/packs.py, in a worker thread of this
@@ -15,7 +15,8 @@
 # Every index write (commits, deletions, download totals, trash) runs in the index writer process
 # (storage/writer_process.py, storage/index_writer.py) on its one connection: one writer means no
 # SQLite lock contention (a second writing connection starved for its busy_timeout under steady
-# ingest) and no interleaved transactions. aiosqlite only reads.
+# ingest) and no interleaved transactions. The event loop only reads (storage/index_reader.py: aiosqlite, or
+# a few read-only PostgreSQL connections in a thread pool; storage.index = "postgresql://...").
 # Remote recipients get outbound queue rows in the same transaction as the message (storage.outbound).
 import asyncio
 import collections
@@ -31,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiosqlite
-
-from . import audit, blob_layout, db, envelope, events, faults, reserve, verify
-from .errors import MailboxLimitReached, StorageError, StorageFull, WriterDied
+from . import audit, blob_layout, db, envelope, events, faults, reserve, sql, verify
+from .errors import CommitUnknown, MailboxLimitReached, StorageError, StorageFull, WriterDied
 from .files import drop_cached, fsync_dir, storage_error, unlink_quietly
 from .folder_lock import lock_data_folder
+from .index import IndexLocation
+from .index_reader import AsyncReader, open_reader
 from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
 from .packs import PackWriter, digest, punch_hole
@@ -97,8 +98,10 @@ class Storage:
         min_free_bytes: int = 0,
         blobs: Path | None = None,
         node: str = "",
+        index_url: str = "",
     ):
         self.data_dir = Path(data_dir).absolute()  # the index writer process gets it as it is
+        self.index = IndexLocation(self.data_dir, index_url)  # SQLite in data_dir, or PostgreSQL
         # storage.blobs (a shared folder, storage/blob_layout.py) and this node's name in it
         self.shared_blobs = Path(blobs).absolute() if blobs is not None else None
         self.node = node or blob_layout.default_node_name()
@@ -118,7 +121,7 @@ class Storage:
         self.blob_dir = self.data_dir / "blobs"
         self._spool_folder = str(self.spool_dir)  # paths per message are plain strings (cheaper)
         self._blob_folder = str(self.blob_dir)
-        self._db: aiosqlite.Connection | None = None
+        self._db: AsyncReader | None = None
         self._pending: list[_Pending] = []
         self._queued_events: list[events.Event] = []
         self._dropped_events = 0
@@ -127,7 +130,7 @@ class Storage:
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
         # Group commits and every other index write: one request (a transaction) per hop.
-        self._writer = WriterProcess(self.data_dir, release_freed_after)
+        self._writer = WriterProcess(self.data_dir, release_freed_after, index_url)
         self._writer.node = self.node  # named in the mailbox changes told to other nodes (PostgreSQL index)
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
@@ -155,7 +158,7 @@ class Storage:
         self._listeners.append(listener)
 
     @property
-    def _index(self) -> aiosqlite.Connection:
+    def _index(self) -> AsyncReader:
         """The event loop's read connection to the index (made by open())."""
         assert self._db is not None, "storage not open"
         return self._db
@@ -166,14 +169,16 @@ class Storage:
         self._folder_lock = lock_data_folder(self.data_dir)
         try:
             self.layout = blob_layout.prepare(
-                self.data_dir, self.shared_blobs, self.node, lambda: _open_index(self.data_dir)
+                self.data_dir, self.shared_blobs, self.node, lambda: _open_index(self.index)
             )
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             self._disk_full = reserve.release_if_short(self.data_dir, self.reserve_bytes)
-            conn = _open_index(self.data_dir)
+            self.index.prepare()  # PostgreSQL: the schema migrated (once per database and process)
+            conn = _open_index(self.index)
             try:
-                db.check(conn)
+                if isinstance(conn, sqlite3.Connection):
+                    db.check(conn)  # the file's quick integrity check (PostgreSQL checks its own pages)
                 report = recover(conn, self.data_dir, self.layout)
                 try:
                     rebuild_usage(conn)
@@ -191,12 +196,8 @@ class Storage:
         await self._writer.start()
         self._last_commit = await self._writer.call(IndexWriter.last_commit)
         await self.keep_reserve()
-        self._db = await aiosqlite.connect(db.index_path(self.data_dir), isolation_level=None)
-        for pragma in db.pragma_statements():
-            await self._db.execute(pragma)
-        self.damaged = {
-            qid: reason for qid, reason in await self._db.execute_fetchall("SELECT queue_id, reason FROM damaged")
-        }
+        self._db = await open_reader(self.index)
+        self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
 
     async def keep_reserve(self) -> None:
         """Set the full-disk reserve aside again once there is room (start-up and housekeeping)."""
@@ -383,7 +384,7 @@ class Storage:
             except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
                 log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
                 self._last_commit = None  # asked again before the next batch
-                if isinstance(exc, (asyncio.CancelledError, _Unsettled)):
+                if isinstance(exc, (asyncio.CancelledError, _Unsettled, CommitUnknown)):
                     # cancelled, or not settled, the request may have been committed by the writer:
                     # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
                     self._packs.close()
@@ -520,13 +521,12 @@ class Storage:
 
     async def mailbox(self, site_id: int) -> list[MailboxEntry]:
         """The site's mailbox entries in delivery order."""
-        async with self._index.execute(
+        rows = await self._index.fetchall(
             "SELECT b.uid, m.queue_id, m.size, m.dot_lines, m.blob, m.sha256, m.sender_site,"
             " b.fetched_at IS NOT NULL, b.flags, b.delivered_at, m.blob_offset, m.crc32 FROM mailbox b"
             " JOIN messages m ON m.queue_id = b.queue_id WHERE b.site_id = ? ORDER BY b.uid",
             (site_id,),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [
             MailboxEntry(
                 uid,
@@ -575,10 +575,8 @@ class Storage:
             log.error("mail %s not marked damaged (%s): the shared blob folder cannot be reached", queue_id, reason)
             return False
         self.damaged[queue_id] = reason
-        rows = list(
-            await self._index.execute_fetchall(
-                "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
-            )
+        rows = await self._index.fetchall(
+            "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
         )
         if not rows:
             return False
@@ -618,39 +616,32 @@ class Storage:
         """(queue_id, blob, blob_offset, size, sha256) of up to `limit` mails after `queue_id` in
         queue ID order (the scrub), or with exact=True of that one mail if it is still stored."""
         if exact:
-            return list(
-                await self._index.execute_fetchall(
-                    "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,)
-                )
+            return await self._index.fetchall(
+                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id = ?", (queue_id,)
             )
-        return list(
-            await self._index.execute_fetchall(
-                "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id > ? ORDER BY queue_id"
-                " LIMIT ?",
-                (queue_id, limit),
-            )
+        return await self._index.fetchall(
+            "SELECT queue_id, blob, blob_offset, size, sha256 FROM messages WHERE queue_id > ? ORDER BY queue_id"
+            " LIMIT ?",
+            (queue_id, limit),
         )
 
     async def message_structure(self, queue_id: str) -> dict[str, Any] | None:
         """The MIME structure recorded at ingest (relay.mime.structure), or None (unknown message,
         or stored before structures were recorded)."""
-        async with self._index.execute("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,)) as cursor:
-            row = await cursor.fetchone()
-        if row is None or row[0] is None:
+        rows = await self._index.fetchall("SELECT structure FROM messages WHERE queue_id = ?", (queue_id,))
+        if not rows or rows[0][0] is None:
             return None
-        structure: dict[str, Any] = json.loads(row[0])
+        structure: dict[str, Any] = json.loads(rows[0][0])
         return structure
 
     async def uid_next(self, site_id: int) -> int:
         """A UID above every UID the site's mailbox ever had (IMAP UIDNEXT)."""
-        async with self._index.execute(
+        rows = await self._index.fetchall(
             "SELECT max(n) FROM (SELECT coalesce((SELECT uid_next FROM imap_uid_next WHERE site_id = ?), 1) AS n"
             " UNION ALL SELECT coalesce((SELECT max(uid) + 1 FROM mailbox WHERE site_id = ?), 1)) AS u",
             (site_id, site_id),
-        ) as cursor:
-            row = await cursor.fetchone()
-        assert row is not None  # an aggregate gives a row
-        uid_next: int = row[0]
+        )
+        uid_next: int = rows[0][0]  # an aggregate gives a row
         return uid_next
 
     async def set_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
@@ -659,9 +650,9 @@ class Storage:
 
     async def usage_snapshot(self, now: float) -> UsageSnapshot:
         """Mailbox usage, this day's and month's volumes and download counters (for the quotas)."""
-        usage = await self._index.execute_fetchall(USAGE_SQL)
-        volumes = await self._index.execute_fetchall(VOLUME_SQL, window_start(now))
-        downloads = await self._index.execute_fetchall(DOWNLOADS_SQL)
+        usage = await self._index.fetchall(USAGE_SQL)
+        volumes = await self._index.fetchall(VOLUME_SQL, window_start(now))
+        downloads = await self._index.fetchall(DOWNLOADS_SQL)
         return snapshot_from_rows(now, usage, volumes, downloads)
 
     async def save_throttle_states(self, states: dict[int, dict[str, Any]], now: float) -> None:
@@ -785,12 +776,13 @@ class _Unsettled(StorageError):
     """Whether a batch was committed is unknown (its writer and the next one failed): its files stay."""
 
 
-def _open_index(data_dir: Path) -> sqlite3.Connection:
+def _open_index(index: IndexLocation) -> sql.Connection:
     """The index for start-up recovery; a full disk is said as such (SQLite cannot even size its
     shared-memory file then)."""
     try:
-        return db.connect(data_dir)  # creates the schema
+        return index.connect()  # SQLite: creates the schema
     except sqlite3.OperationalError as exc:
+        data_dir = index.data_dir
         free = reserve.free_bytes(data_dir)
         if free < 1024 * 1024:
             raise StorageFull(

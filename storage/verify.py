@@ -121,16 +121,17 @@ def damaged_rows_from_quarantine(conn: sql.Connection, data_dir: Path) -> int:
     return made
 
 
-def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by: str) -> int:
+def mark_with_hub_stopped(data_dir: Path, found: list[tuple[str, str]], found_by: str, index_url: str = "") -> int:
     """Mark mails damaged while no hub serves the folder (its lock held meanwhile): quarantine
     copies and `damaged` rows. Returns how many were new. Raises DataFolderInUse if a hub runs."""
     from . import db
     from .folder_lock import lock_data_folder
+    from .index import IndexLocation
 
     data_dir = Path(data_dir).absolute()
     lock = lock_data_folder(data_dir)
     try:
-        conn = db.connect(data_dir)
+        conn = IndexLocation(data_dir, index_url).connect()
         try:
             new = 0
             for queue_id, reason in found:

@@ -19,6 +19,7 @@ from .index_writer import IndexWriter
 LENGTH = struct.Struct(">Q")
 IDLE_SECONDS = 0.05  # no request for this long after a commit: its ledger line is made durable
 _PR_SET_PDEATHSIG = 1
+INDEX_URL_VARIABLE = "MAILHUB_WRITER_INDEX_URL"  # a PostgreSQL index's URL, from the hub (never in argv)
 COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"  # what `ps` shows
 
 
@@ -118,6 +119,7 @@ def _serve(sock: socket.socket, writer: IndexWriter) -> None:
             return  # the hub closed the socket (or died)
         try:
             method, args = pickle.loads(request[0], buffers=request[1])
+            writer.reconnect_if_lost()  # PostgreSQL: a server restarted meanwhile is used again
             data = frame((True, method(writer, *args)))
         except Exception as exc:  # handed back to the caller
             data = frame((False, exc))
@@ -139,7 +141,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(fd))
-    writer = IndexWriter(Path(data_dir), float(release_freed_after))
+    writer = IndexWriter(Path(data_dir), float(release_freed_after), os.environ.pop(INDEX_URL_VARIABLE, ""))
     try:
         _serve(sock, writer)
     finally:

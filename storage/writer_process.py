@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import WriterDied
 from .index_writer import IndexWriter
-from .writer_child import COMMAND, LENGTH, encode_request, out_of_band
+from .writer_child import COMMAND, INDEX_URL_VARIABLE, LENGTH, encode_request, out_of_band
 
 __all__ = ["WriterProcess", "out_of_band"]
 log = logging.getLogger("mailhub.storage")
@@ -33,8 +33,9 @@ class WriterProcess:
     """The parent's side: `await start()`, `await call(IndexWriter.method, *args)`, `await close()`.
     A writer that died is started again by the next call (what it was doing fails with StorageError)."""
 
-    def __init__(self, data_dir: Path, release_freed_after: float):
+    def __init__(self, data_dir: Path, release_freed_after: float, index_url: str = ""):
         self.pid: int | None = None  # the child's
+        self._index_url = index_url  # "" (SQLite in data_dir) or PostgreSQL's, given in the environment
         # -P: the hub's working folder is not put on the child's path (a `storage` folder there
         # would be imported instead of the hub's own)
         self._argv = [sys.executable, "-P", "-c", COMMAND, str(data_dir), repr(release_freed_after), str(os.getpid())]
@@ -54,7 +55,7 @@ class WriterProcess:
                 self._argv + [str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
-                env=_child_environment(),
+                env=_child_environment(self._index_url),
             )
         except BaseException:
             ours.close()
@@ -122,9 +123,15 @@ class WriterProcess:
             await asyncio.get_running_loop().run_in_executor(None, proc.wait)
 
 
-def _child_environment() -> dict[str, str]:
+def _child_environment(index_url: str = "") -> dict[str, str]:
     """The hub's environment, with this code's folder first on the path: the writer runs the very
-    `storage` package the hub runs (installed or not), in the hub's working folder."""
+    `storage` package the hub runs (installed or not), in the hub's working folder. A PostgreSQL
+    index's URL goes in the environment (INDEX_URL_VARIABLE), never on the command line, which
+    every local user can read (`ps`): it may hold a password."""
     root = str(Path(__file__).resolve().parent.parent)
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    env.pop(INDEX_URL_VARIABLE, None)
+    if index_url:
+        env[INDEX_URL_VARIABLE] = index_url
+    return env

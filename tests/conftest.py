@@ -573,7 +573,18 @@ class Hub:
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    @property
+    def index_url(self) -> str:
+        """storage.index of this hub: "" (SQLite in its data folder) or its PostgreSQL database's URL."""
+        return self.env.get("MAILHUB_STORAGE_INDEX", "")
+
     def db(self) -> sqlite3.Connection:
+        """A connection to the hub's index: SQLite's file, or on PostgreSQL a PgConnection (autocommit;
+        execute/fetchone/fetchall/commit/close as sqlite3's)."""
+        if self.index_url:
+            from storage.postgres.connection import PgConnection
+
+            return PgConnection.connect(self.index_url)  # type: ignore[return-value]
         return sqlite3.connect(self.data_dir / "index.sqlite3")
 
     def query(self, sql: str, *params):
@@ -588,11 +599,16 @@ class Hub:
 
     def stored(self, queue_id: str) -> bytes:
         """The stored bytes of a message: its range of its blob file (a file of its own or a pack)."""
-        return stored_message(self.data_dir, queue_id)
+        return stored_message(self.data_dir, queue_id, self.index_url)
 
 
-def stored_message(data_dir: Path, queue_id: str) -> bytes:
-    conn = sqlite3.connect(Path(data_dir) / "index.sqlite3")
+def stored_message(data_dir: Path, queue_id: str, index_url: str = "") -> bytes:
+    if index_url:
+        from storage.postgres.connection import PgConnection
+
+        conn = PgConnection.connect(index_url)
+    else:
+        conn = sqlite3.connect(Path(data_dir) / "index.sqlite3")
     try:
         ((blob, offset, size),) = conn.execute(
             "SELECT blob, blob_offset, size FROM messages WHERE queue_id = ?", (queue_id,)
@@ -670,16 +686,71 @@ def hub_signing_key() -> Path:
     return session_signing_key()
 
 
+def pytest_generate_tests(metafunc):
+    """A module marked both_engines (pytestmark = pytest.mark.both_engines) runs each test that
+    starts a hub (through make_hub or hub: the `engine` fixture) twice: on SQLite, and on PostgreSQL
+    (marked postgresql)."""
+    if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
+        metafunc.parametrize(
+            "engine", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True
+        )
+
+
 @pytest.fixture
-def make_hub(tmp_path, site_data_templates):
+def engine(request) -> str:
+    """The index engine of the test's hubs: "sqlite" unless the module is marked both_engines."""
+    return getattr(request, "param", "sqlite")
+
+
+def _postgres_index_for(request, first: bool) -> str:
+    """The URL of an empty index database on the session's PostgreSQL server: the first hub of a
+    test gets the session's pg_index database emptied (50 ms), any other a new one (migrated at its
+    hub's start)."""
+    url, reset = request.getfixturevalue("pg_index")
+    if first:
+        reset()
+        return url
+    server = request.getfixturevalue("postgres_server")
+    return server.url(server.create_database())
+
+
+def _copy_sites_to_postgres(template_dir: Path, url: str) -> None:
+    """The sites (and their addresses) of a site data template's SQLite index, copied into the
+    PostgreSQL index at `url` as they are (password hashes, ids, UIDVALIDITY): a `site add` costs a
+    scrypt hash and most of a second of CLI per site."""
+    from storage.postgres.connection import PgConnection
+
+    source = sqlite3.connect(template_dir / "index.sqlite3")
+    target = PgConnection.connect(url)
+    try:
+        target.execute("BEGIN")
+        for table in ("sites", "addresses"):
+            cursor = source.execute(f"SELECT * FROM {table}")
+            columns = [d[0] for d in cursor.description]
+            target.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                cursor.fetchall(),
+            )
+        target.execute("SELECT setval(pg_get_serial_sequence('sites', 'id'), (SELECT max(id) FROM sites))")
+        target.execute("COMMIT")
+    finally:
+        source.close()
+        target.close()
+
+
+@pytest.fixture
+def make_hub(tmp_path, site_data_templates, engine, request):
     hubs = []
 
     def factory(sites: tuple = (), process: bool = False, own_key: bool = False, **overrides: str) -> Hub:
         """A hub (not started) in a new data folder; with `sites`, the folder already holds them,
         as `hub.add_site(*site)` for each one would have left it. The folder holds the session's
         hub signing key unless `own_key` (the hub then makes one at its first start). `process`:
-        run it as a `mailhub serve` subprocess (for signals, kill -9 and crashes)."""
+        run it as a `mailhub serve` subprocess (for signals, kill -9 and crashes). On the engine
+        postgresql (a module marked both_engines) its index is a PostgreSQL database of its own."""
         data_dir = tmp_path / f"data{len(hubs)}"
+        if engine == "postgresql" and "MAILHUB_STORAGE_INDEX" not in overrides:
+            overrides["MAILHUB_STORAGE_INDEX"] = _postgres_index_for(request, first=not hubs)
         hub = Hub(data_dir, hub_env(data_dir, **overrides), process=process)
         hubs.append(hub)
         if sites:
@@ -694,7 +765,11 @@ def make_hub(tmp_path, site_data_templates):
 
                 name = "sites-" + hashlib.sha256(repr(sites).encode()).hexdigest()[:16]
                 made[sites] = _made_once(name, add_sites, site_data_templates["folder"])[0] / "data"
-            shutil.copytree(made[sites], data_dir)
+            if hub.index_url:
+                shutil.copytree(made[sites], data_dir, ignore=shutil.ignore_patterns("index.sqlite3*"))
+                _copy_sites_to_postgres(made[sites], hub.index_url)
+            else:
+                shutil.copytree(made[sites], data_dir)
         hub.own_key = hub.own_key or own_key
         return hub
 

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ALPHA, BETA, PASSWORD, RawSMTP, make_message
 
+pytestmark = pytest.mark.both_engines  # each hub on SQLite, then on PostgreSQL
+
 
 def connect(hub, login: str | None = "alpha") -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)

@@ -4,12 +4,12 @@
 # and PgConnection (connection.py), on which the synchronous storage functions run as on SQLite
 # (storage/sql.py). The hub does not serve from PostgreSQL yet. Needs psycopg 3 (the optional extra `postgresql`):
 # importing this package imports it, so nothing outside the commands that use it imports it.
+from ..index_url import redacted as redacted
 from .connection import PgConnection as PgConnection
 from .from_sqlite import MigrateError as MigrateError
 from .from_sqlite import MigrateReport as MigrateReport
 from .from_sqlite import TargetNotEmpty as TargetNotEmpty
 from .from_sqlite import migrate as migrate
-from .from_sqlite import redacted as redacted
 from .schema import SchemaTooNew as SchemaTooNew
 from .schema import latest_version as latest_version
 from .schema import migrate_schema as migrate_schema

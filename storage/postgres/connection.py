@@ -20,8 +20,9 @@ from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 
 from ..errors import StorageError, StorageFull
+from ..index_url import redacted
 from ..sql import BEGIN_READ, FETCH_SIZE, POSTGRESQL, Cursor, StreamingConnection
-from .from_sqlite import _one_line, redacted
+from .from_sqlite import _one_line
 
 # psycopg's errors -> what the storage code catches (first match wins; the message is PostgreSQL's)
 _ERRORS: Final[tuple[tuple[type[psycopg.Error], type[Exception]], ...]] = (

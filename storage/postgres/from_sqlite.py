@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import psycopg
 from psycopg import sql
 
 from .. import db
 from ..errors import StorageError
+from ..index_url import _secrets, redacted
 from .schema import latest_version, migrate_schema
 
 BATCH_ROWS = 2000  # rows read from SQLite (and written to COPY) at a time
@@ -36,7 +36,6 @@ _DIGEST_MODULUS = 2**256
 # copied first: the tables the others' foreign keys name
 _PARENTS = ("meta", "sites", "messages")
 # URL parameters that hold a secret (libpq: the password, the password of the TLS client key)
-_SECRET_PARAMETERS = ("password", "sslpassword")
 
 
 class MigrateError(StorageError):
@@ -81,44 +80,6 @@ class MigrateReport:
             "equal": self.equal,
             "tables": [{**asdict(t), "equal": t.equal} for t in self.tables],
         }
-
-
-def redacted(url: str) -> str:
-    """The URL without a password (in the user part or as a password= parameter)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")
-        if netloc[1]:
-            user = netloc[0].partition(":")[0]
-            hostport = netloc[2]
-            netloc_text = f"{user}@{hostport}" if user else hostport
-        else:
-            netloc_text = parts.netloc
-        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() not in _SECRET_PARAMETERS])
-        # (not urlunsplit: it drops the "//" of an empty host, postgresql:///db?host=/run/postgresql)
-        return f"{parts.scheme}://{netloc_text}{parts.path}" + (f"?{query}" if query else "")
-    except ValueError:
-        return "(a URL that cannot be parsed)"
-
-
-def _secrets(url: str) -> list[str]:
-    """The passwords in the URL, also in one that urlsplit refuses and libpq may still quote whole in
-    its message ("...in IPv6 host address in URI: "postgresql://user:secret@[::1/db""): the user
-    part taken by hand, up to the first "@" (as libpq reads it) and up to the last (as urlsplit)."""
-    found = []
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            found.append(parts.password)
-    except ValueError:
-        pass
-    authority = url.partition("://")[2].partition("/")[0].partition("?")[0]
-    for userinfo in (authority.partition("@")[0], authority.rpartition("@")[0]):
-        if ":" in userinfo:
-            found.append(userinfo.partition(":")[2])
-    found += [v for k, v in parse_qsl(url.partition("?")[2]) if k.lower() in _SECRET_PARAMETERS]
-    found += [unquote(secret) for secret in found]
-    return sorted({s for s in found if s}, key=len, reverse=True)  # the longest first: no half left
 
 
 def _one_line(exc: BaseException, url: str) -> str:

@@ -1,0 +1,86 @@
+# The event loop's reads of the index (Storage: mailbox listings, UIDNEXT, structures, the quotas'
+# usage snapshot), on either engine, without blocking the loop: SQLite through aiosqlite (its own
+# thread, as before); PostgreSQL through a few read-only PgConnections used from a small thread pool
+# (one statement per borrowed connection; a connection that failed is dropped and the next read
+# connects again, so a restarted server is used again without a restart of the hub).
+# Must never write (the index writer process does every write), nor hold a whole large result that
+# the caller did not ask for.
+import asyncio
+import concurrent.futures
+import sqlite3
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import aiosqlite
+
+from . import db
+from .index import IndexLocation
+
+POOL_SIZE = 4  # PostgreSQL: connections (and threads) at most for the event loop's reads
+
+
+class AsyncReader(Protocol):
+    async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_reader(location: IndexLocation) -> AsyncReader:
+    """The event loop's read access to the index at `location`."""
+    if location.is_postgresql:
+        reader = _PgReader(location)
+        await reader.fetchall("SELECT 1")  # fails here, with one line, if the server cannot be reached
+        return reader
+    conn = await aiosqlite.connect(db.index_path(location.data_dir), isolation_level=None)
+    for pragma in db.pragma_statements():
+        await conn.execute(pragma)
+    return _SqliteReader(conn)
+
+
+class _SqliteReader:
+    def __init__(self, conn: aiosqlite.Connection):
+        self._conn = conn
+
+    async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        return list(await self._conn.execute_fetchall(sql, parameters))
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+class _PgReader:
+    def __init__(self, location: IndexLocation, size: int = POOL_SIZE):
+        self._location = location
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="index-read")
+        self._idle: list[Any] = []  # PgConnections not in use
+        self._lock = threading.Lock()
+        self._closed = False
+
+    async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._fetchall, sql, parameters)
+
+    def _fetchall(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._location.connect_readonly(any_thread=True)
+        try:
+            rows = conn.execute(sql, parameters).fetchall()
+        except sqlite3.Error:
+            conn.close()  # broken, or in a failed state: the next read connects anew
+            raise
+        with self._lock:
+            if not self._closed:
+                self._idle.append(conn)
+                return rows
+        conn.close()
+        return rows
+
+    async def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
