@@ -182,7 +182,12 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("lifecycle", "quota_warning_levels"): ("95,70", (70, 95)),
         ("lifecycle", "operator_address"): ("ops@hub.test", "ops@hub.test"),
         ("lifecycle", "study_alert_hours"): ("12", 12.0),
-        ("storage", "index"): ("postgresql://mailhub@db.test:5432/mailhub", "postgresql://mailhub@db.test:5432/mailhub"),
+        ("storage", "index"): (
+            "postgresql://mailhub@db.test:5432/mailhub",
+            "postgresql://mailhub@db.test:5432/mailhub",
+        ),
+        ("storage", "blobs"): ("/srv/shared-blobs", Path("/srv/shared-blobs")),
+        ("node", "name"): ("node-a", "node-a"),
         ("storage", "release_freed_after"): ("0", 0.0),
         ("storage", "reserve_bytes"): ("1M", 1024 * 1024),
         ("storage", "min_free_bytes"): ("0", 0),

@@ -284,8 +284,8 @@ def test_only_the_latest_committed_mail_stays_in_the_page_cache(tmp_path, monkey
         try:
             qids = [await store_small(storage, mail) for mail in mails]  # one batch each, one pack
             storage.executor.shutdown(wait=True)  # the drops it was given are done
-            async with storage._db.execute("SELECT queue_id, blob, blob_offset, size FROM messages") as cursor:
-                return qids, {row[0]: row[1:] for row in await cursor.fetchall()}
+            found = await storage._index.fetchall("SELECT queue_id, blob, blob_offset, size FROM messages")
+            return qids, {row[0]: row[1:] for row in found}
         finally:
             await storage.close()
 

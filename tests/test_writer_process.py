@@ -121,8 +121,7 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
             )
             assert storage._writer.pid not in (None, first) and not alive(first)
             assert [pid for pid in children(os.getpid()) if is_writer(pid)] == [storage._writer.pid]
-            async with storage._db.execute("SELECT queue_id FROM messages") as cursor:
-                assert [row[0] for row in await cursor.fetchall()] == [kept]
+            assert [row[0] for row in await storage._index.fetchall("SELECT queue_id FROM messages")] == [kept]
         finally:
             await storage.close()
 
@@ -193,8 +192,7 @@ def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
                 await commit
             os.kill(storage._writer.pid, signal.SIGCONT)
             await storage.queue_op(outbound.delete, "no-such-message", None)  # after the commit
-            async with storage._db.execute("SELECT queue_id, blob FROM messages") as cursor:
-                return await cursor.fetchall()
+            return await storage._index.fetchall("SELECT queue_id, blob FROM messages")
         finally:
             await storage.close()
 
@@ -223,8 +221,8 @@ def test_message_bytes_never_reach_the_writer_process(tmp_path):
             before = read_bytes(pid)
             qids = await asyncio.gather(*(store_small(storage, mail) for mail in mails))
             read = read_bytes(pid) - before
-            async with storage._db.execute("SELECT queue_id, blob, blob_offset, size, sha256 FROM messages") as cursor:
-                rows = {row[0]: row[1:] for row in await cursor.fetchall()}
+            found = await storage._index.fetchall("SELECT queue_id, blob, blob_offset, size, sha256 FROM messages")
+            rows = {row[0]: row[1:] for row in found}
         finally:
             await storage.close()
         return qids, read, rows

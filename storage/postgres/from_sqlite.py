@@ -28,7 +28,8 @@ from psycopg import sql
 
 from .. import db
 from ..errors import StorageError
-from ..index_url import _secrets, redacted
+from ..index_url import _secrets
+from ..index_url import redacted as redacted  # (imported from here by older code)
 from .schema import latest_version, migrate_schema
 
 BATCH_ROWS = 2000  # rows read from SQLite (and written to COPY) at a time
