@@ -103,6 +103,7 @@ class ClusterLink:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        self.held = set()  # let go with the connection, on purpose: nothing to tell
         await self._drop_connection()
         for _sql, _params, future in self._commands:
             if not future.done():
@@ -268,10 +269,13 @@ class ClusterLink:
             while notify := pgconn.notifies():
                 self._on_notify(psycopg.Notify(notify.relname.decode(), notify.extra.decode(), notify.be_pid))
 
-    def _submit(self, sql: str, params: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def _submit(
+        self, sql: str, params: tuple[Any, ...], future: asyncio.Future[Any] | None = None
+    ) -> asyncio.Future[Any]:
         if self._conn is None or self._closing:
             raise ClusterUnavailable("the cluster link to PostgreSQL is down (reconnecting)")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
         self._commands.append((sql, params, future))
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
@@ -284,7 +288,7 @@ class ClusterLink:
             site = params[1]
             if value:
                 if future.done():  # cancelled while waiting: not wanted
-                    self._commands.appendleft((_UNLOCK, params, asyncio.get_running_loop().create_future()))
+                    self._commands.appendleft((_UNLOCK, params, _unawaited()))
                     return
                 self.held.add(site)
         elif sql is _UNLOCK:
@@ -305,7 +309,7 @@ class ClusterLink:
         if site_id not in self.held:
             return
         try:
-            self._submit(_UNLOCK, (MAILBOX_SPACE, site_id))
+            self._submit(_UNLOCK, (MAILBOX_SPACE, site_id), _unawaited())
         except ClusterUnavailable:
             self.held.discard(site_id)
 
@@ -381,6 +385,13 @@ class ClusterLink:
                             polled(site)
                 except Exception:
                     log.exception("cluster link: a listener failed on node %s's changes", changes.node)
+
+
+def _unawaited() -> asyncio.Future[Any]:
+    """The future of a command nobody waits for (an unlock): its failure is not worth a warning."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 _TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
