@@ -401,7 +401,7 @@ def _change(cfg: Config, cmd: str, **fields) -> dict:
 
     from .control import ControlError, request
 
-    if not (cfg.data_dir / "index.sqlite3").exists():
+    if not cfg.storage.index and not (cfg.data_dir / "index.sqlite3").exists():
         raise MailboxCommandError(f"no index in {cfg.data_dir}: is the data folder right?")
     try:
         os.close(lock_data_folder(cfg.data_dir))

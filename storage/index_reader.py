@@ -63,13 +63,23 @@ class _PgReader:
     def _fetchall(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
+        fresh = conn is None
         if conn is None:
             conn = self._location.connect_readonly(any_thread=True)
         try:
             rows = conn.execute(sql, parameters).fetchall()
         except sqlite3.Error:
             conn.close()  # broken, or in a failed state: the next read connects anew
-            raise
+            if fresh or not getattr(getattr(conn, "raw", None), "broken", False):
+                raise
+            # a pooled connection the server ended meanwhile (a restart, pg_terminate_backend): the
+            # read is tried once more on a new one (reads change nothing)
+            conn = self._location.connect_readonly(any_thread=True)
+            try:
+                rows = conn.execute(sql, parameters).fetchall()
+            except sqlite3.Error:
+                conn.close()
+                raise
         with self._lock:
             if not self._closed:
                 self._idle.append(conn)

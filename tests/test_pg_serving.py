@@ -1,0 +1,261 @@
+# The hub serving from PostgreSQL (storage.index, issue 27): what only PostgreSQL has. The URL is
+# checked and never shown with its password (errors, config show, the writer's command line, logs);
+# the index writer runs a transaction again after a serialization failure or a lost connection
+# (never half of one; a COMMIT whose answer was lost is looked up, never done twice); a server that
+# refuses connections gets 451 4.3.0 at SMTP and the hub serves again once it is back; the commands
+# that work on the SQLite file refuse with one line naming PostgreSQL's tool. The protocol tests
+# themselves run on PostgreSQL too: the modules marked both_engines (tests/conftest.py).
+import poplib
+import smtplib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mailhub import config, config_show
+from storage import events, sites
+from storage.errors import CommitUnknown, StorageError
+from storage.index_writer import RETRIES, BatchItem, IndexWriter
+from storage.records import Delivery, MessageMeta
+
+from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
+
+SECRET = "Pa55-w0rd-never-shown"
+
+
+def test_storage_index_takes_only_postgresql_urls_and_never_shows_the_password():
+    for value in (
+        f"mysql://u:{SECRET}@db.test/mailhub",
+        f"postgresql://u:{SECRET}@db.test:port/mailhub",
+        f"postgresql://u:{SECRET}@db.test/",
+        "index.sqlite3",
+    ):
+        with pytest.raises(config.ConfigError) as raised:
+            config.load(environ={"MAILHUB_STORAGE_INDEX": value})
+        text = str(raised.value)
+        assert text.startswith("storage.index: ") and "(from MAILHUB_STORAGE_INDEX)" in text, text
+        assert SECRET not in text and "\n" not in text, text
+    url = f"postgresql://mailhub:{SECRET}@db.test:5432/mailhub?sslmode=require&password={SECRET}"
+    cfg = config.load(environ={"MAILHUB_STORAGE_INDEX": url})
+    shown = "postgresql://mailhub@db.test:5432/mailhub?sslmode=require"
+    assert cfg.storage.index == url and cfg.index_location.where() == shown
+    assert SECRET not in repr(cfg)
+    assert {row["key"]: row["value"] for row in config_show.rows(cfg)}["storage.index"] == shown
+    assert config.load(environ={}).index_location.engine == "sqlite"
+
+
+@pytest.fixture
+def pg_writer(pg_index, tmp_path):
+    url, reset = pg_index
+    reset()
+    writer = IndexWriter(tmp_path, 0.0, url)
+    yield writer
+    writer.close()
+
+
+def _fail_with(conn, sqlstate: str) -> None:
+    conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'made to fail' USING ERRCODE = '{sqlstate}'; END $$")
+
+
+def _events(conn, queue_id: str) -> int:
+    return conn.execute("SELECT count(*) FROM events WHERE queue_id = ?", (queue_id,)).fetchone()[0]
+
+
+def _event(queue_id: str) -> tuple:
+    return events.row(events.Event(1.0, events.REFUSED, queue_id, "alpha"))
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])  # serialization failure, deadlock
+def test_a_transaction_is_run_again_after_a_transient_failure_and_kept_once(pg_writer, sqlstate):
+    tries = []
+
+    def body(conn):
+        tries.append(1)
+        conn.execute(events.INSERT, _event("RETRIED"))
+        if len(tries) < 3:
+            _fail_with(conn, sqlstate)
+        return len(tries)
+
+    assert pg_writer.in_transaction(body) == 3
+    assert _events(pg_writer.conn, "RETRIED") == 1  # the failed tries left nothing
+
+
+@pytest.mark.postgresql
+def test_a_transaction_that_keeps_failing_is_given_up_with_nothing_kept(pg_writer):
+    tries = []
+
+    def body(conn):
+        tries.append(1)
+        conn.execute(events.INSERT, _event("GIVEN-UP"))
+        _fail_with(conn, "40001")
+
+    with pytest.raises(StorageError, match=rf"tried {RETRIES + 1} times"):
+        pg_writer.in_transaction(body)
+    assert len(tries) == RETRIES + 1
+    assert _events(pg_writer.conn, "GIVEN-UP") == 0
+    with pytest.raises(sqlite3.IntegrityError):  # not transient: not run again
+        pg_writer.in_transaction(lambda conn: _fail_with(conn, "23505"))
+
+
+@pytest.mark.postgresql
+def test_a_transaction_whose_connection_was_ended_is_run_again_on_a_new_one(pg_writer):
+    first = pg_writer.conn
+    tries = []
+
+    def body(conn):
+        tries.append(1)
+        if len(tries) == 1:  # the server ends the session (as a restart or pg_terminate_backend does)
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        conn.execute(events.INSERT, _event("RECONNECTED"))
+
+    pg_writer.in_transaction(body)
+    assert len(tries) == 2 and pg_writer.conn is not first
+    assert _events(pg_writer.conn, "RECONNECTED") == 1
+
+
+class _LosesCommitAnswer:
+    """The writer's PgConnection, whose next COMMIT is carried out by the server and then the
+    connection is lost before the answer arrives (the one case where whether it took is unknown)."""
+
+    def __init__(self, conn):
+        self.inner, self.raw, self.dialect = conn, conn.raw, conn.dialect
+
+    def execute(self, sql, parameters=()):
+        if sql == "COMMIT":
+            self.inner.execute(sql)
+            self.raw.close()
+            raise sqlite3.OperationalError("server closed the connection unexpectedly")
+        return self.inner.execute(sql, parameters)
+
+    def executemany(self, sql, parameters):
+        return self.inner.executemany(sql, parameters)
+
+    def rows(self, *args):
+        return self.inner.rows(*args)
+
+    @property
+    def in_transaction(self):
+        return self.inner.in_transaction
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.postgresql
+def test_a_commit_whose_answer_was_lost_is_looked_up_never_done_twice(pg_writer):
+    site = sites.add_site(pg_writer.conn, "alpha", ["alpha@hub.test"], PASSWORD, ["hub.test"])
+    meta = MessageMeta(mail_from="a@hub.test", sender_site=site.id, dot_lines=False, message_id="<q@hub.test>")
+    item = BatchItem("QLOST", 100, 1.0, meta, [Delivery(site.id, "alpha@hub.test", "alpha")], [], None, "h/QLOST")
+    item.sha256 = "ab" * 32
+    seq = pg_writer.seq + 1
+    pg_writer.conn = _LosesCommitAnswer(pg_writer.conn)
+    # a group commit: its `commits` row says it took; the senders get their 250, nothing is redone
+    assert pg_writer.commit_batch([item], [], seq, 77) == ["ab" * 32]
+    conn = pg_writer.conn
+    assert not isinstance(conn, _LosesCommitAnswer) and pg_writer.seq == seq
+    assert conn.execute("SELECT count(*) FROM messages WHERE queue_id = 'QLOST'").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM mailbox").fetchone()[0] == 1
+    # anything else: reported unknown (the hub acknowledges nothing), never run a second time
+    pg_writer.conn = _LosesCommitAnswer(conn)
+    with pytest.raises(CommitUnknown, match="whether it took is unknown"):
+        pg_writer.in_transaction(lambda c: c.execute(events.INSERT, _event("ONCE")))
+    pg_writer.reconnect_if_lost()  # (as the writer process does before its next request)
+    assert _events(pg_writer.conn, "ONCE") == 1
+
+
+def _send(hub, n: int) -> None:
+    with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30) as client:
+        client.login("alpha", PASSWORD)
+        client.sendmail("alpha@hub.test", ["beta@hub.test"], make_message(3000, subject=f"mail {n}"))
+
+
+def _end_sessions(postgres_server, url: str) -> None:
+    """Every session of the hub's database ended by the server, as a restart does."""
+    database = url.rsplit("/", 1)[1]
+    postgres_server.admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        f" WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    )
+
+
+def _pop3_messages(hub) -> list[bytes]:
+    """beta's mails over POP3 (a login refused while the node's cluster link reconnects is tried again)."""
+
+    def login():
+        client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+        try:
+            client.user("beta")
+            client.pass_(PASSWORD)
+            return client
+        except poplib.error_proto:
+            client.quit()
+            return None
+
+    client = wait_for(login, timeout=30, interval=0.2, message="beta's POP3 login")
+    try:
+        count = len(client.list()[1])
+        return [b"\r\n".join(client.retr(i)[1]) for i in range(1, count + 1)]
+    finally:
+        client.quit()
+
+
+@pytest.mark.postgresql
+def test_a_hub_on_postgresql_serves_on_after_the_server_ended_its_sessions_and_after_an_outage(
+    make_hub, pg_index, postgres_server
+):
+    url, reset = pg_index
+    reset()
+    user, rest = url.split("://", 1)[1].split("@", 1)
+    with_secret = f"postgresql://{user}:{SECRET}@{rest}"  # (the test server trusts this user)
+    hub = make_hub(ALPHA_BETA, MAILHUB_STORAGE_INDEX=with_secret).start()
+    writer_pid = hub._hub.storage._writer.pid
+    assert SECRET not in Path(f"/proc/{writer_pid}/cmdline").read_text()
+    assert not (hub.data_dir / "index.sqlite3").exists()
+    _send(hub, 1)
+    _end_sessions(postgres_server, url)
+    _send(hub, 2)  # the writer connects again and runs the commit again: 250
+    assert len(_pop3_messages(hub)) == 2  # the readers connect again too
+
+    database = url.rsplit("/", 1)[1]
+    postgres_server.admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+    try:
+        _end_sessions(postgres_server, url)
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            _send(hub, 3)
+        assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.3.0"), refused.value
+    finally:
+        postgres_server.admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    assert "cannot connect to the index at postgresql://" in hub.log_text()
+    _send(hub, 4)  # the server is back: served again without a restart
+    fetched = _pop3_messages(hub)
+    assert [m for m in fetched if b"Subject: mail 3" in m] == [] and len(fetched) == 3
+    conn = hub.db()
+    try:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+    finally:
+        conn.close()
+    assert SECRET not in hub.log_text()
+
+
+@pytest.mark.postgresql
+def test_the_commands_for_the_sqlite_file_refuse_a_postgresql_index_in_one_line(make_hub, pg_index, tmp_path):
+    url, reset = pg_index
+    reset()
+    user, rest = url.split("://", 1)[1].split("@", 1)
+    hub = make_hub(MAILHUB_STORAGE_INDEX=f"postgresql://{user}:{SECRET}@{rest}")
+    for args, tool in (
+        (("storage", "check"), "pg_amcheck"),
+        (("storage", "rebuild-index"), "pg_dump"),
+        (("storage", "backup", str(tmp_path / "backup")), "pg_dump"),
+        (("storage", "migrate", url), "pg_dump"),
+    ):
+        result = hub.cli(*args, check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        line = result.stderr.strip()
+        assert "\n" not in line and tool in line and "SQLite index file only" in line, line
+        assert SECRET not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    # what works on any index works on PostgreSQL (sites, the damaged list, the audit trail)
+    hub.add_site("alpha")
+    assert "alpha" in hub.cli("site", "list").stdout
+    assert "no damaged mails known" in hub.cli("storage", "damaged").stdout
