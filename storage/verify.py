@@ -25,6 +25,17 @@ def size_problem(path: str | os.PathLike[str], offset: int, size: int) -> str | 
     except OSError as exc:
         return f"blob file unreadable ({exc.strerror})"
     if file_size < offset + size:
+        # asked again through an open file: on NFS a stat may answer from the attribute cache (the
+        # size before another node appended this mail to its pack), an open revalidates it
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return f"blob file cut short ({max(0, file_size - offset)} of {size} bytes)"
+        try:
+            file_size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    if file_size < offset + size:
         return f"blob file cut short ({max(0, file_size - offset)} of {size} bytes)"
     return None
 

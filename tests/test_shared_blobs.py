@@ -210,11 +210,12 @@ def test_queue_ids_of_two_nodes_never_collide():
     assert len(plain) == 19 and int(plain, 16) >= 0  # the default: today's format
 
 
-def test_node_numbers_are_claimed_once_per_name_and_never_twice(index, index_connect):
+def test_node_numbers_are_claimed_once_per_name_and_never_twice(index, index_connect, monkeypatch):
     """On SQLite and PostgreSQL: a name keeps its number, a number is never given to two names,
     also when nodes start at the same time (connections of their own, claiming at once)."""
     import threading
 
+    monkeypatch.setattr(blob_layout, "MAX_NODES", 12)  # (255 in use: the exhaustion reached sooner)
     index.execute("INSERT INTO meta (key, value) VALUES ('blob_node_number:1', 0)")  # a claim whose name never came
     first = blob_layout.register_node(index, "alpha")
     assert first == 2 and blob_layout.register_node(index, "alpha") == 2
@@ -507,3 +508,25 @@ def test_rebuild_index_reads_every_nodes_blobs_and_ledger(tmp_path):
         if qid in entries:
             blob, offset, size = row(b, qid)
             assert read(root / blob, offset, size) == mail
+
+
+def test_a_stale_size_from_the_attribute_cache_is_asked_again_before_a_mail_is_called_short(tmp_path, monkeypatch):
+    """On NFS, stat() may answer from the client's attribute cache: the size another node's pack had
+    before it appended the mail just committed. The serving check asks again through an open file
+    (which revalidates) before it calls the mail cut short (and has it marked damaged)."""
+    from storage import verify
+
+    pack = tmp_path / "pack"
+    pack.write_bytes(b"x" * 5000)
+    real_stat = os.stat
+
+    def cached_stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if Path(path) == pack:  # the size as cached before the append
+            return os.stat_result((*result[:6], 3000, *result[7:]))
+        return result
+
+    monkeypatch.setattr(verify.os, "stat", cached_stat)
+    assert os.stat(pack).st_size == 3000
+    assert verify.size_problem(pack, 3000, 2000) is None
+    assert verify.size_problem(pack, 3000, 2001) == "blob file cut short (2000 of 2001 bytes)"
