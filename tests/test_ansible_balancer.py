@@ -1,8 +1,9 @@
 # The Ansible role mailhub_balancer (ansible/roles/mailhub_balancer): applied to this machine it
-# writes an HAProxy configuration that `haproxy -c` accepts, with the running hub node behind it
-# (a stopped standby left out) and the PROXY protocol v2 to it; a real HAProxy started with that
-# configuration passes a gateway's mail to an in-process hub, which sees the gateway's own address,
-# and takes the node out while its /healthz answers 503 and back in when it answers 200 again.
+# writes an HAProxy configuration that `haproxy -c` accepts, with the two running hub nodes behind
+# it (a stopped standby left out) and the PROXY protocol v2 to them; a real HAProxy started with
+# that configuration takes the node that does not answer out, passes a gateway's mail to the other
+# (an in-process hub), which sees the gateway's own address, and takes that node out while its
+# /healthz answers 503 and back in when it answers 200 again.
 import grp
 import os
 import pwd
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from clusterutil import haproxy_states
 from test_ansible_role import ANSIBLE, BIN, ansible_env
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from, wait_for
@@ -33,8 +35,9 @@ def _free_port() -> int:
 
 
 def apply_role(hub, work: Path) -> tuple[Path, dict[str, int]]:
-    """The role applied to localhost as the balancer of group mailhub (the hub as node1, a stopped
-    standby as node2); returns the configuration written and the balancer's ports."""
+    """The role applied to localhost as the balancer of group mailhub (the hub as node1, a second
+    running node2 at an address where nothing listens, a stopped standby as node3); returns the
+    configuration written and the balancer's ports."""
     binds = {name: _free_port() for name in ("smtp", "pop3")}
     node = {
         "ansible_host": "127.0.0.1",
@@ -44,6 +47,7 @@ def apply_role(hub, work: Path) -> tuple[Path, dict[str, int]]:
             "metrics": hub.ports["metrics"],
         },
     }
+    second = {"ansible_host": "127.0.0.8"}  # a node that is down: nothing listens there
     standby = {"ansible_host": "127.0.0.9", "mailhub_service_state": "stopped"}
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = work / "inventory.yml"
@@ -52,7 +56,7 @@ def apply_role(hub, work: Path) -> tuple[Path, dict[str, int]]:
             {
                 "all": {
                     "children": {
-                        "mailhub": {"hosts": {"node1": node, "node2": standby}},
+                        "mailhub": {"hosts": {"node1": node, "node2": second, "node3": standby}},
                         "mailhub_balancer": {"hosts": {"localhost": local}},
                     }
                 }
@@ -111,12 +115,25 @@ def test_the_role_puts_haproxy_in_front_of_the_running_node(make_hub, tmp_path):
     config, binds = apply_role(hub, tmp_path)
     text = config.read_text()
     assert f"server node1 127.0.0.1:{hub.smtp_port} check port {hub.ports['metrics']}" in text, text
-    assert "node2" not in text  # the stopped standby
+    assert "server node2 127.0.0.8:1 check port 9425" in text  # the default check port
+    assert "node3" not in text  # the stopped standby
+    assert "option redispatch" in text
     assert "default-server send-proxy-v2 inter 200ms" in text and "option httpchk GET /healthz" in text
 
     haproxy = subprocess.Popen([HAPROXY, "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: greets(binds["smtp"]), 20, message="no greeting through haproxy")
+        # node2 is taken out (its checks fail), node1 in: every connection goes to node1 from now on
+        admin = tmp_path / "admin.sock"
+        wait_for(lambda: admin.exists(), 20, message="haproxy did not start")
+        wait_for(
+            lambda: (
+                haproxy_states(admin)
+                == {(name, node): state for name in binds for node, state in (("node1", "UP"), ("node2", "DOWN"))}
+            ),
+            20,
+            message="haproxy did not take node2 out",
+        )
+        assert greets(binds["smtp"])
         # it faces the gateways: not as root, shut in its chroot (as Debian's own configuration has it)
         assert "user haproxy" in text and "chroot /var/lib/haproxy" in text, text
         if os.geteuid() == 0:

@@ -1,7 +1,9 @@
 # Static tests of the Ansible role (ansible/): the role reaches every config key of the hub, its
-# TOML writer reads back as written, ansible-lint and --syntax-check pass, and the Grafana dashboard
-# has its variable and panels. The playbook applied to this machine: tests/test_ansible.py (a file of
-# its own, the longest of the suite: these tests run beside it on another worker).
+# TOML writer reads back as written, ansible-lint and --syntax-check pass, the Grafana dashboard
+# has its variable and panels, and the role mailhub_postgresql's SCRAM verifiers let the hub's role
+# log in to a real PostgreSQL with the password (and only with it). The playbook applied to this
+# machine: tests/test_ansible.py (a file of its own, the longest of the suite: these tests run
+# beside it on another worker).
 import importlib.util
 import json
 import os
@@ -23,8 +25,8 @@ VAULT_PASSWORD = "mailhub-example-vault"  # the example vault's documented passw
 DASHBOARD = ROLE / "files" / "grafana-dashboard.json"
 
 
-def _filters():
-    spec = importlib.util.spec_from_file_location("mailhub_filters", ROLE / "filter_plugins" / "mailhub_filters.py")
+def _filters(role: Path = ROLE, name: str = "mailhub_filters"):
+    spec = importlib.util.spec_from_file_location(name, role / "filter_plugins" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -205,5 +207,40 @@ def test_the_example_inventory_as_shipped_stops_first_naming_the_files_to_provid
         str(ANSIBLE / "files" / "tls" / "hub1.example.net.key"),
         str(ANSIBLE / "files" / "site-keys" / "clinic-a.asc"),
         str(ANSIBLE / "files" / "site-keys" / "practice-b.asc"),
+        str(ANSIBLE / "files" / "hub-signing-key.asc"),  # the nodes' one hub key (two nodes, one index)
     }, missing.group(1)
     assert 'docs/ansible.md, "Before the first run"' in output
+
+
+def test_postgresql_role_sets_the_password_by_a_verifier_the_server_accepts(postgres_server):
+    import psycopg
+
+    from pgutil import PASSWORD_ROLE  # pg_hba: this role must give its password (scram-sha-256)
+
+    scram = _filters(ANSIBLE / "roles" / "mailhub_postgresql", "mailhub_postgresql_filters").scram_verifier
+
+    def login(password: str) -> psycopg.Connection:
+        return psycopg.connect(
+            host="127.0.0.1", port=postgres_server.port, dbname="postgres", user=PASSWORD_ROLE, password=password
+        )
+
+    postgres_server.admin(f"CREATE ROLE {PASSWORD_ROLE} LOGIN")
+    try:
+        # ASCII with pgpass's and SQL's special characters; non-ASCII with a no-break space (SASLprep)
+        for password in ("an ascii pass:word\\ with ' quote", "p\u00e4ssw\u00f6rd\u00a0mit Leerzeichen"):
+            verifier = scram(password)
+            assert verifier.startswith("SCRAM-SHA-256$4096:") and password not in verifier
+            assert scram(password, verifier) == verifier  # kept while the password matches: no change
+            assert scram(password + "x", verifier) != verifier
+            assert scram(password) != verifier  # a new salt each time
+            postgres_server.admin(f"ALTER ROLE {PASSWORD_ROLE} PASSWORD '{verifier}'")
+            with login(password) as conn:
+                assert conn.execute("SELECT current_user").fetchone() == (PASSWORD_ROLE,)
+            try:
+                login(password + "x").close()
+            except psycopg.OperationalError as exc:
+                assert "password authentication failed" in str(exc)
+            else:
+                raise AssertionError("a wrong password was let in")
+    finally:
+        postgres_server.admin(f"DROP ROLE {PASSWORD_ROLE}")
