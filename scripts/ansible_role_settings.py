@@ -27,6 +27,7 @@ ROLE_VALUES = {
     ("imap", "listen"): "0.0.0.0:143",
     ("tls", "cert_file"): "{{ (mailhub_config_dir ~ '/tls/cert.pem') if mailhub_tls_cert_source else '' }}",
     ("metrics", "node"): "{{ inventory_hostname }}",  # the hosts of a cluster told apart in one Prometheus
+    ("node", "name"): "{{ inventory_hostname }}",  # unique in the cluster: its folder in the shared blobs
     ("tls", "key_file"): "{{ (mailhub_config_dir ~ '/tls/key.pem') if mailhub_tls_key_source else '' }}",
 }
 
