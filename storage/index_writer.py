@@ -430,6 +430,10 @@ class IndexWriter:
         )
 
 
+# Two-key advisory locks on PostgreSQL (storage/postgres/cluster.py has the others): a mailbox with a
+# limit is checked and filled by one node's commit at a time (SQLite's writer holds its one lock).
+LIMIT_LOCK_SPACE = 0x6D680003
+
 _HELD_SQL = (
     "SELECT coalesce(sum(held_bytes), 0), coalesce(sum(held_messages), 0) FROM mailbox_usage WHERE receiver_id = ?"
 )
@@ -447,6 +451,9 @@ def _over_mailbox_limits(conn: sqlite3.Connection, batch: list[BatchItem]) -> se
     refused: set[int] = set()
     if not limited:
         return refused
+    if sql.dialect(conn) == sql.POSTGRESQL:  # several nodes' writers: one at a time per limited mailbox
+        for site in sorted(limited):  # (in one order: no deadlock) until the commit
+            conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (LIMIT_LOCK_SPACE, site))
     held = {site: list(conn.execute(_HELD_SQL, (site,)).fetchone()) for site in limited}
     for i, item in enumerate(batch):
         if any(

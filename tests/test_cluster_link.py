@@ -466,3 +466,51 @@ def test_claims_are_renewed_by_their_node_and_cleared_by_a_deferral(index, tmp_p
         outbound.settle(index, [ids[0]], [outbound.Deferral(ids[1], 1000.0, 1, "451 busy", False)], 1001.0)
     with db.transaction(index):  # the deferred row is free for any node at once; ids[2] is still a's
         assert [r.id for r in outbound.due_and_version(index, tmp_path, 1400.0, "[]", 5, 5, "b", 300.0)[1]] == [ids[1]]
+
+
+def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index):
+    """Two nodes' writers commit a mail each to a mailbox with room for one, at the same time: the
+    second waits for the first's commit (an advisory lock per limited mailbox) and then leaves its
+    mail out, where both would have read an empty mailbox and both mails gone in."""
+    import threading
+
+    from storage import sites
+    from storage.index_writer import BatchItem, _index_batch
+    from storage.records import Delivery, MessageMeta
+
+    url, reset = pg_index
+    reset()
+    a, b, watch = (PgConnection.connect(url) for _ in range(3))
+    try:
+        sites.add_site(a, "beta", ["beta@hub.test"], "pw-" * 4, ["hub.test"])
+        beta = sites.get_site(a, "beta").id
+
+        def item(queue_id):
+            meta = MessageMeta(mail_from="x@hub.test", sender_site=None, dot_lines=False)
+            to = [Delivery(beta, "beta@hub.test", max_messages=1)]
+            return BatchItem(queue_id, 10, 1.0, meta, to, [], None, f"11/{queue_id}", sha256="ab" * 32)
+
+        a.execute("BEGIN")
+        assert _index_batch(a, [item("Q1")], []) == set()
+        outcome = {}
+
+        def second():
+            b.execute("BEGIN")
+            outcome["refused"] = _index_batch(b, [item("Q2")], [])
+            b.execute("COMMIT")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[
+            0
+        ]:
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.02)
+        a.execute("COMMIT")
+        thread.join(20)
+        assert outcome == {"refused": {0}}
+        assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
+    finally:
+        for conn in (a, b, watch):
+            conn.close()
