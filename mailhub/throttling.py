@@ -59,10 +59,10 @@ class RemoteActivity:
     def removed(self, *_args) -> None:
         pass
 
-    def downloaded(self, site: int, size: int) -> None:
+    def remote_downloaded(self, site: int, size: int) -> None:
         self.ledger.note_download(site, size, time.monotonic())
 
-    def polled(self, site: int) -> None:
+    def remote_polled(self, site: int) -> None:
         self.ledger.note_poll(site, time.monotonic())
 
 

@@ -86,3 +86,72 @@ def _try(hub) -> bool:
         return True
     except poplib.error_proto:
         return False
+
+
+def test_two_nodes_on_one_postgresql_index_serve_one_network(pg_index, make_hub, tmp_path):
+    """The whole of issue 27 on two in-process nodes: one PostgreSQL index, one shared blob folder.
+    A mail taken by node A wakes an IMAP IDLE session on node B (the index writer's NOTIFY), node B
+    serves it over POP3 while node A says the mailbox is in use, and node A deletes it after."""
+    import imaplib
+
+    from conftest import ALPHA_BETA, make_message
+    from pop3util import send
+
+    url, reset = pg_index
+    reset()
+    root = tmp_path / "shared"
+    root.mkdir()
+    common = {"MAILHUB_STORAGE_INDEX": url, "MAILHUB_STORAGE_BLOBS": str(root)}
+    a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+    b = make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+    assert a._hub.cluster is not None and b._hub.cluster is not None
+    with psycopg.connect(url) as conn:
+        beta = conn.execute("SELECT id FROM sites WHERE name = 'beta'").fetchone()[0]
+    ledger_a, ledger_b = a._hub._throttle.ledger, b._hub._throttle.ledger
+
+    watcher = imaplib.IMAP4("127.0.0.1", b.ports["imap"], timeout=30)
+    watcher.login("beta", PASSWORD)
+    assert watcher.select("INBOX")[0] == "OK"
+    watcher.send(b"I1 IDLE\r\n")
+    assert watcher.readline() == b"+ idling\r\n"
+    mail = make_message(3000, subject="across nodes")
+    send(a, ["beta@hub.test"], mail)
+    delivered = time.monotonic()  # node A's 250 came after its commit
+    assert watcher.readline() == b"* 1 EXISTS\r\n"
+    pushed = time.monotonic() - delivered
+    assert pushed < 2.0, pushed  # one node pushes within a second; so does the other
+    assert ledger_a.held(beta)[1] == 1
+    wait_for(lambda: ledger_b.held(beta)[1] == 1, message="node B's ledger counts node A's mail")
+    watcher.send(b"DONE\r\n")
+    assert watcher.readline() == b"I1 OK IDLE terminated\r\n"
+    watcher.logout()
+
+    pop = poplib.POP3("127.0.0.1", b.ports["pop3"], timeout=30)
+    pop.user("beta")
+    pop.pass_(PASSWORD)
+    assert (b"\r\n".join(pop.retr(1)[1]) + b"\r\n").endswith(mail)  # node A's blob, from the shared folder
+    refused = poplib.POP3("127.0.0.1", a.ports["pop3"], timeout=30)
+    refused.user("beta")
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        refused.pass_(PASSWORD)
+    refused.close()
+    pop.quit()
+    # node B's bytes sent count in node A's drain-rate input, as they were sent
+    wait_for(lambda: ledger_a.downloaded(beta) >= len(mail), message="node A hears of node B's download")
+
+    def take(hub):
+        try:
+            client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+            client.user("beta")
+            client.pass_(PASSWORD)
+            return client
+        except poplib.error_proto:
+            return None
+
+    client = wait_for(lambda: take(a), message="node A takes the mailbox once node B let go")
+    assert client.stat()[0] == 1
+    client.dele(1)
+    client.quit()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM mailbox").fetchone()[0] == 0
+    wait_for(lambda: ledger_b.held(beta) == (0, 0), message="node B's ledger hears of node A's deletion")

@@ -47,10 +47,10 @@ class Heard:
     def removed(self, *args):
         self.calls.append(("removed", args))
 
-    def downloaded(self, *args):
+    def remote_downloaded(self, *args):
         self.calls.append(("downloaded", args))
 
-    def polled(self, *args):
+    def remote_polled(self, *args):
         self.calls.append(("polled", args))
 
 

@@ -44,7 +44,7 @@ class ClusterUnavailable(StorageError):
 class ClusterLink:
     """The node's cluster link. `await start()` connects (StorageError if PostgreSQL cannot be
     reached), `await close()` lets everything go. Listeners (storage.store.MailboxListener, plus
-    optionally `downloaded(site, bytes)` and `polled(site)`) hear of other nodes' changes."""
+    optionally `remote_downloaded(site, bytes)` and `remote_polled(site)`) hear of other nodes' changes."""
 
     def __init__(
         self,
@@ -375,11 +375,11 @@ class ClusterLink:
                         listener.fetched_committed(*f)
                     for r in changes.removed:
                         listener.removed(*r)
-                    downloaded = getattr(listener, "downloaded", None)
+                    downloaded = getattr(listener, "remote_downloaded", None)
                     if downloaded is not None:
                         for site, size in changes.downloaded:
                             downloaded(site, size)
-                    polled = getattr(listener, "polled", None)
+                    polled = getattr(listener, "remote_polled", None)
                     if polled is not None:
                         for site in changes.polled:
                             polled(site)
