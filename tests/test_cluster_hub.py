@@ -115,7 +115,7 @@ def test_two_nodes_on_one_postgresql_index_serve_one_network(pg_index, make_hub,
     watcher.send(b"I1 IDLE\r\n")
     assert watcher.readline() == b"+ idling\r\n"
     mail = make_message(3000, subject="across nodes")
-    send(a, ["beta@hub.test"], mail)
+    queue_id = send(a, ["beta@hub.test"], mail)
     delivered = time.monotonic()  # node A's 250 came after its commit
     assert watcher.readline() == b"* 1 EXISTS\r\n"
     pushed = time.monotonic() - delivered
@@ -155,3 +155,6 @@ def test_two_nodes_on_one_postgresql_index_serve_one_network(pg_index, make_hub,
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM mailbox").fetchone()[0] == 0
     wait_for(lambda: ledger_b.held(beta) == (0, 0), message="node B's ledger hears of node A's deletion")
+    # `mailhub trace` on node B reads the shared index: the mail node A took
+    traced = json.loads(b.cli("trace", queue_id, "--json").stdout)
+    assert [m["queue_id"] for m in traced["mails"]] == [queue_id]
