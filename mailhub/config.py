@@ -614,6 +614,16 @@ def _index_url(value: Any) -> str:
     return index_url(value)
 
 
+@_kind('path, "s3://BUCKET/PREFIX", or empty')
+def _blobs(value: Any) -> Path | str | None:
+    """A shared folder (a Path), an object store (the s3:// URL, a str), or None (data_dir)."""
+    if isinstance(value, str) and value.startswith("s3://"):
+        if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?", value):
+            raise ValueError(f"expected s3://BUCKET/PREFIX (bucket: 3-63 of a-z 0-9 . -), got {value!r}")
+        return value
+    return _optional_path(value)
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     """The [storage] section (SECTION_DOCS["storage"])."""
@@ -660,13 +670,16 @@ class StorageConfig:
         "the quarantine and listed by `mailhub storage damaged` (docs/integrity.md). A pass over "
         '1 TB takes 18 h at "16M"; 0 is off.',
     )
-    blobs: Path | None = setting(
-        _optional_path,
+    blobs: Path | str | None = setting(
+        _blobs,
         "",
         "Empty (the default): the message blobs are kept in data_dir (blobs/, spool/, ledger/). Else "
         "the path of a SHARED POSIX folder (NFS v4, CephFS) holding the blobs of all the nodes of a "
         "cluster that share one index (storage.index): each node writes only under <blobs>/<node.name>/ "
-        "and serves any node's mail; the folder must exist (docs/storage.md, a shared blob folder).",
+        "and serves any node's mail; the folder must exist (docs/storage.md, a shared blob folder). "
+        'Or "s3://BUCKET/PREFIX": an S3-compatible object store set in [s3] holds every mail, one '
+        "object each, uploaded before the 250; data_dir's blobs/ is then a node-local cache "
+        "(storage.cache_bytes; docs/storage.md, Mail on object storage).",
     )
     verify_while_serving: bool = setting(
         _bool,
@@ -679,6 +692,23 @@ class StorageConfig:
         "is off by default; changed bytes are then found by the scrub and `mailhub storage verify`. "
         "A mail cut short is refused or cut off either way.",
     )
+    cache_bytes: int = setting(
+        parse_size,
+        "0",
+        'With storage.blobs = "s3://...": the most bytes of mail kept in the node-local cache '
+        "(blobs/ in data_dir); least recently used mails are evicted past it (never one used in the "
+        "last 10 minutes) and downloaded again when served. 0: no bound.",
+    )
+
+    @property
+    def shared_folder(self) -> Path | None:
+        """storage.blobs when it names a shared folder, else None."""
+        return self.blobs if isinstance(self.blobs, Path) else None
+
+    @property
+    def object_store(self) -> str:
+        """storage.blobs when it names an object store (s3://BUCKET/PREFIX), else ""."""
+        return self.blobs if isinstance(self.blobs, str) else ""
 
 
 @_kind("node name: letters, digits, '.', '_', '-'; up to 63")

@@ -33,8 +33,10 @@ from relay.proxy_gate import ProxyGates
 from relay.sessions import SessionRegistry
 from relay.smtp.context import SmtpContext
 from relay.smtp.server import HubSMTP
-from storage import SiteCache, Storage, StorageFull
+from storage import SiteCache, Storage, StorageError, StorageFull
 from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
+from storage.object_blobs import ObjectBlobs
+from storage.s3 import S3Client, S3Location
 from storage.scrub import Scrub
 
 from . import handover
@@ -163,9 +165,10 @@ class Hub:
             reserve_bytes=cfg.storage.reserve_bytes,
             memory_budget=cfg.smtp.memory_budget,
             min_free_bytes=cfg.storage.min_free_bytes,
-            blobs=cfg.storage.blobs,
+            blobs=cfg.storage.shared_folder,
             node=cfg.node.resolved_name,
             index_url=cfg.storage.index,
+            objects=_object_blobs(cfg, os.environ if self._environ is None else self._environ),
         )
         MEMORY_BUDGET.budget = storage.memory_budget
         storage.on_damaged = damaged_mail
@@ -612,3 +615,21 @@ async def _housekeeping(
             log.exception("housekeeping failed")
         rounds += 1
         await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+
+
+def _object_blobs(cfg: Config, environ: Mapping[str, str]) -> ObjectBlobs | None:
+    """The object store of storage.blobs = "s3://BUCKET/PREFIX" ([s3] for where and who), or None."""
+    url = cfg.storage.object_store
+    if not url:
+        return None
+    from .storage_cli import S3SetupError, s3_settings
+
+    try:
+        settings = s3_settings(cfg, environ)
+        location = S3Location.parse(url)
+    except (S3SetupError, ValueError) as exc:
+        raise StorageError(f"storage.blobs = {url!r}: {exc}") from None
+    data_dir = Path(cfg.data_dir).absolute()
+    return ObjectBlobs(
+        S3Client(settings), location, data_dir / "blobs", data_dir / "spool", cache_bytes=cfg.storage.cache_bytes
+    )

@@ -424,7 +424,7 @@ async def _change_here(cfg: Config, cmd: str, fields: dict) -> dict:
         release_freed_after=cfg.storage.release_freed_after,
         reserve_bytes=cfg.storage.reserve_bytes,
         min_free_bytes=cfg.storage.min_free_bytes,
-        blobs=cfg.storage.blobs,
+        blobs=cfg.storage.shared_folder,
         node=cfg.node.resolved_name,
         index_url=cfg.storage.index,
     )

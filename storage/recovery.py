@@ -75,12 +75,18 @@ class RecoveryReport:
         )
 
 
-def recover(conn: sql.Connection, data_dir: Path, layout: BlobLayout | None = None) -> RecoveryReport:
+def recover(
+    conn: sql.Connection, data_dir: Path, layout: BlobLayout | None = None, cache: bool = False
+) -> RecoveryReport:
+    """`cache`: blobs/ is a cache of an object store (storage/object_blobs.py): a cached file
+    missing is normal, a short one is dropped (downloaded again when served), and freed blobs are
+    left in blob_trash for Storage.empty_trash (their objects go first)."""
     data_dir = Path(data_dir)
     layout = layout or BlobLayout(data_dir)
     report = RecoveryReport()
     _clean_spool(data_dir, data_dir / "spool", report)
-    _empty_trash(conn, data_dir / "blobs", layout, report)
+    if not cache:
+        _empty_trash(conn, data_dir / "blobs", layout, report)
     seq, _attempt = ledger.last_commit(conn)
     newest = ledger.read(data_dir, newest_only=True)
     if newest.max_seq > seq:
@@ -89,7 +95,7 @@ def recover(conn: sql.Connection, data_dir: Path, layout: BlobLayout | None = No
             f" group commit {seq}, the ledger at {newest.max_seq}"
         )
     _catch_up_ledger(conn, data_dir, report)
-    _check_blobs(conn, data_dir, seq, layout.prefix, report)
+    _check_blobs(conn, data_dir, seq, layout.prefix, report, cache)
     for text in report.quarantined:
         log.warning("recovery: quarantined %s", text)
     for text in report.strays:
@@ -132,7 +138,9 @@ def _catch_up_ledger(conn: sql.Connection, data_dir: Path, report: RecoveryRepor
             pass
 
 
-def _check_blobs(conn: sql.Connection, data_dir: Path, seq: int, own: str, report: RecoveryReport) -> None:
+def _check_blobs(
+    conn: sql.Connection, data_dir: Path, seq: int, own: str, report: RecoveryReport, cache: bool = False
+) -> None:
     """`own`: the prefix of this node's blob names ('<node>/' in a shared folder, else "")."""
     blob_dir = data_dir / "blobs"
     mine = (len(own), own)
@@ -172,7 +180,12 @@ def _check_blobs(conn: sql.Connection, data_dir: Path, seq: int, own: str, repor
             f"the index ({data_dir / 'index.sqlite3'}) is older than the blob store: {newer[0]}"
             f" (and {len(newer) - 1} more), but it ends at group commit {seq}"
         )
-    report.missing_blobs = sorted(set(indexed) - on_disk)
+    if cache:  # the object store holds them (checked by Storage.open); a short cached file is dropped
+        for name in report.size_mismatches:
+            unlink_quietly(blob_dir / name)
+        report.size_mismatches = []
+    else:
+        report.missing_blobs = sorted(set(indexed) - on_disk)
     if len(report.missing_blobs) > max(MISSING_LIMIT, len(indexed) // 10):
         raise IndexBehind(
             f"{len(report.missing_blobs)} of the {len(indexed)} blob files the index refers to are"

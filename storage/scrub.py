@@ -3,8 +3,10 @@
 # whose bytes differ (or are missing or cut short) is marked damaged (Storage.mark_damaged:
 # quarantine copy, `damaged` row, refused to POP3/IMAP from then on). Where a pass has got to is
 # kept in <data_dir>/scrub.json, so a restart goes on from there; a pass over the whole store is
-# logged with its counts. Reads in a thread of its own, so it never takes a worker that serves or
-# stores mail. Must never change a blob file.
+# logged with its counts. With the blobs on object storage it checks the node's cached copies
+# (a copy that differs is dropped: the next reader downloads the object and checks it). Reads in
+# a thread of its own, so it never takes a worker that serves or stores mail. Must never change a
+# blob file.
 import asyncio
 import concurrent.futures
 import json
@@ -86,6 +88,9 @@ class Scrub:
                         pacer,
                         self._stop,
                     )
+                    if problem is not None and self.storage.objects is not None:
+                        self.storage.objects.scrubbed(blob, problem)  # the cached copy only
+                        problem = None
                     # a mail freed meanwhile may be gone or punched out of its pack: no damage
                     if problem is not None and await self.storage.messages_after(queue_id, 0, exact=True):
                         state["damaged"] += await self.storage.mark_damaged(queue_id, problem, "scrub")

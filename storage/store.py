@@ -18,9 +18,13 @@
 # ingest) and no interleaved transactions. The event loop only reads (storage/index_reader.py: aiosqlite, or
 # a few read-only PostgreSQL connections in a thread pool; storage.index = "postgresql://...").
 # Remote recipients get outbound queue rows in the same transaction as the message (storage.outbound).
+# With the blobs on object storage (storage/object_blobs.py, `objects`), every mail is a file of
+# its own (no packs), uploaded after its rename into blobs/ and before the index commit; blobs/ is
+# then a cache, and serving first makes sure the mail is in it (ready()).
 import asyncio
 import collections
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -40,6 +44,7 @@ from .index import IndexLocation
 from .index_reader import AsyncReader, open_reader
 from .index_writer import BatchItem, IndexWriter
 from .memory_budget import MemoryBudget
+from .object_blobs import ObjectBlobs, ObjectStoreError
 from .packs import PackWriter, digest, punch_hole
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
 from .recovery import recover
@@ -99,6 +104,7 @@ class Storage:
         blobs: Path | None = None,
         node: str = "",
         index_url: str = "",
+        objects: ObjectBlobs | None = None,
     ):
         self.data_dir = Path(data_dir).absolute()  # the index writer process gets it as it is
         self.index = IndexLocation(self.data_dir, index_url)  # SQLite in data_dir, or PostgreSQL
@@ -144,6 +150,9 @@ class Storage:
         )
         self._folder_lock: int | None = None  # held from open() to close() (storage.folder_lock)
         self.memory_budget = MemoryBudget(memory_budget)  # bytes of mails in flight held in memory
+        self.objects = objects  # the blobs' object store (blobs/ its cache), or None: blobs/ holds them
+        if objects is not None:
+            objects.executor = self.executor
 
     @property
     def listeners(self) -> list[MailboxListener]:
@@ -179,7 +188,7 @@ class Storage:
             try:
                 if isinstance(conn, sqlite3.Connection):
                     db.check(conn)  # the file's quick integrity check (PostgreSQL checks its own pages)
-                report = recover(conn, self.data_dir, self.layout)
+                report = recover(conn, self.data_dir, self.layout, cache=self.objects is not None)
                 try:
                     rebuild_usage(conn)
                 except sqlite3.OperationalError as exc:  # a full disk: the triggers kept it anyway
@@ -198,6 +207,33 @@ class Storage:
         await self.keep_reserve()
         self._db = await open_reader(self.index)
         self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
+        if self.objects is not None:
+            await self._start_objects(self.objects)
+
+    async def _start_objects(self, objects: ObjectBlobs) -> None:
+        """Blobs on object storage: what the cache holds, freed objects deleted, then the store's
+        start-up check (storage/object_blobs.py); a mail whose object is missing is marked damaged."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, objects.scan_cache)
+        try:
+            await self.empty_trash()
+        except StorageError as exc:  # housekeeping tries again
+            log.warning("freeing the objects of deleted mail failed (housekeeping tries again): %s", exc)
+        newest = list(
+            await self._index.fetchall("SELECT blob, received_at FROM messages ORDER BY queue_id DESC LIMIT ?", (200,))
+        )
+
+        async def indexed_between(low: str, high: str) -> set[str]:
+            rows = await self._index.fetchall("SELECT blob FROM messages WHERE blob >= ? AND blob < ?", (low, high))
+            return {blob for (blob,) in rows}
+
+        report = await objects.start([(b, t) for b, t in newest], indexed_between)
+        log.info("object store %s: %s", objects.location, report)
+        for blob in report.orphans_deleted:
+            log.warning("object store: deleted the object of uncommitted mail %s (its sender got no 250)", blob)
+        for blob in report.orphans_kept:
+            log.warning("object store: object %s has no index row yet; left (a commit may be in flight)", blob)
+        for blob in report.missing:
+            self.mark_damaged_soon(blob.rpartition("/")[2], "its object is missing from the object store", "start")
 
     async def keep_reserve(self) -> None:
         """Set the full-disk reserve aside again once there is room (start-up and housekeeping)."""
@@ -275,7 +311,7 @@ class Storage:
         received_at = time.time()
         blob = self.layout.prefix + blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
-        if spool.in_memory:
+        if spool.in_memory and self.objects is None:
             chunks = spool.take_chunks()
             sha256 = crc32 = None
             if spool.size >= HASH_IN_THREAD_AT:
@@ -320,6 +356,8 @@ class Storage:
             await spool.sync(f"{self._blob_folder}/{blob}", tail)
             spool.handed_over = True
             faults.hit("hub", "blob_synced")
+            if self.objects is not None:
+                await self._upload(self.objects, spool.path, blob)
             item = _Pending(
                 spool, meta, deliveries, list(remote), received_at, done, blob, mark, on_committed=on_committed
             )
@@ -329,6 +367,15 @@ class Storage:
         faults.hit("hub", "committed")
         if item.remote and self.on_outbound is not None:
             self.on_outbound()
+
+    async def _upload(self, objects: ObjectBlobs, path: str, blob: str) -> None:
+        """The blob file into the object store before its commit; on failure the file goes
+        (nothing of the mail stays) and the sender is told to try again (451 4.3.0)."""
+        try:
+            await objects.upload(path, blob)
+        except BaseException:
+            await asyncio.get_running_loop().run_in_executor(self.executor, unlink_quietly, path)
+            raise
 
     def record_event(self, event: events.Event) -> None:
         """Queue a tracking event that changes no state (an SMTP refusal) without waiting: it is
@@ -391,6 +438,8 @@ class Storage:
                 else:
                     await loop.run_in_executor(self.executor, self._packs.abandon)
                     await loop.run_in_executor(self.executor, self._remove_blobs, batch)
+                    if self.objects is not None:
+                        await self.objects.discard([item.blob for item in batch])
                 error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 for item in batch:
                     if not item.done.done():
@@ -401,6 +450,8 @@ class Storage:
                 refused = [item for item, sha256 in zip(batch, digests) if sha256 is None]
                 if refused:  # a mailbox had no room left (the writer's check): not committed
                     await loop.run_in_executor(self.executor, self._remove_blobs, refused)
+                    if self.objects is not None:
+                        await self.objects.discard([item.blob for item in refused])
                 for item, sha256 in zip(batch, digests):
                     if sha256 is None:
                         if not item.done.done():
@@ -408,6 +459,8 @@ class Storage:
                         continue
                     if item.data is not None:
                         item.spool.packed(sha256)
+                    elif self.objects is not None:
+                        self.objects.committed(item.blob, _file_size(item.spool.path))
                     for listener in self._listeners:
                         listener.committed(
                             item.meta.sender_site,
@@ -544,6 +597,30 @@ class Storage:
             )
             for uid, qid, size, dots, blob, sha, sender, fetched, flags, delivered, offset, crc in rows
         ]
+
+    async def ready(self, entry: MailboxEntry) -> str | None:
+        """serving_problem() for a mail about to be served, after making sure (blobs on object
+        storage) that its file is in the cache: downloaded if need be, a missing or changed object
+        marked damaged. OSError when the object store cannot be read now (the session ends with a
+        temporary error; the client tries again)."""
+        if self.objects is not None and entry.queue_id not in self.damaged:
+            problem = await self.cached(entry.path, entry.size, entry.sha256)
+            if problem is not None:
+                self.mark_damaged_soon(entry.queue_id, problem, "serving")
+                return problem
+        return self.serving_problem(entry)
+
+    async def cached(self, path: Path, size: int, sha256: str = "") -> str | None:
+        """Blobs on object storage: make sure the blob file at `path` (under blobs/) is in the
+        node's cache, downloading and checking it if not; None when it is there, else why not (its
+        object missing or different). OSError when the store cannot be read now. Without an object
+        store: None (blobs/ holds every mail)."""
+        if self.objects is None:
+            return None
+        try:
+            return await self.objects.ready(path.relative_to(self.blob_dir).as_posix(), size, sha256)
+        except ObjectStoreError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
 
     def serving_problem(self, entry: MailboxEntry) -> str | None:
         """Checked before a mail is served (POP3 +OK, an IMAP literal): why it must not be, or None.
@@ -749,6 +826,8 @@ class Storage:
                 self._packs.close()  # a pack is never reopened: what is listed stays free
         if not blobs and not holes:
             return
+        if self.objects is not None:  # the objects first, then the cached files
+            await self.objects.delete(blobs)
         await asyncio.get_running_loop().run_in_executor(self.executor, self._release, blobs, holes)
         await self._writer.call(IndexWriter.forget_freed, blobs, holes)
 
@@ -762,6 +841,13 @@ class Storage:
                     punch_hole(self.blob_dir / blob, start, size)
                 except OSError as exc:  # the space comes back with the whole pack
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _fsync_folders(folders: set[str]) -> None:

@@ -294,7 +294,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         for msg in event.messages:
             entry = _stored(msg.ref)
             if event.check:
-                msg.damaged = self.ctx.storage.serving_problem(entry)
+                msg.damaged = await self.ctx.storage.ready(entry)
                 if msg.damaged is not None and not self.ctx.storage.layout.available():
                     # the shared blob folder is away, the mail is not at fault: no "delete them"
                     self._end_reason = f"mail store unreachable: {msg.damaged}"
@@ -330,6 +330,8 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         if budget.deadline is None:
             budget.deadline = time.monotonic() + budget.seconds
         where = [(_stored(m.ref).path, _stored(m.ref).offset, m.size) for m in event.messages]
+        for m in event.messages:  # blobs on object storage: each in the node's cache first
+            await self.ctx.storage.cached(_stored(m.ref).path, m.size, _stored(m.ref).sha256)
         answers = await asyncio.get_running_loop().run_in_executor(
             self.ctx.searcher, scan_messages, where, event.probes, budget
         )
@@ -341,6 +343,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
 
     async def _record_structure(self, entry: MailboxEntry) -> mime_structure.Record:
         """The MIME structure of a blob, streamed through the ingest's recorder (1 MB at a time)."""
+        await self.ctx.storage.cached(entry.path, entry.size, entry.sha256)  # (blobs on object storage)
         recorder = mime_structure.StructureRecorder()
         parser = MimeStreamParser(recorder)
         for offset in range(0, entry.size, CHUNK):
@@ -353,6 +356,7 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         """The header block from `start` up to and including the blank line (at most MAX_HEADER
         bytes, never beyond `end`)."""
         limit = min(entry.size if end is None else end, start + MAX_HEADER) - start
+        await self.ctx.storage.cached(entry.path, entry.size, entry.sha256)  # (blobs on object storage)
         data = b""
         while len(data) < limit:
             chunk = await self.ctx.sender.read(

@@ -215,6 +215,9 @@ class OutboundQueue:
                 job = dest.jobs.popleft()
                 message = job.message()
                 try:
+                    problem = await self.storage.cached(message.blob, message.size)  # (blobs on object storage)
+                    if problem is not None:
+                        raise OSError(problem)
                     await hop.send(message)
                 except Exception as exc:  # the connection broke, the blob could not be read, or a bug
                     if not isinstance(exc, (HopError, OSError)):
@@ -342,6 +345,7 @@ class OutboundQueue:
             log.warning("qid=%s: no local mailbox for sender <%s>; notice dropped", row.queue_id, row.mail_from)
             return
         try:
+            await self.storage.cached(row.blob, row.size)
             head = identifying_fields(
                 header_of(await self.sender.read(row.blob, row.offset, min(MAX_HEADER, row.size)))
             )

@@ -201,7 +201,7 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
                     if entry.uid in self.removed_elsewhere:
                         self._write(core.check_result("removed", gone=True))
                     else:
-                        problem = self._serving_problem(entry)
+                        problem = await self._serving_problem(entry)
                         unreachable = problem is not None and not self.ctx.storage.layout.available()
                         self._write(core.check_result(problem, temporary=unreachable))
                     await self._drain()
@@ -281,9 +281,9 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
         self.transport, self.tls, self._reading_paused = transport, True, False
         self._core.tls_started()
 
-    def _serving_problem(self, entry: MailboxEntry) -> str | None:
-        """Why a mail must not be sent (damaged: storage.Storage.serving_problem), logged; or None."""
-        problem = self.ctx.storage.serving_problem(entry)
+    async def _serving_problem(self, entry: MailboxEntry) -> str | None:
+        """Why a mail must not be sent (damaged: storage.Storage.ready), logged; or None."""
+        problem = await self.ctx.storage.ready(entry)
         if problem is not None:
             log.warning(
                 "peer=%s site=%s: mail %s not served: damaged (%s)",

@@ -1,0 +1,344 @@
+# Mail blobs on S3-compatible object storage (storage.blobs = "s3://BUCKET/PREFIX"): the object
+# store holds every committed mail, one object per mail (its blob file as written: message bytes,
+# envelope record, trailer; key PREFIX/<hour folder>/<queue id>); the node's blobs/ folder is a
+# CACHE of those objects. The store's facade (storage/store.py) calls:
+# - upload() after the blob file was fsynced and renamed into blobs/, before the index commit: the
+#   mail counts as stored only once the object store confirmed the whole object (one PUT's 200 with
+#   its ETag, or a completed multipart upload, and the size it reports equal to the file's);
+# - discard() for the objects of a batch whose commit failed (the senders get a 4xx);
+# - delete() when freed blobs are emptied: the object first, then the cached file;
+# - ready() before a mail is served: a cached file is used as it is; a missing one is downloaded
+#   (streamed, bounded memory) into spool/<queue id>.tmp, checked (length, trailer, SHA-256 of the
+#   message bytes as recorded at ingest), fsynced and renamed into blobs/; concurrent readers of
+#   the same missing mail share one download;
+# - start() at start-up: pending multipart uploads under the prefix aborted, recent objects no index
+#   row names reported (and deleted once old enough), the newest mails' objects checked (HEAD).
+# The cache is bounded by storage.cache_bytes: least recently used files are evicted, never one
+# used within EVICT_IDLE seconds (a session may still read it). Must never delete an object an index
+# row names, nor the only copy of a mail: a cached file is evicted only after its object was
+# confirmed (by construction: files enter the cache after upload() or a checked download).
+import asyncio
+import collections
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import envelope
+from .errors import StorageError
+from .files import rename_into, unlink_quietly
+from .s3 import S3Client, S3Error, S3Location
+
+log = logging.getLogger("mailhub.storage")
+EVICT_IDLE = 600.0  # seconds since its last use before a cached file may be evicted
+ORPHAN_AGE = 3600.0  # an object no index row names is deleted at start-up only when its mail is older
+STARTUP_HEADS = 100  # the newest mails whose objects start-up checks with a HEAD
+MISSING_LIMIT = 10  # more of those missing than this (and over a tenth) stop the start
+SWEEP_HOURS = 24 * 14  # hour folders listed at most by the start-up sweep for orphans
+
+
+class ObjectStoreError(StorageError):
+    """The object store did not confirm a write, or failed a read: temporary (451 4.3.0)."""
+
+
+class ObjectStoreBehind(StorageError):
+    """Most of the newest mails' objects are missing: the wrong bucket, prefix or endpoint."""
+
+
+def queue_id_time(queue_id: str) -> float | None:
+    """The time a queue ID was made (storage.spool.new_queue_id: 13 hex digits of microseconds)."""
+    try:
+        return int(queue_id[:13], 16) / 1e6
+    except ValueError:
+        return None
+
+
+@dataclass
+class StartReport:
+    aborted_uploads: int = 0
+    orphans_deleted: list[str] = field(default_factory=list)
+    orphans_kept: list[str] = field(default_factory=list)  # too young: may be a commit in flight
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)  # blobs of index rows with no object
+
+    def __str__(self) -> str:
+        return (
+            f"{self.aborted_uploads} unfinished upload(s) aborted, {len(self.orphans_deleted)} object(s) of"
+            f" uncommitted mail deleted, {len(self.orphans_kept)} left (younger than {ORPHAN_AGE:.0f} s),"
+            f" {self.checked} newest mail(s) checked, {len(self.missing)} missing"
+        )
+
+
+class ObjectBlobs:
+    """One hub node's view of the blobs in an object store, with its blobs/ folder as the cache."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        location: S3Location,
+        blob_dir: Path,
+        spool_dir: Path,
+        executor: Executor | None = None,
+        cache_bytes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.location = location
+        self.blob_dir = Path(blob_dir)
+        self.spool_dir = Path(spool_dir)
+        self.executor = executor  # disk work (None: the default executor); storage.Storage sets its own
+        self.cache_bytes = cache_bytes  # 0: unbounded
+        self._clock = clock
+        self._cached: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()  # LRU first
+        self._cached_total = 0
+        self._fetching: dict[str, asyncio.Future[str | None]] = {}
+        self.downloads = 0  # objects downloaded into the cache (tests, metrics)
+        self.evicted = 0
+
+    def key(self, blob: str) -> str:
+        return self.location.key(blob)
+
+    def _where(self, blob: str) -> str:
+        return f"{self.location.bucket}/{self.key(blob)}"
+
+    # ---- writes ---------------------------------------------------------------------------------
+
+    async def upload(self, path: str, blob: str) -> None:
+        """Store the blob file at `path` as the object of `blob`; returns once the store confirmed
+        all of it. ObjectStoreError otherwise (an object begun is deleted, parts are aborted)."""
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(self.executor, os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            offset = 0
+
+            async def read(n: int) -> bytes:
+                nonlocal offset
+                data = await loop.run_in_executor(self.executor, os.pread, fd, min(n, size - offset), offset)
+                offset += len(data)
+                return data
+
+            try:
+                result = await self.client.put(self.location.bucket, self.key(blob), read)
+            except S3Error as exc:
+                raise ObjectStoreError(f"the object store did not take mail {blob}: {exc}") from None
+            if result.size != size or not result.etag:
+                await self.discard([blob])
+                raise ObjectStoreError(
+                    f"the object store confirmed {result.size} of the {size} bytes of {blob}"
+                    f" (ETag {result.etag!r}): not stored"
+                )
+        finally:
+            os.close(fd)
+
+    async def discard(self, blobs: Iterable[str]) -> None:
+        """Delete the objects of mails that were not committed (quietly: what stays is found by the
+        start-up sweep)."""
+        for blob in blobs:
+            try:
+                await self.client.delete(self.location.bucket, self.key(blob))
+            except S3Error as exc:
+                log.warning("object of uncommitted mail %s left (the start-up sweep removes it): %s", blob, exc)
+
+    async def delete(self, blobs: list[str]) -> None:
+        """Freed blobs: each object deleted, then its cached file. ObjectStoreError when the store
+        fails one (what is done stays done; the caller tries the rest again later)."""
+        for blob in blobs:
+            try:
+                await self.client.delete(self.location.bucket, self.key(blob))
+            except S3Error as exc:
+                raise ObjectStoreError(f"deleting the object of freed mail {blob}: {exc}") from None
+            self._forget(blob)
+            unlink_quietly(self.blob_dir / blob)
+
+    # ---- the cache ------------------------------------------------------------------------------
+
+    def committed(self, blob: str, size: int) -> None:
+        """A file in blobs/ whose object is confirmed (uploaded and committed, or downloaded)."""
+        self._forget(blob)
+        self._cached[blob] = (size, self._clock())
+        self._cached_total += size
+        self._evict()
+
+    def _forget(self, blob: str) -> None:
+        old = self._cached.pop(blob, None)
+        if old is not None:
+            self._cached_total -= old[0]
+
+    def _touch(self, blob: str) -> None:
+        found = self._cached.get(blob)
+        if found is not None:
+            self._cached[blob] = (found[0], self._clock())
+            self._cached.move_to_end(blob)
+
+    def _evict(self) -> None:
+        if not self.cache_bytes or self._cached_total <= self.cache_bytes:
+            return
+        now = self._clock()
+        for blob, (_size, used) in list(self._cached.items()):
+            if self._cached_total <= self.cache_bytes:
+                break
+            if now - used < EVICT_IDLE or blob in self._fetching:
+                continue  # maybe being served
+            self._forget(blob)
+            unlink_quietly(self.blob_dir / blob)
+            self.evicted += 1
+
+    def scan_cache(self) -> None:
+        """The files in blobs/ at start-up (oldest first): what the cache holds."""
+        found: list[tuple[float, str, int]] = []
+        for folder in os.scandir(self.blob_dir):
+            if folder.is_dir(follow_symlinks=False):
+                for entry in os.scandir(folder.path):
+                    if entry.is_file(follow_symlinks=False):
+                        stat = entry.stat()
+                        found.append((stat.st_mtime, f"{folder.name}/{entry.name}", stat.st_size))
+        for _mtime, blob, size in sorted(found):
+            self._cached[blob] = (size, self._clock() - EVICT_IDLE)
+            self._cached_total += size
+        self._evict()
+
+    def scrubbed(self, blob: str, problem: str) -> None:
+        """The scrub found the cached copy of `blob` missing (not cached: nothing to check) or
+        differing from its record: the copy is dropped (a reader downloads the object again and
+        checks it against the recorded SHA-256, marking the mail damaged if the object differs too)."""
+        if os.path.exists(self.blob_dir / blob):
+            log.warning("cached copy of %s dropped: %s (the object store's copy is served)", blob, problem)
+            self._forget(blob)
+            unlink_quietly(self.blob_dir / blob)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_total
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    async def ready(self, blob: str, size: int, sha256: str) -> str | None:
+        """Make sure blobs/<blob> is there to be served: None when it is, else why it is not (the
+        object is missing or differs from what was recorded). Raises ObjectStoreError when the
+        store cannot be read (temporary)."""
+        if os.path.exists(self.blob_dir / blob):
+            self._touch(blob)
+            return None
+        running = self._fetching.get(blob)
+        if running is None:
+            running = asyncio.ensure_future(self._download(blob, size, sha256))
+            self._fetching[blob] = running
+            running.add_done_callback(lambda _: self._fetching.pop(blob, None))
+        return await asyncio.shield(running)
+
+    async def _download(self, blob: str, size: int, sha256: str) -> str | None:
+        loop = asyncio.get_running_loop()
+        queue_id = blob.rpartition("/")[2]
+        temporary = str(self.spool_dir / f"{queue_id}.tmp")  # start-up recovery removes one left over
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        digest = hashlib.sha256()
+        written = 0
+        problem: str | None = None
+        try:
+
+            async def sink(data: bytes) -> None:
+                nonlocal written
+                if written < size:
+                    digest.update(data[: size - written])
+                written += len(data)
+                if written > size + envelope.MAX_RECORD + envelope.HEADER_SIZE:
+                    raise S3Error(f"GET {self._where(blob)}: larger than its mail", 200, "too_large")
+                await loop.run_in_executor(self.executor, _write_all, fd, data)
+
+            try:
+                await self.client.get(self.location.bucket, self.key(blob), sink)
+            except S3Error as exc:
+                if exc.status == 404:
+                    problem = f"object {self._where(blob)} missing from the object store"
+                elif exc.code == "too_large":
+                    problem = str(exc)
+                else:
+                    raise ObjectStoreError(f"reading mail {blob} from the object store: {exc}") from None
+            if problem is None:
+                problem = await loop.run_in_executor(self.executor, _check_download, fd, written, size, sha256, digest)
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(temporary)
+            raise
+        os.close(fd)
+        if problem is not None:
+            unlink_quietly(temporary)
+            return problem
+        await loop.run_in_executor(self.executor, rename_into, temporary, str(self.blob_dir / blob))
+        self.downloads += 1
+        self.committed(blob, written)
+        return None
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        newest: list[tuple[str, float]],
+        indexed_between: Callable[[str, str], Awaitable[set[str]]],
+        now: float | None = None,
+    ) -> StartReport:
+        """Abort the multipart uploads a crash left; list the hour folders from two hours before the
+        newest committed mail up to now and delete the objects no index row names that are older
+        than ORPHAN_AGE (younger ones are reported: a commit may be in flight); HEAD the objects of
+        the newest mails (`newest`: (blob, received_at), newest first). ObjectStoreBehind when most
+        of those are missing. `indexed_between(lo, hi)`: the blobs the index holds in [lo, hi)."""
+        now = time.time() if now is None else now
+        report = StartReport()
+        bucket = self.location.bucket
+        try:
+            for key, upload_id in await self.client.pending_uploads(bucket, self.key("")):
+                await self.client.abort_upload(bucket, key, upload_id)
+                report.aborted_uploads += 1
+            since = (newest[0][1] if newest else now) - 2 * 3600
+            hours = min(SWEEP_HOURS, max(0, int((now - since) // 3600) + 1))
+            for n in range(hours + 1):
+                hour = time.strftime("%Y%m%d%H", time.gmtime(now - (hours - n) * 3600))
+                await self._sweep_hour(hour, await indexed_between(hour + "/", hour + "0"), now, report)
+            for blob, _received in newest[:STARTUP_HEADS]:
+                report.checked += 1
+                if await self.client.head(bucket, self.key(blob)) is None:
+                    report.missing.append(blob)
+        except S3Error as exc:
+            raise ObjectStoreError(f"start-up check of {self.location}: {exc}") from None
+        if len(report.missing) > max(MISSING_LIMIT, report.checked // 10):
+            raise ObjectStoreBehind(
+                f"{len(report.missing)} of the newest {report.checked} mails the index holds are missing from"
+                f" {self.location} (is storage.blobs, or s3.endpoint, the store this index was written to?)"
+            )
+        return report
+
+    async def _sweep_hour(self, hour: str, indexed: set[str], now: float, report: StartReport) -> None:
+        prefix = self.key(hour + "/")
+        async for info in self.client.list_objects(self.location.bucket, prefix):
+            blob = hour + "/" + info.key[len(prefix) :]
+            if blob in indexed:
+                continue
+            made = queue_id_time(blob.rpartition("/")[2])
+            if made is not None and now - made > ORPHAN_AGE:
+                await self.client.delete(self.location.bucket, info.key)
+                report.orphans_deleted.append(blob)
+            else:
+                report.orphans_kept.append(blob)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _check_download(fd: int, length: int, size: int, sha256: str, digest: "hashlib._Hash") -> str | None:
+    """A downloaded blob file checked against its index row (runs in a worker thread): its trailer
+    names a message of `size` bytes, and those bytes have the recorded SHA-256. fsynced when right."""
+    found = envelope.read_trailer(fd, length)
+    if found is None or found.size != size:
+        return f"the object's length or trailer does not match the mail's {size} bytes"
+    if sha256 and digest.hexdigest() != sha256:
+        return "the object's bytes differ from the SHA-256 recorded at ingest"
+    os.fsync(fd)
+    return None
