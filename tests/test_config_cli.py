@@ -193,6 +193,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("storage", "min_free_bytes"): ("0", 0),
         ("storage", "scrub_rate"): ("1K", 1024),
         ("storage", "verify_while_serving"): ("true", True),
+        ("storage", "cache_bytes"): ("1G", 1024**3),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
         ("log", "stall_threshold"): ("0.5", 0.5),
