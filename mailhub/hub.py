@@ -209,6 +209,7 @@ class Hub:
             self.cluster.listeners = [*storage.listeners, RemoteActivity(throttle.ledger)]
             shared = SharedLedger(throttle.ledger, self.cluster)  # the Ledger surface the sessions use
             pop3.ledger = imap.ledger = shared  # type: ignore[assignment]
+            self.cluster.on_missed = lambda _: self._catch_up(imap)
         smtp.on_stored = lifecycle.mail_stored
         # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
         control = ControlServer(cfg.data_dir)
@@ -300,6 +301,23 @@ class Hub:
             self._closers.append(sender.close)
         self._control = control if await _start_control(control) else None
         log.info("hub ready (data in %s, domains %s)", cfg.data_dir, ", ".join(cfg.domain))
+
+    def _catch_up(self, imap: ImapContext) -> None:
+        """Other nodes' changes may have been missed (the cluster link was down, or dropped rows):
+        every IMAP session looks at its mailbox again, the ledger reads the index's figures again."""
+        log.info("cluster link: other nodes' changes may have been missed; reading them from the index")
+        imap.mailboxes_changed(list(imap.by_site))
+        if self._feeder is not None:
+            task = asyncio.ensure_future(self._resync(self._feeder))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    @staticmethod
+    async def _resync(feeder: ThrottleFeeder) -> None:
+        try:
+            await feeder.resync()
+        except Exception as exc:
+            log.warning("usage figures not read again after the cluster link's gap: %s", exc)
 
     def _reload_on_signal(self) -> None:
         task = asyncio.ensure_future(self._reload_logged())

@@ -103,6 +103,11 @@ class ThrottleFeeder:
         self.throttle.ledger.load(snapshot.usage, snapshot.volumes, snapshot.downloads, time.monotonic(), wall)
         self.storage.add_listener(self.throttle.ledger)
 
+    async def resync(self) -> None:
+        """Read the usage figures from the index again (other nodes' reports may have been missed)."""
+        snapshot = await self.storage.usage_snapshot(time.time())
+        self.throttle.ledger.resync(snapshot.usage, snapshot.volumes)
+
     async def run(self) -> None:
         saved_at = float("-inf")
         full_logged = False  # one line per full-disk episode, not one per attempt

@@ -70,6 +70,19 @@ class Ledger:
         periods since volume_window(wall), and download counters {site: (bytes, last_poll_at)}
         with Unix poll times, put on the monotonic clock by `now` (monotonic) and `wall` (Unix),
         read together."""
+        self.resync(usage, volumes)
+        for site, (octets, last_poll) in downloads.items():
+            self._downloaded[site] = octets
+            self._last_poll[site] = now - max(wall - last_poll, 0.0)  # its age, as the wall clock tells
+
+    def resync(
+        self,
+        usage: Iterable[tuple[int, int, int, int, int, int]],
+        volumes: Mapping[tuple[int, str], tuple[int, int]],
+    ) -> None:
+        """The index's usage rows and volumes again (as `load` reads them), after reports may have
+        been missed (several nodes: a cluster link that was down); reservations, live fetches,
+        download counters and polls stay."""
         held: dict[int, list[int]] = defaultdict(lambda: [0, 0])
         waiting: dict[int, dict[int, int]] = defaultdict(dict)
         for receiver, sender, held_bytes, held_messages, waiting_bytes, _ in usage:
@@ -80,9 +93,6 @@ class Ledger:
         self._held = {site: (b, m) for site, (b, m) in held.items()}
         self._waiting = dict(waiting)
         self._volumes = defaultdict(lambda: [0, 0], {key: list(v) for key, v in volumes.items()})
-        for site, (octets, last_poll) in downloads.items():
-            self._downloaded[site] = octets
-            self._last_poll[site] = now - max(wall - last_poll, 0.0)  # its age, as the wall clock tells
 
     # ---- what happened since (reported by storage after each transaction) -------------------
 

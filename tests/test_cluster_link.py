@@ -132,8 +132,9 @@ def test_a_killed_node_frees_its_mailbox_locks(pg_url):
 def test_a_lost_link_drops_its_locks_and_leadership_and_comes_back(pg_url):
     async def main():
         a, b = link(pg_url, "a"), link(pg_url, "b")
-        lost = []
+        lost, missed = [], []
         a.on_locks_lost = lambda sites: lost.append((sites, a.is_leader(), set(a.held)))
+        a.on_missed = missed.append
         await a.start()
         await until(a.is_leader)
         await b.start()
@@ -146,6 +147,7 @@ def test_a_lost_link_drops_its_locks_and_leadership_and_comes_back(pg_url):
             assert lost == [({1, 2}, False, set())]  # leadership gone first, then the locks
             assert await b.try_lock(1)  # the mailbox is free for the other node at once
             await until(lambda: a.connected and a.reconnects == 1)
+            assert missed == [None]  # what came meanwhile is to be read from the index
             assert not await a.try_lock(1)  # back, and node b holds it now
             assert await a.try_lock(2)
             await until(lambda: a.is_leader() or b.is_leader())
@@ -514,3 +516,19 @@ def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index
     finally:
         for conn in (a, b, watch):
             conn.close()
+
+
+def test_the_ledger_reads_the_index_figures_again_and_keeps_its_live_counts():
+    """After a gap in other nodes' reports: held, waiting and volumes from the index again;
+    reservations, downloads and polls stay."""
+    from quotas.ledger import Ledger
+
+    ledger = Ledger()
+    ledger.load([(2, 1, 100, 1, 100, 1)], {(1, "2026-12-07"): (100, 0)}, {2: (5000, 10.0)}, 100.0, 20.0)
+    ledger.committed(1, [2], 50, 1.7e9)  # heard; then a gap in which node B deleted everything
+    ledger.reserve("t", 2, 1, 30)
+    ledger.note_download(2, 700, 101.0)
+    ledger.resync([(2, 1, 0, 0, 0, 0)], {})
+    assert ledger.held(2) == (0, 0)
+    assert ledger.waiting(2) == {1: 30}  # the reservation only
+    assert ledger.downloaded(2) == 5700 and ledger.last_poll(2) == 101.0

@@ -69,6 +69,9 @@ class ClusterLink:
         self.listeners: list[Any] = []
         self.on_locks_lost: Callable[[set[int]], None] | None = None  # the site ids whose locks went
         self.on_leader: Callable[[bool], None] | None = None
+        # other nodes' changes may have been missed (the link was down, or rows were dropped): the
+        # node reads what it keeps of them from the index again
+        self.on_missed: Callable[[None], None] | None = None
         self.held: set[int] = set()  # site ids whose mailbox lock this node holds
         self.leader = False
         self.received = 0  # rows of other nodes' changes received
@@ -82,6 +85,7 @@ class ClusterLink:
         self._queued_rows = 0
         self._outgoing = Changes(node)
         self._closing = False
+        self._missed_soon = False
         self._ready = asyncio.Event()
 
     # ---- life -----------------------------------------------------------------------------------
@@ -183,6 +187,7 @@ class ClusterLink:
                 self.reconnects += 1
                 delay = self.backoff[0]
                 log.info("cluster link to %s back", redacted(self.url))
+                self._call_back(self.on_missed, None)  # LISTEN is on again: what came meanwhile is read
             try:
                 await self._serve(self._conn)  # type: ignore[arg-type]
             except asyncio.CancelledError:
@@ -356,11 +361,18 @@ class ClusterLink:
         if self._queued_rows + rows > MAX_QUEUED_CHANGES:
             self.dropped += rows
             log.warning("cluster link: %d change(s) from node %s dropped (too many waiting)", rows, changes.node)
+            if not self._missed_soon:
+                self._missed_soon = True
+                asyncio.get_running_loop().call_soon(self._missed)
             return
         self._changes.append(changes)
         self._queued_rows += rows
         if len(self._changes) == 1:
             asyncio.get_running_loop().call_soon(self._deliver)
+
+    def _missed(self) -> None:
+        self._missed_soon = False
+        self._call_back(self.on_missed, None)
 
     def _deliver(self) -> None:
         """Feed the received changes to the listeners, as storage does for this node's own."""
