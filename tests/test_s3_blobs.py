@@ -17,7 +17,10 @@ import time
 import pytest
 from test_bounded_reads import peak_growth
 
-from storage.s3 import S3Client
+from storage import envelope
+from storage.object_blobs import EVICT_IDLE, ObjectBlobs
+from storage.records import MessageMeta
+from storage.s3 import S3Client, S3Location
 
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from, wait_for
 
@@ -307,3 +310,65 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
     assert "1 unfinished upload(s) aborted, 1 object(s) of uncommitted mail deleted" in log
     assert "1 newest mail(s) checked, 0 missing" in log
     assert hub.stop() == 0
+
+
+def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_used(seaweedfs, tmp_path):
+    """storage/object_blobs.py alone: concurrent readers of one missing mail share one download;
+    past cache_bytes the least recently used files go, never one used within EVICT_IDLE seconds."""
+    bucket = seaweedfs.new_bucket()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "spool").mkdir()
+    now = [1000.0]
+    cache = ObjectBlobs(
+        S3Client(seaweedfs.settings()),
+        S3Location(bucket, "mail"),
+        tmp_path / "blobs",
+        tmp_path / "spool",
+        cache_bytes=3000,
+        clock=lambda: now[0],
+    )
+
+    def blob_file(name: str, size: int) -> tuple[str, str]:
+        """A blob file as the hub writes one (message, envelope record, trailer); (blob, sha256)."""
+        message = bytes([65 + len(name) % 26]) * size
+        sha = hashlib.sha256(message).hexdigest()
+        record = envelope.record(name, size, 0.0, sha, MessageMeta("a@hub.test", None, False), [], [], "null")
+        path = tmp_path / "blobs" / "2026120700" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(message + envelope.trailer(record, size))
+        return f"2026120700/{name}", sha
+
+    async def scenario() -> None:
+        names = [f"{n:019X}" for n in range(1, 5)]
+        blobs = [blob_file(name, 1000) for name in names]
+        for blob, _sha in blobs:
+            await cache.upload(str(tmp_path / "blobs" / blob), blob)
+        cache.committed(blobs[0][0], 1100)
+        now[0] += EVICT_IDLE + 1
+        for blob, _sha in blobs[1:3]:
+            cache.committed(blob, 1100)  # 4400 bytes > 3000, but all but the first used just now
+        assert not (tmp_path / "blobs" / blobs[0][0]).exists() and cache.evicted == 1
+        assert all((tmp_path / "blobs" / b).exists() for b, _ in blobs[1:])
+
+        (tmp_path / "blobs" / blobs[0][0]).unlink(missing_ok=True)
+        answers = await asyncio.gather(*(cache.ready(blobs[0][0], 1000, blobs[0][1]) for _ in range(5)))
+        assert answers == [None] * 5 and cache.downloads == 1  # five readers, one download
+        assert (tmp_path / "blobs" / blobs[0][0]).read_bytes()[:1000] == bytes([65 + len(names[0]) % 26]) * 1000
+        assert list((tmp_path / "spool").iterdir()) == []
+        now[0] += EVICT_IDLE + 1
+        assert await cache.ready(blobs[3][0], 1000, blobs[3][1]) is None  # there: used, nothing downloaded
+        cache.committed(blobs[3][0], 1100)  # the rest is idle now: the least recently used go first
+        assert cache.cached_bytes <= 3000
+        assert (tmp_path / "blobs" / blobs[3][0]).exists()
+        assert not (tmp_path / "blobs" / blobs[1][0]).exists()
+
+        (tmp_path / "blobs" / blobs[1][0]).unlink(missing_ok=True)
+        assert "SHA-256" in (await cache.ready(blobs[1][0], 1000, "0" * 64) or "")  # not what was recorded
+        assert not (tmp_path / "blobs" / blobs[1][0]).exists()
+        await cache.delete([blobs[2][0]])
+        assert (
+            await cache.ready(blobs[2][0], 1000, blobs[2][1])
+            == f"object {bucket}/mail/{blobs[2][0]} missing from the object store"
+        )
+
+    asyncio.run(scenario())
