@@ -52,7 +52,7 @@ class ClusterLink:
         node: str,
         *,
         ping_interval: float = 10.0,
-        leader_interval: float = 5.0,
+        leader_interval: float = 1.0,  # a free leader lock is taken within a second (a cheap query)
         op_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.5, 30.0),
         connect_timeout: int = 10,
