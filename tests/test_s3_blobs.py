@@ -270,6 +270,19 @@ def test_no_250_while_the_store_is_down_and_mail_taken_once_it_is_back(make_hub,
         code, reply = send(hub, make_message(2000, "back"))
         assert code == 250, reply
         assert len(objects(seaweedfs, bucket)) == 1
+        for path in cached_files(hub):
+            path.unlink()
+        proxy.up = False  # a mail not cached cannot be read now: a temporary error, nothing marked damaged
+        client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=60)
+        try:
+            client.user("beta")
+            client.pass_(PASSWORD)
+            with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+                client.retr(1)
+        finally:
+            client.close()
+        assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
+        proxy.up = True
         assert len(pop3_all(hub, delete=True)) == 1  # deleting it removes its object and its cached file
         wait_for(lambda: objects(seaweedfs, bucket) == {}, 20, message="the object of the deleted mail")
         wait_for(lambda: cached_files(hub) == [], 20, message="the cached file of the deleted mail")
