@@ -87,6 +87,7 @@ class IndexWriter:
         # while a reader may still be sending it)
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
         self.ledger = ledger.LedgerWriter(data_dir)
+        self.stream: int | None = None  # the node's stream of group commit numbers (ledger.next_seq)
         self.seq, self.attempt = ledger.last_commit(self.conn)
         self._pruned = (0, 0)  # (seq, removal id) up to which the index's ledger rows were deleted
         # what the ledger holds durably: commits up to synced_seq, removals up to flushed_removal
@@ -100,6 +101,12 @@ class IndexWriter:
 
     def set_node(self, node: str) -> None:
         self.node = node
+
+    def set_commit_stream(self, stream: int | None) -> None:
+        """Number this node's group commits in a stream of its own (several nodes writing one index:
+        ledger.stream_last); None: 1, 2, 3... (one hub)."""
+        self.stream = stream
+        self.seq, self.attempt = ledger.stream_last(self.conn, stream)
 
     def close(self) -> None:
         try:
@@ -150,7 +157,9 @@ class IndexWriter:
             pass
         self.conn = self.location.connect(RECONNECT_TIMEOUT)
         self._lost = False
-        self.seq, self.attempt = ledger.last_commit(self.conn)  # a COMMIT whose answer was lost may be there
+        self.seq, self.attempt = ledger.stream_last(
+            self.conn, self.stream
+        )  # a COMMIT whose answer was lost may be there
         self._ledger_behind = True  # its ledger line too: caught up from the index's rows
         log.warning("index writer: connected to the index at %s again", self.location.where())
 
@@ -224,7 +233,7 @@ class IndexWriter:
         if not batch:
             self.in_transaction(_index_batch, batch, loose)
             return []
-        if seq != self.seq + 1:  # the hub numbered it from a commit it did not know of
+        if seq != ledger.next_seq(self.seq, self.stream):  # the hub numbered it from a commit it did not know of
             raise StorageError(f"group commit {seq} out of sequence (the last one is {self.seq})")
         self._note_time()
 
@@ -274,7 +283,12 @@ class IndexWriter:
                 list(ends.items()),
             )
         if not self._ledger_behind and (self.synced_seq, self.flushed_removal) != self._pruned:
-            conn.execute("DELETE FROM commits WHERE seq <= ?", (self.synced_seq,))  # (not this one)
+            if self.stream is None:
+                conn.execute("DELETE FROM commits WHERE seq <= ?", (self.synced_seq,))  # (not this one)
+            else:  # only its own stream's: another node's lines may not be durable in its ledger yet
+                conn.execute(
+                    "DELETE FROM commits WHERE seq <= ? AND seq % ? = ?", (self.synced_seq, ledger.STREAMS, self.stream)
+                )
             conn.execute("DELETE FROM ledger_pending WHERE id <= ?", (self.flushed_removal,))
             self._pruned = (self.synced_seq, self.flushed_removal)
 

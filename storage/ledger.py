@@ -205,6 +205,32 @@ def last_commit(conn: sql.Connection) -> tuple[int, int]:
     return (row[0], row[1]) if row else (0, 0)
 
 
+# Several nodes writing one index (a shared blob folder, storage/blob_layout.py) number their group
+# commits each in a stream of its own: node N's are the numbers k * STREAMS + N, each after its own
+# last one, so two index writers never pick the same number, and each node's packed records name
+# its own previous commit. One hub (stream None) numbers 1, 2, 3... as ever.
+STREAMS = 256
+
+
+def stream_last(conn: sql.Connection, stream: int | None) -> tuple[int, int]:
+    """(seq, attempt) the next group commit of `stream` follows: its own last one still in the
+    index; a stream with none (a new node, or an index rebuilt) follows the index's last commit, so
+    that it never takes a number in use."""
+    if stream is None:
+        return last_commit(conn)
+    row = conn.execute(
+        "SELECT seq, attempt FROM commits WHERE seq % ? = ? ORDER BY seq DESC LIMIT 1", (STREAMS, stream)
+    ).fetchone()
+    return (row[0], row[1]) if row else last_commit(conn)
+
+
+def next_seq(last: int, stream: int | None) -> int:
+    """The number of the group commit after `last` in `stream` (None: last + 1)."""
+    if stream is None:
+        return last + 1
+    return (last // STREAMS + 1) * STREAMS + stream
+
+
 def uid_line(conn: sql.Connection) -> dict[str, Any]:
     (uid,) = conn.execute(sql.id_high_water(conn, "mailbox", "uid")).fetchone()
     return {"u": uid, "at": round(time.time(), 3)}

@@ -95,7 +95,9 @@ def recover(
             f" group commit {seq}, the ledger at {newest.max_seq}"
         )
     _catch_up_ledger(conn, data_dir, report)
-    _check_blobs(conn, data_dir, seq, layout.prefix, report, cache)
+    # the highest group commit number this node's uncommitted frames may carry: its next one
+    allowed = ledger.next_seq(ledger.stream_last(conn, layout.number)[0], layout.number)
+    _check_blobs(conn, data_dir, seq, allowed, layout.prefix, report, cache)
     for text in report.quarantined:
         log.warning("recovery: quarantined %s", text)
     for text in report.strays:
@@ -139,9 +141,16 @@ def _catch_up_ledger(conn: sql.Connection, data_dir: Path, report: RecoveryRepor
 
 
 def _check_blobs(
-    conn: sql.Connection, data_dir: Path, seq: int, own: str, report: RecoveryReport, cache: bool = False
+    conn: sql.Connection,
+    data_dir: Path,
+    seq: int,
+    allowed: int,
+    own: str,
+    report: RecoveryReport,
+    cache: bool = False,
 ) -> None:
-    """`own`: the prefix of this node's blob names ('<node>/' in a shared folder, else "")."""
+    """`own`: the prefix of this node's blob names ('<node>/' in a shared folder, else ""); `allowed`:
+    the number of the group commit this node would have made next (seq + 1 for one hub)."""
     blob_dir = data_dir / "blobs"
     mine = (len(own), own)
     indexed = dict(
@@ -172,9 +181,9 @@ def _check_blobs(
                 on_disk.add(name)
             else:
                 orphans.append(name)
-    newer = [what for what in (_newer_than_index(blob_dir, name, start, seq) for name, start, _ in tails) if what] + [
-        what for what in (_newer_than_index(blob_dir, name, 0, seq) for name in orphans) if what
-    ]
+    newer = [
+        what for what in (_newer_than_index(blob_dir, name, start, seq, allowed) for name, start, _ in tails) if what
+    ] + [what for what in (_newer_than_index(blob_dir, name, 0, seq, allowed) for name in orphans) if what]
     if newer:
         raise IndexBehind(
             f"the index ({data_dir / 'index.sqlite3'}) is older than the blob store: {newer[0]}"
@@ -206,8 +215,9 @@ def _check_blobs(
         _quarantine_rows(conn, data_dir, blob, report)
 
 
-def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int) -> str | None:
-    """A description of a group commit newer than the index's last in this file (past `start`), or None."""
+def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int, allowed: int) -> str | None:
+    """A description of a group commit newer than the index's last in this file (past `start`), or
+    None. `allowed`: the number the next group commit would have had (seq + 1 for one hub)."""
     try:
         fd = os.open(blob_dir / name, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -220,7 +230,7 @@ def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int) -> str | 
             if not found.record:
                 continue
             record_seq = found.record.get("seq")
-            if isinstance(record_seq, int) and record_seq > seq + 1:
+            if isinstance(record_seq, int) and record_seq > allowed:
                 return f"{name} holds mail {found.record['q']} of group commit {record_seq}"
             prev = found.record.get("p")
             if isinstance(prev, list) and prev and isinstance(prev[0], int) and prev[0] > seq:

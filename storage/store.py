@@ -43,6 +43,7 @@ from .folder_lock import lock_data_folder
 from .index import IndexLocation
 from .index_reader import AsyncReader, open_reader
 from .index_writer import BatchItem, IndexWriter
+from .ledger import next_seq
 from .memory_budget import MemoryBudget
 from .object_blobs import ObjectBlobs, ObjectStoreError
 from .packs import PackWriter, digest, punch_hole
@@ -177,13 +178,14 @@ class Storage:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._folder_lock = lock_data_folder(self.data_dir)
         try:
+            self._disk_full = reserve.release_if_short(self.data_dir, self.reserve_bytes)
+            self.index.prepare()  # PostgreSQL: the schema migrated (once per database and process)
+            # a shared blob folder: checked, the node's number and links made (before spool/ and blobs/)
             self.layout = blob_layout.prepare(
                 self.data_dir, self.shared_blobs, self.node, lambda: _open_index(self.index)
             )
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self.blob_dir.mkdir(parents=True, exist_ok=True)
-            self._disk_full = reserve.release_if_short(self.data_dir, self.reserve_bytes)
-            self.index.prepare()  # PostgreSQL: the schema migrated (once per database and process)
             conn = _open_index(self.index)
             try:
                 if isinstance(conn, sqlite3.Connection):
@@ -202,6 +204,7 @@ class Storage:
             raise
         if report.anything():
             log.warning("recovery: %s", report)
+        self._writer.commit_stream = self.layout.number  # several nodes: a stream of numbers each
         await self._writer.start()
         self._last_commit = await self._writer.call(IndexWriter.last_commit)
         await self.keep_reserve()
@@ -482,7 +485,7 @@ class Storage:
         if self._last_commit is None:
             self._last_commit = await self._writer.call(IndexWriter.last_commit)
         last_seq, last_attempt = self._last_commit
-        seq, attempt = last_seq + 1, secrets.randbits(62) + 1
+        seq, attempt = next_seq(last_seq, self.layout.number), secrets.randbits(62) + 1
         items = [_batch_item(i) for i in batch]
         packed = [item for item in items if item.data is not None]
         # files of their own were fsynced and renamed into blobs/: one fsync per folder for all of them

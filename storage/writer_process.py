@@ -45,6 +45,7 @@ class WriterProcess:
         self._reading: asyncio.Task[None] | None = None
         self._restarting: asyncio.Future[None] | None = None  # one restart, however many callers notice
         self.node = ""  # this hub node's name, given to each writer it starts (cluster events name it)
+        self.commit_stream: int | None = None  # its group commits' stream (several nodes on one index)
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -68,6 +69,8 @@ class WriterProcess:
         await self.call(IndexWriter.ready)  # the child opened the index
         if self.node:
             await self.call(IndexWriter.set_node, self.node)
+        if self.commit_stream is not None:
+            await self.call(IndexWriter.set_commit_stream, self.commit_stream)
 
     async def call(self, method: Callable[..., object], *args: object) -> Any:
         """method(index writer, *args) run in the writer process; its result (pickled back)."""

@@ -530,3 +530,74 @@ def test_a_stale_size_from_the_attribute_cache_is_asked_again_before_a_mail_is_c
     assert os.stat(pack).st_size == 3000
     assert verify.size_problem(pack, 3000, 2000) is None
     assert verify.size_problem(pack, 3000, 2001) == "blob file cut short (2000 of 2001 bytes)"
+
+
+def test_two_nodes_on_one_postgresql_index_store_at_once_and_serve_and_free_each_others_mail(tmp_path, pg_index):
+    """Two nodes (data folders of their own, one PostgreSQL index, one shared folder) both open and
+    taking mail in turns: each mail is stored under its node's folder, served by the other node,
+    and a mail freed by the other node goes without touching the open pack of its own node."""
+    from storage.postgres.connection import PgConnection
+
+    url, reset = pg_index
+    reset()
+    conn = PgConnection.connect(url)
+    try:
+        site = add_site(conn, "beta", ["beta@hub.test"], "secret-password-1", ["hub.test"]).id
+    finally:
+        conn.close()
+    root = tmp_path / "shared"
+    root.mkdir()
+
+    async def play():
+        nodes = [Storage(tmp_path / n, release_freed_after=0, blobs=root, node=n, index_url=url) for n in ("a", "b")]
+        for storage in nodes:
+            await storage.open()
+        try:
+            sent = {}
+            for i in range(3):  # both nodes' group commits at the same time
+                mails = [make_message(3000 + i, f"mail a{i}"), make_message(3100 + i, f"mail b{i}")]
+                qids = await asyncio.gather(*(store(n, site, m) for n, m in zip(nodes, mails)))
+                sent.update({q: (m, owner) for q, m, owner in zip(qids, mails, "ab")})
+            entries = {e.queue_id: e for e in await nodes[0].mailbox(site)}
+            served = {
+                q: (
+                    nodes[1 - "ab".index(n)].serving_problem(entries[q]),
+                    read(entries[q].path, entries[q].offset, entries[q].size),
+                )
+                for q, (_m, n) in sent.items()
+            }
+            open_pack = nodes[1]._packs.open_blob
+            b_mails = [q for q, (_m, n) in sent.items() if n == "b"]
+            await nodes[0].delete(site, [entries[q].uid for q in b_mails])  # node a frees all of b's
+            still_there = (root / open_pack).exists()
+            later = make_message(4000, "after")
+            qid = await store(nodes[1], site, later)
+            (entry,) = [e for e in await nodes[0].mailbox(site) if e.queue_id == qid]
+            paths = {q: e.path for q, e in entries.items()}
+            return sent, served, paths, open_pack, still_there, read(entry.path, entry.offset, entry.size) == later
+        finally:
+            for storage in nodes:
+                await storage.close()
+
+    sent, served, paths, open_pack, still_there, later_ok = asyncio.run(play())
+    for qid, (mail, owner) in sent.items():
+        assert served[qid] == (None, mail)
+        assert f"/blobs/{owner}/" in str(paths[qid]) and qid[13:15] == ("01" if owner == "a" else "02")
+    assert open_pack.startswith("b/") and still_there and later_ok
+
+
+def test_each_node_numbers_its_group_commits_in_a_stream_of_its_own(index):
+    """Node N's group commits are k * 256 + N, each after its own last one still in the index (a
+    node with none follows the index's last commit: it never takes a number in use); one hub
+    counts 1, 2, 3... as ever. On both engines."""
+    from storage import ledger
+
+    assert ledger.next_seq(0, None) == 1 and ledger.next_seq(41, None) == 42
+    assert ledger.stream_last(index, 3) == (0, 0) and ledger.next_seq(0, 3) == 259
+    index.execute("INSERT INTO commits (seq, attempt, mails) VALUES (300, 1, '')")  # a single hub's, before
+    assert ledger.stream_last(index, 3) == (300, 1) and ledger.next_seq(300, 3) == 515
+    index.execute("INSERT INTO commits (seq, attempt, mails) VALUES (515, 7, '')")  # node 3's
+    index.execute("INSERT INTO commits (seq, attempt, mails) VALUES (770, 9, '')")  # node 2's, later
+    assert ledger.stream_last(index, 3) == (515, 7) and ledger.next_seq(515, 3) == 771
+    assert ledger.stream_last(index, 2) == (770, 9) and ledger.next_seq(770, 2) == 1026
+    assert ledger.stream_last(index, None) == (770, 9)
