@@ -159,9 +159,29 @@ SQLITE_ONLY = {
     "migrate": "pg_dump/pg_restore to copy a PostgreSQL index (storage migrate copies an SQLite one into PostgreSQL)",
 }
 
+# With the mail on object storage (storage.blobs = "s3://...") data_dir/blobs/ is only the node's
+# cache: these commands would take it for the whole store (report, quarantine or forget every mail
+# not cached), so they refuse, saying why.
+NOT_ON_OBJECT_STORAGE = {
+    "check": "it would report every mail not in the node's cache as missing",
+    "rebuild-index": "it would take the node's cache for the whole store and move the mails not cached to"
+    " the quarantine",
+    "compact-ledger": "it would drop the ledger lines of every mail not in the node's cache",
+    "backup": "it would copy only the mails in the node's cache; the object store holds them all (use its"
+    " replication or versioning)",
+    "verify": "it would report every mail not in the node's cache as missing",
+}
+
 
 def storage_command(cfg: Config, args) -> int:
     action = args.storage_command
+    if action in NOT_ON_OBJECT_STORAGE and cfg.storage.object_store:
+        print(
+            f"mailhub: storage {action} is not built for storage.blobs = {cfg.storage.object_store!r}:"
+            f" {NOT_ON_OBJECT_STORAGE[action]} (docs/storage.md, Mail on object storage)",
+            file=sys.stderr,
+        )
+        return 2
     if action in SQLITE_ONLY and cfg.storage.index:
         from storage.index import NotOnPostgres
 

@@ -322,6 +322,11 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
     log = hub.log_text()
     assert "1 unfinished upload(s) aborted, 1 object(s) of uncommitted mail deleted" in log
     assert "1 newest mail(s) checked, 0 missing" in log
+    # the commands that would take the node's cache for the whole store refuse, saying why
+    for command in ("check", "rebuild-index", "compact-ledger", "verify"):
+        result = hub.cli("storage", command, check=False)
+        assert result.returncode == 2 and "not built for storage.blobs = 's3://" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
     assert hub.stop() == 0
 
 
