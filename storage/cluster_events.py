@@ -1,6 +1,7 @@
 # The mailbox changes one hub node tells the others (issue 27: several nodes on one PostgreSQL
 # index): what storage.store.MailboxListener hears (committed, fetched_committed, removed, with the
-# calls' arguments) plus the live downloads and polls the throttle's drain rates measure, as the
+# calls' arguments), the sites whose IMAP flags changed (IDLE sessions show them), plus the live
+# downloads and polls the throttle's drain rates measure, as the
 # payloads of NOTIFY on the channel `mailhub_events`, each naming the node that sent it. The index
 # writer sends the mailbox changes in the same transaction as the change (delivered at its commit,
 # never for a rolled-back one); the node's cluster link (storage/postgres/cluster.py) sends the
@@ -33,13 +34,21 @@ class Changes:
     removed: list[tuple[int, int, int | None, int, bool]] = field(default_factory=list)
     downloaded: list[tuple[int, int]] = field(default_factory=list)  # site, bytes sent (live)
     polled: list[int] = field(default_factory=list)  # sites that logged in
+    flagged: list[int] = field(default_factory=list)  # sites whose IMAP flags changed
 
     def __len__(self) -> int:
-        return len(self.committed) + len(self.fetched) + len(self.removed) + len(self.downloaded) + len(self.polled)
+        return (
+            len(self.committed)
+            + len(self.fetched)
+            + len(self.removed)
+            + len(self.downloaded)
+            + len(self.polled)
+            + len(self.flagged)
+        )
 
 
-_KINDS: Final = ("committed", "fetched", "removed", "downloaded", "polled")
-_KEYS: Final = {"committed": "c", "fetched": "f", "removed": "r", "downloaded": "d", "polled": "p"}
+_KINDS: Final = ("committed", "fetched", "removed", "downloaded", "polled", "flagged")
+_KEYS: Final = {"committed": "c", "fetched": "f", "removed": "r", "downloaded": "d", "polled": "p", "flagged": "g"}
 
 
 def payloads(changes: Changes) -> list[str]:
@@ -105,6 +114,8 @@ def decode(payload: str) -> Changes:
             changes.downloaded.append((_int(site), _int(sent)))
         for site in doc.get("p", []):
             changes.polled.append(_int(site))
+        for site in doc.get("g", []):
+            changes.flagged.append(_int(site))
     except (TypeError, ValueError) as exc:
         raise BadPayload(f"bad row: {str(exc)[:80]}") from None
     return changes

@@ -400,12 +400,14 @@ class IndexWriter:
         return result
 
     def update_flags(self, site_id: int, uids: list[int], add: int, remove: int) -> None:
-        self.in_transaction(
-            lambda conn: conn.executemany(
+        def body(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "UPDATE mailbox SET flags = (flags | ?) & ~? WHERE site_id = ? AND uid = ?",
                 [(add, remove, site_id, uid) for uid in uids],
             )
-        )
+            cluster_events.notify(conn, cluster_events.Changes(self.node, flagged=[site_id]))
+
+        self.in_transaction(body)
 
     def mark_damaged(self, queue_id: str, reason: str, found_by: str, at: float, entry: str | None) -> bool:
         """A mail found damaged (storage/verify.py); False if it was known already."""

@@ -122,6 +122,13 @@ def test_two_nodes_on_one_postgresql_index_serve_one_network(pg_index, make_hub,
     assert pushed < 2.0, pushed  # one node pushes within a second; so does the other
     assert ledger_a.held(beta)[1] == 1
     wait_for(lambda: ledger_b.held(beta)[1] == 1, message="node B's ledger counts node A's mail")
+    flagger = imaplib.IMAP4("127.0.0.1", a.ports["imap"], timeout=30)  # flags stored on node A show on B
+    flagger.login("beta", PASSWORD)
+    assert flagger.select("INBOX")[0] == "OK"
+    assert flagger.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
+    line = watcher.readline()
+    assert line.startswith(b"* 1 FETCH (UID ") and line.endswith(b"FLAGS (\\Flagged))\r\n"), line
+    flagger.logout()
     watcher.send(b"DONE\r\n")
     assert watcher.readline() == b"I1 OK IDLE terminated\r\n"
     watcher.logout()

@@ -276,12 +276,13 @@ def test_long_lists_are_split_under_the_notify_limit():
         removed=[(i, i, i, 5, i % 2 == 0) for i in range(900)],
         downloaded=[(i, 1 << 40) for i in range(500)],
         polled=list(range(500)),
+        flagged=list(range(300)),
     )
     texts = cluster_events.payloads(changes)
     assert len(texts) > 5
     assert all(len(t.encode()) <= cluster_events.MAX_PAYLOAD for t in texts)
     back = [cluster_events.decode(t) for t in texts]
-    for kind in ("committed", "fetched", "removed", "downloaded", "polled"):
+    for kind in ("committed", "fetched", "removed", "downloaded", "polled", "flagged"):
         assert [row for part in back for row in getattr(part, kind)] == getattr(changes, kind)
     assert {part.node for part in back} == {changes.node[: cluster_events.NODE_MAX]}
     assert cluster_events.payloads(Changes("n")) == []

@@ -120,6 +120,10 @@ class ImapContext:
             for session in self.by_site.get(site_id, ()):
                 session.mailbox_changed()
 
+    def remote_flags_changed(self, site_ids: list[int]) -> None:
+        """Another hub node stored flags in these mailboxes (storage/postgres/cluster.py)."""
+        self.mailboxes_changed(site_ids)
+
     # storage listener (see Storage.add_listener)
     def committed(self, sender_site, receiver_site_ids, size, at) -> None:
         self.mailboxes_changed(receiver_site_ids)

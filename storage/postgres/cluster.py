@@ -44,7 +44,8 @@ class ClusterUnavailable(StorageError):
 class ClusterLink:
     """The node's cluster link. `await start()` connects (StorageError if PostgreSQL cannot be
     reached), `await close()` lets everything go. Listeners (storage.store.MailboxListener, plus
-    optionally `remote_downloaded(site, bytes)` and `remote_polled(site)`) hear of other nodes' changes."""
+    optionally `remote_downloaded(site, bytes)`, `remote_polled(site)` and
+    `remote_flags_changed([site, ...])`) hear of other nodes' changes."""
 
     def __init__(
         self,
@@ -395,6 +396,9 @@ class ClusterLink:
                     if polled is not None:
                         for site in changes.polled:
                             polled(site)
+                    flagged = getattr(listener, "remote_flags_changed", None)
+                    if flagged is not None and changes.flagged:
+                        flagged(changes.flagged)
                 except Exception:
                     log.exception("cluster link: a listener failed on node %s's changes", changes.node)
 
