@@ -184,6 +184,8 @@ class Storage:
             self.layout = blob_layout.prepare(
                 self.data_dir, self.shared_blobs, self.node, lambda: _open_index(self.index)
             )
+            if self.objects is not None and self.index.is_postgresql:
+                self.layout = self._object_store_layout()
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             conn = _open_index(self.index)
@@ -212,6 +214,16 @@ class Storage:
         self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
         if self.objects is not None:
             await self._start_objects(self.objects)
+
+    def _object_store_layout(self) -> blob_layout.BlobLayout:
+        """Several nodes on one index with the mail on object storage: the node's number from the
+        index, so that its queue IDs (the objects' names) and group commits are its own."""
+        conn = _open_index(self.index)
+        try:
+            number = blob_layout.register_node(conn, self.node)
+        finally:
+            conn.close()
+        return blob_layout.BlobLayout(self.data_dir, node=self.node, number=number)
 
     async def _start_objects(self, objects: ObjectBlobs) -> None:
         """Blobs on object storage: what the cache holds, freed objects deleted, then the store's

@@ -390,3 +390,34 @@ def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_u
         )
 
     asyncio.run(scenario())
+
+
+def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, seaweedfs):
+    """Node A takes a mail (its object up before the 250), node B, with an empty cache, serves it
+    from the object store and deletes it (object gone); queue IDs carry each node's number."""
+    url, reset = pg_index
+    reset()
+    bucket = seaweedfs.new_bucket()
+    common = {
+        "MAILHUB_STORAGE_INDEX": url,
+        "MAILHUB_STORAGE_BLOBS": f"s3://{bucket}/mail",
+        "MAILHUB_S3_ENDPOINT": seaweedfs.endpoint,
+        "MAILHUB_S3_ACCESS_KEY": seaweedfs.access_key,
+        "MAILHUB_S3_SECRET_KEY": seaweedfs.secret_key,
+        "MAILHUB_S3_PART_SIZE": "5M",
+    }
+    a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+    b = make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+    mail = make_message(3000, "across nodes")
+    code, reply = send(a, mail)
+    assert code == 250, reply
+    qid = queue_id_from(reply)
+    ((key, size),) = objects(seaweedfs, bucket).items()
+    assert key.endswith("/" + qid) and size > len(mail)
+    assert a._hub.storage.layout.number != b._hub.storage.layout.number  # each node its own queue IDs
+    assert cached_files(b) == []
+    got = pop3_all(b, delete=True)
+    assert got[0].endswith(mail)
+    wait_for(lambda: objects(seaweedfs, bucket) == {}, 20, message="the object of the mail node B deleted")
+    assert cached_files(b) == []
+    assert a.stop() == 0 and b.stop() == 0
