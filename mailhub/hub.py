@@ -39,7 +39,7 @@ from storage.object_blobs import ObjectBlobs
 from storage.s3 import S3Client, S3Location
 from storage.scrub import Scrub
 
-from . import handover
+from . import handover, metrics
 from . import reload as reloading
 from .auth_control import register_auth_commands
 from .certificates import read_certificate
@@ -182,6 +182,7 @@ class Hub:
             await link.start()
             link.on_leader = self._leader_tasks.set_leader
             is_leader = link.is_leader
+            metrics.CLUSTER.link = link  # its state on /metrics, and /healthz says 503 while it is down
         index = storage.index  # SQLite in data_dir, or PostgreSQL (storage.index): what every reader opens
         self._sites = sites = SiteCache(cfg.data_dir, cfg.auth.hash_threads, cfg.auth.max_queued_checks, index.connect)
         self._keyring = keyring = KeyRing(cfg.data_dir, index.connect)
@@ -540,6 +541,8 @@ class Hub:
             self.storage = None
         cluster, self.cluster = self.cluster, None
         if cluster is not None:  # after the sessions: the mailbox locks go with its connection
+            if metrics.CLUSTER.link is cluster:
+                metrics.CLUSTER.link = None
             await cluster.close()
         if self._sites is not None:
             self._sites.close()

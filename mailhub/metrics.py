@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -118,6 +119,45 @@ class ThrottleCollector:
 
 THROTTLE = ThrottleCollector()
 REGISTRY.register(THROTTLE)
+
+
+class ClusterCollector:
+    """The cluster link's state (several nodes on one PostgreSQL index; storage/postgres/cluster.py);
+    nothing for one hub. `link` is set while the hub runs."""
+
+    def __init__(self) -> None:
+        self.link: Any = None  # a storage.postgres.cluster.ClusterLink (psycopg: not imported here)
+
+    def collect(self):
+        link = self.link
+        if link is None:
+            return
+        yield GaugeMetricFamily(
+            "mailhub_cluster_link_up",
+            "1 while this node's cluster link to PostgreSQL is up.",
+            value=int(link.connected),
+        )
+        yield GaugeMetricFamily(
+            "mailhub_cluster_leader", "1 while this node runs the cluster's periodic work.", value=int(link.is_leader())
+        )
+        yield CounterMetricFamily(
+            "mailhub_cluster_reconnects", "Times the cluster link was connected again after a loss.", link.reconnects
+        )
+        yield CounterMetricFamily(
+            "mailhub_cluster_changes_received", "Other nodes' mailbox changes received (rows).", link.received
+        )
+        yield CounterMetricFamily(
+            "mailhub_cluster_changes_dropped",
+            "Other nodes' changes dropped (too many waiting, or a payload not ours); caught up from the index.",
+            link.dropped,
+        )
+
+    def describe(self):
+        return []
+
+
+CLUSTER = ClusterCollector()
+REGISTRY.register(CLUSTER)
 
 
 class WithNodeLabel:
@@ -230,6 +270,8 @@ class MetricsServer:
             problems.append(f"draining: {self.draining}")
         elif down := self.listeners_up():
             problems.append("listeners down: " + ", ".join(down))
+        if CLUSTER.link is not None and not CLUSTER.link.connected:
+            problems.append("cluster link to PostgreSQL down (reconnecting)")
         return problems
 
     def _write_probe(self) -> None:

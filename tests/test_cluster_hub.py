@@ -6,6 +6,7 @@
 import json
 import poplib
 import time
+import urllib.request
 
 import psycopg
 import pytest
@@ -76,6 +77,13 @@ def test_two_nodes_share_the_pop3_mailbox_lock_and_the_leader(pg_url, make_hub):
     wait_for(lambda: _try(a), message="node a takes the mailbox of the node whose link went")
     wait_for(lambda: "other nodes' changes may have been missed" in b.log_text(), message="node b catches up")
 
+    # the link's state on /metrics (both hubs share this process's registry: the last one started)
+    from mailhub.metrics import CLUSTER
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.ports['metrics']}/metrics", timeout=30).read().decode()
+    assert CLUSTER.link is b._hub.cluster
+    assert "mailhub_cluster_link_up 1.0" in text and "mailhub_cluster_reconnects_total 1.0" in text
+    assert "mailhub_cluster_leader 0.0" in text
     a.stop()  # the leader stops: node b takes the periodic work over
     wait_for(lambda: _running(b) == ["directory updates", "scrub"], timeout=30, message="node b leads")
 
