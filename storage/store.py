@@ -213,7 +213,11 @@ class Storage:
         self._db = await open_reader(self.index)
         self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
         if self.objects is not None:
-            await self._start_objects(self.objects)
+            try:
+                await self._start_objects(self.objects)
+            except BaseException:  # the store unreachable, or not the index's: nothing may stay open
+                await self.close()
+                raise
 
     def _object_store_layout(self) -> blob_layout.BlobLayout:
         """Several nodes on one index with the mail on object storage: the node's number from the

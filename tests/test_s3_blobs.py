@@ -282,7 +282,11 @@ def test_no_250_while_the_store_is_down_and_mail_taken_once_it_is_back(make_hub,
         finally:
             client.close()
         assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
+        assert hub.stop() == 0
+        with pytest.raises(AssertionError, match="start-up check of s3://"):  # one line names the store
+            hub.start()
         proxy.up = True
+        hub.start()
         assert len(pop3_all(hub, delete=True)) == 1  # deleting it removes its object and its cached file
         wait_for(lambda: objects(seaweedfs, bucket) == {}, 20, message="the object of the deleted mail")
         wait_for(lambda: cached_files(hub) == [], 20, message="the cached file of the deleted mail")
