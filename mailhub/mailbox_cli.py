@@ -9,12 +9,15 @@
 # into a file, write a mail to a terminal, delete more than what was listed and confirmed, or print
 # client-controlled text (headers, addresses) unescaped.
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .audit_cli import operator_name
@@ -233,7 +236,8 @@ def _show(cfg: Config, args) -> int:
 
     entry = _one(cfg, args.site, args.queue_id)
     structure_text = _read(cfg, mailbox_admin.structure_json, entry.queue_id)
-    head = _read_header(entry.path(cfg.data_dir), entry.offset, entry.size)
+    with _blob_file(cfg, entry) as path:
+        head = _read_header(path, entry.offset, entry.size)
     headers = _header_fields(head)
     parts = _parts(json.loads(structure_text)) if structure_text else None
     if args.json:
@@ -311,9 +315,46 @@ def _parts(record: dict, number: str = "", depth: int = 0) -> list[dict[str, Any
 # ---- export -------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _blob_file(cfg: Config, entry) -> Iterator[Path]:
+    """The mail's blob file to read: its file in data_dir/blobs/, or (the mail on object storage and
+    not in this node's cache) a copy of its object downloaded into spool/ for this command (a name
+    start-up recovery removes if the command dies) and removed after."""
+    path = entry.path(cfg.data_dir)
+    if not cfg.storage.object_store or path.exists():
+        yield path
+        return
+    from storage import envelope
+    from storage.files import unlink_quietly
+    from storage.s3 import S3Client, S3Error, S3Location
+    from storage.spool import new_queue_id
+
+    from .storage_cli import S3SetupError, s3_settings
+
+    try:
+        settings = s3_settings(cfg)
+    except S3SetupError as exc:
+        raise MailboxCommandError(str(exc)) from None
+    location = S3Location.parse(cfg.storage.object_store)
+    copy = Path(cfg.data_dir).absolute() / "spool" / f"{new_queue_id()}.tmp"
+    limit = entry.size + envelope.MAX_RECORD + envelope.HEADER_SIZE
+    try:
+        asyncio.run(S3Client(settings).get_file(location.bucket, location.key(entry.blob), copy, limit))
+    except S3Error as exc:
+        raise MailboxCommandError(f"cannot read mail {entry.queue_id} from the object store: {exc}") from None
+    try:
+        yield copy
+    finally:
+        unlink_quietly(copy)
+
+
 def _export(cfg: Config, args) -> int:
     entry = _one(cfg, args.site, args.queue_id)
-    path = entry.path(cfg.data_dir)
+    with _blob_file(cfg, entry) as path:
+        return _export_from(cfg, args, entry, path)
+
+
+def _export_from(cfg: Config, args, entry, path: Path) -> int:
     actor = operator_name()
     record = [entry.site, entry.queue_id, entry.message_id, entry.set_id, entry.size, entry.sha256, actor]
     if args.output is None:

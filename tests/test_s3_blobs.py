@@ -326,6 +326,14 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
     log = hub.log_text()
     assert "1 unfinished upload(s) aborted, 1 object(s) of uncommitted mail deleted" in log
     assert "1 newest mail(s) checked, 0 missing" in log
+    for path in cached_files(hub):
+        path.unlink()  # an operator's export of a mail not in the cache reads the object
+    ((qid,),) = hub.query("SELECT queue_id FROM messages")
+    exported = hub.data_dir.parent / "exported.eml"
+    hub.cli("mailbox", "export", "beta", qid, "-o", str(exported))
+    assert exported.read_bytes() + b"" == served[0]
+    assert "kept" in hub.cli("mailbox", "show", "beta", qid).stdout
+    assert not list((hub.data_dir / "spool").iterdir())
     # the commands that would take the node's cache for the whole store refuse, saying why
     for command in ("check", "rebuild-index", "compact-ledger", "verify"):
         result = hub.cli("storage", command, check=False)
