@@ -151,7 +151,6 @@ def storage_parsers(commands, common) -> None:
 
 # What works on the SQLite index file only, and what to use on a PostgreSQL index instead.
 SQLITE_ONLY = {
-    "check": "pg_amcheck for the index (and `mailhub storage verify` for the mails' bytes)",
     "rebuild-index": "PostgreSQL's own backups to restore the index (pg_dump/pg_restore, or pg_basebackup"
     " with point-in-time recovery)",
     "backup": "pg_dump (or pg_basebackup) for the index, and a copy of the data folder's blobs/",
@@ -216,7 +215,7 @@ def storage_command(cfg: Config, args) -> int:
 def _check(cfg: Config, args) -> int:
     from storage.check import check
 
-    report = check(cfg.data_dir)
+    report = check(cfg.data_dir, cfg.storage.index)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -4,6 +4,8 @@
 # out of it); the command's exit status is non-zero when there is one. Must never write anything.
 # A data folder that links into a shared blob folder (storage/blob_layout.py) is checked for its own
 # node's part only: <root>/<node>/ and the index rows of blobs named '<node>/...'.
+# A PostgreSQL index (storage.index) is read the same way; only SQLite's file check (quick_check)
+# is left out: PostgreSQL's own pages are checked with its own tools (pg_amcheck).
 import fcntl
 import os
 import sqlite3
@@ -12,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import blob_layout, db, ledger, quarantine
+from . import blob_layout, db, ledger, quarantine, sql
+from .errors import StorageError
 from .folder_lock import LOCK_NAME
+from .index import IndexLocation
 from .recovery import HOUR_FOLDER, QUEUE_ID, SPOOL_FILE
 
 IN_FLIGHT_SECONDS = 300  # beside a running hub, a file this young may belong to a transaction in flight
@@ -51,12 +55,18 @@ class CheckReport:
         return dict(self.__dict__)
 
 
-def check(data_dir: Path) -> CheckReport:
+def check(data_dir: Path, index_url: str = "") -> CheckReport:
     data_dir = Path(data_dir).absolute()
+    index = IndexLocation(data_dir, index_url)
     report = CheckReport(str(data_dir), hub_running=_hub_running(data_dir))
     now = time.time()
+    conn: sql.Connection | None
     try:
-        conn = db.connect_readonly(data_dir)
+        conn = index.connect_readonly()
+    except StorageError as exc:  # PostgreSQL unreachable (one line, no password)
+        report.index_ok = False
+        report.problems.append(f"{exc}: start the PostgreSQL server, or check storage.index")
+        conn = None
     except (OSError, sqlite3.Error) as exc:
         report.index_ok = False
         report.problems.append(
@@ -68,7 +78,10 @@ def check(data_dir: Path) -> CheckReport:
             _check_index(conn, data_dir, report, now)
         except sqlite3.DatabaseError as exc:
             report.index_ok = False
-            report.problems.append(db.damaged_message(db.index_path(data_dir), exc))
+            if index.is_postgresql:
+                report.problems.append(f"the index at {index.where()} cannot be read: {exc}")
+            else:
+                report.problems.append(db.damaged_message(db.index_path(data_dir), exc))
         finally:
             conn.close()
     _check_ledger(data_dir, report)
@@ -90,8 +103,10 @@ def _hub_running(data_dir: Path) -> bool:
     return False
 
 
-def _check_index(conn: sqlite3.Connection, data_dir: Path, report: CheckReport, now: float) -> None:
-    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+def _check_index(conn: sql.Connection, data_dir: Path, report: CheckReport, now: float) -> None:
+    problems = (
+        ["ok"] if sql.dialect(conn) == sql.POSTGRESQL else [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    )
     if problems != ["ok"]:
         report.index_ok = False
         report.problems.append(db.damaged_message(db.index_path(data_dir), "; ".join(problems)))

@@ -43,6 +43,7 @@ def assert_no_traceback(hub) -> None:
     assert "Traceback" not in hub.log_text(), hub.log_text()[-3000:]
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_login_select_fetch_bodies_byte_exact(hub):
     mails = [
         make_message(3000, subject="one"),
@@ -89,6 +90,7 @@ def whole_of(client, n: int) -> bytes:
     return literal(ok(client.fetch(str(n), "(BODY.PEEK[])")))
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_uid_commands_store_search_expunge(hub):
     for subject in ("a", "b", "c", "d"):
         send(hub, ["beta@hub.test"], make_message(500, subject=subject))
@@ -223,6 +225,7 @@ def idle_start(client: imaplib.IMAP4) -> None:
     assert client.readline() == b"+ idling\r\n"
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_idle_push_within_a_second_and_two_sessions(hub):
     send(hub, ["beta@hub.test"], make_message(500, subject="first"))
     watcher, other = imap(hub), imap(hub)
@@ -266,6 +269,7 @@ def test_shutdown_says_bye_to_idling_sessions(hub):
     assert client.readline() == b""
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_pop3_and_imap_on_one_mailbox(hub):
     for subject in ("p1", "p2", "p3"):
         send(hub, ["beta@hub.test"], make_message(700, subject=subject))
@@ -291,6 +295,7 @@ def test_pop3_and_imap_on_one_mailbox(hub):
     client.logout()
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_downloads_feed_site_totals_and_metrics(hub):
     mails = [make_message(4000), make_message(9000)]
     for mail in mails:
@@ -404,6 +409,7 @@ MIME_MAIL = (
 )
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
     hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_ENCRYPTION_REQUIRED="false").start()
     send(hub, ["beta@hub.test"], MIME_MAIL)

@@ -82,6 +82,7 @@ def lifecycle_hub(make_hub):
     ).start()
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
     hub = lifecycle_hub
     start = time.time()
@@ -191,6 +192,7 @@ def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
     assert metric(hub, "mailhub_lifecycle_notices_total", kind="expiry_dsn", outcome="sent") == 2
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_retention_override_and_keep(lifecycle_hub):
     hub = lifecycle_hub
     start = time.time()

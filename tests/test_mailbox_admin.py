@@ -65,6 +65,7 @@ def audit_rows(hub, *args):
     return cli_json(hub, "audit", *args)
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_list_show_search_and_export(hub, tmp_path):
     hub = hub()
     q1 = send(hub, ["beta@hub.test"], mail(1))
@@ -135,6 +136,7 @@ def test_list_show_search_and_export(hub, tmp_path):
     assert exported[0]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_delete_while_pop3_holds_the_mailbox(hub):
     hub = hub()
     q1 = send(hub, ["beta@hub.test"], mail(1))

@@ -245,7 +245,6 @@ def test_the_commands_for_the_sqlite_file_refuse_a_postgresql_index_in_one_line(
     user, rest = url.split("://", 1)[1].split("@", 1)
     hub = make_hub(MAILHUB_STORAGE_INDEX=f"postgresql://{user}:{SECRET}@{rest}")
     for args, tool in (
-        (("storage", "check"), "pg_amcheck"),
         (("storage", "rebuild-index"), "pg_dump"),
         (("storage", "backup", str(tmp_path / "backup")), "pg_dump"),
         (("storage", "migrate", url), "pg_dump"),
