@@ -155,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     sessions = commands.add_parser("sessions", parents=[common], help="who is connected to the running hub")
     sessions.add_argument("--kick", metavar="SITE", help="end this site's sessions (each protocol's goodbye)")
     sessions.add_argument("--json", action="store_true")
+    sessions.add_argument(
+        "--all", action="store_true", help="every node's sessions (several nodes on PostgreSQL: asked through it)"
+    )
     auth = commands.add_parser("auth", help="password-guessing penalties and blocks of the running hub")
     auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")
     blocks = auth_commands.add_parser(

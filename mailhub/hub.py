@@ -216,11 +216,10 @@ class Hub:
         control = ControlServer(cfg.data_dir)
         control.register("hub-key-announce", directory.announce_now)
         register_auth_commands(control, logins)
-        register_session_commands(
-            control,
-            SessionRegistry([smtp.connections, pop3.sessions, imap.sessions]),
-            node=storage.node if self.cluster is not None else "",
-        )
+        registry = SessionRegistry([smtp.connections, pop3.sessions, imap.sessions])
+        register_session_commands(control, registry, node=storage.node if self.cluster is not None else "")
+        if self.cluster is not None:  # `mailhub sessions --all` asks every node through PostgreSQL
+            self.cluster.answers["sessions"] = lambda: [info.as_dict() for info in registry.listing()]
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         register_mailbox_commands(control, storage, cfg)
         control.register("reload", self._reload_command)

@@ -3,10 +3,11 @@
 # protocol's goodbye (SMTP 421, once a transaction in flight is answered; POP3 -ERR, without
 # applying deletions; IMAP * BYE). The hub's side registers the control commands `sessions` and
 # `sessions.kick`; the CLI side asks them and prints the answer. In a cluster (several nodes on one
-# PostgreSQL index) a node lists and kicks its own sessions only, each row naming the node: ask each
-# node (its control socket) for the whole picture. Must never: show a command's arguments
-# (relay/sessions.py keeps the verb only).
+# PostgreSQL index) a node lists and kicks its own sessions only, each row naming the node; `--all`
+# asks every node through PostgreSQL (their cluster links answer) and names those that do not.
+# Must never: show a command's arguments (relay/sessions.py keeps the verb only).
 import json
+import sys
 import time
 
 from relay.sessions import SessionRegistry
@@ -41,6 +42,8 @@ def register_session_commands(control: ControlServer, registry: SessionRegistry,
 def sessions_command(cfg, args) -> int:
     from .cli import ask_hub
 
+    if getattr(args, "all", False):
+        return _all_nodes(cfg, args)
     if args.kick is not None:
         answer = ask_hub(cfg, "sessions.kick", site=args.kick)
         if answer is None:
@@ -63,15 +66,48 @@ def sessions_command(cfg, args) -> int:
     else:
         _table(answer["sessions"], answer["now"])
         if answer.get("node"):
-            print(f"(node {printable(answer['node'])} only: the other nodes of the cluster list their own)")
+            print(f"(node {printable(answer['node'])} only: `mailhub sessions --all` lists every node's)")
     return 0
 
 
-def _table(rows: list[dict], now: float) -> None:
-    print(f"{'PROTO':<5} {'SITE':<20} {'CLIENT':<39} {'SINCE':<20} {'FOR':>8} {'IN':>10} {'OUT':>10}  COMMAND")
-    for row in rows:
+def _all_nodes(cfg, args) -> int:
+    """`mailhub sessions --all`: every node's sessions, asked through the PostgreSQL index (each
+    node's cluster link answers); the nodes that did not answer are named."""
+    from storage import StorageError
+
+    url = getattr(cfg.storage, "index", "")
+    if not url:
         print(
-            f"{row['protocol']:<5} {printable(row['site'] or '-'):<20} {row['client']:<39}"
+            "mailhub: --all needs several nodes on a PostgreSQL index (storage.index); one hub: mailhub sessions",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    from storage.postgres.cluster import ask_nodes
+
+    try:
+        answers, missing = ask_nodes(url, "sessions")
+    except StorageError as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    rows = [{**row, "node": node} for node in sorted(answers) for row in answers[node]]
+    if args.json:
+        print(json.dumps({"sessions": rows, "nodes": sorted(answers), "no_answer": missing}, indent=2))
+    elif not rows:
+        print(f"no open sessions on {len(answers)} node(s)")
+    else:
+        _table(rows, time.time(), nodes=True)
+    for node in missing:
+        print(f"mailhub: node {printable(node)} did not answer (its sessions are not listed)", file=sys.stderr)
+    return EXIT_FAILED if missing else 0
+
+
+def _table(rows: list[dict], now: float, nodes: bool = False) -> None:
+    node = "NODE".ljust(16) + " " if nodes else ""
+    print(f"{node}{'PROTO':<5} {'SITE':<20} {'CLIENT':<39} {'SINCE':<20} {'FOR':>8} {'IN':>10} {'OUT':>10}  COMMAND")
+    for row in rows:
+        where = f"{printable(row['node']):<16} " if nodes else ""
+        print(
+            f"{where}{row['protocol']:<5} {printable(row['site'] or '-'):<20} {row['client']:<39}"
             f" {iso_time(row['since'], millis=False):<20} {_duration(now - row['since']):>8}"
             f" {human_size(row['bytes_in']):>10} {human_size(row['bytes_out']):>10}  {row['command'] or '-'}"
         )

@@ -10,12 +10,19 @@
 # Must never import psycopg (the PostgreSQL extra is optional) nor trust a payload: anything that
 # does not decode into the expected shape is refused with one line (any database user may NOTIFY).
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import sql
 
 CHANNEL: Final = "mailhub_events"
+# A question to every node (`mailhub sessions --all`): {"q": QUESTION, "r": REPLY CHANNEL}; each node
+# answers on the reply channel with its rows, split over payloads {"n", "k": part, "of": parts, "rows"}
+ASK_CHANNEL: Final = "mailhub_ask"
+QUESTIONS: Final = ("sessions",)
+REPLY_CHANNEL: Final = re.compile(r"mailhub_reply_[0-9a-f]{16}")
+MAX_ANSWER_ROWS: Final = 10_000
 MAX_PAYLOAD: Final = 7800  # bytes; PostgreSQL refuses a payload of 8000 or more
 NODE_MAX: Final = 200  # characters of a node name
 
@@ -119,6 +126,53 @@ def decode(payload: str) -> Changes:
     except (TypeError, ValueError) as exc:
         raise BadPayload(f"bad row: {str(exc)[:80]}") from None
     return changes
+
+
+def decode_question(payload: str) -> tuple[str, str]:
+    """(question, reply channel) of a payload on ASK_CHANNEL; BadPayload for anything else."""
+    try:
+        doc = json.loads(payload[:1000])
+    except ValueError:
+        raise BadPayload("not JSON") from None
+    if not isinstance(doc, dict) or doc.get("q") not in QUESTIONS:
+        raise BadPayload("not a question this hub answers")
+    reply = doc.get("r")
+    if not isinstance(reply, str) or not REPLY_CHANNEL.fullmatch(reply):
+        raise BadPayload("no reply channel")
+    return doc["q"], reply
+
+
+def answer_payloads(node: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A node's answer (at most MAX_ANSWER_ROWS rows; a row too long for a payload is left out) as
+    payloads of at most MAX_PAYLOAD bytes, each saying its part and the number of parts."""
+    name = json.dumps(node[:NODE_MAX])
+    room = MAX_PAYLOAD - len(name) - 60
+    groups: list[list[str]] = [[]]
+    size = 0
+    for row in rows[:MAX_ANSWER_ROWS]:
+        text = json.dumps(row, separators=(",", ":"))
+        if len(text.encode()) > room:
+            continue
+        if size + len(text.encode()) + 1 > room and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(text)
+        size += len(text.encode()) + 1
+    return [f'{{"n":{name},"k":{k},"of":{len(groups)},"rows":[{",".join(g)}]}}' for k, g in enumerate(groups)]
+
+
+def decode_answer(payload: str) -> tuple[str, int, int, list[dict[str, Any]]]:
+    """(node, part, parts, rows) of an answer payload; BadPayload for anything else."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        raise BadPayload("not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("n"), str) or not isinstance(doc.get("rows"), list):
+        raise BadPayload("not an answer")
+    part, parts = doc.get("k"), doc.get("of")
+    if type(part) is not int or type(parts) is not int or not 0 <= part < parts <= MAX_ANSWER_ROWS:
+        raise BadPayload("bad part numbers")
+    return doc["n"][:NODE_MAX], part, parts, [r for r in doc["rows"] if isinstance(r, dict)]
 
 
 def notify(conn: sql.Connection, changes: Changes) -> None:

@@ -59,7 +59,7 @@ def test_two_nodes_share_the_pop3_mailbox_lock_and_the_leader(pg_url, make_hub):
     # `mailhub sessions` on a node: its own sessions, named by node
     listed = json.loads(a.cli("sessions", "--json").stdout)
     assert [(r["protocol"], r["site"], r["node"]) for r in listed] == [("pop3", "alpha", "node-a")]
-    assert "(node node-a only" in a.cli("sessions").stdout
+    assert "(node node-a only: `mailhub sessions --all`" in a.cli("sessions").stdout
     wait_for(lambda: b.cli("sessions").stdout.strip() == "no open sessions on node node-b")  # its refused one ended
     session.quit()
     wait_for(lambda: _try(b), message="node b takes the mailbox once node a let go")
@@ -150,6 +150,18 @@ def test_two_nodes_on_one_postgresql_index_serve_one_network(pg_index, make_hub,
     with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
         refused.pass_(PASSWORD)
     refused.close()
+    # every node's sessions, asked through PostgreSQL from either node
+    idle = imaplib.IMAP4("127.0.0.1", a.ports["imap"], timeout=30)
+    idle.login("alpha", PASSWORD)
+    answer = json.loads(a.cli("sessions", "--all", "--json").stdout)
+    assert answer["nodes"] == ["node-a", "node-b"] and answer["no_answer"] == []
+    assert sorted((r["node"], r["protocol"], r["site"]) for r in answer["sessions"]) == [
+        ("node-a", "imap", "alpha"),
+        ("node-b", "pop3", "beta"),
+    ]
+    table = b.cli("sessions", "--all").stdout.splitlines()
+    assert table[0].split()[:3] == ["NODE", "PROTO", "SITE"] and len(table) == 3
+    idle.logout()
     pop.quit()
     # node B's bytes sent count in node A's drain-rate input, as they were sent
     wait_for(lambda: ledger_a.downloaded(beta) >= len(mail), message="node A hears of node B's download")

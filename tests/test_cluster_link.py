@@ -3,6 +3,7 @@
 # a terminated backend), the leader lock passing on, other nodes' mailbox changes (NOTIFY from an
 # index transaction, delivered at commit only) fed to the listeners, live downloads, bad payloads.
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -533,3 +534,43 @@ def test_the_ledger_reads_the_index_figures_again_and_keeps_its_live_counts():
     assert ledger.held(2) == (0, 0)
     assert ledger.waiting(2) == {1: 30}  # the reservation only
     assert ledger.downloaded(2) == 5700 and ledger.last_poll(2) == 101.0
+
+
+def test_asking_every_node_gathers_split_answers_and_names_the_silent_ones(pg_url):
+    """ask_nodes (`mailhub sessions --all`): node a's 500 rows come back whole over several
+    payloads; a node whose link is there but does not answer is named; questions are bounded."""
+    from storage.postgres.cluster import ANSWERS_PER_SECOND, ask_nodes
+
+    rows = [{"protocol": "pop3", "site": f"site-{i}", "client": "192.0.2.1", "command": "STAT"} for i in range(500)]
+    ghost = psycopg.connect(pg_url, autocommit=True, application_name="mailhub cluster link ghost")
+
+    async def main():
+        a = link(pg_url, "a")
+        a.answers["sessions"] = lambda: rows
+        await a.start()
+        try:
+            loop = asyncio.get_running_loop()
+            answers, missing = await loop.run_in_executor(None, lambda: ask_nodes(pg_url, "sessions", timeout=2.0))
+            assert answers == {"a": rows} and missing == ["ghost"]
+            with psycopg.connect(pg_url, autocommit=True) as other:  # not ours: no answer, no harm
+                other.execute("SELECT pg_notify('mailhub_ask', %s)", ('{"q": "sessions", "r": "elsewhere"}',))
+            # a flood of questions: at most ANSWERS_PER_SECOND answered in a second
+            asked = ANSWERS_PER_SECOND + 3
+            with psycopg.connect(pg_url, autocommit=True) as other:
+                other.execute("LISTEN mailhub_reply_00000000000000ff")
+                for _ in range(asked):
+                    other.execute(
+                        "SELECT pg_notify('mailhub_ask', %s)",
+                        ('{"q": "sessions", "r": "mailhub_reply_00000000000000ff"}',),
+                    )
+                await asyncio.sleep(0.5)
+                got = await loop.run_in_executor(None, lambda: list(other.notifies(timeout=1.0)))
+            answered = {json.loads(n.payload)["of"] for n in got}
+            assert len(got) == ANSWERS_PER_SECOND * answered.pop() and not answered
+        finally:
+            await a.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        ghost.close()

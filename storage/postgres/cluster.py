@@ -16,14 +16,26 @@
 # listener's error stop the link.
 import asyncio
 import collections
+import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import psycopg
 
-from ..cluster_events import CHANNEL, BadPayload, Changes, decode, payloads
+from ..cluster_events import (
+    ASK_CHANNEL,
+    CHANNEL,
+    BadPayload,
+    Changes,
+    answer_payloads,
+    decode,
+    decode_answer,
+    decode_question,
+    payloads,
+)
 from ..errors import StorageError
 from .from_sqlite import _one_line, redacted
 
@@ -35,6 +47,7 @@ MAILBOX_SPACE: Final = 0x6D680001  # "mh" 1: POP3 mailbox locks, second key the 
 LEADER_SPACE: Final = 0x6D680002  # "mh" 2: the leader lock, second key 0
 MAX_QUEUED_CHANGES: Final = 10_000  # rows received and not yet given to the listeners (beyond: dropped)
 DOWNLOAD_FLUSH: Final = 0.5  # seconds between two NOTIFYs of this node's live downloads and polls
+ANSWERS_PER_SECOND: Final = 5  # questions answered (any database user may ask: bounded)
 
 
 class ClusterUnavailable(StorageError):
@@ -73,6 +86,10 @@ class ClusterLink:
         # other nodes' changes may have been missed (the link was down, or rows were dropped): the
         # node reads what it keeps of them from the index again
         self.on_missed: Callable[[None], None] | None = None
+        # what this node answers to a question of ASK_CHANNEL: question -> () -> rows
+        self.answers: dict[str, Callable[[], list[dict[str, Any]]]] = {}
+        self._replies: collections.deque[tuple[str, str]] = collections.deque()  # (channel, payload)
+        self._answered: collections.deque[float] = collections.deque()  # monotonic times, last second
         self.held: set[int] = set()  # site ids whose mailbox lock this node holds
         self.leader = False
         self.received = 0  # rows of other nodes' changes received
@@ -121,7 +138,7 @@ class ClusterLink:
                 self.url,
                 autocommit=True,
                 connect_timeout=self.connect_timeout,
-                application_name=f"mailhub cluster link {self.node}"[:63],
+                application_name=f"{_APPLICATION}{self.node}"[:63],
                 # a host or network gone silent is found in about 20 s (the OS default: 2 hours)
                 keepalives=1,
                 keepalives_idle=10,
@@ -135,6 +152,7 @@ class ClusterLink:
         try:
             async with asyncio.timeout(self.op_timeout):
                 await conn.execute(f"LISTEN {CHANNEL}")
+                await conn.execute(f"LISTEN {ASK_CHANNEL}")
         except BaseException:
             await conn.close()
             raise
@@ -217,6 +235,12 @@ class ClusterLink:
                     row = await cursor.fetchone()
                 self._commands.popleft()
                 self._settle(sql, params, future, row)
+            if self._replies:
+                async with asyncio.timeout(self.op_timeout):
+                    while self._replies:
+                        channel, payload = self._replies.popleft()
+                        await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+                continue
             now = time.monotonic()
             if self.want_leader and not self.leader and now - leader_tried >= self.leader_interval:
                 leader_tried = now
@@ -248,7 +272,7 @@ class ClusterLink:
         """Wait until the server sends something (a notification, or the end of the connection), a
         command comes, or `timeout` passes. Nothing else uses the connection meanwhile (only this
         task does), so watching its socket here is safe."""
-        if self._commands:
+        if self._commands or self._replies:
             return
         wake: asyncio.Future[None] = loop.create_future()
         self._wake = wake
@@ -347,6 +371,9 @@ class ClusterLink:
     # ---- what the others tell -----------------------------------------------------------------
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
+        if notify.channel == ASK_CHANNEL:
+            self._on_question(notify.payload)
+            return
         if notify.channel != CHANNEL:
             return
         try:
@@ -370,6 +397,28 @@ class ClusterLink:
         self._queued_rows += rows
         if len(self._changes) == 1:
             asyncio.get_running_loop().call_soon(self._deliver)
+
+    def _on_question(self, payload: str) -> None:
+        try:
+            question, reply = decode_question(payload)
+        except BadPayload as exc:
+            log.warning("cluster link: a question on %s refused: %s", ASK_CHANNEL, exc)
+            return
+        answer = self.answers.get(question)
+        now = time.monotonic()
+        while self._answered and now - self._answered[0] > 1.0:
+            self._answered.popleft()
+        if answer is None or len(self._answered) >= ANSWERS_PER_SECOND:
+            return
+        self._answered.append(now)
+        try:
+            rows = answer()
+        except Exception:
+            log.exception("cluster link: answering %r failed", question)
+            return
+        self._replies.extend((reply, text) for text in answer_payloads(self.node, rows))
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def _missed(self) -> None:
         self._missed_soon = False
@@ -417,3 +466,48 @@ _HELD: Final = (
     " AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 2"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
 )
+
+
+def ask_nodes(url: str, question: str, timeout: float = 3.0) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Ask every node of the cluster (their links on the database at `url`) and gather the answers:
+    ({node: rows}, [nodes with a link that did not answer within `timeout` seconds]). Synchronous
+    (the command line). StorageError with one line when the database cannot be reached."""
+    reply = f"mailhub_reply_{secrets.token_hex(8)}"
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"LISTEN {reply}".encode())
+            expected = {
+                name.removeprefix(_APPLICATION)
+                for (name,) in conn.execute(
+                    "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name LIKE %s",
+                    (_APPLICATION + "%",),
+                )
+            }
+            conn.execute("SELECT pg_notify(%s, %s)", (ASK_CHANNEL, json.dumps({"q": question, "r": reply})))
+            parts: dict[str, dict[int, list[dict[str, Any]]]] = {}
+            totals: dict[str, int] = {}
+            deadline = time.monotonic() + timeout
+
+            def complete(node: str) -> bool:
+                return node in totals and len(parts.get(node, {})) == totals[node]
+
+            def done() -> bool:  # every node seen in pg_stat_activity answered (a long name is cut there)
+                return all(any(complete(n) and n.startswith(e) for n in totals) for e in expected)
+
+            while not done() and (remaining := deadline - time.monotonic()) > 0:
+                for notify in conn.notifies(timeout=remaining, stop_after=1):
+                    try:
+                        node, part, of, rows = decode_answer(notify.payload)
+                    except BadPayload:
+                        continue
+                    totals[node] = of
+                    parts.setdefault(node, {})[part] = rows
+    except psycopg.Error as exc:
+        raise StorageError(f"cannot ask the nodes at {redacted(url)}: {_one_line(exc, url)}") from None
+    answers = {node: [row for k in sorted(got) for row in got[k]] for node, got in parts.items() if complete(node)}
+    missing = sorted(e for e in expected if not any(n.startswith(e) for n in answers))
+    return answers, missing
+
+
+_APPLICATION: Final = "mailhub cluster link "
