@@ -34,7 +34,14 @@ from relay.sessions import SessionRegistry
 from relay.smtp.context import SmtpContext
 from relay.smtp.server import HubSMTP
 from storage import SiteCache, Storage, StorageError, StorageFull
-from storage.metrics import MEMORY_BUDGET, SCRUB_BYTES, damaged_mail
+from storage.metrics import (
+    MEMORY_BUDGET,
+    OBJECT_DOWNLOADS,
+    OBJECT_EVICTIONS,
+    OBJECT_UPLOAD_FAILURES,
+    SCRUB_BYTES,
+    damaged_mail,
+)
 from storage.object_blobs import ObjectBlobs
 from storage.s3 import S3Client, S3Location
 from storage.scrub import Scrub
@@ -650,6 +657,9 @@ def _object_blobs(cfg: Config, environ: Mapping[str, str]) -> ObjectBlobs | None
     except (S3SetupError, ValueError) as exc:
         raise StorageError(f"storage.blobs = {url!r}: {exc}") from None
     data_dir = Path(cfg.data_dir).absolute()
-    return ObjectBlobs(
+    objects = ObjectBlobs(
         S3Client(settings), location, data_dir / "blobs", data_dir / "spool", cache_bytes=cfg.storage.cache_bytes
     )
+    objects.on_download, objects.on_evict = OBJECT_DOWNLOADS.inc, OBJECT_EVICTIONS.inc
+    objects.on_upload_failed = OBJECT_UPLOAD_FAILURES.inc
+    return objects

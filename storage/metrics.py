@@ -1,6 +1,7 @@
 # Prometheus metrics of storage, in a registry of the storage package's own (mailhub/metrics.py adds
-# it to the one it exposes): damaged mails and scrub progress (counted through the hooks the hub
-# wires into Storage and Scrub), the memory budget of mails in flight, and StorageCollector, which
+# it to the one it exposes): damaged mails, scrub progress and the object store's downloads,
+# evictions and failed uploads (counted through the hooks the hub wires into Storage, Scrub and
+# ObjectBlobs), the memory budget of mails in flight, and StorageCollector, which
 # reads the index totals (portable SQL: on SQLite or, through a `connect` given, PostgreSQL), the
 # quarantine and the data folder's file system at scrape time.
 # Must never: run on the event loop (the collectors run in the scrape's worker thread), write to the
@@ -37,6 +38,22 @@ DAMAGED_MAILS = Counter(
 SCRUB_BYTES = Counter(
     "mailhub_scrub_verified_bytes_total",
     "Octets of stored mails the background scrub read and checked against their SHA-256 (storage.scrub_rate).",
+    registry=REGISTRY,
+)
+
+OBJECT_DOWNLOADS = Counter(
+    "mailhub_object_store_downloads_total",
+    "Mails downloaded from the object store into the node's cache to be served (storage.blobs = s3://...).",
+    registry=REGISTRY,
+)
+OBJECT_EVICTIONS = Counter(
+    "mailhub_object_store_cache_evictions_total",
+    "Cached mails removed from the node's cache past storage.cache_bytes (their objects stay).",
+    registry=REGISTRY,
+)
+OBJECT_UPLOAD_FAILURES = Counter(
+    "mailhub_object_store_upload_failures_total",
+    "Mails answered 451 4.3.0 because the object store did not confirm their upload.",
     registry=REGISTRY,
 )
 

@@ -98,6 +98,10 @@ class ObjectBlobs:
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
         self.downloads = 0  # objects downloaded into the cache (tests, metrics)
         self.evicted = 0
+        # hooks (the hub counts them in storage.metrics): a download, an eviction, a failed upload
+        self.on_download: Callable[[], None] | None = None
+        self.on_evict: Callable[[], None] | None = None
+        self.on_upload_failed: Callable[[], None] | None = None
 
     def key(self, blob: str) -> str:
         return self.location.key(blob)
@@ -125,8 +129,10 @@ class ObjectBlobs:
             try:
                 result = await self.client.put(self.location.bucket, self.key(blob), read)
             except S3Error as exc:
+                _call(self.on_upload_failed)
                 raise ObjectStoreError(f"the object store did not take mail {blob}: {exc}") from None
             if result.size != size or not result.etag:
+                _call(self.on_upload_failed)
                 await self.discard([blob])
                 raise ObjectStoreError(
                     f"the object store confirmed {result.size} of the {size} bytes of {blob}"
@@ -187,6 +193,7 @@ class ObjectBlobs:
             self._forget(blob)
             unlink_quietly(self.blob_dir / blob)
             self.evicted += 1
+            _call(self.on_evict)
 
     def scan_cache(self) -> None:
         """The files in blobs/ at start-up (oldest first): what the cache holds."""
@@ -271,6 +278,7 @@ class ObjectBlobs:
             return problem
         await loop.run_in_executor(self.executor, rename_into, temporary, str(self.blob_dir / blob))
         self.downloads += 1
+        _call(self.on_download)
         self.committed(blob, written)
         return None
 
@@ -324,6 +332,11 @@ class ObjectBlobs:
                 report.orphans_deleted.append(blob)
             else:
                 report.orphans_kept.append(blob)
+
+
+def _call(hook: Callable[[], None] | None) -> None:
+    if hook is not None:
+        hook()
 
 
 def _write_all(fd: int, data: bytes) -> None:

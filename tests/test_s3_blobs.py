@@ -18,6 +18,7 @@ import pytest
 from test_bounded_reads import peak_growth
 
 from storage import envelope
+from storage.metrics import REGISTRY
 from storage.object_blobs import EVICT_IDLE, ObjectBlobs
 from storage.records import MessageMeta
 from storage.s3 import S3Client, S3Location
@@ -167,8 +168,10 @@ def test_mail_is_in_the_store_before_its_250_and_served_again_with_the_cache_emp
 
     for path in cached_files(hub):  # another node took the mail, or the cache evicted it
         path.unlink()
+    downloads = REGISTRY.get_sample_value("mailhub_object_store_downloads_total")
     assert pop3_all(hub) == before_pop3
     assert len(cached_files(hub)) == 2  # downloaded into the cache, once each
+    assert REGISTRY.get_sample_value("mailhub_object_store_downloads_total") == downloads + 2
     for path in cached_files(hub):
         path.unlink()
     assert imap_all(hub) == before_imap
@@ -260,8 +263,10 @@ def test_no_250_while_the_store_is_down_and_mail_taken_once_it_is_back(make_hub,
         proxy.up = False
         code, reply = send(hub, make_message(2000, "while down"))
         assert (code, reply[:5]) == (451, b"4.3.0"), reply
+        failures = REGISTRY.get_sample_value("mailhub_object_store_upload_failures_total")
         code, reply = send(hub, make_message(3 * MB, "large while down"))
         assert (code, reply[:5]) == (451, b"4.3.0"), reply
+        assert REGISTRY.get_sample_value("mailhub_object_store_upload_failures_total") == failures + 1
         assert hub.query("SELECT count(*) FROM messages") == [(0,)]
         assert cached_files(hub) == [] and not list((hub.data_dir / "spool").iterdir())
         assert objects(seaweedfs, bucket) == {}
