@@ -67,12 +67,14 @@ class IndexLocation:
                 conn.close()
             _migrated.add(self.url)
 
-    def connect(self, timeout: int = CONNECT_TIMEOUT) -> sql.Connection:
+    def connect(self, timeout: int = CONNECT_TIMEOUT, migrate: bool = True) -> sql.Connection:
         """A read-write connection (autocommit; transactions through storage.db.transaction). SQLite:
-        db.connect (schema and pragmas); PostgreSQL: a PgConnection to a migrated database."""
+        db.connect (schema and pragmas); PostgreSQL: a PgConnection to a migrated database
+        (`migrate=False`: the caller knows it is, as the index writer the hub started)."""
         if not self.url:
             return db.connect(self.data_dir)
-        self.prepare()
+        if migrate:
+            self.prepare()
         from .postgres import PgConnection
 
         return PgConnection.connect(self.url, timeout)

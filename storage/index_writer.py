@@ -73,7 +73,7 @@ class BatchItem:
 class IndexWriter:
     def __init__(self, data_dir: Path, release_freed_after: float, index_url: str = "", node: str = ""):
         self.location = IndexLocation(data_dir, index_url)
-        self.conn = self.location.connect()
+        self.conn = self.location.connect(migrate=False)  # (the hub migrated it before it started this writer)
         self._lost = False  # PostgreSQL: the connection failed; the next request connects again
         # this hub node's name: on PostgreSQL each mailbox change is NOTIFYed to the other nodes
         # (storage/cluster_events.py) in its transaction, naming the node (its own skip it)
@@ -155,7 +155,7 @@ class IndexWriter:
             self.conn.close()
         except sqlite3.Error:
             pass
-        self.conn = self.location.connect(RECONNECT_TIMEOUT)
+        self.conn = self.location.connect(RECONNECT_TIMEOUT, migrate=False)
         self._lost = False
         self.seq, self.attempt = ledger.stream_last(
             self.conn, self.stream
