@@ -220,9 +220,10 @@ def _check(cfg: Config, args) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         r = report
+        bad = "UNREADABLE" if cfg.storage.index else "DAMAGED"  # (PostgreSQL: down, or a query failed)
         print(f"data folder   {r.data_dir} (hub {'running' if r.hub_running else 'stopped'})")
         print(
-            f"index         {'ok' if r.index_ok else 'DAMAGED'}: {r.messages} mail(s), {human_size(r.message_bytes)},"
+            f"index         {'ok' if r.index_ok else bad}: {r.messages} mail(s), {human_size(r.message_bytes)},"
             f" {r.mailbox_entries} mailbox entr(ies), {r.outbound} outbound recipient(s)"
         )
         print(f"blob store    {r.blob_files} file(s) ({r.packs} pack(s)), {human_size(r.blob_bytes)} on disk")

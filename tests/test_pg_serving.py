@@ -5,9 +5,11 @@
 # refuses connections gets 451 4.3.0 at SMTP and the hub serves again once it is back; the commands
 # that work on the SQLite file refuse with one line naming PostgreSQL's tool. The protocol tests
 # themselves run on PostgreSQL too: the modules marked both_engines (tests/conftest.py).
+import concurrent.futures
 import poplib
 import smtplib
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,39 @@ def test_a_transaction_is_run_again_after_a_transient_failure_and_kept_once(pg_w
 
     assert pg_writer.in_transaction(body) == 3
     assert _events(pg_writer.conn, "RETRIED") == 1  # the failed tries left nothing
+
+
+@pytest.mark.postgresql
+def test_two_writers_in_a_real_deadlock_both_commit(pg_writer, pg_index, tmp_path):
+    """Two index writers (as two nodes have) lock two rows in opposite orders: PostgreSQL ends one
+    transaction with a deadlock (after deadlock_timeout, 1 s), that writer runs it again, both commit."""
+    other = IndexWriter(tmp_path / "other", 0.0, pg_index[0])
+    try:
+        pg_writer.in_transaction(
+            lambda c: c.executemany("INSERT INTO meta (key, value) VALUES (?, 0)", [("deadlock_a",), ("deadlock_b",)])
+        )
+        both_hold_one = threading.Barrier(2, timeout=30)
+        tries = {"a": 0, "b": 0}
+
+        def body(conn, first, second, name):
+            tries[name] += 1
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (first,))
+            if tries[name] == 1:
+                both_hold_one.wait()  # each holds its first row: the second update waits on the other
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (second,))
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            done = [
+                pool.submit(pg_writer.in_transaction, body, "deadlock_a", "deadlock_b", "a"),
+                pool.submit(other.in_transaction, body, "deadlock_b", "deadlock_a", "b"),
+            ]
+            for future in done:
+                future.result(timeout=60)
+        assert sorted(tries.values()) == [1, 2]  # one was chosen as the victim and ran again
+        values = pg_writer.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'deadlock_%' ORDER BY key")
+        assert values.fetchall() == [("deadlock_a", 2), ("deadlock_b", 2)]  # each update counted once
+    finally:
+        other.close()
 
 
 @pytest.mark.postgresql
