@@ -174,10 +174,17 @@ class DirectoryMailer:
         self._sent = (document["version"], sent)
 
     async def _on_index(self, function, *args):
-        """function(connection, *args) in the mailer's index thread: SQLite never blocks the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._index_thread, lambda: function(self._index(), *args)
-        )
+        """function(connection, *args) in the mailer's index thread: SQLite never blocks the event loop.
+        A failed connection is closed: the next call opens a new one (a PostgreSQL server restarted)."""
+
+        def call():
+            try:
+                return function(self._index(), *args)
+            except sqlite3.Error:
+                self._close_index()
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._index_thread, call)
 
     def _close_index(self) -> None:
         if self._conn is not None:

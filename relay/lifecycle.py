@@ -12,6 +12,7 @@
 import asyncio
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,11 @@ class Lifecycle:
         def call() -> T:
             if self._conn is None:
                 self._conn = self.storage.index.connect_readonly(any_thread=True)
-            return function(self._conn, *args)
+            try:
+                return function(self._conn, *args)
+            except sqlite3.Error:
+                self._close_connection()  # the next read connects again (a PostgreSQL server restarted, ...)
+                raise
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
