@@ -289,7 +289,16 @@ def test_the_commands_for_the_sqlite_file_refuse_a_postgresql_index_in_one_line(
         line = result.stderr.strip()
         assert "\n" not in line and tool in line and "SQLite index file only" in line, line
         assert SECRET not in result.stderr + result.stdout and "Traceback" not in result.stderr
-    # what works on any index works on PostgreSQL (sites, the damaged list, the audit trail)
+    # what works on any index works on PostgreSQL, beside the running hub
     hub.add_site("alpha")
-    assert "alpha" in hub.cli("site", "list").stdout
+    hub.add_site("beta")
+    hub.start()
+    _send(hub, 1)
+    ((queue_id,),) = hub.query("SELECT queue_id FROM messages")
+    assert "beta" in hub.cli("site", "list").stdout and "1 mails" in hub.cli("site", "list").stdout
+    assert queue_id in hub.cli("trace", queue_id).stdout
+    assert queue_id in hub.cli("audit", "--site", "beta").stdout
+    assert "alpha" in hub.cli("stats").stdout
+    assert "index         ok: 1 mail(s)" in hub.cli("storage", "check").stdout
+    assert "1 mail(s)" in hub.cli("storage", "verify", "--quiet").stdout
     assert "no damaged mails known" in hub.cli("storage", "damaged").stdout
