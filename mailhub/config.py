@@ -696,8 +696,8 @@ class StorageConfig:
         parse_size,
         "0",
         'With storage.blobs = "s3://...": the most bytes of mail kept in the node-local cache '
-        "(blobs/ in data_dir); least recently used mails are evicted past it (never one used in the "
-        "last 10 minutes) and downloaded again when served. 0: no bound.",
+        "(blobs/ in data_dir); least recently used mails are evicted past it (never one being sent "
+        "or used in the last 10 minutes) and downloaded again when served. 0: no bound.",
     )
 
     @property

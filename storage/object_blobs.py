@@ -14,9 +14,10 @@
 # - start() at start-up: pending multipart uploads under the prefix aborted, recent objects no index
 #   row names reported (and deleted once old enough), the newest mails' objects checked (HEAD).
 # The cache is bounded by storage.cache_bytes: least recently used files are evicted, never one
-# used within EVICT_IDLE seconds (a session may still read it). Must never delete an object an index
-# row names, nor the only copy of a mail: a cached file is evicted only after its object was
-# confirmed (by construction: files enter the cache after upload() or a checked download).
+# being sent (pinned by Storage.serving) nor one used within EVICT_IDLE seconds (checked before a
+# send that has not begun yet). Must never delete an object an index row names, nor the only copy
+# of a mail: a cached file is evicted only after its object was confirmed (by construction: files
+# enter the cache after upload() or a checked download).
 import asyncio
 import collections
 import hashlib
@@ -96,6 +97,7 @@ class ObjectBlobs:
         self._cached: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()  # LRU first
         self._cached_total = 0
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
+        self._pinned: collections.Counter[str] = collections.Counter()  # blobs being sent: never evicted
         self.downloads = 0  # objects downloaded into the cache (tests, metrics)
         self.evicted = 0
         # hooks (the hub counts them in storage.metrics): a download, an eviction, a failed upload
@@ -181,6 +183,17 @@ class ObjectBlobs:
             self._cached[blob] = (found[0], self._clock())
             self._cached.move_to_end(blob)
 
+    def pin(self, blob: str) -> None:
+        """A session or the relay starts sending the cached file of `blob` (Storage.serving)."""
+        self._pinned[blob] += 1
+
+    def unpin(self, blob: str) -> None:
+        self._pinned[blob] -= 1
+        if self._pinned[blob] <= 0:
+            del self._pinned[blob]
+            self._touch(blob)
+            self._evict()
+
     def _evict(self) -> None:
         if not self.cache_bytes or self._cached_total <= self.cache_bytes:
             return
@@ -188,8 +201,8 @@ class ObjectBlobs:
         for blob, (_size, used) in list(self._cached.items()):
             if self._cached_total <= self.cache_bytes:
                 break
-            if now - used < EVICT_IDLE or blob in self._fetching:
-                continue  # maybe being served
+            if now - used < EVICT_IDLE or blob in self._fetching or blob in self._pinned:
+                continue  # being sent, or maybe about to be
             self._forget(blob)
             unlink_quietly(self.blob_dir / blob)
             self.evicted += 1

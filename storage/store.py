@@ -24,6 +24,7 @@
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import json
 import logging
@@ -31,7 +32,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -628,6 +629,20 @@ class Storage:
                 self.mark_damaged_soon(entry.queue_id, problem, "serving")
                 return problem
         return self.serving_problem(entry)
+
+    @contextlib.contextmanager
+    def serving(self, path: Path) -> Iterator[None]:
+        """While a mail's blob file is being sent: never evicted from the node's cache (blobs on
+        object storage; nothing to do otherwise)."""
+        if self.objects is None:
+            yield
+            return
+        blob = path.relative_to(self.blob_dir).as_posix()
+        self.objects.pin(blob)
+        try:
+            yield
+        finally:
+            self.objects.unpin(blob)
 
     async def cached(self, path: Path, size: int, sha256: str = "") -> str | None:
         """Blobs on object storage: make sure the blob file at `path` (under blobs/) is in the

@@ -391,11 +391,17 @@ def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_u
         assert (tmp_path / "blobs" / blobs[0][0]).read_bytes()[:1000] == bytes([65 + len(names[0]) % 26]) * 1000
         assert list((tmp_path / "spool").iterdir()) == []
         now[0] += EVICT_IDLE + 1
+        cache.pin(blobs[1][0])  # being sent (Storage.serving), however long ago it was last looked at
         assert await cache.ready(blobs[3][0], 1000, blobs[3][1]) is None  # there: used, nothing downloaded
         cache.committed(blobs[3][0], 1100)  # the rest is idle now: the least recently used go first
         assert cache.cached_bytes <= 3000
-        assert (tmp_path / "blobs" / blobs[3][0]).exists()
-        assert not (tmp_path / "blobs" / blobs[1][0]).exists()
+        assert (tmp_path / "blobs" / blobs[3][0]).exists() and (tmp_path / "blobs" / blobs[1][0]).exists()
+        assert not (tmp_path / "blobs" / blobs[2][0]).exists() and not (tmp_path / "blobs" / blobs[0][0]).exists()
+        cache.unpin(blobs[1][0])  # sent: evicted once idle like any other
+        now[0] += EVICT_IDLE + 1
+        cache.cache_bytes = 1100
+        cache.committed(blobs[3][0], 1100)
+        assert not (tmp_path / "blobs" / blobs[1][0]).exists() and (tmp_path / "blobs" / blobs[3][0]).exists()
 
         (tmp_path / "blobs" / blobs[1][0]).unlink(missing_ok=True)
         assert "SHA-256" in (await cache.ready(blobs[1][0], 1000, "0" * 64) or "")  # not what was recorded

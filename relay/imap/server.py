@@ -226,7 +226,8 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
                     self._write(event.data)
                     await self._drain()
                 elif isinstance(event, SendFile):
-                    await self._send_file(event)
+                    with self.ctx.storage.serving(_stored(event.ref).path):  # (kept in the node's cache)
+                        await self._send_file(event)
                 elif isinstance(event, AuthRequest):
                     core.resume(await self._login(event))
                 elif isinstance(event, MailboxRequest):

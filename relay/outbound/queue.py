@@ -218,7 +218,8 @@ class OutboundQueue:
                     problem = await self.storage.cached(message.blob, message.size)  # (blobs on object storage)
                     if problem is not None:
                         raise OSError(problem)
-                    await hop.send(message)
+                    with self.storage.serving(message.blob):  # (kept in the node's cache)
+                        await hop.send(message)
                 except Exception as exc:  # the connection broke, the blob could not be read, or a bug
                     if not isinstance(exc, (HopError, OSError)):
                         log.exception("qid=%s to %s: delivery failed", message.queue_id, destination)

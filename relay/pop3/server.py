@@ -206,7 +206,8 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
                         self._write(core.check_result(problem, temporary=unreachable))
                     await self._drain()
                 elif isinstance(event, SendMessage):
-                    await self._send_message(event)
+                    with self.ctx.storage.serving(_stored(event.entry).path):  # (kept in the node's cache)
+                        await self._send_message(event)
                 elif isinstance(event, Update):
                     await self._update(event)
                 elif isinstance(event, StartTls):
