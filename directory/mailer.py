@@ -107,6 +107,8 @@ class DirectoryMailer:
         self._checking = asyncio.Lock()
         self._conn: sqlite3.Connection | None = None  # the update loop's, used in _index_thread only
         self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="directory-index")
+        # several hub nodes on one index: only the cluster's leader sends updates (mailhub/leadership.py)
+        self.is_leader: Callable[[], bool] = lambda: True
         self._known_key = ""  # the hub key the sites know when nothing is recorded yet
 
     def is_directory_address(self, address: str) -> bool:
@@ -199,6 +201,8 @@ class DirectoryMailer:
                 log.exception("directory index not opened; retrying")
             while True:
                 await asyncio.sleep(_POLL_SECONDS)
+                if not self.is_leader():
+                    continue
                 try:
                     await self._send_update_if_changed()
                 except Exception:

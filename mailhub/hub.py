@@ -287,9 +287,11 @@ class Hub:
         retention = (cfg.events.retention_days * 86400, cfg.events.audit_retention_days * 86400)
         self._tasks.append(asyncio.create_task(_housekeeping(storage, *retention, is_leader)))
         self._tasks.append(asyncio.create_task(feeder.run()))
-        # periodic work done once in a cluster (mailhub/leadership.py): loops that only the leader
-        # runs, and rounds the leader alone does (lifecycle, liveness, pruning: is_leader)
-        self._leader_tasks.add("directory updates", directory.start_updates)
+        # periodic work done once in a cluster (mailhub/leadership.py): a loop that only the leader
+        # runs (the scrub), and rounds the leader alone does (directory updates, lifecycle,
+        # liveness, pruning: is_leader)
+        directory.is_leader = is_leader
+        self._tasks.append(directory.start_updates())
         self._tasks.append(asyncio.create_task(lifecycle.run()))
         self._closers.append(lifecycle.close)
         self._liveness = LivenessMonitor(cfg, storage, sites)

@@ -1,9 +1,10 @@
 # Periodic work done once in a cluster of hub nodes (issue 27): the node holding the leader lock
 # of its cluster link (storage/postgres/cluster.py) runs it, the others wait. Two ways in:
-# - `gate()`: a callable the periodic loops ask before each round (lifecycle: expiry, quota
-#   warnings and notices; liveness notices; the pruning of tracking events and audit records);
-# - LeaderTasks: loops that only the leader runs at all (the scrub, the directory updates), started
-#   when the node becomes the leader and cancelled when it stops being one.
+# - `is_leader()` (`always` for one hub): asked by the periodic loops before each round (directory
+#   updates; lifecycle: expiry, quota warnings and notices; liveness notices; the pruning of
+#   tracking events and audit records);
+# - LeaderTasks: loops that only the leader runs at all (the scrub), started when the node becomes
+#   the leader and cancelled when it stops being one (a loop added here must be able to run again).
 # One hub on SQLite is its own leader: everything runs as before.
 # Must never run leader work on two nodes knowingly: the gate is read at each round, and a node that
 # loses its link stops being the leader at once (a round already under way finishes).

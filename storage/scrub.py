@@ -45,7 +45,9 @@ class Scrub:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def run(self) -> None:
-        """Scrub for ever (until cancelled); an error is logged and the scrub goes on a minute later."""
+        """Scrub for ever (until cancelled); an error is logged and the scrub goes on a minute later.
+        May run again after a cancellation (a cluster's leader scrubs: mailhub/leadership.py)."""
+        self._stop.clear()  # set when the last run ended: a read would stop at once, unverified
         try:
             while True:
                 try:
