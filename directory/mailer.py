@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from pathlib import Path
 
-from storage import Delivery, MessageMeta, Site, Storage, directory_index
+from storage import Delivery, MessageMeta, Site, Storage, StorageError, directory_index
 from storage.directory_index import directory_version
 from storage.sites import list_sites
 
@@ -197,6 +197,8 @@ class DirectoryMailer:
         try:
             try:  # open now: what is there at the start counts as sent (a failure is retried below)
                 await self._on_index(lambda conn: None)
+            except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+                log.error("directory index not opened (retrying): %s", exc)
             except Exception:
                 log.exception("directory index not opened; retrying")
             while True:
@@ -205,11 +207,16 @@ class DirectoryMailer:
                     continue
                 try:
                     await self._send_update_if_changed()
+                except (StorageError, sqlite3.Error) as exc:
+                    log.error("directory update failed (retrying): %s", exc)
                 except Exception:
                     log.exception("directory update failed; retrying")
         finally:
             self._index_thread.submit(self._close_index)
             self._index_thread.shutdown(wait=False)
+            # a new thread for the next loop: in a cluster the loop stops when this node stops being
+            # the leader and starts again when it leads again (mailhub/leadership.py)
+            self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="directory-index")
 
     async def announce_now(self, _request: dict) -> dict:
         """Control command: look for a new hub key now, and announce it (`mailhub directory

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -640,6 +641,8 @@ async def _housekeeping(
                 await storage.keep_reserve()
         except StorageFull as exc:  # a full disk is not a bug: one line, the next round tries again
             log.warning("housekeeping skipped: %s", exc)
+        except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+            log.error("housekeeping failed (tried again next round): %s", exc)
         except Exception:
             log.exception("housekeeping failed")
         rounds += 1

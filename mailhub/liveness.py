@@ -203,6 +203,8 @@ class LivenessMonitor:
             try:
                 if self.is_leader():  # several nodes on one index: the cluster's leader sends the notices
                     await self.check()
+            except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+                log.error("liveness check failed (tried again in %.0f s): %s", interval, exc)
             except Exception:
                 log.exception("liveness check failed (tried again in %.0f s)", interval)
             await asyncio.sleep(interval)

@@ -4,10 +4,11 @@
 # live state per site written to the index for `mailhub site show`. Decisions stay in quotas/.
 import asyncio
 import logging
+import sqlite3
 import time
 
 from quotas import AdmissionConfig, DrainConfig, PacingConfig, SiteLimits, Throttle, ThrottleSettings
-from storage import SiteCache, Storage, StorageFull
+from storage import SiteCache, Storage, StorageError, StorageFull
 
 from . import metrics
 from .config import Config
@@ -129,5 +130,7 @@ class ThrottleFeeder:
                 if not full_logged:
                     log.warning("throttle states not saved: %s (retried every %.0f s)", exc, _STATE_EVERY)
                 full_logged = True
+            except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+                log.error("throttle update failed (tried again in %.0f s): %s", self.interval, exc)
             except Exception:
                 log.exception("throttle update failed")

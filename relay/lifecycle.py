@@ -108,7 +108,7 @@ class Lifecycle:
                 if leader:
                     await self.check_quotas()
                     await self.send_notices()
-            except StorageError as exc:  # a full disk: one line, the next round tries again
+            except (StorageError, sqlite3.Error) as exc:  # a full disk, the index unreachable: one line
                 log.warning("lifecycle round skipped: %s", exc)
             except Exception:
                 log.exception("lifecycle round failed")

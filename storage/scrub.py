@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import verify
+from .errors import StorageError
 
 if TYPE_CHECKING:
     from .store import Storage
@@ -52,6 +54,9 @@ class Scrub:
             while True:
                 try:
                     await self._run()
+                except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+                    log.error("scrub failed; trying again in %.0f s: %s", IDLE_SECONDS, exc)
+                    await asyncio.sleep(IDLE_SECONDS)
                 except Exception:
                     log.exception("scrub failed; trying again in %.0f s", IDLE_SECONDS)
                     await asyncio.sleep(IDLE_SECONDS)

@@ -6,6 +6,7 @@
 # that work on the SQLite file refuse with one line naming PostgreSQL's tool. The protocol tests
 # themselves run on PostgreSQL too: the modules marked both_engines (tests/conftest.py).
 import concurrent.futures
+import imaplib
 import poplib
 import smtplib
 import sqlite3
@@ -259,9 +260,16 @@ def test_a_hub_on_postgresql_serves_on_after_the_server_ended_its_sessions_and_a
         with pytest.raises(smtplib.SMTPDataError) as refused:
             _send(hub, 3)
         assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.3.0"), refused.value
+        imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"], timeout=30)
+        imap.login("beta", PASSWORD)
+        with pytest.raises(imaplib.IMAP4.abort, match="mailbox index unavailable, try again later"):
+            imap.select("INBOX")  # the session ends with one BYE, not a traceback
     finally:
         postgres_server.admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     assert "cannot connect to the index at postgresql://" in hub.log_text()
+    log_text = hub.log_text()
+    assert "the mailbox index cannot be read" in log_text
+    assert "Traceback" not in log_text, log_text[log_text.find("Traceback") - 300 :][:3000]
     _send(hub, 4)  # the server is back: served again without a restart
     fetched = _pop3_messages(hub)
     assert [m for m in fetched if b"Subject: mail 3" in m] == [] and len(fetched) == 3

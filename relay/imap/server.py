@@ -11,6 +11,7 @@
 # are logged). Change notices come from storage's listeners, so they cover this process only.
 import asyncio
 import logging
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -50,7 +51,7 @@ from relay.mailbox_session import MailboxSessionIO, is_loopback
 from relay.mime import structure as mime_structure
 from relay.mime.stream import MimeStreamParser
 from relay.sessions import KICK_REASON
-from storage import SiteCache, Storage
+from storage import SiteCache, Storage, StorageError
 from storage.records import Downloads, MailboxEntry
 from storage.sites import Site
 
@@ -260,6 +261,10 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
             outcome = f"I/O error: {exc}"
             log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
             self._say_bye("I/O error")
+        except (sqlite3.Error, StorageError) as exc:  # the index cannot be read now (PostgreSQL down, ...)
+            outcome = f"index unavailable: {exc}"
+            log.error("peer=%s site=%s: the mailbox index cannot be read: %s", self.peer, self._site_name(), exc)
+            self._say_bye("mailbox index unavailable, try again later")
         except Exception:
             outcome = "internal error"
             log.exception("peer=%s site=%s: internal error", self.peer, self._site_name())

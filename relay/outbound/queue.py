@@ -15,6 +15,7 @@ import asyncio
 import collections
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from relay.file_sender import FileSender
 from relay.outbound.bounce import MAX_HEADER, FailedRecipient, build_dsn, header_of, identifying_fields
 from relay.outbound.client import HopConnection, HopError, OutgoingMessage
 from relay.outbound.routes import Route, route_for
-from storage import Delivery, MessageMeta, SiteCache, Storage, events, outbound
+from storage import Delivery, MessageMeta, SiteCache, Storage, StorageError, events, outbound
 from storage.outbound import Deferral, QueuedRecipient
 
 log = logging.getLogger("mailhub.relay")
@@ -89,6 +90,8 @@ class OutboundQueue:
                 try:
                     await self._renew_claims()
                     await self._fill_window()
+                except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+                    log.error("outbound scheduling failed (tried again): %s", exc)
                 except Exception:
                     log.exception("outbound scheduling failed")
                 try:

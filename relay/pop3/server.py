@@ -13,6 +13,7 @@
 # nodes of a cluster through the cluster link (PostgreSQL).
 import asyncio
 import logging
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from relay.pop3.protocol import (
     system_error,
 )
 from relay.sessions import KICK_REASON
-from storage import SiteCache, Storage
+from storage import SiteCache, Storage, StorageError
 from storage.records import Downloads, MailboxEntry
 
 log = logging.getLogger("mailhub.pop3")
@@ -225,6 +226,10 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
             outcome = f"I/O error: {exc}"
             log.error("peer=%s site=%s: %s", self.peer, self._site_name(), exc)
             self._reply_system_error("I/O error")
+        except (sqlite3.Error, StorageError) as exc:  # the index cannot be read now (PostgreSQL down, ...)
+            outcome = f"index unavailable: {exc}"
+            log.error("peer=%s site=%s: the mailbox index cannot be read: %s", self.peer, self._site_name(), exc)
+            self._reply_system_error("mailbox index unavailable, try again later")
         except Exception:
             outcome = "internal error"
             log.exception("peer=%s site=%s: internal error", self.peer, self._site_name())
