@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import PASSWORD, Hub, wait_for
+from conftest import Hub, wait_for
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 PROTOCOLS = ("smtp", "pop3", "imap")
@@ -151,8 +151,9 @@ class Balancer:
 class Cluster:
     """Two nodes `node1` and `node2` behind HAProxy. `make_hub` is the conftest fixture's factory;
     `index_url`: the PostgreSQL URL both nodes use as storage.index (None: each node its own SQLite
-    index, and the sites are added to each); `blobs`: the shared storage.blobs folder (None: each
-    node's blobs in its data folder). `sites`: (name, address, ...) tuples, password PASSWORD."""
+    index, and the sites are copied into each); `blobs`: the shared storage.blobs folder, which must
+    exist (None: each node's blobs in its data folder). `sites`: (name, address, ...) tuples as
+    make_hub takes them, password PASSWORD."""
 
     NODES = ("node1", "node2")
 
@@ -175,6 +176,7 @@ class Cluster:
             ports = {protocol: free_port() for protocol in (*PROTOCOLS, "metrics")}
             env = {f"MAILHUB_{protocol.upper()}_LISTEN": f"127.0.0.1:{port}" for protocol, port in ports.items()}
             env |= {
+                "MAILHUB_NODE_NAME": name,
                 "MAILHUB_METRICS_NODE": name,
                 "MAILHUB_METRICS_HEALTH_MIN_FREE_BYTES": "0",
                 "MAILHUB_PROXY_TRUSTED_BALANCERS": f"{BALANCER_SOURCE}/32",
@@ -186,8 +188,8 @@ class Cluster:
             if blobs is not None:
                 env["MAILHUB_STORAGE_BLOBS"] = str(blobs)
             env |= settings
-            # SQLite: each node's folder starts with the sites (copied from a template, no CLI run)
-            own_sites = sites if index_url is None else ()
+            # the sites copied in (no CLI run): into each SQLite index, or once into the shared one
+            own_sites = sites if index_url is None or not self.nodes else ()
             self.nodes[name] = make_hub(sites=own_sites, process=True, **env)
             self.ports[name] = ports
         self.balancer = Balancer(work, self.ports)
@@ -195,10 +197,6 @@ class Cluster:
     # ---- start and stop ----------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> Cluster:
-        first = self.nodes[self.NODES[0]]
-        if self.index_url is not None:  # the shared index: the sites once, through the first node
-            for name, *addresses in self.sites:
-                first.add_site(name, *addresses, password=PASSWORD)
         # both processes start at once (a `mailhub serve` takes about a second of CPU to start)
         with ThreadPoolExecutor(len(self.NODES)) as pool:
             for started in [pool.submit(self.nodes[name].start) for name in self.NODES]:

@@ -1,10 +1,11 @@
-# The two-node harness (tests/clusterutil.py) itself: HAProxy in front of two `mailhub serve`
-# processes passes a gateway's mail to a node with the gateway's own address (PROXY v2); a node
-# killed with SIGKILL is taken out by the balancer and the other takes the next mail; the killed
-# node restarted on its data folder comes back with the mail it had acknowledged, and the
-# balancer takes it in again. Here each node has its own SQLite index (the harness's own test);
-# the shared-index scenario (PostgreSQL, shared blobs) builds on the same Cluster.
+# The two-node harness (tests/clusterutil.py) itself, on what a cluster shares: one PostgreSQL
+# index and one blob folder, HAProxy in front. A gateway's mail through the balancer reaches a
+# node with the gateway's own address (PROXY v2) and both nodes serve it over POP3; the node that
+# took it, killed with SIGKILL, is taken out by the balancer and the other serves its mail from the
+# shared folder; restarted on its data folder the killed node comes back healthy, the balancer
+# takes it in again and it serves the mail.
 import os
+import poplib
 import smtplib
 
 import pytest
@@ -31,27 +32,39 @@ def send(port: int, size: int = 3000) -> tuple[str, bytes]:
     return queue_id_from(reply), message
 
 
-def holder(cluster: Cluster, queue_id: str) -> str:
-    """The node whose index holds the mail."""
-    (node,) = [
-        name for name, hub in cluster.nodes.items() if hub.query("SELECT 1 FROM messages WHERE queue_id = ?", queue_id)
-    ]
-    return node
+def beta_mailbox(port: int) -> list[bytes]:
+    """beta's mails as a POP3 session on `port` retrieves them (nothing deleted)."""
+    pop = poplib.POP3("127.0.0.1", port, timeout=30)
+    try:
+        pop.user("beta")
+        pop.pass_(PASSWORD)
+        count = pop.stat()[0]
+        return [b"\r\n".join(pop.retr(n)[1]) + b"\r\n" for n in range(1, count + 1)]
+    finally:
+        pop.quit()
 
 
-def test_two_nodes_behind_haproxy_kill_one_and_restart_it(make_hub, tmp_path):
-    with Cluster(make_hub, tmp_path, sites=ALPHA_BETA) as cluster:
+def test_two_nodes_on_one_index_and_blob_folder_kill_one_and_restart_it(make_hub, pg_index, tmp_path):
+    url, reset = pg_index
+    reset()
+    shared = tmp_path / "shared-blobs"
+    shared.mkdir()
+    with Cluster(make_hub, tmp_path, index_url=url, blobs=shared, sites=ALPHA_BETA) as cluster:
         first, body = send(cluster.front("smtp"))
-        node = holder(cluster, first)
-        assert cluster.nodes[node].stored(first).startswith(b"Received: from gateway.test ([127.0.0.2])")
-        other = next(name for name in cluster.NODES if name != node)
+        ((blob,),) = cluster.nodes["node1"].query("SELECT blob FROM messages WHERE queue_id = ?", first)
+        writer = blob.split("/")[0]  # '<node>/<hour>/<queue ID>': the node that took it
+        other = next(name for name in cluster.NODES if name != writer)
+        assert cluster.nodes[other].stored(first).startswith(b"Received: from gateway.test ([127.0.0.2])")
+        for name in cluster.NODES:  # straight to each node (from 127.0.0.1: no PROXY header)
+            (served,) = beta_mailbox(cluster.node_port(name, "pop3"))
+            assert served.endswith(body), name
 
-        assert cluster.kill(node) == -9
-        cluster.wait_balanced(node, up=False)
-        second, _ = send(cluster.front("smtp"))
-        assert holder(cluster, second) == other
+        assert cluster.kill(writer) == -9
+        cluster.wait_balanced(writer, up=False)
+        (served,) = beta_mailbox(cluster.front("pop3"))  # the other node, from the shared folder
+        assert served.endswith(body)
 
-        cluster.restart(node)
-        cluster.wait_balanced(node, up=True)
-        assert holder(cluster, first) == node  # acknowledged before the kill, still there
-        assert cluster.nodes[node].stored(first).endswith(body)
+        cluster.restart(writer)
+        cluster.wait_balanced(writer, up=True)
+        (served,) = beta_mailbox(cluster.node_port(writer, "pop3"))
+        assert served.endswith(body)
