@@ -1,6 +1,8 @@
 # Tests of the Ansible deployment (ansible/): the playbook applied to this machine (connection
 # local) into a throw-away prefix installs a hub that starts the way its systemd unit says, takes a
-# mail over SMTP with STARTTLS and serves it over POP3S; a second run changes nothing, a third with a
+# mail over SMTP with STARTTLS and serves it over POP3S; a second node (another prefix on this
+# machine) on the same PostgreSQL index (its password only in the nodes' 0600 password files), blob
+# folder and hub key serves the mail the first took; a second run changes nothing, a third with a
 # new password and certificate changes exactly those. (The role's static checks, ansible-lint and
 # --syntax-check: tests/test_ansible_role.py, a file of its own so that another worker runs them.)
 # The tests on the one deployment (the module fixture) are the steps of one scenario: they run in
@@ -31,7 +33,9 @@ from test_ansible_role import ANSIBLE, BIN, DASHBOARD, REPO, VAULT_PASSWORD, ans
 
 from mailhub.config import SCHEMA
 
+from conftest import session_signing_key
 from gpgutil import Gpg, pgp_mime
+from pgutil import PASSWORD_ROLE
 from pop3util import make_cert
 
 ROLE_FILES = ANSIBLE / "roles" / "mailhub" / "files"
@@ -39,7 +43,10 @@ IN_FILE_ORDER = True  # first deployment, reruns, rotation, upgrade from a check
 
 EXAMPLE_VARS = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "main.yml"
 EXAMPLE_VAULT = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "vault.yml"
+EXAMPLE_CLUSTER = ANSIBLE / "inventory" / "group_vars" / "mailhub" / "cluster.yml"
+EXAMPLE_INDEX_VAULT = ANSIBLE / "inventory" / "group_vars" / "all" / "vault.yml"
 SITE_PASSWORDS = {"clinic-a": "clinic-a example password", "practice-b": "practice-b example password"}
+INDEX_PASSWORD = "index example password"  # vault_mailhub_index_password of the example vault
 # Metrics the dashboard may use before the hub exports them (issues 5, 7 and the relay, in progress).
 PENDING_METRICS = {
     "mailhub_smtp_deferrals_total",
@@ -91,11 +98,20 @@ def _build_wheel(work: Path) -> Path:
 
 
 class Deployment:
-    """The example inventory's settings and vault, applied to localhost under a throw-away prefix."""
+    """The example inventory's settings and vaults, applied to localhost under a throw-away prefix:
+    two nodes ("localhost" and "node2", another prefix sharing the first one's installation) on one
+    PostgreSQL index (a role that must give its password), one blob folder and one hub key."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, postgres):
         self.work = work
         self.prefix = work / "root"
+        self.prefix2 = work / "root2"
+        self.database = f"ansible_{os.getpid()}"
+        postgres.admin(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{INDEX_PASSWORD}'")
+        postgres.admin(f'CREATE DATABASE "{self.database}" OWNER {PASSWORD_ROLE}')
+        self.index_url = f"postgresql://{PASSWORD_ROLE}@127.0.0.1:{postgres.port}/{self.database}"
+        self.blobs = work / "shared-blobs"
+        self.blobs.mkdir()
         self.env = ansible_env(work / "ansible-home")
         self.vault_password_file = work / "vault-password"
         self.vault_password_file.write_text(VAULT_PASSWORD + "\n")
@@ -108,14 +124,20 @@ class Deployment:
             if site["name"] == "practice-b":
                 site["key_file"] = str(self.gpg.export("practice-b@hub.example.net", work / "practice-b.asc"))
         self.ports = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
+        self.ports2 = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.inventory = work / "inventory.yml"
-        host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
+        local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
+        # what differs between the nodes is in the inventory (test_prefix, test_ports)
+        host = local | self._node_vars(self.prefix, self.ports)
+        node2 = (
+            local | self._node_vars(self.prefix2, self.ports2) | {"mailhub_install_dir": str(self.path("/opt/mailhub"))}
+        )
         self.inventory.write_text(
             yaml.safe_dump(
                 {
                     "all": {
                         "children": {
-                            "mailhub": {"hosts": {"localhost": host}},
+                            "mailhub": {"hosts": {"localhost": host, "node2": node2}},
                             "mailhub_monitoring": {"hosts": {"localhost": host}},
                         }
                     }
@@ -123,7 +145,13 @@ class Deployment:
             )
         )
         self.vars = {
-            "mailhub_root_dir": str(self.prefix),
+            "mailhub_root_dir": "{{ test_prefix }}",
+            "mailhub_smtp_listen": "127.0.0.1:{{ test_ports.smtp }}",
+            "mailhub_pop3_listen": "127.0.0.1:{{ test_ports.pop3 }}",
+            "mailhub_pop3_pop3s_listen": "127.0.0.1:{{ test_ports.pop3s }}",
+            "mailhub_imap_listen": "127.0.0.1:{{ test_ports.imap }}",
+            "mailhub_metrics_listen": "127.0.0.1:{{ test_ports.metrics }}",
+            "mailhub_service_log_file": "{{ test_prefix }}/var/log/mailhub/mailhub.log",
             "mailhub_create_user": False,
             "mailhub_user": getpass.getuser(),
             "mailhub_group": grp.getgrgid(os.getgid()).gr_name,
@@ -136,25 +164,36 @@ class Deployment:
             "mailhub_pip_extra_args": ["--no-compile"],
             "mailhub_tls_cert_source": str(self.cert),
             "mailhub_tls_key_source": str(self.key),
-            "mailhub_smtp_listen": f"127.0.0.1:{self.ports['smtp']}",
-            "mailhub_pop3_listen": f"127.0.0.1:{self.ports['pop3']}",
-            "mailhub_pop3_pop3s_listen": f"127.0.0.1:{self.ports['pop3s']}",
-            "mailhub_imap_listen": f"127.0.0.1:{self.ports['imap']}",
-            "mailhub_metrics_listen": f"127.0.0.1:{self.ports['metrics']}",
             "mailhub_metrics_health_min_free_bytes": 0,
-            "mailhub_service_log_file": str(self.prefix / "var" / "log" / "mailhub" / "mailhub.log"),
+            # the example's cluster.yml names the index, its password (vault) and the blob folder:
+            # here this machine's test PostgreSQL, a folder, the session's hub key
+            "mailhub_storage_index": self.index_url,
+            "mailhub_storage_blobs": str(self.blobs),
+            "mailhub_hub_key_source": str(session_signing_key()),
             "mailhub_service_environment": {"MAILHUB_SHUTDOWN_TIMEOUT": "5"},
-            "mailhub_grafana_dashboards_dir": str(self.prefix / "var" / "lib" / "grafana" / "dashboards"),
+            "mailhub_grafana_dashboards_dir": "{{ test_prefix }}/var/lib/grafana/dashboards",
             "mailhub_config_extra": {"smtp": {"max_recipients": 50}},
             "mailhub_hostname": None,  # left out of the file: the hub's default applies
             "mailhub_sites": sites,
         }
 
-    def path(self, absolute: str) -> Path:
-        return self.prefix / absolute.lstrip("/")
+    @staticmethod
+    def _node_vars(prefix: Path, ports: dict[str, int]) -> dict:
+        """A node's own prefix and ports, which the extra vars below take (the example's group_vars,
+        passed as extra vars too, would override host vars)."""
+        return {"test_prefix": str(prefix), "test_ports": ports}
 
-    def play(self, *options: str, **overrides) -> tuple[int, int, str]:
-        """Runs site.yml; returns ok and changed of the recap, and the output."""
+    def path(self, absolute: str, node: int = 1) -> Path:
+        return (self.prefix if node == 1 else self.prefix2) / absolute.lstrip("/")
+
+    @property
+    def cli_env(self) -> dict:
+        """The environment of a `mailhub` command run by hand on the first node (the unit's PGPASSFILE)."""
+        return os.environ | {"PGPASSFILE": str(self.path("/etc/mailhub/pgpass"))}
+
+    def play(self, *options: str, limit: str = "localhost", **overrides) -> tuple[int, int, str]:
+        """Runs site.yml on `limit` (the first node unless said); returns ok and changed of the
+        recap, and the output."""
         variables = self.work / "test-vars.json"
         variables.write_text(json.dumps(self.vars | overrides))
         result = subprocess.run(
@@ -169,7 +208,13 @@ class Deployment:
                 "-e",
                 f"@{EXAMPLE_VAULT}",
                 "-e",
+                f"@{EXAMPLE_CLUSTER}",
+                "-e",
+                f"@{EXAMPLE_INDEX_VAULT}",
+                "-e",
                 f"@{variables}",
+                "--limit",
+                limit,
                 *options,
                 "site.yml",
             ],
@@ -182,7 +227,7 @@ class Deployment:
         output = result.stdout + result.stderr
         (self.work / "last-play.log").write_text(output)
         assert result.returncode == 0, output[-6000:]
-        recap = _RECAP_RE.search(output)
+        recap = re.search(_RECAP_RE.pattern.replace("localhost", re.escape(limit), 1), output, re.M)
         assert recap, output[-3000:]
         ok, changed, unreachable, failed = map(int, recap.groups())
         assert (unreachable, failed) == (0, 0), output[-3000:]
@@ -264,13 +309,15 @@ class UnitProcess:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    deployment = Deployment(tmp_path_factory.mktemp("ansible"))
+def deployment(tmp_path_factory, postgres_server):
+    deployment = Deployment(tmp_path_factory.mktemp("ansible"), postgres_server)
     try:
         deployment.first = deployment.play()
         yield deployment
     finally:
         deployment.gpg.close()
+        postgres_server.drop_database(deployment.database)
+        postgres_server.admin(f"DROP ROLE IF EXISTS {PASSWORD_ROLE}")
 
 
 def _metric_names(exposition: str) -> set[str]:
@@ -293,7 +340,7 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
             assert key in (config.get(section, {}) if section else config), f"{section}.{key} not in the config file"
     assert "hostname" not in config and config["smtp"]["max_recipients"] == 50
     data_dir = deployment.path("/var/lib/mailhub")
-    assert config["data_dir"] == str(data_dir) and (data_dir / "spool").is_dir()
+    assert config["data_dir"] == str(data_dir) and not (data_dir / "spool").exists()  # the hub links it
     assert config["domain"] == ["hub.example.net"] and config["log"]["format"] == "json"
     assert Path(config["tls"]["cert_file"]).read_bytes() == deployment.cert.read_bytes()
     assert oct(Path(config["tls"]["key_file"]).stat().st_mode & 0o777) == "0o640"
@@ -307,6 +354,7 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
             "--config",
             config_file,
         ],
+        env=deployment.cli_env,
         capture_output=True,
         text=True,
         check=True,
@@ -323,6 +371,7 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
                 "--config",
                 config_file,
             ],
+            env=deployment.cli_env,
             capture_output=True,
             text=True,
             check=True,
@@ -339,7 +388,7 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     for setting in (
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        f"ReadWritePaths={data_dir}",
+        f"ReadWritePaths={data_dir} {deployment.blobs}",
         "LimitNOFILE=65536",
         "CapabilityBoundingSet=",
     ):
@@ -400,6 +449,66 @@ def test_playbook_deploys_a_hub_that_takes_and_serves_mail(deployment):
     assert dashboard_metric_names() - exported - PENDING_METRICS - {"up"} == set()
 
 
+def _send_to_practice_b(deployment, port: int, setid: str) -> None:
+    context = ssl.create_default_context(cafile=deployment.cert)
+    encrypted = deployment.gpg.encrypt(b"DICM part 1 of 1", "practice-b@hub.example.net")
+    message = pgp_mime(
+        "clinic-a@hub.example.net",
+        "practice-b@hub.example.net",
+        encrypted,
+        extra_headers=f"X-TELEMEDICINE-SETID: {setid}\r\n",
+    )
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.starttls(context=context)
+        smtp.login("clinic-a", SITE_PASSWORDS["clinic-a"])
+        smtp.sendmail("clinic-a@hub.example.net", ["practice-b@hub.example.net"], message)
+
+
+def test_a_second_node_on_the_same_index_blobs_and_hub_key_serves_the_first_ones_mail(deployment):
+    ok, changed, output = deployment.play("--tags", "mailhub_config,mailhub_service", limit="node2")
+    assert changed >= 5, output[-4000:]  # folders, password file, hub key, config file, unit
+    nodes = {"localhost": 1, "node2": 2}
+    for name, node in nodes.items():
+        config_text = deployment.path("/etc/mailhub/mailhub.toml", node).read_text()
+        config = tomllib.loads(config_text)
+        assert config["storage"]["index"] == deployment.index_url  # no password in it
+        assert config["storage"]["blobs"] == str(deployment.blobs)
+        assert config["node"]["name"] == config["metrics"]["node"] == name
+        unit_text = deployment.path("/etc/systemd/system/mailhub.service", node).read_text()
+        assert INDEX_PASSWORD not in config_text + unit_text
+        passfile = deployment.path("/etc/mailhub/pgpass", node)
+        service = _unit_service_section(deployment.path("/etc/systemd/system/mailhub.service", node))
+        assert service["Environment"] == ['"MAILHUB_SHUTDOWN_TIMEOUT=5"', f'"PGPASSFILE={passfile}"']
+        assert oct(passfile.stat().st_mode & 0o777) == "0o600"
+        assert passfile.read_text().splitlines()[-1] == f"*:*:*:*:{INDEX_PASSWORD}"
+        key = deployment.path("/var/lib/mailhub/hub-signing-key.asc", node)
+        assert key.read_bytes() == session_signing_key().read_bytes()
+
+    first = UnitProcess(deployment.path("/etc/systemd/system/mailhub.service"))
+    second = UnitProcess(deployment.path("/etc/systemd/system/mailhub.service", 2))
+    first.start()
+    try:
+        second.start()
+        try:
+            _send_to_practice_b(deployment, deployment.ports["smtp"], "1.2.4")  # to the first node
+            context = ssl.create_default_context(cafile=deployment.cert)
+            pop = poplib.POP3_SSL("127.0.0.1", deployment.ports2["pop3s"], context=context, timeout=30)
+            try:  # from the second: the index and the blob folder are shared
+                pop.user("practice-b")
+                pop.pass_(SITE_PASSWORDS["practice-b"])
+                assert pop.stat()[0] == 1
+                lines = pop.retr(1)[1]
+                assert b"X-TELEMEDICINE-SETID: 1.2.4" in lines and b"-----BEGIN PGP MESSAGE-----" in lines
+                pop.dele(1)
+            finally:
+                pop.quit()
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert first.stop() == 0
+    assert (deployment.blobs / "localhost").is_dir() and (deployment.blobs / "node2").is_dir()
+
+
 def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployment):
     ok, changed, output = deployment.play()
     assert changed == 0, output[-4000:]
@@ -434,6 +543,7 @@ def test_second_run_changes_nothing_and_third_changes_only_what_changed(deployme
             "--config",
             deployment.path("/etc/mailhub/mailhub.toml"),
         ],
+        env=deployment.cli_env,
         input="a new password\n",
         capture_output=True,
         text=True,
@@ -480,7 +590,11 @@ def test_monitoring_targets_and_dashboard(deployment, tmp_path):
     targets_file = deployment.path("/etc/prometheus/file_sd/mailhub.yml")
     targets = yaml.safe_load(targets_file.read_text())
     assert targets == [
-        {"targets": [f"127.0.0.1:{deployment.ports['metrics']}"], "labels": {"hub": "localhost", "hub_role": "primary"}}
+        {
+            "targets": [f"127.0.0.1:{deployment.ports['metrics']}"],
+            "labels": {"hub": "localhost", "hub_role": "primary"},
+        },
+        {"targets": [f"127.0.0.1:{deployment.ports2['metrics']}"], "labels": {"hub": "node2", "hub_role": "primary"}},
     ]
     rules = deployment.path("/etc/prometheus/rules/mailhub-alerts.yml")
     assert rules.read_bytes() == (ROLE_FILES / "prometheus-alerts.yml").read_bytes()
