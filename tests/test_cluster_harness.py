@@ -2,8 +2,8 @@
 # index and one blob folder, HAProxy in front. A gateway's mail through the balancer reaches a
 # node with the gateway's own address (PROXY v2) and both nodes serve it over POP3; the node that
 # took it, killed with SIGKILL, is taken out by the balancer and the other serves its mail from the
-# shared folder; restarted on its data folder the killed node comes back healthy, the balancer
-# takes it in again and it serves the mail.
+# shared folder and takes the next one; restarted on its data folder the killed node comes back
+# healthy, the balancer takes it in again and it serves both mails.
 import os
 import poplib
 import smtplib
@@ -63,8 +63,11 @@ def test_two_nodes_on_one_index_and_blob_folder_kill_one_and_restart_it(make_hub
         cluster.wait_balanced(writer, up=False)
         (served,) = beta_mailbox(cluster.front("pop3"))  # the other node, from the shared folder
         assert served.endswith(body)
+        second, body2 = send(cluster.front("smtp"))  # taken by the other node
+        ((blob,),) = cluster.nodes[other].query("SELECT blob FROM messages WHERE queue_id = ?", second)
+        assert blob.startswith(f"{other}/")
 
         cluster.restart(writer)
         cluster.wait_balanced(writer, up=True)
-        (served,) = beta_mailbox(cluster.node_port(writer, "pop3"))
-        assert served.endswith(body)
+        served = beta_mailbox(cluster.node_port(writer, "pop3"))
+        assert len(served) == 2 and served[0].endswith(body) and served[1].endswith(body2)
