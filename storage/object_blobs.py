@@ -36,7 +36,7 @@ from .s3 import S3Client, S3Error, S3Location
 
 log = logging.getLogger("mailhub.storage")
 EVICT_IDLE = 600.0  # seconds since its last use before a cached file may be evicted
-ORPHAN_AGE = 3600.0  # an object no index row names is deleted at start-up only when its mail is older
+ORPHAN_AGE = 3600.0  # an object no index row names is deleted at start-up only when stored longer ago
 STARTUP_HEADS = 100  # the newest mails whose objects start-up checks with a HEAD
 MISSING_LIMIT = 10  # more of those missing than this (and over a tenth) stop the start
 SWEEP_HOURS = 24 * 14  # hour folders listed at most by the start-up sweep for orphans
@@ -339,7 +339,8 @@ class ObjectBlobs:
             blob = hour + "/" + info.key[len(prefix) :]
             if blob in indexed:
                 continue
-            made = queue_id_time(blob.rpartition("/")[2])
+            # its age since the store took it (a slow mail's queue ID may be much older than its upload)
+            made = info.modified if info.modified is not None else queue_id_time(blob.rpartition("/")[2])
             if made is not None and now - made > ORPHAN_AGE:
                 await self.client.delete(self.location.bucket, info.key)
                 report.orphans_deleted.append(blob)

@@ -3,11 +3,14 @@
 # the object is in the store with the bytes of the local file; with the node's cache emptied, POP3
 # and IMAP serve the same bytes (downloaded once, checked); a 30 MB mail goes up in 5 MB parts and
 # comes back with the peak RSS growing far less than the mail; with the store unreachable (a proxy
-# in front of it refusing connections) a mail gets 451 4.3.0 and leaves nothing behind, and is
-# taken once the store is back; a deletion removes the object.
+# in front of it refusing connections) a mail gets 451 4.3.0 and leaves nothing behind, a mail not
+# cached is a temporary error, and mail is taken once the store is back; a deletion removes the
+# object; a restart cleans what a crash left in the store; the cache alone (one download for many
+# readers, LRU eviction, pins, orphans by age); two nodes on one PostgreSQL index share the bucket.
 import asyncio
 import hashlib
 import imaplib
+import itertools
 import poplib
 import smtplib
 import socket
@@ -17,7 +20,7 @@ import time
 import pytest
 from test_bounded_reads import peak_growth
 
-from storage import envelope
+from storage import envelope, object_blobs
 from storage.metrics import REGISTRY
 from storage.object_blobs import EVICT_IDLE, ObjectBlobs
 from storage.records import MessageMeta
@@ -72,11 +75,23 @@ class StoreProxy:
         self.listener.close()
 
 
+_buckets: dict[int, str] = {}
+_prefixes = itertools.count(1)
+
+
+def place(seaweedfs) -> tuple[str, str]:
+    """A bucket (one for the module: SeaweedFS gives each bucket volumes of its own, and a test
+    session's store has room for few) and a prefix of this test's own in it."""
+    if id(seaweedfs) not in _buckets:
+        _buckets[id(seaweedfs)] = seaweedfs.new_bucket()
+    return _buckets[id(seaweedfs)], f"mail{next(_prefixes)}"
+
+
 def object_hub(make_hub, seaweedfs, endpoint: str | None = None, **extra: str):
-    bucket = seaweedfs.new_bucket()
+    bucket, prefix = place(seaweedfs)
     hub = make_hub(
         sites=ALPHA_BETA,
-        MAILHUB_STORAGE_BLOBS=f"s3://{bucket}/mail",
+        MAILHUB_STORAGE_BLOBS=f"s3://{bucket}/{prefix}",
         MAILHUB_S3_ENDPOINT=endpoint or seaweedfs.endpoint,
         MAILHUB_S3_ACCESS_KEY=seaweedfs.access_key,
         MAILHUB_S3_SECRET_KEY=seaweedfs.secret_key,
@@ -84,12 +99,12 @@ def object_hub(make_hub, seaweedfs, endpoint: str | None = None, **extra: str):
         MAILHUB_S3_TIMEOUT="5",
         **extra,
     )
-    return hub.start(), bucket
+    return hub.start(), (bucket, prefix)
 
 
-def objects(seaweedfs, bucket: str) -> dict[str, int]:
+def objects(seaweedfs, bucket: str, prefix: str) -> dict[str, int]:
     async def listing() -> dict[str, int]:
-        return {o.key: o.size async for o in S3Client(seaweedfs.settings()).list_objects(bucket, "mail/")}
+        return {o.key: o.size async for o in S3Client(seaweedfs.settings()).list_objects(bucket, prefix + "/")}
 
     return asyncio.run(listing())
 
@@ -150,19 +165,19 @@ def cached_files(hub) -> list:
 
 
 def test_mail_is_in_the_store_before_its_250_and_served_again_with_the_cache_emptied(make_hub, seaweedfs):
-    hub, bucket = object_hub(make_hub, seaweedfs)
+    hub, (bucket, prefix) = object_hub(make_hub, seaweedfs)
     sent = [make_message(2000, "small"), make_message(3 * MB, "large")]
     qids = []
     for message in sent:
         code, reply = send(hub, message)
         assert code == 250, reply
         qids.append(queue_id_from(reply))
-    stored = objects(seaweedfs, bucket)
+    stored = objects(seaweedfs, bucket, prefix)
     blobs = dict(hub.query("SELECT queue_id, blob FROM messages"))
-    assert sorted(stored) == sorted(f"mail/{blobs[q]}" for q in qids)  # one object per mail, no packs
+    assert sorted(stored) == sorted(f"{prefix}/{blobs[q]}" for q in qids)  # one object per mail, no packs
     for qid in qids:
         local = (hub.data_dir / "blobs" / blobs[qid]).read_bytes()
-        assert object_bytes(seaweedfs, bucket, f"mail/{blobs[qid]}") == local
+        assert object_bytes(seaweedfs, bucket, f"{prefix}/{blobs[qid]}") == local
     before_pop3, before_imap = pop3_all(hub), imap_all(hub)
     assert [len(m) for m in before_pop3] == [len(m) for m in before_imap]
 
@@ -179,7 +194,7 @@ def test_mail_is_in_the_store_before_its_250_and_served_again_with_the_cache_emp
 
     for path in cached_files(hub):  # a changed object is refused, not served
         path.unlink()
-    small_key = f"mail/{blobs[qids[0]]}"
+    small_key = f"{prefix}/{blobs[qids[0]]}"
     original = object_bytes(seaweedfs, bucket, small_key)
     changed = original.replace(b"small", b"smell", 1)
 
@@ -204,7 +219,7 @@ def test_mail_is_in_the_store_before_its_250_and_served_again_with_the_cache_emp
 
 
 def test_a_30_mb_mail_goes_up_in_parts_and_comes_back_in_bounded_memory(make_hub, seaweedfs):
-    hub, bucket = object_hub(make_hub, seaweedfs)
+    hub, (bucket, prefix) = object_hub(make_hub, seaweedfs)
     chunk = b"".join(b"%075d\r\n" % i for i in range(MB // 77)).ljust(MB - 2, b"x") + b"\r\n"
     header = b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: big\r\n\r\n"
     replies: list[bytes] = []
@@ -229,7 +244,7 @@ def test_a_30_mb_mail_goes_up_in_parts_and_comes_back_in_bounded_memory(make_hub
     assert all(r.startswith(b"250") for r in replies), replies
     qid = queue_id_from(replies[1])
     ((blob, stored_size, stored_sha),) = hub.query("SELECT blob, size, sha256 FROM messages WHERE queue_id = ?", qid)
-    assert objects(seaweedfs, bucket)[f"mail/{blob}"] == (hub.data_dir / "blobs" / blob).stat().st_size
+    assert objects(seaweedfs, bucket, prefix)[f"{prefix}/{blob}"] == (hub.data_dir / "blobs" / blob).stat().st_size
     assert stored_size > 30 * MB
 
     for path in cached_files(hub):
@@ -259,7 +274,7 @@ def test_a_30_mb_mail_goes_up_in_parts_and_comes_back_in_bounded_memory(make_hub
 def test_no_250_while_the_store_is_down_and_mail_taken_once_it_is_back(make_hub, seaweedfs):
     proxy = StoreProxy(seaweedfs.endpoint)
     try:
-        hub, bucket = object_hub(make_hub, seaweedfs, endpoint=proxy.endpoint)
+        hub, (bucket, prefix) = object_hub(make_hub, seaweedfs, endpoint=proxy.endpoint)
         proxy.up = False
         code, reply = send(hub, make_message(2000, "while down"))
         assert (code, reply[:5]) == (451, b"4.3.0"), reply
@@ -269,12 +284,12 @@ def test_no_250_while_the_store_is_down_and_mail_taken_once_it_is_back(make_hub,
         assert REGISTRY.get_sample_value("mailhub_object_store_upload_failures_total") == failures + 1
         assert hub.query("SELECT count(*) FROM messages") == [(0,)]
         assert cached_files(hub) == [] and not list((hub.data_dir / "spool").iterdir())
-        assert objects(seaweedfs, bucket) == {}
+        assert objects(seaweedfs, bucket, prefix) == {}
 
         proxy.up = True
         code, reply = send(hub, make_message(2000, "back"))
         assert code == 250, reply
-        assert len(objects(seaweedfs, bucket)) == 1
+        assert len(objects(seaweedfs, bucket, prefix)) == 1
         for path in cached_files(hub):
             path.unlink()
         proxy.up = False  # a mail not cached cannot be read now: a temporary error, nothing marked damaged
@@ -293,15 +308,15 @@ def test_no_250_while_the_store_is_down_and_mail_taken_once_it_is_back(make_hub,
         proxy.up = True
         hub.start()
         assert len(pop3_all(hub, delete=True)) == 1  # deleting it removes its object and its cached file
-        wait_for(lambda: objects(seaweedfs, bucket) == {}, 20, message="the object of the deleted mail")
+        wait_for(lambda: objects(seaweedfs, bucket, prefix) == {}, 20, message="the object of the deleted mail")
         wait_for(lambda: cached_files(hub) == [], 20, message="the cached file of the deleted mail")
         assert hub.stop() == 0
     finally:
         proxy.close()
 
 
-def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(make_hub, seaweedfs):
-    hub, bucket = object_hub(make_hub, seaweedfs)
+def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(make_hub, seaweedfs, monkeypatch):
+    hub, (bucket, prefix) = object_hub(make_hub, seaweedfs)
     code, reply = send(hub, make_message(2000, "kept"))
     assert code == 250, reply
     served = pop3_all(hub)
@@ -311,8 +326,9 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
 
     # an object a crash left between its upload and its commit (an hour old), and an unfinished upload
     client = S3Client(seaweedfs.settings())
-    made = int((time.time() - 2 * 3600) * 1e6)  # its queue ID made two hours ago: no commit in flight
-    orphan = f"mail/{time.strftime('%Y%m%d%H', time.gmtime())}/{made:013X}000001"
+    made = int(time.time() * 1e6)
+    orphan = f"{prefix}/{time.strftime('%Y%m%d%H', time.gmtime())}/{made:013X}000001"
+    monkeypatch.setattr(object_blobs, "ORPHAN_AGE", 0.0)  # old enough at once (the age itself: below)
 
     async def leave() -> None:
         data = [b"x" * 100]
@@ -321,13 +337,13 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
             return data.pop() if data else b""
 
         await client.put(bucket, orphan, read)
-        await client._create_upload(bucket, "mail/2000010100/00000000000000000002")
+        await client._create_upload(bucket, f"{prefix}/2000010100/00000000000000000002")
 
     asyncio.run(leave())
     hub.start()
     assert pop3_all(hub) == served
-    assert orphan not in objects(seaweedfs, bucket)
-    assert asyncio.run(client.pending_uploads(bucket, "mail/")) == []
+    assert orphan not in objects(seaweedfs, bucket, prefix)
+    assert asyncio.run(client.pending_uploads(bucket, prefix + "/")) == []
     log = hub.log_text()
     assert "1 unfinished upload(s) aborted, 1 object(s) of uncommitted mail deleted" in log
     assert "1 newest mail(s) checked, 0 missing" in log
@@ -350,28 +366,30 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
 def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_used(seaweedfs, tmp_path):
     """storage/object_blobs.py alone: concurrent readers of one missing mail share one download;
     past cache_bytes the least recently used files go, never one used within EVICT_IDLE seconds."""
-    bucket = seaweedfs.new_bucket()
+    bucket, prefix = place(seaweedfs)
     (tmp_path / "blobs").mkdir()
     (tmp_path / "spool").mkdir()
     now = [1000.0]
     cache = ObjectBlobs(
         S3Client(seaweedfs.settings()),
-        S3Location(bucket, "mail"),
+        S3Location(bucket, prefix),
         tmp_path / "blobs",
         tmp_path / "spool",
         cache_bytes=3000,
         clock=lambda: now[0],
     )
 
+    hour = time.strftime("%Y%m%d%H", time.gmtime())
+
     def blob_file(name: str, size: int) -> tuple[str, str]:
         """A blob file as the hub writes one (message, envelope record, trailer); (blob, sha256)."""
         message = bytes([65 + len(name) % 26]) * size
         sha = hashlib.sha256(message).hexdigest()
         record = envelope.record(name, size, 0.0, sha, MessageMeta("a@hub.test", None, False), [], [], "null")
-        path = tmp_path / "blobs" / "2026120700" / name
+        path = tmp_path / "blobs" / hour / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(message + envelope.trailer(record, size))
-        return f"2026120700/{name}", sha
+        return f"{hour}/{name}", sha
 
     async def scenario() -> None:
         names = [f"{n:019X}" for n in range(1, 5)]
@@ -407,9 +425,20 @@ def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_u
         assert "SHA-256" in (await cache.ready(blobs[1][0], 1000, "0" * 64) or "")  # not what was recorded
         assert not (tmp_path / "blobs" / blobs[1][0]).exists()
         await cache.delete([blobs[2][0]])
+
+        async def none_indexed(low: str, high: str) -> set[str]:
+            return set()
+
+        # objects no index row names (uploads whose commit never came): kept while they may belong to
+        # a commit in flight (stored under ORPHAN_AGE ago), deleted after
+        report = await cache.start([], none_indexed)
+        assert sorted(report.orphans_kept) == sorted(b for b, _ in blobs if b != blobs[2][0])
+        assert report.orphans_deleted == []
+        report = await cache.start([], none_indexed, now=time.time() + object_blobs.ORPHAN_AGE + 60)
+        assert len(report.orphans_deleted) == 3 and report.orphans_kept == []
         assert (
             await cache.ready(blobs[2][0], 1000, blobs[2][1])
-            == f"object {bucket}/mail/{blobs[2][0]} missing from the object store"
+            == f"object {bucket}/{prefix}/{blobs[2][0]} missing from the object store"
         )
 
     asyncio.run(scenario())
@@ -420,10 +449,10 @@ def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, 
     from the object store and deletes it (object gone); queue IDs carry each node's number."""
     url, reset = pg_index
     reset()
-    bucket = seaweedfs.new_bucket()
+    bucket, prefix = place(seaweedfs)
     common = {
         "MAILHUB_STORAGE_INDEX": url,
-        "MAILHUB_STORAGE_BLOBS": f"s3://{bucket}/mail",
+        "MAILHUB_STORAGE_BLOBS": f"s3://{bucket}/{prefix}",
         "MAILHUB_S3_ENDPOINT": seaweedfs.endpoint,
         "MAILHUB_S3_ACCESS_KEY": seaweedfs.access_key,
         "MAILHUB_S3_SECRET_KEY": seaweedfs.secret_key,
@@ -435,12 +464,12 @@ def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, 
     code, reply = send(a, mail)
     assert code == 250, reply
     qid = queue_id_from(reply)
-    ((key, size),) = objects(seaweedfs, bucket).items()
+    ((key, size),) = objects(seaweedfs, bucket, prefix).items()
     assert key.endswith("/" + qid) and size > len(mail)
     assert a._hub.storage.layout.number != b._hub.storage.layout.number  # each node its own queue IDs
     assert cached_files(b) == []
     got = pop3_all(b, delete=True)
     assert got[0].endswith(mail)
-    wait_for(lambda: objects(seaweedfs, bucket) == {}, 20, message="the object of the mail node B deleted")
+    wait_for(lambda: objects(seaweedfs, bucket, prefix) == {}, 20, message="the object of the mail node B deleted")
     assert cached_files(b) == []
     assert a.stop() == 0 and b.stop() == 0

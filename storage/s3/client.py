@@ -11,6 +11,7 @@
 # download holds one slice (storage/s3/http.py SLICE). A failed multipart upload is aborted, so no
 # orphan parts stay behind. Must never log or put into a message the secret key.
 import asyncio
+import datetime
 import hashlib
 import os
 import re
@@ -85,6 +86,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str = ""
+    modified: float | None = None  # when the store took it (a listing's LastModified), if known
 
 
 @dataclass
@@ -217,7 +219,12 @@ class S3Client:
                 query.append(("continuation-token", token))
             root = await self._xml("GET", bucket, "", query)
             for item in _children(root, "Contents"):
-                yield ObjectInfo(_text(item, "Key"), _int_text(item, "Size"), _text(item, "ETag").strip('"'))
+                yield ObjectInfo(
+                    _text(item, "Key"),
+                    _int_text(item, "Size"),
+                    _text(item, "ETag").strip('"'),
+                    _time_text(item, "LastModified"),
+                )
             previous, token = token, _text(root, "NextContinuationToken")
             if _text(root, "IsTruncated").lower() != "true":
                 return
@@ -537,6 +544,15 @@ def _int_text(element: ET.Element, name: str) -> int:
     if not is_number(text):
         raise S3Error(f"expected a number in <{name}>, got {printable(text, 40)!r}", 0, "protocol")
     return int(text)
+
+
+def _time_text(element: ET.Element, name: str) -> float | None:
+    """An ISO 8601 time of a listing (2026-12-07T03:34:11.000Z) as a Unix time, None if absent or malformed."""
+    try:
+        when = datetime.datetime.fromisoformat(_text(element, name))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
 
 
 def _int_field(response: Response, name: str) -> int:
