@@ -378,6 +378,7 @@ class Storage:
             faults.hit("hub", "blob_synced")
             if self.objects is not None:
                 await self._upload(self.objects, spool.path, blob)
+                faults.hit("hub", "object_uploaded")
             item = _Pending(
                 spool, meta, deliveries, list(remote), received_at, done, blob, mark, on_committed=on_committed
             )

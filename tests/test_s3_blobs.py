@@ -473,3 +473,26 @@ def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, 
     wait_for(lambda: objects(seaweedfs, bucket, prefix) == {}, 20, message="the object of the mail node B deleted")
     assert cached_files(b) == []
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_crash_between_the_upload_and_the_commit_leaves_no_mail_behind(make_hub, seaweedfs, monkeypatch):
+    """The hub killed (SIGKILL) after a mail's object is in the store and before its index commit:
+    the sender got no 250; the restart moves the local file to the quarantine and deletes the
+    object (old enough: ORPHAN_AGE 0 here); the mail sent again is stored once."""
+    hub, (bucket, prefix) = object_hub(make_hub, seaweedfs, MAILHUB_FAULT="hub:object_uploaded:kill")
+    assert hub.process
+    mail = make_message(2000, "cut short")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        send(hub, mail)
+    assert len(objects(seaweedfs, bucket, prefix)) == 1  # uploaded, never committed
+    hub.stop()
+    monkeypatch.setattr(object_blobs, "ORPHAN_AGE", 0.0)
+    hub.in_process_from_now_on().start()
+    assert objects(seaweedfs, bucket, prefix) == {}
+    assert hub.query("SELECT count(*) FROM messages") == [(0,)]
+    assert "uncommitted_blob" in hub.cli("storage", "quarantine").stdout
+    code, reply = send(hub, mail)
+    assert code == 250, reply
+    assert len(objects(seaweedfs, bucket, prefix)) == 1
+    assert [m.endswith(mail) for m in pop3_all(hub)] == [True]
+    assert hub.stop() == 0
