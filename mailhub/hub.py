@@ -617,7 +617,7 @@ def _hub_keys(cfg: Config) -> HubKeySource:
 
 def _cluster_url(cfg: Config) -> str:
     """storage.index when it is a PostgreSQL URL (several nodes may share it), else ""."""
-    index = getattr(cfg.storage, "index", "") or ""
+    index = cfg.storage.index
     return index if index.startswith(("postgresql://", "postgres://")) else ""
 
 

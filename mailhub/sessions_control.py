@@ -75,7 +75,7 @@ def _all_nodes(cfg, args) -> int:
     node's cluster link answers); the nodes that did not answer are named."""
     from storage import StorageError
 
-    url = getattr(cfg.storage, "index", "")
+    url = cfg.storage.index
     if not url:
         print(
             "mailhub: --all needs several nodes on a PostgreSQL index (storage.index); one hub: mailhub sessions",

@@ -127,7 +127,7 @@ def test_two_nodes_on_one_postgresql_index_serve_one_network(pg_index, make_hub,
     delivered = time.monotonic()  # node A's 250 came after its commit
     assert watcher.readline() == b"* 1 EXISTS\r\n"
     pushed = time.monotonic() - delivered
-    assert pushed < 2.0, pushed  # one node pushes within a second; so does the other
+    assert pushed < 5.0, pushed  # milliseconds when measured (docs/cluster.md); generous for a loaded machine
     assert ledger_a.held(beta)[1] == 1
     wait_for(lambda: ledger_b.held(beta)[1] == 1, message="node B's ledger counts node A's mail")
     flagger = imaplib.IMAP4("127.0.0.1", a.ports["imap"], timeout=30)  # flags stored on node A show on B

@@ -468,7 +468,7 @@ _HELD: Final = (
 )
 
 
-def ask_nodes(url: str, question: str, timeout: float = 3.0) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+def ask_nodes(url: str, question: str, timeout: float = 5.0) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Ask every node of the cluster (their links on the database at `url`) and gather the answers:
     ({node: rows}, [nodes with a link that did not answer within `timeout` seconds]). Synchronous
     (the command line). StorageError with one line when the database cannot be reached."""
