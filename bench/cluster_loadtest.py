@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.common import argument_parser, command_line
 from loadtest import corpus as corpus_mod
 from loadtest.profile import load_profile
-from loadtest.spawn import LocalHub
+from loadtest.spawn import LocalHub, SpawnError
 from loadtest.thirdparty import free_port, wait_banner
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -116,15 +116,19 @@ def one_run(setup: str, args, corpus: Path, domain: str, sites: dict, work: Path
     balancer = None
     try:
         for n in range(nodes):
-            env = {"MAILHUB_METRICS_NODE": f"node{n + 1}"}
+            env = {"MAILHUB_NODE_NAME": f"node{n + 1}", "MAILHUB_METRICS_NODE": f"node{n + 1}"}
             if database is not None:
                 env["MAILHUB_STORAGE_INDEX"] = database.url
             if setup == "pg2":
                 shared.mkdir(exist_ok=True)
                 env |= {"MAILHUB_STORAGE_BLOBS": str(shared), "MAILHUB_PROXY_TRUSTED_BALANCERS": "127.0.0.1/32"}
             hubs.append(LocalHub(domain, extra_env=env))
-        hubs[0].add_sites(sites)  # on PostgreSQL the one index all nodes share
-        ports = [hub.start() for hub in hubs]
+        try:
+            hubs[0].add_sites(sites)  # on PostgreSQL the one index all nodes share
+            ports = [hub.start() for hub in hubs]
+        except SpawnError as exc:
+            outcome.note = str(exc)
+            return outcome
         if setup == "pg2":
             balancer, front = _haproxy(ports, work)
         else:
