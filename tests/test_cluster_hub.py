@@ -205,3 +205,59 @@ def test_the_scrub_verifies_again_after_leadership_went_and_came_back(make_hub):
         message="the scrub's second run finds the changed byte",
     )
     assert "scrub stopped: this node is no longer the cluster's leader" in hub.log_text()
+
+
+def test_two_nodes_come_back_after_a_postgresql_restart(pg_index, postgres_server, make_hub, tmp_path):
+    """PostgreSQL restarts under two nodes: every link drops and comes back, one node leads again,
+    the mailbox lock works across nodes again, and a mail taken by one node after the restart
+    wakes an IMAP IDLE session on the other (LISTEN is on again)."""
+
+    from conftest import ALPHA_BETA, make_message
+    from pop3util import send
+
+    url, reset = pg_index
+    reset()
+    root = tmp_path / "shared"
+    root.mkdir()
+    common = {"MAILHUB_STORAGE_INDEX": url, "MAILHUB_STORAGE_BLOBS": str(root)}
+    a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+    b = make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+    links = [a._hub.cluster, b._hub.cluster]
+    wait_for(lambda: sum(link.is_leader() for link in links) == 1, message="one leader")
+
+    postgres_server.restart()
+    wait_for(lambda: all(link.reconnects >= 1 and link.connected for link in links), timeout=60, message="links back")
+    wait_for(lambda: sum(link.is_leader() for link in links) == 1, timeout=30, message="one leader again")
+
+    watcher = wait_for(lambda: _imap_or_none(b), timeout=30, message="node B serves IMAP again")
+    assert watcher.select("INBOX")[0] == "OK"
+    watcher.send(b"I1 IDLE\r\n")
+    assert watcher.readline() == b"+ idling\r\n"
+    send(a, ["beta@hub.test"], make_message(2000, subject="after the restart"))
+    assert watcher.readline() == b"* 1 EXISTS\r\n"
+    watcher.send(b"DONE\r\n")
+    assert watcher.readline() == b"I1 OK IDLE terminated\r\n"
+    watcher.logout()
+
+    pop = poplib.POP3("127.0.0.1", a.ports["pop3"], timeout=30)
+    pop.user("beta")
+    pop.pass_(PASSWORD)
+    refused = poplib.POP3("127.0.0.1", b.ports["pop3"], timeout=30)
+    refused.user("beta")
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        refused.pass_(PASSWORD)
+    refused.close()
+    pop.quit()
+    for hub in (a, b):  # one line each for the loss and the return, no traceback
+        assert "Traceback" not in hub.log_text() and "cluster link to" in hub.log_text()
+
+
+def _imap_or_none(hub):
+    import imaplib
+
+    try:
+        client = imaplib.IMAP4("127.0.0.1", hub.ports["imap"], timeout=30)
+        client.login("beta", PASSWORD)
+        return client
+    except (imaplib.IMAP4.error, OSError):
+        return None
