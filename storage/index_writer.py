@@ -92,6 +92,12 @@ class IndexWriter:
         self._pruned = (0, 0)  # (seq, removal id) up to which the index's ledger rows were deleted
         # what the ledger holds durably: commits up to synced_seq, removals up to flushed_removal
         self.synced_seq = self.flushed_removal = 0
+        # ids of the ledger_pending rows this writer has made durable in its ledger and not yet
+        # deleted: only these are pruned. Ids are taken when a transaction inserts the row, not when
+        # it commits: on PostgreSQL another writer (node) or the command line may commit a lower id
+        # after this writer read past it; deleting 'id <= the highest written' would drop that
+        # removal before any ledger held it (a rebuild would bring the deleted mail back)
+        self._written_removals: set[int] = set()
         self._ledger_behind = True  # an append failed (or none yet): catch up from the index first
         self._synced_at = time.monotonic()
         self._to_ledger([], sync=True)
@@ -119,12 +125,16 @@ class IndexWriter:
         """function(conn, *args) in one transaction (also storage.outbound functions, by queue_op)."""
         self._note_time()
 
+        pruning = set(self._written_removals)
+
         def body(conn: sql.Connection) -> T:
+            self._prune_removals(conn, pruning)
             result = function(conn, *args)  # type: ignore[arg-type]  # both engines' connections
             faults.hit("writer", "op_before_commit")
             return result
 
         result = self._write(body)
+        self._written_removals -= pruning
         faults.hit("writer", "op_after_commit")
         self.flush_removals()
         return result
@@ -262,7 +272,9 @@ class IndexWriter:
                 is not None
             )
 
+        pruning = set(self._written_removals)
         refused, files, left_out = self._write(body, took)
+        self._written_removals -= pruning
         faults.hit("writer", "after_commit")
         self.seq, self.attempt = seq, attempt
         self._to_ledger([ledger.commit_line(seq, attempt, files, left_out)], sync=False)
@@ -289,8 +301,14 @@ class IndexWriter:
                 conn.execute(
                     "DELETE FROM commits WHERE seq <= ? AND seq % ? = ?", (self.synced_seq, ledger.STREAMS, self.stream)
                 )
-            conn.execute("DELETE FROM ledger_pending WHERE id <= ?", (self.flushed_removal,))
             self._pruned = (self.synced_seq, self.flushed_removal)
+        self._prune_removals(conn, set(self._written_removals))
+
+    @staticmethod
+    def _prune_removals(conn: sql.Connection, ids: set[int]) -> None:
+        """Delete the ledger_pending rows of `ids` (durable in this node's ledger)."""
+        if ids:
+            conn.executemany("DELETE FROM ledger_pending WHERE id = ?", [(i,) for i in sorted(ids)])
 
     def sync_ledger(self, idle: bool = True) -> None:
         """Make the commit lines durable: when the writer is idle, or LEDGER_SYNC_INTERVAL after the last time."""
@@ -304,7 +322,12 @@ class IndexWriter:
         what they describe is committed; an index that cannot be read now (PostgreSQL gone) leaves
         them for a later call (the ledger is caught up from the index)."""
         try:
-            docs = ledger.pending_lines(self.conn, self.flushed_removal)
+            # every row still there but those written already (a lower id may commit after a higher)
+            docs = [
+                doc
+                for doc in ledger.pending_lines(self.conn, 0)
+                if doc.get("d", doc.get("o")) not in self._written_removals
+            ]
         except (sqlite3.Error, StorageError):
             self._ledger_behind = True
             self._lost = self._lost or _connection_lost(self.conn)
@@ -318,13 +341,17 @@ class IndexWriter:
         later call appends them all again."""
         try:
             if self._ledger_behind:
-                self.flushed_removal = max(self.flushed_removal, ledger.catch_up(self.conn, self.ledger))
+                written: list[int] = []
+                self.flushed_removal = max(self.flushed_removal, ledger.catch_up(self.conn, self.ledger, written))
+                self._written_removals.update(written)
                 self._ledger_behind = False
             else:
                 self.ledger.append(docs + [ledger.uid_line(self.conn)] if sync else docs)
                 if sync:
                     self.ledger.sync()
-                    self.flushed_removal = max([self.flushed_removal] + [d.get("d", d.get("o", 0)) for d in docs])
+                    ids = [int(d["d"] if "d" in d else d["o"]) for d in docs if "d" in d or "o" in d]
+                    self.flushed_removal = max([self.flushed_removal, *ids])
+                    self._written_removals.update(ids)
             if not self.ledger.dirty:
                 self.synced_seq = self.seq
                 self._synced_at = time.monotonic()

@@ -185,10 +185,10 @@ def pending_lines(conn: sql.Connection, after: int) -> list[dict[str, Any]]:
     return docs
 
 
-def catch_up(conn: sql.Connection, writer: LedgerWriter) -> int:
+def catch_up(conn: sql.Connection, writer: LedgerWriter, written: list[int] | None = None) -> int:
     """Append, durably, what the index holds that the ledger may lack: its commits and removals
     not yet pruned (lines the ledger already has come again: harmless, reading is idempotent).
-    Returns the highest removal id appended."""
+    Returns the highest removal id appended; `written` gets the ids of every removal appended."""
     docs = []
     for seq, attempt, mails in sql.rows(conn, "SELECT seq, attempt, mails FROM commits ORDER BY seq"):
         mails = json.loads(mails) if mails else {}
@@ -196,6 +196,8 @@ def catch_up(conn: sql.Connection, writer: LedgerWriter) -> int:
     removals = pending_lines(conn, 0)
     writer.append(docs + removals + [uid_line(conn)])
     writer.sync()
+    if written is not None:
+        written.extend(int(doc["d"] if "d" in doc else doc["o"]) for doc in removals)
     return max((int(doc["d"] if "d" in doc else doc["o"]) for doc in removals), default=0)
 
 

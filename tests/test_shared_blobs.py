@@ -601,3 +601,57 @@ def test_each_node_numbers_its_group_commits_in_a_stream_of_its_own(index):
     assert ledger.stream_last(index, 3) == (515, 7) and ledger.next_seq(515, 3) == 771
     assert ledger.stream_last(index, 2) == (770, 9) and ledger.next_seq(770, 2) == 1026
     assert ledger.stream_last(index, None) == (770, 9)
+
+
+def test_a_removal_another_writer_commits_late_is_never_pruned_before_a_ledger_holds_it(tmp_path, pg_index):
+    """Ids of ledger_pending rows are taken when a transaction inserts them, not when it commits:
+    another node's (or the command line's) removal with a lower id may commit after this node's
+    writer appended a higher one. The writer deletes only the rows it made durable in its own
+    ledger: that removal stays in the index (for its node's ledger, or this node's next flush) and
+    ends in this node's ledger once this node flushes again - never in no ledger at all (a rebuild
+    would bring the deleted mail back: delivered twice)."""
+    import psycopg
+
+    from storage import ledger
+    from storage.postgres.connection import PgConnection
+
+    url, reset = pg_index
+    reset()
+    conn = PgConnection.connect(url)
+    try:
+        site = add_site(conn, "beta", ["beta@hub.test"], "secret-password-1", ["hub.test"]).id
+    finally:
+        conn.close()
+    root = tmp_path / "shared"
+    root.mkdir()
+    other = psycopg.connect(url)  # the other writer, its transaction open across node a's steps
+
+    async def play() -> tuple[int, bool, bool]:
+        a = Storage(tmp_path / "a", release_freed_after=0, blobs=root, node="a", index_url=url)
+        await a.open()
+        try:
+            await store(a, site, make_message(3000, "first"))
+            (late,) = other.execute(
+                "INSERT INTO ledger_pending (kind, queue_id, rcpt, at) VALUES ('o', 'LATE', 'x@far.test', 0)"
+                " RETURNING id"
+            ).fetchone()
+            (entry,) = await a.mailbox(site)
+            await a.delete(site, [entry.uid])  # a higher id, appended to a's ledger at once
+            other.commit()  # the lower id commits only now
+            await store(a, site, make_message(3100, "second"))  # a group commit: a prunes
+            check = PgConnection.connect(url)
+            try:
+                kept = check.execute("SELECT 1 FROM ledger_pending WHERE id = ?", (late,)).fetchone() is not None
+            finally:
+                check.close()
+            (entry,) = await a.mailbox(site)
+            await a.delete(site, [entry.uid])  # a's next flush appends what it had not seen
+            return late, kept, ("LATE", "x@far.test") in ledger.read(tmp_path / "a").outbound_done
+        finally:
+            await a.close()
+
+    try:
+        late, kept, in_ledger = asyncio.run(play())
+    finally:
+        other.close()
+    assert late > 0 and kept and in_ledger
