@@ -261,3 +261,45 @@ def _imap_or_none(hub):
         return client
     except (imaplib.IMAP4.error, OSError):
         return None
+
+
+def test_two_nodes_relay_each_queued_recipient_once(pg_index, make_hub, tmp_path):
+    """Both nodes' outbound schedulers poll one queue on PostgreSQL: every remote recipient, queued
+    through either node, reaches the next hop exactly once (claims with FOR UPDATE SKIP LOCKED)."""
+    import collections
+    import smtplib
+
+    from test_relay_outbound import CountingHop
+
+    from conftest import ALPHA_BETA, make_message
+
+    hop = CountingHop()
+    url, reset = pg_index
+    reset()
+    root = tmp_path / "shared"
+    root.mkdir()
+    common = {
+        "MAILHUB_STORAGE_INDEX": url,
+        "MAILHUB_STORAGE_BLOBS": str(root),
+        "MAILHUB_RELAY_ROUTES": f"count.test=127.0.0.1:{hop.port}",
+    }
+    try:
+        a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+        b = make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+        rcpts = [f"r{i}@count.test" for i in range(40)]
+        for hub, part in ((a, rcpts[:20]), (b, rcpts[20:])):
+            with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60) as client:
+                client.login("alpha", PASSWORD)
+                for i in range(0, 20, 2):
+                    client.sendmail("alpha@hub.test", part[i : i + 2], make_message(1500, subject=f"mail {i}"))
+
+        def queue_left() -> int:
+            with psycopg.connect(url) as conn:
+                return conn.execute("SELECT count(*) FROM outbound").fetchone()[0]
+
+        wait_for(lambda: queue_left() == 0, timeout=60, message="the queue to empty")
+        wait_for(lambda: hop.active == 0, timeout=30, message="the nodes' connections to end")
+        delivered = collections.Counter(hop.accepted)
+        assert sorted(delivered) == sorted(rcpts) and set(delivered.values()) == {1}
+    finally:
+        hop.shutdown()
