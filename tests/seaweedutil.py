@@ -114,7 +114,7 @@ class SeaweedFS:
             "-master.volumeSizeLimitMB=64",
             f"-volume.port={volume}",
             f"-volume.port.grpc={grpc[1]}",
-            "-volume.max=64",
+            "-volume.max=512",  # each bucket grows volumes of its own: 64 ran out with all S3 test files in one session
             "-volume.preStopSeconds=0",
             "-filer",
             f"-filer.port={filer}",
