@@ -154,6 +154,7 @@ def prepare(
         )
     conn = (connect or (lambda: db.connect(data_dir)))()
     try:
+        _refuse_own_layout_mail(conn, data_dir)
         if not (root / MARKER).exists():
             _mark_new_store(conn, root)
         number = register_node(conn, node)
@@ -179,11 +180,31 @@ def prepare(
     return BlobLayout(data_dir, root, node, number, lock)
 
 
+def _refuse_own_layout_mail(conn: sql.Connection, data_dir: Path) -> None:
+    """The index still holds mail of the data-folder layout ('<hour>/<queue ID>', a hub that ran
+    with storage.blobs empty): on a shared folder its blobs would be looked for under the shared
+    root, found missing and marked damaged (gateways told to delete them). Nothing is moved."""
+    row = conn.execute("SELECT blob FROM messages WHERE blob NOT LIKE '%/%/%' LIMIT 1").fetchone()
+    if row is not None:
+        raise StorageError(
+            f"the index holds mail of the data-folder layout (e.g. {row[0]} in {Path(data_dir) / 'blobs'}):"
+            " storage.blobs can be set only on an index without it - set storage.blobs back to empty until"
+            " that mail is fetched, deleted or expired (docs/storage.md, a shared blob folder)"
+        )
+
+
 def _mark_new_store(conn: sql.Connection, root: Path) -> None:
     """No marker: a new shared store, unless the index already refers to shared blobs (then the
     folder is most likely not mounted: starting would show every mailbox's mail as missing)."""
     row = conn.execute("SELECT blob FROM messages WHERE blob LIKE '%/%/%' LIMIT 1").fetchone()
     if row is not None:
+        nodes = sorted(e.name for e in os.scandir(root) if e.is_dir() and (Path(e.path) / "spool").is_dir())
+        if nodes:  # the node folders are there: it is mounted, the marker was removed
+            raise SharedBlobsUnavailable(
+                f"storage.blobs {root} has no {MARKER} but holds node folders ({', '.join(nodes[:5])}) and the"
+                f" index refers to shared blobs (e.g. {row[0]}): if this is the mounted shared folder, its"
+                f" marker was removed - put it back with: touch {root / MARKER}"
+            )
         raise SharedBlobsUnavailable(
             f"storage.blobs {root} has no {MARKER} but the index refers to shared blobs (e.g. {row[0]}):"
             " is the shared file system mounted?"
@@ -235,8 +256,9 @@ def _link(path: Path, target: Path) -> None:
             path.rmdir()
         except OSError:
             raise StorageError(
-                f"{path} holds files of the data-folder layout: storage.blobs cannot be used over them (stop"
-                " the hub and move them away, or set storage.blobs back to empty; docs/storage.md)"
+                f"{path} holds files of the data-folder layout: storage.blobs cannot be used over them - set"
+                " storage.blobs back to empty; only once the index holds no mail of this layout (every mail"
+                " fetched, deleted or expired) move blobs/, spool/ and ledger/ away (docs/storage.md)"
             ) from None
     elif path.exists():
         raise StorageError(f"{path} is in the way of the link to {target}: move it away")

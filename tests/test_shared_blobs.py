@@ -266,6 +266,12 @@ def test_an_unmounted_shared_folder_is_not_taken_for_an_empty_one(tmp_path):
     with pytest.raises(SharedBlobsUnavailable, match="is the shared file system mounted"):
         asyncio.run(node(a, root, "alpha").open())
     assert os.listdir(root) == []  # nothing made on the wrong file system
+    mounted.rename(root / "mounted")
+    (root / "mounted" / blob_layout.MARKER).unlink()  # mounted, but the marker removed by hand
+    with pytest.raises(SharedBlobsUnavailable, match=r"holds node folders \(alpha\).* touch .*mailhub-blobs"):
+        asyncio.run(node(a, root / "mounted", "alpha").open())
+    (root / "mounted" / blob_layout.MARKER).touch()  # the command the message gives (started below)
+    (root / "mounted").rename(mounted)
     root.rmdir()
     with pytest.raises(SharedBlobsUnavailable, match="is not a folder"):
         asyncio.run(node(a, root, "alpha").open())
@@ -290,10 +296,13 @@ def test_an_unmounted_shared_folder_is_not_taken_for_an_empty_one(tmp_path):
 
 
 def test_the_default_keeps_the_data_folder_layout_and_the_two_are_not_mixed(tmp_path):
-    root, a, _b, site = make_cluster(tmp_path)
-    local = tmp_path / "local"
-    local.mkdir()
-    os.symlink(a / db.INDEX_NAME, local / db.INDEX_NAME)
+    root, a, _b, _site = make_cluster(tmp_path)
+    local = tmp_path / "local"  # a hub of its own (its own index) that ran with storage.blobs empty
+    conn = db.connect(local)
+    try:
+        site = add_site(conn, "beta", ["beta@hub.test"], "secret-password-1", ["hub.test"]).id
+    finally:
+        conn.close()
 
     async def default_run() -> str:
         storage = Storage(local)
@@ -308,9 +317,23 @@ def test_the_default_keeps_the_data_folder_layout_and_the_two_are_not_mixed(tmp_
     blob = row(local, qid)[0]
     assert blob.count("/") == 1 and (local / "blobs" / blob).is_file()  # '<hour>/<queue ID>' as ever
     assert not any((local / name).is_symlink() for name in blob_layout.LINKED)
-    with pytest.raises(StorageError, match="holds files of the data-folder layout"):
+    with pytest.raises(StorageError, match="index holds mail of the data-folder layout"):
         asyncio.run(node(local, root, "alpha").open())
     assert not (local / "blobs").is_symlink() and (local / "blobs" / blob).is_file()
+    # its folders moved away by hand: still refused (its mail would be looked for in the shared
+    # folder, found missing and marked damaged), nothing made in the shared folder
+    (local / "blobs").rename(tmp_path / "old-blobs")
+    with pytest.raises(StorageError, match=r"index holds mail .*set storage.blobs back to empty"):
+        asyncio.run(node(local, root, "alpha").open())
+    assert not (local / "blobs").exists() and not (root / "alpha").exists()
+    (tmp_path / "old-blobs").rename(local / "blobs")
+    fresh = tmp_path / "fresh"  # no mail in its index, a file left in blobs/: refused, not moved
+    db.connect(fresh).close()
+    (fresh / "blobs").mkdir()
+    (fresh / "blobs" / "left").write_bytes(b"x")
+    with pytest.raises(StorageError, match="holds files of the data-folder layout"):
+        asyncio.run(node(fresh, root, "alpha").open())
+    assert (fresh / "blobs" / "left").is_file()
 
     async def shared_then_default() -> None:
         storage = node(a, root, "alpha")
