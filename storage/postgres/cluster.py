@@ -7,10 +7,14 @@
 # - the leader lock (LEADER_SPACE): the node holding it runs the cluster's periodic work (expiry,
 #   scrub, directory updates, pruning) - `is_leader()`;
 # - LISTEN mailhub_events: other nodes' mailbox changes and downloads (storage/cluster_events.py),
-#   fed to this node's listeners (IMAP IDLE, the throttle's ledger) at once; its own are skipped.
+#   fed to this node's listeners (IMAP IDLE, the throttle's ledger) at once; its own are skipped;
+#   this node's live downloads and logins go out the same way;
+# - LISTEN mailhub_ask: questions to every node (`mailhub sessions --all`: ask_nodes), answered
+#   on the asker's reply channel.
 # When the connection is lost, every lock it held is lost with it: the link says so at once
-# (`on_locks_lost`, then `on_leader` False), refuses new locks until it is back (ClusterUnavailable)
-# and reconnects with a growing delay (0.5 s up to 30 s).
+# (`on_leader` False, then `on_locks_lost`), refuses new locks until it is back (ClusterUnavailable)
+# and reconnects with a growing delay (0.5 s up to 30 s); then `on_missed` (catch up from the index).
+# Docs: docs/cluster.md.
 # Must never hold a lock it cannot vouch for (a lock is "held" only while the connection that took
 # it is known alive), run a query of anyone else's on this connection, or let a bad payload or a
 # listener's error stop the link.
