@@ -699,6 +699,15 @@ class StorageConfig:
         "(blobs/ in data_dir); least recently used mails are evicted past it (never one being sent "
         "or used in the last 10 minutes) and downloaded again when served. 0: no bound.",
     )
+    delete_orphan_objects: bool = setting(
+        _bool,
+        False,
+        'With storage.blobs = "s3://...": delete at start-up the objects no index row names that the '
+        "store took over an hour ago (by its clock). Off: they are only reported in the log (one may "
+        "be acknowledged mail: another node's commit held up, another hub's index on the same "
+        "bucket and prefix, an index restored from an older backup). A node's own uncommitted "
+        "uploads (their files quarantined by recovery) are deleted either way.",
+    )
 
     @property
     def shared_folder(self) -> Path | None:

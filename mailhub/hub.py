@@ -663,7 +663,12 @@ def _object_blobs(cfg: Config, environ: Mapping[str, str]) -> ObjectBlobs | None
         raise StorageError(f"storage.blobs = {url!r}: {exc}") from None
     data_dir = Path(cfg.data_dir).absolute()
     objects = ObjectBlobs(
-        S3Client(settings), location, data_dir / "blobs", data_dir / "spool", cache_bytes=cfg.storage.cache_bytes
+        S3Client(settings),
+        location,
+        data_dir / "blobs",
+        data_dir / "spool",
+        cache_bytes=cfg.storage.cache_bytes,
+        delete_orphans=cfg.storage.delete_orphan_objects,
     )
     objects.on_download, objects.on_evict = OBJECT_DOWNLOADS.inc, OBJECT_EVICTIONS.inc
     objects.on_upload_failed = OBJECT_UPLOAD_FAILURES.inc

@@ -11,8 +11,10 @@
 #   (streamed, bounded memory) into spool/<queue id>.tmp, checked (length, trailer, SHA-256 of the
 #   message bytes as recorded at ingest), fsynced and renamed into blobs/; concurrent readers of
 #   the same missing mail share one download;
-# - start() at start-up: pending multipart uploads under the prefix aborted, recent objects no index
-#   row names reported (and deleted once old enough), the newest mails' objects checked (HEAD).
+# - start() at start-up: pending multipart uploads under the prefix aborted, the objects of this
+#   node's own uncommitted blob files (quarantined by recovery) deleted, recent objects no index row
+#   names REPORTED (deleted only with storage.delete_orphan_objects and once old enough by the
+#   store's clock), the newest mails' objects checked (HEAD).
 # The cache is bounded by storage.cache_bytes: least recently used files are evicted, never one
 # being sent (pinned by Storage.serving) nor one used within EVICT_IDLE seconds (checked before a
 # send that has not begun yet). Must never delete an object an index row names, nor the only copy
@@ -32,7 +34,7 @@ from pathlib import Path
 from . import envelope
 from .errors import StorageError
 from .files import rename_into, unlink_quietly
-from .s3 import S3Client, S3Error, S3Location
+from .s3 import ObjectInfo, S3Client, S3Error, S3Location
 
 log = logging.getLogger("mailhub.storage")
 EVICT_IDLE = 600.0  # seconds since its last use before a cached file may be evicted
@@ -40,6 +42,7 @@ ORPHAN_AGE = 3600.0  # an object no index row names is deleted at start-up only 
 STARTUP_HEADS = 100  # the newest mails whose objects start-up checks with a HEAD
 MISSING_LIMIT = 10  # more of those missing than this (and over a tenth) stop the start
 SWEEP_HOURS = 24 * 14  # hour folders listed at most by the start-up sweep for orphans
+MAX_ORPHANS = 1000  # objects no index row names, reported per hour folder at most
 
 
 class ObjectStoreError(StorageError):
@@ -69,7 +72,7 @@ class StartReport:
     def __str__(self) -> str:
         return (
             f"{self.aborted_uploads} unfinished upload(s) aborted, {len(self.orphans_deleted)} object(s) of"
-            f" uncommitted mail deleted, {len(self.orphans_kept)} left (younger than {ORPHAN_AGE:.0f} s),"
+            f" uncommitted mail deleted, {len(self.orphans_kept)} no index row names left,"
             f" {self.checked} newest mail(s) checked, {len(self.missing)} missing"
         )
 
@@ -86,6 +89,7 @@ class ObjectBlobs:
         executor: Executor | None = None,
         cache_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        delete_orphans: bool = False,
     ) -> None:
         self.client = client
         self.location = location
@@ -94,6 +98,7 @@ class ObjectBlobs:
         self.executor = executor  # disk work (None: the default executor); storage.Storage sets its own
         self.cache_bytes = cache_bytes  # 0: unbounded
         self._clock = clock
+        self.delete_orphans = delete_orphans  # storage.delete_orphan_objects: else the sweep only reports
         self._cached: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()  # LRU first
         self._cached_total = 0
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
@@ -150,7 +155,7 @@ class ObjectBlobs:
             try:
                 await self.client.delete(self.location.bucket, self.key(blob))
             except S3Error as exc:
-                log.warning("object of uncommitted mail %s left (the start-up sweep removes it): %s", blob, exc)
+                log.warning("object of uncommitted mail %s left (the start-up sweep reports it): %s", blob, exc)
 
     async def delete(self, blobs: list[str]) -> None:
         """Freed blobs: each object deleted, then its cached file. ObjectStoreError when the store
@@ -302,12 +307,24 @@ class ObjectBlobs:
         newest: list[tuple[str, float]],
         indexed_between: Callable[[str, str], Awaitable[set[str]]],
         now: float | None = None,
+        uncommitted: Iterable[str] = (),
     ) -> StartReport:
-        """Abort the multipart uploads a crash left; list the hour folders from two hours before the
-        newest committed mail up to now and delete the objects no index row names that are older
-        than ORPHAN_AGE (younger ones are reported: a commit may be in flight); HEAD the objects of
-        the newest mails (`newest`: (blob, received_at), newest first). ObjectStoreBehind when most
-        of those are missing. `indexed_between(lo, hi)`: the blobs the index holds in [lo, hi)."""
+        """Abort the multipart uploads a crash left; delete the objects of `uncommitted` (this node's
+        own blob files that recovery just moved to the quarantine: no index row names them, none of
+        this node's commits is in flight, and their bytes are in the quarantine); list the hour
+        folders from two hours before the newest committed mail up to now and REPORT the objects no
+        index row names - deleted only with delete_orphans and when older than ORPHAN_AGE by the
+        store's own LastModified (never by a queue ID or an unknown time), the index asked again
+        after the listing; HEAD the objects of the newest mails (`newest`: (blob, received_at),
+        newest first). ObjectStoreBehind when most of those are missing. `indexed_between(lo, hi)`:
+        the blobs the index holds in [lo, hi).
+
+        Why report-only by default: an object the index does not name may be acknowledged mail all
+        the same - another node's commit held up longer than ORPHAN_AGE (its index stalled), a node
+        clock ahead of the store's, another hub with an index of its own on the same bucket and
+        prefix (a misconfiguration), or an index restored from a backup older than the objects
+        (the object is then the only copy of the mail). A wrongly kept object costs bytes; a wrongly
+        deleted one loses mail."""
         now = time.time() if now is None else now
         report = StartReport()
         bucket = self.location.bucket
@@ -315,11 +332,16 @@ class ObjectBlobs:
             for key, upload_id in await self.client.pending_uploads(bucket, self.key("")):
                 await self.client.abort_upload(bucket, key, upload_id)
                 report.aborted_uploads += 1
+            for blob in sorted(set(uncommitted)):
+                hour = blob.partition("/")[0]
+                if blob not in await indexed_between(hour + "/", hour + "0"):
+                    await self.client.delete(bucket, self.key(blob))
+                    report.orphans_deleted.append(blob)
             since = (newest[0][1] if newest else now) - 2 * 3600
             hours = min(SWEEP_HOURS, max(0, int((now - since) // 3600) + 1))
             for n in range(hours + 1):
                 hour = time.strftime("%Y%m%d%H", time.gmtime(now - (hours - n) * 3600))
-                await self._sweep_hour(hour, await indexed_between(hour + "/", hour + "0"), now, report)
+                await self._sweep_hour(hour, indexed_between, now, report)
             for blob, _received in newest[:STARTUP_HEADS]:
                 report.checked += 1
                 if await self.client.head(bucket, self.key(blob)) is None:
@@ -333,15 +355,28 @@ class ObjectBlobs:
             )
         return report
 
-    async def _sweep_hour(self, hour: str, indexed: set[str], now: float, report: StartReport) -> None:
+    async def _sweep_hour(
+        self, hour: str, indexed_between: Callable[[str, str], Awaitable[set[str]]], now: float, report: StartReport
+    ) -> None:
         prefix = self.key(hour + "/")
+        indexed = await indexed_between(hour + "/", hour + "0")
+        candidates: list[tuple[str, ObjectInfo]] = []
         async for info in self.client.list_objects(self.location.bucket, prefix):
             blob = hour + "/" + info.key[len(prefix) :]
+            if blob not in indexed and blob not in report.orphans_deleted:
+                candidates.append((blob, info))
+            if len(candidates) > MAX_ORPHANS:
+                break  # enough to report (the rest: at the next start)
+        if not candidates:
+            return
+        indexed = await indexed_between(hour + "/", hour + "0")  # rows committed while the listing ran
+        for blob, info in candidates:
             if blob in indexed:
                 continue
-            # its age since the store took it (a slow mail's queue ID may be much older than its upload)
-            made = info.modified if info.modified is not None else queue_id_time(blob.rpartition("/")[2])
-            if made is not None and now - made > ORPHAN_AGE:
+            # its age since the store took it, by the store's clock (a queue ID can be hours older
+            # than its upload, and the node's clock is not the store's); unknown: kept
+            old = info.modified is not None and now - info.modified > ORPHAN_AGE
+            if self.delete_orphans and old:
                 await self.client.delete(self.location.bucket, info.key)
                 report.orphans_deleted.append(blob)
             else:

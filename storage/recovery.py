@@ -53,6 +53,7 @@ class RecoveryReport:
     strays: list[str] = field(default_factory=list)  # left alone
     missing_blobs: list[str] = field(default_factory=list)
     size_mismatches: list[str] = field(default_factory=list)
+    uncommitted: list[str] = field(default_factory=list)  # blob files no index row names (quarantined)
     skipped: list[str] = field(default_factory=list)  # could not be done (e.g. a full disk)
 
     def anything(self) -> bool:
@@ -202,6 +203,7 @@ def _check_blobs(
         )
     for name, start, size in tails:
         _quarantine_tail(data_dir, blob_dir / name, start, size, report)
+    report.uncommitted = list(orphans)
     for name in orphans:
         _quarantine(
             data_dir,

@@ -215,7 +215,7 @@ class Storage:
         self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
         if self.objects is not None:
             try:
-                await self._start_objects(self.objects)
+                await self._start_objects(self.objects, report.uncommitted)
             except BaseException:  # the store unreachable, or not the index's: nothing may stay open
                 await self.close()
                 raise
@@ -230,9 +230,10 @@ class Storage:
             conn.close()
         return blob_layout.BlobLayout(self.data_dir, node=self.node, number=number)
 
-    async def _start_objects(self, objects: ObjectBlobs) -> None:
+    async def _start_objects(self, objects: ObjectBlobs, uncommitted: list[str]) -> None:
         """Blobs on object storage: what the cache holds, freed objects deleted, then the store's
-        start-up check (storage/object_blobs.py); a mail whose object is missing is marked damaged."""
+        start-up check (storage/object_blobs.py); a mail whose object is missing is marked damaged.
+        `uncommitted`: this node's blob files recovery found no index row for (quarantined)."""
         await asyncio.get_running_loop().run_in_executor(self.executor, objects.scan_cache)
         try:
             await self.empty_trash()
@@ -246,12 +247,20 @@ class Storage:
             rows = await self._index.fetchall("SELECT blob FROM messages WHERE blob >= ? AND blob < ?", (low, high))
             return {blob for (blob,) in rows}
 
-        report = await objects.start([(b, t) for b, t in newest], indexed_between)
+        report = await objects.start([(b, t) for b, t in newest], indexed_between, uncommitted=uncommitted)
         log.info("object store %s: %s", objects.location, report)
         for blob in report.orphans_deleted:
             log.warning("object store: deleted the object of uncommitted mail %s (its sender got no 250)", blob)
-        for blob in report.orphans_kept:
-            log.warning("object store: object %s has no index row yet; left (a commit may be in flight)", blob)
+        for blob in report.orphans_kept[:_ORPHANS_LOGGED]:
+            log.warning(
+                "object store: object %s has no index row; left (a commit in flight, or mail of another index:"
+                " see docs/storage.md, Mail on object storage)",
+                blob,
+            )
+        if len(report.orphans_kept) > _ORPHANS_LOGGED:
+            log.warning(
+                "object store: %d more objects no index row names left", len(report.orphans_kept) - _ORPHANS_LOGGED
+            )
         for blob in report.missing:
             self.mark_damaged_soon(blob.rpartition("/")[2], "its object is missing from the object store", "start")
 
@@ -876,6 +885,9 @@ class Storage:
                     punch_hole(self.blob_dir / blob, start, size)
                 except OSError as exc:  # the space comes back with the whole pack
                     log.warning("could not release freed bytes of %s: %s", blob, exc)
+
+
+_ORPHANS_LOGGED = 20  # objects no index row names, logged one a line at start-up
 
 
 def _file_size(path: str) -> int:

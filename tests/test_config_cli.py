@@ -194,6 +194,7 @@ def samples(pem_files) -> dict[tuple[str, str], tuple[str, object]]:
         ("storage", "scrub_rate"): ("1K", 1024),
         ("storage", "verify_while_serving"): ("true", True),
         ("storage", "cache_bytes"): ("1G", 1024**3),
+        ("storage", "delete_orphan_objects"): ("true", True),
         ("log", "level"): ("debug", "debug"),
         ("log", "format"): ("json", "json"),
         ("log", "stall_threshold"): ("0.5", 0.5),
