@@ -400,7 +400,9 @@ def _check_download(fd: int, length: int, size: int, sha256: str, digest: "hashl
     found = envelope.read_trailer(fd, length)
     if found is None or found.size != size:
         return f"the object's length or trailer does not match the mail's {size} bytes"
-    if sha256 and digest.hexdigest() != sha256:
+    if not sha256:  # never cached unchecked: every reader after this one is served the file as it is
+        return "no SHA-256 recorded to check the object against: not cached"
+    if digest.hexdigest() != sha256:
         return "the object's bytes differ from the SHA-256 recorded at ingest"
     os.fsync(fd)
     return None

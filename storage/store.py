@@ -658,11 +658,19 @@ class Storage:
         """Blobs on object storage: make sure the blob file at `path` (under blobs/) is in the
         node's cache, downloading and checking it if not; None when it is there, else why not (its
         object missing or different). OSError when the store cannot be read now. Without an object
-        store: None (blobs/ holds every mail)."""
+        store: None (blobs/ holds every mail). Without `sha256` (the relay's callers) the one the
+        index recorded is looked up: a download is never cached unchecked (the cached file is
+        served to every reader after it as it is)."""
         if self.objects is None:
             return None
+        blob = path.relative_to(self.blob_dir).as_posix()
+        if not sha256 and not os.path.exists(path):
+            rows = await self._index.fetchall("SELECT sha256 FROM messages WHERE blob = ? LIMIT 1", (blob,))
+            if not rows or not rows[0][0]:
+                return f"mail {blob} has no index row with its SHA-256 (freed?): not downloaded"
+            sha256 = rows[0][0]
         try:
-            return await self.objects.ready(path.relative_to(self.blob_dir).as_posix(), size, sha256)
+            return await self.objects.ready(blob, size, sha256)
         except ObjectStoreError as exc:
             raise OSError(errno.EIO, str(exc)) from None
 

@@ -215,6 +215,16 @@ def test_mail_is_in_the_store_before_its_250_and_served_again_with_the_cache_emp
             client.retr(1)
     finally:
         client.quit()
+    # the relay's reads (storage.cached without a SHA-256) check the download against the index's
+    # SHA-256 too: a changed object never enters the cache, where every later reader would get it
+    storage, small = hub._hub.storage, hub.data_dir / "blobs" / blobs[qids[0]]
+    sizes = dict(hub.query("SELECT queue_id, size FROM messages"))
+    problem = asyncio.run_coroutine_threadsafe(storage.cached(small, sizes[qids[0]]), hub._loop).result(30)
+    assert "SHA-256" in (problem or ""), problem
+    assert not small.exists()
+    large = hub.data_dir / "blobs" / blobs[qids[1]]
+    assert asyncio.run_coroutine_threadsafe(storage.cached(large, sizes[qids[1]]), hub._loop).result(30) is None
+    assert large.exists()
     assert hub.stop() == 0
 
 
@@ -424,6 +434,8 @@ def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_u
 
         (tmp_path / "blobs" / blobs[1][0]).unlink(missing_ok=True)
         assert "SHA-256" in (await cache.ready(blobs[1][0], 1000, "0" * 64) or "")  # not what was recorded
+        assert not (tmp_path / "blobs" / blobs[1][0]).exists()
+        assert "SHA-256" in (await cache.ready(blobs[1][0], 1000, "") or "")  # nothing to check it by: refused
         assert not (tmp_path / "blobs" / blobs[1][0]).exists()
         await cache.delete([blobs[2][0]])
 
