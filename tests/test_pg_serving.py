@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from mailhub import config, config_show
-from storage import events, sites
+from storage import events, sites, sql
 from storage.errors import CommitUnknown, StorageError
-from storage.index_writer import RETRIES, BatchItem, IndexWriter
+from storage.index_writer import RETRIES, BatchItem, IndexWriter, _index_batch
+from storage.postgres.connection import PgConnection
 from storage.records import Delivery, MessageMeta
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
@@ -178,12 +179,60 @@ class _LosesCommitAnswer:
         self.inner.close()
 
 
+def _mail_to(site, queue_id: str) -> BatchItem:
+    """A mail to `site` from a peer network (no sending site: no sender's counters shared)."""
+    meta = MessageMeta(mail_from="a@peer.test", sender_site=None, dot_lines=False, message_id=f"<{queue_id}@hub.test>")
+    item = BatchItem(
+        queue_id, 100, 1.0, meta, [Delivery(site.id, site.addresses[0], site.name)], [], None, f"h/{queue_id}"
+    )
+    item.sha256 = "ab" * 32
+    return item
+
+
+@pytest.mark.postgresql
+def test_a_second_writer_takes_no_uid_of_a_site_before_the_first_one_committed(pg_writer, pg_index):
+    """IMAP: UIDs of a mailbox become visible in their order. Writer A (a node) delivers to alpha and
+    has not committed; writer B's delivery to alpha waits for alpha's UID counter row BEFORE it takes
+    a UID, so B's UID is above A's and appears after it (a UID taken first and committed later would
+    show a client UID 3 after it saw UID 4)."""
+    alpha = sites.add_site(pg_writer.conn, "alpha", ["alpha@hub.test"], PASSWORD, ["hub.test"])
+    a, b = PgConnection.connect(pg_index[0]), PgConnection.connect(pg_index[0])
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        a.execute("BEGIN")
+        _index_batch(a, [_mail_to(alpha, "QA")], [])
+        (uid_a,) = a.execute("SELECT uid FROM mailbox WHERE queue_id = 'QA'").fetchone()
+        b_pid = b.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+        def deliver_b():
+            b.execute("BEGIN")
+            _index_batch(b, [_mail_to(alpha, "QB")], [])
+            b.execute("COMMIT")
+
+        done = pool.submit(deliver_b)
+        wait_for(
+            lambda: pg_writer.conn.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = ?", (b_pid,)
+            ).fetchone()[0],
+            timeout=30,
+            message="B waiting for alpha's UID counter row",
+        )
+        high = pg_writer.conn.execute(sql.id_high_water(pg_writer.conn, "mailbox", "uid")).fetchone()[0]
+        assert high == uid_a  # B waits without a UID
+        a.execute("COMMIT")
+        done.result(timeout=30)
+        uids = pg_writer.conn.execute("SELECT queue_id, uid FROM mailbox ORDER BY uid").fetchall()
+        assert [q for q, _ in uids] == ["QA", "QB"] and uids[1][1] > uid_a
+    finally:
+        a.close()  # (a failure above: A's transaction ends here, so B's ends too)
+        pool.shutdown(wait=True)
+        b.close()
+
+
 @pytest.mark.postgresql
 def test_a_commit_whose_answer_was_lost_is_looked_up_never_done_twice(pg_writer):
     site = sites.add_site(pg_writer.conn, "alpha", ["alpha@hub.test"], PASSWORD, ["hub.test"])
-    meta = MessageMeta(mail_from="a@hub.test", sender_site=site.id, dot_lines=False, message_id="<q@hub.test>")
-    item = BatchItem("QLOST", 100, 1.0, meta, [Delivery(site.id, "alpha@hub.test", "alpha")], [], None, "h/QLOST")
-    item.sha256 = "ab" * 32
+    item = _mail_to(site, "QLOST")
     seq = pg_writer.seq + 1
     pg_writer.conn = _LosesCommitAnswer(pg_writer.conn)
     # a group commit: its `commits` row says it took; the senders get their 250, nothing is redone
