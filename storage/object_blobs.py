@@ -103,6 +103,7 @@ class ObjectBlobs:
         self._cached_total = 0
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
         self._pinned: collections.Counter[str] = collections.Counter()  # blobs being sent: never evicted
+        self._discarding: set[asyncio.Task[None]] = set()  # deletions of uploads cut short
         self.downloads = 0  # objects downloaded into the cache (tests, metrics)
         self.evicted = 0
         # hooks (the hub counts them in storage.metrics): a download, an eviction, a failed upload
@@ -136,8 +137,16 @@ class ObjectBlobs:
             try:
                 result = await self.client.put(self.location.bucket, self.key(blob), read)
             except S3Error as exc:
+                # the store may have taken it all the same (its answer lost, a timeout after the
+                # body): nothing of an unacknowledged mail may stay (the start-up sweep only reports)
                 _call(self.on_upload_failed)
+                await self.discard([blob])
                 raise ObjectStoreError(f"the object store did not take mail {blob}: {exc}") from None
+            except asyncio.CancelledError:  # the session ended mid-upload: deleted in the background
+                task = asyncio.ensure_future(self.discard([blob]))
+                self._discarding.add(task)
+                task.add_done_callback(self._discarding.discard)
+                raise
             if result.size != size or not result.etag:
                 _call(self.on_upload_failed)
                 await self.discard([blob])

@@ -8,6 +8,7 @@
 # object; a restart cleans what a crash left in the store; the cache alone (one download for many
 # readers, LRU eviction, pins, orphans by age); two nodes on one PostgreSQL index share the bucket.
 import asyncio
+import dataclasses
 import hashlib
 import imaplib
 import itertools
@@ -39,6 +40,7 @@ class StoreProxy:
         host, port = endpoint.removeprefix("http://").split(":")
         self.target = (host, int(port))
         self.up = True
+        self.mute = 0  # the next this many connections: the store's answers dropped (lost replies)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -54,14 +56,16 @@ class StoreProxy:
                 client.close()
                 continue
             server = socket.create_connection(self.target)
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            muted, self.mute = self.mute > 0, max(0, self.mute - 1)
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, muted), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(source: socket.socket, sink: socket.socket, muted: bool = False) -> None:
         try:
             while data := source.recv(256 * 1024):
-                sink.sendall(data)
+                if not muted:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -481,6 +485,33 @@ def test_the_cache_downloads_a_missing_mail_once_and_evicts_the_least_recently_u
         )
 
     asyncio.run(scenario())
+
+
+def test_an_upload_whose_answer_is_lost_leaves_no_object(seaweedfs, tmp_path):
+    """The store takes a mail's object but its answer never comes (a timeout after the body): the
+    upload fails (451 for the sender) and the object is deleted - the start-up sweep only reports
+    objects no index row names, so nothing else would remove it."""
+    bucket, prefix = place(seaweedfs)
+    for folder in ("blobs", "spool"):
+        (tmp_path / folder).mkdir()
+    proxy = StoreProxy(seaweedfs.endpoint)
+    settings = dataclasses.replace(seaweedfs.settings(timeout=1.0), endpoint=proxy.endpoint, attempts=1)
+    cache = ObjectBlobs(S3Client(settings), S3Location(bucket, prefix), tmp_path / "blobs", tmp_path / "spool")
+    blob = time.strftime("%Y%m%d%H", time.gmtime()) + "/" + "0" * 18 + "9"
+    path = tmp_path / "blobs" / blob
+    path.parent.mkdir()
+    path.write_bytes(b"x" * 5000)
+
+    async def scenario() -> list[str]:
+        proxy.mute = 1
+        with pytest.raises(object_blobs.ObjectStoreError, match="did not take mail"):
+            await cache.upload(str(path), blob)
+        return [o.key async for o in cache.client.list_objects(bucket, prefix + "/")]
+
+    try:
+        assert asyncio.run(scenario()) == []
+    finally:
+        proxy.close()
 
 
 def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, seaweedfs):
