@@ -611,7 +611,15 @@ def _index_url(value: Any) -> str:
 
     if not isinstance(value, str):
         raise ValueError("expected a string")
-    return index_url(value)
+    url = index_url(value)
+    if url:
+        try:
+            import psycopg  # noqa: F401  (the optional extra the PostgreSQL index needs)
+        except ImportError:
+            raise ValueError(
+                "a PostgreSQL index needs psycopg, which is not installed: pip install 'dicom-mail-hub[postgresql]'"
+            ) from None
+    return url
 
 
 @_kind('path, "s3://BUCKET/PREFIX", or empty')

@@ -1,6 +1,7 @@
 # The typed configuration (mailhub/config.py): one frozen dataclass per section, built and validated
 # once by load(); changes are new objects (with_overrides, dataclasses.replace), the original stays.
 import dataclasses
+import sys
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -91,6 +92,18 @@ def test_validation_errors_are_one_line_naming_the_key(environ, message):
     with pytest.raises(config.ConfigError) as caught:
         config.load(None, environ=environ)
     assert str(caught.value) == message and "\n" not in str(caught.value)
+
+
+def test_a_postgresql_index_without_psycopg_is_one_line_naming_the_extra(monkeypatch):
+    """A hub pointed at PostgreSQL on a machine without the optional extra stops with one line at
+    its configuration, not with a traceback at the first connection."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` raises ImportError
+    environ = {"MAILHUB_STORAGE_INDEX": "postgresql://mailhub:secret-pw@db.example/mailhub"}
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(None, environ=environ)
+    message = str(caught.value)
+    assert message.startswith("storage.index: a PostgreSQL index needs psycopg") and "\n" not in message
+    assert "pip install 'dicom-mail-hub[postgresql]'" in message and "secret-pw" not in message
 
 
 def test_the_environment_overrides_the_file(tmp_path):
