@@ -1,8 +1,8 @@
 # The typed configuration (mailhub/config.py): one frozen dataclass per section, built and validated
 # once by load(); changes are new objects (with_overrides, dataclasses.replace), the original stays.
 import dataclasses
-import sys
 import ipaddress
+import sys
 import tomllib
 from pathlib import Path
 
