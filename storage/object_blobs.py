@@ -17,9 +17,11 @@
 #   store's clock), the newest mails' objects checked (HEAD).
 # The cache is bounded by storage.cache_bytes: least recently used files are evicted, never one
 # being sent (pinned by Storage.serving) nor one used within EVICT_IDLE seconds (checked before a
-# send that has not begun yet). Must never delete an object an index row names, nor the only copy
-# of a mail: a cached file is evicted only after its object was confirmed (by construction: files
-# enter the cache after upload() or a checked download).
+# send that has not begun yet). A download leaves storage.min_free_bytes free on the node's disk
+# (evicting idle files, even recently used ones, to make room; else a temporary error): the cache
+# must never take the room that new mail and the index need. Must never delete an object an index
+# row names, nor the only copy of a mail: a cached file is evicted only after its object was
+# confirmed (by construction: files enter the cache after upload() or a checked download).
 import asyncio
 import collections
 import hashlib
@@ -34,6 +36,7 @@ from pathlib import Path
 from . import envelope
 from .errors import StorageError
 from .files import rename_into, unlink_quietly
+from .reserve import free_bytes
 from .s3 import ObjectInfo, S3Client, S3Error, S3Location
 
 log = logging.getLogger("mailhub.storage")
@@ -99,6 +102,8 @@ class ObjectBlobs:
         self.cache_bytes = cache_bytes  # 0: unbounded
         self._clock = clock
         self.delete_orphans = delete_orphans  # storage.delete_orphan_objects: else the sweep only reports
+        self.min_free_bytes = 0  # storage.min_free_bytes (storage.Storage sets it): kept free by downloads
+        self.free_bytes: Callable[[], int] = lambda: free_bytes(self.spool_dir)  # the node disk's free bytes
         self._cached: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()  # LRU first
         self._cached_total = 0
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
@@ -265,8 +270,36 @@ class ObjectBlobs:
             running.add_done_callback(lambda _: self._fetching.pop(blob, None))
         return await asyncio.shield(running)
 
+    def _make_room(self, blob: str, size: int) -> None:
+        """Before a download: at least min_free_bytes left on the node's disk after it, evicting
+        cached files (least recently used, never one being sent or downloaded) to make it so; else
+        ObjectStoreError (temporary). Downloads must not take the room new mail and the index need."""
+        if not self.min_free_bytes:
+            return
+        need = self.min_free_bytes + size  # (its envelope record and trailer: small beside it)
+        try:
+            free = self.free_bytes()
+        except OSError:
+            return  # unknown: the writes will tell
+        for victim in list(self._cached):
+            if free >= need:
+                return
+            if victim in self._fetching or victim in self._pinned:
+                continue
+            self._forget(victim)
+            unlink_quietly(self.blob_dir / victim)
+            self.evicted += 1
+            _call(self.on_evict)
+            free = self.free_bytes()
+        if free < need:
+            raise ObjectStoreError(
+                f"no room on the node's disk to cache mail {blob}: {free} bytes free, {need} needed"
+                " (storage.min_free_bytes kept free)"
+            )
+
     async def _download(self, blob: str, size: int, sha256: str) -> str | None:
         loop = asyncio.get_running_loop()
+        self._make_room(blob, size)
         queue_id = blob.rpartition("/")[2]
         temporary = str(self.spool_dir / f"{queue_id}.tmp")  # start-up recovery removes one left over
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)

@@ -155,6 +155,7 @@ class Storage:
         self.objects = objects  # the blobs' object store (blobs/ its cache), or None: blobs/ holds them
         if objects is not None:
             objects.executor = self.executor
+            objects.min_free_bytes = min_free_bytes
 
     @property
     def listeners(self) -> list[MailboxListener]:

@@ -514,6 +514,49 @@ def test_an_upload_whose_answer_is_lost_leaves_no_object(seaweedfs, tmp_path):
         proxy.close()
 
 
+def test_a_download_leaves_min_free_bytes_on_the_node_disk(seaweedfs, tmp_path):
+    """A mail downloaded into the cache must not take the room new mail and the index need: short
+    of storage.min_free_bytes after it, idle cached files go first (even recently used ones, never
+    one being sent); still short, the reader gets a temporary error and nothing is written."""
+    bucket, prefix = place(seaweedfs)
+    for folder in ("blobs", "spool"):
+        (tmp_path / folder).mkdir()
+    cache = ObjectBlobs(
+        S3Client(seaweedfs.settings()), S3Location(bucket, prefix), tmp_path / "blobs", tmp_path / "spool"
+    )
+    cache.min_free_bytes = 1_000_000
+    free = [500_000]
+    cache.free_bytes = lambda: free[0]
+    hour = time.strftime("%Y%m%d%H", time.gmtime())
+    (tmp_path / "blobs" / hour).mkdir()
+    made = {}
+    for name in ("0" * 18 + "1", "0" * 18 + "2"):
+        message = name.encode() * 100
+        record = envelope.record(name, len(message), 0.0, "", MessageMeta("a@hub.test", None, False), [], [], "null")
+        (tmp_path / "blobs" / hour / name).write_bytes(message + envelope.trailer(record, len(message)))
+        made[f"{hour}/{name}"] = (len(message), hashlib.sha256(message).hexdigest())
+    (kept, _), (wanted, (size, sha)) = made.items()
+
+    async def scenario() -> None:
+        for blob in made:
+            await cache.upload(str(tmp_path / "blobs" / blob), blob)
+            cache.committed(blob, (tmp_path / "blobs" / blob).stat().st_size)
+        cache.scrubbed(wanted, "dropped")  # not in the cache now
+        cache.pin(kept)  # being sent: never evicted for room
+        with pytest.raises(object_blobs.ObjectStoreError, match="no room on the node's disk"):
+            await cache.ready(wanted, size, sha)
+        assert (tmp_path / "blobs" / kept).exists() and not (tmp_path / "blobs" / wanted).exists()
+        assert list((tmp_path / "spool").iterdir()) == []
+        cache.unpin(kept)
+        with pytest.raises(object_blobs.ObjectStoreError, match="no room"):  # used just now, evicted all the same
+            await cache.ready(wanted, size, sha)
+        assert not (tmp_path / "blobs" / kept).exists() and cache.cached_bytes == 0
+        free[0] = 2_000_000
+        assert await cache.ready(wanted, size, sha) is None and (tmp_path / "blobs" / wanted).exists()
+
+    asyncio.run(scenario())
+
+
 def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, seaweedfs):
     """Node A takes a mail (its object up before the 250), node B, with an empty cache, serves it
     from the object store and deletes it (object gone); queue IDs carry each node's number."""
