@@ -44,6 +44,10 @@ EVICT_IDLE = 600.0  # seconds since its last use before a cached file may be evi
 ORPHAN_AGE = 3600.0  # an object no index row names is deleted at start-up only when stored longer ago
 STARTUP_HEADS = 100  # the newest mails whose objects start-up checks with a HEAD
 MISSING_LIMIT = 10  # more of those missing than this (and over a tenth) stop the start
+# an upload not confirmed by then is given up (451): an SMTP client waits 10 minutes for the reply to
+# its data (RFC 5321 4.5.3.2.6), so a later 250 would reach nobody and the mail would come again
+# (each request's steps have s3.timeout, but a store taking a slice every few seconds has no end)
+UPLOAD_DEADLINE = 480.0
 SWEEP_HOURS = 24 * 14  # hour folders listed at most by the start-up sweep for orphans
 MAX_ORPHANS = 1000  # objects no index row names, reported per hour folder at most
 
@@ -140,17 +144,17 @@ class ObjectBlobs:
                 return data
 
             try:
-                result = await self.client.put(self.location.bucket, self.key(blob), read)
-            except S3Error as exc:
+                async with asyncio.timeout(UPLOAD_DEADLINE):  # each step has its own timeout too
+                    result = await self.client.put(self.location.bucket, self.key(blob), read)
+            except (S3Error, TimeoutError) as exc:
                 # the store may have taken it all the same (its answer lost, a timeout after the
                 # body): nothing of an unacknowledged mail may stay (the start-up sweep only reports)
                 _call(self.on_upload_failed)
-                await self.discard([blob])
-                raise ObjectStoreError(f"the object store did not take mail {blob}: {exc}") from None
-            except asyncio.CancelledError:  # the session ended mid-upload: deleted in the background
-                task = asyncio.ensure_future(self.discard([blob]))
-                self._discarding.add(task)
-                task.add_done_callback(self._discarding.discard)
+                self._discard_soon(blob)  # (the sender's 451 does not wait for it)
+                why = exc if isinstance(exc, S3Error) else f"not confirmed within {UPLOAD_DEADLINE:g} s"
+                raise ObjectStoreError(f"the object store did not take mail {blob}: {why}") from None
+            except asyncio.CancelledError:  # the session ended mid-upload
+                self._discard_soon(blob)
                 raise
             if result.size != size or not result.etag:
                 _call(self.on_upload_failed)
@@ -161,6 +165,12 @@ class ObjectBlobs:
                 )
         finally:
             os.close(fd)
+
+    def _discard_soon(self, blob: str) -> None:
+        """discard() in the background (a store that failed an upload may be slow to answer)."""
+        task = asyncio.ensure_future(self.discard([blob]))
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
 
     async def discard(self, blobs: Iterable[str]) -> None:
         """Delete the objects of mails that were not committed (quietly: what stays is found by the

@@ -506,6 +506,7 @@ def test_an_upload_whose_answer_is_lost_leaves_no_object(seaweedfs, tmp_path):
         proxy.mute = 1
         with pytest.raises(object_blobs.ObjectStoreError, match="did not take mail"):
             await cache.upload(str(path), blob)
+        await asyncio.gather(*cache._discarding)  # deleted in the background (the 451 does not wait)
         return [o.key async for o in cache.client.list_objects(bucket, prefix + "/")]
 
     try:
@@ -555,6 +556,45 @@ def test_a_download_leaves_min_free_bytes_on_the_node_disk(seaweedfs, tmp_path):
         assert await cache.ready(wanted, size, sha) is None and (tmp_path / "blobs" / wanted).exists()
 
     asyncio.run(scenario())
+
+
+def test_an_upload_has_an_overall_deadline(seaweedfs, tmp_path, monkeypatch):
+    """A store that takes the connection and the body and never answers: each try ends at
+    s3.timeout, but all the tries together end at UPLOAD_DEADLINE (8 minutes: before an SMTP
+    client stops waiting for its reply), the upload refused (451) - here 0.5 s against 3 x 5 s."""
+    bucket, prefix = place(seaweedfs)
+    silent = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                taken.append(silent.accept()[0])  # kept open, never read, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    settings = dataclasses.replace(seaweedfs.settings(timeout=5.0), endpoint=endpoint)
+    (tmp_path / "blobs").mkdir()
+    cache = ObjectBlobs(S3Client(settings), S3Location(bucket, prefix), tmp_path / "blobs", tmp_path / "spool")
+    path = tmp_path / "blobs" / "mail"
+    path.write_bytes(b"x" * 50_000)
+    monkeypatch.setattr(object_blobs, "UPLOAD_DEADLINE", 0.5)
+
+    async def upload() -> float:
+        started = time.monotonic()
+        with pytest.raises(object_blobs.ObjectStoreError, match="not confirmed within 0.5 s"):
+            await cache.upload(str(path), "2026010100/" + "0" * 19)
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(upload()) < 5.0  # the first try alone would take 5 s, all three 16.5 s
+        # (the object's deletion goes on in the background: the 451 does not wait for it)
+    finally:
+        silent.close()
+        for conn in taken:
+            conn.close()
 
 
 def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, seaweedfs):
