@@ -27,6 +27,7 @@ import collections
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
@@ -40,6 +41,7 @@ from .reserve import free_bytes
 from .s3 import ObjectInfo, S3Client, S3Error, S3Location
 
 log = logging.getLogger("mailhub.storage")
+_BLOB_NAME = re.compile(r"\d{10}/[0-9A-F]{19}")  # an hour folder and a queue ID (storage/spool.py)
 EVICT_IDLE = 600.0  # seconds since its last use before a cached file may be evicted
 ORPHAN_AGE = 3600.0  # an object no index row names is deleted at start-up only when stored longer ago
 STARTUP_HEADS = 100  # the newest mails whose objects start-up checks with a HEAD
@@ -106,6 +108,7 @@ class ObjectBlobs:
         self.cache_bytes = cache_bytes  # 0: unbounded
         self._clock = clock
         self.delete_orphans = delete_orphans  # storage.delete_orphan_objects: else the sweep only reports
+        self.node_number: int | None = None  # in this node's queue IDs (several nodes: Storage sets it)
         self.min_free_bytes = 0  # storage.min_free_bytes (storage.Storage sets it): kept free by downloads
         self.free_bytes: Callable[[], int] = lambda: free_bytes(self.spool_dir)  # the node disk's free bytes
         self._cached: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()  # LRU first
@@ -382,8 +385,9 @@ class ObjectBlobs:
         bucket = self.location.bucket
         try:
             for key, upload_id in await self.client.pending_uploads(bucket, self.key("")):
-                await self.client.abort_upload(bucket, key, upload_id)
-                report.aborted_uploads += 1
+                if self._own_upload(key):  # not another node's upload in flight, nor another program's
+                    await self.client.abort_upload(bucket, key, upload_id)
+                    report.aborted_uploads += 1
             for blob in sorted(set(uncommitted)):
                 hour = blob.partition("/")[0]
                 if blob not in await indexed_between(hour + "/", hour + "0"):
@@ -406,6 +410,14 @@ class ObjectBlobs:
                 f" {self.location} (is storage.blobs, or s3.endpoint, the store this index was written to?)"
             )
         return report
+
+    def _own_upload(self, key: str) -> bool:
+        """Whether a pending multipart upload is one this node began (a mail's object: an hour
+        folder and a queue ID carrying this node's number, if nodes have numbers)."""
+        prefix = self.key("")
+        if not key.startswith(prefix) or not _BLOB_NAME.fullmatch(key[len(prefix) :]):
+            return False
+        return self.node_number is None or key[-6:-4] == f"{self.node_number:02X}"
 
     async def _sweep_hour(
         self, hour: str, indexed_between: Callable[[str, str], Awaitable[set[str]]], now: float, report: StartReport

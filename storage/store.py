@@ -188,6 +188,7 @@ class Storage:
             )
             if self.objects is not None and self.index.is_postgresql:
                 self.layout = self._object_store_layout()
+                self.objects.node_number = self.layout.number  # its own multipart uploads: its queue IDs
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             conn = _open_index(self.index)

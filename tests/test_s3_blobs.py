@@ -597,6 +597,31 @@ def test_an_upload_has_an_overall_deadline(seaweedfs, tmp_path, monkeypatch):
             conn.close()
 
 
+def test_start_up_aborts_only_its_own_unfinished_uploads(seaweedfs, tmp_path):
+    """Several nodes on one prefix: a node's start aborts the multipart uploads it began (a crash
+    cut them short), not another node's upload of a big mail in flight (its sender got 451), nor
+    an upload of another program under the prefix (a backup, with prefix "" the whole bucket)."""
+    bucket, prefix = place(seaweedfs)
+    client = S3Client(seaweedfs.settings())
+    cache = ObjectBlobs(client, S3Location(bucket, prefix), tmp_path, tmp_path)
+    cache.node_number = 1
+    made = int(time.time() * 1e6)
+    own, other = (f"{prefix}/2026010100/{made:013X}{n:02X}0001" for n in (1, 2))
+    foreign = f"{prefix}/backups/index.sqlite3"
+
+    async def scenario() -> list[str]:
+        for key in (own, other, foreign):
+            await client._create_upload(bucket, key)
+        report = await cache.start([], lambda low, high: asyncio.sleep(0, set()))
+        assert report.aborted_uploads == 1
+        left = await client.pending_uploads(bucket, prefix + "/")
+        for key, upload_id in left:
+            await client.abort_upload(bucket, key, upload_id)
+        return sorted(key for key, _ in left)
+
+    assert asyncio.run(scenario()) == sorted([other, foreign])
+
+
 def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, seaweedfs):
     """Node A takes a mail (its object up before the 250), node B, with an empty cache, serves it
     from the object store and deletes it (object gone); queue IDs carry each node's number."""
