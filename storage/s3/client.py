@@ -30,6 +30,7 @@ Reader = Callable[[int], Awaitable[bytes]]  # read(n): up to n bytes, b"" at the
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 MAX_ERROR_BODY = 64 * 1024
+MAX_PREFIX = 900  # bytes of an s3:// URL's prefix: room for the names under it in S3's 1024-byte keys
 MAX_XML = 4 * 1024 * 1024  # a list page of 1000 keys of 1 KB each, with room
 _NAMESPACE = re.compile(r"^\{[^}]*\}")
 
@@ -72,6 +73,10 @@ class S3Location:
         prefix = prefix.strip("/")
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
             raise ValueError(f"the prefix {prefix!r} has an empty, '.' or '..' part")
+        if any(ord(c) < 32 or ord(c) == 127 for c in prefix):  # (a listing's XML cannot carry most)
+            raise ValueError(f"the prefix {prefix!r} has a control character")
+        if len(prefix.encode("utf-8", "surrogatepass")) > MAX_PREFIX:
+            raise ValueError(f"the prefix is longer than {MAX_PREFIX} bytes (an S3 key ends at 1024)")
         return cls(bucket, prefix)
 
     def key(self, relative: str) -> str:
