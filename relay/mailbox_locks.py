@@ -6,7 +6,9 @@
 #   frees when the node dies. When the link is lost the node can no longer vouch for its locks
 #   (PostgreSQL freed them; another node may let a session in): the sessions holding them are
 #   closed at once, without UPDATE (nothing deleted; the client polls again), and new logins are
-#   refused with a temporary error until the link is back.
+#   refused with a temporary error until the link is back. Before a session's deletions are applied
+#   (QUIT) the lock is confirmed on the database (still_holds): a loss not yet noticed - a partition,
+#   PostgreSQL freed the lock and the node still waits for its ping - deletes nothing either.
 # Must never: let two sessions hold one mailbox, keep a lock for a session that ended, or block.
 import logging
 from collections.abc import Callable
@@ -47,6 +49,10 @@ class MailboxLocks:
         """Whether a POP3 session (of any node) holds the mailbox."""
         return site_id in self.holders
 
+    async def still_holds(self, site_id: int, session: Any) -> bool:
+        """Whether `session` holds the mailbox now (asked before its deletions are applied)."""
+        return self.holders.get(site_id) is session
+
 
 class LockLink(Protocol):
     """What the cluster locks use of the node's cluster link (storage.postgres.cluster.ClusterLink)."""
@@ -58,6 +64,8 @@ class LockLink(Protocol):
     def unlock(self, site_id: int) -> None: ...
 
     async def locked_elsewhere(self, site_id: int) -> bool: ...
+
+    async def still_held(self, site_id: int) -> bool: ...
 
 
 class ClusterMailboxLocks(MailboxLocks):
@@ -99,6 +107,19 @@ class ClusterMailboxLocks(MailboxLocks):
             return await self.link.locked_elsewhere(site_id)
         except Exception:
             return True  # cannot tell: as if held (an EXPUNGE waits)
+
+    async def still_holds(self, site_id: int, session: Any) -> bool:
+        """The session holds the in-process lock AND the database confirms, on the connection that
+        took it, that this node holds the advisory lock: a link lost and not yet noticed (PostgreSQL
+        freed the lock, another node may have let a session in), or lost and back, answers False."""
+        if not await super().still_holds(site_id, session):
+            return False
+        try:
+            held = await self.link.still_held(site_id)
+        except Exception as exc:
+            log.warning("site id %d: the mailbox lock cannot be confirmed: %s", site_id, exc)
+            return False
+        return held and self.holders.get(site_id) is session
 
     def _lost(self, sites: set[int]) -> None:
         for site_id in sites:

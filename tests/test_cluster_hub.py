@@ -303,3 +303,111 @@ def test_two_nodes_relay_each_queued_recipient_once(pg_index, make_hub, tmp_path
         assert sorted(delivered) == sorted(rcpts) and set(delivered.values()) == {1}
     finally:
         hop.shutdown()
+
+
+class _Partition:
+    """A TCP relay between a node's cluster link and PostgreSQL that can cut the network as a
+    partition does: PostgreSQL's side is closed (the server ends the backend, its advisory locks are
+    freed) while the node's side stays open and silent (the node notices only when a query of its
+    own gets no answer)."""
+
+    def __init__(self, port: int):
+        import socket
+        import threading
+
+        self._upstream_port = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._cut = threading.Event()
+        self._sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._cut.is_set():  # (psycopg's cancel request after a timeout: refused, not left waiting)
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self._upstream_port))
+            self._sockets += [client, server]
+            threading.Thread(target=self._copy, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._copy, args=(server, client), daemon=True).start()
+
+    def _copy(self, source, target) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if not self._cut.is_set():
+                try:
+                    target.sendall(data)
+                except OSError:
+                    return
+
+    def cut(self, server_sockets_port: int) -> None:
+        import socket
+
+        self._cut.set()
+        for sock in self._sockets:
+            if sock.getpeername()[1] == server_sockets_port:  # PostgreSQL's side only
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+def test_a_quit_after_an_unnoticed_loss_of_the_mailbox_lock_deletes_nothing(pg_url, postgres_server, make_hub):
+    """A partition between a node and PostgreSQL: the server frees the node's mailbox lock and
+    another node takes it, while the node has not noticed yet (its ping is seconds away). A QUIT
+    of the node's session then must not delete: the lock is confirmed on the database first, and
+    the silent link fails that (without the check the DELE was applied: '+OK ... (0 messages left)')."""
+    from storage.postgres.cluster import MAILBOX_SPACE
+
+    from conftest import make_message
+    from pop3util import send
+
+    partition = _Partition(postgres_server.port)
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_url, host="127.0.0.1", port=partition.port)
+        hub = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a")
+        hub.hub_kwargs = {"cluster_url": dsn}
+        hub.start()
+        hub._hub.cluster.op_timeout = 1.0  # the check's wait on a silent link (10 s by default)
+        send(hub, ["beta@hub.test"], make_message(2000, subject="kept"))
+        session = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
+        session.user("beta")
+        session.pass_(PASSWORD)
+        assert session.stat()[0] == 1
+        session.dele(1)
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            (site,) = other.execute(
+                "SELECT objid::int FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::bigint::oid"
+                " AND objsubid = 2 AND granted",
+                (MAILBOX_SPACE,),
+            ).fetchone()
+            partition.cut(postgres_server.port)
+            wait_for(
+                lambda: other.execute("SELECT pg_try_advisory_lock(%s, %s)", (MAILBOX_SPACE, site)).fetchone()[0],
+                timeout=30,
+                message="another node takes the mailbox lock the server freed",
+            )
+            with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] some deleted messages not removed"):
+                session.quit()
+            session.close()
+        assert "mailbox lock lost, 1 deletion(s) not applied" in hub.log_text()
+        assert hub.query("SELECT COUNT(*) FROM mailbox") == [(1,)]
+        # the link's task lived on after the timeout (a TimeoutError's empty text once ended it)
+        wait_for(lambda: "the mailbox locks of 1 site(s) are gone" in hub.log_text(), message="locks let go")
+    finally:
+        partition.close()

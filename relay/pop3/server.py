@@ -396,6 +396,15 @@ class Pop3Session(MailboxSessionIO[Pop3Context, Pop3Connection]):
         site = self.site
         assert site is not None  # UPDATE follows a login
         uids = [_stored(e).uid for e in event.deleted]
+        if uids and not await self.ctx.locks.still_holds(site.id, self):
+            # the mailbox lock went (the cluster link was lost, maybe unnoticed until now): another
+            # session may hold the mailbox, so nothing is deleted; the client will poll again
+            log.warning(
+                "peer=%s site=%s: mailbox lock lost, %d deletion(s) not applied", self.peer, site.name, len(uids)
+            )
+            self._write(self._core.update_result(False))
+            await self._drain()
+            return
         try:
             await self.ctx.storage.delete(site.id, uids, self.downloads, site.name)
         except Exception:

@@ -225,7 +225,9 @@ class ClusterLink:
         while self._commands:
             _sql, _params, future = self._commands.popleft()
             if not future.done():
-                future.set_exception(ClusterUnavailable(f"cluster link lost: {str(exc).splitlines()[0][:200]}"))
+                # (one line whatever the error: a TimeoutError's text is empty - "".splitlines()[0]
+                # raised here and ended the link's task, the node kept its leadership and locks)
+                future.set_exception(ClusterUnavailable(f"cluster link lost: {_one_line(exc, self.url)[:200]}"))
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -347,6 +349,15 @@ class ClusterLink:
         except ClusterUnavailable:
             self.held.discard(site_id)
 
+    async def still_held(self, site_id: int) -> bool:
+        """Whether this node's lock on the site's mailbox is held on the database NOW, asked on the
+        connection that took it (a round trip; a POP3 QUIT asks before it deletes): False when the link
+        went (and came back) meanwhile, ClusterUnavailable or TimeoutError when it cannot answer -
+        a link gone silent (a partition) is found here before the ping would find it."""
+        if site_id not in self.held:
+            return False
+        return bool(await self._submit(_MINE, (MAILBOX_SPACE, site_id)))
+
     async def locked_elsewhere(self, site_id: int) -> bool:
         """Whether a session of another node holds the site's mailbox (IMAP EXPUNGE waits then)."""
         if site_id in self.held:
@@ -465,6 +476,11 @@ def _unawaited() -> asyncio.Future[Any]:
 
 _TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
 _UNLOCK: Final = "SELECT pg_advisory_unlock(%s, %s)"
+_MINE: Final = (  # held by this connection (a reconnected link holds none of the old one's locks)
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
+    " AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 2"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+)
 _HELD: Final = (
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
     " AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 2"
