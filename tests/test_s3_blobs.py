@@ -351,7 +351,7 @@ def test_a_restart_keeps_serving_from_the_store_and_cleans_what_a_crash_left(mak
             return data.pop() if data else b""
 
         await client.put(bucket, orphan, read)
-        await client._create_upload(bucket, f"{prefix}/2000010100/00000000000000000002")
+        await client._create_upload(bucket, f"{prefix}/2000010100/0000000000000000002")
 
     asyncio.run(leave())
     hub.start()
