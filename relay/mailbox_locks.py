@@ -88,9 +88,8 @@ class ClusterMailboxLocks(MailboxLocks):
         except BaseException:  # cancelled: the link lets a lock taken meanwhile go
             super().release(site_id, session)
             raise
-        if locked and self.holders.get(site_id) is not session:  # the session ended meanwhile
-            self.link.unlock(site_id)
-            return False
+        if locked and self.holders.get(site_id) is not session:  # the lock went meanwhile (_lost):
+            return False  # (a release meanwhile queued its unlock after this try_lock: not twice)
         if not locked:
             super().release(site_id, session)
         return locked

@@ -6,6 +6,7 @@
 import json
 import poplib
 import time
+import urllib.error
 import urllib.request
 
 import psycopg
@@ -353,13 +354,22 @@ class _Partition:
                 except OSError:
                     return
 
-    def cut(self, server_sockets_port: int) -> None:
+    def cut(self, server_sockets_port: int, node_side_too: bool = False) -> None:
+        """PostgreSQL's side closed; the node's side left silent, or closed too (`node_side_too`:
+        the node notices at once). New connections are refused until heal()."""
         import socket
 
         self._cut.set()
         for sock in self._sockets:
-            if sock.getpeername()[1] == server_sockets_port:  # PostgreSQL's side only
-                sock.shutdown(socket.SHUT_RDWR)
+            try:
+                if node_side_too or sock.getpeername()[1] == server_sockets_port:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
+    def heal(self) -> None:
+        self._sockets = []
+        self._cut.clear()
 
     def close(self) -> None:
         self._listener.close()
@@ -409,5 +419,35 @@ def test_a_quit_after_an_unnoticed_loss_of_the_mailbox_lock_deletes_nothing(pg_u
         assert hub.query("SELECT COUNT(*) FROM mailbox") == [(1,)]
         # the link's task lived on after the timeout (a TimeoutError's empty text once ended it)
         wait_for(lambda: "the mailbox locks of 1 site(s) are gone" in hub.log_text(), message="locks let go")
+    finally:
+        partition.close()
+
+
+def _health(hub) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['metrics']}/healthz", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_healthz_says_503_while_the_cluster_link_is_down(pg_url, postgres_server, make_hub):
+    """A balancer takes a node out while its cluster link is down (it refuses POP3 logins then) and
+    in again once the link is back."""
+    partition = _Partition(postgres_server.port)
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_url, host="127.0.0.1", port=partition.port)
+        hub = make_hub(sites=ALPHA, MAILHUB_NODE_NAME="node-a")
+        hub.hub_kwargs = {"cluster_url": dsn}
+        hub.start()
+        hub._hub.cluster.backoff = (0.05, 0.2)
+        assert _health(hub) == (200, "ok\n")
+        partition.cut(postgres_server.port, node_side_too=True)
+        wait_for(lambda: _health(hub)[0] == 503, timeout=30, message="503 while the link is down")
+        assert "cluster link to PostgreSQL down (reconnecting)" in _health(hub)[1]
+        assert "mailbox lock unavailable, try again later" in _refused(hub)
+        partition.heal()
+        wait_for(lambda: _health(hub) == (200, "ok\n"), timeout=30, message="200 once the link is back")
+        _login(hub).quit()
     finally:
         partition.close()

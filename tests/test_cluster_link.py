@@ -574,3 +574,33 @@ def test_asking_every_node_gathers_split_answers_and_names_the_silent_ones(pg_ur
         asyncio.run(main())
     finally:
         ghost.close()
+
+
+def test_a_mailbox_lock_is_never_taken_twice_on_one_link_and_always_let_go(pg_url):
+    """Session advisory locks are reentrant on one connection: a second try_lock of a mailbox the
+    node holds is refused (it was granted, and one unlock left the lock held for good); an unlock
+    while the try_lock is still queued lets it go after; an unlock of a lock never taken sends
+    nothing (PostgreSQL would warn 'you don't own a lock')."""
+
+    async def main():
+        a, b = link(pg_url, "a"), link(pg_url, "b")
+        await a.start()
+        await b.start()
+        try:
+            assert await a.try_lock(5)
+            assert not await a.try_lock(5)  # re-entered: refused and given back at once
+            a.unlock(5)
+            await eventually_true(lambda: b.try_lock(5))  # the one unlock freed it
+            taking = asyncio.ensure_future(a.try_lock(6))
+            await asyncio.sleep(0)
+            a.unlock(6)  # while the try_lock is queued
+            assert await taking
+            await eventually_true(lambda: b.try_lock(6))
+            assert a.held == set() and b.held == {5, 6}
+            a.unlock(9)  # never taken
+            assert not a._commands
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())

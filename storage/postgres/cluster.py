@@ -95,6 +95,7 @@ class ClusterLink:
         self._replies: collections.deque[tuple[str, str]] = collections.deque()  # (channel, payload)
         self._answered: collections.deque[float] = collections.deque()  # monotonic times, last second
         self.held: set[int] = set()  # site ids whose mailbox lock this node holds
+        self._locking: collections.Counter[int] = collections.Counter()  # try_locks queued, per site
         self.leader = False
         self.received = 0  # rows of other nodes' changes received
         self.dropped = 0  # rows dropped: too many waiting, or a bad payload
@@ -135,6 +136,7 @@ class ClusterLink:
             if not future.done():
                 future.set_exception(ClusterUnavailable("the cluster link is closed"))
         self._commands.clear()
+        self._locking.clear()
 
     async def _connect(self) -> None:
         try:
@@ -222,6 +224,7 @@ class ClusterLink:
                 await asyncio.sleep(delay)  # a server restarting is not asked again at once
 
     def _fail_commands(self, exc: BaseException) -> None:
+        self._locking.clear()
         while self._commands:
             _sql, _params, future = self._commands.popleft()
             if not future.done():
@@ -322,9 +325,17 @@ class ClusterLink:
         value = row[0] if row else None
         if sql is _TRY_LOCK:
             site = params[1]
+            self._locking[site] -= 1
+            if self._locking[site] <= 0:
+                del self._locking[site]
             if value:
-                if future.done():  # cancelled while waiting: not wanted
+                # session advisory locks are reentrant on one connection: a second grant of a lock
+                # this node holds already is given back at once and refused (one holder per node;
+                # a count of 2 left one unlock short, the mailbox locked for every other node)
+                if future.done() or site in self.held:  # cancelled while waiting, or re-entered
                     self._commands.appendleft((_UNLOCK, params, _unawaited()))
+                    if not future.done():
+                        future.set_result(False)
                     return
                 self.held.add(site)
         elif sql is _UNLOCK:
@@ -338,11 +349,15 @@ class ClusterLink:
         """Take the site's mailbox lock for this node: False if another node holds it; raises
         ClusterUnavailable while the link is down."""
         # (the caller's in-process lock keeps one session per node; an unlock still queued runs first)
-        return bool(await self._submit(_TRY_LOCK, (MAILBOX_SPACE, site_id)))
+        future = self._submit(_TRY_LOCK, (MAILBOX_SPACE, site_id))
+        self._locking[site_id] += 1
+        return bool(await future)
 
     def unlock(self, site_id: int) -> None:
-        """Let the site's mailbox lock go (at once when the link is up; gone anyway when it is not)."""
-        if site_id not in self.held:
+        """Let the site's mailbox lock go (at once when the link is up; gone anyway when it is not),
+        also one still being taken (the unlock runs after it). Nothing for a lock never asked for
+        (PostgreSQL would only warn)."""
+        if site_id not in self.held and not self._locking[site_id]:
             return
         try:
             self._submit(_UNLOCK, (MAILBOX_SPACE, site_id), _unawaited())
