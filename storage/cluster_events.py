@@ -8,9 +8,12 @@
 # downloads and receives everything. Payloads stay under PostgreSQL's 8000-byte limit: a long list
 # is split over several NOTIFYs.
 # Must never import psycopg (the PostgreSQL extra is optional) nor trust a payload: anything that
-# does not decode into the expected shape is refused with one line (any database user may NOTIFY).
+# does not decode into the expected shape is refused with one line (any database user may NOTIFY);
+# its figures are bounded (ids positive, sizes up to 1 TiB, a commit's time near this node's clock).
 import json
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -87,22 +90,48 @@ def payloads(changes: Changes) -> list[str]:
     return out
 
 
-def _int(value: Any) -> int:
-    if type(value) is not int:
-        raise BadPayload(f"not an integer: {str(value)[:40]!r}")
+MAX_ID: Final = 2**31 - 1  # site ids (a PostgreSQL integer) are positive and at most this
+MAX_SIZE: Final = 2**40  # bytes of one mail or one download report (far above any message limit)
+AT_SLACK: Final = 86_400.0  # a commit's time more than a day from this node's clock is taken as now
+
+
+def _int(value: Any, low: int = 1, high: int = MAX_ID) -> int:
+    # (bounded: a hostile payload's negative or huge figures would skew the ledger's mailbox usage
+    # and volumes - a mailbox "full" or a quota bypassed - until the next resync)
+    if type(value) is not int or not low <= value <= high:
+        raise BadPayload(f"not an integer in [{low}, {high}]: {str(value)[:40]!r}")
     return value
+
+
+def _size(value: Any) -> int:
+    return _int(value, 0, MAX_SIZE)
 
 
 def _site(value: Any) -> int | None:
     return None if value is None else _int(value)
 
 
-def decode(payload: str) -> Changes:
-    """A payload back as Changes; BadPayload for anything else."""
+def _at(value: Any, now: float) -> float:
+    """A commit's Unix time; one far from this node's clock (or not finite) is taken as now (its
+    day decides the ledger's volume periods: a time years ahead once emptied every period)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadPayload("bad committed row")
+    at = float(value)
+    return at if math.isfinite(at) and abs(at - now) <= AT_SLACK else now
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number here")
+
+
+def decode(payload: str, now: float | None = None) -> Changes:
+    """A payload back as Changes (figures bounded, `now`: this node's Unix time); BadPayload for
+    anything else."""
     if len(payload) > 8000:
         raise BadPayload("payload too long")
+    now = time.time() if now is None else now
     try:
-        doc = json.loads(payload)
+        doc = json.loads(payload, parse_constant=_no_constant)  # (NaN and Infinity refused)
     except ValueError:
         raise BadPayload("not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("n"), str):
@@ -110,15 +139,15 @@ def decode(payload: str) -> Changes:
     changes = Changes(doc["n"][:NODE_MAX])
     try:
         for s, receivers, size, at in doc.get("c", []):
-            if not isinstance(receivers, list) or not isinstance(at, (int, float)):
+            if not isinstance(receivers, list):
                 raise BadPayload("bad committed row")
-            changes.committed.append((_site(s), [_int(r) for r in receivers], _int(size), float(at)))
+            changes.committed.append((_site(s), [_int(r) for r in receivers], _size(size), _at(at, now)))
         for site, uid, sender, size in doc.get("f", []):
-            changes.fetched.append((_int(site), _int(uid), _site(sender), _int(size)))
+            changes.fetched.append((_int(site), _int(uid, 1, 2**63 - 1), _site(sender), _size(size)))
         for site, uid, sender, size, waiting in doc.get("r", []):
-            changes.removed.append((_int(site), _int(uid), _site(sender), _int(size), bool(waiting)))
+            changes.removed.append((_int(site), _int(uid, 1, 2**63 - 1), _site(sender), _size(size), bool(waiting)))
         for site, sent in doc.get("d", []):
-            changes.downloaded.append((_int(site), _int(sent)))
+            changes.downloaded.append((_int(site), _size(sent)))
         for site in doc.get("p", []):
             changes.polled.append(_int(site))
         for site in doc.get("g", []):

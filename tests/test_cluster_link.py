@@ -272,17 +272,17 @@ def test_a_bad_payload_is_refused_and_the_link_goes_on(pg_url):
 def test_long_lists_are_split_under_the_notify_limit():
     changes = Changes(
         "node-" + "x" * 300,
-        committed=[(i, list(range(i % 7)), i * 1000, 1.7e9 + i) for i in range(900)],
-        fetched=[(i, i, None, 5) for i in range(900)],
-        removed=[(i, i, i, 5, i % 2 == 0) for i in range(900)],
-        downloaded=[(i, 1 << 40) for i in range(500)],
-        polled=list(range(500)),
-        flagged=list(range(300)),
+        committed=[(i + 1, [r + 1 for r in range(i % 7)], i * 1000, 1.7e9 + i) for i in range(900)],
+        fetched=[(i, i, None, 5) for i in range(1, 901)],
+        removed=[(i, i, i, 5, i % 2 == 0) for i in range(1, 901)],
+        downloaded=[(i, 1 << 40) for i in range(1, 501)],
+        polled=list(range(1, 501)),
+        flagged=list(range(1, 301)),
     )
     texts = cluster_events.payloads(changes)
     assert len(texts) > 5
     assert all(len(t.encode()) <= cluster_events.MAX_PAYLOAD for t in texts)
-    back = [cluster_events.decode(t) for t in texts]
+    back = [cluster_events.decode(t, now=1.7e9) for t in texts]
     for kind in ("committed", "fetched", "removed", "downloaded", "polled", "flagged"):
         assert [row for part in back for row in getattr(part, kind)] == getattr(changes, kind)
     assert {part.node for part in back} == {changes.node[: cluster_events.NODE_MAX]}
@@ -602,5 +602,66 @@ def test_a_mailbox_lock_is_never_taken_twice_on_one_link_and_always_let_go(pg_ur
         finally:
             await a.close()
             await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_hostile_payloads_figures_are_refused_or_bounded():
+    """Any database user may NOTIFY: ids must be positive int4, sizes 0..1 TiB, no NaN/Infinity;
+    a commit's time far from this node's clock is taken as now (a time years ahead emptied the
+    ledger's volume periods, a huge or negative size filled or emptied a mailbox's usage)."""
+    now = 1.8e9
+    for bad in [
+        '{"n":"x","c":[[1,[2],-5,1.8e9]]}',  # negative size
+        '{"n":"x","c":[[1,[2],1099511627777,1.8e9]]}',  # over 1 TiB
+        '{"n":"x","c":[[1,[0],5,1.8e9]]}',  # site 0
+        '{"n":"x","c":[[1,[2147483648],5,1.8e9]]}',  # beyond int4
+        '{"n":"x","c":[[1,[2],5,NaN]]}',
+        '{"n":"x","c":[[1,[2],5,Infinity]]}',
+        '{"n":"x","c":[[1,[2],5,true]]}',
+        '{"n":"x","d":[[1,-100]]}',
+        '{"n":"x","d":[[-1,100]]}',
+        '{"n":"x","f":[[1,0,null,5]]}',
+        '{"n":"x","r":[[1,3,null,-1,true]]}',
+        '{"n":"x","p":[true]}',
+    ]:
+        with pytest.raises(cluster_events.BadPayload):
+            cluster_events.decode(bad, now=now)
+    far = cluster_events.decode('{"n":"x","c":[[1,[2],5,4.1e9],[null,[2],6,1.8e9]]}', now=now)
+    assert far.committed == [(1, [2], 5, now), (None, [2], 6, 1.8e9)]
+    ok = cluster_events.decode('{"n":"x","d":[[2147483647,1099511627776]],"r":[[1,3,null,0,false]]}', now=now)
+    assert ok.downloaded == [(2147483647, 2**40)] and ok.removed == [(1, 3, None, 0, False)]
+
+
+def test_a_flood_past_the_queue_bound_catches_up_at_most_once_a_period():
+    """Rows beyond MAX_QUEUED_CHANGES are dropped and counted, and the node catches up from the
+    index - a costly read - at most once per `missed_every` however long the flood lasts (each
+    flood scheduled a catch-up of its own)."""
+    from storage.postgres.cluster import MAX_QUEUED_CHANGES
+
+    async def main():
+        node = ClusterLink("postgresql://unused@127.0.0.1:1/none", "b")  # receiving alone: no connection
+        node.missed_every = 1.0
+        caught_up = []
+        node.on_missed = lambda _: caught_up.append(time.monotonic())
+        texts = cluster_events.payloads(Changes("hostile", polled=[7] * 3000))
+        rows = 0
+
+        def flood():
+            nonlocal rows
+            for _ in range(MAX_QUEUED_CHANGES // 3000 + 2):  # in one go: nothing delivered between
+                for text in texts:
+                    node._on_notify(psycopg.Notify(cluster_events.CHANNEL, text, 0))
+                    rows += 3000
+
+        flood()
+        await until(lambda: len(caught_up) == 1)
+        for _ in range(3):
+            flood()
+            await asyncio.sleep(0)
+        await until(lambda: len(caught_up) == 2)
+        assert caught_up[1] - caught_up[0] >= 0.9
+        assert node.received == rows and 0 < node.dropped < rows
+        assert node._queued_rows == 0  # the rows kept were delivered (no listeners here)
 
     asyncio.run(main())

@@ -52,6 +52,9 @@ LEADER_SPACE: Final = 0x6D680002  # "mh" 2: the leader lock, second key 0
 MAX_QUEUED_CHANGES: Final = 10_000  # rows received and not yet given to the listeners (beyond: dropped)
 DOWNLOAD_FLUSH: Final = 0.5  # seconds between two NOTIFYs of this node's live downloads and polls
 ANSWERS_PER_SECOND: Final = 5  # questions answered (any database user may ask: bounded)
+# the catch-up after dropped rows reads the index (usage figures, every IMAP session's mailbox): at
+# most once in this many seconds, however many floods (any database user may NOTIFY)
+MISSED_EVERY: Final = 5.0
 
 
 class ClusterUnavailable(StorageError):
@@ -109,6 +112,8 @@ class ClusterLink:
         self._outgoing = Changes(node)
         self._closing = False
         self._missed_soon = False
+        self.missed_every = MISSED_EVERY
+        self._missed_at = -MISSED_EVERY  # the last catch-up after dropped rows (monotonic)
         self._ready = asyncio.Event()
 
     # ---- life -----------------------------------------------------------------------------------
@@ -421,7 +426,8 @@ class ClusterLink:
             log.warning("cluster link: %d change(s) from node %s dropped (too many waiting)", rows, changes.node)
             if not self._missed_soon:
                 self._missed_soon = True
-                asyncio.get_running_loop().call_soon(self._missed)
+                wait = self._missed_at + self.missed_every - time.monotonic()
+                asyncio.get_running_loop().call_later(max(wait, 0.0), self._missed)
             return
         self._changes.append(changes)
         self._queued_rows += rows
@@ -452,6 +458,7 @@ class ClusterLink:
 
     def _missed(self) -> None:
         self._missed_soon = False
+        self._missed_at = time.monotonic()
         self._call_back(self.on_missed, None)
 
     def _deliver(self) -> None:
