@@ -240,6 +240,25 @@ class ObjectBlobs:
             self.evicted += 1
             _call(self.on_evict)
 
+    async def leftovers(self, blobs: list[str]) -> list[str]:
+        """Of the cached files no index row names (recovery's list, at start-up): those whose object
+        the store holds are returned - this node's uploads whose commit a crash cut short (the
+        caller quarantines the file, start() deletes the object); the others are removed - copies
+        of mail freed since (another node emptied the trash, or a crash came between an object's
+        deletion and its file's), or of an upload never completed (its sender got no 250)."""
+        uploaded = []
+        for blob in blobs:
+            try:
+                found = await self.client.head(self.location.bucket, self.key(blob))
+            except S3Error as exc:
+                raise ObjectStoreError(f"start-up check of {self.location}: {exc}") from None
+            if found is None:
+                log.info("cached copy of %s removed: no index row names it and its object is gone", blob)
+                unlink_quietly(self.blob_dir / blob)
+            else:
+                uploaded.append(blob)
+        return uploaded
+
     def scan_cache(self) -> None:
         """The files in blobs/ at start-up (oldest first): what the cache holds."""
         found: list[tuple[float, str, int]] = []

@@ -203,7 +203,10 @@ def _check_blobs(
         )
     for name, start, size in tails:
         _quarantine_tail(data_dir, blob_dir / name, start, size, report)
-    report.uncommitted = list(orphans)
+    if cache:  # left in place: Storage asks the object store which they are (quarantine_uncommitted)
+        trash = {blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")}
+        report.uncommitted = [name for name in orphans if name not in trash]  # trash: empty_trash's
+        orphans = []
     for name in orphans:
         _quarantine(
             data_dir,
@@ -215,6 +218,22 @@ def _check_blobs(
     for blob in report.missing_blobs + report.size_mismatches:
         log.error("index refers to %s blob %s", "missing" if blob in report.missing_blobs else "short", blob)
         _quarantine_rows(conn, data_dir, blob, report)
+
+
+def quarantine_uncommitted(data_dir: Path, blobs: list[str]) -> list[str]:
+    """Blobs on object storage: this node's blob files that no index row names and whose objects
+    the store holds (uploads a crash cut short before their commit) moved to the quarantine as
+    recovery does in the other layouts; what was moved (or why not), one line each."""
+    report = RecoveryReport()
+    for name in blobs:
+        _quarantine(
+            Path(data_dir),
+            Path(data_dir) / "blobs" / name,
+            "uncommitted_blob",
+            "a blob file no index row refers to (a transaction cut short before its commit: its sender got no 250)",
+            report,
+        )
+    return report.quarantined + report.skipped
 
 
 def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int, allowed: int) -> str | None:

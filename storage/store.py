@@ -49,7 +49,7 @@ from .memory_budget import MemoryBudget
 from .object_blobs import ObjectBlobs, ObjectStoreError
 from .packs import PackWriter, digest, punch_hole
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
-from .recovery import recover
+from .recovery import quarantine_uncommitted, recover
 from .spool import SpoolFile, blob_name, new_queue_id
 from .usage import DOWNLOADS_SQL, USAGE_SQL, VOLUME_SQL, UsageSnapshot, rebuild_usage, snapshot_from_rows, window_start
 from .writer_process import WriterProcess
@@ -235,8 +235,12 @@ class Storage:
     async def _start_objects(self, objects: ObjectBlobs, uncommitted: list[str]) -> None:
         """Blobs on object storage: what the cache holds, freed objects deleted, then the store's
         start-up check (storage/object_blobs.py); a mail whose object is missing is marked damaged.
-        `uncommitted`: this node's blob files recovery found no index row for (quarantined)."""
-        await asyncio.get_running_loop().run_in_executor(self.executor, objects.scan_cache)
+        `uncommitted`: the cached files recovery found no index row for (left in place)."""
+        loop = asyncio.get_running_loop()
+        uncommitted = await objects.leftovers(uncommitted)  # the others were copies of freed mail
+        for text in await loop.run_in_executor(self.executor, quarantine_uncommitted, self.data_dir, uncommitted):
+            log.warning("recovery: quarantined %s", text)
+        await loop.run_in_executor(self.executor, objects.scan_cache)
         try:
             await self.empty_trash()
         except StorageError as exc:  # housekeeping tries again

@@ -648,6 +648,27 @@ def test_odd_prefixes_are_refused_or_kept_as_they_are(seaweedfs):
     assert object_bytes(seaweedfs, bucket, odd.key("2026010100/Q")) == b"mail"
 
 
+def test_a_cached_copy_of_freed_mail_is_removed_at_start_not_quarantined(make_hub, seaweedfs):
+    """A node's cached copy of a mail freed since (another node emptied the trash: object and row
+    gone) is removed at the next start - it was moved to the quarantine as an uncommitted blob,
+    keeping a deleted mail on the node; a file whose object is there (a crash between upload and
+    commit) still goes to the quarantine (test below)."""
+    hub, (bucket, prefix) = object_hub(make_hub, seaweedfs, MAILHUB_STORAGE_RELEASE_FREED_AFTER="0")
+    code, reply = send(hub, make_message(2000, "freed"))
+    assert code == 250, reply
+    ((blob,),) = hub.query("SELECT blob FROM messages")
+    kept = (hub.data_dir / "blobs" / blob).read_bytes()  # as another node's cache would hold it
+    pop3_all(hub, delete=True)
+    wait_for(lambda: objects(seaweedfs, bucket, prefix) == {}, 30, message="the freed mail's object deleted")
+    assert hub.stop() == 0
+    (hub.data_dir / "blobs" / blob).write_bytes(kept)
+    hub.start()
+    assert not (hub.data_dir / "blobs" / blob).exists()
+    assert "uncommitted_blob" not in hub.cli("storage", "quarantine").stdout
+    assert "no index row names it and its object is gone" in hub.log_text()
+    assert hub.stop() == 0
+
+
 def test_two_nodes_on_one_postgresql_index_share_the_bucket(pg_index, make_hub, seaweedfs):
     """Node A takes a mail (its object up before the 250), node B, with an empty cache, serves it
     from the object store and deletes it (object gone); queue IDs carry each node's number."""
