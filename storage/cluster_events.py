@@ -9,7 +9,7 @@
 # is split over several NOTIFYs.
 # Must never import psycopg (the PostgreSQL extra is optional) nor trust a payload: anything that
 # does not decode into the expected shape is refused with one line (any database user may NOTIFY);
-# its figures are bounded (ids positive, sizes up to 1 TiB, a commit's time near this node's clock).
+# its figures are bounded (ids positive, sizes up to 1 TiB, a commit's time not days ahead).
 import json
 import math
 import re
@@ -92,7 +92,7 @@ def payloads(changes: Changes) -> list[str]:
 
 MAX_ID: Final = 2**31 - 1  # site ids (a PostgreSQL integer) are positive and at most this
 MAX_SIZE: Final = 2**40  # bytes of one mail or one download report (far above any message limit)
-AT_SLACK: Final = 86_400.0  # a commit's time more than a day from this node's clock is taken as now
+AT_SLACK: Final = 86_400.0  # a commit's time more than a day ahead of this node's clock is taken as now
 
 
 def _int(value: Any, low: int = 1, high: int = MAX_ID) -> int:
@@ -112,12 +112,15 @@ def _site(value: Any) -> int | None:
 
 
 def _at(value: Any, now: float) -> float:
-    """A commit's Unix time; one far from this node's clock (or not finite) is taken as now (its
-    day decides the ledger's volume periods: a time years ahead once emptied every period)."""
+    """A commit's Unix time (a recovered commit's may be old); one more than AT_SLACK ahead of this
+    node's clock is taken as now (its day decides the ledger's volume periods: a time years ahead
+    emptied every period), one before 1970 or not finite is refused."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise BadPayload("bad committed row")
     at = float(value)
-    return at if math.isfinite(at) and abs(at - now) <= AT_SLACK else now
+    if not math.isfinite(at) or at < 0:
+        raise BadPayload("bad commit time")
+    return min(at, now) if at - now > AT_SLACK else at
 
 
 def _no_constant(name: str) -> Any:

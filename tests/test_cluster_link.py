@@ -608,7 +608,7 @@ def test_a_mailbox_lock_is_never_taken_twice_on_one_link_and_always_let_go(pg_ur
 
 def test_a_hostile_payloads_figures_are_refused_or_bounded():
     """Any database user may NOTIFY: ids must be positive int4, sizes 0..1 TiB, no NaN/Infinity;
-    a commit's time far from this node's clock is taken as now (a time years ahead emptied the
+    a commit's time days ahead of this node's clock is taken as now (a time years ahead emptied the
     ledger's volume periods, a huge or negative size filled or emptied a mailbox's usage)."""
     now = 1.8e9
     for bad in [
@@ -619,6 +619,7 @@ def test_a_hostile_payloads_figures_are_refused_or_bounded():
         '{"n":"x","c":[[1,[2],5,NaN]]}',
         '{"n":"x","c":[[1,[2],5,Infinity]]}',
         '{"n":"x","c":[[1,[2],5,true]]}',
+        '{"n":"x","c":[[1,[2],5,-1.0]]}',
         '{"n":"x","d":[[1,-100]]}',
         '{"n":"x","d":[[-1,100]]}',
         '{"n":"x","f":[[1,0,null,5]]}',
@@ -627,8 +628,8 @@ def test_a_hostile_payloads_figures_are_refused_or_bounded():
     ]:
         with pytest.raises(cluster_events.BadPayload):
             cluster_events.decode(bad, now=now)
-    far = cluster_events.decode('{"n":"x","c":[[1,[2],5,4.1e9],[null,[2],6,1.8e9]]}', now=now)
-    assert far.committed == [(1, [2], 5, now), (None, [2], 6, 1.8e9)]
+    far = cluster_events.decode('{"n":"x","c":[[1,[2],5,4.1e9],[null,[2],6,1.8e9],[3,[2],7,1.5e9]]}', now=now)
+    assert far.committed == [(1, [2], 5, now), (None, [2], 6, 1.8e9), (3, [2], 7, 1.5e9)]  # old: kept
     ok = cluster_events.decode('{"n":"x","d":[[2147483647,1099511627776]],"r":[[1,3,null,0,false]]}', now=now)
     assert ok.downloaded == [(2147483647, 2**40)] and ok.removed == [(1, 3, None, 0, False)]
 
