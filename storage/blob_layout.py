@@ -99,6 +99,7 @@ class BlobLayout:
         forgotten). Runs in a worker thread (reads a header per foreign file)."""
         if self.root is None:
             return blobs
+        self._foreign_packs.intersection_update(blobs)  # those freed by their node are forgotten
         mine = []
         for blob in blobs:
             if blob.startswith(self.prefix):
@@ -157,6 +158,8 @@ def prepare(
         _refuse_own_layout_mail(conn, data_dir)
         if not (root / MARKER).exists():
             _mark_new_store(conn, root)
+        else:
+            _refuse_foreign_store(conn, root)
         number = register_node(conn, node)
     finally:
         conn.close()
@@ -218,6 +221,24 @@ def _mark_new_store(conn: sql.Connection, root: Path) -> None:
         os.close(fd)
     os.rename(temporary, root / MARKER)
     fsync_dir(root)
+
+
+SAMPLE = 20  # the index's newest mails looked for in the shared folder at start
+
+
+def _refuse_foreign_store(conn: sql.Connection, root: Path) -> None:
+    """A marker, but none of the index's newest mails in the folder: another cluster's folder, an
+    old copy, a stale marker on the mount point. A node with no mail of its own yet (a new one)
+    would start and mark every mail it serves damaged (gateways told to delete it); start-up
+    recovery's 'most blobs missing' looks at the node's own blobs only."""
+    rows = conn.execute(
+        "SELECT blob FROM messages WHERE blob LIKE '%/%/%' ORDER BY queue_id DESC LIMIT ?", (SAMPLE,)
+    ).fetchall()
+    if len(rows) >= 5 and not any(os.path.exists(root / blob) for (blob,) in rows):
+        raise SharedBlobsUnavailable(
+            f"storage.blobs {root} holds none of the index's {len(rows)} newest mails (e.g. {rows[0][0]}):"
+            " is it the cluster's shared folder, and is the shared file system mounted there?"
+        )
 
 
 def register_node(conn: sql.Connection, node: str) -> int:

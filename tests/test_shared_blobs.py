@@ -678,3 +678,58 @@ def test_a_removal_another_writer_commits_late_is_never_pruned_before_a_ledger_h
     finally:
         other.close()
     assert late > 0 and kept and in_ledger
+
+
+def test_a_folder_with_a_marker_but_none_of_the_index_s_mail_is_refused(tmp_path):
+    """A new node (no mail of its own: recovery's 'most blobs missing' has nothing to count) given
+    another folder with a marker (another cluster's, an old copy) does not start: it would mark
+    every mail it serves damaged."""
+    root, a, b, site = make_cluster(tmp_path)
+
+    async def fill() -> None:
+        storage = node(a, root, "alpha")
+        await storage.open()
+        try:
+            for i in range(5):
+                await store(storage, site, make_message(3000 + i, f"mail {i}"))
+        finally:
+            await storage.close()
+
+    asyncio.run(fill())
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / blob_layout.MARKER).write_bytes((root / blob_layout.MARKER).read_bytes())
+
+    async def start_and_stop(root: Path) -> None:
+        storage = node(b, root, "beta")
+        await storage.open()
+        await storage.close()
+
+    with pytest.raises(SharedBlobsUnavailable, match="holds none of the index's 5 newest mails"):
+        asyncio.run(start_and_stop(wrong))
+    assert os.listdir(wrong) == [blob_layout.MARKER] and not (b / "blobs").exists()
+
+    async def right() -> str | None:
+        storage = node(b, root, "beta")
+        await storage.open()
+        try:
+            return storage.serving_problem((await storage.mailbox(site))[0])
+        finally:
+            await storage.close()
+
+    assert asyncio.run(right()) is None
+
+
+def test_other_nodes_packs_left_in_the_trash_are_forgotten_once_freed_by_their_node(tmp_path):
+    from storage import envelope
+
+    root = tmp_path / "shared"
+    (root / "b" / "2026120700").mkdir(parents=True)
+    pack = root / "b" / "2026120700" / "PACK"
+    pack.write_bytes(envelope.FRAME_MAGIC + b"\0" * 60)
+    layout = blob_layout.BlobLayout(tmp_path / "a", root, "a", 1)
+    assert layout.releasable(["b/2026120700/PACK"]) == []  # another node's pack: left to it
+    assert layout._foreign_packs == {"b/2026120700/PACK"}
+    pack.unlink()  # its node freed it (and forgot its trash row)
+    assert layout.releasable(["a/2026120700/OWN"]) == ["a/2026120700/OWN"]
+    assert layout._foreign_packs == set()  # not remembered for the process's life
