@@ -241,6 +241,10 @@ def _refuse_foreign_store(conn: sql.Connection, root: Path) -> None:
         )
 
 
+class _NamedMeanwhile(Exception):
+    """Another hub claimed a number for the same name while this one claimed one."""
+
+
 def register_node(conn: sql.Connection, node: str) -> int:
     """The node's number (1..255) recorded in the index, claimed now if the name has none: the
     claim row's key is unique, so two nodes starting at once never get the same number."""
@@ -248,21 +252,30 @@ def register_node(conn: sql.Connection, node: str) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     if row is not None:
         return int(row[0])
-    with db.transaction(conn):
-        taken = {
-            int(k.rpartition(":")[2])
-            for (k,) in conn.execute("SELECT key FROM meta WHERE key LIKE 'blob_node_number:%'").fetchall()
-        }
-        for number in range(1, MAX_NODES + 1):
-            if number in taken:
-                continue
-            claimed = conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, 0) ON CONFLICT (key) DO NOTHING RETURNING key",
-                (f"blob_node_number:{number}",),
-            ).fetchone()
-            if claimed is not None:
-                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, number))
-                return number
+    try:
+        with db.transaction(conn):
+            taken = {
+                int(k.rpartition(":")[2])
+                for (k,) in conn.execute("SELECT key FROM meta WHERE key LIKE 'blob_node_number:%'").fetchall()
+            }
+            for number in range(1, MAX_NODES + 1):
+                if number in taken:
+                    continue
+                claimed = conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, 0) ON CONFLICT (key) DO NOTHING RETURNING key",
+                    (f"blob_node_number:{number}",),
+                ).fetchone()
+                if claimed is not None:
+                    named = conn.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING RETURNING key",
+                        (key, number),
+                    ).fetchone()
+                    if named is None:  # a hub with this name claimed one meanwhile: this claim is undone
+                        raise _NamedMeanwhile
+                    return number
+    except _NamedMeanwhile:
+        (value,) = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(value)
     raise StorageError(f"no node number left for node {node!r}: {MAX_NODES} node names are recorded in the index")
 
 

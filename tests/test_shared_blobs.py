@@ -733,3 +733,49 @@ def test_other_nodes_packs_left_in_the_trash_are_forgotten_once_freed_by_their_n
     pack.unlink()  # its node freed it (and forgot its trash row)
     assert layout.releasable(["a/2026120700/OWN"]) == ["a/2026120700/OWN"]
     assert layout._foreign_packs == set()  # not remembered for the process's life
+
+
+@pytest.mark.postgresql
+def test_a_name_claimed_by_another_hub_at_the_same_moment_gets_that_hub_s_number(pg_index):
+    """Two hubs given one name start at the same moment (the second is refused later by the node
+    folder's lock, with its message): the one whose claim comes second takes the first one's
+    number, not an error from the index's unique key."""
+    import threading
+    import time
+
+    import psycopg
+
+    from storage.postgres.connection import PgConnection
+
+    url, reset = pg_index
+    reset()
+    first = psycopg.connect(url)  # its claim of number 1 for 'twice' in flight, not yet committed
+    first.execute("INSERT INTO meta (key, value) VALUES ('blob_node:twice', 1), ('blob_node_number:1', 0)")
+    result: dict[str, object] = {}
+
+    def second() -> None:
+        conn = PgConnection.connect(url)
+        try:
+            result["number"] = blob_layout.register_node(conn, "twice")
+        except Exception as exc:  # what the test reports
+            result["error"] = exc
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        with psycopg.connect(url, autocommit=True) as watch:  # the second waits on the first's key
+            while (
+                time.monotonic() < deadline
+                and not watch.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ):
+                time.sleep(0.01)
+    finally:
+        first.commit()
+        first.close()
+        thread.join(30)
+    assert result == {"number": 1}
