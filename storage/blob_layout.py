@@ -175,12 +175,29 @@ def prepare(
             f"the node folder {own} is in use by another hub: node.name {node!r} must be unique in the cluster"
         ) from None
     try:
+        _refuse_taking_over(data_dir, own, node)
         for name, target in (("blobs", root), ("spool", own / "spool"), ("ledger", own / "ledger")):
             _link(data_dir / name, target)
     except BaseException:
         os.close(lock)
         raise
     return BlobLayout(data_dir, root, node, number, lock)
+
+
+def _refuse_taking_over(data_dir: Path, own: Path, node: str) -> None:
+    """A data folder that was another node's (its links point to <root>/<previous>/) given the name
+    of a node whose folder holds mail: two nodes' names swapped, most likely. With an index of its
+    own (SQLite) its start-up recovery would take that node's committed mail for orphans of its own
+    and move it to its quarantine. A renamed node takes a name no node has used (an empty folder)."""
+    previous = own_node(data_dir)
+    if previous is None or previous == node:
+        return
+    if any(_HOUR_LIKE.fullmatch(entry.name) for entry in os.scandir(own)):
+        raise StorageError(
+            f"{data_dir} was node {previous!r} (its spool links to {os.readlink(Path(data_dir) / 'spool')}), now"
+            f" node.name is {node!r}, whose folder {own} holds mail: were two nodes' names swapped? Set"
+            f" node.name back to {previous!r} (a renamed node takes a name no node has used)"
+        )
 
 
 def _refuse_own_layout_mail(conn: sql.Connection, data_dir: Path) -> None:

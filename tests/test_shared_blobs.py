@@ -779,3 +779,35 @@ def test_a_name_claimed_by_another_hub_at_the_same_moment_gets_that_hub_s_number
         first.close()
         thread.join(30)
     assert result == {"number": 1}
+
+
+def test_two_nodes_names_swapped_are_refused_before_recovery_touches_the_other_s_mail(tmp_path):
+    """Each node with an index of its own (SQLite) on one shared folder, their node.name values
+    swapped: node A's data folder named 'beta' would have had its recovery take beta's committed
+    mail for orphans and move it to A's quarantine. It is refused, naming the way back."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    sites = {}
+    for name in ("a", "b"):
+        conn = db.connect(tmp_path / name)
+        try:
+            sites[name] = add_site(conn, "beta", ["beta@hub.test"], "secret-password-1", ["hub.test"]).id
+        finally:
+            conn.close()
+
+    async def take(data_dir: Path, name: str, site: int) -> str:
+        storage = node(data_dir, root, name)
+        await storage.open()
+        try:
+            return await store(storage, site, make_message(3000, f"mail of {name}"))
+        finally:
+            await storage.close()
+
+    asyncio.run(take(tmp_path / "a", "alpha", sites["a"]))
+    qid = asyncio.run(take(tmp_path / "b", "beta", sites["b"]))
+    blob = root / row(tmp_path / "b", qid)[0]
+    with pytest.raises(StorageError, match="was node 'alpha'.* names swapped\\? Set node.name back to 'alpha'"):
+        asyncio.run(take(tmp_path / "a", "beta", sites["a"]))
+    assert blob.is_file() and not list((tmp_path / "a").glob("quarantine/**/*" + qid + "*"))
+    assert os.readlink(tmp_path / "a" / "spool") == str(root / "alpha" / "spool")  # links left as they were
+    asyncio.run(take(tmp_path / "a", "gamma", sites["a"]))  # a rename to a name no node has used
