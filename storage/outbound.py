@@ -63,38 +63,51 @@ def due(
     limit: int,
     exclude: str = "[]",
     node: str = "",
+    index_clock: bool = False,
 ) -> list[QueuedRecipient]:
     """Rows whose next attempt is due: never tried yet (fresh) or deferred, oldest first; `exclude`
     is a JSON list of row ids (those in flight); rows another node claimed until later are left
-    out (and on PostgreSQL, rows another transaction is claiming right now: SKIP LOCKED)."""
+    out (and on PostgreSQL, rows another transaction is claiming right now: SKIP LOCKED). With
+    `index_clock`, a claim's end is compared with the index's clock (PostgreSQL's), not `now`."""
     where = "o.attempts = 0" if fresh else "o.attempts > 0"
     dialect = sql.dialect(conn)
     locking = sql.CLAIM_ROWS[dialect] if conn.in_transaction else ""  # a claim is made in a write transaction
+    clock = sql.INDEX_CLOCK[dialect] if index_clock else None
     return _rows(
         conn,
         f"{_SELECT} WHERE o.next_attempt_at <= ? AND {where}"
         f" AND o.id NOT IN ({sql.JSON_INTEGERS[dialect]})"
-        " AND (o.claimed_until IS NULL OR o.claimed_until <= ? OR o.claimed_by = ?)"
+        f" AND (o.claimed_until IS NULL OR o.claimed_until <= {clock or '?'} OR o.claimed_by = ?)"
         f" ORDER BY o.next_attempt_at, o.id LIMIT ?{locking}",
-        (now, exclude, now, node, limit),
+        (now, exclude, node, limit) if clock else (now, exclude, now, node, limit),
         blob_dir,
     )
 
 
-def claim(conn: sql.Connection, ids: list[int], node: str, until: float) -> None:
-    """Mark rows as being delivered by `node` until `until` (taken, or renewed while it delivers)."""
+def _lease_end(conn: sql.Connection, until: float, lease: float | None) -> tuple[str, float]:
+    """The SQL of a claim's end and its parameter: the index's clock + `lease` when given and the
+    index has a clock of its own (PostgreSQL), else `until` (the caller's clock)."""
+    clock = sql.INDEX_CLOCK[sql.dialect(conn)] if lease is not None else None
+    return (f"{clock} + ?", lease) if clock and lease is not None else ("?", until)
+
+
+def claim(conn: sql.Connection, ids: list[int], node: str, until: float, lease: float | None = None) -> None:
+    """Mark rows as being delivered by `node` until `until` (taken, or renewed while it delivers);
+    with `lease`, until the index's clock + lease on PostgreSQL (the nodes' clocks may disagree)."""
+    end, value = _lease_end(conn, until, lease)
     conn.executemany(
-        "UPDATE outbound SET claimed_by = ?, claimed_until = ? WHERE id = ?", [(node, until, i) for i in ids]
+        f"UPDATE outbound SET claimed_by = ?, claimed_until = {end} WHERE id = ?", [(node, value, i) for i in ids]
     )
 
 
-def renew(conn: sql.Connection, ids: list[int], node: str, until: float) -> int:
+def renew(conn: sql.Connection, ids: list[int], node: str, until: float, lease: float | None = None) -> int:
     """Extend this node's claims on rows it still delivers (not those another node took over after
-    the lease ran out); how many were renewed."""
+    the lease ran out); how many were renewed. `lease` as for claim()."""
+    end, value = _lease_end(conn, until, lease)
     renewed = 0
     for i in ids:
         renewed += conn.execute(
-            "UPDATE outbound SET claimed_until = ? WHERE id = ? AND claimed_by = ?", (until, i, node)
+            f"UPDATE outbound SET claimed_until = {end} WHERE id = ? AND claimed_by = ?", (value, i, node)
         ).rowcount
     return renewed
 
@@ -169,15 +182,17 @@ def due_and_version(
     deferred_share: int,
     node: str = "",
     lease: float = 0.0,
+    index_clock: bool = False,
 ) -> tuple[int, list[QueuedRecipient]]:
     """The retry version and due rows, fresh ones first, then deferred ones (at most
     deferred_share), none in flight, none another node claimed; with a `lease`, the rows are
-    claimed for `node` until now + lease (in the caller's transaction: two nodes never take one row)."""
-    fresh = due(conn, blob_dir, now, True, free, busy, node)
+    claimed for `node` until now + lease (in the caller's transaction: two nodes never take one row).
+    `index_clock`: leases are judged and set by the index's clock (PostgreSQL's), not `now`."""
+    fresh = due(conn, blob_dir, now, True, free, busy, node, index_clock)
     room = min(free - len(fresh), deferred_share)
-    rows = fresh + (due(conn, blob_dir, now, False, room, busy, node) if room > 0 else [])
+    rows = fresh + (due(conn, blob_dir, now, False, room, busy, node, index_clock) if room > 0 else [])
     if lease > 0 and rows:
-        claim(conn, [r.id for r in rows], node, now + lease)
+        claim(conn, [r.id for r in rows], node, now + lease, lease if index_clock else None)
     return retry_version(conn), rows
 
 

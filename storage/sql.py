@@ -105,6 +105,15 @@ JSON_INTEGERS: Final[dict[Dialect, str]] = {
 CLAIM_ROWS: Final[dict[Dialect, str]] = {SQLITE: "", POSTGRESQL: " FOR UPDATE OF o SKIP LOCKED"}
 
 
+# The index's own clock as Unix seconds, for times several nodes write and compare (the outbound
+# claims' leases: judged by one clock, not by each node's, which may be minutes apart). SQLite has
+# none to share (one node): the caller's `now` stands in.
+INDEX_CLOCK: Final[dict[Dialect, str | None]] = {
+    SQLITE: None,
+    POSTGRESQL: "EXTRACT(EPOCH FROM clock_timestamp())::float8",
+}
+
+
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 

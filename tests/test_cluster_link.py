@@ -453,6 +453,39 @@ def test_two_nodes_claiming_at_once_never_get_the_same_row(pg_index, tmp_path):
             conn.close()
 
 
+def test_claim_leases_go_by_the_databases_clock_not_the_nodes(pg_index, tmp_path):
+    """Node c's clock runs 1000 s ahead (more than the 300 s lease): it still sees node a's fresh
+    claims as held and takes none of them (by its own clock, a's leases had run out: both nodes
+    delivered the same recipients); a's claims and renewals end at the database's now + lease
+    whatever a's clock says."""
+    from storage import db
+    from storage.outbound import due_and_version, renew
+
+    url, reset = pg_index
+    reset()
+    a, c = PgConnection.connect(url), PgConnection.connect(url)
+    try:
+        _queue(a, 4)
+        real = time.time()
+        with db.transaction(a):
+            taken = due_and_version(a, tmp_path, real - 500.0, "[]", 2, 2, "a", 300.0, True)[1]  # a's clock behind
+        assert len(taken) == 2
+        (until, last) = a.execute(
+            "SELECT min(claimed_until), max(claimed_until) FROM outbound WHERE claimed_by = 'a'"
+        ).fetchone()
+        assert real + 290 < until <= last < time.time() + 310  # the database's now + 300
+        with db.transaction(c):
+            got = due_and_version(c, tmp_path, real + 1000.0, "[]", 10, 10, "c", 300.0, True)[1]
+        assert {r.id for r in got}.isdisjoint(r.id for r in taken) and len(got) == 2  # only the free ones
+        with db.transaction(a):
+            assert renew(a, [r.id for r in taken], "a", real - 500.0 + 300.0, 300.0) == 2
+        (renewed,) = a.execute("SELECT min(claimed_until) FROM outbound WHERE claimed_by = 'a'").fetchone()
+        assert renewed >= last
+    finally:
+        a.close()
+        c.close()
+
+
 def test_claims_are_renewed_by_their_node_and_cleared_by_a_deferral(index, tmp_path):
     from storage import db, outbound
 

@@ -11,6 +11,7 @@
 # (storage/outbound.py: FOR UPDATE SKIP LOCKED on PostgreSQL, in the transaction that reads them) and
 # renews the claims of its rows in flight every RENEW_SECONDS; rows of a node that died are taken by
 # another once the lease ran out (the mail may reach the next hop twice: at least once, as SMTP is).
+# Leases are set and judged by the index's clock (PostgreSQL's), never by the nodes' own.
 import asyncio
 import collections
 import json
@@ -114,7 +115,9 @@ class OutboundQueue:
         self._renewed = time.monotonic()
         if self._busy:
             ids = sorted(self._busy)
-            renewed = await self.storage.queue_op(outbound.renew, ids, self.node, time.time() + CLAIM_LEASE)
+            renewed = await self.storage.queue_op(
+                outbound.renew, ids, self.node, time.time() + CLAIM_LEASE, CLAIM_LEASE
+            )
             if renewed < len(ids):  # this node stalled past the lease: another may deliver them too
                 log.warning("%d outbound row(s) in flight were claimed by another node meanwhile", len(ids) - renewed)
 
@@ -126,7 +129,15 @@ class OutboundQueue:
         busy = json.dumps(sorted(self._busy))
         deferred_room = max(1, self.relay.max_active // 2) - len(self._busy_deferred)
         retry_version, rows = await self.storage.queue_op(
-            outbound.due_and_version, self.storage.blob_dir, now, busy, free, deferred_room, self.node, CLAIM_LEASE
+            outbound.due_and_version,
+            self.storage.blob_dir,
+            now,
+            busy,
+            free,
+            deferred_room,
+            self.node,
+            CLAIM_LEASE,
+            True,  # leases by the index's clock (PostgreSQL's): the nodes' clocks may disagree
         )
         if retry_version != self._retry_version:
             if self._retry_version is not None:  # an operator asked for a retry: try every next hop again
