@@ -321,6 +321,21 @@ def _link(path: Path, target: Path) -> None:
     fsync_dir(path.parent)
 
 
+def refuse_cluster_index(conn: sql.Connection) -> None:
+    """storage.blobs is empty (and the mail is not on object storage): the index must not be a
+    cluster's whose mail is in a shared blob folder. This node would serve none of that mail (looked
+    for in its data folder: missing, marked damaged), take mail no other node could serve, and
+    number its group commits over the other nodes' (storage/ledger.py streams)."""
+    if conn.execute("SELECT 1 FROM meta WHERE key LIKE 'blob_node:%' LIMIT 1").fetchone() is None:
+        return  # no node ever ran on a shared folder with this index: nothing to scan
+    row = conn.execute("SELECT blob FROM messages WHERE blob LIKE '%/%/%' LIMIT 1").fetchone()
+    if row is not None:
+        raise StorageError(
+            f"storage.blobs is empty but the index holds mail of a shared blob folder (e.g. {row[0]}): set"
+            " storage.blobs to the cluster's shared folder (docs/storage.md, a shared blob folder)"
+        )
+
+
 def _refuse_links(data_dir: Path) -> None:
     """storage.blobs is empty: the data folder must not still point into a shared folder."""
     blobs = data_dir / "blobs"

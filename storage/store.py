@@ -195,6 +195,8 @@ class Storage:
             try:
                 if isinstance(conn, sqlite3.Connection):
                     db.check(conn)  # the file's quick integrity check (PostgreSQL checks its own pages)
+                if self.shared_blobs is None and self.objects is None:
+                    blob_layout.refuse_cluster_index(conn)  # a node that forgot storage.blobs
                 report = recover(conn, self.data_dir, self.layout, cache=self.objects is not None)
                 try:
                     rebuild_usage(conn)

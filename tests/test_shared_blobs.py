@@ -811,3 +811,37 @@ def test_two_nodes_names_swapped_are_refused_before_recovery_touches_the_other_s
     assert blob.is_file() and not list((tmp_path / "a").glob("quarantine/**/*" + qid + "*"))
     assert os.readlink(tmp_path / "a" / "spool") == str(root / "alpha" / "spool")  # links left as they were
     asyncio.run(take(tmp_path / "a", "gamma", sites["a"]))  # a rename to a name no node has used
+
+
+def test_a_node_without_storage_blobs_on_a_cluster_s_index_is_refused(tmp_path):
+    """A node that forgot storage.blobs, on the index of a cluster whose mail is in a shared
+    folder, does not start: it would look for that mail in its data folder (missing: marked
+    damaged) and take mail no other node could serve."""
+    root, a, _b, site = make_cluster(tmp_path)
+
+    async def take() -> str:
+        storage = node(a, root, "alpha")
+        await storage.open()
+        try:
+            return await store(storage, site, make_message(3000))
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(take())
+    forgot = tmp_path / "forgot"
+    forgot.mkdir()
+    os.symlink(a / db.INDEX_NAME, forgot / db.INDEX_NAME)
+
+    async def start_and_stop() -> None:
+        storage = Storage(forgot, release_freed_after=0)
+        await storage.open()
+        await storage.close()
+
+    with pytest.raises(StorageError, match=r"storage.blobs is empty but the index holds mail of a shared blob folder"):
+        asyncio.run(start_and_stop())
+    conn = sqlite3.connect(a / db.INDEX_NAME)
+    try:
+        assert conn.execute("SELECT count(*) FROM damaged").fetchone() == (0,)
+    finally:
+        conn.close()
+    assert row(a, qid)[0].startswith("alpha/")
