@@ -219,7 +219,9 @@ def expire(
         why = f"not fetched within {group.retention_days:g} days"
         mails = []
         for uid in group.uids:
-            row = conn.execute(_ENTRY, (uid, group.site_id)).fetchone()
+            # (locked: a concurrent expiry of the same entry - two leaders for a moment - waits and
+            # skips it, where both counted it, recorded it and sent the sender two notices)
+            row = conn.execute(_ENTRY + sql.LOCK_ENTRY[sql.dialect(conn)], (uid, group.site_id)).fetchone()
             if row is None:  # fetched or deleted meanwhile
                 continue
             _, qid, delivered_at, rcpt, size, sender_site, message_id, set_id, set_part, set_total, sha256, sender = row
@@ -278,7 +280,9 @@ def warn(conn: sql.Connection, now: float, groups: Sequence[WarningGroup]) -> in
     for group in groups:
         mails = []
         for uid in group.uids:
-            row = conn.execute(_ENTRY + " AND b.warned_at IS NULL", (uid, group.site_id)).fetchone()
+            row = conn.execute(
+                _ENTRY + " AND b.warned_at IS NULL" + sql.LOCK_ENTRY[sql.dialect(conn)], (uid, group.site_id)
+            ).fetchone()
             if row is None:
                 continue
             conn.execute("UPDATE mailbox SET warned_at = ? WHERE uid = ?", (now, uid))

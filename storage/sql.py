@@ -105,6 +105,13 @@ JSON_INTEGERS: Final[dict[Dialect, str]] = {
 CLAIM_ROWS: Final[dict[Dialect, str]] = {SQLITE: "", POSTGRESQL: " FOR UPDATE OF o SKIP LOCKED"}
 
 
+# Appended to a SELECT of mailbox entries (alias b) a transaction is about to change: PostgreSQL
+# locks them, so a second transaction doing the same (two nodes' expiry rounds at once: the old
+# leader's still running) waits and then no longer finds an entry the first removed; SQLite's
+# writer holds the one write lock already.
+LOCK_ENTRY: Final[dict[Dialect, str]] = {SQLITE: "", POSTGRESQL: " FOR UPDATE OF b"}
+
+
 # The index's own clock as Unix seconds, for times several nodes write and compare (the outbound
 # claims' leases: judged by one clock, not by each node's, which may be minutes apart). SQLite has
 # none to share (one node): the caller's `now` stands in.

@@ -699,3 +699,59 @@ def test_a_flood_past_the_queue_bound_catches_up_at_most_once_a_period():
         assert node._queued_rows == 0  # the rows kept were delivered (no listeners here)
 
     asyncio.run(main())
+
+
+def test_two_leaders_expiring_one_entry_at_once_expire_it_once(pg_index):
+    """The old leader's expiry round still runs when the new leader's starts (it notices the lost
+    link seconds later): both transactions pick the same unfetched entry. The second waits for the
+    first and then skips it - one expired event, one audit row, one notice to the sender (both
+    counted it and the sender got two notices)."""
+    import threading
+
+    from storage import db, lifecycle
+
+    url, reset = pg_index
+    reset()
+    a, b = PgConnection.connect(url), PgConnection.connect(url)
+    try:
+        with db.transaction(a):
+            a.execute("INSERT INTO sites (id, name, password_hash, created_at) VALUES (1, 'alpha', 'x', 0)")
+            a.execute(
+                "INSERT INTO messages (queue_id, blob, size, sha256, dot_lines, received_at, mail_from, refs)"
+                " VALUES ('Q1', 'b/Q1', 10, 'x', 0, 1, 'gw@far.test', 1)"
+            )
+            a.execute(
+                "INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (1, 'Q1', 'alpha@hub.test', 1)"
+            )
+            (uid,) = a.execute("SELECT uid FROM mailbox").fetchone()
+        group = lifecycle.ExpiryGroup(1, "alpha", "gw@far.test", None, [uid], 7.0)
+        (b_pid,) = b.execute("SELECT pg_backend_pid()").fetchone()
+        a.execute("BEGIN")
+        first = lifecycle.expire(a, 1000.0, [group])
+        second: list = []
+        b_done = threading.Event()
+
+        def other_leader():
+            with db.transaction(b):
+                second.append(lifecycle.expire(b, 1000.5, [group]))
+            b_done.set()
+
+        thread = threading.Thread(target=other_leader)
+        thread.start()
+        with psycopg.connect(url, autocommit=True) as watcher:  # b waits on a's row (to read it, or to delete it)
+            deadline = time.monotonic() + 30
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (b_pid,)
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "b never waited for a"
+                time.sleep(0.02)
+        a.execute("COMMIT")
+        thread.join(timeout=30)
+        assert b_done.is_set()
+        assert first[1]["mails"] == 1 and first[1]["notices"] == 1
+        assert second[0][0] == [] and second[0][1]["mails"] == 0 and second[0][1]["notices"] == 0
+        assert a.execute("SELECT count(*) FROM lifecycle_notices").fetchone()[0] == 1
+        assert a.execute("SELECT count(*) FROM audit WHERE event = 'expired'").fetchone()[0] == 1
+    finally:
+        a.close()
+        b.close()
