@@ -459,10 +459,14 @@ class IndexWriter:
         now = time.monotonic()
         while self._recent and now - self._recent[0][0] >= self.release_freed_after:
             self._recent.popleft()
-        young_from = self._recent[0][1] if self._recent else float("inf")
+        wall = time.time()
+        # freed_at is the clock of the index's triggers: on PostgreSQL the server's, shared by every
+        # node; a node whose own clock runs ahead of it released other nodes' freed ranges early
+        offset = self.conn.execute("SELECT unix_now()").fetchone()[0] - wall if self.location.is_postgresql else 0.0
+        young_from = self._recent[0][1] + offset if self._recent else float("inf")
         holes = self.conn.execute(
             "SELECT blob, start, size FROM blob_holes WHERE freed_at <= ? AND freed_at < ?",
-            (time.time() - self.release_freed_after, young_from),
+            (wall + offset - self.release_freed_after, young_from),
         ).fetchall()
         return blobs, holes
 

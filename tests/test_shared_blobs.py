@@ -845,3 +845,29 @@ def test_a_node_without_storage_blobs_on_a_cluster_s_index_is_refused(tmp_path):
     finally:
         conn.close()
     assert row(a, qid)[0].startswith("alpha/")
+
+
+@pytest.mark.postgresql
+def test_a_node_whose_clock_runs_ahead_waits_the_delay_on_the_index_s_clock(tmp_path, pg_index, monkeypatch):
+    """freed_at of a freed range is written by PostgreSQL's trigger (the server's clock, one for
+    every node): a node whose clock runs two hours ahead does not release a range another node
+    freed a moment ago (a reader on that node may still be sending it), only one freed over
+    release_freed_after seconds ago."""
+    import time
+
+    from storage import index_writer
+    from storage.postgres.connection import PgConnection
+
+    url, reset = pg_index
+    reset()
+    writer = index_writer.IndexWriter(tmp_path, 3600.0, url)
+    other = PgConnection.connect(url)  # another node's deletions
+    try:
+        ahead = time.time() + 7200.0
+        monkeypatch.setattr(index_writer.time, "time", lambda: ahead)
+        other.execute("INSERT INTO blob_holes (blob, start, size, freed_at) VALUES ('b/p', 0, 10, unix_now())")
+        other.execute("INSERT INTO blob_holes (blob, start, size, freed_at) VALUES ('b/p', 10, 5, unix_now() - 3601)")
+        assert writer.freed() == ([], [("b/p", 10, 5)])
+    finally:
+        other.close()
+        writer.close()
