@@ -28,7 +28,11 @@
 #   hit a newer reference.
 # - An unmounted or unreachable shared folder is never taken for an empty store: without the marker
 #   the hub does not start if the index refers to shared blobs, and a missing blob is not marked
-#   damaged while the marker cannot be seen (reads fail cleanly, SMTP answers 451).
+#   damaged while the marker cannot be seen (reads fail cleanly, SMTP answers 451). A folder with a
+#   marker but none of the index's newest mails (another cluster's, an old copy) stops the start.
+# - Mixed layouts: a shared node on an index with mail of the data-folder layout, a node without
+#   storage.blobs on a cluster's index, a data folder of node A started as node B whose folder
+#   holds mail (names swapped): each refused at start with one line saying the way out.
 # Must never remove a file (the callers do, as said above) nor create the root folder itself.
 import os
 import re
