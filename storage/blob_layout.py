@@ -177,6 +177,8 @@ def prepare(
     except DataFolderInUse:
         raise StorageError(
             f"the node folder {own} is in use by another hub: node.name {node!r} must be unique in the cluster"
+            " (after a node's machine died, its lock on a shared file system stays until the file server"
+            " ends its lease: about 90 s on NFS v4 - try again then)"
         ) from None
     try:
         _refuse_taking_over(data_dir, own, node)
