@@ -3,7 +3,8 @@
 # environment variables that are no setting (with the nearest setting's name: a misspelt variable
 # is silently ignored otherwise); a data folder the hub could not write to or whose disk is nearly
 # full; lifecycle.operator_address set to postmaster@ of a local domain (it names itself: mail to
-# postmaster would be deferred for ever and the operator's notices dropped). Errors stop `check`
+# postmaster would be deferred for ever and the operator's notices dropped); a PostgreSQL index
+# (storage.index) that cannot be reached, or was migrated by a newer hub. Errors stop `check`
 # with exit status 2 (and so systemd's ExecStartPre); warnings are printed and the check passes.
 # Must never: create or change a file, or print a private key.
 import datetime
@@ -40,6 +41,7 @@ def findings(cfg: Config, environ: Mapping[str, str], now: datetime.datetime | N
     found += unknown_variables(environ)
     found += data_dir_problems(cfg)
     found += operator_address_problems(cfg)
+    found += index_problems(cfg)
     return sorted(found, key=lambda f: f.level != ERROR)
 
 
@@ -82,6 +84,36 @@ def data_dir_problems(cfg: Config) -> list[Finding]:
             )
         )
     return found
+
+
+def index_problems(cfg: Config) -> list[Finding]:
+    """A PostgreSQL index (storage.index) that cannot be reached now, or that a newer hub migrated: a
+    warning (`check` may run where the service's PGPASSWORD is not set; the hub's start says it
+    again, in one line, if it is so then)."""
+    if not cfg.storage.index:
+        return []
+    from storage import StorageError
+
+    index = cfg.index_location
+    try:
+        conn = index.connect_readonly(timeout=5)
+    except StorageError as exc:
+        return [Finding(WARNING, f"storage.index: {exc}")]
+    try:
+        from storage.postgres import latest_version, schema_version
+
+        version = schema_version(conn.raw)  # type: ignore[attr-defined]  # a PgConnection
+    finally:
+        conn.close()
+    if version > latest_version():
+        return [
+            Finding(
+                WARNING,
+                f"storage.index: the database at {index.where()} is at schema version {version}, newer than"
+                f" this hub knows ({latest_version()}): the hub refuses to start on it",
+            )
+        ]
+    return []
 
 
 def operator_address_problems(cfg: Config) -> list[Finding]:

@@ -359,3 +359,24 @@ def test_the_commands_for_the_sqlite_file_refuse_a_postgresql_index_in_one_line(
     assert "index         ok: 1 mail(s)" in hub.cli("storage", "check").stdout
     assert "1 mail(s)" in hub.cli("storage", "verify", "--quiet").stdout
     assert "no damaged mails known" in hub.cli("storage", "damaged").stdout
+
+
+@pytest.mark.postgresql
+def test_check_warns_of_an_index_it_cannot_reach_or_that_is_too_new(pg_url, tmp_path):
+    from mailhub.check import WARNING, index_problems
+
+    def problems(url: str):
+        return index_problems(config.load(environ={"MAILHUB_DATA_DIR": str(tmp_path), "MAILHUB_STORAGE_INDEX": url}))
+
+    ((level, text),) = [(f.level, f.text) for f in problems(f"postgresql://mailhub:{SECRET}@127.0.0.1:1/mailhub")]
+    assert level == WARNING and text.startswith("storage.index: cannot connect to the index at postgresql://mailhub@")
+    assert SECRET not in text and "\n" not in text
+    assert problems(pg_url) == []  # reachable (migrated at the hub's start)
+    conn = PgConnection.connect(pg_url)
+    try:
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (999, 'from_the_future')")
+    finally:
+        conn.close()
+    ((level, text),) = [(f.level, f.text) for f in problems(pg_url)]
+    assert level == WARNING and "schema version 999, newer than this hub knows" in text
