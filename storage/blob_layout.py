@@ -255,12 +255,15 @@ def _refuse_foreign_store(conn: sql.Connection, root: Path) -> None:
     would start and mark every mail it serves damaged (gateways told to delete it); start-up
     recovery's 'most blobs missing' looks at the node's own blobs only."""
     rows = conn.execute(
-        "SELECT blob FROM messages WHERE blob LIKE '%/%/%' ORDER BY queue_id DESC LIMIT ?", (SAMPLE,)
+        "SELECT blob FROM messages WHERE blob LIKE '%/%/%' AND queue_id NOT IN (SELECT queue_id FROM damaged)"
+        " ORDER BY queue_id DESC LIMIT ?",
+        (SAMPLE,),
     ).fetchall()
     if len(rows) >= 5 and not any(os.path.exists(root / blob) for (blob,) in rows):
         raise SharedBlobsUnavailable(
             f"storage.blobs {root} holds none of the index's {len(rows)} newest mails (e.g. {rows[0][0]}):"
-            " is it the cluster's shared folder, and is the shared file system mounted there?"
+            " is it the cluster's shared folder, and is the shared file system mounted there? (If those"
+            " mails are lost, `mailhub storage verify` on a running node marks them damaged.)"
         )
 
 

@@ -718,6 +718,16 @@ def test_a_folder_with_a_marker_but_none_of_the_index_s_mail_is_refused(tmp_path
             await storage.close()
 
     assert asyncio.run(right()) is None
+    # the newest mails truly lost and marked damaged (storage verify): not looked for any more
+    conn = sqlite3.connect(a / db.INDEX_NAME)
+    try:
+        for qid, blob in conn.execute("SELECT queue_id, blob FROM messages").fetchall():
+            (root / blob).unlink(missing_ok=True)
+            conn.execute("INSERT INTO damaged VALUES (?, 'blob file missing', 'verify', 0, NULL)", (qid,))
+        conn.commit()
+    finally:
+        conn.close()
+    asyncio.run(start_and_stop(root))
 
 
 def test_other_nodes_packs_left_in_the_trash_are_forgotten_once_freed_by_their_node(tmp_path):
