@@ -6,15 +6,17 @@
 # integrity_check, the index file). Every opener of the index (the hub, its index writer process,
 # readers in worker threads, the command line) goes through here.
 # Must never import psycopg at module level (the PostgreSQL extra is optional), nor show a password.
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import db, sql
 from .errors import StorageError
 from .index_url import redacted
+
+if TYPE_CHECKING:
+    from .postgres.connection import PgConnection
 
 # Seconds a connection attempt to PostgreSQL may take before it fails with one line.
 CONNECT_TIMEOUT: Final = 10
@@ -56,13 +58,16 @@ class IndexLocation:
         with _migrating:
             if self.url in _migrated:
                 return
-            from .postgres import PgConnection, migrate_schema
-
-            conn = PgConnection.connect(self.url, CONNECT_TIMEOUT)
+            conn = _pg_connection(self.url, CONNECT_TIMEOUT)
             try:
+                from .postgres.schema import migrate_schema
+
                 migrate_schema(conn.raw)
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot migrate the index at {self.where()}: {exc}") from None
+            except StorageError:  # SchemaTooNew: its own line
+                raise
+            except Exception as exc:  # psycopg's (no permission, the connection lost): one line
+                text = " ".join(str(exc).split()) or type(exc).__name__
+                raise StorageError(f"cannot migrate the index at {self.where()}: {text}") from None
             finally:
                 conn.close()
             _migrated.add(self.url)
@@ -75,9 +80,7 @@ class IndexLocation:
             return db.connect(self.data_dir)
         if migrate:
             self.prepare()
-        from .postgres import PgConnection
-
-        return PgConnection.connect(self.url, timeout)
+        return _pg_connection(self.url, timeout)
 
     def connect_readonly(self, any_thread: bool = False, timeout: int = CONNECT_TIMEOUT) -> sql.Connection:
         """A connection that never changes the index (reports, metrics, readers beside a running hub).
@@ -85,9 +88,7 @@ class IndexLocation:
         at a time); PostgreSQL: a session whose transactions are all READ ONLY."""
         if not self.url:
             return db.connect_readonly(self.data_dir, check_same_thread=not any_thread)
-        from .postgres import PgConnection
-
-        conn = PgConnection.connect(self.url, timeout)
+        conn = _pg_connection(self.url, timeout)
         conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
         return conn
 
@@ -99,3 +100,15 @@ class IndexLocation:
                 f"{what} works on the SQLite index file only; this hub's index is PostgreSQL"
                 f" ({self.where()}): use {instead}"
             )
+
+
+def _pg_connection(url: str, timeout: int) -> "PgConnection":
+    """PgConnection.connect, or StorageError (one line) when psycopg, an optional extra, is missing."""
+    try:
+        from .postgres.connection import PgConnection
+    except ImportError as exc:
+        raise StorageError(
+            f"storage.index is a PostgreSQL URL, which needs psycopg 3 ({exc}):"
+            " pip install 'dicom-mail-hub[postgresql]'"
+        ) from None
+    return PgConnection.connect(url, timeout)

@@ -7,6 +7,7 @@
 # themselves run on PostgreSQL too: the modules marked both_engines (tests/conftest.py).
 import concurrent.futures
 import imaplib
+import os
 import poplib
 import smtplib
 import sqlite3
@@ -380,3 +381,20 @@ def test_check_warns_of_an_index_it_cannot_reach_or_that_is_too_new(pg_url, tmp_
         conn.close()
     ((level, text),) = [(f.level, f.text) for f in problems(pg_url)]
     assert level == WARNING and "schema version 999, newer than this hub knows" in text
+
+
+@pytest.mark.postgresql
+def test_a_schema_that_cannot_be_migrated_stops_the_start_in_one_line(postgres_server, pg_url, tmp_path):
+    from storage.index import IndexLocation
+
+    role = f"nocreate_{os.getpid()}"
+    postgres_server.admin(f"CREATE ROLE {role} LOGIN")  # (trusted on the test server; PUBLIC may not create)
+    try:
+        url = pg_url.replace("://mailhub@", f"://{role}:{SECRET}@")
+        with pytest.raises(StorageError) as raised:
+            IndexLocation(tmp_path, url).prepare()
+        text = str(raised.value)
+        assert text.startswith("cannot migrate the index at postgresql://") and "permission denied" in text, text
+        assert SECRET not in text and "\n" not in text
+    finally:
+        postgres_server.admin(f"DROP ROLE {role}")
