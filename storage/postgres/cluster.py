@@ -20,11 +20,13 @@
 # listener's error stop the link.
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import secrets
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import psycopg
@@ -244,13 +246,13 @@ class ClusterLink:
         while True:
             while self._commands:
                 sql, params, future = self._commands[0]
-                async with asyncio.timeout(self.op_timeout):
+                with self._deadline(conn):
                     cursor = await conn.execute(sql.encode(), params)
                     row = await cursor.fetchone()
                 self._commands.popleft()
                 self._settle(sql, params, future, row)
             if self._replies:
-                async with asyncio.timeout(self.op_timeout):
+                with self._deadline(conn):
                     while self._replies:
                         channel, payload = self._replies.popleft()
                         await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
@@ -258,7 +260,7 @@ class ClusterLink:
             now = time.monotonic()
             if self.want_leader and not self.leader and now - leader_tried >= self.leader_interval:
                 leader_tried = now
-                async with asyncio.timeout(self.op_timeout):
+                with self._deadline(conn):
                     cursor = await conn.execute("SELECT pg_try_advisory_lock(%s, 0)", (LEADER_SPACE,))
                     row = await cursor.fetchone()
                 self._set_leader(bool(row and row[0]))
@@ -266,13 +268,13 @@ class ClusterLink:
             if len(self._outgoing) and now - flushed >= DOWNLOAD_FLUSH:
                 flushed = now
                 outgoing, self._outgoing = self._outgoing, Changes(self.node)
-                async with asyncio.timeout(self.op_timeout):
+                with self._deadline(conn):
                     for payload in payloads(outgoing):
                         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 continue
             if now - pinged >= self.ping_interval:
                 pinged = now
-                async with asyncio.timeout(self.op_timeout):
+                with self._deadline(conn):
                     await conn.execute("SELECT 1")
                 continue
             deadline = pinged + self.ping_interval
@@ -281,6 +283,38 @@ class ClusterLink:
             if len(self._outgoing):
                 deadline = min(deadline, flushed + DOWNLOAD_FLUSH)
             await self._idle(conn, loop, max(deadline - now, 0.0))
+
+    @contextlib.contextmanager
+    def _deadline(self, conn: psycopg.AsyncConnection[Any]) -> Iterator[None]:
+        """Like asyncio.timeout(op_timeout), but what runs past it is ended by shutting the
+        connection's socket: a cancelled query makes psycopg ask the server to cancel it first, up
+        to 10 s more on a silent network (a partition), all the while the node vouching for locks
+        the server may have freed. TimeoutError then."""
+        expired = False
+
+        def cut() -> None:
+            nonlocal expired
+            expired = True
+            try:
+                sock = socket.socket(fileno=conn.pgconn.socket)
+            except (OSError, psycopg.Error):
+                return  # closed already
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.detach()  # psycopg's file descriptor: shut, not closed under it
+
+        handle = asyncio.get_running_loop().call_later(self.op_timeout, cut)
+        try:
+            yield
+        except psycopg.Error:
+            if expired:
+                raise TimeoutError(f"no answer from PostgreSQL within {self.op_timeout:g} s") from None
+            raise
+        finally:
+            handle.cancel()
 
     async def _idle(self, conn: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """Wait until the server sends something (a notification, or the end of the connection), a
