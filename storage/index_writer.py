@@ -13,7 +13,8 @@
 # (40001), the connection lost (a restart, pg_terminate_backend) - rolls the transaction back and
 # runs it again, RETRIES times at most (never half of one: each try is a whole transaction); a
 # COMMIT whose answer was lost is looked up before anything is redone (a group commit by its
-# `commits` row), else reported unknown (CommitUnknown: the hub keeps the files, sends no 250). A
+# `commits` row, once the old server session is over: ended by the writer if it still ran the
+# COMMIT), else reported unknown (CommitUnknown: the hub keeps the files, sends no 250). A
 # server that stays down fails each request with one line (451 4.3.0 at SMTP) until it is back.
 import collections
 import json
@@ -37,6 +38,7 @@ LEDGER_SYNC_INTERVAL = 1.0  # seconds: under steady load, commit lines are made 
 RETRIES = 4  # PostgreSQL: a transaction redone at most this many times after a transient failure
 RETRY_PAUSE = 0.05  # seconds before the first redo, doubled for each next one
 RECONNECT_TIMEOUT = 5  # seconds a new connection to PostgreSQL may take (a request waits that long)
+SESSION_END_TIMEOUT = 5  # seconds a lost COMMIT's session may take to end before its lookup
 log = logging.getLogger("mailhub.storage")
 
 
@@ -75,6 +77,7 @@ class IndexWriter:
         self.location = IndexLocation(data_dir, index_url)
         self.conn = self.location.connect(migrate=False)  # (the hub migrated it before it started this writer)
         self._lost = False  # PostgreSQL: the connection failed; the next request connects again
+        self._session: tuple[object, tuple[int, Any] | None] = (None, None)  # (raw connection, _session_of)
         # this hub node's name: on PostgreSQL each mailbox change is NOTIFYed to the other nodes
         # (storage/cluster_events.py) in its transaction, naming the node (its own skip it)
         self.node = node
@@ -185,6 +188,7 @@ class IndexWriter:
             conn = self.conn
             body_done = False
             try:
+                session = self._session_of(conn)
                 with db.transaction(conn):
                     result = body(conn)
                     body_done = True  # what fails from here on is the COMMIT
@@ -203,6 +207,12 @@ class IndexWriter:
                         ) from exc
                     try:
                         self.reconnect_if_lost()
+                        # the old session may still be carrying the COMMIT out (a synchronous
+                        # standby's answer, a slow disk): a lookup now could miss a commit that
+                        # takes a moment later, and the redo would then fail on its rows (or a
+                        # second commit be made). It is ended, and gone, before the lookup decides
+                        if not self._ended(self.conn, session):
+                            raise StorageError("the old session is still running on the server")
                         took = committed(self.conn)
                     except (StorageError, sqlite3.Error) as check_failed:
                         raise CommitUnknown(
@@ -215,6 +225,37 @@ class IndexWriter:
                 log.warning("index writer: %s; the transaction is run again (try %d)", exc, attempt + 2)
                 time.sleep(RETRY_PAUSE * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _session_of(self, conn: sql.Connection) -> tuple[int, Any] | None:
+        """PostgreSQL: (pid, backend_start) of the server's session behind `conn` (asked once per
+        connection): what tells, after a lost COMMIT answer, whether that session is over."""
+        raw = getattr(conn, "raw", None)
+        if raw is None:
+            return None
+        if self._session[0] is not raw:
+            row = conn.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            self._session = (raw, (int(row[0]), row[1]) if row is not None else None)
+        return self._session[1]
+
+    @staticmethod
+    def _ended(conn: sql.Connection, session: tuple[int, Any] | None) -> bool:
+        """The server session `session` is over: ended now (pg_terminate_backend) if it still runs,
+        waited for SESSION_END_TIMEOUT seconds at most (False: still there, or unknown)."""
+        if session is None:
+            return False
+        deadline = time.monotonic() + SESSION_END_TIMEOUT
+        while True:
+            row = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ? AND backend_start = ?",
+                session,
+            ).fetchone()
+            if row is None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def _note_time(self) -> None:
         now = time.monotonic()

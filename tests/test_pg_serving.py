@@ -398,3 +398,69 @@ def test_a_schema_that_cannot_be_migrated_stops_the_start_in_one_line(postgres_s
         assert SECRET not in text and "\n" not in text
     finally:
         postgres_server.admin(f"DROP ROLE {role}")
+
+
+class _CommitStillRunning(_LosesCommitAnswer):
+    """The writer's PgConnection whose COMMIT reaches the server and is still being carried out there
+    (a deferred trigger waits; in production: a synchronous standby's answer, a slow disk) when the
+    connection breaks on the writer's side: the transaction may still commit after any lookup."""
+
+    def execute(self, sql, parameters=()):
+        if sql == "COMMIT":
+            self.raw.pgconn.send_query(b"COMMIT")
+            self.raw.pgconn.flush()
+            self.raw.close()  # (the server's backend, busy in its COMMIT, notices nothing of it)
+            raise sqlite3.OperationalError("server closed the connection unexpectedly")
+        return self.inner.execute(sql, parameters)
+
+
+@pytest.mark.postgresql
+def test_a_lost_commit_still_running_on_the_server_is_never_taken_for_one_that_failed(pg_writer, pg_index):
+    """The answer to a group commit's COMMIT is lost while the server is still carrying it out. Its
+    `commits` row is not there yet; redoing the batch (the first try then committing too) found the
+    mails' rows taken and failed - the hub removed the files of mails the index holds. The old session
+    must be over (ended by the writer) before the lookup decides: one commit, or CommitUnknown."""
+    site = sites.add_site(pg_writer.conn, "alpha", ["alpha@hub.test"], PASSWORD, ["hub.test"])
+    item = _mail_to(site, "QSLOW")
+    seq = pg_writer.seq + 1
+    holder = PgConnection.connect(pg_index[0])
+    pid = pg_writer.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    holder.execute(
+        "CREATE FUNCTION test_hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" IF pg_backend_pid() = {int(pid)} THEN PERFORM pg_advisory_xact_lock(4242); END IF; RETURN NULL; END $$"
+    )
+    holder.execute(
+        "CREATE CONSTRAINT TRIGGER test_hold_commit AFTER INSERT ON commits DEFERRABLE INITIALLY DEFERRED"
+        " FOR EACH ROW EXECUTE FUNCTION test_hold_commit()"
+    )
+    holder.execute("SELECT pg_advisory_lock(4242)")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pg_writer.conn = _CommitStillRunning(pg_writer.conn)
+        outcome = pool.submit(pg_writer.commit_batch, [item], [], seq, 78)
+        try:
+            outcome.result(timeout=5)
+        except concurrent.futures.TimeoutError:
+            pass  # (without the fix: the redo waits on the first try's rows)
+        holder.execute("SELECT pg_advisory_unlock(4242)")  # the first try's COMMIT may now end
+        try:
+            digests = outcome.result(timeout=30)
+        except CommitUnknown:
+            digests = None  # the hub keeps the files and acknowledges nothing: allowed
+        count = holder.execute("SELECT count(*) FROM messages WHERE queue_id = 'QSLOW'").fetchone()[0]
+        commits = holder.execute("SELECT count(*) FROM commits WHERE seq = ?", (seq,)).fetchone()[0]
+        if digests is not None:
+            assert digests == ["ab" * 32] and count == 1 and commits == 1
+        wait_for(
+            lambda: holder.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ?", (pid,)).fetchone()[0] == 0,
+            timeout=30,
+            message="the first session over",
+        )
+        assert holder.execute("SELECT count(*) FROM messages WHERE queue_id = 'QSLOW'").fetchone()[0] == (
+            1 if digests is not None else count
+        )
+    finally:
+        holder.execute("DROP TRIGGER test_hold_commit ON commits")
+        holder.execute("DROP FUNCTION test_hold_commit()")
+        holder.close()
+        pool.shutdown(wait=True)
