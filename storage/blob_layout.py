@@ -348,7 +348,11 @@ def refuse_cluster_index(conn: sql.Connection) -> None:
 def _refuse_links(data_dir: Path) -> None:
     """storage.blobs is empty: the data folder must not still point into a shared folder."""
     blobs = data_dir / "blobs"
-    if blobs.is_symlink():
+    if not blobs.is_symlink():
+        return
+    # the links this module makes, or a marker there; an operator's own link (blobs/ on another
+    # disk of a single hub) is left alone
+    if own_node(data_dir) is not None or (blobs / MARKER).exists():
         raise StorageError(
             f"storage.blobs is empty but {blobs} links to the shared blob folder {os.readlink(blobs)}: set"
             " storage.blobs to it (this node's mail is there)"
@@ -362,6 +366,10 @@ def shared_root(data_dir: Path) -> Path | None:
 
 
 def own_node(data_dir: Path) -> str | None:
-    """This data folder's node name in a shared folder (from its spool link), or None."""
-    spool = Path(data_dir) / "spool"
-    return Path(os.readlink(spool)).parent.name if spool.is_symlink() else None
+    """This data folder's node name in a shared folder (from the links prepare() makes: spool ->
+    <root>/<node>/spool, blobs -> <root>), or None (an operator's own links are not a node's)."""
+    spool, blobs = Path(data_dir) / "spool", Path(data_dir) / "blobs"
+    if not (spool.is_symlink() and blobs.is_symlink()):
+        return None
+    target = Path(os.readlink(spool))
+    return target.parent.name if target.name == "spool" and target.parent.parent == Path(os.readlink(blobs)) else None

@@ -881,3 +881,34 @@ def test_a_node_whose_clock_runs_ahead_waits_the_delay_on_the_index_s_clock(tmp_
     finally:
         other.close()
         writer.close()
+
+
+def test_a_single_hub_whose_blobs_folder_is_an_operator_s_link_to_another_disk_still_starts(tmp_path):
+    """storage.blobs empty, blobs/ a symbolic link the operator made to a folder on another disk
+    (no marker, no spool link into it): the single hub starts and stores its mail there, as before
+    shared blob folders existed. The hub's own links into a shared folder are still refused."""
+    local, disk = tmp_path / "local", tmp_path / "disk2" / "blobs"
+    conn = db.connect(local)
+    try:
+        site = add_site(conn, "beta", ["beta@hub.test"], "secret-password-1", ["hub.test"]).id
+    finally:
+        conn.close()
+    disk.mkdir(parents=True)
+    (tmp_path / "disk2" / "spool").mkdir()
+    os.symlink(disk, local / "blobs")
+    os.symlink(tmp_path / "disk2" / "spool", local / "spool")
+
+    async def take() -> str:
+        storage = Storage(local, release_freed_after=0)
+        await storage.open()
+        try:
+            return await store(storage, site, make_message(3000))
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(take())
+    assert (disk / row(local, qid)[0]).is_file()
+    from storage.check import check
+
+    report = check(local)  # its blobs checked as a single hub's, not as node 'disk2's
+    assert report.problems == [] and report.blob_files == 1 and report.strays == []
