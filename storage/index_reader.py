@@ -16,8 +16,13 @@ import aiosqlite
 
 from . import db
 from .index import IndexLocation
+from .sql import Connection
 
 POOL_SIZE = 4  # PostgreSQL: connections (and threads) at most for the event loop's reads
+# PostgreSQL: a read taking longer is cancelled by the server (the session gets a temporary error):
+# a read stuck behind a lock (an ALTER TABLE, a VACUUM FULL run by hand) or a runaway query held a
+# pool thread forever, and with POOL_SIZE of them every session's reads waited behind them
+STATEMENT_TIMEOUT = 30.0
 
 
 class AsyncReader(Protocol):
@@ -65,7 +70,7 @@ class _PgReader:
             conn = self._idle.pop() if self._idle else None
         fresh = conn is None
         if conn is None:
-            conn = self._location.connect_readonly(any_thread=True)
+            conn = self._connect()
         try:
             rows = conn.execute(sql, parameters).fetchall()
         except sqlite3.Error:
@@ -74,7 +79,7 @@ class _PgReader:
                 raise
             # a pooled connection the server ended meanwhile (a restart, pg_terminate_backend): the
             # read is tried once more on a new one (reads change nothing)
-            conn = self._location.connect_readonly(any_thread=True)
+            conn = self._connect()
             try:
                 rows = conn.execute(sql, parameters).fetchall()
             except sqlite3.Error:
@@ -86,6 +91,15 @@ class _PgReader:
                 return rows
         conn.close()
         return rows
+
+    def _connect(self) -> Connection:
+        conn = self._location.connect_readonly(any_thread=True)
+        try:
+            conn.execute("SELECT set_config('statement_timeout', ?, false)", (f"{int(STATEMENT_TIMEOUT * 1000)}ms",))
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
 
     async def close(self) -> None:
         with self._lock:

@@ -39,6 +39,12 @@ RETRIES = 4  # PostgreSQL: a transaction redone at most this many times after a 
 RETRY_PAUSE = 0.05  # seconds before the first redo, doubled for each next one
 RECONNECT_TIMEOUT = 5  # seconds a new connection to PostgreSQL may take (a request waits that long)
 SESSION_END_TIMEOUT = 5  # seconds a lost COMMIT's session may take to end before its lookup
+# PostgreSQL session settings of the writer's connection: a row lock another node's transaction
+# holds (a stopped or cut-off node) is waited for LOCK_TIMEOUT at most (then retried, then 451);
+# its own transaction left open (this process stopped, the network cut) is ended by the server
+# after IDLE_IN_TRANSACTION_TIMEOUT, freeing what it locked for every other node
+LOCK_TIMEOUT = 10.0
+IDLE_IN_TRANSACTION_TIMEOUT = 60.0
 log = logging.getLogger("mailhub.storage")
 
 
@@ -76,6 +82,7 @@ class IndexWriter:
     def __init__(self, data_dir: Path, release_freed_after: float, index_url: str = "", node: str = ""):
         self.location = IndexLocation(data_dir, index_url)
         self.conn = self.location.connect(migrate=False)  # (the hub migrated it before it started this writer)
+        _set_session(self.conn)
         self._lost = False  # PostgreSQL: the connection failed; the next request connects again
         self._session: tuple[object, tuple[int, Any] | None] = (None, None)  # (raw connection, _session_of)
         # this hub node's name: on PostgreSQL each mailbox change is NOTIFYed to the other nodes
@@ -169,6 +176,7 @@ class IndexWriter:
         except sqlite3.Error:
             pass
         self.conn = self.location.connect(RECONNECT_TIMEOUT, migrate=False)
+        _set_session(self.conn)
         self._lost = False
         self.seq, self.attempt = ledger.stream_last(
             self.conn, self.stream
@@ -731,6 +739,22 @@ def _add_downloads(conn: sqlite3.Connection, site_id: int, d: Downloads) -> None
         "  ELSE excluded.last_fetch_at END, d.last_fetch_at, excluded.last_fetch_at)",
         (site_id, d.sessions, d.messages, d.bytes, d.send_seconds, d.polled_at, d.polled_at, fetched),
     )
+
+
+def _set_session(conn: sql.Connection) -> None:
+    """PostgreSQL: the writer's session settings (LOCK_TIMEOUT, IDLE_IN_TRANSACTION_TIMEOUT), and
+    a COMMIT that waits for the disk: synchronous_commit 'off' (the database's, the role's or the
+    server's default) answered before the WAL was flushed - a crash of PostgreSQL then lost mail
+    acknowledged with 250. Any other value (local, remote_write, on, remote_apply) is kept."""
+    if sql.dialect(conn) != sql.POSTGRESQL:
+        return
+    conn.execute("SELECT set_config('lock_timeout', ?, false)", (f"{int(LOCK_TIMEOUT * 1000)}ms",))
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', ?, false)",
+        (f"{int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}ms",),
+    )
+    if conn.execute("SHOW synchronous_commit").fetchone()[0] == "off":
+        conn.execute("SET synchronous_commit = on")
 
 
 def _connection_lost(conn: object) -> bool:

@@ -464,3 +464,81 @@ def test_a_lost_commit_still_running_on_the_server_is_never_taken_for_one_that_f
         holder.execute("DROP FUNCTION test_hold_commit()")
         holder.close()
         pool.shutdown(wait=True)
+
+
+@pytest.mark.postgresql
+def test_the_writer_waits_for_the_disk_and_not_forever_on_another_nodes_lock(pg_index, tmp_path, monkeypatch):
+    """A database whose synchronous_commit is off answered COMMIT before the WAL was flushed (a crash
+    of PostgreSQL lost mail acknowledged with 250): the writer's session sets it on. A UID counter row
+    another node's transaction holds (that node stopped, cut off) is waited for LOCK_TIMEOUT at most:
+    the writer hung, and every SMTP session of the node with it; now the commit fails (451), nothing kept."""
+    from storage import index_writer
+
+    url, reset = pg_index
+    reset()
+    monkeypatch.setattr(index_writer, "LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(index_writer, "RETRY_PAUSE", 0.01)
+    holder = PgConnection.connect(url)
+    database = holder.execute("SELECT current_database()").fetchone()[0]
+    holder.execute(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+    try:
+        writer = IndexWriter(tmp_path, 0.0, url)
+        try:
+            assert writer.conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+            assert writer.conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"
+            site = sites.add_site(writer.conn, "alpha", ["alpha@hub.test"], PASSWORD, ["hub.test"])
+            holder.execute(
+                "INSERT INTO imap_uid_next (site_id, uid_next) VALUES (?, 1) ON CONFLICT DO NOTHING", (site.id,)
+            )
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1 FROM imap_uid_next WHERE site_id = ? FOR UPDATE", (site.id,))
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            try:
+                outcome = pool.submit(writer.commit_batch, [_mail_to(site, "QWAIT")], [], writer.seq + 1, 5)
+                with pytest.raises(StorageError, match="lock timeout"):
+                    outcome.result(timeout=30)
+            finally:
+                holder.execute("ROLLBACK")
+                pool.shutdown(wait=True)
+            assert holder.execute("SELECT count(*) FROM messages WHERE queue_id = 'QWAIT'").fetchone()[0] == 0
+        finally:
+            writer.close()
+    finally:
+        holder.execute(f'ALTER DATABASE "{database}" RESET synchronous_commit')
+        holder.close()
+
+
+@pytest.mark.postgresql
+def test_a_read_stuck_behind_a_lock_is_cancelled_and_frees_its_pool_thread(pg_index, tmp_path, monkeypatch):
+    """The event loop's reads run on POOL_SIZE pooled connections: a read waiting on a lock (a table
+    locked by hand, a VACUUM FULL) waited forever, and POOL_SIZE of them stopped every session's reads.
+    The server cancels it after STATEMENT_TIMEOUT; the session gets a temporary error; the pool serves on."""
+    import asyncio
+
+    from storage import index_reader
+    from storage.index import IndexLocation
+
+    url, reset = pg_index
+    reset()
+    monkeypatch.setattr(index_reader, "STATEMENT_TIMEOUT", 0.3)
+    holder = PgConnection.connect(url)
+
+    async def scenario():
+        reader = await index_reader.open_reader(IndexLocation(tmp_path, url))
+        try:
+            holder.execute("BEGIN")
+            holder.execute("LOCK TABLE mailbox IN ACCESS EXCLUSIVE MODE")
+            try:
+                reads = [reader.fetchall("SELECT count(*) FROM mailbox") for _ in range(index_reader.POOL_SIZE + 1)]
+                results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), timeout=30)
+            finally:
+                holder.execute("ROLLBACK")
+            assert all(isinstance(r, sqlite3.OperationalError) and "statement timeout" in str(r) for r in results)
+            assert await reader.fetchall("SELECT count(*) FROM mailbox") == [(0,)]
+        finally:
+            await reader.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        holder.close()
