@@ -355,9 +355,16 @@ class IndexWriter:
 
     @staticmethod
     def _prune_removals(conn: sql.Connection, ids: set[int]) -> None:
-        """Delete the ledger_pending rows of `ids` (durable in this node's ledger)."""
-        if ids:
-            conn.executemany("DELETE FROM ledger_pending WHERE id = ?", [(i,) for i in sorted(ids)])
+        """Delete the ledger_pending rows of `ids` (durable in this node's ledger): one statement per
+        run of consecutive ids (a site's removal writes thousands), never a range with a gap in it."""
+        runs: list[list[int]] = []
+        for i in sorted(ids):
+            if runs and runs[-1][1] == i - 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        if runs:
+            conn.executemany("DELETE FROM ledger_pending WHERE id >= ? AND id <= ?", [tuple(run) for run in runs])
 
     def sync_ledger(self, idle: bool = True) -> None:
         """Make the commit lines durable: when the writer is idle, or LEDGER_SYNC_INTERVAL after the last time."""

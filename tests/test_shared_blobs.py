@@ -912,3 +912,17 @@ def test_a_single_hub_whose_blobs_folder_is_an_operator_s_link_to_another_disk_s
 
     report = check(local)  # its blobs checked as a single hub's, not as node 'disk2's
     assert report.problems == [] and report.blob_files == 1 and report.strays == []
+
+
+def test_the_writer_prunes_exactly_the_removals_it_wrote_never_a_gap_between_them(index):
+    """Runs of consecutive ids go in one statement each; an id between two runs (another writer's
+    removal, perhaps not in any ledger yet) stays. On both engines."""
+    from storage.index_writer import IndexWriter
+
+    index.executemany(
+        "INSERT INTO ledger_pending (kind, queue_id, rcpt, at) VALUES ('o', ?, 'x@far.test', 0)",
+        [(f"Q{i}",) for i in range(7)],
+    )
+    ids = [i for (i,) in index.execute("SELECT id FROM ledger_pending ORDER BY id").fetchall()]
+    IndexWriter._prune_removals(index, {ids[0], ids[1], ids[2], ids[4], ids[6]})
+    assert [i for (i,) in index.execute("SELECT id FROM ledger_pending ORDER BY id").fetchall()] == [ids[3], ids[5]]
