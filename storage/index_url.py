@@ -2,6 +2,7 @@
 # the passwords it holds (to blank them out of a message libpq wrote), and the check that a value of
 # `storage.index` is one (index_url). Plain text functions: imports neither psycopg nor sqlite3.
 # Must never return or log a password.
+import re
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 _SECRET_PARAMETERS = ("password", "sslpassword")
@@ -9,7 +10,25 @@ SCHEMES = ("postgresql", "postgres")
 
 
 def redacted(url: str) -> str:
-    """The URL without a password (in the user part or as a password= parameter)."""
+    """The URL without a password (in the user part or as a password= parameter). A password that
+    holds '/', '?' or '#' not percent-encoded ends the user part early for urlsplit, which would show
+    it: such a URL is not shown at all, the text says to percent-encode them."""
+    shown = _redacted(url)
+    for password in _user_part_passwords(url):
+        if any(piece and piece in shown for piece in re.split(r"[/?#]", password)):
+            scheme = url.partition("://")[0]
+            return f"{scheme}://(a URL whose password holds '/', '?' or '#': percent-encode them, %2F %3F %23)"
+    return shown
+
+
+def _user_part_passwords(url: str) -> list[str]:
+    """What may be a password in the URL's user part, however it is read: the text after the first
+    ':' of the text before each '@' (a password with '/', '?', '#' or '@' not percent-encoded)."""
+    rest = url.partition("://")[2]
+    return [rest[:i].partition(":")[2] for i, char in enumerate(rest) if char == "@" and ":" in rest[:i]]
+
+
+def _redacted(url: str) -> str:
     try:
         parts = urlsplit(url)
         netloc = parts.netloc.rpartition("@")
@@ -42,6 +61,7 @@ def _secrets(url: str) -> list[str]:
         if ":" in userinfo:
             found.append(userinfo.partition(":")[2])
     found += [v for k, v in parse_qsl(url.partition("?")[2]) if k.lower() in _SECRET_PARAMETERS]
+    found += _user_part_passwords(url)
     found += [unquote(secret) for secret in found]
     return sorted({s for s in found if s}, key=len, reverse=True)  # the longest first: no half left
 

@@ -542,3 +542,25 @@ def test_a_read_stuck_behind_a_lock_is_cancelled_and_frees_its_pool_thread(pg_in
         asyncio.run(scenario())
     finally:
         holder.close()
+
+
+def test_a_password_with_a_slash_question_mark_or_hash_left_unencoded_is_never_shown():
+    """A generated password often holds '/', '?' or '#': left as it is in the URL (not percent-encoded),
+    urlsplit ends the user part there - the configuration's one-line error showed the password, whole
+    or its first part ('postgresql://u:pa/ss@host/db', 'postgresql://u:pa'). Now it says what to do."""
+    from storage.index_url import _secrets, redacted
+
+    for password in ("Xq7k/Zr9w", "Xq7k?Zr9w", "Xq7k#Zr9w", "Xq7k/Zr9w?Vb3m#Np2@Lc5"):
+        url = f"postgresql://mailhub:{password}@db.test:5432/mailhub"
+        for shown in (redacted(url), _one_line_error(url)):
+            for piece in ("Xq7k", "Zr9w", "Vb3m", "Np2", "Lc5"):
+                assert piece not in shown, (password, shown)
+        assert "percent-encode" in redacted(url)
+        assert password in _secrets(url)
+    assert redacted("postgresql://mailhub:s3cret@db.test:5432/mailhub") == "postgresql://mailhub@db.test:5432/mailhub"
+
+
+def _one_line_error(url: str) -> str:
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(environ={"MAILHUB_STORAGE_INDEX": url})
+    return str(raised.value)
