@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import aiosqlite
 
 from . import db
+from .errors import StorageError
 from .index import IndexLocation
 from .sql import Connection
 
@@ -23,6 +24,10 @@ POOL_SIZE = 4  # PostgreSQL: connections (and threads) at most for the event loo
 # a read stuck behind a lock (an ALTER TABLE, a VACUUM FULL run by hand) or a runaway query held a
 # pool thread forever, and with POOL_SIZE of them every session's reads waited behind them
 STATEMENT_TIMEOUT = 30.0
+# PostgreSQL: a read that has not got its answer this long after it was asked (all POOL_SIZE
+# connections busy with slow reads, many sessions queued behind them) fails with one line, a
+# temporary error for its session, instead of queueing without end
+READ_WAIT = 60.0
 
 
 class AsyncReader(Protocol):
@@ -58,12 +63,20 @@ class _PgReader:
     def __init__(self, location: IndexLocation, size: int = POOL_SIZE):
         self._location = location
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="index-read")
+        self._size = size
         self._idle: list[Any] = []  # PgConnections not in use
         self._lock = threading.Lock()
         self._closed = False
 
     async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._fetchall, sql, parameters)
+        read = asyncio.get_running_loop().run_in_executor(self._executor, self._fetchall, sql, parameters)
+        try:  # (a read still queued is taken off the queue; one running ends within STATEMENT_TIMEOUT)
+            return await asyncio.wait_for(read, READ_WAIT)
+        except TimeoutError:
+            raise StorageError(
+                f"index: no answer within {READ_WAIT:g} s: all {self._size} read connections to"
+                f" {self._location.where()} are busy with slow reads"
+            ) from None
 
     def _fetchall(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
         with self._lock:

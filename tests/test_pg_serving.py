@@ -564,3 +564,47 @@ def _one_line_error(url: str) -> str:
     with pytest.raises(config.ConfigError) as raised:
         config.load(environ={"MAILHUB_STORAGE_INDEX": url})
     return str(raised.value)
+
+
+@pytest.mark.postgresql
+def test_a_read_that_finds_every_pool_connection_busy_fails_in_one_line_after_a_bounded_wait(
+    pg_index, tmp_path, monkeypatch
+):
+    """Many sessions, every pooled read connection busy with a slow read: a further read queued
+    without end. It fails after READ_WAIT with one line (its session: a temporary error), the busy
+    reads end as they would, and the pool serves on."""
+    import asyncio
+
+    from storage import index_reader
+    from storage.index import IndexLocation
+
+    url, reset = pg_index
+    reset()
+    monkeypatch.setattr(index_reader, "READ_WAIT", 0.5)
+    holder = PgConnection.connect(url)
+
+    async def scenario():
+        reader = await index_reader.open_reader(IndexLocation(tmp_path, url))
+        try:
+            holder.execute("BEGIN")
+            holder.execute("LOCK TABLE mailbox IN ACCESS EXCLUSIVE MODE")
+            try:
+                busy = [
+                    asyncio.ensure_future(reader.fetchall("SELECT count(*) FROM mailbox"))
+                    for _ in range(index_reader.POOL_SIZE)
+                ]
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(StorageError, match="read connections to postgresql://.* are busy") as raised:
+                    await asyncio.wait_for(reader.fetchall("SELECT 1"), timeout=20)
+                assert asyncio.get_running_loop().time() - started < 15 and "\n" not in str(raised.value)
+            finally:
+                holder.execute("ROLLBACK")
+            await asyncio.gather(*busy, return_exceptions=True)
+            assert await reader.fetchall("SELECT count(*) FROM mailbox") == [(0,)]
+        finally:
+            await reader.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        holder.close()
