@@ -448,3 +448,38 @@ def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
     assert fetch_parts() == (text, parts, fields)
     client.logout()
     assert_no_traceback(hub)
+
+
+@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
+def test_uidnext_never_passes_a_uid_the_session_has_not_seen(hub):
+    """SELECT reads the mailbox, then UIDNEXT: a mail committed between the two reads was counted in
+    UIDNEXT but not listed - the client was told UIDNEXT n+1, then saw UID n appear (one that
+    resumes with 'UID FETCH <UIDNEXT>:*' never fetched it). UIDNEXT is read first, then raised to
+    the listing's highest UID + 1."""
+    import asyncio
+
+    storage = hub._hub.storage
+    listing = storage.mailbox
+    armed = [True]
+
+    async def mailbox_then_a_mail(site_id):
+        entries = await listing(site_id)
+        if armed[0]:
+            armed[0] = False
+            await asyncio.get_running_loop().run_in_executor(
+                None, send, hub, ["beta@hub.test"], make_message(1000, subject="between the reads")
+            )
+        return entries
+
+    storage.mailbox = mailbox_then_a_mail
+    client = imap(hub)
+    try:
+        ok(client.select("INBOX"))
+        (uid_next,) = client.untagged_responses["UIDNEXT"]
+        ok(client.noop())
+        (uids,) = ok(client.uid("SEARCH", "ALL"))
+        assert not armed[0] and uids, "the mail was sent between the reads"
+        assert all(int(uid) >= int(uid_next) for uid in uids.split()), (uid_next, uids)
+    finally:
+        client.logout()
+        del storage.mailbox

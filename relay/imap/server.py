@@ -296,9 +296,15 @@ class ImapSession(MailboxSessionIO[ImapContext, ImapConnection]):
         if site is None or site.id != self._site.id:
             return None  # removed (or removed and added again) meanwhile
         storage = self.ctx.storage
+        # UIDNEXT before the listing (two reads): a mail committed between them is then listed, and
+        # UIDNEXT raised past it; read after, it counted a mail the listing lacks (the client was
+        # told UIDNEXT n+1 and saw UID n appear later)
+        uid_next = await storage.uid_next(site.id)
         entries = await storage.mailbox(site.id)
         messages = [Message(e.uid, e.size, e.flags, e.delivered_at, e) for e in entries]
-        return Snapshot(int(site.created_at), await storage.uid_next(site.id), messages)
+        if messages:
+            uid_next = max(uid_next, max(m.uid for m in messages) + 1)
+        return Snapshot(int(site.created_at), uid_next, messages)
 
     async def _load(self, event: LoadRequest) -> None:
         for msg in event.messages:
