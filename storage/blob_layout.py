@@ -22,10 +22,11 @@
 #   at its own spool: a blob of another node renamed into place but not yet committed is never
 #   quarantined nor removed by this node.
 # - Freeing (store.py, releasable()): a freed blob file of its own (a big mail) is removed by any
-#   node; a freed PACK of another node is left to that node (it may be its open pack, which it may
-#   still append to); freed ranges of any pack are punched by any node (committed bytes, never
-#   appended to again). A freed name is never used again (names are queue IDs): unlinking it cannot
-#   hit a newer reference.
+#   node, release_freed_after seconds after it saw it freed (on NFS a removed file is gone for a
+#   node still sending it: no 'unlinked but open' across clients); a freed PACK of another node is
+#   left to that node (it may be its open pack, which it may still append to); freed ranges of any
+#   pack are punched by any node (committed bytes, never appended to again). A freed name is never
+#   used again (names are queue IDs): unlinking it cannot hit a newer reference.
 # - An unmounted or unreachable shared folder is never taken for an empty store: without the marker
 #   the hub does not start if the index refers to shared blobs, and a missing blob is not marked
 #   damaged while the marker cannot be seen (reads fail cleanly, SMTP answers 451). A folder with a

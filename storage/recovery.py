@@ -13,8 +13,9 @@
 # A full disk does not stop it: what cannot be written is skipped and reported.
 # With a shared blob folder (storage/blob_layout.py) it looks only at this node's own: its spool,
 # <root>/<node>/ and the index rows of blobs named '<node>/...'; another node's blob renamed into
-# place but not yet committed looks like an orphan, and is never touched. The trash it empties is
-# this node's and other nodes' single files (never another node's pack: it may be open there).
+# place but not yet committed looks like an orphan, and is never touched. It empties no trash there
+# (another node may still be sending a freed file: Storage.empty_trash removes it after a delay),
+# and a freed file of its own waiting in the trash is not an orphan.
 import json
 import logging
 import os
@@ -86,8 +87,8 @@ def recover(
     layout = layout or BlobLayout(data_dir)
     report = RecoveryReport()
     _clean_spool(data_dir, data_dir / "spool", report)
-    if not cache:
-        _empty_trash(conn, data_dir / "blobs", layout, report)
+    if not cache and not layout.shared:  # shared: Storage.empty_trash, after a delay (another
+        _empty_trash(conn, data_dir / "blobs", layout, report)  # node may be sending the file)
     seq, _attempt = ledger.last_commit(conn)
     newest = ledger.read(data_dir, newest_only=True)
     if newest.max_seq > seq:
@@ -203,6 +204,9 @@ def _check_blobs(
         )
     for name, start, size in tails:
         _quarantine_tail(data_dir, blob_dir / name, start, size, report)
+    if own and not cache:  # a shared folder: freed files wait in the trash (Storage.empty_trash)
+        trash = {blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")}
+        orphans = [name for name in orphans if name not in trash]
     if cache:  # left in place: Storage asks the object store which they are (quarantine_uncommitted)
         trash = {blob for (blob,) in conn.execute("SELECT blob FROM blob_trash")}
         report.uncommitted = [name for name in orphans if name not in trash]  # trash: empty_trash's

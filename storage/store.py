@@ -143,6 +143,8 @@ class Storage:
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
         self._batch_lock = asyncio.Lock()  # a batch (pack write and commit) vs emptying the trash
+        self._trash_seen: dict[str, float] = {}  # shared blob folder: freed file -> first seen (monotonic)
+        self.monotonic: Callable[[], float] = time.monotonic  # (tests step it)
         # committed mails not yet dropped from the page cache: (path, end in the file, size, packed)
         self._cached: collections.deque[tuple[str, int, int, bool]] = collections.deque()
         self._cached_bytes = 0  # in self._cached
@@ -882,6 +884,7 @@ class Storage:
             blobs, holes = await self._writer.call(IndexWriter.freed)
             if self.layout.shared and blobs:  # other nodes' packs are theirs to free
                 blobs = await asyncio.get_running_loop().run_in_executor(self.executor, self.layout.releasable, blobs)
+                blobs = self._freed_long_enough(blobs)
             if self._packs.open_blob in blobs:
                 self._packs.close()  # a pack is never reopened: what is listed stays free
         if not blobs and not holes:
@@ -890,6 +893,16 @@ class Storage:
             await self.objects.delete(blobs)
         await asyncio.get_running_loop().run_in_executor(self.executor, self._release, blobs, holes)
         await self._writer.call(IndexWriter.forget_freed, blobs, holes)
+
+    def _freed_long_enough(self, blobs: list[str]) -> list[str]:
+        """A shared blob folder: of freed files this node may remove, those it has seen in the trash
+        for release_freed_after seconds (as a freed range of a pack waits). Another node may still
+        be sending one: on NFS a file another client removes is gone for every client (no 'unlinked
+        but open' there: reads fail with ESTALE), unlike on a local disk."""
+        now = self.monotonic()
+        seen = {blob: self._trash_seen.get(blob, now) for blob in blobs}
+        self._trash_seen = seen  # (those no longer listed are forgotten)
+        return [blob for blob, since in seen.items() if now - since >= self.release_freed_after]
 
     def _release(self, blobs: list[str], holes: list[tuple[str, int, int]]) -> None:
         for blob in blobs:

@@ -926,3 +926,51 @@ def test_the_writer_prunes_exactly_the_removals_it_wrote_never_a_gap_between_the
     ids = [i for (i,) in index.execute("SELECT id FROM ledger_pending ORDER BY id").fetchall()]
     IndexWriter._prune_removals(index, {ids[0], ids[1], ids[2], ids[4], ids[6]})
     assert [i for (i,) in index.execute("SELECT id FROM ledger_pending ORDER BY id").fetchall()] == [ids[3], ids[5]]
+
+
+def test_a_freed_file_in_a_shared_folder_waits_its_delay_before_it_is_removed(tmp_path):
+    """On NFS a file one node removes is gone for the others too (a node still sending it gets
+    ESTALE): a freed file of one mail waits release_freed_after seconds in the trash, as a freed
+    range of a pack does; a restart in between neither removes it nor quarantines it."""
+    root, a, _b, site = make_cluster(tmp_path)
+    clock = {"now": 1000.0}
+
+    def opened() -> Storage:
+        storage = node(a, root, "alpha", release_freed_after=3600)
+        storage.monotonic = lambda: clock["now"]
+        return storage
+
+    async def take_and_delete() -> tuple[Path, bool]:
+        storage = opened()
+        await storage.open()
+        try:
+            qid = await store(storage, site, make_message(BIG, "big"))
+            (entry,) = await storage.mailbox(site)
+            path = entry.path
+            await storage.delete(site, [entry.uid])  # freed: the trash is emptied after it
+            await storage.empty_trash()
+            return path, path.is_file() and qid in path.name
+        finally:
+            await storage.close()
+
+    path, kept = asyncio.run(take_and_delete())
+    assert kept  # not at once
+
+    async def restart_and_wait() -> tuple[bool, bool]:
+        storage = opened()
+        await storage.open()  # recovery: neither removed nor quarantined
+        try:
+            after_restart = path.is_file()
+            await storage.empty_trash()  # the delay starts again from here (a restart forgets)
+            clock["now"] += 3599.0
+            await storage.empty_trash()
+            clock["now"] += 2.0
+            early = path.is_file()
+            await storage.empty_trash()
+            return after_restart and early, path.exists()
+        finally:
+            await storage.close()
+
+    kept_until_due, still_there = asyncio.run(restart_and_wait())
+    assert kept_until_due and not still_there
+    assert not list(a.glob("quarantine/**/*" + path.name + "*"))
