@@ -201,11 +201,13 @@ class IndexWriter:
                     result = body(conn)
                     body_done = True  # what fails from here on is the COMMIT
                 return result
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 if not self.location.is_postgresql:
                     raise
-                lost = _connection_lost(conn)
-                if not (lost or _transient(exc)):
+                # a server turned read-only (failover: the old primary now a standby) keeps the
+                # connection and refuses every write: a new connection finds the primary
+                lost = _connection_lost(conn) or _sqlstate(exc) == "25006"
+                if not (lost or (isinstance(exc, sqlite3.OperationalError) and _transient(exc))):
                     raise
                 self._lost = self._lost or lost
                 if body_done and lost:
@@ -773,9 +775,14 @@ def _connection_lost(conn: object) -> bool:
 _TRANSIENT_STATES = ("40001", "40P01", "55P03", "57P01", "57P02", "57P03")  # serialization, deadlock, lock, shutdown
 
 
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the original psycopg error (chained: PgConnection maps it to sqlite3's)."""
+    state = getattr(exc.__cause__, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
 def _transient(exc: BaseException) -> bool:
     """A PostgreSQL failure that running the transaction again can cure (the original psycopg error
     is chained: PgConnection maps it to sqlite3.OperationalError)."""
-    cause = exc.__cause__
-    state = getattr(cause, "sqlstate", None)
+    state = _sqlstate(exc)
     return state in _TRANSIENT_STATES or (state is not None and state.startswith("08"))  # 08: connection

@@ -608,3 +608,15 @@ def test_a_read_that_finds_every_pool_connection_busy_fails_in_one_line_after_a_
         asyncio.run(scenario())
     finally:
         holder.close()
+
+
+@pytest.mark.postgresql
+def test_a_writer_left_on_a_server_that_became_read_only_connects_again(pg_writer):
+    """Failover: the old primary, demoted to a standby, keeps the writer's connection and refuses
+    every write (25006 read_only_sql_transaction) - each commit got 451, for good, until the hub was
+    restarted. The writer now takes a new connection (the URL's host, or target_session_attrs,
+    leads to the new primary) and runs the transaction there."""
+    first = pg_writer.conn
+    first.execute("SET default_transaction_read_only = on")  # (as a standby does to every session)
+    pg_writer.in_transaction(lambda c: c.execute(events.INSERT, _event("AFTER-FAILOVER")))
+    assert pg_writer.conn is not first and _events(pg_writer.conn, "AFTER-FAILOVER") == 1
