@@ -93,7 +93,8 @@ def test_the_role_makes_the_hubs_role_and_database(postgres_server, tmp_path):
     }
     try:
         assert _changed(_play(tmp_path, extra)) == 4  # listen settings, pg_hba.conf, the role, the database
-        assert (conf / "conf.d" / "mailhub.conf").read_text().endswith("listen_addresses = '*'\nport = 5433\n")
+        settings = (conf / "conf.d" / "mailhub.conf").read_text()
+        assert "\nlisten_addresses = '*'\nport = 5433\n" in settings and "\ntcp_keepalives_idle = 30\n" in settings
         hba = (conf / "pg_hba.conf").read_text()
         assert f"host {database} {PASSWORD_ROLE} 192.0.2.11/32 scram-sha-256\n" in hba
         assert f"host {database} {PASSWORD_ROLE} 2001:db8::12/128 scram-sha-256\n" in hba

@@ -16,6 +16,7 @@ BENCH_COMMANDS = [
     "abuse",
     "balancer_loadtest",
     "bare_aiosmtpd",
+    "cluster_loadtest",
     "hub_cpu",
     "imap_benchmark",
     "ingest_benchmark",

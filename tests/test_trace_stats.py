@@ -419,7 +419,7 @@ def test_reports_without_an_index_say_so(tmp_path):
         result = hub.cli(*args, check=False)
         assert result.returncode == 1 and result.stdout == ""
         assert (
-            result.stderr == f"mailhub: cannot open the index in {tmp_path / 'none'}: no index at"
+            result.stderr == f"mailhub: cannot open the index at {tmp_path / 'none' / 'index.sqlite3'}: no index at"
             f" {tmp_path / 'none' / 'index.sqlite3'}\n"
         )
     assert not (tmp_path / "none").exists()  # reading creates nothing
