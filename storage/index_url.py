@@ -77,7 +77,11 @@ def index_url(value: str) -> str:
         raise ValueError(f'expected "" (SQLite in data_dir) or a postgresql://USER@HOST:PORT/DATABASE URL, got {shown}')
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+        # libpq's failover form names several hosts, each with its port: h1:5432,h2:5433
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            if not host and "," in parts.netloc:
+                raise ValueError("an empty host in the list")
+            urlsplit(f"//{host}").port  # noqa: B018  (raises ValueError for a port that is not a number)
     except ValueError:
         raise ValueError(f"not a valid URL: {redacted(value)}") from None
     if "\n" in value or any(ch.isspace() for ch in parts.netloc):

@@ -620,3 +620,19 @@ def test_a_writer_left_on_a_server_that_became_read_only_connects_again(pg_write
     first.execute("SET default_transaction_read_only = on")  # (as a standby does to every session)
     pg_writer.in_transaction(lambda c: c.execute(events.INSERT, _event("AFTER-FAILOVER")))
     assert pg_writer.conn is not first and _events(pg_writer.conn, "AFTER-FAILOVER") == 1
+
+
+def test_a_url_of_several_hosts_for_failover_is_taken_and_a_bad_port_in_it_refused():
+    """libpq's failover URL names several hosts, each with its port ('h1:5432,h2:5432', with
+    target_session_attrs=read-write it connects to the primary): storage.index refused it as 'not
+    a valid URL' (urlsplit reads one port), so a failover needed a name moved by hand."""
+    url = f"postgresql://mailhub:{SECRET}@db1.test:5432,db2.test:5433/mailhub?target_session_attrs=read-write"
+    cfg = config.load(environ={"MAILHUB_STORAGE_INDEX": url})
+    assert cfg.storage.index == url
+    assert cfg.index_location.where() == (
+        "postgresql://mailhub@db1.test:5432,db2.test:5433/mailhub?target_session_attrs=read-write"
+    )
+    for bad in ("db1.test:5432,db2.test:port", "db1.test:99999,db2.test", "db1.test:5432,"):
+        with pytest.raises(config.ConfigError, match="not a valid URL") as raised:
+            config.load(environ={"MAILHUB_STORAGE_INDEX": f"postgresql://mailhub:{SECRET}@{bad}/mailhub"})
+        assert SECRET not in str(raised.value)
