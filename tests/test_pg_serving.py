@@ -636,3 +636,23 @@ def test_a_url_of_several_hosts_for_failover_is_taken_and_a_bad_port_in_it_refus
         with pytest.raises(config.ConfigError, match="not a valid URL") as raised:
             config.load(environ={"MAILHUB_STORAGE_INDEX": f"postgresql://mailhub:{SECRET}@{bad}/mailhub"})
         assert SECRET not in str(raised.value)
+
+
+@pytest.mark.postgresql
+def test_index_connections_give_up_on_a_server_gone_silent_unless_the_url_says_otherwise(pg_index):
+    """A server whose host went down or whose network was cut sends nothing, not even a reset: a
+    connection without TCP keepalive or tcp_user_timeout waited for hours (the index writer, and
+    with it every SMTP session of the node). Every index connection sets them; the URL's own win."""
+
+    def settings(url: str) -> dict:
+        conn = PgConnection.connect(url)
+        try:
+            return {o.keyword.decode(): (o.val or b"").decode() for o in conn.raw.pgconn.info}
+        finally:
+            conn.close()
+
+    url = pg_index[0]
+    found = settings(url)
+    assert found["keepalives"] == "1" and found["keepalives_idle"] == "30" and found["tcp_user_timeout"] == "60000"
+    joiner = "&" if "?" in url else "?"
+    assert settings(f"{url}{joiner}keepalives_idle=7")["keepalives_idle"] == "7"

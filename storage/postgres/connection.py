@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -93,6 +94,18 @@ class _BoolDumper(Dumper):
         return b"1" if obj else b"0"
 
 
+# libpq settings that end a connection to a server gone silent (its host down, the network cut):
+# without them a request waited on a TCP connection for hours - the index writer, and with it every
+# SMTP session of the node. Keepalive probes after 30 s idle (every 10 s, 3 unanswered: gone), and
+# data sent but not acknowledged for 60 s. Those the URL sets itself are left as it says.
+DEAD_SERVER: Final = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",
+}
+
 _CURSOR_NUMBERS = itertools.count(1)  # a unique name for each server-side cursor of the process
 
 
@@ -112,8 +125,10 @@ class PgConnection:
     def connect(cls, url: str, connect_timeout: int = 10) -> "PgConnection":
         """Raises StorageError with one line that shows no password (not in the URL, nor where libpq
         quotes a URL it cannot read)."""
+        given = {key.lower() for key, _value in parse_qsl(url.partition("?")[2])}
+        dead_server: dict[str, Any] = {key: value for key, value in DEAD_SERVER.items() if key not in given}
         try:
-            return cls(psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout))
+            return cls(psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout, **dead_server))
         except (psycopg.Error, ValueError) as exc:
             raise StorageError(f"cannot connect to the index at {redacted(url)}: {_one_line(exc, url)}") from None
 
