@@ -650,7 +650,9 @@ class StorageConfig:
         3600,
         "Seconds after a small message stored in a shared pack file is freed (its last mailbox "
         "entry or queue entry gone) before its bytes are released (a hole punched in the pack): a "
-        "session or the relay still sending it meanwhile gets its bytes. 0 releases them at once.",
+        "session or the relay still sending it meanwhile gets its bytes. With a shared blob folder "
+        "(storage.blobs, several nodes) a freed mail's file of its own also waits this long before it "
+        "is removed, since a session on another node may still be sending it. 0 releases them at once.",
     )
     reserve_bytes: int = setting(
         parse_size,

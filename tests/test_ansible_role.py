@@ -244,3 +244,60 @@ def test_postgresql_role_sets_the_password_by_a_verifier_the_server_accepts(post
                 raise AssertionError("a wrong password was let in")
     finally:
         postgres_server.admin(f"DROP ROLE {PASSWORD_ROLE}")
+
+
+def test_blob_backends_give_the_unit_its_writable_paths(tmp_path):
+    """storage.blobs as a shared folder is checked and made writable for the unit; as an object store
+    ("s3://...") it is neither (the mail's cache stays in the data folder), and the play asks for the
+    store's endpoint instead of stopping at a folder check."""
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")],
+                    "tasks": [
+                        {
+                            "ansible.builtin.copy": {
+                                "content": "{{ lookup('ansible.builtin.template', '"
+                                + str(ROLE / "templates" / "mailhub.service.j2")
+                                + "') }}\nshared={{ mailhub_shared_blob_folder }}\n",
+                                "dest": "{{ out }}",
+                                "mode": "0600",
+                            }
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    env = ansible_env(tmp_path / "ansible-home") | {"ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins")}
+    seen = {}
+    for blobs in ("", "/srv/mailhub-blobs", "s3://mailhub-mail/site-a"):
+        out = tmp_path / f"unit-{len(seen)}"
+        extra = {
+            "out": str(out),
+            "mailhub_storage_blobs": blobs,
+            "mailhub_data_dir": "/var/lib/mailhub",
+            "ansible_python_interpreter": sys.executable,
+        }
+        run = subprocess.run(
+            [BIN / "ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook), "-e", json.dumps(extra)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        text = out.read_text()
+        seen[blobs] = (re.search(r"^ReadWritePaths=(.*)$", text, re.MULTILINE).group(1), text.rsplit("shared=", 1)[1])
+    assert seen[""] == ("/var/lib/mailhub", "\n")
+    assert seen["/srv/mailhub-blobs"] == ("/var/lib/mailhub /srv/mailhub-blobs", "/srv/mailhub-blobs\n")
+    assert seen["s3://mailhub-mail/site-a"] == ("/var/lib/mailhub", "\n")
+    tasks = yaml.safe_load((ROLE / "tasks" / "config.yml").read_text())
+    folder_checks = [t for t in tasks if "shared blob folder" in t["name"]]
+    assert [t["when"] for t in folder_checks] == ["mailhub_shared_blob_folder | length > 0"] * 2
+    (endpoint_check,) = [t for t in tasks if "object store" in t["name"]]
+    assert "startswith('s3://')" in endpoint_check["when"]
