@@ -689,8 +689,14 @@ def hub_signing_key() -> Path:
 def pytest_generate_tests(metafunc):
     """A module marked both_engines (pytestmark = pytest.mark.both_engines) runs each test that
     starts a hub (through make_hub or hub: the `engine` fixture) twice: on SQLite, and on PostgreSQL
-    (marked postgresql)."""
-    if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
+    (marked postgresql). A test of such a module marked one_engine(reason) runs on SQLite only: one
+    about the SQLite file itself, or about the process (signals, kill -9) rather than the storage."""
+    definition = metafunc.definition
+    if (
+        "engine" in metafunc.fixturenames
+        and definition.get_closest_marker("both_engines")
+        and not definition.get_closest_marker("one_engine")
+    ):
         metafunc.parametrize(
             "engine", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True
         )

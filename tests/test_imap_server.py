@@ -17,6 +17,9 @@ import pytest
 from conftest import ALPHA_BETA_B2, BETA, PASSWORD, make_message
 from pop3util import RawPop3, make_cert, non_loopback_ip, send, strip_trace
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 
 def imap(hub, user: str = "beta", port: int | None = None) -> imaplib.IMAP4:
     client = imaplib.IMAP4("127.0.0.1", port or hub.ports["imap"], timeout=60)
@@ -43,7 +46,6 @@ def assert_no_traceback(hub) -> None:
     assert "Traceback" not in hub.log_text(), hub.log_text()[-3000:]
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_login_select_fetch_bodies_byte_exact(hub):
     mails = [
         make_message(3000, subject="one"),
@@ -90,7 +92,6 @@ def whole_of(client, n: int) -> bytes:
     return literal(ok(client.fetch(str(n), "(BODY.PEEK[])")))
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_uid_commands_store_search_expunge(hub):
     for subject in ("a", "b", "c", "d"):
         send(hub, ["beta@hub.test"], make_message(500, subject=subject))
@@ -225,7 +226,6 @@ def idle_start(client: imaplib.IMAP4) -> None:
     assert client.readline() == b"+ idling\r\n"
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_idle_push_within_a_second_and_two_sessions(hub):
     send(hub, ["beta@hub.test"], make_message(500, subject="first"))
     watcher, other = imap(hub), imap(hub)
@@ -269,7 +269,6 @@ def test_shutdown_says_bye_to_idling_sessions(hub):
     assert client.readline() == b""
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_pop3_and_imap_on_one_mailbox(hub):
     for subject in ("p1", "p2", "p3"):
         send(hub, ["beta@hub.test"], make_message(700, subject=subject))
@@ -295,7 +294,6 @@ def test_pop3_and_imap_on_one_mailbox(hub):
     client.logout()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_downloads_feed_site_totals_and_metrics(hub):
     mails = [make_message(4000), make_message(9000)]
     for mail in mails:
@@ -409,7 +407,6 @@ MIME_MAIL = (
 )
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
     hub = make_hub(sites=ALPHA_BETA_B2, MAILHUB_ENCRYPTION_REQUIRED="false").start()
     send(hub, ["beta@hub.test"], MIME_MAIL)
@@ -450,7 +447,6 @@ def test_envelope_bodystructure_and_parts_from_the_recorded_structure(make_hub):
     assert_no_traceback(hub)
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_uidnext_never_passes_a_uid_the_session_has_not_seen(hub):
     """SELECT reads the mailbox, then UIDNEXT: a mail committed between the two reads was counted in
     UIDNEXT but not listed - the client was told UIDNEXT n+1, then saw UID n appear (one that

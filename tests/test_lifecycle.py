@@ -21,6 +21,9 @@ import pytest
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 DAY = 86400
 STUDY = "1.2.826.0.1.3680043.10.543.20261206.1"
 SECRET = "Patient Doe^John 1970-01-01"  # in each original's Subject: must never reach a notice
@@ -82,7 +85,6 @@ def lifecycle_hub(make_hub):
     ).start()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
     hub = lifecycle_hub
     start = time.time()
@@ -192,7 +194,6 @@ def test_warning_expiry_and_one_dsn_per_study(lifecycle_hub):
     assert metric(hub, "mailhub_lifecycle_notices_total", kind="expiry_dsn", outcome="sent") == 2
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_retention_override_and_keep(lifecycle_hub):
     hub = lifecycle_hub
     start = time.time()

@@ -25,6 +25,9 @@ from conftest import ALPHA_BETA_B2, PASSWORD, wait_for
 from mailshapes import armored, openpgp, pgp_mime
 from pop3util import send
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 # The operator an audit record names when the command went through the running hub: the name the
 # command line sent (SUDO_USER here) and the user the kernel names for the control socket's peer.
 VIA_HUB = f"alice (uid {os.getuid()} {pwd.getpwuid(os.getuid()).pw_name})"
@@ -65,7 +68,6 @@ def audit_rows(hub, *args):
     return cli_json(hub, "audit", *args)
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_list_show_search_and_export(hub, tmp_path):
     hub = hub()
     q1 = send(hub, ["beta@hub.test"], mail(1))
@@ -136,7 +138,6 @@ def test_list_show_search_and_export(hub, tmp_path):
     assert exported[0]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_delete_while_pop3_holds_the_mailbox(hub):
     hub = hub()
     q1 = send(hub, ["beta@hub.test"], mail(1))

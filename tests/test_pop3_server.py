@@ -34,6 +34,9 @@ from pop3util import (
     unstuff,
 )
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 CHUNK = 1024 * 1024  # relay.pop3.server.CHUNK: dot lines are placed around its multiples
 
 
@@ -159,7 +162,6 @@ def test_failed_logins_are_slowed_down_then_the_connection_is_closed(make_hub):
     assert "failed login as 'nosuchsite'" in hub.log_text()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_a_second_session_on_a_mailbox_gets_in_use_and_any_close_releases_it(hub):
     first = raw(hub)
     second = raw(hub, user=None)
@@ -180,7 +182,6 @@ def test_a_second_session_on_a_mailbox_gets_in_use_and_any_close_releases_it(hub
 # ---- transaction commands ----------------------------------------------------------------------
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_stat_list_uidl_describe_the_stored_mailbox(hub):
     qids = [send(hub, ["beta@hub.test"], make_message(2000 + 700 * i, subject=f"m{i}")) for i in range(3)]
     sizes = [stored_size(hub, q) for q in qids]
@@ -200,7 +201,6 @@ def test_stat_list_uidl_describe_the_stored_mailbox(hub):
     client.quit()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_retr_is_byte_exact_against_the_blob_and_the_sent_message(hub):
     sent = [make_message(500), make_message(70_000), make_message(3 * CHUNK + 12345)]
     qids = [send(hub, ["beta@hub.test"], m) for m in sent]
@@ -329,7 +329,6 @@ def test_top_sends_the_header_and_the_first_body_lines(hub):
     p.quit()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_dele_rset_and_deletion_only_in_the_update_state(hub):
     qids = [send(hub, ["beta@hub.test"], make_message(1500, subject=f"d{i}")) for i in range(3)]
     ranges = [message_range(hub, q) for q in qids]
@@ -423,7 +422,6 @@ def test_pipelined_commands_are_answered_in_order(hub):
     assert client.line() == b"+OK hub.test POP3 server signing off (0 messages left)\r\n"
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_the_maildrop_is_a_snapshot_taken_at_login(hub):
     first = make_message(1200, subject="before")
     send(hub, ["beta@hub.test"], first)
@@ -440,7 +438,6 @@ def test_the_maildrop_is_a_snapshot_taken_at_login(hub):
     client.quit()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_sites_cannot_see_or_delete_each_others_mail(hub):
     to_beta = make_message(2000, subject="for beta")
     to_alpha = make_message(2100, subject="for alpha")
@@ -471,7 +468,6 @@ def test_sites_cannot_see_or_delete_each_others_mail(hub):
 # ---- download totals ---------------------------------------------------------------------------
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_download_totals_are_recorded_per_site_and_shown(hub):
     blobs = [hub.stored(send(hub, ["beta@hub.test"], make_message(s))) for s in (4000, 90_000)]
     header_size = blobs[0].index(b"\r\n\r\n") + 4
@@ -703,7 +699,6 @@ def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(process_hub):
     client.command("QUIT")
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_a_crash_mid_session_loses_no_mail(process_hub):
     hub = process_hub
     message = make_message(2000)
@@ -744,7 +739,6 @@ def test_a_crash_between_the_delete_commit_and_the_unlink_leaves_no_orphan(proce
     assert sorted(hub.blob_files()) == [kept_blob]
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_sessions_and_ingest_run_concurrently_without_losing_or_duplicating_mail(hub):
     """Deletions (UPDATE) and the ingest's commits share one index connection."""
     sent: dict[str, list[bytes]] = {"alpha": [], "beta": []}

@@ -11,6 +11,9 @@ import pytest
 
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 
 def show(hub, name: str) -> dict:
     return json.loads(hub.cli("site", "show", name, "--json").stdout)
@@ -51,7 +54,6 @@ def submit(hub, rcpt: str, data: bytes, declare_size: bool = True, login: str = 
         return 250, ""
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_mailbox_bytes_exactly_at_the_limit_and_one_byte_over(hub):
     assert submit(hub, "beta@hub.test", body(1000))[0] == 250
     held = used(hub, "beta", "mailbox_bytes")
@@ -75,7 +77,6 @@ def test_mailbox_bytes_exactly_at_the_limit_and_one_byte_over(hub):
     assert submit(hub, "beta@hub.test", body(10))[0] == 250
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_mailbox_message_count(hub):
     set_limits(hub, "beta", "--mailbox-messages", "2")
     assert submit(hub, "beta@hub.test", body(100))[0] == 250
@@ -103,7 +104,6 @@ def test_site_message_size_limit_is_552_and_the_connection_stays_usable(hub):
         s.sock.close()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_received_and_submitted_volume_per_day(hub):
     set_limits(hub, "beta", "--received-per-day", "3000")
     assert submit(hub, "beta@hub.test", body(1000))[0] == 250  # stored with its header: > 1000
@@ -119,7 +119,6 @@ def test_received_and_submitted_volume_per_day(hub):
     assert summary["limits"]["submitted_per_month"]["used"] > 1000
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_drain_time_deferral_says_why_and_when(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_THROTTLE_FLOOR_BYTES="1000", MAILHUB_THROTTLE_INTERVAL="0.2")
     hub.start()

@@ -26,6 +26,9 @@ from loadtest.thirdparty import free_port, make_traversable, postfix_to_maildir,
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 MB = 1024 * 1024
 REMOTE = "remote.test"
 
@@ -133,7 +136,6 @@ def metrics_text(hub) -> str:
 # ---- acceptance at RCPT -----------------------------------------------------------------------
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, closed_port):
     # Deliveries fail (nothing listens) and are deferred for an hour.
     hub = relay_hub(
@@ -314,7 +316,6 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
 # ---- retries, expiry and bounces ----------------------------------------------------------------
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
     hop = CountingHop(mode="421")  # refuses connections: the next hop is backed off
     hub = relay_hub(

@@ -11,6 +11,9 @@ import pytest
 
 from conftest import ALPHA, BETA, PASSWORD, RawSMTP, make_message
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 
 def connect(hub, login: str | None = "alpha") -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
@@ -62,7 +65,6 @@ def test_ehlo_advertises_the_extensions(hub):
     client.quit()
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_plain_data_is_stored_canonically_with_trace_header_and_index(hub):
     body = make_message(
         5000,
@@ -91,7 +93,6 @@ def test_plain_data_is_stored_canonically_with_trace_header_and_index(hub):
     assert row[6].startswith("<") and row[7] == "alpha@hub.test"
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_multi_recipient_mail_is_stored_once(hub):
     client = connect(hub)
     client.sendmail("alpha@hub.test", ["beta@hub.test", "b2@hub.test", "alpha@hub.test"], make_message(3000))
@@ -103,7 +104,6 @@ def test_multi_recipient_mail_is_stored_once(hub):
     assert [name for name, _ in entries] == ["alpha", "beta"]
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_bdat_chunks_and_mixed_transactions_on_one_connection(hub):
     raw = Raw(hub.smtp_port)
     raw.send(b"EHLO gw\r\n")
@@ -132,7 +132,6 @@ def test_bdat_chunks_and_mixed_transactions_on_one_connection(hub):
     assert raw.reply().startswith(b"221")
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_pipelined_transactions_in_one_write(hub):
     raw = Raw(hub.smtp_port)
     raw.send(b"EHLO gw\r\n")
@@ -233,7 +232,6 @@ def test_oversized_data_is_drained_refused_and_connection_stays_usable(make_hub)
     assert not list((hub.data_dir / "spool").iterdir())
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_disconnect_mid_data_stores_nothing(hub):
     raw = Raw(hub.smtp_port)
     raw.send(b"EHLO gw\r\nMAIL FROM:<x@else.org>\r\n")
@@ -309,7 +307,6 @@ def test_idle_timeout_closes_with_421(make_hub):
     assert 0.9 < time.monotonic() - last_reply < 2.5
 
 
-@pytest.mark.both_engines  # also on PostgreSQL (tests/conftest.py)
 def test_a_site_removed_while_its_session_or_transaction_is_open(make_hub):
     """`mailhub site remove` during a session: never a storage failure, a clear refusal instead."""
     hub = make_hub(sites=ALPHA + BETA + (("gamma", "gamma@hub.test"),)).start()
