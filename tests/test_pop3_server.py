@@ -627,6 +627,7 @@ def test_connections_over_the_limit_are_refused(make_hub):
     second.close()
 
 
+@pytest.mark.one_engine("about the socket's flow control, not the index")
 def test_a_client_that_stops_reading_mid_message_is_dropped(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_POP3_IDLE_TIMEOUT="1")
     hub.start()
@@ -661,6 +662,7 @@ def test_a_client_vanishing_mid_message_leaves_the_hub_healthy(hub):
     assert_no_traceback(hub)
 
 
+@pytest.mark.one_engine("about the serve process's memory, not the index")
 def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_hub):
     """Peak RSS of the hub while it sends 2 x 100 MB (zero-copy and dot-stuffed copying)."""
     hub = process_hub
@@ -684,6 +686,7 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_h
 # ---- shutdown and crashes ----------------------------------------------------------------------
 
 
+@pytest.mark.one_engine("about the process's SIGTERM handling, not the index")
 def test_sigterm_ends_sessions_and_deletes_nothing_without_quit(process_hub):
     hub = process_hub
     message = make_message(2000)

@@ -244,6 +244,9 @@ def _tail_sha256(path: Path, length: int) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.one_engine(
+    "a serve process streaming 200 MB to Postfix (14 s); the queue on PostgreSQL is covered by the other relay tests"
+)
 def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
     with postfix_to_maildir(tmp_path / "pf", [REMOTE]) as (port, maildir):
         maildir = Path(maildir)
@@ -447,6 +450,9 @@ class StallingHop:
             sock.close()
 
 
+@pytest.mark.one_engine(
+    "about the process killed mid-delivery; the queue on PostgreSQL is covered by the other relay tests"
+)
 def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
     stall = StallingHop()
     port = free_port()

@@ -289,6 +289,7 @@ def test_too_many_connections_from_one_address(make_hub):
     Raw(hub.smtp_port).close()
 
 
+@pytest.mark.one_engine("about the session's idle timer, not the index")
 def test_idle_timeout_closes_with_421(make_hub):
     hub = make_hub(MAILHUB_SMTP_IDLE_TIMEOUT="1.0")
     hub.start()
