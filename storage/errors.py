@@ -17,6 +17,34 @@ class MailboxLimitReached(StorageError):
     reply = "452 4.2.2 Mailbox of the recipient site is full, try again later"
 
 
+class VolumeLimitReached(StorageError):
+    """The commit found a site's volume quota of the day or month reached (index writer check): the
+    receiver's received volume (`reply`) or the sender's submitted volume (`SubmittedVolumeLimitReached`)."""
+
+    reply = "452 4.2.1 Recipient site has reached its received-volume quota, try again later"
+
+
+class SubmittedVolumeLimitReached(VolumeLimitReached):
+    reply = "451 4.7.1 Sender site has reached its submitted-volume quota, try again later"
+
+
+# What IndexWriter.commit_batch returns instead of a SHA-256 for a message it left out, by cause.
+REFUSED_MAILBOX = None
+REFUSED_RECEIVED = "!received-volume"
+REFUSED_SUBMITTED = "!submitted-volume"
+
+
+def refusal(digest: str | None) -> StorageError | None:
+    """The error of a message the commit left out (its commit_batch answer), None for a stored one."""
+    if digest is None:
+        return MailboxLimitReached()
+    if digest == REFUSED_RECEIVED:
+        return VolumeLimitReached()
+    if digest == REFUSED_SUBMITTED:
+        return SubmittedVolumeLimitReached()
+    return None
+
+
 class WriterDied(StorageError):
     """The index writer process ended while it had the request: whether it ran is not known."""
 

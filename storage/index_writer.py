@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 from . import audit, cluster_events, db, events, faults, ledger, sql, verify
-from .errors import CommitUnknown, StorageError
+from .errors import REFUSED_MAILBOX, REFUSED_RECEIVED, REFUSED_SUBMITTED, CommitUnknown, StorageError
 from .files import unlink_quietly
 from .index import IndexLocation
 from .packs import truncate_durably
@@ -288,9 +288,10 @@ class IndexWriter:
         """One transaction for a batch of messages, durable already (files of their own, or frames
         the hub appended to packs as group commit `seq` with attempt id `attempt`, the packs' new
         committed `ends`), with their tracking events and the queued refusal `loose` (event rows).
-        Returns each one's SHA-256, or None for a message left out because a receiving mailbox had
-        no room for it (its frame in a pack stays, named refused by the commit's ledger line; the
-        caller removes its own blob file)."""
+        Returns each one's SHA-256, or for a message left out because a receiving mailbox had no
+        room for it or a volume quota was reached, its cause (errors.REFUSED_*: None for the
+        mailbox; errors.refusal() makes its error). Its frame in a pack stays, named refused by the
+        commit's ledger line; the caller removes its own blob file."""
         if not batch:
             self.in_transaction(_index_batch, batch, loose)
             return []
@@ -298,7 +299,7 @@ class IndexWriter:
             raise StorageError(f"group commit {seq} out of sequence (the last one is {self.seq})")
         self._note_time()
 
-        def body(conn: sql.Connection) -> tuple[set[int], list[str], list[str]]:
+        def body(conn: sql.Connection) -> tuple[dict[int, str | None], list[str], list[str]]:
             refused = _index_batch(conn, batch, loose)  # type: ignore[arg-type]  # both engines'
             cluster_events.notify(
                 conn,
@@ -329,7 +330,7 @@ class IndexWriter:
         faults.hit("writer", "after_commit")
         self.seq, self.attempt = seq, attempt
         self._to_ledger([ledger.commit_line(seq, attempt, files, left_out)], sync=False)
-        return [None if i in refused else item.sha256 for i, item in enumerate(batch)]
+        return [refused[i] if i in refused else item.sha256 for i, item in enumerate(batch)]
 
     def _note_commit(self, seq: int, attempt: int, files: list[str], refused: list[str], ends: dict[str, int]) -> None:
         """The group commit's own rows (in its transaction): its number, the packs' committed ends;
@@ -544,40 +545,93 @@ _HELD_SQL = (
 )
 
 
-def _over_mailbox_limits(conn: sqlite3.Connection, batch: list[BatchItem]) -> set[int]:
-    """Indexes of the batch's messages that would take a receiving mailbox over its byte or
-    message limit (Delivery.max_bytes/max_messages), counting what the index holds and the batch's
-    messages before them. The server reserves room before it commits, so this refuses nothing
-    unless something else filled the mailbox meanwhile: it is the check that holds whatever the
-    server believed."""
-    limited = {
-        d.site_id for item in batch for d in item.deliveries if d.max_bytes is not None or d.max_messages is not None
-    }
-    refused: set[int] = set()
-    if not limited:
+_VOLUME_SQL = "SELECT submitted_bytes, received_bytes FROM site_volume WHERE site_id = ? AND period = ?"
+
+
+def _over_mailbox_limits(conn: sqlite3.Connection, batch: list[BatchItem]) -> dict[int, str | None]:
+    """The batch's messages that would take a receiving mailbox over its byte or message limit
+    (Delivery.max_bytes/max_messages), a receiver over its received volume of the UTC day or month
+    (Delivery.max_received_day/month) or the sender over its submitted volume (MessageMeta.
+    max_submitted_day/month), counting what the index holds and the batch's messages before them:
+    {index: its errors.REFUSED_* cause}. The server reserved room before it commits, so this refuses
+    nothing unless something else filled the mailbox or the volume meanwhile (another node's mail
+    admitted at the same moment): it is the check that holds whatever the server believed."""
+    limited: set[int] = set()  # mailboxes with a byte or message limit
+    volumes: set[int] = set()  # sites with a volume quota
+    for item in batch:
+        for d in item.deliveries:
+            if d.max_bytes is not None or d.max_messages is not None:
+                limited.add(d.site_id)
+            if d.max_received_day is not None or d.max_received_month is not None:
+                volumes.add(d.site_id)
+        m = item.meta
+        if item.deliveries and m.sender_site is not None:
+            if m.max_submitted_day is not None or m.max_submitted_month is not None:
+                volumes.add(m.sender_site)
+    refused: dict[int, str | None] = {}
+    if not (limited or volumes):
         return refused
-    if sql.dialect(conn) == sql.POSTGRESQL:  # several nodes' writers: one at a time per limited mailbox
-        for site in sorted(limited):  # (in one order: no deadlock) until the commit
+    if sql.dialect(conn) == sql.POSTGRESQL:  # several nodes' writers: one at a time per limited site
+        for site in sorted(limited | volumes):  # (in one order: no deadlock) until the commit
             conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (LIMIT_LOCK_SPACE, site))
     held = {site: list(conn.execute(_HELD_SQL, (site,)).fetchone()) for site in limited}
+    used: dict[tuple[int, str], list[int]] = {}  # (site, period) -> [submitted, received], as read
+
+    def volume(site: int, period: str) -> list[int]:
+        found = used.get((site, period))
+        if found is None:
+            row = conn.execute(_VOLUME_SQL, (site, period)).fetchone()
+            found = used[(site, period)] = [row[0], row[1]] if row else [0, 0]
+        return found
+
+    def over(site: int, at: float, size: int, per_day: int | None, per_month: int | None, column: int) -> bool:
+        t = time.gmtime(at)
+        day, month = time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t)
+        return (per_day is not None and volume(site, day)[column] + size > per_day) or (
+            per_month is not None and volume(site, month)[column] + size > per_month
+        )
+
     for i, item in enumerate(batch):
+        size, at, m = item.size, item.received_at, item.meta
+        sender = m.sender_site if item.deliveries else None
         if any(
-            (d.max_bytes is not None and held[d.site_id][0] + item.size > d.max_bytes)
+            (d.max_bytes is not None and held[d.site_id][0] + size > d.max_bytes)
             or (d.max_messages is not None and held[d.site_id][1] + 1 > d.max_messages)
             for d in item.deliveries
             if d.site_id in limited
         ):
-            refused.add(i)
+            refused[i] = REFUSED_MAILBOX
+            continue
+        if any(
+            over(d.site_id, at, size, d.max_received_day, d.max_received_month, 1)
+            for d in item.deliveries
+            if d.site_id in volumes
+        ):
+            refused[i] = REFUSED_RECEIVED
+            continue
+        if sender in volumes and over(sender, at, size, m.max_submitted_day, m.max_submitted_month, 0):
+            refused[i] = REFUSED_SUBMITTED
             continue
         for d in item.deliveries:
             if d.site_id in held:
-                held[d.site_id][0] += item.size
+                held[d.site_id][0] += size
                 held[d.site_id][1] += 1
+        t = time.gmtime(at)
+        periods = (time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t))
+        for d in item.deliveries:
+            if d.site_id in volumes:
+                for period in periods:
+                    volume(d.site_id, period)[1] += size
+        if sender is not None and sender in volumes:
+            for period in periods:
+                volume(sender, period)[0] += size
     return refused
 
 
-def _index_batch(conn: sqlite3.Connection, batch: list[BatchItem], loose: list[tuple[Any, ...]]) -> set[int]:
-    """The batch's rows; returns the indexes of the messages left out (_over_mailbox_limits)."""
+def _index_batch(
+    conn: sqlite3.Connection, batch: list[BatchItem], loose: list[tuple[Any, ...]]
+) -> dict[int, str | None]:
+    """The batch's rows; returns the messages left out, by index, with their cause (_over_mailbox_limits)."""
     refused = _over_mailbox_limits(conn, batch)
     if refused:
         batch = [item for i, item in enumerate(batch) if i not in refused]

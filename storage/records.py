@@ -31,6 +31,10 @@ class MessageMeta:
     sender_name: str | None = None  # the sending site's name (for the tracking record)
     peer: str | None = None  # the client's IP address
     structure: dict[str, Any] | None = None  # MIME structure record (relay.mime.structure), offsets in the blob
+    # the sending site's submitted-volume quotas (None: unlimited), checked once more inside the
+    # commit's transaction against the index's volumes, as Delivery's limits are
+    max_submitted_day: int | None = None
+    max_submitted_month: int | None = None
 
 
 @pickled_by_fields
@@ -43,6 +47,8 @@ class Delivery:
     # transaction against what the index holds: the last word, whatever the server's ledger said
     max_bytes: int | None = None
     max_messages: int | None = None
+    max_received_day: int | None = None  # its received-volume quotas, checked the same way
+    max_received_month: int | None = None
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import audit, blob_layout, db, envelope, events, faults, reserve, sql, verify
-from .errors import CommitUnknown, MailboxLimitReached, StorageError, StorageFull, WriterDied
+from .errors import CommitUnknown, MailboxLimitReached, StorageError, StorageFull, WriterDied, refusal
 from .files import drop_cached, fsync_dir, storage_error, unlink_quietly
 from .folder_lock import lock_data_folder
 from .index import IndexLocation
@@ -487,15 +487,16 @@ class Storage:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                refused = [item for item, sha256 in zip(batch, digests) if sha256 is None]
-                if refused:  # a mailbox had no room left (the writer's check): not committed
+                refused = [item for item, sha256 in zip(batch, digests) if refusal(sha256) is not None]
+                if refused:  # a mailbox had no room left, a volume was reached (the writer's check): not committed
                     await loop.run_in_executor(self.executor, self._remove_blobs, refused)
                     if self.objects is not None:
                         await self.objects.discard([item.blob for item in refused])
                 for item, sha256 in zip(batch, digests):
-                    if sha256 is None:
+                    left_out = refusal(sha256)
+                    if left_out is not None or sha256 is None:
                         if not item.done.done():
-                            item.done.set_exception(MailboxLimitReached())
+                            item.done.set_exception(left_out or MailboxLimitReached())
                         continue
                     if item.data is not None:
                         item.spool.packed(sha256)

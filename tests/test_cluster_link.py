@@ -528,7 +528,7 @@ def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index
             return BatchItem(queue_id, 10, 1.0, meta, to, [], None, f"11/{queue_id}", sha256="ab" * 32)
 
         a.execute("BEGIN")
-        assert _index_batch(a, [item("Q1")], []) == set()
+        assert _index_batch(a, [item("Q1")], []) == {}
         outcome = {}
 
         def second():
@@ -546,8 +546,59 @@ def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index
             time.sleep(0.02)
         a.execute("COMMIT")
         thread.join(20)
-        assert outcome == {"refused": {0}}
+        assert outcome == {"refused": {0: None}}
         assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
+    finally:
+        for conn in (a, b, watch):
+            conn.close()
+
+
+def test_two_nodes_never_take_a_volume_quota_past_its_limit_together(pg_index):
+    """Two nodes' writers commit a mail each to a site with the day's received volume room for one,
+    at the same time (each node's ledger had admitted its own, not knowing of the other's): the
+    second waits for the first's commit on the site's advisory lock, reads the volume that commit
+    left and leaves its mail out, refused for the received volume (zero overshoot)."""
+    import threading
+
+    from storage import sites
+    from storage.errors import REFUSED_RECEIVED
+    from storage.index_writer import BatchItem, _index_batch
+    from storage.records import Delivery, MessageMeta
+
+    url, reset = pg_index
+    reset()
+    a, b, watch = (PgConnection.connect(url) for _ in range(3))
+    try:
+        sites.add_site(a, "beta", ["beta@hub.test"], "pw-" * 4, ["hub.test"])
+        beta = sites.get_site(a, "beta").id
+
+        def item(queue_id):
+            meta = MessageMeta(mail_from="x@hub.test", sender_site=None, dot_lines=False)
+            to = [Delivery(beta, "beta@hub.test", max_received_day=15, max_received_month=100)]
+            return BatchItem(queue_id, 10, 1.5e9, meta, to, [], None, f"11/{queue_id}", sha256="ab" * 32)
+
+        a.execute("BEGIN")
+        assert _index_batch(a, [item("Q1")], []) == {}
+        outcome = {}
+
+        def second():
+            b.execute("BEGIN")
+            outcome["refused"] = _index_batch(b, [item("Q2")], [])
+            b.execute("COMMIT")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[
+            0
+        ]:
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.02)
+        a.execute("COMMIT")
+        thread.join(20)
+        assert outcome == {"refused": {0: REFUSED_RECEIVED}}
+        assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
+        assert watch.execute("SELECT received_bytes FROM site_volume WHERE period = '2017-07-14'").fetchall() == [(10,)]
     finally:
         for conn in (a, b, watch):
             conn.close()

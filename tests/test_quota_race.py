@@ -147,3 +147,42 @@ def test_index_writer_refuses_what_a_mailbox_has_no_room_for(tmp_path):
         assert writer.conn.execute("SELECT count(*) FROM events WHERE queue_id IN ('Q2', 'R1')").fetchone() == (0,)
     finally:
         writer.close()
+
+
+def _volume_item(qid: str, at: float, size: int, to: int, sender: int | None, day=None, month=None, submitted=None):
+    meta = MessageMeta("a@x", sender, False, max_submitted_day=submitted)
+    to_ = [Delivery(to, "b@x", "beta", max_received_day=day, max_received_month=month)]
+    return BatchItem(qid, size, at, meta, to_, [], None, f"2026112815/{qid}", sha256="cd" * 32)
+
+
+def test_index_writer_refuses_what_a_volume_quota_has_no_room_for(tmp_path):
+    """The same last check for the volume quotas: the receiver's received volume of the mail's UTC
+    day and month, the sender's submitted volume of its day, counting the index's volumes (here
+    left by mails this writer's ledger never saw, as another node's are) and the batch's earlier
+    messages; each refused message says which quota (a SHA-256 otherwise)."""
+    from storage.errors import REFUSED_RECEIVED, REFUSED_SUBMITTED, SubmittedVolumeLimitReached, refusal
+
+    writer = IndexWriter(tmp_path, 0)
+    try:
+        for site_id, name in ((4, "beta"), (5, "alpha")):
+            writer.conn.execute(
+                "INSERT INTO sites (id, name, password_hash, created_at) VALUES (?, ?, 'x', 0)", (site_id, name)
+            )
+        day = 1_700_000_000.0  # 2023-11-14 22:13 UTC
+        writer.commit_batch([_volume_item("P0", day, 600, 4, 5)], [], writer.seq + 1, 1)  # in the index
+        batch = [
+            _volume_item("Q0", day + 1, 300, 4, None, day=1000),  # 600 + 300 fits
+            _volume_item("Q1", day + 2, 200, 4, None, day=1000),  # 1100: over the day
+            _volume_item("Q2", day + 7200, 200, 4, None, day=1000, month=2000),  # the next UTC day: fits
+            _volume_item("Q3", day + 7300, 1000, 4, None, month=2000),  # month 600+300+200+1000: over
+            _volume_item("Q4", day + 3, 100, 4, 5, submitted=650),  # alpha submitted 600 + 100: over
+            _volume_item("Q5", day + 4, 50, 4, 5, submitted=650),  # 650: fits
+        ]
+        digests = writer.commit_batch(batch, [], writer.seq + 1, 2)
+        assert digests == ["cd" * 32, REFUSED_RECEIVED, "cd" * 32, REFUSED_RECEIVED, REFUSED_SUBMITTED, "cd" * 32]
+        assert isinstance(refusal(digests[4]), SubmittedVolumeLimitReached)
+        assert refusal(digests[1]).reply.startswith("452 4.2.1") and refusal(digests[0]) is None
+        rows = [qid for (qid,) in writer.conn.execute("SELECT queue_id FROM mailbox ORDER BY uid")]
+        assert rows == ["P0", "Q0", "Q2", "Q5"]
+    finally:
+        writer.close()

@@ -247,6 +247,12 @@ class Receiver:
         tx = self._session.transaction()
         try:
             if tx.deliveries or tx.remote:
+                if tx.deliveries and self._session.site is not None:  # checked once more at the commit
+                    limits = self.ctx.throttle.limits(self._session.site)
+                    meta.max_submitted_day, meta.max_submitted_month = (
+                        limits.submitted_per_day,
+                        limits.submitted_per_month,
+                    )
                 # the sizes reserved at end of data end as the ledger counts the mail (or at RSET)
                 await self.ctx.storage.commit(
                     message.spooled,

@@ -299,7 +299,17 @@ class HubSMTP(SmtpConnection):
             await self._refuse("rcpt", verdict.reply, tx.mail_from, address)
             return False
         limits = self.ctx.throttle.limits(site)  # checked once more as the mail is committed
-        tx.deliveries.append(Delivery(site.id, address, site.name, limits.mailbox_bytes, limits.mailbox_messages))
+        tx.deliveries.append(
+            Delivery(
+                site.id,
+                address,
+                site.name,
+                limits.mailbox_bytes,
+                limits.mailbox_messages,
+                limits.received_per_day,
+                limits.received_per_month,
+            )
+        )
         tx.receivers.append(site)
         tx.verdicts[site.id] = verdict
         return True
