@@ -720,28 +720,52 @@ def _postgres_index_for(request, first: bool) -> str:
     return server.url(server.create_database())
 
 
+# The tables a data folder template made with the CLI (`site add`, `site key import`, `site set`)
+# may hold rows in: copied as they are into a PostgreSQL index.
+_TEMPLATE_TABLES = ("sites", "addresses", "site_keys", "site_limits", "site_policy", "site_retention", "site_contact")
+
+
 def _copy_sites_to_postgres(template_dir: Path, url: str) -> None:
-    """The sites (and their addresses) of a site data template's SQLite index, copied into the
-    PostgreSQL index at `url` as they are (password hashes, ids, UIDVALIDITY): a `site add` costs a
-    scrypt hash and most of a second of CLI per site."""
+    """The sites (their addresses, keys and settings) of a data folder template's SQLite index,
+    copied into the PostgreSQL index at `url` as they are (password hashes, ids, UIDVALIDITY): a
+    `site add` costs a scrypt hash and most of a second of CLI per site. A database made for a
+    test's second hub gets its schema first."""
+    import psycopg
+
+    from storage.postgres import migrate_schema
     from storage.postgres.connection import PgConnection
 
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate_schema(conn)
     source = sqlite3.connect(template_dir / "index.sqlite3")
     target = PgConnection.connect(url)
     try:
         target.execute("BEGIN")
-        for table in ("sites", "addresses"):
+        for table in _TEMPLATE_TABLES:
             cursor = source.execute(f"SELECT * FROM {table}")
             columns = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+            if not rows:
+                continue
             target.executemany(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                cursor.fetchall(),
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows
             )
-        target.execute("SELECT setval(pg_get_serial_sequence('sites', 'id'), (SELECT max(id) FROM sites))")
+            if "id" in columns:
+                target.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
         target.execute("COMMIT")
     finally:
         source.close()
         target.close()
+
+
+def copy_data_folder(template: Path, hub: Hub) -> None:
+    """A data folder made with the CLI (sites, keys, settings) copied in as `hub`'s; on PostgreSQL
+    (a module marked both_engines) without its SQLite index, whose rows go to the hub's index."""
+    if hub.index_url:
+        shutil.copytree(template, hub.data_dir, ignore=shutil.ignore_patterns("index.sqlite3*"))
+        _copy_sites_to_postgres(template, hub.index_url)
+    else:
+        shutil.copytree(template, hub.data_dir)
 
 
 @pytest.fixture
@@ -771,11 +795,7 @@ def make_hub(tmp_path, site_data_templates, engine, request):
 
                 name = "sites-" + hashlib.sha256(repr(sites).encode()).hexdigest()[:16]
                 made[sites] = _made_once(name, add_sites, site_data_templates["folder"])[0] / "data"
-            if hub.index_url:
-                shutil.copytree(made[sites], data_dir, ignore=shutil.ignore_patterns("index.sqlite3*"))
-                _copy_sites_to_postgres(made[sites], hub.index_url)
-            else:
-                shutil.copytree(made[sites], data_dir)
+            copy_data_folder(made[sites], hub)
         hub.own_key = hub.own_key or own_key
         return hub
 

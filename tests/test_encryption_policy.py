@@ -5,7 +5,6 @@
 # bounded memory.
 import base64
 import os
-import shutil
 import smtplib
 import subprocess
 import urllib.request
@@ -19,8 +18,11 @@ from directory.policy import RecipientKeys
 from relay.mime.stream import MimeStreamParser
 from relay.policy.encryption import EncryptionPolicy
 
-from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, queue_id_from, wait_for
+from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, copy_data_folder, hub_env, queue_id_from, wait_for
 from gpgutil import Gpg, pgp_mime
+
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
 
 MB = 1024 * 1024
 DICOM = b"\0" * 128 + b"DICM" + os.urandom(400)
@@ -171,7 +173,7 @@ def keyed_data(gpg, tmp_path_factory) -> Path:
 @pytest.fixture
 def keyed_hub(make_hub, keyed_data):
     hub = make_hub(**GRACE_14_DAYS)
-    shutil.copytree(keyed_data, hub.data_dir)
+    copy_data_folder(keyed_data, hub)
     return hub.start()
 
 
@@ -235,9 +237,10 @@ def _status_kb(pid: int, field: str) -> int:
     raise AssertionError(field)
 
 
+@pytest.mark.one_engine("about the serve process's memory, not the index")
 def test_200_mb_encrypted_mail_checked_in_bounded_memory(make_hub, keyed_data, gpg):
     hub = make_hub(process=True, **GRACE_14_DAYS)  # a process of its own: its memory is measured
-    shutil.copytree(keyed_data, hub.data_dir)
+    copy_data_folder(keyed_data, hub)
     hub.start()
     payload_bytes = 150 * 1000 * 1000  # about 200 MB once armored
     header, trailer = pgp_mime("alpha@hub.test", "beta@hub.test", b"@@BODY@@").split(b"@@BODY@@")

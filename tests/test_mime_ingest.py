@@ -26,6 +26,9 @@ from storage import Storage, db
 from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, RawSMTP, queue_id_from, stored_message
 from gpgutil import Gpg
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 MB = 1024 * 1024
 DICOM = b"\0" * 128 + b"DICM" + os.urandom(3000)
 
@@ -140,11 +143,11 @@ def test_pgp_mime_and_nested_structures_recorded_over_smtp(make_hub, armored):
         client.logout()
 
     assert hub.stop() == 0
-    assert asyncio.run(read_structures(hub.data_dir, [qids[0], "NO-SUCH-QID"])) == [pgp, None]
+    assert asyncio.run(read_structures(hub, [qids[0], "NO-SUCH-QID"])) == [pgp, None]
 
 
-async def read_structures(data_dir, qids: list[str]) -> list:
-    storage = Storage(data_dir)
+async def read_structures(hub, qids: list[str]) -> list:
+    storage = Storage(hub.data_dir, index_url=hub.index_url)
     await storage.open()
     try:
         return [await storage.message_structure(qid) for qid in qids]
@@ -152,6 +155,7 @@ async def read_structures(data_dir, qids: list[str]) -> list:
         await storage.close()
 
 
+@pytest.mark.one_engine("about the serve process's memory, not the index")
 def test_structure_of_a_200_mb_mail_recorded_in_bounded_memory(make_hub):
     hub = make_hub(sites=ALPHA_BETA, process=True)
     hub.start()

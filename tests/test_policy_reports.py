@@ -24,6 +24,9 @@ from relay.policy.encryption import EncryptionPolicy
 from conftest import ALPHA_BETA, PASSWORD
 from mailshapes import KEY, OTHER_KEY, armored, dicom_attachment, mail, multipart, openpgp, pgp_mime, text
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 BETA = [RecipientKeys("beta", {KEY: "current key"})]
 
 

@@ -5,10 +5,15 @@
 # SMTP (raw socket) against an in-process hub; the rate window with an injected clock.
 import socket
 
+import pytest
+
 from relay.smtp.postmaster import ALL_CLIENTS, GLOBAL_FACTOR, MAX_CLIENTS, PostmasterRate, is_postmaster
 from relay.smtp.syntax import parse_path
 
 from conftest import ALPHA_BETA_B2, RawSMTP, queue_id_from
+
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
 
 ATTACHMENT = (
     b"From: someone@elsewhere.example\r\nTo: postmaster@hub.test\r\nSubject: abuse report\r\n"

@@ -11,10 +11,15 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from storage import Delivery, MessageMeta
 from storage.index_writer import BatchItem, IndexWriter
 
 from conftest import ALPHA, PASSWORD, make_message, queue_id_from
+
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
 
 SENDERS = 20
 PER_SENDER = 4

@@ -7,9 +7,14 @@ import json
 import socket
 import time
 
+import pytest
+
 from mailhub import control
 
 from conftest import PASSWORD, RawSMTP, make_message, queue_id_from, wait_for
+
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
 
 
 class RawLines:

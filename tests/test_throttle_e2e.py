@@ -12,7 +12,12 @@ import socket
 import threading
 import time
 
+import pytest
+
 from conftest import PASSWORD
+
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
 
 RATE = 2_000_000  # the slow receiver's download speed, bytes/s
 LIMIT = 3.0  # its max drain time, seconds: capacity 6 MB
