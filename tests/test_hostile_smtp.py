@@ -21,6 +21,9 @@ from bench.ingest_benchmark import vm_status
 
 from conftest import ALPHA_BETA, PASSWORD, Hub, RawSMTP, hub_env, make_message, queue_id_from, wait_for
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 MB = 1024 * 1024
 PEER = {"MAILHUB_SMTP_PEER_NETWORKS": "127.0.0.0/8"}  # loopback delivers to local sites without AUTH
 
@@ -318,6 +321,7 @@ def _wait_for(condition, timeout=10.0):
     raise AssertionError("condition not met in time")
 
 
+@pytest.mark.one_engine("about the serve process's log lines, not the index")
 def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     hub = make_hub(
         sites=ALPHA_BETA, process=True, MAILHUB_SMTP_IDLE_TIMEOUT="1", MAILHUB_SHUTDOWN_TIMEOUT="1", **PEER
@@ -502,6 +506,7 @@ def _ingest_memory(hub) -> dict:
     return {name: float(value) for name, value in values.items()}
 
 
+@pytest.mark.one_engine("about the serve process's memory, not the index")
 def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(make_hub):
     sessions, sent_each, budget = 300, MB, 64 * MB
     hub = make_hub(
@@ -558,6 +563,7 @@ def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(mak
     assert text.count("outcome=aborted") == sessions and "Traceback" not in text
 
 
+@pytest.mark.one_engine("about the serve process's memory, not the index")
 def test_memory_is_returned_after_a_burst(make_hub):
     # 64 sessions at once from one address: above the default of 20 not yet greeted/authenticated,
     # which would answer some of them 421 instead of the banner.

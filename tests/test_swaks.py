@@ -16,6 +16,9 @@ import pytest
 from conftest import ALPHA_BETA, PASSWORD
 from mailshapes import openpgp
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 QUEUED_RE = re.compile(r"^<-  250 2\.0\.0 Ok: queued as (\S+)$", re.M)
 
 
