@@ -17,6 +17,9 @@ from mailhub import control
 from conftest import ALPHA, ALPHA_BETA, PASSWORD
 from gpgutil import Gpg
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 
 @pytest.fixture
 def gpg():
@@ -326,6 +329,7 @@ def test_the_directory_address_cannot_be_given_to_a_site(make_hub):
     assert result.returncode == 1 and "participant directory" in result.stderr
 
 
+@pytest.mark.one_engine("about what the serve process prints for a damaged key file, not the index")
 def test_a_damaged_hub_key_stops_the_start_with_one_line(make_hub):
     hub = make_hub(process=True)  # what `mailhub serve` prints
     hub.data_dir.mkdir(parents=True)

@@ -4,7 +4,8 @@
 # copies of the whole list. The update format is documented in docs/gateway-guide.md.
 import email
 import json
-import sqlite3
+
+import pytest
 
 from mailhub import control
 from storage import db
@@ -12,14 +13,17 @@ from storage.sites import add_site
 
 from conftest import PASSWORD, wait_for
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 
 def site_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}{i:02d}" for i in range(count)]
 
 
-def add_sites(data_dir, names: list[str]) -> None:
+def add_sites(hub, names: list[str]) -> None:
     """Add sites as `mailhub site add` does, on one connection (a CLI run per site costs more)."""
-    conn = db.connect(data_dir)
+    conn = hub.db() if hub.index_url else db.connect(hub.data_dir)  # SQLite: made with its schema if new
     try:
         for name in names:
             add_site(conn, name, [f"{name}@hub.test"], PASSWORD, ["hub.test"])
@@ -47,13 +51,13 @@ def json_part(raw: bytes) -> tuple[bytes, dict]:
 def test_ten_sites_added_within_the_window_make_one_update_of_the_size_of_the_change(make_hub):
     hub = make_hub(MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="true", MAILHUB_DIRECTORY_UPDATE_DELAY="600")
     hub.data_dir.mkdir(parents=True)
-    add_sites(hub.data_dir, site_names("old", 20))
+    add_sites(hub, site_names("old", 20))
     hub.start()
 
     new = site_names("new", 10)
-    add_sites(hub.data_dir, new[:1])
+    add_sites(hub, new[:1])
     wait_for(lambda: "the update goes out in 600 s" in hub.log_text(), 15, message="the mailer did not see the change")
-    add_sites(hub.data_dir, new[1:])  # within the window: the same update
+    add_sites(hub, new[1:])  # within the window: the same update
     assert hub.query("SELECT count(*) FROM mailbox") == [(0,)]  # held back for the window
 
     sent = control.request(hub.data_dir, "hub-key-announce")  # what `rotate-key` asks: send what is due now
@@ -93,11 +97,11 @@ def test_ten_sites_added_within_the_window_make_one_update_of_the_size_of_the_ch
 def test_without_a_record_of_what_was_sent_the_update_is_the_whole_directory(make_hub):
     hub = make_hub(MAILHUB_DIRECTORY_NOTIFY_ON_CHANGE="true", MAILHUB_DIRECTORY_UPDATE_DELAY="600")
     hub.data_dir.mkdir(parents=True)
-    add_sites(hub.data_dir, site_names("old", 3))
+    add_sites(hub, site_names("old", 3))
     hub.start()
     hub.stop()
     (hub.data_dir / "directory-sent.json").write_text("{not json")  # damaged (or an older hub's folder)
-    add_sites(hub.data_dir, ["late"])
+    add_sites(hub, ["late"])
     hub.start()
     sent = control.request(hub.data_dir, "hub-key-announce")
     assert sent["kind"] == "update" and sent["whole"] == 4
@@ -106,13 +110,9 @@ def test_without_a_record_of_what_was_sent_the_update_is_the_whole_directory(mak
     assert document["format"] == "dicom-mail-hub-directory/1" and len(document["participants"]) == 4
     assert "unusable" in hub.log_text()
     # the record is written again: the next change is an update of its own size
-    add_sites(hub.data_dir, ["later"])
+    add_sites(hub, ["later"])
     sent = control.request(hub.data_dir, "hub-key-announce")
     assert (sent["added"], sent["changed"], sent["removed"]) == (1, 0, 0)
     assert isinstance(json.loads((hub.data_dir / "directory-sent.json").read_text())["participants"], dict)
-    conn = sqlite3.connect(hub.data_dir / "index.sqlite3")
-    try:
-        sent_version = conn.execute("SELECT value FROM meta WHERE key = 'directory_sent_version'").fetchone()[0]
-    finally:
-        conn.close()
+    ((sent_version,),) = hub.query("SELECT value FROM meta WHERE key = 'directory_sent_version'")
     assert json.loads((hub.data_dir / "directory-sent.json").read_text())["version"] == sent_version

@@ -19,6 +19,9 @@ from mailhub.hub import Hub
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 
+# Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_engines
+
 
 def _resources() -> tuple[set, set, int]:
     """This process's threads, child processes and number of open file descriptors."""
