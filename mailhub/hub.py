@@ -219,6 +219,10 @@ class Hub:
             shared = SharedLedger(throttle.ledger, self.cluster)  # the Ledger surface the sessions use
             pop3.ledger = imap.ledger = shared  # type: ignore[assignment]
             self.cluster.on_missed = lambda _: self._catch_up(imap)
+            # this node's reservations of mails in flight count on the others' ledgers too
+            self.cluster.reservations = throttle.ledger.reservations
+            throttle.ledger.on_reserved = self.cluster.note_reservations
+            feeder.remote_kept = self.cluster.reservations_kept
         smtp.on_stored = lifecycle.mail_stored
         # The commands `mailhub` sends to the running hub (mailhub/control.py); each part registers its own.
         control = ControlServer(cfg.data_dir)

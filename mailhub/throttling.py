@@ -66,6 +66,10 @@ class RemoteActivity:
     def remote_polled(self, site: int) -> None:
         self.ledger.note_poll(site, time.monotonic())
 
+    def remote_reserved(self, node: str, rows: list, submitting: list) -> None:
+        """Another node's reservations of mails in flight (its whole set, as it last told it)."""
+        self.ledger.node_reserved(node, rows, submitting, time.monotonic())
+
 
 class SharedLedger:
     """What the POP3 and IMAP sessions tell the ledger (logins, bytes sent), also told to the other
@@ -96,6 +100,7 @@ class ThrottleFeeder:
         self.storage = storage
         self.sites = sites
         self.interval = interval
+        self.remote_kept = 5.0  # seconds other nodes' reservations count without news (the cluster link's)
 
     async def start(self) -> None:
         """Before any listener opens: the index figures, then every change as it is committed."""
@@ -116,6 +121,10 @@ class ThrottleFeeder:
             await asyncio.sleep(self.interval)
             try:
                 now, wall = time.monotonic(), time.time()  # rates on the first, UTC periods on the second
+                for node in self.throttle.ledger.forget_remote(now - self.remote_kept):
+                    log.warning(
+                        "reservations in flight of node %s forgotten: no news for %.0f s", node, self.remote_kept
+                    )
                 sites = self.sites.all_sites()
                 self.throttle.observe(sites, now)
                 metrics.THROTTLE.states = [(s.name, self.throttle.state(s, now, wall)) for s in sites]

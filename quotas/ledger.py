@@ -2,7 +2,9 @@
 # decisions: mailbox usage and backlog per (receiver, sender) loaded from the index at start, then
 # kept by the changes storage reports after each of its transactions (so it matches the index),
 # plus what the index cannot know yet (downloads in sessions still open, sizes reserved by
-# transactions in flight); volumes per UTC day and month; cumulative download counters.
+# transactions in flight); volumes per UTC day and month; cumulative download counters. With several
+# nodes, also the other nodes' reservations in flight, as each last told them (their snapshots,
+# forgotten once too old: a node that died leaves nothing behind for long).
 # Pure in-memory state; the caller passes figures and times. Never does I/O.
 #
 # Two clocks (see docs/integrity.md): a mail's arrival time and the UTC day and month it counts
@@ -14,7 +16,7 @@
 # dropped or counted twice whichever way the clock moves.
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 from .limits import SiteUsage
 
@@ -54,6 +56,12 @@ class Ledger:
         self._downloaded: dict[int, int] = {}  # site -> cumulative bytes sent to it
         self._last_poll: dict[int, float] = {}  # site -> monotonic time of its latest poll
         self._latest_day = ""  # the latest UTC day a commit counted for
+        # other nodes' reservations in flight: node -> (monotonic time told, rows, submitting), and
+        # their sums over every node (receiver -> sender -> [bytes, count]; sender -> bytes)
+        self._remote: dict[str, tuple[float, list[tuple[int, int, int, int]], list[tuple[int, int]]]] = {}
+        self._remote_for: dict[int, dict[int, list[int]]] = {}
+        self._remote_submitting: dict[int, int] = {}
+        self.on_reserved: Callable[[], None] | None = None  # called when this node's reservations change
 
     # ---- the index at start ------------------------------------------------------------------
 
@@ -160,9 +168,12 @@ class Ledger:
         if sender != NO_SITE:  # one mail to several receivers is submitted once
             by_token = self._submitting.setdefault(sender, {})
             by_token[token] = max(by_token.get(token, 0), size)
+        if self.on_reserved is not None:
+            self.on_reserved()
 
     def release(self, token: Hashable) -> None:
-        for receiver, sender, size in self._reserved.pop(token, ()):
+        held = self._reserved.pop(token, ())
+        for receiver, sender, size in held:
             by_sender = self._reserved_for[receiver]
             total = by_sender[sender]
             total[0] -= size
@@ -174,10 +185,57 @@ class Ledger:
             by_token = self._submitting.get(sender)
             if by_token is not None and by_token.pop(token, None) is not None and not by_token:
                 del self._submitting[sender]
+        if held and self.on_reserved is not None:
+            self.on_reserved()
 
     def reserved(self) -> int:
         """Reservations held (transactions in flight): 0 when the hub is idle."""
         return len(self._reserved)
+
+    # ---- other nodes' reservations (several nodes: what each told last) -----------------------
+
+    def reservations(self) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
+        """This node's reservations in flight, as the other nodes are told them: rows (receiver,
+        sender, bytes, mails) and the senders' submitted bytes (sender, bytes)."""
+        rows = [
+            (receiver, sender, size, count)
+            for receiver, by_sender in self._reserved_for.items()
+            for sender, (size, count) in by_sender.items()
+        ]
+        return rows, [(sender, sum(by_token.values())) for sender, by_token in self._submitting.items()]
+
+    def node_reserved(
+        self, node: str, rows: list[tuple[int, int, int, int]], submitting: list[tuple[int, int]], now: float
+    ) -> None:
+        """Another node's reservations in flight, as it last told them (in place of what it told
+        before) at monotonic time `now`."""
+        if rows or submitting:
+            self._remote[node] = (now, rows, submitting)
+        elif self._remote.pop(node, None) is None:
+            return
+        self._sum_remote()
+
+    def forget_remote(self, before: float) -> list[str]:
+        """Forget the reservations of nodes that told nothing since monotonic time `before` (a node
+        with mail in flight tells them again every second or so): the nodes forgotten."""
+        gone = [node for node, (told, _, _) in self._remote.items() if told < before]
+        for node in gone:
+            del self._remote[node]
+        if gone:
+            self._sum_remote()
+        return gone
+
+    def _sum_remote(self) -> None:
+        total: dict[int, dict[int, list[int]]] = {}
+        submitting: dict[int, int] = {}
+        for _, rows, sent in self._remote.values():
+            for receiver, sender, size, count in rows:
+                pair = total.setdefault(receiver, {}).setdefault(sender, [0, 0])
+                pair[0] += size
+                pair[1] += count
+            for sender, size in sent:
+                submitting[sender] = submitting.get(sender, 0) + size
+        self._remote_for, self._remote_submitting = total, submitting
 
     def note_poll(self, site: int, now: float) -> None:
         """The site logged in at monotonic time `now`."""
@@ -191,10 +249,12 @@ class Ledger:
     # ---- questions ---------------------------------------------------------------------------
 
     def waiting(self, receiver: int) -> dict[int, int]:
-        """Bytes waiting for the receiver per sender: not yet downloaded, plus reservations."""
+        """Bytes waiting for the receiver per sender: not yet downloaded, plus reservations (every
+        node's)."""
         result = dict(self._waiting.get(receiver, {}))
-        for sender, (size, _count) in self._reserved_for.get(receiver, {}).items():
-            result[sender] = result.get(sender, 0) + size
+        for reserved in (self._reserved_for, self._remote_for):
+            for sender, (size, _count) in reserved.get(receiver, {}).items():
+                result[sender] = result.get(sender, 0) + size
         for sender, size in self._live_fetched.get(receiver, {}).values():
             result[sender] = result.get(sender, 0) - size
         return {sender: b for sender, b in result.items() if b > 0}
@@ -205,11 +265,12 @@ class Ledger:
 
     def mailbox(self, site: int, excluding: Hashable = None) -> tuple[int, int]:
         """(bytes, messages) the site's mailbox holds, counting the reservations of transactions
-        in flight (but not those of `excluding`, the transaction asking)."""
+        in flight, other nodes' too (but not those of `excluding`, the transaction asking)."""
         held_bytes, held_messages = self._held.get(site, (0, 0))
-        for size, count in self._reserved_for.get(site, {}).values():
-            held_bytes += size
-            held_messages += count
+        for reserved in (self._reserved_for, self._remote_for):
+            for size, count in reserved.get(site, {}).values():
+                held_bytes += size
+                held_messages += count
         for recv, _, size in self._reserved.get(excluding, ()):  # the asking transaction's own
             if recv == site:
                 held_bytes -= size
@@ -223,11 +284,12 @@ class Ledger:
         day, month = _periods(wall)
         held_bytes, held_messages = self.mailbox(site, excluding)
         received = sum(size for size, _ in self._reserved_for.get(site, {}).values())
+        received += sum(size for size, _ in self._remote_for.get(site, {}).values())
         received -= sum(size for recv, _, size in self._reserved.get(excluding, ()) if recv == site)
         submitting = self._submitting.get(site)
-        submitted = 0
+        submitted = self._remote_submitting.get(site, 0)
         if submitting:
-            submitted = sum(submitting.values()) - submitting.get(excluding, 0)
+            submitted += sum(submitting.values()) - submitting.get(excluding, 0)
         today, this_month = self._volumes.get((site, day), (0, 0)), self._volumes.get((site, month), (0, 0))
         return SiteUsage(
             mailbox_bytes=held_bytes,

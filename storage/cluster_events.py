@@ -1,7 +1,8 @@
 # The mailbox changes one hub node tells the others (issue 27: several nodes on one PostgreSQL
 # index): what storage.store.MailboxListener hears (committed, fetched_committed, removed, with the
 # calls' arguments), the sites whose IMAP flags changed (IDLE sessions show them), plus the live
-# downloads and polls the throttle's drain rates measure, as the
+# downloads and polls the throttle's drain rates measure and its reservations of mails in flight (a
+# snapshot of the node's whole set, in a payload of its own: reservations_payload), as the
 # payloads of NOTIFY on the channel `mailhub_events`, each naming the node that sent it. The index
 # writer sends the mailbox changes in the same transaction as the change (delivered at its commit,
 # never for a rolled-back one); the node's cluster link (storage/postgres/cluster.py) sends the
@@ -45,6 +46,10 @@ class Changes:
     downloaded: list[tuple[int, int]] = field(default_factory=list)  # site, bytes sent (live)
     polled: list[int] = field(default_factory=list)  # sites that logged in
     flagged: list[int] = field(default_factory=list)  # sites whose IMAP flags changed
+    # the node's reservations in flight, all of them (None: not in this payload): rows (receiver,
+    # sender or 0, bytes, mails) and the senders' submitted bytes (sender, bytes)
+    reserved: list[tuple[int, int, int, int]] | None = None
+    submitting: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
@@ -59,6 +64,23 @@ class Changes:
 
 _KINDS: Final = ("committed", "fetched", "removed", "downloaded", "polled", "flagged")
 _KEYS: Final = {"committed": "c", "fetched": "f", "removed": "r", "downloaded": "d", "polled": "p", "flagged": "g"}
+
+
+# rows of a reservations snapshot (and of its senders), so that it fits one payload whatever the
+# figures (100 x 49 + 50 x 28 bytes at most); beyond, the smallest are left out
+MAX_RESERVED_ROWS: Final = 100
+MAX_SUBMITTING_ROWS: Final = 50
+
+
+def reservations_payload(node: str, rows: list[tuple[int, int, int, int]], submitting: list[tuple[int, int]]) -> str:
+    """A node's reservations in flight as one payload (the largest MAX_RESERVED_ROWS rows and
+    MAX_SUBMITTING_ROWS senders: under MAX_PAYLOAD whatever the figures)."""
+    if len(rows) > MAX_RESERVED_ROWS:
+        rows = sorted(rows, key=lambda row: row[2], reverse=True)[:MAX_RESERVED_ROWS]
+    if len(submitting) > MAX_SUBMITTING_ROWS:
+        submitting = sorted(submitting, key=lambda row: row[1], reverse=True)[:MAX_SUBMITTING_ROWS]
+    body = json.dumps({"z": rows, "zs": submitting}, separators=(",", ":"))
+    return f'{{"n":{json.dumps(node[:NODE_MAX])},{body[1:]}'
 
 
 def payloads(changes: Changes) -> list[str]:
@@ -155,6 +177,11 @@ def decode(payload: str, now: float | None = None) -> Changes:
             changes.polled.append(_int(site))
         for site in doc.get("g", []):
             changes.flagged.append(_int(site))
+        if "z" in doc:
+            changes.reserved = [
+                (_int(r), _int(sender, 0), _size(size), _int(count, 1)) for r, sender, size, count in doc["z"]
+            ]
+            changes.submitting = [(_int(sender), _size(size)) for sender, size in doc.get("zs", [])]
     except (TypeError, ValueError) as exc:
         raise BadPayload(f"bad row: {str(exc)[:80]}") from None
     return changes

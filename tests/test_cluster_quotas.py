@@ -172,3 +172,99 @@ def test_two_nodes_admitting_at_once_never_pass_a_volume_quota(pg_index, make_hu
     for hub in (a, b):
         wait_for(lambda hub=hub: hub._hub._throttle.ledger.reserved() == 0, message="no reservation left")
         assert "Traceback" not in hub.log_text()
+
+
+def _in_flight_then_submit(holder, other) -> list:
+    """A transaction admitted at RCPT (SIZE=9000) and held open on `holder`; a mail on `other`
+    meanwhile, and again once the first transaction is given up."""
+    beta_id = _beta(other).id
+    held = smtplib.SMTP("127.0.0.1", holder.smtp_port, timeout=60)
+    try:
+        held.ehlo("gateway.test")
+        held.login("alpha", PASSWORD)
+        held.mail("alpha@hub.test", ["SIZE=9000"])
+        assert held.rcpt("beta@hub.test")[0] == 250
+        seen = wait_for(lambda: other._hub._throttle.ledger.waiting(beta_id), message="the reservation is told")
+        outcomes = [("waiting", sum(seen.values())), _submit(other)]
+        held.rset()
+    finally:
+        held.quit()
+    wait_for(lambda: not other._hub._throttle.ledger.waiting(beta_id), message="its end is told")
+    outcomes.append(_submit(other))
+    return outcomes
+
+
+def test_a_mail_in_flight_on_one_node_counts_on_the_others(pg_index, make_hub, tmp_path):
+    """The reservations of mails in flight are told to the other nodes (at once, over the cluster
+    link): a mail admitted at RCPT on node A and not yet sent counts in beta's backlog on node B,
+    which defers the next mail as one node would; once node A's transaction ends, node B forgets it."""
+    url, reset = pg_index
+    runs = []
+    for nodes in (1, 2):
+        reset()
+        root = tmp_path / f"shared{nodes}"
+        root.mkdir()
+        common = {**SETTINGS, "MAILHUB_STORAGE_INDEX": url, "MAILHUB_STORAGE_BLOBS": str(root)}
+        a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+        b = a if nodes == 1 else make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+        runs.append(_in_flight_then_submit(a, b))
+        for hub in {id(a): a, id(b): b}.values():
+            assert hub._hub._throttle.ledger.reserved() == 0
+            hub.stop()
+    one, two = runs
+    assert one[0] == ("waiting", 9000) and one[1][:2] == ("rcpt", 451) and one[2][:2] == ("data", 250)
+    assert "would need 12 s" in one[1][2]
+    assert two == one
+
+
+def test_the_ledger_counts_other_nodes_reservations_until_they_are_too_old():
+    """What another node tells replaces what it told before; an empty set, or no news for the
+    time the link allows, and they no longer count."""
+    from quotas.ledger import Ledger
+
+    ledger = Ledger()
+    told = []
+    ledger.on_reserved = lambda: told.append(ledger.reservations())
+    ledger.reserve("t1", 3, 5, 100)
+    ledger.reserve("t1", 4, 5, 100)  # one mail to two receivers: submitted once
+    assert told[-1] == ([(3, 5, 100, 1), (4, 5, 100, 1)], [(5, 100)])
+    ledger.node_reserved("node-b", [(3, 5, 1000, 2), (3, 0, 7, 1)], [(5, 1000)], now=10.0)
+    ledger.node_reserved("node-c", [(3, 5, 1, 1)], [(5, 1)], now=12.0)
+    assert ledger.waiting(3) == {5: 1101, 0: 7}
+    assert ledger.mailbox(3) == (1108, 5) and ledger.mailbox(3, excluding="t1") == (1008, 4)
+    usage = ledger.usage(3, 1.7e9)
+    assert (usage.received_today, usage.mailbox_messages) == (1108, 5)
+    assert ledger.usage(5, 1.7e9, excluding="t1").submitted_today == 1001  # the others' only
+    ledger.node_reserved("node-b", [(3, 5, 50, 1)], [(5, 50)], now=13.0)  # in place of the first
+    assert ledger.waiting(3) == {5: 151}
+    assert ledger.forget_remote(before=12.5) == ["node-c"]  # no news since 12.0
+    assert ledger.waiting(3) == {5: 150}
+    ledger.node_reserved("node-b", [], [], now=14.0)
+    ledger.release("t1")
+    assert told[-1] == ([], []) and ledger.waiting(3) == {} and ledger.usage(5, 1.7e9).submitted_today == 0
+
+
+def test_a_reservations_payload_fits_and_is_checked():
+    from storage.cluster_events import BadPayload, decode, reservations_payload
+
+    payload = reservations_payload("node-a", [(3, 0, 100, 1), (3, 5, 2**40, 2)], [(5, 99)])
+    changes = decode(payload)
+    assert (changes.node, changes.reserved, changes.submitting) == (
+        "node-a",
+        [(3, 0, 100, 1), (3, 5, 2**40, 2)],
+        [(5, 99)],
+    )
+    assert decode('{"n":"x","c":[]}').reserved is None  # not a snapshot: what was told stays
+    worst = reservations_payload("n" * 300, [(2**31 - 1, 2**31 - 1, 2**40, 2**31 - 1)] * 500, [(2**31 - 1, 2**40)] * 99)
+    assert len(worst.encode()) < 7800 and len(decode(worst).reserved) == 100
+    for bad in (
+        '{"n":"x","z":[[0,1,2,1]]}',
+        '{"n":"x","z":[[1,1,-2,1]]}',
+        '{"n":"x","z":[[1,1,2,0]]}',
+        '{"n":"x","z":[1]}',
+    ):
+        try:
+            decode(bad)
+        except BadPayload:
+            continue
+        raise AssertionError(bad)

@@ -8,7 +8,9 @@
 #   scrub, directory updates, pruning) - `is_leader()`;
 # - LISTEN mailhub_events: other nodes' mailbox changes and downloads (storage/cluster_events.py),
 #   fed to this node's listeners (IMAP IDLE, the throttle's ledger) at once; its own are skipped;
-#   this node's live downloads and logins go out the same way;
+#   this node's live downloads and logins go out the same way, and its throttle's reservations of
+#   mails in flight (a snapshot of them as soon as they change, again every RESERVATIONS_AGAIN
+#   seconds while there are any, so the others forget a dead node's within RESERVATIONS_KEPT);
 # - LISTEN mailhub_ask: questions to every node (`mailhub sessions --all`: ask_nodes), answered
 #   on the asker's reply channel.
 # When the connection is lost, every lock it held is lost with it: the link says so at once
@@ -41,6 +43,7 @@ from ..cluster_events import (
     decode_answer,
     decode_question,
     payloads,
+    reservations_payload,
 )
 from ..errors import StorageError
 from .from_sqlite import _one_line, redacted
@@ -57,6 +60,8 @@ ANSWERS_PER_SECOND: Final = 5  # questions answered (any database user may ask: 
 # the catch-up after dropped rows reads the index (usage figures, every IMAP session's mailbox): at
 # most once in this many seconds, however many floods (any database user may NOTIFY)
 MISSED_EVERY: Final = 5.0
+RESERVATIONS_AGAIN: Final = 1.0  # seconds between two snapshots of unchanged reservations in flight
+RESERVATIONS_KEPT: Final = 5.0  # seconds another node's snapshot counts without news (then forgotten)
 
 
 class ClusterUnavailable(StorageError):
@@ -66,8 +71,9 @@ class ClusterUnavailable(StorageError):
 class ClusterLink:
     """The node's cluster link. `await start()` connects (StorageError if PostgreSQL cannot be
     reached), `await close()` lets everything go. Listeners (storage.store.MailboxListener, plus
-    optionally `remote_downloaded(site, bytes)`, `remote_polled(site)` and
-    `remote_flags_changed([site, ...])`) hear of other nodes' changes."""
+    optionally `remote_downloaded(site, bytes)`, `remote_polled(site)`,
+    `remote_reserved(node, rows, submitting)` and `remote_flags_changed([site, ...])`) hear of
+    other nodes' changes."""
 
     def __init__(
         self,
@@ -117,6 +123,12 @@ class ClusterLink:
         self.missed_every = MISSED_EVERY
         self._missed_at = -MISSED_EVERY  # the last catch-up after dropped rows (monotonic)
         self._ready = asyncio.Event()
+        # this node's reservations in flight (the throttle's ledger: rows, submitting), told to the
+        # others as soon as note_reservations() says they changed
+        self.reservations: Callable[[], tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]] | None = None
+        self._reservations_changed = True
+        self._reservations_told: tuple[bool, float] = (False, 0.0)  # (any told, monotonic time)
+        self.reservations_kept = RESERVATIONS_KEPT  # how long the others' count without news
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -217,6 +229,7 @@ class ClusterLink:
                     delay = min(delay * 2, self.backoff[1])
                     continue
                 self.reconnects += 1
+                self._reservations_changed = True  # told again: the others may have forgotten them
                 delay = self.backoff[0]
                 log.info("cluster link to %s back", redacted(self.url))
                 self._call_back(self.on_missed, None)  # LISTEN is on again: what came meanwhile is read
@@ -258,6 +271,19 @@ class ClusterLink:
                         await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
                 continue
             now = time.monotonic()
+            told, told_at = self._reservations_told
+            if self.reservations is not None and (
+                self._reservations_changed or (told and now - told_at >= RESERVATIONS_AGAIN)
+            ):
+                self._reservations_changed = False
+                rows, submitting = self.reservations()
+                if rows or submitting or told:  # (an empty snapshot once, after the last mail in flight)
+                    with self._deadline(conn):
+                        await conn.execute(
+                            "SELECT pg_notify(%s, %s)", (CHANNEL, reservations_payload(self.node, rows, submitting))
+                        )
+                self._reservations_told = (bool(rows or submitting), now)
+                continue
             if self.want_leader and not self.leader and now - leader_tried >= self.leader_interval:
                 leader_tried = now
                 with self._deadline(conn):
@@ -282,6 +308,8 @@ class ClusterLink:
                 deadline = min(deadline, leader_tried + self.leader_interval)
             if len(self._outgoing):
                 deadline = min(deadline, flushed + DOWNLOAD_FLUSH)
+            if told:
+                deadline = min(deadline, told_at + RESERVATIONS_AGAIN)
             await self._idle(conn, loop, max(deadline - now, 0.0))
 
     @contextlib.contextmanager
@@ -431,6 +459,13 @@ class ClusterLink:
         self._outgoing.polled.append(site_id)
         self._kick()
 
+    def note_reservations(self) -> None:
+        """This node's reservations in flight changed: told to the others at once (the ledger calls
+        this on every reserve and release)."""
+        self._reservations_changed = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
     def _kick(self) -> None:
         if len(self._outgoing) > MAX_QUEUED_CHANGES:  # link down for long: keep the newest
             self._outgoing = Changes(self.node, downloaded=self._outgoing.downloaded[-1000:])
@@ -516,6 +551,9 @@ class ClusterLink:
                     if polled is not None:
                         for site in changes.polled:
                             polled(site)
+                    reserved = getattr(listener, "remote_reserved", None)
+                    if reserved is not None and changes.reserved is not None:
+                        reserved(changes.node, changes.reserved, changes.submitting)
                     flagged = getattr(listener, "remote_flags_changed", None)
                     if flagged is not None and changes.flagged:
                         flagged(changes.flagged)
