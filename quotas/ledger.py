@@ -22,6 +22,7 @@ from .limits import SiteUsage
 
 NO_SITE = 0  # sender key of mail from outside (a peer network): no site, no submitted quota
 VOLUME_WINDOW_DAYS = 40  # days of volume periods kept (a wall-clock step within it loses nothing)
+MAX_NODES = 64  # other nodes whose reservations in flight are counted at once
 
 
 def volume_window(wall: float) -> tuple[str, str]:
@@ -210,6 +211,8 @@ class Ledger:
         """Another node's reservations in flight, as it last told them (in place of what it told
         before) at monotonic time `now`."""
         if rows or submitting:
+            if node not in self._remote and len(self._remote) >= MAX_NODES:
+                return  # (payloads are not trusted: a flood of made-up node names stays bounded)
             self._remote[node] = (now, rows, submitting)
         elif self._remote.pop(node, None) is None:
             return

@@ -242,6 +242,9 @@ def test_the_ledger_counts_other_nodes_reservations_until_they_are_too_old():
     ledger.node_reserved("node-b", [], [], now=14.0)
     ledger.release("t1")
     assert told[-1] == ([], []) and ledger.waiting(3) == {} and ledger.usage(5, 1.7e9).submitted_today == 0
+    for n in range(100):  # made-up node names (payloads are not trusted): 64 counted at most
+        ledger.node_reserved(f"fake-{n}", [(3, 5, 1, 1)], [], now=20.0)
+    assert ledger.waiting(3) == {5: 64}
 
 
 def test_a_reservations_payload_fits_and_is_checked():
