@@ -6,10 +6,17 @@
 # latency, and the CPU seconds of the hub processes. Each PostgreSQL run gets a new database on the
 # server of --postgresql (the URL's user must be allowed CREATE DATABASE), dropped afterwards.
 # Exit 1 if any run failed its checks. Needs Debian's haproxy for (c).
+# With --blast-mails N the setups are instead driven as fast as they take mail: N mails of
+# --blast-size bytes over --blast-sessions SMTP sessions (bench.smtp_blast, pipelined) from one
+# site of the profile to another, through the same front (drain-time deferral and pacing off:
+# nothing drains the receiver); it prints mails/s and the hub CPU per mail (the PostgreSQL server's
+# CPU is not counted).
 #   .venv/bin/python -m bench.cluster_loadtest --postgresql postgresql://USER@HOST:PORT/postgres \
 #       [--profile pilot] [--rounds 1] [--speed X] [--only sqlite,pg,pg2]
+#       [--blast-mails 3000 --blast-size 1000000 --blast-sessions 8]
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import argument_parser, command_line
+from bench.smtp_blast import blast
 from loadtest import corpus as corpus_mod
 from loadtest.profile import load_profile
 from loadtest.spawn import LocalHub, SpawnError
@@ -117,6 +125,8 @@ def one_run(setup: str, args, corpus: Path, domain: str, sites: dict, work: Path
     try:
         for n in range(nodes):
             env = {"MAILHUB_NODE_NAME": f"node{n + 1}", "MAILHUB_METRICS_NODE": f"node{n + 1}"}
+            if args.blast_mails:  # nothing drains the receiver: its backlog must not defer the blast
+                env |= {"MAILHUB_THROTTLE_DRAIN_ADMISSION": "false", "MAILHUB_THROTTLE_PACING": "false"}
             if database is not None:
                 env["MAILHUB_STORAGE_INDEX"] = database.url
             if setup == "pg2":
@@ -133,6 +143,25 @@ def one_run(setup: str, args, corpus: Path, domain: str, sites: dict, work: Path
             balancer, front = _haproxy(ports, work)
         else:
             front = ports[0]
+        if args.blast_mails:
+            (sender, site), (_, receiver) = sorted(sites.items())[:2]
+            result = asyncio.run(
+                blast(
+                    "127.0.0.1",
+                    front["smtp"],
+                    sessions=args.blast_sessions,
+                    mails=args.blast_mails,
+                    size=args.blast_size,
+                    user=sender,
+                    password=site["password"],
+                    mail_from=site["address"],
+                    rcpt=receiver["address"],
+                )
+            )
+            outcome.cpu_s = [_cpu_seconds(hub.proc.pid) for hub in hubs if hub.proc is not None]
+            outcome.status = 0 if result["failures"] == 0 else 1
+            outcome.result = {"blast": result}
+            return outcome
         out = work / f"result-{setup}.json"
         command: list[str | Path] = [LOADTEST, "run", args.profile, "--corpus", str(corpus), "--out", str(out)]
         command += ["--no-progress", "--smtp", f"127.0.0.1:{front['smtp']}", "--pop3", f"127.0.0.1:{front['pop3']}"]
@@ -155,6 +184,28 @@ def one_run(setup: str, args, corpus: Path, domain: str, sites: dict, work: Path
             hub.stop()
         if database is not None:
             database.drop()
+
+
+def blast_table(outcomes: list[Outcome]) -> str:
+    header = (
+        f"{'setup':<46} {'mails':>6} {'failed':>6} {'seconds':>8} {'mails/s':>8} {'MB/s':>7} "
+        f"{'hub CPU s':>10} {'CPU ms/mail':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for o in outcomes:
+        if not o.result:
+            lines.append(f"{SETUPS[o.setup]:<46} failed: {o.note[-200:]}")
+            continue
+        b = o.result["blast"]
+        cpu = sum(o.cpu_s)
+        lines.append(
+            f"{SETUPS[o.setup]:<46} {b['mails']:>6} {b['failures']:>6} {b['seconds']:>8.1f} {b['mails_per_s']:>8.1f} "
+            f"{b['mb_per_s']:>7.1f} {'+'.join(f'{s:.1f}' for s in o.cpu_s):>10} "
+            f"{1000 * cpu / max(1, b['mails'] - b['failures']):>11.2f}"
+        )
+        if b["failures"]:
+            lines.append(f"    first refusals: {b.get('errors', [])[:2]}")
+    return "\n".join(lines)
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -192,6 +243,11 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=1.0, help="compress the arrival times X-fold")
     parser.add_argument("--only", default="sqlite,pg,pg2", help="comma-separated setups: sqlite, pg, pg2")
     parser.add_argument("--corpus", type=Path, help="corpus folder (default: made under /var/tmp once)")
+    parser.add_argument(
+        "--blast-mails", type=int, default=0, help="instead of the profile: this many mails at full speed"
+    )
+    parser.add_argument("--blast-size", type=int, default=1_000_000, help="bytes per mail of --blast-mails")
+    parser.add_argument("--blast-sessions", type=int, default=8, help="SMTP sessions of --blast-mails")
     args = parser.parse_args()
     setups = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in setups if s not in SETUPS]
@@ -216,7 +272,7 @@ def main() -> int:
                 print(f"round {round_number + 1}: {SETUPS[setup]} ...", flush=True)
                 outcome = one_run(setup, args, corpus, profile.domain, dict(manifest["sites"]), Path(work), number)
                 outcomes.append(outcome)
-    print(table(outcomes))
+    print(blast_table(outcomes) if args.blast_mails else table(outcomes))
     return 0 if all(o.status == 0 for o in outcomes) else 1
 
 
