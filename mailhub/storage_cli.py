@@ -8,6 +8,7 @@
 # problem found or the operation failed, 2 bad usage. The long transfers (backup and restore to object
 # storage, migrate) take SIGTERM as Ctrl-C: they clean up (uploaded objects, a half restore, the
 # temporary copy) and say what is left, instead of dying with it left behind.
+import asyncio
 import contextlib
 import json
 import os
@@ -162,7 +163,6 @@ SQLITE_ONLY = {
 # cache: these commands would take it for the whole store (report, quarantine or forget every mail
 # not cached), so they refuse, saying why.
 NOT_ON_OBJECT_STORAGE = {
-    "check": "it would report every mail not in the node's cache as missing",
     "rebuild-index": "it would take the node's cache for the whole store and move the mails not cached to"
     " the quarantine",
     "compact-ledger": "it would drop the ledger lines of every mail not in the node's cache",
@@ -191,7 +191,7 @@ def storage_command(cfg: Config, args) -> int:
             return 2
     try:
         if action == "check":
-            return _check(cfg, args)
+            return _check_objects(cfg, args) if cfg.storage.object_store else _check(cfg, args)
         if action == "rebuild-index":
             return _rebuild(cfg, args)
         if action == "backup":
@@ -241,6 +241,51 @@ def _check(cfg: Config, args) -> int:
         if not r.problems:
             print("no problems found")
     return EXIT_FAILED if report.problems else 0
+
+
+def _check_objects(cfg: Config, args) -> int:
+    """storage check with the mail on object storage: each index row's object, and the orphans."""
+    from storage.index import IndexLocation
+    from storage.object_check import check_objects
+    from storage.s3 import S3Client, S3Error, S3Location
+
+    try:
+        settings = s3_settings(cfg)
+    except S3SetupError as exc:
+        print(f"mailhub: {exc}", file=sys.stderr)
+        return 2
+    location = S3Location.parse(cfg.storage.object_store)
+    conn = IndexLocation(cfg.data_dir, cfg.storage.index).connect_readonly()
+    try:
+        with _terminate_as_interrupt():
+            report = asyncio.run(
+                check_objects(conn, S3Client(settings), location, lambda line: print(line, file=sys.stderr))
+            )
+    except S3Error as exc:
+        print(f"mailhub: storage check failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("mailhub: storage check interrupted (it changes nothing)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        conn.close()
+    r = report
+    if args.json:
+        print(json.dumps(r.as_dict(), indent=2))
+    else:
+        print(f"object store  {r.location}: {r.objects} object(s), {human_size(r.object_bytes)}")
+        print(
+            f"index         {r.messages} mail(s), {human_size(r.message_bytes)}: {r.missing} object(s) missing,"
+            f" {r.short} short"
+        )
+        print(f"orphans       {r.orphans} object(s) no index row names (report only: docs/storage.md)")
+        for key in r.orphan_keys:
+            print(f"ORPHAN: {printable(key)}")
+        for problem in r.problems:
+            print(f"PROBLEM: {printable(problem)}")
+        if not r.problems:
+            print("no problems found")
+    return EXIT_FAILED if r.problems else 0
 
 
 def _rebuild(cfg: Config, args) -> int:
