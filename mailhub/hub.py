@@ -230,8 +230,9 @@ class Hub:
         register_auth_commands(control, logins)
         registry = SessionRegistry([smtp.connections, pop3.sessions, imap.sessions])
         register_session_commands(control, registry, node=storage.node if self.cluster is not None else "")
-        if self.cluster is not None:  # `mailhub sessions --all` asks every node through PostgreSQL
-            self.cluster.answers["sessions"] = lambda: [info.as_dict() for info in registry.listing()]
+        if self.cluster is not None:  # `mailhub sessions --all` and `--kick` ask every node through PostgreSQL
+            self.cluster.answers["sessions"] = lambda _: [info.as_dict() for info in registry.listing()]
+            self.cluster.answers["sessions.kick"] = lambda site: [info.as_dict() for info in registry.kick(site)]
         control.register("storage-damaged", lambda request: _mark_damaged(storage, request))
         register_mailbox_commands(control, storage, cfg)
         control.register("reload", self._reload_command)

@@ -21,10 +21,12 @@ from typing import Any, Final
 from . import sql
 
 CHANNEL: Final = "mailhub_events"
-# A question to every node (`mailhub sessions --all`): {"q": QUESTION, "r": REPLY CHANNEL}; each node
-# answers on the reply channel with its rows, split over payloads {"n", "k": part, "of": parts, "rows"}
+# A question to every node (`mailhub sessions --all`, `--kick SITE`): {"q": QUESTION, "r": REPLY CHANNEL,
+# "a": ARGUMENT (a site name, only for sessions.kick)}; each node answers on the reply channel with its
+# rows, split over payloads {"n", "k": part, "of": parts, "rows"}
 ASK_CHANNEL: Final = "mailhub_ask"
-QUESTIONS: Final = ("sessions",)
+QUESTIONS: Final = ("sessions", "sessions.kick")
+ARGUMENT_MAX: Final = 200  # characters of a question's argument
 REPLY_CHANNEL: Final = re.compile(r"mailhub_reply_[0-9a-f]{16}")
 MAX_ANSWER_ROWS: Final = 10_000
 MAX_PAYLOAD: Final = 7800  # bytes; PostgreSQL refuses a payload of 8000 or more
@@ -187,8 +189,15 @@ def decode(payload: str, now: float | None = None) -> Changes:
     return changes
 
 
-def decode_question(payload: str) -> tuple[str, str]:
-    """(question, reply channel) of a payload on ASK_CHANNEL; BadPayload for anything else."""
+def question_payload(question: str, reply: str, argument: str = "") -> str:
+    """The payload on ASK_CHANNEL of `question` (one of QUESTIONS) answered on `reply`."""
+    doc = {"q": question, "r": reply}
+    return json.dumps({**doc, "a": argument} if argument else doc)
+
+
+def decode_question(payload: str) -> tuple[str, str, str]:
+    """(question, reply channel, argument or "") of a payload on ASK_CHANNEL; BadPayload for anything
+    else (sessions.kick without a site name, an argument too long)."""
     try:
         doc = json.loads(payload[:1000])
     except ValueError:
@@ -198,7 +207,10 @@ def decode_question(payload: str) -> tuple[str, str]:
     reply = doc.get("r")
     if not isinstance(reply, str) or not REPLY_CHANNEL.fullmatch(reply):
         raise BadPayload("no reply channel")
-    return doc["q"], reply
+    argument = doc.get("a", "")
+    if not isinstance(argument, str) or len(argument) > ARGUMENT_MAX or (doc["q"] == "sessions.kick") != bool(argument):
+        raise BadPayload("bad argument")
+    return doc["q"], reply, argument
 
 
 def answer_payloads(node: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -457,3 +457,50 @@ def test_healthz_says_503_while_the_cluster_link_is_down(pg_url, postgres_server
         hub.stop()  # before the relay goes
     finally:
         partition.close()
+
+
+def test_sessions_kick_on_one_node_ends_the_sites_sessions_on_every_node(pg_index, make_hub, tmp_path):
+    """`mailhub sessions --kick SITE` on a cluster asks every node through PostgreSQL: the nodes
+    holding the site's sessions end them (each protocol's goodbye), the answer names node and session;
+    another site's sessions stay; a site with none says so (exit 1)."""
+    import imaplib
+
+    from conftest import ALPHA_BETA
+
+    url, reset = pg_index
+    reset()
+    root = tmp_path / "shared"
+    root.mkdir()
+    common = {"MAILHUB_STORAGE_INDEX": url, "MAILHUB_STORAGE_BLOBS": str(root)}
+    a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+    b = make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+    on_a = imaplib.IMAP4("127.0.0.1", a.ports["imap"], timeout=30)
+    on_a.login("alpha", PASSWORD)
+    on_b = _login(b)  # alpha's POP3 session, on the other node
+    kept = imaplib.IMAP4("127.0.0.1", b.ports["imap"], timeout=30)
+    kept.login("beta", PASSWORD)
+
+    done = a.cli("sessions", "--kick", "ALPHA")  # from node a; node b's session too
+    assert done.returncode == 0 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ending 2 session(s) of site ALPHA on node(s) node-a, node-b:"
+    assert sorted(line.split()[:3] for line in lines[2:]) == [
+        ["node-a", "imap", "alpha"],
+        ["node-b", "pop3", "alpha"],
+    ]
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):
+        on_b.stat()  # ended by node b (-ERR, then closed)
+    assert on_a.readline().startswith(b"* BYE")
+    wait_for(
+        lambda: (
+            [(r["node"], r["site"]) for r in json.loads(b.cli("sessions", "--all", "--json").stdout)["sessions"]]
+            == [("node-b", "beta")]
+        ),
+        message="only beta's session is left",
+    )
+    again = json.loads(b.cli("sessions", "--kick", "alpha", "--json", check=False).stdout)
+    assert again == {"site": "alpha", "ended": [], "nodes": ["node-a", "node-b"], "no_answer": []}
+    none = b.cli("sessions", "--kick", "alpha", check=False)
+    assert none.returncode == 1 and none.stdout.strip() == "site alpha has no open session on 2 node(s)"
+    kept.logout()
+    on_a.shutdown()

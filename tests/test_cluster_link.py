@@ -630,7 +630,7 @@ def test_asking_every_node_gathers_split_answers_and_names_the_silent_ones(pg_ur
 
     async def main():
         a = link(pg_url, "a")
-        a.answers["sessions"] = lambda: rows
+        a.answers["sessions"] = lambda _: rows
         await a.start()
         try:
             loop = asyncio.get_running_loop()

@@ -11,8 +11,8 @@
 #   this node's live downloads and logins go out the same way, and its throttle's reservations of
 #   mails in flight (a snapshot of them as soon as they change, again every RESERVATIONS_AGAIN
 #   seconds while there are any, so the others forget a dead node's within RESERVATIONS_KEPT);
-# - LISTEN mailhub_ask: questions to every node (`mailhub sessions --all`: ask_nodes), answered
-#   on the asker's reply channel.
+# - LISTEN mailhub_ask: questions to every node (`mailhub sessions --all`, `--kick SITE`: ask_nodes),
+#   answered on the asker's reply channel (any database user may ask: the index's users are trusted).
 # When the connection is lost, every lock it held is lost with it: the link says so at once
 # (`on_leader` False, then `on_locks_lost`), refuses new locks until it is back (ClusterUnavailable)
 # and reconnects with a growing delay (0.5 s up to 30 s); then `on_missed` (catch up from the index).
@@ -23,7 +23,6 @@
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import secrets
 import socket
@@ -43,6 +42,7 @@ from ..cluster_events import (
     decode_answer,
     decode_question,
     payloads,
+    question_payload,
     reservations_payload,
 )
 from ..errors import StorageError
@@ -101,8 +101,8 @@ class ClusterLink:
         # other nodes' changes may have been missed (the link was down, or rows were dropped): the
         # node reads what it keeps of them from the index again
         self.on_missed: Callable[[None], None] | None = None
-        # what this node answers to a question of ASK_CHANNEL: question -> () -> rows
-        self.answers: dict[str, Callable[[], list[dict[str, Any]]]] = {}
+        # what this node answers to a question of ASK_CHANNEL: question -> (argument or "") -> rows
+        self.answers: dict[str, Callable[[str], list[dict[str, Any]]]] = {}
         self._replies: collections.deque[tuple[str, str]] = collections.deque()  # (channel, payload)
         self._answered: collections.deque[float] = collections.deque()  # monotonic times, last second
         self.held: set[int] = set()  # site ids whose mailbox lock this node holds
@@ -505,7 +505,7 @@ class ClusterLink:
 
     def _on_question(self, payload: str) -> None:
         try:
-            question, reply = decode_question(payload)
+            question, reply, argument = decode_question(payload)
         except BadPayload as exc:
             log.warning("cluster link: a question on %s refused: %s", ASK_CHANNEL, exc)
             return
@@ -517,7 +517,7 @@ class ClusterLink:
             return
         self._answered.append(now)
         try:
-            rows = answer()
+            rows = answer(argument)
         except Exception:
             log.exception("cluster link: answering %r failed", question)
             return
@@ -582,8 +582,11 @@ _HELD: Final = (
 )
 
 
-def ask_nodes(url: str, question: str, timeout: float = 5.0) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """Ask every node of the cluster (their links on the database at `url`) and gather the answers:
+def ask_nodes(
+    url: str, question: str, timeout: float = 5.0, argument: str = ""
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Ask every node of the cluster (their links on the database at `url`) and gather the answers
+    (`argument`: the site name of sessions.kick):
     ({node: rows}, [nodes with a link that did not answer within `timeout` seconds]). Synchronous
     (the command line). StorageError with one line when the database cannot be reached."""
     reply = f"mailhub_reply_{secrets.token_hex(8)}"
@@ -598,7 +601,7 @@ def ask_nodes(url: str, question: str, timeout: float = 5.0) -> tuple[dict[str, 
                     (_APPLICATION + "%",),
                 )
             }
-            conn.execute("SELECT pg_notify(%s, %s)", (ASK_CHANNEL, json.dumps({"q": question, "r": reply})))
+            conn.execute("SELECT pg_notify(%s, %s)", (ASK_CHANNEL, question_payload(question, reply, argument)))
             parts: dict[str, dict[int, list[dict[str, Any]]]] = {}
             totals: dict[str, int] = {}
             deadline = time.monotonic() + timeout
