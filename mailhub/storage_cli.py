@@ -168,7 +168,6 @@ NOT_ON_OBJECT_STORAGE = {
     "compact-ledger": "it would drop the ledger lines of every mail not in the node's cache",
     "backup": "it would copy only the mails in the node's cache; the object store holds them all (use its"
     " replication or versioning)",
-    "verify": "it would report every mail not in the node's cache as missing",
 }
 
 
@@ -581,6 +580,7 @@ def _verify(cfg: Config, args) -> int:
     import time
 
     from storage.folder_lock import DataFolderInUse
+    from storage.s3 import S3Error
     from storage.verify import (
         Pacer,
         content_problem,
@@ -606,28 +606,39 @@ def _verify(cfg: Config, args) -> int:
         if site_id is None:
             print(f"mailhub: no site named {args.site!r}", file=sys.stderr)
             return 2
-    mails = mails_to_verify(conn, site_id)
     known = known_damaged(conn)
-    total = sum(m[3] for m in mails)
-    blob_dir = Path(cfg.data_dir) / "blobs"
-    pacer, started, shown = Pacer(rate), time.monotonic(), time.monotonic()
-    done_bytes, found = 0, []
-    for n, (queue_id, blob, offset, size, sha256) in enumerate(mails, 1):
-        problem = content_problem(blob_dir / blob, offset, size, sha256, pacer)
-        if problem is not None and still_stored(conn, queue_id):
-            found.append((queue_id, problem))  # (a mail deleted meanwhile is no damage)
-            print(f"DAMAGED {queue_id}: {problem}{' (known before)' if queue_id in known else ''}", flush=True)
-        done_bytes += size
-        if not args.quiet and (time.monotonic() - shown >= 2.0 or n == len(mails)):
-            shown = time.monotonic()
-            print(
-                f"verify: {n}/{len(mails)} mail(s), {human_size(done_bytes)} of {human_size(total)},"
-                f" {human_size(done_bytes / max(shown - started, 1e-3))}/s, {len(found)} damaged",
-                file=sys.stderr,
-                flush=True,
-            )
-    conn.close()
-    new = [[qid, problem] for qid, problem in found if qid not in known]
+    if cfg.storage.object_store:
+        try:
+            count, total, found, started = _verify_objects(cfg, args, conn, site_id, rate, known)
+        except (S3SetupError, S3Error) as exc:
+            print(f"mailhub: storage verify failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            conn.close()
+        new = [[qid, problem] for qid, problem in found if qid not in known]
+    else:
+        mails = mails_to_verify(conn, site_id)
+        total = sum(m[3] for m in mails)
+        blob_dir = Path(cfg.data_dir) / "blobs"
+        pacer, started, shown = Pacer(rate), time.monotonic(), time.monotonic()
+        done_bytes, found = 0, []
+        for n, (queue_id, blob, offset, size, sha256) in enumerate(mails, 1):
+            problem = content_problem(blob_dir / blob, offset, size, sha256, pacer)
+            if problem is not None and still_stored(conn, queue_id):
+                found.append((queue_id, problem))  # (a mail deleted meanwhile is no damage)
+                print(f"DAMAGED {queue_id}: {problem}{' (known before)' if queue_id in known else ''}", flush=True)
+            done_bytes += size
+            if not args.quiet and (time.monotonic() - shown >= 2.0 or n == len(mails)):
+                shown = time.monotonic()
+                print(
+                    f"verify: {n}/{len(mails)} mail(s), {human_size(done_bytes)} of {human_size(total)},"
+                    f" {human_size(done_bytes / max(shown - started, 1e-3))}/s, {len(found)} damaged",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        conn.close()
+        count = len(mails)
+        new = [[qid, problem] for qid, problem in found if qid not in known]
     if new:
         try:
             marked = mark_with_hub_stopped(
@@ -646,10 +657,45 @@ def _verify(cfg: Config, args) -> int:
             how = "marked by the running hub"
         print(f"{marked} newly damaged mail(s) {how}: copied to the quarantine, refused to POP3/IMAP")
     print(
-        f"verified {len(mails)} mail(s), {human_size(total)} in {time.monotonic() - started:.1f} s:"
+        f"verified {count} mail(s), {human_size(total)} in {time.monotonic() - started:.1f} s:"
         f" {len(found)} damaged ({len(found) - len(new)} known before)"
     )
     return EXIT_FAILED if found else 0
+
+
+def _verify_objects(cfg: Config, args, conn, site_id, rate: float, known: set[str]):
+    """storage verify's reading with the mail on object storage: each object downloaded (streamed,
+    not cached) and hashed. Returns (mails, bytes, [(queue ID, problem)], start time)."""
+    import time
+
+    from storage.object_check import verify_objects
+    from storage.s3 import S3Client, S3Location
+
+    started = shown = time.monotonic()
+    count = done_bytes = 0
+    found: list[tuple[str, str]] = []
+
+    def note(queue_id: str, size: int, problem: str | None) -> None:
+        nonlocal count, done_bytes, shown
+        count += 1
+        done_bytes += size
+        if problem is not None:
+            found.append((queue_id, problem))
+            print(f"DAMAGED {queue_id}: {problem}{' (known before)' if queue_id in known else ''}", flush=True)
+        if not args.quiet and time.monotonic() - shown >= 2.0:
+            shown = time.monotonic()
+            print(
+                f"verify: {count} mail(s), {human_size(done_bytes)},"
+                f" {human_size(done_bytes / max(shown - started, 1e-3))}/s, {len(found)} damaged",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    client = S3Client(s3_settings(cfg))
+    location = S3Location.parse(cfg.storage.object_store)
+    with _terminate_as_interrupt():
+        asyncio.run(verify_objects(conn, client, location, note, site_id, rate))
+    return count, done_bytes, found, started
 
 
 def _damaged(cfg: Config, args) -> int:

@@ -1,9 +1,9 @@
-# `mailhub storage check` with the mail on object storage (storage/object_check.py) against the
-# session's SeaweedFS (tests/seaweedutil.py), a prefix of its own per test.
+# `mailhub storage check` and `storage verify` with the mail on object storage (storage/object_check.py)
+# against the session's SeaweedFS (tests/seaweedutil.py), a prefix of its own per test.
 import asyncio
 import json
 
-from test_s3_blobs import object_hub, objects, send
+from test_s3_blobs import object_bytes, object_hub, objects, send
 
 from storage.s3 import S3Client
 
@@ -47,4 +47,34 @@ def test_check_names_a_missing_or_short_object_and_lists_orphans(make_hub, seawe
     assert f"mail {ids[1]}: object {bucket}/{keys[ids[1]]} has 100 bytes" in problems[0] + problems[1]
     assert f"ORPHAN: {bucket}/{orphan}" in result.stdout
     assert "1 object(s) missing, 1 short" in result.stdout
+    assert hub.stop() == 0
+
+
+def test_verify_finds_an_object_overwritten_with_other_bytes_and_has_it_marked(make_hub, seaweedfs):
+    hub, (bucket, prefix) = object_hub(make_hub, seaweedfs)
+    ids = []
+    for n in range(3):
+        code, reply = send(hub, make_message(5000, f"mail {n}"))
+        assert code == 250, reply
+        ids.append(queue_id_from(reply))
+    result = hub.cli("storage", "verify")
+    assert "verified 3 mail(s)" in result.stdout and "0 damaged" in result.stdout, result.stdout
+    assert "verified 3 mail(s)" in hub.cli("storage", "verify", "--site", "beta", "--rate", "1M").stdout
+    assert "verified 0 mail(s)" in hub.cli("storage", "verify", "--site", "alpha").stdout
+
+    keys = {key.rpartition("/")[2]: key for key in objects(seaweedfs, bucket, prefix)}
+    body = bytearray(object_bytes(seaweedfs, bucket, keys[ids[2]]))
+    body[200] ^= 0x20  # one bit of the message: same length, trailer intact
+    data = [bytes(body)]
+
+    async def read(n: int) -> bytes:
+        return data.pop() if data else b""
+
+    asyncio.run(S3Client(seaweedfs.settings()).put(bucket, keys[ids[2]], read))
+    result = hub.cli("storage", "verify", "--quiet", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    damaged = [line for line in result.stdout.splitlines() if line.startswith("DAMAGED ")]
+    assert damaged == [f"DAMAGED {ids[2]}: SHA-256 differs from the one recorded at ingest"], result.stdout
+    assert "1 newly damaged mail(s) marked by the running hub" in result.stdout
+    assert hub.query("SELECT queue_id FROM damaged") == [(ids[2],)]
     assert hub.stop() == 0
