@@ -3,11 +3,14 @@
 import asyncio
 import json
 
+import pytest
 from test_s3_blobs import object_bytes, object_hub, objects, send
 
 from storage.s3 import S3Client
 
 from conftest import make_message, queue_id_from
+
+pytestmark = pytest.mark.both_engines  # the rows are read a page at a time on either index
 
 
 def test_check_names_a_missing_or_short_object_and_lists_orphans(make_hub, seaweedfs):
