@@ -4,7 +4,7 @@ import asyncio
 import json
 
 import pytest
-from test_s3_blobs import object_bytes, object_hub, objects, send
+from test_s3_blobs import StoreProxy, object_bytes, object_hub, objects, send
 
 from storage.s3 import S3Client
 
@@ -81,3 +81,20 @@ def test_verify_finds_an_object_overwritten_with_other_bytes_and_has_it_marked(m
     assert "1 newly damaged mail(s) marked by the running hub" in result.stdout
     assert hub.query("SELECT queue_id FROM damaged") == [(ids[2],)]
     assert hub.stop() == 0
+
+
+@pytest.mark.one_engine("the store's failure, not the index's (each command waits out the client's retries)")
+def test_the_store_unreachable_is_one_line_and_exit_1(make_hub, seaweedfs):
+    proxy = StoreProxy(seaweedfs.endpoint)
+    try:
+        hub, _place = object_hub(make_hub, seaweedfs, endpoint=proxy.endpoint)
+        code, reply = send(hub, make_message(1000, "one"))
+        assert code == 250, reply
+        proxy.up = False
+        result = hub.cli("storage", "check", check=False)
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = [line for line in result.stderr.splitlines() if " mail(s) checked, " not in line]
+        assert len(lines) == 1 and lines[0].startswith("mailhub: storage check failed: "), result.stderr
+        assert hub.stop() == 0
+    finally:
+        proxy.close()
