@@ -3,7 +3,8 @@
 # and queues the notices in one transaction) and warns sites of mail about to expire; after every
 # change to a mailbox it checks the quota warning levels (quotas/warnings.py) of that site; it
 # sends the notices the index owes in order, each committed with the mark "sent up to here" (a
-# restart neither loses nor repeats one); it links each receipt (MDN) that passed through to the
+# restart neither loses nor repeats one; the commit claims the mark, so of two leaders for a moment
+# one stores it); it links each receipt (MDN) that passed through to the
 # mail and study it answers; and it keeps the study metrics. The clock is passed in (`clock`, Unix
 # time) so that tests can move time.
 # Must never put content of a mail into a notice (relay/notices.py builds them from IDs, sizes and
@@ -23,7 +24,7 @@ from relay import metrics, receipts
 from relay.expiry import DAY, Plan, plan
 from relay.notices import BUILDERS
 from relay.outbound.routes import route_for
-from storage import Delivery, MessageMeta, Site, SiteCache, Storage, StorageError, lifecycle, sql
+from storage import AlreadyMarked, Delivery, MessageMeta, Site, SiteCache, Storage, StorageError, lifecycle, sql
 
 log = logging.getLogger("mailhub.lifecycle")
 T = TypeVar("T")
@@ -263,9 +264,13 @@ class Lifecycle:
             "", None, data.startswith(b".") or b"\n." in data, found.group(1).decode() if found else None
         )
         deliveries = [Delivery(site.id, rcpt, site.name)] if site is not None else []
-        queue_id = await self.storage.store_generated(
-            data, meta, deliveries, mark=(lifecycle.NOTICE_MARK, notice.id), remote=remote
-        )
+        try:
+            queue_id = await self.storage.store_generated(
+                data, meta, deliveries, mark=(lifecycle.NOTICE_MARK, notice.id), remote=remote
+            )
+        except AlreadyMarked:  # a second leader for a moment: its commit claimed the mark first
+            log.info("%s notice %d already sent by another node", notice.kind, notice.id)
+            return 0
         metrics.lifecycle_notice(notice.kind, "sent")
         log.info("%s notice %d stored as qid=%s for <%s>: %s", notice.kind, notice.id, queue_id, rcpt, _summary(notice))
         return 1

@@ -6,6 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names, for type checkers (which do not run __getattr__)
+    from .errors import AlreadyMarked as AlreadyMarked
     from .errors import MailboxLimitReached as MailboxLimitReached
     from .errors import StorageError as StorageError
     from .errors import StorageFull as StorageFull
@@ -24,6 +25,7 @@ _EXPORTS = {
     "StorageError": ".errors",
     "StorageFull": ".errors",
     "MailboxLimitReached": ".errors",
+    "AlreadyMarked": ".errors",
     "Delivery": ".records",
     "Downloads": ".records",
     "MailboxEntry": ".records",

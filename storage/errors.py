@@ -28,10 +28,16 @@ class SubmittedVolumeLimitReached(VolumeLimitReached):
     reply = "451 4.7.1 Sender site has reached its submitted-volume quota, try again later"
 
 
+class AlreadyMarked(StorageError):
+    """A message made by the hub with a "sent up to here" mark (commit's `mark`) was left out: the mark
+    was already at or past its value, so another node (a second leader for a moment) stored it."""
+
+
 # What IndexWriter.commit_batch returns instead of a SHA-256 for a message it left out, by cause.
 REFUSED_MAILBOX = None
 REFUSED_RECEIVED = "!received-volume"
 REFUSED_SUBMITTED = "!submitted-volume"
+REFUSED_MARKED = "!marked"  # its meta mark was already at or past its value (another node sent it)
 
 
 def refusal(digest: str | None) -> StorageError | None:
@@ -42,6 +48,8 @@ def refusal(digest: str | None) -> StorageError | None:
         return VolumeLimitReached()
     if digest == REFUSED_SUBMITTED:
         return SubmittedVolumeLimitReached()
+    if digest == REFUSED_MARKED:
+        return AlreadyMarked()
     return None
 
 

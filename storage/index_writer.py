@@ -27,9 +27,17 @@ from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 from . import audit, cluster_events, db, events, faults, ledger, sql, verify
-from .errors import REFUSED_MAILBOX, REFUSED_RECEIVED, REFUSED_SUBMITTED, CommitUnknown, StorageError
+from .errors import (
+    REFUSED_MAILBOX,
+    REFUSED_MARKED,
+    REFUSED_RECEIVED,
+    REFUSED_SUBMITTED,
+    CommitUnknown,
+    StorageError,
+)
 from .files import unlink_quietly
 from .index import IndexLocation
+from .lifecycle import NOTICE_MARK
 from .packs import truncate_durably
 from .records import Delivery, Downloads, MessageMeta, Removal, pickled_by_fields
 from .usage import write_throttle_states
@@ -628,11 +636,29 @@ def _over_mailbox_limits(conn: sqlite3.Connection, batch: list[BatchItem]) -> di
     return refused
 
 
+_CLAIM_MARK = (
+    "INSERT INTO meta AS m (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    " WHERE m.value < excluded.value RETURNING key"
+)
+
+
 def _index_batch(
     conn: sqlite3.Connection, batch: list[BatchItem], loose: list[tuple[Any, ...]]
 ) -> dict[int, str | None]:
     """The batch's rows; returns the messages left out, by index, with their cause (_over_mailbox_limits)."""
     refused = _over_mailbox_limits(conn, batch)
+    for i, item in enumerate(batch):
+        # the lifecycle notices' mark "sent up to here" is claimed, not just set: only the transaction
+        # that moves it forward stores its notice (PostgreSQL: a second one waits on the row, then sees
+        # it moved and skips), so two leaders for a moment store a notice once. Other marks (the
+        # directory's: a key's stamp is no counter) are set as they come, below.
+        if (
+            item.mark is not None
+            and item.mark[0] == NOTICE_MARK
+            and i not in refused
+            and conn.execute(_CLAIM_MARK, item.mark).fetchone() is None
+        ):
+            refused[i] = REFUSED_MARKED
     if refused:
         batch = [item for i, item in enumerate(batch) if i not in refused]
     messages = []
@@ -726,7 +752,7 @@ def _index_batch(
     conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [item.mark for item in batch if item.mark is not None],
+        [item.mark for item in batch if item.mark is not None and item.mark[0] != NOTICE_MARK],
     )
     conn.executemany(events.INSERT, tracked)
     audit.record_accepted(conn, accepted)

@@ -604,6 +604,69 @@ def test_two_nodes_never_take_a_volume_quota_past_its_limit_together(pg_index):
             conn.close()
 
 
+def test_two_leaders_store_a_lifecycle_notice_once(pg_index):
+    """Two nodes' writers (two leaders for a moment) commit the same lifecycle notice, each with the
+    mark "sent up to here" at its id, at the same time: the second waits on the mark's row, sees it
+    moved and leaves its notice out (AlreadyMarked), so the site gets one mail; a later notice is
+    stored, an earlier one refused; other marks are set as before."""
+    import threading
+
+    from storage import lifecycle, sites
+    from storage.errors import REFUSED_MARKED, AlreadyMarked, refusal
+    from storage.index_writer import BatchItem, _index_batch
+    from storage.records import Delivery, MessageMeta
+
+    url, reset = pg_index
+    reset()
+    a, b, watch = (PgConnection.connect(url) for _ in range(3))
+    try:
+        sites.add_site(a, "beta", ["beta@hub.test"], "pw-" * 4, ["hub.test"])
+        beta = sites.get_site(a, "beta").id
+
+        def notice(queue_id, notice_id):
+            meta = MessageMeta(mail_from="", sender_site=None, dot_lines=False)
+            to = [Delivery(beta, "beta@hub.test")]
+            mark = (lifecycle.NOTICE_MARK, notice_id)
+            return BatchItem(queue_id, 10, 1.5e9, meta, to, [], mark, f"11/{queue_id}", sha256="ab" * 32)
+
+        a.execute("BEGIN")
+        assert _index_batch(a, [notice("Q1", 5)], []) == {}
+        outcome = {}
+
+        def second():
+            b.execute("BEGIN")
+            outcome["refused"] = _index_batch(b, [notice("Q2", 5)], [])
+            b.execute("COMMIT")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.02)
+        a.execute("COMMIT")
+        thread.join(20)
+        assert outcome == {"refused": {0: REFUSED_MARKED}}
+        assert isinstance(refusal(REFUSED_MARKED), AlreadyMarked)
+        assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
+        b.execute("BEGIN")  # in one batch: the next notice is stored, one already past the mark is not
+        assert _index_batch(b, [notice("Q3", 6), notice("Q4", 4)], []) == {1: REFUSED_MARKED}
+        b.execute("COMMIT")
+        assert watch.execute("SELECT queue_id FROM mailbox ORDER BY queue_id").fetchall() == [("Q1",), ("Q3",)]
+        assert watch.execute("SELECT value FROM meta WHERE key = ?", (lifecycle.NOTICE_MARK,)).fetchone() == (6,)
+        # other marks are set as they come (the directory's hub key stamp is no counter)
+        b.execute("BEGIN")
+        stamps = [notice("Q5", 9), notice("Q6", 2)]
+        for stamp in stamps:
+            stamp.mark = ("hub_key_announced", stamp.mark[1])
+        assert _index_batch(b, stamps, []) == {}
+        b.execute("COMMIT")
+        assert watch.execute("SELECT value FROM meta WHERE key = 'hub_key_announced'").fetchone() == (2,)
+    finally:
+        for conn in (a, b, watch):
+            conn.close()
+
+
 def test_the_ledger_reads_the_index_figures_again_and_keeps_its_live_counts():
     """After a gap in other nodes' reports: held, waiting and volumes from the index again;
     reservations, downloads and polls stay."""
