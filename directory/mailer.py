@@ -6,7 +6,8 @@
 # application/pgp-keys part inside the signed part. Each mail
 # is stored through the normal spool -> sync -> commit path; an update or announcement is committed
 # together with the mark "this directory version / this hub key was sent", so a restart neither
-# sends it twice nor loses it. A site is answered at most once per directory.min_request_interval
+# sends it twice nor loses it; the commit claims the mark (only one that changes it stores its mail),
+# so two leaders for a moment send it once. A site is answered at most once per directory.min_request_interval
 # (each answer is a signed mail in its mailbox: a gateway asking in a loop must not fill it, nor
 # keep the hub signing).
 import asyncio
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from pathlib import Path
 
-from storage import Delivery, MessageMeta, Site, Storage, StorageError, directory_index
+from storage import AlreadyMarked, Delivery, MessageMeta, Site, Storage, StorageError, directory_index
 from storage.directory_index import directory_version
 from storage.sites import list_sites
 
@@ -255,12 +256,17 @@ class DirectoryMailer:
         data = await self._in_thread(
             directory_mail, update, keys, sender, "undisclosed-recipients:;", "Participant directory update"
         )
-        queue_id = await self.storage.store_generated(
-            data,
-            _meta(data),
-            [Delivery(site.id, address, site.name) for site, address in recipients],
-            mark=(SENT_VERSION, version),
-        )
+        try:
+            queue_id = await self.storage.store_generated(
+                data,
+                _meta(data),
+                [Delivery(site.id, address, site.name) for site, address in recipients],
+                mark=(SENT_VERSION, version),
+            )
+        except AlreadyMarked:  # a second leader for a moment: its commit claimed the mark first
+            log.info("directory version %d already sent by another node", version)
+            await self._in_thread(self._save_sent, document)
+            return None
         await self._in_thread(self._save_sent, document)  # after the commit: a crash between resends more, never less
         metrics.directory_mail("update")
         changes = (
@@ -322,9 +328,13 @@ class DirectoryMailer:
                 keys.fingerprint,
             )
         elif recipients:
-            queue_id = await self._store_for_all(
-                keys, recipients, "Hub signing key rotation (participant directory)", True, (ANNOUNCED_KEY, stamp)
-            )
+            try:
+                queue_id = await self._store_for_all(
+                    keys, recipients, "Hub signing key rotation (participant directory)", True, (ANNOUNCED_KEY, stamp)
+                )
+            except AlreadyMarked:  # a second leader for a moment: its commit claimed the mark first
+                log.info("hub key %s already announced by another node", keys.fingerprint)
+                return None
             metrics.directory_mail("key_rotation")
             log.info(
                 "hub key rotation %s -> %s announced to %d site(s) as qid=%s",

@@ -636,9 +636,13 @@ def _over_mailbox_limits(conn: sqlite3.Connection, batch: list[BatchItem]) -> di
     return refused
 
 
-_CLAIM_MARK = (
+_CLAIM_FORWARD = (
     "INSERT INTO meta AS m (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     " WHERE m.value < excluded.value RETURNING key"
+)
+_CLAIM_CHANGE = (
+    "INSERT INTO meta AS m (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    " WHERE m.value <> excluded.value RETURNING key"
 )
 
 
@@ -648,17 +652,14 @@ def _index_batch(
     """The batch's rows; returns the messages left out, by index, with their cause (_over_mailbox_limits)."""
     refused = _over_mailbox_limits(conn, batch)
     for i, item in enumerate(batch):
-        # the lifecycle notices' mark "sent up to here" is claimed, not just set: only the transaction
-        # that moves it forward stores its notice (PostgreSQL: a second one waits on the row, then sees
-        # it moved and skips), so two leaders for a moment store a notice once. Other marks (the
-        # directory's: a key's stamp is no counter) are set as they come, below.
-        if (
-            item.mark is not None
-            and item.mark[0] == NOTICE_MARK
-            and i not in refused
-            and conn.execute(_CLAIM_MARK, item.mark).fetchone() is None
-        ):
-            refused[i] = REFUSED_MARKED
+        # a message's mark "sent up to here" is claimed, not just set: only the transaction that moves
+        # it stores its message (PostgreSQL: a second one waits on the row, then sees it moved and
+        # skips), so two leaders for a moment store it once. The lifecycle notices' mark only moves
+        # forward; the directory's (a version, a hub key's stamp: no counter) to any other value.
+        if item.mark is not None and i not in refused:
+            claim = _CLAIM_FORWARD if item.mark[0] == NOTICE_MARK else _CLAIM_CHANGE
+            if conn.execute(claim, item.mark).fetchone() is None:
+                refused[i] = REFUSED_MARKED
     if refused:
         batch = [item for i, item in enumerate(batch) if i not in refused]
     messages = []
@@ -750,10 +751,6 @@ def _index_batch(
             [(site,) for site in sorted({entry[0] for entry in entries})],
         )
     conn.executemany("INSERT INTO mailbox (site_id, queue_id, rcpt, delivered_at) VALUES (?, ?, ?, ?)", entries)
-    conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [item.mark for item in batch if item.mark is not None and item.mark[0] != NOTICE_MARK],
-    )
     conn.executemany(events.INSERT, tracked)
     audit.record_accepted(conn, accepted)
     if queued:

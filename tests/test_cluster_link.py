@@ -604,11 +604,11 @@ def test_two_nodes_never_take_a_volume_quota_past_its_limit_together(pg_index):
             conn.close()
 
 
-def test_two_leaders_store_a_lifecycle_notice_once(pg_index):
+def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_index):
     """Two nodes' writers (two leaders for a moment) commit the same lifecycle notice, each with the
     mark "sent up to here" at its id, at the same time: the second waits on the mark's row, sees it
     moved and leaves its notice out (AlreadyMarked), so the site gets one mail; a later notice is
-    stored, an earlier one refused; other marks are set as before."""
+    stored, an earlier one refused; the directory's marks likewise, claimed by changing them."""
     import threading
 
     from storage import lifecycle, sites
@@ -654,14 +654,37 @@ def test_two_leaders_store_a_lifecycle_notice_once(pg_index):
         b.execute("COMMIT")
         assert watch.execute("SELECT queue_id FROM mailbox ORDER BY queue_id").fetchall() == [("Q1",), ("Q3",)]
         assert watch.execute("SELECT value FROM meta WHERE key = ?", (lifecycle.NOTICE_MARK,)).fetchone() == (6,)
-        # other marks are set as they come (the directory's hub key stamp is no counter)
+        # the directory's marks (a version, a hub key's stamp: no counter) are claimed by changing them:
+        # the same update or announcement twice is left out, another value (lower too) is stored
         b.execute("BEGIN")
-        stamps = [notice("Q5", 9), notice("Q6", 2)]
+        stamps = [notice("Q5", 9), notice("Q6", 2), notice("Q7", 2)]
         for stamp in stamps:
             stamp.mark = ("hub_key_announced", stamp.mark[1])
-        assert _index_batch(b, stamps, []) == {}
+        assert _index_batch(b, stamps, []) == {2: REFUSED_MARKED}
         b.execute("COMMIT")
         assert watch.execute("SELECT value FROM meta WHERE key = 'hub_key_announced'").fetchone() == (2,)
+        a.execute("BEGIN")  # two leaders' directory updates of one version at once: one stored
+        update = notice("Q8", 3)
+        update.mark = ("directory_sent_version", 3)
+        assert _index_batch(a, [update], []) == {}
+        outcome.clear()
+        again = notice("Q9", 3)
+        again.mark = ("directory_sent_version", 3)
+
+        def second_update():
+            b.execute("BEGIN")
+            outcome["refused"] = _index_batch(b, [again], [])
+            b.execute("COMMIT")
+
+        thread = threading.Thread(target=second_update)
+        thread.start()
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline + 20 and thread.is_alive(), outcome
+            time.sleep(0.02)
+        a.execute("COMMIT")
+        thread.join(20)
+        assert outcome == {"refused": {0: REFUSED_MARKED}}
+        assert watch.execute("SELECT count(*) FROM mailbox WHERE queue_id IN ('Q8', 'Q9')").fetchone() == (1,)
     finally:
         for conn in (a, b, watch):
             conn.close()
