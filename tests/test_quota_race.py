@@ -191,3 +191,40 @@ def test_index_writer_refuses_what_a_volume_quota_has_no_room_for(tmp_path):
         assert rows == ["P0", "Q0", "Q2", "Q5"]
     finally:
         writer.close()
+
+
+def test_index_writer_claims_a_sent_mark_on_sqlite(tmp_path):
+    """The writer's claim of a message's "sent" mark on SQLite (one node: a restart's second try): a
+    lifecycle notice at or below the notices' mark is left out (AlreadyMarked), a later one stored;
+    a directory mark is claimed by changing it (the same value again is left out, a lower one stored)."""
+    from storage.errors import REFUSED_MARKED, AlreadyMarked, refusal
+    from storage.lifecycle import NOTICE_MARK
+
+    def marked(qid: str, key: str, value: int) -> BatchItem:
+        meta = MessageMeta("", None, False)
+        to = [Delivery(4, "b@x", "beta")]
+        return BatchItem(qid, 10, time.time(), meta, to, [], (key, value), f"2026112815/{qid}", sha256="ef" * 32)
+
+    writer = IndexWriter(tmp_path, 0)
+    try:
+        writer.conn.execute("INSERT INTO sites (id, name, password_hash, created_at) VALUES (4, 'beta', 'x', 0)")
+        batch = [
+            marked("N1", NOTICE_MARK, 3),
+            marked("N2", NOTICE_MARK, 3),  # the same notice again
+            marked("N3", NOTICE_MARK, 2),  # one already past
+            marked("N4", NOTICE_MARK, 4),
+            marked("D1", "hub_key_announced", 9),
+            marked("D2", "hub_key_announced", 9),
+            marked("D3", "hub_key_announced", 5),
+        ]
+        digests = writer.commit_batch(batch, [], writer.seq + 1, 1)
+        assert digests == ["ef" * 32, REFUSED_MARKED, REFUSED_MARKED, "ef" * 32, "ef" * 32, REFUSED_MARKED, "ef" * 32]
+        assert isinstance(refusal(digests[1]), AlreadyMarked)
+        rows = [qid for (qid,) in writer.conn.execute("SELECT queue_id FROM mailbox ORDER BY uid")]
+        assert rows == ["N1", "N4", "D1", "D3"]
+        marks = dict(
+            writer.conn.execute("SELECT key, value FROM meta WHERE key IN (?, 'hub_key_announced')", (NOTICE_MARK,))
+        )
+        assert marks == {NOTICE_MARK: 4, "hub_key_announced": 5}
+    finally:
+        writer.close()
