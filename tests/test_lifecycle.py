@@ -430,3 +430,21 @@ def test_an_expiry_cut_by_the_writers_death_happens_once_with_one_notice(make_hu
     )
     assert left == [] and len(notices) == 1 and expired == [(2,)]
     hub.stop()
+
+
+def test_a_notice_another_node_stored_first_is_not_sent_again(make_hub):
+    """Two leaders for a moment: node B's commit of notice 5 finds the notices' mark already at 7 (node
+    A stored up to there); its copy is left out, logged, and nobody gets a second mail."""
+    from storage import lifecycle as stored
+
+    hub = make_hub(sites=ALPHA_BETA, MAILHUB_LIFECYCLE_CHECK_INTERVAL="3600").start()
+    run(hub, hub._hub.storage.queue_op(stored.notice_done, 7))  # node A's notices up to 7
+    facts = {"site": "beta", "level": 50, "percent": 50.0, "messages": 5, "messages_limit": 10}
+    notice = stored.Notice(5, "quota_warning", time.time(), "beta@hub.test", facts)
+    assert run(hub, lifecycle(hub)._send(notice)) == 0
+    assert "quota_warning notice 5 already sent by another node" in hub.log_text()
+    assert hub.query("SELECT count(*) FROM mailbox") == [(0,)]
+    assert hub.query("SELECT value FROM meta WHERE key = ?", stored.NOTICE_MARK) == [(7,)]
+    notice = stored.Notice(8, "quota_warning", time.time(), "beta@hub.test", facts)
+    assert run(hub, lifecycle(hub)._send(notice)) == 1  # the next one is this node's to send
+    assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]
