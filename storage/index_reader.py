@@ -70,8 +70,13 @@ class _PgReader:
 
     async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         read = asyncio.get_running_loop().run_in_executor(self._executor, self._fetchall, sql, parameters)
-        try:  # (a read still queued is taken off the queue; one running ends within STATEMENT_TIMEOUT)
-            return await asyncio.wait_for(read, READ_WAIT)
+        # (a read still queued is taken off the queue; one running ends within STATEMENT_TIMEOUT).
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns a read that finished just as
+        # the task was cancelled and drops the cancellation (a leader's scrub cancelled at shutdown
+        # then slept on, and the hub's stop waited for it for ever).
+        try:
+            async with asyncio.timeout(READ_WAIT):
+                return await read
         except TimeoutError:
             raise StorageError(
                 f"index: no answer within {READ_WAIT:g} s: all {self._size} read connections to"
