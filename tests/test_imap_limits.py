@@ -51,9 +51,11 @@ def test_wildcard_match_equals_the_regex_reference(pattern, name):
     ],
 )
 def test_wildcard_match_is_linear_on_explosive_patterns(pattern):
-    started = time.perf_counter()
+    # this thread's CPU time, not the wall clock (other test workers share the 2 cores); a
+    # backtracking matcher takes minutes on these patterns, the linear one milliseconds
+    started = time.thread_time()
     assert _wildcard_match(pattern, "INBOX") == reference_match(pattern[:40], "INBOX") or len(pattern) > 40
-    assert time.perf_counter() - started < 0.1
+    assert time.thread_time() - started < 1.0
 
 
 # ---- sequence sets --------------------------------------------------------------------------------
