@@ -505,10 +505,11 @@ def test_claims_are_renewed_by_their_node_and_cleared_by_a_deferral(index, tmp_p
         assert [r.id for r in outbound.due_and_version(index, tmp_path, 1400.0, "[]", 5, 5, "b", 300.0)[1]] == [ids[1]]
 
 
-def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index):
-    """Two nodes' writers commit a mail each to a mailbox with room for one, at the same time: the
-    second waits for the first's commit (an advisory lock per limited mailbox) and then leaves its
-    mail out, where both would have read an empty mailbox and both mails gone in."""
+def _two_writers_commit_at_once(pg_index, limits: dict, received_at: float, check_after=None) -> dict:
+    """Node a's writer commits mail Q1 to beta (Delivery with `limits`) and holds its transaction
+    open; node b's writer commits Q2 to beta meanwhile and must wait on beta's advisory lock. Once b
+    waits, a commits. Returns b's refusals ({item index: cause}); Q1 alone must be in the mailbox.
+    `check_after(conn)` looks at the index afterwards."""
     import threading
 
     from storage import sites
@@ -524,8 +525,8 @@ def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index
 
         def item(queue_id):
             meta = MessageMeta(mail_from="x@hub.test", sender_site=None, dot_lines=False)
-            to = [Delivery(beta, "beta@hub.test", max_messages=1)]
-            return BatchItem(queue_id, 10, 1.0, meta, to, [], None, f"11/{queue_id}", sha256="ab" * 32)
+            to = [Delivery(beta, "beta@hub.test", **limits)]
+            return BatchItem(queue_id, 10, received_at, meta, to, [], None, f"11/{queue_id}", sha256="ab" * 32)
 
         a.execute("BEGIN")
         assert _index_batch(a, [item("Q1")], []) == {}
@@ -539,18 +540,26 @@ def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index
         thread = threading.Thread(target=second)
         thread.start()
         deadline = time.monotonic() + 20
-        while not watch.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[
-            0
-        ]:
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        while not watch.execute(waiting).fetchone()[0]:
             assert time.monotonic() < deadline and thread.is_alive(), outcome
             time.sleep(0.02)
         a.execute("COMMIT")
         thread.join(20)
-        assert outcome == {"refused": {0: None}}
         assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
+        if check_after is not None:
+            check_after(watch)
+        return outcome["refused"]
     finally:
         for conn in (a, b, watch):
             conn.close()
+
+
+def test_two_nodes_never_fill_a_limited_mailbox_past_its_limit_together(pg_index):
+    """Two nodes' writers commit a mail each to a mailbox with room for one, at the same time: the
+    second waits for the first's commit (an advisory lock per limited mailbox) and then leaves its
+    mail out, where both would have read an empty mailbox and both mails gone in."""
+    assert _two_writers_commit_at_once(pg_index, {"max_messages": 1}, 1.0) == {0: None}
 
 
 def test_two_nodes_never_take_a_volume_quota_past_its_limit_together(pg_index):
@@ -558,50 +567,14 @@ def test_two_nodes_never_take_a_volume_quota_past_its_limit_together(pg_index):
     at the same time (each node's ledger had admitted its own, not knowing of the other's): the
     second waits for the first's commit on the site's advisory lock, reads the volume that commit
     left and leaves its mail out, refused for the received volume (zero overshoot)."""
-    import threading
-
-    from storage import sites
     from storage.errors import REFUSED_RECEIVED
-    from storage.index_writer import BatchItem, _index_batch
-    from storage.records import Delivery, MessageMeta
 
-    url, reset = pg_index
-    reset()
-    a, b, watch = (PgConnection.connect(url) for _ in range(3))
-    try:
-        sites.add_site(a, "beta", ["beta@hub.test"], "pw-" * 4, ["hub.test"])
-        beta = sites.get_site(a, "beta").id
+    def one_mail_counted(conn):
+        volume = "SELECT received_bytes FROM site_volume WHERE period = '2017-07-14'"
+        assert conn.execute(volume).fetchall() == [(10,)]
 
-        def item(queue_id):
-            meta = MessageMeta(mail_from="x@hub.test", sender_site=None, dot_lines=False)
-            to = [Delivery(beta, "beta@hub.test", max_received_day=15, max_received_month=100)]
-            return BatchItem(queue_id, 10, 1.5e9, meta, to, [], None, f"11/{queue_id}", sha256="ab" * 32)
-
-        a.execute("BEGIN")
-        assert _index_batch(a, [item("Q1")], []) == {}
-        outcome = {}
-
-        def second():
-            b.execute("BEGIN")
-            outcome["refused"] = _index_batch(b, [item("Q2")], [])
-            b.execute("COMMIT")
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not watch.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[
-            0
-        ]:
-            assert time.monotonic() < deadline and thread.is_alive(), outcome
-            time.sleep(0.02)
-        a.execute("COMMIT")
-        thread.join(20)
-        assert outcome == {"refused": {0: REFUSED_RECEIVED}}
-        assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
-        assert watch.execute("SELECT received_bytes FROM site_volume WHERE period = '2017-07-14'").fetchall() == [(10,)]
-    finally:
-        for conn in (a, b, watch):
-            conn.close()
+    limits = {"max_received_day": 15, "max_received_month": 100}
+    assert _two_writers_commit_at_once(pg_index, limits, 1.5e9, one_mail_counted) == {0: REFUSED_RECEIVED}
 
 
 def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_index):
