@@ -15,7 +15,7 @@ from bench.common import argument_parser, command_line
 from loadtest import corpus as corpus_mod
 from loadtest.profile import load_profile
 from loadtest.spawn import LocalHub
-from loadtest.thirdparty import free_port, wait_banner
+from loadtest.thirdparty import free_port, haproxy_config, wait_banner
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LOADTEST = Path(sys.executable).parent / "mailhub-loadtest"
@@ -24,14 +24,8 @@ LOADTEST = Path(sys.executable).parent / "mailhub-loadtest"
 def _haproxy(ports: dict[str, int], folder: Path) -> tuple[subprocess.Popen, dict[str, int]]:
     front = {name: free_port() for name in ("smtp", "pop3")}
     config = folder / "haproxy.cfg"
-    config.write_text(
-        "global\n    maxconn 1000\ndefaults\n    mode tcp\n    timeout connect 5s\n"
-        "    timeout client 1860s\n    timeout server 1860s\n"
-        + "".join(
-            f"listen {name}\n    bind 127.0.0.1:{port}\n    server node1 127.0.0.1:{ports[name]} send-proxy-v2\n"
-            for name, port in front.items()
-        )
-    )
+    # one node: no health checks (the hub's own PROXY handling is what is measured)
+    config.write_text(haproxy_config(front, {"node1": ports}, check_interval_ms=None))
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # the hub's greetings through it
         wait_banner(front["smtp"], timeout=10, proc=proc)

@@ -32,7 +32,7 @@ from bench.smtp_blast import blast
 from loadtest import corpus as corpus_mod
 from loadtest.profile import load_profile
 from loadtest.spawn import LocalHub, SpawnError
-from loadtest.thirdparty import free_port, wait_banner
+from loadtest.thirdparty import free_port, haproxy_config, wait_banner
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LOADTEST = Path(sys.executable).parent / "mailhub-loadtest"
@@ -89,21 +89,7 @@ def _haproxy(nodes: list[dict[str, int]], folder: Path) -> tuple[subprocess.Pope
     """HAProxy in front of the nodes (send-proxy-v2, checks on /healthz), as the role configures it."""
     front = {name: free_port() for name in ("smtp", "pop3")}
     config = folder / "haproxy.cfg"
-    lines = [
-        "global\n    maxconn 1000",
-        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1860s\n    timeout server 1860s"
-        "\n    retries 2\n    option redispatch",
-    ]
-    for name, port in front.items():
-        lines.append(
-            f"listen {name}\n    bind 127.0.0.1:{port}\n    balance leastconn\n    option httpchk GET /healthz\n"
-            "    default-server send-proxy-v2 inter 1s fall 2 rise 1\n"
-            + "".join(
-                f"    server node{n + 1} 127.0.0.1:{ports[name]} check port {ports['metrics']}\n"
-                for n, ports in enumerate(nodes)
-            )
-        )
-    config.write_text("\n".join(lines))
+    config.write_text(haproxy_config(front, {f"node{n + 1}": ports for n, ports in enumerate(nodes)}))
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_banner(front["smtp"], timeout=10, proc=proc)

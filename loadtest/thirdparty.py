@@ -5,6 +5,8 @@
 # (no leftover processes) on exit. Needs the Debian packages of bench/debian-packages.txt
 # (sh bench/install-debian-packages.sh, as root). Must never touch the system's own Postfix or
 # Dovecot configuration, queues or services, and never listen beyond loopback.
+# haproxy_config: the one HAProxy configuration of the benchmarks and the tests' cluster (nodes on
+# loopback behind HAProxy, as the Ansible role mailhub_balancer configures it).
 import contextlib
 import grp
 import os
@@ -528,3 +530,50 @@ def postfix_to_maildir(workdir, domains):
 
     with postfix_instance(workdir, main_cf, POSTFIX_VIRTUAL_MASTER) as port:
         yield port, os.path.join(mail, "box")
+
+
+# --------------------------------------------------------------------- HAProxy
+
+
+def haproxy_config(
+    front,
+    nodes,
+    check_interval_ms=1000,
+    source=None,
+    stats_socket=None,
+    maxconn=1000,
+    timeout_connect="5s",
+    timeout_idle="1860s",
+):
+    """HAProxy's configuration for hub nodes behind it, as the Ansible role mailhub_balancer
+    writes it (ansible/roles/mailhub_balancer/templates/haproxy.cfg.j2): TCP, one `listen` per
+    protocol of `front` (protocol -> its port on 127.0.0.1) balancing over every node of `nodes`
+    (node name -> {protocol: port, "metrics": port}, each on 127.0.0.1) with the PROXY protocol v2,
+    each node checked on GET /healthz of its metrics port every `check_interval_ms` (None: no
+    checks, for one node only), a node that refuses a connection tried again on another.
+    `source`: the address HAProxy connects to the nodes from; `stats_socket`: a path for an admin
+    socket ("show stat", "disable server smtp/node1")."""
+    lines = ["global", f"    maxconn {maxconn}"]
+    if stats_socket is not None:
+        lines.append(f"    stats socket {stats_socket} mode 600 level admin")
+    lines += [
+        "defaults",
+        "    mode tcp",
+        f"    timeout connect {timeout_connect}",
+        f"    timeout client {timeout_idle}",
+        f"    timeout server {timeout_idle}",
+        "    retries 2",
+        "    option redispatch",
+    ]
+    default_server = "send-proxy-v2" + (f" source {source}" if source else "")
+    if check_interval_ms is not None:
+        default_server += f" inter {check_interval_ms}ms fall 2 rise 1"
+    for protocol, port in front.items():
+        lines += [f"listen {protocol}", f"    bind {LOOPBACK}:{port}", "    balance leastconn"]
+        if check_interval_ms is not None:
+            lines += ["    option httpchk GET /healthz", "    http-check expect status 200"]
+        lines.append(f"    default-server {default_server}")
+        for name, ports in nodes.items():
+            check = f" check port {ports['metrics']}" if check_interval_ms is not None else ""
+            lines.append(f"    server {name} {LOOPBACK}:{ports[protocol]}{check}")
+    return "\n".join(lines) + "\n"

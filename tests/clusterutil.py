@@ -20,6 +20,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from loadtest.thirdparty import haproxy_config
+
 from conftest import Hub, wait_for
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -83,32 +85,16 @@ class Balancer:
         self.proc: subprocess.Popen | None = None
 
     def render(self) -> str:
-        lines = [
-            "global",
-            "    maxconn 200",  # HAProxy raises its file limit to about twice this
-            f"    stats socket {self.socket} mode 600 level admin",
-            "defaults",
-            "    mode tcp",
-            "    timeout connect 2s",
-            "    timeout client 120s",
-            "    timeout server 120s",
-            "    retries 2",
-            "    option redispatch",
-        ]
-        for protocol in self.protocols:
-            lines += [
-                f"listen {protocol}",
-                f"    bind 127.0.0.1:{self.front[protocol]}",
-                "    balance leastconn",
-                "    option httpchk GET /healthz",
-                "    http-check expect status 200",
-                f"    default-server send-proxy-v2 source {BALANCER_SOURCE} inter 200ms fall 2 rise 1",
-            ]
-            lines += [
-                f"    server {name} 127.0.0.1:{ports[protocol]} check port {ports['metrics']}"
-                for name, ports in self.nodes.items()
-            ]
-        return "\n".join(lines) + "\n"
+        return haproxy_config(
+            self.front,
+            self.nodes,
+            check_interval_ms=200,
+            source=BALANCER_SOURCE,
+            stats_socket=str(self.socket),
+            maxconn=200,  # HAProxy raises its file limit to about twice this
+            timeout_connect="2s",
+            timeout_idle="120s",
+        )
 
     def start(self) -> Balancer:
         self.config.write_text(self.render())
