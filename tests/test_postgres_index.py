@@ -39,9 +39,12 @@ from pgutil import PASSWORD_ROLE
 # ---- the server -----------------------------------------------------------------------------------
 
 
-def test_the_server_fsyncs_runs_unprivileged_and_gives_each_test_an_empty_database(postgres_server, pg_url):
+def test_the_server_waits_for_its_wal_runs_unprivileged_and_gives_each_test_an_empty_database(postgres_server, pg_url):
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SHOW fsync").fetchone()[0] == "on"
+        # fsync off (no test is about a crash of the machine under the server: tests/pgutil.py), but
+        # every COMMIT waits for its WAL write, as on the hub's connections
+        assert conn.execute("SHOW fsync").fetchone()[0] == "off"
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
         assert conn.execute("SHOW listen_addresses").fetchone()[0] == "127.0.0.1"
         assert (
             conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace").fetchone()[0] == 0
