@@ -768,6 +768,29 @@ def copy_data_folder(template: Path, hub: Hub) -> None:
         shutil.copytree(template, hub.data_dir)
 
 
+# scrypt's cost in the password hashes of the sites that make_hub(sites=...) copies in: a login checks
+# the hash with the cost the hash names (storage/passwords.py), 2**14 (the hub's, 45 ms of CPU) would
+# cost the suite about a tenth of its CPU, as each new hub checks each site's password once; 2**10
+# takes 3 ms. `mailhub site add`, `site passwd` and the tests about them keep the hub's own cost.
+TEMPLATE_SCRYPT_N = 2**10
+
+
+def _cheaper_password_hashes(data_dir: Path) -> None:
+    """The password hashes of a site data template (password PASSWORD) made again at TEMPLATE_SCRYPT_N."""
+    from storage.passwords import hash_password
+
+    conn = sqlite3.connect(data_dir / "index.sqlite3")
+    try:
+        with conn:
+            for (name,) in conn.execute("SELECT name FROM sites").fetchall():
+                conn.execute(
+                    "UPDATE sites SET password_hash = ? WHERE name = ?",
+                    (hash_password(PASSWORD, TEMPLATE_SCRYPT_N), name),
+                )
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def make_hub(tmp_path, site_data_templates, engine, request):
     hubs = []
@@ -792,6 +815,7 @@ def make_hub(tmp_path, site_data_templates, engine, request):
                     template = Hub(folder / "data", hub_env(folder / "data"))
                     for name, *addresses in sites:
                         template.add_site(name, *addresses)
+                    _cheaper_password_hashes(folder / "data")
 
                 name = "sites-" + hashlib.sha256(repr(sites).encode()).hexdigest()[:16]
                 made[sites] = _made_once(name, add_sites, site_data_templates["folder"])[0] / "data"
