@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import poplib
 import shutil
 import signal
 import socket
@@ -48,6 +49,26 @@ def healthz(metrics_port: int) -> int | None:
         return exc.code
     except OSError:
         return None
+
+
+def pop3_login(port: int, user: str, password: str, timeout: float = 60.0) -> poplib.POP3:
+    """A POP3 session on 127.0.0.1:`port` logged in as `user`, logging in again while the mailbox
+    is still locked by a session that has just ended: a node lets the mailbox go after its reply to
+    QUIT, and the database's lock of a cluster a moment later ([IN-USE] until then)."""
+
+    def attempt() -> poplib.POP3 | None:
+        pop = poplib.POP3("127.0.0.1", port, timeout=timeout)
+        pop.user(user)
+        try:
+            pop.pass_(password)
+        except poplib.error_proto as exc:
+            pop.close()
+            if b"[IN-USE]" not in exc.args[0]:
+                raise
+            return None
+        return pop
+
+    return wait_for(attempt, 20, interval=0.05, message=f"{user}'s mailbox still locked on port {port}")
 
 
 def haproxy_command(admin_socket: Path, line: str) -> str:

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from clusterutil import GATEWAY, HAPROXY, Cluster
+from clusterutil import GATEWAY, HAPROXY, Cluster, pop3_login
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 
@@ -142,10 +142,8 @@ class Idle:
 
 
 def mailbox_tokens(port: int) -> list[str]:
-    pop = poplib.POP3("127.0.0.1", port, timeout=60)
+    pop = pop3_login(port, "beta", PASSWORD)
     try:
-        pop.user("beta")
-        pop.pass_(PASSWORD)
         tokens = []
         for number in range(1, pop.stat()[0] + 1):
             text = b"\n".join(pop.top(number, 0)[1])

@@ -5,11 +5,10 @@
 # shared folder and takes the next one; restarted on its data folder the killed node comes back
 # healthy, the balancer takes it in again and it serves both mails.
 import os
-import poplib
 import smtplib
 
 import pytest
-from clusterutil import GATEWAY, HAPROXY, Cluster
+from clusterutil import GATEWAY, HAPROXY, Cluster, pop3_login
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from
 
@@ -34,10 +33,8 @@ def send(port: int, size: int = 3000) -> tuple[str, bytes]:
 
 def beta_mailbox(port: int) -> list[bytes]:
     """beta's mails as a POP3 session on `port` retrieves them (nothing deleted)."""
-    pop = poplib.POP3("127.0.0.1", port, timeout=30)
+    pop = pop3_login(port, "beta", PASSWORD)
     try:
-        pop.user("beta")
-        pop.pass_(PASSWORD)
         count = pop.stat()[0]
         return [b"\r\n".join(pop.retr(n)[1]) + b"\r\n" for n in range(1, count + 1)]
     finally:
