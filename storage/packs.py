@@ -168,7 +168,7 @@ class PackWriter:
                 ends[message.blob] = lane.size
                 if not written or written[-1] != lane.fd:
                     written.append(lane.fd)
-            faults.hit("hub", "pack_written")
+            faults.hit("hub", "pack_written" if lane is self._lanes[0] else "second_pack_written")
             for fd in written:
                 (os.fsync if fd in begun else os.fdatasync)(fd)
             for fd, (path, blob) in list(begun.items()):
