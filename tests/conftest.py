@@ -769,9 +769,10 @@ def copy_data_folder(template: Path, hub: Hub) -> None:
 
 
 # scrypt's cost in the password hashes of the sites that make_hub(sites=...) copies in: a login checks
-# the hash with the cost the hash names (storage/passwords.py), 2**14 (the hub's, 45 ms of CPU) would
-# cost the suite about a tenth of its CPU, as each new hub checks each site's password once; 2**10
-# takes 3 ms. `mailhub site add`, `site passwd` and the tests about them keep the hub's own cost.
+# the hash with the cost the hash names (storage/passwords.py), 2**14 (the hub's, 45 ms of CPU) cost
+# a tenth to a fifth of a hub test file's CPU, as each new hub checks each site's password once;
+# 2**10 takes 3 ms. `mailhub site add`, `site passwd` and the tests about them keep the hub's own
+# cost, and so does the check a login with an unknown name gets (storage/site_cache.py).
 TEMPLATE_SCRYPT_N = 2**10
 
 
