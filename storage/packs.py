@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 PACK_SIZE = 16 * 1024 * 1024  # a pack takes no more messages once it holds this much
 LANES = 2  # packs open at once: a big batch is written to them in parallel, one thread each
-SPREAD_MIN = 1024 * 1024  # bytes of a batch per lane it is spread over
+SPREAD_MIN = 512 * 1024  # bytes of a batch per lane it is spread over (two 1 MB mails: two lanes)
 
 
 class _Lane:

@@ -170,7 +170,7 @@ def test_one_outcome_per_transaction(make_hub, monkeypatch, tmp_path, process, p
     assert hub.stop() == 0
 
 
-SPREAD, SENDERS = 900_000, 6  # three or more such mails in a batch: spread over both open packs
+SPREAD, SENDERS = 900_000, 6  # two or more such mails in a batch: spread over both open packs
 
 
 @pytest.mark.parametrize("action", ["kill", "eio"])

@@ -327,7 +327,7 @@ def _record(item: BatchItem) -> bytes:
 
 
 def test_a_batch_of_several_megabytes_is_written_to_two_packs_at_once(tmp_path):
-    """The pack writer spreads a batch of 2 MB or more over its two open packs, each written and
+    """The pack writer spreads a batch of 1 MB or more over its two open packs, each written and
     fdatasynced in a thread of its own; every message reads back exactly from its blob and offset,
     and the returned ends are the packs' sizes. A small batch takes one pack."""
     blob_dir = tmp_path / "blobs"
