@@ -325,7 +325,7 @@ class Storage:
             self._db = None
         await self._writer.close()
         self.executor.shutdown(wait=True)
-        self._packs.shutdown()
+        self._packs.close()
         self.layout.close()
         if self._folder_lock is not None:
             os.close(self._folder_lock)
@@ -575,11 +575,11 @@ class Storage:
             self._cached_bytes += item.size
         whole: set[str] = set()  # files of their own, and packs no longer written to
         packs: dict[str, int] = {}
-        open_packs = {f"{self._blob_folder}/{blob}" for blob in self._packs.open_blobs}
+        open_pack = f"{self._blob_folder}/{self._packs.open_blob}"
         while self._cached_bytes > KEEP_CACHED:
             path, end, size, packed = self._cached.popleft()
             self._cached_bytes -= size
-            if not packed or path not in open_packs:
+            if not packed or path != open_pack:
                 whole.add(path)
             elif end >= _FOLIO:
                 packs[path] = max(packs.get(path, 0), end // _FOLIO * _FOLIO)
@@ -886,7 +886,7 @@ class Storage:
             if self.layout.shared and blobs:  # other nodes' packs are theirs to free
                 blobs = await asyncio.get_running_loop().run_in_executor(self.executor, self.layout.releasable, blobs)
                 blobs = self._freed_long_enough(blobs)
-            if self._packs.open_blobs.intersection(blobs):
+            if self._packs.open_blob in blobs:
                 self._packs.close()  # a pack is never reopened: what is listed stays free
         if not blobs and not holes:
             return

@@ -160,7 +160,7 @@ def test_a_freed_mail_of_another_node_is_removed_without_touching_its_open_pack(
         try:
             big, p1, p2 = [await store(node_b, site, mail) for mail in mails[:3]]
             pack = row(a, p1)[0]
-            assert row(a, p2)[0] == pack and pack in node_b._packs.open_blobs
+            assert row(a, p2)[0] == pack and node_b._packs.open_blob == pack
             uids = {e.queue_id: e.uid for e in await node_a.mailbox(site)}
             where = {q: (root / row(a, q)[0], *row(a, q)[1:]) for q in (big, p1, p2)}
             await node_a.delete(site, [uids[big], uids[p1]])  # A frees B's mails (and empties the trash)
@@ -589,7 +589,7 @@ def test_two_nodes_on_one_postgresql_index_store_at_once_and_serve_and_free_each
                 )
                 for q, (_m, n) in sent.items()
             }
-            (open_pack,) = nodes[1]._packs.open_blobs  # small mails, one at a time: one lane
+            open_pack = nodes[1]._packs.open_blob
             b_mails = [q for q, (_m, n) in sent.items() if n == "b"]
             await nodes[0].delete(site, [entries[q].uid for q in b_mails])  # node a frees all of b's
             still_there = (root / open_pack).exists()

@@ -11,13 +11,9 @@ import os
 import poplib
 import threading
 
-import pytest
 from test_relay_outbound import CountingHop, relay_hub, wait_until
 
-from storage import db, envelope, faults, outbound, packs, store
-from storage.errors import StorageError
-from storage.index_writer import BatchItem
-from storage.packs import PackWriter
+from storage import db, outbound, store
 from storage.store import MessageMeta, Storage
 
 from conftest import ALPHA_BETA_B2, PASSWORD, make_message
@@ -303,84 +299,3 @@ def test_only_the_latest_committed_mail_stays_in_the_page_cache(tmp_path, monkey
         path, offset, size = paths[qid]
         with open(path, "rb") as f:
             assert os.pread(f.fileno(), size, offset) == mail
-
-
-def _batch(tmp_path, sizes: list[int], tag: str) -> list[BatchItem]:
-    """Packed messages of these sizes, as the hub's batch hands them to the pack writer."""
-    (tmp_path / "spool").mkdir(exist_ok=True)
-    items = []
-    for i, size in enumerate(sizes):
-        qid = f"{tag}{i:04d}"
-        data = [os.urandom(size // 2), os.urandom(size - size // 2)]
-        meta = MessageMeta("alpha@hub.test", None, False)
-        items.append(
-            BatchItem(
-                qid, size, 0.0, meta, [], [], None, f"2026120706/{qid}", data=data, spool_path=f"{tmp_path}/spool/{qid}"
-            )
-        )
-    return items
-
-
-def _record(item: BatchItem) -> bytes:
-    assert item.sha256 is not None
-    return envelope.record(item.queue_id, item.size, 0.0, item.sha256, item.meta, [], [], "", seq=1, a=1, p=[0, 0])
-
-
-def test_a_batch_of_several_megabytes_is_written_to_two_packs_at_once(tmp_path):
-    """The pack writer spreads a batch of 1 MB or more over its two open packs, each written and
-    fdatasynced in a thread of its own; every message reads back exactly from its blob and offset,
-    and the returned ends are the packs' sizes. A small batch takes one pack."""
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    writer = PackWriter(str(blob_dir))
-    threads: set[str] = set()
-
-    def record_of(item: BatchItem) -> bytes:
-        threads.add(threading.current_thread().name)
-        return _record(item)
-
-    try:
-        big = _batch(tmp_path, [700_000] * 4, "big")
-        expected = {item.queue_id: b"".join(item.data) for item in big}
-        ends = writer.write(big, record_of)
-        writer.committed()
-        assert len(ends) == 2 and len(threads) == 2, (ends, threads)  # two packs, two threads
-        for item in big:
-            with open(blob_dir / item.blob, "rb") as f:
-                assert os.pread(f.fileno(), item.size, item.offset) == expected[item.queue_id]
-        assert {blob: os.path.getsize(blob_dir / blob) for blob in ends} == ends
-        assert writer.open_blobs == set(ends)
-        small = _batch(tmp_path, [5_000] * 3, "small")
-        assert set(writer.write(small, record_of)) == {small[0].blob} and small[0].blob in ends
-    finally:
-        writer.shutdown()
-
-
-def test_a_failed_batch_is_cut_back_in_both_packs(tmp_path, monkeypatch):
-    """A batch spread over both open packs fails in one of them (EIO when written): both packs are
-    cut back to where the batch began, the packs it began are gone, and the next batch goes on in
-    new packs without a trace of the failed one."""
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    writer = PackWriter(str(blob_dir))
-    try:
-        first = writer.write(_batch(tmp_path, [600_000] * 4, "one"), _record)
-        writer.committed()
-        before = {path: path.stat().st_size for path in blob_dir.rglob("*") if path.is_file()}
-        assert len(before) == 2 and sorted(before.values()) == sorted(first.values())
-        monkeypatch.setattr(faults, "ARMED", {("hub", "pack_written"): "eio"})
-        monkeypatch.setattr(packs, "PACK_SIZE", 2_000_000)  # each pack takes one more, then a new one begins
-        with pytest.raises(StorageError, match="injected at hub:pack_written"):
-            writer.write(_batch(tmp_path, [600_000] * 6, "two"), _record)
-        assert len(list((tmp_path / "spool").iterdir())) == 0  # the packs it began (spool files) are gone
-        after = {path: path.stat().st_size for path in blob_dir.rglob("*") if path.is_file()}
-        assert after == before and not list((tmp_path / "spool").iterdir())
-        monkeypatch.setattr(faults, "ARMED", {})
-        third = _batch(tmp_path, [600_000] * 4, "three")
-        ends = writer.write(third, _record)
-        assert not set(ends) & set(first)  # new packs: an abandoned pack is never appended to again
-        for item in third:
-            with open(blob_dir / item.blob, "rb") as f:
-                assert os.pread(f.fileno(), item.size, item.offset) == b"".join(item.data)
-    finally:
-        writer.shutdown()
