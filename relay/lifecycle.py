@@ -99,6 +99,10 @@ class Lifecycle:
         next_round = 0.0  # monotonic
         loop = asyncio.get_running_loop()
         while True:
+            # cleared before the round, not after it: a mailbox changed while the round awaits the
+            # index (after check_quotas took the dirty sites) wakes the next round; cleared after
+            # it, that change waited for the next check_interval
+            self._wake.clear()
             try:
                 leader = self.is_leader()
                 if loop.time() >= next_round:
@@ -113,7 +117,6 @@ class Lifecycle:
                 log.warning("lifecycle round skipped: %s", exc)
             except Exception:
                 log.exception("lifecycle round failed")
-            self._wake.clear()
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
                 # comes as the event is set, and this loop would never end (a hub that never stops)

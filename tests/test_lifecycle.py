@@ -282,6 +282,43 @@ def test_quota_warnings_once_per_crossing_to_site_and_operator(make_hub):
     wait_for(lambda: metric(hub, "mailhub_lifecycle_notices_total", kind="quota_operator", outcome="sent") == 1)
 
 
+@pytest.mark.one_engine("the lifecycle loop's wake-up, not the index")
+def test_a_mailbox_change_during_a_round_is_checked_without_waiting_for_the_interval(make_hub):
+    # the loop's round is held in send_notices (after check_quotas took the sites to check) while
+    # the mail that crosses the level is committed: its change must wake the next round, not wait
+    # for lifecycle.check_interval (an hour here)
+    hub = make_hub(
+        sites=ALPHA_BETA,
+        MAILHUB_QUOTAS_MAILBOX_MESSAGES="10",
+        MAILHUB_LIFECYCLE_QUOTA_WARNING_LEVELS="50",
+        MAILHUB_LIFECYCLE_CHECK_INTERVAL="3600",
+    ).start()
+    life = lifecycle(hub)
+    for _ in range(3):
+        send(hub, make_message(1500))
+    release = asyncio.Event()
+
+    async def hold_sending() -> None:
+        # taken once the loop is between rounds (checked on the loop: a round holds one of the
+        # locks from the moment it takes the dirty sites until it is over)
+        while life._dirty or life._quotas.locked() or life._sending.locked():
+            await asyncio.sleep(0.01)
+        async with life._sending:
+            await release.wait()
+
+    async def round_waits() -> bool:  # a round took the dirty sites and waits for the lock
+        return not life._dirty and bool(life._sending._waiters)
+
+    holder = asyncio.run_coroutine_threadsafe(hold_sending(), hub._loop)
+    wait_for(lambda: life._sending.locked())
+    send(hub, make_message(1500))  # 4 of 10: wakes a round, which takes beta and waits for the lock
+    wait_for(lambda: run(hub, round_waits()))
+    send(hub, make_message(1500))  # 5 of 10, committed during that round: the 50 % level
+    hub._loop.call_soon_threadsafe(release.set)
+    holder.result(10)
+    wait_for(lambda: quota_notices(hub, "beta", "50%"), message="the 50% warning")
+
+
 def gateway_mdn(original_message_id: str, original_header: bytes, disposition: str) -> bytes:
     """An RFC 8098 receipt as a DICOM gateway sends it once it has processed a mail: the human part,
     the machine-readable disposition-notification fields, and the original's header."""
