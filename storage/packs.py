@@ -5,13 +5,16 @@
 # is a frame: header, envelope record, message bytes (storage/envelope.py), so that a pack
 # describes itself. A new pack is made the way a single message is (spool file, fsync, rename into
 # blobs/, folder fsync), so a name under blobs/ never shows a file whose indexed bytes are not
-# durable. A batch whose commit then fails leaves no trace: the open pack is cut back to where the
-# batch began and the packs it began are removed (a writer killed before it could answer is
+# durable. Two batches may be uncommitted at once (the next one is written while the index commits
+# the one before: storage/store.py); a batch whose commit fails leaves no trace, nor does a batch
+# written after it: the pack is cut back to where the failed one began and the packs begun since
+# are removed; a failed write cuts back only its own batch (a writer killed before it could answer is
 # handled by Storage._settle or start-up recovery: bytes past a pack's committed end, index table
 # `packs`). A pack is freed with its last message; an open pack is closed first (Storage.empty_trash,
 # never while a batch is being written), and appending to a pack takes it out of the trash. The
 # bytes of a freed message in a pack that lives on are released later by punch_hole.
 # Must never be used by two threads at once (the caller serialises batches).
+import collections
 import ctypes
 import errno
 import hashlib
@@ -38,8 +41,9 @@ class PackWriter:
         self._fd = -1
         self._blob: str | None = None  # the open pack's blob name ('<hour folder>/<name>')
         self._size = 0
-        self._made: list[str] = []  # packs begun by the last batch (they hold nothing committed)
-        self._cut: tuple[str, int] | None = None  # (path, size) of the pack open when the last batch began
+        # per batch written and not yet committed, oldest first: (path, size) of the pack open when
+        # it began (None: none was), and the packs it began (they hold nothing committed)
+        self._uncommitted: collections.deque[tuple[tuple[str, int] | None, list[str]]] = collections.deque()
 
     @property
     def open_blob(self) -> str | None:
@@ -56,40 +60,54 @@ class PackWriter:
         if not messages:
             return {}
         with self._lock:
+            cut = (f"{self._blob_dir}/{self._blob}", self._size) if self._fd >= 0 else None
+            made: list[str] = []
             try:
                 faults.hit("hub", "before_pack")
-                return self._write(messages, record_of)
+                ends = self._write(messages, record_of, made)
             except OSError as exc:
-                self._abandon()
+                self._cut_back([(cut, made)])  # this batch only: the one before may still commit
                 raise storage_error(exc) from exc
+            self._uncommitted.append((cut, made))
+            return ends
+
+    @property
+    def uncommitted(self) -> int:
+        """Batches written and neither committed nor undone yet."""
+        return len(self._uncommitted)
 
     def committed(self) -> None:
-        """The last batch is committed: nothing of it is to be cut back or removed any more."""
-        with self._lock:
-            self._cut = None
-            self._made = []
+        """The oldest uncommitted batch is committed: nothing of it is to be cut back or removed.
+        Called on the event loop while the next batch may be writing: without the lock (a deque's
+        popleft and append are atomic; no abandon runs while a commit succeeds)."""
+        if self._uncommitted:
+            self._uncommitted.popleft()
 
     def abandon(self) -> None:
-        """The batch failed: cut the pack it appended to back to where the batch began, close it,
-        and remove the packs the batch began."""
+        """The oldest uncommitted batch failed: cut the pack it appended to back to where it began
+        (which takes any batch written after it too), close it, and remove the packs they began."""
         with self._lock:
-            self._abandon()
+            self._cut_back(list(self._uncommitted))
+            self._uncommitted.clear()
 
-    def _abandon(self) -> None:
-        cut, self._cut = self._cut, None
+    def _cut_back(self, batches: list[tuple[tuple[str, int] | None, list[str]]]) -> None:
+        """Undo `batches` (oldest first, up to the newest written) and close the open pack."""
         self._close()
+        if not batches:
+            return
+        cut = batches[0][0]
         if cut is not None:
             try:
                 truncate_durably(*cut)
             except OSError:
                 pass  # the tail stays past the pack's committed end: start-up recovery moves it aside
-        for path in self._made:
-            unlink_quietly(path)
-        self._made = []
+        for _cut, made in batches:
+            for path in made:
+                unlink_quietly(path)
 
-    def _write(self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes]) -> dict[str, int]:
-        self._made = []
-        self._cut = (f"{self._blob_dir}/{self._blob}", self._size) if self._fd >= 0 else None
+    def _write(
+        self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes], made: list[str]
+    ) -> dict[str, int]:
         written = []  # fds of the packs written to, in order
         begun: dict[int, tuple[str, str]] = {}  # fd -> (spool path, blob) of the packs this batch begins
         ends: dict[str, int] = {}  # blob -> end of its last frame
@@ -123,9 +141,9 @@ class PackWriter:
             for fd, (path, blob) in list(begun.items()):
                 target = f"{self._blob_dir}/{blob}"
                 rename_into(path, target)
-                self._made.append(target)
+                made.append(target)
                 del begun[fd]
-            for folder in {os.path.dirname(target) for target in self._made}:
+            for folder in {os.path.dirname(target) for target in made}:
                 fsync_dir(folder)
             faults.hit("hub", "pack_synced")
         finally:
@@ -139,8 +157,7 @@ class PackWriter:
     def close(self) -> None:
         """Close the open pack: later messages go into a new one."""
         with self._lock:
-            self._cut = None
-            self._made = []
+            self._uncommitted.clear()
             self._close()
 
     def _close(self) -> None:

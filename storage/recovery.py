@@ -97,8 +97,9 @@ def recover(
             f" group commit {seq}, the ledger at {newest.max_seq}"
         )
     _catch_up_ledger(conn, data_dir, report)
-    # the highest group commit number this node's uncommitted frames may carry: its next one
-    allowed = ledger.next_seq(ledger.stream_last(conn, layout.number)[0], layout.number)
+    # the highest group commit number this node's uncommitted frames may carry: the one after its
+    # next (a batch is written while the index commits the one before: storage/store.py)
+    allowed = ledger.next_seq(ledger.next_seq(ledger.stream_last(conn, layout.number)[0], layout.number), layout.number)
     _check_blobs(conn, data_dir, seq, allowed, layout.prefix, report, cache)
     for text in report.quarantined:
         log.warning("recovery: quarantined %s", text)
@@ -152,7 +153,7 @@ def _check_blobs(
     cache: bool = False,
 ) -> None:
     """`own`: the prefix of this node's blob names ('<node>/' in a shared folder, else ""); `allowed`:
-    the number of the group commit this node would have made next (seq + 1 for one hub)."""
+    the highest number an uncommitted group commit of this node may carry (seq + 2 for one hub)."""
     blob_dir = data_dir / "blobs"
     mine = (len(own), own)
     indexed = dict(
@@ -242,7 +243,7 @@ def quarantine_uncommitted(data_dir: Path, blobs: list[str]) -> list[str]:
 
 def _newer_than_index(blob_dir: Path, name: str, start: int, seq: int, allowed: int) -> str | None:
     """A description of a group commit newer than the index's last in this file (past `start`), or
-    None. `allowed`: the number the next group commit would have had (seq + 1 for one hub)."""
+    None. `allowed`: the highest number an uncommitted group commit may carry (seq + 2 for one hub)."""
     try:
         fd = os.open(blob_dir / name, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

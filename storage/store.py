@@ -6,6 +6,10 @@
 # group: hashed in worker threads as each one ends (or with the batch, if tiny), a batch of them
 # is appended to the open pack with one fdatasync (storage/packs.py, in a worker thread of this
 # process), then the index writer commits their rows: message bytes never cross to the writer.
+# Batches are pipelined: the next batch is written to the pack while the index commits the one
+# before, and is committed only after that one is (if it fails, the next fails with it). A record
+# names as its predecessor only a group commit known to be committed (storage/rebuild.py takes that
+# as proof), so start-up recovery allows two uncommitted group commits past the index's last.
 # A blob file is unlinked only after the commit that put it into blob_trash (start-up recovery
 # finishes what a crash cut short); an open pack is closed first (never while a batch writes to
 # it: _batch_lock). A freed message's range of a pack that lives on is punched after a delay (blob_holes).
@@ -95,6 +99,18 @@ class _Pending:
     crc32: int | None = None
 
 
+@dataclass
+class _Written:
+    """A batch after phase one of its group commit (its small messages' frames durable in the pack)."""
+
+    items: list[BatchItem]
+    loose: list[tuple[Any, ...]]  # event rows riding along
+    seq: int
+    attempt: int
+    ends: dict[str, int]  # pack -> end of its last frame
+    packed: bool  # it wrote frames (PackWriter.committed after its commit)
+
+
 class Storage:
     def __init__(
         self,
@@ -142,7 +158,10 @@ class Storage:
         self._writer.node = self.node  # named in the mailbox changes told to other nodes (PostgreSQL index)
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
-        self._batch_lock = asyncio.Lock()  # a batch (pack write and commit) vs emptying the trash
+        self._batch_lock = asyncio.Lock()  # batches (pack writes and commits) vs emptying the trash
+        self._trash_waiting = 0  # empty_trash calls waiting for _batch_lock: the pipeline lets go
+        self._in_flight_seq: int | None = None  # the number of the group commit under way
+        self._arrival: asyncio.Future[None] | None = None  # woken by a mail joining the pending batch
         self._trash_seen: dict[str, float] = {}  # shared blob folder: freed file -> first seen (monotonic)
         self.monotonic: Callable[[], float] = time.monotonic  # (tests step it)
         # committed mails not yet dropped from the page cache: (path, end in the file, size, packed)
@@ -403,6 +422,8 @@ class Storage:
             )
         self._pending.append(item)
         self._start_flusher()
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
         await asyncio.shield(item.done)
         faults.hit("hub", "committed")
         if item.remote and self.on_outbound is not None:
@@ -457,112 +478,189 @@ class Storage:
         return spool.queue_id
 
     async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending or self._queued_events:
-            batch, self._pending = self._pending, []
-            loose, self._queued_events = self._queued_events, []
-            if self._dropped_events:
-                log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
-                self._dropped_events = 0
-            try:
-                faults.hit("hub", "before_batch")
-                async with self._batch_lock:
-                    digests = await self._commit_batch(batch, [events.row(e) for e in loose])
-            except BaseException as exc:  # the batch is lost as a whole; nothing was acknowledged
-                log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), len(loose), exc)
-                self._last_commit = None  # asked again before the next batch
-                if isinstance(exc, (asyncio.CancelledError, _Unsettled, CommitUnknown)):
-                    # cancelled, or not settled, the request may have been committed by the writer:
-                    # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
-                    self._packs.close()
-                else:
-                    await loop.run_in_executor(self.executor, self._packs.abandon)
-                    await loop.run_in_executor(self.executor, self._remove_blobs, batch)
-                    if self.objects is not None:
-                        await self.objects.discard([item.blob for item in batch])
-                error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(error)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                refused = [item for item, sha256 in zip(batch, digests) if refusal(sha256) is not None]
-                if refused:  # a mailbox had no room left, a volume was reached (the writer's check): not committed
-                    await loop.run_in_executor(self.executor, self._remove_blobs, refused)
-                    if self.objects is not None:
-                        await self.objects.discard([item.blob for item in refused])
-                for item, sha256 in zip(batch, digests):
-                    left_out = refusal(sha256)
-                    if left_out is not None or sha256 is None:
-                        if not item.done.done():
-                            item.done.set_exception(left_out or MailboxLimitReached())
-                        continue
-                    if item.data is not None:
-                        item.spool.packed(sha256)
-                    elif self.objects is not None:
-                        self.objects.committed(item.blob, _file_size(item.spool.path))
-                    for listener in self._listeners:
-                        listener.committed(
-                            item.meta.sender_site,
-                            [d.site_id for d in item.deliveries],
-                            item.spool.size,
-                            item.received_at,
-                        )
-                    if item.on_committed is not None:
-                        item.on_committed()
-                    if not item.done.done():
-                        item.done.set_result(None)
+            async with self._batch_lock:  # let go between runs: a waiting empty_trash goes next
+                await self._pipeline()
 
-    async def _commit_batch(self, batch: list[_Pending], loose: list[tuple[Any, ...]]) -> list[str | None]:
-        """Write the batch's small messages to the pack (durable), then have the index writer commit
-        the batch's rows as the next group commit; each message's SHA-256 (None: left out)."""
-        if not batch:
-            digests: list[str | None] = await self._writer.call(IndexWriter.commit_batch, [], loose)
-            return digests
-        if self._last_commit is None:
-            self._last_commit = await self._writer.call(IndexWriter.last_commit)
-        last_seq, last_attempt = self._last_commit
-        seq, attempt = next_seq(last_seq, self.layout.number), secrets.randbits(62) + 1
-        items = [_batch_item(i) for i in batch]
-        packed = [item for item in items if item.data is not None]
-        # files of their own were fsynced and renamed into blobs/: one fsync per folder for all of them
-        folders = {os.path.dirname(i.spool.path) for i in batch if i.data is None}
-        ends: dict[str, int] = {}
-        if folders:
-            await asyncio.get_running_loop().run_in_executor(self.executor, _fsync_folders, folders)
-        if packed:
-
-            def record_of(item: BatchItem) -> bytes:
-                assert item.sha256 is not None  # set by the pack writer
-                item.structure = envelope.structure_json(item.meta)
-                return envelope.record(
-                    item.queue_id,
-                    item.size,
-                    item.received_at,
-                    item.sha256,
-                    item.meta,
-                    item.deliveries,
-                    item.remote,
-                    item.structure,
-                    seq=seq,
-                    a=attempt,
-                    p=[last_seq, last_attempt],
-                    crc=item.crc32,
-                )
-
-            ends = await asyncio.get_running_loop().run_in_executor(self.executor, self._packs.write, packed, record_of)
-            for item in packed:
-                item.data = None  # the bytes stay here: the writer gets the rows
+    async def _pipeline(self) -> None:
+        """Group commits one after another while mail keeps coming, each batch's pack write (phase
+        one) overlapping the index commit of the batch before (phase two): at most one commit under
+        way and one batch written behind it. Returns with nothing under way once nothing is pending
+        or empty_trash waits for the lock."""
+        loop = asyncio.get_running_loop()
+        committing: asyncio.Task[bool] | None = None  # phase two of the batch before
         try:
-            digests = await self._writer.call(IndexWriter.commit_batch, items, loose, seq, attempt, ends)
-        except WriterDied:
-            digests = await self._settle(batch)
-        self._last_commit = (seq, attempt)
-        if packed:
-            self._packs.committed()
-        self._keep_cached(items)
-        return digests
+            while True:
+                if not (self._pending or self._queued_events):
+                    if committing is None:
+                        return
+                    self._arrival = loop.create_future()  # Storage.commit wakes it
+                    await asyncio.wait((committing, self._arrival), return_when=asyncio.FIRST_COMPLETED)
+                    self._arrival = None
+                    if committing.done():
+                        committing = None
+                    continue
+                if self._trash_waiting:
+                    return
+                batch, self._pending = self._pending, []
+                loose, self._queued_events = self._queued_events, []
+                if self._dropped_events:
+                    log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
+                    self._dropped_events = 0
+                written = await self._write_batch(batch, loose, committing)
+                behind = committing is not None and not committing.done()
+                if behind and written is not None and written.items:
+                    faults.hit("hub", "written_behind_a_commit")
+                before_committed = True if committing is None else await committing
+                committing = None
+                if written is None:
+                    continue
+                if not before_committed:  # the pack was cut back to where that batch began
+                    await self._fail(batch, len(loose), StorageError("the group commit before it failed"))
+                    continue
+                self._in_flight_seq = written.seq if written.items else None
+                committing = loop.create_task(self._index_commit(batch, written))
+        finally:
+            if committing is not None:
+                if not committing.done():
+                    committing.cancel()
+                await asyncio.wait((committing,))
+
+    async def _write_batch(
+        self, batch: list[_Pending], loose: list[events.Event], committing: asyncio.Task[bool] | None
+    ) -> _Written | None:
+        """Phase one of a group commit: fsync the folders of the batch's files of their own and
+        write its small messages' frames into the pack (durable), numbered as the group commit after
+        the one under way (if any). Each frame's record names the last group commit known to be
+        committed as its predecessor (never the one under way: only a commit proves another). None
+        if it failed (the batch is told; the commit under way is untouched)."""
+        try:
+            faults.hit("hub", "before_batch")
+            if self._last_commit is None:  # a failure: the writer knows where the numbering stands
+                if committing is not None:
+                    await asyncio.wait((committing,))
+                self._last_commit = await self._writer.call(IndexWriter.last_commit)
+            last_seq, last_attempt = self._last_commit
+            base = self._in_flight_seq if self._in_flight_seq is not None else last_seq
+            seq, attempt = next_seq(base, self.layout.number), secrets.randbits(62) + 1
+            items = [_batch_item(i) for i in batch]
+            packed = [item for item in items if item.data is not None]
+            # files of their own were fsynced and renamed into blobs/: one fsync per folder for all of them
+            folders = {os.path.dirname(i.spool.path) for i in batch if i.data is None}
+            ends: dict[str, int] = {}
+            if folders:
+                await asyncio.get_running_loop().run_in_executor(self.executor, _fsync_folders, folders)
+            if packed:
+
+                def record_of(item: BatchItem) -> bytes:
+                    assert item.sha256 is not None  # set by the pack writer
+                    item.structure = envelope.structure_json(item.meta)
+                    return envelope.record(
+                        item.queue_id,
+                        item.size,
+                        item.received_at,
+                        item.sha256,
+                        item.meta,
+                        item.deliveries,
+                        item.remote,
+                        item.structure,
+                        seq=seq,
+                        a=attempt,
+                        p=[last_seq, last_attempt],
+                        crc=item.crc32,
+                    )
+
+                ends = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._packs.write, packed, record_of
+                )
+                for item in packed:
+                    item.data = None  # the bytes stay here: the writer gets the rows
+        except BaseException as exc:  # its own frames are cut back already (PackWriter.write)
+            await self._fail(batch, len(loose), exc, pack_cut_back=True)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return None
+        return _Written(items, [events.row(e) for e in loose], seq, attempt, ends, bool(packed))
+
+    async def _index_commit(self, batch: list[_Pending], written: _Written) -> bool:
+        """Phase two: the index writer commits the batch's rows as group commit `seq`; then each
+        sender is told (250, or the reason it was left out). False if it failed (all told)."""
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                if written.items:
+                    digests: list[str | None] = await self._writer.call(
+                        IndexWriter.commit_batch,
+                        written.items,
+                        written.loose,
+                        written.seq,
+                        written.attempt,
+                        written.ends,
+                    )
+                else:
+                    digests = await self._writer.call(IndexWriter.commit_batch, [], written.loose)
+            except WriterDied:
+                digests = await self._settle(batch)
+            if written.items:
+                self._last_commit = (written.seq, written.attempt)
+            if written.packed:
+                self._packs.committed()
+            self._keep_cached(written.items)
+        except BaseException as exc:
+            await self._fail(batch, len(written.loose), exc)
+            return False
+        finally:
+            self._in_flight_seq = None
+        refused = [item for item, sha256 in zip(batch, digests) if refusal(sha256) is not None]
+        if refused:  # a mailbox had no room left, a volume was reached (the writer's check): not committed
+            await loop.run_in_executor(self.executor, self._remove_blobs, refused)
+            if self.objects is not None:
+                await self.objects.discard([item.blob for item in refused])
+        for item, sha256 in zip(batch, digests):
+            left_out = refusal(sha256)
+            if left_out is not None or sha256 is None:
+                if not item.done.done():
+                    item.done.set_exception(left_out or MailboxLimitReached())
+                continue
+            if item.data is not None:
+                item.spool.packed(sha256)
+            elif self.objects is not None:
+                self.objects.committed(item.blob, _file_size(item.spool.path))
+            for listener in self._listeners:
+                listener.committed(
+                    item.meta.sender_site,
+                    [d.site_id for d in item.deliveries],
+                    item.spool.size,
+                    item.received_at,
+                )
+            if item.on_committed is not None:
+                item.on_committed()
+            if not item.done.done():
+                item.done.set_result(None)
+        return True
+
+    async def _fail(self, batch: list[_Pending], loose: int, exc: BaseException, pack_cut_back: bool = False) -> None:
+        """A batch is lost as a whole (nothing of it was acknowledged): undo what it wrote, tell its
+        senders. `pack_cut_back`: its write failed, and cut back only its own frames (the batch
+        before may still commit); otherwise every uncommitted batch's frames go."""
+        loop = asyncio.get_running_loop()
+        log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), loose, exc)
+        if isinstance(exc, (asyncio.CancelledError, _Unsettled, CommitUnknown)):
+            # cancelled, or not settled, the request may have been committed by the writer:
+            # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
+            self._last_commit = None  # asked again before the next batch
+            await asyncio.shield(loop.run_in_executor(self.executor, self._packs.close))
+        else:
+            if not pack_cut_back:
+                self._last_commit = None
+                await loop.run_in_executor(self.executor, self._packs.abandon)
+            await loop.run_in_executor(self.executor, self._remove_blobs, batch)
+            if self.objects is not None:
+                await self.objects.discard([item.blob for item in batch])
+        error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+        for item in batch:
+            if not item.done.done():
+                item.done.set_exception(error)
 
     def _keep_cached(self, items: list[BatchItem]) -> None:
         """Note the committed mails; past KEEP_CACHED bytes, the oldest ones are dropped from the
@@ -881,13 +979,20 @@ class Storage:
 
     async def empty_trash(self) -> None:
         """Remove the files of freed blobs and release the space of freed messages in packs."""
-        async with self._batch_lock:  # no batch is writing to the open pack
+        self._trash_waiting += 1
+        try:
+            await self._batch_lock.acquire()  # no batch is writing to the open pack, none uncommitted
+        finally:
+            self._trash_waiting -= 1
+        try:
             blobs, holes = await self._writer.call(IndexWriter.freed)
             if self.layout.shared and blobs:  # other nodes' packs are theirs to free
                 blobs = await asyncio.get_running_loop().run_in_executor(self.executor, self.layout.releasable, blobs)
                 blobs = self._freed_long_enough(blobs)
             if self._packs.open_blob in blobs:
                 self._packs.close()  # a pack is never reopened: what is listed stays free
+        finally:
+            self._batch_lock.release()
         if not blobs and not holes:
             return
         if self.objects is not None:  # the objects first, then the cached files
