@@ -17,14 +17,14 @@ import time
 import zlib
 
 import pytest
+from test_storage_faults import arm_fault, no_trace
 
 from storage import db, envelope, ledger, recovery
 from storage.index_writer import BatchItem
 from storage.packs import PackWriter
 from storage.store import MessageMeta, Storage
 
-from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
-from test_storage_faults import arm_fault, no_trace
+from conftest import PASSWORD, make_message, wait_for
 
 MID_RE = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
