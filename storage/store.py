@@ -520,10 +520,8 @@ class Storage:
                     continue
                 self._in_flight_seq = written.seq if written.items else None
                 committing = loop.create_task(self._index_commit(batch, written))
-        finally:
+        finally:  # the commit under way is never cut short: its senders get their answer
             if committing is not None:
-                if not committing.done():
-                    committing.cancel()
                 await asyncio.wait((committing,))
 
     async def _write_batch(
@@ -644,7 +642,7 @@ class Storage:
         senders. `pack_cut_back`: its write failed, and cut back only its own frames (the batch
         before may still commit); otherwise every uncommitted batch's frames go."""
         loop = asyncio.get_running_loop()
-        log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), loose, exc)
+        log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), loose, str(exc) or repr(exc))
         if isinstance(exc, (asyncio.CancelledError, _Unsettled, CommitUnknown)):
             # cancelled, or not settled, the request may have been committed by the writer:
             # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
