@@ -90,6 +90,13 @@ class PackWriter:
             self._cut_back(list(self._uncommitted))
             self._uncommitted.clear()
 
+    def abandon_newest(self) -> None:
+        """The newest batch written failed before its commit was asked for: cut back only it (the
+        batch before it may still commit)."""
+        with self._lock:
+            if self._uncommitted:
+                self._cut_back([self._uncommitted.pop()])
+
     def _cut_back(self, batches: list[tuple[tuple[str, int] | None, list[str]]]) -> None:
         """Undo `batches` (oldest first, up to the newest written) and close the open pack."""
         self._close()

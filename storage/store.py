@@ -489,6 +489,7 @@ class Storage:
         or empty_trash waits for the lock."""
         loop = asyncio.get_running_loop()
         committing: asyncio.Task[bool] | None = None  # phase two of the batch before
+        committing_batch: list[_Pending] = []
         try:
             while True:
                 if not (self._pending or self._queued_events):
@@ -508,9 +509,6 @@ class Storage:
                     log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
                     self._dropped_events = 0
                 written = await self._write_batch(batch, loose, committing)
-                behind = committing is not None and not committing.done()
-                if behind and written is not None and written.items:
-                    faults.hit("hub", "written_behind_a_commit")
                 before_committed = True if committing is None else await committing
                 committing = None
                 if written is None:
@@ -519,10 +517,17 @@ class Storage:
                     await self._fail(batch, len(loose), StorageError("the group commit before it failed"))
                     continue
                 self._in_flight_seq = written.seq if written.items else None
-                committing = loop.create_task(self._index_commit(batch, written))
-        finally:  # the commit under way is never cut short: its senders get their answer
+                committing, committing_batch = loop.create_task(self._index_commit(batch, written)), batch
+        except BaseException:  # cancelled (an abnormal end of the hub): so is the commit under way
+            if committing is not None:
+                committing.cancel()
+            raise
+        finally:  # (letting go of the lock for empty_trash waits for the commit under way instead)
             if committing is not None:
                 await asyncio.wait((committing,))
+                if committing.cancelled():  # before it began: its senders are told here
+                    self._in_flight_seq = None
+                    await self._fail(committing_batch, 0, asyncio.CancelledError())
 
     async def _write_batch(
         self, batch: list[_Pending], loose: list[events.Event], committing: asyncio.Task[bool] | None
@@ -532,6 +537,7 @@ class Storage:
         the one under way (if any). Each frame's record names the last group commit known to be
         committed as its predecessor (never the one under way: only a commit proves another). None
         if it failed (the batch is told; the commit under way is untouched)."""
+        wrote = False  # its frames are in the pack (and in the pack writer's uncommitted batches)
         try:
             faults.hit("hub", "before_batch")
             if self._last_commit is None:  # a failure: the writer knows where the numbering stands
@@ -571,9 +577,14 @@ class Storage:
                 ends = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self._packs.write, packed, record_of
                 )
+                wrote = True
                 for item in packed:
                     item.data = None  # the bytes stay here: the writer gets the rows
-        except BaseException as exc:  # its own frames are cut back already (PackWriter.write)
+                if committing is not None and not committing.done():
+                    faults.hit("hub", "written_behind_a_commit")
+        except BaseException as exc:  # a failed write cut back its own frames already (PackWriter.write)
+            if wrote and not isinstance(exc, asyncio.CancelledError):
+                await asyncio.get_running_loop().run_in_executor(self.executor, self._packs.abandon_newest)
             await self._fail(batch, len(loose), exc, pack_cut_back=True)
             if isinstance(exc, asyncio.CancelledError):
                 raise

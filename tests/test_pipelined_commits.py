@@ -143,6 +143,12 @@ def test_a_failed_commit_takes_the_batch_written_behind_it_and_a_failed_write_on
     with pytest.raises(Exception, match="injected|I/O"):
         packs.write([_item(tmp_path, "E" * 19, b"fifth\r\n")], failing)  # written behind the fourth: fails
     assert fourth_pack.stat().st_size == fourth_end and packs.uncommitted == 1  # the fourth stays, uncommitted
+    sixth = [_item(tmp_path, "F" * 19, b"sixth\r\n" * 10)]
+    packs.write(sixth, _record)  # behind it again (in a new pack: a failed write closes the open one)
+    sixth_pack = tmp_path / "blobs" / sixth[0].blob
+    assert sixth_pack.exists() and packs.uncommitted == 2
+    packs.abandon_newest()  # it failed before its commit was asked for
+    assert not sixth_pack.exists() and fourth_pack.stat().st_size == fourth_end and packs.uncommitted == 1
     packs.committed()
     assert packs.uncommitted == 0 and fourth_pack.stat().st_size == fourth_end
     packs.close()
@@ -211,6 +217,59 @@ def _writer_children(data_dir) -> list[int]:
         if b"writer_child" in cmdline and str(data_dir).encode() in cmdline:
             found.append(int(pid))
     return found
+
+
+def test_a_batch_failing_behind_a_commit_gets_451_and_leaves_no_trace_while_the_commit_holds(
+    make_hub, monkeypatch, tmp_path
+):
+    """EIO right after a batch was written behind a commit under way: that batch is cut off the pack
+    and its senders get 451 (they send again), the commit under way stands."""
+    armed = tmp_path / "fault-armed"
+    hub = arm_fault(make_hub, monkeypatch, armed, "hub:written_behind_a_commit:eio")
+    hub.start()
+    armed.write_text("once")
+    acknowledged: dict[str, str] = {}
+    refused = 0
+    lock = threading.Lock()
+
+    def sender(n: int) -> None:
+        nonlocal refused
+        client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=30)
+        client.login("alpha", PASSWORD)
+        for i in range(25):
+            message = make_message(4000 + 37 * n + i, subject=f"behind {n}.{i}")
+            for _attempt in range(3):
+                try:
+                    client.sendmail("alpha@hub.test", ["beta@hub.test"], message)
+                except smtplib.SMTPDataError as exc:
+                    assert exc.smtp_code == 451, exc
+                    with lock:
+                        refused += 1
+                    continue
+                with lock:
+                    acknowledged[MID_RE.search(message).group(1).decode()] = hashlib.sha256(message).hexdigest()
+                break
+        client.quit()
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not armed.exists(), "no batch was written behind a commit: the fault never fired"
+    assert refused >= 1 and len(acknowledged) == 8 * 25
+    assert not no_trace(hub)
+    assert hub.stop() == 0
+    hub.in_process_from_now_on().start()  # start-up recovery finds nothing to undo
+    copies: dict[str, list[str]] = {}
+    for _qid, blob, offset, size in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages"):
+        with open(hub.data_dir / "blobs" / blob, "rb") as f:
+            data = os.pread(f.fileno(), size, offset)
+        body = data[data.index(b"\r\nFrom: ") + 2 :]
+        copies.setdefault(MID_RE.search(body).group(1).decode(), []).append(hashlib.sha256(body).hexdigest())
+    print(f"\nacknowledged {len(acknowledged)}, refused with 451 {refused}, stored {sum(map(len, copies.values()))}")
+    assert {mid: [digest] for mid, digest in acknowledged.items()} == copies
+    assert hub.stop() == 0
 
 
 def test_a_hub_killed_with_a_batch_written_behind_a_commit_loses_nothing_and_restores_nothing_unacknowledged(
