@@ -509,7 +509,11 @@ class Storage:
                     log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
                     self._dropped_events = 0
                 written = await self._write_batch(batch, loose, committing)
-                before_committed = True if committing is None else await committing
+                try:
+                    before_committed = True if committing is None else await committing
+                except Exception:  # a bug past its commit: the batch behind is failed, never stranded
+                    log.exception("group commit ended abnormally; the batch written behind it is failed")
+                    before_committed = False
                 committing = None
                 if written is None:
                     continue
@@ -635,15 +639,18 @@ class Storage:
                 item.spool.packed(sha256)
             elif self.objects is not None:
                 self.objects.committed(item.blob, _file_size(item.spool.path))
-            for listener in self._listeners:
-                listener.committed(
-                    item.meta.sender_site,
-                    [d.site_id for d in item.deliveries],
-                    item.spool.size,
-                    item.received_at,
-                )
-            if item.on_committed is not None:
-                item.on_committed()
+            try:  # the mail is committed: a listener's failure must not keep its 250 (or the next batch's answer)
+                for listener in self._listeners:
+                    listener.committed(
+                        item.meta.sender_site,
+                        [d.site_id for d in item.deliveries],
+                        item.spool.size,
+                        item.received_at,
+                    )
+                if item.on_committed is not None:
+                    item.on_committed()
+            except Exception:
+                log.exception("a listener failed on committed mail %s (the mail stands)", item.spool.queue_id)
             if not item.done.done():
                 item.done.set_result(None)
         return True
@@ -654,22 +661,24 @@ class Storage:
         before may still commit); otherwise every uncommitted batch's frames go."""
         loop = asyncio.get_running_loop()
         log.error("commit of %d message(s) and %d event(s) failed: %s", len(batch), loose, str(exc) or repr(exc))
-        if isinstance(exc, (asyncio.CancelledError, _Unsettled, CommitUnknown)):
-            # cancelled, or not settled, the request may have been committed by the writer:
-            # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
-            self._last_commit = None  # asked again before the next batch
-            await asyncio.shield(loop.run_in_executor(self.executor, self._packs.close))
-        else:
-            if not pack_cut_back:
-                self._last_commit = None
-                await loop.run_in_executor(self.executor, self._packs.abandon)
-            await loop.run_in_executor(self.executor, self._remove_blobs, batch)
-            if self.objects is not None:
-                await self.objects.discard([item.blob for item in batch])
-        error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-        for item in batch:
-            if not item.done.done():
-                item.done.set_exception(error)
+        try:
+            if isinstance(exc, (asyncio.CancelledError, _Unsettled, CommitUnknown)):
+                # cancelled, or not settled, the request may have been committed by the writer:
+                # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
+                self._last_commit = None  # asked again before the next batch
+                await asyncio.shield(loop.run_in_executor(self.executor, self._packs.close))
+            else:
+                if not pack_cut_back:
+                    self._last_commit = None
+                    await loop.run_in_executor(self.executor, self._packs.abandon)
+                await loop.run_in_executor(self.executor, self._remove_blobs, batch)
+                if self.objects is not None:
+                    await self.objects.discard([item.blob for item in batch])
+        finally:  # its senders are told even if undoing it failed (start-up recovery finishes that)
+            error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(error)
 
     def _keep_cached(self, items: list[BatchItem]) -> None:
         """Note the committed mails; past KEEP_CACHED bytes, the oldest ones are dropped from the

@@ -20,6 +20,7 @@ import pytest
 from test_storage_faults import arm_fault, no_trace
 
 from storage import db, envelope, ledger, recovery
+from storage.errors import StorageError
 from storage.index_writer import BatchItem
 from storage.packs import PackWriter
 from storage.store import MessageMeta, Storage
@@ -346,3 +347,86 @@ def test_a_hub_killed_with_a_batch_written_behind_a_commit_loses_nothing_and_res
     assert in_doubt <= len(unanswered)
     assert not no_trace(hub)
     assert hub.stop() == 0
+
+
+def test_a_listener_that_raises_neither_strands_the_batch_behind_nor_puts_the_pack_writer_out_of_step(tmp_path):
+    """A mailbox listener raising after a group commit (a bug elsewhere) must not end the pipeline:
+    every sender gets an answer, the pack writer's uncommitted batches stay those of the pipeline,
+    and a later failed commit cuts back only its own frames, never those of acknowledged mail."""
+    mails = {n: f"Subject: listener {n}\r\n\r\n{'y' * (2000 + n)}\r\n".encode() for n in range(240)}
+
+    class Raising:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def committed(self, *_args: object) -> None:
+            self.calls += 1
+            if self.calls in (40, 41, 90):  # mid-stream: batches are being written behind commits
+                raise RuntimeError("a listener's bug")
+
+        def fetched_committed(self, *_args: object) -> None:
+            pass
+
+        def removed(self, *_args: object) -> None:
+            pass
+
+    async def play() -> tuple[dict[str, int], int, list[int], int]:
+        storage = Storage(tmp_path)
+        await storage.open()
+        storage.add_listener(Raising())
+        real_call = storage._writer.call
+        fail_commit = {"at": 0}
+
+        async def call(method, *args):  # a commit that fails (the index full, say) once armed
+            if method.__name__ == "commit_batch" and args[0] and fail_commit["at"] == 1:
+                fail_commit["at"] = 2
+                raise StorageError("injected: the index commit failed")
+            return await real_call(method, *args)
+
+        storage._writer.call = call
+        stored: dict[str, int] = {}
+        stranded: list[int] = []
+        refused = 0
+        try:
+
+            async def one(n: int) -> None:
+                nonlocal refused
+                await asyncio.sleep(n * 0.0005)
+                if n == 160:
+                    fail_commit["at"] = 1
+                spool = storage.new_spool()
+                spool.write(mails[n])
+                try:
+                    await asyncio.wait_for(
+                        asyncio.shield(
+                            storage.commit(
+                                spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"]
+                            )
+                        ),
+                        15,
+                    )
+                except TimeoutError:
+                    stranded.append(n)
+                    return
+                except StorageError:
+                    refused += 1
+                    return
+                stored[spool.queue_id] = n
+
+            await asyncio.gather(*(one(n) for n in mails))
+            return stored, refused, stranded, storage._packs.uncommitted
+        finally:
+            await storage.close()
+
+    stored, refused, stranded, uncommitted = asyncio.run(play())
+    assert stranded == [], f"{len(stranded)} sender(s) never got an answer"
+    assert uncommitted == 0, "the pack writer holds batches the pipeline does not"
+    assert refused >= 1 and len(stored) + refused == len(mails), "the injected commit failure never fired"
+    with contextlib.closing(db.connect(tmp_path)) as conn:
+        rows = conn.execute("SELECT queue_id, blob, blob_offset, size FROM messages").fetchall()
+    found = {qid: (blob, offset, size) for qid, blob, offset, size in rows}
+    for qid, n in stored.items():  # every acknowledged mail is there, byte-exact
+        assert qid in found, f"acknowledged mail {n} has no index row"
+        blob, offset, size = found[qid]
+        with open(tmp_path / "blobs" / blob, "rb") as f:
+            assert os.pread(f.fileno(), size, offset) == mails[n], f"acknowledged mail {n} was cut off its pack"
