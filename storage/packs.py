@@ -90,6 +90,15 @@ class PackWriter:
             self._cut_back(list(self._uncommitted))
             self._uncommitted.clear()
 
+    def unsettled(self) -> None:
+        """Whether the oldest uncommitted batch was committed is unknown: its frames stay (start-up
+        recovery moves them aside if it was not) and the pack is closed; a batch written behind it
+        stays listed, to be cut back when it fails in turn."""
+        with self._lock:
+            if self._uncommitted:
+                self._uncommitted.popleft()
+            self._close()
+
     def abandon_newest(self) -> None:
         """The newest batch written failed before its commit was asked for: cut back only it (the
         batch before it may still commit)."""

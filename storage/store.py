@@ -666,7 +666,7 @@ class Storage:
                 # cancelled, or not settled, the request may have been committed by the writer:
                 # its pack bytes and blobs stay (start-up recovery moves them aside if they were not)
                 self._last_commit = None  # asked again before the next batch
-                await asyncio.shield(loop.run_in_executor(self.executor, self._packs.close))
+                await asyncio.shield(loop.run_in_executor(self.executor, self._packs.unsettled))
             else:
                 if not pack_cut_back:
                     self._last_commit = None

@@ -20,7 +20,7 @@ import pytest
 from test_storage_faults import arm_fault, no_trace
 
 from storage import db, envelope, ledger, recovery
-from storage.errors import StorageError
+from storage.errors import CommitUnknown, StorageError
 from storage.index_writer import BatchItem
 from storage.packs import PackWriter
 from storage.store import MessageMeta, Storage
@@ -430,3 +430,58 @@ def test_a_listener_that_raises_neither_strands_the_batch_behind_nor_puts_the_pa
         blob, offset, size = found[qid]
         with open(tmp_path / "blobs" / blob, "rb") as f:
             assert os.pread(f.fileno(), size, offset) == mails[n], f"acknowledged mail {n} was cut off its pack"
+
+
+def test_a_commit_of_unknown_outcome_keeps_its_frames_but_the_batch_behind_it_leaves_no_trace(tmp_path):
+    """CommitUnknown (PostgreSQL lost the answer to COMMIT) for a batch with another written behind
+    it: the unknown one's frames stay (start-up recovery decides), the one behind was never sent to
+    the index, its senders get 451: none of its frames, nor a pack it began, may stay."""
+    mails = {n: f"Subject: unknown {n}\r\n\r\n{'z' * (2500 + n)}\r\n".encode() for n in range(120)}
+
+    async def play() -> tuple[set[str], dict[str, int], int]:
+        storage = Storage(tmp_path)
+        await storage.open()
+        real_call = storage._writer.call
+        unknown: set[str] = set()
+
+        async def call(method, *args):
+            if method.__name__ == "commit_batch" and args[0] and not unknown and len(stored) >= 30:
+                deadline = time.monotonic() + 20
+                while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)  # the next batch is written behind this commit
+                assert storage._packs.uncommitted == 2, "no batch was written behind the commit"
+                unknown.update(item.queue_id for item in args[0])
+                raise CommitUnknown("injected: the answer to COMMIT was lost")
+            return await real_call(method, *args)
+
+        storage._writer.call = call
+        stored: dict[str, int] = {}
+        refused = 0
+        try:
+
+            async def one(n: int) -> None:
+                nonlocal refused
+                await asyncio.sleep(n * 0.0005)
+                spool = storage.new_spool()
+                spool.write(mails[n])
+                try:
+                    await storage.commit(
+                        spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"]
+                    )
+                except StorageError:
+                    refused += 1
+                    return
+                stored[spool.queue_id] = n
+
+            await asyncio.gather(*(one(n) for n in mails))
+            return unknown, stored, refused
+        finally:
+            await storage.close()
+
+    unknown, stored, refused = asyncio.run(play())
+    assert unknown and refused > len(unknown)  # the batch behind was refused too
+    with contextlib.closing(db.connect(tmp_path)) as conn:
+        committed = {qid for (qid,) in conn.execute("SELECT queue_id FROM messages")}
+    assert set(stored) == committed
+    left = {r["q"] for r in pack_records(tmp_path / "blobs")} - committed - unknown
+    assert left == set(), f"frames of {len(left)} mail(s) refused with 451, never sent to the index, stayed"
