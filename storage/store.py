@@ -107,8 +107,7 @@ class _Written:
     loose: list[tuple[Any, ...]]  # event rows riding along
     seq: int
     attempt: int
-    ends: dict[str, int]  # pack -> end of its last frame
-    packed: bool  # it wrote frames (PackWriter.committed after its commit)
+    ends: dict[str, int]  # pack -> end of its last frame (empty: it wrote no frames)
 
 
 class Storage:
@@ -593,7 +592,7 @@ class Storage:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return None
-        return _Written(items, [events.row(e) for e in loose], seq, attempt, ends, bool(packed))
+        return _Written(items, [events.row(e) for e in loose], seq, attempt, ends)
 
     async def _index_commit(self, batch: list[_Pending], written: _Written) -> bool:
         """Phase two: the index writer commits the batch's rows as group commit `seq`; then each
@@ -616,7 +615,7 @@ class Storage:
                 digests = await self._settle(batch)
             if written.items:
                 self._last_commit = (written.seq, written.attempt)
-            if written.packed:
+            if written.ends:  # it wrote frames
                 self._packs.committed()
             self._keep_cached(written.items)
         except BaseException as exc:

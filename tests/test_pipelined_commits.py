@@ -17,7 +17,7 @@ import time
 import zlib
 
 import pytest
-from test_storage_faults import arm_fault, no_trace
+from test_storage_faults import arm_fault, no_trace, stored_by_message_id
 
 from storage import db, envelope, ledger, recovery
 from storage.errors import CommitUnknown, StorageError
@@ -207,6 +207,15 @@ def test_recovery_takes_two_uncommitted_group_commits_past_the_index_and_no_more
     assert any("uncommitted" in line for line in report.quarantined), report.quarantined
 
 
+def run_senders(sender, count: int = 8) -> None:
+    """sender(n) for n in range(count), each in a thread of its own, all at once; waits for them."""
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
 def _writer_children(data_dir) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -252,22 +261,13 @@ def test_a_batch_failing_behind_a_commit_gets_451_and_leaves_no_trace_while_the_
                 break
         client.quit()
 
-    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_senders(sender)
     assert not armed.exists(), "no batch was written behind a commit: the fault never fired"
     assert refused >= 1 and len(acknowledged) == 8 * 25
     assert not no_trace(hub)
     assert hub.stop() == 0
     hub.in_process_from_now_on().start()  # start-up recovery finds nothing to undo
-    copies: dict[str, list[str]] = {}
-    for _qid, blob, offset, size in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages"):
-        with open(hub.data_dir / "blobs" / blob, "rb") as f:
-            data = os.pread(f.fileno(), size, offset)
-        body = data[data.index(b"\r\nFrom: ") + 2 :]
-        copies.setdefault(MID_RE.search(body).group(1).decode(), []).append(hashlib.sha256(body).hexdigest())
+    copies = stored_by_message_id(hub)
     print(f"\nacknowledged {len(acknowledged)}, refused with 451 {refused}, stored {sum(map(len, copies.values()))}")
     assert {mid: [digest] for mid, digest in acknowledged.items()} == copies
     assert hub.stop() == 0
@@ -301,11 +301,7 @@ def test_a_hub_killed_with_a_batch_written_behind_a_commit_loses_nothing_and_res
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 client.quit()
 
-    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_senders(sender)
     assert not armed.exists(), "no batch was written behind a commit: the fault never fired"
     wait_for(lambda: hub.proc.poll() is not None, 10, message="the hub killed itself")
     wait_for(lambda: not _writer_children(hub.data_dir), 10, message="its index writer ended")
@@ -328,12 +324,7 @@ def test_a_hub_killed_with_a_batch_written_behind_a_commit_loses_nothing_and_res
         client.quit()
         acknowledged[mid] = hashlib.sha256(message).hexdigest()
         retried += 1
-    copies: dict[str, list[str]] = {}
-    for _qid, blob, offset, size in hub.query("SELECT queue_id, blob, blob_offset, size FROM messages"):
-        with open(hub.data_dir / "blobs" / blob, "rb") as f:
-            data = os.pread(f.fileno(), size, offset)
-        body = data[data.index(b"\r\nFrom: ") + 2 :]
-        copies.setdefault(MID_RE.search(body).group(1).decode(), []).append(hashlib.sha256(body).hexdigest())
+    copies = stored_by_message_id(hub)
     lost = [mid for mid in acknowledged if mid not in copies]
     damaged = [mid for mid, digest in acknowledged.items() if any(d != digest for d in copies.get(mid, ()))]
     duplicated = [mid for mid in acknowledged if len(copies.get(mid, ())) > 1 and mid not in unanswered]
