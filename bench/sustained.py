@@ -8,7 +8,8 @@
 # stock logging: to syslog, which here has no daemon listening, so nothing is written), or "both".
 # Per round and side: mails/s (MB/s for 50 MB mails), CPU seconds per mail of the server's
 # processes (the hub's event-loop process and its index writer apart; Postfix: master and all its
-# children, exited ones included), the backlog the round started on; per workload the median of
+# children, exited ones included, up to the end of its deliveries: after each Postfix slice the
+# next one waits until its queue is empty), the backlog the round started on; per workload the median of
 # the per-round ratios against each Postfix and the hub's peak RSS (VmHWM of the hub plus the
 # private memory of its index writer). Prints one table per workload, ready for docs/benchmarks.md.
 # Imports nothing of the hub's internals (it runs `mailhub serve` and speaks SMTP).
@@ -111,11 +112,36 @@ def send(port, workload, mails, body, auth):
     return asyncio.run(blast(LOOPBACK, port, sessions, mails, size, body=body, **kw))
 
 
-class Side:
-    """One server under test: sends slices and keeps the per-round figures."""
+def machine_cpu():
+    """(busy, all) jiffies of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
-    def __init__(self, name, port, cpu, auth):
-        self.name, self.port, self.cpu, self.auth = name, port, cpu, auth
+
+def queue_drained(queue_dir, deadline=120.0):
+    """Wait until Postfix has delivered (discarded) every mail it queued; the seconds it took. Its
+    deliveries are its work for the slice: counted in its CPU, and not left to run in the next
+    side's slice (where they took up to a core from the server measured then)."""
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        queued = any(
+            files for sub in ("maildrop", "incoming", "active") for _, _, files in os.walk(os.path.join(queue_dir, sub))
+        )
+        if not queued:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    warn("Postfix's queue %s still held mail after %.0f s" % (queue_dir, deadline))
+    return time.monotonic() - start
+
+
+class Side:
+    """One server under test: sends slices and keeps the per-round figures. `settle()`, if any,
+    waits after a slice until the server has done the work the slice left it (Postfix: delivering)."""
+
+    def __init__(self, name, port, cpu, auth, settle=None):
+        self.name, self.port, self.cpu, self.auth, self.settle = name, port, cpu, auth, settle
         self.rate = None  # mails/s of the last slice (sizes the next one)
         self.rounds = []
 
@@ -123,7 +149,7 @@ class Side:
         """Send for at least `seconds`; the round's figures."""
         sessions = workload[3]
         totals = {"mails": 0, "bytes": 0, "seconds": 0.0, "failures": 0}
-        cpu_before = self.cpu()
+        cpu_before, machine_before = self.cpu(), machine_cpu()
         while totals["seconds"] < seconds:
             left = seconds - totals["seconds"]
             mails = max(2 * sessions, int((self.rate or 0) * left * 1.05) or 4 * sessions)
@@ -135,8 +161,12 @@ class Side:
             if result.get("failures"):
                 warn("%s: %d mails failed: %s" % (self.name, result["failures"], result.get("errors", [])[:3]))
                 break
-        cpu_after = self.cpu()
+        settled = self.settle() if self.settle is not None else 0.0
+        cpu_after, machine_after = self.cpu(), machine_cpu()
         figures = dict(totals)
+        busy, every = (after - before for after, before in zip(machine_after, machine_before, strict=True))
+        figures["machine_busy"] = (os.cpu_count() or 1) * busy / every if every else 0.0  # cores busy
+        figures["settle_s"] = settled
         figures["mails_per_s"] = totals["mails"] / totals["seconds"] if totals["seconds"] else 0.0
         figures["mb_per_s"] = totals["bytes"] / 1e6 / totals["seconds"] if totals["seconds"] else 0.0
         figures["cpu"] = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
@@ -170,7 +200,16 @@ def run_workload(workload, workdir, logs_dir, args):
             pf_dir = tempfile.mkdtemp(prefix="sustained-postfix-%s-" % kind, dir=workdir)
             stack.callback(shutil.rmtree, pf_dir, ignore_errors=True)
             port, master = stack.enter_context(postfix_server(pf_dir, kind))
-            sides.append(Side("postfix-" + kind, port, lambda m=master: {"postfix": tree_cpu(m)}, auth=False))
+            queue = os.path.join(os.path.abspath(pf_dir), "postfix", "queue")
+            sides.append(
+                Side(
+                    "postfix-" + kind,
+                    port,
+                    lambda m=master: {"postfix": tree_cpu(m)},
+                    auth=False,
+                    settle=lambda q=queue: queue_drained(q),
+                )
+            )
         backlog = 0
         if args.prefill:
             log("  prefill: %d mails into the hub's mailbox ..." % args.prefill)
@@ -186,7 +225,8 @@ def run_workload(workload, workdir, logs_dir, args):
                 if side.name == "hub":
                     backlog += figures["mails"]
                 log(
-                    "  round %d %-15s %8.1f mails/s %7.1f MB/s  CPU %.2f ms/mail  (%d mails, %.1f s, load %.1f)"
+                    "  round %d %-15s %8.1f mails/s %7.1f MB/s  CPU %.2f ms/mail  (%d mails, %.1f s,"
+                    " load %.1f, cores busy %.2f%s)"
                     % (
                         round_no + 1,
                         side.name,
@@ -196,6 +236,8 @@ def run_workload(workload, workdir, logs_dir, args):
                         figures["mails"],
                         figures["seconds"],
                         figures["load"],
+                        figures["machine_busy"],
+                        ", its queue drained %.1f s later" % figures["settle_s"] if side.settle else "",
                     )
                 )
             row["hub_peak_rss"] = hub_peak_rss(hub.proc.pid)
