@@ -2,8 +2,8 @@
 # blobs/, written by the hub process (storage/store.py, in its worker threads, one batch at a time):
 # the index writer process gets only their index rows. A batch is appended to the open pack with
 # one writev and made durable with one fdatasync (a file creation costs far more than writing 10
-# KB); its hashes and records are made on the event loop, so that the thread does little besides
-# the two system calls (Python in a worker thread waits for the GIL while the loop is busy). Each message
+# KB); its hashes and records are made on the event loop, so that the thread takes the GIL back
+# only a few times per batch (on a busy loop each of them waits). Each message
 # is a frame: header, envelope record, message bytes (storage/envelope.py), so that a pack
 # describes itself. A new pack is made the way a single message is (spool file, fsync, rename into
 # blobs/, folder fsync), so a name under blobs/ never shows a file whose indexed bytes are not

@@ -2,10 +2,10 @@
 # list and delete mailbox entries, free blobs with their last reference, keep per-site download totals.
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync (one per folder for all the
 # files of a group commit) -> index commit -> caller may reply 250. Must never report success
-# before all four are done. Small messages go as a group: hashed as each one ends (in a worker
-# thread unless tiny), their records made on the event loop, a batch of them is appended to the
-# open pack with one writev and one fdatasync (storage/packs.py, in a worker thread of this
-# process), then the index writer commits their rows: message bytes never cross to the writer.
+# before all four are done. Small messages go as a
+# group: hashed on the event loop as each one ends, their records made there too, a batch of them
+# is appended to the open pack with one writev and one fdatasync (storage/packs.py, in a worker
+# thread of this process), then the index writer commits their rows: message bytes never cross to the writer.
 # Batches are pipelined: the next batch is written to the pack while the index commits the one
 # before, and is committed only after that one is (if it fails, the next fails with it). A record
 # names as its predecessor only a group commit known to be committed (storage/rebuild.py takes that
@@ -69,9 +69,6 @@ _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and count
 # system time per MB; docs/benchmarks.md, issue 24).
 KEEP_CACHED = max(256 * 1024 * 1024, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
 _FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
-HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread
-# (Storage._digest; docs/benchmarks.md, session 38: on the loop a 1 MB mail waited less for its
-# hash, but the loop's CPU per mail rose by a quarter, which lowers what one hub can take at all)
 
 
 class MailboxListener(Protocol):
@@ -371,11 +368,10 @@ class Storage:
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory and self.objects is None:
             chunks = spool.take_chunks()
-            try:
-                sha256, crc32 = await self._digest(chunks)
-            except BaseException:
-                spool.release()
-                raise
+            # hashed here, on the event loop (at most SMALL_MESSAGE bytes: ~2 ms): in a worker
+            # thread a 1 MB mail's ~0.9 ms hash took ~3.6 ms from its end on a busy loop, the rest
+            # the thread's waits for the GIL (docs/benchmarks.md, session 38)
+            sha256, crc32 = digest(chunks)
             item = _Pending(
                 spool,
                 meta,
@@ -426,14 +422,6 @@ class Storage:
         faults.hit("hub", "committed")
         if item.remote and self.on_outbound is not None:
             self.on_outbound()
-
-    async def _digest(self, chunks: list[bytes]) -> tuple[str, int]:
-        """SHA-256 and CRC-32 of a small message, as it ends: from HASH_IN_THREAD_AT bytes up in a
-        worker thread (hashlib and zlib let go of the GIL: the event loop's one core is what bounds
-        the hub with many senders), a smaller one here at once (a hand-off would cost more)."""
-        if sum(map(len, chunks)) < HASH_IN_THREAD_AT:
-            return digest(chunks)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, digest, chunks)
 
     async def _upload(self, objects: ObjectBlobs, path: str, blob: str) -> None:
         """The blob file into the object store before its commit; on failure the file goes
