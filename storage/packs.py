@@ -1,9 +1,7 @@
 # Packs: small messages (whole in memory at end of data) are stored together in pack files under
 # blobs/, written by the hub process (storage/store.py, in its worker threads, one batch at a time):
-# the index writer process gets only their index rows. A batch is appended to the open pack with
-# one writev and made durable with one fdatasync (a file creation costs far more than writing 10
-# KB); its hashes and records are made on the event loop, so that the thread takes the GIL back
-# only a few times per batch (on a busy loop each of them waits). Each message
+# the index writer process gets only their index rows. A batch is appended to the open pack and
+# made durable with one fdatasync (a file creation costs far more than writing 10 KB). Each message
 # is a frame: header, envelope record, message bytes (storage/envelope.py), so that a pack
 # describes itself. A new pack is made the way a single message is (spool file, fsync, rename into
 # blobs/, folder fsync), so a name under blobs/ never shows a file whose indexed bytes are not
@@ -23,6 +21,7 @@ import hashlib
 import os
 import threading
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import faults
@@ -51,12 +50,13 @@ class PackWriter:
         """The open pack's blob name, or None."""
         return self._blob
 
-    def write(self, messages: list["BatchItem"], records: list[bytes]) -> dict[str, int]:
+    def write(self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes]) -> dict[str, int]:
         """Make a batch of small messages durable: index_writer.BatchItems with their `data`,
         `spool_path` (the file a new pack starts as) and `blob` (the name a pack they begin takes),
-        and records[i] the envelope record of messages[i]. Sets each one's blob and offset; returns
-        each pack written to with the end of its last frame. Raises StorageError (its own frames
-        cut back)."""
+        and their sha256 and crc32 when known (else computed here); record_of(message) is its
+        envelope record (after `sha256` is set). Sets each one's blob, offset, sha256 and crc32;
+        returns each pack written to with the end of its last frame. Raises StorageError (and
+        abandons)."""
         if not messages:
             return {}
         with self._lock:
@@ -64,7 +64,7 @@ class PackWriter:
             made: list[str] = []
             try:
                 faults.hit("hub", "before_pack")
-                ends = self._write(messages, records, made)
+                ends = self._write(messages, record_of, made)
             except OSError as exc:
                 self._cut_back([(cut, made)])  # this batch only: the one before may still commit
                 raise storage_error(exc) from exc
@@ -121,20 +121,18 @@ class PackWriter:
             for path in made:
                 unlink_quietly(path)
 
-    def _write(self, messages: list["BatchItem"], records: list[bytes], made: list[str]) -> dict[str, int]:
+    def _write(
+        self, messages: list["BatchItem"], record_of: Callable[["BatchItem"], bytes], made: list[str]
+    ) -> dict[str, int]:
         written = []  # fds of the packs written to, in order
         begun: dict[int, tuple[str, str]] = {}  # fd -> (spool path, blob) of the packs this batch begins
         ends: dict[str, int] = {}  # blob -> end of its last frame
-        frames: list[bytes] = []  # the open pack's, not yet written: one writev for all of them
         try:
-            for message, record in zip(messages, records, strict=True):
+            for message in messages:
                 chunks, spool_path = message.data, message.spool_path
                 assert chunks is not None and spool_path is not None, "a packed message comes with both"
                 size = sum(map(len, chunks))
                 if self._fd < 0 or (self._size and self._size + size > PACK_SIZE):
-                    if frames:
-                        write_all_vectored(self._fd, frames)
-                        frames = []
                     if self._fd not in written:
                         self._close()
                     self._fd = -1
@@ -142,16 +140,17 @@ class PackWriter:
                     self._fd, self._blob, self._size = fd, message.blob, 0
                     begun[fd] = (spool_path, message.blob)
                     written.append(fd)
+                if message.sha256 is None or message.crc32 is None:
+                    message.sha256, message.crc32 = digest(chunks)
                 assert self._blob is not None  # the pack open (or just begun)
                 message.blob = self._blob
+                record = record_of(message)
                 message.offset = self._size + HEADER_SIZE + len(record)
-                frames += (frame_header(record, size), record, *chunks)
+                write_all_vectored(self._fd, [frame_header(record, size), record, *chunks])
                 self._size = message.offset + size
                 ends[message.blob] = self._size
                 if not written or written[-1] != self._fd:
                     written.append(self._fd)
-            if frames:
-                write_all_vectored(self._fd, frames)
             faults.hit("hub", "pack_written")
             for fd in written:
                 (os.fsync if fd in begun else os.fdatasync)(fd)

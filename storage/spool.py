@@ -4,8 +4,7 @@
 # bytes start going to disk while it streams (start_writeback every WRITEBACK_AT bytes), so that the
 # final fsync, which the client waits for, has only the tail left to flush.
 # A small message (all of it still queued, under SMALL_MESSAGE) is instead handed whole to the
-# storage facade, which hashes it (on the event loop, or in the pack writer's thread if tiny) and
-# appends it with its batch to a pack file
+# storage facade, which hashes it in a worker thread and appends it with its batch to a pack file
 # (storage/store.py, storage/packs.py); the index writer process only commits its rows.
 # Memory per message is bounded by MAX_QUEUED, and memory of all messages in flight by one
 # MemoryBudget (storage/memory_budget.py): past it, messages held in memory are written out early.

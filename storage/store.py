@@ -3,9 +3,9 @@
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync (one per folder for all the
 # files of a group commit) -> index commit -> caller may reply 250. Must never report success
 # before all four are done. Small messages go as a
-# group: hashed on the event loop as each one ends, their records made there too, a batch of them
-# is appended to the open pack with one writev and one fdatasync (storage/packs.py, in a worker
-# thread of this process), then the index writer commits their rows: message bytes never cross to the writer.
+# group: hashed in worker threads as each one ends (or with the batch, if tiny), a batch of them
+# is appended to the open pack with one fdatasync (storage/packs.py, in a worker thread of this
+# process), then the index writer commits their rows: message bytes never cross to the writer.
 # Batches are pipelined: the next batch is written to the pack while the index commits the one
 # before, and is committed only after that one is (if it fails, the next fails with it). A record
 # names as its predecessor only a group commit known to be committed (storage/rebuild.py takes that
@@ -69,6 +69,8 @@ _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and count
 # system time per MB; docs/benchmarks.md, issue 24).
 KEEP_CACHED = max(256 * 1024 * 1024, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
 _FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
+HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread as
+# soon as it ends (in parallel with the event loop and other mails); a smaller one with its batch
 
 
 class MailboxListener(Protocol):
@@ -93,7 +95,7 @@ class _Pending:
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None  # a small message's chunks, still to be written by the batch
     on_committed: Callable[[], None] | None = None  # called right after the listeners heard of the commit
-    sha256: str | None = None  # a small message's digests
+    sha256: str | None = None  # a small message's digests, if hashed already
     crc32: int | None = None
 
 
@@ -368,10 +370,13 @@ class Storage:
         done = asyncio.get_running_loop().create_future()
         if spool.in_memory and self.objects is None:
             chunks = spool.take_chunks()
-            # hashed here, on the event loop (at most SMALL_MESSAGE bytes: ~2 ms): in a worker
-            # thread a 1 MB mail's ~0.9 ms hash took ~3.6 ms from its end on a busy loop, the rest
-            # the thread's waits for the GIL (docs/benchmarks.md, session 38)
-            sha256, crc32 = digest(chunks)
+            sha256 = crc32 = None
+            if spool.size >= HASH_IN_THREAD_AT:
+                try:
+                    sha256, crc32 = await asyncio.get_running_loop().run_in_executor(self.executor, digest, chunks)
+                except BaseException:
+                    spool.release()
+                    raise
             item = _Pending(
                 spool,
                 meta,
@@ -555,7 +560,7 @@ class Storage:
             if packed:
 
                 def record_of(item: BatchItem) -> bytes:
-                    assert item.sha256 is not None  # hashed in commit()
+                    assert item.sha256 is not None  # set by the pack writer
                     item.structure = envelope.structure_json(item.meta)
                     return envelope.record(
                         item.queue_id,
@@ -572,9 +577,8 @@ class Storage:
                         crc=item.crc32,
                     )
 
-                records = [record_of(item) for item in packed]  # here: the thread only writes and syncs
                 ends = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._packs.write, packed, records
+                    self.executor, self._packs.write, packed, record_of
                 )
                 wrote = True
                 for item in packed:
