@@ -221,6 +221,7 @@ class Hub:
             self.cluster.on_missed = lambda _: self._catch_up(imap)
             # this node's reservations of mails in flight count on the others' ledgers too
             self.cluster.reservations = throttle.ledger.reservations
+            self.cluster.counted = lambda: storage.counted_seq  # (a snapshot older than a commit is told)
             throttle.ledger.on_reserved = self.cluster.note_reservations
             feeder.remote_kept = self.cluster.reservations_kept
         smtp.on_stored = lifecycle.mail_stored

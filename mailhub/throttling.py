@@ -66,9 +66,14 @@ class RemoteActivity:
     def remote_polled(self, site: int) -> None:
         self.ledger.note_poll(site, time.monotonic())
 
-    def remote_reserved(self, node: str, rows: list, submitting: list) -> None:
-        """Another node's reservations of mails in flight (its whole set, as it last told it)."""
-        self.ledger.node_reserved(node, rows, submitting, time.monotonic())
+    def remote_reserved(self, node: str, rows: list, submitting: list, counted: int | None = None) -> None:
+        """Another node's reservations of mails in flight (its whole set, as it last told it, with
+        its last group commit counted then)."""
+        self.ledger.node_reserved(node, rows, submitting, time.monotonic(), counted)
+
+    def remote_committed(self, node: str, seq: int, rows: list) -> None:
+        """Another node's group commit (its mails counted already): their reservations end."""
+        self.ledger.node_committed(node, seq, rows, time.monotonic())
 
 
 class SharedLedger:

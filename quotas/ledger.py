@@ -4,7 +4,10 @@
 # plus what the index cannot know yet (downloads in sessions still open, sizes reserved by
 # transactions in flight); volumes per UTC day and month; cumulative download counters. With several
 # nodes, also the other nodes' reservations in flight, as each last told them (their snapshots,
-# forgotten once too old: a node that died leaves nothing behind for long).
+# forgotten once too old: a node that died leaves nothing behind for long). A node's snapshot and
+# its commits travel apart (its cluster link, its index writer's transactions), so a snapshot taken
+# before one of its commits may come after it: each names the node's last group commit it had
+# counted, and the mails of a commit heard since are taken out of it (never counted twice).
 # Pure in-memory state; the caller passes figures and times. Never does I/O.
 #
 # Two clocks (see docs/integrity.md): a mail's arrival time and the UTC day and month it counts
@@ -23,6 +26,7 @@ from .limits import SiteUsage
 NO_SITE = 0  # sender key of mail from outside (a peer network): no site, no submitted quota
 VOLUME_WINDOW_DAYS = 40  # days of volume periods kept (a wall-clock step within it loses nothing)
 MAX_NODES = 64  # other nodes whose reservations in flight are counted at once
+MAX_ENDED = 1000  # another node's commits kept per node to take out of an older snapshot of its
 
 
 def volume_window(wall: float) -> tuple[str, str]:
@@ -59,7 +63,10 @@ class Ledger:
         self._latest_day = ""  # the latest UTC day a commit counted for
         # other nodes' reservations in flight: node -> (monotonic time told, rows, submitting), and
         # their sums over every node (receiver -> sender -> [bytes, count]; sender -> bytes)
-        self._remote: dict[str, tuple[float, list[tuple[int, int, int, int]], list[tuple[int, int]]]] = {}
+        self._remote: dict[str, tuple[float, list[tuple[int, int, int, int]], list[tuple[int, int]], int | None]] = {}
+        # other nodes' commits heard, newest last: node -> [(group commit, monotonic time heard,
+        # sender, receivers, stored size)], kept until a snapshot of the node counts them
+        self._ended: dict[str, list[tuple[int, float, int, list[int], int]]] = {}
         self._remote_for: dict[int, dict[int, list[int]]] = {}
         self._remote_submitting: dict[int, int] = {}
         self.on_reserved: Callable[[], None] | None = None  # called when this node's reservations change
@@ -206,24 +213,55 @@ class Ledger:
         return rows, [(sender, sum(by_token.values())) for sender, by_token in self._submitting.items()]
 
     def node_reserved(
-        self, node: str, rows: list[tuple[int, int, int, int]], submitting: list[tuple[int, int]], now: float
+        self,
+        node: str,
+        rows: list[tuple[int, int, int, int]],
+        submitting: list[tuple[int, int]],
+        now: float,
+        counted: int | None = None,
     ) -> None:
         """Another node's reservations in flight, as it last told them (in place of what it told
-        before) at monotonic time `now`."""
+        before) at monotonic time `now`; `counted`: its last group commit whose mails it had
+        counted then (the mails of its later commits heard here are not counted in it again)."""
+        ended = self._ended.get(node)
+        if ended and counted is not None:
+            ended[:] = [e for e in ended if e[0] > counted]  # counted in this snapshot: no longer needed
+            if not ended:
+                del self._ended[node]
         if rows or submitting:
             if node not in self._remote and len(self._remote) >= MAX_NODES:
                 return  # (payloads are not trusted: a flood of made-up node names stays bounded)
-            self._remote[node] = (now, rows, submitting)
+            self._remote[node] = (now, rows, submitting, counted)
         elif self._remote.pop(node, None) is None:
             return
         self._sum_remote()
 
+    def node_committed(
+        self, node: str, seq: int, mails: list[tuple[int | None, list[int], int, float]], now: float
+    ) -> None:
+        """Another node's group commit `seq` (its committed rows: sender, receivers, size, time),
+        heard at monotonic time `now` after the ledger counted its mails: the reservations of these
+        mails end here, in the snapshot of that node counted now and in any older one still to come."""
+        if not mails or (node not in self._ended and len(self._ended) >= MAX_NODES):
+            return
+        ended = self._ended.setdefault(node, [])
+        for sender, receivers, size, _at in mails:
+            ended.append((seq, now, NO_SITE if sender is None else sender, receivers, size))
+        del ended[:-MAX_ENDED]
+        if node in self._remote:
+            self._sum_remote()
+
     def forget_remote(self, before: float) -> list[str]:
         """Forget the reservations of nodes that told nothing since monotonic time `before` (a node
-        with mail in flight tells them again every second or so): the nodes forgotten."""
-        gone = [node for node, (told, _, _) in self._remote.items() if told < before]
+        with mail in flight tells them again every second or so): the nodes forgotten. Commits of
+        other nodes heard before then are forgotten too (a snapshot older than them came by now)."""
+        gone = [node for node, (told, _, _, _) in self._remote.items() if told < before]
         for node in gone:
             del self._remote[node]
+        for node, ended in list(self._ended.items()):
+            ended[:] = [e for e in ended if e[1] >= before]
+            if not ended:
+                del self._ended[node]
         if gone:
             self._sum_remote()
         return gone
@@ -231,14 +269,30 @@ class Ledger:
     def _sum_remote(self) -> None:
         total: dict[int, dict[int, list[int]]] = {}
         submitting: dict[int, int] = {}
-        for _, rows, sent in self._remote.values():
+        for node, (_, rows, sent, counted) in self._remote.items():
             for receiver, sender, size, count in rows:
                 pair = total.setdefault(receiver, {}).setdefault(sender, [0, 0])
                 pair[0] += size
                 pair[1] += count
             for sender, size in sent:
                 submitting[sender] = submitting.get(sender, 0) + size
-        self._remote_for, self._remote_submitting = total, submitting
+            if counted is None:
+                continue
+            for seq, _, sender, receivers, size in self._ended.get(node, ()):
+                if seq <= counted:
+                    continue
+                for receiver in receivers:  # (a snapshot taken before RCPT may lack it: never below 0)
+                    reserved = total.get(receiver, {}).get(sender)
+                    if reserved is not None:
+                        reserved[0] = max(reserved[0] - size, 0)
+                        reserved[1] = max(reserved[1] - 1, 0)
+                if sender in submitting:
+                    submitting[sender] = max(submitting[sender] - size, 0)
+        for by_sender in total.values():
+            for sender in [s for s, (size, count) in by_sender.items() if not count]:
+                del by_sender[sender]
+        self._remote_for = {receiver: by_sender for receiver, by_sender in total.items() if by_sender}
+        self._remote_submitting = {sender: size for sender, size in submitting.items() if size}
 
     def note_poll(self, site: int, now: float) -> None:
         """The site logged in at monotonic time `now`."""

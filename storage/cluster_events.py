@@ -7,7 +7,10 @@
 # writer sends the mailbox changes in the same transaction as the change (delivered at its commit,
 # never for a rolled-back one); the node's cluster link (storage/postgres/cluster.py) sends the
 # downloads and receives everything. Payloads stay under PostgreSQL's 8000-byte limit: a long list
-# is split over several NOTIFYs.
+# is split over several NOTIFYs. A payload of committed rows from a group commit names its number
+# ("k"), and a reservations snapshot the node's last group commit counted when it was taken: the
+# two travel on different connections, and the others tell by it a snapshot older than a commit
+# they heard (quotas/ledger.py).
 # Must never import psycopg (the PostgreSQL extra is optional) nor trust a payload: anything that
 # does not decode into the expected shape is refused with one line (any database user may NOTIFY);
 # its figures are bounded (ids positive, sizes up to 1 TiB, a commit's time not days ahead).
@@ -52,6 +55,8 @@ class Changes:
     # sender or 0, bytes, mails) and the senders' submitted bytes (sender, bytes)
     reserved: list[tuple[int, int, int, int]] | None = None
     submitting: list[tuple[int, int]] = field(default_factory=list)
+    # the node's group commit: of the committed rows, or for a snapshot the last one it had counted
+    seq: int | None = None
 
     def __len__(self) -> int:
         return (
@@ -74,20 +79,28 @@ MAX_RESERVED_ROWS: Final = 100
 MAX_SUBMITTING_ROWS: Final = 50
 
 
-def reservations_payload(node: str, rows: list[tuple[int, int, int, int]], submitting: list[tuple[int, int]]) -> str:
+def reservations_payload(
+    node: str, rows: list[tuple[int, int, int, int]], submitting: list[tuple[int, int]], counted: int | None = None
+) -> str:
     """A node's reservations in flight as one payload (the largest MAX_RESERVED_ROWS rows and
-    MAX_SUBMITTING_ROWS senders: under MAX_PAYLOAD whatever the figures)."""
+    MAX_SUBMITTING_ROWS senders: under MAX_PAYLOAD whatever the figures), with `counted`, the last
+    group commit of the node whose mails were counted (no longer reserved) when it was taken."""
     if len(rows) > MAX_RESERVED_ROWS:
         rows = sorted(rows, key=lambda row: row[2], reverse=True)[:MAX_RESERVED_ROWS]
     if len(submitting) > MAX_SUBMITTING_ROWS:
         submitting = sorted(submitting, key=lambda row: row[1], reverse=True)[:MAX_SUBMITTING_ROWS]
-    body = json.dumps({"z": rows, "zs": submitting}, separators=(",", ":"))
+    doc: dict[str, Any] = {"z": rows, "zs": submitting}
+    if counted is not None:
+        doc["k"] = counted
+    body = json.dumps(doc, separators=(",", ":"))
     return f'{{"n":{json.dumps(node[:NODE_MAX])},{body[1:]}'
 
 
 def payloads(changes: Changes) -> list[str]:
     """The changes as NOTIFY payloads of at most MAX_PAYLOAD bytes each (none when there are none)."""
     node = json.dumps(changes.node[:NODE_MAX])
+    if changes.seq is not None:  # (each payload of a group commit's rows names it)
+        node += f',"k":{changes.seq:d}'
     out: list[str] = []
     parts: dict[str, list[str]] = {}
     size = 0
@@ -115,6 +128,7 @@ def payloads(changes: Changes) -> list[str]:
 
 
 MAX_ID: Final = 2**31 - 1  # site ids (a PostgreSQL integer) are positive and at most this
+MAX_SEQ: Final = 2**63 - 1  # a node's group commit numbers
 MAX_SIZE: Final = 2**40  # bytes of one mail or one download report (far above any message limit)
 AT_SLACK: Final = 86_400.0  # a commit's time more than a day ahead of this node's clock is taken as now
 
@@ -184,6 +198,8 @@ def decode(payload: str, now: float | None = None) -> Changes:
                 (_int(r), _int(sender, 0), _size(size), _int(count, 1)) for r, sender, size, count in doc["z"]
             ]
             changes.submitting = [(_int(sender), _size(size)) for sender, size in doc.get("zs", [])]
+        if "k" in doc:
+            changes.seq = _int(doc["k"], 0, MAX_SEQ)
     except (TypeError, ValueError) as exc:
         raise BadPayload(f"bad row: {str(exc)[:80]}") from None
     return changes

@@ -318,6 +318,7 @@ class IndexWriter:
                         for i, item in enumerate(batch)
                         if i not in refused
                     ],
+                    seq=seq,  # (the other nodes tell by it a reservations snapshot older than this commit)
                 ),
             )
             files = [item.queue_id for i, item in enumerate(batch) if not item.packed and i not in refused]

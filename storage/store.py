@@ -157,6 +157,9 @@ class Storage:
         self._writer.node = self.node  # named in the mailbox changes told to other nodes (PostgreSQL index)
         self._packs = PackWriter(self._blob_folder)  # small messages' frames, written by the batch
         self._last_commit: tuple[int, int] | None = None  # (seq, attempt) of the writer's last group commit
+        # the last group commit whose mails the listeners counted (their reservations ended): named
+        # in this node's reservations snapshots (storage/cluster_events.py)
+        self.counted_seq: int | None = None
         self._batch_lock = asyncio.Lock()  # batches (pack writes and commits) vs emptying the trash
         self._trash_waiting = 0  # empty_trash calls waiting for _batch_lock: the pipeline lets go
         self._in_flight_seq: int | None = None  # the number of the group commit under way
@@ -234,6 +237,7 @@ class Storage:
         self._writer.commit_stream = self.layout.number  # several nodes: a stream of numbers each
         await self._writer.start()
         self._last_commit = await self._writer.call(IndexWriter.last_commit)
+        self.counted_seq = self._last_commit[0] if self._last_commit else None
         await self.keep_reserve()
         self._db = await open_reader(self.index)
         self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
@@ -652,6 +656,8 @@ class Storage:
                 log.exception("a listener failed on committed mail %s (the mail stands)", item.spool.queue_id)
             if not item.done.done():
                 item.done.set_result(None)
+        if written.items:  # (no await since the listeners counted them: no snapshot comes between)
+            self.counted_seq = written.seq
         return True
 
     async def _fail(self, batch: list[_Pending], loose: int, exc: BaseException, pack_cut_back: bool = False) -> None:

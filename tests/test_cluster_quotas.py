@@ -217,6 +217,70 @@ def test_a_mail_in_flight_on_one_node_counts_on_the_others(pg_index, make_hub, t
     assert two == one
 
 
+def test_a_snapshot_older_than_a_commit_never_counts_its_mail_again(pg_index, make_hub, tmp_path):
+    """Node A's reservations snapshot and its commit travel apart (its cluster link, its index
+    writer): the snapshot A took at RCPT can reach node B after the commit of that mail, 250
+    answered. Here it comes (as A's link would send it, delayed) once B has counted the commit:
+    B still counts the mail once, as A does (it counted it twice, and refused the next mail to a
+    volume quota it had room for: the two-node run of test_two_nodes_decide_as_one_node_does)."""
+    from storage.cluster_events import CHANNEL, reservations_payload
+
+    url, reset = pg_index
+    reset()
+    root = tmp_path / "shared"
+    root.mkdir()
+    common = {**SETTINGS, "MAILHUB_STORAGE_INDEX": url, "MAILHUB_STORAGE_BLOBS": str(root)}
+    a = make_hub(sites=ALPHA_BETA, MAILHUB_NODE_NAME="node-a", **common).start()
+    b = make_hub(MAILHUB_NODE_NAME="node-b", **common).start()
+    alpha = next(s for s in a._hub._sites.all_sites() if s.name == "alpha")
+    beta = _beta(a)
+    a._hub.cluster.reservations = None  # A's link tells no snapshot: the test sends them, late
+    counted = a._hub.storage.counted_seq  # A's snapshot at RCPT: the mail reserved, its commit to come
+    stale = reservations_payload("node-a", [(beta.id, alpha.id, len(MAIL), 1)], [(alpha.id, len(MAIL))], counted)
+    assert _submit(a)[:2] == ("data", 250)
+    wait_for(lambda: _view(b) == _view(a), message="node B counted the commit")
+    before = _view(a)
+    assert before[0][1] == 1 and before[2] > len(MAIL)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, stale))
+    ledger = b._hub._throttle.ledger
+    wait_for(lambda: "node-a" in ledger._remote, message="node B heard the late snapshot")
+    assert _view(b) == _view(a) == before
+    assert (
+        ledger.usage(alpha.id, time.time()).submitted_today
+        == a._hub._throttle.ledger.usage(alpha.id, time.time()).submitted_today
+    )
+    after = a._hub.storage.counted_seq
+    assert after is not None and after > (counted or 0)
+    with psycopg.connect(url, autocommit=True) as conn:  # node A's next snapshot (none in flight)
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, reservations_payload("node-a", [], [], after)))
+    wait_for(lambda: "node-a" not in ledger._remote, message="node B heard the next one")
+    assert _view(b) == before
+
+
+def test_the_ledger_takes_another_nodes_commits_out_of_its_older_snapshots():
+    """Node B's ledger: node A's commit heard before or after A's snapshot that still reserved
+    its mail; the mail counts once either way, and A's other mail in flight still counts."""
+    from quotas.ledger import Ledger
+
+    ledger = Ledger()
+    ledger.committed(5, [3], 300, 1.7e9)  # node A's group commit 8, as its index writer tells it
+    ledger.node_committed("node-a", 8, [(5, [3], 300, 1.7e9)], now=10.0)
+    ledger.node_reserved("node-a", [(3, 5, 300, 1), (3, 5, 70, 1)], [(5, 370)], now=10.1, counted=7)  # late
+    assert ledger.waiting(3) == {5: 370} and ledger.mailbox(3) == (370, 2)
+    assert ledger.usage(5, 1.7e9).submitted_today == 370
+    ledger.node_reserved("node-a", [(3, 5, 70, 1)], [(5, 70)], now=10.2, counted=8)  # the next one
+    assert ledger.waiting(3) == {5: 370} and ledger.mailbox(3) == (370, 2)
+    ledger.committed(5, [3], 70, 1.7e9)  # commit 9 heard while the snapshot of commit 8 is counted
+    ledger.node_committed("node-a", 9, [(5, [3], 70, 1.7e9)], now=10.3)
+    assert ledger.waiting(3) == {5: 370} and ledger.mailbox(3) == (370, 2)
+    assert ledger.usage(5, 1.7e9).submitted_today == 370
+    ledger.node_reserved("node-a", [], [], now=10.4, counted=9)
+    assert ledger.waiting(3) == {5: 370} and not ledger._ended
+    ledger.node_committed("node-a", 10, [(5, [3], 1, 1.7e9)], now=11.0)  # no snapshot of it comes:
+    assert ledger.forget_remote(before=16.5) == [] and not ledger._ended  # forgotten with time
+
+
 def test_the_ledger_counts_other_nodes_reservations_until_they_are_too_old():
     """What another node tells replaces what it told before; an empty set, or no news for the
     time the link allows, and they no longer count."""
@@ -248,7 +312,7 @@ def test_the_ledger_counts_other_nodes_reservations_until_they_are_too_old():
 
 
 def test_a_reservations_payload_fits_and_is_checked():
-    from storage.cluster_events import BadPayload, decode, reservations_payload
+    from storage.cluster_events import BadPayload, Changes, decode, payloads, reservations_payload
 
     payload = reservations_payload("node-a", [(3, 0, 100, 1), (3, 5, 2**40, 2)], [(5, 99)])
     changes = decode(payload)
@@ -258,6 +322,8 @@ def test_a_reservations_payload_fits_and_is_checked():
         [(5, 99)],
     )
     assert decode('{"n":"x","c":[]}').reserved is None  # not a snapshot: what was told stays
+    assert decode(reservations_payload("node-a", [], [], 2**40)).seq == 2**40 and changes.seq is None
+    assert [decode(p).seq for p in payloads(Changes("n", committed=[(1, [2], 3, 4.0)] * 700, seq=7))] == [7, 7]
     worst = reservations_payload("n" * 300, [(2**31 - 1, 2**31 - 1, 2**40, 2**31 - 1)] * 500, [(2**31 - 1, 2**40)] * 99)
     assert len(worst.encode()) < 7800 and len(decode(worst).reserved) == 100
     for bad in (
@@ -265,6 +331,7 @@ def test_a_reservations_payload_fits_and_is_checked():
         '{"n":"x","z":[[1,1,-2,1]]}',
         '{"n":"x","z":[[1,1,2,0]]}',
         '{"n":"x","z":[1]}',
+        '{"n":"x","z":[],"k":-1}',
     ):
         try:
             decode(bad)

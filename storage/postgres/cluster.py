@@ -72,8 +72,8 @@ class ClusterLink:
     """The node's cluster link. `await start()` connects (StorageError if PostgreSQL cannot be
     reached), `await close()` lets everything go. Listeners (storage.store.MailboxListener, plus
     optionally `remote_downloaded(site, bytes)`, `remote_polled(site)`,
-    `remote_reserved(node, rows, submitting)` and `remote_flags_changed([site, ...])`) hear of
-    other nodes' changes."""
+    `remote_reserved(node, rows, submitting, counted)`, `remote_committed(node, seq, rows)` and
+    `remote_flags_changed([site, ...])`) hear of other nodes' changes."""
 
     def __init__(
         self,
@@ -126,6 +126,9 @@ class ClusterLink:
         # this node's reservations in flight (the throttle's ledger: rows, submitting), told to the
         # others as soon as note_reservations() says they changed
         self.reservations: Callable[[], tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]] | None = None
+        # the last group commit of this node whose mails were counted (storage.Storage.counted_seq),
+        # named in each snapshot: the others take a commit they heard out of an older snapshot
+        self.counted: Callable[[], int | None] | None = None
         self._reservations_changed = True
         self._reservations_told: tuple[bool, float] = (False, 0.0)  # (any told, monotonic time)
         self.reservations_kept = RESERVATIONS_KEPT  # how long the others' count without news
@@ -277,11 +280,11 @@ class ClusterLink:
             ):
                 self._reservations_changed = False
                 rows, submitting = self.reservations()
+                counted = self.counted() if self.counted is not None else None  # (taken with them)
                 if rows or submitting or told:  # (an empty snapshot once, after the last mail in flight)
+                    payload = reservations_payload(self.node, rows, submitting, counted)
                     with self._deadline(conn):
-                        await conn.execute(
-                            "SELECT pg_notify(%s, %s)", (CHANNEL, reservations_payload(self.node, rows, submitting))
-                        )
+                        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 self._reservations_told = (bool(rows or submitting), now)
                 continue
             if self.want_leader and not self.leader and now - leader_tried >= self.leader_interval:
@@ -551,9 +554,12 @@ class ClusterLink:
                     if polled is not None:
                         for site in changes.polled:
                             polled(site)
+                    ended = getattr(listener, "remote_committed", None)
+                    if ended is not None and changes.committed and changes.seq is not None:
+                        ended(changes.node, changes.seq, changes.committed)  # (after all listeners counted them)
                     reserved = getattr(listener, "remote_reserved", None)
                     if reserved is not None and changes.reserved is not None:
-                        reserved(changes.node, changes.reserved, changes.submitting)
+                        reserved(changes.node, changes.reserved, changes.submitting, changes.seq)
                     flagged = getattr(listener, "remote_flags_changed", None)
                     if flagged is not None and changes.flagged:
                         flagged(changes.flagged)
