@@ -21,6 +21,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from loadtest.ports import free_port
 from loadtest.thirdparty import haproxy_config
 
 from conftest import Hub, wait_for
@@ -32,12 +33,6 @@ PROTOCOLS = ("smtp", "pop3", "imap")
 BALANCER_SOURCE = "127.0.0.5"
 # A gateway as HAProxy sees it: what the nodes must see through the PROXY header.
 GATEWAY = "127.0.0.2"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def healthz(metrics_port: int) -> int | None:

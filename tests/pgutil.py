@@ -16,10 +16,11 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from loadtest.ports import free_port
 
 SUPERUSER = "mailhub"
 # a role that must give its password (scram-sha-256); every other role is trusted on this server
@@ -72,12 +73,6 @@ def sweep_abandoned(folder: str | None = None) -> list[Path]:
     return swept
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     def __init__(self, root: Path | None = None) -> None:
         """A new server's folder, or (`root`) one made before, to stop it."""
@@ -128,7 +123,7 @@ class PostgresServer:
             "host all all 127.0.0.1/32 trust\n"
         )
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             with open(self.data / "postgresql.conf", "a") as conf:
                 conf.write(
                     f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"

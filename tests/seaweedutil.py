@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.ports import free_ports
 from storage.s3 import Credentials, S3Client, S3Error, S3Settings
 
 ACCESS_KEY = "mailhub-test-access"
@@ -38,17 +38,6 @@ def _die_with_parent() -> None:
     PR_SET_PDEATHSIG), so that a test session killed with SIGKILL leaves no `weed` running."""
     if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class SeaweedFS:

@@ -18,7 +18,6 @@ import shlex
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pytest
 import yaml
 from test_ansible_role import ANSIBLE, BIN, DASHBOARD, REPO, VAULT_PASSWORD, ansible_env, dashboard_metric_names
 
+from loadtest.ports import free_port
 from mailhub.config import SCHEMA
 
 from conftest import session_signing_key
@@ -64,12 +64,6 @@ _RECAP_RE = re.compile(r"^localhost\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable
 
 
 # ---- the playbook applied to this machine -------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _certificate(folder: Path) -> tuple[Path, Path]:
@@ -123,8 +117,8 @@ class Deployment:
             site.pop("key_file")
             if site["name"] == "practice-b":
                 site["key_file"] = str(self.gpg.export("practice-b@hub.example.net", work / "practice-b.asc"))
-        self.ports = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
-        self.ports2 = {name: _free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
+        self.ports = {name: free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
+        self.ports2 = {name: free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.inventory = work / "inventory.yml"
         local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
         # what differs between the nodes is in the inventory (test_prefix, test_ports)

@@ -9,7 +9,6 @@ import os
 import pwd
 import shutil
 import smtplib
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ import pytest
 import yaml
 from clusterutil import haproxy_states
 from test_ansible_role import ANSIBLE, BIN, ansible_env
+
+from loadtest.ports import free_port
 
 from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from, wait_for
 
@@ -28,17 +29,11 @@ pytestmark = pytest.mark.skipif(
 CLIENT = "127.0.0.2"  # the gateway, as HAProxy sees it (HAProxy itself connects from 127.0.0.1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def apply_role(hub, work: Path) -> tuple[Path, dict[str, int]]:
     """The role applied to localhost as the balancer of group mailhub (the hub as node1, a second
     running node2 at an address where nothing listens, a stopped standby as node3); returns the
     configuration written and the balancer's ports."""
-    binds = {name: _free_port() for name in ("smtp", "pop3")}
+    binds = {name: free_port() for name in ("smtp", "pop3")}
     node = {
         "ansible_host": "127.0.0.1",
         "mailhub_balancer_node_ports": {

@@ -5,7 +5,6 @@ import json
 import poplib
 import shutil
 import smtplib
-import socket
 import subprocess
 import time
 import urllib.error
@@ -14,6 +13,8 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.ports import free_port
 
 from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, make_message
 
@@ -241,12 +242,6 @@ def test_node_label_on_every_sample_and_at_reload(make_hub, tmp_path):
     assert value(samples(fetch(hub, "/metrics")[1]), "mailhub_mailbox_messages", site="beta") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the Debian prometheus package")
 def test_real_prometheus_scrapes_the_hub(hub, tmp_path):
     for _ in range(3):
@@ -257,7 +252,7 @@ def test_real_prometheus_scrapes_the_hub(hub, tmp_path):
         "scrape_configs:\n  - job_name: mailhub\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{hub.ports['metrics']}']\n"
     )
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "prometheus.log", "w")
     proc = subprocess.Popen(
         [

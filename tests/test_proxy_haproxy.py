@@ -21,6 +21,8 @@ import urllib.request
 
 import pytest
 
+from loadtest.ports import free_port
+
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from, wait_for
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"  # (root's PATH has /usr/sbin, others' may not)
@@ -33,18 +35,12 @@ CLIENT = "127.0.0.2"  # the gateways, as HAProxy sees them
 OTHER = "127.0.0.3"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Balancer:
     """An HAProxy child process forwarding each named port of the hub (`send-proxy-v2`), and SMTP
     once more with the text header v1 (`send-proxy`, port "smtp-v1")."""
 
     def __init__(self, hub, names, folder):
-        self.ports = {name: _free_port() for name in [*names, "smtp-v1"]}
+        self.ports = {name: free_port() for name in [*names, "smtp-v1"]}
         lines = [
             "global",
             "    maxconn 100",
