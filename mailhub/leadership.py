@@ -28,6 +28,7 @@ class LeaderTasks:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()  # awaited at stop()
         self.leader = False
+        self._stopped = False  # the hub shuts down: a leadership won meanwhile starts nothing
 
     def add(self, name: str, start: Callable[[], asyncio.Task[None]]) -> None:
         self._loops.append((name, start))
@@ -35,7 +36,7 @@ class LeaderTasks:
             self._running[name] = start()
 
     def set_leader(self, leader: bool) -> None:
-        if leader == self.leader:
+        if leader == self.leader or self._stopped:  # (the link outlives stop(): it goes after storage)
             return
         self.leader = leader
         if leader:
@@ -54,6 +55,7 @@ class LeaderTasks:
         return sorted(name for name, task in self._running.items() if not task.done())
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = [*self._running.values(), *self._cancelled]
         self._running.clear()
         self.leader = False
