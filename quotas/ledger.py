@@ -320,11 +320,12 @@ class Ledger:
         """(bytes, messages) the site's mailbox holds as committed (no transactions in flight)."""
         return self._held.get(site, (0, 0))
 
-    def mailbox(self, site: int, excluding: Hashable = None) -> tuple[int, int]:
+    def mailbox(self, site: int, excluding: Hashable = None, other_nodes: bool = True) -> tuple[int, int]:
         """(bytes, messages) the site's mailbox holds, counting the reservations of transactions
-        in flight, other nodes' too (but not those of `excluding`, the transaction asking)."""
+        in flight, other nodes' too unless `other_nodes` is false (but not those of `excluding`,
+        the transaction asking)."""
         held_bytes, held_messages = self._held.get(site, (0, 0))
-        for reserved in (self._reserved_for, self._remote_for):
+        for reserved in (self._reserved_for, self._remote_for) if other_nodes else (self._reserved_for,):
             for size, count in reserved.get(site, {}).values():
                 held_bytes += size
                 held_messages += count
@@ -334,17 +335,19 @@ class Ledger:
                 held_messages -= 1
         return held_bytes, held_messages
 
-    def usage(self, site: int, wall: float, excluding: Hashable = None) -> SiteUsage:
+    def usage(self, site: int, wall: float, excluding: Hashable = None, other_nodes: bool = True) -> SiteUsage:
         """The site's usage: its mailbox (see `mailbox`) and its volumes of the UTC day and month
-        of Unix time `wall`, both counting the reservations of transactions in flight (but not
-        those of `excluding`): a mail in flight counts for the period it is in flight in."""
+        of Unix time `wall`, both counting the reservations of transactions in flight, other
+        nodes' too unless `other_nodes` is false (but not those of `excluding`): a mail in flight
+        counts for the period it is in flight in."""
         day, month = _periods(wall)
-        held_bytes, held_messages = self.mailbox(site, excluding)
+        held_bytes, held_messages = self.mailbox(site, excluding, other_nodes)
         received = sum(size for size, _ in self._reserved_for.get(site, {}).values())
-        received += sum(size for size, _ in self._remote_for.get(site, {}).values())
+        if other_nodes:
+            received += sum(size for size, _ in self._remote_for.get(site, {}).values())
         received -= sum(size for recv, _, size in self._reserved.get(excluding, ()) if recv == site)
         submitting = self._submitting.get(site)
-        submitted = self._remote_submitting.get(site, 0)
+        submitted = self._remote_submitting.get(site, 0) if other_nodes else 0
         if submitting:
             submitted += sum(submitting.values()) - submitting.get(excluding, 0)
         today, this_month = self._volumes.get((site, day), (0, 0)), self._volumes.get((site, month), (0, 0))

@@ -186,9 +186,11 @@ class Throttle:
         `size`). An accepted mail's stored size replaces the sizes reserved at RCPT, for each
         receiver (and the sender's volumes), until `release(token)`: the caller releases once
         storage has counted the mail (Storage.commit's on_committed) or failed to. So from this
-        verdict to the commit no other transaction can take the room the mail needs, and the
-        limits hold exactly however many transactions end at once (all of this runs without a
-        pause on the event loop, so no other verdict comes between the checks and the reservations)."""
+        verdict to the commit no other transaction of this node can take the room the mail needs,
+        and the limits hold exactly however many transactions end at once (all of this runs
+        without a pause on the event loop, so no other verdict comes between the checks and the
+        reservations). Other nodes' transactions in flight do not count here (_quotas): across
+        nodes the index writer's check at commit holds the limits."""
         ledger = self.ledger
         ledger.release(token)
         stored = size if stored is None else stored
@@ -196,8 +198,8 @@ class Throttle:
             declared = at_rcpt.figures.get("size") if at_rcpt is not None else None
             if at_rcpt is not None and isinstance(declared, int) and stored <= declared:
                 verdict = at_rcpt  # quotas were checked with this size reserved until now
-            else:
-                verdict = self._quotas(sender, receiver, size, wall, token, stored)
+            else:  # (another node's transactions do not count here: see _quotas)
+                verdict = self._quotas(sender, receiver, size, wall, token, stored, other_nodes=False)
             if verdict.ok and self.settings.drain_admission:  # the receiver's state only when needed
                 verdict = standing_rcpt_acceptance(receiver.name, size, at_rcpt) or admit_at_end_of_data(
                     now,
@@ -273,15 +275,20 @@ class Throttle:
         wall: float,
         token: Hashable,
         stored: int | None = None,
+        other_nodes: bool = True,
     ) -> Verdict:
         """The static quotas for one receiver, against usage that counts every other transaction's
-        reservations (not `token`'s own)."""
+        reservations (not `token`'s own). Without `other_nodes` (at end of data) those of other
+        nodes of a cluster do not count: each node admits at RCPT what fits before it hears of the
+        other's, and counting both then made every transaction refuse itself; the index writer's
+        check at commit holds the limits exactly across nodes."""
+        ledger = self.ledger
         sending = None
         if sender is not None:  # of a sender's usage only its submitted volumes are checked
             limits = self.limits(sender)
             counted = limits.submitted_per_day is not None or limits.submitted_per_month is not None
-            sending = (limits, self.ledger.usage(sender.id, wall, excluding=token) if counted else _NOT_COUNTED)
-        receiving = (self.limits(receiver), self.ledger.usage(receiver.id, wall, excluding=token))
+            sending = (limits, ledger.usage(sender.id, wall, token, other_nodes) if counted else _NOT_COUNTED)
+        receiving = (self.limits(receiver), ledger.usage(receiver.id, wall, token, other_nodes))
         return check_quotas(sending, receiving, size, wall, stored)
 
     def _counted(self, receiver: SiteRecord, verdict: Verdict, wall: float) -> Verdict:

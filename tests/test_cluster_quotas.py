@@ -338,3 +338,32 @@ def test_a_reservations_payload_fits_and_is_checked():
         except BadPayload:
             continue
         raise AssertionError(bad)
+
+
+def test_transactions_admitted_on_two_nodes_do_not_refuse_each_other_at_end_of_data():
+    """Two nodes each admit at RCPT the mails that fit a volume quota before they hear of the
+    other's: at end of DATA (the stored mail a little bigger than its SIZE, so quotas are checked
+    again) a node counts only its own transactions in flight, not the other node's. Counting both,
+    every transaction on both nodes refused itself and a burst stored nothing; the index writer's
+    check at commit keeps the limit exact across nodes (test above). At RCPT the other node's
+    reservations still count, so a mail that arrives after them is refused early."""
+    from quotas import AdmissionConfig, DrainConfig, SiteLimits, SiteRef, Throttle, ThrottleSettings
+
+    sender, receiver, wall = SiteRef(5, "alpha"), SiteRef(3, "beta"), 1.7e9
+    throttle = Throttle(
+        ThrottleSettings(
+            defaults=SiteLimits(received_per_day=5000),
+            admission=AdmissionConfig(floor_bytes=10**6),
+            drain=DrainConfig(window=1.0, tau=2.0, grace=60.0),
+        )
+    )
+    admitted = throttle.at_rcpt("tx", sender, receiver, 1000, 0.0, wall)  # SIZE=1000, nothing in flight
+    assert admitted.ok
+    throttle.ledger.node_reserved("node-b", [(3, 5, 4500, 5)], [(5, 4500)], now=0.1)  # node B's own five
+    assert throttle.at_rcpt("late", sender, receiver, 1000, 0.2, wall).reply.startswith("452")
+    ended = throttle.at_end_of_data("tx", sender, [(receiver, admitted)], 1000, None, 0.3, wall, stored=1100)
+    assert ended.ok, ended.reply
+    assert throttle.ledger.usage(3, wall).received_today == 1100 + 4500  # its stored size, reserved
+    throttle.ledger.reserve("other", 3, 5, 3950)  # this node's own transactions in flight still count
+    refused = throttle.at_end_of_data("tx2", sender, [(receiver, admitted)], 1000, None, 0.4, wall, stored=1100)
+    assert refused.reply.startswith("452"), refused
