@@ -41,7 +41,7 @@ from bench.abuse_gateway import (
 )
 from bench.abuse_inputs import BULK_MAILS, bulk_mail, hostile_mime_mails
 from bench.common import REPO_ROOT, argument_parser, command_line
-from loadtest.thirdparty import free_port
+from loadtest.ports import free_port
 
 BASELINE = "none (baseline)"
 OPS = ("smtp", "pop3", "imap")

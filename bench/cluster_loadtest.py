@@ -30,9 +30,10 @@ from pathlib import Path
 from bench.common import argument_parser, command_line
 from bench.smtp_blast import blast
 from loadtest import corpus as corpus_mod
+from loadtest.ports import free_port
 from loadtest.profile import load_profile
 from loadtest.spawn import LocalHub, SpawnError
-from loadtest.thirdparty import free_port, haproxy_config, wait_banner
+from loadtest.thirdparty import haproxy_config, wait_banner
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LOADTEST = Path(sys.executable).parent / "mailhub-loadtest"

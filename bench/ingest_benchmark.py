@@ -32,7 +32,8 @@ import time
 from bench.bare_aiosmtpd import bare_aiosmtpd
 from bench.common import REPO_ROOT, argument_parser, command_line
 from bench.smtp_blast import blast, make_body
-from loadtest.thirdparty import LOOPBACK, free_port, postfix_sink, wait_banner
+from loadtest.ports import free_port
+from loadtest.thirdparty import LOOPBACK, postfix_sink, wait_banner
 
 SERVERS = ("hub", "postfix", "aiosmtpd")
 HUB_DOMAIN = "hub.test"

@@ -15,6 +15,7 @@
 # Imports nothing of the hub's internals (it runs `mailhub serve` and speaks SMTP).
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -207,7 +208,7 @@ def run_workload(workload, workdir, logs_dir, args):
                     port,
                     lambda m=master: {"postfix": tree_cpu(m)},
                     auth=False,
-                    settle=lambda q=queue: queue_drained(q),
+                    settle=functools.partial(queue_drained, queue),
                 )
             )
         backlog = 0

@@ -35,8 +35,12 @@ _first = _LOWEST + (_worker() % _BLOCKS) * _size
 _cursor = itertools.count(random.randrange(max(_size, 1)))  # a random start: two runs at once rarely meet
 
 
+def _socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
 def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+    with _socket(host) as sock:
         try:
             sock.bind((host, port))
         except OSError:
@@ -47,7 +51,7 @@ def _bindable(host: str, port: int) -> bool:
 def free_port(host: str = "127.0.0.1") -> int:
     """A port of `host` (a loopback address) that nothing listens on or holds, from this process's block."""
     if _size < 100:  # an ephemeral range that starts low: leave the choice to the kernel
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        with _socket(host) as sock:
             sock.bind((host, 0))
             return int(sock.getsockname()[1])
     with _lock:

@@ -19,7 +19,6 @@ import time
 from loadtest.ports import free_port
 
 LOOPBACK = "127.0.0.1"
-__all__ = ["LOOPBACK", "free_port"]  # free_port: the benchmarks' and tests' import of it stays
 
 
 def wait_banner(port, prefix=b"220", timeout=30.0, proc=None, quit=b"QUIT\r\n"):

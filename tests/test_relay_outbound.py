@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.thirdparty import free_port, make_traversable, postfix_to_maildir, wait_banner
+from loadtest.ports import free_port
+from loadtest.thirdparty import make_traversable, postfix_to_maildir, wait_banner
 
 from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
 from pop3util import make_cert
