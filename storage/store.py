@@ -491,7 +491,7 @@ class Storage:
         way and one batch written behind it. Returns with nothing under way once nothing is pending
         or empty_trash waits for the lock."""
         loop = asyncio.get_running_loop()
-        committing: asyncio.Task[bool] | None = None  # phase two of the batch before
+        committing: asyncio.Task[BaseException | None] | None = None  # phase two of the batch before
         committing_batch: list[_Pending] = []
         try:
             while True:
@@ -512,16 +512,17 @@ class Storage:
                     log.warning("%d refusal event(s) not recorded: too many queued", self._dropped_events)
                     self._dropped_events = 0
                 written = await self._write_batch(batch, loose, committing)
+                before_failed: BaseException | None = None
                 try:
-                    before_committed = True if committing is None else await committing
-                except Exception:  # a bug past its commit: the batch behind is failed, never stranded
+                    before_failed = None if committing is None else await committing
+                except Exception as exc:  # a bug past its commit: the batch behind is failed, never stranded
                     log.exception("group commit ended abnormally; the batch written behind it is failed")
-                    before_committed = False
+                    before_failed = exc
                 committing = None
                 if written is None:
                     continue
-                if not before_committed:  # the pack was cut back to where that batch began
-                    await self._fail(batch, len(loose), StorageError("the group commit before it failed"))
+                if before_failed is not None:  # the pack was cut back to where that batch began
+                    await self._fail(batch, len(loose), _behind(before_failed))
                     continue
                 self._in_flight_seq = written.seq if written.items else None
                 committing, committing_batch = loop.create_task(self._index_commit(batch, written)), batch
@@ -537,7 +538,7 @@ class Storage:
                     await self._fail(committing_batch, 0, asyncio.CancelledError())
 
     async def _write_batch(
-        self, batch: list[_Pending], loose: list[events.Event], committing: asyncio.Task[bool] | None
+        self, batch: list[_Pending], loose: list[events.Event], committing: asyncio.Task[BaseException | None] | None
     ) -> _Written | None:
         """Phase one of a group commit: fsync the folders of the batch's files of their own and
         write its small messages' frames into the pack (durable), numbered as the group commit after
@@ -598,9 +599,9 @@ class Storage:
             return None
         return _Written(items, [events.row(e) for e in loose], seq, attempt, ends)
 
-    async def _index_commit(self, batch: list[_Pending], written: _Written) -> bool:
+    async def _index_commit(self, batch: list[_Pending], written: _Written) -> BaseException | None:
         """Phase two: the index writer commits the batch's rows as group commit `seq`; then each
-        sender is told (250, or the reason it was left out). False if it failed (all told)."""
+        sender is told (250, or the reason it was left out). Returns why it failed (all told), or None."""
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -624,7 +625,7 @@ class Storage:
             self._keep_cached(written.items)
         except BaseException as exc:
             await self._fail(batch, len(written.loose), exc)
-            return False
+            return exc
         finally:
             self._in_flight_seq = None
         refused = [item for item, sha256 in zip(batch, digests) if refusal(sha256) is not None]
@@ -658,7 +659,7 @@ class Storage:
                 item.done.set_result(None)
         if written.items:  # (no await since the listeners counted them: no snapshot comes between)
             self.counted_seq = written.seq
-        return True
+        return None
 
     async def _fail(self, batch: list[_Pending], loose: int, exc: BaseException, pack_cut_back: bool = False) -> None:
         """A batch is lost as a whole (nothing of it was acknowledged): undo what it wrote, tell its
@@ -1046,6 +1047,13 @@ class Storage:
 
 
 _ORPHANS_LOGGED = 20  # objects no index row names, logged one a line at start-up
+
+
+def _behind(failure: BaseException) -> StorageError:
+    """The error for a batch failed because the commit before it failed: a full disk or index stays
+    a full one to the sender (452 4.3.1), anything else a temporary failure (451 4.3.0)."""
+    kind = StorageFull if isinstance(failure, StorageFull) else StorageError
+    return kind(f"the group commit before it failed: {str(failure) or type(failure).__name__}")
 
 
 def _file_size(path: str) -> int:

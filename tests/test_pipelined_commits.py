@@ -20,7 +20,7 @@ import pytest
 from test_storage_faults import arm_fault, no_trace, stored_by_message_id
 
 from storage import db, envelope, ledger, recovery
-from storage.errors import CommitUnknown, StorageError
+from storage.errors import CommitUnknown, StorageError, StorageFull
 from storage.index_writer import BatchItem
 from storage.packs import PackWriter
 from storage.store import MessageMeta, Storage
@@ -476,3 +476,55 @@ def test_a_commit_of_unknown_outcome_keeps_its_frames_but_the_batch_behind_it_le
     assert set(stored) == committed
     left = {r["q"] for r in pack_records(tmp_path / "blobs")} - committed - unknown
     assert left == set(), f"frames of {len(left)} mail(s) refused with 451, never sent to the index, stayed"
+
+
+def test_a_full_index_refuses_the_batch_written_behind_its_commit_as_full_too(tmp_path):
+    """The index ran out of room (SQLITE_FULL) on a commit with another batch written behind it:
+    that batch is failed without reaching the index, and its senders must hear the same 452 4.3.1
+    as the first batch's, not a 451 that hides the full disk from them and from the operator."""
+    mails = {n: f"Subject: full {n}\r\n\r\n{'f' * (2500 + n)}\r\n".encode() for n in range(120)}
+
+    async def play() -> tuple[set[str], list[StorageError], int]:
+        storage = Storage(tmp_path)
+        await storage.open()
+        real_call = storage._writer.call
+        full: set[str] = set()
+
+        async def call(method, *args):
+            if method.__name__ == "commit_batch" and args[0] and not full and len(stored) >= 30:
+                deadline = time.monotonic() + 20
+                while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)  # the next batch is written behind this commit
+                assert storage._packs.uncommitted == 2, "no batch was written behind the commit"
+                full.update(item.queue_id for item in args[0])
+                raise StorageFull("index: database or disk is full (injected)")
+            return await real_call(method, *args)
+
+        storage._writer.call = call
+        stored: list[str] = []
+        refusals: list[StorageError] = []
+        try:
+
+            async def one(n: int) -> None:
+                await asyncio.sleep(n * 0.0005)
+                spool = storage.new_spool()
+                spool.write(mails[n])
+                try:
+                    await storage.commit(
+                        spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"]
+                    )
+                except StorageError as exc:
+                    refusals.append(exc)
+                    return
+                stored.append(spool.queue_id)
+
+            await asyncio.gather(*(one(n) for n in mails))
+            return full, refusals, len(stored)
+        finally:
+            await storage.close()
+
+    full, refusals, stored = asyncio.run(play())
+    assert full and len(refusals) > len(full), "the batch behind the full commit was not refused"
+    replies = {exc.reply for exc in refusals}
+    assert replies == {"452 4.3.1 Insufficient system storage"}, replies
+    assert stored + len(refusals) == len(mails)
