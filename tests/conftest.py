@@ -760,12 +760,26 @@ def _copy_sites_to_postgres(template_dir: Path, url: str) -> None:
 
 def copy_data_folder(template: Path, hub: Hub) -> None:
     """A data folder made with the CLI (sites, keys, settings) copied in as `hub`'s; on PostgreSQL
-    (a module marked both_engines) without its SQLite index, whose rows go to the hub's index."""
+    (a module marked both_engines) without its SQLite index, whose rows go to the hub's index.
+    SQLite's side files (-wal, -shm) are never copied: the template's index has everything in its
+    main file (_settle_template_index), and a reader in another worker (_copy_sites_to_postgres)
+    makes and deletes them, once between a copy listing them and copying them."""
     if hub.index_url:
         shutil.copytree(template, hub.data_dir, ignore=shutil.ignore_patterns("index.sqlite3*"))
         _copy_sites_to_postgres(template, hub.index_url)
     else:
-        shutil.copytree(template, hub.data_dir)
+        shutil.copytree(template, hub.data_dir, ignore=shutil.ignore_patterns("index.sqlite3-*"))
+
+
+def _settle_template_index(data_dir: Path) -> None:
+    """A template's index with everything in its main file (its write-ahead log checkpointed), so
+    that a copy of the main file alone is the whole index."""
+    conn = sqlite3.connect(data_dir / "index.sqlite3")
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0, "the template's index is still open elsewhere"
+    finally:
+        conn.close()
 
 
 # scrypt's cost in the password hashes of the sites that make_hub(sites=...) copies in: a login checks
@@ -817,6 +831,7 @@ def make_hub(tmp_path, site_data_templates, engine, request):
                     for name, *addresses in sites:
                         template.add_site(name, *addresses)
                     _cheaper_password_hashes(folder / "data")
+                    _settle_template_index(folder / "data")
 
                 name = "sites-" + hashlib.sha256(repr(sites).encode()).hexdigest()[:16]
                 made[sites] = _made_once(name, add_sites, site_data_templates["folder"])[0] / "data"
