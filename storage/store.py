@@ -3,9 +3,9 @@
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync (one per folder for all the
 # files of a group commit) -> index commit -> caller may reply 250. Must never report success
 # before all four are done. Small messages go as a
-# group: hashed in worker threads as each one ends (or with the batch, if tiny), a batch of them
-# is appended to the open pack with one fdatasync (storage/packs.py, in a worker thread of this
-# process), then the index writer commits their rows: message bytes never cross to the writer.
+# group: a batch of them is hashed and appended to the open pack with one fdatasync
+# (storage/packs.py, in a worker thread of this process: one hand-off to a thread per batch, not
+# per mail), then the index writer commits their rows: message bytes never cross to the writer.
 # Batches are pipelined: the next batch is written to the pack while the index commits the one
 # before, and is committed only after that one is (if it fails, the next fails with it). A record
 # names as its predecessor only a group commit known to be committed (storage/rebuild.py takes that
@@ -51,7 +51,7 @@ from .index_writer import BatchItem, IndexWriter
 from .ledger import next_seq
 from .memory_budget import MemoryBudget
 from .object_blobs import ObjectBlobs, ObjectStoreError
-from .packs import PackWriter, digest, punch_hole
+from .packs import PackWriter, punch_hole
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
 from .recovery import quarantine_uncommitted, recover
 from .spool import SpoolFile, blob_name, new_queue_id
@@ -69,8 +69,6 @@ _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and count
 # system time per MB; docs/benchmarks.md, issue 24).
 KEEP_CACHED = max(256 * 1024 * 1024, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
 _FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
-HASH_IN_THREAD_AT = 64 * 1024  # a small message at least this big is hashed in a worker thread as
-# soon as it ends (in parallel with the event loop and other mails); a smaller one with its batch
 
 
 class MailboxListener(Protocol):
@@ -95,8 +93,6 @@ class _Pending:
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None  # a small message's chunks, still to be written by the batch
     on_committed: Callable[[], None] | None = None  # called right after the listeners heard of the commit
-    sha256: str | None = None  # a small message's digests, if hashed already
-    crc32: int | None = None
 
 
 @dataclass
@@ -372,28 +368,9 @@ class Storage:
         received_at = time.time()
         blob = self.layout.prefix + blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
-        if spool.in_memory and self.objects is None:
-            chunks = spool.take_chunks()
-            sha256 = crc32 = None
-            if spool.size >= HASH_IN_THREAD_AT:
-                try:
-                    sha256, crc32 = await asyncio.get_running_loop().run_in_executor(self.executor, digest, chunks)
-                except BaseException:
-                    spool.release()
-                    raise
+        if spool.in_memory and self.objects is None:  # hashed with its batch, in the pack writer's thread
             item = _Pending(
-                spool,
-                meta,
-                deliveries,
-                list(remote),
-                received_at,
-                done,
-                blob,
-                mark,
-                chunks,
-                on_committed,
-                sha256,
-                crc32,
+                spool, meta, deliveries, list(remote), received_at, done, blob, mark, spool.take_chunks(), on_committed
             )
             done.add_done_callback(lambda _: spool.release())  # the batch holding its bytes is over
         else:
@@ -1103,9 +1080,9 @@ def _batch_item(item: _Pending) -> BatchItem:
         item.remote,
         item.mark,
         item.blob,
-        item.sha256 if packed else spool.sha256,
+        None if packed else spool.sha256,  # (a packed one's: the pack writer's)
         data,
         spool.path if packed else None,
-        crc32=item.crc32 if packed else spool.crc32,
+        crc32=None if packed else spool.crc32,
         packed=packed,
     )
