@@ -51,10 +51,29 @@ def test_batches_are_written_behind_a_commit_and_name_only_committed_predecessor
     async def play() -> dict[str, str]:
         storage = Storage(tmp_path)
         await storage.open()
+        real_call = storage._writer.call
+        first_commit, first_held = asyncio.Event(), asyncio.Event()
+
+        async def call(method, *args):
+            # The first commit waits (a while at most) until the next batch is written behind it,
+            # and the other mails only start coming once it has begun: on a loaded machine they
+            # could otherwise come in so few big batches that none is written while another
+            # commits (5 group commits for 400 mails, seen in CI). The trash task starts after it.
+            if method.__name__ == "commit_batch" and args[0] and not first_commit.is_set():
+                first_commit.set()
+                deadline = time.monotonic() + 10
+                while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                first_held.set()
+            return await real_call(method, *args)
+
+        storage._writer.call = call
         try:
             stored: dict[str, str] = {}
 
             async def one(n: int) -> None:
+                if n:
+                    await first_commit.wait()
                 await asyncio.sleep(n * 0.0005)  # arriving one by one, as mail does: some during each commit
                 name = f"m{n}"
                 spool = storage.new_spool()
@@ -63,6 +82,7 @@ def test_batches_are_written_behind_a_commit_and_name_only_committed_predecessor
                 stored[spool.queue_id] = name
 
             async def empty_trash_meanwhile() -> int:  # it takes the batch lock between pipeline runs
+                await first_held.wait()
                 runs = 0
                 while len(stored) < len(mails):
                     await storage.empty_trash()
