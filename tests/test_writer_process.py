@@ -184,9 +184,14 @@ def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
         try:
             os.kill(storage._writer.pid, signal.SIGSTOP)  # the request waits in the socket
             commit = asyncio.create_task(store_small(storage, big))
-            while storage._flusher is None:
+            # cancelled once its commit request waits in the stopped writer's socket (phase one,
+            # the big file's fsyncs, can outlast any fixed wait on a loaded machine: cancelled
+            # before the request, the commit never reaches the writer and nothing is committed)
+            deadline = time.monotonic() + 30
+            while not storage._writer._waiting and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.5)
+            assert storage._writer._waiting, "the group commit never reached the writer"
+            assert storage._flusher is not None
             storage._flusher.cancel()
             with pytest.raises((StorageError, asyncio.CancelledError)):
                 await commit
