@@ -9,6 +9,7 @@ from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -169,6 +170,24 @@ def test_chunked_equals_whole_equals_email_package(msg, data):
         if part["kind"] == "leaf":
             assert raw[part["body_start"] : part["body_end"]] == part["body"]
     assert [p["path"] for p in whole.parts][-1] == ""
+
+
+@pytest.mark.parametrize(
+    "raw, value",
+    [
+        (b"X:\r\n \r\n", ""),  # found by the test below in a CI run: chunked, the value was " "
+        (b"X:\r\n  a\r\n", "a"),
+        (b"X: \r\n \r\n a\r\n", "a"),
+        (b"X:\r\n\ta\r\n b\r\n\r\nbody", "a b"),
+        (b"X: a\r\n b\r\n", "a b"),
+    ],
+)
+def test_a_field_whose_first_line_is_empty_has_the_same_value_however_it_is_chunked(raw, value):
+    whole = parse(raw)
+    assert whole.events[0][7] == [("X", value)]
+    for cut in range(len(raw) + 1):
+        assert parse(raw, [cut]).events == whole.events, cut
+    assert parse(raw, range(len(raw))).events == whole.events
 
 
 @settings(max_examples=300, deadline=None)

@@ -318,7 +318,7 @@ class MimeStreamParser:
         cont = continuations.end()
         if cont > pos and headers:  # continuation lines of the last field of an earlier run
             name, value = headers[-1]
-            headers[-1] = (name, value + _unfold(b"", buf[pos:cont]))
+            headers[-1] = (name, _continued(value, buf[pos:cont]))
         fields = _FIELDS.findall(_unfold_lines(buf[cont:end]) if cont < end else b"")
         room = MAX_HEADERS - len(headers)
         if len(fields) > room:
@@ -362,7 +362,7 @@ class MimeStreamParser:
         if line[:1] in (b" ", b"\t"):
             if part.headers:
                 name, value = part.headers[-1]
-                part.headers[-1] = (name, value + _unfold(b"", line))
+                part.headers[-1] = (name, _continued(value, line))
             return
         match = _FIELDS.match(line)
         if match is None:
@@ -697,8 +697,22 @@ def _unfold_lines(lines: bytes) -> bytes:
 
 def _unfold(first: bytes, continuation: bytes) -> str:
     """A field's value from the rest of its first line and its continuation lines (RFC 5322
-    unfolding: the line ends go, the blanks stay)."""
-    return (first + continuation.replace(b"\r\n", b"").replace(b"\n", b"")).decode("utf-8", "surrogateescape")
+    unfolding: the line ends go, the blanks stay; but as after the colon, no blanks lead the value,
+    also when its first line is empty)."""
+    value = first + _joined(continuation)
+    return (value if first else value.lstrip(b" \t")).decode("utf-8", "surrogateescape")
+
+
+def _continued(value: str, continuation: bytes) -> str:
+    """A field's value so far with continuation lines that came in a later chunk: the same value
+    as if they had come with its first line (chunking must not change a field)."""
+    if not value:
+        return _unfold(b"", continuation)
+    return value + _joined(continuation).decode("utf-8", "surrogateescape")
+
+
+def _joined(continuation: bytes) -> bytes:
+    return continuation.replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 def _line_feeds(buf: bytes, start: int, end: int) -> int:
