@@ -42,6 +42,11 @@ class IndexWatcher:
         self._thread = threading.Thread(target=self._watch, name=f"watch-{what}", daemon=True)
         self._thread.start()
 
+    @property
+    def version(self) -> int:
+        """The version counter of the copy loaded now."""
+        return self._version
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)

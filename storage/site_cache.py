@@ -56,6 +56,11 @@ class SiteCache:
         self._watcher.close()
 
     @property
+    def version(self) -> int:
+        """The index's sites version (meta sites_version) of the sites loaded now."""
+        return self._watcher.version
+
+    @property
     def checks_pending(self) -> int:
         return self._pending
 

@@ -439,6 +439,17 @@ class Hub:
     def running(self) -> bool:
         return self.proc is not None or self._thread is not None
 
+    def sites_reloaded(self, timeout: float = 30.0) -> None:
+        """Wait until the running hub's site cache holds the sites as the index has them now, after
+        `mailhub site ...` changed them: its watcher rereads every 0.5 s, on a loaded machine later
+        (a fixed wait of 0.6 s fell short). In-process hubs only (the cache is read in place)."""
+        assert self._hub is not None and self._hub._sites is not None, "an in-process hub, running"
+        ((value,),) = self.query("SELECT value FROM meta WHERE key = 'sites_version'")
+        cache, deadline = self._hub._sites, time.monotonic() + timeout
+        while cache.version < int(value):
+            assert time.monotonic() < deadline, f"the hub's sites stayed at version {cache.version} < {value}"
+            time.sleep(0.02)
+
     def start(self, wait: float = 60.0) -> "Hub":
         assert not self.running, "this hub runs already"
         if not self.own_key:

@@ -35,7 +35,7 @@ def body(size: int) -> bytes:
 
 def set_limits(hub, name: str, *options: str) -> None:
     hub.cli("site", "set", name, *options)
-    time.sleep(0.6)  # the server's site cache rereads changed sites within half a second
+    hub.sites_reloaded()
 
 
 def submit(hub, rcpt: str, data: bytes, declare_size: bool = True, login: str = "alpha"):

@@ -354,7 +354,7 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
     hub = make_hub(sites=ALPHA_BETA, MAILHUB_EVENTS_RETENTION_DAYS="10")
     hub.start()
     hub.cli("site", "set", "beta", "--mailbox-messages", "1")
-    time.sleep(0.6)  # the server's site cache rereads changed sites within half a second
+    hub.sites_reloaded()
     client = smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=60)
     client.login("alpha", PASSWORD)
     client.sendmail(
