@@ -1,6 +1,7 @@
 # The pilot network's problem end to end on loopback: one sender submits as fast as it can to a
-# receiver that downloads over POP3 at a paced 2 MB/s, while a second sender/receiver pair runs
-# beside it. With throttling on, the slow receiver's drain time stays within its limit (plus one
+# receiver that downloads over POP3 at a paced 2 MB/s (from its first deferral, or from twice the
+# capacity accepted without one), while a second sender/receiver pair runs beside it. With
+# throttling on, the slow receiver's drain time stays within its limit (plus one
 # mail), deferred mails are accepted on retry, every mail arrives exactly once with its SHA-256, and
 # the second receiver is never deferred. With throttling off, the backlog grows with everything sent.
 import base64
@@ -24,6 +25,11 @@ LIMIT = 3.0  # its max drain time, seconds: capacity 6 MB
 MAIL = 400_000  # bytes of payload per mail
 MAILS = 40  # 16 MB in all: 2.7x the capacity
 OTHER_MAILS = 10
+# The slow receiver starts downloading once the sender was deferred, or once this much was accepted
+# without a deferral (or all was sent): on a loaded machine the sender could otherwise be so slow that
+# the paced download kept the backlog under twice the capacity with throttling off (12.7 MB against
+# 12 MB seen under two CPU hogs), and with throttling on it could stay under the capacity.
+HOLD = 2 * LIMIT * RATE + 2 * MAIL * 4 // 3
 
 
 class Clock:
@@ -35,11 +41,14 @@ class Clock:
         self.downloaded = 0
         self.curve: list[tuple[float, int]] = []
         self.done = threading.Event()
+        self.drain = threading.Event()  # the slow receiver may start downloading
 
     def add(self, accepted: int = 0, downloaded: int = 0) -> None:
         with self.lock:
             self.accepted += accepted
             self.downloaded += downloaded
+            if self.accepted >= HOLD:
+                self.drain.set()
 
     def sample(self, started: float) -> None:
         while not self.done.wait(0.02):
@@ -70,18 +79,24 @@ def send_all(
                 assert 400 <= code < 500, (code, text)
                 stats["deferred"] += 1
                 stats["last_text"] = text.decode()
+                if clock is not None:
+                    clock.drain.set()
                 smtp.rset()
                 time.sleep(0.05)
                 continue
             except smtplib.SMTPDataError as exc:
                 assert 400 <= exc.smtp_code < 500, exc
                 stats["deferred"] += 1
+                if clock is not None:
+                    clock.drain.set()
                 time.sleep(0.05)
                 continue
             stats["accepted_at"].append(time.monotonic())
             if clock is not None:
                 clock.add(accepted=len(mail))
             break
+    if clock is not None:
+        clock.drain.set()
     smtp.quit()
 
 
@@ -119,7 +134,10 @@ def pop3_line(sock: socket.socket, buf: bytearray) -> bytes:
 def receive_all(
     port: int, user: str, expected: int, rate: float | None, clock: Clock | None, received: list, deadline: float
 ) -> None:
-    """Poll like a gateway: log in, RETR + DELE everything listed, QUIT, poll again."""
+    """Poll like a gateway: log in, RETR + DELE everything listed, QUIT, poll again (the slow
+    receiver, the one with a clock, once the clock says so: HOLD)."""
+    if clock is not None:
+        clock.drain.wait(max(0.0, deadline - time.monotonic()))
     while len(received) < expected and time.monotonic() < deadline:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
