@@ -3,9 +3,11 @@
 # Order of a commit: spool fsync -> rename into blobs/ -> folder fsync (one per folder for all the
 # files of a group commit) -> index commit -> caller may reply 250. Must never report success
 # before all four are done. Small messages go as a
-# group: a batch of them is hashed and appended to the open pack with one fdatasync
-# (storage/packs.py, in a worker thread of this process: one hand-off to a thread per batch, not
-# per mail), then the index writer commits their rows: message bytes never cross to the writer.
+# group: one of 64 KB or more is hashed as it ends in a hashing thread (no one on the loop waits for
+# it), then a batch of them is appended to the open pack with one fdatasync (storage/packs.py, in
+# a worker thread of this process, which collects those digests and hashes the smaller mails: one
+# hand-off from the loop per batch), then the index writer commits their rows: message bytes never
+# cross to the writer.
 # Batches are pipelined: the next batch is written to the pack while the index commits the one
 # before, and is committed only after that one is (if it fails, the next fails with it). A record
 # names as its predecessor only a group commit known to be committed (storage/rebuild.py takes that
@@ -51,7 +53,7 @@ from .index_writer import BatchItem, IndexWriter
 from .ledger import next_seq
 from .memory_budget import MemoryBudget
 from .object_blobs import ObjectBlobs, ObjectStoreError
-from .packs import PackWriter, punch_hole
+from .packs import PackWriter, digest, punch_hole
 from .records import Delivery, Downloads, MailboxEntry, MessageMeta, Removal
 from .recovery import quarantine_uncommitted, recover
 from .spool import SpoolFile, blob_name, new_queue_id
@@ -69,6 +71,8 @@ _MAX_QUEUED_EVENTS = 10000  # refusals queued beyond this are dropped (and count
 # system time per MB; docs/benchmarks.md, issue 24).
 KEEP_CACHED = max(256 * 1024 * 1024, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
 _FOLIO = 2 * 1024 * 1024  # the largest page-cache folio: a dropped range of a pack covers whole ones
+HASH_AHEAD_AT = 64 * 1024  # a mail held in memory at least this big is hashed as it ends, beside the
+# loop and the pack writer (who collects the digest in its thread); a smaller one by the pack writer
 
 
 class MailboxListener(Protocol):
@@ -93,6 +97,7 @@ class _Pending:
     mark: tuple[str, int] | None = None  # a meta (key, value) set in the same transaction
     data: list[bytes] | None = None  # a small message's chunks, still to be written by the batch
     on_committed: Callable[[], None] | None = None  # called right after the listeners heard of the commit
+    hashing: concurrent.futures.Future[tuple[str, int]] | None = None  # its (SHA-256, CRC-32), if hashed ahead
 
 
 @dataclass
@@ -148,6 +153,9 @@ class Storage:
         self._flusher: asyncio.Task[None] | None = None
         # Disk work (file creation, writes, fsyncs) runs here, off the event loop; mostly I/O waits.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
+        # Mails held in memory hashed as they end (HASH_AHEAD_AT): nobody on the loop waits for one;
+        # the pack writer's thread takes each digest when it writes that mail.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="storage-hash")
         # Group commits and every other index write: one request (a transaction) per hop.
         self._writer = WriterProcess(self.data_dir, release_freed_after, index_url)
         self._writer.node = self.node  # named in the mailbox changes told to other nodes (PostgreSQL index)
@@ -343,6 +351,7 @@ class Storage:
             self._db = None
         await self._writer.close()
         self.executor.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
         self._packs.close()
         self.layout.close()
         if self._folder_lock is not None:
@@ -368,9 +377,11 @@ class Storage:
         received_at = time.time()
         blob = self.layout.prefix + blob_name(spool.queue_id, received_at)
         done = asyncio.get_running_loop().create_future()
-        if spool.in_memory and self.objects is None:  # hashed with its batch, in the pack writer's thread
+        if spool.in_memory and self.objects is None:
+            chunks = spool.take_chunks()
+            hashing = self._hasher.submit(digest, chunks) if spool.size >= HASH_AHEAD_AT else None
             item = _Pending(
-                spool, meta, deliveries, list(remote), received_at, done, blob, mark, spool.take_chunks(), on_committed
+                spool, meta, deliveries, list(remote), received_at, done, blob, mark, chunks, on_committed, hashing
             )
             done.add_done_callback(lambda _: spool.release())  # the batch holding its bytes is over
         else:
@@ -559,8 +570,9 @@ class Storage:
                         crc=item.crc32,
                     )
 
+                hashing = [(i, p.hashing) for i, p in zip(items, batch) if p.hashing is not None]
                 ends = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._packs.write, packed, record_of
+                    self.executor, _write_hashed, self._packs, packed, record_of, hashing
                 )
                 wrote = True
                 for item in packed:
@@ -1066,6 +1078,19 @@ def _open_index(index: IndexLocation) -> sql.Connection:
                 " free some space (e.g. in quarantine/, see docs/storage.md) and start again"
             ) from None
         raise
+
+
+def _write_hashed(
+    packs: PackWriter,
+    packed: list[BatchItem],
+    record_of: Callable[[BatchItem], bytes],
+    hashing: list[tuple[BatchItem, concurrent.futures.Future[tuple[str, int]]]],
+) -> dict[str, int]:
+    """In a worker thread: the digests of the mails hashed ahead (waited for here, never on the
+    loop), then the batch into the pack (PackWriter.write hashes the others)."""
+    for item, digests in hashing:
+        item.sha256, item.crc32 = digests.result()
+    return packs.write(packed, record_of)
 
 
 def _batch_item(item: _Pending) -> BatchItem:

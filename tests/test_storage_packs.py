@@ -10,6 +10,7 @@ import imaplib
 import os
 import poplib
 import threading
+import zlib
 
 from test_relay_outbound import CountingHop, relay_hub, wait_until
 
@@ -53,6 +54,36 @@ def packs_of(hub) -> dict[str, list[str]]:
     for blob, qid in rows:
         members.setdefault(blob, []).append(qid)
     return {blob: qids for blob, qids in members.items() if len(qids) > 1}
+
+
+def test_packed_mails_hashed_as_they_end_have_the_digests_of_their_bytes(hub):
+    """Mails of 64 KB and more held in memory are hashed as they end, in threads of their own
+    (store.HASH_AHEAD_AT), and the pack writer takes those digests: the index's SHA-256 and CRC-32
+    are those of the bytes in the pack, mail by mail, also when many end at once."""
+    sent: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+
+    def sender(n: int) -> None:
+        try:
+            for i in range(4):
+                mail = make_message(store.HASH_AHEAD_AT + 40_000 * n + 7 * i, subject=f"ahead {n}.{i}")
+                sent[send(hub, ["beta@hub.test"], mail)] = mail
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(sent) == 24
+    for qid, mail in sent.items():
+        data = hub.stored(qid)
+        assert data.endswith(mail), qid
+        ((sha, crc, offset),) = hub.query("SELECT sha256, crc32, blob_offset FROM messages WHERE queue_id = ?", qid)
+        assert offset > 0, f"{qid} of {len(mail)} bytes was not packed"
+        assert (sha, crc) == (hashlib.sha256(data).hexdigest(), zlib.crc32(data)), qid
 
 
 def test_packed_mails_read_back_exactly_and_are_freed_with_their_last_message(hub):
