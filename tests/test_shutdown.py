@@ -1,13 +1,14 @@
 # Graceful shutdown on SIGTERM/SIGINT (issue 2): stop listening, let transactions in flight finish
 # within shutdown_timeout, close idle sessions with 421 4.3.2, never acknowledge a partial message.
 import hashlib
+import json
 import signal
 import socket
 import time
 
 import pytest
 
-from conftest import ALPHA_BETA, RawSMTP, make_message, queue_id_from
+from conftest import ALPHA_BETA, RawSMTP, make_message, queue_id_from, wait_for
 
 MB = 1024 * 1024
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
@@ -26,6 +27,12 @@ def in_transaction(hub, size: int | None = None) -> RawSMTP:
     assert client.command(f"MAIL FROM:<alpha@hub.test>{declared}").startswith(b"250")
     assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
     return client
+
+
+def last_commands(hub) -> list[str]:
+    """The verb each SMTP session of the hub received last (`mailhub sessions`)."""
+    listed = json.loads(hub.cli("sessions", "--json").stdout)
+    return [row["command"] for row in listed if row["protocol"] == "smtp"]
 
 
 def new_connections_refused(port: int, within: float = 5.0) -> bytes | str:
@@ -139,7 +146,8 @@ def test_bdat_transaction_between_chunks_is_in_flight(make_hub):
     first, last = mail[: 2 * MB], mail[2 * MB :]
     client = in_transaction(hub)
     client.send(b"BDAT %d\r\n" % len(first) + first[:MB])
-    time.sleep(0.1)
+    # in flight once the hub has read the BDAT command (before that, the session is idle: 421)
+    wait_for(lambda: last_commands(hub) == ["BDAT"], timeout=30)
     hub.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     client.send(first[MB:])
