@@ -14,6 +14,7 @@ import json
 import poplib
 import smtplib
 import socket
+import threading
 import time
 import urllib.request
 
@@ -304,13 +305,15 @@ def test_a_mailbox_change_during_a_round_is_checked_without_waiting_for_the_inte
         while life._dirty or life._quotas.locked() or life._sending.locked():
             await asyncio.sleep(0.01)
         async with life._sending:
+            holding.set()
             await release.wait()
 
     async def round_waits() -> bool:  # a round took the dirty sites and waits for the lock
         return not life._dirty and bool(life._sending._waiters)
 
+    holding = threading.Event()  # (the lock alone could be a round's own, still sending mail 3's notices)
     holder = asyncio.run_coroutine_threadsafe(hold_sending(), hub._loop)
-    wait_for(lambda: life._sending.locked())
+    wait_for(holding.is_set)
     send(hub, make_message(1500))  # 4 of 10: wakes a round, which takes beta and waits for the lock
     wait_for(lambda: run(hub, round_waits()))
     send(hub, make_message(1500))  # 5 of 10, committed during that round: the 50 % level
