@@ -443,85 +443,31 @@ def test_a_listener_that_raises_neither_strands_the_batch_behind_nor_puts_the_pa
             assert os.pread(f.fileno(), size, offset) == mails[n], f"acknowledged mail {n} was cut off its pack"
 
 
-def test_a_commit_of_unknown_outcome_keeps_its_frames_but_the_batch_behind_it_leaves_no_trace(tmp_path):
-    """CommitUnknown (PostgreSQL lost the answer to COMMIT) for a batch with another written behind
-    it: the unknown one's frames stay (start-up recovery decides), the one behind was never sent to
-    the index, its senders get 451: none of its frames, nor a pack it began, may stay."""
-    mails = {n: f"Subject: unknown {n}\r\n\r\n{'z' * (2500 + n)}\r\n".encode() for n in range(120)}
+def fail_a_commit_with_a_batch_behind(
+    tmp_path, mails: dict[int, bytes], failure: StorageError
+) -> tuple[set[str], dict[str, int], list[StorageError]]:
+    """Commit `mails` (arriving one by one) to a real Storage whose writer raises `failure` for the
+    first commit made once 30 were stored, and only once the next batch is written behind it.
+    Returns the queue IDs of that commit, the stored mails (queue ID -> n) and the refusals."""
 
-    async def play() -> tuple[set[str], dict[str, int], int]:
+    async def play() -> tuple[set[str], dict[str, int], list[StorageError]]:
         storage = Storage(tmp_path)
         await storage.open()
         real_call = storage._writer.call
-        unknown: set[str] = set()
+        failed: set[str] = set()
 
         async def call(method, *args):
-            if method.__name__ == "commit_batch" and args[0] and not unknown and len(stored) >= 30:
+            if method.__name__ == "commit_batch" and args[0] and not failed and len(stored) >= 30:
                 deadline = time.monotonic() + 20
                 while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
                     await asyncio.sleep(0.001)  # the next batch is written behind this commit
                 assert storage._packs.uncommitted == 2, "no batch was written behind the commit"
-                unknown.update(item.queue_id for item in args[0])
-                raise CommitUnknown("injected: the answer to COMMIT was lost")
+                failed.update(item.queue_id for item in args[0])
+                raise failure
             return await real_call(method, *args)
 
         storage._writer.call = call
         stored: dict[str, int] = {}
-        refused = 0
-        try:
-
-            async def one(n: int) -> None:
-                nonlocal refused
-                await asyncio.sleep(n * 0.0005)
-                spool = storage.new_spool()
-                spool.write(mails[n])
-                try:
-                    await storage.commit(
-                        spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"]
-                    )
-                except StorageError:
-                    refused += 1
-                    return
-                stored[spool.queue_id] = n
-
-            await asyncio.gather(*(one(n) for n in mails))
-            return unknown, stored, refused
-        finally:
-            await storage.close()
-
-    unknown, stored, refused = asyncio.run(play())
-    assert unknown and refused > len(unknown)  # the batch behind was refused too
-    with contextlib.closing(db.connect(tmp_path)) as conn:
-        committed = {qid for (qid,) in conn.execute("SELECT queue_id FROM messages")}
-    assert set(stored) == committed
-    left = {r["q"] for r in pack_records(tmp_path / "blobs")} - committed - unknown
-    assert left == set(), f"frames of {len(left)} mail(s) refused with 451, never sent to the index, stayed"
-
-
-def test_a_full_index_refuses_the_batch_written_behind_its_commit_as_full_too(tmp_path):
-    """The index ran out of room (SQLITE_FULL) on a commit with another batch written behind it:
-    that batch is failed without reaching the index, and its senders must hear the same 452 4.3.1
-    as the first batch's, not a 451 that hides the full disk from them and from the operator."""
-    mails = {n: f"Subject: full {n}\r\n\r\n{'f' * (2500 + n)}\r\n".encode() for n in range(120)}
-
-    async def play() -> tuple[set[str], list[StorageError], int]:
-        storage = Storage(tmp_path)
-        await storage.open()
-        real_call = storage._writer.call
-        full: set[str] = set()
-
-        async def call(method, *args):
-            if method.__name__ == "commit_batch" and args[0] and not full and len(stored) >= 30:
-                deadline = time.monotonic() + 20
-                while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)  # the next batch is written behind this commit
-                assert storage._packs.uncommitted == 2, "no batch was written behind the commit"
-                full.update(item.queue_id for item in args[0])
-                raise StorageFull("index: database or disk is full (injected)")
-            return await real_call(method, *args)
-
-        storage._writer.call = call
-        stored: list[str] = []
         refusals: list[StorageError] = []
         try:
 
@@ -536,15 +482,41 @@ def test_a_full_index_refuses_the_batch_written_behind_its_commit_as_full_too(tm
                 except StorageError as exc:
                     refusals.append(exc)
                     return
-                stored.append(spool.queue_id)
+                stored[spool.queue_id] = n
 
             await asyncio.gather(*(one(n) for n in mails))
-            return full, refusals, len(stored)
+            return failed, stored, refusals
         finally:
             await storage.close()
 
-    full, refusals, stored = asyncio.run(play())
+    return asyncio.run(play())
+
+
+def test_a_commit_of_unknown_outcome_keeps_its_frames_but_the_batch_behind_it_leaves_no_trace(tmp_path):
+    """CommitUnknown (PostgreSQL lost the answer to COMMIT) for a batch with another written behind
+    it: the unknown one's frames stay (start-up recovery decides), the one behind was never sent to
+    the index, its senders get 451: none of its frames, nor a pack it began, may stay."""
+    mails = {n: f"Subject: unknown {n}\r\n\r\n{'z' * (2500 + n)}\r\n".encode() for n in range(120)}
+    unknown, stored, refusals = fail_a_commit_with_a_batch_behind(
+        tmp_path, mails, CommitUnknown("injected: the answer to COMMIT was lost")
+    )
+    assert unknown and len(refusals) > len(unknown)  # the batch behind was refused too
+    with contextlib.closing(db.connect(tmp_path)) as conn:
+        committed = {qid for (qid,) in conn.execute("SELECT queue_id FROM messages")}
+    assert set(stored) == committed
+    left = {r["q"] for r in pack_records(tmp_path / "blobs")} - committed - unknown
+    assert left == set(), f"frames of {len(left)} mail(s) refused with 451, never sent to the index, stayed"
+
+
+def test_a_full_index_refuses_the_batch_written_behind_its_commit_as_full_too(tmp_path):
+    """The index ran out of room (SQLITE_FULL) on a commit with another batch written behind it:
+    that batch is failed without reaching the index, and its senders must hear the same 452 4.3.1
+    as the first batch's, not a 451 that hides the full disk from them and from the operator."""
+    mails = {n: f"Subject: full {n}\r\n\r\n{'f' * (2500 + n)}\r\n".encode() for n in range(120)}
+    full, stored, refusals = fail_a_commit_with_a_batch_behind(
+        tmp_path, mails, StorageFull("index: database or disk is full (injected)")
+    )
     assert full and len(refusals) > len(full), "the batch behind the full commit was not refused"
     replies = {exc.reply for exc in refusals}
     assert replies == {"452 4.3.1 Insufficient system storage"}, replies
-    assert stored + len(refusals) == len(mails)
+    assert len(stored) + len(refusals) == len(mails)
