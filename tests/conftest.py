@@ -180,6 +180,20 @@ def pytest_unconfigure(config):
         del os.environ[_SHARED]
 
 
+def writer_children(data_dir) -> list[int]:
+    """The pids of the index writer processes (storage/writer_child.py) of a hub's data folder."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"writer_child" in cmdline and str(data_dir).encode() in cmdline:
+            found.append(int(pid))
+    return found
+
+
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
     """Call `condition` until it returns something true (returned) or `timeout` seconds pass
     (AssertionError naming `message` or the condition)."""
@@ -568,8 +582,12 @@ class Hub:
         return 0
 
     def kill(self) -> None:
+        """kill -9 of the hub process, returning once its index writer child is gone too (it dies
+        with the hub, but a moment later: one that saw its socket close first closed SQLite, which
+        checkpointed the WAL into the index while the test was looking at what the kill left)."""
         assert self.process, "kill -9 needs a hub process: make_hub(..., process=True)"
         self.stop(signal.SIGKILL)
+        wait_for(lambda: not writer_children(self.data_dir), 10, message="the index writer ended with the hub")
 
     def in_process_from_now_on(self) -> "Hub":
         """After the part of a test that is about the process (its kill -9, its SIGTERM, a fault of

@@ -25,7 +25,7 @@ from storage.index_writer import BatchItem
 from storage.packs import PackWriter
 from storage.store import MessageMeta, Storage
 
-from conftest import PASSWORD, make_message, wait_for
+from conftest import PASSWORD, make_message, wait_for, writer_children
 
 MID_RE = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
@@ -236,19 +236,6 @@ def run_senders(sender, count: int = 8) -> None:
         t.join(120)
 
 
-def _writer_children(data_dir) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"writer_child" in cmdline and str(data_dir).encode() in cmdline:
-            found.append(int(pid))
-    return found
-
-
 def test_a_batch_failing_behind_a_commit_gets_451_and_leaves_no_trace_while_the_commit_holds(
     make_hub, monkeypatch, tmp_path
 ):
@@ -324,7 +311,7 @@ def test_a_hub_killed_with_a_batch_written_behind_a_commit_loses_nothing_and_res
     run_senders(sender)
     assert not armed.exists(), "no batch was written behind a commit: the fault never fired"
     wait_for(lambda: hub.proc.poll() is not None, 10, message="the hub killed itself")
-    wait_for(lambda: not _writer_children(hub.data_dir), 10, message="its index writer ended")
+    wait_for(lambda: not writer_children(hub.data_dir), 10, message="its index writer ended")
     hub.stop()
     monkeypatch.delenv("MAILHUB_FAULT", raising=False)
     committed = {q for (q,) in hub.query("SELECT queue_id FROM messages")}
