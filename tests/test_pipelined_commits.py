@@ -433,8 +433,10 @@ def test_a_listener_that_raises_neither_strands_the_batch_behind_nor_puts_the_pa
 def fail_a_commit_with_a_batch_behind(
     tmp_path, mails: dict[int, bytes], failure: StorageError
 ) -> tuple[set[str], dict[str, int], list[StorageError]]:
-    """Commit `mails` (arriving one by one) to a real Storage whose writer raises `failure` for the
-    first commit made once 30 were stored, and only once the next batch is written behind it.
+    """Commit `mails` to a real Storage whose writer raises `failure` for the first commit after 30
+    were stored, and only once the next batch is written behind it: the first 30 come one by one,
+    then one more, whose commit is the one that fails, and the rest only once that commit has begun
+    (on a loaded machine they could otherwise all come in that one batch, and none behind it).
     Returns the queue IDs of that commit, the stored mails (queue ID -> n) and the refusals."""
 
     async def play() -> tuple[set[str], dict[str, int], list[StorageError]]:
@@ -442,9 +444,11 @@ def fail_a_commit_with_a_batch_behind(
         await storage.open()
         real_call = storage._writer.call
         failed: set[str] = set()
+        failing = asyncio.Event()
 
         async def call(method, *args):
             if method.__name__ == "commit_batch" and args[0] and not failed and len(stored) >= 30:
+                failing.set()
                 deadline = time.monotonic() + 20
                 while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
                     await asyncio.sleep(0.001)  # the next batch is written behind this commit
@@ -460,6 +464,8 @@ def fail_a_commit_with_a_batch_behind(
 
             async def one(n: int) -> None:
                 await asyncio.sleep(n * 0.0005)
+                if n > 30:
+                    await failing.wait()
                 spool = storage.new_spool()
                 spool.write(mails[n])
                 try:
@@ -471,7 +477,8 @@ def fail_a_commit_with_a_batch_behind(
                     return
                 stored[spool.queue_id] = n
 
-            await asyncio.gather(*(one(n) for n in mails))
+            await asyncio.gather(*(one(n) for n in range(30)))
+            await asyncio.gather(*(one(n) for n in mails if n >= 30))
             return failed, stored, refusals
         finally:
             await storage.close()
