@@ -10,7 +10,11 @@
 # so two leaders for a moment send it once. A site is answered at most once per directory.min_request_interval
 # (each answer is a signed mail in its mailbox: a gateway asking in a loop must not fill it, nor
 # keep the hub signing).
+# Its work off the event loop (index reads and marks, signing, writing the record of what was sent)
+# runs in its own threads, and the update loop's end waits for whatever of it is under way (at most
+# _STOP_WAIT): a hub that stopped writes nothing more into its data folder.
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -32,10 +36,19 @@ from .signing import mixed_part, signed_body
 
 log = logging.getLogger("mailhub.directory")
 _POLL_SECONDS = 1.0
+_STOP_WAIT = 10.0  # seconds the end of the update loop waits for the mailer's work under way
 SENT_VERSION = "directory_sent_version"
 ANNOUNCED_KEY = "hub_key_announced"  # key_stamp() of the last hub key the sites were told of
 KEY_PART_NAME = "hub-key.asc"
 SENT_FILE = "directory-sent.json"  # the participants as the last update sent them (what the next one compares with)
+
+
+def _new_threads() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+    """The mailer's index thread (its one connection) and its threads for signing and the record."""
+    return (
+        ThreadPoolExecutor(1, thread_name_prefix="directory-index"),
+        ThreadPoolExecutor(2, thread_name_prefix="directory"),
+    )
 
 
 def key_stamp(fingerprint: str) -> int:
@@ -107,7 +120,8 @@ class DirectoryMailer:
         self._asked_at: dict[int, float] = {}  # site id -> when its last request was taken (monotonic)
         self._checking = asyncio.Lock()
         self._conn: sqlite3.Connection | None = None  # the update loop's, used in _index_thread only
-        self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="directory-index")
+        self._index_thread, self._work_threads = _new_threads()
+        self._jobs: set[concurrent.futures.Future] = set()  # submitted to either, not yet done
         # several hub nodes on one index: only the cluster's leader sends updates (mailhub/leadership.py)
         self.is_leader: Callable[[], bool] = lambda: True
         self._known_key = ""  # the hub key the sites know when nothing is recorded yet
@@ -187,7 +201,30 @@ class DirectoryMailer:
                 self._close_index()
                 raise
 
-        return await asyncio.get_running_loop().run_in_executor(self._index_thread, call)
+        return await self._run(self._index_thread, call)
+
+    async def _in_thread(self, function, *args):
+        return await self._run(self._work_threads, function, *args)
+
+    def _submit(self, executor: ThreadPoolExecutor, function, *args) -> concurrent.futures.Future:
+        job = executor.submit(function, *args)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+        return job
+
+    async def _run(self, executor: ThreadPoolExecutor, function, *args):
+        """function(*args) in one of the mailer's threads; a cancelled caller cancels it only if
+        it has not begun (one under way runs to its end: _wait_for_work waits for it)."""
+        return await asyncio.wrap_future(self._submit(executor, function, *args))
+
+    async def _wait_for_work(self) -> None:
+        """Wait (at most _STOP_WAIT) until no work of the mailer is under way in its threads."""
+        jobs = list(self._jobs)
+        if not jobs:
+            return
+        _done, late = await asyncio.wait([asyncio.wrap_future(job) for job in jobs], timeout=_STOP_WAIT)
+        if late:
+            log.warning("directory: %d job(s) still running in the mailer's threads after %g s", len(late), _STOP_WAIT)
 
     def _close_index(self) -> None:
         if self._conn is not None:
@@ -212,12 +249,14 @@ class DirectoryMailer:
                     log.error("directory update failed (retrying): %s", exc)
                 except Exception:
                     log.exception("directory update failed; retrying")
-        finally:
-            self._index_thread.submit(self._close_index)
+        finally:  # (cancelled: the hub stops, or in a cluster this node stopped leading)
+            self._submit(self._index_thread, self._close_index)
             self._index_thread.shutdown(wait=False)
-            # a new thread for the next loop: in a cluster the loop stops when this node stops being
+            self._work_threads.shutdown(wait=False)
+            # new threads for the next loop: in a cluster the loop stops when this node stops being
             # the leader and starts again when it leads again (mailhub/leadership.py)
-            self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="directory-index")
+            self._index_thread, self._work_threads = _new_threads()
+            await self._wait_for_work()
 
     async def announce_now(self, _request: dict) -> dict:
         """Control command: look for a new hub key now, and announce it (`mailhub directory
@@ -367,9 +406,6 @@ class DirectoryMailer:
         finally:
             conn.close()
         return directory_mail(document, keys, sender, to, subject, in_reply_to, time.time(), announcement)
-
-    async def _in_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
 def note_hub_key_announced(conn, fingerprint: str) -> None:

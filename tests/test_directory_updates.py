@@ -4,15 +4,19 @@
 # copies of the whole list. The update format is documented in docs/gateway-guide.md.
 import email
 import json
+import threading
 
 import pytest
 
+from directory import mailer
 from mailhub import control
 from storage import db
 from storage.sites import add_site
 
 from conftest import PASSWORD, wait_for
 
+# The stop of a hub waits for the directory mailer's work under way (the record of what was sent,
+# written in its thread), up to a bound, so that a stopped hub writes nothing more.
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.both_engines
 
@@ -99,8 +103,8 @@ def test_without_a_record_of_what_was_sent_the_update_is_the_whole_directory(mak
     hub.data_dir.mkdir(parents=True)
     add_sites(hub, site_names("old", 3))
     hub.start()
-    # the first start records what the sites have, in the mailer's thread (which a stop does not
-    # wait for): damaged before that write, the record would be written whole again after it
+    # the first start records what the sites have, in the mailer's thread: a stop before that
+    # write began would leave it to the next start, which would write it whole again
     wait_for(lambda: (hub.data_dir / "directory-sent.json").exists(), message="the first record")
     hub.stop()
     (hub.data_dir / "directory-sent.json").write_text("{not json")  # damaged (or an older hub's folder)
@@ -119,3 +123,60 @@ def test_without_a_record_of_what_was_sent_the_update_is_the_whole_directory(mak
     assert isinstance(json.loads((hub.data_dir / "directory-sent.json").read_text())["participants"], dict)
     ((sent_version,),) = hub.query("SELECT value FROM meta WHERE key = 'directory_sent_version'")
     assert json.loads((hub.data_dir / "directory-sent.json").read_text())["version"] == sent_version
+
+
+def _hold_the_first_record(monkeypatch) -> tuple[threading.Event, threading.Event, list[str]]:
+    """The mailer's writes of its record wait for `held`; `writing` is set when one waits; `order`
+    gets "record written" after each."""
+    held, writing, order = threading.Event(), threading.Event(), []
+    save = mailer.DirectoryMailer._save_sent
+
+    def held_save(self, document):
+        writing.set()
+        held.wait(60)
+        save(self, document)
+        order.append("record written")
+
+    monkeypatch.setattr(mailer.DirectoryMailer, "_save_sent", held_save)
+    return held, writing, order
+
+
+def _stop_in_a_thread(hub, order: list[str]) -> threading.Thread:
+    stopping = threading.Thread(target=lambda: (hub.stop(), order.append("stopped")))
+    stopping.start()
+    return stopping
+
+
+def test_a_stop_waits_for_the_record_the_mailer_is_writing(make_hub, monkeypatch):
+    hub = make_hub()
+    hub.data_dir.mkdir(parents=True)
+    add_sites(hub, site_names("old", 2))
+    held, writing, order = _hold_the_first_record(monkeypatch)
+    try:
+        hub.start()  # its first start writes the record of what the sites have
+        assert writing.wait(60), "the mailer never wrote its first record"
+        stopping = _stop_in_a_thread(hub, order)
+        stopping.join(1.0)  # a stop that does not wait for the mailer returns meanwhile
+    finally:
+        held.set()
+    stopping.join(60)
+    assert order == ["record written", "stopped"]
+    assert json.loads((hub.data_dir / "directory-sent.json").read_text())["participants"].keys() == {"old00", "old01"}
+
+
+def test_a_stop_waits_for_the_mailer_only_so_long(make_hub, monkeypatch):
+    monkeypatch.setattr(mailer, "_STOP_WAIT", 0.3)
+    hub = make_hub()
+    hub.data_dir.mkdir(parents=True)
+    add_sites(hub, site_names("old", 2))
+    held, writing, order = _hold_the_first_record(monkeypatch)
+    try:
+        hub.start()
+        assert writing.wait(60), "the mailer never wrote its first record"
+        stopping = _stop_in_a_thread(hub, order)
+        stopping.join(60)
+        assert order == ["stopped"]
+        assert "job(s) still running in the mailer's threads after 0.3 s" in hub.log_text()
+    finally:
+        held.set()
+    wait_for(lambda: order == ["stopped", "record written"], message="the held write ends")
