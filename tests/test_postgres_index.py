@@ -461,17 +461,17 @@ def test_migrate_prints_the_table_and_refuses_what_it_must(make_hub, postgres_se
         assert conn.execute("SELECT to_regclass('audit')").fetchone() == (None,)
     # no server there: one line, never the password
     secret = "Pa55-never-shown"
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound and kept, never listening: connections to it are refused
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    for url in (
-        f"postgresql://mailhub:{secret}@127.0.0.1:{closed}/nothing",
-        f"postgresql://mailhub@127.0.0.1:{closed}/nothing?password={secret}",
-    ):
-        failed = hub.cli("storage", "migrate", url, check=False)
-        assert failed.returncode == 1
-        assert failed.stderr.startswith("mailhub: cannot connect to postgresql://mailhub@127.0.0.1:")
-        assert failed.stderr.count("\n") == 1 and secret not in failed.stderr + failed.stdout, failed.stderr
+        for url in (
+            f"postgresql://mailhub:{secret}@127.0.0.1:{closed}/nothing",
+            f"postgresql://mailhub@127.0.0.1:{closed}/nothing?password={secret}",
+        ):
+            failed = hub.cli("storage", "migrate", url, check=False)
+            assert failed.returncode == 1
+            assert failed.stderr.startswith("mailhub: cannot connect to postgresql://mailhub@127.0.0.1:")
+            assert failed.stderr.count("\n") == 1 and secret not in failed.stderr + failed.stdout, failed.stderr
     # a wrong password for a role that needs one
     postgres_server.admin(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 'the-right-one'")
     try:
@@ -500,19 +500,19 @@ def test_a_password_is_shown_nowhere_even_in_a_url_that_only_libpq_can_read_or_a
     from storage.postgres.from_sqlite import MigrateError, connect, redacted
 
     secret = "Pa55-never-shown"
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound and kept, never listening: connections to it are refused
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    for url in (
-        f"postgresql://mailhub:{secret}@[::1/db",  # urlsplit refuses it; libpq quotes it whole
-        f"postgresql://mailhub:{secret}@127.0.0.1:{closed}/db?sslpassword={secret}x&bogus=1",
-        f"postgresql://mailhub@127.0.0.1:{closed}/db?sslpassword={secret}&sslmode=disable",
-        f"postgresql://mailhub:{secret.replace('-', '%2D')}@127.0.0.1:{closed}/db",
-    ):
-        with pytest.raises(MigrateError) as caught:
-            connect(url)
-        text = str(caught.value)
-        assert secret not in text and secret.replace("-", "%2D") not in text, text
+        for url in (
+            f"postgresql://mailhub:{secret}@[::1/db",  # urlsplit refuses it; libpq quotes it whole
+            f"postgresql://mailhub:{secret}@127.0.0.1:{closed}/db?sslpassword={secret}x&bogus=1",
+            f"postgresql://mailhub@127.0.0.1:{closed}/db?sslpassword={secret}&sslmode=disable",
+            f"postgresql://mailhub:{secret.replace('-', '%2D')}@127.0.0.1:{closed}/db",
+        ):
+            with pytest.raises(MigrateError) as caught:
+                connect(url)
+            text = str(caught.value)
+            assert secret not in text and secret.replace("-", "%2D") not in text, text
         assert "Pa55" not in redacted(url) and "\n" not in text, redacted(url)
     assert (
         redacted(f"postgresql://u@h/db?sslmode=require&sslpassword={secret}") == "postgresql://u@h/db?sslmode=require"

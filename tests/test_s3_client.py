@@ -440,12 +440,12 @@ async def _all(iterator):
 def test_a_refused_connection_names_the_endpoint():
     import socket
 
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound and kept, never listening: connections to it are refused
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=5, backoff=0.01)
-    with pytest.raises(S3Error) as caught:
-        run(S3Client(settings).head("bucket", "key"))
+        port = s.getsockname()[1]
+        settings = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", EXAMPLE, timeout=5, backoff=0.01)
+        with pytest.raises(S3Error) as caught:
+            run(S3Client(settings).head("bucket", "key"))
     assert caught.value.code == "connection" and f"cannot connect to 127.0.0.1:{port}" in str(caught.value)
     assert str(caught.value).endswith("(tried 3 times)"), caught.value
 
