@@ -459,10 +459,8 @@ class Hub:
         (a fixed wait of 0.6 s fell short). In-process hubs only (the cache is read in place)."""
         assert self._hub is not None and self._hub._sites is not None, "an in-process hub, running"
         ((value,),) = self.query("SELECT value FROM meta WHERE key = 'sites_version'")
-        cache, deadline = self._hub._sites, time.monotonic() + timeout
-        while cache.version < int(value):
-            assert time.monotonic() < deadline, f"the hub's sites stayed at version {cache.version} < {value}"
-            time.sleep(0.02)
+        cache = self._hub._sites
+        wait_for(lambda: cache.version >= int(value), timeout, message=f"the hub's sites reach version {value}")
 
     def start(self, wait: float = 60.0) -> "Hub":
         assert not self.running, "this hub runs already"
