@@ -462,6 +462,13 @@ def main():
     )
     sustained.add_argument("--prefill", type=int, default=0, help="mails put into the hub's mailbox first (0)")
     sustained.add_argument(
+        "--sessions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="client sessions per side instead of the workload's own (50 MB 4, 1 MB 8, 10 KB 10)",
+    )
+    sustained.add_argument(
         "--backlog-ab",
         type=int,
         default=0,

@@ -428,10 +428,18 @@ def run_backlog_ab(workload, workdir, logs_dir, args):
     return {"workload": name, "label": label, "backlog_rounds": rows, "hub_alive": full.proc.poll() is None}
 
 
+def with_sessions(workload, sessions):
+    """The workload with another number of client sessions (--sessions), its label saying so."""
+    name, label, size, _sessions, counts, unit = workload
+    return name, "%s, %d sessions" % (label.rsplit(", ", 1)[0], sessions), size, sessions, counts, unit
+
+
 def main_sustained(args, workdir, logs_dir):
     """The --sustained run (called by bench.ingest_benchmark.main); returns the reports."""
     reports = []
     for workload in (w for w in WORKLOADS if w[0] in args.workload):
+        if args.sessions:
+            workload = with_sessions(workload, args.sessions)
         if args.backlog_ab:
             log("%s: a hub with a backlog against an empty one, %d rounds" % (workload[1], args.rounds))
             reports.append(run_backlog_ab(workload, workdir, logs_dir, args))
