@@ -101,3 +101,14 @@ def test_every_bench_command_answers_help():
         assert usage.startswith(f"usage: python -m bench.{name} "), (name, stdout)
         description = rest.split("\n\n")[0]
         assert len(description.split()) >= 5 and not description.startswith(("options:", "positional")), stdout
+
+
+def test_sustained_sessions_option_replaces_the_workloads_count_and_label():
+    from bench.ingest_benchmark import WORKLOADS
+    from bench.sustained import with_sessions
+
+    for workload in WORKLOADS:
+        changed = with_sessions(workload, 16)
+        assert changed[3] == 16 and changed[1].endswith(", 16 sessions"), changed
+        assert changed[1].count("sessions") == 1, changed  # the workload's own count is gone
+        assert changed[:1] + changed[2:3] + changed[4:] == workload[:1] + workload[2:3] + workload[4:]
