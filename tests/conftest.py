@@ -5,6 +5,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -194,17 +195,43 @@ def writer_children(data_dir) -> list[int]:
     return found
 
 
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
-    """Call `condition` until it returns something true (returned) or `timeout` seconds pass
-    (AssertionError naming `message` or the condition)."""
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message="", raise_on_timeout: bool = True):
+    """Call `condition` until it returns something true (returned) or `timeout` seconds pass: then
+    an AssertionError naming `message` (a text, or a callable giving one then, e.g. the log's tail)
+    or the condition; with raise_on_timeout=False the last (false) result is returned instead, for
+    a caller that asserts on it itself. The one way tests poll (async tests: `until` below)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f"not true after {timeout}s: {message or condition}")
+            if not raise_on_timeout:
+                return result
+            raise AssertionError(_timeout_message(timeout, message, condition))
         time.sleep(interval)
+
+
+async def until(condition, timeout: float = 10.0, interval: float = 0.02, message="", raise_on_timeout: bool = True):
+    """wait_for's twin for async tests: `condition` may be a plain callable or return an awaitable
+    (an async function); the event loop keeps running between the checks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            if not raise_on_timeout:
+                return result
+            raise AssertionError(_timeout_message(timeout, message, condition))
+        await asyncio.sleep(interval)
+
+
+def _timeout_message(timeout: float, message, condition) -> str:
+    text = message() if callable(message) else message
+    return f"not true after {timeout}s: {text or condition}"
 
 
 def _fresh_metrics() -> None:
@@ -480,16 +507,23 @@ class Hub:
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+
+        def ready() -> str | None:
             text = self.log_path.read_text()[mark:]
             if "hub ready" in text:
-                self.ports = {name: int(port) for name, _, port in _LISTEN_RE.findall(text)}
-                return self
+                return text
             if self.proc.poll() is not None:
                 raise AssertionError(f"hub exited with {self.proc.returncode}:\n{text[-3000:]}")
-            time.sleep(0.05)
-        raise AssertionError("hub did not start:\n" + self.log_path.read_text()[-3000:])
+            return None
+
+        text = wait_for(
+            ready,
+            timeout=wait,
+            interval=0.05,
+            message=lambda: "'hub ready' in the log\n" + self.log_path.read_text()[-3000:],
+        )
+        self.ports = {name: int(port) for name, _, port in _LISTEN_RE.findall(text)}
+        return self
 
     def _start_in_process(self, wait: float) -> "Hub":
         cfg = config.load(self.config, environ=self.env)
