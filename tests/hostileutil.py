@@ -16,15 +16,6 @@ from conftest import PASSWORD
 ATTACKER, GOOD = "127.0.0.1", "127.0.0.2"
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
-
-
 def connect(port: int, source: str = ATTACKER, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
 

@@ -21,7 +21,6 @@ import smtplib
 import ssl
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -33,7 +32,7 @@ from test_ansible_role import ANSIBLE, BIN, DASHBOARD, REPO, VAULT_PASSWORD, ans
 from loadtest.ports import free_port
 from mailhub.config import SCHEMA
 
-from conftest import session_signing_key
+from conftest import session_signing_key, wait_for
 from gpgutil import Gpg, pgp_mime
 from pgutil import PASSWORD_ROLE
 from pop3util import make_cert
@@ -281,14 +280,20 @@ class UnitProcess:
                 stderr=log,
                 preexec_fn=self._limits,
             )
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             text = self.log_path.read_text()[mark:]
-            if "hub ready" in text:
-                return
-            assert self.proc.poll() is None, f"hub exited with {self.proc.returncode}:\n{text[-3000:]}"
-            time.sleep(0.1)
-        raise AssertionError("hub did not start:\n" + self.log_path.read_text()[-3000:])
+            assert self.proc.poll() is None or "hub ready" in text, (
+                f"hub exited with {self.proc.returncode}:\n{text[-3000:]}"
+            )
+            return "hub ready" in text
+
+        wait_for(
+            ready,
+            timeout=wait,
+            interval=0.1,
+            message=lambda: "'hub ready' in the log\n" + self.log_path.read_text()[-3000:],
+        )
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -17,7 +17,7 @@ from quotas import DrainConfig, SiteLimits, SiteRef, Throttle, ThrottleSettings
 from quotas.ledger import VOLUME_WINDOW_DAYS, Ledger
 from storage import usage as storage_usage
 
-from conftest import ALPHA_BETA, PASSWORD, make_message
+from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 DAY = 86400.0
@@ -126,16 +126,6 @@ def _metric(port: int, name: str, site: str) -> float | None:
     return None
 
 
-def _wait_for(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_hub_under_faketime_steps(make_hub, tmp_path):
     """A received-per-day quota of 3 mails for beta; the wall clock steps +1 day, back, and +1 day
     again (the hub restarted once in between): each day takes exactly 3 mails, whichever way the
@@ -182,9 +172,11 @@ def test_hub_under_faketime_steps(make_hub, tmp_path):
     assert send(4) == [250, 250, 250, 452]  # day 0 is full
     step("+1d")
     assert send(4) == [250, 250, 250, 452]  # day 1 starts empty, fills up
-    drain = _wait_for(
+    drain = wait_for(
         lambda: _metric(hub.ports["metrics"], "mailhub_site_drain_rate_bytes_per_second", "beta"),
-        "a drain reading after the step",
+        timeout=20.0,
+        interval=0.05,
+        message="a drain reading after the step",
     )
     assert drain > 0, "a forward step made beta look offline"
     step("+0")

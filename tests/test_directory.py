@@ -7,14 +7,13 @@ import json
 import poplib
 import re
 import smtplib
-import time
 import urllib.request
 
 import pytest
 
 from mailhub import control
 
-from conftest import ALPHA, ALPHA_BETA, PASSWORD
+from conftest import ALPHA, ALPHA_BETA, PASSWORD, wait_for
 from gpgutil import Gpg
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
@@ -26,15 +25,6 @@ def gpg():
     g = Gpg()
     yield g
     g.close()
-
-
-def until(check, within: float = 10.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 def pop3_messages(hub, login: str) -> list[bytes]:
@@ -166,7 +156,9 @@ def test_key_import_show_and_rotation_with_grace(make_hub, gpg, tmp_path):
     # after the grace period the previous key is shown as expired
     hub.env["MAILHUB_DIRECTORY_KEY_GRACE_DAYS"] = "0.000001"  # 0.09 s
     states = lambda: [k["state"] for k in json.loads(hub.cli("site", "key", "show", "alpha", "--json").stdout)["keys"]]
-    assert until(lambda: states() == ["current", "expired"]), states()
+    wait_for(
+        lambda: states() == ["current", "expired"], interval=0.1, message=lambda: f"previous key expired: {states()}"
+    )
 
 
 def test_bad_keys_are_refused_with_a_clear_message(make_hub, gpg, tmp_path):
@@ -240,7 +232,9 @@ def test_a_site_asking_again_too_soon_is_told_when_to_ask(make_hub):
         client.quit()
     assert "directory sent to your mailbox" in request_directory(hub, "beta")  # other sites are not held
     # asking again until the interval has passed (3 s after the first request) is answered
-    reply = until(lambda: request_directory_if_allowed(hub, "alpha"), within=10)
+    reply = wait_for(
+        lambda: request_directory_if_allowed(hub, "alpha"), interval=0.1, message="directory request accepted again"
+    )
     assert reply and "directory sent to your mailbox" in reply, reply
     assert len(pop3_messages(hub, "alpha")) == 2
 
@@ -264,7 +258,11 @@ def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
     assert hub.query("SELECT count(*) FROM mailbox") == [(0,)]  # the sites present at first start get none
 
     hub.add_site("gamma", "gamma@hub.test")
-    assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(3,)]), hub.log_text()[-2000:]
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM mailbox") == [(3,)],
+        interval=0.1,
+        message=lambda: f"3 directory update mails in the mailboxes\n{hub.log_text()[-2000:]}",
+    )
     documents = {}
     for login in ("alpha", "beta", "gamma"):
         (raw,) = pop3_messages(hub, login)
@@ -281,7 +279,11 @@ def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
     # a key change is an update too, based on the version sent before
     fpr = gpg.new_key("gamma <gamma@hub.test>")
     hub.cli("site", "key", "import", "gamma", str(gpg.export(fpr, tmp_path / "gamma.asc")))
-    assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(6,)]), hub.log_text()[-2000:]
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM mailbox") == [(6,)],
+        interval=0.1,
+        message=lambda: f"6 directory update mails in the mailboxes\n{hub.log_text()[-2000:]}",
+    )
     raw = pop3_messages(hub, "beta")[-1]
     second = verify_directory_mail(gpg, hub, raw)
     assert second["base_version"] == update["version"] and second["added"] == second["removed"] == []
@@ -297,7 +299,11 @@ def test_adding_a_site_sends_every_site_an_update_once(make_hub, gpg, tmp_path):
     hub.stop()
     hub.add_site("delta", "delta@hub.test")
     hub.start()
-    assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(10,)]), hub.log_text()[-2000:]
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM mailbox") == [(10,)],
+        interval=0.1,
+        message=lambda: f"10 directory update mails in the mailboxes\n{hub.log_text()[-2000:]}",
+    )
     third = document_of(pop3_messages(hub, "delta")[-1])
     assert third["base_version"] == second["version"] and [s["name"] for s in third["added"]] == ["delta"]
 

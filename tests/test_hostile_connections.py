@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ALPHA_BETA, PASSWORD, make_message
+from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
 from hostileutil import (
     ATTACKER,
     GOOD,
@@ -19,7 +19,6 @@ from hostileutil import (
     metric,
     metrics,
     read_until_closed,
-    wait_for,
 )
 from pop3util import send
 
@@ -126,7 +125,7 @@ def test_a_flood_from_one_address_hits_its_limits_and_others_are_still_served(ma
     )
     for sock in idle:  # closing frees the slots
         sock.close()
-    assert wait_for(lambda: _admitted(hub, protocol))
+    wait_for(lambda: _admitted(hub, protocol), message=f"{protocol} connection admitted once the idle ones closed")
     for sock in logged_in:
         sock.close()
 
@@ -156,7 +155,9 @@ def test_the_total_of_connections_not_logged_in_is_bounded_and_exempt_networks_c
     refused = connect(port_of(hub, protocol), "127.0.0.30")
     assert read_until_closed(refused) == UNAUTHENTICATED_TOTAL[protocol]
     others.pop().close()
-    assert wait_for(lambda: _admitted_from(hub, protocol, "127.0.0.31"))
+    wait_for(
+        lambda: _admitted_from(hub, protocol, "127.0.0.31"), message=f"{protocol} connection admitted once one closed"
+    )
     for sock in exempt + others:
         sock.close()
 
@@ -273,7 +274,7 @@ def test_pop3_idle_timeout_counts_complete_commands_not_bytes(make_hub):
             except (BrokenPipeError, ConnectionResetError):
                 trickler_closed = time.monotonic() - started
         else:
-            time.sleep(0.2)
+            time.sleep(0.2)  # pacing: the chatty client's NOOPs 0.2 s apart
         if time.monotonic() - started > 7:
             break
     assert trickler_closed is not None and 2.9 < trickler_closed < 6.0, trickler_closed

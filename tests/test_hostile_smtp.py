@@ -311,16 +311,6 @@ def _abort_lines(hub, queue_id=None):
     return [line for line in lines if queue_id is None or f"qid={queue_id}" in line]
 
 
-def _wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 @pytest.mark.one_engine("about the serve process's log lines, not the index")
 def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     hub = make_hub(
@@ -337,21 +327,30 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     assert gone.command("DATA").startswith(b"354")
     gone.send(b"Subject: x\r\n\r\n" + b"y" * 5000)
     gone.close()  # the hub reads what was sent before it sees the end
-    line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='client closed'" in entry])
+    line = wait_for(
+        lambda: [entry for entry in _abort_lines(hub) if "reason='client closed'" in entry],
+        message="an aborted line with reason='client closed'",
+    )
     assert len(line) == 1 and "site=- from=<alpha@hub.test> rcpts=beta@hub.test received=5014" in line[0], line
 
     idle = open_transaction()  # idle timeout between two BDAT chunks
     idle.send(b"BDAT 4\r\nabcd")
     assert idle.reply().startswith(b"250 2.0.0 4 octets")
     assert idle.rest(5).startswith(b"421 4.4.2")
-    line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='idle timeout'" in entry])
+    line = wait_for(
+        lambda: [entry for entry in _abort_lines(hub) if "reason='idle timeout'" in entry],
+        message="an aborted line with reason='idle timeout'",
+    )
     assert len(line) == 1 and "received=4 " in line[0]
 
     reset = open_transaction()  # RSET between BDAT chunks
     reset.send(b"BDAT 3\r\nabc")
     assert reset.reply().startswith(b"250")
     assert reset.command("RSET").startswith(b"250")
-    line = _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='reset'" in entry])
+    line = wait_for(
+        lambda: [entry for entry in _abort_lines(hub) if "reason='reset'" in entry],
+        message="an aborted line with reason='reset'",
+    )
     assert len(line) == 1 and "received=3 " in line[0]
 
     busy = open_transaction()  # shutdown while a DATA is being received
@@ -369,7 +368,11 @@ def test_each_transaction_ending_without_a_reply_leaves_one_log_line(make_hub):
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     hub.proc.send_signal(signal.SIGTERM)
-    _wait_for(lambda: [entry for entry in _abort_lines(hub) if "reason='shutdown'" in entry], timeout=15)
+    wait_for(
+        lambda: [entry for entry in _abort_lines(hub) if "reason='shutdown'" in entry],
+        timeout=15,
+        message="an aborted line with reason='shutdown'",
+    )
     hub.proc.wait(15)
     sender.join(10)
     for client in (gone, idle, reset, busy):
@@ -443,7 +446,7 @@ def test_a_flood_of_malformed_commands_leaves_a_good_gateway_served_within_a_sec
     for worker in workers:
         worker.start()
     try:
-        _wait_for(lambda: sent[0] >= 20)
+        wait_for(lambda: sent[0] >= 20, message="20 flood sessions sent")
         rounds = [_good_gateway_round(hub) for _ in range(5)]
     finally:
         stop.set()
@@ -542,7 +545,11 @@ def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(mak
         socks = list(pool.map(lambda _: stall(), range(sessions)))
     # every session's megabyte has reached the hub (its spool files) before the measure
     spool = hub.data_dir / "spool"
-    _wait_for(lambda: sum(f.stat().st_size for f in spool.iterdir()) >= sessions * sent_each - budget, timeout=60)
+    wait_for(
+        lambda: sum(f.stat().st_size for f in spool.iterdir()) >= sessions * sent_each - budget,
+        timeout=60,
+        message="every stalled session's bytes in the spool",
+    )
     peak = vm_status(pid, "VmHWM")
     rss = _rss(pid)
     gauges = _ingest_memory(hub)
@@ -560,8 +567,10 @@ def test_hundreds_of_sessions_stalled_mid_data_stay_within_the_memory_budget(mak
     for sock in socks:
         sock.close()
     # each stalled mail is dropped with one log line, its spool file removed
-    _wait_for(lambda: hub.log_text().count("outcome=aborted") >= sessions, timeout=30)
-    _wait_for(lambda: len(list(spool.iterdir())) == 0, timeout=30)
+    wait_for(
+        lambda: hub.log_text().count("outcome=aborted") >= sessions, timeout=30, message="an aborted line per session"
+    )
+    wait_for(lambda: len(list(spool.iterdir())) == 0, timeout=30, message="the spool emptied")
     text = hub.log_text()
     assert text.count("outcome=aborted") == sessions and "Traceback" not in text
 
@@ -599,7 +608,9 @@ def test_memory_is_returned_after_a_burst(make_hub):
         list(pool.map(send, range(64)))
     after_burst = _rss(pid)
     peak = vm_status(pid, "VmHWM")
-    returned = _wait_for(lambda: (rss := _rss(pid)) < base + 24 * MB and rss, timeout=15)
+    returned = wait_for(
+        lambda: (rss := _rss(pid)) < base + 24 * MB and rss, timeout=15, message="the burst's memory returned"
+    )
     print(
         f"burst of 128 x 1 MB mails over 64 sessions: hub RSS {base / MB:.1f} MB before, peak {peak / MB:.1f},"
         f" {after_burst / MB:.1f} right after, {returned / MB:.1f} once memory was returned"

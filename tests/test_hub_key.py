@@ -16,12 +16,13 @@ import logging
 import smtplib
 import subprocess
 import sys
-import time
 
 import pytest
-from test_directory import document_of, pop3_messages, request_directory, signed_parts, until
+from test_directory import document_of, pop3_messages, request_directory, signed_parts
 
-from conftest import ALPHA_BETA, PASSWORD, REPO
+from mailhub import control
+
+from conftest import ALPHA_BETA, PASSWORD, REPO, wait_for
 from gpgutil import Gpg
 
 WKS_CLIENT = "/usr/lib/gnupg/gpg-wks-client"
@@ -206,9 +207,11 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
         in rotated.stderr
     ), rotated.stderr
     assert (hub.data_dir / "hub-keys" / f"{old}.asc").stat().st_mode & 0o777 == 0o600
-    assert until(lambda: f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text()), hub.log_text()[
-        -2000:
-    ]
+    wait_for(
+        lambda: f"hub key rotation {old} -> {new} announced to 2 site(s)" in hub.log_text(),
+        interval=0.1,
+        message=lambda: f"the rotation announced to 2 sites\n{hub.log_text()[-2000:]}",
+    )
     assert hub.query("SELECT count(*) FROM mailbox") == [(2,)]
     announcements = {login: pop3_messages(hub, login) for login in ("alpha", "beta")}
     assert all(len(mails) == 1 for mails in announcements.values())
@@ -251,7 +254,8 @@ def test_rotation_is_announced_signed_by_both_keys_and_the_old_key_retires(make_
     assert hub.stop() == 0
     hub.start()
     request_directory(hub, "alpha")
-    time.sleep(1.5)  # the update loop looks once a second
+    # what the update loop looks for once a second, asked now: nothing is due
+    assert control.request(hub.data_dir, "hub-key-announce")["kind"] is None
     assert hub.query("SELECT count(*) FROM mailbox") == [(4,)]  # 2 announcements, 2 replies
 
     # after the grace period only the new key signs and is published; the old one stays on disk
@@ -283,7 +287,11 @@ def test_a_rotation_not_yet_announced_blocks_the_next_one(make_hub):
     assert f"the previous rotation ({first} -> {second}) is not announced to the sites yet" in refused.stderr
     assert "not announced to the sites yet" in hub.cli("directory", "export-key").stderr
     hub.start()  # announces it
-    assert until(lambda: "announced to 2 site(s)" in hub.log_text()), hub.log_text()[-2000:]
+    wait_for(
+        lambda: "announced to 2 site(s)" in hub.log_text(),
+        interval=0.1,
+        message=lambda: f"the rotation announced to 2 sites\n{hub.log_text()[-2000:]}",
+    )
     third = hub.cli("directory", "rotate-key").stdout.strip()
     assert len({first, second, third}) == 3
     forced = hub.cli("directory", "rotate-key", "--force")  # before the hub announced the third
@@ -336,9 +344,17 @@ def test_a_rotation_killed_at_each_step_leaves_one_consistent_state(make_hub):
         hub.start()
         assert not list(hub.data_dir.glob(".hub-signing-key.asc.*")), "leftover removed at start"
         mails = 2 if outcomes[step] == "rotated" else 0
-        assert until(lambda: hub.query("SELECT count(*) FROM mailbox") == [(mails,)]), hub.log_text()[-2000:]
+        wait_for(
+            lambda: hub.query("SELECT count(*) FROM mailbox") == [(mails,)],
+            interval=0.1,
+            message=lambda: f"{mails} announcement(s) in the mailboxes\n{hub.log_text()[-2000:]}",
+        )
         next_key = hub.cli("directory", "rotate-key").stdout.strip()  # and the next rotation works
-        assert until(lambda: f"-> {next_key} announced to 2 site(s)" in hub.log_text()), hub.log_text()[-2000:]
+        wait_for(
+            lambda: f"-> {next_key} announced to 2 site(s)" in hub.log_text(),
+            interval=0.1,
+            message=lambda: f"the next rotation announced to 2 sites\n{hub.log_text()[-2000:]}",
+        )
         hub.stop()
     print("rotation cut off by SIGKILL after each step:", json.dumps(outcomes))
     assert outcomes == {

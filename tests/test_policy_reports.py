@@ -21,7 +21,7 @@ from relay.mime.stream import MimeStreamParser
 from relay.outbound.bounce import FailedRecipient, build_dsn, header_of
 from relay.policy.encryption import EncryptionPolicy
 
-from conftest import ALPHA_BETA, PASSWORD
+from conftest import ALPHA_BETA, PASSWORD, wait_for
 from mailshapes import KEY, OTHER_KEY, armored, dicom_attachment, mail, multipart, openpgp, pgp_mime, text
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
@@ -37,15 +37,6 @@ def verdict(message: bytes, recipients=BETA):
         parser.feed(message[i : i + 65536])
     parser.close()
     return None if policy.reply is None else (policy.reason, policy.reply)
-
-
-def until(check, within: float = 30.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +88,12 @@ def _bounce_three_mails(workdir: Path) -> dict[str, bytes]:
                 options = ["RET=HDRS"] if subject == "pgp-hdrs" else ["RET=FULL"]
                 client.sendmail("alpha@sites.test", ["x@gone.test"], message, mail_options=options)
         new = box / "box" / "new"
-        files = until(lambda: len(list(new.glob("*"))) == 3 and list(new.glob("*")), 60)
-        assert files, "Postfix did not bounce the three mails"
+        files = wait_for(
+            lambda: len(list(new.glob("*"))) == 3 and list(new.glob("*")),
+            timeout=60,
+            interval=0.1,
+            message="Postfix bounced the three mails",
+        )
     dsns = {}
     for path in files:
         raw = path.read_bytes().replace(b"\n", b"\r\n")  # Postfix stores LF; SMTP carries CRLF
@@ -157,7 +152,9 @@ def test_the_hubs_own_bounces_pass():
 def test_directory_mails_pass(make_hub, tmp_path):
     hub = make_hub(sites=ALPHA_BETA).start()
     request_directory(hub, "alpha")
-    messages = until(lambda: pop3_messages(hub, "alpha"))
+    messages = wait_for(
+        lambda: pop3_messages(hub, "alpha"), timeout=30, interval=0.1, message="directory mail in alpha's mailbox"
+    )
     assert messages and b"multipart/signed" in messages[0] and b"application/pgp-keys" in messages[0]
     for raw in messages:
         assert verdict(raw) is None

@@ -19,7 +19,7 @@ import pytest
 
 from relay.smtp.stream import dot_stuff_bytes
 
-from conftest import ALPHA_BETA, ALPHA_BETA_B2, BETA, PASSWORD, RawSMTP, make_message
+from conftest import ALPHA_BETA, ALPHA_BETA_B2, BETA, PASSWORD, RawSMTP, make_message, wait_for
 from pop3util import (
     RawPop3,
     blob_path,
@@ -60,15 +60,6 @@ def raw(hub, user: str | None = "beta", port: int | None = None, **kw) -> RawPop
     return client
 
 
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
 def login_when_free(hub, user: str = "beta") -> RawPop3:
     """Log in, retrying while the server has not yet noticed that the previous session ended."""
 
@@ -82,9 +73,7 @@ def login_when_free(hub, user: str = "beta") -> RawPop3:
         client.close()
         return None
 
-    client = wait_for(attempt)
-    assert client, "mailbox still locked"
-    return client
+    return wait_for(attempt, interval=0.05, message=f"{user}'s mailbox free again after the previous session")
 
 
 def site_json(hub, name: str) -> dict:
@@ -495,8 +484,12 @@ def test_download_totals_are_recorded_per_site_and_shown(hub):
     client = raw(hub)  # a session that ends without QUIT is counted too
     client.retr(1)
     client.close()
-    d = wait_for(lambda: (lambda d: d if d["sessions"] == 2 else None)(site_json(hub, "beta")["downloads"]))
-    assert d and (d["messages"], d["bytes"]) == (3, len(blobs[0]) + 2 * len(blobs[1]) + header_size)
+    d = wait_for(
+        lambda: (lambda d: d if d["sessions"] == 2 else None)(site_json(hub, "beta")["downloads"]),
+        interval=0.05,
+        message="2 download sessions counted for beta",
+    )
+    assert (d["messages"], d["bytes"]) == (3, len(blobs[0]) + 2 * len(blobs[1]) + header_size)
     assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]  # nothing deleted by that one
 
     text = hub.cli("site", "show", "beta").stdout
@@ -538,8 +531,10 @@ def test_stls_upgrades_the_session_and_messages_come_through_exact(tls_hub):
     client.pass_(PASSWORD)
     assert [strip_trace(retr(client, n)) for n in (1, 2, 3)] == sent
     client.quit()
-    line = wait_for(lambda: re.search(r" retrieved=3 .* direct=0 ", hub.log_text()))  # TLS: copied
-    assert line, hub.log_text()[-2000:]
+    wait_for(  # TLS: copied
+        lambda: re.search(r" retrieved=3 .* direct=0 ", hub.log_text()),
+        message=lambda: f"session line with retrieved=3 direct=0\n{hub.log_text()[-2000:]}",
+    )
     assert_no_traceback(hub)
 
 
@@ -622,8 +617,11 @@ def test_connections_over_the_limit_are_refused(make_hub):
     third = RawPop3(hub.ports["pop3"])
     assert third.greeting == b"-ERR [SYS/TEMP] too many connections, try again later\r\n" and third.rest() == b""
     first.command("QUIT")
-    again = wait_for(lambda: (lambda c: c if c.greeting.startswith(b"+OK") else None)(RawPop3(hub.ports["pop3"])))
-    assert again
+    wait_for(
+        lambda: (lambda c: c if c.greeting.startswith(b"+OK") else None)(RawPop3(hub.ports["pop3"])),
+        interval=0.05,
+        message="+OK greeting once a session has ended",
+    )
     second.close()
 
 
@@ -638,7 +636,10 @@ def test_a_client_that_stops_reading_mid_message_is_dropped(make_hub):
     for n in (1, 2):  # sendfile worker, then the copying path
         client = raw(hub, rcvbuf=65536)
         client.send(f"RETR {n}\r\n".encode())  # then read nothing
-        assert wait_for(lambda: hub.log_text().count("outcome=idle timeout") >= n), hub.log_text()[-2000:]
+        wait_for(
+            lambda: hub.log_text().count("outcome=idle timeout") >= n,
+            message=lambda: f"{n} idle timeout(s) logged\n{hub.log_text()[-2000:]}",
+        )
         client.close()
     client = login_when_free(hub)
     assert strip_trace(client.retr(1)) == plain and strip_trace(client.retr(2)) == dotted
@@ -679,8 +680,10 @@ def test_sending_stays_within_bounded_memory_whatever_the_message_size(process_h
     rss_mb = int(fields["VmRSS"].split()[0]) / 1024
     assert min(sizes) > 100 * CHUNK
     assert peak_mb < rss_mb + 40, (peak_mb, rss_mb)
-    line = wait_for(lambda: re.search(r" retrieved=2 .* direct=1 ", hub.log_text()))  # the first only
-    assert line, hub.log_text()[-2000:]
+    wait_for(  # the first only
+        lambda: re.search(r" retrieved=2 .* direct=1 ", hub.log_text()),
+        message=lambda: f"session line with retrieved=2 direct=1\n{hub.log_text()[-2000:]}",
+    )
 
 
 # ---- shutdown and crashes ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from loadtest.ports import free_port
 from loadtest.thirdparty import make_traversable, postfix_to_maildir, wait_banner
 
-from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from
+from conftest import ALPHA_BETA, PASSWORD, RawSMTP, make_message, queue_id_from, wait_for
 from pop3util import make_cert
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
@@ -34,15 +34,9 @@ MB = 1024 * 1024
 REMOTE = "remote.test"
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition", hub=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    log = "\n".join(line for line in hub.log_text().splitlines() if "/metrics" not in line)[-4000:] if hub else ""
-    raise AssertionError(f"timed out waiting for {what}\n{log}")
+def log_tail(hub) -> str:
+    """The end of the hub's log without the lines of /metrics scrapes."""
+    return "\n".join(line for line in hub.log_text().splitlines() if "/metrics" not in line)[-4000:]
 
 
 @contextlib.contextmanager
@@ -163,9 +157,11 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, clos
     assert hub.query("SELECT refs FROM messages WHERE queue_id = ?", qid) == [(3,)]
     assert len(hub.blob_files()) == 1
     assert hub.query("SELECT rcpt FROM mailbox WHERE queue_id = ?", qid) == [("beta@hub.test",)]
-    wait_until(
+    wait_for(
         lambda: all(attempts == 1 for _, _, attempts, _, _ in queue_rows(hub)) and queue_rows(hub),
-        what="a failed first attempt",
+        message="a failed first attempt",
+        timeout=30,
+        interval=0.1,
     )
     rows = queue_rows(hub)
     assert sorted(r[1] for r in rows) == [f"x@{REMOTE}", f"y@sub.{REMOTE}"]
@@ -177,9 +173,11 @@ def test_rcpt_policy_and_one_blob_for_local_and_remote_recipients(make_hub, clos
 
     # The next hop is backed off as a whole: a new mail for it waits without a connection attempt.
     later = submit(hub, [f"z@{REMOTE}"], make_message(1000))
-    wait_until(
+    wait_for(
         lambda: hub.query("SELECT last_error FROM outbound WHERE queue_id = ?", later) == [("destination backed off",)],
-        what="the new mail to wait for the next hop",
+        message="the new mail to wait for the next hop",
+        timeout=30,
+        interval=0.1,
     )
     ((attempts, wait),) = hub.query(
         "SELECT attempts, next_attempt_at - queued_at FROM outbound WHERE queue_id = ?", later
@@ -262,10 +260,10 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         small = small.replace(b"To: beta@hub.test", b"To: small@remote.test")  # (Postfix adds a missing Date)
         small += b".a line starting with a dot\r\n"
         qid = submit(hub, [f"small@{REMOTE}", "beta@hub.test"], small)
-        wait_until(
-            lambda: _delivered(maildir), timeout=120, what="the 1 KB mail at Postfix"
+        wait_for(
+            lambda: _delivered(maildir), timeout=120, message="the 1 KB mail at Postfix", interval=0.1
         )  # (Postfix on a busy machine)
-        wait_until(lambda: not queue_rows(hub), what="the queue row to go")
+        wait_for(lambda: not queue_rows(hub), message="the queue row to go", timeout=30, interval=0.1)
         (delivered,) = _delivered(maildir)
         lf = small.replace(b"\r\n", b"\n")
         assert hashlib.sha256(delivered.read_bytes()[-len(lf) :]).hexdigest() == hashlib.sha256(lf).hexdigest()
@@ -276,15 +274,17 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
             client.login("alpha", PASSWORD)
             for i in range(30):
                 client.sendmail("alpha@hub.test", [f"burst{i}@{REMOTE}"], make_message(2000, subject=f"burst {i}"))
-        wait_until(lambda: len(_delivered(maildir)) == 31, what="the burst at Postfix")
+        wait_for(lambda: len(_delivered(maildir)) == 31, message="the burst at Postfix", timeout=30, interval=0.1)
         log = maildir.parent.parent / "postfix.log"
-        sessions = wait_until(
+        sessions = wait_for(
             lambda: (
                 (found := [int(m) for m in re.findall(r"disconnect from .* mail=(\d+)", log.read_text())])
                 and sum(found) == 31
                 and found
             ),
-            what="the hub's connections to end",
+            message="the hub's connections to end",
+            timeout=30,
+            interval=0.1,
         )
         assert len(sessions) <= 15 and max(sessions) >= 5, sessions  # connections reused (at most 10 at once)
 
@@ -301,14 +301,14 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         big_qid = queue_id_from(client.reply())
         client.command("QUIT")
         client.close()
-        delivered = wait_until(
+        delivered = wait_for(
             lambda: [p for p in _delivered(maildir) if p.stat().st_size > 100 * MB],
             timeout=180,
-            what="the 200 MB mail at Postfix",
-            hub=hub,
+            message=lambda: f"the 200 MB mail at Postfix\n{log_tail(hub)}",
+            interval=0.1,
         )[0]
         assert _tail_sha256(delivered, lf_size) == lf_sha
-        wait_until(lambda: not queue_rows(hub), what="the queue row to go")
+        wait_for(lambda: not queue_rows(hub), message="the queue row to go", timeout=30, interval=0.1)
         assert hub.query("SELECT count(*) FROM messages WHERE queue_id = ?", big_qid) == [(0,)]  # blob freed
         with open(f"/proc/{hub.proc.pid}/status") as f:
             peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -328,11 +328,13 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
     try:
         message = make_message(5000, subject="retried") + b".leading dot: sent with DATA, so dot-stuffed\r\n"
         qid = submit(hub, [f"later@{REMOTE}"], message)
-        wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a refused connection")
+        wait_for(
+            lambda: [r[2] for r in queue_rows(hub)] == [1], message="a refused connection", timeout=30, interval=0.1
+        )
         assert "refused greeting: 421 4.3.2" in queue_rows(hub)[0][3]
         hop.mode = "450"
         assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")  # also ends the next hop's back-off
-        wait_until(lambda: [r[2] for r in queue_rows(hub)] == [2], what="a deferral")
+        wait_for(lambda: [r[2] for r in queue_rows(hub)] == [2], message="a deferral", timeout=30, interval=0.1)
         ((_, rcpt, attempts, error, _),) = queue_rows(hub)
         assert (rcpt, attempts) == (f"later@{REMOTE}", 2) and error.startswith("450 4.2.0"), error
         listed = json.loads(hub.cli("queue", "list", "--json").stdout)
@@ -342,7 +344,7 @@ def test_unreachable_then_4xx_then_2xx_with_queue_retry(make_hub):
         ((next_attempt,),) = hub.query("SELECT next_attempt_at FROM outbound")
         assert next_attempt - time.time() > 3500 and queue_rows(hub) and not hop.messages
         assert hub.cli("queue", "retry", qid).stdout.startswith("1 ")
-        wait_until(lambda: not queue_rows(hub), what="delivery after queue retry")
+        wait_for(lambda: not queue_rows(hub), message="delivery after queue retry", timeout=30, interval=0.1)
     finally:
         hop.shutdown()
         hop.server_close()
@@ -379,7 +381,7 @@ def test_5xx_bounces_and_expiry_with_delay_warning(make_hub, tmp_path):
         bounced = submit(hub, ["nobody@hard.test"], make_message(2000, subject="to be bounced"))
         submit(hub, ["nobody@hard.test"], make_message(2000, subject="a bounce"), sender="")  # never bounced
         expired = submit(hub, ["slow@soft.test"], make_message(2000, subject="to expire"))
-        wait_until(lambda: not queue_rows(hub), timeout=30, what="the queue to empty")
+        wait_for(lambda: not queue_rows(hub), timeout=30, message="the queue to empty", interval=0.1)
     messages = pop3_messages(hub)
     reports = delivery_reports(messages)
     assert len(messages) == len(reports) == 3, [m["Subject"] for m in messages]
@@ -462,15 +464,15 @@ def test_kill_9_during_delivery_loses_nothing(make_hub, tmp_path):
         try:
             message = make_message(8 * MB, subject="interrupted")
             qid = submit(hub, [f"far@{REMOTE}"], message)
-            wait_until(lambda: stall.received > MB, what="the delivery to be under way")
+            wait_for(lambda: stall.received > MB, message="the delivery to be under way", timeout=30, interval=0.1)
             hub.kill()
         finally:
             stall.close()
         assert [r[:3] for r in queue_rows(hub)] == [(qid, f"far@{REMOTE}", 0)]
         hub.env["MAILHUB_RELAY_ROUTES"] = f"{REMOTE}=127.0.0.1:{port}"
         hub.in_process_from_now_on().start()
-        wait_until(lambda: not queue_rows(hub), what="delivery after the restart")
-        (dumped,) = wait_until(lambda: list(dump.iterdir()), what="the sink's dump file")
+        wait_for(lambda: not queue_rows(hub), message="delivery after the restart", timeout=30, interval=0.1)
+        (dumped,) = wait_for(lambda: list(dump.iterdir()), message="the sink's dump file", timeout=30, interval=0.1)
         assert message.replace(b"\r\n", b"\n") in dumped.read_bytes()
     assert hub.query("SELECT count(*) FROM messages") == [(0,)] and hub.blob_files() == []
 
@@ -530,7 +532,12 @@ tls = "required"
     with smtp_sink(tmp_path / "sink", no_tls):
         message = make_message(4000, subject="across networks")
         submit(hub, ["partner@other.test", "opp@opp.test", "x@unverified.test", "y@no-tls.test"], message)
-        wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1, 1], what="one delivery and two deferrals")
+        wait_for(
+            lambda: [r[2] for r in queue_rows(hub)] == [1, 1],
+            message="one delivery and two deferrals",
+            timeout=30,
+            interval=0.1,
+        )
     errors = {rcpt: error for _, rcpt, _, error, _ in queue_rows(hub)}
     assert set(errors) == {"x@unverified.test", "y@no-tls.test"}
     assert "CERTIFICATE_VERIFY_FAILED" in errors["x@unverified.test"], errors
@@ -641,8 +648,13 @@ def test_per_recipient_replies_size_limit_and_connection_limit(make_hub, tmp_pat
             )
             client.sendmail("alpha@hub.test", ["big@count.test"], make_message(150_000, subject="too big"))
             client.sendmail("alpha@hub.test", ["someone@old.test"], make_message(150_000, subject="by HELO"))
-        wait_until(lambda: not queue_rows(hub), what="the queue to empty")
-        wait_until(lambda: sum(hop.mails_per_connection) == 13, what="the hub's connections to end")
+        wait_for(lambda: not queue_rows(hub), message="the queue to empty", timeout=30, interval=0.1)
+        wait_for(
+            lambda: sum(hop.mails_per_connection) == 13,
+            message="the hub's connections to end",
+            timeout=30,
+            interval=0.1,
+        )
     finally:
         for server in (hop, old):
             server.shutdown()
@@ -666,13 +678,13 @@ def test_mail_whose_route_was_removed_is_returned_when_its_lifetime_ends(make_hu
     )
     submitted = time.monotonic()
     submit(hub, [f"gone@{REMOTE}"], make_message(2000, subject="orphaned"))
-    wait_until(lambda: [r[2] for r in queue_rows(hub)] == [1], what="a failed first attempt")
+    wait_for(lambda: [r[2] for r in queue_rows(hub)] == [1], message="a failed first attempt", timeout=30, interval=0.1)
     hub.stop()
     hub.env.update(MAILHUB_RELAY_ROUTES="", MAILHUB_RELAY_MAX_LIFETIME="1")
     hub.cli("queue", "retry", "--all")
     time.sleep(max(0.0, submitted + 1.5 - time.monotonic()))  # the lifetime is over when the hub looks
     hub.start()
-    wait_until(lambda: not queue_rows(hub), what="the mail to be returned")
+    wait_for(lambda: not queue_rows(hub), message="the mail to be returned", timeout=30, interval=0.1)
     ((action, blocks),) = delivery_reports(pop3_messages(hub))
     assert (action, blocks[0]["Status"]) == ("failed", "4.4.7")
     assert "no route" in blocks[0]["Diagnostic-Code"]

@@ -12,12 +12,12 @@ import poplib
 import threading
 import zlib
 
-from test_relay_outbound import CountingHop, relay_hub, wait_until
+from test_relay_outbound import CountingHop, log_tail, relay_hub
 
 from storage import db, outbound, store
 from storage.store import MessageMeta, Storage
 
-from conftest import ALPHA_BETA_B2, PASSWORD, make_message
+from conftest import ALPHA_BETA_B2, PASSWORD, make_message, wait_for
 from pop3util import message_range, released, send
 
 SENDERS = 8
@@ -164,13 +164,19 @@ def test_packed_mails_are_relayed_intact(make_hub):
         sent = send_concurrently(hub, "someone@remote.test")
         assert packs_of(hub), "concurrent small mails were never committed together"
         hop.mode = "ok"
-        wait_until(
+        wait_for(
             lambda: hub.query("SELECT count(*) FROM outbound WHERE attempts = 0") == [(0,)],
-            what="every first attempt",
-            hub=hub,
+            timeout=30,
+            interval=0.1,
+            message=lambda: f"every first attempt\n{log_tail(hub)}",
         )
         hub.cli("queue", "retry", "--all")
-        wait_until(lambda: len(hop.messages) == len(sent), what="every mail at the next hop", hub=hub)
+        wait_for(
+            lambda: len(hop.messages) == len(sent),
+            timeout=30,
+            interval=0.1,
+            message=lambda: f"every mail at the next hop\n{log_tail(hub)}",
+        )
     finally:
         hop.shutdown()
         hop.server_close()

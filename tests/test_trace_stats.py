@@ -17,7 +17,7 @@ import pytest
 
 from mailhub.report_format import iso_time
 
-from conftest import ALPHA_BETA, PASSWORD, Hub, hub_env, make_message
+from conftest import ALPHA_BETA, PASSWORD, Hub, hub_env, make_message, wait_for
 
 SET_ID = "1.2.826.0.1.3680043.10.543.20261128.7"
 BIG_SET = "1.2.826.0.1.3680043.10.543.20261128.8"
@@ -38,14 +38,6 @@ def message_id(message: bytes) -> str:
 
 def cli_json(hub: Hub, *args: str):
     return json.loads(hub.cli(*args, "--json").stdout)
-
-
-def wait_for(condition, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +83,11 @@ def study(tmp_path_factory):
         pop.quit()
         after_download = time.time()
         # the 552 refusal is queued without waiting for the disk: written within about a second
-        wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'refused'") == [(2,)])
+        wait_for(
+            lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'refused'") == [(2,)],
+            interval=0.05,
+            message="2 refused events",
+        )
         yield dict(
             hub=hub,
             messages=messages,
@@ -361,12 +357,16 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
         "alpha@hub.test", ["beta@hub.test"], make_message().replace(b"Message-ID: <", b"Message-ID: <\x1b[31mred.", 1)
     )
     ((qid,),) = hub.query("SELECT queue_id FROM messages")
-    wait_for(lambda: hub.cli("site", "show", "beta", "--json").stdout.count('"used": 1') >= 1)
+    wait_for(
+        lambda: hub.cli("site", "show", "beta", "--json").stdout.count('"used": 1') >= 1,
+        interval=0.05,
+        message="beta's mailbox shown as used",
+    )
     client.mail("alpha@hub.test")  # beta's mailbox is full now: a deferral
     code, reply = client.rcpt("beta@hub.test")
     client.quit()
     assert (code, reply) == (452, b"4.2.2 Mailbox of the recipient site is full, try again later")
-    deferred = wait_for(lambda: cli_json(hub, "stats")["refusals"])
+    deferred = wait_for(lambda: cli_json(hub, "stats")["refusals"], interval=0.05, message="a refusal in stats")
     assert [(d["kind"], d["site"], d["to_site"], d["reply"], d["count"]) for d in deferred] == [
         ("deferred", "alpha", "beta", "452 4.2.2 Mailbox of the recipient site is full, try again later", 1)
     ]
@@ -381,7 +381,11 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
     pop.pass_(PASSWORD)
     pop.retr(1)
     pop.close()
-    wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'downloaded'") == [(1,)])
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM events WHERE kind = 'downloaded'") == [(1,)],
+        interval=0.05,
+        message="a downloaded event",
+    )
     hub.cli("site", "remove", "beta")
     mail = cli_json(hub, "trace", qid)["mails"][0]
     assert [(e["kind"], e.get("site"), e.get("detail")) for e in mail["events"]][1:] == [
@@ -408,8 +412,16 @@ def test_events_are_pruned_and_site_removal_is_tracked(make_hub):
     hub.stop()  # the server prunes by itself at start (then hourly)
     age(11, 6001)  # more than one pruning batch
     hub.start()
-    wait_for(lambda: hub.query("SELECT count(*) FROM events WHERE site = 'old'") == [(0,)])
-    wait_for(lambda: "pruned 6001 tracking event(s) older than 10 days" in hub.log_text())
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM events WHERE site = 'old'") == [(0,)],
+        interval=0.05,
+        message="the old site's events pruned",
+    )
+    wait_for(
+        lambda: "pruned 6001 tracking event(s) older than 10 days" in hub.log_text(),
+        interval=0.05,
+        message="the prune logged",
+    )
     assert hub.query("SELECT count(*) FROM events") == [(5,)]
 
 
@@ -441,6 +453,6 @@ def test_imap_downloads_are_tracked_with_their_protocol(hub):
         mails = cli_json(hub, "trace", "imap-set", "--set")["mails"]
         return mails and [d for r in mails[0]["recipients"] for d in r["downloads"]]
 
-    wait_for(downloaded)
+    wait_for(downloaded, interval=0.05, message="the IMAP download in the trace")
     (download,) = downloaded()
     assert (download["protocol"], download["client"]) == ("imap", "127.0.0.1")

@@ -6,7 +6,6 @@ import hashlib
 import os
 import pickle
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from storage.records import Delivery
 from storage.store import MessageMeta, Storage
 from storage.writer_child import encode_request, out_of_band
 
-from conftest import ALPHA_BETA_B2, make_message, stored_message
+from conftest import ALPHA_BETA_B2, make_message, stored_message, until, wait_for
 from pop3util import send
 
 
@@ -38,13 +37,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not alive(pid)
 
 
 def children(pid: int) -> list[int]:
@@ -78,7 +70,7 @@ def test_requests_that_fail_fail_alone_and_the_writer_keeps_working(tmp_path):
             assert storage._writer.pid == pid
         finally:
             await storage.close()
-        assert wait_gone(pid)
+        wait_for(lambda: not alive(pid), message="the writer process gone with the storage")
 
     asyncio.run(play())
 
@@ -110,7 +102,7 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
             first = storage._writer.pid
             os.kill(first, signal.SIGSTOP)
             commit = asyncio.create_task(store_small(storage, b"Subject: lost\r\n\r\nnot acknowledged\r\n"))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # a negative window: no acknowledgement while the writer is stopped
             assert not commit.done()
             os.kill(first, signal.SIGKILL)
             with pytest.raises(StorageError):
@@ -133,7 +125,7 @@ def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_
     hub = make_hub(sites=ALPHA_BETA_B2, process=True).start()
     [writer] = children(hub.proc.pid)
     hub.kill()
-    assert wait_gone(writer)
+    wait_for(lambda: not alive(writer), message="the writer process gone with the killed hub")
 
     hub.start()
     [writer] = children(hub.proc.pid)
@@ -143,7 +135,7 @@ def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_
     qid = send(hub, ["beta@hub.test"], message)
     assert alive(writer)
     assert hub.stop() == 0
-    assert wait_gone(writer)
+    wait_for(lambda: not alive(writer), message="the writer process gone with the stopped hub")
     assert hub.stored(qid).endswith(message)
 
 
@@ -187,10 +179,12 @@ def test_a_commit_cancelled_while_the_writer_runs_it_keeps_its_blob(tmp_path):
             # cancelled once its commit request waits in the stopped writer's socket (phase one,
             # the big file's fsyncs, can outlast any fixed wait on a loaded machine: cancelled
             # before the request, the commit never reaches the writer and nothing is committed)
-            deadline = time.monotonic() + 30
-            while not storage._writer._waiting and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert storage._writer._waiting, "the group commit never reached the writer"
+            await until(
+                lambda: storage._writer._waiting,
+                timeout=30,
+                interval=0.01,
+                message="the group commit request in the stopped writer's socket",
+            )
             assert storage._flusher is not None
             storage._flusher.cancel()
             with pytest.raises((StorageError, asyncio.CancelledError)):
