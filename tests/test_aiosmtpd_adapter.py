@@ -21,6 +21,8 @@ from aiosmtpd.smtp import SMTP, Envelope
 
 from relay.smtp.aiosmtpd_adapter import AiosmtpdSession
 
+from conftest import until
+
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 10.0
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -96,8 +98,9 @@ async def serve_one(script, client, **kwargs):
     port = server.sockets[0].getsockname()[1]
     try:
         client_result = await asyncio.to_thread(client, port)
-        while not sessions:  # a client that closed at once may be done before the accept
-            await asyncio.sleep(0.01)
+        await until(  # a client that closed at once may be done before the accept
+            lambda: sessions, timeout=DEADLINE, interval=0.01, message="the server's session made"
+        )
         result = await sessions[0].done
     finally:
         server.close()
@@ -153,9 +156,9 @@ def test_connection_starts_serve_with_an_envelope_and_the_verb_table(loop_name):
 def test_the_reader_buffer_helpers(loop_name):
     async def script(session: Probe):
         first = await session.read_until_lf()
-        deadline = time.monotonic() + DEADLINE
-        while session.buffered_bytes() < len(b"B\r\nC") and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(  # not raising: `seen` below says what was buffered
+            lambda: session.buffered_bytes() >= len(b"B\r\nC"), timeout=DEADLINE, interval=0.01, raise_on_timeout=False
+        )
         seen = (first, session.buffered_bytes(), session.has_buffered_line())
         session.unread(b"X\r\n")
         unread = await session.read_until_lf()
@@ -194,7 +197,7 @@ def test_read_some_keeps_the_order_of_handed_and_buffered_bytes(loop_name):
         got, sizes = [], []
         # a read cancelled right after bytes were handed to it (before it ran again)
         waiting = asyncio.ensure_future(session.read_some(100))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the read is waiting
         session.data_received(b"kept")  # (as the transport would)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -220,7 +223,7 @@ def test_read_some_keeps_the_order_of_handed_and_buffered_bytes(loop_name):
             read_until(sock, b"go\r\n")
             for part in sent:
                 sock.sendall(part)
-                time.sleep(0.01)
+                time.sleep(0.01)  # pacing: the parts arrive apart
             sock.shutdown(socket.SHUT_WR)
             return read_until(sock, b"bye\r\n")
 
@@ -268,7 +271,7 @@ def test_the_idle_deadline(loop_name):
 
     async def script(session: Probe):
         session.touch_idle_deadline(0.2)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # time-based: half the deadline passes before it is moved
         touched = session.loop.time()
         session.touch_idle_deadline(0.4)  # later: the timer armed for 0.2 waits on
         assert session.idle_deadline == pytest.approx(touched + 0.4, abs=0.01)

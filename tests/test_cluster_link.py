@@ -18,21 +18,7 @@ from storage.cluster_events import Changes
 from storage.postgres.cluster import MAILBOX_SPACE, ClusterLink, ClusterUnavailable
 from storage.postgres.connection import PgConnection
 
-
-async def until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-async def eventually_true(ask, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await ask():
-        if time.monotonic() > deadline:
-            raise AssertionError("not true in time")
-        await asyncio.sleep(0.05)
+from conftest import until, wait_for
 
 
 class Heard:
@@ -81,7 +67,7 @@ def test_a_mailbox_lock_is_held_by_one_node_at_a_time(pg_url):
             assert await b.locked_elsewhere(7) and not await a.locked_elsewhere(7)
             assert await b.try_lock(8)  # another mailbox
             a.unlock(7)
-            await eventually_true(lambda: b.try_lock(7))
+            await until(lambda: b.try_lock(7), timeout=20.0, interval=0.05, message="node b takes mailbox 7")
             assert b.held == {7, 8} and a.held == set()
             assert not await a.try_lock(7)
         finally:
@@ -119,7 +105,12 @@ def test_a_killed_node_frees_its_mailbox_locks(pg_url):
                 assert not await b.try_lock(3)
                 assert await b.locked_elsewhere(3)
                 os.kill(holder.pid, signal.SIGKILL)
-                await eventually_true(lambda: b.try_lock(3))
+                await until(
+                    lambda: b.try_lock(3),
+                    timeout=20.0,
+                    interval=0.05,
+                    message="node b takes the killed holder's mailbox",
+                )
                 assert b.held == {3}
             finally:
                 await b.close()
@@ -137,22 +128,22 @@ def test_a_lost_link_drops_its_locks_and_leadership_and_comes_back(pg_url):
         a.on_locks_lost = lambda sites: lost.append((sites, a.is_leader(), set(a.held)))
         a.on_missed = missed.append
         await a.start()
-        await until(a.is_leader)
+        await until(a.is_leader, timeout=20.0, message="node a leader")
         await b.start()
         try:
             assert await a.try_lock(1) and await a.try_lock(2)
             pid = backend_pid(pg_url, "mailhub cluster link a")
             with psycopg.connect(pg_url, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            await until(lambda: lost)
+            await until(lambda: lost, timeout=20.0, message="node a's locks lost with its link")
             assert lost == [({1, 2}, False, set())]  # leadership gone first, then the locks
             assert await b.try_lock(1)  # the mailbox is free for the other node at once
-            await until(lambda: a.connected and a.reconnects == 1)
+            await until(lambda: a.connected and a.reconnects == 1, timeout=20.0, message="node a reconnected once")
             assert missed == [None]  # what came meanwhile is to be read from the index
             assert not await a.try_lock(1)  # back, and node b holds it now
             assert await a.try_lock(2)
-            await until(lambda: a.is_leader() or b.is_leader())
-            await asyncio.sleep(0.3)
+            await until(lambda: a.is_leader() or b.is_leader(), timeout=20.0, message="a leader again")
+            await asyncio.sleep(0.3)  # a negative window: no second leader within a few tries
             assert a.is_leader() != b.is_leader()  # one leader
         finally:
             await a.close()
@@ -169,7 +160,7 @@ def test_no_lock_while_the_link_is_down(pg_url, postgres_server):
             pid = backend_pid(pg_url, "mailhub cluster link a")
             with psycopg.connect(pg_url, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            await until(lambda: not a.connected)
+            await until(lambda: not a.connected, timeout=20.0, message="node a's link down")
             with pytest.raises(ClusterUnavailable):
                 await a.try_lock(4)
             a.unlock(4)  # nothing held: nothing to do, no error
@@ -185,13 +176,13 @@ def test_the_leader_lock_passes_on_when_the_leader_stops(pg_url):
         changes = []
         b.on_leader = changes.append
         await a.start()
-        await until(a.is_leader)
+        await until(a.is_leader, timeout=20.0, message="node a leader")
         await b.start()
         try:
-            await asyncio.sleep(0.3)  # b tried a few times
+            await asyncio.sleep(0.3)  # a negative window: b tried a few times and did not become leader
             assert not b.is_leader() and changes == []
             await a.close()
-            await until(b.is_leader)
+            await until(b.is_leader, timeout=20.0, message="node b leader once a stopped")
             assert changes == [True]
         finally:
             await a.close()
@@ -228,7 +219,7 @@ def test_other_nodes_changes_reach_the_listeners_at_commit_only(pg_url):
                 writer.execute("COMMIT")
             finally:
                 writer.close()
-            await until(lambda: len(heard_b.calls) == 3)
+            await until(lambda: len(heard_b.calls) == 3, timeout=20.0, message="node b heard 3 changes")
             assert heard_b.calls == [
                 ("committed", (None, [2], 50, 2.0)),
                 ("fetched", (2, 11, 1, 100)),
@@ -236,9 +227,9 @@ def test_other_nodes_changes_reach_the_listeners_at_commit_only(pg_url):
             ]
             a.note_download(2, 4096)  # a's live sends, for b's drain rates
             a.note_poll(2)
-            await until(lambda: len(heard_b.calls) == 5)
+            await until(lambda: len(heard_b.calls) == 5, timeout=20.0, message="node b heard 5 changes")
             assert heard_b.calls[3:] == [("downloaded", (2, 4096)), ("polled", (2,))]
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a negative window: node a hears nothing of its own changes
             assert heard_a.calls == []  # a's own: its listeners heard of them in the process
         finally:
             await a.close()
@@ -260,7 +251,7 @@ def test_a_bad_payload_is_refused_and_the_link_goes_on(pg_url):
                 other.execute(
                     "SELECT pg_notify('mailhub_events', %s)", (cluster_events.payloads(Changes("x", polled=[9]))[0],)
                 )
-            await until(lambda: heard.calls == [("polled", (9,))])
+            await until(lambda: heard.calls == [("polled", (9,))], timeout=20.0, message="the good payload heard")
             assert b.dropped == 4
             assert await b.try_lock(1)
         finally:
@@ -323,7 +314,7 @@ def test_the_index_writer_tells_other_nodes_of_its_commits_and_deletions(pg_inde
             await loop.run_in_executor(
                 None, lambda: writer.commit_batch([item("Q1", 100, 1.5e9), item("Q2", 200, 1.5e9 + 1)], [], seq=1)
             )
-            await until(lambda: len(heard_b.calls) == 2)
+            await until(lambda: len(heard_b.calls) == 2, timeout=20.0, message="node b heard 2 commits")
             assert heard_b.calls == [
                 ("committed", (alpha, [beta], 100, 1.5e9)),
                 ("committed", (alpha, [beta], 200, 1.5e9 + 1)),
@@ -331,13 +322,13 @@ def test_the_index_writer_tells_other_nodes_of_its_commits_and_deletions(pg_inde
             uids = [u for (u,) in writer.conn.execute("SELECT uid FROM mailbox ORDER BY uid")]
             downloads = Downloads(polled_at=1.6e9, fetched_uids=uids, retrieved={"Q1": (1.6e9, 100)})
             result = await loop.run_in_executor(None, writer.delete_entries, beta, uids[:1], downloads, "beta")
-            await until(lambda: len(heard_b.calls) == 5)
+            await until(lambda: len(heard_b.calls) == 5, timeout=20.0, message="node b heard 5 changes")
             fetched, removed = result
             assert heard_b.calls[2:] == [("fetched", (beta, *row)) for row in fetched] + [
                 ("removed", (beta, *row)) for row in removed
             ]
             assert len(fetched) == 2 and len(removed) == 1
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a negative window: node a hears nothing of its own changes
             assert heard_a.calls == []
         finally:
             await a.close()
@@ -369,18 +360,20 @@ def test_cluster_mailbox_locks_one_session_across_nodes_and_closed_when_the_link
             locks_a.release(5, s2)  # not the holder: nothing happens
             assert not await locks_b.acquire(5, s3)
             locks_a.release(5, s1)
-            await eventually_true(lambda: locks_b.acquire(5, s3))
+            await until(lambda: locks_b.acquire(5, s3), timeout=20.0, interval=0.05, message="node b takes mailbox 5")
             assert not await locks_a.in_use(6)
             assert await locks_a.acquire(6, s1)
             with psycopg.connect(pg_url, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid(pg_url, "mailhub cluster link a"),))
-            await until(lambda: closed == [s1])  # its lock went: the session is closed
+            await until(  # its lock went: the session is closed
+                lambda: closed == [s1], timeout=20.0, message="session 1 closed with node a's link"
+            )
             assert locks_a.holder(6) is None
             with pytest.raises(LocksUnavailable):
                 await locks_a.acquire(7, s2)
             assert locks_a.holder(7) is None  # the in-process lock was let go too
             assert await locks_a.in_use(7)  # cannot tell: as if held
-            await until(lambda: a.connected)
+            await until(lambda: a.connected, timeout=20.0, message="node a reconnected")
             assert await locks_a.acquire(7, s2)
         finally:
             await a.close()
@@ -539,11 +532,13 @@ def _two_writers_commit_at_once(pg_index, limits: dict, received_at: float, chec
 
         thread = threading.Thread(target=second)
         thread.start()
-        deadline = time.monotonic() + 20
         waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        while not watch.execute(waiting).fetchone()[0]:
-            assert time.monotonic() < deadline and thread.is_alive(), outcome
-            time.sleep(0.02)
+        wait_for(
+            lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
+            timeout=20,
+            message=lambda: f"the second writer waiting on the advisory lock: {outcome}",
+        )
+        assert thread.is_alive(), outcome  # it waits (a lock not granted), not done without waiting
         a.execute("COMMIT")
         thread.join(20)
         assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
@@ -613,10 +608,13 @@ def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_ind
 
         thread = threading.Thread(target=second)
         thread.start()
-        deadline = time.monotonic() + 20
-        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
-            assert time.monotonic() < deadline and thread.is_alive(), outcome
-            time.sleep(0.02)
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        wait_for(
+            lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
+            timeout=20,
+            message=lambda: f"the second writer waiting on a lock: {outcome}",
+        )
+        assert thread.is_alive(), outcome  # it waits (a lock not granted), not done without waiting
         a.execute("COMMIT")
         thread.join(20)
         assert outcome == {"refused": {0: REFUSED_MARKED}}
@@ -651,9 +649,12 @@ def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_ind
 
         thread = threading.Thread(target=second_update)
         thread.start()
-        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
-            assert time.monotonic() < deadline + 20 and thread.is_alive(), outcome
-            time.sleep(0.02)
+        wait_for(
+            lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
+            timeout=40,
+            message=lambda: f"the second directory update waiting on a lock: {outcome}",
+        )
+        assert thread.is_alive(), outcome
         a.execute("COMMIT")
         thread.join(20)
         assert outcome == {"refused": {0: REFUSED_MARKED}}
@@ -706,7 +707,7 @@ def test_asking_every_node_gathers_split_answers_and_names_the_silent_ones(pg_ur
                         "SELECT pg_notify('mailhub_ask', %s)",
                         ('{"q": "sessions", "r": "mailhub_reply_00000000000000ff"}',),
                     )
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # time-based: the answers of the flood's first second
                 got = await loop.run_in_executor(None, lambda: list(other.notifies(timeout=1.0)))
             answered = {json.loads(n.payload)["of"] for n in got}
             assert len(got) == ANSWERS_PER_SECOND * answered.pop() and not answered
@@ -733,12 +734,14 @@ def test_a_mailbox_lock_is_never_taken_twice_on_one_link_and_always_let_go(pg_ur
             assert await a.try_lock(5)
             assert not await a.try_lock(5)  # re-entered: refused and given back at once
             a.unlock(5)
-            await eventually_true(lambda: b.try_lock(5))  # the one unlock freed it
+            await until(  # the one unlock freed it
+                lambda: b.try_lock(5), timeout=20.0, interval=0.05, message="node b takes mailbox 5"
+            )
             taking = asyncio.ensure_future(a.try_lock(6))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn of the loop: the try_lock is sent, not yet answered
             a.unlock(6)  # while the try_lock is queued
             assert await taking
-            await eventually_true(lambda: b.try_lock(6))
+            await until(lambda: b.try_lock(6), timeout=20.0, interval=0.05, message="node b takes mailbox 6")
             assert a.held == set() and b.held == {5, 6}
             a.unlock(9)  # never taken
             assert not a._commands
@@ -799,11 +802,11 @@ def test_a_flood_past_the_queue_bound_catches_up_at_most_once_a_period():
                     rows += 3000
 
         flood()
-        await until(lambda: len(caught_up) == 1)
+        await until(lambda: len(caught_up) == 1, timeout=20.0, message="a first catch-up")
         for _ in range(3):
             flood()
-            await asyncio.sleep(0)
-        await until(lambda: len(caught_up) == 2)
+            await asyncio.sleep(0)  # one turn of the loop between floods: the pacing under test
+        await until(lambda: len(caught_up) == 2, timeout=20.0, message="a second catch-up")
         assert caught_up[1] - caught_up[0] >= 0.9
         assert node.received == rows and 0 < node.dropped < rows
         assert node._queued_rows == 0  # the rows kept were delivered (no listeners here)
@@ -849,12 +852,13 @@ def test_two_leaders_expiring_one_entry_at_once_expire_it_once(pg_index):
         thread = threading.Thread(target=other_leader)
         thread.start()
         with psycopg.connect(url, autocommit=True) as watcher:  # b waits on a's row (to read it, or to delete it)
-            deadline = time.monotonic() + 30
-            while not watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (b_pid,)
-            ).fetchone()[0]:
-                assert time.monotonic() < deadline, "b never waited for a"
-                time.sleep(0.02)
+            wait_for(
+                lambda: watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (b_pid,)
+                ).fetchone()[0],
+                timeout=30,
+                message="b waiting for a's row lock",
+            )
         a.execute("COMMIT")
         thread.join(timeout=30)
         assert b_done.is_set()

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ALPHA_BETA, PASSWORD, make_message, wait_for
+from conftest import ALPHA_BETA, PASSWORD, make_message, until, wait_for
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.both_engines
@@ -302,8 +302,12 @@ def test_a_mailbox_change_during_a_round_is_checked_without_waiting_for_the_inte
     async def hold_sending() -> None:
         # taken once the loop is between rounds (checked on the loop: a round holds one of the
         # locks from the moment it takes the dirty sites until it is over)
-        while life._dirty or life._quotas.locked() or life._sending.locked():
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: not (life._dirty or life._quotas.locked() or life._sending.locked()),
+            timeout=30,
+            interval=0.01,
+            message="the lifecycle loop between rounds",
+        )
         async with life._sending:
             holding.set()
             await release.wait()
@@ -313,9 +317,9 @@ def test_a_mailbox_change_during_a_round_is_checked_without_waiting_for_the_inte
 
     holding = threading.Event()  # (the lock alone could be a round's own, still sending mail 3's notices)
     holder = asyncio.run_coroutine_threadsafe(hold_sending(), hub._loop)
-    wait_for(holding.is_set)
+    wait_for(holding.is_set, message="the test holding the lifecycle's sending lock")
     send(hub, make_message(1500))  # 4 of 10: wakes a round, which takes beta and waits for the lock
-    wait_for(lambda: run(hub, round_waits()))
+    wait_for(lambda: run(hub, round_waits()), message="a round waiting for the sending lock")
     send(hub, make_message(1500))  # 5 of 10, committed during that round: the 50 % level
     hub._loop.call_soon_threadsafe(release.set)
     holder.result(10)

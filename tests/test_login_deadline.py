@@ -7,6 +7,8 @@ from relay import metrics
 from relay.connection_limits import ConnectionCounter, Limits
 from relay.login_deadline import LoginDeadline
 
+from conftest import until
+
 
 def timeouts(protocol: str) -> float:
     return metrics.REGISTRY.get_sample_value("mailhub_login_timeouts_total", {"protocol": protocol}) or 0
@@ -23,13 +25,6 @@ async def past(seconds: float) -> None:
     await fired.wait()
 
 
-async def until(condition, seconds: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 def test_an_unmet_deadline_runs_the_expiry_once_and_counts_the_close():
     async def main():
         connections = counter()
@@ -38,7 +33,7 @@ def test_an_unmet_deadline_runs_the_expiry_once_and_counts_the_close():
         before = timeouts("deadline-test")
         deadline = LoginDeadline("deadline-test", 0.02, ticket, lambda: expired.append(1) or True)
         assert deadline.running and connections.unauthenticated == 1
-        await until(lambda: expired)
+        await until(lambda: expired, interval=0.005, message="the expiry run")
         await past(0.03)  # and not again
         assert expired == [1] and not deadline.running
         assert timeouts("deadline-test") == before + 1
@@ -52,7 +47,7 @@ def test_an_expiry_with_nothing_to_close_is_not_counted():
         expired = []
         before = timeouts("deadline-test-gone")
         LoginDeadline("deadline-test-gone", 0.01, None, lambda: expired.append(1) or False)
-        await until(lambda: expired)
+        await until(lambda: expired, interval=0.005, message="the expiry run")
         assert timeouts("deadline-test-gone") == before
 
     asyncio.run(main())

@@ -25,7 +25,7 @@ from storage.index_writer import BatchItem
 from storage.packs import PackWriter
 from storage.store import MessageMeta, Storage
 
-from conftest import PASSWORD, make_message, wait_for, writer_children
+from conftest import PASSWORD, make_message, until, wait_for, writer_children
 
 MID_RE = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
@@ -61,9 +61,9 @@ def test_batches_are_written_behind_a_commit_and_name_only_committed_predecessor
             # commits (5 group commits for 400 mails, seen in CI). The trash task starts after it.
             if method.__name__ == "commit_batch" and args[0] and not first_commit.is_set():
                 first_commit.set()
-                deadline = time.monotonic() + 10
-                while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)
+                await until(  # not raising: "a while at most"
+                    lambda: storage._packs.uncommitted >= 2, timeout=10, interval=0.001, raise_on_timeout=False
+                )
                 first_held.set()
             return await real_call(method, *args)
 
@@ -87,7 +87,7 @@ def test_batches_are_written_behind_a_commit_and_name_only_committed_predecessor
                 while len(stored) < len(mails):
                     await storage.empty_trash()
                     runs += 1
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.005)  # pacing: a run of the trash task now and then
                 return runs
 
             emptied, *_ = await asyncio.gather(empty_trash_meanwhile(), *(one(n) for n in range(len(mails))))
@@ -389,7 +389,7 @@ def test_a_listener_that_raises_neither_strands_the_batch_behind_nor_puts_the_pa
 
             async def one(n: int) -> None:
                 nonlocal refused
-                await asyncio.sleep(n * 0.0005)
+                await asyncio.sleep(n * 0.0005)  # pacing: arriving one by one, as mail does
                 if n == 160:
                     fail_commit["at"] = 1
                 spool = storage.new_spool()
@@ -449,9 +449,9 @@ def fail_a_commit_with_a_batch_behind(
         async def call(method, *args):
             if method.__name__ == "commit_batch" and args[0] and not failed and len(stored) >= 30:
                 failing.set()
-                deadline = time.monotonic() + 20
-                while storage._packs.uncommitted < 2 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)  # the next batch is written behind this commit
+                await until(  # the next batch is written behind this commit (asserted just below)
+                    lambda: storage._packs.uncommitted >= 2, timeout=20, interval=0.001, raise_on_timeout=False
+                )
                 assert storage._packs.uncommitted == 2, "no batch was written behind the commit"
                 failed.update(item.queue_id for item in args[0])
                 raise failure
@@ -463,7 +463,7 @@ def fail_a_commit_with_a_batch_behind(
         try:
 
             async def one(n: int) -> None:
-                await asyncio.sleep(n * 0.0005)
+                await asyncio.sleep(n * 0.0005)  # pacing: arriving one by one, as mail does
                 if n > 30:
                     await failing.wait()
                 spool = storage.new_spool()

@@ -5,12 +5,13 @@
 # cache's watcher reads the index on connections of its own (`connect`).
 import asyncio
 import threading
-import time
 from unittest import mock
 
 from storage import site_cache
 from storage.passwords import verify_password
 from storage.sites import add_site, set_password
+
+from conftest import until, wait_for
 
 
 def make_cache(index, index_connect, tmp_path) -> site_cache.SiteCache:
@@ -50,9 +51,12 @@ def test_a_changed_password_is_checked_anew(index, index_connect, tmp_path):
         assert await cache.authenticate("alpha", "right-password") is not None
         before = cache.by_name("alpha").password_hash
         set_password(index, "alpha", "new-password")
-        deadline = time.monotonic() + 30  # the watcher's thread reloads within about 0.5 s
-        while cache.by_name("alpha").password_hash == before and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await until(  # the watcher's thread reloads within about 0.5 s
+            lambda: cache.by_name("alpha").password_hash != before,
+            timeout=30,
+            interval=0.05,
+            message="alpha's new password hash loaded",
+        )
         return (await cache.authenticate("alpha", "right-password"), await cache.authenticate("alpha", "new-password"))
 
     try:
@@ -67,9 +71,7 @@ def test_lookups_read_memory_and_a_thread_reloads_the_sites(index, index_connect
     try:
         assert cache.by_address("ALPHA@hub.test").name == "alpha" and cache.by_name("beta") is None
         add_site(index, "beta", ["beta@hub.test"], "other-password", ["hub.test"])
-        deadline = time.monotonic() + 30
-        while cache.by_name("beta") is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: cache.by_name("beta") is not None, timeout=30, interval=0.05, message="the added site loaded")
         assert cache.by_address("beta@hub.test").name == "beta"
         assert [t.name for t in threading.enumerate() if t.name == "watch-sites"] == ["watch-sites"]
     finally:
