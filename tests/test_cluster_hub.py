@@ -61,7 +61,9 @@ def test_two_nodes_share_the_pop3_mailbox_lock_and_the_leader(pg_url, make_hub):
     listed = json.loads(a.cli("sessions", "--json").stdout)
     assert [(r["protocol"], r["site"], r["node"]) for r in listed] == [("pop3", "alpha", "node-a")]
     assert "(node node-a only: `mailhub sessions --all`" in a.cli("sessions").stdout
-    wait_for(lambda: b.cli("sessions").stdout.strip() == "no open sessions on node node-b")  # its refused one ended
+    wait_for(  # its refused one ended
+        lambda: b.cli("sessions").stdout.strip() == "no open sessions on node node-b", message="node b's sessions ended"
+    )
     session.quit()
     wait_for(lambda: _try(b), message="node b takes the mailbox once node a let go")
 
@@ -69,11 +71,8 @@ def test_two_nodes_share_the_pop3_mailbox_lock_and_the_leader(pg_url, make_hub):
     held = _login(b)
     assert "[IN-USE]" in _refused(a)
     _terminate_link(pg_url, "node-b")
-    with pytest.raises((poplib.error_proto, OSError, EOFError)):
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            held.noop()
-            time.sleep(0.05)
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):  # a NOOP fails once the session is closed
+        wait_for(lambda: not held.noop(), 20, interval=0.05, message="node b's session closed with its link")
     held.close()
     wait_for(lambda: _try(a), message="node a takes the mailbox of the node whose link went")
     wait_for(lambda: "other nodes' changes may have been missed" in b.log_text(), message="node b catches up")

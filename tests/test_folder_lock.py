@@ -3,9 +3,8 @@
 # the hub already serving it; the lock goes with the process, even on kill -9.
 import subprocess
 import sys
-import time
 
-from conftest import ALPHA_BETA, REPO, RawSMTP, make_message, queue_id_from
+from conftest import ALPHA_BETA, REPO, RawSMTP, make_message, queue_id_from, wait_for
 
 
 def serve_again(hub) -> subprocess.CompletedProcess:
@@ -29,10 +28,9 @@ def test_a_second_hub_on_the_data_folder_is_refused_and_the_first_keeps_its_mail
     assert client.command("RCPT TO:<beta@hub.test>").startswith(b"250")
     assert client.command("DATA").startswith(b"354")
     client.send(message[:2_500_000])
-    deadline = time.monotonic() + 10
-    while not any((hub.data_dir / "spool").iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert any((hub.data_dir / "spool").iterdir()), "the mail in flight has no spool file"
+    wait_for(
+        lambda: any((hub.data_dir / "spool").iterdir()), interval=0.05, message="a spool file for the mail in flight"
+    )
 
     second = serve_again(hub)
     assert second.returncode == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_pop3_interop import _big_message, _peak_over_rss_mb, _reset_peak_rss, _strip_first_field
 
-from conftest import PASSWORD, Hub, hub_env, make_message
+from conftest import PASSWORD, Hub, hub_env, make_message, wait_for
 from pop3util import send, sha256, strip_trace
 
 pytestmark = pytest.mark.skipif(
@@ -65,11 +65,11 @@ def _check_downloads(hub, site: str, digests: list[str]) -> dict:
         (0,)
     ]
     assert "Traceback" not in hub.log_text()
-    deadline = time.monotonic() + 10
-    while not (downloads := json.loads(hub.cli("site", "show", site, "--json").stdout)["downloads"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return downloads
+    return wait_for(
+        lambda: json.loads(hub.cli("site", "show", site, "--json").stdout)["downloads"],
+        interval=0.1,
+        message=f"{site}'s downloads counted",
+    )
 
 
 def test_fetchmail_imap_downloads_every_mail_byte_exact(loaded_hub, tmp_path):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ALPHA_BETA_B2, BETA, PASSWORD, make_message
+from conftest import ALPHA_BETA_B2, BETA, PASSWORD, make_message, wait_for
 from pop3util import RawPop3, make_cert, non_loopback_ip, send, strip_trace
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
@@ -286,9 +286,12 @@ def test_pop3_and_imap_on_one_mailbox(hub):
     # POP3's deletion shows as EXPUNGE; now the IMAP expunge goes through
     typ, data = client.noop()
     assert client.untagged_responses.pop("EXPUNGE", None) == [b"1"]
-    deadline = time.monotonic() + 5
-    while (result := client.expunge())[0] != "OK" and time.monotonic() < deadline:
-        time.sleep(0.1)  # the POP3 lock goes when the server has finished the session
+    result = wait_for(  # the POP3 lock goes when the server has finished the session
+        lambda: (r := client.expunge())[0] == "OK" and r,
+        timeout=5,
+        interval=0.1,
+        message="the IMAP expunge accepted once the POP3 session ended",
+    )
     assert result == ("OK", [b"2"])
     assert hub.query("SELECT count(*) FROM mailbox") == [(1,)]
     client.logout()
@@ -312,10 +315,12 @@ def test_downloads_feed_site_totals_and_metrics(hub):
     assert (shown["waiting_messages"], shown["waiting_bytes"]) == (0, 0)
     ok(client.fetch("1", "(BODY.PEEK[]<0.100>)"))
     client.logout()
-    deadline = time.monotonic() + 5
-    while (d := site_json(hub, "beta")["downloads"])["bytes"] == sum(sizes):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    d = wait_for(
+        lambda: (d := site_json(hub, "beta")["downloads"])["bytes"] != sum(sizes) and d,
+        timeout=5,
+        interval=0.1,
+        message="the partial fetch counted in beta's downloads at logout",
+    )
     assert (d["sessions"], d["messages"], d["bytes"]) == (1, 2, sum(sizes) + 100)
     import urllib.request
 

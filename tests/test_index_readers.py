@@ -16,6 +16,8 @@ from storage import db, sites
 from storage.index_watch import IndexWatcher
 from storage.metrics import StorageCollector
 
+from conftest import wait_for
+
 
 def scrape(collector) -> dict[tuple, float]:
     registry = CollectorRegistry()
@@ -100,11 +102,9 @@ def test_the_watcher_reloads_when_the_version_moves(index, index_connect, tmp_pa
     try:
         assert loads == [["alpha"]]
         add_sites(index, "beta")
-        deadline = time.monotonic() + 30
-        while len(loads) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: len(loads) >= 2, timeout=30, message="a second load after the version moved")
         assert loads[-1] == ["alpha", "beta"]
-        time.sleep(0.2)  # several checks with the version unchanged: no load
+        time.sleep(0.2)  # a negative window: several checks with the version unchanged, no load
         assert len(loads) == 2
     finally:
         watcher.close()
@@ -116,14 +116,17 @@ def test_the_key_ring_follows_a_sites_encryption_policy(index, index_connect, tm
     try:
         assert not ring.encryption_required(alpha, hub_default=False) and ring.keys(alpha) == []
         set_policy(index, "alpha", "on")
-        deadline = time.monotonic() + 30  # reloaded within about 0.5 s
-        while not ring.encryption_required(alpha, hub_default=False) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ring.encryption_required(alpha, hub_default=False)
+        wait_for(  # reloaded within about 0.5 s
+            lambda: ring.encryption_required(alpha, hub_default=False),
+            timeout=30,
+            message="alpha's policy 'on' loaded",
+        )
         set_policy(index, "alpha", "default")
-        while ring.encryption_required(alpha, hub_default=False) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not ring.encryption_required(alpha, hub_default=False)
+        wait_for(
+            lambda: not ring.encryption_required(alpha, hub_default=False),
+            timeout=30,
+            message="alpha's policy 'default' loaded",
+        )
         assert ring.encryption_required(alpha, hub_default=True)
     finally:
         ring.close()

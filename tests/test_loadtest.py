@@ -22,7 +22,7 @@ from loadtest.pacing import Pacer
 from loadtest.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile
 from loadtest.results import percentile
 
-from conftest import REPO
+from conftest import REPO, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -213,19 +213,20 @@ def test_a_mail_deleted_on_the_server_fails_the_run(make_hub, tmp_path):
     hub.start()
     deleted = []
 
-    def delete_first():
-        deadline = time.monotonic() + 20
-        while not deleted and time.monotonic() < deadline:
-            conn = hub.db()
-            try:
-                row = conn.execute("SELECT uid, queue_id FROM mailbox ORDER BY uid LIMIT 1").fetchone()
-                if row:
-                    conn.execute("DELETE FROM mailbox WHERE uid = ?", (row[0],))
-                    conn.commit()
-                    deleted.append(row[1])
-            finally:
-                conn.close()
-            time.sleep(0.01)
+    def delete_one() -> bool:
+        conn = hub.db()
+        try:
+            row = conn.execute("SELECT uid, queue_id FROM mailbox ORDER BY uid LIMIT 1").fetchone()
+            if row:
+                conn.execute("DELETE FROM mailbox WHERE uid = ?", (row[0],))
+                conn.commit()
+                deleted.append(row[1])
+        finally:
+            conn.close()
+        return bool(deleted)
+
+    def delete_first():  # on a thread of its own: not raising, `assert deleted` below tells
+        wait_for(delete_one, timeout=20, interval=0.01, raise_on_timeout=False)
 
     thief = threading.Thread(target=delete_first)
     thief.start()

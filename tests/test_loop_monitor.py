@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from mailhub import loop_monitor, metrics
 from mailhub.loop_monitor import LoopMonitor
 
+from conftest import wait_for
+
 
 def lag_counts() -> tuple[float, float]:
     """(samples in the lag histogram, samples of 0.25 s or less)"""
@@ -33,10 +35,10 @@ def deliberately_blocking(seconds: float) -> None:
 async def run_with_monitor(monitor: LoopMonitor, *blocks: float) -> None:
     monitor.start()
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # pacing: the monitor's ticks measured before the first block
         for seconds in blocks:
             asyncio.get_running_loop().call_soon(deliberately_blocking, seconds)
-            await asyncio.sleep(seconds + 0.2)
+            await asyncio.sleep(seconds + 0.2)  # pacing: the block, then ticks after it
     finally:
         monitor.stop()
 
@@ -70,9 +72,9 @@ def regex_in_c() -> None:
 async def run_in_c(monitor: LoopMonitor) -> None:
     monitor.start()
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # pacing: the monitor's ticks measured before the stall
         asyncio.get_running_loop().call_soon(regex_in_c)
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(0.8)  # pacing: the stall (0.5 s), then ticks after it
     finally:
         monitor.stop()
 
@@ -120,14 +122,13 @@ def test_threshold_zero_measures_without_logging(caplog):
 
 def test_the_hub_exports_the_lag_histogram(hub):
     url = f"http://127.0.0.1:{hub.ports['metrics']}/metrics"
-    deadline = time.monotonic() + 10
-    while True:
+
+    def scraped_with_samples() -> str | None:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         family = next(f for f in text_string_to_metric_families(text) if f.name == "mailhub_event_loop_lag_seconds")
         count = next(s.value for s in family.samples if s.name.endswith("_count"))
-        if count >= 3 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert count >= 3
+        return text if count >= 3 else None
+
+    text = wait_for(scraped_with_samples, interval=0.1, message="3 samples in the lag histogram")
     assert "mailhub_event_loop_stalls_total" in text

@@ -6,7 +6,6 @@ import poplib
 import shutil
 import smtplib
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
 
-from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, make_message
+from conftest import ALPHA_BETA, ALPHA_BETA_B2, PASSWORD, make_message, wait_for
 
 MAX_SIZE = 100_000
 
@@ -266,19 +265,21 @@ def test_real_prometheus_scrapes_the_hub(hub, tmp_path):
     )
     try:
         query = urllib.parse.urlencode({"query": 'mailhub_smtp_received_messages_total{site="alpha"}'})
-        deadline = time.monotonic() + 60
-        result = None
-        while time.monotonic() < deadline:
+
+        def scraped() -> list | None:
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=5) as r:
-                    result = json.load(r)["data"]["result"]
+                    return json.load(r)["data"]["result"]
             except (urllib.error.URLError, ConnectionError):
-                result = None
-            if result:
-                break
-            time.sleep(0.5)
-        assert result, (tmp_path / "prometheus.log").read_text()[-3000:]
+                return None
+
+        result = wait_for(
+            scraped,
+            timeout=60,
+            interval=0.5,
+            message=lambda: "Prometheus has the hub's series\n" + (tmp_path / "prometheus.log").read_text()[-3000:],
+        )
         (series,) = result
         assert series["metric"]["job"] == "mailhub"
         assert float(series["value"][1]) == 3

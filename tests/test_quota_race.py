@@ -16,7 +16,7 @@ import pytest
 from storage import Delivery, MessageMeta
 from storage.index_writer import BatchItem, IndexWriter
 
-from conftest import ALPHA, PASSWORD, make_message, queue_id_from
+from conftest import ALPHA, PASSWORD, make_message, queue_id_from, wait_for
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.both_engines
@@ -44,10 +44,12 @@ def _ratio(port: int, site: str, quota: str) -> float | None:
 
 
 def _wait_for_ratio(port: int, site: str, quota: str, expected: float) -> None:
-    deadline = time.monotonic() + 20
-    while (found := _ratio(port, site, quota)) != expected:
-        assert time.monotonic() < deadline, (site, quota, found, expected)
-        time.sleep(0.05)
+    wait_for(
+        lambda: _ratio(port, site, quota) == expected,
+        timeout=20,
+        interval=0.05,
+        message=lambda: f"{site}'s {quota} ratio {expected}, found {_ratio(port, site, quota)}",
+    )
 
 
 def test_parallel_senders_never_exceed_mailbox_limits(make_hub):

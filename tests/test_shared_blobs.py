@@ -20,7 +20,7 @@ from storage.records import Delivery, MessageMeta
 from storage.sites import add_site
 from storage.store import Storage
 
-from conftest import make_message
+from conftest import make_message, wait_for
 from pop3util import released
 
 BIG = 2_500_000  # streamed to a file of its own (over spool.SMALL_MESSAGE)
@@ -751,7 +751,6 @@ def test_a_name_claimed_by_another_hub_at_the_same_moment_gets_that_hub_s_number
     folder's lock, with its message): the one whose claim comes second takes the first one's
     number, not an error from the index's unique key."""
     import threading
-    import time
 
     import psycopg
 
@@ -775,15 +774,15 @@ def test_a_name_claimed_by_another_hub_at_the_same_moment_gets_that_hub_s_number
     thread = threading.Thread(target=second)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
         with psycopg.connect(url, autocommit=True) as watch:  # the second waits on the first's key
-            while (
-                time.monotonic() < deadline
-                and not watch.execute(
+            wait_for(  # not raising: the result below tells whether the second waited
+                lambda: watch.execute(
                     "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                ).fetchone()
-            ):
-                time.sleep(0.01)
+                ).fetchone(),
+                timeout=30,
+                interval=0.01,
+                raise_on_timeout=False,
+            )
     finally:
         first.commit()
         first.close()

@@ -9,11 +9,10 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 
-from conftest import ALPHA_BETA, PASSWORD
+from conftest import ALPHA_BETA, PASSWORD, wait_for
 from mailshapes import openpgp
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
@@ -75,10 +74,12 @@ def blob_of(hub, qid: str) -> bytes:
 
 
 def nothing_stored(hub) -> None:
-    deadline = time.monotonic() + 5
-    while list((hub.data_dir / "spool").iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # a dropped connection's spool file goes when the hub notices the drop
-    assert list((hub.data_dir / "spool").iterdir()) == []
+    wait_for(  # a dropped connection's spool file goes when the hub notices the drop
+        lambda: list((hub.data_dir / "spool").iterdir()) == [],
+        timeout=5,
+        interval=0.05,
+        message="the spool emptied",
+    )
     assert hub.query("SELECT count(*) FROM messages") == [(0,)]
     assert hub.blob_files() == []
 

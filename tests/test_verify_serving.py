@@ -14,12 +14,11 @@ import shutil
 import smtplib
 import socket
 import ssl
-import time
 import urllib.request
 
 import pytest
 
-from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from
+from conftest import ALPHA_BETA, PASSWORD, make_message, queue_id_from, wait_for
 
 VERIFYING = {"MAILHUB_STORAGE_VERIFY_WHILE_SERVING": "true"}  # off by default (its cost: docs/integrity.md)
 
@@ -62,8 +61,8 @@ CLOSED = "connection closed before the end line"
 
 def pop3_login(hub) -> poplib.POP3:
     """A session of alpha's (a mailbox still held by a session just cut off is tried again)."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def attempt() -> poplib.POP3 | None:
         client = poplib.POP3("127.0.0.1", hub.ports["pop3"], timeout=30)
         client.user("alpha")
         try:
@@ -71,8 +70,10 @@ def pop3_login(hub) -> poplib.POP3:
             return client
         except poplib.error_proto as exc:
             client.close()
-            assert "[IN-USE]" in str(exc) and time.monotonic() < deadline, exc
-            time.sleep(0.05)
+            assert "[IN-USE]" in str(exc), exc
+            return None
+
+    return wait_for(attempt, interval=0.05, message="alpha's mailbox free again after the session cut off")
 
 
 def pop3_retrieve_all(hub) -> dict[str, bytes | str]:
@@ -123,10 +124,9 @@ def test_damaged_mails_are_refused_found_listed_and_deletable(make_hub):
     # changed bytes of the right size pass the size check; their CRC-32, checked as they are sent,
     # does not: the session ends without the end line, no client takes them as whole
     assert got[small_flipped] == CLOSED and got[big_flipped] == CLOSED
-    deadline = time.monotonic() + 10
-    while hub.query("SELECT count(*) FROM damaged") != [(3,)]:  # marked in the background
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(  # marked in the background
+        lambda: hub.query("SELECT count(*) FROM damaged") == [(3,)], interval=0.05, message="3 mails marked damaged"
+    )
     assert hub.query("SELECT DISTINCT found_by FROM damaged") == [("serving",)]
 
     flip_byte(hub, unfetched_flipped)  # not fetched since: found by the SHA-256 check of verify
@@ -191,10 +191,12 @@ def test_the_scrub_and_a_verify_with_the_hub_stopped_find_changed_bytes(make_hub
     flip_byte(hub, qids[2])
     hub.env["MAILHUB_STORAGE_SCRUB_RATE"] = "50M"
     hub.start()
-    deadline = time.monotonic() + 20
-    while hub.query("SELECT count(*) FROM damaged WHERE found_by = 'scrub'") != [(1,)]:
-        assert time.monotonic() < deadline, hub.log_text()[-2000:]
-        time.sleep(0.1)
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM damaged WHERE found_by = 'scrub'") == [(1,)],
+        timeout=20,
+        interval=0.1,
+        message=lambda: f"a mail marked damaged by the scrub\n{hub.log_text()[-2000:]}",
+    )
     assert hub.query("SELECT queue_id FROM damaged ORDER BY found_at") == [(qids[1],), (qids[2],)]
     got = pop3_retrieve_all(hub)
     assert [q for q in qids if isinstance(got[q], str)] == qids[1:3]
@@ -240,10 +242,11 @@ def damaged_metric(hub, found_by: str) -> float:
 
 
 def wait_damaged(hub, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while hub.query("SELECT count(*) FROM damaged") != [(count,)]:
-        assert time.monotonic() < deadline, hub.log_text()[-2000:]
-        time.sleep(0.05)
+    wait_for(
+        lambda: hub.query("SELECT count(*) FROM damaged") == [(count,)],
+        interval=0.05,
+        message=lambda: f"{count} mail(s) marked damaged\n{hub.log_text()[-2000:]}",
+    )
 
 
 def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
@@ -278,10 +281,11 @@ def test_changed_bytes_found_while_serving_over_pop3_and_imap(make_hub):
     with pytest.raises((imaplib.IMAP4.abort, OSError)):
         imap.fetch("4", "(BODY[])")
     wait_damaged(hub, 3)
-    deadline = time.monotonic() + 10  # the \Seen this FETCH set is taken back
-    while hub.query("SELECT flags & 1 FROM mailbox WHERE queue_id = ?", qids[3]) != [(0,)]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(  # the \Seen this FETCH set is taken back
+        lambda: hub.query("SELECT flags & 1 FROM mailbox WHERE queue_id = ?", qids[3]) == [(0,)],
+        interval=0.05,
+        message="the \\Seen flag of the damaged mail taken back",
+    )
 
     imap = imaplib.IMAP4("127.0.0.1", hub.ports["imap"])
     imap.login("alpha", PASSWORD)
@@ -386,8 +390,9 @@ def test_verify_while_serving_off_sends_with_sendfile_and_leaves_changed_bytes_t
     assert isinstance(got[qids[0]], bytes) and not whole(got[qids[0]], sent[qids[0]])  # served, changed
     assert whole(got[qids[1]], sent[qids[1]])
     assert hub.query("SELECT count(*) FROM damaged") == [(0,)]
-    deadline = time.monotonic() + 10
-    while " direct=2 checked=0 " not in hub.log_text():
-        assert time.monotonic() < deadline, hub.log_text()[-2000:]
-        time.sleep(0.05)
+    wait_for(
+        lambda: " direct=2 checked=0 " in hub.log_text(),
+        interval=0.05,
+        message=lambda: f"a session line with direct=2 checked=0\n{hub.log_text()[-2000:]}",
+    )
     hub.stop()
