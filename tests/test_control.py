@@ -61,7 +61,7 @@ def _raw(path, payload: bytes) -> list[dict]:
 
 def test_request_and_answer(control, tmp_path):
     async def slow_echo(req):
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a handler that awaits: the behaviour under test
         return {"echo": req.get("value")}
 
     control({"echo": slow_echo, "count": lambda req: {"n": 3}})

@@ -130,7 +130,7 @@ def test_acknowledged_mails_survive_sigkill(make_hub):
         for sender in senders:
             sender.start()
         delay = rng.uniform(0.05, 3.0)
-        time.sleep(delay)
+        time.sleep(delay)  # time-based: the kill comes at a random moment of the traffic
         before = len(ledger)
         in_flight = sum(sender.in_flight for sender in senders)
         killed.set()

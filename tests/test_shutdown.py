@@ -29,16 +29,20 @@ def in_transaction(hub, size: int | None = None) -> RawSMTP:
     return client
 
 
+def smtp_sessions(hub) -> list[dict]:
+    """The hub's SMTP sessions as `mailhub sessions` lists them."""
+    return [row for row in json.loads(hub.cli("sessions", "--json").stdout) if row["protocol"] == "smtp"]
+
+
 def last_commands(hub) -> list[str]:
     """The verb each SMTP session of the hub received last (`mailhub sessions`)."""
-    listed = json.loads(hub.cli("sessions", "--json").stdout)
-    return [row["command"] for row in listed if row["protocol"] == "smtp"]
+    return [row["command"] for row in smtp_sessions(hub)]
 
 
 def new_connections_refused(port: int, within: float = 5.0) -> bytes | str:
     """Connect until the hub no longer greets with 220; return what the last attempt got."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+
+    def not_greeted() -> bytes | str | None:
         try:
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         except ConnectionRefusedError:
@@ -49,10 +53,11 @@ def new_connections_refused(port: int, within: float = 5.0) -> bytes | str:
             return "reset"  # accepted by the kernel's backlog just before the listener closed
         finally:
             sock.close()
-        if not greeting.startswith(b"220"):
-            return greeting
-        time.sleep(0.05)
-    raise AssertionError("the hub still accepts new connections after SIGTERM")
+        if greeting.startswith(b"220"):
+            return None
+        return greeting or b"(closed without a greeting)"
+
+    return wait_for(not_greeted, timeout=within, interval=0.05, message="new connections refused after SIGTERM")
 
 
 def wait_exit(hub, timeout: float) -> tuple[int, float]:
@@ -82,7 +87,7 @@ def test_mail_in_flight_finishes_and_new_connections_are_refused(make_hub):
     for i in range(pieces):
         client.send(body_piece)
         digest.update(body_piece)
-        time.sleep(0.02)
+        time.sleep(0.02)  # pacing: a client still sending when the SIGTERM comes
         if i == 10:
             hub.proc.send_signal(signal.SIGTERM)
             sigterm_at = time.monotonic()
@@ -110,8 +115,14 @@ def test_client_stalling_mid_data_past_the_timeout_gets_no_250(make_hub):
     hub = start_hub(make_hub, MAILHUB_SHUTDOWN_TIMEOUT="1")
     client = in_transaction(hub)
     assert client.command("DATA").startswith(b"354")
-    client.send(make_message(MB))  # no end-of-data marker: the client stalls
-    time.sleep(0.2)
+    stalled = make_message(MB)
+    client.send(stalled)  # no end-of-data marker: the client stalls
+    wait_for(
+        lambda: [row for row in smtp_sessions(hub) if row["bytes_in"] >= len(stalled)],
+        timeout=30,
+        interval=0.1,
+        message="the stalled mail's bytes read by the hub",
+    )
     hub.proc.send_signal(signal.SIGTERM)
     code, took = wait_exit(hub, 10)
     received = client.rest(timeout=2)
@@ -129,7 +140,12 @@ def test_idle_sessions_get_421_and_the_hub_exits_at_once(make_hub, sig):
     after_ehlo = RawSMTP(hub.smtp_port)
     after_ehlo.ehlo()
     mid_envelope = in_transaction(hub)  # MAIL and RCPT given, DATA not yet: not in flight
-    time.sleep(0.1)
+    wait_for(
+        lambda: sorted(last_commands(hub)) == ["", "EHLO", "RCPT"],
+        timeout=30,
+        interval=0.1,
+        message="the three sessions listed greeted, after EHLO and after RCPT",
+    )
     hub.proc.send_signal(sig)
     code, took = wait_exit(hub, 10)
     for client in (greeted, after_ehlo, mid_envelope):
@@ -147,12 +163,12 @@ def test_bdat_transaction_between_chunks_is_in_flight(make_hub):
     client = in_transaction(hub)
     client.send(b"BDAT %d\r\n" % len(first) + first[:MB])
     # in flight once the hub has read the BDAT command (before that, the session is idle: 421)
-    wait_for(lambda: last_commands(hub) == ["BDAT"], timeout=30)
+    wait_for(lambda: last_commands(hub) == ["BDAT"], timeout=30, message="the BDAT command read by the hub")
     hub.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    wait_for(lambda: "shutting down:" in hub.log_text(), message="the hub's shutdown begun")  # the chunk ends in it
     client.send(first[MB:])
     assert client.reply() == b"250 2.0.0 %d octets received\r\n" % len(first)
-    time.sleep(0.3)  # a client reading the next chunk from its disk
+    time.sleep(0.3)  # pacing: a client reading the next chunk from its disk
     try:
         client.send(b"BDAT %d LAST\r\n" % len(last) + last)
         reply = client.reply()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ALPHA, BETA, PASSWORD, RawSMTP, make_message
+from conftest import ALPHA, BETA, PASSWORD, RawSMTP, make_message, wait_for
 
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.both_engines
@@ -53,6 +53,7 @@ class Raw:
                 return b"".join(lines)
 
     def close(self) -> None:
+        self.file.close()  # the socket's file keeps the connection open until it is closed too
         self.sock.close()
 
 
@@ -244,10 +245,12 @@ def test_disconnect_mid_data_stores_nothing(hub):
     assert client.getreply()[0] == 354
     client.send(make_message(400_000)[:300_000])
     client.close()
-    deadline = time.monotonic() + 5
-    while list((hub.data_dir / "spool").iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not list((hub.data_dir / "spool").iterdir())
+    wait_for(
+        lambda: not list((hub.data_dir / "spool").iterdir()),
+        timeout=5,
+        interval=0.05,
+        message="the dropped transaction's spool file removed",
+    )
     assert hub.query("SELECT count(*) FROM messages") == [(0,)]
     assert hub.blob_files() == []
 
@@ -285,8 +288,15 @@ def test_too_many_connections_from_one_address(make_hub):
     assert sock.makefile("rb").readline().startswith(b"421 4.7.0")
     for raw in held:
         raw.close()
-    time.sleep(0.2)
-    Raw(hub.smtp_port).close()
+
+    def admitted() -> bool:
+        sock = socket.create_connection(("127.0.0.1", hub.smtp_port), timeout=10)
+        try:
+            return sock.makefile("rb").readline().startswith(b"220")
+        finally:
+            sock.close()
+
+    wait_for(admitted, interval=0.05, message="a new connection greeted with 220 once the held ones closed")
 
 
 @pytest.mark.one_engine("about the session's idle timer, not the index")
@@ -303,7 +313,7 @@ def test_idle_timeout_closes_with_421(make_hub):
         raw.send(b"NOOP\r\n")
         assert raw.reply().startswith(b"250")
         last_reply = time.monotonic()
-        time.sleep(0.2)
+        time.sleep(0.2)  # pacing: a busy client's NOOPs, the behaviour under test
     assert raw.file.readline().startswith(b"421 4.4.2")
     assert 0.9 < time.monotonic() - last_reply < 2.5
 

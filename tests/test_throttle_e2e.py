@@ -82,14 +82,14 @@ def send_all(
                 if clock is not None:
                     clock.drain.set()
                 smtp.rset()
-                time.sleep(0.05)
+                time.sleep(0.05)  # pacing: a gateway's pause before it offers the mail again
                 continue
             except smtplib.SMTPDataError as exc:
                 assert 400 <= exc.smtp_code < 500, exc
                 stats["deferred"] += 1
                 if clock is not None:
                     clock.drain.set()
-                time.sleep(0.05)
+                time.sleep(0.05)  # pacing: a gateway's pause before it offers the mail again
                 continue
             stats["accepted_at"].append(time.monotonic())
             if clock is not None:
@@ -117,7 +117,7 @@ def pop3_lines(sock: socket.socket, buf: bytearray, rate: float | None):
         if rate:
             ahead = got / rate - (time.monotonic() - started)
             if ahead > 0:
-                time.sleep(ahead)
+                time.sleep(ahead)  # pacing: a receiver reading at `rate`
 
 
 def pop3_line(sock: socket.socket, buf: bytearray) -> bytes:
@@ -167,7 +167,7 @@ def receive_all(
             command("QUIT")
         finally:
             sock.close()
-        time.sleep(0.1)
+        time.sleep(0.1)  # pacing: the gateway's poll interval
 
 
 def pilot_hub(make_hub, throttling: bool):
