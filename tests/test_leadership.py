@@ -19,16 +19,16 @@ def test_loops_follow_the_leadership_and_none_starts_after_stop():
         tasks.add("scrub", start)
         assert started == [] and tasks.running() == []
         tasks.set_leader(True)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: what set_leader scheduled has run
         assert started == ["scrub"] and tasks.running() == ["scrub"]
         tasks.set_leader(False)
         tasks.set_leader(True)  # won back: runs again
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop
         assert started == ["scrub", "scrub"]
         await tasks.stop()
         assert tasks.running() == []
         tasks.set_leader(True)  # the link, still up while the hub stops, makes this node the leader
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: nothing may start
         return started
 
     assert asyncio.run(scenario()) == ["scrub", "scrub"]

@@ -337,7 +337,7 @@ class Store:
                 if self.read_body:
                     await reader.read()  # the body, until the client is done and closes
                 else:
-                    await asyncio.sleep(1)
+                    await asyncio.sleep(1)  # time-based: the server closes a second later, the body unread
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
@@ -466,7 +466,7 @@ class Trickle:
             writer.write(self.head)
             for piece in self.pieces:
                 await writer.drain()
-                await asyncio.sleep(self.pause)
+                await asyncio.sleep(self.pause)  # pacing: a server sending its pieces apart
                 writer.write(piece)
         except (ConnectionError, asyncio.CancelledError):
             pass
