@@ -502,6 +502,10 @@ virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
 virtual_minimum_uid = 1
 virtual_mailbox_limit = 0
+# a delivery deferred on a busy machine is tried again within seconds, not after Postfix's 300 s
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 5s
 """
 POSTFIX_VIRTUAL_MASTER = "virtual   unix  -       n       n       -       -       virtual\n"
 

@@ -304,7 +304,7 @@ def test_postfix_next_hop_receives_1kb_and_200mb_intact(make_hub, tmp_path):
         delivered = wait_for(
             lambda: [p for p in _delivered(maildir) if p.stat().st_size > 100 * MB],
             timeout=180,
-            message=lambda: f"the 200 MB mail at Postfix\n{log_tail(hub)}",
+            message=lambda: f"the 200 MB mail at Postfix\n{log_tail(hub)}\nPostfix:\n{log.read_text()[-3000:]}",
             interval=0.1,
         )[0]
         assert _tail_sha256(delivered, lf_size) == lf_sha
