@@ -201,15 +201,9 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message="
     or the condition; with raise_on_timeout=False the last (false) result is returned instead, for
     a caller that asserts on it itself. The one way tests poll (async tests: `until` below)."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            if not raise_on_timeout:
-                return result
-            raise AssertionError(_timeout_message(timeout, message, condition))
+    while not _poll_ends(result := condition(), deadline, timeout, message, condition, raise_on_timeout):
         time.sleep(interval)
+    return result
 
 
 async def until(condition, timeout: float = 10.0, interval: float = 0.02, message="", raise_on_timeout: bool = True):
@@ -220,18 +214,22 @@ async def until(condition, timeout: float = 10.0, interval: float = 0.02, messag
         result = condition()
         if inspect.isawaitable(result):
             result = await result
-        if result:
+        if _poll_ends(result, deadline, timeout, message, condition, raise_on_timeout):
             return result
-        if time.monotonic() >= deadline:
-            if not raise_on_timeout:
-                return result
-            raise AssertionError(_timeout_message(timeout, message, condition))
         await asyncio.sleep(interval)
 
 
-def _timeout_message(timeout: float, message, condition) -> str:
-    text = message() if callable(message) else message
-    return f"not true after {timeout}s: {text or condition}"
+def _poll_ends(result, deadline: float, timeout: float, message, condition, raise_on_timeout: bool) -> bool:
+    """wait_for's and until's rule: stop at a true result, or at the deadline (raising unless
+    raise_on_timeout is False)."""
+    if result:
+        return True
+    if time.monotonic() < deadline:
+        return False
+    if raise_on_timeout:
+        text = message() if callable(message) else message
+        raise AssertionError(f"not true after {timeout}s: {text or condition}")
+    return True
 
 
 def _fresh_metrics() -> None:

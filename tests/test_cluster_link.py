@@ -498,12 +498,28 @@ def test_claims_are_renewed_by_their_node_and_cleared_by_a_deferral(index, tmp_p
         assert [r.id for r in outbound.due_and_version(index, tmp_path, 1400.0, "[]", 5, 5, "b", 300.0)[1]] == [ids[1]]
 
 
+def _started_and_waiting(second, watch, waiting: str, outcome: dict, what: str, timeout: float):
+    """`second` (a writer's transaction) started on a thread of its own and seen blocked: `waiting`
+    (a count of locks not granted, asked on `watch`) above zero while it still runs, not done
+    without waiting. Returns the thread."""
+    import threading
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    wait_for(
+        lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
+        timeout=timeout,
+        message=lambda: f"{what} waiting on a lock: {outcome}",
+    )
+    assert thread.is_alive(), outcome  # it waits (a lock not granted), not done without waiting
+    return thread
+
+
 def _two_writers_commit_at_once(pg_index, limits: dict, received_at: float, check_after=None) -> dict:
     """Node a's writer commits mail Q1 to beta (Delivery with `limits`) and holds its transaction
     open; node b's writer commits Q2 to beta meanwhile and must wait on beta's advisory lock. Once b
     waits, a commits. Returns b's refusals ({item index: cause}); Q1 alone must be in the mailbox.
     `check_after(conn)` looks at the index afterwards."""
-    import threading
 
     from storage import sites
     from storage.index_writer import BatchItem, _index_batch
@@ -530,15 +546,8 @@ def _two_writers_commit_at_once(pg_index, limits: dict, received_at: float, chec
             outcome["refused"] = _index_batch(b, [item("Q2")], [])
             b.execute("COMMIT")
 
-        thread = threading.Thread(target=second)
-        thread.start()
         waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        wait_for(
-            lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
-            timeout=20,
-            message=lambda: f"the second writer waiting on the advisory lock: {outcome}",
-        )
-        assert thread.is_alive(), outcome  # it waits (a lock not granted), not done without waiting
+        thread = _started_and_waiting(second, watch, waiting, outcome, "the second writer", timeout=20)
         a.execute("COMMIT")
         thread.join(20)
         assert watch.execute("SELECT queue_id FROM mailbox").fetchall() == [("Q1",)]
@@ -577,7 +586,6 @@ def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_ind
     mark "sent up to here" at its id, at the same time: the second waits on the mark's row, sees it
     moved and leaves its notice out (AlreadyMarked), so the site gets one mail; a later notice is
     stored, an earlier one refused; the directory's marks likewise, claimed by changing them."""
-    import threading
 
     from storage import lifecycle, sites
     from storage.errors import REFUSED_MARKED, AlreadyMarked, refusal
@@ -606,15 +614,8 @@ def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_ind
             outcome["refused"] = _index_batch(b, [notice("Q2", 5)], [])
             b.execute("COMMIT")
 
-        thread = threading.Thread(target=second)
-        thread.start()
         waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
-        wait_for(
-            lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
-            timeout=20,
-            message=lambda: f"the second writer waiting on a lock: {outcome}",
-        )
-        assert thread.is_alive(), outcome  # it waits (a lock not granted), not done without waiting
+        thread = _started_and_waiting(second, watch, waiting, outcome, "the second writer", timeout=20)
         a.execute("COMMIT")
         thread.join(20)
         assert outcome == {"refused": {0: REFUSED_MARKED}}
@@ -647,14 +648,7 @@ def test_two_leaders_store_a_lifecycle_notice_and_a_directory_update_once(pg_ind
             outcome["refused"] = _index_batch(b, [again], [])
             b.execute("COMMIT")
 
-        thread = threading.Thread(target=second_update)
-        thread.start()
-        wait_for(
-            lambda: watch.execute(waiting).fetchone()[0] or not thread.is_alive(),
-            timeout=40,
-            message=lambda: f"the second directory update waiting on a lock: {outcome}",
-        )
-        assert thread.is_alive(), outcome
+        thread = _started_and_waiting(second_update, watch, waiting, outcome, "the second directory update", timeout=40)
         a.execute("COMMIT")
         thread.join(20)
         assert outcome == {"refused": {0: REFUSED_MARKED}}
