@@ -611,11 +611,16 @@ class Hub:
             )
         return 0
 
-    def kill(self) -> None:
+    def kill(self, writer_too: bool = False) -> None:
         """kill -9 of the hub process, returning once its index writer child is gone too (it dies
         with the hub, but a moment later: one that saw its socket close first closed SQLite, which
-        checkpointed the WAL into the index while the test was looking at what the kill left)."""
+        checkpointed the WAL into the index while the test was looking at what the kill left).
+        writer_too: the writer is stopped (SIGSTOP) first, so that it dies without closing
+        anything, as when both die at once: its commits stay in the WAL only."""
         assert self.process, "kill -9 needs a hub process: make_hub(..., process=True)"
+        if writer_too:
+            for pid in writer_children(self.data_dir):
+                os.kill(pid, signal.SIGSTOP)  # its parent's death signal (SIGKILL) still ends it
         self.stop(signal.SIGKILL)
         wait_for(lambda: not writer_children(self.data_dir), 10, message="the index writer ended with the hub")
 

@@ -206,7 +206,7 @@ def test_a_deleted_wal_is_noticed_and_rebuilt(make_hub):
     hub = make_hub(sites=ALPHA_BETA, process=True).start()
     sender = Sender(hub)
     sender.send_many(6)
-    hub.kill()  # no checkpoint: the commits are in the WAL only
+    hub.kill(writer_too=True)  # no checkpoint, not even the writer's close: the commits are in the WAL only
     wal = hub.data_dir / "index.sqlite3-wal"
     assert wal.stat().st_size > 0
     wal.unlink()
