@@ -23,9 +23,10 @@ if [ "${MAILHUB_LINT:-1}" != 0 ]; then
 fi
 
 # Two pytest-xdist workers per CPU (MAILHUB_TEST_WORKERS overrides), each taking whole test files
-# (module fixtures are made once; the slowest files are handed out first, see SLOWEST_FILES in
-# tests/conftest.py): the tests wait (paced transfers, timeouts, restarts, real clients) about as
-# much as they compute, so a second worker per core fills the waits.
+# (module fixtures are made once) in collection order (--no-loadscope-reorder: the slowest files are
+# handed out first, see SLOWEST_FILES in tests/conftest.py): the tests wait (paced transfers,
+# timeouts, restarts, real clients) about as much as they compute, so a second worker per core
+# fills the waits.
 # The order is shuffled (pytest-randomly) with a seed printed here: a failure found in one order is
 # replayed with `bash scripts/test.sh --randomly-seed=SEED` (a later seed wins), and `-p no:randomly`
 # keeps the collected order. Arguments given here come later and win (-n 0: no workers).
@@ -41,7 +42,7 @@ else
 fi
 test_status=0
 workers="${MAILHUB_TEST_WORKERS:-$(( $(nproc) * 2 ))}"
-.venv/bin/python -m pytest -q -n "$workers" --dist loadfile "${order[@]}" "$@" || test_status=$?
+.venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "${order[@]}" "$@" || test_status=$?
 if [ "$lint_status" != 0 ]; then
     echo "test.sh: the static checks failed (scripts/lint.sh, output above)" >&2
     [ "$test_status" != 0 ] || test_status=$lint_status

@@ -114,41 +114,56 @@ def _made_once(name: str, make, private: Path | None = None) -> tuple[Path, bool
     return target, True
 
 
-# The test files that take longest (tens of seconds each on 2 cores, from --durations=0), longest first. They are
-# collected first: pytest-xdist (--dist loadfile) hands whole files to its workers in collection
-# order, and a long file handed out last would be the tail of the run while the other workers idle.
-# Otherwise the order is pytest-randomly's shuffle (files, and tests within each file).
+# The test files that take longest (9 s or more of wall time each on 2 cores, summed per file over
+# its tests in a run of the whole suite), longest first. They are collected first, and
+# scripts/test.sh passes --no-loadscope-reorder so that pytest-xdist (--dist loadfile) hands whole
+# files to its workers in collection order: by default it hands out the files with the most tests
+# first, which left the 2.5-minute Ansible scenario (6 tests) to start halfway through the run and
+# be its tail while the other workers idled. Otherwise the order is pytest-randomly's shuffle
+# (files, and tests within each file).
 SLOWEST_FILES = (
     "test_ansible.py",
-    "test_fuzz_protocols.py",
-    "test_storage_faults.py",
-    "test_hub_key.py",
+    "test_smtp_fuzz.py",
+    "test_pop3_server.py",
     "test_relay_outbound.py",
     "test_loadtest.py",
-    "test_pop3_server.py",
+    "test_fuzz_protocols.py",
     "test_abuse_bench.py",
-    "test_smtp_fuzz.py",
-    "test_pop3_interop.py",
-    "test_hostile_imap.py",
-    "test_imap_interop.py",
-    "test_config_cli.py",
-    "test_rebuild_backup.py",
-    "test_directory.py",
-    "test_hostile_connections.py",
-    "test_hostile_smtp.py",
-    "test_encryption_policy.py",
-    "test_verify_serving.py",
-    "test_clocks.py",
-    "test_hostile_auth.py",
     "test_quotas_smtp.py",
-    "test_lifecycle.py",
-    "test_reload.py",
-    "test_directory_updates.py",
-    "test_liveness.py",
-    "test_alert_rules.py",
-    "test_mailbox_admin.py",
-    "test_crash.py",
     "test_ansible_role.py",
+    "test_pop3_interop.py",
+    "test_config_cli.py",
+    "test_hub_key.py",
+    "test_hostile_smtp.py",
+    "test_directory.py",
+    "test_smtp_ingest.py",
+    "test_imap_interop.py",
+    "test_throttle_e2e.py",
+    "test_hostile_connections.py",
+    "test_imap_server.py",
+    "test_storage_faults.py",
+    "test_swaks.py",
+    "test_lifecycle.py",
+    "test_rebuild_backup.py",
+    "test_s3_client.py",
+    "test_directory_updates.py",
+    "test_s3_blobs.py",
+    "test_crash.py",
+    "test_cluster_hub.py",
+    "test_hostile_auth.py",
+    "test_encryption_policy.py",
+    "test_cluster_quotas.py",
+    "test_memory.py",
+    "test_hostile_imap.py",
+    "test_mailbox_admin.py",
+    "test_shared_blobs.py",
+    "test_openpgp_packets.py",
+    "test_pg_serving.py",
+    "test_s3_backup.py",
+    "test_cluster_link.py",
+    "test_metrics.py",
+    "test_bounded_reads.py",
+    "test_shutdown.py",
 )
 
 
