@@ -31,6 +31,7 @@ from .armor import armor
 from .document import timestamp
 from .errors import DirectoryError
 from .keys import load_pgpy_key
+from .pgpy_rsa import sign_with_one_key_object
 
 log = logging.getLogger("mailhub.directory")
 
@@ -49,6 +50,7 @@ class HubKey:
     """One private key of the hub."""
 
     def __init__(self, key):
+        sign_with_one_key_object(key)  # (else each signature costs ~150 ms of CPU with the GIL held)
         self._key = key
 
     @property
@@ -261,6 +263,7 @@ def new_key(addresses: list[str]) -> HubKey:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, _KEY_BITS)
+        sign_with_one_key_object(key)  # its user IDs' self-signatures too
         for number, address in enumerate(addresses):
             key.add_uid(
                 pgpy.PGPUID.new("DICOM Mail Hub directory", email=address),
