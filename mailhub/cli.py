@@ -4,6 +4,7 @@
 # Exit status: 0 done, 1 the operation failed, 2 bad usage or configuration, 3 (reload) a restart is
 # needed, 141 output's reader gone.
 import argparse
+import functools
 import getpass
 import json
 import math
@@ -35,6 +36,7 @@ EXIT_RESTART_NEEDED = 3  # `mailhub reload`: reloaded, but some changed settings
 PRIVATE_UMASK = 0o077
 
 
+@functools.cache  # built once per process: main() runs many times in one (the tests, loadtest's site adder)
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="FILE", help="TOML config file (default: built-in)")

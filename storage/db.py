@@ -1,6 +1,7 @@
 # Opening the SQLite index: one place for the pragmas and the schema, shared by the server's
 # connections and the command-line tools. Must never hold message content.
 import sqlite3
+import zlib
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,12 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("outbound", "claimed_until", "REAL"),
 )
 
+# The schema's stamp, kept in the index's user_version once schema.sql and ADDED_COLUMNS are in
+# place: a connection to an index with this stamp skips them (the script of CREATE ... IF NOT
+# EXISTS took ~1.3 ms of the ~1.6 ms of each connection; the watchers, the index writer, the mailer
+# and every command open one). Another stamp (another version of the hub, or none) runs them again.
+_SCHEMA_STAMP = zlib.crc32((_SCHEMA + repr(ADDED_COLUMNS)).encode()) & 0x7FFFFFFF or 1
+
 
 def index_path(data_dir: Path) -> Path:
     return Path(data_dir) / INDEX_NAME
@@ -56,8 +63,10 @@ def connect(data_dir: Path) -> sqlite3.Connection:
     try:
         for pragma in _PRAGMAS:
             conn.execute(pragma)
-        conn.executescript(_SCHEMA)
-        _add_missing_columns(conn)
+        if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_STAMP:
+            conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_STAMP}")
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _damage(exc):
