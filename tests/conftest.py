@@ -886,6 +886,18 @@ def _cheaper_password_hashes(data_dir: Path) -> None:
 
 
 @pytest.fixture
+def cheaper_site_passwords(monkeypatch):
+    """Sites added in this process (storage.sites.add_site) get password hashes at TEMPLATE_SCRYPT_N:
+    for tests that add many sites for their data, not for their passwords (a hash at the hub's cost
+    takes 45 ms of CPU, and a hub checks it again at each site's first login)."""
+    import functools
+
+    from storage import passwords, sites
+
+    monkeypatch.setattr(sites, "hash_password", functools.partial(passwords.hash_password, n=TEMPLATE_SCRYPT_N))
+
+
+@pytest.fixture
 def make_hub(tmp_path, site_data_templates, engine, request):
     hubs = []
 

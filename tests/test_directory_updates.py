@@ -18,7 +18,7 @@ from conftest import PASSWORD, wait_for
 # The stop of a hub waits for the directory mailer's work under way (the record of what was sent,
 # written in its thread), up to a bound, so that a stopped hub writes nothing more.
 # Every test that starts a hub runs on SQLite and again on PostgreSQL (tests/conftest.py).
-pytestmark = pytest.mark.both_engines
+pytestmark = [pytest.mark.both_engines, pytest.mark.usefixtures("cheaper_site_passwords")]
 
 
 def site_names(prefix: str, count: int) -> list[str]:

@@ -19,6 +19,8 @@ from storage.sites import SiteError
 
 from conftest import PASSWORD
 
+pytestmark = pytest.mark.usefixtures("cheaper_site_passwords")  # sites for their data
+
 DAY = 86400.0
 T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 

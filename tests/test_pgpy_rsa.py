@@ -75,11 +75,15 @@ def test_the_hub_key_class_uses_it(key_objects_built):
     assert key_objects_built[0] == 1 and len(set(packets)) == 3
 
 
-def test_numbers_that_do_not_form_a_key_are_refused_with_the_fingerprint():
+@pytest.mark.parametrize("damaged", ["d", "p", "q=p"])
+def test_numbers_that_do_not_form_a_key_are_refused_with_the_fingerprint(damaged):
     key = _pgpy_key()
     (material,) = pgpy_rsa._rsa_materials(key)
-    material.d = MPI(material.d + 2)  # a damaged private exponent
-    with pytest.raises(DirectoryError, match=r"do not form a working key") as raised:
+    if damaged == "q=p":
+        material.q, material.n = material.p, MPI(material.p * material.p)
+    else:
+        setattr(material, damaged, MPI(getattr(material, damaged) + 2))
+    with pytest.raises(DirectoryError, match=r"do not form a key") as raised:
         pgpy_rsa.sign_with_one_key_object(key)
     assert str(key.fingerprint) in str(raised.value)
     assert "__privkey__" not in vars(material)
