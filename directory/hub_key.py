@@ -170,10 +170,17 @@ def archive_path(data_dir: Path, fingerprint: str) -> Path:
 
 
 def load_key_file(path: Path) -> HubKey:
-    key = load_pgpy_key(path.read_bytes())
-    if key.is_public or not key.is_unlocked:
-        raise DirectoryError(f"{path} does not hold an unprotected private key")
-    return HubKey(key)
+    data = path.read_bytes()  # (FileNotFoundError: no key yet)
+    try:
+        key = load_pgpy_key(data)
+        if key.is_public or not key.is_unlocked:
+            raise DirectoryError("it does not hold an unprotected private key")
+        return HubKey(key)
+    except DirectoryError as exc:
+        raise DirectoryError(
+            f"hub key {path}: {exc}; restore the file from the data folder's backup"
+            " (docs/operator-guide.md#directory-and-keys)"
+        ) from None
 
 
 def load_hub_key(data_dir: Path) -> HubKey | None:

@@ -342,5 +342,7 @@ def test_a_damaged_hub_key_stops_the_start_with_one_line(make_hub):
     (hub.data_dir / "hub-signing-key.asc").write_text("not a key\n")
     with pytest.raises(AssertionError) as failed:
         hub.start()
-    assert "mailhub: cannot start: not an OpenPGP key" in str(failed.value)
+    key_file = hub.data_dir / "hub-signing-key.asc"
+    assert f"mailhub: cannot start: hub key {key_file}: not an OpenPGP key" in str(failed.value)
+    assert "restore the file from the data folder's backup" in str(failed.value)
     assert "Traceback" not in hub.log_text()

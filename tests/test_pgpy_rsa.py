@@ -87,3 +87,16 @@ def test_numbers_that_do_not_form_a_key_are_refused_with_the_fingerprint(damaged
         pgpy_rsa.sign_with_one_key_object(key)
     assert str(key.fingerprint) in str(raised.value)
     assert "__privkey__" not in vars(material)
+
+
+def test_a_hub_key_file_with_damaged_numbers_is_refused_naming_the_file_and_the_way_out(tmp_path):
+    key = _pgpy_key()
+    (material,) = pgpy_rsa._rsa_materials(key)
+    material.d = MPI(material.d + 2)
+    path = tmp_path / "hub-signing-key.asc"
+    path.write_text(str(key))  # parses as before: only the numbers are wrong
+    with pytest.raises(DirectoryError) as raised:
+        load_key_file(path)
+    message = str(raised.value)
+    assert f"hub key {path}: private key {key.fingerprint}: its RSA numbers do not form a key" in message
+    assert "restore the file from the data folder's backup" in message
