@@ -4,6 +4,7 @@
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import inspect
 import io
@@ -890,8 +891,6 @@ def cheaper_site_passwords(monkeypatch):
     """Sites added in this process (storage.sites.add_site) get password hashes at TEMPLATE_SCRYPT_N:
     for tests that add many sites for their data, not for their passwords (a hash at the hub's cost
     takes 45 ms of CPU, and a hub checks it again at each site's first login)."""
-    import functools
-
     from storage import passwords, sites
 
     monkeypatch.setattr(sites, "hash_password", functools.partial(passwords.hash_password, n=TEMPLATE_SCRYPT_N))

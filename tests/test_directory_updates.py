@@ -35,6 +35,12 @@ def add_sites(hub, names: list[str]) -> None:
         conn.close()
 
 
+def wait_for_first_record(hub) -> None:
+    """The first start of an index counts what is there as sent: the mailer records it in its thread
+    just after the start (directory-sent.json)."""
+    wait_for(lambda: (hub.data_dir / mailer.SENT_FILE).exists(), message="the mailer's first record")
+
+
 def mails_by_site(hub) -> dict[str, list[str]]:
     rows = hub.query("SELECT s.name, m.queue_id FROM mailbox m JOIN sites s ON s.id = m.site_id ORDER BY m.uid")
     mails: dict[str, list[str]] = {}
@@ -57,9 +63,7 @@ def test_ten_sites_added_within_the_window_make_one_update_of_the_size_of_the_ch
     hub.data_dir.mkdir(parents=True)
     add_sites(hub, site_names("old", 20))
     hub.start()
-    # the first start counts what is there as sent, in the mailer's thread just after the start: a
-    # site added before that would count as sent too (seen in CI once the sites' hashes were cheap)
-    wait_for(lambda: (hub.data_dir / "directory-sent.json").exists(), message="the first record")
+    wait_for_first_record(hub)  # (a site added before it would count as sent)
     new = site_names("new", 10)
     add_sites(hub, new[:1])
     wait_for(lambda: "the update goes out in 600 s" in hub.log_text(), 15, message="the mailer did not see the change")
@@ -105,9 +109,7 @@ def test_without_a_record_of_what_was_sent_the_update_is_the_whole_directory(mak
     hub.data_dir.mkdir(parents=True)
     add_sites(hub, site_names("old", 3))
     hub.start()
-    # the first start records what the sites have, in the mailer's thread: a stop before that
-    # write began would leave it to the next start, which would write it whole again
-    wait_for(lambda: (hub.data_dir / "directory-sent.json").exists(), message="the first record")
+    wait_for_first_record(hub)  # (a stop before that write began would leave it to the next start)
     hub.stop()
     (hub.data_dir / "directory-sent.json").write_text("{not json")  # damaged (or an older hub's folder)
     add_sites(hub, ["late"])
