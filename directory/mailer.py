@@ -37,6 +37,7 @@ from .signing import mixed_part, signed_body
 log = logging.getLogger("mailhub.directory")
 _POLL_SECONDS = 1.0
 _STOP_WAIT = 10.0  # seconds the end of the update loop waits for the mailer's work under way
+_FIRST_LOOK_WAIT = 5.0  # seconds the hub's start waits for the mailer's first look at the index
 SENT_VERSION = "directory_sent_version"
 ANNOUNCED_KEY = "hub_key_announced"  # key_stamp() of the last hub key the sites were told of
 KEY_PART_NAME = "hub-key.asc"
@@ -150,14 +151,25 @@ class DirectoryMailer:
         metrics.directory_mail("reply")
         return queue_id
 
-    def start_updates(self) -> asyncio.Task:
+    async def start_updates(self) -> asyncio.Task:
         """Start the loop that sends updates (when configured) and rotation announcements (always).
-        The first start records the present version and hub key as already sent, so that only
-        later changes are sent."""
+        The first start of an index records the present version and hub key as already sent, so
+        that only later changes are sent. That record is made here, before the hub says it is
+        ready: a site added once it is ready is a change, sent as an update. An index that does not
+        answer within _FIRST_LOOK_WAIT seconds is left to the loop (it retries; what is there when
+        it gets through counts as sent), so that a slow index server does not hold up the start."""
         keys = self.hub_keys.get()
         # nothing recorded yet: the sites know this key, or the previous one if it was rotated lately
         previous = keys.previous_fingerprint if keys.in_grace() else None
         self._known_key = keys.fingerprint if previous is None else previous
+        try:
+            await asyncio.wait_for(self._on_index(lambda conn: None), _FIRST_LOOK_WAIT)
+        except TimeoutError:
+            log.warning("directory: the index did not answer within %g s of the start; retrying", _FIRST_LOOK_WAIT)
+        except (StorageError, sqlite3.Error):
+            pass  # the loop says so in one line and retries
+        except Exception:
+            log.exception("directory index not opened at the start; retrying")
         return asyncio.create_task(self._update_loop())
 
     def _index(self) -> sqlite3.Connection:
@@ -233,7 +245,7 @@ class DirectoryMailer:
 
     async def _update_loop(self) -> None:
         try:
-            try:  # open now: what is there at the start counts as sent (a failure is retried below)
+            try:  # opened at the start already, unless that failed (what is there now counts as sent)
                 await self._on_index(lambda conn: None)
             except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
                 log.error("directory index not opened (retrying): %s", exc)

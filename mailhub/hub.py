@@ -298,7 +298,7 @@ class Hub:
         # runs (the scrub), and rounds the leader alone does (directory updates, lifecycle,
         # liveness, pruning: is_leader)
         directory.is_leader = is_leader
-        self._tasks.append(directory.start_updates())
+        self._tasks.append(await directory.start_updates())
         self._tasks.append(asyncio.create_task(lifecycle.run()))
         self._closers.append(lifecycle.close)
         self._liveness = LivenessMonitor(cfg, storage, sites)
