@@ -163,14 +163,20 @@ class DirectoryMailer:
         previous = keys.previous_fingerprint if keys.in_grace() else None
         self._known_key = keys.fingerprint if previous is None else previous
         try:
-            await asyncio.wait_for(self._on_index(lambda conn: None), _FIRST_LOOK_WAIT)
+            await asyncio.wait_for(self._first_look(), _FIRST_LOOK_WAIT)
         except TimeoutError:
             log.warning("directory: the index did not answer within %g s of the start; retrying", _FIRST_LOOK_WAIT)
-        except (StorageError, sqlite3.Error):
-            pass  # the loop says so in one line and retries
-        except Exception:
-            log.exception("directory index not opened at the start; retrying")
         return asyncio.create_task(self._update_loop())
+
+    async def _first_look(self) -> None:
+        """Open the index (on its first start, what is there counts as sent: _index); a failure is
+        one line, and the next look tries again."""
+        try:
+            await self._on_index(lambda conn: None)
+        except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
+            log.error("directory index not opened (retrying): %s", exc)
+        except Exception:
+            log.exception("directory index not opened; retrying")
 
     def _index(self) -> sqlite3.Connection:
         """Index thread: the mailer's connection, opened at first use with the present directory
@@ -245,12 +251,7 @@ class DirectoryMailer:
 
     async def _update_loop(self) -> None:
         try:
-            try:  # opened at the start already, unless that failed (what is there now counts as sent)
-                await self._on_index(lambda conn: None)
-            except (StorageError, sqlite3.Error) as exc:  # the index unreachable (PostgreSQL down): one line
-                log.error("directory index not opened (retrying): %s", exc)
-            except Exception:
-                log.exception("directory index not opened; retrying")
+            await self._first_look()  # (open since the start, unless that failed or took too long)
             while True:
                 await asyncio.sleep(_POLL_SECONDS)
                 if not self.is_leader():

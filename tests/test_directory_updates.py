@@ -131,7 +131,8 @@ def test_without_a_record_of_what_was_sent_the_update_is_the_whole_directory(mak
 
 def _hold_the_first_record(monkeypatch) -> tuple[threading.Event, threading.Event, list[str]]:
     """The mailer's writes of its record wait for `held`; `writing` is set when one waits; `order`
-    gets "record written" after each."""
+    gets "record written" after each. The hub's start waits for the first one only 0.2 s."""
+    monkeypatch.setattr(mailer, "_FIRST_LOOK_WAIT", 0.2)
     held, writing, order = threading.Event(), threading.Event(), []
     save = mailer.DirectoryMailer._save_sent
 
@@ -165,6 +166,21 @@ def test_a_stop_waits_for_the_record_the_mailer_is_writing(make_hub, monkeypatch
         held.set()
     stopping.join(60)
     assert order == ["record written", "stopped"]
+    assert json.loads((hub.data_dir / "directory-sent.json").read_text())["participants"].keys() == {"old00", "old01"}
+
+
+def test_a_start_waits_for_a_slow_first_record_only_so_long(make_hub, monkeypatch):
+    hub = make_hub()
+    hub.data_dir.mkdir(parents=True)
+    add_sites(hub, site_names("old", 2))
+    held, writing, order = _hold_the_first_record(monkeypatch)  # an index that does not answer
+    try:
+        hub.start(wait=10)  # ready while the record is held: a slow index does not hold up the start
+        assert writing.wait(60) and order == []  # (the look may outlast 0.2 s before it reaches the write)
+        assert "the index did not answer within 0.2 s of the start; retrying" in hub.log_text()
+    finally:
+        held.set()
+    wait_for(lambda: order == ["record written"], message="the held record is written once let go")
     assert json.loads((hub.data_dir / "directory-sent.json").read_text())["participants"].keys() == {"old00", "old01"}
 
 
