@@ -45,14 +45,19 @@ def _stat_seconds(path: str) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (the index writer), in seconds."""
+    """User + system CPU time of a process and its descendants (the index writer's launcher and
+    the writer), in seconds."""
+    return _stat_seconds(f"/proc/{pid}/stat") + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
     children = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):  # (a child started by any of its threads)
             with contextlib.suppress(OSError):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     children += [int(child) for child in f.read().split()]
-    return sum(_stat_seconds(f"/proc/{each}/stat") for each in [pid, *children])
+    return children
 
 
 def loop_seconds(pid: int) -> float:

@@ -11,7 +11,8 @@
 # children, exited ones included, up to the end of its deliveries: after each Postfix slice the
 # next one waits until its queue is empty), the backlog the round started on; per workload the median of
 # the per-round ratios against each Postfix and the hub's peak RSS (VmHWM of the hub plus the
-# private memory of its index writer). Prints one table per workload, ready for docs/benchmarks.md.
+# proportional memory of its index writer and its launcher). Prints one table per workload, ready
+# for docs/benchmarks.md.
 # Imports nothing of the hub's internals (it runs `mailhub serve` and speaks SMTP).
 import asyncio
 import contextlib
@@ -65,10 +66,11 @@ def _children(pid):
 
 def hub_cpu(pid):
     """CPU s of the hub: {"loop": its main thread (the event loop), "threads": its other threads
-    (disk writes, hashing, aiosqlite), "writer": its children (the index writer process)}."""
+    (disk writes, hashing, aiosqlite), "writer": its descendants (the index writer process and
+    its launcher)}."""
     own, _ = _stat(pid)
     loop, _ = _stat(pid, pid)
-    return {"loop": loop, "threads": own - loop, "writer": sum(_stat(child)[0] for child in _children(pid))}
+    return {"loop": loop, "threads": own - loop, "writer": sum(tree_cpu(child) for child in _children(pid))}
 
 
 def tree_cpu(pid):

@@ -373,6 +373,7 @@ def _serve(cfg: config.Config) -> int:
     from storage import StorageError
     from storage.db import IndexDamaged
     from storage.recovery import IndexBehind
+    from storage.writer_launcher import LAUNCHER
 
     from .logsetup import setup_logging
     from .server import serve
@@ -385,7 +386,10 @@ def _serve(cfg: config.Config) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
-        kept = uvloop.run(serve(cfg, inherited_sockets()))
+        try:
+            kept = uvloop.run(serve(cfg, inherited_sockets()))
+        finally:  # its writers ended with storage; an exec's new program would inherit it as a zombie
+            LAUNCHER.stop()
         if kept:  # a graceful restart: the new hub in this process's place, with the listening sockets
             exec_serving(kept)
     except (IndexDamaged, IndexBehind) as exc:  # the operator's turn: the message says what to run

@@ -1,5 +1,6 @@
 # Test-only fault injection at named points of the commit path. Inert unless the environment sets
-# MAILHUB_FAULT="<process>:<point>:<action>[,...]" (process: hub or writer; action: kill = SIGKILL
+# MAILHUB_FAULT="<process>:<point>:<action>[,...]" (process: hub, writer or
+# launcher; action: kill = SIGKILL
 # of the process itself, enospc / eio = raise that OSError). With MAILHUB_FAULT_FILE=<path> a fault
 # fires only while that file exists, and firing removes it: a test arms it once, and the restarted
 # process (which reads the same environment) runs clean. Unset, `hit()` is one global lookup and
@@ -21,8 +22,18 @@ def _parse(text: str) -> dict[tuple[str, str], str]:
     return faults
 
 
-ARMED = _parse(os.environ.get("MAILHUB_FAULT", ""))
-_FILE = os.environ.get("MAILHUB_FAULT_FILE")
+ARMED: dict[tuple[str, str], str] = {}
+_FILE: str | None = None
+
+
+def load() -> None:
+    """Read the environment's settings (at import; an index writer forked by the launcher, again)."""
+    global ARMED, _FILE
+    ARMED = _parse(os.environ.get("MAILHUB_FAULT", ""))
+    _FILE = os.environ.get("MAILHUB_FAULT_FILE")
+
+
+load()
 
 
 def hit(process: str, point: str) -> None:

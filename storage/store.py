@@ -239,18 +239,18 @@ class Storage:
         if report.anything():
             log.warning("recovery: %s", report)
         self._writer.commit_stream = self.layout.number  # several nodes: a stream of numbers each
-        await self._writer.start()
-        self._last_commit = await self._writer.call(IndexWriter.last_commit)
-        self.counted_seq = self._last_commit[0] if self._last_commit else None
-        await self.keep_reserve()
-        self._db = await open_reader(self.index)
-        self.damaged = {qid: reason for qid, reason in await self._db.fetchall("SELECT queue_id, reason FROM damaged")}
-        if self.objects is not None:
-            try:
+        try:
+            await self._writer.start()
+            self._last_commit = await self._writer.call(IndexWriter.last_commit)
+            self.counted_seq = self._last_commit[0] if self._last_commit else None
+            await self.keep_reserve()
+            self._db = await open_reader(self.index)
+            self.damaged = dict(await self._db.fetchall("SELECT queue_id, reason FROM damaged"))
+            if self.objects is not None:
                 await self._start_objects(self.objects, report.uncommitted)
-            except BaseException:  # the store unreachable, or not the index's: nothing may stay open
-                await self.close()
-                raise
+        except BaseException:  # no writer, or the store unreachable or not the index's: nothing may stay open
+            await self.close()
+            raise
 
     def _object_store_layout(self) -> blob_layout.BlobLayout:
         """Several nodes on one index with the mail on object storage: the node's number from the

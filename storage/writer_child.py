@@ -20,7 +20,6 @@ LENGTH = struct.Struct(">Q")
 IDLE_SECONDS = 0.05  # no request for this long after a commit: its ledger line is made durable
 _PR_SET_PDEATHSIG = 1
 INDEX_URL_VARIABLE = "MAILHUB_WRITER_INDEX_URL"  # a PostgreSQL index's URL, from the hub (never in argv)
-COMMAND = "import sys; from storage.writer_child import main; main(sys.argv[1:])"  # what `ps` shows
 
 
 def out_of_band(chunks: Iterable[bytes]) -> list[pickle.PickleBuffer]:
@@ -137,7 +136,7 @@ def main(argv: list[str]) -> None:
     data_dir, release_freed_after, parent, fd = argv
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != int(parent):
-        return  # the hub died before the line above
+        return  # the launcher (storage/writer_launcher.py) died before the line above
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(fd))

@@ -3,26 +3,27 @@
 # and each call that lets go of the GIL (a write, an fdatasync, every SQLite step) then waits to
 # get it back while the loop runs (up to the 5 ms switch interval); measured, a group commit of
 # five 10 KB mails took 4.3 ms on the writer thread against about 2 ms in a process of its own.
-# Requests go over a socket pair, one at a time in order (wire format: storage/writer_child.py).
-# Message bytes never go there (the hub writes them: storage/store.py); bytes a request may carry
-# (wrapped with `out_of_band`) would follow it raw, as pickle protocol 5 buffers. The child dies with the
-# hub (PR_SET_PDEATHSIG) and ends when the socket closes; it ignores SIGINT and SIGTERM so that a
-# signal to the whole process group leaves the hub's graceful shutdown its commits.
+# The writer is forked by this hub process's launcher (storage/writer_launcher.py), which has the
+# writer's code imported already. Requests go over a socket pair, one at a time in order (wire
+# format: storage/writer_child.py). Message bytes never go there (the hub writes them:
+# storage/store.py); bytes a request may carry (wrapped with `out_of_band`) would follow it raw, as
+# pickle protocol 5 buffers. The writer dies with the launcher, which dies with the hub, and ends
+# when the socket closes; both ignore SIGINT and SIGTERM so that a signal to the whole process group
+# leaves the hub's graceful shutdown its commits.
 import asyncio
 import collections
 import logging
 import os
 import pickle
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import WriterDied
 from .index_writer import IndexWriter
-from .writer_child import COMMAND, INDEX_URL_VARIABLE, LENGTH, encode_request, out_of_band
+from .writer_child import INDEX_URL_VARIABLE, LENGTH, encode_request, out_of_band
+from .writer_launcher import LAUNCHER, Launched
 
 __all__ = ["WriterProcess", "out_of_band"]
 log = logging.getLogger("mailhub.storage")
@@ -36,10 +37,8 @@ class WriterProcess:
     def __init__(self, data_dir: Path, release_freed_after: float, index_url: str = ""):
         self.pid: int | None = None  # the child's
         self._index_url = index_url  # "" (SQLite in data_dir) or PostgreSQL's, given in the environment
-        # -P: the hub's working folder is not put on the child's path (a `storage` folder there
-        # would be imported instead of the hub's own)
-        self._argv = [sys.executable, "-P", "-c", COMMAND, str(data_dir), repr(release_freed_after), str(os.getpid())]
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._args = [str(data_dir), repr(release_freed_after)]
+        self._launched: Launched | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._waiting: collections.deque[asyncio.Future[tuple[bool, Any]]] = collections.deque()
         self._reading: asyncio.Task[None] | None = None
@@ -51,19 +50,13 @@ class WriterProcess:
         ours, theirs = socket.socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        try:
-            self._proc = subprocess.Popen(
-                self._argv + [str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                env=_child_environment(self._index_url),
-            )
+        environment = _child_environment(self._index_url)
+        try:  # (the launch closes `theirs`)
+            self._launched = await asyncio.to_thread(LAUNCHER.launch, self._args, environment, theirs)
         except BaseException:
             ours.close()
             raise
-        finally:
-            theirs.close()
-        self.pid = self._proc.pid
+        self.pid = self._launched.pid
         reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
         self._reading = asyncio.create_task(self._read_replies(reader))
         await self.call(IndexWriter.ready)  # the child opened the index
@@ -89,8 +82,8 @@ class WriterProcess:
         return result
 
     async def _restart(self) -> None:
-        if self._proc is not None:
-            status = await asyncio.get_running_loop().run_in_executor(None, self._proc.wait)
+        if self._launched is not None:
+            status = await asyncio.wrap_future(self._launched.ended)
             log.error("index writer process ended (status %s); starting a new one", status)
             if self._stream is not None:
                 self._stream.close()
@@ -121,9 +114,9 @@ class WriterProcess:
         self._stream = None
         if self._reading is not None:
             await self._reading
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            await asyncio.wrap_future(launched.ended)
 
 
 def _child_environment(index_url: str = "") -> dict[str, str]:

@@ -198,17 +198,22 @@ def pytest_unconfigure(config):
 
 
 def writer_children(data_dir) -> list[int]:
-    """The pids of the index writer processes (storage/writer_child.py) of a hub's data folder."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"writer_child" in cmdline and str(data_dir).encode() in cmdline:
-            found.append(int(pid))
-    return found
+    """The pids of the live index writer processes of a hub's data folder (the launcher,
+    storage/writer_launcher.py, names them `mailhub-writer`, and each holds its data folder open)."""
+    folder = str(Path(data_dir).resolve())
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if folder in _writer_open_files(pid)]
+
+
+def _writer_open_files(pid: int) -> list[str]:
+    """What an index writer process has open; [] for another process, or one gone."""
+    try:
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "mailhub-writer":
+            return []
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return []
+        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return []
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message="", raise_on_timeout: bool = True):

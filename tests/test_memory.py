@@ -45,7 +45,7 @@ def test_peak_rss_stays_bounded_while_receiving_a_huge_mail(make_hub):
     pid = hub.proc.pid
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"mailhub.cli\0serve" in f.read()  # the hub itself, not a wrapper
-    rss_before = hub_peak_rss(pid)  # VmHWM plus the index writer's private memory
+    rss_before = hub_peak_rss(pid)  # VmHWM plus the index writer's and its launcher's Pss
 
     header = (
         b"From: alpha@hub.test\r\nTo: beta@hub.test\r\nSubject: whole study\r\n"

@@ -15,6 +15,7 @@ from storage.index_writer import BatchItem, IndexWriter
 from storage.records import Delivery
 from storage.store import MessageMeta, Storage
 from storage.writer_child import encode_request, out_of_band
+from storage.writer_launcher import LAUNCHER
 
 from conftest import ALPHA_BETA_B2, make_message, stored_message, until, wait_for
 from pop3util import send
@@ -46,9 +47,13 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    return [grandchild for child in children(pid) for grandchild in [child, *descendants(child)]]
+
+
 def is_writer(pid: int) -> bool:
     try:
-        return b"storage.writer_child" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid)
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "mailhub-writer" and alive(pid)
     except FileNotFoundError:
         return False
 
@@ -112,7 +117,7 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
                 storage.queue_op(outbound.delete, "no-such-message", None),
             )
             assert storage._writer.pid not in (None, first) and not alive(first)
-            assert [pid for pid in children(os.getpid()) if is_writer(pid)] == [storage._writer.pid]
+            assert [pid for pid in descendants(os.getpid()) if is_writer(pid)] == [storage._writer.pid]
             assert [row[0] for row in await storage._index.fetchall("SELECT queue_id FROM messages")] == [kept]
         finally:
             await storage.close()
@@ -123,20 +128,49 @@ def test_a_batch_whose_writer_dies_is_refused_and_the_next_one_gets_a_new_writer
 
 def test_the_writer_ends_with_the_hub_and_ignores_signals_meant_for_the_process_group(make_hub):
     hub = make_hub(sites=ALPHA_BETA_B2, process=True).start()
-    [writer] = children(hub.proc.pid)
+    [launcher] = children(hub.proc.pid)
+    [writer] = [pid for pid in descendants(hub.proc.pid) if is_writer(pid)]
     hub.kill()
-    wait_for(lambda: not alive(writer), message="the writer process gone with the killed hub")
+    wait_for(lambda: not alive(writer) and not alive(launcher), message="writer and launcher gone with the killed hub")
 
     hub.start()
-    [writer] = children(hub.proc.pid)
-    os.kill(writer, signal.SIGINT)  # Ctrl-C in a terminal, or a stop signal to the whole group:
-    os.kill(writer, signal.SIGTERM)  # the hub's graceful shutdown still needs its writer
+    [launcher] = children(hub.proc.pid)
+    [writer] = [pid for pid in descendants(hub.proc.pid) if is_writer(pid)]
+    for pid in (launcher, writer):
+        os.kill(pid, signal.SIGINT)  # Ctrl-C in a terminal, or a stop signal to the whole group:
+        os.kill(pid, signal.SIGTERM)  # the hub's graceful shutdown still needs its writer
     message = make_message(3000)
     qid = send(hub, ["beta@hub.test"], message)
-    assert alive(writer)
+    assert alive(writer) and alive(launcher)
     assert hub.stop() == 0
-    wait_for(lambda: not alive(writer), message="the writer process gone with the stopped hub")
+    wait_for(lambda: not alive(writer) and not alive(launcher), message="writer and launcher gone with the stopped hub")
     assert hub.stored(qid).endswith(message)
+
+
+def test_writers_are_forked_by_one_launcher_and_die_with_it(tmp_path, caplog):
+    """Each writer of this process is a child of its one launcher (no new interpreter per start);
+    a launcher that died takes its writer along, and the next request starts both again."""
+
+    async def play():
+        first, second = Storage(tmp_path / "one"), Storage(tmp_path / "two")
+        await first.open()
+        await second.open()
+        try:
+            launcher = LAUNCHER._current.proc.pid
+            assert sorted(children(launcher)) == sorted([first._writer.pid, second._writer.pid])
+            os.kill(launcher, signal.SIGKILL)
+            await until(lambda: not alive(first._writer.pid), message="the writer gone with its launcher")
+            qid = await store_small(first, b"Subject: after\r\n\r\nthe launcher died\r\n")
+            assert LAUNCHER._current.proc.pid != launcher
+            assert children(LAUNCHER._current.proc.pid) == [first._writer.pid]
+            return qid
+        finally:
+            await first.close()
+            await second.close()
+
+    qid = asyncio.run(play())
+    assert stored_message(tmp_path / "one", qid).endswith(b"the launcher died\r\n")
+    assert "index writer process ended (status None)" in caplog.text
 
 
 def test_a_batch_item_crosses_the_wire_whole():
@@ -250,3 +284,33 @@ def test_the_writer_refuses_a_group_commit_out_of_sequence(tmp_path):
         assert writer.last_commit() == (seq + 1, 7)
     finally:
         writer.close()
+
+
+def test_a_writer_the_launcher_cannot_fork_fails_its_start_alone(tmp_path, monkeypatch):
+    """fork() failing in the launcher (no memory, no processes left): that start fails with a
+    clear error, the launcher goes on, and the next start gets its writer."""
+    armed = tmp_path / "armed"
+    armed.touch()
+    LAUNCHER.stop()  # the next launcher is started with the fault in its environment
+    monkeypatch.setenv("MAILHUB_FAULT", "launcher:fork:eio")
+    monkeypatch.setenv("MAILHUB_FAULT_FILE", str(armed))
+
+    async def play():
+        storage = Storage(tmp_path / "data")
+        with pytest.raises(StorageError, match="cannot start an index writer process: .*injected at launcher:fork"):
+            await storage.open()
+        launcher = LAUNCHER._current.proc.pid
+        storage = Storage(tmp_path / "data")
+        await storage.open()
+        try:
+            assert children(launcher) == [storage._writer.pid]
+            return await store_small(storage, b"Subject: second\r\n\r\nstarted\r\n")
+        finally:
+            await storage.close()
+
+    try:
+        qid = asyncio.run(play())
+    finally:
+        LAUNCHER.stop()  # not one whose environment arms a fault for later tests
+    assert not armed.exists()
+    assert stored_message(tmp_path / "data", qid).endswith(b"started\r\n")
