@@ -13,6 +13,7 @@
 # whenever a writer ended.
 import atexit
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 import pickle
@@ -118,7 +119,8 @@ class Launcher:
         with self._lock:
             current, self._current = self._current, None
         if current is not None:
-            current.control.shutdown(socket.SHUT_RDWR)  # the launcher sees the end of its socket
+            with contextlib.suppress(OSError):  # (closed already: the launcher had ended)
+                current.control.shutdown(socket.SHUT_RDWR)  # the launcher sees the end of its socket
             current.gone.wait(_REPLY_SECONDS)
 
     @staticmethod
