@@ -32,3 +32,16 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def unmatchable_hash(parameters: str = f"{_N}${_R}${_P}") -> str:
+    """A stored form that no password matches, checked at scrypt's `parameters` ("N$r$p"): what a
+    login with an unknown name is checked against, to take as long as one with a known name."""
+    return f"scrypt${parameters}$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def parameters_of(stored: str) -> str | None:
+    """The "N$r$p" of a stored form; None for one of another scheme (or damaged)."""
+    scheme, _, rest = stored.partition("$")
+    parameters = rest.split("$")[:3]
+    return "$".join(parameters) if scheme == "scrypt" and len(parameters) == 3 else None

@@ -13,13 +13,14 @@ import hmac
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import sql
 from .index_watch import IndexWatcher
-from .passwords import verify_password
+from .passwords import parameters_of, unmatchable_hash, verify_password
 from .sites import Site, list_sites, sites_version
 
 _RECHECK_SECONDS = 0.5
@@ -46,6 +47,7 @@ class SiteCache:
         self._max_queued = max_queued_checks
         self._pending = 0  # checks submitted to the pool and not finished
         self._sites: tuple[dict[str, Site], dict[str, Site]] = ({}, {})  # by name, by address (lower case)
+        self._unknown_name_hash = unmatchable_hash()  # at the sites' cost (_load)
         self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._checking: dict[tuple[str, str, bytes], asyncio.Future[bool]] = {}  # checks in flight
         self._key = os.urandom(32)
@@ -68,6 +70,7 @@ class SiteCache:
         """The watcher's thread (and the first load): both maps swapped in at once."""
         sites = list_sites(conn)
         self._sites = ({s.name: s for s in sites}, {a.lower(): s for s in sites for a in s.addresses})
+        self._unknown_name_hash = _unknown_name_hash(sites)
 
     def by_name(self, name: str) -> Site | None:
         return self._sites[0].get(name)
@@ -84,7 +87,7 @@ class SiteCache:
         site = self.by_name(name)
         if site is None:
             # Same cost as a real check, so that timing does not reveal which names exist.
-            await self._check(password, _DUMMY_HASH)
+            await self._check(password, self._unknown_name_hash)
             return None
         tag = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
         cached = self._verified.get((site.name, site.password_hash))
@@ -118,4 +121,11 @@ def _lower_priority() -> None:
         pass
 
 
-_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+def _unknown_name_hash(sites: list[Site]) -> str:
+    """What a login with an unknown name is checked against: a hash no password matches, at the
+    scrypt cost most of the sites' hashes have (the hub's own when there are none), so that
+    refusing an unknown name takes as long as refusing a known one. A fixed cost would answer
+    faster or slower than the sites hashed at another one (an older hub's, or the tests' cheaper
+    cost), and tell which names exist."""
+    costs = Counter(filter(None, (parameters_of(site.password_hash) for site in sites)))
+    return unmatchable_hash(costs.most_common(1)[0][0]) if costs else unmatchable_hash()

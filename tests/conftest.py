@@ -871,7 +871,8 @@ def _settle_template_index(data_dir: Path) -> None:
 # the hash with the cost the hash names (storage/passwords.py), 2**14 (the hub's, 45 ms of CPU) cost
 # a tenth to a fifth of a hub test file's CPU, as each new hub checks each site's password once;
 # 2**10 takes 3 ms. `mailhub site add`, `site passwd` and the tests about them keep the hub's own
-# cost, and so does the check a login with an unknown name gets (storage/site_cache.py).
+# cost. A login with an unknown name is checked at the cost most sites' hashes have
+# (storage/site_cache.py), so with these sites at 2**10 too.
 TEMPLATE_SCRYPT_N = 2**10
 
 

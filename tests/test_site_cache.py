@@ -8,7 +8,7 @@ import threading
 from unittest import mock
 
 from storage import site_cache
-from storage.passwords import verify_password
+from storage.passwords import hash_password, parameters_of, verify_password
 from storage.sites import add_site, set_password
 
 from conftest import until, wait_for
@@ -42,6 +42,40 @@ def test_concurrent_logins_share_one_check_and_wrong_passwords_fail(index, index
     assert [r is not None for r in results] == [True] * 10 + [False] * 3
     assert again is not None and again.name == "alpha"
     assert sorted(checks) == ["right-password", "wrong-password"]
+
+
+def test_an_unknown_name_is_checked_at_the_cost_of_the_sites_hashes(index, index_connect, tmp_path):
+    """Refusing an unknown name takes as long as refusing a known one: its check runs at the scrypt
+    cost most sites' hashes have (the hub's own with no sites), whatever cost that is."""
+    checked = []
+
+    def recorded(password, stored):
+        checked.append(parameters_of(stored))
+        return verify_password(password, stored)
+
+    async def unknown_name_check(cache) -> str:
+        checked.clear()
+        with mock.patch.object(site_cache, "verify_password", recorded):
+            assert await cache.authenticate("nobody", "any-password") is None
+        (parameters,) = checked
+        return parameters
+
+    cache = site_cache.SiteCache(tmp_path, connect=index_connect)
+    try:
+        assert asyncio.run(unknown_name_check(cache)) == "16384$8$1"  # no sites: the hub's cost
+    finally:
+        cache.close()
+    for name, n in (("alpha", 2**10), ("beta", 2**10), ("gamma", 2**14)):
+        add_site(index, name, [f"{name}@hub.test"], "right-password", ["hub.test"])
+        index.execute("UPDATE sites SET password_hash = ? WHERE name = ?", (hash_password("right-password", n), name))
+    add_site(index, "delta", ["delta@hub.test"], "right-password", ["hub.test"])
+    index.execute("UPDATE sites SET password_hash = 'damaged' WHERE name = 'delta'")
+    index.commit()
+    cache = site_cache.SiteCache(tmp_path, connect=index_connect)
+    try:
+        assert asyncio.run(unknown_name_check(cache)) == "1024$8$1"  # the cost of two of three hashes
+    finally:
+        cache.close()
 
 
 def test_a_changed_password_is_checked_anew(index, index_connect, tmp_path):
