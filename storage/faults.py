@@ -1,7 +1,6 @@
 # Test-only fault injection at named points of the commit path. Inert unless the environment sets
-# MAILHUB_FAULT="<process>:<point>:<action>[,...]" (process: hub, writer or
-# launcher; action: kill = SIGKILL
-# of the process itself, enospc / eio = raise that OSError). With MAILHUB_FAULT_FILE=<path> a fault
+# MAILHUB_FAULT="<process>:<point>:<action>[,...]" (process: hub, writer or launcher; action:
+# kill = SIGKILL of the process itself, enospc / eio = raise that OSError). With MAILHUB_FAULT_FILE=<path> a fault
 # fires only while that file exists, and firing removes it: a test arms it once, and the restarted
 # process (which reads the same environment) runs clean. Unset, `hit()` is one global lookup and
 # a falsy test: nothing on the mail path pays for it. Must never be set in production.

@@ -8,10 +8,11 @@
 # process group must leave the hub's graceful shutdown its writers) and ends when the hub closes
 # its control socket or dies (kill -9 included); a writer dies with the launcher (its death signal).
 # Control messages are datagrams of a SOCK_SEQPACKET pair: hub -> launcher, a pickle of (writer
-# arguments, environment) with the writer's socket attached (SCM_RIGHTS); launcher -> hub,
+# arguments, environment changes) with the writer's socket attached (SCM_RIGHTS); launcher -> hub,
 # ("started", pid) or ("failed", 0, reason) per request in order, and ("ended", pid, exit status)
 # whenever a writer ended.
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -37,7 +38,7 @@ _COMMAND = "import sys; from storage.writer_launcher import main; main(sys.argv[
 
 class Launched:
     """A writer the launcher forked: its pid; `ended` gets its exit status (negative: the signal
-    that ended it; None: the launcher ended first, taking it along)."""
+    that ended it; None: the launcher ended first, having sent it its death signal)."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -45,13 +46,16 @@ class Launched:
 
 
 class _Running:
-    """One launcher process, as its hub sees it; its reader thread is the only one that changes
-    `running` and sets `gone`."""
+    """One launcher process, as its hub sees it: started with the environment `env`. Its reader
+    thread is the only one that changes `running` and sets `gone`; the Launcher closes `control`,
+    under its lock."""
 
-    def __init__(self, control: socket.socket, proc: subprocess.Popen[bytes]):
+    def __init__(self, control: socket.socket, proc: subprocess.Popen[bytes], env: dict[str, str]):
         self.control = control
         self.proc = proc
-        self.reply: concurrent.futures.Future[Launched] | None = None  # the one request under way
+        self.env = env
+        # one per request sent, oldest first (one that timed out stays until its late reply)
+        self.replies: collections.deque[concurrent.futures.Future[Launched]] = collections.deque()
         self.running: dict[int, Launched] = {}
         self.gone = threading.Event()
         threading.Thread(target=self._read, name="writer launcher", daemon=True).start()
@@ -62,23 +66,25 @@ class _Running:
                 kind, pid, *status = pickle.loads(message)
                 if kind == "started":
                     launched = self.running[pid] = Launched(pid)
-                    assert self.reply is not None
-                    self.reply.set_result(launched)
+                    self.replies.popleft().set_result(launched)
                 elif kind == "failed":
-                    assert self.reply is not None
-                    self.reply.set_exception(WriterDied(f"cannot start an index writer process: {status[0]}"))
+                    failure = WriterDied(f"cannot start an index writer process: {status[0]}")
+                    self.replies.popleft().set_exception(failure)
                 else:
                     self.running.pop(pid, Launched(pid)).ended.set_result(status[0])
         except OSError:
             pass
-        self.proc.wait()  # not left a zombie
-        if self.reply is not None and not self.reply.done():
-            self.reply.set_exception(WriterDied(f"index writer launcher ended (status {self.proc.returncode})"))
-        for launched in self.running.values():
-            launched.ended.set_result(None)
-        self.running.clear()
-        self.control.close()
-        self.gone.set()
+        finally:  # whatever ended the loop: the launcher ended and reaped, every waiter answered
+            with contextlib.suppress(OSError):
+                self.control.shutdown(socket.SHUT_RDWR)  # (a send to it fails from now on)
+            self.proc.wait()
+            failure = WriterDied(f"index writer launcher ended (status {self.proc.returncode})")
+            while self.replies:
+                self.replies.popleft().set_exception(failure)
+            for launched in self.running.values():
+                launched.ended.set_result(None)
+            self.running.clear()
+            self.gone.set()
 
 
 class Launcher:
@@ -86,6 +92,10 @@ class Launcher:
     launcher process is started at the first `launch`, and again at the next one after it ended."""
 
     def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """No launcher (in a child forked from this process: its parent's is not its own)."""
         self._lock = threading.Lock()  # one request at a time: replies come in order
         self._current: _Running | None = None
 
@@ -94,34 +104,57 @@ class Launcher:
         its environment and `sock` as its end of the hub's socket (closed here once sent). Blocks
         for a few ms (the first call: until the launcher runs): call it off the event loop."""
         with self._lock, sock:
-            for attempt in (1, 2):  # a launcher that ended since the last launch: a new one
-                if self._current is None or self._current.gone.is_set():
-                    self._current = self._start(env)
-                current = self._current
-                reply: concurrent.futures.Future[Launched] = concurrent.futures.Future()
-                current.reply = reply
+            try:
                 try:
-                    socket.send_fds(current.control, [pickle.dumps((args, env))], [sock.fileno()])
-                except OSError as exc:
-                    if attempt == 2:
-                        raise WriterDied(f"index writer launcher gone: {exc}") from exc
-                    current.gone.wait(_REPLY_SECONDS)
-                    continue
-                try:
-                    return reply.result(_REPLY_SECONDS)
-                except concurrent.futures.TimeoutError:
-                    raise WriterDied(f"index writer launcher did not answer within {_REPLY_SECONDS:.0f} s") from None
-            raise AssertionError("unreachable")
+                    reply = self._send(args, env, sock)
+                except (BrokenPipeError, ConnectionResetError):  # it ended since the last launch
+                    assert self._current is not None
+                    self._current.gone.wait(_REPLY_SECONDS)
+                    reply = self._send(args, env, sock)  # to a new one
+            except OSError as exc:
+                raise WriterDied(f"cannot send the index writer launcher a request: {exc}") from exc
+            try:
+                return reply.result(_REPLY_SECONDS)
+            except concurrent.futures.TimeoutError:
+                raise WriterDied(f"index writer launcher did not answer within {_REPLY_SECONDS:.0f} s") from None
+
+    def _send(self, args: list[str], env: dict[str, str], sock: socket.socket) -> concurrent.futures.Future[Launched]:
+        """Send the request to the running launcher (started first if none runs); its reply."""
+        current = self._current
+        if current is None or current.gone.is_set():
+            if current is not None:
+                current.control.close()
+            try:
+                current = self._current = self._start(env)
+            except OSError as exc:
+                raise WriterDied(f"cannot start the index writer launcher: {exc}") from exc
+        # the environment as changes to the launcher's (the writer starts from a copy of it): a
+        # request is one datagram, and an environment of a few hundred kB would not fit in one
+        changed = {name: value for name, value in env.items() if current.env.get(name) != value}
+        removed = [name for name in current.env if name not in env]
+        reply: concurrent.futures.Future[Launched] = concurrent.futures.Future()
+        current.replies.append(reply)
+        try:
+            socket.send_fds(current.control, [pickle.dumps((args, changed, removed))], [sock.fileno()])
+        except OSError:
+            with contextlib.suppress(ValueError):  # (answered already by the reader's end)
+                current.replies.remove(reply)
+            raise
+        return reply
 
     def stop(self) -> None:
         """End the launcher (and any writer still running) and reap it: before the hub replaces
-        its program (mailhub/handover.py), which would otherwise inherit it as a zombie."""
+        its program (mailhub/cli.py), which would otherwise inherit it as a zombie, and at exit."""
         with self._lock:
             current, self._current = self._current, None
-        if current is not None:
-            with contextlib.suppress(OSError):  # (closed already: the launcher had ended)
+            if current is None:
+                return
+            with contextlib.suppress(OSError):
                 current.control.shutdown(socket.SHUT_RDWR)  # the launcher sees the end of its socket
-            current.gone.wait(_REPLY_SECONDS)
+            if not current.gone.wait(_REPLY_SECONDS):
+                current.proc.kill()  # it did not end: hung
+                current.gone.wait(_REPLY_SECONDS)
+            current.control.close()
 
     @staticmethod
     def _start(env: dict[str, str]) -> _Running:
@@ -139,10 +172,11 @@ class Launcher:
             except BaseException:
                 ours.close()
                 raise
-        return _Running(ours, proc)
+        return _Running(ours, proc, launcher_env)
 
 
 LAUNCHER = Launcher()  # this process's
+os.register_at_fork(after_in_child=LAUNCHER.forget)
 atexit.register(LAUNCHER.stop)  # reaped by the process that started it, not left to init
 
 
@@ -166,8 +200,8 @@ def main(argv: list[str]) -> None:
             message, fds, _, _ = socket.recv_fds(control, _MAX_MESSAGE, 1)
             if not message:
                 return  # the hub closed it, or died: the writers die with this process
-            args, env = pickle.loads(message)
-            if writer_child.INDEX_URL_VARIABLE in env:
+            args, changed, removed = pickle.loads(message)
+            if writer_child.INDEX_URL_VARIABLE in changed:
                 _preload_postgres()
             launcher_pid = os.getpid()
             try:
@@ -177,7 +211,7 @@ def main(argv: list[str]) -> None:
                 control.send(pickle.dumps(("failed", 0, str(exc))))
             else:
                 if pid == 0:
-                    _be_the_writer(args, env, launcher_pid, fds[0], [control.fileno(), wake_r, wake_w])
+                    _be_the_writer(args, changed, removed, launcher_pid, fds[0], [control.fileno(), wake_r, wake_w])
                 control.send(pickle.dumps(("started", pid)))
             os.close(fds[0])
 
@@ -209,8 +243,11 @@ def _preload_postgres() -> None:
         pass  # the writer reports it
 
 
-def _be_the_writer(args: list[str], env: dict[str, str], launcher_pid: int, fd: int, launchers: list[int]) -> None:
-    """In the forked child: the writer process, until its socket closes. Never returns."""
+def _be_the_writer(
+    args: list[str], changed: dict[str, str], removed: list[str], launcher_pid: int, fd: int, launchers: list[int]
+) -> None:
+    """In the forked child: the writer process, with the hub's environment (the launcher's, as
+    changed by the hub's request), until its socket closes. Never returns."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -218,8 +255,9 @@ def _be_the_writer(args: list[str], env: dict[str, str], launcher_pid: int, fd: 
         for launcher_fd in launchers:
             os.close(launcher_fd)
         ctypes.CDLL(None).prctl(_PR_SET_NAME, WRITER_NAME)
-        os.environ.clear()
-        os.environ.update(env)
+        for name in removed:
+            os.environ.pop(name, None)
+        os.environ.update(changed)
         faults.load()  # the hub's fault settings (tests), not the launcher's
         os.open(args[0], os.O_RDONLY | os.O_DIRECTORY)  # kept open: /proc/PID/fd names the data folder
         writer_child.main([*args, str(launcher_pid), str(fd)])

@@ -12,6 +12,7 @@
 # leaves the hub's graceful shutdown its commits.
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import pickle
@@ -51,10 +52,13 @@ class WriterProcess:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         environment = _child_environment(self._index_url)
+        launching = asyncio.ensure_future(asyncio.to_thread(LAUNCHER.launch, self._args, environment, theirs))
         try:  # (the launch closes `theirs`)
-            self._launched = await asyncio.to_thread(LAUNCHER.launch, self._args, environment, theirs)
-        except BaseException:
-            ours.close()
+            self._launched = await asyncio.shield(launching)
+        except BaseException:  # cancelled, say: a writer launched all the same ends (its socket
+            ours.close()  # closes), and is waited for, as close() does, before another may start
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future((await launching).ended)
             raise
         self.pid = self._launched.pid
         reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from storage import StorageError, outbound
+from storage import StorageError, outbound, writer_launcher
 from storage.index_writer import BatchItem, IndexWriter
 from storage.records import Delivery
 from storage.store import MessageMeta, Storage
 from storage.writer_child import encode_request, out_of_band
 from storage.writer_launcher import LAUNCHER
 
-from conftest import ALPHA_BETA_B2, make_message, stored_message, until, wait_for
+from conftest import ALPHA_BETA_B2, make_message, stored_message, until, wait_for, writer_children
 from pop3util import send
 
 
@@ -314,3 +314,78 @@ def test_a_writer_the_launcher_cannot_fork_fails_its_start_alone(tmp_path, monke
         LAUNCHER.stop()  # not one whose environment arms a fault for later tests
     assert not armed.exists()
     assert stored_message(tmp_path / "data", qid).endswith(b"started\r\n")
+
+
+def test_a_late_reply_goes_to_the_start_that_timed_out_not_to_the_next(tmp_path, monkeypatch):
+    """A launcher slower than the reply bound: that start fails; the next one gets its own
+    writer (not the one forked for the start that gave up, which ends with its closed socket)."""
+
+    async def play():
+        warm = Storage(tmp_path / "warm")  # a launcher running
+        await warm.open()
+        await warm.close()
+        launcher = LAUNCHER._current.proc
+        monkeypatch.setattr(writer_launcher, "_REPLY_SECONDS", 0.5)
+        os.kill(launcher.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StorageError, match="did not answer"):
+                await Storage(tmp_path / "gave-up").open()
+            monkeypatch.setattr(writer_launcher, "_REPLY_SECONDS", 60.0)
+            storage = Storage(tmp_path / "late")
+            opening = asyncio.create_task(storage.open())
+            await until(lambda: len(LAUNCHER._current.replies) == 2, message="the second request sent")
+        finally:
+            os.kill(launcher.pid, signal.SIGCONT)
+        await opening
+        try:
+            await until(lambda: writer_children(tmp_path / "late") == [storage._writer.pid], message="its one writer")
+            return await store_small(storage, b"Subject: late\r\n\r\nits own writer\r\n")
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(play())
+    assert stored_message(tmp_path / "late", qid).endswith(b"its own writer\r\n")
+
+
+def test_a_large_environment_reaches_the_writer(tmp_path, monkeypatch):
+    """The hub's environment goes to each writer as changes to the launcher's: one of 300 kB
+    (more than one control message holds) starts its writer as one of a few bytes does."""
+    LAUNCHER.stop()
+    for number in range(3):  # (one variable may hold at most 128 kB)
+        monkeypatch.setenv(f"MAILHUB_TEST_LARGE_{number}", "x" * 100_000)
+
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            environ = Path(f"/proc/{LAUNCHER._current.proc.pid}/environ").read_bytes()
+            assert environ.count(b"=" + b"x" * 100_000 + b"\0") == 3
+            return await store_small(storage, b"Subject: large\r\n\r\nenvironment\r\n")
+        finally:
+            await storage.close()
+
+    try:
+        qid = asyncio.run(play())
+    finally:
+        LAUNCHER.stop()
+    assert stored_message(tmp_path, qid).endswith(b"environment\r\n")
+
+
+def test_a_child_forked_from_the_hub_leaves_the_hubs_launcher_alone(tmp_path):
+    async def play():
+        storage = Storage(tmp_path)
+        await storage.open()
+        try:
+            launcher = LAUNCHER._current.proc.pid
+            child = os.fork()
+            if child == 0:
+                LAUNCHER.stop()  # what its exit would do (atexit)
+                os._exit(0)
+            assert os.waitpid(child, 0)[1] == 0
+            assert alive(launcher) and alive(storage._writer.pid)
+            return await store_small(storage, b"Subject: fork\r\n\r\nstill served\r\n")
+        finally:
+            await storage.close()
+
+    qid = asyncio.run(play())
+    assert stored_message(tmp_path, qid).endswith(b"still served\r\n")
