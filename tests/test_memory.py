@@ -33,7 +33,7 @@ def _status_kb(pid: int, field: str) -> int:
 def _base64_chunk() -> bytes:
     """1 MiB of 76-character base64 lines (whole lines, so the chunk can be repeated)."""
     lines_per_chunk = MB // 78
-    text = base64.b64encode(os.urandom(57 * lines_per_chunk))
+    text = base64.b64encode(b"\0" * 3 + os.urandom(57 * lines_per_chunk - 3))  # never an archive's magic
     chunk = b"".join(text[i : i + 76] + b"\r\n" for i in range(0, len(text), 76))
     return chunk + b"A" * (MB - len(chunk) - 2) + b"\r\n"
 
