@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
     data_dir, release_freed_after, parent, fd = argv
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != int(parent):
-        return  # the launcher (storage/writer_launcher.py) died before the line above
+        return  # the launcher (storage/launcher_child.py) died before the line above
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(fd))

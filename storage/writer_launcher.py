@@ -1,39 +1,32 @@
-# Starts index writer processes (storage/writer_child.py) by forking them from a launcher: one
-# process per hub process, started at its first writer, that has imported the writer's code once.
-# A new writer then costs a fork (a few ms) instead of a new interpreter importing `storage`
-# (~0.1 s of CPU, and ~0.4 s more for PostgreSQL's driver), at every hub start and writer restart.
-# The launcher is single-threaded (a fork from it is safe, unlike one from the hub's threads); its
-# writers are its children, named `mailhub-writer` (`ps -e`; each holds its data folder open, so
-# `ls -l /proc/PID/fd` names it). Lifetimes: the launcher ignores SIGINT and SIGTERM (a signal to the
-# process group must leave the hub's graceful shutdown its writers) and ends when the hub closes
-# its control socket or dies (kill -9 included); a writer dies with the launcher (its death signal).
-# Control messages are datagrams of a SOCK_SEQPACKET pair: hub -> launcher, a pickle of (writer
-# arguments, environment changes) with the writer's socket attached (SCM_RIGHTS); launcher -> hub,
-# ("started", pid) or ("failed", 0, reason) per request in order, and ("ended", pid, exit status)
-# whenever a writer ended.
+# The hub's side of the index writers' launcher (the launcher process: storage/launcher_child.py).
+# Index writer processes (storage/writer_child.py) are forked by a launcher: one process per hub
+# process, started at its first writer, that has imported the writer's code once. A new writer
+# then costs a fork (a few ms) instead of a new interpreter importing `storage` (~0.1 s of CPU, and
+# ~0.4 s more for PostgreSQL's driver), at every hub start and writer restart. The launcher is
+# single-threaded (a fork from it is safe, unlike one from the hub's threads). Lifetimes: the
+# launcher ignores SIGINT and SIGTERM (a signal to the process group must leave the hub's graceful
+# shutdown its writers) and ends when the hub closes its control socket or dies (kill -9
+# included); a writer dies with the launcher (its death signal). Control messages are datagrams of
+# a SOCK_SEQPACKET pair: hub -> launcher, a pickle of (writer arguments, environment changes) with
+# the writer's socket attached (SCM_RIGHTS); launcher -> hub, ("started", pid) or ("failed", 0,
+# reason) per request in order, and ("ended", pid, exit status) whenever a writer ended.
 import atexit
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import os
 import pickle
-import select
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import traceback
 
-from . import faults, writer_child
+from . import writer_child
 from .errors import WriterDied
+from .launcher_child import MAX_MESSAGE
 
-_PR_SET_NAME = 15
-_MAX_MESSAGE = 1 << 20  # an environment of a few kB; far more is refused by the kernel's buffer
 _REPLY_SECONDS = 60.0  # a fork takes ms; the first launch waits for the launcher's imports too
-WRITER_NAME = b"mailhub-writer"
-_COMMAND = "import sys; from storage.writer_launcher import main; main(sys.argv[1:])"  # what `ps` shows
+_COMMAND = "import sys; from storage.launcher_child import main; main(sys.argv[1:])"  # what `ps` shows
 
 
 class Launched:
@@ -62,7 +55,7 @@ class _Running:
 
     def _read(self) -> None:
         try:
-            while message := self.control.recv(_MAX_MESSAGE):
+            while message := self.control.recv(MAX_MESSAGE):
                 kind, pid, *status = pickle.loads(message)
                 if kind == "started":
                     launched = self.running[pid] = Launched(pid)
@@ -178,93 +171,3 @@ class Launcher:
 LAUNCHER = Launcher()  # this process's
 os.register_at_fork(after_in_child=LAUNCHER.forget)
 atexit.register(LAUNCHER.stop)  # reaped by the process that started it, not left to init
-
-
-def main(argv: list[str]) -> None:
-    """The launcher process: fork a writer per request until the hub's end of the socket closes."""
-    control = socket.socket(fileno=int(argv[0]))
-    ctypes.CDLL(None).prctl(_PR_SET_NAME, b"mailhub-launch")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # its wake-up byte is what counts
-    while True:
-        readable = select.select([control.fileno(), wake_r], [], [])[0]
-        if wake_r in readable:
-            _drain(wake_r)
-            _report_ended(control)
-        if control.fileno() in readable:
-            message, fds, _, _ = socket.recv_fds(control, _MAX_MESSAGE, 1)
-            if not message:
-                return  # the hub closed it, or died: the writers die with this process
-            args, changed, removed = pickle.loads(message)
-            if writer_child.INDEX_URL_VARIABLE in changed:
-                _preload_postgres()
-            launcher_pid = os.getpid()
-            try:
-                faults.hit("launcher", "fork")
-                pid = os.fork()
-            except OSError as exc:  # out of memory or of processes: this request fails, not the launcher
-                control.send(pickle.dumps(("failed", 0, str(exc))))
-            else:
-                if pid == 0:
-                    _be_the_writer(args, changed, removed, launcher_pid, fds[0], [control.fileno(), wake_r, wake_w])
-                control.send(pickle.dumps(("started", pid)))
-            os.close(fds[0])
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def _report_ended(control: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        control.send(pickle.dumps(("ended", pid, os.waitstatus_to_exitcode(status))))
-
-
-def _preload_postgres() -> None:
-    """Import the PostgreSQL driver here, once, rather than in each writer."""
-    try:
-        from .postgres import connection  # noqa: F401
-    except ImportError:
-        pass  # the writer reports it
-
-
-def _be_the_writer(
-    args: list[str], changed: dict[str, str], removed: list[str], launcher_pid: int, fd: int, launchers: list[int]
-) -> None:
-    """In the forked child: the writer process, with the hub's environment (the launcher's, as
-    changed by the hub's request), until its socket closes. Never returns."""
-    code = 1
-    try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for launcher_fd in launchers:
-            os.close(launcher_fd)
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, WRITER_NAME)
-        for name in removed:
-            os.environ.pop(name, None)
-        os.environ.update(changed)
-        faults.load()  # the hub's fault settings (tests), not the launcher's
-        os.open(args[0], os.O_RDONLY | os.O_DIRECTORY)  # kept open: /proc/PID/fd names the data folder
-        writer_child.main([*args, str(launcher_pid), str(fd)])
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)

@@ -199,7 +199,7 @@ def pytest_unconfigure(config):
 
 def writer_children(data_dir) -> list[int]:
     """The pids of the live index writer processes of a hub's data folder (the launcher,
-    storage/writer_launcher.py, names them `mailhub-writer`, and each holds its data folder open)."""
+    storage/launcher_child.py, names them `mailhub-writer`, and each holds its data folder open)."""
     folder = str(Path(data_dir).resolve())
     return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if folder in _writer_open_files(pid)]
 
