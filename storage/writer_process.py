@@ -36,7 +36,6 @@ class WriterProcess:
     A writer that died is started again by the next call (what it was doing fails with StorageError)."""
 
     def __init__(self, data_dir: Path, release_freed_after: float, index_url: str = ""):
-        self.pid: int | None = None  # the child's
         self._index_url = index_url  # "" (SQLite in data_dir) or PostgreSQL's, given in the environment
         self._args = [str(data_dir), repr(release_freed_after)]
         self._launched: Launched | None = None
@@ -46,6 +45,11 @@ class WriterProcess:
         self._restarting: asyncio.Future[None] | None = None  # one restart, however many callers notice
         self.node = ""  # this hub node's name, given to each writer it starts (cluster events name it)
         self.commit_stream: int | None = None  # its group commits' stream (several nodes on one index)
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's (the last one started)."""
+        return self._launched.pid if self._launched is not None else None
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -60,7 +64,6 @@ class WriterProcess:
             with contextlib.suppress(Exception):
                 await asyncio.wrap_future((await launching).ended)
             raise
-        self.pid = self._launched.pid
         reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
         self._reading = asyncio.create_task(self._read_replies(reader))
         await self.call(IndexWriter.ready)  # the child opened the index

@@ -2,6 +2,7 @@
 # caller only; a writer that died is replaced, and the batch it had is refused (never acknowledged);
 # the writer ends with the hub, on SIGTERM to the whole process group as on SIGKILL of the hub.
 import asyncio
+import contextlib
 import hashlib
 import os
 import pickle
@@ -26,6 +27,16 @@ async def store_small(storage: Storage, data: bytes) -> str:
     spool.write(data)
     await storage.commit(spool, MessageMeta("alpha@hub.test", None, False), [], remote=["x@remote.test"])
     return spool.queue_id
+
+
+@contextlib.asynccontextmanager
+async def opened(folder: Path):
+    storage = Storage(folder)
+    await storage.open()
+    try:
+        yield storage
+    finally:
+        await storage.close()
 
 
 def only_here(conn) -> None:
@@ -173,6 +184,35 @@ def test_writers_are_forked_by_one_launcher_and_die_with_it(tmp_path, caplog):
     assert "index writer process ended (status None)" in caplog.text
 
 
+def test_mails_in_flight_when_the_launcher_is_killed_are_acknowledged_only_if_kept(tmp_path, caplog):
+    """kill -9 of the launcher (its writer dies with it) while 20 mails wait for their commit, after
+    20 were committed: each mail acknowledged is stored whole, none twice; the others got an error
+    (their senders send them again)."""
+    bodies = {n: b"Subject: %d\r\n\r\nmail %d\r\n" % (n, n) for n in range(40)}
+
+    async def play():
+        async with opened(tmp_path) as storage:
+            launcher = LAUNCHER._current.proc.pid
+            results = await asyncio.gather(*(store_small(storage, bodies[n]) for n in range(20)))
+            os.kill(storage._writer.pid, signal.SIGSTOP)  # the next ones wait in its socket: in flight
+            sending = [asyncio.create_task(store_small(storage, bodies[n])) for n in range(20, 40)]
+            await until(lambda: storage._writer._waiting, message="a commit request in the stopped writer's socket")
+            os.kill(launcher, signal.SIGKILL)  # the writer dies with it (a stopped one too)
+            results += await asyncio.gather(*sending, return_exceptions=True)
+            rows = await storage._index.fetchall("SELECT queue_id FROM messages")
+            return results, [row[0] for row in rows]
+
+    results, stored = asyncio.run(play())
+    acknowledged = {n: qid for n, qid in zip(bodies, results) if isinstance(qid, str)}
+    refused = [result for result in results if not isinstance(result, str)]
+    lost = [n for n, qid in acknowledged.items() if qid not in stored or stored_message(tmp_path, qid) != bodies[n]]
+    duplicated = len(stored) - len(set(stored))
+    print(f"\nacknowledged {len(acknowledged)}, refused {len(refused)}, lost {len(lost)}, duplicated {duplicated}")
+    assert "index writer process ended (status None)" in caplog.text  # the fault struck
+    assert all(isinstance(result, StorageError) for result in refused), refused
+    assert len(acknowledged) >= 20 and lost == [] and duplicated == 0
+
+
 def test_a_batch_item_crosses_the_wire_whole():
     """What the hub sends the writer per message (pickled by its fields, data out of band)
     arrives with every field and the data bytes as sent."""
@@ -300,13 +340,9 @@ def test_a_writer_the_launcher_cannot_fork_fails_its_start_alone(tmp_path, monke
         with pytest.raises(StorageError, match="cannot start an index writer process: .*injected at launcher:fork"):
             await storage.open()
         launcher = LAUNCHER._current.proc.pid
-        storage = Storage(tmp_path / "data")
-        await storage.open()
-        try:
+        async with opened(tmp_path / "data") as storage:
             assert children(launcher) == [storage._writer.pid]
             return await store_small(storage, b"Subject: second\r\n\r\nstarted\r\n")
-        finally:
-            await storage.close()
 
     try:
         qid = asyncio.run(play())
@@ -321,9 +357,8 @@ def test_a_late_reply_goes_to_the_start_that_timed_out_not_to_the_next(tmp_path,
     writer (not the one forked for the start that gave up, which ends with its closed socket)."""
 
     async def play():
-        warm = Storage(tmp_path / "warm")  # a launcher running
-        await warm.open()
-        await warm.close()
+        async with opened(tmp_path / "warm"):  # a launcher running
+            pass
         launcher = LAUNCHER._current.proc
         monkeypatch.setattr(writer_launcher, "_REPLY_SECONDS", 0.5)
         os.kill(launcher.pid, signal.SIGSTOP)
@@ -355,14 +390,10 @@ def test_a_large_environment_reaches_the_writer(tmp_path, monkeypatch):
         monkeypatch.setenv(f"MAILHUB_TEST_LARGE_{number}", "x" * 100_000)
 
     async def play():
-        storage = Storage(tmp_path)
-        await storage.open()
-        try:
+        async with opened(tmp_path) as storage:
             environ = Path(f"/proc/{LAUNCHER._current.proc.pid}/environ").read_bytes()
             assert environ.count(b"=" + b"x" * 100_000 + b"\0") == 3
             return await store_small(storage, b"Subject: large\r\n\r\nenvironment\r\n")
-        finally:
-            await storage.close()
 
     try:
         qid = asyncio.run(play())
@@ -373,9 +404,7 @@ def test_a_large_environment_reaches_the_writer(tmp_path, monkeypatch):
 
 def test_a_child_forked_from_the_hub_leaves_the_hubs_launcher_alone(tmp_path):
     async def play():
-        storage = Storage(tmp_path)
-        await storage.open()
-        try:
+        async with opened(tmp_path) as storage:
             launcher = LAUNCHER._current.proc.pid
             child = os.fork()
             if child == 0:
@@ -384,8 +413,6 @@ def test_a_child_forked_from_the_hub_leaves_the_hubs_launcher_alone(tmp_path):
             assert os.waitpid(child, 0)[1] == 0
             assert alive(launcher) and alive(storage._writer.pid)
             return await store_small(storage, b"Subject: fork\r\n\r\nstill served\r\n")
-        finally:
-            await storage.close()
 
     qid = asyncio.run(play())
     assert stored_message(tmp_path, qid).endswith(b"still served\r\n")
