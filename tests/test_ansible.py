@@ -27,7 +27,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ansible_role import ANSIBLE, BIN, DASHBOARD, REPO, VAULT_PASSWORD, ansible_env, dashboard_metric_names
+from test_ansible_role import (
+    ANSIBLE,
+    BIN,
+    DASHBOARD,
+    MODULE_PYTHON,
+    REPO,
+    VAULT_PASSWORD,
+    ansible_env,
+    dashboard_metric_names,
+)
 
 from loadtest.ports import free_port
 from mailhub.config import SCHEMA
@@ -119,7 +128,11 @@ class Deployment:
         self.ports = {name: free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.ports2 = {name: free_port() for name in ("smtp", "pop3", "pop3s", "imap", "metrics")}
         self.inventory = work / "inventory.yml"
-        local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
+        local = {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": str(MODULE_PYTHON),
+            "ansible_become": False,
+        }
         # what differs between the nodes is in the inventory (test_prefix, test_ports)
         host = local | self._node_vars(self.prefix, self.ports)
         node2 = (

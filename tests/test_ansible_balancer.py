@@ -10,13 +10,12 @@ import pwd
 import shutil
 import smtplib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from clusterutil import haproxy_states
-from test_ansible_role import ANSIBLE, BIN, ansible_env
+from test_ansible_role import ANSIBLE, BIN, MODULE_PYTHON, ansible_env
 
 from loadtest.ports import free_port
 
@@ -44,7 +43,7 @@ def apply_role(hub, work: Path) -> tuple[Path, dict[str, int]]:
     }
     second = {"ansible_host": "127.0.0.8"}  # a node that is down: nothing listens there
     standby = {"ansible_host": "127.0.0.9", "mailhub_service_state": "stopped"}
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    local = {"ansible_connection": "local", "ansible_python_interpreter": str(MODULE_PYTHON)}
     inventory = work / "inventory.yml"
     inventory.write_text(
         yaml.safe_dump(

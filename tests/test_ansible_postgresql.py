@@ -7,19 +7,18 @@
 import getpass
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
 import yaml
-from test_ansible_role import ANSIBLE, BIN, ansible_env
+from test_ansible_role import ANSIBLE, BIN, MODULE_PYTHON, ansible_env
 
 from pgutil import PASSWORD_ROLE
 
 
 def _play(work: Path, extra: dict) -> str:
     inventory = work / "inventory.yml"
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
+    local = {"ansible_connection": "local", "ansible_python_interpreter": str(MODULE_PYTHON), "ansible_become": False}
     inventory.write_text(
         yaml.safe_dump(
             {

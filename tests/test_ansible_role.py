@@ -23,6 +23,9 @@ ROLE = ANSIBLE / "roles" / "mailhub"
 BIN = Path(sys.executable).parent
 VAULT_PASSWORD = "mailhub-example-vault"  # the example vault's documented password
 DASHBOARD = ROLE / "files" / "grafana-dashboard.json"
+# ansible_python_interpreter of the tests' runs: this venv's Python with a bytecode cache for the
+# modules Ansible sends (tests/ansible_modules/sitecustomize.py), set up by ansible_env
+MODULE_PYTHON = Path(__file__).resolve().parent / "ansible_modules" / "python"
 
 
 def _filters(role: Path = ROLE, name: str = "mailhub_filters"):
@@ -37,7 +40,8 @@ def _variable(section: str, key: str) -> str:
 
 
 def ansible_env(home: Path) -> dict:
-    """Ansible's own state (temp files, caches) under `home`; our venv's tools first on PATH."""
+    """Ansible's own state (temp files, caches) under `home`; our venv's tools first on PATH; what
+    MODULE_PYTHON needs (the session's bytecode folder, see tests/conftest.py, else one in `home`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MAILHUB_"))}
     env.update(
         PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
@@ -48,6 +52,8 @@ def ansible_env(home: Path) -> dict:
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_RETRY_FILES_ENABLED="0",
         XDG_CACHE_HOME=str(home / "cache"),
+        TEST_ANSIBLE_PYTHON=sys.executable,
+        TEST_ANSIBALLZ_CACHE=os.environ.get("PYTHONPYCACHEPREFIX") or str(home / "cache"),
     )
     return env
 
@@ -189,7 +195,7 @@ def test_the_example_inventory_as_shipped_stops_first_naming_the_files_to_provid
     wheel = tmp_path / "dist" / "dicom_mail_hub-0.1.0-py3-none-any.whl"
     run = subprocess.run(
         [BIN / "ansible-playbook", "site.yml", "--check", "--limit", "hub1.example.net"]
-        + ["-e", "ansible_connection=local", "-e", f"ansible_python_interpreter={sys.executable}"]
+        + ["-e", "ansible_connection=local", "-e", f"ansible_python_interpreter={MODULE_PYTHON}"]
         + ["-e", f"mailhub_wheel_source={wheel}"],
         cwd=ANSIBLE,
         env=env,
@@ -281,7 +287,7 @@ def test_blob_backends_give_the_unit_its_writable_paths(tmp_path):
             "out": str(out),
             "mailhub_storage_blobs": blobs,
             "mailhub_data_dir": "/var/lib/mailhub",
-            "ansible_python_interpreter": sys.executable,
+            "ansible_python_interpreter": str(MODULE_PYTHON),
         }
         run = subprocess.run(
             [BIN / "ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook), "-e", json.dumps(extra)],
@@ -301,3 +307,23 @@ def test_blob_backends_give_the_unit_its_writable_paths(tmp_path):
     assert [t["when"] for t in folder_checks] == ["mailhub_shared_blob_folder | length > 0"] * 2
     (endpoint_check,) = [t for t in tasks if "object store" in t["name"]]
     assert "startswith('s3://')" in endpoint_check["when"]
+
+
+def test_the_module_python_caches_ansiballz_bytecode_and_keeps_it_from_the_modules_children(tmp_path):
+    """MODULE_PYTHON runs Ansible's modules as sent: a command module's child sees neither its
+    PYTHONPATH nor its cache setting, and the second run reads the bytecode the first compiled."""
+    env = ansible_env(tmp_path / "ansible-home") | {"TEST_ANSIBALLZ_CACHE": str(tmp_path / "bytecode")}
+    command = [BIN / "ansible", "localhost", "-c", "local", "-e", f"ansible_python_interpreter={MODULE_PYTHON}"]
+    run = subprocess.run(
+        [*command, "-m", "ansible.builtin.command", "-a", "env"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "CHANGED" in run.stdout, run.stdout + run.stderr
+    assert "TEST_ANSIBLE_PYTHON=" in run.stdout  # the child's environment is in the output
+    assert "PYTHONPATH=" not in run.stdout and "TEST_ANSIBALLZ_CACHE=" not in run.stdout
+    cached = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "bytecode" / "ansiballz").iterdir()}
+    assert len(cached) > 10  # the module and the module_utils it imports
+    run = subprocess.run([*command, "-m", "ansible.builtin.ping"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and '"ping": "pong"' in run.stdout, run.stdout + run.stderr
+    again = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "bytecode" / "ansiballz").iterdir()}
+    assert {name: again[name] for name in cached} == cached  # read, not compiled again
+    assert len(again) > len(cached)  # ping itself is new
