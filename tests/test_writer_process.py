@@ -382,6 +382,37 @@ def test_a_late_reply_goes_to_the_start_that_timed_out_not_to_the_next(tmp_path,
     assert stored_message(tmp_path / "late", qid).endswith(b"its own writer\r\n")
 
 
+def test_a_start_cancelled_while_its_writer_is_forked_leaves_no_writer_behind(tmp_path):
+    """The hub's start cancelled after its request reached the launcher and before the reply: the
+    writer forked all the same ends (its socket to the hub closed) and is waited for before the
+    cancel goes on; the next open of the folder has exactly one writer, and it commits."""
+
+    async def play():
+        async with opened(tmp_path / "warm"):  # a launcher running
+            pass
+        launcher = LAUNCHER._current.proc
+        os.kill(launcher.pid, signal.SIGSTOP)
+        try:
+            opening = asyncio.create_task(Storage(tmp_path / "data").open())
+            await until(lambda: len(LAUNCHER._current.replies) == 1, message="the request sent")
+            opening.cancel()
+            # the cancelled start waits for what it asked for: the launcher, stopped, forks nothing
+            finished, _ = await asyncio.wait({opening}, timeout=0.5)
+            assert not finished, "the cancelled start did not wait for the writer forked for it"
+        finally:
+            os.kill(launcher.pid, signal.SIGCONT)
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert writer_children(tmp_path / "data") == []  # ended, and waited for
+        assert not LAUNCHER._current.replies  # the late reply went to the cancelled start
+        async with opened(tmp_path / "data") as storage:
+            assert writer_children(tmp_path / "data") == [storage._writer.pid]
+            return await store_small(storage, b"Subject: after\r\n\r\nthe one writer\r\n")
+
+    qid = asyncio.run(play())
+    assert stored_message(tmp_path / "data", qid).endswith(b"the one writer\r\n")
+
+
 def test_a_large_environment_reaches_the_writer(tmp_path, monkeypatch):
     """The hub's environment goes to each writer as changes to the launcher's: one of 300 kB
     (more than one control message holds) starts its writer as one of a few bytes does."""
