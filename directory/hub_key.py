@@ -58,6 +58,11 @@ class HubKey:
         return str(self._key.fingerprint).replace(" ", "").upper()
 
     @property
+    def created(self) -> float:
+        """The key's creation time (whole seconds, as OpenPGP keeps it)."""
+        return self._key.created.timestamp()
+
+    @property
     def public_armored(self) -> str:
         return str(self._key.pubkey)
 

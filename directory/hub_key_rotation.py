@@ -37,7 +37,10 @@ def rotate_hub_key(
                 "there is no hub key to rotate yet (it is made by the first start or `mailhub directory fingerprint`)"
             )
         new = new_key(addresses)
-        previous.certify(new, now)
+        # not before the new key was made (its generation takes seconds): OpenPGP implementations
+        # ignore a certification older than the key (GnuPG: "public key ... is N seconds newer
+        # than the signature"), and the gateways would not find the new key valid through the old
+        previous.certify(new, max(now, new.created))
         step("generated")
         try:
             st = key_path(data_dir).stat()

@@ -16,6 +16,7 @@ import logging
 import smtplib
 import subprocess
 import sys
+import time
 
 import pytest
 from test_directory import document_of, pop3_messages, request_directory, signed_parts
@@ -379,6 +380,28 @@ def test_wkd_names_are_gnupgs():
             [WKS_CLIENT, "--print-wkd-hash", address], capture_output=True, text=True, check=True, timeout=30
         ).stdout.split()[0]
         assert wkd_hash(address.split("@")[0]) == printed, address
+
+
+def test_a_rotation_slower_than_a_second_still_certifies_the_new_key_validly(tmp_path, gateways):
+    """The old key's certification is never older than the new key, however long the new key took
+    to make (here the rotation's clock was read 30 s before it): GnuPG ignores a certification
+    older than the key it certifies, and a gateway trusting the old key would find the new one of
+    unknown validity. (Found as a flaky rotation test: RSA-3072 generation crossed a second.)"""
+    from directory import HubKeySource, rotate_hub_key
+
+    addresses = ["directory@hub.test"]
+    old = HubKeySource(tmp_path, addresses, 86400).get().fingerprint
+    previous, new = rotate_hub_key(tmp_path, addresses, now=time.time() - 30)
+    assert previous.fingerprint == old and new.certifier() == (old, new.created)
+    gateway = gateways()
+    gateway.import_key(previous.public_armored.encode())
+    gateway.import_key(new.public_armored.encode())
+    listing = gateway.run(
+        "--trust-model", "pgp", "--trusted-key", old, "--with-colons", "--check-sigs", new.fingerprint
+    )
+    lines = listing.stdout.decode().splitlines()
+    assert any(line.startswith("sig:!:") and line.split(":")[4] == old[-16:] for line in lines), lines
+    assert [line.split(":")[1] for line in lines if line.startswith("pub:")] == ["f"], lines  # fully valid
 
 
 def test_the_server_reloads_a_rotated_key_and_keeps_its_keys_when_the_file_goes_bad(tmp_path, caplog, gateways):
