@@ -59,7 +59,8 @@ class HubKey:
 
     @property
     def created(self) -> float:
-        """The key's creation time (whole seconds, as OpenPGP keeps it)."""
+        """The key's creation time: with microseconds for a key just made, whole seconds (as
+        OpenPGP keeps it) for one read from its file."""
         return self._key.created.timestamp()
 
     @property

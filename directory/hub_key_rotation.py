@@ -26,7 +26,8 @@ STEPS = ("generated", "archived", "written", "committed")
 def rotate_hub_key(
     data_dir: Path, addresses: list[str], now: float | None = None, step: Callable[[str], None] = lambda name: None
 ) -> tuple[HubKey, HubKey]:
-    """Replace the hub key by a new one certified by it; returns (previous, new)."""
+    """Replace the hub key by a new one certified by it; returns (previous, new). `now` (the
+    certification's time) is a lower bound: the certification is never older than the new key."""
     data_dir = Path(data_dir)
     now = time.time() if now is None else now
     lock = _lock(data_dir)
@@ -37,9 +38,10 @@ def rotate_hub_key(
                 "there is no hub key to rotate yet (it is made by the first start or `mailhub directory fingerprint`)"
             )
         new = new_key(addresses)
-        # not before the new key was made (its generation takes seconds): OpenPGP implementations
-        # ignore a certification older than the key (GnuPG: "public key ... is N seconds newer
-        # than the signature"), and the gateways would not find the new key valid through the old
+        # not before the new key was made (`now` was read before the lock and the current key's
+        # loading, or given): OpenPGP implementations ignore a certification older than the key
+        # (GnuPG: "public key ... is N seconds newer than the signature"), and the gateways would
+        # not find the new key valid through the old
         previous.certify(new, max(now, new.created))
         step("generated")
         try:

@@ -728,7 +728,7 @@ def hub_env(data_dir: Path, **overrides: str) -> dict:
             "MAILHUB_STORAGE_RESERVE_BYTES": "256K",
             # A failed login holds its reply back 0.05 s, doubling with each further failure (the
             # default 0.5 s made the tests that log in wrongly wait seconds); the tests of the
-            # pacing itself set their own (test_hostile_auth, test_pop3_server).
+            # pacing itself set their own (test_hostile_auth, test_pop3_server, test_smtp_ingest).
             "MAILHUB_AUTH_FAILURE_DELAY": "0.05",
             "PYTHONPATH": str(REPO),
         }

@@ -383,10 +383,11 @@ def test_wkd_names_are_gnupgs():
 
 
 def test_a_rotation_slower_than_a_second_still_certifies_the_new_key_validly(tmp_path, gateways):
-    """The old key's certification is never older than the new key, however long the new key took
-    to make (here the rotation's clock was read 30 s before it): GnuPG ignores a certification
-    older than the key it certifies, and a gateway trusting the old key would find the new one of
-    unknown validity. (Found as a flaky rotation test: RSA-3072 generation crossed a second.)"""
+    """The old key's certification is never older than the new key, however long before the key
+    was made the rotation read its clock (here 30 s): GnuPG ignores a certification older than the
+    key it certifies, and a gateway trusting the old key would find the new one of unknown
+    validity. (Found as a flaky rotation test: the clock, read before the lock and the loading of
+    the current key, was in the second before the new key's creation.)"""
     from directory import HubKeySource, rotate_hub_key
 
     addresses = ["directory@hub.test"]

@@ -402,7 +402,7 @@ def test_a_start_cancelled_while_its_writer_is_forked_leaves_no_writer_behind(tm
         finally:
             os.kill(launcher.pid, signal.SIGCONT)
         with pytest.raises(asyncio.CancelledError):
-            await opening
+            await asyncio.wait_for(opening, 60)
         assert writer_children(tmp_path / "data") == []  # ended, and waited for
         assert not LAUNCHER._current.replies  # the late reply went to the cancelled start
         async with opened(tmp_path / "data") as storage:

@@ -5,14 +5,18 @@
 # every task: two fifths of the CPU of a playbook run on this machine. Compiled once per session,
 # keyed by the source's SHA-256 in the session's bytecode folder, the modules run as Ansible sends
 # them. The children a module starts (the role's `mailhub` and pip commands) do not get this.
+import contextlib
 import hashlib
+import importlib.util
 import marshal
 import os
 import types
 import zipimport
 
-_FOLDER = os.path.join(os.environ.pop("TEST_ANSIBALLZ_CACHE"), "ansiballz")
 os.environ.pop("PYTHONPATH", None)
+_CACHE = os.environ.pop("TEST_ANSIBALLZ_CACHE", "")  # unset: no cache
+_FOLDER = os.path.join(_CACHE, "ansiballz")
+_MAGIC = importlib.util.MAGIC_NUMBER  # in the key: a cache outliving a Python upgrade is not misread
 _compile = zipimport._compile_source  # type: ignore[attr-defined]
 
 
@@ -23,18 +27,23 @@ def _named(code: types.CodeType, filename: str) -> types.CodeType:
 
 
 def _compile_source(pathname: str, source: bytes) -> types.CodeType:
-    path = os.path.join(_FOLDER, hashlib.sha256(source).hexdigest())
+    path = os.path.join(_FOLDER, hashlib.sha256(_MAGIC + source).hexdigest())
     try:
         with open(path, "rb") as cached:
             return _named(marshal.loads(cached.read()), pathname)
     except (OSError, ValueError, EOFError, TypeError):
         code = _compile(pathname, source)
-    os.makedirs(_FOLDER, exist_ok=True)
-    partial = f"{path}.{os.getpid()}"
-    with open(partial, "wb") as out:  # renamed into place: modules of other workers read it at once
-        out.write(marshal.dumps(code))
-    os.replace(partial, path)
+    partial = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"
+    try:  # renamed into place: modules of other workers read it at once; a cache it cannot write is no error
+        os.makedirs(_FOLDER, exist_ok=True)
+        with open(partial, "wb") as out:
+            out.write(marshal.dumps(code))
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
     return code
 
 
-zipimport._compile_source = _compile_source  # type: ignore[attr-defined]
+if _CACHE:
+    zipimport._compile_source = _compile_source  # type: ignore[attr-defined]
