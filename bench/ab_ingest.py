@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import REPO_ROOT, argument_parser, command_line, print_ab_summary
+from bench.common import REPO_ROOT, argument_parser, command_line, descendants, print_ab_summary
 from bench.ingest_benchmark import HUB_DOMAIN, PASSWORD, RECEIVER, SENDER, WORKLOADS, hub_server
 from bench.smtp_blast import blast, make_body
 from loadtest.thirdparty import LOOPBACK
@@ -47,17 +47,7 @@ def _stat_seconds(path: str) -> float:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its descendants (the index writer's launcher and
     the writer), in seconds."""
-    return _stat_seconds(f"/proc/{pid}/stat") + sum(cpu_seconds(child) for child in _children(pid))
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):  # (a child started by any of its threads)
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    children += [int(child) for child in f.read().split()]
-    return children
+    return sum(_stat_seconds(f"/proc/{each}/stat") for each in (pid, *descendants(pid)))
 
 
 def loop_seconds(pid: int) -> float:

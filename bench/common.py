@@ -1,8 +1,10 @@
 # What every benchmark script shares: the checkout it runs from, a command line parser whose usage
 # shows how the script is really started (`python -m bench.NAME`), and the command line to print
-# beside the figures, so that every table can be made again; and the summary line of an A/B run.
+# beside the figures, so that every table can be made again; the summary line of an A/B run; and
+# a process's children and descendants (the hub's index writer and its launcher, Postfix's daemons).
 # Must never import the hub's internals.
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -35,3 +37,19 @@ def print_ab_summary(label: str, what: str, this: list[float], base: list[float]
         f" this/base per round {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}",
         flush=True,
     )
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's live children (started by any of its threads); [] once it is gone."""
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    found += [int(child) for child in f.read().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's live children, theirs, and so on."""
+    return [each for child in children(pid) for each in (child, *descendants(child))]

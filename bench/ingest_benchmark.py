@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from bench.bare_aiosmtpd import bare_aiosmtpd
-from bench.common import REPO_ROOT, argument_parser, command_line
+from bench.common import REPO_ROOT, argument_parser, command_line, descendants
 from bench.smtp_blast import blast, make_body
 from loadtest.ports import free_port
 from loadtest.thirdparty import LOOPBACK, postfix_sink, wait_banner
@@ -185,17 +185,7 @@ def hub_peak_rss(pid):
     launcher, which share the pages of the writer's code: Pss counts them once between them), in
     bytes, or None."""
     total = vm_status(pid, "VmHWM")
-    return None if total is None else total + sum(proportional_memory(each) for each in _descendants(pid))
-
-
-def _descendants(pid):
-    found = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
-                for child in map(int, f.read().split()):
-                    found += [child, *_descendants(child)]
-    return found
+    return None if total is None else total + sum(proportional_memory(each) for each in descendants(pid))
 
 
 def count_messages(data_dir):

@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from bench.ab_ingest import UNTHROTTLED
+from bench.common import children
 from bench.ingest_benchmark import (
     HUB_DOMAIN,
     PASSWORD,
@@ -54,23 +55,13 @@ def _stat(pid, tid=None):
     return 0.0, 0.0
 
 
-def _children(pid):
-    found = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/%d/task" % pid):
-            with contextlib.suppress(OSError):
-                with open("/proc/%d/task/%s/children" % (pid, task)) as f:
-                    found += [int(c) for c in f.read().split()]
-    return found
-
-
 def hub_cpu(pid):
     """CPU s of the hub: {"loop": its main thread (the event loop), "threads": its other threads
     (disk writes, hashing, aiosqlite), "writer": its descendants (the index writer process and
     its launcher)}."""
     own, _ = _stat(pid)
     loop, _ = _stat(pid, pid)
-    return {"loop": loop, "threads": own - loop, "writer": sum(tree_cpu(child) for child in _children(pid))}
+    return {"loop": loop, "threads": own - loop, "writer": sum(tree_cpu(child) for child in children(pid))}
 
 
 def tree_cpu(pid):
@@ -78,7 +69,7 @@ def tree_cpu(pid):
     reaps smtpd and cleanup processes that end after max_use)."""
     own, reaped = _stat(pid)
     total = own + reaped
-    for child in _children(pid):
+    for child in children(pid):
         total += tree_cpu(child)
     return total
 
